@@ -1,0 +1,27 @@
+//! A strict double-entry ledger as a pure state machine.
+//!
+//! Invariants this crate protects (and asserts):
+//! - money is neither created nor destroyed: every transfer debits one account and credits another
+//!   of the same tenant and currency by the same amount, so per tenant and currency Σ debits = Σ
+//!   credits, posted and pending separately;
+//! - no account ends a batch in violation of its flags;
+//! - a pending transfer is posted, voided or expired at most once;
+//! - an id's first outcome is final: a repeat gets it again, a different body is refused, and a
+//!   failure that depended on state is remembered.
+//!
+//! It does no I/O, reads no clock and draws no random numbers: the caller prefetches state, passes
+//! the time, and persists the [`Changes`].
+
+mod currency;
+mod machine;
+mod memory;
+mod types;
+pub mod verify;
+
+pub use currency::{Currency, CurrencyError};
+pub use machine::{
+    apply_accounts, apply_transfers, expire_pending, validate_account, validate_event,
+    AccountCommand, Changes, Clock, Outcome, Prefetch, State,
+};
+pub use memory::MemoryLedger;
+pub use types::*;

@@ -1,0 +1,847 @@
+//! The state machine: applies a batch of events to a state and returns what changed.
+//!
+//! The machine never reads storage or the clock itself. The caller (the store's writer) prefetches
+//! every account and transfer the batch can touch into a [`State`], passes the batch's wall-clock
+//! `now`, and persists the [`Changes`] in one commit. Execution is deterministic: the same state,
+//! clock and batch always give the same results and changes, which is what lets one machine serve
+//! the embedded engine, the PostgreSQL engine and the model-based tests.
+
+use std::collections::HashMap;
+
+use crate::types::*;
+
+/// Read access to the ledger state the batch needs. Anything absent is treated as not existing, so
+/// the caller must prefetch every key that [`Prefetch::of_transfers`] lists.
+pub trait State {
+    fn account(&self, key: &AccountKey) -> Option<&Account>;
+    fn transfer(&self, key: &TransferKey) -> Option<&Entry>;
+}
+
+/// The keys a batch reads, in the order they must be fetched (transfers first, since a post or
+/// void names accounts only through its pending transfer).
+#[derive(Default, Debug)]
+pub struct Prefetch {
+    pub transfers: Vec<TransferKey>,
+}
+
+impl Prefetch {
+    pub fn of_transfers(events: &[TransferEvent]) -> Prefetch {
+        let mut transfers = Vec::with_capacity(events.len() * 2);
+        for event in events {
+            transfers.push(event.key);
+            if let EventKind::PostPending { pending_id, .. }
+            | EventKind::VoidPending { pending_id } = event.kind
+            {
+                transfers.push(TransferKey {
+                    tenant: event.key.tenant,
+                    id: pending_id,
+                });
+            }
+        }
+        transfers.sort_unstable();
+        transfers.dedup();
+        Prefetch { transfers }
+    }
+
+    /// Accounts a batch reads, given the transfers already fetched. Sorted, so that an engine that
+    /// locks them does so in one global order and cannot deadlock.
+    pub fn accounts_of(events: &[TransferEvent], state: &impl State) -> Vec<AccountKey> {
+        let mut accounts = Vec::with_capacity(events.len() * 2);
+        for event in events {
+            let tenant = event.key.tenant;
+            match event.kind {
+                EventKind::Posted { debit, credit, .. }
+                | EventKind::Pending { debit, credit, .. } => {
+                    accounts.push(AccountKey { tenant, id: debit });
+                    accounts.push(AccountKey { tenant, id: credit });
+                }
+                EventKind::PostPending { pending_id, .. }
+                | EventKind::VoidPending { pending_id } => {
+                    let key = TransferKey {
+                        tenant,
+                        id: pending_id,
+                    };
+                    if let Some(Entry::Created(p)) = state.transfer(&key) {
+                        accounts.push(AccountKey {
+                            tenant,
+                            id: p.debit_account_id,
+                        });
+                        accounts.push(AccountKey {
+                            tenant,
+                            id: p.credit_account_id,
+                        });
+                    }
+                }
+            }
+        }
+        accounts.sort_unstable();
+        accounts.dedup();
+        accounts
+    }
+}
+
+/// The engine clock: hands out unique, strictly increasing timestamps that follow the wall clock
+/// when it moves forward and never go back when it does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub last: Timestamp,
+}
+
+impl Clock {
+    pub fn tick(&mut self, now: Timestamp) -> Timestamp {
+        let next = now.max(self.last + 1);
+        self.last = next;
+        next
+    }
+}
+
+/// One event's answer: the result code, and the transfer for `created` / `exists`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub result: TransferResult,
+    pub transfer: Option<Transfer>,
+}
+
+/// What a batch changed, for the store to persist in one commit.
+#[derive(Default, Debug, Clone)]
+pub struct Changes {
+    /// Accounts created or whose balances or flags changed, final values, sorted by key.
+    pub accounts: Vec<Account>,
+    /// Entries to insert (new transfers and remembered failures), in timestamp order.
+    pub inserted: Vec<Entry>,
+    /// Pending transfers whose state changed (posted, voided or expired).
+    pub pending_updates: Vec<(TransferKey, PendingState)>,
+    /// The clock after the batch.
+    pub clock: Clock,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty() && self.inserted.is_empty() && self.pending_updates.is_empty()
+    }
+}
+
+/// Writes of a batch, layered over the state, with an undo journal for linked chains.
+struct Overlay {
+    accounts: HashMap<AccountKey, Account>,
+    transfers: HashMap<TransferKey, (Entry, bool)>,
+    journal: Vec<Undo>,
+}
+
+enum Undo {
+    Account(AccountKey, Option<Account>),
+    Transfer(TransferKey, Option<(Entry, bool)>),
+}
+
+struct View<'a, S: State> {
+    state: &'a S,
+    overlay: Overlay,
+}
+
+impl<'a, S: State> View<'a, S> {
+    fn new(state: &'a S) -> Self {
+        View {
+            state,
+            overlay: Overlay {
+                accounts: HashMap::new(),
+                transfers: HashMap::new(),
+                journal: Vec::new(),
+            },
+        }
+    }
+
+    fn account(&self, key: &AccountKey) -> Option<&Account> {
+        self.overlay
+            .accounts
+            .get(key)
+            .or_else(|| self.state.account(key))
+    }
+
+    fn transfer(&self, key: &TransferKey) -> Option<&Entry> {
+        match self.overlay.transfers.get(key) {
+            Some((entry, _)) => Some(entry),
+            None => self.state.transfer(key),
+        }
+    }
+
+    fn put_account(&mut self, account: Account) {
+        let previous = self.overlay.accounts.insert(account.key, account.clone());
+        self.overlay
+            .journal
+            .push(Undo::Account(account.key, previous));
+    }
+
+    fn put_transfer(&mut self, key: TransferKey, entry: Entry) {
+        let new = match self.overlay.transfers.get(&key) {
+            Some((_, new)) => *new,
+            None => self.state.transfer(&key).is_none(),
+        };
+        let previous = self.overlay.transfers.insert(key, (entry, new));
+        self.overlay.journal.push(Undo::Transfer(key, previous));
+    }
+
+    fn mark(&self) -> usize {
+        self.overlay.journal.len()
+    }
+
+    fn rollback(&mut self, mark: usize) {
+        while self.overlay.journal.len() > mark {
+            match self
+                .overlay
+                .journal
+                .pop()
+                .expect("journal longer than mark")
+            {
+                Undo::Account(key, Some(previous)) => {
+                    self.overlay.accounts.insert(key, previous);
+                }
+                Undo::Account(key, None) => {
+                    self.overlay.accounts.remove(&key);
+                }
+                Undo::Transfer(key, Some(previous)) => {
+                    self.overlay.transfers.insert(key, previous);
+                }
+                Undo::Transfer(key, None) => {
+                    self.overlay.transfers.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn into_changes(self, clock: Clock) -> Changes {
+        let mut accounts: Vec<Account> = self.overlay.accounts.into_values().collect();
+        accounts.sort_unstable_by_key(|a| a.key);
+        let mut inserted = Vec::new();
+        let mut pending_updates = Vec::new();
+        for (key, (entry, new)) in self.overlay.transfers {
+            if new {
+                inserted.push(entry);
+            } else if let Entry::Created(t) = entry {
+                pending_updates.push((key, t.state));
+            }
+        }
+        inserted.sort_unstable_by_key(Entry::timestamp);
+        pending_updates.sort_unstable_by_key(|(k, _)| *k);
+        Changes {
+            accounts,
+            inserted,
+            pending_updates,
+            clock,
+        }
+    }
+}
+
+/// Checks what can be checked without state. The API runs this on every event before submitting,
+/// so that a batch with one invalid event is refused whole and nothing is applied.
+pub fn validate_event(event: &TransferEvent) -> Result<(), TransferResult> {
+    if event.key.id.0 == 0 {
+        return Err(TransferResult::IdMustNotBeZero);
+    }
+    if event
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.len() > METADATA_LEN_MAX)
+    {
+        return Err(TransferResult::MetadataTooLong);
+    }
+    let check_amount = |amount: u64| match amount {
+        0 => Err(TransferResult::AmountMustNotBeZero),
+        a if a > AMOUNT_MAX => Err(TransferResult::AmountExceedsMax),
+        _ => Ok(()),
+    };
+    match event.kind {
+        EventKind::Posted {
+            debit,
+            credit,
+            amount,
+        } => {
+            check_amount(amount)?;
+            if debit == credit {
+                return Err(TransferResult::AccountsMustBeDifferent);
+            }
+        }
+        EventKind::Pending {
+            debit,
+            credit,
+            amount,
+            timeout_seconds,
+        } => {
+            check_amount(amount)?;
+            if debit == credit {
+                return Err(TransferResult::AccountsMustBeDifferent);
+            }
+            if timeout_seconds > TIMEOUT_SECONDS_MAX {
+                return Err(TransferResult::TimeoutExceedsMax);
+            }
+        }
+        EventKind::PostPending { pending_id, amount } => {
+            if let Some(amount) = amount {
+                check_amount(amount)?;
+            }
+            if pending_id == event.key.id {
+                return Err(TransferResult::PendingIdMustBeDifferent);
+            }
+            if pending_id.0 == 0 {
+                return Err(TransferResult::PendingTransferNotFound);
+            }
+        }
+        EventKind::VoidPending { pending_id } => {
+            if pending_id == event.key.id {
+                return Err(TransferResult::PendingIdMustBeDifferent);
+            }
+            if pending_id.0 == 0 {
+                return Err(TransferResult::PendingTransferNotFound);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a new account request without state.
+pub fn validate_account(new: &NewAccount) -> Result<(), AccountResult> {
+    if new.key.id.0 == 0 {
+        return Err(AccountResult::IdMustNotBeZero);
+    }
+    if !new.flags.is_known() {
+        return Err(AccountResult::UnknownFlags);
+    }
+    if new.flags.debits_must_not_exceed_credits() && new.flags.credits_must_not_exceed_debits() {
+        return Err(AccountResult::FlagsAreMutuallyExclusive);
+    }
+    if new.credit_limit > 0
+        && !new.flags.debits_must_not_exceed_credits()
+        && !new.flags.credits_must_not_exceed_debits()
+    {
+        return Err(AccountResult::CreditLimitRequiresBalanceFlag);
+    }
+    if new.credit_limit > AMOUNT_MAX {
+        return Err(AccountResult::CreditLimitExceedsMax);
+    }
+    if new
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.len() > METADATA_LEN_MAX)
+    {
+        return Err(AccountResult::MetadataTooLong);
+    }
+    Ok(())
+}
+
+/// An account command, applied in the same batches as transfers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccountCommand {
+    Create(NewAccount),
+    Close(AccountKey),
+}
+
+impl AccountCommand {
+    pub fn key(&self) -> AccountKey {
+        match self {
+            AccountCommand::Create(new) => new.key,
+            AccountCommand::Close(key) => *key,
+        }
+    }
+}
+
+/// Applies account commands. Returns each command's result and the account as it now stands.
+pub fn apply_accounts(
+    state: &impl State,
+    clock: &mut Clock,
+    now: Timestamp,
+    commands: &[AccountCommand],
+) -> (Vec<(AccountResult, Option<Account>)>, Changes) {
+    let mut view = View::new(state);
+    let mut results = Vec::with_capacity(commands.len());
+    for command in commands {
+        let result = match command {
+            AccountCommand::Create(new) => match validate_account(new) {
+                Err(code) => (code, None),
+                Ok(()) => match view.account(&new.key) {
+                    Some(existing) if existing.matches(new) => {
+                        (AccountResult::Exists, Some(existing.clone()))
+                    }
+                    Some(_) => (AccountResult::ExistsWithDifferentFields, None),
+                    None => {
+                        let account = Account {
+                            key: new.key,
+                            currency: new.currency,
+                            code: new.code,
+                            flags: new.flags,
+                            credit_limit: new.credit_limit,
+                            metadata: new.metadata.clone(),
+                            timestamp: clock.tick(now),
+                            debits_posted: 0,
+                            credits_posted: 0,
+                            debits_pending: 0,
+                            credits_pending: 0,
+                        };
+                        view.put_account(account.clone());
+                        (AccountResult::Created, Some(account))
+                    }
+                },
+            },
+            AccountCommand::Close(key) => match view.account(key) {
+                None => (AccountResult::AccountNotFound, None),
+                Some(existing) if existing.flags.closed() => {
+                    (AccountResult::AlreadyClosed, Some(existing.clone()))
+                }
+                Some(existing) => {
+                    let mut account = existing.clone();
+                    account.flags.0 |= AccountFlags::CLOSED;
+                    view.put_account(account.clone());
+                    (AccountResult::Closed, Some(account))
+                }
+            },
+        };
+        results.push(result);
+    }
+    (results, view.into_changes(*clock))
+}
+
+/// Applies a batch of transfer events. `now` is the wall clock; each created transfer gets a
+/// unique timestamp from `clock`. Events whose `linked` flag is set form a chain with the events
+/// that follow, up to and including the first one without the flag: the chain applies whole or
+/// not at all.
+pub fn apply_transfers(
+    state: &impl State,
+    clock: &mut Clock,
+    now: Timestamp,
+    events: &[TransferEvent],
+) -> (Vec<Outcome>, Changes) {
+    assert!(events.len() <= BATCH_LEN_MAX * 64, "batch too large");
+    let mut view = View::new(state);
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(events.len());
+    let mut start = 0;
+    while start < events.len() {
+        let mut end = start;
+        while end < events.len() && events[end].linked {
+            end += 1;
+        }
+        if end == events.len() {
+            // The last event is linked to nothing: the chain is open and nothing in it applies.
+            for _ in start..end {
+                outcomes.push(Outcome {
+                    result: TransferResult::LinkedEventChainOpen,
+                    transfer: None,
+                });
+            }
+            break;
+        }
+        let chain = &events[start..=end];
+        apply_chain(&mut view, clock, now, chain, &mut outcomes);
+        start = end + 1;
+    }
+    debug_assert_eq!(outcomes.len(), events.len());
+    (outcomes, view.into_changes(*clock))
+}
+
+fn apply_chain<S: State>(
+    view: &mut View<'_, S>,
+    clock: &mut Clock,
+    now: Timestamp,
+    chain: &[TransferEvent],
+    outcomes: &mut Vec<Outcome>,
+) {
+    let mark = view.mark();
+    let clock_before = *clock;
+    let first = outcomes.len();
+    let mut failed: Option<(usize, TransferResult)> = None;
+    for (i, event) in chain.iter().enumerate() {
+        let outcome = apply_one(view, clock, now, event);
+        if !outcome.result.is_ok() && chain.len() > 1 {
+            failed = Some((i, outcome.result));
+            outcomes.push(outcome);
+            break;
+        }
+        outcomes.push(outcome);
+    }
+    let Some((failed_at, code)) = failed else {
+        return;
+    };
+
+    // Undo the whole chain, then answer: the failing event with its code, the others with
+    // `linked_event_failed`. When the failure depended on state, every event in the chain is
+    // remembered as failed, so a retry of the chain can never succeed half-way later.
+    view.rollback(mark);
+    *clock = clock_before;
+    outcomes.truncate(first);
+    let remember = !code.is_validation()
+        && !matches!(
+            code,
+            TransferResult::IdAlreadyFailed | TransferResult::ExistsWithDifferentFields
+        );
+    for (i, event) in chain.iter().enumerate() {
+        let result = match view.transfer(&event.key) {
+            // An event remembered as failed keeps its first outcome, whichever event failed now.
+            Some(Entry::Failed {
+                event: first,
+                result,
+                ..
+            }) if strip_link(first) == strip_link(event) => *result,
+            _ if i == failed_at => code,
+            _ => TransferResult::LinkedEventFailed,
+        };
+        if remember && validate_event(event).is_ok() && view.transfer(&event.key).is_none() {
+            let timestamp = clock.tick(now);
+            view.put_transfer(
+                event.key,
+                Entry::Failed {
+                    event: event.clone(),
+                    result,
+                    timestamp,
+                },
+            );
+        }
+        outcomes.push(Outcome {
+            result,
+            transfer: None,
+        });
+    }
+}
+
+fn apply_one<S: State>(
+    view: &mut View<'_, S>,
+    clock: &mut Clock,
+    now: Timestamp,
+    event: &TransferEvent,
+) -> Outcome {
+    let fail = |result| Outcome {
+        result,
+        transfer: None,
+    };
+    if let Err(code) = validate_event(event) {
+        return fail(code);
+    }
+    match view.transfer(&event.key) {
+        Some(Entry::Created(existing)) => {
+            return if existing.matches(event) {
+                Outcome {
+                    result: TransferResult::Exists,
+                    transfer: Some(existing.clone()),
+                }
+            } else {
+                fail(TransferResult::ExistsWithDifferentFields)
+            };
+        }
+        Some(Entry::Failed {
+            event: first,
+            result,
+            ..
+        }) => {
+            let result = if strip_link(first) == strip_link(event) {
+                *result
+            } else {
+                TransferResult::IdAlreadyFailed
+            };
+            return fail(result);
+        }
+        None => {}
+    }
+    let result = match event.kind {
+        EventKind::Posted {
+            debit,
+            credit,
+            amount,
+        } => create(view, clock, now, event, debit, credit, amount, None),
+        EventKind::Pending {
+            debit,
+            credit,
+            amount,
+            timeout_seconds,
+        } => create(
+            view,
+            clock,
+            now,
+            event,
+            debit,
+            credit,
+            amount,
+            Some(timeout_seconds),
+        ),
+        EventKind::PostPending { pending_id, amount } => {
+            resolve(view, clock, now, event, pending_id, Some(amount))
+        }
+        EventKind::VoidPending { pending_id } => resolve(view, clock, now, event, pending_id, None),
+    };
+    match result {
+        Ok(transfer) => Outcome {
+            result: TransferResult::Created,
+            transfer: Some(transfer),
+        },
+        Err(code) => {
+            // A lone event's state-dependent failure is remembered under its id.
+            if !event.linked {
+                let timestamp = clock.tick(now);
+                view.put_transfer(
+                    event.key,
+                    Entry::Failed {
+                        event: event.clone(),
+                        result: code,
+                        timestamp,
+                    },
+                );
+            }
+            fail(code)
+        }
+    }
+}
+
+fn strip_link(event: &TransferEvent) -> TransferEvent {
+    TransferEvent {
+        linked: false,
+        ..event.clone()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create<S: State>(
+    view: &mut View<'_, S>,
+    clock: &mut Clock,
+    now: Timestamp,
+    event: &TransferEvent,
+    debit_id: AccountId,
+    credit_id: AccountId,
+    amount: u64,
+    timeout_seconds: Option<u32>,
+) -> Result<Transfer, TransferResult> {
+    let tenant = event.key.tenant;
+    let debit_key = AccountKey {
+        tenant,
+        id: debit_id,
+    };
+    let credit_key = AccountKey {
+        tenant,
+        id: credit_id,
+    };
+    let mut debit = view
+        .account(&debit_key)
+        .ok_or(TransferResult::DebitAccountNotFound)?
+        .clone();
+    let mut credit = view
+        .account(&credit_key)
+        .ok_or(TransferResult::CreditAccountNotFound)?
+        .clone();
+    if debit.currency != credit.currency {
+        return Err(TransferResult::CurrencyMismatch);
+    }
+    if debit.flags.closed() {
+        return Err(TransferResult::DebitAccountClosed);
+    }
+    if credit.flags.closed() {
+        return Err(TransferResult::CreditAccountClosed);
+    }
+    let pending = timeout_seconds.is_some();
+    let add = |balance: u64, code| match balance.checked_add(amount) {
+        Some(sum) if sum <= AMOUNT_MAX => Ok(sum),
+        _ => Err(code),
+    };
+    if pending {
+        debit.debits_pending = add(debit.debits_pending, TransferResult::OverflowsDebitsPending)?;
+        credit.credits_pending = add(
+            credit.credits_pending,
+            TransferResult::OverflowsCreditsPending,
+        )?;
+    } else {
+        debit.debits_posted = add(debit.debits_posted, TransferResult::OverflowsDebitsPosted)?;
+        credit.credits_posted = add(
+            credit.credits_posted,
+            TransferResult::OverflowsCreditsPosted,
+        )?;
+    }
+    if u128::from(debit.debits_posted) + u128::from(debit.debits_pending) > u128::from(AMOUNT_MAX) {
+        return Err(TransferResult::OverflowsDebits);
+    }
+    if u128::from(credit.credits_posted) + u128::from(credit.credits_pending)
+        > u128::from(AMOUNT_MAX)
+    {
+        return Err(TransferResult::OverflowsCredits);
+    }
+    if debit.flags.debits_must_not_exceed_credits()
+        && u128::from(debit.debits_posted) + u128::from(debit.debits_pending)
+            > u128::from(debit.credits_posted) + u128::from(debit.credit_limit)
+    {
+        return Err(TransferResult::InsufficientFunds);
+    }
+    if credit.flags.credits_must_not_exceed_debits()
+        && u128::from(credit.credits_posted) + u128::from(credit.credits_pending)
+            > u128::from(credit.debits_posted) + u128::from(credit.credit_limit)
+    {
+        return Err(TransferResult::ExceedsDebits);
+    }
+    let timestamp = clock.tick(now);
+    let timeout_seconds = timeout_seconds.unwrap_or(0);
+    let transfer = Transfer {
+        key: event.key,
+        debit_account_id: debit_id,
+        credit_account_id: credit_id,
+        amount,
+        currency: debit.currency,
+        kind: if pending {
+            TransferKind::Pending
+        } else {
+            TransferKind::Posted
+        },
+        pending_id: None,
+        amount_defaulted: false,
+        timeout_seconds,
+        expires_at: (pending && timeout_seconds > 0)
+            .then(|| timestamp + u64::from(timeout_seconds) * 1_000_000_000),
+        code: event.code,
+        metadata: event.metadata.clone(),
+        timestamp,
+        state: if pending {
+            PendingState::Pending
+        } else {
+            PendingState::Final
+        },
+    };
+    view.put_account(debit);
+    view.put_account(credit);
+    view.put_transfer(event.key, Entry::Created(transfer.clone()));
+    Ok(transfer)
+}
+
+/// Posts (`post = Some(amount)`) or voids (`post = None`) a pending transfer.
+fn resolve<S: State>(
+    view: &mut View<'_, S>,
+    clock: &mut Clock,
+    now: Timestamp,
+    event: &TransferEvent,
+    pending_id: TransferId,
+    post: Option<Option<u64>>,
+) -> Result<Transfer, TransferResult> {
+    let tenant = event.key.tenant;
+    let pending_key = TransferKey {
+        tenant,
+        id: pending_id,
+    };
+    let pending = match view.transfer(&pending_key) {
+        Some(Entry::Created(t)) => t.clone(),
+        _ => return Err(TransferResult::PendingTransferNotFound),
+    };
+    match pending.state {
+        PendingState::Pending => {}
+        PendingState::Final => return Err(TransferResult::PendingTransferNotPending),
+        PendingState::Posted => return Err(TransferResult::PendingTransferAlreadyPosted),
+        PendingState::Voided => return Err(TransferResult::PendingTransferAlreadyVoided),
+        PendingState::Expired => return Err(TransferResult::PendingTransferExpired),
+    }
+    if pending.expires_at.is_some_and(|at| at <= now) {
+        return Err(TransferResult::PendingTransferExpired);
+    }
+    let amount = match post {
+        Some(Some(amount)) if amount > pending.amount => {
+            return Err(TransferResult::ExceedsPendingTransferAmount)
+        }
+        Some(Some(amount)) => amount,
+        Some(None) | None => pending.amount,
+    };
+    let debit_key = AccountKey {
+        tenant,
+        id: pending.debit_account_id,
+    };
+    let credit_key = AccountKey {
+        tenant,
+        id: pending.credit_account_id,
+    };
+    let mut debit = view
+        .account(&debit_key)
+        .expect("a pending transfer's accounts exist")
+        .clone();
+    let mut credit = view
+        .account(&credit_key)
+        .expect("a pending transfer's accounts exist")
+        .clone();
+    assert!(
+        debit.debits_pending >= pending.amount,
+        "pending debits cover the hold"
+    );
+    assert!(
+        credit.credits_pending >= pending.amount,
+        "pending credits cover the hold"
+    );
+    debit.debits_pending -= pending.amount;
+    credit.credits_pending -= pending.amount;
+    if post.is_some() {
+        // Cannot overflow: posted + pending ≤ AMOUNT_MAX held before and amount ≤ the hold.
+        debit.debits_posted += amount;
+        credit.credits_posted += amount;
+    }
+    let timestamp = clock.tick(now);
+    let (kind, state) = match post {
+        Some(_) => (TransferKind::PostPending, PendingState::Posted),
+        None => (TransferKind::VoidPending, PendingState::Voided),
+    };
+    let transfer = Transfer {
+        key: event.key,
+        debit_account_id: pending.debit_account_id,
+        credit_account_id: pending.credit_account_id,
+        amount,
+        currency: pending.currency,
+        kind,
+        pending_id: Some(pending_id),
+        amount_defaulted: matches!(post, Some(None)),
+        timeout_seconds: 0,
+        expires_at: None,
+        code: event.code,
+        metadata: event.metadata.clone(),
+        timestamp,
+        state: PendingState::Final,
+    };
+    view.put_account(debit);
+    view.put_account(credit);
+    view.put_transfer(pending_key, Entry::Created(Transfer { state, ..pending }));
+    view.put_transfer(event.key, Entry::Created(transfer.clone()));
+    Ok(transfer)
+}
+
+/// Expires pending transfers whose timeout has passed by `now`, releasing their holds. Keys that
+/// are not pending or not yet due are left alone, so the caller may pass a superset.
+pub fn expire_pending(
+    state: &impl State,
+    clock: Clock,
+    now: Timestamp,
+    keys: &[TransferKey],
+) -> (usize, Changes) {
+    let mut view = View::new(state);
+    let mut expired = 0;
+    for key in keys {
+        let Some(Entry::Created(pending)) = view.transfer(key) else {
+            continue;
+        };
+        if pending.state != PendingState::Pending || !pending.expires_at.is_some_and(|at| at <= now)
+        {
+            continue;
+        }
+        let pending = pending.clone();
+        let tenant = key.tenant;
+        let mut debit = view
+            .account(&AccountKey {
+                tenant,
+                id: pending.debit_account_id,
+            })
+            .expect("a pending transfer's accounts exist")
+            .clone();
+        let mut credit = view
+            .account(&AccountKey {
+                tenant,
+                id: pending.credit_account_id,
+            })
+            .expect("a pending transfer's accounts exist")
+            .clone();
+        debit.debits_pending -= pending.amount;
+        credit.credits_pending -= pending.amount;
+        view.put_account(debit);
+        view.put_account(credit);
+        view.put_transfer(
+            *key,
+            Entry::Created(Transfer {
+                state: PendingState::Expired,
+                ..pending
+            }),
+        );
+        expired += 1;
+    }
+    // Expiry creates no transfer, so it takes no timestamp.
+    (expired, view.into_changes(clock))
+}

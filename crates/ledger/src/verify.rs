@@ -1,0 +1,282 @@
+//! Invariant checking over a whole ledger, streamed: `rtpay verify` feeds it every account and every
+//! transfer from storage, in any order, and it reports each violation it finds.
+//!
+//! Checked: per tenant and currency, Σ debits = Σ credits (posted and pending separately); every
+//! account's balances equal the sums of the transfers that touch it; no account violates its flags;
+//! every pending transfer is resolved (posted, voided or expired) at most once and its state agrees
+//! with the records that resolved it; timestamps are unique.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::types::*;
+use crate::Currency;
+
+/// One broken invariant, in words a person can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+#[derive(Default, Clone, Copy)]
+struct Sums {
+    debits_posted: u128,
+    credits_posted: u128,
+    debits_pending: u128,
+    credits_pending: u128,
+}
+
+#[derive(Default)]
+pub struct Verifier {
+    accounts: HashMap<AccountKey, (Currency, Sums, Account)>,
+    from_transfers: HashMap<AccountKey, Sums>,
+    /// pending key → (amount, state, debit, credit)
+    pendings: HashMap<TransferKey, (u64, PendingState)>,
+    /// pending key → resolutions seen (kind, amount)
+    resolutions: HashMap<TransferKey, Vec<(TransferKind, u64)>>,
+    timestamps: HashSet<Timestamp>,
+    violations: Vec<Violation>,
+    accounts_seen: u64,
+    transfers_seen: u64,
+}
+
+/// Stop collecting after this many violations: one is enough to fail, a few help diagnose.
+const VIOLATIONS_MAX: usize = 100;
+
+impl Verifier {
+    pub fn new() -> Verifier {
+        Verifier::default()
+    }
+
+    fn violation(&mut self, text: String) {
+        if self.violations.len() < VIOLATIONS_MAX {
+            self.violations.push(Violation(text));
+        }
+    }
+
+    pub fn account(&mut self, account: &Account) {
+        self.accounts_seen += 1;
+        let a = account;
+        if a.debits_posted > AMOUNT_MAX
+            || a.credits_posted > AMOUNT_MAX
+            || a.debits_pending > AMOUNT_MAX
+            || a.credits_pending > AMOUNT_MAX
+        {
+            self.violation(format!(
+                "account {:032x}: a balance exceeds 2^63-1",
+                a.key.id.0
+            ));
+        }
+        let debits = u128::from(a.debits_posted) + u128::from(a.debits_pending);
+        let credits = u128::from(a.credits_posted) + u128::from(a.credits_pending);
+        if a.flags.debits_must_not_exceed_credits()
+            && debits > u128::from(a.credits_posted) + u128::from(a.credit_limit)
+        {
+            self.violation(format!(
+                "account {:032x}: debits {debits} exceed posted credits {} + limit {}",
+                a.key.id.0, a.credits_posted, a.credit_limit
+            ));
+        }
+        if a.flags.credits_must_not_exceed_debits()
+            && credits > u128::from(a.debits_posted) + u128::from(a.credit_limit)
+        {
+            self.violation(format!(
+                "account {:032x}: credits {credits} exceed posted debits {} + limit {}",
+                a.key.id.0, a.debits_posted, a.credit_limit
+            ));
+        }
+        if !self.timestamps.insert(a.timestamp) {
+            self.violation(format!(
+                "account {:032x}: timestamp {} is not unique",
+                a.key.id.0, a.timestamp
+            ));
+        }
+        let sums = Sums {
+            debits_posted: a.debits_posted.into(),
+            credits_posted: a.credits_posted.into(),
+            debits_pending: a.debits_pending.into(),
+            credits_pending: a.credits_pending.into(),
+        };
+        if self
+            .accounts
+            .insert(a.key, (a.currency, sums, a.clone()))
+            .is_some()
+        {
+            self.violation(format!("account {:032x} appears twice", a.key.id.0));
+        }
+    }
+
+    pub fn entry(&mut self, entry: &Entry) {
+        self.transfers_seen += 1;
+        if !self.timestamps.insert(entry.timestamp()) {
+            self.violation(format!(
+                "transfer timestamp {} is not unique",
+                entry.timestamp()
+            ));
+        }
+        let Entry::Created(t) = entry else { return };
+        if t.amount == 0 || t.amount > AMOUNT_MAX {
+            self.violation(format!(
+                "transfer {:032x}: amount {} out of range",
+                t.key.id.0, t.amount
+            ));
+        }
+        let tenant = t.key.tenant;
+        let debit = AccountKey {
+            tenant,
+            id: t.debit_account_id,
+        };
+        let credit = AccountKey {
+            tenant,
+            id: t.credit_account_id,
+        };
+        let amount = u128::from(t.amount);
+        match t.kind {
+            TransferKind::Posted => {
+                self.from_transfers.entry(debit).or_default().debits_posted += amount;
+                self.from_transfers
+                    .entry(credit)
+                    .or_default()
+                    .credits_posted += amount;
+            }
+            TransferKind::Pending => {
+                if t.state == PendingState::Pending {
+                    self.from_transfers.entry(debit).or_default().debits_pending += amount;
+                    self.from_transfers
+                        .entry(credit)
+                        .or_default()
+                        .credits_pending += amount;
+                }
+                if t.state == PendingState::Final {
+                    self.violation(format!(
+                        "pending transfer {:032x} has no pending state",
+                        t.key.id.0
+                    ));
+                }
+                self.pendings.insert(t.key, (t.amount, t.state));
+            }
+            TransferKind::PostPending | TransferKind::VoidPending => {
+                if t.kind == TransferKind::PostPending {
+                    self.from_transfers.entry(debit).or_default().debits_posted += amount;
+                    self.from_transfers
+                        .entry(credit)
+                        .or_default()
+                        .credits_posted += amount;
+                }
+                match t.pending_id {
+                    Some(id) => self
+                        .resolutions
+                        .entry(TransferKey { tenant, id })
+                        .or_default()
+                        .push((t.kind, t.amount)),
+                    None => self.violation(format!(
+                        "transfer {:032x}: post/void without pending id",
+                        t.key.id.0
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Finishes the checks that need everything seen. Returns all violations found.
+    pub fn finish(mut self) -> Report {
+        let mut totals: HashMap<(TenantId, Currency), Sums> = HashMap::new();
+        let accounts = std::mem::take(&mut self.accounts);
+        for (key, (currency, sums, _)) in &accounts {
+            let total = totals.entry((key.tenant, *currency)).or_default();
+            total.debits_posted += sums.debits_posted;
+            total.credits_posted += sums.credits_posted;
+            total.debits_pending += sums.debits_pending;
+            total.credits_pending += sums.credits_pending;
+            let expected = self.from_transfers.get(key).copied().unwrap_or_default();
+            if expected.debits_posted != sums.debits_posted
+                || expected.credits_posted != sums.credits_posted
+                || expected.debits_pending != sums.debits_pending
+                || expected.credits_pending != sums.credits_pending
+            {
+                self.violation(format!(
+                    "account {:032x}: balances (dp {}, cp {}, dh {}, ch {}) differ from its transfers (dp {}, cp {}, dh {}, ch {})",
+                    key.id.0,
+                    sums.debits_posted, sums.credits_posted, sums.debits_pending, sums.credits_pending,
+                    expected.debits_posted, expected.credits_posted, expected.debits_pending, expected.credits_pending
+                ));
+            }
+        }
+        let orphans: Vec<AccountKey> = self
+            .from_transfers
+            .keys()
+            .filter(|k| !accounts.contains_key(k))
+            .copied()
+            .collect();
+        for key in orphans {
+            self.violation(format!(
+                "transfers touch account {:032x}, which does not exist",
+                key.id.0
+            ));
+        }
+        for ((tenant, currency), total) in &totals {
+            if total.debits_posted != total.credits_posted {
+                self.violation(format!(
+                    "tenant {:032x} {currency}: posted debits {} ≠ posted credits {}",
+                    tenant.0, total.debits_posted, total.credits_posted
+                ));
+            }
+            if total.debits_pending != total.credits_pending {
+                self.violation(format!(
+                    "tenant {:032x} {currency}: pending debits {} ≠ pending credits {}",
+                    tenant.0, total.debits_pending, total.credits_pending
+                ));
+            }
+        }
+        let resolutions = std::mem::take(&mut self.resolutions);
+        for (key, list) in &resolutions {
+            let Some(&(amount, state)) = self.pendings.get(key) else {
+                self.violation(format!(
+                    "post/void of {:032x}, which is not a pending transfer",
+                    key.id.0
+                ));
+                continue;
+            };
+            if list.len() > 1 {
+                self.violation(format!(
+                    "pending transfer {:032x} resolved {} times",
+                    key.id.0,
+                    list.len()
+                ));
+                continue;
+            }
+            let (kind, resolved) = list[0];
+            let agrees = match kind {
+                TransferKind::PostPending => state == PendingState::Posted && resolved <= amount,
+                _ => state == PendingState::Voided && resolved == amount,
+            };
+            if !agrees {
+                self.violation(format!(
+                    "pending transfer {:032x}: state {state:?} disagrees with its {kind:?}",
+                    key.id.0
+                ));
+            }
+        }
+        let pendings = std::mem::take(&mut self.pendings);
+        for (key, (_, state)) in &pendings {
+            if matches!(state, PendingState::Posted | PendingState::Voided)
+                && !resolutions.contains_key(key)
+            {
+                self.violation(format!(
+                    "pending transfer {:032x} is {state:?} but nothing resolved it",
+                    key.id.0
+                ));
+            }
+        }
+        Report {
+            accounts: self.accounts_seen,
+            transfers: self.transfers_seen,
+            violations: self.violations,
+        }
+    }
+}
+
+/// The result of a verification.
+#[derive(Debug)]
+pub struct Report {
+    pub accounts: u64,
+    pub transfers: u64,
+    pub violations: Vec<Violation>,
+}

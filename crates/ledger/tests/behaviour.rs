@@ -1,0 +1,323 @@
+//! Hand-written cases for the rules that matter most to a person reading a statement.
+
+use ledger::*;
+
+const T: TenantId = TenantId(7);
+const NOW: u64 = 1_700_000_000_000_000_000;
+
+fn brl() -> Currency {
+    Currency::parse("BRL").unwrap()
+}
+
+fn open(l: &mut MemoryLedger, id: u128, flags: u16, limit: u64) {
+    let new = NewAccount {
+        key: AccountKey {
+            tenant: T,
+            id: AccountId(id),
+        },
+        currency: brl(),
+        code: 1,
+        flags: AccountFlags(flags),
+        credit_limit: limit,
+        metadata: None,
+    };
+    let r = l.accounts(NOW, &[AccountCommand::Create(new)]);
+    assert_eq!(r[0].0, AccountResult::Created);
+}
+
+fn ev(id: u128, kind: EventKind) -> TransferEvent {
+    TransferEvent {
+        key: TransferKey {
+            tenant: T,
+            id: TransferId(id),
+        },
+        kind,
+        code: 0,
+        metadata: None,
+        linked: false,
+    }
+}
+
+fn posted(id: u128, d: u128, c: u128, amount: u64) -> TransferEvent {
+    ev(
+        id,
+        EventKind::Posted {
+            debit: AccountId(d),
+            credit: AccountId(c),
+            amount,
+        },
+    )
+}
+
+fn balance(l: &MemoryLedger, id: u128) -> (u64, u64, u64, u64, i128) {
+    let a = &l.accounts[&AccountKey {
+        tenant: T,
+        id: AccountId(id),
+    }];
+    (
+        a.debits_posted,
+        a.credits_posted,
+        a.debits_pending,
+        a.credits_pending,
+        a.available(),
+    )
+}
+
+const BANK: u128 = 1;
+const ALICE: u128 = 2;
+const BOB: u128 = 3;
+
+fn setup() -> MemoryLedger {
+    let mut l = MemoryLedger::new();
+    open(&mut l, BANK, 0, 0);
+    open(
+        &mut l,
+        ALICE,
+        AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+        0,
+    );
+    open(&mut l, BOB, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS, 0);
+    assert_eq!(
+        l.transfers(NOW, &[posted(100, BANK, ALICE, 1000)])[0].result,
+        TransferResult::Created
+    );
+    l
+}
+
+#[test]
+fn spending_exactly_the_balance_is_allowed_one_more_is_not() {
+    let mut l = setup();
+    assert_eq!(
+        l.transfers(NOW, &[posted(1, ALICE, BOB, 1001)])[0].result,
+        TransferResult::InsufficientFunds
+    );
+    assert_eq!(
+        l.transfers(NOW, &[posted(2, ALICE, BOB, 1000)])[0].result,
+        TransferResult::Created
+    );
+    assert_eq!(balance(&l, ALICE), (1000, 1000, 0, 0, 0));
+}
+
+#[test]
+fn a_failure_that_depended_on_state_stays_failed() {
+    let mut l = setup();
+    let big = posted(1, ALICE, BOB, 5000);
+    assert_eq!(
+        l.transfers(NOW, &[big.clone()])[0].result,
+        TransferResult::InsufficientFunds
+    );
+    l.transfers(NOW, &[posted(2, BANK, ALICE, 10_000)]);
+    // Alice now has the money, but the same request under the same id keeps its first outcome.
+    assert_eq!(
+        l.transfers(NOW, &[big])[0].result,
+        TransferResult::InsufficientFunds
+    );
+    assert_eq!(
+        l.transfers(NOW, &[posted(1, ALICE, BOB, 4000)])[0].result,
+        TransferResult::IdAlreadyFailed
+    );
+    assert_eq!(balance(&l, BOB), (0, 0, 0, 0, 0));
+}
+
+#[test]
+fn repeats_return_the_first_outcome_and_different_bodies_are_refused() {
+    let mut l = setup();
+    let first = l.transfers(NOW, &[posted(1, ALICE, BOB, 10)]);
+    let again = l.transfers(NOW + 5, &[posted(1, ALICE, BOB, 10)]);
+    assert_eq!(again[0].result, TransferResult::Exists);
+    assert_eq!(again[0].transfer, first[0].transfer);
+    assert_eq!(
+        l.transfers(NOW, &[posted(1, ALICE, BOB, 11)])[0].result,
+        TransferResult::ExistsWithDifferentFields
+    );
+    assert_eq!(balance(&l, BOB), (0, 10, 0, 0, 10));
+}
+
+#[test]
+fn partial_post_releases_the_rest_and_a_second_post_is_refused() {
+    let mut l = setup();
+    let hold = ev(
+        1,
+        EventKind::Pending {
+            debit: AccountId(ALICE),
+            credit: AccountId(BOB),
+            amount: 600,
+            timeout_seconds: 0,
+        },
+    );
+    assert_eq!(l.transfers(NOW, &[hold])[0].result, TransferResult::Created);
+    assert_eq!(balance(&l, ALICE), (0, 1000, 600, 0, 400));
+    let too_much = ev(
+        2,
+        EventKind::PostPending {
+            pending_id: TransferId(1),
+            amount: Some(601),
+        },
+    );
+    assert_eq!(
+        l.transfers(NOW, &[too_much])[0].result,
+        TransferResult::ExceedsPendingTransferAmount
+    );
+    let post = ev(
+        3,
+        EventKind::PostPending {
+            pending_id: TransferId(1),
+            amount: Some(250),
+        },
+    );
+    assert_eq!(l.transfers(NOW, &[post])[0].result, TransferResult::Created);
+    assert_eq!(balance(&l, ALICE), (250, 1000, 0, 0, 750));
+    assert_eq!(balance(&l, BOB), (0, 250, 0, 0, 250));
+    let void = ev(
+        4,
+        EventKind::VoidPending {
+            pending_id: TransferId(1),
+        },
+    );
+    assert_eq!(
+        l.transfers(NOW, &[void])[0].result,
+        TransferResult::PendingTransferAlreadyPosted
+    );
+}
+
+#[test]
+fn a_hold_expires_exactly_at_its_timeout() {
+    let mut l = setup();
+    let hold = ev(
+        1,
+        EventKind::Pending {
+            debit: AccountId(ALICE),
+            credit: AccountId(BOB),
+            amount: 600,
+            timeout_seconds: 2,
+        },
+    );
+    let created = l.transfers(NOW, &[hold]);
+    let expires_at = created[0].transfer.as_ref().unwrap().expires_at.unwrap();
+    assert_eq!(l.expire(expires_at - 1), 0);
+    let post = ev(
+        2,
+        EventKind::PostPending {
+            pending_id: TransferId(1),
+            amount: None,
+        },
+    );
+    assert_eq!(
+        l.transfers(expires_at, &[post])[0].result,
+        TransferResult::PendingTransferExpired
+    );
+    assert_eq!(l.expire(expires_at), 1);
+    assert_eq!(balance(&l, ALICE), (0, 1000, 0, 0, 1000));
+    let void = ev(
+        3,
+        EventKind::VoidPending {
+            pending_id: TransferId(1),
+        },
+    );
+    assert_eq!(
+        l.transfers(expires_at, &[void])[0].result,
+        TransferResult::PendingTransferExpired
+    );
+}
+
+#[test]
+fn a_linked_chain_applies_whole_or_not_at_all() {
+    let mut l = setup();
+    let mut a = posted(1, ALICE, BOB, 700);
+    a.linked = true;
+    let b = posted(2, ALICE, BOB, 700);
+    let out = l.transfers(NOW, &[a.clone(), b.clone()]);
+    assert_eq!(out[0].result, TransferResult::LinkedEventFailed);
+    assert_eq!(out[1].result, TransferResult::InsufficientFunds);
+    assert_eq!(balance(&l, ALICE), (0, 1000, 0, 0, 1000));
+    // The retry gets the same answers, even though each alone would now succeed.
+    let again = l.transfers(NOW, &[a, b]);
+    assert_eq!(
+        again.iter().map(|o| o.result).collect::<Vec<_>>(),
+        [
+            TransferResult::LinkedEventFailed,
+            TransferResult::InsufficientFunds
+        ]
+    );
+}
+
+#[test]
+fn timestamps_are_unique_and_increasing_even_when_the_clock_stands_still_or_goes_back() {
+    let mut l = setup();
+    let a = l.transfers(NOW, &[posted(1, BANK, BOB, 1), posted(2, BANK, BOB, 1)]);
+    let b = l.transfers(NOW - 1_000_000, &[posted(3, BANK, BOB, 1)]);
+    let ts: Vec<u64> = a
+        .iter()
+        .chain(&b)
+        .map(|o| o.transfer.as_ref().unwrap().timestamp)
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] < w[1]), "{ts:?}");
+}
+
+#[test]
+fn closed_accounts_take_no_new_transfers_but_holds_can_still_be_voided() {
+    let mut l = setup();
+    let hold = ev(
+        1,
+        EventKind::Pending {
+            debit: AccountId(ALICE),
+            credit: AccountId(BOB),
+            amount: 10,
+            timeout_seconds: 0,
+        },
+    );
+    l.transfers(NOW, &[hold]);
+    let closed = l.accounts(
+        NOW,
+        &[AccountCommand::Close(AccountKey {
+            tenant: T,
+            id: AccountId(ALICE),
+        })],
+    );
+    assert_eq!(closed[0].0, AccountResult::Closed);
+    assert_eq!(
+        l.transfers(NOW, &[posted(2, ALICE, BOB, 1)])[0].result,
+        TransferResult::DebitAccountClosed
+    );
+    assert_eq!(
+        l.transfers(NOW, &[posted(3, BOB, ALICE, 1)])[0].result,
+        TransferResult::CreditAccountClosed
+    );
+    let void = ev(
+        4,
+        EventKind::VoidPending {
+            pending_id: TransferId(1),
+        },
+    );
+    assert_eq!(l.transfers(NOW, &[void])[0].result, TransferResult::Created);
+}
+
+#[test]
+fn another_tenants_accounts_do_not_exist() {
+    let mut l = setup();
+    let mut e = posted(1, ALICE, BOB, 1);
+    e.key.tenant = TenantId(8);
+    assert_eq!(
+        l.transfers(NOW, &[e])[0].result,
+        TransferResult::DebitAccountNotFound
+    );
+}
+
+#[test]
+fn verify_catches_an_edited_balance() {
+    let mut l = setup();
+    l.transfers(NOW, &[posted(1, ALICE, BOB, 10)]);
+    let mut v = verify::Verifier::new();
+    for a in l.accounts.values() {
+        let mut a = a.clone();
+        if a.key.id == AccountId(BOB) {
+            a.credits_posted += 1;
+        }
+        v.account(&a);
+    }
+    for t in l.transfers.values() {
+        v.entry(t);
+    }
+    let report = v.finish();
+    assert!(report.violations.len() >= 2, "{:?}", report.violations);
+}
