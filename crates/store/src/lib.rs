@@ -1,1 +1,202 @@
+//! Storage engines behind one port, and the single writer that applies ledger batches to them.
+//!
+//! Invariants this crate protects:
+//! - nothing is acknowledged before it is durable: a batch's replies go out only after the one
+//!   commit that persists it returned;
+//! - a batch is all or nothing: a failed commit rolls back and every request in it is told the
+//!   store is unavailable (a retry under the same ids is safe: ids are idempotency keys);
+//! - per engine there is exactly one writer of ledger state; with PostgreSQL, writers of several
+//!   nodes serialize on one row lock (`ledger_meta`), so there is one global order and no deadlock;
+//! - money moves only through `ledger`'s state machine; this crate persists its `Changes` and never
+//!   computes a balance itself.
 
+mod engine;
+mod migrations;
+mod postgres;
+mod rows;
+mod sqlite;
+
+pub mod conformance;
+pub mod testing;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use engine::{Command, Engine, EngineStats, Reply};
+use ledger::*;
+
+/// Why the store could not do what was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database is unreachable or refused the commit. Nothing in the batch was acknowledged;
+    /// the client should retry later (HTTP 503).
+    Unavailable(String),
+    /// The write queue is full: back-pressure, retry later (HTTP 503).
+    Busy,
+    /// Storage holds a value the code cannot read: a bug or an edit behind rtpay's back.
+    Corrupt(String),
+    /// A uniqueness rule of the control plane was broken.
+    Conflict(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(why) => write!(f, "storage unavailable: {why}"),
+            StoreError::Busy => f.write_str("write queue full"),
+            StoreError::Corrupt(why) => write!(f, "storage holds an unreadable value: {why}"),
+            StoreError::Conflict(why) => write!(f, "conflict: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A tenant of the platform.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantRecord {
+    pub id: u128,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+/// An API key; the secret itself is never stored, only its keyed hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub id: u128,
+    pub tenant_id: u128,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// Which transfers of an account a listing returns.
+#[derive(Clone, Copy, Debug)]
+pub struct Page {
+    /// Only transfers strictly older than this timestamp (the cursor).
+    pub before: Option<Timestamp>,
+    pub limit: usize,
+}
+
+/// The most rows one listing returns.
+pub const PAGE_LEN_MAX: usize = 1000;
+
+/// Read and control-plane access, safe to share between threads. Reads see committed data only.
+pub trait Queries: Send + Sync {
+    fn account(&self, key: AccountKey) -> Result<Option<Account>>;
+    fn entry(&self, key: TransferKey) -> Result<Option<Entry>>;
+    /// Created transfers touching the account, newest first.
+    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>>;
+
+    fn create_tenant(
+        &self,
+        tenant: &TenantRecord,
+        key: &ApiKeyRecord,
+        secret_hash: &[u8; 32],
+    ) -> Result<()>;
+    fn tenant(&self, id: u128) -> Result<Option<TenantRecord>>;
+    fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()>;
+    /// Revokes a key of the tenant; false if no such live key.
+    fn revoke_api_key(&self, tenant_id: u128, key_id: u128, at: Timestamp) -> Result<bool>;
+    fn api_key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>>;
+
+    /// Streams every account, then every transfer entry, from one consistent snapshot.
+    fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry))
+        -> Result<()>;
+    /// Cheap liveness check of the database.
+    fn ping(&self) -> Result<()>;
+}
+
+/// The writer side of an engine: used only by the [`Engine`]'s thread, inside one transaction per
+/// batch.
+pub(crate) trait Writer: Send {
+    /// Starts the batch's transaction and returns the ledger clock as stored.
+    fn begin(&mut self) -> Result<Clock>;
+    /// Loads the entries among `keys` that exist into `into`.
+    fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()>;
+    /// Loads the accounts among `keys` that exist and are not in `into` yet.
+    fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()>;
+    /// Pending transfers due to expire by `now`.
+    fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>>;
+    /// Persists the changes and commits: durable when this returns Ok.
+    fn commit(&mut self, changes: &[Changes]) -> Result<()>;
+    fn rollback(&mut self);
+}
+
+/// Where the data lives.
+#[derive(Clone, Debug)]
+pub enum Location {
+    /// A data directory holding `rtpay.db` (SQLite, WAL, synchronous=FULL).
+    Embedded(std::path::PathBuf),
+    /// A PostgreSQL connection URL (`postgres://user@host:port/db`).
+    Postgres(String),
+}
+
+/// An opened store: the engine (single writer) and shared read access.
+pub struct Store {
+    pub engine: Engine,
+    pub queries: Arc<dyn Queries>,
+    pub location: Location,
+}
+
+/// Wall-clock nanoseconds since the UNIX epoch: the one clock of the process.
+pub fn now_nanos() -> Timestamp {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the system clock is after 1970");
+    u64::try_from(since.as_nanos()).expect("nanoseconds fit in u64 until 2554")
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the store, then starts its writer.
+    pub fn open(location: &Location) -> Result<Store> {
+        Self::open_with_clock(location, Arc::new(now_nanos))
+    }
+
+    pub fn open_with_clock(
+        location: &Location,
+        clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    ) -> Result<Store> {
+        let (writer, queries): (Box<dyn Writer>, Arc<dyn Queries>) = match location {
+            Location::Embedded(dir) => sqlite::open(dir)?,
+            Location::Postgres(url) => postgres::open(url)?,
+        };
+        Ok(Store {
+            engine: Engine::start(writer, clock),
+            queries,
+            location: location.clone(),
+        })
+    }
+
+    /// Applies pending migrations without starting a writer; returns the versions applied.
+    pub fn migrate(location: &Location) -> Result<Vec<u32>> {
+        match location {
+            Location::Embedded(dir) => sqlite::migrate_only(dir),
+            Location::Postgres(url) => postgres::migrate_only(url),
+        }
+    }
+
+    /// Checks every ledger invariant over everything stored.
+    pub fn verify(&self) -> Result<verify::Report> {
+        let mut verifier = verify::Verifier::new();
+        // Two closures borrow one verifier: split the borrow with a RefCell.
+        let cell = std::cell::RefCell::new(&mut verifier);
+        self.queries
+            .scan(&mut |a| cell.borrow_mut().account(&a), &mut |e| {
+                cell.borrow_mut().entry(&e)
+            })?;
+        Ok(verifier.finish())
+    }
+
+    /// Stops the writer after the batches already queued.
+    pub fn close(self) {
+        self.engine.stop();
+    }
+}
+
+/// Whether a directory already holds an embedded store.
+pub fn embedded_exists(dir: &Path) -> bool {
+    dir.join(sqlite::DB_FILE).exists()
+}

@@ -1,0 +1,358 @@
+//! The single writer: requests queue up while the previous batch commits, and the next batch takes
+//! them all (group commit). One transaction per batch, one fsync per batch, replies after it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ledger::*;
+
+use crate::{Result, StoreError, Writer};
+
+/// Requests waiting for the writer. A full queue answers `Busy` at once rather than letting
+/// latency grow without bound.
+pub const QUEUE_LEN_MAX: usize = 16 * 1024;
+
+/// The most ledger events one batch applies: one commit, one fsync.
+pub const BATCH_EVENTS_MAX: usize = 4 * BATCH_LEN_MAX;
+
+/// How often the writer looks for pending transfers whose timeout passed.
+pub const EXPIRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How many expired holds one sweep releases; the next sweep takes the rest.
+pub const EXPIRY_SWEEP_MAX: usize = 4096;
+
+/// What a client asks the writer to do.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Accounts(Vec<AccountCommand>),
+    /// Events of one request. Linked chains may not run past the request's last event.
+    Transfers(Vec<TransferEvent>),
+}
+
+impl Command {
+    fn len(&self) -> usize {
+        match self {
+            Command::Accounts(c) => c.len(),
+            Command::Transfers(e) => e.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Accounts(Vec<(AccountResult, Option<Account>)>),
+    Transfers(Vec<Outcome>),
+}
+
+pub type Callback = Box<dyn FnOnce(Result<Reply>) + Send>;
+
+struct Job {
+    command: Command,
+    reply: Callback,
+}
+
+/// Counters for `/metrics`, updated by the writer.
+#[derive(Default)]
+pub struct EngineStats {
+    pub batches: AtomicU64,
+    pub events: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub expired: AtomicU64,
+    pub queue_depth: AtomicU64,
+    /// Commit latency histogram, upper bounds in [`COMMIT_BUCKETS_US`] (+Inf last).
+    pub commit_us_buckets: [AtomicU64; 12],
+    pub commit_us_sum: AtomicU64,
+    /// Batch size histogram, upper bounds in [`BATCH_BUCKETS`] (+Inf last).
+    pub batch_len_buckets: [AtomicU64; 9],
+}
+
+pub const COMMIT_BUCKETS_US: [u64; 11] = [
+    100, 250, 500, 1000, 2000, 5000, 10_000, 25_000, 50_000, 100_000, 250_000,
+];
+pub const BATCH_BUCKETS: [u64; 8] = [1, 4, 16, 64, 256, 1024, 4096, 16384];
+
+fn observe(buckets: &[AtomicU64], bounds: &[u64], value: u64) {
+    let i = bounds
+        .iter()
+        .position(|b| value <= *b)
+        .unwrap_or(bounds.len());
+    buckets[i].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Handle to the writer thread.
+pub struct Engine {
+    sender: Option<SyncSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<EngineStats>,
+}
+
+impl Engine {
+    pub(crate) fn start(
+        writer: Box<dyn Writer>,
+        clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    ) -> Engine {
+        let (sender, receiver) = mpsc::sync_channel(QUEUE_LEN_MAX);
+        let stats = Arc::new(EngineStats::default());
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("rtpay-writer".into())
+            .spawn(move || run(writer, receiver, clock, thread_stats))
+            .expect("spawning the writer thread");
+        Engine {
+            sender: Some(sender),
+            thread: Some(thread),
+            stats,
+        }
+    }
+
+    /// Queues a command; `reply` is called from the writer thread once the batch is durable (or
+    /// failed). Returns `Busy` at once when the queue is full.
+    pub fn submit(&self, command: Command, reply: Callback) -> Result<()> {
+        if let Command::Transfers(events) = &command {
+            assert!(
+                events.last().is_none_or(|e| !e.linked),
+                "a request's last event must close its chain"
+            );
+        }
+        if command.len() == 0 {
+            reply(Ok(match command {
+                Command::Accounts(_) => Reply::Accounts(Vec::new()),
+                Command::Transfers(_) => Reply::Transfers(Vec::new()),
+            }));
+            return Ok(());
+        }
+        let sender = self.sender.as_ref().expect("engine running");
+        match sender.try_send(Job { command, reply }) {
+            Ok(()) => {
+                self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(StoreError::Busy),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(StoreError::Unavailable("writer stopped".into()))
+            }
+        }
+    }
+
+    /// Queues a command and waits for its reply (for the CLI, benchmarks and tests).
+    pub fn execute(&self, command: Command) -> Result<Reply> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(command, Box::new(move |r| drop(tx.send(r))))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    pub fn transfers(&self, events: Vec<TransferEvent>) -> Result<Vec<Outcome>> {
+        match self.execute(Command::Transfers(events))? {
+            Reply::Transfers(outcomes) => Ok(outcomes),
+            Reply::Accounts(_) => unreachable!("transfers get transfer replies"),
+        }
+    }
+
+    pub fn accounts(
+        &self,
+        commands: Vec<AccountCommand>,
+    ) -> Result<Vec<(AccountResult, Option<Account>)>> {
+        match self.execute(Command::Accounts(commands))? {
+            Reply::Accounts(results) => Ok(results),
+            Reply::Transfers(_) => unreachable!("accounts get account replies"),
+        }
+    }
+
+    /// Stops the writer after what is queued, and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.sender.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn run(
+    mut writer: Box<dyn Writer>,
+    receiver: Receiver<Job>,
+    clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    stats: Arc<EngineStats>,
+) {
+    let mut held: Option<Job> = None;
+    let mut last_sweep = Instant::now();
+    loop {
+        let first = match held.take() {
+            Some(job) => Some(job),
+            None => match receiver.recv_timeout(EXPIRY_INTERVAL) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+        };
+        let mut jobs = Vec::new();
+        let mut events = 0;
+        if let Some(job) = first {
+            events += job.command.len();
+            jobs.push(job);
+            while events < BATCH_EVENTS_MAX {
+                match receiver.try_recv() {
+                    Ok(job) if events + job.command.len() > BATCH_EVENTS_MAX => {
+                        held = Some(job);
+                        break;
+                    }
+                    Ok(job) => {
+                        events += job.command.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        stats
+            .queue_depth
+            .fetch_sub(jobs.len() as u64, Ordering::Relaxed);
+        let sweep = last_sweep.elapsed() >= EXPIRY_INTERVAL || jobs.is_empty();
+        if sweep {
+            last_sweep = Instant::now();
+        }
+        let now = clock();
+        let started = Instant::now();
+        let result = apply_batch(writer.as_mut(), now, &jobs, sweep, &stats);
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        match result {
+            Ok(replies) => {
+                if !jobs.is_empty() {
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    stats.events.fetch_add(events as u64, Ordering::Relaxed);
+                    observe(&stats.batch_len_buckets, &BATCH_BUCKETS, events as u64);
+                    observe(&stats.commit_us_buckets, &COMMIT_BUCKETS_US, elapsed_us);
+                    stats.commit_us_sum.fetch_add(elapsed_us, Ordering::Relaxed);
+                }
+                for (job, reply) in jobs.into_iter().zip(replies) {
+                    (job.reply)(Ok(reply));
+                }
+            }
+            Err(error) => {
+                writer.rollback();
+                stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                if !jobs.is_empty() {
+                    tracing::warn!(%error, jobs = jobs.len(), "batch not committed");
+                }
+                for job in jobs {
+                    (job.reply)(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn apply_batch(
+    writer: &mut dyn Writer,
+    now: Timestamp,
+    jobs: &[Job],
+    sweep: bool,
+    stats: &EngineStats,
+) -> Result<Vec<Reply>> {
+    let clock = writer.begin()?;
+    let mut snapshot = MemoryLedger {
+        clock,
+        ..MemoryLedger::default()
+    };
+    let mut changes: Vec<Changes> = Vec::with_capacity(3);
+
+    if sweep {
+        let due = writer.due_pendings(now, EXPIRY_SWEEP_MAX)?;
+        if !due.is_empty() {
+            writer.load_transfers(&due, &mut snapshot)?;
+            let mut accounts = Vec::with_capacity(due.len() * 2);
+            for key in &due {
+                if let Some(Entry::Created(t)) = snapshot.transfers.get(key) {
+                    accounts.push(AccountKey {
+                        tenant: key.tenant,
+                        id: t.debit_account_id,
+                    });
+                    accounts.push(AccountKey {
+                        tenant: key.tenant,
+                        id: t.credit_account_id,
+                    });
+                }
+            }
+            accounts.sort_unstable();
+            accounts.dedup();
+            writer.load_accounts(&accounts, &mut snapshot)?;
+            let (expired, change) = expire_pending(&snapshot, snapshot.clock, now, &due);
+            stats.expired.fetch_add(expired as u64, Ordering::Relaxed);
+            snapshot.commit(change.clone());
+            changes.push(change);
+        }
+    }
+    if jobs.is_empty() {
+        if changes.iter().all(Changes::is_empty) {
+            writer.rollback();
+            return Ok(Vec::new());
+        }
+        writer.commit(&changes)?;
+        return Ok(Vec::new());
+    }
+
+    let mut account_commands = Vec::new();
+    let mut events = Vec::new();
+    for job in jobs {
+        match &job.command {
+            Command::Accounts(c) => account_commands.extend(c.iter().cloned()),
+            Command::Transfers(e) => events.extend(e.iter().cloned()),
+        }
+    }
+    let mut account_results = Vec::new();
+    if !account_commands.is_empty() {
+        let mut keys: Vec<AccountKey> = account_commands.iter().map(AccountCommand::key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        writer.load_accounts(&keys, &mut snapshot)?;
+        let mut clock = snapshot.clock;
+        let (results, change) = apply_accounts(&snapshot, &mut clock, now, &account_commands);
+        snapshot.commit(change.clone());
+        changes.push(change);
+        account_results = results;
+    }
+    let mut outcomes = Vec::new();
+    if !events.is_empty() {
+        let prefetch = Prefetch::of_transfers(&events);
+        let missing: Vec<TransferKey> = prefetch
+            .transfers
+            .into_iter()
+            .filter(|k| !snapshot.transfers.contains_key(k))
+            .collect();
+        writer.load_transfers(&missing, &mut snapshot)?;
+        let accounts = Prefetch::accounts_of(&events, &snapshot);
+        writer.load_accounts(&accounts, &mut snapshot)?;
+        let mut clock = snapshot.clock;
+        let (results, change) = apply_transfers(&snapshot, &mut clock, now, &events);
+        changes.push(change);
+        outcomes = results;
+    }
+    writer.commit(&changes)?;
+
+    // Split the answers back per job, in order.
+    let mut account_results = account_results.into_iter();
+    let mut outcomes = outcomes.into_iter();
+    let replies = jobs
+        .iter()
+        .map(|job| match &job.command {
+            Command::Accounts(c) => {
+                Reply::Accounts(account_results.by_ref().take(c.len()).collect())
+            }
+            Command::Transfers(e) => Reply::Transfers(outcomes.by_ref().take(e.len()).collect()),
+        })
+        .collect();
+    Ok(replies)
+}

@@ -1,0 +1,143 @@
+//! Versioned schema migrations, applied in order at start-up and by `rtpay migrate`. A migration
+//! is never edited once released: add a new one.
+
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    name: "ledger, tenants and api keys",
+    sql: r#"
+CREATE TABLE ledger_meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_timestamp INTEGER NOT NULL
+);
+INSERT INTO ledger_meta (id, last_timestamp) VALUES (1, 0);
+CREATE TABLE tenants (
+    id BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE api_keys (
+    id BLOB PRIMARY KEY,
+    tenant_id BLOB NOT NULL REFERENCES tenants (id),
+    secret_hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+) WITHOUT ROWID;
+CREATE TABLE accounts (
+    tenant_id BLOB NOT NULL,
+    id BLOB NOT NULL,
+    currency TEXT NOT NULL,
+    code INTEGER NOT NULL,
+    flags INTEGER NOT NULL,
+    credit_limit INTEGER NOT NULL,
+    metadata TEXT,
+    timestamp INTEGER NOT NULL UNIQUE,
+    debits_posted INTEGER NOT NULL,
+    credits_posted INTEGER NOT NULL,
+    debits_pending INTEGER NOT NULL,
+    credits_pending INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+) WITHOUT ROWID;
+-- The engine timestamp is unique and increasing, so it is the rowid: inserts append.
+CREATE TABLE transfers (
+    timestamp INTEGER PRIMARY KEY,
+    tenant_id BLOB NOT NULL,
+    id BLOB NOT NULL,
+    result INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    debit_account_id BLOB,
+    credit_account_id BLOB,
+    amount INTEGER,
+    currency TEXT,
+    pending_id BLOB,
+    amount_defaulted INTEGER NOT NULL,
+    timeout_seconds INTEGER NOT NULL,
+    expires_at INTEGER,
+    code INTEGER NOT NULL,
+    metadata TEXT,
+    state INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX transfers_by_id ON transfers (tenant_id, id);
+CREATE INDEX transfers_by_debit ON transfers (tenant_id, debit_account_id, timestamp) WHERE result = 0;
+CREATE INDEX transfers_by_credit ON transfers (tenant_id, credit_account_id, timestamp) WHERE result = 0;
+CREATE INDEX transfers_due ON transfers (expires_at) WHERE state = 1;
+"#,
+}];
+
+pub const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    name: "ledger, tenants and api keys",
+    sql: r#"
+CREATE TABLE ledger_meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_timestamp BIGINT NOT NULL
+);
+INSERT INTO ledger_meta (id, last_timestamp) VALUES (1, 0);
+CREATE TABLE tenants (
+    id UUID PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE api_keys (
+    id UUID PRIMARY KEY,
+    tenant_id UUID NOT NULL REFERENCES tenants (id),
+    secret_hash BYTEA NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+CREATE TABLE accounts (
+    tenant_id UUID NOT NULL,
+    id UUID NOT NULL,
+    currency TEXT NOT NULL,
+    code INTEGER NOT NULL,
+    flags INTEGER NOT NULL,
+    credit_limit BIGINT NOT NULL,
+    metadata TEXT,
+    timestamp BIGINT NOT NULL UNIQUE,
+    debits_posted BIGINT NOT NULL CHECK (debits_posted >= 0),
+    credits_posted BIGINT NOT NULL CHECK (credits_posted >= 0),
+    debits_pending BIGINT NOT NULL CHECK (debits_pending >= 0),
+    credits_pending BIGINT NOT NULL CHECK (credits_pending >= 0),
+    PRIMARY KEY (tenant_id, id)
+);
+CREATE TABLE transfers (
+    tenant_id UUID NOT NULL,
+    id UUID NOT NULL,
+    timestamp BIGINT NOT NULL UNIQUE,
+    result SMALLINT NOT NULL,
+    kind SMALLINT NOT NULL,
+    debit_account_id UUID,
+    credit_account_id UUID,
+    amount BIGINT,
+    currency TEXT,
+    pending_id UUID,
+    amount_defaulted BOOLEAN NOT NULL,
+    timeout_seconds BIGINT NOT NULL,
+    expires_at BIGINT,
+    code INTEGER NOT NULL,
+    metadata TEXT,
+    state SMALLINT NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+);
+CREATE INDEX transfers_by_debit ON transfers (tenant_id, debit_account_id, timestamp) WHERE result = 0;
+CREATE INDEX transfers_by_credit ON transfers (tenant_id, credit_account_id, timestamp) WHERE result = 0;
+CREATE INDEX transfers_due ON transfers (expires_at) WHERE state = 1;
+"#,
+}];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_increase_by_one_from_one() {
+        for list in [super::SQLITE, super::POSTGRES] {
+            for (i, m) in list.iter().enumerate() {
+                assert_eq!(m.version as usize, i + 1, "{}", m.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! The PostgreSQL engine: any number of rtpay nodes over one database.
+//!
+//! Each node has one writer. A batch's transaction first locks the single `ledger_meta` row, so
+//! batches of all nodes apply in one global order: no lost update, no overdraft, no double post,
+//! and no deadlock (there is only one lock to wait for). The state a batch reads is read after the
+//! lock is granted, so it is what the previous batch, from whichever node, committed. Each batch
+//! is a handful of statements over arrays (`unnest`), whatever its size.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::postgres::{Client, NoTls, Row};
+use ledger::*;
+use uuid::Uuid;
+
+use crate::migrations::{Migration, POSTGRES};
+use crate::rows::{AccountRow, EntryRow};
+use crate::*;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const READERS_MAX: usize = 8;
+/// An arbitrary constant naming the migration lock among PostgreSQL advisory locks.
+const MIGRATION_LOCK: i64 = 0x7274_7061_7900_0001;
+
+const ENTRY_COLUMNS: &str =
+    "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
+     currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state";
+const ACCOUNT_COLUMNS: &str =
+    "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
+     debits_posted, credits_posted, debits_pending, credits_pending";
+
+fn unavailable(e: ::postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        return StoreError::Unavailable(format!(
+            "postgres: {}: {}",
+            db.code().code(),
+            db.message()
+        ));
+    }
+    StoreError::Unavailable(format!("postgres: {e}"))
+}
+
+fn corrupt(e: String) -> StoreError {
+    StoreError::Corrupt(e)
+}
+
+fn connect(url: &str) -> Result<Client> {
+    let mut config: ::postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?;
+    config.connect_timeout(CONNECT_TIMEOUT);
+    if config.get_application_name().is_none() {
+        config.application_name("rtpay");
+    }
+    config.connect(NoTls).map_err(unavailable)
+}
+
+fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec<u32>> {
+    let mut tx = client.transaction().map_err(unavailable)?;
+    // Nodes starting together take turns; the second finds the work done.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(unavailable)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .map_err(unavailable)?;
+    let mut applied = Vec::new();
+    for m in migrations {
+        let version = m.version as i32;
+        let done = tx
+            .query_opt(
+                "SELECT version FROM schema_migrations WHERE version = $1",
+                &[&version],
+            )
+            .map_err(unavailable)?;
+        if done.is_none() {
+            tx.batch_execute(m.sql).map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                &[&version, &m.name, &(now_nanos() as i64)],
+            )
+            .map_err(unavailable)?;
+            applied.push(m.version);
+        }
+    }
+    tx.commit().map_err(unavailable)?;
+    Ok(applied)
+}
+
+pub(crate) fn migrate_only(url: &str) -> Result<Vec<u32>> {
+    apply_migrations(&mut connect(url)?, POSTGRES)
+}
+
+pub(crate) fn open(url: &str) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
+    let mut client = connect(url)?;
+    apply_migrations(&mut client, POSTGRES)?;
+    let writer = PgWriter {
+        url: url.to_owned(),
+        client: Some(client),
+        in_tx: false,
+    };
+    let queries = PgQueries {
+        url: url.to_owned(),
+        pool: Mutex::new(Vec::new()),
+    };
+    Ok((Box::new(writer), Arc::new(queries)))
+}
+
+fn uuid(v: u128) -> Uuid {
+    Uuid::from_u128(v)
+}
+
+fn account_row(row: &Row) -> Result<AccountRow> {
+    Ok(AccountRow {
+        tenant_id: row.try_get::<_, Uuid>(0).map_err(unavailable)?.as_u128(),
+        id: row.try_get::<_, Uuid>(1).map_err(unavailable)?.as_u128(),
+        currency: row.try_get(2).map_err(unavailable)?,
+        code: row.try_get(3).map_err(unavailable)?,
+        flags: row.try_get(4).map_err(unavailable)?,
+        credit_limit: row.try_get(5).map_err(unavailable)?,
+        metadata: row.try_get(6).map_err(unavailable)?,
+        timestamp: row.try_get(7).map_err(unavailable)?,
+        debits_posted: row.try_get(8).map_err(unavailable)?,
+        credits_posted: row.try_get(9).map_err(unavailable)?,
+        debits_pending: row.try_get(10).map_err(unavailable)?,
+        credits_pending: row.try_get(11).map_err(unavailable)?,
+    })
+}
+
+fn entry_row(row: &Row) -> Result<EntryRow> {
+    let opt = |i: usize| -> Result<Option<u128>> {
+        Ok(row
+            .try_get::<_, Option<Uuid>>(i)
+            .map_err(unavailable)?
+            .map(|u| u.as_u128()))
+    };
+    Ok(EntryRow {
+        timestamp: row.try_get(0).map_err(unavailable)?,
+        tenant_id: row.try_get::<_, Uuid>(1).map_err(unavailable)?.as_u128(),
+        id: row.try_get::<_, Uuid>(2).map_err(unavailable)?.as_u128(),
+        result: row.try_get(3).map_err(unavailable)?,
+        kind: row.try_get(4).map_err(unavailable)?,
+        debit_account_id: opt(5)?,
+        credit_account_id: opt(6)?,
+        amount: row.try_get(7).map_err(unavailable)?,
+        currency: row.try_get(8).map_err(unavailable)?,
+        pending_id: opt(9)?,
+        amount_defaulted: row.try_get(10).map_err(unavailable)?,
+        timeout_seconds: row.try_get(11).map_err(unavailable)?,
+        expires_at: row.try_get(12).map_err(unavailable)?,
+        code: row.try_get(13).map_err(unavailable)?,
+        metadata: row.try_get(14).map_err(unavailable)?,
+        state: row.try_get(15).map_err(unavailable)?,
+    })
+}
+
+struct PgWriter {
+    url: String,
+    client: Option<Client>,
+    in_tx: bool,
+}
+
+impl PgWriter {
+    fn client(&mut self) -> &mut Client {
+        self.client.as_mut().expect("connected in begin")
+    }
+}
+
+impl Writer for PgWriter {
+    fn begin(&mut self) -> Result<Clock> {
+        assert!(!self.in_tx, "one batch at a time");
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            self.client = Some(connect(&self.url)?);
+        }
+        let client = self.client();
+        let result = (|| {
+            client.batch_execute("BEGIN").map_err(unavailable)?;
+            let row = client
+                .query_one(
+                    "SELECT last_timestamp FROM ledger_meta WHERE id = 1 FOR UPDATE",
+                    &[],
+                )
+                .map_err(unavailable)?;
+            let last: i64 = row.try_get(0).map_err(unavailable)?;
+            u64::try_from(last).map_err(|_| corrupt("negative ledger clock".into()))
+        })();
+        match result {
+            Ok(last) => {
+                self.in_tx = true;
+                Ok(Clock { last })
+            }
+            Err(e) => {
+                // Whatever state the connection is in, a new one is the safe start.
+                self.client = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<Uuid> = keys.iter().map(|k| uuid(k.tenant.0)).collect();
+        let ids: Vec<Uuid> = keys.iter().map(|k| uuid(k.id.0)).collect();
+        let rows = self
+            .client()
+            .query(
+                &format!(
+                    "SELECT {ENTRY_COLUMNS} FROM transfers WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
+                ),
+                &[&tenants, &ids],
+            )
+            .map_err(unavailable)?;
+        for row in rows {
+            let entry = entry_row(&row)?.into_entry().map_err(corrupt)?;
+            let key = match &entry {
+                Entry::Created(t) => t.key,
+                Entry::Failed { event, .. } => event.key,
+            };
+            into.transfers.insert(key, entry);
+        }
+        Ok(())
+    }
+
+    fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()> {
+        let missing: Vec<&AccountKey> = keys
+            .iter()
+            .filter(|k| !into.accounts.contains_key(k))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<Uuid> = missing.iter().map(|k| uuid(k.tenant.0)).collect();
+        let ids: Vec<Uuid> = missing.iter().map(|k| uuid(k.id.0)).collect();
+        let rows = self
+            .client()
+            .query(
+                &format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
+                ),
+                &[&tenants, &ids],
+            )
+            .map_err(unavailable)?;
+        for row in rows {
+            let account = account_row(&row)?.into_account().map_err(corrupt)?;
+            into.accounts.insert(account.key, account);
+        }
+        Ok(())
+    }
+
+    fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>> {
+        let rows = self
+            .client()
+            .query(
+                "SELECT tenant_id, id FROM transfers WHERE state = 1 AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+                &[&(now as i64), &(limit as i64)],
+            )
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                Ok(TransferKey {
+                    tenant: TenantId(r.try_get::<_, Uuid>(0).map_err(unavailable)?.as_u128()),
+                    id: TransferId(r.try_get::<_, Uuid>(1).map_err(unavailable)?.as_u128()),
+                })
+            })
+            .collect()
+    }
+
+    fn commit(&mut self, changes: &[Changes]) -> Result<()> {
+        assert!(self.in_tx, "commit inside a batch");
+        let result = self
+            .write(changes)
+            .and_then(|()| self.client().batch_execute("COMMIT").map_err(unavailable));
+        self.in_tx = false;
+        if result.is_err() {
+            self.client = None;
+        }
+        result
+    }
+
+    fn rollback(&mut self) {
+        if self.in_tx {
+            self.in_tx = false;
+            if let Some(client) = self.client.as_mut() {
+                if client.batch_execute("ROLLBACK").is_err() {
+                    self.client = None;
+                }
+            }
+        }
+    }
+}
+
+impl PgWriter {
+    fn write(&mut self, changes: &[Changes]) -> Result<()> {
+        let client = self.client();
+        let mut last = 0u64;
+        let entries: Vec<EntryRow> = changes
+            .iter()
+            .flat_map(|c| c.inserted.iter().map(EntryRow::of))
+            .collect();
+        if !entries.is_empty() {
+            let timestamp: Vec<i64> = entries.iter().map(|r| r.timestamp).collect();
+            let tenant: Vec<Uuid> = entries.iter().map(|r| uuid(r.tenant_id)).collect();
+            let id: Vec<Uuid> = entries.iter().map(|r| uuid(r.id)).collect();
+            let result: Vec<i16> = entries.iter().map(|r| r.result).collect();
+            let kind: Vec<i16> = entries.iter().map(|r| r.kind).collect();
+            let debit: Vec<Option<Uuid>> = entries
+                .iter()
+                .map(|r| r.debit_account_id.map(uuid))
+                .collect();
+            let credit: Vec<Option<Uuid>> = entries
+                .iter()
+                .map(|r| r.credit_account_id.map(uuid))
+                .collect();
+            let amount: Vec<Option<i64>> = entries.iter().map(|r| r.amount).collect();
+            let currency: Vec<Option<&str>> =
+                entries.iter().map(|r| r.currency.as_deref()).collect();
+            let pending: Vec<Option<Uuid>> =
+                entries.iter().map(|r| r.pending_id.map(uuid)).collect();
+            let defaulted: Vec<bool> = entries.iter().map(|r| r.amount_defaulted).collect();
+            let timeout: Vec<i64> = entries.iter().map(|r| r.timeout_seconds).collect();
+            let expires: Vec<Option<i64>> = entries.iter().map(|r| r.expires_at).collect();
+            let code: Vec<i32> = entries.iter().map(|r| r.code).collect();
+            let metadata: Vec<Option<&str>> =
+                entries.iter().map(|r| r.metadata.as_deref()).collect();
+            let state: Vec<i16> = entries.iter().map(|r| r.state).collect();
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO transfers ({ENTRY_COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], \
+                         $4::smallint[], $5::smallint[], $6::uuid[], $7::uuid[], $8::bigint[], $9::text[], $10::uuid[], \
+                         $11::boolean[], $12::bigint[], $13::bigint[], $14::integer[], $15::text[], $16::smallint[])"
+                    ),
+                    &[
+                        &timestamp, &tenant, &id, &result, &kind, &debit, &credit, &amount, &currency, &pending,
+                        &defaulted, &timeout, &expires, &code, &metadata, &state,
+                    ],
+                )
+                .map_err(unavailable)?;
+        }
+        let updates: Vec<&(TransferKey, PendingState)> = changes
+            .iter()
+            .flat_map(|c| c.pending_updates.iter())
+            .collect();
+        if !updates.is_empty() {
+            let tenant: Vec<Uuid> = updates.iter().map(|(k, _)| uuid(k.tenant.0)).collect();
+            let id: Vec<Uuid> = updates.iter().map(|(k, _)| uuid(k.id.0)).collect();
+            let state: Vec<i16> = updates.iter().map(|(_, s)| *s as i16).collect();
+            let n = client
+                .execute(
+                    "UPDATE transfers t SET state = u.state FROM unnest($1::uuid[], $2::uuid[], $3::smallint[]) AS u(tenant_id, id, state) \
+                     WHERE t.tenant_id = u.tenant_id AND t.id = u.id",
+                    &[&tenant, &id, &state],
+                )
+                .map_err(unavailable)?;
+            assert_eq!(
+                n as usize,
+                updates.len(),
+                "pending updates name stored transfers"
+            );
+        }
+        // An account may change in several parts of a batch: the last value is the final one.
+        let mut accounts: std::collections::BTreeMap<AccountKey, AccountRow> =
+            std::collections::BTreeMap::new();
+        for change in changes {
+            for account in &change.accounts {
+                accounts.insert(account.key, AccountRow::of(account));
+            }
+            last = last.max(change.clock.last);
+        }
+        if !accounts.is_empty() {
+            let rows: Vec<&AccountRow> = accounts.values().collect();
+            let tenant: Vec<Uuid> = rows.iter().map(|r| uuid(r.tenant_id)).collect();
+            let id: Vec<Uuid> = rows.iter().map(|r| uuid(r.id)).collect();
+            let currency: Vec<&str> = rows.iter().map(|r| r.currency.as_str()).collect();
+            let code: Vec<i32> = rows.iter().map(|r| r.code).collect();
+            let flags: Vec<i32> = rows.iter().map(|r| r.flags).collect();
+            let limit: Vec<i64> = rows.iter().map(|r| r.credit_limit).collect();
+            let metadata: Vec<Option<&str>> = rows.iter().map(|r| r.metadata.as_deref()).collect();
+            let timestamp: Vec<i64> = rows.iter().map(|r| r.timestamp).collect();
+            let dp: Vec<i64> = rows.iter().map(|r| r.debits_posted).collect();
+            let cp: Vec<i64> = rows.iter().map(|r| r.credits_posted).collect();
+            let dh: Vec<i64> = rows.iter().map(|r| r.debits_pending).collect();
+            let ch: Vec<i64> = rows.iter().map(|r| r.credits_pending).collect();
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO accounts ({ACCOUNT_COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], \
+                         $4::integer[], $5::integer[], $6::bigint[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
+                         $11::bigint[], $12::bigint[]) \
+                         ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
+                         debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
+                         debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending"
+                    ),
+                    &[&tenant, &id, &currency, &code, &flags, &limit, &metadata, &timestamp, &dp, &cp, &dh, &ch],
+                )
+                .map_err(unavailable)?;
+        }
+        if last > 0 {
+            client
+                .execute("UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $1) WHERE id = 1", &[&(last as i64)])
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+struct PgQueries {
+    url: String,
+    pool: Mutex<Vec<Client>>,
+}
+
+impl PgQueries {
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        let pooled = self.pool.lock().expect("pool lock").pop();
+        let mut client = match pooled {
+            Some(c) if !c.is_closed() => c,
+            _ => connect(&self.url)?,
+        };
+        let result = f(&mut client);
+        if !client.is_closed() {
+            let mut pool = self.pool.lock().expect("pool lock");
+            if pool.len() < READERS_MAX {
+                pool.push(client);
+            }
+        }
+        result
+    }
+}
+
+fn map_conflict(e: ::postgres::Error, what: &str) -> StoreError {
+    if e.code() == Some(&::postgres::error::SqlState::UNIQUE_VIOLATION) {
+        return StoreError::Conflict(what.to_owned());
+    }
+    unavailable(e)
+}
+
+impl Queries for PgQueries {
+    fn account(&self, key: AccountKey) -> Result<Option<Account>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    &format!(
+                        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = $1 AND id = $2"
+                    ),
+                    &[&uuid(key.tenant.0), &uuid(key.id.0)],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| account_row(&r)?.into_account().map_err(corrupt))
+                .transpose()
+        })
+    }
+
+    fn entry(&self, key: TransferKey) -> Result<Option<Entry>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    &format!(
+                        "SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = $1 AND id = $2"
+                    ),
+                    &[&uuid(key.tenant.0), &uuid(key.id.0)],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| entry_row(&r)?.into_entry().map_err(corrupt))
+                .transpose()
+        })
+    }
+
+    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>> {
+        let limit = page.limit.min(PAGE_LEN_MAX) as i64;
+        let before = page
+            .before
+            .map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        self.with(|c| {
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {ENTRY_COLUMNS} FROM (\
+                           (SELECT * FROM transfers WHERE tenant_id = $1 AND debit_account_id = $2 AND result = 0 AND timestamp < $3 ORDER BY timestamp DESC LIMIT $4) \
+                           UNION \
+                           (SELECT * FROM transfers WHERE tenant_id = $1 AND credit_account_id = $2 AND result = 0 AND timestamp < $3 ORDER BY timestamp DESC LIMIT $4)\
+                         ) t ORDER BY timestamp DESC LIMIT $4"
+                    ),
+                    &[&uuid(key.tenant.0), &uuid(key.id.0), &before, &limit],
+                )
+                .map_err(unavailable)?;
+            rows.iter()
+                .map(|r| match entry_row(r)?.into_entry().map_err(corrupt)? {
+                    Entry::Created(t) => Ok(t),
+                    Entry::Failed { .. } => Err(corrupt("failed entry in an account listing".into())),
+                })
+                .collect()
+        })
+    }
+
+    fn create_tenant(
+        &self,
+        tenant: &TenantRecord,
+        key: &ApiKeyRecord,
+        secret_hash: &[u8; 32],
+    ) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c.transaction().map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)",
+                &[&uuid(tenant.id), &tenant.name, &(tenant.created_at as i64)],
+            )
+            .map_err(|e| map_conflict(e, "tenant id exists"))?;
+            tx.execute(
+                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at) VALUES ($1, $2, $3, $4)",
+                &[&uuid(key.id), &uuid(key.tenant_id), &&secret_hash[..], &(key.created_at as i64)],
+            )
+            .map_err(|e| map_conflict(e, "api key exists"))?;
+            tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn tenant(&self, id: u128) -> Result<Option<TenantRecord>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    "SELECT name, created_at FROM tenants WHERE id = $1",
+                    &[&uuid(id)],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| {
+                Ok(TenantRecord {
+                    id,
+                    name: r.try_get(0).map_err(unavailable)?,
+                    created_at: r.try_get::<_, i64>(1).map_err(unavailable)? as u64,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at) VALUES ($1, $2, $3, $4)",
+                &[&uuid(key.id), &uuid(key.tenant_id), &&secret_hash[..], &(key.created_at as i64)],
+            )
+            .map_err(|e| map_conflict(e, "api key exists"))?;
+            Ok(())
+        })
+    }
+
+    fn revoke_api_key(&self, tenant_id: u128, key_id: u128, at: Timestamp) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE api_keys SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
+                    &[&uuid(tenant_id), &uuid(key_id), &(at as i64)],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn api_key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    "SELECT id, tenant_id, created_at, revoked_at FROM api_keys WHERE secret_hash = $1",
+                    &[&&secret_hash[..]],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| {
+                Ok(ApiKeyRecord {
+                    id: r.try_get::<_, Uuid>(0).map_err(unavailable)?.as_u128(),
+                    tenant_id: r.try_get::<_, Uuid>(1).map_err(unavailable)?.as_u128(),
+                    created_at: r.try_get::<_, i64>(2).map_err(unavailable)? as u64,
+                    revoked_at: r.try_get::<_, Option<i64>>(3).map_err(unavailable)?.map(|v| v as u64),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn scan(
+        &self,
+        accounts: &mut dyn FnMut(Account),
+        entries: &mut dyn FnMut(Entry),
+    ) -> Result<()> {
+        self.with(|c| {
+            // REPEATABLE READ: accounts and transfers from one snapshot, read in portions.
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(::postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(unavailable)?;
+            let stmt = tx
+                .prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))
+                .map_err(unavailable)?;
+            let portal = tx.bind(&stmt, &[]).map_err(unavailable)?;
+            loop {
+                let rows = tx.query_portal(&portal, 10_000).map_err(unavailable)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in &rows {
+                    accounts(account_row(row)?.into_account().map_err(corrupt)?);
+                }
+            }
+            let stmt = tx
+                .prepare(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM transfers ORDER BY timestamp"
+                ))
+                .map_err(unavailable)?;
+            let portal = tx.bind(&stmt, &[]).map_err(unavailable)?;
+            loop {
+                let rows = tx.query_portal(&portal, 10_000).map_err(unavailable)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in &rows {
+                    entries(entry_row(row)?.into_entry().map_err(corrupt)?);
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn ping(&self) -> Result<()> {
+        self.with(|c| c.simple_query("SELECT 1").map(|_| ()).map_err(unavailable))
+    }
+}

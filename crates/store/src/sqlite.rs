@@ -1,0 +1,615 @@
+//! The embedded engine: SQLite in WAL mode with `synchronous=FULL`, in a data directory.
+//!
+//! The writer owns one connection and keeps every account in memory (loaded at start: the
+//! count of accounts, not of transfers, bounds it). Transfers are read from the database when a
+//! batch names them. Readers use their own connections and see only committed data.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ledger::*;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use crate::migrations::{Migration, SQLITE};
+use crate::rows::{u128_of, uuid_bytes, AccountRow, EntryRow};
+use crate::*;
+
+pub(crate) const DB_FILE: &str = "rtpay.db";
+
+/// Page cache per connection, in KiB (negative = KiB in SQLite's `cache_size`).
+const CACHE_KIB: i64 = 64 * 1024;
+
+/// Reader connections kept open for reuse.
+const READERS_MAX: usize = 8;
+
+const ENTRY_COLUMNS: &str =
+    "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
+     currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state";
+
+const ACCOUNT_COLUMNS: &str =
+    "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
+     debits_posted, credits_posted, debits_pending, credits_pending";
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(format!("sqlite: {e}"))
+}
+
+fn corrupt(e: String) -> StoreError {
+    StoreError::Corrupt(e)
+}
+
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(unavailable)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(unavailable)?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -{CACHE_KIB}; \
+         PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
+    ))
+    .map_err(unavailable)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(unavailable)?;
+    if mode != "wal" {
+        return Err(StoreError::Unavailable(format!(
+            "sqlite refused WAL mode (got {mode})"
+        )));
+    }
+    Ok(conn)
+}
+
+fn apply_migrations(conn: &mut Connection, migrations: &[Migration]) -> Result<Vec<u32>> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    )
+    .map_err(unavailable)?;
+    let mut applied = Vec::new();
+    for m in migrations {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(unavailable)?;
+        let done: Option<u32> = tx
+            .query_row(
+                "SELECT version FROM schema_migrations WHERE version = ?1",
+                [m.version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)?;
+        if done.is_none() {
+            tx.execute_batch(m.sql).map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+                params![m.version, m.name, now_nanos() as i64],
+            )
+            .map_err(unavailable)?;
+            applied.push(m.version);
+        }
+        tx.commit().map_err(unavailable)?;
+    }
+    Ok(applied)
+}
+
+fn db_path(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot create data directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    Ok(dir.join(DB_FILE))
+}
+
+pub(crate) fn migrate_only(dir: &Path) -> Result<Vec<u32>> {
+    let mut conn = connect(&db_path(dir)?)?;
+    apply_migrations(&mut conn, SQLITE)
+}
+
+pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
+    let path = db_path(dir)?;
+    let mut conn = connect(&path)?;
+    apply_migrations(&mut conn, SQLITE)?;
+    let last_timestamp: i64 = conn
+        .query_row(
+            "SELECT last_timestamp FROM ledger_meta WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    let mut accounts = HashMap::new();
+    {
+        let mut stmt = conn
+            .prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))
+            .map_err(unavailable)?;
+        let mut rows = stmt.query([]).map_err(unavailable)?;
+        while let Some(row) = rows.next().map_err(unavailable)? {
+            let account = account_row(row)?.into_account().map_err(corrupt)?;
+            accounts.insert(account.key, account);
+        }
+    }
+    let writer = SqliteWriter {
+        conn,
+        accounts,
+        clock: Clock {
+            last: u64::try_from(last_timestamp).map_err(|_| corrupt("negative clock".into()))?,
+        },
+        in_tx: false,
+    };
+    let queries = SqliteQueries {
+        path,
+        pool: Mutex::new(Vec::new()),
+    };
+    Ok((Box::new(writer), Arc::new(queries)))
+}
+
+fn account_row(row: &rusqlite::Row<'_>) -> Result<AccountRow> {
+    let get_id = |i: usize| -> Result<u128> {
+        let bytes: Vec<u8> = row.get(i).map_err(unavailable)?;
+        u128_of(&bytes).map_err(corrupt)
+    };
+    Ok(AccountRow {
+        tenant_id: get_id(0)?,
+        id: get_id(1)?,
+        currency: row.get(2).map_err(unavailable)?,
+        code: row.get(3).map_err(unavailable)?,
+        flags: row.get(4).map_err(unavailable)?,
+        credit_limit: row.get(5).map_err(unavailable)?,
+        metadata: row.get(6).map_err(unavailable)?,
+        timestamp: row.get(7).map_err(unavailable)?,
+        debits_posted: row.get(8).map_err(unavailable)?,
+        credits_posted: row.get(9).map_err(unavailable)?,
+        debits_pending: row.get(10).map_err(unavailable)?,
+        credits_pending: row.get(11).map_err(unavailable)?,
+    })
+}
+
+fn entry_row(row: &rusqlite::Row<'_>) -> Result<EntryRow> {
+    let id = |i: usize| -> Result<u128> {
+        let bytes: Vec<u8> = row.get(i).map_err(unavailable)?;
+        u128_of(&bytes).map_err(corrupt)
+    };
+    let opt_id = |i: usize| -> Result<Option<u128>> {
+        let bytes: Option<Vec<u8>> = row.get(i).map_err(unavailable)?;
+        bytes.map(|b| u128_of(&b).map_err(corrupt)).transpose()
+    };
+    Ok(EntryRow {
+        timestamp: row.get(0).map_err(unavailable)?,
+        tenant_id: id(1)?,
+        id: id(2)?,
+        result: row.get(3).map_err(unavailable)?,
+        kind: row.get(4).map_err(unavailable)?,
+        debit_account_id: opt_id(5)?,
+        credit_account_id: opt_id(6)?,
+        amount: row.get(7).map_err(unavailable)?,
+        currency: row.get(8).map_err(unavailable)?,
+        pending_id: opt_id(9)?,
+        amount_defaulted: row.get(10).map_err(unavailable)?,
+        timeout_seconds: row.get(11).map_err(unavailable)?,
+        expires_at: row.get(12).map_err(unavailable)?,
+        code: row.get(13).map_err(unavailable)?,
+        metadata: row.get(14).map_err(unavailable)?,
+        state: row.get(15).map_err(unavailable)?,
+    })
+}
+
+struct SqliteWriter {
+    conn: Connection,
+    /// Every account, as committed. Updated only after a commit succeeds.
+    accounts: HashMap<AccountKey, Account>,
+    clock: Clock,
+    in_tx: bool,
+}
+
+impl Writer for SqliteWriter {
+    fn begin(&mut self) -> Result<Clock> {
+        assert!(!self.in_tx, "one batch at a time");
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(unavailable)?;
+        self.in_tx = true;
+        Ok(self.clock)
+    }
+
+    fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = ?1 AND id = ?2"
+            ))
+            .map_err(unavailable)?;
+        for key in keys {
+            let mut rows = stmt
+                .query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)])
+                .map_err(unavailable)?;
+            if let Some(row) = rows.next().map_err(unavailable)? {
+                let entry = entry_row(row)?.into_entry().map_err(corrupt)?;
+                into.transfers.insert(*key, entry);
+            }
+        }
+        Ok(())
+    }
+
+    fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()> {
+        for key in keys {
+            if !into.accounts.contains_key(key) {
+                if let Some(account) = self.accounts.get(key) {
+                    into.accounts.insert(*key, account.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT tenant_id, id FROM transfers WHERE state = 1 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+            )
+            .map_err(unavailable)?;
+        let mut rows = stmt
+            .query(params![now as i64, limit as i64])
+            .map_err(unavailable)?;
+        let mut keys = Vec::new();
+        while let Some(row) = rows.next().map_err(unavailable)? {
+            let tenant: Vec<u8> = row.get(0).map_err(unavailable)?;
+            let id: Vec<u8> = row.get(1).map_err(unavailable)?;
+            keys.push(TransferKey {
+                tenant: TenantId(u128_of(&tenant).map_err(corrupt)?),
+                id: TransferId(u128_of(&id).map_err(corrupt)?),
+            });
+        }
+        Ok(keys)
+    }
+
+    fn commit(&mut self, changes: &[Changes]) -> Result<()> {
+        assert!(self.in_tx, "commit inside a batch");
+        self.write(changes)?;
+        self.conn.execute_batch("COMMIT").map_err(unavailable)?;
+        self.in_tx = false;
+        for change in changes {
+            for account in &change.accounts {
+                self.accounts.insert(account.key, account.clone());
+            }
+            self.clock = self.clock.max_of(change.clock);
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        if self.in_tx {
+            // A failed ROLLBACK leaves SQLite to roll back on its own when the connection closes.
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.in_tx = false;
+        }
+    }
+}
+
+trait MaxOf {
+    fn max_of(self, other: Clock) -> Clock;
+}
+
+impl MaxOf for Clock {
+    fn max_of(self, other: Clock) -> Clock {
+        Clock {
+            last: self.last.max(other.last),
+        }
+    }
+}
+
+impl SqliteWriter {
+    fn write(&mut self, changes: &[Changes]) -> Result<()> {
+        let mut insert = self
+            .conn
+            .prepare_cached(&format!(
+                "INSERT INTO transfers ({ENTRY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+            ))
+            .map_err(unavailable)?;
+        let mut update_state = self
+            .conn
+            .prepare_cached("UPDATE transfers SET state = ?3 WHERE tenant_id = ?1 AND id = ?2")
+            .map_err(unavailable)?;
+        let mut upsert = self
+            .conn
+            .prepare_cached(&format!(
+                "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+                 ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
+                 debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
+                 debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending"
+            ))
+            .map_err(unavailable)?;
+        let mut last = self.clock;
+        for change in changes {
+            for entry in &change.inserted {
+                let r = EntryRow::of(entry);
+                insert
+                    .execute(params![
+                        r.timestamp,
+                        uuid_bytes(r.tenant_id),
+                        uuid_bytes(r.id),
+                        r.result,
+                        r.kind,
+                        r.debit_account_id.map(uuid_bytes),
+                        r.credit_account_id.map(uuid_bytes),
+                        r.amount,
+                        r.currency,
+                        r.pending_id.map(uuid_bytes),
+                        r.amount_defaulted,
+                        r.timeout_seconds,
+                        r.expires_at,
+                        r.code,
+                        r.metadata,
+                        r.state,
+                    ])
+                    .map_err(unavailable)?;
+            }
+            for (key, state) in &change.pending_updates {
+                let n = update_state
+                    .execute(params![
+                        uuid_bytes(key.tenant.0),
+                        uuid_bytes(key.id.0),
+                        *state as i16
+                    ])
+                    .map_err(unavailable)?;
+                assert_eq!(n, 1, "a pending update names a stored transfer");
+            }
+            for account in &change.accounts {
+                let r = AccountRow::of(account);
+                upsert
+                    .execute(params![
+                        uuid_bytes(r.tenant_id),
+                        uuid_bytes(r.id),
+                        r.currency,
+                        r.code,
+                        r.flags,
+                        r.credit_limit,
+                        r.metadata,
+                        r.timestamp,
+                        r.debits_posted,
+                        r.credits_posted,
+                        r.debits_pending,
+                        r.credits_pending,
+                    ])
+                    .map_err(unavailable)?;
+            }
+            last = last.max_of(change.clock);
+        }
+        self.conn
+            .execute(
+                "UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1",
+                [last.last as i64],
+            )
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+struct SqliteQueries {
+    path: PathBuf,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl SqliteQueries {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let conn = self.pool.lock().expect("pool lock").pop();
+        let mut conn = match conn {
+            Some(c) => c,
+            None => connect(&self.path)?,
+        };
+        let result = f(&mut conn);
+        let mut pool = self.pool.lock().expect("pool lock");
+        if pool.len() < READERS_MAX {
+            pool.push(conn);
+        }
+        result
+    }
+}
+
+fn map_conflict(e: rusqlite::Error, what: &str) -> StoreError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Conflict(what.to_owned())
+        }
+        e => unavailable(e),
+    }
+}
+
+impl Queries for SqliteQueries {
+    fn account(&self, key: AccountKey) -> Result<Option<Account>> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = ?1 AND id = ?2"
+                ))
+                .map_err(unavailable)?;
+            let mut rows = stmt
+                .query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)])
+                .map_err(unavailable)?;
+            match rows.next().map_err(unavailable)? {
+                Some(row) => Ok(Some(account_row(row)?.into_account().map_err(corrupt)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn entry(&self, key: TransferKey) -> Result<Option<Entry>> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = ?1 AND id = ?2"
+                ))
+                .map_err(unavailable)?;
+            let mut rows = stmt
+                .query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)])
+                .map_err(unavailable)?;
+            match rows.next().map_err(unavailable)? {
+                Some(row) => Ok(Some(entry_row(row)?.into_entry().map_err(corrupt)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>> {
+        let limit = page.limit.min(PAGE_LEN_MAX) as i64;
+        let before = page
+            .before
+            .map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        self.with(|c| {
+            // Two index range scans (as debit, as credit), each newest first, merged.
+            let sql = format!(
+                "SELECT {ENTRY_COLUMNS} FROM (\
+                   SELECT * FROM (SELECT * FROM transfers WHERE tenant_id = ?1 AND debit_account_id = ?2 AND result = 0 AND timestamp < ?3 ORDER BY timestamp DESC LIMIT ?4) \
+                   UNION \
+                   SELECT * FROM (SELECT * FROM transfers WHERE tenant_id = ?1 AND credit_account_id = ?2 AND result = 0 AND timestamp < ?3 ORDER BY timestamp DESC LIMIT ?4)\
+                 ) ORDER BY timestamp DESC LIMIT ?4"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(unavailable)?;
+            let mut rows = stmt
+                .query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0), before, limit])
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                match entry_row(row)?.into_entry().map_err(corrupt)? {
+                    Entry::Created(t) => out.push(t),
+                    Entry::Failed { .. } => return Err(corrupt("failed entry in an account listing".into())),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn create_tenant(
+        &self,
+        tenant: &TenantRecord,
+        key: &ApiKeyRecord,
+        secret_hash: &[u8; 32],
+    ) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO tenants (id, name, created_at) VALUES (?1, ?2, ?3)",
+                params![uuid_bytes(tenant.id), tenant.name, tenant.created_at as i64],
+            )
+            .map_err(|e| map_conflict(e, "tenant id exists"))?;
+            tx.execute(
+                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![uuid_bytes(key.id), uuid_bytes(key.tenant_id), &secret_hash[..], key.created_at as i64],
+            )
+            .map_err(|e| map_conflict(e, "api key exists"))?;
+            tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn tenant(&self, id: u128) -> Result<Option<TenantRecord>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, created_at FROM tenants WHERE id = ?1",
+                [uuid_bytes(id)],
+                |r| {
+                    Ok(TenantRecord {
+                        id,
+                        name: r.get(0)?,
+                        created_at: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+    }
+
+    fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![uuid_bytes(key.id), uuid_bytes(key.tenant_id), &secret_hash[..], key.created_at as i64],
+            )
+            .map_err(|e| map_conflict(e, "api key exists"))?;
+            Ok(())
+        })
+    }
+
+    fn revoke_api_key(&self, tenant_id: u128, key_id: u128, at: Timestamp) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE api_keys SET revoked_at = ?3 WHERE tenant_id = ?1 AND id = ?2 AND revoked_at IS NULL",
+                    params![uuid_bytes(tenant_id), uuid_bytes(key_id), at as i64],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn api_key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT id, tenant_id, created_at, revoked_at FROM api_keys WHERE secret_hash = ?1",
+                    [&secret_hash[..]],
+                    |r| {
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get::<_, Vec<u8>>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(unavailable)?;
+            row.map(|(id, tenant, created, revoked)| {
+                Ok(ApiKeyRecord {
+                    id: u128_of(&id).map_err(corrupt)?,
+                    tenant_id: u128_of(&tenant).map_err(corrupt)?,
+                    created_at: created as u64,
+                    revoked_at: revoked.map(|v| v as u64),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn scan(
+        &self,
+        accounts: &mut dyn FnMut(Account),
+        entries: &mut dyn FnMut(Entry),
+    ) -> Result<()> {
+        self.with(|c| {
+            // One read transaction: accounts and transfers from the same snapshot.
+            let tx = c.transaction().map_err(unavailable)?;
+            {
+                let mut stmt = tx
+                    .prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))
+                    .map_err(unavailable)?;
+                let mut rows = stmt.query([]).map_err(unavailable)?;
+                while let Some(row) = rows.next().map_err(unavailable)? {
+                    accounts(account_row(row)?.into_account().map_err(corrupt)?);
+                }
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "SELECT {ENTRY_COLUMNS} FROM transfers ORDER BY timestamp"
+                    ))
+                    .map_err(unavailable)?;
+                let mut rows = stmt.query([]).map_err(unavailable)?;
+                while let Some(row) = rows.next().map_err(unavailable)? {
+                    entries(entry_row(row)?.into_entry().map_err(corrupt)?);
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn ping(&self) -> Result<()> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
+    }
+}
