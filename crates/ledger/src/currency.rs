@@ -212,9 +212,7 @@ impl Currency {
 
     /// The number of decimal places of the minor unit (2 for BRL, 0 for JPY, 3 for KWD).
     pub fn minor_units(&self) -> u8 {
-        let i = TABLE
-            .binary_search_by(|(c, _)| c.as_bytes().cmp(&self.0[..]))
-            .expect("constructed from the table");
+        let i = TABLE.binary_search_by(|(c, _)| c.as_bytes().cmp(&self.0[..])).expect("constructed from the table");
         TABLE[i].1
     }
 }
@@ -244,14 +242,7 @@ mod tests {
 
     #[test]
     fn parses_known_codes_with_their_exponent() {
-        let cases = [
-            ("BRL", 2),
-            ("USD", 2),
-            ("JPY", 0),
-            ("KWD", 3),
-            ("UYW", 4),
-            ("CLP", 0),
-        ];
+        let cases = [("BRL", 2), ("USD", 2), ("JPY", 0), ("KWD", 3), ("UYW", 4), ("CLP", 0)];
         for (code, exponent) in cases {
             let currency = Currency::parse(code).unwrap();
             assert_eq!(currency.as_str(), code);

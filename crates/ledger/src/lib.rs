@@ -20,8 +20,8 @@ pub mod verify;
 
 pub use currency::{Currency, CurrencyError};
 pub use machine::{
-    apply_accounts, apply_transfers, expire_pending, validate_account, validate_event,
-    AccountCommand, Changes, Clock, Outcome, Prefetch, State,
+    apply_accounts, apply_transfers, expire_pending, validate_account, validate_event, AccountCommand, Changes, Clock,
+    Outcome, Prefetch, State,
 };
 pub use memory::MemoryLedger;
 pub use types::*;

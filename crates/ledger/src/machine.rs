@@ -29,13 +29,8 @@ impl Prefetch {
         let mut transfers = Vec::with_capacity(events.len() * 2);
         for event in events {
             transfers.push(event.key);
-            if let EventKind::PostPending { pending_id, .. }
-            | EventKind::VoidPending { pending_id } = event.kind
-            {
-                transfers.push(TransferKey {
-                    tenant: event.key.tenant,
-                    id: pending_id,
-                });
+            if let EventKind::PostPending { pending_id, .. } | EventKind::VoidPending { pending_id } = event.kind {
+                transfers.push(TransferKey { tenant: event.key.tenant, id: pending_id });
             }
         }
         transfers.sort_unstable();
@@ -50,26 +45,15 @@ impl Prefetch {
         for event in events {
             let tenant = event.key.tenant;
             match event.kind {
-                EventKind::Posted { debit, credit, .. }
-                | EventKind::Pending { debit, credit, .. } => {
+                EventKind::Posted { debit, credit, .. } | EventKind::Pending { debit, credit, .. } => {
                     accounts.push(AccountKey { tenant, id: debit });
                     accounts.push(AccountKey { tenant, id: credit });
                 }
-                EventKind::PostPending { pending_id, .. }
-                | EventKind::VoidPending { pending_id } => {
-                    let key = TransferKey {
-                        tenant,
-                        id: pending_id,
-                    };
+                EventKind::PostPending { pending_id, .. } | EventKind::VoidPending { pending_id } => {
+                    let key = TransferKey { tenant, id: pending_id };
                     if let Some(Entry::Created(p)) = state.transfer(&key) {
-                        accounts.push(AccountKey {
-                            tenant,
-                            id: p.debit_account_id,
-                        });
-                        accounts.push(AccountKey {
-                            tenant,
-                            id: p.credit_account_id,
-                        });
+                        accounts.push(AccountKey { tenant, id: p.debit_account_id });
+                        accounts.push(AccountKey { tenant, id: p.credit_account_id });
                     }
                 }
             }
@@ -140,21 +124,11 @@ struct View<'a, S: State> {
 
 impl<'a, S: State> View<'a, S> {
     fn new(state: &'a S) -> Self {
-        View {
-            state,
-            overlay: Overlay {
-                accounts: HashMap::new(),
-                transfers: HashMap::new(),
-                journal: Vec::new(),
-            },
-        }
+        View { state, overlay: Overlay { accounts: HashMap::new(), transfers: HashMap::new(), journal: Vec::new() } }
     }
 
     fn account(&self, key: &AccountKey) -> Option<&Account> {
-        self.overlay
-            .accounts
-            .get(key)
-            .or_else(|| self.state.account(key))
+        self.overlay.accounts.get(key).or_else(|| self.state.account(key))
     }
 
     fn transfer(&self, key: &TransferKey) -> Option<&Entry> {
@@ -166,9 +140,7 @@ impl<'a, S: State> View<'a, S> {
 
     fn put_account(&mut self, account: Account) {
         let previous = self.overlay.accounts.insert(account.key, account.clone());
-        self.overlay
-            .journal
-            .push(Undo::Account(account.key, previous));
+        self.overlay.journal.push(Undo::Account(account.key, previous));
     }
 
     fn put_transfer(&mut self, key: TransferKey, entry: Entry) {
@@ -186,12 +158,7 @@ impl<'a, S: State> View<'a, S> {
 
     fn rollback(&mut self, mark: usize) {
         while self.overlay.journal.len() > mark {
-            match self
-                .overlay
-                .journal
-                .pop()
-                .expect("journal longer than mark")
-            {
+            match self.overlay.journal.pop().expect("journal longer than mark") {
                 Undo::Account(key, Some(previous)) => {
                     self.overlay.accounts.insert(key, previous);
                 }
@@ -222,12 +189,7 @@ impl<'a, S: State> View<'a, S> {
         }
         inserted.sort_unstable_by_key(Entry::timestamp);
         pending_updates.sort_unstable_by_key(|(k, _)| *k);
-        Changes {
-            accounts,
-            inserted,
-            pending_updates,
-            clock,
-        }
+        Changes { accounts, inserted, pending_updates, clock }
     }
 }
 
@@ -237,11 +199,7 @@ pub fn validate_event(event: &TransferEvent) -> Result<(), TransferResult> {
     if event.key.id.0 == 0 {
         return Err(TransferResult::IdMustNotBeZero);
     }
-    if event
-        .metadata
-        .as_ref()
-        .is_some_and(|m| m.len() > METADATA_LEN_MAX)
-    {
+    if event.metadata.as_ref().is_some_and(|m| m.len() > METADATA_LEN_MAX) {
         return Err(TransferResult::MetadataTooLong);
     }
     let check_amount = |amount: u64| match amount {
@@ -250,22 +208,13 @@ pub fn validate_event(event: &TransferEvent) -> Result<(), TransferResult> {
         _ => Ok(()),
     };
     match event.kind {
-        EventKind::Posted {
-            debit,
-            credit,
-            amount,
-        } => {
+        EventKind::Posted { debit, credit, amount } => {
             check_amount(amount)?;
             if debit == credit {
                 return Err(TransferResult::AccountsMustBeDifferent);
             }
         }
-        EventKind::Pending {
-            debit,
-            credit,
-            amount,
-            timeout_seconds,
-        } => {
+        EventKind::Pending { debit, credit, amount, timeout_seconds } => {
             check_amount(amount)?;
             if debit == credit {
                 return Err(TransferResult::AccountsMustBeDifferent);
@@ -317,11 +266,7 @@ pub fn validate_account(new: &NewAccount) -> Result<(), AccountResult> {
     if new.credit_limit > AMOUNT_MAX {
         return Err(AccountResult::CreditLimitExceedsMax);
     }
-    if new
-        .metadata
-        .as_ref()
-        .is_some_and(|m| m.len() > METADATA_LEN_MAX)
-    {
+    if new.metadata.as_ref().is_some_and(|m| m.len() > METADATA_LEN_MAX) {
         return Err(AccountResult::MetadataTooLong);
     }
     Ok(())
@@ -357,9 +302,7 @@ pub fn apply_accounts(
             AccountCommand::Create(new) => match validate_account(new) {
                 Err(code) => (code, None),
                 Ok(()) => match view.account(&new.key) {
-                    Some(existing) if existing.matches(new) => {
-                        (AccountResult::Exists, Some(existing.clone()))
-                    }
+                    Some(existing) if existing.matches(new) => (AccountResult::Exists, Some(existing.clone())),
                     Some(_) => (AccountResult::ExistsWithDifferentFields, None),
                     None => {
                         let account = Account {
@@ -382,9 +325,7 @@ pub fn apply_accounts(
             },
             AccountCommand::Close(key) => match view.account(key) {
                 None => (AccountResult::AccountNotFound, None),
-                Some(existing) if existing.flags.closed() => {
-                    (AccountResult::AlreadyClosed, Some(existing.clone()))
-                }
+                Some(existing) if existing.flags.closed() => (AccountResult::AlreadyClosed, Some(existing.clone())),
                 Some(existing) => {
                     let mut account = existing.clone();
                     account.flags.0 |= AccountFlags::CLOSED;
@@ -420,10 +361,7 @@ pub fn apply_transfers(
         if end == events.len() {
             // The last event is linked to nothing: the chain is open and nothing in it applies.
             for _ in start..end {
-                outcomes.push(Outcome {
-                    result: TransferResult::LinkedEventChainOpen,
-                    transfer: None,
-                });
+                outcomes.push(Outcome { result: TransferResult::LinkedEventChainOpen, transfer: None });
             }
             break;
         }
@@ -466,120 +404,56 @@ fn apply_chain<S: State>(
     *clock = clock_before;
     outcomes.truncate(first);
     let remember = !code.is_validation()
-        && !matches!(
-            code,
-            TransferResult::IdAlreadyFailed | TransferResult::ExistsWithDifferentFields
-        );
+        && !matches!(code, TransferResult::IdAlreadyFailed | TransferResult::ExistsWithDifferentFields);
     for (i, event) in chain.iter().enumerate() {
         let result = match view.transfer(&event.key) {
             // An event remembered as failed keeps its first outcome, whichever event failed now.
-            Some(Entry::Failed {
-                event: first,
-                result,
-                ..
-            }) if strip_link(first) == strip_link(event) => *result,
+            Some(Entry::Failed { event: first, result, .. }) if strip_link(first) == strip_link(event) => *result,
             _ if i == failed_at => code,
             _ => TransferResult::LinkedEventFailed,
         };
         if remember && validate_event(event).is_ok() && view.transfer(&event.key).is_none() {
             let timestamp = clock.tick(now);
-            view.put_transfer(
-                event.key,
-                Entry::Failed {
-                    event: event.clone(),
-                    result,
-                    timestamp,
-                },
-            );
+            view.put_transfer(event.key, Entry::Failed { event: event.clone(), result, timestamp });
         }
-        outcomes.push(Outcome {
-            result,
-            transfer: None,
-        });
+        outcomes.push(Outcome { result, transfer: None });
     }
 }
 
-fn apply_one<S: State>(
-    view: &mut View<'_, S>,
-    clock: &mut Clock,
-    now: Timestamp,
-    event: &TransferEvent,
-) -> Outcome {
-    let fail = |result| Outcome {
-        result,
-        transfer: None,
-    };
+fn apply_one<S: State>(view: &mut View<'_, S>, clock: &mut Clock, now: Timestamp, event: &TransferEvent) -> Outcome {
+    let fail = |result| Outcome { result, transfer: None };
     if let Err(code) = validate_event(event) {
         return fail(code);
     }
     match view.transfer(&event.key) {
         Some(Entry::Created(existing)) => {
             return if existing.matches(event) {
-                Outcome {
-                    result: TransferResult::Exists,
-                    transfer: Some(existing.clone()),
-                }
+                Outcome { result: TransferResult::Exists, transfer: Some(existing.clone()) }
             } else {
                 fail(TransferResult::ExistsWithDifferentFields)
             };
         }
-        Some(Entry::Failed {
-            event: first,
-            result,
-            ..
-        }) => {
-            let result = if strip_link(first) == strip_link(event) {
-                *result
-            } else {
-                TransferResult::IdAlreadyFailed
-            };
+        Some(Entry::Failed { event: first, result, .. }) => {
+            let result = if strip_link(first) == strip_link(event) { *result } else { TransferResult::IdAlreadyFailed };
             return fail(result);
         }
         None => {}
     }
     let result = match event.kind {
-        EventKind::Posted {
-            debit,
-            credit,
-            amount,
-        } => create(view, clock, now, event, debit, credit, amount, None),
-        EventKind::Pending {
-            debit,
-            credit,
-            amount,
-            timeout_seconds,
-        } => create(
-            view,
-            clock,
-            now,
-            event,
-            debit,
-            credit,
-            amount,
-            Some(timeout_seconds),
-        ),
-        EventKind::PostPending { pending_id, amount } => {
-            resolve(view, clock, now, event, pending_id, Some(amount))
+        EventKind::Posted { debit, credit, amount } => create(view, clock, now, event, debit, credit, amount, None),
+        EventKind::Pending { debit, credit, amount, timeout_seconds } => {
+            create(view, clock, now, event, debit, credit, amount, Some(timeout_seconds))
         }
+        EventKind::PostPending { pending_id, amount } => resolve(view, clock, now, event, pending_id, Some(amount)),
         EventKind::VoidPending { pending_id } => resolve(view, clock, now, event, pending_id, None),
     };
     match result {
-        Ok(transfer) => Outcome {
-            result: TransferResult::Created,
-            transfer: Some(transfer),
-        },
+        Ok(transfer) => Outcome { result: TransferResult::Created, transfer: Some(transfer) },
         Err(code) => {
             // A lone event's state-dependent failure is remembered under its id.
             if !event.linked {
                 let timestamp = clock.tick(now);
-                view.put_transfer(
-                    event.key,
-                    Entry::Failed {
-                        event: event.clone(),
-                        result: code,
-                        timestamp,
-                    },
-                );
+                view.put_transfer(event.key, Entry::Failed { event: event.clone(), result: code, timestamp });
             }
             fail(code)
         }
@@ -587,10 +461,7 @@ fn apply_one<S: State>(
 }
 
 fn strip_link(event: &TransferEvent) -> TransferEvent {
-    TransferEvent {
-        linked: false,
-        ..event.clone()
-    }
+    TransferEvent { linked: false, ..event.clone() }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -605,22 +476,10 @@ fn create<S: State>(
     timeout_seconds: Option<u32>,
 ) -> Result<Transfer, TransferResult> {
     let tenant = event.key.tenant;
-    let debit_key = AccountKey {
-        tenant,
-        id: debit_id,
-    };
-    let credit_key = AccountKey {
-        tenant,
-        id: credit_id,
-    };
-    let mut debit = view
-        .account(&debit_key)
-        .ok_or(TransferResult::DebitAccountNotFound)?
-        .clone();
-    let mut credit = view
-        .account(&credit_key)
-        .ok_or(TransferResult::CreditAccountNotFound)?
-        .clone();
+    let debit_key = AccountKey { tenant, id: debit_id };
+    let credit_key = AccountKey { tenant, id: credit_id };
+    let mut debit = view.account(&debit_key).ok_or(TransferResult::DebitAccountNotFound)?.clone();
+    let mut credit = view.account(&credit_key).ok_or(TransferResult::CreditAccountNotFound)?.clone();
     if debit.currency != credit.currency {
         return Err(TransferResult::CurrencyMismatch);
     }
@@ -637,23 +496,15 @@ fn create<S: State>(
     };
     if pending {
         debit.debits_pending = add(debit.debits_pending, TransferResult::OverflowsDebitsPending)?;
-        credit.credits_pending = add(
-            credit.credits_pending,
-            TransferResult::OverflowsCreditsPending,
-        )?;
+        credit.credits_pending = add(credit.credits_pending, TransferResult::OverflowsCreditsPending)?;
     } else {
         debit.debits_posted = add(debit.debits_posted, TransferResult::OverflowsDebitsPosted)?;
-        credit.credits_posted = add(
-            credit.credits_posted,
-            TransferResult::OverflowsCreditsPosted,
-        )?;
+        credit.credits_posted = add(credit.credits_posted, TransferResult::OverflowsCreditsPosted)?;
     }
     if u128::from(debit.debits_posted) + u128::from(debit.debits_pending) > u128::from(AMOUNT_MAX) {
         return Err(TransferResult::OverflowsDebits);
     }
-    if u128::from(credit.credits_posted) + u128::from(credit.credits_pending)
-        > u128::from(AMOUNT_MAX)
-    {
+    if u128::from(credit.credits_posted) + u128::from(credit.credits_pending) > u128::from(AMOUNT_MAX) {
         return Err(TransferResult::OverflowsCredits);
     }
     if debit.flags.debits_must_not_exceed_credits()
@@ -676,24 +527,15 @@ fn create<S: State>(
         credit_account_id: credit_id,
         amount,
         currency: debit.currency,
-        kind: if pending {
-            TransferKind::Pending
-        } else {
-            TransferKind::Posted
-        },
+        kind: if pending { TransferKind::Pending } else { TransferKind::Posted },
         pending_id: None,
         amount_defaulted: false,
         timeout_seconds,
-        expires_at: (pending && timeout_seconds > 0)
-            .then(|| timestamp + u64::from(timeout_seconds) * 1_000_000_000),
+        expires_at: (pending && timeout_seconds > 0).then(|| timestamp + u64::from(timeout_seconds) * 1_000_000_000),
         code: event.code,
         metadata: event.metadata.clone(),
         timestamp,
-        state: if pending {
-            PendingState::Pending
-        } else {
-            PendingState::Final
-        },
+        state: if pending { PendingState::Pending } else { PendingState::Final },
     };
     view.put_account(debit);
     view.put_account(credit);
@@ -711,10 +553,7 @@ fn resolve<S: State>(
     post: Option<Option<u64>>,
 ) -> Result<Transfer, TransferResult> {
     let tenant = event.key.tenant;
-    let pending_key = TransferKey {
-        tenant,
-        id: pending_id,
-    };
+    let pending_key = TransferKey { tenant, id: pending_id };
     let pending = match view.transfer(&pending_key) {
         Some(Entry::Created(t)) => t.clone(),
         _ => return Err(TransferResult::PendingTransferNotFound),
@@ -730,36 +569,16 @@ fn resolve<S: State>(
         return Err(TransferResult::PendingTransferExpired);
     }
     let amount = match post {
-        Some(Some(amount)) if amount > pending.amount => {
-            return Err(TransferResult::ExceedsPendingTransferAmount)
-        }
+        Some(Some(amount)) if amount > pending.amount => return Err(TransferResult::ExceedsPendingTransferAmount),
         Some(Some(amount)) => amount,
         Some(None) | None => pending.amount,
     };
-    let debit_key = AccountKey {
-        tenant,
-        id: pending.debit_account_id,
-    };
-    let credit_key = AccountKey {
-        tenant,
-        id: pending.credit_account_id,
-    };
-    let mut debit = view
-        .account(&debit_key)
-        .expect("a pending transfer's accounts exist")
-        .clone();
-    let mut credit = view
-        .account(&credit_key)
-        .expect("a pending transfer's accounts exist")
-        .clone();
-    assert!(
-        debit.debits_pending >= pending.amount,
-        "pending debits cover the hold"
-    );
-    assert!(
-        credit.credits_pending >= pending.amount,
-        "pending credits cover the hold"
-    );
+    let debit_key = AccountKey { tenant, id: pending.debit_account_id };
+    let credit_key = AccountKey { tenant, id: pending.credit_account_id };
+    let mut debit = view.account(&debit_key).expect("a pending transfer's accounts exist").clone();
+    let mut credit = view.account(&credit_key).expect("a pending transfer's accounts exist").clone();
+    assert!(debit.debits_pending >= pending.amount, "pending debits cover the hold");
+    assert!(credit.credits_pending >= pending.amount, "pending credits cover the hold");
     debit.debits_pending -= pending.amount;
     credit.credits_pending -= pending.amount;
     if post.is_some() {
@@ -797,49 +616,31 @@ fn resolve<S: State>(
 
 /// Expires pending transfers whose timeout has passed by `now`, releasing their holds. Keys that
 /// are not pending or not yet due are left alone, so the caller may pass a superset.
-pub fn expire_pending(
-    state: &impl State,
-    clock: Clock,
-    now: Timestamp,
-    keys: &[TransferKey],
-) -> (usize, Changes) {
+pub fn expire_pending(state: &impl State, clock: Clock, now: Timestamp, keys: &[TransferKey]) -> (usize, Changes) {
     let mut view = View::new(state);
     let mut expired = 0;
     for key in keys {
         let Some(Entry::Created(pending)) = view.transfer(key) else {
             continue;
         };
-        if pending.state != PendingState::Pending || !pending.expires_at.is_some_and(|at| at <= now)
-        {
+        if pending.state != PendingState::Pending || !pending.expires_at.is_some_and(|at| at <= now) {
             continue;
         }
         let pending = pending.clone();
         let tenant = key.tenant;
         let mut debit = view
-            .account(&AccountKey {
-                tenant,
-                id: pending.debit_account_id,
-            })
+            .account(&AccountKey { tenant, id: pending.debit_account_id })
             .expect("a pending transfer's accounts exist")
             .clone();
         let mut credit = view
-            .account(&AccountKey {
-                tenant,
-                id: pending.credit_account_id,
-            })
+            .account(&AccountKey { tenant, id: pending.credit_account_id })
             .expect("a pending transfer's accounts exist")
             .clone();
         debit.debits_pending -= pending.amount;
         credit.credits_pending -= pending.amount;
         view.put_account(debit);
         view.put_account(credit);
-        view.put_transfer(
-            *key,
-            Entry::Created(Transfer {
-                state: PendingState::Expired,
-                ..pending
-            }),
-        );
+        view.put_transfer(*key, Entry::Created(Transfer { state: PendingState::Expired, ..pending }));
         expired += 1;
     }
     // Expiry creates no transfer, so it takes no timestamp.

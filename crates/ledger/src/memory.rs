@@ -49,11 +49,7 @@ impl MemoryLedger {
         self.clock = changes.clock;
     }
 
-    pub fn accounts(
-        &mut self,
-        now: Timestamp,
-        commands: &[AccountCommand],
-    ) -> Vec<(AccountResult, Option<Account>)> {
+    pub fn accounts(&mut self, now: Timestamp, commands: &[AccountCommand]) -> Vec<(AccountResult, Option<Account>)> {
         let mut clock = self.clock;
         let (results, changes) = machine::apply_accounts(self, &mut clock, now, commands);
         self.commit(changes);

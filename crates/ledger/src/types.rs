@@ -162,23 +162,11 @@ pub struct TransferEvent {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum EventKind {
     /// Moves `amount` from `debit` to `credit` now.
-    Posted {
-        debit: AccountId,
-        credit: AccountId,
-        amount: u64,
-    },
+    Posted { debit: AccountId, credit: AccountId, amount: u64 },
     /// Holds `amount`; it is posted, voided, or expires after `timeout_seconds` (0 = never).
-    Pending {
-        debit: AccountId,
-        credit: AccountId,
-        amount: u64,
-        timeout_seconds: u32,
-    },
+    Pending { debit: AccountId, credit: AccountId, amount: u64, timeout_seconds: u32 },
     /// Posts a pending transfer, in full (`None`) or in part.
-    PostPending {
-        pending_id: TransferId,
-        amount: Option<u64>,
-    },
+    PostPending { pending_id: TransferId, amount: Option<u64> },
     /// Releases a pending transfer.
     VoidPending { pending_id: TransferId },
 }
@@ -257,22 +245,13 @@ impl Transfer {
             return false;
         }
         match event.kind {
-            EventKind::Posted {
-                debit,
-                credit,
-                amount,
-            } => {
+            EventKind::Posted { debit, credit, amount } => {
                 self.kind == TransferKind::Posted
                     && self.debit_account_id == debit
                     && self.credit_account_id == credit
                     && self.amount == amount
             }
-            EventKind::Pending {
-                debit,
-                credit,
-                amount,
-                timeout_seconds,
-            } => {
+            EventKind::Pending { debit, credit, amount, timeout_seconds } => {
                 self.kind == TransferKind::Pending
                     && self.debit_account_id == debit
                     && self.credit_account_id == credit
@@ -299,11 +278,7 @@ impl Transfer {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Entry {
     Created(Transfer),
-    Failed {
-        event: TransferEvent,
-        result: TransferResult,
-        timestamp: Timestamp,
-    },
+    Failed { event: TransferEvent, result: TransferResult, timestamp: Timestamp },
 }
 
 impl Entry {

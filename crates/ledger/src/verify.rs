@@ -59,10 +59,7 @@ impl Verifier {
             || a.debits_pending > AMOUNT_MAX
             || a.credits_pending > AMOUNT_MAX
         {
-            self.violation(format!(
-                "account {:032x}: a balance exceeds 2^63-1",
-                a.key.id.0
-            ));
+            self.violation(format!("account {:032x}: a balance exceeds 2^63-1", a.key.id.0));
         }
         let debits = u128::from(a.debits_posted) + u128::from(a.debits_pending);
         let credits = u128::from(a.credits_posted) + u128::from(a.credits_pending);
@@ -83,10 +80,7 @@ impl Verifier {
             ));
         }
         if !self.timestamps.insert(a.timestamp) {
-            self.violation(format!(
-                "account {:032x}: timestamp {} is not unique",
-                a.key.id.0, a.timestamp
-            ));
+            self.violation(format!("account {:032x}: timestamp {} is not unique", a.key.id.0, a.timestamp));
         }
         let sums = Sums {
             debits_posted: a.debits_posted.into(),
@@ -94,11 +88,7 @@ impl Verifier {
             debits_pending: a.debits_pending.into(),
             credits_pending: a.credits_pending.into(),
         };
-        if self
-            .accounts
-            .insert(a.key, (a.currency, sums, a.clone()))
-            .is_some()
-        {
+        if self.accounts.insert(a.key, (a.currency, sums, a.clone())).is_some() {
             self.violation(format!("account {:032x} appears twice", a.key.id.0));
         }
     }
@@ -106,70 +96,41 @@ impl Verifier {
     pub fn entry(&mut self, entry: &Entry) {
         self.transfers_seen += 1;
         if !self.timestamps.insert(entry.timestamp()) {
-            self.violation(format!(
-                "transfer timestamp {} is not unique",
-                entry.timestamp()
-            ));
+            self.violation(format!("transfer timestamp {} is not unique", entry.timestamp()));
         }
         let Entry::Created(t) = entry else { return };
         if t.amount == 0 || t.amount > AMOUNT_MAX {
-            self.violation(format!(
-                "transfer {:032x}: amount {} out of range",
-                t.key.id.0, t.amount
-            ));
+            self.violation(format!("transfer {:032x}: amount {} out of range", t.key.id.0, t.amount));
         }
         let tenant = t.key.tenant;
-        let debit = AccountKey {
-            tenant,
-            id: t.debit_account_id,
-        };
-        let credit = AccountKey {
-            tenant,
-            id: t.credit_account_id,
-        };
+        let debit = AccountKey { tenant, id: t.debit_account_id };
+        let credit = AccountKey { tenant, id: t.credit_account_id };
         let amount = u128::from(t.amount);
         match t.kind {
             TransferKind::Posted => {
                 self.from_transfers.entry(debit).or_default().debits_posted += amount;
-                self.from_transfers
-                    .entry(credit)
-                    .or_default()
-                    .credits_posted += amount;
+                self.from_transfers.entry(credit).or_default().credits_posted += amount;
             }
             TransferKind::Pending => {
                 if t.state == PendingState::Pending {
                     self.from_transfers.entry(debit).or_default().debits_pending += amount;
-                    self.from_transfers
-                        .entry(credit)
-                        .or_default()
-                        .credits_pending += amount;
+                    self.from_transfers.entry(credit).or_default().credits_pending += amount;
                 }
                 if t.state == PendingState::Final {
-                    self.violation(format!(
-                        "pending transfer {:032x} has no pending state",
-                        t.key.id.0
-                    ));
+                    self.violation(format!("pending transfer {:032x} has no pending state", t.key.id.0));
                 }
                 self.pendings.insert(t.key, (t.amount, t.state));
             }
             TransferKind::PostPending | TransferKind::VoidPending => {
                 if t.kind == TransferKind::PostPending {
                     self.from_transfers.entry(debit).or_default().debits_posted += amount;
-                    self.from_transfers
-                        .entry(credit)
-                        .or_default()
-                        .credits_posted += amount;
+                    self.from_transfers.entry(credit).or_default().credits_posted += amount;
                 }
                 match t.pending_id {
-                    Some(id) => self
-                        .resolutions
-                        .entry(TransferKey { tenant, id })
-                        .or_default()
-                        .push((t.kind, t.amount)),
-                    None => self.violation(format!(
-                        "transfer {:032x}: post/void without pending id",
-                        t.key.id.0
-                    )),
+                    Some(id) => {
+                        self.resolutions.entry(TransferKey { tenant, id }).or_default().push((t.kind, t.amount))
+                    }
+                    None => self.violation(format!("transfer {:032x}: post/void without pending id", t.key.id.0)),
                 }
             }
         }
@@ -199,17 +160,10 @@ impl Verifier {
                 ));
             }
         }
-        let orphans: Vec<AccountKey> = self
-            .from_transfers
-            .keys()
-            .filter(|k| !accounts.contains_key(k))
-            .copied()
-            .collect();
+        let orphans: Vec<AccountKey> =
+            self.from_transfers.keys().filter(|k| !accounts.contains_key(k)).copied().collect();
         for key in orphans {
-            self.violation(format!(
-                "transfers touch account {:032x}, which does not exist",
-                key.id.0
-            ));
+            self.violation(format!("transfers touch account {:032x}, which does not exist", key.id.0));
         }
         for ((tenant, currency), total) in &totals {
             if total.debits_posted != total.credits_posted {
@@ -228,18 +182,11 @@ impl Verifier {
         let resolutions = std::mem::take(&mut self.resolutions);
         for (key, list) in &resolutions {
             let Some(&(amount, state)) = self.pendings.get(key) else {
-                self.violation(format!(
-                    "post/void of {:032x}, which is not a pending transfer",
-                    key.id.0
-                ));
+                self.violation(format!("post/void of {:032x}, which is not a pending transfer", key.id.0));
                 continue;
             };
             if list.len() > 1 {
-                self.violation(format!(
-                    "pending transfer {:032x} resolved {} times",
-                    key.id.0,
-                    list.len()
-                ));
+                self.violation(format!("pending transfer {:032x} resolved {} times", key.id.0, list.len()));
                 continue;
             }
             let (kind, resolved) = list[0];
@@ -256,20 +203,11 @@ impl Verifier {
         }
         let pendings = std::mem::take(&mut self.pendings);
         for (key, (_, state)) in &pendings {
-            if matches!(state, PendingState::Posted | PendingState::Voided)
-                && !resolutions.contains_key(key)
-            {
-                self.violation(format!(
-                    "pending transfer {:032x} is {state:?} but nothing resolved it",
-                    key.id.0
-                ));
+            if matches!(state, PendingState::Posted | PendingState::Voided) && !resolutions.contains_key(key) {
+                self.violation(format!("pending transfer {:032x} is {state:?} but nothing resolved it", key.id.0));
             }
         }
-        Report {
-            accounts: self.accounts_seen,
-            transfers: self.transfers_seen,
-            violations: self.violations,
-        }
+        Report { accounts: self.accounts_seen, transfers: self.transfers_seen, violations: self.violations }
     }
 }
 

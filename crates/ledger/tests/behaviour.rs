@@ -11,10 +11,7 @@ fn brl() -> Currency {
 
 fn open(l: &mut MemoryLedger, id: u128, flags: u16, limit: u64) {
     let new = NewAccount {
-        key: AccountKey {
-            tenant: T,
-            id: AccountId(id),
-        },
+        key: AccountKey { tenant: T, id: AccountId(id) },
         currency: brl(),
         code: 1,
         flags: AccountFlags(flags),
@@ -26,41 +23,16 @@ fn open(l: &mut MemoryLedger, id: u128, flags: u16, limit: u64) {
 }
 
 fn ev(id: u128, kind: EventKind) -> TransferEvent {
-    TransferEvent {
-        key: TransferKey {
-            tenant: T,
-            id: TransferId(id),
-        },
-        kind,
-        code: 0,
-        metadata: None,
-        linked: false,
-    }
+    TransferEvent { key: TransferKey { tenant: T, id: TransferId(id) }, kind, code: 0, metadata: None, linked: false }
 }
 
 fn posted(id: u128, d: u128, c: u128, amount: u64) -> TransferEvent {
-    ev(
-        id,
-        EventKind::Posted {
-            debit: AccountId(d),
-            credit: AccountId(c),
-            amount,
-        },
-    )
+    ev(id, EventKind::Posted { debit: AccountId(d), credit: AccountId(c), amount })
 }
 
 fn balance(l: &MemoryLedger, id: u128) -> (u64, u64, u64, u64, i128) {
-    let a = &l.accounts[&AccountKey {
-        tenant: T,
-        id: AccountId(id),
-    }];
-    (
-        a.debits_posted,
-        a.credits_posted,
-        a.debits_pending,
-        a.credits_pending,
-        a.available(),
-    )
+    let a = &l.accounts[&AccountKey { tenant: T, id: AccountId(id) }];
+    (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending, a.available())
 }
 
 const BANK: u128 = 1;
@@ -70,31 +42,17 @@ const BOB: u128 = 3;
 fn setup() -> MemoryLedger {
     let mut l = MemoryLedger::new();
     open(&mut l, BANK, 0, 0);
-    open(
-        &mut l,
-        ALICE,
-        AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
-        0,
-    );
+    open(&mut l, ALICE, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS, 0);
     open(&mut l, BOB, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS, 0);
-    assert_eq!(
-        l.transfers(NOW, &[posted(100, BANK, ALICE, 1000)])[0].result,
-        TransferResult::Created
-    );
+    assert_eq!(l.transfers(NOW, &[posted(100, BANK, ALICE, 1000)])[0].result, TransferResult::Created);
     l
 }
 
 #[test]
 fn spending_exactly_the_balance_is_allowed_one_more_is_not() {
     let mut l = setup();
-    assert_eq!(
-        l.transfers(NOW, &[posted(1, ALICE, BOB, 1001)])[0].result,
-        TransferResult::InsufficientFunds
-    );
-    assert_eq!(
-        l.transfers(NOW, &[posted(2, ALICE, BOB, 1000)])[0].result,
-        TransferResult::Created
-    );
+    assert_eq!(l.transfers(NOW, &[posted(1, ALICE, BOB, 1001)])[0].result, TransferResult::InsufficientFunds);
+    assert_eq!(l.transfers(NOW, &[posted(2, ALICE, BOB, 1000)])[0].result, TransferResult::Created);
     assert_eq!(balance(&l, ALICE), (1000, 1000, 0, 0, 0));
 }
 
@@ -102,20 +60,11 @@ fn spending_exactly_the_balance_is_allowed_one_more_is_not() {
 fn a_failure_that_depended_on_state_stays_failed() {
     let mut l = setup();
     let big = posted(1, ALICE, BOB, 5000);
-    assert_eq!(
-        l.transfers(NOW, &[big.clone()])[0].result,
-        TransferResult::InsufficientFunds
-    );
+    assert_eq!(l.transfers(NOW, &[big.clone()])[0].result, TransferResult::InsufficientFunds);
     l.transfers(NOW, &[posted(2, BANK, ALICE, 10_000)]);
     // Alice now has the money, but the same request under the same id keeps its first outcome.
-    assert_eq!(
-        l.transfers(NOW, &[big])[0].result,
-        TransferResult::InsufficientFunds
-    );
-    assert_eq!(
-        l.transfers(NOW, &[posted(1, ALICE, BOB, 4000)])[0].result,
-        TransferResult::IdAlreadyFailed
-    );
+    assert_eq!(l.transfers(NOW, &[big])[0].result, TransferResult::InsufficientFunds);
+    assert_eq!(l.transfers(NOW, &[posted(1, ALICE, BOB, 4000)])[0].result, TransferResult::IdAlreadyFailed);
     assert_eq!(balance(&l, BOB), (0, 0, 0, 0, 0));
 }
 
@@ -126,98 +75,41 @@ fn repeats_return_the_first_outcome_and_different_bodies_are_refused() {
     let again = l.transfers(NOW + 5, &[posted(1, ALICE, BOB, 10)]);
     assert_eq!(again[0].result, TransferResult::Exists);
     assert_eq!(again[0].transfer, first[0].transfer);
-    assert_eq!(
-        l.transfers(NOW, &[posted(1, ALICE, BOB, 11)])[0].result,
-        TransferResult::ExistsWithDifferentFields
-    );
+    assert_eq!(l.transfers(NOW, &[posted(1, ALICE, BOB, 11)])[0].result, TransferResult::ExistsWithDifferentFields);
     assert_eq!(balance(&l, BOB), (0, 10, 0, 0, 10));
 }
 
 #[test]
 fn partial_post_releases_the_rest_and_a_second_post_is_refused() {
     let mut l = setup();
-    let hold = ev(
-        1,
-        EventKind::Pending {
-            debit: AccountId(ALICE),
-            credit: AccountId(BOB),
-            amount: 600,
-            timeout_seconds: 0,
-        },
-    );
+    let hold =
+        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 600, timeout_seconds: 0 });
     assert_eq!(l.transfers(NOW, &[hold])[0].result, TransferResult::Created);
     assert_eq!(balance(&l, ALICE), (0, 1000, 600, 0, 400));
-    let too_much = ev(
-        2,
-        EventKind::PostPending {
-            pending_id: TransferId(1),
-            amount: Some(601),
-        },
-    );
-    assert_eq!(
-        l.transfers(NOW, &[too_much])[0].result,
-        TransferResult::ExceedsPendingTransferAmount
-    );
-    let post = ev(
-        3,
-        EventKind::PostPending {
-            pending_id: TransferId(1),
-            amount: Some(250),
-        },
-    );
+    let too_much = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: Some(601) });
+    assert_eq!(l.transfers(NOW, &[too_much])[0].result, TransferResult::ExceedsPendingTransferAmount);
+    let post = ev(3, EventKind::PostPending { pending_id: TransferId(1), amount: Some(250) });
     assert_eq!(l.transfers(NOW, &[post])[0].result, TransferResult::Created);
     assert_eq!(balance(&l, ALICE), (250, 1000, 0, 0, 750));
     assert_eq!(balance(&l, BOB), (0, 250, 0, 0, 250));
-    let void = ev(
-        4,
-        EventKind::VoidPending {
-            pending_id: TransferId(1),
-        },
-    );
-    assert_eq!(
-        l.transfers(NOW, &[void])[0].result,
-        TransferResult::PendingTransferAlreadyPosted
-    );
+    let void = ev(4, EventKind::VoidPending { pending_id: TransferId(1) });
+    assert_eq!(l.transfers(NOW, &[void])[0].result, TransferResult::PendingTransferAlreadyPosted);
 }
 
 #[test]
 fn a_hold_expires_exactly_at_its_timeout() {
     let mut l = setup();
-    let hold = ev(
-        1,
-        EventKind::Pending {
-            debit: AccountId(ALICE),
-            credit: AccountId(BOB),
-            amount: 600,
-            timeout_seconds: 2,
-        },
-    );
+    let hold =
+        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 600, timeout_seconds: 2 });
     let created = l.transfers(NOW, &[hold]);
     let expires_at = created[0].transfer.as_ref().unwrap().expires_at.unwrap();
     assert_eq!(l.expire(expires_at - 1), 0);
-    let post = ev(
-        2,
-        EventKind::PostPending {
-            pending_id: TransferId(1),
-            amount: None,
-        },
-    );
-    assert_eq!(
-        l.transfers(expires_at, &[post])[0].result,
-        TransferResult::PendingTransferExpired
-    );
+    let post = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: None });
+    assert_eq!(l.transfers(expires_at, &[post])[0].result, TransferResult::PendingTransferExpired);
     assert_eq!(l.expire(expires_at), 1);
     assert_eq!(balance(&l, ALICE), (0, 1000, 0, 0, 1000));
-    let void = ev(
-        3,
-        EventKind::VoidPending {
-            pending_id: TransferId(1),
-        },
-    );
-    assert_eq!(
-        l.transfers(expires_at, &[void])[0].result,
-        TransferResult::PendingTransferExpired
-    );
+    let void = ev(3, EventKind::VoidPending { pending_id: TransferId(1) });
+    assert_eq!(l.transfers(expires_at, &[void])[0].result, TransferResult::PendingTransferExpired);
 }
 
 #[test]
@@ -234,10 +126,7 @@ fn a_linked_chain_applies_whole_or_not_at_all() {
     let again = l.transfers(NOW, &[a, b]);
     assert_eq!(
         again.iter().map(|o| o.result).collect::<Vec<_>>(),
-        [
-            TransferResult::LinkedEventFailed,
-            TransferResult::InsufficientFunds
-        ]
+        [TransferResult::LinkedEventFailed, TransferResult::InsufficientFunds]
     );
 }
 
@@ -246,49 +135,21 @@ fn timestamps_are_unique_and_increasing_even_when_the_clock_stands_still_or_goes
     let mut l = setup();
     let a = l.transfers(NOW, &[posted(1, BANK, BOB, 1), posted(2, BANK, BOB, 1)]);
     let b = l.transfers(NOW - 1_000_000, &[posted(3, BANK, BOB, 1)]);
-    let ts: Vec<u64> = a
-        .iter()
-        .chain(&b)
-        .map(|o| o.transfer.as_ref().unwrap().timestamp)
-        .collect();
+    let ts: Vec<u64> = a.iter().chain(&b).map(|o| o.transfer.as_ref().unwrap().timestamp).collect();
     assert!(ts.windows(2).all(|w| w[0] < w[1]), "{ts:?}");
 }
 
 #[test]
 fn closed_accounts_take_no_new_transfers_but_holds_can_still_be_voided() {
     let mut l = setup();
-    let hold = ev(
-        1,
-        EventKind::Pending {
-            debit: AccountId(ALICE),
-            credit: AccountId(BOB),
-            amount: 10,
-            timeout_seconds: 0,
-        },
-    );
+    let hold =
+        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 10, timeout_seconds: 0 });
     l.transfers(NOW, &[hold]);
-    let closed = l.accounts(
-        NOW,
-        &[AccountCommand::Close(AccountKey {
-            tenant: T,
-            id: AccountId(ALICE),
-        })],
-    );
+    let closed = l.accounts(NOW, &[AccountCommand::Close(AccountKey { tenant: T, id: AccountId(ALICE) })]);
     assert_eq!(closed[0].0, AccountResult::Closed);
-    assert_eq!(
-        l.transfers(NOW, &[posted(2, ALICE, BOB, 1)])[0].result,
-        TransferResult::DebitAccountClosed
-    );
-    assert_eq!(
-        l.transfers(NOW, &[posted(3, BOB, ALICE, 1)])[0].result,
-        TransferResult::CreditAccountClosed
-    );
-    let void = ev(
-        4,
-        EventKind::VoidPending {
-            pending_id: TransferId(1),
-        },
-    );
+    assert_eq!(l.transfers(NOW, &[posted(2, ALICE, BOB, 1)])[0].result, TransferResult::DebitAccountClosed);
+    assert_eq!(l.transfers(NOW, &[posted(3, BOB, ALICE, 1)])[0].result, TransferResult::CreditAccountClosed);
+    let void = ev(4, EventKind::VoidPending { pending_id: TransferId(1) });
     assert_eq!(l.transfers(NOW, &[void])[0].result, TransferResult::Created);
 }
 
@@ -297,10 +158,7 @@ fn another_tenants_accounts_do_not_exist() {
     let mut l = setup();
     let mut e = posted(1, ALICE, BOB, 1);
     e.key.tenant = TenantId(8);
-    assert_eq!(
-        l.transfers(NOW, &[e])[0].result,
-        TransferResult::DebitAccountNotFound
-    );
+    assert_eq!(l.transfers(NOW, &[e])[0].result, TransferResult::DebitAccountNotFound);
 }
 
 #[test]

@@ -58,11 +58,7 @@ impl Model {
         let (tenant, id) = (e.key.tenant.0, e.key.id.0);
         match self.entries.get(&(tenant, id)) {
             Some(ModelEntry::Ok(t)) => {
-                return if Self::event_matches(t, e) {
-                    R::Exists
-                } else {
-                    R::ExistsWithDifferentFields
-                }
+                return if Self::event_matches(t, e) { R::Exists } else { R::ExistsWithDifferentFields }
             }
             Some(ModelEntry::Failed(first, code)) => {
                 let (mut a, mut b) = (first.clone(), e.clone());
@@ -75,8 +71,7 @@ impl Model {
         let result = self.apply_new(now, e);
         if result != R::Created && !e.linked {
             let _ = self.tick(now);
-            self.entries
-                .insert((tenant, id), ModelEntry::Failed(e.clone(), result));
+            self.entries.insert((tenant, id), ModelEntry::Failed(e.clone(), result));
         }
         result
     }
@@ -85,17 +80,7 @@ impl Model {
         use TransferResult as R;
         let tenant = e.key.tenant.0;
         match e.kind {
-            EventKind::Posted {
-                debit,
-                credit,
-                amount,
-            }
-            | EventKind::Pending {
-                debit,
-                credit,
-                amount,
-                ..
-            } => {
+            EventKind::Posted { debit, credit, amount } | EventKind::Pending { debit, credit, amount, .. } => {
                 let pending = matches!(e.kind, EventKind::Pending { .. });
                 let Some(d) = self.accounts.get(&(tenant, debit.0)).cloned() else {
                     return R::DebitAccountNotFound;
@@ -153,9 +138,7 @@ impl Model {
                 }
                 let ts = self.tick(now);
                 let timeout = match e.kind {
-                    EventKind::Pending {
-                        timeout_seconds, ..
-                    } => timeout_seconds,
+                    EventKind::Pending { timeout_seconds, .. } => timeout_seconds,
                     _ => 0,
                 };
                 let d = self.accounts.get_mut(&(tenant, debit.0)).unwrap();
@@ -178,20 +161,14 @@ impl Model {
                         debit: debit.0,
                         credit: credit.0,
                         amount,
-                        expires_at: (pending && timeout > 0)
-                            .then(|| ts + timeout as u64 * 1_000_000_000),
-                        state: if pending {
-                            PendingState::Pending
-                        } else {
-                            PendingState::Final
-                        },
+                        expires_at: (pending && timeout > 0).then(|| ts + timeout as u64 * 1_000_000_000),
+                        state: if pending { PendingState::Pending } else { PendingState::Final },
                     }),
                 );
                 R::Created
             }
             EventKind::PostPending { pending_id, .. } | EventKind::VoidPending { pending_id } => {
-                let Some(ModelEntry::Ok(p)) = self.entries.get(&(tenant, pending_id.0)).cloned()
-                else {
+                let Some(ModelEntry::Ok(p)) = self.entries.get(&(tenant, pending_id.0)).cloned() else {
                     return R::PendingTransferNotFound;
                 };
                 match p.state {
@@ -219,11 +196,7 @@ impl Model {
                 c.credits_pending -= p.amount;
                 c.credits_posted += post.unwrap_or(0);
                 if let Some(ModelEntry::Ok(pm)) = self.entries.get_mut(&(tenant, pending_id.0)) {
-                    pm.state = if post.is_some() {
-                        PendingState::Posted
-                    } else {
-                        PendingState::Voided
-                    };
+                    pm.state = if post.is_some() { PendingState::Posted } else { PendingState::Voided };
                 }
                 self.entries.insert(
                     (tenant, e.key.id.0),
@@ -278,9 +251,8 @@ impl Model {
                     })),
                     Some((at, code)) => {
                         *self = snapshot;
-                        let remember = !code.is_validation()
-                            && code != R::IdAlreadyFailed
-                            && code != R::ExistsWithDifferentFields;
+                        let remember =
+                            !code.is_validation() && code != R::IdAlreadyFailed && code != R::ExistsWithDifferentFields;
                         for (i, e) in chain.iter().enumerate() {
                             let k = (e.key.tenant.0, e.key.id.0);
                             let r = match self.entries.get(&k) {
@@ -297,10 +269,7 @@ impl Model {
                                 _ if i == at => code,
                                 _ => R::LinkedEventFailed,
                             };
-                            if remember
-                                && validate_event(e).is_ok()
-                                && !self.entries.contains_key(&k)
-                            {
+                            if remember && validate_event(e).is_ok() && !self.entries.contains_key(&k) {
                                 let _ = self.tick(now);
                                 self.entries.insert(k, ModelEntry::Failed(e.clone(), r));
                             }
@@ -319,29 +288,18 @@ impl Model {
             .entries
             .iter()
             .filter_map(|(k, e)| match e {
-                ModelEntry::Ok(t)
-                    if t.state == PendingState::Pending
-                        && t.expires_at.is_some_and(|at| at <= now) =>
-                {
+                ModelEntry::Ok(t) if t.state == PendingState::Pending && t.expires_at.is_some_and(|at| at <= now) => {
                     Some(*k)
                 }
                 _ => None,
             })
             .collect();
         for k in due {
-            let ModelEntry::Ok(t) = self.entries.get_mut(&k).unwrap() else {
-                unreachable!()
-            };
+            let ModelEntry::Ok(t) = self.entries.get_mut(&k).unwrap() else { unreachable!() };
             t.state = PendingState::Expired;
             let (tenant, debit, credit, amount) = (t.tenant, t.debit, t.credit, t.amount);
-            self.accounts
-                .get_mut(&(tenant, debit))
-                .unwrap()
-                .debits_pending -= amount;
-            self.accounts
-                .get_mut(&(tenant, credit))
-                .unwrap()
-                .credits_pending -= amount;
+            self.accounts.get_mut(&(tenant, debit)).unwrap().debits_pending -= amount;
+            self.accounts.get_mut(&(tenant, credit)).unwrap().credits_pending -= amount;
         }
     }
 }
@@ -367,19 +325,14 @@ fn new_account() -> impl Strategy<Value = NewAccount> {
         prop_oneof![Just(0u16), Just(1), Just(2), Just(4), Just(3)],
         prop_oneof![3 => Just(0u64), 1 => 1u64..100],
     )
-        .prop_map(
-            |(tenant, id, currency, code, flags, credit_limit)| NewAccount {
-                key: AccountKey {
-                    tenant: TenantId(tenant),
-                    id: AccountId(id),
-                },
-                currency,
-                code,
-                flags: AccountFlags(flags),
-                credit_limit,
-                metadata: None,
-            },
-        )
+        .prop_map(|(tenant, id, currency, code, flags, credit_limit)| NewAccount {
+            key: AccountKey { tenant: TenantId(tenant), id: AccountId(id) },
+            currency,
+            code,
+            flags: AccountFlags(flags),
+            credit_limit,
+            metadata: None,
+        })
 }
 
 fn amount() -> impl Strategy<Value = u64> {
@@ -395,23 +348,15 @@ fn event() -> impl Strategy<Value = TransferEvent> {
         2 => (transfer.clone(), prop::option::of(amount())).prop_map(|(p, a)| EventKind::PostPending { pending_id: TransferId(p), amount: a }),
         1 => transfer.clone().prop_map(|p| EventKind::VoidPending { pending_id: TransferId(p) }),
     ];
-    (
-        0..TENANTS,
-        transfer,
-        kind,
-        0u16..2,
-        prop::bool::weighted(0.2),
-    )
-        .prop_map(|(tenant, id, kind, code, linked)| TransferEvent {
-            key: TransferKey {
-                tenant: TenantId(tenant),
-                id: TransferId(id),
-            },
+    (0..TENANTS, transfer, kind, 0u16..2, prop::bool::weighted(0.2)).prop_map(|(tenant, id, kind, code, linked)| {
+        TransferEvent {
+            key: TransferKey { tenant: TenantId(tenant), id: TransferId(id) },
             kind,
             code,
             metadata: None,
             linked,
-        })
+        }
+    })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -434,8 +379,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     for op in ops {
         match op {
             Op::Accounts(news) => {
-                let commands: Vec<AccountCommand> =
-                    news.iter().cloned().map(AccountCommand::Create).collect();
+                let commands: Vec<AccountCommand> = news.iter().cloned().map(AccountCommand::Create).collect();
                 let results = engine.accounts(now, &commands);
                 for (new, (result, _)) in news.iter().zip(results) {
                     let k = (new.key.tenant.0, new.key.id.0);
@@ -470,24 +414,14 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 }
             }
             Op::Transfers(events) => {
-                let got: Vec<TransferResult> = engine
-                    .transfers(now, events)
-                    .into_iter()
-                    .map(|o| o.result)
-                    .collect();
+                let got: Vec<TransferResult> = engine.transfers(now, events).into_iter().map(|o| o.result).collect();
                 let expected = model.batch(now, events);
                 // The model reports a repeated id inside one successful chain as created; the
                 // engine says exists for the second. Normalise that one difference.
                 let got: Vec<TransferResult> = got
                     .into_iter()
                     .zip(&expected)
-                    .map(|(g, e)| {
-                        if g == TransferResult::Exists && *e == TransferResult::Created {
-                            *e
-                        } else {
-                            g
-                        }
-                    })
+                    .map(|(g, e)| if g == TransferResult::Exists && *e == TransferResult::Created { *e } else { g })
                     .collect();
                 prop_assert_eq!(got, expected, "events {:?}", events);
             }
@@ -498,25 +432,10 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             }
         }
         for (k, a) in &model.accounts {
-            let e = &engine.accounts[&AccountKey {
-                tenant: TenantId(k.0),
-                id: AccountId(k.1),
-            }];
+            let e = &engine.accounts[&AccountKey { tenant: TenantId(k.0), id: AccountId(k.1) }];
             prop_assert_eq!(
-                (
-                    e.debits_posted,
-                    e.credits_posted,
-                    e.debits_pending,
-                    e.credits_pending,
-                    e.flags
-                ),
-                (
-                    a.debits_posted,
-                    a.credits_posted,
-                    a.debits_pending,
-                    a.credits_pending,
-                    a.flags
-                )
+                (e.debits_posted, e.credits_posted, e.debits_pending, e.credits_pending, e.flags),
+                (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending, a.flags)
             );
         }
         prop_assert_eq!(engine.accounts.len(), model.accounts.len());

@@ -1,1 +1,158 @@
+//! The HTTP face of rtpay: the native `/v1` API, operator routes, health, metrics and the OpenAPI
+//! document.
+//!
+//! Invariants this crate protects:
+//! - bad input never changes state and never gets a 5xx: every request is parsed and checked in
+//!   full before anything is submitted, and every error names the field and the rule;
+//! - another tenant's ids do not exist: every read and write is keyed by the caller's tenant;
+//! - no secret appears in a log line, an error or a response other than the one that creates it.
 
+pub mod auth;
+pub mod dto;
+pub mod json;
+pub mod metrics;
+pub mod problem;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use utoipa::OpenApi;
+
+use crate::problem::Problem;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<store::Store>,
+    pub keys: Arc<auth::Keys>,
+    pub key_cache: Arc<auth::KeyCache>,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+impl AppState {
+    pub fn new(store: Arc<store::Store>, keys: auth::Keys) -> AppState {
+        AppState {
+            store,
+            keys: Arc::new(keys),
+            key_cache: Arc::new(auth::KeyCache::default()),
+            metrics: Arc::new(metrics::Metrics::default()),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "rtpay native API", version = "1", description = "Accounts and transfers on a strict double-entry ledger. Amounts are integer minor units; ids are UUIDs; errors are application/problem+json."),
+    paths(
+        routes::tenants::create_tenant, routes::tenants::create_api_key, routes::tenants::revoke_api_key,
+        routes::accounts::create_account, routes::accounts::get_account, routes::accounts::close_account,
+        routes::accounts::list_account_transfers,
+        routes::transfers::create_transfer, routes::transfers::create_batch, routes::transfers::get_transfer,
+        routes::transfers::post_pending, routes::transfers::void_pending,
+    ),
+    modifiers(&Security)
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("api_key", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        components.add_security_scheme("operator", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    use routes::*;
+    Router::new()
+        .route("/v1/tenants", post(tenants::create_tenant))
+        .route("/v1/tenants/{id}/api-keys", post(tenants::create_api_key))
+        .route("/v1/tenants/{id}/api-keys/{key_id}", axum::routing::delete(tenants::revoke_api_key))
+        .route("/v1/accounts", post(accounts::create_account))
+        .route("/v1/accounts/{id}", get(accounts::get_account))
+        .route("/v1/accounts/{id}/close", post(accounts::close_account))
+        .route("/v1/accounts/{id}/transfers", get(accounts::list_account_transfers))
+        .route("/v1/transfers", post(transfers::create_transfer))
+        .route("/v1/transfers/batch", post(transfers::create_batch))
+        .route("/v1/transfers/{id}", get(transfers::get_transfer))
+        .route("/v1/transfers/{id}/post", post(transfers::post_pending))
+        .route("/v1/transfers/{id}/void", post(transfers::void_pending))
+        .route("/openapi.json", get(ops::openapi))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "no_route", "no such route; see /openapi.json")
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take this method; see /openapi.json",
+    )
+}
+
+/// Request ids, metrics and the access log, around every request.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| auth::hex(&auth::random_32()[..8]));
+    let mut response = next.run(request).await;
+    let status = response.status().as_u16();
+    let micros = started.elapsed().as_micros() as u64;
+    state.metrics.observe(&method, &route, status, micros);
+    if status >= 500 {
+        tracing::warn!(request_id, method, route, status, micros, "request failed");
+    } else {
+        tracing::debug!(request_id, method, route, status, micros, "request");
+    }
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+impl IntoResponse for &Problem {
+    fn into_response(self) -> Response {
+        self.clone().into_response()
+    }
+}

@@ -20,10 +20,7 @@ fn brl() -> Currency {
 
 fn new_account(tenant: TenantId, id: u128, flags: u16) -> AccountCommand {
     AccountCommand::Create(NewAccount {
-        key: AccountKey {
-            tenant,
-            id: AccountId(id),
-        },
+        key: AccountKey { tenant, id: AccountId(id) },
         currency: brl(),
         code: 10,
         flags: AccountFlags(flags),
@@ -33,34 +30,17 @@ fn new_account(tenant: TenantId, id: u128, flags: u16) -> AccountCommand {
 }
 
 fn event(id: u128, kind: EventKind) -> TransferEvent {
-    TransferEvent {
-        key: TransferKey {
-            tenant: T,
-            id: TransferId(id),
-        },
-        kind,
-        code: 1,
-        metadata: None,
-        linked: false,
-    }
+    TransferEvent { key: TransferKey { tenant: T, id: TransferId(id) }, kind, code: 1, metadata: None, linked: false }
 }
 
 fn posted(id: u128, d: u128, c: u128, amount: u64) -> TransferEvent {
-    event(
-        id,
-        EventKind::Posted {
-            debit: AccountId(d),
-            credit: AccountId(c),
-            amount,
-        },
-    )
+    event(id, EventKind::Posted { debit: AccountId(d), credit: AccountId(c), amount })
 }
 
 fn open_fixed(location: &Location) -> (Store, Arc<AtomicU64>) {
     let now = Arc::new(AtomicU64::new(NOW));
     let clock = now.clone();
-    let store = Store::open_with_clock(location, Arc::new(move || clock.load(Ordering::SeqCst)))
-        .expect("open store");
+    let store = Store::open_with_clock(location, Arc::new(move || clock.load(Ordering::SeqCst))).expect("open store");
     (store, now)
 }
 
@@ -77,32 +57,14 @@ fn setup(store: &Store) {
             new_account(T, BOB, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS),
         ])
         .unwrap();
-    assert!(
-        results.iter().all(|(r, _)| *r == AccountResult::Created),
-        "{results:?}"
-    );
-    let out = store
-        .engine
-        .transfers(vec![posted(100, BANK, ALICE, 1_000)])
-        .unwrap();
+    assert!(results.iter().all(|(r, _)| *r == AccountResult::Created), "{results:?}");
+    let out = store.engine.transfers(vec![posted(100, BANK, ALICE, 1_000)]).unwrap();
     assert_eq!(out[0].result, TransferResult::Created);
 }
 
 fn balances(store: &Store, id: u128) -> (u64, u64, u64, u64) {
-    let a = store
-        .queries
-        .account(AccountKey {
-            tenant: T,
-            id: AccountId(id),
-        })
-        .unwrap()
-        .expect("account exists");
-    (
-        a.debits_posted,
-        a.credits_posted,
-        a.debits_pending,
-        a.credits_pending,
-    )
+    let a = store.queries.account(AccountKey { tenant: T, id: AccountId(id) }).unwrap().expect("account exists");
+    (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)
 }
 
 fn assert_verified(store: &Store) {
@@ -112,183 +74,62 @@ fn assert_verified(store: &Store) {
 
 pub fn accounts_round_trip(location: Location) {
     let (store, _) = open_fixed(&location);
-    let created = store
-        .engine
-        .accounts(vec![new_account(
-            T,
-            9,
-            AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
-        )])
-        .unwrap();
+    let created = store.engine.accounts(vec![new_account(T, 9, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)]).unwrap();
     assert_eq!(created[0].0, AccountResult::Created);
-    let stored = store
-        .queries
-        .account(AccountKey {
-            tenant: T,
-            id: AccountId(9),
-        })
-        .unwrap()
-        .unwrap();
+    let stored = store.queries.account(AccountKey { tenant: T, id: AccountId(9) }).unwrap().unwrap();
     assert_eq!(Some(&stored), created[0].1.as_ref());
     assert_eq!(stored.metadata.as_deref(), Some(r#"{"name":"test"}"#));
-    let again = store
-        .engine
-        .accounts(vec![new_account(
-            T,
-            9,
-            AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
-        )])
-        .unwrap();
+    let again = store.engine.accounts(vec![new_account(T, 9, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)]).unwrap();
     assert_eq!(again[0].0, AccountResult::Exists);
     let different = store.engine.accounts(vec![new_account(T, 9, 0)]).unwrap();
     assert_eq!(different[0].0, AccountResult::ExistsWithDifferentFields);
     // Ids are scoped by tenant: the same id elsewhere is another account, and reads do not cross.
-    assert_eq!(
-        store
-            .engine
-            .accounts(vec![new_account(OTHER, 9, 0)])
-            .unwrap()[0]
-            .0,
-        AccountResult::Created
-    );
-    assert_eq!(
-        store
-            .queries
-            .account(AccountKey {
-                tenant: TenantId(0xC3),
-                id: AccountId(9)
-            })
-            .unwrap(),
-        None
-    );
-    let closed = store
-        .engine
-        .accounts(vec![AccountCommand::Close(AccountKey {
-            tenant: T,
-            id: AccountId(9),
-        })])
-        .unwrap();
+    assert_eq!(store.engine.accounts(vec![new_account(OTHER, 9, 0)]).unwrap()[0].0, AccountResult::Created);
+    assert_eq!(store.queries.account(AccountKey { tenant: TenantId(0xC3), id: AccountId(9) }).unwrap(), None);
+    let closed =
+        store.engine.accounts(vec![AccountCommand::Close(AccountKey { tenant: T, id: AccountId(9) })]).unwrap();
     assert_eq!(closed[0].0, AccountResult::Closed);
-    assert!(store
-        .queries
-        .account(AccountKey {
-            tenant: T,
-            id: AccountId(9)
-        })
-        .unwrap()
-        .unwrap()
-        .flags
-        .closed());
+    assert!(store.queries.account(AccountKey { tenant: T, id: AccountId(9) }).unwrap().unwrap().flags.closed());
     assert_verified(&store);
 }
 
 pub fn transfers_round_trip(location: Location) {
     let (store, _) = open_fixed(&location);
     setup(&store);
-    let out = store
-        .engine
-        .transfers(vec![posted(1, ALICE, BOB, 300)])
-        .unwrap();
+    let out = store.engine.transfers(vec![posted(1, ALICE, BOB, 300)]).unwrap();
     assert_eq!(out[0].result, TransferResult::Created);
     let transfer = out[0].transfer.clone().unwrap();
-    let stored = store
-        .queries
-        .entry(TransferKey {
-            tenant: T,
-            id: TransferId(1),
-        })
-        .unwrap()
-        .unwrap();
+    let stored = store.queries.entry(TransferKey { tenant: T, id: TransferId(1) }).unwrap().unwrap();
     assert_eq!(stored, Entry::Created(transfer.clone()));
+    assert_eq!(store.engine.transfers(vec![posted(1, ALICE, BOB, 300)]).unwrap()[0].transfer, Some(transfer));
     assert_eq!(
-        store
-            .engine
-            .transfers(vec![posted(1, ALICE, BOB, 300)])
-            .unwrap()[0]
-            .transfer,
-        Some(transfer)
-    );
-    assert_eq!(
-        store
-            .engine
-            .transfers(vec![posted(1, ALICE, BOB, 301)])
-            .unwrap()[0]
-            .result,
+        store.engine.transfers(vec![posted(1, ALICE, BOB, 301)]).unwrap()[0].result,
         TransferResult::ExistsWithDifferentFields
     );
-    let failed = store
-        .engine
-        .transfers(vec![posted(2, ALICE, BOB, 5_000)])
-        .unwrap();
+    let failed = store.engine.transfers(vec![posted(2, ALICE, BOB, 5_000)]).unwrap();
     assert_eq!(failed[0].result, TransferResult::InsufficientFunds);
     assert!(matches!(
-        store
-            .queries
-            .entry(TransferKey {
-                tenant: T,
-                id: TransferId(2)
-            })
-            .unwrap(),
-        Some(Entry::Failed {
-            result: TransferResult::InsufficientFunds,
-            ..
-        })
+        store.queries.entry(TransferKey { tenant: T, id: TransferId(2) }).unwrap(),
+        Some(Entry::Failed { result: TransferResult::InsufficientFunds, .. })
     ));
     // Two-phase: hold, partial post; hold, void.
     let hold = event(
         3,
-        EventKind::Pending {
-            debit: AccountId(ALICE),
-            credit: AccountId(BOB),
-            amount: 200,
-            timeout_seconds: 0,
-        },
+        EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 200, timeout_seconds: 0 },
     );
-    let post = event(
-        4,
-        EventKind::PostPending {
-            pending_id: TransferId(3),
-            amount: Some(150),
-        },
-    );
+    let post = event(4, EventKind::PostPending { pending_id: TransferId(3), amount: Some(150) });
     let hold2 = event(
         5,
-        EventKind::Pending {
-            debit: AccountId(ALICE),
-            credit: AccountId(BOB),
-            amount: 100,
-            timeout_seconds: 60,
-        },
+        EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 100, timeout_seconds: 60 },
     );
-    let void = event(
-        6,
-        EventKind::VoidPending {
-            pending_id: TransferId(5),
-        },
-    );
+    let void = event(6, EventKind::VoidPending { pending_id: TransferId(5) });
     for e in [hold, post, hold2, void] {
-        assert_eq!(
-            store.engine.transfers(vec![e]).unwrap()[0].result,
-            TransferResult::Created
-        );
+        assert_eq!(store.engine.transfers(vec![e]).unwrap()[0].result, TransferResult::Created);
     }
     assert_eq!(balances(&store, ALICE), (450, 1000, 0, 0));
     assert_eq!(balances(&store, BOB), (0, 450, 0, 0));
-    let pending = store
-        .queries
-        .entry(TransferKey {
-            tenant: T,
-            id: TransferId(3),
-        })
-        .unwrap()
-        .unwrap();
-    assert!(matches!(
-        pending,
-        Entry::Created(Transfer {
-            state: PendingState::Posted,
-            ..
-        })
-    ));
+    let pending = store.queries.entry(TransferKey { tenant: T, id: TransferId(3) }).unwrap().unwrap();
+    assert!(matches!(pending, Entry::Created(Transfer { state: PendingState::Posted, .. })));
     // A linked chain that fails leaves nothing behind.
     let mut a = posted(7, ALICE, BOB, 500);
     a.linked = true;
@@ -305,42 +146,19 @@ pub fn durable_across_restart(location: Location) {
     {
         let (store, _) = open_fixed(&location);
         setup(&store);
-        store
-            .engine
-            .transfers(vec![
-                posted(1, ALICE, BOB, 10),
-                posted(2, ALICE, BOB, 9_999),
-            ])
-            .unwrap();
+        store.engine.transfers(vec![posted(1, ALICE, BOB, 10), posted(2, ALICE, BOB, 9_999)]).unwrap();
         before = (balances(&store, ALICE), balances(&store, BOB));
         store.close();
     }
     let (store, _) = open_fixed(&location);
     assert_eq!((balances(&store, ALICE), balances(&store, BOB)), before);
     // The clock continues after the stored one, and remembered failures are still remembered.
-    store
-        .engine
-        .transfers(vec![posted(20, BANK, ALICE, 1_000_000)])
-        .unwrap();
-    let retry = store
-        .engine
-        .transfers(vec![posted(2, ALICE, BOB, 9_999)])
-        .unwrap();
+    store.engine.transfers(vec![posted(20, BANK, ALICE, 1_000_000)]).unwrap();
+    let retry = store.engine.transfers(vec![posted(2, ALICE, BOB, 9_999)]).unwrap();
     assert_eq!(retry[0].result, TransferResult::InsufficientFunds);
-    let new = store
-        .engine
-        .transfers(vec![posted(3, ALICE, BOB, 9_999)])
-        .unwrap();
+    let new = store.engine.transfers(vec![posted(3, ALICE, BOB, 9_999)]).unwrap();
     assert_eq!(new[0].result, TransferResult::Created);
-    let ts_old = match store
-        .queries
-        .entry(TransferKey {
-            tenant: T,
-            id: TransferId(1),
-        })
-        .unwrap()
-        .unwrap()
-    {
+    let ts_old = match store.queries.entry(TransferKey { tenant: T, id: TransferId(1) }).unwrap().unwrap() {
         Entry::Created(t) => t.timestamp,
         e => panic!("{e:?}"),
     };
@@ -353,36 +171,19 @@ pub fn holds_expire(location: Location) {
     setup(&store);
     let hold = event(
         1,
-        EventKind::Pending {
-            debit: AccountId(ALICE),
-            credit: AccountId(BOB),
-            amount: 400,
-            timeout_seconds: 1,
-        },
+        EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 400, timeout_seconds: 1 },
     );
     store.engine.transfers(vec![hold]).unwrap();
     assert_eq!(balances(&store, ALICE), (0, 1000, 400, 0));
     now.fetch_add(2_000_000_000, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(10);
     while balances(&store, ALICE) != (0, 1000, 0, 0) {
-        assert!(
-            Instant::now() < deadline,
-            "hold not released by the sweeper"
-        );
+        assert!(Instant::now() < deadline, "hold not released by the sweeper");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(balances(&store, BOB), (0, 0, 0, 0));
-    let post = event(
-        2,
-        EventKind::PostPending {
-            pending_id: TransferId(1),
-            amount: None,
-        },
-    );
-    assert_eq!(
-        store.engine.transfers(vec![post]).unwrap()[0].result,
-        TransferResult::PendingTransferExpired
-    );
+    let post = event(2, EventKind::PostPending { pending_id: TransferId(1), amount: None });
+    assert_eq!(store.engine.transfers(vec![post]).unwrap()[0].result, TransferResult::PendingTransferExpired);
     assert_verified(&store);
 }
 
@@ -391,54 +192,24 @@ pub fn listing_is_stable_under_inserts(location: Location) {
     setup(&store);
     for i in 0..25u128 {
         now.fetch_add(1, Ordering::SeqCst);
-        store
-            .engine
-            .transfers(vec![posted(1000 + i, ALICE, BOB, 1)])
-            .unwrap();
+        store.engine.transfers(vec![posted(1000 + i, ALICE, BOB, 1)]).unwrap();
     }
-    let key = AccountKey {
-        tenant: T,
-        id: AccountId(ALICE),
-    };
-    let first = store
-        .queries
-        .account_transfers(
-            key,
-            Page {
-                before: None,
-                limit: 10,
-            },
-        )
-        .unwrap();
+    let key = AccountKey { tenant: T, id: AccountId(ALICE) };
+    let first = store.queries.account_transfers(key, Page { before: None, limit: 10 }).unwrap();
     assert_eq!(first.len(), 10);
     assert_eq!(first[0].key.id, TransferId(1024));
     // New transfers arrive between pages: they are newer than the cursor and do not shift pages.
     for i in 0..5u128 {
-        store
-            .engine
-            .transfers(vec![posted(2000 + i, BOB, ALICE, 1)])
-            .unwrap();
+        store.engine.transfers(vec![posted(2000 + i, BOB, ALICE, 1)]).unwrap();
     }
     let mut seen: Vec<TransferId> = first.iter().map(|t| t.key.id).collect();
     let mut cursor = first.last().map(|t| t.timestamp);
     loop {
-        let page = store
-            .queries
-            .account_transfers(
-                key,
-                Page {
-                    before: cursor,
-                    limit: 10,
-                },
-            )
-            .unwrap();
+        let page = store.queries.account_transfers(key, Page { before: cursor, limit: 10 }).unwrap();
         if page.is_empty() {
             break;
         }
-        assert!(
-            page.windows(2).all(|w| w[0].timestamp > w[1].timestamp),
-            "newest first"
-        );
+        assert!(page.windows(2).all(|w| w[0].timestamp > w[1].timestamp), "newest first");
         seen.extend(page.iter().map(|t| t.key.id));
         cursor = page.last().map(|t| t.timestamp);
     }
@@ -450,58 +221,27 @@ pub fn listing_is_stable_under_inserts(location: Location) {
 pub fn tenants_and_keys(location: Location) {
     let (store, _) = open_fixed(&location);
     let q = &store.queries;
-    let tenant = TenantRecord {
-        id: 77,
-        name: "acme".into(),
-        created_at: NOW,
-    };
-    let key = ApiKeyRecord {
-        id: 5,
-        tenant_id: 77,
-        created_at: NOW,
-        revoked_at: None,
-    };
+    let tenant = TenantRecord { id: 77, name: "acme".into(), created_at: NOW };
+    let key = ApiKeyRecord { id: 5, tenant_id: 77, created_at: NOW, revoked_at: None };
     q.create_tenant(&tenant, &key, &[1; 32]).unwrap();
     assert_eq!(q.tenant(77).unwrap(), Some(tenant.clone()));
     assert_eq!(q.api_key_by_hash(&[1; 32]).unwrap(), Some(key.clone()));
     assert_eq!(q.api_key_by_hash(&[2; 32]).unwrap(), None);
-    let second = ApiKeyRecord {
-        id: 6,
-        ..key.clone()
-    };
+    let second = ApiKeyRecord { id: 6, ..key.clone() };
     q.create_api_key(&second, &[2; 32]).unwrap();
     assert!(matches!(
-        q.create_api_key(
-            &ApiKeyRecord {
-                id: 7,
-                ..key.clone()
-            },
-            &[2; 32]
-        ),
+        q.create_api_key(&ApiKeyRecord { id: 7, ..key.clone() }, &[2; 32]),
         Err(crate::StoreError::Conflict(_))
     ));
-    assert!(
-        !q.revoke_api_key(78, 5, NOW).unwrap(),
-        "another tenant cannot revoke"
-    );
+    assert!(!q.revoke_api_key(78, 5, NOW).unwrap(), "another tenant cannot revoke");
     assert!(q.revoke_api_key(77, 5, NOW + 1).unwrap());
-    assert!(
-        !q.revoke_api_key(77, 5, NOW + 2).unwrap(),
-        "already revoked"
-    );
-    assert_eq!(
-        q.api_key_by_hash(&[1; 32]).unwrap().unwrap().revoked_at,
-        Some(NOW + 1)
-    );
+    assert!(!q.revoke_api_key(77, 5, NOW + 2).unwrap(), "already revoked");
+    assert_eq!(q.api_key_by_hash(&[1; 32]).unwrap().unwrap().revoked_at, Some(NOW + 1));
     assert!(matches!(
         q.create_tenant(&tenant, &ApiKeyRecord { id: 8, ..key }, &[3; 32]),
         Err(crate::StoreError::Conflict(_))
     ));
-    assert_eq!(
-        q.api_key_by_hash(&[3; 32]).unwrap(),
-        None,
-        "a failed tenant creation leaves no key"
-    );
+    assert_eq!(q.api_key_by_hash(&[3; 32]).unwrap(), None, "a failed tenant creation leaves no key");
     q.ping().unwrap();
 }
 
@@ -513,23 +253,11 @@ pub fn concurrent_writers(location: Location) {
     let funded: Vec<u128> = (10..16).collect();
     let mut commands = Vec::new();
     for id in &funded {
-        commands.push(new_account(
-            T,
-            *id,
-            AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
-        ));
+        commands.push(new_account(T, *id, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS));
     }
     store.engine.accounts(commands).unwrap();
-    let fund: Vec<TransferEvent> = funded
-        .iter()
-        .map(|id| posted(500 + id, BANK, *id, 100))
-        .collect();
-    assert!(store
-        .engine
-        .transfers(fund)
-        .unwrap()
-        .iter()
-        .all(|o| o.result == TransferResult::Created));
+    let fund: Vec<TransferEvent> = funded.iter().map(|id| posted(500 + id, BANK, *id, 100)).collect();
+    assert!(store.engine.transfers(fund).unwrap().iter().all(|o| o.result == TransferResult::Created));
     let threads: Vec<_> = (0..8u128)
         .map(|t| {
             let store = store.clone();
@@ -554,23 +282,11 @@ pub fn concurrent_writers(location: Location) {
             })
         })
         .collect();
-    let created: Vec<u128> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
+    let created: Vec<u128> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
     assert!(!created.is_empty());
     for id in &created {
-        let entry = store
-            .queries
-            .entry(TransferKey {
-                tenant: T,
-                id: TransferId(*id),
-            })
-            .unwrap();
-        assert!(
-            matches!(entry, Some(Entry::Created(_))),
-            "acknowledged transfer {id} missing"
-        );
+        let entry = store.queries.entry(TransferKey { tenant: T, id: TransferId(*id) }).unwrap();
+        assert!(matches!(entry, Some(Entry::Created(_))), "acknowledged transfer {id} missing");
     }
     let total: u64 = funded
         .iter()
@@ -596,17 +312,7 @@ pub fn agrees_with_memory_ledger(location: Location) {
         seed % n
     };
     let accounts: Vec<AccountCommand> = (1..=4)
-        .map(|id| {
-            new_account(
-                T,
-                id,
-                if id == 1 {
-                    0
-                } else {
-                    AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS
-                },
-            )
-        })
+        .map(|id| new_account(T, id, if id == 1 { 0 } else { AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS }))
         .collect();
     let t = now.load(Ordering::SeqCst);
     let got = store.engine.accounts(accounts.clone()).unwrap();
@@ -629,26 +335,16 @@ pub fn agrees_with_memory_ledger(location: Location) {
                         amount: 1 + next(50),
                         timeout_seconds: 0,
                     },
-                    3 => EventKind::PostPending {
-                        pending_id: TransferId(1 + next(40) as u128),
-                        amount: None,
-                    },
-                    _ => EventKind::VoidPending {
-                        pending_id: TransferId(1 + next(40) as u128),
-                    },
+                    3 => EventKind::PostPending { pending_id: TransferId(1 + next(40) as u128), amount: None },
+                    _ => EventKind::VoidPending { pending_id: TransferId(1 + next(40) as u128) },
                 };
-                TransferEvent {
-                    linked: next(4) == 0,
-                    ..event(id, kind)
-                }
+                TransferEvent { linked: next(4) == 0, ..event(id, kind) }
             })
             .collect();
         let mut events = events;
         events.last_mut().unwrap().linked = false;
-        let events: Vec<TransferEvent> = events
-            .into_iter()
-            .filter(|e| validate_event(e).is_ok() || !e.linked)
-            .collect();
+        let events: Vec<TransferEvent> =
+            events.into_iter().filter(|e| validate_event(e).is_ok() || !e.linked).collect();
         let mut events = events;
         if let Some(last) = events.last_mut() {
             last.linked = false;
@@ -658,10 +354,7 @@ pub fn agrees_with_memory_ledger(location: Location) {
         assert_eq!(got, expected, "round {round}");
     }
     let mut stored: HashMap<AccountKey, Account> = HashMap::new();
-    store
-        .queries
-        .scan(&mut |a| drop(stored.insert(a.key, a)), &mut |_| {})
-        .unwrap();
+    store.queries.scan(&mut |a| drop(stored.insert(a.key, a)), &mut |_| {}).unwrap();
     assert_eq!(stored, model.accounts);
     assert_verified(&store);
 }

@@ -69,16 +69,11 @@ pub struct EngineStats {
     pub batch_len_buckets: [AtomicU64; 9],
 }
 
-pub const COMMIT_BUCKETS_US: [u64; 11] = [
-    100, 250, 500, 1000, 2000, 5000, 10_000, 25_000, 50_000, 100_000, 250_000,
-];
+pub const COMMIT_BUCKETS_US: [u64; 11] = [100, 250, 500, 1000, 2000, 5000, 10_000, 25_000, 50_000, 100_000, 250_000];
 pub const BATCH_BUCKETS: [u64; 8] = [1, 4, 16, 64, 256, 1024, 4096, 16384];
 
 fn observe(buckets: &[AtomicU64], bounds: &[u64], value: u64) {
-    let i = bounds
-        .iter()
-        .position(|b| value <= *b)
-        .unwrap_or(bounds.len());
+    let i = bounds.iter().position(|b| value <= *b).unwrap_or(bounds.len());
     buckets[i].fetch_add(1, Ordering::Relaxed);
 }
 
@@ -90,10 +85,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub(crate) fn start(
-        writer: Box<dyn Writer>,
-        clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
-    ) -> Engine {
+    pub(crate) fn start(writer: Box<dyn Writer>, clock: Arc<dyn Fn() -> Timestamp + Send + Sync>) -> Engine {
         let (sender, receiver) = mpsc::sync_channel(QUEUE_LEN_MAX);
         let stats = Arc::new(EngineStats::default());
         let thread_stats = stats.clone();
@@ -101,21 +93,14 @@ impl Engine {
             .name("rtpay-writer".into())
             .spawn(move || run(writer, receiver, clock, thread_stats))
             .expect("spawning the writer thread");
-        Engine {
-            sender: Some(sender),
-            thread: Some(thread),
-            stats,
-        }
+        Engine { sender: Some(sender), thread: Some(thread), stats }
     }
 
     /// Queues a command; `reply` is called from the writer thread once the batch is durable (or
     /// failed). Returns `Busy` at once when the queue is full.
     pub fn submit(&self, command: Command, reply: Callback) -> Result<()> {
         if let Command::Transfers(events) = &command {
-            assert!(
-                events.last().is_none_or(|e| !e.linked),
-                "a request's last event must close its chain"
-            );
+            assert!(events.last().is_none_or(|e| !e.linked), "a request's last event must close its chain");
         }
         if command.len() == 0 {
             reply(Ok(match command {
@@ -131,9 +116,7 @@ impl Engine {
                 Ok(())
             }
             Err(TrySendError::Full(_)) => Err(StoreError::Busy),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(StoreError::Unavailable("writer stopped".into()))
-            }
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::Unavailable("writer stopped".into())),
         }
     }
 
@@ -141,8 +124,7 @@ impl Engine {
     pub fn execute(&self, command: Command) -> Result<Reply> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit(command, Box::new(move |r| drop(tx.send(r))))?;
-        rx.recv()
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        rx.recv().map_err(|_| StoreError::Unavailable("writer stopped".into()))?
     }
 
     pub fn transfers(&self, events: Vec<TransferEvent>) -> Result<Vec<Outcome>> {
@@ -152,10 +134,7 @@ impl Engine {
         }
     }
 
-    pub fn accounts(
-        &self,
-        commands: Vec<AccountCommand>,
-    ) -> Result<Vec<(AccountResult, Option<Account>)>> {
+    pub fn accounts(&self, commands: Vec<AccountCommand>) -> Result<Vec<(AccountResult, Option<Account>)>> {
         match self.execute(Command::Accounts(commands))? {
             Reply::Accounts(results) => Ok(results),
             Reply::Transfers(_) => unreachable!("accounts get account replies"),
@@ -217,9 +196,7 @@ fn run(
                 }
             }
         }
-        stats
-            .queue_depth
-            .fetch_sub(jobs.len() as u64, Ordering::Relaxed);
+        stats.queue_depth.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
         let sweep = last_sweep.elapsed() >= EXPIRY_INTERVAL || jobs.is_empty();
         if sweep {
             last_sweep = Instant::now();
@@ -263,10 +240,7 @@ fn apply_batch(
     stats: &EngineStats,
 ) -> Result<Vec<Reply>> {
     let clock = writer.begin()?;
-    let mut snapshot = MemoryLedger {
-        clock,
-        ..MemoryLedger::default()
-    };
+    let mut snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
     let mut changes: Vec<Changes> = Vec::with_capacity(3);
 
     if sweep {
@@ -276,14 +250,8 @@ fn apply_batch(
             let mut accounts = Vec::with_capacity(due.len() * 2);
             for key in &due {
                 if let Some(Entry::Created(t)) = snapshot.transfers.get(key) {
-                    accounts.push(AccountKey {
-                        tenant: key.tenant,
-                        id: t.debit_account_id,
-                    });
-                    accounts.push(AccountKey {
-                        tenant: key.tenant,
-                        id: t.credit_account_id,
-                    });
+                    accounts.push(AccountKey { tenant: key.tenant, id: t.debit_account_id });
+                    accounts.push(AccountKey { tenant: key.tenant, id: t.credit_account_id });
                 }
             }
             accounts.sort_unstable();
@@ -327,11 +295,8 @@ fn apply_batch(
     let mut outcomes = Vec::new();
     if !events.is_empty() {
         let prefetch = Prefetch::of_transfers(&events);
-        let missing: Vec<TransferKey> = prefetch
-            .transfers
-            .into_iter()
-            .filter(|k| !snapshot.transfers.contains_key(k))
-            .collect();
+        let missing: Vec<TransferKey> =
+            prefetch.transfers.into_iter().filter(|k| !snapshot.transfers.contains_key(k)).collect();
         writer.load_transfers(&missing, &mut snapshot)?;
         let accounts = Prefetch::accounts_of(&events, &snapshot);
         writer.load_accounts(&accounts, &mut snapshot)?;
@@ -348,9 +313,7 @@ fn apply_batch(
     let replies = jobs
         .iter()
         .map(|job| match &job.command {
-            Command::Accounts(c) => {
-                Reply::Accounts(account_results.by_ref().take(c.len()).collect())
-            }
+            Command::Accounts(c) => Reply::Accounts(account_results.by_ref().take(c.len()).collect()),
             Command::Transfers(e) => Reply::Transfers(outcomes.by_ref().take(e.len()).collect()),
         })
         .collect();

@@ -24,6 +24,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use engine::{Command, Engine, EngineStats, Reply};
+
+/// Histogram bucket bounds of [`EngineStats`].
+pub mod engine_buckets {
+    pub use crate::engine::{BATCH_BUCKETS, COMMIT_BUCKETS_US};
+}
 use ledger::*;
 
 /// Why the store could not do what was asked.
@@ -90,12 +95,7 @@ pub trait Queries: Send + Sync {
     /// Created transfers touching the account, newest first.
     fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>>;
 
-    fn create_tenant(
-        &self,
-        tenant: &TenantRecord,
-        key: &ApiKeyRecord,
-        secret_hash: &[u8; 32],
-    ) -> Result<()>;
+    fn create_tenant(&self, tenant: &TenantRecord, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()>;
     fn tenant(&self, id: u128) -> Result<Option<TenantRecord>>;
     fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()>;
     /// Revokes a key of the tenant; false if no such live key.
@@ -103,8 +103,7 @@ pub trait Queries: Send + Sync {
     fn api_key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>>;
 
     /// Streams every account, then every transfer entry, from one consistent snapshot.
-    fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry))
-        -> Result<()>;
+    fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry)) -> Result<()>;
     /// Cheap liveness check of the database.
     fn ping(&self) -> Result<()>;
 }
@@ -143,9 +142,8 @@ pub struct Store {
 
 /// Wall-clock nanoseconds since the UNIX epoch: the one clock of the process.
 pub fn now_nanos() -> Timestamp {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("the system clock is after 1970");
+    let since =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("the system clock is after 1970");
     u64::try_from(since.as_nanos()).expect("nanoseconds fit in u64 until 2554")
 }
 
@@ -155,19 +153,12 @@ impl Store {
         Self::open_with_clock(location, Arc::new(now_nanos))
     }
 
-    pub fn open_with_clock(
-        location: &Location,
-        clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
-    ) -> Result<Store> {
+    pub fn open_with_clock(location: &Location, clock: Arc<dyn Fn() -> Timestamp + Send + Sync>) -> Result<Store> {
         let (writer, queries): (Box<dyn Writer>, Arc<dyn Queries>) = match location {
             Location::Embedded(dir) => sqlite::open(dir)?,
             Location::Postgres(url) => postgres::open(url)?,
         };
-        Ok(Store {
-            engine: Engine::start(writer, clock),
-            queries,
-            location: location.clone(),
-        })
+        Ok(Store { engine: Engine::start(writer, clock), queries, location: location.clone() })
     }
 
     /// Applies pending migrations without starting a writer; returns the versions applied.
@@ -180,20 +171,30 @@ impl Store {
 
     /// Checks every ledger invariant over everything stored.
     pub fn verify(&self) -> Result<verify::Report> {
-        let mut verifier = verify::Verifier::new();
-        // Two closures borrow one verifier: split the borrow with a RefCell.
-        let cell = std::cell::RefCell::new(&mut verifier);
-        self.queries
-            .scan(&mut |a| cell.borrow_mut().account(&a), &mut |e| {
-                cell.borrow_mut().entry(&e)
-            })?;
-        Ok(verifier.finish())
+        verify_with(self.queries.as_ref())
+    }
+
+    /// Read access only, with no writer: safe beside a running server (`rtpay verify`).
+    pub fn open_queries(location: &Location) -> Result<Arc<dyn Queries>> {
+        match location {
+            Location::Embedded(dir) => sqlite::open_queries(dir),
+            Location::Postgres(url) => postgres::open_queries(url),
+        }
     }
 
     /// Stops the writer after the batches already queued.
     pub fn close(self) {
         self.engine.stop();
     }
+}
+
+/// Checks every ledger invariant over what `queries` reads, from one snapshot.
+pub fn verify_with(queries: &dyn Queries) -> Result<verify::Report> {
+    let mut verifier = verify::Verifier::new();
+    // Two closures borrow one verifier: split the borrow with a RefCell.
+    let cell = std::cell::RefCell::new(&mut verifier);
+    queries.scan(&mut |a| cell.borrow_mut().account(&a), &mut |e| cell.borrow_mut().entry(&e))?;
+    Ok(verifier.finish())
 }
 
 /// Whether a directory already holds an embedded store.

@@ -22,20 +22,14 @@ const READERS_MAX: usize = 8;
 /// An arbitrary constant naming the migration lock among PostgreSQL advisory locks.
 const MIGRATION_LOCK: i64 = 0x7274_7061_7900_0001;
 
-const ENTRY_COLUMNS: &str =
-    "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
+const ENTRY_COLUMNS: &str = "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
      currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state";
-const ACCOUNT_COLUMNS: &str =
-    "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
+const ACCOUNT_COLUMNS: &str = "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
      debits_posted, credits_posted, debits_pending, credits_pending";
 
 fn unavailable(e: ::postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
-        return StoreError::Unavailable(format!(
-            "postgres: {}: {}",
-            db.code().code(),
-            db.message()
-        ));
+        return StoreError::Unavailable(format!("postgres: {}: {}", db.code().code(), db.message()));
     }
     StoreError::Unavailable(format!("postgres: {e}"))
 }
@@ -45,9 +39,8 @@ fn corrupt(e: String) -> StoreError {
 }
 
 fn connect(url: &str) -> Result<Client> {
-    let mut config: ::postgres::Config = url
-        .parse()
-        .map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?;
+    let mut config: ::postgres::Config =
+        url.parse().map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?;
     config.connect_timeout(CONNECT_TIMEOUT);
     if config.get_application_name().is_none() {
         config.application_name("rtpay");
@@ -58,8 +51,7 @@ fn connect(url: &str) -> Result<Client> {
 fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec<u32>> {
     let mut tx = client.transaction().map_err(unavailable)?;
     // Nodes starting together take turns; the second finds the work done.
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .map_err(unavailable)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).map_err(unavailable)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
     )
@@ -68,10 +60,7 @@ fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec
     for m in migrations {
         let version = m.version as i32;
         let done = tx
-            .query_opt(
-                "SELECT version FROM schema_migrations WHERE version = $1",
-                &[&version],
-            )
+            .query_opt("SELECT version FROM schema_migrations WHERE version = $1", &[&version])
             .map_err(unavailable)?;
         if done.is_none() {
             tx.batch_execute(m.sql).map_err(unavailable)?;
@@ -91,18 +80,16 @@ pub(crate) fn migrate_only(url: &str) -> Result<Vec<u32>> {
     apply_migrations(&mut connect(url)?, POSTGRES)
 }
 
+pub(crate) fn open_queries(url: &str) -> Result<Arc<dyn Queries>> {
+    drop(connect(url)?);
+    Ok(Arc::new(PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) }))
+}
+
 pub(crate) fn open(url: &str) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
     let mut client = connect(url)?;
     apply_migrations(&mut client, POSTGRES)?;
-    let writer = PgWriter {
-        url: url.to_owned(),
-        client: Some(client),
-        in_tx: false,
-    };
-    let queries = PgQueries {
-        url: url.to_owned(),
-        pool: Mutex::new(Vec::new()),
-    };
+    let writer = PgWriter { url: url.to_owned(), client: Some(client), in_tx: false };
+    let queries = PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) };
     Ok((Box::new(writer), Arc::new(queries)))
 }
 
@@ -129,10 +116,7 @@ fn account_row(row: &Row) -> Result<AccountRow> {
 
 fn entry_row(row: &Row) -> Result<EntryRow> {
     let opt = |i: usize| -> Result<Option<u128>> {
-        Ok(row
-            .try_get::<_, Option<Uuid>>(i)
-            .map_err(unavailable)?
-            .map(|u| u.as_u128()))
+        Ok(row.try_get::<_, Option<Uuid>>(i).map_err(unavailable)?.map(|u| u.as_u128()))
     };
     Ok(EntryRow {
         timestamp: row.try_get(0).map_err(unavailable)?,
@@ -177,10 +161,7 @@ impl Writer for PgWriter {
         let result = (|| {
             client.batch_execute("BEGIN").map_err(unavailable)?;
             let row = client
-                .query_one(
-                    "SELECT last_timestamp FROM ledger_meta WHERE id = 1 FOR UPDATE",
-                    &[],
-                )
+                .query_one("SELECT last_timestamp FROM ledger_meta WHERE id = 1 FOR UPDATE", &[])
                 .map_err(unavailable)?;
             let last: i64 = row.try_get(0).map_err(unavailable)?;
             u64::try_from(last).map_err(|_| corrupt("negative ledger clock".into()))
@@ -225,10 +206,7 @@ impl Writer for PgWriter {
     }
 
     fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()> {
-        let missing: Vec<&AccountKey> = keys
-            .iter()
-            .filter(|k| !into.accounts.contains_key(k))
-            .collect();
+        let missing: Vec<&AccountKey> = keys.iter().filter(|k| !into.accounts.contains_key(k)).collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -270,9 +248,7 @@ impl Writer for PgWriter {
 
     fn commit(&mut self, changes: &[Changes]) -> Result<()> {
         assert!(self.in_tx, "commit inside a batch");
-        let result = self
-            .write(changes)
-            .and_then(|()| self.client().batch_execute("COMMIT").map_err(unavailable));
+        let result = self.write(changes).and_then(|()| self.client().batch_execute("COMMIT").map_err(unavailable));
         self.in_tx = false;
         if result.is_err() {
             self.client = None;
@@ -296,35 +272,23 @@ impl PgWriter {
     fn write(&mut self, changes: &[Changes]) -> Result<()> {
         let client = self.client();
         let mut last = 0u64;
-        let entries: Vec<EntryRow> = changes
-            .iter()
-            .flat_map(|c| c.inserted.iter().map(EntryRow::of))
-            .collect();
+        let entries: Vec<EntryRow> = changes.iter().flat_map(|c| c.inserted.iter().map(EntryRow::of)).collect();
         if !entries.is_empty() {
             let timestamp: Vec<i64> = entries.iter().map(|r| r.timestamp).collect();
             let tenant: Vec<Uuid> = entries.iter().map(|r| uuid(r.tenant_id)).collect();
             let id: Vec<Uuid> = entries.iter().map(|r| uuid(r.id)).collect();
             let result: Vec<i16> = entries.iter().map(|r| r.result).collect();
             let kind: Vec<i16> = entries.iter().map(|r| r.kind).collect();
-            let debit: Vec<Option<Uuid>> = entries
-                .iter()
-                .map(|r| r.debit_account_id.map(uuid))
-                .collect();
-            let credit: Vec<Option<Uuid>> = entries
-                .iter()
-                .map(|r| r.credit_account_id.map(uuid))
-                .collect();
+            let debit: Vec<Option<Uuid>> = entries.iter().map(|r| r.debit_account_id.map(uuid)).collect();
+            let credit: Vec<Option<Uuid>> = entries.iter().map(|r| r.credit_account_id.map(uuid)).collect();
             let amount: Vec<Option<i64>> = entries.iter().map(|r| r.amount).collect();
-            let currency: Vec<Option<&str>> =
-                entries.iter().map(|r| r.currency.as_deref()).collect();
-            let pending: Vec<Option<Uuid>> =
-                entries.iter().map(|r| r.pending_id.map(uuid)).collect();
+            let currency: Vec<Option<&str>> = entries.iter().map(|r| r.currency.as_deref()).collect();
+            let pending: Vec<Option<Uuid>> = entries.iter().map(|r| r.pending_id.map(uuid)).collect();
             let defaulted: Vec<bool> = entries.iter().map(|r| r.amount_defaulted).collect();
             let timeout: Vec<i64> = entries.iter().map(|r| r.timeout_seconds).collect();
             let expires: Vec<Option<i64>> = entries.iter().map(|r| r.expires_at).collect();
             let code: Vec<i32> = entries.iter().map(|r| r.code).collect();
-            let metadata: Vec<Option<&str>> =
-                entries.iter().map(|r| r.metadata.as_deref()).collect();
+            let metadata: Vec<Option<&str>> = entries.iter().map(|r| r.metadata.as_deref()).collect();
             let state: Vec<i16> = entries.iter().map(|r| r.state).collect();
             client
                 .execute(
@@ -340,10 +304,8 @@ impl PgWriter {
                 )
                 .map_err(unavailable)?;
         }
-        let updates: Vec<&(TransferKey, PendingState)> = changes
-            .iter()
-            .flat_map(|c| c.pending_updates.iter())
-            .collect();
+        let updates: Vec<&(TransferKey, PendingState)> =
+            changes.iter().flat_map(|c| c.pending_updates.iter()).collect();
         if !updates.is_empty() {
             let tenant: Vec<Uuid> = updates.iter().map(|(k, _)| uuid(k.tenant.0)).collect();
             let id: Vec<Uuid> = updates.iter().map(|(k, _)| uuid(k.id.0)).collect();
@@ -355,15 +317,10 @@ impl PgWriter {
                     &[&tenant, &id, &state],
                 )
                 .map_err(unavailable)?;
-            assert_eq!(
-                n as usize,
-                updates.len(),
-                "pending updates name stored transfers"
-            );
+            assert_eq!(n as usize, updates.len(), "pending updates name stored transfers");
         }
         // An account may change in several parts of a batch: the last value is the final one.
-        let mut accounts: std::collections::BTreeMap<AccountKey, AccountRow> =
-            std::collections::BTreeMap::new();
+        let mut accounts: std::collections::BTreeMap<AccountKey, AccountRow> = std::collections::BTreeMap::new();
         for change in changes {
             for account in &change.accounts {
                 accounts.insert(account.key, AccountRow::of(account));
@@ -400,7 +357,10 @@ impl PgWriter {
         }
         if last > 0 {
             client
-                .execute("UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $1) WHERE id = 1", &[&(last as i64)])
+                .execute(
+                    "UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $1) WHERE id = 1",
+                    &[&(last as i64)],
+                )
                 .map_err(unavailable)?;
         }
         Ok(())
@@ -442,14 +402,11 @@ impl Queries for PgQueries {
         self.with(|c| {
             let row = c
                 .query_opt(
-                    &format!(
-                        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = $1 AND id = $2"
-                    ),
+                    &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = $1 AND id = $2"),
                     &[&uuid(key.tenant.0), &uuid(key.id.0)],
                 )
                 .map_err(unavailable)?;
-            row.map(|r| account_row(&r)?.into_account().map_err(corrupt))
-                .transpose()
+            row.map(|r| account_row(&r)?.into_account().map_err(corrupt)).transpose()
         })
     }
 
@@ -457,22 +414,17 @@ impl Queries for PgQueries {
         self.with(|c| {
             let row = c
                 .query_opt(
-                    &format!(
-                        "SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = $1 AND id = $2"
-                    ),
+                    &format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = $1 AND id = $2"),
                     &[&uuid(key.tenant.0), &uuid(key.id.0)],
                 )
                 .map_err(unavailable)?;
-            row.map(|r| entry_row(&r)?.into_entry().map_err(corrupt))
-                .transpose()
+            row.map(|r| entry_row(&r)?.into_entry().map_err(corrupt)).transpose()
         })
     }
 
     fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>> {
         let limit = page.limit.min(PAGE_LEN_MAX) as i64;
-        let before = page
-            .before
-            .map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        let before = page.before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
         self.with(|c| {
             let rows = c
                 .query(
@@ -495,12 +447,7 @@ impl Queries for PgQueries {
         })
     }
 
-    fn create_tenant(
-        &self,
-        tenant: &TenantRecord,
-        key: &ApiKeyRecord,
-        secret_hash: &[u8; 32],
-    ) -> Result<()> {
+    fn create_tenant(&self, tenant: &TenantRecord, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()> {
         self.with(|c| {
             let mut tx = c.transaction().map_err(unavailable)?;
             tx.execute(
@@ -519,12 +466,8 @@ impl Queries for PgQueries {
 
     fn tenant(&self, id: u128) -> Result<Option<TenantRecord>> {
         self.with(|c| {
-            let row = c
-                .query_opt(
-                    "SELECT name, created_at FROM tenants WHERE id = $1",
-                    &[&uuid(id)],
-                )
-                .map_err(unavailable)?;
+            let row =
+                c.query_opt("SELECT name, created_at FROM tenants WHERE id = $1", &[&uuid(id)]).map_err(unavailable)?;
             row.map(|r| {
                 Ok(TenantRecord {
                     id,
@@ -579,11 +522,7 @@ impl Queries for PgQueries {
         })
     }
 
-    fn scan(
-        &self,
-        accounts: &mut dyn FnMut(Account),
-        entries: &mut dyn FnMut(Entry),
-    ) -> Result<()> {
+    fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry)) -> Result<()> {
         self.with(|c| {
             // REPEATABLE READ: accounts and transfers from one snapshot, read in portions.
             let mut tx = c
@@ -592,9 +531,7 @@ impl Queries for PgQueries {
                 .read_only(true)
                 .start()
                 .map_err(unavailable)?;
-            let stmt = tx
-                .prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))
-                .map_err(unavailable)?;
+            let stmt = tx.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts")).map_err(unavailable)?;
             let portal = tx.bind(&stmt, &[]).map_err(unavailable)?;
             loop {
                 let rows = tx.query_portal(&portal, 10_000).map_err(unavailable)?;
@@ -606,9 +543,7 @@ impl Queries for PgQueries {
                 }
             }
             let stmt = tx
-                .prepare(&format!(
-                    "SELECT {ENTRY_COLUMNS} FROM transfers ORDER BY timestamp"
-                ))
+                .prepare(&format!("SELECT {ENTRY_COLUMNS} FROM transfers ORDER BY timestamp"))
                 .map_err(unavailable)?;
             let portal = tx.bind(&stmt, &[]).map_err(unavailable)?;
             loop {

@@ -54,11 +54,7 @@ impl EntryRow {
                 metadata: t.metadata.clone(),
                 state: t.state as i16,
             },
-            Entry::Failed {
-                event,
-                result,
-                timestamp,
-            } => {
+            Entry::Failed { event, result, timestamp } => {
                 let mut row = EntryRow {
                     timestamp: i64_of(*timestamp),
                     tenant_id: event.key.tenant.0,
@@ -78,22 +74,13 @@ impl EntryRow {
                     state: PendingState::Final as i16,
                 };
                 match event.kind {
-                    EventKind::Posted {
-                        debit,
-                        credit,
-                        amount,
-                    } => {
+                    EventKind::Posted { debit, credit, amount } => {
                         row.kind = TransferKind::Posted as i16;
                         row.debit_account_id = Some(debit.0);
                         row.credit_account_id = Some(credit.0);
                         row.amount = Some(i64_of(amount));
                     }
-                    EventKind::Pending {
-                        debit,
-                        credit,
-                        amount,
-                        timeout_seconds,
-                    } => {
+                    EventKind::Pending { debit, credit, amount, timeout_seconds } => {
                         row.kind = TransferKind::Pending as i16;
                         row.debit_account_id = Some(debit.0);
                         row.credit_account_id = Some(credit.0);
@@ -120,19 +107,12 @@ impl EntryRow {
             .ok()
             .and_then(TransferKind::from_u8)
             .ok_or_else(|| format!("unknown transfer kind {}", self.kind))?;
-        let key = TransferKey {
-            tenant: TenantId(self.tenant_id),
-            id: TransferId(self.id),
-        };
-        let code =
-            u16::try_from(self.code).map_err(|_| format!("code {} out of range", self.code))?;
+        let key = TransferKey { tenant: TenantId(self.tenant_id), id: TransferId(self.id) };
+        let code = u16::try_from(self.code).map_err(|_| format!("code {} out of range", self.code))?;
         let timestamp = u64_of(self.timestamp, "timestamp")?;
-        let need = |v: Option<u128>, what: &str| {
-            v.ok_or_else(|| format!("transfer {:032x}: {what} missing", self.id))
-        };
+        let need = |v: Option<u128>, what: &str| v.ok_or_else(|| format!("transfer {:032x}: {what} missing", self.id));
         let amount = self.amount.map(|a| u64_of(a, "amount")).transpose()?;
-        let timeout_seconds =
-            u32::try_from(self.timeout_seconds).map_err(|_| "timeout out of range".to_owned())?;
+        let timeout_seconds = u32::try_from(self.timeout_seconds).map_err(|_| "timeout out of range".to_owned())?;
         if self.result != 0 {
             let result = u16::try_from(self.result)
                 .ok()
@@ -150,26 +130,15 @@ impl EntryRow {
                     amount: amount.ok_or("amount missing")?,
                     timeout_seconds,
                 },
-                TransferKind::PostPending => EventKind::PostPending {
-                    pending_id: TransferId(need(self.pending_id, "pending id")?),
-                    amount,
-                },
-                TransferKind::VoidPending => EventKind::VoidPending {
-                    pending_id: TransferId(need(self.pending_id, "pending id")?),
-                },
+                TransferKind::PostPending => {
+                    EventKind::PostPending { pending_id: TransferId(need(self.pending_id, "pending id")?), amount }
+                }
+                TransferKind::VoidPending => {
+                    EventKind::VoidPending { pending_id: TransferId(need(self.pending_id, "pending id")?) }
+                }
             };
-            let event = TransferEvent {
-                key,
-                kind: event_kind,
-                code,
-                metadata: self.metadata,
-                linked: false,
-            };
-            return Ok(Entry::Failed {
-                event,
-                result,
-                timestamp,
-            });
+            let event = TransferEvent { key, kind: event_kind, code, metadata: self.metadata, linked: false };
+            return Ok(Entry::Failed { event, result, timestamp });
         }
         let currency = self.currency.as_deref().ok_or("currency missing")?;
         let state = u8::try_from(self.state)
@@ -181,16 +150,12 @@ impl EntryRow {
             debit_account_id: AccountId(need(self.debit_account_id, "debit")?),
             credit_account_id: AccountId(need(self.credit_account_id, "credit")?),
             amount: amount.ok_or("amount missing")?,
-            currency: Currency::parse(currency)
-                .map_err(|e| format!("currency {currency:?} {e}"))?,
+            currency: Currency::parse(currency).map_err(|e| format!("currency {currency:?} {e}"))?,
             kind,
             pending_id: self.pending_id.map(TransferId),
             amount_defaulted: self.amount_defaulted,
             timeout_seconds,
-            expires_at: self
-                .expires_at
-                .map(|v| u64_of(v, "expires_at"))
-                .transpose()?,
+            expires_at: self.expires_at.map(|v| u64_of(v, "expires_at")).transpose()?,
             code,
             metadata: self.metadata,
             timestamp,
@@ -236,16 +201,10 @@ impl AccountRow {
 
     pub fn into_account(self) -> Result<Account, String> {
         Ok(Account {
-            key: AccountKey {
-                tenant: TenantId(self.tenant_id),
-                id: AccountId(self.id),
-            },
-            currency: Currency::parse(&self.currency)
-                .map_err(|e| format!("currency {:?} {e}", self.currency))?,
+            key: AccountKey { tenant: TenantId(self.tenant_id), id: AccountId(self.id) },
+            currency: Currency::parse(&self.currency).map_err(|e| format!("currency {:?} {e}", self.currency))?,
             code: u16::try_from(self.code).map_err(|_| "account code out of range".to_owned())?,
-            flags: AccountFlags(
-                u16::try_from(self.flags).map_err(|_| "account flags out of range".to_owned())?,
-            ),
+            flags: AccountFlags(u16::try_from(self.flags).map_err(|_| "account flags out of range".to_owned())?),
             credit_limit: u64_of(self.credit_limit, "credit_limit")?,
             metadata: self.metadata,
             timestamp: u64_of(self.timestamp, "timestamp")?,
@@ -262,8 +221,6 @@ pub fn uuid_bytes(v: u128) -> [u8; 16] {
 }
 
 pub fn u128_of(bytes: &[u8]) -> Result<u128, String> {
-    let array: [u8; 16] = bytes
-        .try_into()
-        .map_err(|_| format!("id of {} bytes, expected 16", bytes.len()))?;
+    let array: [u8; 16] = bytes.try_into().map_err(|_| format!("id of {} bytes, expected 16", bytes.len()))?;
     Ok(u128::from_be_bytes(array))
 }

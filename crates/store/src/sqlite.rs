@@ -23,12 +23,10 @@ const CACHE_KIB: i64 = 64 * 1024;
 /// Reader connections kept open for reuse.
 const READERS_MAX: usize = 8;
 
-const ENTRY_COLUMNS: &str =
-    "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
+const ENTRY_COLUMNS: &str = "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
      currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state";
 
-const ACCOUNT_COLUMNS: &str =
-    "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
+const ACCOUNT_COLUMNS: &str = "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
      debits_posted, credits_posted, debits_pending, credits_pending";
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -42,25 +40,18 @@ fn corrupt(e: String) -> StoreError {
 fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(unavailable)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .map_err(unavailable)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(unavailable)?;
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -{CACHE_KIB}; \
          PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
     ))
     .map_err(unavailable)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .map_err(unavailable)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(unavailable)?;
     if mode != "wal" {
-        return Err(StoreError::Unavailable(format!(
-            "sqlite refused WAL mode (got {mode})"
-        )));
+        return Err(StoreError::Unavailable(format!("sqlite refused WAL mode (got {mode})")));
     }
     Ok(conn)
 }
@@ -72,15 +63,9 @@ fn apply_migrations(conn: &mut Connection, migrations: &[Migration]) -> Result<V
     .map_err(unavailable)?;
     let mut applied = Vec::new();
     for m in migrations {
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(unavailable)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
         let done: Option<u32> = tx
-            .query_row(
-                "SELECT version FROM schema_migrations WHERE version = ?1",
-                [m.version],
-                |r| r.get(0),
-            )
+            .query_row("SELECT version FROM schema_migrations WHERE version = ?1", [m.version], |r| r.get(0))
             .optional()
             .map_err(unavailable)?;
         if done.is_none() {
@@ -98,12 +83,8 @@ fn apply_migrations(conn: &mut Connection, migrations: &[Migration]) -> Result<V
 }
 
 fn db_path(dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        StoreError::Unavailable(format!(
-            "cannot create data directory {}: {e}",
-            dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::Unavailable(format!("cannot create data directory {}: {e}", dir.display())))?;
     Ok(dir.join(DB_FILE))
 }
 
@@ -112,22 +93,46 @@ pub(crate) fn migrate_only(dir: &Path) -> Result<Vec<u32>> {
     apply_migrations(&mut conn, SQLITE)
 }
 
+pub(crate) fn open_queries(dir: &Path) -> Result<Arc<dyn Queries>> {
+    let path = dir.join(DB_FILE);
+    if !path.exists() {
+        return Err(StoreError::Unavailable(format!("no rtpay data in {}", dir.display())));
+    }
+    Ok(Arc::new(SqliteQueries { path, pool: Mutex::new(Vec::new()) }))
+}
+
+/// Takes the data directory's lock: one writer process per directory, or the in-memory account
+/// state of one would silently go stale under the other's writes.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "another rtpay process is using {}; one process per data directory",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Unavailable(format!("cannot lock {}: {e}", path.display())))
+        }
+    }
+}
+
 pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
     let path = db_path(dir)?;
+    let lock = lock_dir(dir)?;
     let mut conn = connect(&path)?;
     apply_migrations(&mut conn, SQLITE)?;
-    let last_timestamp: i64 = conn
-        .query_row(
-            "SELECT last_timestamp FROM ledger_meta WHERE id = 1",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(unavailable)?;
+    let last_timestamp: i64 =
+        conn.query_row("SELECT last_timestamp FROM ledger_meta WHERE id = 1", [], |r| r.get(0)).map_err(unavailable)?;
     let mut accounts = HashMap::new();
     {
-        let mut stmt = conn
-            .prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))
-            .map_err(unavailable)?;
+        let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts")).map_err(unavailable)?;
         let mut rows = stmt.query([]).map_err(unavailable)?;
         while let Some(row) = rows.next().map_err(unavailable)? {
             let account = account_row(row)?.into_account().map_err(corrupt)?;
@@ -137,15 +142,11 @@ pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
     let writer = SqliteWriter {
         conn,
         accounts,
-        clock: Clock {
-            last: u64::try_from(last_timestamp).map_err(|_| corrupt("negative clock".into()))?,
-        },
+        clock: Clock { last: u64::try_from(last_timestamp).map_err(|_| corrupt("negative clock".into()))? },
         in_tx: false,
+        _lock: lock,
     };
-    let queries = SqliteQueries {
-        path,
-        pool: Mutex::new(Vec::new()),
-    };
+    let queries = SqliteQueries { path, pool: Mutex::new(Vec::new()) };
     Ok((Box::new(writer), Arc::new(queries)))
 }
 
@@ -205,14 +206,14 @@ struct SqliteWriter {
     accounts: HashMap<AccountKey, Account>,
     clock: Clock,
     in_tx: bool,
+    /// Held for the writer's life; released when the process ends, however it ends.
+    _lock: std::fs::File,
 }
 
 impl Writer for SqliteWriter {
     fn begin(&mut self) -> Result<Clock> {
         assert!(!self.in_tx, "one batch at a time");
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(unavailable)?;
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
         self.in_tx = true;
         Ok(self.clock)
     }
@@ -220,14 +221,10 @@ impl Writer for SqliteWriter {
     fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
         let mut stmt = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = ?1 AND id = ?2"
-            ))
+            .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = ?1 AND id = ?2"))
             .map_err(unavailable)?;
         for key in keys {
-            let mut rows = stmt
-                .query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)])
-                .map_err(unavailable)?;
+            let mut rows = stmt.query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)]).map_err(unavailable)?;
             if let Some(row) = rows.next().map_err(unavailable)? {
                 let entry = entry_row(row)?.into_entry().map_err(corrupt)?;
                 into.transfers.insert(*key, entry);
@@ -254,9 +251,7 @@ impl Writer for SqliteWriter {
                 "SELECT tenant_id, id FROM transfers WHERE state = 1 AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
             )
             .map_err(unavailable)?;
-        let mut rows = stmt
-            .query(params![now as i64, limit as i64])
-            .map_err(unavailable)?;
+        let mut rows = stmt.query(params![now as i64, limit as i64]).map_err(unavailable)?;
         let mut keys = Vec::new();
         while let Some(row) = rows.next().map_err(unavailable)? {
             let tenant: Vec<u8> = row.get(0).map_err(unavailable)?;
@@ -298,9 +293,7 @@ trait MaxOf {
 
 impl MaxOf for Clock {
     fn max_of(self, other: Clock) -> Clock {
-        Clock {
-            last: self.last.max(other.last),
-        }
+        Clock { last: self.last.max(other.last) }
     }
 }
 
@@ -352,11 +345,7 @@ impl SqliteWriter {
             }
             for (key, state) in &change.pending_updates {
                 let n = update_state
-                    .execute(params![
-                        uuid_bytes(key.tenant.0),
-                        uuid_bytes(key.id.0),
-                        *state as i16
-                    ])
+                    .execute(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0), *state as i16])
                     .map_err(unavailable)?;
                 assert_eq!(n, 1, "a pending update names a stored transfer");
             }
@@ -382,10 +371,7 @@ impl SqliteWriter {
             last = last.max_of(change.clock);
         }
         self.conn
-            .execute(
-                "UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1",
-                [last.last as i64],
-            )
+            .execute("UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1", [last.last as i64])
             .map_err(unavailable)?;
         Ok(())
     }
@@ -414,9 +400,7 @@ impl SqliteQueries {
 
 fn map_conflict(e: rusqlite::Error, what: &str) -> StoreError {
     match e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
             StoreError::Conflict(what.to_owned())
         }
         e => unavailable(e),
@@ -427,13 +411,9 @@ impl Queries for SqliteQueries {
     fn account(&self, key: AccountKey) -> Result<Option<Account>> {
         self.with(|c| {
             let mut stmt = c
-                .prepare_cached(&format!(
-                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = ?1 AND id = ?2"
-                ))
+                .prepare_cached(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = ?1 AND id = ?2"))
                 .map_err(unavailable)?;
-            let mut rows = stmt
-                .query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)])
-                .map_err(unavailable)?;
+            let mut rows = stmt.query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)]).map_err(unavailable)?;
             match rows.next().map_err(unavailable)? {
                 Some(row) => Ok(Some(account_row(row)?.into_account().map_err(corrupt)?)),
                 None => Ok(None),
@@ -444,13 +424,9 @@ impl Queries for SqliteQueries {
     fn entry(&self, key: TransferKey) -> Result<Option<Entry>> {
         self.with(|c| {
             let mut stmt = c
-                .prepare_cached(&format!(
-                    "SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = ?1 AND id = ?2"
-                ))
+                .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = ?1 AND id = ?2"))
                 .map_err(unavailable)?;
-            let mut rows = stmt
-                .query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)])
-                .map_err(unavailable)?;
+            let mut rows = stmt.query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)]).map_err(unavailable)?;
             match rows.next().map_err(unavailable)? {
                 Some(row) => Ok(Some(entry_row(row)?.into_entry().map_err(corrupt)?)),
                 None => Ok(None),
@@ -460,9 +436,7 @@ impl Queries for SqliteQueries {
 
     fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>> {
         let limit = page.limit.min(PAGE_LEN_MAX) as i64;
-        let before = page
-            .before
-            .map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        let before = page.before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
         self.with(|c| {
             // Two index range scans (as debit, as credit), each newest first, merged.
             let sql = format!(
@@ -487,12 +461,7 @@ impl Queries for SqliteQueries {
         })
     }
 
-    fn create_tenant(
-        &self,
-        tenant: &TenantRecord,
-        key: &ApiKeyRecord,
-        secret_hash: &[u8; 32],
-    ) -> Result<()> {
+    fn create_tenant(&self, tenant: &TenantRecord, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
             tx.execute(
@@ -511,17 +480,9 @@ impl Queries for SqliteQueries {
 
     fn tenant(&self, id: u128) -> Result<Option<TenantRecord>> {
         self.with(|c| {
-            c.query_row(
-                "SELECT name, created_at FROM tenants WHERE id = ?1",
-                [uuid_bytes(id)],
-                |r| {
-                    Ok(TenantRecord {
-                        id,
-                        name: r.get(0)?,
-                        created_at: r.get::<_, i64>(1)? as u64,
-                    })
-                },
-            )
+            c.query_row("SELECT name, created_at FROM tenants WHERE id = ?1", [uuid_bytes(id)], |r| {
+                Ok(TenantRecord { id, name: r.get(0)?, created_at: r.get::<_, i64>(1)? as u64 })
+            })
             .optional()
             .map_err(unavailable)
         })
@@ -579,26 +540,18 @@ impl Queries for SqliteQueries {
         })
     }
 
-    fn scan(
-        &self,
-        accounts: &mut dyn FnMut(Account),
-        entries: &mut dyn FnMut(Entry),
-    ) -> Result<()> {
+    fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry)) -> Result<()> {
         self.with(|c| {
             // One read transaction: accounts and transfers from the same snapshot.
             let tx = c.transaction().map_err(unavailable)?;
             {
-                let mut stmt = tx
-                    .prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts"))
-                    .map_err(unavailable)?;
+                let mut stmt = tx.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts")).map_err(unavailable)?;
                 let mut rows = stmt.query([]).map_err(unavailable)?;
                 while let Some(row) = rows.next().map_err(unavailable)? {
                     accounts(account_row(row)?.into_account().map_err(corrupt)?);
                 }
                 let mut stmt = tx
-                    .prepare(&format!(
-                        "SELECT {ENTRY_COLUMNS} FROM transfers ORDER BY timestamp"
-                    ))
+                    .prepare(&format!("SELECT {ENTRY_COLUMNS} FROM transfers ORDER BY timestamp"))
                     .map_err(unavailable)?;
                 let mut rows = stmt.query([]).map_err(unavailable)?;
                 while let Some(row) = rows.next().map_err(unavailable)? {

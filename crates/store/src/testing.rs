@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The server the tests use: `RTPAY_TEST_POSTGRES_URL`, or the local default that `scripts/test`
 /// provides. It must name a database the user may connect to and create databases from.
 pub fn admin_url() -> String {
-    std::env::var("RTPAY_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("RTPAY_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// Creates an empty database with a unique name and returns its URL. Panics, with the reason, if
@@ -23,9 +22,7 @@ pub fn fresh_postgres_database() -> String {
     let mut client = ::postgres::Client::connect(&admin, ::postgres::NoTls).unwrap_or_else(|e| {
         panic!("PostgreSQL is required for this test and is not reachable at {admin}: {e}. Run scripts/test, which installs and starts it.")
     });
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .expect("create test database");
+    client.batch_execute(&format!("CREATE DATABASE {name}")).expect("create test database");
     let mut config: ::postgres::Config = admin.parse().expect("admin URL parses");
     config.dbname(&name);
     // Rebuild a URL from the parts tests need: user, host, port, database.

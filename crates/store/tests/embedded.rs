@@ -3,11 +3,7 @@
 use store::Location;
 
 fn fresh() -> Location {
-    let dir = std::env::temp_dir().join(format!(
-        "rtpay-store-test-{}-{}",
-        std::process::id(),
-        store::now_nanos()
-    ));
+    let dir = std::env::temp_dir().join(format!("rtpay-store-test-{}-{}", std::process::id(), store::now_nanos()));
     Location::Embedded(dir)
 }
 

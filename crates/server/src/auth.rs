@@ -1,0 +1,233 @@
+//! Who is calling: the operator (one bootstrap token) or a tenant (API keys).
+//!
+//! Secrets are 256 random bits, shown once, and stored only as HMAC-SHA256 under the server's
+//! hash key, so a copy of the database does not yield usable keys. Comparisons of hashes are
+//! constant-time. No secret is ever logged or echoed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::problem::Problem;
+use crate::AppState;
+
+/// How long a verified API key is trusted without asking storage again. Bounds how long a key
+/// revoked on another node keeps working; a revocation on this node takes effect at once.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Verified keys remembered at most; the cache is cleared when full.
+pub const KEY_CACHE_LEN_MAX: usize = 100_000;
+
+pub const TENANT_SECRET_PREFIX: &str = "rtpay_sk_";
+pub const OPERATOR_SECRET_PREFIX: &str = "rtpay_op_";
+
+/// 32 bytes from the operating system's CSPRNG.
+pub fn random_32() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).expect("the OS random source works");
+    bytes
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// A new secret: prefix + 64 hex digits (256 bits).
+pub fn new_secret(prefix: &str) -> String {
+    format!("{prefix}{}", hex(&random_32()))
+}
+
+/// A random (version 4) UUID.
+pub fn new_uuid() -> uuid::Uuid {
+    let bytes = random_32();
+    uuid::Builder::from_random_bytes(bytes[..16].try_into().expect("16 bytes")).into_uuid()
+}
+
+/// The server's keys. `Debug` shows nothing.
+pub struct Keys {
+    hash_key: [u8; 32],
+    operator_hash: [u8; 32],
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+impl Keys {
+    pub fn new(hash_key: [u8; 32], operator_token: &str) -> Keys {
+        let operator_hash = keyed_hash(&hash_key, b"operator", operator_token.as_bytes());
+        Keys { hash_key, operator_hash }
+    }
+
+    pub fn secret_hash(&self, secret: &str) -> [u8; 32] {
+        keyed_hash(&self.hash_key, b"api-key", secret.as_bytes())
+    }
+
+    pub fn is_operator(&self, token: &str) -> bool {
+        constant_time_eq(&keyed_hash(&self.hash_key, b"operator", token.as_bytes()), &self.operator_hash)
+    }
+
+    /// A stable id derived from a client's `Idempotency-Key`, so a repeated creation names the
+    /// same resource.
+    pub fn derived_id(&self, purpose: &[u8], tenant: u128, idempotency_key: &str) -> uuid::Uuid {
+        let mut input = tenant.to_be_bytes().to_vec();
+        input.extend_from_slice(idempotency_key.as_bytes());
+        let digest = keyed_hash(&self.hash_key, purpose, &input);
+        uuid::Builder::from_custom_bytes(digest[..16].try_into().expect("16 bytes")).into_uuid()
+    }
+}
+
+fn keyed_hash(key: &[u8; 32], purpose: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(purpose);
+    mac.update(b"\0");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Verified keys: secret hash → (tenant, key id, when verified).
+#[derive(Default)]
+pub struct KeyCache {
+    entries: Mutex<HashMap<[u8; 32], (u128, u128, Instant)>>,
+}
+
+impl KeyCache {
+    fn get(&self, hash: &[u8; 32]) -> Option<(u128, u128)> {
+        let entries = self.entries.lock().expect("key cache lock");
+        entries.get(hash).filter(|(_, _, at)| at.elapsed() < KEY_CACHE_TTL).map(|(t, k, _)| (*t, *k))
+    }
+
+    fn put(&self, hash: [u8; 32], tenant: u128, key: u128) {
+        let mut entries = self.entries.lock().expect("key cache lock");
+        if entries.len() >= KEY_CACHE_LEN_MAX {
+            entries.clear();
+        }
+        entries.insert(hash, (tenant, key, Instant::now()));
+    }
+
+    pub fn forget_key(&self, key_id: u128) {
+        self.entries.lock().expect("key cache lock").retain(|_, (_, k, _)| *k != key_id);
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, Problem> {
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| Problem::unauthorized("missing Authorization header; use `Authorization: Bearer <secret>`"))?;
+    let value = value.to_str().map_err(|_| Problem::unauthorized("the Authorization header is not ASCII"))?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(|| Problem::unauthorized("expected `Bearer <secret>`"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(Problem::unauthorized("expected `Bearer <secret>`"));
+    }
+    Ok(token.trim())
+}
+
+/// The platform operator.
+pub struct Operator;
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        let token = bearer(parts)?;
+        if state.keys.is_operator(token) {
+            Ok(Operator)
+        } else {
+            Err(Problem::unauthorized("the operator token is not valid"))
+        }
+    }
+}
+
+/// An authenticated tenant.
+#[derive(Clone, Copy, Debug)]
+pub struct Tenant {
+    pub id: u128,
+    pub key_id: u128,
+}
+
+impl Tenant {
+    pub fn ledger_id(&self) -> ledger::TenantId {
+        ledger::TenantId(self.id)
+    }
+}
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        let token = bearer(parts)?;
+        if !token.starts_with(TENANT_SECRET_PREFIX) {
+            return Err(Problem::unauthorized("the API key is not valid"));
+        }
+        let hash = state.keys.secret_hash(token);
+        if let Some((id, key_id)) = state.key_cache.get(&hash) {
+            return Ok(Tenant { id, key_id });
+        }
+        let queries = state.store.queries.clone();
+        let record = tokio::task::spawn_blocking(move || queries.api_key_by_hash(&hash))
+            .await
+            .map_err(|_| Problem::internal())??;
+        match record {
+            Some(key) if key.revoked_at.is_none() => {
+                state.key_cache.put(hash, key.tenant_id, key.id);
+                Ok(Tenant { id: key.tenant_id, key_id: key.id })
+            }
+            Some(_) => Err(Problem::unauthorized("the API key was revoked")),
+            None => Err(Problem::unauthorized("the API key is not valid")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_long_random_and_hash_distinctly() {
+        let a = new_secret(TENANT_SECRET_PREFIX);
+        let b = new_secret(TENANT_SECRET_PREFIX);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), TENANT_SECRET_PREFIX.len() + 64);
+        let keys = Keys::new([7; 32], "op");
+        assert_ne!(keys.secret_hash(&a), keys.secret_hash(&b));
+        assert_eq!(keys.secret_hash(&a), keys.secret_hash(&a));
+        assert!(keys.is_operator("op"));
+        assert!(!keys.is_operator("op "));
+        let other = Keys::new([8; 32], "op");
+        assert_ne!(keys.secret_hash(&a), other.secret_hash(&a), "the hash is keyed");
+        assert!(!format!("{keys:?}").contains("op"));
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let bytes = random_32();
+        assert_eq!(unhex(&hex(&bytes)).unwrap(), bytes);
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex("abc"), None);
+    }
+}

@@ -1,0 +1,559 @@
+//! The JSON shapes of the native API, and their checks. Every check names the field and the rule;
+//! nothing here touches state.
+
+use ledger::*;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::problem::Problem;
+
+/// Parses a UUID field; the nil UUID is refused since it cannot identify anything.
+pub fn parse_id(field: &str, value: &str) -> Result<u128, Problem> {
+    let id = uuid::Uuid::try_parse(value).map_err(|_| {
+        Problem::invalid(
+            field,
+            "invalid_uuid",
+            format!("`{field}` must be a UUID like 3f0c2e3a-8d5e-4a5b-9a41-2b8f3f2f6c10"),
+        )
+    })?;
+    if id.is_nil() {
+        return Err(Problem::invalid(field, "invalid_uuid", format!("`{field}` must not be the nil UUID")));
+    }
+    Ok(id.as_u128())
+}
+
+pub fn uuid_string(v: u128) -> String {
+    uuid::Uuid::from_u128(v).hyphenated().to_string()
+}
+
+pub fn check_amount(field: &str, amount: u64) -> Result<u64, Problem> {
+    if amount == 0 || amount > AMOUNT_MAX {
+        return Err(Problem::invalid(
+            field,
+            "invalid_amount",
+            format!("`{field}` must be an integer number of minor units in 1..=9223372036854775807"),
+        ));
+    }
+    Ok(amount)
+}
+
+/// Metadata: a JSON object, stored as canonical (key-sorted) JSON text of bounded size.
+pub fn metadata_text(
+    field: &str,
+    value: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<Option<String>, Problem> {
+    let Some(map) = value else { return Ok(None) };
+    let text = serde_json::to_string(&map).expect("JSON values serialize");
+    if text.len() > METADATA_LEN_MAX {
+        return Err(Problem::invalid(
+            field,
+            "metadata_too_long",
+            format!("`{field}` must serialize to at most {METADATA_LEN_MAX} bytes of JSON"),
+        ));
+    }
+    Ok(Some(text))
+}
+
+fn metadata_value(text: &Option<String>) -> Option<serde_json::Value> {
+    text.as_ref().and_then(|t| serde_json::from_str(t).ok())
+}
+
+/// Nanoseconds since the epoch as RFC 3339 UTC, e.g. `2026-11-22T02:01:26.123456789Z`.
+pub fn rfc3339(nanos: u64) -> String {
+    let secs = nanos / 1_000_000_000;
+    let frac = nanos % 1_000_000_000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:09}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+}
+
+#[derive(Deserialize, Serialize, ToSchema, Default, Debug, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct FlagsBody {
+    /// The account's debits may not exceed its credits (plus `credit_limit`): it cannot go negative.
+    #[serde(default)]
+    pub debits_must_not_exceed_credits: bool,
+    /// The account's credits may not exceed its debits (plus `credit_limit`).
+    #[serde(default)]
+    pub credits_must_not_exceed_debits: bool,
+    /// Closed accounts take no new transfers.
+    #[serde(default)]
+    pub closed: bool,
+}
+
+impl FlagsBody {
+    fn bits(&self) -> u16 {
+        let mut bits = 0;
+        if self.debits_must_not_exceed_credits {
+            bits |= AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS;
+        }
+        if self.credits_must_not_exceed_debits {
+            bits |= AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS;
+        }
+        if self.closed {
+            bits |= AccountFlags::CLOSED;
+        }
+        bits
+    }
+
+    fn of(flags: AccountFlags) -> FlagsBody {
+        FlagsBody {
+            debits_must_not_exceed_credits: flags.debits_must_not_exceed_credits(),
+            credits_must_not_exceed_debits: flags.credits_must_not_exceed_debits(),
+            closed: flags.closed(),
+        }
+    }
+}
+
+/// `POST /v1/accounts`.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct AccountBody {
+    /// Client-chosen id; generated when absent (derived from `Idempotency-Key` when given).
+    #[schema(format = Uuid)]
+    pub id: Option<String>,
+    /// ISO 4217 code, e.g. `BRL`.
+    pub currency: String,
+    /// Chart-of-accounts category, 0..=65535.
+    pub code: Option<u16>,
+    pub flags: Option<FlagsBody>,
+    /// Overdraft allowed on the flagged side, in minor units.
+    pub credit_limit: Option<u64>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl AccountBody {
+    pub fn into_new(self, tenant: TenantId, generated_id: impl FnOnce() -> u128) -> Result<NewAccount, Problem> {
+        let id = match &self.id {
+            Some(id) => parse_id("id", id)?,
+            None => generated_id(),
+        };
+        let currency = Currency::parse(&self.currency)
+            .map_err(|e| Problem::invalid("currency", "invalid_currency", format!("`currency` {e}")))?;
+        let flags = self.flags.unwrap_or_default();
+        let credit_limit = self.credit_limit.unwrap_or(0);
+        let new = NewAccount {
+            key: AccountKey { tenant, id: AccountId(id) },
+            currency,
+            code: self.code.unwrap_or(0),
+            flags: AccountFlags(flags.bits()),
+            credit_limit,
+            metadata: metadata_text("metadata", self.metadata)?,
+        };
+        validate_account(&new).map_err(|code| {
+            let (field, detail) = match code {
+                AccountResult::FlagsAreMutuallyExclusive => (
+                    "flags",
+                    "`debits_must_not_exceed_credits` and `credits_must_not_exceed_debits` cannot both be set",
+                ),
+                AccountResult::CreditLimitRequiresBalanceFlag => (
+                    "credit_limit",
+                    "`credit_limit` needs `debits_must_not_exceed_credits` or `credits_must_not_exceed_debits`",
+                ),
+                AccountResult::CreditLimitExceedsMax => {
+                    ("credit_limit", "`credit_limit` must be at most 9223372036854775807")
+                }
+                AccountResult::MetadataTooLong => ("metadata", "`metadata` is too long"),
+                _ => ("id", "`id` is not acceptable"),
+            };
+            Problem::invalid(field, code.as_str(), detail)
+        })?;
+        Ok(new)
+    }
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct BalanceView {
+    pub debits_posted: u64,
+    pub credits_posted: u64,
+    pub debits_pending: u64,
+    pub credits_pending: u64,
+    /// What can be spent now (may be negative for an unconstrained account).
+    #[schema(value_type = i64)]
+    pub available: i128,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct AccountView {
+    #[schema(format = Uuid)]
+    pub id: String,
+    pub currency: String,
+    pub code: u16,
+    pub flags: FlagsBody,
+    pub credit_limit: u64,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+    /// Engine timestamp (ns since the epoch).
+    pub timestamp: u64,
+    pub created_at: String,
+    pub balance: BalanceView,
+}
+
+impl AccountView {
+    pub fn of(a: &Account) -> AccountView {
+        AccountView {
+            id: uuid_string(a.key.id.0),
+            currency: a.currency.as_str().to_owned(),
+            code: a.code,
+            flags: FlagsBody::of(a.flags),
+            credit_limit: a.credit_limit,
+            metadata: metadata_value(&a.metadata),
+            timestamp: a.timestamp,
+            created_at: rfc3339(a.timestamp),
+            balance: BalanceView {
+                debits_posted: a.debits_posted,
+                credits_posted: a.credits_posted,
+                debits_pending: a.debits_pending,
+                credits_pending: a.credits_pending,
+                available: a.available(),
+            },
+        }
+    }
+}
+
+/// `POST /v1/transfers`.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TransferBody {
+    /// The transfer's id, and its idempotency key.
+    #[schema(format = Uuid)]
+    pub id: String,
+    #[schema(format = Uuid)]
+    pub debit_account_id: String,
+    #[schema(format = Uuid)]
+    pub credit_account_id: String,
+    /// Minor units, 1..=2^63−1.
+    pub amount: u64,
+    /// Place a hold instead of moving the money now.
+    pub pending: Option<bool>,
+    /// For a hold: seconds until it expires and is released (0 or absent: never).
+    pub timeout_seconds: Option<u32>,
+    pub code: Option<u16>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `POST /v1/transfers/{pending_id}/post` and `/void`.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    /// The id of the post or void transfer itself (idempotency key).
+    #[schema(format = Uuid)]
+    pub id: String,
+    /// For a post: how much of the hold to move (default: all of it). Not allowed for a void.
+    pub amount: Option<u64>,
+    pub code: Option<u16>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// One item of `POST /v1/transfers/batch`: a transfer (as `POST /v1/transfers`), or a post or
+/// void of a hold (`post_pending_id` / `void_pending_id`).
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    #[schema(format = Uuid)]
+    pub id: String,
+    #[schema(format = Uuid)]
+    pub debit_account_id: Option<String>,
+    #[schema(format = Uuid)]
+    pub credit_account_id: Option<String>,
+    pub amount: Option<u64>,
+    pub pending: Option<bool>,
+    pub timeout_seconds: Option<u32>,
+    #[schema(format = Uuid)]
+    pub post_pending_id: Option<String>,
+    #[schema(format = Uuid)]
+    pub void_pending_id: Option<String>,
+    pub code: Option<u16>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// At most 8,190 items.
+    pub transfers: Vec<BatchItem>,
+    /// All or nothing: if one fails, none applies.
+    pub linked: Option<bool>,
+}
+
+fn field_of(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+fn event_problem(prefix: &str, code: TransferResult) -> Problem {
+    let (field, detail) = match code {
+        TransferResult::AmountMustNotBeZero | TransferResult::AmountExceedsMax => {
+            ("amount", "must be an integer number of minor units in 1..=9223372036854775807")
+        }
+        TransferResult::AccountsMustBeDifferent => ("credit_account_id", "must differ from `debit_account_id`"),
+        TransferResult::PendingIdMustBeDifferent => ("id", "must differ from the pending transfer's id"),
+        TransferResult::TimeoutExceedsMax => ("timeout_seconds", "must be at most 2147483647"),
+        TransferResult::MetadataTooLong => ("metadata", "is too long"),
+        _ => ("id", "is not acceptable"),
+    };
+    let field = field_of(prefix, field);
+    Problem::invalid(field.clone(), code.as_str(), format!("`{field}` {detail}"))
+}
+
+/// Builds and validates a ledger event; `prefix` locates the item in a batch (`transfers[3]`).
+pub struct EventParts<'a> {
+    pub prefix: &'a str,
+    pub tenant: TenantId,
+    pub id: &'a str,
+    pub code: Option<u16>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl EventParts<'_> {
+    pub fn finish(self, kind: EventKind) -> Result<TransferEvent, Problem> {
+        let id = parse_id(&field_of(self.prefix, "id"), self.id)?;
+        let event = TransferEvent {
+            key: TransferKey { tenant: self.tenant, id: TransferId(id) },
+            kind,
+            code: self.code.unwrap_or(0),
+            metadata: metadata_text(&field_of(self.prefix, "metadata"), self.metadata)?,
+            linked: false,
+        };
+        validate_event(&event).map_err(|code| event_problem(self.prefix, code))?;
+        Ok(event)
+    }
+}
+
+pub fn transfer_kind(
+    prefix: &str,
+    debit: &str,
+    credit: &str,
+    amount: u64,
+    pending: bool,
+    timeout_seconds: Option<u32>,
+) -> Result<EventKind, Problem> {
+    let debit = AccountId(parse_id(&field_of(prefix, "debit_account_id"), debit)?);
+    let credit = AccountId(parse_id(&field_of(prefix, "credit_account_id"), credit)?);
+    let amount = check_amount(&field_of(prefix, "amount"), amount)?;
+    if !pending && timeout_seconds.is_some_and(|t| t > 0) {
+        let field = field_of(prefix, "timeout_seconds");
+        return Err(Problem::invalid(
+            field.clone(),
+            "timeout_requires_pending",
+            format!("`{field}` is only allowed with `pending: true`"),
+        ));
+    }
+    Ok(if pending {
+        EventKind::Pending { debit, credit, amount, timeout_seconds: timeout_seconds.unwrap_or(0) }
+    } else {
+        EventKind::Posted { debit, credit, amount }
+    })
+}
+
+impl TransferBody {
+    pub fn into_event(self, tenant: TenantId) -> Result<TransferEvent, Problem> {
+        let kind = transfer_kind(
+            "",
+            &self.debit_account_id,
+            &self.credit_account_id,
+            self.amount,
+            self.pending.unwrap_or(false),
+            self.timeout_seconds,
+        )?;
+        EventParts { prefix: "", tenant, id: &self.id, code: self.code, metadata: self.metadata }.finish(kind)
+    }
+}
+
+impl BatchItem {
+    pub fn into_event(self, index: usize, tenant: TenantId) -> Result<TransferEvent, Problem> {
+        let prefix = format!("transfers[{index}]");
+        let forbid = |present: bool, name: &str, why: &str| -> Result<(), Problem> {
+            if present {
+                let field = field_of(&prefix, name);
+                return Err(Problem::invalid(
+                    field.clone(),
+                    "field_not_allowed",
+                    format!("`{field}` is not allowed {why}"),
+                ));
+            }
+            Ok(())
+        };
+        let require = |value: Option<&String>, name: &str| -> Result<String, Problem> {
+            value.cloned().ok_or_else(|| {
+                let field = field_of(&prefix, name);
+                Problem::invalid(field.clone(), "missing_field", format!("`{field}` is required"))
+            })
+        };
+        let kind = match (&self.post_pending_id, &self.void_pending_id) {
+            (Some(_), Some(_)) => {
+                forbid(true, "void_pending_id", "together with `post_pending_id`")?;
+                unreachable!()
+            }
+            (Some(pending), None) | (None, Some(pending)) => {
+                let post = self.post_pending_id.is_some();
+                let why = "when posting or voiding a hold";
+                forbid(self.debit_account_id.is_some(), "debit_account_id", why)?;
+                forbid(self.credit_account_id.is_some(), "credit_account_id", why)?;
+                forbid(self.pending.is_some(), "pending", why)?;
+                forbid(self.timeout_seconds.is_some(), "timeout_seconds", why)?;
+                let name = if post { "post_pending_id" } else { "void_pending_id" };
+                let pending_id = TransferId(parse_id(&field_of(&prefix, name), pending)?);
+                if post {
+                    let amount = self.amount.map(|a| check_amount(&field_of(&prefix, "amount"), a)).transpose()?;
+                    EventKind::PostPending { pending_id, amount }
+                } else {
+                    forbid(self.amount.is_some(), "amount", "when voiding a hold")?;
+                    EventKind::VoidPending { pending_id }
+                }
+            }
+            (None, None) => {
+                let debit = require(self.debit_account_id.as_ref(), "debit_account_id")?;
+                let credit = require(self.credit_account_id.as_ref(), "credit_account_id")?;
+                let amount = self.amount.ok_or_else(|| {
+                    let field = field_of(&prefix, "amount");
+                    Problem::invalid(field.clone(), "missing_field", format!("`{field}` is required"))
+                })?;
+                transfer_kind(&prefix, &debit, &credit, amount, self.pending.unwrap_or(false), self.timeout_seconds)?
+            }
+        };
+        EventParts { prefix: &prefix, tenant, id: &self.id, code: self.code, metadata: self.metadata }.finish(kind)
+    }
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct TransferView {
+    #[schema(format = Uuid)]
+    pub id: String,
+    #[schema(format = Uuid)]
+    pub debit_account_id: String,
+    #[schema(format = Uuid)]
+    pub credit_account_id: String,
+    pub amount: u64,
+    pub currency: String,
+    /// `posted`, `pending`, `post_pending` or `void_pending`.
+    pub kind: &'static str,
+    /// `posted` or `voided` for moves and resolutions; for a hold: `pending`, `posted`, `voided`
+    /// or `expired`.
+    pub status: &'static str,
+    #[schema(format = Uuid)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    pub code: u16,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+    pub timestamp: u64,
+    pub created_at: String,
+}
+
+impl TransferView {
+    pub fn of(t: &Transfer) -> TransferView {
+        let (kind, status) = match (t.kind, t.state) {
+            (TransferKind::Posted, _) => ("posted", "posted"),
+            (TransferKind::PostPending, _) => ("post_pending", "posted"),
+            (TransferKind::VoidPending, _) => ("void_pending", "voided"),
+            (TransferKind::Pending, PendingState::Posted) => ("pending", "posted"),
+            (TransferKind::Pending, PendingState::Voided) => ("pending", "voided"),
+            (TransferKind::Pending, PendingState::Expired) => ("pending", "expired"),
+            (TransferKind::Pending, _) => ("pending", "pending"),
+        };
+        TransferView {
+            id: uuid_string(t.key.id.0),
+            debit_account_id: uuid_string(t.debit_account_id.0),
+            credit_account_id: uuid_string(t.credit_account_id.0),
+            amount: t.amount,
+            currency: t.currency.as_str().to_owned(),
+            kind,
+            status,
+            pending_id: t.pending_id.map(|p| uuid_string(p.0)),
+            timeout_seconds: (t.kind == TransferKind::Pending).then_some(t.timeout_seconds),
+            expires_at: t.expires_at.map(rfc3339),
+            code: t.code,
+            metadata: metadata_value(&t.metadata),
+            timestamp: t.timestamp,
+            created_at: rfc3339(t.timestamp),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct BatchResult {
+    pub index: usize,
+    #[schema(format = Uuid)]
+    pub id: String,
+    /// The ledger result code: `created`, `exists`, or the reason it failed.
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferView>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct BatchView {
+    pub results: Vec<BatchResult>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct TransferPage {
+    pub data: Vec<TransferView>,
+    /// Pass as `cursor` to get the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TenantBody {
+    /// 1..=200 characters.
+    pub name: String,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct ApiKeyView {
+    #[schema(format = Uuid)]
+    pub id: String,
+    /// Shown once; store it now. rtpay keeps only a keyed hash.
+    pub secret: String,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct TenantView {
+    #[schema(format = Uuid)]
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    pub api_key: ApiKeyView,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(951_782_400_000_000_001), "2000-02-29T00:00:00.000000001Z");
+        assert_eq!(rfc3339(1_795_312_886_000_000_000), "2026-11-22T02:01:26.000000000Z");
+    }
+
+    #[test]
+    fn ids_must_be_uuids_and_not_nil() {
+        assert!(parse_id("id", "not-a-uuid").is_err());
+        assert_eq!(parse_id("id", "00000000-0000-0000-0000-000000000000").unwrap_err().code, "invalid_uuid");
+        assert_eq!(parse_id("id", "00000000-0000-0000-0000-000000000001").unwrap(), 1);
+    }
+}

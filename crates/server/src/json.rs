@@ -1,0 +1,181 @@
+//! Request bodies: size-limited, JSON only, unknown fields refused, and every error naming the
+//! field (as a JSON path) and the rule it broke.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::problem::Problem;
+
+/// The largest request body: a full batch of 8,190 transfers with metadata fits comfortably.
+pub const BODY_LEN_MAX: usize = 4 * 1024 * 1024;
+
+/// A JSON request body of type `T`.
+pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Problem> {
+        if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
+            let ok = content_type
+                .to_str()
+                .map(|v| {
+                    let essence = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                    essence == "application/json" || essence.ends_with("+json")
+                })
+                .unwrap_or(false);
+            if !ok {
+                return Err(Problem::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "the body must be JSON (Content-Type: application/json)",
+                ));
+            }
+        }
+        let bytes = read_body(request.into_body()).await?;
+        parse(&bytes).map(Json)
+    }
+}
+
+async fn read_body(body: Body) -> Result<Bytes, Problem> {
+    axum::body::to_bytes(body, BODY_LEN_MAX).await.map_err(|_| {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body exceeds {BODY_LEN_MAX} bytes or could not be read"),
+        )
+    })
+}
+
+/// Parses a JSON body, mapping each error to a problem with the field's path.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    if bytes.is_empty() {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "the body is empty; a JSON object is expected",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let result: Result<T, _> = serde_path_to_error::deserialize(de);
+    match result {
+        Ok(value) => {
+            // Trailing data after the value is malformed too.
+            let mut rest = serde_json::Deserializer::from_slice(bytes).into_iter::<serde::de::IgnoredAny>();
+            rest.next();
+            if rest.next().is_some() {
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    "trailing data after the JSON value",
+                ));
+            }
+            Ok(value)
+        }
+        Err(error) => {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            let message = inner.to_string();
+            match inner.classify() {
+                serde_json::error::Category::Data => {
+                    let field = if path == "." { None } else { Some(path) };
+                    let message = strip_position(&message);
+                    let (code, field) = if let Some(name) = unknown_field(&message) {
+                        let field = match field {
+                            Some(parent) => format!("{parent}.{name}"),
+                            None => name,
+                        };
+                        ("unknown_field", Some(field))
+                    } else if message.starts_with("missing field") {
+                        let name = message.split('`').nth(1).unwrap_or("").to_owned();
+                        let field = match field {
+                            Some(parent) => format!("{parent}.{name}"),
+                            None => name,
+                        };
+                        ("missing_field", Some(field))
+                    } else {
+                        ("invalid_field", field)
+                    };
+                    let mut p = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
+                    p.field = field;
+                    Err(p)
+                }
+                _ => Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("the body is not valid JSON: {}", strip_position(&message)),
+                )),
+            }
+        }
+    }
+}
+
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()).map(str::to_owned)
+}
+
+/// A JSON response with a status.
+pub fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    let body = serde_json::to_vec(value).expect("responses serialize");
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        amount: u64,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        items: Vec<Inner>,
+    }
+
+    fn problem(body: &[u8]) -> Problem {
+        parse::<Outer>(body).unwrap_err()
+    }
+
+    #[test]
+    fn each_error_names_the_field_and_rule() {
+        let cases: &[(&[u8], u16, &str, Option<&str>)] = &[
+            (b"", 400, "malformed_json", None),
+            (b"{", 400, "malformed_json", None),
+            (b"{\"items\": []} x", 400, "malformed_json", None),
+            (b"{\"items\": [{\"amount\": \"\xff\"}]}", 400, "malformed_json", None),
+            (b"{\"items\": [{\"amount\": -1}]}", 422, "invalid_field", Some("items[0].amount")),
+            (b"{\"items\": [{\"amount\": 1.5}]}", 422, "invalid_field", Some("items[0].amount")),
+            (b"{\"items\": [{\"amount\": 1}, {\"amount\": 1, \"x\": 2}]}", 422, "unknown_field", Some("items[1].x")),
+            (b"{\"items\": [{}]}", 422, "missing_field", Some("items[0].amount")),
+            (b"{}", 422, "missing_field", Some("items")),
+            (b"[]", 422, "invalid_field", None),
+        ];
+        for (body, status, code, field) in cases {
+            let p = problem(body);
+            assert_eq!(
+                (p.status, p.code.as_str(), p.field.as_deref()),
+                (*status, *code, *field),
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                p.detail
+            );
+        }
+    }
+}

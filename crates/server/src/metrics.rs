@@ -1,0 +1,144 @@
+//! Prometheus metrics, rendered by hand in the text exposition format: per-route request counts
+//! and latency histograms, plus the writer's batch and commit figures.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+use store::engine_buckets::{BATCH_BUCKETS, COMMIT_BUCKETS_US};
+use store::EngineStats;
+
+/// Latency bucket upper bounds, in microseconds.
+const LATENCY_BUCKETS_US: [u64; 12] =
+    [250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000];
+
+#[derive(Default, Clone)]
+struct RouteStats {
+    count: u64,
+    sum_us: u64,
+    buckets: [u64; 13],
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<(String, String, u16), RouteStats>>,
+}
+
+impl Metrics {
+    pub fn observe(&self, method: &str, route: &str, status: u16, micros: u64) {
+        let mut routes = self.routes.lock().expect("metrics lock");
+        let stats = routes.entry((method.to_owned(), route.to_owned(), status)).or_default();
+        stats.count += 1;
+        stats.sum_us += micros;
+        let i = LATENCY_BUCKETS_US.iter().position(|b| micros <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
+        stats.buckets[i] += 1;
+    }
+
+    pub fn render(&self, engine: &EngineStats) -> String {
+        let mut out = String::with_capacity(8192);
+        out.push_str("# HELP rtpay_http_requests_total HTTP requests by method, route and status.\n");
+        out.push_str("# TYPE rtpay_http_requests_total counter\n");
+        let routes = self.routes.lock().expect("metrics lock").clone();
+        for ((method, route, status), s) in &routes {
+            let _ = writeln!(
+                out,
+                "rtpay_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
+                s.count
+            );
+        }
+        out.push_str("# HELP rtpay_http_request_duration_seconds HTTP request latency.\n");
+        out.push_str("# TYPE rtpay_http_request_duration_seconds histogram\n");
+        let mut by_route: BTreeMap<(String, String), RouteStats> = BTreeMap::new();
+        for ((method, route, _), s) in &routes {
+            let total = by_route.entry((method.clone(), route.clone())).or_default();
+            total.count += s.count;
+            total.sum_us += s.sum_us;
+            for (t, b) in total.buckets.iter_mut().zip(s.buckets) {
+                *t += b;
+            }
+        }
+        for ((method, route), s) in &by_route {
+            let labels = format!("method=\"{method}\",route=\"{route}\"");
+            histogram(
+                &mut out,
+                "rtpay_http_request_duration_seconds",
+                &labels,
+                &LATENCY_BUCKETS_US,
+                &s.buckets,
+                s.sum_us,
+                1e-6,
+            );
+        }
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
+        };
+        counter(
+            &mut out,
+            "rtpay_ledger_batches_total",
+            "Batches committed by the writer.",
+            engine.batches.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "rtpay_ledger_events_total",
+            "Ledger events (accounts and transfers) committed.",
+            engine.events.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "rtpay_ledger_commit_failures_total",
+            "Batches whose commit failed (nothing acknowledged).",
+            engine.commit_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "rtpay_ledger_holds_expired_total",
+            "Pending transfers released by timeout.",
+            engine.expired.load(Ordering::Relaxed),
+        );
+        let _ = write!(
+            out,
+            "# HELP rtpay_ledger_queue_depth Requests waiting for the writer.\n# TYPE rtpay_ledger_queue_depth gauge\nrtpay_ledger_queue_depth {}\n",
+            engine.queue_depth.load(Ordering::Relaxed)
+        );
+        let load =
+            |a: &[std::sync::atomic::AtomicU64]| a.iter().map(|b| b.load(Ordering::Relaxed)).collect::<Vec<u64>>();
+        out.push_str("# HELP rtpay_ledger_commit_duration_seconds Time to apply and commit one batch.\n# TYPE rtpay_ledger_commit_duration_seconds histogram\n");
+        histogram(
+            &mut out,
+            "rtpay_ledger_commit_duration_seconds",
+            "",
+            &COMMIT_BUCKETS_US,
+            &load(&engine.commit_us_buckets),
+            engine.commit_us_sum.load(Ordering::Relaxed),
+            1e-6,
+        );
+        out.push_str("# HELP rtpay_ledger_batch_events Events per committed batch.\n# TYPE rtpay_ledger_batch_events histogram\n");
+        let batch = load(&engine.batch_len_buckets);
+        histogram(
+            &mut out,
+            "rtpay_ledger_batch_events",
+            "",
+            &BATCH_BUCKETS,
+            &batch,
+            engine.events.load(Ordering::Relaxed),
+            1.0,
+        );
+        out
+    }
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, bounds: &[u64], buckets: &[u64], sum: u64, scale: f64) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0;
+    for (bound, count) in bounds.iter().zip(buckets) {
+        cumulative += count;
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}", *bound as f64 * scale);
+    }
+    cumulative += buckets.get(bounds.len()).copied().unwrap_or(0);
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+    let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+    let _ = writeln!(out, "{name}_sum{braces} {}", sum as f64 * scale);
+    let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+}

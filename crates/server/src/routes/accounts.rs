@@ -1,0 +1,112 @@
+//! Accounts: open, read, close, list their transfers.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use ledger::{AccountCommand, AccountId, AccountKey, AccountResult};
+use store::{Command, Reply};
+
+use crate::auth::{new_uuid, Tenant};
+use crate::dto::*;
+use crate::json::{reply, Json};
+use crate::problem::Problem;
+use crate::routes::{cursor_of, page_params, read, submit, tenants::idempotency_key};
+use crate::AppState;
+
+#[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = AccountBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes a creation without `id` safe to retry")),
+    responses((status = 201, body = AccountView), (status = 200, body = AccountView, description = "exists, same fields"),
+        (status = 409, body = Problem), (status = 422, body = Problem), (status = 401, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn create_account(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    headers: HeaderMap,
+    Json(body): Json<AccountBody>,
+) -> Result<Response, Problem> {
+    let key = idempotency_key(&headers)?;
+    let new = body.into_new(tenant.ledger_id(), || match &key {
+        Some(key) => state.keys.derived_id(b"account", tenant.id, key).as_u128(),
+        None => new_uuid().as_u128(),
+    })?;
+    let Reply::Accounts(results) = submit(&state, Command::Accounts(vec![AccountCommand::Create(new)])).await? else {
+        return Err(Problem::internal());
+    };
+    match results.into_iter().next() {
+        Some((AccountResult::Created, Some(a))) => Ok(reply(StatusCode::CREATED, &AccountView::of(&a))),
+        Some((AccountResult::Exists, Some(a))) => Ok(reply(StatusCode::OK, &AccountView::of(&a))),
+        Some((AccountResult::ExistsWithDifferentFields, _)) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "exists_with_different_fields",
+            "an account with this id exists with different fields",
+        )
+        .field("id")),
+        Some((code, _)) => Err(Problem::invalid("id", code.as_str(), format!("the account was refused: {code}"))),
+        None => Err(Problem::internal()),
+    }
+}
+
+fn account_key(tenant: &Tenant, id: &str) -> Result<AccountKey, Problem> {
+    Ok(AccountKey { tenant: tenant.ledger_id(), id: AccountId(parse_id("id", id)?) })
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}", tag = "accounts", params(("id" = String, Path)),
+    responses((status = 200, body = AccountView), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn get_account(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let key = account_key(&tenant, &id)?;
+    match read(&state, move |q| q.account(key)).await? {
+        Some(a) => Ok(reply(StatusCode::OK, &AccountView::of(&a))),
+        None => Err(Problem::not_found("account")),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{id}/close", tag = "accounts", params(("id" = String, Path)),
+    responses((status = 200, body = AccountView), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn close_account(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let key = account_key(&tenant, &id)?;
+    let Reply::Accounts(results) = submit(&state, Command::Accounts(vec![AccountCommand::Close(key)])).await? else {
+        return Err(Problem::internal());
+    };
+    match results.into_iter().next() {
+        Some((AccountResult::Closed | AccountResult::AlreadyClosed, Some(a))) => {
+            Ok(reply(StatusCode::OK, &AccountView::of(&a)))
+        }
+        _ => Err(Problem::not_found("account")),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}/transfers", tag = "accounts",
+    params(("id" = String, Path), ("limit" = Option<usize>, Query, description = "1..=1000, default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page")),
+    responses((status = 200, body = TransferPage), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn list_account_transfers(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Problem> {
+    let key = account_key(&tenant, &id)?;
+    let page = page_params(&params)?;
+    let result = read(&state, move |q| {
+        if q.account(key)?.is_none() {
+            return Ok(None);
+        }
+        q.account_transfers(key, page).map(Some)
+    })
+    .await?;
+    let Some(transfers) = result else { return Err(Problem::not_found("account")) };
+    let next_cursor =
+        (transfers.len() == page.limit).then(|| transfers.last().map(|t| cursor_of(t.timestamp))).flatten();
+    Ok(reply(StatusCode::OK, &TransferPage { data: transfers.iter().map(TransferView::of).collect(), next_cursor }))
+}

@@ -1,0 +1,122 @@
+//! Handlers: thin. Each parses and checks its input (dto), hands the ledger work to the store's
+//! writer, and renders the result. No balance is computed here.
+
+pub mod accounts;
+pub mod ops;
+pub mod tenants;
+pub mod transfers;
+
+use axum::http::StatusCode;
+use ledger::TransferResult;
+use store::{Command, Queries, Reply};
+
+use crate::problem::Problem;
+use crate::AppState;
+
+/// Sends a command to the writer and waits until it is durable.
+pub async fn submit(state: &AppState, command: Command) -> Result<Reply, Problem> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.store.engine.submit(command, Box::new(move |r| drop(tx.send(r))))?;
+    let result = rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?;
+    Ok(result?)
+}
+
+/// Runs a blocking storage read off the async threads.
+pub async fn read<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&dyn Queries) -> store::Result<T> + Send + 'static,
+) -> Result<T, Problem> {
+    let queries = state.store.queries.clone();
+    let result = tokio::task::spawn_blocking(move || f(queries.as_ref())).await.map_err(|_| Problem::internal())?;
+    Ok(result?)
+}
+
+/// The problem for a ledger result that is not `created`/`exists`.
+pub fn ledger_problem(code: TransferResult, prefix: &str) -> Problem {
+    use TransferResult as R;
+    let (status, field, detail) = match code {
+        R::ExistsWithDifferentFields => {
+            (StatusCode::CONFLICT, "id", "a transfer with this id exists with different fields")
+        }
+        R::IdAlreadyFailed => {
+            (StatusCode::CONFLICT, "id", "a different request under this id failed before; ids are never reused")
+        }
+        R::DebitAccountNotFound => (StatusCode::UNPROCESSABLE_ENTITY, "debit_account_id", "no account with this id"),
+        R::CreditAccountNotFound => (StatusCode::UNPROCESSABLE_ENTITY, "credit_account_id", "no account with this id"),
+        R::CurrencyMismatch => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "credit_account_id", "the two accounts hold different currencies")
+        }
+        R::DebitAccountClosed => (StatusCode::UNPROCESSABLE_ENTITY, "debit_account_id", "the debit account is closed"),
+        R::CreditAccountClosed => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "credit_account_id", "the credit account is closed")
+        }
+        R::InsufficientFunds => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "amount",
+            "the debit account's available balance is less than the amount",
+        ),
+        R::ExceedsDebits => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "amount", "the credit account may not be credited beyond its debits")
+        }
+        R::PendingTransferNotFound => (StatusCode::NOT_FOUND, "pending_id", "no pending transfer with this id"),
+        R::PendingTransferNotPending => (StatusCode::CONFLICT, "pending_id", "the transfer is not a hold"),
+        R::PendingTransferAlreadyPosted => (StatusCode::CONFLICT, "pending_id", "the hold was already posted"),
+        R::PendingTransferAlreadyVoided => (StatusCode::CONFLICT, "pending_id", "the hold was already voided"),
+        R::PendingTransferExpired => (StatusCode::CONFLICT, "pending_id", "the hold expired"),
+        R::ExceedsPendingTransferAmount => (StatusCode::UNPROCESSABLE_ENTITY, "amount", "the amount exceeds the hold"),
+        R::LinkedEventFailed => (StatusCode::UNPROCESSABLE_ENTITY, "id", "another transfer of the linked batch failed"),
+        R::OverflowsDebitsPending
+        | R::OverflowsCreditsPending
+        | R::OverflowsDebitsPosted
+        | R::OverflowsCreditsPosted
+        | R::OverflowsDebits
+        | R::OverflowsCredits => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "amount", "an account balance would exceed 2^63-1 minor units")
+        }
+        _ => (StatusCode::UNPROCESSABLE_ENTITY, "id", "the transfer is not acceptable"),
+    };
+    let field = if prefix.is_empty() { field.to_owned() } else { format!("{prefix}.{field}") };
+    Problem::new(status, code.as_str(), detail).field(field)
+}
+
+/// Parses the limit and cursor of a listing.
+pub fn page_params(params: &std::collections::HashMap<String, String>) -> Result<store::Page, Problem> {
+    for name in params.keys() {
+        if name != "limit" && name != "cursor" {
+            return Err(Problem::invalid(
+                name.clone(),
+                "unknown_parameter",
+                format!("unknown query parameter `{name}`; expected `limit` or `cursor`"),
+            ));
+        }
+    }
+    let limit = match params.get("limit") {
+        None => 50,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=store::PAGE_LEN_MAX).contains(&n) => n,
+            _ => {
+                return Err(Problem::invalid(
+                    "limit",
+                    "invalid_limit",
+                    format!("`limit` must be an integer in 1..={}", store::PAGE_LEN_MAX),
+                ))
+            }
+        },
+    };
+    let before = match params.get("cursor") {
+        None => None,
+        Some(v) => Some(
+            crate::auth::unhex(v)
+                .filter(|b| b.len() == 8)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+                .ok_or_else(|| {
+                    Problem::invalid("cursor", "invalid_cursor", "`cursor` must be a value returned as `next_cursor`")
+                })?,
+        ),
+    };
+    Ok(store::Page { before, limit })
+}
+
+pub fn cursor_of(timestamp: u64) -> String {
+    crate::auth::hex(&timestamp.to_be_bytes())
+}

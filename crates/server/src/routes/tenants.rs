@@ -1,0 +1,117 @@
+//! Operator routes: tenants and their API keys.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::{new_secret, new_uuid, Operator, TENANT_SECRET_PREFIX};
+use crate::dto::*;
+use crate::json::{reply, Json};
+use crate::problem::Problem;
+use crate::routes::read;
+use crate::AppState;
+
+pub const TENANT_NAME_LEN_MAX: usize = 200;
+
+#[utoipa::path(post, path = "/v1/tenants", tag = "operator", request_body = TenantBody,
+    responses((status = 201, body = TenantView), (status = 401, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
+    security(("operator" = [])))]
+pub async fn create_tenant(
+    State(state): State<AppState>,
+    _operator: Operator,
+    headers: HeaderMap,
+    Json(body): Json<TenantBody>,
+) -> Result<Response, Problem> {
+    let name = body.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > TENANT_NAME_LEN_MAX || name.chars().any(char::is_control) {
+        return Err(Problem::invalid(
+            "name",
+            "invalid_name",
+            format!("`name` must be 1..={TENANT_NAME_LEN_MAX} printable characters"),
+        ));
+    }
+    let id = match idempotency_key(&headers)? {
+        Some(key) => state.keys.derived_id(b"tenant", 0, &key),
+        None => new_uuid(),
+    };
+    let now = store::now_nanos();
+    let tenant = store::TenantRecord { id: id.as_u128(), name: name.clone(), created_at: now };
+    let secret = new_secret(TENANT_SECRET_PREFIX);
+    let key = store::ApiKeyRecord { id: new_uuid().as_u128(), tenant_id: tenant.id, created_at: now, revoked_at: None };
+    let hash = state.keys.secret_hash(&secret);
+    let record = tenant.clone();
+    let key_record = key.clone();
+    read(&state, move |q| q.create_tenant(&record, &key_record, &hash)).await.map_err(|p| {
+        if p.code == "conflict" {
+            Problem::new(StatusCode::CONFLICT, "exists", "a tenant was already created under this Idempotency-Key; its API key was shown once. Create a new key with POST /v1/tenants/{id}/api-keys")
+        } else {
+            p
+        }
+    })?;
+    tracing::info!(tenant = %uuid_string(tenant.id), "tenant created");
+    Ok(reply(
+        StatusCode::CREATED,
+        &TenantView {
+            id: uuid_string(tenant.id),
+            name,
+            created_at: rfc3339(now),
+            api_key: ApiKeyView { id: uuid_string(key.id), secret },
+        },
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/tenants/{id}/api-keys", tag = "operator",
+    params(("id" = String, Path, description = "tenant id")),
+    responses((status = 201, body = ApiKeyView), (status = 401, body = Problem), (status = 404, body = Problem)),
+    security(("operator" = [])))]
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    _operator: Operator,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let tenant_id = parse_id("id", &id)?;
+    if read(&state, move |q| q.tenant(tenant_id)).await?.is_none() {
+        return Err(Problem::not_found("tenant"));
+    }
+    let secret = new_secret(TENANT_SECRET_PREFIX);
+    let key =
+        store::ApiKeyRecord { id: new_uuid().as_u128(), tenant_id, created_at: store::now_nanos(), revoked_at: None };
+    let hash = state.keys.secret_hash(&secret);
+    let record = key.clone();
+    read(&state, move |q| q.create_api_key(&record, &hash)).await?;
+    Ok(reply(StatusCode::CREATED, &ApiKeyView { id: uuid_string(key.id), secret }))
+}
+
+#[utoipa::path(delete, path = "/v1/tenants/{id}/api-keys/{key_id}", tag = "operator",
+    params(("id" = String, Path, description = "tenant id"), ("key_id" = String, Path, description = "API key id")),
+    responses((status = 204), (status = 401, body = Problem), (status = 404, body = Problem)),
+    security(("operator" = [])))]
+pub async fn revoke_api_key(
+    State(state): State<AppState>,
+    _operator: Operator,
+    Path((id, key_id)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    let tenant_id = parse_id("id", &id)?;
+    let key_id = parse_id("key_id", &key_id)?;
+    let revoked = read(&state, move |q| q.revoke_api_key(tenant_id, key_id, store::now_nanos())).await?;
+    if !revoked {
+        return Err(Problem::not_found("live API key of this tenant"));
+    }
+    state.key_cache.forget_key(key_id);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The `Idempotency-Key` header, if any: 1..=255 visible ASCII characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let text =
+        value.to_str().ok().filter(|v| !v.is_empty() && v.len() <= 255 && v.bytes().all(|b| b.is_ascii_graphic()));
+    match text {
+        Some(v) => Ok(Some(v.to_owned())),
+        None => Err(Problem::invalid(
+            "Idempotency-Key",
+            "invalid_idempotency_key",
+            "`Idempotency-Key` must be 1..=255 visible ASCII characters",
+        )),
+    }
+}

@@ -1,0 +1,151 @@
+//! Transfers: create, batch, post or void a hold, read.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use ledger::{Entry, EventKind, Outcome, TransferEvent, TransferId, TransferKey, TransferResult, BATCH_LEN_MAX};
+use store::{Command, Reply};
+
+use crate::auth::Tenant;
+use crate::dto::*;
+use crate::json::{reply, Json};
+use crate::problem::Problem;
+use crate::routes::{ledger_problem, read, submit};
+use crate::AppState;
+
+async fn apply(state: &AppState, events: Vec<TransferEvent>) -> Result<Vec<Outcome>, Problem> {
+    match submit(state, Command::Transfers(events)).await? {
+        Reply::Transfers(outcomes) => Ok(outcomes),
+        Reply::Accounts(_) => Err(Problem::internal()),
+    }
+}
+
+fn single(outcome: Option<Outcome>) -> Result<Response, Problem> {
+    let outcome = outcome.ok_or_else(Problem::internal)?;
+    match (outcome.result, outcome.transfer) {
+        (TransferResult::Created, Some(t)) => Ok(reply(StatusCode::CREATED, &TransferView::of(&t))),
+        (TransferResult::Exists, Some(t)) => Ok(reply(StatusCode::OK, &TransferView::of(&t))),
+        (code, _) => Err(ledger_problem(code, "")),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/transfers", tag = "transfers", request_body = TransferBody,
+    responses((status = 201, body = TransferView), (status = 200, body = TransferView, description = "exact repeat"),
+        (status = 409, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn create_transfer(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Json(body): Json<TransferBody>,
+) -> Result<Response, Problem> {
+    let event = body.into_event(tenant.ledger_id())?;
+    single(apply(&state, vec![event]).await?.into_iter().next())
+}
+
+async fn resolve(
+    state: AppState,
+    tenant: Tenant,
+    pending_id: String,
+    body: ResolveBody,
+    post: bool,
+) -> Result<Response, Problem> {
+    let pending_id = TransferId(parse_id("pending_id", &pending_id)?);
+    let kind = if post {
+        EventKind::PostPending { pending_id, amount: body.amount.map(|a| check_amount("amount", a)).transpose()? }
+    } else {
+        if body.amount.is_some() {
+            return Err(Problem::invalid("amount", "field_not_allowed", "`amount` is not allowed when voiding a hold"));
+        }
+        EventKind::VoidPending { pending_id }
+    };
+    let event =
+        EventParts { prefix: "", tenant: tenant.ledger_id(), id: &body.id, code: body.code, metadata: body.metadata }
+            .finish(kind)?;
+    single(apply(&state, vec![event]).await?.into_iter().next())
+}
+
+#[utoipa::path(post, path = "/v1/transfers/{pending_id}/post", tag = "transfers", request_body = ResolveBody,
+    params(("pending_id" = String, Path)),
+    responses((status = 201, body = TransferView), (status = 200, body = TransferView), (status = 404, body = Problem),
+        (status = 409, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn post_pending(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(pending_id): Path<String>,
+    Json(body): Json<ResolveBody>,
+) -> Result<Response, Problem> {
+    resolve(state, tenant, pending_id, body, true).await
+}
+
+#[utoipa::path(post, path = "/v1/transfers/{pending_id}/void", tag = "transfers", request_body = ResolveBody,
+    params(("pending_id" = String, Path)),
+    responses((status = 201, body = TransferView), (status = 200, body = TransferView), (status = 404, body = Problem),
+        (status = 409, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn void_pending(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(pending_id): Path<String>,
+    Json(body): Json<ResolveBody>,
+) -> Result<Response, Problem> {
+    resolve(state, tenant, pending_id, body, false).await
+}
+
+#[utoipa::path(post, path = "/v1/transfers/batch", tag = "transfers", request_body = BatchBody,
+    responses((status = 200, body = BatchView, description = "one result per transfer, in order"),
+        (status = 422, body = Problem, description = "an invalid item: nothing was applied")),
+    security(("api_key" = [])))]
+pub async fn create_batch(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Json(body): Json<BatchBody>,
+) -> Result<Response, Problem> {
+    if body.transfers.is_empty() || body.transfers.len() > BATCH_LEN_MAX {
+        return Err(Problem::invalid(
+            "transfers",
+            "invalid_batch_len",
+            format!("`transfers` must hold 1..={BATCH_LEN_MAX} items"),
+        ));
+    }
+    let linked = body.linked.unwrap_or(false);
+    let mut ids = Vec::with_capacity(body.transfers.len());
+    let mut events = Vec::with_capacity(body.transfers.len());
+    for (index, item) in body.transfers.into_iter().enumerate() {
+        ids.push(item.id.clone());
+        let mut event = item.into_event(index, tenant.ledger_id())?;
+        event.linked = linked;
+        events.push(event);
+    }
+    if let Some(last) = events.last_mut() {
+        last.linked = false;
+    }
+    let outcomes = apply(&state, events).await?;
+    let results = outcomes
+        .into_iter()
+        .zip(ids)
+        .enumerate()
+        .map(|(index, (o, id))| BatchResult {
+            index,
+            id,
+            result: o.result.as_str(),
+            transfer: o.transfer.as_ref().map(TransferView::of),
+        })
+        .collect();
+    Ok(reply(StatusCode::OK, &BatchView { results }))
+}
+
+#[utoipa::path(get, path = "/v1/transfers/{id}", tag = "transfers", params(("id" = String, Path)),
+    responses((status = 200, body = TransferView), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn get_transfer(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let key = TransferKey { tenant: tenant.ledger_id(), id: TransferId(parse_id("id", &id)?) };
+    match read(&state, move |q| q.entry(key)).await? {
+        Some(Entry::Created(t)) => Ok(reply(StatusCode::OK, &TransferView::of(&t))),
+        // A remembered failure is not a transfer.
+        Some(Entry::Failed { .. }) | None => Err(Problem::not_found("transfer")),
+    }
+}
