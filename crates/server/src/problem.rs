@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 /// An error answer. Its text never contains a secret or a request body.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Problem {
-    /// A URI naming the problem type (`about:blank` style, stable per code).
+    /// A URI naming the problem type, stable per code (`urn:rtpay:problem:<code>`).
     #[serde(rename = "type")]
     pub type_: String,
     pub title: String,
@@ -29,7 +29,7 @@ pub struct Problem {
 impl Problem {
     pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Problem {
         Problem {
-            type_: format!("https://rtpay.dev/problems/{code}"),
+            type_: format!("urn:rtpay:problem:{code}"),
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
             detail: detail.into(),

@@ -1,0 +1,122 @@
+//! Starting a server: keys, the operator token, storage, the listener, graceful shutdown.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use server::auth::{hex, new_secret, random_32, unhex, Keys, OPERATOR_SECRET_PREFIX};
+use store::{Location, Store};
+
+pub struct ServeConfig {
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    pub postgres: Option<String>,
+}
+
+impl ServeConfig {
+    pub fn location(&self) -> Location {
+        match &self.postgres {
+            Some(url) => Location::Postgres(url.clone()),
+            None => Location::Embedded(self.data.clone()),
+        }
+    }
+}
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()
+}
+
+/// The key under which API secrets are hashed: `RTPAY_SECRET_KEY` (64 hex digits; give every node
+/// of a PostgreSQL cluster the same one), else `<data>/secret-key`, created on first start.
+pub fn hash_key(data: &Path) -> Result<[u8; 32], Error> {
+    let text = match std::env::var("RTPAY_SECRET_KEY") {
+        Ok(v) => v,
+        Err(_) => {
+            let path = data.join("secret-key");
+            if !path.exists() {
+                write_private(&path, &hex(&random_32()))?;
+            }
+            std::fs::read_to_string(&path)?
+        }
+    };
+    let bytes = unhex(text.trim()).filter(|b| b.len() == 32).ok_or("the secret key must be 64 hex digits")?;
+    Ok(bytes.try_into().expect("32 bytes"))
+}
+
+/// The operator token: `RTPAY_OPERATOR_TOKEN`, else `<data>/operator-token`; generated on first
+/// start, printed once and written with mode 0600.
+pub fn operator_token(data: &Path) -> Result<String, Error> {
+    if let Ok(token) = std::env::var("RTPAY_OPERATOR_TOKEN") {
+        if token.len() < 32 {
+            return Err("RTPAY_OPERATOR_TOKEN must be at least 32 characters".into());
+        }
+        return Ok(token);
+    }
+    let path = data.join("operator-token");
+    if path.exists() {
+        return Ok(std::fs::read_to_string(&path)?.trim().to_owned());
+    }
+    let token = new_secret(OPERATOR_SECRET_PREFIX);
+    write_private(&path, &token)?;
+    println!("operator token (shown once; saved to {} with mode 0600): {token}", path.display());
+    Ok(token)
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RTPAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// A running server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub operator_token: String,
+    pub store: Arc<Store>,
+}
+
+/// Opens storage, binds, and serves until `shutdown` resolves; `ready` is called once listening.
+pub async fn run(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(&Running),
+) -> Result<(), Error> {
+    std::fs::create_dir_all(&config.data)
+        .map_err(|e| format!("cannot create data directory {}: {e}", config.data.display()))?;
+    let token = operator_token(&config.data)?;
+    let keys = Keys::new(hash_key(&config.data)?, &token);
+    let location = config.location();
+    let store = tokio::task::spawn_blocking(move || Store::open(&location)).await??;
+    let store = Arc::new(store);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let state = server::AppState::new(store.clone(), keys);
+    let running = Running { addr, operator_token: token, store: store.clone() };
+    ready(&running);
+    tracing::info!(%addr, engine = match config.postgres { Some(_) => "postgres", None => "embedded" }, "listening");
+    server::serve(listener, state, shutdown).await?;
+    drop(running);
+    // Let the writer finish what is queued, then stop it.
+    if let Ok(store) = Arc::try_unwrap(store) {
+        tokio::task::spawn_blocking(move || store.close()).await?;
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
