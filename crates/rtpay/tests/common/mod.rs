@@ -1,0 +1,155 @@
+//! Runs real `rtpay serve` processes for end-to-end tests, and talks to them over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rtpay::client::Client;
+use serde_json::{json, Value};
+
+/// A fixed operator token and hash key, so several nodes of one cluster agree.
+pub const OPERATOR: &str = "rtpay_op_test_0123456789abcdef0123456789abcdef";
+pub const SECRET_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rtpay-{tag}-{}-{}", std::process::id(), store::now_nanos()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    pub postgres: Option<String>,
+}
+
+impl Server {
+    /// Starts `rtpay serve` on a free port and waits until it is listening.
+    pub fn start(data: &Path, postgres: Option<&str>) -> Server {
+        Self::start_on(data, postgres, "127.0.0.1:0")
+    }
+
+    pub fn start_on(data: &Path, postgres: Option<&str>, listen: &str) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
+        command
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .arg("--listen")
+            .arg(listen)
+            .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
+            .env("RTPAY_SECRET_KEY", SECRET_KEY)
+            .env("RTPAY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(url) = postgres {
+            command.arg("--postgres").arg(url);
+        }
+        let mut child = command.spawn().expect("spawn rtpay serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("rtpay listening on http://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("rtpay serve did not start listening within 60 s (data {})", data.display())
+        });
+        Server { child: Some(child), addr, data: data.to_owned(), postgres: postgres.map(str::to_owned) }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.addr)
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        let listen = self.addr.to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // The old port may take a moment to be free again.
+            let attempt = std::panic::catch_unwind(|| Server::start_on(&self.data, self.postgres.as_deref(), &listen));
+            match attempt {
+                Ok(mut s) => {
+                    self.child = s.child.take();
+                    return;
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+    }
+
+    /// `rtpay verify` on this server's storage, as a separate process.
+    pub fn verify(&self) -> (bool, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
+        command.arg("verify").arg("--data").arg(&self.data);
+        if let Some(url) = &self.postgres {
+            command.arg("--postgres").arg(url);
+        }
+        let out = command.output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn uuid() -> String {
+    server::auth::new_uuid().to_string()
+}
+
+/// A tenant with its API key.
+pub async fn tenant(client: &mut Client, name: &str) -> (String, String) {
+    let r = client.post("/v1/tenants", OPERATOR, &json!({ "name": name })).await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let v = r.json();
+    (v["id"].as_str().unwrap().to_owned(), v["api_key"]["secret"].as_str().unwrap().to_owned())
+}
+
+pub async fn account(client: &mut Client, key: &str, body: Value) -> String {
+    let r = client.post("/v1/accounts", key, &body).await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
+pub async fn balance(client: &mut Client, key: &str, account: &str) -> Value {
+    let r = client.get(&format!("/v1/accounts/{account}"), key).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    r.json()["balance"].clone()
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
