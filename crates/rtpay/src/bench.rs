@@ -1,10 +1,527 @@
-//! `rtpay bench`: reproduces the figures in docs/BENCHMARKS.md.
+//! `rtpay bench`: reproduces the figures in docs/BENCHMARKS.md, each with its baseline measured in
+//! the same run on the same machine.
+//!
+//! - `http`: `POST /v1/transfers` on the embedded engine (a child `rtpay serve`), closed loop for
+//!   peak throughput, then open loop at half of it for p99; against a trivial axum JSON handler (a
+//!   child `rtpay bench-baseline`) driven the same way.
+//! - `postgres`: the same on the PostgreSQL engine, against a textbook one-transaction-per-transfer
+//!   double-entry with row locks driven by pgbench on the same server.
+//! - `batch`: the batch path in-process, 8,000 transfers per batch, embedded.
+//! - `restart`: N transfers on disk, SIGKILL, time until ready; resident memory.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 use clap::Args;
+use hyper::Method;
+use ledger::*;
+use serde_json::json;
+
+use crate::client::Client;
+use crate::process::{rss_kib, spawn_serve, ServerProcess, OPERATOR};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Which figures: all, http, postgres, batch, restart (comma-separated).
+    #[arg(long, default_value = "all")]
+    pub scenario: String,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Concurrent HTTP connections of the load generator.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// PostgreSQL server for the `postgres` scenario (a scratch database is created on it).
+    #[arg(long, env = "RTPAY_BENCH_POSTGRES", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub postgres: String,
+    /// Transfers written before the restart measurement.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub restart_transfers: u64,
+    /// Where scratch data goes (default: the system temporary directory).
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+}
 
-pub fn run(_args: BenchArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    Err("not yet".into())
+fn scratch(args: &BenchArgs, tag: &str) -> PathBuf {
+    let base = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    base.join(format!("rtpay-bench-{tag}-{}-{}", std::process::id(), store::now_nanos()))
+}
+
+pub fn run(args: BenchArgs) -> Result<(), Error> {
+    let all = args.scenario == "all";
+    let wants = |s: &str| all || args.scenario.split(',').any(|x| x.trim() == s);
+    println!("# rtpay bench — {}", machine());
+    if wants("batch") {
+        batch(&args)?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if wants("http") {
+        rt.block_on(http(&args, None))?;
+    }
+    if wants("postgres") {
+        rt.block_on(http(&args, Some(&args.postgres)))?;
+    }
+    if wants("restart") {
+        rt.block_on(restart(&args))?;
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} cores ({cpu}), {mem} GiB")
+}
+
+// ---------------------------------------------------------------- batch, in-process
+
+const WALLETS: u128 = 1000;
+const BATCH: usize = 8000;
+const T: TenantId = TenantId(1);
+
+fn open_accounts(store: &store::Store) -> Result<(), Error> {
+    let mut commands = vec![AccountCommand::Create(NewAccount {
+        key: AccountKey { tenant: T, id: AccountId(1) },
+        currency: Currency::parse("BRL").expect("BRL"),
+        code: 1,
+        flags: AccountFlags::default(),
+        credit_limit: 0,
+        metadata: None,
+    })];
+    for w in 0..WALLETS {
+        commands.push(AccountCommand::Create(NewAccount {
+            key: AccountKey { tenant: T, id: AccountId(1000 + w) },
+            currency: Currency::parse("BRL").expect("BRL"),
+            code: 2,
+            flags: AccountFlags(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS),
+            credit_limit: 0,
+            metadata: None,
+        }));
+    }
+    store.engine.accounts(commands)?;
+    Ok(())
+}
+
+fn batch_events(seq: &mut u128) -> Vec<TransferEvent> {
+    (0..BATCH)
+        .map(|_| {
+            *seq += 1;
+            // Random-looking ids, like UUIDv4s from clients: no help from key order.
+            let id = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1;
+            TransferEvent {
+                key: TransferKey { tenant: T, id: TransferId(id) },
+                kind: EventKind::Posted { debit: AccountId(1), credit: AccountId(1000 + *seq % WALLETS), amount: 1 },
+                code: 7,
+                metadata: None,
+                linked: false,
+            }
+        })
+        .collect()
+}
+
+/// Writes `count` transfers through the batch path; returns transfers per second.
+fn fill(store: &store::Store, count: u64, seq: &mut u128) -> Result<f64, Error> {
+    let started = Instant::now();
+    let mut done = 0u64;
+    // Two batches in flight: the next is built and queued while the previous commits.
+    let (tx, rx) = std::sync::mpsc::channel::<store::Result<store::Reply>>();
+    let mut in_flight = 0;
+    while done < count || in_flight > 0 {
+        while in_flight < 2 && done < count {
+            let events = batch_events(seq);
+            done += events.len() as u64;
+            let tx = tx.clone();
+            store.engine.submit(store::Command::Transfers(events), Box::new(move |r| drop(tx.send(r))))?;
+            in_flight += 1;
+        }
+        match rx.recv()?? {
+            store::Reply::Transfers(outcomes) => {
+                if let Some(bad) = outcomes.iter().find(|o| o.result != TransferResult::Created) {
+                    return Err(format!("batch transfer failed: {}", bad.result).into());
+                }
+            }
+            store::Reply::Accounts(_) => return Err("unexpected reply".into()),
+        }
+        in_flight -= 1;
+    }
+    Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+fn batch(args: &BenchArgs) -> Result<(), Error> {
+    let dir = scratch(args, "batch");
+    let store = store::Store::open(&store::Location::Embedded(dir.clone()))?;
+    open_accounts(&store)?;
+    let mut seq = 0u128;
+    fill(&store, 80_000, &mut seq)?; // warm up
+    let started = Instant::now();
+    let mut rates = Vec::new();
+    while started.elapsed() < Duration::from_secs(args.seconds) {
+        rates.push(fill(&store, 20 * BATCH as u64, &mut seq)?);
+    }
+    let total = seq as f64;
+    store.close();
+    rates.sort_by(|a, b| a.partial_cmp(b).expect("rates are numbers"));
+    let median = rates[rates.len() / 2];
+    println!(
+        "batch (in-process, embedded, {BATCH} per batch, durable commits): median {:.0} transfers/s over {} samples (min {:.0}, max {:.0}); {:.0} transfers written; bar 300,000/s",
+        median,
+        rates.len(),
+        rates[0],
+        rates[rates.len() - 1],
+        total
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- HTTP load generation
+
+/// Latencies in microseconds and the count of non-2xx answers.
+#[derive(Default)]
+struct Run {
+    latencies_us: Vec<u32>,
+    errors: u64,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.elapsed.as_secs_f64()
+    }
+    fn percentile_ms(&mut self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        self.latencies_us.sort_unstable();
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+}
+
+type MakeBody = Arc<dyn Fn(u64) -> Bytes + Send + Sync>;
+
+struct Target {
+    addr: SocketAddr,
+    path: &'static str,
+    token: String,
+    body: MakeBody,
+}
+
+/// `connections` clients, each sending requests back to back for `duration`.
+async fn closed_loop(target: &Target, connections: usize, duration: Duration) -> Run {
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (addr, path, token, body) = (target.addr, target.path, target.token.clone(), target.body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::new(addr);
+            let mut run = Run::default();
+            let mut n = (c as u64) << 40;
+            while Instant::now() < deadline {
+                n += 1;
+                let sent = Instant::now();
+                match client.send(Method::POST, path, Some(&token), Some(body(n))).await {
+                    Ok(r) if r.status.is_success() => run.latencies_us.push(sent.elapsed().as_micros() as u32),
+                    _ => run.errors += 1,
+                }
+            }
+            run
+        }));
+    }
+    merge(tasks, started).await
+}
+
+/// Requests at a fixed total `rate`, spread over `connections`; latency is measured from the
+/// scheduled send time, so a stall is counted against every request it delays.
+async fn open_loop(target: &Target, connections: usize, rate: f64, duration: Duration) -> Run {
+    let started = Instant::now();
+    let per_connection = rate / connections as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_connection);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (addr, path, token, body) = (target.addr, target.path, target.token.clone(), target.body.clone());
+        let offset = interval.mul_f64(c as f64 / connections as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::new(addr);
+            let mut run = Run::default();
+            let mut n = ((c as u64) << 40) | (1 << 39);
+            let mut scheduled = started + offset;
+            while scheduled < started + duration {
+                tokio::time::sleep_until(scheduled.into()).await;
+                n += 1;
+                match client.send(Method::POST, path, Some(&token), Some(body(n))).await {
+                    Ok(r) if r.status.is_success() => run.latencies_us.push(scheduled.elapsed().as_micros() as u32),
+                    _ => run.errors += 1,
+                }
+                scheduled += interval;
+            }
+            run
+        }));
+    }
+    merge(tasks, started).await
+}
+
+async fn merge(tasks: Vec<tokio::task::JoinHandle<Run>>, started: Instant) -> Run {
+    let mut total = Run::default();
+    for t in tasks {
+        if let Ok(run) = t.await {
+            total.latencies_us.extend(run.latencies_us);
+            total.errors += run.errors;
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+/// Runs the baseline server (`rtpay bench-baseline`): one trivial axum JSON handler.
+pub async fn baseline_server(listen: SocketAddr) -> Result<(), Error> {
+    async fn echo(body: Bytes) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let value: serde_json::Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(_) => return (axum::http::StatusCode::BAD_REQUEST, "bad json").into_response(),
+        };
+        let out = serde_json::to_vec(&json!({"id": value["id"], "status": "ok"})).expect("serializes");
+        (axum::http::StatusCode::CREATED, [(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response()
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("rtpay listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, axum::Router::new().route("/v1/transfers", axum::routing::post(echo))).await?;
+    Ok(())
+}
+
+fn spawn_baseline(exe: &Path) -> Result<(std::process::Child, SocketAddr), Error> {
+    let mut child = std::process::Command::new(exe)
+        .args(["bench-baseline", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let addr = line.trim().strip_prefix("rtpay listening on http://").ok_or("baseline did not start")?.parse()?;
+    Ok((child, addr))
+}
+
+fn transfer_bodies(bank: String, wallets: Arc<Vec<String>>) -> MakeBody {
+    Arc::new(move |n: u64| {
+        let id = uuid::Uuid::from_u128(u128::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1);
+        let credit = &wallets[(n % wallets.len() as u64) as usize];
+        Bytes::from(format!(
+            r#"{{"id":"{id}","debit_account_id":"{bank}","credit_account_id":"{credit}","amount":1}}"#
+        ))
+    })
+}
+
+async fn measure(name: &str, target: &Target, args: &BenchArgs) -> (f64, f64) {
+    let duration = Duration::from_secs(args.seconds);
+    let _ = closed_loop(target, args.connections, Duration::from_secs(2)).await; // warm up
+    let mut peak = closed_loop(target, args.connections, duration).await;
+    let rate = peak.rate();
+    let mut half = open_loop(target, args.connections, rate / 2.0, duration).await;
+    println!(
+        "{name}: peak {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, {} errors); at {:.0} req/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} errors)",
+        rate,
+        peak.percentile_ms(0.5),
+        peak.percentile_ms(0.99),
+        peak.errors,
+        half.rate(),
+        half.percentile_ms(0.5),
+        half.percentile_ms(0.99),
+        half.percentile_ms(0.999),
+        half.errors
+    );
+    (rate, half.percentile_ms(0.99))
+}
+
+async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
+    let exe = std::env::current_exe()?;
+    let dir = scratch(args, "http");
+    let database = match postgres {
+        Some(admin) => Some(scratch_database(admin)?),
+        None => None,
+    };
+    let server = spawn_serve(&exe, &dir, database.as_ref().map(|(url, _)| url.as_str()), "127.0.0.1:0", Duration::from_secs(60))?;
+    let ServerProcess { mut child, addr, .. } = server;
+    let mut client = Client::new(addr);
+    let tenant = client.post("/v1/tenants", OPERATOR, &json!({"name": "bench"})).await?.json();
+    let key = tenant["api_key"]["secret"].as_str().ok_or("tenant creation failed")?.to_owned();
+    let bank = client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json()["id"]
+        .as_str()
+        .ok_or("account creation failed")?
+        .to_owned();
+    let mut wallets = Vec::new();
+    for _ in 0..100 {
+        let w = client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json();
+        wallets.push(w["id"].as_str().ok_or("account creation failed")?.to_owned());
+    }
+    let engine = if postgres.is_some() { "PostgreSQL" } else { "embedded" };
+    let target = Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(wallets)) };
+    let (rtpay_rate, p99) = measure(&format!("rtpay POST /v1/transfers ({engine})"), &target, args).await;
+    let rss = rss_kib(child.id()).unwrap_or(0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("  rtpay serve resident memory after the run: {} MiB", rss / 1024);
+
+    match database {
+        None => {
+            let (mut baseline, addr) = spawn_baseline(&exe)?;
+            let target = Target { addr, path: "/v1/transfers", token: "x".into(), body: transfer_bodies("b".into(), Arc::new(vec!["c".into()])) };
+            let (base_rate, _) = measure("baseline: trivial axum JSON handler", &target, args).await;
+            let _ = baseline.kill();
+            let _ = baseline.wait();
+            println!(
+                "=> embedded: {:.0} transfers/s (bar 25,000), p99 {:.2} ms at half rate (bar 10 ms), ratio to axum baseline {:.2} (bar 0.45)",
+                rtpay_rate,
+                p99,
+                rtpay_rate / base_rate
+            );
+        }
+        Some((url, name)) => {
+            let tps = pgbench_textbook(&url, args)?;
+            println!(
+                "=> PostgreSQL: {:.0} transfers/s vs textbook pgbench {:.0} transfers/s: ratio {:.2} (bar 5)",
+                rtpay_rate,
+                tps,
+                rtpay_rate / tps
+            );
+            drop_database(postgres.expect("postgres scenario"), &name)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- PostgreSQL baseline
+
+fn scratch_database(admin: &str) -> Result<(String, String), Error> {
+    let name = format!("rtpay_bench_{}", store::now_nanos() % 1_000_000_000);
+    let mut client = postgres_client(admin)?;
+    client.batch_execute(&format!("CREATE DATABASE {name}"))?;
+    let url = match admin.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => return Err("the PostgreSQL URL must end with /database".into()),
+    };
+    Ok((url, name))
+}
+
+fn drop_database(admin: &str, name: &str) -> Result<(), Error> {
+    postgres_client(admin)?.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
+    Ok(())
+}
+
+fn postgres_client(url: &str) -> Result<::postgres::Client, Error> {
+    Ok(::postgres::Client::connect(url, ::postgres::NoTls)?)
+}
+
+/// One SQL transaction per transfer: lock both accounts in id order, check, update, insert.
+const TEXTBOOK: &str = r#"\set d random(1, 1000)
+\set c random(1, 1000)
+BEGIN;
+SELECT id, balance FROM textbook_accounts WHERE id IN (:d, :c) ORDER BY id FOR UPDATE;
+UPDATE textbook_accounts SET balance = balance - 1 WHERE id = :d;
+UPDATE textbook_accounts SET balance = balance + 1 WHERE id = :c;
+INSERT INTO textbook_transfers (id, debit, credit, amount) VALUES (gen_random_uuid(), :d, :c, 1);
+COMMIT;
+"#;
+
+fn pgbench_textbook(url: &str, args: &BenchArgs) -> Result<f64, Error> {
+    let mut client = postgres_client(url)?;
+    client.batch_execute(
+        "CREATE TABLE textbook_accounts (id INTEGER PRIMARY KEY, balance BIGINT NOT NULL);
+         INSERT INTO textbook_accounts SELECT g, 1000000000 FROM generate_series(1, 1000) g;
+         CREATE TABLE textbook_transfers (id UUID PRIMARY KEY, debit INTEGER NOT NULL REFERENCES textbook_accounts,
+             credit INTEGER NOT NULL REFERENCES textbook_accounts, amount BIGINT NOT NULL CHECK (amount > 0),
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         CREATE INDEX ON textbook_transfers (debit, created_at);
+         CREATE INDEX ON textbook_transfers (credit, created_at);",
+    )?;
+    let script = std::env::temp_dir().join(format!("rtpay-textbook-{}.sql", std::process::id()));
+    std::fs::write(&script, TEXTBOOK)?;
+    let clients = args.connections.min(64).to_string();
+    let output = std::process::Command::new("pgbench")
+        .args(["-n", "-c", &clients, "-j", "2", "-T", &args.seconds.to_string(), "-f"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("pgbench is needed for the PostgreSQL baseline (Debian package postgresql-contrib or postgresql-client): {e}"))?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("pgbench gave no tps: {}{}", text, String::from_utf8_lossy(&output.stderr)))?;
+    println!("textbook double-entry, pgbench -c {clients} -j 2 -T {}: {tps:.0} transfers/s", args.seconds);
+    Ok(tps)
+}
+
+// ---------------------------------------------------------------- restart
+
+async fn restart(args: &BenchArgs) -> Result<(), Error> {
+    let exe = std::env::current_exe()?;
+    let dir = scratch(args, "restart");
+    let count = args.restart_transfers;
+    let fill_rate = tokio::task::block_in_place(|| -> Result<f64, Error> {
+        let store = store::Store::open(&store::Location::Embedded(dir.clone()))?;
+        open_accounts(&store)?;
+        let mut seq = 0u128;
+        let rate = fill(&store, count, &mut seq)?;
+        store.close();
+        Ok(rate)
+    })?;
+    let size: u64 = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+    println!("restart: wrote {count} transfers at {fill_rate:.0}/s; data directory {} MiB", size / 1024 / 1024);
+    let first = spawn_serve(&exe, &dir, None, "127.0.0.1:0", Duration::from_secs(600))?;
+    let mut child = first.child;
+    let addr = first.addr;
+    // Some load so the process is warm, then SIGKILL.
+    let mut client = Client::new(addr);
+    let tenant = client.post("/v1/tenants", OPERATOR, &json!({"name": "restart"})).await?.json();
+    let key = tenant["api_key"]["secret"].as_str().ok_or("tenant")?.to_owned();
+    let bank = client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json()["id"].as_str().ok_or("account")?.to_owned();
+    let wallet = client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json()["id"].as_str().ok_or("account")?.to_owned();
+    let target = Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(vec![wallet])) };
+    let load = closed_loop(&target, 32, Duration::from_secs(args.seconds.min(5))).await;
+    let rss_loaded = rss_kib(child.id()).unwrap_or(0);
+    child.kill()?;
+    child.wait()?;
+    let started = Instant::now();
+    let second = spawn_serve(&exe, &dir, None, "127.0.0.1:0", Duration::from_secs(600))?;
+    let mut client = Client::new(second.addr);
+    loop {
+        if let Ok(r) = client.send(Method::GET, "/readyz", None, None).await {
+            if r.status.is_success() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ready = started.elapsed();
+    let rss_start = rss_kib(second.child.id()).unwrap_or(0);
+    let mut child = second.child;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "=> restart after SIGKILL with {count} transfers on disk: ready in {:.2} s (bar 30 s); RSS {} MiB after restart, {} MiB under load ({:.0} req/s before the kill)",
+        ready.as_secs_f64(),
+        rss_start / 1024,
+        rss_loaded / 1024,
+        load.rate()
+    );
+    Ok(())
 }

@@ -58,12 +58,30 @@ impl Client {
         token: Option<&str>,
         body: Option<Bytes>,
     ) -> Result<Response, Error> {
+        self.send_with_headers(method, path, token, body, &[]).await
+    }
+
+    /// As [`Client::send`], plus raw `headers`; each replaces a header of the same name that
+    /// `send` would set (e.g. `Content-Type`).
+    pub async fn send_with_headers(
+        &mut self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response, Error> {
         let mut builder = Request::builder().method(method).uri(path).header(header::HOST, self.addr.to_string());
         if let Some(token) = token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
         if body.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(map) = builder.headers_mut() {
+            for (name, value) in headers {
+                map.insert(header::HeaderName::from_bytes(name.as_bytes())?, header::HeaderValue::from_str(value)?);
+            }
         }
         let request = builder.body(Full::new(body.unwrap_or_default()))?;
         let sender = self.sender().await?;

@@ -4,4 +4,5 @@
 pub mod bench;
 pub mod client;
 pub mod demo;
+pub mod process;
 pub mod serve;

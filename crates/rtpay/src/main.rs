@@ -69,6 +69,12 @@ enum CommandLine {
     },
     /// Run the benchmarks and print the figures (see docs/BENCHMARKS.md).
     Bench(rtpay::bench::BenchArgs),
+    /// The benchmark's baseline: a trivial axum JSON handler (used by `rtpay bench`).
+    #[command(hide = true)]
+    BenchBaseline {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -138,6 +144,13 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("rtpay migrate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        CommandLine::BenchBaseline { listen } => match runtime().block_on(rtpay::bench::baseline_server(listen)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rtpay bench-baseline: {e}");
                 ExitCode::FAILURE
             }
         },

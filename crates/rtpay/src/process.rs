@@ -1,0 +1,62 @@
+//! Running `rtpay serve` as a child process: for `rtpay bench` and the end-to-end tests, which must
+//! measure and test the real binary over real sockets.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A fixed operator token and hash key, so several nodes of one cluster agree.
+pub const OPERATOR: &str = "rtpay_op_test_0123456789abcdef0123456789abcdef";
+pub const SECRET_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+}
+
+/// Starts `<exe> serve` and waits (at most `wait`) until it prints its listening address.
+pub fn spawn_serve(exe: &Path, data: &Path, postgres: Option<&str>, listen: &str, wait: Duration) -> std::io::Result<ServerProcess> {
+    let mut command = Command::new(exe);
+    command
+        .arg("serve")
+        .arg("--data")
+        .arg(data)
+        .arg("--listen")
+        .arg(listen)
+        .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
+        .env("RTPAY_SECRET_KEY", SECRET_KEY)
+        .env("RTPAY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(url) = postgres {
+        command.arg("--postgres").arg(url);
+    }
+    let mut child = command.spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.strip_prefix("rtpay listening on http://") {
+                let _ = tx.send(addr.parse::<SocketAddr>());
+            }
+        }
+    });
+    match rx.recv_timeout(wait) {
+        Ok(Ok(addr)) => Ok(ServerProcess { child, addr, data: data.to_owned() }),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(std::io::Error::other(format!("rtpay serve did not start within {wait:?} (data {})", data.display())))
+        }
+    }
+}
+
+/// Resident memory of a process, in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
