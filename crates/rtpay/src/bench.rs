@@ -75,11 +75,17 @@ pub fn run(args: BenchArgs) -> Result<(), Error> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024)
+        })
         .unwrap_or(0);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     format!("{cores} cores ({cpu}), {mem} GiB")
@@ -319,9 +325,7 @@ fn transfer_bodies(bank: String, wallets: Arc<Vec<String>>) -> MakeBody {
     Arc::new(move |n: u64| {
         let id = uuid::Uuid::from_u128(u128::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1);
         let credit = &wallets[(n % wallets.len() as u64) as usize];
-        Bytes::from(format!(
-            r#"{{"id":"{id}","debit_account_id":"{bank}","credit_account_id":"{credit}","amount":1}}"#
-        ))
+        Bytes::from(format!(r#"{{"id":"{id}","debit_account_id":"{bank}","credit_account_id":"{credit}","amount":1}}"#))
     })
 }
 
@@ -353,7 +357,13 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
         Some(admin) => Some(scratch_database(admin)?),
         None => None,
     };
-    let server = spawn_serve(&exe, &dir, database.as_ref().map(|(url, _)| url.as_str()), "127.0.0.1:0", Duration::from_secs(60))?;
+    let server = spawn_serve(
+        &exe,
+        &dir,
+        database.as_ref().map(|(url, _)| url.as_str()),
+        "127.0.0.1:0",
+        Duration::from_secs(60),
+    )?;
     let ServerProcess { mut child, addr, .. } = server;
     let mut client = Client::new(addr);
     let tenant = client.post("/v1/tenants", OPERATOR, &json!({"name": "bench"})).await?.json();
@@ -379,7 +389,12 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
     match database {
         None => {
             let (mut baseline, addr) = spawn_baseline(&exe)?;
-            let target = Target { addr, path: "/v1/transfers", token: "x".into(), body: transfer_bodies("b".into(), Arc::new(vec!["c".into()])) };
+            let target = Target {
+                addr,
+                path: "/v1/transfers",
+                token: "x".into(),
+                body: transfer_bodies("b".into(), Arc::new(vec!["c".into()])),
+            };
             let (base_rate, _) = measure("baseline: trivial axum JSON handler", &target, args).await;
             let _ = baseline.kill();
             let _ = baseline.wait();
@@ -492,9 +507,16 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
     let mut client = Client::new(addr);
     let tenant = client.post("/v1/tenants", OPERATOR, &json!({"name": "restart"})).await?.json();
     let key = tenant["api_key"]["secret"].as_str().ok_or("tenant")?.to_owned();
-    let bank = client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json()["id"].as_str().ok_or("account")?.to_owned();
-    let wallet = client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json()["id"].as_str().ok_or("account")?.to_owned();
-    let target = Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(vec![wallet])) };
+    let bank = client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json()["id"]
+        .as_str()
+        .ok_or("account")?
+        .to_owned();
+    let wallet = client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json()["id"]
+        .as_str()
+        .ok_or("account")?
+        .to_owned();
+    let target =
+        Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(vec![wallet])) };
     let load = closed_loop(&target, 32, Duration::from_secs(args.seconds.min(5))).await;
     let rss_loaded = rss_kib(child.id()).unwrap_or(0);
     child.kill()?;

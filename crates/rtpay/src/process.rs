@@ -18,7 +18,13 @@ pub struct ServerProcess {
 }
 
 /// Starts `<exe> serve` and waits (at most `wait`) until it prints its listening address.
-pub fn spawn_serve(exe: &Path, data: &Path, postgres: Option<&str>, listen: &str, wait: Duration) -> std::io::Result<ServerProcess> {
+pub fn spawn_serve(
+    exe: &Path,
+    data: &Path,
+    postgres: Option<&str>,
+    listen: &str,
+    wait: Duration,
+) -> std::io::Result<ServerProcess> {
     let mut command = Command::new(exe);
     command
         .arg("serve")
@@ -58,5 +64,8 @@ pub fn spawn_serve(exe: &Path, data: &Path, postgres: Option<&str>, listen: &str
 /// Resident memory of a process, in KiB, from /proc.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -1,8 +1,10 @@
 //! Request bodies: size-limited, JSON only, unknown fields refused, and every error naming the
-//! field (as a JSON path) and the rule it broke.
+//! field (as a JSON path) and the rule it broke. Also a path extractor whose rejection is a problem
+//! too.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -85,7 +87,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                     let field = if path == "." { None } else { Some(path) };
                     let message = strip_position(&message);
                     let (code, field) = if let Some(name) = unknown_field(&message) {
+                        // The path already ends with the unknown key: it was read before it was
+                        // refused.
                         let field = match field {
+                            Some(path) if path == name || path.ends_with(&format!(".{name}")) => path,
                             Some(parent) => format!("{parent}.{name}"),
                             None => name,
                         };
@@ -123,6 +128,30 @@ fn strip_position(message: &str) -> String {
 
 fn unknown_field(message: &str) -> Option<String> {
     message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()).map(str::to_owned)
+}
+
+/// A path parameter, like `axum::extract::Path`, but refused as a problem like every other error.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => {
+                let mut p = Problem::new(rejection.status(), "malformed_path", rejection.body_text());
+                if let PathRejection::FailedToDeserializePathParams(e) = &rejection {
+                    if let ErrorKind::InvalidUtf8InPathParam { key } = e.kind() {
+                        p.field = Some(key.clone());
+                    }
+                }
+                Err(p)
+            }
+        }
+    }
 }
 
 /// A JSON response with a status.

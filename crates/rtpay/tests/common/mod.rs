@@ -25,6 +25,9 @@ pub struct Server {
     pub addr: SocketAddr,
     pub data: PathBuf,
     pub postgres: Option<String>,
+    /// Whether `RTPAY_OPERATOR_TOKEN` is set to [`OPERATOR`]; when not, the server uses (and on
+    /// first start creates) `<data>/operator-token`.
+    pub operator_env: bool,
 }
 
 impl Server {
@@ -34,20 +37,33 @@ impl Server {
     }
 
     pub fn start_on(data: &Path, postgres: Option<&str>, listen: &str) -> Server {
+        Self::start_with(data, postgres, listen, true)
+    }
+
+    /// Starts with no `RTPAY_OPERATOR_TOKEN` in the environment: the operator token comes from
+    /// `<data>/operator-token`.
+    pub fn start_without_operator_env(data: &Path, postgres: Option<&str>) -> Server {
+        Self::start_with(data, postgres, "127.0.0.1:0", false)
+    }
+
+    pub fn start_with(data: &Path, postgres: Option<&str>, listen: &str, operator_env: bool) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
+        command.arg("serve").arg("--data").arg(data).arg("--listen").arg(listen);
+        if operator_env {
+            command.env("RTPAY_OPERATOR_TOKEN", OPERATOR);
+        } else {
+            command.env_remove("RTPAY_OPERATOR_TOKEN");
+        }
         command
-            .arg("serve")
-            .arg("--data")
-            .arg(data)
-            .arg("--listen")
-            .arg(listen)
-            .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
             .env("RTPAY_SECRET_KEY", SECRET_KEY)
             .env("RTPAY_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(url) = postgres {
             command.arg("--postgres").arg(url);
+        } else {
+            // The embedded engine, whatever the caller's environment says.
+            command.env_remove("RTPAY_POSTGRES");
         }
         let mut child = command.spawn().expect("spawn rtpay serve");
         let stdout = child.stdout.take().unwrap();
@@ -64,7 +80,7 @@ impl Server {
             let _ = child.kill();
             panic!("rtpay serve did not start listening within 60 s (data {})", data.display())
         });
-        Server { child: Some(child), addr, data: data.to_owned(), postgres: postgres.map(str::to_owned) }
+        Server { child: Some(child), addr, data: data.to_owned(), postgres: postgres.map(str::to_owned), operator_env }
     }
 
     pub fn client(&self) -> Client {
@@ -93,7 +109,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             // The old port may take a moment to be free again.
-            let attempt = std::panic::catch_unwind(|| Server::start_on(&self.data, self.postgres.as_deref(), &listen));
+            let attempt = std::panic::catch_unwind(|| {
+                Server::start_with(&self.data, self.postgres.as_deref(), &listen, self.operator_env)
+            });
             match attempt {
                 Ok(mut s) => {
                     self.child = s.child.take();
@@ -113,7 +131,10 @@ impl Server {
             command.arg("--postgres").arg(url);
         }
         let out = command.output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use ledger::{AccountCommand, AccountId, AccountKey, AccountResult};
@@ -10,7 +10,7 @@ use store::{Command, Reply};
 
 use crate::auth::{new_uuid, Tenant};
 use crate::dto::*;
-use crate::json::{reply, Json};
+use crate::json::{reply, Json, Path};
 use crate::problem::Problem;
 use crate::routes::{cursor_of, page_params, read, submit, tenants::idempotency_key};
 use crate::AppState;

@@ -1,12 +1,12 @@
 //! Operator routes: tenants and their API keys.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::{new_secret, new_uuid, Operator, TENANT_SECRET_PREFIX};
 use crate::dto::*;
-use crate::json::{reply, Json};
+use crate::json::{reply, Json, Path};
 use crate::problem::Problem;
 use crate::routes::read;
 use crate::AppState;

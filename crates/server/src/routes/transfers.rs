@@ -1,6 +1,6 @@
 //! Transfers: create, batch, post or void a hold, read.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use ledger::{Entry, EventKind, Outcome, TransferEvent, TransferId, TransferKey, TransferResult, BATCH_LEN_MAX};
@@ -8,7 +8,7 @@ use store::{Command, Reply};
 
 use crate::auth::Tenant;
 use crate::dto::*;
-use crate::json::{reply, Json};
+use crate::json::{reply, Json, Path};
 use crate::problem::Problem;
 use crate::routes::{ledger_problem, read, submit};
 use crate::AppState;
