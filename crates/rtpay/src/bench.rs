@@ -141,11 +141,12 @@ fn batch_events(seq: &mut u128) -> Vec<TransferEvent> {
 fn fill(store: &store::Store, count: u64, seq: &mut u128) -> Result<f64, Error> {
     let started = Instant::now();
     let mut done = 0u64;
-    // Two batches in flight: the next is built and queued while the previous commits.
+    // Several batches in flight, as concurrent clients would have: the writer takes all that are
+    // queued into one commit.
     let (tx, rx) = std::sync::mpsc::channel::<store::Result<store::Reply>>();
     let mut in_flight = 0;
     while done < count || in_flight > 0 {
-        while in_flight < 2 && done < count {
+        while in_flight < 4 && done < count {
             let events = batch_events(seq);
             done += events.len() as u64;
             let tx = tx.clone();

@@ -12,7 +12,7 @@ use ledger::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::migrations::{Migration, SQLITE};
-use crate::rows::{u128_of, uuid_bytes, AccountRow, EntryRow};
+use crate::rows::{id_hash, u128_of, uuid_bytes, AccountRow, EntryRow};
 use crate::*;
 
 pub(crate) const DB_FILE: &str = "rtpay.db";
@@ -25,6 +25,13 @@ const READERS_MAX: usize = 8;
 
 const ENTRY_COLUMNS: &str = "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
      currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state";
+
+/// Finds a transfer by id through the hash index; the ids settle hash collisions.
+const BY_ID: &str = "id_hash = ?1 AND tenant_id = ?2 AND id = ?3";
+
+fn by_id(key: &TransferKey) -> (i64, [u8; 16], [u8; 16]) {
+    (id_hash(key.tenant.0, key.id.0), uuid_bytes(key.tenant.0), uuid_bytes(key.id.0))
+}
 
 const ACCOUNT_COLUMNS: &str = "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
      debits_posted, credits_posted, debits_pending, credits_pending";
@@ -131,19 +138,32 @@ pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
     let last_timestamp: i64 =
         conn.query_row("SELECT last_timestamp FROM ledger_meta WHERE id = 1", [], |r| r.get(0)).map_err(unavailable)?;
     let mut accounts = HashMap::new();
+    let mut numbers = HashMap::new();
+    let mut next_no = 1;
     {
-        let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts")).map_err(unavailable)?;
+        let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS}, no FROM accounts")).map_err(unavailable)?;
         let mut rows = stmt.query([]).map_err(unavailable)?;
         while let Some(row) = rows.next().map_err(unavailable)? {
             let account = account_row(row)?.into_account().map_err(corrupt)?;
+            let no: i64 = row.get(12).map_err(unavailable)?;
+            next_no = next_no.max(no + 1);
+            numbers.insert(account.key, no);
             accounts.insert(account.key, account);
         }
     }
+    // The writer never checkpoints: a background thread with its own connection copies the WAL
+    // into the database on the other core, so commits are not stalled by it.
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 268435456;").map_err(unavailable)?;
+    let checkpointer = Checkpointer::start(path.clone())?;
     let writer = SqliteWriter {
         conn,
         accounts,
+        numbers,
+        next_no,
+        assigned: Vec::new(),
         clock: Clock { last: u64::try_from(last_timestamp).map_err(|_| corrupt("negative clock".into()))? },
         in_tx: false,
+        _checkpointer: checkpointer,
         _lock: lock,
     };
     let queries = SqliteQueries { path, pool: Mutex::new(Vec::new()) };
@@ -204,10 +224,55 @@ struct SqliteWriter {
     conn: Connection,
     /// Every account, as committed. Updated only after a commit succeeds.
     accounts: HashMap<AccountKey, Account>,
+    /// Internal account numbers (`accounts.no`), as committed.
+    numbers: HashMap<AccountKey, i64>,
+    next_no: i64,
+    /// Numbers given to accounts created in the open batch; kept only if it commits.
+    assigned: Vec<(AccountKey, i64)>,
     clock: Clock,
     in_tx: bool,
+    _checkpointer: Checkpointer,
     /// Held for the writer's life; released when the process ends, however it ends.
     _lock: std::fs::File,
+}
+
+/// How often the background thread checkpoints the WAL.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Copies committed WAL frames into the database file, off the writer's path. Stops when dropped.
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: PathBuf) -> Result<Checkpointer> {
+        let conn = connect(&path)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("rtpay-checkpoint".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(CHECKPOINT_INTERVAL) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                // PASSIVE never blocks the writer; frames it could not copy are taken next time.
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "wal checkpoint failed");
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Writer for SqliteWriter {
@@ -221,10 +286,13 @@ impl Writer for SqliteWriter {
     fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
         let mut stmt = self
             .conn
-            .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = ?1 AND id = ?2"))
+            .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE {BY_ID}"))
             .map_err(unavailable)?;
-        for key in keys {
-            let mut rows = stmt.query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)]).map_err(unavailable)?;
+        // In hash order, so consecutive look-ups walk neighbouring index pages.
+        let mut ordered: Vec<(i64, &TransferKey)> = keys.iter().map(|k| (id_hash(k.tenant.0, k.id.0), k)).collect();
+        ordered.sort_unstable_by_key(|(h, _)| *h);
+        for (_, key) in ordered {
+            let mut rows = stmt.query(by_id(key)).map_err(unavailable)?;
             if let Some(row) = rows.next().map_err(unavailable)? {
                 let entry = entry_row(row)?.into_entry().map_err(corrupt)?;
                 into.transfers.insert(*key, entry);
@@ -275,10 +343,15 @@ impl Writer for SqliteWriter {
             }
             self.clock = self.clock.max_of(change.clock);
         }
+        for (key, no) in self.assigned.drain(..) {
+            self.numbers.insert(key, no);
+            self.next_no = self.next_no.max(no + 1);
+        }
         Ok(())
     }
 
     fn rollback(&mut self) {
+        self.assigned.clear();
         if self.in_tx {
             // A failed ROLLBACK leaves SQLite to roll back on its own when the connection closes.
             let _ = self.conn.execute_batch("ROLLBACK");
@@ -298,30 +371,78 @@ impl MaxOf for Clock {
 }
 
 impl SqliteWriter {
+    fn number(&self, key: &AccountKey) -> Option<i64> {
+        self.numbers.get(key).copied().or_else(|| self.assigned.iter().find(|(k, _)| k == key).map(|(_, no)| *no))
+    }
+
     fn write(&mut self, changes: &[Changes]) -> Result<()> {
-        let mut insert = self
-            .conn
-            .prepare_cached(&format!(
-                "INSERT INTO transfers ({ENTRY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-            ))
-            .map_err(unavailable)?;
-        let mut update_state = self
-            .conn
-            .prepare_cached("UPDATE transfers SET state = ?3 WHERE tenant_id = ?1 AND id = ?2")
-            .map_err(unavailable)?;
+        // Accounts first: transfers of the batch may name accounts it created.
+        let mut last = self.clock;
+        for change in changes {
+            for account in &change.accounts {
+                if self.number(&account.key).is_none() {
+                    let no = self.next_no + self.assigned.len() as i64;
+                    self.assigned.push((account.key, no));
+                }
+            }
+            last = last.max_of(change.clock);
+        }
         let mut upsert = self
             .conn
             .prepare_cached(&format!(
-                "INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+                "INSERT INTO accounts ({ACCOUNT_COLUMNS}, no) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
                  ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
                  debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
                  debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending"
             ))
             .map_err(unavailable)?;
-        let mut last = self.clock;
         for change in changes {
-            for entry in &change.inserted {
-                let r = EntryRow::of(entry);
+            for account in &change.accounts {
+                let r = AccountRow::of(account);
+                let no = self.number(&account.key).expect("numbered above");
+                upsert
+                    .execute(params![
+                        uuid_bytes(r.tenant_id),
+                        uuid_bytes(r.id),
+                        r.currency,
+                        r.code,
+                        r.flags,
+                        r.credit_limit,
+                        r.metadata,
+                        r.timestamp,
+                        r.debits_posted,
+                        r.credits_posted,
+                        r.debits_pending,
+                        r.credits_pending,
+                        no,
+                    ])
+                    .map_err(unavailable)?;
+            }
+        }
+        drop(upsert);
+        let mut insert = self
+            .conn
+            .prepare_cached(&format!(
+                "INSERT INTO transfers ({ENTRY_COLUMNS}, id_hash, debit_no, credit_no) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+            ))
+            .map_err(unavailable)?;
+        // Rows go in hash order: the id index then takes its inserts left to right, and the table,
+        // keyed by timestamp, still only grows at its right edge.
+        let mut rows: Vec<(EntryRow, &Entry)> =
+            changes.iter().flat_map(|c| c.inserted.iter()).map(|e| (EntryRow::of(e), e)).collect();
+        rows.sort_unstable_by_key(|(r, _)| id_hash(r.tenant_id, r.id));
+        {
+            for (r, entry) in rows {
+                let tenant = TenantId(r.tenant_id);
+                // Only created transfers are listed per account.
+                let (debit_no, credit_no) = match entry {
+                    Entry::Created(t) => (
+                        self.number(&AccountKey { tenant, id: t.debit_account_id }),
+                        self.number(&AccountKey { tenant, id: t.credit_account_id }),
+                    ),
+                    Entry::Failed { .. } => (None, None),
+                };
                 insert
                     .execute(params![
                         r.timestamp,
@@ -340,36 +461,24 @@ impl SqliteWriter {
                         r.code,
                         r.metadata,
                         r.state,
+                        id_hash(r.tenant_id, r.id),
+                        debit_no,
+                        credit_no,
                     ])
                     .map_err(unavailable)?;
             }
+        }
+        drop(insert);
+        let mut update_state =
+            self.conn.prepare_cached(&format!("UPDATE transfers SET state = ?4 WHERE {BY_ID}")).map_err(unavailable)?;
+        for change in changes {
             for (key, state) in &change.pending_updates {
-                let n = update_state
-                    .execute(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0), *state as i16])
-                    .map_err(unavailable)?;
+                let (h, t, i) = by_id(key);
+                let n = update_state.execute(params![h, t, i, *state as i16]).map_err(unavailable)?;
                 assert_eq!(n, 1, "a pending update names a stored transfer");
             }
-            for account in &change.accounts {
-                let r = AccountRow::of(account);
-                upsert
-                    .execute(params![
-                        uuid_bytes(r.tenant_id),
-                        uuid_bytes(r.id),
-                        r.currency,
-                        r.code,
-                        r.flags,
-                        r.credit_limit,
-                        r.metadata,
-                        r.timestamp,
-                        r.debits_posted,
-                        r.credits_posted,
-                        r.debits_pending,
-                        r.credits_pending,
-                    ])
-                    .map_err(unavailable)?;
-            }
-            last = last.max_of(change.clock);
         }
+        drop(update_state);
         self.conn
             .execute("UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1", [last.last as i64])
             .map_err(unavailable)?;
@@ -424,9 +533,9 @@ impl Queries for SqliteQueries {
     fn entry(&self, key: TransferKey) -> Result<Option<Entry>> {
         self.with(|c| {
             let mut stmt = c
-                .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE tenant_id = ?1 AND id = ?2"))
+                .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE {BY_ID}"))
                 .map_err(unavailable)?;
-            let mut rows = stmt.query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)]).map_err(unavailable)?;
+            let mut rows = stmt.query(by_id(&key)).map_err(unavailable)?;
             match rows.next().map_err(unavailable)? {
                 Some(row) => Ok(Some(entry_row(row)?.into_entry().map_err(corrupt)?)),
                 None => Ok(None),
@@ -438,12 +547,14 @@ impl Queries for SqliteQueries {
         let limit = page.limit.min(PAGE_LEN_MAX) as i64;
         let before = page.before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
         self.with(|c| {
-            // Two index range scans (as debit, as credit), each newest first, merged.
+            // Two index range scans (as debit, as credit), each newest first, merged. The account
+            // number is read in the same statement, so there is one snapshot.
             let sql = format!(
-                "SELECT {ENTRY_COLUMNS} FROM (\
-                   SELECT * FROM (SELECT * FROM transfers WHERE tenant_id = ?1 AND debit_account_id = ?2 AND result = 0 AND timestamp < ?3 ORDER BY timestamp DESC LIMIT ?4) \
-                   UNION \
-                   SELECT * FROM (SELECT * FROM transfers WHERE tenant_id = ?1 AND credit_account_id = ?2 AND result = 0 AND timestamp < ?3 ORDER BY timestamp DESC LIMIT ?4)\
+                "WITH a AS (SELECT no FROM accounts WHERE tenant_id = ?1 AND id = ?2) \
+                 SELECT {ENTRY_COLUMNS} FROM (\
+                   SELECT * FROM (SELECT * FROM transfers WHERE debit_no = (SELECT no FROM a) AND result = 0 AND timestamp < ?3 ORDER BY timestamp DESC LIMIT ?4) \
+                   UNION ALL \
+                   SELECT * FROM (SELECT * FROM transfers WHERE credit_no = (SELECT no FROM a) AND result = 0 AND timestamp < ?3 ORDER BY timestamp DESC LIMIT ?4)\
                  ) ORDER BY timestamp DESC LIMIT ?4"
             );
             let mut stmt = c.prepare_cached(&sql).map_err(unavailable)?;
