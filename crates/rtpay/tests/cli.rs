@@ -1,0 +1,98 @@
+//! The command line: help on everything, the demo's tour, migrate, and verify catching a ledger
+//! edited behind rtpay's back.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::json;
+
+fn rtpay(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rtpay")).args(args).env_remove("RTPAY_POSTGRES").output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn every_command_has_help() {
+    let (ok, top) = rtpay(&["--help"]);
+    assert!(ok, "{top}");
+    for command in ["serve", "demo", "verify", "migrate", "bench"] {
+        assert!(top.contains(command), "top-level help lists {command}");
+        let (ok, help) = rtpay(&[command, "--help"]);
+        assert!(ok && help.contains("Usage: rtpay"), "{command} --help: {help}");
+    }
+    let (ok, help) = rtpay(&["serve", "--help"]);
+    assert!(ok && help.contains("--data") && help.contains("--listen") && help.contains("--postgres"), "{help}");
+}
+
+#[test]
+fn demo_walks_through_the_api_and_exits() {
+    let (ok, out) = rtpay(&["demo", "--exit"]);
+    assert!(ok, "{out}");
+    for expected in [
+        "-> 201",                   // creations
+        "-> 200",                   // the repeated deposit
+        "\"insufficient_funds\"",   // the refused payment
+        "\"status\": \"posted\"",   // the capture
+        "curl -s -X POST http://127.0.0.1:",
+        "export RTPAY=http://127.0.0.1:",
+    ] {
+        assert!(out.contains(expected), "demo output lacks {expected:?}:\n{out}");
+    }
+    // Alice: 10000 in, 2550 to bob, 2000 captured of a 3000 hold → 5450 available.
+    assert!(out.contains("\"available\": 5450"), "{out}");
+}
+
+#[test]
+fn migrate_applies_once() {
+    let dir = temp_dir("migrate");
+    let dir = dir.to_str().unwrap();
+    let (ok, out) = rtpay(&["migrate", "--data", dir]);
+    assert!(ok && out.contains("applied migrations [1]"), "{out}");
+    let (ok, out) = rtpay(&["migrate", "--data", dir]);
+    assert!(ok && out.contains("schema up to date"), "{out}");
+    let url = store::testing::fresh_postgres_database();
+    let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
+    assert!(ok && out.contains("applied migrations [1]"), "{out}");
+    let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
+    assert!(ok && out.contains("schema up to date"), "{out}");
+}
+
+#[test]
+fn verify_catches_a_balance_edited_in_storage() {
+    for postgres in [None, Some(store::testing::fresh_postgres_database())] {
+        let dir = temp_dir("verify");
+        let mut server = Server::start(&dir, postgres.as_deref());
+        let rt = runtime();
+        let wallet = rt.block_on(async {
+            let mut c = server.client();
+            let (_, key) = tenant(&mut c, "verify").await;
+            let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
+            let wallet = account(&mut c, &key, json!({"currency": "BRL"})).await;
+            let r = c.post("/v1/transfers", &key, &json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": wallet, "amount": 500})).await.unwrap();
+            assert_eq!(r.status, 201);
+            wallet
+        });
+        let (ok, report) = server.verify();
+        assert!(ok && report.contains("every invariant holds"), "{report}");
+        server.stop();
+        // Someone adds a little money to the wallet directly in the database.
+        let id = uuid::Uuid::parse_str(&wallet).unwrap();
+        match &postgres {
+            None => {
+                let conn = rusqlite::Connection::open(dir.join("rtpay.db")).unwrap();
+                let n = conn.execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = ?1", [id.as_bytes().to_vec()]).unwrap();
+                assert_eq!(n, 1);
+            }
+            Some(url) => {
+                let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+                let n = client.execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = $1", &[&id]).unwrap();
+                assert_eq!(n, 1);
+            }
+        }
+        let (ok, report) = server.verify();
+        assert!(!ok, "verify missed an edited balance:\n{report}");
+        assert!(report.contains("violation") && report.contains(&id.simple().to_string()), "{report}");
+    }
+}
