@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use crate::problem::Problem;
@@ -29,7 +29,7 @@ pub const OPERATOR_SECRET_PREFIX: &str = "rtpay_op_";
 /// 32 bytes from the operating system's CSPRNG.
 pub fn random_32() -> [u8; 32] {
     let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes).expect("the OS random source works");
+    getrandom::fill(&mut bytes).expect("the OS random source works");
     bytes
 }
 
@@ -98,7 +98,7 @@ impl Keys {
 }
 
 fn keyed_hash(key: &[u8; 32], purpose: &[u8], message: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(purpose);
     mac.update(b"\0");
     mac.update(message);
