@@ -67,7 +67,7 @@ impl Metrics {
                 &LATENCY_BUCKETS_US,
                 &s.buckets,
                 s.sum_us,
-                1e-6,
+                1e6,
             );
         }
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
@@ -112,7 +112,7 @@ impl Metrics {
             &COMMIT_BUCKETS_US,
             &load(&engine.commit_us_buckets),
             engine.commit_us_sum.load(Ordering::Relaxed),
-            1e-6,
+            1e6,
         );
         out.push_str("# HELP rtpay_ledger_batch_events Events per committed batch.\n# TYPE rtpay_ledger_batch_events histogram\n");
         let batch = load(&engine.batch_len_buckets);
@@ -129,16 +129,17 @@ impl Metrics {
     }
 }
 
-fn histogram(out: &mut String, name: &str, labels: &str, bounds: &[u64], buckets: &[u64], sum: u64, scale: f64) {
+/// Writes one histogram; `divisor` turns stored units into the metric's (1e6: µs → seconds).
+fn histogram(out: &mut String, name: &str, labels: &str, bounds: &[u64], buckets: &[u64], sum: u64, divisor: f64) {
     let sep = if labels.is_empty() { "" } else { "," };
     let mut cumulative = 0;
     for (bound, count) in bounds.iter().zip(buckets) {
         cumulative += count;
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}", *bound as f64 * scale);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}", *bound as f64 / divisor);
     }
     cumulative += buckets.get(bounds.len()).copied().unwrap_or(0);
     let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
     let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-    let _ = writeln!(out, "{name}_sum{braces} {}", sum as f64 * scale);
+    let _ = writeln!(out, "{name}_sum{braces} {}", sum as f64 / divisor);
     let _ = writeln!(out, "{name}_count{braces} {cumulative}");
 }
