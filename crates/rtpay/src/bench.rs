@@ -355,7 +355,7 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
     let exe = std::env::current_exe()?;
     let dir = scratch(args, "http");
     let database = match postgres {
-        Some(admin) => Some(scratch_database(admin)?),
+        Some(admin) => Some(tokio::task::block_in_place(|| scratch_database(admin))?),
         None => None,
     };
     let server = spawn_serve(
@@ -407,14 +407,14 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
             );
         }
         Some((url, name)) => {
-            let tps = pgbench_textbook(&url, args)?;
+            let tps = tokio::task::block_in_place(|| pgbench_textbook(&url, args))?;
             println!(
                 "=> PostgreSQL: {:.0} transfers/s vs textbook pgbench {:.0} transfers/s: ratio {:.2} (bar 5)",
                 rtpay_rate,
                 tps,
                 rtpay_rate / tps
             );
-            drop_database(postgres.expect("postgres scenario"), &name)?;
+            tokio::task::block_in_place(|| drop_database(postgres.expect("postgres scenario"), &name))?;
         }
     }
     Ok(())

@@ -31,10 +31,10 @@ fn demo_walks_through_the_api_and_exits() {
     let (ok, out) = rtpay(&["demo", "--exit"]);
     assert!(ok, "{out}");
     for expected in [
-        "-> 201",                   // creations
-        "-> 200",                   // the repeated deposit
-        "\"insufficient_funds\"",   // the refused payment
-        "\"status\": \"posted\"",   // the capture
+        "-> 201",                 // creations
+        "-> 200",                 // the repeated deposit
+        "\"insufficient_funds\"", // the refused payment
+        "\"status\": \"posted\"", // the capture
         "curl -s -X POST http://127.0.0.1:",
         "export RTPAY=http://127.0.0.1:",
     ] {
@@ -70,7 +70,14 @@ fn verify_catches_a_balance_edited_in_storage() {
             let (_, key) = tenant(&mut c, "verify").await;
             let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
             let wallet = account(&mut c, &key, json!({"currency": "BRL"})).await;
-            let r = c.post("/v1/transfers", &key, &json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": wallet, "amount": 500})).await.unwrap();
+            let r = c
+                .post(
+                    "/v1/transfers",
+                    &key,
+                    &json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": wallet, "amount": 500}),
+                )
+                .await
+                .unwrap();
             assert_eq!(r.status, 201);
             wallet
         });
@@ -82,12 +89,19 @@ fn verify_catches_a_balance_edited_in_storage() {
         match &postgres {
             None => {
                 let conn = rusqlite::Connection::open(dir.join("rtpay.db")).unwrap();
-                let n = conn.execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = ?1", [id.as_bytes().to_vec()]).unwrap();
+                let n = conn
+                    .execute(
+                        "UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = ?1",
+                        [id.as_bytes().to_vec()],
+                    )
+                    .unwrap();
                 assert_eq!(n, 1);
             }
             Some(url) => {
                 let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
-                let n = client.execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = $1", &[&id]).unwrap();
+                let n = client
+                    .execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = $1", &[&id])
+                    .unwrap();
                 assert_eq!(n, 1);
             }
         }

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::postgres::{Client, NoTls, Row};
+use ::postgres::{Client, NoTls, Row, Statement};
 use ledger::*;
 use uuid::Uuid;
 
@@ -88,7 +88,8 @@ pub(crate) fn open_queries(url: &str) -> Result<Arc<dyn Queries>> {
 pub(crate) fn open(url: &str) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
     let mut client = connect(url)?;
     apply_migrations(&mut client, POSTGRES)?;
-    let writer = PgWriter { url: url.to_owned(), client: Some(client), in_tx: false };
+    drop(client);
+    let writer = PgWriter { url: url.to_owned(), conn: Some(Conn::open(url)?), in_tx: false };
     let queries = PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) };
     Ok((Box::new(writer), Arc::new(queries)))
 }
@@ -140,31 +141,92 @@ fn entry_row(row: &Row) -> Result<EntryRow> {
 
 struct PgWriter {
     url: String,
-    client: Option<Client>,
+    conn: Option<Conn>,
     in_tx: bool,
 }
 
+/// A writer connection with its statements prepared once: each batch is then five round trips
+/// (begin + lock, load transfers, load accounts, write everything, commit), whatever its size.
+struct Conn {
+    client: Client,
+    load_transfers: Statement,
+    load_accounts: Statement,
+    due: Statement,
+    write: Statement,
+}
+
+/// Every write of a batch in one statement: new entries, hold states, accounts, the clock.
+const WRITE: &str = "WITH \
+    inserted AS (INSERT INTO transfers (timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, \
+        amount, currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state) \
+      SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::smallint[], $5::smallint[], $6::uuid[], \
+        $7::uuid[], $8::bigint[], $9::text[], $10::uuid[], $11::boolean[], $12::bigint[], $13::bigint[], \
+        $14::integer[], $15::text[], $16::smallint[]) RETURNING 1), \
+    states AS (UPDATE transfers t SET state = u.state \
+      FROM unnest($17::uuid[], $18::uuid[], $19::smallint[]) AS u(tenant_id, id, state) \
+      WHERE t.tenant_id = u.tenant_id AND t.id = u.id RETURNING 1), \
+    accounts AS (INSERT INTO accounts (tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
+        debits_posted, credits_posted, debits_pending, credits_pending) \
+      SELECT * FROM unnest($20::uuid[], $21::uuid[], $22::text[], $23::integer[], $24::integer[], $25::bigint[], \
+        $26::text[], $27::bigint[], $28::bigint[], $29::bigint[], $30::bigint[], $31::bigint[]) \
+      ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
+        debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
+        debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending RETURNING 1), \
+    clock AS (UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $32) WHERE id = 1 RETURNING 1) \
+  SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM states), (SELECT count(*) FROM accounts), \
+    (SELECT count(*) FROM clock)";
+
+impl Conn {
+    fn open(url: &str) -> Result<Conn> {
+        let mut client = connect(url)?;
+        let load_transfers = client
+            .prepare(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM transfers WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
+            ))
+            .map_err(unavailable)?;
+        let load_accounts = client
+            .prepare(&format!(
+                "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
+            ))
+            .map_err(unavailable)?;
+        let due = client
+            .prepare(
+                "SELECT tenant_id, id FROM transfers WHERE state = 1 AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+            )
+            .map_err(unavailable)?;
+        let write = client.prepare(WRITE).map_err(unavailable)?;
+        Ok(Conn { client, load_transfers, load_accounts, due, write })
+    }
+}
+
 impl PgWriter {
-    fn client(&mut self) -> &mut Client {
-        self.client.as_mut().expect("connected in begin")
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("connected in begin")
     }
 }
 
 impl Writer for PgWriter {
     fn begin(&mut self) -> Result<Clock> {
         assert!(!self.in_tx, "one batch at a time");
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = None;
-            self.client = Some(connect(&self.url)?);
+        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            self.conn = None;
+            self.conn = Some(Conn::open(&self.url)?);
         }
-        let client = self.client();
+        let conn = self.conn();
         let result = (|| {
-            client.batch_execute("BEGIN").map_err(unavailable)?;
-            let row = client
-                .query_one("SELECT last_timestamp FROM ledger_meta WHERE id = 1 FOR UPDATE", &[])
+            // One round trip: open the transaction and take the cluster-wide batch lock.
+            let messages = conn
+                .client
+                .simple_query("BEGIN; SELECT last_timestamp FROM ledger_meta WHERE id = 1 FOR UPDATE")
                 .map_err(unavailable)?;
-            let last: i64 = row.try_get(0).map_err(unavailable)?;
-            u64::try_from(last).map_err(|_| corrupt("negative ledger clock".into()))
+            let last = messages
+                .iter()
+                .find_map(|m| match m {
+                    ::postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
+            last.parse::<u64>().map_err(|_| corrupt(format!("ledger clock {last:?} is not a timestamp")))
         })();
         match result {
             Ok(last) => {
@@ -173,7 +235,7 @@ impl Writer for PgWriter {
             }
             Err(e) => {
                 // Whatever state the connection is in, a new one is the safe start.
-                self.client = None;
+                self.conn = None;
                 Err(e)
             }
         }
@@ -185,15 +247,8 @@ impl Writer for PgWriter {
         }
         let tenants: Vec<Uuid> = keys.iter().map(|k| uuid(k.tenant.0)).collect();
         let ids: Vec<Uuid> = keys.iter().map(|k| uuid(k.id.0)).collect();
-        let rows = self
-            .client()
-            .query(
-                &format!(
-                    "SELECT {ENTRY_COLUMNS} FROM transfers WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
-                ),
-                &[&tenants, &ids],
-            )
-            .map_err(unavailable)?;
+        let conn = self.conn();
+        let rows = conn.client.query(&conn.load_transfers, &[&tenants, &ids]).map_err(unavailable)?;
         for row in rows {
             let entry = entry_row(&row)?.into_entry().map_err(corrupt)?;
             let key = match &entry {
@@ -212,15 +267,8 @@ impl Writer for PgWriter {
         }
         let tenants: Vec<Uuid> = missing.iter().map(|k| uuid(k.tenant.0)).collect();
         let ids: Vec<Uuid> = missing.iter().map(|k| uuid(k.id.0)).collect();
-        let rows = self
-            .client()
-            .query(
-                &format!(
-                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
-                ),
-                &[&tenants, &ids],
-            )
-            .map_err(unavailable)?;
+        let conn = self.conn();
+        let rows = conn.client.query(&conn.load_accounts, &[&tenants, &ids]).map_err(unavailable)?;
         for row in rows {
             let account = account_row(&row)?.into_account().map_err(corrupt)?;
             into.accounts.insert(account.key, account);
@@ -229,13 +277,8 @@ impl Writer for PgWriter {
     }
 
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>> {
-        let rows = self
-            .client()
-            .query(
-                "SELECT tenant_id, id FROM transfers WHERE state = 1 AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
-                &[&(now as i64), &(limit as i64)],
-            )
-            .map_err(unavailable)?;
+        let conn = self.conn();
+        let rows = conn.client.query(&conn.due, &[&(now as i64), &(limit as i64)]).map_err(unavailable)?;
         rows.iter()
             .map(|r| {
                 Ok(TransferKey {
@@ -248,10 +291,10 @@ impl Writer for PgWriter {
 
     fn commit(&mut self, changes: &[Changes]) -> Result<()> {
         assert!(self.in_tx, "commit inside a batch");
-        let result = self.write(changes).and_then(|()| self.client().batch_execute("COMMIT").map_err(unavailable));
+        let result = self.write(changes).and_then(|()| self.conn().client.batch_execute("COMMIT").map_err(unavailable));
         self.in_tx = false;
         if result.is_err() {
-            self.client = None;
+            self.conn = None;
         }
         result
     }
@@ -259,9 +302,9 @@ impl Writer for PgWriter {
     fn rollback(&mut self) {
         if self.in_tx {
             self.in_tx = false;
-            if let Some(client) = self.client.as_mut() {
-                if client.batch_execute("ROLLBACK").is_err() {
-                    self.client = None;
+            if let Some(conn) = self.conn.as_mut() {
+                if conn.client.batch_execute("ROLLBACK").is_err() {
+                    self.conn = None;
                 }
             }
         }
@@ -270,99 +313,97 @@ impl Writer for PgWriter {
 
 impl PgWriter {
     fn write(&mut self, changes: &[Changes]) -> Result<()> {
-        let client = self.client();
-        let mut last = 0u64;
         let entries: Vec<EntryRow> = changes.iter().flat_map(|c| c.inserted.iter().map(EntryRow::of)).collect();
-        if !entries.is_empty() {
-            let timestamp: Vec<i64> = entries.iter().map(|r| r.timestamp).collect();
-            let tenant: Vec<Uuid> = entries.iter().map(|r| uuid(r.tenant_id)).collect();
-            let id: Vec<Uuid> = entries.iter().map(|r| uuid(r.id)).collect();
-            let result: Vec<i16> = entries.iter().map(|r| r.result).collect();
-            let kind: Vec<i16> = entries.iter().map(|r| r.kind).collect();
-            let debit: Vec<Option<Uuid>> = entries.iter().map(|r| r.debit_account_id.map(uuid)).collect();
-            let credit: Vec<Option<Uuid>> = entries.iter().map(|r| r.credit_account_id.map(uuid)).collect();
-            let amount: Vec<Option<i64>> = entries.iter().map(|r| r.amount).collect();
-            let currency: Vec<Option<&str>> = entries.iter().map(|r| r.currency.as_deref()).collect();
-            let pending: Vec<Option<Uuid>> = entries.iter().map(|r| r.pending_id.map(uuid)).collect();
-            let defaulted: Vec<bool> = entries.iter().map(|r| r.amount_defaulted).collect();
-            let timeout: Vec<i64> = entries.iter().map(|r| r.timeout_seconds).collect();
-            let expires: Vec<Option<i64>> = entries.iter().map(|r| r.expires_at).collect();
-            let code: Vec<i32> = entries.iter().map(|r| r.code).collect();
-            let metadata: Vec<Option<&str>> = entries.iter().map(|r| r.metadata.as_deref()).collect();
-            let state: Vec<i16> = entries.iter().map(|r| r.state).collect();
-            client
-                .execute(
-                    &format!(
-                        "INSERT INTO transfers ({ENTRY_COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], \
-                         $4::smallint[], $5::smallint[], $6::uuid[], $7::uuid[], $8::bigint[], $9::text[], $10::uuid[], \
-                         $11::boolean[], $12::bigint[], $13::bigint[], $14::integer[], $15::text[], $16::smallint[])"
-                    ),
-                    &[
-                        &timestamp, &tenant, &id, &result, &kind, &debit, &credit, &amount, &currency, &pending,
-                        &defaulted, &timeout, &expires, &code, &metadata, &state,
-                    ],
-                )
-                .map_err(unavailable)?;
-        }
+        let timestamp: Vec<i64> = entries.iter().map(|r| r.timestamp).collect();
+        let tenant: Vec<Uuid> = entries.iter().map(|r| uuid(r.tenant_id)).collect();
+        let id: Vec<Uuid> = entries.iter().map(|r| uuid(r.id)).collect();
+        let result: Vec<i16> = entries.iter().map(|r| r.result).collect();
+        let kind: Vec<i16> = entries.iter().map(|r| r.kind).collect();
+        let debit: Vec<Option<Uuid>> = entries.iter().map(|r| r.debit_account_id.map(uuid)).collect();
+        let credit: Vec<Option<Uuid>> = entries.iter().map(|r| r.credit_account_id.map(uuid)).collect();
+        let amount: Vec<Option<i64>> = entries.iter().map(|r| r.amount).collect();
+        let currency: Vec<Option<&str>> = entries.iter().map(|r| r.currency.as_deref()).collect();
+        let pending: Vec<Option<Uuid>> = entries.iter().map(|r| r.pending_id.map(uuid)).collect();
+        let defaulted: Vec<bool> = entries.iter().map(|r| r.amount_defaulted).collect();
+        let timeout: Vec<i64> = entries.iter().map(|r| r.timeout_seconds).collect();
+        let expires: Vec<Option<i64>> = entries.iter().map(|r| r.expires_at).collect();
+        let code: Vec<i32> = entries.iter().map(|r| r.code).collect();
+        let metadata: Vec<Option<&str>> = entries.iter().map(|r| r.metadata.as_deref()).collect();
+        let state: Vec<i16> = entries.iter().map(|r| r.state).collect();
+
         let updates: Vec<&(TransferKey, PendingState)> =
             changes.iter().flat_map(|c| c.pending_updates.iter()).collect();
-        if !updates.is_empty() {
-            let tenant: Vec<Uuid> = updates.iter().map(|(k, _)| uuid(k.tenant.0)).collect();
-            let id: Vec<Uuid> = updates.iter().map(|(k, _)| uuid(k.id.0)).collect();
-            let state: Vec<i16> = updates.iter().map(|(_, s)| *s as i16).collect();
-            let n = client
-                .execute(
-                    "UPDATE transfers t SET state = u.state FROM unnest($1::uuid[], $2::uuid[], $3::smallint[]) AS u(tenant_id, id, state) \
-                     WHERE t.tenant_id = u.tenant_id AND t.id = u.id",
-                    &[&tenant, &id, &state],
-                )
-                .map_err(unavailable)?;
-            assert_eq!(n as usize, updates.len(), "pending updates name stored transfers");
-        }
+        let u_tenant: Vec<Uuid> = updates.iter().map(|(k, _)| uuid(k.tenant.0)).collect();
+        let u_id: Vec<Uuid> = updates.iter().map(|(k, _)| uuid(k.id.0)).collect();
+        let u_state: Vec<i16> = updates.iter().map(|(_, s)| *s as i16).collect();
+
         // An account may change in several parts of a batch: the last value is the final one.
         let mut accounts: std::collections::BTreeMap<AccountKey, AccountRow> = std::collections::BTreeMap::new();
+        let mut last = 0u64;
         for change in changes {
             for account in &change.accounts {
                 accounts.insert(account.key, AccountRow::of(account));
             }
             last = last.max(change.clock.last);
         }
-        if !accounts.is_empty() {
-            let rows: Vec<&AccountRow> = accounts.values().collect();
-            let tenant: Vec<Uuid> = rows.iter().map(|r| uuid(r.tenant_id)).collect();
-            let id: Vec<Uuid> = rows.iter().map(|r| uuid(r.id)).collect();
-            let currency: Vec<&str> = rows.iter().map(|r| r.currency.as_str()).collect();
-            let code: Vec<i32> = rows.iter().map(|r| r.code).collect();
-            let flags: Vec<i32> = rows.iter().map(|r| r.flags).collect();
-            let limit: Vec<i64> = rows.iter().map(|r| r.credit_limit).collect();
-            let metadata: Vec<Option<&str>> = rows.iter().map(|r| r.metadata.as_deref()).collect();
-            let timestamp: Vec<i64> = rows.iter().map(|r| r.timestamp).collect();
-            let dp: Vec<i64> = rows.iter().map(|r| r.debits_posted).collect();
-            let cp: Vec<i64> = rows.iter().map(|r| r.credits_posted).collect();
-            let dh: Vec<i64> = rows.iter().map(|r| r.debits_pending).collect();
-            let ch: Vec<i64> = rows.iter().map(|r| r.credits_pending).collect();
-            client
-                .execute(
-                    &format!(
-                        "INSERT INTO accounts ({ACCOUNT_COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], \
-                         $4::integer[], $5::integer[], $6::bigint[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
-                         $11::bigint[], $12::bigint[]) \
-                         ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
-                         debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
-                         debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending"
-                    ),
-                    &[&tenant, &id, &currency, &code, &flags, &limit, &metadata, &timestamp, &dp, &cp, &dh, &ch],
-                )
-                .map_err(unavailable)?;
-        }
-        if last > 0 {
-            client
-                .execute(
-                    "UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $1) WHERE id = 1",
-                    &[&(last as i64)],
-                )
-                .map_err(unavailable)?;
-        }
+        let rows: Vec<&AccountRow> = accounts.values().collect();
+        let a_tenant: Vec<Uuid> = rows.iter().map(|r| uuid(r.tenant_id)).collect();
+        let a_id: Vec<Uuid> = rows.iter().map(|r| uuid(r.id)).collect();
+        let a_currency: Vec<&str> = rows.iter().map(|r| r.currency.as_str()).collect();
+        let a_code: Vec<i32> = rows.iter().map(|r| r.code).collect();
+        let a_flags: Vec<i32> = rows.iter().map(|r| r.flags).collect();
+        let a_limit: Vec<i64> = rows.iter().map(|r| r.credit_limit).collect();
+        let a_metadata: Vec<Option<&str>> = rows.iter().map(|r| r.metadata.as_deref()).collect();
+        let a_timestamp: Vec<i64> = rows.iter().map(|r| r.timestamp).collect();
+        let dp: Vec<i64> = rows.iter().map(|r| r.debits_posted).collect();
+        let cp: Vec<i64> = rows.iter().map(|r| r.credits_posted).collect();
+        let dh: Vec<i64> = rows.iter().map(|r| r.debits_pending).collect();
+        let ch: Vec<i64> = rows.iter().map(|r| r.credits_pending).collect();
+        let last = last as i64;
+
+        let conn = self.conn();
+        let row = conn
+            .client
+            .query_one(
+                &conn.write,
+                &[
+                    &timestamp,
+                    &tenant,
+                    &id,
+                    &result,
+                    &kind,
+                    &debit,
+                    &credit,
+                    &amount,
+                    &currency,
+                    &pending,
+                    &defaulted,
+                    &timeout,
+                    &expires,
+                    &code,
+                    &metadata,
+                    &state,
+                    &u_tenant,
+                    &u_id,
+                    &u_state,
+                    &a_tenant,
+                    &a_id,
+                    &a_currency,
+                    &a_code,
+                    &a_flags,
+                    &a_limit,
+                    &a_metadata,
+                    &a_timestamp,
+                    &dp,
+                    &cp,
+                    &dh,
+                    &ch,
+                    &last,
+                ],
+            )
+            .map_err(unavailable)?;
+        let updated: i64 = row.try_get(1).map_err(unavailable)?;
+        assert_eq!(updated as usize, updates.len(), "pending updates name stored transfers");
         Ok(())
     }
 }
