@@ -179,6 +179,9 @@ const WRITE: &str = "WITH \
 impl Conn {
     fn open(url: &str) -> Result<Conn> {
         let mut client = connect(url)?;
+        // A generic plan cannot see how many keys an array holds and may scan whole tables;
+        // planning each execution with its real parameters is cheap next to that.
+        client.batch_execute("SET plan_cache_mode = force_custom_plan").map_err(unavailable)?;
         let load_transfers = client
             .prepare(&format!(
                 "SELECT {ENTRY_COLUMNS} FROM transfers WHERE (tenant_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
