@@ -956,3 +956,33 @@ fn operator_token_file_is_created_private_and_works() {
         assert_no_5xx_in_metrics(&mut c).await;
     });
 }
+
+#[test]
+fn operator_creations_honour_idempotency_keys() {
+    let dir = temp_dir("api-idem-op");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let idem = format!("tenant-{}", uuid());
+        let headers = [("idempotency-key", idem.as_str())];
+        let body = Bytes::from(bytes(&json!({"name": "once"})));
+        let r1 = c
+            .send_with_headers(Method::POST, "/v1/tenants", Some(OPERATOR), Some(body.clone()), &headers)
+            .await
+            .unwrap();
+        assert_status(&r1, 201, "first tenant creation");
+        let r2 = c.send_with_headers(Method::POST, "/v1/tenants", Some(OPERATOR), Some(body), &headers).await.unwrap();
+        assert_problem(&r2, 409, "exists", None, "the same Idempotency-Key creates no second tenant");
+        let tenant_id = r1.json()["id"].as_str().unwrap().to_owned();
+        let path = format!("/v1/tenants/{tenant_id}/api-keys");
+        let key_idem = [("idempotency-key", "rotate-2026-11")];
+        let k1 = c.send_with_headers(Method::POST, &path, Some(OPERATOR), None, &key_idem).await.unwrap();
+        assert_status(&k1, 201, "first key creation");
+        let k2 = c.send_with_headers(Method::POST, &path, Some(OPERATOR), None, &key_idem).await.unwrap();
+        assert_problem(&k2, 409, "exists", None, "the same Idempotency-Key creates no second key");
+        // The one key that was created works.
+        let secret = k1.json()["secret"].as_str().unwrap().to_owned();
+        let r = post(&mut c, "/v1/accounts", &secret, &json!({"currency": "BRL"})).await;
+        assert_status(&r, 201, "the new key works");
+    });
+}

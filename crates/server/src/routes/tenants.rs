@@ -61,24 +61,39 @@ pub async fn create_tenant(
 }
 
 #[utoipa::path(post, path = "/v1/tenants/{id}/api-keys", tag = "operator",
-    params(("id" = String, Path, description = "tenant id")),
+    params(("id" = String, Path, description = "tenant id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "a repeat answers 409 instead of creating a second key")),
     responses((status = 201, body = ApiKeyView), (status = 401, body = Problem), (status = 404, body = Problem)),
     security(("operator" = [])))]
 pub async fn create_api_key(
     State(state): State<AppState>,
     _operator: Operator,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let tenant_id = parse_id("id", &id)?;
     if read(&state, move |q| q.tenant(tenant_id)).await?.is_none() {
         return Err(Problem::not_found("tenant"));
     }
+    let key_id = match idempotency_key(&headers)? {
+        Some(key) => state.keys.derived_id(b"api-key", tenant_id, &key),
+        None => new_uuid(),
+    };
     let secret = new_secret(TENANT_SECRET_PREFIX);
-    let key =
-        store::ApiKeyRecord { id: new_uuid().as_u128(), tenant_id, created_at: store::now_nanos(), revoked_at: None };
+    let key = store::ApiKeyRecord { id: key_id.as_u128(), tenant_id, created_at: store::now_nanos(), revoked_at: None };
     let hash = state.keys.secret_hash(&secret);
     let record = key.clone();
-    read(&state, move |q| q.create_api_key(&record, &hash)).await?;
+    read(&state, move |q| q.create_api_key(&record, &hash)).await.map_err(|p| {
+        if p.code == "conflict" {
+            Problem::new(
+                StatusCode::CONFLICT,
+                "exists",
+                "a key was already created under this Idempotency-Key; its secret was shown once",
+            )
+        } else {
+            p
+        }
+    })?;
     Ok(reply(StatusCode::CREATED, &ApiKeyView { id: uuid_string(key.id), secret }))
 }
 
