@@ -151,11 +151,8 @@ pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
             accounts.insert(account.key, account);
         }
     }
-    // A background thread with its own connection copies WAL frames into the database on the
-    // other core, so the writer's own automatic checkpoint (every 1,000 pages) mostly finds the
-    // work done and only restarts the WAL: the WAL stays bounded without stalling commits.
-    conn.execute_batch("PRAGMA wal_autocheckpoint = 1000; PRAGMA journal_size_limit = 268435456;")
-        .map_err(unavailable)?;
+    // The writer never checkpoints itself: see `Checkpointer` and `Gate`.
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 268435456;").map_err(unavailable)?;
     let checkpointer = Checkpointer::start(path.clone())?;
     let writer = SqliteWriter {
         conn,
@@ -165,7 +162,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
         assigned: Vec::new(),
         clock: Clock { last: u64::try_from(last_timestamp).map_err(|_| corrupt("negative clock".into()))? },
         in_tx: false,
-        _checkpointer: checkpointer,
+        checkpointer: checkpointer,
         _lock: lock,
     };
     let queries = SqliteQueries { path, pool: Mutex::new(Vec::new()) };
@@ -233,16 +230,74 @@ struct SqliteWriter {
     assigned: Vec<(AccountKey, i64)>,
     clock: Clock,
     in_tx: bool,
-    _checkpointer: Checkpointer,
+    checkpointer: Checkpointer,
     /// Held for the writer's life; released when the process ends, however it ends.
     _lock: std::fs::File,
 }
 
+/// WAL length (in 4 KiB frames: 256 MiB) past which the checkpointer makes the WAL start over.
+/// Each start-over holds the writer for a moment: rare is better, and the disk space is cheap.
+const WAL_FRAMES_MAX: i64 = 64 * 1024;
+
+/// Before holding the writer, the checkpointer catches up to within this many frames...
+const CATCH_UP_FRAMES: i64 = 256;
+/// ...trying at most this many passes.
+const CATCH_UP_PASSES_MAX: usize = 50;
+
 /// How often the background thread checkpoints the WAL.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The longest the writer waits for the checkpointer to catch up before going on regardless.
+const QUIESCE_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Where the writer and the checkpointer meet. The WAL can only start over once a checkpoint has
+/// copied every frame, which never happens while the writer keeps appending; so, when the WAL is
+/// long, the checkpointer asks the writer to hold its next batch for the moment it takes to copy
+/// the last few frames (it copied the rest already, in the background).
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    quiesce: bool,
+    writer_waiting: bool,
+}
+
+impl Gate {
+    /// Called by the writer before each batch.
+    fn pass(&self) {
+        let mut state = self.state.lock().expect("gate lock");
+        if !state.quiesce {
+            return;
+        }
+        state.writer_waiting = true;
+        self.changed.notify_all();
+        let (mut state, _) =
+            self.changed.wait_timeout_while(state, QUIESCE_WAIT_MAX, |s| s.quiesce).expect("gate lock");
+        state.writer_waiting = false;
+    }
+
+    /// Called by the checkpointer: holds the writer between batches while `f` runs.
+    fn quiesced(&self, f: impl FnOnce()) {
+        let mut state = self.state.lock().expect("gate lock");
+        state.quiesce = true;
+        let (state, timeout) =
+            self.changed.wait_timeout_while(state, QUIESCE_WAIT_MAX, |s| !s.writer_waiting).expect("gate lock");
+        drop(state);
+        if !timeout.timed_out() {
+            f();
+        }
+        self.state.lock().expect("gate lock").quiesce = false;
+        self.changed.notify_all();
+    }
+}
+
 /// Copies committed WAL frames into the database file, off the writer's path. Stops when dropped.
 struct Checkpointer {
+    gate: Arc<Gate>,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -250,7 +305,22 @@ struct Checkpointer {
 impl Checkpointer {
     fn start(path: PathBuf) -> Result<Checkpointer> {
         let conn = connect(&path)?;
+        let gate = Arc::new(Gate::default());
+        let thread_gate = gate.clone();
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        // PASSIVE never blocks the writer; frames it could not copy are taken next time. Returns
+        // (frames in the WAL, frames not yet copied).
+        let checkpoint = move |conn: &Connection| -> Option<(i64, i64)> {
+            match conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            {
+                Ok((log, copied)) => Some((log, log - copied)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "wal checkpoint failed");
+                    None
+                }
+            }
+        };
         let thread = std::thread::Builder::new()
             .name("rtpay-checkpoint".into())
             .spawn(move || loop {
@@ -258,13 +328,31 @@ impl Checkpointer {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
-                // PASSIVE never blocks the writer; frames it could not copy are taken next time.
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "wal checkpoint failed");
+                let Some((log, _)) = checkpoint(&conn) else { continue };
+                if log <= WAL_FRAMES_MAX {
+                    continue;
                 }
+                // Catch up as close as the running writer allows, so that the pass made with
+                // the writer held has only a few frames left to copy.
+                for _ in 0..CATCH_UP_PASSES_MAX {
+                    match checkpoint(&conn) {
+                        Some((_, behind)) if behind > CATCH_UP_FRAMES => {}
+                        _ => break,
+                    }
+                }
+                // Flush what the passes copied now, so that the pass below, which must sync the
+                // database file before the WAL may start over, has little left to flush.
+                if let Err(e) = std::fs::File::open(&path).and_then(|f| f.sync_data()) {
+                    tracing::warn!(error = %e, "syncing the database file failed");
+                }
+                // With the writer held, this pass copies the last frames; the writer's next batch
+                // then writes the WAL from its start.
+                thread_gate.quiesced(|| {
+                    let _ = checkpoint(&conn);
+                });
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}")))?;
-        Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
+        Ok(Checkpointer { gate, stop: Some(stop), thread: Some(thread) })
     }
 }
 
@@ -280,6 +368,7 @@ impl Drop for Checkpointer {
 impl Writer for SqliteWriter {
     fn begin(&mut self) -> Result<Clock> {
         assert!(!self.in_tx, "one batch at a time");
+        self.checkpointer.gate.pass();
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
         self.in_tx = true;
         Ok(self.clock)
