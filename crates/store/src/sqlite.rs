@@ -768,3 +768,62 @@ impl Queries for SqliteQueries {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// While the checkpointer runs its quiesced pass, no batch starts; afterwards batches go on.
+    #[test]
+    fn the_gate_holds_the_writer_only_during_the_quiesced_pass() {
+        let gate = Arc::new(Gate::default());
+        let in_pass = Arc::new(AtomicBool::new(false));
+        let batches = Arc::new(AtomicU64::new(0));
+        let violations = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (gate, in_pass, batches, violations, stop) =
+                (gate.clone(), in_pass.clone(), batches.clone(), violations.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    gate.pass();
+                    // A batch: must never overlap the quiesced pass.
+                    if in_pass.load(Ordering::SeqCst) {
+                        violations.fetch_add(1, Ordering::SeqCst);
+                    }
+                    batches.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            })
+        };
+        let mut ran = 0;
+        for _ in 0..20 {
+            gate.quiesced(|| {
+                in_pass.store(true, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                in_pass.store(false, Ordering::SeqCst);
+                ran += 1;
+            });
+            let before = batches.load(Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert!(batches.load(Ordering::SeqCst) > before, "the writer goes on after the pass");
+        }
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        assert_eq!(ran, 20, "every pass found the writer waiting");
+        assert_eq!(violations.load(Ordering::SeqCst), 0, "a batch ran during a quiesced pass");
+    }
+
+    /// With no writer, the checkpointer does not wait forever: it gives up after the bound.
+    #[test]
+    fn the_gate_gives_up_without_a_writer() {
+        let gate = Gate::default();
+        let started = std::time::Instant::now();
+        let mut ran = false;
+        gate.quiesced(|| ran = true);
+        assert!(!ran);
+        assert!(started.elapsed() >= QUIESCE_WAIT_MAX);
+        gate.pass(); // not held: quiesce was cleared
+    }
+}
