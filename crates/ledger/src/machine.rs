@@ -623,7 +623,7 @@ pub fn expire_pending(state: &impl State, clock: Clock, now: Timestamp, keys: &[
         let Some(Entry::Created(pending)) = view.transfer(key) else {
             continue;
         };
-        if pending.state != PendingState::Pending || !pending.expires_at.is_some_and(|at| at <= now) {
+        if pending.state != PendingState::Pending || pending.expires_at.is_none_or(|at| at > now) {
             continue;
         }
         let pending = pending.clone();

@@ -60,7 +60,7 @@ fn spending_exactly_the_balance_is_allowed_one_more_is_not() {
 fn a_failure_that_depended_on_state_stays_failed() {
     let mut l = setup();
     let big = posted(1, ALICE, BOB, 5000);
-    assert_eq!(l.transfers(NOW, &[big.clone()])[0].result, TransferResult::InsufficientFunds);
+    assert_eq!(l.transfers(NOW, std::slice::from_ref(&big))[0].result, TransferResult::InsufficientFunds);
     l.transfers(NOW, &[posted(2, BANK, ALICE, 10_000)]);
     // Alice now has the money, but the same request under the same id keeps its first outcome.
     assert_eq!(l.transfers(NOW, &[big])[0].result, TransferResult::InsufficientFunds);

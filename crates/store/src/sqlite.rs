@@ -162,7 +162,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
         assigned: Vec::new(),
         clock: Clock { last: u64::try_from(last_timestamp).map_err(|_| corrupt("negative clock".into()))? },
         in_tx: false,
-        checkpointer: checkpointer,
+        checkpointer,
         _lock: lock,
     };
     let queries = SqliteQueries { path, pool: Mutex::new(Vec::new()) };
@@ -247,8 +247,13 @@ const CATCH_UP_PASSES_MAX: usize = 50;
 /// How often the background thread checkpoints the WAL.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// The longest the writer waits for the checkpointer to catch up before going on regardless.
+/// The longest the checkpointer waits for the writer to reach the gate (an idle writer never does,
+/// and then needs no holding).
 const QUIESCE_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+/// The longest the writer is held: only a checkpointer that died mid-pass could make it this long.
+/// A writer that outpaces the checkpointer is held as long as the copy takes: that back-pressure is
+/// what bounds the WAL.
+const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where the writer and the checkpointer meet. The WAL can only start over once a checkpoint has
 /// copied every frame, which never happens while the writer keeps appending; so, when the WAL is
@@ -275,8 +280,7 @@ impl Gate {
         }
         state.writer_waiting = true;
         self.changed.notify_all();
-        let (mut state, _) =
-            self.changed.wait_timeout_while(state, QUIESCE_WAIT_MAX, |s| s.quiesce).expect("gate lock");
+        let (mut state, _) = self.changed.wait_timeout_while(state, HOLD_MAX, |s| s.quiesce).expect("gate lock");
         state.writer_waiting = false;
     }
 
