@@ -17,7 +17,70 @@ pub struct ServerProcess {
     pub data: PathBuf,
 }
 
-/// Starts `<exe> serve` and waits (at most `wait`) until it prints its listening address.
+/// How to start `rtpay serve`.
+pub struct Spawn<'a> {
+    pub exe: &'a Path,
+    pub data: &'a Path,
+    pub postgres: Option<&'a str>,
+    pub listen: &'a str,
+    /// Set `RTPAY_OPERATOR_TOKEN` to [`OPERATOR`]; otherwise the server uses (and on first start
+    /// creates) `<data>/operator-token`.
+    pub operator_env: bool,
+    /// How long to wait for the listening line.
+    pub wait: Duration,
+}
+
+impl Spawn<'_> {
+    /// Starts the server and waits until it prints its listening address.
+    pub fn start(&self) -> std::io::Result<ServerProcess> {
+        let mut command = Command::new(self.exe);
+        command.arg("serve").arg("--data").arg(self.data).arg("--listen").arg(self.listen);
+        if self.operator_env {
+            command.env("RTPAY_OPERATOR_TOKEN", OPERATOR);
+        } else {
+            command.env_remove("RTPAY_OPERATOR_TOKEN");
+        }
+        command
+            .env("RTPAY_SECRET_KEY", SECRET_KEY)
+            .env("RTPAY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        match self.postgres {
+            Some(url) => {
+                command.arg("--postgres").arg(url);
+            }
+            // The embedded engine, whatever the caller's environment says.
+            None => {
+                command.env_remove("RTPAY_POSTGRES");
+            }
+        }
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("rtpay listening on http://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>());
+                }
+            }
+        });
+        match rx.recv_timeout(self.wait) {
+            Ok(Ok(addr)) => Ok(ServerProcess { child, addr, data: self.data.to_owned() }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(std::io::Error::other(format!(
+                    "rtpay serve did not start within {:?} (data {})",
+                    self.wait,
+                    self.data.display()
+                )))
+            }
+        }
+    }
+}
+
+/// Starts `<exe> serve` with the fixed test keys and waits (at most `wait`) until it listens.
 pub fn spawn_serve(
     exe: &Path,
     data: &Path,
@@ -25,40 +88,7 @@ pub fn spawn_serve(
     listen: &str,
     wait: Duration,
 ) -> std::io::Result<ServerProcess> {
-    let mut command = Command::new(exe);
-    command
-        .arg("serve")
-        .arg("--data")
-        .arg(data)
-        .arg("--listen")
-        .arg(listen)
-        .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
-        .env("RTPAY_SECRET_KEY", SECRET_KEY)
-        .env("RTPAY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if let Some(url) = postgres {
-        command.arg("--postgres").arg(url);
-    }
-    let mut child = command.spawn()?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(addr) = line.strip_prefix("rtpay listening on http://") {
-                let _ = tx.send(addr.parse::<SocketAddr>());
-            }
-        }
-    });
-    match rx.recv_timeout(wait) {
-        Ok(Ok(addr)) => Ok(ServerProcess { child, addr, data: data.to_owned() }),
-        _ => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(std::io::Error::other(format!("rtpay serve did not start within {wait:?} (data {})", data.display())))
-        }
-    }
+    Spawn { exe, data, postgres, listen, operator_env: true, wait }.start()
 }
 
 /// Resident memory of a process, in KiB, from /proc.

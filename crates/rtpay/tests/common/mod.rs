@@ -1,18 +1,16 @@
 //! Runs real `rtpay serve` processes for end-to-end tests, and talks to them over real sockets.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use rtpay::client::Client;
+use rtpay::process::Spawn;
 use serde_json::{json, Value};
 
-/// A fixed operator token and hash key, so several nodes of one cluster agree.
-pub const OPERATOR: &str = "rtpay_op_test_0123456789abcdef0123456789abcdef";
-pub const SECRET_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+pub use rtpay::process::OPERATOR;
 
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rtpay-{tag}-{}-{}", std::process::id(), store::now_nanos()));
@@ -47,40 +45,22 @@ impl Server {
     }
 
     pub fn start_with(data: &Path, postgres: Option<&str>, listen: &str, operator_env: bool) -> Server {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
-        command.arg("serve").arg("--data").arg(data).arg("--listen").arg(listen);
-        if operator_env {
-            command.env("RTPAY_OPERATOR_TOKEN", OPERATOR);
-        } else {
-            command.env_remove("RTPAY_OPERATOR_TOKEN");
+        let spawn = Spawn {
+            exe: Path::new(env!("CARGO_BIN_EXE_rtpay")),
+            data,
+            postgres,
+            listen,
+            operator_env,
+            wait: Duration::from_secs(60),
+        };
+        let process = spawn.start().unwrap_or_else(|e| panic!("{e}"));
+        Server {
+            child: Some(process.child),
+            addr: process.addr,
+            data: data.to_owned(),
+            postgres: postgres.map(str::to_owned),
+            operator_env,
         }
-        command
-            .env("RTPAY_SECRET_KEY", SECRET_KEY)
-            .env("RTPAY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(url) = postgres {
-            command.arg("--postgres").arg(url);
-        } else {
-            // The embedded engine, whatever the caller's environment says.
-            command.env_remove("RTPAY_POSTGRES");
-        }
-        let mut child = command.spawn().expect("spawn rtpay serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("rtpay listening on http://") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("rtpay serve did not start listening within 60 s (data {})", data.display())
-        });
-        Server { child: Some(child), addr, data: data.to_owned(), postgres: postgres.map(str::to_owned), operator_env }
     }
 
     pub fn client(&self) -> Client {
