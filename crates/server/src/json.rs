@@ -62,14 +62,12 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
             "the body is empty; a JSON object is expected",
         ));
     }
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let result: Result<T, _> = serde_path_to_error::deserialize(de);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let result: Result<T, _> = serde_path_to_error::deserialize(&mut de);
     match result {
         Ok(value) => {
-            // Trailing data after the value is malformed too.
-            let mut rest = serde_json::Deserializer::from_slice(bytes).into_iter::<serde::de::IgnoredAny>();
-            rest.next();
-            if rest.next().is_some() {
+            // Trailing data after the value is malformed too (whitespace is fine).
+            if de.end().is_err() {
                 return Err(Problem::new(
                     StatusCode::BAD_REQUEST,
                     "malformed_json",

@@ -116,25 +116,22 @@ async fn method_not_allowed() -> Problem {
 /// Request ids, metrics and the access log, around every request.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let request_id = request
+    let method = metrics::method_name(request.method());
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let given = request
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
             !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
-        .map(str::to_owned)
-        .unwrap_or_else(|| auth::hex(&auth::random_32()[..8]));
+        .map(str::to_owned);
+    let request_id = given.unwrap_or_else(next_request_id);
     let mut response = next.run(request).await;
     let status = response.status().as_u16();
     let micros = started.elapsed().as_micros() as u64;
-    state.metrics.observe(&method, &route, status, micros);
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    state.metrics.observe(method, route, status, micros);
     if status >= 500 {
         tracing::warn!(request_id, method, route, status, micros, "request failed");
     } else {
@@ -144,6 +141,15 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+/// A request id: a random prefix drawn once per process, then a counter. Unique across nodes and
+/// restarts for all practical purposes, and no system call per request.
+fn next_request_id() -> String {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| auth::hex(&auth::random_32()[..6]));
+    format!("{prefix}-{:x}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Serves until `shutdown` resolves.

@@ -20,15 +20,36 @@ struct RouteStats {
     buckets: [u64; 13],
 }
 
+/// Route → (method, status) → figures. Keyed so that a request allocates nothing once its
+/// route has been seen.
 #[derive(Default)]
 pub struct Metrics {
-    routes: Mutex<BTreeMap<(String, String, u16), RouteStats>>,
+    routes: Mutex<BTreeMap<String, BTreeMap<(&'static str, u16), RouteStats>>>,
+}
+
+/// The method as a static label; methods rtpay does not route are counted together.
+pub fn method_name(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
 }
 
 impl Metrics {
-    pub fn observe(&self, method: &str, route: &str, status: u16, micros: u64) {
+    pub fn observe(&self, method: &'static str, route: &str, status: u16, micros: u64) {
         let mut routes = self.routes.lock().expect("metrics lock");
-        let stats = routes.entry((method.to_owned(), route.to_owned(), status)).or_default();
+        if !routes.contains_key(route) {
+            routes.insert(route.to_owned(), BTreeMap::new());
+        }
+        let by_status = routes.get_mut(route).expect("inserted above");
+        let stats = by_status.entry((method, status)).or_default();
         stats.count += 1;
         stats.sum_us += micros;
         let i = LATENCY_BUCKETS_US.iter().position(|b| micros <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
@@ -39,7 +60,15 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         out.push_str("# HELP rtpay_http_requests_total HTTP requests by method, route and status.\n");
         out.push_str("# TYPE rtpay_http_requests_total counter\n");
-        let routes = self.routes.lock().expect("metrics lock").clone();
+        let routes: Vec<((String, String, u16), RouteStats)> = {
+            let routes = self.routes.lock().expect("metrics lock");
+            routes
+                .iter()
+                .flat_map(|(route, by)| {
+                    by.iter().map(move |((m, st), s)| (((*m).to_owned(), route.clone(), *st), s.clone()))
+                })
+                .collect()
+        };
         for ((method, route, status), s) in &routes {
             let _ = writeln!(
                 out,
