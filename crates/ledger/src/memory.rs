@@ -33,11 +33,7 @@ impl MemoryLedger {
             self.accounts.insert(account.key, account);
         }
         for entry in changes.inserted {
-            let key = match &entry {
-                Entry::Created(t) => t.key,
-                Entry::Failed { event, .. } => event.key,
-            };
-            let previous = self.transfers.insert(key, entry);
+            let previous = self.transfers.insert(entry.key(), entry);
             assert!(previous.is_none(), "inserted entries are new");
         }
         for (key, state) in changes.pending_updates {

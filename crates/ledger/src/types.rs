@@ -282,6 +282,14 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The id the entry is stored under.
+    pub fn key(&self) -> TransferKey {
+        match self {
+            Entry::Created(t) => t.key,
+            Entry::Failed { event, .. } => event.key,
+        }
+    }
+
     pub fn timestamp(&self) -> Timestamp {
         match self {
             Entry::Created(t) => t.timestamp,

@@ -24,8 +24,10 @@ struct RouteStats {
 /// route has been seen.
 #[derive(Default)]
 pub struct Metrics {
-    routes: Mutex<BTreeMap<String, BTreeMap<(&'static str, u16), RouteStats>>>,
+    routes: Mutex<BTreeMap<String, ByMethodStatus>>,
 }
+
+type ByMethodStatus = BTreeMap<(&'static str, u16), RouteStats>;
 
 /// The method as a static label; methods rtpay does not route are counted together.
 pub fn method_name(method: &axum::http::Method) -> &'static str {
@@ -60,31 +62,27 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         out.push_str("# HELP rtpay_http_requests_total HTTP requests by method, route and status.\n");
         out.push_str("# TYPE rtpay_http_requests_total counter\n");
-        let routes: Vec<((String, String, u16), RouteStats)> = {
-            let routes = self.routes.lock().expect("metrics lock");
-            routes
-                .iter()
-                .flat_map(|(route, by)| {
-                    by.iter().map(move |((m, st), s)| (((*m).to_owned(), route.clone(), *st), s.clone()))
-                })
-                .collect()
-        };
-        for ((method, route, status), s) in &routes {
-            let _ = writeln!(
-                out,
-                "rtpay_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
-                s.count
-            );
+        let routes = self.routes.lock().expect("metrics lock").clone();
+        for (route, by) in &routes {
+            for ((method, status), s) in by {
+                let _ = writeln!(
+                    out,
+                    "rtpay_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
+                    s.count
+                );
+            }
         }
         out.push_str("# HELP rtpay_http_request_duration_seconds HTTP request latency.\n");
         out.push_str("# TYPE rtpay_http_request_duration_seconds histogram\n");
-        let mut by_route: BTreeMap<(String, String), RouteStats> = BTreeMap::new();
-        for ((method, route, _), s) in &routes {
-            let total = by_route.entry((method.clone(), route.clone())).or_default();
-            total.count += s.count;
-            total.sum_us += s.sum_us;
-            for (t, b) in total.buckets.iter_mut().zip(s.buckets) {
-                *t += b;
+        let mut by_route: BTreeMap<(&str, &str), RouteStats> = BTreeMap::new();
+        for (route, by) in &routes {
+            for ((method, _), s) in by {
+                let total = by_route.entry((method, route.as_str())).or_default();
+                total.count += s.count;
+                total.sum_us += s.sum_us;
+                for (t, b) in total.buckets.iter_mut().zip(s.buckets) {
+                    *t += b;
+                }
             }
         }
         for ((method, route), s) in &by_route {

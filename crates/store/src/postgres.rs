@@ -14,18 +14,13 @@ use ledger::*;
 use uuid::Uuid;
 
 use crate::migrations::{Migration, POSTGRES};
-use crate::rows::{AccountRow, EntryRow};
+use crate::rows::{AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
 use crate::*;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READERS_MAX: usize = 8;
 /// An arbitrary constant naming the migration lock among PostgreSQL advisory locks.
 const MIGRATION_LOCK: i64 = 0x7274_7061_7900_0001;
-
-const ENTRY_COLUMNS: &str = "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
-     currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state";
-const ACCOUNT_COLUMNS: &str = "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
-     debits_posted, credits_posted, debits_pending, credits_pending";
 
 fn unavailable(e: ::postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
@@ -254,11 +249,7 @@ impl Writer for PgWriter {
         let rows = conn.client.query(&conn.load_transfers, &[&tenants, &ids]).map_err(unavailable)?;
         for row in rows {
             let entry = entry_row(&row)?.into_entry().map_err(corrupt)?;
-            let key = match &entry {
-                Entry::Created(t) => t.key,
-                Entry::Failed { event, .. } => event.key,
-            };
-            into.transfers.insert(key, entry);
+            into.transfers.insert(entry.key(), entry);
         }
         Ok(())
     }

@@ -3,6 +3,14 @@
 
 use ledger::*;
 
+/// The columns of [`EntryRow`], in the order both engines select them.
+pub const ENTRY_COLUMNS: &str = "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
+     currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state";
+
+/// The columns of [`AccountRow`], in the order both engines select them.
+pub const ACCOUNT_COLUMNS: &str = "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
+     debits_posted, credits_posted, debits_pending, credits_pending";
+
 /// Every column of the `transfers` table, engine-neutral.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryRow {

@@ -12,7 +12,7 @@ use ledger::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::migrations::{Migration, SQLITE};
-use crate::rows::{id_hash, u128_of, uuid_bytes, AccountRow, EntryRow};
+use crate::rows::{id_hash, u128_of, uuid_bytes, AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
 use crate::*;
 
 pub(crate) const DB_FILE: &str = "rtpay.db";
@@ -23,18 +23,12 @@ const CACHE_KIB: i64 = 64 * 1024;
 /// Reader connections kept open for reuse.
 const READERS_MAX: usize = 8;
 
-const ENTRY_COLUMNS: &str = "timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, amount, \
-     currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state";
-
 /// Finds a transfer by id through the hash index; the ids settle hash collisions.
 const BY_ID: &str = "id_hash = ?1 AND tenant_id = ?2 AND id = ?3";
 
 fn by_id(key: &TransferKey) -> (i64, [u8; 16], [u8; 16]) {
     (id_hash(key.tenant.0, key.id.0), uuid_bytes(key.tenant.0), uuid_bytes(key.id.0))
 }
-
-const ACCOUNT_COLUMNS: &str = "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
-     debits_posted, credits_posted, debits_pending, credits_pending";
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(format!("sqlite: {e}"))
@@ -436,7 +430,7 @@ impl Writer for SqliteWriter {
             for account in &change.accounts {
                 self.accounts.insert(account.key, account.clone());
             }
-            self.clock = self.clock.max_of(change.clock);
+            self.clock.last = self.clock.last.max(change.clock.last);
         }
         for (key, no) in self.assigned.drain(..) {
             self.numbers.insert(key, no);
@@ -455,16 +449,6 @@ impl Writer for SqliteWriter {
     }
 }
 
-trait MaxOf {
-    fn max_of(self, other: Clock) -> Clock;
-}
-
-impl MaxOf for Clock {
-    fn max_of(self, other: Clock) -> Clock {
-        Clock { last: self.last.max(other.last) }
-    }
-}
-
 impl SqliteWriter {
     fn number(&self, key: &AccountKey) -> Option<i64> {
         self.numbers.get(key).copied().or_else(|| self.assigned.iter().find(|(k, _)| k == key).map(|(_, no)| *no))
@@ -480,7 +464,7 @@ impl SqliteWriter {
                     self.assigned.push((account.key, no));
                 }
             }
-            last = last.max_of(change.clock);
+            last.last = last.last.max(change.clock.last);
         }
         let mut upsert = self
             .conn
