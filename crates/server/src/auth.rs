@@ -188,10 +188,7 @@ impl FromRequestParts<AppState> for Tenant {
         if let Some((id, key_id)) = state.key_cache.get(&hash) {
             return Ok(Tenant { id, key_id });
         }
-        let queries = state.store.queries.clone();
-        let record = tokio::task::spawn_blocking(move || queries.api_key_by_hash(&hash))
-            .await
-            .map_err(|_| Problem::internal())??;
+        let record = crate::routes::query(state, move |q| q.api_key_by_hash(&hash)).await?;
         match record {
             Some(key) if key.revoked_at.is_none() => {
                 state.key_cache.put(hash, key.tenant_id, key.id);

@@ -12,7 +12,7 @@ use crate::auth::{new_uuid, Tenant};
 use crate::dto::*;
 use crate::json::{reply, Json, Path};
 use crate::problem::Problem;
-use crate::routes::{cursor_of, page_params, read, submit, tenants::idempotency_key};
+use crate::routes::{cursor_of, page_params, query, submit, tenants::idempotency_key};
 use crate::AppState;
 
 #[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = AccountBody,
@@ -60,7 +60,7 @@ pub async fn get_account(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let key = account_key(&tenant, &id)?;
-    match read(&state, move |q| q.account(key)).await? {
+    match query(&state, move |q| q.account(key)).await? {
         Some(a) => Ok(reply(StatusCode::OK, &AccountView::of(&a))),
         None => Err(Problem::not_found("account")),
     }
@@ -98,7 +98,7 @@ pub async fn list_account_transfers(
 ) -> Result<Response, Problem> {
     let key = account_key(&tenant, &id)?;
     let page = page_params(&params)?;
-    let result = read(&state, move |q| {
+    let result = query(&state, move |q| {
         if q.account(key)?.is_none() {
             return Ok(None);
         }

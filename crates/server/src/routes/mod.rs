@@ -21,8 +21,9 @@ pub async fn submit(state: &AppState, command: Command) -> Result<Reply, Problem
     Ok(result?)
 }
 
-/// Runs a blocking storage read off the async threads.
-pub async fn read<T: Send + 'static>(
+/// Runs a blocking `Queries` call (a read, or a control-plane write such as creating a tenant)
+/// off the async threads.
+pub async fn query<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&dyn Queries) -> store::Result<T> + Send + 'static,
 ) -> Result<T, Problem> {

@@ -7,7 +7,7 @@ use utoipa::OpenApi;
 
 use crate::json::reply;
 use crate::problem::Problem;
-use crate::routes::read;
+use crate::routes::query;
 use crate::AppState;
 
 /// Liveness: the process answers.
@@ -17,7 +17,7 @@ pub async fn healthz() -> Response {
 
 /// Readiness: storage answers too.
 pub async fn readyz(State(state): State<AppState>) -> Result<Response, Problem> {
-    read(&state, |q| q.ping()).await?;
+    query(&state, |q| q.ping()).await?;
     Ok(reply(StatusCode::OK, &serde_json::json!({"status": "ready"})))
 }
 

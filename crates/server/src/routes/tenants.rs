@@ -8,7 +8,7 @@ use crate::auth::{new_secret, new_uuid, Operator, TENANT_SECRET_PREFIX};
 use crate::dto::*;
 use crate::json::{reply, Json, Path};
 use crate::problem::Problem;
-use crate::routes::read;
+use crate::routes::query;
 use crate::AppState;
 
 pub const TENANT_NAME_LEN_MAX: usize = 200;
@@ -41,7 +41,7 @@ pub async fn create_tenant(
     let hash = state.keys.secret_hash(&secret);
     let record = tenant.clone();
     let key_record = key.clone();
-    read(&state, move |q| q.create_tenant(&record, &key_record, &hash)).await.map_err(|p| {
+    query(&state, move |q| q.create_tenant(&record, &key_record, &hash)).await.map_err(|p| {
         if p.code == "conflict" {
             Problem::new(StatusCode::CONFLICT, "exists", "a tenant was already created under this Idempotency-Key; its API key was shown once. Create a new key with POST /v1/tenants/{id}/api-keys")
         } else {
@@ -72,7 +72,7 @@ pub async fn create_api_key(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let tenant_id = parse_id("id", &id)?;
-    if read(&state, move |q| q.tenant(tenant_id)).await?.is_none() {
+    if query(&state, move |q| q.tenant(tenant_id)).await?.is_none() {
         return Err(Problem::not_found("tenant"));
     }
     let key_id = match idempotency_key(&headers)? {
@@ -83,7 +83,7 @@ pub async fn create_api_key(
     let key = store::ApiKeyRecord { id: key_id.as_u128(), tenant_id, created_at: store::now_nanos(), revoked_at: None };
     let hash = state.keys.secret_hash(&secret);
     let record = key.clone();
-    read(&state, move |q| q.create_api_key(&record, &hash)).await.map_err(|p| {
+    query(&state, move |q| q.create_api_key(&record, &hash)).await.map_err(|p| {
         if p.code == "conflict" {
             Problem::new(
                 StatusCode::CONFLICT,
@@ -108,7 +108,7 @@ pub async fn revoke_api_key(
 ) -> Result<Response, Problem> {
     let tenant_id = parse_id("id", &id)?;
     let key_id = parse_id("key_id", &key_id)?;
-    let revoked = read(&state, move |q| q.revoke_api_key(tenant_id, key_id, store::now_nanos())).await?;
+    let revoked = query(&state, move |q| q.revoke_api_key(tenant_id, key_id, store::now_nanos())).await?;
     if !revoked {
         return Err(Problem::not_found("live API key of this tenant"));
     }

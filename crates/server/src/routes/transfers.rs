@@ -10,7 +10,7 @@ use crate::auth::Tenant;
 use crate::dto::*;
 use crate::json::{reply, Json, Path};
 use crate::problem::Problem;
-use crate::routes::{ledger_problem, read, submit};
+use crate::routes::{ledger_problem, query, submit};
 use crate::AppState;
 
 async fn apply(state: &AppState, events: Vec<TransferEvent>) -> Result<Vec<Outcome>, Problem> {
@@ -143,7 +143,7 @@ pub async fn get_transfer(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let key = TransferKey { tenant: tenant.ledger_id(), id: TransferId(parse_id("id", &id)?) };
-    match read(&state, move |q| q.entry(key)).await? {
+    match query(&state, move |q| q.entry(key)).await? {
         Some(Entry::Created(t)) => Ok(reply(StatusCode::OK, &TransferView::of(&t))),
         // A remembered failure is not a transfer.
         Some(Entry::Failed { .. }) | None => Err(Problem::not_found("transfer")),
