@@ -45,6 +45,33 @@ pub struct BenchArgs {
     /// Where scratch data goes (default: the system temporary directory).
     #[arg(long)]
     pub scratch: Option<PathBuf>,
+    /// Transfer ids the load uses: `time` (UUIDv7, time-ordered, as recommended to clients) or
+    /// `random` (UUIDv4).
+    #[arg(long, value_enum, default_value_t = Ids::Time)]
+    pub ids: Ids,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Ids {
+    Time,
+    Random,
+}
+
+impl Ids {
+    /// The `n`th transfer id of a run.
+    fn id(self, n: u64) -> u128 {
+        let mixed = u128::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
+        match self {
+            // Version 4 and the RFC 9562 variant over random-looking bits.
+            Ids::Random => (mixed & !(0xF << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62),
+            // UUIDv7: 48 bits of Unix milliseconds, version 7, a 12-bit counter, the variant, 62
+            // random-looking bits.
+            Ids::Time => {
+                let ms = u128::from(store::now_nanos() / 1_000_000);
+                (ms << 80) | (0x7 << 76) | (u128::from(n & 0xFFF) << 64) | (0x2 << 62) | (mixed >> 66)
+            }
+        }
+    }
 }
 
 fn scratch(args: &BenchArgs, tag: &str) -> PathBuf {
@@ -120,12 +147,11 @@ fn open_accounts(store: &store::Store) -> Result<(), Error> {
     Ok(())
 }
 
-fn batch_events(seq: &mut u128) -> Vec<TransferEvent> {
+fn batch_events(seq: &mut u128, ids: Ids) -> Vec<TransferEvent> {
     (0..BATCH)
         .map(|_| {
             *seq += 1;
-            // Random-looking ids, like UUIDv4s from clients: no help from key order.
-            let id = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1;
+            let id = ids.id(*seq as u64);
             TransferEvent {
                 key: TransferKey { tenant: T, id: TransferId(id) },
                 kind: EventKind::Posted { debit: AccountId(1), credit: AccountId(1000 + *seq % WALLETS), amount: 1 },
@@ -138,7 +164,7 @@ fn batch_events(seq: &mut u128) -> Vec<TransferEvent> {
 }
 
 /// Writes `count` transfers through the batch path; returns transfers per second.
-fn fill(store: &store::Store, count: u64, seq: &mut u128) -> Result<f64, Error> {
+fn fill(store: &store::Store, count: u64, seq: &mut u128, ids: Ids) -> Result<f64, Error> {
     let started = Instant::now();
     let mut done = 0u64;
     // Several batches in flight, as concurrent clients would have: the writer takes all that are
@@ -147,7 +173,7 @@ fn fill(store: &store::Store, count: u64, seq: &mut u128) -> Result<f64, Error> 
     let mut in_flight = 0;
     while done < count || in_flight > 0 {
         while in_flight < 4 && done < count {
-            let events = batch_events(seq);
+            let events = batch_events(seq, ids);
             done += events.len() as u64;
             let tx = tx.clone();
             store.engine.submit(store::Command::Transfers(events), Box::new(move |r| drop(tx.send(r))))?;
@@ -171,18 +197,19 @@ fn batch(args: &BenchArgs) -> Result<(), Error> {
     let store = store::Store::open(&store::Location::Embedded(dir.clone()))?;
     open_accounts(&store)?;
     let mut seq = 0u128;
-    fill(&store, 80_000, &mut seq)?; // warm up
+    fill(&store, 80_000, &mut seq, args.ids)?; // warm up
     let started = Instant::now();
     let mut rates = Vec::new();
     while started.elapsed() < Duration::from_secs(args.seconds) {
-        rates.push(fill(&store, 20 * BATCH as u64, &mut seq)?);
+        rates.push(fill(&store, 20 * BATCH as u64, &mut seq, args.ids)?);
     }
     let total = seq as f64;
     store.close();
     rates.sort_by(|a, b| a.partial_cmp(b).expect("rates are numbers"));
     let median = rates[rates.len() / 2];
     println!(
-        "batch (in-process, embedded, {BATCH} per batch, durable commits): median {:.0} transfers/s over {} samples (min {:.0}, max {:.0}); {:.0} transfers written; bar 300,000/s",
+        "batch (in-process, embedded, {BATCH} per batch, {:?} ids, durable commits): median {:.0} transfers/s over {} samples (min {:.0}, max {:.0}); {:.0} transfers written; bar 300,000/s",
+        args.ids,
         median,
         rates.len(),
         rates[0],
@@ -322,9 +349,9 @@ fn spawn_baseline(exe: &Path) -> Result<(std::process::Child, SocketAddr), Error
     Ok((child, addr))
 }
 
-fn transfer_bodies(bank: String, wallets: Arc<Vec<String>>) -> MakeBody {
+fn transfer_bodies(bank: String, wallets: Arc<Vec<String>>, ids: Ids) -> MakeBody {
     Arc::new(move |n: u64| {
-        let id = uuid::Uuid::from_u128(u128::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1);
+        let id = uuid::Uuid::from_u128(ids.id(n));
         let credit = &wallets[(n % wallets.len() as u64) as usize];
         Bytes::from(format!(r#"{{"id":"{id}","debit_account_id":"{bank}","credit_account_id":"{credit}","amount":1}}"#))
     })
@@ -379,7 +406,8 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
         wallets.push(w["id"].as_str().ok_or("account creation failed")?.to_owned());
     }
     let engine = if postgres.is_some() { "PostgreSQL" } else { "embedded" };
-    let target = Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(wallets)) };
+    let target =
+        Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(wallets), args.ids) };
     let (rtpay_rate, p99) = measure(&format!("rtpay POST /v1/transfers ({engine})"), &target, args).await;
     let rss = rss_kib(child.id()).unwrap_or(0);
     let _ = child.kill();
@@ -394,7 +422,7 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
                 addr,
                 path: "/v1/transfers",
                 token: "x".into(),
-                body: transfer_bodies("b".into(), Arc::new(vec!["c".into()])),
+                body: transfer_bodies("b".into(), Arc::new(vec!["c".into()]), args.ids),
             };
             let (base_rate, _) = measure("baseline: trivial axum JSON handler", &target, args).await;
             let _ = baseline.kill();
@@ -495,7 +523,7 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
         let store = store::Store::open(&store::Location::Embedded(dir.clone()))?;
         open_accounts(&store)?;
         let mut seq = 0u128;
-        let rate = fill(&store, count, &mut seq)?;
+        let rate = fill(&store, count, &mut seq, args.ids)?;
         store.close();
         Ok(rate)
     })?;
@@ -516,8 +544,12 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
         .as_str()
         .ok_or("account")?
         .to_owned();
-    let target =
-        Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(vec![wallet])) };
+    let target = Target {
+        addr,
+        path: "/v1/transfers",
+        token: key,
+        body: transfer_bodies(bank, Arc::new(vec![wallet]), args.ids),
+    };
     let load = closed_loop(&target, 32, Duration::from_secs(args.seconds.min(5))).await;
     let rss_loaded = rss_kib(child.id()).unwrap_or(0);
     child.kill()?;
@@ -547,4 +579,24 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
         load.rate()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ids;
+
+    #[test]
+    fn bench_ids_are_well_formed_uuids_of_their_version() {
+        for n in [1u64, 2, 4095, 4096, 1 << 40] {
+            let time = uuid::Uuid::from_u128(Ids::Time.id(n));
+            let random = uuid::Uuid::from_u128(Ids::Random.id(n));
+            assert_eq!((time.get_version_num(), random.get_version_num()), (7, 4));
+            assert_eq!(time.get_variant(), uuid::Variant::RFC4122);
+            assert_eq!(random.get_variant(), uuid::Variant::RFC4122);
+        }
+        // Time-ordered ids made later sort later; random ones do not follow n.
+        let (a, b) = (Ids::Time.id(1), Ids::Time.id(2));
+        assert!(a < b);
+        assert_ne!(Ids::Random.id(1) < Ids::Random.id(2), Ids::Random.id(2) < Ids::Random.id(3));
+    }
 }

@@ -232,32 +232,3 @@ pub fn u128_of(bytes: &[u8]) -> Result<u128, String> {
     let array: [u8; 16] = bytes.try_into().map_err(|_| format!("id of {} bytes, expected 16", bytes.len()))?;
     Ok(u128::from_be_bytes(array))
 }
-
-/// A stable 64-bit hash of a transfer's (tenant, id), stored on disk by the embedded engine as its
-/// look-up key. Never change it: existing data depends on it.
-pub fn id_hash(tenant: u128, id: u128) -> i64 {
-    // SplitMix64's finalizer over the four 64-bit words.
-    fn mix(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    let mut h = 0x9E37_79B9_7F4A_7C15u64;
-    for word in [tenant as u64, (tenant >> 64) as u64, id as u64, (id >> 64) as u64] {
-        h = mix(h ^ word);
-    }
-    h as i64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn id_hash_is_stable() {
-        // Stored on disk: these values must never change.
-        assert_eq!(id_hash(0, 0), id_hash(0, 0));
-        assert_ne!(id_hash(1, 2), id_hash(2, 1));
-        assert_eq!(id_hash(1, 2), 1374593790155307561);
-    }
-}

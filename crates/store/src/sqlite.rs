@@ -12,7 +12,7 @@ use ledger::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::migrations::{Migration, SQLITE};
-use crate::rows::{id_hash, u128_of, uuid_bytes, AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
+use crate::rows::{u128_of, uuid_bytes, AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
 use crate::*;
 
 pub(crate) const DB_FILE: &str = "rtpay.db";
@@ -24,10 +24,10 @@ const CACHE_KIB: i64 = 64 * 1024;
 const READERS_MAX: usize = 8;
 
 /// Finds a transfer by id through the hash index; the ids settle hash collisions.
-const BY_ID: &str = "id_hash = ?1 AND tenant_id = ?2 AND id = ?3";
+const BY_ID: &str = "id = ?1 AND tenant_id = ?2";
 
-fn by_id(key: &TransferKey) -> (i64, [u8; 16], [u8; 16]) {
-    (id_hash(key.tenant.0, key.id.0), uuid_bytes(key.tenant.0), uuid_bytes(key.id.0))
+fn by_id(key: &TransferKey) -> ([u8; 16], [u8; 16]) {
+    (uuid_bytes(key.id.0), uuid_bytes(key.tenant.0))
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -377,10 +377,10 @@ impl Writer for SqliteWriter {
             .conn
             .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE {BY_ID}"))
             .map_err(unavailable)?;
-        // In hash order, so consecutive look-ups walk neighbouring index pages.
-        let mut ordered: Vec<(i64, &TransferKey)> = keys.iter().map(|k| (id_hash(k.tenant.0, k.id.0), k)).collect();
-        ordered.sort_unstable_by_key(|(h, _)| *h);
-        for (_, key) in ordered {
+        // In id order, so consecutive look-ups walk neighbouring index pages.
+        let mut ordered: Vec<&TransferKey> = keys.iter().collect();
+        ordered.sort_unstable_by_key(|k| k.id.0);
+        for key in ordered {
             let mut rows = stmt.query(by_id(key)).map_err(unavailable)?;
             if let Some(row) = rows.next().map_err(unavailable)? {
                 let entry = entry_row(row)?.into_entry().map_err(corrupt)?;
@@ -502,15 +502,15 @@ impl SqliteWriter {
         let mut insert = self
             .conn
             .prepare_cached(&format!(
-                "INSERT INTO transfers ({ENTRY_COLUMNS}, id_hash, debit_no, credit_no) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+                "INSERT INTO transfers ({ENTRY_COLUMNS}, debit_no, credit_no) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
             ))
             .map_err(unavailable)?;
-        // Rows go in hash order: the id index then takes its inserts left to right, and the table,
+        // Rows go in id order: the id index then takes its inserts left to right, and the table,
         // keyed by timestamp, still only grows at its right edge.
         let mut rows: Vec<(EntryRow, &Entry)> =
             changes.iter().flat_map(|c| c.inserted.iter()).map(|e| (EntryRow::of(e), e)).collect();
-        rows.sort_unstable_by_key(|(r, _)| id_hash(r.tenant_id, r.id));
+        rows.sort_unstable_by_key(|(r, _)| r.id);
         {
             for (r, entry) in rows {
                 let tenant = TenantId(r.tenant_id);
@@ -540,7 +540,6 @@ impl SqliteWriter {
                         r.code,
                         r.metadata,
                         r.state,
-                        id_hash(r.tenant_id, r.id),
                         debit_no,
                         credit_no,
                     ])
@@ -549,11 +548,11 @@ impl SqliteWriter {
         }
         drop(insert);
         let mut update_state =
-            self.conn.prepare_cached(&format!("UPDATE transfers SET state = ?4 WHERE {BY_ID}")).map_err(unavailable)?;
+            self.conn.prepare_cached(&format!("UPDATE transfers SET state = ?3 WHERE {BY_ID}")).map_err(unavailable)?;
         for change in changes {
             for (key, state) in &change.pending_updates {
-                let (h, t, i) = by_id(key);
-                let n = update_state.execute(params![h, t, i, *state as i16]).map_err(unavailable)?;
+                let (i, t) = by_id(key);
+                let n = update_state.execute(params![i, t, *state as i16]).map_err(unavailable)?;
                 assert_eq!(n, 1, "a pending update names a stored transfer");
             }
         }
@@ -761,6 +760,67 @@ impl Queries for SqliteQueries {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// A data directory written by schema version 1 (ids looked up by hash) opens under version 2
+    /// with every transfer still found by id, and passes verification.
+    #[test]
+    fn version_1_data_migrates_to_the_id_index() {
+        let dir = std::env::temp_dir().join(format!("rtpay-migrate-{}-{}", std::process::id(), now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let mut conn = connect(&dir.join(DB_FILE)).unwrap();
+            assert_eq!(apply_migrations(&mut conn, &SQLITE[..1]).unwrap(), vec![1]);
+            let (tenant, a, b, t) = (uuid_bytes(7), uuid_bytes(1), uuid_bytes(2), uuid_bytes(99));
+            conn.execute_batch("UPDATE ledger_meta SET last_timestamp = 30").unwrap();
+            for (no, id, ts, debits, credits) in [(1, a, 10, 5, 0), (2, b, 11, 0, 5)] {
+                conn.execute(
+                    "INSERT INTO accounts VALUES (?1, ?2, ?3, 'USD', 1, 0, 0, NULL, ?4, ?5, ?6, 0, 0)",
+                    params![tenant, id, no, ts, debits, credits],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO transfers (timestamp, id_hash, tenant_id, id, result, kind, debit_no, credit_no, \
+                 debit_account_id, credit_account_id, amount, currency, amount_defaulted, timeout_seconds, code, state) \
+                 VALUES (30, 12345, ?1, ?2, 0, 0, 1, 2, ?3, ?4, 5, 'USD', 0, 0, 1, 0)",
+                params![tenant, t, a, b],
+            )
+            .unwrap();
+        }
+        let store = crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap();
+        let key = TransferKey { tenant: TenantId(7), id: ledger::TransferId(99) };
+        match store.queries.entry(key).unwrap() {
+            Some(Entry::Created(t)) => assert_eq!((t.amount, t.timestamp), (5, 30)),
+            other => panic!("transfer not found after migration: {other:?}"),
+        }
+        let listed = store
+            .queries
+            .account_transfers(
+                AccountKey { tenant: TenantId(7), id: ledger::AccountId(2) },
+                crate::Page { limit: 10, before: None },
+            )
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(store.verify().unwrap().violations.is_empty());
+        let versions: Vec<u32> = {
+            let conn = connect(&dir.join(DB_FILE)).unwrap();
+            let mut stmt = conn.prepare("SELECT version FROM schema_migrations ORDER BY version").unwrap();
+            stmt.query_map([], |r| r.get(0)).unwrap().map(|v| v.unwrap()).collect()
+        };
+        assert_eq!(versions, vec![1, 2]);
+        let conn = connect(&dir.join(DB_FILE)).unwrap();
+        let plan: String = conn
+            .query_row(
+                &format!("EXPLAIN QUERY PLAN SELECT {ENTRY_COLUMNS} FROM transfers WHERE {BY_ID}"),
+                by_id(&key),
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("transfers_by_id"), "look-ups by id must use the id index: {plan}");
+        drop(conn);
+        store.close();
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     /// While the checkpointer runs its quiesced pass, no batch starts; afterwards batches go on.
     #[test]
