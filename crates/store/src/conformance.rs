@@ -359,6 +359,104 @@ pub fn agrees_with_memory_ledger(location: Location) {
     assert_verified(&store);
 }
 
+fn draft(tenant: Option<u128>, action: &str) -> audit::Draft {
+    audit::Draft {
+        tenant,
+        actor: "operator".into(),
+        action: action.into(),
+        resource: "r1".into(),
+        request_id: "req".into(),
+        source: "127.0.0.1:1".into(),
+        outcome: String::new(),
+    }
+}
+
+/// Audit entries commit with the ledger work they describe, are numbered from 1 in order, and
+/// every stored head, proof and leaf checks out; a second process's key cannot pass as this one's.
+pub fn audit_log(location: Location) {
+    let pkcs8 = audit::Signer::generate_pkcs8().unwrap();
+    let signer = Arc::new(audit::Signer::from_pkcs8(&pkcs8).unwrap());
+    let now = Arc::new(AtomicU64::new(NOW));
+    let clock = now.clone();
+    let store = Store::open_with(&location, Arc::new(move || clock.load(Ordering::SeqCst)), signer.clone()).unwrap();
+    setup(&store);
+    assert_eq!(store.queries.audit_head().unwrap(), None);
+    // A control-plane action, then a transfer whose entry takes the ledger's outcome.
+    let mut d = draft(None, "POST /v1/tenants");
+    d.outcome = "201".into();
+    assert!(matches!(store.engine.execute(crate::Command::Audit(vec![d])).unwrap(), crate::Reply::Audited));
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .engine
+        .submit_audited(
+            crate::Command::Transfers(vec![posted(900, BANK, ALICE, 5)]),
+            Some(draft(Some(T.0), "POST /v1/transfers")),
+            Box::new(move |r| drop(tx.send(r))),
+        )
+        .unwrap();
+    rx.recv().unwrap().unwrap();
+    // A refused transfer is audited with its result code.
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .engine
+        .submit_audited(
+            crate::Command::Transfers(vec![posted(901, ALICE, BOB, 1_000_000_000_000)]),
+            Some(draft(Some(T.0), "POST /v1/transfers")),
+            Box::new(move |r| drop(tx.send(r))),
+        )
+        .unwrap();
+    rx.recv().unwrap().unwrap();
+    for i in 0..7 {
+        let mut d = draft(Some(OTHER.0), "POST /v1/accounts");
+        d.outcome = format!("{}", 200 + i);
+        store.engine.execute(crate::Command::Audit(vec![d])).unwrap();
+    }
+
+    let all = store.queries.audit_entries(0, 100, None).unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    assert!(all.windows(2).all(|w| w[0].time < w[1].time), "times are the ledger clock's: increasing");
+    assert_eq!(all[1].draft.outcome, "created");
+    assert_eq!(all[2].draft.outcome, "insufficient_funds");
+    // The transfer's entry is no older than the transfer itself.
+    let transfer = match store.queries.entry(TransferKey { tenant: T, id: TransferId(900) }).unwrap() {
+        Some(Entry::Created(t)) => t,
+        other => panic!("{other:?}"),
+    };
+    assert!(all[1].time > transfer.timestamp);
+    let mine = store.queries.audit_entries(0, 100, Some(T.0)).unwrap();
+    assert_eq!(mine.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(store.queries.audit_entries(3, 2, None).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+
+    let head = store.queries.audit_head().unwrap().unwrap();
+    assert_eq!(head.head.size, 10);
+    assert!(audit::verify_head(signer.public_key(), &head.head, &head.signature));
+    assert_eq!(crate::audit_root(store.queries.as_ref(), 10).unwrap(), head.head.root);
+    for seq in 1..=10u64 {
+        let proof = crate::audit_inclusion(store.queries.as_ref(), seq, 10).unwrap();
+        let leaf = all[seq as usize - 1].leaf_hash();
+        assert!(audit::merkle::verify_inclusion(seq - 1, 10, &leaf, &proof, &head.head.root), "entry {seq}");
+    }
+    for first in 1..=10u64 {
+        let old_root = crate::audit_root(store.queries.as_ref(), first).unwrap();
+        let proof = crate::audit_consistency(store.queries.as_ref(), first, 10).unwrap();
+        assert!(audit::merkle::verify_consistency(first, 10, &old_root, &head.head.root, &proof));
+    }
+    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
+    assert_eq!((report.entries, report.finding), (10, None));
+    assert_eq!(report.heads, 10, "one signed head per batch");
+    let stranger = audit::Signer::from_pkcs8(&audit::Signer::generate_pkcs8().unwrap()).unwrap();
+    let report = crate::audit_verify(store.queries.as_ref(), stranger.public_key()).unwrap();
+    assert_eq!(report.finding, Some(audit::Finding::Signature { size: 1 }));
+
+    // The tree goes on where it stopped after a restart.
+    store.close();
+    let store = Store::open_with(&location, Arc::new(move || now.load(Ordering::SeqCst)), signer.clone()).unwrap();
+    store.engine.execute(crate::Command::Audit(vec![draft(None, "after restart")])).unwrap();
+    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
+    assert_eq!((report.entries, report.finding), (11, None));
+    store.close();
+}
+
 /// Instantiates the suite for one engine. `$factory` is an expression giving a fresh, empty
 /// [`Location`] on each call.
 #[macro_export]
@@ -387,6 +485,10 @@ macro_rules! conformance_tests {
         #[test]
         fn tenants_and_keys() {
             $crate::conformance::tenants_and_keys($factory)
+        }
+        #[test]
+        fn audit_log() {
+            $crate::conformance::audit_log($factory)
         }
         #[test]
         fn concurrent_writers() {

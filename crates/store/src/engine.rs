@@ -30,6 +30,9 @@ pub enum Command {
     Accounts(Vec<AccountCommand>),
     /// Events of one request. Linked chains may not run past the request's last event.
     Transfers(Vec<TransferEvent>),
+    /// Audit entries to append (actions that are not ledger commands: the control plane, failed
+    /// authentication, reveals).
+    Audit(Vec<audit::Draft>),
 }
 
 impl Command {
@@ -37,6 +40,7 @@ impl Command {
         match self {
             Command::Accounts(c) => c.len(),
             Command::Transfers(e) => e.len(),
+            Command::Audit(d) => d.len(),
         }
     }
 }
@@ -45,12 +49,16 @@ impl Command {
 pub enum Reply {
     Accounts(Vec<(AccountResult, Option<Account>)>),
     Transfers(Vec<Outcome>),
+    Audited,
 }
 
 pub type Callback = Box<dyn FnOnce(Result<Reply>) + Send>;
 
 struct Job {
     command: Command,
+    /// The request's audit entry, appended in the same commit as its ledger work; an empty
+    /// `outcome` is filled from the reply.
+    audit: Option<audit::Draft>,
     reply: Callback,
 }
 
@@ -99,18 +107,24 @@ impl Engine {
     /// Queues a command; `reply` is called from the writer thread once the batch is durable (or
     /// failed). Returns `Busy` at once when the queue is full.
     pub fn submit(&self, command: Command, reply: Callback) -> Result<()> {
+        self.submit_audited(command, None, reply)
+    }
+
+    /// Like [`Engine::submit`], with the request's audit entry committed together with it.
+    pub fn submit_audited(&self, command: Command, audit: Option<audit::Draft>, reply: Callback) -> Result<()> {
         if let Command::Transfers(events) = &command {
             assert!(events.last().is_none_or(|e| !e.linked), "a request's last event must close its chain");
         }
-        if command.len() == 0 {
+        if command.len() == 0 && audit.is_none() {
             reply(Ok(match command {
                 Command::Accounts(_) => Reply::Accounts(Vec::new()),
                 Command::Transfers(_) => Reply::Transfers(Vec::new()),
+                Command::Audit(_) => Reply::Audited,
             }));
             return Ok(());
         }
         let sender = self.sender.as_ref().expect("engine running");
-        match sender.try_send(Job { command, reply }) {
+        match sender.try_send(Job { command, audit, reply }) {
             Ok(()) => {
                 self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -130,14 +144,14 @@ impl Engine {
     pub fn transfers(&self, events: Vec<TransferEvent>) -> Result<Vec<Outcome>> {
         match self.execute(Command::Transfers(events))? {
             Reply::Transfers(outcomes) => Ok(outcomes),
-            Reply::Accounts(_) => unreachable!("transfers get transfer replies"),
+            _ => unreachable!("transfers get transfer replies"),
         }
     }
 
     pub fn accounts(&self, commands: Vec<AccountCommand>) -> Result<Vec<(AccountResult, Option<Account>)>> {
         match self.execute(Command::Accounts(commands))? {
             Reply::Accounts(results) => Ok(results),
-            Reply::Transfers(_) => unreachable!("accounts get account replies"),
+            _ => unreachable!("accounts get account replies"),
         }
     }
 
@@ -268,7 +282,7 @@ fn apply_batch(
             writer.rollback();
             return Ok(Vec::new());
         }
-        writer.commit(&changes)?;
+        writer.commit(&changes, &[])?;
         return Ok(Vec::new());
     }
 
@@ -278,6 +292,7 @@ fn apply_batch(
         match &job.command {
             Command::Accounts(c) => account_commands.extend(c.iter().cloned()),
             Command::Transfers(e) => events.extend(e.iter().cloned()),
+            Command::Audit(_) => {}
         }
     }
     let mut account_results = Vec::new();
@@ -305,17 +320,58 @@ fn apply_batch(
         changes.push(change);
         outcomes = results;
     }
-    writer.commit(&changes)?;
-
     // Split the answers back per job, in order.
     let mut account_results = account_results.into_iter();
     let mut outcomes = outcomes.into_iter();
-    let replies = jobs
+    let replies: Vec<Reply> = jobs
         .iter()
         .map(|job| match &job.command {
             Command::Accounts(c) => Reply::Accounts(account_results.by_ref().take(c.len()).collect()),
             Command::Transfers(e) => Reply::Transfers(outcomes.by_ref().take(e.len()).collect()),
+            Command::Audit(_) => Reply::Audited,
         })
         .collect();
+
+    // Audit entries take their times from the ledger clock, after the batch's ledger work.
+    let mut clock = Clock { last: changes.iter().map(|c| c.clock.last).max().unwrap_or(0).max(snapshot.clock.last) };
+    let mut drafts: Vec<(Timestamp, audit::Draft)> = Vec::new();
+    for (job, reply) in jobs.iter().zip(&replies) {
+        if let Command::Audit(d) = &job.command {
+            drafts.extend(d.iter().map(|d| (clock.tick(now), d.clone().bounded())));
+        }
+        if let Some(draft) = &job.audit {
+            let mut draft = draft.clone();
+            if draft.outcome.is_empty() {
+                draft.outcome = outcome_of(reply);
+            }
+            drafts.push((clock.tick(now), draft.bounded()));
+        }
+    }
+    if !drafts.is_empty() {
+        changes.push(Changes { clock, ..Changes::default() });
+    }
+    writer.commit(&changes, &drafts)?;
     Ok(replies)
+}
+
+/// A ledger reply in a few words, for the audit log: the one result code, or counts.
+fn outcome_of(reply: &Reply) -> String {
+    fn summarize<'a>(codes: impl Iterator<Item = &'a str>) -> String {
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for code in codes {
+            match counts.iter_mut().find(|(c, _)| *c == code) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((code, 1)),
+            }
+        }
+        match counts.as_slice() {
+            [(code, 1)] => (*code).to_owned(),
+            _ => counts.iter().map(|(c, n)| format!("{c}={n}")).collect::<Vec<_>>().join(" "),
+        }
+    }
+    match reply {
+        Reply::Accounts(r) => summarize(r.iter().map(|(result, _)| result.as_str())),
+        Reply::Transfers(o) => summarize(o.iter().map(|o| o.result.as_str())),
+        Reply::Audited => "ok".to_owned(),
+    }
 }

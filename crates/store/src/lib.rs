@@ -10,6 +10,7 @@
 //! - money moves only through `ledger`'s state machine; this crate persists its `Changes` and never
 //!   computes a balance itself.
 
+mod audit_log;
 mod engine;
 mod migrations;
 mod postgres;
@@ -23,6 +24,10 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use audit_log::{
+    audit_consistency, audit_inclusion, audit_root, audit_verify, AuditItem, AuditReport, SignedHead,
+    AUDIT_PAGE_LEN_MAX,
+};
 pub use engine::{Command, Engine, EngineStats, Reply};
 
 /// Histogram bucket bounds of [`EngineStats`].
@@ -106,6 +111,16 @@ pub trait Queries: Send + Sync {
     fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry)) -> Result<()>;
     /// Cheap liveness check of the database.
     fn ping(&self) -> Result<()>;
+
+    /// Audit entries with `seq > after`, in order; only the tenant's when `tenant` is given.
+    fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>>;
+    /// The latest signed tree head.
+    fn audit_head(&self) -> Result<Option<SignedHead>>;
+    /// A stored perfect subtree (level 0: an entry's leaf hash), if the log has it.
+    fn audit_node(&self, level: u8, index: u64) -> Result<Option<audit::Hash>>;
+    /// Streams every entry in order from one snapshot, each signed head right after the entry
+    /// that completes it (heads beyond the last entry at the end); stops when `visit` says false.
+    fn audit_scan(&self, visit: &mut dyn FnMut(AuditItem) -> bool) -> Result<()>;
 }
 
 /// The writer side of an engine: used only by the [`Engine`]'s thread, inside one transaction per
@@ -119,8 +134,9 @@ pub(crate) trait Writer: Send {
     fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()>;
     /// Pending transfers due to expire by `now`.
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>>;
-    /// Persists the changes and commits: durable when this returns Ok.
-    fn commit(&mut self, changes: &[Changes]) -> Result<()>;
+    /// Persists the changes and the audit entries (with their times) and commits: durable when
+    /// this returns Ok.
+    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)]) -> Result<()>;
     fn rollback(&mut self);
 }
 
@@ -140,6 +156,12 @@ pub struct Store {
     pub location: Location,
 }
 
+/// A signer whose key is never saved: heads it signs verify only in this process.
+fn ephemeral_signer() -> Arc<audit::Signer> {
+    let pkcs8 = audit::Signer::generate_pkcs8().expect("the system random generator works");
+    Arc::new(audit::Signer::from_pkcs8(&pkcs8).expect("a generated key parses"))
+}
+
 /// Wall-clock nanoseconds since the UNIX epoch: the one clock of the process.
 pub fn now_nanos() -> Timestamp {
     let since =
@@ -150,13 +172,23 @@ pub fn now_nanos() -> Timestamp {
 impl Store {
     /// Opens (creating if needed) and migrates the store, then starts its writer.
     pub fn open(location: &Location) -> Result<Store> {
-        Self::open_with_clock(location, Arc::new(now_nanos))
+        Self::open_with(location, Arc::new(now_nanos), ephemeral_signer())
     }
 
     pub fn open_with_clock(location: &Location, clock: Arc<dyn Fn() -> Timestamp + Send + Sync>) -> Result<Store> {
+        Self::open_with(location, clock, ephemeral_signer())
+    }
+
+    /// Opens with the key that signs the audit log's tree heads (`rtpay serve` loads it from the
+    /// data directory or a file; the other constructors use a throw-away key, for tests).
+    pub fn open_with(
+        location: &Location,
+        clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+        signer: Arc<audit::Signer>,
+    ) -> Result<Store> {
         let (writer, queries): (Box<dyn Writer>, Arc<dyn Queries>) = match location {
-            Location::Embedded(dir) => sqlite::open(dir)?,
-            Location::Postgres(url) => postgres::open(url)?,
+            Location::Embedded(dir) => sqlite::open(dir, signer)?,
+            Location::Postgres(url) => postgres::open(url, signer)?,
         };
         Ok(Store { engine: Engine::start(writer, clock), queries, location: location.clone() })
     }

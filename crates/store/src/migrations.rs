@@ -88,12 +88,48 @@ ALTER TABLE transfers DROP COLUMN id_hash;
 CREATE INDEX transfers_by_id ON transfers (id);
 "#,
     },
+    Migration {
+        version: 3,
+        name: "audit log",
+        sql: r#"
+-- The audit log: entries numbered from 1, the completed perfect subtrees of their RFC 6962 Merkle
+-- tree (level >= 1; level 0 is the entry's leaf_hash), the signed tree heads, and the tree's right
+-- edge (size and peaks) next to the ledger clock, updated in the same transactions.
+CREATE TABLE audit_entries (
+    seq INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    tenant_id BLOB,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    leaf_hash BLOB NOT NULL
+);
+CREATE INDEX audit_entries_by_tenant ON audit_entries (tenant_id, seq) WHERE tenant_id IS NOT NULL;
+CREATE TABLE audit_nodes (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE audit_heads (
+    size INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+ALTER TABLE ledger_meta ADD COLUMN audit_frontier BLOB;
+"#,
+    },
 ];
 
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "ledger, tenants and api keys",
-    sql: r#"
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "ledger, tenants and api keys",
+        sql: r#"
 CREATE TABLE ledger_meta (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     last_timestamp BIGINT NOT NULL
@@ -149,7 +185,40 @@ CREATE INDEX transfers_by_debit ON transfers (tenant_id, debit_account_id, times
 CREATE INDEX transfers_by_credit ON transfers (tenant_id, credit_account_id, timestamp) WHERE result = 0;
 CREATE INDEX transfers_due ON transfers (expires_at) WHERE state = 1;
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "audit log",
+        sql: r#"
+CREATE TABLE audit_entries (
+    seq BIGINT PRIMARY KEY,
+    time BIGINT NOT NULL,
+    tenant_id UUID,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    leaf_hash BYTEA NOT NULL
+);
+CREATE INDEX audit_entries_by_tenant ON audit_entries (tenant_id, seq) WHERE tenant_id IS NOT NULL;
+CREATE TABLE audit_nodes (
+    level SMALLINT NOT NULL,
+    idx BIGINT NOT NULL,
+    hash BYTEA NOT NULL,
+    PRIMARY KEY (level, idx)
+);
+CREATE TABLE audit_heads (
+    size BIGINT PRIMARY KEY,
+    time BIGINT NOT NULL,
+    root BYTEA NOT NULL,
+    signature BYTEA NOT NULL
+);
+ALTER TABLE ledger_meta ADD COLUMN audit_frontier BYTEA;
+"#,
+    },
+];
 
 #[cfg(test)]
 mod tests {

@@ -80,11 +80,11 @@ pub(crate) fn open_queries(url: &str) -> Result<Arc<dyn Queries>> {
     Ok(Arc::new(PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) }))
 }
 
-pub(crate) fn open(url: &str) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
+pub(crate) fn open(url: &str, signer: Arc<audit::Signer>) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
     let mut client = connect(url)?;
     apply_migrations(&mut client, POSTGRES)?;
     drop(client);
-    let writer = PgWriter { url: url.to_owned(), conn: Some(Conn::open(url)?), in_tx: false };
+    let writer = PgWriter { url: url.to_owned(), conn: Some(Conn::open(url)?), in_tx: false, signer, frontier: None };
     let queries = PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) };
     Ok((Box::new(writer), Arc::new(queries)))
 }
@@ -138,6 +138,9 @@ struct PgWriter {
     url: String,
     conn: Option<Conn>,
     in_tx: bool,
+    signer: Arc<audit::Signer>,
+    /// The audit tree's right edge, read under the batch lock (other nodes append too).
+    frontier: Option<audit::Frontier>,
 }
 
 /// A writer connection with its statements prepared once: each batch is then five round trips
@@ -148,6 +151,7 @@ struct Conn {
     load_accounts: Statement,
     due: Statement,
     write: Statement,
+    audit: Statement,
 }
 
 /// Every write of a batch in one statement: new entries, hold states, accounts, the clock.
@@ -171,6 +175,19 @@ const WRITE: &str = "WITH \
   SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM states), (SELECT count(*) FROM accounts), \
     (SELECT count(*) FROM clock)";
 
+/// A batch's audit entries, the subtrees they complete, the signed head and the new right edge.
+const AUDIT: &str = "WITH \
+    entries AS (INSERT INTO audit_entries (seq, time, tenant_id, actor, action, resource, request_id, source, \
+        outcome, leaf_hash) \
+      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], \
+        $8::text[], $9::text[], $10::bytea[]) RETURNING 1), \
+    nodes AS (INSERT INTO audit_nodes (level, idx, hash) \
+      SELECT * FROM unnest($11::smallint[], $12::bigint[], $13::bytea[]) RETURNING 1), \
+    head AS (INSERT INTO audit_heads (size, time, root, signature) VALUES ($14, $15, $16, $17) RETURNING 1), \
+    meta AS (UPDATE ledger_meta SET audit_frontier = $18 WHERE id = 1 RETURNING 1) \
+  SELECT (SELECT count(*) FROM entries), (SELECT count(*) FROM nodes), (SELECT count(*) FROM head), \
+    (SELECT count(*) FROM meta)";
+
 impl Conn {
     fn open(url: &str) -> Result<Conn> {
         let mut client = connect(url)?;
@@ -193,7 +210,8 @@ impl Conn {
             )
             .map_err(unavailable)?;
         let write = client.prepare(WRITE).map_err(unavailable)?;
-        Ok(Conn { client, load_transfers, load_accounts, due, write })
+        let audit = client.prepare(AUDIT).map_err(unavailable)?;
+        Ok(Conn { client, load_transfers, load_accounts, due, write, audit })
     }
 }
 
@@ -215,20 +233,36 @@ impl Writer for PgWriter {
             // One round trip: open the transaction and take the cluster-wide batch lock.
             let messages = conn
                 .client
-                .simple_query("BEGIN; SELECT last_timestamp FROM ledger_meta WHERE id = 1 FOR UPDATE")
+                .simple_query("BEGIN; SELECT last_timestamp, audit_frontier FROM ledger_meta WHERE id = 1 FOR UPDATE")
                 .map_err(unavailable)?;
-            let last = messages
+            let (last, frontier) = messages
                 .iter()
                 .find_map(|m| match m {
-                    ::postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    ::postgres::SimpleQueryMessage::Row(row) => {
+                        Some((row.get(0).map(str::to_owned), row.get(1).map(str::to_owned)))
+                    }
                     _ => None,
                 })
                 .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
-            last.parse::<u64>().map_err(|_| corrupt(format!("ledger clock {last:?} is not a timestamp")))
+            let last = last.ok_or_else(|| corrupt("ledger clock is null".into()))?;
+            let last = last.parse::<u64>().map_err(|_| corrupt(format!("ledger clock {last:?} is not a timestamp")))?;
+            // bytea in text form: `\x` and hex.
+            let frontier = match frontier {
+                None => audit::Frontier::default(),
+                Some(text) => {
+                    let bytes = text
+                        .strip_prefix("\\x")
+                        .and_then(audit::unhex)
+                        .ok_or_else(|| corrupt("audit frontier is not hex bytea".into()))?;
+                    audit::Frontier::decode(&bytes).map_err(corrupt)?
+                }
+            };
+            Ok((last, frontier))
         })();
         match result {
-            Ok(last) => {
+            Ok((last, frontier)) => {
                 self.in_tx = true;
+                self.frontier = Some(frontier);
                 Ok(Clock { last })
             }
             Err(e) => {
@@ -283,9 +317,12 @@ impl Writer for PgWriter {
             .collect()
     }
 
-    fn commit(&mut self, changes: &[Changes]) -> Result<()> {
+    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)]) -> Result<()> {
         assert!(self.in_tx, "commit inside a batch");
-        let result = self.write(changes).and_then(|()| self.conn().client.batch_execute("COMMIT").map_err(unavailable));
+        let result = self
+            .write(changes)
+            .and_then(|()| if audit.is_empty() { Ok(()) } else { self.write_audit(audit) })
+            .and_then(|()| self.conn().client.batch_execute("COMMIT").map_err(unavailable));
         self.in_tx = false;
         if result.is_err() {
             self.conn = None;
@@ -306,6 +343,55 @@ impl Writer for PgWriter {
 }
 
 impl PgWriter {
+    fn write_audit(&mut self, drafts: &[(Timestamp, audit::Draft)]) -> Result<()> {
+        let frontier = self.frontier.as_ref().expect("read in begin");
+        let append = crate::audit_log::append(frontier, drafts, &self.signer);
+        let e = &append.entries;
+        let seq: Vec<i64> = e.iter().map(|(e, _)| e.seq as i64).collect();
+        let time: Vec<i64> = e.iter().map(|(e, _)| e.time as i64).collect();
+        let tenant: Vec<Option<Uuid>> = e.iter().map(|(e, _)| e.draft.tenant.map(uuid)).collect();
+        let text = |f: fn(&audit::Draft) -> &str| -> Vec<&str> { e.iter().map(|(e, _)| f(&e.draft)).collect() };
+        let (actor, action, resource) = (text(|d| &d.actor), text(|d| &d.action), text(|d| &d.resource));
+        let (request, source, outcome) = (text(|d| &d.request_id), text(|d| &d.source), text(|d| &d.outcome));
+        let leaf: Vec<&[u8]> = e.iter().map(|(_, l)| &l[..]).collect();
+        let level: Vec<i16> = append.nodes.iter().map(|n| i16::from(n.level)).collect();
+        let idx: Vec<i64> = append.nodes.iter().map(|n| n.index as i64).collect();
+        let hash: Vec<&[u8]> = append.nodes.iter().map(|n| &n.hash[..]).collect();
+        let h = &append.head;
+        let (size, head_time, root) = (h.head.size as i64, h.head.time as i64, &h.head.root[..]);
+        let encoded = append.frontier.encode();
+        let conn = self.conn.as_mut().expect("connected in begin");
+        let row = conn
+            .client
+            .query_one(
+                &conn.audit,
+                &[
+                    &seq,
+                    &time,
+                    &tenant,
+                    &actor,
+                    &action,
+                    &resource,
+                    &request,
+                    &source,
+                    &outcome,
+                    &leaf,
+                    &level,
+                    &idx,
+                    &hash,
+                    &size,
+                    &head_time,
+                    &root,
+                    &h.signature,
+                    &encoded,
+                ],
+            )
+            .map_err(unavailable)?;
+        let written: i64 = row.try_get(0).map_err(unavailable)?;
+        assert_eq!(written as usize, e.len(), "every audit entry is written");
+        Ok(())
+    }
+
     fn write(&mut self, changes: &[Changes]) -> Result<()> {
         let entries: Vec<EntryRow> = changes.iter().flat_map(|c| c.inserted.iter().map(EntryRow::of)).collect();
         let timestamp: Vec<i64> = entries.iter().map(|r| r.timestamp).collect();
@@ -597,4 +683,150 @@ impl Queries for PgQueries {
     fn ping(&self) -> Result<()> {
         self.with(|c| c.simple_query("SELECT 1").map(|_| ()).map_err(unavailable))
     }
+
+    fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>> {
+        self.with(|c| {
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {AUDIT_COLUMNS} FROM audit_entries \
+                         WHERE seq > $1 AND ($3::uuid IS NULL OR tenant_id = $3) ORDER BY seq LIMIT $2"
+                    ),
+                    &[&(after as i64), &(limit as i64), &tenant.map(uuid)],
+                )
+                .map_err(unavailable)?;
+            rows.iter().map(|r| Ok(audit_row(r)?.0)).collect()
+        })
+    }
+
+    fn audit_head(&self) -> Result<Option<SignedHead>> {
+        self.with(|c| {
+            c.query_opt("SELECT size, time, root, signature FROM audit_heads ORDER BY size DESC LIMIT 1", &[])
+                .map_err(unavailable)?
+                .map(|r| head_row(&r))
+                .transpose()
+        })
+    }
+
+    fn audit_node(&self, level: u8, index: u64) -> Result<Option<audit::Hash>> {
+        self.with(|c| {
+            let row = if level == 0 {
+                c.query_opt("SELECT leaf_hash FROM audit_entries WHERE seq = $1", &[&(index as i64 + 1)])
+            } else {
+                c.query_opt(
+                    "SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2",
+                    &[&i16::from(level), &(index as i64)],
+                )
+            }
+            .map_err(unavailable)?;
+            row.map(|r| hash_of(r.try_get::<_, &[u8]>(0).map_err(unavailable)?)).transpose()
+        })
+    }
+
+    fn audit_scan(&self, visit: &mut dyn FnMut(AuditItem) -> bool) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(::postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(unavailable)?;
+            let entries = tx
+                .prepare(&format!("SELECT {AUDIT_COLUMNS}, leaf_hash FROM audit_entries ORDER BY seq"))
+                .map_err(unavailable)?;
+            let heads =
+                tx.prepare("SELECT size, time, root, signature FROM audit_heads ORDER BY size").map_err(unavailable)?;
+            let entries = tx.bind(&entries, &[]).map_err(unavailable)?;
+            let heads = tx.bind(&heads, &[]).map_err(unavailable)?;
+            let mut pending_heads: std::collections::VecDeque<SignedHead> = std::collections::VecDeque::new();
+            let mut heads_done = false;
+            let mut emitted = 0u64;
+            loop {
+                let rows = tx.query_portal(&entries, 10_000).map_err(unavailable)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in &rows {
+                    let (entry, leaf) = audit_row(row)?;
+                    emitted += 1;
+                    if !visit(AuditItem::Entry(entry, leaf.expect("scan selects the leaf hash"))) {
+                        return Ok(());
+                    }
+                    loop {
+                        if pending_heads.is_empty() && !heads_done {
+                            let rows = tx.query_portal(&heads, 10_000).map_err(unavailable)?;
+                            heads_done = rows.is_empty();
+                            for r in &rows {
+                                pending_heads.push_back(head_row(r)?);
+                            }
+                        }
+                        match pending_heads.front() {
+                            Some(h) if h.head.size <= emitted => {
+                                let head = pending_heads.pop_front().expect("front exists");
+                                if !visit(AuditItem::Head(head)) {
+                                    return Ok(());
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+            }
+            loop {
+                while let Some(head) = pending_heads.pop_front() {
+                    if !visit(AuditItem::Head(head)) {
+                        return Ok(());
+                    }
+                }
+                if heads_done {
+                    break;
+                }
+                let rows = tx.query_portal(&heads, 10_000).map_err(unavailable)?;
+                heads_done = rows.is_empty();
+                for r in &rows {
+                    pending_heads.push_back(head_row(r)?);
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+    }
+}
+
+const AUDIT_COLUMNS: &str = "seq, time, tenant_id, actor, action, resource, request_id, source, outcome";
+
+fn hash_of(bytes: &[u8]) -> Result<audit::Hash> {
+    bytes.try_into().map_err(|_| corrupt(format!("audit hash of {} bytes", bytes.len())))
+}
+
+fn audit_row(row: &Row) -> Result<(audit::Entry, Option<audit::Hash>)> {
+    let seq: i64 = row.try_get(0).map_err(unavailable)?;
+    let time: i64 = row.try_get(1).map_err(unavailable)?;
+    let entry = audit::Entry {
+        seq: u64::try_from(seq).map_err(|_| corrupt(format!("audit seq {seq}")))?,
+        time: u64::try_from(time).map_err(|_| corrupt(format!("audit time {time}")))?,
+        draft: audit::Draft {
+            tenant: row.try_get::<_, Option<Uuid>>(2).map_err(unavailable)?.map(|u| u.as_u128()),
+            actor: row.try_get(3).map_err(unavailable)?,
+            action: row.try_get(4).map_err(unavailable)?,
+            resource: row.try_get(5).map_err(unavailable)?,
+            request_id: row.try_get(6).map_err(unavailable)?,
+            source: row.try_get(7).map_err(unavailable)?,
+            outcome: row.try_get(8).map_err(unavailable)?,
+        },
+    };
+    let leaf = if row.len() > 9 { Some(hash_of(row.try_get::<_, &[u8]>(9).map_err(unavailable)?)?) } else { None };
+    Ok((entry, leaf))
+}
+
+fn head_row(row: &Row) -> Result<SignedHead> {
+    let size: i64 = row.try_get(0).map_err(unavailable)?;
+    let time: i64 = row.try_get(1).map_err(unavailable)?;
+    Ok(SignedHead {
+        head: audit::TreeHead {
+            size: u64::try_from(size).map_err(|_| corrupt(format!("audit head size {size}")))?,
+            time: u64::try_from(time).map_err(|_| corrupt(format!("audit head time {time}")))?,
+            root: hash_of(row.try_get::<_, &[u8]>(2).map_err(unavailable)?)?,
+        },
+        signature: row.try_get(3).map_err(unavailable)?,
+    })
 }

@@ -124,13 +124,17 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     }
 }
 
-pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
+pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
     let path = db_path(dir)?;
     let lock = lock_dir(dir)?;
     let mut conn = connect(&path)?;
     apply_migrations(&mut conn, SQLITE)?;
-    let last_timestamp: i64 =
-        conn.query_row("SELECT last_timestamp FROM ledger_meta WHERE id = 1", [], |r| r.get(0)).map_err(unavailable)?;
+    let (last_timestamp, frontier): (i64, Option<Vec<u8>>) = conn
+        .query_row("SELECT last_timestamp, audit_frontier FROM ledger_meta WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .map_err(unavailable)?;
+    let frontier = frontier.map(|f| audit::Frontier::decode(&f).map_err(corrupt)).transpose()?.unwrap_or_default();
     let mut accounts = HashMap::new();
     let mut numbers = HashMap::new();
     let mut next_no = 1;
@@ -156,6 +160,9 @@ pub(crate) fn open(dir: &Path) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
         assigned: Vec::new(),
         clock: Clock { last: u64::try_from(last_timestamp).map_err(|_| corrupt("negative clock".into()))? },
         in_tx: false,
+        signer,
+        frontier,
+        pending_frontier: None,
         checkpointer,
         _lock: lock,
     };
@@ -224,6 +231,11 @@ struct SqliteWriter {
     assigned: Vec<(AccountKey, i64)>,
     clock: Clock,
     in_tx: bool,
+    signer: Arc<audit::Signer>,
+    /// The audit tree's right edge, as committed.
+    frontier: audit::Frontier,
+    /// The edge after the open batch's entries; kept only if it commits.
+    pending_frontier: Option<audit::Frontier>,
     checkpointer: Checkpointer,
     /// Held for the writer's life; released when the process ends, however it ends.
     _lock: std::fs::File,
@@ -421,11 +433,17 @@ impl Writer for SqliteWriter {
         Ok(keys)
     }
 
-    fn commit(&mut self, changes: &[Changes]) -> Result<()> {
+    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)]) -> Result<()> {
         assert!(self.in_tx, "commit inside a batch");
         self.write(changes)?;
+        if !audit.is_empty() {
+            self.write_audit(audit)?;
+        }
         self.conn.execute_batch("COMMIT").map_err(unavailable)?;
         self.in_tx = false;
+        if let Some(frontier) = self.pending_frontier.take() {
+            self.frontier = frontier;
+        }
         for change in changes {
             for account in &change.accounts {
                 self.accounts.insert(account.key, account.clone());
@@ -441,6 +459,7 @@ impl Writer for SqliteWriter {
 
     fn rollback(&mut self) {
         self.assigned.clear();
+        self.pending_frontier = None;
         if self.in_tx {
             // A failed ROLLBACK leaves SQLite to roll back on its own when the connection closes.
             let _ = self.conn.execute_batch("ROLLBACK");
@@ -450,6 +469,55 @@ impl Writer for SqliteWriter {
 }
 
 impl SqliteWriter {
+    fn write_audit(&mut self, drafts: &[(Timestamp, audit::Draft)]) -> Result<()> {
+        let append = crate::audit_log::append(&self.frontier, drafts, &self.signer);
+        let mut insert = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO audit_entries (seq, time, tenant_id, actor, action, resource, request_id, source, outcome, leaf_hash) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .map_err(unavailable)?;
+        for (e, leaf) in &append.entries {
+            let d = &e.draft;
+            insert
+                .execute(params![
+                    e.seq as i64,
+                    e.time as i64,
+                    d.tenant.map(uuid_bytes),
+                    d.actor,
+                    d.action,
+                    d.resource,
+                    d.request_id,
+                    d.source,
+                    d.outcome,
+                    &leaf[..],
+                ])
+                .map_err(unavailable)?;
+        }
+        drop(insert);
+        let mut node = self
+            .conn
+            .prepare_cached("INSERT INTO audit_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")
+            .map_err(unavailable)?;
+        for n in &append.nodes {
+            node.execute(params![n.level, n.index as i64, &n.hash[..]]).map_err(unavailable)?;
+        }
+        drop(node);
+        let h = &append.head;
+        self.conn
+            .execute(
+                "INSERT INTO audit_heads (size, time, root, signature) VALUES (?1, ?2, ?3, ?4)",
+                params![h.head.size as i64, h.head.time as i64, &h.head.root[..], h.signature],
+            )
+            .map_err(unavailable)?;
+        self.conn
+            .execute("UPDATE ledger_meta SET audit_frontier = ?1 WHERE id = 1", [append.frontier.encode()])
+            .map_err(unavailable)?;
+        self.pending_frontier = Some(append.frontier);
+        Ok(())
+    }
+
     fn number(&self, key: &AccountKey) -> Option<i64> {
         self.numbers.get(key).copied().or_else(|| self.assigned.iter().find(|(k, _)| k == key).map(|(_, no)| *no))
     }
@@ -754,6 +822,135 @@ impl Queries for SqliteQueries {
     fn ping(&self) -> Result<()> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
     }
+
+    fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>> {
+        self.with(|c| {
+            let mut out = Vec::new();
+            let (sql, tenant) = match tenant {
+                Some(t) => (
+                    format!("SELECT {AUDIT_COLUMNS} FROM audit_entries WHERE tenant_id = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2"),
+                    Some(uuid_bytes(t)),
+                ),
+                None => (
+                    format!("SELECT {AUDIT_COLUMNS} FROM audit_entries WHERE seq > ?1 AND ?3 IS NULL ORDER BY seq LIMIT ?2"),
+                    None,
+                ),
+            };
+            let mut stmt = c.prepare_cached(&sql).map_err(unavailable)?;
+            let mut rows = stmt.query(params![after as i64, limit as i64, tenant]).map_err(unavailable)?;
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                out.push(audit_row(row)?.0);
+            }
+            Ok(out)
+        })
+    }
+
+    fn audit_head(&self) -> Result<Option<SignedHead>> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT size, time, root, signature FROM audit_heads ORDER BY size DESC LIMIT 1")
+                .map_err(unavailable)?;
+            let mut rows = stmt.query([]).map_err(unavailable)?;
+            rows.next().map_err(unavailable)?.map(head_row).transpose()
+        })
+    }
+
+    fn audit_node(&self, level: u8, index: u64) -> Result<Option<audit::Hash>> {
+        self.with(|c| {
+            let hash: Option<Vec<u8>> = if level == 0 {
+                c.prepare_cached("SELECT leaf_hash FROM audit_entries WHERE seq = ?1")
+                    .and_then(|mut s| s.query_row([index as i64 + 1], |r| r.get(0)).optional())
+            } else {
+                c.prepare_cached("SELECT hash FROM audit_nodes WHERE level = ?1 AND idx = ?2")
+                    .and_then(|mut s| s.query_row(params![level, index as i64], |r| r.get(0)).optional())
+            }
+            .map_err(unavailable)?;
+            hash.map(|h| hash_of(&h)).transpose()
+        })
+    }
+
+    fn audit_scan(&self, visit: &mut dyn FnMut(AuditItem) -> bool) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            {
+                let mut entries = tx
+                    .prepare(&format!("SELECT {AUDIT_COLUMNS}, leaf_hash FROM audit_entries ORDER BY seq"))
+                    .map_err(unavailable)?;
+                let mut heads = tx
+                    .prepare("SELECT size, time, root, signature FROM audit_heads ORDER BY size")
+                    .map_err(unavailable)?;
+                let mut entry_rows = entries.query([]).map_err(unavailable)?;
+                let mut head_rows = heads.query([]).map_err(unavailable)?;
+                let mut next_head = head_rows.next().map_err(unavailable)?.map(head_row).transpose()?;
+                let mut emitted = 0u64;
+                while let Some(row) = entry_rows.next().map_err(unavailable)? {
+                    let (entry, leaf) = audit_row(row)?;
+                    emitted += 1;
+                    if !visit(AuditItem::Entry(entry, leaf.expect("scan selects the leaf hash"))) {
+                        return Ok(());
+                    }
+                    while let Some(head) = next_head.take_if(|h| h.head.size <= emitted) {
+                        if !visit(AuditItem::Head(head)) {
+                            return Ok(());
+                        }
+                        next_head = head_rows.next().map_err(unavailable)?.map(head_row).transpose()?;
+                    }
+                }
+                while let Some(head) = next_head.take() {
+                    if !visit(AuditItem::Head(head)) {
+                        return Ok(());
+                    }
+                    next_head = head_rows.next().map_err(unavailable)?.map(head_row).transpose()?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+    }
+}
+
+const AUDIT_COLUMNS: &str = "seq, time, tenant_id, actor, action, resource, request_id, source, outcome";
+
+fn hash_of(bytes: &[u8]) -> Result<audit::Hash> {
+    bytes.try_into().map_err(|_| corrupt(format!("audit hash of {} bytes", bytes.len())))
+}
+
+/// An entry row; with its stored leaf hash when the query selected it (column 9).
+fn audit_row(row: &rusqlite::Row<'_>) -> Result<(audit::Entry, Option<audit::Hash>)> {
+    let seq: i64 = row.get(0).map_err(unavailable)?;
+    let time: i64 = row.get(1).map_err(unavailable)?;
+    let tenant: Option<Vec<u8>> = row.get(2).map_err(unavailable)?;
+    let entry = audit::Entry {
+        seq: u64::try_from(seq).map_err(|_| corrupt(format!("audit seq {seq}")))?,
+        time: u64::try_from(time).map_err(|_| corrupt(format!("audit time {time}")))?,
+        draft: audit::Draft {
+            tenant: tenant.map(|t| u128_of(&t).map_err(corrupt)).transpose()?,
+            actor: row.get(3).map_err(unavailable)?,
+            action: row.get(4).map_err(unavailable)?,
+            resource: row.get(5).map_err(unavailable)?,
+            request_id: row.get(6).map_err(unavailable)?,
+            source: row.get(7).map_err(unavailable)?,
+            outcome: row.get(8).map_err(unavailable)?,
+        },
+    };
+    let leaf = match row.get::<_, Option<Vec<u8>>>(9) {
+        Ok(Some(bytes)) => Some(hash_of(&bytes)?),
+        _ => None,
+    };
+    Ok((entry, leaf))
+}
+
+fn head_row(row: &rusqlite::Row<'_>) -> Result<SignedHead> {
+    let size: i64 = row.get(0).map_err(unavailable)?;
+    let time: i64 = row.get(1).map_err(unavailable)?;
+    let root: Vec<u8> = row.get(2).map_err(unavailable)?;
+    Ok(SignedHead {
+        head: audit::TreeHead {
+            size: u64::try_from(size).map_err(|_| corrupt(format!("audit head size {size}")))?,
+            time: u64::try_from(time).map_err(|_| corrupt(format!("audit head time {time}")))?,
+            root: hash_of(&root)?,
+        },
+        signature: row.get(3).map_err(unavailable)?,
+    })
 }
 
 #[cfg(test)]
@@ -807,7 +1004,7 @@ mod tests {
             let mut stmt = conn.prepare("SELECT version FROM schema_migrations ORDER BY version").unwrap();
             stmt.query_map([], |r| r.get(0)).unwrap().map(|v| v.unwrap()).collect()
         };
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, (1..=SQLITE.len() as u32).collect::<Vec<_>>());
         let conn = connect(&dir.join(DB_FILE)).unwrap();
         let plan: String = conn
             .query_row(

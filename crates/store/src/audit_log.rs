@@ -1,0 +1,133 @@
+//! The audit log's storage side, shared by both engines: appending drafts inside the writer's
+//! batch transaction (so an action and its audit entry commit together, in one fsync), and the
+//! read-side proofs built from stored nodes.
+//!
+//! Invariant: entries are numbered 1, 2, 3, … in commit order across all nodes (the writer holds
+//! the ledger lock), every completed perfect subtree is stored once, and every batch that appends
+//! entries stores a tree head of its new size signed by the process's key.
+
+use audit::merkle::{self, Nodes};
+use audit::{Draft, Entry, Frontier, Hash, Node, Signer, TreeHead};
+use ledger::Timestamp;
+
+use crate::{Queries, Result, StoreError};
+
+/// Entries one listing returns at most.
+pub const AUDIT_PAGE_LEN_MAX: usize = 1000;
+
+/// A tree head with its signature, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedHead {
+    pub head: TreeHead,
+    pub signature: Vec<u8>,
+}
+
+/// What one batch writes to the audit tables.
+pub(crate) struct Append {
+    pub entries: Vec<(Entry, Hash)>,
+    pub nodes: Vec<Node>,
+    pub head: SignedHead,
+    pub frontier: Frontier,
+}
+
+/// Places `drafts` after `frontier` (times come from the ledger clock, so they are unique and
+/// increasing across nodes) and signs the new head.
+pub(crate) fn append(frontier: &Frontier, drafts: &[(Timestamp, Draft)], signer: &Signer) -> Append {
+    assert!(!drafts.is_empty(), "an append has entries");
+    let mut frontier = frontier.clone();
+    let mut entries = Vec::with_capacity(drafts.len());
+    let mut nodes = Vec::with_capacity(drafts.len() + 8);
+    for (time, draft) in drafts {
+        let entry = Entry { seq: frontier.size() + 1, time: *time, draft: draft.clone() };
+        let leaf = entry.leaf_hash();
+        frontier.append(leaf, &mut nodes);
+        entries.push((entry, leaf));
+    }
+    let last_time = entries.last().expect("non-empty").0.time;
+    let head = TreeHead { size: frontier.size(), root: frontier.root(), time: last_time };
+    let signature = signer.sign(&head);
+    Append { entries, nodes, head: SignedHead { head, signature }, frontier }
+}
+
+/// One item of a full scan: entries in order, each head right after the entry that completes it.
+pub enum AuditItem {
+    Entry(Entry, Hash),
+    Head(SignedHead),
+}
+
+/// Stored nodes through `Queries`, for proofs.
+struct Stored<'q>(&'q dyn Queries);
+
+impl Nodes for Stored<'_> {
+    type Error = StoreError;
+    fn node(&self, level: u8, index: u64) -> Result<Hash> {
+        self.0
+            .audit_node(level, index)?
+            .ok_or_else(|| StoreError::Corrupt(format!("audit node ({level}, {index}) is missing")))
+    }
+}
+
+/// Root of the first `size` entries.
+pub fn audit_root(queries: &dyn Queries, size: u64) -> Result<Hash> {
+    merkle::subtree_root(&Stored(queries), 0, size)
+}
+
+/// Audit path of entry `seq` in the tree of `size` entries.
+pub fn audit_inclusion(queries: &dyn Queries, seq: u64, size: u64) -> Result<Vec<Hash>> {
+    assert!(seq >= 1 && seq <= size, "checked by the caller");
+    merkle::inclusion_proof(&Stored(queries), seq - 1, size)
+}
+
+/// Consistency proof from the tree of `first` entries to the tree of `second`.
+pub fn audit_consistency(queries: &dyn Queries, first: u64, second: u64) -> Result<Vec<Hash>> {
+    assert!(first >= 1 && first <= second, "checked by the caller");
+    merkle::consistency_proof(&Stored(queries), first, second)
+}
+
+/// What `audit verify` found.
+#[derive(Debug)]
+pub struct AuditReport {
+    pub entries: u64,
+    pub heads: u64,
+    /// The first problem, if any.
+    pub finding: Option<audit::Finding>,
+}
+
+/// Recomputes every leaf and every signed head from storage, streaming.
+pub fn audit_verify(queries: &dyn Queries, public_key: &[u8]) -> Result<AuditReport> {
+    let mut verifier = audit::LogVerifier::new(public_key);
+    let mut heads = 0;
+    let mut finding = None;
+    let mut last_head = 0;
+    queries.audit_scan(&mut |item| {
+        let result = match item {
+            AuditItem::Entry(entry, leaf) => verifier.entry(&entry, &leaf),
+            AuditItem::Head(signed) => {
+                heads += 1;
+                last_head = last_head.max(signed.head.size);
+                if signed.head.size == verifier.size() {
+                    verifier.head(&signed.head, &signed.signature)
+                } else {
+                    // Heads come right after their entry; one that does not fit was moved or
+                    // its entries are gone.
+                    verifier
+                        .beyond(signed.head.size)
+                        .and(Err(audit::Finding::Root { size: signed.head.size, after: verifier.size() }))
+                }
+            }
+        };
+        match result {
+            Ok(()) => true,
+            Err(f) => {
+                finding = Some(f);
+                false
+            }
+        }
+    })?;
+    if finding.is_none() {
+        if let Err(f) = verifier.beyond(last_head) {
+            finding = Some(f);
+        }
+    }
+    Ok(AuditReport { entries: verifier.entries, heads, finding })
+}
