@@ -185,6 +185,9 @@ pub enum Finding {
     Missing { size: u64, stored: u64 },
     /// Time went backwards between two entries.
     Time { seq: u64 },
+    /// Entries past the last signed head: every append signs a head in the same commit, so
+    /// these were inserted behind the log's back.
+    Unsigned { from: u64 },
 }
 
 impl std::fmt::Display for Finding {
@@ -206,6 +209,10 @@ impl std::fmt::Display for Finding {
                 "a signed tree head covers {size} entries but only {stored} are stored: entries were removed"
             ),
             Finding::Time { seq } => write!(f, "entry {seq} is older than the entry before it"),
+            Finding::Unsigned { from } => write!(
+                f,
+                "entries from {from} on are covered by no signed tree head: they were inserted"
+            ),
         }
     }
 }
@@ -266,6 +273,15 @@ impl<'k> LogVerifier<'k> {
     pub fn beyond(&self, head_size: u64) -> Result<(), Finding> {
         if head_size > self.size() {
             return Err(Finding::Missing { size: head_size, stored: self.size() });
+        }
+        Ok(())
+    }
+
+    /// After everything: `last_head` is the largest signed size seen (0 for none).
+    pub fn finish(&self, last_head: u64) -> Result<(), Finding> {
+        self.beyond(last_head)?;
+        if self.size() > last_head {
+            return Err(Finding::Unsigned { from: last_head + 1 });
         }
         Ok(())
     }

@@ -300,15 +300,18 @@ fn the_log_verifier_names_the_first_problem() {
     let run = |entries: &[(Entry, Hash)], heads: &[(TreeHead, Vec<u8>)]| -> Result<u64, Finding> {
         let mut v = LogVerifier::new(signer.public_key());
         let mut heads = heads.iter().peekable();
+        let mut last = 0;
         for (e, leaf) in entries {
             v.entry(e, leaf)?;
             while let Some((head, sig)) = heads.next_if(|(h, _)| h.size == v.size()) {
                 v.head(head, sig)?;
+                last = head.size;
             }
         }
-        if let Some((head, _)) = heads.next() {
-            v.beyond(head.size)?;
+        if let Some((head, _)) = heads.last() {
+            last = last.max(head.size);
         }
+        v.finish(last)?;
         Ok(v.entries)
     };
     let stored: Vec<(Entry, Hash)> = entries.iter().map(|e| (e.clone(), e.leaf_hash())).collect();
@@ -330,6 +333,11 @@ fn the_log_verifier_names_the_first_problem() {
     let mut reordered = stored.clone();
     reordered.swap(1, 2);
     assert_eq!(run(&reordered, &heads), Err(Finding::Sequence { expected: 2, found: 3 }));
+    // One appended behind the log's back: no signed head covers it.
+    let mut appended = stored.clone();
+    let extra = entry(7, "forged");
+    appended.push((extra.clone(), extra.leaf_hash()));
+    assert_eq!(run(&appended, &heads), Err(Finding::Unsigned { from: 7 }));
     // A forged signature.
     let mut forged = heads.clone();
     forged[0].1[0] ^= 1;

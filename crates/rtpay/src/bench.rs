@@ -185,7 +185,7 @@ fn fill(store: &store::Store, count: u64, seq: &mut u128, ids: Ids) -> Result<f6
                     return Err(format!("batch transfer failed: {}", bad.result).into());
                 }
             }
-            store::Reply::Accounts(_) => return Err("unexpected reply".into()),
+            _ => return Err("unexpected reply".into()),
         }
         in_flight -= 1;
     }

@@ -125,7 +125,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
     println!("rtpay demo: embedded storage in {}", dir.display());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = ServeConfig { data: dir.clone(), listen, postgres: None };
+    let config = ServeConfig { data: dir.clone(), listen, postgres: None, audit_key: None };
     let server = tokio::spawn(run(
         config,
         async move {

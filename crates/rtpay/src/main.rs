@@ -27,6 +27,10 @@ struct StorageArgs {
     /// Use PostgreSQL instead of the embedded engine, e.g. postgres://rtpay@127.0.0.1:5432/rtpay
     #[arg(long, env = "RTPAY_POSTGRES")]
     postgres: Option<String>,
+    /// The Ed25519 key (PKCS#8, hex) that signs the audit log's tree heads; created on first start.
+    /// Default: <data>/audit-signing-key. Give every PostgreSQL node the same file.
+    #[arg(long, env = "RTPAY_AUDIT_KEY_FILE")]
+    audit_key: Option<PathBuf>,
 }
 
 impl StorageArgs {
@@ -62,6 +66,11 @@ enum CommandLine {
         #[command(flatten)]
         storage: StorageArgs,
     },
+    /// The audit log: `rtpay audit verify` recomputes it from storage.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Apply pending schema migrations and exit.
     Migrate {
         #[command(flatten)]
@@ -77,12 +86,42 @@ enum CommandLine {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute every entry's hash and every signed tree head from storage; report the first
+    /// entry altered, removed, reordered or inserted. Exits 1 on a finding, 2 if storage fails.
+    Verify {
+        #[command(flatten)]
+        storage: StorageArgs,
+        /// The Ed25519 public key (hex) to check tree heads against; default: the one of the
+        /// audit key file.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+}
+
+fn audit_verify(storage: &StorageArgs, public_key: Option<&str>) -> Result<store::AuditReport, String> {
+    let public_key = match public_key {
+        Some(hex) => server::auth::unhex(hex).filter(|k| k.len() == 32).ok_or("--public-key must be 64 hex digits")?,
+        None => {
+            let path = storage.audit_key.clone().unwrap_or_else(|| rtpay::serve::default_audit_key(&storage.data));
+            if !path.exists() {
+                return Err(format!("no audit key at {}; pass --audit-key or --public-key", path.display()));
+            }
+            rtpay::serve::audit_signer(&path).map_err(|e| e.to_string())?.public_key().to_vec()
+        }
+    };
+    let queries = store::Store::open_queries(&storage.location()).map_err(|e| e.to_string())?;
+    store::audit_verify(queries.as_ref(), &public_key).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         CommandLine::Serve { storage, listen } => {
             init_logging();
-            let config = ServeConfig { data: storage.data, listen, postgres: storage.postgres };
+            let config =
+                ServeConfig { data: storage.data, listen, postgres: storage.postgres, audit_key: storage.audit_key };
             runtime().block_on(async {
                 match run(config, shutdown_signal(), |r| println!("rtpay listening on http://{}", r.addr)).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -129,6 +168,27 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("rtpay verify: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        CommandLine::Audit { command: AuditCommand::Verify { storage, public_key } } => {
+            match audit_verify(&storage, public_key.as_deref()) {
+                Ok(report) => match report.finding {
+                    None => {
+                        println!(
+                            "ok: {} audit entries, {} signed tree heads, every hash and signature checks",
+                            report.entries, report.heads
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Some(finding) => {
+                        println!("FAILED: {finding}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("rtpay audit verify: {e}");
                     ExitCode::from(2)
                 }
             }

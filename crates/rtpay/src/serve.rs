@@ -12,6 +12,8 @@ pub struct ServeConfig {
     pub data: PathBuf,
     pub listen: SocketAddr,
     pub postgres: Option<String>,
+    /// The audit signing key file; default `<data>/audit-signing-key`.
+    pub audit_key: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -68,6 +70,23 @@ pub fn operator_token(data: &Path) -> Result<String, Error> {
     Ok(token)
 }
 
+/// Where the audit signing key lives by default.
+pub fn default_audit_key(data: &Path) -> PathBuf {
+    data.join("audit-signing-key")
+}
+
+/// The Ed25519 key that signs the audit log's tree heads: PKCS#8 as hex in `path`, created (mode
+/// 0600) on first start. Every node of a PostgreSQL cluster must be given the same file.
+pub fn audit_signer(path: &Path) -> Result<audit::Signer, Error> {
+    if !path.exists() {
+        let pkcs8 = audit::Signer::generate_pkcs8()?;
+        write_private(path, &hex(&pkcs8))?;
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the audit key {}: {e}", path.display()))?;
+    let pkcs8 = unhex(text.trim()).ok_or_else(|| format!("the audit key {} is not hex", path.display()))?;
+    Ok(audit::Signer::from_pkcs8(&pkcs8).map_err(|e| format!("the audit key {}: {e}", path.display()))?)
+}
+
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RTPAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -92,13 +111,16 @@ pub async fn run(
     let token = operator_token(&config.data)?;
     let keys = Keys::new(hash_key(&config.data)?, &token);
     let location = config.location();
-    let store = tokio::task::spawn_blocking(move || Store::open(&location)).await??;
+    let signer = Arc::new(audit_signer(&config.audit_key.clone().unwrap_or_else(|| default_audit_key(&config.data)))?);
+    let public_key = signer.public_key().to_vec();
+    let store =
+        tokio::task::spawn_blocking(move || Store::open_with(&location, Arc::new(store::now_nanos), signer)).await??;
     let store = Arc::new(store);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
-    let state = server::AppState::new(store.clone(), keys);
+    let state = server::AppState::new(store.clone(), keys, public_key);
     let running = Running { addr, operator_token: token, store: store.clone() };
     ready(&running);
     tracing::info!(%addr, engine = match config.postgres { Some(_) => "postgres", None => "embedded" }, "listening");

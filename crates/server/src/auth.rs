@@ -156,6 +156,7 @@ impl FromRequestParts<AppState> for Operator {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         let token = bearer(parts)?;
         if state.keys.is_operator(token) {
+            crate::audit_trail::identify(parts, None, "operator".into());
             Ok(Operator)
         } else {
             Err(Problem::unauthorized("the operator token is not valid"))
@@ -185,17 +186,41 @@ impl FromRequestParts<AppState> for Tenant {
             return Err(Problem::unauthorized("the API key is not valid"));
         }
         let hash = state.keys.secret_hash(token);
+        let identified = |id: u128, key_id: u128| {
+            crate::audit_trail::identify(parts, Some(id), format!("key:{}", uuid::Uuid::from_u128(key_id)));
+            Tenant { id, key_id }
+        };
         if let Some((id, key_id)) = state.key_cache.get(&hash) {
-            return Ok(Tenant { id, key_id });
+            return Ok(identified(id, key_id));
         }
         let record = crate::routes::query(state, move |q| q.api_key_by_hash(&hash)).await?;
         match record {
             Some(key) if key.revoked_at.is_none() => {
                 state.key_cache.put(hash, key.tenant_id, key.id);
-                Ok(Tenant { id: key.tenant_id, key_id: key.id })
+                Ok(identified(key.tenant_id, key.id))
             }
             Some(_) => Err(Problem::unauthorized("the API key was revoked")),
             None => Err(Problem::unauthorized("the API key is not valid")),
+        }
+    }
+}
+
+/// The operator or a tenant: for routes both may read (the audit log).
+#[derive(Clone, Copy, Debug)]
+pub enum Caller {
+    Operator,
+    Tenant(Tenant),
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        // Tenant secrets carry their prefix; anything else can only be the operator's token.
+        if bearer(parts)?.starts_with(TENANT_SECRET_PREFIX) {
+            Ok(Caller::Tenant(Tenant::from_request_parts(parts, state).await?))
+        } else {
+            Operator::from_request_parts(parts, state).await.map(|Operator| Caller::Operator)
         }
     }
 }

@@ -11,6 +11,7 @@
 // boxing them would only move the allocation.
 #![allow(clippy::result_large_err)]
 
+pub mod audit_trail;
 pub mod auth;
 pub mod dto;
 pub mod json;
@@ -38,15 +39,18 @@ pub struct AppState {
     pub keys: Arc<auth::Keys>,
     pub key_cache: Arc<auth::KeyCache>,
     pub metrics: Arc<metrics::Metrics>,
+    /// The Ed25519 key that verifies the audit log's tree heads.
+    pub audit_public_key: Arc<Vec<u8>>,
 }
 
 impl AppState {
-    pub fn new(store: Arc<store::Store>, keys: auth::Keys) -> AppState {
+    pub fn new(store: Arc<store::Store>, keys: auth::Keys, audit_public_key: Vec<u8>) -> AppState {
         AppState {
             store,
             keys: Arc::new(keys),
             key_cache: Arc::new(auth::KeyCache::default()),
             metrics: Arc::new(metrics::Metrics::default()),
+            audit_public_key: Arc::new(audit_public_key),
         }
     }
 }
@@ -60,6 +64,8 @@ impl AppState {
         routes::accounts::list_account_transfers,
         routes::transfers::create_transfer, routes::transfers::create_batch, routes::transfers::get_transfer,
         routes::transfers::post_pending, routes::transfers::void_pending,
+        routes::audit::list_entries, routes::audit::tree_head, routes::audit::inclusion_proof,
+        routes::audit::consistency_proof,
     ),
     modifiers(&Security)
 )]
@@ -91,6 +97,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/transfers/{id}", get(transfers::get_transfer))
         .route("/v1/transfers/{id}/post", post(transfers::post_pending))
         .route("/v1/transfers/{id}/void", post(transfers::void_pending))
+        .route("/v1/audit", get(audit::list_entries))
+        .route("/v1/audit/tree-head", get(audit::tree_head))
+        .route("/v1/audit/proof/inclusion", get(audit::inclusion_proof))
+        .route("/v1/audit/proof/consistency", get(audit::consistency_proof))
         .route("/openapi.json", get(ops::openapi))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -113,10 +123,11 @@ async fn method_not_allowed() -> Problem {
     )
 }
 
-/// Request ids, metrics and the access log, around every request.
-async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Request ids, the audit trail, metrics and the access log, around every request.
+async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = metrics::method_name(request.method());
+    let mutating = !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
     let route = request.extensions().get::<MatchedPath>().cloned();
     let given = request
         .headers()
@@ -127,8 +138,13 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         })
         .map(str::to_owned);
     let request_id = given.unwrap_or_else(next_request_id);
+    let source = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+    let action = format!("{method} {}", route.as_ref().map_or("unmatched", MatchedPath::as_str));
+    let slot = Arc::new(audit_trail::Slot::new(action, request_id.clone(), source));
+    request.extensions_mut().insert(slot.clone());
     let mut response = next.run(request).await;
     let status = response.status().as_u16();
+    audit_trail::record_after(&state, &slot, mutating, status).await;
     let micros = started.elapsed().as_micros() as u64;
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     state.metrics.observe(method, route, status, micros);
@@ -158,5 +174,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -25,6 +25,8 @@ struct RouteStats {
 #[derive(Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<String, ByMethodStatus>>,
+    /// Audit entries the middleware could not record (the request's own outcome stood).
+    pub audit_failures: std::sync::atomic::AtomicU64,
 }
 
 type ByMethodStatus = BTreeMap<(&'static str, u16), RouteStats>;
@@ -117,6 +119,12 @@ impl Metrics {
             "rtpay_ledger_commit_failures_total",
             "Batches whose commit failed (nothing acknowledged).",
             engine.commit_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "rtpay_audit_failures_total",
+            "Audit entries that could not be recorded after their request.",
+            self.audit_failures.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

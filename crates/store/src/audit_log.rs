@@ -125,7 +125,7 @@ pub fn audit_verify(queries: &dyn Queries, public_key: &[u8]) -> Result<AuditRep
         }
     })?;
     if finding.is_none() {
-        if let Err(f) = verifier.beyond(last_head) {
+        if let Err(f) = verifier.finish(last_head) {
             finding = Some(f);
         }
     }

@@ -8,6 +8,7 @@ use axum::response::Response;
 use ledger::{AccountCommand, AccountId, AccountKey, AccountResult};
 use store::{Command, Reply};
 
+use crate::audit_trail::Audit;
 use crate::auth::{new_uuid, Tenant};
 use crate::dto::*;
 use crate::json::{reply, Json, Path};
@@ -23,6 +24,7 @@ use crate::AppState;
 pub async fn create_account(
     State(state): State<AppState>,
     tenant: Tenant,
+    audit: Audit,
     headers: HeaderMap,
     Json(body): Json<AccountBody>,
 ) -> Result<Response, Problem> {
@@ -31,7 +33,9 @@ pub async fn create_account(
         Some(key) => state.keys.derived_id(b"account", tenant.id, key).as_u128(),
         None => new_uuid().as_u128(),
     })?;
-    let Reply::Accounts(results) = submit(&state, Command::Accounts(vec![AccountCommand::Create(new)])).await? else {
+    audit.0.set_resource(uuid_string(new.key.id.0));
+    let Reply::Accounts(results) = submit(&state, &audit, Command::Accounts(vec![AccountCommand::Create(new)])).await?
+    else {
         return Err(Problem::internal());
     };
     match results.into_iter().next() {
@@ -71,10 +75,13 @@ pub async fn get_account(
 pub async fn close_account(
     State(state): State<AppState>,
     tenant: Tenant,
+    audit: Audit,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
+    audit.0.set_resource(id.clone());
     let key = account_key(&tenant, &id)?;
-    let Reply::Accounts(results) = submit(&state, Command::Accounts(vec![AccountCommand::Close(key)])).await? else {
+    let Reply::Accounts(results) = submit(&state, &audit, Command::Accounts(vec![AccountCommand::Close(key)])).await?
+    else {
         return Err(Problem::internal());
     };
     match results.into_iter().next() {

@@ -2,6 +2,7 @@
 //! writer, and renders the result. No balance is computed here.
 
 pub mod accounts;
+pub mod audit;
 pub mod ops;
 pub mod tenants;
 pub mod transfers;
@@ -10,13 +11,17 @@ use axum::http::StatusCode;
 use ledger::TransferResult;
 use store::{Command, Queries, Reply};
 
+use crate::audit_trail::Audit;
 use crate::problem::Problem;
 use crate::AppState;
 
-/// Sends a command to the writer and waits until it is durable.
-pub async fn submit(state: &AppState, command: Command) -> Result<Reply, Problem> {
+/// Sends a command to the writer, with the request's audit entry, and waits until both are
+/// durable (one commit).
+pub async fn submit(state: &AppState, audit: &Audit, command: Command) -> Result<Reply, Problem> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    state.store.engine.submit(command, Box::new(move |r| drop(tx.send(r))))?;
+    let draft = audit.0.draft(String::new());
+    state.store.engine.submit_audited(command, Some(draft), Box::new(move |r| drop(tx.send(r))))?;
+    audit.0.mark_recorded();
     let result = rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?;
     Ok(result?)
 }

@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::audit_trail::Audit;
 use crate::auth::{new_secret, new_uuid, Operator, TENANT_SECRET_PREFIX};
 use crate::dto::*;
 use crate::json::{reply, Json, Path};
@@ -19,6 +20,7 @@ pub const TENANT_NAME_LEN_MAX: usize = 200;
 pub async fn create_tenant(
     State(state): State<AppState>,
     _operator: Operator,
+    audit: Audit,
     headers: HeaderMap,
     Json(body): Json<TenantBody>,
 ) -> Result<Response, Problem> {
@@ -36,6 +38,7 @@ pub async fn create_tenant(
     };
     let now = store::now_nanos();
     let tenant = store::TenantRecord { id: id.as_u128(), name: name.clone(), created_at: now };
+    audit.0.set_resource(uuid_string(tenant.id));
     let secret = new_secret(TENANT_SECRET_PREFIX);
     let key = store::ApiKeyRecord { id: new_uuid().as_u128(), tenant_id: tenant.id, created_at: now, revoked_at: None };
     let hash = state.keys.secret_hash(&secret);
@@ -68,9 +71,11 @@ pub async fn create_tenant(
 pub async fn create_api_key(
     State(state): State<AppState>,
     _operator: Operator,
+    audit: Audit,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
+    audit.0.set_resource(format!("tenant {id}"));
     let tenant_id = parse_id("id", &id)?;
     if query(&state, move |q| q.tenant(tenant_id)).await?.is_none() {
         return Err(Problem::not_found("tenant"));
@@ -81,6 +86,7 @@ pub async fn create_api_key(
     };
     let secret = new_secret(TENANT_SECRET_PREFIX);
     let key = store::ApiKeyRecord { id: key_id.as_u128(), tenant_id, created_at: store::now_nanos(), revoked_at: None };
+    audit.0.set_resource(format!("tenant {id} key {key_id}"));
     let hash = state.keys.secret_hash(&secret);
     let record = key.clone();
     query(&state, move |q| q.create_api_key(&record, &hash)).await.map_err(|p| {
@@ -104,8 +110,10 @@ pub async fn create_api_key(
 pub async fn revoke_api_key(
     State(state): State<AppState>,
     _operator: Operator,
+    audit: Audit,
     Path((id, key_id)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
+    audit.0.set_resource(format!("tenant {id} key {key_id}"));
     let tenant_id = parse_id("id", &id)?;
     let key_id = parse_id("key_id", &key_id)?;
     let revoked = query(&state, move |q| q.revoke_api_key(tenant_id, key_id, store::now_nanos())).await?;

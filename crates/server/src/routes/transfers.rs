@@ -6,6 +6,7 @@ use axum::response::Response;
 use ledger::{Entry, EventKind, Outcome, TransferEvent, TransferId, TransferKey, TransferResult, BATCH_LEN_MAX};
 use store::{Command, Reply};
 
+use crate::audit_trail::Audit;
 use crate::auth::Tenant;
 use crate::dto::*;
 use crate::json::{reply, Json, Path};
@@ -13,10 +14,10 @@ use crate::problem::Problem;
 use crate::routes::{ledger_problem, query, submit};
 use crate::AppState;
 
-async fn apply(state: &AppState, events: Vec<TransferEvent>) -> Result<Vec<Outcome>, Problem> {
-    match submit(state, Command::Transfers(events)).await? {
+async fn apply(state: &AppState, audit: &Audit, events: Vec<TransferEvent>) -> Result<Vec<Outcome>, Problem> {
+    match submit(state, audit, Command::Transfers(events)).await? {
         Reply::Transfers(outcomes) => Ok(outcomes),
-        Reply::Accounts(_) => Err(Problem::internal()),
+        _ => Err(Problem::internal()),
     }
 }
 
@@ -36,19 +37,23 @@ fn single(outcome: Option<Outcome>) -> Result<Response, Problem> {
 pub async fn create_transfer(
     State(state): State<AppState>,
     tenant: Tenant,
+    audit: Audit,
     Json(body): Json<TransferBody>,
 ) -> Result<Response, Problem> {
+    audit.0.set_resource(body.id.clone());
     let event = body.into_event(tenant.ledger_id())?;
-    single(apply(&state, vec![event]).await?.into_iter().next())
+    single(apply(&state, &audit, vec![event]).await?.into_iter().next())
 }
 
 async fn resolve(
     state: AppState,
     tenant: Tenant,
+    audit: Audit,
     pending_id: String,
     body: ResolveBody,
     post: bool,
 ) -> Result<Response, Problem> {
+    audit.0.set_resource(format!("{} (hold {pending_id})", body.id));
     let pending_id = TransferId(parse_id("pending_id", &pending_id)?);
     let kind = if post {
         EventKind::PostPending { pending_id, amount: body.amount.map(|a| check_amount("amount", a)).transpose()? }
@@ -61,7 +66,7 @@ async fn resolve(
     let event =
         EventParts { prefix: "", tenant: tenant.ledger_id(), id: &body.id, code: body.code, metadata: body.metadata }
             .finish(kind)?;
-    single(apply(&state, vec![event]).await?.into_iter().next())
+    single(apply(&state, &audit, vec![event]).await?.into_iter().next())
 }
 
 #[utoipa::path(post, path = "/v1/transfers/{pending_id}/post", tag = "transfers", request_body = ResolveBody,
@@ -72,10 +77,11 @@ async fn resolve(
 pub async fn post_pending(
     State(state): State<AppState>,
     tenant: Tenant,
+    audit: Audit,
     Path(pending_id): Path<String>,
     Json(body): Json<ResolveBody>,
 ) -> Result<Response, Problem> {
-    resolve(state, tenant, pending_id, body, true).await
+    resolve(state, tenant, audit, pending_id, body, true).await
 }
 
 #[utoipa::path(post, path = "/v1/transfers/{pending_id}/void", tag = "transfers", request_body = ResolveBody,
@@ -86,10 +92,11 @@ pub async fn post_pending(
 pub async fn void_pending(
     State(state): State<AppState>,
     tenant: Tenant,
+    audit: Audit,
     Path(pending_id): Path<String>,
     Json(body): Json<ResolveBody>,
 ) -> Result<Response, Problem> {
-    resolve(state, tenant, pending_id, body, false).await
+    resolve(state, tenant, audit, pending_id, body, false).await
 }
 
 #[utoipa::path(post, path = "/v1/transfers/batch", tag = "transfers", request_body = BatchBody,
@@ -99,6 +106,7 @@ pub async fn void_pending(
 pub async fn create_batch(
     State(state): State<AppState>,
     tenant: Tenant,
+    audit: Audit,
     Json(body): Json<BatchBody>,
 ) -> Result<Response, Problem> {
     if body.transfers.is_empty() || body.transfers.len() > BATCH_LEN_MAX {
@@ -120,7 +128,8 @@ pub async fn create_batch(
     if let Some(last) = events.last_mut() {
         last.linked = false;
     }
-    let outcomes = apply(&state, events).await?;
+    audit.0.set_resource(format!("{} transfers from {}", ids.len(), ids.first().map_or("", String::as_str)));
+    let outcomes = apply(&state, &audit, events).await?;
     let results = outcomes
         .into_iter()
         .zip(ids)

@@ -1,0 +1,111 @@
+//! Recording requests in the audit log.
+//!
+//! The `observe` middleware gives each request a [`Slot`]. Authentication fills in who is calling;
+//! ledger handlers hand the entry to the writer with their command ([`crate::routes::submit`]), so
+//! the action and its record commit together. Every other state-changing request (any method but
+//! GET and HEAD) and every failed authentication is appended by the middleware after the handler,
+//! before the response goes out, with the HTTP status as outcome.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use crate::problem::Problem;
+use crate::AppState;
+
+/// What the middleware knows about a request, and what handlers add.
+#[derive(Debug, Default)]
+pub struct Slot {
+    pub action: String,
+    pub request_id: String,
+    pub source: String,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    tenant: Option<u128>,
+    actor: Option<String>,
+    resource: Option<String>,
+    /// Set when the entry went to the writer with the handler's command.
+    recorded: bool,
+}
+
+impl Slot {
+    pub fn new(action: String, request_id: String, source: Option<SocketAddr>) -> Slot {
+        Slot { action, request_id, source: source.map(|s| s.to_string()).unwrap_or_default(), ..Slot::default() }
+    }
+
+    pub fn set_actor(&self, tenant: Option<u128>, actor: String) {
+        let mut s = self.state.lock().expect("audit slot lock");
+        s.tenant = tenant;
+        s.actor = Some(actor);
+    }
+
+    pub fn set_resource(&self, resource: impl Into<String>) {
+        self.state.lock().expect("audit slot lock").resource = Some(resource.into());
+    }
+
+    /// The entry as it stands; `outcome` empty means "filled from the ledger's reply".
+    pub fn draft(&self, outcome: String) -> audit::Draft {
+        let s = self.state.lock().expect("audit slot lock");
+        audit::Draft {
+            tenant: s.tenant,
+            actor: s.actor.clone().unwrap_or_else(|| "anonymous".to_owned()),
+            action: self.action.clone(),
+            resource: s.resource.clone().unwrap_or_default(),
+            request_id: self.request_id.clone(),
+            source: self.source.clone(),
+            outcome,
+        }
+    }
+
+    pub fn mark_recorded(&self) {
+        self.state.lock().expect("audit slot lock").recorded = true;
+    }
+
+    pub fn recorded(&self) -> bool {
+        self.state.lock().expect("audit slot lock").recorded
+    }
+}
+
+/// The request's slot, for handlers.
+#[derive(Clone, Debug)]
+pub struct Audit(pub Arc<Slot>);
+
+impl FromRequestParts<AppState> for Audit {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Problem> {
+        // Outside the middleware (never in the served router) a detached slot records nothing.
+        Ok(Audit(parts.extensions.get::<Arc<Slot>>().cloned().unwrap_or_default()))
+    }
+}
+
+/// Records who is calling on the request's slot, if it has one.
+pub fn identify(parts: &Parts, tenant: Option<u128>, actor: String) {
+    if let Some(slot) = parts.extensions.get::<Arc<Slot>>() {
+        slot.set_actor(tenant, actor);
+    }
+}
+
+/// Appends the slot's entry after the handler, when the request needs one and it is not recorded
+/// yet. A failure to record is logged and counted; the response (already decided) goes out.
+pub async fn record_after(state: &AppState, slot: &Slot, mutating: bool, status: u16) {
+    if slot.recorded() || !(mutating || status == 401) {
+        return;
+    }
+    let draft = slot.draft(status.to_string());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let submitted = state.store.engine.submit(store::Command::Audit(vec![draft]), Box::new(move |r| drop(tx.send(r))));
+    let result = match submitted {
+        Ok(()) => rx.await.unwrap_or_else(|_| Err(store::StoreError::Unavailable("writer stopped".into()))),
+        Err(e) => Err(e),
+    };
+    if let Err(error) = result {
+        state.metrics.audit_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(request_id = slot.request_id, %error, "audit entry not recorded");
+    }
+}
