@@ -84,7 +84,7 @@ impl Frontier {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Frontier, String> {
-        if bytes.len() < 8 || (bytes.len() - 8) % 32 != 0 {
+        if bytes.len() < 8 || !(bytes.len() - 8).is_multiple_of(32) {
             return Err(format!("audit frontier of {} bytes is malformed", bytes.len()));
         }
         let size = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
@@ -114,7 +114,7 @@ pub fn subtree_root<N: Nodes>(nodes: &N, start: u64, end: u64) -> Result<Hash, N
     if n == 0 {
         return Ok(empty_root());
     }
-    if n.is_power_of_two() && start % n == 0 {
+    if n.is_power_of_two() && start.is_multiple_of(n) {
         return nodes.node(n.trailing_zeros() as u8, start >> n.trailing_zeros());
     }
     let k = split(n);

@@ -82,7 +82,8 @@ pub fn audit_signer(path: &Path) -> Result<audit::Signer, Error> {
         let pkcs8 = audit::Signer::generate_pkcs8()?;
         write_private(path, &hex(&pkcs8))?;
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the audit key {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read the audit key {}: {e}", path.display()))?;
     let pkcs8 = unhex(text.trim()).ok_or_else(|| format!("the audit key {} is not hex", path.display()))?;
     Ok(audit::Signer::from_pkcs8(&pkcs8).map_err(|e| format!("the audit key {}: {e}", path.display()))?)
 }

@@ -108,7 +108,10 @@ fn params_of(params: &HashMap<String, String>, names: &[&str]) -> Result<HashMap
 }
 
 fn required(params: &HashMap<String, u64>, name: &str) -> Result<u64, Problem> {
-    params.get(name).copied().ok_or_else(|| Problem::invalid(name, "missing_parameter", format!("`{name}` is required")))
+    params
+        .get(name)
+        .copied()
+        .ok_or_else(|| Problem::invalid(name, "missing_parameter", format!("`{name}` is required")))
 }
 
 fn tenant_of(caller: Caller) -> Option<u128> {
