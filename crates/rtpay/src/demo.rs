@@ -115,6 +115,15 @@ pub async fn tour(addr: SocketAddr, operator: &str) -> Result<(String, String), 
     n.call("Alice's wallet now", "GET", &format!("/v1/accounts/{alice}"), &key, None).await?;
     n.call("Her statement, newest first", "GET", &format!("/v1/accounts/{alice}/transfers?limit=10"), &key, None)
         .await?;
+    n.call(
+        "The tenant's audit trail: every change, who made it, and how it ended",
+        "GET",
+        "/v1/audit?limit=3",
+        &key,
+        None,
+    )
+    .await?;
+    n.call("The signed head of the audit log's Merkle tree", "GET", "/v1/audit/tree-head", &key, None).await?;
     Ok((key, alice))
 }
 
@@ -141,6 +150,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
     println!("curl -s $RTPAY/v1/accounts/{alice} -H \"Authorization: Bearer $KEY\"");
     println!("curl -s -X POST $RTPAY/v1/accounts -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' -d '{{\"currency\":\"BRL\"}}'");
     println!("curl -s $RTPAY/metrics | grep rtpay_ledger");
+    println!("curl -s \"$RTPAY/v1/audit/proof/inclusion?seq=2\" -H \"Authorization: Bearer $KEY\"");
     println!("curl -s $RTPAY/openapi.json | head -c 300");
     if exit_after {
         let _ = stop_tx.send(());

@@ -17,11 +17,13 @@ fn rtpay(args: &[&str]) -> (bool, String) {
 fn every_command_has_help() {
     let (ok, top) = rtpay(&["--help"]);
     assert!(ok, "{top}");
-    for command in ["serve", "demo", "verify", "migrate", "bench"] {
+    for command in ["serve", "demo", "verify", "migrate", "bench", "audit"] {
         assert!(top.contains(command), "top-level help lists {command}");
         let (ok, help) = rtpay(&[command, "--help"]);
         assert!(ok && help.contains("Usage: rtpay"), "{command} --help: {help}");
     }
+    let (ok, help) = rtpay(&["audit", "verify", "--help"]);
+    assert!(ok && help.contains("--public-key") && help.contains("--audit-key"), "{help}");
     let (ok, help) = rtpay(&["serve", "--help"]);
     assert!(ok && help.contains("--data") && help.contains("--listen") && help.contains("--postgres"), "{help}");
 }
@@ -31,10 +33,12 @@ fn demo_walks_through_the_api_and_exits() {
     let (ok, out) = rtpay(&["demo", "--exit"]);
     assert!(ok, "{out}");
     for expected in [
-        "-> 201",                 // creations
-        "-> 200",                 // the repeated deposit
-        "\"insufficient_funds\"", // the refused payment
-        "\"status\": \"posted\"", // the capture
+        "-> 201",                   // creations
+        "-> 200",                   // the repeated deposit
+        "\"insufficient_funds\"",   // the refused payment
+        "\"status\": \"posted\"",   // the capture
+        "\"outcome\": \"created\"", // the audit trail
+        "\"signature\": ",          // the signed tree head
         "curl -s -X POST http://127.0.0.1:",
         "export RTPAY=http://127.0.0.1:",
     ] {

@@ -12,6 +12,11 @@ use ledger::Timestamp;
 
 use crate::{Queries, Result, StoreError};
 
+/// The key a perfect subtree is stored under: the index of the last leaf it covers.
+pub(crate) fn last_leaf(level: u8, index: u64) -> u64 {
+    ((index + 1) << level) - 1
+}
+
 /// Entries one listing returns at most.
 pub const AUDIT_PAGE_LEN_MAX: usize = 1000;
 

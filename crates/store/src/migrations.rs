@@ -94,7 +94,9 @@ CREATE INDEX transfers_by_id ON transfers (id);
         sql: r#"
 -- The audit log: entries numbered from 1, the completed perfect subtrees of their RFC 6962 Merkle
 -- tree (level >= 1; level 0 is the entry's leaf_hash), the signed tree heads, and the tree's right
--- edge (size and peaks) next to the ledger clock, updated in the same transactions.
+-- edge (size and peaks) next to the ledger clock, updated in the same transactions. Subtrees are
+-- keyed by the last leaf they cover, so the ones a batch completes are neighbours in the index
+-- (keyed by level first, each level would dirty its own page every batch).
 CREATE TABLE audit_entries (
     seq INTEGER PRIMARY KEY,
     time INTEGER NOT NULL,
@@ -109,10 +111,10 @@ CREATE TABLE audit_entries (
 );
 CREATE INDEX audit_entries_by_tenant ON audit_entries (tenant_id, seq) WHERE tenant_id IS NOT NULL;
 CREATE TABLE audit_nodes (
+    last_leaf INTEGER NOT NULL,
     level INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
     hash BLOB NOT NULL,
-    PRIMARY KEY (level, idx)
+    PRIMARY KEY (last_leaf, level)
 ) WITHOUT ROWID;
 CREATE TABLE audit_heads (
     size INTEGER PRIMARY KEY,
@@ -204,10 +206,10 @@ CREATE TABLE audit_entries (
 );
 CREATE INDEX audit_entries_by_tenant ON audit_entries (tenant_id, seq) WHERE tenant_id IS NOT NULL;
 CREATE TABLE audit_nodes (
+    last_leaf BIGINT NOT NULL,
     level SMALLINT NOT NULL,
-    idx BIGINT NOT NULL,
     hash BYTEA NOT NULL,
-    PRIMARY KEY (level, idx)
+    PRIMARY KEY (last_leaf, level)
 );
 CREATE TABLE audit_heads (
     size BIGINT PRIMARY KEY,

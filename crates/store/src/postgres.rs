@@ -181,7 +181,7 @@ const AUDIT: &str = "WITH \
         outcome, leaf_hash) \
       SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], \
         $8::text[], $9::text[], $10::bytea[]) RETURNING 1), \
-    nodes AS (INSERT INTO audit_nodes (level, idx, hash) \
+    nodes AS (INSERT INTO audit_nodes (level, last_leaf, hash) \
       SELECT * FROM unnest($11::smallint[], $12::bigint[], $13::bytea[]) RETURNING 1), \
     head AS (INSERT INTO audit_heads (size, time, root, signature) VALUES ($14, $15, $16, $17) RETURNING 1), \
     meta AS (UPDATE ledger_meta SET audit_frontier = $18 WHERE id = 1 RETURNING 1) \
@@ -355,7 +355,7 @@ impl PgWriter {
         let (request, source, outcome) = (text(|d| &d.request_id), text(|d| &d.source), text(|d| &d.outcome));
         let leaf: Vec<&[u8]> = e.iter().map(|(_, l)| &l[..]).collect();
         let level: Vec<i16> = append.nodes.iter().map(|n| i16::from(n.level)).collect();
-        let idx: Vec<i64> = append.nodes.iter().map(|n| n.index as i64).collect();
+        let idx: Vec<i64> = append.nodes.iter().map(|n| crate::audit_log::last_leaf(n.level, n.index) as i64).collect();
         let hash: Vec<&[u8]> = append.nodes.iter().map(|n| &n.hash[..]).collect();
         let h = &append.head;
         let (size, head_time, root) = (h.head.size as i64, h.head.time as i64, &h.head.root[..]);
@@ -714,8 +714,8 @@ impl Queries for PgQueries {
                 c.query_opt("SELECT leaf_hash FROM audit_entries WHERE seq = $1", &[&(index as i64 + 1)])
             } else {
                 c.query_opt(
-                    "SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2",
-                    &[&i16::from(level), &(index as i64)],
+                    "SELECT hash FROM audit_nodes WHERE last_leaf = $2 AND level = $1",
+                    &[&i16::from(level), &(crate::audit_log::last_leaf(level, index) as i64)],
                 )
             }
             .map_err(unavailable)?;

@@ -498,10 +498,11 @@ impl SqliteWriter {
         drop(insert);
         let mut node = self
             .conn
-            .prepare_cached("INSERT INTO audit_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")
+            .prepare_cached("INSERT INTO audit_nodes (last_leaf, level, hash) VALUES (?1, ?2, ?3)")
             .map_err(unavailable)?;
         for n in &append.nodes {
-            node.execute(params![n.level, n.index as i64, &n.hash[..]]).map_err(unavailable)?;
+            let last = crate::audit_log::last_leaf(n.level, n.index) as i64;
+            node.execute(params![last, n.level, &n.hash[..]]).map_err(unavailable)?;
         }
         drop(node);
         let h = &append.head;
@@ -861,8 +862,9 @@ impl Queries for SqliteQueries {
                 c.prepare_cached("SELECT leaf_hash FROM audit_entries WHERE seq = ?1")
                     .and_then(|mut s| s.query_row([index as i64 + 1], |r| r.get(0)).optional())
             } else {
-                c.prepare_cached("SELECT hash FROM audit_nodes WHERE level = ?1 AND idx = ?2")
-                    .and_then(|mut s| s.query_row(params![level, index as i64], |r| r.get(0)).optional())
+                let last = crate::audit_log::last_leaf(level, index) as i64;
+                c.prepare_cached("SELECT hash FROM audit_nodes WHERE last_leaf = ?1 AND level = ?2")
+                    .and_then(|mut s| s.query_row(params![last, level], |r| r.get(0)).optional())
             }
             .map_err(unavailable)?;
             hash.map(|h| hash_of(&h)).transpose()
