@@ -134,7 +134,14 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
     println!("rtpay demo: embedded storage in {}", dir.display());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = ServeConfig { data: dir.clone(), listen, postgres: None, audit_key: None };
+    let config = ServeConfig {
+        data: dir.clone(),
+        listen,
+        postgres: None,
+        audit_key: None,
+        rate_limit: server::TENANT_RATE_DEFAULT,
+        rate_burst: None,
+    };
     let server = tokio::spawn(run(
         config,
         async move {

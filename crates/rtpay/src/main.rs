@@ -51,6 +51,12 @@ enum CommandLine {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", env = "RTPAY_LISTEN")]
         listen: SocketAddr,
+        /// Requests per second each tenant may make on this node (then 429 with Retry-After).
+        #[arg(long, default_value_t = server::TENANT_RATE_DEFAULT, env = "RTPAY_RATE_LIMIT")]
+        rate_limit: f64,
+        /// Requests a tenant may make at once above its rate (default: one second's worth).
+        #[arg(long, env = "RTPAY_RATE_BURST")]
+        rate_burst: Option<f64>,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -118,10 +124,16 @@ fn audit_verify(storage: &StorageArgs, public_key: Option<&str>) -> Result<store
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        CommandLine::Serve { storage, listen } => {
+        CommandLine::Serve { storage, listen, rate_limit, rate_burst } => {
             init_logging();
-            let config =
-                ServeConfig { data: storage.data, listen, postgres: storage.postgres, audit_key: storage.audit_key };
+            let config = ServeConfig {
+                data: storage.data,
+                listen,
+                postgres: storage.postgres,
+                audit_key: storage.audit_key,
+                rate_limit,
+                rate_burst,
+            };
             runtime().block_on(async {
                 match run(config, shutdown_signal(), |r| println!("rtpay listening on http://{}", r.addr)).await {
                     Ok(()) => ExitCode::SUCCESS,

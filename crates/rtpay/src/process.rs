@@ -28,13 +28,15 @@ pub struct Spawn<'a> {
     pub operator_env: bool,
     /// How long to wait for the listening line.
     pub wait: Duration,
+    /// More `serve` arguments.
+    pub args: &'a [&'a str],
 }
 
 impl Spawn<'_> {
     /// Starts the server and waits until it prints its listening address.
     pub fn start(&self) -> std::io::Result<ServerProcess> {
         let mut command = Command::new(self.exe);
-        command.arg("serve").arg("--data").arg(self.data).arg("--listen").arg(self.listen);
+        command.arg("serve").arg("--data").arg(self.data).arg("--listen").arg(self.listen).args(self.args);
         if self.operator_env {
             command.env("RTPAY_OPERATOR_TOKEN", OPERATOR);
         } else {
@@ -88,7 +90,7 @@ pub fn spawn_serve(
     listen: &str,
     wait: Duration,
 ) -> std::io::Result<ServerProcess> {
-    Spawn { exe, data, postgres, listen, operator_env: true, wait }.start()
+    Spawn { exe, data, postgres, listen, operator_env: true, wait, args: &[] }.start()
 }
 
 /// Resident memory of a process, in KiB, from /proc.

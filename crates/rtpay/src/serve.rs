@@ -14,6 +14,9 @@ pub struct ServeConfig {
     pub postgres: Option<String>,
     /// The audit signing key file; default `<data>/audit-signing-key`.
     pub audit_key: Option<PathBuf>,
+    /// Requests per second each tenant may make on this node, and the burst above it.
+    pub rate_limit: f64,
+    pub rate_burst: Option<f64>,
 }
 
 impl ServeConfig {
@@ -107,6 +110,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(&Running),
 ) -> Result<(), Error> {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if !positive(config.rate_limit) || config.rate_burst.is_some_and(|b| !positive(b) || b < 1.0) {
+        return Err("--rate-limit must be above 0 and --rate-burst at least 1".into());
+    }
     std::fs::create_dir_all(&config.data)
         .map_err(|e| format!("cannot create data directory {}: {e}", config.data.display()))?;
     let token = operator_token(&config.data)?;
@@ -121,7 +128,8 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
-    let state = server::AppState::new(store.clone(), keys, public_key);
+    let state = server::AppState::new(store.clone(), keys, public_key)
+        .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)));
     let running = Running { addr, operator_token: token, store: store.clone() };
     ready(&running);
     tracing::info!(%addr, engine = match config.postgres { Some(_) => "postgres", None => "embedded" }, "listening");

@@ -29,6 +29,17 @@ fn every_command_has_help() {
 }
 
 #[test]
+fn serve_refuses_bad_limits_before_touching_anything() {
+    let dir = temp_dir("bad-limits");
+    for (i, arg) in ["--rate-limit=0", "--rate-limit=-5", "--rate-burst=0.5", "--rate-limit=NaN"].iter().enumerate() {
+        let data = dir.join(i.to_string());
+        let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", arg]);
+        assert!(!ok && out.contains("--rate-limit must be above 0"), "{arg}: {out}");
+        assert!(!data.exists(), "{arg}: nothing is created");
+    }
+}
+
+#[test]
 fn demo_walks_through_the_api_and_exits() {
     let (ok, out) = rtpay(&["demo", "--exit"]);
     assert!(ok, "{out}");

@@ -132,19 +132,74 @@ fn bearer(parts: &Parts) -> Result<&str, Problem> {
     Ok(token.trim())
 }
 
+fn source(parts: &Parts) -> Option<std::net::IpAddr> {
+    parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+}
+
+/// Before any credential is checked: a source over its failure budget, or a locked id, waits.
+fn guard(parts: &Parts, state: &AppState, id: Option<&str>) -> Result<(), Problem> {
+    let now = Instant::now();
+    if let Err(wait) = state.auth_guard.source_allowed(source(parts), now) {
+        return Err(Problem::too_many(
+            "auth_throttled",
+            "too many failed authentications from this address; retry later",
+            wait,
+        ));
+    }
+    if let Some(wait) = id.and_then(|id| state.auth_guard.locked(id, now)) {
+        return Err(Problem::too_many(
+            "credential_locked",
+            "this credential is locked after repeated failed authentications",
+            wait,
+        ));
+    }
+    Ok(())
+}
+
+/// Counts a failed authentication and, when it locks `id`, records the lock in the audit log.
+fn failed(parts: &Parts, state: &AppState, id: Option<&str>, problem: Problem) -> Problem {
+    use crate::limits::AfterFailure;
+    if state.auth_guard.failed(source(parts), id, Instant::now()) == AfterFailure::Locked {
+        let id = id.expect("only an id can be locked");
+        tracing::warn!(credential = id, "credential locked after repeated failed authentications");
+        let slot = parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>();
+        let draft = audit::Draft {
+            tenant: None,
+            actor: "anonymous".into(),
+            action: "auth.lock".into(),
+            resource: id.to_owned(),
+            request_id: slot.map(|s| s.request_id.clone()).unwrap_or_default(),
+            source: slot.map(|s| s.source.clone()).unwrap_or_default(),
+            outcome: format!("locked for {} s", crate::limits::LOCK_DURATION.as_secs()),
+        };
+        let submitted = state.store.engine.submit(store::Command::Audit(vec![draft]), Box::new(|_| {}));
+        if submitted.is_err() {
+            tracing::error!(credential = id, "the lock could not be recorded in the audit log");
+        }
+    }
+    problem
+}
+
 /// The platform operator.
 pub struct Operator;
+
+const OPERATOR_ID: &str = "operator";
 
 impl FromRequestParts<AppState> for Operator {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
-        let token = bearer(parts)?;
+        guard(parts, state, Some(OPERATOR_ID))?;
+        let token = match bearer(parts) {
+            Ok(t) => t,
+            Err(p) => return Err(failed(parts, state, None, p)),
+        };
         if state.keys.is_operator(token) {
+            state.auth_guard.succeeded(OPERATOR_ID);
             crate::audit_trail::identify(parts, None, "operator".into());
             Ok(Operator)
         } else {
-            Err(Problem::unauthorized("the operator token is not valid"))
+            Err(failed(parts, state, Some(OPERATOR_ID), Problem::unauthorized("the operator token is not valid")))
         }
     }
 }
@@ -166,27 +221,32 @@ impl FromRequestParts<AppState> for Tenant {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
-        let token = bearer(parts)?;
-        if !token.starts_with(TENANT_SECRET_PREFIX) {
-            return Err(Problem::unauthorized("the API key is not valid"));
-        }
-        let hash = state.keys.secret_hash(token);
-        let identified = |id: u128, key_id: u128| {
-            crate::audit_trail::identify(parts, Some(id), format!("key:{}", uuid::Uuid::from_u128(key_id)));
-            Tenant { id, key_id }
+        guard(parts, state, None)?;
+        let token = match bearer(parts) {
+            Ok(t) if t.starts_with(TENANT_SECRET_PREFIX) => t,
+            Ok(_) => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
+            Err(p) => return Err(failed(parts, state, None, p)),
         };
-        if let Some((id, key_id)) = state.key_cache.get(&hash) {
-            return Ok(identified(id, key_id));
+        let hash = state.keys.secret_hash(token);
+        let tenant = match state.key_cache.get(&hash) {
+            Some((id, key_id)) => Tenant { id, key_id },
+            None => match crate::routes::query(state, move |q| q.api_key_by_hash(&hash)).await? {
+                Some(key) if key.revoked_at.is_none() => {
+                    state.key_cache.put(hash, key.tenant_id, key.id);
+                    Tenant { id: key.tenant_id, key_id: key.id }
+                }
+                Some(key) => {
+                    let id = format!("key:{}", uuid::Uuid::from_u128(key.id));
+                    return Err(failed(parts, state, Some(&id), Problem::unauthorized("the API key was revoked")));
+                }
+                None => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
+            },
+        };
+        crate::audit_trail::identify(parts, Some(tenant.id), format!("key:{}", uuid::Uuid::from_u128(tenant.key_id)));
+        if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
+            return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
         }
-        let record = crate::routes::query(state, move |q| q.api_key_by_hash(&hash)).await?;
-        match record {
-            Some(key) if key.revoked_at.is_none() => {
-                state.key_cache.put(hash, key.tenant_id, key.id);
-                Ok(identified(key.tenant_id, key.id))
-            }
-            Some(_) => Err(Problem::unauthorized("the API key was revoked")),
-            None => Err(Problem::unauthorized("the API key is not valid")),
-        }
+        Ok(tenant)
     }
 }
 

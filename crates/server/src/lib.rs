@@ -15,6 +15,7 @@ pub mod audit_trail;
 pub mod auth;
 pub mod dto;
 pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod problem;
 pub mod routes;
@@ -41,7 +42,13 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// The Ed25519 key that verifies the audit log's tree heads.
     pub audit_public_key: Arc<Vec<u8>>,
+    /// Requests per tenant (per node).
+    pub tenant_rate: Arc<limits::Buckets<u128>>,
+    pub auth_guard: Arc<limits::AuthGuard>,
 }
+
+/// Requests per second a tenant may make on one node, by default, and its burst.
+pub const TENANT_RATE_DEFAULT: f64 = 50_000.0;
 
 impl AppState {
     pub fn new(store: Arc<store::Store>, keys: auth::Keys, audit_public_key: Vec<u8>) -> AppState {
@@ -51,7 +58,15 @@ impl AppState {
             key_cache: Arc::new(auth::KeyCache::default()),
             metrics: Arc::new(metrics::Metrics::default()),
             audit_public_key: Arc::new(audit_public_key),
+            tenant_rate: Arc::new(limits::Buckets::new(TENANT_RATE_DEFAULT, TENANT_RATE_DEFAULT)),
+            auth_guard: Arc::new(limits::AuthGuard::default()),
         }
+    }
+
+    /// Sets each tenant's request rate (per second, per node) and burst.
+    pub fn with_tenant_rate(mut self, per_second: f64, burst: f64) -> AppState {
+        self.tenant_rate = Arc::new(limits::Buckets::new(per_second, burst));
+        self
     }
 }
 

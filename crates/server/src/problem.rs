@@ -63,6 +63,13 @@ impl Problem {
         p
     }
 
+    /// 429, with `Retry-After`.
+    pub fn too_many(code: &str, detail: impl Into<String>, wait: std::time::Duration) -> Problem {
+        let mut p = Problem::new(StatusCode::TOO_MANY_REQUESTS, code, detail);
+        p.retry_after_seconds = Some(crate::limits::retry_after_seconds(wait));
+        p
+    }
+
     pub fn internal() -> Problem {
         Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an unexpected error happened; it was logged")
     }

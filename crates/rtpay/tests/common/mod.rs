@@ -45,7 +45,19 @@ impl Server {
     }
 
     pub fn start_with(data: &Path, postgres: Option<&str>, listen: &str, operator_env: bool) -> Server {
+        Self::start_with_args(data, postgres, listen, operator_env, &[])
+    }
+
+    /// Starts with more `serve` arguments.
+    pub fn start_with_args(
+        data: &Path,
+        postgres: Option<&str>,
+        listen: &str,
+        operator_env: bool,
+        args: &[&str],
+    ) -> Server {
         let spawn = Spawn {
+            args,
             exe: Path::new(env!("CARGO_BIN_EXE_rtpay")),
             data,
             postgres,

@@ -1,0 +1,90 @@
+//! Abuse limits over real sockets: a tenant's request rate, failed authentications throttled per
+//! source, and a credential locked after ten failures in a row — with the lock in the audit log.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
+    let dir = temp_dir("limits-rate");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--rate-limit", "1", "--rate-burst", "5"]);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, busy) = tenant(&mut c, "busy").await;
+        let (_, calm) = tenant(&mut c, "calm").await;
+        for i in 0..5 {
+            let r = c.post("/v1/accounts", &busy, &json!({"currency": "BRL"})).await.unwrap();
+            assert_eq!(r.status, 201, "request {i} is within the burst");
+        }
+        let r = c.post("/v1/accounts", &busy, &json!({"currency": "BRL"})).await.unwrap();
+        assert_eq!(r.status, 429, "{:?}", r.json());
+        assert_eq!(r.json()["code"], json!("rate_limited"));
+        assert_eq!(r.headers.get("retry-after").unwrap(), "1");
+        // Reads count too; another tenant has its own bucket.
+        assert_eq!(c.get("/v1/audit", &busy).await.unwrap().status, 429);
+        assert_eq!(c.post("/v1/accounts", &calm, &json!({"currency": "BRL"})).await.unwrap().status, 201);
+        // A second later the busy tenant may go on.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        assert_eq!(c.post("/v1/accounts", &busy, &json!({"currency": "BRL"})).await.unwrap().status, 201);
+    });
+}
+
+#[test]
+fn ten_failures_lock_the_operator_credential_and_the_lock_is_audited() {
+    let dir = temp_dir("limits-lock");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "watcher").await;
+        let wrong = format!("rtpay_op_{}", "1".repeat(64));
+        for i in 1..=10 {
+            let r = c.post("/v1/tenants", &wrong, &json!({"name": "x"})).await.unwrap();
+            assert_eq!(r.status, 401, "failure {i}");
+        }
+        // Now even the right token waits out the lock.
+        let r = c.post("/v1/tenants", OPERATOR, &json!({"name": "x"})).await.unwrap();
+        assert_eq!(r.status, 429, "{:?}", r.json());
+        assert_eq!(r.json()["code"], json!("credential_locked"));
+        let retry: u64 = r.headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+        assert!((1790..=1800).contains(&retry), "{retry}");
+        // Tenants' keys are another credential: they still work, and nothing was created.
+        let r = c.get("/v1/audit/tree-head", &key).await.unwrap();
+        assert_eq!(r.status, 200);
+        // The lock is in the audit log (the operator cannot read it for now; the trail is in storage).
+        let queries = store::Store::open_queries(&store::Location::Embedded(dir.clone())).unwrap();
+        let entries = queries.audit_entries(0, 100, None).unwrap();
+        let lock = entries.iter().find(|e| e.draft.action == "auth.lock").expect("the lock is audited");
+        assert_eq!(lock.draft.resource, "operator");
+        assert!(lock.draft.outcome.contains("1800"));
+        let failures = entries.iter().filter(|e| e.draft.outcome == "401").count();
+        assert_eq!(failures, 10, "each failed authentication is recorded");
+        assert_eq!(
+            entries.iter().filter(|e| e.draft.action == "POST /v1/tenants" && e.draft.outcome == "201").count(),
+            1
+        );
+    });
+}
+
+#[test]
+fn a_source_with_too_many_failures_is_throttled_before_credentials_are_checked() {
+    let dir = temp_dir("limits-source");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "victim").await;
+        let wrong = format!("rtpay_sk_{}", "2".repeat(64));
+        let mut statuses = Vec::new();
+        for _ in 0..25 {
+            statuses.push(c.get("/v1/audit", &wrong).await.unwrap().status.as_u16());
+        }
+        // The first 20 are judged (and fail); then the address waits, whatever it sends.
+        assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
+        assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+        let r = c.get("/v1/audit", &key).await.unwrap();
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["code"], json!("auth_throttled"));
+        assert_eq!(r.headers.get("retry-after").unwrap(), "6");
+    });
+}
