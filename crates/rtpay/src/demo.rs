@@ -141,6 +141,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         audit_key: None,
         rate_limit: server::TENANT_RATE_DEFAULT,
         rate_burst: None,
+        tls: None,
     };
     let server = tokio::spawn(run(
         config,

@@ -57,6 +57,16 @@ enum CommandLine {
         /// Requests a tenant may make at once above its rate (default: one second's worth).
         #[arg(long, env = "RTPAY_RATE_BURST")]
         rate_burst: Option<f64>,
+        /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, env = "RTPAY_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+        #[arg(long, env = "RTPAY_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Verify client certificates against these CAs (PEM) and bind each connection to the
+        /// tenant (SAN `urn:rtpay:tenant:<uuid>`) or operator (`urn:rtpay:operator`) they name.
+        #[arg(long, env = "RTPAY_TLS_CLIENT_CA", requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -124,7 +134,11 @@ fn audit_verify(storage: &StorageArgs, public_key: Option<&str>) -> Result<store
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        CommandLine::Serve { storage, listen, rate_limit, rate_burst } => {
+        CommandLine::Serve { storage, listen, rate_limit, rate_burst, tls_cert, tls_key, tls_client_ca } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(server::tls::TlsFiles { cert, key, client_ca: tls_client_ca }),
+                _ => None,
+            };
             init_logging();
             let config = ServeConfig {
                 data: storage.data,
@@ -133,9 +147,11 @@ fn main() -> ExitCode {
                 audit_key: storage.audit_key,
                 rate_limit,
                 rate_burst,
+                tls,
             };
             runtime().block_on(async {
-                match run(config, shutdown_signal(), |r| println!("rtpay listening on http://{}", r.addr)).await {
+                match run(config, shutdown_signal(), |r| println!("rtpay listening on {}://{}", r.scheme, r.addr)).await
+                {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("rtpay serve: {e}");

@@ -62,7 +62,10 @@ impl Spawn<'_> {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("rtpay listening on http://") {
+                let address = line
+                    .strip_prefix("rtpay listening on http://")
+                    .or_else(|| line.strip_prefix("rtpay listening on https://"));
+                if let Some(addr) = address {
                     let _ = tx.send(addr.parse::<SocketAddr>());
                 }
             }

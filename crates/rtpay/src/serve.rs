@@ -17,6 +17,7 @@ pub struct ServeConfig {
     /// Requests per second each tenant may make on this node, and the burst above it.
     pub rate_limit: f64,
     pub rate_burst: Option<f64>,
+    pub tls: Option<server::tls::TlsFiles>,
 }
 
 impl ServeConfig {
@@ -100,6 +101,8 @@ pub fn init_logging() {
 /// A running server.
 pub struct Running {
     pub addr: SocketAddr,
+    /// `https` or `http`.
+    pub scheme: &'static str,
     pub operator_token: String,
     pub store: Arc<Store>,
 }
@@ -114,6 +117,8 @@ pub async fn run(
     if !positive(config.rate_limit) || config.rate_burst.is_some_and(|b| !positive(b) || b < 1.0) {
         return Err("--rate-limit must be above 0 and --rate-burst at least 1".into());
     }
+    // Bad PEM files are refused before anything is created or opened.
+    let acceptor = config.tls.as_ref().map(server::tls::acceptor).transpose()?;
     std::fs::create_dir_all(&config.data)
         .map_err(|e| format!("cannot create data directory {}: {e}", config.data.display()))?;
     let token = operator_token(&config.data)?;
@@ -130,10 +135,17 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let state = server::AppState::new(store.clone(), keys, public_key)
         .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)));
-    let running = Running { addr, operator_token: token, store: store.clone() };
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    let running = Running { addr, scheme, operator_token: token, store: store.clone() };
     ready(&running);
     tracing::info!(%addr, engine = match config.postgres { Some(_) => "postgres", None => "embedded" }, "listening");
-    server::serve(listener, state, shutdown).await?;
+    match acceptor {
+        Some(acceptor) => {
+            let mutual = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            server::serve_tls(listener, state, acceptor, mutual, shutdown).await?
+        }
+        None => server::serve(listener, state, shutdown).await?,
+    }
     drop(running);
     // Let the writer finish what is queued, then stop it.
     if let Ok(store) = Arc::try_unwrap(store) {

@@ -180,6 +180,24 @@ fn failed(parts: &Parts, state: &AppState, id: Option<&str>, problem: Problem) -
     problem
 }
 
+/// With mTLS, the credential must belong to the identity the client certificate names.
+fn bound_to(parts: &Parts, identity: crate::tls::PeerIdentity) -> Result<(), Problem> {
+    match parts.extensions.get::<crate::tls::PeerIdentity>() {
+        None => Ok(()),
+        Some(peer) if *peer == identity => Ok(()),
+        Some(crate::tls::PeerIdentity::Anonymous) => Err(Problem::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "client_certificate_required",
+            "this listener requires a client certificate issued for the caller",
+        )),
+        Some(_) => Err(Problem::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "client_certificate_mismatch",
+            "the client certificate is issued for another identity than the credential",
+        )),
+    }
+}
+
 /// The platform operator.
 pub struct Operator;
 
@@ -195,6 +213,7 @@ impl FromRequestParts<AppState> for Operator {
             Err(p) => return Err(failed(parts, state, None, p)),
         };
         if state.keys.is_operator(token) {
+            bound_to(parts, crate::tls::PeerIdentity::Operator)?;
             state.auth_guard.succeeded(OPERATOR_ID);
             crate::audit_trail::identify(parts, None, "operator".into());
             Ok(Operator)
@@ -242,6 +261,7 @@ impl FromRequestParts<AppState> for Tenant {
                 None => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
             },
         };
+        bound_to(parts, crate::tls::PeerIdentity::Tenant(tenant.id))?;
         crate::audit_trail::identify(parts, Some(tenant.id), format!("key:{}", uuid::Uuid::from_u128(tenant.key_id)));
         if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
             return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod metrics;
 pub mod problem;
 pub mod routes;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -181,6 +182,18 @@ fn next_request_id() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| auth::hex(&auth::random_32()[..6]));
     format!("{prefix}-{:x}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Serves over TLS until `shutdown` resolves; `mutual`: client certificates are verified and bind
+/// the connection (see [`tls`]).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mutual: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    tls::serve(listener, router(state), acceptor, mutual, shutdown).await
 }
 
 /// Serves until `shutdown` resolves.
