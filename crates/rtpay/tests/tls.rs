@@ -1,0 +1,209 @@
+//! TLS and mTLS over real sockets, with certificates made here: a CA, a server certificate, and
+//! client certificates bound to a tenant, to the operator, to nobody, and from a foreign CA.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use serde_json::{json, Value};
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Ca { cert, key }
+}
+
+/// A certificate signed by `ca`: (certificate PEM, key PEM).
+fn issue(ca: &Ca, dns: &[&str], uris: &[&str]) -> (String, String) {
+    let mut params = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
+    for uri in uris {
+        params.subject_alt_names.push(SanType::URI(rcgen::Ia5String::try_from(uri.to_string()).unwrap()));
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// One HTTPS request on a fresh connection; `client`: (certificate PEM, key PEM).
+async fn https(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<&(String, String)>,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).unwrap())).unwrap_or_default();
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .unwrap();
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+}
+
+#[test]
+fn tls_and_client_certificates_bound_to_tenants() {
+    let dir = temp_dir("tls");
+    let authority = ca("rtpay test CA");
+    let foreign = ca("someone else");
+    let ca_pem = authority.cert.pem();
+    let (server_cert, server_key) = issue(&authority, &["localhost"], &[]);
+    let certs = temp_dir("tls-certs");
+    let args = [
+        "--tls-cert".to_owned(),
+        write(&certs, "server.pem", &server_cert),
+        "--tls-key".to_owned(),
+        write(&certs, "server.key", &server_key),
+        "--tls-client-ca".to_owned(),
+        write(&certs, "ca.pem", &ca_pem),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &args);
+    let addr = server.addr;
+    runtime().block_on(async {
+        // Plain HTTP to a TLS listener gets nothing useful.
+        let mut plain = server.client();
+        let answered = plain.get("/healthz", OPERATOR).await.map(|r| r.status.as_u16() == 200).unwrap_or(false);
+        assert!(!answered, "plain HTTP must not be served on a TLS listener");
+
+        let operator_cert = issue(&authority, &[], &["urn:rtpay:operator"]);
+        // Health needs no certificate; operator routes need the operator's.
+        let (status, _) = https(addr, &ca_pem, None, "GET", "/healthz", "", None).await.unwrap();
+        assert_eq!(status, 200);
+        let (status, body) =
+            https(addr, &ca_pem, None, "POST", "/v1/tenants", OPERATOR, Some(json!({"name": "t"}))).await.unwrap();
+        assert_eq!((status, body["code"].clone()), (403, json!("client_certificate_required")));
+        let (status, body) =
+            https(addr, &ca_pem, Some(&operator_cert), "POST", "/v1/tenants", OPERATOR, Some(json!({"name": "a"})))
+                .await
+                .unwrap();
+        assert_eq!(status, 201, "{body}");
+        let (tenant_a, key_a) =
+            (body["id"].as_str().unwrap().to_owned(), body["api_key"]["secret"].as_str().unwrap().to_owned());
+        let (_, body) =
+            https(addr, &ca_pem, Some(&operator_cert), "POST", "/v1/tenants", OPERATOR, Some(json!({"name": "b"})))
+                .await
+                .unwrap();
+        let tenant_b = body["id"].as_str().unwrap().to_owned();
+
+        let cert_a = issue(&authority, &[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
+        let cert_b = issue(&authority, &[], &[&format!("urn:rtpay:tenant:{tenant_b}")]);
+        let unbound = issue(&authority, &[], &[]);
+        let stranger = issue(&foreign, &[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
+        let account = json!({"currency": "BRL"});
+        // The key with its own tenant's certificate works.
+        let (status, _) =
+            https(addr, &ca_pem, Some(&cert_a), "POST", "/v1/accounts", &key_a, Some(account.clone())).await.unwrap();
+        assert_eq!(status, 201);
+        // The same key with another tenant's, an unbound, or the operator's certificate: refused.
+        for (name, cert) in [("tenant b", &cert_b), ("unbound", &unbound), ("operator", &operator_cert)] {
+            let (status, body) =
+                https(addr, &ca_pem, Some(cert), "POST", "/v1/accounts", &key_a, Some(account.clone())).await.unwrap();
+            assert_eq!((status, body["code"].clone()), (403, json!("client_certificate_mismatch")), "{name}");
+        }
+        // The operator token with a tenant's certificate: refused.
+        let (status, _) =
+            https(addr, &ca_pem, Some(&cert_a), "POST", "/v1/tenants", OPERATOR, Some(json!({"name": "c"})))
+                .await
+                .unwrap();
+        assert_eq!(status, 403);
+        // A certificate from another CA does not get through the handshake.
+        let refused = https(addr, &ca_pem, Some(&stranger), "GET", "/healthz", "", None).await;
+        assert!(refused.is_err(), "{refused:?}");
+        // Nothing was created by the refused requests.
+        let (status, body) =
+            https(addr, &ca_pem, Some(&operator_cert), "GET", "/v1/audit?limit=1000", OPERATOR, None).await.unwrap();
+        assert_eq!(status, 200);
+        let created: Vec<&Value> =
+            body["entries"].as_array().unwrap().iter().filter(|e| e["action"] == json!("POST /v1/accounts")).collect();
+        assert_eq!(created.iter().filter(|e| e["outcome"] == json!("created")).count(), 1);
+        assert!(created.iter().all(|e| e["outcome"] == json!("created") || e["outcome"] == json!("403")));
+    });
+}
+
+#[test]
+fn bad_pem_files_are_refused_before_anything_is_created() {
+    let certs = temp_dir("tls-bad");
+    let authority = ca("ca");
+    let (cert, key) = issue(&authority, &["localhost"], &[]);
+    let (_, other_key) = issue(&authority, &["localhost"], &[]);
+    let good_cert = write(&certs, "cert.pem", &cert);
+    let good_key = write(&certs, "key.pem", &key);
+    let garbage = write(&certs, "garbage.pem", "not a certificate\n");
+    let mismatched = write(&certs, "other.key", &other_key);
+    let missing = certs.join("missing.pem").to_str().unwrap().to_owned();
+    let cases = [
+        (garbage.as_str(), good_key.as_str(), None, "--tls-cert"),
+        (missing.as_str(), good_key.as_str(), None, "--tls-cert"),
+        (good_cert.as_str(), garbage.as_str(), None, "--tls-key"),
+        (good_cert.as_str(), mismatched.as_str(), None, "does not fit"),
+        (good_cert.as_str(), good_key.as_str(), Some(garbage.as_str()), "--tls-client-ca"),
+    ];
+    for (i, (cert, key, client_ca, expected)) in cases.into_iter().enumerate() {
+        let data = certs.join(format!("data-{i}"));
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_rtpay"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key])
+            .arg("--data")
+            .arg(&data);
+        if let Some(ca) = client_ca {
+            command.args(["--tls-client-ca", ca]);
+        }
+        let out = command.env_remove("RTPAY_POSTGRES").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} started");
+        assert!(text.contains(expected), "case {i}: expected {expected:?} in {text}");
+        assert!(!data.exists(), "case {i}: nothing is created");
+        // No key material in the error.
+        assert!(!text.contains("PRIVATE KEY"), "case {i}: {text}");
+    }
+}
