@@ -15,6 +15,7 @@
 
 pub mod document;
 pub mod mask;
+pub mod pkcs11;
 
 use std::collections::BTreeMap;
 use std::fmt;

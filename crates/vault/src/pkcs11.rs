@@ -1,0 +1,172 @@
+//! A KEK that never leaves a PKCS#11 token: generated inside it as sensitive and non-extractable,
+//! and used there for AES-256-GCM (`CKM_AES_GCM`) to wrap and unwrap data keys. Tested against
+//! SoftHSM2; any PKCS#11 v2.40 module with AES-GCM works the same.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use cryptoki::context::{CInitializeArgs, Pkcs11};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::{Kek, Result, Secret32, VaultError};
+
+const IV_LEN: usize = 12;
+const TAG_BITS: u64 = 128;
+const WRAP_CONTEXT: &[u8] = b"rtpay vault dek wrap v1 pkcs11";
+
+/// Where the KEK lives: the module, the token (by label) and its user PIN.
+pub struct Pkcs11Config<'a> {
+    pub module: &'a Path,
+    pub token_label: &'a str,
+    pub pin: &'a str,
+}
+
+pub struct Pkcs11Kek {
+    version: u32,
+    key: ObjectHandle,
+    // A PKCS#11 session is used by one thread at a time.
+    session: Mutex<Session>,
+    _context: Pkcs11,
+}
+
+impl std::fmt::Debug for Pkcs11Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pkcs11Kek(v{})", self.version)
+    }
+}
+
+fn hsm(what: &str) -> impl Fn(cryptoki::error::Error) -> VaultError + '_ {
+    move |e| VaultError::Unavailable(format!("PKCS#11 {what}: {e}"))
+}
+
+/// The label of KEK `version` in the token.
+pub fn key_label(version: u32) -> String {
+    format!("rtpay-kek-v{version}")
+}
+
+impl Pkcs11Kek {
+    /// Opens KEK `version` in the token, generating it there first if `create` and it is absent.
+    pub fn open(config: &Pkcs11Config<'_>, version: u32, create: bool) -> Result<Pkcs11Kek> {
+        let context = Pkcs11::new(config.module)
+            .map_err(|e| VaultError::Config(format!("cannot load PKCS#11 module {}: {e}", config.module.display())))?;
+        match context.initialize(CInitializeArgs::OsThreads) {
+            Ok(()) | Err(cryptoki::error::Error::AlreadyInitialized) => {}
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(hsm("initialize")(e)),
+        }
+        let mut found = None;
+        for slot in context.get_slots_with_token().map_err(hsm("slots"))? {
+            let info = context.get_token_info(slot).map_err(hsm("token info"))?;
+            if info.label().trim_end() == config.token_label {
+                found = Some(slot);
+                break;
+            }
+        }
+        let slot =
+            found.ok_or_else(|| VaultError::Config(format!("no PKCS#11 token labelled {:?}", config.token_label)))?;
+        let session = context.open_rw_session(slot).map_err(hsm("open session"))?;
+        session.login(UserType::User, Some(&AuthPin::new(config.pin.into()))).map_err(|e| match e {
+            cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::PinIncorrect, _) => {
+                VaultError::Config("the PKCS#11 PIN is not correct".into())
+            }
+            e => VaultError::Unavailable(format!("PKCS#11 login: {e}")),
+        })?;
+        let label = key_label(version);
+        let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.clone().into_bytes())];
+        let key = match session.find_objects(&template).map_err(hsm("find key"))?.first() {
+            Some(key) => *key,
+            None if create => session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32usize.try_into().expect("fits")),
+                        Attribute::Label(label.into_bytes()),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Encrypt(true),
+                        Attribute::Decrypt(true),
+                    ],
+                )
+                .map_err(hsm("generate key"))?,
+            None => return Err(VaultError::UnknownKek(version)),
+        };
+        Ok(Pkcs11Kek { version, key, session: Mutex::new(session), _context: context })
+    }
+
+    /// The key's protection, as the token reports it: (sensitive, extractable).
+    pub fn protection(&self) -> Result<(bool, bool)> {
+        let session = self.session.lock().expect("session lock");
+        let attrs = session
+            .get_attributes(self.key, &[AttributeType::Sensitive, AttributeType::Extractable])
+            .map_err(hsm("attributes"))?;
+        let (mut sensitive, mut extractable) = (false, true);
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(v) => sensitive = v,
+                Attribute::Extractable(v) => extractable = v,
+                _ => {}
+            }
+        }
+        Ok((sensitive, extractable))
+    }
+
+    fn aad(&self) -> Vec<u8> {
+        let mut aad = WRAP_CONTEXT.to_vec();
+        aad.extend_from_slice(&self.version.to_be_bytes());
+        aad
+    }
+}
+
+impl Kek for Pkcs11Kek {
+    fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// `iv || ciphertext || tag`, computed inside the token.
+    fn wrap(&self, dek: &Secret32) -> Result<Vec<u8>> {
+        let mut iv = [0u8; IV_LEN];
+        SystemRandom::new().fill(&mut iv).map_err(|_| VaultError::Unavailable("no system randomness".into()))?;
+        let aad = self.aad();
+        let mut iv_param = iv;
+        let params = GcmParams::new(&mut iv_param, &aad, TAG_BITS.into()).map_err(hsm("GCM parameters"))?;
+        let session = self.session.lock().expect("session lock");
+        let sealed = session.encrypt(&Mechanism::AesGcm(params), self.key, dek.expose()).map_err(hsm("encrypt"))?;
+        let mut out = iv.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    fn unwrap(&self, wrapped: &[u8]) -> Result<Secret32> {
+        if wrapped.len() != IV_LEN + 32 + 16 {
+            return Err(VaultError::Tampered);
+        }
+        let mut iv: [u8; IV_LEN] = wrapped[..IV_LEN].try_into().expect("12 bytes");
+        let aad = self.aad();
+        let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into()).map_err(hsm("GCM parameters"))?;
+        let session = self.session.lock().expect("session lock");
+        let plain = match session.decrypt(&Mechanism::AesGcm(params), self.key, &wrapped[IV_LEN..]) {
+            Ok(p) => p,
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::EncryptedDataInvalid, _))
+            | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::EncryptedDataLenRange, _)) => {
+                return Err(VaultError::Tampered)
+            }
+            // SoftHSM2 reports a failed GCM tag as CKR_GENERAL_ERROR; the session stays usable
+            // (tested), so an unusable token shows up as the next operation's error.
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::GeneralError, _)) => {
+                return Err(VaultError::Tampered)
+            }
+            Err(e) => return Err(hsm("decrypt")(e)),
+        };
+        let bytes: [u8; 32] = plain.as_slice().try_into().map_err(|_| VaultError::Tampered)?;
+        Ok(Secret32::from_bytes(bytes))
+    }
+}
