@@ -457,6 +457,40 @@ pub fn audit_log(location: Location) {
     store.close();
 }
 
+/// Data keys and holders: stored as given, unique where they must be, re-wrapped only from the
+/// version the rotation saw.
+pub fn vault_records(location: Location) {
+    let (store, _) = open_fixed(&location);
+    let q = store.queries.as_ref();
+    assert_eq!(q.data_key(T.0).unwrap(), None);
+    let key = crate::DataKeyRecord { tenant_id: T.0, kek_version: 1, wrapped: vec![1, 2, 3] };
+    q.create_data_key(&key).unwrap();
+    assert!(matches!(q.create_data_key(&key), Err(crate::StoreError::Conflict(_))));
+    assert_eq!(q.data_key(T.0).unwrap(), Some(key.clone()));
+    let rewrapped = crate::DataKeyRecord { kek_version: 2, wrapped: vec![4, 5], ..key.clone() };
+    assert!(q.rewrap_data_key(&rewrapped, 1).unwrap());
+    assert!(!q.rewrap_data_key(&rewrapped, 1).unwrap(), "already re-wrapped by someone else");
+    assert_eq!(q.data_keys().unwrap(), vec![rewrapped]);
+
+    let holder = crate::HolderRecord {
+        tenant_id: T.0,
+        id: 77,
+        kind: "person".into(),
+        name_sealed: vec![9; 40],
+        document_sealed: vec![8; 40],
+        document_index: [7; 32],
+        created_at: NOW,
+    };
+    q.create_holder(&holder).unwrap();
+    assert_eq!(q.holder(T.0, 77).unwrap(), Some(holder.clone()));
+    assert_eq!(q.holder(OTHER.0, 77).unwrap(), None, "tenants are walls");
+    let same_document = crate::HolderRecord { id: 78, ..holder.clone() };
+    assert!(matches!(q.create_holder(&same_document), Err(crate::StoreError::Conflict(_))));
+    // The same document under another tenant is another holder.
+    q.create_holder(&crate::HolderRecord { tenant_id: OTHER.0, ..holder }).unwrap();
+    store.close();
+}
+
 /// Instantiates the suite for one engine. `$factory` is an expression giving a fresh, empty
 /// [`Location`] on each call.
 #[macro_export]
@@ -485,6 +519,10 @@ macro_rules! conformance_tests {
         #[test]
         fn tenants_and_keys() {
             $crate::conformance::tenants_and_keys($factory)
+        }
+        #[test]
+        fn vault_records() {
+            $crate::conformance::vault_records($factory)
         }
         #[test]
         fn audit_log() {

@@ -82,6 +82,28 @@ pub struct ApiKeyRecord {
     pub revoked_at: Option<Timestamp>,
 }
 
+/// A tenant's data-encryption key, as stored: wrapped by the KEK of `kek_version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataKeyRecord {
+    pub tenant_id: u128,
+    pub kek_version: u32,
+    pub wrapped: Vec<u8>,
+}
+
+/// An account holder; name and document are stored only sealed by the vault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HolderRecord {
+    pub tenant_id: u128,
+    pub id: u128,
+    /// `person` or `company`.
+    pub kind: String,
+    pub name_sealed: Vec<u8>,
+    pub document_sealed: Vec<u8>,
+    /// Blind index of the normalized document: unique per tenant.
+    pub document_index: [u8; 32],
+    pub created_at: Timestamp,
+}
+
 /// Which transfers of an account a listing returns.
 #[derive(Clone, Copy, Debug)]
 pub struct Page {
@@ -111,6 +133,17 @@ pub trait Queries: Send + Sync {
     fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry)) -> Result<()>;
     /// Cheap liveness check of the database.
     fn ping(&self) -> Result<()>;
+
+    fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>>;
+    /// `Conflict` if the tenant has one already (another node made it first).
+    fn create_data_key(&self, key: &DataKeyRecord) -> Result<()>;
+    /// Every tenant's data key (one per tenant), for KEK rotation.
+    fn data_keys(&self) -> Result<Vec<DataKeyRecord>>;
+    /// Replaces a data key's wrapping if it is still under `old_kek_version`; false otherwise.
+    fn rewrap_data_key(&self, key: &DataKeyRecord, old_kek_version: u32) -> Result<bool>;
+    /// `Conflict` if the id, or the document within the tenant, exists.
+    fn create_holder(&self, holder: &HolderRecord) -> Result<()>;
+    fn holder(&self, tenant_id: u128, id: u128) -> Result<Option<HolderRecord>>;
 
     /// Audit entries with `seq > after`, in order; only the tenant's when `tenant` is given.
     fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>>;

@@ -125,6 +125,30 @@ CREATE TABLE audit_heads (
 ALTER TABLE ledger_meta ADD COLUMN audit_frontier BLOB;
 "#,
     },
+    Migration {
+        version: 4,
+        name: "vault: data keys and account holders",
+        sql: r#"
+-- One data-encryption key per tenant, stored wrapped by a KEK (which never is stored here).
+CREATE TABLE data_keys (
+    tenant_id BLOB PRIMARY KEY,
+    kek_version INTEGER NOT NULL,
+    wrapped BLOB NOT NULL
+) WITHOUT ROWID;
+-- Names and documents only sealed; the document's blind index finds a holder by document.
+CREATE TABLE holders (
+    tenant_id BLOB NOT NULL,
+    id BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    name_sealed BLOB NOT NULL,
+    document_sealed BLOB NOT NULL,
+    document_index BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, id),
+    UNIQUE (tenant_id, document_index)
+) WITHOUT ROWID;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -218,6 +242,28 @@ CREATE TABLE audit_heads (
     signature BYTEA NOT NULL
 );
 ALTER TABLE ledger_meta ADD COLUMN audit_frontier BYTEA;
+"#,
+    },
+    Migration {
+        version: 3,
+        name: "vault: data keys and account holders",
+        sql: r#"
+CREATE TABLE data_keys (
+    tenant_id UUID PRIMARY KEY,
+    kek_version INTEGER NOT NULL,
+    wrapped BYTEA NOT NULL
+);
+CREATE TABLE holders (
+    tenant_id UUID NOT NULL,
+    id UUID NOT NULL,
+    kind TEXT NOT NULL,
+    name_sealed BYTEA NOT NULL,
+    document_sealed BYTEA NOT NULL,
+    document_index BYTEA NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (tenant_id, id),
+    UNIQUE (tenant_id, document_index)
+);
 "#,
     },
 ];

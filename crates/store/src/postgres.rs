@@ -684,6 +684,104 @@ impl Queries for PgQueries {
         self.with(|c| c.simple_query("SELECT 1").map(|_| ()).map_err(unavailable))
     }
 
+    fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>> {
+        self.with(|c| {
+            let row = c
+                .query_opt("SELECT kek_version, wrapped FROM data_keys WHERE tenant_id = $1", &[&uuid(tenant_id)])
+                .map_err(unavailable)?;
+            row.map(|r| {
+                Ok(DataKeyRecord {
+                    tenant_id,
+                    kek_version: r.try_get::<_, i32>(0).map_err(unavailable)? as u32,
+                    wrapped: r.try_get(1).map_err(unavailable)?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn create_data_key(&self, key: &DataKeyRecord) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO data_keys (tenant_id, kek_version, wrapped) VALUES ($1, $2, $3)",
+                &[&uuid(key.tenant_id), &(key.kek_version as i32), &key.wrapped],
+            )
+            .map_err(|e| map_conflict(e, "the tenant has a data key"))?;
+            Ok(())
+        })
+    }
+
+    fn data_keys(&self) -> Result<Vec<DataKeyRecord>> {
+        self.with(|c| {
+            let rows = c.query("SELECT tenant_id, kek_version, wrapped FROM data_keys", &[]).map_err(unavailable)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(DataKeyRecord {
+                        tenant_id: r.try_get::<_, Uuid>(0).map_err(unavailable)?.as_u128(),
+                        kek_version: r.try_get::<_, i32>(1).map_err(unavailable)? as u32,
+                        wrapped: r.try_get(2).map_err(unavailable)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn rewrap_data_key(&self, key: &DataKeyRecord, old_kek_version: u32) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE data_keys SET kek_version = $2, wrapped = $3 WHERE tenant_id = $1 AND kek_version = $4",
+                    &[&uuid(key.tenant_id), &(key.kek_version as i32), &key.wrapped, &(old_kek_version as i32)],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn create_holder(&self, h: &HolderRecord) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO holders (tenant_id, id, kind, name_sealed, document_sealed, document_index, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &uuid(h.tenant_id),
+                    &uuid(h.id),
+                    &h.kind,
+                    &h.name_sealed,
+                    &h.document_sealed,
+                    &&h.document_index[..],
+                    &(h.created_at as i64),
+                ],
+            )
+            .map_err(|e| map_conflict(e, "a holder with this id or document exists"))?;
+            Ok(())
+        })
+    }
+
+    fn holder(&self, tenant_id: u128, id: u128) -> Result<Option<HolderRecord>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    "SELECT kind, name_sealed, document_sealed, document_index, created_at FROM holders \
+                     WHERE tenant_id = $1 AND id = $2",
+                    &[&uuid(tenant_id), &uuid(id)],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| {
+                Ok(HolderRecord {
+                    tenant_id,
+                    id,
+                    kind: r.try_get(0).map_err(unavailable)?,
+                    name_sealed: r.try_get(1).map_err(unavailable)?,
+                    document_sealed: r.try_get(2).map_err(unavailable)?,
+                    document_index: hash_of(r.try_get::<_, &[u8]>(3).map_err(unavailable)?)?,
+                    created_at: r.try_get::<_, i64>(4).map_err(unavailable)? as u64,
+                })
+            })
+            .transpose()
+        })
+    }
+
     fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>> {
         self.with(|c| {
             let rows = c

@@ -824,6 +824,112 @@ impl Queries for SqliteQueries {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
     }
 
+    fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT kek_version, wrapped FROM data_keys WHERE tenant_id = ?1",
+                [uuid_bytes(tenant_id)],
+                |r| Ok(DataKeyRecord { tenant_id, kek_version: r.get(0)?, wrapped: r.get(1)? }),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+    }
+
+    fn create_data_key(&self, key: &DataKeyRecord) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO data_keys (tenant_id, kek_version, wrapped) VALUES (?1, ?2, ?3)",
+                params![uuid_bytes(key.tenant_id), key.kek_version, key.wrapped],
+            )
+            .map_err(|e| map_conflict(e, "the tenant has a data key"))?;
+            Ok(())
+        })
+    }
+
+    fn data_keys(&self) -> Result<Vec<DataKeyRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT tenant_id, kek_version, wrapped FROM data_keys").map_err(unavailable)?;
+            let mut rows = stmt.query([]).map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(unavailable)? {
+                let tenant: Vec<u8> = r.get(0).map_err(unavailable)?;
+                out.push(DataKeyRecord {
+                    tenant_id: u128_of(&tenant).map_err(corrupt)?,
+                    kek_version: r.get(1).map_err(unavailable)?,
+                    wrapped: r.get(2).map_err(unavailable)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn rewrap_data_key(&self, key: &DataKeyRecord, old_kek_version: u32) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE data_keys SET kek_version = ?2, wrapped = ?3 WHERE tenant_id = ?1 AND kek_version = ?4",
+                    params![uuid_bytes(key.tenant_id), key.kek_version, key.wrapped, old_kek_version],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn create_holder(&self, h: &HolderRecord) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO holders (tenant_id, id, kind, name_sealed, document_sealed, document_index, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    uuid_bytes(h.tenant_id),
+                    uuid_bytes(h.id),
+                    h.kind,
+                    h.name_sealed,
+                    h.document_sealed,
+                    &h.document_index[..],
+                    h.created_at as i64
+                ],
+            )
+            .map_err(|e| map_conflict(e, "a holder with this id or document exists"))?;
+            Ok(())
+        })
+    }
+
+    fn holder(&self, tenant_id: u128, id: u128) -> Result<Option<HolderRecord>> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT kind, name_sealed, document_sealed, document_index, created_at FROM holders \
+                     WHERE tenant_id = ?1 AND id = ?2",
+                    params![uuid_bytes(tenant_id), uuid_bytes(id)],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Vec<u8>>(1)?,
+                            r.get::<_, Vec<u8>>(2)?,
+                            r.get::<_, Vec<u8>>(3)?,
+                            r.get::<_, i64>(4)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(unavailable)?;
+            row.map(|(kind, name_sealed, document_sealed, index, created_at)| {
+                Ok(HolderRecord {
+                    tenant_id,
+                    id,
+                    kind,
+                    name_sealed,
+                    document_sealed,
+                    document_index: hash_of(&index)?,
+                    created_at: created_at as u64,
+                })
+            })
+            .transpose()
+        })
+    }
+
     fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>> {
         self.with(|c| {
             let mut out = Vec::new();
