@@ -142,6 +142,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         rate_limit: server::TENANT_RATE_DEFAULT,
         rate_burst: None,
         tls: None,
+        kek: None,
     };
     let server = tokio::spawn(run(
         config,

@@ -4,5 +4,6 @@
 pub mod bench;
 pub mod client;
 pub mod demo;
+pub mod keys;
 pub mod process;
 pub mod serve;

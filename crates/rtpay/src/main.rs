@@ -31,6 +31,10 @@ struct StorageArgs {
     /// Default: <data>/audit-signing-key. Give every PostgreSQL node the same file.
     #[arg(long, env = "RTPAY_AUDIT_KEY_FILE")]
     audit_key: Option<PathBuf>,
+    /// The vault's key-encryption keys: `file:PATH` (default file:<data>/kek) or
+    /// `pkcs11:MODULE#TOKEN-LABEL` (user PIN in RTPAY_PKCS11_PIN).
+    #[arg(long, env = "RTPAY_KEK")]
+    kek: Option<rtpay::keys::KekConfig>,
 }
 
 impl StorageArgs {
@@ -87,6 +91,11 @@ enum CommandLine {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The vault's keys: `rtpay keys rotate` adds a key-encryption key and re-wraps every data key.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Apply pending schema migrations and exit.
     Migrate {
         #[command(flatten)]
@@ -99,6 +108,16 @@ enum CommandLine {
     BenchBaseline {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create KEK version N+1 and re-wrap every tenant's data key under it, without downtime:
+    /// old versions stay readable, and running nodes load the new one when they meet it.
+    Rotate {
+        #[command(flatten)]
+        storage: StorageArgs,
     },
 }
 
@@ -148,6 +167,7 @@ fn main() -> ExitCode {
                 rate_limit,
                 rate_burst,
                 tls,
+                kek: storage.kek,
             };
             runtime().block_on(async {
                 match run(config, shutdown_signal(), |r| println!("rtpay listening on {}://{}", r.scheme, r.addr)).await
@@ -218,6 +238,22 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("rtpay audit verify: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        CommandLine::Keys { command: KeysCommand::Rotate { storage } } => {
+            let kek = rtpay::keys::KekConfig::or_default(storage.kek.clone(), &storage.data);
+            let result = store::Store::open_queries(&storage.location())
+                .map_err(|e| e.to_string().into())
+                .and_then(|q| rtpay::keys::rotate(&kek, q.as_ref()));
+            match result {
+                Ok((version, count)) => {
+                    println!("key-encryption key version {version} created; {count} data key(s) re-wrapped");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("rtpay keys rotate: {e}");
+                    ExitCode::FAILURE
                 }
             }
         }

@@ -18,6 +18,8 @@ pub struct ServeConfig {
     pub rate_limit: f64,
     pub rate_burst: Option<f64>,
     pub tls: Option<server::tls::TlsFiles>,
+    /// Where the vault's key-encryption keys live; default `file:<data>/kek`.
+    pub kek: Option<crate::keys::KekConfig>,
 }
 
 impl ServeConfig {
@@ -133,7 +135,12 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    let kek = crate::keys::KekConfig::or_default(config.kek.clone(), &config.data);
+    crate::keys::load(&kek, true)?; // creates version 1 on first start
+    let vault =
+        server::vault_service::VaultService::new(crate::keys::loader(kek), &crate::keys::index_key(&config.data)?)?;
     let state = server::AppState::new(store.clone(), keys, public_key)
+        .with_vault(vault)
         .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     let running = Running { addr, scheme, operator_token: token, store: store.clone() };

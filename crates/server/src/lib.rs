@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod problem;
 pub mod routes;
 pub mod tls;
+pub mod vault_service;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,6 +47,8 @@ pub struct AppState {
     /// Requests per tenant (per node).
     pub tenant_rate: Arc<limits::Buckets<u128>>,
     pub auth_guard: Arc<limits::AuthGuard>,
+    /// Sensitive data at rest; `None`: holder routes answer 503.
+    pub vault: Option<Arc<vault_service::VaultService>>,
 }
 
 /// Requests per second a tenant may make on one node, by default, and its burst.
@@ -61,7 +64,13 @@ impl AppState {
             audit_public_key: Arc::new(audit_public_key),
             tenant_rate: Arc::new(limits::Buckets::new(TENANT_RATE_DEFAULT, TENANT_RATE_DEFAULT)),
             auth_guard: Arc::new(limits::AuthGuard::default()),
+            vault: None,
         }
+    }
+
+    pub fn with_vault(mut self, vault: vault_service::VaultService) -> AppState {
+        self.vault = Some(Arc::new(vault));
+        self
     }
 
     /// Sets each tenant's request rate (per second, per node) and burst.
@@ -80,6 +89,7 @@ impl AppState {
         routes::accounts::list_account_transfers,
         routes::transfers::create_transfer, routes::transfers::create_batch, routes::transfers::get_transfer,
         routes::transfers::post_pending, routes::transfers::void_pending,
+        routes::holders::create_holder, routes::holders::get_holder,
         routes::audit::list_entries, routes::audit::tree_head, routes::audit::inclusion_proof,
         routes::audit::consistency_proof,
     ),
@@ -113,6 +123,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/transfers/{id}", get(transfers::get_transfer))
         .route("/v1/transfers/{id}/post", post(transfers::post_pending))
         .route("/v1/transfers/{id}/void", post(transfers::void_pending))
+        .route("/v1/holders", post(holders::create_holder))
+        .route("/v1/holders/{id}", get(holders::get_holder))
         .route("/v1/audit", get(audit::list_entries))
         .route("/v1/audit/tree-head", get(audit::tree_head))
         .route("/v1/audit/proof/inclusion", get(audit::inclusion_proof))

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod holders;
 pub mod ops;
 pub mod tenants;
 pub mod transfers;

@@ -1,0 +1,138 @@
+//! Where the vault's keys come from, and `rtpay keys rotate`.
+//!
+//! `--kek file:PATH` (the default, `file:<data>/kek`): a key file of `<version> <64 hex>` lines,
+//! created with version 1 on first start (mode 0600). `--kek pkcs11:MODULE#TOKEN`: KEKs labelled
+//! `rtpay-kek-v<N>` inside the PKCS#11 token with that label, the user PIN from
+//! `RTPAY_PKCS11_PIN`; version 1 is generated in the token on first start.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use server::vault_service::Loader;
+use vault::pkcs11::{Pkcs11Config, Pkcs11Kek};
+use vault::{FileKek, Keyring, Secret32, VaultError, WrappedKey};
+
+use crate::serve::Error;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KekConfig {
+    File(PathBuf),
+    Pkcs11 { module: PathBuf, token: String },
+}
+
+impl FromStr for KekConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("file:") {
+            return Ok(KekConfig::File(path.into()));
+        }
+        if let Some(rest) = s.strip_prefix("pkcs11:") {
+            let (module, token) = rest.split_once('#').ok_or("expected pkcs11:MODULE#TOKEN-LABEL")?;
+            return Ok(KekConfig::Pkcs11 { module: module.into(), token: token.to_owned() });
+        }
+        Err("expected file:PATH or pkcs11:MODULE#TOKEN-LABEL".into())
+    }
+}
+
+impl KekConfig {
+    pub fn or_default(config: Option<KekConfig>, data: &Path) -> KekConfig {
+        config.unwrap_or_else(|| KekConfig::File(data.join("kek")))
+    }
+}
+
+fn pin() -> Result<String, VaultError> {
+    std::env::var("RTPAY_PKCS11_PIN").map_err(|_| VaultError::Config("RTPAY_PKCS11_PIN is not set".into()))
+}
+
+fn append_private(path: &Path, line: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path)?;
+    file.write_all(line.as_bytes())?;
+    file.sync_all()
+}
+
+/// Every KEK version configured; with `create`, version 1 is made when there is none.
+pub fn load(config: &KekConfig, create: bool) -> Result<Keyring, VaultError> {
+    let mut ring = Keyring::default();
+    match config {
+        KekConfig::File(path) => {
+            if !path.exists() {
+                if !create {
+                    return Err(VaultError::Config(format!("no key file at {}", path.display())));
+                }
+                append_private(path, &FileKek::file_line(1)?)
+                    .map_err(|e| VaultError::Config(format!("cannot write {}: {e}", path.display())))?;
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| VaultError::Config(format!("cannot read {}: {e}", path.display())))?;
+            for kek in FileKek::parse_file(&text)? {
+                ring.add(Box::new(kek));
+            }
+        }
+        KekConfig::Pkcs11 { module, token } => {
+            let pin = pin()?;
+            let p11 = Pkcs11Config { module, token_label: token, pin: &pin };
+            for version in 1.. {
+                match Pkcs11Kek::open(&p11, version, create && version == 1) {
+                    Ok(kek) => ring.add(Box::new(kek)),
+                    Err(VaultError::UnknownKek(_)) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(ring)
+}
+
+pub fn loader(config: KekConfig) -> Loader {
+    Box::new(move || load(&config, false))
+}
+
+/// The blind-index key: `RTPAY_INDEX_KEY` (64 hex digits; the same on every node), else
+/// `<data>/index-key`, created on first start.
+pub fn index_key(data: &Path) -> Result<Secret32, Error> {
+    let text = match std::env::var("RTPAY_INDEX_KEY") {
+        Ok(v) => v,
+        Err(_) => {
+            let path = data.join("index-key");
+            if !path.exists() {
+                append_private(&path, &vault::hex(Secret32::random()?.expose()))?;
+            }
+            std::fs::read_to_string(&path)?
+        }
+    };
+    let bytes = vault::unhex(text.trim()).filter(|b| b.len() == 32).ok_or("the index key must be 64 hex digits")?;
+    Ok(Secret32::from_bytes(bytes.try_into().expect("32 bytes")))
+}
+
+/// Adds KEK version N+1 and re-wraps every tenant's data key under it. Old versions stay, so
+/// anything not yet re-wrapped (or cached by a running node) stays readable. Returns (new
+/// version, data keys re-wrapped).
+pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
+    let ring = load(config, false)?;
+    let next = ring.current_version().ok_or("no key-encryption key configured")? + 1;
+    match config {
+        KekConfig::File(path) => append_private(path, &FileKek::file_line(next)?)?,
+        KekConfig::Pkcs11 { module, token } => {
+            let pin = pin()?;
+            Pkcs11Kek::open(&Pkcs11Config { module, token_label: token, pin: &pin }, next, true)?;
+        }
+    }
+    drop(ring);
+    let ring = load(config, false)?;
+    assert_eq!(ring.current_version(), Some(next), "the new version is current");
+    let mut rewrapped = 0;
+    for key in queries.data_keys()? {
+        let old = WrappedKey { kek_version: key.kek_version, wrapped: key.wrapped.clone() };
+        let new = ring.rewrap(&old)?;
+        if new.kek_version != key.kek_version {
+            let record =
+                store::DataKeyRecord { tenant_id: key.tenant_id, kek_version: new.kek_version, wrapped: new.wrapped };
+            if queries.rewrap_data_key(&record, key.kek_version)? {
+                rewrapped += 1;
+            }
+        }
+    }
+    Ok((next, rewrapped))
+}

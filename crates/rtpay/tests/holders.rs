@@ -1,0 +1,112 @@
+//! Account holders through the vault, end to end: documents validated, stored only sealed,
+//! shown masked, and readable across a KEK rotation done while the server runs.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::json;
+
+const CPF: &str = "52998224725";
+const NAME: &str = "Maria Quitéria de Jesus";
+
+/// Every file of the data directory, scanned for `needle` in clear.
+fn found_in_clear(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && std::fs::read(&path).unwrap().windows(needle.len()).any(|w| w == needle) {
+            hits.push(path.display().to_string());
+        }
+    }
+    hits
+}
+
+#[test]
+fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
+    let dir = temp_dir("holders");
+    let mut server = Server::start(&dir, None);
+    let rt = runtime();
+    let (key_a, holder_a, key_b, holder_b) = rt.block_on(async {
+        let mut c = server.client();
+        let (_, key_a) = tenant(&mut c, "a").await;
+        let (_, key_b) = tenant(&mut c, "b").await;
+        let r = c
+            .post("/v1/holders", &key_a, &json!({"kind": "person", "name": NAME, "document": "529.982.247-25"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let v = r.json();
+        assert_eq!((v["document"].clone(), v["name"].clone()), (json!("***.982.247-**"), json!(NAME)));
+        let holder_a = v["id"].as_str().unwrap().to_owned();
+        let r = c.get(&format!("/v1/holders/{holder_a}"), &key_a).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["document"].clone()), (200, json!("***.982.247-**")));
+        assert!(!String::from_utf8_lossy(&r.body).contains(CPF));
+        // The alphanumeric CNPJ of 2026.
+        let r = c
+            .post("/v1/holders", &key_a, &json!({"kind": "company", "name": "ACME", "document": "12.ABC.345/01DE-35"}))
+            .await
+            .unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["document"].clone()), (201, json!("**.ABC.345/01DE-**")));
+        // Bad input names the field and the rule, and creates nothing.
+        for (body, field, code) in [
+            (json!({"kind": "person", "name": "x", "document": "529.982.247-24"}), "document", "invalid_document"),
+            (json!({"kind": "person", "name": "x", "document": "11222333000181"}), "document", "invalid_document"),
+            (json!({"kind": "company", "name": "x", "document": "12.ABC.345/01DE-36"}), "document", "invalid_document"),
+            (json!({"kind": "robot", "name": "x", "document": CPF}), "kind", "invalid_kind"),
+            (json!({"kind": "person", "name": " ", "document": "11144477735"}), "name", "invalid_name"),
+            (json!({"kind": "person", "name": "x", "document": CPF, "extra": 1}), "extra", "unknown_field"),
+        ] {
+            let r = c.post("/v1/holders", &key_a, &body).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{body}");
+            assert_eq!(r.json()["code"], json!(code), "{body}");
+            assert!(!String::from_utf8_lossy(&r.body).contains(CPF), "no document echoed in errors");
+        }
+        // The same document twice in a tenant: 409. In another tenant: another holder.
+        let same = json!({"kind": "person", "name": "Other", "document": CPF});
+        assert_eq!(c.post("/v1/holders", &key_a, &same).await.unwrap().status, 409);
+        let r = c.post("/v1/holders", &key_b, &same).await.unwrap();
+        assert_eq!(r.status, 201);
+        let holder_b = r.json()["id"].as_str().unwrap().to_owned();
+        assert_eq!(c.get(&format!("/v1/holders/{holder_a}"), &key_b).await.unwrap().status, 404);
+        (key_a, holder_a, key_b, holder_b)
+    });
+
+    // Rotation while the server runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_rtpay")).args(["keys", "rotate", "--data"]).arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("version 2 created; 2 data key(s) re-wrapped"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conn = rusqlite::Connection::open(dir.join("rtpay.db")).unwrap();
+    let versions: Vec<u32> = conn
+        .prepare("SELECT kek_version FROM data_keys")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(versions, vec![2, 2]);
+    drop(conn);
+    let check = |server: &Server| {
+        rt.block_on(async {
+            let mut c = server.client();
+            for (key, holder) in [(&key_a, &holder_a), (&key_b, &holder_b)] {
+                let r = c.get(&format!("/v1/holders/{holder}"), key).await.unwrap();
+                assert_eq!((r.status.as_u16(), r.json()["document"].clone()), (200, json!("***.982.247-**")));
+            }
+        })
+    };
+    check(&server);
+    server.stop();
+    server.restart();
+    check(&server);
+    server.stop();
+
+    // Nothing in clear at rest: not the document, not the name.
+    assert_eq!(found_in_clear(&dir, CPF.as_bytes()), Vec::<String>::new());
+    assert_eq!(found_in_clear(&dir, NAME.as_bytes()), Vec::<String>::new());
+}

@@ -1,0 +1,108 @@
+//! The vault as the server uses it: the keyring (reloaded when a data key names a KEK version this
+//! node has not loaded, so a rotation done by `rtpay keys rotate` needs no restart), the blind
+//! index, and each tenant's data key, created on first use and kept unwrapped in a bounded cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use store::{DataKeyRecord, Queries, StoreError};
+use vault::{BlindIndex, Keyring, Secret32, VaultError, WrappedKey};
+
+/// Unwrapped data keys kept at most; the cache is cleared when full.
+pub const DEK_CACHE_LEN_MAX: usize = 10_000;
+
+pub type Loader = Box<dyn Fn() -> Result<Keyring, VaultError> + Send + Sync>;
+
+pub struct VaultService {
+    keyring: RwLock<Keyring>,
+    loader: Loader,
+    index: BlindIndex,
+    deks: Mutex<HashMap<u128, Arc<Secret32>>>,
+}
+
+impl std::fmt::Debug for VaultService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VaultService(..)")
+    }
+}
+
+/// What went wrong, for the caller to turn into a response.
+#[derive(Debug)]
+pub enum VaultFailure {
+    Store(StoreError),
+    Vault(VaultError),
+}
+
+impl From<StoreError> for VaultFailure {
+    fn from(e: StoreError) -> Self {
+        VaultFailure::Store(e)
+    }
+}
+
+impl From<VaultError> for VaultFailure {
+    fn from(e: VaultError) -> Self {
+        VaultFailure::Vault(e)
+    }
+}
+
+impl VaultService {
+    pub fn new(loader: Loader, index_key: &Secret32) -> Result<VaultService, VaultError> {
+        let keyring = loader()?;
+        if keyring.current_version().is_none() {
+            return Err(VaultError::Config("no key-encryption key configured".into()));
+        }
+        Ok(VaultService {
+            keyring: RwLock::new(keyring),
+            loader,
+            index: BlindIndex::new(index_key),
+            deks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn index(&self) -> &BlindIndex {
+        &self.index
+    }
+
+    fn unwrap(&self, key: &WrappedKey) -> Result<Secret32, VaultError> {
+        match self.keyring.read().expect("keyring lock").unwrap(key) {
+            Err(VaultError::UnknownKek(_)) => {}
+            other => return other,
+        }
+        // Rotated elsewhere: load the keys again, once.
+        let fresh = (self.loader)()?;
+        let result = fresh.unwrap(key);
+        *self.keyring.write().expect("keyring lock") = fresh;
+        result
+    }
+
+    /// The tenant's data key, creating and storing it on first use. Blocking: storage and maybe
+    /// an HSM round trip.
+    pub fn data_key(&self, queries: &dyn Queries, tenant: u128) -> Result<Arc<Secret32>, VaultFailure> {
+        if let Some(dek) = self.deks.lock().expect("dek cache lock").get(&tenant) {
+            return Ok(dek.clone());
+        }
+        let stored = match queries.data_key(tenant)? {
+            Some(record) => record,
+            None => {
+                let (_, wrapped) = self.keyring.read().expect("keyring lock").new_data_key()?;
+                let record =
+                    DataKeyRecord { tenant_id: tenant, kek_version: wrapped.kek_version, wrapped: wrapped.wrapped };
+                match queries.create_data_key(&record) {
+                    Ok(()) => record,
+                    // Another node made it first: use theirs.
+                    Err(StoreError::Conflict(_)) => queries
+                        .data_key(tenant)?
+                        .ok_or_else(|| StoreError::Corrupt("a data key vanished after a conflict".into()))?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let dek = Arc::new(self.unwrap(&WrappedKey { kek_version: stored.kek_version, wrapped: stored.wrapped })?);
+        let mut cache = self.deks.lock().expect("dek cache lock");
+        if cache.len() >= DEK_CACHE_LEN_MAX {
+            cache.clear();
+        }
+        cache.insert(tenant, dek.clone());
+        Ok(dek)
+    }
+}
