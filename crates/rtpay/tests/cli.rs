@@ -17,7 +17,7 @@ fn rtpay(args: &[&str]) -> (bool, String) {
 fn every_command_has_help() {
     let (ok, top) = rtpay(&["--help"]);
     assert!(ok, "{top}");
-    for command in ["serve", "demo", "verify", "migrate", "bench", "audit"] {
+    for command in ["serve", "demo", "verify", "migrate", "bench", "audit", "keys"] {
         assert!(top.contains(command), "top-level help lists {command}");
         let (ok, help) = rtpay(&[command, "--help"]);
         assert!(ok && help.contains("Usage: rtpay"), "{command} --help: {help}");
