@@ -488,6 +488,22 @@ pub fn vault_records(location: Location) {
     assert!(matches!(q.create_holder(&same_document), Err(crate::StoreError::Conflict(_))));
     // The same document under another tenant is another holder.
     q.create_holder(&crate::HolderRecord { tenant_id: OTHER.0, ..holder }).unwrap();
+
+    // OAuth clients (their tenant must exist).
+    let tenant = crate::TenantRecord { id: T.0, name: "t".into(), created_at: NOW };
+    let api_key = crate::ApiKeyRecord { id: 5, tenant_id: T.0, created_at: NOW, revoked_at: None };
+    q.create_tenant(&tenant, &api_key, &[1; 32]).unwrap();
+    let client = crate::OAuthClientRecord {
+        id: 9,
+        tenant_id: T.0,
+        scopes: "cob.read pix.write".into(),
+        created_at: NOW,
+        revoked_at: None,
+    };
+    q.create_oauth_client(&client, &[3; 32]).unwrap();
+    assert!(matches!(q.create_oauth_client(&client, &[4; 32]), Err(crate::StoreError::Conflict(_))));
+    assert_eq!(q.oauth_client(9).unwrap(), Some((client, [3; 32])));
+    assert_eq!(q.oauth_client(10).unwrap(), None);
     store.close();
 }
 

@@ -104,6 +104,17 @@ pub struct HolderRecord {
     pub created_at: Timestamp,
 }
 
+/// An OAuth2 client of a tenant; its secret is stored only as a keyed hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OAuthClientRecord {
+    pub id: u128,
+    pub tenant_id: u128,
+    /// Space-separated, as in RFC 6749.
+    pub scopes: String,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
 /// Which transfers of an account a listing returns.
 #[derive(Clone, Copy, Debug)]
 pub struct Page {
@@ -133,6 +144,10 @@ pub trait Queries: Send + Sync {
     fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry)) -> Result<()>;
     /// Cheap liveness check of the database.
     fn ping(&self) -> Result<()>;
+
+    fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()>;
+    /// The client with its secret hash.
+    fn oauth_client(&self, id: u128) -> Result<Option<(OAuthClientRecord, [u8; 32])>>;
 
     fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>>;
     /// `Conflict` if the tenant has one already (another node made it first).

@@ -149,6 +149,20 @@ CREATE TABLE holders (
 ) WITHOUT ROWID;
 "#,
     },
+    Migration {
+        version: 5,
+        name: "oauth clients",
+        sql: r#"
+CREATE TABLE oauth_clients (
+    id BLOB PRIMARY KEY,
+    tenant_id BLOB NOT NULL REFERENCES tenants (id),
+    secret_hash BLOB NOT NULL,
+    scopes TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+) WITHOUT ROWID;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -263,6 +277,20 @@ CREATE TABLE holders (
     created_at BIGINT NOT NULL,
     PRIMARY KEY (tenant_id, id),
     UNIQUE (tenant_id, document_index)
+);
+"#,
+    },
+    Migration {
+        version: 4,
+        name: "oauth clients",
+        sql: r#"
+CREATE TABLE oauth_clients (
+    id UUID PRIMARY KEY,
+    tenant_id UUID NOT NULL REFERENCES tenants (id),
+    secret_hash BYTEA NOT NULL,
+    scopes TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
 );
 "#,
     },

@@ -684,6 +684,41 @@ impl Queries for PgQueries {
         self.with(|c| c.simple_query("SELECT 1").map(|_| ()).map_err(unavailable))
     }
 
+    fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO oauth_clients (id, tenant_id, secret_hash, scopes, created_at) VALUES ($1, $2, $3, $4, $5)",
+                &[&uuid(client.id), &uuid(client.tenant_id), &&secret_hash[..], &client.scopes, &(client.created_at as i64)],
+            )
+            .map_err(|e| map_conflict(e, "oauth client exists"))?;
+            Ok(())
+        })
+    }
+
+    fn oauth_client(&self, id: u128) -> Result<Option<(OAuthClientRecord, [u8; 32])>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    "SELECT tenant_id, secret_hash, scopes, created_at, revoked_at FROM oauth_clients WHERE id = $1",
+                    &[&uuid(id)],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| {
+                Ok((
+                    OAuthClientRecord {
+                        id,
+                        tenant_id: r.try_get::<_, Uuid>(0).map_err(unavailable)?.as_u128(),
+                        scopes: r.try_get(2).map_err(unavailable)?,
+                        created_at: r.try_get::<_, i64>(3).map_err(unavailable)? as u64,
+                        revoked_at: r.try_get::<_, Option<i64>>(4).map_err(unavailable)?.map(|t| t as u64),
+                    },
+                    hash_of(r.try_get::<_, &[u8]>(1).map_err(unavailable)?)?,
+                ))
+            })
+            .transpose()
+        })
+    }
+
     fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>> {
         self.with(|c| {
             let row = c

@@ -824,6 +824,57 @@ impl Queries for SqliteQueries {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
     }
 
+    fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO oauth_clients (id, tenant_id, secret_hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    uuid_bytes(client.id),
+                    uuid_bytes(client.tenant_id),
+                    &secret_hash[..],
+                    client.scopes,
+                    client.created_at as i64
+                ],
+            )
+            .map_err(|e| map_conflict(e, "oauth client exists"))?;
+            Ok(())
+        })
+    }
+
+    fn oauth_client(&self, id: u128) -> Result<Option<(OAuthClientRecord, [u8; 32])>> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT tenant_id, secret_hash, scopes, created_at, revoked_at FROM oauth_clients WHERE id = ?1",
+                    [uuid_bytes(id)],
+                    |r| {
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get::<_, Vec<u8>>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, Option<i64>>(4)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(unavailable)?;
+            row.map(|(tenant, hash, scopes, created_at, revoked_at)| {
+                Ok((
+                    OAuthClientRecord {
+                        id,
+                        tenant_id: u128_of(&tenant).map_err(corrupt)?,
+                        scopes,
+                        created_at: created_at as u64,
+                        revoked_at: revoked_at.map(|t| t as u64),
+                    },
+                    hash_of(&hash)?,
+                ))
+            })
+            .transpose()
+        })
+    }
+
     fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>> {
         self.with(|c| {
             c.query_row(
