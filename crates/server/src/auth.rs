@@ -64,6 +64,11 @@ impl Keys {
         Keys { hash_key, operator_hash }
     }
 
+    /// HMAC-SHA256 under the server's key, for `purpose` (e.g. signing access tokens).
+    pub fn mac(&self, purpose: &[u8], message: &[u8]) -> [u8; 32] {
+        keyed_hash(&self.hash_key, purpose, message)
+    }
+
     pub fn secret_hash(&self, secret: &str) -> [u8; 32] {
         keyed_hash(&self.hash_key, b"api-key", secret.as_bytes())
     }
@@ -90,7 +95,7 @@ fn keyed_hash(key: &[u8; 32], purpose: &[u8], message: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -227,10 +232,30 @@ impl FromRequestParts<AppState> for Operator {
 #[derive(Clone, Copy, Debug)]
 pub struct Tenant {
     pub id: u128,
+    /// The API key's id, or the OAuth client's.
     pub key_id: u128,
+    /// Scope bits (`oauth::SCOPES`); an API key holds them all.
+    pub scopes: u64,
 }
 
+/// The scopes of an API key: every one.
+pub const ALL_SCOPES: u64 = u64::MAX;
+
 impl Tenant {
+    /// 403 naming the missing scope, for OAuth tokens without it.
+    pub fn require(&self, scope: &str) -> Result<(), Problem> {
+        let bit = crate::oauth::scope_bit(scope).expect("routes name known scopes");
+        if self.scopes & bit == 0 {
+            return Err(Problem::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                format!("the access token lacks the scope `{scope}`"),
+            )
+            .field(scope.to_owned()));
+        }
+        Ok(())
+    }
+
     pub fn ledger_id(&self) -> ledger::TenantId {
         ledger::TenantId(self.id)
     }
@@ -242,17 +267,31 @@ impl FromRequestParts<AppState> for Tenant {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         guard(parts, state, None)?;
         let token = match bearer(parts) {
+            Ok(t) if t.starts_with(crate::oauth::ACCESS_TOKEN_PREFIX) => {
+                let claims = match crate::oauth::Claims::verify(state, t, store::now_nanos()) {
+                    Ok(c) => c,
+                    Err(why) => return Err(failed(parts, state, None, Problem::unauthorized(why))),
+                };
+                let tenant = Tenant { id: claims.tenant_id, key_id: claims.client_id, scopes: claims.scopes };
+                bound_to(parts, crate::tls::PeerIdentity::Tenant(tenant.id))?;
+                let actor = format!("client:{}", uuid::Uuid::from_u128(tenant.key_id));
+                crate::audit_trail::identify(parts, Some(tenant.id), actor);
+                if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
+                    return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
+                }
+                return Ok(tenant);
+            }
             Ok(t) if t.starts_with(TENANT_SECRET_PREFIX) => t,
             Ok(_) => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
             Err(p) => return Err(failed(parts, state, None, p)),
         };
         let hash = state.keys.secret_hash(token);
         let tenant = match state.key_cache.get(&hash) {
-            Some((id, key_id)) => Tenant { id, key_id },
+            Some((id, key_id)) => Tenant { id, key_id, scopes: ALL_SCOPES },
             None => match crate::routes::query(state, move |q| q.api_key_by_hash(&hash)).await? {
                 Some(key) if key.revoked_at.is_none() => {
                     state.key_cache.put(hash, key.tenant_id, key.id);
-                    Tenant { id: key.tenant_id, key_id: key.id }
+                    Tenant { id: key.tenant_id, key_id: key.id, scopes: ALL_SCOPES }
                 }
                 Some(key) => {
                     let id = format!("key:{}", uuid::Uuid::from_u128(key.id));
@@ -282,7 +321,8 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         // Tenant secrets carry their prefix; anything else can only be the operator's token.
-        if bearer(parts)?.starts_with(TENANT_SECRET_PREFIX) {
+        let token = bearer(parts)?;
+        if token.starts_with(TENANT_SECRET_PREFIX) || token.starts_with(crate::oauth::ACCESS_TOKEN_PREFIX) {
             Ok(Caller::Tenant(Tenant::from_request_parts(parts, state).await?))
         } else {
             Operator::from_request_parts(parts, state).await.map(|Operator| Caller::Operator)

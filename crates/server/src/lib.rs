@@ -17,6 +17,7 @@ pub mod dto;
 pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod oauth;
 pub mod problem;
 pub mod routes;
 pub mod tls;
@@ -89,7 +90,7 @@ impl AppState {
         routes::accounts::list_account_transfers,
         routes::transfers::create_transfer, routes::transfers::create_batch, routes::transfers::get_transfer,
         routes::transfers::post_pending, routes::transfers::void_pending,
-        routes::holders::create_holder, routes::holders::get_holder,
+        routes::holders::create_holder, routes::holders::get_holder, oauth::create_client,
         routes::audit::list_entries, routes::audit::tree_head, routes::audit::inclusion_proof,
         routes::audit::consistency_proof,
     ),
@@ -123,6 +124,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/transfers/{id}", get(transfers::get_transfer))
         .route("/v1/transfers/{id}/post", post(transfers::post_pending))
         .route("/v1/transfers/{id}/void", post(transfers::void_pending))
+        .route("/oauth/token", post(crate::oauth::token))
+        .route("/v1/oauth-clients", post(crate::oauth::create_client))
         .route("/v1/holders", post(holders::create_holder))
         .route("/v1/holders/{id}", get(holders::get_holder))
         .route("/v1/audit", get(audit::list_entries))

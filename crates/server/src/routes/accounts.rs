@@ -28,6 +28,7 @@ pub async fn create_account(
     headers: HeaderMap,
     Json(body): Json<AccountBody>,
 ) -> Result<Response, Problem> {
+    tenant.require("accounts:write")?;
     let key = idempotency_key(&headers)?;
     let new = body.into_new(tenant.ledger_id(), || match &key {
         Some(key) => state.keys.derived_id(b"account", tenant.id, key).as_u128(),
@@ -63,6 +64,7 @@ pub async fn get_account(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
+    tenant.require("accounts:read")?;
     let key = account_key(&tenant, &id)?;
     match query(&state, move |q| q.account(key)).await? {
         Some(a) => Ok(reply(StatusCode::OK, &AccountView::of(&a))),
@@ -78,6 +80,7 @@ pub async fn close_account(
     audit: Audit,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
+    tenant.require("accounts:write")?;
     audit.0.set_resource(id.clone());
     let key = account_key(&tenant, &id)?;
     let Reply::Accounts(results) = submit(&state, &audit, Command::Accounts(vec![AccountCommand::Close(key)])).await?
@@ -103,6 +106,7 @@ pub async fn list_account_transfers(
     Path(id): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
+    tenant.require("accounts:read")?;
     let key = account_key(&tenant, &id)?;
     let page = page_params(&params)?;
     let result = query(&state, move |q| {

@@ -131,6 +131,9 @@ pub async fn list_entries(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
+    if let Caller::Tenant(t) = &caller {
+        t.require("audit:read")?;
+    }
     let p = params_of(&params, &["after", "limit"])?;
     let after = p.get("after").copied().unwrap_or(0);
     let limit = p.get("limit").copied().unwrap_or(100);
@@ -150,7 +153,10 @@ pub async fn list_entries(
 #[utoipa::path(get, path = "/v1/audit/tree-head", tag = "audit",
     responses((status = 200, body = TreeHeadView), (status = 404, body = Problem, description = "the log is empty")),
     security(("api_key" = []), ("operator" = [])))]
-pub async fn tree_head(State(state): State<AppState>, _caller: Caller) -> Result<Response, Problem> {
+pub async fn tree_head(State(state): State<AppState>, caller: Caller) -> Result<Response, Problem> {
+    if let Caller::Tenant(t) = &caller {
+        t.require("audit:read")?;
+    }
     let head = query(&state, |q| q.audit_head()).await?.ok_or_else(|| Problem::not_found("audit tree head"))?;
     Ok(reply(
         StatusCode::OK,
@@ -178,6 +184,9 @@ pub async fn inclusion_proof(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
+    if let Caller::Tenant(t) = &caller {
+        t.require("audit:read")?;
+    }
     let p = params_of(&params, &["seq", "tree_size"])?;
     let seq = required(&p, "seq")?;
     let latest = signed_size(&state).await?;
@@ -219,9 +228,12 @@ pub async fn inclusion_proof(
     security(("api_key" = []), ("operator" = [])))]
 pub async fn consistency_proof(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
+    if let Caller::Tenant(t) = &caller {
+        t.require("audit:read")?;
+    }
     let p = params_of(&params, &["first", "second"])?;
     let first = required(&p, "first")?;
     let latest = signed_size(&state).await?;

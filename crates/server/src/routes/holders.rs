@@ -69,6 +69,7 @@ pub async fn create_holder(
     audit: Audit,
     Json(body): Json<HolderBody>,
 ) -> Result<Response, Problem> {
+    tenant.require("holders:write")?;
     let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
     let document = match body.kind.as_str() {
         "person" => vault::document::cpf(&body.document),
@@ -142,6 +143,7 @@ pub async fn get_holder(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
+    tenant.require("holders:read")?;
     let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
     let id = parse_id("id", &id)?;
     let tenant_id = tenant.id;

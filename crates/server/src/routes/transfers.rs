@@ -40,6 +40,7 @@ pub async fn create_transfer(
     audit: Audit,
     Json(body): Json<TransferBody>,
 ) -> Result<Response, Problem> {
+    tenant.require("transfers:write")?;
     audit.0.set_resource(body.id.clone());
     let event = body.into_event(tenant.ledger_id())?;
     single(apply(&state, &audit, vec![event]).await?.into_iter().next())
@@ -81,6 +82,7 @@ pub async fn post_pending(
     Path(pending_id): Path<String>,
     Json(body): Json<ResolveBody>,
 ) -> Result<Response, Problem> {
+    tenant.require("transfers:write")?;
     resolve(state, tenant, audit, pending_id, body, true).await
 }
 
@@ -96,6 +98,7 @@ pub async fn void_pending(
     Path(pending_id): Path<String>,
     Json(body): Json<ResolveBody>,
 ) -> Result<Response, Problem> {
+    tenant.require("transfers:write")?;
     resolve(state, tenant, audit, pending_id, body, false).await
 }
 
@@ -109,6 +112,7 @@ pub async fn create_batch(
     audit: Audit,
     Json(body): Json<BatchBody>,
 ) -> Result<Response, Problem> {
+    tenant.require("transfers:write")?;
     if body.transfers.is_empty() || body.transfers.len() > BATCH_LEN_MAX {
         return Err(Problem::invalid(
             "transfers",
@@ -151,6 +155,7 @@ pub async fn get_transfer(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
+    tenant.require("transfers:read")?;
     let key = TransferKey { tenant: tenant.ledger_id(), id: TransferId(parse_id("id", &id)?) };
     match query(&state, move |q| q.entry(key)).await? {
         Some(Entry::Created(t)) => Ok(reply(StatusCode::OK, &TransferView::of(&t))),
