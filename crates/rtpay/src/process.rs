@@ -30,6 +30,8 @@ pub struct Spawn<'a> {
     pub wait: Duration,
     /// More `serve` arguments.
     pub args: &'a [&'a str],
+    /// Where the server's log (stderr) goes, at debug level; `None`: inherited, warnings only.
+    pub log: Option<&'a Path>,
 }
 
 impl Spawn<'_> {
@@ -42,11 +44,11 @@ impl Spawn<'_> {
         } else {
             command.env_remove("RTPAY_OPERATOR_TOKEN");
         }
-        command
-            .env("RTPAY_SECRET_KEY", SECRET_KEY)
-            .env("RTPAY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        command.env("RTPAY_SECRET_KEY", SECRET_KEY).stdout(Stdio::piped());
+        match self.log {
+            None => command.env("RTPAY_LOG", "warn").stderr(Stdio::inherit()),
+            Some(path) => command.env("RTPAY_LOG", "debug").stderr(std::fs::File::create(path)?),
+        };
         match self.postgres {
             Some(url) => {
                 command.arg("--postgres").arg(url);
@@ -93,7 +95,7 @@ pub fn spawn_serve(
     listen: &str,
     wait: Duration,
 ) -> std::io::Result<ServerProcess> {
-    Spawn { exe, data, postgres, listen, operator_env: true, wait, args: &[] }.start()
+    Spawn { exe, data, postgres, listen, operator_env: true, wait, args: &[], log: None }.start()
 }
 
 /// Resident memory of a process, in KiB, from /proc.

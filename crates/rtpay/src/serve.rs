@@ -119,6 +119,7 @@ pub async fn run(
     if !positive(config.rate_limit) || config.rate_burst.is_some_and(|b| !positive(b) || b < 1.0) {
         return Err("--rate-limit must be above 0 and --rate-burst at least 1".into());
     }
+    server::quiet_panics();
     // Bad PEM files are refused before anything is created or opened.
     let acceptor = config.tls.as_ref().map(server::tls::acceptor).transpose()?;
     std::fs::create_dir_all(&config.data)

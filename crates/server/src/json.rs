@@ -103,9 +103,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                     } else {
                         ("invalid_field", field)
                     };
-                    let mut p = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
-                    p.field = field;
-                    Err(p)
+                    let p = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
+                    Err(match field {
+                        Some(f) => p.field(f),
+                        None => p,
+                    })
                 }
                 _ => Err(Problem::new(
                     StatusCode::BAD_REQUEST,

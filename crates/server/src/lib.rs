@@ -167,13 +167,20 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         .filter(|v| {
             !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+        // Request ids are logged and audited: one that could be a card number is replaced.
+        .filter(|v| !vault::mask::holds_pan(v))
         .map(str::to_owned);
     let request_id = given.unwrap_or_else(next_request_id);
     let source = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
     let action = format!("{method} {}", route.as_ref().map_or("unmatched", MatchedPath::as_str));
     let slot = Arc::new(audit_trail::Slot::new(action, request_id.clone(), source));
     request.extensions_mut().insert(slot.clone());
-    let mut response = next.run(request).await;
+    // A handler that panics answers 500 and the connection lives on; the panic hook (see
+    // `quiet_panics`) logs where, never the message, which could hold request data.
+    let mut response = match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(Problem::internal()),
+    };
     let status = response.status().as_u16();
     audit_trail::record_after(&state, &slot, mutating, status).await;
     let micros = started.elapsed().as_micros() as u64;
@@ -197,6 +204,16 @@ fn next_request_id() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| auth::hex(&auth::random_32()[..6]));
     format!("{prefix}-{:x}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Replaces the panic hook with one that logs the location only: a panic message may format
+/// values from a request (a card number, a document), and logs must never hold them.
+pub fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!(%location, "panic (message withheld)");
+        eprintln!("rtpay: panic at {location} (message withheld)");
+    }));
 }
 
 /// Serves over TLS until `shutdown` resolves; `mutual`: client certificates are verified and bind

@@ -32,7 +32,8 @@ impl Problem {
             type_: format!("urn:rtpay:problem:{code}"),
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
-            detail: detail.into(),
+            // Details and fields may quote input: a card number in them is masked.
+            detail: vault::mask::redact_pans(&detail.into()),
             code: code.to_owned(),
             field: None,
             retry_after_seconds: None,
@@ -40,7 +41,7 @@ impl Problem {
     }
 
     pub fn field(mut self, field: impl Into<String>) -> Problem {
-        self.field = Some(field.into());
+        self.field = Some(vault::mask::redact_pans(&field.into()));
         self
     }
 

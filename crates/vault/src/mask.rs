@@ -29,3 +29,78 @@ pub fn document(normalized: &str) -> String {
         n => format!("{}{}", "*".repeat(n.saturating_sub(2)), s(n.saturating_sub(2), n)),
     }
 }
+
+/// Whether `text` holds a run of 13–19 digits that passes the Luhn check: something that may be a
+/// card number, and so must not be logged or stored in clear.
+pub fn holds_pan(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        let run = &bytes[start..i];
+        for len in 13..=19.min(run.len()) {
+            for window in run.windows(len) {
+                if luhn(window) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// The Luhn check over ASCII digits.
+pub fn luhn(digits: &[u8]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, d)| {
+            let d = u32::from(d - b'0');
+            if i % 2 == 1 {
+                if d * 2 > 9 {
+                    d * 2 - 9
+                } else {
+                    d * 2
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+/// `text` with every digit run that could be a card number shown as BIN + last 4.
+pub fn redact_pans(text: &str) -> String {
+    if !holds_pan(text) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 13 && holds_pan(run) {
+            out.push_str(&pan(run));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}

@@ -128,3 +128,19 @@ fn masks_keep_bin_and_last_four_and_the_middle_of_documents() {
     assert_eq!(mask::document("11222333000181"), "**.222.333/0001-**");
     assert_eq!(mask::document("12ABC34501DE35"), "**.ABC.345/01DE-**");
 }
+
+#[test]
+fn card_numbers_are_recognized_inside_text() {
+    assert!(mask::luhn(b"4111111111111111"));
+    assert!(!mask::luhn(b"4111111111111112"));
+    assert!(mask::holds_pan("req-4111111111111111-x"));
+    assert!(mask::holds_pan("378282246310005"));
+    assert!(mask::holds_pan("x5555555555554444"));
+    assert!(!mask::holds_pan("4111-1111-1111-1112"));
+    assert!(!mask::holds_pan("411111111111"), "12 digits is too short");
+    assert!(!mask::holds_pan("a1b2c3-ff"));
+    assert_eq!(
+        mask::redact_pans("invalid type: string \"4111111111111111\", expected u64 at 12345"),
+        "invalid type: string \"411111******1111\", expected u64 at 12345"
+    );
+}

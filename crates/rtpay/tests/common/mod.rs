@@ -56,8 +56,21 @@ impl Server {
         operator_env: bool,
         args: &[&str],
     ) -> Server {
+        Self::start_logged(data, postgres, listen, operator_env, args, None)
+    }
+
+    /// Starts with the server's debug log written to `log`.
+    pub fn start_logged(
+        data: &Path,
+        postgres: Option<&str>,
+        listen: &str,
+        operator_env: bool,
+        args: &[&str],
+        log: Option<&Path>,
+    ) -> Server {
         let spawn = Spawn {
             args,
+            log,
             exe: Path::new(env!("CARGO_BIN_EXE_rtpay")),
             data,
             postgres,

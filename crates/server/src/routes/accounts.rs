@@ -81,8 +81,8 @@ pub async fn close_account(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     tenant.require("accounts:write")?;
-    audit.0.set_resource(id.clone());
     let key = account_key(&tenant, &id)?;
+    audit.0.set_resource(uuid_string(key.id.0));
     let Reply::Accounts(results) = submit(&state, &audit, Command::Accounts(vec![AccountCommand::Close(key)])).await?
     else {
         return Err(Problem::internal());

@@ -75,8 +75,8 @@ pub async fn create_api_key(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    audit.0.set_resource(format!("tenant {id}"));
     let tenant_id = parse_id("id", &id)?;
+    audit.0.set_resource(format!("tenant {}", uuid_string(tenant_id)));
     if query(&state, move |q| q.tenant(tenant_id)).await?.is_none() {
         return Err(Problem::not_found("tenant"));
     }
@@ -86,7 +86,7 @@ pub async fn create_api_key(
     };
     let secret = new_secret(TENANT_SECRET_PREFIX);
     let key = store::ApiKeyRecord { id: key_id.as_u128(), tenant_id, created_at: store::now_nanos(), revoked_at: None };
-    audit.0.set_resource(format!("tenant {id} key {key_id}"));
+    audit.0.set_resource(format!("tenant {} key {key_id}", uuid_string(tenant_id)));
     let hash = state.keys.secret_hash(&secret);
     let record = key.clone();
     query(&state, move |q| q.create_api_key(&record, &hash)).await.map_err(|p| {
@@ -113,9 +113,9 @@ pub async fn revoke_api_key(
     audit: Audit,
     Path((id, key_id)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
-    audit.0.set_resource(format!("tenant {id} key {key_id}"));
     let tenant_id = parse_id("id", &id)?;
     let key_id = parse_id("key_id", &key_id)?;
+    audit.0.set_resource(format!("tenant {} key {}", uuid_string(tenant_id), uuid_string(key_id)));
     let revoked = query(&state, move |q| q.revoke_api_key(tenant_id, key_id, store::now_nanos())).await?;
     if !revoked {
         return Err(Problem::not_found("live API key of this tenant"));

@@ -41,8 +41,9 @@ pub async fn create_transfer(
     Json(body): Json<TransferBody>,
 ) -> Result<Response, Problem> {
     tenant.require("transfers:write")?;
-    audit.0.set_resource(body.id.clone());
     let event = body.into_event(tenant.ledger_id())?;
+    // Only parsed ids reach the audit log: raw input could be anything, a card number included.
+    audit.0.set_resource(uuid_string(event.key.id.0));
     single(apply(&state, &audit, vec![event]).await?.into_iter().next())
 }
 
@@ -54,7 +55,6 @@ async fn resolve(
     body: ResolveBody,
     post: bool,
 ) -> Result<Response, Problem> {
-    audit.0.set_resource(format!("{} (hold {pending_id})", body.id));
     let pending_id = TransferId(parse_id("pending_id", &pending_id)?);
     let kind = if post {
         EventKind::PostPending { pending_id, amount: body.amount.map(|a| check_amount("amount", a)).transpose()? }
@@ -67,6 +67,7 @@ async fn resolve(
     let event =
         EventParts { prefix: "", tenant: tenant.ledger_id(), id: &body.id, code: body.code, metadata: body.metadata }
             .finish(kind)?;
+    audit.0.set_resource(format!("{} (hold {})", uuid_string(event.key.id.0), uuid_string(pending_id.0)));
     single(apply(&state, &audit, vec![event]).await?.into_iter().next())
 }
 
@@ -132,7 +133,8 @@ pub async fn create_batch(
     if let Some(last) = events.last_mut() {
         last.linked = false;
     }
-    audit.0.set_resource(format!("{} transfers from {}", ids.len(), ids.first().map_or("", String::as_str)));
+    let first = events.first().map(|e| uuid_string(e.key.id.0)).unwrap_or_default();
+    audit.0.set_resource(format!("{} transfers from {first}", events.len()));
     let outcomes = apply(&state, &audit, events).await?;
     let results = outcomes
         .into_iter()

@@ -1,0 +1,187 @@
+//! Proof that nothing leaks: card numbers, CPFs, API and OAuth secrets go through the routes,
+//! good requests and bad, and afterwards the server's debug log, the data directory and a backup
+//! are scanned for them in clear — a Luhn scan for 13–19 digit runs, and the literal values.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use hyper::Method;
+use serde_json::json;
+
+const PANS: [&str; 3] = ["4111111111111111", "5555555555554444", "378282246310005"];
+const CPFS: [&str; 2] = ["52998224725", "11144477735"];
+
+/// Every 13–19 digit run passing Luhn in `bytes` (written here, independent of the server's).
+fn luhn_runs(bytes: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            i += 1;
+            continue;
+        }
+        let run = &bytes[start..i];
+        for len in 13..=run.len().min(19) {
+            for w in run.windows(len) {
+                let sum: u32 = w
+                    .iter()
+                    .rev()
+                    .enumerate()
+                    .map(|(k, d)| {
+                        let d = u32::from(d - b'0');
+                        if k % 2 == 1 {
+                            (d * 2) % 10 + (d * 2) / 10
+                        } else {
+                            d
+                        }
+                    })
+                    .sum();
+                if sum.is_multiple_of(10) {
+                    found.push(String::from_utf8_lossy(w).into_owned());
+                }
+            }
+        }
+    }
+    found
+}
+
+fn scan(what: &str, bytes: &[u8], literals: &[String]) -> Vec<String> {
+    let mut problems: Vec<String> =
+        luhn_runs(bytes).into_iter().map(|r| format!("{what}: card-like number {r}")).collect();
+    for lit in literals {
+        if bytes.windows(lit.len()).any(|w| w == lit.as_bytes()) {
+            problems.push(format!("{what}: {lit}"));
+        }
+    }
+    problems
+}
+
+#[test]
+fn no_card_number_document_or_secret_is_found_in_logs_storage_or_backups() {
+    let dir = temp_dir("leaks");
+    let log = temp_dir("leaks-log").join("server.log");
+    let mut server = Server::start_logged(&dir, None, "127.0.0.1:0", true, &[], Some(&log));
+    let mut secrets: Vec<String> = vec![OPERATOR.to_owned()];
+    let mut responses: Vec<Bytes> = Vec::new();
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (tenant_id, key) = tenant(&mut c, "leaks").await;
+        secrets.push(key.clone());
+        let r = c.post(&format!("/v1/tenants/{tenant_id}/api-keys"), OPERATOR, &json!({})).await.unwrap();
+        let revoked = r.json()["secret"].as_str().unwrap().to_owned();
+        let revoked_id = r.json()["id"].as_str().unwrap().to_owned();
+        secrets.push(revoked.clone());
+        c.send(Method::DELETE, &format!("/v1/tenants/{tenant_id}/api-keys/{revoked_id}"), Some(OPERATOR), None).await.unwrap();
+        let account_id = account(&mut c, &key, json!({"currency": "BRL"})).await;
+
+        let client = c.post("/v1/oauth-clients", &key, &json!({"scopes": ["accounts:read", "holders:write"]})).await.unwrap().json();
+        let (client_id, client_secret) =
+            (client["client_id"].as_str().unwrap().to_owned(), client["client_secret"].as_str().unwrap().to_owned());
+        secrets.push(client_secret.clone());
+        let form = |secret: &str| Bytes::from(format!("grant_type=client_credentials&client_id={client_id}&client_secret={secret}"));
+        let form_type = [("content-type", "application/x-www-form-urlencoded")];
+        let r = c.send_with_headers(Method::POST, "/oauth/token", None, Some(form(&client_secret)), &form_type).await.unwrap();
+        let access = r.json()["access_token"].as_str().unwrap().to_owned();
+        secrets.push(access.clone());
+        let r = c.send_with_headers(Method::POST, "/oauth/token", None, Some(form(PANS[0])), &form_type).await.unwrap();
+        responses.push(r.body);
+
+        // Documents through the vault, good and bad.
+        for (i, cpf) in CPFS.iter().enumerate() {
+            let r = c
+                .post("/v1/holders", &access, &json!({"kind": "person", "name": format!("Holder {i}"), "document": cpf}))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 201, "{:?}", r.json());
+            responses.push(r.body);
+        }
+        for body in [
+            json!({"kind": "person", "name": "dup", "document": CPFS[0]}),
+            json!({"kind": "person", "name": "x", "document": PANS[0]}),
+            json!({"kind": "company", "name": PANS[1], "document": CPFS[1]}),
+        ] {
+            responses.push(c.post("/v1/holders", &key, &body).await.unwrap().body);
+        }
+
+        // Card numbers in every place bad input can carry them.
+        let pan = PANS[2];
+        let bad_bodies = [
+            format!(r#"{{"id":"{pan}","debit_account_id":"{account_id}","credit_account_id":"{account_id}","amount":1}}"#),
+            format!(r#"{{"id":"{}","debit_account_id":"{account_id}","credit_account_id":"{account_id}","amount":"{pan}"}}"#, uuid()),
+            format!(r#"{{"id":"{}","amount":{pan}0000000000}}"#, uuid()),
+            format!(r#"{{"{pan}":1}}"#),
+            format!(r#"{{"id": {pan}"#),
+            format!("\u{0}{pan}"),
+        ];
+        for body in bad_bodies {
+            let r = c.send(Method::POST, "/v1/transfers", Some(&key), Some(Bytes::from(body))).await.unwrap();
+            assert!(r.status.is_client_error(), "{}", r.status);
+            responses.push(r.body);
+        }
+        for path in [
+            format!("/v1/accounts/{pan}"),
+            format!("/v1/accounts/{pan}/close"),
+            format!("/v1/transfers/{pan}/post"),
+            format!("/v1/holders/{pan}"),
+            format!("/v1/accounts/{account_id}/transfers?cursor={pan}"),
+            format!("/v1/audit?after={pan}"),
+        ] {
+            for method in [Method::GET, Method::POST] {
+                let r = c.send(method, &path, Some(&key), Some(Bytes::from_static(b"{}"))).await.unwrap();
+                responses.push(r.body);
+            }
+        }
+        let r = c
+            .send_with_headers(Method::POST, "/v1/accounts", Some(&key), Some(Bytes::from_static(b"{\"currency\":\"BRL\"}")), &[
+                ("x-request-id", PANS[0]),
+                ("idempotency-key", PANS[1]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        assert_ne!(r.headers.get("x-request-id").unwrap(), PANS[0], "a card-like request id is replaced");
+        // Secrets where they do not belong.
+        for token in [revoked.as_str(), client_secret.as_str(), PANS[0]] {
+            responses.push(c.get(&format!("/v1/accounts/{account_id}"), token).await.unwrap().body);
+        }
+        responses.push(c.post("/v1/tenants", &key, &json!({"name": "x"})).await.unwrap().body);
+    });
+    server.stop();
+
+    // A backup, as an operator would take it.
+    let backup = dir.join("backup.db");
+    rusqlite::Connection::open(dir.join("rtpay.db"))
+        .unwrap()
+        .execute_batch(&format!("VACUUM INTO '{}'", backup.display()))
+        .unwrap();
+
+    let mut literals = secrets.clone();
+    literals.extend(PANS.iter().map(|p| p.to_string()));
+    literals.extend(CPFS.iter().map(|c| c.to_string()));
+    let mut problems = Vec::new();
+    let log_text = std::fs::read(&log).unwrap();
+    assert!(log_text.len() > 1000, "the debug log was written");
+    problems.extend(scan("server log", &log_text, &literals));
+    // Key files are hex (digit runs are chance, not card data) and are secrets kept apart from
+    // backups; everything else in the data directory is scanned.
+    let key_files = ["audit-signing-key", "kek", "index-key", "secret-key", "operator-token"];
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if path.is_file() && !key_files.contains(&name.as_str()) {
+            problems.extend(scan(&path.display().to_string(), &std::fs::read(&path).unwrap(), &literals));
+        }
+    }
+    // Answers to bad input never echo card numbers or documents (secrets shown once are not here).
+    let mut pans_and_documents: Vec<String> = PANS.iter().map(|p| p.to_string()).collect();
+    pans_and_documents.extend(CPFS.iter().map(|c| c.to_string()));
+    for (i, body) in responses.iter().enumerate() {
+        problems.extend(scan(&format!("response {i}"), body, &pans_and_documents));
+    }
+    assert!(problems.is_empty(), "found in clear:\n{}", problems.join("\n"));
+}
