@@ -138,8 +138,10 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let kek = crate::keys::KekConfig::or_default(config.kek.clone(), &config.data);
     crate::keys::load(&kek, true)?; // creates version 1 on first start
+    let rotation = kek.clone();
     let vault =
-        server::vault_service::VaultService::new(crate::keys::loader(kek), &crate::keys::index_key(&config.data)?)?;
+        server::vault_service::VaultService::new(crate::keys::loader(kek), &crate::keys::index_key(&config.data)?)?
+            .with_rotator(Box::new(move |q| crate::keys::rotate(&rotation, q).map_err(|e| e.to_string())));
     let state = server::AppState::new(store.clone(), keys, public_key)
         .with_vault(vault)
         .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)));

@@ -104,6 +104,29 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
     server.stop();
     server.restart();
     check(&server);
+    // The operator rotates through the API too: audited, and only by the operator.
+    rt.block_on(async {
+        let mut c = server.client();
+        assert_eq!(c.post("/v1/keys/rotate", &key_a, &json!({})).await.unwrap().status, 401);
+        let r = c.post("/v1/keys/rotate", OPERATOR, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()), (200, json!({"kek_version": 3, "rewrapped": 2})));
+        let audit = c.get("/v1/audit?limit=1000", OPERATOR).await.unwrap().json();
+        let rotations: Vec<_> = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == json!("POST /v1/keys/rotate"))
+            .map(|e| (e["actor"].as_str().unwrap().to_owned(), e["outcome"].as_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(
+            rotations,
+            vec![("anonymous".to_owned(), "401".to_owned()), ("operator".to_owned(), "200".to_owned())]
+        );
+    });
+    check(&server);
+    server.stop();
+    server.restart();
+    check(&server);
     server.stop();
 
     // Nothing in clear at rest: not the document, not the name.

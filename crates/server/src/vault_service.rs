@@ -12,12 +12,15 @@ use vault::{BlindIndex, Keyring, Secret32, VaultError, WrappedKey};
 pub const DEK_CACHE_LEN_MAX: usize = 10_000;
 
 pub type Loader = Box<dyn Fn() -> Result<Keyring, VaultError> + Send + Sync>;
+/// Creates KEK version N+1 and re-wraps every data key: (new version, keys re-wrapped).
+pub type Rotator = Box<dyn Fn(&dyn Queries) -> Result<(u32, usize), String> + Send + Sync>;
 
 pub struct VaultService {
     keyring: RwLock<Keyring>,
     loader: Loader,
     index: BlindIndex,
     deks: Mutex<HashMap<u128, Arc<Secret32>>>,
+    rotator: Option<Rotator>,
 }
 
 impl std::fmt::Debug for VaultService {
@@ -56,7 +59,21 @@ impl VaultService {
             loader,
             index: BlindIndex::new(index_key),
             deks: Mutex::new(HashMap::new()),
+            rotator: None,
         })
+    }
+
+    pub fn with_rotator(mut self, rotator: Rotator) -> VaultService {
+        self.rotator = Some(rotator);
+        self
+    }
+
+    /// Rotates the KEK and loads the new keyring. Blocking.
+    pub fn rotate(&self, queries: &dyn Queries) -> Result<(u32, usize), String> {
+        let rotator = self.rotator.as_ref().ok_or("key rotation is not configured on this node")?;
+        let result = rotator(queries)?;
+        *self.keyring.write().expect("keyring lock") = (self.loader)().map_err(|e| e.to_string())?;
+        Ok(result)
     }
 
     pub fn index(&self) -> &BlindIndex {
