@@ -60,6 +60,7 @@ fn ten_failures_lock_the_operator_credential_and_the_lock_is_audited() {
         assert!(lock.draft.outcome.contains("1800"));
         let failures = entries.iter().filter(|e| e.draft.outcome == "401").count();
         assert_eq!(failures, 10, "each failed authentication is recorded");
+        assert!(!entries.iter().any(|e| e.draft.outcome == "429"), "throttled requests are counted, not recorded");
         assert_eq!(
             entries.iter().filter(|e| e.draft.action == "POST /v1/tenants" && e.draft.outcome == "201").count(),
             1

@@ -4,7 +4,8 @@
 //! ledger handlers hand the entry to the writer with their command ([`crate::routes::submit`]), so
 //! the action and its record commit together. Every other state-changing request (any method but
 //! GET and HEAD) and every failed authentication is appended by the middleware after the handler,
-//! before the response goes out, with the HTTP status as outcome.
+//! before the response goes out, with the HTTP status as outcome. Throttled requests (429) are not
+//! recorded, only counted.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -95,6 +96,11 @@ pub fn identify(parts: &Parts, tenant: Option<u128>, actor: String) {
 /// yet. A failure to record is logged and counted; the response (already decided) goes out.
 pub async fn record_after(state: &AppState, slot: &Slot, mutating: bool, status: u16) {
     if slot.recorded() || !(mutating || status == 401) {
+        return;
+    }
+    // A throttled request (429) did nothing and was not judged: recording each would turn a flood
+    // into a flood of writes. They are counted in the request metrics; a lock itself is recorded.
+    if status == 429 {
         return;
     }
     let draft = slot.draft(status.to_string());
