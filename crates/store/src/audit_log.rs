@@ -60,6 +60,37 @@ pub enum AuditItem {
     Head(SignedHead),
 }
 
+/// Feeds `visit` the entries in order, each head right after the entry that completes it, and the
+/// heads beyond the last entry at the end; stops early when `visit` says false. Both engines read
+/// their two ordered streams and hand them here.
+pub(crate) fn merge_scan(
+    mut entries: impl FnMut() -> Result<Option<(Entry, Hash)>>,
+    mut heads: impl FnMut() -> Result<Option<SignedHead>>,
+    visit: &mut dyn FnMut(AuditItem) -> bool,
+) -> Result<()> {
+    let mut next_head = heads()?;
+    let mut emitted = 0u64;
+    while let Some((entry, leaf)) = entries()? {
+        emitted += 1;
+        if !visit(AuditItem::Entry(entry, leaf)) {
+            return Ok(());
+        }
+        while let Some(head) = next_head.take_if(|h| h.head.size <= emitted) {
+            if !visit(AuditItem::Head(head)) {
+                return Ok(());
+            }
+            next_head = heads()?;
+        }
+    }
+    while let Some(head) = next_head.take() {
+        if !visit(AuditItem::Head(head)) {
+            return Ok(());
+        }
+        next_head = heads()?;
+    }
+    Ok(())
+}
+
 /// Stored nodes through `Queries`, for proofs.
 struct Stored<'q>(&'q dyn Queries);
 

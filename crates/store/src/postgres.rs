@@ -871,55 +871,31 @@ impl Queries for PgQueries {
                 tx.prepare("SELECT size, time, root, signature FROM audit_heads ORDER BY size").map_err(unavailable)?;
             let entries = tx.bind(&entries, &[]).map_err(unavailable)?;
             let heads = tx.bind(&heads, &[]).map_err(unavailable)?;
-            let mut pending_heads: std::collections::VecDeque<SignedHead> = std::collections::VecDeque::new();
-            let mut heads_done = false;
-            let mut emitted = 0u64;
-            loop {
-                let rows = tx.query_portal(&entries, 10_000).map_err(unavailable)?;
-                if rows.is_empty() {
-                    break;
-                }
-                for row in &rows {
-                    let (entry, leaf) = audit_row(row)?;
-                    emitted += 1;
-                    if !visit(AuditItem::Entry(entry, leaf.expect("scan selects the leaf hash"))) {
-                        return Ok(());
-                    }
-                    loop {
-                        if pending_heads.is_empty() && !heads_done {
-                            let rows = tx.query_portal(&heads, 10_000).map_err(unavailable)?;
-                            heads_done = rows.is_empty();
-                            for r in &rows {
-                                pending_heads.push_back(head_row(r)?);
-                            }
-                        }
-                        match pending_heads.front() {
-                            Some(h) if h.head.size <= emitted => {
-                                let head = pending_heads.pop_front().expect("front exists");
-                                if !visit(AuditItem::Head(head)) {
-                                    return Ok(());
-                                }
-                            }
-                            _ => break,
+            // Both streams read from one transaction, in portions; each keeps its own buffer.
+            let tx = std::cell::RefCell::new(tx);
+            let mut entry_buf = std::collections::VecDeque::new();
+            let mut head_buf = std::collections::VecDeque::new();
+            crate::audit_log::merge_scan(
+                || {
+                    if entry_buf.is_empty() {
+                        for row in tx.borrow_mut().query_portal(&entries, 10_000).map_err(unavailable)? {
+                            let (entry, leaf) = audit_row(&row)?;
+                            entry_buf.push_back((entry, leaf.expect("scan selects the leaf hash")));
                         }
                     }
-                }
-            }
-            loop {
-                while let Some(head) = pending_heads.pop_front() {
-                    if !visit(AuditItem::Head(head)) {
-                        return Ok(());
+                    Ok(entry_buf.pop_front())
+                },
+                || {
+                    if head_buf.is_empty() {
+                        for row in tx.borrow_mut().query_portal(&heads, 10_000).map_err(unavailable)? {
+                            head_buf.push_back(head_row(&row)?);
+                        }
                     }
-                }
-                if heads_done {
-                    break;
-                }
-                let rows = tx.query_portal(&heads, 10_000).map_err(unavailable)?;
-                heads_done = rows.is_empty();
-                for r in &rows {
-                    pending_heads.push_back(head_row(r)?);
-                }
-            }
+                    Ok(head_buf.pop_front())
+                },
+                visit,
+            )?;
+            let tx = tx.into_inner();
             tx.commit().map_err(unavailable)
         })
     }

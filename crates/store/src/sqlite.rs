@@ -1040,27 +1040,15 @@ impl Queries for SqliteQueries {
                     .map_err(unavailable)?;
                 let mut entry_rows = entries.query([]).map_err(unavailable)?;
                 let mut head_rows = heads.query([]).map_err(unavailable)?;
-                let mut next_head = head_rows.next().map_err(unavailable)?.map(head_row).transpose()?;
-                let mut emitted = 0u64;
-                while let Some(row) = entry_rows.next().map_err(unavailable)? {
-                    let (entry, leaf) = audit_row(row)?;
-                    emitted += 1;
-                    if !visit(AuditItem::Entry(entry, leaf.expect("scan selects the leaf hash"))) {
-                        return Ok(());
-                    }
-                    while let Some(head) = next_head.take_if(|h| h.head.size <= emitted) {
-                        if !visit(AuditItem::Head(head)) {
-                            return Ok(());
-                        }
-                        next_head = head_rows.next().map_err(unavailable)?.map(head_row).transpose()?;
-                    }
-                }
-                while let Some(head) = next_head.take() {
-                    if !visit(AuditItem::Head(head)) {
-                        return Ok(());
-                    }
-                    next_head = head_rows.next().map_err(unavailable)?.map(head_row).transpose()?;
-                }
+                crate::audit_log::merge_scan(
+                    || {
+                        let Some(row) = entry_rows.next().map_err(unavailable)? else { return Ok(None) };
+                        let (entry, leaf) = audit_row(row)?;
+                        Ok(Some((entry, leaf.expect("scan selects the leaf hash"))))
+                    },
+                    || head_rows.next().map_err(unavailable)?.map(head_row).transpose(),
+                    visit,
+                )?;
             }
             tx.commit().map_err(unavailable)
         })
