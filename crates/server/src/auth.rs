@@ -142,7 +142,7 @@ fn source(parts: &Parts) -> Option<std::net::IpAddr> {
 }
 
 /// Before any credential is checked: a source over its failure budget, or a locked id, waits.
-fn guard(parts: &Parts, state: &AppState, id: Option<&str>) -> Result<(), Problem> {
+pub(crate) fn guard(parts: &Parts, state: &AppState, id: Option<&str>) -> Result<(), Problem> {
     let now = Instant::now();
     if let Err(wait) = state.auth_guard.source_allowed(source(parts), now) {
         return Err(Problem::too_many(
@@ -161,8 +161,14 @@ fn guard(parts: &Parts, state: &AppState, id: Option<&str>) -> Result<(), Proble
     Ok(())
 }
 
-/// Counts a failed authentication and, when it locks `id`, records the lock in the audit log.
-fn failed(parts: &Parts, state: &AppState, id: Option<&str>, problem: Problem) -> Problem {
+/// Counts a failed authentication (see [`count_failure`]) and returns `problem`.
+pub(crate) fn failed(parts: &Parts, state: &AppState, id: Option<&str>, problem: Problem) -> Problem {
+    count_failure(parts, state, id);
+    problem
+}
+
+/// Counts a failed authentication against the source and `id`; a lock it causes is audited.
+pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
     use crate::limits::AfterFailure;
     if state.auth_guard.failed(source(parts), id, Instant::now()) == AfterFailure::Locked {
         let id = id.expect("only an id can be locked");
@@ -182,7 +188,6 @@ fn failed(parts: &Parts, state: &AppState, id: Option<&str>, problem: Problem) -
             tracing::error!(credential = id, "the lock could not be recorded in the audit log");
         }
     }
-    problem
 }
 
 /// With mTLS, the credential must belong to the identity the client certificate names.
@@ -273,13 +278,7 @@ impl FromRequestParts<AppState> for Tenant {
                     Err(why) => return Err(failed(parts, state, None, Problem::unauthorized(why))),
                 };
                 let tenant = Tenant { id: claims.tenant_id, key_id: claims.client_id, scopes: claims.scopes };
-                bound_to(parts, crate::tls::PeerIdentity::Tenant(tenant.id))?;
-                let actor = format!("client:{}", uuid::Uuid::from_u128(tenant.key_id));
-                crate::audit_trail::identify(parts, Some(tenant.id), actor);
-                if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
-                    return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
-                }
-                return Ok(tenant);
+                return admit(parts, state, tenant, "client");
             }
             Ok(t) if t.starts_with(TENANT_SECRET_PREFIX) => t,
             Ok(_) => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
@@ -300,13 +299,19 @@ impl FromRequestParts<AppState> for Tenant {
                 None => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
             },
         };
-        bound_to(parts, crate::tls::PeerIdentity::Tenant(tenant.id))?;
-        crate::audit_trail::identify(parts, Some(tenant.id), format!("key:{}", uuid::Uuid::from_u128(tenant.key_id)));
-        if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
-            return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
-        }
-        Ok(tenant)
+        admit(parts, state, tenant, "key")
     }
+}
+
+/// After a credential checked out: the certificate binding, the audit actor
+/// (`<kind>:<credential id>`), and the tenant's rate.
+fn admit(parts: &Parts, state: &AppState, tenant: Tenant, kind: &str) -> Result<Tenant, Problem> {
+    bound_to(parts, crate::tls::PeerIdentity::Tenant(tenant.id))?;
+    crate::audit_trail::identify(parts, Some(tenant.id), format!("{kind}:{}", uuid::Uuid::from_u128(tenant.key_id)));
+    if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
+        return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
+    }
+    Ok(tenant)
 }
 
 /// The operator or a tenant: for routes both may read (the audit log).

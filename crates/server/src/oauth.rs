@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::{hex, new_secret, new_uuid, unhex, Tenant, ALL_SCOPES};
+use crate::auth::{constant_time_eq, count_failure, guard, hex, new_secret, new_uuid, unhex, Tenant, ALL_SCOPES};
 use crate::dto::{rfc3339, uuid_string};
 use crate::json::{reply, Json};
 use crate::problem::Problem;
@@ -104,7 +104,8 @@ impl Claims {
         let (payload, mac) =
             (unhex(payload).ok_or("malformed access token")?, unhex(mac).ok_or("malformed access token")?);
         let expected = state.keys.mac(b"oauth-access-token", &payload);
-        if mac.len() != 32 || mac.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
+        let mac: [u8; 32] = mac.try_into().map_err(|_| "the access token is not valid")?;
+        if !constant_time_eq(&mac, &expected) {
             return Err("the access token is not valid");
         }
         if payload.len() != 49 || payload[0] != TOKEN_FORMAT {
@@ -229,18 +230,14 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
 
 /// `POST /oauth/token`, `application/x-www-form-urlencoded`.
 pub async fn token(State(state): State<AppState>, request: axum::extract::Request) -> Response {
-    let source = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     let (parts, body) = request.into_parts();
-    let headers: HeaderMap = parts.headers;
+    if let Err(p) = guard(&parts, &state, None) {
+        return p.into_response();
+    }
+    let headers: &HeaderMap = &parts.headers;
     let Ok(body) = axum::body::to_bytes(body, TOKEN_REQUEST_LEN_MAX).await else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "the request body is too large or unreadable");
     };
-    use crate::limits::AfterFailure;
-    let now = std::time::Instant::now();
-    if let Err(wait) = state.auth_guard.source_allowed(source, now) {
-        return Problem::too_many("auth_throttled", "too many failed authentications from this address", wait)
-            .into_response();
-    }
     let Ok(form) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -295,18 +292,14 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
         }
         None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required"),
     }
+    let unknown = || oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret");
     let Ok(id) = uuid::Uuid::parse_str(&client_id) else {
-        state.auth_guard.failed(source, None, now);
-        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret");
+        count_failure(&parts, &state, None);
+        return unknown();
     };
     let lock_id = format!("client:{id}");
-    if let Some(wait) = state.auth_guard.locked(&lock_id, now) {
-        return Problem::too_many(
-            "credential_locked",
-            "this client is locked after repeated failed authentications",
-            wait,
-        )
-        .into_response();
+    if let Err(p) = guard(&parts, &state, Some(&lock_id)) {
+        return p.into_response();
     }
     let found = match query(&state, move |q| q.oauth_client(id.as_u128())).await {
         Ok(f) => f,
@@ -314,26 +307,14 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
     };
     let hash = state.keys.secret_hash(&secret);
     let client = match found {
-        Some((client, stored)) if client.revoked_at.is_none() && crate::auth::constant_time_eq(&hash, &stored) => {
-            client
-        }
+        Some((client, stored)) if client.revoked_at.is_none() && constant_time_eq(&hash, &stored) => client,
         Some(_) => {
-            if state.auth_guard.failed(source, Some(&lock_id), now) == AfterFailure::Locked {
-                tracing::warn!(credential = lock_id, "OAuth client locked after repeated failed authentications");
-                let draft = audit::Draft {
-                    actor: "anonymous".into(),
-                    action: "auth.lock".into(),
-                    resource: lock_id.clone(),
-                    outcome: format!("locked for {} s", crate::limits::LOCK_DURATION.as_secs()),
-                    ..audit::Draft::default()
-                };
-                let _ = state.store.engine.submit(store::Command::Audit(vec![draft]), Box::new(|_| {}));
-            }
-            return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret");
+            count_failure(&parts, &state, Some(&lock_id));
+            return unknown();
         }
         None => {
-            state.auth_guard.failed(source, None, now);
-            return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret");
+            count_failure(&parts, &state, None);
+            return unknown();
         }
     };
     state.auth_guard.succeeded(&lock_id);
