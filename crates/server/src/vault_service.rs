@@ -98,23 +98,26 @@ impl VaultService {
         if let Some(dek) = self.deks.lock().expect("dek cache lock").get(&tenant) {
             return Ok(dek.clone());
         }
-        let stored = match queries.data_key(tenant)? {
-            Some(record) => record,
+        let dek = match queries.data_key(tenant)? {
+            Some(stored) => self.unwrap(&WrappedKey { kek_version: stored.kek_version, wrapped: stored.wrapped })?,
             None => {
-                let (_, wrapped) = self.keyring.read().expect("keyring lock").new_data_key()?;
+                let (dek, wrapped) = self.keyring.read().expect("keyring lock").new_data_key()?;
                 let record =
                     DataKeyRecord { tenant_id: tenant, kek_version: wrapped.kek_version, wrapped: wrapped.wrapped };
                 match queries.create_data_key(&record) {
-                    Ok(()) => record,
+                    Ok(()) => dek,
                     // Another node made it first: use theirs.
-                    Err(StoreError::Conflict(_)) => queries
-                        .data_key(tenant)?
-                        .ok_or_else(|| StoreError::Corrupt("a data key vanished after a conflict".into()))?,
+                    Err(StoreError::Conflict(_)) => {
+                        let theirs = queries
+                            .data_key(tenant)?
+                            .ok_or_else(|| StoreError::Corrupt("a data key vanished after a conflict".into()))?;
+                        self.unwrap(&WrappedKey { kek_version: theirs.kek_version, wrapped: theirs.wrapped })?
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
         };
-        let dek = Arc::new(self.unwrap(&WrappedKey { kek_version: stored.kek_version, wrapped: stored.wrapped })?);
+        let dek = Arc::new(dek);
         let mut cache = self.deks.lock().expect("dek cache lock");
         if cache.len() >= DEK_CACHE_LEN_MAX {
             cache.clear();

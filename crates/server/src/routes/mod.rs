@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod holders;
+pub mod keys;
 pub mod ops;
 pub mod tenants;
 pub mod transfers;
