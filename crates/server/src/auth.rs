@@ -321,6 +321,16 @@ pub enum Caller {
     Tenant(Tenant),
 }
 
+impl Caller {
+    /// The operator holds every scope; a tenant as its credential says.
+    pub fn require(&self, scope: &str) -> Result<(), Problem> {
+        match self {
+            Caller::Operator => Ok(()),
+            Caller::Tenant(t) => t.require(scope),
+        }
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = Problem;
 

@@ -131,9 +131,7 @@ pub async fn list_entries(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
-    if let Caller::Tenant(t) = &caller {
-        t.require("audit:read")?;
-    }
+    caller.require("audit:read")?;
     let p = params_of(&params, &["after", "limit"])?;
     let after = p.get("after").copied().unwrap_or(0);
     let limit = p.get("limit").copied().unwrap_or(100);
@@ -154,9 +152,7 @@ pub async fn list_entries(
     responses((status = 200, body = TreeHeadView), (status = 404, body = Problem, description = "the log is empty")),
     security(("api_key" = []), ("operator" = [])))]
 pub async fn tree_head(State(state): State<AppState>, caller: Caller) -> Result<Response, Problem> {
-    if let Caller::Tenant(t) = &caller {
-        t.require("audit:read")?;
-    }
+    caller.require("audit:read")?;
     let head = query(&state, |q| q.audit_head()).await?.ok_or_else(|| Problem::not_found("audit tree head"))?;
     Ok(reply(
         StatusCode::OK,
@@ -170,9 +166,15 @@ pub async fn tree_head(State(state): State<AppState>, caller: Caller) -> Result<
     ))
 }
 
-/// The latest head's size: proofs are given only within what has been signed.
-async fn signed_size(state: &AppState) -> Result<u64, Problem> {
-    Ok(query(state, |q| q.audit_head()).await?.map_or(0, |h| h.head.size))
+/// The tree size named by parameter `name`, by default the latest signed head's: proofs are given
+/// only within what has been signed.
+async fn signed_size(state: &AppState, params: &HashMap<String, u64>, name: &str) -> Result<u64, Problem> {
+    let latest = query(state, |q| q.audit_head()).await?.map_or(0, |h| h.head.size);
+    let size = params.get(name).copied().unwrap_or(latest);
+    if size > latest {
+        return Err(Problem::invalid(name, "beyond_tree_head", format!("`{name}` must be at most {latest}")));
+    }
+    Ok(size)
 }
 
 #[utoipa::path(get, path = "/v1/audit/proof/inclusion", tag = "audit",
@@ -184,16 +186,10 @@ pub async fn inclusion_proof(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
-    if let Caller::Tenant(t) = &caller {
-        t.require("audit:read")?;
-    }
+    caller.require("audit:read")?;
     let p = params_of(&params, &["seq", "tree_size"])?;
     let seq = required(&p, "seq")?;
-    let latest = signed_size(&state).await?;
-    let size = p.get("tree_size").copied().unwrap_or(latest);
-    if size > latest {
-        return Err(Problem::invalid("tree_size", "beyond_tree_head", format!("`tree_size` must be at most {latest}")));
-    }
+    let size = signed_size(&state, &p, "tree_size").await?;
     if seq == 0 || seq > size {
         return Err(Problem::invalid("seq", "not_in_tree", format!("`seq` must be in 1..={size}")));
     }
@@ -231,16 +227,10 @@ pub async fn consistency_proof(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
-    if let Caller::Tenant(t) = &caller {
-        t.require("audit:read")?;
-    }
+    caller.require("audit:read")?;
     let p = params_of(&params, &["first", "second"])?;
     let first = required(&p, "first")?;
-    let latest = signed_size(&state).await?;
-    let second = p.get("second").copied().unwrap_or(latest);
-    if second > latest {
-        return Err(Problem::invalid("second", "beyond_tree_head", format!("`second` must be at most {latest}")));
-    }
+    let second = signed_size(&state, &p, "second").await?;
     if first == 0 || first > second {
         return Err(Problem::invalid("first", "invalid_range", format!("`first` must be in 1..={second}")));
     }
