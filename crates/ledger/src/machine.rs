@@ -312,6 +312,7 @@ pub fn apply_accounts(
                             flags: new.flags,
                             credit_limit: new.credit_limit,
                             metadata: new.metadata.clone(),
+                            holder: new.holder,
                             timestamp: clock.tick(now),
                             debits_posted: 0,
                             credits_posted: 0,

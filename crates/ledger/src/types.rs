@@ -97,6 +97,8 @@ pub struct NewAccount {
     pub credit_limit: u64,
     /// Canonical JSON text, at most [`METADATA_LEN_MAX`] bytes; opaque to the ledger.
     pub metadata: Option<String>,
+    /// Who owns the account (a holder id); opaque to the ledger, which only keeps and compares it.
+    pub holder: Option<u128>,
 }
 
 /// An account as the ledger holds it.
@@ -108,6 +110,7 @@ pub struct Account {
     pub flags: AccountFlags,
     pub credit_limit: u64,
     pub metadata: Option<String>,
+    pub holder: Option<u128>,
     pub timestamp: Timestamp,
     pub debits_posted: u64,
     pub credits_posted: u64,
@@ -144,6 +147,7 @@ impl Account {
             && self.flags.0 & !AccountFlags::CLOSED == new.flags.0 & !AccountFlags::CLOSED
             && self.credit_limit == new.credit_limit
             && self.metadata == new.metadata
+            && self.holder == new.holder
     }
 }
 

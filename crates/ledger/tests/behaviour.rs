@@ -17,6 +17,7 @@ fn open(l: &mut MemoryLedger, id: u128, flags: u16, limit: u64) {
         flags: AccountFlags(flags),
         credit_limit: limit,
         metadata: None,
+        holder: None,
     };
     let r = l.accounts(NOW, &[AccountCommand::Create(new)]);
     assert_eq!(r[0].0, AccountResult::Created);

@@ -324,14 +324,16 @@ fn new_account() -> impl Strategy<Value = NewAccount> {
         0u16..3,
         prop_oneof![Just(0u16), Just(1), Just(2), Just(4), Just(3)],
         prop_oneof![3 => Just(0u64), 1 => 1u64..100],
+        prop::option::of(0u128..2),
     )
-        .prop_map(|(tenant, id, currency, code, flags, credit_limit)| NewAccount {
+        .prop_map(|(tenant, id, currency, code, flags, credit_limit, holder)| NewAccount {
             key: AccountKey { tenant: TenantId(tenant), id: AccountId(id) },
             currency,
             code,
             flags: AccountFlags(flags),
             credit_limit,
             metadata: None,
+            holder,
         })
 }
 
@@ -399,6 +401,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                                         flags: new.flags,
                                         credit_limit: new.credit_limit,
                                         metadata: None,
+                                        holder: new.holder,
                                         timestamp,
                                         debits_posted: 0,
                                         credits_posted: 0,

@@ -132,6 +132,7 @@ fn open_accounts(store: &store::Store) -> Result<(), Error> {
         flags: AccountFlags::default(),
         credit_limit: 0,
         metadata: None,
+        holder: None,
     })];
     for w in 0..WALLETS {
         commands.push(AccountCommand::Create(NewAccount {
@@ -141,6 +142,7 @@ fn open_accounts(store: &store::Store) -> Result<(), Error> {
             flags: AccountFlags(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS),
             credit_limit: 0,
             metadata: None,
+            holder: None,
         }));
     }
     store.engine.accounts(commands)?;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use rtpay::serve::{init_logging, run, shutdown_signal, ServeConfig};
@@ -243,14 +244,36 @@ fn main() -> ExitCode {
         }
         CommandLine::Keys { command: KeysCommand::Rotate { storage } } => {
             let kek = rtpay::keys::KekConfig::or_default(storage.kek.clone(), &storage.data);
-            let result = store::Store::open_queries(&storage.location())
+            let location = storage.location();
+            let result = store::Store::open_queries(&location)
                 .map_err(|e| e.to_string().into())
                 .and_then(|q| rtpay::keys::rotate(&kek, q.as_ref()));
+            let outcome = match &result {
+                Ok((version, count)) => format!("kek version {version}; {count} data key(s) re-wrapped"),
+                Err(e) => format!("failed: {e}"),
+            };
+            // An operator action like any other: recorded, whether it worked or not.
+            let draft = audit::Draft {
+                tenant: None,
+                actor: "operator".into(),
+                action: "keys.rotate".into(),
+                resource: "kek".into(),
+                request_id: String::new(),
+                source: "cli".into(),
+                outcome,
+            };
+            let path = storage.audit_key.clone().unwrap_or_else(|| rtpay::serve::default_audit_key(&storage.data));
+            let audited = rtpay::serve::audit_signer(&path)
+                .and_then(|s| Ok(store::Store::append_audit_beside(&location, Arc::new(s), vec![draft])?));
+            if let Err(e) = &audited {
+                eprintln!("rtpay keys rotate: the rotation could not be recorded in the audit log: {e}");
+            }
             match result {
-                Ok((version, count)) => {
+                Ok((version, count)) if audited.is_ok() => {
                     println!("key-encryption key version {version} created; {count} data key(s) re-wrapped");
                     ExitCode::SUCCESS
                 }
+                Ok(_) => ExitCode::FAILURE,
                 Err(e) => {
                     eprintln!("rtpay keys rotate: {e}");
                     ExitCode::FAILURE

@@ -70,6 +70,20 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
         assert_eq!(r.status, 201);
         let holder_b = r.json()["id"].as_str().unwrap().to_owned();
         assert_eq!(c.get(&format!("/v1/holders/{holder_a}"), &key_b).await.unwrap().status, 404);
+
+        // Accounts name their holder, of the same tenant only.
+        let r = c.post("/v1/accounts", &key_a, &json!({"currency": "BRL", "holder_id": holder_a})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["holder_id"].clone()), (201, json!(holder_a)));
+        let account = r.json()["id"].as_str().unwrap().to_owned();
+        let r = c.get(&format!("/v1/accounts/{account}"), &key_a).await.unwrap();
+        assert_eq!(r.json()["holder_id"], json!(holder_a));
+        for holder in [holder_b.as_str(), "0190a9c0-0000-7000-8000-000000000000", "not-a-uuid"] {
+            let r = c.post("/v1/accounts", &key_a, &json!({"currency": "BRL", "holder_id": holder})).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("holder_id")), "{holder}");
+        }
+        // The holder is part of the account: the same id with another holder is a conflict.
+        let body = json!({"id": account, "currency": "BRL"});
+        assert_eq!(c.post("/v1/accounts", &key_a, &body).await.unwrap().status, 409);
         (key_a, holder_a, key_b, holder_b)
     });
 
@@ -122,11 +136,25 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
             rotations,
             vec![("anonymous".to_owned(), "401".to_owned()), ("operator".to_owned(), "200".to_owned())]
         );
+        // The rotation on the command line, while the server ran, is recorded too.
+        let cli: Vec<_> = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == json!("keys.rotate"))
+            .map(|e| (e["actor"].clone(), e["source"].clone(), e["outcome"].clone()))
+            .collect();
+        assert_eq!(cli, vec![(json!("operator"), json!("cli"), json!("kek version 2; 2 data key(s) re-wrapped"))]);
     });
     check(&server);
     server.stop();
     server.restart();
     check(&server);
+    // The log stayed one consistent tree across the server's and the command line's appends.
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+    let out = Command::new(env!("CARGO_BIN_EXE_rtpay")).args(["audit", "verify", "--data"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     server.stop();
 
     // Nothing in clear at rest: not the document, not the name.

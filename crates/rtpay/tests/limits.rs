@@ -89,3 +89,37 @@ fn a_source_with_too_many_failures_is_throttled_before_credentials_are_checked()
         assert_eq!(r.headers.get("retry-after").unwrap(), "6");
     });
 }
+
+#[test]
+fn ten_wrong_secrets_naming_an_api_key_lock_that_key_and_only_that_key() {
+    let dir = temp_dir("limits-key-lock");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (tenant_id, first) = tenant(&mut c, "keyed").await;
+        // No body at all: an unscoped key.
+        let path = format!("/v1/tenants/{tenant_id}/api-keys");
+        let r = c.send(hyper::Method::POST, &path, Some(OPERATOR), None).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        assert!(r.json().get("scopes").is_none());
+        let second = r.json()["secret"].as_str().unwrap().to_owned();
+        let key_id = r.json()["id"].as_str().unwrap().to_owned();
+        // The secret names its key: `rtpay_sk_<key id in hex>_<256 random bits>`.
+        let named = key_id.replace('-', "");
+        assert!(second.starts_with(&format!("rtpay_sk_{named}_")), "{second}");
+        // Ten wrong secrets that name the key (within the source's budget of 20).
+        let wrong = format!("rtpay_sk_{named}_{}", "3".repeat(64));
+        for i in 1..=10 {
+            assert_eq!(c.get("/v1/audit", &wrong).await.unwrap().status, 401, "failure {i}");
+        }
+        let r = c.get("/v1/audit", &second).await.unwrap();
+        assert_eq!(r.status, 429, "the right secret waits out the lock: {:?}", r.json());
+        assert_eq!(r.json()["code"], json!("credential_locked"));
+        // The tenant's other key is another credential.
+        assert_eq!(c.get("/v1/audit/tree-head", &first).await.unwrap().status, 200);
+        let queries = store::Store::open_queries(&store::Location::Embedded(dir.clone())).unwrap();
+        let entries = queries.audit_entries(0, 100, None).unwrap();
+        let lock = entries.iter().find(|e| e.draft.action == "auth.lock").expect("the lock is audited");
+        assert_eq!(lock.draft.resource, format!("key:{key_id}"));
+    });
+}

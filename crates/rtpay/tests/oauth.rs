@@ -127,3 +127,36 @@ fn client_credentials_tokens_carry_scopes_that_routes_enforce() {
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (429, json!("credential_locked")));
     });
 }
+
+#[test]
+fn api_keys_may_be_scoped_like_clients() {
+    let dir = temp_dir("scoped-keys");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (tenant_id, key) = tenant(&mut c, "scoped").await;
+        let account_id = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let path = format!("/v1/tenants/{tenant_id}/api-keys");
+        let r = c.post(&path, OPERATOR, &json!({"scopes": ["accounts:read", "nope"]})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("scopes[1]")));
+        let r = c.post(&path, OPERATOR, &json!({"scopes": []})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("scopes")));
+        let r = c.post(&path, OPERATOR, &json!({"scopes": ["transfers:read", "accounts:read"]})).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        // Listed in the canonical order.
+        assert_eq!(r.json()["scopes"], json!(["accounts:read", "transfers:read"]));
+        let reader = r.json()["secret"].as_str().unwrap().to_owned();
+        assert_eq!(c.get(&format!("/v1/accounts/{account_id}"), &reader).await.unwrap().status, 200);
+        let r = c.post("/v1/accounts", &reader, &json!({"currency": "BRL"})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (403, json!("insufficient_scope")));
+        assert_eq!(r.json()["field"], json!("accounts:write"));
+        assert!(r.json()["detail"].as_str().unwrap().contains("API key"), "{:?}", r.json());
+        // A scoped key cannot mint OAuth clients (which could hold more than it does).
+        let r = c.post("/v1/oauth-clients", &reader, &json!({"scopes": ["accounts:write"]})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (403, json!("api_key_required")));
+        // Nothing was opened by the refused request: the unscoped key sees one account's worth of
+        // audit (its own creation) and the refusal.
+        let r = c.get(&format!("/v1/accounts/{account_id}"), &key).await.unwrap();
+        assert_eq!(r.status, 200);
+    });
+}

@@ -53,6 +53,33 @@ async fn https(
     token: &str,
     body: Option<Value>,
 ) -> Result<(u16, Value), String> {
+    let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).unwrap())).unwrap_or_default();
+    let headers = [("authorization", format!("Bearer {token}")), ("content-type", "application/json".to_owned())];
+    https_raw(addr, ca_pem, client, method, path, &headers, body).await
+}
+
+/// An OAuth token request (HTTP Basic) over HTTPS.
+async fn token_over_https(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<&(String, String)>,
+    id: &str,
+    secret: &str,
+) -> (u16, Value) {
+    let form = format!("grant_type=client_credentials&client_id={id}&client_secret={secret}");
+    let headers = [("content-type", "application/x-www-form-urlencoded".to_owned())];
+    https_raw(addr, ca_pem, client, "POST", "/oauth/token", &headers, Bytes::from(form)).await.unwrap()
+}
+
+async fn https_raw(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<&(String, String)>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Bytes,
+) -> Result<(u16, Value), String> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
@@ -75,15 +102,11 @@ async fn https(
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).unwrap())).unwrap_or_default();
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(Full::new(body))
-        .unwrap();
+    let mut request = hyper::Request::builder().method(method).uri(path).header("host", "localhost");
+    for (name, value) in headers {
+        request = request.header(*name, value.as_str());
+    }
+    let request = request.body(Full::new(body)).unwrap();
     let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
@@ -156,6 +179,55 @@ fn tls_and_client_certificates_bound_to_tenants() {
                 .await
                 .unwrap();
         assert_eq!(status, 403);
+
+        // OAuth clients: a certificate may name one client; it then carries only that client's
+        // secret and tokens. The tenant's certificate carries all of the tenant's.
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let (status, body) = https(
+                addr,
+                &ca_pem,
+                Some(&cert_a),
+                "POST",
+                "/v1/oauth-clients",
+                &key_a,
+                Some(json!({"scopes": ["accounts:read", "accounts:write"]})),
+            )
+            .await
+            .unwrap();
+            assert_eq!(status, 201, "{body}");
+            clients.push((
+                body["client_id"].as_str().unwrap().to_owned(),
+                body["client_secret"].as_str().unwrap().to_owned(),
+            ));
+        }
+        let (one, two) = (&clients[0], &clients[1]);
+        let cert_one = issue(&authority, &[], &[&format!("urn:rtpay:client:{}", one.0)]);
+        let (status, body) = token_over_https(addr, &ca_pem, None, &one.0, &one.1).await;
+        assert_eq!((status, body["error"].clone()), (401, json!("invalid_client")), "{body}");
+        assert!(body["error_description"].as_str().unwrap().contains("requires a client certificate"), "{body}");
+        let (status, body) = token_over_https(addr, &ca_pem, Some(&cert_one), &two.0, &two.1).await;
+        assert_eq!((status, body["error"].clone()), (401, json!("invalid_client")), "another client's");
+        assert!(body["error_description"].as_str().unwrap().contains("another identity"), "{body}");
+        let (status, body) = token_over_https(addr, &ca_pem, Some(&cert_b), &one.0, &one.1).await;
+        assert_eq!(status, 401, "another tenant's: {body}");
+        let (status, body) = token_over_https(addr, &ca_pem, Some(&cert_one), &one.0, &one.1).await;
+        assert_eq!(status, 200, "{body}");
+        let token = body["access_token"].as_str().unwrap().to_owned();
+        let (status, body) = token_over_https(addr, &ca_pem, Some(&cert_a), &two.0, &two.1).await;
+        assert_eq!(status, 200, "the tenant's certificate carries every client of the tenant: {body}");
+        for (name, cert, expected) in
+            [("client's", &cert_one, 201), ("tenant's", &cert_a, 201), ("tenant b's", &cert_b, 403)]
+        {
+            let (status, _) =
+                https(addr, &ca_pem, Some(cert), "POST", "/v1/accounts", &token, Some(account.clone())).await.unwrap();
+            assert_eq!(status, expected, "the token with the {name} certificate");
+        }
+        // The client's certificate does not carry the tenant's API key.
+        let (status, body) =
+            https(addr, &ca_pem, Some(&cert_one), "POST", "/v1/accounts", &key_a, Some(account.clone())).await.unwrap();
+        assert_eq!((status, body["code"].clone()), (403, json!("client_certificate_mismatch")));
+
         // A certificate from another CA does not get through the handshake.
         let refused = https(addr, &ca_pem, Some(&stranger), "GET", "/healthz", "", None).await;
         assert!(refused.is_err(), "{refused:?}");
@@ -165,7 +237,7 @@ fn tls_and_client_certificates_bound_to_tenants() {
         assert_eq!(status, 200);
         let created: Vec<&Value> =
             body["entries"].as_array().unwrap().iter().filter(|e| e["action"] == json!("POST /v1/accounts")).collect();
-        assert_eq!(created.iter().filter(|e| e["outcome"] == json!("created")).count(), 1);
+        assert_eq!(created.iter().filter(|e| e["outcome"] == json!("created")).count(), 3);
         assert!(created.iter().all(|e| e["outcome"] == json!("created") || e["outcome"] == json!("403")));
     });
 }

@@ -40,6 +40,22 @@ pub fn new_secret(prefix: &str) -> String {
     format!("{prefix}{}", hex(&random_32()))
 }
 
+/// A new API key secret: prefix, the key's id (32 hex digits, not secret), `_`, 256 random bits.
+/// The id lets failed attempts be counted against the key they name.
+pub fn new_api_key_secret(key_id: u128) -> String {
+    format!("{TENANT_SECRET_PREFIX}{key_id:032x}_{}", hex(&random_32()))
+}
+
+/// The key id an API key secret names, if it is of the current format.
+pub fn api_key_id(secret: &str) -> Option<u128> {
+    let rest = secret.strip_prefix(TENANT_SECRET_PREFIX)?;
+    let (id, random) = rest.split_once('_')?;
+    if id.len() != 32 || random.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(id, 16).ok()
+}
+
 /// A random (version 4) UUID.
 pub fn new_uuid() -> uuid::Uuid {
     let bytes = random_32();
@@ -99,28 +115,28 @@ pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Verified keys: secret hash → (tenant, key id, when verified).
+/// Verified keys: secret hash → (the key as a tenant credential, when verified).
 #[derive(Default)]
 pub struct KeyCache {
-    entries: Mutex<HashMap<[u8; 32], (u128, u128, Instant)>>,
+    entries: Mutex<HashMap<[u8; 32], (Tenant, Instant)>>,
 }
 
 impl KeyCache {
-    fn get(&self, hash: &[u8; 32]) -> Option<(u128, u128)> {
+    fn get(&self, hash: &[u8; 32]) -> Option<Tenant> {
         let entries = self.entries.lock().expect("key cache lock");
-        entries.get(hash).filter(|(_, _, at)| at.elapsed() < KEY_CACHE_TTL).map(|(t, k, _)| (*t, *k))
+        entries.get(hash).filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL).map(|(t, _)| *t)
     }
 
-    fn put(&self, hash: [u8; 32], tenant: u128, key: u128) {
+    fn put(&self, hash: [u8; 32], tenant: Tenant) {
         let mut entries = self.entries.lock().expect("key cache lock");
         if entries.len() >= KEY_CACHE_LEN_MAX {
             entries.clear();
         }
-        entries.insert(hash, (tenant, key, Instant::now()));
+        entries.insert(hash, (tenant, Instant::now()));
     }
 
     pub fn forget_key(&self, key_id: u128) {
-        self.entries.lock().expect("key cache lock").retain(|_, (_, k, _)| *k != key_id);
+        self.entries.lock().expect("key cache lock").retain(|_, (t, _)| t.key_id != key_id);
     }
 }
 
@@ -190,11 +206,38 @@ pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
     }
 }
 
+/// Whom a credential may be presented by, under mTLS.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Credential {
+    Operator,
+    ApiKey {
+        tenant: u128,
+    },
+    /// An OAuth client's secret or access token.
+    Client {
+        tenant: u128,
+        client: u128,
+    },
+}
+
+impl Credential {
+    fn presented_by(self, peer: crate::tls::PeerIdentity) -> bool {
+        use crate::tls::PeerIdentity as P;
+        match (self, peer) {
+            (Credential::Operator, P::Operator) => true,
+            (Credential::ApiKey { tenant }, P::Tenant(t)) => t == tenant,
+            (Credential::Client { tenant, .. }, P::Tenant(t)) => t == tenant,
+            (Credential::Client { client, .. }, P::Client(c)) => c == client,
+            _ => false,
+        }
+    }
+}
+
 /// With mTLS, the credential must belong to the identity the client certificate names.
-fn bound_to(parts: &Parts, identity: crate::tls::PeerIdentity) -> Result<(), Problem> {
+pub(crate) fn bound_to(parts: &Parts, credential: Credential) -> Result<(), Problem> {
     match parts.extensions.get::<crate::tls::PeerIdentity>() {
         None => Ok(()),
-        Some(peer) if *peer == identity => Ok(()),
+        Some(peer) if credential.presented_by(*peer) => Ok(()),
         Some(crate::tls::PeerIdentity::Anonymous) => Err(Problem::new(
             axum::http::StatusCode::FORBIDDEN,
             "client_certificate_required",
@@ -223,7 +266,7 @@ impl FromRequestParts<AppState> for Operator {
             Err(p) => return Err(failed(parts, state, None, p)),
         };
         if state.keys.is_operator(token) {
-            bound_to(parts, crate::tls::PeerIdentity::Operator)?;
+            bound_to(parts, Credential::Operator)?;
             state.auth_guard.succeeded(OPERATOR_ID);
             crate::audit_trail::identify(parts, None, "operator".into());
             Ok(Operator)
@@ -239,22 +282,25 @@ pub struct Tenant {
     pub id: u128,
     /// The API key's id, or the OAuth client's.
     pub key_id: u128,
-    /// Scope bits (`oauth::SCOPES`); an API key holds them all.
+    /// Scope bits (`oauth::SCOPES`); an unscoped API key holds them all.
     pub scopes: u64,
+    /// An OAuth access token (else an API key).
+    pub oauth: bool,
 }
 
-/// The scopes of an API key: every one.
+/// The scopes of an unscoped API key: every one.
 pub const ALL_SCOPES: u64 = u64::MAX;
 
 impl Tenant {
-    /// 403 naming the missing scope, for OAuth tokens without it.
+    /// 403 naming the missing scope, for credentials without it.
     pub fn require(&self, scope: &str) -> Result<(), Problem> {
         let bit = crate::oauth::scope_bit(scope).expect("routes name known scopes");
         if self.scopes & bit == 0 {
+            let what = if self.oauth { "access token" } else { "API key" };
             return Err(Problem::new(
                 axum::http::StatusCode::FORBIDDEN,
                 "insufficient_scope",
-                format!("the access token lacks the scope `{scope}`"),
+                format!("the {what} lacks the scope `{scope}`"),
             )
             .field(scope.to_owned()));
         }
@@ -277,36 +323,55 @@ impl FromRequestParts<AppState> for Tenant {
                     Ok(c) => c,
                     Err(why) => return Err(failed(parts, state, None, Problem::unauthorized(why))),
                 };
-                let tenant = Tenant { id: claims.tenant_id, key_id: claims.client_id, scopes: claims.scopes };
-                return admit(parts, state, tenant, "client");
+                let tenant =
+                    Tenant { id: claims.tenant_id, key_id: claims.client_id, scopes: claims.scopes, oauth: true };
+                return admit(parts, state, tenant);
             }
             Ok(t) if t.starts_with(TENANT_SECRET_PREFIX) => t,
             Ok(_) => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
             Err(p) => return Err(failed(parts, state, None, p)),
         };
+        // A secret that names its key is throttled, and its failures counted, against that key.
+        let lock_id = api_key_id(token).map(|id| format!("key:{}", uuid::Uuid::from_u128(id)));
+        guard(parts, state, lock_id.as_deref())?;
         let hash = state.keys.secret_hash(token);
         let tenant = match state.key_cache.get(&hash) {
-            Some((id, key_id)) => Tenant { id, key_id, scopes: ALL_SCOPES },
+            Some(tenant) => tenant,
             None => match crate::routes::query(state, move |q| q.api_key_by_hash(&hash)).await? {
                 Some(key) if key.revoked_at.is_none() => {
-                    state.key_cache.put(hash, key.tenant_id, key.id);
-                    Tenant { id: key.tenant_id, key_id: key.id, scopes: ALL_SCOPES }
+                    let scopes = match &key.scopes {
+                        None => ALL_SCOPES,
+                        Some(names) => names.split(' ').filter_map(crate::oauth::scope_bit).fold(0, |a, b| a | b),
+                    };
+                    let tenant = Tenant { id: key.tenant_id, key_id: key.id, scopes, oauth: false };
+                    state.key_cache.put(hash, tenant);
+                    tenant
                 }
                 Some(key) => {
                     let id = format!("key:{}", uuid::Uuid::from_u128(key.id));
                     return Err(failed(parts, state, Some(&id), Problem::unauthorized("the API key was revoked")));
                 }
-                None => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
+                None => {
+                    let problem = Problem::unauthorized("the API key is not valid");
+                    return Err(failed(parts, state, lock_id.as_deref(), problem));
+                }
             },
         };
-        admit(parts, state, tenant, "key")
+        if let Some(id) = &lock_id {
+            state.auth_guard.succeeded(id);
+        }
+        admit(parts, state, tenant)
     }
 }
 
 /// After a credential checked out: the certificate binding, the audit actor
-/// (`<kind>:<credential id>`), and the tenant's rate.
-fn admit(parts: &Parts, state: &AppState, tenant: Tenant, kind: &str) -> Result<Tenant, Problem> {
-    bound_to(parts, crate::tls::PeerIdentity::Tenant(tenant.id))?;
+/// (`key:<id>` or `client:<id>`), and the tenant's rate.
+fn admit(parts: &Parts, state: &AppState, tenant: Tenant) -> Result<Tenant, Problem> {
+    let (credential, kind) = match tenant.oauth {
+        true => (Credential::Client { tenant: tenant.id, client: tenant.key_id }, "client"),
+        false => (Credential::ApiKey { tenant: tenant.id }, "key"),
+    };
+    bound_to(parts, credential)?;
     crate::audit_trail::identify(parts, Some(tenant.id), format!("{kind}:{}", uuid::Uuid::from_u128(tenant.key_id)));
     if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
         return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));

@@ -131,6 +131,9 @@ pub struct AccountBody {
     pub credit_limit: Option<u64>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The account holder (`POST /v1/holders`) of the same tenant.
+    #[schema(format = Uuid)]
+    pub holder_id: Option<String>,
 }
 
 impl AccountBody {
@@ -150,6 +153,7 @@ impl AccountBody {
             flags: AccountFlags(flags.bits()),
             credit_limit,
             metadata: metadata_text("metadata", self.metadata)?,
+            holder: self.holder_id.as_deref().map(|h| parse_id("holder_id", h)).transpose()?,
         };
         validate_account(&new).map_err(|code| {
             let (field, detail) = match code {
@@ -194,6 +198,9 @@ pub struct AccountView {
     pub credit_limit: u64,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    #[schema(format = Uuid)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder_id: Option<String>,
     /// Engine timestamp (ns since the epoch).
     pub timestamp: u64,
     pub created_at: String,
@@ -209,6 +216,7 @@ impl AccountView {
             flags: FlagsBody::of(a.flags),
             credit_limit: a.credit_limit,
             metadata: metadata_value(&a.metadata),
+            holder_id: a.holder.map(uuid_string),
             timestamp: a.timestamp,
             created_at: rfc3339(a.timestamp),
             balance: BalanceView {
@@ -522,15 +530,27 @@ pub struct TenantBody {
     pub name: String,
 }
 
-#[derive(Serialize, ToSchema, Debug)]
+/// `POST /v1/tenants/{id}/api-keys` (the body is optional).
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyBody {
+    /// Limit the key to these scopes (as OAuth clients are); absent: every scope.
+    pub scopes: Option<Vec<String>>,
+}
+
+/// No `Debug`: it holds a secret.
+#[derive(Serialize, ToSchema)]
 pub struct ApiKeyView {
     #[schema(format = Uuid)]
     pub id: String,
     /// Shown once; store it now. rtpay keeps only a keyed hash.
     pub secret: String,
+    /// The scopes the key is limited to; absent: every scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
 }
 
-#[derive(Serialize, ToSchema, Debug)]
+#[derive(Serialize, ToSchema)]
 pub struct TenantView {
     #[schema(format = Uuid)]
     pub id: String,

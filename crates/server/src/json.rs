@@ -22,25 +22,47 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = Problem;
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, Problem> {
-        if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
-            let ok = content_type
-                .to_str()
-                .map(|v| {
-                    let essence = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-                    essence == "application/json" || essence.ends_with("+json")
-                })
-                .unwrap_or(false);
-            if !ok {
-                return Err(Problem::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "the body must be JSON (Content-Type: application/json)",
-                ));
-            }
-        }
+        json_content_type(&request)?;
         let bytes = read_body(request.into_body()).await?;
         parse(&bytes).map(Json)
     }
+}
+
+/// A JSON request body that may be left out (an empty body).
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Problem> {
+        json_content_type(&request)?;
+        let bytes = read_body(request.into_body()).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(None));
+        }
+        parse(&bytes).map(|v| OptionalJson(Some(v)))
+    }
+}
+
+/// A body's `Content-Type`, when given, must be JSON.
+fn json_content_type(request: &Request) -> Result<(), Problem> {
+    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
+        let ok = content_type
+            .to_str()
+            .map(|v| {
+                let essence = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                essence == "application/json" || essence.ends_with("+json")
+            })
+            .unwrap_or(false);
+        if !ok {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be JSON (Content-Type: application/json)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn read_body(body: Body) -> Result<Bytes, Problem> {

@@ -66,6 +66,24 @@ pub fn scope_bit(scope: &str) -> Option<u64> {
     SCOPES.iter().position(|s| *s == scope).map(|i| 1u64 << i)
 }
 
+/// A request's list of scopes as bits: at least one, each known (422 naming the entry otherwise).
+pub fn parse_scopes(scopes: &[String]) -> Result<u64, Problem> {
+    if scopes.is_empty() {
+        return Err(Problem::invalid("scopes", "invalid_scopes", "`scopes` must name at least one scope"));
+    }
+    let mut bits = 0;
+    for (i, scope) in scopes.iter().enumerate() {
+        bits |= scope_bit(scope).ok_or_else(|| {
+            Problem::invalid(
+                format!("scopes[{i}]"),
+                "unknown_scope",
+                format!("unknown scope `{scope}`; see docs/API.md"),
+            )
+        })?;
+    }
+    Ok(bits)
+}
+
 pub fn scope_names(bits: u64) -> String {
     SCOPES.iter().enumerate().filter(|(i, _)| bits & (1 << i) != 0).map(|(_, s)| *s).collect::<Vec<_>>().join(" ")
 }
@@ -150,22 +168,10 @@ pub async fn create_client(
         return Err(Problem::new(
             StatusCode::FORBIDDEN,
             "api_key_required",
-            "OAuth clients are created with an API key",
+            "OAuth clients are created with an unscoped API key",
         ));
     }
-    if body.scopes.is_empty() {
-        return Err(Problem::invalid("scopes", "invalid_scopes", "`scopes` must name at least one scope"));
-    }
-    let mut bits = 0;
-    for (i, scope) in body.scopes.iter().enumerate() {
-        bits |= scope_bit(scope).ok_or_else(|| {
-            Problem::invalid(
-                format!("scopes[{i}]"),
-                "unknown_scope",
-                format!("unknown scope `{scope}`; see docs/API.md"),
-            )
-        })?;
-    }
+    let bits = parse_scopes(&body.scopes)?;
     let secret = new_secret(CLIENT_SECRET_PREFIX);
     let record = store::OAuthClientRecord {
         id: new_uuid().as_u128(),
@@ -317,6 +323,11 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
             return unknown();
         }
     };
+    let credential = crate::auth::Credential::Client { tenant: client.tenant_id, client: client.id };
+    if let Err(p) = crate::auth::bound_to(&parts, credential) {
+        // RFC 8705 §2: a client whose certificate does not fit is an `invalid_client`.
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &p.detail);
+    }
     state.auth_guard.succeeded(&lock_id);
     let allowed: u64 = client.scopes.split(' ').filter_map(scope_bit).fold(0, |a, b| a | b);
     let granted = match scope {

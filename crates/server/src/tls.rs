@@ -1,10 +1,12 @@
 //! TLS (rustls, ring) on a listener, from PEM files, and optional client certificates (mTLS).
 //!
 //! With a client CA, a client certificate that chains to it binds the connection to one identity,
-//! named in the certificate's subject alternative names: `urn:rtpay:tenant:<uuid>` or
-//! `urn:rtpay:operator`. Authentication then also requires the credential (API key or operator
-//! token) to belong to that identity, so a stolen key is useless without the certificate and a
-//! certificate is useless with another tenant's key. Connections without a certificate are
+//! named in the certificate's subject alternative names: `urn:rtpay:tenant:<uuid>`,
+//! `urn:rtpay:client:<uuid>` (one OAuth client) or `urn:rtpay:operator`. Authentication then also
+//! requires the credential (API key, OAuth client secret or access token, operator token) to belong
+//! to that identity, so a stolen key is useless without the certificate and a certificate is
+//! useless with another tenant's key. A tenant's certificate covers all its credentials; a
+//! client's certificate only that client's secret and tokens. Connections without a certificate are
 //! accepted (health checks, metrics) but authenticate to nothing.
 
 use std::net::SocketAddr;
@@ -35,6 +37,8 @@ pub enum PeerIdentity {
     /// TLS with client certificates, and this connection presented none.
     Anonymous,
     Tenant(u128),
+    /// One OAuth client (of some tenant).
+    Client(u128),
     Operator,
     /// A valid certificate that names no rtpay identity.
     Unbound,
@@ -92,6 +96,9 @@ pub fn identity_of(cert: &[u8]) -> PeerIdentity {
             }
             if let Some(id) = uri.strip_prefix("urn:rtpay:tenant:").and_then(|t| uuid::Uuid::parse_str(t).ok()) {
                 return PeerIdentity::Tenant(id.as_u128());
+            }
+            if let Some(id) = uri.strip_prefix("urn:rtpay:client:").and_then(|t| uuid::Uuid::parse_str(t).ok()) {
+                return PeerIdentity::Client(id.as_u128());
             }
         }
     }

@@ -26,6 +26,7 @@ fn new_account(tenant: TenantId, id: u128, flags: u16) -> AccountCommand {
         flags: AccountFlags(flags),
         credit_limit: 0,
         metadata: Some(r#"{"name":"test"}"#.into()),
+        holder: Some(id + 1_000),
     })
 }
 
@@ -79,10 +80,18 @@ pub fn accounts_round_trip(location: Location) {
     let stored = store.queries.account(AccountKey { tenant: T, id: AccountId(9) }).unwrap().unwrap();
     assert_eq!(Some(&stored), created[0].1.as_ref());
     assert_eq!(stored.metadata.as_deref(), Some(r#"{"name":"test"}"#));
+    assert_eq!(stored.holder, Some(1_009), "the holder reference is stored");
     let again = store.engine.accounts(vec![new_account(T, 9, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)]).unwrap();
     assert_eq!(again[0].0, AccountResult::Exists);
     let different = store.engine.accounts(vec![new_account(T, 9, 0)]).unwrap();
     assert_eq!(different[0].0, AccountResult::ExistsWithDifferentFields);
+    let AccountCommand::Create(mut other_holder) = new_account(T, 9, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
+    else {
+        unreachable!()
+    };
+    other_holder.holder = None;
+    let different = store.engine.accounts(vec![AccountCommand::Create(other_holder)]).unwrap();
+    assert_eq!(different[0].0, AccountResult::ExistsWithDifferentFields, "the holder is part of the account");
     // Ids are scoped by tenant: the same id elsewhere is another account, and reads do not cross.
     assert_eq!(store.engine.accounts(vec![new_account(OTHER, 9, 0)]).unwrap()[0].0, AccountResult::Created);
     assert_eq!(store.queries.account(AccountKey { tenant: TenantId(0xC3), id: AccountId(9) }).unwrap(), None);
@@ -222,7 +231,8 @@ pub fn tenants_and_keys(location: Location) {
     let (store, _) = open_fixed(&location);
     let q = &store.queries;
     let tenant = TenantRecord { id: 77, name: "acme".into(), created_at: NOW };
-    let key = ApiKeyRecord { id: 5, tenant_id: 77, created_at: NOW, revoked_at: None };
+    let key =
+        ApiKeyRecord { id: 5, tenant_id: 77, created_at: NOW, revoked_at: None, scopes: Some("accounts:read".into()) };
     q.create_tenant(&tenant, &key, &[1; 32]).unwrap();
     assert_eq!(q.tenant(77).unwrap(), Some(tenant.clone()));
     assert_eq!(q.api_key_by_hash(&[1; 32]).unwrap(), Some(key.clone()));
@@ -454,6 +464,21 @@ pub fn audit_log(location: Location) {
     store.engine.execute(crate::Command::Audit(vec![draft(None, "after restart")])).unwrap();
     let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
     assert_eq!((report.entries, report.finding), (11, None));
+
+    // An operator action from the command line, beside the running writer (whose clock is far
+    // behind the wall clock here), then the writer again: one tree, times still increasing, and
+    // the ledger clock moved past the entry so later transfers stay after it.
+    Store::append_audit_beside(&location, signer.clone(), vec![draft(None, "keys.rotate")]).unwrap();
+    store.engine.execute(crate::Command::Audit(vec![draft(None, "after the command line")])).unwrap();
+    let out = store.engine.transfers(vec![posted(902, BANK, ALICE, 1)]).unwrap();
+    let all = store.queries.audit_entries(0, 100, None).unwrap();
+    let actions: Vec<&str> = all[10..].iter().map(|e| e.draft.action.as_str()).collect();
+    assert_eq!(actions, ["after restart", "keys.rotate", "after the command line"]);
+    assert!(all.windows(2).all(|w| w[0].time < w[1].time), "times increase across both writers");
+    let created = out[0].transfer.as_ref().expect("created").timestamp;
+    assert!(created > all[12].time, "the ledger clock is past the command line's entry");
+    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
+    assert_eq!((report.entries, report.finding), (13, None));
     store.close();
 }
 
@@ -491,7 +516,7 @@ pub fn vault_records(location: Location) {
 
     // OAuth clients (their tenant must exist).
     let tenant = crate::TenantRecord { id: T.0, name: "t".into(), created_at: NOW };
-    let api_key = crate::ApiKeyRecord { id: 5, tenant_id: T.0, created_at: NOW, revoked_at: None };
+    let api_key = crate::ApiKeyRecord { id: 5, tenant_id: T.0, created_at: NOW, revoked_at: None, scopes: None };
     q.create_tenant(&tenant, &api_key, &[1; 32]).unwrap();
     let client = crate::OAuthClientRecord {
         id: 9,

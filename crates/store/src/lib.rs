@@ -80,6 +80,8 @@ pub struct ApiKeyRecord {
     pub tenant_id: u128,
     pub created_at: Timestamp,
     pub revoked_at: Option<Timestamp>,
+    /// Space-separated scopes the key is limited to; `None`: every scope.
+    pub scopes: Option<String>,
 }
 
 /// A tenant's data-encryption key, as stored: wrapped by the KEK of `kek_version`.
@@ -259,6 +261,19 @@ impl Store {
         match location {
             Location::Embedded(dir) => sqlite::open_queries(dir),
             Location::Postgres(url) => postgres::open_queries(url),
+        }
+    }
+
+    /// Appends audit entries without a writer of this process, safely beside running servers on
+    /// the same storage: for operator actions taken on the command line (`rtpay keys rotate`).
+    pub fn append_audit_beside(
+        location: &Location,
+        signer: Arc<audit::Signer>,
+        drafts: Vec<audit::Draft>,
+    ) -> Result<()> {
+        match location {
+            Location::Embedded(dir) => sqlite::append_audit_beside(dir, &signer, drafts, now_nanos()),
+            Location::Postgres(url) => postgres::append_audit_beside(url, signer, drafts, now_nanos()),
         }
     }
 

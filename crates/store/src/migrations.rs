@@ -163,6 +163,16 @@ CREATE TABLE oauth_clients (
 ) WITHOUT ROWID;
 "#,
     },
+    Migration {
+        version: 6,
+        name: "account holders on accounts, scoped api keys",
+        sql: r#"
+-- The holder an account belongs to (checked by the server against `holders` of the same tenant).
+ALTER TABLE accounts ADD COLUMN holder_id BLOB;
+-- NULL: every scope (keys made before scopes existed, and keys made without a list).
+ALTER TABLE api_keys ADD COLUMN scopes TEXT;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -292,6 +302,14 @@ CREATE TABLE oauth_clients (
     created_at BIGINT NOT NULL,
     revoked_at BIGINT
 );
+"#,
+    },
+    Migration {
+        version: 5,
+        name: "account holders on accounts, scoped api keys",
+        sql: r#"
+ALTER TABLE accounts ADD COLUMN holder_id UUID;
+ALTER TABLE api_keys ADD COLUMN scopes TEXT;
 "#,
     },
 ];

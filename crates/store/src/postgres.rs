@@ -80,6 +80,30 @@ pub(crate) fn open_queries(url: &str) -> Result<Arc<dyn Queries>> {
     Ok(Arc::new(PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) }))
 }
 
+/// Appends audit entries from beside the running nodes (`rtpay keys rotate` on the command
+/// line): one more writer batch, under the same cluster-wide lock, with only audit entries and
+/// the clock moved past them.
+pub(crate) fn append_audit_beside(
+    url: &str,
+    signer: Arc<audit::Signer>,
+    drafts: Vec<audit::Draft>,
+    now: Timestamp,
+) -> Result<()> {
+    let mut writer =
+        PgWriter { url: url.to_owned(), conn: Some(Conn::open(url)?), in_tx: false, signer, frontier: None };
+    let clock = writer.begin()?;
+    let mut time = clock.last;
+    let timed: Vec<(Timestamp, audit::Draft)> = drafts
+        .into_iter()
+        .map(|d| {
+            time = now.max(time + 1);
+            (time, d)
+        })
+        .collect();
+    let changes = Changes { clock: Clock { last: time }, ..Changes::default() };
+    writer.commit(&[changes], &timed)
+}
+
 pub(crate) fn open(url: &str, signer: Arc<audit::Signer>) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
     let mut client = connect(url)?;
     apply_migrations(&mut client, POSTGRES)?;
@@ -107,6 +131,7 @@ fn account_row(row: &Row) -> Result<AccountRow> {
         credits_posted: row.try_get(9).map_err(unavailable)?,
         debits_pending: row.try_get(10).map_err(unavailable)?,
         credits_pending: row.try_get(11).map_err(unavailable)?,
+        holder_id: row.try_get::<_, Option<Uuid>>(12).map_err(unavailable)?.map(|u| u.as_u128()),
     })
 }
 
@@ -165,9 +190,9 @@ const WRITE: &str = "WITH \
       FROM unnest($17::uuid[], $18::uuid[], $19::smallint[]) AS u(tenant_id, id, state) \
       WHERE t.tenant_id = u.tenant_id AND t.id = u.id RETURNING 1), \
     accounts AS (INSERT INTO accounts (tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
-        debits_posted, credits_posted, debits_pending, credits_pending) \
+        debits_posted, credits_posted, debits_pending, credits_pending, holder_id) \
       SELECT * FROM unnest($20::uuid[], $21::uuid[], $22::text[], $23::integer[], $24::integer[], $25::bigint[], \
-        $26::text[], $27::bigint[], $28::bigint[], $29::bigint[], $30::bigint[], $31::bigint[]) \
+        $26::text[], $27::bigint[], $28::bigint[], $29::bigint[], $30::bigint[], $31::bigint[], $33::uuid[]) \
       ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
         debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
         debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending RETURNING 1), \
@@ -439,6 +464,7 @@ impl PgWriter {
         let cp: Vec<i64> = rows.iter().map(|r| r.credits_posted).collect();
         let dh: Vec<i64> = rows.iter().map(|r| r.debits_pending).collect();
         let ch: Vec<i64> = rows.iter().map(|r| r.credits_pending).collect();
+        let a_holder: Vec<Option<Uuid>> = rows.iter().map(|r| r.holder_id.map(uuid)).collect();
         let last = last as i64;
 
         let conn = self.conn();
@@ -479,6 +505,7 @@ impl PgWriter {
                     &dh,
                     &ch,
                     &last,
+                    &a_holder,
                 ],
             )
             .map_err(unavailable)?;
@@ -577,8 +604,8 @@ impl Queries for PgQueries {
             )
             .map_err(|e| map_conflict(e, "tenant id exists"))?;
             tx.execute(
-                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at) VALUES ($1, $2, $3, $4)",
-                &[&uuid(key.id), &uuid(key.tenant_id), &&secret_hash[..], &(key.created_at as i64)],
+                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at, scopes) VALUES ($1, $2, $3, $4, $5)",
+                &[&uuid(key.id), &uuid(key.tenant_id), &&secret_hash[..], &(key.created_at as i64), &key.scopes],
             )
             .map_err(|e| map_conflict(e, "api key exists"))?;
             tx.commit().map_err(unavailable)
@@ -603,8 +630,8 @@ impl Queries for PgQueries {
     fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at) VALUES ($1, $2, $3, $4)",
-                &[&uuid(key.id), &uuid(key.tenant_id), &&secret_hash[..], &(key.created_at as i64)],
+                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at, scopes) VALUES ($1, $2, $3, $4, $5)",
+                &[&uuid(key.id), &uuid(key.tenant_id), &&secret_hash[..], &(key.created_at as i64), &key.scopes],
             )
             .map_err(|e| map_conflict(e, "api key exists"))?;
             Ok(())
@@ -627,7 +654,7 @@ impl Queries for PgQueries {
         self.with(|c| {
             let row = c
                 .query_opt(
-                    "SELECT id, tenant_id, created_at, revoked_at FROM api_keys WHERE secret_hash = $1",
+                    "SELECT id, tenant_id, created_at, revoked_at, scopes FROM api_keys WHERE secret_hash = $1",
                     &[&&secret_hash[..]],
                 )
                 .map_err(unavailable)?;
@@ -637,6 +664,7 @@ impl Queries for PgQueries {
                     tenant_id: r.try_get::<_, Uuid>(1).map_err(unavailable)?.as_u128(),
                     created_at: r.try_get::<_, i64>(2).map_err(unavailable)? as u64,
                     revoked_at: r.try_get::<_, Option<i64>>(3).map_err(unavailable)?.map(|v| v as u64),
+                    scopes: r.try_get(4).map_err(unavailable)?,
                 })
             })
             .transpose()

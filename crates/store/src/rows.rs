@@ -9,7 +9,7 @@ pub const ENTRY_COLUMNS: &str = "timestamp, tenant_id, id, result, kind, debit_a
 
 /// The columns of [`AccountRow`], in the order both engines select them.
 pub const ACCOUNT_COLUMNS: &str = "tenant_id, id, currency, code, flags, credit_limit, metadata, timestamp, \
-     debits_posted, credits_posted, debits_pending, credits_pending";
+     debits_posted, credits_posted, debits_pending, credits_pending, holder_id";
 
 /// Every column of the `transfers` table, engine-neutral.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,6 +187,7 @@ pub struct AccountRow {
     pub credits_posted: i64,
     pub debits_pending: i64,
     pub credits_pending: i64,
+    pub holder_id: Option<u128>,
 }
 
 impl AccountRow {
@@ -204,6 +205,7 @@ impl AccountRow {
             credits_posted: i64_of(a.credits_posted),
             debits_pending: i64_of(a.debits_pending),
             credits_pending: i64_of(a.credits_pending),
+            holder_id: a.holder,
         }
     }
 
@@ -215,6 +217,7 @@ impl AccountRow {
             flags: AccountFlags(u16::try_from(self.flags).map_err(|_| "account flags out of range".to_owned())?),
             credit_limit: u64_of(self.credit_limit, "credit_limit")?,
             metadata: self.metadata,
+            holder: self.holder_id,
             timestamp: u64_of(self.timestamp, "timestamp")?,
             debits_posted: u64_of(self.debits_posted, "debits_posted")?,
             credits_posted: u64_of(self.credits_posted, "credits_posted")?,

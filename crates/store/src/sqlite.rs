@@ -124,17 +124,61 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     }
 }
 
-pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
-    let path = db_path(dir)?;
-    let lock = lock_dir(dir)?;
-    let mut conn = connect(&path)?;
-    apply_migrations(&mut conn, SQLITE)?;
-    let (last_timestamp, frontier): (i64, Option<Vec<u8>>) = conn
+/// The ledger clock and the audit tree's right edge, as committed.
+fn read_meta(conn: &Connection) -> Result<(Clock, audit::Frontier)> {
+    let (last, frontier): (i64, Option<Vec<u8>>) = conn
         .query_row("SELECT last_timestamp, audit_frontier FROM ledger_meta WHERE id = 1", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
         .map_err(unavailable)?;
     let frontier = frontier.map(|f| audit::Frontier::decode(&f).map_err(corrupt)).transpose()?.unwrap_or_default();
+    Ok((Clock { last: u64::try_from(last).map_err(|_| corrupt("negative clock".into()))? }, frontier))
+}
+
+/// Changes whenever another connection commits (never for this connection's own commits).
+fn data_version(conn: &Connection) -> Result<i64> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(unavailable)
+}
+
+/// Appends audit entries from beside a running writer (`rtpay keys rotate` on the command
+/// line): under SQLite's write lock, after the committed clock and audit edge. The writer sees
+/// the commit through `PRAGMA data_version` and reads both again before its next batch. Only
+/// the clock and the audit tables are touched, which the writer does not otherwise cache.
+pub(crate) fn append_audit_beside(
+    dir: &Path,
+    signer: &audit::Signer,
+    drafts: Vec<audit::Draft>,
+    now: Timestamp,
+) -> Result<()> {
+    let conn = connect(&db_path(dir)?)?;
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
+    let result = (|| {
+        let (clock, frontier) = read_meta(&conn)?;
+        let mut time = clock.last;
+        let timed: Vec<(Timestamp, audit::Draft)> = drafts
+            .into_iter()
+            .map(|d| {
+                time = now.max(time + 1);
+                (time, d)
+            })
+            .collect();
+        write_audit(&conn, &frontier, &timed, signer)?;
+        conn.execute("UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1", [time as i64]).map_err(unavailable)?;
+        conn.execute_batch("COMMIT").map_err(unavailable)
+    })();
+    if result.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
+}
+
+pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
+    let path = db_path(dir)?;
+    let lock = lock_dir(dir)?;
+    let mut conn = connect(&path)?;
+    apply_migrations(&mut conn, SQLITE)?;
+    let (clock, frontier) = read_meta(&conn)?;
+    let data_version = data_version(&conn)?;
     let mut accounts = HashMap::new();
     let mut numbers = HashMap::new();
     let mut next_no = 1;
@@ -143,7 +187,7 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
         let mut rows = stmt.query([]).map_err(unavailable)?;
         while let Some(row) = rows.next().map_err(unavailable)? {
             let account = account_row(row)?.into_account().map_err(corrupt)?;
-            let no: i64 = row.get(12).map_err(unavailable)?;
+            let no: i64 = row.get(13).map_err(unavailable)?;
             next_no = next_no.max(no + 1);
             numbers.insert(account.key, no);
             accounts.insert(account.key, account);
@@ -158,7 +202,8 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
         numbers,
         next_no,
         assigned: Vec::new(),
-        clock: Clock { last: u64::try_from(last_timestamp).map_err(|_| corrupt("negative clock".into()))? },
+        clock,
+        data_version,
         in_tx: false,
         signer,
         frontier,
@@ -188,6 +233,12 @@ fn account_row(row: &rusqlite::Row<'_>) -> Result<AccountRow> {
         credits_posted: row.get(9).map_err(unavailable)?,
         debits_pending: row.get(10).map_err(unavailable)?,
         credits_pending: row.get(11).map_err(unavailable)?,
+        holder_id: row
+            .get::<_, Option<Vec<u8>>>(12)
+            .map_err(unavailable)?
+            .map(|b| u128_of(&b))
+            .transpose()
+            .map_err(corrupt)?,
     })
 }
 
@@ -230,6 +281,10 @@ struct SqliteWriter {
     /// Numbers given to accounts created in the open batch; kept only if it commits.
     assigned: Vec<(AccountKey, i64)>,
     clock: Clock,
+    /// `PRAGMA data_version` after this writer's last look: another value means another
+    /// connection committed (an audit entry from the command line), so the clock and the audit
+    /// edge are read again.
+    data_version: i64,
     in_tx: bool,
     signer: Arc<audit::Signer>,
     /// The audit tree's right edge, as committed.
@@ -381,6 +436,13 @@ impl Writer for SqliteWriter {
         self.checkpointer.gate.pass();
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
         self.in_tx = true;
+        let version = data_version(&self.conn)?;
+        if version != self.data_version {
+            let (clock, frontier) = read_meta(&self.conn)?;
+            self.clock.last = self.clock.last.max(clock.last);
+            self.frontier = frontier;
+            self.data_version = version;
+        }
         Ok(self.clock)
     }
 
@@ -468,54 +530,61 @@ impl Writer for SqliteWriter {
     }
 }
 
-impl SqliteWriter {
-    fn write_audit(&mut self, drafts: &[(Timestamp, audit::Draft)]) -> Result<()> {
-        let append = crate::audit_log::append(&self.frontier, drafts, &self.signer);
-        let mut insert = self
-            .conn
-            .prepare_cached(
+/// Writes `drafts` after `frontier` inside the open transaction: entries, completed subtrees, the
+/// signed head and the new edge (returned; it is this connection's only once the commit succeeds).
+fn write_audit(
+    conn: &Connection,
+    frontier: &audit::Frontier,
+    drafts: &[(Timestamp, audit::Draft)],
+    signer: &audit::Signer,
+) -> Result<audit::Frontier> {
+    let append = crate::audit_log::append(frontier, drafts, signer);
+    let mut insert = conn
+        .prepare_cached(
                 "INSERT INTO audit_entries (seq, time, tenant_id, actor, action, resource, request_id, source, outcome, leaf_hash) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .map_err(unavailable)?;
-        for (e, leaf) in &append.entries {
-            let d = &e.draft;
-            insert
-                .execute(params![
-                    e.seq as i64,
-                    e.time as i64,
-                    d.tenant.map(uuid_bytes),
-                    d.actor,
-                    d.action,
-                    d.resource,
-                    d.request_id,
-                    d.source,
-                    d.outcome,
-                    &leaf[..],
-                ])
-                .map_err(unavailable)?;
-        }
-        drop(insert);
-        let mut node = self
-            .conn
-            .prepare_cached("INSERT INTO audit_nodes (last_leaf, level, hash) VALUES (?1, ?2, ?3)")
+    for (e, leaf) in &append.entries {
+        let d = &e.draft;
+        insert
+            .execute(params![
+                e.seq as i64,
+                e.time as i64,
+                d.tenant.map(uuid_bytes),
+                d.actor,
+                d.action,
+                d.resource,
+                d.request_id,
+                d.source,
+                d.outcome,
+                &leaf[..],
+            ])
             .map_err(unavailable)?;
-        for n in &append.nodes {
-            let last = crate::audit_log::last_leaf(n.level, n.index) as i64;
-            node.execute(params![last, n.level, &n.hash[..]]).map_err(unavailable)?;
-        }
-        drop(node);
-        let h = &append.head;
-        self.conn
-            .execute(
-                "INSERT INTO audit_heads (size, time, root, signature) VALUES (?1, ?2, ?3, ?4)",
-                params![h.head.size as i64, h.head.time as i64, &h.head.root[..], h.signature],
-            )
-            .map_err(unavailable)?;
-        self.conn
-            .execute("UPDATE ledger_meta SET audit_frontier = ?1 WHERE id = 1", [append.frontier.encode()])
-            .map_err(unavailable)?;
-        self.pending_frontier = Some(append.frontier);
+    }
+    drop(insert);
+    let mut node = conn
+        .prepare_cached("INSERT INTO audit_nodes (last_leaf, level, hash) VALUES (?1, ?2, ?3)")
+        .map_err(unavailable)?;
+    for n in &append.nodes {
+        let last = crate::audit_log::last_leaf(n.level, n.index) as i64;
+        node.execute(params![last, n.level, &n.hash[..]]).map_err(unavailable)?;
+    }
+    drop(node);
+    let h = &append.head;
+    conn.execute(
+        "INSERT INTO audit_heads (size, time, root, signature) VALUES (?1, ?2, ?3, ?4)",
+        params![h.head.size as i64, h.head.time as i64, &h.head.root[..], h.signature],
+    )
+    .map_err(unavailable)?;
+    conn.execute("UPDATE ledger_meta SET audit_frontier = ?1 WHERE id = 1", [append.frontier.encode()])
+        .map_err(unavailable)?;
+    Ok(append.frontier)
+}
+
+impl SqliteWriter {
+    fn write_audit(&mut self, drafts: &[(Timestamp, audit::Draft)]) -> Result<()> {
+        self.pending_frontier = Some(write_audit(&self.conn, &self.frontier, drafts, &self.signer)?);
         Ok(())
     }
 
@@ -538,7 +607,7 @@ impl SqliteWriter {
         let mut upsert = self
             .conn
             .prepare_cached(&format!(
-                "INSERT INTO accounts ({ACCOUNT_COLUMNS}, no) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                "INSERT INTO accounts ({ACCOUNT_COLUMNS}, no) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
                  ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
                  debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
                  debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending"
@@ -562,6 +631,7 @@ impl SqliteWriter {
                         r.credits_posted,
                         r.debits_pending,
                         r.credits_pending,
+                        r.holder_id.map(uuid_bytes),
                         no,
                     ])
                     .map_err(unavailable)?;
@@ -728,8 +798,14 @@ impl Queries for SqliteQueries {
             )
             .map_err(|e| map_conflict(e, "tenant id exists"))?;
             tx.execute(
-                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![uuid_bytes(key.id), uuid_bytes(key.tenant_id), &secret_hash[..], key.created_at as i64],
+                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at, scopes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    uuid_bytes(key.id),
+                    uuid_bytes(key.tenant_id),
+                    &secret_hash[..],
+                    key.created_at as i64,
+                    key.scopes
+                ],
             )
             .map_err(|e| map_conflict(e, "api key exists"))?;
             tx.commit().map_err(unavailable)
@@ -749,8 +825,14 @@ impl Queries for SqliteQueries {
     fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![uuid_bytes(key.id), uuid_bytes(key.tenant_id), &secret_hash[..], key.created_at as i64],
+                "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at, scopes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    uuid_bytes(key.id),
+                    uuid_bytes(key.tenant_id),
+                    &secret_hash[..],
+                    key.created_at as i64,
+                    key.scopes
+                ],
             )
             .map_err(|e| map_conflict(e, "api key exists"))?;
             Ok(())
@@ -773,7 +855,7 @@ impl Queries for SqliteQueries {
         self.with(|c| {
             let row = c
                 .query_row(
-                    "SELECT id, tenant_id, created_at, revoked_at FROM api_keys WHERE secret_hash = ?1",
+                    "SELECT id, tenant_id, created_at, revoked_at, scopes FROM api_keys WHERE secret_hash = ?1",
                     [&secret_hash[..]],
                     |r| {
                         Ok((
@@ -781,17 +863,19 @@ impl Queries for SqliteQueries {
                             r.get::<_, Vec<u8>>(1)?,
                             r.get::<_, i64>(2)?,
                             r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, Option<String>>(4)?,
                         ))
                     },
                 )
                 .optional()
                 .map_err(unavailable)?;
-            row.map(|(id, tenant, created, revoked)| {
+            row.map(|(id, tenant, created, revoked, scopes)| {
                 Ok(ApiKeyRecord {
                     id: u128_of(&id).map_err(corrupt)?,
                     tenant_id: u128_of(&tenant).map_err(corrupt)?,
                     created_at: created as u64,
                     revoked_at: revoked.map(|v| v as u64),
+                    scopes,
                 })
             })
             .transpose()

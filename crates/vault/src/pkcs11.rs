@@ -2,8 +2,9 @@
 //! and used there for AES-256-GCM (`CKM_AES_GCM`) to wrap and unwrap data keys. Tested against
 //! SoftHSM2; any PKCS#11 v2.40 module with AES-GCM works the same.
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, Pkcs11};
 use cryptoki::mechanism::aead::GcmParams;
@@ -31,7 +32,26 @@ pub struct Pkcs11Kek {
     key: ObjectHandle,
     // A PKCS#11 session is used by one thread at a time.
     session: Mutex<Session>,
-    _context: Pkcs11,
+}
+
+/// One initialized context per module for the whole process. The library is initialized once
+/// per process and finalized when its context is dropped, which would end every other session of
+/// that module too: contexts are therefore shared and kept.
+fn context(module: &Path) -> Result<Pkcs11> {
+    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut contexts = CONTEXTS.get_or_init(Default::default).lock().expect("contexts lock");
+    if let Some(context) = contexts.get(module) {
+        return Ok(context.clone());
+    }
+    let context = Pkcs11::new(module)
+        .map_err(|e| VaultError::Config(format!("cannot load PKCS#11 module {}: {e}", module.display())))?;
+    match context.initialize(CInitializeArgs::OsThreads) {
+        Ok(()) | Err(cryptoki::error::Error::AlreadyInitialized) => {}
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(hsm("initialize")(e)),
+    }
+    contexts.insert(module.to_owned(), context.clone());
+    Ok(context)
 }
 
 impl std::fmt::Debug for Pkcs11Kek {
@@ -52,13 +72,7 @@ pub fn key_label(version: u32) -> String {
 impl Pkcs11Kek {
     /// Opens KEK `version` in the token, generating it there first if `create` and it is absent.
     pub fn open(config: &Pkcs11Config<'_>, version: u32, create: bool) -> Result<Pkcs11Kek> {
-        let context = Pkcs11::new(config.module)
-            .map_err(|e| VaultError::Config(format!("cannot load PKCS#11 module {}: {e}", config.module.display())))?;
-        match context.initialize(CInitializeArgs::OsThreads) {
-            Ok(()) | Err(cryptoki::error::Error::AlreadyInitialized) => {}
-            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(hsm("initialize")(e)),
-        }
+        let context = context(config.module)?;
         let mut found = None;
         for slot in context.get_slots_with_token().map_err(hsm("slots"))? {
             let info = context.get_token_info(slot).map_err(hsm("token info"))?;
@@ -70,12 +84,15 @@ impl Pkcs11Kek {
         let slot =
             found.ok_or_else(|| VaultError::Config(format!("no PKCS#11 token labelled {:?}", config.token_label)))?;
         let session = context.open_rw_session(slot).map_err(hsm("open session"))?;
-        session.login(UserType::User, Some(&AuthPin::new(config.pin.into()))).map_err(|e| match e {
-            cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::PinIncorrect, _) => {
-                VaultError::Config("the PKCS#11 PIN is not correct".into())
+        // Login is per application, not per session: with another version's session open (a
+        // keyring holds several), the token already has us logged in.
+        match session.login(UserType::User, Some(&AuthPin::new(config.pin.into()))) {
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::PinIncorrect, _)) => {
+                return Err(VaultError::Config("the PKCS#11 PIN is not correct".into()))
             }
-            e => VaultError::Unavailable(format!("PKCS#11 login: {e}")),
-        })?;
+            Err(e) => return Err(VaultError::Unavailable(format!("PKCS#11 login: {e}"))),
+        }
         let label = key_label(version);
         let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.clone().into_bytes())];
         let key = match session.find_objects(&template).map_err(hsm("find key"))?.first() {
@@ -99,7 +116,7 @@ impl Pkcs11Kek {
                 .map_err(hsm("generate key"))?,
             None => return Err(VaultError::UnknownKek(version)),
         };
-        Ok(Pkcs11Kek { version, key, session: Mutex::new(session), _context: context })
+        Ok(Pkcs11Kek { version, key, session: Mutex::new(session) })
     }
 
     /// The key's protection, as the token reports it: (sensitive, extractable).

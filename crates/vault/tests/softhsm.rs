@@ -85,3 +85,20 @@ fn the_kek_lives_in_the_token_and_wraps_there() {
     assert!(Pkcs11Kek::open(&missing, 1, false).err().unwrap().to_string().contains("no PKCS#11 token labelled"));
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn a_token_that_disappears_is_unavailable_not_tampering() {
+    let dir = token("rtpay-gone");
+    let module = module();
+    let config = Pkcs11Config { module: &module, token_label: "rtpay-gone", pin: "87654321" };
+    let kek = Pkcs11Kek::open(&config, 1, true).unwrap();
+    let dek = Secret32::random().unwrap();
+    let wrapped = kek.wrap(&dek).unwrap();
+    // The token's storage goes away under the running session (a pulled HSM, a lost volume).
+    std::fs::remove_dir_all(dir.join("tokens")).unwrap();
+    let wrap = kek.wrap(&dek).err();
+    let unwrap = kek.unwrap(&wrapped).err();
+    assert!(matches!(wrap, Some(VaultError::Unavailable(_))), "{wrap:?}");
+    assert!(matches!(unwrap, Some(VaultError::Unavailable(_))), "{unwrap:?}");
+    std::fs::remove_dir_all(dir).ok();
+}

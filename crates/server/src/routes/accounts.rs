@@ -35,6 +35,12 @@ pub async fn create_account(
         None => new_uuid().as_u128(),
     })?;
     audit.0.set_resource(uuid_string(new.key.id.0));
+    if let Some(holder) = new.holder {
+        // Holders are never deleted, so a holder seen here still exists when the account is made.
+        if query(&state, move |q| q.holder(tenant.id, holder)).await?.is_none() {
+            return Err(Problem::invalid("holder_id", "unknown_holder", "`holder_id` names no holder of this tenant"));
+        }
+    }
     let Reply::Accounts(results) = submit(&state, &audit, Command::Accounts(vec![AccountCommand::Create(new)])).await?
     else {
         return Err(Problem::internal());

@@ -5,9 +5,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::audit_trail::Audit;
-use crate::auth::{new_secret, new_uuid, Operator, TENANT_SECRET_PREFIX};
+use crate::auth::{new_api_key_secret, new_uuid, Operator};
 use crate::dto::*;
-use crate::json::{reply, Json, Path};
+use crate::json::{reply, Json, OptionalJson, Path};
 use crate::problem::Problem;
 use crate::routes::query;
 use crate::AppState;
@@ -39,8 +39,14 @@ pub async fn create_tenant(
     let now = store::now_nanos();
     let tenant = store::TenantRecord { id: id.as_u128(), name: name.clone(), created_at: now };
     audit.0.set_resource(uuid_string(tenant.id));
-    let secret = new_secret(TENANT_SECRET_PREFIX);
-    let key = store::ApiKeyRecord { id: new_uuid().as_u128(), tenant_id: tenant.id, created_at: now, revoked_at: None };
+    let key = store::ApiKeyRecord {
+        id: new_uuid().as_u128(),
+        tenant_id: tenant.id,
+        created_at: now,
+        revoked_at: None,
+        scopes: None,
+    };
+    let secret = new_api_key_secret(key.id);
     let hash = state.keys.secret_hash(&secret);
     let record = tenant.clone();
     let key_record = key.clone();
@@ -58,12 +64,13 @@ pub async fn create_tenant(
             id: uuid_string(tenant.id),
             name,
             created_at: rfc3339(now),
-            api_key: ApiKeyView { id: uuid_string(key.id), secret },
+            api_key: ApiKeyView { id: uuid_string(key.id), secret, scopes: None },
         },
     ))
 }
 
-#[utoipa::path(post, path = "/v1/tenants/{id}/api-keys", tag = "operator",
+#[utoipa::path(post, path = "/v1/tenants/{id}/api-keys", tag = "operator", request_body(content = Option<ApiKeyBody>,
+        description = "optional: without `scopes` the key holds every scope"),
     params(("id" = String, Path, description = "tenant id"),
         ("Idempotency-Key" = Option<String>, Header, description = "a repeat answers 409 instead of creating a second key")),
     responses((status = 201, body = ApiKeyView), (status = 401, body = Problem), (status = 404, body = Problem)),
@@ -74,9 +81,14 @@ pub async fn create_api_key(
     audit: Audit,
     headers: HeaderMap,
     Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<ApiKeyBody>,
 ) -> Result<Response, Problem> {
     let tenant_id = parse_id("id", &id)?;
     audit.0.set_resource(format!("tenant {}", uuid_string(tenant_id)));
+    let scopes = match body.and_then(|b| b.scopes) {
+        Some(list) => Some(crate::oauth::scope_names(crate::oauth::parse_scopes(&list)?)),
+        None => None,
+    };
     if query(&state, move |q| q.tenant(tenant_id)).await?.is_none() {
         return Err(Problem::not_found("tenant"));
     }
@@ -84,8 +96,14 @@ pub async fn create_api_key(
         Some(key) => state.keys.derived_id(b"api-key", tenant_id, &key),
         None => new_uuid(),
     };
-    let secret = new_secret(TENANT_SECRET_PREFIX);
-    let key = store::ApiKeyRecord { id: key_id.as_u128(), tenant_id, created_at: store::now_nanos(), revoked_at: None };
+    let key = store::ApiKeyRecord {
+        id: key_id.as_u128(),
+        tenant_id,
+        created_at: store::now_nanos(),
+        revoked_at: None,
+        scopes: scopes.clone(),
+    };
+    let secret = new_api_key_secret(key.id);
     audit.0.set_resource(format!("tenant {} key {key_id}", uuid_string(tenant_id)));
     let hash = state.keys.secret_hash(&secret);
     let record = key.clone();
@@ -100,7 +118,8 @@ pub async fn create_api_key(
             p
         }
     })?;
-    Ok(reply(StatusCode::CREATED, &ApiKeyView { id: uuid_string(key.id), secret }))
+    let scopes = scopes.map(|s| s.split(' ').map(str::to_owned).collect());
+    Ok(reply(StatusCode::CREATED, &ApiKeyView { id: uuid_string(key.id), secret, scopes }))
 }
 
 #[utoipa::path(delete, path = "/v1/tenants/{id}/api-keys/{key_id}", tag = "operator",
