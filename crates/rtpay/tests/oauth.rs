@@ -160,3 +160,40 @@ fn api_keys_may_be_scoped_like_clients() {
         assert_eq!(r.status, 200);
     });
 }
+
+#[test]
+fn a_revoked_client_loses_its_secret_and_its_tokens_at_once() {
+    let dir = temp_dir("oauth-revoke");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "revoker").await;
+        let (_, other) = tenant(&mut c, "other").await;
+        let r = c.post("/v1/oauth-clients", &key, &json!({"scopes": ["accounts:write"]})).await.unwrap();
+        let (id, secret) =
+            (r.json()["client_id"].as_str().unwrap().to_owned(), r.json()["client_secret"].as_str().unwrap().to_owned());
+        let r = token_request(&mut c, "grant_type=client_credentials", Some((&id, &secret))).await;
+        let token = r.json()["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(c.post("/v1/accounts", &token, &json!({"currency": "BRL"})).await.unwrap().status, 201);
+
+        let path = format!("/v1/oauth-clients/{id}");
+        // Only its own tenant, with an unscoped API key, revokes it.
+        assert_eq!(c.send(Method::DELETE, &path, Some(&other), None).await.unwrap().status, 404);
+        let r = c.send(Method::DELETE, &path, Some(&token), None).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (403, json!("api_key_required")));
+        assert_eq!(c.send(Method::DELETE, &path, Some(&key), None).await.unwrap().status, 204);
+        assert_eq!(c.send(Method::DELETE, &path, Some(&key), None).await.unwrap().status, 404, "already revoked");
+
+        let r = c.post("/v1/accounts", &token, &json!({"currency": "BRL"})).await.unwrap();
+        assert_eq!(r.status, 401, "the token died with its client: {:?}", r.json());
+        let r = token_request(&mut c, "grant_type=client_credentials", Some((&id, &secret))).await;
+        assert_eq!((r.status.as_u16(), r.json()["error"].clone()), (401, json!("invalid_client")));
+        let audit = c.get("/v1/audit?limit=100", &key).await.unwrap().json();
+        let revoked = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == json!("DELETE /v1/oauth-clients/{id}") && e["outcome"] == json!("204"));
+        assert!(revoked, "{audit}");
+    });
+}

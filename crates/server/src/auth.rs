@@ -115,10 +115,12 @@ pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Verified keys: secret hash → (the key as a tenant credential, when verified).
+/// Verified keys: secret hash → (the key as a tenant credential, when verified); and OAuth
+/// clients seen live (not revoked) → when.
 #[derive(Default)]
 pub struct KeyCache {
     entries: Mutex<HashMap<[u8; 32], (Tenant, Instant)>>,
+    clients: Mutex<HashMap<u128, Instant>>,
 }
 
 impl KeyCache {
@@ -137,6 +139,23 @@ impl KeyCache {
 
     pub fn forget_key(&self, key_id: u128) {
         self.entries.lock().expect("key cache lock").retain(|_, (t, _)| t.key_id != key_id);
+    }
+
+    fn client_live(&self, client: u128) -> bool {
+        let clients = self.clients.lock().expect("key cache lock");
+        clients.get(&client).is_some_and(|at| at.elapsed() < KEY_CACHE_TTL)
+    }
+
+    fn put_client(&self, client: u128) {
+        let mut clients = self.clients.lock().expect("key cache lock");
+        if clients.len() >= KEY_CACHE_LEN_MAX {
+            clients.clear();
+        }
+        clients.insert(client, Instant::now());
+    }
+
+    pub fn forget_client(&self, client: u128) {
+        self.clients.lock().expect("key cache lock").remove(&client);
     }
 }
 
@@ -325,6 +344,20 @@ impl FromRequestParts<AppState> for Tenant {
                 };
                 let tenant =
                     Tenant { id: claims.tenant_id, key_id: claims.client_id, scopes: claims.scopes, oauth: true };
+                // A token outlives nothing: its client revoked, it stops working (within the
+                // cache's second on other nodes).
+                if !state.key_cache.client_live(claims.client_id) {
+                    let id = claims.client_id;
+                    match crate::routes::query(state, move |q| q.oauth_client(id)).await? {
+                        Some((c, _)) if c.revoked_at.is_none() && c.tenant_id == claims.tenant_id => {
+                            state.key_cache.put_client(id)
+                        }
+                        _ => {
+                            let problem = Problem::unauthorized("the OAuth client of this token was revoked");
+                            return Err(failed(parts, state, None, problem));
+                        }
+                    }
+                }
                 return admit(parts, state, tenant);
             }
             Ok(t) if t.starts_with(TENANT_SECRET_PREFIX) => t,

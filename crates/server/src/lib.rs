@@ -90,7 +90,7 @@ impl AppState {
         routes::accounts::list_account_transfers,
         routes::transfers::create_transfer, routes::transfers::create_batch, routes::transfers::get_transfer,
         routes::transfers::post_pending, routes::transfers::void_pending,
-        routes::holders::create_holder, routes::holders::get_holder, oauth::create_client, routes::keys::rotate_keys,
+        routes::holders::create_holder, routes::holders::get_holder, oauth::create_client, oauth::revoke_client, routes::keys::rotate_keys,
         routes::audit::list_entries, routes::audit::tree_head, routes::audit::inclusion_proof,
         routes::audit::consistency_proof,
     ),
@@ -126,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/transfers/{id}/void", post(transfers::void_pending))
         .route("/oauth/token", post(crate::oauth::token))
         .route("/v1/oauth-clients", post(crate::oauth::create_client))
+        .route("/v1/oauth-clients/{id}", axum::routing::delete(crate::oauth::revoke_client))
         .route("/v1/keys/rotate", post(keys::rotate_keys))
         .route("/v1/holders", post(holders::create_holder))
         .route("/v1/holders/{id}", get(holders::get_holder))

@@ -194,6 +194,34 @@ pub async fn create_client(
     ))
 }
 
+#[utoipa::path(delete, path = "/v1/oauth-clients/{id}", tag = "oauth", params(("id" = String, Path, description = "client id")),
+    responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("api_key" = [])))]
+/// Revokes a client: its secret and every token issued to it stop working at once on this node
+/// and within a second on the others.
+pub async fn revoke_client(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: crate::audit_trail::Audit,
+    crate::json::Path(id): crate::json::Path<String>,
+) -> Result<Response, Problem> {
+    if tenant.scopes != ALL_SCOPES {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "api_key_required",
+            "OAuth clients are revoked with an unscoped API key",
+        ));
+    }
+    let id = crate::dto::parse_id("id", &id)?;
+    audit.0.set_resource(format!("client:{}", uuid_string(id)));
+    let tenant_id = tenant.id;
+    if !query(&state, move |q| q.revoke_oauth_client(tenant_id, id, store::now_nanos())).await? {
+        return Err(Problem::not_found("live OAuth client of this tenant"));
+    }
+    state.key_cache.forget_client(id);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// An RFC 6749 §5.2 error.
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     let body = serde_json::json!({ "error": error, "error_description": description });

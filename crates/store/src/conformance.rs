@@ -529,6 +529,10 @@ pub fn vault_records(location: Location) {
     assert!(matches!(q.create_oauth_client(&client, &[4; 32]), Err(crate::StoreError::Conflict(_))));
     assert_eq!(q.oauth_client(9).unwrap(), Some((client, [3; 32])));
     assert_eq!(q.oauth_client(10).unwrap(), None);
+    assert!(!q.revoke_oauth_client(OTHER.0, 9, NOW).unwrap(), "another tenant cannot revoke");
+    assert!(q.revoke_oauth_client(T.0, 9, NOW + 1).unwrap());
+    assert!(!q.revoke_oauth_client(T.0, 9, NOW + 2).unwrap(), "already revoked");
+    assert_eq!(q.oauth_client(9).unwrap().unwrap().0.revoked_at, Some(NOW + 1));
     store.close();
 }
 

@@ -150,6 +150,8 @@ pub trait Queries: Send + Sync {
     fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()>;
     /// The client with its secret hash.
     fn oauth_client(&self, id: u128) -> Result<Option<(OAuthClientRecord, [u8; 32])>>;
+    /// Marks a live client of `tenant_id` revoked; false when there is none.
+    fn revoke_oauth_client(&self, tenant_id: u128, id: u128, at: Timestamp) -> Result<bool>;
 
     fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>>;
     /// `Conflict` if the tenant has one already (another node made it first).

@@ -959,6 +959,18 @@ impl Queries for SqliteQueries {
         })
     }
 
+    fn revoke_oauth_client(&self, tenant_id: u128, id: u128, at: Timestamp) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE oauth_clients SET revoked_at = ?3 WHERE tenant_id = ?1 AND id = ?2 AND revoked_at IS NULL",
+                    params![uuid_bytes(tenant_id), uuid_bytes(id), at as i64],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
     fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>> {
         self.with(|c| {
             c.query_row(
