@@ -9,7 +9,7 @@ use common::*;
 use hyper::Method;
 use serde_json::json;
 
-const PANS: [&str; 3] = ["4111111111111111", "5555555555554444", "378282246310005"];
+const PANS: [&str; 4] = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"];
 const CPFS: [&str; 2] = ["52998224725", "11144477735"];
 
 /// Every 13–19 digit run passing Luhn in `bytes` (written here, independent of the server's).
@@ -78,6 +78,16 @@ fn no_card_number_document_or_secret_is_found_in_logs_storage_or_backups() {
         secrets.push(revoked.clone());
         c.send(Method::DELETE, &format!("/v1/tenants/{tenant_id}/api-keys/{revoked_id}"), Some(OPERATOR), None).await.unwrap();
         let account_id = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        // Scoped keys, and card numbers where a scope or a holder id belongs.
+        let r = c.post(&format!("/v1/tenants/{tenant_id}/api-keys"), OPERATOR, &json!({"scopes": ["accounts:read"]})).await.unwrap();
+        secrets.push(r.json()["secret"].as_str().unwrap().to_owned());
+        let r = c.post(&format!("/v1/tenants/{tenant_id}/api-keys"), OPERATOR, &json!({"scopes": [PANS[3]]})).await.unwrap();
+        assert_eq!(r.status, 422);
+        responses.push(r.body);
+        let r = c.post("/v1/accounts", &key, &json!({"currency": "BRL", "holder_id": PANS[3]})).await.unwrap();
+        assert_eq!(r.status, 422);
+        responses.push(r.body);
+        responses.push(c.send(Method::DELETE, &format!("/v1/oauth-clients/{}", PANS[3]), Some(&key), None).await.unwrap().body);
 
         let client = c.post("/v1/oauth-clients", &key, &json!({"scopes": ["accounts:read", "holders:write"]})).await.unwrap().json();
         let (client_id, client_secret) =

@@ -170,8 +170,10 @@ fn a_revoked_client_loses_its_secret_and_its_tokens_at_once() {
         let (_, key) = tenant(&mut c, "revoker").await;
         let (_, other) = tenant(&mut c, "other").await;
         let r = c.post("/v1/oauth-clients", &key, &json!({"scopes": ["accounts:write"]})).await.unwrap();
-        let (id, secret) =
-            (r.json()["client_id"].as_str().unwrap().to_owned(), r.json()["client_secret"].as_str().unwrap().to_owned());
+        let (id, secret) = (
+            r.json()["client_id"].as_str().unwrap().to_owned(),
+            r.json()["client_secret"].as_str().unwrap().to_owned(),
+        );
         let r = token_request(&mut c, "grant_type=client_credentials", Some((&id, &secret))).await;
         let token = r.json()["access_token"].as_str().unwrap().to_owned();
         assert_eq!(c.post("/v1/accounts", &token, &json!({"currency": "BRL"})).await.unwrap().status, 201);
