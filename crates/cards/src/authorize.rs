@@ -93,7 +93,10 @@ pub struct Request<'a> {
 pub enum Decision {
     /// Ask the ledger for the hold.
     Hold,
-    Decline { code: ResponseCode, reason: String },
+    Decline {
+        code: ResponseCode,
+        reason: String,
+    },
 }
 
 fn decline(code: ResponseCode, reason: impl Into<String>) -> Decision {
@@ -167,7 +170,14 @@ mod tests {
     }
 
     fn request(amount: u64) -> Request<'static> {
-        Request { amount, currency: 986, expiry: Some("3012"), mcc: Some("5411"), entry_mode: Some("051"), today: "2611" }
+        Request {
+            amount,
+            currency: 986,
+            expiry: Some("3012"),
+            mcc: Some("5411"),
+            entry_mode: Some("051"),
+            today: "2611",
+        }
     }
 
     fn code(d: Decision) -> &'static str {

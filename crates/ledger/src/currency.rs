@@ -256,7 +256,8 @@ mod tests {
 
     #[test]
     fn parses_known_codes_with_their_exponent() {
-        let cases = [("BRL", 2, 986), ("USD", 2, 840), ("JPY", 0, 392), ("KWD", 3, 414), ("UYW", 4, 927), ("CLP", 0, 152)];
+        let cases =
+            [("BRL", 2, 986), ("USD", 2, 840), ("JPY", 0, 392), ("KWD", 3, 414), ("UYW", 4, 927), ("CLP", 0, 152)];
         for (code, exponent, numeric) in cases {
             let currency = Currency::parse(code).unwrap();
             assert_eq!(currency.as_str(), code);

@@ -536,6 +536,62 @@ pub fn vault_records(location: Location) {
     store.close();
 }
 
+/// Card products, cards and authorizations: unique where they must be, found by blind index,
+/// status changed only from the status expected, each message answered once, spend summed.
+pub fn card_records(location: Location) {
+    let (store, _) = open_fixed(&location);
+    let q = store.queries.as_ref();
+    q.create_card_product(T.0, 1, "40000012", "{}").unwrap();
+    assert!(matches!(q.create_card_product(OTHER.0, 2, "40000012", "{}"), Err(crate::StoreError::Conflict(_))));
+    assert_eq!(q.card_product(T.0, 1).unwrap().as_deref(), Some("{}"));
+    assert_eq!(q.card_product(OTHER.0, 1).unwrap(), None, "tenants are walls");
+
+    let card = crate::CardRow { tenant_id: T.0, id: 10, pan_index: [5; 32], status: "active".into(), body: "a".into() };
+    q.create_card(&card).unwrap();
+    let twin = crate::CardRow { tenant_id: OTHER.0, id: 11, ..card.clone() };
+    assert!(matches!(q.create_card(&twin), Err(crate::StoreError::Conflict(_))), "numbers are unique");
+    assert_eq!(q.card_by_index(&[5; 32]).unwrap(), Some(card.clone()));
+    assert_eq!(q.card_by_index(&[6; 32]).unwrap(), None);
+    assert_eq!(q.card(OTHER.0, 10).unwrap(), None);
+    let blocked = crate::CardRow { status: "blocked".into(), body: "b".into(), ..card.clone() };
+    assert!(!q.update_card(&blocked, "inactive").unwrap(), "only from the status expected");
+    assert!(q.update_card(&blocked, "active").unwrap());
+    assert_eq!(q.card(T.0, 10).unwrap(), Some(blocked));
+
+    let auth = |id: u128, created_at: u64, spend: u64| crate::AuthorizationRow {
+        tenant_id: T.0,
+        id,
+        card_id: 10,
+        rrn: format!("rrn{id}"),
+        created_at,
+        spend,
+        body: format!("{{\"id\":{id}}}"),
+    };
+    let day = NOW - 10_000;
+    q.save_authorization(&auth(1, day - 1, 500), Some((&[1; 32], "answer 1"))).unwrap();
+    q.save_authorization(&auth(2, day + 1, 300), Some((&[2; 32], "answer 2"))).unwrap();
+    q.save_authorization(&auth(3, NOW, 200), None).unwrap();
+    assert!(matches!(
+        q.save_authorization(&auth(4, NOW, 1), Some((&[1; 32], "again"))),
+        Err(crate::StoreError::Conflict(_))
+    ));
+    assert_eq!(q.authorization(T.0, 4).unwrap(), None, "a refused message leaves no authorization");
+    assert_eq!(q.card_message(&[1; 32]).unwrap().as_deref(), Some("answer 1"));
+    assert_eq!(q.card_message(&[9; 32]).unwrap(), None);
+    // A capture rewrites the authorization in place.
+    q.save_authorization(&auth(2, day + 1, 250), Some((&[3; 32], "captured"))).unwrap();
+    assert_eq!(q.authorization(T.0, 2).unwrap().unwrap().spend, 250);
+    assert_eq!(q.authorization(OTHER.0, 2).unwrap(), None);
+    assert_eq!(q.authorization_by_rrn(10, "rrn2").unwrap().unwrap().id, 2);
+    assert_eq!(q.authorization_by_rrn(11, "rrn2").unwrap(), None);
+    let listed: Vec<u128> = q.card_authorizations(T.0, 10, 10).unwrap().iter().map(|a| a.id).collect();
+    assert_eq!(listed, vec![3, 2, 1], "newest first");
+    assert_eq!(q.card_authorizations(OTHER.0, 10, 10).unwrap(), vec![]);
+    assert_eq!(q.card_spent(10, day, day - 100, NOW).unwrap(), (450, 950, 1));
+    assert_eq!(q.card_spent(10, day, day, NOW + 1).unwrap(), (450, 450, 0));
+    store.close();
+}
+
 /// Instantiates the suite for one engine. `$factory` is an expression giving a fresh, empty
 /// [`Location`] on each call.
 #[macro_export]
@@ -568,6 +624,10 @@ macro_rules! conformance_tests {
         #[test]
         fn vault_records() {
             $crate::conformance::vault_records($factory)
+        }
+        #[test]
+        fn card_records() {
+            $crate::conformance::card_records($factory)
         }
         #[test]
         fn audit_log() {

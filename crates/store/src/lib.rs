@@ -106,6 +106,32 @@ pub struct HolderRecord {
     pub created_at: Timestamp,
 }
 
+/// A card authorization (with its captures, reversals and refunds), as stored: the columns
+/// looked up or summed, and the rest as the server's JSON `body`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthorizationRow {
+    pub tenant_id: u128,
+    pub id: u128,
+    pub card_id: u128,
+    /// DE37 of the authorization.
+    pub rrn: String,
+    pub created_at: Timestamp,
+    /// What it counts against the card's limits now (held or captured, less reversed).
+    pub spend: u64,
+    pub body: String,
+}
+
+/// A card as stored: sealed number, blind index, status; the rest as the server's JSON `body`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CardRow {
+    pub tenant_id: u128,
+    pub id: u128,
+    /// Blind index of the card number: unique across the platform.
+    pub pan_index: [u8; 32],
+    pub status: String,
+    pub body: String,
+}
+
 /// An OAuth2 client of a tenant; its secret is stored only as a keyed hash.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OAuthClientRecord {
@@ -163,6 +189,28 @@ pub trait Queries: Send + Sync {
     /// `Conflict` if the id, or the document within the tenant, exists.
     fn create_holder(&self, holder: &HolderRecord) -> Result<()>;
     fn holder(&self, tenant_id: u128, id: u128) -> Result<Option<HolderRecord>>;
+
+    /// A card product; its BIN is unique across the platform (`Conflict` otherwise).
+    fn create_card_product(&self, tenant_id: u128, id: u128, bin: &str, body: &str) -> Result<()>;
+    fn card_product(&self, tenant_id: u128, id: u128) -> Result<Option<String>>;
+    /// A card; its number's blind index is unique across the platform (`Conflict` otherwise).
+    fn create_card(&self, card: &CardRow) -> Result<()>;
+    fn card(&self, tenant_id: u128, id: u128) -> Result<Option<CardRow>>;
+    fn card_by_index(&self, pan_index: &[u8; 32]) -> Result<Option<CardRow>>;
+    /// Sets status and body if the status is still `expected`; false otherwise.
+    fn update_card(&self, card: &CardRow, expected: &str) -> Result<bool>;
+    /// Inserts or replaces the authorization and, in the same transaction, remembers the answer
+    /// to the message (by its key) that changed it; a message key seen before is `Conflict`.
+    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &str)>) -> Result<()>;
+    fn authorization(&self, tenant_id: u128, id: u128) -> Result<Option<AuthorizationRow>>;
+    fn authorization_by_rrn(&self, card_id: u128, rrn: &str) -> Result<Option<AuthorizationRow>>;
+    /// Newest first.
+    fn card_authorizations(&self, tenant_id: u128, card_id: u128, limit: usize) -> Result<Vec<AuthorizationRow>>;
+    /// The stored answer to a message seen before.
+    fn card_message(&self, key: &[u8; 32]) -> Result<Option<String>>;
+    /// A card's spend since `day` and since `month`, and its authorizations since `minute`.
+    fn card_spent(&self, card_id: u128, day: Timestamp, month: Timestamp, minute: Timestamp)
+        -> Result<(u64, u64, u32)>;
 
     /// Audit entries with `seq > after`, in order; only the tenant's when `tenant` is given.
     fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>>;

@@ -173,6 +173,45 @@ ALTER TABLE accounts ADD COLUMN holder_id BLOB;
 ALTER TABLE api_keys ADD COLUMN scopes TEXT;
 "#,
     },
+    Migration {
+        version: 7,
+        name: "cards: products, cards, authorizations, answered messages",
+        sql: r#"
+CREATE TABLE card_products (
+    tenant_id BLOB NOT NULL,
+    id BLOB NOT NULL,
+    bin TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+) WITHOUT ROWID;
+-- The number only sealed (in `body`); found by its blind index.
+CREATE TABLE cards (
+    tenant_id BLOB NOT NULL,
+    id BLOB NOT NULL,
+    pan_index BLOB NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+) WITHOUT ROWID;
+CREATE TABLE card_authorizations (
+    tenant_id BLOB NOT NULL,
+    id BLOB NOT NULL,
+    card_id BLOB NOT NULL,
+    rrn TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    spend INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+) WITHOUT ROWID;
+CREATE INDEX card_authorizations_by_card ON card_authorizations (card_id, created_at);
+CREATE INDEX card_authorizations_by_rrn ON card_authorizations (card_id, rrn);
+-- Each network message answered once: a repeat gets the same answer (without the card number).
+CREATE TABLE card_messages (
+    key BLOB PRIMARY KEY,
+    response TEXT NOT NULL
+) WITHOUT ROWID;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -310,6 +349,43 @@ CREATE TABLE oauth_clients (
         sql: r#"
 ALTER TABLE accounts ADD COLUMN holder_id UUID;
 ALTER TABLE api_keys ADD COLUMN scopes TEXT;
+"#,
+    },
+    Migration {
+        version: 6,
+        name: "cards: products, cards, authorizations, answered messages",
+        sql: r#"
+CREATE TABLE card_products (
+    tenant_id UUID NOT NULL,
+    id UUID NOT NULL,
+    bin TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+);
+CREATE TABLE cards (
+    tenant_id UUID NOT NULL,
+    id UUID NOT NULL,
+    pan_index BYTEA NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+);
+CREATE TABLE card_authorizations (
+    tenant_id UUID NOT NULL,
+    id UUID NOT NULL,
+    card_id UUID NOT NULL,
+    rrn TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    spend BIGINT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+);
+CREATE INDEX card_authorizations_by_card ON card_authorizations (card_id, created_at);
+CREATE INDEX card_authorizations_by_rrn ON card_authorizations (card_id, rrn);
+CREATE TABLE card_messages (
+    key BYTEA PRIMARY KEY,
+    response TEXT NOT NULL
+);
 "#,
     },
 ];

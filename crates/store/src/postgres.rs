@@ -538,6 +538,30 @@ impl PgQueries {
     }
 }
 
+const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body";
+
+fn card_row(r: &Row) -> Result<CardRow> {
+    Ok(CardRow {
+        tenant_id: r.try_get::<_, Uuid>(0).map_err(unavailable)?.as_u128(),
+        id: r.try_get::<_, Uuid>(1).map_err(unavailable)?.as_u128(),
+        pan_index: hash_of(r.try_get::<_, &[u8]>(2).map_err(unavailable)?)?,
+        status: r.try_get(3).map_err(unavailable)?,
+        body: r.try_get(4).map_err(unavailable)?,
+    })
+}
+
+fn authorization_row(r: &Row) -> Result<AuthorizationRow> {
+    Ok(AuthorizationRow {
+        tenant_id: r.try_get::<_, Uuid>(0).map_err(unavailable)?.as_u128(),
+        id: r.try_get::<_, Uuid>(1).map_err(unavailable)?.as_u128(),
+        card_id: r.try_get::<_, Uuid>(2).map_err(unavailable)?.as_u128(),
+        rrn: r.try_get(3).map_err(unavailable)?,
+        created_at: r.try_get::<_, i64>(4).map_err(unavailable)? as u64,
+        spend: r.try_get::<_, i64>(5).map_err(unavailable)? as u64,
+        body: r.try_get(6).map_err(unavailable)?,
+    })
+}
+
 fn map_conflict(e: ::postgres::Error, what: &str) -> StoreError {
     if e.code() == Some(&::postgres::error::SqlState::UNIQUE_VIOLATION) {
         return StoreError::Conflict(what.to_owned());
@@ -830,6 +854,170 @@ impl Queries for PgQueries {
             )
             .map_err(|e| map_conflict(e, "a holder with this id or document exists"))?;
             Ok(())
+        })
+    }
+
+    fn create_card_product(&self, tenant_id: u128, id: u128, bin: &str, body: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO card_products (tenant_id, id, bin, body) VALUES ($1, $2, $3, $4)",
+                &[&uuid(tenant_id), &uuid(id), &bin, &body],
+            )
+            .map_err(|e| map_conflict(e, "a card product with this id or BIN exists"))?;
+            Ok(())
+        })
+    }
+
+    fn card_product(&self, tenant_id: u128, id: u128) -> Result<Option<String>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    "SELECT body FROM card_products WHERE tenant_id = $1 AND id = $2",
+                    &[&uuid(tenant_id), &uuid(id)],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| r.try_get(0).map_err(unavailable)).transpose()
+        })
+    }
+
+    fn create_card(&self, card: &CardRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO cards (tenant_id, id, pan_index, status, body) VALUES ($1, $2, $3, $4, $5)",
+                &[&uuid(card.tenant_id), &uuid(card.id), &&card.pan_index[..], &card.status, &card.body],
+            )
+            .map_err(|e| map_conflict(e, "a card with this id or number exists"))?;
+            Ok(())
+        })
+    }
+
+    fn card(&self, tenant_id: u128, id: u128) -> Result<Option<CardRow>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    "SELECT tenant_id, id, pan_index, status, body FROM cards WHERE tenant_id = $1 AND id = $2",
+                    &[&uuid(tenant_id), &uuid(id)],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| card_row(&r)).transpose()
+        })
+    }
+
+    fn card_by_index(&self, pan_index: &[u8; 32]) -> Result<Option<CardRow>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    "SELECT tenant_id, id, pan_index, status, body FROM cards WHERE pan_index = $1",
+                    &[&&pan_index[..]],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| card_row(&r)).transpose()
+        })
+    }
+
+    fn update_card(&self, card: &CardRow, expected: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE cards SET status = $3, body = $4 WHERE tenant_id = $1 AND id = $2 AND status = $5",
+                    &[&uuid(card.tenant_id), &uuid(card.id), &card.status, &card.body, &expected],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &str)>) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c.transaction().map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body)                  VALUES ($1, $2, $3, $4, $5, $6, $7)                  ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body",
+                &[
+                    &uuid(row.tenant_id),
+                    &uuid(row.id),
+                    &uuid(row.card_id),
+                    &row.rrn,
+                    &(row.created_at as i64),
+                    &(row.spend as i64),
+                    &row.body,
+                ],
+            )
+            .map_err(unavailable)?;
+            if let Some((key, response)) = message {
+                tx.execute("INSERT INTO card_messages (key, response) VALUES ($1, $2)", &[&&key[..], &response])
+                    .map_err(|e| map_conflict(e, "this message was answered before"))?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn authorization(&self, tenant_id: u128, id: u128) -> Result<Option<AuthorizationRow>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    &format!("SELECT {AUTH_COLUMNS} FROM card_authorizations WHERE tenant_id = $1 AND id = $2"),
+                    &[&uuid(tenant_id), &uuid(id)],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| authorization_row(&r)).transpose()
+        })
+    }
+
+    fn authorization_by_rrn(&self, card_id: u128, rrn: &str) -> Result<Option<AuthorizationRow>> {
+        self.with(|c| {
+            let row = c
+                .query_opt(
+                    &format!(
+                        "SELECT {AUTH_COLUMNS} FROM card_authorizations WHERE card_id = $1 AND rrn = $2                          ORDER BY created_at DESC LIMIT 1"
+                    ),
+                    &[&uuid(card_id), &rrn],
+                )
+                .map_err(unavailable)?;
+            row.map(|r| authorization_row(&r)).transpose()
+        })
+    }
+
+    fn card_authorizations(&self, tenant_id: u128, card_id: u128, limit: usize) -> Result<Vec<AuthorizationRow>> {
+        self.with(|c| {
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {AUTH_COLUMNS} FROM card_authorizations WHERE card_id = $2 AND tenant_id = $1                          ORDER BY created_at DESC LIMIT $3"
+                    ),
+                    &[&uuid(tenant_id), &uuid(card_id), &(limit as i64)],
+                )
+                .map_err(unavailable)?;
+            rows.iter().map(authorization_row).collect()
+        })
+    }
+
+    fn card_message(&self, key: &[u8; 32]) -> Result<Option<String>> {
+        self.with(|c| {
+            let row =
+                c.query_opt("SELECT response FROM card_messages WHERE key = $1", &[&&key[..]]).map_err(unavailable)?;
+            row.map(|r| r.try_get(0).map_err(unavailable)).transpose()
+        })
+    }
+
+    fn card_spent(
+        &self,
+        card_id: u128,
+        day: Timestamp,
+        month: Timestamp,
+        minute: Timestamp,
+    ) -> Result<(u64, u64, u32)> {
+        self.with(|c| {
+            let r = c
+                .query_one(
+                    "SELECT COALESCE(SUM(CASE WHEN created_at >= $2 THEN spend END), 0)::bigint,                      COALESCE(SUM(spend), 0)::bigint, COUNT(CASE WHEN created_at >= $4 THEN 1 END)                      FROM card_authorizations WHERE card_id = $1 AND created_at >= $3",
+                    &[&uuid(card_id), &(day as i64), &(month as i64), &(minute as i64)],
+                )
+                .map_err(unavailable)?;
+            Ok((
+                r.try_get::<_, i64>(0).map_err(unavailable)? as u64,
+                r.try_get::<_, i64>(1).map_err(unavailable)? as u64,
+                r.try_get::<_, i64>(2).map_err(unavailable)? as u32,
+            ))
         })
     }
 

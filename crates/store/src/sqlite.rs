@@ -724,6 +724,38 @@ impl SqliteQueries {
     }
 }
 
+const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body";
+
+fn card_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CardRow>> {
+    let (tenant, id, index): (Vec<u8>, Vec<u8>, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+    let (status, body): (String, String) = (r.get(3)?, r.get(4)?);
+    Ok((|| {
+        Ok(CardRow {
+            tenant_id: u128_of(&tenant).map_err(corrupt)?,
+            id: u128_of(&id).map_err(corrupt)?,
+            pan_index: hash_of(&index)?,
+            status,
+            body,
+        })
+    })())
+}
+
+fn authorization_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<AuthorizationRow>> {
+    let (tenant, id, card): (Vec<u8>, Vec<u8>, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+    let (rrn, created_at, spend, body): (String, i64, i64, String) = (r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
+    Ok((|| {
+        Ok(AuthorizationRow {
+            tenant_id: u128_of(&tenant).map_err(corrupt)?,
+            id: u128_of(&id).map_err(corrupt)?,
+            card_id: u128_of(&card).map_err(corrupt)?,
+            rrn,
+            created_at: created_at as u64,
+            spend: spend as u64,
+            body,
+        })
+    })())
+}
+
 fn map_conflict(e: rusqlite::Error, what: &str) -> StoreError {
     match e {
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -1040,6 +1072,172 @@ impl Queries for SqliteQueries {
             )
             .map_err(|e| map_conflict(e, "a holder with this id or document exists"))?;
             Ok(())
+        })
+    }
+
+    fn create_card_product(&self, tenant_id: u128, id: u128, bin: &str, body: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO card_products (tenant_id, id, bin, body) VALUES (?1, ?2, ?3, ?4)",
+                params![uuid_bytes(tenant_id), uuid_bytes(id), bin, body],
+            )
+            .map_err(|e| map_conflict(e, "a card product with this id or BIN exists"))?;
+            Ok(())
+        })
+    }
+
+    fn card_product(&self, tenant_id: u128, id: u128) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT body FROM card_products WHERE tenant_id = ?1 AND id = ?2",
+                params![uuid_bytes(tenant_id), uuid_bytes(id)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+    }
+
+    fn create_card(&self, card: &CardRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO cards (tenant_id, id, pan_index, status, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![uuid_bytes(card.tenant_id), uuid_bytes(card.id), &card.pan_index[..], card.status, card.body],
+            )
+            .map_err(|e| map_conflict(e, "a card with this id or number exists"))?;
+            Ok(())
+        })
+    }
+
+    fn card(&self, tenant_id: u128, id: u128) -> Result<Option<CardRow>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT tenant_id, id, pan_index, status, body FROM cards WHERE tenant_id = ?1 AND id = ?2",
+                params![uuid_bytes(tenant_id), uuid_bytes(id)],
+                card_row,
+            )
+            .optional()
+            .map_err(unavailable)?
+            .transpose()
+        })
+    }
+
+    fn card_by_index(&self, pan_index: &[u8; 32]) -> Result<Option<CardRow>> {
+        self.with(|c| {
+            c.prepare_cached("SELECT tenant_id, id, pan_index, status, body FROM cards WHERE pan_index = ?1")
+                .map_err(unavailable)?
+                .query_row([&pan_index[..]], card_row)
+                .optional()
+                .map_err(unavailable)?
+                .transpose()
+        })
+    }
+
+    fn update_card(&self, card: &CardRow, expected: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE cards SET status = ?3, body = ?4 WHERE tenant_id = ?1 AND id = ?2 AND status = ?5",
+                    params![uuid_bytes(card.tenant_id), uuid_bytes(card.id), card.status, card.body, expected],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &str)>) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
+            tx.prepare_cached(
+                "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body)                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)                  ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body",
+            )
+            .map_err(unavailable)?
+            .execute(params![
+                uuid_bytes(row.tenant_id),
+                uuid_bytes(row.id),
+                uuid_bytes(row.card_id),
+                row.rrn,
+                row.created_at as i64,
+                row.spend as i64,
+                row.body
+            ])
+            .map_err(unavailable)?;
+            if let Some((key, response)) = message {
+                tx.prepare_cached("INSERT INTO card_messages (key, response) VALUES (?1, ?2)")
+                    .map_err(unavailable)?
+                    .execute(params![&key[..], response])
+                    .map_err(|e| map_conflict(e, "this message was answered before"))?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn authorization(&self, tenant_id: u128, id: u128) -> Result<Option<AuthorizationRow>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {AUTH_COLUMNS} FROM card_authorizations WHERE tenant_id = ?1 AND id = ?2"),
+                params![uuid_bytes(tenant_id), uuid_bytes(id)],
+                authorization_row,
+            )
+            .optional()
+            .map_err(unavailable)?
+            .transpose()
+        })
+    }
+
+    fn authorization_by_rrn(&self, card_id: u128, rrn: &str) -> Result<Option<AuthorizationRow>> {
+        self.with(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {AUTH_COLUMNS} FROM card_authorizations WHERE card_id = ?1 AND rrn = ?2                  ORDER BY created_at DESC LIMIT 1"
+            ))
+            .map_err(unavailable)?
+            .query_row(params![uuid_bytes(card_id), rrn], authorization_row)
+            .optional()
+            .map_err(unavailable)?
+            .transpose()
+        })
+    }
+
+    fn card_authorizations(&self, tenant_id: u128, card_id: u128, limit: usize) -> Result<Vec<AuthorizationRow>> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {AUTH_COLUMNS} FROM card_authorizations WHERE card_id = ?2 AND tenant_id = ?1                      ORDER BY created_at DESC LIMIT ?3"
+                ))
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![uuid_bytes(tenant_id), uuid_bytes(card_id), limit as i64], authorization_row)
+                .map_err(unavailable)?;
+            rows.map(|r| r.map_err(unavailable)?).collect()
+        })
+    }
+
+    fn card_message(&self, key: &[u8; 32]) -> Result<Option<String>> {
+        self.with(|c| {
+            c.prepare_cached("SELECT response FROM card_messages WHERE key = ?1")
+                .map_err(unavailable)?
+                .query_row([&key[..]], |r| r.get(0))
+                .optional()
+                .map_err(unavailable)
+        })
+    }
+
+    fn card_spent(
+        &self,
+        card_id: u128,
+        day: Timestamp,
+        month: Timestamp,
+        minute: Timestamp,
+    ) -> Result<(u64, u64, u32)> {
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT COALESCE(SUM(CASE WHEN created_at >= ?2 THEN spend END), 0), COALESCE(SUM(spend), 0),                  COUNT(CASE WHEN created_at >= ?4 THEN 1 END)                  FROM card_authorizations WHERE card_id = ?1 AND created_at >= ?3",
+            )
+            .map_err(unavailable)?
+            .query_row(params![uuid_bytes(card_id), day as i64, month as i64, minute as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u32))
+            })
+            .map_err(unavailable)
         })
     }
 
