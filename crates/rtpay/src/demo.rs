@@ -143,6 +143,8 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         rate_burst: None,
         tls: None,
         kek: None,
+        iso8583_listen: None,
+        card_settings: Default::default(),
     };
     let server = tokio::spawn(run(
         config,

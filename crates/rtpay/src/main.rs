@@ -72,6 +72,15 @@ enum CommandLine {
         /// tenant (SAN `urn:rtpay:tenant:<uuid>`) or operator (`urn:rtpay:operator`) they name.
         #[arg(long, env = "RTPAY_TLS_CLIENT_CA", requires = "tls_cert")]
         tls_client_ca: Option<PathBuf>,
+        /// Accept the card network's ISO 8583 authorizations on this address (TCP, 2-byte length).
+        #[arg(long, env = "RTPAY_ISO8583_LISTEN")]
+        iso8583_listen: Option<SocketAddr>,
+        /// Seconds an approved authorization holds funds before the ledger releases them.
+        #[arg(long, default_value_t = 604_800, env = "RTPAY_CARD_HOLD_SECONDS")]
+        card_hold_seconds: u32,
+        /// How far (percent) a capture may exceed its authorization (tips).
+        #[arg(long, default_value_t = 20, env = "RTPAY_CARD_CAPTURE_TOLERANCE")]
+        card_capture_tolerance: u32,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -154,7 +163,22 @@ fn audit_verify(storage: &StorageArgs, public_key: Option<&str>) -> Result<store
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        CommandLine::Serve { storage, listen, rate_limit, rate_burst, tls_cert, tls_key, tls_client_ca } => {
+        CommandLine::Serve {
+            storage,
+            listen,
+            rate_limit,
+            rate_burst,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            iso8583_listen,
+            card_hold_seconds,
+            card_capture_tolerance,
+        } => {
+            if card_hold_seconds == 0 || card_hold_seconds > ledger::TIMEOUT_SECONDS_MAX || card_capture_tolerance > 1000 {
+                eprintln!("rtpay serve: --card-hold-seconds must be 1..={} and --card-capture-tolerance 0..=1000", ledger::TIMEOUT_SECONDS_MAX);
+                return ExitCode::from(2);
+            }
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(server::tls::TlsFiles { cert, key, client_ca: tls_client_ca }),
                 _ => None,
@@ -169,9 +193,20 @@ fn main() -> ExitCode {
                 rate_burst,
                 tls,
                 kek: storage.kek,
+                iso8583_listen,
+                card_settings: server::card_network::CardSettings {
+                    hold_seconds: card_hold_seconds,
+                    capture_tolerance_percent: card_capture_tolerance,
+                },
             };
             runtime().block_on(async {
-                match run(config, shutdown_signal(), |r| println!("rtpay listening on {}://{}", r.scheme, r.addr)).await
+                let ready = |r: &rtpay::serve::Running| {
+                    if let Some(a) = r.iso8583_addr {
+                        println!("rtpay iso8583 listening on {a}");
+                    }
+                    println!("rtpay listening on {}://{}", r.scheme, r.addr);
+                };
+                match run(config, shutdown_signal(), ready).await
                 {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

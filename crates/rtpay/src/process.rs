@@ -15,6 +15,8 @@ pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
     pub data: PathBuf,
+    /// The ISO 8583 listener, when `--iso8583-listen` was given.
+    pub iso8583: Option<SocketAddr>,
 }
 
 /// How to start `rtpay serve`.
@@ -62,18 +64,22 @@ impl Spawn<'_> {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut iso8583 = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("rtpay iso8583 listening on ") {
+                    iso8583 = a.parse::<SocketAddr>().ok();
+                }
                 let address = line
                     .strip_prefix("rtpay listening on http://")
                     .or_else(|| line.strip_prefix("rtpay listening on https://"));
                 if let Some(addr) = address {
-                    let _ = tx.send(addr.parse::<SocketAddr>());
+                    let _ = tx.send(addr.parse::<SocketAddr>().map(|a| (a, iso8583)));
                 }
             }
         });
         match rx.recv_timeout(self.wait) {
-            Ok(Ok(addr)) => Ok(ServerProcess { child, addr, data: self.data.to_owned() }),
+            Ok(Ok((addr, iso8583))) => Ok(ServerProcess { child, addr, data: self.data.to_owned(), iso8583 }),
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();

@@ -20,6 +20,9 @@ pub struct ServeConfig {
     pub tls: Option<server::tls::TlsFiles>,
     /// Where the vault's key-encryption keys live; default `file:<data>/kek`.
     pub kek: Option<crate::keys::KekConfig>,
+    /// The card network's ISO 8583 listener, if any.
+    pub iso8583_listen: Option<SocketAddr>,
+    pub card_settings: server::card_network::CardSettings,
 }
 
 impl ServeConfig {
@@ -107,6 +110,7 @@ pub struct Running {
     pub scheme: &'static str,
     pub operator_token: String,
     pub store: Arc<Store>,
+    pub iso8583_addr: Option<SocketAddr>,
 }
 
 /// Opens storage, binds, and serves until `shutdown` resolves; `ready` is called once listening.
@@ -136,6 +140,13 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    let iso8583 = match config.iso8583_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a} (--iso8583-listen): {e}"))?,
+        ),
+        None => None,
+    };
+    let iso8583_addr = iso8583.as_ref().map(|l| l.local_addr()).transpose()?;
     let kek = crate::keys::KekConfig::or_default(config.kek.clone(), &config.data);
     crate::keys::load(&kek, true)?; // creates version 1 on first start
     let rotation = kek.clone();
@@ -144,9 +155,23 @@ pub async fn run(
             .with_rotator(Box::new(move |q| crate::keys::rotate(&rotation, q).map_err(|e| e.to_string())));
     let state = server::AppState::new(store.clone(), keys, public_key)
         .with_vault(vault)
-        .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)));
+        .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)))
+        .with_card_settings(config.card_settings);
+    // The card listener stops with the HTTP one.
+    let (stop_cards, cards_stopped) = tokio::sync::oneshot::channel::<()>();
+    let cards = iso8583.map(|listener| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = cards_stopped.await;
+            };
+            if let Err(e) = server::iso8583::serve(listener, state, stopped).await {
+                tracing::error!(error = %e, "the ISO 8583 listener failed");
+            }
+        })
+    });
     let scheme = if acceptor.is_some() { "https" } else { "http" };
-    let running = Running { addr, scheme, operator_token: token, store: store.clone() };
+    let running = Running { addr, scheme, operator_token: token, store: store.clone(), iso8583_addr };
     ready(&running);
     tracing::info!(%addr, engine = match config.postgres { Some(_) => "postgres", None => "embedded" }, "listening");
     match acceptor {
@@ -155,6 +180,10 @@ pub async fn run(
             server::serve_tls(listener, state, acceptor, mutual, shutdown).await?
         }
         None => server::serve(listener, state, shutdown).await?,
+    }
+    let _ = stop_cards.send(());
+    if let Some(cards) = cards {
+        let _ = cards.await;
     }
     drop(running);
     // Let the writer finish what is queued, then stop it.

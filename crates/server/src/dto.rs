@@ -62,8 +62,27 @@ fn metadata_value(text: &Option<String>) -> Option<serde_json::Value> {
 pub fn rfc3339(nanos: u64) -> String {
     let secs = nanos / 1_000_000_000;
     let frac = nanos % 1_000_000_000;
-    let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
+    let (year, month, day) = civil_date(nanos);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:09}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+}
+
+/// Nanoseconds since the epoch at the start of a UTC civil date.
+pub fn nanos_of_date(year: i64, month: i64, day: i64) -> u64 {
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    (days * 86_400) as u64 * 1_000_000_000
+}
+
+/// The UTC civil date (year, month, day) of a time in nanoseconds since the epoch.
+pub fn civil_date(nanos: u64) -> (i64, i64, i64) {
+    let days = (nanos / 1_000_000_000 / 86_400) as i64;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -74,7 +93,7 @@ pub fn rfc3339(nanos: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:09}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+    (year, month, day)
 }
 
 #[derive(Deserialize, Serialize, ToSchema, Default, Debug, Clone, Copy)]

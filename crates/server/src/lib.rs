@@ -17,6 +17,8 @@ pub mod dto;
 pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod card_network;
+pub mod iso8583;
 pub mod oauth;
 pub mod problem;
 pub mod routes;
@@ -50,6 +52,7 @@ pub struct AppState {
     pub auth_guard: Arc<limits::AuthGuard>,
     /// Sensitive data at rest; `None`: holder routes answer 503.
     pub vault: Option<Arc<vault_service::VaultService>>,
+    pub card_settings: card_network::CardSettings,
 }
 
 /// Requests per second a tenant may make on one node, by default, and its burst.
@@ -66,11 +69,17 @@ impl AppState {
             tenant_rate: Arc::new(limits::Buckets::new(TENANT_RATE_DEFAULT, TENANT_RATE_DEFAULT)),
             auth_guard: Arc::new(limits::AuthGuard::default()),
             vault: None,
+            card_settings: card_network::CardSettings::default(),
         }
     }
 
     pub fn with_vault(mut self, vault: vault_service::VaultService) -> AppState {
         self.vault = Some(Arc::new(vault));
+        self
+    }
+
+    pub fn with_card_settings(mut self, settings: card_network::CardSettings) -> AppState {
+        self.card_settings = settings;
         self
     }
 
@@ -93,6 +102,8 @@ impl AppState {
         routes::holders::create_holder, routes::holders::get_holder, oauth::create_client, oauth::revoke_client, routes::keys::rotate_keys,
         routes::audit::list_entries, routes::audit::tree_head, routes::audit::inclusion_proof,
         routes::audit::consistency_proof,
+        routes::cards::create_product, routes::cards::get_product, routes::cards::create_card, routes::cards::get_card,
+        routes::cards::card_action, routes::cards::card_authorizations, routes::cards::get_authorization,
     ),
     modifiers(&Security)
 )]
@@ -130,6 +141,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/rotate", post(keys::rotate_keys))
         .route("/v1/holders", post(holders::create_holder))
         .route("/v1/holders/{id}", get(holders::get_holder))
+        .route("/v1/card-products", post(cards::create_product))
+        .route("/v1/card-products/{id}", get(cards::get_product))
+        .route("/v1/cards", post(cards::create_card))
+        .route("/v1/cards/{id}", get(cards::get_card))
+        .route("/v1/cards/{id}/authorizations", get(cards::card_authorizations))
+        .route("/v1/cards/{id}/{action}", post(cards::card_action))
+        .route("/v1/authorizations/{id}", get(cards::get_authorization))
         .route("/v1/audit", get(audit::list_entries))
         .route("/v1/audit/tree-head", get(audit::tree_head))
         .route("/v1/audit/proof/inclusion", get(audit::inclusion_proof))

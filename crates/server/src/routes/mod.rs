@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod cards;
 pub mod holders;
 pub mod keys;
 pub mod ops;

@@ -1,0 +1,704 @@
+//! Cards as the server keeps them, and the network's messages answered: products (with their card
+//! verification keys, sealed), cards (numbers sealed, found by blind index), and each ISO 8583
+//! request turned into ledger work — a hold for an authorization, its post for a capture, its void
+//! or a reversing transfer for a reversal, a credit for a refund.
+//!
+//! Money moves between the cardholder's account and the tenant's card settlement account for the
+//! currency (what the tenant owes the card network). Every ledger id is derived from the message's
+//! identity, and every answer is stored by it, so a repeated message moves nothing and gets the
+//! same answer.
+
+use cards::iso8583::Message;
+use cards::{CardStatus, Decision, ResponseCode};
+use ledger::{AccountId, AccountKey, Currency, EventKind, TransferEvent, TransferId, TransferKey, TransferResult};
+use serde::{Deserialize, Serialize};
+
+use crate::dto::{civil_date, nanos_of_date, uuid_string};
+use crate::vault_service::VaultFailure;
+use crate::AppState;
+
+/// How holds and over-captures are treated; `rtpay serve --card-hold-seconds` and
+/// `--card-capture-tolerance`.
+#[derive(Clone, Copy, Debug)]
+pub struct CardSettings {
+    /// An approved authorization's hold is released by the ledger after this long.
+    pub hold_seconds: u32,
+    /// A capture may exceed its hold by up to this percentage (tips); above it, 61.
+    pub capture_tolerance_percent: u32,
+}
+
+impl Default for CardSettings {
+    fn default() -> CardSettings {
+        CardSettings { hold_seconds: 7 * 24 * 3600, capture_tolerance_percent: 20 }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBody {
+    pub per_transaction: Option<u64>,
+    pub daily: Option<u64>,
+    pub monthly: Option<u64>,
+}
+
+impl From<LimitsBody> for cards::Limits {
+    fn from(l: LimitsBody) -> cards::Limits {
+        cards::Limits { per_transaction: l.per_transaction, daily: l.daily, monthly: l.monthly }
+    }
+}
+
+/// A product as stored (`card_products.body`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct StoredProduct {
+    pub name: String,
+    pub bin: String,
+    pub currency: String,
+    pub network: String,
+    pub limits: LimitsBody,
+    pub velocity_per_minute: u32,
+    /// CVK A || CVK B, sealed under the tenant's data key.
+    pub cvk_sealed: String,
+    pub settlement_account_id: String,
+    pub created_at: u64,
+}
+
+/// A card as stored (`cards.body`); the number only sealed.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct StoredCard {
+    pub product_id: String,
+    pub account_id: String,
+    pub holder_id: Option<String>,
+    pub kind: String,
+    pub bin: String,
+    pub last4: String,
+    /// `YYMM`.
+    pub expiry: String,
+    pub limits: LimitsBody,
+    pub blocked_mccs: Vec<String>,
+    pub ecommerce: bool,
+    pub pan_sealed: String,
+    pub created_at: u64,
+}
+
+/// One step in an authorization's life.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, utoipa::ToSchema)]
+pub struct AuthorizationEvent {
+    /// `authorization`, `capture`, `reversal`, `refund`, `purchase`.
+    pub kind: String,
+    pub mti: String,
+    pub amount: u64,
+    pub response_code: String,
+    /// Ledger transfers this step made (the hold, its post or void, an extra or reversing one).
+    pub transfer_ids: Vec<String>,
+    pub at: String,
+}
+
+/// An authorization as stored (`card_authorizations.body`) and shown.
+#[derive(Serialize, Deserialize, Clone, Debug, utoipa::ToSchema)]
+pub struct AuthorizationView {
+    pub id: String,
+    pub card_id: String,
+    pub account_id: String,
+    /// `approved`, `declined`, `captured`, `reversed`, `refunded`.
+    pub status: String,
+    pub amount: u64,
+    pub currency: String,
+    pub response_code: String,
+    pub auth_code: Option<String>,
+    /// Why it was declined (empty when approved).
+    pub reasons: Vec<String>,
+    pub stan: String,
+    pub rrn: String,
+    pub mcc: Option<String>,
+    /// The pending ledger transfer holding the funds.
+    pub hold_id: Option<String>,
+    pub captured: u64,
+    pub reversed: u64,
+    pub events: Vec<AuthorizationEvent>,
+    pub created_at: String,
+}
+
+/// The card number's record identity (associated data when sealed).
+pub fn pan_record(tenant: u128, card: u128) -> Vec<u8> {
+    format!("card:{}:{}:pan", uuid_string(tenant), uuid_string(card)).into_bytes()
+}
+
+pub fn cvk_record(tenant: u128, product: u128) -> Vec<u8> {
+    format!("card-product:{}:{}:cvk", uuid_string(tenant), uuid_string(product)).into_bytes()
+}
+
+/// The tenant's card settlement account for `currency`.
+pub fn settlement_account(state: &AppState, tenant: u128, currency: &str) -> u128 {
+    state.keys.derived_id(b"card-settlement", tenant, currency).as_u128()
+}
+
+fn response_mti(mti: &str) -> Option<String> {
+    let b = mti.as_bytes();
+    if b.len() != 4 || b[0] != b'0' || !(b[2] == b'0' || b[2] == b'2') {
+        return None;
+    }
+    Some(format!("{}{}{}{}", b[0] as char, b[1] as char, (b[2] + 1) as char, b[3] as char))
+}
+
+/// The answer to `request`: its fields echoed (never track data or PIN blocks), the response code,
+/// and the authorization code when approved.
+fn answer(request: &Message, code: ResponseCode, auth_code: Option<&str>) -> Message {
+    let mti = response_mti(&request.mti).unwrap_or_else(|| "0810".into());
+    let mut out = Message::new(&mti);
+    for (n, v) in request.fields() {
+        if !matches!(n, 35 | 36 | 45 | 52 | 55 | 38 | 39) {
+            out.set(n, v);
+        }
+    }
+    if let Some(a) = auth_code {
+        out.set(38, a);
+    }
+    out.set(39, code.code());
+    out
+}
+
+/// The answer to a frame that is not a well-formed request: a format error when the MTI can be
+/// read, otherwise nothing (the connection is closed).
+pub fn format_error(frame: &[u8]) -> Option<Vec<u8>> {
+    let mti = std::str::from_utf8(frame.get(..4)?).ok()?;
+    if !mti.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut out = Message::new(&response_mti(mti)?);
+    out.set(39, ResponseCode::FormatError.code());
+    out.encode().ok()
+}
+
+/// Answers one frame; `None`: close the connection.
+pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
+    let message = match Message::decode(frame) {
+        Ok(m) => m,
+        Err(why) => {
+            tracing::info!(%why, "ISO 8583 format error");
+            return format_error(frame);
+        }
+    };
+    let reply = match message.mti.as_str() {
+        "0800" => answer(&message, ResponseCode::Approved, None),
+        "0100" | "0120" | "0200" | "0220" | "0400" | "0420" => match Flow::new(state, &message).await {
+            Ok(flow) => flow.run().await,
+            Err(code) => answer(&message, code, None),
+        },
+        other => {
+            tracing::info!(mti = other, "ISO 8583 message type not handled");
+            return format_error(frame);
+        }
+    };
+    match reply.encode() {
+        Ok(bytes) => Some(bytes),
+        Err(why) => {
+            tracing::error!(%why, "an ISO 8583 answer could not be encoded");
+            format_error(frame)
+        }
+    }
+}
+
+/// One request on its way through: the card found, the message identified.
+struct Flow<'a> {
+    state: &'a AppState,
+    request: &'a Message,
+    tenant: u128,
+    card_id: u128,
+    card: StoredCard,
+    status: CardStatus,
+    /// The message's identity: HMAC over the fields that make it this message.
+    key: [u8; 32],
+    amount: u64,
+    currency: u16,
+}
+
+fn field<'m>(m: &'m Message, n: u8) -> Result<&'m str, ResponseCode> {
+    m.get(n).ok_or(ResponseCode::FormatError)
+}
+
+fn digits(text: &str) -> Result<u64, ResponseCode> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ResponseCode::FormatError);
+    }
+    text.parse().map_err(|_| ResponseCode::FormatError)
+}
+
+impl<'a> Flow<'a> {
+    async fn new(state: &'a AppState, request: &'a Message) -> Result<Flow<'a>, ResponseCode> {
+        let vault = state.vault.clone().ok_or(ResponseCode::IssuerUnavailable)?;
+        let pan = field(request, 2)?;
+        let (stan, rrn) = (field(request, 11)?, field(request, 37)?);
+        let amount = digits(field(request, 4)?)?;
+        let currency = digits(field(request, 49)?)? as u16;
+        digits(field(request, 3)?)?;
+        if !cards::pan::valid(pan) {
+            return Err(ResponseCode::InvalidCard);
+        }
+        let index = vault.index().of(b"pan", pan.as_bytes());
+        let row = crate::routes::query(state, move |q| q.card_by_index(&index))
+            .await
+            .map_err(|_| ResponseCode::IssuerUnavailable)?
+            .ok_or(ResponseCode::InvalidCard)?;
+        let card: StoredCard = serde_json::from_str(&row.body).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let status = CardStatus::parse(&row.status).ok_or(ResponseCode::SystemMalfunction)?;
+        let mut identity = Vec::with_capacity(96);
+        for part in [request.mti.as_str(), stan, rrn, request.get(41).unwrap_or(""), request.get(7).unwrap_or("")] {
+            identity.extend_from_slice(part.as_bytes());
+            identity.push(0);
+        }
+        identity.extend_from_slice(&index);
+        let key = state.keys.mac(b"card-message", &identity);
+        Ok(Flow { state, request, tenant: row.tenant_id, card_id: row.id, card, status, key, amount, currency })
+    }
+
+    /// A ledger id derived from this message (and `purpose`): the same message, the same id.
+    fn transfer_id(&self, purpose: &str) -> u128 {
+        let mut input = self.key.to_vec();
+        input.extend_from_slice(purpose.as_bytes());
+        let digest = self.state.keys.mac(b"card-transfer", &input);
+        u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
+    }
+
+    fn auth_code(&self) -> String {
+        let digest = self.state.keys.mac(b"card-auth-code", &self.key);
+        format!("{:06}", u32::from_be_bytes(digest[..4].try_into().expect("4 bytes")) % 1_000_000)
+    }
+
+    fn account(&self) -> Result<u128, ResponseCode> {
+        uuid::Uuid::parse_str(&self.card.account_id).map(|u| u.as_u128()).map_err(|_| ResponseCode::SystemMalfunction)
+    }
+
+    async fn run(self) -> Message {
+        // A repeat gets the first answer, with the card number put back (it is not stored).
+        let key = self.key;
+        match crate::routes::query(self.state, move |q| q.card_message(&key)).await {
+            Ok(Some(stored)) => {
+                if let Ok(mut m) = Message::decode(stored.as_bytes()) {
+                    if let Some(pan) = self.request.get(2) {
+                        m.set(2, pan);
+                    }
+                    return m;
+                }
+                return answer(self.request, ResponseCode::SystemMalfunction, None);
+            }
+            Ok(None) => {}
+            Err(_) => return answer(self.request, ResponseCode::IssuerUnavailable, None),
+        }
+        let processing = self.request.get(3).unwrap_or("000000");
+        let result = match self.request.mti.as_str() {
+            "0100" => self.authorize(false).await,
+            "0200" if processing.starts_with("20") => self.refund().await,
+            "0200" => self.authorize(true).await,
+            "0120" | "0220" => self.capture().await,
+            _ => self.reverse().await,
+        };
+        match result {
+            Ok(m) => m,
+            Err(code) => answer(self.request, code, None),
+        }
+    }
+
+    fn now_parts(&self) -> (u64, String) {
+        let now = store::now_nanos();
+        let (y, m, _) = civil_date(now);
+        (now, format!("{:02}{:02}", y % 100, m))
+    }
+
+    async fn authorize(&self, single_message: bool) -> Result<Message, ResponseCode> {
+        let (now, today) = self.now_parts();
+        let product_id = uuid::Uuid::parse_str(&self.card.product_id).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let (tenant, card_id) = (self.tenant, self.card_id);
+        let (y, m, d) = civil_date(now);
+        let (day, month, minute) = (nanos_of_date(y, m, d), nanos_of_date(y, m, 1), now.saturating_sub(60_000_000_000));
+        let (product, spent) = crate::routes::query(self.state, move |q| {
+            Ok((q.card_product(tenant, product_id.as_u128())?, q.card_spent(card_id, day, month, minute)?))
+        })
+        .await
+        .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let product: StoredProduct = product
+            .and_then(|p| serde_json::from_str(&p).ok())
+            .ok_or(ResponseCode::SystemMalfunction)?;
+        let card_currency = Currency::parse(&product.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let facts = cards::authorize::Card {
+            status: self.status,
+            expiry: &self.card.expiry,
+            currency: card_currency.numeric(),
+            product_limits: product.limits.into(),
+            card_limits: self.card.limits.into(),
+            blocked_mccs: &self.card.blocked_mccs,
+            ecommerce: self.card.ecommerce,
+            velocity_per_minute: product.velocity_per_minute,
+        };
+        let request = cards::Request {
+            amount: self.amount,
+            currency: self.currency,
+            expiry: self.request.get(14),
+            mcc: self.request.get(18),
+            entry_mode: self.request.get(22),
+            today: &today,
+        };
+        let spent = cards::Spent { today: spent.0, this_month: spent.1, last_minute: spent.2 };
+        let kind = if single_message { "purchase" } else { "authorization" };
+        let mut view = self.new_view(card_currency, now);
+        if let Decision::Decline { code, reason } = cards::decide(&facts, &request, spent) {
+            return self.finish(view, kind, code, None, vec![], vec![reason]).await;
+        }
+        if self.amount == 0 || self.amount > ledger::AMOUNT_MAX {
+            return Err(ResponseCode::FormatError);
+        }
+        let hold = self.transfer_id("hold");
+        let settlement = settlement_account(self.state, self.tenant, card_currency.as_str());
+        let account = self.account()?;
+        let kind_event = if single_message {
+            EventKind::Posted { debit: AccountId(account), credit: AccountId(settlement), amount: self.amount }
+        } else {
+            EventKind::Pending {
+                debit: AccountId(account),
+                credit: AccountId(settlement),
+                amount: self.amount,
+                timeout_seconds: self.state.card_settings.hold_seconds,
+            }
+        };
+        match self.ledger(vec![self.event(hold, kind_event)]).await? {
+            TransferResult::Created | TransferResult::Exists => {
+                let auth_code = self.auth_code();
+                view.hold_id = (!single_message).then(|| uuid_string(hold));
+                view.auth_code = Some(auth_code.clone());
+                view.status = if single_message { "captured" } else { "approved" }.into();
+                if single_message {
+                    view.captured = self.amount;
+                }
+                self.finish(view, kind, ResponseCode::Approved, Some(auth_code), vec![hold], vec![]).await
+            }
+            TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
+                let reason = "insufficient funds in the card's account".to_owned();
+                self.finish(view, kind, ResponseCode::InsufficientFunds, None, vec![], vec![reason]).await
+            }
+            TransferResult::DebitAccountClosed => {
+                let reason = "the card's account is closed".to_owned();
+                self.finish(view, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason]).await
+            }
+            other => {
+                tracing::warn!(result = other.as_str(), "card hold refused by the ledger");
+                let reason = format!("the ledger refused the hold: {}", other.as_str());
+                self.finish(view, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason]).await
+            }
+        }
+    }
+
+    fn new_view(&self, currency: Currency, now: u64) -> AuthorizationView {
+        AuthorizationView {
+            id: uuid_string(self.transfer_id("hold")),
+            card_id: uuid_string(self.card_id),
+            account_id: self.card.account_id.clone(),
+            status: "declined".into(),
+            amount: self.amount,
+            currency: currency.as_str().to_owned(),
+            response_code: String::new(),
+            auth_code: None,
+            reasons: vec![],
+            stan: self.request.get(11).unwrap_or("").to_owned(),
+            rrn: self.request.get(37).unwrap_or("").to_owned(),
+            mcc: self.request.get(18).map(str::to_owned),
+            hold_id: None,
+            captured: 0,
+            reversed: 0,
+            events: vec![],
+            created_at: crate::dto::rfc3339(now),
+        }
+    }
+
+    fn event(&self, id: u128, kind: EventKind) -> TransferEvent {
+        TransferEvent {
+            key: TransferKey { tenant: ledger::TenantId(self.tenant), id: TransferId(id) },
+            kind,
+            code: 8583,
+            metadata: None,
+            linked: false,
+        }
+    }
+
+    /// Applies `events` as one linked chain; the first failure's code, or `Created`.
+    async fn ledger(&self, mut events: Vec<TransferEvent>) -> Result<TransferResult, ResponseCode> {
+        let n = events.len();
+        for (i, e) in events.iter_mut().enumerate() {
+            e.linked = i + 1 < n;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let draft = audit::Draft {
+            tenant: Some(self.tenant),
+            actor: "network".into(),
+            action: format!("iso8583 {}", self.request.mti),
+            resource: format!("card:{}", uuid_string(self.card_id)),
+            request_id: self.request.get(37).unwrap_or("").to_owned(),
+            source: "iso8583".into(),
+            outcome: String::new(),
+        };
+        self.state
+            .store
+            .engine
+            .submit_audited(store::Command::Transfers(events), Some(draft), Box::new(move |r| drop(tx.send(r))))
+            .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let reply = rx.await.map_err(|_| ResponseCode::IssuerUnavailable)?.map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let store::Reply::Transfers(outcomes) = reply else { return Err(ResponseCode::SystemMalfunction) };
+        let failed = outcomes
+            .iter()
+            .map(|o| o.result)
+            .find(|r| !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed));
+        Ok(failed.unwrap_or(if outcomes.iter().all(|o| o.result == TransferResult::Exists) {
+            TransferResult::Exists
+        } else {
+            TransferResult::Created
+        }))
+    }
+
+    /// Records the step and the answer in one transaction, then answers.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        mut view: AuthorizationView,
+        kind: &str,
+        code: ResponseCode,
+        auth_code: Option<String>,
+        transfers: Vec<u128>,
+        reasons: Vec<String>,
+    ) -> Result<Message, ResponseCode> {
+        if view.events.is_empty() {
+            view.response_code = code.code().to_owned();
+            view.reasons = reasons;
+        } else {
+            view.reasons.extend(reasons);
+        }
+        view.events.push(AuthorizationEvent {
+            kind: kind.to_owned(),
+            mti: self.request.mti.clone(),
+            amount: self.amount,
+            response_code: code.code().to_owned(),
+            transfer_ids: transfers.iter().map(|t| uuid_string(*t)).collect(),
+            at: crate::dto::rfc3339(store::now_nanos()),
+        });
+        let reply = answer(self.request, code, auth_code.as_deref());
+        let mut stored = reply.clone();
+        stored.remove(2);
+        let stored = String::from_utf8(stored.encode().map_err(|_| ResponseCode::SystemMalfunction)?)
+            .map_err(|_| ResponseCode::SystemMalfunction)?;
+        let spend = match view.status.as_str() {
+            "approved" => view.amount,
+            "captured" => view.captured,
+            _ => 0,
+        };
+        let id = uuid::Uuid::parse_str(&view.id).map_err(|_| ResponseCode::SystemMalfunction)?.as_u128();
+        let created_at = match view.events.len() {
+            1 => store::now_nanos(),
+            _ => self.created_at_of(id).await.unwrap_or_else(store::now_nanos),
+        };
+        let row = store::AuthorizationRow {
+            tenant_id: self.tenant,
+            id,
+            card_id: self.card_id,
+            rrn: view.rrn.clone(),
+            created_at,
+            spend,
+            body: serde_json::to_string(&view).map_err(|_| ResponseCode::SystemMalfunction)?,
+        };
+        let key = self.key;
+        let saved = crate::routes::query(self.state, move |q| q.save_authorization(&row, Some((&key, &stored)))).await;
+        match saved {
+            Ok(()) => Ok(reply),
+            // Answered meanwhile (the same message on two connections): the first answer stands.
+            Err(p) if p.code == "conflict" => {
+                let key = self.key;
+                match crate::routes::query(self.state, move |q| q.card_message(&key)).await {
+                    Ok(Some(first)) => {
+                        let mut m = Message::decode(first.as_bytes()).map_err(|_| ResponseCode::SystemMalfunction)?;
+                        if let Some(pan) = self.request.get(2) {
+                            m.set(2, pan);
+                        }
+                        Ok(m)
+                    }
+                    _ => Err(ResponseCode::SystemMalfunction),
+                }
+            }
+            Err(_) => Err(ResponseCode::IssuerUnavailable),
+        }
+    }
+
+    async fn created_at_of(&self, id: u128) -> Option<u64> {
+        let tenant = self.tenant;
+        crate::routes::query(self.state, move |q| q.authorization(tenant, id)).await.ok().flatten().map(|a| a.created_at)
+    }
+
+    /// The authorization a capture or reversal refers to: by RRN (DE37), else by the original
+    /// STAN in DE90.
+    async fn original(&self) -> Result<Option<(store::AuthorizationRow, AuthorizationView)>, ResponseCode> {
+        let (card, rrn) = (self.card_id, self.request.get(37).unwrap_or("").to_owned());
+        let found = crate::routes::query(self.state, move |q| q.authorization_by_rrn(card, &rrn))
+            .await
+            .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let found = match found {
+            Some(a) => Some(a),
+            None => {
+                let stan = self.request.get(90).and_then(|d| d.get(4..10)).unwrap_or("").to_owned();
+                let (tenant, card) = (self.tenant, self.card_id);
+                let recent = crate::routes::query(self.state, move |q| q.card_authorizations(tenant, card, 1000))
+                    .await
+                    .map_err(|_| ResponseCode::IssuerUnavailable)?;
+                recent.into_iter().find(|a| {
+                    serde_json::from_str::<AuthorizationView>(&a.body).is_ok_and(|v| !stan.is_empty() && v.stan == stan)
+                })
+            }
+        };
+        Ok(match found {
+            Some(row) => {
+                let view = serde_json::from_str(&row.body).map_err(|_| ResponseCode::SystemMalfunction)?;
+                Some((row, view))
+            }
+            None => None,
+        })
+    }
+
+    async fn capture(&self) -> Result<Message, ResponseCode> {
+        let Some((_, mut view)) = self.original().await? else {
+            return Err(ResponseCode::InvalidCard);
+        };
+        if view.status != "approved" {
+            let reason = format!("the authorization is {}", view.status);
+            return self.finish(view, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await;
+        }
+        let held = view.amount;
+        let tolerance = (u128::from(held) * u128::from(self.state.card_settings.capture_tolerance_percent) / 100) as u64;
+        if self.amount == 0 || self.amount > held.saturating_add(tolerance) {
+            let reason = "the capture exceeds the hold beyond the tolerance".to_owned();
+            return self.finish(view, "capture", ResponseCode::ExceedsAmountLimit, None, vec![], vec![reason]).await;
+        }
+        let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or("")).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let post = self.transfer_id("post");
+        let mut events =
+            vec![self.event(post, EventKind::PostPending { pending_id: TransferId(hold.as_u128()), amount: Some(self.amount.min(held)) })];
+        let mut ids = vec![post];
+        if self.amount > held {
+            let extra = self.transfer_id("over-capture");
+            let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
+            let settlement = settlement_account(self.state, self.tenant, currency.as_str());
+            events.push(self.event(
+                extra,
+                EventKind::Posted { debit: AccountId(self.account()?), credit: AccountId(settlement), amount: self.amount - held },
+            ));
+            ids.push(extra);
+        }
+        match self.ledger(events).await? {
+            TransferResult::Created | TransferResult::Exists => {
+                view.status = "captured".into();
+                view.captured = self.amount;
+                self.finish(view, "capture", ResponseCode::Approved, None, ids, vec![]).await
+            }
+            TransferResult::PendingTransferExpired => {
+                view.status = "expired".into();
+                let reason = "the hold expired before the capture".to_owned();
+                self.finish(view, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await
+            }
+            TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
+                let reason = "insufficient funds for the amount above the hold".to_owned();
+                self.finish(view, "capture", ResponseCode::InsufficientFunds, None, vec![], vec![reason]).await
+            }
+            other => {
+                let reason = format!("the ledger refused the capture: {}", other.as_str());
+                self.finish(view, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await
+            }
+        }
+    }
+
+    async fn reverse(&self) -> Result<Message, ResponseCode> {
+        let Some((_, mut view)) = self.original().await? else {
+            // Nothing to reverse: acknowledged, nothing moves (and the answer is remembered).
+            let (now, _) = self.now_parts();
+            let currency = Currency::from_numeric(self.currency).unwrap_or(Currency::parse("BRL").expect("BRL"));
+            let mut view = self.new_view(currency, now);
+            view.id = uuid_string(self.transfer_id("unmatched-reversal"));
+            view.status = "unmatched".into();
+            let reason = "no authorization to reverse".to_owned();
+            return self.finish(view, "reversal", ResponseCode::Approved, None, vec![], vec![reason]).await;
+        };
+        let (events, ids, status) = match view.status.as_str() {
+            "approved" => {
+                let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
+                    .map_err(|_| ResponseCode::SystemMalfunction)?;
+                let void = self.transfer_id("void");
+                (vec![self.event(void, EventKind::VoidPending { pending_id: TransferId(hold.as_u128()) })], vec![void], "reversed")
+            }
+            "captured" => {
+                let back = self.transfer_id("reverse-capture");
+                let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
+                let settlement = settlement_account(self.state, self.tenant, currency.as_str());
+                let amount = view.captured;
+                let event = EventKind::Posted { debit: AccountId(settlement), credit: AccountId(self.account()?), amount };
+                (vec![self.event(back, event)], vec![back], "reversed")
+            }
+            _ => {
+                // Already reversed, declined or expired: acknowledged, nothing moves.
+                let reason = format!("the authorization is {}", view.status);
+                return self.finish(view, "reversal", ResponseCode::Approved, None, vec![], vec![reason]).await;
+            }
+        };
+        match self.ledger(events).await? {
+            TransferResult::Created | TransferResult::Exists => {
+                view.reversed = if view.status == "captured" { view.captured } else { view.amount };
+                view.status = status.into();
+                self.finish(view, "reversal", ResponseCode::Approved, None, ids, vec![]).await
+            }
+            TransferResult::PendingTransferExpired => {
+                view.status = "expired".into();
+                let reason = "the hold had already expired".to_owned();
+                self.finish(view, "reversal", ResponseCode::Approved, None, vec![], vec![reason]).await
+            }
+            other => {
+                let reason = format!("the ledger refused the reversal: {}", other.as_str());
+                self.finish(view, "reversal", ResponseCode::SystemMalfunction, None, vec![], vec![reason]).await
+            }
+        }
+    }
+
+    async fn refund(&self) -> Result<Message, ResponseCode> {
+        let (now, _) = self.now_parts();
+        let currency = Currency::from_numeric(self.currency).ok_or(ResponseCode::FormatError)?;
+        let mut view = self.new_view(currency, now);
+        if self.status == CardStatus::Cancelled {
+            let reason = "the card is cancelled".to_owned();
+            return self.finish(view, "refund", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await;
+        }
+        if self.amount == 0 || self.amount > ledger::AMOUNT_MAX {
+            return Err(ResponseCode::FormatError);
+        }
+        let credit = self.transfer_id("hold");
+        let settlement = settlement_account(self.state, self.tenant, currency.as_str());
+        let event =
+            EventKind::Posted { debit: AccountId(settlement), credit: AccountId(self.account()?), amount: self.amount };
+        match self.ledger(vec![self.event(credit, event)]).await? {
+            TransferResult::Created | TransferResult::Exists => {
+                view.status = "refunded".into();
+                self.finish(view, "refund", ResponseCode::Approved, Some(self.auth_code()), vec![credit], vec![]).await
+            }
+            other => {
+                let reason = format!("the ledger refused the refund: {}", other.as_str());
+                self.finish(view, "refund", ResponseCode::NotPermitted, None, vec![], vec![reason]).await
+            }
+        }
+    }
+}
+
+/// The settlement account's key, for opening it with a product.
+pub fn settlement_key(state: &AppState, tenant: u128, currency: Currency) -> AccountKey {
+    AccountKey { tenant: ledger::TenantId(tenant), id: AccountId(settlement_account(state, tenant, currency.as_str())) }
+}
+
+/// Seals a card number, and its blind index.
+pub fn seal_pan(
+    vault: &crate::vault_service::VaultService,
+    q: &dyn store::Queries,
+    tenant: u128,
+    card: u128,
+    pan: &str,
+) -> Result<(Vec<u8>, [u8; 32]), VaultFailure> {
+    let dek = vault.data_key(q, tenant)?;
+    Ok((vault::seal(&dek, &pan_record(tenant, card), pan.as_bytes())?, vault.index().of(b"pan", pan.as_bytes())))
+}

@@ -1,0 +1,101 @@
+//! The card network's TCP listener: ISO 8583 messages, each after a 2-byte big-endian length.
+//! Many messages may be in flight on one connection; each is answered as soon as it is decided,
+//! in any order (the network matches answers by STAN and RRN). A frame that cannot be read as a
+//! request gets a format-error answer (DE39 `30`), or the connection is closed when not even its
+//! type can be read; other connections never notice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::AppState;
+
+/// The longest message accepted (the default_ascii layout's largest is far below).
+pub const FRAME_LEN_MAX: usize = 8192;
+/// Messages of one connection being decided at once; the next waits for a free slot.
+pub const IN_FLIGHT_MAX: usize = 256;
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "iso8583 accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, state).await {
+                        tracing::debug!(%peer, error = %e, "iso8583 connection ended");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, state: AppState) -> std::io::Result<()> {
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(IN_FLIGHT_MAX);
+    let write = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if writer.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
+    let result = loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(IDLE_TIMEOUT, reader.read_exact(&mut len)).await {
+            Err(_) => break Ok(()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Ok(Err(e)) => break Err(e),
+            Ok(Ok(_)) => {}
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        if len == 0 || len > FRAME_LEN_MAX {
+            tracing::info!(len, "iso8583 frame length out of range; closing the connection");
+            break Ok(());
+        }
+        let mut frame = vec![0u8; len];
+        match tokio::time::timeout(IDLE_TIMEOUT, reader.read_exact(&mut frame)).await {
+            Ok(Ok(_)) => {}
+            _ => break Ok(()),
+        }
+        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (state, tx) = (state.clone(), tx.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            // A panic in one message's handling costs that message only.
+            let answer = tokio::spawn(async move { crate::card_network::handle(&state, &frame).await }).await;
+            match answer {
+                Ok(Some(bytes)) => {
+                    let _ = tx.send(cards::iso8583::frame(&bytes)).await;
+                }
+                Ok(None) => {}
+                Err(_) => tracing::error!("an ISO 8583 message's handling panicked"),
+            }
+        });
+    };
+    drop(tx);
+    // Answers already being decided still go out before the connection closes.
+    let _ = slots.acquire_many(IN_FLIGHT_MAX as u32).await;
+    let _ = write.await;
+    result
+}

@@ -1,0 +1,509 @@
+//! Card products, cards (issued on ledger accounts, numbers only in the vault), their lifecycle,
+//! the audited reveal, and the authorizations the network sent for them.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use ledger::{AccountCommand, AccountFlags, AccountId, AccountKey, AccountResult, Currency, NewAccount};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use utoipa::ToSchema;
+
+use crate::audit_trail::Audit;
+use crate::auth::{new_uuid, random_32, Tenant};
+use crate::card_network::{
+    cvk_record, pan_record, seal_pan, settlement_key, AuthorizationView, LimitsBody, StoredCard, StoredProduct,
+};
+use crate::dto::{civil_date, parse_id, rfc3339, uuid_string};
+use crate::json::{reply, Json, Path};
+use crate::problem::Problem;
+use crate::routes::{query, submit};
+use crate::vault_service::VaultFailure;
+use crate::AppState;
+
+pub const PRODUCT_NAME_LEN_MAX: usize = 100;
+pub const BLOCKED_MCCS_MAX: usize = 100;
+/// Cards are valid this many years from issue (to the end of the month).
+pub const CARD_VALIDITY_YEARS: i64 = 4;
+/// Authorizations per card within a minute before the next is declined (59), unless the product
+/// says otherwise.
+pub const VELOCITY_PER_MINUTE_DEFAULT: u32 = 30;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProductBody {
+    pub name: String,
+    /// 6 to 8 digits, unique across the platform.
+    pub bin: String,
+    /// ISO 4217, e.g. `BRL`.
+    pub currency: String,
+    /// e.g. `visa`, `mastercard`, `elo`.
+    pub network: String,
+    pub limits: Option<LimitsBody>,
+    pub velocity_per_minute: Option<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProductView {
+    pub id: String,
+    pub name: String,
+    pub bin: String,
+    pub currency: String,
+    pub network: String,
+    pub limits: LimitsBody,
+    pub velocity_per_minute: u32,
+    /// The tenant's card settlement account for the currency (what it owes the network).
+    pub settlement_account_id: String,
+    pub created_at: String,
+}
+
+fn product_view(id: u128, p: &StoredProduct) -> ProductView {
+    ProductView {
+        id: uuid_string(id),
+        name: p.name.clone(),
+        bin: p.bin.clone(),
+        currency: p.currency.clone(),
+        network: p.network.clone(),
+        limits: p.limits,
+        velocity_per_minute: p.velocity_per_minute,
+        settlement_account_id: p.settlement_account_id.clone(),
+        created_at: rfc3339(p.created_at),
+    }
+}
+
+fn vault_problem(failure: VaultFailure) -> Problem {
+    match failure {
+        VaultFailure::Store(store::StoreError::Conflict(what)) => Problem::new(StatusCode::CONFLICT, "exists", what),
+        VaultFailure::Store(e) => e.into(),
+        VaultFailure::Vault(vault::VaultError::Unavailable(why)) => {
+            tracing::warn!(%why, "key store unavailable");
+            Problem::unavailable("the key store is unavailable; nothing was written", 5)
+        }
+        VaultFailure::Vault(e) => {
+            tracing::error!(error = %e, "vault failure");
+            Problem::internal()
+        }
+    }
+}
+
+fn check_limits(field: &str, limits: &LimitsBody) -> Result<(), Problem> {
+    for (name, value) in [("per_transaction", limits.per_transaction), ("daily", limits.daily), ("monthly", limits.monthly)] {
+        if value.is_some_and(|v| v == 0 || v > ledger::AMOUNT_MAX) {
+            return Err(Problem::invalid(
+                format!("{field}.{name}"),
+                "invalid_limit",
+                format!("`{field}.{name}` must be 1..={}", ledger::AMOUNT_MAX),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/v1/card-products", tag = "cards", request_body = ProductBody,
+    responses((status = 201, body = ProductView), (status = 409, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn create_product(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Json(body): Json<ProductBody>,
+) -> Result<Response, Problem> {
+    tenant.require("cards:write")?;
+    let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
+    let name = body.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > PRODUCT_NAME_LEN_MAX || name.chars().any(char::is_control) {
+        return Err(Problem::invalid("name", "invalid_name", format!("`name` must be 1..={PRODUCT_NAME_LEN_MAX} printable characters")));
+    }
+    if !cards::pan::valid_bin(&body.bin) {
+        return Err(Problem::invalid("bin", "invalid_bin", "`bin` must be 6 to 8 digits"));
+    }
+    let currency = Currency::parse(&body.currency)
+        .map_err(|e| Problem::invalid("currency", "invalid_currency", format!("`currency` {e}")))?;
+    let network = body.network.trim().to_ascii_lowercase();
+    if network.is_empty() || network.len() > 32 || !network.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(Problem::invalid("network", "invalid_network", "`network` must be 1..=32 letters, digits or `-`"));
+    }
+    let limits = body.limits.unwrap_or_default();
+    check_limits("limits", &limits)?;
+    let velocity = body.velocity_per_minute.unwrap_or(VELOCITY_PER_MINUTE_DEFAULT);
+    if velocity == 0 || velocity > 10_000 {
+        return Err(Problem::invalid("velocity_per_minute", "invalid_velocity", "`velocity_per_minute` must be 1..=10000"));
+    }
+    let id = new_uuid().as_u128();
+    audit.0.set_resource(uuid_string(id));
+    // The settlement account first (idempotent), so no product exists without it.
+    let settlement = settlement_key(&state, tenant.id, currency);
+    let open = AccountCommand::Create(NewAccount {
+        key: settlement,
+        currency,
+        code: 8583,
+        flags: AccountFlags::default(),
+        credit_limit: 0,
+        metadata: Some(r#"{"rtpay":"card settlement"}"#.into()),
+        holder: None,
+    });
+    match submit(&state, &audit, store::Command::Accounts(vec![open])).await? {
+        store::Reply::Accounts(r) if matches!(r.first(), Some((AccountResult::Created | AccountResult::Exists, _))) => {}
+        _ => return Err(Problem::internal()),
+    }
+    let mut product = StoredProduct {
+        name,
+        bin: body.bin.clone(),
+        currency: currency.as_str().to_owned(),
+        network,
+        limits,
+        velocity_per_minute: velocity,
+        cvk_sealed: String::new(),
+        settlement_account_id: uuid_string(settlement.id.0),
+        created_at: store::now_nanos(),
+    };
+    let tenant_id = tenant.id;
+    let stored = product.clone();
+    let result = query(&state, move |q| {
+        Ok((|| -> Result<StoredProduct, VaultFailure> {
+            let dek = vault.data_key(q, tenant_id)?;
+            let cvk = random_32();
+            let mut stored = stored;
+            stored.cvk_sealed = vault::hex(&vault::seal(&dek, &cvk_record(tenant_id, id), &cvk[..16])?);
+            let body = serde_json::to_string(&stored).expect("serializable");
+            q.create_card_product(tenant_id, id, &stored.bin, &body)?;
+            Ok(stored)
+        })())
+    })
+    .await?;
+    product = result.map_err(|f| match f {
+        VaultFailure::Store(store::StoreError::Conflict(_)) => {
+            Problem::new(StatusCode::CONFLICT, "exists", "a card product with this BIN exists").field("bin")
+        }
+        f => vault_problem(f),
+    })?;
+    Ok(reply(StatusCode::CREATED, &product_view(id, &product)))
+}
+
+#[utoipa::path(get, path = "/v1/card-products/{id}", tag = "cards", params(("id" = String, Path)),
+    responses((status = 200, body = ProductView), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn get_product(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<Response, Problem> {
+    tenant.require("cards:read")?;
+    let id = parse_id("id", &id)?;
+    let tenant_id = tenant.id;
+    let body = query(&state, move |q| q.card_product(tenant_id, id)).await?.ok_or_else(|| Problem::not_found("card product"))?;
+    let product: StoredProduct = serde_json::from_str(&body).map_err(|_| Problem::internal())?;
+    Ok(reply(StatusCode::OK, &product_view(id, &product)))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CardBody {
+    pub account_id: String,
+    pub product_id: String,
+    pub holder_id: Option<String>,
+    /// `virtual` (active at once) or `physical` (inactive until activated).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub limits: Option<LimitsBody>,
+    /// Merchant category codes (4 digits) the card may not be used at.
+    pub blocked_mccs: Option<Vec<String>>,
+    /// Card-not-present (e-commerce, keyed) use; default true.
+    pub ecommerce: Option<bool>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CardView {
+    pub id: String,
+    pub account_id: String,
+    pub product_id: String,
+    pub holder_id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// BIN and last four digits; the rest masked.
+    pub number: String,
+    pub last4: String,
+    /// `MM/YY`.
+    pub expiry: String,
+    pub status: String,
+    pub limits: LimitsBody,
+    pub blocked_mccs: Vec<String>,
+    pub ecommerce: bool,
+    pub created_at: String,
+}
+
+fn mm_yy(yymm: &str) -> String {
+    format!("{}/{}", &yymm[2..], &yymm[..2])
+}
+
+fn card_view(id: u128, status: &str, c: &StoredCard) -> CardView {
+    CardView {
+        id: uuid_string(id),
+        account_id: c.account_id.clone(),
+        product_id: c.product_id.clone(),
+        holder_id: c.holder_id.clone(),
+        kind: c.kind.clone(),
+        number: format!("{}{}{}", c.bin, "*".repeat(16 - c.bin.len() - 4), c.last4),
+        last4: c.last4.clone(),
+        expiry: mm_yy(&c.expiry),
+        status: status.to_owned(),
+        limits: c.limits,
+        blocked_mccs: c.blocked_mccs.clone(),
+        ecommerce: c.ecommerce,
+        created_at: rfc3339(c.created_at),
+    }
+}
+
+/// A decimal digit from the OS CSPRNG, without modulo bias.
+fn random_digit() -> u8 {
+    loop {
+        let b = random_32()[0];
+        if b < 250 {
+            return b % 10;
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/v1/cards", tag = "cards", request_body = CardBody,
+    responses((status = 201, body = CardView), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn create_card(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Json(body): Json<CardBody>,
+) -> Result<Response, Problem> {
+    tenant.require("cards:write")?;
+    let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
+    let account_id = parse_id("account_id", &body.account_id)?;
+    let product_id = parse_id("product_id", &body.product_id)?;
+    let holder_id = body.holder_id.as_deref().map(|h| parse_id("holder_id", h)).transpose()?;
+    let status = match body.kind.as_str() {
+        "virtual" => cards::CardStatus::Active,
+        "physical" => cards::CardStatus::Inactive,
+        _ => return Err(Problem::invalid("type", "invalid_type", "`type` must be `virtual` or `physical`")),
+    };
+    let limits = body.limits.unwrap_or_default();
+    check_limits("limits", &limits)?;
+    let blocked = body.blocked_mccs.unwrap_or_default();
+    if blocked.len() > BLOCKED_MCCS_MAX {
+        return Err(Problem::invalid("blocked_mccs", "too_many", format!("at most {BLOCKED_MCCS_MAX} codes")));
+    }
+    for (i, mcc) in blocked.iter().enumerate() {
+        if mcc.len() != 4 || !mcc.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Problem::invalid(format!("blocked_mccs[{i}]"), "invalid_mcc", "a merchant category code is 4 digits"));
+        }
+    }
+    let tenant_id = tenant.id;
+    let (product, account, holder) = query(&state, move |q| {
+        Ok((
+            q.card_product(tenant_id, product_id)?,
+            q.account(AccountKey { tenant: ledger::TenantId(tenant_id), id: AccountId(account_id) })?,
+            match holder_id {
+                Some(h) => Some(q.holder(tenant_id, h)?.is_some()),
+                None => None,
+            },
+        ))
+    })
+    .await?;
+    let product: StoredProduct = match product {
+        Some(p) => serde_json::from_str(&p).map_err(|_| Problem::internal())?,
+        None => return Err(Problem::invalid("product_id", "unknown_product", "`product_id` names no card product of this tenant")),
+    };
+    let Some(account) = account else {
+        return Err(Problem::invalid("account_id", "unknown_account", "`account_id` names no account of this tenant"));
+    };
+    if account.currency.as_str() != product.currency {
+        return Err(Problem::invalid("account_id", "currency_mismatch", "the account's currency is not the product's"));
+    }
+    if account.flags.closed() {
+        return Err(Problem::invalid("account_id", "account_closed", "the account is closed"));
+    }
+    if holder == Some(false) {
+        return Err(Problem::invalid("holder_id", "unknown_holder", "`holder_id` names no holder of this tenant"));
+    }
+    let id = new_uuid().as_u128();
+    audit.0.set_resource(uuid_string(id));
+    let now = store::now_nanos();
+    let (y, m, _) = civil_date(now);
+    let expiry = format!("{:02}{:02}", (y + CARD_VALIDITY_YEARS) % 100, m);
+    let mut card = StoredCard {
+        product_id: uuid_string(product_id),
+        account_id: uuid_string(account_id),
+        holder_id: holder_id.map(uuid_string),
+        kind: body.kind.clone(),
+        bin: product.bin.clone(),
+        last4: String::new(),
+        expiry,
+        limits,
+        blocked_mccs: blocked,
+        ecommerce: body.ecommerce.unwrap_or(true),
+        pan_sealed: String::new(),
+        created_at: now,
+    };
+    let template = card.clone();
+    let result = query(&state, move |q| {
+        Ok((|| -> Result<StoredCard, VaultFailure> {
+            // A number already issued (on this platform) is drawn again.
+            for _ in 0..8 {
+                let pan = cards::pan::generate(&template.bin, random_digit);
+                let (sealed, index) = seal_pan(&vault, q, tenant_id, id, &pan)?;
+                let mut card = template.clone();
+                card.last4 = pan[pan.len() - 4..].to_owned();
+                card.pan_sealed = vault::hex(&sealed);
+                let row = store::CardRow {
+                    tenant_id,
+                    id,
+                    pan_index: index,
+                    status: status.as_str().to_owned(),
+                    body: serde_json::to_string(&card).expect("serializable"),
+                };
+                match q.create_card(&row) {
+                    Ok(()) => return Ok(card),
+                    Err(store::StoreError::Conflict(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(VaultFailure::Store(store::StoreError::Unavailable("no free card number in this BIN".into())))
+        })())
+    })
+    .await?;
+    card = result.map_err(vault_problem)?;
+    Ok(reply(StatusCode::CREATED, &card_view(id, status.as_str(), &card)))
+}
+
+async fn load_card(state: &AppState, tenant: &Tenant, id: &str) -> Result<(store::CardRow, StoredCard), Problem> {
+    let id = parse_id("id", id)?;
+    let tenant_id = tenant.id;
+    let row = query(state, move |q| q.card(tenant_id, id)).await?.ok_or_else(|| Problem::not_found("card"))?;
+    let card = serde_json::from_str(&row.body).map_err(|_| Problem::internal())?;
+    Ok((row, card))
+}
+
+#[utoipa::path(get, path = "/v1/cards/{id}", tag = "cards", params(("id" = String, Path)),
+    responses((status = 200, body = CardView), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn get_card(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<Response, Problem> {
+    tenant.require("cards:read")?;
+    let (row, card) = load_card(&state, &tenant, &id).await?;
+    Ok(reply(StatusCode::OK, &card_view(row.id, &row.status, &card)))
+}
+
+#[utoipa::path(post, path = "/v1/cards/{id}/{action}", tag = "cards",
+    params(("id" = String, Path), ("action" = String, Path, description = "activate, block, unblock or cancel")),
+    responses((status = 200, body = CardView), (status = 404, body = Problem), (status = 409, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn card_action(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    if action == "reveal" {
+        return reveal(state, tenant, audit, id).await;
+    }
+    tenant.require("cards:write")?;
+    let action = cards::Action::parse(&action).ok_or_else(|| Problem::not_found("card action"))?;
+    let (row, card) = load_card(&state, &tenant, &id).await?;
+    audit.0.set_resource(uuid_string(row.id));
+    let current = cards::CardStatus::parse(&row.status).ok_or_else(Problem::internal)?;
+    let next = current.after(action).ok_or_else(|| {
+        Problem::new(
+            StatusCode::CONFLICT,
+            "invalid_transition",
+            format!("a {} card cannot be {}", current.as_str(), format!("{action:?}").to_lowercase() + "ed"),
+        )
+    })?;
+    let updated = store::CardRow { status: next.as_str().to_owned(), ..row.clone() };
+    let expected = row.status.clone();
+    let stored = updated.clone();
+    if !query(&state, move |q| q.update_card(&stored, &expected)).await? {
+        return Err(Problem::new(StatusCode::CONFLICT, "conflict", "the card changed meanwhile; read it and retry"));
+    }
+    Ok(reply(StatusCode::OK, &card_view(updated.id, &updated.status, &card)))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RevealView {
+    pub id: String,
+    /// The full card number. Keep it out of logs.
+    pub number: String,
+    /// `MM/YY`.
+    pub expiry: String,
+    /// Computed from the product's card verification key; never stored.
+    pub cvv2: String,
+}
+
+/// `POST /v1/cards/{id}/reveal` (scope `cards:reveal`): the full number, expiry and CVV2, once per
+/// request and recorded in the audit log.
+async fn reveal(state: AppState, tenant: Tenant, audit: Audit, id: String) -> Result<Response, Problem> {
+    tenant.require("cards:reveal")?;
+    let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
+    let (row, card) = load_card(&state, &tenant, &id).await?;
+    audit.0.set_resource(format!("card:{} reveal", uuid_string(row.id)));
+    if row.status == "cancelled" {
+        return Err(Problem::new(StatusCode::CONFLICT, "card_cancelled", "a cancelled card is not revealed"));
+    }
+    let product_id = parse_id("product_id", &card.product_id)?;
+    let (tenant_id, card_id) = (tenant.id, row.id);
+    let sealed_pan = vault::unhex(&card.pan_sealed).ok_or_else(Problem::internal)?;
+    let expiry = card.expiry.clone();
+    let result = query(&state, move |q| {
+        Ok((|| -> Result<(String, String), VaultFailure> {
+            let dek = vault.data_key(q, tenant_id)?;
+            let product: StoredProduct = q
+                .card_product(tenant_id, product_id)?
+                .and_then(|p| serde_json::from_str(&p).ok())
+                .ok_or_else(|| store::StoreError::Corrupt("a card's product is missing".into()))?;
+            let pan = vault::open(&dek, &pan_record(tenant_id, card_id), &sealed_pan)?;
+            let cvk_sealed = vault::unhex(&product.cvk_sealed)
+                .ok_or_else(|| store::StoreError::Corrupt("a sealed key is not hex".into()))?;
+            let cvk: [u8; 16] = vault::open(&dek, &cvk_record(tenant_id, product_id), &cvk_sealed)?
+                .try_into()
+                .map_err(|_| store::StoreError::Corrupt("a card verification key is not 16 bytes".into()))?;
+            let pan = String::from_utf8(pan).map_err(|_| store::StoreError::Corrupt("a card number is not text".into()))?;
+            let cvv2 = cards::cvv::cvv(&cvk, &pan, &expiry, cards::cvv::CVV2_SERVICE_CODE);
+            Ok((pan, cvv2))
+        })())
+    })
+    .await?;
+    let (number, cvv2) = result.map_err(vault_problem)?;
+    Ok(reply(StatusCode::OK, &RevealView { id: uuid_string(row.id), number, expiry: mm_yy(&card.expiry), cvv2 }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuthorizationList {
+    pub authorizations: Vec<AuthorizationView>,
+}
+
+#[utoipa::path(get, path = "/v1/cards/{id}/authorizations", tag = "cards", params(("id" = String, Path), ("limit" = Option<u32>, Query)),
+    responses((status = 200, body = AuthorizationList), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn card_authorizations(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Problem> {
+    tenant.require("cards:read")?;
+    let limit = match params.get("limit") {
+        None => 100,
+        Some(l) => l.parse::<usize>().ok().filter(|l| (1..=1000).contains(l)).ok_or_else(|| {
+            Problem::invalid("limit", "invalid_limit", "`limit` must be 1..=1000")
+        })?,
+    };
+    let (row, _) = load_card(&state, &tenant, &id).await?;
+    let (tenant_id, card_id) = (tenant.id, row.id);
+    let rows = query(&state, move |q| q.card_authorizations(tenant_id, card_id, limit)).await?;
+    let authorizations =
+        rows.iter().map(|r| serde_json::from_str(&r.body)).collect::<Result<_, _>>().map_err(|_| Problem::internal())?;
+    Ok(reply(StatusCode::OK, &AuthorizationList { authorizations }))
+}
+
+#[utoipa::path(get, path = "/v1/authorizations/{id}", tag = "cards", params(("id" = String, Path)),
+    responses((status = 200, body = AuthorizationView), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn get_authorization(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    tenant.require("cards:read")?;
+    let id = parse_id("id", &id)?;
+    let tenant_id = tenant.id;
+    let row = query(&state, move |q| q.authorization(tenant_id, id)).await?.ok_or_else(|| Problem::not_found("authorization"))?;
+    let view: AuthorizationView = serde_json::from_str(&row.body).map_err(|_| Problem::internal())?;
+    Ok(reply(StatusCode::OK, &view))
+}
