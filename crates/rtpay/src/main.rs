@@ -175,8 +175,14 @@ fn main() -> ExitCode {
             card_hold_seconds,
             card_capture_tolerance,
         } => {
-            if card_hold_seconds == 0 || card_hold_seconds > ledger::TIMEOUT_SECONDS_MAX || card_capture_tolerance > 1000 {
-                eprintln!("rtpay serve: --card-hold-seconds must be 1..={} and --card-capture-tolerance 0..=1000", ledger::TIMEOUT_SECONDS_MAX);
+            if card_hold_seconds == 0
+                || card_hold_seconds > ledger::TIMEOUT_SECONDS_MAX
+                || card_capture_tolerance > 1000
+            {
+                eprintln!(
+                    "rtpay serve: --card-hold-seconds must be 1..={} and --card-capture-tolerance 0..=1000",
+                    ledger::TIMEOUT_SECONDS_MAX
+                );
                 return ExitCode::from(2);
             }
             let tls = match (tls_cert, tls_key) {
@@ -206,8 +212,7 @@ fn main() -> ExitCode {
                     }
                     println!("rtpay listening on {}://{}", r.scheme, r.addr);
                 };
-                match run(config, shutdown_signal(), ready).await
-                {
+                match run(config, shutdown_signal(), ready).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("rtpay serve: {e}");

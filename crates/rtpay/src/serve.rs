@@ -142,7 +142,9 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let iso8583 = match config.iso8583_listen {
         Some(a) => Some(
-            tokio::net::TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a} (--iso8583-listen): {e}"))?,
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("cannot listen on {a} (--iso8583-listen): {e}"))?,
         ),
         None => None,
     };

@@ -212,7 +212,7 @@ struct Flow<'a> {
     currency: u16,
 }
 
-fn field<'m>(m: &'m Message, n: u8) -> Result<&'m str, ResponseCode> {
+fn field(m: &Message, n: u8) -> Result<&str, ResponseCode> {
     m.get(n).ok_or(ResponseCode::FormatError)
 }
 
@@ -315,9 +315,8 @@ impl<'a> Flow<'a> {
         })
         .await
         .map_err(|_| ResponseCode::IssuerUnavailable)?;
-        let product: StoredProduct = product
-            .and_then(|p| serde_json::from_str(&p).ok())
-            .ok_or(ResponseCode::SystemMalfunction)?;
+        let product: StoredProduct =
+            product.and_then(|p| serde_json::from_str(&p).ok()).ok_or(ResponseCode::SystemMalfunction)?;
         let card_currency = Currency::parse(&product.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
         let facts = cards::authorize::Card {
             status: self.status,
@@ -439,12 +438,12 @@ impl<'a> Flow<'a> {
             .engine
             .submit_audited(store::Command::Transfers(events), Some(draft), Box::new(move |r| drop(tx.send(r))))
             .map_err(|_| ResponseCode::IssuerUnavailable)?;
-        let reply = rx.await.map_err(|_| ResponseCode::IssuerUnavailable)?.map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let reply =
+            rx.await.map_err(|_| ResponseCode::IssuerUnavailable)?.map_err(|_| ResponseCode::IssuerUnavailable)?;
         let store::Reply::Transfers(outcomes) = reply else { return Err(ResponseCode::SystemMalfunction) };
-        let failed = outcomes
-            .iter()
-            .map(|o| o.result)
-            .find(|r| !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed));
+        let failed = outcomes.iter().map(|o| o.result).find(|r| {
+            !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed)
+        });
         Ok(failed.unwrap_or(if outcomes.iter().all(|o| o.result == TransferResult::Exists) {
             TransferResult::Exists
         } else {
@@ -525,7 +524,11 @@ impl<'a> Flow<'a> {
 
     async fn created_at_of(&self, id: u128) -> Option<u64> {
         let tenant = self.tenant;
-        crate::routes::query(self.state, move |q| q.authorization(tenant, id)).await.ok().flatten().map(|a| a.created_at)
+        crate::routes::query(self.state, move |q| q.authorization(tenant, id))
+            .await
+            .ok()
+            .flatten()
+            .map(|a| a.created_at)
     }
 
     /// The authorization a capture or reversal refers to: by RRN (DE37), else by the original
@@ -566,15 +569,19 @@ impl<'a> Flow<'a> {
             return self.finish(view, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await;
         }
         let held = view.amount;
-        let tolerance = (u128::from(held) * u128::from(self.state.card_settings.capture_tolerance_percent) / 100) as u64;
+        let tolerance =
+            (u128::from(held) * u128::from(self.state.card_settings.capture_tolerance_percent) / 100) as u64;
         if self.amount == 0 || self.amount > held.saturating_add(tolerance) {
             let reason = "the capture exceeds the hold beyond the tolerance".to_owned();
             return self.finish(view, "capture", ResponseCode::ExceedsAmountLimit, None, vec![], vec![reason]).await;
         }
-        let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or("")).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
+            .map_err(|_| ResponseCode::SystemMalfunction)?;
         let post = self.transfer_id("post");
-        let mut events =
-            vec![self.event(post, EventKind::PostPending { pending_id: TransferId(hold.as_u128()), amount: Some(self.amount.min(held)) })];
+        let mut events = vec![self.event(
+            post,
+            EventKind::PostPending { pending_id: TransferId(hold.as_u128()), amount: Some(self.amount.min(held)) },
+        )];
         let mut ids = vec![post];
         if self.amount > held {
             let extra = self.transfer_id("over-capture");
@@ -582,7 +589,11 @@ impl<'a> Flow<'a> {
             let settlement = settlement_account(self.state, self.tenant, currency.as_str());
             events.push(self.event(
                 extra,
-                EventKind::Posted { debit: AccountId(self.account()?), credit: AccountId(settlement), amount: self.amount - held },
+                EventKind::Posted {
+                    debit: AccountId(self.account()?),
+                    credit: AccountId(settlement),
+                    amount: self.amount - held,
+                },
             ));
             ids.push(extra);
         }
@@ -624,14 +635,19 @@ impl<'a> Flow<'a> {
                 let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
                     .map_err(|_| ResponseCode::SystemMalfunction)?;
                 let void = self.transfer_id("void");
-                (vec![self.event(void, EventKind::VoidPending { pending_id: TransferId(hold.as_u128()) })], vec![void], "reversed")
+                (
+                    vec![self.event(void, EventKind::VoidPending { pending_id: TransferId(hold.as_u128()) })],
+                    vec![void],
+                    "reversed",
+                )
             }
             "captured" => {
                 let back = self.transfer_id("reverse-capture");
                 let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
                 let settlement = settlement_account(self.state, self.tenant, currency.as_str());
                 let amount = view.captured;
-                let event = EventKind::Posted { debit: AccountId(settlement), credit: AccountId(self.account()?), amount };
+                let event =
+                    EventKind::Posted { debit: AccountId(settlement), credit: AccountId(self.account()?), amount };
                 (vec![self.event(back, event)], vec![back], "reversed")
             }
             _ => {

@@ -60,9 +60,15 @@ async fn connection(stream: TcpStream, state: AppState) -> std::io::Result<()> {
         }
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
+    // Set when a frame was unreadable beyond answering: the connection closes.
+    let close = Arc::new(tokio::sync::Notify::new());
     let result = loop {
         let mut len = [0u8; 2];
-        match tokio::time::timeout(IDLE_TIMEOUT, reader.read_exact(&mut len)).await {
+        let read = tokio::select! {
+            read = tokio::time::timeout(IDLE_TIMEOUT, reader.read_exact(&mut len)) => read,
+            _ = close.notified() => break Ok(()),
+        };
+        match read {
             Err(_) => break Ok(()),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Ok(Err(e)) => break Err(e),
@@ -79,7 +85,7 @@ async fn connection(stream: TcpStream, state: AppState) -> std::io::Result<()> {
             _ => break Ok(()),
         }
         let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let (state, tx) = (state.clone(), tx.clone());
+        let (state, tx, close) = (state.clone(), tx.clone(), close.clone());
         tokio::spawn(async move {
             let _permit = permit;
             // A panic in one message's handling costs that message only.
@@ -88,7 +94,7 @@ async fn connection(stream: TcpStream, state: AppState) -> std::io::Result<()> {
                 Ok(Some(bytes)) => {
                     let _ = tx.send(cards::iso8583::frame(&bytes)).await;
                 }
-                Ok(None) => {}
+                Ok(None) => close.notify_one(),
                 Err(_) => tracing::error!("an ISO 8583 message's handling panicked"),
             }
         });

@@ -13,12 +13,12 @@
 
 pub mod audit_trail;
 pub mod auth;
+pub mod card_network;
 pub mod dto;
+pub mod iso8583;
 pub mod json;
 pub mod limits;
 pub mod metrics;
-pub mod card_network;
-pub mod iso8583;
 pub mod oauth;
 pub mod problem;
 pub mod routes;

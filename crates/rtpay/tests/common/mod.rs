@@ -23,6 +23,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub data: PathBuf,
     pub postgres: Option<String>,
+    /// The ISO 8583 listener, when started with `--iso8583-listen`.
+    pub iso8583: Option<SocketAddr>,
     /// Whether `RTPAY_OPERATOR_TOKEN` is set to [`OPERATOR`]; when not, the server uses (and on
     /// first start creates) `<data>/operator-token`.
     pub operator_env: bool,
@@ -82,6 +84,7 @@ impl Server {
         Server {
             child: Some(process.child),
             addr: process.addr,
+            iso8583: process.iso8583,
             data: data.to_owned(),
             postgres: postgres.map(str::to_owned),
             operator_env,

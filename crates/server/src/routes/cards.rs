@@ -87,7 +87,9 @@ fn vault_problem(failure: VaultFailure) -> Problem {
 }
 
 fn check_limits(field: &str, limits: &LimitsBody) -> Result<(), Problem> {
-    for (name, value) in [("per_transaction", limits.per_transaction), ("daily", limits.daily), ("monthly", limits.monthly)] {
+    for (name, value) in
+        [("per_transaction", limits.per_transaction), ("daily", limits.daily), ("monthly", limits.monthly)]
+    {
         if value.is_some_and(|v| v == 0 || v > ledger::AMOUNT_MAX) {
             return Err(Problem::invalid(
                 format!("{field}.{name}"),
@@ -112,7 +114,11 @@ pub async fn create_product(
     let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
     let name = body.name.trim().to_owned();
     if name.is_empty() || name.chars().count() > PRODUCT_NAME_LEN_MAX || name.chars().any(char::is_control) {
-        return Err(Problem::invalid("name", "invalid_name", format!("`name` must be 1..={PRODUCT_NAME_LEN_MAX} printable characters")));
+        return Err(Problem::invalid(
+            "name",
+            "invalid_name",
+            format!("`name` must be 1..={PRODUCT_NAME_LEN_MAX} printable characters"),
+        ));
     }
     if !cards::pan::valid_bin(&body.bin) {
         return Err(Problem::invalid("bin", "invalid_bin", "`bin` must be 6 to 8 digits"));
@@ -127,7 +133,11 @@ pub async fn create_product(
     check_limits("limits", &limits)?;
     let velocity = body.velocity_per_minute.unwrap_or(VELOCITY_PER_MINUTE_DEFAULT);
     if velocity == 0 || velocity > 10_000 {
-        return Err(Problem::invalid("velocity_per_minute", "invalid_velocity", "`velocity_per_minute` must be 1..=10000"));
+        return Err(Problem::invalid(
+            "velocity_per_minute",
+            "invalid_velocity",
+            "`velocity_per_minute` must be 1..=10000",
+        ));
     }
     let id = new_uuid().as_u128();
     audit.0.set_resource(uuid_string(id));
@@ -143,7 +153,8 @@ pub async fn create_product(
         holder: None,
     });
     match submit(&state, &audit, store::Command::Accounts(vec![open])).await? {
-        store::Reply::Accounts(r) if matches!(r.first(), Some((AccountResult::Created | AccountResult::Exists, _))) => {}
+        store::Reply::Accounts(r) if matches!(r.first(), Some((AccountResult::Created | AccountResult::Exists, _))) => {
+        }
         _ => return Err(Problem::internal()),
     }
     let mut product = StoredProduct {
@@ -182,11 +193,17 @@ pub async fn create_product(
 
 #[utoipa::path(get, path = "/v1/card-products/{id}", tag = "cards", params(("id" = String, Path)),
     responses((status = 200, body = ProductView), (status = 404, body = Problem)), security(("api_key" = [])))]
-pub async fn get_product(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<Response, Problem> {
+pub async fn get_product(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
     tenant.require("cards:read")?;
     let id = parse_id("id", &id)?;
     let tenant_id = tenant.id;
-    let body = query(&state, move |q| q.card_product(tenant_id, id)).await?.ok_or_else(|| Problem::not_found("card product"))?;
+    let body = query(&state, move |q| q.card_product(tenant_id, id))
+        .await?
+        .ok_or_else(|| Problem::not_found("card product"))?;
     let product: StoredProduct = serde_json::from_str(&body).map_err(|_| Problem::internal())?;
     Ok(reply(StatusCode::OK, &product_view(id, &product)))
 }
@@ -286,7 +303,11 @@ pub async fn create_card(
     }
     for (i, mcc) in blocked.iter().enumerate() {
         if mcc.len() != 4 || !mcc.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Problem::invalid(format!("blocked_mccs[{i}]"), "invalid_mcc", "a merchant category code is 4 digits"));
+            return Err(Problem::invalid(
+                format!("blocked_mccs[{i}]"),
+                "invalid_mcc",
+                "a merchant category code is 4 digits",
+            ));
         }
     }
     let tenant_id = tenant.id;
@@ -303,7 +324,13 @@ pub async fn create_card(
     .await?;
     let product: StoredProduct = match product {
         Some(p) => serde_json::from_str(&p).map_err(|_| Problem::internal())?,
-        None => return Err(Problem::invalid("product_id", "unknown_product", "`product_id` names no card product of this tenant")),
+        None => {
+            return Err(Problem::invalid(
+                "product_id",
+                "unknown_product",
+                "`product_id` names no card product of this tenant",
+            ))
+        }
     };
     let Some(account) = account else {
         return Err(Problem::invalid("account_id", "unknown_account", "`account_id` names no account of this tenant"));
@@ -377,7 +404,11 @@ async fn load_card(state: &AppState, tenant: &Tenant, id: &str) -> Result<(store
 
 #[utoipa::path(get, path = "/v1/cards/{id}", tag = "cards", params(("id" = String, Path)),
     responses((status = 200, body = CardView), (status = 404, body = Problem)), security(("api_key" = [])))]
-pub async fn get_card(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<Response, Problem> {
+pub async fn get_card(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
     tenant.require("cards:read")?;
     let (row, card) = load_card(&state, &tenant, &id).await?;
     Ok(reply(StatusCode::OK, &card_view(row.id, &row.status, &card)))
@@ -455,7 +486,8 @@ async fn reveal(state: AppState, tenant: Tenant, audit: Audit, id: String) -> Re
             let cvk: [u8; 16] = vault::open(&dek, &cvk_record(tenant_id, product_id), &cvk_sealed)?
                 .try_into()
                 .map_err(|_| store::StoreError::Corrupt("a card verification key is not 16 bytes".into()))?;
-            let pan = String::from_utf8(pan).map_err(|_| store::StoreError::Corrupt("a card number is not text".into()))?;
+            let pan =
+                String::from_utf8(pan).map_err(|_| store::StoreError::Corrupt("a card number is not text".into()))?;
             let cvv2 = cards::cvv::cvv(&cvk, &pan, &expiry, cards::cvv::CVV2_SERVICE_CODE);
             Ok((pan, cvv2))
         })())
@@ -481,15 +513,20 @@ pub async fn card_authorizations(
     tenant.require("cards:read")?;
     let limit = match params.get("limit") {
         None => 100,
-        Some(l) => l.parse::<usize>().ok().filter(|l| (1..=1000).contains(l)).ok_or_else(|| {
-            Problem::invalid("limit", "invalid_limit", "`limit` must be 1..=1000")
-        })?,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| Problem::invalid("limit", "invalid_limit", "`limit` must be 1..=1000"))?,
     };
     let (row, _) = load_card(&state, &tenant, &id).await?;
     let (tenant_id, card_id) = (tenant.id, row.id);
     let rows = query(&state, move |q| q.card_authorizations(tenant_id, card_id, limit)).await?;
-    let authorizations =
-        rows.iter().map(|r| serde_json::from_str(&r.body)).collect::<Result<_, _>>().map_err(|_| Problem::internal())?;
+    let authorizations = rows
+        .iter()
+        .map(|r| serde_json::from_str(&r.body))
+        .collect::<Result<_, _>>()
+        .map_err(|_| Problem::internal())?;
     Ok(reply(StatusCode::OK, &AuthorizationList { authorizations }))
 }
 
@@ -503,7 +540,9 @@ pub async fn get_authorization(
     tenant.require("cards:read")?;
     let id = parse_id("id", &id)?;
     let tenant_id = tenant.id;
-    let row = query(&state, move |q| q.authorization(tenant_id, id)).await?.ok_or_else(|| Problem::not_found("authorization"))?;
+    let row = query(&state, move |q| q.authorization(tenant_id, id))
+        .await?
+        .ok_or_else(|| Problem::not_found("authorization"))?;
     let view: AuthorizationView = serde_json::from_str(&row.body).map_err(|_| Problem::internal())?;
     Ok(reply(StatusCode::OK, &view))
 }

@@ -1,0 +1,442 @@
+//! Card issuing and ISO 8583 authorization end to end, with PyPI `pyiso8583` as the network (an
+//! independent implementation, run by `tests/peers/iso8583_client.py` in the virtual environment
+//! `scripts/setup` makes): sign-on, approvals, each decline, partial and over captures,
+//! reversals, refunds, duplicates, expiry and malformed frames, with balances read over HTTP
+//! after each.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use common::*;
+use rtpay::client::Client;
+use serde_json::{json, Value};
+
+/// The network, speaking pyiso8583 over one TCP connection.
+struct Network {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Network {
+    fn connect(addr: SocketAddr) -> Network {
+        let python = std::env::var("RTPAY_TEST_PYTHON")
+            .unwrap_or_else(|_| format!("{}/.cache/rtpay/venv/bin/python", std::env::var("HOME").unwrap_or_default()));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/iso8583_client.py");
+        let mut child = Command::new(&python)
+            .arg(script)
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{python} is required (scripts/setup makes it, with pyiso8583): {e}"));
+        let (stdin, stdout) = (child.stdin.take().unwrap(), BufReader::new(child.stdout.take().unwrap()));
+        Network { child, stdin, stdout }
+    }
+
+    fn command(&mut self, command: Value) -> Value {
+        writeln!(self.stdin, "{command}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(answer.get("error").is_none(), "{answer}");
+        answer
+    }
+
+    fn send(&mut self, msg: &Value) {
+        self.command(json!({"op": "send", "msg": msg}));
+    }
+
+    fn recv(&mut self, n: usize) -> Vec<Value> {
+        self.command(json!({"op": "recv", "n": n}))["messages"].as_array().unwrap().clone()
+    }
+
+    /// One request, its one answer.
+    fn ask(&mut self, msg: &Value) -> Value {
+        self.send(msg);
+        self.recv(1).pop().expect("an answer")
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A purchase authorization (0100) in pyiso8583's field names.
+fn auth(pan: &str, expiry: &str, amount: u64, stan: u32, rrn: &str) -> Value {
+    json!({
+        "t": "0100", "2": pan, "3": "000000", "4": format!("{amount:012}"), "7": "1122093000",
+        "11": format!("{stan:06}"), "12": "093000", "13": "1122", "14": expiry, "18": "5411", "22": "051",
+        "37": rrn, "41": "TERM0001", "42": "MERCHANT0000001", "49": "986",
+    })
+}
+
+fn with(mut msg: Value, changes: Value) -> Value {
+    for (k, v) in changes.as_object().unwrap() {
+        msg[k] = v.clone();
+    }
+    msg
+}
+
+async fn available(c: &mut Client, key: &str, account: &str) -> (i64, u64, u64) {
+    let b = balance(c, key, account).await;
+    (b["available"].as_i64().unwrap(), b["debits_pending"].as_u64().unwrap(), b["debits_posted"].as_u64().unwrap())
+}
+
+struct Issued {
+    key: String,
+    account: String,
+    card: String,
+    pan: String,
+    /// DE14 form, `YYMM`.
+    expiry: String,
+}
+
+/// A tenant, a funded account (R$ 100.00), a product and a card on it.
+async fn issue(c: &mut Client, product_extra: Value, card_extra: Value) -> Issued {
+    let (_, key) = tenant(c, "cards").await;
+    let bank = account(c, &key, json!({"currency": "BRL"})).await;
+    let account_id =
+        account(c, &key, json!({"currency": "BRL", "flags": {"debits_must_not_exceed_credits": true}})).await;
+    let r = c
+        .post(
+            "/v1/transfers",
+            &key,
+            &json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": account_id, "amount": 10_000}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let bin = format!("4{:07}", store::now_nanos() % 10_000_000);
+    let product = with(json!({"name": "Gold", "bin": bin, "currency": "BRL", "network": "visa"}), product_extra);
+    let r = c.post("/v1/card-products", &key, &product).await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let product_id = r.json()["id"].as_str().unwrap().to_owned();
+    let body = with(json!({"account_id": account_id, "product_id": product_id, "type": "virtual"}), card_extra);
+    let r = c.post("/v1/cards", &key, &body).await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let card = r.json();
+    assert_eq!(card["status"], json!("active"));
+    let card_id = card["id"].as_str().unwrap().to_owned();
+    let r = c.post(&format!("/v1/cards/{card_id}/reveal"), &key, &json!({})).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let revealed = r.json();
+    let pan = revealed["number"].as_str().unwrap().to_owned();
+    assert!(pan.starts_with(&bin) && cards::pan::valid(&pan), "{pan}");
+    assert_eq!(card["number"], json!(format!("{bin}****{}", &pan[12..])));
+    let expiry = revealed["expiry"].as_str().unwrap();
+    let yymm = format!("{}{}", &expiry[3..], &expiry[..2]);
+    Issued { key, account: account_id, card: card_id, pan, expiry: yymm }
+}
+
+#[test]
+fn authorizations_captures_reversals_and_refunds_over_iso8583() {
+    let dir = temp_dir("cards");
+    let log = temp_dir("cards-log").join("server.log");
+    let mut server =
+        Server::start_logged(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"], Some(&log));
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    let rt = runtime();
+    let (pan, cvv2) = rt.block_on(async {
+        let mut c = server.client();
+        let i = issue(
+            &mut c,
+            json!({"limits": {"per_transaction": 50_000}}),
+            json!({"limits": {"daily": 30_000}, "blocked_mccs": ["7995"], "ecommerce": false}),
+        )
+        .await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let r = c.post(&format!("/v1/cards/{}/reveal", i.card), key, &json!({})).await.unwrap();
+        let cvv2 = r.json()["cvv2"].as_str().unwrap().to_owned();
+        assert!(cvv2.len() == 3 && cvv2.bytes().all(|b| b.is_ascii_digit()), "{cvv2}");
+        let mut net = Network::connect(iso);
+
+        // Sign-on.
+        let r = net.ask(&json!({"t": "0800", "7": "1122093000", "11": "000001", "70": "001"}));
+        assert_eq!((r["t"].clone(), r["39"].clone(), r["11"].clone()), (json!("0810"), json!("00"), json!("000001")));
+
+        // An approval holds the amount.
+        let a1 = auth(&i.pan, &i.expiry, 1_000, 2, "000000000001");
+        let r = net.ask(&a1);
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0110"), json!("00")), "{r}");
+        let code = r["38"].as_str().unwrap().to_owned();
+        assert_eq!(code.len(), 6);
+        assert_eq!((r["11"].clone(), r["37"].clone()), (json!("000002"), json!("000000000001")));
+        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
+        // The same message again: the same answer, nothing moves.
+        let again = net.ask(&a1);
+        assert_eq!((again["39"].clone(), again["38"].clone()), (json!("00"), json!(code)));
+        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
+
+        // Each decline, and nothing held by any.
+        let unknown = cards::pan::generate("99999999", || 3);
+        let declines = [
+            ("unknown card", auth(&unknown, &i.expiry, 100, 10, "000000000010"), "14"),
+            ("wrong expiry", auth(&i.pan, "2001", 100, 11, "000000000011"), "54"),
+            ("blocked MCC", with(auth(&i.pan, &i.expiry, 100, 12, "000000000012"), json!({"18": "7995"})), "57"),
+            ("e-commerce off", with(auth(&i.pan, &i.expiry, 100, 13, "000000000013"), json!({"22": "812"})), "57"),
+            ("other currency", with(auth(&i.pan, &i.expiry, 100, 14, "000000000014"), json!({"49": "840"})), "57"),
+            ("product per-transaction", auth(&i.pan, &i.expiry, 50_001, 15, "000000000015"), "61"),
+            ("card daily", auth(&i.pan, &i.expiry, 29_001, 16, "000000000016"), "61"),
+            ("funds", auth(&i.pan, &i.expiry, 9_001, 17, "000000000017"), "51"),
+        ];
+        for (what, msg, expected) in &declines {
+            let r = net.ask(msg);
+            assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0110"), json!(expected)), "{what}: {r}");
+            assert!(r.get("38").is_none(), "{what}: no authorization code on a decline");
+        }
+        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
+
+        // A partial capture posts part of the hold and releases the rest.
+        let capture = |msg: &Value, amount: u64, stan: u32| {
+            with(msg.clone(), json!({"t": "0220", "4": format!("{amount:012}"), "11": format!("{stan:06}")}))
+        };
+        let r = net.ask(&capture(&a1, 800, 20));
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (9_200, 0, 800));
+        // Over-capture within the 20 % tolerance (a tip), and beyond it.
+        let a2 = auth(&i.pan, &i.expiry, 2_000, 21, "000000000021");
+        assert_eq!(net.ask(&a2)["39"], json!("00"));
+        assert_eq!(net.ask(&capture(&a2, 2_300, 22))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (6_900, 0, 3_100));
+        let a3 = auth(&i.pan, &i.expiry, 1_000, 23, "000000000023");
+        assert_eq!(net.ask(&a3)["39"], json!("00"));
+        assert_eq!(net.ask(&capture(&a3, 1_300, 24))["39"], json!("61"));
+        assert_eq!(available(&mut c, key, acct).await, (5_900, 1_000, 3_100));
+
+        // Reversals: of a hold (void), of a capture (money back), of nothing (acknowledged).
+        let reversal = |msg: &Value, mti: &str, stan: u32| {
+            let original = format!("0100{}1122093000{}", msg["11"].as_str().unwrap(), "0".repeat(22));
+            with(msg.clone(), json!({"t": mti, "11": format!("{stan:06}"), "90": original}))
+        };
+        let r = net.ask(&reversal(&a3, "0400", 30));
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0410"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (6_900, 0, 3_100));
+        let r = net.ask(&reversal(&a1, "0420", 31));
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0430"), json!("00")));
+        assert_eq!(available(&mut c, key, acct).await, (7_700, 0, 3_100), "the capture of 8.00 came back");
+        let stray = auth(&i.pan, &i.expiry, 500, 32, "000000000099");
+        assert_eq!(net.ask(&reversal(&stray, "0400", 33))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (7_700, 0, 3_100), "an unknown reversal moves nothing");
+
+        // A refund (0200, processing code 20xxxx) credits the account; its repeat does not.
+        let refund = with(auth(&i.pan, &i.expiry, 500, 40, "000000000040"), json!({"t": "0200", "3": "200000"}));
+        let r = net.ask(&refund);
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0210"), json!("00")), "{r}");
+        assert_eq!(net.ask(&refund)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (8_200, 0, 3_100));
+
+        // Many in flight on one connection, answered (in any order) and matched by STAN.
+        for n in 0..20u32 {
+            net.send(&auth(&i.pan, &i.expiry, 10, 100 + n, &format!("{:012}", 100 + n)));
+        }
+        let answers = net.recv(20);
+        let mut stans: Vec<u64> = answers.iter().map(|a| a["11"].as_str().unwrap().parse().unwrap()).collect();
+        stans.sort_unstable();
+        assert_eq!(stans, (100..120).collect::<Vec<u64>>());
+        assert!(answers.iter().all(|a| a["39"] == json!("00")), "{answers:?}");
+        assert_eq!(available(&mut c, key, acct).await, (8_000, 200, 3_100));
+
+        // The JSON view: each authorization with its hold, captures, reversals and reasons.
+        let r = c.get(&format!("/v1/cards/{}/authorizations?limit=1000", i.card), key).await.unwrap();
+        assert_eq!(r.status, 200);
+        let all = r.json()["authorizations"].as_array().unwrap().clone();
+        let first = all.iter().find(|a| a["rrn"] == json!("000000000001")).unwrap();
+        assert_eq!(first["status"], json!("reversed"));
+        let kinds: Vec<&str> =
+            first["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["authorization", "capture", "reversal"]);
+        assert_eq!((first["captured"].clone(), first["reversed"].clone()), (json!(800), json!(800)));
+        let declined = all.iter().find(|a| a["rrn"] == json!("000000000012")).unwrap();
+        assert_eq!(declined["response_code"], json!("57"));
+        assert!(declined["reasons"][0].as_str().unwrap().contains("7995"), "{declined}");
+        let id = first["id"].as_str().unwrap();
+        let r = c.get(&format!("/v1/authorizations/{id}"), key).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["hold_id"].clone()), (200, first["hold_id"].clone()));
+        let (_, other) = tenant(&mut c, "other").await;
+        assert_eq!(c.get(&format!("/v1/authorizations/{id}"), &other).await.unwrap().status, 404);
+
+        // Lifecycle: blocked cards are declined; a cancelled card never comes back.
+        let path = |action: &str| format!("/v1/cards/{}/{action}", i.card);
+        assert_eq!(c.post(&path("block"), key, &json!({})).await.unwrap().json()["status"], json!("blocked"));
+        assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 100, 50, "000000000050"))["39"], json!("05"));
+        assert_eq!(c.post(&path("unblock"), key, &json!({})).await.unwrap().status, 200);
+        assert_eq!(c.post(&path("activate"), key, &json!({})).await.unwrap().status, 409);
+        assert_eq!(c.post(&path("cancel"), key, &json!({})).await.unwrap().status, 200);
+        let r = c.post(&path("unblock"), key, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (409, json!("invalid_transition")));
+        assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 100, 51, "000000000051"))["39"], json!("05"));
+
+        // The reveal is audited.
+        let audit = c.get("/v1/audit?limit=1000", key).await.unwrap().json();
+        let reveals = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"].as_str().is_some_and(|r| r.ends_with("reveal")))
+            .count();
+        assert_eq!(reveals, 2);
+        (i.pan, cvv2)
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+    server.stop();
+    // No card number in clear at rest or in the log.
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(!bytes.windows(pan.len()).any(|w| w == pan.as_bytes()), "{} holds the card number", path.display());
+        }
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(&pan), "the log holds the card number");
+    assert!(!text.contains(&format!("\"cvv2\":\"{cvv2}\"")), "the log holds the CVV2");
+}
+
+#[test]
+fn product_and_card_input_is_checked() {
+    let dir = temp_dir("cards-input");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (tenant_id, key) = tenant(&mut c, "input").await;
+        let acct = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        for (body, field) in [
+            (json!({"name": "x", "bin": "12345", "currency": "BRL", "network": "visa"}), "bin"),
+            (json!({"name": "x", "bin": "123456789", "currency": "BRL", "network": "visa"}), "bin"),
+            (json!({"name": "x", "bin": "123456", "currency": "XXX", "network": "visa"}), "currency"),
+            (json!({"name": "", "bin": "123456", "currency": "BRL", "network": "visa"}), "name"),
+            (
+                json!({"name": "x", "bin": "123456", "currency": "BRL", "network": "visa", "limits": {"daily": 0}}),
+                "limits.daily",
+            ),
+        ] {
+            let r = c.post("/v1/card-products", &key, &body).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{body}");
+        }
+        let bin = format!("5{:07}", store::now_nanos() % 10_000_000);
+        let r = c
+            .post(
+                "/v1/card-products",
+                &key,
+                &json!({"name": "x", "bin": bin, "currency": "BRL", "network": "mastercard"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        let product = r.json()["id"].as_str().unwrap().to_owned();
+        let r = c
+            .post("/v1/card-products", &key, &json!({"name": "y", "bin": bin, "currency": "BRL", "network": "visa"}))
+            .await
+            .unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (409, json!("bin")), "BINs are unique");
+        let usd = account(&mut c, &key, json!({"currency": "USD"})).await;
+        for (body, field) in [
+            (json!({"account_id": acct, "product_id": product, "type": "plastic"}), "type"),
+            (json!({"account_id": usd, "product_id": product, "type": "virtual"}), "account_id"),
+            (json!({"account_id": uuid(), "product_id": product, "type": "virtual"}), "account_id"),
+            (json!({"account_id": acct, "product_id": uuid(), "type": "virtual"}), "product_id"),
+            (
+                json!({"account_id": acct, "product_id": product, "type": "virtual", "blocked_mccs": ["54"]}),
+                "blocked_mccs[0]",
+            ),
+            (json!({"account_id": acct, "product_id": product, "type": "virtual", "holder_id": uuid()}), "holder_id"),
+        ] {
+            let r = c.post("/v1/cards", &key, &body).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{body}");
+        }
+        // A physical card waits for activation.
+        let r = c
+            .post("/v1/cards", &key, &json!({"account_id": acct, "product_id": product, "type": "physical"}))
+            .await
+            .unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("inactive")));
+        let id = r.json()["id"].as_str().unwrap().to_owned();
+        let r = c.post(&format!("/v1/cards/{id}/activate"), &key, &json!({})).await.unwrap();
+        assert_eq!(r.json()["status"], json!("active"));
+        // Reveal takes its own scope.
+        let scopes = json!({"scopes": ["cards:read", "cards:write"]});
+        let r = c.post(&format!("/v1/tenants/{tenant_id}/api-keys"), OPERATOR, &scopes).await.unwrap();
+        let limited = r.json()["secret"].as_str().unwrap().to_owned();
+        assert_eq!(c.get(&format!("/v1/cards/{id}"), &limited).await.unwrap().status, 200);
+        let r = c.post(&format!("/v1/cards/{id}/reveal"), &limited, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (403, json!("cards:reveal")));
+        assert!(!String::from_utf8_lossy(&r.body).contains("number"));
+        assert_eq!(c.post(&format!("/v1/cards/{id}/fold"), &key, &json!({})).await.unwrap().status, 404);
+    });
+}
+
+#[test]
+fn holds_expire_and_malformed_frames_leave_the_listener_working() {
+    let dir = temp_dir("cards-expiry");
+    let server = Server::start_with_args(
+        &dir,
+        None,
+        "127.0.0.1:0",
+        true,
+        &["--iso8583-listen", "127.0.0.1:0", "--card-hold-seconds", "1"],
+    );
+    let iso = server.iso8583.unwrap();
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({"velocity_per_minute": 3}), json!({})).await;
+        let mut net = Network::connect(iso);
+        let a = auth(&i.pan, &i.expiry, 2_500, 1, "000000000001");
+        assert_eq!(net.ask(&a)["39"], json!("00"));
+        assert_eq!(available(&mut c, &i.key, &i.account).await, (7_500, 2_500, 0));
+        tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+        assert_eq!(available(&mut c, &i.key, &i.account).await, (10_000, 0, 0), "the ledger released the hold");
+        let capture = with(a.clone(), json!({"t": "0220", "11": "000002"}));
+        assert_eq!(net.ask(&capture)["39"], json!("05"), "an expired hold is not captured");
+        assert_eq!(available(&mut c, &i.key, &i.account).await, (10_000, 0, 0));
+
+        // Malformed frames on their own connections: a format error (DE39 30) when the type can be
+        // read, else the connection closes. Every time, the listener goes on.
+        let cases: [(&str, &[u8], Option<&str>); 5] = [
+            ("unknown MTI", b"0300000000000000000000", Some("0310")),
+            ("bad bitmap", b"0100ZZ00000000000000", Some("0110")),
+            ("truncated field", b"0100400000000000000016411111", Some("0110")),
+            ("non-ASCII", b"0100\xff\xfe000000000000000000", Some("0110")),
+            ("garbage MTI", b"\x00\x01garbage-garbage!!", None),
+        ];
+        for (what, body, answer) in cases {
+            let mut raw = Network::connect(iso);
+            let mut framed = (body.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(body);
+            raw.command(json!({"op": "raw", "hex": hex(&framed)}));
+            let got = raw.command(json!({"op": "recv", "n": 1}));
+            match answer {
+                Some(mti) => {
+                    let m = &got["messages"][0];
+                    assert_eq!((m["t"].clone(), m["39"].clone()), (json!(mti), json!("30")), "{what}: {got}");
+                }
+                None => assert_eq!(got["closed"], json!(true), "{what}: {got}"),
+            }
+        }
+        // A zero length closes the connection.
+        let mut zero = Network::connect(iso);
+        zero.command(json!({"op": "raw", "hex": "0000"}));
+        assert_eq!(zero.command(json!({"op": "recv", "n": 1}))["closed"], json!(true));
+        // The first connection was never disturbed.
+        let r = net.ask(&json!({"t": "0800", "7": "1122093000", "11": "000009", "70": "301"}));
+        assert_eq!(r["39"], json!("00"));
+        // Velocity: the product allows 3 authorizations a minute; the 4th is suspected fraud.
+        for n in 0..2u32 {
+            assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 10, 60 + n, &format!("{:012}", 60 + n)))["39"], json!("00"));
+        }
+        let r = net.ask(&auth(&i.pan, &i.expiry, 10, 70, "000000000070"));
+        assert_eq!(r["39"], json!("59"), "{r}");
+    });
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
