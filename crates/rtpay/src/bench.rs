@@ -27,7 +27,7 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Which figures: all, http, postgres, batch, restart (comma-separated).
+    /// Which figures: all, http, postgres, batch, restart, iso8583 (comma-separated).
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Seconds per measurement.
@@ -96,6 +96,169 @@ pub fn run(args: BenchArgs) -> Result<(), Error> {
     if wants("restart") {
         rt.block_on(restart(&args))?;
     }
+    if wants("iso8583") {
+        rt.block_on(iso8583(&args))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- card authorizations
+
+/// Authorizations per second the card scenario offers (the bar's load).
+const AUTH_RATE: f64 = 2_000.0;
+/// Cards the load is spread over (each card's velocity rule allows 10,000 a minute).
+const AUTH_CARDS: usize = 20;
+const AUTH_CONNECTIONS: usize = 8;
+
+/// 0100 authorizations at a fixed 2,000/s over the ISO 8583 listener: latency from the scheduled
+/// send to the answer, matched by STAN.
+async fn iso8583(args: &BenchArgs) -> Result<(), Error> {
+    use cards::iso8583::{frame, Message};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exe = std::env::current_exe()?;
+    let dir = scratch(args, "iso8583");
+    let spawn = crate::process::Spawn {
+        exe: &exe,
+        data: &dir,
+        postgres: None,
+        listen: "127.0.0.1:0",
+        operator_env: true,
+        wait: Duration::from_secs(60),
+        args: &["--iso8583-listen", "127.0.0.1:0"],
+        log: None,
+    };
+    let ServerProcess { mut child, addr, iso8583, .. } = spawn.start()?;
+    let iso = iso8583.ok_or("the ISO 8583 listener did not start")?;
+    let mut client = Client::new(addr);
+    let tenant = client.post("/v1/tenants", OPERATOR, &json!({"name": "bench"})).await?.json();
+    let key = tenant["api_key"]["secret"].as_str().ok_or("tenant creation failed")?.to_owned();
+    let id_of = |v: serde_json::Value| v["id"].as_str().map(str::to_owned).ok_or("creation failed");
+    let bank = id_of(client.post("/v1/accounts", &key, &json!({"currency": "BRL"})).await?.json())?;
+    let flags = json!({"currency": "BRL", "flags": {"debits_must_not_exceed_credits": true}});
+    let account = id_of(client.post("/v1/accounts", &key, &flags).await?.json())?;
+    let fund = json!({"id": uuid::Uuid::from_u128(Ids::Time.id(1)).to_string(), "debit_account_id": bank,
+        "credit_account_id": account, "amount": 1_000_000_000_000u64});
+    client.post("/v1/transfers", &key, &fund).await?;
+    let product = json!({"name": "bench", "bin": "40000099", "currency": "BRL", "network": "visa", "velocity_per_minute": 10_000});
+    let product = id_of(client.post("/v1/card-products", &key, &product).await?.json())?;
+    let mut cards = Vec::new();
+    for _ in 0..AUTH_CARDS {
+        let body = json!({"account_id": account, "product_id": product, "type": "virtual"});
+        let card = id_of(client.post("/v1/cards", &key, &body).await?.json())?;
+        let revealed = client.post(&format!("/v1/cards/{card}/reveal"), &key, &json!({})).await?.json();
+        let (pan, expiry) =
+            (revealed["number"].as_str().ok_or("reveal failed")?, revealed["expiry"].as_str().ok_or("reveal failed")?);
+        cards.push((pan.to_owned(), format!("{}{}", &expiry[3..], &expiry[..2])));
+    }
+    let cards = Arc::new(cards);
+    let duration = Duration::from_secs(args.seconds);
+    let started = Instant::now() + Duration::from_millis(200);
+    let interval = Duration::from_secs_f64(AUTH_CONNECTIONS as f64 / AUTH_RATE);
+    let mut tasks = Vec::new();
+    for c in 0..AUTH_CONNECTIONS {
+        let cards = cards.clone();
+        let stream = tokio::net::TcpStream::connect(iso).await?;
+        stream.set_nodelay(true)?;
+        let (mut reader, mut writer) = stream.into_split();
+        let sent: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+        let expected = (duration.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
+        let schedule = sent.clone();
+        let offset = interval.mul_f64(c as f64 / AUTH_CONNECTIONS as f64);
+        let send = tokio::spawn(async move {
+            let mut scheduled = started + offset;
+            let mut n = 0usize;
+            while scheduled < started + duration {
+                tokio::time::sleep_until(scheduled.into()).await;
+                let (pan, expiry) = &cards[(n * AUTH_CONNECTIONS + c) % cards.len()];
+                let stan = format!("{:06}", n % 1_000_000);
+                let rrn = format!("{:02}{:010}", c, n);
+                let mut m = Message::new("0100");
+                m.set(2, pan.as_str())
+                    .set(3, "000000")
+                    .set(4, "000000000100")
+                    .set(7, "1122093000")
+                    .set(11, stan.as_str());
+                m.set(14, expiry.as_str())
+                    .set(18, "5411")
+                    .set(22, "051")
+                    .set(37, rrn)
+                    .set(41, "BENCH001")
+                    .set(49, "986");
+                schedule.lock().expect("lock").insert(stan, scheduled);
+                if writer.write_all(&frame(&m.encode().expect("a valid message"))).await.is_err() {
+                    break;
+                }
+                n += 1;
+                scheduled += interval;
+            }
+            n
+        });
+        let receive = tokio::spawn(async move {
+            let mut run = Run::default();
+            let mut declined = 0u64;
+            while run.latencies_us.len() + (run.errors as usize) < expected {
+                let mut len = [0u8; 2];
+                let read = tokio::time::timeout(Duration::from_secs(10), reader.read_exact(&mut len)).await;
+                if !matches!(read, Ok(Ok(_))) {
+                    break;
+                }
+                let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if reader.read_exact(&mut body).await.is_err() {
+                    break;
+                }
+                let now = Instant::now();
+                let Ok(m) = Message::decode(&body) else {
+                    run.errors += 1;
+                    continue;
+                };
+                let at = m.get(11).and_then(|s| sent.lock().expect("lock").remove(s));
+                match (at, m.get(39)) {
+                    (Some(at), Some("00")) => {
+                        run.latencies_us.push(now.saturating_duration_since(at).as_micros() as u32)
+                    }
+                    (Some(at), Some(_)) => {
+                        declined += 1;
+                        run.latencies_us.push(now.saturating_duration_since(at).as_micros() as u32);
+                    }
+                    _ => run.errors += 1,
+                }
+            }
+            (run, declined)
+        });
+        tasks.push((send, receive));
+    }
+    let mut total = Run::default();
+    let mut declined = 0;
+    for (send, receive) in tasks {
+        let _ = send.await;
+        if let Ok((run, d)) = receive.await {
+            total.latencies_us.extend(run.latencies_us);
+            total.errors += run.errors;
+            declined += d;
+        }
+    }
+    total.elapsed = started.elapsed();
+    let rss = rss_kib(child.id()).unwrap_or(0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (answered, errors) = (total.latencies_us.len(), total.errors);
+    let (p50, p99, p999, max) =
+        (total.percentile_ms(0.5), total.percentile_ms(0.99), total.percentile_ms(0.999), total.percentile_ms(1.0));
+    println!(
+        "rtpay ISO 8583 0100 authorizations (embedded) offered at {:.0}/s over {} connections: {} answered ({} declined, {} unanswered or unmatched), p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; resident memory {} MiB",
+        AUTH_RATE,
+        AUTH_CONNECTIONS,
+        answered,
+        declined,
+        errors,
+        p50,
+        p99,
+        p999,
+        max,
+        rss / 1024
+    );
+    println!("=> card authorization p99 {p99:.2} ms at 2,000/s (bar 5 ms)");
     Ok(())
 }
 
