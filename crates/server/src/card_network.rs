@@ -198,10 +198,10 @@ pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// One request on its way through: the card found, the message identified.
-struct Flow<'a> {
-    state: &'a AppState,
-    request: &'a Message,
+/// One request on its way through: the card found, the message identified. Owned, so that what
+/// the writer runs inside the batch (making the records from the ledger's answer) can hold it.
+struct Ctx {
+    request: Message,
     tenant: u128,
     card_id: u128,
     card: StoredCard,
@@ -210,6 +210,19 @@ struct Flow<'a> {
     key: [u8; 32],
     amount: u64,
     currency: u16,
+    auth_code: String,
+    keys: std::sync::Arc<crate::auth::Keys>,
+}
+
+/// A step's records and its answer, made from the ledger's result.
+struct Concluded {
+    records: Vec<store::Record>,
+    reply: Message,
+}
+
+struct Flow<'a> {
+    state: &'a AppState,
+    ctx: std::sync::Arc<Ctx>,
 }
 
 fn field(m: &Message, n: u8) -> Result<&str, ResponseCode> {
@@ -221,6 +234,119 @@ fn digits(text: &str) -> Result<u64, ResponseCode> {
         return Err(ResponseCode::FormatError);
     }
     text.parse().map_err(|_| ResponseCode::FormatError)
+}
+
+/// The first failure of a linked chain, or `Created` / `Exists`.
+fn result_of(reply: &store::Reply) -> TransferResult {
+    match reply {
+        store::Reply::Transfers(outcomes) => {
+            let failed = outcomes.iter().map(|o| o.result).find(|r| {
+                !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed)
+            });
+            failed.unwrap_or(if outcomes.iter().all(|o| o.result == TransferResult::Exists) {
+                TransferResult::Exists
+            } else {
+                TransferResult::Created
+            })
+        }
+        _ => TransferResult::Created,
+    }
+}
+
+impl Ctx {
+    /// A ledger id derived from this message (and `purpose`): the same message, the same id.
+    fn transfer_id(&self, purpose: &str) -> u128 {
+        let mut input = self.key.to_vec();
+        input.extend_from_slice(purpose.as_bytes());
+        let digest = self.keys.mac(b"card-transfer", &input);
+        u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
+    }
+
+    fn account(&self) -> Result<u128, ResponseCode> {
+        uuid::Uuid::parse_str(&self.card.account_id).map(|u| u.as_u128()).map_err(|_| ResponseCode::SystemMalfunction)
+    }
+
+    fn event(&self, id: u128, kind: EventKind) -> TransferEvent {
+        TransferEvent {
+            key: TransferKey { tenant: ledger::TenantId(self.tenant), id: TransferId(id) },
+            kind,
+            code: 8583,
+            metadata: None,
+            linked: false,
+        }
+    }
+
+    fn new_view(&self, currency: Currency, now: u64) -> AuthorizationView {
+        AuthorizationView {
+            id: uuid_string(self.transfer_id("hold")),
+            card_id: uuid_string(self.card_id),
+            account_id: self.card.account_id.clone(),
+            status: "declined".into(),
+            amount: self.amount,
+            currency: currency.as_str().to_owned(),
+            response_code: String::new(),
+            auth_code: None,
+            reasons: vec![],
+            stan: self.request.get(11).unwrap_or("").to_owned(),
+            rrn: self.request.get(37).unwrap_or("").to_owned(),
+            mcc: self.request.get(18).map(str::to_owned),
+            hold_id: None,
+            captured: 0,
+            reversed: 0,
+            events: vec![],
+            created_at: crate::dto::rfc3339(now),
+        }
+    }
+
+    /// The step recorded on the authorization, the answer, and the records that keep both.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &self,
+        mut view: AuthorizationView,
+        created_at: u64,
+        kind: &str,
+        code: ResponseCode,
+        auth_code: Option<String>,
+        transfers: Vec<u128>,
+        reasons: Vec<String>,
+    ) -> Concluded {
+        if view.events.is_empty() {
+            view.response_code = code.code().to_owned();
+            view.reasons = reasons;
+        } else {
+            view.reasons.extend(reasons);
+        }
+        view.events.push(AuthorizationEvent {
+            kind: kind.to_owned(),
+            mti: self.request.mti.clone(),
+            amount: self.amount,
+            response_code: code.code().to_owned(),
+            transfer_ids: transfers.iter().map(|t| uuid_string(*t)).collect(),
+            at: crate::dto::rfc3339(store::now_nanos()),
+        });
+        let reply = answer(&self.request, code, auth_code.as_deref());
+        // Stored without the card number; a replay puts the request's back.
+        let mut stored = reply.clone();
+        stored.remove(2);
+        let stored = stored.encode().ok().and_then(|b| String::from_utf8(b).ok());
+        let spend = match view.status.as_str() {
+            "approved" => view.amount,
+            "captured" => view.captured,
+            _ => 0,
+        };
+        let id = uuid::Uuid::parse_str(&view.id).map(|u| u.as_u128()).unwrap_or_default();
+        let row = store::AuthorizationRow {
+            tenant_id: self.tenant,
+            id,
+            card_id: self.card_id,
+            rrn: view.rrn.clone(),
+            created_at,
+            spend,
+            body: serde_json::to_string(&view).expect("serializable"),
+        };
+        let message = stored.map(|s| (self.key, s));
+        Concluded { records: vec![store::Record::Authorization { row, message }], reply }
+    }
 }
 
 impl<'a> Flow<'a> {
@@ -248,44 +374,44 @@ impl<'a> Flow<'a> {
         }
         identity.extend_from_slice(&index);
         let key = state.keys.mac(b"card-message", &identity);
-        Ok(Flow { state, request, tenant: row.tenant_id, card_id: row.id, card, status, key, amount, currency })
-    }
-
-    /// A ledger id derived from this message (and `purpose`): the same message, the same id.
-    fn transfer_id(&self, purpose: &str) -> u128 {
-        let mut input = self.key.to_vec();
-        input.extend_from_slice(purpose.as_bytes());
-        let digest = self.state.keys.mac(b"card-transfer", &input);
-        u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
-    }
-
-    fn auth_code(&self) -> String {
-        let digest = self.state.keys.mac(b"card-auth-code", &self.key);
-        format!("{:06}", u32::from_be_bytes(digest[..4].try_into().expect("4 bytes")) % 1_000_000)
-    }
-
-    fn account(&self) -> Result<u128, ResponseCode> {
-        uuid::Uuid::parse_str(&self.card.account_id).map(|u| u.as_u128()).map_err(|_| ResponseCode::SystemMalfunction)
+        let digest = state.keys.mac(b"card-auth-code", &key);
+        let auth_code = format!("{:06}", u32::from_be_bytes(digest[..4].try_into().expect("4 bytes")) % 1_000_000);
+        let ctx = Ctx {
+            request: request.clone(),
+            tenant: row.tenant_id,
+            card_id: row.id,
+            card,
+            status,
+            key,
+            amount,
+            currency,
+            auth_code,
+            keys: state.keys.clone(),
+        };
+        Ok(Flow { state, ctx: std::sync::Arc::new(ctx) })
     }
 
     async fn run(self) -> Message {
+        let request = &self.ctx.request;
         // A repeat gets the first answer, with the card number put back (it is not stored).
-        let key = self.key;
+        let key = self.ctx.key;
         match crate::routes::query(self.state, move |q| q.card_message(&key)).await {
             Ok(Some(stored)) => {
-                if let Ok(mut m) = Message::decode(stored.as_bytes()) {
-                    if let Some(pan) = self.request.get(2) {
-                        m.set(2, pan);
+                return match Message::decode(stored.as_bytes()) {
+                    Ok(mut m) => {
+                        if let Some(pan) = request.get(2) {
+                            m.set(2, pan);
+                        }
+                        m
                     }
-                    return m;
-                }
-                return answer(self.request, ResponseCode::SystemMalfunction, None);
+                    Err(_) => answer(request, ResponseCode::SystemMalfunction, None),
+                };
             }
             Ok(None) => {}
-            Err(_) => return answer(self.request, ResponseCode::IssuerUnavailable, None),
+            Err(_) => return answer(request, ResponseCode::IssuerUnavailable, None),
         }
-        let processing = self.request.get(3).unwrap_or("000000");
-        let result = match self.request.mti.as_str() {
+        let processing = request.get(3).unwrap_or("000000");
+        let result = match request.mti.as_str() {
             "0100" => self.authorize(false).await,
             "0200" if processing.starts_with("20") => self.refund().await,
             "0200" => self.authorize(true).await,
@@ -294,21 +420,71 @@ impl<'a> Flow<'a> {
         };
         match result {
             Ok(m) => m,
-            Err(code) => answer(self.request, code, None),
+            Err(code) => answer(request, code, None),
         }
     }
 
-    fn now_parts(&self) -> (u64, String) {
-        let now = store::now_nanos();
-        let (y, m, _) = civil_date(now);
-        (now, format!("{:02}{:02}", y % 100, m))
+    /// Commits `events` (one linked chain, possibly none) with the records `conclude` makes from
+    /// the ledger's result, in one transaction of the writer; answers as `conclude` says.
+    async fn execute(
+        &self,
+        mut events: Vec<TransferEvent>,
+        conclude: impl Fn(TransferResult) -> Concluded + Send + Sync + 'static,
+    ) -> Result<Message, ResponseCode> {
+        let n = events.len();
+        for (i, e) in events.iter_mut().enumerate() {
+            e.linked = i + 1 < n;
+        }
+        let ctx = &self.ctx;
+        let draft = audit::Draft {
+            tenant: Some(ctx.tenant),
+            actor: "network".into(),
+            action: format!("iso8583 {}", ctx.request.mti),
+            resource: format!("card:{}", uuid_string(ctx.card_id)),
+            request_id: ctx.request.get(37).unwrap_or("").to_owned(),
+            source: "iso8583".into(),
+            outcome: String::new(),
+        };
+        let conclude = std::sync::Arc::new(conclude);
+        let in_batch = conclude.clone();
+        let records: store::RecordsFn = Box::new(move |reply| in_batch(result_of(reply)).records);
+        let command = if events.is_empty() { store::Command::Audit(vec![]) } else { store::Command::Transfers(events) };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.state
+            .store
+            .engine
+            .submit_with(command, Some(draft), Some(records), Box::new(move |r| drop(tx.send(r))))
+            .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let reply = rx.await.map_err(|_| ResponseCode::IssuerUnavailable)?.map_err(|e| {
+            tracing::warn!(error = %e, "a card message was not committed");
+            ResponseCode::IssuerUnavailable
+        })?;
+        Ok(conclude(result_of(&reply)).reply)
+    }
+
+    /// A step that moves no money: recorded and answered as given.
+    async fn record(
+        &self,
+        view: AuthorizationView,
+        created_at: u64,
+        kind: &'static str,
+        code: ResponseCode,
+        reason: String,
+    ) -> Result<Message, ResponseCode> {
+        let ctx = self.ctx.clone();
+        self.execute(vec![], move |_| {
+            ctx.conclude(view.clone(), created_at, kind, code, None, vec![], vec![reason.clone()])
+        })
+        .await
     }
 
     async fn authorize(&self, single_message: bool) -> Result<Message, ResponseCode> {
-        let (now, today) = self.now_parts();
-        let product_id = uuid::Uuid::parse_str(&self.card.product_id).map_err(|_| ResponseCode::SystemMalfunction)?;
-        let (tenant, card_id) = (self.tenant, self.card_id);
+        let ctx = &self.ctx;
+        let now = store::now_nanos();
         let (y, m, d) = civil_date(now);
+        let today = format!("{:02}{:02}", y % 100, m);
+        let product_id = uuid::Uuid::parse_str(&ctx.card.product_id).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let (tenant, card_id) = (ctx.tenant, ctx.card_id);
         let (day, month, minute) = (nanos_of_date(y, m, d), nanos_of_date(y, m, 1), now.saturating_sub(60_000_000_000));
         let (product, spent) = crate::routes::query(self.state, move |q| {
             Ok((q.card_product(tenant, product_id.as_u128())?, q.card_spent(card_id, day, month, minute)?))
@@ -319,230 +495,83 @@ impl<'a> Flow<'a> {
             product.and_then(|p| serde_json::from_str(&p).ok()).ok_or(ResponseCode::SystemMalfunction)?;
         let card_currency = Currency::parse(&product.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
         let facts = cards::authorize::Card {
-            status: self.status,
-            expiry: &self.card.expiry,
+            status: ctx.status,
+            expiry: &ctx.card.expiry,
             currency: card_currency.numeric(),
             product_limits: product.limits.into(),
-            card_limits: self.card.limits.into(),
-            blocked_mccs: &self.card.blocked_mccs,
-            ecommerce: self.card.ecommerce,
+            card_limits: ctx.card.limits.into(),
+            blocked_mccs: &ctx.card.blocked_mccs,
+            ecommerce: ctx.card.ecommerce,
             velocity_per_minute: product.velocity_per_minute,
         };
         let request = cards::Request {
-            amount: self.amount,
-            currency: self.currency,
-            expiry: self.request.get(14),
-            mcc: self.request.get(18),
-            entry_mode: self.request.get(22),
+            amount: ctx.amount,
+            currency: ctx.currency,
+            expiry: ctx.request.get(14),
+            mcc: ctx.request.get(18),
+            entry_mode: ctx.request.get(22),
             today: &today,
         };
         let spent = cards::Spent { today: spent.0, this_month: spent.1, last_minute: spent.2 };
         let kind = if single_message { "purchase" } else { "authorization" };
-        let mut view = self.new_view(card_currency, now);
+        let view = ctx.new_view(card_currency, now);
         if let Decision::Decline { code, reason } = cards::decide(&facts, &request, spent) {
-            return self.finish(view, kind, code, None, vec![], vec![reason]).await;
+            return self.record(view, now, kind, code, reason).await;
         }
-        if self.amount == 0 || self.amount > ledger::AMOUNT_MAX {
+        if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
             return Err(ResponseCode::FormatError);
         }
-        let hold = self.transfer_id("hold");
-        let settlement = settlement_account(self.state, self.tenant, card_currency.as_str());
-        let account = self.account()?;
-        let kind_event = if single_message {
-            EventKind::Posted { debit: AccountId(account), credit: AccountId(settlement), amount: self.amount }
+        let hold = ctx.transfer_id("hold");
+        let settlement = settlement_account(self.state, ctx.tenant, card_currency.as_str());
+        let account = ctx.account()?;
+        let event = if single_message {
+            EventKind::Posted { debit: AccountId(account), credit: AccountId(settlement), amount: ctx.amount }
         } else {
             EventKind::Pending {
                 debit: AccountId(account),
                 credit: AccountId(settlement),
-                amount: self.amount,
+                amount: ctx.amount,
                 timeout_seconds: self.state.card_settings.hold_seconds,
             }
         };
-        match self.ledger(vec![self.event(hold, kind_event)]).await? {
-            TransferResult::Created | TransferResult::Exists => {
-                let auth_code = self.auth_code();
-                view.hold_id = (!single_message).then(|| uuid_string(hold));
-                view.auth_code = Some(auth_code.clone());
-                view.status = if single_message { "captured" } else { "approved" }.into();
-                if single_message {
-                    view.captured = self.amount;
-                }
-                self.finish(view, kind, ResponseCode::Approved, Some(auth_code), vec![hold], vec![]).await
-            }
-            TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
-                let reason = "insufficient funds in the card's account".to_owned();
-                self.finish(view, kind, ResponseCode::InsufficientFunds, None, vec![], vec![reason]).await
-            }
-            TransferResult::DebitAccountClosed => {
-                let reason = "the card's account is closed".to_owned();
-                self.finish(view, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason]).await
-            }
-            other => {
-                tracing::warn!(result = other.as_str(), "card hold refused by the ledger");
-                let reason = format!("the ledger refused the hold: {}", other.as_str());
-                self.finish(view, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason]).await
-            }
-        }
-    }
-
-    fn new_view(&self, currency: Currency, now: u64) -> AuthorizationView {
-        AuthorizationView {
-            id: uuid_string(self.transfer_id("hold")),
-            card_id: uuid_string(self.card_id),
-            account_id: self.card.account_id.clone(),
-            status: "declined".into(),
-            amount: self.amount,
-            currency: currency.as_str().to_owned(),
-            response_code: String::new(),
-            auth_code: None,
-            reasons: vec![],
-            stan: self.request.get(11).unwrap_or("").to_owned(),
-            rrn: self.request.get(37).unwrap_or("").to_owned(),
-            mcc: self.request.get(18).map(str::to_owned),
-            hold_id: None,
-            captured: 0,
-            reversed: 0,
-            events: vec![],
-            created_at: crate::dto::rfc3339(now),
-        }
-    }
-
-    fn event(&self, id: u128, kind: EventKind) -> TransferEvent {
-        TransferEvent {
-            key: TransferKey { tenant: ledger::TenantId(self.tenant), id: TransferId(id) },
-            kind,
-            code: 8583,
-            metadata: None,
-            linked: false,
-        }
-    }
-
-    /// Applies `events` as one linked chain; the first failure's code, or `Created`.
-    async fn ledger(&self, mut events: Vec<TransferEvent>) -> Result<TransferResult, ResponseCode> {
-        let n = events.len();
-        for (i, e) in events.iter_mut().enumerate() {
-            e.linked = i + 1 < n;
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let draft = audit::Draft {
-            tenant: Some(self.tenant),
-            actor: "network".into(),
-            action: format!("iso8583 {}", self.request.mti),
-            resource: format!("card:{}", uuid_string(self.card_id)),
-            request_id: self.request.get(37).unwrap_or("").to_owned(),
-            source: "iso8583".into(),
-            outcome: String::new(),
-        };
-        self.state
-            .store
-            .engine
-            .submit_audited(store::Command::Transfers(events), Some(draft), Box::new(move |r| drop(tx.send(r))))
-            .map_err(|_| ResponseCode::IssuerUnavailable)?;
-        let reply =
-            rx.await.map_err(|_| ResponseCode::IssuerUnavailable)?.map_err(|_| ResponseCode::IssuerUnavailable)?;
-        let store::Reply::Transfers(outcomes) = reply else { return Err(ResponseCode::SystemMalfunction) };
-        let failed = outcomes.iter().map(|o| o.result).find(|r| {
-            !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed)
-        });
-        Ok(failed.unwrap_or(if outcomes.iter().all(|o| o.result == TransferResult::Exists) {
-            TransferResult::Exists
-        } else {
-            TransferResult::Created
-        }))
-    }
-
-    /// Records the step and the answer in one transaction, then answers.
-    #[allow(clippy::too_many_arguments)]
-    async fn finish(
-        &self,
-        mut view: AuthorizationView,
-        kind: &str,
-        code: ResponseCode,
-        auth_code: Option<String>,
-        transfers: Vec<u128>,
-        reasons: Vec<String>,
-    ) -> Result<Message, ResponseCode> {
-        if view.events.is_empty() {
-            view.response_code = code.code().to_owned();
-            view.reasons = reasons;
-        } else {
-            view.reasons.extend(reasons);
-        }
-        view.events.push(AuthorizationEvent {
-            kind: kind.to_owned(),
-            mti: self.request.mti.clone(),
-            amount: self.amount,
-            response_code: code.code().to_owned(),
-            transfer_ids: transfers.iter().map(|t| uuid_string(*t)).collect(),
-            at: crate::dto::rfc3339(store::now_nanos()),
-        });
-        let reply = answer(self.request, code, auth_code.as_deref());
-        let mut stored = reply.clone();
-        stored.remove(2);
-        let stored = String::from_utf8(stored.encode().map_err(|_| ResponseCode::SystemMalfunction)?)
-            .map_err(|_| ResponseCode::SystemMalfunction)?;
-        let spend = match view.status.as_str() {
-            "approved" => view.amount,
-            "captured" => view.captured,
-            _ => 0,
-        };
-        let id = uuid::Uuid::parse_str(&view.id).map_err(|_| ResponseCode::SystemMalfunction)?.as_u128();
-        let created_at = match view.events.len() {
-            1 => store::now_nanos(),
-            _ => self.created_at_of(id).await.unwrap_or_else(store::now_nanos),
-        };
-        let row = store::AuthorizationRow {
-            tenant_id: self.tenant,
-            id,
-            card_id: self.card_id,
-            rrn: view.rrn.clone(),
-            created_at,
-            spend,
-            body: serde_json::to_string(&view).map_err(|_| ResponseCode::SystemMalfunction)?,
-        };
-        let key = self.key;
-        let saved = crate::routes::query(self.state, move |q| q.save_authorization(&row, Some((&key, &stored)))).await;
-        match saved {
-            Ok(()) => Ok(reply),
-            // Answered meanwhile (the same message on two connections): the first answer stands.
-            Err(p) if p.code == "conflict" => {
-                let key = self.key;
-                match crate::routes::query(self.state, move |q| q.card_message(&key)).await {
-                    Ok(Some(first)) => {
-                        let mut m = Message::decode(first.as_bytes()).map_err(|_| ResponseCode::SystemMalfunction)?;
-                        if let Some(pan) = self.request.get(2) {
-                            m.set(2, pan);
-                        }
-                        Ok(m)
+        let c = self.ctx.clone();
+        self.execute(vec![ctx.event(hold, event)], move |result| {
+            let mut view = view.clone();
+            let decline = |code, reason: String| c.conclude(view.clone(), now, kind, code, None, vec![], vec![reason]);
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    view.hold_id = (!single_message).then(|| uuid_string(hold));
+                    view.auth_code = Some(c.auth_code.clone());
+                    view.status = if single_message { "captured" } else { "approved" }.into();
+                    if single_message {
+                        view.captured = c.amount;
                     }
-                    _ => Err(ResponseCode::SystemMalfunction),
+                    c.conclude(view, now, kind, ResponseCode::Approved, Some(c.auth_code.clone()), vec![hold], vec![])
                 }
+                TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
+                    decline(ResponseCode::InsufficientFunds, "insufficient funds in the card's account".into())
+                }
+                TransferResult::DebitAccountClosed => {
+                    decline(ResponseCode::DoNotHonor, "the card's account is closed".into())
+                }
+                other => decline(ResponseCode::DoNotHonor, format!("the ledger refused the hold: {}", other.as_str())),
             }
-            Err(_) => Err(ResponseCode::IssuerUnavailable),
-        }
-    }
-
-    async fn created_at_of(&self, id: u128) -> Option<u64> {
-        let tenant = self.tenant;
-        crate::routes::query(self.state, move |q| q.authorization(tenant, id))
-            .await
-            .ok()
-            .flatten()
-            .map(|a| a.created_at)
+        })
+        .await
     }
 
     /// The authorization a capture or reversal refers to: by RRN (DE37), else by the original
     /// STAN in DE90.
     async fn original(&self) -> Result<Option<(store::AuthorizationRow, AuthorizationView)>, ResponseCode> {
-        let (card, rrn) = (self.card_id, self.request.get(37).unwrap_or("").to_owned());
+        let (card, rrn) = (self.ctx.card_id, self.ctx.request.get(37).unwrap_or("").to_owned());
         let found = crate::routes::query(self.state, move |q| q.authorization_by_rrn(card, &rrn))
             .await
             .map_err(|_| ResponseCode::IssuerUnavailable)?;
         let found = match found {
             Some(a) => Some(a),
             None => {
-                let stan = self.request.get(90).and_then(|d| d.get(4..10)).unwrap_or("").to_owned();
-                let (tenant, card) = (self.tenant, self.card_id);
+                let stan = self.ctx.request.get(90).and_then(|d| d.get(4..10)).unwrap_or("").to_owned();
+                let (tenant, card) = (self.ctx.tenant, self.ctx.card_id);
                 let recent = crate::routes::query(self.state, move |q| q.card_authorizations(tenant, card, 1000))
                     .await
                     .map_err(|_| ResponseCode::IssuerUnavailable)?;
@@ -561,144 +590,158 @@ impl<'a> Flow<'a> {
     }
 
     async fn capture(&self) -> Result<Message, ResponseCode> {
-        let Some((_, mut view)) = self.original().await? else {
+        let ctx = &self.ctx;
+        let Some((row, view)) = self.original().await? else {
             return Err(ResponseCode::InvalidCard);
         };
+        let created_at = row.created_at;
         if view.status != "approved" {
             let reason = format!("the authorization is {}", view.status);
-            return self.finish(view, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await;
+            return self.record(view, created_at, "capture", ResponseCode::DoNotHonor, reason).await;
         }
         let held = view.amount;
         let tolerance =
             (u128::from(held) * u128::from(self.state.card_settings.capture_tolerance_percent) / 100) as u64;
-        if self.amount == 0 || self.amount > held.saturating_add(tolerance) {
+        if ctx.amount == 0 || ctx.amount > held.saturating_add(tolerance) {
             let reason = "the capture exceeds the hold beyond the tolerance".to_owned();
-            return self.finish(view, "capture", ResponseCode::ExceedsAmountLimit, None, vec![], vec![reason]).await;
+            return self.record(view, created_at, "capture", ResponseCode::ExceedsAmountLimit, reason).await;
         }
         let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
-            .map_err(|_| ResponseCode::SystemMalfunction)?;
-        let post = self.transfer_id("post");
-        let mut events = vec![self.event(
-            post,
-            EventKind::PostPending { pending_id: TransferId(hold.as_u128()), amount: Some(self.amount.min(held)) },
-        )];
+            .map_err(|_| ResponseCode::SystemMalfunction)?
+            .as_u128();
+        let post = ctx.transfer_id("post");
+        let pending_id = TransferId(hold);
+        let mut events =
+            vec![ctx.event(post, EventKind::PostPending { pending_id, amount: Some(ctx.amount.min(held)) })];
         let mut ids = vec![post];
-        if self.amount > held {
-            let extra = self.transfer_id("over-capture");
+        if ctx.amount > held {
+            let extra = ctx.transfer_id("over-capture");
             let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
-            let settlement = settlement_account(self.state, self.tenant, currency.as_str());
-            events.push(self.event(
-                extra,
-                EventKind::Posted {
-                    debit: AccountId(self.account()?),
-                    credit: AccountId(settlement),
-                    amount: self.amount - held,
-                },
-            ));
+            let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
+            let amount = ctx.amount - held;
+            let event = EventKind::Posted { debit: AccountId(ctx.account()?), credit: AccountId(settlement), amount };
+            events.push(ctx.event(extra, event));
             ids.push(extra);
         }
-        match self.ledger(events).await? {
-            TransferResult::Created | TransferResult::Exists => {
-                view.status = "captured".into();
-                view.captured = self.amount;
-                self.finish(view, "capture", ResponseCode::Approved, None, ids, vec![]).await
+        let c = self.ctx.clone();
+        self.execute(events, move |result| {
+            let mut view = view.clone();
+            let kind = "capture";
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    view.status = "captured".into();
+                    view.captured = c.amount;
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
+                }
+                TransferResult::PendingTransferExpired => {
+                    view.status = "expired".into();
+                    let reason = "the hold expired before the capture".to_owned();
+                    c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
+                }
+                TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
+                    let reason = "insufficient funds for the amount above the hold".to_owned();
+                    c.conclude(view, created_at, kind, ResponseCode::InsufficientFunds, None, vec![], vec![reason])
+                }
+                other => {
+                    let reason = format!("the ledger refused the capture: {}", other.as_str());
+                    c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
+                }
             }
-            TransferResult::PendingTransferExpired => {
-                view.status = "expired".into();
-                let reason = "the hold expired before the capture".to_owned();
-                self.finish(view, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await
-            }
-            TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
-                let reason = "insufficient funds for the amount above the hold".to_owned();
-                self.finish(view, "capture", ResponseCode::InsufficientFunds, None, vec![], vec![reason]).await
-            }
-            other => {
-                let reason = format!("the ledger refused the capture: {}", other.as_str());
-                self.finish(view, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await
-            }
-        }
+        })
+        .await
     }
 
     async fn reverse(&self) -> Result<Message, ResponseCode> {
-        let Some((_, mut view)) = self.original().await? else {
+        let ctx = &self.ctx;
+        let Some((row, view)) = self.original().await? else {
             // Nothing to reverse: acknowledged, nothing moves (and the answer is remembered).
-            let (now, _) = self.now_parts();
-            let currency = Currency::from_numeric(self.currency).unwrap_or(Currency::parse("BRL").expect("BRL"));
-            let mut view = self.new_view(currency, now);
-            view.id = uuid_string(self.transfer_id("unmatched-reversal"));
+            let now = store::now_nanos();
+            let currency = Currency::from_numeric(ctx.currency).unwrap_or(Currency::parse("BRL").expect("BRL"));
+            let mut view = ctx.new_view(currency, now);
+            view.id = uuid_string(ctx.transfer_id("unmatched-reversal"));
             view.status = "unmatched".into();
-            let reason = "no authorization to reverse".to_owned();
-            return self.finish(view, "reversal", ResponseCode::Approved, None, vec![], vec![reason]).await;
+            return self
+                .record(view, now, "reversal", ResponseCode::Approved, "no authorization to reverse".into())
+                .await;
         };
-        let (events, ids, status) = match view.status.as_str() {
+        let created_at = row.created_at;
+        let (events, id, reversed) = match view.status.as_str() {
             "approved" => {
                 let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
                     .map_err(|_| ResponseCode::SystemMalfunction)?;
-                let void = self.transfer_id("void");
-                (
-                    vec![self.event(void, EventKind::VoidPending { pending_id: TransferId(hold.as_u128()) })],
-                    vec![void],
-                    "reversed",
-                )
+                let void = ctx.transfer_id("void");
+                let event = EventKind::VoidPending { pending_id: TransferId(hold.as_u128()) };
+                (vec![ctx.event(void, event)], void, view.amount)
             }
             "captured" => {
-                let back = self.transfer_id("reverse-capture");
+                let back = ctx.transfer_id("reverse-capture");
                 let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
-                let settlement = settlement_account(self.state, self.tenant, currency.as_str());
+                let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
                 let amount = view.captured;
                 let event =
-                    EventKind::Posted { debit: AccountId(settlement), credit: AccountId(self.account()?), amount };
-                (vec![self.event(back, event)], vec![back], "reversed")
+                    EventKind::Posted { debit: AccountId(settlement), credit: AccountId(ctx.account()?), amount };
+                (vec![ctx.event(back, event)], back, amount)
             }
             _ => {
                 // Already reversed, declined or expired: acknowledged, nothing moves.
                 let reason = format!("the authorization is {}", view.status);
-                return self.finish(view, "reversal", ResponseCode::Approved, None, vec![], vec![reason]).await;
+                return self.record(view, created_at, "reversal", ResponseCode::Approved, reason).await;
             }
         };
-        match self.ledger(events).await? {
-            TransferResult::Created | TransferResult::Exists => {
-                view.reversed = if view.status == "captured" { view.captured } else { view.amount };
-                view.status = status.into();
-                self.finish(view, "reversal", ResponseCode::Approved, None, ids, vec![]).await
+        let c = self.ctx.clone();
+        self.execute(events, move |result| {
+            let mut view = view.clone();
+            let kind = "reversal";
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    view.reversed = reversed;
+                    view.status = "reversed".into();
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![id], vec![])
+                }
+                TransferResult::PendingTransferExpired => {
+                    view.status = "expired".into();
+                    let reason = "the hold had already expired".to_owned();
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                }
+                other => {
+                    let reason = format!("the ledger refused the reversal: {}", other.as_str());
+                    c.conclude(view, created_at, kind, ResponseCode::SystemMalfunction, None, vec![], vec![reason])
+                }
             }
-            TransferResult::PendingTransferExpired => {
-                view.status = "expired".into();
-                let reason = "the hold had already expired".to_owned();
-                self.finish(view, "reversal", ResponseCode::Approved, None, vec![], vec![reason]).await
-            }
-            other => {
-                let reason = format!("the ledger refused the reversal: {}", other.as_str());
-                self.finish(view, "reversal", ResponseCode::SystemMalfunction, None, vec![], vec![reason]).await
-            }
-        }
+        })
+        .await
     }
 
     async fn refund(&self) -> Result<Message, ResponseCode> {
-        let (now, _) = self.now_parts();
-        let currency = Currency::from_numeric(self.currency).ok_or(ResponseCode::FormatError)?;
-        let mut view = self.new_view(currency, now);
-        if self.status == CardStatus::Cancelled {
-            let reason = "the card is cancelled".to_owned();
-            return self.finish(view, "refund", ResponseCode::DoNotHonor, None, vec![], vec![reason]).await;
+        let ctx = &self.ctx;
+        let now = store::now_nanos();
+        let currency = Currency::from_numeric(ctx.currency).ok_or(ResponseCode::FormatError)?;
+        let mut view = ctx.new_view(currency, now);
+        if ctx.status == CardStatus::Cancelled {
+            return self.record(view, now, "refund", ResponseCode::DoNotHonor, "the card is cancelled".into()).await;
         }
-        if self.amount == 0 || self.amount > ledger::AMOUNT_MAX {
+        if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
             return Err(ResponseCode::FormatError);
         }
-        let credit = self.transfer_id("hold");
-        let settlement = settlement_account(self.state, self.tenant, currency.as_str());
+        let credit = ctx.transfer_id("hold");
+        let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
         let event =
-            EventKind::Posted { debit: AccountId(settlement), credit: AccountId(self.account()?), amount: self.amount };
-        match self.ledger(vec![self.event(credit, event)]).await? {
+            EventKind::Posted { debit: AccountId(settlement), credit: AccountId(ctx.account()?), amount: ctx.amount };
+        view.status = "refunded".into();
+        let c = self.ctx.clone();
+        self.execute(vec![ctx.event(credit, event)], move |result| match result {
             TransferResult::Created | TransferResult::Exists => {
-                view.status = "refunded".into();
-                self.finish(view, "refund", ResponseCode::Approved, Some(self.auth_code()), vec![credit], vec![]).await
+                let code = Some(c.auth_code.clone());
+                c.conclude(view.clone(), now, "refund", ResponseCode::Approved, code, vec![credit], vec![])
             }
             other => {
+                let mut view = view.clone();
+                view.status = "declined".into();
                 let reason = format!("the ledger refused the refund: {}", other.as_str());
-                self.finish(view, "refund", ResponseCode::NotPermitted, None, vec![], vec![reason]).await
+                c.conclude(view, now, "refund", ResponseCode::NotPermitted, None, vec![], vec![reason])
             }
-        }
+        })
+        .await
     }
 }
 

@@ -54,11 +54,16 @@ pub enum Reply {
 
 pub type Callback = Box<dyn FnOnce(Result<Reply>) + Send>;
 
+/// Rows that go with a command's ledger work, made from its reply inside the batch and committed
+/// with it (a card authorization and the answer to its message).
+pub type RecordsFn = Box<dyn Fn(&Reply) -> Vec<crate::Record> + Send>;
+
 struct Job {
     command: Command,
     /// The request's audit entry, appended in the same commit as its ledger work; an empty
     /// `outcome` is filled from the reply.
     audit: Option<audit::Draft>,
+    records: Option<RecordsFn>,
     reply: Callback,
 }
 
@@ -112,10 +117,22 @@ impl Engine {
 
     /// Like [`Engine::submit`], with the request's audit entry committed together with it.
     pub fn submit_audited(&self, command: Command, audit: Option<audit::Draft>, reply: Callback) -> Result<()> {
+        self.submit_with(command, audit, None, reply)
+    }
+
+    /// Like [`Engine::submit_audited`], with rows made from the reply committed in the same
+    /// transaction.
+    pub fn submit_with(
+        &self,
+        command: Command,
+        audit: Option<audit::Draft>,
+        records: Option<RecordsFn>,
+        reply: Callback,
+    ) -> Result<()> {
         if let Command::Transfers(events) = &command {
             assert!(events.last().is_none_or(|e| !e.linked), "a request's last event must close its chain");
         }
-        if command.len() == 0 && audit.is_none() {
+        if command.len() == 0 && audit.is_none() && records.is_none() {
             reply(Ok(match command {
                 Command::Accounts(_) => Reply::Accounts(Vec::new()),
                 Command::Transfers(_) => Reply::Transfers(Vec::new()),
@@ -124,7 +141,7 @@ impl Engine {
             return Ok(());
         }
         let sender = self.sender.as_ref().expect("engine running");
-        match sender.try_send(Job { command, audit, reply }) {
+        match sender.try_send(Job { command, audit, records, reply }) {
             Ok(()) => {
                 self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -282,7 +299,7 @@ fn apply_batch(
             writer.rollback();
             return Ok(Vec::new());
         }
-        writer.commit(&changes, &[])?;
+        writer.commit(&changes, &[], &[])?;
         return Ok(Vec::new());
     }
 
@@ -350,7 +367,9 @@ fn apply_batch(
     if !drafts.is_empty() {
         changes.push(Changes { clock, ..Changes::default() });
     }
-    writer.commit(&changes, &drafts)?;
+    let records: Vec<crate::Record> =
+        jobs.iter().zip(&replies).filter_map(|(job, reply)| job.records.as_ref().map(|f| f(reply))).flatten().collect();
+    writer.commit(&changes, &drafts, &records)?;
     Ok(replies)
 }
 

@@ -28,7 +28,7 @@ pub use audit_log::{
     audit_consistency, audit_inclusion, audit_root, audit_verify, AuditItem, AuditReport, SignedHead,
     AUDIT_PAGE_LEN_MAX,
 };
-pub use engine::{Command, Engine, EngineStats, Reply};
+pub use engine::{Command, Engine, EngineStats, RecordsFn, Reply};
 
 /// Histogram bucket bounds of [`EngineStats`].
 pub mod engine_buckets {
@@ -119,6 +119,14 @@ pub struct AuthorizationRow {
     /// What it counts against the card's limits now (held or captured, less reversed).
     pub spend: u64,
     pub body: String,
+}
+
+/// A row written by the writer in a batch's transaction, beside the ledger's changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Inserted or replaced; the answer to the message that changed it is kept under the
+    /// message's key (the first answer stays if the key was seen before).
+    Authorization { row: AuthorizationRow, message: Option<([u8; 32], String)> },
 }
 
 /// A card as stored: sealed number, blind index, status; the rest as the server's JSON `body`.
@@ -236,7 +244,7 @@ pub(crate) trait Writer: Send {
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>>;
     /// Persists the changes and the audit entries (with their times) and commits: durable when
     /// this returns Ok.
-    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)]) -> Result<()>;
+    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)], records: &[Record]) -> Result<()>;
     fn rollback(&mut self);
 }
 

@@ -101,7 +101,7 @@ pub(crate) fn append_audit_beside(
         })
         .collect();
     let changes = Changes { clock: Clock { last: time }, ..Changes::default() };
-    writer.commit(&[changes], &timed)
+    writer.commit(&[changes], &timed, &[])
 }
 
 pub(crate) fn open(url: &str, signer: Arc<audit::Signer>) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
@@ -342,11 +342,19 @@ impl Writer for PgWriter {
             .collect()
     }
 
-    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)]) -> Result<()> {
+    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)], records: &[Record]) -> Result<()> {
         assert!(self.in_tx, "commit inside a batch");
         let result = self
             .write(changes)
             .and_then(|()| if audit.is_empty() { Ok(()) } else { self.write_audit(audit) })
+            .and_then(|()| {
+                let client = &mut self.conn.as_mut().expect("connected in begin").client;
+                records.iter().try_for_each(|record| match record {
+                    Record::Authorization { row, message } => {
+                        write_authorization(client, row, message.as_ref().map(|(k, r)| (k, r.as_str())), true)
+                    }
+                })
+            })
             .and_then(|()| self.conn().client.batch_execute("COMMIT").map_err(unavailable));
         self.in_tx = false;
         if result.is_err() {
@@ -536,6 +544,43 @@ impl PgQueries {
         }
         result
     }
+}
+
+/// An authorization, inserted or replaced, and the answer to its message: a message seen before
+/// is `Conflict`, or (for the writer, `keep_first`) keeps its first answer.
+fn write_authorization(
+    client: &mut impl ::postgres::GenericClient,
+    row: &AuthorizationRow,
+    message: Option<(&[u8; 32], &str)>,
+    keep_first: bool,
+) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body",
+            &[
+                &uuid(row.tenant_id),
+                &uuid(row.id),
+                &uuid(row.card_id),
+                &row.rrn,
+                &(row.created_at as i64),
+                &(row.spend as i64),
+                &row.body,
+            ],
+        )
+        .map_err(unavailable)?;
+    if let Some((key, response)) = message {
+        let sql = if keep_first {
+            "INSERT INTO card_messages (key, response) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING"
+        } else {
+            "INSERT INTO card_messages (key, response) VALUES ($1, $2)"
+        };
+        client
+            .execute(sql, &[&&key[..], &response])
+            .map_err(|e| map_conflict(e, "this message was answered before"))?;
+    }
+    Ok(())
 }
 
 const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body";
@@ -930,23 +975,7 @@ impl Queries for PgQueries {
     fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &str)>) -> Result<()> {
         self.with(|c| {
             let mut tx = c.transaction().map_err(unavailable)?;
-            tx.execute(
-                "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body)                  VALUES ($1, $2, $3, $4, $5, $6, $7)                  ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body",
-                &[
-                    &uuid(row.tenant_id),
-                    &uuid(row.id),
-                    &uuid(row.card_id),
-                    &row.rrn,
-                    &(row.created_at as i64),
-                    &(row.spend as i64),
-                    &row.body,
-                ],
-            )
-            .map_err(unavailable)?;
-            if let Some((key, response)) = message {
-                tx.execute("INSERT INTO card_messages (key, response) VALUES ($1, $2)", &[&&key[..], &response])
-                    .map_err(|e| map_conflict(e, "this message was answered before"))?;
-            }
+            write_authorization(&mut tx, row, message, false)?;
             tx.commit().map_err(unavailable)
         })
     }

@@ -495,11 +495,18 @@ impl Writer for SqliteWriter {
         Ok(keys)
     }
 
-    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)]) -> Result<()> {
+    fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)], records: &[Record]) -> Result<()> {
         assert!(self.in_tx, "commit inside a batch");
         self.write(changes)?;
         if !audit.is_empty() {
             self.write_audit(audit)?;
+        }
+        for record in records {
+            match record {
+                Record::Authorization { row, message } => {
+                    write_authorization(&self.conn, row, message.as_ref().map(|(k, r)| (k, r.as_str())), true)?
+                }
+            }
         }
         self.conn.execute_batch("COMMIT").map_err(unavailable)?;
         self.in_tx = false;
@@ -722,6 +729,44 @@ impl SqliteQueries {
         }
         result
     }
+}
+
+/// An authorization, inserted or replaced, and the answer to its message: a message seen before
+/// is `Conflict`, or (for the writer, `keep_first`) keeps its first answer.
+fn write_authorization(
+    conn: &Connection,
+    row: &AuthorizationRow,
+    message: Option<(&[u8; 32], &str)>,
+    keep_first: bool,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+         ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body",
+    )
+    .map_err(unavailable)?
+    .execute(params![
+        uuid_bytes(row.tenant_id),
+        uuid_bytes(row.id),
+        uuid_bytes(row.card_id),
+        row.rrn,
+        row.created_at as i64,
+        row.spend as i64,
+        row.body
+    ])
+    .map_err(unavailable)?;
+    if let Some((key, response)) = message {
+        let sql = if keep_first {
+            "INSERT INTO card_messages (key, response) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING"
+        } else {
+            "INSERT INTO card_messages (key, response) VALUES (?1, ?2)"
+        };
+        conn.prepare_cached(sql)
+            .map_err(unavailable)?
+            .execute(params![&key[..], response])
+            .map_err(|e| map_conflict(e, "this message was answered before"))?;
+    }
+    Ok(())
 }
 
 const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body";
@@ -1148,26 +1193,7 @@ impl Queries for SqliteQueries {
     fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &str)>) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
-            tx.prepare_cached(
-                "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body)                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)                  ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body",
-            )
-            .map_err(unavailable)?
-            .execute(params![
-                uuid_bytes(row.tenant_id),
-                uuid_bytes(row.id),
-                uuid_bytes(row.card_id),
-                row.rrn,
-                row.created_at as i64,
-                row.spend as i64,
-                row.body
-            ])
-            .map_err(unavailable)?;
-            if let Some((key, response)) = message {
-                tx.prepare_cached("INSERT INTO card_messages (key, response) VALUES (?1, ?2)")
-                    .map_err(unavailable)?
-                    .execute(params![&key[..], response])
-                    .map_err(|e| map_conflict(e, "this message was answered before"))?;
-            }
+            write_authorization(&tx, row, message, false)?;
             tx.commit().map_err(unavailable)
         })
     }
