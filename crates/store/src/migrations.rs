@@ -203,7 +203,7 @@ CREATE TABLE card_authorizations (
     body TEXT NOT NULL,
     PRIMARY KEY (tenant_id, id)
 ) WITHOUT ROWID;
-CREATE INDEX card_authorizations_by_card ON card_authorizations (card_id, created_at);
+CREATE INDEX card_authorizations_by_card ON card_authorizations (card_id, created_at, spend);
 CREATE INDEX card_authorizations_by_rrn ON card_authorizations (card_id, rrn);
 -- Each network message answered once: a repeat gets the same answer (without the card number).
 CREATE TABLE card_messages (
@@ -380,7 +380,7 @@ CREATE TABLE card_authorizations (
     body TEXT NOT NULL,
     PRIMARY KEY (tenant_id, id)
 );
-CREATE INDEX card_authorizations_by_card ON card_authorizations (card_id, created_at);
+CREATE INDEX card_authorizations_by_card ON card_authorizations (card_id, created_at, spend);
 CREATE INDEX card_authorizations_by_rrn ON card_authorizations (card_id, rrn);
 CREATE TABLE card_messages (
     key BYTEA PRIMARY KEY,
