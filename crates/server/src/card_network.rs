@@ -212,6 +212,8 @@ struct Ctx {
     currency: u16,
     auth_code: String,
     keys: std::sync::Arc<crate::auth::Keys>,
+    /// The stored answer, when this message was answered before.
+    answered: Option<String>,
 }
 
 /// A step's records and its answer, made from the ledger's result.
@@ -361,12 +363,6 @@ impl<'a> Flow<'a> {
             return Err(ResponseCode::InvalidCard);
         }
         let index = vault.index().of(b"pan", pan.as_bytes());
-        let row = crate::routes::query(state, move |q| q.card_by_index(&index))
-            .await
-            .map_err(|_| ResponseCode::IssuerUnavailable)?
-            .ok_or(ResponseCode::InvalidCard)?;
-        let card: StoredCard = serde_json::from_str(&row.body).map_err(|_| ResponseCode::SystemMalfunction)?;
-        let status = CardStatus::parse(&row.status).ok_or(ResponseCode::SystemMalfunction)?;
         let mut identity = Vec::with_capacity(96);
         for part in [request.mti.as_str(), stan, rrn, request.get(41).unwrap_or(""), request.get(7).unwrap_or("")] {
             identity.extend_from_slice(part.as_bytes());
@@ -374,6 +370,14 @@ impl<'a> Flow<'a> {
         }
         identity.extend_from_slice(&index);
         let key = state.keys.mac(b"card-message", &identity);
+        // The card, and the answer if this message was answered before, in one trip.
+        let (row, answered) =
+            crate::routes::query(state, move |q| Ok((q.card_by_index(&index)?, q.card_message(&key)?)))
+                .await
+                .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let row = row.ok_or(ResponseCode::InvalidCard)?;
+        let card: StoredCard = serde_json::from_str(&row.body).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let status = CardStatus::parse(&row.status).ok_or(ResponseCode::SystemMalfunction)?;
         let digest = state.keys.mac(b"card-auth-code", &key);
         let auth_code = format!("{:06}", u32::from_be_bytes(digest[..4].try_into().expect("4 bytes")) % 1_000_000);
         let ctx = Ctx {
@@ -387,6 +391,7 @@ impl<'a> Flow<'a> {
             currency,
             auth_code,
             keys: state.keys.clone(),
+            answered,
         };
         Ok(Flow { state, ctx: std::sync::Arc::new(ctx) })
     }
@@ -394,21 +399,16 @@ impl<'a> Flow<'a> {
     async fn run(self) -> Message {
         let request = &self.ctx.request;
         // A repeat gets the first answer, with the card number put back (it is not stored).
-        let key = self.ctx.key;
-        match crate::routes::query(self.state, move |q| q.card_message(&key)).await {
-            Ok(Some(stored)) => {
-                return match Message::decode(stored.as_bytes()) {
-                    Ok(mut m) => {
-                        if let Some(pan) = request.get(2) {
-                            m.set(2, pan);
-                        }
-                        m
+        if let Some(stored) = &self.ctx.answered {
+            return match Message::decode(stored.as_bytes()) {
+                Ok(mut m) => {
+                    if let Some(pan) = request.get(2) {
+                        m.set(2, pan);
                     }
-                    Err(_) => answer(request, ResponseCode::SystemMalfunction, None),
-                };
-            }
-            Ok(None) => {}
-            Err(_) => return answer(request, ResponseCode::IssuerUnavailable, None),
+                    m
+                }
+                Err(_) => answer(request, ResponseCode::SystemMalfunction, None),
+            };
         }
         let processing = request.get(3).unwrap_or("000000");
         let result = match request.mti.as_str() {
