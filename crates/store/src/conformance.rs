@@ -567,7 +567,9 @@ pub fn card_records(location: Location) {
         spend,
         body: format!("{{\"id\":{id}}}"),
     };
-    let day = NOW - 10_000;
+    // Spend is summed per UTC day of the authorization.
+    const DAY: u64 = 86_400_000_000_000;
+    let day = NOW - NOW % DAY;
     q.save_authorization(&auth(1, day - 1, 500), Some((&[1; 32], "answer 1"))).unwrap();
     q.save_authorization(&auth(2, day + 1, 300), Some((&[2; 32], "answer 2"))).unwrap();
     q.save_authorization(&auth(3, NOW, 200), None).unwrap();
@@ -587,8 +589,11 @@ pub fn card_records(location: Location) {
     let listed: Vec<u128> = q.card_authorizations(T.0, 10, 10).unwrap().iter().map(|a| a.id).collect();
     assert_eq!(listed, vec![3, 2, 1], "newest first");
     assert_eq!(q.card_authorizations(OTHER.0, 10, 10).unwrap(), vec![]);
-    assert_eq!(q.card_spent(10, day, day - 100, NOW).unwrap(), (450, 950, 1));
+    assert_eq!(q.card_spent(10, day, day - DAY, NOW).unwrap(), (450, 950, 1));
     assert_eq!(q.card_spent(10, day, day, NOW + 1).unwrap(), (450, 450, 0));
+    // A reversal takes the spend back off the authorization's own day.
+    q.save_authorization(&auth(1, day - 1, 0), None).unwrap();
+    assert_eq!(q.card_spent(10, day, day - DAY, day).unwrap(), (450, 450, 2));
     store.close();
 }
 

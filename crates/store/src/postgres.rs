@@ -554,6 +554,27 @@ fn write_authorization(
     message: Option<(&[u8; 32], &str)>,
     keep_first: bool,
 ) -> Result<()> {
+    // The change to the card's spend on the authorization's day.
+    let before: i64 = client
+        .query_opt(
+            "SELECT spend FROM card_authorizations WHERE tenant_id = $1 AND id = $2",
+            &[&uuid(row.tenant_id), &uuid(row.id)],
+        )
+        .map_err(unavailable)?
+        .map(|r| r.try_get(0))
+        .transpose()
+        .map_err(unavailable)?
+        .unwrap_or(0);
+    let delta = row.spend as i64 - before;
+    if delta != 0 {
+        client
+            .execute(
+                "INSERT INTO card_spend (card_id, day, spend) VALUES ($1, $2, $3) \
+                 ON CONFLICT (card_id, day) DO UPDATE SET spend = card_spend.spend + excluded.spend",
+                &[&uuid(row.card_id), &((row.created_at / DAY_NANOS) as i64), &delta],
+            )
+            .map_err(unavailable)?;
+    }
     client
         .execute(
             "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body) \
@@ -582,6 +603,11 @@ fn write_authorization(
     }
     Ok(())
 }
+
+/// Nanoseconds in a UTC day: `card_spend.day` is days since the epoch.
+const DAY_NANOS: u64 = 86_400_000_000_000;
+/// Recent authorizations are counted up to this many (above any velocity limit a product may set).
+const RECENT_COUNT_MAX: i64 = 100_000;
 
 const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body";
 
@@ -1038,13 +1064,22 @@ impl Queries for PgQueries {
         self.with(|c| {
             let r = c
                 .query_one(
-                    "SELECT COALESCE(SUM(CASE WHEN created_at >= $2 THEN spend END), 0)::bigint,                      COALESCE(SUM(spend), 0)::bigint, COUNT(CASE WHEN created_at >= $4 THEN 1 END)                      FROM card_authorizations WHERE card_id = $1 AND created_at >= $3",
-                    &[&uuid(card_id), &(day as i64), &(month as i64), &(minute as i64)],
+                    "SELECT COALESCE(SUM(CASE WHEN day >= $2 THEN spend END), 0)::bigint, COALESCE(SUM(spend), 0)::bigint, \
+                     (SELECT COUNT(*) FROM (SELECT 1 FROM card_authorizations WHERE card_id = $1 AND created_at >= $4 \
+                      LIMIT $5) AS recent) \
+                     FROM card_spend WHERE card_id = $1 AND day >= $3",
+                    &[
+                        &uuid(card_id),
+                        &((day / DAY_NANOS) as i64),
+                        &((month / DAY_NANOS) as i64),
+                        &(minute as i64),
+                        &RECENT_COUNT_MAX,
+                    ],
                 )
                 .map_err(unavailable)?;
             Ok((
-                r.try_get::<_, i64>(0).map_err(unavailable)? as u64,
-                r.try_get::<_, i64>(1).map_err(unavailable)? as u64,
+                r.try_get::<_, i64>(0).map_err(unavailable)?.max(0) as u64,
+                r.try_get::<_, i64>(1).map_err(unavailable)?.max(0) as u64,
                 r.try_get::<_, i64>(2).map_err(unavailable)? as u32,
             ))
         })

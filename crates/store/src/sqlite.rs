@@ -739,6 +739,24 @@ fn write_authorization(
     message: Option<(&[u8; 32], &str)>,
     keep_first: bool,
 ) -> Result<()> {
+    // The change to the card's spend on the authorization's day.
+    let before: i64 = conn
+        .prepare_cached("SELECT spend FROM card_authorizations WHERE tenant_id = ?1 AND id = ?2")
+        .map_err(unavailable)?
+        .query_row(params![uuid_bytes(row.tenant_id), uuid_bytes(row.id)], |r| r.get(0))
+        .optional()
+        .map_err(unavailable)?
+        .unwrap_or(0);
+    let delta = row.spend as i64 - before;
+    if delta != 0 {
+        conn.prepare_cached(
+            "INSERT INTO card_spend (card_id, day, spend) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (card_id, day) DO UPDATE SET spend = spend + excluded.spend",
+        )
+        .map_err(unavailable)?
+        .execute(params![uuid_bytes(row.card_id), (row.created_at / DAY_NANOS) as i64, delta])
+        .map_err(unavailable)?;
+    }
     conn.prepare_cached(
         "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
@@ -768,6 +786,11 @@ fn write_authorization(
     }
     Ok(())
 }
+
+/// Nanoseconds in a UTC day: `card_spend.day` is days since the epoch.
+const DAY_NANOS: u64 = 86_400_000_000_000;
+/// Recent authorizations are counted up to this many (above any velocity limit a product may set).
+const RECENT_COUNT_MAX: i64 = 100_000;
 
 const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body";
 
@@ -1256,14 +1279,25 @@ impl Queries for SqliteQueries {
         minute: Timestamp,
     ) -> Result<(u64, u64, u32)> {
         self.with(|c| {
-            c.prepare_cached(
-                "SELECT COALESCE(SUM(CASE WHEN created_at >= ?2 THEN spend END), 0), COALESCE(SUM(spend), 0),                  COUNT(CASE WHEN created_at >= ?4 THEN 1 END)                  FROM card_authorizations WHERE card_id = ?1 AND created_at >= ?3",
-            )
-            .map_err(unavailable)?
-            .query_row(params![uuid_bytes(card_id), day as i64, month as i64, minute as i64], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u32))
-            })
-            .map_err(unavailable)
+            let (today, this_month) = c
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(CASE WHEN day >= ?2 THEN spend END), 0), COALESCE(SUM(spend), 0) \
+                     FROM card_spend WHERE card_id = ?1 AND day >= ?3",
+                )
+                .map_err(unavailable)?
+                .query_row(params![uuid_bytes(card_id), (day / DAY_NANOS) as i64, (month / DAY_NANOS) as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .map_err(unavailable)?;
+            let recent: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM card_authorizations WHERE card_id = ?1 AND created_at >= ?2 \
+                     LIMIT ?3)",
+                )
+                .map_err(unavailable)?
+                .query_row(params![uuid_bytes(card_id), minute as i64, RECENT_COUNT_MAX], |r| r.get(0))
+                .map_err(unavailable)?;
+            Ok((today.max(0) as u64, this_month.max(0) as u64, recent as u32))
         })
     }
 
