@@ -56,10 +56,12 @@ pub struct StoredProduct {
     pub network: String,
     pub limits: LimitsBody,
     pub velocity_per_minute: u32,
-    /// CVK A || CVK B, sealed under the tenant's data key.
+    /// CVK A || CVK B, sealed under the tenant's data key (base64).
     pub cvk_sealed: String,
     pub settlement_account_id: String,
-    pub created_at: u64,
+    /// RFC 3339. (Stored texts hold no long digit runs: a card-number scan of storage stays
+    /// meaningful.)
+    pub created_at: String,
 }
 
 /// A card as stored (`cards.body`); the number only sealed.
@@ -76,8 +78,10 @@ pub struct StoredCard {
     pub limits: LimitsBody,
     pub blocked_mccs: Vec<String>,
     pub ecommerce: bool,
+    /// Sealed under the tenant's data key (base64).
     pub pan_sealed: String,
-    pub created_at: u64,
+    /// RFC 3339.
+    pub created_at: String,
 }
 
 /// One step in an authorization's life.
@@ -212,8 +216,10 @@ struct Ctx {
     currency: u16,
     auth_code: String,
     keys: std::sync::Arc<crate::auth::Keys>,
-    /// The stored answer, when this message was answered before.
-    answered: Option<String>,
+    /// The stored answer (sealed), when this message was answered before.
+    answered: Option<Vec<u8>>,
+    /// The tenant's data key: stored answers are sealed under it.
+    dek: std::sync::Arc<vault::Secret32>,
 }
 
 /// A step's records and its answer, made from the ledger's result.
@@ -327,10 +333,10 @@ impl Ctx {
             at: crate::dto::rfc3339(store::now_nanos()),
         });
         let reply = answer(&self.request, code, auth_code.as_deref());
-        // Stored without the card number; a replay puts the request's back.
+        // Stored sealed and without the card number; a replay puts the request's back.
         let mut stored = reply.clone();
         stored.remove(2);
-        let stored = stored.encode().ok().and_then(|b| String::from_utf8(b).ok());
+        let stored = stored.encode().ok().and_then(|b| vault::seal(&self.dek, &self.key, &b).ok());
         let spend = match view.status.as_str() {
             "approved" => view.amount,
             "captured" => view.captured,
@@ -370,12 +376,20 @@ impl<'a> Flow<'a> {
         }
         identity.extend_from_slice(&index);
         let key = state.keys.mac(b"card-message", &identity);
-        // The card, and the answer if this message was answered before, in one trip.
-        let (row, answered) =
-            crate::routes::query(state, move |q| Ok((q.card_by_index(&index)?, q.card_message(&key)?)))
-                .await
-                .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        // The card, the tenant's data key, and the answer if this message was answered before, in
+        // one trip.
+        let (row, answered, dek) = crate::routes::query(state, move |q| {
+            let row = q.card_by_index(&index)?;
+            let dek = row.as_ref().map(|r| vault.data_key(q, r.tenant_id));
+            Ok((row, q.card_message(&key)?, dek))
+        })
+        .await
+        .map_err(|_| ResponseCode::IssuerUnavailable)?;
         let row = row.ok_or(ResponseCode::InvalidCard)?;
+        let dek = match dek {
+            Some(Ok(dek)) => dek,
+            _ => return Err(ResponseCode::IssuerUnavailable),
+        };
         let card: StoredCard = serde_json::from_str(&row.body).map_err(|_| ResponseCode::SystemMalfunction)?;
         let status = CardStatus::parse(&row.status).ok_or(ResponseCode::SystemMalfunction)?;
         let digest = state.keys.mac(b"card-auth-code", &key);
@@ -392,6 +406,7 @@ impl<'a> Flow<'a> {
             auth_code,
             keys: state.keys.clone(),
             answered,
+            dek,
         };
         Ok(Flow { state, ctx: std::sync::Arc::new(ctx) })
     }
@@ -400,7 +415,8 @@ impl<'a> Flow<'a> {
         let request = &self.ctx.request;
         // A repeat gets the first answer, with the card number put back (it is not stored).
         if let Some(stored) = &self.ctx.answered {
-            return match Message::decode(stored.as_bytes()) {
+            let opened = vault::open(&self.ctx.dek, &self.ctx.key, stored);
+            return match opened.map_err(|_| ()).and_then(|b| Message::decode(&b).map_err(|_| ())) {
                 Ok(mut m) => {
                     if let Some(pan) = request.get(2) {
                         m.set(2, pan);

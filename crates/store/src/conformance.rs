@@ -570,18 +570,18 @@ pub fn card_records(location: Location) {
     // Spend is summed per UTC day of the authorization.
     const DAY: u64 = 86_400_000_000_000;
     let day = NOW - NOW % DAY;
-    q.save_authorization(&auth(1, day - 1, 500), Some((&[1; 32], "answer 1"))).unwrap();
-    q.save_authorization(&auth(2, day + 1, 300), Some((&[2; 32], "answer 2"))).unwrap();
+    q.save_authorization(&auth(1, day - 1, 500), Some((&[1; 32], &b"answer 1"[..]))).unwrap();
+    q.save_authorization(&auth(2, day + 1, 300), Some((&[2; 32], &b"answer 2"[..]))).unwrap();
     q.save_authorization(&auth(3, NOW, 200), None).unwrap();
     assert!(matches!(
-        q.save_authorization(&auth(4, NOW, 1), Some((&[1; 32], "again"))),
+        q.save_authorization(&auth(4, NOW, 1), Some((&[1; 32], &b"again"[..]))),
         Err(crate::StoreError::Conflict(_))
     ));
     assert_eq!(q.authorization(T.0, 4).unwrap(), None, "a refused message leaves no authorization");
-    assert_eq!(q.card_message(&[1; 32]).unwrap().as_deref(), Some("answer 1"));
+    assert_eq!(q.card_message(&[1; 32]).unwrap().as_deref(), Some(&b"answer 1"[..]));
     assert_eq!(q.card_message(&[9; 32]).unwrap(), None);
     // A capture rewrites the authorization in place.
-    q.save_authorization(&auth(2, day + 1, 250), Some((&[3; 32], "captured"))).unwrap();
+    q.save_authorization(&auth(2, day + 1, 250), Some((&[3; 32], &b"captured"[..]))).unwrap();
     assert_eq!(q.authorization(T.0, 2).unwrap().unwrap().spend, 250);
     assert_eq!(q.authorization(OTHER.0, 2).unwrap(), None);
     assert_eq!(q.authorization_by_rrn(10, "rrn2").unwrap().unwrap().id, 2);

@@ -126,7 +126,7 @@ pub struct AuthorizationRow {
 pub enum Record {
     /// Inserted or replaced; the answer to the message that changed it is kept under the
     /// message's key (the first answer stays if the key was seen before).
-    Authorization { row: AuthorizationRow, message: Option<([u8; 32], String)> },
+    Authorization { row: AuthorizationRow, message: Option<([u8; 32], Vec<u8>)> },
 }
 
 /// A card as stored: sealed number, blind index, status; the rest as the server's JSON `body`.
@@ -209,13 +209,13 @@ pub trait Queries: Send + Sync {
     fn update_card(&self, card: &CardRow, expected: &str) -> Result<bool>;
     /// Inserts or replaces the authorization and, in the same transaction, remembers the answer
     /// to the message (by its key) that changed it; a message key seen before is `Conflict`.
-    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &str)>) -> Result<()>;
+    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &[u8])>) -> Result<()>;
     fn authorization(&self, tenant_id: u128, id: u128) -> Result<Option<AuthorizationRow>>;
     fn authorization_by_rrn(&self, card_id: u128, rrn: &str) -> Result<Option<AuthorizationRow>>;
     /// Newest first.
     fn card_authorizations(&self, tenant_id: u128, card_id: u128, limit: usize) -> Result<Vec<AuthorizationRow>>;
-    /// The stored answer to a message seen before.
-    fn card_message(&self, key: &[u8; 32]) -> Result<Option<String>>;
+    /// The stored answer to a message seen before (sealed by the server).
+    fn card_message(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>>;
     /// A card's spend since `day` and since `month`, and its authorizations since `minute`.
     fn card_spent(&self, card_id: u128, day: Timestamp, month: Timestamp, minute: Timestamp)
         -> Result<(u64, u64, u32)>;

@@ -213,10 +213,10 @@ CREATE TABLE card_spend (
     spend INTEGER NOT NULL,
     PRIMARY KEY (card_id, day)
 ) WITHOUT ROWID;
--- Each network message answered once: a repeat gets the same answer (without the card number).
+-- Each network message answered once: a repeat gets the same answer (sealed, without the card number).
 CREATE TABLE card_messages (
     key BLOB PRIMARY KEY,
-    response TEXT NOT NULL
+    response BLOB NOT NULL
 ) WITHOUT ROWID;
 "#,
     },
@@ -398,7 +398,7 @@ CREATE TABLE card_spend (
 );
 CREATE TABLE card_messages (
     key BYTEA PRIMARY KEY,
-    response TEXT NOT NULL
+    response BYTEA NOT NULL
 );
 "#,
     },

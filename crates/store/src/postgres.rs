@@ -351,7 +351,7 @@ impl Writer for PgWriter {
                 let client = &mut self.conn.as_mut().expect("connected in begin").client;
                 records.iter().try_for_each(|record| match record {
                     Record::Authorization { row, message } => {
-                        write_authorization(client, row, message.as_ref().map(|(k, r)| (k, r.as_str())), true)
+                        write_authorization(client, row, message.as_ref().map(|(k, r)| (k, r.as_slice())), true)
                     }
                 })
             })
@@ -551,7 +551,7 @@ impl PgQueries {
 fn write_authorization(
     client: &mut impl ::postgres::GenericClient,
     row: &AuthorizationRow,
-    message: Option<(&[u8; 32], &str)>,
+    message: Option<(&[u8; 32], &[u8])>,
     keep_first: bool,
 ) -> Result<()> {
     // The change to the card's spend on the authorization's day.
@@ -998,7 +998,7 @@ impl Queries for PgQueries {
         })
     }
 
-    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &str)>) -> Result<()> {
+    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &[u8])>) -> Result<()> {
         self.with(|c| {
             let mut tx = c.transaction().map_err(unavailable)?;
             write_authorization(&mut tx, row, message, false)?;
@@ -1046,7 +1046,7 @@ impl Queries for PgQueries {
         })
     }
 
-    fn card_message(&self, key: &[u8; 32]) -> Result<Option<String>> {
+    fn card_message(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>> {
         self.with(|c| {
             let row =
                 c.query_opt("SELECT response FROM card_messages WHERE key = $1", &[&&key[..]]).map_err(unavailable)?;

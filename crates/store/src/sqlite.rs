@@ -504,7 +504,7 @@ impl Writer for SqliteWriter {
         for record in records {
             match record {
                 Record::Authorization { row, message } => {
-                    write_authorization(&self.conn, row, message.as_ref().map(|(k, r)| (k, r.as_str())), true)?
+                    write_authorization(&self.conn, row, message.as_ref().map(|(k, r)| (k, r.as_slice())), true)?
                 }
             }
         }
@@ -736,7 +736,7 @@ impl SqliteQueries {
 fn write_authorization(
     conn: &Connection,
     row: &AuthorizationRow,
-    message: Option<(&[u8; 32], &str)>,
+    message: Option<(&[u8; 32], &[u8])>,
     keep_first: bool,
 ) -> Result<()> {
     // The change to the card's spend on the authorization's day.
@@ -1213,7 +1213,7 @@ impl Queries for SqliteQueries {
         })
     }
 
-    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &str)>) -> Result<()> {
+    fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &[u8])>) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
             write_authorization(&tx, row, message, false)?;
@@ -1261,7 +1261,7 @@ impl Queries for SqliteQueries {
         })
     }
 
-    fn card_message(&self, key: &[u8; 32]) -> Result<Option<String>> {
+    fn card_message(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>> {
         self.with(|c| {
             c.prepare_cached("SELECT response FROM card_messages WHERE key = ?1")
                 .map_err(unavailable)?

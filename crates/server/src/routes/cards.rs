@@ -16,6 +16,7 @@ use crate::card_network::{
 };
 use crate::dto::{civil_date, parse_id, rfc3339, uuid_string};
 use crate::json::{reply, Json, Path};
+use crate::oauth::{base64_decode, base64_encode};
 use crate::problem::Problem;
 use crate::routes::{query, submit};
 use crate::vault_service::VaultFailure;
@@ -67,7 +68,7 @@ fn product_view(id: u128, p: &StoredProduct) -> ProductView {
         limits: p.limits,
         velocity_per_minute: p.velocity_per_minute,
         settlement_account_id: p.settlement_account_id.clone(),
-        created_at: rfc3339(p.created_at),
+        created_at: p.created_at.clone(),
     }
 }
 
@@ -166,7 +167,7 @@ pub async fn create_product(
         velocity_per_minute: velocity,
         cvk_sealed: String::new(),
         settlement_account_id: uuid_string(settlement.id.0),
-        created_at: store::now_nanos(),
+        created_at: rfc3339(store::now_nanos()),
     };
     let tenant_id = tenant.id;
     let stored = product.clone();
@@ -175,7 +176,7 @@ pub async fn create_product(
             let dek = vault.data_key(q, tenant_id)?;
             let cvk = random_32();
             let mut stored = stored;
-            stored.cvk_sealed = vault::hex(&vault::seal(&dek, &cvk_record(tenant_id, id), &cvk[..16])?);
+            stored.cvk_sealed = base64_encode(&vault::seal(&dek, &cvk_record(tenant_id, id), &cvk[..16])?);
             let body = serde_json::to_string(&stored).expect("serializable");
             q.create_card_product(tenant_id, id, &stored.bin, &body)?;
             Ok(stored)
@@ -262,7 +263,7 @@ fn card_view(id: u128, status: &str, c: &StoredCard) -> CardView {
         limits: c.limits,
         blocked_mccs: c.blocked_mccs.clone(),
         ecommerce: c.ecommerce,
-        created_at: rfc3339(c.created_at),
+        created_at: c.created_at.clone(),
     }
 }
 
@@ -361,7 +362,7 @@ pub async fn create_card(
         blocked_mccs: blocked,
         ecommerce: body.ecommerce.unwrap_or(true),
         pan_sealed: String::new(),
-        created_at: now,
+        created_at: rfc3339(now),
     };
     let template = card.clone();
     let result = query(&state, move |q| {
@@ -372,7 +373,7 @@ pub async fn create_card(
                 let (sealed, index) = seal_pan(&vault, q, tenant_id, id, &pan)?;
                 let mut card = template.clone();
                 card.last4 = pan[pan.len() - 4..].to_owned();
-                card.pan_sealed = vault::hex(&sealed);
+                card.pan_sealed = base64_encode(&sealed);
                 let row = store::CardRow {
                     tenant_id,
                     id,
@@ -471,7 +472,7 @@ async fn reveal(state: AppState, tenant: Tenant, audit: Audit, id: String) -> Re
     }
     let product_id = parse_id("product_id", &card.product_id)?;
     let (tenant_id, card_id) = (tenant.id, row.id);
-    let sealed_pan = vault::unhex(&card.pan_sealed).ok_or_else(Problem::internal)?;
+    let sealed_pan = base64_decode(&card.pan_sealed).ok_or_else(Problem::internal)?;
     let expiry = card.expiry.clone();
     let result = query(&state, move |q| {
         Ok((|| -> Result<(String, String), VaultFailure> {
@@ -481,8 +482,8 @@ async fn reveal(state: AppState, tenant: Tenant, audit: Audit, id: String) -> Re
                 .and_then(|p| serde_json::from_str(&p).ok())
                 .ok_or_else(|| store::StoreError::Corrupt("a card's product is missing".into()))?;
             let pan = vault::open(&dek, &pan_record(tenant_id, card_id), &sealed_pan)?;
-            let cvk_sealed = vault::unhex(&product.cvk_sealed)
-                .ok_or_else(|| store::StoreError::Corrupt("a sealed key is not hex".into()))?;
+            let cvk_sealed = base64_decode(&product.cvk_sealed)
+                .ok_or_else(|| store::StoreError::Corrupt("a sealed key is not base64".into()))?;
             let cvk: [u8; 16] = vault::open(&dek, &cvk_record(tenant_id, product_id), &cvk_sealed)?
                 .try_into()
                 .map_err(|_| store::StoreError::Corrupt("a card verification key is not 16 bytes".into()))?;
