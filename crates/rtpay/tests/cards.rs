@@ -148,7 +148,8 @@ fn authorizations_captures_reversals_and_refunds_over_iso8583() {
         let mut c = server.client();
         let i = issue(
             &mut c,
-            json!({"limits": {"per_transaction": 50_000}}),
+            // Velocity is tested on its own (below); this card makes about 40 authorizations in a second.
+            json!({"limits": {"per_transaction": 50_000}, "velocity_per_minute": 1_000}),
             json!({"limits": {"daily": 30_000}, "blocked_mccs": ["7995"], "ecommerce": false}),
         )
         .await;

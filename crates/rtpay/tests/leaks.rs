@@ -182,7 +182,9 @@ fn no_card_number_document_or_secret_is_found_in_logs_storage_or_backups() {
         for (stan, amount) in [(1, "000000000100"), (2, "999999999999")] {
             let mut m = cards::iso8583::Message::new("0100");
             m.set(2, pan.as_str()).set(3, "000000").set(4, amount).set(11, format!("{stan:06}"));
-            m.set(14, yymm.as_str()).set(37, format!("{stan:012}")).set(49, "986").set(45, format!("B{pan}^TRACK"));
+            // DE37 is alphanumeric: a digits-only RRN beside a binary column can read as a 13-digit run
+            // to the Luhn scan, a false alarm that is not card data.
+            m.set(14, yymm.as_str()).set(37, format!("LEAK{stan:08}")).set(49, "986").set(45, format!("B{pan}^TRACK"));
             frames.push(m.encode().unwrap());
         }
         frames.push(format!("0100F0000000000000001{pan}").into_bytes()); // truncated after the PAN

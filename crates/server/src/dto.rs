@@ -59,6 +59,19 @@ fn metadata_value(text: &Option<String>) -> Option<serde_json::Value> {
 }
 
 /// Nanoseconds since the epoch as RFC 3339 UTC, e.g. `2026-11-22T02:01:26.123456789Z`.
+/// A display name: trimmed, 1..=`max` characters, none a control character (422 on `field`).
+pub fn display_name(field: &str, text: &str, max: usize) -> Result<String, Problem> {
+    let name = text.trim();
+    if name.is_empty() || name.chars().count() > max || name.chars().any(char::is_control) {
+        return Err(Problem::invalid(
+            field,
+            "invalid_name",
+            format!("`{field}` must be 1..={max} printable characters"),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
 pub fn rfc3339(nanos: u64) -> String {
     let secs = nanos / 1_000_000_000;
     let frac = nanos % 1_000_000_000;

@@ -126,3 +126,21 @@ impl VaultService {
         Ok(dek)
     }
 }
+
+impl From<VaultFailure> for crate::problem::Problem {
+    /// An unreachable key store is 503 (nothing was written); anything else the vault refuses is a
+    /// fault of ours, logged and answered 500.
+    fn from(failure: VaultFailure) -> crate::problem::Problem {
+        match failure {
+            VaultFailure::Store(e) => e.into(),
+            VaultFailure::Vault(VaultError::Unavailable(why)) => {
+                tracing::warn!(%why, "key store unavailable");
+                crate::problem::Problem::unavailable("the key store is unavailable; nothing was written", 5)
+            }
+            VaultFailure::Vault(e) => {
+                tracing::error!(error = %e, "vault failure");
+                crate::problem::Problem::internal()
+            }
+        }
+    }
+}

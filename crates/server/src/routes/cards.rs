@@ -72,21 +72,6 @@ fn product_view(id: u128, p: &StoredProduct) -> ProductView {
     }
 }
 
-fn vault_problem(failure: VaultFailure) -> Problem {
-    match failure {
-        VaultFailure::Store(store::StoreError::Conflict(what)) => Problem::new(StatusCode::CONFLICT, "exists", what),
-        VaultFailure::Store(e) => e.into(),
-        VaultFailure::Vault(vault::VaultError::Unavailable(why)) => {
-            tracing::warn!(%why, "key store unavailable");
-            Problem::unavailable("the key store is unavailable; nothing was written", 5)
-        }
-        VaultFailure::Vault(e) => {
-            tracing::error!(error = %e, "vault failure");
-            Problem::internal()
-        }
-    }
-}
-
 fn check_limits(field: &str, limits: &LimitsBody) -> Result<(), Problem> {
     for (name, value) in
         [("per_transaction", limits.per_transaction), ("daily", limits.daily), ("monthly", limits.monthly)]
@@ -113,14 +98,7 @@ pub async fn create_product(
 ) -> Result<Response, Problem> {
     tenant.require("cards:write")?;
     let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
-    let name = body.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > PRODUCT_NAME_LEN_MAX || name.chars().any(char::is_control) {
-        return Err(Problem::invalid(
-            "name",
-            "invalid_name",
-            format!("`name` must be 1..={PRODUCT_NAME_LEN_MAX} printable characters"),
-        ));
-    }
+    let name = crate::dto::display_name("name", &body.name, PRODUCT_NAME_LEN_MAX)?;
     if !cards::pan::valid_bin(&body.bin) {
         return Err(Problem::invalid("bin", "invalid_bin", "`bin` must be 6 to 8 digits"));
     }
@@ -187,7 +165,7 @@ pub async fn create_product(
         VaultFailure::Store(store::StoreError::Conflict(_)) => {
             Problem::new(StatusCode::CONFLICT, "exists", "a card product with this BIN exists").field("bin")
         }
-        f => vault_problem(f),
+        f => Problem::from(f),
     })?;
     Ok(reply(StatusCode::CREATED, &product_view(id, &product)))
 }
@@ -391,7 +369,7 @@ pub async fn create_card(
         })())
     })
     .await?;
-    card = result.map_err(vault_problem)?;
+    card = result.map_err(Problem::from)?;
     Ok(reply(StatusCode::CREATED, &card_view(id, status.as_str(), &card)))
 }
 
@@ -437,7 +415,7 @@ pub async fn card_action(
         Problem::new(
             StatusCode::CONFLICT,
             "invalid_transition",
-            format!("a {} card cannot be {}", current.as_str(), format!("{action:?}").to_lowercase() + "ed"),
+            format!("`{}` is not allowed for a {} card", format!("{action:?}").to_lowercase(), current.as_str()),
         )
     })?;
     let updated = store::CardRow { status: next.as_str().to_owned(), ..row.clone() };
@@ -494,7 +472,7 @@ async fn reveal(state: AppState, tenant: Tenant, audit: Audit, id: String) -> Re
         })())
     })
     .await?;
-    let (number, cvv2) = result.map_err(vault_problem)?;
+    let (number, cvv2) = result.map_err(Problem::from)?;
     Ok(reply(StatusCode::OK, &RevealView { id: uuid_string(row.id), number, expiry: mm_yy(&card.expiry), cvv2 }))
 }
 

@@ -45,20 +45,6 @@ fn record_id(tenant: u128, id: u128, field: &str) -> Vec<u8> {
     out
 }
 
-fn vault_problem(failure: VaultFailure) -> Problem {
-    match failure {
-        VaultFailure::Store(e) => e.into(),
-        VaultFailure::Vault(vault::VaultError::Unavailable(why)) => {
-            tracing::warn!(%why, "key store unavailable");
-            Problem::unavailable("the key store is unavailable; nothing was written", 5)
-        }
-        VaultFailure::Vault(e) => {
-            tracing::error!(error = %e, "vault failure");
-            Problem::internal()
-        }
-    }
-}
-
 #[utoipa::path(post, path = "/v1/holders", tag = "holders", request_body = HolderBody,
     responses((status = 201, body = HolderView), (status = 409, body = Problem), (status = 422, body = Problem),
         (status = 503, body = Problem)),
@@ -80,14 +66,7 @@ pub async fn create_holder(
         let what = if body.kind == "person" { "CPF" } else { "CNPJ" };
         Problem::invalid("document", "invalid_document", format!("`document` is not a valid {what}: {e}"))
     })?;
-    let name = body.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > HOLDER_NAME_LEN_MAX || name.chars().any(char::is_control) {
-        return Err(Problem::invalid(
-            "name",
-            "invalid_name",
-            format!("`name` must be 1..={HOLDER_NAME_LEN_MAX} printable characters"),
-        ));
-    }
+    let name = crate::dto::display_name("name", &body.name, HOLDER_NAME_LEN_MAX)?;
     let id = match &body.id {
         Some(id) => parse_id("id", id)?,
         None => new_uuid().as_u128(),
@@ -132,7 +111,7 @@ pub async fn create_holder(
             "a holder with this id, or with this document, exists in this tenant",
         )
         .field("document")),
-        Err(f) => Err(vault_problem(f)),
+        Err(f) => Err(Problem::from(f)),
     }
 }
 
@@ -159,7 +138,7 @@ pub async fn get_holder(
     })
     .await?;
     let (kind, created_at, opened) = found.ok_or_else(|| Problem::not_found("holder"))?;
-    let (name, document) = opened.map_err(vault_problem)?;
+    let (name, document) = opened.map_err(Problem::from)?;
     Ok(reply(
         StatusCode::OK,
         &HolderView {

@@ -24,14 +24,7 @@ pub async fn create_tenant(
     headers: HeaderMap,
     Json(body): Json<TenantBody>,
 ) -> Result<Response, Problem> {
-    let name = body.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > TENANT_NAME_LEN_MAX || name.chars().any(char::is_control) {
-        return Err(Problem::invalid(
-            "name",
-            "invalid_name",
-            format!("`name` must be 1..={TENANT_NAME_LEN_MAX} printable characters"),
-        ));
-    }
+    let name = crate::dto::display_name("name", &body.name, TENANT_NAME_LEN_MAX)?;
     let id = match idempotency_key(&headers)? {
         Some(key) => state.keys.derived_id(b"tenant", 0, &key),
         None => new_uuid(),
