@@ -219,11 +219,14 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
 
 /// A request id: a random prefix drawn once per process, then a counter. Unique across nodes and
 /// restarts for all practical purposes, and no system call per request.
+/// `req-<12 hex, per process>-<counter>`. The letters first: stored beside a resource id that
+/// ends in digits, an id starting with digits would read as one long digit run to a card-number
+/// scan of storage.
 fn next_request_id() -> String {
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| auth::hex(&auth::random_32()[..6]));
-    format!("{prefix}-{:x}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    format!("req-{prefix}-{:x}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Replaces the panic hook with one that logs the location only: a panic message may format
