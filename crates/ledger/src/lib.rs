@@ -15,6 +15,7 @@
 mod currency;
 mod machine;
 mod memory;
+pub mod time;
 mod types;
 pub mod verify;
 

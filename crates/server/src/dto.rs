@@ -80,34 +80,7 @@ pub fn rfc3339(nanos: u64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:09}Z", rem / 3600, (rem / 60) % 60, rem % 60)
 }
 
-/// Nanoseconds since the epoch at the start of a UTC civil date.
-pub fn nanos_of_date(year: i64, month: i64, day: i64) -> u64 {
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    (days * 86_400) as u64 * 1_000_000_000
-}
-
-/// The UTC civil date (year, month, day) of a time in nanoseconds since the epoch.
-pub fn civil_date(nanos: u64) -> (i64, i64, i64) {
-    let days = (nanos / 1_000_000_000 / 86_400) as i64;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
+pub use ledger::time::{civil_date, nanos_of_date};
 
 #[derive(Deserialize, Serialize, ToSchema, Default, Debug, Clone, Copy)]
 #[serde(deny_unknown_fields)]

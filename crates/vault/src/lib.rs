@@ -13,7 +13,6 @@
 //!
 //! Invariant: no key and no plaintext is ever in a `Debug` output or an error message.
 
-pub mod document;
 pub mod mask;
 pub mod pkcs11;
 

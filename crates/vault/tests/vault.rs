@@ -1,6 +1,5 @@
-//! Envelope encryption, rotation, blind indexes, masking and document rules.
+//! Envelope encryption, rotation, blind indexes, masking.
 
-use vault::document::{cnpj, cpf, DocumentError};
 use vault::*;
 
 fn keyring(versions: &[u32]) -> Keyring {
@@ -93,29 +92,6 @@ fn blind_indexes_are_keyed_deterministic_and_separated_by_purpose() {
     assert_ne!(index.of(b"ab", b"c"), index.of(b"a", b"bc"));
     let other = BlindIndex::new(&Secret32::random().unwrap());
     assert_ne!(index.of(b"document", b"x"), other.of(b"document", b"x"));
-}
-
-#[test]
-fn cpf_rules() {
-    assert_eq!(cpf("529.982.247-25"), Ok("52998224725".into()));
-    assert_eq!(cpf("52998224725"), Ok("52998224725".into()));
-    assert_eq!(cpf("529.982.247-24"), Err(DocumentError::CheckDigits));
-    assert_eq!(cpf("111.111.111-11"), Err(DocumentError::Repeated));
-    assert_eq!(cpf("5299822472"), Err(DocumentError::Length { expected: 11, found: 10 }));
-    assert_eq!(cpf("5299822472X"), Err(DocumentError::Character { position: 10 }));
-}
-
-#[test]
-fn cnpj_rules_numeric_and_alphanumeric() {
-    assert_eq!(cnpj("11.222.333/0001-81"), Ok("11222333000181".into()));
-    assert_eq!(cnpj("11.222.333/0001-80"), Err(DocumentError::CheckDigits));
-    // Receita Federal's example of the alphanumeric CNPJ (IN RFB 2.229/2024).
-    assert_eq!(cnpj("12.ABC.345/01DE-35"), Ok("12ABC34501DE35".into()));
-    assert_eq!(cnpj("12.abc.345/01de-35"), Ok("12ABC34501DE35".into()), "letters are upper-cased");
-    assert_eq!(cnpj("12.ABC.345/01DE-36"), Err(DocumentError::CheckDigits));
-    assert_eq!(cnpj("12.ABC.345/01DE-3A"), Err(DocumentError::Character { position: 13 }));
-    assert_eq!(cnpj("12.AB#.345/01DE-35"), Err(DocumentError::Character { position: 4 }));
-    assert_eq!(cnpj("00.000.000/0000-00"), Err(DocumentError::Repeated));
 }
 
 #[test]

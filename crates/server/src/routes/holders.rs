@@ -38,7 +38,7 @@ pub struct HolderView {
     pub created_at: String,
 }
 
-fn record_id(tenant: u128, id: u128, field: &str) -> Vec<u8> {
+pub(crate) fn record_id(tenant: u128, id: u128, field: &str) -> Vec<u8> {
     let mut out = tenant.to_be_bytes().to_vec();
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(field.as_bytes());
@@ -58,8 +58,8 @@ pub async fn create_holder(
     tenant.require("holders:write")?;
     let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
     let document = match body.kind.as_str() {
-        "person" => vault::document::cpf(&body.document),
-        "company" => vault::document::cnpj(&body.document),
+        "person" => pix::document::cpf(&body.document),
+        "company" => pix::document::cnpj(&body.document),
         _ => return Err(Problem::invalid("kind", "invalid_kind", "`kind` must be `person` or `company`")),
     }
     .map_err(|e| {
