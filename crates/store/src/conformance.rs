@@ -597,6 +597,127 @@ pub fn card_records(location: Location) {
     store.close();
 }
 
+/// Documents (one table for every kind of domain record) and counters, through the queries and
+/// through the writer's batch.
+pub fn documents(location: Location) {
+    let (store, _) = open_fixed(&location);
+    let q = store.queries.as_ref();
+    let doc = |tenant: u128, id: &str, lookup: Option<&str>, owner: Option<&str>, at: u64| crate::Document {
+        kind: "pix-key".into(),
+        tenant_id: tenant,
+        id: id.into(),
+        lookup: lookup.map(Into::into),
+        owner: owner.map(Into::into),
+        created_at: at,
+        version: 1,
+        body: format!("{{\"id\":\"{id}\"}}"),
+    };
+    let conflict = |r: crate::Result<()>| matches!(r, Err(crate::StoreError::Conflict(_)));
+    q.insert_document(&doc(T.0, "a", Some("L1"), Some("acct1"), NOW)).unwrap();
+    q.insert_document(&doc(T.0, "b", Some("L2"), Some("acct1"), NOW)).unwrap();
+    q.insert_document(&doc(T.0, "c", None, Some("acct2"), NOW + 5)).unwrap();
+    q.insert_document(&doc(T.0, "d", None, None, NOW + 10)).unwrap();
+    q.insert_document(&doc(OTHER.0, "a", None, Some("acct1"), NOW)).unwrap();
+    assert!(conflict(q.insert_document(&doc(T.0, "a", None, None, NOW))), "ids are unique per tenant");
+    assert!(conflict(q.insert_document(&doc(OTHER.0, "z", Some("L1"), None, NOW))), "lookups across tenants");
+    let other_kind = crate::Document { kind: "pix-payment".into(), ..doc(OTHER.0, "z", Some("L1"), None, NOW) };
+    q.insert_document(&other_kind).unwrap();
+
+    assert_eq!(q.document("pix-key", T.0, "a").unwrap(), Some(doc(T.0, "a", Some("L1"), Some("acct1"), NOW)));
+    assert_eq!(q.document("pix-payment", T.0, "a").unwrap(), None);
+    assert_eq!(q.document_by_lookup("pix-key", "L2").unwrap().unwrap().id, "b");
+    assert_eq!(q.document_by_lookup("pix-payment", "L1").unwrap().unwrap().tenant_id, OTHER.0);
+    assert_eq!(q.document_by_lookup("pix-key", "nope").unwrap(), None);
+    assert_eq!(q.count_documents("pix-key", "acct1").unwrap(), 3, "owners count across tenants");
+
+    // Compare and set on the version.
+    let changed = crate::Document { version: 2, body: "{}".into(), ..doc(T.0, "a", Some("L9"), Some("acct1"), NOW) };
+    assert!(!q.update_document(&changed, 7).unwrap());
+    assert!(q.update_document(&changed, 1).unwrap());
+    assert!(!q.update_document(&changed, 1).unwrap(), "the second writer loses");
+    assert_eq!(q.document_by_lookup("pix-key", "L9").unwrap(), Some(changed.clone()));
+    assert_eq!(q.document_by_lookup("pix-key", "L1").unwrap(), None);
+    let taken = crate::Document { version: 2, lookup: Some("L2".into()), ..doc(T.0, "c", None, None, NOW) };
+    assert!(matches!(q.update_document(&taken, 1), Err(crate::StoreError::Conflict(_))));
+
+    // Listings: one tenant and kind, a time range, oldest first, by cursor.
+    let page = |owner: Option<&str>, after: Option<(u64, String)>, limit: usize| {
+        q.documents(&crate::DocumentQuery {
+            kind: "pix-key",
+            tenant_id: T.0,
+            owner,
+            from: NOW,
+            to: NOW + 11,
+            after,
+            limit,
+        })
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(page(None, None, 10), ["a", "b", "c", "d"]);
+    assert_eq!(page(Some("acct1"), None, 10), ["a", "b"]);
+    assert_eq!(page(None, None, 2), ["a", "b"]);
+    assert_eq!(page(None, Some((NOW, "b".into())), 2), ["c", "d"]);
+    assert_eq!(page(None, Some((NOW, "a".into())), 10), ["b", "c", "d"]);
+    let narrow = q
+        .documents(&crate::DocumentQuery {
+            kind: "pix-key",
+            tenant_id: T.0,
+            owner: None,
+            from: NOW + 1,
+            to: NOW + 10,
+            after: None,
+            limit: 10,
+        })
+        .unwrap();
+    assert_eq!(narrow.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["c"], "[from, to)");
+
+    assert!(q.delete_document("pix-key", T.0, "d").unwrap());
+    assert!(!q.delete_document("pix-key", T.0, "d").unwrap());
+    assert!(!q.delete_document("pix-key", OTHER.0, "b").unwrap(), "tenants are walls");
+
+    // The writer: a document and counters committed with a batch.
+    let written = crate::Document { kind: "pix-payment".into(), ..doc(T.0, "p1", Some("E1"), Some("h1"), NOW) };
+    let records = vec![
+        crate::Record::Document(written.clone()),
+        crate::Record::Count { scope: "spend:h1".into(), period: 7, delta: 500 },
+        crate::Record::Count { scope: "spend:h1".into(), period: 7, delta: -200 },
+        crate::Record::Count { scope: "spend:h1".into(), period: 8, delta: 50 },
+    ];
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .engine
+        .submit_with(
+            crate::Command::Audit(vec![]),
+            None,
+            Some(Box::new(move |_| records.clone())),
+            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+        )
+        .unwrap();
+    assert!(rx.recv().unwrap());
+    assert_eq!(q.document("pix-payment", T.0, "p1").unwrap(), Some(written.clone()));
+    let replaced = crate::Document { version: 2, body: "{\"status\":\"done\"}".into(), ..written };
+    let again = vec![crate::Record::Document(replaced.clone())];
+    let (tx, rx) = std::sync::mpsc::channel();
+    store
+        .engine
+        .submit_with(
+            crate::Command::Audit(vec![]),
+            None,
+            Some(Box::new(move |_| again.clone())),
+            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+        )
+        .unwrap();
+    assert!(rx.recv().unwrap());
+    assert_eq!(q.document("pix-payment", T.0, "p1").unwrap(), Some(replaced));
+    assert_eq!(q.counter_total("spend:h1", 7, 8).unwrap(), 300);
+    assert_eq!(q.counter_total("spend:h1", 0, 100).unwrap(), 350);
+    assert_eq!(q.counter_total("spend:h2", 0, 100).unwrap(), 0);
+    store.close();
+}
+
 /// Instantiates the suite for one engine. `$factory` is an expression giving a fresh, empty
 /// [`Location`] on each call.
 #[macro_export]
@@ -633,6 +754,10 @@ macro_rules! conformance_tests {
         #[test]
         fn card_records() {
             $crate::conformance::card_records($factory)
+        }
+        #[test]
+        fn documents() {
+            $crate::conformance::documents($factory)
         }
         #[test]
         fn audit_log() {

@@ -127,6 +127,43 @@ pub enum Record {
     /// Inserted or replaced; the answer to the message that changed it is kept under the
     /// message's key (the first answer stays if the key was seen before).
     Authorization { row: AuthorizationRow, message: Option<([u8; 32], Vec<u8>)> },
+    /// Inserted or replaced (by kind, tenant and id). Its `lookup` must be unique by construction
+    /// (a conflict would fail the whole batch).
+    Document(Document),
+    /// Adds `delta` to a counter (what a payer spent in a period, say).
+    Count { scope: String, period: u64, delta: i64 },
+}
+
+/// A domain record kept as the server's JSON `body`, with the columns it is found by: Pix keys,
+/// payments, charges, refunds, webhooks. One table serves every kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Document {
+    pub kind: String,
+    pub tenant_id: u128,
+    /// Unique per kind and tenant.
+    pub id: String,
+    /// Unique per kind across tenants (a key's blind index, an EndToEndId), if any.
+    pub lookup: Option<String>,
+    /// What listings group by (an account, a holder), if any.
+    pub owner: Option<String>,
+    pub created_at: Timestamp,
+    /// Increases by one with each change: updates compare and set on it.
+    pub version: u64,
+    pub body: String,
+}
+
+/// Which documents a listing returns: one kind of one tenant, created in `[from, to)`, oldest
+/// first, after the cursor.
+#[derive(Clone, Debug)]
+pub struct DocumentQuery<'a> {
+    pub kind: &'a str,
+    pub tenant_id: u128,
+    pub owner: Option<&'a str>,
+    pub from: Timestamp,
+    pub to: Timestamp,
+    /// Only documents after this (created_at, id).
+    pub after: Option<(Timestamp, String)>,
+    pub limit: usize,
 }
 
 /// A card as stored: sealed number, blind index, status; the rest as the server's JSON `body`.
@@ -219,6 +256,22 @@ pub trait Queries: Send + Sync {
     /// A card's spend since `day` and since `month`, and its authorizations since `minute`.
     fn card_spent(&self, card_id: u128, day: Timestamp, month: Timestamp, minute: Timestamp)
         -> Result<(u64, u64, u32)>;
+
+    /// `Conflict` if the id (per kind and tenant) or the lookup (per kind) exists.
+    fn insert_document(&self, doc: &Document) -> Result<()>;
+    fn document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<Option<Document>>;
+    fn document_by_lookup(&self, kind: &str, lookup: &str) -> Result<Option<Document>>;
+    /// Replaces the document if its stored version is still `expected_version` (the new one
+    /// carries its own, normally `expected_version + 1`); false otherwise. `Conflict` if the new
+    /// lookup is taken.
+    fn update_document(&self, doc: &Document, expected_version: u64) -> Result<bool>;
+    /// False when there was none.
+    fn delete_document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<bool>;
+    fn documents(&self, query: &DocumentQuery<'_>) -> Result<Vec<Document>>;
+    /// How many documents of the kind have this owner (every tenant).
+    fn count_documents(&self, kind: &str, owner: &str) -> Result<u64>;
+    /// The sum of a counter over periods `[from, to)`.
+    fn counter_total(&self, scope: &str, from: u64, to: u64) -> Result<i64>;
 
     /// Audit entries with `seq > after`, in order; only the tenant's when `tenant` is given.
     fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>>;

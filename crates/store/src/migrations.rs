@@ -220,6 +220,33 @@ CREATE TABLE card_messages (
 ) WITHOUT ROWID;
 "#,
     },
+    Migration {
+        version: 8,
+        name: "documents (Pix keys, payments, charges...) and counters",
+        sql: r#"
+CREATE TABLE documents (
+    kind TEXT NOT NULL,
+    tenant_id BLOB NOT NULL,
+    id TEXT NOT NULL,
+    lookup TEXT,
+    owner TEXT,
+    created_at INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, tenant_id, id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX documents_by_lookup ON documents (kind, lookup);
+CREATE INDEX documents_by_owner ON documents (kind, owner);
+CREATE INDEX documents_by_time ON documents (kind, tenant_id, created_at, id);
+-- Running totals per scope and period (what a Pix payer spent per day and per night).
+CREATE TABLE counters (
+    scope TEXT NOT NULL,
+    period INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    PRIMARY KEY (scope, period)
+) WITHOUT ROWID;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -399,6 +426,33 @@ CREATE TABLE card_spend (
 CREATE TABLE card_messages (
     key BYTEA PRIMARY KEY,
     response BYTEA NOT NULL
+);
+"#,
+    },
+    Migration {
+        version: 7,
+        name: "documents (Pix keys, payments, charges...) and counters",
+        sql: r#"
+CREATE TABLE documents (
+    kind TEXT NOT NULL,
+    tenant_id UUID NOT NULL,
+    id TEXT NOT NULL,
+    lookup TEXT,
+    owner TEXT,
+    created_at BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, tenant_id, id)
+);
+CREATE UNIQUE INDEX documents_by_lookup ON documents (kind, lookup);
+CREATE INDEX documents_by_owner ON documents (kind, owner);
+CREATE INDEX documents_by_time ON documents (kind, tenant_id, created_at, id);
+-- Running totals per scope and period (what a Pix payer spent per day and per night).
+CREATE TABLE counters (
+    scope TEXT NOT NULL,
+    period BIGINT NOT NULL,
+    total BIGINT NOT NULL,
+    PRIMARY KEY (scope, period)
 );
 "#,
     },

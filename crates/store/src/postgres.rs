@@ -353,6 +353,15 @@ impl Writer for PgWriter {
                     Record::Authorization { row, message } => {
                         write_authorization(client, row, message.as_ref().map(|(k, r)| (k, r.as_slice())), true)
                     }
+                    Record::Document(doc) => upsert_document(client, doc),
+                    Record::Count { scope, period, delta } => client
+                        .execute(
+                            "INSERT INTO counters (scope, period, total) VALUES ($1, $2, $3) \
+                             ON CONFLICT (scope, period) DO UPDATE SET total = counters.total + excluded.total",
+                            &[scope, &(*period as i64), delta],
+                        )
+                        .map(drop)
+                        .map_err(unavailable),
                 })
             })
             .and_then(|()| self.conn().client.batch_execute("COMMIT").map_err(unavailable));
@@ -633,6 +642,42 @@ fn authorization_row(r: &Row) -> Result<AuthorizationRow> {
     })
 }
 
+const DOCUMENT_COLUMNS: &str = "kind, tenant_id, id, lookup, owner, created_at, version, body";
+
+fn document_row(r: &Row) -> Result<Document> {
+    Ok(Document {
+        kind: r.try_get(0).map_err(unavailable)?,
+        tenant_id: r.try_get::<_, Uuid>(1).map_err(unavailable)?.as_u128(),
+        id: r.try_get(2).map_err(unavailable)?,
+        lookup: r.try_get(3).map_err(unavailable)?,
+        owner: r.try_get(4).map_err(unavailable)?,
+        created_at: r.try_get::<_, i64>(5).map_err(unavailable)? as u64,
+        version: r.try_get::<_, i64>(6).map_err(unavailable)? as u64,
+        body: r.try_get(7).map_err(unavailable)?,
+    })
+}
+
+fn upsert_document(client: &mut impl ::postgres::GenericClient, doc: &Document) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (kind, tenant_id, id) DO UPDATE SET \
+             lookup = excluded.lookup, owner = excluded.owner, version = excluded.version, body = excluded.body",
+            &[
+                &doc.kind,
+                &uuid(doc.tenant_id),
+                &doc.id,
+                &doc.lookup,
+                &doc.owner,
+                &(doc.created_at as i64),
+                &(doc.version as i64),
+                &doc.body,
+            ],
+        )
+        .map_err(|e| map_conflict(e, "a document with this lookup exists"))?;
+    Ok(())
+}
+
 fn map_conflict(e: ::postgres::Error, what: &str) -> StoreError {
     if e.code() == Some(&::postgres::error::SqlState::UNIQUE_VIOLATION) {
         return StoreError::Conflict(what.to_owned());
@@ -641,6 +686,138 @@ fn map_conflict(e: ::postgres::Error, what: &str) -> StoreError {
 }
 
 impl Queries for PgQueries {
+    fn insert_document(&self, doc: &Document) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &doc.kind,
+                    &uuid(doc.tenant_id),
+                    &doc.id,
+                    &doc.lookup,
+                    &doc.owner,
+                    &(doc.created_at as i64),
+                    &(doc.version as i64),
+                    &doc.body,
+                ],
+            )
+            .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
+            Ok(())
+        })
+    }
+
+    fn document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<Option<Document>> {
+        self.with(|c| {
+            c.query_opt(
+                &format!("SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = $1 AND tenant_id = $2 AND id = $3"),
+                &[&kind, &uuid(tenant_id), &id],
+            )
+            .map_err(unavailable)?
+            .map(|r| document_row(&r))
+            .transpose()
+        })
+    }
+
+    fn document_by_lookup(&self, kind: &str, lookup: &str) -> Result<Option<Document>> {
+        self.with(|c| {
+            c.query_opt(
+                &format!("SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = $1 AND lookup = $2"),
+                &[&kind, &lookup],
+            )
+            .map_err(unavailable)?
+            .map(|r| document_row(&r))
+            .transpose()
+        })
+    }
+
+    fn update_document(&self, doc: &Document, expected_version: u64) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE documents SET lookup = $4, owner = $5, version = $6, body = $7 \
+                     WHERE kind = $1 AND tenant_id = $2 AND id = $3 AND version = $8",
+                    &[
+                        &doc.kind,
+                        &uuid(doc.tenant_id),
+                        &doc.id,
+                        &doc.lookup,
+                        &doc.owner,
+                        &(doc.version as i64),
+                        &doc.body,
+                        &(expected_version as i64),
+                    ],
+                )
+                .map_err(|e| map_conflict(e, "a document with this lookup exists"))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn delete_document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "DELETE FROM documents WHERE kind = $1 AND tenant_id = $2 AND id = $3",
+                    &[&kind, &uuid(tenant_id), &id],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn documents(&self, q: &DocumentQuery<'_>) -> Result<Vec<Document>> {
+        let (after_at, after_id) = q.after.clone().unwrap_or((0, String::new()));
+        let from = if q.after.is_some() { q.from.max(after_at) } else { q.from };
+        self.with(|c| {
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {DOCUMENT_COLUMNS} FROM documents \
+                         WHERE kind = $1 AND tenant_id = $2 AND created_at >= $3 AND created_at < $4 \
+                           AND ($5::TEXT IS NULL OR owner = $5) AND (created_at > $6 OR id > $7) \
+                         ORDER BY created_at, id LIMIT $8"
+                    ),
+                    &[
+                        &q.kind,
+                        &uuid(q.tenant_id),
+                        &(from as i64),
+                        &(q.to.min(i64::MAX as u64) as i64),
+                        &q.owner,
+                        &(after_at as i64),
+                        &after_id,
+                        &(q.limit.min(PAGE_LEN_MAX) as i64),
+                    ],
+                )
+                .map_err(unavailable)?;
+            rows.iter().map(document_row).collect()
+        })
+    }
+
+    fn count_documents(&self, kind: &str, owner: &str) -> Result<u64> {
+        self.with(|c| {
+            let n: i64 = c
+                .query_one("SELECT COUNT(*) FROM documents WHERE kind = $1 AND owner = $2", &[&kind, &owner])
+                .map_err(unavailable)?
+                .try_get(0)
+                .map_err(unavailable)?;
+            Ok(n as u64)
+        })
+    }
+
+    fn counter_total(&self, scope: &str, from: u64, to: u64) -> Result<i64> {
+        self.with(|c| {
+            let n: i64 = c
+                .query_one(
+                    "SELECT COALESCE(SUM(total), 0)::BIGINT FROM counters WHERE scope = $1 AND period >= $2 AND period < $3",
+                    &[&scope, &(from as i64), &(to.min(i64::MAX as u64) as i64)],
+                )
+                .map_err(unavailable)?
+                .try_get(0)
+                .map_err(unavailable)?;
+            Ok(n)
+        })
+    }
+
     fn account(&self, key: AccountKey) -> Result<Option<Account>> {
         self.with(|c| {
             let row = c

@@ -506,6 +506,8 @@ impl Writer for SqliteWriter {
                 Record::Authorization { row, message } => {
                     write_authorization(&self.conn, row, message.as_ref().map(|(k, r)| (k, r.as_slice())), true)?
                 }
+                Record::Document(doc) => upsert_document(&self.conn, doc)?,
+                Record::Count { scope, period, delta } => add_count(&self.conn, scope, *period, *delta)?,
             }
         }
         self.conn.execute_batch("COMMIT").map_err(unavailable)?;
@@ -824,6 +826,56 @@ fn authorization_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Authoriza
     })())
 }
 
+const DOCUMENT_COLUMNS: &str = "kind, tenant_id, id, lookup, owner, created_at, version, body";
+
+fn document_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Document>> {
+    let tenant: Vec<u8> = r.get(1)?;
+    let (created_at, version): (i64, i64) = (r.get(5)?, r.get(6)?);
+    let (kind, id, lookup, owner, body) = (r.get(0)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(7)?);
+    Ok(u128_of(&tenant).map_err(corrupt).map(|tenant_id| Document {
+        kind,
+        tenant_id,
+        id,
+        lookup,
+        owner,
+        created_at: created_at as u64,
+        version: version as u64,
+        body,
+    }))
+}
+
+fn upsert_document(conn: &Connection, doc: &Document) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (kind, tenant_id, id) DO UPDATE SET \
+         lookup = excluded.lookup, owner = excluded.owner, version = excluded.version, body = excluded.body",
+    )
+    .map_err(unavailable)?
+    .execute(params![
+        doc.kind,
+        uuid_bytes(doc.tenant_id),
+        doc.id,
+        doc.lookup,
+        doc.owner,
+        doc.created_at as i64,
+        doc.version as i64,
+        doc.body
+    ])
+    .map_err(|e| map_conflict(e, "a document with this lookup exists"))?;
+    Ok(())
+}
+
+fn add_count(conn: &Connection, scope: &str, period: u64, delta: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO counters (scope, period, total) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (scope, period) DO UPDATE SET total = total + excluded.total",
+    )
+    .map_err(unavailable)?
+    .execute(params![scope, period as i64, delta])
+    .map_err(unavailable)?;
+    Ok(())
+}
+
 fn map_conflict(e: rusqlite::Error, what: &str) -> StoreError {
     match e {
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -834,6 +886,140 @@ fn map_conflict(e: rusqlite::Error, what: &str) -> StoreError {
 }
 
 impl Queries for SqliteQueries {
+    fn insert_document(&self, doc: &Document) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached(
+                "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(unavailable)?
+            .execute(params![
+                doc.kind,
+                uuid_bytes(doc.tenant_id),
+                doc.id,
+                doc.lookup,
+                doc.owner,
+                doc.created_at as i64,
+                doc.version as i64,
+                doc.body
+            ])
+            .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
+            Ok(())
+        })
+    }
+
+    fn document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<Option<Document>> {
+        self.with(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = ?1 AND tenant_id = ?2 AND id = ?3"
+            ))
+            .map_err(unavailable)?
+            .query_row(params![kind, uuid_bytes(tenant_id), id], document_row)
+            .optional()
+            .map_err(unavailable)?
+            .transpose()
+        })
+    }
+
+    fn document_by_lookup(&self, kind: &str, lookup: &str) -> Result<Option<Document>> {
+        self.with(|c| {
+            c.prepare_cached(&format!("SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = ?1 AND lookup = ?2"))
+                .map_err(unavailable)?
+                .query_row(params![kind, lookup], document_row)
+                .optional()
+                .map_err(unavailable)?
+                .transpose()
+        })
+    }
+
+    fn update_document(&self, doc: &Document, expected_version: u64) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE documents SET lookup = ?4, owner = ?5, version = ?6, body = ?7 \
+                     WHERE kind = ?1 AND tenant_id = ?2 AND id = ?3 AND version = ?8",
+                )
+                .map_err(unavailable)?
+                .execute(params![
+                    doc.kind,
+                    uuid_bytes(doc.tenant_id),
+                    doc.id,
+                    doc.lookup,
+                    doc.owner,
+                    doc.version as i64,
+                    doc.body,
+                    expected_version as i64
+                ])
+                .map_err(|e| map_conflict(e, "a document with this lookup exists"))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn delete_document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "DELETE FROM documents WHERE kind = ?1 AND tenant_id = ?2 AND id = ?3",
+                    params![kind, uuid_bytes(tenant_id), id],
+                )
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn documents(&self, q: &DocumentQuery<'_>) -> Result<Vec<Document>> {
+        let (after_at, after_id) = q.after.clone().unwrap_or((0, String::new()));
+        let from = if q.after.is_some() { q.from.max(after_at) } else { q.from };
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {DOCUMENT_COLUMNS} FROM documents \
+                     WHERE kind = ?1 AND tenant_id = ?2 AND created_at >= ?3 AND created_at < ?4 \
+                       AND (?5 IS NULL OR owner = ?5) AND (created_at > ?6 OR id > ?7) \
+                     ORDER BY created_at, id LIMIT ?8"
+                ))
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        q.kind,
+                        uuid_bytes(q.tenant_id),
+                        from as i64,
+                        q.to.min(i64::MAX as u64) as i64,
+                        q.owner,
+                        after_at as i64,
+                        if q.after.is_some() { after_id } else { String::new() },
+                        q.limit.min(PAGE_LEN_MAX) as i64
+                    ],
+                    document_row,
+                )
+                .map_err(unavailable)?;
+            rows.map(|r| r.map_err(unavailable)?).collect()
+        })
+    }
+
+    fn count_documents(&self, kind: &str, owner: &str) -> Result<u64> {
+        self.with(|c| {
+            let n: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM documents WHERE kind = ?1 AND owner = ?2")
+                .map_err(unavailable)?
+                .query_row(params![kind, owner], |r| r.get(0))
+                .map_err(unavailable)?;
+            Ok(n as u64)
+        })
+    }
+
+    fn counter_total(&self, scope: &str, from: u64, to: u64) -> Result<i64> {
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT COALESCE(SUM(total), 0) FROM counters WHERE scope = ?1 AND period >= ?2 AND period < ?3",
+            )
+            .map_err(unavailable)?
+            .query_row(params![scope, from as i64, to.min(i64::MAX as u64) as i64], |r| r.get(0))
+            .map_err(unavailable)
+        })
+    }
+
     fn account(&self, key: AccountKey) -> Result<Option<Account>> {
         self.with(|c| {
             let mut stmt = c
