@@ -8,6 +8,9 @@ use serde_json::{json, Value};
 use crate::client::{Client, Error};
 use crate::serve::{run, ServeConfig};
 
+/// The demo institution's ISPB (a sandbox value, not a real participant's).
+const DEMO_ISPB: &str = "99999999";
+
 struct Narrator {
     client: Client,
     base: String,
@@ -145,6 +148,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         kek: None,
         iso8583_listen: None,
         card_settings: Default::default(),
+        pix: server::pix_rail::PixSettings { ispb: Some(DEMO_ISPB.into()) },
     };
     let server = tokio::spawn(run(
         config,

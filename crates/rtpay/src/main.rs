@@ -81,6 +81,10 @@ enum CommandLine {
         /// How far (percent) a capture may exceed its authorization (tips).
         #[arg(long, default_value_t = 20, env = "RTPAY_CARD_CAPTURE_TOLERANCE")]
         card_capture_tolerance: u32,
+        /// This payment institution's ISPB (8 digits or capital letters): it names the
+        /// institution in Pix EndToEndIds and BR Codes. Without it the Pix routes answer 503.
+        #[arg(long, env = "RTPAY_ISPB")]
+        ispb: Option<String>,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -174,7 +178,12 @@ fn main() -> ExitCode {
             iso8583_listen,
             card_hold_seconds,
             card_capture_tolerance,
+            ispb,
         } => {
+            if let Some(ispb) = ispb.as_deref().filter(|i| !pix::ids::valid_ispb(i)) {
+                eprintln!("rtpay serve: --ispb must be 8 digits or capital letters, not `{ispb}`");
+                return ExitCode::from(2);
+            }
             if card_hold_seconds == 0
                 || card_hold_seconds > ledger::TIMEOUT_SECONDS_MAX
                 || card_capture_tolerance > 1000
@@ -204,6 +213,7 @@ fn main() -> ExitCode {
                     hold_seconds: card_hold_seconds,
                     capture_tolerance_percent: card_capture_tolerance,
                 },
+                pix: server::pix_rail::PixSettings { ispb },
             };
             runtime().block_on(async {
                 let ready = |r: &rtpay::serve::Running| {

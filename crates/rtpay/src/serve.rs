@@ -23,6 +23,7 @@ pub struct ServeConfig {
     /// The card network's ISO 8583 listener, if any.
     pub iso8583_listen: Option<SocketAddr>,
     pub card_settings: server::card_network::CardSettings,
+    pub pix: server::pix_rail::PixSettings,
 }
 
 impl ServeConfig {
@@ -158,7 +159,8 @@ pub async fn run(
     let state = server::AppState::new(store.clone(), keys, public_key)
         .with_vault(vault)
         .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)))
-        .with_card_settings(config.card_settings);
+        .with_card_settings(config.card_settings)
+        .with_pix(config.pix);
     // The card listener stops with the HTTP one.
     let (stop_cards, cards_stopped) = tokio::sync::oneshot::channel::<()>();
     let cards = iso8583.map(|listener| {

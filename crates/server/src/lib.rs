@@ -20,6 +20,7 @@ pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod oauth;
+pub mod pix_rail;
 pub mod problem;
 pub mod routes;
 pub mod tls;
@@ -53,6 +54,8 @@ pub struct AppState {
     /// Sensitive data at rest; `None`: holder routes answer 503.
     pub vault: Option<Arc<vault_service::VaultService>>,
     pub card_settings: card_network::CardSettings,
+    pub pix: pix_rail::PixSettings,
+    pub pix_runtime: Arc<pix_rail::PixRuntime>,
 }
 
 /// Requests per second a tenant may make on one node, by default, and its burst.
@@ -70,11 +73,18 @@ impl AppState {
             auth_guard: Arc::new(limits::AuthGuard::default()),
             vault: None,
             card_settings: card_network::CardSettings::default(),
+            pix: pix_rail::PixSettings::default(),
+            pix_runtime: Arc::default(),
         }
     }
 
     pub fn with_vault(mut self, vault: vault_service::VaultService) -> AppState {
         self.vault = Some(Arc::new(vault));
+        self
+    }
+
+    pub fn with_pix(mut self, settings: pix_rail::PixSettings) -> AppState {
+        self.pix = settings;
         self
     }
 
@@ -104,6 +114,9 @@ impl AppState {
         routes::audit::consistency_proof,
         routes::cards::create_product, routes::cards::get_product, routes::cards::create_card, routes::cards::get_card,
         routes::cards::card_action, routes::cards::card_authorizations, routes::cards::get_authorization,
+        routes::pix::create_key, routes::pix::delete_key, routes::pix::lookup_key, routes::pix::decode_brcode,
+        routes::pix::encode_brcode, routes::pix::brcode_png, routes::pix::brcode_svg, routes::pix::create_payment,
+        routes::pix::get_payment,
     ),
     modifiers(&Security)
 )]
@@ -148,6 +161,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cards/{id}/authorizations", get(cards::card_authorizations))
         .route("/v1/cards/{id}/{action}", post(cards::card_action))
         .route("/v1/authorizations/{id}", get(cards::get_authorization))
+        .route("/v1/pix/keys", post(pix::create_key))
+        .route("/v1/pix/keys/{key}", get(pix::lookup_key).delete(pix::delete_key))
+        .route("/v1/pix/brcode", post(pix::encode_brcode))
+        .route("/v1/pix/brcode/decode", post(pix::decode_brcode))
+        .route("/v1/pix/brcode/qr.png", get(pix::brcode_png))
+        .route("/v1/pix/brcode/qr.svg", get(pix::brcode_svg))
+        .route("/v1/pix/payments", post(pix::create_payment))
+        .route("/v1/pix/payments/{id}", get(pix::get_payment))
         .route("/v1/audit", get(audit::list_entries))
         .route("/v1/audit/tree-head", get(audit::tree_head))
         .route("/v1/audit/proof/inclusion", get(audit::inclusion_proof))

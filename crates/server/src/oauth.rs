@@ -60,6 +60,8 @@ pub const SCOPES: &[&str] = &[
     "cards:write",
     "cards:read",
     "cards:reveal",
+    "pix:write",
+    "pix:read",
 ];
 
 pub fn scope_bit(scope: &str) -> Option<u64> {

@@ -7,6 +7,7 @@ pub mod cards;
 pub mod holders;
 pub mod keys;
 pub mod ops;
+pub mod pix;
 pub mod tenants;
 pub mod transfers;
 

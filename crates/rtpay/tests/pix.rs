@@ -1,0 +1,276 @@
+//! Pix end to end over HTTP against a real `rtpay serve --ispb`: keys (DICT) with their rules,
+//! look-ups and their rate limit, BR Codes and their images, on-us payments by key, by BR Code and
+//! by account, idempotency, rejections that move nothing, and the ledger's invariants after it all.
+
+mod common;
+
+use common::*;
+use hyper::Method;
+use serde_json::{json, Value};
+
+const ISPB: &str = "12345678";
+const CPF_MARIA: &str = "52998224725";
+const CPF_OTHER: &str = "11144477735";
+const CNPJ_ACME: &str = "11222333000181";
+
+struct Party {
+    key: String,
+    holder: String,
+    account: String,
+}
+
+/// A holder with a BRL wallet (never negative) funded with `funds` centavos from a tenant's
+/// funding account.
+async fn party(c: &mut rtpay::client::Client, key: &str, kind: &str, name: &str, doc: &str, funds: u64) -> Party {
+    let r = c.post("/v1/holders", key, &json!({"kind": kind, "name": name, "document": doc})).await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let holder = r.json()["id"].as_str().unwrap().to_owned();
+    let wallet = account(
+        c,
+        key,
+        json!({"currency": "BRL", "holder_id": holder, "flags": {"debits_must_not_exceed_credits": true}}),
+    )
+    .await;
+    if funds > 0 {
+        let funding = account(c, key, json!({"currency": "BRL"})).await;
+        let r = c
+            .post(
+                "/v1/transfers",
+                key,
+                &json!({"id": uuid(), "debit_account_id": funding, "credit_account_id": wallet, "amount": funds}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+    }
+    Party { key: key.to_owned(), holder, account: wallet }
+}
+
+async fn register(c: &mut rtpay::client::Client, p: &Party, kind: &str, key: Option<&str>) -> rtpay::client::Response {
+    let mut body = json!({"account_id": p.account, "type": kind});
+    if let Some(k) = key {
+        body["key"] = json!(k);
+    }
+    c.post("/v1/pix/keys", &p.key, &body).await.unwrap()
+}
+
+async fn available(c: &mut rtpay::client::Client, p: &Party) -> i64 {
+    balance(c, &p.key, &p.account).await["available"].as_i64().unwrap()
+}
+
+fn problem(r: &rtpay::client::Response) -> (u16, Value, Value) {
+    let v = r.json();
+    (r.status.as_u16(), v["code"].clone(), v["field"].clone())
+}
+
+#[test]
+fn keys_brcodes_and_on_us_payments() {
+    let dir = temp_dir("pix");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key_a) = tenant(&mut c, "wallet a").await;
+        let (_, key_b) = tenant(&mut c, "shop b").await;
+        let maria = party(&mut c, &key_a, "person", "Maria Quitéria de Jesus", CPF_MARIA, 500_000).await;
+        let acme = party(&mut c, &key_b, "company", "ACME Comércio Ltda", CNPJ_ACME, 0).await;
+        let other = party(&mut c, &key_a, "person", "João da Silva", CPF_OTHER, 0).await;
+
+        // Keys: each type's rules, ownership of document keys, uniqueness across tenants.
+        let r = register(&mut c, &maria, "cpf", Some("529.982.247-25")).await;
+        assert_eq!((r.status.as_u16(), r.json()["key"].clone()), (201, json!(CPF_MARIA)), "{:?}", r.json());
+        let r = register(&mut c, &maria, "email", Some("Maria@Example.com")).await;
+        assert_eq!((r.status.as_u16(), r.json()["key"].clone()), (201, json!("maria@example.com")));
+        let r = register(&mut c, &maria, "evp", None).await;
+        assert_eq!(r.status, 201);
+        let evp = r.json()["key"].as_str().unwrap().to_owned();
+        assert_eq!((evp.len(), &evp[14..15]), (36, "4"), "a version 4 UUID");
+        let r = register(&mut c, &acme, "cnpj", Some(CNPJ_ACME)).await;
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let r = register(&mut c, &acme, "phone", Some("+55 11 98765-4321")).await;
+        assert_eq!((r.status.as_u16(), r.json()["key"].clone()), (201, json!("+5511987654321")));
+        for (p, kind, key, status, code, field) in [
+            (&maria, "cpf", Some(CPF_OTHER), 422, "key_not_owned", "key"),
+            (&maria, "cnpj", Some(CNPJ_ACME), 422, "key_not_owned", "key"),
+            (&maria, "cpf", Some("52998224724"), 422, "invalid_key", "key"),
+            (&maria, "email", Some("maria@@example.com"), 422, "invalid_key", "key"),
+            (&maria, "phone", Some("+14155550100"), 422, "invalid_key", "key"),
+            (&maria, "evp", Some("123e4567-e89b-42d3-a456-426614174000"), 422, "invalid_key", "key"),
+            (&maria, "email", None, 422, "missing_field", "key"),
+            (&maria, "iban", Some("x"), 422, "invalid_key_type", "type"),
+            // Keys are unique across the whole directory, tenants included.
+            (&acme, "email", Some("maria@example.com"), 409, "key_exists", "key"),
+            (&maria, "phone", Some("+5511987654321"), 409, "key_exists", "key"),
+        ] {
+            let r = register(&mut c, p, kind, key).await;
+            assert_eq!(problem(&r), (status, json!(code), json!(field)), "{kind} {key:?}: {:?}", r.json());
+        }
+        // Five keys at most for a person's account.
+        for n in 0..2 {
+            assert_eq!(register(&mut c, &maria, "email", Some(&format!("m{n}@example.com"))).await.status, 201);
+        }
+        let r = register(&mut c, &maria, "evp", None).await;
+        assert_eq!(problem(&r), (422, json!("key_limit"), json!("account_id")));
+        // Another tenant's account is not found.
+        let r = c.post("/v1/pix/keys", &key_b, &json!({"account_id": maria.account, "type": "evp"})).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("invalid_account"), json!("account_id")));
+
+        // Look-up: the owner as others see them (names of persons masked, documents masked).
+        let r = c.get(&format!("/v1/pix/keys/maria@example.com?payer_account_id={}", acme.account), &key_b).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        let v = r.json();
+        assert_eq!(v["owner"]["name"], json!("Maria Q. d. J."));
+        assert_eq!(v["owner"]["document"], json!("***.982.247-**"));
+        assert_eq!((v["account"]["ispb"].clone(), v["type"].clone()), (json!(ISPB), json!("email")));
+        assert!(!String::from_utf8_lossy(&r.body).contains(CPF_MARIA));
+        let r = c.get(&format!("/v1/pix/keys/{CNPJ_ACME}?payer_account_id={}", maria.account), &key_a).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["owner"]["name"].clone()), (200, json!("ACME Comércio Ltda")));
+        let r = c.get("/v1/pix/keys/maria@example.com", &key_b).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("missing_field"), json!("payer_account_id")));
+
+        // Payments on us, by key: the money moves in the ledger, exactly once.
+        let pay = json!({"id": uuid(), "debit_account_id": maria.account, "amount": 12_345, "key": "+5511987654321",
+                         "description": "pão de queijo"});
+        let r = c.post("/v1/pix/payments", &key_a, &pay).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let paid = r.json();
+        assert_eq!(paid["status"], json!("completed"));
+        let e2e = paid["end_to_end_id"].as_str().unwrap().to_owned();
+        assert_eq!((e2e.len(), &e2e[..9]), (32, format!("E{ISPB}").as_str()));
+        assert!(e2e[21..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_eq!(paid["creditor"]["name"], json!("ACME Comércio Ltda"));
+        assert_eq!(available(&mut c, &maria).await, 500_000 - 12_345);
+        assert_eq!(available(&mut c, &acme).await, 12_345);
+        let again = c.post("/v1/pix/payments", &key_a, &pay).await.unwrap();
+        assert_eq!((again.status.as_u16(), again.json()), (200, paid.clone()), "a repeat answers the first outcome");
+        let mut changed = pay.clone();
+        changed["amount"] = json!(1);
+        let r = c.post("/v1/pix/payments", &key_a, &changed).await.unwrap();
+        assert_eq!(problem(&r), (409, json!("exists_with_different_fields"), json!("id")));
+        assert_eq!(available(&mut c, &maria).await, 500_000 - 12_345, "nothing moved twice");
+        let r = c.get(&format!("/v1/pix/payments/{}", pay["id"].as_str().unwrap()), &key_a).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()), (200, paid.clone()));
+        let r = c.get(&format!("/v1/pix/payments/{}", pay["id"].as_str().unwrap()), &key_b).await.unwrap();
+        assert_eq!(r.status, 404, "another tenant's payment");
+
+        // BR Codes: encode a static code for a key, decode it, render it, pay it.
+        let r = c
+            .post(
+                "/v1/pix/brcode",
+                &key_a,
+                &json!({"key": evp, "amount": 2_500, "merchant_name": "Maria Q", "merchant_city": "SAO PAULO",
+                        "txid": "PEDIDO42"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        let encoded = r.json();
+        let payload = encoded["payload"].as_str().unwrap().to_owned();
+        assert!(payload.starts_with("000201") && payload.contains("br.gov.bcb.pix") && payload.contains(&evp));
+        let r = c.post("/v1/pix/brcode/decode", &key_b, &json!({"payload": payload})).await.unwrap();
+        let v = r.json();
+        assert_eq!(
+            (r.status.as_u16(), v["key"].clone(), v["amount"].clone(), v["txid"].clone(), v["type"].clone()),
+            (200, json!(evp), json!(2_500), json!("PEDIDO42"), json!("static"))
+        );
+        let png = c.get(encoded["png"].as_str().unwrap(), &key_a).await.unwrap();
+        assert_eq!(png.status, 200);
+        assert_eq!(png.headers["content-type"], "image/png");
+        assert_eq!(&png.body[..8], b"\x89PNG\r\n\x1a\n");
+        let svg = c.get(encoded["svg"].as_str().unwrap(), &key_a).await.unwrap();
+        assert_eq!((svg.status.as_u16(), svg.headers["content-type"].to_str().unwrap()), (200, "image/svg+xml"));
+        assert!(String::from_utf8_lossy(&svg.body).contains("<svg"));
+        let mut broken = payload.clone();
+        broken.replace_range(broken.len() - 4.., "0000");
+        let r = c.post("/v1/pix/brcode/decode", &key_b, &json!({"payload": broken})).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("invalid_brcode"), json!("payload")));
+        assert!(r.json()["detail"].as_str().unwrap().contains("field 63"), "{:?}", r.json());
+        let r = c
+            .post(
+                "/v1/pix/brcode",
+                &key_a,
+                &json!({"key": evp, "merchant_name": "A name that is much too long", "merchant_city": "X"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(problem(&r), (422, json!("invalid_brcode"), json!("merchant_name")));
+
+        let by_code = json!({"id": uuid(), "debit_account_id": acme.account, "amount": 2_500, "brcode": payload});
+        let r = c.post("/v1/pix/payments", &key_b, &by_code).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        assert_eq!(
+            (r.json()["status"].clone(), r.json()["initiation"].clone(), r.json()["txid"].clone()),
+            (json!("completed"), json!("brcode"), json!("PEDIDO42"))
+        );
+        assert_eq!(available(&mut c, &acme).await, 12_345 - 2_500);
+        let wrong_amount = json!({"id": uuid(), "debit_account_id": acme.account, "amount": 2_400, "brcode": payload});
+        let r = c.post("/v1/pix/payments", &key_b, &wrong_amount).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("amount_mismatch"), json!("amount")));
+
+        // By account (manual), within this institution.
+        let manual = json!({"id": uuid(), "debit_account_id": maria.account, "amount": 100, "creditor": {
+            "ispb": ISPB, "branch": "0001", "account": other.account, "account_type": "CACC",
+            "document": CPF_OTHER, "name": "João da Silva"}});
+        let r = c.post("/v1/pix/payments", &key_a, &manual).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("completed")), "{:?}", r.json());
+        assert_eq!(available(&mut c, &other).await, 100);
+
+        // Rejections move no money: no funds (a ledger outcome kept for the id), bad input.
+        let broke = json!({"id": uuid(), "debit_account_id": other.account, "amount": 101, "key": CPF_MARIA});
+        let r = c.post("/v1/pix/payments", &key_a, &broke).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        assert_eq!((r.json()["status"].clone(), r.json()["reason"].clone()), (json!("rejected"), json!("insufficient_funds")));
+        assert_eq!(available(&mut c, &other).await, 100);
+        for (body, code, field) in [
+            (json!({"id": uuid(), "debit_account_id": maria.account, "amount": 0, "key": CNPJ_ACME}), "invalid_amount", "amount"),
+            (json!({"id": "nope", "debit_account_id": maria.account, "amount": 1, "key": CNPJ_ACME}), "invalid_uuid", "id"),
+            (json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1}), "invalid_creditor", "key"),
+            (json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1, "key": "nobody@example.com"}), "key_not_found", "key"),
+            (json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1, "key": "maria@example.com"}), "same_account", "debit_account_id"),
+            (json!({"id": uuid(), "debit_account_id": acme.account, "amount": 1, "key": CPF_MARIA}), "invalid_account", "debit_account_id"),
+        ] {
+            let r = c.post("/v1/pix/payments", &key_a, &body).await.unwrap();
+            assert_eq!(problem(&r), (422, json!(code), json!(field)), "{body}: {:?}", r.json());
+        }
+        assert_eq!(available(&mut c, &maria).await, 500_000 - 12_345 - 100 + 2_500 + 0);
+
+        // Deleting a key frees it; another tenant cannot delete it.
+        let r = c.send(Method::DELETE, "/v1/pix/keys/+5511987654321", Some(&key_a), None).await.unwrap();
+        assert_eq!(r.status, 404);
+        let r = c.send(Method::DELETE, "/v1/pix/keys/+5511987654321", Some(&key_b), None).await.unwrap();
+        assert_eq!(r.status, 204);
+        let r = c.get(&format!("/v1/pix/keys/+5511987654321?payer_account_id={}", maria.account), &key_a).await.unwrap();
+        assert_eq!(problem(&r).0, 404);
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn dict_lookups_are_rate_limited_per_payer() {
+    let dir = temp_dir("pix-dict");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let payer = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 0).await;
+        let other = party(&mut c, &key, "person", "João da Silva", CPF_OTHER, 0).await;
+        assert_eq!(register(&mut c, &other, "email", Some("joao@example.com")).await.status, 201);
+        let look = |who: &Party, k: &str| format!("/v1/pix/keys/{k}?payer_account_id={}", who.account);
+        // A person's bucket holds 100 tokens; a found key costs 1, a miss 20.
+        for _ in 0..10 {
+            assert_eq!(c.get(&look(&payer, "joao@example.com"), &key).await.unwrap().status, 200);
+        }
+        for n in 0..5 {
+            let r = c.get(&look(&payer, &format!("miss{n}@example.com")), &key).await.unwrap();
+            assert_eq!(r.status, 404, "tokens left before miss {n}");
+        }
+        // 100 - 10 - 4 * 20 = 10 tokens before the fifth miss: it took them all.
+        let r = c.get(&look(&payer, "joao@example.com"), &key).await.unwrap();
+        assert_eq!(problem(&r), (429, json!("dict_rate_limited"), Value::Null), "{:?}", r.json());
+        assert_eq!(r.headers["retry-after"], "30");
+        // The bucket is the payer's: another payer still looks up.
+        assert_eq!(c.get(&look(&other, "joao@example.com"), &key).await.unwrap().status, 200);
+    });
+}

@@ -1,0 +1,799 @@
+//! The native Pix routes: keys (DICT), BR Codes and their images, payments.
+
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use pix::brcode::{BrCode, Value};
+use pix::{KeyType, PixKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use crate::audit_trail::Audit;
+use crate::auth::{new_uuid, random_32, Tenant};
+use crate::dto::{parse_id, rfc3339, uuid_string};
+use crate::json::{reply, Json, Path};
+use crate::oauth::base64_encode;
+use crate::pix_rail::*;
+use crate::problem::Problem;
+use crate::routes::query;
+use crate::vault_service::VaultFailure;
+use crate::AppState;
+
+pub const DESCRIPTION_LEN_MAX: usize = 140;
+
+// ---------------------------------------------------------------------------------------------
+// Keys
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBody {
+    pub account_id: String,
+    /// `cpf`, `cnpj`, `email`, `phone` or `evp`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Required for `email` and `phone`; for `cpf`/`cnpj` it must be the holder's document; never
+    /// for `evp` (generated).
+    pub key: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct KeyView {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub key: String,
+    pub account_id: String,
+    pub created_at: String,
+}
+
+fn key_type(text: &str) -> Result<KeyType, Problem> {
+    KeyType::parse(text).ok_or_else(|| {
+        Problem::invalid("type", "invalid_key_type", "`type` must be `cpf`, `cnpj`, `email`, `phone` or `evp`")
+    })
+}
+
+fn invalid_key(field: &str, e: pix::KeyError) -> Problem {
+    Problem::invalid(field, "invalid_key", format!("`{field}` is not a valid Pix key: {e}"))
+}
+
+#[utoipa::path(post, path = "/v1/pix/keys", tag = "pix", request_body = KeyBody,
+    responses((status = 201, body = KeyView), (status = 409, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn create_key(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Json(body): Json<KeyBody>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:write")?;
+    let ispb = state.ispb()?.to_owned();
+    let vault = state.vault_or_503()?;
+    let account = parse_id("account_id", &body.account_id)?;
+    let kind = key_type(&body.kind)?;
+    let key = match (kind, &body.key) {
+        (KeyType::Evp, None) => pix::keys::new_evp(random_32()[..16].try_into().expect("16 bytes")),
+        (KeyType::Evp, Some(_)) => {
+            return Err(Problem::invalid("key", "invalid_key", "an `evp` key is generated: leave `key` out"))
+        }
+        (_, None) => {
+            return Err(Problem::invalid("key", "missing_field", format!("a `{}` key needs `key`", kind.as_str())))
+        }
+        (_, Some(text)) => PixKey::parse(kind, text).map_err(|e| invalid_key("key", e))?,
+    };
+    let id = uuid_string(new_uuid().as_u128());
+    audit.0.set_resource(format!("pix-key:{id}"));
+    let tenant_id = tenant.id;
+    let now = store::now_nanos();
+    let (key_out, id_out) = (key.clone(), id.clone());
+    let outcome = query(&state, move |q| {
+        Ok((|| -> Result<Result<(), Problem>, VaultFailure> {
+            let p = match party(&vault, q, &ispb, tenant_id, account)? {
+                Ok(p) => p,
+                Err(why) => {
+                    return Ok(Err(Problem::invalid("account_id", "invalid_account", format!("`account_id`: {why}"))))
+                }
+            };
+            let holder = q
+                .holder(tenant_id, p.holder)?
+                .ok_or(VaultFailure::Store(store::StoreError::Corrupt("an account's holder vanished".into())))?;
+            // A document key is the holder's own document, of the right kind.
+            if matches!(kind, KeyType::Cpf | KeyType::Cnpj) {
+                let wanted = if kind == KeyType::Cpf { "person" } else { "company" };
+                if holder.kind != wanted || vault.index().of(b"document", key.value.as_bytes()) != holder.document_index
+                {
+                    return Ok(Err(Problem::invalid(
+                        "key",
+                        "key_not_owned",
+                        format!("a `{}` key must be the account holder's own document", kind.as_str()),
+                    )));
+                }
+            }
+            let owner = account_owner(tenant_id, account);
+            let max = if p.person { KEYS_PER_ACCOUNT_PERSON } else { KEYS_PER_ACCOUNT_COMPANY };
+            if q.count_documents(KEY_KIND, &owner)? >= max {
+                return Ok(Err(Problem::invalid(
+                    "account_id",
+                    "key_limit",
+                    format!("the account has {max} keys, the most a {} may have", holder.kind),
+                )));
+            }
+            let dek = vault.data_key(q, tenant_id)?;
+            let stored = StoredKey {
+                id: id.clone(),
+                kind: kind.as_str().to_owned(),
+                key_sealed: base64_encode(&vault::seal(&dek, &key_record(tenant_id, &id), key.value.as_bytes())?),
+                account_id: uuid_string(account),
+                holder_id: uuid_string(p.holder),
+                created_at: rfc3339(now),
+            };
+            let doc = store::Document {
+                kind: KEY_KIND.into(),
+                tenant_id,
+                id: id.clone(),
+                lookup: Some(key_lookup(&vault, &key)),
+                owner: Some(owner),
+                created_at: now,
+                version: 1,
+                body: serde_json::to_string(&stored).expect("serializable"),
+            };
+            match q.insert_document(&doc) {
+                Ok(()) => Ok(Ok(())),
+                Err(store::StoreError::Conflict(_)) => Ok(Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "key_exists",
+                    "this key is registered already (keys are unique across the directory)",
+                )
+                .field("key"))),
+                Err(e) => Err(e.into()),
+            }
+        })())
+    })
+    .await?;
+    outcome.map_err(Problem::from)??;
+    Ok(reply(
+        StatusCode::CREATED,
+        &KeyView {
+            id: id_out,
+            kind: kind.as_str().into(),
+            key: key_out.value,
+            account_id: uuid_string(account),
+            created_at: rfc3339(now),
+        },
+    ))
+}
+
+/// Finds a key's document by its text (type inferred), in any tenant.
+fn find_key(
+    vault: &crate::vault_service::VaultService,
+    q: &dyn store::Queries,
+    key: &PixKey,
+) -> store::Result<Option<(store::Document, StoredKey)>> {
+    let Some(doc) = q.document_by_lookup(KEY_KIND, &key_lookup(vault, key))? else { return Ok(None) };
+    let stored: StoredKey = serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+    Ok(Some((doc, stored)))
+}
+
+#[utoipa::path(delete, path = "/v1/pix/keys/{key}", tag = "pix", params(("key" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn delete_key(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(text): Path<String>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:write")?;
+    state.ispb()?;
+    let vault = state.vault_or_503()?;
+    let key = PixKey::infer(&text).map_err(|e| invalid_key("key", e))?;
+    let tenant_id = tenant.id;
+    let deleted = query(&state, move |q| match find_key(&vault, q, &key)? {
+        Some((doc, _)) if doc.tenant_id == tenant_id => {
+            Ok(Some(doc.id.clone()).filter(|_| q.delete_document(KEY_KIND, tenant_id, &doc.id).unwrap_or(false)))
+        }
+        _ => Ok(None),
+    })
+    .await?;
+    let id = deleted.ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "not_found", "no such key in this tenant"))?;
+    audit.0.set_resource(format!("pix-key:{id}"));
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DirectoryAccount {
+    pub ispb: String,
+    pub branch: String,
+    /// The account's number at the institution (here: its id without dashes).
+    pub number: String,
+    /// ISO 20022 account type: `CACC` (checking).
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DirectoryEntry {
+    pub key: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub owner: CreditorView,
+    pub account: DirectoryAccount,
+    pub created_at: String,
+}
+
+/// Up to this many compare-and-set attempts on a bucket before answering 503.
+const BUCKET_TRIES: usize = 8;
+
+#[derive(Serialize, Deserialize)]
+struct StoredBucket {
+    capacity: u64,
+    tokens: u64,
+    at: u64,
+}
+
+#[utoipa::path(get, path = "/v1/pix/keys/{key}", tag = "pix",
+    params(("key" = String, Path), ("payer_account_id" = String, Query)),
+    responses((status = 200, body = DirectoryEntry), (status = 404, body = Problem), (status = 429, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn lookup_key(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(text): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let ispb = state.ispb()?.to_owned();
+    let vault = state.vault_or_503()?;
+    let payer = params.get("payer_account_id").ok_or_else(|| {
+        Problem::invalid(
+            "payer_account_id",
+            "missing_field",
+            "`payer_account_id` is required (DICT look-ups are rate-limited per payer)",
+        )
+    })?;
+    let payer = parse_id("payer_account_id", payer)?;
+    let key = PixKey::infer(&text).map_err(|e| invalid_key("key", e))?;
+    let tenant_id = tenant.id;
+    let outcome = query(&state, move |q| {
+        Ok((|| -> Result<Result<DirectoryEntry, Problem>, VaultFailure> {
+            let payer = match party(&vault, q, &ispb, tenant_id, payer)? {
+                Ok(p) => p,
+                Err(why) => {
+                    return Ok(Err(Problem::invalid(
+                        "payer_account_id",
+                        "invalid_account",
+                        format!("`payer_account_id`: {why}"),
+                    )))
+                }
+            };
+            let capacity = if payer.person { pix::dict::CAPACITY_PERSON } else { pix::dict::CAPACITY_COMPANY };
+            let bucket_id = uuid_string(payer.holder);
+            for _ in 0..BUCKET_TRIES {
+                let now = store::now_nanos();
+                let existing = q.document(BUCKET_KIND, tenant_id, &bucket_id)?;
+                let mut bucket = match &existing {
+                    Some(doc) => {
+                        let b: StoredBucket = serde_json::from_str(&doc.body)
+                            .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
+                        pix::dict::Bucket { capacity, tokens: b.tokens.min(capacity), at: b.at }
+                    }
+                    None => pix::dict::Bucket::new(capacity, now),
+                };
+                if !bucket.admits(now) {
+                    return Ok(Err(Problem::too_many(
+                        "dict_rate_limited",
+                        "this payer's directory look-ups are used up (DICT anti-scanning); they refill at 2 per minute",
+                        std::time::Duration::from_secs(bucket.retry_after_seconds()),
+                    )));
+                }
+                let found = find_key(&vault, q, &key)?;
+                bucket.charge(found.is_some(), now);
+                let body = serde_json::to_string(&StoredBucket { capacity, tokens: bucket.tokens, at: bucket.at })
+                    .expect("serializable");
+                let saved = match existing {
+                    Some(doc) => {
+                        q.update_document(&store::Document { version: doc.version + 1, body, ..doc }, doc.version)?
+                    }
+                    None => match q.insert_document(&store::Document {
+                        kind: BUCKET_KIND.into(),
+                        tenant_id,
+                        id: bucket_id.clone(),
+                        lookup: None,
+                        owner: None,
+                        created_at: now,
+                        version: 1,
+                        body,
+                    }) {
+                        Ok(()) => true,
+                        Err(store::StoreError::Conflict(_)) => false,
+                        Err(e) => return Err(e.into()),
+                    },
+                };
+                if !saved {
+                    continue;
+                }
+                let Some((doc, stored)) = found else {
+                    return Ok(Err(Problem::new(
+                        StatusCode::NOT_FOUND,
+                        "key_not_found",
+                        "no such key in the directory",
+                    )));
+                };
+                let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
+                let owner = match party(&vault, q, &ispb, doc.tenant_id, account)? {
+                    Ok(p) => p,
+                    Err(_) => {
+                        return Ok(Err(Problem::new(
+                            StatusCode::NOT_FOUND,
+                            "key_not_found",
+                            "no such key in the directory",
+                        )))
+                    }
+                };
+                return Ok(Ok(DirectoryEntry {
+                    key: key.value.clone(),
+                    kind: stored.kind,
+                    owner: owner.view,
+                    account: DirectoryAccount {
+                        ispb: ispb.clone(),
+                        branch: "0001".into(),
+                        number: stored.account_id.replace('-', ""),
+                        kind: "CACC".into(),
+                    },
+                    created_at: stored.created_at,
+                }));
+            }
+            Ok(Err(Problem::unavailable("the payer's look-ups are contended; retry", 1)))
+        })())
+    })
+    .await?;
+    Ok(reply(StatusCode::OK, &outcome.map_err(Problem::from)??))
+}
+
+// ---------------------------------------------------------------------------------------------
+// BR Codes
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeBody {
+    pub payload: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Warning {
+    pub field: String,
+    pub rule: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DecodedView {
+    /// `static` or `dynamic` (absent point of initiation reads as static).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Centavos.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount: Option<u64>,
+    pub merchant_name: String,
+    pub merchant_city: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postal_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub txid: Option<String>,
+    pub mcc: String,
+    pub crc: String,
+    /// Every field by its EMV id (templates as objects).
+    #[schema(value_type = Object)]
+    pub fields: serde_json::Value,
+    /// Departures from the strict rules that were accepted.
+    pub warnings: Vec<Warning>,
+}
+
+fn decoded_view(code: &BrCode) -> DecodedView {
+    let fields = code
+        .fields
+        .iter()
+        .map(|(id, v)| {
+            let value = match v {
+                Value::Text(t) => serde_json::Value::String(t.clone()),
+                Value::Template(subs) => serde_json::Value::Object(
+                    subs.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
+                ),
+            };
+            (id.clone(), value)
+        })
+        .collect();
+    DecodedView {
+        kind: if code.initiation == Some(pix::brcode::Initiation::Dynamic) { "dynamic" } else { "static" }.into(),
+        key: code.key.clone(),
+        url: code.url.clone(),
+        description: code.info.clone(),
+        amount: code.amount,
+        merchant_name: code.name.clone(),
+        merchant_city: code.city.clone(),
+        postal_code: code.postal_code.clone(),
+        txid: code.txid.clone(),
+        mcc: code.mcc.clone(),
+        crc: format!("{:04X}", code.crc),
+        fields: serde_json::Value::Object(fields),
+        warnings: code.warnings.iter().map(|w| Warning { field: w.field.clone(), rule: w.rule.clone() }).collect(),
+    }
+}
+
+fn brcode_problem(field: &str, e: pix::brcode::BrCodeError) -> Problem {
+    Problem::invalid(
+        field,
+        "invalid_brcode",
+        format!("`{field}` is not a valid BR Code: field {}: {}", e.field, e.rule),
+    )
+}
+
+#[utoipa::path(post, path = "/v1/pix/brcode/decode", tag = "pix", request_body = DecodeBody,
+    responses((status = 200, body = DecodedView), (status = 422, body = Problem)), security(("api_key" = [])))]
+pub async fn decode_brcode(tenant: Tenant, Json(body): Json<DecodeBody>) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let code = pix::brcode::decode(&body.payload).map_err(|e| brcode_problem("payload", e))?;
+    Ok(reply(StatusCode::OK, &decoded_view(&code)))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EncodeBody {
+    /// A Pix key (static code).
+    pub key: String,
+    /// Centavos; absent: the payer chooses.
+    pub amount: Option<u64>,
+    pub merchant_name: String,
+    pub merchant_city: String,
+    /// 1 to 25 letters and digits.
+    pub txid: Option<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EncodedView {
+    pub payload: String,
+    /// Where the QR image of this payload is (PNG; `qr.svg` for SVG).
+    pub png: String,
+    pub svg: String,
+}
+
+fn image_path(kind: &str, payload: &str) -> String {
+    let query: String = serde_urlencoded::to_string([("payload", payload)]).expect("encodable");
+    format!("/v1/pix/brcode/qr.{kind}?{query}")
+}
+
+#[utoipa::path(post, path = "/v1/pix/brcode", tag = "pix", request_body = EncodeBody,
+    responses((status = 200, body = EncodedView), (status = 422, body = Problem)), security(("api_key" = [])))]
+pub async fn encode_brcode(tenant: Tenant, Json(body): Json<EncodeBody>) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let key = PixKey::infer(&body.key).map_err(|e| invalid_key("key", e))?;
+    if let Some(a) = body.amount {
+        if a == 0 || a > pix::amount::MAX_CENTAVOS {
+            return Err(Problem::invalid("amount", "invalid_amount", "`amount` must be 1..=999999999999 centavos"));
+        }
+    }
+    let spec = pix::brcode::Spec {
+        key: Some(key.value),
+        url: None,
+        info: body.description.clone(),
+        amount: body.amount,
+        name: body.merchant_name.clone(),
+        city: body.merchant_city.clone(),
+        txid: body.txid.clone(),
+    };
+    let payload = pix::brcode::encode(&spec).map_err(|e| {
+        let field = match e.field.as_str() {
+            "59" => "merchant_name",
+            "60" => "merchant_city",
+            "62.05" => "txid",
+            "54" => "amount",
+            "26.02" => "description",
+            _ => "key",
+        };
+        Problem::invalid(field, "invalid_brcode", format!("`{field}`: {}", e.rule))
+    })?;
+    Ok(reply(
+        StatusCode::OK,
+        &EncodedView { png: image_path("png", &payload), svg: image_path("svg", &payload), payload },
+    ))
+}
+
+/// Pixels per QR module in images, and the quiet zone in modules.
+const MODULE_PIXELS: usize = 8;
+const QUIET_MODULES: usize = 4;
+
+fn qr_of(params: &HashMap<String, String>) -> Result<qrcode::QrCode, Problem> {
+    let payload = params
+        .get("payload")
+        .ok_or_else(|| Problem::invalid("payload", "missing_field", "`payload` (the BR Code) is required"))?;
+    pix::brcode::decode(payload).map_err(|e| brcode_problem("payload", e))?;
+    qrcode::QrCode::with_error_correction_level(payload.as_bytes(), qrcode::EcLevel::M)
+        .map_err(|e| Problem::invalid("payload", "invalid_brcode", format!("`payload` does not fit a QR code: {e}")))
+}
+
+/// Grayscale PNG of the code, black modules on white with the quiet zone.
+pub fn qr_png(code: &qrcode::QrCode) -> Vec<u8> {
+    let width = code.width();
+    let colors = code.to_colors();
+    let side = (width + 2 * QUIET_MODULES) * MODULE_PIXELS;
+    let mut pixels = vec![255u8; side * side];
+    for y in 0..width {
+        for x in 0..width {
+            if colors[y * width + x] == qrcode::Color::Dark {
+                for dy in 0..MODULE_PIXELS {
+                    let row = (y + QUIET_MODULES) * MODULE_PIXELS + dy;
+                    let start = row * side + (x + QUIET_MODULES) * MODULE_PIXELS;
+                    pixels[start..start + MODULE_PIXELS].fill(0);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, side as u32, side as u32);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().expect("writing to memory");
+    writer.write_image_data(&pixels).expect("writing to memory");
+    writer.finish().expect("writing to memory");
+    out
+}
+
+#[utoipa::path(get, path = "/v1/pix/brcode/qr.png", tag = "pix", params(("payload" = String, Query)),
+    responses((status = 200, content_type = "image/png"), (status = 422, body = Problem)), security(("api_key" = [])))]
+pub async fn brcode_png(tenant: Tenant, Query(params): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let code = qr_of(&params)?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], qr_png(&code)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/pix/brcode/qr.svg", tag = "pix", params(("payload" = String, Query)),
+    responses((status = 200, content_type = "image/svg+xml"), (status = 422, body = Problem)), security(("api_key" = [])))]
+pub async fn brcode_svg(tenant: Tenant, Query(params): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let code = qr_of(&params)?;
+    let svg = code
+        .render::<qrcode::render::svg::Color>()
+        .module_dimensions(MODULE_PIXELS as u32, MODULE_PIXELS as u32)
+        .quiet_zone(true)
+        .build();
+    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Payments
+
+#[derive(Deserialize, Serialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct CreditorBody {
+    pub ispb: String,
+    pub branch: String,
+    /// The account number (for accounts of this rtpay: the account id, with or without dashes).
+    pub account: String,
+    /// `CACC` checking, `SVGS` savings, `TRAN` transactional, `SLRY` salary.
+    pub account_type: String,
+    pub document: String,
+    pub name: String,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentBody {
+    /// The payment's id (UUID): repeating it is safe.
+    pub id: String,
+    pub debit_account_id: String,
+    /// Centavos, 1..=999999999999.
+    pub amount: u64,
+    pub key: Option<String>,
+    pub brcode: Option<String>,
+    pub creditor: Option<CreditorBody>,
+    pub description: Option<String>,
+}
+
+fn fingerprint(body: &PaymentBody) -> String {
+    crate::auth::hex(&Sha256::digest(serde_json::to_vec(body).expect("serializable")))
+}
+
+/// Where a payment goes, as the request says it.
+enum Target {
+    Key(PixKey),
+    Account(u128),
+}
+
+#[utoipa::path(post, path = "/v1/pix/payments", tag = "pix", request_body = PaymentBody,
+    responses((status = 201, body = PaymentView), (status = 200, body = PaymentView), (status = 409, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn create_payment(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Json(body): Json<PaymentBody>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:write")?;
+    let ispb = state.ispb()?.to_owned();
+    let vault = state.vault_or_503()?;
+    let id = uuid_string(parse_id("id", &body.id)?);
+    let debit = parse_id("debit_account_id", &body.debit_account_id)?;
+    if body.amount == 0 || body.amount > pix::amount::MAX_CENTAVOS {
+        return Err(Problem::invalid("amount", "invalid_amount", "`amount` must be 1..=999999999999 centavos"));
+    }
+    let description = match &body.description {
+        Some(d) => Some(crate::dto::display_name("description", d, DESCRIPTION_LEN_MAX)?),
+        None => None,
+    };
+    let given = [body.key.is_some(), body.brcode.is_some(), body.creditor.is_some()].iter().filter(|b| **b).count();
+    if given != 1 {
+        return Err(Problem::invalid("key", "invalid_creditor", "give exactly one of `key`, `brcode` or `creditor`"));
+    }
+    let mut txid = None;
+    let (initiation, target) = if let Some(k) = &body.key {
+        ("key", Target::Key(PixKey::infer(k).map_err(|e| invalid_key("key", e))?))
+    } else if let Some(payload) = &body.brcode {
+        let code = pix::brcode::decode(payload).map_err(|e| brcode_problem("brcode", e))?;
+        if let Some(a) = code.amount {
+            if a != body.amount {
+                return Err(Problem::invalid(
+                    "amount",
+                    "amount_mismatch",
+                    format!("the BR Code asks for {} centavos; `amount` says {}", a, body.amount),
+                ));
+            }
+        }
+        txid = code.txid.clone();
+        let Some(key) = code.key.as_deref() else {
+            return Err(Problem::invalid(
+                "brcode",
+                "unsupported_brcode",
+                "this BR Code is dynamic (a charge's URL); pay it through its charge",
+            ));
+        };
+        ("brcode", Target::Key(PixKey::infer(key).map_err(|e| invalid_key("brcode", e))?))
+    } else {
+        let c = body.creditor.as_ref().expect("one of three");
+        if !pix::ids::valid_ispb(&c.ispb) {
+            return Err(Problem::invalid(
+                "creditor.ispb",
+                "invalid_ispb",
+                "`creditor.ispb` must be 8 letters or digits",
+            ));
+        }
+        if !matches!(c.account_type.as_str(), "CACC" | "SVGS" | "TRAN" | "SLRY") {
+            return Err(Problem::invalid(
+                "creditor.account_type",
+                "invalid_account_type",
+                "`creditor.account_type` must be CACC, SVGS, TRAN or SLRY",
+            ));
+        }
+        if c.ispb != ispb {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "off_us_unavailable",
+                "payments to other institutions go through the SPI connector, which this server does not have yet",
+            )
+            .field("creditor.ispb"));
+        }
+        let account = uuid::Uuid::try_parse(&c.account).map_err(|_| {
+            Problem::invalid(
+                "creditor.account",
+                "invalid_account",
+                "`creditor.account` must be an account id of this institution",
+            )
+        })?;
+        ("manual", Target::Account(account.as_u128()))
+    };
+    let print = fingerprint(&body);
+    let tenant_id = tenant.id;
+    let amount = body.amount;
+    audit.0.set_resource(format!("pix-payment:{id}"));
+    let (id2, ispb2, print2) = (id.clone(), ispb.clone(), print.clone());
+    let prepared = query(&state, move |q| {
+        Ok((|| -> Result<Result<Result<OnUs, PaymentView>, Problem>, VaultFailure> {
+            if let Some(doc) = q.document(PAYMENT_KIND, tenant_id, &id2)? {
+                let stored: StoredPayment = serde_json::from_str(&doc.body)
+                    .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
+                if stored.fingerprint != print2 {
+                    return Ok(Err(Problem::new(
+                        StatusCode::CONFLICT,
+                        "exists_with_different_fields",
+                        "a payment with this id exists with different fields",
+                    )
+                    .field("id")));
+                }
+                return Ok(Ok(Err(stored.view)));
+            }
+            let payer = match party(&vault, q, &ispb2, tenant_id, debit)? {
+                Ok(p) => p,
+                Err(why) => {
+                    return Ok(Err(Problem::invalid(
+                        "debit_account_id",
+                        "invalid_account",
+                        format!("`debit_account_id`: {why}"),
+                    )))
+                }
+            };
+            let payee = match target {
+                Target::Key(key) => {
+                    let Some((doc, stored)) = find_key(&vault, q, &key)? else {
+                        return Ok(Err(Problem::invalid(
+                            if initiation == "brcode" { "brcode" } else { "key" },
+                            "key_not_found",
+                            "no such key in the directory",
+                        )));
+                    };
+                    let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
+                    party(&vault, q, &ispb2, doc.tenant_id, account)?
+                }
+                Target::Account(account) => party(&vault, q, &ispb2, tenant_id, account)?,
+            };
+            let payee = match payee {
+                Ok(p) => p,
+                Err(why) => {
+                    return Ok(Err(Problem::invalid("creditor", "invalid_creditor", format!("the creditor: {why}"))))
+                }
+            };
+            if payee.tenant == payer.tenant && payee.account == payer.account {
+                return Ok(Err(Problem::invalid(
+                    "debit_account_id",
+                    "same_account",
+                    "a payment to the paying account itself",
+                )));
+            }
+            let now = store::now_nanos();
+            let (schedule, _) = limits_of(q, tenant_id, payer.holder, payer.person)?;
+            let (day, night) = spent(q, payer.holder, now)?;
+            let refused = pix::limits::check(schedule.at(now), amount, now, day, night)
+                .err()
+                .map(|b| ("limit_exceeded".to_owned(), b.describe()));
+            let mut random = [0u8; 11];
+            random.copy_from_slice(&random_32()[..11]);
+            let view = PaymentView {
+                id: id2.clone(),
+                end_to_end_id: pix::ids::end_to_end_id('E', &ispb2, now, random),
+                status: "processing".into(),
+                reason: None,
+                reason_detail: None,
+                debit_account_id: uuid_string(debit),
+                amount,
+                initiation: initiation.into(),
+                creditor: payee.view.clone(),
+                txid,
+                description,
+                created_at: rfc3339(now),
+            };
+            Ok(Ok(Ok(OnUs { payer, payee, amount, view, fingerprint: print2, refused })))
+        })())
+    })
+    .await?;
+    match prepared.map_err(Problem::from)?? {
+        Err(existing) => Ok(reply(StatusCode::OK, &existing)),
+        Ok(on_us) => {
+            let view = commit_on_us(&state, &audit, on_us).await?;
+            Ok(reply(StatusCode::CREATED, &view))
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/pix/payments/{id}", tag = "pix", params(("id" = String, Path)),
+    responses((status = 200, body = PaymentView), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn get_payment(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let id = uuid_string(parse_id("id", &id)?);
+    let tenant_id = tenant.id;
+    let doc = query(&state, move |q| q.document(PAYMENT_KIND, tenant_id, &id))
+        .await?
+        .ok_or_else(|| Problem::not_found("Pix payment"))?;
+    let stored: StoredPayment = serde_json::from_str(&doc.body).map_err(|_| Problem::internal())?;
+    Ok(reply(StatusCode::OK, &stored.view))
+}
