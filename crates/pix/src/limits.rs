@@ -88,28 +88,62 @@ impl Schedule {
     }
 }
 
+/// The institution's night, in whole local (São Paulo) hours: from `start_hour` up to, not
+/// including, `end_hour`, across midnight when `start_hour > end_hour`. The Central Bank's default
+/// is 20:00–06:00; an institution may set another window (a customer may ask for 22:00).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Night {
+    pub start_hour: u64,
+    pub end_hour: u64,
+}
+
+impl Default for Night {
+    fn default() -> Night {
+        Night { start_hour: NIGHT_STARTS_AT, end_hour: NIGHT_ENDS_AT }
+    }
+}
+
+impl Night {
+    /// Hours in 0..24, start and end apart.
+    pub fn new(start_hour: u64, end_hour: u64) -> Option<Night> {
+        (start_hour < 24 && end_hour < 24 && start_hour != end_hour).then_some(Night { start_hour, end_hour })
+    }
+
+    fn contains(self, hour: u64) -> bool {
+        if self.start_hour < self.end_hour {
+            (self.start_hour..self.end_hour).contains(&hour)
+        } else {
+            hour >= self.start_hour || hour < self.end_hour
+        }
+    }
+
+    /// Which limit period `now` falls in.
+    pub fn period(self, now: Timestamp) -> Period {
+        let offset = OFFSET_HOURS * HOUR;
+        let local = now.saturating_sub(offset);
+        let local_day = local - local % DAY;
+        let hour = (local % DAY) / HOUR;
+        let night = self.contains(hour);
+        // The night began today at `start_hour`, or yesterday when that is still ahead.
+        let today = local_day + self.start_hour * HOUR;
+        let night_start_local = if hour >= self.start_hour { today } else { today.saturating_sub(DAY) };
+        Period { night, day_start: local_day + offset, night_start: night_start_local + offset }
+    }
+}
+
 /// Which limit period a time falls in, as UTC nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Period {
     pub night: bool,
     /// Start of the local (São Paulo) calendar day.
     pub day_start: Timestamp,
-    /// Start of the current night (20:00 local), when `night`.
+    /// Start of the current night (`start_hour` local), when `night`.
     pub night_start: Timestamp,
 }
 
+/// The period of `now` under the default night (20:00–06:00).
 pub fn period(now: Timestamp) -> Period {
-    let offset = OFFSET_HOURS * HOUR;
-    let local = now.saturating_sub(offset);
-    let local_day = local - local % DAY;
-    let hour = (local % DAY) / HOUR;
-    let night = !(NIGHT_ENDS_AT..NIGHT_STARTS_AT).contains(&hour);
-    let night_start_local = if hour >= NIGHT_STARTS_AT {
-        local_day + NIGHT_STARTS_AT * HOUR
-    } else {
-        (local_day + NIGHT_STARTS_AT * HOUR).saturating_sub(DAY)
-    };
-    Period { night, day_start: local_day + offset, night_start: night_start_local + offset }
+    Night::default().period(now)
 }
 
 /// Which limit a payment would break.
@@ -127,9 +161,9 @@ impl Breach {
         match self {
             Breach::PerTransaction(l) => format!("exceeds the per-transaction limit of R${}", r(l)),
             Breach::Daily(l) => format!("exceeds the daily limit of R${}", r(l)),
-            Breach::Nightly(l) => format!("exceeds the night limit (20:00-06:00 Brasilia time) of R${}", r(l)),
+            Breach::Nightly(l) => format!("exceeds the night limit (night hours, Brasilia time) of R${}", r(l)),
             Breach::NightPerTransaction(l) => {
-                format!("exceeds the night per-transaction limit (20:00-06:00 Brasilia time) of R${}", r(l))
+                format!("exceeds the night per-transaction limit (night hours, Brasilia time) of R${}", r(l))
             }
         }
     }
@@ -137,7 +171,14 @@ impl Breach {
 
 /// Checks a payment of `amount` at `now`, given what the payer already spent in today's (local)
 /// day and in the current night.
-pub fn check(limits: Limits, amount: u64, now: Timestamp, spent_day: u64, spent_night: u64) -> Result<(), Breach> {
+pub fn check(
+    limits: Limits,
+    night: Night,
+    amount: u64,
+    now: Timestamp,
+    spent_day: u64,
+    spent_night: u64,
+) -> Result<(), Breach> {
     let over = |limit: Option<u64>, total: u64| limit.filter(|l| total > *l);
     if let Some(l) = over(limits.per_transaction, amount) {
         return Err(Breach::PerTransaction(l));
@@ -145,7 +186,7 @@ pub fn check(limits: Limits, amount: u64, now: Timestamp, spent_day: u64, spent_
     if let Some(l) = over(limits.daily, spent_day.saturating_add(amount)) {
         return Err(Breach::Daily(l));
     }
-    if period(now).night {
+    if night.period(now).night {
         if let Some(l) = over(limits.night_per_transaction, amount) {
             return Err(Breach::NightPerTransaction(l));
         }
@@ -176,18 +217,27 @@ mod tests {
         assert_eq!(period(sp(2)).night_start, sp(20) - DAY);
         assert_eq!(period(sp(2)).day_start, sp(0));
         assert_eq!(period(sp(23)).day_start, sp(0));
+        // A window that does not cross midnight, and one that starts at 22:00.
+        let day_window = Night::new(9, 11).unwrap();
+        assert!(!day_window.period(sp(8)).night && day_window.period(sp(9)).night && !day_window.period(sp(11)).night);
+        assert_eq!(day_window.period(sp(10)).night_start, sp(9));
+        let late = Night::new(22, 6).unwrap();
+        assert!(!late.period(sp(21)).night && late.period(sp(22)).night && late.period(sp(3)).night);
+        assert_eq!(late.period(sp(3)).night_start, sp(22) - DAY);
+        assert_eq!(Night::new(5, 5), None);
+        assert_eq!(Night::new(24, 5), None);
     }
 
     #[test]
     fn person_night_default_and_checks() {
         let l = Limits::default_for(true);
-        assert_eq!(check(l, 100_000, sp(21), 0, 0), Ok(()));
-        assert_eq!(check(l, 100_001, sp(21), 0, 0), Err(Breach::NightPerTransaction(100_000)));
-        assert_eq!(check(l, 60_000, sp(21), 0, 50_000), Err(Breach::Nightly(100_000)));
-        assert_eq!(check(l, 500_000, sp(12), 0, 0), Ok(()), "no limit by day");
+        assert_eq!(check(l, Night::default(), 100_000, sp(21), 0, 0), Ok(()));
+        assert_eq!(check(l, Night::default(), 100_001, sp(21), 0, 0), Err(Breach::NightPerTransaction(100_000)));
+        assert_eq!(check(l, Night::default(), 60_000, sp(21), 0, 50_000), Err(Breach::Nightly(100_000)));
+        assert_eq!(check(l, Night::default(), 500_000, sp(12), 0, 0), Ok(()), "no limit by day");
         let daily = Limits { daily: Some(200_000), per_transaction: Some(150_000), ..l };
-        assert_eq!(check(daily, 150_001, sp(12), 0, 0), Err(Breach::PerTransaction(150_000)));
-        assert_eq!(check(daily, 100_000, sp(12), 100_001, 0), Err(Breach::Daily(200_000)));
+        assert_eq!(check(daily, Night::default(), 150_001, sp(12), 0, 0), Err(Breach::PerTransaction(150_000)));
+        assert_eq!(check(daily, Night::default(), 100_000, sp(12), 100_001, 0), Err(Breach::Daily(200_000)));
         assert!(Limits::default_for(false) == Limits::default());
     }
 

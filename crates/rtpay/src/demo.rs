@@ -148,7 +148,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         kek: None,
         iso8583_listen: None,
         card_settings: Default::default(),
-        pix: server::pix_rail::PixSettings { ispb: Some(DEMO_ISPB.into()) },
+        pix: server::pix_rail::PixSettings { ispb: Some(DEMO_ISPB.into()), ..Default::default() },
     };
     let server = tokio::spawn(run(
         config,

@@ -85,6 +85,10 @@ enum CommandLine {
         /// institution in Pix EndToEndIds and BR Codes. Without it the Pix routes answer 503.
         #[arg(long, env = "RTPAY_ISPB")]
         ispb: Option<String>,
+        /// The night of Pix night limits, in local hours of São Paulo: `START-END` (the Central
+        /// Bank's default 20-6; 22-6 is the other window customers may choose).
+        #[arg(long, default_value = "20-6", env = "RTPAY_PIX_NIGHT")]
+        pix_night: String,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -179,7 +183,14 @@ fn main() -> ExitCode {
             card_hold_seconds,
             card_capture_tolerance,
             ispb,
+            pix_night,
         } => {
+            let Some(night) =
+                pix_night.split_once('-').and_then(|(a, b)| pix::limits::Night::new(a.parse().ok()?, b.parse().ok()?))
+            else {
+                eprintln!("rtpay serve: --pix-night must be START-END in whole hours 0-23, apart (e.g. 20-6), not `{pix_night}`");
+                return ExitCode::from(2);
+            };
             if let Some(ispb) = ispb.as_deref().filter(|i| !pix::ids::valid_ispb(i)) {
                 eprintln!("rtpay serve: --ispb must be 8 digits or capital letters, not `{ispb}`");
                 return ExitCode::from(2);
@@ -213,7 +224,7 @@ fn main() -> ExitCode {
                     hold_seconds: card_hold_seconds,
                     capture_tolerance_percent: card_capture_tolerance,
                 },
-                pix: server::pix_rail::PixSettings { ispb },
+                pix: server::pix_rail::PixSettings { ispb, night },
             };
             runtime().block_on(async {
                 let ready = |r: &rtpay::serve::Running| {

@@ -116,7 +116,8 @@ fn keys_brcodes_and_on_us_payments() {
         assert_eq!(problem(&r), (422, json!("invalid_account"), json!("account_id")));
 
         // Look-up: the owner as others see them (names of persons masked, documents masked).
-        let r = c.get(&format!("/v1/pix/keys/maria@example.com?payer_account_id={}", acme.account), &key_b).await.unwrap();
+        let r =
+            c.get(&format!("/v1/pix/keys/maria@example.com?payer_account_id={}", acme.account), &key_b).await.unwrap();
         assert_eq!(r.status, 200, "{:?}", r.json());
         let v = r.json();
         assert_eq!(v["owner"]["name"], json!("Maria Q. d. J."));
@@ -219,15 +220,38 @@ fn keys_brcodes_and_on_us_payments() {
         let broke = json!({"id": uuid(), "debit_account_id": other.account, "amount": 101, "key": CPF_MARIA});
         let r = c.post("/v1/pix/payments", &key_a, &broke).await.unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
-        assert_eq!((r.json()["status"].clone(), r.json()["reason"].clone()), (json!("rejected"), json!("insufficient_funds")));
+        assert_eq!(
+            (r.json()["status"].clone(), r.json()["reason"].clone()),
+            (json!("rejected"), json!("insufficient_funds"))
+        );
         assert_eq!(available(&mut c, &other).await, 100);
         for (body, code, field) in [
-            (json!({"id": uuid(), "debit_account_id": maria.account, "amount": 0, "key": CNPJ_ACME}), "invalid_amount", "amount"),
-            (json!({"id": "nope", "debit_account_id": maria.account, "amount": 1, "key": CNPJ_ACME}), "invalid_uuid", "id"),
+            (
+                json!({"id": uuid(), "debit_account_id": maria.account, "amount": 0, "key": CNPJ_ACME}),
+                "invalid_amount",
+                "amount",
+            ),
+            (
+                json!({"id": "nope", "debit_account_id": maria.account, "amount": 1, "key": CNPJ_ACME}),
+                "invalid_uuid",
+                "id",
+            ),
             (json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1}), "invalid_creditor", "key"),
-            (json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1, "key": "nobody@example.com"}), "key_not_found", "key"),
-            (json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1, "key": "maria@example.com"}), "same_account", "debit_account_id"),
-            (json!({"id": uuid(), "debit_account_id": acme.account, "amount": 1, "key": CPF_MARIA}), "invalid_account", "debit_account_id"),
+            (
+                json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1, "key": "nobody@example.com"}),
+                "key_not_found",
+                "key",
+            ),
+            (
+                json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1, "key": "maria@example.com"}),
+                "same_account",
+                "debit_account_id",
+            ),
+            (
+                json!({"id": uuid(), "debit_account_id": acme.account, "amount": 1, "key": CPF_MARIA}),
+                "invalid_account",
+                "debit_account_id",
+            ),
         ] {
             let r = c.post("/v1/pix/payments", &key_a, &body).await.unwrap();
             assert_eq!(problem(&r), (422, json!(code), json!(field)), "{body}: {:?}", r.json());
@@ -239,7 +263,8 @@ fn keys_brcodes_and_on_us_payments() {
         assert_eq!(r.status, 404);
         let r = c.send(Method::DELETE, "/v1/pix/keys/+5511987654321", Some(&key_b), None).await.unwrap();
         assert_eq!(r.status, 204);
-        let r = c.get(&format!("/v1/pix/keys/+5511987654321?payer_account_id={}", maria.account), &key_a).await.unwrap();
+        let r =
+            c.get(&format!("/v1/pix/keys/+5511987654321?payer_account_id={}", maria.account), &key_a).await.unwrap();
         assert_eq!(problem(&r).0, 404);
     });
     let (ok, report) = server.verify();
@@ -273,4 +298,102 @@ fn dict_lookups_are_rate_limited_per_payer() {
         // The bucket is the payer's: another payer still looks up.
         assert_eq!(c.get(&look(&other, "joao@example.com"), &key).await.unwrap().status, 200);
     });
+}
+
+/// The São Paulo hour now (UTC−3, no daylight saving time since 2019).
+fn sao_paulo_hour() -> u64 {
+    (store::now_nanos() / 1_000_000_000 - 3 * 3600) % 86_400 / 3600
+}
+
+#[test]
+fn limits_by_day_and_by_night() {
+    let hour = sao_paulo_hour();
+    // One server whose night is now, one whose night is hours away.
+    let night_now = format!("{hour}-{}", (hour + 2) % 24);
+    let night_later = format!("{}-{}", (hour + 4) % 24, (hour + 6) % 24);
+    let rt = runtime();
+    for (window, is_night) in [(night_now, true), (night_later, false)] {
+        let dir = temp_dir("pix-limits");
+        let server =
+            Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--pix-night", &window]);
+        rt.block_on(async {
+            let mut c = server.client();
+            let (_, key) = tenant(&mut c, "t").await;
+            let (_, key_other) = tenant(&mut c, "other").await;
+            let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 1_000_000).await;
+            let acme = party(&mut c, &key, "company", "ACME", CNPJ_ACME, 0).await;
+            assert_eq!(register(&mut c, &acme, "cnpj", Some(CNPJ_ACME)).await.status, 201);
+            let path = format!("/v1/holders/{}/pix-limits", maria.holder);
+            let r = c.get(&path, &key).await.unwrap();
+            assert_eq!(r.status, 200, "{:?}", r.json());
+            assert_eq!(
+                r.json()["limits"],
+                json!({"per_transaction": null, "daily": null, "nightly": 100_000, "night_per_transaction": 100_000}),
+                "a person's defaults: R$1,000 at night"
+            );
+            let r = c.get(&format!("/v1/holders/{}/pix-limits", acme.holder), &key).await.unwrap();
+            assert_eq!(r.json()["limits"]["nightly"], Value::Null, "companies have no default");
+            assert_eq!(c.get(&path, &key_other).await.unwrap().status, 404, "another tenant's holder");
+
+            let pay = |amount: u64| json!({"id": uuid(), "debit_account_id": maria.account, "amount": amount, "key": CNPJ_ACME});
+            let r = c.post("/v1/pix/payments", &key, &pay(100_001)).await.unwrap();
+            assert_eq!(r.status, 201, "{:?}", r.json());
+            if is_night {
+                assert_eq!((r.json()["status"].clone(), r.json()["reason"].clone()), (json!("rejected"), json!("limit_exceeded")));
+                assert!(r.json()["reason_detail"].as_str().unwrap().contains("R$1000.00"), "{:?}", r.json());
+                assert_eq!(available(&mut c, &maria).await, 1_000_000, "nothing moved");
+                // Within the per-transaction cap, up to the night's total.
+                let r = c.post("/v1/pix/payments", &key, &pay(60_000)).await.unwrap();
+                assert_eq!(r.json()["status"], json!("completed"));
+                let r = c.post("/v1/pix/payments", &key, &pay(50_000)).await.unwrap();
+                assert_eq!((r.json()["status"].clone(), r.json()["reason"].clone()), (json!("rejected"), json!("limit_exceeded")));
+                assert_eq!(available(&mut c, &maria).await, 1_000_000 - 60_000);
+            } else {
+                assert_eq!(r.json()["status"], json!("completed"), "no night limit by day");
+                assert_eq!(available(&mut c, &maria).await, 1_000_000 - 100_001);
+            }
+
+            // Lowering applies at once; raising waits 24 hours.
+            let r = c
+                .send(
+                    Method::PUT,
+                    &path,
+                    Some(&key),
+                    Some(serde_json::to_vec(&json!({"per_transaction": 20_000, "daily": 300_000, "nightly": 500_000,
+                        "night_per_transaction": 10_000})).unwrap().into()),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{:?}", r.json());
+            let v = r.json();
+            assert_eq!(
+                v["limits"],
+                json!({"per_transaction": 20_000, "daily": 300_000, "nightly": 100_000, "night_per_transaction": 10_000})
+            );
+            assert_eq!(v["pending"]["limits"]["nightly"], json!(500_000));
+            assert!(v["pending"]["effective_at"].as_str().is_some());
+            let r = c.post("/v1/pix/payments", &key, &pay(20_001)).await.unwrap();
+            assert_eq!((r.json()["status"].clone(), r.json()["reason"].clone()), (json!("rejected"), json!("limit_exceeded")));
+            assert!(r.json()["reason_detail"].as_str().unwrap().contains("R$200.00"), "{:?}", r.json());
+            let r = c.get(&path, &key).await.unwrap();
+            assert_eq!(r.json()["limits"]["per_transaction"], json!(20_000), "kept");
+
+            for (body, field) in [
+                (json!({"per_transaction": 0}), "per_transaction"),
+                (json!({"daily": 1_000_000_000_000u64}), "daily"),
+                (json!({"weekly": 5}), "weekly"),
+                (json!({"nightly": "100.00"}), "nightly"),
+            ] {
+                let r = c
+                    .send(Method::PUT, &path, Some(&key), Some(serde_json::to_vec(&body).unwrap().into()))
+                    .await
+                    .unwrap();
+                assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{body}");
+            }
+            let r = c.get(&path, &key).await.unwrap();
+            assert_eq!(r.json()["limits"]["per_transaction"], json!(20_000), "bad input changed nothing");
+        });
+        let (ok, report) = server.verify();
+        assert!(ok, "{report}");
+    }
 }

@@ -116,7 +116,7 @@ impl AppState {
         routes::cards::card_action, routes::cards::card_authorizations, routes::cards::get_authorization,
         routes::pix::create_key, routes::pix::delete_key, routes::pix::lookup_key, routes::pix::decode_brcode,
         routes::pix::encode_brcode, routes::pix::brcode_png, routes::pix::brcode_svg, routes::pix::create_payment,
-        routes::pix::get_payment,
+        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits,
     ),
     modifiers(&Security)
 )]
@@ -154,6 +154,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/rotate", post(keys::rotate_keys))
         .route("/v1/holders", post(holders::create_holder))
         .route("/v1/holders/{id}", get(holders::get_holder))
+        .route("/v1/holders/{id}/pix-limits", get(pix::get_limits).put(pix::set_limits))
         .route("/v1/card-products", post(cards::create_product))
         .route("/v1/card-products/{id}", get(cards::get_product))
         .route("/v1/cards", post(cards::create_card))

@@ -38,6 +38,8 @@ pub const KEYS_PER_ACCOUNT_COMPANY: u64 = 20;
 pub struct PixSettings {
     /// The 8-character ISPB; `None`: Pix routes answer 503.
     pub ispb: Option<String>,
+    /// When night limits apply.
+    pub night: pix::limits::Night,
 }
 
 /// What Pix needs from the shared state.
@@ -259,15 +261,15 @@ pub fn spend_scopes(holder: u128) -> (String, String) {
 const HOUR: u64 = 3_600_000_000_000;
 
 /// Counter periods of a time: (day index, night index) in hours since the epoch of their start.
-pub fn spend_periods(now: u64) -> (u64, Option<u64>) {
-    let p = pix::limits::period(now);
+pub fn spend_periods(night: pix::limits::Night, now: u64) -> (u64, Option<u64>) {
+    let p = night.period(now);
     (p.day_start / HOUR, p.night.then_some(p.night_start / HOUR))
 }
 
 /// What a payer spent so far today and tonight.
-pub fn spent(q: &dyn store::Queries, holder: u128, now: u64) -> store::Result<(u64, u64)> {
+pub fn spent(q: &dyn store::Queries, holder: u128, night: pix::limits::Night, now: u64) -> store::Result<(u64, u64)> {
     let (day_scope, night_scope) = spend_scopes(holder);
-    let (day, night) = spend_periods(now);
+    let (day, night) = spend_periods(night, now);
     let d = q.counter_total(&day_scope, day, day + 1)?.max(0) as u64;
     let n = match night {
         Some(n) => q.counter_total(&night_scope, n, n + 1)?.max(0) as u64,
@@ -276,8 +278,9 @@ pub fn spent(q: &dyn store::Queries, holder: u128, now: u64) -> store::Result<(u
     Ok((d, n))
 }
 
-/// A holder's limits as stored (the schedule), or the defaults for its kind.
+/// A holder's Pix limits in centavos; `null` or absent: no limit.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct LimitsBody {
     pub per_transaction: Option<u64>,
     pub daily: Option<u64>,
@@ -377,7 +380,7 @@ pub async fn commit_on_us(state: &AppState, audit: &Audit, p: OnUs) -> Result<Pa
         }
     }
     let (day_scope, night_scope) = spend_scopes(p.payer.holder);
-    let (day, night) = spend_periods(now);
+    let (day, night) = spend_periods(state.pix.night, now);
     let (payer, payee) = (p.payer.clone(), p.payee.clone());
     let (view, fingerprint, amount, refused) = (p.view, p.fingerprint, p.amount, p.refused);
     let conclude = move |result: TransferResult| -> (PaymentView, Vec<store::Record>) {

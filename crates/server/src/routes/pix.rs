@@ -223,8 +223,8 @@ pub struct DirectoryEntry {
     pub created_at: String,
 }
 
-/// Up to this many compare-and-set attempts on a bucket before answering 503.
-const BUCKET_TRIES: usize = 8;
+/// Up to this many compare-and-set attempts on one document (a bucket, limits) before answering 503.
+const COMPARE_AND_SET_TRIES: usize = 8;
 
 #[derive(Serialize, Deserialize)]
 struct StoredBucket {
@@ -270,7 +270,7 @@ pub async fn lookup_key(
             };
             let capacity = if payer.person { pix::dict::CAPACITY_PERSON } else { pix::dict::CAPACITY_COMPANY };
             let bucket_id = uuid_string(payer.holder);
-            for _ in 0..BUCKET_TRIES {
+            for _ in 0..COMPARE_AND_SET_TRIES {
                 let now = store::now_nanos();
                 let existing = q.document(BUCKET_KIND, tenant_id, &bucket_id)?;
                 let mut bucket = match &existing {
@@ -350,6 +350,128 @@ pub async fn lookup_key(
     })
     .await?;
     Ok(reply(StatusCode::OK, &outcome.map_err(Problem::from)??))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+#[derive(Serialize, ToSchema)]
+pub struct PendingLimits {
+    pub limits: LimitsBody,
+    /// When the raise applies (24 hours after it was asked for).
+    pub effective_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LimitsView {
+    pub holder_id: String,
+    /// The limits in force now.
+    pub limits: LimitsBody,
+    /// Raises asked for that are not in force yet.
+    pub pending: Option<PendingLimits>,
+}
+
+fn limits_view(holder: u128, schedule: &pix::limits::Schedule, now: u64) -> LimitsView {
+    LimitsView {
+        holder_id: uuid_string(holder),
+        limits: schedule.at(now).into(),
+        pending: schedule
+            .pending
+            .filter(|(_, from)| *from > now)
+            .map(|(l, from)| PendingLimits { limits: l.into(), effective_at: rfc3339(from) }),
+    }
+}
+
+/// The holder's kind (`person`: default night limits), or 404.
+fn holder_kind(q: &dyn store::Queries, tenant: u128, holder: u128) -> store::Result<Option<bool>> {
+    Ok(q.holder(tenant, holder)?.map(|h| h.kind == "person"))
+}
+
+#[utoipa::path(get, path = "/v1/holders/{id}/pix-limits", tag = "pix", params(("id" = String, Path)),
+    responses((status = 200, body = LimitsView), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn get_limits(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let holder = parse_id("id", &id)?;
+    let tenant_id = tenant.id;
+    let schedule = query(&state, move |q| match holder_kind(q, tenant_id, holder)? {
+        Some(person) => Ok(Some(limits_of(q, tenant_id, holder, person)?.0)),
+        None => Ok(None),
+    })
+    .await?
+    .ok_or_else(|| Problem::not_found("holder"))?;
+    Ok(reply(StatusCode::OK, &limits_view(holder, &schedule, store::now_nanos())))
+}
+
+#[utoipa::path(put, path = "/v1/holders/{id}/pix-limits", tag = "pix", params(("id" = String, Path)),
+    request_body = LimitsBody,
+    responses((status = 200, body = LimitsView), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn set_limits(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(id): Path<String>,
+    Json(body): Json<LimitsBody>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:write")?;
+    let holder = parse_id("id", &id)?;
+    for (field, value) in [
+        ("per_transaction", body.per_transaction),
+        ("daily", body.daily),
+        ("nightly", body.nightly),
+        ("night_per_transaction", body.night_per_transaction),
+    ] {
+        if value.is_some_and(|v| v == 0 || v > pix::amount::MAX_CENTAVOS) {
+            return Err(Problem::invalid(
+                field,
+                "invalid_amount",
+                format!("`{field}` must be 1..=999999999999 centavos, or null for no limit"),
+            ));
+        }
+    }
+    audit.0.set_resource(format!("pix-limits:{}", uuid_string(holder)));
+    let tenant_id = tenant.id;
+    let saved = query(&state, move |q| {
+        let Some(person) = holder_kind(q, tenant_id, holder)? else { return Ok(None) };
+        // Compare and set: a concurrent change makes us start over from what it wrote.
+        for _ in 0..COMPARE_AND_SET_TRIES {
+            let now = store::now_nanos();
+            let (schedule, version) = limits_of(q, tenant_id, holder, person)?;
+            let next = schedule.request(body.into(), now);
+            let stored =
+                StoredLimits { current: next.current.into(), pending: next.pending.map(|(l, t)| (l.into(), t)) };
+            let doc = store::Document {
+                kind: LIMITS_KIND.into(),
+                tenant_id,
+                id: uuid_string(holder),
+                lookup: None,
+                owner: None,
+                created_at: now,
+                version: version + 1,
+                body: serde_json::to_string(&stored).expect("serializable"),
+            };
+            let written = if version == 0 {
+                match q.insert_document(&doc) {
+                    Ok(()) => true,
+                    Err(store::StoreError::Conflict(_)) => false,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                q.update_document(&doc, version)?
+            };
+            if written {
+                return Ok(Some((next, now)));
+            }
+        }
+        Err(store::StoreError::Busy)
+    })
+    .await?;
+    let (schedule, now) = saved.ok_or_else(|| Problem::not_found("holder"))?;
+    Ok(reply(StatusCode::OK, &limits_view(holder, &schedule, now)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -692,6 +814,7 @@ pub async fn create_payment(
     let print = fingerprint(&body);
     let tenant_id = tenant.id;
     let amount = body.amount;
+    let night_window = state.pix.night;
     audit.0.set_resource(format!("pix-payment:{id}"));
     let (id2, ispb2, print2) = (id.clone(), ispb.clone(), print.clone());
     let prepared = query(&state, move |q| {
@@ -748,8 +871,8 @@ pub async fn create_payment(
             }
             let now = store::now_nanos();
             let (schedule, _) = limits_of(q, tenant_id, payer.holder, payer.person)?;
-            let (day, night) = spent(q, payer.holder, now)?;
-            let refused = pix::limits::check(schedule.at(now), amount, now, day, night)
+            let (day, night) = spent(q, payer.holder, night_window, now)?;
+            let refused = pix::limits::check(schedule.at(now), night_window, amount, now, day, night)
                 .err()
                 .map(|b| ("limit_exceeded".to_owned(), b.describe()));
             let mut random = [0u8; 11];
