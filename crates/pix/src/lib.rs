@@ -7,10 +7,12 @@
 
 pub mod amount;
 pub mod brcode;
+pub mod charge;
 pub mod dict;
 pub mod document;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod spi;
 
 pub use keys::{KeyError, KeyType, PixKey};
