@@ -89,6 +89,19 @@ enum CommandLine {
         /// Bank's default 20-6; 22-6 is the other window customers may choose).
         #[arg(long, default_value = "20-6", env = "RTPAY_PIX_NIGHT")]
         pix_night: String,
+        /// The sandbox SPI's answer time for payments to other institutions (milliseconds).
+        #[arg(long, default_value_t = 50, env = "RTPAY_SPI_LATENCY_MS")]
+        spi_latency_ms: u64,
+        /// Percent of payments to other institutions the sandbox SPI rejects (AC03).
+        #[arg(long, default_value_t = 0, env = "RTPAY_SPI_REJECT_PERCENT")]
+        spi_reject_percent: u8,
+        /// Percent of payments to other institutions the sandbox SPI never answers.
+        #[arg(long, default_value_t = 0, env = "RTPAY_SPI_TIMEOUT_PERCENT")]
+        spi_timeout_percent: u8,
+        /// How long a payment to another institution waits for the SPI's verdict before it is
+        /// given up and its hold released (milliseconds; the SPI settles within 40 s).
+        #[arg(long, default_value_t = 40_000, env = "RTPAY_SPI_TIMEOUT_MS")]
+        spi_timeout_ms: u64,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -184,7 +197,22 @@ fn main() -> ExitCode {
             card_capture_tolerance,
             ispb,
             pix_night,
+            spi_latency_ms,
+            spi_reject_percent,
+            spi_timeout_percent,
+            spi_timeout_ms,
         } => {
+            if spi_reject_percent as u16 + spi_timeout_percent as u16 > 100
+                || spi_timeout_ms == 0
+                || spi_timeout_ms > 3_600_000
+                || spi_latency_ms > 3_600_000
+            {
+                eprintln!(
+                    "rtpay serve: --spi-reject-percent and --spi-timeout-percent add up to at most 100; \
+                     --spi-timeout-ms is 1..=3600000 and --spi-latency-ms at most 3600000"
+                );
+                return ExitCode::from(2);
+            }
             let Some(night) =
                 pix_night.split_once('-').and_then(|(a, b)| pix::limits::Night::new(a.parse().ok()?, b.parse().ok()?))
             else {
@@ -224,7 +252,16 @@ fn main() -> ExitCode {
                     hold_seconds: card_hold_seconds,
                     capture_tolerance_percent: card_capture_tolerance,
                 },
-                pix: server::pix_rail::PixSettings { ispb, night },
+                pix: server::pix_rail::PixSettings {
+                    ispb,
+                    night,
+                    simulator: server::spi::SimulatorSettings {
+                        latency: std::time::Duration::from_millis(spi_latency_ms),
+                        reject_percent: spi_reject_percent,
+                        timeout_percent: spi_timeout_percent,
+                    },
+                    spi_timeout: std::time::Duration::from_millis(spi_timeout_ms),
+                },
             };
             runtime().block_on(async {
                 let ready = |r: &rtpay::serve::Running| {

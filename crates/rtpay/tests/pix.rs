@@ -397,3 +397,148 @@ fn limits_by_day_and_by_night() {
         assert!(ok, "{report}");
     }
 }
+
+/// Polls a payment until it leaves `processing`.
+async fn settled(c: &mut rtpay::client::Client, key: &str, id: &str) -> Value {
+    for _ in 0..200 {
+        let r = c.get(&format!("/v1/pix/payments/{id}"), key).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        if r.json()["status"] != json!("processing") {
+            return r.json();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("payment {id} still processing");
+}
+
+fn off_us(debit: &str, amount: u64) -> Value {
+    json!({"id": uuid(), "debit_account_id": debit, "amount": amount, "description": "aluguel", "creditor": {
+        "ispb": "60701190", "branch": "0001", "account": "123456", "account_type": "CACC",
+        "document": CPF_OTHER, "name": "Joana Prado"}})
+}
+
+#[test]
+fn off_us_payments_through_the_sandbox_spi() {
+    let rt = runtime();
+    // Accepted: the hold is posted to the tenant's settlement account.
+    let dir = temp_dir("pix-spi");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--spi-latency-ms", "100"]);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        let pay = off_us(&maria.account, 30_000);
+        let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let v = r.json();
+        assert_eq!((v["status"].clone(), v["creditor"]["ispb"].clone()), (json!("processing"), json!("60701190")));
+        assert_eq!(v["creditor"]["name"], json!("Joana P."));
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["available"].clone()), (json!(30_000), json!(70_000)), "held");
+        let done = settled(&mut c, &key, pay["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], json!("completed"), "{done}");
+        assert_eq!(done["end_to_end_id"], v["end_to_end_id"]);
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(30_000)));
+        let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (200, json!("completed")), "a repeat");
+        // A creditor the SPI would refuse outright.
+        let mut bad = off_us(&maria.account, 1);
+        bad["creditor"]["document"] = json!("11144477734");
+        let r = c.post("/v1/pix/payments", &key, &bad).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("invalid_document"), json!("creditor.document")));
+        bad = off_us(&maria.account, 1);
+        bad["creditor"]["branch"] = json!("12345");
+        let r = c.post("/v1/pix/payments", &key, &bad).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("invalid_branch"), json!("creditor.branch")));
+
+        // Pix arriving from another institution, to a key and to an account, once per EndToEndId.
+        assert_eq!(register(&mut c, &maria, "email", Some("maria@example.com")).await.status, 201);
+        let incoming = json!({"end_to_end_id": "E6070119020261201120000000000001", "amount": 5_000,
+            "key": "maria@example.com", "payer": {"ispb": "60701190", "name": "Joana Prado", "document": CPF_OTHER}});
+        let r = c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        assert_eq!((r.json()["credit_account_id"].clone(), r.json()["payer"]["document"].clone()), (json!(maria.account), json!("***.444.777-**")));
+        let r = c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap();
+        assert_eq!(r.status, 200, "the same EndToEndId again");
+        assert_eq!(available(&mut c, &maria).await, 70_000 + 5_000, "credited once");
+        let to_account = json!({"amount": 1, "account_id": maria.account,
+            "payer": {"ispb": "60701190", "name": "ACME", "document": CNPJ_ACME}});
+        assert_eq!(c.post("/v1/sandbox/spi/incoming", &key, &to_account).await.unwrap().status, 201);
+        for (body, code, field) in [
+            (json!({"amount": 1, "account_id": maria.account, "payer": {"ispb": ISPB, "name": "x", "document": CPF_OTHER}}), "invalid_ispb", "payer.ispb"),
+            (json!({"amount": 0, "account_id": maria.account, "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "invalid_amount", "amount"),
+            (json!({"end_to_end_id": "E123", "amount": 1, "account_id": maria.account, "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "invalid_end_to_end_id", "end_to_end_id"),
+            (json!({"amount": 1, "key": "nobody@example.com", "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "key_not_found", "key"),
+        ] {
+            let r = c.post("/v1/sandbox/spi/incoming", &key, &body).await.unwrap();
+            assert_eq!(problem(&r), (422, json!(code), json!(field)), "{body}");
+        }
+        assert_eq!(available(&mut c, &maria).await, 75_001);
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+    drop(server);
+
+    // Rejected: the hold is voided and the limit given back.
+    let dir = temp_dir("pix-spi-reject");
+    let server =
+        Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--spi-reject-percent", "100"]);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        let pay = off_us(&maria.account, 30_000);
+        assert_eq!(c.post("/v1/pix/payments", &key, &pay).await.unwrap().status, 201);
+        let done = settled(&mut c, &key, pay["id"].as_str().unwrap()).await;
+        assert_eq!((done["status"].clone(), done["reason"].clone()), (json!("rejected"), json!("AC03")), "{done}");
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!(
+            (b["debits_pending"].clone(), b["debits_posted"].clone(), b["available"].clone()),
+            (json!(0), json!(0), json!(100_000))
+        );
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+    drop(server);
+
+    // Never answered: given up after the time-out; five in a row open the breaker (503).
+    let dir = temp_dir("pix-spi-timeout");
+    let server = Server::start_with_args(
+        &dir,
+        None,
+        "127.0.0.1:0",
+        true,
+        &["--ispb", ISPB, "--spi-timeout-percent", "100", "--spi-timeout-ms", "200"],
+    );
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        for n in 0..5 {
+            let pay = off_us(&maria.account, 1_000);
+            let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
+            assert_eq!(r.status, 201, "payment {n}: {:?}", r.json());
+            let done = settled(&mut c, &key, pay["id"].as_str().unwrap()).await;
+            assert_eq!((done["status"].clone(), done["reason"].clone()), (json!("rejected"), json!("AB03")), "{done}");
+        }
+        let r = c.post("/v1/pix/payments", &key, &off_us(&maria.account, 1_000)).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (503, json!("unavailable")), "{:?}", r.json());
+        assert!(r.headers.contains_key("retry-after"));
+        assert_eq!(available(&mut c, &maria).await, 100_000, "every hold released");
+        // On-us payments do not go through the SPI and keep working.
+        let other = party(&mut c, &key, "person", "João", CPF_OTHER, 0).await;
+        assert_eq!(register(&mut c, &other, "cpf", Some(CPF_OTHER)).await.status, 201);
+        let r = c
+            .post(
+                "/v1/pix/payments",
+                &key,
+                &json!({"id": uuid(), "debit_account_id": maria.account, "amount": 10, "key": CPF_OTHER}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.json()["status"], json!("completed"));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}

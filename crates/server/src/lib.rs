@@ -23,6 +23,7 @@ pub mod oauth;
 pub mod pix_rail;
 pub mod problem;
 pub mod routes;
+pub mod spi;
 pub mod tls;
 pub mod vault_service;
 
@@ -84,6 +85,7 @@ impl AppState {
     }
 
     pub fn with_pix(mut self, settings: pix_rail::PixSettings) -> AppState {
+        self.pix_runtime = Arc::new(pix_rail::PixRuntime::new(Arc::new(spi::Simulator(settings.simulator))));
         self.pix = settings;
         self
     }
@@ -116,7 +118,7 @@ impl AppState {
         routes::cards::card_action, routes::cards::card_authorizations, routes::cards::get_authorization,
         routes::pix::create_key, routes::pix::delete_key, routes::pix::lookup_key, routes::pix::decode_brcode,
         routes::pix::encode_brcode, routes::pix::brcode_png, routes::pix::brcode_svg, routes::pix::create_payment,
-        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits,
+        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits, routes::pix::sandbox_incoming,
     ),
     modifiers(&Security)
 )]
@@ -170,6 +172,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pix/brcode/qr.svg", get(pix::brcode_svg))
         .route("/v1/pix/payments", post(pix::create_payment))
         .route("/v1/pix/payments/{id}", get(pix::get_payment))
+        .route("/v1/sandbox/spi/incoming", post(pix::sandbox_incoming))
         .route("/v1/audit", get(audit::list_entries))
         .route("/v1/audit/tree-head", get(audit::tree_head))
         .route("/v1/audit/proof/inclusion", get(audit::inclusion_proof))
@@ -244,7 +247,7 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
 /// `req-<12 hex, per process>-<counter>`. The letters first: stored beside a resource id that
 /// ends in digits, an id starting with digits would read as one long digit run to a card-number
 /// scan of storage.
-fn next_request_id() -> String {
+pub(crate) fn next_request_id() -> String {
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| auth::hex(&auth::random_32()[..6]));

@@ -34,19 +34,57 @@ pub const KEYS_PER_ACCOUNT_PERSON: u64 = 5;
 pub const KEYS_PER_ACCOUNT_COMPANY: u64 = 20;
 
 /// The institution this rtpay is.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct PixSettings {
     /// The 8-character ISPB; `None`: Pix routes answer 503.
     pub ispb: Option<String>,
     /// When night limits apply.
     pub night: pix::limits::Night,
+    /// The sandbox SPI's behaviour.
+    pub simulator: crate::spi::SimulatorSettings,
+    /// How long an off-us payment waits for the SPI's verdict before it is given up.
+    pub spi_timeout: std::time::Duration,
 }
 
+impl Default for PixSettings {
+    fn default() -> Self {
+        PixSettings {
+            ispb: None,
+            night: pix::limits::Night::default(),
+            simulator: crate::spi::SimulatorSettings::default(),
+            spi_timeout: SPI_TIMEOUT_DEFAULT,
+        }
+    }
+}
+
+/// The SPI settles within 40 s (IN BCB 5/2020); waiting longer is pointless.
+pub const SPI_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(40);
+/// Failures in a row that open the connector's breaker, and how long it stays open.
+pub const BREAKER_THRESHOLD: u32 = 5;
+pub const BREAKER_COOL_DOWN_NANOS: u64 = 30_000_000_000;
+
 /// What Pix needs from the shared state.
-#[derive(Default)]
 pub struct PixRuntime {
     /// Tenants whose settlement account is known to exist (it is opened once, idempotently).
     settled: Mutex<HashSet<u128>>,
+    pub connector: Arc<dyn crate::spi::SpiConnector>,
+    pub breaker: Mutex<pix::spi::Breaker>,
+}
+
+impl PixRuntime {
+    pub fn new(connector: Arc<dyn crate::spi::SpiConnector>) -> PixRuntime {
+        PixRuntime {
+            settled: Mutex::default(),
+            connector,
+            breaker: Mutex::new(pix::spi::Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN_NANOS)),
+        }
+    }
+}
+
+impl Default for PixRuntime {
+    fn default() -> Self {
+        PixRuntime::new(Arc::new(crate::spi::Simulator(crate::spi::SimulatorSettings::default())))
+    }
 }
 
 impl AppState {
@@ -338,10 +376,18 @@ pub fn limits_of(
     }
 }
 
-/// An on-us payment ready to commit.
-pub struct OnUs {
+/// Where a payment's money goes.
+pub enum Payee {
+    /// An account of this rtpay: settled at once.
+    OnUs(Party),
+    /// Another institution, through the SPI connector.
+    OffUs(pix::spi::Party),
+}
+
+/// A payment ready to commit.
+pub struct Prepared {
     pub payer: Party,
-    pub payee: Party,
+    pub payee: Payee,
     pub amount: u64,
     pub view: PaymentView,
     pub fingerprint: String,
@@ -349,40 +395,106 @@ pub struct OnUs {
     pub refused: Option<(String, String)>,
 }
 
-/// Commits an on-us payment: the ledger chain, the payment and received documents, the payer's
-/// spend counters, and the audit entry, in one transaction. Answers the payment as stored.
-pub async fn commit_on_us(state: &AppState, audit: &Audit, p: OnUs) -> Result<PaymentView, Problem> {
+/// The ledger id of a payment's `n`th transfer (1, 2: the on-us chain; 1: an off-us hold, 2: its
+/// post or void).
+pub fn payment_transfer(state: &AppState, tenant: u128, payment_id: &str, n: u32) -> TransferKey {
+    TransferKey {
+        tenant: TenantId(tenant),
+        id: TransferId(state.keys.derived_id(b"pix-transfer", tenant, &format!("{payment_id}:{n}")).as_u128()),
+    }
+}
+
+/// How long an off-us hold lives beyond the connector's time-out: if rtpay stops between the
+/// two, the ledger releases the money by itself.
+const HOLD_MARGIN_SECONDS: u64 = 30;
+
+fn payment_document(tenant: u128, account: u128, version: u64, at: u64, stored: &StoredPayment) -> store::Record {
+    store::Record::Document(store::Document {
+        kind: PAYMENT_KIND.into(),
+        tenant_id: tenant,
+        id: stored.view.id.clone(),
+        lookup: Some(stored.view.end_to_end_id.clone()),
+        owner: Some(account_owner(tenant, account)),
+        created_at: at,
+        version,
+        body: serde_json::to_string(stored).expect("serializable"),
+    })
+}
+
+/// Sends `command` to the writer with the request's audit entry and the records `records` makes
+/// from the ledger's reply, all in one commit.
+pub async fn submit_recorded(
+    state: &AppState,
+    audit: &Audit,
+    command: store::Command,
+    records: store::RecordsFn,
+) -> Result<store::Reply, Problem> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let draft = audit.0.draft(String::new());
+    state.store.engine.submit_with(command, Some(draft), Some(records), Box::new(move |r| drop(tx.send(r))))?;
+    audit.0.mark_recorded();
+    Ok(rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))??)
+}
+
+/// Commits a payment: its money movement (an on-us chain, or an off-us hold), the payment's
+/// documents, the payer's spend counters and the audit entry, in one transaction. Answers the
+/// payment as stored, and whether this request created it (a concurrent twin may have).
+/// An off-us payment then goes to the SPI connector in the background.
+pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Result<(PaymentView, bool), Problem> {
     let payer_tenant = p.payer.tenant;
     let payment_id = p.view.id.clone();
-    let id_for = |n: u32| TransferKey {
-        tenant: TenantId(0),
-        id: TransferId(state.keys.derived_id(b"pix-transfer", payer_tenant, &format!("{payment_id}:{n}")).as_u128()),
-    };
     let now = store::now_nanos();
+    let event = |key: TransferKey, kind: EventKind, linked: bool| TransferEvent {
+        key,
+        kind,
+        code: 7600,
+        metadata: Some(format!(r#"{{"pix":"{}"}}"#, p.view.end_to_end_id)),
+        linked,
+    };
+    let posted = |debit: u128, credit: u128| EventKind::Posted {
+        debit: AccountId(debit),
+        credit: AccountId(credit),
+        amount: p.amount,
+    };
     let mut events = Vec::new();
-    if p.refused.is_none() {
-        let event = |key: TransferKey, tenant: u128, debit: u128, credit: u128| TransferEvent {
-            key: TransferKey { tenant: TenantId(tenant), ..key },
-            kind: EventKind::Posted { debit: AccountId(debit), credit: AccountId(credit), amount: p.amount },
-            code: 7600,
-            metadata: Some(format!(r#"{{"pix":"{}"}}"#, p.view.end_to_end_id)),
-            linked: false,
-        };
-        if p.payer.tenant == p.payee.tenant {
-            events.push(event(id_for(1), payer_tenant, p.payer.account, p.payee.account));
-        } else {
-            let payer_settlement = ensure_settlement(state, audit, p.payer.tenant).await?;
-            let payee_settlement = ensure_settlement(state, audit, p.payee.tenant).await?;
-            let mut first = event(id_for(1), payer_tenant, p.payer.account, payer_settlement.id.0);
-            first.linked = true;
-            events.push(first);
-            events.push(event(id_for(2), p.payee.tenant, payee_settlement.id.0, p.payee.account));
+    match (&p.refused, &p.payee) {
+        (Some(_), _) => {}
+        (None, Payee::OnUs(payee)) if payee.tenant == payer_tenant => {
+            events.push(event(
+                payment_transfer(state, payer_tenant, &payment_id, 1),
+                posted(p.payer.account, payee.account),
+                false,
+            ));
+        }
+        (None, Payee::OnUs(payee)) => {
+            let payer_settlement = ensure_settlement(state, audit, payer_tenant).await?;
+            let payee_settlement = ensure_settlement(state, audit, payee.tenant).await?;
+            let first = payment_transfer(state, payer_tenant, &payment_id, 1);
+            events.push(event(first, posted(p.payer.account, payer_settlement.id.0), true));
+            let second = payment_transfer(state, payee.tenant, &payment_id, 2);
+            events.push(event(second, posted(payee_settlement.id.0, payee.account), false));
+        }
+        (None, Payee::OffUs(_)) => {
+            let settlement = ensure_settlement(state, audit, payer_tenant).await?;
+            let timeout_seconds = state.pix.spi_timeout.as_secs() + HOLD_MARGIN_SECONDS;
+            let hold = EventKind::Pending {
+                debit: AccountId(p.payer.account),
+                credit: settlement.id,
+                amount: p.amount,
+                timeout_seconds: u32::try_from(timeout_seconds).unwrap_or(u32::MAX),
+            };
+            events.push(event(payment_transfer(state, payer_tenant, &payment_id, 1), hold, false));
         }
     }
     let (day_scope, night_scope) = spend_scopes(p.payer.holder);
     let (day, night) = spend_periods(state.pix.night, now);
-    let (payer, payee) = (p.payer.clone(), p.payee.clone());
-    let (view, fingerprint, amount, refused) = (p.view, p.fingerprint, p.amount, p.refused);
+    let off_us = matches!(p.payee, Payee::OffUs(_));
+    let received_by = match &p.payee {
+        Payee::OnUs(payee) => Some((payee.tenant, payee.account)),
+        Payee::OffUs(_) => None,
+    };
+    let payer = p.payer.clone();
+    let (view, fingerprint, amount, refused) = (p.view.clone(), p.fingerprint.clone(), p.amount, p.refused.clone());
     let conclude = move |result: TransferResult| -> (PaymentView, Vec<store::Record>) {
         let mut view = view.clone();
         let mut records = Vec::new();
@@ -392,32 +504,27 @@ pub async fn commit_on_us(state: &AppState, audit: &Audit, p: OnUs) -> Result<Pa
                 view.reason = Some(reason.clone());
                 view.reason_detail = Some(detail.clone());
             }
-            (None, TransferResult::Created | TransferResult::Exists) => {
-                view.status = "completed".into();
+            // A twin request created it first: it wrote the documents.
+            (None, TransferResult::Exists) => return (view, records),
+            (None, TransferResult::Created) => {
+                view.status = if off_us { "processing" } else { "completed" }.into();
                 records.push(store::Record::Count { scope: day_scope.clone(), period: day, delta: amount as i64 });
                 if let Some(n) = night {
                     records.push(store::Record::Count { scope: night_scope.clone(), period: n, delta: amount as i64 });
                 }
-                let received = StoredReceived {
-                    end_to_end_id: view.end_to_end_id.clone(),
-                    credit_account_id: uuid_string(payee.account),
-                    amount,
-                    txid: view.txid.clone(),
-                    payer: payer.view.clone(),
-                    description: view.description.clone(),
-                    received_at: crate::dto::rfc3339(now),
-                    received_at_nanos: now,
-                };
-                records.push(store::Record::Document(store::Document {
-                    kind: RECEIVED_KIND.into(),
-                    tenant_id: payee.tenant,
-                    id: view.end_to_end_id.clone(),
-                    lookup: Some(view.end_to_end_id.clone()),
-                    owner: Some(account_owner(payee.tenant, payee.account)),
-                    created_at: now,
-                    version: 1,
-                    body: serde_json::to_string(&received).expect("serializable"),
-                }));
+                if let Some((tenant, account)) = received_by {
+                    let received = StoredReceived {
+                        end_to_end_id: view.end_to_end_id.clone(),
+                        credit_account_id: uuid_string(account),
+                        amount,
+                        txid: view.txid.clone(),
+                        payer: payer.view.clone(),
+                        description: view.description.clone(),
+                        received_at: crate::dto::rfc3339(now),
+                        received_at_nanos: now,
+                    };
+                    records.push(received_document(tenant, account, now, &received));
+                }
             }
             (None, failure) => {
                 view.status = "rejected".into();
@@ -426,26 +533,161 @@ pub async fn commit_on_us(state: &AppState, audit: &Audit, p: OnUs) -> Result<Pa
             }
         }
         let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone() };
-        records.push(store::Record::Document(store::Document {
-            kind: PAYMENT_KIND.into(),
-            tenant_id: payer.tenant,
-            id: view.id.clone(),
-            lookup: Some(view.end_to_end_id.clone()),
-            owner: Some(account_owner(payer.tenant, payer.account)),
-            created_at: now,
-            version: 1,
-            body: serde_json::to_string(&stored).expect("serializable"),
-        }));
+        records.push(payment_document(payer.tenant, payer.account, 1, now, &stored));
         (view, records)
     };
     let conclude = Arc::new(conclude);
     let in_batch = conclude.clone();
     let records: store::RecordsFn = Box::new(move |reply| in_batch(chain_result(reply)).1);
     let command = if events.is_empty() { store::Command::Audit(vec![]) } else { store::Command::Transfers(events) };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let draft = audit.0.draft(String::new());
-    state.store.engine.submit_with(command, Some(draft), Some(records), Box::new(move |r| drop(tx.send(r))))?;
-    audit.0.mark_recorded();
-    let reply = rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))??;
-    Ok(conclude(chain_result(&reply)).0)
+    let reply = submit_recorded(state, audit, command, records).await?;
+    let result = chain_result(&reply);
+    let (view, _) = conclude(result);
+    if result == TransferResult::Created && p.refused.is_none() {
+        if let Payee::OffUs(creditor) = p.payee {
+            let transfer = pix::spi::CreditTransfer {
+                end_to_end_id: view.end_to_end_id.clone(),
+                amount: p.amount,
+                debtor: pix::spi::Party {
+                    ispb: p.payer.view.ispb.clone(),
+                    branch: "0001".into(),
+                    account: uuid_string(p.payer.account).replace('-', ""),
+                    account_type: "CACC".into(),
+                    document: String::new(),
+                    name: p.payer.view.name.clone(),
+                },
+                creditor,
+                remittance: view.description.clone(),
+            };
+            let in_flight = InFlight {
+                tenant: payer_tenant,
+                account: p.payer.account,
+                holder: p.payer.holder,
+                at: now,
+                view: view.clone(),
+                fingerprint: p.fingerprint,
+            };
+            tokio::spawn(settle_off_us(state.clone(), in_flight, transfer));
+        }
+    }
+    Ok((view, result != TransferResult::Exists || p.refused.is_some()))
+}
+
+pub fn received_document(tenant: u128, account: u128, at: u64, received: &StoredReceived) -> store::Record {
+    store::Record::Document(store::Document {
+        kind: RECEIVED_KIND.into(),
+        tenant_id: tenant,
+        id: received.end_to_end_id.clone(),
+        lookup: Some(received.end_to_end_id.clone()),
+        owner: Some(account_owner(tenant, account)),
+        created_at: at,
+        version: 1,
+        body: serde_json::to_string(received).expect("serializable"),
+    })
+}
+
+/// Sends an off-us payment to the connector (unless the breaker is open), then posts its hold on
+/// acceptance or voids it on rejection or time-out, with the payment's new status, in one commit.
+/// An off-us payment waiting for its verdict.
+struct InFlight {
+    tenant: u128,
+    account: u128,
+    holder: u128,
+    /// When it was committed (its documents' and counters' time).
+    at: u64,
+    view: PaymentView,
+    fingerprint: String,
+}
+
+async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer) {
+    let InFlight { tenant, account, holder, at, view, fingerprint } = p;
+    let amount = transfer.amount;
+    let connector = state.pix_runtime.connector.clone();
+    let verdict = match tokio::time::timeout(state.pix.spi_timeout, connector.send(transfer)).await {
+        Ok(Ok(status)) => {
+            state.pix_runtime.breaker.lock().expect("not poisoned").success();
+            status
+        }
+        Ok(Err(_)) | Err(_) => {
+            state.pix_runtime.breaker.lock().expect("not poisoned").failure(store::now_nanos());
+            pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)
+        }
+    };
+    let hold = payment_transfer(&state, tenant, &view.id, 1);
+    let kind = match verdict {
+        pix::spi::Status::Accepted => EventKind::PostPending { pending_id: hold.id, amount: None },
+        pix::spi::Status::Rejected(_) => EventKind::VoidPending { pending_id: hold.id },
+    };
+    let event = TransferEvent {
+        key: payment_transfer(&state, tenant, &view.id, 2),
+        kind,
+        code: 7600,
+        metadata: Some(format!(r#"{{"pix":"{}"}}"#, view.end_to_end_id)),
+        linked: false,
+    };
+    let slot = crate::audit_trail::Slot::new("pix.spi.verdict".into(), crate::next_request_id(), None);
+    slot.set_actor(Some(tenant), "spi".into());
+    slot.set_resource(format!("pix-payment:{}", view.id));
+    let audit = Audit(Arc::new(slot));
+    let night = state.pix.night;
+    let records: store::RecordsFn = Box::new(move |reply| {
+        let result = chain_result(reply);
+        let mut records = Vec::new();
+        let mut view = view.clone();
+        let settled = matches!(verdict, pix::spi::Status::Accepted) && result == TransferResult::Created;
+        if settled {
+            view.status = "completed".into();
+        } else {
+            view.status = "rejected".into();
+            let (reason, detail) = match verdict {
+                pix::spi::Status::Rejected(r) => (r.code().to_owned(), r.describe().to_owned()),
+                // Accepted too late: the hold had expired.
+                pix::spi::Status::Accepted => {
+                    (result.as_str().to_owned(), crate::routes::ledger_problem(result, "").detail)
+                }
+            };
+            view.reason = Some(reason);
+            view.reason_detail = Some(detail);
+            // What was counted against the payer's limits at submission is given back.
+            let (day_scope, night_scope) = spend_scopes(holder);
+            let (day, night) = spend_periods(night, at);
+            records.push(store::Record::Count { scope: day_scope, period: day, delta: -(amount as i64) });
+            if let Some(n) = night {
+                records.push(store::Record::Count { scope: night_scope, period: n, delta: -(amount as i64) });
+            }
+        }
+        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone() };
+        records.push(payment_document(tenant, account, 2, at, &stored));
+        records
+    });
+    if let Err(e) = submit_recorded(&state, &audit, store::Command::Transfers(vec![event]), records).await {
+        // The hold expires by itself; the payment reads as rejected once it has (see `reconcile`).
+        tracing::warn!(code = %e.code, "an off-us payment's verdict could not be recorded");
+    }
+}
+
+/// An off-us payment still `processing` whose hold the ledger has settled without its verdict
+/// being recorded (rtpay stopped in between): what the ledger says is the truth.
+pub fn reconcile(
+    state: &AppState,
+    q: &dyn store::Queries,
+    tenant: u128,
+    mut view: PaymentView,
+) -> store::Result<PaymentView> {
+    if view.status != "processing" {
+        return Ok(view);
+    }
+    if let Some(ledger::Entry::Created(hold)) = q.entry(payment_transfer(state, tenant, &view.id, 1))? {
+        match hold.state {
+            ledger::PendingState::Posted => view.status = "completed".into(),
+            ledger::PendingState::Voided | ledger::PendingState::Expired => {
+                let r = pix::spi::RejectReason::Timeout;
+                view.status = "rejected".into();
+                view.reason = Some(r.code().into());
+                view.reason_detail = Some(r.describe().into());
+            }
+            ledger::PendingState::Pending | ledger::PendingState::Final => {}
+        }
+    }
+    Ok(view)
 }

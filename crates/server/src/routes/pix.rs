@@ -727,6 +727,36 @@ fn fingerprint(body: &PaymentBody) -> String {
 enum Target {
     Key(PixKey),
     Account(u128),
+    External(pix::spi::Party),
+}
+
+/// A creditor at another institution, checked as the SPI would: a CPF or CNPJ, a name, a
+/// branch of 1 to 4 digits, an account of 1 to 20 letters or digits.
+fn creditor_party(c: &CreditorBody) -> Result<pix::spi::Party, Problem> {
+    let document = match c.document.len() {
+        11 => pix::document::cpf(&c.document),
+        _ => pix::document::cnpj(&c.document),
+    }
+    .map_err(|e| Problem::invalid("creditor.document", "invalid_document", format!("`creditor.document`: {e}")))?;
+    let name = crate::dto::display_name("creditor.name", &c.name, 140)?;
+    if c.branch.is_empty() || c.branch.len() > 4 || !c.branch.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Problem::invalid("creditor.branch", "invalid_branch", "`creditor.branch` must be 1 to 4 digits"));
+    }
+    if c.account.is_empty() || c.account.len() > 20 || !c.account.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(Problem::invalid(
+            "creditor.account",
+            "invalid_account",
+            "`creditor.account` must be 1 to 20 letters or digits",
+        ));
+    }
+    Ok(pix::spi::Party {
+        ispb: c.ispb.clone(),
+        branch: c.branch.clone(),
+        account: c.account.clone(),
+        account_type: c.account_type.clone(),
+        document,
+        name,
+    })
 }
 
 #[utoipa::path(post, path = "/v1/pix/payments", tag = "pix", request_body = PaymentBody,
@@ -795,22 +825,28 @@ pub async fn create_payment(
             ));
         }
         if c.ispb != ispb {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "off_us_unavailable",
-                "payments to other institutions go through the SPI connector, which this server does not have yet",
-            )
-            .field("creditor.ispb"));
+            ("manual", Target::External(creditor_party(c)?))
+        } else {
+            let account = uuid::Uuid::try_parse(&c.account).map_err(|_| {
+                Problem::invalid(
+                    "creditor.account",
+                    "invalid_account",
+                    "`creditor.account` must be an account id of this institution",
+                )
+            })?;
+            ("manual", Target::Account(account.as_u128()))
         }
-        let account = uuid::Uuid::try_parse(&c.account).map_err(|_| {
-            Problem::invalid(
-                "creditor.account",
-                "invalid_account",
-                "`creditor.account` must be an account id of this institution",
-            )
-        })?;
-        ("manual", Target::Account(account.as_u128()))
     };
+    if matches!(target, Target::External(_)) {
+        let breaker = *state.pix_runtime.breaker.lock().expect("not poisoned");
+        let now = store::now_nanos();
+        if !breaker.admits(now) {
+            return Err(Problem::unavailable(
+                "the SPI connector is failing; payments to other institutions are paused (circuit breaker open)",
+                u32::try_from(breaker.retry_after_seconds(now)).unwrap_or(u32::MAX),
+            ));
+        }
+    }
     let print = fingerprint(&body);
     let tenant_id = tenant.id;
     let amount = body.amount;
@@ -818,7 +854,7 @@ pub async fn create_payment(
     audit.0.set_resource(format!("pix-payment:{id}"));
     let (id2, ispb2, print2) = (id.clone(), ispb.clone(), print.clone());
     let prepared = query(&state, move |q| {
-        Ok((|| -> Result<Result<Result<OnUs, PaymentView>, Problem>, VaultFailure> {
+        Ok((|| -> Result<Result<Result<Prepared, PaymentView>, Problem>, VaultFailure> {
             if let Some(doc) = q.document(PAYMENT_KIND, tenant_id, &id2)? {
                 let stored: StoredPayment = serde_json::from_str(&doc.body)
                     .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
@@ -843,6 +879,19 @@ pub async fn create_payment(
                 }
             };
             let payee = match target {
+                Target::External(creditor) => {
+                    let view = CreditorView {
+                        ispb: creditor.ispb.clone(),
+                        name: if creditor.document.len() == 11 {
+                            pix::keys::mask_person_name(&creditor.name)
+                        } else {
+                            creditor.name.clone()
+                        },
+                        document: vault::mask::document(&creditor.document),
+                        kind: if creditor.document.len() == 11 { "person" } else { "company" }.into(),
+                    };
+                    Ok((Payee::OffUs(creditor), view))
+                }
                 Target::Key(key) => {
                     let Some((doc, stored)) = find_key(&vault, q, &key)? else {
                         return Ok(Err(Problem::invalid(
@@ -852,17 +901,23 @@ pub async fn create_payment(
                         )));
                     };
                     let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
-                    party(&vault, q, &ispb2, doc.tenant_id, account)?
+                    party(&vault, q, &ispb2, doc.tenant_id, account)?.map(|p| {
+                        let view = p.view.clone();
+                        (Payee::OnUs(p), view)
+                    })
                 }
-                Target::Account(account) => party(&vault, q, &ispb2, tenant_id, account)?,
+                Target::Account(account) => party(&vault, q, &ispb2, tenant_id, account)?.map(|p| {
+                    let view = p.view.clone();
+                    (Payee::OnUs(p), view)
+                }),
             };
-            let payee = match payee {
+            let (payee, creditor_view) = match payee {
                 Ok(p) => p,
                 Err(why) => {
                     return Ok(Err(Problem::invalid("creditor", "invalid_creditor", format!("the creditor: {why}"))))
                 }
             };
-            if payee.tenant == payer.tenant && payee.account == payer.account {
+            if matches!(&payee, Payee::OnUs(p) if p.tenant == payer.tenant && p.account == payer.account) {
                 return Ok(Err(Problem::invalid(
                     "debit_account_id",
                     "same_account",
@@ -886,21 +941,28 @@ pub async fn create_payment(
                 debit_account_id: uuid_string(debit),
                 amount,
                 initiation: initiation.into(),
-                creditor: payee.view.clone(),
+                creditor: creditor_view,
                 txid,
                 description,
                 created_at: rfc3339(now),
             };
-            Ok(Ok(Ok(OnUs { payer, payee, amount, view, fingerprint: print2, refused })))
+            Ok(Ok(Ok(Prepared { payer, payee, amount, view, fingerprint: print2, refused })))
         })())
     })
     .await?;
     match prepared.map_err(Problem::from)?? {
         Err(existing) => Ok(reply(StatusCode::OK, &existing)),
-        Ok(on_us) => {
-            let view = commit_on_us(&state, &audit, on_us).await?;
-            Ok(reply(StatusCode::CREATED, &view))
-        }
+        Ok(prepared) => match commit_payment(&state, &audit, prepared).await? {
+            (view, true) => Ok(reply(StatusCode::CREATED, &view)),
+            // A concurrent twin created it: answer what it stored.
+            (_, false) => {
+                let doc = query(&state, move |q| q.document(PAYMENT_KIND, tenant_id, &id)).await?;
+                let stored: StoredPayment = doc
+                    .and_then(|d| serde_json::from_str(&d.body).ok())
+                    .ok_or_else(|| Problem::unavailable("the payment is being recorded; retry", 1))?;
+                Ok(reply(StatusCode::OK, &stored.view))
+            }
+        },
     }
 }
 
@@ -914,9 +976,212 @@ pub async fn get_payment(
     tenant.require("pix:read")?;
     let id = uuid_string(parse_id("id", &id)?);
     let tenant_id = tenant.id;
-    let doc = query(&state, move |q| q.document(PAYMENT_KIND, tenant_id, &id))
-        .await?
-        .ok_or_else(|| Problem::not_found("Pix payment"))?;
-    let stored: StoredPayment = serde_json::from_str(&doc.body).map_err(|_| Problem::internal())?;
-    Ok(reply(StatusCode::OK, &stored.view))
+    let state2 = state.clone();
+    let view = query(&state, move |q| {
+        let Some(doc) = q.document(PAYMENT_KIND, tenant_id, &id)? else { return Ok(None) };
+        let stored: StoredPayment =
+            serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+        reconcile(&state2, q, tenant_id, stored.view).map(Some)
+    })
+    .await?
+    .ok_or_else(|| Problem::not_found("Pix payment"))?;
+    Ok(reply(StatusCode::OK, &view))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sandbox: Pix arriving from other institutions
+
+#[derive(Deserialize, Serialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingPayer {
+    pub ispb: String,
+    pub name: String,
+    /// CPF or CNPJ.
+    pub document: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingBody {
+    /// The payer institution's EndToEndId (`E` + its ISPB ...); generated when absent. Repeating
+    /// it is safe: the Pix is credited once.
+    pub end_to_end_id: Option<String>,
+    /// Centavos.
+    pub amount: u64,
+    /// One of: a key of this tenant, an account of this tenant, a BR Code of one of its keys.
+    pub key: Option<String>,
+    pub account_id: Option<String>,
+    pub brcode: Option<String>,
+    pub payer: IncomingPayer,
+    pub description: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct IncomingView {
+    pub end_to_end_id: String,
+    pub credit_account_id: String,
+    pub amount: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub txid: Option<String>,
+    pub payer: CreditorView,
+    pub received_at: String,
+}
+
+impl From<StoredReceived> for IncomingView {
+    fn from(r: StoredReceived) -> Self {
+        IncomingView {
+            end_to_end_id: r.end_to_end_id,
+            credit_account_id: r.credit_account_id,
+            amount: r.amount,
+            txid: r.txid,
+            payer: r.payer,
+            received_at: r.received_at,
+        }
+    }
+}
+
+/// The sandbox SPI delivers a Pix from another institution: the tenant's settlement account (its
+/// share of the reserve) pays the receiving account, once per EndToEndId.
+#[utoipa::path(post, path = "/v1/sandbox/spi/incoming", tag = "pix", request_body = IncomingBody,
+    responses((status = 201, body = IncomingView), (status = 200, body = IncomingView), (status = 422, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn sandbox_incoming(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Json(body): Json<IncomingBody>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:write")?;
+    let ispb = state.ispb()?.to_owned();
+    let vault = state.vault_or_503()?;
+    if body.amount == 0 || body.amount > pix::amount::MAX_CENTAVOS {
+        return Err(Problem::invalid("amount", "invalid_amount", "`amount` must be 1..=999999999999 centavos"));
+    }
+    if !pix::ids::valid_ispb(&body.payer.ispb) || body.payer.ispb == ispb {
+        return Err(Problem::invalid(
+            "payer.ispb",
+            "invalid_ispb",
+            "`payer.ispb` must be another institution's ISPB (8 letters or digits)",
+        ));
+    }
+    let payer_document = match body.payer.document.len() {
+        11 => pix::document::cpf(&body.payer.document),
+        _ => pix::document::cnpj(&body.payer.document),
+    }
+    .map_err(|e| Problem::invalid("payer.document", "invalid_document", format!("`payer.document`: {e}")))?;
+    let payer_name = crate::dto::display_name("payer.name", &body.payer.name, 140)?;
+    let description = match &body.description {
+        Some(d) => Some(crate::dto::display_name("description", d, DESCRIPTION_LEN_MAX)?),
+        None => None,
+    };
+    let now = store::now_nanos();
+    let e2e = match &body.end_to_end_id {
+        Some(e) if pix::ids::valid_end_to_end_id('E', e) => e.clone(),
+        Some(_) => {
+            return Err(Problem::invalid(
+                "end_to_end_id",
+                "invalid_end_to_end_id",
+                "`end_to_end_id` must be E + ISPB + yyyyMMddHHmm + 11 letters or digits (32 characters)",
+            ))
+        }
+        None => {
+            let mut random = [0u8; 11];
+            random.copy_from_slice(&crate::auth::random_32()[..11]);
+            pix::ids::end_to_end_id('E', &body.payer.ispb, now, random)
+        }
+    };
+    let given = [body.key.is_some(), body.account_id.is_some(), body.brcode.is_some()].iter().filter(|b| **b).count();
+    if given != 1 {
+        return Err(Problem::invalid("key", "invalid_creditor", "give exactly one of `key`, `account_id` or `brcode`"));
+    }
+    let mut txid = None;
+    let target = if let Some(k) = &body.key {
+        Target::Key(PixKey::infer(k).map_err(|e| invalid_key("key", e))?)
+    } else if let Some(a) = &body.account_id {
+        Target::Account(parse_id("account_id", a)?)
+    } else {
+        let payload = body.brcode.as_deref().expect("one of three");
+        let code = pix::brcode::decode(payload).map_err(|e| brcode_problem("brcode", e))?;
+        if code.amount.is_some_and(|a| a != body.amount) {
+            return Err(Problem::invalid("amount", "amount_mismatch", "`amount` differs from the BR Code's"));
+        }
+        txid = code.txid.clone();
+        let key = code.key.as_deref().ok_or_else(|| {
+            Problem::invalid("brcode", "unsupported_brcode", "this BR Code is dynamic (a charge's URL)")
+        })?;
+        Target::Key(PixKey::infer(key).map_err(|e| invalid_key("brcode", e))?)
+    };
+    let tenant_id = tenant.id;
+    audit.0.set_resource(format!("pix-received:{e2e}"));
+    let (e2e2, ispb2) = (e2e.clone(), ispb.clone());
+    let resolved = query(&state, move |q| {
+        Ok((|| -> Result<Result<Result<Party, StoredReceived>, Problem>, VaultFailure> {
+            if let Some(doc) = q.document(RECEIVED_KIND, tenant_id, &e2e2)? {
+                let stored: StoredReceived = serde_json::from_str(&doc.body)
+                    .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
+                return Ok(Ok(Err(stored)));
+            }
+            let account = match target {
+                Target::Key(key) => match find_key(&vault, q, &key)? {
+                    Some((doc, stored)) if doc.tenant_id == tenant_id => {
+                        uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default()
+                    }
+                    _ => return Ok(Err(Problem::invalid("key", "key_not_found", "no such key in this tenant"))),
+                },
+                Target::Account(a) => a,
+                Target::External(_) => unreachable!("incoming Pix name this institution's accounts"),
+            };
+            Ok(match party(&vault, q, &ispb2, tenant_id, account)? {
+                Ok(p) => Ok(Ok(p)),
+                Err(why) => Err(Problem::invalid("account_id", "invalid_account", format!("the receiver: {why}"))),
+            })
+        })())
+    })
+    .await?;
+    let payee = match resolved.map_err(Problem::from)?? {
+        Err(existing) => return Ok(reply(StatusCode::OK, &IncomingView::from(existing))),
+        Ok(p) => p,
+    };
+    let settlement = ensure_settlement(&state, &audit, tenant_id).await?;
+    let received = StoredReceived {
+        end_to_end_id: e2e.clone(),
+        credit_account_id: uuid_string(payee.account),
+        amount: body.amount,
+        txid,
+        payer: CreditorView {
+            ispb: body.payer.ispb.clone(),
+            name: if payer_document.len() == 11 { pix::keys::mask_person_name(&payer_name) } else { payer_name },
+            document: vault::mask::document(&payer_document),
+            kind: if payer_document.len() == 11 { "person" } else { "company" }.into(),
+        },
+        description,
+        received_at: rfc3339(now),
+        received_at_nanos: now,
+    };
+    let event = ledger::TransferEvent {
+        key: ledger::TransferKey {
+            tenant: ledger::TenantId(tenant_id),
+            id: ledger::TransferId(state.keys.derived_id(b"pix-received", tenant_id, &e2e).as_u128()),
+        },
+        kind: ledger::EventKind::Posted {
+            debit: settlement.id,
+            credit: ledger::AccountId(payee.account),
+            amount: body.amount,
+        },
+        code: 7600,
+        metadata: Some(format!(r#"{{"pix":"{e2e}"}}"#)),
+        linked: false,
+    };
+    let record = received.clone();
+    let (account, tenant_for) = (payee.account, tenant_id);
+    let records: store::RecordsFn = Box::new(move |reply| match chain_result(reply) {
+        ledger::TransferResult::Created => vec![received_document(tenant_for, account, now, &record)],
+        _ => vec![],
+    });
+    let answer = submit_recorded(&state, &audit, store::Command::Transfers(vec![event]), records).await?;
+    match chain_result(&answer) {
+        ledger::TransferResult::Created => Ok(reply(StatusCode::CREATED, &IncomingView::from(received))),
+        ledger::TransferResult::Exists => Ok(reply(StatusCode::OK, &IncomingView::from(received))),
+        failure => Err(crate::routes::ledger_problem(failure, "")),
+    }
 }
