@@ -27,7 +27,7 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Which figures: all, http, postgres, batch, restart, iso8583 (comma-separated).
+    /// Which figures: all, http, postgres, batch, restart, iso8583, pix (comma-separated).
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Seconds per measurement.
@@ -102,6 +102,91 @@ pub fn run(args: BenchArgs) -> Result<(), Error> {
     if wants("iso8583") {
         rt.block_on(iso8583(&args))?;
     }
+    if wants("pix") {
+        rt.block_on(pix(&args))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- Pix payments
+
+/// Payee accounts the load is spread over, each with an EVP key.
+const PIX_PAYEES: usize = 100;
+const BENCH_ISPB: &str = "99999999";
+
+/// On-us Pix payments by key over HTTP: one company payer (no night limit) pays 1 centavo to
+/// keys of 100 accounts of another tenant, so each payment is a two-transfer linked chain
+/// through both tenants' settlement accounts, with its documents and counters.
+async fn pix(args: &BenchArgs) -> Result<(), Error> {
+    let exe = std::env::current_exe()?;
+    let dir = scratch(args, "pix");
+    let spawn = crate::process::Spawn {
+        exe: &exe,
+        data: &dir,
+        postgres: None,
+        listen: "127.0.0.1:0",
+        operator_env: true,
+        wait: Duration::from_secs(60),
+        args: &["--ispb", BENCH_ISPB],
+        log: None,
+    };
+    let ServerProcess { mut child, addr, .. } = spawn.start()?;
+    let mut client = Client::new(addr);
+    let mut tenant_key = async |name: &str| -> Result<String, Error> {
+        let t = client.post("/v1/tenants", OPERATOR, &json!({ "name": name })).await?.json();
+        Ok(t["api_key"]["secret"].as_str().ok_or("tenant creation failed")?.to_owned())
+    };
+    let payer_key = tenant_key("bench payer").await?;
+    let payee_key = tenant_key("bench payee").await?;
+    let mut post = async |key: &str, path: &str, body: serde_json::Value| -> Result<serde_json::Value, Error> {
+        let r = client.post(path, key, &body).await?;
+        if !r.status.is_success() {
+            return Err(format!("{path}: {} {:?}", r.status, r.json()).into());
+        }
+        Ok(r.json())
+    };
+    let holder = post(
+        &payer_key,
+        "/v1/holders",
+        json!({"kind": "company", "name": "Bench Payer", "document": "11222333000181"}),
+    )
+    .await?;
+    let payer =
+        post(&payer_key, "/v1/accounts", json!({"currency": "BRL", "holder_id": holder["id"]})).await?["id"].clone();
+    let funding = post(&payer_key, "/v1/accounts", json!({"currency": "BRL"})).await?["id"].clone();
+    post(
+        &payer_key,
+        "/v1/transfers",
+        json!({"id": server::auth::new_uuid().to_string(), "debit_account_id": funding,
+        "credit_account_id": payer, "amount": 1_000_000_000_000u64}),
+    )
+    .await?;
+    let shop =
+        post(&payee_key, "/v1/holders", json!({"kind": "company", "name": "Bench Shop", "document": "12ABC34501DE35"}))
+            .await?;
+    let mut keys = Vec::new();
+    for _ in 0..PIX_PAYEES {
+        let account =
+            post(&payee_key, "/v1/accounts", json!({"currency": "BRL", "holder_id": shop["id"]})).await?["id"].clone();
+        let key = post(&payee_key, "/v1/pix/keys", json!({"account_id": account, "type": "evp"})).await?;
+        keys.push(key["key"].as_str().ok_or("no key")?.to_owned());
+    }
+    let payer = payer.as_str().ok_or("no payer")?.to_owned();
+    let keys = Arc::new(keys);
+    let ids = args.ids;
+    let body: MakeBody = Arc::new(move |n: u64| {
+        let id = uuid::Uuid::from_u128(ids.id(n));
+        let key = &keys[(n % keys.len() as u64) as usize];
+        Bytes::from(format!(r#"{{"id":"{id}","debit_account_id":"{payer}","amount":1,"key":"{key}"}}"#))
+    });
+    let target = Target { addr, path: "/v1/pix/payments", token: payer_key, body };
+    let (rate, p99) = measure("rtpay POST /v1/pix/payments (on us, by key, embedded)", &target, args).await;
+    let rss = rss_kib(child.id()).unwrap_or(0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("  rtpay serve resident memory after the run: {} MiB", rss / 1024);
+    println!("=> Pix on us by key: {rate:.0} payments/s (bar 15,000), p99 {p99:.2} ms at half rate (bar 20 ms)");
     Ok(())
 }
 
