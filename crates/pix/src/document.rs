@@ -66,6 +66,16 @@ pub fn cpf(text: &str) -> Result<String, DocumentError> {
     Ok(n)
 }
 
+/// A valid CPF (11 characters once normalized) or CNPJ (any other length is judged as a CNPJ),
+/// normalized, and whether it is a person's (CPF).
+pub fn any(text: &str) -> Result<(String, bool), DocumentError> {
+    if normalize(text).chars().count() == 11 {
+        cpf(text).map(|d| (d, true))
+    } else {
+        cnpj(text).map(|d| (d, false))
+    }
+}
+
 /// A valid CNPJ (numeric or alphanumeric), normalized to 14 characters.
 pub fn cnpj(text: &str) -> Result<String, DocumentError> {
     let n = normalize(text);

@@ -24,3 +24,12 @@ fn cnpj_rules_numeric_and_alphanumeric() {
     assert_eq!(cnpj("12.AB#.345/01DE-35"), Err(DocumentError::Character { position: 4 }));
     assert_eq!(cnpj("00.000.000/0000-00"), Err(DocumentError::Repeated));
 }
+
+#[test]
+fn any_tells_persons_from_companies() {
+    assert_eq!(pix::document::any("529.982.247-25"), Ok(("52998224725".into(), true)));
+    assert_eq!(pix::document::any("11.222.333/0001-81"), Ok(("11222333000181".into(), false)));
+    assert_eq!(pix::document::any("12.ABC.345/01DE-35"), Ok(("12ABC34501DE35".into(), false)));
+    assert_eq!(pix::document::any("529.982.247-24"), Err(pix::document::DocumentError::CheckDigits));
+    assert!(matches!(pix::document::any("123"), Err(pix::document::DocumentError::Length { expected: 14, .. })));
+}

@@ -414,7 +414,7 @@ async fn settled(c: &mut rtpay::client::Client, key: &str, id: &str) -> Value {
 fn off_us(debit: &str, amount: u64) -> Value {
     json!({"id": uuid(), "debit_account_id": debit, "amount": amount, "description": "aluguel", "creditor": {
         "ispb": "60701190", "branch": "0001", "account": "123456", "account_type": "CACC",
-        "document": CPF_OTHER, "name": "Joana Prado"}})
+        "document": "111.444.777-35", "name": "Joana Prado"}})
 }
 
 #[test]

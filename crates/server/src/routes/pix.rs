@@ -733,11 +733,8 @@ enum Target {
 /// A creditor at another institution, checked as the SPI would: a CPF or CNPJ, a name, a
 /// branch of 1 to 4 digits, an account of 1 to 20 letters or digits.
 fn creditor_party(c: &CreditorBody) -> Result<pix::spi::Party, Problem> {
-    let document = match c.document.len() {
-        11 => pix::document::cpf(&c.document),
-        _ => pix::document::cnpj(&c.document),
-    }
-    .map_err(|e| Problem::invalid("creditor.document", "invalid_document", format!("`creditor.document`: {e}")))?;
+    let (document, _) = pix::document::any(&c.document)
+        .map_err(|e| Problem::invalid("creditor.document", "invalid_document", format!("`creditor.document`: {e}")))?;
     let name = crate::dto::display_name("creditor.name", &c.name, 140)?;
     if c.branch.is_empty() || c.branch.len() > 4 || !c.branch.bytes().all(|b| b.is_ascii_digit()) {
         return Err(Problem::invalid("creditor.branch", "invalid_branch", "`creditor.branch` must be 1 to 4 digits"));
@@ -1064,11 +1061,8 @@ pub async fn sandbox_incoming(
             "`payer.ispb` must be another institution's ISPB (8 letters or digits)",
         ));
     }
-    let payer_document = match body.payer.document.len() {
-        11 => pix::document::cpf(&body.payer.document),
-        _ => pix::document::cnpj(&body.payer.document),
-    }
-    .map_err(|e| Problem::invalid("payer.document", "invalid_document", format!("`payer.document`: {e}")))?;
+    let (payer_document, payer_person) = pix::document::any(&body.payer.document)
+        .map_err(|e| Problem::invalid("payer.document", "invalid_document", format!("`payer.document`: {e}")))?;
     let payer_name = crate::dto::display_name("payer.name", &body.payer.name, 140)?;
     let description = match &body.description {
         Some(d) => Some(crate::dto::display_name("description", d, DESCRIPTION_LEN_MAX)?),
@@ -1129,7 +1123,8 @@ pub async fn sandbox_incoming(
                     _ => return Ok(Err(Problem::invalid("key", "key_not_found", "no such key in this tenant"))),
                 },
                 Target::Account(a) => a,
-                Target::External(_) => unreachable!("incoming Pix name this institution's accounts"),
+                // Only `key` and `account_id` make targets here.
+                Target::External(_) => return Ok(Err(Problem::internal())),
             };
             Ok(match party(&vault, q, &ispb2, tenant_id, account)? {
                 Ok(p) => Ok(Ok(p)),
@@ -1150,9 +1145,9 @@ pub async fn sandbox_incoming(
         txid,
         payer: CreditorView {
             ispb: body.payer.ispb.clone(),
-            name: if payer_document.len() == 11 { pix::keys::mask_person_name(&payer_name) } else { payer_name },
+            name: if payer_person { pix::keys::mask_person_name(&payer_name) } else { payer_name },
             document: vault::mask::document(&payer_document),
-            kind: if payer_document.len() == 11 { "person" } else { "company" }.into(),
+            kind: if payer_person { "person" } else { "company" }.into(),
         },
         description,
         received_at: rfc3339(now),
