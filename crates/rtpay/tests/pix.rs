@@ -58,6 +58,24 @@ async fn available(c: &mut rtpay::client::Client, p: &Party) -> i64 {
     balance(c, &p.key, &p.account).await["available"].as_i64().unwrap()
 }
 
+/// Sends `body` as a payment over four connections at once.
+async fn futures_join(addr: std::net::SocketAddr, key: String, body: Value) -> Vec<(u16, Value)> {
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (key, body) = (key.clone(), body.clone());
+            tokio::spawn(async move {
+                let r = rtpay::client::Client::new(addr).post("/v1/pix/payments", &key, &body).await.unwrap();
+                (r.status.as_u16(), r.json())
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 fn problem(r: &rtpay::client::Response) -> (u16, Value, Value) {
     let v = r.json();
     (r.status.as_u16(), v["code"].clone(), v["field"].clone())
@@ -154,6 +172,18 @@ fn keys_brcodes_and_on_us_payments() {
         let r = c.get(&format!("/v1/pix/payments/{}", pay["id"].as_str().unwrap()), &key_b).await.unwrap();
         assert_eq!(r.status, 404, "another tenant's payment");
 
+        // The same payment sent four times at once: it moves money once, and every answer says so.
+        let twin = json!({"id": uuid(), "debit_account_id": maria.account, "amount": 1_000, "key": CNPJ_ACME});
+        let before = available(&mut c, &maria).await;
+        let answers = futures_join(server.addr, key_a.clone(), twin).await;
+        for (status, body) in &answers {
+            assert!(matches!(status, 200 | 201), "{status} {body}");
+            assert_eq!(body["status"], json!("completed"), "{body}");
+        }
+        assert_eq!(answers.iter().filter(|(s, _)| *s == 201).count() >= 1, true);
+        assert_eq!(available(&mut c, &maria).await, before - 1_000, "moved once");
+        assert_eq!(available(&mut c, &acme).await, 12_345 + 1_000);
+
         // BR Codes: encode a static code for a key, decode it, render it, pay it.
         let r = c
             .post(
@@ -203,7 +233,7 @@ fn keys_brcodes_and_on_us_payments() {
             (r.json()["status"].clone(), r.json()["initiation"].clone(), r.json()["txid"].clone()),
             (json!("completed"), json!("brcode"), json!("PEDIDO42"))
         );
-        assert_eq!(available(&mut c, &acme).await, 12_345 - 2_500);
+        assert_eq!(available(&mut c, &acme).await, 12_345 + 1_000 - 2_500);
         let wrong_amount = json!({"id": uuid(), "debit_account_id": acme.account, "amount": 2_400, "brcode": payload});
         let r = c.post("/v1/pix/payments", &key_b, &wrong_amount).await.unwrap();
         assert_eq!(problem(&r), (422, json!("amount_mismatch"), json!("amount")));
@@ -256,7 +286,7 @@ fn keys_brcodes_and_on_us_payments() {
             let r = c.post("/v1/pix/payments", &key_a, &body).await.unwrap();
             assert_eq!(problem(&r), (422, json!(code), json!(field)), "{body}: {:?}", r.json());
         }
-        assert_eq!(available(&mut c, &maria).await, 500_000 - 12_345 - 100 + 2_500 + 0);
+        assert_eq!(available(&mut c, &maria).await, 500_000 - 12_345 - 1_000 - 100 + 2_500);
 
         // Deleting a key frees it; another tenant cannot delete it.
         let r = c.send(Method::DELETE, "/v1/pix/keys/+5511987654321", Some(&key_a), None).await.unwrap();

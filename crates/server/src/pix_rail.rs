@@ -407,6 +407,8 @@ pub fn payment_transfer(state: &AppState, tenant: u128, payment_id: &str, n: u32
 /// How long an off-us hold lives beyond the connector's time-out: if rtpay stops between the
 /// two, the ledger releases the money by itself.
 const HOLD_MARGIN_SECONDS: u64 = 30;
+/// Tries to record an SPI verdict (1, 2, 4, 8, 8 ... s apart: within the hold's margin).
+const VERDICT_TRIES: u32 = 5;
 
 fn payment_document(tenant: u128, account: u128, version: u64, at: u64, stored: &StoredPayment) -> store::Record {
     store::Record::Document(store::Document {
@@ -448,7 +450,9 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
         key,
         kind,
         code: 7600,
-        metadata: Some(format!(r#"{{"pix":"{}"}}"#, p.view.end_to_end_id)),
+        // The payment's id, not its EndToEndId (drawn per request): a twin request then finds
+        // its transfers `exists` and writes nothing.
+        metadata: Some(format!(r#"{{"pix_payment":"{}"}}"#, p.view.id)),
         linked,
     };
     let posted = |debit: u128, credit: u128| EventKind::Posted {
@@ -578,7 +582,9 @@ pub fn received_document(tenant: u128, account: u128, at: u64, received: &Stored
         kind: RECEIVED_KIND.into(),
         tenant_id: tenant,
         id: received.end_to_end_id.clone(),
-        lookup: Some(received.end_to_end_id.clone()),
+        // Unique per tenant by its id; a lookup across tenants could collide with a sandbox
+        // client's EndToEndId and fail the whole writer batch.
+        lookup: None,
         owner: Some(account_owner(tenant, account)),
         created_at: at,
         version: 1,
@@ -622,7 +628,7 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
         key: payment_transfer(&state, tenant, &view.id, 2),
         kind,
         code: 7600,
-        metadata: Some(format!(r#"{{"pix":"{}"}}"#, view.end_to_end_id)),
+        metadata: Some(format!(r#"{{"pix_payment":"{}"}}"#, view.id)),
         linked: false,
     };
     let slot = crate::audit_trail::Slot::new("pix.spi.verdict".into(), crate::next_request_id(), None);
@@ -630,7 +636,7 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
     slot.set_resource(format!("pix-payment:{}", view.id));
     let audit = Audit(Arc::new(slot));
     let night = state.pix.night;
-    let records: store::RecordsFn = Box::new(move |reply| {
+    let records = Arc::new(move |reply: &store::Reply| -> Vec<store::Record> {
         let result = chain_result(reply);
         let mut records = Vec::new();
         let mut view = view.clone();
@@ -660,10 +666,21 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
         records.push(payment_document(tenant, account, 2, at, &stored));
         records
     });
-    if let Err(e) = submit_recorded(&state, &audit, store::Command::Transfers(vec![event]), records).await {
-        // The hold expires by itself; the payment reads as rejected once it has (see `reconcile`).
-        tracing::warn!(code = %e.code, "an off-us payment's verdict could not be recorded");
+    // The same transfer id on every try, so a retry never moves money twice; the hold outlives the
+    // SPI time-out by HOLD_MARGIN_SECONDS, the window these tries have.
+    for attempt in 0..VERDICT_TRIES {
+        let records = records.clone();
+        let batch: store::RecordsFn = Box::new(move |reply| records(reply));
+        match submit_recorded(&state, &audit, store::Command::Transfers(vec![event.clone()]), batch).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(code = %e.code, attempt, "an off-us payment's verdict could not be recorded; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1 << attempt.min(3))).await;
+            }
+        }
     }
+    // The hold expires by itself; reads then show the payment rejected (`reconcile`).
+    tracing::error!("an off-us payment's verdict was not recorded; its hold will expire");
 }
 
 /// An off-us payment still `processing` whose hold the ledger has settled without its verdict

@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Response};
 use pix::brcode::{BrCode, Value};
 use pix::{KeyType, PixKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use crate::audit_trail::Audit;
@@ -719,8 +718,15 @@ pub struct PaymentBody {
     pub description: Option<String>,
 }
 
-fn fingerprint(body: &PaymentBody) -> String {
-    crate::auth::hex(&Sha256::digest(serde_json::to_vec(body).expect("serializable")))
+/// The request's fingerprint, keyed (the body holds documents and keys: a plain hash of it could
+/// be reversed by trying every CPF).
+fn fingerprint(vault: &crate::vault_service::VaultService, body: &PaymentBody) -> String {
+    crate::auth::hex(&vault.index().of(b"pix-payment-body", &serde_json::to_vec(body).expect("serializable")))
+}
+
+/// Whether the SPI connector's breaker lets a payment through now.
+fn spi_admits(state: &AppState) -> bool {
+    state.pix_runtime.breaker.lock().expect("not poisoned").admits(store::now_nanos())
 }
 
 /// Where a payment goes, as the request says it.
@@ -834,17 +840,7 @@ pub async fn create_payment(
             ("manual", Target::Account(account.as_u128()))
         }
     };
-    if matches!(target, Target::External(_)) {
-        let breaker = *state.pix_runtime.breaker.lock().expect("not poisoned");
-        let now = store::now_nanos();
-        if !breaker.admits(now) {
-            return Err(Problem::unavailable(
-                "the SPI connector is failing; payments to other institutions are paused (circuit breaker open)",
-                u32::try_from(breaker.retry_after_seconds(now)).unwrap_or(u32::MAX),
-            ));
-        }
-    }
-    let print = fingerprint(&body);
+    let print = fingerprint(&vault, &body);
     let tenant_id = tenant.id;
     let amount = body.amount;
     let night_window = state.pix.night;
@@ -948,7 +944,19 @@ pub async fn create_payment(
     })
     .await?;
     match prepared.map_err(Problem::from)?? {
-        Err(existing) => Ok(reply(StatusCode::OK, &existing)),
+        Err(existing) => {
+            let state2 = state.clone();
+            let view = query(&state, move |q| reconcile(&state2, q, tenant_id, existing)).await?;
+            Ok(reply(StatusCode::OK, &view))
+        }
+        Ok(prepared) if matches!(prepared.payee, Payee::OffUs(_)) && !spi_admits(&state) => {
+            let now = store::now_nanos();
+            let wait = state.pix_runtime.breaker.lock().expect("not poisoned").retry_after_seconds(now);
+            Err(Problem::unavailable(
+                "the SPI connector is failing; payments to other institutions are paused (circuit breaker open)",
+                u32::try_from(wait).unwrap_or(u32::MAX),
+            ))
+        }
         Ok(prepared) => match commit_payment(&state, &audit, prepared).await? {
             (view, true) => Ok(reply(StatusCode::CREATED, &view)),
             // A concurrent twin created it: answer what it stored.
