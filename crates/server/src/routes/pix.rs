@@ -23,6 +23,14 @@ use crate::AppState;
 
 pub const DESCRIPTION_LEN_MAX: usize = 140;
 
+/// A Pix amount in centavos: what the API Pix's `\d{1,10}\.\d{2}` can carry, and not zero.
+fn check_amount(field: &str, centavos: u64) -> Result<(), Problem> {
+    if centavos == 0 || centavos > pix::amount::MAX_CENTAVOS {
+        return Err(Problem::invalid(field, "invalid_amount", format!("`{field}` must be 1..=999999999999 centavos")));
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Keys
 
@@ -424,12 +432,8 @@ pub async fn set_limits(
         ("nightly", body.nightly),
         ("night_per_transaction", body.night_per_transaction),
     ] {
-        if value.is_some_and(|v| v == 0 || v > pix::amount::MAX_CENTAVOS) {
-            return Err(Problem::invalid(
-                field,
-                "invalid_amount",
-                format!("`{field}` must be 1..=999999999999 centavos, or null for no limit"),
-            ));
+        if let Some(v) = value {
+            check_amount(field, v)?;
         }
     }
     audit.0.set_resource(format!("pix-limits:{}", uuid_string(holder)));
@@ -597,9 +601,7 @@ pub async fn encode_brcode(tenant: Tenant, Json(body): Json<EncodeBody>) -> Resu
     tenant.require("pix:read")?;
     let key = PixKey::infer(&body.key).map_err(|e| invalid_key("key", e))?;
     if let Some(a) = body.amount {
-        if a == 0 || a > pix::amount::MAX_CENTAVOS {
-            return Err(Problem::invalid("amount", "invalid_amount", "`amount` must be 1..=999999999999 centavos"));
-        }
+        check_amount("amount", a)?;
     }
     let spec = pix::brcode::Spec {
         key: Some(key.value),
@@ -777,9 +779,7 @@ pub async fn create_payment(
     let vault = state.vault_or_503()?;
     let id = uuid_string(parse_id("id", &body.id)?);
     let debit = parse_id("debit_account_id", &body.debit_account_id)?;
-    if body.amount == 0 || body.amount > pix::amount::MAX_CENTAVOS {
-        return Err(Problem::invalid("amount", "invalid_amount", "`amount` must be 1..=999999999999 centavos"));
-    }
+    check_amount("amount", body.amount)?;
     let description = match &body.description {
         Some(d) => Some(crate::dto::display_name("description", d, DESCRIPTION_LEN_MAX)?),
         None => None,
@@ -1059,9 +1059,7 @@ pub async fn sandbox_incoming(
     tenant.require("pix:write")?;
     let ispb = state.ispb()?.to_owned();
     let vault = state.vault_or_503()?;
-    if body.amount == 0 || body.amount > pix::amount::MAX_CENTAVOS {
-        return Err(Problem::invalid("amount", "invalid_amount", "`amount` must be 1..=999999999999 centavos"));
-    }
+    check_amount("amount", body.amount)?;
     if !pix::ids::valid_ispb(&body.payer.ispb) || body.payer.ispb == ispb {
         return Err(Problem::invalid(
             "payer.ispb",
