@@ -244,23 +244,6 @@ fn digits(text: &str) -> Result<u64, ResponseCode> {
     text.parse().map_err(|_| ResponseCode::FormatError)
 }
 
-/// The first failure of a linked chain, or `Created` / `Exists`.
-fn result_of(reply: &store::Reply) -> TransferResult {
-    match reply {
-        store::Reply::Transfers(outcomes) => {
-            let failed = outcomes.iter().map(|o| o.result).find(|r| {
-                !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed)
-            });
-            failed.unwrap_or(if outcomes.iter().all(|o| o.result == TransferResult::Exists) {
-                TransferResult::Exists
-            } else {
-                TransferResult::Created
-            })
-        }
-        _ => TransferResult::Created,
-    }
-}
-
 impl Ctx {
     /// A ledger id derived from this message (and `purpose`): the same message, the same id.
     fn transfer_id(&self, purpose: &str) -> u128 {
@@ -463,7 +446,7 @@ impl<'a> Flow<'a> {
         };
         let conclude = std::sync::Arc::new(conclude);
         let in_batch = conclude.clone();
-        let records: store::RecordsFn = Box::new(move |reply| in_batch(result_of(reply)).records);
+        let records: store::RecordsFn = Box::new(move |reply| in_batch(reply.chain_result()).records);
         let command = if events.is_empty() { store::Command::Audit(vec![]) } else { store::Command::Transfers(events) };
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.state
@@ -475,7 +458,7 @@ impl<'a> Flow<'a> {
             tracing::warn!(error = %e, "a card message was not committed");
             ResponseCode::IssuerUnavailable
         })?;
-        Ok(conclude(result_of(&reply)).reply)
+        Ok(conclude(reply.chain_result()).reply)
     }
 
     /// A step that moves no money: recorded and answered as given.

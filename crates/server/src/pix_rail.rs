@@ -274,23 +274,6 @@ pub fn party(
     }))
 }
 
-/// The first failure of a linked chain, or `Created` / `Exists`.
-pub fn chain_result(reply: &store::Reply) -> TransferResult {
-    match reply {
-        store::Reply::Transfers(outcomes) => {
-            let failed = outcomes.iter().map(|o| o.result).find(|r| {
-                !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed)
-            });
-            failed.unwrap_or(if outcomes.iter().all(|o| o.result == TransferResult::Exists) {
-                TransferResult::Exists
-            } else {
-                TransferResult::Created
-            })
-        }
-        _ => TransferResult::Created,
-    }
-}
-
 /// Counter scopes of a payer's spending (per local day and per night, see `pix::limits`).
 pub fn spend_scopes(holder: u128) -> (String, String) {
     (format!("pix-day:{}", uuid_string(holder)), format!("pix-night:{}", uuid_string(holder)))
@@ -423,21 +406,6 @@ fn payment_document(tenant: u128, account: u128, version: u64, at: u64, stored: 
     })
 }
 
-/// Sends `command` to the writer with the request's audit entry and the records `records` makes
-/// from the ledger's reply, all in one commit.
-pub async fn submit_recorded(
-    state: &AppState,
-    audit: &Audit,
-    command: store::Command,
-    records: store::RecordsFn,
-) -> Result<store::Reply, Problem> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let draft = audit.0.draft(String::new());
-    state.store.engine.submit_with(command, Some(draft), Some(records), Box::new(move |r| drop(tx.send(r))))?;
-    audit.0.mark_recorded();
-    Ok(rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))??)
-}
-
 /// Commits a payment: its money movement (an on-us chain, or an off-us hold), the payment's
 /// documents, the payer's spend counters and the audit entry, in one transaction. Answers the
 /// payment as stored, and whether this request created it (a concurrent twin may have).
@@ -542,10 +510,10 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     };
     let conclude = Arc::new(conclude);
     let in_batch = conclude.clone();
-    let records: store::RecordsFn = Box::new(move |reply| in_batch(chain_result(reply)).1);
+    let records: store::RecordsFn = Box::new(move |reply| in_batch(reply.chain_result()).1);
     let command = if events.is_empty() { store::Command::Audit(vec![]) } else { store::Command::Transfers(events) };
-    let reply = submit_recorded(state, audit, command, records).await?;
-    let result = chain_result(&reply);
+    let reply = crate::routes::submit_recorded(state, audit, command, Some(records)).await?;
+    let result = reply.chain_result();
     let (view, _) = conclude(result);
     if result == TransferResult::Created && p.refused.is_none() {
         if let Payee::OffUs(creditor) = p.payee {
@@ -637,7 +605,7 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
     let audit = Audit(Arc::new(slot));
     let night = state.pix.night;
     let records = Arc::new(move |reply: &store::Reply| -> Vec<store::Record> {
-        let result = chain_result(reply);
+        let result = reply.chain_result();
         let mut records = Vec::new();
         let mut view = view.clone();
         let settled = matches!(verdict, pix::spi::Status::Accepted) && result == TransferResult::Created;
@@ -671,7 +639,14 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
     for attempt in 0..VERDICT_TRIES {
         let records = records.clone();
         let batch: store::RecordsFn = Box::new(move |reply| records(reply));
-        match submit_recorded(&state, &audit, store::Command::Transfers(vec![event.clone()]), batch).await {
+        match crate::routes::submit_recorded(
+            &state,
+            &audit,
+            store::Command::Transfers(vec![event.clone()]),
+            Some(batch),
+        )
+        .await
+        {
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(code = %e.code, attempt, "an off-us payment's verdict could not be recorded; retrying");

@@ -52,6 +52,27 @@ pub enum Reply {
     Audited,
 }
 
+impl Reply {
+    /// The outcome of a command as one linked chain: its first failure, else `Exists` when every
+    /// transfer existed already, else `Created` (also for replies that carry no transfers).
+    pub fn chain_result(&self) -> ledger::TransferResult {
+        use ledger::TransferResult;
+        match self {
+            Reply::Transfers(outcomes) => {
+                let failed = outcomes.iter().map(|o| o.result).find(|r| {
+                    !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed)
+                });
+                failed.unwrap_or(if outcomes.iter().all(|o| o.result == TransferResult::Exists) {
+                    TransferResult::Exists
+                } else {
+                    TransferResult::Created
+                })
+            }
+            _ => TransferResult::Created,
+        }
+    }
+}
+
 pub type Callback = Box<dyn FnOnce(Result<Reply>) + Send>;
 
 /// Rows that go with a command's ledger work, made from its reply inside the batch and committed

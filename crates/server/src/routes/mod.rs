@@ -22,9 +22,20 @@ use crate::AppState;
 /// Sends a command to the writer, with the request's audit entry, and waits until both are
 /// durable (one commit).
 pub async fn submit(state: &AppState, audit: &Audit, command: Command) -> Result<Reply, Problem> {
+    submit_recorded(state, audit, command, None).await
+}
+
+/// As [`submit`], with the records `records` makes from the ledger's reply inside the batch (a
+/// payment's documents, a card authorization), all in the same commit.
+pub async fn submit_recorded(
+    state: &AppState,
+    audit: &Audit,
+    command: Command,
+    records: Option<store::RecordsFn>,
+) -> Result<Reply, Problem> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let draft = audit.0.draft(String::new());
-    state.store.engine.submit_audited(command, Some(draft), Box::new(move |r| drop(tx.send(r))))?;
+    state.store.engine.submit_with(command, Some(draft), records, Box::new(move |r| drop(tx.send(r))))?;
     audit.0.mark_recorded();
     let result = rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?;
     Ok(result?)

@@ -1175,12 +1175,13 @@ pub async fn sandbox_incoming(
     };
     let record = received.clone();
     let (account, tenant_for) = (payee.account, tenant_id);
-    let records: store::RecordsFn = Box::new(move |reply| match chain_result(reply) {
+    let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => vec![received_document(tenant_for, account, now, &record)],
         _ => vec![],
     });
-    let answer = submit_recorded(&state, &audit, store::Command::Transfers(vec![event]), records).await?;
-    match chain_result(&answer) {
+    let answer =
+        crate::routes::submit_recorded(&state, &audit, store::Command::Transfers(vec![event]), Some(records)).await?;
+    match answer.chain_result() {
         ledger::TransferResult::Created => Ok(reply(StatusCode::CREATED, &IncomingView::from(received))),
         ledger::TransferResult::Exists => Ok(reply(StatusCode::OK, &IncomingView::from(received))),
         failure => Err(crate::routes::ledger_problem(failure, "")),
