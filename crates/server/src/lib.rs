@@ -34,7 +34,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use utoipa::OpenApi;
 
@@ -173,6 +173,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pix/payments", post(pix::create_payment))
         .route("/v1/pix/payments/{id}", get(pix::get_payment))
         .route("/v1/sandbox/spi/incoming", post(pix::sandbox_incoming))
+        // The Central Bank's API Pix (shared/spec/pix-api/openapi.yaml).
+        .route("/api/v2/cob", post(api_pix::cob_post).get(api_pix::cob_list))
+        .route("/api/v2/cob/{txid}", put(api_pix::cob_put).patch(api_pix::cob_patch).get(api_pix::cob_get))
+        .route("/api/v2/pix", get(api_pix::pix_list))
+        .route("/api/v2/pix/{e2eid}", get(api_pix::pix_get))
+        .route("/api/v2/pix/{e2eid}/devolucao/{id}", put(api_pix::refund_put).get(api_pix::refund_get))
         .route("/v1/audit", get(audit::list_entries))
         .route("/v1/audit/tree-head", get(audit::tree_head))
         .route("/v1/audit/proof/inclusion", get(audit::inclusion_proof))

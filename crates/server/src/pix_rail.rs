@@ -63,8 +63,13 @@ pub const SPI_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_s
 pub const BREAKER_THRESHOLD: u32 = 5;
 pub const BREAKER_COOL_DOWN_NANOS: u64 = 30_000_000_000;
 
+/// Stripes of the per-node locks that serialize a check and its commit (a payer's limits, a
+/// charge paid once, a Pix's refunds): enough that unrelated work rarely waits.
+const LOCK_STRIPES: usize = 256;
+
 /// What Pix needs from the shared state.
 pub struct PixRuntime {
+    locks: Vec<tokio::sync::Mutex<()>>,
     /// Tenants whose settlement account is known to exist (it is opened once, idempotently).
     settled: Mutex<HashSet<u128>>,
     pub connector: Arc<dyn crate::spi::SpiConnector>,
@@ -74,10 +79,26 @@ pub struct PixRuntime {
 impl PixRuntime {
     pub fn new(connector: Arc<dyn crate::spi::SpiConnector>) -> PixRuntime {
         PixRuntime {
+            locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             settled: Mutex::default(),
             connector,
             breaker: Mutex::new(pix::spi::Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN_NANOS)),
         }
+    }
+}
+
+impl PixRuntime {
+    /// Holds the stripes of `keys` (taken in stripe order, so two holders never deadlock) until
+    /// the guards drop. Per node: nodes of a cluster do not see each other's.
+    pub async fn lock(&self, keys: &[u128]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = keys.iter().map(|k| (*k % LOCK_STRIPES as u128) as usize).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            guards.push(self.locks[s].lock().await);
+        }
+        guards
     }
 }
 
@@ -221,6 +242,9 @@ pub struct StoredReceived {
     pub received_at: String,
     /// Nanoseconds, for listings.
     pub received_at_nanos: u64,
+    /// The paying account when it is of this rtpay (`tenant:account`), where a refund goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer_account: Option<String>,
 }
 
 /// The party on one side of an on-us payment, resolved from storage.
@@ -376,6 +400,20 @@ pub struct Prepared {
     pub fingerprint: String,
     /// Why it is rejected before any money moves (a limit), if it is.
     pub refused: Option<(String, String)>,
+    /// The charge (cob) this payment concludes: its document as read, under the charge's lock.
+    pub concludes: Option<store::Document>,
+}
+
+/// The charge's document concluded by the Pix `e2e`.
+pub fn concluded_cob(doc: &store::Document, e2e: &str) -> Option<store::Record> {
+    let mut stored: crate::routes::api_pix::StoredCob = serde_json::from_str(&doc.body).ok()?;
+    stored.status = pix::charge::CobStatus::Concluida.as_str().into();
+    stored.paid_by = Some(e2e.to_owned());
+    Some(store::Record::Document(store::Document {
+        version: doc.version + 1,
+        body: serde_json::to_string(&stored).expect("serializable"),
+        ..doc.clone()
+    }))
 }
 
 /// The ledger id of a payment's `n`th transfer (1, 2: the on-us chain; 1: an off-us hold, 2: its
@@ -466,6 +504,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
         Payee::OffUs(_) => None,
     };
     let payer = p.payer.clone();
+    let concludes = p.concludes.clone();
     let (view, fingerprint, amount, refused) = (p.view.clone(), p.fingerprint.clone(), p.amount, p.refused.clone());
     let conclude = move |result: TransferResult| -> (PaymentView, Vec<store::Record>) {
         let mut view = view.clone();
@@ -494,8 +533,12 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                         description: view.description.clone(),
                         received_at: crate::dto::rfc3339(now),
                         received_at_nanos: now,
+                        payer_account: Some(account_owner(payer.tenant, payer.account)),
                     };
                     records.push(received_document(tenant, account, now, &received));
+                }
+                if let Some(cob) = concludes.as_ref().and_then(|d| concluded_cob(d, &view.end_to_end_id)) {
+                    records.push(cob);
                 }
             }
             (None, failure) => {

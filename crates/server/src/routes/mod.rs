@@ -2,6 +2,7 @@
 //! writer, and renders the result. No balance is computed here.
 
 pub mod accounts;
+pub mod api_pix;
 pub mod audit;
 pub mod cards;
 pub mod holders;

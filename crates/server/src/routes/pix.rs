@@ -174,7 +174,7 @@ pub async fn create_key(
 }
 
 /// Finds a key's document by its text (type inferred), in any tenant.
-fn find_key(
+pub(crate) fn find_key(
     vault: &crate::vault_service::VaultService,
     q: &dyn store::Queries,
     key: &PixKey,
@@ -736,6 +736,8 @@ enum Target {
     Key(PixKey),
     Account(u128),
     External(pix::spi::Party),
+    /// A charge's location (a dynamic BR Code).
+    Cob(String),
 }
 
 /// A creditor at another institution, checked as the SPI would: a CPF or CNPJ, a name, a
@@ -803,14 +805,17 @@ pub async fn create_payment(
             }
         }
         txid = code.txid.clone();
-        let Some(key) = code.key.as_deref() else {
-            return Err(Problem::invalid(
-                "brcode",
-                "unsupported_brcode",
-                "this BR Code is dynamic (a charge's URL); pay it through its charge",
-            ));
-        };
-        ("brcode", Target::Key(PixKey::infer(key).map_err(|e| invalid_key("brcode", e))?))
+        match (code.key.as_deref(), code.url.clone()) {
+            (Some(key), _) => ("brcode", Target::Key(PixKey::infer(key).map_err(|e| invalid_key("brcode", e))?)),
+            (None, Some(url)) => ("brcode", Target::Cob(url)),
+            (None, None) => {
+                return Err(Problem::invalid(
+                    "brcode",
+                    "invalid_brcode",
+                    "the BR Code names neither a key nor a location",
+                ))
+            }
+        }
     } else {
         let c = body.creditor.as_ref().expect("one of three");
         if !pix::ids::valid_ispb(&c.ispb) {
@@ -846,8 +851,19 @@ pub async fn create_payment(
     let night_window = state.pix.night;
     audit.0.set_resource(format!("pix-payment:{id}"));
     let (id2, ispb2, print2) = (id.clone(), ispb.clone(), print.clone());
+    // A payer's limits and a charge are checked and committed under their locks (per node).
+    let mut lock_keys = vec![state.keys.derived_id(b"pix-payer-lock", tenant_id, &uuid_string(debit)).as_u128()];
+    if let Target::Cob(url) = &target {
+        let url = url.clone();
+        if let Some((t, txid)) = query(&state, move |q| super::api_pix::locate_cob(q, &url)).await? {
+            lock_keys.push(super::api_pix::cob_lock(&state, t, &txid));
+        }
+    }
+    let _locks = state.pix_runtime.lock(&lock_keys).await;
     let prepared = query(&state, move |q| {
         Ok((|| -> Result<Result<Result<Prepared, PaymentView>, Problem>, VaultFailure> {
+            let mut txid = txid;
+            let mut concludes = None;
             if let Some(doc) = q.document(PAYMENT_KIND, tenant_id, &id2)? {
                 let stored: StoredPayment = serde_json::from_str(&doc.body)
                     .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
@@ -872,6 +888,20 @@ pub async fn create_payment(
                 }
             };
             let payee = match target {
+                Target::Cob(url) => {
+                    let (doc, cob) = match super::api_pix::payable_cob(q, &url, amount, "brcode")? {
+                        Ok(found) => found,
+                        Err(p) => return Ok(Err(p)),
+                    };
+                    txid = Some(cob.txid.clone());
+                    let account = uuid::Uuid::parse_str(&cob.account_id).map(|u| u.as_u128()).unwrap_or_default();
+                    let tenant_of = doc.tenant_id;
+                    concludes = Some(doc);
+                    party(&vault, q, &ispb2, tenant_of, account)?.map(|p| {
+                        let view = p.view.clone();
+                        (Payee::OnUs(p), view)
+                    })
+                }
                 Target::External(creditor) => {
                     let view = CreditorView {
                         ispb: creditor.ispb.clone(),
@@ -939,7 +969,7 @@ pub async fn create_payment(
                 description,
                 created_at: rfc3339(now),
             };
-            Ok(Ok(Ok(Prepared { payer, payee, amount, view, fingerprint: print2, refused })))
+            Ok(Ok(Ok(Prepared { payer, payee, amount, view, fingerprint: print2, refused, concludes })))
         })())
     })
     .await?;
@@ -1106,16 +1136,34 @@ pub async fn sandbox_incoming(
             return Err(Problem::invalid("amount", "amount_mismatch", "`amount` differs from the BR Code's"));
         }
         txid = code.txid.clone();
-        let key = code.key.as_deref().ok_or_else(|| {
-            Problem::invalid("brcode", "unsupported_brcode", "this BR Code is dynamic (a charge's URL)")
-        })?;
-        Target::Key(PixKey::infer(key).map_err(|e| invalid_key("brcode", e))?)
+        match (code.key.as_deref(), code.url.clone()) {
+            (Some(key), _) => Target::Key(PixKey::infer(key).map_err(|e| invalid_key("brcode", e))?),
+            (None, Some(url)) => Target::Cob(url),
+            (None, None) => {
+                return Err(Problem::invalid(
+                    "brcode",
+                    "invalid_brcode",
+                    "the BR Code names neither a key nor a location",
+                ))
+            }
+        }
     };
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-received:{e2e}"));
     let (e2e2, ispb2) = (e2e.clone(), ispb.clone());
+    let mut lock_keys = Vec::new();
+    if let Target::Cob(url) = &target {
+        let url = url.clone();
+        if let Some((t, txid)) = query(&state, move |q| super::api_pix::locate_cob(q, &url)).await? {
+            lock_keys.push(super::api_pix::cob_lock(&state, t, &txid));
+        }
+    }
+    let _locks = state.pix_runtime.lock(&lock_keys).await;
+    let amount = body.amount;
     let resolved = query(&state, move |q| {
-        Ok((|| -> Result<Result<Result<Party, StoredReceived>, Problem>, VaultFailure> {
+        type Resolved = (Party, Option<String>, Option<store::Document>);
+        Ok((|| -> Result<Result<Result<Resolved, StoredReceived>, Problem>, VaultFailure> {
+            let (mut txid, mut concludes) = (txid, None);
             if let Some(doc) = q.document(RECEIVED_KIND, tenant_id, &e2e2)? {
                 let stored: StoredReceived = serde_json::from_str(&doc.body)
                     .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
@@ -1129,17 +1177,33 @@ pub async fn sandbox_incoming(
                     _ => return Ok(Err(Problem::invalid("key", "key_not_found", "no such key in this tenant"))),
                 },
                 Target::Account(a) => a,
-                // Only `key` and `account_id` make targets here.
+                Target::Cob(url) => {
+                    let (doc, cob) = match super::api_pix::payable_cob(q, &url, amount, "brcode")? {
+                        Ok(found) if found.0.tenant_id == tenant_id => found,
+                        Ok(_) => {
+                            return Ok(Err(Problem::invalid(
+                                "brcode",
+                                "charge_not_found",
+                                "no such charge in this tenant",
+                            )))
+                        }
+                        Err(p) => return Ok(Err(p)),
+                    };
+                    txid = Some(cob.txid.clone());
+                    concludes = Some(doc);
+                    uuid::Uuid::parse_str(&cob.account_id).map(|u| u.as_u128()).unwrap_or_default()
+                }
+                // Only `key`, `account_id` and `brcode` make targets here.
                 Target::External(_) => return Ok(Err(Problem::internal())),
             };
             Ok(match party(&vault, q, &ispb2, tenant_id, account)? {
-                Ok(p) => Ok(Ok(p)),
+                Ok(p) => Ok(Ok((p, txid, concludes))),
                 Err(why) => Err(Problem::invalid("account_id", "invalid_account", format!("the receiver: {why}"))),
             })
         })())
     })
     .await?;
-    let payee = match resolved.map_err(Problem::from)?? {
+    let (payee, txid, concludes) = match resolved.map_err(Problem::from)?? {
         Err(existing) => return Ok(reply(StatusCode::OK, &IncomingView::from(existing))),
         Ok(p) => p,
     };
@@ -1158,6 +1222,7 @@ pub async fn sandbox_incoming(
         description,
         received_at: rfc3339(now),
         received_at_nanos: now,
+        payer_account: None,
     };
     let event = ledger::TransferEvent {
         key: ledger::TransferKey {
@@ -1176,7 +1241,11 @@ pub async fn sandbox_incoming(
     let record = received.clone();
     let (account, tenant_for) = (payee.account, tenant_id);
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
-        ledger::TransferResult::Created => vec![received_document(tenant_for, account, now, &record)],
+        ledger::TransferResult::Created => {
+            let mut records = vec![received_document(tenant_for, account, now, &record)];
+            records.extend(concludes.as_ref().and_then(|d| concluded_cob(d, &record.end_to_end_id)));
+            records
+        }
         _ => vec![],
     });
     let answer =

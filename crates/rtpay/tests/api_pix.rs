@@ -1,0 +1,208 @@
+//! The Central Bank's API Pix (`/api/v2`) end to end against a real `rtpay serve --ispb`:
+//! immediate charges (cob) created, revised, listed and removed; their dynamic BR Codes paid on us
+//! and from another institution, which concludes them; received Pix listed; refunds within the
+//! received amount; errors in the spec's `Problema` form; the ledger's invariants after it all.
+
+mod common;
+
+use common::*;
+use hyper::Method;
+use serde_json::{json, Value};
+
+const ISPB: &str = "12345678";
+const CPF_MARIA: &str = "52998224725";
+const CNPJ_ACME: &str = "11222333000181";
+const TXID: &str = "pedido42abcdefghijklmnopqrstuvwxyz";
+
+async fn send(
+    c: &mut rtpay::client::Client,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (u16, Value, String) {
+    let body = body.map(|b| serde_json::to_vec(&b).unwrap().into());
+    let r = c.send(method, path, Some(key), body).await.unwrap();
+    let content_type = r.headers.get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (r.status.as_u16(), r.json(), content_type)
+}
+
+/// A holder's BRL account (funded with `funds` centavos).
+async fn holder_account(
+    c: &mut rtpay::client::Client,
+    key: &str,
+    kind: &str,
+    name: &str,
+    doc: &str,
+    funds: u64,
+) -> String {
+    let r = c.post("/v1/holders", key, &json!({"kind": kind, "name": name, "document": doc})).await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let holder = r.json()["id"].as_str().unwrap().to_owned();
+    let acct = account(
+        c,
+        key,
+        json!({"currency": "BRL", "holder_id": holder, "flags": {"debits_must_not_exceed_credits": true}}),
+    )
+    .await;
+    if funds > 0 {
+        let funding = account(c, key, json!({"currency": "BRL"})).await;
+        let body = json!({"id": uuid(), "debit_account_id": funding, "credit_account_id": acct, "amount": funds});
+        assert_eq!(c.post("/v1/transfers", key, &body).await.unwrap().status, 201);
+    }
+    acct
+}
+
+fn assert_problem(got: &(u16, Value, String), status: u16, kind: &str, property: Option<&str>) {
+    let (s, v, ct) = got;
+    assert_eq!((*s, ct.as_str()), (status, "application/problem+json"), "{v}");
+    assert_eq!(v["type"], json!(format!("https://pix.bcb.gov.br/api/v2/error/{kind}")), "{v}");
+    assert_eq!(v["status"], json!(status));
+    if let Some(p) = property {
+        assert_eq!(v["violacoes"][0]["propriedade"], json!(p), "{v}");
+    }
+}
+
+#[test]
+fn charges_are_created_revised_paid_and_refunded() {
+    let dir = temp_dir("api-pix");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let (_, wallet) = tenant(&mut c, "wallet").await;
+        let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
+        let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap();
+        assert_eq!(r.status, 201);
+        let available = |v: Value| v["available"].as_i64().unwrap();
+
+        // Create, read, revise.
+        let cob = json!({"calendario": {"expiracao": 3600}, "devedor": {"cpf": CPF_MARIA, "nome": "Maria Quitéria"},
+            "valor": {"original": "123.45"}, "chave": CNPJ_ACME, "solicitacaoPagador": "Pedido 42",
+            "infoAdicionais": [{"nome": "Loja", "valor": "Centro"}]});
+        let (s, v, _) = send(&mut c, Method::PUT, &format!("/api/v2/cob/{TXID}"), &shop, Some(cob.clone())).await;
+        assert_eq!(s, 201, "{v}");
+        assert_eq!((v["status"].clone(), v["revisao"].clone(), v["txid"].clone()), (json!("ATIVA"), json!(0), json!(TXID)));
+        assert_eq!((v["valor"]["original"].clone(), v["devedor"]["cpf"].clone()), (json!("123.45"), json!(CPF_MARIA)));
+        let location = v["location"].as_str().unwrap().to_owned();
+        assert_eq!(v["loc"]["location"], json!(location));
+        let r = c.post("/v1/pix/brcode/decode", &wallet, &json!({"payload": v["pixCopiaECola"]})).await.unwrap();
+        let decoded = r.json();
+        assert_eq!(
+            (decoded["type"].clone(), decoded["url"].clone(), decoded["amount"].clone()),
+            (json!("dynamic"), json!(location), json!(12_345)),
+            "{decoded}"
+        );
+        let (s, got, _) = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}"), &shop, None).await;
+        assert_eq!((s, got["solicitacaoPagador"].clone()), (200, json!("Pedido 42")));
+        let (s, v, _) =
+            send(&mut c, Method::PATCH, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({"valor": {"original": "100.00"}}))).await;
+        assert_eq!((s, v["revisao"].clone(), v["valor"]["original"].clone()), (200, json!(1), json!("100.00")), "{v}");
+        assert_eq!(v["devedor"]["cpf"], json!(CPF_MARIA), "unchanged fields are kept");
+        let (_, old, _) = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}?revisao=0"), &shop, None).await;
+        assert_eq!(old["valor"]["original"], json!("123.45"));
+        let payload = v["pixCopiaECola"].as_str().unwrap().to_owned();
+
+        // The spec's errors, and nothing changed by them.
+        for (body, property) in [
+            (json!({"calendario": {"expiracao": 0}, "valor": {"original": "1.00"}, "chave": CNPJ_ACME}), "cob.calendario.expiracao"),
+            (json!({"valor": {"original": "0.00"}, "chave": CNPJ_ACME}), "cob.valor.original"),
+            (json!({"valor": {"original": "1,00"}, "chave": CNPJ_ACME}), "cob.valor.original"),
+            (json!({"valor": {"original": "1.00"}, "chave": "someone@example.com"}), "cob.chave"),
+            (json!({"valor": {"original": "1.00"}, "chave": CNPJ_ACME, "devedor": {"cpf": "52998224724", "nome": "x"}}), "cob.devedor.cpf"),
+            (json!({"valor": {"original": "1.00"}, "chave": CNPJ_ACME, "extra": true}), "cob"),
+        ] {
+            let got = send(&mut c, Method::PUT, "/api/v2/cob/otherTxid0000000000000000000001", &shop, Some(body.clone())).await;
+            assert_problem(&got, 400, "CobOperacaoInvalida", Some(property));
+        }
+        assert_problem(&send(&mut c, Method::GET, "/api/v2/cob/otherTxid0000000000000000000001", &shop, None).await, 404, "CobNaoEncontrado", None);
+        assert_problem(&send(&mut c, Method::PUT, "/api/v2/cob/short", &shop, Some(cob.clone())).await, 400, "CobOperacaoInvalida", Some("txid"));
+        assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}"), &wallet, None).await, 404, "CobNaoEncontrado", None);
+
+        // Paid on us by its BR Code: the charge is concluded and its Pix listed.
+        let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 10_000, "brcode": payload});
+        let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let paid = r.json();
+        assert_eq!((paid["status"].clone(), paid["txid"].clone()), (json!("completed"), json!(TXID)), "{paid}");
+        let e2e = paid["end_to_end_id"].as_str().unwrap().to_owned();
+        assert_eq!(available(balance(&mut c, &shop, &acme).await), 10_000);
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}"), &shop, None).await;
+        assert_eq!((v["status"].clone(), v["pix"][0]["endToEndId"].clone()), (json!("CONCLUIDA"), json!(e2e)), "{v}");
+        let again = json!({"id": uuid(), "debit_account_id": maria, "amount": 10_000, "brcode": payload});
+        let r = c.post("/v1/pix/payments", &wallet, &again).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("charge_not_payable")), "paid once");
+        let got = send(&mut c, Method::PATCH, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({"solicitacaoPagador": "x"}))).await;
+        assert_problem(&got, 400, "CobOperacaoInvalida", Some("cob.status"));
+
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/pix/{e2e}"), &shop, None).await;
+        assert_eq!((s, v["valor"].clone(), v["txid"].clone()), (200, json!("100.00"), json!(TXID)), "{v}");
+        assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/pix/{e2e}"), &wallet, None).await, 404, "PixNaoEncontrado", None);
+
+        // Refunds: up to the received amount, once per id, back to the payer's account.
+        let refund = |id: &str| format!("/api/v2/pix/{e2e}/devolucao/{id}");
+        let (s, v, _) = send(&mut c, Method::PUT, &refund("D1"), &shop, Some(json!({"valor": "40.00"}))).await;
+        assert_eq!((s, v["status"].clone(), v["valor"].clone()), (201, json!("DEVOLVIDO"), json!("40.00")), "{v}");
+        let rtr = v["rtrId"].as_str().unwrap();
+        assert_eq!((rtr.len(), &rtr[..9]), (32, format!("D{ISPB}").as_str()));
+        assert_eq!(available(balance(&mut c, &wallet, &maria).await), 100_000 - 10_000 + 4_000);
+        let (s, repeat, _) = send(&mut c, Method::PUT, &refund("D1"), &shop, Some(json!({"valor": "40.00"}))).await;
+        assert_eq!((s, repeat["rtrId"].clone()), (201, v["rtrId"].clone()), "a repeat answers the first refund");
+        assert_problem(&send(&mut c, Method::PUT, &refund("D1"), &shop, Some(json!({"valor": "1.00"}))).await, 400, "PixDevolucaoInvalida", Some("id"));
+        assert_problem(&send(&mut c, Method::PUT, &refund("D2"), &shop, Some(json!({"valor": "60.01"}))).await, 400, "PixDevolucaoInvalida", Some("devolucao.valor"));
+        assert_problem(&send(&mut c, Method::PUT, &refund("D2"), &shop, Some(json!({"valor": "1.00", "natureza": "MED_FRAUDE"}))).await, 400, "PixDevolucaoInvalida", Some("devolucao.natureza"));
+        let (s, _, _) = send(&mut c, Method::PUT, &refund("D2"), &shop, Some(json!({"valor": "60.00", "natureza": "ORIGINAL"}))).await;
+        assert_eq!(s, 201);
+        assert_eq!(available(balance(&mut c, &shop, &acme).await), 0, "all of it back");
+        assert_eq!(available(balance(&mut c, &wallet, &maria).await), 100_000);
+        let (s, v, _) = send(&mut c, Method::GET, &refund("D2"), &shop, None).await;
+        assert_eq!((s, v["status"].clone()), (200, json!("DEVOLVIDO")));
+        assert_problem(&send(&mut c, Method::GET, &refund("D3"), &shop, None).await, 404, "PixDevolucaoNaoEncontrada", None);
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/pix/{e2e}"), &shop, None).await;
+        assert_eq!(v["devolucoes"].as_array().unwrap().len(), 2, "{v}");
+
+        // A charge with a PSP-made txid, paid from another institution (the sandbox SPI).
+        let (s, v, _) = send(&mut c, Method::POST, "/api/v2/cob", &shop, Some(json!({"valor": {"original": "5.00"}, "chave": CNPJ_ACME}))).await;
+        assert_eq!(s, 201, "{v}");
+        let txid2 = v["txid"].as_str().unwrap().to_owned();
+        assert!(txid2.len() >= 26 && txid2.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let incoming = json!({"amount": 500, "brcode": v["pixCopiaECola"],
+            "payer": {"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"}});
+        let r = c.post("/v1/sandbox/spi/incoming", &shop, &incoming).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["txid"].clone()), (201, json!(txid2)), "{:?}", r.json());
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob/{txid2}"), &shop, None).await;
+        assert_eq!(v["status"], json!("CONCLUIDA"));
+
+        // Removed by the receiver: no longer payable.
+        let (_, v, _) = send(&mut c, Method::POST, "/api/v2/cob", &shop, Some(json!({"valor": {"original": "7.00"}, "chave": CNPJ_ACME}))).await;
+        let (txid3, payload3) = (v["txid"].as_str().unwrap().to_owned(), v["pixCopiaECola"].clone());
+        let got = send(&mut c, Method::PATCH, &format!("/api/v2/cob/{txid3}"), &shop,
+            Some(json!({"status": "REMOVIDA_PELO_USUARIO_RECEBEDOR", "valor": {"original": "8.00"}}))).await;
+        assert_problem(&got, 400, "CobOperacaoInvalida", Some("cob.status"));
+        let (s, v, _) = send(&mut c, Method::PATCH, &format!("/api/v2/cob/{txid3}"), &shop, Some(json!({"status": "REMOVIDA_PELO_USUARIO_RECEBEDOR"}))).await;
+        assert_eq!((s, v["status"].clone()), (200, json!("REMOVIDA_PELO_USUARIO_RECEBEDOR")));
+        let r = c.post("/v1/pix/payments", &wallet, &json!({"id": uuid(), "debit_account_id": maria, "amount": 700, "brcode": payload3})).await.unwrap();
+        assert_eq!(r.json()["code"], json!("charge_not_payable"));
+
+        // Listings.
+        let window = "inicio=2020-01-01T00:00:00Z&fim=2100-01-01T00:00:00Z";
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob?{window}"), &shop, None).await;
+        assert_eq!((s, v["cobs"].as_array().unwrap().len()), (200, 3), "{v}");
+        assert_eq!(v["parametros"]["paginacao"]["quantidadeTotalDeItens"], json!(3));
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob?{window}&status=CONCLUIDA"), &shop, None).await;
+        assert_eq!(v["cobs"].as_array().unwrap().len(), 2);
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob?{window}&cpf={CPF_MARIA}"), &shop, None).await;
+        assert_eq!(v["cobs"][0]["txid"], json!(TXID), "{v}");
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob?{window}&paginacao.itensPorPagina=2&paginacao.paginaAtual=1"), &shop, None).await;
+        assert_eq!((v["cobs"].as_array().unwrap().len(), v["parametros"]["paginacao"]["quantidadeDePaginas"].clone()), (1, json!(2)));
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/pix?{window}"), &shop, None).await;
+        assert_eq!((s, v["pix"].as_array().unwrap().len()), (200, 2), "{v}");
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/pix?{window}&devolucaoPresente=true"), &shop, None).await;
+        assert_eq!(v["pix"][0]["endToEndId"], json!(e2e));
+        assert_problem(&send(&mut c, Method::GET, "/api/v2/cob?inicio=yesterday&fim=2100-01-01T00:00:00Z", &shop, None).await, 400, "CobConsultaInvalida", Some("inicio"));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}

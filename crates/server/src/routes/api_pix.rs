@@ -1,0 +1,1285 @@
+//! The Central Bank's API Pix (receiver side), as `shared/spec/pix-api/openapi.yaml` v2.9.0
+//! describes it, under `/api/v2`: immediate charges (`cob`), received Pix (`pix`) and their
+//! refunds (`devolucao`). Errors are the spec's `Problema` (`type`
+//! `https://pix.bcb.gov.br/api/v2/error/<TipoErro>`, `violacoes`), with the status codes each
+//! operation documents. Every money movement is a ledger transfer made by `pix_rail`.
+//!
+//! A charge is kept as a document: its revisions (the payer-facing content, keys and the debtor's
+//! document included) sealed under the tenant's data key, its status and the Pix that concluded it
+//! in clear, and its location (the dynamic BR Code's URL) as the document's unique lookup.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use pix::charge::CobStatus;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::audit_trail::Audit;
+use crate::auth::{random_32, Tenant};
+use crate::dto::{rfc3339, uuid_string};
+use crate::json::{reply, Path};
+use crate::oauth::{base64_decode, base64_encode};
+use crate::pix_rail::*;
+use crate::problem::Problem;
+use crate::routes::pix::find_key;
+use crate::routes::query;
+use crate::vault_service::VaultFailure;
+use crate::AppState;
+
+pub const COB_KIND: &str = "pix-cob";
+pub const REFUND_KIND: &str = "pix-refund";
+/// Revisions kept per charge (a PATCH beyond answers 400).
+pub const REVISIONS_MAX: usize = 100;
+/// Rows a listing reads at most to answer one page (pages beyond read as empty).
+pub const LISTING_SCAN_MAX: usize = 10_000;
+/// Refunds are accepted for 90 days after the Pix settled (`shared/spec/SOURCES.md`).
+pub const REFUND_WINDOW_NANOS: u64 = 90 * 86_400 * 1_000_000_000;
+/// Additional information items a charge may carry (the spec's `infoAdicionais`).
+pub const INFO_ITEMS_MAX: usize = 50;
+const ERROR_BASE: &str = "https://pix.bcb.gov.br/api/v2/error/";
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Violacao {
+    pub razao: String,
+    pub propriedade: String,
+}
+
+/// The spec's `Problema`.
+#[derive(Debug, Clone)]
+pub struct PixError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub detail: String,
+    pub violacoes: Vec<Violacao>,
+    pub retry_after_seconds: Option<u32>,
+}
+
+impl PixError {
+    pub fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> PixError {
+        PixError {
+            status,
+            kind,
+            detail: vault::mask::redact_pans(&detail.into()),
+            violacoes: vec![],
+            retry_after_seconds: None,
+        }
+    }
+
+    /// 400 of `kind` naming the property and the rule it breaks.
+    pub fn violation(kind: &'static str, propriedade: &str, razao: impl Into<String>) -> PixError {
+        let razao = vault::mask::redact_pans(&razao.into());
+        let mut e = PixError::new(StatusCode::BAD_REQUEST, kind, format!("{propriedade}: {razao}"));
+        e.violacoes.push(Violacao { razao, propriedade: propriedade.to_owned() });
+        e
+    }
+}
+
+impl IntoResponse for PixError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("{ERROR_BASE}{}", self.kind),
+            "title": self.status.canonical_reason().unwrap_or("Erro"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+            "violacoes": self.violacoes,
+        });
+        let mut response = (self.status, serde_json::to_vec(&body).expect("serializable")).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(s) = self.retry_after_seconds {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
+    }
+}
+
+/// rtpay's own problems (scopes, storage, the vault) in the spec's terms.
+impl From<Problem> for PixError {
+    fn from(p: Problem) -> PixError {
+        let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let kind = match status {
+            StatusCode::FORBIDDEN => "AcessoNegado",
+            StatusCode::NOT_FOUND => "NaoEncontrado",
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => "ServicoIndisponivel",
+            StatusCode::INTERNAL_SERVER_ERROR => "ErroInternoDoServidor",
+            _ => "RequisicaoInvalida",
+        };
+        let status = match status {
+            StatusCode::TOO_MANY_REQUESTS => StatusCode::SERVICE_UNAVAILABLE,
+            s if s.is_client_error() && !matches!(s, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) => {
+                StatusCode::BAD_REQUEST
+            }
+            s => s,
+        };
+        let mut e = PixError::new(status, kind, p.detail);
+        if let Some(field) = p.field {
+            e.violacoes.push(Violacao { razao: e.detail.clone(), propriedade: field });
+        }
+        e.retry_after_seconds = p.retry_after_seconds;
+        e
+    }
+}
+
+impl From<VaultFailure> for PixError {
+    fn from(f: VaultFailure) -> PixError {
+        Problem::from(f).into()
+    }
+}
+
+impl From<store::StoreError> for PixError {
+    fn from(e: store::StoreError) -> PixError {
+        Problem::from(e).into()
+    }
+}
+
+type PixResult<T> = Result<T, PixError>;
+
+fn corrupt(e: impl std::fmt::Display) -> store::StoreError {
+    store::StoreError::Corrupt(e.to_string())
+}
+
+/// A JSON body of the kind's schema: malformed JSON, wrong types and unknown fields are 400.
+fn body_of<T: serde::de::DeserializeOwned>(bytes: &Bytes, kind: &'static str, root: &str) -> PixResult<T> {
+    let text = std::str::from_utf8(bytes).map_err(|_| PixError::violation(kind, root, "the body is not UTF-8"))?;
+    serde_json::from_str(text).map_err(|e| {
+        // serde's message names the field and the expected type, never the value.
+        PixError::violation(kind, root, format!("does not respect the schema: {e}"))
+    })
+}
+
+fn params_of(raw: Option<String>, kind: &'static str) -> PixResult<HashMap<String, String>> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(raw.as_deref().unwrap_or(""))
+        .map(|v| v.into_iter().collect())
+        .map_err(|_| PixError::violation(kind, "query", "the query string is malformed"))
+}
+
+/// An RFC 3339 date-time (`2020-04-01T00:00:00Z`, `...T12:00:00.5-03:00`) as nanoseconds since
+/// the epoch, clamped to what a `u64` of nanoseconds holds.
+pub fn parse_date_time(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i128> {
+        let s = text.get(r)?;
+        s.bytes().all(|c| c.is_ascii_digit()).then(|| s.parse().ok()).flatten()
+    };
+    let (y, mo, d, h, mi, s) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac_nanos: i128 = 0;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let digits = &text[start..i.min(start + 9)];
+        frac_nanos = digits.parse::<i128>().ok()? * 10i128.pow(9 - digits.len() as u32);
+    }
+    let offset_secs: i128 = match &text[i..] {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && &tz[3..4] == ":" => {
+            let oh = num(i + 1..i + 3)?;
+            let om = num(i + 4..i + 6)?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let sign = if tz.starts_with('-') { -1 } else { 1 };
+            sign * (oh * 3600 + om * 60)
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm), in i128 so any year fits.
+    let yy = if mo <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * ((mo + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + s - offset_secs;
+    Some((secs * 1_000_000_000 + frac_nanos).clamp(0, i128::from(u64::MAX)) as u64)
+}
+
+/// `paginacao.paginaAtual` (from 0) and `paginacao.itensPorPagina` (1..=1000, default 100).
+fn pagination(p: &HashMap<String, String>, kind: &'static str) -> PixResult<(usize, usize)> {
+    let page = match p.get("paginacao.paginaAtual") {
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| PixError::violation(kind, "paginacao.paginaAtual", "must be an integer ≥ 0"))?,
+        None => 0,
+    };
+    let per_page =
+        match p.get("paginacao.itensPorPagina") {
+            Some(v) => v.parse::<usize>().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
+                PixError::violation(kind, "paginacao.itensPorPagina", "must be an integer in 1..=1000")
+            })?,
+            None => 100,
+        };
+    Ok((page, per_page))
+}
+
+fn bool_param(p: &HashMap<String, String>, name: &str, kind: &'static str) -> PixResult<Option<bool>> {
+    match p.get(name).map(String::as_str) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(_) => Err(PixError::violation(kind, name, "must be true or false")),
+    }
+}
+
+/// The listing's window; `None` when it is empty (`fim` before `inicio`).
+fn window(p: &HashMap<String, String>, kind: &'static str) -> PixResult<Option<(u64, u64)>> {
+    let at = |name: &str| -> PixResult<u64> {
+        let text = p.get(name).ok_or_else(|| PixError::violation(kind, name, "is required"))?;
+        parse_date_time(text).ok_or_else(|| PixError::violation(kind, name, "must be an RFC 3339 date-time"))
+    };
+    let (from, to) = (at("inicio")?, at("fim")?);
+    Ok((from <= to).then_some((from, to.saturating_add(1))))
+}
+
+/// Every document of the kind in the window that `keep` accepts, up to [`LISTING_SCAN_MAX`] read.
+fn scan(
+    q: &dyn store::Queries,
+    kind: &str,
+    tenant: u128,
+    (from, to): (u64, u64),
+    mut keep: impl FnMut(&store::Document) -> bool,
+) -> store::Result<Vec<store::Document>> {
+    let mut out = Vec::new();
+    let mut after = None;
+    let mut read = 0;
+    while read < LISTING_SCAN_MAX {
+        let page = q.documents(&store::DocumentQuery {
+            kind,
+            tenant_id: tenant,
+            owner: None,
+            from,
+            to,
+            after: after.clone(),
+            limit: store::PAGE_LEN_MAX,
+        })?;
+        read += page.len();
+        let last = page.last().map(|d| (d.created_at, d.id.clone()));
+        let full = page.len() == store::PAGE_LEN_MAX;
+        out.extend(page.into_iter().filter(|d| keep(d)));
+        match (full, last) {
+            (true, Some(l)) => after = Some(l),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+fn paginacao(page: usize, per_page: usize, total: usize) -> Value {
+    json!({
+        "paginaAtual": page,
+        "itensPorPagina": per_page,
+        "quantidadeDePaginas": total.div_ceil(per_page).max(1),
+        "quantidadeTotalDeItens": total,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Charges (cob)
+
+/// A charge's request body (`CobSolicitada`, or `CobRevisada` for PATCH: every field optional).
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct CobBody {
+    calendario: Option<CalendarioBody>,
+    devedor: Option<DevedorBody>,
+    loc: Option<Value>,
+    valor: Option<ValorBody>,
+    chave: Option<String>,
+    #[serde(rename = "solicitacaoPagador")]
+    solicitacao_pagador: Option<String>,
+    #[serde(rename = "infoAdicionais")]
+    info_adicionais: Option<Vec<InfoBody>>,
+    status: Option<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct CalendarioBody {
+    expiracao: Option<i64>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct DevedorBody {
+    cpf: Option<String>,
+    cnpj: Option<String>,
+    nome: Option<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct ValorBody {
+    original: Option<String>,
+    #[serde(rename = "modalidadeAlteracao")]
+    modalidade_alteracao: Option<i64>,
+    retirada: Option<Value>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct InfoBody {
+    nome: String,
+    valor: String,
+}
+
+/// One revision's content, as sealed (status and payments live beside it, in clear).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct CobContent {
+    expiracao: i64,
+    /// (`cpf` or `cnpj`, the document, the name).
+    devedor: Option<(String, String, String)>,
+    original: u64,
+    modalidade_alteracao: i64,
+    chave: String,
+    solicitacao_pagador: Option<String>,
+    info_adicionais: Vec<InfoBody>,
+    /// When this revision was made.
+    at: u64,
+}
+
+/// A charge as stored: the document's body.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct StoredCob {
+    pub txid: String,
+    pub account_id: String,
+    pub status: String,
+    pub loc_id: u64,
+    pub location: String,
+    /// When it was created (`calendario.criacao`).
+    pub created_at: u64,
+    pub expiracao: i64,
+    /// Centavos, and whether the payer may change it (`modalidadeAlteracao` 1).
+    pub original: u64,
+    pub amount_editable: bool,
+    /// The blind index of the debtor's document, for listings by `cpf`/`cnpj`.
+    pub devedor_index: Option<String>,
+    /// The revisions (`Vec<CobContent>` as JSON), sealed.
+    pub revisions_sealed: String,
+    pub revisions: usize,
+    /// The EndToEndId of the Pix that concluded it.
+    pub paid_by: Option<String>,
+}
+
+fn cob_record(tenant: u128, txid: &str) -> Vec<u8> {
+    format!("pix-cob:{}:{txid}", uuid_string(tenant)).into_bytes()
+}
+
+/// Checks a request body against the spec's rules, over `base` (a revision's current content)
+/// when revising. `root` names properties: `cob`.
+fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<CobContent> {
+    const K: &str = "CobOperacaoInvalida";
+    if body.loc.is_some() {
+        return Err(PixError::violation(
+            K,
+            "cob.loc.id",
+            "the location does not exist (locations are made with the charge)",
+        ));
+    }
+    let expiracao = match body.calendario.as_ref().and_then(|c| c.expiracao) {
+        Some(e) => {
+            pix::charge::cob_expires_at(now, Some(e))
+                .map_err(|_| PixError::violation(K, "cob.calendario.expiracao", "must be greater than zero"))?;
+            e
+        }
+        None => base.map_or(pix::charge::EXPIRACAO_DEFAULT_S, |b| b.expiracao),
+    };
+    let (original, modalidade_alteracao) = match &body.valor {
+        Some(v) => {
+            if v.retirada.is_some() {
+                return Err(PixError::violation(
+                    K,
+                    "cob.valor.retirada",
+                    "withdrawal and change (Pix Saque/Troco) are not offered",
+                ));
+            }
+            let original = match (&v.original, base) {
+                (Some(text), _) => pix::amount::parse(text)
+                    .ok_or_else(|| PixError::violation(K, "cob.valor.original", pix::amount::RULE))?,
+                (None, Some(b)) => b.original,
+                (None, None) => return Err(PixError::violation(K, "cob.valor.original", "is required")),
+            };
+            if original == 0 {
+                return Err(PixError::violation(K, "cob.valor.original", "must not be zero"));
+            }
+            let modalidade = v.modalidade_alteracao.unwrap_or(base.map_or(0, |b| b.modalidade_alteracao));
+            if !(0..=1).contains(&modalidade) {
+                return Err(PixError::violation(K, "cob.valor.modalidadeAlteracao", "must be 0 or 1"));
+            }
+            (original, modalidade)
+        }
+        None => match base {
+            Some(b) => (b.original, b.modalidade_alteracao),
+            None => return Err(PixError::violation(K, "cob.valor", "is required")),
+        },
+    };
+    let chave = match (&body.chave, base) {
+        (Some(k), _) => pix::PixKey::infer(k).map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?.value,
+        (None, Some(b)) => b.chave.clone(),
+        (None, None) => return Err(PixError::violation(K, "cob.chave", "is required")),
+    };
+    let devedor = match &body.devedor {
+        None => base.and_then(|b| b.devedor.clone()),
+        Some(d) => {
+            let nome = d
+                .nome
+                .as_deref()
+                .map(str::trim)
+                .filter(|n| !n.is_empty() && n.chars().count() <= 200 && !n.chars().any(char::is_control))
+                .ok_or_else(|| {
+                    PixError::violation(K, "cob.devedor.nome", "is required: 1 to 200 printable characters")
+                })?
+                .to_owned();
+            match (&d.cpf, &d.cnpj) {
+                (Some(cpf), None) => Some((
+                    "cpf".to_owned(),
+                    pix::document::cpf(cpf).map_err(|e| PixError::violation(K, "cob.devedor.cpf", e.to_string()))?,
+                    nome,
+                )),
+                (None, Some(cnpj)) => Some((
+                    "cnpj".to_owned(),
+                    pix::document::cnpj(cnpj).map_err(|e| PixError::violation(K, "cob.devedor.cnpj", e.to_string()))?,
+                    nome,
+                )),
+                _ => return Err(PixError::violation(K, "cob.devedor", "must have either `cpf` or `cnpj`")),
+            }
+        }
+    };
+    let solicitacao_pagador = match &body.solicitacao_pagador {
+        Some(s) if s.chars().count() > 140 || s.chars().any(char::is_control) => {
+            return Err(PixError::violation(K, "cob.solicitacaoPagador", "at most 140 printable characters"))
+        }
+        Some(s) => Some(s.clone()),
+        None => base.and_then(|b| b.solicitacao_pagador.clone()),
+    };
+    let info_adicionais = match &body.info_adicionais {
+        Some(items) => {
+            if items.len() > INFO_ITEMS_MAX {
+                return Err(PixError::violation(K, "cob.infoAdicionais", "at most 50 items"));
+            }
+            for (i, item) in items.iter().enumerate() {
+                if item.nome.chars().count() > 50 || item.valor.chars().count() > 200 {
+                    return Err(PixError::violation(
+                        K,
+                        &format!("cob.infoAdicionais[{i}]"),
+                        "`nome` at most 50 characters, `valor` at most 200",
+                    ));
+                }
+            }
+            items.clone()
+        }
+        None => base.map(|b| b.info_adicionais.clone()).unwrap_or_default(),
+    };
+    Ok(CobContent {
+        expiracao,
+        devedor,
+        original,
+        modalidade_alteracao,
+        chave,
+        solicitacao_pagador,
+        info_adicionais,
+        at: now,
+    })
+}
+
+/// The charge as the spec shows it (`CobCompleta`): `content` is the revision shown.
+fn cob_view(stored: &StoredCob, content: &CobContent, revisao: usize, pix: Option<Value>) -> Value {
+    let mut v = json!({
+        "calendario": {"criacao": rfc3339(stored.created_at), "expiracao": content.expiracao},
+        "txid": stored.txid,
+        "revisao": revisao,
+        "loc": {"id": stored.loc_id, "location": stored.location, "tipoCob": "cob", "criacao": rfc3339(stored.created_at),
+                "txid": stored.txid},
+        "location": stored.location,
+        "status": stored.status,
+        "valor": {"original": pix::amount::format(content.original), "modalidadeAlteracao": content.modalidade_alteracao},
+        "chave": content.chave,
+        "pixCopiaECola": stored_payload(stored),
+    });
+    if let Some((kind, doc, nome)) = &content.devedor {
+        v["devedor"] = json!({ kind.as_str(): doc, "nome": nome });
+    }
+    if let Some(s) = &content.solicitacao_pagador {
+        v["solicitacaoPagador"] = json!(s);
+    }
+    if !content.info_adicionais.is_empty() {
+        v["infoAdicionais"] = json!(content.info_adicionais);
+    }
+    if let Some(p) = pix {
+        v["pix"] = json!([p]);
+    }
+    v
+}
+
+/// The dynamic BR Code of a charge: its location, its amount unless the payer may change it.
+fn stored_payload(stored: &StoredCob) -> String {
+    pix::brcode::encode(&pix::brcode::Spec {
+        key: None,
+        url: Some(stored.location.clone()),
+        info: None,
+        amount: (!stored.amount_editable).then_some(stored.original),
+        name: COB_MERCHANT_NAME.into(),
+        city: COB_MERCHANT_CITY.into(),
+        txid: None,
+    })
+    .unwrap_or_default()
+}
+
+/// The merchant fields of dynamic codes (the payer's app shows the receiver from the charge's
+/// payload and the directory, not from these).
+const COB_MERCHANT_NAME: &str = "RTPAY RECEBEDOR";
+const COB_MERCHANT_CITY: &str = "SAO PAULO";
+/// Where charges' payloads are located (the dynamic BR Code's URL, without scheme).
+pub const LOCATION_HOST: &str = "pix.rtpay.local/qr/v2/";
+
+fn open_revisions(
+    state: &AppState,
+    q: &dyn store::Queries,
+    tenant: u128,
+    stored: &StoredCob,
+) -> Result<Vec<CobContent>, PixError> {
+    let vault = state.vault_or_503()?;
+    let dek = vault.data_key(q, tenant)?;
+    let sealed =
+        base64_decode(&stored.revisions_sealed).ok_or_else(|| corrupt("a charge's revisions are not base64"))?;
+    let plain = vault::open(&dek, &cob_record(tenant, &stored.txid), &sealed).map_err(VaultFailure::from)?;
+    Ok(serde_json::from_slice(&plain).map_err(corrupt)?)
+}
+
+fn seal_revisions(
+    state: &AppState,
+    q: &dyn store::Queries,
+    tenant: u128,
+    txid: &str,
+    revisions: &[CobContent],
+) -> Result<String, PixError> {
+    let vault = state.vault_or_503()?;
+    let dek = vault.data_key(q, tenant)?;
+    let plain = serde_json::to_vec(revisions).expect("serializable");
+    Ok(base64_encode(&vault::seal(&dek, &cob_record(tenant, txid), &plain).map_err(VaultFailure::from)?))
+}
+
+pub fn read_cob(
+    q: &dyn store::Queries,
+    tenant: u128,
+    txid: &str,
+) -> store::Result<Option<(store::Document, StoredCob)>> {
+    match q.document(COB_KIND, tenant, txid)? {
+        Some(doc) => {
+            let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
+            Ok(Some((doc, stored)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The received Pix that concluded a charge, as the spec's `Pix`.
+fn concluding_pix(q: &dyn store::Queries, tenant: u128, stored: &StoredCob) -> store::Result<Option<Value>> {
+    let Some(e2e) = &stored.paid_by else { return Ok(None) };
+    Ok(read_received(q, tenant, e2e)?.map(|(_, r)| pix_view(q, tenant, &r)).transpose()?)
+}
+
+/// Creates or replaces (PUT on an active charge) a charge.
+async fn put_cob(
+    state: AppState,
+    tenant: Tenant,
+    audit: Audit,
+    txid: String,
+    bytes: Bytes,
+    created: StatusCode,
+) -> PixResult<Response> {
+    const K: &str = "CobOperacaoInvalida";
+    tenant.require("cob.write")?;
+    state.ispb()?;
+    let body: CobBody = body_of(&bytes, K, "cob")?;
+    if body.status.is_some() {
+        return Err(PixError::violation(K, "cob.status", "is set by the PSP; a charge is created ATIVA"));
+    }
+    let vault = state.vault_or_503()?;
+    let tenant_id = tenant.id;
+    audit.0.set_resource(format!("pix-cob:{txid}"));
+    let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-cob-lock", tenant_id, &txid).as_u128()]).await;
+    let st = state.clone();
+    let view = query(&state, move |q| {
+        Ok((|| -> PixResult<Value> {
+            let now = store::now_nanos();
+            let content = content_of(&body, None, now)?;
+            let key =
+                pix::PixKey::infer(&content.chave).map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
+            let account = match find_key(&vault, q, &key)? {
+                Some((doc, stored)) if doc.tenant_id == tenant_id => stored.account_id,
+                _ => return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver")),
+            };
+            let existing = read_cob(q, tenant_id, &txid)?;
+            let (revisions, version, created_at, loc_id, location) = match &existing {
+                Some((_, s)) if s.status != CobStatus::Ativa.as_str() => {
+                    return Err(PixError::violation(K, "txid", "the charge exists and is not ATIVA"))
+                }
+                Some((doc, s)) => {
+                    let mut r = open_revisions(&st, q, tenant_id, s)?;
+                    if r.len() >= REVISIONS_MAX {
+                        return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
+                    }
+                    r.push(content.clone());
+                    (r, doc.version, s.created_at, s.loc_id, s.location.clone())
+                }
+                None => {
+                    let r = random_32();
+                    let loc_id = u64::from_be_bytes(r[..8].try_into().expect("8 bytes")) >> 1;
+                    (vec![content.clone()], 0, now, loc_id, format!("{LOCATION_HOST}{}", crate::auth::hex(&r[8..24])))
+                }
+            };
+            let stored = StoredCob {
+                txid: txid.clone(),
+                account_id: account,
+                status: CobStatus::Ativa.as_str().into(),
+                loc_id,
+                location: location.clone(),
+                created_at,
+                expiracao: content.expiracao,
+                original: content.original,
+                amount_editable: content.modalidade_alteracao == 1,
+                devedor_index: content
+                    .devedor
+                    .as_ref()
+                    .map(|(_, d, _)| crate::auth::hex(&vault.index().of(b"document", d.as_bytes()))),
+                revisions_sealed: seal_revisions(&st, q, tenant_id, &txid, &revisions)?,
+                revisions: revisions.len(),
+                paid_by: None,
+            };
+            let doc = store::Document {
+                kind: COB_KIND.into(),
+                tenant_id,
+                id: txid.clone(),
+                lookup: Some(location),
+                owner: None,
+                created_at,
+                version: version + 1,
+                body: serde_json::to_string(&stored).expect("serializable"),
+            };
+            let written = if version == 0 {
+                match q.insert_document(&doc) {
+                    Ok(()) => true,
+                    Err(store::StoreError::Conflict(_)) => false,
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                q.update_document(&doc, version)?
+            };
+            if !written {
+                return Err(PixError::violation(K, "txid", "the charge changed meanwhile; retry"));
+            }
+            Ok(cob_view(&stored, &content, revisions.len() - 1, None))
+        })())
+    })
+    .await??;
+    Ok(reply(created, &view))
+}
+
+fn valid_txid_or_404(txid: &str) -> PixResult<()> {
+    if pix::ids::valid_txid(txid) {
+        Ok(())
+    } else {
+        Err(PixError::violation("CobOperacaoInvalida", "txid", "must match [a-zA-Z0-9]{26,35}"))
+    }
+}
+
+pub async fn cob_put(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(txid): Path<String>,
+    bytes: Bytes,
+) -> PixResult<Response> {
+    valid_txid_or_404(&txid)?;
+    put_cob(state, tenant, audit, txid, bytes, StatusCode::CREATED).await
+}
+
+pub async fn cob_post(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    bytes: Bytes,
+) -> PixResult<Response> {
+    let r = random_32();
+    const ALNUM: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let txid: String = r.iter().map(|b| ALNUM[usize::from(*b) % 62] as char).collect();
+    put_cob(state, tenant, audit, txid, bytes, StatusCode::CREATED).await
+}
+
+pub async fn cob_patch(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(txid): Path<String>,
+    bytes: Bytes,
+) -> PixResult<Response> {
+    const K: &str = "CobOperacaoInvalida";
+    tenant.require("cob.write")?;
+    state.ispb()?;
+    valid_txid_or_404(&txid)?;
+    let body: CobBody = body_of(&bytes, K, "cob")?;
+    let requested = match body.status.as_deref() {
+        None => None,
+        Some(s) => Some(
+            CobStatus::parse(s)
+                .filter(|s| *s == CobStatus::RemovidaPeloUsuarioRecebedor)
+                .ok_or_else(|| PixError::violation(K, "cob.status", "may only be REMOVIDA_PELO_USUARIO_RECEBEDOR"))?,
+        ),
+    };
+    let alters = body.calendario.is_some()
+        || body.devedor.is_some()
+        || body.loc.is_some()
+        || body.valor.is_some()
+        || body.chave.is_some()
+        || body.solicitacao_pagador.is_some()
+        || body.info_adicionais.is_some();
+    let vault = state.vault_or_503()?;
+    let tenant_id = tenant.id;
+    audit.0.set_resource(format!("pix-cob:{txid}"));
+    let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-cob-lock", tenant_id, &txid).as_u128()]).await;
+    let st = state.clone();
+    let view = query(&state, move |q| {
+        Ok((|| -> PixResult<Value> {
+            let (doc, mut stored) = read_cob(q, tenant_id, &txid)?
+                .ok_or_else(|| PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "no charge with this txid"))?;
+            let status = CobStatus::parse(&stored.status).ok_or_else(|| corrupt("a charge's status"))?;
+            let next =
+                status.revise(requested, alters).map_err(|e| PixError::violation(K, "cob.status", e.to_string()))?;
+            let mut revisions = open_revisions(&st, q, tenant_id, &stored)?;
+            if revisions.len() >= REVISIONS_MAX {
+                return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
+            }
+            let base = revisions.last().cloned().ok_or_else(|| corrupt("a charge without revisions"))?;
+            let now = store::now_nanos();
+            let content = if alters { content_of(&body, Some(&base), now)? } else { CobContent { at: now, ..base } };
+            if body.chave.is_some() {
+                let key = pix::PixKey::infer(&content.chave)
+                    .map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
+                match find_key(&vault, q, &key)? {
+                    Some((d, k)) if d.tenant_id == tenant_id => stored.account_id = k.account_id,
+                    _ => {
+                        return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver"))
+                    }
+                }
+            }
+            revisions.push(content.clone());
+            stored.status = next.as_str().into();
+            stored.expiracao = content.expiracao;
+            stored.original = content.original;
+            stored.amount_editable = content.modalidade_alteracao == 1;
+            stored.devedor_index = content
+                .devedor
+                .as_ref()
+                .map(|(_, d, _)| crate::auth::hex(&vault.index().of(b"document", d.as_bytes())));
+            stored.revisions_sealed = seal_revisions(&st, q, tenant_id, &txid, &revisions)?;
+            stored.revisions = revisions.len();
+            let updated = store::Document {
+                version: doc.version + 1,
+                body: serde_json::to_string(&stored).expect("serializable"),
+                ..doc.clone()
+            };
+            if !q.update_document(&updated, doc.version)? {
+                return Err(PixError::violation(
+                    K,
+                    "txid",
+                    "the charge changed meanwhile (it may have been paid); retry",
+                ));
+            }
+            Ok(cob_view(&stored, &content, revisions.len() - 1, None))
+        })())
+    })
+    .await??;
+    Ok(reply(StatusCode::OK, &view))
+}
+
+pub async fn cob_get(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(txid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> PixResult<Response> {
+    tenant.require("cob.read")?;
+    state.ispb()?;
+    let not_found = || PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "no charge with this txid");
+    if !pix::ids::valid_txid(&txid) {
+        return Err(not_found());
+    }
+    let params = params_of(raw, "CobConsultaInvalida")?;
+    let revisao = match params.get("revisao") {
+        Some(r) => Some(r.parse::<usize>().map_err(|_| not_found())?),
+        None => None,
+    };
+    let tenant_id = tenant.id;
+    let st = state.clone();
+    let view = query(&state, move |q| {
+        Ok((|| -> PixResult<Value> {
+            let (_, stored) = read_cob(q, tenant_id, &txid)?.ok_or_else(not_found)?;
+            let revisions = open_revisions(&st, q, tenant_id, &stored)?;
+            let n = revisao.unwrap_or(revisions.len().saturating_sub(1));
+            let content = revisions.get(n).ok_or_else(|| {
+                PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "the charge has no such revision")
+            })?;
+            Ok(cob_view(&stored, content, n, concluding_pix(q, tenant_id, &stored)?))
+        })())
+    })
+    .await??;
+    Ok(reply(StatusCode::OK, &view))
+}
+
+pub async fn cob_list(State(state): State<AppState>, tenant: Tenant, RawQuery(raw): RawQuery) -> PixResult<Response> {
+    const K: &str = "CobConsultaInvalida";
+    tenant.require("cob.read")?;
+    state.ispb()?;
+    let vault = state.vault_or_503()?;
+    let p = params_of(raw, K)?;
+    let span = window(&p, K)?;
+    let (page, per_page) = pagination(&p, K)?;
+    let location = bool_param(&p, "locationPresente", K)?;
+    let (cpf, cnpj) = (p.get("cpf").cloned(), p.get("cnpj").cloned());
+    let status = p.get("status").cloned();
+    let document = cpf
+        .as_ref()
+        .or(cnpj.as_ref())
+        .map(|d| crate::auth::hex(&vault.index().of(b"document", pix::document::normalize(d).as_bytes())));
+    let mut parametros = json!({"inicio": p["inicio"], "fim": p["fim"]});
+    for (name, value) in [("cpf", &cpf), ("cnpj", &cnpj), ("status", &status)] {
+        if let Some(v) = value {
+            parametros[name] = json!(v);
+        }
+    }
+    if let Some(l) = location {
+        parametros["locationPresente"] = json!(l);
+    }
+    let tenant_id = tenant.id;
+    let st = state.clone();
+    let (cobs, total) = query(&state, move |q| {
+        Ok((|| -> PixResult<(Vec<Value>, usize)> {
+            let Some(span) = span.filter(|_| location != Some(false) && !(cpf.is_some() && cnpj.is_some())) else {
+                return Ok((vec![], 0));
+            };
+            let docs = scan(q, COB_KIND, tenant_id, span, |d| {
+                let Ok(s) = serde_json::from_str::<StoredCob>(&d.body) else { return false };
+                status.as_ref().is_none_or(|w| *w == s.status)
+                    && document.as_ref().is_none_or(|w| s.devedor_index.as_ref() == Some(w))
+            })?;
+            let total = docs.len();
+            let mut out = Vec::new();
+            for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
+                let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
+                let revisions = open_revisions(&st, q, tenant_id, &stored)?;
+                let n = revisions.len() - 1;
+                let mut v = cob_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?);
+                v["idCob"] = json!(stored.txid);
+                out.push(v);
+            }
+            Ok((out, total))
+        })())
+    })
+    .await??;
+    parametros["paginacao"] = paginacao(page, per_page, total);
+    Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "cobs": cobs})))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Received Pix and refunds
+
+pub fn read_received(
+    q: &dyn store::Queries,
+    tenant: u128,
+    e2e: &str,
+) -> store::Result<Option<(store::Document, StoredReceived)>> {
+    match q.document(RECEIVED_KIND, tenant, e2e)? {
+        Some(doc) => {
+            let r: StoredReceived = serde_json::from_str(&doc.body).map_err(corrupt)?;
+            Ok(Some((doc, r)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A refund as stored and shown (the spec's `Devolucao`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct StoredRefund {
+    pub id: String,
+    #[serde(rename = "rtrId")]
+    pub rtr_id: String,
+    pub valor: String,
+    pub natureza: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub descricao: Option<String>,
+    pub horario: Value,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub motivo: Option<String>,
+}
+
+/// A refund's document: the refund, its amount in centavos and the request's keyed fingerprint
+/// (the same request again is answered again; another under the same id is refused).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct RefundDoc {
+    pub refund: StoredRefund,
+    pub centavos: u64,
+    pub fingerprint: String,
+}
+
+fn refunds_of(q: &dyn store::Queries, tenant: u128, e2e: &str) -> store::Result<Vec<RefundDoc>> {
+    let owner = format!("{}:{e2e}", uuid_string(tenant));
+    let docs = q.documents(&store::DocumentQuery {
+        kind: REFUND_KIND,
+        tenant_id: tenant,
+        owner: Some(&owner),
+        from: 0,
+        to: u64::MAX,
+        after: None,
+        limit: store::PAGE_LEN_MAX,
+    })?;
+    docs.iter().map(|d| serde_json::from_str(&d.body).map_err(corrupt)).collect()
+}
+
+fn pix_view(q: &dyn store::Queries, tenant: u128, r: &StoredReceived) -> store::Result<Value> {
+    let mut v = json!({
+        "endToEndId": r.end_to_end_id,
+        "valor": pix::amount::format(r.amount),
+        "horario": r.received_at,
+    });
+    if let Some(t) = &r.txid {
+        v["txid"] = json!(t);
+    }
+    if let Some(d) = &r.description {
+        v["infoPagador"] = json!(d);
+    }
+    let refunds: Vec<StoredRefund> = refunds_of(q, tenant, &r.end_to_end_id)?.into_iter().map(|d| d.refund).collect();
+    if !refunds.is_empty() {
+        v["devolucoes"] = serde_json::to_value(refunds).expect("serializable");
+    }
+    Ok(v)
+}
+
+pub async fn pix_get(State(state): State<AppState>, tenant: Tenant, Path(e2e): Path<String>) -> PixResult<Response> {
+    tenant.require("pix.read")?;
+    state.ispb()?;
+    let not_found = || PixError::new(StatusCode::NOT_FOUND, "PixNaoEncontrado", "no Pix received with this EndToEndId");
+    let tenant_id = tenant.id;
+    let view = query(&state, move |q| {
+        Ok((|| -> PixResult<Value> {
+            let (_, r) = read_received(q, tenant_id, &e2e)?.ok_or_else(not_found)?;
+            Ok(pix_view(q, tenant_id, &r)?)
+        })())
+    })
+    .await??;
+    Ok(reply(StatusCode::OK, &view))
+}
+
+pub async fn pix_list(State(state): State<AppState>, tenant: Tenant, RawQuery(raw): RawQuery) -> PixResult<Response> {
+    // The spec documents no 400 for this listing: a window or filters that cannot match answer
+    // an empty page; only unreadable parameters are refused.
+    const K: &str = "PixConsultaInvalida";
+    tenant.require("pix.read")?;
+    state.ispb()?;
+    let p = params_of(raw, K)?;
+    let span = window(&p, K)?;
+    let (page, per_page) = pagination(&p, K)?;
+    let with_txid = bool_param(&p, "txIdPresente", K)?;
+    let with_refund = bool_param(&p, "devolucaoPresente", K)?;
+    let txid = p.get("txid").cloned();
+    let (cpf, cnpj) = (p.get("cpf").cloned(), p.get("cnpj").cloned());
+    let mut parametros = json!({"inicio": p["inicio"], "fim": p["fim"]});
+    for (name, value) in [("txid", &txid), ("cpf", &cpf), ("cnpj", &cnpj)] {
+        if let Some(v) = value {
+            parametros[name] = json!(v);
+        }
+    }
+    for (name, value) in [("txIdPresente", with_txid), ("devolucaoPresente", with_refund)] {
+        if let Some(v) = value {
+            parametros[name] = json!(v);
+        }
+    }
+    let tenant_id = tenant.id;
+    let (items, total) = query(&state, move |q| {
+        Ok((|| -> PixResult<(Vec<Value>, usize)> {
+            // Payers' documents are kept masked only: a filter by one matches nothing.
+            let Some(span) = span.filter(|_| cpf.is_none() && cnpj.is_none()) else { return Ok((vec![], 0)) };
+            let mut views = Vec::new();
+            for doc in scan(q, RECEIVED_KIND, tenant_id, span, |_| true)? {
+                let r: StoredReceived = serde_json::from_str(&doc.body).map_err(corrupt)?;
+                if txid.as_ref().is_some_and(|t| r.txid.as_ref() != Some(t))
+                    || with_txid.is_some_and(|w| w != r.txid.is_some())
+                {
+                    continue;
+                }
+                let v = pix_view(q, tenant_id, &r)?;
+                if with_refund.is_some_and(|w| w != v.get("devolucoes").is_some()) {
+                    continue;
+                }
+                views.push(v);
+            }
+            let total = views.len();
+            Ok((views.into_iter().skip(page.saturating_mul(per_page)).take(per_page).collect(), total))
+        })())
+    })
+    .await??;
+    parametros["paginacao"] = paginacao(page, per_page, total);
+    Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "pix": items})))
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RefundBody {
+    valor: String,
+    natureza: Option<String>,
+    descricao: Option<String>,
+}
+
+pub async fn refund_get(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((e2e, id)): Path<(String, String)>,
+) -> PixResult<Response> {
+    tenant.require("pix.read")?;
+    state.ispb()?;
+    let tenant_id = tenant.id;
+    let refund =
+        query(&state, move |q| q.document(REFUND_KIND, tenant_id, &format!("{e2e}:{id}"))).await?.ok_or_else(|| {
+            PixError::new(StatusCode::NOT_FOUND, "PixDevolucaoNaoEncontrada", "no such refund of this Pix")
+        })?;
+    let doc: RefundDoc = serde_json::from_str(&refund.body).map_err(corrupt)?;
+    Ok(reply(StatusCode::OK, &doc.refund))
+}
+
+/// A refund of a received Pix: the receiving account pays it back (to the payer's account when
+/// the payer is of this rtpay, else to the tenant's settlement account, the SPI's side), once per
+/// refund id, at most the Pix's amount in total, within 90 days.
+pub async fn refund_put(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path((e2e, id)): Path<(String, String)>,
+    bytes: Bytes,
+) -> PixResult<Response> {
+    const K: &str = "PixDevolucaoInvalida";
+    tenant.require("pix.write")?;
+    state.ispb()?;
+    if !pix::ids::valid_refund_id(&id) {
+        return Err(PixError::violation(K, "id", "must match [a-zA-Z0-9]{1,35}"));
+    }
+    let body: RefundBody = body_of(&bytes, K, "devolucao")?;
+    let centavos = pix::amount::parse(&body.valor)
+        .filter(|c| *c > 0)
+        .ok_or_else(|| PixError::violation(K, "devolucao.valor", format!("{}, and not zero", pix::amount::RULE)))?;
+    let natureza = body.natureza.clone().unwrap_or_else(|| "ORIGINAL".into());
+    if !matches!(natureza.as_str(), "ORIGINAL" | "RETIRADA") {
+        return Err(PixError::violation(K, "devolucao.natureza", "must be ORIGINAL or RETIRADA"));
+    }
+    if body.descricao.as_ref().is_some_and(|d| d.chars().count() > 140 || d.chars().any(char::is_control)) {
+        return Err(PixError::violation(K, "devolucao.descricao", "at most 140 printable characters"));
+    }
+    let fingerprint = crate::auth::hex(&state.vault_or_503()?.index().of(b"pix-refund-body", &bytes));
+    let tenant_id = tenant.id;
+    audit.0.set_resource(format!("pix-refund:{id}"));
+    let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-refund-lock", tenant_id, &e2e).as_u128()]).await;
+    let (e2e2, id2, print2) = (e2e.clone(), id.clone(), fingerprint.clone());
+    let checked = query(&state, move |q| {
+        Ok((|| -> PixResult<Result<StoredRefund, (StoredReceived, Vec<RefundDoc>)>> {
+            let (_, received) = read_received(q, tenant_id, &e2e2)?.ok_or_else(|| {
+                PixError::new(StatusCode::NOT_FOUND, "PixNaoEncontrado", "no Pix received with this EndToEndId")
+            })?;
+            let refunds = refunds_of(q, tenant_id, &e2e2)?;
+            if let Some(r) = refunds.iter().find(|r| r.refund.id == id2) {
+                if r.fingerprint == print2 {
+                    return Ok(Ok(r.refund.clone()));
+                }
+                return Err(PixError::violation(K, "id", "is already used by another refund of this Pix"));
+            }
+            Ok(Err((received, refunds)))
+        })())
+    })
+    .await??;
+    let (received, refunds) = match checked {
+        Ok(existing) => return Ok(reply(StatusCode::CREATED, &existing)),
+        Err(found) => found,
+    };
+    let now = store::now_nanos();
+    if now.saturating_sub(received.received_at_nanos) > REFUND_WINDOW_NANOS {
+        return Err(PixError::violation(K, "devolucao", "refunds are accepted within 90 days of the Pix"));
+    }
+    let refunded: u64 = refunds.iter().filter(|r| r.refund.status != "NAO_REALIZADO").map(|r| r.centavos).sum();
+    if refunded.saturating_add(centavos) > received.amount {
+        return Err(PixError::violation(
+            K,
+            "devolucao.valor",
+            format!(
+                "with the refunds before it ({}), it would exceed the Pix's amount ({})",
+                pix::amount::format(refunded),
+                pix::amount::format(received.amount)
+            ),
+        ));
+    }
+    let ispb = state.ispb()?.to_owned();
+    let mut random = [0u8; 11];
+    random.copy_from_slice(&random_32()[..11]);
+    let rtr_id = pix::ids::end_to_end_id('D', &ispb, now, random);
+    let account = uuid::Uuid::parse_str(&received.credit_account_id).map_err(corrupt)?.as_u128();
+    let events = refund_events(&state, &audit, tenant_id, account, &received, &id, centavos).await?;
+    let refund = StoredRefund {
+        id: id.clone(),
+        rtr_id,
+        valor: pix::amount::format(centavos),
+        natureza,
+        descricao: body.descricao,
+        horario: json!({"solicitacao": rfc3339(now)}),
+        status: "EM_PROCESSAMENTO".into(),
+        motivo: None,
+    };
+    let template = refund.clone();
+    let owner = format!("{}:{e2e}", uuid_string(tenant_id));
+    let doc_id = format!("{e2e}:{id}");
+    let conclude = move |result: ledger::TransferResult| {
+        let mut r = template.clone();
+        match result {
+            ledger::TransferResult::Created | ledger::TransferResult::Exists => {
+                r.status = "DEVOLVIDO".into();
+                r.horario["liquidacao"] = json!(rfc3339(store::now_nanos().max(now)));
+            }
+            failure => {
+                r.status = "NAO_REALIZADO".into();
+                r.motivo = Some(crate::routes::ledger_problem(failure, "").detail.chars().take(140).collect());
+            }
+        }
+        r
+    };
+    let conclude = std::sync::Arc::new(conclude);
+    let in_batch = conclude.clone();
+    let (owner2, doc_id2) = (owner.clone(), doc_id.clone());
+    let records: store::RecordsFn = Box::new(move |reply| {
+        let r = in_batch(reply.chain_result());
+        vec![store::Record::Document(store::Document {
+            kind: REFUND_KIND.into(),
+            tenant_id,
+            id: doc_id2.clone(),
+            lookup: None,
+            owner: Some(owner2.clone()),
+            created_at: now,
+            version: 1,
+            body: serde_json::to_string(&RefundDoc { refund: r, centavos, fingerprint: fingerprint.clone() })
+                .expect("serializable"),
+        })]
+    });
+    let answer =
+        crate::routes::submit_recorded(&state, &audit, store::Command::Transfers(events), Some(records)).await?;
+    Ok(reply(StatusCode::CREATED, &conclude(answer.chain_result())))
+}
+
+/// The ledger transfers of a refund: receiver → payer on us (through both tenants' settlement
+/// accounts when they differ), receiver → settlement for a payer at another institution.
+async fn refund_events(
+    state: &AppState,
+    audit: &Audit,
+    tenant: u128,
+    account: u128,
+    received: &StoredReceived,
+    id: &str,
+    amount: u64,
+) -> Result<Vec<ledger::TransferEvent>, Problem> {
+    let key = |t: u128, n: u32| ledger::TransferKey {
+        tenant: ledger::TenantId(t),
+        id: ledger::TransferId(
+            state.keys.derived_id(b"pix-refund", tenant, &format!("{}:{id}:{n}", received.end_to_end_id)).as_u128(),
+        ),
+    };
+    let event = |k: ledger::TransferKey, debit: u128, credit: u128, linked: bool| ledger::TransferEvent {
+        key: k,
+        kind: ledger::EventKind::Posted { debit: ledger::AccountId(debit), credit: ledger::AccountId(credit), amount },
+        code: 7601,
+        metadata: Some(format!(r#"{{"pix_refund":"{}:{id}"}}"#, received.end_to_end_id)),
+        linked,
+    };
+    let ours = ensure_settlement(state, audit, tenant).await?;
+    Ok(match received.payer_account.as_deref().and_then(parse_owner) {
+        Some((payer_tenant, payer_account)) if payer_tenant == tenant => {
+            vec![event(key(tenant, 1), account, payer_account, false)]
+        }
+        Some((payer_tenant, payer_account)) => {
+            let theirs = ensure_settlement(state, audit, payer_tenant).await?;
+            vec![
+                event(key(tenant, 1), account, ours.id.0, true),
+                event(key(payer_tenant, 2), theirs.id.0, payer_account, false),
+            ]
+        }
+        None => vec![event(key(tenant, 1), account, ours.id.0, false)],
+    })
+}
+
+/// `tenant:account` (as [`account_owner`] writes it) back to ids.
+fn parse_owner(text: &str) -> Option<(u128, u128)> {
+    let (t, a) = text.split_once(':')?;
+    Some((uuid::Uuid::parse_str(t).ok()?.as_u128(), uuid::Uuid::parse_str(a).ok()?.as_u128()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paying a charge (its dynamic BR Code), for the payment routes
+
+/// The lock a charge's changes and its payment share.
+pub fn cob_lock(state: &AppState, tenant: u128, txid: &str) -> u128 {
+    state.keys.derived_id(b"pix-cob-lock", tenant, txid).as_u128()
+}
+
+/// The charge a dynamic BR Code's URL locates, as (tenant, txid), if any.
+pub fn locate_cob(q: &dyn store::Queries, url: &str) -> store::Result<Option<(u128, String)>> {
+    Ok(q.document_by_lookup(COB_KIND, url)?.map(|d| (d.tenant_id, d.id)))
+}
+
+/// The charge at `url`, if it can be paid `amount` centavos now; else the problem (422 on
+/// `field`) a payer sees.
+pub fn payable_cob(
+    q: &dyn store::Queries,
+    url: &str,
+    amount: u64,
+    field: &str,
+) -> store::Result<Result<(store::Document, StoredCob), Problem>> {
+    let Some(doc) = q.document_by_lookup(COB_KIND, url)? else {
+        return Ok(Err(Problem::invalid(field, "charge_not_found", "the BR Code's location holds no charge")));
+    };
+    let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
+    if stored.status != CobStatus::Ativa.as_str() {
+        return Ok(Err(Problem::invalid(
+            field,
+            "charge_not_payable",
+            format!("the charge is {}, not ATIVA", stored.status),
+        )));
+    }
+    if !pix::charge::cob_payable(stored.created_at, Some(stored.expiracao), store::now_nanos()).unwrap_or(false) {
+        return Ok(Err(Problem::invalid(field, "charge_expired", "the charge has expired (calendario.expiracao)")));
+    }
+    if !stored.amount_editable && amount != stored.original {
+        return Ok(Err(Problem::invalid(
+            "amount",
+            "amount_mismatch",
+            format!("the charge asks for {} centavos; `amount` says {amount}", stored.original),
+        )));
+    }
+    Ok(Ok((doc, stored)))
+}
