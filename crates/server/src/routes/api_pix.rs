@@ -507,13 +507,16 @@ fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<
 
 /// The charge as the spec shows it (`CobCompleta`): `content` is the revision shown.
 fn cob_view(stored: &StoredCob, content: &CobContent, revisao: usize, pix: Option<Value>) -> Value {
+    // The BR Code carries the location without a scheme (its field 25); the JSON `location` is
+    // typed `uri` by the spec, so it is shown as an absolute HTTPS URI.
+    let location = format!("https://{}", stored.location);
     let mut v = json!({
         "calendario": {"criacao": rfc3339(stored.created_at), "expiracao": content.expiracao},
         "txid": stored.txid,
         "revisao": revisao,
-        "loc": {"id": stored.loc_id, "location": stored.location, "tipoCob": "cob", "criacao": rfc3339(stored.created_at),
+        "loc": {"id": stored.loc_id, "location": location, "tipoCob": "cob", "criacao": rfc3339(stored.created_at),
                 "txid": stored.txid},
-        "location": stored.location,
+        "location": location,
         "status": stored.status,
         "valor": {"original": pix::amount::format(content.original), "modalidadeAlteracao": content.modalidade_alteracao},
         "chave": content.chave,
@@ -1043,7 +1046,9 @@ pub async fn pix_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
     })
     .await??;
     parametros["paginacao"] = paginacao(page, per_page, total);
-    Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "pix": items})))
+    // `PixConsultados` in the spec requires `cobs` (beside the `pix` it lists): an empty one keeps
+    // strict clients' validation happy.
+    Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "pix": items, "cobs": []})))
 }
 
 #[derive(Deserialize, Serialize)]
