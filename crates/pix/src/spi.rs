@@ -99,6 +99,18 @@ impl Breaker {
         self.open_until.is_none_or(|until| now >= until)
     }
 
+    /// Lets one payment through now if the breaker admits it: closed, or half-open, where the
+    /// first one through is the trial and the next wait another cool-down for its verdict.
+    pub fn try_admit(&mut self, now: Timestamp) -> bool {
+        if !self.admits(now) {
+            return false;
+        }
+        if self.open_until.is_some() {
+            self.open_until = Some(now + self.cool_down_nanos);
+        }
+        true
+    }
+
     /// Seconds until [`Breaker::admits`] (0 when it does now).
     pub fn retry_after_seconds(&self, now: Timestamp) -> u64 {
         self.open_until.map_or(0, |until| until.saturating_sub(now).div_ceil(1_000_000_000))
@@ -140,6 +152,11 @@ mod tests {
         assert!(!b.admits(12) && !b.admits(12 + 30 * SEC - 1));
         assert_eq!(b.retry_after_seconds(12), 30);
         assert!(b.admits(12 + 30 * SEC), "half-open");
+        let mut trial = b;
+        assert!(trial.try_admit(12 + 30 * SEC), "the trial goes through");
+        assert!(!trial.try_admit(12 + 30 * SEC + 1), "one trial at a time");
+        trial.success();
+        assert!(trial.try_admit(12 + 30 * SEC + 2) && trial.try_admit(12 + 30 * SEC + 3), "closed again");
         b.failure(12 + 30 * SEC);
         assert!(!b.admits(12 + 30 * SEC + 1), "a failed trial reopens at once");
         b.success();

@@ -436,7 +436,8 @@ CREATE TABLE card_messages (
 CREATE TABLE documents (
     kind TEXT NOT NULL,
     tenant_id UUID NOT NULL,
-    id TEXT NOT NULL,
+    -- Byte order, as SQLite compares: listings order ties by id the same on both engines.
+    id TEXT COLLATE "C" NOT NULL,
     lookup TEXT,
     owner TEXT,
     created_at BIGINT NOT NULL,

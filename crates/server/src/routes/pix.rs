@@ -96,6 +96,11 @@ pub async fn create_key(
     let tenant_id = tenant.id;
     let now = store::now_nanos();
     let (key_out, id_out) = (key.clone(), id.clone());
+    // The count of the account's keys and the insert, under the account's lock (per node).
+    let _lock = state
+        .pix_runtime
+        .lock(&[state.keys.derived_id(b"pix-keys-lock", tenant_id, &uuid_string(account)).as_u128()])
+        .await;
     let outcome = query(&state, move |q| {
         Ok((|| -> Result<Result<(), Problem>, VaultFailure> {
             let p = match party(&vault, q, &ispb, tenant_id, account)? {
@@ -726,9 +731,9 @@ fn fingerprint(vault: &crate::vault_service::VaultService, body: &PaymentBody) -
     crate::auth::hex(&vault.index().of(b"pix-payment-body", &serde_json::to_vec(body).expect("serializable")))
 }
 
-/// Whether the SPI connector's breaker lets a payment through now.
+/// Whether the SPI connector's breaker lets this payment through now (one trial when half-open).
 fn spi_admits(state: &AppState) -> bool {
-    state.pix_runtime.breaker.lock().expect("not poisoned").admits(store::now_nanos())
+    state.pix_runtime.breaker.lock().expect("not poisoned").try_admit(store::now_nanos())
 }
 
 /// Where a payment goes, as the request says it.
