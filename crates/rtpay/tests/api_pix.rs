@@ -206,3 +206,91 @@ fn charges_are_created_revised_paid_and_refunded() {
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
 }
+
+#[test]
+fn med_blocks_then_returns_or_releases() {
+    let dir = temp_dir("pix-med");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let (_, wallet) = tenant(&mut c, "wallet").await;
+        let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
+        let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        assert_eq!(
+            c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
+                .await
+                .unwrap()
+                .status,
+            201
+        );
+        let pay = |amount: u64| json!({"id": uuid(), "debit_account_id": maria, "amount": amount, "key": CNPJ_ACME});
+        let r = c.post("/v1/pix/payments", &wallet, &pay(10_000)).await.unwrap();
+        let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+
+        // The block: a hold on the receiver's funds, counted against refunds.
+        let r = c
+            .post("/v1/pix/med", &shop, &json!({"end_to_end_id": e2e, "reason": "golpe do falso parente"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        assert_eq!((r.json()["status"].clone(), r.json()["amount"].clone()), (json!("blocked"), json!(10_000)));
+        let b = balance(&mut c, &shop, &acme).await;
+        assert_eq!((b["available"].clone(), b["debits_pending"].clone()), (json!(0), json!(10_000)));
+        let again = c.post("/v1/pix/med", &shop, &json!({"end_to_end_id": e2e, "reason": "x"})).await.unwrap();
+        assert_eq!((again.status.as_u16(), again.json()["code"].clone()), (409, json!("claim_exists")));
+        let got = send(
+            &mut c,
+            Method::PUT,
+            &format!("/api/v2/pix/{e2e}/devolucao/D1"),
+            &shop,
+            Some(json!({"valor": "1.00"})),
+        )
+        .await;
+        assert_problem(&got, 400, "PixDevolucaoInvalida", Some("devolucao.valor"));
+        for (body, field) in [
+            (json!({"end_to_end_id": e2e, "reason": " "}), "reason"),
+            (json!({"end_to_end_id": e2e, "reason": "x", "amount": 0}), "amount"),
+        ] {
+            let r = c.post("/v1/pix/med", &shop, &body).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{body}");
+        }
+        let r = c.post("/v1/pix/med", &wallet, &json!({"end_to_end_id": e2e, "reason": "x"})).await.unwrap();
+        assert_eq!(r.status, 404, "only the receiver's tenant");
+
+        // Returned: the hold is posted and the payer is paid back, as a MED_FRAUDE refund.
+        let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &shop, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (200, json!("returned")), "{:?}", r.json());
+        assert_eq!(balance(&mut c, &wallet, &maria).await["available"], json!(100_000));
+        let b = balance(&mut c, &shop, &acme).await;
+        assert_eq!((b["available"].clone(), b["debits_pending"].clone()), (json!(0), json!(0)));
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/pix/{e2e}"), &shop, None).await;
+        assert_eq!(v["devolucoes"][0]["natureza"], json!("MED_FRAUDE"), "{v}");
+        let r = c.post(&format!("/v1/pix/med/{e2e}/release"), &shop, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (409, json!("claim_resolved")));
+
+        // Released: part of a second Pix blocked, then given back to the receiver.
+        let r = c.post("/v1/pix/payments", &wallet, &pay(5_000)).await.unwrap();
+        let e2e2 = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+        let r = c
+            .post("/v1/pix/med", &shop, &json!({"end_to_end_id": e2e2, "amount": 2_000, "reason": "suspeita"}))
+            .await
+            .unwrap();
+        assert_eq!(r.json()["amount"], json!(2_000));
+        assert_eq!(balance(&mut c, &shop, &acme).await["available"], json!(3_000));
+        let r = c.post(&format!("/v1/pix/med/{e2e2}/release"), &shop, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (200, json!("released")));
+        assert_eq!(balance(&mut c, &shop, &acme).await["available"], json!(5_000));
+        let r = c.get(&format!("/v1/pix/med/{e2e2}"), &shop).await.unwrap();
+        assert_eq!(r.json()["status"], json!("released"));
+        assert_eq!(c.post(&format!("/v1/pix/med/{e2e2}/undo"), &shop, &json!({})).await.unwrap().status, 404);
+        let r = c
+            .post("/v1/pix/med", &shop, &json!({"end_to_end_id": "E0000000020260101000000000000000", "reason": "x"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404);
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}

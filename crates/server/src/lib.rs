@@ -118,7 +118,7 @@ impl AppState {
         routes::cards::card_action, routes::cards::card_authorizations, routes::cards::get_authorization,
         routes::pix::create_key, routes::pix::delete_key, routes::pix::lookup_key, routes::pix::decode_brcode,
         routes::pix::encode_brcode, routes::pix::brcode_png, routes::pix::brcode_svg, routes::pix::create_payment,
-        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits, routes::pix::sandbox_incoming,
+        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits, routes::pix::sandbox_incoming, routes::med::open_claim, routes::med::get_claim, routes::med::resolve_claim,
     ),
     modifiers(&Security)
 )]
@@ -173,6 +173,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pix/payments", post(pix::create_payment))
         .route("/v1/pix/payments/{id}", get(pix::get_payment))
         .route("/v1/sandbox/spi/incoming", post(pix::sandbox_incoming))
+        .route("/v1/pix/med", post(med::open_claim))
+        .route("/v1/pix/med/{e2e}", get(med::get_claim))
+        .route("/v1/pix/med/{e2e}/{action}", post(med::resolve_claim))
         // The Central Bank's API Pix (shared/spec/pix-api/openapi.yaml).
         .route("/api/v2/cob", post(api_pix::cob_post).get(api_pix::cob_list))
         .route("/api/v2/cob/{txid}", put(api_pix::cob_put).patch(api_pix::cob_patch).get(api_pix::cob_get))

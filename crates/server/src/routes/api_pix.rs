@@ -949,7 +949,7 @@ pub struct RefundDoc {
     pub fingerprint: String,
 }
 
-fn refunds_of(q: &dyn store::Queries, tenant: u128, e2e: &str) -> store::Result<Vec<RefundDoc>> {
+pub fn refunds_of(q: &dyn store::Queries, tenant: u128, e2e: &str) -> store::Result<Vec<RefundDoc>> {
     let owner = format!("{}:{e2e}", uuid_string(tenant));
     let docs = q.documents(&store::DocumentQuery {
         kind: REFUND_KIND,
@@ -1106,9 +1106,9 @@ pub async fn refund_put(
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-refund:{id}"));
     let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-refund-lock", tenant_id, &e2e).as_u128()]).await;
-    let (e2e2, id2, print2) = (e2e.clone(), id.clone(), fingerprint.clone());
+    let (e2e2, id2, print2, st) = (e2e.clone(), id.clone(), fingerprint.clone(), state.clone());
     let checked = query(&state, move |q| {
-        Ok((|| -> PixResult<Result<StoredRefund, (StoredReceived, Vec<RefundDoc>)>> {
+        Ok((|| -> PixResult<Result<StoredRefund, (StoredReceived, Vec<RefundDoc>, u64)>> {
             let (_, received) = read_received(q, tenant_id, &e2e2)?.ok_or_else(|| {
                 PixError::new(StatusCode::NOT_FOUND, "PixNaoEncontrado", "no Pix received with this EndToEndId")
             })?;
@@ -1119,11 +1119,12 @@ pub async fn refund_put(
                 }
                 return Err(PixError::violation(K, "id", "is already used by another refund of this Pix"));
             }
-            Ok(Err((received, refunds)))
+            let blocked = super::med::blocked_amount(&st, q, tenant_id, &e2e2)?;
+            Ok(Err((received, refunds, blocked)))
         })())
     })
     .await??;
-    let (received, refunds) = match checked {
+    let (received, refunds, blocked) = match checked {
         Ok(existing) => return Ok(reply(StatusCode::CREATED, &existing)),
         Err(found) => found,
     };
@@ -1131,7 +1132,9 @@ pub async fn refund_put(
     if now.saturating_sub(received.received_at_nanos) > REFUND_WINDOW_NANOS {
         return Err(PixError::violation(K, "devolucao", "refunds are accepted within 90 days of the Pix"));
     }
-    let refunded: u64 = refunds.iter().filter(|r| r.refund.status != "NAO_REALIZADO").map(|r| r.centavos).sum();
+    // A MED block in force counts: it may yet be returned.
+    let refunded: u64 =
+        refunds.iter().filter(|r| r.refund.status != "NAO_REALIZADO").map(|r| r.centavos).sum::<u64>() + blocked;
     if refunded.saturating_add(centavos) > received.amount {
         return Err(PixError::violation(
             K,
@@ -1239,7 +1242,7 @@ async fn refund_events(
 }
 
 /// `tenant:account` (as [`account_owner`] writes it) back to ids.
-fn parse_owner(text: &str) -> Option<(u128, u128)> {
+pub fn parse_owner(text: &str) -> Option<(u128, u128)> {
     let (t, a) = text.split_once(':')?;
     Some((uuid::Uuid::parse_str(t).ok()?.as_u128(), uuid::Uuid::parse_str(a).ok()?.as_u128()))
 }

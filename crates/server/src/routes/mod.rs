@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cards;
 pub mod holders;
 pub mod keys;
+pub mod med;
 pub mod ops;
 pub mod pix;
 pub mod tenants;
