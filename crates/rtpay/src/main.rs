@@ -102,6 +102,19 @@ enum CommandLine {
         /// given up and its hold released (milliseconds; the SPI settles within 40 s).
         #[arg(long, default_value_t = 40_000, env = "RTPAY_SPI_TIMEOUT_MS")]
         spi_timeout_ms: u64,
+        /// PEM roots that webhook receivers' certificates are checked against (default: the
+        /// system's bundle, /etc/ssl/certs/ca-certificates.crt).
+        #[arg(long, env = "RTPAY_WEBHOOK_CA")]
+        webhook_ca: Option<PathBuf>,
+        /// rtpay's client certificate (PEM) for webhook deliveries (mTLS, as the API Pix asks).
+        #[arg(long, env = "RTPAY_WEBHOOK_CLIENT_CERT", requires = "webhook_client_key")]
+        webhook_client_cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long, env = "RTPAY_WEBHOOK_CLIENT_KEY", requires = "webhook_client_cert")]
+        webhook_client_key: Option<PathBuf>,
+        /// The first wait between webhook delivery tries (milliseconds; doubles each try, 6 tries).
+        #[arg(long, default_value_t = 1_000, env = "RTPAY_WEBHOOK_RETRY_MS")]
+        webhook_retry_ms: u64,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -201,6 +214,10 @@ fn main() -> ExitCode {
             spi_reject_percent,
             spi_timeout_percent,
             spi_timeout_ms,
+            webhook_ca,
+            webhook_client_cert,
+            webhook_client_key,
+            webhook_retry_ms,
         } => {
             if spi_reject_percent as u16 + spi_timeout_percent as u16 > 100
                 || spi_timeout_ms == 0
@@ -261,6 +278,11 @@ fn main() -> ExitCode {
                         timeout_percent: spi_timeout_percent,
                     },
                     spi_timeout: std::time::Duration::from_millis(spi_timeout_ms),
+                },
+                webhooks: server::webhook::WebhookSettings {
+                    ca: webhook_ca,
+                    client_cert: webhook_client_cert.zip(webhook_client_key),
+                    retry_base: std::time::Duration::from_millis(webhook_retry_ms.clamp(1, 3_600_000)),
                 },
             };
             runtime().block_on(async {

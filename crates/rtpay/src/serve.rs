@@ -24,6 +24,7 @@ pub struct ServeConfig {
     pub iso8583_listen: Option<SocketAddr>,
     pub card_settings: server::card_network::CardSettings,
     pub pix: server::pix_rail::PixSettings,
+    pub webhooks: server::webhook::WebhookSettings,
 }
 
 impl ServeConfig {
@@ -127,6 +128,7 @@ pub async fn run(
     server::quiet_panics();
     // Bad PEM files are refused before anything is created or opened.
     let acceptor = config.tls.as_ref().map(server::tls::acceptor).transpose()?;
+    let webhooks = server::webhook::WebhookClient::new(&config.webhooks)?;
     std::fs::create_dir_all(&config.data)
         .map_err(|e| format!("cannot create data directory {}: {e}", config.data.display()))?;
     let token = operator_token(&config.data)?;
@@ -160,7 +162,8 @@ pub async fn run(
         .with_vault(vault)
         .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)))
         .with_card_settings(config.card_settings)
-        .with_pix(config.pix);
+        .with_pix(config.pix)
+        .with_webhooks(webhooks);
     // The card listener stops with the HTTP one.
     let (stop_cards, cards_stopped) = tokio::sync::oneshot::channel::<()>();
     let cards = iso8583.map(|listener| {

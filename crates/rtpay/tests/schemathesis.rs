@@ -1,6 +1,6 @@
 //! The API Pix against its contract: PyPI `schemathesis` (an independent peer, installed by
 //! `scripts/setup`) reads `shared/spec/pix-api/openapi.yaml` and drives a live `rtpay serve` with
-//! requests generated from it — the cob, pix and devolução operations — checking that no answer is
+//! requests generated from it — the cob, pix, devolução and webhook operations — checking that no answer is
 //! a server error, and that every status code, content type and body is one the spec documents.
 //! It authenticates as an OAuth2 client with the spec's scopes, and is given a charge and a
 //! received Pix to find, so its requests reach the operations' logic, not only their 404s.
@@ -61,7 +61,11 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
             "payer": {"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"}});
         assert_eq!(c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap().status, 201);
         let r = c
-            .post("/v1/oauth-clients", &key, &json!({"scopes": ["cob.write", "cob.read", "pix.write", "pix.read"]}))
+            .post(
+                "/v1/oauth-clients",
+                &key,
+                &json!({"scopes": ["cob.write", "cob.read", "pix.write", "pix.read", "webhook.write", "webhook.read"]}),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
@@ -78,13 +82,17 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
     });
 
     let config = dir.join("schemathesis.toml");
-    std::fs::write(&config, format!("[parameters]\ntxid = \"{TXID}\"\ne2eid = \"{E2E}\"\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("[parameters]\ntxid = \"{TXID}\"\ne2eid = \"{E2E}\"\nchave = \"11222333000181\"\n"),
+    )
+    .unwrap();
     let out = Command::new(&schemathesis)
         .arg("--config-file")
         .arg(&config)
         .args(["run", SPEC, "--url", &format!("http://{}/api/v2", server.addr)])
         .args(["-H", &format!("Authorization: Bearer {token}")])
-        .args(["--include-path-regex", "^/(cob|pix)(/.*)?$"])
+        .args(["--include-path-regex", "^/(cob|pix|webhook)(/.*)?$"])
         .args([
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
@@ -98,7 +106,10 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
-    assert!(text.contains("Selected: 9/"), "the nine cob/pix/devolução operations were not all selected:\n{text}");
+    assert!(
+        text.contains("Selected: 13/"),
+        "the 13 cob, pix, devolução and webhook operations were not all selected:\n{text}"
+    );
     let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
     assert!(generated.contains("passed"), "no test cases ran:\n{text}");
     let (ok, report) = server.verify();

@@ -26,6 +26,7 @@ pub mod routes;
 pub mod spi;
 pub mod tls;
 pub mod vault_service;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub card_settings: card_network::CardSettings,
     pub pix: pix_rail::PixSettings,
     pub pix_runtime: Arc<pix_rail::PixRuntime>,
+    /// Delivers webhook notifications; `None`: none are sent.
+    pub webhooks: Option<Arc<webhook::WebhookClient>>,
 }
 
 /// Requests per second a tenant may make on one node, by default, and its burst.
@@ -76,6 +79,7 @@ impl AppState {
             card_settings: card_network::CardSettings::default(),
             pix: pix_rail::PixSettings::default(),
             pix_runtime: Arc::default(),
+            webhooks: None,
         }
     }
 
@@ -87,6 +91,11 @@ impl AppState {
     pub fn with_pix(mut self, settings: pix_rail::PixSettings) -> AppState {
         self.pix_runtime = Arc::new(pix_rail::PixRuntime::new(Arc::new(spi::Simulator(settings.simulator))));
         self.pix = settings;
+        self
+    }
+
+    pub fn with_webhooks(mut self, client: webhook::WebhookClient) -> AppState {
+        self.webhooks = Some(Arc::new(client));
         self
     }
 
@@ -118,7 +127,7 @@ impl AppState {
         routes::cards::card_action, routes::cards::card_authorizations, routes::cards::get_authorization,
         routes::pix::create_key, routes::pix::delete_key, routes::pix::lookup_key, routes::pix::decode_brcode,
         routes::pix::encode_brcode, routes::pix::brcode_png, routes::pix::brcode_svg, routes::pix::create_payment,
-        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits, routes::pix::sandbox_incoming, routes::med::open_claim, routes::med::get_claim, routes::med::resolve_claim,
+        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits, routes::pix::sandbox_incoming, routes::pix::webhook_secret, routes::pix::webhook_delivery, routes::med::open_claim, routes::med::get_claim, routes::med::resolve_claim,
     ),
     modifiers(&Security)
 )]
@@ -173,6 +182,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pix/payments", post(pix::create_payment))
         .route("/v1/pix/payments/{id}", get(pix::get_payment))
         .route("/v1/sandbox/spi/incoming", post(pix::sandbox_incoming))
+        .route("/v1/pix/webhook-secret", get(pix::webhook_secret))
+        .route("/v1/pix/webhook-deliveries/{e2e}", get(pix::webhook_delivery))
         .route("/v1/pix/med", post(med::open_claim))
         .route("/v1/pix/med/{e2e}", get(med::get_claim))
         .route("/v1/pix/med/{e2e}/{action}", post(med::resolve_claim))
@@ -182,6 +193,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/pix", get(api_pix::pix_list))
         .route("/api/v2/pix/{e2eid}", get(api_pix::pix_get))
         .route("/api/v2/pix/{e2eid}/devolucao/{id}", put(api_pix::refund_put).get(api_pix::refund_get))
+        .route("/api/v2/webhook", get(api_pix::webhook_list))
+        .route(
+            "/api/v2/webhook/{chave}",
+            put(api_pix::webhook_put).get(api_pix::webhook_get).delete(api_pix::webhook_delete),
+        )
         .route("/v1/audit", get(audit::list_entries))
         .route("/v1/audit/tree-head", get(audit::tree_head))
         .route("/v1/audit/proof/inclusion", get(audit::inclusion_proof))

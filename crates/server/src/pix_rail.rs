@@ -402,6 +402,8 @@ pub struct Prepared {
     pub refused: Option<(String, String)>,
     /// The charge (cob) this payment concludes: its document as read, under the charge's lock.
     pub concludes: Option<store::Document>,
+    /// The blind index of the key paid (on us), whose webhook hears of it.
+    pub payee_key_index: Option<String>,
 }
 
 /// The charge's document concluded by the Pix `e2e`.
@@ -559,6 +561,16 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     let result = reply.chain_result();
     let (view, _) = conclude(result);
     if result == TransferResult::Created && p.refused.is_none() {
+        if let Payee::OnUs(payee) = &p.payee {
+            let pix = crate::routes::api_pix::pix_notification(
+                &view.end_to_end_id,
+                p.amount,
+                view.txid.as_deref(),
+                view.description.as_deref(),
+                now,
+            );
+            crate::webhook::notify(state, payee.tenant, p.payee_key_index.clone(), view.end_to_end_id.clone(), pix);
+        }
         if let Payee::OffUs(creditor) = p.payee {
             let transfer = pix::spi::CreditTransfer {
                 end_to_end_id: view.end_to_end_id.clone(),

@@ -382,6 +382,9 @@ pub struct StoredCob {
     pub revisions: usize,
     /// The EndToEndId of the Pix that concluded it.
     pub paid_by: Option<String>,
+    /// The blind index of its key (which webhook hears of its payment).
+    #[serde(default)]
+    pub chave_index: Option<String>,
 }
 
 fn cob_record(tenant: u128, txid: &str) -> Vec<u8> {
@@ -672,6 +675,7 @@ async fn put_cob(
                 revisions_sealed: seal_revisions(&st, q, tenant_id, &txid, &revisions)?,
                 revisions: revisions.len(),
                 paid_by: None,
+                chave_index: Some(key_lookup(&vault, &key)),
             };
             let doc = store::Document {
                 kind: COB_KIND.into(),
@@ -783,7 +787,10 @@ pub async fn cob_patch(
                 let key = pix::PixKey::infer(&content.chave)
                     .map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
                 match find_key(&vault, q, &key)? {
-                    Some((d, k)) if d.tenant_id == tenant_id => stored.account_id = k.account_id,
+                    Some((d, k)) if d.tenant_id == tenant_id => {
+                        stored.account_id = k.account_id;
+                        stored.chave_index = Some(key_lookup(&vault, &key));
+                    }
                     _ => {
                         return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver"))
                     }
@@ -963,18 +970,21 @@ pub fn refunds_of(q: &dyn store::Queries, tenant: u128, e2e: &str) -> store::Res
     docs.iter().map(|d| serde_json::from_str(&d.body).map_err(corrupt)).collect()
 }
 
-fn pix_view(q: &dyn store::Queries, tenant: u128, r: &StoredReceived) -> store::Result<Value> {
-    let mut v = json!({
-        "endToEndId": r.end_to_end_id,
-        "valor": pix::amount::format(r.amount),
-        "horario": r.received_at,
-    });
-    if let Some(t) = &r.txid {
+/// A received Pix as the spec's `Pix`, without its refunds (a webhook's notification).
+pub fn pix_notification(e2e: &str, amount: u64, txid: Option<&str>, description: Option<&str>, at: u64) -> Value {
+    let mut v = json!({"endToEndId": e2e, "valor": pix::amount::format(amount), "horario": rfc3339(at)});
+    if let Some(t) = txid {
         v["txid"] = json!(t);
     }
-    if let Some(d) = &r.description {
+    if let Some(d) = description {
         v["infoPagador"] = json!(d);
     }
+    v
+}
+
+fn pix_view(q: &dyn store::Queries, tenant: u128, r: &StoredReceived) -> store::Result<Value> {
+    let mut v =
+        pix_notification(&r.end_to_end_id, r.amount, r.txid.as_deref(), r.description.as_deref(), r.received_at_nanos);
     let refunds: Vec<StoredRefund> = refunds_of(q, tenant, &r.end_to_end_id)?.into_iter().map(|d| d.refund).collect();
     if !refunds.is_empty() {
         v["devolucoes"] = serde_json::to_value(refunds).expect("serializable");
@@ -1290,4 +1300,215 @@ pub fn payable_cob(
         )));
     }
     Ok(Ok((doc, stored)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhooks
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookBody {
+    #[serde(rename = "webhookUrl")]
+    webhook_url: String,
+}
+
+/// The tenant's key `chave` and its blind index, or the spec's error.
+fn own_key(
+    vault: &crate::vault_service::VaultService,
+    q: &dyn store::Queries,
+    tenant: u128,
+    chave: &str,
+) -> PixResult<Option<(pix::PixKey, String, u128)>> {
+    let Ok(key) = pix::PixKey::infer(chave) else { return Ok(None) };
+    Ok(match find_key(vault, q, &key)? {
+        Some((doc, stored)) if doc.tenant_id == tenant => {
+            let account = uuid::Uuid::parse_str(&stored.account_id).map_err(corrupt)?.as_u128();
+            let index = key_lookup(vault, &key);
+            Some((key, index, account))
+        }
+        _ => None,
+    })
+}
+
+fn webhook_view(state: &AppState, q: &dyn store::Queries, tenant: u128, doc: &store::Document) -> PixResult<Value> {
+    let hook: crate::webhook::StoredWebhook = serde_json::from_str(&doc.body).map_err(corrupt)?;
+    let vault = state.vault_or_503()?;
+    let dek = vault.data_key(q, tenant)?;
+    let sealed = base64_decode(&hook.key_sealed).ok_or_else(|| corrupt("a webhook's key is not base64"))?;
+    let chave = vault::open(&dek, &webhook_record(tenant, &doc.id), &sealed).map_err(VaultFailure::from)?;
+    let mut v = json!({
+        "webhookUrl": hook.url,
+        "chave": String::from_utf8_lossy(&chave),
+        "criacao": rfc3339(hook.created_at),
+    });
+    if let Some(cnpj) = hook.cnpj {
+        v["cnpj"] = json!(cnpj);
+    }
+    Ok(v)
+}
+
+fn webhook_record(tenant: u128, index: &str) -> Vec<u8> {
+    format!("pix-webhook:{}:{index}", uuid_string(tenant)).into_bytes()
+}
+
+pub async fn webhook_put(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(chave): Path<String>,
+    bytes: Bytes,
+) -> PixResult<Response> {
+    const K: &str = "WebhookOperacaoInvalida";
+    tenant.require("webhook.write")?;
+    state.ispb()?;
+    let body: WebhookBody = body_of(&bytes, K, "webhook")?;
+    let url = body.webhook_url.trim().to_owned();
+    let host_ok = url.strip_prefix("https://").is_some_and(|rest| {
+        let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+        !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    });
+    if !host_ok
+        || url.len() > crate::webhook::URL_LEN_MAX
+        || url.contains(['?', '#'])
+        || url.chars().any(char::is_whitespace)
+    {
+        return Err(PixError::violation(
+            K,
+            "webhookUrl",
+            "must be an https:// URL of at most 512 characters, without query or fragment",
+        ));
+    }
+    let vault = state.vault_or_503()?;
+    let tenant_id = tenant.id;
+    query(&state, move |q| {
+        Ok((|| -> PixResult<()> {
+            let (key, index, account) = own_key(&vault, q, tenant_id, &chave)?
+                .ok_or_else(|| PixError::violation(K, "chave", "is not a key of an account of this receiver"))?;
+            let cnpj = match q
+                .account(ledger::AccountKey { tenant: ledger::TenantId(tenant_id), id: ledger::AccountId(account) })?
+            {
+                Some(a) if a.holder.is_some() && key.kind == pix::KeyType::Cnpj => Some(key.value.clone()),
+                _ => None,
+            };
+            let dek = vault.data_key(q, tenant_id)?;
+            let sealed = vault::seal(&dek, &webhook_record(tenant_id, &index), key.value.as_bytes())
+                .map_err(VaultFailure::from)?;
+            let now = store::now_nanos();
+            let hook = crate::webhook::StoredWebhook { url, key_sealed: base64_encode(&sealed), cnpj, created_at: now };
+            let body = serde_json::to_string(&hook).expect("serializable");
+            match q.document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)? {
+                Some(doc) => {
+                    let next = store::Document { version: doc.version + 1, body, ..doc.clone() };
+                    if !q.update_document(&next, doc.version)? {
+                        return Err(PixError::violation(K, "chave", "the webhook changed meanwhile; retry"));
+                    }
+                }
+                None => q.insert_document(&store::Document {
+                    kind: crate::webhook::WEBHOOK_KIND.into(),
+                    tenant_id,
+                    id: index,
+                    lookup: None,
+                    owner: None,
+                    created_at: now,
+                    version: 1,
+                    body,
+                })?,
+            }
+            Ok(())
+        })())
+    })
+    .await??;
+    audit.0.set_resource("pix-webhook");
+    Ok(StatusCode::OK.into_response())
+}
+
+fn webhook_not_found() -> PixError {
+    PixError::new(StatusCode::NOT_FOUND, "WebhookNaoEncontrado", "no webhook for this key")
+}
+
+pub async fn webhook_get(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(chave): Path<String>,
+) -> PixResult<Response> {
+    tenant.require("webhook.read")?;
+    state.ispb()?;
+    let vault = state.vault_or_503()?;
+    let tenant_id = tenant.id;
+    let st = state.clone();
+    let view = query(&state, move |q| {
+        Ok((|| -> PixResult<Value> {
+            let (_, index, _) = own_key(&vault, q, tenant_id, &chave)?.ok_or_else(webhook_not_found)?;
+            let doc = q.document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)?.ok_or_else(webhook_not_found)?;
+            webhook_view(&st, q, tenant_id, &doc)
+        })())
+    })
+    .await??;
+    Ok(reply(StatusCode::OK, &view))
+}
+
+pub async fn webhook_delete(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(chave): Path<String>,
+) -> PixResult<Response> {
+    tenant.require("webhook.write")?;
+    state.ispb()?;
+    let vault = state.vault_or_503()?;
+    let tenant_id = tenant.id;
+    query(&state, move |q| {
+        Ok((|| -> PixResult<()> {
+            let (_, index, _) = own_key(&vault, q, tenant_id, &chave)?.ok_or_else(webhook_not_found)?;
+            if q.delete_document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)? {
+                Ok(())
+            } else {
+                Err(webhook_not_found())
+            }
+        })())
+    })
+    .await??;
+    audit.0.set_resource("pix-webhook");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn webhook_list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    RawQuery(raw): RawQuery,
+) -> PixResult<Response> {
+    const K: &str = "WebhookConsultaInvalida";
+    tenant.require("webhook.read")?;
+    state.ispb()?;
+    let p = params_of(raw, K)?;
+    let at = |name: &str, default: u64| -> PixResult<u64> {
+        match p.get(name) {
+            Some(t) => parse_date_time(t).ok_or_else(|| PixError::violation(K, name, "must be an RFC 3339 date-time")),
+            None => Ok(default),
+        }
+    };
+    let (from, to) = (at("inicio", 0)?, at("fim", u64::MAX - 1)?);
+    let (page, per_page) = pagination(&p, K)?;
+    let mut parametros = json!({});
+    for name in ["inicio", "fim"] {
+        if let Some(v) = p.get(name) {
+            parametros[name] = json!(v);
+        }
+    }
+    let tenant_id = tenant.id;
+    let st = state.clone();
+    let (items, total) = query(&state, move |q| {
+        Ok((|| -> PixResult<(Vec<Value>, usize)> {
+            if from > to {
+                return Ok((vec![], 0));
+            }
+            let docs = scan(q, crate::webhook::WEBHOOK_KIND, tenant_id, (from, to.saturating_add(1)), |_| true)?;
+            let total = docs.len();
+            let page_docs = docs.iter().skip(page.saturating_mul(per_page)).take(per_page);
+            Ok((page_docs.map(|d| webhook_view(&st, q, tenant_id, d)).collect::<PixResult<_>>()?, total))
+        })())
+    })
+    .await??;
+    parametros["paginacao"] = paginacao(page, per_page, total);
+    Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "webhooks": items})))
 }

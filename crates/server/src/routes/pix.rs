@@ -869,6 +869,7 @@ pub async fn create_payment(
         Ok((|| -> Result<Result<Result<Prepared, PaymentView>, Problem>, VaultFailure> {
             let mut txid = txid;
             let mut concludes = None;
+            let mut payee_key_index = None;
             if let Some(doc) = q.document(PAYMENT_KIND, tenant_id, &id2)? {
                 let stored: StoredPayment = serde_json::from_str(&doc.body)
                     .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
@@ -899,6 +900,7 @@ pub async fn create_payment(
                         Err(p) => return Ok(Err(p)),
                     };
                     txid = Some(cob.txid.clone());
+                    payee_key_index = cob.chave_index.clone();
                     let account = uuid::Uuid::parse_str(&cob.account_id).map(|u| u.as_u128()).unwrap_or_default();
                     let tenant_of = doc.tenant_id;
                     concludes = Some(doc);
@@ -928,6 +930,7 @@ pub async fn create_payment(
                             "no such key in the directory",
                         )));
                     };
+                    payee_key_index = Some(doc.lookup.clone().unwrap_or_else(|| key_lookup(&vault, &key)));
                     let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
                     party(&vault, q, &ispb2, doc.tenant_id, account)?.map(|p| {
                         let view = p.view.clone();
@@ -974,7 +977,16 @@ pub async fn create_payment(
                 description,
                 created_at: rfc3339(now),
             };
-            Ok(Ok(Ok(Prepared { payer, payee, amount, view, fingerprint: print2, refused, concludes })))
+            Ok(Ok(Ok(Prepared {
+                payer,
+                payee,
+                amount,
+                view,
+                fingerprint: print2,
+                refused,
+                concludes,
+                payee_key_index,
+            })))
         })())
     })
     .await?;
@@ -1166,9 +1178,9 @@ pub async fn sandbox_incoming(
     let _locks = state.pix_runtime.lock(&lock_keys).await;
     let amount = body.amount;
     let resolved = query(&state, move |q| {
-        type Resolved = (Party, Option<String>, Option<store::Document>);
+        type Resolved = (Party, Option<String>, Option<store::Document>, Option<String>);
         Ok((|| -> Result<Result<Result<Resolved, StoredReceived>, Problem>, VaultFailure> {
-            let (mut txid, mut concludes) = (txid, None);
+            let (mut txid, mut concludes, mut key_index) = (txid, None, None);
             if let Some(doc) = q.document(RECEIVED_KIND, tenant_id, &e2e2)? {
                 let stored: StoredReceived = serde_json::from_str(&doc.body)
                     .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
@@ -1177,6 +1189,7 @@ pub async fn sandbox_incoming(
             let account = match target {
                 Target::Key(key) => match find_key(&vault, q, &key)? {
                     Some((doc, stored)) if doc.tenant_id == tenant_id => {
+                        key_index = doc.lookup.clone();
                         uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default()
                     }
                     _ => return Ok(Err(Problem::invalid("key", "key_not_found", "no such key in this tenant"))),
@@ -1195,6 +1208,7 @@ pub async fn sandbox_incoming(
                         Err(p) => return Ok(Err(p)),
                     };
                     txid = Some(cob.txid.clone());
+                    key_index = cob.chave_index.clone();
                     concludes = Some(doc);
                     uuid::Uuid::parse_str(&cob.account_id).map(|u| u.as_u128()).unwrap_or_default()
                 }
@@ -1202,13 +1216,13 @@ pub async fn sandbox_incoming(
                 Target::External(_) => return Ok(Err(Problem::internal())),
             };
             Ok(match party(&vault, q, &ispb2, tenant_id, account)? {
-                Ok(p) => Ok(Ok((p, txid, concludes))),
+                Ok(p) => Ok(Ok((p, txid, concludes, key_index))),
                 Err(why) => Err(Problem::invalid("account_id", "invalid_account", format!("the receiver: {why}"))),
             })
         })())
     })
     .await?;
-    let (payee, txid, concludes) = match resolved.map_err(Problem::from)?? {
+    let (payee, txid, concludes, key_index) = match resolved.map_err(Problem::from)?? {
         Err(existing) => return Ok(reply(StatusCode::OK, &IncomingView::from(existing))),
         Ok(p) => p,
     };
@@ -1256,8 +1270,53 @@ pub async fn sandbox_incoming(
     let answer =
         crate::routes::submit_recorded(&state, &audit, store::Command::Transfers(vec![event]), Some(records)).await?;
     match answer.chain_result() {
-        ledger::TransferResult::Created => Ok(reply(StatusCode::CREATED, &IncomingView::from(received))),
+        ledger::TransferResult::Created => {
+            let pix = super::api_pix::pix_notification(
+                &received.end_to_end_id,
+                received.amount,
+                received.txid.as_deref(),
+                received.description.as_deref(),
+                now,
+            );
+            crate::webhook::notify(&state, tenant_id, key_index, e2e.clone(), pix);
+            Ok(reply(StatusCode::CREATED, &IncomingView::from(received)))
+        }
         ledger::TransferResult::Exists => Ok(reply(StatusCode::OK, &IncomingView::from(received))),
         failure => Err(crate::routes::ledger_problem(failure, "")),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook secret and deliveries
+
+#[derive(Serialize, ToSchema)]
+pub struct WebhookSecretView {
+    /// 64 hex digits: the HMAC-SHA256 key of `x-rtpay-signature: sha256=<hex>` over each
+    /// notification's body.
+    pub secret: String,
+    pub header: String,
+}
+
+#[utoipa::path(get, path = "/v1/pix/webhook-secret", tag = "pix",
+    responses((status = 200, body = WebhookSecretView)), security(("api_key" = [])))]
+pub async fn webhook_secret(State(state): State<AppState>, tenant: Tenant) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let secret = crate::auth::hex(&crate::webhook::secret(&state, tenant.id));
+    Ok(reply(StatusCode::OK, &WebhookSecretView { secret, header: "x-rtpay-signature".into() }))
+}
+
+#[utoipa::path(get, path = "/v1/pix/webhook-deliveries/{e2e}", tag = "pix", params(("e2e" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = Problem)), security(("api_key" = [])))]
+pub async fn webhook_delivery(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(e2e): Path<String>,
+) -> Result<Response, Problem> {
+    tenant.require("pix:read")?;
+    let tenant_id = tenant.id;
+    let doc = query(&state, move |q| q.document(crate::webhook::DELIVERY_KIND, tenant_id, &e2e))
+        .await?
+        .ok_or_else(|| Problem::not_found("webhook delivery"))?;
+    let delivery: crate::webhook::Delivery = serde_json::from_str(&doc.body).map_err(|_| Problem::internal())?;
+    Ok(reply(StatusCode::OK, &delivery))
 }

@@ -1,0 +1,231 @@
+//! API Pix webhooks end to end: registration through `/api/v2/webhook/{chave}` (https only), and
+//! the notification of a received Pix POSTed to `{webhookUrl}/pix` over TLS to a receiver made
+//! here, which demands rtpay's client certificate (mTLS) and fails the first two tries: rtpay
+//! retries with backoff, signs the body with HMAC-SHA256 (checked with Python's `hmac`, not our
+//! code), and records the delivery.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use hyper::Method;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ISPB: &str = "12345678";
+const CNPJ_ACME: &str = "11222333000181";
+
+struct Issued {
+    cert: String,
+    key: String,
+}
+
+fn pki() -> (String, Issued, Issued, rustls::pki_types::CertificateDer<'static>) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "webhook test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    let issue = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+        Issued { cert: cert.pem(), key: key.serialize_pem() }
+    };
+    let server = issue(vec!["localhost".into()]);
+    let client = issue(vec!["rtpay.example".into()]);
+    (ca.pem(), server, client, ca.der().clone())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// What the receiver saw: (path, signature header, body, whether the client presented a certificate).
+type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>, bool)>>>;
+
+/// An HTTPS receiver that requires a client certificate of `ca` and answers 500 to the first
+/// `fail_first` requests, 200 after.
+async fn receiver(server: &Issued, ca: rustls::pki_types::CertificateDer<'static>, fail_first: usize) -> (u16, Seen) {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap();
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(server.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(server.key.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+            let presented = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then Content-Length bytes of body.
+            let (head_end, length) = loop {
+                let n = tls.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed mid-request");
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    break (i + 4, length);
+                }
+            };
+            while buf.len() < head_end + length {
+                let n = tls.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let signature = head
+                .lines()
+                .find_map(|l| l.to_lowercase().strip_prefix("x-rtpay-signature:").map(|v| v.trim().to_owned()))
+                .unwrap_or_default();
+            let count = {
+                let mut s = log.lock().unwrap();
+                s.push((path, signature, buf[head_end..head_end + length].to_vec(), presented));
+                s.len()
+            };
+            let status = if count <= fail_first { "500 Internal Server Error" } else { "200 OK" };
+            let _ = tls
+                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes())
+                .await;
+            let _ = tls.shutdown().await;
+        }
+    });
+    (port, seen)
+}
+
+/// HMAC-SHA256 of `body` under the hex `secret`, by Python's standard library.
+fn python_hmac(secret: &str, body: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", "import hmac,hashlib,sys; print(hmac.new(bytes.fromhex(sys.argv[1]), sys.stdin.buffer.read(), hashlib.sha256).hexdigest())", secret])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn received_pix_are_notified_over_mtls_signed_and_retried() {
+    let dir = temp_dir("webhooks");
+    let (ca_pem, server_cert, client_cert, ca_der) = pki();
+    let ca = write(&dir, "ca.pem", &ca_pem);
+    let (cert, key) = (write(&dir, "client.pem", &client_cert.cert), write(&dir, "client.key", &client_cert.key));
+    let args = [
+        "--ispb",
+        ISPB,
+        "--webhook-ca",
+        &ca,
+        "--webhook-client-cert",
+        &cert,
+        "--webhook-client-key",
+        &key,
+        "--webhook-retry-ms",
+        "50",
+    ];
+    let rtpay = Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args);
+    let rt = runtime();
+    rt.block_on(async {
+        let (port, seen) = receiver(&server_cert, ca_der, 2).await;
+        let mut c = rtpay.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let r = c
+            .post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME", "document": CNPJ_ACME}))
+            .await
+            .unwrap();
+        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
+        assert_eq!(
+            c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
+                .await
+                .unwrap()
+                .status,
+            201
+        );
+
+        let put = |url: &str| Some(serde_json::to_vec(&json!({"webhookUrl": url})).unwrap().into());
+        let path = format!("/api/v2/webhook/{CNPJ_ACME}");
+        let r = c.send(Method::PUT, &path, Some(&shop), put("http://localhost/hooks")).await.unwrap();
+        assert_eq!(r.status, 400, "plain http is refused");
+        assert_eq!(r.json()["type"], json!("https://pix.bcb.gov.br/api/v2/error/WebhookOperacaoInvalida"));
+        let r = c
+            .send(Method::PUT, "/api/v2/webhook/someone@example.com", Some(&shop), put("https://localhost/x"))
+            .await
+            .unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["violacoes"][0]["propriedade"].clone()), (400, json!("chave")));
+        let url = format!("https://localhost:{port}/hooks");
+        assert_eq!(c.send(Method::PUT, &path, Some(&shop), put(&url)).await.unwrap().status, 200);
+        let r = c.get(&path, &shop).await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.json()["webhookUrl"].clone(), r.json()["chave"].clone(), r.json()["cnpj"].clone()),
+            (200, json!(url), json!(CNPJ_ACME), json!(CNPJ_ACME))
+        );
+        let r = c.get("/api/v2/webhook", &shop).await.unwrap();
+        assert_eq!(r.json()["webhooks"].as_array().unwrap().len(), 1, "{:?}", r.json());
+
+        // A Pix arrives on the key: notified after two failed tries.
+        let incoming = json!({"amount": 1_234, "key": CNPJ_ACME, "description": "mensalidade",
+            "payer": {"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"}});
+        let r = c.post("/v1/sandbox/spi/incoming", &shop, &incoming).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+        let mut delivery = Value::Null;
+        for _ in 0..200 {
+            let r = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}"), &shop).await.unwrap();
+            if r.status == 200 && r.json()["status"] == json!("delivered") {
+                delivery = r.json();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            (delivery["status"].clone(), delivery["attempts"].clone()),
+            (json!("delivered"), json!(3)),
+            "{delivery}"
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3);
+        let secret =
+            c.get("/v1/pix/webhook-secret", &shop).await.unwrap().json()["secret"].as_str().unwrap().to_owned();
+        for (path, signature, body, presented) in &seen {
+            assert_eq!(path, "/hooks/pix");
+            assert!(presented, "rtpay presented its client certificate");
+            assert_eq!(signature, &format!("sha256={}", python_hmac(&secret, body)), "the signature checks out");
+            let v: Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(
+                (v["pix"][0]["endToEndId"].clone(), v["pix"][0]["valor"].clone(), v["pix"][0]["infoPagador"].clone()),
+                (json!(e2e), json!("12.34"), json!("mensalidade"))
+            );
+        }
+
+        assert_eq!(c.send(Method::DELETE, &path, Some(&shop), None).await.unwrap().status, 204);
+        assert_eq!(c.get(&path, &shop).await.unwrap().status, 404);
+    });
+}

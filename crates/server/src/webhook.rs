@@ -1,0 +1,228 @@
+//! Webhook notifications of received Pix (API Pix `PUT /webhook/{chave}`, callback `listaPix`):
+//! when a Pix arrives on a key with a webhook, its `{"pix":[...]}` body is POSTed to
+//! `{webhookUrl}/pix` over TLS — with rtpay's client certificate when one is configured (the API
+//! Pix asks for mTLS) — signed with HMAC-SHA256 under the tenant's webhook secret
+//! (`x-rtpay-signature: sha256=<hex>` over the exact body bytes), and retried with exponential
+//! backoff until the receiver answers 2xx or the tries run out. Every attempt is recorded in the
+//! delivery's document (`GET /v1/pix/webhook-deliveries/{e2e}`).
+//!
+//! Deliveries are made by the node that committed the Pix, after the commit; a delivery under way
+//! when that node stops is not resumed (its record shows the attempts made).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::AppState;
+
+pub const WEBHOOK_KIND: &str = "pix-webhook";
+pub const DELIVERY_KIND: &str = "pix-webhook-delivery";
+/// Attempts per notification, and the first wait between two (doubling each time).
+pub const TRIES: u32 = 6;
+pub const URL_LEN_MAX: usize = 512;
+/// How long one attempt may take (connect, TLS, answer).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How notifications leave: whom they trust, who they are, how they retry.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookSettings {
+    /// PEM roots the receivers' certificates are checked against; `None`: the system's bundle.
+    pub ca: Option<PathBuf>,
+    /// rtpay's client certificate and key (PEM), presented to receivers.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The first wait between tries.
+    pub retry_base: Duration,
+}
+
+/// The TLS client for deliveries, built once at start (every error names the file).
+pub struct WebhookClient {
+    connector: tokio_rustls::TlsConnector,
+    retry_base: Duration,
+}
+
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+impl WebhookClient {
+    pub fn new(settings: &WebhookSettings) -> Result<WebhookClient, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca = settings.ca.clone().unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
+        let mut roots = rustls::RootCertStore::empty();
+        if ca.exists() || settings.ca.is_some() {
+            for cert in CertificateDer::pem_file_iter(&ca).map_err(|e| format!("--webhook-ca {}: {e}", ca.display()))? {
+                let cert = cert.map_err(|e| format!("--webhook-ca {}: not PEM certificates: {e}", ca.display()))?;
+                // A bundle may hold certificates this version cannot use; the others still count.
+                let _ = roots.add(cert);
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
+        let config = match &settings.client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| format!("--webhook-client-cert {}: {e}", cert.display()))?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("--webhook-client-cert {}: not PEM certificates: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("--webhook-client-key {}: no PEM private key: {e}", key.display()))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| format!("--webhook-client-cert: {e}"))?
+            }
+        };
+        let retry_base = if settings.retry_base.is_zero() { Duration::from_secs(1) } else { settings.retry_base };
+        Ok(WebhookClient { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), retry_base })
+    }
+
+    /// One POST of `body` to an `https://` URL; the answer's status.
+    async fn post(&self, url: &str, body: Bytes, signature: &str) -> Result<u16, String> {
+        let rest = url.strip_prefix("https://").ok_or("not an https:// URL")?;
+        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse::<u16>().map_err(|_| "a bad port")?),
+            _ => (authority, 443),
+        };
+        let host_name = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let server_name = ServerName::try_from(host_name.clone()).map_err(|_| "a bad host name")?;
+        let tcp =
+            tokio::net::TcpStream::connect((host_name.as_str(), port)).await.map_err(|e| format!("connect: {e}"))?;
+        let tls = self.connector.connect(server_name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header("x-rtpay-signature", signature)
+            .body(Full::new(body))
+            .map_err(|e| format!("request: {e}"))?;
+        let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        Ok(status)
+    }
+}
+
+/// A webhook as stored (the document's id is the key's blind index).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct StoredWebhook {
+    pub url: String,
+    pub key_sealed: String,
+    /// The key owner's CNPJ (the spec's `WebhookCompleto.cnpj`), for companies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnpj: Option<String>,
+    pub created_at: u64,
+}
+
+/// A notification's record.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Delivery {
+    pub end_to_end_id: String,
+    pub url: String,
+    /// `pending`, `delivered` or `failed` (every try used).
+    pub status: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub updated_at: String,
+}
+
+/// The tenant's webhook signing secret (256 bits, derived from the server's secret key).
+pub fn secret(state: &AppState, tenant: u128) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..16].copy_from_slice(state.keys.derived_id(b"pix-webhook-secret-1", tenant, "").as_bytes());
+    out[16..].copy_from_slice(state.keys.derived_id(b"pix-webhook-secret-2", tenant, "").as_bytes());
+    out
+}
+
+pub fn sign(secret: &[u8; 32], body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    format!("sha256={}", crate::auth::hex(&mac.finalize().into_bytes()))
+}
+
+fn record(state: &AppState, tenant: u128, at: u64, d: &Delivery) -> store::Result<()> {
+    let id = d.end_to_end_id.clone();
+    let body = serde_json::to_string(d).expect("serializable");
+    let q = state.store.queries.as_ref();
+    match q.document(DELIVERY_KIND, tenant, &id)? {
+        Some(doc) => {
+            let next = store::Document { version: doc.version + 1, body, ..doc.clone() };
+            q.update_document(&next, doc.version).map(|_| ())
+        }
+        None => q.insert_document(&store::Document {
+            kind: DELIVERY_KIND.into(),
+            tenant_id: tenant,
+            id,
+            lookup: None,
+            owner: None,
+            created_at: at,
+            version: 1,
+            body,
+        }),
+    }
+}
+
+/// Notifies the webhook of the key (by its blind index) that received `pix`, if it has one: in
+/// the background, with retries, each attempt recorded.
+pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: String, pix: serde_json::Value) {
+    let (Some(index), Some(client)) = (key_index, state.webhooks.clone()) else { return };
+    let state = state.clone();
+    tokio::spawn(async move {
+        let st = state.clone();
+        let found = tokio::task::spawn_blocking(move || st.store.queries.document(WEBHOOK_KIND, tenant, &index)).await;
+        let Ok(Ok(Some(doc))) = found else { return };
+        let Ok(hook) = serde_json::from_str::<StoredWebhook>(&doc.body) else { return };
+        let url = format!("{}/pix", hook.url.trim_end_matches('/'));
+        let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [pix] })).expect("serializable"));
+        let signature = sign(&secret(&state, tenant), &body);
+        let started = store::now_nanos();
+        let mut delivery = Delivery {
+            end_to_end_id: e2e,
+            url: url.clone(),
+            status: "pending".into(),
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            updated_at: crate::dto::rfc3339(started),
+        };
+        for attempt in 0..TRIES {
+            let outcome = tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &signature)).await;
+            delivery.attempts = attempt + 1;
+            delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
+            match outcome {
+                Ok(Ok(status)) => {
+                    delivery.last_status = Some(status);
+                    delivery.last_error = None;
+                    if (200..300).contains(&status) {
+                        delivery.status = "delivered".into();
+                    }
+                }
+                Ok(Err(e)) => delivery.last_error = Some(e),
+                Err(_) => delivery.last_error = Some("timed out".into()),
+            }
+            if delivery.status == "pending" && attempt + 1 == TRIES {
+                delivery.status = "failed".into();
+            }
+            let (st, d) = (state.clone(), delivery.clone());
+            let _ = tokio::task::spawn_blocking(move || record(&st, tenant, started, &d)).await;
+            if delivery.status != "pending" {
+                return;
+            }
+            tokio::time::sleep(client.retry_base * 2u32.pow(attempt)).await;
+        }
+    });
+}
