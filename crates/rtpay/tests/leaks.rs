@@ -238,3 +238,101 @@ fn no_card_number_document_or_secret_is_found_in_logs_storage_or_backups() {
     }
     assert!(problems.is_empty(), "found in clear:\n{}", problems.join("\n"));
 }
+
+/// The Pix flows carry documents and keys everywhere: holders, CPF and e-mail keys, look-ups,
+/// payments by key and to other institutions, charges with a debtor's CPF, Pix arriving with the
+/// payer's CPF, refunds, MED, webhooks — and bad input naming them. None may be found in clear in
+/// the debug log or the data directory afterwards.
+#[test]
+fn no_document_or_key_of_the_pix_flows_is_found_in_logs_or_storage() {
+    const EMAIL_KEY: &str = "maria.leak@example.com";
+    const CNPJ: &str = "11222333000181";
+    let dir = temp_dir("leaks-pix");
+    let log = temp_dir("leaks-pix-log").join("server.log");
+    let mut server = Server::start_logged(&dir, None, "127.0.0.1:0", true, &["--ispb", "12345678"], Some(&log));
+    let mut bad_answers: Vec<Bytes> = Vec::new();
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "pix leaks").await;
+        let mut holder_account = async |kind: &str, doc: &str, funds: u64| {
+            let r = c.post("/v1/holders", &key, &json!({"kind": kind, "name": "Maria Quitéria", "document": doc})).await.unwrap();
+            let holder = r.json()["id"].as_str().unwrap().to_owned();
+            let acct = account(&mut c, &key, json!({"currency": "BRL", "holder_id": holder})).await;
+            if funds > 0 {
+                let funding = account(&mut c, &key, json!({"currency": "BRL"})).await;
+                let t = json!({"id": uuid(), "debit_account_id": funding, "credit_account_id": acct, "amount": funds});
+                assert_eq!(c.post("/v1/transfers", &key, &t).await.unwrap().status, 201);
+            }
+            acct
+        };
+        let maria = holder_account("person", CPFS[0], 1_000_000).await;
+        let acme = holder_account("company", CNPJ, 0).await;
+        let mut post = async |path: &str, body: serde_json::Value| c.post(path, &key, &body).await.unwrap();
+        assert_eq!(post("/v1/pix/keys", json!({"account_id": maria, "type": "cpf", "key": CPFS[0]})).await.status, 201);
+        assert_eq!(post("/v1/pix/keys", json!({"account_id": maria, "type": "email", "key": EMAIL_KEY})).await.status, 201);
+        assert_eq!(post("/v1/pix/keys", json!({"account_id": acme, "type": "cnpj", "key": CNPJ})).await.status, 201);
+        // Bad input naming documents and keys.
+        for (path, body) in [
+            ("/v1/pix/keys", json!({"account_id": maria, "type": "cpf", "key": CPFS[1]})),
+            ("/v1/pix/keys", json!({"account_id": acme, "type": "email", "key": EMAIL_KEY})),
+            ("/v1/pix/payments", json!({"id": uuid(), "debit_account_id": maria, "amount": 1, "key": CPFS[1]})),
+            ("/v1/sandbox/spi/incoming", json!({"amount": 1, "key": CPFS[1], "payer": {"ispb": "60701190", "name": "x", "document": CPFS[1]}})),
+        ] {
+            let r = post(path, body).await;
+            assert!(r.status.is_client_error(), "{path}: {:?}", r.json());
+            bad_answers.push(r.body);
+        }
+        // Money moving with documents on both sides.
+        let pay = post("/v1/pix/payments", json!({"id": uuid(), "debit_account_id": maria, "amount": 5_000, "key": CNPJ})).await;
+        assert_eq!(pay.json()["status"], json!("completed"));
+        let off_us = json!({"id": uuid(), "debit_account_id": maria, "amount": 100, "creditor": {"ispb": "60701190",
+            "branch": "1", "account": "99", "account_type": "CACC", "document": CPFS[1], "name": "Joana Prado"}});
+        assert_eq!(post("/v1/pix/payments", off_us).await.status, 201);
+        let incoming = json!({"amount": 7_000, "key": EMAIL_KEY, "payer": {"ispb": "60701190", "name": "Joana", "document": CPFS[1]}});
+        let r = post("/v1/sandbox/spi/incoming", incoming).await;
+        assert_eq!(r.status, 201);
+        let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+        let r = c.get(&format!("/v1/pix/keys/{EMAIL_KEY}?payer_account_id={acme}"), &key).await.unwrap();
+        assert_eq!(r.status, 200);
+        // A charge with the debtor's CPF, on the CPF key; its webhook; a refund; a MED claim.
+        let cob = json!({"valor": {"original": "12.00"}, "chave": CPFS[0], "devedor": {"cpf": CPFS[1], "nome": "Joana"}});
+        let r = c.send(Method::PUT, "/api/v2/cob/leaksTxid000000000000000000001", Some(&key), Some(serde_json::to_vec(&cob).unwrap().into())).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let hook = json!({"webhookUrl": "https://127.0.0.1:9/hooks"});
+        let r = c.send(Method::PUT, &format!("/api/v2/webhook/{}", CPFS[0]), Some(&key), Some(serde_json::to_vec(&hook).unwrap().into())).await.unwrap();
+        assert_eq!(r.status, 200);
+        let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/D1"), Some(&key), Some(serde_json::to_vec(&json!({"valor": "1.00"})).unwrap().into())).await.unwrap();
+        assert_eq!(r.status, 201);
+        assert_eq!(c.post("/v1/pix/med", &key, &json!({"end_to_end_id": e2e, "reason": "golpe"})).await.unwrap().status, 201);
+        let bad_cob = json!({"valor": {"original": "1.00"}, "chave": CPFS[1], "devedor": {"cpf": CPFS[1], "nome": "x"}});
+        let r = c.send(Method::PUT, "/api/v2/cob/leaksTxid000000000000000000002", Some(&key), Some(serde_json::to_vec(&bad_cob).unwrap().into())).await.unwrap();
+        assert_eq!(r.status, 400);
+        bad_answers.push(r.body);
+    });
+    server.stop();
+
+    let mut literals: Vec<String> = CPFS.iter().map(|c| c.to_string()).collect();
+    literals.extend([EMAIL_KEY.to_owned(), CNPJ.to_owned()]);
+    // Literal values only: EndToEndIds and amounts are long digit runs a card-number scan would
+    // flag (that scan runs over the card flows above).
+    let literal_hits = |what: &str, bytes: &[u8]| -> Vec<String> {
+        literals
+            .iter()
+            .filter(|l| bytes.windows(l.len()).any(|w| w == l.as_bytes()))
+            .map(|l| format!("{what}: {l}"))
+            .collect()
+    };
+    let mut problems = literal_hits("server log", &std::fs::read(&log).unwrap());
+    let key_files = ["audit-signing-key", "kek", "index-key", "secret-key", "operator-token"];
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if path.is_file() && !key_files.contains(&name.as_str()) {
+            problems.extend(literal_hits(&path.display().to_string(), &std::fs::read(&path).unwrap()));
+        }
+    }
+    for (i, body) in bad_answers.iter().enumerate() {
+        problems.extend(literal_hits(&format!("answer to bad input {i}"), body));
+    }
+    assert!(problems.is_empty(), "found in clear:\n{}", problems.join("\n"));
+}
