@@ -66,10 +66,14 @@ pub const BREAKER_COOL_DOWN_NANOS: u64 = 30_000_000_000;
 /// Stripes of the per-node locks that serialize a check and its commit (a payer's limits, a
 /// charge paid once, a Pix's refunds): enough that unrelated work rarely waits.
 const LOCK_STRIPES: usize = 256;
+/// Parties a node remembers (then it starts over): bounded memory whatever the accounts.
+const PARTY_CACHE_MAX: usize = 65_536;
 
 /// What Pix needs from the shared state.
 pub struct PixRuntime {
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// (tenant, account) → the party behind it (see [`party`]).
+    parties: Mutex<std::collections::HashMap<(u128, u128), Party>>,
     /// Tenants whose settlement account is known to exist (it is opened once, idempotently).
     settled: Mutex<HashSet<u128>>,
     pub connector: Arc<dyn crate::spi::SpiConnector>,
@@ -80,6 +84,7 @@ impl PixRuntime {
     pub fn new(connector: Arc<dyn crate::spi::SpiConnector>) -> PixRuntime {
         PixRuntime {
             locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            parties: Mutex::default(),
             settled: Mutex::default(),
             connector,
             breaker: Mutex::new(pix::spi::Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN_NANOS)),
@@ -258,7 +263,32 @@ pub struct Party {
 }
 
 /// Reads an account's holder and shows it as the other side sees it (name masked for persons).
+///
+/// What it reads never changes (an account's currency and holder, the holder's kind, name and
+/// document), so each node keeps the answer ([`PixRuntime`]'s bounded party cache).
 pub fn party(
+    rt: &PixRuntime,
+    vault: &VaultService,
+    q: &dyn store::Queries,
+    ispb: &str,
+    tenant: u128,
+    account: u128,
+) -> Result<Result<Party, &'static str>, VaultFailure> {
+    if let Some(p) = rt.parties.lock().expect("not poisoned").get(&(tenant, account)) {
+        return Ok(Ok(p.clone()));
+    }
+    let found = read_party(vault, q, ispb, tenant, account)?;
+    if let Ok(p) = &found {
+        let mut cache = rt.parties.lock().expect("not poisoned");
+        if cache.len() >= PARTY_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert((tenant, account), p.clone());
+    }
+    Ok(found)
+}
+
+fn read_party(
     vault: &VaultService,
     q: &dyn store::Queries,
     ispb: &str,

@@ -79,6 +79,7 @@ pub async fn create_key(
     tenant.require("pix:write")?;
     let ispb = state.ispb()?.to_owned();
     let vault = state.vault_or_503()?;
+    let rt = state.pix_runtime.clone();
     let account = parse_id("account_id", &body.account_id)?;
     let kind = key_type(&body.kind)?;
     let key = match (kind, &body.key) {
@@ -103,7 +104,7 @@ pub async fn create_key(
         .await;
     let outcome = query(&state, move |q| {
         Ok((|| -> Result<Result<(), Problem>, VaultFailure> {
-            let p = match party(&vault, q, &ispb, tenant_id, account)? {
+            let p = match party(&rt, &vault, q, &ispb, tenant_id, account)? {
                 Ok(p) => p,
                 Err(why) => {
                     return Ok(Err(Problem::invalid("account_id", "invalid_account", format!("`account_id`: {why}"))))
@@ -258,6 +259,7 @@ pub async fn lookup_key(
     tenant.require("pix:read")?;
     let ispb = state.ispb()?.to_owned();
     let vault = state.vault_or_503()?;
+    let rt = state.pix_runtime.clone();
     let payer = params.get("payer_account_id").ok_or_else(|| {
         Problem::invalid(
             "payer_account_id",
@@ -270,7 +272,7 @@ pub async fn lookup_key(
     let tenant_id = tenant.id;
     let outcome = query(&state, move |q| {
         Ok((|| -> Result<Result<DirectoryEntry, Problem>, VaultFailure> {
-            let payer = match party(&vault, q, &ispb, tenant_id, payer)? {
+            let payer = match party(&rt, &vault, q, &ispb, tenant_id, payer)? {
                 Ok(p) => p,
                 Err(why) => {
                     return Ok(Err(Problem::invalid(
@@ -334,7 +336,7 @@ pub async fn lookup_key(
                     )));
                 };
                 let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
-                let owner = match party(&vault, q, &ispb, doc.tenant_id, account)? {
+                let owner = match party(&rt, &vault, q, &ispb, doc.tenant_id, account)? {
                     Ok(p) => p,
                     Err(_) => {
                         return Ok(Err(Problem::new(
@@ -784,6 +786,7 @@ pub async fn create_payment(
     tenant.require("pix:write")?;
     let ispb = state.ispb()?.to_owned();
     let vault = state.vault_or_503()?;
+    let rt = state.pix_runtime.clone();
     let id = uuid_string(parse_id("id", &body.id)?);
     let debit = parse_id("debit_account_id", &body.debit_account_id)?;
     check_amount("amount", body.amount)?;
@@ -856,8 +859,25 @@ pub async fn create_payment(
     let night_window = state.pix.night;
     audit.0.set_resource(format!("pix-payment:{id}"));
     let (id2, ispb2, print2) = (id.clone(), ispb.clone(), print.clone());
-    // A payer's limits and a charge are checked and committed under their locks (per node).
-    let mut lock_keys = vec![state.keys.derived_id(b"pix-payer-lock", tenant_id, &uuid_string(debit)).as_u128()];
+    // A payer's running totals (when a daily or night limit counts them) and a charge are checked
+    // and committed under their locks (per node); other payments of a payer run side by side.
+    let (rt2, vault2, ispb3) = (rt.clone(), vault.clone(), ispb.clone());
+    let limited_holder = query(&state, move |q| {
+        Ok(match party(&rt2, &vault2, q, &ispb3, tenant_id, debit) {
+            Ok(Ok(p)) => {
+                let limits = limits_of(q, tenant_id, p.holder, p.person)?.0.at(store::now_nanos());
+                (limits.daily.is_some() || limits.nightly.is_some()).then_some(p.holder)
+            }
+            // The preparation below answers what is wrong.
+            _ => None,
+        })
+    })
+    .await?;
+    let mut lock_keys = Vec::new();
+    if let Some(holder) = limited_holder {
+        // The holder's: the totals are counted per holder, across their accounts.
+        lock_keys.push(state.keys.derived_id(b"pix-payer-lock", tenant_id, &uuid_string(holder)).as_u128());
+    }
     if let Target::Cob(url) = &target {
         let url = url.clone();
         if let Some((t, txid)) = query(&state, move |q| super::api_pix::locate_cob(q, &url)).await? {
@@ -883,7 +903,7 @@ pub async fn create_payment(
                 }
                 return Ok(Ok(Err(stored.view)));
             }
-            let payer = match party(&vault, q, &ispb2, tenant_id, debit)? {
+            let payer = match party(&rt, &vault, q, &ispb2, tenant_id, debit)? {
                 Ok(p) => p,
                 Err(why) => {
                     return Ok(Err(Problem::invalid(
@@ -904,7 +924,7 @@ pub async fn create_payment(
                     let account = uuid::Uuid::parse_str(&cob.account_id).map(|u| u.as_u128()).unwrap_or_default();
                     let tenant_of = doc.tenant_id;
                     concludes = Some(doc);
-                    party(&vault, q, &ispb2, tenant_of, account)?.map(|p| {
+                    party(&rt, &vault, q, &ispb2, tenant_of, account)?.map(|p| {
                         let view = p.view.clone();
                         (Payee::OnUs(p), view)
                     })
@@ -932,12 +952,12 @@ pub async fn create_payment(
                     };
                     payee_key_index = Some(doc.lookup.clone().unwrap_or_else(|| key_lookup(&vault, &key)));
                     let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
-                    party(&vault, q, &ispb2, doc.tenant_id, account)?.map(|p| {
+                    party(&rt, &vault, q, &ispb2, doc.tenant_id, account)?.map(|p| {
                         let view = p.view.clone();
                         (Payee::OnUs(p), view)
                     })
                 }
-                Target::Account(account) => party(&vault, q, &ispb2, tenant_id, account)?.map(|p| {
+                Target::Account(account) => party(&rt, &vault, q, &ispb2, tenant_id, account)?.map(|p| {
                     let view = p.view.clone();
                     (Payee::OnUs(p), view)
                 }),
@@ -957,8 +977,11 @@ pub async fn create_payment(
             }
             let now = store::now_nanos();
             let (schedule, _) = limits_of(q, tenant_id, payer.holder, payer.person)?;
-            let (day, night) = spent(q, payer.holder, night_window, now)?;
-            let refused = pix::limits::check(schedule.at(now), night_window, amount, now, day, night)
+            let limits = schedule.at(now);
+            // What was spent is read only when a running total limits this payment.
+            let totals_matter = limits.daily.is_some() || (limits.nightly.is_some() && night_window.period(now).night);
+            let (day, night) = if totals_matter { spent(q, payer.holder, night_window, now)? } else { (0, 0) };
+            let refused = pix::limits::check(limits, night_window, amount, now, day, night)
                 .err()
                 .map(|b| ("limit_exceeded".to_owned(), b.describe()));
             let mut random = [0u8; 11];
@@ -1106,6 +1129,7 @@ pub async fn sandbox_incoming(
     tenant.require("pix:write")?;
     let ispb = state.ispb()?.to_owned();
     let vault = state.vault_or_503()?;
+    let rt = state.pix_runtime.clone();
     check_amount("amount", body.amount)?;
     if !pix::ids::valid_ispb(&body.payer.ispb) || body.payer.ispb == ispb {
         return Err(Problem::invalid(
@@ -1215,7 +1239,7 @@ pub async fn sandbox_incoming(
                 // Only `key`, `account_id` and `brcode` make targets here.
                 Target::External(_) => return Ok(Err(Problem::internal())),
             };
-            Ok(match party(&vault, q, &ispb2, tenant_id, account)? {
+            Ok(match party(&rt, &vault, q, &ispb2, tenant_id, account)? {
                 Ok(p) => Ok(Ok((p, txid, concludes, key_index))),
                 Err(why) => Err(Problem::invalid("account_id", "invalid_account", format!("the receiver: {why}"))),
             })
