@@ -378,6 +378,23 @@ fn limits_by_day_and_by_night() {
                 let r = c.post("/v1/pix/payments", &key, &pay(50_000)).await.unwrap();
                 assert_eq!((r.json()["status"].clone(), r.json()["reason"].clone()), (json!("rejected"), json!("limit_exceeded")));
                 assert_eq!(available(&mut c, &maria).await, 1_000_000 - 60_000);
+                // Four at once, 15,000 each, with 40,000 of the night left: two pass, never three.
+                let tasks: Vec<_> = (0..4)
+                    .map(|_| {
+                        let (addr, key, body) = (server.addr, key.clone(), pay(15_000));
+                        tokio::spawn(async move {
+                            rtpay::client::Client::new(addr).post("/v1/pix/payments", &key, &body).await.unwrap().json()
+                        })
+                    })
+                    .collect();
+                let mut completed = 0;
+                for t in tasks {
+                    if t.await.unwrap()["status"] == json!("completed") {
+                        completed += 1;
+                    }
+                }
+                assert_eq!(completed, 2, "the night's total holds under concurrent payments");
+                assert_eq!(available(&mut c, &maria).await, 1_000_000 - 60_000 - 30_000);
             } else {
                 assert_eq!(r.json()["status"], json!("completed"), "no night limit by day");
                 assert_eq!(available(&mut c, &maria).await, 1_000_000 - 100_001);
