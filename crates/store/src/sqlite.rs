@@ -20,8 +20,11 @@ pub(crate) const DB_FILE: &str = "rtpay.db";
 /// Page cache per connection, in KiB (negative = KiB in SQLite's `cache_size`).
 const CACHE_KIB: i64 = 64 * 1024;
 
-/// Reader connections kept open for reuse.
+/// Reader connections kept open for reuse; more readers at once wait for one (up to
+/// `READER_WAIT`, then open a connection of their own), since a connection opened per read pays
+/// the open, the pragmas and a cold page cache each time.
 const READERS_MAX: usize = 8;
+const READER_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Finds a transfer by id through the hash index; the ids settle hash collisions.
 const BY_ID: &str = "id = ?1 AND tenant_id = ?2";
@@ -99,7 +102,7 @@ pub(crate) fn open_queries(dir: &Path) -> Result<Arc<dyn Queries>> {
     if !path.exists() {
         return Err(StoreError::Unavailable(format!("no rtpay data in {}", dir.display())));
     }
-    Ok(Arc::new(SqliteQueries { path, pool: Mutex::new(Vec::new()) }))
+    Ok(Arc::new(SqliteQueries::new(path)))
 }
 
 /// Takes the data directory's lock: one writer process per directory, or the in-memory account
@@ -211,7 +214,7 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
         checkpointer,
         _lock: lock,
     };
-    let queries = SqliteQueries { path, pool: Mutex::new(Vec::new()) };
+    let queries = SqliteQueries::new(path);
     Ok((Box::new(writer), Arc::new(queries)))
 }
 
@@ -714,20 +717,55 @@ impl SqliteWriter {
 
 struct SqliteQueries {
     path: PathBuf,
-    pool: Mutex<Vec<Connection>>,
+    pool: Mutex<ReaderPool>,
+    returned: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ReaderPool {
+    idle: Vec<Connection>,
+    /// Pooled connections in existence (idle or lent).
+    open: usize,
 }
 
 impl SqliteQueries {
+    fn new(path: PathBuf) -> SqliteQueries {
+        SqliteQueries { path, pool: Mutex::default(), returned: std::sync::Condvar::new() }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let conn = self.pool.lock().expect("pool lock").pop();
+        // A pooled connection, a new one while fewer than READERS_MAX exist, or (after waiting
+        // READER_WAIT for one to come back) a connection of this read alone.
+        let (conn, pooled) = {
+            let mut pool = self.pool.lock().expect("pool lock");
+            if pool.idle.is_empty() && pool.open >= READERS_MAX {
+                pool = self.returned.wait_timeout_while(pool, READER_WAIT, |p| p.idle.is_empty()).expect("pool lock").0;
+            }
+            match pool.idle.pop() {
+                Some(c) => (Some(c), true),
+                None if pool.open < READERS_MAX => {
+                    pool.open += 1;
+                    (None, true)
+                }
+                None => (None, false),
+            }
+        };
         let mut conn = match conn {
             Some(c) => c,
-            None => connect(&self.path)?,
+            None => match connect(&self.path) {
+                Ok(c) => c,
+                Err(e) => {
+                    if pooled {
+                        self.pool.lock().expect("pool lock").open -= 1;
+                    }
+                    return Err(e);
+                }
+            },
         };
         let result = f(&mut conn);
-        let mut pool = self.pool.lock().expect("pool lock");
-        if pool.len() < READERS_MAX {
-            pool.push(conn);
+        if pooled {
+            self.pool.lock().expect("pool lock").idle.push(conn);
+            self.returned.notify_one();
         }
         result
     }
