@@ -309,22 +309,37 @@ fn dict_lookups_are_rate_limited_per_payer() {
     rt.block_on(async {
         let mut c = server.client();
         let (_, key) = tenant(&mut c, "t").await;
-        let payer = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 0).await;
+        let payer = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 1_000).await;
         let other = party(&mut c, &key, "person", "João da Silva", CPF_OTHER, 0).await;
         assert_eq!(register(&mut c, &other, "email", Some("joao@example.com")).await.status, 201);
         let look = |who: &Party, k: &str| format!("/v1/pix/keys/{k}?payer_account_id={}", who.account);
-        // A person's bucket holds 100 tokens; a found key costs 1, a miss 20.
+        // A person's bucket holds 100 tokens; a found key costs 1, a miss 20; a payment by key is a
+        // look-up too, and a settled one gives its token back.
         for _ in 0..10 {
             assert_eq!(c.get(&look(&payer, "joao@example.com"), &key).await.unwrap().status, 200);
         }
-        for n in 0..5 {
+        for n in 0..4 {
             let r = c.get(&look(&payer, &format!("miss{n}@example.com")), &key).await.unwrap();
             assert_eq!(r.status, 404, "tokens left before miss {n}");
         }
-        // 100 - 10 - 4 * 20 = 10 tokens before the fifth miss: it took them all.
+        for _ in 0..9 {
+            assert_eq!(c.get(&look(&payer, "joao@example.com"), &key).await.unwrap().status, 200);
+        }
+        // One token left: the payment takes it and, settled, gives it back.
+        let pay = || json!({"id": uuid(), "debit_account_id": payer.account, "amount": 10, "key": "joao@example.com"});
+        let r = c.post("/v1/pix/payments", &key, &pay()).await.unwrap();
+        assert_eq!(r.json()["status"], json!("completed"), "{:?}", r.json());
+        assert_eq!(c.get(&look(&payer, "joao@example.com"), &key).await.unwrap().status, 200, "the token came back");
         let r = c.get(&look(&payer, "joao@example.com"), &key).await.unwrap();
         assert_eq!(problem(&r), (429, json!("dict_rate_limited"), Value::Null), "{:?}", r.json());
         assert_eq!(r.headers["retry-after"], "30");
+        let r = c.post("/v1/pix/payments", &key, &pay()).await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.json()["code"].clone()),
+            (429, json!("dict_rate_limited")),
+            "payments by key too"
+        );
+        assert_eq!(available(&mut c, &payer).await, 1_000 - 10, "the refused payment moved nothing");
         // The bucket is the payer's: another payer still looks up.
         assert_eq!(c.get(&look(&other, "joao@example.com"), &key).await.unwrap().status, 200);
     });

@@ -246,6 +246,61 @@ struct StoredBucket {
     at: u64,
 }
 
+/// Applies `change` to a payer holder's DICT bucket (brought up to date), under compare and set;
+/// `change` answers false to refuse (the bucket is empty): then 429.
+fn update_bucket(
+    q: &dyn store::Queries,
+    tenant: u128,
+    holder: u128,
+    person: bool,
+    mut change: impl FnMut(&mut pix::dict::Bucket, u64) -> store::Result<bool>,
+) -> store::Result<Result<(), Problem>> {
+    let capacity = if person { pix::dict::CAPACITY_PERSON } else { pix::dict::CAPACITY_COMPANY };
+    let id = uuid_string(holder);
+    for _ in 0..COMPARE_AND_SET_TRIES {
+        let now = store::now_nanos();
+        let existing = q.document(BUCKET_KIND, tenant, &id)?;
+        let mut bucket = match &existing {
+            Some(doc) => {
+                let b: StoredBucket =
+                    serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+                pix::dict::Bucket { capacity, tokens: b.tokens.min(capacity), at: b.at }
+            }
+            None => pix::dict::Bucket::new(capacity, now),
+        };
+        if !change(&mut bucket, now)? {
+            return Ok(Err(Problem::too_many(
+                "dict_rate_limited",
+                "this payer's directory look-ups are used up (DICT anti-scanning); they refill at 2 per minute",
+                std::time::Duration::from_secs(bucket.retry_after_seconds()),
+            )));
+        }
+        let body = serde_json::to_string(&StoredBucket { capacity, tokens: bucket.tokens, at: bucket.at })
+            .expect("serializable");
+        let saved = match existing {
+            Some(doc) => q.update_document(&store::Document { version: doc.version + 1, body, ..doc }, doc.version)?,
+            None => match q.insert_document(&store::Document {
+                kind: BUCKET_KIND.into(),
+                tenant_id: tenant,
+                id: id.clone(),
+                lookup: None,
+                owner: None,
+                created_at: now,
+                version: 1,
+                body,
+            }) {
+                Ok(()) => true,
+                Err(store::StoreError::Conflict(_)) => false,
+                Err(e) => return Err(e),
+            },
+        };
+        if saved {
+            return Ok(Ok(()));
+        }
+    }
+    Err(store::StoreError::Busy)
+}
+
 #[utoipa::path(get, path = "/v1/pix/keys/{key}", tag = "pix",
     params(("key" = String, Path), ("payer_account_id" = String, Query)),
     responses((status = 200, body = DirectoryEntry), (status = 404, body = Problem), (status = 429, body = Problem)),
@@ -282,84 +337,44 @@ pub async fn lookup_key(
                     )))
                 }
             };
-            let capacity = if payer.person { pix::dict::CAPACITY_PERSON } else { pix::dict::CAPACITY_COMPANY };
-            let bucket_id = uuid_string(payer.holder);
-            for _ in 0..COMPARE_AND_SET_TRIES {
-                let now = store::now_nanos();
-                let existing = q.document(BUCKET_KIND, tenant_id, &bucket_id)?;
-                let mut bucket = match &existing {
-                    Some(doc) => {
-                        let b: StoredBucket = serde_json::from_str(&doc.body)
-                            .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
-                        pix::dict::Bucket { capacity, tokens: b.tokens.min(capacity), at: b.at }
-                    }
-                    None => pix::dict::Bucket::new(capacity, now),
-                };
+            let mut found = None;
+            let charged = update_bucket(q, tenant_id, payer.holder, payer.person, |bucket, now| {
                 if !bucket.admits(now) {
-                    return Ok(Err(Problem::too_many(
-                        "dict_rate_limited",
-                        "this payer's directory look-ups are used up (DICT anti-scanning); they refill at 2 per minute",
-                        std::time::Duration::from_secs(bucket.retry_after_seconds()),
-                    )));
+                    return Ok(false);
                 }
-                let found = find_key(&vault, q, &key)?;
+                found = find_key(&vault, q, &key)?;
                 bucket.charge(found.is_some(), now);
-                let body = serde_json::to_string(&StoredBucket { capacity, tokens: bucket.tokens, at: bucket.at })
-                    .expect("serializable");
-                let saved = match existing {
-                    Some(doc) => {
-                        q.update_document(&store::Document { version: doc.version + 1, body, ..doc }, doc.version)?
-                    }
-                    None => match q.insert_document(&store::Document {
-                        kind: BUCKET_KIND.into(),
-                        tenant_id,
-                        id: bucket_id.clone(),
-                        lookup: None,
-                        owner: None,
-                        created_at: now,
-                        version: 1,
-                        body,
-                    }) {
-                        Ok(()) => true,
-                        Err(store::StoreError::Conflict(_)) => false,
-                        Err(e) => return Err(e.into()),
-                    },
-                };
-                if !saved {
-                    continue;
-                }
-                let Some((doc, stored)) = found else {
+                Ok(true)
+            })?;
+            if let Err(p) = charged {
+                return Ok(Err(p));
+            }
+            let Some((doc, stored)) = found else {
+                return Ok(Err(Problem::new(StatusCode::NOT_FOUND, "key_not_found", "no such key in the directory")));
+            };
+            let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
+            let owner = match party(&rt, &vault, q, &ispb, doc.tenant_id, account)? {
+                Ok(p) => p,
+                Err(_) => {
                     return Ok(Err(Problem::new(
                         StatusCode::NOT_FOUND,
                         "key_not_found",
                         "no such key in the directory",
-                    )));
-                };
-                let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
-                let owner = match party(&rt, &vault, q, &ispb, doc.tenant_id, account)? {
-                    Ok(p) => p,
-                    Err(_) => {
-                        return Ok(Err(Problem::new(
-                            StatusCode::NOT_FOUND,
-                            "key_not_found",
-                            "no such key in the directory",
-                        )))
-                    }
-                };
-                return Ok(Ok(DirectoryEntry {
-                    key: key.value.clone(),
-                    kind: stored.kind,
-                    owner: owner.view,
-                    account: DirectoryAccount {
-                        ispb: ispb.clone(),
-                        branch: "0001".into(),
-                        number: stored.account_id.replace('-', ""),
-                        kind: "CACC".into(),
-                    },
-                    created_at: stored.created_at,
-                }));
-            }
-            Ok(Err(Problem::unavailable("the payer's look-ups are contended; retry", 1)))
+                    )))
+                }
+            };
+            return Ok(Ok(DirectoryEntry {
+                key: key.value.clone(),
+                kind: stored.kind,
+                owner: owner.view,
+                account: DirectoryAccount {
+                    ispb: ispb.clone(),
+                    branch: "0001".into(),
+                    number: stored.account_id.replace('-', ""),
+                    kind: "CACC".into(),
+                },
+                created_at: stored.created_at,
+            }));
         })())
     })
     .await?;
@@ -943,7 +958,20 @@ pub async fn create_payment(
                     Ok((Payee::OffUs(creditor), view))
                 }
                 Target::Key(key) => {
-                    let Some((doc, stored)) = find_key(&vault, q, &key)? else {
+                    // Resolving a key is a directory look-up: it draws on the payer's bucket.
+                    let mut found = None;
+                    let charged = update_bucket(q, tenant_id, payer.holder, payer.person, |bucket, now| {
+                        if !bucket.admits(now) {
+                            return Ok(false);
+                        }
+                        found = find_key(&vault, q, &key)?;
+                        bucket.charge(found.is_some(), now);
+                        Ok(true)
+                    })?;
+                    if let Err(p) = charged {
+                        return Ok(Err(p));
+                    }
+                    let Some((doc, stored)) = found else {
                         return Ok(Err(Problem::invalid(
                             if initiation == "brcode" { "brcode" } else { "key" },
                             "key_not_found",
@@ -1028,7 +1056,26 @@ pub async fn create_payment(
             ))
         }
         Ok(prepared) => match commit_payment(&state, &audit, prepared).await? {
-            (view, true) => Ok(reply(StatusCode::CREATED, &view)),
+            (view, true) => {
+                // A settled payment to a key gives the payer's look-up back (DICT).
+                if view.status == "completed" && matches!(view.initiation.as_str(), "key" | "brcode") {
+                    let (rt, vault) = (state.pix_runtime.clone(), state.vault_or_503()?);
+                    let credited = query(&state, move |q| {
+                        Ok(match party(&rt, &vault, q, &ispb, tenant_id, debit) {
+                            Ok(Ok(p)) => Some(update_bucket(q, tenant_id, p.holder, p.person, |bucket, now| {
+                                bucket.credit(now);
+                                Ok(true)
+                            })?),
+                            _ => None,
+                        })
+                    })
+                    .await;
+                    if credited.is_err() {
+                        tracing::warn!("a settled payment's DICT token was not given back");
+                    }
+                }
+                Ok(reply(StatusCode::CREATED, &view))
+            }
             // A concurrent twin created it: answer what it stored.
             (_, false) => {
                 let doc = query(&state, move |q| q.document(PAYMENT_KIND, tenant_id, &id)).await?;
