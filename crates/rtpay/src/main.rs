@@ -115,6 +115,10 @@ enum CommandLine {
         /// The first wait between webhook delivery tries (milliseconds; doubles each try, 6 tries).
         #[arg(long, default_value_t = 1_000, env = "RTPAY_WEBHOOK_RETRY_MS")]
         webhook_retry_ms: u64,
+        /// Let webhook receivers be on loopback, private or link-local addresses (labs and tests
+        /// only: otherwise a tenant could make rtpay call into its own network).
+        #[arg(long, env = "RTPAY_WEBHOOK_ALLOW_PRIVATE")]
+        webhook_allow_private: bool,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -218,6 +222,7 @@ fn main() -> ExitCode {
             webhook_client_cert,
             webhook_client_key,
             webhook_retry_ms,
+            webhook_allow_private,
         } => {
             if spi_reject_percent as u16 + spi_timeout_percent as u16 > 100
                 || spi_timeout_ms == 0
@@ -283,6 +288,7 @@ fn main() -> ExitCode {
                     ca: webhook_ca,
                     client_cert: webhook_client_cert.zip(webhook_client_key),
                     retry_base: std::time::Duration::from_millis(webhook_retry_ms.clamp(1, 3_600_000)),
+                    allow_private: webhook_allow_private,
                 },
             };
             runtime().block_on(async {

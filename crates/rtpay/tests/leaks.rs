@@ -298,7 +298,7 @@ fn no_document_or_key_of_the_pix_flows_is_found_in_logs_or_storage() {
         let cob = json!({"valor": {"original": "12.00"}, "chave": CPFS[0], "devedor": {"cpf": CPFS[1], "nome": "Joana"}});
         let r = c.send(Method::PUT, "/api/v2/cob/leaksTxid000000000000000000001", Some(&key), Some(serde_json::to_vec(&cob).unwrap().into())).await.unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
-        let hook = json!({"webhookUrl": "https://127.0.0.1:9/hooks"});
+        let hook = json!({"webhookUrl": "https://hooks.example.com/pix-events"});
         let r = c.send(Method::PUT, &format!("/api/v2/webhook/{}", CPFS[0]), Some(&key), Some(serde_json::to_vec(&hook).unwrap().into())).await.unwrap();
         assert_eq!(r.status, 200);
         let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/D1"), Some(&key), Some(serde_json::to_vec(&json!({"valor": "1.00"})).unwrap().into())).await.unwrap();

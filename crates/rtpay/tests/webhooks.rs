@@ -149,6 +149,7 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         &key,
         "--webhook-retry-ms",
         "50",
+        "--webhook-allow-private",
     ];
     let rtpay = Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args);
     let rt = runtime();
@@ -190,9 +191,14 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         let r = c.get("/api/v2/webhook", &shop).await.unwrap();
         assert_eq!(r.json()["webhooks"].as_array().unwrap().len(), 1, "{:?}", r.json());
 
-        // A Pix arrives on the key: notified after two failed tries.
-        let incoming = json!({"amount": 1_234, "key": CNPJ_ACME, "description": "mensalidade",
-            "payer": {"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"}});
+        // A Pix without a txid is not notified (the API Pix notifies those associated with one).
+        let payer = json!({"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"});
+        let r = c.post("/v1/sandbox/spi/incoming", &shop, &json!({"amount": 1, "key": CNPJ_ACME, "payer": payer})).await.unwrap();
+        let untold = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+        // A Pix on the key's BR Code with a txid: notified after two failed tries.
+        let code = json!({"key": CNPJ_ACME, "amount": 1_234, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": "MENSAL2026"});
+        let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
+        let incoming = json!({"amount": 1_234, "brcode": brcode, "description": "mensalidade", "payer": payer});
         let r = c.post("/v1/sandbox/spi/incoming", &shop, &incoming).await.unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
         let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
@@ -223,9 +229,46 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
                 (v["pix"][0]["endToEndId"].clone(), v["pix"][0]["valor"].clone(), v["pix"][0]["infoPagador"].clone()),
                 (json!(e2e), json!("12.34"), json!("mensalidade"))
             );
+            assert_eq!(v["pix"][0]["txid"], json!("MENSAL2026"));
         }
+        assert_eq!(c.get(&format!("/v1/pix/webhook-deliveries/{untold}"), &shop).await.unwrap().status, 404);
 
         assert_eq!(c.send(Method::DELETE, &path, Some(&shop), None).await.unwrap().status, 204);
         assert_eq!(c.get(&path, &shop).await.unwrap().status, 404);
+    });
+
+    // Without --webhook-allow-private, receivers in rtpay's own network are refused.
+    let strict = Server::start_with_args(&dir.join("strict"), None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    rt.block_on(async {
+        let mut c = strict.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let r = c.post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME", "document": CNPJ_ACME})).await.unwrap();
+        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
+        assert_eq!(c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap().status, 201);
+        let path = format!("/api/v2/webhook/{CNPJ_ACME}");
+        for url in ["https://127.0.0.1:8443/x", "https://10.1.2.3/x", "https://[::1]:443/x", "https://169.254.169.254/latest"] {
+            let body = Some(serde_json::to_vec(&json!({"webhookUrl": url})).unwrap().into());
+            let r = c.send(Method::PUT, &path, Some(&shop), body).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["violacoes"][0]["propriedade"].clone()), (400, json!("webhookUrl")), "{url}");
+        }
+        // A host name is checked when it is resolved, at delivery: `localhost` is loopback.
+        let body = Some(serde_json::to_vec(&json!({"webhookUrl": "https://localhost:9/x"})).unwrap().into());
+        assert_eq!(c.send(Method::PUT, &path, Some(&shop), body).await.unwrap().status, 200);
+        let code = json!({"key": CNPJ_ACME, "amount": 5, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": "T1"});
+        let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
+        let incoming = json!({"amount": 5, "brcode": brcode, "payer": {"ispb": "60701190", "name": "J", "document": "11144477735"}});
+        let r = c.post("/v1/sandbox/spi/incoming", &shop, &incoming).await.unwrap();
+        let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+        let mut record = Value::Null;
+        for _ in 0..200 {
+            let r = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}"), &shop).await.unwrap();
+            if r.status == 200 {
+                record = r.json();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert!(record["last_error"].as_str().unwrap_or("").contains("no public address"), "{record}");
     });
 }

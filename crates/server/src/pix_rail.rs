@@ -591,7 +591,8 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     let result = reply.chain_result();
     let (view, _) = conclude(result);
     if result == TransferResult::Created && p.refused.is_none() {
-        if let Payee::OnUs(payee) = &p.payee {
+        // The API Pix notifies Pix associated with a txid only.
+        if let (Payee::OnUs(payee), Some(_)) = (&p.payee, &view.txid) {
             let pix = crate::routes::api_pix::pix_notification(
                 &view.end_to_end_id,
                 p.amount,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -40,12 +40,50 @@ pub struct WebhookSettings {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// The first wait between tries.
     pub retry_base: Duration,
+    /// Whether receivers may be on loopback, private or link-local addresses (labs and tests);
+    /// off, a tenant cannot make rtpay call into its own network.
+    pub allow_private: bool,
+}
+
+/// Notifications being delivered at once, at most; beyond, a new one is dropped (logged).
+pub const IN_FLIGHT_MAX: usize = 1024;
+
+/// Whether `ip` is an address on the public internet (not loopback, private, link-local,
+/// carrier-grade NAT, documentation, unspecified or multicast).
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])))
+        }
+        std::net::IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(std::net::IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+    }
 }
 
 /// The TLS client for deliveries, built once at start (every error names the file).
 pub struct WebhookClient {
     connector: tokio_rustls::TlsConnector,
     retry_base: Duration,
+    pub allow_private: bool,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -79,7 +117,12 @@ impl WebhookClient {
             }
         };
         let retry_base = if settings.retry_base.is_zero() { Duration::from_secs(1) } else { settings.retry_base };
-        Ok(WebhookClient { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), retry_base })
+        Ok(WebhookClient {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            retry_base,
+            allow_private: settings.allow_private,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX)),
+        })
     }
 
     /// One POST of `body` to an `https://` URL; the answer's status.
@@ -92,8 +135,13 @@ impl WebhookClient {
         };
         let host_name = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let server_name = ServerName::try_from(host_name.clone()).map_err(|_| "a bad host name")?;
-        let tcp =
-            tokio::net::TcpStream::connect((host_name.as_str(), port)).await.map_err(|e| format!("connect: {e}"))?;
+        // Resolved once and checked, then connected to that address (no second resolution).
+        let addr = tokio::net::lookup_host((host_name.as_str(), port))
+            .await
+            .map_err(|e| format!("resolve: {e}"))?
+            .find(|a| self.allow_private || is_public(a.ip()))
+            .ok_or("refused: the host resolves to no public address")?;
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
         let tls = self.connector.connect(server_name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
@@ -108,9 +156,8 @@ impl WebhookClient {
             .body(Full::new(body))
             .map_err(|e| format!("request: {e}"))?;
         let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
-        let status = response.status().as_u16();
-        let _ = response.into_body().collect().await;
-        Ok(status)
+        // The status is the answer; the body is not read (nor kept).
+        Ok(response.status().as_u16())
     }
 }
 
@@ -119,9 +166,6 @@ impl WebhookClient {
 pub struct StoredWebhook {
     pub url: String,
     pub key_sealed: String,
-    /// The key owner's CNPJ (the spec's `WebhookCompleto.cnpj`), for companies.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cnpj: Option<String>,
     pub created_at: u64,
 }
 
@@ -180,8 +224,13 @@ fn record(state: &AppState, tenant: u128, at: u64, d: &Delivery) -> store::Resul
 /// the background, with retries, each attempt recorded.
 pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: String, pix: serde_json::Value) {
     let (Some(index), Some(client)) = (key_index, state.webhooks.clone()) else { return };
+    let Ok(permit) = client.in_flight.clone().try_acquire_owned() else {
+        tracing::warn!("a webhook notification was dropped: {IN_FLIGHT_MAX} are being delivered");
+        return;
+    };
     let state = state.clone();
     tokio::spawn(async move {
+        let _permit = permit;
         let st = state.clone();
         let found = tokio::task::spawn_blocking(move || st.store.queries.document(WEBHOOK_KIND, tenant, &index)).await;
         let Ok(Ok(Some(doc))) = found else { return };

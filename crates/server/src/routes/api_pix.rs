@@ -36,6 +36,12 @@ pub const REFUND_KIND: &str = "pix-refund";
 pub const REVISIONS_MAX: usize = 100;
 /// Rows a listing reads at most to answer one page (pages beyond read as empty).
 pub const LISTING_SCAN_MAX: usize = 10_000;
+/// Refunds one Pix may have (each listing of them reads one page).
+pub const REFUNDS_MAX: usize = store::PAGE_LEN_MAX - 1;
+/// The storage id of a MED return's refund: `:` is not in a refund id, so no refund can take it.
+pub fn med_refund_doc_id(e2e: &str) -> String {
+    format!("{e2e}:#med")
+}
 /// Refunds are accepted for 90 days after the Pix settled (`shared/spec/SOURCES.md`).
 pub const REFUND_WINDOW_NANOS: u64 = 90 * 86_400 * 1_000_000_000;
 /// Additional information items a charge may carry (the spec's `infoAdicionais`).
@@ -197,7 +203,7 @@ pub fn parse_date_time(text: &str) -> Option<u64> {
     }
     let offset_secs: i128 = match &text[i..] {
         "Z" | "z" => 0,
-        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && &tz[3..4] == ":" => {
+        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && tz.as_bytes()[3] == b':' => {
             let oh = num(i + 1..i + 3)?;
             let om = num(i + 4..i + 6)?;
             if oh > 23 || om > 59 {
@@ -1044,14 +1050,17 @@ pub async fn pix_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
                 {
                     continue;
                 }
-                let v = pix_view(q, tenant_id, &r)?;
-                if with_refund.is_some_and(|w| w != v.get("devolucoes").is_some()) {
-                    continue;
+                // Refunds are read per Pix only when the filter asks about them; else for the page.
+                if let Some(w) = with_refund {
+                    if w == refunds_of(q, tenant_id, &r.end_to_end_id)?.is_empty() {
+                        continue;
+                    }
                 }
-                views.push(v);
+                views.push(r);
             }
             let total = views.len();
-            Ok((views.into_iter().skip(page.saturating_mul(per_page)).take(per_page).collect(), total))
+            let page_views = views.iter().skip(page.saturating_mul(per_page)).take(per_page);
+            Ok((page_views.map(|r| pix_view(q, tenant_id, r)).collect::<store::Result<_>>()?, total))
         })())
     })
     .await??;
@@ -1106,13 +1115,23 @@ pub async fn refund_put(
         .filter(|c| *c > 0)
         .ok_or_else(|| PixError::violation(K, "devolucao.valor", format!("{}, and not zero", pix::amount::RULE)))?;
     let natureza = body.natureza.clone().unwrap_or_else(|| "ORIGINAL".into());
-    if !matches!(natureza.as_str(), "ORIGINAL" | "RETIRADA") {
+    if natureza == "RETIRADA" {
+        // RETIRADA returns the withdrawal part of a Pix Saque or Troco, which is not offered here.
+        return Err(PixError::violation(
+            K,
+            "devolucao.natureza",
+            "RETIRADA applies to Pix Saque/Troco only; use ORIGINAL",
+        ));
+    }
+    if natureza != "ORIGINAL" {
         return Err(PixError::violation(K, "devolucao.natureza", "must be ORIGINAL or RETIRADA"));
     }
     if body.descricao.as_ref().is_some_and(|d| d.chars().count() > 140 || d.chars().any(char::is_control)) {
         return Err(PixError::violation(K, "devolucao.descricao", "at most 140 printable characters"));
     }
-    let fingerprint = crate::auth::hex(&state.vault_or_503()?.index().of(b"pix-refund-body", &bytes));
+    // The parsed request, so that spacing or key order does not make a retry another request.
+    let canonical = serde_json::to_vec(&body).expect("serializable");
+    let fingerprint = crate::auth::hex(&state.vault_or_503()?.index().of(b"pix-refund-body", &canonical));
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-refund:{id}"));
     let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-refund-lock", tenant_id, &e2e).as_u128()]).await;
@@ -1124,10 +1143,16 @@ pub async fn refund_put(
             })?;
             let refunds = refunds_of(q, tenant_id, &e2e2)?;
             if let Some(r) = refunds.iter().find(|r| r.refund.id == id2) {
+                if r.fingerprint.is_empty() {
+                    return Err(PixError::violation(K, "id", "is the id of this Pix's MED return"));
+                }
                 if r.fingerprint == print2 {
                     return Ok(Ok(r.refund.clone()));
                 }
                 return Err(PixError::violation(K, "id", "is already used by another refund of this Pix"));
+            }
+            if refunds.len() >= REFUNDS_MAX {
+                return Err(PixError::violation(K, "id", "this Pix has 999 refunds, the most it may have"));
             }
             let blocked = super::med::blocked_amount(&st, q, tenant_id, &e2e2)?;
             Ok(Err((received, refunds, blocked)))
@@ -1336,13 +1361,11 @@ fn webhook_view(state: &AppState, q: &dyn store::Queries, tenant: u128, doc: &st
     let dek = vault.data_key(q, tenant)?;
     let sealed = base64_decode(&hook.key_sealed).ok_or_else(|| corrupt("a webhook's key is not base64"))?;
     let chave = vault::open(&dek, &webhook_record(tenant, &doc.id), &sealed).map_err(VaultFailure::from)?;
-    let mut v = json!({
-        "webhookUrl": hook.url,
-        "chave": String::from_utf8_lossy(&chave),
-        "criacao": rfc3339(hook.created_at),
-    });
-    if let Some(cnpj) = hook.cnpj {
-        v["cnpj"] = json!(cnpj);
+    let chave = String::from_utf8_lossy(&chave).into_owned();
+    let mut v = json!({"webhookUrl": hook.url, "chave": chave, "criacao": rfc3339(hook.created_at)});
+    // The spec's `cnpj`: the receiver's, when the key is one.
+    if pix::PixKey::parse(pix::KeyType::Cnpj, &chave).is_ok() {
+        v["cnpj"] = json!(chave);
     }
     Ok(v)
 }
@@ -1378,23 +1401,34 @@ pub async fn webhook_put(
             "must be an https:// URL of at most 512 characters, without query or fragment",
         ));
     }
+    // An address literal must be public unless the server allows private receivers (the host
+    // name's addresses are checked again at each delivery).
+    let host = url.trim_start_matches("https://").split('/').next().unwrap_or("");
+    let literal = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
+        if !crate::webhook::is_public(ip) && !state.webhooks.as_ref().is_some_and(|w| w.allow_private) {
+            return Err(PixError::violation(
+                K,
+                "webhookUrl",
+                "must not point at a loopback, private or link-local address",
+            ));
+        }
+    }
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
     query(&state, move |q| {
         Ok((|| -> PixResult<()> {
-            let (key, index, account) = own_key(&vault, q, tenant_id, &chave)?
+            let (key, index, _) = own_key(&vault, q, tenant_id, &chave)?
                 .ok_or_else(|| PixError::violation(K, "chave", "is not a key of an account of this receiver"))?;
-            let cnpj = match q
-                .account(ledger::AccountKey { tenant: ledger::TenantId(tenant_id), id: ledger::AccountId(account) })?
-            {
-                Some(a) if a.holder.is_some() && key.kind == pix::KeyType::Cnpj => Some(key.value.clone()),
-                _ => None,
-            };
             let dek = vault.data_key(q, tenant_id)?;
             let sealed = vault::seal(&dek, &webhook_record(tenant_id, &index), key.value.as_bytes())
                 .map_err(VaultFailure::from)?;
             let now = store::now_nanos();
-            let hook = crate::webhook::StoredWebhook { url, key_sealed: base64_encode(&sealed), cnpj, created_at: now };
+            let hook = crate::webhook::StoredWebhook { url, key_sealed: base64_encode(&sealed), created_at: now };
             let body = serde_json::to_string(&hook).expect("serializable");
             match q.document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)? {
                 Some(doc) => {

@@ -41,6 +41,9 @@ pub struct MedBody {
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
 pub struct MedView {
     pub end_to_end_id: String,
+    /// This claim's id: its ledger transfers are named after it, so a claim whose hold failed
+    /// (the funds left between the check and the commit) can be made again.
+    pub claim_id: String,
     /// `blocked`, `returned`, `released` (by the receiver's institution, or the 72 hours lapsed).
     pub status: String,
     /// Centavos held.
@@ -55,10 +58,12 @@ pub struct MedView {
     pub refund_id: Option<String>,
 }
 
-fn hold_key(state: &AppState, tenant: u128, e2e: &str, n: u32) -> TransferKey {
+/// The claim's `n`th transfer: 1 the hold, 2 its post (return), 3 the payer's credit in another
+/// tenant, 4 its void (release).
+fn hold_key(state: &AppState, tenant: u128, claim: &str, n: u32) -> TransferKey {
     TransferKey {
         tenant: TenantId(tenant),
-        id: TransferId(state.keys.derived_id(b"pix-med", tenant, &format!("{e2e}:{n}")).as_u128()),
+        id: TransferId(state.keys.derived_id(b"pix-med", tenant, &format!("{claim}:{n}")).as_u128()),
     }
 }
 
@@ -85,7 +90,7 @@ fn read_med(
     let Some(doc) = q.document(MED_KIND, tenant, e2e)? else { return Ok(None) };
     let mut view: MedView = serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
     if view.status == "blocked" {
-        if let Some(ledger::Entry::Created(hold)) = q.entry(hold_key(state, tenant, e2e, 1))? {
+        if let Some(ledger::Entry::Created(hold)) = q.entry(hold_key(state, tenant, &view.claim_id, 1))? {
             if hold.state == PendingState::Expired {
                 view.status = "released".into();
             }
@@ -160,8 +165,9 @@ pub async fn open_claim(
         Some((t, payer)) if t == tenant_id => payer,
         _ => ensure_settlement(&state, &audit, tenant_id).await?.id.0,
     };
+    let claim_id = uuid_string(crate::auth::new_uuid().as_u128());
     let hold = TransferEvent {
-        key: hold_key(&state, tenant_id, &e2e, 1),
+        key: hold_key(&state, tenant_id, &claim_id, 1),
         kind: EventKind::Pending {
             debit: AccountId(account),
             credit: AccountId(credit),
@@ -175,6 +181,7 @@ pub async fn open_claim(
     let now = store::now_nanos();
     let view = MedView {
         end_to_end_id: e2e.clone(),
+        claim_id,
         status: "blocked".into(),
         amount,
         reason,
@@ -249,7 +256,8 @@ pub async fn resolve_claim(
             format!("the claim is {} already", view.status),
         ));
     }
-    let hold = hold_key(&state, tenant_id, &e2e, 1);
+    let claim = view.claim_id.clone();
+    let hold = hold_key(&state, tenant_id, &claim, 1);
     let mut events = Vec::new();
     let mut step = |kind: EventKind, key: TransferKey| {
         events.push(TransferEvent {
@@ -261,17 +269,17 @@ pub async fn resolve_claim(
         })
     };
     if returning {
-        step(EventKind::PostPending { pending_id: hold.id, amount: None }, hold_key(&state, tenant_id, &e2e, 2));
+        step(EventKind::PostPending { pending_id: hold.id, amount: None }, hold_key(&state, tenant_id, &claim, 2));
         // On us in another tenant: from that tenant's settlement account on to the payer.
         if let Some((payer_tenant, payer)) = payer_of(&received).filter(|(t, _)| *t != tenant_id) {
             let theirs = ensure_settlement(&state, &audit, payer_tenant).await?;
             step(
                 EventKind::Posted { debit: theirs.id, credit: AccountId(payer), amount: view.amount },
-                hold_key(&state, payer_tenant, &e2e, 3),
+                hold_key(&state, payer_tenant, &claim, 3),
             );
         }
     } else {
-        step(EventKind::VoidPending { pending_id: hold.id }, hold_key(&state, tenant_id, &e2e, 2));
+        step(EventKind::VoidPending { pending_id: hold.id }, hold_key(&state, tenant_id, &claim, 4));
     }
     if let Some(last) = events.last_mut() {
         last.linked = false;
@@ -303,7 +311,7 @@ pub async fn resolve_claim(
     }
     let (record, version) = (resolved.clone(), doc.version);
     let owner = format!("{}:{e2e}", uuid_string(tenant_id));
-    let refund_doc_id = format!("{e2e}:MED");
+    let refund_doc_id = super::api_pix::med_refund_doc_id(&e2e);
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => {
             let mut out = vec![med_document(tenant_id, doc.created_at, version + 1, &record)];

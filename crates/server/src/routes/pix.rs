@@ -1349,6 +1349,8 @@ pub async fn sandbox_incoming(
                 received.description.as_deref(),
                 now,
             );
+            // The API Pix notifies Pix associated with a txid only.
+            let key_index = key_index.filter(|_| received.txid.is_some());
             crate::webhook::notify(&state, tenant_id, key_index, e2e.clone(), pix);
             Ok(reply(StatusCode::CREATED, &IncomingView::from(received)))
         }
