@@ -1546,3 +1546,28 @@ pub async fn webhook_list(
     parametros["paginacao"] = paginacao(page, per_page, total);
     Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "webhooks": items})))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_date_time;
+
+    #[test]
+    fn date_times_parse_exactly_and_refuse_without_panicking() {
+        const SEC: u64 = 1_000_000_000;
+        assert_eq!(parse_date_time("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_date_time("2020-04-01T00:00:00Z"), Some(1_585_699_200 * SEC));
+        assert_eq!(parse_date_time("2020-04-01T00:00:00.5Z"), Some(1_585_699_200 * SEC + SEC / 2));
+        assert_eq!(parse_date_time("2020-04-01T00:00:00-03:00"), Some((1_585_699_200 + 3 * 3600) * SEC));
+        assert_eq!(parse_date_time("1900-01-01T00:00:00Z"), Some(0), "before the epoch clamps");
+        for bad in [
+            "2020-04-01",
+            "2020-13-01T00:00:00Z",
+            "2020-04-01T00:00:00",
+            "2020-04-01T00:00:00+0é00",
+            "2020-04-01T00:00:00.Z",
+            "ab",
+        ] {
+            assert_eq!(parse_date_time(bad), None, "{bad}");
+        }
+    }
+}
