@@ -140,6 +140,22 @@ pub struct StoredKey {
     pub created_at: String,
 }
 
+/// A document of `kind` with its body read as `T` (storage holding something else is corrupt).
+pub fn read_document<T: serde::de::DeserializeOwned>(
+    q: &dyn store::Queries,
+    kind: &str,
+    tenant: u128,
+    id: &str,
+) -> store::Result<Option<(store::Document, T)>> {
+    match q.document(kind, tenant, id)? {
+        Some(doc) => {
+            let body = serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+            Ok(Some((doc, body)))
+        }
+        None => Ok(None),
+    }
+}
+
 /// The blind index of a key (the DICT is keyed by it; keys are personal data).
 pub fn key_lookup(vault: &VaultService, key: &pix::PixKey) -> String {
     crate::auth::hex(&vault.index().of(b"pix-key", key.value.as_bytes()))

@@ -599,13 +599,7 @@ pub fn read_cob(
     tenant: u128,
     txid: &str,
 ) -> store::Result<Option<(store::Document, StoredCob)>> {
-    match q.document(COB_KIND, tenant, txid)? {
-        Some(doc) => {
-            let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
-            Ok(Some((doc, stored)))
-        }
-        None => Ok(None),
-    }
+    read_document(q, COB_KIND, tenant, txid)
 }
 
 /// The received Pix that concluded a charge, as the spec's `Pix`.
@@ -928,13 +922,7 @@ pub fn read_received(
     tenant: u128,
     e2e: &str,
 ) -> store::Result<Option<(store::Document, StoredReceived)>> {
-    match q.document(RECEIVED_KIND, tenant, e2e)? {
-        Some(doc) => {
-            let r: StoredReceived = serde_json::from_str(&doc.body).map_err(corrupt)?;
-            Ok(Some((doc, r)))
-        }
-        None => Ok(None),
-    }
+    read_document(q, RECEIVED_KIND, tenant, e2e)
 }
 
 /// A refund as stored and shown (the spec's `Devolucao`).

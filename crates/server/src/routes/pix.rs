@@ -246,6 +246,27 @@ struct StoredBucket {
     at: u64,
 }
 
+/// A directory look-up for `payer`, charged to its DICT bucket (1 found, 20 not): the key's
+/// document, or 429 when the bucket is empty.
+fn charged_lookup(
+    q: &dyn store::Queries,
+    vault: &crate::vault_service::VaultService,
+    tenant: u128,
+    payer: &Party,
+    key: &PixKey,
+) -> store::Result<Result<Option<(store::Document, StoredKey)>, Problem>> {
+    let mut found = None;
+    let charged = update_bucket(q, tenant, payer.holder, payer.person, |bucket, now| {
+        if !bucket.admits(now) {
+            return Ok(false);
+        }
+        found = find_key(vault, q, key)?;
+        bucket.charge(found.is_some(), now);
+        Ok(true)
+    })?;
+    Ok(charged.map(|()| found))
+}
+
 /// Applies `change` to a payer holder's DICT bucket (brought up to date), under compare and set;
 /// `change` answers false to refuse (the bucket is empty): then 429.
 fn update_bucket(
@@ -337,18 +358,10 @@ pub async fn lookup_key(
                     )))
                 }
             };
-            let mut found = None;
-            let charged = update_bucket(q, tenant_id, payer.holder, payer.person, |bucket, now| {
-                if !bucket.admits(now) {
-                    return Ok(false);
-                }
-                found = find_key(&vault, q, &key)?;
-                bucket.charge(found.is_some(), now);
-                Ok(true)
-            })?;
-            if let Err(p) = charged {
-                return Ok(Err(p));
-            }
+            let found = match charged_lookup(q, &vault, tenant_id, &payer, &key)? {
+                Ok(found) => found,
+                Err(p) => return Ok(Err(p)),
+            };
             let Some((doc, stored)) = found else {
                 return Ok(Err(Problem::new(StatusCode::NOT_FOUND, "key_not_found", "no such key in the directory")));
             };
@@ -959,18 +972,10 @@ pub async fn create_payment(
                 }
                 Target::Key(key) => {
                     // Resolving a key is a directory look-up: it draws on the payer's bucket.
-                    let mut found = None;
-                    let charged = update_bucket(q, tenant_id, payer.holder, payer.person, |bucket, now| {
-                        if !bucket.admits(now) {
-                            return Ok(false);
-                        }
-                        found = find_key(&vault, q, &key)?;
-                        bucket.charge(found.is_some(), now);
-                        Ok(true)
-                    })?;
-                    if let Err(p) = charged {
-                        return Ok(Err(p));
-                    }
+                    let found = match charged_lookup(q, &vault, tenant_id, &payer, &key)? {
+                        Ok(found) => found,
+                        Err(p) => return Ok(Err(p)),
+                    };
                     let Some((doc, stored)) = found else {
                         return Ok(Err(Problem::invalid(
                             if initiation == "brcode" { "brcode" } else { "key" },
