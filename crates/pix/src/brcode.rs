@@ -392,7 +392,7 @@ pub fn encode(spec: &Spec) -> Result<String, BrCodeError> {
         (None, Some(url)) => push(&mut account, "25", url),
         _ => return Err(BrCodeError::new("26", "a BR Code carries a key or a URL, exactly one")),
     }
-    if let Some(info) = spec.info.as_deref().filter(|i| !i.is_empty()) {
+    if let Some(info) = spec.info.as_deref().filter(|i| !i.trim().is_empty()) {
         push(&mut account, "02", &emv_text("26.02", info)?);
     }
     if account.chars().count() > 99 {
@@ -466,6 +466,14 @@ mod tests {
         assert_eq!(code.txid.as_deref(), Some("PEDIDO123"));
         assert_eq!(code.initiation, Some(Initiation::Static));
         assert!(code.warnings.is_empty());
+    }
+
+    #[test]
+    fn a_blank_description_is_left_out() {
+        let spec = Spec { key: Some("a@a.com".into()), info: Some("  ".into()), name: "A".into(), city: "a".into(), ..Spec::default() };
+        let payload = encode(&spec).unwrap();
+        assert!(!payload.contains("0200"), "{payload}");
+        assert_eq!(decode(&payload).unwrap().info, None);
     }
 
     #[test]
