@@ -8,8 +8,8 @@ fn spec() -> impl Strategy<Value = Spec> {
     (
         "[a-z0-9.]{1,30}@[a-z]{1,10}\\.com",
         proptest::option::of(1u64..=9_999_999_999u64),
-        "[A-Za-z ]{1,25}",
-        "[A-Za-z ]{1,15}",
+        "[A-Za-z ]{0,12}[A-Za-z][A-Za-z ]{0,12}",
+        "[A-Za-z ]{0,7}[A-Za-z][A-Za-z ]{0,7}",
         proptest::option::of("[A-Za-z0-9]{1,25}"),
         proptest::option::of("[ -~]{1,30}"),
     )
@@ -37,9 +37,6 @@ proptest! {
 
     #[test]
     fn encode_then_decode_round_trips(s in spec()) {
-        let name_ok = !s.name.trim().is_empty();
-        let city_ok = !s.city.trim().is_empty();
-        prop_assume!(name_ok && city_ok);
         let payload = match encode(&s) {
             Ok(p) => p,
             // Only a key and description too long for the 99-character template may be refused.
@@ -56,7 +53,6 @@ proptest! {
 
     #[test]
     fn one_changed_character_is_caught(s in spec(), at in any::<prop::sample::Index>(), with in "[A-Za-z0-9]") {
-        prop_assume!(!s.name.trim().is_empty() && !s.city.trim().is_empty());
         let Ok(payload) = encode(&s) else { return Ok(()) };
         let i = at.index(payload.len());
         let mut bytes = payload.clone().into_bytes();
