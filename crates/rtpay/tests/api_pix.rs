@@ -294,3 +294,101 @@ fn med_blocks_then_returns_or_releases() {
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
 }
+
+/// The payload at a location, verified by PyPI jwcrypto (crates/rtpay/tests/peers/jws_verify.py).
+fn verified_payload(server: &Server, path: &str) -> Value {
+    let python = std::env::var("RTPAY_TEST_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.cache/rtpay/venv/bin/python", std::env::var("HOME").unwrap_or_default()));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/jws_verify.py");
+    let out = std::process::Command::new(&python)
+        .args([script, &format!("http://{}", server.addr), path, "https://pix.rtpay.local/qr/jwks"])
+        .output()
+        .unwrap_or_else(|e| panic!("{python} is required (scripts/setup makes it, with jwcrypto): {e}"));
+    assert!(out.status.success(), "jwcrypto refused: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
+    let dir = temp_dir("api-pix-loc");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let (_, wallet) = tenant(&mut c, "wallet").await;
+        let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
+        let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap();
+        assert_eq!(r.status, 201);
+
+        // A location made on its own, then given to a charge.
+        let (s, loc, _) = send(&mut c, Method::POST, "/api/v2/loc", &shop, Some(json!({"tipoCob": "cob"}))).await;
+        assert_eq!(s, 201, "{loc}");
+        let id = loc["id"].as_u64().unwrap();
+        let url = loc["location"].as_str().unwrap().to_owned();
+        assert!(url.starts_with("https://pix.rtpay.local/qr/v2/") && url.len() <= 77 + 8, "{url}");
+        assert_eq!((loc["tipoCob"].clone(), loc.get("txid")), (json!("cob"), None));
+        for bad in [json!({"tipoCob": "boleto"}), json!({}), json!({"tipoCob": "cob", "x": 1})] {
+            let got = send(&mut c, Method::POST, "/api/v2/loc", &shop, Some(bad)).await;
+            assert_problem(&got, 400, "PayloadLocationOperacaoInvalida", Some("tipoCob"));
+        }
+        assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/loc/{id}"), &wallet, None).await, 404, "PayloadLocationNaoEncontrado", None);
+        assert_problem(&send(&mut c, Method::GET, "/api/v2/loc/x1", &shop, None).await, 404, "PayloadLocationNaoEncontrado", None);
+
+        let cob = json!({"loc": {"id": id}, "devedor": {"cpf": CPF_MARIA, "nome": "Maria Quitéria"},
+            "valor": {"original": "25.00"}, "chave": CNPJ_ACME, "solicitacaoPagador": "Pedido 7"});
+        let (s, v, _) = send(&mut c, Method::PUT, &format!("/api/v2/cob/{TXID}"), &shop, Some(cob.clone())).await;
+        assert_eq!(s, 201, "{v}");
+        assert_eq!((v["loc"]["id"].clone(), v["location"].clone()), (json!(id), json!(url)), "{v}");
+        let payload = v["pixCopiaECola"].clone();
+        let other = "otherTxid0000000000000000000001";
+        let got = send(&mut c, Method::PUT, &format!("/api/v2/cob/{other}"), &shop, Some(cob.clone())).await;
+        assert_problem(&got, 400, "CobOperacaoInvalida", Some("cob.loc.id"));
+        let got = send(&mut c, Method::PUT, &format!("/api/v2/cob/{other}"), &shop,
+            Some(json!({"loc": {"id": 12345}, "valor": {"original": "1.00"}, "chave": CNPJ_ACME}))).await;
+        assert_problem(&got, 400, "CobOperacaoInvalida", Some("cob.loc.id"));
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/loc/{id}"), &shop, None).await;
+        assert_eq!(v["txid"], json!(TXID), "{v}");
+        let window = "inicio=2020-01-01T00:00:00Z&fim=2100-01-01T00:00:00Z";
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&txIdPresente=true"), &shop, None).await;
+        assert_eq!((s, v["loc"].as_array().unwrap().len(), v["loc"][0]["id"].clone()), (200, 1, json!(id)), "{v}");
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&txIdPresente=false"), &shop, None).await;
+        assert_eq!(v["loc"].as_array().unwrap().len(), 0, "{v}");
+        assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&tipoCob=x"), &shop, None).await, 400, "PayloadLocationConsultaInvalida", Some("tipoCob"));
+
+        // The payload at the location, signed; checked by an independent JOSE library.
+        let path = url.strip_prefix("https://pix.rtpay.local").unwrap().to_owned();
+        let (srv, p) = (&server, path.clone());
+        let body = tokio::task::block_in_place(|| verified_payload(srv, &p));
+        assert_eq!((body["txid"].clone(), body["status"].clone(), body["revisao"].clone()), (json!(TXID), json!("ATIVA"), json!(0)), "{body}");
+        assert_eq!((body["valor"]["original"].clone(), body["chave"].clone()), (json!("25.00"), json!(CNPJ_ACME)));
+        assert_eq!((body["devedor"]["cpf"].clone(), body["solicitacaoPagador"].clone()), (json!(CPF_MARIA), json!("Pedido 7")));
+        assert!(body["calendario"]["apresentacao"].is_string(), "{body}");
+        let r = c.send(Method::GET, "/qr/v2/00000000000000000000000000000000", None, None).await.unwrap();
+        assert_eq!(r.status, 404);
+
+        // Unlinked: the charge keeps its status and loses its location; its BR Code pays nothing.
+        let (s, v, _) = send(&mut c, Method::DELETE, &format!("/api/v2/loc/{id}/txid"), &shop, None).await;
+        assert_eq!((s, v.get("txid")), (200, None), "{v}");
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}"), &shop, None).await;
+        assert_eq!((v["status"].clone(), v.get("location"), v.get("pixCopiaECola")), (json!("ATIVA"), None, None), "{v}");
+        assert_eq!(c.send(Method::GET, &path, None, None).await.unwrap().status, 404);
+        let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 2_500, "brcode": payload});
+        let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("charge_not_found")), "{:?}", r.json());
+        assert_eq!(balance(&mut c, &wallet, &maria).await["available"], json!(100_000), "nothing moved");
+
+        // Linked again by a revision, paid, and then no longer served.
+        let (s, v, _) = send(&mut c, Method::PATCH, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({"loc": {"id": id}}))).await;
+        assert_eq!((s, v["location"].clone(), v["revisao"].clone()), (200, json!(url), json!(1)), "{v}");
+        let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 2_500, "brcode": v["pixCopiaECola"]});
+        let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("completed")), "{:?}", r.json());
+        let r = c.send(Method::GET, &path, None, None).await.unwrap();
+        assert_eq!(r.status, 410);
+        assert_eq!(balance(&mut c, &shop, &acme).await["available"], json!(2_500));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}

@@ -17,6 +17,7 @@ pub mod card_network;
 pub mod dto;
 pub mod iso8583;
 pub mod json;
+pub mod jws;
 pub mod limits;
 pub mod metrics;
 pub mod oauth;
@@ -190,6 +191,12 @@ pub fn router(state: AppState) -> Router {
         // The Central Bank's API Pix (shared/spec/pix-api/openapi.yaml).
         .route("/api/v2/cob", post(api_pix::cob_post).get(api_pix::cob_list))
         .route("/api/v2/cob/{txid}", put(api_pix::cob_put).patch(api_pix::cob_patch).get(api_pix::cob_get))
+        .route("/api/v2/loc", post(pix_loc::loc_post).get(pix_loc::loc_list))
+        .route("/api/v2/loc/{id}", get(pix_loc::loc_get))
+        .route("/api/v2/loc/{id}/txid", axum::routing::delete(pix_loc::loc_unlink))
+        // What a charge's location serves (its URL is a capability: no authentication).
+        .route("/qr/v2/{token}", get(pix_loc::payload))
+        .route(pix_loc::JWKS_PATH, get(pix_loc::jwks))
         .route("/api/v2/pix", get(api_pix::pix_list))
         .route("/api/v2/pix/{e2eid}", get(api_pix::pix_get))
         .route("/api/v2/pix/{e2eid}/devolucao/{id}", put(api_pix::refund_put).get(api_pix::refund_get))

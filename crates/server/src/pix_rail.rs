@@ -78,6 +78,8 @@ pub struct PixRuntime {
     settled: Mutex<HashSet<u128>>,
     pub connector: Arc<dyn crate::spi::SpiConnector>,
     pub breaker: Mutex<pix::spi::Breaker>,
+    /// The key that signs the payloads at charges' locations, loaded on first use.
+    pub signer: std::sync::OnceLock<Arc<crate::jws::PayloadSigner>>,
 }
 
 impl PixRuntime {
@@ -88,6 +90,7 @@ impl PixRuntime {
             settled: Mutex::default(),
             connector,
             breaker: Mutex::new(pix::spi::Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN_NANOS)),
+            signer: std::sync::OnceLock::new(),
         }
     }
 }

@@ -145,14 +145,14 @@ impl From<store::StoreError> for PixError {
     }
 }
 
-type PixResult<T> = Result<T, PixError>;
+pub(crate) type PixResult<T> = Result<T, PixError>;
 
-fn corrupt(e: impl std::fmt::Display) -> store::StoreError {
+pub(crate) fn corrupt(e: impl std::fmt::Display) -> store::StoreError {
     store::StoreError::Corrupt(e.to_string())
 }
 
 /// A JSON body of the kind's schema: malformed JSON, wrong types and unknown fields are 400.
-fn body_of<T: serde::de::DeserializeOwned>(bytes: &Bytes, kind: &'static str, root: &str) -> PixResult<T> {
+pub(crate) fn body_of<T: serde::de::DeserializeOwned>(bytes: &Bytes, kind: &'static str, root: &str) -> PixResult<T> {
     let text = std::str::from_utf8(bytes).map_err(|_| PixError::violation(kind, root, "the body is not UTF-8"))?;
     serde_json::from_str(text).map_err(|e| {
         // serde's message names the field and the expected type, never the value.
@@ -160,7 +160,7 @@ fn body_of<T: serde::de::DeserializeOwned>(bytes: &Bytes, kind: &'static str, ro
     })
 }
 
-fn params_of(raw: Option<String>, kind: &'static str) -> PixResult<HashMap<String, String>> {
+pub(crate) fn params_of(raw: Option<String>, kind: &'static str) -> PixResult<HashMap<String, String>> {
     serde_urlencoded::from_str::<Vec<(String, String)>>(raw.as_deref().unwrap_or(""))
         .map(|v| v.into_iter().collect())
         .map_err(|_| PixError::violation(kind, "query", "the query string is malformed"))
@@ -225,7 +225,7 @@ pub fn parse_date_time(text: &str) -> Option<u64> {
 }
 
 /// `paginacao.paginaAtual` (from 0) and `paginacao.itensPorPagina` (1..=1000, default 100).
-fn pagination(p: &HashMap<String, String>, kind: &'static str) -> PixResult<(usize, usize)> {
+pub(crate) fn pagination(p: &HashMap<String, String>, kind: &'static str) -> PixResult<(usize, usize)> {
     let page = match p.get("paginacao.paginaAtual") {
         Some(v) => v
             .parse::<usize>()
@@ -242,7 +242,7 @@ fn pagination(p: &HashMap<String, String>, kind: &'static str) -> PixResult<(usi
     Ok((page, per_page))
 }
 
-fn bool_param(p: &HashMap<String, String>, name: &str, kind: &'static str) -> PixResult<Option<bool>> {
+pub(crate) fn bool_param(p: &HashMap<String, String>, name: &str, kind: &'static str) -> PixResult<Option<bool>> {
     match p.get(name).map(String::as_str) {
         None => Ok(None),
         Some("true") => Ok(Some(true)),
@@ -252,7 +252,7 @@ fn bool_param(p: &HashMap<String, String>, name: &str, kind: &'static str) -> Pi
 }
 
 /// The listing's window; `None` when it is empty (`fim` before `inicio`).
-fn window(p: &HashMap<String, String>, kind: &'static str) -> PixResult<Option<(u64, u64)>> {
+pub(crate) fn window(p: &HashMap<String, String>, kind: &'static str) -> PixResult<Option<(u64, u64)>> {
     let at = |name: &str| -> PixResult<u64> {
         let text = p.get(name).ok_or_else(|| PixError::violation(kind, name, "is required"))?;
         parse_date_time(text).ok_or_else(|| PixError::violation(kind, name, "must be an RFC 3339 date-time"))
@@ -262,7 +262,7 @@ fn window(p: &HashMap<String, String>, kind: &'static str) -> PixResult<Option<(
 }
 
 /// Every document of the kind in the window that `keep` accepts, up to [`LISTING_SCAN_MAX`] read.
-fn scan(
+pub(crate) fn scan(
     q: &dyn store::Queries,
     kind: &str,
     tenant: u128,
@@ -294,7 +294,7 @@ fn scan(
     Ok(out)
 }
 
-fn paginacao(page: usize, per_page: usize, total: usize) -> Value {
+pub(crate) fn paginacao(page: usize, per_page: usize, total: usize) -> Value {
     json!({
         "paginaAtual": page,
         "itensPorPagina": per_page,
@@ -373,8 +373,14 @@ pub struct StoredCob {
     pub txid: String,
     pub account_id: String,
     pub status: String,
-    pub loc_id: u64,
-    pub location: String,
+    /// Its location (`loc.id`, the URL without scheme, when it was made), while it has one: the
+    /// document's lookup is the location then, which makes one charge per location.
+    #[serde(default)]
+    pub loc_id: Option<u64>,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub loc_created_at: Option<u64>,
     /// When it was created (`calendario.criacao`).
     pub created_at: u64,
     pub expiracao: i64,
@@ -401,13 +407,6 @@ fn cob_record(tenant: u128, txid: &str) -> Vec<u8> {
 /// when revising. `root` names properties: `cob`.
 fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<CobContent> {
     const K: &str = "CobOperacaoInvalida";
-    if body.loc.is_some() {
-        return Err(PixError::violation(
-            K,
-            "cob.loc.id",
-            "the location does not exist (locations are made with the charge)",
-        ));
-    }
     let expiracao = match body.calendario.as_ref().and_then(|c| c.expiracao) {
         Some(e) => {
             pix::charge::cob_expires_at(now, Some(e))
@@ -516,21 +515,23 @@ fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<
 
 /// The charge as the spec shows it (`CobCompleta`): `content` is the revision shown.
 fn cob_view(stored: &StoredCob, content: &CobContent, revisao: usize, pix: Option<Value>) -> Value {
-    // The BR Code carries the location without a scheme (its field 25); the JSON `location` is
-    // typed `uri` by the spec, so it is shown as an absolute HTTPS URI.
-    let location = format!("https://{}", stored.location);
     let mut v = json!({
         "calendario": {"criacao": rfc3339(stored.created_at), "expiracao": content.expiracao},
         "txid": stored.txid,
         "revisao": revisao,
-        "loc": {"id": stored.loc_id, "location": location, "tipoCob": "cob", "criacao": rfc3339(stored.created_at),
-                "txid": stored.txid},
-        "location": location,
         "status": stored.status,
         "valor": {"original": pix::amount::format(content.original), "modalidadeAlteracao": content.modalidade_alteracao},
         "chave": content.chave,
-        "pixCopiaECola": stored_payload(stored),
     });
+    if let (Some(id), Some(location)) = (stored.loc_id, &stored.location) {
+        // The BR Code carries the location without a scheme (its field 25); the JSON `location`
+        // is typed `uri` by the spec, so it is shown as an absolute HTTPS URI.
+        let uri = format!("https://{location}");
+        let criacao = rfc3339(stored.loc_created_at.unwrap_or(stored.created_at));
+        v["loc"] = json!({"id": id, "location": uri, "tipoCob": "cob", "criacao": criacao, "txid": stored.txid});
+        v["location"] = json!(uri);
+        v["pixCopiaECola"] = json!(stored_payload(stored, location));
+    }
     if let Some((kind, doc, nome)) = &content.devedor {
         v["devedor"] = json!({ kind.as_str(): doc, "nome": nome });
     }
@@ -546,11 +547,42 @@ fn cob_view(stored: &StoredCob, content: &CobContent, revisao: usize, pix: Optio
     v
 }
 
+/// The payload a charge's location serves (the spec's `CobPayload`), `at` its presentation.
+pub(crate) fn cob_payload(
+    state: &AppState,
+    q: &dyn store::Queries,
+    stored: &StoredCob,
+    tenant: u128,
+    at: u64,
+) -> PixResult<Value> {
+    let revisions = open_revisions(state, q, tenant, stored)?;
+    let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
+    let content = &revisions[n];
+    let mut v = json!({
+        "calendario": {"criacao": rfc3339(stored.created_at), "apresentacao": rfc3339(at), "expiracao": content.expiracao},
+        "txid": stored.txid,
+        "revisao": n,
+        "status": stored.status,
+        "valor": {"original": pix::amount::format(content.original), "modalidadeAlteracao": content.modalidade_alteracao},
+        "chave": content.chave,
+    });
+    if let Some((kind, doc, nome)) = &content.devedor {
+        v["devedor"] = json!({ kind.as_str(): doc, "nome": nome });
+    }
+    if let Some(s) = &content.solicitacao_pagador {
+        v["solicitacaoPagador"] = json!(s);
+    }
+    if !content.info_adicionais.is_empty() {
+        v["infoAdicionais"] = json!(content.info_adicionais);
+    }
+    Ok(v)
+}
+
 /// The dynamic BR Code of a charge: its location, its amount unless the payer may change it.
-fn stored_payload(stored: &StoredCob) -> String {
+fn stored_payload(stored: &StoredCob, location: &str) -> String {
     pix::brcode::encode(&pix::brcode::Spec {
         key: None,
-        url: Some(stored.location.clone()),
+        url: Some(location.to_owned()),
         info: None,
         amount: (!stored.amount_editable).then_some(stored.original),
         name: COB_MERCHANT_NAME.into(),
@@ -639,8 +671,9 @@ async fn put_cob(
                 Some((doc, stored)) if doc.tenant_id == tenant_id => stored.account_id,
                 _ => return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver")),
             };
+            let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;
             let existing = read_cob(q, tenant_id, &txid)?;
-            let (revisions, version, created_at, loc_id, location) = match &existing {
+            let (revisions, version, created_at, mut loc) = match &existing {
                 Some((_, s)) if s.status != CobStatus::Ativa.as_str() => {
                     return Err(PixError::violation(K, "txid", "the charge exists and is not ATIVA"))
                 }
@@ -650,20 +683,29 @@ async fn put_cob(
                         return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
                     }
                     r.push(content.clone());
-                    (r, doc.version, s.created_at, s.loc_id, s.location.clone())
+                    (r, doc.version, s.created_at, super::pix_loc::Linked::of(s))
                 }
-                None => {
-                    let r = random_32();
-                    let loc_id = u64::from_be_bytes(r[..8].try_into().expect("8 bytes")) >> 1;
-                    (vec![content.clone()], 0, now, loc_id, format!("{LOCATION_HOST}{}", crate::auth::hex(&r[8..24])))
-                }
+                None => (vec![content.clone()], 0, now, None),
             };
+            match (wanted, &loc) {
+                (Some(id), Some(have)) if id != have.id => {
+                    return Err(PixError::violation(
+                        K,
+                        "cob.loc.id",
+                        "the charge has another location; unlink it first (DELETE /loc/{id}/txid)",
+                    ))
+                }
+                (Some(id), None) => loc = Some(super::pix_loc::claim(q, tenant_id, id, "cob", &txid, K, "cob.loc.id")?),
+                (None, None) if existing.is_none() => loc = Some(super::pix_loc::create(q, tenant_id, "cob", now)?),
+                _ => {}
+            }
             let stored = StoredCob {
                 txid: txid.clone(),
                 account_id: account,
                 status: CobStatus::Ativa.as_str().into(),
-                loc_id,
-                location: location.clone(),
+                loc_id: loc.as_ref().map(|l| l.id),
+                location: loc.as_ref().map(|l| l.location.clone()),
+                loc_created_at: loc.as_ref().map(|l| l.created_at),
                 created_at,
                 expiracao: content.expiracao,
                 original: content.original,
@@ -681,7 +723,7 @@ async fn put_cob(
                 kind: COB_KIND.into(),
                 tenant_id,
                 id: txid.clone(),
-                lookup: Some(location),
+                lookup: stored.location.clone(),
                 owner: None,
                 created_at,
                 version: version + 1,
@@ -694,7 +736,10 @@ async fn put_cob(
                     Err(e) => return Err(e.into()),
                 }
             } else {
-                q.update_document(&doc, version)?
+                match q.update_document(&doc, version) {
+                    Err(store::StoreError::Conflict(_)) => false,
+                    other => other?,
+                }
             };
             if !written {
                 return Err(PixError::violation(K, "txid", "the charge changed meanwhile; retry"));
@@ -780,6 +825,22 @@ pub async fn cob_patch(
             if revisions.len() >= REVISIONS_MAX {
                 return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
             }
+            match (super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?, stored.loc_id) {
+                (Some(id), Some(have)) if id != have => {
+                    return Err(PixError::violation(
+                        K,
+                        "cob.loc.id",
+                        "the charge has another location; unlink it first (DELETE /loc/{id}/txid)",
+                    ))
+                }
+                (Some(id), None) => {
+                    let l = super::pix_loc::claim(q, tenant_id, id, "cob", &txid, K, "cob.loc.id")?;
+                    stored.loc_id = Some(l.id);
+                    stored.location = Some(l.location);
+                    stored.loc_created_at = Some(l.created_at);
+                }
+                _ => {}
+            }
             let base = revisions.last().cloned().ok_or_else(|| corrupt("a charge without revisions"))?;
             let now = store::now_nanos();
             let content = if alters { content_of(&body, Some(&base), now)? } else { CobContent { at: now, ..base } };
@@ -809,14 +870,19 @@ pub async fn cob_patch(
             stored.revisions = revisions.len();
             let updated = store::Document {
                 version: doc.version + 1,
+                lookup: stored.location.clone(),
                 body: serde_json::to_string(&stored).expect("serializable"),
                 ..doc.clone()
             };
-            if !q.update_document(&updated, doc.version)? {
+            let written = match q.update_document(&updated, doc.version) {
+                Err(store::StoreError::Conflict(_)) => false,
+                other => other?,
+            };
+            if !written {
                 return Err(PixError::violation(
                     K,
                     "txid",
-                    "the charge changed meanwhile (it may have been paid); retry",
+                    "the charge or its location changed meanwhile (it may have been paid); retry",
                 ));
             }
             Ok(cob_view(&stored, &content, revisions.len() - 1, None))

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod med;
 pub mod ops;
 pub mod pix;
+pub mod pix_loc;
 pub mod tenants;
 pub mod transfers;
 
