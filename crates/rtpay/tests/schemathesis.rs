@@ -1,6 +1,6 @@
 //! The API Pix against its contract: PyPI `schemathesis` (an independent peer, installed by
 //! `scripts/setup`) reads `shared/spec/pix-api/openapi.yaml` and drives a live `rtpay serve` with
-//! requests generated from it — the cob, pix, devolução and webhook operations — checking that no answer is
+//! requests generated from it — the cob, loc, pix, devolução and webhook operations — checking that no answer is
 //! a server error, and that every status code, content type and body is one the spec documents.
 //! It authenticates as an OAuth2 client with the spec's scopes, and is given a charge and a
 //! received Pix to find, so its requests reach the operations' logic, not only their 404s.
@@ -32,7 +32,7 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
 
     let dir = temp_dir("schemathesis");
     let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", "12345678"]);
-    let token = runtime().block_on(async {
+    let (token, loc_id) = runtime().block_on(async {
         let mut c = server.client();
         let (_, key) = tenant(&mut c, "schemathesis").await;
         let r = c
@@ -57,6 +57,7 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
             .await
             .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
+        let loc_id = r.json()["loc"]["id"].as_u64().unwrap();
         let incoming = json!({"end_to_end_id": E2E, "amount": 5_000, "account_id": acct,
             "payer": {"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"}});
         assert_eq!(c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap().status, 201);
@@ -64,7 +65,8 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
             .post(
                 "/v1/oauth-clients",
                 &key,
-                &json!({"scopes": ["cob.write", "cob.read", "pix.write", "pix.read", "webhook.write", "webhook.read"]}),
+                &json!({"scopes": ["cob.write", "cob.read", "pix.write", "pix.read", "webhook.write", "webhook.read",
+                    "payloadlocation.write", "payloadlocation.read"]}),
             )
             .await
             .unwrap();
@@ -78,13 +80,15 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
         let r =
             c.send_with_headers(Method::POST, "/oauth/token", None, Some(Bytes::from(form)), &headers).await.unwrap();
         assert_eq!(r.status, 200, "{:?}", r.json());
-        r.json()["access_token"].as_str().unwrap().to_owned()
+        (r.json()["access_token"].as_str().unwrap().to_owned(), loc_id)
     });
 
     let config = dir.join("schemathesis.toml");
     std::fs::write(
         &config,
-        format!("[parameters]\ntxid = \"{TXID}\"\ne2eid = \"{E2E}\"\nchave = \"11222333000181\"\n"),
+        format!(
+            "[parameters]\ntxid = \"{TXID}\"\ne2eid = \"{E2E}\"\nchave = \"11222333000181\"\nid = \"{loc_id}\"\n"
+        ),
     )
     .unwrap();
     let out = Command::new(&schemathesis)
@@ -92,7 +96,7 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
         .arg(&config)
         .args(["run", SPEC, "--url", &format!("http://{}/api/v2", server.addr)])
         .args(["-H", &format!("Authorization: Bearer {token}")])
-        .args(["--include-path-regex", "^/(cob|pix|webhook)(/.*)?$"])
+        .args(["--include-path-regex", "^/(cob|pix|webhook|loc)(/.*)?$"])
         .args([
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
@@ -107,8 +111,8 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
     assert!(
-        text.contains("Selected: 13/"),
-        "the 13 cob, pix, devolução and webhook operations were not all selected:\n{text}"
+        text.contains("Selected: 17/"),
+        "the 17 cob, pix, devolução, webhook and loc operations were not all selected:\n{text}"
     );
     let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
     assert!(generated.contains("passed"), "no test cases ran:\n{text}");
