@@ -77,6 +77,26 @@ const NANOS_PER_DAY: u64 = 86_400 * SEC;
 /// A UTC civil date (year, month, day), as `ledger::time` writes it.
 pub type Date = (i64, i64, i64);
 
+/// The civil date in Brasília time (UTC−3, no daylight saving since 2019) at `now`: the day a
+/// payer pays on, for due dates.
+pub fn brasilia_date(now: Timestamp) -> Date {
+    civil_date(now.saturating_sub(crate::limits::OFFSET_HOURS * 3_600 * SEC))
+}
+
+/// A `YYYY-MM-DD` text as a date, if it has that shape and is a calendar date.
+pub fn parse_date(text: &str) -> Option<Date> {
+    let b = text.as_bytes();
+    let shape = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if !shape {
+        return None;
+    }
+    let date = (text[..4].parse().ok()?, text[5..7].parse().ok()?, text[8..].parse().ok()?);
+    day_of(date, "").ok().map(|_| date)
+}
+
 /// Dates before 1970 clamp to the epoch in `ledger::time`; 2500 keeps every date far inside the
 /// nanosecond `Timestamp`, which ends in 2554.
 pub const YEAR_MIN: i64 = 1970;
@@ -751,6 +771,17 @@ mod tests {
 
     fn parts(v: CobVValorCalculado) -> Parts {
         (v.abatimento, v.multa, v.juros, v.desconto, v.valor_final)
+    }
+
+    #[test]
+    fn dates_parse_only_as_calendar_days_and_brasilia_lags_utc_by_three_hours() {
+        assert_eq!(parse_date("2024-02-29"), Some((2024, 2, 29)));
+        for bad in ["2023-02-29", "2024-13-01", "2024-1-01", "20240101", "2024-01-01T00", "２０２４-01-01"] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
+        let at = |h: u64| nanos_of_date(2024, 3, 10) + h * 3_600 * SEC;
+        assert_eq!(brasilia_date(at(2)), (2024, 3, 9));
+        assert_eq!(brasilia_date(at(3)), (2024, 3, 10));
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl AppState {
         routes::accounts::list_account_transfers,
         routes::transfers::create_transfer, routes::transfers::create_batch, routes::transfers::get_transfer,
         routes::transfers::post_pending, routes::transfers::void_pending,
-        routes::holders::create_holder, routes::holders::get_holder, oauth::create_client, oauth::revoke_client, routes::keys::rotate_keys,
+        routes::holders::create_holder, routes::holders::get_holder, routes::holders::set_address, oauth::create_client, oauth::revoke_client, routes::keys::rotate_keys,
         routes::audit::list_entries, routes::audit::tree_head, routes::audit::inclusion_proof,
         routes::audit::consistency_proof,
         routes::cards::create_product, routes::cards::get_product, routes::cards::create_card, routes::cards::get_card,
@@ -166,6 +166,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/rotate", post(keys::rotate_keys))
         .route("/v1/holders", post(holders::create_holder))
         .route("/v1/holders/{id}", get(holders::get_holder))
+        .route("/v1/holders/{id}/address", put(holders::set_address))
         .route("/v1/holders/{id}/pix-limits", get(pix::get_limits).put(pix::set_limits))
         .route("/v1/card-products", post(cards::create_product))
         .route("/v1/card-products/{id}", get(cards::get_product))
@@ -191,11 +192,17 @@ pub fn router(state: AppState) -> Router {
         // The Central Bank's API Pix (shared/spec/pix-api/openapi.yaml).
         .route("/api/v2/cob", post(api_pix::cob_post).get(api_pix::cob_list))
         .route("/api/v2/cob/{txid}", put(api_pix::cob_put).patch(api_pix::cob_patch).get(api_pix::cob_get))
+        .route("/api/v2/cobv", get(api_pix::cobv::cobv_list))
+        .route(
+            "/api/v2/cobv/{txid}",
+            put(api_pix::cobv::cobv_put).patch(api_pix::cobv::cobv_patch).get(api_pix::cobv::cobv_get),
+        )
         .route("/api/v2/loc", post(pix_loc::loc_post).get(pix_loc::loc_list))
         .route("/api/v2/loc/{id}", get(pix_loc::loc_get))
         .route("/api/v2/loc/{id}/txid", axum::routing::delete(pix_loc::loc_unlink))
         // What a charge's location serves (its URL is a capability: no authentication).
         .route("/qr/v2/{token}", get(pix_loc::payload))
+        .route("/qr/v2/cobv/{token}", get(api_pix::cobv::payload))
         .route(pix_loc::JWKS_PATH, get(pix_loc::jwks))
         .route("/api/v2/pix", get(api_pix::pix_list))
         .route("/api/v2/pix/{e2eid}", get(api_pix::pix_get))

@@ -30,6 +30,8 @@ use crate::routes::query;
 use crate::vault_service::VaultFailure;
 use crate::AppState;
 
+pub mod cobv;
+
 pub const COB_KIND: &str = "pix-cob";
 pub const REFUND_KIND: &str = "pix-refund";
 /// Revisions kept per charge (a PATCH beyond answers 400).
@@ -365,6 +367,10 @@ struct CobContent {
     info_adicionais: Vec<InfoBody>,
     /// When this revision was made.
     at: u64,
+    /// A charge with a due date's terms and parties (`cobv`); `expiracao` and
+    /// `modalidade_alteracao` are unused then.
+    #[serde(default)]
+    cobv: Option<cobv::CobVContent>,
 }
 
 /// A charge as stored: the document's body.
@@ -397,6 +403,9 @@ pub struct StoredCob {
     /// The blind index of its key (which webhook hears of its payment).
     #[serde(default)]
     pub chave_index: Option<String>,
+    /// A charge with a due date (`cobv`, same txids as `cob`): its terms, for the payment's amount.
+    #[serde(default)]
+    pub cobv: Option<cobv::CobVTerms>,
 }
 
 fn cob_record(tenant: u128, txid: &str) -> Vec<u8> {
@@ -510,6 +519,7 @@ fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<
         solicitacao_pagador,
         info_adicionais,
         at: now,
+        cobv: None,
     })
 }
 
@@ -674,6 +684,9 @@ async fn put_cob(
             let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;
             let existing = read_cob(q, tenant_id, &txid)?;
             let (revisions, version, created_at, mut loc) = match &existing {
+                Some((_, s)) if s.cobv.is_some() => {
+                    return Err(PixError::violation(K, "txid", "a charge with a due date (cobv) has this txid"))
+                }
                 Some((_, s)) if s.status != CobStatus::Ativa.as_str() => {
                     return Err(PixError::violation(K, "txid", "the charge exists and is not ATIVA"))
                 }
@@ -718,6 +731,7 @@ async fn put_cob(
                 revisions: revisions.len(),
                 paid_by: None,
                 chave_index: Some(key_lookup(&vault, &key)),
+                cobv: None,
             };
             let doc = store::Document {
                 kind: COB_KIND.into(),
@@ -817,6 +831,7 @@ pub async fn cob_patch(
     let view = query(&state, move |q| {
         Ok((|| -> PixResult<Value> {
             let (doc, mut stored) = read_cob(q, tenant_id, &txid)?
+                .filter(|(_, s)| s.cobv.is_none())
                 .ok_or_else(|| PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "no charge with this txid"))?;
             let status = CobStatus::parse(&stored.status).ok_or_else(|| corrupt("a charge's status"))?;
             let next =
@@ -913,7 +928,7 @@ pub async fn cob_get(
     let st = state.clone();
     let view = query(&state, move |q| {
         Ok((|| -> PixResult<Value> {
-            let (_, stored) = read_cob(q, tenant_id, &txid)?.ok_or_else(not_found)?;
+            let (_, stored) = read_cob(q, tenant_id, &txid)?.filter(|(_, s)| s.cobv.is_none()).ok_or_else(not_found)?;
             let revisions = open_revisions(&st, q, tenant_id, &stored)?;
             let n = revisao.unwrap_or(revisions.len().saturating_sub(1));
             let content = revisions.get(n).ok_or_else(|| {
@@ -954,12 +969,14 @@ pub async fn cob_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
     let st = state.clone();
     let (cobs, total) = query(&state, move |q| {
         Ok((|| -> PixResult<(Vec<Value>, usize)> {
-            let Some(span) = span.filter(|_| location != Some(false) && !(cpf.is_some() && cnpj.is_some())) else {
+            let Some(span) = span.filter(|_| !(cpf.is_some() && cnpj.is_some())) else {
                 return Ok((vec![], 0));
             };
             let docs = scan(q, COB_KIND, tenant_id, span, |d| {
                 let Ok(s) = serde_json::from_str::<StoredCob>(&d.body) else { return false };
-                status.as_ref().is_none_or(|w| *w == s.status)
+                s.cobv.is_none()
+                    && location.is_none_or(|w| w == s.location.is_some())
+                    && status.as_ref().is_none_or(|w| *w == s.status)
                     && document.as_ref().is_none_or(|w| s.devedor_index.as_ref() == Some(w))
             })?;
             let total = docs.len();
@@ -1367,6 +1384,25 @@ pub fn payable_cob(
             "charge_not_payable",
             format!("the charge is {}, not ATIVA", stored.status),
         )));
+    }
+    if let Some(terms) = &stored.cobv {
+        // What a charge with a due date costs today, in Brasília.
+        let today = pix::charge::brasilia_date(store::now_nanos());
+        let due = match terms.amount_on(today) {
+            Ok(calc) => calc.valor_final,
+            Err(e) => {
+                let why = format!("the charge cannot be paid today: {e}");
+                return Ok(Err(Problem::invalid(field, "charge_expired", why)));
+            }
+        };
+        if amount != due {
+            return Ok(Err(Problem::invalid(
+                "amount",
+                "amount_mismatch",
+                format!("the charge costs {due} centavos today; `amount` says {amount}"),
+            )));
+        }
+        return Ok(Ok((doc, stored)));
     }
     if !pix::charge::cob_payable(stored.created_at, Some(stored.expiracao), store::now_nanos()).unwrap_or(false) {
         return Ok(Err(Problem::invalid(field, "charge_expired", "the charge has expired (calendario.expiracao)")));

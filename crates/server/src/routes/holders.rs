@@ -35,7 +35,68 @@ pub struct HolderView {
     pub name: String,
     /// Masked: `***.982.247-**`, `**.222.333/0001-**`.
     pub document: String,
+    /// Where the holder is, once set (`PUT /v1/holders/{id}/address`): a receiver's charges with a
+    /// due date (API Pix `cobv`) show it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
     pub created_at: String,
+}
+
+/// A Brazilian postal address, as the API Pix's `logradouro`, `cidade`, `uf` and `cep`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    /// 1 to 200 characters.
+    pub street: String,
+    /// 1 to 200 characters.
+    pub city: String,
+    /// The federative unit: `SP`, `RJ`, ... (27 of them).
+    pub state: String,
+    /// The CEP: 8 digits.
+    pub postal_code: String,
+}
+
+pub const ADDRESS_KIND: &str = "holder-address";
+const UFS: [&str; 27] = [
+    "AC", "AL", "AP", "AM", "BA", "CE", "DF", "ES", "GO", "MA", "MT", "MS", "MG", "PA", "PB", "PR", "PE", "PI", "RJ",
+    "RN", "RS", "RO", "RR", "SC", "SP", "SE", "TO",
+];
+
+impl Address {
+    /// Checks each field; trims the texts.
+    pub fn checked(self) -> Result<Address, Problem> {
+        let street = crate::dto::display_name("street", &self.street, 200)?;
+        let city = crate::dto::display_name("city", &self.city, 200)?;
+        if !UFS.contains(&self.state.as_str()) {
+            return Err(Problem::invalid("state", "invalid_state", "`state` must be a federative unit: SP, RJ, MG, ..."));
+        }
+        if self.postal_code.len() != 8 || !self.postal_code.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Problem::invalid("postal_code", "invalid_postal_code", "`postal_code` must be a CEP: 8 digits"));
+        }
+        Ok(Address { street, city, ..self })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredAddress {
+    /// The address as JSON, sealed under the tenant's data key, base64.
+    sealed: String,
+}
+
+/// The holder's address, if set. Blocking.
+pub fn read_address(
+    vault: &crate::vault_service::VaultService,
+    q: &dyn store::Queries,
+    tenant: u128,
+    holder: u128,
+) -> Result<Option<Address>, VaultFailure> {
+    let Some(doc) = q.document(ADDRESS_KIND, tenant, &uuid_string(holder))? else { return Ok(None) };
+    let corrupt = || VaultFailure::Store(store::StoreError::Corrupt("a holder's address".into()));
+    let stored: StoredAddress = serde_json::from_str(&doc.body).map_err(|_| corrupt())?;
+    let sealed = crate::oauth::base64_decode(&stored.sealed).ok_or_else(corrupt)?;
+    let dek = vault.data_key(q, tenant)?;
+    let plain = vault::open(&dek, &record_id(tenant, holder, "address"), &sealed)?;
+    Ok(Some(serde_json::from_slice(&plain).map_err(|_| corrupt())?))
 }
 
 pub(crate) fn record_id(tenant: u128, id: u128, field: &str) -> Vec<u8> {
@@ -102,6 +163,7 @@ pub async fn create_holder(
                 kind: kind_out,
                 name: name_out,
                 document: masked,
+                address: None,
                 created_at: rfc3339(created_at),
             },
         )),
@@ -128,17 +190,18 @@ pub async fn get_holder(
     let tenant_id = tenant.id;
     let found = query(&state, move |q| {
         let Some(h) = q.holder(tenant_id, id)? else { return Ok(None) };
-        let opened = (|| -> Result<(String, String), VaultFailure> {
+        let opened = (|| -> Result<(String, String, Option<Address>), VaultFailure> {
             let dek = vault.data_key(q, tenant_id)?;
             let name = vault::open(&dek, &record_id(tenant_id, id, "name"), &h.name_sealed)?;
             let document = vault::open(&dek, &record_id(tenant_id, id, "document"), &h.document_sealed)?;
-            Ok((String::from_utf8_lossy(&name).into_owned(), String::from_utf8_lossy(&document).into_owned()))
+            let address = read_address(&vault, q, tenant_id, id)?;
+            Ok((String::from_utf8_lossy(&name).into_owned(), String::from_utf8_lossy(&document).into_owned(), address))
         })();
         Ok(Some((h.kind, h.created_at, opened)))
     })
     .await?;
     let (kind, created_at, opened) = found.ok_or_else(|| Problem::not_found("holder"))?;
-    let (name, document) = opened.map_err(Problem::from)?;
+    let (name, document, address) = opened.map_err(Problem::from)?;
     Ok(reply(
         StatusCode::OK,
         &HolderView {
@@ -146,7 +209,70 @@ pub async fn get_holder(
             kind,
             name,
             document: vault::mask::document(&document),
+            address,
             created_at: rfc3339(created_at),
         },
     ))
+}
+
+#[utoipa::path(put, path = "/v1/holders/{id}/address", tag = "holders", params(("id" = String, Path)),
+    request_body = Address,
+    responses((status = 200, body = Address), (status = 404, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn set_address(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(id): Path<String>,
+    Json(body): Json<Address>,
+) -> Result<Response, Problem> {
+    tenant.require("holders:write")?;
+    let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
+    let id = parse_id("id", &id)?;
+    let address = body.checked()?;
+    audit.0.set_resource(uuid_string(id));
+    let tenant_id = tenant.id;
+    let shown = address.clone();
+    let outcome = query(&state, move |q| {
+        Ok((|| -> Result<Result<(), Problem>, VaultFailure> {
+            if q.holder(tenant_id, id)?.is_none() {
+                return Ok(Err(Problem::not_found("holder")));
+            }
+            let dek = vault.data_key(q, tenant_id)?;
+            let plain = serde_json::to_vec(&address).expect("serializable");
+            let sealed = vault::seal(&dek, &record_id(tenant_id, id, "address"), &plain)?;
+            let body = serde_json::to_string(&StoredAddress { sealed: crate::oauth::base64_encode(&sealed) })
+                .expect("serializable");
+            for _ in 0..3 {
+                let written = match q.document(ADDRESS_KIND, tenant_id, &uuid_string(id))? {
+                    Some(doc) => {
+                        let next = store::Document { version: doc.version + 1, body: body.clone(), ..doc.clone() };
+                        q.update_document(&next, doc.version)?
+                    }
+                    None => match q.insert_document(&store::Document {
+                        kind: ADDRESS_KIND.into(),
+                        tenant_id,
+                        id: uuid_string(id),
+                        lookup: None,
+                        owner: None,
+                        created_at: store::now_nanos(),
+                        version: 1,
+                        body: body.clone(),
+                    }) {
+                        Ok(()) => true,
+                        Err(store::StoreError::Conflict(_)) => false,
+                        Err(e) => return Err(e.into()),
+                    },
+                };
+                if written {
+                    return Ok(Ok(()));
+                }
+            }
+            Ok(Err(Problem::unavailable("the address changed meanwhile; retry", 1)))
+        })())
+    })
+    .await?;
+    outcome.map_err(Problem::from)??;
+    Ok(reply(StatusCode::OK, &shown))
 }

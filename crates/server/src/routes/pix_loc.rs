@@ -63,25 +63,24 @@ struct LocRef {
 
 /// A charge body's `loc` (`{"id"}`), if any.
 pub fn loc_ref(v: Option<&Value>, kind: &'static str, prop: &str) -> PixResult<Option<u64>> {
+    loc_ref_of(v, "cob", kind, prop)
+}
+
+/// A charge body's `loc` for a charge of type `tipo`.
+pub fn loc_ref_of(v: Option<&Value>, tipo: &str, kind: &'static str, prop: &str) -> PixResult<Option<u64>> {
     let Some(v) = v else { return Ok(None) };
     let r: LocRef = serde_json::from_value(v.clone())
         .map_err(|_| PixError::violation(kind, prop, "`loc` must be {\"id\": the number of a location}"))?;
-    if r.tipo_cob.as_deref().is_some_and(|t| t != "cob") {
-        return Err(PixError::violation(kind, prop, "an immediate charge takes a location of `tipoCob` cob"));
+    if r.tipo_cob.as_deref().is_some_and(|t| t != tipo) {
+        return Err(PixError::violation(kind, prop, format!("this charge takes a location of `tipoCob` {tipo}")));
     }
     Ok(Some(r.id))
 }
 
-fn charge_kind(tipo: &str) -> &'static str {
-    match tipo {
-        "cobv" => "pix-cobv",
-        _ => COB_KIND,
-    }
-}
-
-/// The txid of the charge the location serves, if one does.
+/// The txid of the charge the location serves, if one does (cob and cobv are one kind of
+/// document: their txids are one namespace).
 fn holder(q: &dyn store::Queries, loc: &StoredLoc) -> store::Result<Option<String>> {
-    Ok(q.document_by_lookup(charge_kind(&loc.tipo_cob), &loc.location)?.map(|d| d.id))
+    Ok(q.document_by_lookup(COB_KIND, &loc.location)?.map(|d| d.id))
 }
 
 fn read_loc(q: &dyn store::Queries, tenant: u128, id: u64) -> store::Result<Option<StoredLoc>> {
@@ -99,7 +98,10 @@ pub fn create(q: &dyn store::Queries, tenant: u128, tipo: &str, now: u64) -> Pix
         let id = u64::from_be_bytes(r[..8].try_into().expect("8 bytes")) >> 1;
         let loc = StoredLoc {
             id,
-            location: format!("{LOCATION_HOST}{}", crate::auth::hex(&r[8..24])),
+            location: match tipo {
+                "cobv" => format!("{LOCATION_HOST}cobv/{}", crate::auth::hex(&r[8..24])),
+                _ => format!("{LOCATION_HOST}{}", crate::auth::hex(&r[8..24])),
+            },
             tipo_cob: tipo.to_owned(),
             created_at: now,
         };
@@ -318,6 +320,11 @@ fn signer(state: &AppState, q: &dyn store::Queries) -> PixResult<std::sync::Arc<
     Ok(state.pix_runtime.signer.get_or_init(|| loaded).clone())
 }
 
+/// `body` signed with the institution's key, its JWK Set named in the header.
+pub fn sign_payload(state: &AppState, q: &dyn store::Queries, body: &Value) -> PixResult<String> {
+    Ok(signer(state, q)?.sign(body, &jku()))
+}
+
 /// The URL of the JWK Set, on the locations' host.
 pub fn jku() -> String {
     let host = LOCATION_HOST.split('/').next().unwrap_or(LOCATION_HOST);
@@ -348,7 +355,7 @@ pub async fn payload(State(state): State<AppState>, Path(token): Path<String>) -
                 return Err(payload_problem(StatusCode::GONE, "the charge at this location can no longer be paid"));
             }
             let payload = cob_payload(&st, q, &stored, doc.tenant_id, now)?;
-            Ok(signer(&st, q)?.sign(&payload, &jku()))
+            sign_payload(&st, q, &payload)
         })())
     })
     .await??;
