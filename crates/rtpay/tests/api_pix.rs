@@ -392,3 +392,151 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
 }
+
+/// `YYYY-MM-DD` of the day `days` from today in Brasília.
+fn brasilia_day(days: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let shifted = (now as i128 + i128::from(days) * 86_400_000_000_000) as u64;
+    let (y, m, d) = pix::charge::brasilia_date(shifted);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[test]
+fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
+    let dir = temp_dir("api-pix-cobv");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let (_, wallet) = tenant(&mut c, "wallet").await;
+        let r = c.post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME Comércio", "document": CNPJ_ACME})).await.unwrap();
+        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
+        let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap();
+        assert_eq!(r.status, 201);
+
+        let due = brasilia_day(20);
+        let cobv = json!({
+            "calendario": {"dataDeVencimento": due, "validadeAposVencimento": 30},
+            "devedor": {"cpf": CPF_MARIA, "nome": "Maria Quitéria", "logradouro": "Rua A, 1", "cidade": "Recife", "uf": "PE", "cep": "50000000"},
+            "valor": {"original": "100.00", "multa": {"modalidade": 2, "valorPerc": "2.00"},
+                      "juros": {"modalidade": 1, "valorPerc": "0.50"},
+                      "desconto": {"modalidade": 1, "descontoDataFixa": [{"data": brasilia_day(3), "valorPerc": "10.00"}]}},
+            "chave": CNPJ_ACME, "solicitacaoPagador": "Mensalidade"});
+        let path = format!("/api/v2/cobv/{TXID}");
+        // The receiver's address is part of a cobv: none yet.
+        let got = send(&mut c, Method::PUT, &path, &shop, Some(cobv.clone())).await;
+        assert_problem(&got, 400, "CobVOperacaoInvalida", Some("cobv.recebedor"));
+        let address = json!({"street": "Av. Paulista, 1000", "city": "São Paulo", "state": "SP", "postal_code": "01310100"});
+        for (bad, field) in [(json!({"state": "XX"}), "state"), (json!({"postal_code": "0131010"}), "postal_code"), (json!({"street": " "}), "street")] {
+            let mut body = address.clone();
+            body.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+            let r = c.send(Method::PUT, &format!("/v1/holders/{holder}/address"), Some(&shop), Some(serde_json::to_vec(&body).unwrap().into())).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{:?}", r.json());
+        }
+        let r = c.send(Method::PUT, &format!("/v1/holders/{}/address", uuid()), Some(&shop), Some(serde_json::to_vec(&address).unwrap().into())).await.unwrap();
+        assert_eq!(r.status, 404);
+        let r = c.send(Method::PUT, &format!("/v1/holders/{holder}/address"), Some(&shop), Some(serde_json::to_vec(&address).unwrap().into())).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        assert_eq!(c.get(&format!("/v1/holders/{holder}"), &shop).await.unwrap().json()["address"]["city"], json!("São Paulo"));
+
+        let (s, v, _) = send(&mut c, Method::PUT, &path, &shop, Some(cobv.clone())).await;
+        assert_eq!(s, 201, "{v}");
+        assert_eq!((v["status"].clone(), v["calendario"]["dataDeVencimento"].clone()), (json!("ATIVA"), json!(due)));
+        assert_eq!((v["recebedor"]["cnpj"].clone(), v["recebedor"]["cep"].clone()), (json!(CNPJ_ACME), json!("01310100")), "{v}");
+        assert_eq!((v["devedor"]["cidade"].clone(), v["loc"]["tipoCob"].clone()), (json!("Recife"), json!("cobv")));
+        assert_eq!(v["valor"]["multa"], json!({"modalidade": 2, "valorPerc": "2.00"}));
+        let url = v["location"].as_str().unwrap().to_owned();
+        assert!(url.starts_with("https://pix.rtpay.local/qr/v2/cobv/"), "{url}");
+        let brcode = v["pixCopiaECola"].clone();
+        let (s, _, _) = send(&mut c, Method::GET, &path, &shop, None).await;
+        assert_eq!(s, 200);
+        assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}"), &shop, None).await, 404, "CobNaoEncontrado", None);
+        assert_problem(&send(&mut c, Method::GET, &path, &wallet, None).await, 404, "CobVNaoEncontrada", None);
+        let got = send(&mut c, Method::PUT, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({"valor": {"original": "1.00"}, "chave": CNPJ_ACME}))).await;
+        assert_problem(&got, 400, "CobOperacaoInvalida", Some("txid"));
+
+        // Refused as the spec says, nothing made.
+        let other = "otherTxid0000000000000000000002";
+        for (change, field) in [
+            (json!({"calendario": {"dataDeVencimento": "2030-02-30"}}), "cobv.calendario.dataDeVencimento"),
+            (json!({"valor": {"original": "100.00", "multa": {"modalidade": 3, "valorPerc": "1.00"}}}), "cobv.valor.multa.modalidade"),
+            (json!({"valor": {"original": "100,00"}}), "cobv.valor.original"),
+            (json!({"valor": {"original": "100.00", "desconto": {"modalidade": 1, "descontoDataFixa": [{"data": brasilia_day(25), "valorPerc": "1.00"}]}}}),
+             "cobv.valor.desconto.descontoDataFixa[0].data"),
+            (json!({"devedor": null}), "cobv.devedor"),
+            (json!({"status": "ATIVA"}), "cobv.status"),
+        ] {
+            let mut body = cobv.clone();
+            for (k, v) in change.as_object().unwrap() {
+                if v.is_null() { body.as_object_mut().unwrap().remove(k); } else { body[k] = v.clone(); }
+            }
+            let got = send(&mut c, Method::PUT, &format!("/api/v2/cobv/{other}"), &shop, Some(body)).await;
+            assert_problem(&got, 400, "CobVOperacaoInvalida", Some(field));
+        }
+        assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/cobv/{other}"), &shop, None).await, 404, "CobVNaoEncontrada", None);
+
+        // The payload at its location: today the fixed-date discount applies.
+        let qr = url.strip_prefix("https://pix.rtpay.local").unwrap().to_owned();
+        let (srv, p) = (&server, qr.clone());
+        let body = tokio::task::block_in_place(|| verified_payload(srv, &p));
+        assert_eq!(body["valor"], json!({"original": "100.00", "desconto": "10.00", "final": "90.00"}), "{body}");
+        assert_eq!((body["recebedor"]["uf"].clone(), body["devedor"]["cpf"].clone()), (json!("SP"), json!(CPF_MARIA)));
+        assert_eq!(body["calendario"]["validadeAposVencimento"], json!(30));
+        // Ten days from now: no discount, not late.
+        let (srv, p) = (&server, format!("{qr}?DPP={}", brasilia_day(10)));
+        let body = tokio::task::block_in_place(|| verified_payload(srv, &p));
+        assert_eq!(body["valor"], json!({"original": "100.00", "final": "100.00"}), "{body}");
+        // Late: the fine (2% of 100.00) and interest (0.50 a day) add up to the final value.
+        let (srv, p) = (&server, format!("{qr}?DPP={}", brasilia_day(30)));
+        let body = tokio::task::block_in_place(|| verified_payload(srv, &p));
+        let cents = |v: &Value| v.as_str().map(|t| (t.parse::<f64>().unwrap() * 100.0).round() as i64).unwrap_or(0);
+        let valor = &body["valor"];
+        assert_eq!(valor["multa"], json!("2.00"), "{body}");
+        assert!(cents(&valor["juros"]) >= 400 && cents(&valor["juros"]) % 50 == 0, "{body}");
+        assert_eq!(cents(&valor["final"]), 10_000 + 200 + cents(&valor["juros"]), "{body}");
+        for (query, field) in [(format!("DPP={}", brasilia_day(-1)), "DPP"), (format!("DPP={}", brasilia_day(60)), "DPP"), ("DPP=2030-1-1".into(), "DPP"), ("codMun=12".into(), "codMun")] {
+            let r = c.send(Method::GET, &format!("{qr}?{query}"), None, None).await.unwrap();
+            let v = r.json();
+            assert_eq!((r.status.as_u16(), v["violacoes"][0]["propriedade"].clone()), (400, json!(field)), "{query}: {v}");
+        }
+
+        // Paid by its BR Code: today's value, exactly.
+        let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 10_000, "brcode": brcode});
+        let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("amount_mismatch")), "{:?}", r.json());
+        assert_eq!(balance(&mut c, &wallet, &maria).await["available"], json!(100_000), "nothing moved");
+        let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 9_000, "brcode": brcode});
+        let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone(), r.json()["txid"].clone()), (201, json!("completed"), json!(TXID)), "{:?}", r.json());
+        let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+        assert_eq!(balance(&mut c, &shop, &acme).await["available"], json!(9_000));
+        let (_, v, _) = send(&mut c, Method::GET, &path, &shop, None).await;
+        assert_eq!((v["status"].clone(), v["pix"][0]["endToEndId"].clone()), (json!("CONCLUIDA"), json!(e2e)), "{v}");
+        assert_eq!(c.send(Method::GET, &qr, None, None).await.unwrap().status, 410);
+        let got = send(&mut c, Method::PATCH, &path, &shop, Some(json!({"solicitacaoPagador": "x"}))).await;
+        assert_problem(&got, 400, "CobVOperacaoInvalida", Some("cobv.status"));
+
+        // Revised, then removed by the receiver; listed.
+        let mut second = cobv.clone();
+        second.as_object_mut().unwrap().remove("valor");
+        second["valor"] = json!({"original": "50.00"});
+        let (s, v, _) = send(&mut c, Method::PUT, &format!("/api/v2/cobv/{other}"), &shop, Some(second)).await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v, _) = send(&mut c, Method::PATCH, &format!("/api/v2/cobv/{other}"), &shop, Some(json!({"valor": {"original": "55.00"}}))).await;
+        assert_eq!((s, v["revisao"].clone(), v["valor"]["original"].clone()), (200, json!(1), json!("55.00")), "{v}");
+        let (s, v, _) = send(&mut c, Method::PATCH, &format!("/api/v2/cobv/{other}"), &shop, Some(json!({"status": "REMOVIDA_PELO_USUARIO_RECEBEDOR"}))).await;
+        assert_eq!((s, v["status"].clone()), (200, json!("REMOVIDA_PELO_USUARIO_RECEBEDOR")));
+        let window = "inicio=2020-01-01T00:00:00Z&fim=2100-01-01T00:00:00Z";
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv?{window}"), &shop, None).await;
+        assert_eq!((s, v["cobs"].as_array().unwrap().len()), (200, 2), "{v}");
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv?{window}&status=CONCLUIDA"), &shop, None).await;
+        assert_eq!(v["cobs"][0]["txid"], json!(TXID));
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob?{window}"), &shop, None).await;
+        assert_eq!(v["cobs"].as_array().unwrap().len(), 0, "a cobv is not a cob: {v}");
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}

@@ -1,9 +1,12 @@
 //! The API Pix against its contract: PyPI `schemathesis` (an independent peer, installed by
 //! `scripts/setup`) reads `shared/spec/pix-api/openapi.yaml` and drives a live `rtpay serve` with
-//! requests generated from it — the cob, loc, pix, devolução and webhook operations — checking that no answer is
+//! requests generated from it — the cob, cobv, loc, pix, devolução and webhook operations — checking that no answer is
 //! a server error, and that every status code, content type and body is one the spec documents.
 //! It authenticates as an OAuth2 client with the spec's scopes, and is given a charge and a
 //! received Pix to find, so its requests reach the operations' logic, not only their 404s.
+//!
+//! The cobv is given a debtor with a CNPJ: the spec's CPF pattern is written `/^\d{11}$/` (slashes
+//! included), which no CPF matches, so no charge with a CPF debtor can conform to the schema.
 //!
 //! Generation is `positive` (requests the schema allows): for schema-invalid queries the spec
 //! defines `CobConsultaInvalida`/`PixConsultaInvalida` (400) in its text but documents no 400 on
@@ -20,6 +23,7 @@ use serde_json::json;
 
 const SPEC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/pix-api/openapi.yaml");
 const TXID: &str = "schemathesisTxid000000000000001";
+const COBV_TXID: &str = "schemathesisCobv000000000000001";
 const E2E: &str = "E6070119020261201120000000000001";
 
 #[test]
@@ -58,6 +62,29 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
             .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
         let loc_id = r.json()["loc"]["id"].as_u64().unwrap();
+        let address = json!({"street": "Av. Paulista, 1000", "city": "São Paulo", "state": "SP", "postal_code": "01310100"});
+        let r = c
+            .send(
+                Method::PUT,
+                &format!("/v1/holders/{holder}/address"),
+                Some(&key),
+                Some(serde_json::to_vec(&address).unwrap().into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        let cobv = json!({"calendario": {"dataDeVencimento": "2099-12-31"}, "valor": {"original": "10.00"},
+            "devedor": {"cnpj": "11444777000161", "nome": "Fornecedora SA"}, "chave": "11222333000181"});
+        let r = c
+            .send(
+                Method::PUT,
+                &format!("/api/v2/cobv/{COBV_TXID}"),
+                Some(&key),
+                Some(serde_json::to_vec(&cobv).unwrap().into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
         let incoming = json!({"end_to_end_id": E2E, "amount": 5_000, "account_id": acct,
             "payer": {"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"}});
         assert_eq!(c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap().status, 201);
@@ -66,7 +93,7 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
                 "/v1/oauth-clients",
                 &key,
                 &json!({"scopes": ["cob.write", "cob.read", "pix.write", "pix.read", "webhook.write", "webhook.read",
-                    "payloadlocation.write", "payloadlocation.read"]}),
+                    "payloadlocation.write", "payloadlocation.read", "cobv.write", "cobv.read"]}),
             )
             .await
             .unwrap();
@@ -87,7 +114,8 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
     std::fs::write(
         &config,
         format!(
-            "[parameters]\ntxid = \"{TXID}\"\ne2eid = \"{E2E}\"\nchave = \"11222333000181\"\nid = \"{loc_id}\"\n"
+            "[parameters]\ntxid = \"{TXID}\"\ne2eid = \"{E2E}\"\nchave = \"11222333000181\"\nid = \"{loc_id}\"\n\n\
+             [[operations]]\ninclude-path-regex = \"^/cobv\"\nparameters = {{ txid = \"{COBV_TXID}\" }}\n"
         ),
     )
     .unwrap();
@@ -96,7 +124,9 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
         .arg(&config)
         .args(["run", SPEC, "--url", &format!("http://{}/api/v2", server.addr)])
         .args(["-H", &format!("Authorization: Bearer {token}")])
-        .args(["--include-path-regex", "^/(cob|pix|webhook|loc)(/.*)?$"])
+        .args(["--include-path-regex", "^/(cob|cobv|pix|webhook|loc)(/.*)?$"])
+        // What a location serves is on the receiver's own host (its `servers`), not under /api/v2.
+        .args(["--exclude-path", "/cobv/{pixUrlAccessToken}"])
         .args([
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
@@ -111,8 +141,8 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
     assert!(
-        text.contains("Selected: 17/"),
-        "the 17 cob, pix, devolução, webhook and loc operations were not all selected:\n{text}"
+        text.contains("Selected: 21/"),
+        "the 21 cob, cobv, loc, pix, devolução and webhook operations were not all selected:\n{text}"
     );
     let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
     assert!(generated.contains("passed"), "no test cases ran:\n{text}");

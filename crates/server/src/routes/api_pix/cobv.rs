@@ -320,6 +320,14 @@ fn recebedor_of(state: &AppState, q: &dyn store::Queries, tenant: u128, account:
     }))
 }
 
+/// The spec's `DadosRecebedor` requires `logradouro`, `cidade`, `uf` and `cep` of the object it is
+/// part of (the charge, the payload), not only of its `recebedor`: they are written in both places.
+fn with_receiver_address(out: &mut Value, recebedor: &Value) {
+    for field in ["logradouro", "cidade", "uf", "cep"] {
+        out[field] = recebedor[field].clone();
+    }
+}
+
 fn devedor_json(content: &CobContent) -> Value {
     let mut d = match &content.devedor {
         Some((kind, doc, nome)) => json!({ kind.as_str(): doc, "nome": nome }),
@@ -350,6 +358,7 @@ fn cobv_view(stored: &StoredCob, content: &CobContent, revisao: usize, pix: Opti
         "valor": v.terms.valor,
         "chave": content.chave,
     });
+    with_receiver_address(&mut out, &v.recebedor);
     if let Some(l) = pix_loc::Linked::of(stored) {
         let uri = format!("https://{}", l.location);
         out["loc"] = json!({"id": l.id, "location": uri, "tipoCob": "cobv", "criacao": rfc3339(l.created_at), "txid": stored.txid});
@@ -640,7 +649,9 @@ pub async fn cobv_list(State(state): State<AppState>, tenant: Tenant, RawQuery(r
                 let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
                 let revisions = open_revisions(&st, q, tenant_id, &stored)?;
                 let n = revisions.len() - 1;
-                out.push(cobv_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?));
+                let mut v = cobv_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?);
+                v["idCob"] = json!(stored.txid);
+                out.push(v);
             }
             Ok((out, total))
         })())
@@ -735,6 +746,7 @@ pub async fn payload(
                 "valor": valor,
                 "chave": content.chave,
             });
+            with_receiver_address(&mut body, &v.recebedor);
             if let Some(s) = &content.solicitacao_pagador {
                 body["solicitacaoPagador"] = json!(s);
             }
