@@ -470,7 +470,13 @@ mod tests {
 
     #[test]
     fn a_blank_description_is_left_out() {
-        let spec = Spec { key: Some("a@a.com".into()), info: Some("  ".into()), name: "A".into(), city: "a".into(), ..Spec::default() };
+        let spec = Spec {
+            key: Some("a@a.com".into()),
+            info: Some("  ".into()),
+            name: "A".into(),
+            city: "a".into(),
+            ..Spec::default()
+        };
         let payload = encode(&spec).unwrap();
         assert!(!payload.contains("0200"), "{payload}");
         assert_eq!(decode(&payload).unwrap().info, None);

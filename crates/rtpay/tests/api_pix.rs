@@ -319,7 +319,10 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
         let (_, wallet) = tenant(&mut c, "wallet").await;
         let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
         let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
-        let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap();
+        let r = c
+            .post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
+            .await
+            .unwrap();
         assert_eq!(r.status, 201);
 
         // A location made on its own, then given to a charge.
@@ -333,8 +336,18 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
             let got = send(&mut c, Method::POST, "/api/v2/loc", &shop, Some(bad)).await;
             assert_problem(&got, 400, "PayloadLocationOperacaoInvalida", Some("tipoCob"));
         }
-        assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/loc/{id}"), &wallet, None).await, 404, "PayloadLocationNaoEncontrado", None);
-        assert_problem(&send(&mut c, Method::GET, "/api/v2/loc/x1", &shop, None).await, 404, "PayloadLocationNaoEncontrado", None);
+        assert_problem(
+            &send(&mut c, Method::GET, &format!("/api/v2/loc/{id}"), &wallet, None).await,
+            404,
+            "PayloadLocationNaoEncontrado",
+            None,
+        );
+        assert_problem(
+            &send(&mut c, Method::GET, "/api/v2/loc/x1", &shop, None).await,
+            404,
+            "PayloadLocationNaoEncontrado",
+            None,
+        );
 
         let cob = json!({"loc": {"id": id}, "devedor": {"cpf": CPF_MARIA, "nome": "Maria Quitéria"},
             "valor": {"original": "25.00"}, "chave": CNPJ_ACME, "solicitacaoPagador": "Pedido 7"});
@@ -345,25 +358,45 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
         let other = "otherTxid0000000000000000000001";
         let got = send(&mut c, Method::PUT, &format!("/api/v2/cob/{other}"), &shop, Some(cob.clone())).await;
         assert_problem(&got, 400, "CobOperacaoInvalida", Some("cob.loc.id"));
-        let got = send(&mut c, Method::PUT, &format!("/api/v2/cob/{other}"), &shop,
-            Some(json!({"loc": {"id": 12345}, "valor": {"original": "1.00"}, "chave": CNPJ_ACME}))).await;
+        let got = send(
+            &mut c,
+            Method::PUT,
+            &format!("/api/v2/cob/{other}"),
+            &shop,
+            Some(json!({"loc": {"id": 12345}, "valor": {"original": "1.00"}, "chave": CNPJ_ACME})),
+        )
+        .await;
         assert_problem(&got, 400, "CobOperacaoInvalida", Some("cob.loc.id"));
         let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/loc/{id}"), &shop, None).await;
         assert_eq!(v["txid"], json!(TXID), "{v}");
         let window = "inicio=2020-01-01T00:00:00Z&fim=2100-01-01T00:00:00Z";
-        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&txIdPresente=true"), &shop, None).await;
+        let (s, v, _) =
+            send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&txIdPresente=true"), &shop, None).await;
         assert_eq!((s, v["loc"].as_array().unwrap().len(), v["loc"][0]["id"].clone()), (200, 1, json!(id)), "{v}");
-        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&txIdPresente=false"), &shop, None).await;
+        let (_, v, _) =
+            send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&txIdPresente=false"), &shop, None).await;
         assert_eq!(v["loc"].as_array().unwrap().len(), 0, "{v}");
-        assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&tipoCob=x"), &shop, None).await, 400, "PayloadLocationConsultaInvalida", Some("tipoCob"));
+        assert_problem(
+            &send(&mut c, Method::GET, &format!("/api/v2/loc?{window}&tipoCob=x"), &shop, None).await,
+            400,
+            "PayloadLocationConsultaInvalida",
+            Some("tipoCob"),
+        );
 
         // The payload at the location, signed; checked by an independent JOSE library.
         let path = url.strip_prefix("https://pix.rtpay.local").unwrap().to_owned();
         let (srv, p) = (&server, path.clone());
         let body = tokio::task::block_in_place(|| verified_payload(srv, &p));
-        assert_eq!((body["txid"].clone(), body["status"].clone(), body["revisao"].clone()), (json!(TXID), json!("ATIVA"), json!(0)), "{body}");
+        assert_eq!(
+            (body["txid"].clone(), body["status"].clone(), body["revisao"].clone()),
+            (json!(TXID), json!("ATIVA"), json!(0)),
+            "{body}"
+        );
         assert_eq!((body["valor"]["original"].clone(), body["chave"].clone()), (json!("25.00"), json!(CNPJ_ACME)));
-        assert_eq!((body["devedor"]["cpf"].clone(), body["solicitacaoPagador"].clone()), (json!(CPF_MARIA), json!("Pedido 7")));
+        assert_eq!(
+            (body["devedor"]["cpf"].clone(), body["solicitacaoPagador"].clone()),
+            (json!(CPF_MARIA), json!("Pedido 7"))
+        );
         assert!(body["calendario"]["apresentacao"].is_string(), "{body}");
         let r = c.send(Method::GET, "/qr/v2/00000000000000000000000000000000", None, None).await.unwrap();
         assert_eq!(r.status, 404);
@@ -372,7 +405,11 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
         let (s, v, _) = send(&mut c, Method::DELETE, &format!("/api/v2/loc/{id}/txid"), &shop, None).await;
         assert_eq!((s, v.get("txid")), (200, None), "{v}");
         let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}"), &shop, None).await;
-        assert_eq!((v["status"].clone(), v.get("location"), v.get("pixCopiaECola")), (json!("ATIVA"), None, None), "{v}");
+        assert_eq!(
+            (v["status"].clone(), v.get("location"), v.get("pixCopiaECola")),
+            (json!("ATIVA"), None, None),
+            "{v}"
+        );
         assert_eq!(c.send(Method::GET, &path, None, None).await.unwrap().status, 404);
         let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 2_500, "brcode": payload});
         let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
@@ -380,7 +417,8 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
         assert_eq!(balance(&mut c, &wallet, &maria).await["available"], json!(100_000), "nothing moved");
 
         // Linked again by a revision, paid, and then no longer served.
-        let (s, v, _) = send(&mut c, Method::PATCH, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({"loc": {"id": id}}))).await;
+        let (s, v, _) =
+            send(&mut c, Method::PATCH, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({"loc": {"id": id}}))).await;
         assert_eq!((s, v["location"].clone(), v["revisao"].clone()), (200, json!(url), json!(1)), "{v}");
         let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 2_500, "brcode": v["pixCopiaECola"]});
         let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
@@ -536,6 +574,154 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
         assert_eq!(v["cobs"][0]["txid"], json!(TXID));
         let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob?{window}"), &shop, None).await;
         assert_eq!(v["cobs"].as_array().unwrap().len(), 0, "a cobv is not a cob: {v}");
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn batches_of_charges_with_a_due_date_are_applied_request_by_request() {
+    let dir = temp_dir("api-pix-lote");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let r = c
+            .post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME", "document": CNPJ_ACME}))
+            .await
+            .unwrap();
+        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
+        let address = json!({"street": "Rua B, 2", "city": "Curitiba", "state": "PR", "postal_code": "80000000"});
+        let r = c
+            .send(
+                Method::PUT,
+                &format!("/v1/holders/{holder}/address"),
+                Some(&shop),
+                Some(serde_json::to_vec(&address).unwrap().into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let r = c
+            .post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        let txid = |n: u32| format!("loteTxid{n:023}");
+        let item = |n: u32, original: &str, multa: i64| {
+            json!({"txid": txid(n),
+            "calendario": {"dataDeVencimento": brasilia_day(15)},
+            "devedor": {"cpf": CPF_MARIA, "nome": "Maria"},
+            "valor": {"original": original, "multa": {"modalidade": multa, "valorPerc": "1.00"}},
+            "chave": CNPJ_ACME})
+        };
+        let batch = |items: Vec<Value>| json!({"descricao": "Mensalidades de dezembro", "cobsv": items});
+
+        // The batch is checked whole first: nothing is made from a malformed one.
+        for (body, field) in [
+            (batch(vec![item(1, "10.00", 1), item(1, "11.00", 1)]), "loteCobV.cobsV[1].txid"),
+            (batch(vec![]), "loteCobV.cobsV"),
+            (json!({"cobsv": [item(1, "10.00", 1)]}), "loteCobV.descricao"),
+            (json!({"descricao": "x", "cobsv": [item(1, "10.00", 1)], "extra": 1}), "loteCobV.extra"),
+        ] {
+            let got = send(&mut c, Method::PUT, "/api/v2/lotecobv/1", &shop, Some(body)).await;
+            assert_problem(&got, 400, "LoteCobVOperacaoInvalida", Some(field));
+        }
+        assert_problem(
+            &send(&mut c, Method::GET, "/api/v2/lotecobv/1", &shop, None).await,
+            404,
+            "LoteCobVNaoEncontrado",
+            None,
+        );
+
+        // Each request applied on its own: a refused one is NEGADA with the reason, the rest made.
+        let (s, _, _) = send(
+            &mut c,
+            Method::PUT,
+            "/api/v2/lotecobv/1",
+            &shop,
+            Some(batch(vec![item(1, "10.00", 1), item(2, "20.00", 1), item(3, "30.00", 3)])),
+        )
+        .await;
+        assert_eq!(s, 202);
+        let (s, v, _) = send(&mut c, Method::GET, "/api/v2/lotecobv/1", &shop, None).await;
+        assert_eq!(
+            (s, v["id"].clone(), v["descricao"].clone()),
+            (200, json!(1), json!("Mensalidades de dezembro")),
+            "{v}"
+        );
+        let statuses: Vec<Value> = v["cobsv"].as_array().unwrap().iter().map(|i| i["status"].clone()).collect();
+        assert_eq!(statuses, vec![json!("CRIADA"), json!("CRIADA"), json!("NEGADA")], "{v}");
+        assert!(v["cobsv"][0]["criacao"].is_string(), "{v}");
+        let problema = &v["cobsv"][2]["problema"];
+        assert_eq!(problema["type"], json!("https://pix.bcb.gov.br/api/v2/error/CobVOperacaoInvalida"), "{v}");
+        assert_eq!(problema["violacoes"][0]["propriedade"], json!("cobv.valor.multa.modalidade"));
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv/{}", txid(1)), &shop, None).await;
+        assert_eq!((s, v["valor"]["original"].clone()), (200, json!("10.00")), "{v}");
+        assert_problem(
+            &send(&mut c, Method::GET, &format!("/api/v2/cobv/{}", txid(3)), &shop, None).await,
+            404,
+            "CobVNaoEncontrada",
+            None,
+        );
+        let window = "inicio=2020-01-01T00:00:00Z&fim=2100-01-01T00:00:00Z";
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv?{window}&loteCobVId=1"), &shop, None).await;
+        assert_eq!(v["cobs"].as_array().unwrap().len(), 2, "{v}");
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv?{window}&loteCobVId=2"), &shop, None).await;
+        assert_eq!(v["cobs"].as_array().unwrap().len(), 0, "{v}");
+
+        // A batch only creates charges, and its charges are fixed.
+        let got = send(&mut c, Method::PUT, "/api/v2/lotecobv/2", &shop, Some(batch(vec![item(1, "10.00", 1)]))).await;
+        assert_problem(&got, 400, "LoteCobVOperacaoInvalida", Some("loteCobV.cobsV[0].txid"));
+        let got = send(
+            &mut c,
+            Method::PUT,
+            "/api/v2/lotecobv/1",
+            &shop,
+            Some(batch(vec![item(1, "10.00", 1), item(2, "20.00", 1)])),
+        )
+        .await;
+        assert_problem(&got, 400, "LoteCobVOperacaoInvalida", Some("loteCobV.cobsV"));
+        let got = send(
+            &mut c,
+            Method::PATCH,
+            "/api/v2/lotecobv/1",
+            &shop,
+            Some(json!({"cobsv": [{"txid": txid(9), "valor": {"original": "1.00"}}]})),
+        )
+        .await;
+        assert_problem(&got, 400, "LoteCobVOperacaoInvalida", Some("loteCobV.cobsV"));
+
+        // The same batch again, the refused request corrected: all made; the others revised.
+        let (s, _, _) = send(
+            &mut c,
+            Method::PUT,
+            "/api/v2/lotecobv/1",
+            &shop,
+            Some(batch(vec![item(1, "12.00", 1), item(2, "20.00", 1), item(3, "30.00", 2)])),
+        )
+        .await;
+        assert_eq!(s, 202);
+        let (_, v, _) = send(&mut c, Method::GET, "/api/v2/lotecobv/1", &shop, None).await;
+        assert!(v["cobsv"].as_array().unwrap().iter().all(|i| i["status"] == json!("CRIADA")), "{v}");
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv/{}", txid(1)), &shop, None).await;
+        assert_eq!((v["revisao"].clone(), v["valor"]["original"].clone()), (json!(1), json!("12.00")), "{v}");
+        // Some of them revised.
+        let (s, _, _) = send(
+            &mut c,
+            Method::PATCH,
+            "/api/v2/lotecobv/1",
+            &shop,
+            Some(json!({"cobsv": [{"txid": txid(2), "valor": {"original": "25.00"}}]})),
+        )
+        .await;
+        assert_eq!(s, 202);
+        let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv/{}", txid(2)), &shop, None).await;
+        assert_eq!((v["revisao"].clone(), v["valor"]["original"].clone()), (json!(2), json!("25.00")), "{v}");
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/lotecobv?{window}"), &shop, None).await;
+        assert_eq!((s, v["lotes"].as_array().unwrap().len()), (200, 1), "{v}");
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");

@@ -1,6 +1,6 @@
 //! The API Pix against its contract: PyPI `schemathesis` (an independent peer, installed by
 //! `scripts/setup`) reads `shared/spec/pix-api/openapi.yaml` and drives a live `rtpay serve` with
-//! requests generated from it — the cob, cobv, loc, pix, devolução and webhook operations — checking that no answer is
+//! requests generated from it — the cob, cobv, lotecobv, loc, pix, devolução and webhook operations — checking that no answer is
 //! a server error, and that every status code, content type and body is one the spec documents.
 //! It authenticates as an OAuth2 client with the spec's scopes, and is given a charge and a
 //! received Pix to find, so its requests reach the operations' logic, not only their 404s.
@@ -62,7 +62,8 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
             .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
         let loc_id = r.json()["loc"]["id"].as_u64().unwrap();
-        let address = json!({"street": "Av. Paulista, 1000", "city": "São Paulo", "state": "SP", "postal_code": "01310100"});
+        let address =
+            json!({"street": "Av. Paulista, 1000", "city": "São Paulo", "state": "SP", "postal_code": "01310100"});
         let r = c
             .send(
                 Method::PUT,
@@ -85,6 +86,14 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
             .await
             .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
+        let mut item = cobv.clone();
+        item["txid"] = json!("schemathesisLote000000000000001");
+        let lote = json!({"descricao": "lote", "cobsv": [item]});
+        let r = c
+            .send(Method::PUT, "/api/v2/lotecobv/77", Some(&key), Some(serde_json::to_vec(&lote).unwrap().into()))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 202, "{:?}", r.json());
         let incoming = json!({"end_to_end_id": E2E, "amount": 5_000, "account_id": acct,
             "payer": {"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"}});
         assert_eq!(c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap().status, 201);
@@ -93,7 +102,7 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
                 "/v1/oauth-clients",
                 &key,
                 &json!({"scopes": ["cob.write", "cob.read", "pix.write", "pix.read", "webhook.write", "webhook.read",
-                    "payloadlocation.write", "payloadlocation.read", "cobv.write", "cobv.read"]}),
+                    "payloadlocation.write", "payloadlocation.read", "cobv.write", "cobv.read", "lotecobv.write", "lotecobv.read"]}),
             )
             .await
             .unwrap();
@@ -115,7 +124,8 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
         &config,
         format!(
             "[parameters]\ntxid = \"{TXID}\"\ne2eid = \"{E2E}\"\nchave = \"11222333000181\"\nid = \"{loc_id}\"\n\n\
-             [[operations]]\ninclude-path-regex = \"^/cobv\"\nparameters = {{ txid = \"{COBV_TXID}\" }}\n"
+             [[operations]]\ninclude-path-regex = \"^/cobv\"\nparameters = {{ txid = \"{COBV_TXID}\" }}\n\n\
+             [[operations]]\ninclude-path-regex = \"^/lotecobv\"\nparameters = {{ id = \"77\" }}\n"
         ),
     )
     .unwrap();
@@ -124,7 +134,7 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
         .arg(&config)
         .args(["run", SPEC, "--url", &format!("http://{}/api/v2", server.addr)])
         .args(["-H", &format!("Authorization: Bearer {token}")])
-        .args(["--include-path-regex", "^/(cob|cobv|pix|webhook|loc)(/.*)?$"])
+        .args(["--include-path-regex", "^/(cob|cobv|lotecobv|pix|webhook|loc)(/.*)?$"])
         // What a location serves is on the receiver's own host (its `servers`), not under /api/v2.
         .args(["--exclude-path", "/cobv/{pixUrlAccessToken}"])
         .args([
@@ -141,8 +151,8 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
     assert!(
-        text.contains("Selected: 21/"),
-        "the 21 cob, cobv, loc, pix, devolução and webhook operations were not all selected:\n{text}"
+        text.contains("Selected: 25/"),
+        "the 25 cob, cobv, lotecobv, loc, pix, devolução and webhook operations were not all selected:\n{text}"
     );
     let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
     assert!(generated.contains("passed"), "no test cases ran:\n{text}");

@@ -117,11 +117,8 @@ impl PayloadSigner {
     /// `payload` signed, in compact serialization; the header names the key and where its set is.
     pub fn sign(&self, payload: &Value, jku: &str) -> String {
         let header = json!({"alg": "ES256", "typ": "JWS", "kid": self.kid, "jku": jku});
-        let input = format!(
-            "{}.{}",
-            base64url(header.to_string().as_bytes()),
-            base64url(payload.to_string().as_bytes())
-        );
+        let input =
+            format!("{}.{}", base64url(header.to_string().as_bytes()), base64url(payload.to_string().as_bytes()));
         let signature = self.pair.sign(&self.rng, input.as_bytes()).expect("ECDSA signing does not fail");
         format!("{input}.{}", base64url(signature.as_ref()))
     }

@@ -197,6 +197,11 @@ pub fn router(state: AppState) -> Router {
             "/api/v2/cobv/{txid}",
             put(api_pix::cobv::cobv_put).patch(api_pix::cobv::cobv_patch).get(api_pix::cobv::cobv_get),
         )
+        .route("/api/v2/lotecobv", get(api_pix::lote::lote_list))
+        .route(
+            "/api/v2/lotecobv/{id}",
+            put(api_pix::lote::lote_put).patch(api_pix::lote::lote_patch).get(api_pix::lote::lote_get),
+        )
         .route("/api/v2/loc", post(pix_loc::loc_post).get(pix_loc::loc_list))
         .route("/api/v2/loc/{id}", get(pix_loc::loc_get))
         .route("/api/v2/loc/{id}/txid", axum::routing::delete(pix_loc::loc_unlink))

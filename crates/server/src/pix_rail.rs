@@ -78,6 +78,9 @@ pub struct PixRuntime {
     settled: Mutex<HashSet<u128>>,
     pub connector: Arc<dyn crate::spi::SpiConnector>,
     pub breaker: Mutex<pix::spi::Breaker>,
+    /// Held while a batch of charges (`lotecobv`) is applied: one batch at a time on a node. Taken
+    /// before any stripe, never while holding one.
+    pub batches: tokio::sync::Mutex<()>,
     /// The key that signs the payloads at charges' locations, loaded on first use.
     pub signer: std::sync::OnceLock<Arc<crate::jws::PayloadSigner>>,
 }
@@ -90,6 +93,7 @@ impl PixRuntime {
             settled: Mutex::default(),
             connector,
             breaker: Mutex::new(pix::spi::Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN_NANOS)),
+            batches: tokio::sync::Mutex::new(()),
             signer: std::sync::OnceLock::new(),
         }
     }

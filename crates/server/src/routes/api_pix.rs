@@ -31,6 +31,7 @@ use crate::vault_service::VaultFailure;
 use crate::AppState;
 
 pub mod cobv;
+pub mod lote;
 
 pub const COB_KIND: &str = "pix-cob";
 pub const REFUND_KIND: &str = "pix-refund";
@@ -406,6 +407,9 @@ pub struct StoredCob {
     /// A charge with a due date (`cobv`, same txids as `cob`): its terms, for the payment's amount.
     #[serde(default)]
     pub cobv: Option<cobv::CobVTerms>,
+    /// The batch (`lotecobv`) that made it, if one did.
+    #[serde(default)]
+    pub lote_id: Option<u64>,
 }
 
 fn cob_record(tenant: u128, txid: &str) -> Vec<u8> {
@@ -732,6 +736,7 @@ async fn put_cob(
                 paid_by: None,
                 chave_index: Some(key_lookup(&vault, &key)),
                 cobv: None,
+                lote_id: None,
             };
             let doc = store::Document {
                 kind: COB_KIND.into(),

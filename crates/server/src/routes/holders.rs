@@ -68,10 +68,18 @@ impl Address {
         let street = crate::dto::display_name("street", &self.street, 200)?;
         let city = crate::dto::display_name("city", &self.city, 200)?;
         if !UFS.contains(&self.state.as_str()) {
-            return Err(Problem::invalid("state", "invalid_state", "`state` must be a federative unit: SP, RJ, MG, ..."));
+            return Err(Problem::invalid(
+                "state",
+                "invalid_state",
+                "`state` must be a federative unit: SP, RJ, MG, ...",
+            ));
         }
         if self.postal_code.len() != 8 || !self.postal_code.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Problem::invalid("postal_code", "invalid_postal_code", "`postal_code` must be a CEP: 8 digits"));
+            return Err(Problem::invalid(
+                "postal_code",
+                "invalid_postal_code",
+                "`postal_code` must be a CEP: 8 digits",
+            ));
         }
         Ok(Address { street, city, ..self })
     }

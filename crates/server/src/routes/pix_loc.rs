@@ -173,7 +173,12 @@ struct LocBody {
     tipo_cob: String,
 }
 
-pub async fn loc_post(State(state): State<AppState>, tenant: Tenant, audit: Audit, bytes: Bytes) -> PixResult<Response> {
+pub async fn loc_post(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    bytes: Bytes,
+) -> PixResult<Response> {
     const K: &str = "PayloadLocationOperacaoInvalida";
     tenant.require("payloadlocation.write")?;
     state.ispb()?;
@@ -185,7 +190,8 @@ pub async fn loc_post(State(state): State<AppState>, tenant: Tenant, audit: Audi
     let tipo = body.tipo_cob.clone();
     let linked = query(&state, move |q| Ok(create(q, tenant_id, &tipo, store::now_nanos()))).await??;
     audit.0.set_resource(format!("pix-loc:{}", linked.id));
-    let loc = StoredLoc { id: linked.id, location: linked.location, tipo_cob: body.tipo_cob, created_at: linked.created_at };
+    let loc =
+        StoredLoc { id: linked.id, location: linked.location, tipo_cob: body.tipo_cob, created_at: linked.created_at };
     let mut response = reply(StatusCode::CREATED, &loc_view(&loc, None));
     if let Ok(v) = HeaderValue::from_str(&format!("/api/v2/loc/{}", loc.id)) {
         response.headers_mut().insert(header::LOCATION, v);

@@ -82,7 +82,7 @@ struct DevedorV {
 /// `CobVSolicitada`, or `CobVRevisada` for PATCH (every field optional).
 #[derive(Deserialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
-struct CobVBody {
+pub(super) struct CobVBody {
     calendario: Option<CalendarioV>,
     devedor: Option<DevedorV>,
     loc: Option<Value>,
@@ -92,7 +92,7 @@ struct CobVBody {
     solicitacao_pagador: Option<String>,
     #[serde(rename = "infoAdicionais")]
     info_adicionais: Option<Vec<InfoBody>>,
-    status: Option<String>,
+    pub(super) status: Option<String>,
 }
 
 /// The terms a payment is checked against (in clear beside the charge: amounts and dates only).
@@ -150,10 +150,16 @@ impl CobVTerms {
                     let at = format!("valor.desconto.descontoDataFixa[{i}]");
                     let data = charge::parse_date(&f.data)
                         .ok_or(ChargeError { field: format!("{at}.data"), rule: Rule::Date })?;
-                    fixed.push(charge::DescontoDataFixa { data, valor_perc: parse(&format!("{at}.valorPerc"), &f.valor_perc)? });
+                    fixed.push(charge::DescontoDataFixa {
+                        data,
+                        valor_perc: parse(&format!("{at}.valorPerc"), &f.valor_perc)?,
+                    });
                 }
                 if d.desconto_data_fixa.as_ref().is_some_and(Vec::is_empty) {
-                    return Err(ChargeError { field: "valor.desconto.descontoDataFixa".into(), rule: Rule::Count { min: 1, max: 3 } });
+                    return Err(ChargeError {
+                        field: "valor.desconto.descontoDataFixa".into(),
+                        rule: Rule::Count { min: 1, max: 3 },
+                    });
                 }
                 Some(charge::Desconto {
                     modalidade: modalidade(d.modalidade),
@@ -218,7 +224,11 @@ fn content_of_v(body: &CobVBody, base: Option<&CobContent>, recebedor: Value, no
     let base_v = base.and_then(|b| b.cobv.as_ref());
     // The fields a cob has too are checked by the cob's rules.
     let as_cob = CobBody {
-        devedor: body.devedor.as_ref().map(|d| DevedorBody { cpf: d.cpf.clone(), cnpj: d.cnpj.clone(), nome: d.nome.clone() }),
+        devedor: body.devedor.as_ref().map(|d| DevedorBody {
+            cpf: d.cpf.clone(),
+            cnpj: d.cnpj.clone(),
+            nome: d.nome.clone(),
+        }),
         valor: body.valor.as_ref().and_then(|v| v.original.clone()).map(|o| ValorBody {
             original: Some(o),
             modalidade_alteracao: None,
@@ -242,11 +252,29 @@ fn content_of_v(body: &CobVBody, base: Option<&CobContent>, recebedor: Value, no
         Some(d) => {
             let mut extra = serde_json::Map::new();
             let len = |max: usize| move |v: &str| !v.trim().is_empty() && v.chars().count() <= max;
-            text_field(&mut extra, "email", &d.email, |v| pix::keys::PixKey::parse(pix::keys::KeyType::Email, v).is_ok(), "must be an e-mail address")?;
+            text_field(
+                &mut extra,
+                "email",
+                &d.email,
+                |v| pix::keys::PixKey::parse(pix::keys::KeyType::Email, v).is_ok(),
+                "must be an e-mail address",
+            )?;
             text_field(&mut extra, "logradouro", &d.logradouro, len(200), "1 to 200 characters")?;
             text_field(&mut extra, "cidade", &d.cidade, len(200), "1 to 200 characters")?;
-            text_field(&mut extra, "uf", &d.uf, |v| v.len() == 2 && v.bytes().all(|b| b.is_ascii_uppercase()), "two capital letters")?;
-            text_field(&mut extra, "cep", &d.cep, |v| v.len() == 8 && v.bytes().all(|b| b.is_ascii_digit()), "8 digits")?;
+            text_field(
+                &mut extra,
+                "uf",
+                &d.uf,
+                |v| v.len() == 2 && v.bytes().all(|b| b.is_ascii_uppercase()),
+                "two capital letters",
+            )?;
+            text_field(
+                &mut extra,
+                "cep",
+                &d.cep,
+                |v| v.len() == 8 && v.bytes().all(|b| b.is_ascii_digit()),
+                "8 digits",
+            )?;
             extra
         }
     };
@@ -257,9 +285,9 @@ fn content_of_v(body: &CobVBody, base: Option<&CobContent>, recebedor: Value, no
                 (None, Some(b)) => b.terms.data_de_vencimento.clone(),
                 (None, None) => return Err(PixError::violation(K, "cobv.calendario.dataDeVencimento", "is required")),
             },
-            c.validade_apos_vencimento.or(b.map(|b| b.terms.validade_apos_vencimento)).unwrap_or(
-                charge::VALIDADE_APOS_VENCIMENTO_DEFAULT_DAYS,
-            ),
+            c.validade_apos_vencimento
+                .or(b.map(|b| b.terms.validade_apos_vencimento))
+                .unwrap_or(charge::VALIDADE_APOS_VENCIMENTO_DEFAULT_DAYS),
         ),
         (None, Some(b)) => (b.terms.data_de_vencimento.clone(), b.terms.validade_apos_vencimento),
         (None, None) => return Err(PixError::violation(K, "cobv.calendario", "is required")),
@@ -298,7 +326,8 @@ fn recebedor_of(state: &AppState, q: &dyn store::Queries, tenant: u128, account:
     let h = q.holder(tenant, holder)?.ok_or_else(|| corrupt("an account's holder is missing"))?;
     let dek = vault.data_key(q, tenant)?;
     let name = vault::open(&dek, &record_id(tenant, holder, "name"), &h.name_sealed).map_err(VaultFailure::from)?;
-    let doc = vault::open(&dek, &record_id(tenant, holder, "document"), &h.document_sealed).map_err(VaultFailure::from)?;
+    let doc =
+        vault::open(&dek, &record_id(tenant, holder, "document"), &h.document_sealed).map_err(VaultFailure::from)?;
     let address = read_address(&vault, q, tenant, holder)?.ok_or_else(|| {
         PixError::violation(
             K,
@@ -435,6 +464,27 @@ async fn write(
     body: CobVBody,
     create: bool,
 ) -> PixResult<Response> {
+    let tenant_id = tenant.id;
+    audit.0.set_resource(format!("pix-cob:{txid}"));
+    let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
+    let st = state.clone();
+    let (status, view) = query(&state, move |q| Ok(write_one(&st, q, tenant_id, &txid, &body, create, None))).await??;
+    // PUT answers 201 whether it created or replaced an active charge (as PUT /cob does).
+    Ok(reply(if create { StatusCode::CREATED } else { status }, &view))
+}
+
+/// [`write`] under the charge's lock, in storage: (201 made or 200 revised, the charge). A charge
+/// made by a batch (`lote`) is marked with it. Blocking.
+pub(super) fn write_one(
+    st: &AppState,
+    q: &dyn store::Queries,
+    tenant_id: u128,
+    txid: &str,
+    body: &CobVBody,
+    create: bool,
+    lote: Option<u64>,
+) -> PixResult<(StatusCode, Value)> {
+    let txid = txid.to_owned();
     let requested = match body.status.as_deref() {
         None => None,
         Some(s) => Some(
@@ -450,123 +500,113 @@ async fn write(
         || body.chave.is_some()
         || body.solicitacao_pagador.is_some()
         || body.info_adicionais.is_some();
-    let vault = state.vault_or_503()?;
-    let tenant_id = tenant.id;
-    audit.0.set_resource(format!("pix-cob:{txid}"));
-    let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
-    let st = state.clone();
-    let (status, view) = query(&state, move |q| {
-        Ok((|| -> PixResult<(StatusCode, Value)> {
-            let now = store::now_nanos();
-            let wanted = pix_loc::loc_ref_of(body.loc.as_ref(), "cobv", K, "cobv.loc.id")?;
-            let existing = read_cob(q, tenant_id, &txid)?;
-            let (mut revisions, version, created_at, status, mut linked, paid_by) = match &existing {
-                Some((_, s)) if s.cobv.is_none() => {
-                    return Err(PixError::violation(K, "txid", "an immediate charge (cob) has this txid"))
+    let vault = st.vault_or_503()?;
+    let now = store::now_nanos();
+    let wanted = pix_loc::loc_ref_of(body.loc.as_ref(), "cobv", K, "cobv.loc.id")?;
+    let existing = read_cob(q, tenant_id, &txid)?;
+    let (mut revisions, version, created_at, status, mut linked, paid_by, lote) = match &existing {
+        Some((_, s)) if s.cobv.is_none() => {
+            return Err(PixError::violation(K, "txid", "an immediate charge (cob) has this txid"))
+        }
+        Some((doc, s)) => {
+            let status = CobStatus::parse(&s.status).ok_or_else(|| corrupt("a charge's status"))?;
+            let next = if create {
+                if status != CobStatus::Ativa {
+                    return Err(PixError::violation(K, "txid", "the charge exists and is not ATIVA"));
                 }
-                Some((doc, s)) => {
-                    let status = CobStatus::parse(&s.status).ok_or_else(|| corrupt("a charge's status"))?;
-                    let next = if create {
-                        if status != CobStatus::Ativa {
-                            return Err(PixError::violation(K, "txid", "the charge exists and is not ATIVA"));
-                        }
-                        status
-                    } else {
-                        status.revise(requested, alters).map_err(|e| PixError::violation(K, "cobv.status", e.to_string()))?
-                    };
-                    let r = open_revisions(&st, q, tenant_id, s)?;
-                    if r.len() >= REVISIONS_MAX {
-                        return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
-                    }
-                    (r, doc.version, s.created_at, next, pix_loc::Linked::of(s), s.paid_by.clone())
-                }
-                None if !create => return Err(not_found()),
-                None => (vec![], 0, now, CobStatus::Ativa, None, None),
-            };
-            let base = revisions.last().cloned();
-            let chave = body.chave.clone().or_else(|| base.as_ref().map(|b| b.chave.clone())).unwrap_or_default();
-            let key = pix::PixKey::infer(&chave).map_err(|e| PixError::violation(K, "cobv.chave", e.to_string()))?;
-            let account = match find_key(&vault, q, &key)? {
-                Some((doc, stored)) if doc.tenant_id == tenant_id => stored.account_id,
-                _ => return Err(PixError::violation(K, "cobv.chave", "is not a key of an account of this receiver")),
-            };
-            let content = if alters || create {
-                let recebedor = recebedor_of(&st, q, tenant_id, &account)?;
-                content_of_v(&body, base.as_ref(), recebedor, now)?
+                status
             } else {
-                CobContent { at: now, ..base.clone().ok_or_else(|| corrupt("a charge without revisions"))? }
+                status.revise(requested, alters).map_err(|e| PixError::violation(K, "cobv.status", e.to_string()))?
             };
-            match (wanted, &linked) {
-                (Some(id), Some(have)) if id != have.id => {
-                    return Err(PixError::violation(
-                        K,
-                        "cobv.loc.id",
-                        "the charge has another location; unlink it first (DELETE /loc/{id}/txid)",
-                    ))
-                }
-                (Some(id), None) => linked = Some(pix_loc::claim(q, tenant_id, id, "cobv", &txid, K, "cobv.loc.id")?),
-                (None, None) if existing.is_none() => linked = Some(pix_loc::create(q, tenant_id, "cobv", now)?),
-                _ => {}
+            let r = open_revisions(&st, q, tenant_id, s)?;
+            if r.len() >= REVISIONS_MAX {
+                return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
             }
-            revisions.push(content.clone());
-            let terms = content.cobv.as_ref().map(|v| v.terms.clone());
-            let stored = StoredCob {
-                txid: txid.clone(),
-                account_id: account,
-                status: status.as_str().into(),
-                loc_id: linked.as_ref().map(|l| l.id),
-                location: linked.as_ref().map(|l| l.location.clone()),
-                loc_created_at: linked.as_ref().map(|l| l.created_at),
-                created_at,
-                expiracao: 0,
-                original: content.original,
-                amount_editable: false,
-                devedor_index: content
-                    .devedor
-                    .as_ref()
-                    .map(|(_, d, _)| crate::auth::hex(&vault.index().of(b"document", d.as_bytes()))),
-                revisions_sealed: seal_revisions(&st, q, tenant_id, &txid, &revisions)?,
-                revisions: revisions.len(),
-                paid_by,
-                chave_index: Some(key_lookup(&vault, &key)),
-                cobv: terms,
-            };
-            let doc = store::Document {
-                kind: COB_KIND.into(),
-                tenant_id,
-                id: txid.clone(),
-                lookup: stored.location.clone(),
-                owner: None,
-                created_at,
-                version: version + 1,
-                body: serde_json::to_string(&stored).expect("serializable"),
-            };
-            let written = if version == 0 {
-                match q.insert_document(&doc) {
-                    Ok(()) => true,
-                    Err(store::StoreError::Conflict(_)) => false,
-                    Err(e) => return Err(e.into()),
-                }
-            } else {
-                match q.update_document(&doc, version) {
-                    Err(store::StoreError::Conflict(_)) => false,
-                    other => other?,
-                }
-            };
-            if !written {
-                return Err(PixError::violation(
-                    K,
-                    "txid",
-                    "the charge or its location changed meanwhile (it may have been paid); retry",
-                ));
-            }
-            let status = if version == 0 { StatusCode::CREATED } else { StatusCode::OK };
-            Ok((status, cobv_view(&stored, &content, revisions.len() - 1, None)))
-        })())
-    })
-    .await??;
-    // PUT answers 201 whether it created or replaced an active charge (as PUT /cob does).
-    Ok(reply(if create { StatusCode::CREATED } else { status }, &view))
+            (r, doc.version, s.created_at, next, pix_loc::Linked::of(s), s.paid_by.clone(), s.lote_id)
+        }
+        None if !create => return Err(not_found()),
+        None => (vec![], 0, now, CobStatus::Ativa, None, None, lote),
+    };
+    let base = revisions.last().cloned();
+    let chave = body.chave.clone().or_else(|| base.as_ref().map(|b| b.chave.clone())).unwrap_or_default();
+    let key = pix::PixKey::infer(&chave).map_err(|e| PixError::violation(K, "cobv.chave", e.to_string()))?;
+    let account = match find_key(&vault, q, &key)? {
+        Some((doc, stored)) if doc.tenant_id == tenant_id => stored.account_id,
+        _ => return Err(PixError::violation(K, "cobv.chave", "is not a key of an account of this receiver")),
+    };
+    let content = if alters || create {
+        let recebedor = recebedor_of(st, q, tenant_id, &account)?;
+        content_of_v(body, base.as_ref(), recebedor, now)?
+    } else {
+        CobContent { at: now, ..base.clone().ok_or_else(|| corrupt("a charge without revisions"))? }
+    };
+    match (wanted, &linked) {
+        (Some(id), Some(have)) if id != have.id => {
+            return Err(PixError::violation(
+                K,
+                "cobv.loc.id",
+                "the charge has another location; unlink it first (DELETE /loc/{id}/txid)",
+            ))
+        }
+        (Some(id), None) => linked = Some(pix_loc::claim(q, tenant_id, id, "cobv", &txid, K, "cobv.loc.id")?),
+        (None, None) if existing.is_none() => linked = Some(pix_loc::create(q, tenant_id, "cobv", now)?),
+        _ => {}
+    }
+    revisions.push(content.clone());
+    let terms = content.cobv.as_ref().map(|v| v.terms.clone());
+    let stored = StoredCob {
+        txid: txid.clone(),
+        account_id: account,
+        status: status.as_str().into(),
+        loc_id: linked.as_ref().map(|l| l.id),
+        location: linked.as_ref().map(|l| l.location.clone()),
+        loc_created_at: linked.as_ref().map(|l| l.created_at),
+        created_at,
+        expiracao: 0,
+        original: content.original,
+        amount_editable: false,
+        devedor_index: content
+            .devedor
+            .as_ref()
+            .map(|(_, d, _)| crate::auth::hex(&vault.index().of(b"document", d.as_bytes()))),
+        revisions_sealed: seal_revisions(st, q, tenant_id, &txid, &revisions)?,
+        revisions: revisions.len(),
+        paid_by,
+        chave_index: Some(key_lookup(&vault, &key)),
+        cobv: terms,
+        lote_id: lote,
+    };
+    let doc = store::Document {
+        kind: COB_KIND.into(),
+        tenant_id,
+        id: txid.clone(),
+        lookup: stored.location.clone(),
+        owner: None,
+        created_at,
+        version: version + 1,
+        body: serde_json::to_string(&stored).expect("serializable"),
+    };
+    let written = if version == 0 {
+        match q.insert_document(&doc) {
+            Ok(()) => true,
+            Err(store::StoreError::Conflict(_)) => false,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        match q.update_document(&doc, version) {
+            Err(store::StoreError::Conflict(_)) => false,
+            other => other?,
+        }
+    };
+    if !written {
+        return Err(PixError::violation(
+            K,
+            "txid",
+            "the charge or its location changed meanwhile (it may have been paid); retry",
+        ));
+    }
+    let status = if version == 0 { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, cobv_view(&stored, &content, revisions.len() - 1, None)))
 }
 
 pub async fn cobv_get(
@@ -611,10 +651,11 @@ pub async fn cobv_list(State(state): State<AppState>, tenant: Tenant, RawQuery(r
     let location = bool_param(&p, "locationPresente", KL)?;
     let (cpf, cnpj) = (p.get("cpf").cloned(), p.get("cnpj").cloned());
     let status = p.get("status").cloned();
-    let lote = p.get("loteCobVId").cloned();
-    if lote.as_ref().is_some_and(|l| l.parse::<i32>().is_err()) {
-        return Err(PixError::violation(KL, "loteCobVId", "must be an int32"));
-    }
+    let lote = match p.get("loteCobVId") {
+        // An int32; a negative one names no batch.
+        Some(l) => Some(l.parse::<i64>().map_err(|_| PixError::violation(KL, "loteCobVId", "must be an integer"))?),
+        None => None,
+    };
     let document = cpf
         .as_ref()
         .or(cnpj.as_ref())
@@ -632,13 +673,13 @@ pub async fn cobv_list(State(state): State<AppState>, tenant: Tenant, RawQuery(r
     let st = state.clone();
     let (cobs, total) = query(&state, move |q| {
         Ok((|| -> PixResult<(Vec<Value>, usize)> {
-            // No charge belongs to a batch (lotecobv is not offered), so a batch filter finds none.
-            let Some(span) = span.filter(|_| lote.is_none() && !(cpf.is_some() && cnpj.is_some())) else {
+            let Some(span) = span.filter(|_| !(cpf.is_some() && cnpj.is_some())) else {
                 return Ok((vec![], 0));
             };
             let docs = scan(q, COB_KIND, tenant_id, span, |d| {
                 let Ok(s) = serde_json::from_str::<StoredCob>(&d.body) else { return false };
                 s.cobv.is_some()
+                    && lote.is_none_or(|l| s.lote_id.map(|m| m as i64) == Some(l))
                     && location.is_none_or(|w| w == s.location.is_some())
                     && status.as_ref().is_none_or(|w| *w == s.status)
                     && document.as_ref().is_none_or(|w| s.devedor_index.as_ref() == Some(w))
@@ -691,7 +732,8 @@ pub async fn payload(
     let day = match p.get("DPP") {
         None => None,
         Some(d) => {
-            let day = charge::parse_date(d).ok_or_else(|| PixError::violation(KP, "DPP", "must be a date, YYYY-MM-DD"))?;
+            let day =
+                charge::parse_date(d).ok_or_else(|| PixError::violation(KP, "DPP", "must be a date, YYYY-MM-DD"))?;
             if day < today {
                 return Err(PixError::violation(KP, "DPP", "must not be before today"));
             }
@@ -723,10 +765,14 @@ pub async fn payload(
             let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
             let content = &revisions[n];
             let v = content.cobv.as_ref().ok_or_else(|| corrupt("a cobv revision without terms"))?;
-            let mut valor = json!({"original": pix::amount::format(calc.original), "final": pix::amount::format(calc.valor_final)});
-            for (name, part) in
-                [("abatimento", calc.abatimento), ("multa", calc.multa), ("juros", calc.juros), ("desconto", calc.desconto)]
-            {
+            let mut valor =
+                json!({"original": pix::amount::format(calc.original), "final": pix::amount::format(calc.valor_final)});
+            for (name, part) in [
+                ("abatimento", calc.abatimento),
+                ("multa", calc.multa),
+                ("juros", calc.juros),
+                ("desconto", calc.desconto),
+            ] {
                 if part > 0 {
                     valor[name] = json!(pix::amount::format(part));
                 }

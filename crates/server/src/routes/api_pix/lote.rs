@@ -1,0 +1,303 @@
+//! Batches of charges with a due date (`lotecobv`): `PUT /lotecobv/{id}` creates up to
+//! [`LOTE_LEN_MAX`] cobv at once (or revises exactly the batch's charges again), `PATCH` revises
+//! some of them, `GET` shows each request's outcome (`CRIADA`, or `NEGADA` with the `problema` a
+//! `PUT /cobv/{txid}` would have answered), and the listing pages through batches.
+//!
+//! The batch is checked whole before anything is written (its shape, repeated txids, a txid that
+//! exists already, a revision naming other charges than the batch's): any of those is a 400 and
+//! nothing changes. Then each request is applied as `PUT`/`PATCH /cobv/{txid}` would, under that
+//! charge's lock, and its outcome recorded; the answer, 202, comes once all are applied, so a
+//! `GET` right after shows no request `EM_PROCESSAMENTO`.
+
+use super::cobv::CobVBody;
+use super::*;
+
+pub const LOTE_KIND: &str = "pix-lotecobv";
+/// Charges one batch may carry.
+pub const LOTE_LEN_MAX: usize = 1_000;
+const K: &str = "LoteCobVOperacaoInvalida";
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Item {
+    txid: String,
+    /// `CRIADA` or `NEGADA` (`EM_PROCESSAMENTO` is never stored: requests are applied before the
+    /// batch's answer).
+    status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problema: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    criacao: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct StoredLote {
+    id: u64,
+    descricao: String,
+    criacao: u64,
+    cobsv: Vec<Item>,
+}
+
+fn lote_view(l: &StoredLote) -> Value {
+    let cobsv: Vec<Value> = l
+        .cobsv
+        .iter()
+        .map(|i| {
+            let mut v = json!({"txid": i.txid, "status": i.status});
+            if let Some(p) = &i.problema {
+                v["problema"] = p.clone();
+            }
+            if let Some(at) = i.criacao {
+                v["criacao"] = json!(rfc3339(at));
+            }
+            v
+        })
+        .collect();
+    json!({"id": l.id, "descricao": l.descricao, "criacao": rfc3339(l.criacao), "cobsv": cobsv})
+}
+
+fn not_found() -> PixError {
+    PixError::new(StatusCode::NOT_FOUND, "LoteCobVNaoEncontrado", "no batch with this id")
+}
+
+fn lote_id(text: &str) -> PixResult<u64> {
+    text.parse::<u64>().ok().filter(|n| *n <= i64::MAX as u64).ok_or_else(not_found)
+}
+
+/// The spec's `Problema` of a refused request, as `GET /lotecobv/{id}` shows it.
+fn problema(e: &PixError) -> Value {
+    json!({
+        "type": format!("{ERROR_BASE}{}", e.kind),
+        "title": e.status.canonical_reason().unwrap_or("Erro"),
+        "status": e.status.as_u16(),
+        "detail": e.detail,
+        "violacoes": e.violacoes,
+    })
+}
+
+/// The batch's body: its description and each request (its txid, and the cobv body).
+fn parse(bytes: &Bytes, revising: bool) -> PixResult<(Option<String>, Vec<(String, CobVBody)>)> {
+    let v: Value = body_of(bytes, K, "loteCobV")?;
+    let Value::Object(mut map) = v else { return Err(PixError::violation(K, "loteCobV", "must be an object")) };
+    let descricao = match map.remove("descricao") {
+        None if revising => None,
+        None => return Err(PixError::violation(K, "loteCobV.descricao", "is required")),
+        Some(Value::String(d)) if d.chars().count() <= 200 && !d.chars().any(char::is_control) => Some(d),
+        Some(_) => return Err(PixError::violation(K, "loteCobV.descricao", "a text of at most 200 characters")),
+    };
+    let cobsv = match map.remove("cobsv") {
+        None if revising => vec![],
+        Some(Value::Array(items)) => items,
+        _ => return Err(PixError::violation(K, "loteCobV.cobsV", "is required: an array of charges")),
+    };
+    if let Some(other) = map.keys().next() {
+        return Err(PixError::violation(K, &format!("loteCobV.{other}"), "is not a field of a batch"));
+    }
+    if cobsv.len() > LOTE_LEN_MAX || (!revising && cobsv.is_empty()) {
+        return Err(PixError::violation(K, "loteCobV.cobsV", "must hold 1 to 1000 charges"));
+    }
+    let mut out = Vec::with_capacity(cobsv.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, item) in cobsv.into_iter().enumerate() {
+        let at = format!("loteCobV.cobsV[{i}]");
+        let Value::Object(mut fields) = item else { return Err(PixError::violation(K, &at, "must be an object")) };
+        let txid = match fields.remove("txid") {
+            Some(Value::String(t)) if pix::ids::valid_txid(&t) => t,
+            _ => return Err(PixError::violation(K, &format!("{at}.txid"), "is required: [a-zA-Z0-9]{26,35}")),
+        };
+        if !seen.insert(txid.clone()) {
+            return Err(PixError::violation(K, &format!("{at}.txid"), "repeats an earlier charge of the batch"));
+        }
+        let body: CobVBody = serde_json::from_value(Value::Object(fields))
+            .map_err(|e| PixError::violation(K, &at, format!("does not respect the schema: {e}")))?;
+        if body.status.is_some() && !revising {
+            return Err(PixError::violation(K, &format!("{at}.status"), "is set by the PSP"));
+        }
+        out.push((txid, body));
+    }
+    Ok((descricao, out))
+}
+
+fn read_lote(q: &dyn store::Queries, tenant: u128, id: u64) -> store::Result<Option<(store::Document, StoredLote)>> {
+    read_document(q, LOTE_KIND, tenant, &id.to_string())
+}
+
+pub async fn lote_put(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> PixResult<Response> {
+    apply(state, tenant, audit, id, bytes, false).await
+}
+
+pub async fn lote_patch(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> PixResult<Response> {
+    apply(state, tenant, audit, id, bytes, true).await
+}
+
+async fn apply(
+    state: AppState,
+    tenant: Tenant,
+    audit: Audit,
+    id: String,
+    bytes: Bytes,
+    patch: bool,
+) -> PixResult<Response> {
+    tenant.require("lotecobv.write")?;
+    state.ispb()?;
+    let id = match lote_id(&id) {
+        Ok(id) => id,
+        Err(_) if !patch => return Err(PixError::violation(K, "id", "a batch's id is a number (int64)")),
+        Err(e) => return Err(e),
+    };
+    let (descricao, requests) = parse(&bytes, patch)?;
+    let tenant_id = tenant.id;
+    audit.0.set_resource(format!("pix-lotecobv:{id}"));
+    // One batch at a time (a stripe held here could be one a charge of the batch needs below).
+    let _batch = state.pix_runtime.batches.lock().await;
+    let txids: Vec<String> = requests.iter().map(|(t, _)| t.clone()).collect();
+    let existing = query(&state, move |q| {
+        Ok((|| -> PixResult<Option<(store::Document, StoredLote)>> {
+            let existing = read_lote(q, tenant_id, id)?;
+            match &existing {
+                None if patch => return Err(not_found()),
+                None => {
+                    for (i, t) in txids.iter().enumerate() {
+                        if read_cob(q, tenant_id, t)?.is_some() {
+                            return Err(PixError::violation(
+                                K,
+                                &format!("loteCobV.cobsV[{i}].txid"),
+                                "a charge with this txid exists: a batch only creates charges",
+                            ));
+                        }
+                    }
+                }
+                Some((_, l)) => {
+                    let mine: std::collections::HashSet<&str> = l.cobsv.iter().map(|i| i.txid.as_str()).collect();
+                    let named: std::collections::HashSet<&str> = txids.iter().map(String::as_str).collect();
+                    if (!patch && mine != named) || (patch && !named.is_subset(&mine)) {
+                        return Err(PixError::violation(
+                            K,
+                            "loteCobV.cobsV",
+                            "a batch's charges are fixed when it is made: name the same charges (PUT) or some of them (PATCH)",
+                        ));
+                    }
+                }
+            }
+            Ok(existing)
+        })())
+    })
+    .await??;
+    // Each request as PUT/PATCH /cobv/{txid} would apply it, under its charge's lock.
+    let mut outcomes = Vec::with_capacity(requests.len());
+    for (txid, body) in requests {
+        let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
+        let st = state.clone();
+        let (t, revise) = (txid.clone(), patch);
+        let result =
+            query(&state, move |q| Ok(super::cobv::write_one(&st, q, tenant_id, &t, &body, !revise, Some(id)))).await?;
+        let item = match result {
+            Ok(_) => Item { txid, status: "CRIADA".into(), problema: None, criacao: None },
+            // Storage or the key store failing is the batch's failure, not the request's.
+            Err(e) if e.status.is_server_error() => return Err(e),
+            Err(e) => Item { txid, status: "NEGADA".into(), problema: Some(problema(&e)), criacao: None },
+        };
+        outcomes.push(item);
+    }
+    query(&state, move |q| {
+        Ok((|| -> PixResult<()> {
+            let now = store::now_nanos();
+            let mut lote = match &existing {
+                Some((_, l)) => l.clone(),
+                None => StoredLote { id, descricao: String::new(), criacao: now, cobsv: vec![] },
+            };
+            if let Some(d) = descricao {
+                lote.descricao = d;
+            }
+            for mut item in outcomes {
+                if item.status == "CRIADA" {
+                    item.criacao = read_cob(q, tenant_id, &item.txid)?.map(|(_, s)| s.created_at);
+                }
+                match lote.cobsv.iter_mut().find(|i| i.txid == item.txid) {
+                    // A refused revision leaves a charge that exists as it was: still CRIADA.
+                    Some(old) if old.status == "CRIADA" && item.status == "NEGADA" => old.problema = item.problema,
+                    Some(old) => *old = item,
+                    None => lote.cobsv.push(item),
+                }
+            }
+            let body = serde_json::to_string(&lote).expect("serializable");
+            let written = match &existing {
+                Some((doc, _)) => {
+                    q.update_document(&store::Document { version: doc.version + 1, body, ..doc.clone() }, doc.version)?
+                }
+                None => {
+                    q.insert_document(&store::Document {
+                        kind: LOTE_KIND.into(),
+                        tenant_id,
+                        id: id.to_string(),
+                        lookup: None,
+                        owner: None,
+                        created_at: now,
+                        version: 1,
+                        body,
+                    })?;
+                    true
+                }
+            };
+            if !written {
+                return Err(corrupt("a batch changed under its lock").into());
+            }
+            Ok(())
+        })())
+    })
+    .await??;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+pub async fn lote_get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> PixResult<Response> {
+    tenant.require("lotecobv.read")?;
+    state.ispb()?;
+    let id = lote_id(&id)?;
+    let tenant_id = tenant.id;
+    let view = query(&state, move |q| {
+        Ok((|| -> PixResult<Value> {
+            let (_, lote) = read_lote(q, tenant_id, id)?.ok_or_else(not_found)?;
+            Ok(lote_view(&lote))
+        })())
+    })
+    .await??;
+    Ok(reply(StatusCode::OK, &view))
+}
+
+pub async fn lote_list(State(state): State<AppState>, tenant: Tenant, RawQuery(raw): RawQuery) -> PixResult<Response> {
+    const KL: &str = "LoteCobVConsultaInvalida";
+    tenant.require("lotecobv.read")?;
+    state.ispb()?;
+    let p = params_of(raw, KL)?;
+    let span = window(&p, KL)?;
+    let (page, per_page) = pagination(&p, KL)?;
+    let mut parametros = json!({"inicio": p["inicio"], "fim": p["fim"]});
+    let tenant_id = tenant.id;
+    let (lotes, total) = query(&state, move |q| {
+        Ok((|| -> PixResult<(Vec<Value>, usize)> {
+            let Some(span) = span else { return Ok((vec![], 0)) };
+            let docs = scan(q, LOTE_KIND, tenant_id, span, |_| true)?;
+            let total = docs.len();
+            let mut out = Vec::new();
+            for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
+                let lote: StoredLote = serde_json::from_str(&doc.body).map_err(corrupt)?;
+                out.push(lote_view(&lote));
+            }
+            Ok((out, total))
+        })())
+    })
+    .await??;
+    parametros["paginacao"] = paginacao(page, per_page, total);
+    Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "lotes": lotes})))
+}
