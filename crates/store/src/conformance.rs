@@ -599,6 +599,60 @@ pub fn card_records(location: Location) {
 
 /// Documents (one table for every kind of domain record) and counters, through the queries and
 /// through the writer's batch.
+/// Requests guarded by a document's version apply only while it is at that version, whichever
+/// node wrote it; a refused one leaves no trace.
+pub fn guarded_requests(location: Location) {
+    let (store, _) = open_fixed(&location);
+    setup(&store);
+    let q = store.queries.as_ref();
+    let charge = |version: u64| crate::Document {
+        kind: "pix-cob".into(),
+        tenant_id: T.0,
+        id: "charge".into(),
+        lookup: None,
+        owner: None,
+        created_at: NOW,
+        version,
+        body: format!("{{\"v\":{version}}}"),
+    };
+    q.insert_document(&charge(1)).unwrap();
+    let guard = |version: u64| crate::Guard { kind: "pix-cob".into(), tenant_id: T.0, id: "charge".into(), version };
+    let submit = |id: u128, guards: Vec<crate::Guard>| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let next = guards.first().map(|g| crate::Document { id: g.id.clone(), ..charge(g.version + 1) });
+        let records: crate::RecordsFn = Box::new(move |_| next.iter().cloned().map(crate::Record::Document).collect());
+        store
+            .engine
+            .submit_guarded(
+                crate::Command::Transfers(vec![posted(id, ALICE, BOB, 100)]),
+                None,
+                Some(records),
+                guards,
+                Box::new(move |r| drop(tx.send(r))),
+            )
+            .unwrap();
+        rx
+    };
+    let ok = |r: crate::Result<crate::Reply>| r.map(|r| r.chain_result());
+    assert_eq!(ok(submit(200, vec![guard(1)]).recv().unwrap()), Ok(TransferResult::Created));
+    assert_eq!(q.document("pix-cob", T.0, "charge").unwrap().unwrap().version, 2);
+    // Stale: nothing applied, neither the transfer nor its records.
+    let stale = submit(201, vec![guard(1)]).recv().unwrap();
+    assert!(matches!(stale, Err(crate::StoreError::Conflict(_))), "{stale:?}");
+    assert_eq!(q.entry(TransferKey { tenant: T, id: TransferId(201) }).unwrap(), None);
+    assert_eq!(balances(&store, BOB), (0, 100, 0, 0));
+    // Two at once on one version, in one batch or two: exactly one applies.
+    let (a, b) = (submit(202, vec![guard(2)]), submit(203, vec![guard(2)]));
+    let results = [a.recv().unwrap(), b.recv().unwrap()];
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert_eq!(balances(&store, BOB), (0, 200, 0, 0));
+    // Version 0: the document must not exist.
+    let absent = crate::Guard { kind: "pix-cob".into(), tenant_id: T.0, id: "none".into(), version: 0 };
+    assert!(submit(204, vec![absent]).recv().unwrap().is_ok());
+    assert!(matches!(submit(205, vec![guard(0)]).recv().unwrap(), Err(crate::StoreError::Conflict(_))));
+    assert_verified(&store);
+}
+
 pub fn documents(location: Location) {
     let (store, _) = open_fixed(&location);
     let q = store.queries.as_ref();
@@ -754,6 +808,10 @@ macro_rules! conformance_tests {
         #[test]
         fn card_records() {
             $crate::conformance::card_records($factory)
+        }
+        #[test]
+        fn guarded_requests() {
+            $crate::conformance::guarded_requests($factory)
         }
         #[test]
         fn documents() {

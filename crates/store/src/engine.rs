@@ -85,6 +85,8 @@ struct Job {
     /// `outcome` is filled from the reply.
     audit: Option<audit::Draft>,
     records: Option<RecordsFn>,
+    /// Documents that must be at these versions for the job to apply (see [`crate::Guard`]).
+    guards: Vec<crate::Guard>,
     reply: Callback,
 }
 
@@ -150,10 +152,24 @@ impl Engine {
         records: Option<RecordsFn>,
         reply: Callback,
     ) -> Result<()> {
+        self.submit_guarded(command, audit, records, Vec::new(), reply)
+    }
+
+    /// Like [`Engine::submit_with`], applied only if every guarded document is at its version when
+    /// the batch applies (checked under the batch's lock, so across a cluster); otherwise nothing of
+    /// it is applied and `reply` gets [`StoreError::Conflict`].
+    pub fn submit_guarded(
+        &self,
+        command: Command,
+        audit: Option<audit::Draft>,
+        records: Option<RecordsFn>,
+        guards: Vec<crate::Guard>,
+        reply: Callback,
+    ) -> Result<()> {
         if let Command::Transfers(events) = &command {
             assert!(events.last().is_none_or(|e| !e.linked), "a request's last event must close its chain");
         }
-        if command.len() == 0 && audit.is_none() && records.is_none() {
+        if command.len() == 0 && audit.is_none() && records.is_none() && guards.is_empty() {
             reply(Ok(match command {
                 Command::Accounts(_) => Reply::Accounts(Vec::new()),
                 Command::Transfers(_) => Reply::Transfers(Vec::new()),
@@ -162,7 +178,7 @@ impl Engine {
             return Ok(());
         }
         let sender = self.sender.as_ref().expect("engine running");
-        match sender.try_send(Job { command, audit, records, reply }) {
+        match sender.try_send(Job { command, audit, records, guards, reply }) {
             Ok(()) => {
                 self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -267,7 +283,11 @@ fn run(
                     stats.commit_us_sum.fetch_add(elapsed_us, Ordering::Relaxed);
                 }
                 for (job, reply) in jobs.into_iter().zip(replies) {
-                    (job.reply)(Ok(reply));
+                    (job.reply)(reply.ok_or_else(|| {
+                        StoreError::Conflict(
+                            "what the request read changed before it could commit; nothing was applied".into(),
+                        )
+                    }));
                 }
             }
             Err(error) => {
@@ -284,13 +304,14 @@ fn run(
     }
 }
 
+/// Applies a batch: one reply per job, `None` for a job whose guards failed (nothing of it applied).
 fn apply_batch(
     writer: &mut dyn Writer,
     now: Timestamp,
     jobs: &[Job],
     sweep: bool,
     stats: &EngineStats,
-) -> Result<Vec<Reply>> {
+) -> Result<Vec<Option<Reply>>> {
     let clock = writer.begin()?;
     let mut snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
     let mut changes: Vec<Changes> = Vec::with_capacity(3);
@@ -324,9 +345,24 @@ fn apply_batch(
         return Ok(Vec::new());
     }
 
+    // Guards, under the batch's lock: each document once per batch, at its stated version.
+    let mut claimed = std::collections::HashSet::new();
+    let mut admitted = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut ok = true;
+        for g in &job.guards {
+            if !claimed.insert((g.kind.as_str(), g.tenant_id, g.id.as_str()))
+                || writer.document_version(&g.kind, g.tenant_id, &g.id)? != g.version
+            {
+                ok = false;
+                break;
+            }
+        }
+        admitted.push(ok);
+    }
     let mut account_commands = Vec::new();
     let mut events = Vec::new();
-    for job in jobs {
+    for job in jobs.iter().zip(&admitted).filter(|(_, ok)| **ok).map(|(j, _)| j) {
         match &job.command {
             Command::Accounts(c) => account_commands.extend(c.iter().cloned()),
             Command::Transfers(e) => events.extend(e.iter().cloned()),
@@ -361,19 +397,22 @@ fn apply_batch(
     // Split the answers back per job, in order.
     let mut account_results = account_results.into_iter();
     let mut outcomes = outcomes.into_iter();
-    let replies: Vec<Reply> = jobs
+    let replies: Vec<Option<Reply>> = jobs
         .iter()
-        .map(|job| match &job.command {
-            Command::Accounts(c) => Reply::Accounts(account_results.by_ref().take(c.len()).collect()),
-            Command::Transfers(e) => Reply::Transfers(outcomes.by_ref().take(e.len()).collect()),
-            Command::Audit(_) => Reply::Audited,
+        .zip(&admitted)
+        .map(|(job, ok)| {
+            ok.then(|| match &job.command {
+                Command::Accounts(c) => Reply::Accounts(account_results.by_ref().take(c.len()).collect()),
+                Command::Transfers(e) => Reply::Transfers(outcomes.by_ref().take(e.len()).collect()),
+                Command::Audit(_) => Reply::Audited,
+            })
         })
         .collect();
 
     // Audit entries take their times from the ledger clock, after the batch's ledger work.
     let mut clock = Clock { last: changes.iter().map(|c| c.clock.last).max().unwrap_or(0).max(snapshot.clock.last) };
     let mut drafts: Vec<(Timestamp, audit::Draft)> = Vec::new();
-    for (job, reply) in jobs.iter().zip(&replies) {
+    for (job, reply) in jobs.iter().zip(&replies).filter_map(|(j, r)| r.as_ref().map(|r| (j, r))) {
         if let Command::Audit(d) = &job.command {
             drafts.extend(d.iter().map(|d| (clock.tick(now), d.clone().bounded())));
         }
@@ -388,8 +427,12 @@ fn apply_batch(
     if !drafts.is_empty() {
         changes.push(Changes { clock, ..Changes::default() });
     }
-    let records: Vec<crate::Record> =
-        jobs.iter().zip(&replies).filter_map(|(job, reply)| job.records.as_ref().map(|f| f(reply))).flatten().collect();
+    let records: Vec<crate::Record> = jobs
+        .iter()
+        .zip(&replies)
+        .filter_map(|(job, reply)| Some((job.records.as_ref()?)(reply.as_ref()?)))
+        .flatten()
+        .collect();
     writer.commit(&changes, &drafts, &records)?;
     Ok(replies)
 }

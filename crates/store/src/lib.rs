@@ -134,6 +134,18 @@ pub enum Record {
     Count { scope: String, period: u64, delta: i64 },
 }
 
+/// A precondition of a request: the document is at `version` when the request's batch applies
+/// (0: it does not exist). Checked by the writer after the batch's lock is taken, so across all
+/// nodes of a cluster; a request whose guard fails is not applied and gets
+/// [`StoreError::Conflict`]. Two requests of one batch guarding the same document: the second fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Guard {
+    pub kind: String,
+    pub tenant_id: u128,
+    pub id: String,
+    pub version: u64,
+}
+
 /// A domain record kept as the server's JSON `body`, with the columns it is found by: Pix keys,
 /// payments, charges, refunds, webhooks. One table serves every kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -293,6 +305,8 @@ pub(crate) trait Writer: Send {
     fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()>;
     /// Loads the accounts among `keys` that exist and are not in `into` yet.
     fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()>;
+    /// The version of a document as this transaction sees it (0 when absent).
+    fn document_version(&mut self, kind: &str, tenant_id: u128, id: &str) -> Result<u64>;
     /// Pending transfers due to expire by `now`.
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>>;
     /// Persists the changes and the audit entries (with their times) and commits: durable when

@@ -329,6 +329,18 @@ impl Writer for PgWriter {
         Ok(())
     }
 
+    fn document_version(&mut self, kind: &str, tenant_id: u128, id: &str) -> Result<u64> {
+        let conn = self.conn();
+        let row = conn
+            .client
+            .query_opt(
+                "SELECT version FROM documents WHERE kind = $1 AND tenant_id = $2 AND id = $3",
+                &[&kind, &uuid(tenant_id), &id],
+            )
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.try_get::<_, i64>(0)).transpose().map_err(unavailable)?.unwrap_or(0) as u64)
+    }
+
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>> {
         let conn = self.conn();
         let rows = conn.client.query(&conn.due, &[&(now as i64), &(limit as i64)]).map_err(unavailable)?;

@@ -449,6 +449,17 @@ impl Writer for SqliteWriter {
         Ok(self.clock)
     }
 
+    fn document_version(&mut self, kind: &str, tenant_id: u128, id: &str) -> Result<u64> {
+        let version: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT version FROM documents WHERE kind = ?1 AND tenant_id = ?2 AND id = ?3")
+            .map_err(unavailable)?
+            .query_row(params![kind, uuid_bytes(tenant_id), id], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)?;
+        Ok(version.unwrap_or(0) as u64)
+    }
+
     fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
         let mut stmt = self
             .conn
