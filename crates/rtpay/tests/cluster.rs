@@ -76,6 +76,129 @@ fn two_nodes_share_one_ledger_without_overdraft_or_deadlock() {
     assert!(ok, "{report}");
 }
 
+/// Checks that span a read and a commit hold across nodes: a charge paid from two nodes at once is
+/// paid once, and refunds requested on two nodes at once stay within the Pix's amount.
+#[test]
+fn a_charge_is_paid_once_and_refunds_stay_within_the_pix_across_nodes() {
+    const ISPB: &str = "12345678";
+    const CNPJ: &str = "11222333000181";
+    let url = store::testing::fresh_postgres_database();
+    let (dir_a, dir_b) = (temp_dir("pix-node-a"), temp_dir("pix-node-b"));
+    let a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, &["--ispb", ISPB]);
+    // The nodes of a cluster share their key files.
+    for file in ["kek", "index-key", "audit-signing-key"] {
+        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
+    }
+    let b = Server::start_with_args(&dir_b, Some(&url), "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = a.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let (_, wallet) = tenant(&mut c, "wallet").await;
+        let holder = |key: &str, kind: &str, doc: &str| {
+            let (key, body) = (key.to_owned(), json!({"kind": kind, "name": "Holder", "document": doc}));
+            let mut c = a.client();
+            async move { c.post("/v1/holders", &key, &body).await.unwrap().json()["id"].as_str().unwrap().to_owned() }
+        };
+        let h = holder(&shop, "company", CNPJ).await;
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": h})).await;
+        let h = holder(&wallet, "person", "52998224725").await;
+        let maria = account(
+            &mut c,
+            &wallet,
+            json!({"currency": "BRL", "holder_id": h, "flags": {"debits_must_not_exceed_credits": true}}),
+        )
+        .await;
+        let bank = account(&mut c, &wallet, json!({"currency": "BRL"})).await;
+        let r = c
+            .post(
+                "/v1/transfers",
+                &wallet,
+                &json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": maria, "amount": 100_000}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ})).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+
+        let rounds = 4;
+        let mut first_e2e = String::new();
+        for round in 0..rounds {
+            let cob = json!({"valor": {"original": "10.00"}, "chave": CNPJ});
+            let r = c
+                .send(
+                    hyper::Method::PUT,
+                    &format!("/api/v2/cob/clusterTxid{round:020}"),
+                    Some(&shop),
+                    Some(serde_json::to_vec(&cob).unwrap().into()),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 201, "{:?}", r.json());
+            let brcode = r.json()["pixCopiaECola"].clone();
+            let mut tasks = Vec::new();
+            for addr in [a.addr, b.addr] {
+                for _ in 0..4 {
+                    let (wallet, maria, brcode) = (wallet.clone(), maria.clone(), brcode.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut c = rtpay::client::Client::new(addr);
+                        let body = json!({"id": uuid(), "debit_account_id": maria, "amount": 1_000, "brcode": brcode});
+                        let r = c.post("/v1/pix/payments", &wallet, &body).await.unwrap();
+                        (r.status.as_u16(), r.json())
+                    }));
+                }
+            }
+            let mut completed = 0;
+            for t in tasks {
+                let (status, v) = t.await.unwrap();
+                match (status, v["status"].as_str(), v["code"].as_str()) {
+                    (201, Some("completed"), _) => {
+                        completed += 1;
+                        first_e2e = v["end_to_end_id"].as_str().unwrap().to_owned();
+                    }
+                    (422, _, Some("charge_not_payable")) | (409, _, Some("conflict")) => {}
+                    _ => panic!("unexpected answer {status}: {v}"),
+                }
+            }
+            assert_eq!(completed, 1, "round {round}: the charge was paid {completed} times");
+        }
+        assert_eq!(balance(&mut c, &wallet, &maria).await["available"], json!(100_000 - rounds * 1_000));
+        assert_eq!(balance(&mut b.client(), &shop, &acme).await["available"], json!(rounds * 1_000));
+
+        // Refunds of 4.00 on a Pix of 10.00, asked on both nodes at once: two fit, never three.
+        let mut tasks = Vec::new();
+        for (n, addr) in [a.addr, b.addr].into_iter().enumerate() {
+            for k in 0..4 {
+                let (shop, e2e) = (shop.clone(), first_e2e.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut c = rtpay::client::Client::new(addr);
+                    let body = serde_json::to_vec(&json!({"valor": "4.00"})).unwrap().into();
+                    let path = format!("/api/v2/pix/{e2e}/devolucao/N{n}K{k}");
+                    let r = c.send(hyper::Method::PUT, &path, Some(&shop), Some(body)).await.unwrap();
+                    (r.status.as_u16(), r.json())
+                }));
+            }
+        }
+        let mut refunded = 0;
+        for t in tasks {
+            let (status, v) = t.await.unwrap();
+            match status {
+                201 if v["status"] == "DEVOLVIDO" => refunded += 1,
+                400 | 409 => {}
+                _ => panic!("unexpected answer {status}: {v}"),
+            }
+        }
+        assert!((1..=2).contains(&refunded), "{refunded} refunds of 4.00 on a Pix of 10.00");
+        assert_eq!(
+            balance(&mut c, &wallet, &maria).await["available"],
+            json!(100_000 - rounds * 1_000 + refunded * 400)
+        );
+    });
+    let (ok, report) = a.verify();
+    assert!(ok, "{report}");
+}
+
 /// A TCP proxy in front of PostgreSQL that the test can cut and restore.
 struct Switch {
     addr: SocketAddr,

@@ -610,7 +610,9 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     let in_batch = conclude.clone();
     let records: store::RecordsFn = Box::new(move |reply| in_batch(reply.chain_result()).1);
     let command = if events.is_empty() { store::Command::Audit(vec![]) } else { store::Command::Transfers(events) };
-    let reply = crate::routes::submit_recorded(state, audit, command, Some(records)).await?;
+    // A charge is paid once, across every node: its document must be as read when this commits.
+    let guards = p.concludes.iter().map(store::Guard::of).collect();
+    let reply = crate::routes::submit_guarded(state, audit, command, Some(records), guards).await?;
     let result = reply.chain_result();
     let (view, _) = conclude(result);
     if result == TransferResult::Created && p.refused.is_none() {

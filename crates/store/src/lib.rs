@@ -146,6 +146,13 @@ pub struct Guard {
     pub version: u64,
 }
 
+impl Guard {
+    /// The document must still be as it was read.
+    pub fn of(doc: &Document) -> Guard {
+        Guard { kind: doc.kind.clone(), tenant_id: doc.tenant_id, id: doc.id.clone(), version: doc.version }
+    }
+}
+
 /// A domain record kept as the server's JSON `body`, with the columns it is found by: Pix keys,
 /// payments, charges, refunds, webhooks. One table serves every kind.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1038,6 +1038,11 @@ pub struct RefundDoc {
     pub fingerprint: String,
 }
 
+/// The document again with its version moved on (what a guarded request that read it writes).
+pub fn bumped(doc: &store::Document) -> store::Record {
+    store::Record::Document(store::Document { version: doc.version + 1, ..doc.clone() })
+}
+
 pub fn refunds_of(q: &dyn store::Queries, tenant: u128, e2e: &str) -> store::Result<Vec<RefundDoc>> {
     let owner = format!("{}:{e2e}", uuid_string(tenant));
     let docs = q.documents(&store::DocumentQuery {
@@ -1213,8 +1218,8 @@ pub async fn refund_put(
     let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-refund-lock", tenant_id, &e2e).as_u128()]).await;
     let (e2e2, id2, print2, st) = (e2e.clone(), id.clone(), fingerprint.clone(), state.clone());
     let checked = query(&state, move |q| {
-        Ok((|| -> PixResult<Result<StoredRefund, (StoredReceived, Vec<RefundDoc>, u64)>> {
-            let (_, received) = read_received(q, tenant_id, &e2e2)?.ok_or_else(|| {
+        Ok((|| -> PixResult<Result<StoredRefund, (store::Document, StoredReceived, Vec<RefundDoc>, u64)>> {
+            let (doc, received) = read_received(q, tenant_id, &e2e2)?.ok_or_else(|| {
                 PixError::new(StatusCode::NOT_FOUND, "PixNaoEncontrado", "no Pix received with this EndToEndId")
             })?;
             let refunds = refunds_of(q, tenant_id, &e2e2)?;
@@ -1231,11 +1236,11 @@ pub async fn refund_put(
                 return Err(PixError::violation(K, "id", "this Pix has 999 refunds, the most it may have"));
             }
             let blocked = super::med::blocked_amount(&st, q, tenant_id, &e2e2)?;
-            Ok(Err((received, refunds, blocked)))
+            Ok(Err((doc, received, refunds, blocked)))
         })())
     })
     .await??;
-    let (received, refunds, blocked) = match checked {
+    let (received_doc, received, refunds, blocked) = match checked {
         Ok(existing) => return Ok(reply(StatusCode::CREATED, &existing)),
         Err(found) => found,
     };
@@ -1293,22 +1298,29 @@ pub async fn refund_put(
     let conclude = std::sync::Arc::new(conclude);
     let in_batch = conclude.clone();
     let (owner2, doc_id2) = (owner.clone(), doc_id.clone());
+    // The refunds within the Pix's amount, across every node: the received Pix's document must be
+    // as read when this commits, and each refund moves its version on.
+    let guards = vec![store::Guard::of(&received_doc)];
+    let bumped = bumped(&received_doc);
     let records: store::RecordsFn = Box::new(move |reply| {
         let r = in_batch(reply.chain_result());
-        vec![store::Record::Document(store::Document {
-            kind: REFUND_KIND.into(),
-            tenant_id,
-            id: doc_id2.clone(),
-            lookup: None,
-            owner: Some(owner2.clone()),
-            created_at: now,
-            version: 1,
-            body: serde_json::to_string(&RefundDoc { refund: r, centavos, fingerprint: fingerprint.clone() })
-                .expect("serializable"),
-        })]
+        vec![
+            bumped.clone(),
+            store::Record::Document(store::Document {
+                kind: REFUND_KIND.into(),
+                tenant_id,
+                id: doc_id2.clone(),
+                lookup: None,
+                owner: Some(owner2.clone()),
+                created_at: now,
+                version: 1,
+                body: serde_json::to_string(&RefundDoc { refund: r, centavos, fingerprint: fingerprint.clone() })
+                    .expect("serializable"),
+            }),
+        ]
     });
     let answer =
-        crate::routes::submit_recorded(&state, &audit, store::Command::Transfers(events), Some(records)).await?;
+        crate::routes::submit_guarded(&state, &audit, store::Command::Transfers(events), Some(records), guards).await?;
     Ok(reply(StatusCode::CREATED, &conclude(answer.chain_result())))
 }
 

@@ -130,7 +130,7 @@ pub async fn open_claim(
     let _lock = state.pix_runtime.lock(&[lock_of(&state, tenant_id, &e2e)]).await;
     let (st, e2e2) = (state.clone(), e2e.clone());
     let found = query(&state, move |q| {
-        let Some((_, received)) = read_received(q, tenant_id, &e2e2)? else {
+        let Some((received_doc, received)) = read_received(q, tenant_id, &e2e2)? else {
             return Ok(Err(Problem::not_found("received Pix")));
         };
         if read_med(&st, q, tenant_id, &e2e2)?.is_some() {
@@ -148,10 +148,10 @@ pub async fn open_claim(
         let available = q
             .account(AccountKey { tenant: TenantId(tenant_id), id: AccountId(account) })?
             .map_or(0, |a| a.available().max(0) as u64);
-        Ok(Ok((received, refunded, account, available)))
+        Ok(Ok((received_doc, received, refunded, account, available)))
     })
     .await??;
-    let (received, refunded, account, available) = found;
+    let (received_doc, received, refunded, account, available) = found;
     let claimable = received.amount.saturating_sub(refunded);
     let amount = body.amount.unwrap_or(claimable).min(claimable).min(available);
     if amount == 0 {
@@ -191,11 +191,16 @@ pub async fn open_claim(
         refund_id: None,
     };
     let record = view.clone();
+    // A block shares the received amount with refunds, across every node (see `refund_put`).
+    let guards = vec![store::Guard::of(&received_doc)];
+    let bumped = super::api_pix::bumped(&received_doc);
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
-        ledger::TransferResult::Created => vec![med_document(tenant_id, now, 1, &record)],
-        _ => vec![],
+        ledger::TransferResult::Created => vec![bumped.clone(), med_document(tenant_id, now, 1, &record)],
+        _ => vec![bumped.clone()],
     });
-    let answer = submit_recorded(&state, &audit, store::Command::Transfers(vec![hold]), Some(records)).await?;
+    let answer =
+        crate::routes::submit_guarded(&state, &audit, store::Command::Transfers(vec![hold]), Some(records), guards)
+            .await?;
     match answer.chain_result() {
         ledger::TransferResult::Created => Ok(reply(StatusCode::CREATED, &view)),
         failure => Err(crate::routes::ledger_problem(failure, "")),

@@ -36,9 +36,21 @@ pub async fn submit_recorded(
     command: Command,
     records: Option<store::RecordsFn>,
 ) -> Result<Reply, Problem> {
+    submit_guarded(state, audit, command, records, Vec::new()).await
+}
+
+/// Like [`submit_recorded`], applied only if the guarded documents are still at the versions read
+/// (whichever node changed them): else nothing is applied and the answer is 409 `conflict`.
+pub async fn submit_guarded(
+    state: &AppState,
+    audit: &Audit,
+    command: Command,
+    records: Option<store::RecordsFn>,
+    guards: Vec<store::Guard>,
+) -> Result<Reply, Problem> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let draft = audit.0.draft(String::new());
-    state.store.engine.submit_with(command, Some(draft), records, Box::new(move |r| drop(tx.send(r))))?;
+    state.store.engine.submit_guarded(command, Some(draft), records, guards, Box::new(move |r| drop(tx.send(r))))?;
     audit.0.mark_recorded();
     let result = rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?;
     Ok(result?)

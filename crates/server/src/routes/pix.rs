@@ -1334,6 +1334,7 @@ pub async fn sandbox_incoming(
         linked: false,
     };
     let record = received.clone();
+    let guards = concludes.iter().map(store::Guard::of).collect();
     let (account, tenant_for) = (payee.account, tenant_id);
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => {
@@ -1344,7 +1345,8 @@ pub async fn sandbox_incoming(
         _ => vec![],
     });
     let answer =
-        crate::routes::submit_recorded(&state, &audit, store::Command::Transfers(vec![event]), Some(records)).await?;
+        crate::routes::submit_guarded(&state, &audit, store::Command::Transfers(vec![event]), Some(records), guards)
+            .await?;
     match answer.chain_result() {
         ledger::TransferResult::Created => {
             let pix = super::api_pix::pix_notification(
