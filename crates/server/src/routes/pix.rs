@@ -267,6 +267,48 @@ fn charged_lookup(
     Ok(charged.map(|()| found))
 }
 
+/// A payment's look-up: like [`charged_lookup`], except that a found key is not charged yet. A
+/// settled payment gives its look-up back, so found-and-settled costs nothing and writes nothing;
+/// the caller charges the found look-up ([`charge_found_lookup`]) when the payment does not settle.
+/// A key not found is charged (20) here, at once.
+fn payment_lookup(
+    q: &dyn store::Queries,
+    vault: &crate::vault_service::VaultService,
+    tenant: u128,
+    payer: &Party,
+    key: &PixKey,
+) -> store::Result<Result<Option<(store::Document, StoredKey)>, Problem>> {
+    let capacity = if payer.person { pix::dict::CAPACITY_PERSON } else { pix::dict::CAPACITY_COMPANY };
+    let mut bucket = match q.document(BUCKET_KIND, tenant, &uuid_string(payer.holder))? {
+        Some(doc) => {
+            let b: StoredBucket =
+                serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+            pix::dict::Bucket { capacity, tokens: b.tokens.min(capacity), at: b.at }
+        }
+        None => pix::dict::Bucket::new(capacity, store::now_nanos()),
+    };
+    if !bucket.admits(store::now_nanos()) {
+        return Ok(Err(Problem::too_many(
+            "dict_rate_limited",
+            "this payer's directory look-ups are used up (DICT anti-scanning); they refill at 2 per minute",
+            std::time::Duration::from_secs(bucket.retry_after_seconds()),
+        )));
+    }
+    match find_key(vault, q, key)? {
+        Some(found) => Ok(Ok(Some(found))),
+        None => charged_lookup(q, vault, tenant, payer, key),
+    }
+}
+
+/// Charges a payment's found look-up to the payer's bucket (the payment did not settle).
+fn charge_found_lookup(q: &dyn store::Queries, tenant: u128, holder: u128, person: bool) -> store::Result<()> {
+    update_bucket(q, tenant, holder, person, |bucket, now| {
+        bucket.charge(true, now);
+        Ok(true)
+    })
+    .map(drop)
+}
+
 /// Applies `change` to a payer holder's DICT bucket (brought up to date), under compare and set;
 /// `change` answers false to refuse (the bucket is empty): then 429.
 fn update_bucket(
@@ -913,6 +955,7 @@ pub async fn create_payment(
         }
     }
     let _locks = state.pix_runtime.lock(&lock_keys).await;
+    let by_key = matches!(target, Target::Key(_));
     let prepared = query(&state, move |q| {
         Ok((|| -> Result<Result<Result<Prepared, PaymentView>, Problem>, VaultFailure> {
             let mut txid = txid;
@@ -972,7 +1015,7 @@ pub async fn create_payment(
                 }
                 Target::Key(key) => {
                     // Resolving a key is a directory look-up: it draws on the payer's bucket.
-                    let found = match charged_lookup(q, &vault, tenant_id, &payer, &key)? {
+                    let found = match payment_lookup(q, &vault, tenant_id, &payer, &key)? {
                         Ok(found) => found,
                         Err(p) => return Ok(Err(p)),
                     };
@@ -1060,36 +1103,30 @@ pub async fn create_payment(
                 u32::try_from(wait).unwrap_or(u32::MAX),
             ))
         }
-        Ok(prepared) => match commit_payment(&state, &audit, prepared).await? {
-            (view, true) => {
-                // A settled payment to a key gives the payer's look-up back (DICT).
-                if view.status == "completed" && matches!(view.initiation.as_str(), "key" | "brcode") {
-                    let (rt, vault) = (state.pix_runtime.clone(), state.vault_or_503()?);
-                    let credited = query(&state, move |q| {
-                        Ok(match party(&rt, &vault, q, &ispb, tenant_id, debit) {
-                            Ok(Ok(p)) => Some(update_bucket(q, tenant_id, p.holder, p.person, |bucket, now| {
-                                bucket.credit(now);
-                                Ok(true)
-                            })?),
-                            _ => None,
-                        })
-                    })
-                    .await;
-                    if credited.is_err() {
-                        tracing::warn!("a settled payment's DICT token was not given back");
+        Ok(prepared) => {
+            let (holder, person) = (prepared.payer.holder, prepared.payer.person);
+            match commit_payment(&state, &audit, prepared).await? {
+                (view, true) => {
+                    // A payment to a key that did not settle pays for its look-up (DICT); one that
+                    // settled got it back.
+                    if by_key && view.status != "completed" {
+                        let charged = query(&state, move |q| charge_found_lookup(q, tenant_id, holder, person)).await;
+                        if charged.is_err() {
+                            tracing::warn!("a payment's DICT look-up was not charged");
+                        }
                     }
+                    Ok(reply(StatusCode::CREATED, &view))
                 }
-                Ok(reply(StatusCode::CREATED, &view))
+                // A concurrent twin created it: answer what it stored.
+                (_, false) => {
+                    let doc = query(&state, move |q| q.document(PAYMENT_KIND, tenant_id, &id)).await?;
+                    let stored: StoredPayment = doc
+                        .and_then(|d| serde_json::from_str(&d.body).ok())
+                        .ok_or_else(|| Problem::unavailable("the payment is being recorded; retry", 1))?;
+                    Ok(reply(StatusCode::OK, &stored.view))
+                }
             }
-            // A concurrent twin created it: answer what it stored.
-            (_, false) => {
-                let doc = query(&state, move |q| q.document(PAYMENT_KIND, tenant_id, &id)).await?;
-                let stored: StoredPayment = doc
-                    .and_then(|d| serde_json::from_str(&d.body).ok())
-                    .ok_or_else(|| Problem::unavailable("the payment is being recorded; retry", 1))?;
-                Ok(reply(StatusCode::OK, &stored.view))
-            }
-        },
+        }
     }
 }
 
