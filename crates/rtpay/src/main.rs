@@ -102,6 +102,10 @@ enum CommandLine {
         /// given up and its hold released (milliseconds; the SPI settles within 40 s).
         #[arg(long, default_value_t = 40_000, env = "RTPAY_SPI_TIMEOUT_MS")]
         spi_timeout_ms: u64,
+        /// The host charges' locations are on (`https://HOST/qr/v2/...` in dynamic BR Codes; rtpay's
+        /// listener serves those paths): at most 25 characters, lowercase letters, digits, `.`, `-`.
+        #[arg(long, default_value = server::pix_rail::LOCATION_HOST_DEFAULT, env = "RTPAY_PIX_LOCATION_HOST")]
+        pix_location_host: String,
         /// PEM roots that webhook receivers' certificates are checked against (default: the
         /// system's bundle, /etc/ssl/certs/ca-certificates.crt).
         #[arg(long, env = "RTPAY_WEBHOOK_CA")]
@@ -218,6 +222,7 @@ fn main() -> ExitCode {
             spi_reject_percent,
             spi_timeout_percent,
             spi_timeout_ms,
+            pix_location_host,
             webhook_ca,
             webhook_client_cert,
             webhook_client_key,
@@ -241,6 +246,19 @@ fn main() -> ExitCode {
                 eprintln!("rtpay serve: --pix-night must be START-END in whole hours 0-23, apart (e.g. 20-6), not `{pix_night}`");
                 return ExitCode::from(2);
             };
+            let host_ok = (1..=server::pix_rail::LOCATION_HOST_LEN_MAX).contains(&pix_location_host.len())
+                && pix_location_host
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+                && !pix_location_host.starts_with(['.', '-'])
+                && !pix_location_host.ends_with(['.', '-']);
+            if !host_ok {
+                eprintln!(
+                    "rtpay serve: --pix-location-host must be a host name of 1 to {} lowercase letters, digits, `.` and `-`, not `{pix_location_host}`",
+                    server::pix_rail::LOCATION_HOST_LEN_MAX
+                );
+                return ExitCode::from(2);
+            }
             if let Some(ispb) = ispb.as_deref().filter(|i| !pix::ids::valid_ispb(i)) {
                 eprintln!("rtpay serve: --ispb must be 8 digits or capital letters, not `{ispb}`");
                 return ExitCode::from(2);
@@ -283,6 +301,7 @@ fn main() -> ExitCode {
                         timeout_percent: spi_timeout_percent,
                     },
                     spi_timeout: std::time::Duration::from_millis(spi_timeout_ms),
+                    location_host: pix_location_host,
                 },
                 webhooks: server::webhook::WebhookSettings {
                     ca: webhook_ca,

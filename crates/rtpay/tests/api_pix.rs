@@ -297,11 +297,15 @@ fn med_blocks_then_returns_or_releases() {
 
 /// The payload at a location, verified by PyPI jwcrypto (crates/rtpay/tests/peers/jws_verify.py).
 fn verified_payload(server: &Server, path: &str) -> Value {
+    verified_payload_on(server, path, "pix.rtpay.local")
+}
+
+fn verified_payload_on(server: &Server, path: &str, host: &str) -> Value {
     let python = std::env::var("RTPAY_TEST_PYTHON")
         .unwrap_or_else(|_| format!("{}/.cache/rtpay/venv/bin/python", std::env::var("HOME").unwrap_or_default()));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/jws_verify.py");
     let out = std::process::Command::new(&python)
-        .args([script, &format!("http://{}", server.addr), path, "https://pix.rtpay.local/qr/jwks"])
+        .args([script, &format!("http://{}", server.addr), path, &format!("https://{host}/qr/jwks")])
         .output()
         .unwrap_or_else(|e| panic!("{python} is required (scripts/setup makes it, with jwcrypto): {e}"));
     assert!(out.status.success(), "jwcrypto refused: {}", String::from_utf8_lossy(&out.stderr));
@@ -311,7 +315,14 @@ fn verified_payload(server: &Server, path: &str) -> Value {
 #[test]
 fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
     let dir = temp_dir("api-pix-loc");
-    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    // This institution's own host for locations.
+    let server = Server::start_with_args(
+        &dir,
+        None,
+        "127.0.0.1:0",
+        true,
+        &["--ispb", ISPB, "--pix-location-host", "qr.banco.example"],
+    );
     let rt = runtime();
     rt.block_on(async {
         let mut c = server.client();
@@ -330,7 +341,7 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
         assert_eq!(s, 201, "{loc}");
         let id = loc["id"].as_u64().unwrap();
         let url = loc["location"].as_str().unwrap().to_owned();
-        assert!(url.starts_with("https://pix.rtpay.local/qr/v2/") && url.len() <= 77 + 8, "{url}");
+        assert!(url.starts_with("https://qr.banco.example/qr/v2/") && url.len() <= 77, "{url}");
         assert_eq!((loc["tipoCob"].clone(), loc.get("txid")), (json!("cob"), None));
         for bad in [json!({"tipoCob": "boleto"}), json!({}), json!({"tipoCob": "cob", "x": 1})] {
             let got = send(&mut c, Method::POST, "/api/v2/loc", &shop, Some(bad)).await;
@@ -384,9 +395,9 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
         );
 
         // The payload at the location, signed; checked by an independent JOSE library.
-        let path = url.strip_prefix("https://pix.rtpay.local").unwrap().to_owned();
+        let path = url.strip_prefix("https://qr.banco.example").unwrap().to_owned();
         let (srv, p) = (&server, path.clone());
-        let body = tokio::task::block_in_place(|| verified_payload(srv, &p));
+        let body = tokio::task::block_in_place(|| verified_payload_on(srv, &p, "qr.banco.example"));
         assert_eq!(
             (body["txid"].clone(), body["status"].clone(), body["revisao"].clone()),
             (json!(TXID), json!("ATIVA"), json!(0)),

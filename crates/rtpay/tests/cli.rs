@@ -40,6 +40,19 @@ fn serve_refuses_bad_limits_before_touching_anything() {
 }
 
 #[test]
+fn serve_refuses_a_location_host_that_cannot_make_a_location() {
+    let dir = temp_dir("bad-location-host");
+    for (i, host) in ["Pix.Example.com", "a-very-long-host-name.example.com", "-x.com", "x.com/", ""].iter().enumerate()
+    {
+        let data = dir.join(i.to_string());
+        let arg = format!("--pix-location-host={host}");
+        let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", &arg]);
+        assert!(!ok && out.contains("--pix-location-host must be a host name"), "{host}: {out}");
+        assert!(!data.exists(), "{host}: nothing is created");
+    }
+}
+
+#[test]
 fn demo_walks_through_the_api_and_exits() {
     let (ok, out) = rtpay(&["demo", "--exit"]);
     assert!(ok, "{out}");

@@ -44,7 +44,16 @@ pub struct PixSettings {
     pub simulator: crate::spi::SimulatorSettings,
     /// How long an off-us payment waits for the SPI's verdict before it is given up.
     pub spi_timeout: std::time::Duration,
+    /// The host charges' locations are on (`<host>/qr/v2/<token>`), which rtpay's listener serves
+    /// (`--pix-location-host`).
+    pub location_host: String,
 }
+
+/// Where locations are when no host is configured.
+pub const LOCATION_HOST_DEFAULT: &str = "pix.rtpay.local";
+/// The longest host whose locations fit the spec's 77 characters (`https://` + host +
+/// `/qr/v2/cobv/` + 32 hexadecimal digits).
+pub const LOCATION_HOST_LEN_MAX: usize = 77 - 8 - 12 - 32;
 
 impl Default for PixSettings {
     fn default() -> Self {
@@ -53,6 +62,7 @@ impl Default for PixSettings {
             night: pix::limits::Night::default(),
             simulator: crate::spi::SimulatorSettings::default(),
             spi_timeout: SPI_TIMEOUT_DEFAULT,
+            location_host: LOCATION_HOST_DEFAULT.into(),
         }
     }
 }
@@ -121,6 +131,11 @@ impl Default for PixRuntime {
 }
 
 impl AppState {
+    /// Charges' locations begin with this (no scheme, as BR Codes carry them).
+    pub fn location_prefix(&self) -> String {
+        format!("{}/qr/v2/", self.pix.location_host)
+    }
+
     pub fn ispb(&self) -> Result<&str, Problem> {
         self.pix.ispb.as_deref().ok_or_else(|| {
             Problem::unavailable(

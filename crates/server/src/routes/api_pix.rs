@@ -610,8 +610,6 @@ fn stored_payload(stored: &StoredCob, location: &str) -> String {
 /// payload and the directory, not from these).
 const COB_MERCHANT_NAME: &str = "RTPAY RECEBEDOR";
 const COB_MERCHANT_CITY: &str = "SAO PAULO";
-/// Where charges' payloads are located (the dynamic BR Code's URL, without scheme).
-pub const LOCATION_HOST: &str = "pix.rtpay.local/qr/v2/";
 
 fn open_revisions(
     state: &AppState,
@@ -713,7 +711,9 @@ async fn put_cob(
                     ))
                 }
                 (Some(id), None) => loc = Some(super::pix_loc::claim(q, tenant_id, id, "cob", &txid, K, "cob.loc.id")?),
-                (None, None) if existing.is_none() => loc = Some(super::pix_loc::create(q, tenant_id, "cob", now)?),
+                (None, None) if existing.is_none() => {
+                    loc = Some(super::pix_loc::create(q, tenant_id, "cob", now, &st.location_prefix())?)
+                }
                 _ => {}
             }
             let stored = StoredCob {

@@ -90,8 +90,8 @@ fn read_loc(q: &dyn store::Queries, tenant: u128, id: u64) -> store::Result<Opti
     }
 }
 
-/// A new location of `tipo` (`cob`, `cobv`).
-pub fn create(q: &dyn store::Queries, tenant: u128, tipo: &str, now: u64) -> PixResult<Linked> {
+/// A new location of `tipo` (`cob`, `cobv`) under `prefix` ([`AppState::location_prefix`]).
+pub fn create(q: &dyn store::Queries, tenant: u128, tipo: &str, now: u64, prefix: &str) -> PixResult<Linked> {
     for _ in 0..3 {
         let r = random_32();
         // Positive int64: the spec's `PayloadLocationId`.
@@ -99,8 +99,8 @@ pub fn create(q: &dyn store::Queries, tenant: u128, tipo: &str, now: u64) -> Pix
         let loc = StoredLoc {
             id,
             location: match tipo {
-                "cobv" => format!("{LOCATION_HOST}cobv/{}", crate::auth::hex(&r[8..24])),
-                _ => format!("{LOCATION_HOST}{}", crate::auth::hex(&r[8..24])),
+                "cobv" => format!("{prefix}cobv/{}", crate::auth::hex(&r[8..24])),
+                _ => format!("{prefix}{}", crate::auth::hex(&r[8..24])),
             },
             tipo_cob: tipo.to_owned(),
             created_at: now,
@@ -188,7 +188,8 @@ pub async fn loc_post(
     }
     let tenant_id = tenant.id;
     let tipo = body.tipo_cob.clone();
-    let linked = query(&state, move |q| Ok(create(q, tenant_id, &tipo, store::now_nanos()))).await??;
+    let prefix = state.location_prefix();
+    let linked = query(&state, move |q| Ok(create(q, tenant_id, &tipo, store::now_nanos(), &prefix))).await??;
     audit.0.set_resource(format!("pix-loc:{}", linked.id));
     let loc =
         StoredLoc { id: linked.id, location: linked.location, tipo_cob: body.tipo_cob, created_at: linked.created_at };
@@ -328,13 +329,12 @@ fn signer(state: &AppState, q: &dyn store::Queries) -> PixResult<std::sync::Arc<
 
 /// `body` signed with the institution's key, its JWK Set named in the header.
 pub fn sign_payload(state: &AppState, q: &dyn store::Queries, body: &Value) -> PixResult<String> {
-    Ok(signer(state, q)?.sign(body, &jku()))
+    Ok(signer(state, q)?.sign(body, &jku(state)))
 }
 
 /// The URL of the JWK Set, on the locations' host.
-pub fn jku() -> String {
-    let host = LOCATION_HOST.split('/').next().unwrap_or(LOCATION_HOST);
-    format!("https://{host}{JWKS_PATH}")
+pub fn jku(state: &AppState) -> String {
+    format!("https://{}{JWKS_PATH}", state.pix.location_host)
 }
 
 fn payload_problem(status: StatusCode, detail: &str) -> PixError {
@@ -347,7 +347,7 @@ pub async fn payload(State(state): State<AppState>, Path(token): Path<String>) -
     if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
         return Err(payload_problem(StatusCode::NOT_FOUND, "no charge at this location"));
     }
-    let location = format!("{LOCATION_HOST}{token}");
+    let location = format!("{}{token}", state.location_prefix());
     let st = state.clone();
     let jws = query(&state, move |q| {
         Ok((|| -> PixResult<String> {

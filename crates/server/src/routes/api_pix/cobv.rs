@@ -549,7 +549,9 @@ pub(super) fn write_one(
             ))
         }
         (Some(id), None) => linked = Some(pix_loc::claim(q, tenant_id, id, "cobv", &txid, K, "cobv.loc.id")?),
-        (None, None) if existing.is_none() => linked = Some(pix_loc::create(q, tenant_id, "cobv", now)?),
+        (None, None) if existing.is_none() => {
+            linked = Some(pix_loc::create(q, tenant_id, "cobv", now, &st.location_prefix())?)
+        }
         _ => {}
     }
     revisions.push(content.clone());
@@ -740,7 +742,7 @@ pub async fn payload(
             Some(day)
         }
     };
-    let location = format!("{LOCATION_HOST}cobv/{token}");
+    let location = format!("{}cobv/{token}", state.location_prefix());
     let st = state.clone();
     let jws = query(&state, move |q| {
         Ok((|| -> PixResult<String> {
