@@ -685,7 +685,7 @@ async fn put_cob(
             };
             let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;
             let existing = read_cob(q, tenant_id, &txid)?;
-            let (revisions, version, created_at, mut loc) = match &existing {
+            let (revisions, version, created_at, loc) = match &existing {
                 Some((_, s)) if s.cobv.is_some() => {
                     return Err(PixError::violation(K, "txid", "a charge with a due date (cobv) has this txid"))
                 }
@@ -702,20 +702,10 @@ async fn put_cob(
                 }
                 None => (vec![content.clone()], 0, now, None),
             };
-            match (wanted, &loc) {
-                (Some(id), Some(have)) if id != have.id => {
-                    return Err(PixError::violation(
-                        K,
-                        "cob.loc.id",
-                        "the charge has another location; unlink it first (DELETE /loc/{id}/txid)",
-                    ))
-                }
-                (Some(id), None) => loc = Some(super::pix_loc::claim(q, tenant_id, id, "cob", &txid, K, "cob.loc.id")?),
-                (None, None) if existing.is_none() => {
-                    loc = Some(super::pix_loc::create(q, tenant_id, "cob", now, &st.location_prefix())?)
-                }
-                _ => {}
-            }
+            let place =
+                super::pix_loc::Place { tenant: tenant_id, tipo: "cob", txid: &txid, kind: K, prop: "cob.loc.id" };
+            let fresh = existing.is_none().then(|| st.location_prefix());
+            let loc = place.link(q, wanted, loc, fresh.as_deref(), now)?;
             let stored = StoredCob {
                 txid: txid.clone(),
                 account_id: account,
@@ -738,29 +728,7 @@ async fn put_cob(
                 cobv: None,
                 lote_id: None,
             };
-            let doc = store::Document {
-                kind: COB_KIND.into(),
-                tenant_id,
-                id: txid.clone(),
-                lookup: stored.location.clone(),
-                owner: None,
-                created_at,
-                version: version + 1,
-                body: serde_json::to_string(&stored).expect("serializable"),
-            };
-            let written = if version == 0 {
-                match q.insert_document(&doc) {
-                    Ok(()) => true,
-                    Err(store::StoreError::Conflict(_)) => false,
-                    Err(e) => return Err(e.into()),
-                }
-            } else {
-                match q.update_document(&doc, version) {
-                    Err(store::StoreError::Conflict(_)) => false,
-                    other => other?,
-                }
-            };
-            if !written {
+            if !save_charge(q, tenant_id, &stored, version)? {
                 return Err(PixError::violation(K, "txid", "the charge changed meanwhile; retry"));
             }
             Ok(cob_view(&stored, &content, revisions.len() - 1, None))
@@ -768,6 +736,26 @@ async fn put_cob(
     })
     .await??;
     Ok(reply(created, &view))
+}
+
+/// Writes a charge's document: inserted at version 1 when `version` (the one read) is 0, else
+/// compared and set. False when another request changed it (or took its location) meanwhile.
+fn save_charge(q: &dyn store::Queries, tenant_id: u128, stored: &StoredCob, version: u64) -> PixResult<bool> {
+    let doc = store::Document {
+        kind: COB_KIND.into(),
+        tenant_id,
+        id: stored.txid.clone(),
+        lookup: stored.location.clone(),
+        owner: None,
+        created_at: stored.created_at,
+        version: version + 1,
+        body: serde_json::to_string(stored).expect("serializable"),
+    };
+    let result = if version == 0 { q.insert_document(&doc).map(|()| true) } else { q.update_document(&doc, version) };
+    match result {
+        Err(store::StoreError::Conflict(_)) => Ok(false),
+        other => Ok(other?),
+    }
 }
 
 fn valid_txid_or_404(txid: &str) -> PixResult<()> {
@@ -845,21 +833,13 @@ pub async fn cob_patch(
             if revisions.len() >= REVISIONS_MAX {
                 return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
             }
-            match (super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?, stored.loc_id) {
-                (Some(id), Some(have)) if id != have => {
-                    return Err(PixError::violation(
-                        K,
-                        "cob.loc.id",
-                        "the charge has another location; unlink it first (DELETE /loc/{id}/txid)",
-                    ))
-                }
-                (Some(id), None) => {
-                    let l = super::pix_loc::claim(q, tenant_id, id, "cob", &txid, K, "cob.loc.id")?;
-                    stored.loc_id = Some(l.id);
-                    stored.location = Some(l.location);
-                    stored.loc_created_at = Some(l.created_at);
-                }
-                _ => {}
+            let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;
+            let place =
+                super::pix_loc::Place { tenant: tenant_id, tipo: "cob", txid: &txid, kind: K, prop: "cob.loc.id" };
+            if let Some(l) = place.link(q, wanted, super::pix_loc::Linked::of(&stored), None, 0)? {
+                stored.loc_id = Some(l.id);
+                stored.location = Some(l.location);
+                stored.loc_created_at = Some(l.created_at);
             }
             let base = revisions.last().cloned().ok_or_else(|| corrupt("a charge without revisions"))?;
             let now = store::now_nanos();

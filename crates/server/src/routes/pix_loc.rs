@@ -145,6 +145,40 @@ pub fn claim(
     Ok(Linked { id, location: loc.location, created_at: loc.created_at })
 }
 
+/// Where a charge's location is decided: its tenant, type and txid, and how errors name it.
+pub struct Place<'a> {
+    pub tenant: u128,
+    pub tipo: &'a str,
+    pub txid: &'a str,
+    pub kind: &'static str,
+    pub prop: &'a str,
+}
+
+impl Place<'_> {
+    /// The charge's location after a request that asks for `wanted` (a `loc.id`), the charge
+    /// having `have`: the same one kept, `wanted` claimed when it has none, a new one made under
+    /// `fresh` (a location prefix) when it has none and asks none; another one than it has → 400.
+    pub fn link(
+        &self,
+        q: &dyn store::Queries,
+        wanted: Option<u64>,
+        have: Option<Linked>,
+        fresh: Option<&str>,
+        now: u64,
+    ) -> PixResult<Option<Linked>> {
+        match (wanted, have, fresh) {
+            (Some(id), Some(have), _) if id != have.id => Err(PixError::violation(
+                self.kind,
+                self.prop,
+                "the charge has another location; unlink it first (DELETE /loc/{id}/txid)",
+            )),
+            (Some(id), None, _) => Ok(Some(claim(q, self.tenant, id, self.tipo, self.txid, self.kind, self.prop)?)),
+            (None, None, Some(prefix)) => Ok(Some(create(q, self.tenant, self.tipo, now, prefix)?)),
+            (_, have, _) => Ok(have),
+        }
+    }
+}
+
 fn loc_view(loc: &StoredLoc, txid: Option<&str>) -> Value {
     let mut v = json!({
         "id": loc.id,

@@ -504,7 +504,7 @@ pub(super) fn write_one(
     let now = store::now_nanos();
     let wanted = pix_loc::loc_ref_of(body.loc.as_ref(), "cobv", K, "cobv.loc.id")?;
     let existing = read_cob(q, tenant_id, &txid)?;
-    let (mut revisions, version, created_at, status, mut linked, paid_by, lote) = match &existing {
+    let (mut revisions, version, created_at, status, linked, paid_by, lote) = match &existing {
         Some((_, s)) if s.cobv.is_none() => {
             return Err(PixError::violation(K, "txid", "an immediate charge (cob) has this txid"))
         }
@@ -540,20 +540,9 @@ pub(super) fn write_one(
     } else {
         CobContent { at: now, ..base.clone().ok_or_else(|| corrupt("a charge without revisions"))? }
     };
-    match (wanted, &linked) {
-        (Some(id), Some(have)) if id != have.id => {
-            return Err(PixError::violation(
-                K,
-                "cobv.loc.id",
-                "the charge has another location; unlink it first (DELETE /loc/{id}/txid)",
-            ))
-        }
-        (Some(id), None) => linked = Some(pix_loc::claim(q, tenant_id, id, "cobv", &txid, K, "cobv.loc.id")?),
-        (None, None) if existing.is_none() => {
-            linked = Some(pix_loc::create(q, tenant_id, "cobv", now, &st.location_prefix())?)
-        }
-        _ => {}
-    }
+    let place = pix_loc::Place { tenant: tenant_id, tipo: "cobv", txid: &txid, kind: K, prop: "cobv.loc.id" };
+    let fresh = existing.is_none().then(|| st.location_prefix());
+    let linked = place.link(q, wanted, linked, fresh.as_deref(), now)?;
     revisions.push(content.clone());
     let terms = content.cobv.as_ref().map(|v| v.terms.clone());
     let stored = StoredCob {
@@ -578,29 +567,7 @@ pub(super) fn write_one(
         cobv: terms,
         lote_id: lote,
     };
-    let doc = store::Document {
-        kind: COB_KIND.into(),
-        tenant_id,
-        id: txid.clone(),
-        lookup: stored.location.clone(),
-        owner: None,
-        created_at,
-        version: version + 1,
-        body: serde_json::to_string(&stored).expect("serializable"),
-    };
-    let written = if version == 0 {
-        match q.insert_document(&doc) {
-            Ok(()) => true,
-            Err(store::StoreError::Conflict(_)) => false,
-            Err(e) => return Err(e.into()),
-        }
-    } else {
-        match q.update_document(&doc, version) {
-            Err(store::StoreError::Conflict(_)) => false,
-            other => other?,
-        }
-    };
-    if !written {
+    if !save_charge(q, tenant_id, &stored, version)? {
         return Err(PixError::violation(
             K,
             "txid",
