@@ -322,18 +322,20 @@ fn dict_lookups_are_rate_limited_per_payer() {
             let r = c.get(&look(&payer, &format!("miss{n}@example.com")), &key).await.unwrap();
             assert_eq!(r.status, 404, "tokens left before miss {n}");
         }
-        for _ in 0..8 {
+        for _ in 0..7 {
             assert_eq!(c.get(&look(&payer, "joao@example.com"), &key).await.unwrap().status, 200);
         }
-        // Two tokens left. A payment by key that does not settle pays for its look-up.
-        let big = json!({"id": uuid(), "debit_account_id": payer.account, "amount": 5_000, "key": "joao@example.com"});
-        let r = c.post("/v1/pix/payments", &key, &big).await.unwrap();
-        assert_eq!(r.json()["status"], json!("rejected"), "{:?}", r.json());
-        // One token left: the payment takes it and, settled, gives it back.
+        // Three tokens left. A settled payment by key takes one and gives it back.
         let pay = || json!({"id": uuid(), "debit_account_id": payer.account, "amount": 10, "key": "joao@example.com"});
         let r = c.post("/v1/pix/payments", &key, &pay()).await.unwrap();
         assert_eq!(r.json()["status"], json!("completed"), "{:?}", r.json());
-        assert_eq!(c.get(&look(&payer, "joao@example.com"), &key).await.unwrap().status, 200, "the token came back");
+        // Payments that do not settle pay for their look-ups: three tokens, three of them.
+        for _ in 0..3 {
+            let big =
+                json!({"id": uuid(), "debit_account_id": payer.account, "amount": 5_000, "key": "joao@example.com"});
+            let r = c.post("/v1/pix/payments", &key, &big).await.unwrap();
+            assert_eq!(r.json()["status"], json!("rejected"), "{:?}", r.json());
+        }
         let r = c.get(&look(&payer, "joao@example.com"), &key).await.unwrap();
         assert_eq!(problem(&r), (429, json!("dict_rate_limited"), Value::Null), "{:?}", r.json());
         assert_eq!(r.headers["retry-after"], "30");
@@ -346,6 +348,49 @@ fn dict_lookups_are_rate_limited_per_payer() {
         assert_eq!(available(&mut c, &payer).await, 1_000 - 10, "the refused payment moved nothing");
         // The bucket is the payer's: another payer still looks up.
         assert_eq!(c.get(&look(&other, "joao@example.com"), &key).await.unwrap().status, 200);
+    });
+}
+
+#[test]
+fn payments_in_flight_at_once_cannot_look_up_more_keys_than_the_payer_has_tokens() {
+    let dir = temp_dir("pix-dict-concurrent");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        // A company: no limits by default, so its payments run side by side (no holder lock).
+        let payer = party(&mut c, &key, "company", "ACME", CNPJ_ACME, 1_000).await;
+        let other = party(&mut c, &key, "person", "João da Silva", CPF_OTHER, 0).await;
+        assert_eq!(register(&mut c, &other, "email", Some("joao@example.com")).await.status, 201);
+        let look = |k: &str| format!("/v1/pix/keys/{k}?payer_account_id={}", payer.account);
+        // 1,000 tokens: 49 misses (20 each) and 17 found leave 3.
+        for n in 0..49 {
+            assert_eq!(c.get(&look(&format!("miss{n}@example.com")), &key).await.unwrap().status, 404);
+        }
+        for _ in 0..17 {
+            assert_eq!(c.get(&look("joao@example.com"), &key).await.unwrap().status, 200);
+        }
+        let mut tasks = Vec::new();
+        for _ in 0..12 {
+            let (addr, key, account) = (server.addr, key.clone(), payer.account.clone());
+            tasks.push(tokio::spawn(async move {
+                let big =
+                    json!({"id": uuid(), "debit_account_id": account, "amount": 5_000, "key": "joao@example.com"});
+                let r = rtpay::client::Client::new(addr).post("/v1/pix/payments", &key, &big).await.unwrap();
+                (r.status.as_u16(), r.json())
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                (201, v) if v["status"] == json!("rejected") => admitted += 1,
+                (429, v) if v["code"] == json!("dict_rate_limited") => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(admitted, 3, "three tokens, three look-ups");
+        assert_eq!(c.get(&look("joao@example.com"), &key).await.unwrap().status, 429, "all charged");
     });
 }
 

@@ -88,9 +88,12 @@ pub struct PixRuntime {
     settled: Mutex<HashSet<u128>>,
     pub connector: Arc<dyn crate::spi::SpiConnector>,
     pub breaker: Mutex<pix::spi::Breaker>,
-    /// Held while a batch of charges (`lotecobv`) is applied: one batch at a time on a node. Taken
-    /// before any stripe, never while holding one.
-    pub batches: tokio::sync::Mutex<()>,
+    /// Held while a batch of charges (`lotecobv`) is applied: one batch of a tenant at a time on a
+    /// node (striped by tenant). Taken before any stripe, never while holding one.
+    batches: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Payments' found look-ups not yet settled or charged, per (tenant, holder): each holds one of
+    /// the holder's DICT tokens on this node (see `routes::pix::payment_lookup`).
+    lookups_in_flight: Mutex<std::collections::HashMap<(u128, u128), u64>>,
     /// The key that signs the payloads at charges' locations, loaded on first use.
     pub signer: std::sync::OnceLock<Arc<crate::jws::PayloadSigner>>,
 }
@@ -103,13 +106,54 @@ impl PixRuntime {
             settled: Mutex::default(),
             connector,
             breaker: Mutex::new(pix::spi::Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN_NANOS)),
-            batches: tokio::sync::Mutex::new(()),
+            batches: (0..BATCH_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
+            lookups_in_flight: Mutex::default(),
             signer: std::sync::OnceLock::new(),
         }
     }
 }
 
+const BATCH_STRIPES: usize = 16;
+
+/// One DICT token of a holder held by a payment in flight; given back when dropped.
+pub struct LookupReservation {
+    rt: Arc<PixRuntime>,
+    key: (u128, u128),
+}
+
+impl Drop for LookupReservation {
+    fn drop(&mut self) {
+        let mut map = self.rt.lookups_in_flight.lock().expect("not poisoned");
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Holds one of `tokens` (the holder's bucket as stored) for a payment's look-up, if one is not
+/// held by another payment in flight on this node.
+pub fn reserve_lookup(rt: &Arc<PixRuntime>, tenant: u128, holder: u128, tokens: u64) -> Option<LookupReservation> {
+    let mut map = rt.lookups_in_flight.lock().expect("not poisoned");
+    let held = map.entry((tenant, holder)).or_insert(0);
+    if *held >= tokens {
+        if *held == 0 {
+            map.remove(&(tenant, holder));
+        }
+        return None;
+    }
+    *held += 1;
+    Some(LookupReservation { rt: rt.clone(), key: (tenant, holder) })
+}
+
 impl PixRuntime {
+    /// The lock a tenant's batches of charges take.
+    pub fn batch_lock(&self, tenant: u128) -> Arc<tokio::sync::Mutex<()>> {
+        self.batches[(tenant % BATCH_STRIPES as u128) as usize].clone()
+    }
+
     /// Holds the stripes of `keys` (taken in stripe order, so two holders never deadlock) until
     /// the guards drop. Per node: nodes of a cluster do not see each other's.
     pub async fn lock(&self, keys: &[u128]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
@@ -472,6 +516,8 @@ pub struct Prepared {
     pub concludes: Option<store::Document>,
     /// The blind index of the key paid (on us), whose webhook hears of it.
     pub payee_key_index: Option<String>,
+    /// The DICT token the payment's look-up holds until it settles or is charged.
+    pub lookup: Option<LookupReservation>,
 }
 
 /// The charge's document concluded by the Pix `e2e`.

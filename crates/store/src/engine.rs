@@ -351,12 +351,15 @@ fn apply_batch(
     for job in jobs {
         let mut ok = true;
         for g in &job.guards {
-            if !claimed.insert((g.kind.as_str(), g.tenant_id, g.id.as_str()))
+            if claimed.contains(&(g.kind.as_str(), g.tenant_id, g.id.as_str()))
                 || writer.document_version(&g.kind, g.tenant_id, &g.id)? != g.version
             {
                 ok = false;
                 break;
             }
+        }
+        if ok {
+            claimed.extend(job.guards.iter().map(|g| (g.kind.as_str(), g.tenant_id, g.id.as_str())));
         }
         admitted.push(ok);
     }
@@ -412,14 +415,15 @@ fn apply_batch(
     // Audit entries take their times from the ledger clock, after the batch's ledger work.
     let mut clock = Clock { last: changes.iter().map(|c| c.clock.last).max().unwrap_or(0).max(snapshot.clock.last) };
     let mut drafts: Vec<(Timestamp, audit::Draft)> = Vec::new();
-    for (job, reply) in jobs.iter().zip(&replies).filter_map(|(j, r)| r.as_ref().map(|r| (j, r))) {
-        if let Command::Audit(d) = &job.command {
+    for (job, reply) in jobs.iter().zip(&replies) {
+        if let (Command::Audit(d), Some(_)) = (&job.command, reply) {
             drafts.extend(d.iter().map(|d| (clock.tick(now), d.clone().bounded())));
         }
         if let Some(draft) = &job.audit {
+            // A request refused by its guards is recorded too, as refused.
             let mut draft = draft.clone();
             if draft.outcome.is_empty() {
-                draft.outcome = outcome_of(reply);
+                draft.outcome = reply.as_ref().map_or_else(|| "conflict".to_owned(), outcome_of);
             }
             drafts.push((clock.tick(now), draft.bounded()));
         }

@@ -334,7 +334,9 @@ impl Writer for PgWriter {
         let row = conn
             .client
             .query_opt(
-                "SELECT version FROM documents WHERE kind = $1 AND tenant_id = $2 AND id = $3",
+                // Locked until the batch commits: a change made meanwhile outside the writer (a
+                // compare-and-set update) waits, then finds the version moved on.
+                "SELECT version FROM documents WHERE kind = $1 AND tenant_id = $2 AND id = $3 FOR UPDATE",
                 &[&kind, &uuid(tenant_id), &id],
             )
             .map_err(unavailable)?;

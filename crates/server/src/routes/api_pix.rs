@@ -969,7 +969,7 @@ pub async fn cob_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
             for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
                 let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
                 let revisions = open_revisions(&st, q, tenant_id, &stored)?;
-                let n = revisions.len() - 1;
+                let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
                 let mut v = cob_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?);
                 v["idCob"] = json!(stored.txid);
                 out.push(v);

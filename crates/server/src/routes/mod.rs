@@ -40,7 +40,7 @@ pub async fn submit_recorded(
 }
 
 /// Like [`submit_recorded`], applied only if the guarded documents are still at the versions read
-/// (whichever node changed them): else nothing is applied and the answer is 409 `conflict`.
+/// (whichever node changed them): else nothing is applied and the answer is 503 with `Retry-After`.
 pub async fn submit_guarded(
     state: &AppState,
     audit: &Audit,
@@ -48,12 +48,17 @@ pub async fn submit_guarded(
     records: Option<store::RecordsFn>,
     guards: Vec<store::Guard>,
 ) -> Result<Reply, Problem> {
+    let guarded = !guards.is_empty();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let draft = audit.0.draft(String::new());
     state.store.engine.submit_guarded(command, Some(draft), records, guards, Box::new(move |r| drop(tx.send(r))))?;
     audit.0.mark_recorded();
     let result = rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?;
-    Ok(result?)
+    match result {
+        // A guard lost a race with another request: nothing applied; the retry sees what won.
+        Err(store::StoreError::Conflict(why)) if guarded => Err(Problem::unavailable(why, 1)),
+        other => Ok(other?),
+    }
 }
 
 /// Runs a blocking `Queries` call (a read, or a control-plane write such as creating a tenant)

@@ -271,13 +271,21 @@ fn charged_lookup(
 /// settled payment gives its look-up back, so found-and-settled costs nothing and writes nothing;
 /// the caller charges the found look-up ([`charge_found_lookup`]) when the payment does not settle.
 /// A key not found is charged (20) here, at once.
+///
+/// Found look-ups not yet charged are counted against the bucket per node
+/// ([`reserve_lookup`]), so payments in flight at once cannot look up more keys than the payer has
+/// tokens for.
+/// The key, and the token its look-up holds (none when the look-up was charged already: a key
+/// that appeared between the two reads).
+type Found = Option<((store::Document, StoredKey), Option<LookupReservation>)>;
 fn payment_lookup(
     q: &dyn store::Queries,
+    rt: &std::sync::Arc<PixRuntime>,
     vault: &crate::vault_service::VaultService,
     tenant: u128,
     payer: &Party,
     key: &PixKey,
-) -> store::Result<Result<Option<(store::Document, StoredKey)>, Problem>> {
+) -> store::Result<Result<Found, Problem>> {
     let capacity = if payer.person { pix::dict::CAPACITY_PERSON } else { pix::dict::CAPACITY_COMPANY };
     let mut bucket = match q.document(BUCKET_KIND, tenant, &uuid_string(payer.holder))? {
         Some(doc) => {
@@ -287,16 +295,21 @@ fn payment_lookup(
         }
         None => pix::dict::Bucket::new(capacity, store::now_nanos()),
     };
-    if !bucket.admits(store::now_nanos()) {
+    let reserved =
+        if bucket.admits(store::now_nanos()) { reserve_lookup(rt, tenant, payer.holder, bucket.tokens) } else { None };
+    let Some(reservation) = reserved else {
         return Ok(Err(Problem::too_many(
             "dict_rate_limited",
             "this payer's directory look-ups are used up (DICT anti-scanning); they refill at 2 per minute",
-            std::time::Duration::from_secs(bucket.retry_after_seconds()),
+            std::time::Duration::from_secs(pix::dict::Bucket { tokens: 0, ..bucket }.retry_after_seconds()),
         )));
-    }
+    };
     match find_key(vault, q, key)? {
-        Some(found) => Ok(Ok(Some(found))),
-        None => charged_lookup(q, vault, tenant, payer, key),
+        Some(found) => Ok(Ok(Some((found, Some(reservation))))),
+        None => {
+            drop(reservation);
+            Ok(charged_lookup(q, vault, tenant, payer, key)?.map(|missed| missed.map(|f| (f, None))))
+        }
     }
 }
 
@@ -955,12 +968,12 @@ pub async fn create_payment(
         }
     }
     let _locks = state.pix_runtime.lock(&lock_keys).await;
-    let by_key = matches!(target, Target::Key(_));
     let prepared = query(&state, move |q| {
         Ok((|| -> Result<Result<Result<Prepared, PaymentView>, Problem>, VaultFailure> {
             let mut txid = txid;
             let mut concludes = None;
             let mut payee_key_index = None;
+            let mut lookup = None;
             if let Some(doc) = q.document(PAYMENT_KIND, tenant_id, &id2)? {
                 let stored: StoredPayment = serde_json::from_str(&doc.body)
                     .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
@@ -1015,11 +1028,11 @@ pub async fn create_payment(
                 }
                 Target::Key(key) => {
                     // Resolving a key is a directory look-up: it draws on the payer's bucket.
-                    let found = match payment_lookup(q, &vault, tenant_id, &payer, &key)? {
+                    let found = match payment_lookup(q, &rt, &vault, tenant_id, &payer, &key)? {
                         Ok(found) => found,
                         Err(p) => return Ok(Err(p)),
                     };
-                    let Some((doc, stored)) = found else {
+                    let Some(((doc, stored), held)) = found else {
                         return Ok(Err(Problem::invalid(
                             if initiation == "brcode" { "brcode" } else { "key" },
                             "key_not_found",
@@ -1027,6 +1040,7 @@ pub async fn create_payment(
                         )));
                     };
                     payee_key_index = Some(doc.lookup.clone().unwrap_or_else(|| key_lookup(&vault, &key)));
+                    lookup = held;
                     let account = uuid::Uuid::parse_str(&stored.account_id).map(|u| u.as_u128()).unwrap_or_default();
                     party(&rt, &vault, q, &ispb2, doc.tenant_id, account)?.map(|p| {
                         let view = p.view.clone();
@@ -1038,13 +1052,20 @@ pub async fn create_payment(
                     (Payee::OnUs(p), view)
                 }),
             };
+            // A payment refused here after its look-up found the key pays for the look-up.
+            let mut charge_lookup = || match lookup.take() {
+                Some(_) => charge_found_lookup(q, tenant_id, payer.holder, payer.person),
+                None => Ok(()),
+            };
             let (payee, creditor_view) = match payee {
                 Ok(p) => p,
                 Err(why) => {
-                    return Ok(Err(Problem::invalid("creditor", "invalid_creditor", format!("the creditor: {why}"))))
+                    charge_lookup()?;
+                    return Ok(Err(Problem::invalid("creditor", "invalid_creditor", format!("the creditor: {why}"))));
                 }
             };
             if matches!(&payee, Payee::OnUs(p) if p.tenant == payer.tenant && p.account == payer.account) {
+                charge_lookup()?;
                 return Ok(Err(Problem::invalid(
                     "debit_account_id",
                     "same_account",
@@ -1085,6 +1106,7 @@ pub async fn create_payment(
                 refused,
                 concludes,
                 payee_key_index,
+                lookup,
             })))
         })())
     })
@@ -1103,13 +1125,15 @@ pub async fn create_payment(
                 u32::try_from(wait).unwrap_or(u32::MAX),
             ))
         }
-        Ok(prepared) => {
+        Ok(mut prepared) => {
             let (holder, person) = (prepared.payer.holder, prepared.payer.person);
+            // Held until the look-up is settled or charged.
+            let held = prepared.lookup.take();
             match commit_payment(&state, &audit, prepared).await? {
                 (view, true) => {
                     // A payment to a key that did not settle pays for its look-up (DICT); one that
                     // settled got it back.
-                    if by_key && view.status != "completed" {
+                    if held.is_some() && view.status != "completed" {
                         let charged = query(&state, move |q| charge_found_lookup(q, tenant_id, holder, person)).await;
                         if charged.is_err() {
                             tracing::warn!("a payment's DICT look-up was not charged");

@@ -528,11 +528,20 @@ pub(super) fn write_one(
         None => (vec![], 0, now, CobStatus::Ativa, None, None, lote),
     };
     let base = revisions.last().cloned();
-    let chave = body.chave.clone().or_else(|| base.as_ref().map(|b| b.chave.clone())).unwrap_or_default();
-    let key = pix::PixKey::infer(&chave).map_err(|e| PixError::violation(K, "cobv.chave", e.to_string()))?;
-    let account = match find_key(&vault, q, &key)? {
-        Some((doc, stored)) if doc.tenant_id == tenant_id => stored.account_id,
-        _ => return Err(PixError::violation(K, "cobv.chave", "is not a key of an account of this receiver")),
+    // The key is resolved when given (or for a new charge); a revision that names none keeps the
+    // charge's account, so a charge whose key was deleted can still be revised or removed.
+    let (account, chave_index) = match (&body.chave, &existing) {
+        (None, Some((_, s))) => (s.account_id.clone(), s.chave_index.clone()),
+        _ => {
+            let chave = body.chave.clone().unwrap_or_default();
+            let key = pix::PixKey::infer(&chave).map_err(|e| PixError::violation(K, "cobv.chave", e.to_string()))?;
+            match find_key(&vault, q, &key)? {
+                Some((doc, stored)) if doc.tenant_id == tenant_id => {
+                    (stored.account_id, Some(key_lookup(&vault, &key)))
+                }
+                _ => return Err(PixError::violation(K, "cobv.chave", "is not a key of an account of this receiver")),
+            }
+        }
     };
     let content = if alters || create {
         let recebedor = recebedor_of(st, q, tenant_id, &account)?;
@@ -563,7 +572,7 @@ pub(super) fn write_one(
         revisions_sealed: seal_revisions(st, q, tenant_id, &txid, &revisions)?,
         revisions: revisions.len(),
         paid_by,
-        chave_index: Some(key_lookup(&vault, &key)),
+        chave_index,
         cobv: terms,
         lote_id: lote,
     };
@@ -658,7 +667,7 @@ pub async fn cobv_list(State(state): State<AppState>, tenant: Tenant, RawQuery(r
             for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
                 let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
                 let revisions = open_revisions(&st, q, tenant_id, &stored)?;
-                let n = revisions.len() - 1;
+                let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
                 let mut v = cobv_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?);
                 v["idCob"] = json!(stored.txid);
                 out.push(v);

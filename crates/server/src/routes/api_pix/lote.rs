@@ -7,7 +7,9 @@
 //! exists already, a revision naming other charges than the batch's): any of those is a 400 and
 //! nothing changes. Then each request is applied as `PUT`/`PATCH /cobv/{txid}` would, under that
 //! charge's lock, and its outcome recorded; the answer, 202, comes once all are applied, so a
-//! `GET` right after shows no request `EM_PROCESSAMENTO`.
+//! `GET` right after shows no request `EM_PROCESSAMENTO` — unless storage failed midway: the batch
+//! is recorded before its charges are made, so what was not applied shows `EM_PROCESSAMENTO` and
+//! the same `PUT` again finishes it.
 
 use super::cobv::CobVBody;
 use super::*;
@@ -20,8 +22,7 @@ const K: &str = "LoteCobVOperacaoInvalida";
 #[derive(Serialize, Deserialize, Clone, Debug)]
 struct Item {
     txid: String,
-    /// `CRIADA` or `NEGADA` (`EM_PROCESSAMENTO` is never stored: requests are applied before the
-    /// batch's answer).
+    /// `EM_PROCESSAMENTO` (recorded, not applied yet), `CRIADA` or `NEGADA`.
     status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     problema: Option<Value>,
@@ -159,14 +160,18 @@ async fn apply(
     let (descricao, requests) = parse(&bytes, patch)?;
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-lotecobv:{id}"));
-    // One batch at a time (a stripe held here could be one a charge of the batch needs below).
-    let _batch = state.pix_runtime.batches.lock().await;
+    // One batch of a tenant at a time (taken before any stripe; a stripe held across the batch
+    // could be one a charge of it needs).
+    let batch_lock = state.pix_runtime.batch_lock(tenant_id).lock_owned().await;
     let txids: Vec<String> = requests.iter().map(|(t, _)| t.clone()).collect();
-    let existing = query(&state, move |q| {
-        Ok((|| -> PixResult<Option<(store::Document, StoredLote)>> {
+    let first_descricao = descricao.clone();
+    // The batch is recorded before its charges are made, its requests EM_PROCESSAMENTO: whatever
+    // stops it midway, it exists, and the same PUT again finishes it.
+    let recorded = query(&state, move |q| {
+        Ok((|| -> PixResult<(store::Document, StoredLote)> {
             let existing = read_lote(q, tenant_id, id)?;
-            match &existing {
-                None if patch => return Err(not_found()),
+            match existing {
+                None if patch => Err(not_found()),
                 None => {
                     for (i, t) in txids.iter().enumerate() {
                         if read_cob(q, tenant_id, t)?.is_some() {
@@ -177,8 +182,28 @@ async fn apply(
                             ));
                         }
                     }
+                    let now = store::now_nanos();
+                    let pending = |t: &String| Item { txid: t.clone(), status: "EM_PROCESSAMENTO".into(), problema: None, criacao: None };
+                    let lote = StoredLote {
+                        id,
+                        descricao: first_descricao.unwrap_or_default(),
+                        criacao: now,
+                        cobsv: txids.iter().map(pending).collect(),
+                    };
+                    let doc = store::Document {
+                        kind: LOTE_KIND.into(),
+                        tenant_id,
+                        id: id.to_string(),
+                        lookup: None,
+                        owner: None,
+                        created_at: now,
+                        version: 1,
+                        body: serde_json::to_string(&lote).expect("serializable"),
+                    };
+                    q.insert_document(&doc)?;
+                    Ok((doc, lote))
                 }
-                Some((_, l)) => {
+                Some((doc, l)) => {
                     let mine: std::collections::HashSet<&str> = l.cobsv.iter().map(|i| i.txid.as_str()).collect();
                     let named: std::collections::HashSet<&str> = txids.iter().map(String::as_str).collect();
                     if (!patch && mine != named) || (patch && !named.is_subset(&mine)) {
@@ -188,75 +213,70 @@ async fn apply(
                             "a batch's charges are fixed when it is made: name the same charges (PUT) or some of them (PATCH)",
                         ));
                     }
+                    Ok((doc, l))
                 }
             }
-            Ok(existing)
         })())
     })
     .await??;
-    // Each request as PUT/PATCH /cobv/{txid} would apply it, under its charge's lock.
-    let mut outcomes = Vec::with_capacity(requests.len());
-    for (txid, body) in requests {
-        let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
-        let st = state.clone();
-        let (t, revise) = (txid.clone(), patch);
-        let result =
-            query(&state, move |q| Ok(super::cobv::write_one(&st, q, tenant_id, &t, &body, !revise, Some(id)))).await?;
-        let item = match result {
-            Ok(_) => Item { txid, status: "CRIADA".into(), problema: None, criacao: None },
-            // Storage or the key store failing is the batch's failure, not the request's.
-            Err(e) if e.status.is_server_error() => return Err(e),
-            Err(e) => Item { txid, status: "NEGADA".into(), problema: Some(problema(&e)), criacao: None },
-        };
-        outcomes.push(item);
-    }
-    query(&state, move |q| {
-        Ok((|| -> PixResult<()> {
-            let now = store::now_nanos();
-            let mut lote = match &existing {
-                Some((_, l)) => l.clone(),
-                None => StoredLote { id, descricao: String::new(), criacao: now, cobsv: vec![] },
+    // Applied in a task of its own: a client that goes away does not stop a batch halfway.
+    let st = state.clone();
+    let task = tokio::spawn(async move {
+        let _batch = batch_lock;
+        let state = st;
+        // Each request as PUT/PATCH /cobv/{txid} would apply it, under its charge's lock.
+        let mut outcomes = Vec::with_capacity(requests.len());
+        let mut failure = None;
+        for (txid, body) in requests {
+            let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
+            let st = state.clone();
+            let (t, revise) = (txid.clone(), patch);
+            let result =
+                query(&state, move |q| Ok(super::cobv::write_one(&st, q, tenant_id, &t, &body, !revise, Some(id))))
+                    .await;
+            let item = match result.map_err(PixError::from).and_then(|r| r) {
+                Ok(_) => Item { txid, status: "CRIADA".into(), problema: None, criacao: None },
+                // Storage or the key store failing is the batch's failure, not the request's: the
+                // rest stays EM_PROCESSAMENTO until the batch is sent again.
+                Err(e) if e.status.is_server_error() => {
+                    failure = Some(e);
+                    break;
+                }
+                Err(e) => Item { txid, status: "NEGADA".into(), problema: Some(problema(&e)), criacao: None },
             };
-            if let Some(d) = descricao {
-                lote.descricao = d;
-            }
-            for mut item in outcomes {
-                if item.status == "CRIADA" {
-                    item.criacao = read_cob(q, tenant_id, &item.txid)?.map(|(_, s)| s.created_at);
+            outcomes.push(item);
+        }
+        let (doc, mut lote) = recorded;
+        let written = query(&state, move |q| {
+            Ok((|| -> PixResult<()> {
+                if let Some(d) = descricao {
+                    lote.descricao = d;
                 }
-                match lote.cobsv.iter_mut().find(|i| i.txid == item.txid) {
-                    // A refused revision leaves a charge that exists as it was: still CRIADA.
-                    Some(old) if old.status == "CRIADA" && item.status == "NEGADA" => old.problema = item.problema,
-                    Some(old) => *old = item,
-                    None => lote.cobsv.push(item),
+                for mut item in outcomes {
+                    if item.status == "CRIADA" {
+                        item.criacao = read_cob(q, tenant_id, &item.txid)?.map(|(_, s)| s.created_at);
+                    }
+                    match lote.cobsv.iter_mut().find(|i| i.txid == item.txid) {
+                        // A refused revision leaves a charge that exists as it was: still CRIADA.
+                        Some(old) if old.status == "CRIADA" && item.status == "NEGADA" => old.problema = item.problema,
+                        Some(old) => *old = item,
+                        None => lote.cobsv.push(item),
+                    }
                 }
-            }
-            let body = serde_json::to_string(&lote).expect("serializable");
-            let written = match &existing {
-                Some((doc, _)) => {
-                    q.update_document(&store::Document { version: doc.version + 1, body, ..doc.clone() }, doc.version)?
+                let body = serde_json::to_string(&lote).expect("serializable");
+                if !q
+                    .update_document(&store::Document { version: doc.version + 1, body, ..doc.clone() }, doc.version)?
+                {
+                    return Err(corrupt("a batch changed under its lock").into());
                 }
-                None => {
-                    q.insert_document(&store::Document {
-                        kind: LOTE_KIND.into(),
-                        tenant_id,
-                        id: id.to_string(),
-                        lookup: None,
-                        owner: None,
-                        created_at: now,
-                        version: 1,
-                        body,
-                    })?;
-                    true
-                }
-            };
-            if !written {
-                return Err(corrupt("a batch changed under its lock").into());
-            }
-            Ok(())
-        })())
-    })
-    .await??;
+                Ok(())
+            })())
+        })
+        .await;
+        written.map_err(PixError::from).and_then(|r| r)?;
+        failure.map_or(Ok(()), Err)
+    });
+    task.await.map_err(|_| PixError::from(Problem::internal()))??;
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
