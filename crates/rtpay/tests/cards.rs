@@ -302,6 +302,62 @@ fn authorizations_captures_reversals_and_refunds_over_iso8583() {
     assert!(!text.contains(&format!("\"cvv2\":\"{cvv2}\"")), "the log holds the CVV2");
 }
 
+/// With its storage gone the issuer cannot decide: the network hears 91 (issuer unavailable) at
+/// once, nothing is held, and the same message after storage returns is decided as usual. A card
+/// row rtpay cannot read answers 96 (system malfunction).
+#[test]
+fn an_issuer_without_its_storage_answers_91_and_a_garbled_card_96() {
+    let url = store::testing::fresh_postgres_database();
+    let rt = runtime();
+    let (switch, proxied) = rt.block_on(proxied_postgres(&url));
+    let dir = temp_dir("cards-outage");
+    let server =
+        Server::start_with_args(&dir, Some(&proxied), "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    rt.block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let mut net = Network::connect(iso);
+        let r = net.ask(&auth(&i.pan, &i.expiry, 1_000, 1, "000000000001"));
+        assert_eq!(r["39"], json!("00"), "{r}");
+
+        switch.cut();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let second = auth(&i.pan, &i.expiry, 2_000, 2, "000000000002");
+        let r = net.ask(&second);
+        assert_eq!((r["t"].clone(), r["39"].clone(), r.get("38")), (json!("0110"), json!("91"), None), "{r}");
+
+        switch.restore();
+        let mut answer = Value::Null;
+        for _ in 0..100 {
+            answer = net.ask(&second);
+            if answer["39"] != json!("91") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(answer["39"], json!("00"), "no recovery after storage returned: {answer}");
+        // Held once each: the 91 held nothing, the approval after it once.
+        assert_eq!(available(&mut c, key, acct).await, (7_000, 3_000, 0));
+        let again = net.ask(&second);
+        assert_eq!((again["39"].clone(), again["38"].clone()), (json!("00"), answer["38"].clone()));
+        assert_eq!(available(&mut c, key, acct).await, (7_000, 3_000, 0));
+
+        // A card row storage holds but rtpay cannot read (edited behind its back): 96, nothing held.
+        let out = std::process::Command::new("psql")
+            .args([url.as_str(), "-qAtc", "UPDATE cards SET status = 'garbled'"])
+            .output()
+            .expect("psql (scripts/setup installs PostgreSQL's client)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r = net.ask(&auth(&i.pan, &i.expiry, 500, 3, "000000000003"));
+        assert_eq!((r["39"].clone(), r.get("38")), (json!("96"), None), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (7_000, 3_000, 0));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 #[test]
 fn product_and_card_input_is_checked() {
     let dir = temp_dir("cards-input");

@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -199,53 +196,11 @@ fn a_charge_is_paid_once_and_refunds_stay_within_the_pix_across_nodes() {
     assert!(ok, "{report}");
 }
 
-/// A TCP proxy in front of PostgreSQL that the test can cut and restore.
-struct Switch {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    generation: Arc<std::sync::atomic::AtomicU64>,
-}
-
-async fn proxy(target: SocketAddr) -> Switch {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let up = Arc::new(AtomicBool::new(true));
-    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (up2, gen2) = (up.clone(), generation.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut inbound, _)) = listener.accept().await else { return };
-            if !up2.load(Ordering::SeqCst) {
-                drop(inbound);
-                continue;
-            }
-            let born = gen2.load(Ordering::SeqCst);
-            let gen3 = gen2.clone();
-            tokio::spawn(async move {
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
-                let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                let cut = async {
-                    while gen3.load(Ordering::SeqCst) == born {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                };
-                tokio::select! { _ = copy => {}, _ = cut => {} }
-            });
-        }
-    });
-    Switch { addr, up, generation }
-}
-
 #[test]
 fn postgres_outage_answers_503_then_recovers_losing_nothing() {
     let url = store::testing::fresh_postgres_database();
     let rt = runtime();
-    let pg: SocketAddr = {
-        let config: postgres_url::Parts = postgres_url::parse(&url);
-        format!("{}:{}", config.host, config.port).parse().unwrap()
-    };
-    let switch = rt.block_on(proxy(pg));
-    let proxied = url.replacen(&format!("{}:{}", pg.ip(), pg.port()), &switch.addr.to_string(), 1);
+    let (switch, proxied) = rt.block_on(proxied_postgres(&url));
     let dir = temp_dir("outage");
     let server = Server::start(&dir, Some(&proxied));
     rt.block_on(async {
@@ -257,8 +212,7 @@ fn postgres_outage_answers_503_then_recovers_losing_nothing() {
         assert_eq!(c.post("/v1/transfers", &key, &before).await.unwrap().status, 201);
 
         // PostgreSQL goes away: existing connections are cut and new ones refused.
-        switch.up.store(false, Ordering::SeqCst);
-        switch.generation.fetch_add(1, Ordering::SeqCst);
+        switch.cut();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let during = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": w, "amount": 20});
         let r = c.post("/v1/transfers", &key, &during).await.unwrap();
@@ -269,7 +223,7 @@ fn postgres_outage_answers_503_then_recovers_losing_nothing() {
         assert_eq!(r.status, 503);
 
         // It comes back: the same request now succeeds, exactly once.
-        switch.up.store(true, Ordering::SeqCst);
+        switch.restore();
         let mut status = 0;
         for _ in 0..100 {
             status = c.post("/v1/transfers", &key, &during).await.unwrap().status.as_u16();
@@ -283,19 +237,4 @@ fn postgres_outage_answers_503_then_recovers_losing_nothing() {
         assert_eq!(c.post("/v1/transfers", &key, &during).await.unwrap().status, 200);
         assert_eq!(balance(&mut c, &key, &w).await["credits_posted"], 30);
     });
-}
-
-/// Just enough URL parsing for the proxy test.
-mod postgres_url {
-    pub struct Parts {
-        pub host: String,
-        pub port: u16,
-    }
-    pub fn parse(url: &str) -> Parts {
-        let rest = url.split("://").nth(1).unwrap();
-        let rest = rest.split('@').next_back().unwrap();
-        let hostport = rest.split('/').next().unwrap();
-        let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
-        Parts { host: host.to_owned(), port: port.parse().unwrap() }
-    }
 }

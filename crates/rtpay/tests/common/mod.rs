@@ -182,3 +182,63 @@ pub async fn balance(client: &mut Client, key: &str, account: &str) -> Value {
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
+
+/// A TCP proxy in front of PostgreSQL that a test can cut (`up` false refuses new connections;
+/// bumping `generation` cuts the open ones) and restore.
+pub struct Switch {
+    pub addr: SocketAddr,
+    pub up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Switch {
+    /// PostgreSQL goes away: open connections are cut, new ones refused.
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A proxy in front of the PostgreSQL of `url`, and the URL through it. Call within a runtime.
+#[allow(dead_code)]
+pub async fn proxied_postgres(url: &str) -> (Switch, String) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let rest = url.split("://").nth(1).unwrap();
+    let hostport = rest.split('@').next_back().unwrap().split('/').next().unwrap();
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
+    let target: SocketAddr = format!("{host}:{port}").parse().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = Arc::new(AtomicBool::new(true));
+    let generation = Arc::new(AtomicU64::new(0));
+    let (up2, gen2) = (up.clone(), generation.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { return };
+            if !up2.load(Ordering::SeqCst) {
+                drop(inbound);
+                continue;
+            }
+            let born = gen2.load(Ordering::SeqCst);
+            let gen3 = gen2.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                let cut = async {
+                    while gen3.load(Ordering::SeqCst) == born {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                };
+                tokio::select! { _ = copy => {}, _ = cut => {} }
+            });
+        }
+    });
+    let proxied = url.replacen(hostport, &addr.to_string(), 1);
+    (Switch { addr, up, generation }, proxied)
+}
