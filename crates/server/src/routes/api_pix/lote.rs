@@ -267,7 +267,15 @@ async fn apply(
                 if !q
                     .update_document(&store::Document { version: doc.version + 1, body, ..doc.clone() }, doc.version)?
                 {
-                    return Err(corrupt("a batch changed under its lock").into());
+                    // Another node changed the batch meanwhile: its charges stand; sent again, the
+                    // batch records their outcomes.
+                    let mut e = PixError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServicoIndisponivel",
+                        "the batch changed meanwhile; send it again",
+                    );
+                    e.retry_after_seconds = Some(1);
+                    return Err(e);
                 }
                 Ok(())
             })())
