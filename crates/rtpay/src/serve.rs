@@ -164,6 +164,8 @@ pub async fn run(
         .with_card_settings(config.card_settings)
         .with_pix(config.pix)
         .with_webhooks(webhooks);
+    // Notifications a stopped node left pending (the outbox).
+    server::webhook::resume(&state);
     // The card listener stops with the HTTP one.
     let (stop_cards, cards_stopped) = tokio::sync::oneshot::channel::<()>();
     let cards = iso8583.map(|listener| {

@@ -263,7 +263,8 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         let mut record = Value::Null;
         for _ in 0..200 {
             let r = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}"), &shop).await.unwrap();
-            if r.status == 200 {
+            // The record exists from the Pix's commit on (pending, no attempt yet).
+            if r.status == 200 && r.json()["attempts"].as_u64() >= Some(1) {
                 record = r.json();
                 break;
             }
@@ -271,4 +272,84 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         }
         assert!(record["last_error"].as_str().unwrap_or("").contains("no public address"), "{record}");
     });
+}
+
+/// A notification is due from the Pix's commit on: a node killed between two attempts delivers it
+/// when it starts again, from the attempts already made.
+#[test]
+fn a_delivery_interrupted_by_a_crash_is_made_after_the_restart() {
+    let dir = temp_dir("webhooks-restart");
+    let (ca_pem, server_cert, client_cert, ca_der) = pki();
+    let ca = write(&dir, "ca.pem", &ca_pem);
+    let (cert, key) = (write(&dir, "client.pem", &client_cert.cert), write(&dir, "client.key", &client_cert.key));
+    // The second attempt would come a minute after the first.
+    let args = [
+        "--ispb",
+        ISPB,
+        "--webhook-ca",
+        &ca,
+        "--webhook-client-cert",
+        &cert,
+        "--webhook-client-key",
+        &key,
+        "--webhook-retry-ms",
+        "60000",
+        "--webhook-allow-private",
+    ];
+    let mut rtpay = Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args);
+    let rt = runtime();
+    rt.block_on(async {
+        let (port, seen) = receiver(&server_cert, ca_der, 1).await;
+        let mut c = rtpay.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let r = c
+            .post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME", "document": CNPJ_ACME}))
+            .await
+            .unwrap();
+        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
+        let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await;
+        assert_eq!(r.unwrap().status, 201);
+        let hook = Some(serde_json::to_vec(&json!({"webhookUrl": format!("https://localhost:{port}/hooks")})).unwrap().into());
+        let r = c.send(Method::PUT, &format!("/api/v2/webhook/{CNPJ_ACME}"), Some(&shop), hook).await.unwrap();
+        assert_eq!(r.status, 200);
+        let code = json!({"key": CNPJ_ACME, "amount": 500, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": "PEDIDO77"});
+        let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
+        let payer = json!({"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"});
+        let r = c.post("/v1/sandbox/spi/incoming", &shop, &json!({"amount": 500, "brcode": brcode, "payer": payer})).await;
+        let r = r.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+        let delivery = format!("/v1/pix/webhook-deliveries/{e2e}");
+        let mut first = Value::Null;
+        for _ in 0..200 {
+            first = c.get(&delivery, &shop).await.unwrap().json();
+            if first["attempts"] == json!(1) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!((first["status"].clone(), first["attempts"].clone()), (json!("pending"), json!(1)), "{first}");
+
+        // Killed while it waits for its second attempt; started again.
+        rtpay.kill9();
+        rtpay.restart();
+        let mut c = rtpay.client();
+        let mut done = Value::Null;
+        for _ in 0..400 {
+            done = c.get(&delivery, &shop).await.unwrap().json();
+            if done["status"] == json!("delivered") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!((done["status"].clone(), done["attempts"].clone()), (json!("delivered"), json!(2)), "{done}");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "one failed attempt before the crash, one after");
+        let v: Value = serde_json::from_slice(&seen[1].2).unwrap();
+        assert_eq!((v["pix"][0]["endToEndId"].clone(), v["pix"][0]["txid"].clone()), (json!(e2e), json!("PEDIDO77")));
+        assert!(done.get("outbox").is_none(), "the record shows no internals: {done}");
+    });
+    let (ok, report) = rtpay.verify();
+    assert!(ok, "{report}");
 }

@@ -621,6 +621,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     };
     let payer = p.payer.clone();
     let concludes = p.concludes.clone();
+    let key_index = p.payee_key_index.clone();
     let (view, fingerprint, amount, refused) = (p.view.clone(), p.fingerprint.clone(), p.amount, p.refused.clone());
     let conclude = move |result: TransferResult| -> (PaymentView, Vec<store::Record>) {
         let mut view = view.clone();
@@ -652,6 +653,18 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                         payer_account: Some(account_owner(payer.tenant, payer.account)),
                     };
                     records.push(received_document(tenant, account, now, &received));
+                    // The webhook's delivery is due from this commit on (the API Pix notifies Pix
+                    // with a txid only).
+                    if let (Some(index), Some(txid)) = (&key_index, &view.txid) {
+                        let pix = crate::routes::api_pix::pix_notification(
+                            &view.end_to_end_id,
+                            amount,
+                            Some(txid),
+                            view.description.as_deref(),
+                            now,
+                        );
+                        records.push(crate::webhook::outbox_record(tenant, index, &view.end_to_end_id, &pix, now));
+                    }
                 }
                 if let Some(cob) = concludes.as_ref().and_then(|d| concluded_cob(d, &view.end_to_end_id)) {
                     records.push(cob);

@@ -6,8 +6,11 @@
 //! backoff until the receiver answers 2xx or the tries run out. Every attempt is recorded in the
 //! delivery's document (`GET /v1/pix/webhook-deliveries/{e2e}`).
 //!
-//! Deliveries are made by the node that committed the Pix, after the commit; a delivery under way
-//! when that node stops is not resumed (its record shows the attempts made).
+//! The delivery is due from the commit on: the Pix's writer batch also writes its delivery record,
+//! `pending` and marked as an outbox entry (with the key and the body to send). The node that
+//! committed delivers it right after; a node that starts delivers every outbox entry still
+//! pending (one whose node stopped midway), from the attempts already made — so a notification is
+//! delivered at least once, and a receiver may see one twice (the `endToEndId` tells them apart).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -198,13 +201,61 @@ pub fn sign(secret: &[u8; 32], body: &[u8]) -> String {
     format!("sha256={}", crate::auth::hex(&mac.finalize().into_bytes()))
 }
 
-fn record(state: &AppState, tenant: u128, at: u64, d: &Delivery) -> store::Result<()> {
+/// The owner that marks a delivery still to be made (listed across tenants when a node starts).
+pub const OUTBOX: &str = "webhook-outbox";
+
+/// What a pending delivery needs to be made again.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Outbox {
+    key_index: String,
+    pix: serde_json::Value,
+}
+
+/// A delivery's document: its record, and while pending, what it sends.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct StoredDelivery {
+    #[serde(flatten)]
+    delivery: Delivery,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outbox: Option<Outbox>,
+}
+
+/// The pending delivery of a received Pix, for its writer batch (see the module's docs).
+pub fn outbox_record(tenant: u128, key_index: &str, e2e: &str, pix: &serde_json::Value, at: u64) -> store::Record {
+    let stored = StoredDelivery {
+        delivery: Delivery {
+            end_to_end_id: e2e.to_owned(),
+            url: String::new(),
+            status: "pending".into(),
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            updated_at: crate::dto::rfc3339(at),
+        },
+        outbox: Some(Outbox { key_index: key_index.to_owned(), pix: pix.clone() }),
+    };
+    store::Record::Document(store::Document {
+        kind: DELIVERY_KIND.into(),
+        tenant_id: tenant,
+        id: e2e.to_owned(),
+        lookup: None,
+        owner: Some(OUTBOX.into()),
+        created_at: at,
+        version: 1,
+        body: serde_json::to_string(&stored).expect("serializable"),
+    })
+}
+
+fn record(state: &AppState, tenant: u128, at: u64, d: &Delivery, outbox: &Outbox) -> store::Result<()> {
     let id = d.end_to_end_id.clone();
-    let body = serde_json::to_string(d).expect("serializable");
+    let pending = d.status == "pending";
+    let stored = StoredDelivery { delivery: d.clone(), outbox: pending.then(|| outbox.clone()) };
+    let body = serde_json::to_string(&stored).expect("serializable");
+    let owner = pending.then(|| OUTBOX.to_owned());
     let q = state.store.queries.as_ref();
     match q.document(DELIVERY_KIND, tenant, &id)? {
         Some(doc) => {
-            let next = store::Document { version: doc.version + 1, body, ..doc.clone() };
+            let next = store::Document { version: doc.version + 1, body, owner, ..doc.clone() };
             q.update_document(&next, doc.version).map(|_| ())
         }
         None => q.insert_document(&store::Document {
@@ -212,7 +263,7 @@ fn record(state: &AppState, tenant: u128, at: u64, d: &Delivery) -> store::Resul
             tenant_id: tenant,
             id,
             lookup: None,
-            owner: None,
+            owner,
             created_at: at,
             version: 1,
             body,
@@ -220,10 +271,42 @@ fn record(state: &AppState, tenant: u128, at: u64, d: &Delivery) -> store::Resul
     }
 }
 
+/// Delivers every outbox entry still pending (a node that stopped midway left them): called once
+/// when the node starts.
+pub fn resume(state: &AppState) {
+    if state.webhooks.is_none() {
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let st = state.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            st.store.queries.documents_by_owner(DELIVERY_KIND, OUTBOX, IN_FLIGHT_MAX)
+        })
+        .await;
+        let Ok(Ok(docs)) = found else {
+            tracing::warn!("pending webhook deliveries could not be listed; they are not resumed");
+            return;
+        };
+        for doc in docs {
+            let Ok(stored) = serde_json::from_str::<StoredDelivery>(&doc.body) else { continue };
+            let Some(outbox) = stored.outbox else { continue };
+            let d = stored.delivery;
+            deliver(&state, doc.tenant_id, outbox.key_index, d.end_to_end_id, outbox.pix, d.attempts);
+        }
+    });
+}
+
 /// Notifies the webhook of the key (by its blind index) that received `pix`, if it has one: in
 /// the background, with retries, each attempt recorded.
 pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: String, pix: serde_json::Value) {
-    let (Some(index), Some(client)) = (key_index, state.webhooks.clone()) else { return };
+    let Some(index) = key_index else { return };
+    deliver(state, tenant, index, e2e, pix, 0);
+}
+
+/// Makes a delivery's attempts after the `done` already made.
+fn deliver(state: &AppState, tenant: u128, index: String, e2e: String, pix: serde_json::Value, done: u32) {
+    let Some(client) = state.webhooks.clone() else { return };
     let Ok(permit) = client.in_flight.clone().try_acquire_owned() else {
         tracing::warn!("a webhook notification was dropped: {IN_FLIGHT_MAX} are being delivered");
         return;
@@ -232,9 +315,21 @@ pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: St
     tokio::spawn(async move {
         let _permit = permit;
         let st = state.clone();
+        let outbox = Outbox { key_index: index.clone(), pix: pix.clone() };
         let found = tokio::task::spawn_blocking(move || st.store.queries.document(WEBHOOK_KIND, tenant, &index)).await;
-        let Ok(Ok(Some(doc))) = found else { return };
-        let Ok(hook) = serde_json::from_str::<StoredWebhook>(&doc.body) else { return };
+        let hook = match found {
+            Ok(Ok(Some(doc))) => serde_json::from_str::<StoredWebhook>(&doc.body).ok(),
+            Ok(Ok(None)) => None,
+            // Storage is away: the outbox entry stays for the next start.
+            _ => return,
+        };
+        let Some(hook) = hook else {
+            // No webhook on the key: nothing to deliver, no record.
+            let (st, id) = (state.clone(), e2e.clone());
+            let _ =
+                tokio::task::spawn_blocking(move || st.store.queries.delete_document(DELIVERY_KIND, tenant, &id)).await;
+            return;
+        };
         let url = format!("{}/pix", hook.url.trim_end_matches('/'));
         let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [pix] })).expect("serializable"));
         let signature = sign(&secret(&state, tenant), &body);
@@ -243,12 +338,18 @@ pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: St
             end_to_end_id: e2e,
             url: url.clone(),
             status: "pending".into(),
-            attempts: 0,
+            attempts: done,
             last_status: None,
             last_error: None,
             updated_at: crate::dto::rfc3339(started),
         };
-        for attempt in 0..TRIES {
+        if done >= TRIES {
+            delivery.status = "failed".into();
+            let (st, d, o) = (state.clone(), delivery.clone(), outbox.clone());
+            let _ = tokio::task::spawn_blocking(move || record(&st, tenant, started, &d, &o)).await;
+            return;
+        }
+        for attempt in done..TRIES {
             let outcome = tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &signature)).await;
             delivery.attempts = attempt + 1;
             delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
@@ -267,7 +368,8 @@ pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: St
                 delivery.status = "failed".into();
             }
             let (st, d) = (state.clone(), delivery.clone());
-            let _ = tokio::task::spawn_blocking(move || record(&st, tenant, started, &d)).await;
+            let o = outbox.clone();
+            let _ = tokio::task::spawn_blocking(move || record(&st, tenant, started, &d, &o)).await;
             if delivery.status != "pending" {
                 return;
             }

@@ -683,6 +683,12 @@ pub fn documents(location: Location) {
     assert_eq!(q.document_by_lookup("pix-payment", "L1").unwrap().unwrap().tenant_id, OTHER.0);
     assert_eq!(q.document_by_lookup("pix-key", "nope").unwrap(), None);
     assert_eq!(q.count_documents("pix-key", "acct1").unwrap(), 3, "owners count across tenants");
+    let owned: Vec<(u128, String)> =
+        q.documents_by_owner("pix-key", "acct1", 10).unwrap().into_iter().map(|d| (d.tenant_id, d.id)).collect();
+    assert_eq!(owned.len(), 3, "across tenants: {owned:?}");
+    assert!(owned.contains(&(OTHER.0, "a".into())) && owned.contains(&(T.0, "b".into())), "{owned:?}");
+    assert_eq!(q.documents_by_owner("pix-key", "acct1", 2).unwrap().len(), 2, "at most the limit");
+    assert!(q.documents_by_owner("pix-key", "nobody", 10).unwrap().is_empty());
 
     // Compare and set on the version.
     let changed = crate::Document { version: 2, body: "{}".into(), ..doc(T.0, "a", Some("L9"), Some("acct1"), NOW) };

@@ -289,6 +289,9 @@ pub trait Queries: Send + Sync {
     fn documents(&self, query: &DocumentQuery<'_>) -> Result<Vec<Document>>;
     /// How many documents of the kind have this owner (every tenant).
     fn count_documents(&self, kind: &str, owner: &str) -> Result<u64>;
+    /// Up to `limit` documents of a kind with this owner, across tenants, oldest first (an outbox:
+    /// what is still to be done after a restart).
+    fn documents_by_owner(&self, kind: &str, owner: &str, limit: usize) -> Result<Vec<Document>>;
     /// The sum of a counter over periods `[from, to)`.
     fn counter_total(&self, scope: &str, from: u64, to: u64) -> Result<i64>;
 

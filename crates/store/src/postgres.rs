@@ -552,13 +552,29 @@ struct PgQueries {
 }
 
 impl PgQueries {
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    fn with<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
+        self.with_retry(&mut f, true)
+    }
+
+    /// For calls that hand rows to a visitor as they read them: a retry would visit some twice.
+    fn with_once<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
+        self.with_retry(&mut f, false)
+    }
+
+    fn with_retry<T>(&self, f: &mut dyn FnMut(&mut Client) -> Result<T>, retry: bool) -> Result<T> {
         let pooled = self.pool.lock().expect("pool lock").pop();
-        let mut client = match pooled {
-            Some(c) if !c.is_closed() => c,
-            _ => connect(&self.url)?,
+        let (mut client, was_pooled) = match pooled {
+            Some(c) if !c.is_closed() => (c, true),
+            _ => (connect(&self.url)?, false),
         };
-        let result = f(&mut client);
+        let mut result = f(&mut client);
+        if retry && result.is_err() && was_pooled && client.is_closed() {
+            // A kept connection that died while idle (PostgreSQL restarted, a network cut): the
+            // others kept with it are likely dead too. Drop them all and try once on a fresh one.
+            self.pool.lock().expect("pool lock").clear();
+            client = connect(&self.url)?;
+            result = f(&mut client);
+        }
         if !client.is_closed() {
             let mut pool = self.pool.lock().expect("pool lock");
             if pool.len() < READERS_MAX {
@@ -818,6 +834,22 @@ impl Queries for PgQueries {
         })
     }
 
+    fn documents_by_owner(&self, kind: &str, owner: &str, limit: usize) -> Result<Vec<Document>> {
+        self.with(|c| {
+            c.query(
+                &format!(
+                    "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = $1 AND owner = $2 \
+                     ORDER BY created_at, id LIMIT $3"
+                ),
+                &[&kind, &owner, &(limit as i64)],
+            )
+            .map_err(unavailable)?
+            .iter()
+            .map(document_row)
+            .collect()
+        })
+    }
+
     fn counter_total(&self, scope: &str, from: u64, to: u64) -> Result<i64> {
         self.with(|c| {
             let n: i64 = c
@@ -958,7 +990,7 @@ impl Queries for PgQueries {
     }
 
     fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry)) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             // REPEATABLE READ: accounts and transfers from one snapshot, read in portions.
             let mut tx = c
                 .build_transaction()
@@ -1340,7 +1372,7 @@ impl Queries for PgQueries {
     }
 
     fn audit_scan(&self, visit: &mut dyn FnMut(AuditItem) -> bool) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             let mut tx = c
                 .build_transaction()
                 .isolation_level(::postgres::IsolationLevel::RepeatableRead)

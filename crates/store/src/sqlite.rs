@@ -1058,6 +1058,19 @@ impl Queries for SqliteQueries {
         })
     }
 
+    fn documents_by_owner(&self, kind: &str, owner: &str, limit: usize) -> Result<Vec<Document>> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = ?1 AND owner = ?2 \
+                     ORDER BY created_at, id LIMIT ?3"
+                ))
+                .map_err(unavailable)?;
+            let rows = stmt.query_map(params![kind, owner, limit as i64], document_row).map_err(unavailable)?;
+            rows.map(|r| r.map_err(unavailable)?).collect()
+        })
+    }
+
     fn counter_total(&self, scope: &str, from: u64, to: u64) -> Result<i64> {
         self.with(|c| {
             c.prepare_cached(

@@ -28,6 +28,8 @@ pub struct Server {
     /// Whether `RTPAY_OPERATOR_TOKEN` is set to [`OPERATOR`]; when not, the server uses (and on
     /// first start creates) `<data>/operator-token`.
     pub operator_env: bool,
+    /// The extra `serve` arguments, given again on restart.
+    args: Vec<String>,
 }
 
 impl Server {
@@ -88,6 +90,7 @@ impl Server {
             data: data.to_owned(),
             postgres: postgres.map(str::to_owned),
             operator_env,
+            args: args.iter().map(|a| a.to_string()).collect(),
         }
     }
 
@@ -117,8 +120,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             // The old port may take a moment to be free again.
+            let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
             let attempt = std::panic::catch_unwind(|| {
-                Server::start_with(&self.data, self.postgres.as_deref(), &listen, self.operator_env)
+                Server::start_with_args(&self.data, self.postgres.as_deref(), &listen, self.operator_env, &args)
             });
             match attempt {
                 Ok(mut s) => {

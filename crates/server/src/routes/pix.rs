@@ -1397,10 +1397,23 @@ pub async fn sandbox_incoming(
     let record = received.clone();
     let guards = concludes.iter().map(store::Guard::of).collect();
     let (account, tenant_for) = (payee.account, tenant_id);
+    // The API Pix notifies Pix associated with a txid only; the delivery is due from the commit on.
+    let key_index = key_index.filter(|_| received.txid.is_some());
+    let outbox = key_index.clone().map(|index| {
+        let pix = super::api_pix::pix_notification(
+            &received.end_to_end_id,
+            received.amount,
+            received.txid.as_deref(),
+            received.description.as_deref(),
+            now,
+        );
+        crate::webhook::outbox_record(tenant_id, &index, &received.end_to_end_id, &pix, now)
+    });
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => {
             let mut records = vec![received_document(tenant_for, account, now, &record)];
             records.extend(concludes.as_ref().and_then(|d| concluded_cob(d, &record.end_to_end_id)));
+            records.extend(outbox.clone());
             records
         }
         _ => vec![],
@@ -1417,8 +1430,6 @@ pub async fn sandbox_incoming(
                 received.description.as_deref(),
                 now,
             );
-            // The API Pix notifies Pix associated with a txid only.
-            let key_index = key_index.filter(|_| received.txid.is_some());
             crate::webhook::notify(&state, tenant_id, key_index, e2e.clone(), pix);
             Ok(reply(StatusCode::CREATED, &IncomingView::from(received)))
         }
