@@ -556,7 +556,9 @@ impl PgQueries {
         self.with_retry(&mut f, true)
     }
 
-    /// For calls that hand rows to a visitor as they read them: a retry would visit some twice.
+    /// Without the retry: for writes (one cut after the server committed it would be applied
+    /// again, and answered as a conflict) and for calls that hand rows to a visitor as they read
+    /// them (a retry would visit some twice).
     fn with_once<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
         self.with_retry(&mut f, false)
     }
@@ -570,8 +572,10 @@ impl PgQueries {
         let mut result = f(&mut client);
         if retry && result.is_err() && was_pooled && client.is_closed() {
             // A kept connection that died while idle (PostgreSQL restarted, a network cut): the
-            // others kept with it are likely dead too. Drop them all and try once on a fresh one.
-            self.pool.lock().expect("pool lock").clear();
+            // others kept with it are likely dead too. Drop them all (outside the lock: dropping
+            // a client sends its goodbye) and try this read once more on a fresh one.
+            let dead = std::mem::take(&mut *self.pool.lock().expect("pool lock"));
+            drop(dead);
             client = connect(&self.url)?;
             result = f(&mut client);
         }
@@ -717,7 +721,7 @@ fn map_conflict(e: ::postgres::Error, what: &str) -> StoreError {
 
 impl Queries for PgQueries {
     fn insert_document(&self, doc: &Document) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             c.execute(
                 "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -762,7 +766,7 @@ impl Queries for PgQueries {
     }
 
     fn update_document(&self, doc: &Document, expected_version: u64) -> Result<bool> {
-        self.with(|c| {
+        self.with_once(|c| {
             let n = c
                 .execute(
                     "UPDATE documents SET lookup = $4, owner = $5, version = $6, body = $7 \
@@ -784,7 +788,7 @@ impl Queries for PgQueries {
     }
 
     fn delete_document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<bool> {
-        self.with(|c| {
+        self.with_once(|c| {
             let n = c
                 .execute(
                     "DELETE FROM documents WHERE kind = $1 AND tenant_id = $2 AND id = $3",
@@ -914,7 +918,7 @@ impl Queries for PgQueries {
     }
 
     fn create_tenant(&self, tenant: &TenantRecord, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             let mut tx = c.transaction().map_err(unavailable)?;
             tx.execute(
                 "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)",
@@ -946,7 +950,7 @@ impl Queries for PgQueries {
     }
 
     fn create_api_key(&self, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             c.execute(
                 "INSERT INTO api_keys (id, tenant_id, secret_hash, created_at, scopes) VALUES ($1, $2, $3, $4, $5)",
                 &[&uuid(key.id), &uuid(key.tenant_id), &&secret_hash[..], &(key.created_at as i64), &key.scopes],
@@ -957,7 +961,7 @@ impl Queries for PgQueries {
     }
 
     fn revoke_api_key(&self, tenant_id: u128, key_id: u128, at: Timestamp) -> Result<bool> {
-        self.with(|c| {
+        self.with_once(|c| {
             let n = c
                 .execute(
                     "UPDATE api_keys SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
@@ -1031,7 +1035,7 @@ impl Queries for PgQueries {
     }
 
     fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             c.execute(
                 "INSERT INTO oauth_clients (id, tenant_id, secret_hash, scopes, created_at) VALUES ($1, $2, $3, $4, $5)",
                 &[&uuid(client.id), &uuid(client.tenant_id), &&secret_hash[..], &client.scopes, &(client.created_at as i64)],
@@ -1066,7 +1070,7 @@ impl Queries for PgQueries {
     }
 
     fn revoke_oauth_client(&self, tenant_id: u128, id: u128, at: Timestamp) -> Result<bool> {
-        self.with(|c| {
+        self.with_once(|c| {
             let n = c
                 .execute(
                     "UPDATE oauth_clients SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
@@ -1094,7 +1098,7 @@ impl Queries for PgQueries {
     }
 
     fn create_data_key(&self, key: &DataKeyRecord) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             c.execute(
                 "INSERT INTO data_keys (tenant_id, kek_version, wrapped) VALUES ($1, $2, $3)",
                 &[&uuid(key.tenant_id), &(key.kek_version as i32), &key.wrapped],
@@ -1120,7 +1124,7 @@ impl Queries for PgQueries {
     }
 
     fn rewrap_data_key(&self, key: &DataKeyRecord, old_kek_version: u32) -> Result<bool> {
-        self.with(|c| {
+        self.with_once(|c| {
             let n = c
                 .execute(
                     "UPDATE data_keys SET kek_version = $2, wrapped = $3 WHERE tenant_id = $1 AND kek_version = $4",
@@ -1132,7 +1136,7 @@ impl Queries for PgQueries {
     }
 
     fn create_holder(&self, h: &HolderRecord) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             c.execute(
                 "INSERT INTO holders (tenant_id, id, kind, name_sealed, document_sealed, document_index, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -1152,7 +1156,7 @@ impl Queries for PgQueries {
     }
 
     fn create_card_product(&self, tenant_id: u128, id: u128, bin: &str, body: &str) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             c.execute(
                 "INSERT INTO card_products (tenant_id, id, bin, body) VALUES ($1, $2, $3, $4)",
                 &[&uuid(tenant_id), &uuid(id), &bin, &body],
@@ -1175,7 +1179,7 @@ impl Queries for PgQueries {
     }
 
     fn create_card(&self, card: &CardRow) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             c.execute(
                 "INSERT INTO cards (tenant_id, id, pan_index, status, body) VALUES ($1, $2, $3, $4, $5)",
                 &[&uuid(card.tenant_id), &uuid(card.id), &&card.pan_index[..], &card.status, &card.body],
@@ -1210,7 +1214,7 @@ impl Queries for PgQueries {
     }
 
     fn update_card(&self, card: &CardRow, expected: &str) -> Result<bool> {
-        self.with(|c| {
+        self.with_once(|c| {
             let n = c
                 .execute(
                     "UPDATE cards SET status = $3, body = $4 WHERE tenant_id = $1 AND id = $2 AND status = $5",
@@ -1222,7 +1226,7 @@ impl Queries for PgQueries {
     }
 
     fn save_authorization(&self, row: &AuthorizationRow, message: Option<(&[u8; 32], &[u8])>) -> Result<()> {
-        self.with(|c| {
+        self.with_once(|c| {
             let mut tx = c.transaction().map_err(unavailable)?;
             write_authorization(&mut tx, row, message, false)?;
             tx.commit().map_err(unavailable)
