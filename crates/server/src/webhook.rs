@@ -7,10 +7,13 @@
 //! delivery's document (`GET /v1/pix/webhook-deliveries/{e2e}`).
 //!
 //! The delivery is due from the commit on: the Pix's writer batch also writes its delivery record,
-//! `pending` and marked as an outbox entry (with the key and the body to send). The node that
-//! committed delivers it right after; a node that starts delivers every outbox entry still
-//! pending (one whose node stopped midway), from the attempts already made — so a notification is
-//! delivered at least once, and a receiver may see one twice (the `endToEndId` tells them apart).
+//! `pending` and marked as an outbox entry (with the key and the body to send), leased to the
+//! committing node, which delivers it right after. Each attempt, and each wait between two,
+//! renews the lease by compare and set on the record; every node sweeps the outbox every 2 s and
+//! takes over a delivery whose lease ran out (its node stopped), from the attempts already made.
+//! A sender that finds the record changed by another stops. So a notification is delivered at
+//! least once: a receiver may see one twice if a node stops between a 2xx and its record (the
+//! `endToEndId` tells them apart).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -201,14 +204,23 @@ pub fn sign(secret: &[u8; 32], body: &[u8]) -> String {
     format!("sha256={}", crate::auth::hex(&mac.finalize().into_bytes()))
 }
 
-/// The owner that marks a delivery still to be made (listed across tenants when a node starts).
+/// The owner that marks a delivery still to be made (listed across tenants by every node's sweep).
 pub const OUTBOX: &str = "webhook-outbox";
+/// How often a node looks for pending deliveries whose sender's lease ran out.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// Pending deliveries one sweep looks at.
+const SWEEP_MAX: usize = 256;
+/// Slack on a lease beyond the attempt or the wait it covers.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
 
-/// What a pending delivery needs to be made again.
+/// What a pending delivery needs to be made, and until when its sender holds it.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 struct Outbox {
     key_index: String,
     pix: serde_json::Value,
+    /// Nanoseconds; past it, any node's sweep may take the delivery over.
+    #[serde(default)]
+    lease_until: u64,
 }
 
 /// A delivery's document: its record, and while pending, what it sends.
@@ -220,7 +232,12 @@ struct StoredDelivery {
     outbox: Option<Outbox>,
 }
 
-/// The pending delivery of a received Pix, for its writer batch (see the module's docs).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The pending delivery of a received Pix, for its writer batch (see the module's docs): leased to
+/// the committing node for its first attempt.
 pub fn outbox_record(tenant: u128, key_index: &str, e2e: &str, pix: &serde_json::Value, at: u64) -> store::Record {
     let stored = StoredDelivery {
         delivery: Delivery {
@@ -232,7 +249,11 @@ pub fn outbox_record(tenant: u128, key_index: &str, e2e: &str, pix: &serde_json:
             last_error: None,
             updated_at: crate::dto::rfc3339(at),
         },
-        outbox: Some(Outbox { key_index: key_index.to_owned(), pix: pix.clone() }),
+        outbox: Some(Outbox {
+            key_index: key_index.to_owned(),
+            pix: pix.clone(),
+            lease_until: at.saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN)),
+        }),
     };
     store::Record::Document(store::Document {
         kind: DELIVERY_KIND.into(),
@@ -246,110 +267,119 @@ pub fn outbox_record(tenant: u128, key_index: &str, e2e: &str, pix: &serde_json:
     })
 }
 
-fn record(state: &AppState, tenant: u128, at: u64, d: &Delivery, outbox: &Outbox) -> store::Result<()> {
-    let id = d.end_to_end_id.clone();
+/// Writes the delivery's record over `held` (the version this sender wrote or read): the new
+/// document, or `None` when another sender changed it meanwhile (it owns the delivery now).
+async fn record(state: &AppState, held: &store::Document, d: &Delivery, outbox: &Outbox) -> Option<store::Document> {
     let pending = d.status == "pending";
     let stored = StoredDelivery { delivery: d.clone(), outbox: pending.then(|| outbox.clone()) };
-    let body = serde_json::to_string(&stored).expect("serializable");
-    let owner = pending.then(|| OUTBOX.to_owned());
-    let q = state.store.queries.as_ref();
-    match q.document(DELIVERY_KIND, tenant, &id)? {
-        Some(doc) => {
-            let next = store::Document { version: doc.version + 1, body, owner, ..doc.clone() };
-            q.update_document(&next, doc.version).map(|_| ())
-        }
-        None => q.insert_document(&store::Document {
-            kind: DELIVERY_KIND.into(),
-            tenant_id: tenant,
-            id,
-            lookup: None,
-            owner,
-            created_at: at,
-            version: 1,
-            body,
-        }),
+    let next = store::Document {
+        version: held.version + 1,
+        body: serde_json::to_string(&stored).expect("serializable"),
+        owner: pending.then(|| OUTBOX.to_owned()),
+        ..held.clone()
+    };
+    let (st, doc, expected) = (state.clone(), next.clone(), held.version);
+    match tokio::task::spawn_blocking(move || st.store.queries.update_document(&doc, expected)).await {
+        Ok(Ok(true)) => Some(next),
+        _ => None,
     }
 }
 
-/// Delivers every outbox entry still pending (a node that stopped midway left them): called once
-/// when the node starts.
+/// Every node, every [`SWEEP_INTERVAL`], delivers the pending deliveries whose sender's lease ran
+/// out (its node stopped, or it had no room to start): started once per node.
 pub fn resume(state: &AppState) {
     if state.webhooks.is_none() {
         return;
     }
     let state = state.clone();
     tokio::spawn(async move {
-        let st = state.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            st.store.queries.documents_by_owner(DELIVERY_KIND, OUTBOX, IN_FLIGHT_MAX)
-        })
-        .await;
-        let Ok(Ok(docs)) = found else {
-            tracing::warn!("pending webhook deliveries could not be listed; they are not resumed");
-            return;
-        };
-        for doc in docs {
-            let Ok(stored) = serde_json::from_str::<StoredDelivery>(&doc.body) else { continue };
-            let Some(outbox) = stored.outbox else { continue };
-            let d = stored.delivery;
-            deliver(&state, doc.tenant_id, outbox.key_index, d.end_to_end_id, outbox.pix, d.attempts);
+        loop {
+            let st = state.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                st.store.queries.documents_by_owner(DELIVERY_KIND, OUTBOX, SWEEP_MAX)
+            })
+            .await;
+            if let Ok(Ok(docs)) = found {
+                let now = store::now_nanos();
+                for doc in docs {
+                    let lapsed = serde_json::from_str::<StoredDelivery>(&doc.body)
+                        .ok()
+                        .and_then(|s| s.outbox)
+                        .is_some_and(|o| o.lease_until <= now);
+                    if lapsed {
+                        deliver(&state, doc);
+                    }
+                }
+            }
+            tokio::time::sleep(SWEEP_INTERVAL).await;
         }
     });
 }
 
-/// Notifies the webhook of the key (by its blind index) that received `pix`, if it has one: in
-/// the background, with retries, each attempt recorded.
-pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: String, pix: serde_json::Value) {
-    let Some(index) = key_index else { return };
-    deliver(state, tenant, index, e2e, pix, 0);
+/// Notifies the webhook of the key (by its blind index) that received a Pix with a txid, whose
+/// outbox entry (`e2e`) its commit wrote: in the background, with retries, each attempt recorded.
+pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: String, _pix: serde_json::Value) {
+    if key_index.is_none() || state.webhooks.is_none() {
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let st = state.clone();
+        let found = tokio::task::spawn_blocking(move || st.store.queries.document(DELIVERY_KIND, tenant, &e2e)).await;
+        if let Ok(Ok(Some(doc))) = found {
+            deliver(&state, doc);
+        }
+    });
 }
 
-/// Makes a delivery's attempts after the `done` already made.
-fn deliver(state: &AppState, tenant: u128, index: String, e2e: String, pix: serde_json::Value, done: u32) {
+/// Makes a pending delivery's remaining attempts, holding it by compare and set on its record: a
+/// sender that finds the record changed by another stops.
+fn deliver(state: &AppState, doc: store::Document) {
     let Some(client) = state.webhooks.clone() else { return };
+    let Ok(stored) = serde_json::from_str::<StoredDelivery>(&doc.body) else { return };
+    let (Some(mut outbox), mut delivery) = (stored.outbox, stored.delivery) else { return };
+    if delivery.status != "pending" {
+        return;
+    }
+    // No room: the lease runs out and a sweep takes it.
     let Ok(permit) = client.in_flight.clone().try_acquire_owned() else {
-        tracing::warn!("a webhook notification was dropped: {IN_FLIGHT_MAX} are being delivered");
+        tracing::warn!("a webhook notification waits: {IN_FLIGHT_MAX} are being delivered");
         return;
     };
     let state = state.clone();
     tokio::spawn(async move {
         let _permit = permit;
-        let st = state.clone();
-        let outbox = Outbox { key_index: index.clone(), pix: pix.clone() };
+        let tenant = doc.tenant_id;
+        let mut held = doc;
+        let (st, index) = (state.clone(), outbox.key_index.clone());
         let found = tokio::task::spawn_blocking(move || st.store.queries.document(WEBHOOK_KIND, tenant, &index)).await;
         let hook = match found {
             Ok(Ok(Some(doc))) => serde_json::from_str::<StoredWebhook>(&doc.body).ok(),
             Ok(Ok(None)) => None,
-            // Storage is away: the outbox entry stays for the next start.
+            // Storage is away: the lease runs out and a sweep takes it.
             _ => return,
         };
         let Some(hook) = hook else {
             // No webhook on the key: nothing to deliver, no record.
-            let (st, id) = (state.clone(), e2e.clone());
+            let (st, id) = (state.clone(), held.id.clone());
             let _ =
                 tokio::task::spawn_blocking(move || st.store.queries.delete_document(DELIVERY_KIND, tenant, &id)).await;
             return;
         };
         let url = format!("{}/pix", hook.url.trim_end_matches('/'));
-        let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [pix] })).expect("serializable"));
+        let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [outbox.pix] })).expect("serializable"));
         let signature = sign(&secret(&state, tenant), &body);
-        let started = store::now_nanos();
-        let mut delivery = Delivery {
-            end_to_end_id: e2e,
-            url: url.clone(),
-            status: "pending".into(),
-            attempts: done,
-            last_status: None,
-            last_error: None,
-            updated_at: crate::dto::rfc3339(started),
-        };
-        if done >= TRIES {
+        delivery.url = url.clone();
+        if delivery.attempts >= TRIES {
             delivery.status = "failed".into();
-            let (st, d, o) = (state.clone(), delivery.clone(), outbox.clone());
-            let _ = tokio::task::spawn_blocking(move || record(&st, tenant, started, &d, &o)).await;
+            record(&state, &held, &delivery, &outbox).await;
             return;
         }
-        for attempt in done..TRIES {
+        for attempt in delivery.attempts..TRIES {
+            // Held for this attempt.
+            outbox.lease_until = store::now_nanos().saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN));
+            let Some(next) = record(&state, &held, &delivery, &outbox).await else { return };
+            held = next;
             let outcome = tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &signature)).await;
             delivery.attempts = attempt + 1;
             delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
@@ -367,13 +397,15 @@ fn deliver(state: &AppState, tenant: u128, index: String, e2e: String, pix: serd
             if delivery.status == "pending" && attempt + 1 == TRIES {
                 delivery.status = "failed".into();
             }
-            let (st, d) = (state.clone(), delivery.clone());
-            let o = outbox.clone();
-            let _ = tokio::task::spawn_blocking(move || record(&st, tenant, started, &d, &o)).await;
+            // Held through the wait before the next attempt.
+            let wait = client.retry_base * 2u32.pow(attempt);
+            outbox.lease_until = store::now_nanos().saturating_add(nanos(wait + ATTEMPT_TIMEOUT + LEASE_MARGIN));
+            let Some(next) = record(&state, &held, &delivery, &outbox).await else { return };
+            held = next;
             if delivery.status != "pending" {
                 return;
             }
-            tokio::time::sleep(client.retry_base * 2u32.pow(attempt)).await;
+            tokio::time::sleep(wait).await;
         }
     });
 }
