@@ -392,6 +392,10 @@ fn payments_in_flight_at_once_cannot_look_up_more_keys_than_the_payer_has_tokens
         // Never more than the tokens (a look-up charged a moment before its payment lets go of its
         // token can make one request wait for nothing: fewer is possible, more is not).
         assert!((1..=3).contains(&admitted), "{admitted} look-ups on three tokens");
+        // Each one admitted was charged: the tokens left are the ones no payment took.
+        for _ in admitted..3 {
+            assert_eq!(c.get(&look("joao@example.com"), &key).await.unwrap().status, 200);
+        }
         assert_eq!(c.get(&look("joao@example.com"), &key).await.unwrap().status, 429, "all charged");
     });
 }
