@@ -690,16 +690,9 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     let result = reply.chain_result();
     let (view, _) = conclude(result);
     if result == TransferResult::Created && p.refused.is_none() {
-        // The API Pix notifies Pix associated with a txid only.
-        if let (Payee::OnUs(payee), Some(_)) = (&p.payee, &view.txid) {
-            let pix = crate::routes::api_pix::pix_notification(
-                &view.end_to_end_id,
-                p.amount,
-                view.txid.as_deref(),
-                view.description.as_deref(),
-                now,
-            );
-            crate::webhook::notify(state, payee.tenant, p.payee_key_index.clone(), view.end_to_end_id.clone(), pix);
+        // The commit wrote the webhook's outbox entry (a Pix with a txid, on a key): deliver it.
+        if let (Payee::OnUs(payee), Some(_), Some(_)) = (&p.payee, &view.txid, &p.payee_key_index) {
+            crate::webhook::notify(state, payee.tenant, view.end_to_end_id.clone());
         }
         if let Payee::OffUs(creditor) = p.payee {
             let transfer = pix::spi::CreditTransfer {

@@ -316,10 +316,10 @@ pub fn resume(state: &AppState) {
     });
 }
 
-/// Notifies the webhook of the key (by its blind index) that received a Pix with a txid, whose
-/// outbox entry (`e2e`) its commit wrote: in the background, with retries, each attempt recorded.
-pub fn notify(state: &AppState, tenant: u128, key_index: Option<String>, e2e: String, _pix: serde_json::Value) {
-    if key_index.is_none() || state.webhooks.is_none() {
+/// Delivers the outbox entry (`e2e`) a Pix's commit wrote ([`outbox_record`]): in the background,
+/// with retries, each attempt recorded.
+pub fn notify(state: &AppState, tenant: u128, e2e: String) {
+    if state.webhooks.is_none() {
         return;
     }
     let state = state.clone();

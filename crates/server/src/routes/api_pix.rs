@@ -417,13 +417,20 @@ fn cob_record(tenant: u128, txid: &str) -> Vec<u8> {
 }
 
 /// Checks a request body against the spec's rules, over `base` (a revision's current content)
-/// when revising. `root` names properties: `cob`.
-fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<CobContent> {
-    const K: &str = "CobOperacaoInvalida";
+/// when revising. Violations are of `kind`, their properties under `root` (`cob`, or `cobv` for
+/// the fields a cobv shares).
+fn content_of(
+    body: &CobBody,
+    base: Option<&CobContent>,
+    now: u64,
+    kind: &'static str,
+    root: &str,
+) -> PixResult<CobContent> {
     let expiracao = match body.calendario.as_ref().and_then(|c| c.expiracao) {
         Some(e) => {
-            pix::charge::cob_expires_at(now, Some(e))
-                .map_err(|_| PixError::violation(K, "cob.calendario.expiracao", "must be greater than zero"))?;
+            pix::charge::cob_expires_at(now, Some(e)).map_err(|_| {
+                PixError::violation(kind, &format!("{root}.calendario.expiracao"), "must be greater than zero")
+            })?;
             e
         }
         None => base.map_or(pix::charge::EXPIRACAO_DEFAULT_S, |b| b.expiracao),
@@ -432,35 +439,39 @@ fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<
         Some(v) => {
             if v.retirada.is_some() {
                 return Err(PixError::violation(
-                    K,
-                    "cob.valor.retirada",
+                    kind,
+                    &format!("{root}.valor.retirada"),
                     "withdrawal and change (Pix Saque/Troco) are not offered",
                 ));
             }
             let original = match (&v.original, base) {
                 (Some(text), _) => pix::amount::parse(text)
-                    .ok_or_else(|| PixError::violation(K, "cob.valor.original", pix::amount::RULE))?,
+                    .ok_or_else(|| PixError::violation(kind, &format!("{root}.valor.original"), pix::amount::RULE))?,
                 (None, Some(b)) => b.original,
-                (None, None) => return Err(PixError::violation(K, "cob.valor.original", "is required")),
+                (None, None) => {
+                    return Err(PixError::violation(kind, &format!("{root}.valor.original"), "is required"))
+                }
             };
             if original == 0 {
-                return Err(PixError::violation(K, "cob.valor.original", "must not be zero"));
+                return Err(PixError::violation(kind, &format!("{root}.valor.original"), "must not be zero"));
             }
             let modalidade = v.modalidade_alteracao.unwrap_or(base.map_or(0, |b| b.modalidade_alteracao));
             if !(0..=1).contains(&modalidade) {
-                return Err(PixError::violation(K, "cob.valor.modalidadeAlteracao", "must be 0 or 1"));
+                return Err(PixError::violation(kind, &format!("{root}.valor.modalidadeAlteracao"), "must be 0 or 1"));
             }
             (original, modalidade)
         }
         None => match base {
             Some(b) => (b.original, b.modalidade_alteracao),
-            None => return Err(PixError::violation(K, "cob.valor", "is required")),
+            None => return Err(PixError::violation(kind, &format!("{root}.valor"), "is required")),
         },
     };
     let chave = match (&body.chave, base) {
-        (Some(k), _) => pix::PixKey::infer(k).map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?.value,
+        (Some(k), _) => {
+            pix::PixKey::infer(k).map_err(|e| PixError::violation(kind, &format!("{root}.chave"), e.to_string()))?.value
+        }
         (None, Some(b)) => b.chave.clone(),
-        (None, None) => return Err(PixError::violation(K, "cob.chave", "is required")),
+        (None, None) => return Err(PixError::violation(kind, &format!("{root}.chave"), "is required")),
     };
     let devedor = match &body.devedor {
         None => base.and_then(|b| b.devedor.clone()),
@@ -471,27 +482,43 @@ fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<
                 .map(str::trim)
                 .filter(|n| !n.is_empty() && n.chars().count() <= 200 && !n.chars().any(char::is_control))
                 .ok_or_else(|| {
-                    PixError::violation(K, "cob.devedor.nome", "is required: 1 to 200 printable characters")
+                    PixError::violation(
+                        kind,
+                        &format!("{root}.devedor.nome"),
+                        "is required: 1 to 200 printable characters",
+                    )
                 })?
                 .to_owned();
             match (&d.cpf, &d.cnpj) {
                 (Some(cpf), None) => Some((
                     "cpf".to_owned(),
-                    pix::document::cpf(cpf).map_err(|e| PixError::violation(K, "cob.devedor.cpf", e.to_string()))?,
+                    pix::document::cpf(cpf)
+                        .map_err(|e| PixError::violation(kind, &format!("{root}.devedor.cpf"), e.to_string()))?,
                     nome,
                 )),
                 (None, Some(cnpj)) => Some((
                     "cnpj".to_owned(),
-                    pix::document::cnpj(cnpj).map_err(|e| PixError::violation(K, "cob.devedor.cnpj", e.to_string()))?,
+                    pix::document::cnpj(cnpj)
+                        .map_err(|e| PixError::violation(kind, &format!("{root}.devedor.cnpj"), e.to_string()))?,
                     nome,
                 )),
-                _ => return Err(PixError::violation(K, "cob.devedor", "must have either `cpf` or `cnpj`")),
+                _ => {
+                    return Err(PixError::violation(
+                        kind,
+                        &format!("{root}.devedor"),
+                        "must have either `cpf` or `cnpj`",
+                    ))
+                }
             }
         }
     };
     let solicitacao_pagador = match &body.solicitacao_pagador {
         Some(s) if s.chars().count() > 140 || s.chars().any(char::is_control) => {
-            return Err(PixError::violation(K, "cob.solicitacaoPagador", "at most 140 printable characters"))
+            return Err(PixError::violation(
+                kind,
+                &format!("{root}.solicitacaoPagador"),
+                "at most 140 printable characters",
+            ))
         }
         Some(s) => Some(s.clone()),
         None => base.and_then(|b| b.solicitacao_pagador.clone()),
@@ -499,13 +526,13 @@ fn content_of(body: &CobBody, base: Option<&CobContent>, now: u64) -> PixResult<
     let info_adicionais = match &body.info_adicionais {
         Some(items) => {
             if items.len() > INFO_ITEMS_MAX {
-                return Err(PixError::violation(K, "cob.infoAdicionais", "at most 50 items"));
+                return Err(PixError::violation(kind, &format!("{root}.infoAdicionais"), "at most 50 items"));
             }
             for (i, item) in items.iter().enumerate() {
                 if item.nome.chars().count() > 50 || item.valor.chars().count() > 200 {
                     return Err(PixError::violation(
-                        K,
-                        &format!("cob.infoAdicionais[{i}]"),
+                        kind,
+                        &format!("{root}.infoAdicionais[{i}]"),
                         "`nome` at most 50 characters, `valor` at most 200",
                     ));
                 }
@@ -671,12 +698,12 @@ async fn put_cob(
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-cob:{txid}"));
-    let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-cob-lock", tenant_id, &txid).as_u128()]).await;
+    let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
     let st = state.clone();
     let view = query(&state, move |q| {
         Ok((|| -> PixResult<Value> {
             let now = store::now_nanos();
-            let content = content_of(&body, None, now)?;
+            let content = content_of(&body, None, now, K, "cob")?;
             let key =
                 pix::PixKey::infer(&content.chave).map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
             let account = match find_key(&vault, q, &key)? {
@@ -758,6 +785,17 @@ fn save_charge(q: &dyn store::Queries, tenant_id: u128, stored: &StoredCob, vers
     }
 }
 
+/// A revision's `status`: only the receiver's removal may be asked for.
+fn removal_requested(status: Option<&str>, kind: &'static str, prop: &str) -> PixResult<Option<CobStatus>> {
+    status
+        .map(|s| {
+            CobStatus::parse(s)
+                .filter(|s| *s == CobStatus::RemovidaPeloUsuarioRecebedor)
+                .ok_or_else(|| PixError::violation(kind, prop, "may only be REMOVIDA_PELO_USUARIO_RECEBEDOR"))
+        })
+        .transpose()
+}
+
 fn valid_txid_or_404(txid: &str) -> PixResult<()> {
     if pix::ids::valid_txid(txid) {
         Ok(())
@@ -801,14 +839,7 @@ pub async fn cob_patch(
     state.ispb()?;
     valid_txid_or_404(&txid)?;
     let body: CobBody = body_of(&bytes, K, "cob")?;
-    let requested = match body.status.as_deref() {
-        None => None,
-        Some(s) => Some(
-            CobStatus::parse(s)
-                .filter(|s| *s == CobStatus::RemovidaPeloUsuarioRecebedor)
-                .ok_or_else(|| PixError::violation(K, "cob.status", "may only be REMOVIDA_PELO_USUARIO_RECEBEDOR"))?,
-        ),
-    };
+    let requested = removal_requested(body.status.as_deref(), K, "cob.status")?;
     let alters = body.calendario.is_some()
         || body.devedor.is_some()
         || body.loc.is_some()
@@ -819,7 +850,7 @@ pub async fn cob_patch(
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-cob:{txid}"));
-    let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-cob-lock", tenant_id, &txid).as_u128()]).await;
+    let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
     let st = state.clone();
     let view = query(&state, move |q| {
         Ok((|| -> PixResult<Value> {
@@ -843,7 +874,8 @@ pub async fn cob_patch(
             }
             let base = revisions.last().cloned().ok_or_else(|| corrupt("a charge without revisions"))?;
             let now = store::now_nanos();
-            let content = if alters { content_of(&body, Some(&base), now)? } else { CobContent { at: now, ..base } };
+            let content =
+                if alters { content_of(&body, Some(&base), now, K, "cob")? } else { CobContent { at: now, ..base } };
             if body.chave.is_some() {
                 let key = pix::PixKey::infer(&content.chave)
                     .map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
@@ -927,16 +959,32 @@ pub async fn cob_get(
 }
 
 pub async fn cob_list(State(state): State<AppState>, tenant: Tenant, RawQuery(raw): RawQuery) -> PixResult<Response> {
-    const K: &str = "CobConsultaInvalida";
-    tenant.require("cob.read")?;
+    list_charges(state, tenant, raw, false).await
+}
+
+/// `GET /cob` and (`due`) `GET /cobv`: the charges of one type created in the window, filtered by
+/// debtor, status, location and (cobv) batch, by pages.
+pub(crate) async fn list_charges(
+    state: AppState,
+    tenant: Tenant,
+    raw: Option<String>,
+    due: bool,
+) -> PixResult<Response> {
+    let k = if due { "CobVConsultaInvalida" } else { "CobConsultaInvalida" };
+    tenant.require(if due { "cobv.read" } else { "cob.read" })?;
     state.ispb()?;
     let vault = state.vault_or_503()?;
-    let p = params_of(raw, K)?;
-    let span = window(&p, K)?;
-    let (page, per_page) = pagination(&p, K)?;
-    let location = bool_param(&p, "locationPresente", K)?;
+    let p = params_of(raw, k)?;
+    let span = window(&p, k)?;
+    let (page, per_page) = pagination(&p, k)?;
+    let location = bool_param(&p, "locationPresente", k)?;
     let (cpf, cnpj) = (p.get("cpf").cloned(), p.get("cnpj").cloned());
     let status = p.get("status").cloned();
+    let lote = match p.get("loteCobVId").filter(|_| due) {
+        // An int32; a negative one names no batch.
+        Some(l) => Some(l.parse::<i64>().map_err(|_| PixError::violation(k, "loteCobVId", "must be an integer"))?),
+        None => None,
+    };
     let document = cpf
         .as_ref()
         .or(cnpj.as_ref())
@@ -959,7 +1007,8 @@ pub async fn cob_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
             };
             let docs = scan(q, COB_KIND, tenant_id, span, |d| {
                 let Ok(s) = serde_json::from_str::<StoredCob>(&d.body) else { return false };
-                s.cobv.is_none()
+                s.cobv.is_some() == due
+                    && lote.is_none_or(|l| s.lote_id.map(|m| m as i64) == Some(l))
                     && location.is_none_or(|w| w == s.location.is_some())
                     && status.as_ref().is_none_or(|w| *w == s.status)
                     && document.as_ref().is_none_or(|w| s.devedor_index.as_ref() == Some(w))
@@ -970,7 +1019,9 @@ pub async fn cob_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
                 let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
                 let revisions = open_revisions(&st, q, tenant_id, &stored)?;
                 let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
-                let mut v = cob_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?);
+                let pix = concluding_pix(q, tenant_id, &stored)?;
+                let view = if due { cobv::cobv_view } else { cob_view };
+                let mut v = view(&stored, &revisions[n], n, pix);
                 v["idCob"] = json!(stored.txid);
                 out.push(v);
             }

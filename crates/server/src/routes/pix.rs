@@ -1423,14 +1423,10 @@ pub async fn sandbox_incoming(
             .await?;
     match answer.chain_result() {
         ledger::TransferResult::Created => {
-            let pix = super::api_pix::pix_notification(
-                &received.end_to_end_id,
-                received.amount,
-                received.txid.as_deref(),
-                received.description.as_deref(),
-                now,
-            );
-            crate::webhook::notify(&state, tenant_id, key_index, e2e.clone(), pix);
+            // The commit wrote the webhook's outbox entry: deliver it.
+            if key_index.is_some() {
+                crate::webhook::notify(&state, tenant_id, e2e.clone());
+            }
             Ok(reply(StatusCode::CREATED, &IncomingView::from(received)))
         }
         ledger::TransferResult::Exists => Ok(reply(StatusCode::OK, &IncomingView::from(received))),

@@ -371,6 +371,11 @@ pub fn jku(state: &AppState) -> String {
     format!("https://{}{JWKS_PATH}", state.pix.location_host)
 }
 
+/// Whether `token` can end a location: 32 lowercase hexadecimal digits, as [`create`] writes.
+pub fn is_token(token: &str) -> bool {
+    token.len() == 32 && token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 fn payload_problem(status: StatusCode, detail: &str) -> PixError {
     PixError::new(status, "CobPayloadNaoEncontrado", detail)
 }
@@ -378,7 +383,7 @@ fn payload_problem(status: StatusCode, detail: &str) -> PixError {
 /// `GET /qr/v2/{token}`: the charge at this location as a JWS (`application/jose`). Open to anyone
 /// who has the URL (a capability URL); a charge that can no longer be paid answers 410.
 pub async fn payload(State(state): State<AppState>, Path(token): Path<String>) -> PixResult<Response> {
-    if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if !is_token(&token) {
         return Err(payload_problem(StatusCode::NOT_FOUND, "no charge at this location"));
     }
     let location = format!("{}{token}", state.location_prefix());

@@ -187,22 +187,6 @@ impl CobVTerms {
     }
 }
 
-/// A cob validation error in cobv's terms.
-fn as_cobv(mut e: PixError) -> PixError {
-    if e.kind == "CobOperacaoInvalida" {
-        e.kind = K;
-    }
-    for v in &mut e.violacoes {
-        if let Some(rest) = v.propriedade.strip_prefix("cob.") {
-            v.propriedade = format!("cobv.{rest}");
-        }
-    }
-    if let Some(rest) = e.detail.strip_prefix("cob.") {
-        e.detail = format!("cobv.{rest}");
-    }
-    e
-}
-
 fn text_field(
     extra: &mut serde_json::Map<String, Value>,
     name: &str,
@@ -243,7 +227,7 @@ fn content_of_v(body: &CobVBody, base: Option<&CobContent>, recebedor: Value, no
     if base.is_none() && as_cob.valor.is_none() {
         return Err(PixError::violation(K, "cobv.valor.original", "is required"));
     }
-    let mut content = content_of(&as_cob, base_cob.as_ref(), now).map_err(as_cobv)?;
+    let mut content = content_of(&as_cob, base_cob.as_ref(), now, K, "cobv")?;
     if content.devedor.is_none() {
         return Err(PixError::violation(K, "cobv.devedor", "is required: `cpf` or `cnpj`, and `nome`"));
     }
@@ -371,7 +355,7 @@ fn devedor_json(content: &CobContent) -> Value {
 }
 
 /// The charge as the spec shows it (`CobVCompleta`).
-fn cobv_view(stored: &StoredCob, content: &CobContent, revisao: usize, pix: Option<Value>) -> Value {
+pub(super) fn cobv_view(stored: &StoredCob, content: &CobContent, revisao: usize, pix: Option<Value>) -> Value {
     let Some(v) = &content.cobv else { return json!({}) };
     let mut out = json!({
         "calendario": {
@@ -485,14 +469,7 @@ pub(super) fn write_one(
     lote: Option<u64>,
 ) -> PixResult<(StatusCode, Value)> {
     let txid = txid.to_owned();
-    let requested = match body.status.as_deref() {
-        None => None,
-        Some(s) => Some(
-            CobStatus::parse(s)
-                .filter(|s| *s == CobStatus::RemovidaPeloUsuarioRecebedor)
-                .ok_or_else(|| PixError::violation(K, "cobv.status", "may only be REMOVIDA_PELO_USUARIO_RECEBEDOR"))?,
-        ),
-    };
+    let requested = removal_requested(body.status.as_deref(), K, "cobv.status")?;
     let alters = body.calendario.is_some()
         || body.devedor.is_some()
         || body.loc.is_some()
@@ -619,65 +596,7 @@ pub async fn cobv_get(
 }
 
 pub async fn cobv_list(State(state): State<AppState>, tenant: Tenant, RawQuery(raw): RawQuery) -> PixResult<Response> {
-    const KL: &str = "CobVConsultaInvalida";
-    tenant.require("cobv.read")?;
-    state.ispb()?;
-    let vault = state.vault_or_503()?;
-    let p = params_of(raw, KL)?;
-    let span = window(&p, KL)?;
-    let (page, per_page) = pagination(&p, KL)?;
-    let location = bool_param(&p, "locationPresente", KL)?;
-    let (cpf, cnpj) = (p.get("cpf").cloned(), p.get("cnpj").cloned());
-    let status = p.get("status").cloned();
-    let lote = match p.get("loteCobVId") {
-        // An int32; a negative one names no batch.
-        Some(l) => Some(l.parse::<i64>().map_err(|_| PixError::violation(KL, "loteCobVId", "must be an integer"))?),
-        None => None,
-    };
-    let document = cpf
-        .as_ref()
-        .or(cnpj.as_ref())
-        .map(|d| crate::auth::hex(&vault.index().of(b"document", pix::document::normalize(d).as_bytes())));
-    let mut parametros = json!({"inicio": p["inicio"], "fim": p["fim"]});
-    for (name, value) in [("cpf", &cpf), ("cnpj", &cnpj), ("status", &status)] {
-        if let Some(v) = value {
-            parametros[name] = json!(v);
-        }
-    }
-    if let Some(l) = location {
-        parametros["locationPresente"] = json!(l);
-    }
-    let tenant_id = tenant.id;
-    let st = state.clone();
-    let (cobs, total) = query(&state, move |q| {
-        Ok((|| -> PixResult<(Vec<Value>, usize)> {
-            let Some(span) = span.filter(|_| !(cpf.is_some() && cnpj.is_some())) else {
-                return Ok((vec![], 0));
-            };
-            let docs = scan(q, COB_KIND, tenant_id, span, |d| {
-                let Ok(s) = serde_json::from_str::<StoredCob>(&d.body) else { return false };
-                s.cobv.is_some()
-                    && lote.is_none_or(|l| s.lote_id.map(|m| m as i64) == Some(l))
-                    && location.is_none_or(|w| w == s.location.is_some())
-                    && status.as_ref().is_none_or(|w| *w == s.status)
-                    && document.as_ref().is_none_or(|w| s.devedor_index.as_ref() == Some(w))
-            })?;
-            let total = docs.len();
-            let mut out = Vec::new();
-            for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
-                let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
-                let revisions = open_revisions(&st, q, tenant_id, &stored)?;
-                let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
-                let mut v = cobv_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?);
-                v["idCob"] = json!(stored.txid);
-                out.push(v);
-            }
-            Ok((out, total))
-        })())
-    })
-    .await??;
-    parametros["paginacao"] = paginacao(page, per_page, total);
-    Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "cobs": cobs})))
+    list_charges(state, tenant, raw, true).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -696,7 +615,7 @@ pub async fn payload(
     RawQuery(raw): RawQuery,
 ) -> PixResult<Response> {
     const KP: &str = "CobPayloadOperacaoInvalida";
-    if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if !pix_loc::is_token(&token) {
         return Err(payload_problem(StatusCode::NOT_FOUND, "no charge at this location"));
     }
     let p = params_of(raw, KP)?;
