@@ -132,12 +132,13 @@ fn python_hmac(secret: &str, body: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-#[test]
-fn received_pix_are_notified_over_mtls_signed_and_retried() {
-    let dir = temp_dir("webhooks");
+/// `rtpay serve` with webhooks on a test PKI (receivers on this machine allowed), retrying
+/// `retry_ms` apart: the server, the receiver's certificate and the CA to trust.
+fn start_with_pki(dir: &Path, retry_ms: u32) -> (Server, Issued, rustls::pki_types::CertificateDer<'static>) {
     let (ca_pem, server_cert, client_cert, ca_der) = pki();
-    let ca = write(&dir, "ca.pem", &ca_pem);
-    let (cert, key) = (write(&dir, "client.pem", &client_cert.cert), write(&dir, "client.key", &client_cert.key));
+    let ca = write(dir, "ca.pem", &ca_pem);
+    let (cert, key) = (write(dir, "client.pem", &client_cert.cert), write(dir, "client.key", &client_cert.key));
+    let retry = retry_ms.to_string();
     let args = [
         "--ispb",
         ISPB,
@@ -148,10 +149,16 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         "--webhook-client-key",
         &key,
         "--webhook-retry-ms",
-        "50",
+        &retry,
         "--webhook-allow-private",
     ];
-    let rtpay = Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args);
+    (Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args), server_cert, ca_der)
+}
+
+#[test]
+fn received_pix_are_notified_over_mtls_signed_and_retried() {
+    let dir = temp_dir("webhooks");
+    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 50);
     let rt = runtime();
     rt.block_on(async {
         let (port, seen) = receiver(&server_cert, ca_der, 2).await;
@@ -279,26 +286,10 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
 #[test]
 fn a_delivery_interrupted_by_a_crash_is_made_after_the_restart() {
     let dir = temp_dir("webhooks-restart");
-    let (ca_pem, server_cert, client_cert, ca_der) = pki();
-    let ca = write(&dir, "ca.pem", &ca_pem);
-    let (cert, key) = (write(&dir, "client.pem", &client_cert.cert), write(&dir, "client.key", &client_cert.key));
     // The second attempt would come a second after the first; killed before it, the node's lease
     // (that second, the attempt's 10 s time-out and 2 s) runs out, and the restarted node's sweep
     // takes the delivery over.
-    let args = [
-        "--ispb",
-        ISPB,
-        "--webhook-ca",
-        &ca,
-        "--webhook-client-cert",
-        &cert,
-        "--webhook-client-key",
-        &key,
-        "--webhook-retry-ms",
-        "1000",
-        "--webhook-allow-private",
-    ];
-    let mut rtpay = Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args);
+    let (mut rtpay, server_cert, ca_der) = start_with_pki(&dir, 1000);
     let rt = runtime();
     rt.block_on(async {
         let (port, seen) = receiver(&server_cert, ca_der, 1).await;
