@@ -182,10 +182,11 @@ async fn pix(args: &BenchArgs) -> Result<(), Error> {
     let target = Target { addr, path: "/v1/pix/payments", token: payer_key, body };
     let (rate, p99) = measure("rtpay POST /v1/pix/payments (on us, by key, embedded)", &target, args).await;
     let rss = rss_kib(child.id()).unwrap_or(0);
+    let writer = writer_figures(&mut client).await;
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    println!("  rtpay serve resident memory after the run: {} MiB", rss / 1024);
+    println!("  rtpay serve resident memory after the run: {} MiB; {writer} (both runs)", rss / 1024);
     println!("=> Pix on us by key: {rate:.0} payments/s (bar 15,000), p99 {p99:.2} ms at half rate (bar 20 ms)");
     Ok(())
 }
@@ -325,9 +326,11 @@ async fn iso8583(args: &BenchArgs) -> Result<(), Error> {
     }
     total.elapsed = started.elapsed();
     let rss = rss_kib(child.id()).unwrap_or(0);
+    let writer = writer_figures(&mut client).await;
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    println!("{writer}");
     let (answered, errors) = (total.latencies_us.len(), total.errors);
     let (p50, p99, p999, max) =
         (total.percentile_ms(0.5), total.percentile_ms(0.99), total.percentile_ms(0.999), total.percentile_ms(1.0));
@@ -346,6 +349,32 @@ async fn iso8583(args: &BenchArgs) -> Result<(), Error> {
     );
     println!("=> card authorization p99 {p99:.2} ms at {:.0}/s (bar: 5 ms at 2,000/s)", args.auth_rate);
     Ok(())
+}
+
+/// The writer's batches as the server's `/metrics` counted them: how many, their mean size and
+/// commit time, and how many took longer than 2, 5 and 10 ms (what sets a latency tail).
+async fn writer_figures(client: &mut Client) -> String {
+    let Ok(response) = client.get("/metrics", OPERATOR).await else {
+        return "writer: /metrics did not answer".into();
+    };
+    let text = String::from_utf8_lossy(&response.body).into_owned();
+    let value = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
+    };
+    let batches = value("rtpay_ledger_commit_duration_seconds_count");
+    if batches == 0.0 {
+        return "writer: no batches".into();
+    }
+    let within = |le: &str| value(&format!("rtpay_ledger_commit_duration_seconds_bucket{{le=\"{le}\"}}"));
+    let over = |le: &str| batches - within(le);
+    format!(
+        "writer: {batches:.0} batches, {:.1} events each, commit mean {:.2} ms; longer than 2 ms: {:.0}, 5 ms: {:.0}, 10 ms: {:.0}",
+        value("rtpay_ledger_batch_events_sum") / batches,
+        value("rtpay_ledger_commit_duration_seconds_sum") * 1e3 / batches,
+        over("0.002"),
+        over("0.005"),
+        over("0.01"),
+    )
 }
 
 fn machine() -> String {

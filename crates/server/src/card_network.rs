@@ -361,7 +361,7 @@ impl<'a> Flow<'a> {
         let key = state.keys.mac(b"card-message", &identity);
         // The card, the tenant's data key, and the answer if this message was answered before, in
         // one trip.
-        let (row, answered, dek) = crate::routes::query(state, move |q| {
+        let (row, answered, dek) = crate::routes::read_now(state, move |q| {
             let row = q.card_by_index(&index)?;
             let dek = row.as_ref().map(|r| vault.data_key(q, r.tenant_id));
             Ok((row, q.card_message(&key)?, dek))
@@ -485,7 +485,7 @@ impl<'a> Flow<'a> {
         let product_id = uuid::Uuid::parse_str(&ctx.card.product_id).map_err(|_| ResponseCode::SystemMalfunction)?;
         let (tenant, card_id) = (ctx.tenant, ctx.card_id);
         let (day, month, minute) = (nanos_of_date(y, m, d), nanos_of_date(y, m, 1), now.saturating_sub(60_000_000_000));
-        let (product, spent) = crate::routes::query(self.state, move |q| {
+        let (product, spent) = crate::routes::read_now(self.state, move |q| {
             Ok((q.card_product(tenant, product_id.as_u128())?, q.card_spent(card_id, day, month, minute)?))
         })
         .await

@@ -89,7 +89,7 @@ async fn connection(stream: TcpStream, state: AppState) -> std::io::Result<()> {
         tokio::spawn(async move {
             let _permit = permit;
             // A panic in one message's handling costs that message only.
-            let answer = tokio::spawn(async move { crate::card_network::handle(&state, &frame).await }).await;
+            let answer = crate::catch_panic(async move { crate::card_network::handle(&state, &frame).await }).await;
             match answer {
                 Ok(Some(bytes)) => {
                     let _ = tx.send(cards::iso8583::frame(&bytes)).await;

@@ -266,9 +266,9 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
     request.extensions_mut().insert(slot.clone());
     // A handler that panics answers 500 and the connection lives on; the panic hook (see
     // `quiet_panics`) logs where, never the message, which could hold request data.
-    let mut response = match tokio::spawn(next.run(request)).await {
+    let mut response = match catch_panic(next.run(request)).await {
         Ok(response) => response,
-        Err(_) => axum::response::IntoResponse::into_response(Problem::internal()),
+        Err(Panicked) => axum::response::IntoResponse::into_response(Problem::internal()),
     };
     let status = response.status().as_u16();
     audit_trail::record_after(&state, &slot, mutating, status).await;
@@ -284,6 +284,40 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+/// What [`catch_panic`] gives when the future panicked.
+#[derive(Debug)]
+pub struct Panicked;
+
+/// Polls `future` on the calling task, turning a panic inside it into `Err(Panicked)`: what
+/// spawning it and joining the task would give, without handing it to another task and waking
+/// this one back (a round trip through the scheduler on every request).
+pub fn catch_panic<F: std::future::Future + Send + 'static>(future: F) -> CatchPanic<F::Output> {
+    CatchPanic(Some(Box::pin(future)))
+}
+
+pub struct CatchPanic<T>(Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>);
+
+impl<T> std::future::Future for CatchPanic<T> {
+    type Output = Result<T, Panicked>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let Some(inner) = self.0.as_mut() else { return Poll::Ready(Err(Panicked)) };
+        // A future that panicked is never polled again: it is dropped here.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(value)) => {
+                self.0 = None;
+                Poll::Ready(Ok(value))
+            }
+            Err(_) => {
+                self.0 = None;
+                Poll::Ready(Err(Panicked))
+            }
+        }
+    }
 }
 
 /// A request id: a random prefix drawn once per process, then a counter. Unique across nodes and
@@ -329,4 +363,26 @@ pub async fn serve(
     axum::serve(listener, router(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_inside_a_caught_future_is_an_error_and_the_task_goes_on() {
+        let panicking = catch_panic(async {
+            tokio::task::yield_now().await;
+            if std::hint::black_box(true) {
+                panic!("inside the handler");
+            }
+            1
+        });
+        assert!(matches!(panicking.await, Err(Panicked)));
+        let fine = catch_panic(async {
+            tokio::task::yield_now().await;
+            2
+        });
+        assert_eq!(fine.await.unwrap(), 2);
+    }
 }

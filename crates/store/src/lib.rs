@@ -220,6 +220,14 @@ pub const PAGE_LEN_MAX: usize = 1000;
 
 /// Read and control-plane access, safe to share between threads. Reads see committed data only.
 pub trait Queries: Send + Sync {
+    /// Whether a point read (a few index pages) may run on an async task's own thread: true for
+    /// an embedded engine, whose reads are a few page look-ups in memory; false for a client of a
+    /// server, whose every read is a network round trip (and whose blocking client may not run
+    /// inside an async runtime at all).
+    fn point_reads_inline(&self) -> bool {
+        false
+    }
+
     fn account(&self, key: AccountKey) -> Result<Option<Account>>;
     fn entry(&self, key: TransferKey) -> Result<Option<Entry>>;
     /// Created transfers touching the account, newest first.

@@ -935,6 +935,10 @@ fn map_conflict(e: rusqlite::Error, what: &str) -> StoreError {
 }
 
 impl Queries for SqliteQueries {
+    fn point_reads_inline(&self) -> bool {
+        true
+    }
+
     fn insert_document(&self, doc: &Document) -> Result<()> {
         self.with(|c| {
             c.prepare_cached(

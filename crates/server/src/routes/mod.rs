@@ -72,6 +72,20 @@ pub async fn query<T: Send + 'static>(
     Ok(result?)
 }
 
+/// A point read (a few index pages): on an embedded engine, run on the calling task's thread —
+/// a read of tens of microseconds costs less than handing it to the blocking pool and waking this
+/// task back; on PostgreSQL, on the blocking pool like any other query.
+pub async fn read_now<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&dyn Queries) -> store::Result<T> + Send + 'static,
+) -> Result<T, Problem> {
+    if state.store.queries.point_reads_inline() {
+        Ok(f(state.store.queries.as_ref())?)
+    } else {
+        query(state, f).await
+    }
+}
+
 /// The problem for a ledger result that is not `created`/`exists`.
 pub fn ledger_problem(code: TransferResult, prefix: &str) -> Problem {
     use TransferResult as R;

@@ -945,7 +945,7 @@ pub async fn create_payment(
     // A payer's running totals (when a daily or night limit counts them) and a charge are checked
     // and committed under their locks (per node); other payments of a payer run side by side.
     let (rt2, vault2, ispb3) = (rt.clone(), vault.clone(), ispb.clone());
-    let limited_holder = query(&state, move |q| {
+    let limited_holder = super::read_now(&state, move |q| {
         Ok(match party(&rt2, &vault2, q, &ispb3, tenant_id, debit) {
             Ok(Ok(p)) => {
                 let limits = limits_of(q, tenant_id, p.holder, p.person)?.0.at(store::now_nanos());
@@ -968,7 +968,7 @@ pub async fn create_payment(
         }
     }
     let _locks = state.pix_runtime.lock(&lock_keys).await;
-    let prepared = query(&state, move |q| {
+    let prepared = super::read_now(&state, move |q| {
         Ok((|| -> Result<Result<Result<Prepared, PaymentView>, Problem>, VaultFailure> {
             let mut txid = txid;
             let mut concludes = None;
