@@ -19,6 +19,8 @@ pub(crate) const DB_FILE: &str = "rtpay.db";
 
 /// Page cache per connection, in KiB (negative = KiB in SQLite's `cache_size`).
 const CACHE_KIB: i64 = 64 * 1024;
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 128;
 
 /// Reader connections kept open for reuse; more readers at once wait for one (up to
 /// `READER_WAIT`, then open a connection of their own), since a connection opened per read pays
@@ -48,6 +50,9 @@ fn connect(path: &Path) -> Result<Connection> {
     )
     .map_err(unavailable)?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(unavailable)?;
+    // rusqlite keeps 16 prepared statements by default; the writer's batch alone runs more than
+    // that, and an evicted one is parsed and planned again on its next use.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -{CACHE_KIB}; \
          PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
@@ -595,12 +600,13 @@ fn write_audit(
     }
     drop(node);
     let h = &append.head;
-    conn.execute(
-        "INSERT INTO audit_heads (size, time, root, signature) VALUES (?1, ?2, ?3, ?4)",
-        params![h.head.size as i64, h.head.time as i64, &h.head.root[..], h.signature],
-    )
-    .map_err(unavailable)?;
-    conn.execute("UPDATE ledger_meta SET audit_frontier = ?1 WHERE id = 1", [append.frontier.encode()])
+    conn.prepare_cached("INSERT INTO audit_heads (size, time, root, signature) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(unavailable)?
+        .execute(params![h.head.size as i64, h.head.time as i64, &h.head.root[..], h.signature])
+        .map_err(unavailable)?;
+    conn.prepare_cached("UPDATE ledger_meta SET audit_frontier = ?1 WHERE id = 1")
+        .map_err(unavailable)?
+        .execute([append.frontier.encode()])
         .map_err(unavailable)?;
     Ok(append.frontier)
 }
@@ -720,7 +726,9 @@ impl SqliteWriter {
         }
         drop(update_state);
         self.conn
-            .execute("UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1", [last.last as i64])
+            .prepare_cached("UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1")
+            .map_err(unavailable)?
+            .execute([last.last as i64])
             .map_err(unavailable)?;
         Ok(())
     }
