@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ::postgres::{Client, NoTls, Row, Statement};
 use ledger::*;
+use std::collections::HashMap;
 use uuid::Uuid;
 
 use crate::migrations::{Migration, POSTGRES};
@@ -89,8 +90,7 @@ pub(crate) fn append_audit_beside(
     drafts: Vec<audit::Draft>,
     now: Timestamp,
 ) -> Result<()> {
-    let mut writer =
-        PgWriter { url: url.to_owned(), conn: Some(Conn::open(url)?), in_tx: false, signer, frontier: None };
+    let mut writer = PgWriter::new(url, signer)?;
     let clock = writer.begin()?;
     let mut time = clock.last;
     let timed: Vec<(Timestamp, audit::Draft)> = drafts
@@ -108,7 +108,7 @@ pub(crate) fn open(url: &str, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wri
     let mut client = connect(url)?;
     apply_migrations(&mut client, POSTGRES)?;
     drop(client);
-    let writer = PgWriter { url: url.to_owned(), conn: Some(Conn::open(url)?), in_tx: false, signer, frontier: None };
+    let writer = PgWriter::new(url, signer)?;
     let queries = PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) };
     Ok((Box::new(writer), Arc::new(queries)))
 }
@@ -166,7 +166,19 @@ struct PgWriter {
     signer: Arc<audit::Signer>,
     /// The audit tree's right edge, read under the batch lock (other nodes append too).
     frontier: Option<audit::Frontier>,
+    /// Accounts as this writer last committed or read them, valid while the ledger clock in
+    /// `ledger_meta` is the one this writer left there (`accounts_as_of`): every change to an
+    /// account, by any node, moves that clock past every value it had before (new timestamps are
+    /// taken above the clock read under the batch lock), so an unchanged clock means no other node
+    /// wrote since. Saves the batch's account look-up when one node does the writing.
+    accounts: HashMap<AccountKey, Account>,
+    accounts_as_of: Option<u64>,
+    /// The clock read under this batch's lock.
+    locked_clock: u64,
 }
+
+/// Accounts the PostgreSQL writer keeps between batches; past this it starts over.
+const ACCOUNT_CACHE_MAX: usize = 1_000_000;
 
 /// A writer connection with its statements prepared once: each batch is then five round trips
 /// (begin + lock, load transfers, load accounts, write everything, commit), whatever its size.
@@ -241,6 +253,19 @@ impl Conn {
 }
 
 impl PgWriter {
+    fn new(url: &str, signer: Arc<audit::Signer>) -> Result<PgWriter> {
+        Ok(PgWriter {
+            url: url.to_owned(),
+            conn: Some(Conn::open(url)?),
+            in_tx: false,
+            signer,
+            frontier: None,
+            accounts: HashMap::new(),
+            accounts_as_of: None,
+            locked_clock: 0,
+        })
+    }
+
     fn conn(&mut self) -> &mut Conn {
         self.conn.as_mut().expect("connected in begin")
     }
@@ -288,6 +313,10 @@ impl Writer for PgWriter {
             Ok((last, frontier)) => {
                 self.in_tx = true;
                 self.frontier = Some(frontier);
+                if self.accounts_as_of.take() != Some(last) {
+                    self.accounts.clear();
+                }
+                self.locked_clock = last;
                 Ok(Clock { last })
             }
             Err(e) => {
@@ -314,7 +343,18 @@ impl Writer for PgWriter {
     }
 
     fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()> {
-        let missing: Vec<&AccountKey> = keys.iter().filter(|k| !into.accounts.contains_key(k)).collect();
+        let mut missing: Vec<&AccountKey> = Vec::new();
+        for key in keys {
+            if into.accounts.contains_key(key) {
+                continue;
+            }
+            match self.accounts.get(key) {
+                Some(account) => {
+                    into.accounts.insert(*key, account.clone());
+                }
+                None => missing.push(key),
+            }
+        }
         if missing.is_empty() {
             return Ok(());
         }
@@ -322,8 +362,13 @@ impl Writer for PgWriter {
         let ids: Vec<Uuid> = missing.iter().map(|k| uuid(k.id.0)).collect();
         let conn = self.conn();
         let rows = conn.client.query(&conn.load_accounts, &[&tenants, &ids]).map_err(unavailable)?;
+        if self.accounts.len() + rows.len() > ACCOUNT_CACHE_MAX {
+            self.accounts.clear();
+        }
         for row in rows {
             let account = account_row(&row)?.into_account().map_err(corrupt)?;
+            // Read under the batch lock: current until this batch changes it.
+            self.accounts.insert(account.key, account.clone());
             into.accounts.insert(account.key, account);
         }
         Ok(())
@@ -380,8 +425,22 @@ impl Writer for PgWriter {
             })
             .and_then(|()| self.conn().client.batch_execute("COMMIT").map_err(unavailable));
         self.in_tx = false;
-        if result.is_err() {
-            self.conn = None;
+        match &result {
+            Ok(()) => {
+                // What `write` left in ledger_meta: the clock only moves forward.
+                let mut clock = self.locked_clock;
+                for change in changes {
+                    clock = clock.max(change.clock.last);
+                    for account in &change.accounts {
+                        self.accounts.insert(account.key, account.clone());
+                    }
+                }
+                self.accounts_as_of = Some(clock);
+            }
+            Err(_) => {
+                // Committed or not, the cache is not trusted again (`accounts_as_of` is unset).
+                self.conn = None;
+            }
         }
         result
     }
