@@ -16,6 +16,7 @@ mod migrations;
 mod postgres;
 mod rows;
 mod sqlite;
+mod sqlite_pcache;
 
 pub mod conformance;
 pub mod testing;

@@ -44,6 +44,7 @@ fn corrupt(e: String) -> StoreError {
 }
 
 fn connect(path: &Path) -> Result<Connection> {
+    crate::sqlite_pcache::install();
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
