@@ -47,6 +47,8 @@ impl StorageArgs {
     }
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum CommandLine {
     /// Serve the HTTP API.

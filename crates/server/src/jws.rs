@@ -49,7 +49,7 @@ pub fn base64url_decode(text: &str) -> Option<Vec<u8>> {
         return None;
     }
     let mut padded = text.replace('-', "+").replace('_', "/");
-    while padded.len() % 4 != 0 {
+    while !padded.len().is_multiple_of(4) {
         padded.push('=');
     }
     base64_decode(&padded)

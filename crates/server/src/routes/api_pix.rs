@@ -676,7 +676,7 @@ pub fn read_cob(
 /// The received Pix that concluded a charge, as the spec's `Pix`.
 fn concluding_pix(q: &dyn store::Queries, tenant: u128, stored: &StoredCob) -> store::Result<Option<Value>> {
     let Some(e2e) = &stored.paid_by else { return Ok(None) };
-    Ok(read_received(q, tenant, e2e)?.map(|(_, r)| pix_view(q, tenant, &r)).transpose()?)
+    read_received(q, tenant, e2e)?.map(|(_, r)| pix_view(q, tenant, &r)).transpose()
 }
 
 /// Creates or replaces (PUT on an active charge) a charge.
@@ -1206,6 +1206,10 @@ pub async fn refund_get(
     Ok(reply(StatusCode::OK, &doc.refund))
 }
 
+/// What a new refund is checked against: the received Pix's document and record, its refunds so
+/// far, and the amount a MED claim blocks.
+type RefundBasis = (store::Document, StoredReceived, Vec<RefundDoc>, u64);
+
 /// A refund of a received Pix: the receiving account pays it back (to the payer's account when
 /// the payer is of this rtpay, else to the tenant's settlement account, the SPI's side), once per
 /// refund id, at most the Pix's amount in total, within 90 days.
@@ -1249,7 +1253,7 @@ pub async fn refund_put(
     let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-refund-lock", tenant_id, &e2e).as_u128()]).await;
     let (e2e2, id2, print2, st) = (e2e.clone(), id.clone(), fingerprint.clone(), state.clone());
     let checked = query(&state, move |q| {
-        Ok((|| -> PixResult<Result<StoredRefund, (store::Document, StoredReceived, Vec<RefundDoc>, u64)>> {
+        Ok((|| -> PixResult<Result<StoredRefund, RefundBasis>> {
             let (doc, received) = read_received(q, tenant_id, &e2e2)?.ok_or_else(|| {
                 PixError::new(StatusCode::NOT_FOUND, "PixNaoEncontrado", "no Pix received with this EndToEndId")
             })?;

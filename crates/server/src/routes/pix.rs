@@ -431,7 +431,7 @@ pub async fn lookup_key(
                     )))
                 }
             };
-            return Ok(Ok(DirectoryEntry {
+            Ok(Ok(DirectoryEntry {
                 key: key.value.clone(),
                 kind: stored.kind,
                 owner: owner.view,
@@ -442,7 +442,7 @@ pub async fn lookup_key(
                     kind: "CACC".into(),
                 },
                 created_at: stored.created_at,
-            }));
+            }))
         })())
     })
     .await?;

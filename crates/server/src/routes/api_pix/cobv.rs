@@ -495,7 +495,7 @@ pub(super) fn write_one(
             } else {
                 status.revise(requested, alters).map_err(|e| PixError::violation(K, "cobv.status", e.to_string()))?
             };
-            let r = open_revisions(&st, q, tenant_id, s)?;
+            let r = open_revisions(st, q, tenant_id, s)?;
             if r.len() >= REVISIONS_MAX {
                 return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
             }
@@ -696,7 +696,7 @@ pub async fn payload(
             if !content.info_adicionais.is_empty() {
                 body["infoAdicionais"] = json!(content.info_adicionais);
             }
-            Ok(pix_loc::sign_payload(&st, q, &body)?)
+            pix_loc::sign_payload(&st, q, &body)
         })())
     })
     .await??;

@@ -75,8 +75,11 @@ fn problema(e: &PixError) -> Value {
     })
 }
 
+/// A batch's description and each request (its txid, and the cobv body).
+type LoteBody = (Option<String>, Vec<(String, CobVBody)>);
+
 /// The batch's body: its description and each request (its txid, and the cobv body).
-fn parse(bytes: &Bytes, revising: bool) -> PixResult<(Option<String>, Vec<(String, CobVBody)>)> {
+fn parse(bytes: &Bytes, revising: bool) -> PixResult<LoteBody> {
     let v: Value = body_of(bytes, K, "loteCobV")?;
     let Value::Object(mut map) = v else { return Err(PixError::violation(K, "loteCobV", "must be an object")) };
     let descricao = match map.remove("descricao") {
