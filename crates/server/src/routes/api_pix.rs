@@ -150,6 +150,15 @@ impl From<store::StoreError> for PixError {
 
 pub(crate) type PixResult<T> = Result<T, PixError>;
 
+/// Runs `f` on the blocking pool, like `routes::query`, for reads whose answer is already a
+/// [`PixResult`] (a spec `Problema` or the value).
+pub(crate) async fn pix_query<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&dyn store::Queries) -> PixResult<T> + Send + 'static,
+) -> PixResult<T> {
+    query(state, move |q| Ok(f(q))).await?
+}
+
 pub(crate) fn corrupt(e: impl std::fmt::Display) -> store::StoreError {
     store::StoreError::Corrupt(e.to_string())
 }
@@ -700,68 +709,64 @@ async fn put_cob(
     audit.0.set_resource(format!("pix-cob:{txid}"));
     let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
     let st = state.clone();
-    let view = query(&state, move |q| {
-        Ok((|| -> PixResult<Value> {
-            let now = store::now_nanos();
-            let content = content_of(&body, None, now, K, "cob")?;
-            let key =
-                pix::PixKey::infer(&content.chave).map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
-            let account = match find_key(&vault, q, &key)? {
-                Some((doc, stored)) if doc.tenant_id == tenant_id => stored.account_id,
-                _ => return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver")),
-            };
-            let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;
-            let existing = read_cob(q, tenant_id, &txid)?;
-            let (revisions, version, created_at, loc) = match &existing {
-                Some((_, s)) if s.cobv.is_some() => {
-                    return Err(PixError::violation(K, "txid", "a charge with a due date (cobv) has this txid"))
-                }
-                Some((_, s)) if s.status != CobStatus::Ativa.as_str() => {
-                    return Err(PixError::violation(K, "txid", "the charge exists and is not ATIVA"))
-                }
-                Some((doc, s)) => {
-                    let mut r = open_revisions(&st, q, tenant_id, s)?;
-                    if r.len() >= REVISIONS_MAX {
-                        return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
-                    }
-                    r.push(content.clone());
-                    (r, doc.version, s.created_at, super::pix_loc::Linked::of(s))
-                }
-                None => (vec![content.clone()], 0, now, None),
-            };
-            let place =
-                super::pix_loc::Place { tenant: tenant_id, tipo: "cob", txid: &txid, kind: K, prop: "cob.loc.id" };
-            let fresh = existing.is_none().then(|| st.location_prefix());
-            let loc = place.link(q, wanted, loc, fresh.as_deref(), now)?;
-            let stored = StoredCob {
-                txid: txid.clone(),
-                account_id: account,
-                status: CobStatus::Ativa.as_str().into(),
-                loc_id: loc.as_ref().map(|l| l.id),
-                location: loc.as_ref().map(|l| l.location.clone()),
-                loc_created_at: loc.as_ref().map(|l| l.created_at),
-                created_at,
-                expiracao: content.expiracao,
-                original: content.original,
-                amount_editable: content.modalidade_alteracao == 1,
-                devedor_index: content
-                    .devedor
-                    .as_ref()
-                    .map(|(_, d, _)| crate::auth::hex(&vault.index().of(b"document", d.as_bytes()))),
-                revisions_sealed: seal_revisions(&st, q, tenant_id, &txid, &revisions)?,
-                revisions: revisions.len(),
-                paid_by: None,
-                chave_index: Some(key_lookup(&vault, &key)),
-                cobv: None,
-                lote_id: None,
-            };
-            if !save_charge(q, tenant_id, &stored, version)? {
-                return Err(PixError::violation(K, "txid", "the charge changed meanwhile; retry"));
+    let view = pix_query(&state, move |q| -> PixResult<Value> {
+        let now = store::now_nanos();
+        let content = content_of(&body, None, now, K, "cob")?;
+        let key = pix::PixKey::infer(&content.chave).map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
+        let account = match find_key(&vault, q, &key)? {
+            Some((doc, stored)) if doc.tenant_id == tenant_id => stored.account_id,
+            _ => return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver")),
+        };
+        let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;
+        let existing = read_cob(q, tenant_id, &txid)?;
+        let (revisions, version, created_at, loc) = match &existing {
+            Some((_, s)) if s.cobv.is_some() => {
+                return Err(PixError::violation(K, "txid", "a charge with a due date (cobv) has this txid"))
             }
-            Ok(cob_view(&stored, &content, revisions.len() - 1, None))
-        })())
+            Some((_, s)) if s.status != CobStatus::Ativa.as_str() => {
+                return Err(PixError::violation(K, "txid", "the charge exists and is not ATIVA"))
+            }
+            Some((doc, s)) => {
+                let mut r = open_revisions(&st, q, tenant_id, s)?;
+                if r.len() >= REVISIONS_MAX {
+                    return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
+                }
+                r.push(content.clone());
+                (r, doc.version, s.created_at, super::pix_loc::Linked::of(s))
+            }
+            None => (vec![content.clone()], 0, now, None),
+        };
+        let place = super::pix_loc::Place { tenant: tenant_id, tipo: "cob", txid: &txid, kind: K, prop: "cob.loc.id" };
+        let fresh = existing.is_none().then(|| st.location_prefix());
+        let loc = place.link(q, wanted, loc, fresh.as_deref(), now)?;
+        let stored = StoredCob {
+            txid: txid.clone(),
+            account_id: account,
+            status: CobStatus::Ativa.as_str().into(),
+            loc_id: loc.as_ref().map(|l| l.id),
+            location: loc.as_ref().map(|l| l.location.clone()),
+            loc_created_at: loc.as_ref().map(|l| l.created_at),
+            created_at,
+            expiracao: content.expiracao,
+            original: content.original,
+            amount_editable: content.modalidade_alteracao == 1,
+            devedor_index: content
+                .devedor
+                .as_ref()
+                .map(|(_, d, _)| crate::auth::hex(&vault.index().of(b"document", d.as_bytes()))),
+            revisions_sealed: seal_revisions(&st, q, tenant_id, &txid, &revisions)?,
+            revisions: revisions.len(),
+            paid_by: None,
+            chave_index: Some(key_lookup(&vault, &key)),
+            cobv: None,
+            lote_id: None,
+        };
+        if !save_charge(q, tenant_id, &stored, version)? {
+            return Err(PixError::violation(K, "txid", "the charge changed meanwhile; retry"));
+        }
+        Ok(cob_view(&stored, &content, revisions.len() - 1, None))
     })
-    .await??;
+    .await?;
     Ok(reply(created, &view))
 }
 
@@ -852,75 +857,67 @@ pub async fn cob_patch(
     audit.0.set_resource(format!("pix-cob:{txid}"));
     let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
     let st = state.clone();
-    let view = query(&state, move |q| {
-        Ok((|| -> PixResult<Value> {
-            let (doc, mut stored) = read_cob(q, tenant_id, &txid)?
-                .filter(|(_, s)| s.cobv.is_none())
-                .ok_or_else(|| PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "no charge with this txid"))?;
-            let status = CobStatus::parse(&stored.status).ok_or_else(|| corrupt("a charge's status"))?;
-            let next =
-                status.revise(requested, alters).map_err(|e| PixError::violation(K, "cob.status", e.to_string()))?;
-            let mut revisions = open_revisions(&st, q, tenant_id, &stored)?;
-            if revisions.len() >= REVISIONS_MAX {
-                return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
-            }
-            let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;
-            let place =
-                super::pix_loc::Place { tenant: tenant_id, tipo: "cob", txid: &txid, kind: K, prop: "cob.loc.id" };
-            if let Some(l) = place.link(q, wanted, super::pix_loc::Linked::of(&stored), None, 0)? {
-                stored.loc_id = Some(l.id);
-                stored.location = Some(l.location);
-                stored.loc_created_at = Some(l.created_at);
-            }
-            let base = revisions.last().cloned().ok_or_else(|| corrupt("a charge without revisions"))?;
-            let now = store::now_nanos();
-            let content =
-                if alters { content_of(&body, Some(&base), now, K, "cob")? } else { CobContent { at: now, ..base } };
-            if body.chave.is_some() {
-                let key = pix::PixKey::infer(&content.chave)
-                    .map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
-                match find_key(&vault, q, &key)? {
-                    Some((d, k)) if d.tenant_id == tenant_id => {
-                        stored.account_id = k.account_id;
-                        stored.chave_index = Some(key_lookup(&vault, &key));
-                    }
-                    _ => {
-                        return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver"))
-                    }
+    let view = pix_query(&state, move |q| -> PixResult<Value> {
+        let (doc, mut stored) = read_cob(q, tenant_id, &txid)?
+            .filter(|(_, s)| s.cobv.is_none())
+            .ok_or_else(|| PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "no charge with this txid"))?;
+        let status = CobStatus::parse(&stored.status).ok_or_else(|| corrupt("a charge's status"))?;
+        let next = status.revise(requested, alters).map_err(|e| PixError::violation(K, "cob.status", e.to_string()))?;
+        let mut revisions = open_revisions(&st, q, tenant_id, &stored)?;
+        if revisions.len() >= REVISIONS_MAX {
+            return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
+        }
+        let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;
+        let place = super::pix_loc::Place { tenant: tenant_id, tipo: "cob", txid: &txid, kind: K, prop: "cob.loc.id" };
+        if let Some(l) = place.link(q, wanted, super::pix_loc::Linked::of(&stored), None, 0)? {
+            stored.loc_id = Some(l.id);
+            stored.location = Some(l.location);
+            stored.loc_created_at = Some(l.created_at);
+        }
+        let base = revisions.last().cloned().ok_or_else(|| corrupt("a charge without revisions"))?;
+        let now = store::now_nanos();
+        let content =
+            if alters { content_of(&body, Some(&base), now, K, "cob")? } else { CobContent { at: now, ..base } };
+        if body.chave.is_some() {
+            let key =
+                pix::PixKey::infer(&content.chave).map_err(|e| PixError::violation(K, "cob.chave", e.to_string()))?;
+            match find_key(&vault, q, &key)? {
+                Some((d, k)) if d.tenant_id == tenant_id => {
+                    stored.account_id = k.account_id;
+                    stored.chave_index = Some(key_lookup(&vault, &key));
                 }
+                _ => return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver")),
             }
-            revisions.push(content.clone());
-            stored.status = next.as_str().into();
-            stored.expiracao = content.expiracao;
-            stored.original = content.original;
-            stored.amount_editable = content.modalidade_alteracao == 1;
-            stored.devedor_index = content
-                .devedor
-                .as_ref()
-                .map(|(_, d, _)| crate::auth::hex(&vault.index().of(b"document", d.as_bytes())));
-            stored.revisions_sealed = seal_revisions(&st, q, tenant_id, &txid, &revisions)?;
-            stored.revisions = revisions.len();
-            let updated = store::Document {
-                version: doc.version + 1,
-                lookup: stored.location.clone(),
-                body: serde_json::to_string(&stored).expect("serializable"),
-                ..doc.clone()
-            };
-            let written = match q.update_document(&updated, doc.version) {
-                Err(store::StoreError::Conflict(_)) => false,
-                other => other?,
-            };
-            if !written {
-                return Err(PixError::violation(
-                    K,
-                    "txid",
-                    "the charge or its location changed meanwhile (it may have been paid); retry",
-                ));
-            }
-            Ok(cob_view(&stored, &content, revisions.len() - 1, None))
-        })())
+        }
+        revisions.push(content.clone());
+        stored.status = next.as_str().into();
+        stored.expiracao = content.expiracao;
+        stored.original = content.original;
+        stored.amount_editable = content.modalidade_alteracao == 1;
+        stored.devedor_index =
+            content.devedor.as_ref().map(|(_, d, _)| crate::auth::hex(&vault.index().of(b"document", d.as_bytes())));
+        stored.revisions_sealed = seal_revisions(&st, q, tenant_id, &txid, &revisions)?;
+        stored.revisions = revisions.len();
+        let updated = store::Document {
+            version: doc.version + 1,
+            lookup: stored.location.clone(),
+            body: serde_json::to_string(&stored).expect("serializable"),
+            ..doc.clone()
+        };
+        let written = match q.update_document(&updated, doc.version) {
+            Err(store::StoreError::Conflict(_)) => false,
+            other => other?,
+        };
+        if !written {
+            return Err(PixError::violation(
+                K,
+                "txid",
+                "the charge or its location changed meanwhile (it may have been paid); retry",
+            ));
+        }
+        Ok(cob_view(&stored, &content, revisions.len() - 1, None))
     })
-    .await??;
+    .await?;
     Ok(reply(StatusCode::OK, &view))
 }
 
@@ -943,18 +940,16 @@ pub async fn cob_get(
     };
     let tenant_id = tenant.id;
     let st = state.clone();
-    let view = query(&state, move |q| {
-        Ok((|| -> PixResult<Value> {
-            let (_, stored) = read_cob(q, tenant_id, &txid)?.filter(|(_, s)| s.cobv.is_none()).ok_or_else(not_found)?;
-            let revisions = open_revisions(&st, q, tenant_id, &stored)?;
-            let n = revisao.unwrap_or(revisions.len().saturating_sub(1));
-            let content = revisions.get(n).ok_or_else(|| {
-                PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "the charge has no such revision")
-            })?;
-            Ok(cob_view(&stored, content, n, concluding_pix(q, tenant_id, &stored)?))
-        })())
+    let view = pix_query(&state, move |q| -> PixResult<Value> {
+        let (_, stored) = read_cob(q, tenant_id, &txid)?.filter(|(_, s)| s.cobv.is_none()).ok_or_else(not_found)?;
+        let revisions = open_revisions(&st, q, tenant_id, &stored)?;
+        let n = revisao.unwrap_or(revisions.len().saturating_sub(1));
+        let content = revisions.get(n).ok_or_else(|| {
+            PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "the charge has no such revision")
+        })?;
+        Ok(cob_view(&stored, content, n, concluding_pix(q, tenant_id, &stored)?))
     })
-    .await??;
+    .await?;
     Ok(reply(StatusCode::OK, &view))
 }
 
@@ -1000,35 +995,33 @@ pub(crate) async fn list_charges(
     }
     let tenant_id = tenant.id;
     let st = state.clone();
-    let (cobs, total) = query(&state, move |q| {
-        Ok((|| -> PixResult<(Vec<Value>, usize)> {
-            let Some(span) = span.filter(|_| !(cpf.is_some() && cnpj.is_some())) else {
-                return Ok((vec![], 0));
-            };
-            let docs = scan(q, COB_KIND, tenant_id, span, |d| {
-                let Ok(s) = serde_json::from_str::<StoredCob>(&d.body) else { return false };
-                s.cobv.is_some() == due
-                    && lote.is_none_or(|l| s.lote_id.map(|m| m as i64) == Some(l))
-                    && location.is_none_or(|w| w == s.location.is_some())
-                    && status.as_ref().is_none_or(|w| *w == s.status)
-                    && document.as_ref().is_none_or(|w| s.devedor_index.as_ref() == Some(w))
-            })?;
-            let total = docs.len();
-            let mut out = Vec::new();
-            for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
-                let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
-                let revisions = open_revisions(&st, q, tenant_id, &stored)?;
-                let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
-                let pix = concluding_pix(q, tenant_id, &stored)?;
-                let view = if due { cobv::cobv_view } else { cob_view };
-                let mut v = view(&stored, &revisions[n], n, pix);
-                v["idCob"] = json!(stored.txid);
-                out.push(v);
-            }
-            Ok((out, total))
-        })())
+    let (cobs, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
+        let Some(span) = span.filter(|_| !(cpf.is_some() && cnpj.is_some())) else {
+            return Ok((vec![], 0));
+        };
+        let docs = scan(q, COB_KIND, tenant_id, span, |d| {
+            let Ok(s) = serde_json::from_str::<StoredCob>(&d.body) else { return false };
+            s.cobv.is_some() == due
+                && lote.is_none_or(|l| s.lote_id.map(|m| m as i64) == Some(l))
+                && location.is_none_or(|w| w == s.location.is_some())
+                && status.as_ref().is_none_or(|w| *w == s.status)
+                && document.as_ref().is_none_or(|w| s.devedor_index.as_ref() == Some(w))
+        })?;
+        let total = docs.len();
+        let mut out = Vec::new();
+        for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
+            let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
+            let revisions = open_revisions(&st, q, tenant_id, &stored)?;
+            let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
+            let pix = concluding_pix(q, tenant_id, &stored)?;
+            let view = if due { cobv::cobv_view } else { cob_view };
+            let mut v = view(&stored, &revisions[n], n, pix);
+            v["idCob"] = json!(stored.txid);
+            out.push(v);
+        }
+        Ok((out, total))
     })
-    .await??;
+    .await?;
     parametros["paginacao"] = paginacao(page, per_page, total);
     Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "cobs": cobs})))
 }
@@ -1115,13 +1108,11 @@ pub async fn pix_get(State(state): State<AppState>, tenant: Tenant, Path(e2e): P
     state.ispb()?;
     let not_found = || PixError::new(StatusCode::NOT_FOUND, "PixNaoEncontrado", "no Pix received with this EndToEndId");
     let tenant_id = tenant.id;
-    let view = query(&state, move |q| {
-        Ok((|| -> PixResult<Value> {
-            let (_, r) = read_received(q, tenant_id, &e2e)?.ok_or_else(not_found)?;
-            Ok(pix_view(q, tenant_id, &r)?)
-        })())
+    let view = pix_query(&state, move |q| -> PixResult<Value> {
+        let (_, r) = read_received(q, tenant_id, &e2e)?.ok_or_else(not_found)?;
+        Ok(pix_view(q, tenant_id, &r)?)
     })
-    .await??;
+    .await?;
     Ok(reply(StatusCode::OK, &view))
 }
 
@@ -1150,32 +1141,30 @@ pub async fn pix_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
         }
     }
     let tenant_id = tenant.id;
-    let (items, total) = query(&state, move |q| {
-        Ok((|| -> PixResult<(Vec<Value>, usize)> {
-            // Payers' documents are kept masked only: a filter by one matches nothing.
-            let Some(span) = span.filter(|_| cpf.is_none() && cnpj.is_none()) else { return Ok((vec![], 0)) };
-            let mut views = Vec::new();
-            for doc in scan(q, RECEIVED_KIND, tenant_id, span, |_| true)? {
-                let r: StoredReceived = serde_json::from_str(&doc.body).map_err(corrupt)?;
-                if txid.as_ref().is_some_and(|t| r.txid.as_ref() != Some(t))
-                    || with_txid.is_some_and(|w| w != r.txid.is_some())
-                {
+    let (items, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
+        // Payers' documents are kept masked only: a filter by one matches nothing.
+        let Some(span) = span.filter(|_| cpf.is_none() && cnpj.is_none()) else { return Ok((vec![], 0)) };
+        let mut views = Vec::new();
+        for doc in scan(q, RECEIVED_KIND, tenant_id, span, |_| true)? {
+            let r: StoredReceived = serde_json::from_str(&doc.body).map_err(corrupt)?;
+            if txid.as_ref().is_some_and(|t| r.txid.as_ref() != Some(t))
+                || with_txid.is_some_and(|w| w != r.txid.is_some())
+            {
+                continue;
+            }
+            // Refunds are read per Pix only when the filter asks about them; else for the page.
+            if let Some(w) = with_refund {
+                if w == refunds_of(q, tenant_id, &r.end_to_end_id)?.is_empty() {
                     continue;
                 }
-                // Refunds are read per Pix only when the filter asks about them; else for the page.
-                if let Some(w) = with_refund {
-                    if w == refunds_of(q, tenant_id, &r.end_to_end_id)?.is_empty() {
-                        continue;
-                    }
-                }
-                views.push(r);
             }
-            let total = views.len();
-            let page_views = views.iter().skip(page.saturating_mul(per_page)).take(per_page);
-            Ok((page_views.map(|r| pix_view(q, tenant_id, r)).collect::<store::Result<_>>()?, total))
-        })())
+            views.push(r);
+        }
+        let total = views.len();
+        let page_views = views.iter().skip(page.saturating_mul(per_page)).take(per_page);
+        Ok((page_views.map(|r| pix_view(q, tenant_id, r)).collect::<store::Result<_>>()?, total))
     })
-    .await??;
+    .await?;
     parametros["paginacao"] = paginacao(page, per_page, total);
     // `PixConsultados` in the spec requires `cobs` (beside the `pix` it lists): an empty one keeps
     // strict clients' validation happy.
@@ -1252,29 +1241,27 @@ pub async fn refund_put(
     audit.0.set_resource(format!("pix-refund:{id}"));
     let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-refund-lock", tenant_id, &e2e).as_u128()]).await;
     let (e2e2, id2, print2, st) = (e2e.clone(), id.clone(), fingerprint.clone(), state.clone());
-    let checked = query(&state, move |q| {
-        Ok((|| -> PixResult<Result<StoredRefund, RefundBasis>> {
-            let (doc, received) = read_received(q, tenant_id, &e2e2)?.ok_or_else(|| {
-                PixError::new(StatusCode::NOT_FOUND, "PixNaoEncontrado", "no Pix received with this EndToEndId")
-            })?;
-            let refunds = refunds_of(q, tenant_id, &e2e2)?;
-            if let Some(r) = refunds.iter().find(|r| r.refund.id == id2) {
-                if r.fingerprint.is_empty() {
-                    return Err(PixError::violation(K, "id", "is the id of this Pix's MED return"));
-                }
-                if r.fingerprint == print2 {
-                    return Ok(Ok(r.refund.clone()));
-                }
-                return Err(PixError::violation(K, "id", "is already used by another refund of this Pix"));
+    let checked = pix_query(&state, move |q| -> PixResult<Result<StoredRefund, RefundBasis>> {
+        let (doc, received) = read_received(q, tenant_id, &e2e2)?.ok_or_else(|| {
+            PixError::new(StatusCode::NOT_FOUND, "PixNaoEncontrado", "no Pix received with this EndToEndId")
+        })?;
+        let refunds = refunds_of(q, tenant_id, &e2e2)?;
+        if let Some(r) = refunds.iter().find(|r| r.refund.id == id2) {
+            if r.fingerprint.is_empty() {
+                return Err(PixError::violation(K, "id", "is the id of this Pix's MED return"));
             }
-            if refunds.len() >= REFUNDS_MAX {
-                return Err(PixError::violation(K, "id", "this Pix has 999 refunds, the most it may have"));
+            if r.fingerprint == print2 {
+                return Ok(Ok(r.refund.clone()));
             }
-            let blocked = super::med::blocked_amount(&st, q, tenant_id, &e2e2)?;
-            Ok(Err((doc, received, refunds, blocked)))
-        })())
+            return Err(PixError::violation(K, "id", "is already used by another refund of this Pix"));
+        }
+        if refunds.len() >= REFUNDS_MAX {
+            return Err(PixError::violation(K, "id", "this Pix has 999 refunds, the most it may have"));
+        }
+        let blocked = super::med::blocked_amount(&st, q, tenant_id, &e2e2)?;
+        Ok(Err((doc, received, refunds, blocked)))
     })
-    .await??;
+    .await?;
     let (received_doc, received, refunds, blocked) = match checked {
         Ok(existing) => return Ok(reply(StatusCode::CREATED, &existing)),
         Err(found) => found,
@@ -1562,38 +1549,36 @@ pub async fn webhook_put(
     }
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
-    query(&state, move |q| {
-        Ok((|| -> PixResult<()> {
-            let (key, index, _) = own_key(&vault, q, tenant_id, &chave)?
-                .ok_or_else(|| PixError::violation(K, "chave", "is not a key of an account of this receiver"))?;
-            let dek = vault.data_key(q, tenant_id)?;
-            let sealed = vault::seal(&dek, &webhook_record(tenant_id, &index), key.value.as_bytes())
-                .map_err(VaultFailure::from)?;
-            let now = store::now_nanos();
-            let hook = crate::webhook::StoredWebhook { url, key_sealed: base64_encode(&sealed), created_at: now };
-            let body = serde_json::to_string(&hook).expect("serializable");
-            match q.document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)? {
-                Some(doc) => {
-                    let next = store::Document { version: doc.version + 1, body, ..doc.clone() };
-                    if !q.update_document(&next, doc.version)? {
-                        return Err(PixError::violation(K, "chave", "the webhook changed meanwhile; retry"));
-                    }
+    pix_query(&state, move |q| -> PixResult<()> {
+        let (key, index, _) = own_key(&vault, q, tenant_id, &chave)?
+            .ok_or_else(|| PixError::violation(K, "chave", "is not a key of an account of this receiver"))?;
+        let dek = vault.data_key(q, tenant_id)?;
+        let sealed =
+            vault::seal(&dek, &webhook_record(tenant_id, &index), key.value.as_bytes()).map_err(VaultFailure::from)?;
+        let now = store::now_nanos();
+        let hook = crate::webhook::StoredWebhook { url, key_sealed: base64_encode(&sealed), created_at: now };
+        let body = serde_json::to_string(&hook).expect("serializable");
+        match q.document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)? {
+            Some(doc) => {
+                let next = store::Document { version: doc.version + 1, body, ..doc.clone() };
+                if !q.update_document(&next, doc.version)? {
+                    return Err(PixError::violation(K, "chave", "the webhook changed meanwhile; retry"));
                 }
-                None => q.insert_document(&store::Document {
-                    kind: crate::webhook::WEBHOOK_KIND.into(),
-                    tenant_id,
-                    id: index,
-                    lookup: None,
-                    owner: None,
-                    created_at: now,
-                    version: 1,
-                    body,
-                })?,
             }
-            Ok(())
-        })())
+            None => q.insert_document(&store::Document {
+                kind: crate::webhook::WEBHOOK_KIND.into(),
+                tenant_id,
+                id: index,
+                lookup: None,
+                owner: None,
+                created_at: now,
+                version: 1,
+                body,
+            })?,
+        }
+        Ok(())
     })
-    .await??;
+    .await?;
     audit.0.set_resource("pix-webhook");
     Ok(StatusCode::OK.into_response())
 }
@@ -1612,14 +1597,12 @@ pub async fn webhook_get(
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
     let st = state.clone();
-    let view = query(&state, move |q| {
-        Ok((|| -> PixResult<Value> {
-            let (_, index, _) = own_key(&vault, q, tenant_id, &chave)?.ok_or_else(webhook_not_found)?;
-            let doc = q.document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)?.ok_or_else(webhook_not_found)?;
-            webhook_view(&st, q, tenant_id, &doc)
-        })())
+    let view = pix_query(&state, move |q| -> PixResult<Value> {
+        let (_, index, _) = own_key(&vault, q, tenant_id, &chave)?.ok_or_else(webhook_not_found)?;
+        let doc = q.document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)?.ok_or_else(webhook_not_found)?;
+        webhook_view(&st, q, tenant_id, &doc)
     })
-    .await??;
+    .await?;
     Ok(reply(StatusCode::OK, &view))
 }
 
@@ -1633,17 +1616,15 @@ pub async fn webhook_delete(
     state.ispb()?;
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
-    query(&state, move |q| {
-        Ok((|| -> PixResult<()> {
-            let (_, index, _) = own_key(&vault, q, tenant_id, &chave)?.ok_or_else(webhook_not_found)?;
-            if q.delete_document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)? {
-                Ok(())
-            } else {
-                Err(webhook_not_found())
-            }
-        })())
+    pix_query(&state, move |q| -> PixResult<()> {
+        let (_, index, _) = own_key(&vault, q, tenant_id, &chave)?.ok_or_else(webhook_not_found)?;
+        if q.delete_document(crate::webhook::WEBHOOK_KIND, tenant_id, &index)? {
+            Ok(())
+        } else {
+            Err(webhook_not_found())
+        }
     })
-    .await??;
+    .await?;
     audit.0.set_resource("pix-webhook");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1673,18 +1654,16 @@ pub async fn webhook_list(
     }
     let tenant_id = tenant.id;
     let st = state.clone();
-    let (items, total) = query(&state, move |q| {
-        Ok((|| -> PixResult<(Vec<Value>, usize)> {
-            if from > to {
-                return Ok((vec![], 0));
-            }
-            let docs = scan(q, crate::webhook::WEBHOOK_KIND, tenant_id, (from, to.saturating_add(1)), |_| true)?;
-            let total = docs.len();
-            let page_docs = docs.iter().skip(page.saturating_mul(per_page)).take(per_page);
-            Ok((page_docs.map(|d| webhook_view(&st, q, tenant_id, d)).collect::<PixResult<_>>()?, total))
-        })())
+    let (items, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
+        if from > to {
+            return Ok((vec![], 0));
+        }
+        let docs = scan(q, crate::webhook::WEBHOOK_KIND, tenant_id, (from, to.saturating_add(1)), |_| true)?;
+        let total = docs.len();
+        let page_docs = docs.iter().skip(page.saturating_mul(per_page)).take(per_page);
+        Ok((page_docs.map(|d| webhook_view(&st, q, tenant_id, d)).collect::<PixResult<_>>()?, total))
     })
-    .await??;
+    .await?;
     parametros["paginacao"] = paginacao(page, per_page, total);
     Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "webhooks": items})))
 }

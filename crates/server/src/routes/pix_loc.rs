@@ -18,7 +18,6 @@ use crate::audit_trail::Audit;
 use crate::auth::{random_32, Tenant};
 use crate::dto::rfc3339;
 use crate::json::{reply, Path};
-use crate::routes::query;
 use crate::AppState;
 
 pub const LOC_KIND: &str = "pix-loc";
@@ -223,7 +222,7 @@ pub async fn loc_post(
     let tenant_id = tenant.id;
     let tipo = body.tipo_cob.clone();
     let prefix = state.location_prefix();
-    let linked = query(&state, move |q| Ok(create(q, tenant_id, &tipo, store::now_nanos(), &prefix))).await??;
+    let linked = pix_query(&state, move |q| create(q, tenant_id, &tipo, store::now_nanos(), &prefix)).await?;
     audit.0.set_resource(format!("pix-loc:{}", linked.id));
     let loc =
         StoredLoc { id: linked.id, location: linked.location, tipo_cob: body.tipo_cob, created_at: linked.created_at };
@@ -239,13 +238,11 @@ pub async fn loc_get(State(state): State<AppState>, tenant: Tenant, Path(id): Pa
     state.ispb()?;
     let id = loc_id(&id)?;
     let tenant_id = tenant.id;
-    let view = query(&state, move |q| {
-        Ok((|| -> PixResult<Value> {
-            let loc = read_loc(q, tenant_id, id)?.ok_or_else(loc_not_found)?;
-            Ok(loc_view(&loc, holder(q, &loc)?.as_deref()))
-        })())
+    let view = pix_query(&state, move |q| -> PixResult<Value> {
+        let loc = read_loc(q, tenant_id, id)?.ok_or_else(loc_not_found)?;
+        Ok(loc_view(&loc, holder(q, &loc)?.as_deref()))
     })
-    .await??;
+    .await?;
     Ok(reply(StatusCode::OK, &view))
 }
 
@@ -269,27 +266,25 @@ pub async fn loc_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
         parametros["tipoCob"] = json!(t);
     }
     let tenant_id = tenant.id;
-    let (locs, total) = query(&state, move |q| {
-        Ok((|| -> PixResult<(Vec<Value>, usize)> {
-            let Some(span) = span else { return Ok((vec![], 0)) };
-            let docs = scan(q, LOC_KIND, tenant_id, span, |_| true)?;
-            let mut matching = Vec::new();
-            for doc in docs {
-                let loc: StoredLoc = serde_json::from_str(&doc.body).map_err(corrupt)?;
-                if tipo.as_ref().is_some_and(|t| *t != loc.tipo_cob) {
-                    continue;
-                }
-                let txid = holder(q, &loc)?;
-                if present.is_some_and(|want| want != txid.is_some()) {
-                    continue;
-                }
-                matching.push(loc_view(&loc, txid.as_deref()));
+    let (locs, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
+        let Some(span) = span else { return Ok((vec![], 0)) };
+        let docs = scan(q, LOC_KIND, tenant_id, span, |_| true)?;
+        let mut matching = Vec::new();
+        for doc in docs {
+            let loc: StoredLoc = serde_json::from_str(&doc.body).map_err(corrupt)?;
+            if tipo.as_ref().is_some_and(|t| *t != loc.tipo_cob) {
+                continue;
             }
-            let total = matching.len();
-            Ok((matching.into_iter().skip(page.saturating_mul(per_page)).take(per_page).collect(), total))
-        })())
+            let txid = holder(q, &loc)?;
+            if present.is_some_and(|want| want != txid.is_some()) {
+                continue;
+            }
+            matching.push(loc_view(&loc, txid.as_deref()));
+        }
+        let total = matching.len();
+        Ok((matching.into_iter().skip(page.saturating_mul(per_page)).take(per_page).collect(), total))
     })
-    .await??;
+    .await?;
     parametros["paginacao"] = paginacao(page, per_page, total);
     Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "loc": locs})))
 }
@@ -306,45 +301,41 @@ pub async fn loc_unlink(
     let id = loc_id(&id)?;
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-loc:{id}"));
-    let (loc, txid) = query(&state, move |q| {
-        Ok((|| -> PixResult<(StoredLoc, Option<String>)> {
-            let loc = read_loc(q, tenant_id, id)?.ok_or_else(loc_not_found)?;
-            let txid = holder(q, &loc)?;
-            Ok((loc, txid))
-        })())
+    let (loc, txid) = pix_query(&state, move |q| -> PixResult<(StoredLoc, Option<String>)> {
+        let loc = read_loc(q, tenant_id, id)?.ok_or_else(loc_not_found)?;
+        let txid = holder(q, &loc)?;
+        Ok((loc, txid))
     })
-    .await??;
+    .await?;
     if let Some(txid) = txid {
         let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
         let location = loc.location.clone();
-        query(&state, move |q| {
-            Ok((|| -> PixResult<()> {
-                let Some((doc, mut stored)) = read_cob(q, tenant_id, &txid)? else { return Ok(()) };
-                if stored.location.as_deref() != Some(location.as_str()) {
-                    return Ok(());
-                }
-                stored.loc_id = None;
-                stored.location = None;
-                stored.loc_created_at = None;
-                let next = store::Document {
-                    version: doc.version + 1,
-                    lookup: None,
-                    body: serde_json::to_string(&stored).expect("serializable"),
-                    ..doc.clone()
-                };
-                if !q.update_document(&next, doc.version)? {
-                    let mut e = PixError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "ServicoIndisponivel",
-                        "the charge changed meanwhile; retry",
-                    );
-                    e.retry_after_seconds = Some(1);
-                    return Err(e);
-                }
-                Ok(())
-            })())
+        pix_query(&state, move |q| -> PixResult<()> {
+            let Some((doc, mut stored)) = read_cob(q, tenant_id, &txid)? else { return Ok(()) };
+            if stored.location.as_deref() != Some(location.as_str()) {
+                return Ok(());
+            }
+            stored.loc_id = None;
+            stored.location = None;
+            stored.loc_created_at = None;
+            let next = store::Document {
+                version: doc.version + 1,
+                lookup: None,
+                body: serde_json::to_string(&stored).expect("serializable"),
+                ..doc.clone()
+            };
+            if !q.update_document(&next, doc.version)? {
+                let mut e = PixError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServicoIndisponivel",
+                    "the charge changed meanwhile; retry",
+                );
+                e.retry_after_seconds = Some(1);
+                return Err(e);
+            }
+            Ok(())
         })
-        .await??;
+        .await?;
     }
     Ok(reply(StatusCode::OK, &loc_view(&loc, None)))
 }
@@ -388,28 +379,26 @@ pub async fn payload(State(state): State<AppState>, Path(token): Path<String>) -
     }
     let location = format!("{}{token}", state.location_prefix());
     let st = state.clone();
-    let jws = query(&state, move |q| {
-        Ok((|| -> PixResult<String> {
-            let doc = q
-                .document_by_lookup(COB_KIND, &location)?
-                .ok_or_else(|| payload_problem(StatusCode::NOT_FOUND, "no charge at this location"))?;
-            let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
-            let now = store::now_nanos();
-            let active = stored.status == pix::charge::CobStatus::Ativa.as_str();
-            if !active || !pix::charge::cob_payable(stored.created_at, Some(stored.expiracao), now).unwrap_or(false) {
-                return Err(payload_problem(StatusCode::GONE, "the charge at this location can no longer be paid"));
-            }
-            let payload = cob_payload(&st, q, &stored, doc.tenant_id, now)?;
-            sign_payload(&st, q, &payload)
-        })())
+    let jws = pix_query(&state, move |q| -> PixResult<String> {
+        let doc = q
+            .document_by_lookup(COB_KIND, &location)?
+            .ok_or_else(|| payload_problem(StatusCode::NOT_FOUND, "no charge at this location"))?;
+        let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
+        let now = store::now_nanos();
+        let active = stored.status == pix::charge::CobStatus::Ativa.as_str();
+        if !active || !pix::charge::cob_payable(stored.created_at, Some(stored.expiracao), now).unwrap_or(false) {
+            return Err(payload_problem(StatusCode::GONE, "the charge at this location can no longer be paid"));
+        }
+        let payload = cob_payload(&st, q, &stored, doc.tenant_id, now)?;
+        sign_payload(&st, q, &payload)
     })
-    .await??;
+    .await?;
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/jose")], jws).into_response())
 }
 
 /// `GET /qr/jwks`: the public key that verifies the payloads.
 pub async fn jwks(State(state): State<AppState>) -> PixResult<Response> {
     let st = state.clone();
-    let set = query(&state, move |q| Ok(signer(&st, q).map(|s| s.jwks()))).await??;
+    let set = pix_query(&state, move |q| signer(&st, q).map(|s| s.jwks())).await?;
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/jwk-set+json")], set.to_string()).into_response())
 }

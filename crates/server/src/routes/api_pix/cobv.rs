@@ -452,7 +452,7 @@ async fn write(
     audit.0.set_resource(format!("pix-cob:{txid}"));
     let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
     let st = state.clone();
-    let (status, view) = query(&state, move |q| Ok(write_one(&st, q, tenant_id, &txid, &body, create, None))).await??;
+    let (status, view) = pix_query(&state, move |q| write_one(&st, q, tenant_id, &txid, &body, create, None)).await?;
     // PUT answers 201 whether it created or replaced an active charge (as PUT /cob does).
     Ok(reply(if create { StatusCode::CREATED } else { status }, &view))
 }
@@ -582,16 +582,14 @@ pub async fn cobv_get(
     };
     let tenant_id = tenant.id;
     let st = state.clone();
-    let view = query(&state, move |q| {
-        Ok((|| -> PixResult<Value> {
-            let (_, stored) = read_cob(q, tenant_id, &txid)?.filter(|(_, s)| s.cobv.is_some()).ok_or_else(not_found)?;
-            let revisions = open_revisions(&st, q, tenant_id, &stored)?;
-            let n = revisao.unwrap_or(revisions.len().saturating_sub(1));
-            let content = revisions.get(n).ok_or_else(not_found)?;
-            Ok(cobv_view(&stored, content, n, concluding_pix(q, tenant_id, &stored)?))
-        })())
+    let view = pix_query(&state, move |q| -> PixResult<Value> {
+        let (_, stored) = read_cob(q, tenant_id, &txid)?.filter(|(_, s)| s.cobv.is_some()).ok_or_else(not_found)?;
+        let revisions = open_revisions(&st, q, tenant_id, &stored)?;
+        let n = revisao.unwrap_or(revisions.len().saturating_sub(1));
+        let content = revisions.get(n).ok_or_else(not_found)?;
+        Ok(cobv_view(&stored, content, n, concluding_pix(q, tenant_id, &stored)?))
     })
-    .await??;
+    .await?;
     Ok(reply(StatusCode::OK, &view))
 }
 
@@ -639,66 +637,61 @@ pub async fn payload(
     };
     let location = format!("{}cobv/{token}", state.location_prefix());
     let st = state.clone();
-    let jws = query(&state, move |q| {
-        Ok((|| -> PixResult<String> {
-            let doc = q
-                .document_by_lookup(COB_KIND, &location)?
-                .ok_or_else(|| payload_problem(StatusCode::NOT_FOUND, "no charge at this location"))?;
-            let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
-            let Some(terms) = &stored.cobv else {
-                return Err(payload_problem(StatusCode::NOT_FOUND, "no charge with a due date at this location"));
-            };
-            if stored.status != CobStatus::Ativa.as_str() {
-                return Err(payload_problem(StatusCode::GONE, "the charge at this location can no longer be paid"));
+    let jws = pix_query(&state, move |q| -> PixResult<String> {
+        let doc = q
+            .document_by_lookup(COB_KIND, &location)?
+            .ok_or_else(|| payload_problem(StatusCode::NOT_FOUND, "no charge at this location"))?;
+        let stored: StoredCob = serde_json::from_str(&doc.body).map_err(corrupt)?;
+        let Some(terms) = &stored.cobv else {
+            return Err(payload_problem(StatusCode::NOT_FOUND, "no charge with a due date at this location"));
+        };
+        if stored.status != CobStatus::Ativa.as_str() {
+            return Err(payload_problem(StatusCode::GONE, "the charge at this location can no longer be paid"));
+        }
+        let calc = match terms.amount_on(day.unwrap_or(today)) {
+            Ok(c) => c,
+            Err(e) if day.is_none() => {
+                return Err(payload_problem(StatusCode::GONE, format!("the charge can no longer be paid: {e}")))
             }
-            let calc = match terms.amount_on(day.unwrap_or(today)) {
-                Ok(c) => c,
-                Err(e) if day.is_none() => {
-                    return Err(payload_problem(StatusCode::GONE, format!("the charge can no longer be paid: {e}")))
-                }
-                Err(e) => return Err(PixError::violation(KP, "DPP", e.rule.to_string())),
-            };
-            let revisions = open_revisions(&st, q, doc.tenant_id, &stored)?;
-            let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
-            let content = &revisions[n];
-            let v = content.cobv.as_ref().ok_or_else(|| corrupt("a cobv revision without terms"))?;
-            let mut valor =
-                json!({"original": pix::amount::format(calc.original), "final": pix::amount::format(calc.valor_final)});
-            for (name, part) in [
-                ("abatimento", calc.abatimento),
-                ("multa", calc.multa),
-                ("juros", calc.juros),
-                ("desconto", calc.desconto),
-            ] {
-                if part > 0 {
-                    valor[name] = json!(pix::amount::format(part));
-                }
+            Err(e) => return Err(PixError::violation(KP, "DPP", e.rule.to_string())),
+        };
+        let revisions = open_revisions(&st, q, doc.tenant_id, &stored)?;
+        let n = revisions.len().checked_sub(1).ok_or_else(|| corrupt("a charge without revisions"))?;
+        let content = &revisions[n];
+        let v = content.cobv.as_ref().ok_or_else(|| corrupt("a cobv revision without terms"))?;
+        let mut valor =
+            json!({"original": pix::amount::format(calc.original), "final": pix::amount::format(calc.valor_final)});
+        for (name, part) in
+            [("abatimento", calc.abatimento), ("multa", calc.multa), ("juros", calc.juros), ("desconto", calc.desconto)]
+        {
+            if part > 0 {
+                valor[name] = json!(pix::amount::format(part));
             }
-            let mut body = json!({
-                "calendario": {
-                    "criacao": rfc3339(stored.created_at),
-                    "apresentacao": rfc3339(now),
-                    "dataDeVencimento": v.terms.data_de_vencimento,
-                    "validadeAposVencimento": v.terms.validade_apos_vencimento,
-                },
-                "devedor": devedor_json(content),
-                "recebedor": v.recebedor,
-                "txid": stored.txid,
-                "revisao": n,
-                "status": stored.status,
-                "valor": valor,
-                "chave": content.chave,
-            });
-            with_receiver_address(&mut body, &v.recebedor);
-            if let Some(s) = &content.solicitacao_pagador {
-                body["solicitacaoPagador"] = json!(s);
-            }
-            if !content.info_adicionais.is_empty() {
-                body["infoAdicionais"] = json!(content.info_adicionais);
-            }
-            pix_loc::sign_payload(&st, q, &body)
-        })())
+        }
+        let mut body = json!({
+            "calendario": {
+                "criacao": rfc3339(stored.created_at),
+                "apresentacao": rfc3339(now),
+                "dataDeVencimento": v.terms.data_de_vencimento,
+                "validadeAposVencimento": v.terms.validade_apos_vencimento,
+            },
+            "devedor": devedor_json(content),
+            "recebedor": v.recebedor,
+            "txid": stored.txid,
+            "revisao": n,
+            "status": stored.status,
+            "valor": valor,
+            "chave": content.chave,
+        });
+        with_receiver_address(&mut body, &v.recebedor);
+        if let Some(s) = &content.solicitacao_pagador {
+            body["solicitacaoPagador"] = json!(s);
+        }
+        if !content.info_adicionais.is_empty() {
+            body["infoAdicionais"] = json!(content.info_adicionais);
+        }
+        pix_loc::sign_payload(&st, q, &body)
     })
-    .await??;
+    .await?;
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/jose")], jws).into_response())
 }

@@ -170,58 +170,57 @@ async fn apply(
     let first_descricao = descricao.clone();
     // The batch is recorded before its charges are made, its requests EM_PROCESSAMENTO: whatever
     // stops it midway, it exists, and the same PUT again finishes it.
-    let recorded = query(&state, move |q| {
-        Ok((|| -> PixResult<(store::Document, StoredLote)> {
-            let existing = read_lote(q, tenant_id, id)?;
-            match existing {
-                None if patch => Err(not_found()),
-                None => {
-                    for (i, t) in txids.iter().enumerate() {
-                        if read_cob(q, tenant_id, t)?.is_some() {
-                            return Err(PixError::violation(
-                                K,
-                                &format!("loteCobV.cobsV[{i}].txid"),
-                                "a charge with this txid exists: a batch only creates charges",
-                            ));
-                        }
-                    }
-                    let now = store::now_nanos();
-                    let pending = |t: &String| Item { txid: t.clone(), status: "EM_PROCESSAMENTO".into(), problema: None, criacao: None };
-                    let lote = StoredLote {
-                        id,
-                        descricao: first_descricao.unwrap_or_default(),
-                        criacao: now,
-                        cobsv: txids.iter().map(pending).collect(),
-                    };
-                    let doc = store::Document {
-                        kind: LOTE_KIND.into(),
-                        tenant_id,
-                        id: id.to_string(),
-                        lookup: None,
-                        owner: None,
-                        created_at: now,
-                        version: 1,
-                        body: serde_json::to_string(&lote).expect("serializable"),
-                    };
-                    q.insert_document(&doc)?;
-                    Ok((doc, lote))
-                }
-                Some((doc, l)) => {
-                    let mine: std::collections::HashSet<&str> = l.cobsv.iter().map(|i| i.txid.as_str()).collect();
-                    let named: std::collections::HashSet<&str> = txids.iter().map(String::as_str).collect();
-                    if (!patch && mine != named) || (patch && !named.is_subset(&mine)) {
+    let recorded = pix_query(&state, move |q| -> PixResult<(store::Document, StoredLote)> {
+        let existing = read_lote(q, tenant_id, id)?;
+        match existing {
+            None if patch => Err(not_found()),
+            None => {
+                for (i, t) in txids.iter().enumerate() {
+                    if read_cob(q, tenant_id, t)?.is_some() {
                         return Err(PixError::violation(
                             K,
-                            "loteCobV.cobsV",
-                            "a batch's charges are fixed when it is made: name the same charges (PUT) or some of them (PATCH)",
+                            &format!("loteCobV.cobsV[{i}].txid"),
+                            "a charge with this txid exists: a batch only creates charges",
                         ));
                     }
-                    Ok((doc, l))
                 }
+                let now = store::now_nanos();
+                let pending =
+                    |t: &String| Item { txid: t.clone(), status: "EM_PROCESSAMENTO".into(), problema: None, criacao: None };
+                let lote = StoredLote {
+                    id,
+                    descricao: first_descricao.unwrap_or_default(),
+                    criacao: now,
+                    cobsv: txids.iter().map(pending).collect(),
+                };
+                let doc = store::Document {
+                    kind: LOTE_KIND.into(),
+                    tenant_id,
+                    id: id.to_string(),
+                    lookup: None,
+                    owner: None,
+                    created_at: now,
+                    version: 1,
+                    body: serde_json::to_string(&lote).expect("serializable"),
+                };
+                q.insert_document(&doc)?;
+                Ok((doc, lote))
             }
-        })())
+            Some((doc, l)) => {
+                let mine: std::collections::HashSet<&str> = l.cobsv.iter().map(|i| i.txid.as_str()).collect();
+                let named: std::collections::HashSet<&str> = txids.iter().map(String::as_str).collect();
+                if (!patch && mine != named) || (patch && !named.is_subset(&mine)) {
+                    return Err(PixError::violation(
+                        K,
+                        "loteCobV.cobsV",
+                        "a batch's charges are fixed when it is made: name the same charges (PUT) or some of them (PATCH)",
+                    ));
+                }
+                Ok((doc, l))
+            }
+        }
     })
-    .await??;
+    .await?;
     // Applied in a task of its own: a client that goes away does not stop a batch halfway.
     let st = state.clone();
     let task = tokio::spawn(async move {
@@ -235,9 +234,9 @@ async fn apply(
             let st = state.clone();
             let (t, revise) = (txid.clone(), patch);
             let result =
-                query(&state, move |q| Ok(super::cobv::write_one(&st, q, tenant_id, &t, &body, !revise, Some(id))))
+                pix_query(&state, move |q| super::cobv::write_one(&st, q, tenant_id, &t, &body, !revise, Some(id)))
                     .await;
-            let item = match result.map_err(PixError::from).and_then(|r| r) {
+            let item = match result {
                 Ok(_) => Item { txid, status: "CRIADA".into(), problema: None, criacao: None },
                 // Storage or the key store failing is the batch's failure, not the request's: the
                 // rest stays EM_PROCESSAMENTO until the batch is sent again.
@@ -250,41 +249,37 @@ async fn apply(
             outcomes.push(item);
         }
         let (doc, mut lote) = recorded;
-        let written = query(&state, move |q| {
-            Ok((|| -> PixResult<()> {
-                if let Some(d) = descricao {
-                    lote.descricao = d;
+        let written = pix_query(&state, move |q| -> PixResult<()> {
+            if let Some(d) = descricao {
+                lote.descricao = d;
+            }
+            for mut item in outcomes {
+                if item.status == "CRIADA" {
+                    item.criacao = read_cob(q, tenant_id, &item.txid)?.map(|(_, s)| s.created_at);
                 }
-                for mut item in outcomes {
-                    if item.status == "CRIADA" {
-                        item.criacao = read_cob(q, tenant_id, &item.txid)?.map(|(_, s)| s.created_at);
-                    }
-                    match lote.cobsv.iter_mut().find(|i| i.txid == item.txid) {
-                        // A refused revision leaves a charge that exists as it was: still CRIADA.
-                        Some(old) if old.status == "CRIADA" && item.status == "NEGADA" => old.problema = item.problema,
-                        Some(old) => *old = item,
-                        None => lote.cobsv.push(item),
-                    }
+                match lote.cobsv.iter_mut().find(|i| i.txid == item.txid) {
+                    // A refused revision leaves a charge that exists as it was: still CRIADA.
+                    Some(old) if old.status == "CRIADA" && item.status == "NEGADA" => old.problema = item.problema,
+                    Some(old) => *old = item,
+                    None => lote.cobsv.push(item),
                 }
-                let body = serde_json::to_string(&lote).expect("serializable");
-                if !q
-                    .update_document(&store::Document { version: doc.version + 1, body, ..doc.clone() }, doc.version)?
-                {
-                    // Another node changed the batch meanwhile: its charges stand; sent again, the
-                    // batch records their outcomes.
-                    let mut e = PixError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "ServicoIndisponivel",
-                        "the batch changed meanwhile; send it again",
-                    );
-                    e.retry_after_seconds = Some(1);
-                    return Err(e);
-                }
-                Ok(())
-            })())
+            }
+            let body = serde_json::to_string(&lote).expect("serializable");
+            if !q.update_document(&store::Document { version: doc.version + 1, body, ..doc.clone() }, doc.version)? {
+                // Another node changed the batch meanwhile: its charges stand; sent again, the
+                // batch records their outcomes.
+                let mut e = PixError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServicoIndisponivel",
+                    "the batch changed meanwhile; send it again",
+                );
+                e.retry_after_seconds = Some(1);
+                return Err(e);
+            }
+            Ok(())
         })
         .await;
-        written.map_err(PixError::from).and_then(|r| r)?;
+        written?;
         failure.map_or(Ok(()), Err)
     });
     task.await.map_err(|_| PixError::from(Problem::internal()))??;
@@ -296,13 +291,11 @@ pub async fn lote_get(State(state): State<AppState>, tenant: Tenant, Path(id): P
     state.ispb()?;
     let id = lote_id(&id)?;
     let tenant_id = tenant.id;
-    let view = query(&state, move |q| {
-        Ok((|| -> PixResult<Value> {
-            let (_, lote) = read_lote(q, tenant_id, id)?.ok_or_else(not_found)?;
-            Ok(lote_view(&lote))
-        })())
+    let view = pix_query(&state, move |q| -> PixResult<Value> {
+        let (_, lote) = read_lote(q, tenant_id, id)?.ok_or_else(not_found)?;
+        Ok(lote_view(&lote))
     })
-    .await??;
+    .await?;
     Ok(reply(StatusCode::OK, &view))
 }
 
@@ -315,20 +308,18 @@ pub async fn lote_list(State(state): State<AppState>, tenant: Tenant, RawQuery(r
     let (page, per_page) = pagination(&p, KL)?;
     let mut parametros = json!({"inicio": p["inicio"], "fim": p["fim"]});
     let tenant_id = tenant.id;
-    let (lotes, total) = query(&state, move |q| {
-        Ok((|| -> PixResult<(Vec<Value>, usize)> {
-            let Some(span) = span else { return Ok((vec![], 0)) };
-            let docs = scan(q, LOTE_KIND, tenant_id, span, |_| true)?;
-            let total = docs.len();
-            let mut out = Vec::new();
-            for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
-                let lote: StoredLote = serde_json::from_str(&doc.body).map_err(corrupt)?;
-                out.push(lote_view(&lote));
-            }
-            Ok((out, total))
-        })())
+    let (lotes, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
+        let Some(span) = span else { return Ok((vec![], 0)) };
+        let docs = scan(q, LOTE_KIND, tenant_id, span, |_| true)?;
+        let total = docs.len();
+        let mut out = Vec::new();
+        for doc in docs.iter().skip(page.saturating_mul(per_page)).take(per_page) {
+            let lote: StoredLote = serde_json::from_str(&doc.body).map_err(corrupt)?;
+            out.push(lote_view(&lote));
+        }
+        Ok((out, total))
     })
-    .await??;
+    .await?;
     parametros["paginacao"] = paginacao(page, per_page, total);
     Ok(reply(StatusCode::OK, &json!({"parametros": parametros, "lotes": lotes})))
 }
