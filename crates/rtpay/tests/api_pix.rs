@@ -36,9 +36,7 @@ async fn holder_account(
     doc: &str,
     funds: u64,
 ) -> String {
-    let r = c.post("/v1/holders", key, &json!({"kind": kind, "name": name, "document": doc})).await.unwrap();
-    assert_eq!(r.status, 201, "{:?}", r.json());
-    let holder = r.json()["id"].as_str().unwrap().to_owned();
+    let holder = new_holder(c, key, kind, name, doc).await;
     let acct = account(
         c,
         key,
@@ -459,8 +457,7 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
         let mut c = server.client();
         let (_, shop) = tenant(&mut c, "shop").await;
         let (_, wallet) = tenant(&mut c, "wallet").await;
-        let r = c.post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME Comércio", "document": CNPJ_ACME})).await.unwrap();
-        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let holder = new_holder(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME).await;
         let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
         let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
         let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap();
@@ -598,11 +595,7 @@ fn batches_of_charges_with_a_due_date_are_applied_request_by_request() {
     rt.block_on(async {
         let mut c = server.client();
         let (_, shop) = tenant(&mut c, "shop").await;
-        let r = c
-            .post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME", "document": CNPJ_ACME}))
-            .await
-            .unwrap();
-        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
         let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
         let address = json!({"street": "Rua B, 2", "city": "Curitiba", "state": "PR", "postal_code": "80000000"});
         let r = c

@@ -164,11 +164,7 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         let (port, seen) = receiver(&server_cert, ca_der, 2).await;
         let mut c = rtpay.client();
         let (_, shop) = tenant(&mut c, "shop").await;
-        let r = c
-            .post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME", "document": CNPJ_ACME}))
-            .await
-            .unwrap();
-        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
         let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
         assert_eq!(
             c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
@@ -249,8 +245,7 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
     rt.block_on(async {
         let mut c = strict.client();
         let (_, shop) = tenant(&mut c, "shop").await;
-        let r = c.post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME", "document": CNPJ_ACME})).await.unwrap();
-        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
         let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
         assert_eq!(c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap().status, 201);
         let path = format!("/api/v2/webhook/{CNPJ_ACME}");
@@ -295,11 +290,7 @@ fn a_delivery_interrupted_by_a_crash_is_made_after_the_restart() {
         let (port, seen) = receiver(&server_cert, ca_der, 1).await;
         let mut c = rtpay.client();
         let (_, shop) = tenant(&mut c, "shop").await;
-        let r = c
-            .post("/v1/holders", &shop, &json!({"kind": "company", "name": "ACME", "document": CNPJ_ACME}))
-            .await
-            .unwrap();
-        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
         let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
         let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await;
         assert_eq!(r.unwrap().status, 201);

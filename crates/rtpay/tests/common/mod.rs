@@ -177,6 +177,13 @@ pub async fn account(client: &mut Client, key: &str, body: Value) -> String {
     r.json()["id"].as_str().unwrap().to_owned()
 }
 
+/// A holder (`kind` person or company) in the tenant of `key`; its id.
+pub async fn new_holder(client: &mut Client, key: &str, kind: &str, name: &str, document: &str) -> String {
+    let r = client.post("/v1/holders", key, &json!({"kind": kind, "name": name, "document": document})).await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
 pub async fn balance(client: &mut Client, key: &str, account: &str) -> Value {
     let r = client.get(&format!("/v1/accounts/{account}"), key).await.unwrap();
     assert_eq!(r.status, 200, "{:?}", r.json());
