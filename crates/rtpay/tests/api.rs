@@ -808,7 +808,7 @@ fn listing_pages_newest_first_without_gaps_or_duplicates() {
             created.push(id);
         }
         // Transfers of other accounts do not show.
-        transfer(&mut c, &key, &src, &other, 1).await;
+        let others = transfer(&mut c, &key, &src, &other, 1).await;
 
         let mut seen = Vec::new();
         let mut timestamps = Vec::new();
@@ -867,6 +867,14 @@ fn listing_pages_newest_first_without_gaps_or_duplicates() {
         for (query, code, field) in bad {
             let r = get(&mut c, &format!("/v1/accounts/{acct}/transfers?{query}"), &key).await;
             assert_problem(&r, 422, code, Some(field), query);
+        }
+        // A well-formed cursor that is not a transfer of this listing: another account's, or
+        // no transfer's at all.
+        let others_at =
+            get(&mut c, &format!("/v1/transfers/{others}"), &key).await.json()["timestamp"].as_u64().unwrap();
+        for cursor in [others_at, 1, u64::MAX] {
+            let r = get(&mut c, &format!("/v1/accounts/{acct}/transfers?cursor={cursor:016x}"), &key).await;
+            assert_problem(&r, 422, "invalid_cursor", Some("cursor"), &format!("cursor {cursor:016x}"));
         }
         let r = get(&mut c, &format!("/v1/accounts/{}/transfers", uuid()), &key).await;
         assert_problem(&r, 404, "not_found", None, "listing an unknown account");

@@ -172,6 +172,17 @@ pub fn durable_across_restart(location: Location) {
         e => panic!("{e:?}"),
     };
     assert!(new[0].transfer.as_ref().unwrap().timestamp > ts_old);
+    // The listing goes on from where it was before the restart.
+    let alice = AccountKey { tenant: T, id: AccountId(ALICE) };
+    let listed: Vec<TransferId> = store
+        .queries
+        .account_transfers(alice, Page { before: None, limit: 10 })
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|t| t.key.id)
+        .collect();
+    assert_eq!(listed, [3, 20, 1, 100].map(TransferId));
     assert_verified(&store);
 }
 
@@ -204,7 +215,7 @@ pub fn listing_is_stable_under_inserts(location: Location) {
         store.engine.transfers(vec![posted(1000 + i, ALICE, BOB, 1)]).unwrap();
     }
     let key = AccountKey { tenant: T, id: AccountId(ALICE) };
-    let first = store.queries.account_transfers(key, Page { before: None, limit: 10 }).unwrap();
+    let first = store.queries.account_transfers(key, Page { before: None, limit: 10 }).unwrap().unwrap();
     assert_eq!(first.len(), 10);
     assert_eq!(first[0].key.id, TransferId(1024));
     // New transfers arrive between pages: they are newer than the cursor and do not shift pages.
@@ -214,7 +225,7 @@ pub fn listing_is_stable_under_inserts(location: Location) {
     let mut seen: Vec<TransferId> = first.iter().map(|t| t.key.id).collect();
     let mut cursor = first.last().map(|t| t.timestamp);
     loop {
-        let page = store.queries.account_transfers(key, Page { before: cursor, limit: 10 }).unwrap();
+        let page = store.queries.account_transfers(key, Page { before: cursor, limit: 10 }).unwrap().unwrap();
         if page.is_empty() {
             break;
         }
@@ -225,6 +236,26 @@ pub fn listing_is_stable_under_inserts(location: Location) {
     let mut expected: Vec<TransferId> = (0..25u128).rev().map(|i| TransferId(1000 + i)).collect();
     expected.push(TransferId(100));
     assert_eq!(seen, expected);
+    // A cursor must be a transfer of this listing: not another account's, not a failure, not
+    // a made-up number.
+    let bobs = store.engine.transfers(vec![posted(3000, BANK, BOB, 1)]).unwrap()[0].transfer.clone().unwrap();
+    let failed = store.engine.transfers(vec![posted(3001, ALICE, BOB, 1 << 40)]).unwrap();
+    assert_eq!(failed[0].result, TransferResult::InsufficientFunds);
+    let failed_at = match store.queries.entry(TransferKey { tenant: T, id: TransferId(3001) }).unwrap() {
+        Some(Entry::Failed { timestamp, .. }) => timestamp,
+        other => panic!("{other:?}"),
+    };
+    for before in [bobs.timestamp, failed_at, 12_345, u64::MAX] {
+        let page = store.queries.account_transfers(key, Page { before: Some(before), limit: 10 }).unwrap();
+        assert!(page.is_none(), "cursor {before} is not one of ALICE's transfers: {page:?}");
+    }
+    let bob = AccountKey { tenant: T, id: AccountId(BOB) };
+    let page =
+        store.queries.account_transfers(bob, Page { before: Some(bobs.timestamp), limit: 100 }).unwrap().unwrap();
+    assert_eq!(page.len(), 30, "BOB's transfers before his last: 25 from ALICE, 5 to her");
+    assert_eq!(page.iter().filter(|t| t.debit_account_id == AccountId(BOB)).count(), 5);
+    assert!(page.windows(2).all(|w| w[0].timestamp > w[1].timestamp), "newest first");
+    assert_verified(&store);
 }
 
 pub fn tenants_and_keys(location: Location) {
@@ -366,6 +397,31 @@ pub fn agrees_with_memory_ledger(location: Location) {
     let mut stored: HashMap<AccountKey, Account> = HashMap::new();
     store.queries.scan(&mut |a| drop(stored.insert(a.key, a)), &mut |_| {}).unwrap();
     assert_eq!(stored, model.accounts);
+    // Each account's listing, read three at a time, is the model's created transfers touching it,
+    // newest first.
+    for id in 1..=4 {
+        let key = AccountKey { tenant: T, id: AccountId(id) };
+        let mut expected: Vec<&Transfer> = model
+            .transfers
+            .values()
+            .filter_map(|e| match e {
+                Entry::Created(t) if t.debit_account_id == key.id || t.credit_account_id == key.id => Some(t),
+                _ => None,
+            })
+            .collect();
+        expected.sort_by_key(|t| std::cmp::Reverse(t.timestamp));
+        let mut listed = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store.queries.account_transfers(key, Page { before, limit: 3 }).unwrap().unwrap();
+            listed.extend(page.iter().cloned());
+            match page.last() {
+                Some(t) if page.len() == 3 => before = Some(t.timestamp),
+                _ => break,
+            }
+        }
+        assert_eq!(listed.iter().collect::<Vec<_>>(), expected, "account {id}");
+    }
     assert_verified(&store);
 }
 

@@ -211,7 +211,9 @@ pub struct OAuthClientRecord {
 /// Which transfers of an account a listing returns.
 #[derive(Clone, Copy, Debug)]
 pub struct Page {
-    /// Only transfers strictly older than this timestamp (the cursor).
+    /// Only transfers strictly older than this one (the cursor): the timestamp of a transfer of
+    /// the same listing, as the previous page ended. Any other value is refused (the embedded
+    /// engine walks each account's transfers as a chain, from a transfer of the chain).
     pub before: Option<Timestamp>,
     pub limit: usize,
 }
@@ -231,8 +233,15 @@ pub trait Queries: Send + Sync {
 
     fn account(&self, key: AccountKey) -> Result<Option<Account>>;
     fn entry(&self, key: TransferKey) -> Result<Option<Entry>>;
-    /// Created transfers touching the account, newest first.
-    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>>;
+    /// Created transfers touching the account, newest first; `None` when `page.before` is not the
+    /// timestamp of one of them.
+    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Option<Vec<Transfer>>>;
+
+    /// Broken links of the per-account transfer listings, for engines that keep them by hand
+    /// (the embedded engine's chains); an index kept by the database has none to report.
+    fn listing_violations(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 
     fn create_tenant(&self, tenant: &TenantRecord, key: &ApiKeyRecord, secret_hash: &[u8; 32]) -> Result<()>;
     fn tenant(&self, id: u128) -> Result<Option<TenantRecord>>;
@@ -433,7 +442,9 @@ pub fn verify_with(queries: &dyn Queries) -> Result<verify::Report> {
     // Two closures borrow one verifier: split the borrow with a RefCell.
     let cell = std::cell::RefCell::new(&mut verifier);
     queries.scan(&mut |a| cell.borrow_mut().account(&a), &mut |e| cell.borrow_mut().entry(&e))?;
-    Ok(verifier.finish())
+    let mut report = verifier.finish();
+    report.violations.extend(queries.listing_violations()?.into_iter().map(verify::Violation));
+    Ok(report)
 }
 
 /// Whether a directory already holds an embedded store.

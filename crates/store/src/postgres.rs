@@ -951,10 +951,24 @@ impl Queries for PgQueries {
         })
     }
 
-    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>> {
+    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Option<Vec<Transfer>>> {
         let limit = page.limit.min(PAGE_LEN_MAX) as i64;
         let before = page.before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
         self.with(|c| {
+            // The cursor must be a transfer of this listing, as on the embedded engine (whose
+            // chains can only be followed from one of their links).
+            if page.before.is_some() {
+                let listed = c
+                    .query_opt(
+                        "SELECT 1 FROM transfers WHERE timestamp = $3 AND tenant_id = $1 AND result = 0 \
+                         AND (debit_account_id = $2 OR credit_account_id = $2)",
+                        &[&uuid(key.tenant.0), &uuid(key.id.0), &before],
+                    )
+                    .map_err(unavailable)?;
+                if listed.is_none() {
+                    return Ok(None);
+                }
+            }
             let rows = c
                 .query(
                     &format!(
@@ -972,7 +986,8 @@ impl Queries for PgQueries {
                     Entry::Created(t) => Ok(t),
                     Entry::Failed { .. } => Err(corrupt("failed entry in an account listing".into())),
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
         })
     }
 

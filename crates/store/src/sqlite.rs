@@ -190,15 +190,21 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
     let data_version = data_version(&conn)?;
     let mut accounts = HashMap::new();
     let mut numbers = HashMap::new();
+    let mut heads = HashMap::new();
     let mut next_no = 1;
     {
-        let mut stmt = conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS}, no FROM accounts")).map_err(unavailable)?;
+        let mut stmt =
+            conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS}, no, head FROM accounts")).map_err(unavailable)?;
         let mut rows = stmt.query([]).map_err(unavailable)?;
         while let Some(row) = rows.next().map_err(unavailable)? {
             let account = account_row(row)?.into_account().map_err(corrupt)?;
             let no: i64 = row.get(13).map_err(unavailable)?;
+            let head: Option<i64> = row.get(14).map_err(unavailable)?;
             next_no = next_no.max(no + 1);
             numbers.insert(account.key, no);
+            if let Some(head) = head {
+                heads.insert(account.key, head);
+            }
             accounts.insert(account.key, account);
         }
     }
@@ -209,6 +215,8 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
         conn,
         accounts,
         numbers,
+        heads,
+        batch_heads: HashMap::new(),
         next_no,
         assigned: Vec::new(),
         clock,
@@ -286,6 +294,11 @@ struct SqliteWriter {
     accounts: HashMap<AccountKey, Account>,
     /// Internal account numbers (`accounts.no`), as committed.
     numbers: HashMap<AccountKey, i64>,
+    /// Each account's newest listed transfer (`accounts.head`), as committed: where the next one
+    /// links to.
+    heads: HashMap<AccountKey, i64>,
+    /// Heads moved by the open batch; kept only if it commits.
+    batch_heads: HashMap<AccountKey, i64>,
     next_no: i64,
     /// Numbers given to accounts created in the open batch; kept only if it commits.
     assigned: Vec<(AccountKey, i64)>,
@@ -545,11 +558,13 @@ impl Writer for SqliteWriter {
             self.numbers.insert(key, no);
             self.next_no = self.next_no.max(no + 1);
         }
+        self.heads.extend(self.batch_heads.drain());
         Ok(())
     }
 
     fn rollback(&mut self) {
         self.assigned.clear();
+        self.batch_heads.clear();
         self.pending_frontier = None;
         if self.in_tx {
             // A failed ROLLBACK leaves SQLite to roll back on its own when the connection closes.
@@ -634,19 +649,42 @@ impl SqliteWriter {
             }
             last.last = last.last.max(change.clock.last);
         }
+        // Link each created transfer, in time order, behind its accounts' newest ones.
+        let mut rows: Vec<(EntryRow, &Entry, Option<i64>, Option<i64>)> =
+            changes.iter().flat_map(|c| c.inserted.iter()).map(|e| (EntryRow::of(e), e, None, None)).collect();
+        rows.sort_unstable_by_key(|(r, ..)| r.timestamp);
+        for (r, entry, debit_prev, credit_prev) in &mut rows {
+            if let Entry::Created(t) = entry {
+                let tenant = t.key.tenant;
+                for (account, prev) in [(t.debit_account_id, debit_prev), (t.credit_account_id, credit_prev)] {
+                    let key = AccountKey { tenant, id: account };
+                    *prev = self.batch_heads.get(&key).or_else(|| self.heads.get(&key)).copied();
+                    self.batch_heads.insert(key, r.timestamp);
+                }
+            }
+        }
         let mut upsert = self
             .conn
             .prepare_cached(&format!(
-                "INSERT INTO accounts ({ACCOUNT_COLUMNS}, no) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                "INSERT INTO accounts ({ACCOUNT_COLUMNS}, no, head) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
                  ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
                  debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
-                 debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending"
+                 debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending, \
+                 head = excluded.head"
             ))
             .map_err(unavailable)?;
+        let mut headless = self.batch_heads.len();
         for change in changes {
             for account in &change.accounts {
                 let r = AccountRow::of(account);
                 let no = self.number(&account.key).expect("numbered above");
+                let head = match self.batch_heads.get(&account.key) {
+                    Some(head) => {
+                        headless -= 1;
+                        Some(*head)
+                    }
+                    None => self.heads.get(&account.key).copied(),
+                };
                 upsert
                     .execute(params![
                         uuid_bytes(r.tenant_id),
@@ -663,25 +701,41 @@ impl SqliteWriter {
                         r.credits_pending,
                         r.holder_id.map(uuid_bytes),
                         no,
+                        head,
                     ])
                     .map_err(unavailable)?;
             }
         }
         drop(upsert);
+        if headless > 0 {
+            // Every transfer changes both its accounts' balances, so this is for safety only: a
+            // moved head whose account the batch did not write.
+            let written: std::collections::HashSet<AccountKey> =
+                changes.iter().flat_map(|c| c.accounts.iter().map(|a| a.key)).collect();
+            let mut update = self
+                .conn
+                .prepare_cached("UPDATE accounts SET head = ?3 WHERE tenant_id = ?1 AND id = ?2")
+                .map_err(unavailable)?;
+            for (key, head) in &self.batch_heads {
+                if !written.contains(key) {
+                    update
+                        .execute(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0), head])
+                        .map_err(unavailable)?;
+                }
+            }
+        }
         let mut insert = self
             .conn
             .prepare_cached(&format!(
-                "INSERT INTO transfers ({ENTRY_COLUMNS}, debit_no, credit_no) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+                "INSERT INTO transfers ({ENTRY_COLUMNS}, debit_no, credit_no, debit_prev, credit_prev) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
             ))
             .map_err(unavailable)?;
         // Rows go in id order: the id index then takes its inserts left to right, and the table,
         // keyed by timestamp, still only grows at its right edge.
-        let mut rows: Vec<(EntryRow, &Entry)> =
-            changes.iter().flat_map(|c| c.inserted.iter()).map(|e| (EntryRow::of(e), e)).collect();
-        rows.sort_unstable_by_key(|(r, _)| r.id);
+        rows.sort_unstable_by_key(|(r, ..)| r.id);
         {
-            for (r, entry) in rows {
+            for (r, entry, debit_prev, credit_prev) in rows {
                 let tenant = TenantId(r.tenant_id);
                 // Only created transfers are listed per account.
                 let (debit_no, credit_no) = match entry {
@@ -711,6 +765,8 @@ impl SqliteWriter {
                         r.state,
                         debit_no,
                         credit_no,
+                        debit_prev,
+                        credit_prev,
                     ])
                     .map_err(unavailable)?;
             }
@@ -1121,32 +1177,74 @@ impl Queries for SqliteQueries {
         })
     }
 
-    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Vec<Transfer>> {
-        let limit = page.limit.min(PAGE_LEN_MAX) as i64;
-        let before = page.before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+    fn account_transfers(&self, key: AccountKey, page: Page) -> Result<Option<Vec<Transfer>>> {
+        let limit = page.limit.min(PAGE_LEN_MAX);
         self.with(|c| {
-            // Two index range scans (as debit, as credit), each newest first, merged. The account
-            // number is read in the same statement, so there is one snapshot.
-            let sql = format!(
-                "WITH a AS (SELECT no FROM accounts WHERE tenant_id = ?1 AND id = ?2) \
-                 SELECT {ENTRY_COLUMNS} FROM (\
-                   SELECT * FROM (SELECT * FROM transfers WHERE debit_no = (SELECT no FROM a) AND result = 0 AND timestamp < ?3 ORDER BY timestamp DESC LIMIT ?4) \
-                   UNION ALL \
-                   SELECT * FROM (SELECT * FROM transfers WHERE credit_no = (SELECT no FROM a) AND result = 0 AND timestamp < ?3 ORDER BY timestamp DESC LIMIT ?4)\
-                 ) ORDER BY timestamp DESC LIMIT ?4"
-            );
-            let mut stmt = c.prepare_cached(&sql).map_err(unavailable)?;
-            let mut rows = stmt
-                .query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0), before, limit])
+            // The account's chain, newest first, from its head or from the cursor's transfer,
+            // inside one read transaction: one snapshot.
+            let tx = c.transaction().map_err(unavailable)?;
+            let account: Option<(i64, Option<i64>)> = tx
+                .prepare_cached("SELECT no, head FROM accounts WHERE tenant_id = ?1 AND id = ?2")
+                .map_err(unavailable)?
+                .query_row(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
                 .map_err(unavailable)?;
+            let Some((no, head)) = account else { return Ok(page.before.is_none().then(Vec::new)) };
+            let mut link = tx
+                .prepare_cached(&format!(
+                    "SELECT {ENTRY_COLUMNS}, debit_no, credit_no, debit_prev, credit_prev FROM transfers \
+                     WHERE timestamp = ?1 AND result = 0"
+                ))
+                .map_err(unavailable)?;
+            // The previous link of this account's chain, from a row of `link`; `None` if the row
+            // is not in the chain.
+            let prev_of = |row: &rusqlite::Row<'_>| -> Result<Option<Option<i64>>> {
+                let (debit_no, credit_no): (Option<i64>, Option<i64>) =
+                    (row.get(16).map_err(unavailable)?, row.get(17).map_err(unavailable)?);
+                Ok(if debit_no == Some(no) {
+                    Some(row.get(18).map_err(unavailable)?)
+                } else if credit_no == Some(no) {
+                    Some(row.get(19).map_err(unavailable)?)
+                } else {
+                    None
+                })
+            };
+            let mut next = match page.before {
+                None => head,
+                Some(before) => {
+                    let Ok(before) = i64::try_from(before) else { return Ok(None) };
+                    let mut rows = link.query([before]).map_err(unavailable)?;
+                    match rows.next().map_err(unavailable)? {
+                        Some(row) => match prev_of(row)? {
+                            Some(prev) => prev,
+                            None => return Ok(None),
+                        },
+                        None => return Ok(None),
+                    }
+                }
+            };
             let mut out = Vec::new();
-            while let Some(row) = rows.next().map_err(unavailable)? {
+            while let Some(at) = next.filter(|_| out.len() < limit) {
+                let mut rows = link.query([at]).map_err(unavailable)?;
+                let Some(row) = rows.next().map_err(unavailable)? else {
+                    return Err(corrupt(format!(
+                        "account {:032x}'s listing links to a missing transfer {at}",
+                        key.id.0
+                    )));
+                };
+                let prev = prev_of(row)?.ok_or_else(|| {
+                    corrupt(format!("account {:032x}'s listing links to transfer {at}, not its own", key.id.0))
+                })?;
+                if prev.is_some_and(|p| p >= at) {
+                    return Err(corrupt(format!("account {:032x}'s listing goes forward at transfer {at}", key.id.0)));
+                }
                 match entry_row(row)?.into_entry().map_err(corrupt)? {
                     Entry::Created(t) => out.push(t),
                     Entry::Failed { .. } => return Err(corrupt("failed entry in an account listing".into())),
                 }
+                next = prev;
             }
-            Ok(out)
+            Ok(Some(out))
         })
     }
 
@@ -1262,6 +1360,59 @@ impl Queries for SqliteQueries {
                 }
             }
             tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn listing_violations(&self) -> Result<Vec<String>> {
+        self.with(|c| {
+            // Replays the links in time order: each listed transfer must link, for both its
+            // accounts, to the one listed just before it, and each account's head to its last.
+            let tx = c.transaction().map_err(unavailable)?;
+            let mut last: HashMap<i64, i64> = HashMap::new();
+            let mut violations = Vec::new();
+            {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT timestamp, debit_no, credit_no, debit_prev, credit_prev FROM transfers \
+                         WHERE result = 0 ORDER BY timestamp",
+                    )
+                    .map_err(unavailable)?;
+                let mut rows = stmt.query([]).map_err(unavailable)?;
+                while let Some(row) = rows.next().map_err(unavailable)? {
+                    let ts: i64 = row.get(0).map_err(unavailable)?;
+                    for (side, no, prev) in [("debit", 1, 3), ("credit", 2, 4)] {
+                        let no: Option<i64> = row.get(no).map_err(unavailable)?;
+                        let prev: Option<i64> = row.get(prev).map_err(unavailable)?;
+                        let Some(no) = no else {
+                            violations.push(format!("transfer at {ts} has no {side} account number"));
+                            continue;
+                        };
+                        let expected = last.insert(no, ts);
+                        if prev != expected {
+                            violations.push(format!(
+                                "transfer at {ts} links its {side} account's listing to {prev:?}, not to {expected:?}"
+                            ));
+                        }
+                    }
+                }
+                let mut stmt = tx.prepare("SELECT id, no, head FROM accounts").map_err(unavailable)?;
+                let mut rows = stmt.query([]).map_err(unavailable)?;
+                while let Some(row) = rows.next().map_err(unavailable)? {
+                    let id: Vec<u8> = row.get(0).map_err(unavailable)?;
+                    let no: i64 = row.get(1).map_err(unavailable)?;
+                    let head: Option<i64> = row.get(2).map_err(unavailable)?;
+                    let expected = last.get(&no).copied();
+                    if head != expected {
+                        let id = u128_of(&id).map_err(corrupt)?;
+                        violations.push(format!(
+                            "account {id:032x}'s listing starts at {head:?}, not at its newest transfer {expected:?}"
+                        ));
+                    }
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            violations.truncate(100);
+            Ok(violations)
         })
     }
 
@@ -1758,6 +1909,7 @@ mod tests {
                 AccountKey { tenant: TenantId(7), id: ledger::AccountId(2) },
                 crate::Page { limit: 10, before: None },
             )
+            .unwrap()
             .unwrap();
         assert_eq!(listed.len(), 1);
         assert!(store.verify().unwrap().violations.is_empty());
@@ -1778,6 +1930,150 @@ mod tests {
         assert!(plan.contains("transfers_by_id"), "look-ups by id must use the id index: {plan}");
         drop(conn);
         store.close();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Transfers stored before version 9 (listed through indexes) are linked into per-account
+    /// chains by the migration: the listings, paged, are what the indexes gave, failures stay
+    /// out, verification passes, and new transfers link behind the old ones.
+    #[test]
+    fn version_8_data_migrates_to_listing_chains() {
+        let dir = std::env::temp_dir().join(format!("rtpay-migrate9-{}-{}", std::process::id(), now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tenant = 7u128;
+        // (timestamp, id, debit, credit, amount); account 1, 2, 3 are numbers 1, 2, 3.
+        let created = [(10, 100, 1, 2, 5), (11, 101, 2, 3, 2), (12, 102, 1, 3, 1), (14, 104, 3, 1, 3)];
+        {
+            let mut conn = connect(&dir.join(DB_FILE)).unwrap();
+            assert_eq!(apply_migrations(&mut conn, &SQLITE[..8]).unwrap(), (1..=8).collect::<Vec<_>>());
+            conn.execute_batch("UPDATE ledger_meta SET last_timestamp = 14").unwrap();
+            for (no, debits, credits) in [(1u128, 6, 3), (2, 2, 5), (3, 3, 3)] {
+                conn.execute(
+                    "INSERT INTO accounts (tenant_id, id, no, currency, code, flags, credit_limit, timestamp, \
+                     debits_posted, credits_posted, debits_pending, credits_pending) \
+                     VALUES (?1, ?2, ?3, 'USD', 1, 0, 0, ?3, ?4, ?5, 0, 0)",
+                    params![uuid_bytes(tenant), uuid_bytes(no), no as i64, debits, credits],
+                )
+                .unwrap();
+            }
+            let insert = "INSERT INTO transfers (timestamp, tenant_id, id, result, kind, debit_no, credit_no, \
+                 debit_account_id, credit_account_id, amount, currency, amount_defaulted, timeout_seconds, code, state) \
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, 'USD', 0, 0, 1, 0)";
+            for (ts, id, d, c, amount) in created {
+                conn.execute(
+                    insert,
+                    params![
+                        ts,
+                        uuid_bytes(tenant),
+                        uuid_bytes(id),
+                        0,
+                        d as i64,
+                        c as i64,
+                        uuid_bytes(d),
+                        uuid_bytes(c),
+                        amount
+                    ],
+                )
+                .unwrap();
+            }
+            let failed = ledger::TransferResult::InsufficientFunds as i64;
+            conn.execute(
+                insert,
+                params![
+                    13,
+                    uuid_bytes(tenant),
+                    uuid_bytes(103u128),
+                    failed,
+                    None::<i64>,
+                    None::<i64>,
+                    uuid_bytes(1u128),
+                    uuid_bytes(2u128),
+                    1_000
+                ],
+            )
+            .unwrap();
+        }
+        let store = crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap();
+        let listing = |account: u128, limit: usize| -> Vec<u128> {
+            let key = AccountKey { tenant: TenantId(tenant), id: ledger::AccountId(account) };
+            let (mut out, mut before) = (Vec::new(), None);
+            loop {
+                let page = store.queries.account_transfers(key, crate::Page { limit, before }).unwrap().unwrap();
+                out.extend(page.iter().map(|t| t.key.id.0));
+                match page.last() {
+                    Some(t) if page.len() == limit => before = Some(t.timestamp),
+                    _ => return out,
+                }
+            }
+        };
+        assert_eq!(listing(1, 1), [104, 102, 100]);
+        assert_eq!(listing(2, 1), [101, 100]);
+        assert_eq!(listing(3, 2), [104, 102, 101]);
+        assert!(store.verify().unwrap().violations.is_empty(), "{:?}", store.verify().unwrap().violations);
+        let event = ledger::TransferEvent {
+            key: TransferKey { tenant: TenantId(tenant), id: ledger::TransferId(105) },
+            kind: ledger::EventKind::Posted { debit: ledger::AccountId(2), credit: ledger::AccountId(1), amount: 1 },
+            code: 1,
+            metadata: None,
+            linked: false,
+        };
+        assert_eq!(store.engine.transfers(vec![event]).unwrap()[0].result, ledger::TransferResult::Created);
+        assert_eq!(listing(1, 2), [105, 104, 102, 100]);
+        assert_eq!(listing(2, 5), [105, 101, 100]);
+        assert!(store.verify().unwrap().violations.is_empty());
+        store.close();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A listing chain edited behind rtpay's back is reported by verification.
+    #[test]
+    fn verification_reports_a_broken_listing_chain() {
+        let dir = std::env::temp_dir().join(format!("rtpay-chain-{}-{}", std::process::id(), now_nanos()));
+        let location = crate::Location::Embedded(dir.clone());
+        let tenant = TenantId(7);
+        {
+            let store = crate::Store::open(&location).unwrap();
+            let accounts = [1u128, 2].map(|id| {
+                ledger::AccountCommand::Create(ledger::NewAccount {
+                    key: AccountKey { tenant, id: ledger::AccountId(id) },
+                    currency: ledger::Currency::parse("USD").unwrap(),
+                    code: 1,
+                    flags: ledger::AccountFlags(0),
+                    credit_limit: 0,
+                    metadata: None,
+                    holder: None,
+                })
+            });
+            store.engine.accounts(accounts.to_vec()).unwrap();
+            let events: Vec<ledger::TransferEvent> = (1..=3u128)
+                .map(|id| ledger::TransferEvent {
+                    key: TransferKey { tenant, id: ledger::TransferId(id) },
+                    kind: ledger::EventKind::Posted {
+                        debit: ledger::AccountId(1),
+                        credit: ledger::AccountId(2),
+                        amount: 1,
+                    },
+                    code: 1,
+                    metadata: None,
+                    linked: false,
+                })
+                .collect();
+            store.engine.transfers(events).unwrap();
+            assert!(store.verify().unwrap().violations.is_empty());
+            store.close();
+        }
+        let conn = connect(&dir.join(DB_FILE)).unwrap();
+        // The newest transfer skips the middle one.
+        conn.execute_batch(
+            "UPDATE transfers SET debit_prev = (SELECT min(timestamp) FROM transfers) \
+             WHERE timestamp = (SELECT max(timestamp) FROM transfers)",
+        )
+        .unwrap();
+        drop(conn);
+        let queries = crate::Store::open_queries(&location).unwrap();
+        let report = crate::verify_with(queries.as_ref()).unwrap();
+        assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
+        assert!(report.violations[0].0.contains("debit account's listing"), "{:?}", report.violations);
         std::fs::remove_dir_all(&dir).ok();
     }
 

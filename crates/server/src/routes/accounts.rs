@@ -123,6 +123,13 @@ pub async fn list_account_transfers(
     })
     .await?;
     let Some(transfers) = result else { return Err(Problem::not_found("account")) };
+    let Some(transfers) = transfers else {
+        return Err(Problem::invalid(
+            "cursor",
+            "invalid_cursor",
+            "`cursor` must be a `next_cursor` of this account's listing",
+        ));
+    };
     let next_cursor =
         (transfers.len() == page.limit).then(|| transfers.last().map(|t| cursor_of(t.timestamp))).flatten();
     Ok(reply(StatusCode::OK, &TransferPage { data: transfers.iter().map(TransferView::of).collect(), next_cursor }))
