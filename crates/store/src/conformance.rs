@@ -161,6 +161,15 @@ pub fn durable_across_restart(location: Location) {
     }
     let (store, _) = open_fixed(&location);
     assert_eq!((balances(&store, ALICE), balances(&store, BOB)), before);
+    // A transfer created before the restart, sent again, is found: the first outcome, no money.
+    let first = match store.queries.entry(TransferKey { tenant: T, id: TransferId(1) }).unwrap() {
+        Some(Entry::Created(t)) => t,
+        other => panic!("{other:?}"),
+    };
+    let again = store.engine.transfers(vec![posted(1, ALICE, BOB, 10)]).unwrap();
+    assert_eq!(again[0].result, TransferResult::Exists);
+    assert_eq!(again[0].transfer.as_ref(), Some(&first));
+    assert_eq!((balances(&store, ALICE), balances(&store, BOB)), before);
     // The clock continues after the stored one, and remembered failures are still remembered.
     store.engine.transfers(vec![posted(20, BANK, ALICE, 1_000_000)]).unwrap();
     let retry = store.engine.transfers(vec![posted(2, ALICE, BOB, 9_999)]).unwrap();

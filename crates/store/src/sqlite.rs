@@ -208,6 +208,9 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
             accounts.insert(account.key, account);
         }
     }
+    let id_max: Option<Vec<u8>> =
+        conn.query_row("SELECT max(id) FROM transfers", [], |r| r.get(0)).map_err(unavailable)?;
+    let id_max = id_max.map(|id| u128_of(&id)).transpose().map_err(corrupt)?;
     // The writer never checkpoints itself: see `Checkpointer` and `Gate`.
     conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 268435456;").map_err(unavailable)?;
     let checkpointer = Checkpointer::start(path.clone())?;
@@ -217,6 +220,8 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
         numbers,
         heads,
         batch_heads: HashMap::new(),
+        id_max,
+        batch_id_max: None,
         next_no,
         assigned: Vec::new(),
         clock,
@@ -299,6 +304,12 @@ struct SqliteWriter {
     heads: HashMap<AccountKey, i64>,
     /// Heads moved by the open batch; kept only if it commits.
     batch_heads: HashMap<AccountKey, i64>,
+    /// The greatest transfer id stored, of any tenant, as committed: an id above it cannot be
+    /// stored, so its look-up is skipped (with time-ordered ids, every new id's). Exact, because
+    /// this writer is the only one that inserts transfers into its data directory.
+    id_max: Option<u128>,
+    /// The greatest id the open batch inserts; kept only if it commits.
+    batch_id_max: Option<u128>,
     next_no: i64,
     /// Numbers given to accounts created in the open batch; kept only if it commits.
     assigned: Vec<(AccountKey, i64)>,
@@ -484,8 +495,10 @@ impl Writer for SqliteWriter {
             .conn
             .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE {BY_ID}"))
             .map_err(unavailable)?;
-        // In id order, so consecutive look-ups walk neighbouring index pages.
-        let mut ordered: Vec<&TransferKey> = keys.iter().collect();
+        // In id order, so consecutive look-ups walk neighbouring index pages; none above the
+        // greatest id stored.
+        let Some(id_max) = self.id_max else { return Ok(()) };
+        let mut ordered: Vec<&TransferKey> = keys.iter().filter(|k| k.id.0 <= id_max).collect();
         ordered.sort_unstable_by_key(|k| k.id.0);
         for key in ordered {
             let mut rows = stmt.query(by_id(key)).map_err(unavailable)?;
@@ -559,12 +572,14 @@ impl Writer for SqliteWriter {
             self.next_no = self.next_no.max(no + 1);
         }
         self.heads.extend(self.batch_heads.drain());
+        self.id_max = self.id_max.max(self.batch_id_max.take());
         Ok(())
     }
 
     fn rollback(&mut self) {
         self.assigned.clear();
         self.batch_heads.clear();
+        self.batch_id_max = None;
         self.pending_frontier = None;
         if self.in_tx {
             // A failed ROLLBACK leaves SQLite to roll back on its own when the connection closes.
@@ -734,6 +749,7 @@ impl SqliteWriter {
         // Rows go in id order: the id index then takes its inserts left to right, and the table,
         // keyed by timestamp, still only grows at its right edge.
         rows.sort_unstable_by_key(|(r, ..)| r.id);
+        self.batch_id_max = rows.last().map(|(r, ..)| r.id).max(self.batch_id_max);
         {
             for (r, entry, debit_prev, credit_prev) in rows {
                 let tenant = TenantId(r.tenant_id);
