@@ -28,7 +28,10 @@ const STATEMENT_CACHE: usize = 128;
 const READERS_MAX: usize = 8;
 const READER_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Finds a transfer by id through the hash index; the ids settle hash collisions.
+/// The most broken listing links `rtpay verify` reports.
+const LISTING_VIOLATIONS_MAX: usize = 100;
+
+/// Finds a transfer by id through the id index (two tenants may use one id).
 const BY_ID: &str = "id = ?1 AND tenant_id = ?2";
 
 fn by_id(key: &TransferKey) -> ([u8; 16], [u8; 16]) {
@@ -1386,6 +1389,12 @@ impl Queries for SqliteQueries {
             let tx = c.transaction().map_err(unavailable)?;
             let mut last: HashMap<i64, i64> = HashMap::new();
             let mut violations = Vec::new();
+            // A few are enough to act on; a wholly broken table must not fill memory with them.
+            let report = |violations: &mut Vec<String>, text: String| {
+                if violations.len() < LISTING_VIOLATIONS_MAX {
+                    violations.push(text);
+                }
+            };
             {
                 let mut stmt = tx
                     .prepare(
@@ -1400,14 +1409,17 @@ impl Queries for SqliteQueries {
                         let no: Option<i64> = row.get(no).map_err(unavailable)?;
                         let prev: Option<i64> = row.get(prev).map_err(unavailable)?;
                         let Some(no) = no else {
-                            violations.push(format!("transfer at {ts} has no {side} account number"));
+                            report(&mut violations, format!("transfer at {ts} has no {side} account number"));
                             continue;
                         };
                         let expected = last.insert(no, ts);
                         if prev != expected {
-                            violations.push(format!(
+                            report(
+                                &mut violations,
+                                format!(
                                 "transfer at {ts} links its {side} account's listing to {prev:?}, not to {expected:?}"
-                            ));
+                            ),
+                            );
                         }
                     }
                 }
@@ -1420,14 +1432,16 @@ impl Queries for SqliteQueries {
                     let expected = last.get(&no).copied();
                     if head != expected {
                         let id = u128_of(&id).map_err(corrupt)?;
-                        violations.push(format!(
+                        report(
+                            &mut violations,
+                            format!(
                             "account {id:032x}'s listing starts at {head:?}, not at its newest transfer {expected:?}"
-                        ));
+                        ),
+                        );
                     }
                 }
             }
             tx.commit().map_err(unavailable)?;
-            violations.truncate(100);
             Ok(violations)
         })
     }
