@@ -191,6 +191,62 @@ fn a_charge_is_paid_once_and_refunds_stay_within_the_pix_across_nodes() {
             balance(&mut c, &wallet, &maria).await["available"],
             json!(100_000 - rounds * 1_000 + refunded * 400)
         );
+
+        // A daily limit of 30.00, and payments of 10.00 asked on both nodes at once: three fit,
+        // never four (each node admits a payment only if the day's total, read under the
+        // cluster's batch lock, still leaves room).
+        let h = holder(&wallet, "person", "11144477735").await;
+        let joana = account(
+            &mut c,
+            &wallet,
+            json!({"currency": "BRL", "holder_id": h, "flags": {"debits_must_not_exceed_credits": true}}),
+        )
+        .await;
+        let r = c
+            .post(
+                "/v1/transfers",
+                &wallet,
+                &json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": joana, "amount": 100_000}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        let limits =
+            json!({"per_transaction": null, "daily": 3_000, "nightly": 100_000, "night_per_transaction": 100_000});
+        let r = c
+            .send(
+                hyper::Method::PUT,
+                &format!("/v1/holders/{h}/pix-limits"),
+                Some(&wallet),
+                Some(serde_json::to_vec(&limits).unwrap().into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        assert_eq!(r.json()["limits"]["daily"], json!(3_000), "lowering applies at once");
+        let mut tasks = Vec::new();
+        for addr in [a.addr, b.addr] {
+            for _ in 0..4 {
+                let (wallet, joana) = (wallet.clone(), joana.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut c = rtpay::client::Client::new(addr);
+                    let body = json!({"id": uuid(), "debit_account_id": joana, "amount": 1_000, "key": CNPJ});
+                    let r = c.post("/v1/pix/payments", &wallet, &body).await.unwrap();
+                    (r.status.as_u16(), r.json())
+                }));
+            }
+        }
+        let mut paid = 0;
+        for t in tasks {
+            let (status, v) = t.await.unwrap();
+            match (status, v["status"].as_str(), v["reason"].as_str().or(v["code"].as_str())) {
+                (201, Some("completed"), _) => paid += 1,
+                (201, Some("rejected"), Some("limit_exceeded")) | (503, _, Some("unavailable")) => {}
+                _ => panic!("unexpected answer {status}: {v}"),
+            }
+        }
+        assert!((1..=3).contains(&paid), "{paid} payments of 10.00 under a daily limit of 30.00");
+        assert_eq!(balance(&mut c, &wallet, &joana).await["available"], json!(100_000 - paid * 1_000));
     });
     let (ok, report) = a.verify();
     assert!(ok, "{report}");

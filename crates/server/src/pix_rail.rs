@@ -423,6 +423,29 @@ pub fn spend_periods(night: pix::limits::Night, now: u64) -> (u64, Option<u64>) 
     (p.day_start / HOUR, p.night.then_some(p.night_start / HOUR))
 }
 
+/// The conditions under which the running-total limits that admitted `amount` still admit it:
+/// each total is at most the limit less the amount (checked again by the writer under the batch's
+/// lock).
+pub fn limit_guards(
+    limits: &pix::limits::Limits,
+    night: pix::limits::Night,
+    holder: u128,
+    amount: u64,
+    now: u64,
+) -> Vec<store::Guard> {
+    let (day_scope, night_scope) = spend_scopes(holder);
+    let (day, tonight) = spend_periods(night, now);
+    let room = |limit: u64| i64::try_from(limit.saturating_sub(amount)).unwrap_or(i64::MAX);
+    let mut guards = Vec::new();
+    if let Some(limit) = limits.daily {
+        guards.push(store::Guard::CounterAtMost { scope: day_scope, period: day, max: room(limit) });
+    }
+    if let (Some(limit), Some(n)) = (limits.nightly, tonight) {
+        guards.push(store::Guard::CounterAtMost { scope: night_scope, period: n, max: room(limit) });
+    }
+    guards
+}
+
 /// What a payer spent so far today and tonight.
 pub fn spent(q: &dyn store::Queries, holder: u128, night: pix::limits::Night, now: u64) -> store::Result<(u64, u64)> {
     let (day_scope, night_scope) = spend_scopes(holder);
@@ -512,6 +535,11 @@ pub struct Prepared {
     pub fingerprint: String,
     /// Why it is rejected before any money moves (a limit), if it is.
     pub refused: Option<(String, String)>,
+    /// When the limits were checked: the spend is counted in that time's day and night.
+    pub checked_at: u64,
+    /// The running-total limits that admitted it, as conditions of its commit: across the
+    /// nodes of a cluster, no two payments both fit under what only one of them fits.
+    pub limit_guards: Vec<store::Guard>,
     /// The charge (cob) this payment concludes: its document as read, under the charge's lock.
     pub concludes: Option<store::Document>,
     /// The blind index of the key paid (on us), whose webhook hears of it.
@@ -567,7 +595,7 @@ fn payment_document(tenant: u128, account: u128, version: u64, at: u64, stored: 
 pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Result<(PaymentView, bool), Problem> {
     let payer_tenant = p.payer.tenant;
     let payment_id = p.view.id.clone();
-    let now = store::now_nanos();
+    let now = p.checked_at;
     let event = |key: TransferKey, kind: EventKind, linked: bool| TransferEvent {
         key,
         kind,
@@ -684,8 +712,9 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     let in_batch = conclude.clone();
     let records: store::RecordsFn = Box::new(move |reply| in_batch(reply.chain_result()).1);
     let command = if events.is_empty() { store::Command::Audit(vec![]) } else { store::Command::Transfers(events) };
-    // A charge is paid once, across every node: its document must be as read when this commits.
-    let guards = p.concludes.iter().map(store::Guard::of).collect();
+    // A charge is paid once, across every node: its document must be as read when this commits;
+    // and the payer's running totals must still leave room for it.
+    let guards = p.concludes.iter().map(store::Guard::of).chain(p.limit_guards.iter().cloned()).collect();
     let reply = crate::routes::submit_guarded(state, audit, command, Some(records), guards).await?;
     let result = reply.chain_result();
     let (view, _) = conclude(result);

@@ -681,10 +681,16 @@ pub fn guarded_requests(location: Location) {
         body: format!("{{\"v\":{version}}}"),
     };
     q.insert_document(&charge(1)).unwrap();
-    let guard = |version: u64| crate::Guard { kind: "pix-cob".into(), tenant_id: T.0, id: "charge".into(), version };
+    let guard =
+        |version: u64| crate::Guard::Document { kind: "pix-cob".into(), tenant_id: T.0, id: "charge".into(), version };
     let submit = |id: u128, guards: Vec<crate::Guard>| {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let next = guards.first().map(|g| crate::Document { id: g.id.clone(), ..charge(g.version + 1) });
+        let next = guards.first().and_then(|g| match g {
+            crate::Guard::Document { id, version, .. } => {
+                Some(crate::Document { id: id.clone(), ..charge(version + 1) })
+            }
+            crate::Guard::CounterAtMost { .. } => None,
+        });
         let records: crate::RecordsFn = Box::new(move |_| next.iter().cloned().map(crate::Record::Document).collect());
         store
             .engine
@@ -712,9 +718,57 @@ pub fn guarded_requests(location: Location) {
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
     assert_eq!(balances(&store, BOB), (0, 200, 0, 0));
     // Version 0: the document must not exist.
-    let absent = crate::Guard { kind: "pix-cob".into(), tenant_id: T.0, id: "none".into(), version: 0 };
+    let absent = crate::Guard::Document { kind: "pix-cob".into(), tenant_id: T.0, id: "none".into(), version: 0 };
     assert!(submit(204, vec![absent]).recv().unwrap().is_ok());
     assert!(matches!(submit(205, vec![guard(0)]).recv().unwrap(), Err(crate::StoreError::Conflict(_))));
+
+    // A counter limit: each request adds 40 to the counter if, under the lock, the total is at
+    // most 100 - 40 (a limit of 100). Absent, it counts 0.
+    let spend = |id: u128| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let records: crate::RecordsFn =
+            Box::new(|_| vec![crate::Record::Count { scope: "spend".into(), period: 7, delta: 40 }]);
+        let guard = crate::Guard::CounterAtMost { scope: "spend".into(), period: 7, max: 60 };
+        store
+            .engine
+            .submit_guarded(
+                crate::Command::Transfers(vec![posted(id, ALICE, BOB, 1)]),
+                None,
+                Some(records),
+                vec![guard],
+                Box::new(move |r| drop(tx.send(r))),
+            )
+            .unwrap();
+        rx
+    };
+    assert!(spend(300).recv().unwrap().is_ok(), "0 + 40 fits");
+    assert!(spend(301).recv().unwrap().is_ok(), "40 + 40 fits");
+    let over = spend(302).recv().unwrap();
+    assert!(matches!(over, Err(crate::StoreError::Conflict(_))), "80 + 40 does not: {over:?}");
+    assert_eq!(q.counter_total("spend", 7, 8).unwrap(), 80);
+    assert_eq!(q.entry(TransferKey { tenant: T, id: TransferId(302) }).unwrap(), None);
+    // Many at once (one batch or several): the limit holds, and as many as fit apply.
+    let mut waits = Vec::new();
+    for id in 0..6u128 {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let records: crate::RecordsFn =
+            Box::new(|_| vec![crate::Record::Count { scope: "spend".into(), period: 8, delta: 40 }]);
+        let guard = crate::Guard::CounterAtMost { scope: "spend".into(), period: 8, max: 60 };
+        store
+            .engine
+            .submit_guarded(
+                crate::Command::Transfers(vec![posted(400 + id, ALICE, BOB, 1)]),
+                None,
+                Some(records),
+                vec![guard],
+                Box::new(move |r| drop(tx.send(r))),
+            )
+            .unwrap();
+        waits.push(rx);
+    }
+    let applied = waits.into_iter().filter(|rx| rx.recv().unwrap().is_ok()).count();
+    assert!((1..=2).contains(&applied), "{applied} applied: 40 each under a limit of 100");
+    assert_eq!(q.counter_total("spend", 8, 9).unwrap(), 40 * applied as i64);
     assert_verified(&store);
 }
 

@@ -345,21 +345,38 @@ fn apply_batch(
         return Ok(Vec::new());
     }
 
-    // Guards, under the batch's lock: each document once per batch, at its stated version.
+    // Guards, under the batch's lock: each document or counter once per batch (the records of a
+    // job admitted first may change it), as stated.
+    #[derive(PartialEq, Eq, Hash)]
+    enum Claim<'a> {
+        Document(&'a str, u128, &'a str),
+        Counter(&'a str, u64),
+    }
+    fn claim(g: &crate::Guard) -> Claim<'_> {
+        match g {
+            crate::Guard::Document { kind, tenant_id, id, .. } => Claim::Document(kind, *tenant_id, id),
+            crate::Guard::CounterAtMost { scope, period, .. } => Claim::Counter(scope, *period),
+        }
+    }
     let mut claimed = std::collections::HashSet::new();
     let mut admitted = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mut ok = true;
         for g in &job.guards {
-            if claimed.contains(&(g.kind.as_str(), g.tenant_id, g.id.as_str()))
-                || writer.document_version(&g.kind, g.tenant_id, &g.id)? != g.version
-            {
+            let holds = !claimed.contains(&claim(g))
+                && match g {
+                    crate::Guard::Document { kind, tenant_id, id, version } => {
+                        writer.document_version(kind, *tenant_id, id)? == *version
+                    }
+                    crate::Guard::CounterAtMost { scope, period, max } => writer.counter_total(scope, *period)? <= *max,
+                };
+            if !holds {
                 ok = false;
                 break;
             }
         }
         if ok {
-            claimed.extend(job.guards.iter().map(|g| (g.kind.as_str(), g.tenant_id, g.id.as_str())));
+            claimed.extend(job.guards.iter().map(claim));
         }
         admitted.push(ok);
     }

@@ -135,22 +135,23 @@ pub enum Record {
     Count { scope: String, period: u64, delta: i64 },
 }
 
-/// A precondition of a request: the document is at `version` when the request's batch applies
-/// (0: it does not exist). Checked by the writer after the batch's lock is taken, so across all
-/// nodes of a cluster; a request whose guard fails is not applied and gets
-/// [`StoreError::Conflict`]. Two requests of one batch guarding the same document: the second fails.
+/// A precondition of a request, checked by the writer after the batch's lock is taken, so across
+/// all nodes of a cluster; a request whose guard fails is not applied and gets
+/// [`StoreError::Conflict`]. Two requests of one batch guarding the same document or counter: the
+/// second fails.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Guard {
-    pub kind: String,
-    pub tenant_id: u128,
-    pub id: String,
-    pub version: u64,
+pub enum Guard {
+    /// The document is at `version` (0: it does not exist).
+    Document { kind: String, tenant_id: u128, id: String, version: u64 },
+    /// The counter's total for `period` is at most `max` (an absent counter counts 0): a limit
+    /// that admitted a payment still admits it. Counters change only in the writer's batches.
+    CounterAtMost { scope: String, period: u64, max: i64 },
 }
 
 impl Guard {
     /// The document must still be as it was read.
     pub fn of(doc: &Document) -> Guard {
-        Guard { kind: doc.kind.clone(), tenant_id: doc.tenant_id, id: doc.id.clone(), version: doc.version }
+        Guard::Document { kind: doc.kind.clone(), tenant_id: doc.tenant_id, id: doc.id.clone(), version: doc.version }
     }
 }
 
@@ -335,6 +336,8 @@ pub(crate) trait Writer: Send {
     fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()>;
     /// The version of a document as this transaction sees it (0 when absent).
     fn document_version(&mut self, kind: &str, tenant_id: u128, id: &str) -> Result<u64>;
+    /// A counter's total for one period as this transaction sees it (0 when absent).
+    fn counter_total(&mut self, scope: &str, period: u64) -> Result<i64>;
     /// Pending transfers due to expire by `now`.
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>>;
     /// Persists the changes and the audit entries (with their times) and commits: durable when

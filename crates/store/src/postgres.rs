@@ -388,6 +388,17 @@ impl Writer for PgWriter {
         Ok(row.map(|r| r.try_get::<_, i64>(0)).transpose().map_err(unavailable)?.unwrap_or(0) as u64)
     }
 
+    fn counter_total(&mut self, scope: &str, period: u64) -> Result<i64> {
+        // Counters change only in batches, which all hold the ledger_meta row lock: read after
+        // it was granted, the total is current until this batch commits.
+        let row = self
+            .conn()
+            .client
+            .query_opt("SELECT total FROM counters WHERE scope = $1 AND period = $2", &[&scope, &(period as i64)])
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.try_get::<_, i64>(0)).transpose().map_err(unavailable)?.unwrap_or(0))
+    }
+
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>> {
         let conn = self.conn();
         let rows = conn.client.query(&conn.due, &[&(now as i64), &(limit as i64)]).map_err(unavailable)?;

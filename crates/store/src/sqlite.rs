@@ -493,6 +493,17 @@ impl Writer for SqliteWriter {
         Ok(version.unwrap_or(0) as u64)
     }
 
+    fn counter_total(&mut self, scope: &str, period: u64) -> Result<i64> {
+        let total: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT total FROM counters WHERE scope = ?1 AND period = ?2")
+            .map_err(unavailable)?
+            .query_row(params![scope, period as i64], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)?;
+        Ok(total.unwrap_or(0))
+    }
+
     fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
         let mut stmt = self
             .conn

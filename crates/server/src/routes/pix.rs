@@ -1081,6 +1081,10 @@ pub async fn create_payment(
             let refused = pix::limits::check(limits, night_window, amount, now, day, night)
                 .err()
                 .map(|b| ("limit_exceeded".to_owned(), b.describe()));
+            let limit_guards = match refused {
+                None => crate::pix_rail::limit_guards(&limits, night_window, payer.holder, amount, now),
+                Some(_) => Vec::new(),
+            };
             let mut random = [0u8; 11];
             random.copy_from_slice(&random_32()[..11]);
             let view = PaymentView {
@@ -1104,6 +1108,8 @@ pub async fn create_payment(
                 view,
                 fingerprint: print2,
                 refused,
+                checked_at: now,
+                limit_guards,
                 concludes,
                 payee_key_index,
                 lookup,
