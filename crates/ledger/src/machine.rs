@@ -123,8 +123,17 @@ struct View<'a, S: State> {
 }
 
 impl<'a, S: State> View<'a, S> {
-    fn new(state: &'a S) -> Self {
-        View { state, overlay: Overlay { accounts: HashMap::new(), transfers: HashMap::new(), journal: Vec::new() } }
+    /// A view for a batch that writes about `transfers` transfers and `accounts` accounts: the
+    /// overlay is sized for them once, instead of growing (and copying itself) on the way.
+    fn new(state: &'a S, transfers: usize, accounts: usize) -> Self {
+        View {
+            state,
+            overlay: Overlay {
+                accounts: HashMap::with_capacity(accounts),
+                transfers: HashMap::with_capacity(transfers),
+                journal: Vec::new(),
+            },
+        }
     }
 
     fn account(&self, key: &AccountKey) -> Option<&Account> {
@@ -139,8 +148,9 @@ impl<'a, S: State> View<'a, S> {
     }
 
     fn put_account(&mut self, account: Account) {
-        let previous = self.overlay.accounts.insert(account.key, account.clone());
-        self.overlay.journal.push(Undo::Account(account.key, previous));
+        let key = account.key;
+        let previous = self.overlay.accounts.insert(key, account);
+        self.overlay.journal.push(Undo::Account(key, previous));
     }
 
     fn put_transfer(&mut self, key: TransferKey, entry: Entry) {
@@ -154,6 +164,12 @@ impl<'a, S: State> View<'a, S> {
 
     fn mark(&self) -> usize {
         self.overlay.journal.len()
+    }
+
+    /// What was written so far is final: nothing will roll back past this point, so the undo
+    /// records (copies of what each write replaced) can go.
+    fn settle(&mut self) {
+        self.overlay.journal.clear();
     }
 
     fn rollback(&mut self, mark: usize) {
@@ -295,7 +311,7 @@ pub fn apply_accounts(
     now: Timestamp,
     commands: &[AccountCommand],
 ) -> (Vec<(AccountResult, Option<Account>)>, Changes) {
-    let mut view = View::new(state);
+    let mut view = View::new(state, 0, commands.len());
     let mut results = Vec::with_capacity(commands.len());
     for command in commands {
         let result = match command {
@@ -336,6 +352,7 @@ pub fn apply_accounts(
             },
         };
         results.push(result);
+        view.settle();
     }
     (results, view.into_changes(*clock))
 }
@@ -351,7 +368,9 @@ pub fn apply_transfers(
     events: &[TransferEvent],
 ) -> (Vec<Outcome>, Changes) {
     assert!(events.len() <= BATCH_LEN_MAX * 64, "batch too large");
-    let mut view = View::new(state);
+    // Each event writes a transfer (a post or void also the pending one) and two accounts, which
+    // batches share: sized for the transfers, the accounts grow as they come.
+    let mut view = View::new(state, events.len(), 0);
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(events.len());
     let mut start = 0;
     while start < events.len() {
@@ -368,6 +387,7 @@ pub fn apply_transfers(
         }
         let chain = &events[start..=end];
         apply_chain(&mut view, clock, now, chain, &mut outcomes);
+        view.settle();
         start = end + 1;
     }
     debug_assert_eq!(outcomes.len(), events.len());
@@ -618,7 +638,7 @@ fn resolve<S: State>(
 /// Expires pending transfers whose timeout has passed by `now`, releasing their holds. Keys that
 /// are not pending or not yet due are left alone, so the caller may pass a superset.
 pub fn expire_pending(state: &impl State, clock: Clock, now: Timestamp, keys: &[TransferKey]) -> (usize, Changes) {
-    let mut view = View::new(state);
+    let mut view = View::new(state, keys.len(), 0);
     let mut expired = 0;
     for key in keys {
         let Some(Entry::Created(pending)) = view.transfer(key) else {
@@ -642,6 +662,7 @@ pub fn expire_pending(state: &impl State, clock: Clock, now: Timestamp, keys: &[
         view.put_account(debit);
         view.put_account(credit);
         view.put_transfer(*key, Entry::Created(Transfer { state: PendingState::Expired, ..pending }));
+        view.settle();
         expired += 1;
     }
     // Expiry creates no transfer, so it takes no timestamp.
