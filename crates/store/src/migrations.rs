@@ -7,6 +7,19 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+/// Refuses a database whose schema is newer than `known` (written by a later rtpay): this binary
+/// would write it in a form the later one does not expect (after SQLite's migration 9, transfers
+/// no listing shows).
+pub fn refuse_newer(newest: Option<u32>, known: &[Migration]) -> crate::Result<()> {
+    let ours = known.last().map_or(0, |m| m.version);
+    match newest {
+        Some(v) if v > ours => Err(crate::StoreError::Unavailable(format!(
+            "the database has schema version {v}, newer than this rtpay knows ({ours}): run the rtpay that wrote it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub const SQLITE: &[Migration] = &[
     Migration {
         version: 1,
@@ -490,6 +503,14 @@ CREATE TABLE counters (
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_newer_schema_is_refused() {
+        assert!(super::refuse_newer(None, super::SQLITE).is_ok());
+        assert!(super::refuse_newer(Some(super::SQLITE.len() as u32), super::SQLITE).is_ok());
+        let newer = super::refuse_newer(Some(super::SQLITE.len() as u32 + 1), super::SQLITE).unwrap_err();
+        assert!(newer.to_string().contains("newer than this rtpay knows"), "{newer}");
+    }
+
     #[test]
     fn versions_increase_by_one_from_one() {
         for list in [super::SQLITE, super::POSTGRES] {

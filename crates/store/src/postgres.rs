@@ -52,6 +52,9 @@ fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
     )
     .map_err(unavailable)?;
+    let newest: Option<i32> =
+        tx.query_one("SELECT max(version) FROM schema_migrations", &[]).map_err(unavailable)?.get(0);
+    crate::migrations::refuse_newer(newest.map(|v| v as u32), migrations)?;
     let mut applied = Vec::new();
     for m in migrations {
         let version = m.version as i32;

@@ -74,6 +74,9 @@ fn apply_migrations(conn: &mut Connection, migrations: &[Migration]) -> Result<V
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
     )
     .map_err(unavailable)?;
+    let newest: Option<u32> =
+        conn.query_row("SELECT max(version) FROM schema_migrations", [], |r| r.get(0)).map_err(unavailable)?;
+    crate::migrations::refuse_newer(newest, migrations)?;
     let mut applied = Vec::new();
     for m in migrations {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
@@ -305,8 +308,9 @@ struct SqliteWriter {
     /// Each account's newest listed transfer (`accounts.head`), as committed: where the next one
     /// links to.
     heads: HashMap<AccountKey, i64>,
-    /// Heads moved by the open batch; kept only if it commits.
-    batch_heads: HashMap<AccountKey, i64>,
+    /// Heads moved by the open batch, and whether the batch's account upserts wrote them; kept
+    /// only if it commits.
+    batch_heads: HashMap<AccountKey, (i64, bool)>,
     /// The greatest transfer id stored, of any tenant, as committed: an id above it cannot be
     /// stored, so its look-up is skipped (with time-ordered ids, every new id's). Exact, because
     /// this writer is the only one that inserts transfers into its data directory.
@@ -585,7 +589,7 @@ impl Writer for SqliteWriter {
             self.numbers.insert(key, no);
             self.next_no = self.next_no.max(no + 1);
         }
-        self.heads.extend(self.batch_heads.drain());
+        self.heads.extend(self.batch_heads.drain().map(|(key, (head, _))| (key, head)));
         self.id_max = self.id_max.max(self.batch_id_max.take());
         Ok(())
     }
@@ -687,8 +691,8 @@ impl SqliteWriter {
                 let tenant = t.key.tenant;
                 for (account, prev) in [(t.debit_account_id, debit_prev), (t.credit_account_id, credit_prev)] {
                     let key = AccountKey { tenant, id: account };
-                    *prev = self.batch_heads.get(&key).or_else(|| self.heads.get(&key)).copied();
-                    self.batch_heads.insert(key, r.timestamp);
+                    *prev = self.batch_heads.get(&key).map(|(head, _)| *head).or_else(|| self.heads.get(&key).copied());
+                    self.batch_heads.insert(key, (r.timestamp, false));
                 }
             }
         }
@@ -702,14 +706,13 @@ impl SqliteWriter {
                  head = excluded.head"
             ))
             .map_err(unavailable)?;
-        let mut headless = self.batch_heads.len();
         for change in changes {
             for account in &change.accounts {
                 let r = AccountRow::of(account);
                 let no = self.number(&account.key).expect("numbered above");
-                let head = match self.batch_heads.get(&account.key) {
-                    Some(head) => {
-                        headless -= 1;
+                let head = match self.batch_heads.get_mut(&account.key) {
+                    Some((head, written)) => {
+                        *written = true;
                         Some(*head)
                     }
                     None => self.heads.get(&account.key).copied(),
@@ -736,17 +739,15 @@ impl SqliteWriter {
             }
         }
         drop(upsert);
-        if headless > 0 {
-            // Every transfer changes both its accounts' balances, so this is for safety only: a
-            // moved head whose account the batch did not write.
-            let written: std::collections::HashSet<AccountKey> =
-                changes.iter().flat_map(|c| c.accounts.iter().map(|a| a.key)).collect();
+        // Every transfer changes both its accounts' balances, so the upserts wrote every moved
+        // head; this is for safety only.
+        if self.batch_heads.values().any(|(_, written)| !written) {
             let mut update = self
                 .conn
                 .prepare_cached("UPDATE accounts SET head = ?3 WHERE tenant_id = ?1 AND id = ?2")
                 .map_err(unavailable)?;
-            for (key, head) in &self.batch_heads {
-                if !written.contains(key) {
+            for (key, (head, written)) in &self.batch_heads {
+                if !written {
                     update
                         .execute(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0), head])
                         .map_err(unavailable)?;
@@ -2063,6 +2064,55 @@ mod tests {
         assert_eq!(listing(2, 5), [105, 101, 100]);
         assert!(store.verify().unwrap().violations.is_empty());
         store.close();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// One batch whose parts write the same account more than once (its creation, then a transfer
+    /// to it; an expiry and a transfer on one account) links and stores the heads right.
+    #[test]
+    fn an_account_written_by_two_parts_of_one_batch_keeps_its_listing() {
+        let dir = std::env::temp_dir().join(format!("rtpay-parts-{}-{}", std::process::id(), now_nanos()));
+        let (mut writer, queries) = open(&dir, crate::ephemeral_signer()).unwrap();
+        let tenant = TenantId(7);
+        let key = |id: u128| AccountKey { tenant, id: ledger::AccountId(id) };
+        let create = |id: u128| {
+            ledger::AccountCommand::Create(ledger::NewAccount {
+                key: key(id),
+                currency: ledger::Currency::parse("USD").unwrap(),
+                code: 1,
+                flags: ledger::AccountFlags(0),
+                credit_limit: 0,
+                metadata: None,
+                holder: None,
+            })
+        };
+        let posted = |id: u128, debit: u128, credit: u128| ledger::TransferEvent {
+            key: TransferKey { tenant, id: ledger::TransferId(id) },
+            kind: ledger::EventKind::Posted {
+                debit: ledger::AccountId(debit),
+                credit: ledger::AccountId(credit),
+                amount: 5,
+            },
+            code: 1,
+            metadata: None,
+            linked: false,
+        };
+        let now = now_nanos();
+        let mut clock = writer.begin().unwrap();
+        let mut snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
+        let (_, accounts) = ledger::apply_accounts(&snapshot, &mut clock, now, &[create(1), create(2)]);
+        snapshot.commit(accounts.clone());
+        let (_, transfers) = ledger::apply_transfers(&snapshot, &mut clock, now, &[posted(10, 1, 2), posted(11, 2, 1)]);
+        // Both accounts appear in both parts.
+        writer.commit(&[accounts, transfers], &[], &[]).unwrap();
+        let listed = |id: u128| -> Vec<u128> {
+            let page = queries.account_transfers(key(id), crate::Page { before: None, limit: 10 }).unwrap().unwrap();
+            page.iter().map(|t| t.key.id.0).collect()
+        };
+        assert_eq!(listed(1), [11, 10]);
+        assert_eq!(listed(2), [11, 10]);
+        assert!(queries.listing_violations().unwrap().is_empty());
+        drop(writer);
         std::fs::remove_dir_all(&dir).ok();
     }
 
