@@ -2116,6 +2116,23 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// A data directory written by a later rtpay (a schema version this one does not know) is
+    /// refused, and left as it was.
+    #[test]
+    fn a_newer_schema_is_refused_at_open() {
+        let dir = std::env::temp_dir().join(format!("rtpay-newer-{}-{}", std::process::id(), now_nanos()));
+        drop(crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap());
+        let future = SQLITE.len() as u32 + 1;
+        connect(&dir.join(DB_FILE))
+            .unwrap()
+            .execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, 'future', 0)", [future])
+            .unwrap();
+        let refused = crate::Store::open(&crate::Location::Embedded(dir.clone())).err().expect("refused");
+        assert!(refused.to_string().contains(&format!("schema version {future}")), "{refused}");
+        assert!(crate::Store::migrate(&crate::Location::Embedded(dir.clone())).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// A listing chain edited behind rtpay's back is reported by verification.
     #[test]
     fn verification_reports_a_broken_listing_chain() {
