@@ -247,6 +247,29 @@ fn a_charge_is_paid_once_and_refunds_stay_within_the_pix_across_nodes() {
         }
         assert!((1..=3).contains(&paid), "{paid} payments of 10.00 under a daily limit of 30.00");
         assert_eq!(balance(&mut c, &wallet, &joana).await["available"], json!(100_000 - paid * 1_000));
+
+        // A person's account has at most five keys, however many nodes register them at once.
+        let mut tasks = Vec::new();
+        for addr in [a.addr, b.addr] {
+            for _ in 0..4 {
+                let (wallet, joana) = (wallet.clone(), joana.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut c = rtpay::client::Client::new(addr);
+                    let r =
+                        c.post("/v1/pix/keys", &wallet, &json!({"account_id": joana, "type": "evp"})).await.unwrap();
+                    (r.status.as_u16(), r.json())
+                }));
+            }
+        }
+        let mut registered = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                (201, _) => registered += 1,
+                (422, v) if v["code"] == "key_limit" => {}
+                (status, v) => panic!("unexpected answer {status}: {v}"),
+            }
+        }
+        assert_eq!(registered, 5, "five keys for a person's account");
     });
     let (ok, report) = a.verify();
     assert!(ok, "{report}");

@@ -808,6 +808,31 @@ pub fn documents(location: Location) {
     assert!(owned.contains(&(OTHER.0, "a".into())) && owned.contains(&(T.0, "b".into())), "{owned:?}");
     assert_eq!(q.documents_by_owner("pix-key", "acct1", 2).unwrap().len(), 2, "at most the limit");
     assert!(q.documents_by_owner("pix-key", "nobody", 10).unwrap().is_empty());
+    // Inserting within a count per owner (across tenants), in a kind of its own.
+    let counted = |tenant: u128, id: &str, lookup: Option<&str>, owner: &str| crate::Document {
+        kind: "counted".into(),
+        ..doc(tenant, id, lookup, Some(owner), NOW)
+    };
+    assert!(q.insert_document_within(&counted(T.0, "a", None, "o1"), 2).unwrap(), "0 of 2");
+    assert!(q.insert_document_within(&counted(OTHER.0, "a", None, "o1"), 2).unwrap(), "1 of 2");
+    assert!(!q.insert_document_within(&counted(T.0, "b", None, "o1"), 2).unwrap(), "2 of 2");
+    assert_eq!(q.document("counted", T.0, "b").unwrap(), None, "refused: not inserted");
+    assert!(q.insert_document_within(&counted(T.0, "b", None, "o1"), 3).unwrap(), "2 of 3");
+    assert_eq!(q.count_documents("counted", "o1").unwrap(), 3);
+    let still = q.insert_document_within(&counted(T.0, "c", Some("L1"), "o2"), 5);
+    assert!(still.unwrap(), "another kind's lookup does not collide");
+    let again = q.insert_document_within(&counted(T.0, "d", Some("L1"), "o2"), 5);
+    assert!(matches!(again, Err(crate::StoreError::Conflict(_))), "lookups still unique per kind: {again:?}");
+    assert_eq!(q.count_documents("counted", "o2").unwrap(), 1);
+    // Many at once, each on a connection of its own: never more than the limit.
+    let inserted = std::thread::scope(|s| {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| s.spawn(move || q.insert_document_within(&counted(T.0, &format!("w{i}"), None, "o3"), 5)))
+            .collect();
+        tasks.into_iter().map(|t| t.join().unwrap().unwrap()).filter(|inserted| *inserted).count()
+    });
+    assert_eq!(inserted, 5, "five of eight fit");
+    assert_eq!(q.count_documents("counted", "o3").unwrap(), 5);
 
     // Compare and set on the version.
     let changed = crate::Document { version: 2, body: "{}".into(), ..doc(T.0, "a", Some("L9"), Some("acct1"), NOW) };

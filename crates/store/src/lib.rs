@@ -297,6 +297,10 @@ pub trait Queries: Send + Sync {
 
     /// `Conflict` if the id (per kind and tenant) or the lookup (per kind) exists.
     fn insert_document(&self, doc: &Document) -> Result<()>;
+    /// Inserts the document only while fewer than `max` documents of its kind have its owner
+    /// (every tenant), the count and the insert atomic across every node: `Ok(false)` when `max`
+    /// are there already. `Conflict` as for `insert_document`.
+    fn insert_document_within(&self, doc: &Document, max: u64) -> Result<bool>;
     fn document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<Option<Document>>;
     fn document_by_lookup(&self, kind: &str, lookup: &str) -> Result<Option<Document>>;
     /// Replaces the document if its stored version is still `expected_version` (the new one

@@ -814,6 +814,42 @@ impl Queries for PgQueries {
         })
     }
 
+    fn insert_document_within(&self, doc: &Document, max: u64) -> Result<bool> {
+        self.with_once(|c| {
+            let mut tx = c.transaction().map_err(unavailable)?;
+            if let Some(owner) = &doc.owner {
+                // Every node counting this owner's documents of this kind takes turns, until its
+                // transaction ends.
+                tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))", &[&doc.kind, owner])
+                    .map_err(unavailable)?;
+                let count: i64 = tx
+                    .query_one("SELECT COUNT(*) FROM documents WHERE kind = $1 AND owner = $2", &[&doc.kind, owner])
+                    .map_err(unavailable)?
+                    .get(0);
+                if count as u64 >= max {
+                    return Ok(false);
+                }
+            }
+            tx.execute(
+                "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &doc.kind,
+                    &uuid(doc.tenant_id),
+                    &doc.id,
+                    &doc.lookup,
+                    &doc.owner,
+                    &(doc.created_at as i64),
+                    &(doc.version as i64),
+                    &doc.body,
+                ],
+            )
+            .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
+            tx.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+    }
+
     fn document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<Option<Document>> {
         self.with(|c| {
             c.query_opt(

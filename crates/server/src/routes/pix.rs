@@ -127,12 +127,16 @@ pub async fn create_key(
             }
             let owner = account_owner(tenant_id, account);
             let max = if p.person { KEYS_PER_ACCOUNT_PERSON } else { KEYS_PER_ACCOUNT_COMPANY };
-            if q.count_documents(KEY_KIND, &owner)? >= max {
-                return Ok(Err(Problem::invalid(
+            let too_many = || {
+                Ok(Err(Problem::invalid(
                     "account_id",
                     "key_limit",
                     format!("the account has {max} keys, the most a {} may have", holder.kind),
-                )));
+                )))
+            };
+            // Refused early when it is certain; the insert below counts again, atomically.
+            if q.count_documents(KEY_KIND, &owner)? >= max {
+                return too_many();
             }
             let dek = vault.data_key(q, tenant_id)?;
             let stored = StoredKey {
@@ -153,8 +157,9 @@ pub async fn create_key(
                 version: 1,
                 body: serde_json::to_string(&stored).expect("serializable"),
             };
-            match q.insert_document(&doc) {
-                Ok(()) => Ok(Ok(())),
+            match q.insert_document_within(&doc, max) {
+                Ok(true) => Ok(Ok(())),
+                Ok(false) => too_many(),
                 Err(store::StoreError::Conflict(_)) => Ok(Err(Problem::new(
                     StatusCode::CONFLICT,
                     "key_exists",
