@@ -138,7 +138,7 @@ fn account_row(row: &Row) -> Result<AccountRow> {
     })
 }
 
-fn entry_row(row: &Row) -> Result<EntryRow> {
+fn entry_row(row: &Row) -> Result<EntryRow<'static>> {
     let opt = |i: usize| -> Result<Option<u128>> {
         Ok(row.try_get::<_, Option<Uuid>>(i).map_err(unavailable)?.map(|u| u.as_u128()))
     };
@@ -151,13 +151,13 @@ fn entry_row(row: &Row) -> Result<EntryRow> {
         debit_account_id: opt(5)?,
         credit_account_id: opt(6)?,
         amount: row.try_get(7).map_err(unavailable)?,
-        currency: row.try_get(8).map_err(unavailable)?,
+        currency: row.try_get::<_, Option<String>>(8).map_err(unavailable)?.map(std::borrow::Cow::Owned),
         pending_id: opt(9)?,
         amount_defaulted: row.try_get(10).map_err(unavailable)?,
         timeout_seconds: row.try_get(11).map_err(unavailable)?,
         expires_at: row.try_get(12).map_err(unavailable)?,
         code: row.try_get(13).map_err(unavailable)?,
-        metadata: row.try_get(14).map_err(unavailable)?,
+        metadata: row.try_get::<_, Option<String>>(14).map_err(unavailable)?.map(std::borrow::Cow::Owned),
         state: row.try_get(15).map_err(unavailable)?,
     })
 }

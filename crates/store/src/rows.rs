@@ -1,6 +1,8 @@
 //! Ledger values as flat columns, shared by both engines so that the mapping is written once and
 //! checked once: what is written is exactly what is read back.
 
+use std::borrow::Cow;
+
 use ledger::*;
 
 /// The columns of [`EntryRow`], in the order both engines select them.
@@ -12,8 +14,9 @@ pub const ACCOUNT_COLUMNS: &str = "tenant_id, id, currency, code, flags, credit_
      debits_posted, credits_posted, debits_pending, credits_pending, holder_id";
 
 /// Every column of the `transfers` table, engine-neutral.
+/// Written rows borrow their texts from the entry (no copy per row); read rows own them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EntryRow {
+pub struct EntryRow<'a> {
     pub timestamp: i64,
     pub tenant_id: u128,
     pub id: u128,
@@ -23,13 +26,13 @@ pub struct EntryRow {
     pub debit_account_id: Option<u128>,
     pub credit_account_id: Option<u128>,
     pub amount: Option<i64>,
-    pub currency: Option<String>,
+    pub currency: Option<Cow<'a, str>>,
     pub pending_id: Option<u128>,
     pub amount_defaulted: bool,
     pub timeout_seconds: i64,
     pub expires_at: Option<i64>,
     pub code: i32,
-    pub metadata: Option<String>,
+    pub metadata: Option<Cow<'a, str>>,
     pub state: i16,
 }
 
@@ -41,8 +44,8 @@ fn u64_of(v: i64, what: &str) -> Result<u64, String> {
     u64::try_from(v).map_err(|_| format!("{what} is negative in storage"))
 }
 
-impl EntryRow {
-    pub fn of(entry: &Entry) -> EntryRow {
+impl<'a> EntryRow<'a> {
+    pub fn of(entry: &'a Entry) -> EntryRow<'a> {
         match entry {
             Entry::Created(t) => EntryRow {
                 timestamp: i64_of(t.timestamp),
@@ -53,13 +56,13 @@ impl EntryRow {
                 debit_account_id: Some(t.debit_account_id.0),
                 credit_account_id: Some(t.credit_account_id.0),
                 amount: Some(i64_of(t.amount)),
-                currency: Some(t.currency.as_str().to_owned()),
+                currency: Some(Cow::Borrowed(t.currency.as_str())),
                 pending_id: t.pending_id.map(|p| p.0),
                 amount_defaulted: t.amount_defaulted,
                 timeout_seconds: i64::from(t.timeout_seconds),
                 expires_at: t.expires_at.map(i64_of),
                 code: i32::from(t.code),
-                metadata: t.metadata.clone(),
+                metadata: t.metadata.as_deref().map(Cow::Borrowed),
                 state: t.state as i16,
             },
             Entry::Failed { event, result, timestamp } => {
@@ -78,7 +81,7 @@ impl EntryRow {
                     timeout_seconds: 0,
                     expires_at: None,
                     code: i32::from(event.code),
-                    metadata: event.metadata.clone(),
+                    metadata: event.metadata.as_deref().map(Cow::Borrowed),
                     state: PendingState::Final as i16,
                 };
                 match event.kind {
@@ -145,7 +148,8 @@ impl EntryRow {
                     EventKind::VoidPending { pending_id: TransferId(need(self.pending_id, "pending id")?) }
                 }
             };
-            let event = TransferEvent { key, kind: event_kind, code, metadata: self.metadata, linked: false };
+            let metadata = self.metadata.map(Cow::into_owned);
+            let event = TransferEvent { key, kind: event_kind, code, metadata, linked: false };
             return Ok(Entry::Failed { event, result, timestamp });
         }
         let currency = self.currency.as_deref().ok_or("currency missing")?;
@@ -165,7 +169,7 @@ impl EntryRow {
             timeout_seconds,
             expires_at: self.expires_at.map(|v| u64_of(v, "expires_at")).transpose()?,
             code,
-            metadata: self.metadata,
+            metadata: self.metadata.map(Cow::into_owned),
             timestamp,
             state,
         }))

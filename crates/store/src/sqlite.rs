@@ -4,6 +4,7 @@
 //! count of accounts, not of transfers, bounds it). Transfers are read from the database when a
 //! batch names them. Readers use their own connections and see only committed data.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use ledger::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::migrations::{Migration, SQLITE};
+
 use crate::rows::{u128_of, uuid_bytes, AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
 use crate::*;
 
@@ -27,6 +29,9 @@ const STATEMENT_CACHE: usize = 128;
 /// the open, the pragmas and a cold page cache each time.
 const READERS_MAX: usize = 8;
 const READER_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A value for a transfer's debit and credit account: their numbers, or their previous links.
+type Pair = [Option<i64>; 2];
 
 /// The most broken listing links `rtpay verify` reports.
 const LISTING_VIOLATIONS_MAX: usize = 100;
@@ -270,7 +275,7 @@ fn account_row(row: &rusqlite::Row<'_>) -> Result<AccountRow> {
     })
 }
 
-fn entry_row(row: &rusqlite::Row<'_>) -> Result<EntryRow> {
+fn entry_row(row: &rusqlite::Row<'_>) -> Result<EntryRow<'static>> {
     let id = |i: usize| -> Result<u128> {
         let bytes: Vec<u8> = row.get(i).map_err(unavailable)?;
         u128_of(&bytes).map_err(corrupt)
@@ -288,13 +293,13 @@ fn entry_row(row: &rusqlite::Row<'_>) -> Result<EntryRow> {
         debit_account_id: opt_id(5)?,
         credit_account_id: opt_id(6)?,
         amount: row.get(7).map_err(unavailable)?,
-        currency: row.get(8).map_err(unavailable)?,
+        currency: row.get::<_, Option<String>>(8).map_err(unavailable)?.map(Cow::Owned),
         pending_id: opt_id(9)?,
         amount_defaulted: row.get(10).map_err(unavailable)?,
         timeout_seconds: row.get(11).map_err(unavailable)?,
         expires_at: row.get(12).map_err(unavailable)?,
         code: row.get(13).map_err(unavailable)?,
-        metadata: row.get(14).map_err(unavailable)?,
+        metadata: row.get::<_, Option<String>>(14).map_err(unavailable)?.map(Cow::Owned),
         state: row.get(15).map_err(unavailable)?,
     })
 }
@@ -682,17 +687,36 @@ impl SqliteWriter {
             }
             last.last = last.last.max(change.clock.last);
         }
-        // Link each created transfer, in time order, behind its accounts' newest ones.
-        let mut rows: Vec<(EntryRow, &Entry, Option<i64>, Option<i64>)> =
-            changes.iter().flat_map(|c| c.inserted.iter()).map(|e| (EntryRow::of(e), e, None, None)).collect();
+        // Link each created transfer, in time order, behind its accounts' newest ones; each row
+        // gets its accounts' numbers and previous links ([debit, credit]). Only created transfers
+        // are listed per account.
+        let mut rows: Vec<(EntryRow, Pair, Pair)> =
+            changes.iter().flat_map(|c| c.inserted.iter()).map(|e| (EntryRow::of(e), [None; 2], [None; 2])).collect();
         rows.sort_unstable_by_key(|(r, ..)| r.timestamp);
-        for (r, entry, debit_prev, credit_prev) in &mut rows {
-            if let Entry::Created(t) = entry {
-                let tenant = t.key.tenant;
-                for (account, prev) in [(t.debit_account_id, debit_prev), (t.credit_account_id, credit_prev)] {
-                    let key = AccountKey { tenant, id: account };
-                    *prev = self.batch_heads.get(&key).map(|(head, _)| *head).or_else(|| self.heads.get(&key).copied());
-                    self.batch_heads.insert(key, (r.timestamp, false));
+        {
+            let (numbers, assigned, heads, batch_heads) =
+                (&self.numbers, &self.assigned, &self.heads, &mut self.batch_heads);
+            for (r, nos, prevs) in &mut rows {
+                let (Some(debit), Some(credit)) = (r.debit_account_id, r.credit_account_id) else { continue };
+                if r.result != 0 {
+                    continue;
+                }
+                let tenant = TenantId(r.tenant_id);
+                for (side, account) in [debit, credit].into_iter().enumerate() {
+                    let key = AccountKey { tenant, id: AccountId(account) };
+                    nos[side] = numbers
+                        .get(&key)
+                        .copied()
+                        .or_else(|| assigned.iter().find(|(k, _)| *k == key).map(|(_, no)| *no));
+                    prevs[side] = match batch_heads.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(mut seen) => {
+                            Some(std::mem::replace(seen.get_mut(), (r.timestamp, false)).0)
+                        }
+                        std::collections::hash_map::Entry::Vacant(first) => {
+                            first.insert((r.timestamp, false));
+                            heads.get(&key).copied()
+                        }
+                    };
                 }
             }
         }
@@ -725,7 +749,7 @@ impl SqliteWriter {
                         r.code,
                         r.flags,
                         r.credit_limit,
-                        r.metadata,
+                        r.metadata.as_deref(),
                         r.timestamp,
                         r.debits_posted,
                         r.credits_posted,
@@ -766,16 +790,7 @@ impl SqliteWriter {
         rows.sort_unstable_by_key(|(r, ..)| r.id);
         self.batch_id_max = rows.last().map(|(r, ..)| r.id).max(self.batch_id_max);
         {
-            for (r, entry, debit_prev, credit_prev) in rows {
-                let tenant = TenantId(r.tenant_id);
-                // Only created transfers are listed per account.
-                let (debit_no, credit_no) = match entry {
-                    Entry::Created(t) => (
-                        self.number(&AccountKey { tenant, id: t.debit_account_id }),
-                        self.number(&AccountKey { tenant, id: t.credit_account_id }),
-                    ),
-                    Entry::Failed { .. } => (None, None),
-                };
+            for (r, [debit_no, credit_no], [debit_prev, credit_prev]) in rows {
                 insert
                     .execute(params![
                         r.timestamp,
@@ -786,13 +801,13 @@ impl SqliteWriter {
                         r.debit_account_id.map(uuid_bytes),
                         r.credit_account_id.map(uuid_bytes),
                         r.amount,
-                        r.currency,
+                        r.currency.as_deref(),
                         r.pending_id.map(uuid_bytes),
                         r.amount_defaulted,
                         r.timeout_seconds,
                         r.expires_at,
                         r.code,
-                        r.metadata,
+                        r.metadata.as_deref(),
                         r.state,
                         debit_no,
                         credit_no,
