@@ -52,9 +52,7 @@ fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
     )
     .map_err(unavailable)?;
-    let newest: Option<i32> =
-        tx.query_one("SELECT max(version) FROM schema_migrations", &[]).map_err(unavailable)?.get(0);
-    crate::migrations::refuse_newer(newest.map(|v| v as u32), migrations)?;
+    refuse_newer_schema(&mut tx, migrations)?;
     let mut applied = Vec::new();
     for m in migrations {
         let version = m.version as i32;
@@ -75,12 +73,19 @@ fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec
     Ok(applied)
 }
 
+/// Refuses a database written by a later rtpay (see `migrations::refuse_newer`).
+fn refuse_newer_schema(client: &mut impl ::postgres::GenericClient, migrations: &[Migration]) -> Result<()> {
+    let newest: Option<i32> =
+        client.query_one("SELECT max(version) FROM schema_migrations", &[]).map_err(unavailable)?.get(0);
+    crate::migrations::refuse_newer(newest.map(|v| v as u32), migrations)
+}
+
 pub(crate) fn migrate_only(url: &str) -> Result<Vec<u32>> {
     apply_migrations(&mut connect(url)?, POSTGRES)
 }
 
 pub(crate) fn open_queries(url: &str) -> Result<Arc<dyn Queries>> {
-    drop(connect(url)?);
+    refuse_newer_schema(&mut connect(url)?, POSTGRES)?;
     Ok(Arc::new(PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) }))
 }
 
@@ -93,6 +98,7 @@ pub(crate) fn append_audit_beside(
     drafts: Vec<audit::Draft>,
     now: Timestamp,
 ) -> Result<()> {
+    refuse_newer_schema(&mut connect(url)?, POSTGRES)?;
     let mut writer = PgWriter::new(url, signer)?;
     let clock = writer.begin()?;
     let mut time = clock.last;
@@ -816,7 +822,13 @@ impl Queries for PgQueries {
 
     fn insert_document_within(&self, doc: &Document, max: u64) -> Result<bool> {
         self.with_once(|c| {
-            let mut tx = c.transaction().map_err(unavailable)?;
+            // Read committed (whatever the server's default): the count must see what the lock's
+            // last holder committed, which a snapshot taken before the lock was granted would not.
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(::postgres::IsolationLevel::ReadCommitted)
+                .start()
+                .map_err(unavailable)?;
             if let Some(owner) = &doc.owner {
                 // Every node counting this owner's documents of this kind takes turns, until its
                 // transaction ends.

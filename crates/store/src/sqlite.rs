@@ -79,9 +79,7 @@ fn apply_migrations(conn: &mut Connection, migrations: &[Migration]) -> Result<V
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
     )
     .map_err(unavailable)?;
-    let newest: Option<u32> =
-        conn.query_row("SELECT max(version) FROM schema_migrations", [], |r| r.get(0)).map_err(unavailable)?;
-    crate::migrations::refuse_newer(newest, migrations)?;
+    refuse_newer_schema(conn, migrations)?;
     let mut applied = Vec::new();
     for m in migrations {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
@@ -103,6 +101,13 @@ fn apply_migrations(conn: &mut Connection, migrations: &[Migration]) -> Result<V
     Ok(applied)
 }
 
+/// Refuses a database written by a later rtpay (see `migrations::refuse_newer`).
+fn refuse_newer_schema(conn: &Connection, migrations: &[Migration]) -> Result<()> {
+    let newest: Option<u32> =
+        conn.query_row("SELECT max(version) FROM schema_migrations", [], |r| r.get(0)).map_err(unavailable)?;
+    crate::migrations::refuse_newer(newest, migrations)
+}
+
 fn db_path(dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::Unavailable(format!("cannot create data directory {}: {e}", dir.display())))?;
@@ -119,6 +124,7 @@ pub(crate) fn open_queries(dir: &Path) -> Result<Arc<dyn Queries>> {
     if !path.exists() {
         return Err(StoreError::Unavailable(format!("no rtpay data in {}", dir.display())));
     }
+    refuse_newer_schema(&connect(&path)?, SQLITE)?;
     Ok(Arc::new(SqliteQueries::new(path)))
 }
 
@@ -173,6 +179,7 @@ pub(crate) fn append_audit_beside(
     let conn = connect(&db_path(dir)?)?;
     conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
     let result = (|| {
+        refuse_newer_schema(&conn, SQLITE)?;
         let (clock, frontier) = read_meta(&conn)?;
         let mut time = clock.last;
         let timed: Vec<(Timestamp, audit::Draft)> = drafts
@@ -2179,6 +2186,10 @@ mod tests {
         let refused = crate::Store::open(&crate::Location::Embedded(dir.clone())).err().expect("refused");
         assert!(refused.to_string().contains(&format!("schema version {future}")), "{refused}");
         assert!(crate::Store::migrate(&crate::Location::Embedded(dir.clone())).is_err());
+        // Reading (`rtpay verify`) and appending beside a server (`rtpay keys rotate`) too.
+        assert!(crate::Store::open_queries(&crate::Location::Embedded(dir.clone())).is_err());
+        let appended = append_audit_beside(&dir, &crate::ephemeral_signer(), Vec::new(), now_nanos());
+        assert!(appended.is_err_and(|e| e.to_string().contains("newer than this rtpay knows")));
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -10,3 +10,64 @@ fn fresh() -> Location {
 }
 
 store::conformance_tests!(fresh());
+
+/// A database migrated by a later rtpay (a schema version this one does not know) is refused by
+/// every way in: the writer, migrations, reads beside a server, and appends beside one.
+#[test]
+fn a_newer_schema_is_refused() {
+    let url = store::testing::fresh_postgres_database();
+    let location = Location::Postgres(url.clone());
+    store::Store::open(&location).unwrap().close();
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client
+        .execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) \
+             SELECT max(version) + 1, 'future', 0 FROM schema_migrations",
+            &[],
+        )
+        .unwrap();
+    let refused = store::Store::open(&location).err().expect("the writer refuses");
+    assert!(refused.to_string().contains("newer than this rtpay knows"), "{refused}");
+    assert!(store::Store::migrate(&location).is_err());
+    assert!(store::Store::open_queries(&location).is_err());
+    let signer = std::sync::Arc::new(audit::Signer::from_pkcs8(&audit::Signer::generate_pkcs8().unwrap()).unwrap());
+    assert!(store::Store::append_audit_beside(&location, signer, Vec::new()).is_err());
+}
+
+/// The count under a limit holds whatever the server's default isolation is: under repeatable
+/// read, a snapshot taken before the lock was granted would miss the last holder's insert.
+#[test]
+fn counted_inserts_hold_under_a_repeatable_read_default() {
+    let url = store::testing::fresh_postgres_database();
+    let location = Location::Postgres(url.clone());
+    store::Store::migrate(&location).unwrap();
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let database: String = client.query_one("SELECT current_database()", &[]).unwrap().get(0);
+    client
+        .batch_execute(&format!("ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'"))
+        .unwrap();
+    let queries = store::Store::open_queries(&location).unwrap();
+    let q = queries.as_ref();
+    let inserted = std::thread::scope(|s| {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                s.spawn(move || {
+                    let doc = store::Document {
+                        kind: "counted".into(),
+                        tenant_id: 1,
+                        id: format!("d{i}"),
+                        lookup: None,
+                        owner: Some("owner".into()),
+                        created_at: 1,
+                        version: 1,
+                        body: "{}".into(),
+                    };
+                    q.insert_document_within(&doc, 5).unwrap()
+                })
+            })
+            .collect();
+        tasks.into_iter().map(|t| t.join().unwrap()).filter(|inserted| *inserted).count()
+    });
+    assert_eq!(inserted, 5);
+    assert_eq!(q.count_documents("counted", "owner").unwrap(), 5);
+}
