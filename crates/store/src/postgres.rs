@@ -41,7 +41,12 @@ fn connect(url: &str) -> Result<Client> {
     if config.get_application_name().is_none() {
         config.application_name("rtpay");
     }
-    config.connect(NoTls).map_err(unavailable)
+    let mut client = config.connect(NoTls).map_err(unavailable)?;
+    // Every transaction rtpay opens reads what was committed before each statement, whatever the
+    // server's default: a batch reads state after its lock is granted, and a counted insert
+    // counts after its advisory lock (under repeatable read both would read older snapshots).
+    client.batch_execute("SET default_transaction_isolation = 'read committed'").map_err(unavailable)?;
+    Ok(client)
 }
 
 fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec<u32>> {

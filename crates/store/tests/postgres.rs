@@ -71,3 +71,68 @@ fn counted_inserts_hold_under_a_repeatable_read_default() {
     assert_eq!(inserted, 5);
     assert_eq!(q.count_documents("counted", "owner").unwrap(), 5);
 }
+
+/// Two writers (two nodes) on one database whose default isolation is repeatable read: every
+/// batch still reads state after its lock, so concurrent transfers on the same accounts neither
+/// fail nor overdraw.
+#[test]
+fn two_writers_under_a_repeatable_read_default() {
+    use ledger::*;
+    let url = store::testing::fresh_postgres_database();
+    let location = Location::Postgres(url.clone());
+    store::Store::migrate(&location).unwrap();
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let database: String = client.query_one("SELECT current_database()", &[]).unwrap().get(0);
+    client
+        .batch_execute(&format!("ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'"))
+        .unwrap();
+    let tenant = TenantId(9);
+    let account = |id: u128, flags: u16| {
+        AccountCommand::Create(NewAccount {
+            key: AccountKey { tenant, id: AccountId(id) },
+            currency: Currency::parse("BRL").unwrap(),
+            code: 1,
+            flags: AccountFlags(flags),
+            credit_limit: 0,
+            metadata: None,
+            holder: None,
+        })
+    };
+    let posted = |id: u128, debit: u128, credit: u128, amount: u64| TransferEvent {
+        key: TransferKey { tenant, id: TransferId(id) },
+        kind: EventKind::Posted { debit: AccountId(debit), credit: AccountId(credit), amount },
+        code: 1,
+        metadata: None,
+        linked: false,
+    };
+    let (a, b) = (store::Store::open(&location).unwrap(), store::Store::open(&location).unwrap());
+    let guarded = AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS;
+    a.engine.accounts(vec![account(1, 0), account(2, guarded), account(3, guarded)]).unwrap();
+    assert_eq!(a.engine.transfers(vec![posted(10, 1, 2, 500)]).unwrap()[0].result, TransferResult::Created);
+    std::thread::scope(|s| {
+        for (n, node) in [&a, &b].into_iter().enumerate() {
+            for t in 0..2u128 {
+                s.spawn(move || {
+                    for i in 0..40u128 {
+                        let id = 1_000 + (n as u128) * 1_000 + t * 100 + i;
+                        let (d, c) = if i % 2 == 0 { (2, 3) } else { (3, 2) };
+                        let out = node.engine.transfers(vec![posted(id, d, c, 30)]).unwrap();
+                        assert!(
+                            matches!(out[0].result, TransferResult::Created | TransferResult::InsufficientFunds),
+                            "{:?}",
+                            out[0].result
+                        );
+                    }
+                });
+            }
+        }
+    });
+    let report = a.verify().unwrap();
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    let balance = |id: u128| {
+        let x = a.queries.account(AccountKey { tenant, id: AccountId(id) }).unwrap().unwrap();
+        x.credits_posted as i64 - x.debits_posted as i64
+    };
+    assert_eq!(balance(2) + balance(3), 500, "money moved only between the two wallets");
+    assert!(balance(2) >= 0 && balance(3) >= 0);
+}
