@@ -803,37 +803,37 @@ fn map_conflict(e: ::postgres::Error, what: &str) -> StoreError {
     unavailable(e)
 }
 
+/// `Conflict` if the id (per kind and tenant) or the lookup (per kind) exists.
+fn insert_document_row(client: &mut impl ::postgres::GenericClient, doc: &Document) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &doc.kind,
+                &uuid(doc.tenant_id),
+                &doc.id,
+                &doc.lookup,
+                &doc.owner,
+                &(doc.created_at as i64),
+                &(doc.version as i64),
+                &doc.body,
+            ],
+        )
+        .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
+    Ok(())
+}
+
 impl Queries for PgQueries {
     fn insert_document(&self, doc: &Document) -> Result<()> {
-        self.with_once(|c| {
-            c.execute(
-                "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[
-                    &doc.kind,
-                    &uuid(doc.tenant_id),
-                    &doc.id,
-                    &doc.lookup,
-                    &doc.owner,
-                    &(doc.created_at as i64),
-                    &(doc.version as i64),
-                    &doc.body,
-                ],
-            )
-            .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
-            Ok(())
-        })
+        self.with_once(|c| insert_document_row(c, doc))
     }
 
     fn insert_document_within(&self, doc: &Document, max: u64) -> Result<bool> {
         self.with_once(|c| {
-            // Read committed (whatever the server's default): the count must see what the lock's
-            // last holder committed, which a snapshot taken before the lock was granted would not.
-            let mut tx = c
-                .build_transaction()
-                .isolation_level(::postgres::IsolationLevel::ReadCommitted)
-                .start()
-                .map_err(unavailable)?;
+            // Read committed (as every connection of rtpay's): the count sees what the lock's
+            // last holder committed.
+            let mut tx = c.transaction().map_err(unavailable)?;
             if let Some(owner) = &doc.owner {
                 // Every node counting this owner's documents of this kind takes turns, until its
                 // transaction ends.
@@ -847,21 +847,7 @@ impl Queries for PgQueries {
                     return Ok(false);
                 }
             }
-            tx.execute(
-                "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[
-                    &doc.kind,
-                    &uuid(doc.tenant_id),
-                    &doc.id,
-                    &doc.lookup,
-                    &doc.owner,
-                    &(doc.created_at as i64),
-                    &(doc.version as i64),
-                    &doc.body,
-                ],
-            )
-            .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
+            insert_document_row(&mut tx, doc)?;
             tx.commit().map_err(unavailable)?;
             Ok(true)
         })

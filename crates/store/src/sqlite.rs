@@ -1032,6 +1032,27 @@ fn upsert_document(conn: &Connection, doc: &Document) -> Result<()> {
     Ok(())
 }
 
+/// `Conflict` if the id (per kind and tenant) or the lookup (per kind) exists.
+fn insert_document_row(conn: &Connection, doc: &Document) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(unavailable)?
+    .execute(params![
+        doc.kind,
+        uuid_bytes(doc.tenant_id),
+        doc.id,
+        doc.lookup,
+        doc.owner,
+        doc.created_at as i64,
+        doc.version as i64,
+        doc.body
+    ])
+    .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
+    Ok(())
+}
+
 fn add_count(conn: &Connection, scope: &str, period: u64, delta: i64) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO counters (scope, period, total) VALUES (?1, ?2, ?3) \
@@ -1058,25 +1079,7 @@ impl Queries for SqliteQueries {
     }
 
     fn insert_document(&self, doc: &Document) -> Result<()> {
-        self.with(|c| {
-            c.prepare_cached(
-                "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            .map_err(unavailable)?
-            .execute(params![
-                doc.kind,
-                uuid_bytes(doc.tenant_id),
-                doc.id,
-                doc.lookup,
-                doc.owner,
-                doc.created_at as i64,
-                doc.version as i64,
-                doc.body
-            ])
-            .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
-            Ok(())
-        })
+        self.with(|c| insert_document_row(c, doc))
     }
 
     fn insert_document_within(&self, doc: &Document, max: u64) -> Result<bool> {
@@ -1084,30 +1087,17 @@ impl Queries for SqliteQueries {
             // One write transaction: SQLite lets one writer in at a time, so nothing is inserted
             // between the count and the insert.
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(unavailable)?;
-            let count: i64 = tx
-                .prepare_cached("SELECT COUNT(*) FROM documents WHERE kind = ?1 AND owner = ?2")
-                .map_err(unavailable)?
-                .query_row(params![doc.kind, doc.owner], |r| r.get(0))
-                .map_err(unavailable)?;
-            if doc.owner.is_some() && count as u64 >= max {
-                return Ok(false);
+            if let Some(owner) = &doc.owner {
+                let count: i64 = tx
+                    .prepare_cached("SELECT COUNT(*) FROM documents WHERE kind = ?1 AND owner = ?2")
+                    .map_err(unavailable)?
+                    .query_row(params![doc.kind, owner], |r| r.get(0))
+                    .map_err(unavailable)?;
+                if count as u64 >= max {
+                    return Ok(false);
+                }
             }
-            tx.prepare_cached(
-                "INSERT INTO documents (kind, tenant_id, id, lookup, owner, created_at, version, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            .map_err(unavailable)?
-            .execute(params![
-                doc.kind,
-                uuid_bytes(doc.tenant_id),
-                doc.id,
-                doc.lookup,
-                doc.owner,
-                doc.created_at as i64,
-                doc.version as i64,
-                doc.body
-            ])
-            .map_err(|e| map_conflict(e, "a document with this id or lookup exists"))?;
+            insert_document_row(&tx, doc)?;
             tx.commit().map_err(unavailable)?;
             Ok(true)
         })

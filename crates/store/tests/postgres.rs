@@ -34,10 +34,8 @@ fn a_newer_schema_is_refused() {
     assert!(store::Store::append_audit_beside(&location, signer, Vec::new()).is_err());
 }
 
-/// The count under a limit holds whatever the server's default isolation is: under repeatable
-/// read, a snapshot taken before the lock was granted would miss the last holder's insert.
-#[test]
-fn counted_inserts_hold_under_a_repeatable_read_default() {
+/// A fresh, migrated database whose connections default to repeatable read.
+fn repeatable_read_database() -> Location {
     let url = store::testing::fresh_postgres_database();
     let location = Location::Postgres(url.clone());
     store::Store::migrate(&location).unwrap();
@@ -46,6 +44,14 @@ fn counted_inserts_hold_under_a_repeatable_read_default() {
     client
         .batch_execute(&format!("ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'"))
         .unwrap();
+    location
+}
+
+/// The count under a limit holds whatever the server's default isolation is: under repeatable
+/// read, a snapshot taken before the lock was granted would miss the last holder's insert.
+#[test]
+fn counted_inserts_hold_under_a_repeatable_read_default() {
+    let location = repeatable_read_database();
     let queries = store::Store::open_queries(&location).unwrap();
     let q = queries.as_ref();
     let inserted = std::thread::scope(|s| {
@@ -78,14 +84,7 @@ fn counted_inserts_hold_under_a_repeatable_read_default() {
 #[test]
 fn two_writers_under_a_repeatable_read_default() {
     use ledger::*;
-    let url = store::testing::fresh_postgres_database();
-    let location = Location::Postgres(url.clone());
-    store::Store::migrate(&location).unwrap();
-    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let database: String = client.query_one("SELECT current_database()", &[]).unwrap().get(0);
-    client
-        .batch_execute(&format!("ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'"))
-        .unwrap();
+    let location = repeatable_read_database();
     let tenant = TenantId(9);
     let account = |id: u128, flags: u16| {
         AccountCommand::Create(NewAccount {
