@@ -6,7 +6,32 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
+
+/// POSTs to `path` four times on each node at once, each with its own `body()`; the answers as
+/// (status, body), in no particular order.
+async fn post_four_on_each(
+    nodes: [std::net::SocketAddr; 2],
+    path: &str,
+    key: &str,
+    body: impl Fn() -> Value,
+) -> Vec<(u16, Value)> {
+    let mut tasks = Vec::new();
+    for addr in nodes {
+        for _ in 0..4 {
+            let (path, key, body) = (path.to_owned(), key.to_owned(), body());
+            tasks.push(tokio::spawn(async move {
+                let r = rtpay::client::Client::new(addr).post(&path, &key, &body).await.unwrap();
+                (r.status.as_u16(), r.json())
+            }));
+        }
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers
+}
 
 #[test]
 fn two_nodes_share_one_ledger_without_overdraft_or_deadlock() {
@@ -134,21 +159,9 @@ fn a_charge_is_paid_once_and_refunds_stay_within_the_pix_across_nodes() {
                 .unwrap();
             assert_eq!(r.status, 201, "{:?}", r.json());
             let brcode = r.json()["pixCopiaECola"].clone();
-            let mut tasks = Vec::new();
-            for addr in [a.addr, b.addr] {
-                for _ in 0..4 {
-                    let (wallet, maria, brcode) = (wallet.clone(), maria.clone(), brcode.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let mut c = rtpay::client::Client::new(addr);
-                        let body = json!({"id": uuid(), "debit_account_id": maria, "amount": 1_000, "brcode": brcode});
-                        let r = c.post("/v1/pix/payments", &wallet, &body).await.unwrap();
-                        (r.status.as_u16(), r.json())
-                    }));
-                }
-            }
+            let pay = || json!({"id": uuid(), "debit_account_id": maria, "amount": 1_000, "brcode": brcode});
             let mut completed = 0;
-            for t in tasks {
-                let (status, v) = t.await.unwrap();
+            for (status, v) in post_four_on_each([a.addr, b.addr], "/v1/pix/payments", &wallet, pay).await {
                 match (status, v["status"].as_str(), v["code"].as_str()) {
                     (201, Some("completed"), _) => {
                         completed += 1;
@@ -224,21 +237,9 @@ fn a_charge_is_paid_once_and_refunds_stay_within_the_pix_across_nodes() {
             .unwrap();
         assert_eq!(r.status, 200, "{:?}", r.json());
         assert_eq!(r.json()["limits"]["daily"], json!(3_000), "lowering applies at once");
-        let mut tasks = Vec::new();
-        for addr in [a.addr, b.addr] {
-            for _ in 0..4 {
-                let (wallet, joana) = (wallet.clone(), joana.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut c = rtpay::client::Client::new(addr);
-                    let body = json!({"id": uuid(), "debit_account_id": joana, "amount": 1_000, "key": CNPJ});
-                    let r = c.post("/v1/pix/payments", &wallet, &body).await.unwrap();
-                    (r.status.as_u16(), r.json())
-                }));
-            }
-        }
+        let pay = || json!({"id": uuid(), "debit_account_id": joana, "amount": 1_000, "key": CNPJ});
         let mut paid = 0;
-        for t in tasks {
-            let (status, v) = t.await.unwrap();
+        for (status, v) in post_four_on_each([a.addr, b.addr], "/v1/pix/payments", &wallet, pay).await {
             match (status, v["status"].as_str(), v["reason"].as_str().or(v["code"].as_str())) {
                 (201, Some("completed"), _) => paid += 1,
                 (201, Some("rejected"), Some("limit_exceeded")) | (503, _, Some("unavailable")) => {}
@@ -249,21 +250,10 @@ fn a_charge_is_paid_once_and_refunds_stay_within_the_pix_across_nodes() {
         assert_eq!(balance(&mut c, &wallet, &joana).await["available"], json!(100_000 - paid * 1_000));
 
         // A person's account has at most five keys, however many nodes register them at once.
-        let mut tasks = Vec::new();
-        for addr in [a.addr, b.addr] {
-            for _ in 0..4 {
-                let (wallet, joana) = (wallet.clone(), joana.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut c = rtpay::client::Client::new(addr);
-                    let r =
-                        c.post("/v1/pix/keys", &wallet, &json!({"account_id": joana, "type": "evp"})).await.unwrap();
-                    (r.status.as_u16(), r.json())
-                }));
-            }
-        }
+        let key = || json!({"account_id": joana, "type": "evp"});
         let mut registered = 0;
-        for t in tasks {
-            match t.await.unwrap() {
+        for answer in post_four_on_each([a.addr, b.addr], "/v1/pix/keys", &wallet, key).await {
+            match answer {
                 (201, _) => registered += 1,
                 (422, v) if v["code"] == "key_limit" => {}
                 (status, v) => panic!("unexpected answer {status}: {v}"),
