@@ -127,17 +127,6 @@ pub async fn create_key(
             }
             let owner = account_owner(tenant_id, account);
             let max = if p.person { KEYS_PER_ACCOUNT_PERSON } else { KEYS_PER_ACCOUNT_COMPANY };
-            let too_many = || {
-                Ok(Err(Problem::invalid(
-                    "account_id",
-                    "key_limit",
-                    format!("the account has {max} keys, the most a {} may have", holder.kind),
-                )))
-            };
-            // Refused early when it is certain; the insert below counts again, atomically.
-            if q.count_documents(KEY_KIND, &owner)? >= max {
-                return too_many();
-            }
             let dek = vault.data_key(q, tenant_id)?;
             let stored = StoredKey {
                 id: id.clone(),
@@ -159,7 +148,11 @@ pub async fn create_key(
             };
             match q.insert_document_within(&doc, max) {
                 Ok(true) => Ok(Ok(())),
-                Ok(false) => too_many(),
+                Ok(false) => Ok(Err(Problem::invalid(
+                    "account_id",
+                    "key_limit",
+                    format!("the account has {max} keys, the most a {} may have", holder.kind),
+                ))),
                 Err(store::StoreError::Conflict(_)) => Ok(Err(Problem::new(
                     StatusCode::CONFLICT,
                     "key_exists",
