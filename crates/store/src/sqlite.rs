@@ -672,6 +672,11 @@ fn write_audit(
     Ok(append.frontier)
 }
 
+/// An account's internal number: as committed, or given in the open batch.
+fn number_of(numbers: &HashMap<AccountKey, i64>, assigned: &[(AccountKey, i64)], key: &AccountKey) -> Option<i64> {
+    numbers.get(key).copied().or_else(|| assigned.iter().find(|(k, _)| k == key).map(|(_, no)| *no))
+}
+
 impl SqliteWriter {
     fn write_audit(&mut self, drafts: &[(Timestamp, audit::Draft)]) -> Result<()> {
         self.pending_frontier = Some(write_audit(&self.conn, &self.frontier, drafts, &self.signer)?);
@@ -679,7 +684,7 @@ impl SqliteWriter {
     }
 
     fn number(&self, key: &AccountKey) -> Option<i64> {
-        self.numbers.get(key).copied().or_else(|| self.assigned.iter().find(|(k, _)| k == key).map(|(_, no)| *no))
+        number_of(&self.numbers, &self.assigned, key)
     }
 
     fn write(&mut self, changes: &[Changes]) -> Result<()> {
@@ -711,10 +716,7 @@ impl SqliteWriter {
                 let tenant = TenantId(r.tenant_id);
                 for (side, account) in [debit, credit].into_iter().enumerate() {
                     let key = AccountKey { tenant, id: AccountId(account) };
-                    nos[side] = numbers
-                        .get(&key)
-                        .copied()
-                        .or_else(|| assigned.iter().find(|(k, _)| *k == key).map(|(_, no)| *no));
+                    nos[side] = number_of(numbers, assigned, &key);
                     prevs[side] = match batch_heads.entry(key) {
                         std::collections::hash_map::Entry::Occupied(mut seen) => {
                             Some(std::mem::replace(seen.get_mut(), (r.timestamp, false)).0)
