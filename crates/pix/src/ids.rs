@@ -30,12 +30,32 @@ pub fn valid_refund_id(text: &str) -> bool {
     (1..=35).contains(&text.len()) && alnum(text)
 }
 
-/// `prefix` (`E` payment, `D` refund) + ISPB + `yyyyMMddHHmm` (UTC) + 11 characters drawn from
-/// `random` (any bytes; each picks one of 62 letters and digits).
-pub fn end_to_end_id(prefix: char, ispb: &str, at: Timestamp, random: [u8; 11]) -> String {
+/// Letters and digits of an EndToEndId's tail that come from the clock; the rest are random.
+pub const E2E_TIME_CHARS: usize = 5;
+/// The random letters and digits that end an EndToEndId.
+pub const E2E_RANDOM_CHARS: usize = 11 - E2E_TIME_CHARS;
+
+/// `prefix` (`E` payment, `D` refund) + ISPB + `yyyyMMddHHmm` (UTC) + 11 letters and digits: the
+/// microsecond within the minute in five base-62 digits, then six drawn from `random` (any bytes;
+/// each picks one of 62). The SPI asks only that the tail make the id unique; making its head
+/// the time means ids sort as they are made (`0-9A-Za-z` is ASCII order), so an index of them —
+/// the receiver's record of every Pix — grows at its right edge instead of on a random page per
+/// payment. Two ids of the same microsecond differ by the random part (62^6 ≈ 5.7 × 10^10).
+pub fn end_to_end_id(prefix: char, ispb: &str, at: Timestamp, random: [u8; E2E_RANDOM_CHARS]) -> String {
     let (y, mo, d) = civil_date(at);
     let (h, mi, _) = civil_time(at);
-    let tail: String = random.iter().map(|b| ALNUM[usize::from(*b) % ALNUM.len()] as char).collect();
+    const MICROS_PER_MINUTE: u64 = 60_000_000;
+    const _: () = assert!(MICROS_PER_MINUTE <= 62u64.pow(E2E_TIME_CHARS as u32));
+    let mut micros = (at / 1_000) % MICROS_PER_MINUTE;
+    let mut tail = [b'0'; 11];
+    for c in tail[..E2E_TIME_CHARS].iter_mut().rev() {
+        *c = ALNUM[(micros % 62) as usize];
+        micros /= 62;
+    }
+    for (c, b) in tail[E2E_TIME_CHARS..].iter_mut().zip(random) {
+        *c = ALNUM[usize::from(b) % ALNUM.len()];
+    }
+    let tail = std::str::from_utf8(&tail).expect("ASCII");
     format!("{prefix}{ispb}{y:04}{mo:02}{d:02}{h:02}{mi:02}{tail}")
 }
 
@@ -65,16 +85,33 @@ mod tests {
     fn end_to_end_ids_follow_the_rule() {
         // 2026-11-24T13:05:00Z
         let at = 1_795_525_500 * 1_000_000_000;
-        let id = end_to_end_id('E', "12345678", at, [0, 1, 2, 61, 62, 255, 10, 36, 35, 9, 100]);
+        // 12.345678 s into the minute: 12,345,678 µs is `0pnfq` in base 62.
+        let id = end_to_end_id('E', "12345678", at + 12_345_678_901, [0, 61, 62, 255, 36, 100]);
         assert_eq!(id.len(), 32);
         assert_eq!(&id[..21], "E12345678202611241305");
-        assert_eq!(&id[21..], "012z07AaZ9c");
+        assert_eq!(&id[21..], "0pnfq0z07ac");
         assert!(valid_end_to_end_id('E', &id));
         assert!(!valid_end_to_end_id('D', &id));
         assert!(!valid_end_to_end_id('E', &id[..31]));
         assert!(valid_end_to_end_id('E', "E9999999920240101000011111111111"));
         assert!(!valid_end_to_end_id('E', "E9999999920241301000011111111111"), "month 13");
         assert!(valid_end_to_end_id('D', "DAB12CD3420240101235911111111111"), "alphanumeric ISPB");
+    }
+
+    #[test]
+    fn end_to_end_ids_sort_as_they_are_made() {
+        let start = 1_795_525_500 * 1_000_000_000;
+        let mut last = String::new();
+        // Every 7 ms over two minutes, crossing the minute and the hour's digits.
+        for step in 0..(120_000 / 7) {
+            let id = end_to_end_id('E', "12345678", start + step * 7_000_000, [255; E2E_RANDOM_CHARS]);
+            assert!(valid_end_to_end_id('E', &id), "{id}");
+            assert!(id > last, "{id} after {last}");
+            last = id;
+        }
+        // The last microsecond of a minute is the largest tail.
+        let end = end_to_end_id('E', "12345678", start + 59_999_999_000, [0; E2E_RANDOM_CHARS]);
+        assert_eq!(&end[21..26], "43kjv", "59,999,999 µs in base 62");
     }
 
     #[test]

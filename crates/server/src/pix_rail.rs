@@ -561,11 +561,15 @@ pub fn concluded_cob(doc: &store::Document, e2e: &str) -> Option<store::Record> 
 }
 
 /// The ledger id of a payment's `n`th transfer (1, 2: the on-us chain; 1: an off-us hold, 2: its
-/// post or void).
+/// post or void). It sorts where the payment's id sorts (see [`crate::auth::Keys::derived_id_near`]).
 pub fn payment_transfer(state: &AppState, tenant: u128, payment_id: &str, n: u32) -> TransferKey {
+    // The payment's id is a UUID, parsed on the way in; anything else (not reachable) sorts first.
+    let anchor = uuid::Uuid::parse_str(payment_id).map_or(0, |u| u.as_u128());
     TransferKey {
         tenant: TenantId(tenant),
-        id: TransferId(state.keys.derived_id(b"pix-transfer", tenant, &format!("{payment_id}:{n}")).as_u128()),
+        id: TransferId(
+            state.keys.derived_id_near(b"pix-transfer", tenant, &format!("{payment_id}:{n}"), anchor).as_u128(),
+        ),
     }
 }
 
@@ -876,7 +880,13 @@ pub fn reconcile(
     if view.status != "processing" {
         return Ok(view);
     }
-    if let Some(ledger::Entry::Created(hold)) = q.entry(payment_transfer(state, tenant, &view.id, 1))? {
+    let mut hold = q.entry(payment_transfer(state, tenant, &view.id, 1))?;
+    if hold.is_none() {
+        // A payment stored by an earlier rtpay, whose transfer ids were the keyed hash alone.
+        let legacy = state.keys.derived_id(b"pix-transfer", tenant, &format!("{}:1", view.id)).as_u128();
+        hold = q.entry(TransferKey { tenant: TenantId(tenant), id: TransferId(legacy) })?;
+    }
+    if let Some(ledger::Entry::Created(hold)) = hold {
         match hold.state {
             ledger::PendingState::Posted => view.status = "completed".into(),
             ledger::PendingState::Voided | ledger::PendingState::Expired => {

@@ -1285,8 +1285,7 @@ pub async fn refund_put(
         ));
     }
     let ispb = state.ispb()?.to_owned();
-    let mut random = [0u8; 11];
-    random.copy_from_slice(&random_32()[..11]);
+    let random = crate::auth::random_bytes();
     let rtr_id = pix::ids::end_to_end_id('D', &ispb, now, random);
     let account = uuid::Uuid::parse_str(&received.credit_account_id).map_err(corrupt)?.as_u128();
     let events = refund_events(&state, &audit, tenant_id, account, &received, &id, centavos).await?;

@@ -294,8 +294,7 @@ pub async fn resolve_claim(
     resolved.status = if returning { "returned" } else { "released" }.into();
     resolved.resolved_at = Some(rfc3339(now));
     let refund = returning.then(|| {
-        let mut random = [0u8; 11];
-        random.copy_from_slice(&crate::auth::random_32()[..11]);
+        let random = crate::auth::random_bytes();
         RefundDoc {
             refund: StoredRefund {
                 id: "MED".into(),

@@ -1083,8 +1083,7 @@ pub async fn create_payment(
                 None => crate::pix_rail::limit_guards(&limits, night_window, payer.holder, amount, now),
                 Some(_) => Vec::new(),
             };
-            let mut random = [0u8; 11];
-            random.copy_from_slice(&random_32()[..11]);
+            let random = crate::auth::random_bytes();
             let view = PaymentView {
                 id: id2.clone(),
                 end_to_end_id: pix::ids::end_to_end_id('E', &ispb2, now, random),
@@ -1273,8 +1272,7 @@ pub async fn sandbox_incoming(
             ))
         }
         None => {
-            let mut random = [0u8; 11];
-            random.copy_from_slice(&crate::auth::random_32()[..11]);
+            let random = crate::auth::random_bytes();
             pix::ids::end_to_end_id('E', &body.payer.ispb, now, random)
         }
     };
