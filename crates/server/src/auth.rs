@@ -481,6 +481,28 @@ mod tests {
     }
 
     #[test]
+    fn ids_derived_near_an_anchor_sort_with_it() {
+        let keys = Keys::new([7; 32], "op");
+        // Two UUIDv7 payment ids a millisecond apart, the earlier one with the larger random part.
+        let early = 0x0190_0000_0001_7fff_bfff_ffff_ffff_ffffu128;
+        let late = 0x0190_0000_0002_7000_8000_0000_0000_0000u128;
+        let a = keys.derived_id_near(b"pix-transfer", 1, "early:1", early).as_u128();
+        let b = keys.derived_id_near(b"pix-transfer", 1, "early:2", early).as_u128();
+        let c = keys.derived_id_near(b"pix-transfer", 1, "late:1", late).as_u128();
+        assert_eq!(a >> 64, early >> 64, "the anchor's upper half, version included");
+        assert!(a < c && b < c, "ids sort where their anchors sort");
+        assert_ne!(a, b, "distinct per key");
+        assert_eq!(a, keys.derived_id_near(b"pix-transfer", 1, "early:1", early).as_u128(), "stable");
+        assert_ne!(a, keys.derived_id_near(b"pix-transfer", 2, "early:1", early).as_u128(), "per tenant");
+        let uuid = uuid::Uuid::from_u128(a);
+        assert_eq!(uuid.get_version_num(), 7);
+        assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
+        // The lower half is the keyed hash's, not anything the anchor shows.
+        let other = Keys::new([8; 32], "op");
+        assert_ne!(a, other.derived_id_near(b"pix-transfer", 1, "early:1", early).as_u128());
+    }
+
+    #[test]
     fn hex_round_trips() {
         let bytes = random_32();
         assert_eq!(unhex(&hex(&bytes)).unwrap(), bytes);
