@@ -17,6 +17,7 @@ mod postgres;
 mod rows;
 mod sqlite;
 mod sqlite_pcache;
+mod sqlite_wal;
 
 pub mod conformance;
 pub mod testing;

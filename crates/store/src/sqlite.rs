@@ -53,10 +53,12 @@ fn corrupt(e: String) -> StoreError {
 
 fn connect(path: &Path) -> Result<Connection> {
     crate::sqlite_pcache::install();
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = if crate::sqlite_wal::install() {
+        Connection::open_with_flags_and_vfs(path, flags, crate::sqlite_wal::VFS_NAME)
+    } else {
+        Connection::open_with_flags(path, flags)
+    }
     .map_err(unavailable)?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(unavailable)?;
     // rusqlite keeps 16 prepared statements by default; the writer's batch alone runs more than
@@ -71,6 +73,10 @@ fn connect(path: &Path) -> Result<Connection> {
     if mode != "wal" {
         return Err(StoreError::Unavailable(format!("sqlite refused WAL mode (got {mode})")));
     }
+    // Every commit syncs the WAL: what is acknowledged is durable, and `sqlite_wal` writes its
+    // gathered frames at that sync, before any other connection can see them committed.
+    let synchronous: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(unavailable)?;
+    assert_eq!(synchronous, 2, "every connection commits with synchronous = FULL");
     Ok(conn)
 }
 
