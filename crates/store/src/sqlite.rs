@@ -1967,6 +1967,24 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+    /// SQLite is built without its process-wide locks on every page fetch and allocation
+    /// (`.cargo/config.toml`): each connection's page cache is its own, and allocations keep no
+    /// statistics. With either lock back, the writer waits on the readers.
+    #[test]
+    fn sqlite_is_built_without_process_wide_cache_and_malloc_locks() {
+        let conn = Connection::open_in_memory().unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(options.iter().any(|o| o == "THREADSAFE=1"), "{options:?}");
+        assert!(!options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"), "{options:?}");
+        assert!(options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "{options:?}");
+    }
+
     /// A data directory written by schema version 1 (ids looked up by hash) opens under version 2
     /// with every transfer still found by id, and passes verification.
     #[test]
