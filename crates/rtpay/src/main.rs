@@ -9,6 +9,15 @@ use clap::{Args, Parser, Subcommand};
 use rtpay::serve::{init_logging, run, shutdown_signal, ServeConfig};
 use store::Location;
 
+/// jemalloc for every allocation of the process: Rust's through this allocator, SQLite's and
+/// every other C library's through the `malloc` it exports. Under the Pix and HTTP benchmarks the
+/// tokio workers spent a quarter of their waiting on glibc's arena locks (memory allocated on one
+/// thread and freed on another: a request's on a worker, a batch's on the writer); with jemalloc
+/// the HTTP peak rose 20 % and the Pix peak 15 % in the same sitting (docs/BENCHMARKS.md).
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rtpay",
@@ -460,4 +469,30 @@ fn main() -> ExitCode {
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+#[cfg(all(test, target_os = "linux", not(target_env = "musl")))]
+mod tests {
+    /// C code's `malloc` (SQLite's page cache, for one) is jemalloc's, linked into this binary,
+    /// not glibc's: one allocator, without glibc's arena locks.
+    #[test]
+    fn c_allocations_go_to_jemalloc() {
+        let mut info = unsafe { std::mem::zeroed::<libc::Dl_info>() };
+        // SAFETY: dladdr only reads the address and fills `info`.
+        let found = unsafe { libc::dladdr(libc::malloc as *const libc::c_void, &mut info) };
+        assert_ne!(found, 0, "malloc has no symbol information");
+        // SAFETY: dladdr set a NUL-terminated path of the object holding the symbol.
+        let object = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }.to_string_lossy().into_owned();
+        assert!(!object.contains("libc.so"), "malloc resolves to glibc's ({object})");
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(std::fs::canonicalize(&object).unwrap(), std::fs::canonicalize(exe).unwrap());
+        // And it works as one: memory from C's malloc is usable and freed by C's free.
+        let p = unsafe { libc::malloc(4096) } as *mut u8;
+        assert!(!p.is_null());
+        unsafe {
+            p.write_bytes(0xAB, 4096);
+            assert_eq!(*p.add(4095), 0xAB);
+            libc::free(p as *mut libc::c_void);
+        }
+    }
 }
