@@ -289,6 +289,37 @@ DROP INDEX transfers_by_debit;
 DROP INDEX transfers_by_credit;
 "#,
     },
+    Migration {
+        version: 10,
+        name: "documents in a rowid table, lookup and owner indexes partial",
+        sql: r#"
+-- A WITHOUT ROWID table keeps whole rows in its interior pages as well as its leaves, and a
+-- document (a Pix payment, a received Pix, a charge: JSON of half a kilobyte and more) is far
+-- past the twentieth of a page where SQLite advises against one: few rows per interior page,
+-- deep trees, a split for every few inserts. As a rowid table the bodies sit in leaves appended
+-- in insertion order, and the id becomes a small unique index. Documents without a lookup (a
+-- received Pix) or an owner take no entry in those indexes.
+CREATE TABLE documents_v10 (
+    kind TEXT NOT NULL,
+    tenant_id BLOB NOT NULL,
+    id TEXT NOT NULL,
+    lookup TEXT,
+    owner TEXT,
+    created_at INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+INSERT INTO documents_v10 (kind, tenant_id, id, lookup, owner, created_at, version, body)
+    SELECT kind, tenant_id, id, lookup, owner, created_at, version, body FROM documents
+    ORDER BY created_at, kind, tenant_id, id;
+DROP TABLE documents;
+ALTER TABLE documents_v10 RENAME TO documents;
+CREATE UNIQUE INDEX documents_by_id ON documents (kind, tenant_id, id);
+CREATE UNIQUE INDEX documents_by_lookup ON documents (kind, lookup) WHERE lookup IS NOT NULL;
+CREATE INDEX documents_by_owner ON documents (kind, owner) WHERE owner IS NOT NULL;
+CREATE INDEX documents_by_time ON documents (kind, tenant_id, created_at, id);
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[

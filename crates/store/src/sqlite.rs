@@ -2139,6 +2139,70 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// Documents stored in the version 9 table (WITHOUT ROWID) come through the move to a rowid
+    /// table whole: found by id, by lookup, by owner and by time; the id and the lookup stay
+    /// unique; a document without a lookup or owner is still found by id and time.
+    #[test]
+    fn version_9_documents_migrate_to_a_rowid_table() {
+        let dir = std::env::temp_dir().join(format!("rtpay-migrate10-{}-{}", std::process::id(), now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tenant = 7u128;
+        let doc = |id: &str, lookup: Option<&str>, owner: Option<&str>, at: u64| Document {
+            kind: "pix-payment".into(),
+            tenant_id: tenant,
+            id: id.into(),
+            lookup: lookup.map(Into::into),
+            owner: owner.map(Into::into),
+            created_at: at,
+            version: 1,
+            body: format!(r#"{{"id":"{id}","pad":"{}"}}"#, "x".repeat(600)),
+        };
+        let old = [
+            doc("b", Some("E2"), Some("acct:1"), 20),
+            doc("a", Some("E1"), Some("acct:1"), 10),
+            doc("c", None, None, 30),
+        ];
+        {
+            let mut conn = connect(&dir.join(DB_FILE)).unwrap();
+            assert_eq!(apply_migrations(&mut conn, &SQLITE[..9]).unwrap(), (1..=9).collect::<Vec<_>>());
+            for d in &old {
+                insert_document_row(&conn, d).unwrap();
+            }
+            let without_rowid: String =
+                conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'documents'", [], |r| r.get(0)).unwrap();
+            assert!(without_rowid.contains("WITHOUT ROWID"));
+        }
+        let store = crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap();
+        let q = &store.queries;
+        for d in &old {
+            assert_eq!(q.document("pix-payment", tenant, &d.id).unwrap().as_ref(), Some(d));
+        }
+        assert_eq!(q.document_by_lookup("pix-payment", "E1").unwrap().unwrap().id, "a");
+        assert_eq!(q.count_documents("pix-payment", "acct:1").unwrap(), 2);
+        let owned: Vec<String> =
+            q.documents_by_owner("pix-payment", "acct:1", 10).unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(owned, ["a", "b"]);
+        let listed = q
+            .documents(&DocumentQuery {
+                kind: "pix-payment",
+                tenant_id: tenant,
+                from: 0,
+                to: u64::MAX,
+                owner: None,
+                after: None,
+                limit: 10,
+            })
+            .unwrap();
+        assert_eq!(listed.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        // Still unique: the id per kind and tenant, the lookup per kind (two without one are fine).
+        assert!(matches!(q.insert_document(&doc("a", Some("E9"), None, 40)), Err(StoreError::Conflict(_))));
+        assert!(matches!(q.insert_document(&doc("d", Some("E1"), None, 40)), Err(StoreError::Conflict(_))));
+        q.insert_document(&doc("e", None, None, 50)).unwrap();
+        assert_eq!(q.document("pix-payment", tenant, "e").unwrap().unwrap().created_at, 50);
+        store.close();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// One batch whose parts write the same account more than once (its creation, then a transfer
     /// to it; an expiry and a transfer on one account) links and stores the heads right.
     #[test]
