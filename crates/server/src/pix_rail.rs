@@ -579,13 +579,15 @@ const HOLD_MARGIN_SECONDS: u64 = 30;
 /// Tries to record an SPI verdict (1, 2, 4, 8, 8 ... s apart: within the hold's margin).
 const VERDICT_TRIES: u32 = 5;
 
-fn payment_document(tenant: u128, account: u128, version: u64, at: u64, stored: &StoredPayment) -> store::Record {
+fn payment_document(tenant: u128, version: u64, at: u64, stored: &StoredPayment) -> store::Record {
     store::Record::Document(store::Document {
         kind: PAYMENT_KIND.into(),
         tenant_id: tenant,
         id: stored.view.id.clone(),
         lookup: Some(stored.view.end_to_end_id.clone()),
-        owner: Some(account_owner(tenant, account)),
+        // No owner: the paying account is in the body, and nothing counts or lists payments by
+        // account; an owner would cost an index entry in the writer's batch.
+        owner: None,
         created_at: at,
         version,
         body: serde_json::to_string(stored).expect("serializable"),
@@ -684,7 +686,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                         received_at_nanos: now,
                         payer_account: Some(account_owner(payer.tenant, payer.account)),
                     };
-                    records.push(received_document(tenant, account, now, &received));
+                    records.push(received_document(tenant, now, &received));
                     // The webhook's delivery is due from this commit on (the API Pix notifies Pix
                     // with a txid only).
                     if let (Some(index), Some(txid)) = (&key_index, &view.txid) {
@@ -709,7 +711,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             }
         }
         let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone() };
-        records.push(payment_document(payer.tenant, payer.account, 1, now, &stored));
+        records.push(payment_document(payer.tenant, 1, now, &stored));
         (view, records)
     };
     let conclude = Arc::new(conclude);
@@ -758,7 +760,6 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             };
             let in_flight = InFlight {
                 tenant: payer_tenant,
-                account: p.payer.account,
                 holder: p.payer.holder,
                 at: now,
                 view: view.clone(),
@@ -770,7 +771,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     Ok((view, result != TransferResult::Exists || p.refused.is_some()))
 }
 
-pub fn received_document(tenant: u128, account: u128, at: u64, received: &StoredReceived) -> store::Record {
+pub fn received_document(tenant: u128, at: u64, received: &StoredReceived) -> store::Record {
     store::Record::Document(store::Document {
         kind: RECEIVED_KIND.into(),
         tenant_id: tenant,
@@ -778,7 +779,10 @@ pub fn received_document(tenant: u128, account: u128, at: u64, received: &Stored
         // Unique per tenant by its id; a lookup across tenants could collide with a sandbox
         // client's EndToEndId and fail the whole writer batch.
         lookup: None,
-        owner: Some(account_owner(tenant, account)),
+        // No owner: the credited account is in the body, and nothing counts or lists received
+        // Pix by account; an owner would cost an index entry (a random page, one per payee) in
+        // the writer's batch.
+        owner: None,
         created_at: at,
         version: 1,
         body: serde_json::to_string(received).expect("serializable"),
@@ -790,7 +794,6 @@ pub fn received_document(tenant: u128, account: u128, at: u64, received: &Stored
 /// An off-us payment waiting for its verdict.
 struct InFlight {
     tenant: u128,
-    account: u128,
     holder: u128,
     /// When it was committed (its documents' and counters' time).
     at: u64,
@@ -799,7 +802,7 @@ struct InFlight {
 }
 
 async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer) {
-    let InFlight { tenant, account, holder, at, view, fingerprint } = p;
+    let InFlight { tenant, holder, at, view, fingerprint } = p;
     let amount = transfer.amount;
     let connector = state.pix_runtime.connector.clone();
     let verdict = match tokio::time::timeout(state.pix.spi_timeout, connector.send(transfer)).await {
@@ -856,7 +859,7 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
             }
         }
         let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone() };
-        records.push(payment_document(tenant, account, 2, at, &stored));
+        records.push(payment_document(tenant, 2, at, &stored));
         records
     });
     // The same transfer id on every try, so a retry never moves money twice; the hold outlives the

@@ -1398,7 +1398,7 @@ pub async fn sandbox_incoming(
     };
     let record = received.clone();
     let guards = concludes.iter().map(store::Guard::of).collect();
-    let (account, tenant_for) = (payee.account, tenant_id);
+    let tenant_for = tenant_id;
     // The API Pix notifies Pix associated with a txid only; the delivery is due from the commit on.
     let key_index = key_index.filter(|_| received.txid.is_some());
     let outbox = key_index.clone().map(|index| {
@@ -1413,7 +1413,7 @@ pub async fn sandbox_incoming(
     });
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => {
-            let mut records = vec![received_document(tenant_for, account, now, &record)];
+            let mut records = vec![received_document(tenant_for, now, &record)];
             records.extend(concludes.as_ref().and_then(|d| concluded_cob(d, &record.end_to_end_id)));
             records.extend(outbox.clone());
             records
