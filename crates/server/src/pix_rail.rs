@@ -718,13 +718,13 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     // What the commit writes when the payment settles (or is refused before any money moves: then
     // the result does not matter), made here and not on the writer's thread, which is the one
     // every payment waits for: the documents' JSON was 8 % of its time.
-    let refused = p.refused.is_some();
+    let is_refused = p.refused.is_some();
     let (expected_view, expected_records) = conclude(TransferResult::Created);
     let ready = std::sync::Mutex::new(Some(expected_records));
     let in_batch = conclude.clone();
     let records: store::RecordsFn = Box::new(move |reply| {
         let result = reply.chain_result();
-        if refused || result == TransferResult::Created {
+        if is_refused || result == TransferResult::Created {
             if let Some(records) = ready.lock().expect("not poisoned").take() {
                 return records;
             }
@@ -737,8 +737,8 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     let guards = p.concludes.iter().map(store::Guard::of).chain(p.limit_guards.iter().cloned()).collect();
     let reply = crate::routes::submit_guarded(state, audit, command, Some(records), guards).await?;
     let result = reply.chain_result();
-    let view = if refused || result == TransferResult::Created { expected_view } else { conclude(result).0 };
-    if result == TransferResult::Created && p.refused.is_none() {
+    let view = if is_refused || result == TransferResult::Created { expected_view } else { conclude(result).0 };
+    if result == TransferResult::Created && !is_refused {
         // The commit wrote the webhook's outbox entry (a Pix with a txid, on a key): deliver it.
         if let (Payee::OnUs(payee), Some(_), Some(_)) = (&p.payee, &view.txid, &p.payee_key_index) {
             crate::webhook::notify(state, payee.tenant, view.end_to_end_id.clone());
@@ -768,7 +768,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             tokio::spawn(settle_off_us(state.clone(), in_flight, transfer));
         }
     }
-    Ok((view, result != TransferResult::Exists || p.refused.is_some()))
+    Ok((view, result != TransferResult::Exists || is_refused))
 }
 
 pub fn received_document(tenant: u128, at: u64, received: &StoredReceived) -> store::Record {
