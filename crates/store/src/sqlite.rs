@@ -363,8 +363,10 @@ const CATCH_UP_FRAMES: i64 = 256;
 /// ...trying at most this many passes.
 const CATCH_UP_PASSES_MAX: usize = 50;
 
-/// How often the background thread checkpoints the WAL.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often the background thread checkpoints the WAL: often, so that each pass has few pages
+/// to trickle to the disk (see `sqlite_wal::trickle`). In the card benchmark, 25 ms against
+/// 100 ms took the authorization p99 from 2.2 to 1.7–1.9 ms.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The longest the checkpointer waits for the writer to reach the gate (an idle writer never does,
 /// and then needs no holding).
@@ -444,6 +446,13 @@ impl Checkpointer {
                 }
             }
         };
+        // The checkpoints' copies are handed to the disk as they are made (see
+        // `sqlite_wal::trickle`); write-back is per file, so this descriptor (the thread's for its
+        // life) serves for all.
+        let file = std::fs::File::open(&path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let trickle = move |pace: bool| crate::sqlite_wal::trickle(fd, pace);
         let thread = std::thread::Builder::new()
             .name("rtpay-checkpoint".into())
             .spawn(move || loop {
@@ -451,6 +460,7 @@ impl Checkpointer {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
+                let paced = trickle(true);
                 let Some((log, _)) = checkpoint(&conn) else { continue };
                 if log <= WAL_FRAMES_MAX {
                     continue;
@@ -465,12 +475,14 @@ impl Checkpointer {
                 }
                 // Flush what the passes copied now, so that the pass below, which must sync the
                 // database file before the WAL may start over, has little left to flush.
-                if let Err(e) = std::fs::File::open(&path).and_then(|f| f.sync_data()) {
+                if let Err(e) = file.sync_data() {
                     tracing::warn!(error = %e, "syncing the database file failed");
                 }
                 // With the writer held, this pass copies the last frames; the writer's next batch
                 // then writes the WAL from its start.
+                drop(paced);
                 thread_gate.quiesced(|| {
+                    let _unpaced = trickle(false);
                     let _ = checkpoint(&conn);
                 });
             })
