@@ -703,10 +703,11 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
         Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(wallets), args.ids) };
     let (rtpay_rate, p99) = measure(&format!("rtpay POST /v1/transfers ({engine})"), &target, args).await;
     let rss = rss_kib(child.id()).unwrap_or(0);
+    let writer = writer_figures(&mut client).await;
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    println!("  rtpay serve resident memory after the run: {} MiB", rss / 1024);
+    println!("  rtpay serve resident memory after the run: {} MiB; {writer} (both runs)", rss / 1024);
 
     match database {
         None => {
