@@ -202,11 +202,11 @@ struct Conn {
     load_accounts: Statement,
     due: Statement,
     write: Statement,
-    audit: Statement,
+    write_audited: Statement,
 }
 
-/// Every write of a batch in one statement: new entries, hold states, accounts, the clock.
-const WRITE: &str = "WITH \
+/// The ledger's writes of a batch: new entries, hold states, accounts.
+const WRITE_CTES: &str = "\
     inserted AS (INSERT INTO transfers (timestamp, tenant_id, id, result, kind, debit_account_id, credit_account_id, \
         amount, currency, pending_id, amount_defaulted, timeout_seconds, expires_at, code, metadata, state) \
       SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::smallint[], $5::smallint[], $6::uuid[], \
@@ -221,23 +221,40 @@ const WRITE: &str = "WITH \
         $26::text[], $27::bigint[], $28::bigint[], $29::bigint[], $30::bigint[], $31::bigint[], $33::uuid[]) \
       ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
         debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
-        debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending RETURNING 1), \
-    clock AS (UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $32) WHERE id = 1 RETURNING 1) \
-  SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM states), (SELECT count(*) FROM accounts), \
-    (SELECT count(*) FROM clock)";
+        debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending RETURNING 1)";
 
-/// A batch's audit entries, the subtrees they complete, the signed head and the new right edge.
-const AUDIT: &str = "WITH \
+/// The audit's writes of a batch: its entries, the subtrees they complete, the signed head.
+const AUDIT_CTES: &str = "\
     entries AS (INSERT INTO audit_entries (seq, time, tenant_id, actor, action, resource, request_id, source, \
         outcome, leaf_hash) \
-      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], \
-        $8::text[], $9::text[], $10::bytea[]) RETURNING 1), \
+      SELECT * FROM unnest($34::bigint[], $35::bigint[], $36::uuid[], $37::text[], $38::text[], $39::text[], \
+        $40::text[], $41::text[], $42::text[], $43::bytea[]) RETURNING 1), \
     nodes AS (INSERT INTO audit_nodes (level, last_leaf, hash) \
-      SELECT * FROM unnest($11::smallint[], $12::bigint[], $13::bytea[]) RETURNING 1), \
-    head AS (INSERT INTO audit_heads (size, time, root, signature) VALUES ($14, $15, $16, $17) RETURNING 1), \
-    meta AS (UPDATE ledger_meta SET audit_frontier = $18 WHERE id = 1 RETURNING 1) \
-  SELECT (SELECT count(*) FROM entries), (SELECT count(*) FROM nodes), (SELECT count(*) FROM head), \
-    (SELECT count(*) FROM meta)";
+      SELECT * FROM unnest($44::smallint[], $45::bigint[], $46::bytea[]) RETURNING 1), \
+    head AS (INSERT INTO audit_heads (size, time, root, signature) VALUES ($47, $48, $49, $50) RETURNING 1)";
+
+/// Every write of a batch without audit entries, in one statement: the ledger's and the clock.
+fn write_sql() -> String {
+    format!(
+        "WITH {WRITE_CTES}, \
+         clock AS (UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $32) WHERE id = 1 RETURNING 1) \
+         SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM states), (SELECT count(*) FROM accounts), \
+           (SELECT count(*) FROM clock)"
+    )
+}
+
+/// Every write of a batch with audit entries, in one statement: the ledger's, the audit's, and the
+/// clock with the audit's new right edge (one update of the row: a statement may change a row once).
+fn write_audited_sql() -> String {
+    format!(
+        "WITH {WRITE_CTES}, {AUDIT_CTES}, \
+         clock AS (UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $32), audit_frontier = $51 \
+           WHERE id = 1 RETURNING 1) \
+         SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM states), (SELECT count(*) FROM accounts), \
+           (SELECT count(*) FROM clock), (SELECT count(*) FROM entries), (SELECT count(*) FROM nodes), \
+           (SELECT count(*) FROM head)"
+    )
+}
 
 fn load_transfers_sql() -> String {
     format!(
@@ -271,9 +288,9 @@ impl Conn {
                 "SELECT tenant_id, id FROM transfers WHERE state = 1 AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
             )
             .map_err(unavailable)?;
-        let write = client.prepare(WRITE).map_err(unavailable)?;
-        let audit = client.prepare(AUDIT).map_err(unavailable)?;
-        Ok(Conn { client, load_transfers, load_accounts, due, write, audit })
+        let write = client.prepare(&write_sql()).map_err(unavailable)?;
+        let write_audited = client.prepare(&write_audited_sql()).map_err(unavailable)?;
+        Ok(Conn { client, load_transfers, load_accounts, due, write, write_audited })
     }
 }
 
@@ -440,8 +457,7 @@ impl Writer for PgWriter {
     fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)], records: &[Record]) -> Result<()> {
         assert!(self.in_tx, "commit inside a batch");
         let result = self
-            .write(changes)
-            .and_then(|()| if audit.is_empty() { Ok(()) } else { self.write_audit(audit) })
+            .write(changes, audit)
             .and_then(|()| {
                 let client = &mut self.conn.as_mut().expect("connected in begin").client;
                 records.iter().try_for_each(|record| match record {
@@ -494,56 +510,7 @@ impl Writer for PgWriter {
 }
 
 impl PgWriter {
-    fn write_audit(&mut self, drafts: &[(Timestamp, audit::Draft)]) -> Result<()> {
-        let frontier = self.frontier.as_ref().expect("read in begin");
-        let append = crate::audit_log::append(frontier, drafts, &self.signer);
-        let e = &append.entries;
-        let seq: Vec<i64> = e.iter().map(|(e, _)| e.seq as i64).collect();
-        let time: Vec<i64> = e.iter().map(|(e, _)| e.time as i64).collect();
-        let tenant: Vec<Option<Uuid>> = e.iter().map(|(e, _)| e.draft.tenant.map(uuid)).collect();
-        let text = |f: fn(&audit::Draft) -> &str| -> Vec<&str> { e.iter().map(|(e, _)| f(&e.draft)).collect() };
-        let (actor, action, resource) = (text(|d| &d.actor), text(|d| &d.action), text(|d| &d.resource));
-        let (request, source, outcome) = (text(|d| &d.request_id), text(|d| &d.source), text(|d| &d.outcome));
-        let leaf: Vec<&[u8]> = e.iter().map(|(_, l)| &l[..]).collect();
-        let level: Vec<i16> = append.nodes.iter().map(|n| i16::from(n.level)).collect();
-        let idx: Vec<i64> = append.nodes.iter().map(|n| crate::audit_log::last_leaf(n.level, n.index) as i64).collect();
-        let hash: Vec<&[u8]> = append.nodes.iter().map(|n| &n.hash[..]).collect();
-        let h = &append.head;
-        let (size, head_time, root) = (h.head.size as i64, h.head.time as i64, &h.head.root[..]);
-        let encoded = append.frontier.encode();
-        let conn = self.conn.as_mut().expect("connected in begin");
-        let row = conn
-            .client
-            .query_one(
-                &conn.audit,
-                &[
-                    &seq,
-                    &time,
-                    &tenant,
-                    &actor,
-                    &action,
-                    &resource,
-                    &request,
-                    &source,
-                    &outcome,
-                    &leaf,
-                    &level,
-                    &idx,
-                    &hash,
-                    &size,
-                    &head_time,
-                    &root,
-                    &h.signature,
-                    &encoded,
-                ],
-            )
-            .map_err(unavailable)?;
-        let written: i64 = row.try_get(0).map_err(unavailable)?;
-        assert_eq!(written as usize, e.len(), "every audit entry is written");
-        Ok(())
-    }
-
-    fn write(&mut self, changes: &[Changes]) -> Result<()> {
+    fn write(&mut self, changes: &[Changes], drafts: &[(Timestamp, audit::Draft)]) -> Result<()> {
         let entries: Vec<EntryRow> = changes.iter().flat_map(|c| c.inserted.iter().map(EntryRow::of)).collect();
         let timestamp: Vec<i64> = entries.iter().map(|r| r.timestamp).collect();
         let tenant: Vec<Uuid> = entries.iter().map(|r| uuid(r.tenant_id)).collect();
@@ -593,50 +560,79 @@ impl PgWriter {
         let a_holder: Vec<Option<Uuid>> = rows.iter().map(|r| r.holder_id.map(uuid)).collect();
         let last = last as i64;
 
+        // The audit's columns, when the batch has entries.
+        let append = (!drafts.is_empty())
+            .then(|| crate::audit_log::append(self.frontier.as_ref().expect("read in begin"), drafts, &self.signer));
+        let e: &[(audit::Entry, audit::Hash)] = append.as_ref().map_or(&[], |a| &a.entries);
+        let seq: Vec<i64> = e.iter().map(|(e, _)| e.seq as i64).collect();
+        let time: Vec<i64> = e.iter().map(|(e, _)| e.time as i64).collect();
+        let e_tenant: Vec<Option<Uuid>> = e.iter().map(|(e, _)| e.draft.tenant.map(uuid)).collect();
+        let text = |f: fn(&audit::Draft) -> &str| -> Vec<&str> { e.iter().map(|(e, _)| f(&e.draft)).collect() };
+        let (actor, action, resource) = (text(|d| &d.actor), text(|d| &d.action), text(|d| &d.resource));
+        let (request, source, outcome) = (text(|d| &d.request_id), text(|d| &d.source), text(|d| &d.outcome));
+        let leaf: Vec<&[u8]> = e.iter().map(|(_, l)| &l[..]).collect();
+        let nodes = append.as_ref().map_or(&[][..], |a| &a.nodes[..]);
+        let level: Vec<i16> = nodes.iter().map(|n| i16::from(n.level)).collect();
+        let idx: Vec<i64> = nodes.iter().map(|n| crate::audit_log::last_leaf(n.level, n.index) as i64).collect();
+        let hash: Vec<&[u8]> = nodes.iter().map(|n| &n.hash[..]).collect();
+        let head = append.as_ref().map(|a| {
+            let h = &a.head;
+            (h.head.size as i64, h.head.time as i64, &h.head.root[..], &h.signature, a.frontier.encode())
+        });
+
         let conn = self.conn();
-        let row = conn
-            .client
-            .query_one(
-                &conn.write,
-                &[
-                    &timestamp,
-                    &tenant,
-                    &id,
-                    &result,
-                    &kind,
-                    &debit,
-                    &credit,
-                    &amount,
-                    &currency,
-                    &pending,
-                    &defaulted,
-                    &timeout,
-                    &expires,
-                    &code,
-                    &metadata,
-                    &state,
-                    &u_tenant,
-                    &u_id,
-                    &u_state,
-                    &a_tenant,
-                    &a_id,
-                    &a_currency,
-                    &a_code,
-                    &a_flags,
-                    &a_limit,
-                    &a_metadata,
-                    &a_timestamp,
-                    &dp,
-                    &cp,
-                    &dh,
-                    &ch,
-                    &last,
-                    &a_holder,
-                ],
-            )
-            .map_err(unavailable)?;
+        let mut params: Vec<&(dyn ::postgres::types::ToSql + Sync)> = vec![
+            &timestamp,
+            &tenant,
+            &id,
+            &result,
+            &kind,
+            &debit,
+            &credit,
+            &amount,
+            &currency,
+            &pending,
+            &defaulted,
+            &timeout,
+            &expires,
+            &code,
+            &metadata,
+            &state,
+            &u_tenant,
+            &u_id,
+            &u_state,
+            &a_tenant,
+            &a_id,
+            &a_currency,
+            &a_code,
+            &a_flags,
+            &a_limit,
+            &a_metadata,
+            &a_timestamp,
+            &dp,
+            &cp,
+            &dh,
+            &ch,
+            &last,
+            &a_holder,
+        ];
+        let statement = match &head {
+            None => &conn.write,
+            Some((size, head_time, root, signature, frontier)) => {
+                params.extend_from_slice(&[
+                    &seq, &time, &e_tenant, &actor, &action, &resource, &request, &source, &outcome, &leaf, &level,
+                    &idx, &hash, size, head_time, root, *signature, frontier,
+                ]);
+                &conn.write_audited
+            }
+        };
+        let row = conn.client.query_one(statement, &params).map_err(unavailable)?;
         let updated: i64 = row.try_get(1).map_err(unavailable)?;
         assert_eq!(updated as usize, updates.len(), "pending updates name stored transfers");
+        if head.is_some() {
+            let written: i64 = row.try_get(4).map_err(unavailable)?;
+            assert_eq!(written as usize, e.len(), "every audit entry is written");
+        }
         Ok(())
     }
 }
