@@ -194,8 +194,9 @@ struct PgWriter {
 /// Accounts the PostgreSQL writer keeps between batches; past this it starts over.
 const ACCOUNT_CACHE_MAX: usize = 1_000_000;
 
-/// A writer connection with its statements prepared once: each batch is then five round trips
-/// (begin + lock, load transfers, load accounts, write everything, commit), whatever its size.
+/// A writer connection with its statements prepared once: each batch is then four round trips
+/// (begin + lock, load transfers, write everything, commit; a fifth loads accounts the writer does
+/// not keep already), whatever its size.
 struct Conn {
     client: Client,
     load_transfers: Statement,
