@@ -51,8 +51,8 @@ const PACE_PAGES: u32 = 16;
 const PACE_SLEEP: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// While the guard lives, writes this thread makes to a database file (not a WAL) opened on this
-/// VFS are started towards the disk at once; with `pace`, spread out as well. `fd` must stay open
-/// for the guard's life.
+/// VFS are started towards the disk at once; with `pace`, spread out as well. `fd` is a descriptor
+/// of that database file (the checkpointer's thread writes no other), open for the guard's life.
 pub(crate) fn trickle(fd: std::os::raw::c_int, pace: bool) -> Trickle {
     TRICKLING.with(|t| t.set(Some(Trickling { fd, pace, written: 0 })));
     Trickle(std::marker::PhantomData)
