@@ -352,6 +352,9 @@ fn authorizations_at(
         total.latencies.errors += run.latencies.errors;
         total.declined += run.declined;
     }
+    // Messages sent and never answered (a receiver gave up after its read time-out) count as errors.
+    let accounted = total.latencies.latencies_us.len() + total.latencies.errors as usize;
+    total.latencies.errors += total_messages.saturating_sub(accounted) as u64;
     total.latencies.elapsed = started.elapsed();
     Ok(total)
 }
