@@ -33,9 +33,10 @@ pub struct BenchArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// Concurrent HTTP connections of the load generator.
-    #[arg(long, default_value_t = 64)]
-    pub connections: usize,
+    /// Concurrent HTTP connections of the load generator: the peak is the best closed loop over
+    /// each count given (comma-separated), for rtpay and for the baseline alike.
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 256])]
+    pub connections: Vec<usize>,
     /// PostgreSQL server for the `postgres` scenario (a scratch database is created on it).
     #[arg(long, env = "RTPAY_BENCH_POSTGRES", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub postgres: String,
@@ -83,6 +84,9 @@ fn scratch(args: &BenchArgs, tag: &str) -> PathBuf {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), Error> {
+    if args.connections.is_empty() || args.connections.contains(&0) {
+        return Err("--connections: each count must be at least 1".into());
+    }
     let all = args.scenario == "all";
     let wants = |s: &str| all || args.scenario.split(',').any(|x| x.trim() == s);
     println!("# rtpay bench — {}", machine());
@@ -180,7 +184,7 @@ async fn pix(args: &BenchArgs) -> Result<(), Error> {
         Bytes::from(format!(r#"{{"id":"{id}","debit_account_id":"{payer}","amount":1,"key":"{key}"}}"#))
     });
     let target = Target { addr, path: "/v1/pix/payments", token: payer_key, body };
-    let (rate, p99) = measure("rtpay POST /v1/pix/payments (on us, by key, embedded)", &target, args).await;
+    let (rate, p99) = measure("rtpay POST /v1/pix/payments (on us, by key, embedded)", &target, Some(child.id()), args).await;
     let rss = rss_kib(child.id()).unwrap_or(0);
     let writer = writer_figures(&mut client).await;
     let _ = child.kill();
@@ -653,14 +657,53 @@ fn transfer_bodies(bank: String, wallets: Arc<Vec<String>>, ids: Ids) -> MakeBod
     })
 }
 
-async fn measure(name: &str, target: &Target, args: &BenchArgs) -> (f64, f64) {
+/// CPU time of the server (when its process is known) and of this process, the load generator.
+fn cpu_times(server: Option<u32>) -> Option<(Duration, Duration)> {
+    Some((crate::process::cpu_time(server?)?, crate::process::cpu_time(std::process::id())?))
+}
+
+/// CPU time per answered request over `run`, in microseconds, since `before`.
+fn cpu_per_request(server: Option<u32>, before: Option<(Duration, Duration)>, run: &Run) -> String {
+    match (cpu_times(server), before) {
+        (Some(after), Some(before)) if !run.latencies_us.is_empty() => {
+            let per = |a: Duration, b: Duration| (a - b).as_secs_f64() * 1e6 / run.latencies_us.len() as f64;
+            format!(
+                "; CPU per request: server {:.1} µs, load generator {:.1} µs",
+                per(after.0, before.0),
+                per(after.1, before.1)
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+/// The peak (closed loop, the best over each count of connections) and the latency at half of
+/// it (open loop, with the connections of the peak) against `target`, whose process is `server`
+/// (for its CPU time per request).
+async fn measure(name: &str, target: &Target, server: Option<u32>, args: &BenchArgs) -> (f64, f64) {
     let duration = Duration::from_secs(args.seconds);
-    let _ = closed_loop(target, args.connections, Duration::from_secs(2)).await; // warm up
-    let mut peak = closed_loop(target, args.connections, duration).await;
+    let mut best: Option<(usize, Run, String)> = None;
+    for &connections in &args.connections {
+        let _ = closed_loop(target, connections, Duration::from_secs(2)).await; // warm up
+        let before = cpu_times(server);
+        let mut run = closed_loop(target, connections, duration).await;
+        let cpu = cpu_per_request(server, before, &run);
+        println!(
+            "  {name}, closed loop over {connections} connections: {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, {} errors{cpu})",
+            run.rate(),
+            run.percentile_ms(0.5),
+            run.percentile_ms(0.99),
+            run.errors,
+        );
+        if best.as_ref().is_none_or(|(_, b, _)| run.rate() > b.rate()) {
+            best = Some((connections, run, cpu));
+        }
+    }
+    let Some((connections, mut peak, cpu)) = best else { return (f64::NAN, f64::NAN) };
     let rate = peak.rate();
-    let mut half = open_loop(target, args.connections, rate / 2.0, duration).await;
+    let mut half = open_loop(target, connections, rate / 2.0, duration).await;
     println!(
-        "{name}: peak {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, {} errors); at {:.0} req/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} errors)",
+        "{name}: peak {:.0} req/s over {connections} connections (p50 {:.2} ms, p99 {:.2} ms, {} errors{cpu}); at {:.0} req/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} errors)",
         rate,
         peak.percentile_ms(0.5),
         peak.percentile_ms(0.99),
@@ -704,7 +747,7 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
     let engine = if postgres.is_some() { "PostgreSQL" } else { "embedded" };
     let target =
         Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(wallets), args.ids) };
-    let (rtpay_rate, p99) = measure(&format!("rtpay POST /v1/transfers ({engine})"), &target, args).await;
+    let (rtpay_rate, p99) = measure(&format!("rtpay POST /v1/transfers ({engine})"), &target, Some(child.id()), args).await;
     let rss = rss_kib(child.id()).unwrap_or(0);
     let writer = writer_figures(&mut client).await;
     let _ = child.kill();
@@ -721,7 +764,7 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
                 token: "x".into(),
                 body: transfer_bodies("b".into(), Arc::new(vec!["c".into()]), args.ids),
             };
-            let (base_rate, _) = measure("baseline: trivial axum JSON handler", &target, args).await;
+            let (base_rate, _) = measure("baseline: trivial axum JSON handler", &target, Some(baseline.id()), args).await;
             let _ = baseline.kill();
             let _ = baseline.wait();
             println!(
@@ -791,23 +834,30 @@ fn pgbench_textbook(url: &str, args: &BenchArgs) -> Result<f64, Error> {
     )?;
     let script = std::env::temp_dir().join(format!("rtpay-textbook-{}.sql", std::process::id()));
     std::fs::write(&script, TEXTBOOK)?;
-    let clients = args.connections.min(64).to_string();
-    let output = std::process::Command::new("pgbench")
-        .args(["-n", "-c", &clients, "-j", "2", "-T", &args.seconds.to_string(), "-f"])
-        .arg(&script)
-        .arg(url)
-        .output()
-        .map_err(|e| format!("pgbench is needed for the PostgreSQL baseline (Debian package postgresql-contrib or postgresql-client): {e}"))?;
+    // Each pgbench client is a server backend: PostgreSQL's default max_connections (100) allows
+    // 64 with room for rtpay's own. Its best over 16 and 64 clients counts (it barely depends on
+    // the count: one run here gave 3,197/s with 16 and 3,253/s with 64).
+    let run = |clients: u32| -> Result<f64, Error> {
+        let clients = clients.to_string();
+        let output = std::process::Command::new("pgbench")
+            .args(["-n", "-c", &clients, "-j", "2", "-T", &args.seconds.to_string(), "-f"])
+            .arg(&script)
+            .arg(url)
+            .output()
+            .map_err(|e| format!("pgbench is needed for the PostgreSQL baseline (Debian package postgresql-contrib or postgresql-client): {e}"))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let tps = text
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("pgbench gave no tps: {}{}", text, String::from_utf8_lossy(&output.stderr)))?;
+        println!("textbook double-entry, pgbench -c {clients} -j 2 -T {}: {tps:.0} transfers/s", args.seconds);
+        Ok(tps)
+    };
+    let best = run(16).and_then(|a| Ok(a.max(run(64)?)));
     let _ = std::fs::remove_file(&script);
-    let text = String::from_utf8_lossy(&output.stdout);
-    let tps = text
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|v| v.parse::<f64>().ok())
-        .ok_or_else(|| format!("pgbench gave no tps: {}{}", text, String::from_utf8_lossy(&output.stderr)))?;
-    println!("textbook double-entry, pgbench -c {clients} -j 2 -T {}: {tps:.0} transfers/s", args.seconds);
-    Ok(tps)
+    best
 }
 
 // ---------------------------------------------------------------- restart

@@ -382,7 +382,7 @@ impl FromRequestParts<AppState> for Tenant {
             Err(p) => return Err(failed(parts, state, None, p)),
         };
         // A secret that names its key is throttled, and its failures counted, against that key.
-        let lock_id = api_key_id(token).map(|id| format!("key:{}", uuid::Uuid::from_u128(id)));
+        let lock_id = api_key_id(token).map(|id| credential_name("key", id));
         guard(parts, state, lock_id.as_deref())?;
         let hash = state.keys.secret_hash(token);
         let tenant = match state.key_cache.get(&hash) {
@@ -398,7 +398,7 @@ impl FromRequestParts<AppState> for Tenant {
                     tenant
                 }
                 Some(key) => {
-                    let id = format!("key:{}", uuid::Uuid::from_u128(key.id));
+                    let id = credential_name("key", key.id);
                     return Err(failed(parts, state, Some(&id), Problem::unauthorized("the API key was revoked")));
                 }
                 None => {
@@ -414,6 +414,15 @@ impl FromRequestParts<AppState> for Tenant {
     }
 }
 
+/// `key:<id>` or `client:<id>`: how a credential is named in the audit log and the lock-out.
+fn credential_name(kind: &str, id: u128) -> String {
+    let mut name = String::with_capacity(kind.len() + 37);
+    name.push_str(kind);
+    name.push(':');
+    name.push_str(&crate::dto::uuid_string(id));
+    name
+}
+
 /// After a credential checked out: the certificate binding, the audit actor
 /// (`key:<id>` or `client:<id>`), and the tenant's rate.
 fn admit(parts: &Parts, state: &AppState, tenant: Tenant) -> Result<Tenant, Problem> {
@@ -422,7 +431,7 @@ fn admit(parts: &Parts, state: &AppState, tenant: Tenant) -> Result<Tenant, Prob
         false => (Credential::ApiKey { tenant: tenant.id }, "key"),
     };
     bound_to(parts, credential)?;
-    crate::audit_trail::identify(parts, Some(tenant.id), format!("{kind}:{}", uuid::Uuid::from_u128(tenant.key_id)));
+    crate::audit_trail::identify(parts, Some(tenant.id), credential_name(kind, tenant.key_id));
     if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
         return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
     }

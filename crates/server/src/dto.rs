@@ -23,7 +23,10 @@ pub fn parse_id(field: &str, value: &str) -> Result<u128, Problem> {
 }
 
 pub fn uuid_string(v: u128) -> String {
-    uuid::Uuid::from_u128(v).hyphenated().to_string()
+    // Encoded straight into a buffer: `to_string` goes through the formatting machinery, and
+    // every answer holds several ids.
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::from_u128(v).hyphenated().encode_lower(&mut buf).to_owned()
 }
 
 pub fn check_amount(field: &str, amount: u64) -> Result<u64, Problem> {
@@ -74,10 +77,26 @@ pub fn display_name(field: &str, text: &str, max: usize) -> Result<String, Probl
 
 pub fn rfc3339(nanos: u64) -> String {
     let secs = nanos / 1_000_000_000;
-    let frac = nanos % 1_000_000_000;
     let rem = secs % 86_400;
     let (year, month, day) = civil_date(nanos);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:09}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+    // `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`, digit by digit (in every answer; `format!` was a tenth of
+    // building one).
+    let mut out = *b"0000-00-00T00:00:00.000000000Z";
+    let mut put = |at: usize, width: usize, mut value: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    // A u64 of nanoseconds ends in the year 2554: always four digits.
+    put(0, 4, year as u64);
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, rem / 3600);
+    put(14, 2, (rem / 60) % 60);
+    put(17, 2, rem % 60);
+    put(20, 9, nanos % 1_000_000_000);
+    String::from_utf8(out.to_vec()).expect("ASCII digits")
 }
 
 pub use ledger::time::{civil_date, nanos_of_date};
@@ -573,6 +592,15 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(rfc3339(951_782_400_000_000_001), "2000-02-29T00:00:00.000000001Z");
         assert_eq!(rfc3339(1_795_312_886_000_000_000), "2026-11-22T02:01:26.000000000Z");
+        assert_eq!(rfc3339(1_795_312_886_123_456_789 + 3_599_000_000_000), "2026-11-22T03:01:25.123456789Z");
+        assert_eq!(rfc3339(u64::MAX), "2554-07-21T23:34:33.709551615Z");
+    }
+
+    #[test]
+    fn uuid_strings_are_hyphenated_lower_case() {
+        let v = 0x0190_A1B2_C3D4_7E5F_8A9B_0C1D_2E3F_4A5Bu128;
+        assert_eq!(uuid_string(v), "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b");
+        assert_eq!(uuid_string(v), uuid::Uuid::from_u128(v).to_string());
     }
 
     #[test]

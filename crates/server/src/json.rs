@@ -84,6 +84,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
             "the body is empty; a JSON object is expected",
         ));
     }
+    // The common case without tracking the path (a tenth of the parse); a body that fails is
+    // parsed again with it, and fails the same way, for the field to name.
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let result: Result<T, _> = serde_path_to_error::deserialize(&mut de);
     match result {
@@ -178,7 +183,8 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T>
 
 /// A JSON response with a status.
 pub fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    let body = serde_json::to_vec(value).expect("responses serialize");
+    let mut body = Vec::with_capacity(512);
+    serde_json::to_writer(&mut body, value).expect("responses serialize");
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

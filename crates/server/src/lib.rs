@@ -42,9 +42,22 @@ use utoipa::OpenApi;
 
 use crate::problem::Problem;
 
-/// Shared by every handler.
+/// Shared by every handler: one reference-counted pointer, so the clones axum makes for every
+/// request and layer cost one atomic increment (cloning the fields one by one was a tenth of the
+/// HTTP workers' time).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] points to.
+#[derive(Clone)]
+pub struct Shared {
     pub store: Arc<store::Store>,
     pub keys: Arc<auth::Keys>,
     pub key_cache: Arc<auth::KeyCache>,
@@ -68,7 +81,7 @@ pub const TENANT_RATE_DEFAULT: f64 = 50_000.0;
 
 impl AppState {
     pub fn new(store: Arc<store::Store>, keys: auth::Keys, audit_public_key: Vec<u8>) -> AppState {
-        AppState {
+        AppState(Arc::new(Shared {
             store,
             keys: Arc::new(keys),
             key_cache: Arc::new(auth::KeyCache::default()),
@@ -81,33 +94,38 @@ impl AppState {
             pix: pix_rail::PixSettings::default(),
             pix_runtime: Arc::default(),
             webhooks: None,
-        }
+        }))
+    }
+
+    /// For the builders below, which run before the state is shared.
+    fn shared_mut(&mut self) -> &mut Shared {
+        Arc::make_mut(&mut self.0)
     }
 
     pub fn with_vault(mut self, vault: vault_service::VaultService) -> AppState {
-        self.vault = Some(Arc::new(vault));
+        self.shared_mut().vault = Some(Arc::new(vault));
         self
     }
 
     pub fn with_pix(mut self, settings: pix_rail::PixSettings) -> AppState {
-        self.pix_runtime = Arc::new(pix_rail::PixRuntime::new(Arc::new(spi::Simulator(settings.simulator))));
-        self.pix = settings;
+        self.shared_mut().pix_runtime = Arc::new(pix_rail::PixRuntime::new(Arc::new(spi::Simulator(settings.simulator))));
+        self.shared_mut().pix = settings;
         self
     }
 
     pub fn with_webhooks(mut self, client: webhook::WebhookClient) -> AppState {
-        self.webhooks = Some(Arc::new(client));
+        self.shared_mut().webhooks = Some(Arc::new(client));
         self
     }
 
     pub fn with_card_settings(mut self, settings: card_network::CardSettings) -> AppState {
-        self.card_settings = settings;
+        self.shared_mut().card_settings = settings;
         self
     }
 
     /// Sets each tenant's request rate (per second, per node) and burst.
     pub fn with_tenant_rate(mut self, per_second: f64, burst: f64) -> AppState {
-        self.tenant_rate = Arc::new(limits::Buckets::new(per_second, burst));
+        self.shared_mut().tenant_rate = Arc::new(limits::Buckets::new(per_second, burst));
         self
     }
 }
@@ -261,7 +279,7 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         .map(str::to_owned);
     let request_id = given.unwrap_or_else(next_request_id);
     let source = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
-    let action = format!("{method} {}", route.as_ref().map_or("unmatched", MatchedPath::as_str));
+    let action = [method, " ", route.as_ref().map_or("unmatched", MatchedPath::as_str)].concat();
     let slot = Arc::new(audit_trail::Slot::new(action, request_id.clone(), source));
     request.extensions_mut().insert(slot.clone());
     // A handler that panics answers 500 and the connection lives on; the panic hook (see
