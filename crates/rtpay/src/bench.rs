@@ -657,20 +657,38 @@ fn transfer_bodies(bank: String, wallets: Arc<Vec<String>>, ids: Ids) -> MakeBod
     })
 }
 
-/// CPU time of the server (when its process is known) and of this process, the load generator.
-fn cpu_times(server: Option<u32>) -> Option<(Duration, Duration)> {
-    Some((crate::process::cpu_time(server?)?, crate::process::cpu_time(std::process::id())?))
+/// CPU time of the server (when its process is known; in all and by thread name) and of this
+/// process, the load generator.
+struct CpuSample {
+    server: Duration,
+    threads: std::collections::BTreeMap<String, Duration>,
+    generator: Duration,
 }
 
-/// CPU time per answered request over `run`, in microseconds, since `before`.
-fn cpu_per_request(server: Option<u32>, before: Option<(Duration, Duration)>, run: &Run) -> String {
-    match (cpu_times(server), before) {
+fn cpu_sample(server: Option<u32>) -> Option<CpuSample> {
+    let pid = server?;
+    Some(CpuSample {
+        server: crate::process::cpu_time(pid)?,
+        threads: crate::process::thread_cpu_times(pid),
+        generator: crate::process::cpu_time(std::process::id())?,
+    })
+}
+
+/// CPU time per answered request over `run`, in microseconds, since `before`: the server's, its
+/// writer's, checkpointer's and HTTP workers', and the load generator's.
+fn cpu_per_request(server: Option<u32>, before: Option<CpuSample>, run: &Run) -> String {
+    match (cpu_sample(server), before) {
         (Some(after), Some(before)) if !run.latencies_us.is_empty() => {
-            let per = |a: Duration, b: Duration| (a - b).as_secs_f64() * 1e6 / run.latencies_us.len() as f64;
+            let per = |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() * 1e6 / run.latencies_us.len() as f64;
+            let thread = |name: &str| match (after.threads.get(name), before.threads.get(name)) {
+                (Some(a), b) => format!(", {} {:.1}", name.trim_start_matches("rtpay-"), per(*a, b.copied().unwrap_or_default())),
+                (None, _) => String::new(),
+            };
             format!(
-                "; CPU per request: server {:.1} µs, load generator {:.1} µs",
-                per(after.0, before.0),
-                per(after.1, before.1)
+                "; CPU per request: server {:.1} µs ({}), load generator {:.1} µs",
+                per(after.server, before.server),
+                [thread("tokio-rt-worker"), thread("rtpay-writer"), thread("rtpay-checkpoin")].concat().trim_start_matches(", "),
+                per(after.generator, before.generator)
             )
         }
         _ => String::new(),
@@ -685,7 +703,7 @@ async fn measure(name: &str, target: &Target, server: Option<u32>, args: &BenchA
     let mut best: Option<(usize, Run, String)> = None;
     for &connections in &args.connections {
         let _ = closed_loop(target, connections, Duration::from_secs(2)).await; // warm up
-        let before = cpu_times(server);
+        let before = cpu_sample(server);
         let mut run = closed_loop(target, connections, duration).await;
         let cpu = cpu_per_request(server, before, &run);
         println!(

@@ -104,15 +104,33 @@ pub fn spawn_serve(
     Spawn { exe, data, postgres, listen, operator_env: true, wait, args: &[], log: None }.start()
 }
 
-/// CPU time a process has used so far (user and system, all threads), from /proc.
-pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// CPU time (user and system) from a /proc `stat` file: a process's (all its threads) or a thread's.
+fn stat_cpu_time(path: &std::path::Path) -> Option<(String, std::time::Duration)> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count from after it.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (head, tail) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = tail.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (per_second > 0).then(|| std::time::Duration::from_secs_f64(ticks as f64 / per_second as f64))
+    (per_second > 0).then(|| (name, std::time::Duration::from_secs_f64(ticks as f64 / per_second as f64)))
+}
+
+/// CPU time a process has used so far (user and system, all threads), from /proc.
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    stat_cpu_time(std::path::Path::new(&format!("/proc/{pid}/stat"))).map(|(_, t)| t)
+}
+
+/// CPU time of a process's live threads, summed by thread name, from /proc.
+pub fn thread_cpu_times(pid: u32) -> std::collections::BTreeMap<String, std::time::Duration> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        if let Some((name, time)) = stat_cpu_time(&task.path().join("stat")) {
+            *by_name.entry(name).or_default() += time;
+        }
+    }
+    by_name
 }
 
 /// Resident memory of a process, in KiB, from /proc.
