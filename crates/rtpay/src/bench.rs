@@ -184,7 +184,8 @@ async fn pix(args: &BenchArgs) -> Result<(), Error> {
         Bytes::from(format!(r#"{{"id":"{id}","debit_account_id":"{payer}","amount":1,"key":"{key}"}}"#))
     });
     let target = Target { addr, path: "/v1/pix/payments", token: payer_key, body };
-    let (rate, p99) = measure("rtpay POST /v1/pix/payments (on us, by key, embedded)", &target, Some(child.id()), args).await;
+    let (rate, p99) =
+        measure("rtpay POST /v1/pix/payments (on us, by key, embedded)", &target, Some(child.id()), args).await;
     let rss = rss_kib(child.id()).unwrap_or(0);
     let writer = writer_figures(&mut client).await;
     let _ = child.kill();
@@ -679,15 +680,20 @@ fn cpu_sample(server: Option<u32>) -> Option<CpuSample> {
 fn cpu_per_request(server: Option<u32>, before: Option<CpuSample>, run: &Run) -> String {
     match (cpu_sample(server), before) {
         (Some(after), Some(before)) if !run.latencies_us.is_empty() => {
-            let per = |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() * 1e6 / run.latencies_us.len() as f64;
+            let per =
+                |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() * 1e6 / run.latencies_us.len() as f64;
             let thread = |name: &str| match (after.threads.get(name), before.threads.get(name)) {
-                (Some(a), b) => format!(", {} {:.1}", name.trim_start_matches("rtpay-"), per(*a, b.copied().unwrap_or_default())),
+                (Some(a), b) => {
+                    format!(", {} {:.1}", name.trim_start_matches("rtpay-"), per(*a, b.copied().unwrap_or_default()))
+                }
                 (None, _) => String::new(),
             };
             format!(
                 "; CPU per request: server {:.1} µs ({}), load generator {:.1} µs",
                 per(after.server, before.server),
-                [thread("tokio-rt-worker"), thread("rtpay-writer"), thread("rtpay-checkpoin")].concat().trim_start_matches(", "),
+                [thread("tokio-rt-worker"), thread("rtpay-writer"), thread("rtpay-checkpoin")]
+                    .concat()
+                    .trim_start_matches(", "),
                 per(after.generator, before.generator)
             )
         }
@@ -765,7 +771,8 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
     let engine = if postgres.is_some() { "PostgreSQL" } else { "embedded" };
     let target =
         Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(wallets), args.ids) };
-    let (rtpay_rate, p99) = measure(&format!("rtpay POST /v1/transfers ({engine})"), &target, Some(child.id()), args).await;
+    let (rtpay_rate, p99) =
+        measure(&format!("rtpay POST /v1/transfers ({engine})"), &target, Some(child.id()), args).await;
     let rss = rss_kib(child.id()).unwrap_or(0);
     let writer = writer_figures(&mut client).await;
     let _ = child.kill();
@@ -782,7 +789,8 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
                 token: "x".into(),
                 body: transfer_bodies("b".into(), Arc::new(vec!["c".into()]), args.ids),
             };
-            let (base_rate, _) = measure("baseline: trivial axum JSON handler", &target, Some(baseline.id()), args).await;
+            let (base_rate, _) =
+                measure("baseline: trivial axum JSON handler", &target, Some(baseline.id()), args).await;
             let _ = baseline.kill();
             let _ = baseline.wait();
             println!(

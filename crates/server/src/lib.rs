@@ -108,7 +108,8 @@ impl AppState {
     }
 
     pub fn with_pix(mut self, settings: pix_rail::PixSettings) -> AppState {
-        self.shared_mut().pix_runtime = Arc::new(pix_rail::PixRuntime::new(Arc::new(spi::Simulator(settings.simulator))));
+        self.shared_mut().pix_runtime =
+            Arc::new(pix_rail::PixRuntime::new(Arc::new(spi::Simulator(settings.simulator))));
         self.shared_mut().pix = settings;
         self
     }
