@@ -682,18 +682,21 @@ fn cpu_per_request(server: Option<u32>, before: Option<CpuSample>, run: &Run) ->
         (Some(after), Some(before)) if !run.latencies_us.is_empty() => {
             let per =
                 |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() * 1e6 / run.latencies_us.len() as f64;
-            let thread = |name: &str| match (after.threads.get(name), before.threads.get(name)) {
-                (Some(a), b) => {
-                    format!(", {} {:.1}", name.trim_start_matches("rtpay-"), per(*a, b.copied().unwrap_or_default()))
-                }
+            // Thread names as the kernel keeps them (15 bytes), with what the output calls them.
+            let thread = |name: &str, label: &str| match (after.threads.get(name), before.threads.get(name)) {
+                (Some(a), b) => format!(", {label} {:.1}", per(*a, b.copied().unwrap_or_default())),
                 (None, _) => String::new(),
             };
             format!(
                 "; CPU per request: server {:.1} µs ({}), load generator {:.1} µs",
                 per(after.server, before.server),
-                [thread("tokio-rt-worker"), thread("rtpay-writer"), thread("rtpay-checkpoin")]
-                    .concat()
-                    .trim_start_matches(", "),
+                [
+                    thread("tokio-rt-worker", "HTTP workers"),
+                    thread("rtpay-writer", "writer"),
+                    thread("rtpay-checkpoin", "checkpointer"),
+                ]
+                .concat()
+                .trim_start_matches(", "),
                 per(after.generator, before.generator)
             )
         }
