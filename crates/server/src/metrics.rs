@@ -122,6 +122,17 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "rtpay_ledger_syncs_total",
+            "Syncs of the embedded engine's log made beside the writer (each covers every batch committed before it).",
+            engine.syncs.load(Ordering::Relaxed),
+        );
+        let _ = write!(
+            out,
+            "# HELP rtpay_ledger_sync_seconds_total Time spent in those syncs.\n# TYPE rtpay_ledger_sync_seconds_total counter\nrtpay_ledger_sync_seconds_total {}\n",
+            engine.sync_us_sum.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        counter(
+            &mut out,
             "rtpay_audit_failures_total",
             "Audit entries that could not be recorded after their request.",
             self.audit_failures.load(Ordering::Relaxed),

@@ -1,5 +1,10 @@
 //! The single writer: requests queue up while the previous batch commits, and the next batch takes
 //! them all (group commit). One transaction per batch, one fsync per batch, replies after it.
+//!
+//! A writer may leave its commits' sync to the engine ([`crate::Writer::deferred_sync`]): then a
+//! syncer thread makes each committed batch durable and sends its replies, while the writer
+//! applies the next batch (see `crate::durable`). One sync covers every batch committed before it
+//! began.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -101,6 +106,10 @@ pub struct EngineStats {
     /// Commit latency histogram, upper bounds in [`COMMIT_BUCKETS_US`] (+Inf last).
     pub commit_us_buckets: [AtomicU64; 12],
     pub commit_us_sum: AtomicU64,
+    /// Syncs made by the syncer thread (a writer that syncs within its commits counts none), and
+    /// their total time.
+    pub syncs: AtomicU64,
+    pub sync_us_sum: AtomicU64,
     /// Batch size histogram, upper bounds in [`BATCH_BUCKETS`] (+Inf last).
     pub batch_len_buckets: [AtomicU64; 9],
 }
@@ -228,11 +237,71 @@ impl Drop for Engine {
     }
 }
 
+/// Replies of one batch, with what each gets.
+type Answers = Vec<(Callback, Result<Reply>)>;
+
 fn run(
     mut writer: Box<dyn Writer>,
     receiver: Receiver<Job>,
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     stats: Arc<EngineStats>,
+) {
+    let syncer = writer.deferred_sync().map(|sync| {
+        // At most this many committed batches wait for their sync; then the writer waits too.
+        let (sender, receiver) = mpsc::sync_channel::<Answers>(64);
+        let stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("rtpay-syncer".into())
+            .spawn(move || sync_then_reply(sync, receiver, &stats))
+            .expect("spawning the syncer thread");
+        (sender, thread)
+    });
+    let deliver = |writer: &mut dyn Writer, answers: Answers| match &syncer {
+        Some((to_syncer, _)) if writer.sync_owed() => {
+            to_syncer.send(answers).expect("the syncer lives as long as the writer");
+        }
+        _ => {
+            for (reply, result) in answers {
+                reply(result);
+            }
+        }
+    };
+    run_batches(writer.as_mut(), &receiver, clock.as_ref(), &stats, deliver);
+    if let Some((to_syncer, thread)) = syncer {
+        drop(to_syncer);
+        let _ = thread.join();
+    }
+}
+
+/// The syncer thread: syncs once for every committed batch waiting, then sends their replies, in
+/// the order they committed.
+fn sync_then_reply(mut sync: Box<dyn crate::DeferredSync>, receiver: Receiver<Answers>, stats: &EngineStats) {
+    while let Ok(first) = receiver.recv() {
+        let mut batches = vec![first];
+        batches.extend(receiver.try_iter());
+        let started = Instant::now();
+        if let Err(error) = sync.sync() {
+            // See `crate::durable`: what is on disk is unknown now; only a restart can tell.
+            tracing::error!(%error, "the write-ahead log could not be synced: stopping the process");
+            for (reply, _) in batches.into_iter().flatten() {
+                reply(Err(StoreError::Unavailable("the commit could not be made durable; the server stops".into())));
+            }
+            std::process::abort();
+        }
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        stats.sync_us_sum.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        for (reply, result) in batches.into_iter().flatten() {
+            reply(result);
+        }
+    }
+}
+
+fn run_batches(
+    writer: &mut dyn Writer,
+    receiver: &Receiver<Job>,
+    clock: &(dyn Fn() -> Timestamp + Send + Sync),
+    stats: &EngineStats,
+    deliver: impl Fn(&mut dyn Writer, Answers),
 ) {
     let mut held: Option<Job> = None;
     let mut last_sweep = Instant::now();
@@ -271,7 +340,7 @@ fn run(
         }
         let now = clock();
         let started = Instant::now();
-        let result = apply_batch(writer.as_mut(), now, &jobs, sweep, &stats);
+        let result = apply_batch(writer, now, &jobs, sweep, stats);
         let elapsed_us = started.elapsed().as_micros() as u64;
         match result {
             Ok(replies) => {
@@ -282,13 +351,15 @@ fn run(
                     observe(&stats.commit_us_buckets, &COMMIT_BUCKETS_US, elapsed_us);
                     stats.commit_us_sum.fetch_add(elapsed_us, Ordering::Relaxed);
                 }
-                for (job, reply) in jobs.into_iter().zip(replies) {
-                    (job.reply)(reply.ok_or_else(|| {
+                let answers = jobs.into_iter().zip(replies).map(|(job, reply)| {
+                    let result = reply.ok_or_else(|| {
                         StoreError::Conflict(
                             "what the request read changed before it could commit; nothing was applied".into(),
                         )
-                    }));
-                }
+                    });
+                    (job.reply, result)
+                });
+                deliver(writer, answers.collect());
             }
             Err(error) => {
                 writer.rollback();
@@ -296,9 +367,7 @@ fn run(
                 if !jobs.is_empty() {
                     tracing::warn!(%error, jobs = jobs.len(), "batch not committed");
                 }
-                for job in jobs {
-                    (job.reply)(Err(error.clone()));
-                }
+                deliver(writer, jobs.into_iter().map(|job| (job.reply, Err(error.clone()))).collect());
             }
         }
     }
@@ -477,5 +546,107 @@ fn outcome_of(reply: &Reply) -> String {
         Reply::Accounts(r) => summarize(r.iter().map(|(result, _)| result.as_str())),
         Reply::Transfers(o) => summarize(o.iter().map(|o| o.result.as_str())),
         Reply::Audited => "ok".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DeferredSync;
+
+    /// A writer whose commits succeed at once and leave their sync to the engine.
+    struct DeferringWriter {
+        commits: Arc<AtomicU64>,
+        owed: bool,
+        sync: Option<Box<dyn DeferredSync>>,
+    }
+
+    impl Writer for DeferringWriter {
+        fn begin(&mut self) -> Result<Clock> {
+            Ok(Clock::default())
+        }
+        fn load_transfers(&mut self, _: &[TransferKey], _: &mut MemoryLedger) -> Result<()> {
+            Ok(())
+        }
+        fn load_accounts(&mut self, _: &[AccountKey], _: &mut MemoryLedger) -> Result<()> {
+            Ok(())
+        }
+        fn document_version(&mut self, _: &str, _: u128, _: &str) -> Result<u64> {
+            Ok(0)
+        }
+        fn counter_total(&mut self, _: &str, _: u64) -> Result<i64> {
+            Ok(0)
+        }
+        fn due_pendings(&mut self, _: Timestamp, _: usize) -> Result<Vec<TransferKey>> {
+            Ok(Vec::new())
+        }
+        fn commit(&mut self, _: &[Changes], _: &[(Timestamp, audit::Draft)], _: &[crate::Record]) -> Result<()> {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            self.owed = true;
+            Ok(())
+        }
+        fn rollback(&mut self) {}
+        fn deferred_sync(&mut self) -> Option<Box<dyn DeferredSync>> {
+            self.sync.take()
+        }
+        fn sync_owed(&mut self) -> bool {
+            std::mem::take(&mut self.owed)
+        }
+    }
+
+    /// A sync that returns once a permit arrives.
+    struct GatedSync(Receiver<()>);
+
+    impl DeferredSync for GatedSync {
+        fn sync(&mut self) -> std::io::Result<()> {
+            self.0.recv().map_err(std::io::Error::other)
+        }
+    }
+
+    fn draft(n: usize) -> audit::Draft {
+        audit::Draft { actor: "operator".into(), action: "test".into(), resource: n.to_string(), ..Default::default() }
+    }
+
+    #[test]
+    fn replies_wait_for_the_sync_while_the_writer_goes_on() {
+        let commits = Arc::new(AtomicU64::new(0));
+        let (permit, permits) = mpsc::channel();
+        let writer =
+            DeferringWriter { commits: commits.clone(), owed: false, sync: Some(Box::new(GatedSync(permits))) };
+        let engine = Engine::start(Box::new(writer), Arc::new(|| 1_000));
+        let (replied, replies) = mpsc::channel();
+        let submit = |n: usize| {
+            let replied = replied.clone();
+            engine.submit(Command::Audit(vec![draft(n)]), Box::new(move |r| replied.send((n, r)).unwrap())).unwrap();
+        };
+        let wait_for_commits = |n: u64| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while commits.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "the writer committed {} of {n}", commits.load(Ordering::SeqCst));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        submit(1);
+        wait_for_commits(1);
+        // The first batch is committed and its sync is held: the writer commits the next one
+        // meanwhile, and neither is answered.
+        submit(2);
+        wait_for_commits(2);
+        assert!(replies.recv_timeout(Duration::from_millis(200)).is_err(), "no reply before a sync");
+        // Each sync answers what committed before it began, in commit order.
+        permit.send(()).unwrap();
+        let (first, reply) = replies.recv_timeout(Duration::from_secs(10)).expect("answered after the sync");
+        assert_eq!(first, 1);
+        assert!(matches!(reply, Ok(Reply::Audited)));
+        permit.send(()).unwrap();
+        let (second, reply) = replies.recv_timeout(Duration::from_secs(10)).expect("answered after its sync");
+        assert_eq!(second, 2);
+        assert!(matches!(reply, Ok(Reply::Audited)));
+        // Stopping waits for the syncer: what was committed is answered first.
+        submit(3);
+        wait_for_commits(3);
+        permit.send(()).unwrap();
+        engine.stop();
+        assert_eq!(replies.try_recv().map(|(n, r)| (n, r.is_ok())), Ok((3, true)));
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Invariants this crate protects:
 //! - nothing is acknowledged before it is durable: a batch's replies go out only after the one
-//!   commit that persists it returned;
+//!   commit that persists it returned and, for the embedded engine, the sync made after it (see
+//!   `durable`); nor is anything read before it is durable: an embedded read that saw a commit
+//!   whose sync is running waits for that sync;
 //! - a batch is all or nothing: a failed commit rolls back and every request in it is told the
 //!   store is unavailable (a retry under the same ids is safe: ids are idempotency keys);
 //! - per engine there is exactly one writer of ledger state; with PostgreSQL, writers of several
@@ -11,6 +13,7 @@
 //!   computes a balance itself.
 
 mod audit_log;
+mod durable;
 mod engine;
 mod migrations;
 mod postgres;
@@ -30,6 +33,7 @@ pub use audit_log::{
     audit_consistency, audit_inclusion, audit_root, audit_verify, AuditItem, AuditReport, SignedHead,
     AUDIT_PAGE_LEN_MAX,
 };
+pub use durable::{read_deferring, ReadFence};
 pub use engine::{Command, Engine, EngineStats, RecordsFn, Reply};
 
 /// Histogram bucket bounds of [`EngineStats`].
@@ -346,9 +350,26 @@ pub(crate) trait Writer: Send {
     /// Pending transfers due to expire by `now`.
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>>;
     /// Persists the changes and the audit entries (with their times) and commits: durable when
-    /// this returns Ok.
+    /// this returns Ok, unless the writer defers its syncs ([`Writer::deferred_sync`]).
     fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)], records: &[Record]) -> Result<()>;
     fn rollback(&mut self);
+    /// For a writer whose commits leave their sync to the engine: the sync, taken once, before the
+    /// first batch. The engine then sends no reply of a committed batch before a sync made after
+    /// its commit returned.
+    fn deferred_sync(&mut self) -> Option<Box<dyn DeferredSync>> {
+        None
+    }
+    /// Whether a commit was attempted since the last call (successful or not) whose sync is owed.
+    fn sync_owed(&mut self) -> bool {
+        false
+    }
+}
+
+/// The sync a writer's commits leave to the engine's syncer thread (see `durable`).
+pub(crate) trait DeferredSync: Send {
+    /// Makes every commit whose `COMMIT` returned so far durable, and lets the reads waiting for
+    /// them answer.
+    fn sync(&mut self) -> std::io::Result<()>;
 }
 
 /// Where the data lives.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use ledger::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use crate::durable::Durability;
 use crate::migrations::{Migration, SQLITE};
 
 use crate::rows::{u128_of, uuid_bytes, AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
@@ -131,7 +132,9 @@ pub(crate) fn open_queries(dir: &Path) -> Result<Arc<dyn Queries>> {
         return Err(StoreError::Unavailable(format!("no rtpay data in {}", dir.display())));
     }
     refuse_newer_schema(&connect(&path)?, SQLITE)?;
-    Ok(Arc::new(SqliteQueries::new(path)))
+    // No writer of this process commits: nothing to wait for (another process's commits are
+    // durable before they are visible).
+    Ok(Arc::new(SqliteQueries::new(path, None)))
 }
 
 /// Takes the data directory's lock: one writer process per directory, or the in-memory account
@@ -238,6 +241,7 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
     // The writer never checkpoints itself: see `Checkpointer` and `Gate`.
     conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 268435456;").map_err(unavailable)?;
     let checkpointer = Checkpointer::start(path.clone())?;
+    let durability = Arc::new(Durability::default());
     let writer = SqliteWriter {
         conn,
         accounts,
@@ -255,9 +259,12 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
         frontier,
         pending_frontier: None,
         checkpointer,
+        wal: wal_path(&path),
+        durability: durability.clone(),
+        sync_owed: false,
         _lock: lock,
     };
-    let queries = SqliteQueries::new(path);
+    let queries = SqliteQueries::new(path, Some(durability));
     Ok((Box::new(writer), Arc::new(queries)))
 }
 
@@ -350,6 +357,11 @@ struct SqliteWriter {
     /// The edge after the open batch's entries; kept only if it commits.
     pending_frontier: Option<audit::Frontier>,
     checkpointer: Checkpointer,
+    /// The WAL file, which the syncer syncs: the writer's `COMMIT` leaves that to it.
+    wal: PathBuf,
+    durability: Arc<Durability>,
+    /// A commit was attempted since the engine last asked.
+    sync_owed: bool,
     /// Held for the writer's life; released when the process ends, however it ends.
     _lock: std::fs::File,
 }
@@ -604,7 +616,16 @@ impl Writer for SqliteWriter {
                 Record::Count { scope, period, delta } => add_count(&self.conn, scope, *period, *delta)?,
             }
         }
-        self.conn.execute_batch("COMMIT").map_err(unavailable)?;
+        // The commit is visible to other connections when `COMMIT` returns, and durable once the
+        // syncer's next sync returns (see `crate::durable`).
+        let number = self.durability.start_commit();
+        self.sync_owed = true;
+        let committed = {
+            let _deferred = crate::sqlite_wal::defer_syncs();
+            self.conn.execute_batch("COMMIT")
+        };
+        self.durability.commit_written(number);
+        committed.map_err(unavailable)?;
         self.in_tx = false;
         if let Some(frontier) = self.pending_frontier.take() {
             self.frontier = frontier;
@@ -622,6 +643,14 @@ impl Writer for SqliteWriter {
         self.heads.extend(self.batch_heads.drain().map(|(key, (head, _))| (key, head)));
         self.id_max = self.id_max.max(self.batch_id_max.take());
         Ok(())
+    }
+
+    fn deferred_sync(&mut self) -> Option<Box<dyn DeferredSync>> {
+        Some(Box::new(WalSync { wal: self.wal.clone(), file: None, durability: self.durability.clone() }))
+    }
+
+    fn sync_owed(&mut self) -> bool {
+        std::mem::take(&mut self.sync_owed)
     }
 
     fn rollback(&mut self) {
@@ -864,8 +893,45 @@ impl SqliteWriter {
     }
 }
 
+/// The WAL file of a database file.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// The sync the writer's commits leave to the engine's syncer thread: `fdatasync` of the WAL,
+/// through a descriptor of its own (a sync is of the file, whichever descriptor asks).
+struct WalSync {
+    wal: PathBuf,
+    file: Option<std::fs::File>,
+    durability: Arc<Durability>,
+}
+
+impl DeferredSync for WalSync {
+    fn sync(&mut self) -> std::io::Result<()> {
+        let through = self.durability.syncable();
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => {
+                let file = std::fs::OpenOptions::new().write(true).open(&self.wal)?;
+                // The WAL may have been created by this process: its directory entry must be
+                // durable too (SQLite's own first sync of a new file does the same).
+                let dir = self.wal.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                std::fs::File::open(dir)?.sync_all()?;
+                self.file.insert(file)
+            }
+        };
+        file.sync_data()?;
+        self.durability.synced(through);
+        Ok(())
+    }
+}
+
 struct SqliteQueries {
     path: PathBuf,
+    /// The writer's, when this process has one: reads wait until what they saw is durable.
+    durability: Option<Arc<Durability>>,
     pool: Mutex<ReaderPool>,
     returned: std::sync::Condvar,
 }
@@ -878,8 +944,8 @@ struct ReaderPool {
 }
 
 impl SqliteQueries {
-    fn new(path: PathBuf) -> SqliteQueries {
-        SqliteQueries { path, pool: Mutex::default(), returned: std::sync::Condvar::new() }
+    fn new(path: PathBuf, durability: Option<Arc<Durability>>) -> SqliteQueries {
+        SqliteQueries { path, durability, pool: Mutex::default(), returned: std::sync::Condvar::new() }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
@@ -915,6 +981,9 @@ impl SqliteQueries {
         if pooled {
             self.pool.lock().expect("pool lock").idle.push(conn);
             self.returned.notify_one();
+        }
+        if let Some(durability) = &self.durability {
+            crate::durable::after_read(durability);
         }
         result
     }
@@ -2253,6 +2322,9 @@ mod tests {
         let (_, transfers) = ledger::apply_transfers(&snapshot, &mut clock, now, &[posted(10, 1, 2), posted(11, 2, 1)]);
         // Both accounts appear in both parts.
         writer.commit(&[accounts, transfers], &[], &[]).unwrap();
+        // Without an engine, the test makes the sync the commit left owed; reads wait for it.
+        assert!(writer.sync_owed());
+        writer.deferred_sync().expect("the embedded writer defers its syncs").sync().unwrap();
         let listed = |id: u128| -> Vec<u128> {
             let page = queries.account_transfers(key(id), crate::Page { before: None, limit: 10 }).unwrap().unwrap();
             page.iter().map(|t| t.key.id.0).collect()

@@ -18,6 +18,9 @@
 //! this VFS must use `synchronous = FULL` (`sqlite::connect` sets it and checks it). A crash
 //! before the sync loses frames that no one was told were committed, as it always could.
 //!
+//! The writer's `COMMIT` runs with its syncs deferred ([`defer_syncs`]): the sync still writes the
+//! gathered frames, but leaves the `fdatasync` to the engine's syncer thread (`crate::durable`).
+//!
 //! The database file's writes (a checkpoint's copies) can also be *trickled* ([`trickle`]): each
 //! page is handed to the disk as it is written (`sync_file_range`, which starts the write-back
 //! and waits for nothing), and, when pacing, a short sleep follows every few pages. Without it a
@@ -89,6 +92,28 @@ fn trickled(offset: i64, len: c_int) {
     TRICKLING.with(|cell| cell.set(Some(t)));
     if t.pace && t.written % PACE_PAGES == 0 {
         std::thread::sleep(PACE_SLEEP);
+    }
+}
+
+thread_local! {
+    static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the guard lives, a WAL sync asked for on this thread writes the WAL's gathered frames to
+/// the file and returns without syncing: the caller owes the sync, and must make it (on any
+/// descriptor of the WAL file) before it tells anyone the commit is durable. For the writer's
+/// `COMMIT` only; see `crate::durable`.
+pub(crate) fn defer_syncs() -> DeferSyncs {
+    DEFERRING.with(|d| d.set(true));
+    DeferSyncs(std::marker::PhantomData)
+}
+
+/// Ends the deferring when dropped; bound to its thread.
+pub(crate) struct DeferSyncs(std::marker::PhantomData<*const ()>);
+
+impl Drop for DeferSyncs {
+    fn drop(&mut self) {
+        DEFERRING.with(|d| d.set(false));
     }
 }
 
@@ -268,7 +293,21 @@ macro_rules! forwarded {
 
 flushed!(x_read, xRead(buf: *mut c_void, amount: c_int, offset: i64));
 flushed!(x_truncate, xTruncate(size: i64));
-flushed!(x_sync, xSync(flags: c_int));
+unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    // SAFETY: see `ours` and `methods`.
+    unsafe {
+        let f = ours(file);
+        let rc = f.flush();
+        if rc != ffi::SQLITE_OK {
+            return rc;
+        }
+        if f.gather && DEFERRING.with(|d| d.get()) {
+            // The frames are in the file; the syncer makes them durable (see `defer_syncs`).
+            return ffi::SQLITE_OK;
+        }
+        (methods(f.real).xSync.expect("xSync"))(f.real, flags)
+    }
+}
 flushed!(x_file_size, xFileSize(size: *mut i64));
 flushed!(x_file_control, xFileControl(op: c_int, arg: *mut c_void));
 flushed!(x_fetch, xFetch(offset: i64, amount: c_int, page: *mut *mut c_void));
@@ -404,6 +443,35 @@ mod tests {
         // The last connection checkpoints at close; what it copied is there at reopening.
         drop(writer);
         assert_eq!(count(&open(&path)), expected);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A commit whose sync is deferred has written its frames to the file when `COMMIT` returns:
+    /// another connection sees it, and so does one on the default VFS, which reads the file
+    /// itself. Only this thread defers, and only while the guard lives.
+    #[test]
+    fn a_deferred_commit_is_in_the_file_when_it_returns() {
+        let dir = std::env::temp_dir().join(format!("rtpay-defer-{}-{}", std::process::id(), crate::now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        let writer = open(&path);
+        writer.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+        let reader = open(&path);
+        for rows in [1i64, 100] {
+            let guard = super::defer_syncs();
+            assert!(std::thread::spawn(|| !super::DEFERRING.with(|d| d.get())).join().unwrap());
+            writer.execute_batch("BEGIN").unwrap();
+            for _ in 0..rows {
+                writer.execute("INSERT INTO t (v) VALUES (?1)", params![vec![1u8; 3072]]).unwrap();
+            }
+            writer.execute_batch("COMMIT").unwrap();
+            drop(guard);
+            assert!(!super::DEFERRING.with(|d| d.get()));
+            let count = |c: &Connection| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)).unwrap();
+            let plain = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let expected = if rows == 1 { 1 } else { 101 };
+            assert_eq!((count(&reader), count(&plain)), (expected, expected));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -75,12 +75,23 @@ pub async fn query<T: Send + 'static>(
 /// A point read (a few index pages): on an embedded engine, run on the calling task's thread —
 /// a read of tens of microseconds costs less than handing it to the blocking pool and waking this
 /// task back; on PostgreSQL, on the blocking pool like any other query.
+///
+/// An embedded read may have seen a commit whose sync is still running: its answer then waits
+/// for that sync, awaited here rather than blocking the thread.
 pub async fn read_now<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&dyn Queries) -> store::Result<T> + Send + 'static,
 ) -> Result<T, Problem> {
     if state.store.queries.point_reads_inline() {
-        Ok(f(state.store.queries.as_ref())?)
+        let (result, fence) = store::read_deferring(|| f(state.store.queries.as_ref()));
+        if !fence.is_passed() {
+            let (passed, wait) = tokio::sync::oneshot::channel();
+            fence.when_passed(Box::new(move || {
+                let _ = passed.send(());
+            }));
+            wait.await.map_err(|_| Problem::internal())?;
+        }
+        Ok(result?)
     } else {
         query(state, f).await
     }
