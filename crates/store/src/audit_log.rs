@@ -3,14 +3,21 @@
 //! read-side proofs built from stored nodes.
 //!
 //! Invariant: entries are numbered 1, 2, 3, … in commit order across all nodes (the writer holds
-//! the ledger lock), every completed perfect subtree is stored once, and every batch that appends
-//! entries stores a tree head of its new size signed by the process's key.
+//! the ledger lock), every completed perfect subtree of [`STORED_LEVEL_MIN`] levels or more is
+//! stored once, and every batch that appends entries stores a tree head of its new size signed by
+//! the process's key.
 
 use audit::merkle::{self, Nodes};
 use audit::{Draft, Entry, Frontier, Hash, Node, Signer, TreeHead};
 use ledger::Timestamp;
 
 use crate::{Queries, Result, StoreError};
+
+/// Perfect subtrees below this level are not stored (data written by earlier versions holds them;
+/// they are no longer read). Each entry completes one subtree on average, seven in eight of them
+/// below level 4: storing them doubled the audit rows a request writes. A proof that needs one
+/// hashes it from its leaves, at most eight.
+pub(crate) const STORED_LEVEL_MIN: u8 = 4;
 
 /// The key a perfect subtree is stored under: the index of the last leaf it covers.
 pub(crate) fn last_leaf(level: u8, index: u64) -> u64 {
@@ -48,6 +55,7 @@ pub(crate) fn append(frontier: &Frontier, drafts: &[(Timestamp, Draft)], signer:
         frontier.append(leaf, &mut nodes);
         entries.push((entry, leaf));
     }
+    nodes.retain(|n| n.level >= STORED_LEVEL_MIN);
     let last_time = entries.last().expect("non-empty").0.time;
     let head = TreeHead { size: frontier.size(), root: frontier.root(), time: last_time };
     let signature = signer.sign(&head);
@@ -97,6 +105,11 @@ struct Stored<'q>(&'q dyn Queries);
 impl Nodes for Stored<'_> {
     type Error = StoreError;
     fn node(&self, level: u8, index: u64) -> Result<Hash> {
+        if level > 0 && level < STORED_LEVEL_MIN {
+            let left = self.node(level - 1, 2 * index)?;
+            let right = self.node(level - 1, 2 * index + 1)?;
+            return Ok(merkle::node_hash(&left, &right));
+        }
         self.0
             .audit_node(level, index)?
             .ok_or_else(|| StoreError::Corrupt(format!("audit node ({level}, {index}) is missing")))

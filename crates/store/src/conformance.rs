@@ -434,6 +434,51 @@ pub fn agrees_with_memory_ledger(location: Location) {
     assert_verified(&store);
 }
 
+/// A log long enough to have stored subtrees (level 4 and up: 16 leaves and more) beside the lower
+/// ones proofs hash from leaves, appended in batches of uneven sizes: every inclusion and
+/// consistency proof verifies against the signed head, and the leaves alone give the same root.
+pub fn audit_proofs_over_stored_and_hashed_subtrees(location: Location) {
+    let pkcs8 = audit::Signer::generate_pkcs8().unwrap();
+    let signer = Arc::new(audit::Signer::from_pkcs8(&pkcs8).unwrap());
+    let store = Store::open_with(&location, Arc::new(|| NOW), signer.clone()).unwrap();
+    let mut appended = 0;
+    for batch in [1usize, 20, 3, 17, 29] {
+        let drafts = (0..batch).map(|i| draft(None, &format!("entry {}", appended + i))).collect();
+        store.engine.execute(crate::Command::Audit(drafts)).unwrap();
+        appended += batch;
+    }
+    let size = appended as u64;
+    let head = store.queries.audit_head().unwrap().unwrap();
+    assert_eq!(head.head.size, size);
+    assert!(audit::verify_head(signer.public_key(), &head.head, &head.signature));
+    let entries = store.queries.audit_entries(0, 1000, None).unwrap();
+    let leaves: Vec<audit::Hash> = entries.iter().map(audit::Entry::leaf_hash).collect();
+    // RFC 6962's MTH, straight from the leaves.
+    fn mth(leaves: &[audit::Hash]) -> audit::Hash {
+        match leaves.len() {
+            0 => audit::merkle::empty_root(),
+            1 => leaves[0],
+            n => {
+                let k = 1 << (usize::BITS - 1 - (n - 1).leading_zeros());
+                audit::merkle::node_hash(&mth(&leaves[..k]), &mth(&leaves[k..]))
+            }
+        }
+    }
+    assert_eq!(mth(&leaves), head.head.root, "the leaves alone give the signed root");
+    assert_eq!(crate::audit_root(store.queries.as_ref(), size).unwrap(), head.head.root);
+    for seq in 1..=size {
+        let proof = crate::audit_inclusion(store.queries.as_ref(), seq, size).unwrap();
+        assert!(audit::merkle::verify_inclusion(seq - 1, size, &leaves[seq as usize - 1], &proof, &head.head.root));
+    }
+    for first in 1..=size {
+        let old_root = crate::audit_root(store.queries.as_ref(), first).unwrap();
+        assert_eq!(old_root, mth(&leaves[..first as usize]), "root of {first}");
+        let proof = crate::audit_consistency(store.queries.as_ref(), first, size).unwrap();
+        assert!(audit::merkle::verify_consistency(first, size, &old_root, &head.head.root, &proof), "from {first}");
+    }
+    store.close();
+}
+
 fn draft(tenant: Option<u128>, action: &str) -> audit::Draft {
     audit::Draft {
         tenant,
@@ -970,6 +1015,10 @@ macro_rules! conformance_tests {
         #[test]
         fn audit_log() {
             $crate::conformance::audit_log($factory)
+        }
+        #[test]
+        fn audit_proofs_over_stored_and_hashed_subtrees() {
+            $crate::conformance::audit_proofs_over_stored_and_hashed_subtrees($factory)
         }
         #[test]
         fn concurrent_writers() {
