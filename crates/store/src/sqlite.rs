@@ -2340,6 +2340,48 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// A read that sees a commit whose sync the writer left owed answers only once the sync is
+    /// made; a read that comes after the sync does not wait.
+    #[test]
+    fn a_read_of_a_commit_not_yet_synced_waits_for_the_sync() {
+        let dir = std::env::temp_dir().join(format!("rtpay-unsynced-{}-{}", std::process::id(), now_nanos()));
+        let (mut writer, queries) = open(&dir, crate::ephemeral_signer()).unwrap();
+        let mut sync = writer.deferred_sync().expect("the embedded writer defers its syncs");
+        let key = AccountKey { tenant: TenantId(7), id: ledger::AccountId(1) };
+        let create = ledger::AccountCommand::Create(ledger::NewAccount {
+            key,
+            currency: ledger::Currency::parse("USD").unwrap(),
+            code: 1,
+            flags: ledger::AccountFlags(0),
+            credit_limit: 0,
+            metadata: None,
+            holder: None,
+        });
+        let mut clock = writer.begin().unwrap();
+        let snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
+        let (_, accounts) = ledger::apply_accounts(&snapshot, &mut clock, now_nanos(), &[create]);
+        writer.commit(&[accounts], &[], &[]).unwrap();
+        assert!(writer.sync_owed());
+        let (read, answered) = std::sync::mpsc::channel();
+        let reader = {
+            let queries = queries.clone();
+            std::thread::spawn(move || read.send(queries.account(key).unwrap().is_some()).unwrap())
+        };
+        assert!(
+            answered.recv_timeout(std::time::Duration::from_millis(300)).is_err(),
+            "the read answered before the commit it saw was synced"
+        );
+        sync.sync().unwrap();
+        assert_eq!(answered.recv_timeout(std::time::Duration::from_secs(10)), Ok(true));
+        reader.join().unwrap();
+        assert!(queries.account(key).unwrap().is_some(), "after the sync, at once");
+        // An async read gets its fence instead of blocking.
+        let (found, fence) = crate::read_deferring(|| queries.account(key).unwrap().is_some());
+        assert!(found && fence.is_passed());
+        drop(writer);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// One batch whose parts write the same account more than once (its creation, then a transfer
     /// to it; an expiry and a transfer on one account) links and stores the heads right.
     #[test]
