@@ -150,7 +150,7 @@ impl Metrics {
         );
         let load =
             |a: &[std::sync::atomic::AtomicU64]| a.iter().map(|b| b.load(Ordering::Relaxed)).collect::<Vec<u64>>();
-        out.push_str("# HELP rtpay_ledger_commit_duration_seconds Time to apply and commit one batch.\n# TYPE rtpay_ledger_commit_duration_seconds histogram\n");
+        out.push_str("# HELP rtpay_ledger_commit_duration_seconds Time to apply and commit one batch (on the embedded engine without its sync, see rtpay_ledger_sync_seconds_total).\n# TYPE rtpay_ledger_commit_duration_seconds histogram\n");
         histogram(
             &mut out,
             "rtpay_ledger_commit_duration_seconds",
