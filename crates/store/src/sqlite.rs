@@ -2340,6 +2340,19 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// A command creating a plain USD account.
+    fn create_usd(key: AccountKey) -> ledger::AccountCommand {
+        ledger::AccountCommand::Create(ledger::NewAccount {
+            key,
+            currency: ledger::Currency::parse("USD").unwrap(),
+            code: 1,
+            flags: ledger::AccountFlags(0),
+            credit_limit: 0,
+            metadata: None,
+            holder: None,
+        })
+    }
+
     /// A read that sees a commit whose sync the writer left owed answers only once the sync is
     /// made; a read that comes after the sync does not wait.
     #[test]
@@ -2348,18 +2361,9 @@ mod tests {
         let (mut writer, queries) = open(&dir, crate::ephemeral_signer()).unwrap();
         let mut sync = writer.deferred_sync().expect("the embedded writer defers its syncs");
         let key = AccountKey { tenant: TenantId(7), id: ledger::AccountId(1) };
-        let create = ledger::AccountCommand::Create(ledger::NewAccount {
-            key,
-            currency: ledger::Currency::parse("USD").unwrap(),
-            code: 1,
-            flags: ledger::AccountFlags(0),
-            credit_limit: 0,
-            metadata: None,
-            holder: None,
-        });
         let mut clock = writer.begin().unwrap();
         let snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
-        let (_, accounts) = ledger::apply_accounts(&snapshot, &mut clock, now_nanos(), &[create]);
+        let (_, accounts) = ledger::apply_accounts(&snapshot, &mut clock, now_nanos(), &[create_usd(key)]);
         writer.commit(&[accounts], &[], &[]).unwrap();
         assert!(writer.sync_owed());
         let (read, answered) = std::sync::mpsc::channel();
@@ -2390,17 +2394,7 @@ mod tests {
         let (mut writer, queries) = open(&dir, crate::ephemeral_signer()).unwrap();
         let tenant = TenantId(7);
         let key = |id: u128| AccountKey { tenant, id: ledger::AccountId(id) };
-        let create = |id: u128| {
-            ledger::AccountCommand::Create(ledger::NewAccount {
-                key: key(id),
-                currency: ledger::Currency::parse("USD").unwrap(),
-                code: 1,
-                flags: ledger::AccountFlags(0),
-                credit_limit: 0,
-                metadata: None,
-                holder: None,
-            })
-        };
+        let create = |id: u128| create_usd(key(id));
         let posted = |id: u128, debit: u128, credit: u128| ledger::TransferEvent {
             key: TransferKey { tenant, id: ledger::TransferId(id) },
             kind: ledger::EventKind::Posted {
