@@ -603,6 +603,44 @@ mod tests {
         }
     }
 
+    /// A sync that fails, as `fdatasync` does when the disk gives up.
+    struct FailingSync;
+
+    impl DeferredSync for FailingSync {
+        fn sync(&mut self) -> std::io::Result<()> {
+            Err(std::io::Error::other("injected"))
+        }
+    }
+
+    /// A sync that fails stops the process (SIGABRT): what the disk holds is unknown then, and only
+    /// a restart reads it back. Run in a child process: this test's binary, with this test alone.
+    #[test]
+    fn a_failed_sync_stops_the_process() {
+        const CHILD: &str = "RTPAY_TEST_FAILED_SYNC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let writer = DeferringWriter {
+                commits: Arc::new(AtomicU64::new(0)),
+                owed: false,
+                sync: Some(Box::new(FailingSync)),
+            };
+            let engine = Engine::start(Box::new(writer), Arc::new(|| 1_000));
+            let (tx, rx) = mpsc::channel();
+            engine.submit(Command::Audit(vec![draft(1)]), Box::new(move |r| drop(tx.send(r)))).unwrap();
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+            std::thread::sleep(Duration::from_secs(10));
+            println!("the process outlived its failed sync");
+            return;
+        }
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "engine::tests::a_failed_sync_stops_the_process", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        assert!(!stdout.contains("outlived"), "{stdout}");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.status), Some(libc::SIGABRT), "{stdout}");
+    }
+
     fn draft(n: usize) -> audit::Draft {
         audit::Draft { actor: "operator".into(), action: "test".into(), resource: n.to_string(), ..Default::default() }
     }
