@@ -2457,17 +2457,7 @@ mod tests {
         let tenant = TenantId(7);
         {
             let store = crate::Store::open(&location).unwrap();
-            let accounts = [1u128, 2].map(|id| {
-                ledger::AccountCommand::Create(ledger::NewAccount {
-                    key: AccountKey { tenant, id: ledger::AccountId(id) },
-                    currency: ledger::Currency::parse("USD").unwrap(),
-                    code: 1,
-                    flags: ledger::AccountFlags(0),
-                    credit_limit: 0,
-                    metadata: None,
-                    holder: None,
-                })
-            });
+            let accounts = [1u128, 2].map(|id| create_usd(AccountKey { tenant, id: ledger::AccountId(id) }));
             store.engine.accounts(accounts.to_vec()).unwrap();
             let events: Vec<ledger::TransferEvent> = (1..=3u128)
                 .map(|id| ledger::TransferEvent {
