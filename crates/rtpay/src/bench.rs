@@ -187,8 +187,12 @@ async fn pix(args: &BenchArgs) -> Result<(), Error> {
         Bytes::from(format!(r#"{{"id":"{id}","debit_account_id":"{payer}","amount":1,"key":"{key}"}}"#))
     });
     let target = Target { addr, path: "/v1/pix/payments", token: payer_key, body };
-    let (rate, p99) =
-        measure("rtpay POST /v1/pix/payments (on us, by key, embedded)", &target, Some(child.id()), args).await;
+    let subject = Subject {
+        name: "rtpay POST /v1/pix/payments (on us, by key, embedded)",
+        target: &target,
+        server: Some(child.id()),
+    };
+    let (rate, p99) = measure(&[subject], args).await[0];
     let rss = rss_kib(child.id()).unwrap_or(0);
     let writer = writer_figures(&mut client).await;
     let _ = child.kill();
@@ -563,8 +567,17 @@ struct Target {
     body: MakeBody,
 }
 
+/// A number per load window (closed or open loop), in the high bits of every request's sequence
+/// number: `(window << 48) | (connection << 32) | request`. Sequence numbers, and the ids made
+/// from them, then never repeat within a run; a repeated id would be an idempotent replay.
+fn window_base() -> u64 {
+    static WINDOWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    WINDOWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 48
+}
+
 /// `connections` clients, each sending requests back to back for `duration`.
 async fn closed_loop(target: &Target, connections: usize, duration: Duration) -> Run {
+    let base = window_base();
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -573,7 +586,7 @@ async fn closed_loop(target: &Target, connections: usize, duration: Duration) ->
         tasks.push(tokio::spawn(async move {
             let mut client = Client::new(addr);
             let mut run = Run::default();
-            let mut n = (c as u64) << 40;
+            let mut n = base | ((c as u64) << 32);
             while Instant::now() < deadline {
                 n += 1;
                 let sent = Instant::now();
@@ -591,6 +604,7 @@ async fn closed_loop(target: &Target, connections: usize, duration: Duration) ->
 /// Requests at a fixed total `rate`, spread over `connections`; latency is measured from the
 /// scheduled send time, so a stall is counted against every request it delays.
 async fn open_loop(target: &Target, connections: usize, rate: f64, duration: Duration) -> Run {
+    let base = window_base();
     let started = Instant::now();
     let per_connection = rate / connections as f64;
     let interval = Duration::from_secs_f64(1.0 / per_connection);
@@ -601,7 +615,7 @@ async fn open_loop(target: &Target, connections: usize, rate: f64, duration: Dur
         tasks.push(tokio::spawn(async move {
             let mut client = Client::new(addr);
             let mut run = Run::default();
-            let mut n = ((c as u64) << 40) | (1 << 39);
+            let mut n = base | ((c as u64) << 32);
             let mut scheduled = started + offset;
             while scheduled < started + duration {
                 tokio::time::sleep_until(scheduled.into()).await;
@@ -668,89 +682,140 @@ fn transfer_bodies(bank: String, wallets: Arc<Vec<String>>, ids: Ids) -> MakeBod
 }
 
 /// CPU time of the server (when its process is known; in all and by thread name) and of this
-/// process, the load generator.
+/// process, the load generator: a reading, or the sum of differences between readings.
+#[derive(Default)]
 struct CpuSample {
     server: Duration,
     threads: std::collections::BTreeMap<String, Duration>,
     generator: Duration,
 }
 
-fn cpu_sample(server: Option<u32>) -> Option<CpuSample> {
-    let pid = server?;
-    Some(CpuSample {
-        server: crate::process::cpu_time(pid)?,
-        threads: crate::process::thread_cpu_times(pid),
-        generator: crate::process::cpu_time(std::process::id())?,
-    })
-}
+impl CpuSample {
+    fn read(server: Option<u32>) -> Option<CpuSample> {
+        let pid = server?;
+        Some(CpuSample {
+            server: crate::process::cpu_time(pid)?,
+            threads: crate::process::thread_cpu_times(pid),
+            generator: crate::process::cpu_time(std::process::id())?,
+        })
+    }
 
-/// CPU time per answered request over `run`, in microseconds, since `before`: the server's, its
-/// writer's, checkpointer's and HTTP workers', and the load generator's.
-fn cpu_per_request(server: Option<u32>, before: Option<CpuSample>, run: &Run) -> String {
-    match (cpu_sample(server), before) {
-        (Some(after), Some(before)) if !run.latencies_us.is_empty() => {
-            let per =
-                |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() * 1e6 / run.latencies_us.len() as f64;
-            // Thread names as the kernel keeps them (15 bytes), with what the output calls them.
-            let thread = |name: &str, label: &str| match (after.threads.get(name), before.threads.get(name)) {
-                (Some(a), b) => format!(", {label} {:.1}", per(*a, b.copied().unwrap_or_default())),
-                (None, _) => String::new(),
-            };
-            format!(
-                "; CPU per request: server {:.1} µs ({}), load generator {:.1} µs",
-                per(after.server, before.server),
-                [
-                    thread("tokio-rt-worker", "HTTP workers"),
-                    thread("rtpay-writer", "writer"),
-                    thread("rtpay-checkpoin", "checkpointer"),
-                ]
-                .concat()
-                .trim_start_matches(", "),
-                per(after.generator, before.generator)
-            )
+    /// Adds what was spent between `before` and a reading taken now.
+    fn add_since(&mut self, server: Option<u32>, before: &CpuSample) {
+        let Some(after) = CpuSample::read(server) else { return };
+        self.server += after.server.saturating_sub(before.server);
+        self.generator += after.generator.saturating_sub(before.generator);
+        for (name, spent) in after.threads {
+            let was = before.threads.get(&name).copied().unwrap_or_default();
+            *self.threads.entry(name).or_default() += spent.saturating_sub(was);
         }
-        _ => String::new(),
+    }
+
+    /// CPU time per answered request, in microseconds: the server's, its writer's,
+    /// checkpointer's and HTTP workers', and the load generator's.
+    fn per_request(&self, run: &Run) -> String {
+        if run.latencies_us.is_empty() || self.server.is_zero() {
+            return String::new();
+        }
+        let per = |spent: Duration| spent.as_secs_f64() * 1e6 / run.latencies_us.len() as f64;
+        // Thread names as the kernel keeps them (15 bytes), with what the output calls them.
+        let thread = |name: &str, label: &str| match self.threads.get(name) {
+            Some(spent) => format!(", {label} {:.1}", per(*spent)),
+            None => String::new(),
+        };
+        format!(
+            "; CPU per request: server {:.1} µs ({}), load generator {:.1} µs",
+            per(self.server),
+            [
+                thread("tokio-rt-worker", "HTTP workers"),
+                thread("rtpay-writer", "writer"),
+                thread("rtpay-checkpoin", "checkpointer"),
+            ]
+            .concat()
+            .trim_start_matches(", "),
+            per(self.generator)
+        )
     }
 }
 
-/// The peak (closed loop, the best over each count of connections) and the latency at half of
-/// it (open loop, with the connections of the peak) against `target`, whose process is `server`
+/// A server under measurement: what the output calls it, what the load sends it, and its process
 /// (for its CPU time per request).
-async fn measure(name: &str, target: &Target, server: Option<u32>, args: &BenchArgs) -> (f64, f64) {
-    let duration = Duration::from_secs(args.seconds);
-    let mut best: Option<(usize, Run, String)> = None;
+struct Subject<'a> {
+    name: &'a str,
+    target: &'a Target,
+    server: Option<u32>,
+}
+
+/// Windows each closed loop is split into (see [`measure`]).
+const TURNS: u32 = 5;
+
+/// For each subject, the peak (closed loop, the best over each count of connections) and the
+/// latency at half of it (open loop, with the connections of the peak): `(peak, p99 at half)`.
+///
+/// Several subjects (rtpay and its baseline) are loaded in turns: for each count of connections,
+/// [`TURNS`] windows each, alternating, which add up to `--seconds` per subject. A machine whose
+/// speed drifts from one minute to the next (shared hosts do, by a third) then slows all of them
+/// alike, and their ratio compares the servers rather than the minutes they ran in.
+async fn measure(subjects: &[Subject<'_>], args: &BenchArgs) -> Vec<(f64, f64)> {
+    let window = Duration::from_secs(args.seconds) / TURNS;
+    let mut best: Vec<Option<(usize, Run, String)>> = subjects.iter().map(|_| None).collect();
     for &connections in &args.connections {
-        let _ = closed_loop(target, connections, Duration::from_secs(2)).await; // warm up
-        let before = cpu_sample(server);
-        let mut run = closed_loop(target, connections, duration).await;
-        let cpu = cpu_per_request(server, before, &run);
-        println!(
-            "  {name}, closed loop over {connections} connections: {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, {} errors{cpu})",
-            run.rate(),
-            run.percentile_ms(0.5),
-            run.percentile_ms(0.99),
-            run.errors,
-        );
-        if best.as_ref().is_none_or(|(_, b, _)| run.rate() > b.rate()) {
-            best = Some((connections, run, cpu));
+        for subject in subjects {
+            let _ = closed_loop(subject.target, connections, Duration::from_secs(2)).await;
+            // warm up
+        }
+        let mut runs: Vec<(Run, CpuSample)> = subjects.iter().map(|_| Default::default()).collect();
+        for _ in 0..TURNS {
+            for (subject, (total, cpu)) in subjects.iter().zip(&mut runs) {
+                let before = CpuSample::read(subject.server);
+                let run = closed_loop(subject.target, connections, window).await;
+                if let Some(before) = before {
+                    cpu.add_since(subject.server, &before);
+                }
+                total.latencies_us.extend(run.latencies_us);
+                total.errors += run.errors;
+                total.elapsed += run.elapsed;
+            }
+        }
+        for ((subject, (mut run, cpu)), best) in subjects.iter().zip(runs).zip(&mut best) {
+            let cpu = cpu.per_request(&run);
+            println!(
+                "  {}, closed loop over {connections} connections: {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, {} errors{cpu})",
+                subject.name,
+                run.rate(),
+                run.percentile_ms(0.5),
+                run.percentile_ms(0.99),
+                run.errors,
+            );
+            if best.as_ref().is_none_or(|(_, b, _)| run.rate() > b.rate()) {
+                *best = Some((connections, run, cpu));
+            }
         }
     }
-    let Some((connections, mut peak, cpu)) = best else { return (f64::NAN, f64::NAN) };
-    let rate = peak.rate();
-    let mut half = open_loop(target, connections, rate / 2.0, duration).await;
-    println!(
-        "{name}: peak {:.0} req/s over {connections} connections (p50 {:.2} ms, p99 {:.2} ms, {} errors{cpu}); at {:.0} req/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} errors)",
-        rate,
-        peak.percentile_ms(0.5),
-        peak.percentile_ms(0.99),
-        peak.errors,
-        half.rate(),
-        half.percentile_ms(0.5),
-        half.percentile_ms(0.99),
-        half.percentile_ms(0.999),
-        half.errors
-    );
-    (rate, half.percentile_ms(0.99))
+    let mut figures = Vec::new();
+    for (subject, best) in subjects.iter().zip(best) {
+        let Some((connections, mut peak, cpu)) = best else {
+            figures.push((f64::NAN, f64::NAN));
+            continue;
+        };
+        let rate = peak.rate();
+        let mut half = open_loop(subject.target, connections, rate / 2.0, Duration::from_secs(args.seconds)).await;
+        println!(
+            "{}: peak {:.0} req/s over {connections} connections (p50 {:.2} ms, p99 {:.2} ms, {} errors{cpu}); at {:.0} req/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} errors)",
+            subject.name,
+            rate,
+            peak.percentile_ms(0.5),
+            peak.percentile_ms(0.99),
+            peak.errors,
+            half.rate(),
+            half.percentile_ms(0.5),
+            half.percentile_ms(0.99),
+            half.percentile_ms(0.999),
+            half.errors
+        );
+        figures.push((rate, half.percentile_ms(0.99)));
+    }
+    figures
 }
 
 async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
@@ -787,10 +852,32 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
         wallets.push(w["id"].as_str().ok_or("account creation failed")?.to_owned());
     }
     let engine = if postgres.is_some() { "PostgreSQL" } else { "embedded" };
+    let name = format!("rtpay POST /v1/transfers ({engine})");
     let target =
         Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(wallets), args.ids) };
-    let (rtpay_rate, p99) =
-        measure(&format!("rtpay POST /v1/transfers ({engine})"), &target, Some(child.id()), args).await;
+    let rtpay = Subject { name: &name, target: &target, server: Some(child.id()) };
+    // The embedded engine is compared with the axum baseline, loaded in turns with it; PostgreSQL
+    // with pgbench, after it.
+    let baseline = match database {
+        None => Some(spawn_baseline(&exe)?),
+        Some(_) => None,
+    };
+    let baseline_target = baseline.as_ref().map(|(_, addr)| Target {
+        addr: *addr,
+        path: "/v1/transfers",
+        token: "x".into(),
+        body: transfer_bodies("b".into(), Arc::new(vec!["c".into()]), args.ids),
+    });
+    let mut subjects = vec![rtpay];
+    if let (Some((process, _)), Some(target)) = (&baseline, &baseline_target) {
+        subjects.push(Subject { name: "baseline: trivial axum JSON handler", target, server: Some(process.id()) });
+    }
+    let figures = measure(&subjects, args).await;
+    let (rtpay_rate, p99) = figures[0];
+    if let Some((mut process, _)) = baseline {
+        let _ = process.kill();
+        let _ = process.wait();
+    }
     let rss = rss_kib(child.id()).unwrap_or(0);
     let writer = writer_figures(&mut client).await;
     let _ = child.kill();
@@ -800,17 +887,7 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
 
     match database {
         None => {
-            let (mut baseline, addr) = spawn_baseline(&exe)?;
-            let target = Target {
-                addr,
-                path: "/v1/transfers",
-                token: "x".into(),
-                body: transfer_bodies("b".into(), Arc::new(vec!["c".into()]), args.ids),
-            };
-            let (base_rate, _) =
-                measure("baseline: trivial axum JSON handler", &target, Some(baseline.id()), args).await;
-            let _ = baseline.kill();
-            let _ = baseline.wait();
+            let (base_rate, _) = figures[1];
             println!(
                 "=> embedded: {:.0} transfers/s (bar 25,000), p99 {:.2} ms at half rate (bar 10 ms), ratio to axum baseline {:.2} (bar 0.45)",
                 rtpay_rate,
@@ -975,6 +1052,16 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::Ids;
+
+    /// Each load window numbers its requests apart from every other's: a repeated id would be an
+    /// idempotent replay, not a new transfer.
+    #[test]
+    fn load_windows_never_repeat_a_sequence_number() {
+        let (a, b) = (super::window_base(), super::window_base());
+        assert_ne!(a, b);
+        assert_eq!((a | b) & ((1 << 48) - 1), 0, "the low 48 bits are the connection's and the request's");
+        assert_ne!(Ids::Random.id(a | 1), Ids::Random.id(b | 1));
+    }
 
     #[test]
     fn bench_ids_are_well_formed_uuids_of_their_version() {
