@@ -760,9 +760,9 @@ async fn measure(subjects: &[Subject<'_>], args: &BenchArgs) -> Vec<(f64, f64)> 
     let window = Duration::from_secs(args.seconds) / TURNS;
     let mut best: Vec<Option<(usize, Run, String)>> = subjects.iter().map(|_| None).collect();
     for &connections in &args.connections {
+        // Warm each server up for this count.
         for subject in subjects {
             let _ = closed_loop(subject.target, connections, Duration::from_secs(2)).await;
-            // warm up
         }
         let mut runs: Vec<(Run, CpuSample)> = subjects.iter().map(|_| Default::default()).collect();
         for _ in 0..TURNS {
