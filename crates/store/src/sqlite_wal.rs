@@ -441,16 +441,23 @@ mod tests {
         conn
     }
 
+    /// A scratch directory holding a database on this VFS with one table `t (k, v)`: the
+    /// directory, the database's path and the connection that made it.
+    fn scratch(name: &str) -> (std::path::PathBuf, std::path::PathBuf, Connection) {
+        let dir = std::env::temp_dir().join(format!("rtpay-{name}-{}-{}", std::process::id(), crate::now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        let writer = open(&path);
+        writer.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+        (dir, path, writer)
+    }
+
     /// Commits of every size — one frame, more than one default-VFS write, more than the pending
     /// limit — are whole for another connection and after reopening, rolled-back ones leave
     /// nothing, and the WAL on disk holds every committed frame (checked without this VFS).
     #[test]
     fn gathered_wal_writes_are_whole_at_every_commit() {
-        let dir = std::env::temp_dir().join(format!("rtpay-walvfs-{}-{}", std::process::id(), crate::now_nanos()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.db");
-        let mut writer = open(&path);
-        writer.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+        let (dir, path, mut writer) = scratch("walvfs");
         let reader = open(&path);
         let count = |c: &Connection| -> (i64, i64) {
             c.query_row("SELECT count(*), coalesce(sum(length(v)), 0) FROM t", [], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -490,11 +497,7 @@ mod tests {
     /// itself. Only this thread defers, and only while the guard lives.
     #[test]
     fn a_deferred_commit_is_in_the_file_when_it_returns() {
-        let dir = std::env::temp_dir().join(format!("rtpay-defer-{}-{}", std::process::id(), crate::now_nanos()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.db");
-        let writer = open(&path);
-        writer.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+        let (dir, path, writer) = scratch("defer");
         let reader = open(&path);
         for rows in [1i64, 100] {
             let guard = super::defer_syncs();
@@ -518,11 +521,7 @@ mod tests {
     /// database file, through the trickle: the file alone, without its WAL, holds every row.
     #[test]
     fn trickled_checkpoints_copy_every_page() {
-        let dir = std::env::temp_dir().join(format!("rtpay-trickle-{}-{}", std::process::id(), crate::now_nanos()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.db");
-        let writer = open(&path);
-        writer.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+        let (dir, path, writer) = scratch("trickle");
         let checkpointer = open(&path);
         let file = std::fs::File::open(&path).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
