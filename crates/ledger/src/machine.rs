@@ -6,9 +6,8 @@
 //! clock and batch always give the same results and changes, which is what lets one machine serve
 //! the embedded engine, the PostgreSQL engine and the model-based tests.
 
-use std::collections::HashMap;
-
 use crate::types::*;
+use crate::Map;
 
 /// Read access to the ledger state the batch needs. Anything absent is treated as not existing, so
 /// the caller must prefetch every key that [`Prefetch::of_transfers`] lists.
@@ -107,14 +106,22 @@ impl Changes {
 
 /// Writes of a batch, layered over the state, with an undo journal for linked chains.
 struct Overlay {
-    accounts: HashMap<AccountKey, Account>,
-    transfers: HashMap<TransferKey, (Entry, bool)>,
+    accounts: Map<AccountKey, Account>,
+    /// Each transfer the batch wrote, once, in the order first written; its final value.
+    entries: Vec<Entry>,
+    /// Whether `entries[i]` is new to the state (else it is a stored transfer that changed).
+    new: Vec<bool>,
+    /// Where each transfer written sits in `entries`.
+    entry_at: Map<TransferKey, usize>,
     journal: Vec<Undo>,
 }
 
 enum Undo {
     Account(AccountKey, Option<Account>),
-    Transfer(TransferKey, Option<(Entry, bool)>),
+    /// A transfer first written: the last of `entries` when this is undone.
+    TransferAdded(TransferKey),
+    /// A transfer written before in the batch: what it was.
+    TransferReplaced(usize, Entry),
 }
 
 struct View<'a, S: State> {
@@ -129,8 +136,10 @@ impl<'a, S: State> View<'a, S> {
         View {
             state,
             overlay: Overlay {
-                accounts: HashMap::with_capacity(accounts),
-                transfers: HashMap::with_capacity(transfers),
+                accounts: Map::with_capacity_and_hasher(accounts, Default::default()),
+                entries: Vec::with_capacity(transfers),
+                new: Vec::with_capacity(transfers),
+                entry_at: Map::with_capacity_and_hasher(transfers, Default::default()),
                 journal: Vec::new(),
             },
         }
@@ -141,8 +150,8 @@ impl<'a, S: State> View<'a, S> {
     }
 
     fn transfer(&self, key: &TransferKey) -> Option<&Entry> {
-        match self.overlay.transfers.get(key) {
-            Some((entry, _)) => Some(entry),
+        match self.overlay.entry_at.get(key) {
+            Some(&i) => Some(&self.overlay.entries[i]),
             None => self.state.transfer(key),
         }
     }
@@ -154,12 +163,20 @@ impl<'a, S: State> View<'a, S> {
     }
 
     fn put_transfer(&mut self, key: TransferKey, entry: Entry) {
-        let new = match self.overlay.transfers.get(&key) {
-            Some((_, new)) => *new,
-            None => self.state.transfer(&key).is_none(),
-        };
-        let previous = self.overlay.transfers.insert(key, (entry, new));
-        self.overlay.journal.push(Undo::Transfer(key, previous));
+        let overlay = &mut self.overlay;
+        match overlay.entry_at.entry(key) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                let i = *at.get();
+                let previous = std::mem::replace(&mut overlay.entries[i], entry);
+                overlay.journal.push(Undo::TransferReplaced(i, previous));
+            }
+            std::collections::hash_map::Entry::Vacant(at) => {
+                at.insert(overlay.entries.len());
+                overlay.new.push(self.state.transfer(&key).is_none());
+                overlay.entries.push(entry);
+                overlay.journal.push(Undo::TransferAdded(key));
+            }
+        }
     }
 
     fn mark(&self) -> usize {
@@ -173,36 +190,47 @@ impl<'a, S: State> View<'a, S> {
     }
 
     fn rollback(&mut self, mark: usize) {
-        while self.overlay.journal.len() > mark {
-            match self.overlay.journal.pop().expect("journal longer than mark") {
+        let overlay = &mut self.overlay;
+        while overlay.journal.len() > mark {
+            match overlay.journal.pop().expect("journal longer than mark") {
                 Undo::Account(key, Some(previous)) => {
-                    self.overlay.accounts.insert(key, previous);
+                    overlay.accounts.insert(key, previous);
                 }
                 Undo::Account(key, None) => {
-                    self.overlay.accounts.remove(&key);
+                    overlay.accounts.remove(&key);
                 }
-                Undo::Transfer(key, Some(previous)) => {
-                    self.overlay.transfers.insert(key, previous);
-                }
-                Undo::Transfer(key, None) => {
-                    self.overlay.transfers.remove(&key);
+                Undo::TransferReplaced(i, previous) => overlay.entries[i] = previous,
+                Undo::TransferAdded(key) => {
+                    // Undone in the reverse order of the writes, so what it added is last.
+                    let entry = overlay.entries.pop().expect("an added transfer");
+                    overlay.new.pop();
+                    assert_eq!(entry.key(), key, "the journal undoes the last added transfer");
+                    overlay.entry_at.remove(&key);
                 }
             }
         }
     }
 
     fn into_changes(self, clock: Clock) -> Changes {
-        let mut accounts: Vec<Account> = self.overlay.accounts.into_values().collect();
+        let Overlay { accounts, entries, new, .. } = self.overlay;
+        let mut accounts: Vec<Account> = accounts.into_values().collect();
         accounts.sort_unstable_by_key(|a| a.key);
-        let mut inserted = Vec::new();
         let mut pending_updates = Vec::new();
-        for (key, (entry, new)) in self.overlay.transfers {
-            if new {
-                inserted.push(entry);
-            } else if let Entry::Created(t) = entry {
-                pending_updates.push((key, t.state));
+        // Usually every entry is new, and they move over whole.
+        let mut inserted = if new.iter().all(|n| *n) {
+            entries
+        } else {
+            let mut inserted = Vec::with_capacity(entries.len());
+            for (entry, new) in entries.into_iter().zip(new) {
+                if new {
+                    inserted.push(entry);
+                } else if let Entry::Created(t) = entry {
+                    pending_updates.push((t.key, t.state));
+                }
             }
-        }
+            inserted
+        };
+        // Entries are written in the order they take their timestamps, so this is a check.
         inserted.sort_unstable_by_key(Entry::timestamp);
         pending_updates.sort_unstable_by_key(|(k, _)| *k);
         Changes { accounts, inserted, pending_updates, clock }

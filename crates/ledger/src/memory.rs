@@ -1,15 +1,13 @@
 //! A whole ledger in memory: the simplest [`State`] there is. Used by tests and by the in-process
 //! model of the ledger; storage engines keep their own state and persist [`Changes`].
 
-use std::collections::HashMap;
-
 use crate::machine::{self, AccountCommand, Changes, Clock, Outcome, State};
 use crate::types::*;
 
 #[derive(Default, Clone, Debug)]
 pub struct MemoryLedger {
-    pub accounts: HashMap<AccountKey, Account>,
-    pub transfers: HashMap<TransferKey, Entry>,
+    pub accounts: crate::Map<AccountKey, Account>,
+    pub transfers: crate::Map<TransferKey, Entry>,
     pub clock: Clock,
 }
 

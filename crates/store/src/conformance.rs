@@ -1,7 +1,6 @@
 //! The conformance suite every storage engine must pass, written once and instantiated per engine
 //! with [`conformance_tests!`]. Each case gets a fresh, empty location from the engine's factory.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -403,7 +402,7 @@ pub fn agrees_with_memory_ledger(location: Location) {
         let expected = model.transfers(t, &events);
         assert_eq!(got, expected, "round {round}");
     }
-    let mut stored: HashMap<AccountKey, Account> = HashMap::new();
+    let mut stored: Map<AccountKey, Account> = Map::default();
     store.queries.scan(&mut |a| drop(stored.insert(a.key, a)), &mut |_| {}).unwrap();
     assert_eq!(stored, model.accounts);
     // Each account's listing, read three at a time, is the model's created transfers touching it,

@@ -215,9 +215,9 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
     apply_migrations(&mut conn, SQLITE)?;
     let (clock, frontier) = read_meta(&conn)?;
     let data_version = data_version(&conn)?;
-    let mut accounts = HashMap::new();
-    let mut numbers = HashMap::new();
-    let mut heads = HashMap::new();
+    let mut accounts = Map::default();
+    let mut numbers = Map::default();
+    let mut heads = Map::default();
     let mut next_no = 1;
     {
         let mut stmt =
@@ -247,7 +247,7 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
         accounts,
         numbers,
         heads,
-        batch_heads: HashMap::new(),
+        batch_heads: Map::default(),
         id_max,
         batch_id_max: None,
         next_no,
@@ -327,15 +327,15 @@ fn entry_row(row: &rusqlite::Row<'_>) -> Result<EntryRow<'static>> {
 struct SqliteWriter {
     conn: Connection,
     /// Every account, as committed. Updated only after a commit succeeds.
-    accounts: HashMap<AccountKey, Account>,
+    accounts: Map<AccountKey, Account>,
     /// Internal account numbers (`accounts.no`), as committed.
-    numbers: HashMap<AccountKey, i64>,
+    numbers: Map<AccountKey, i64>,
     /// Each account's newest listed transfer (`accounts.head`), as committed: where the next one
     /// links to.
-    heads: HashMap<AccountKey, i64>,
+    heads: Map<AccountKey, i64>,
     /// Heads moved by the open batch, and whether the batch's account upserts wrote them; kept
     /// only if it commits.
-    batch_heads: HashMap<AccountKey, (i64, bool)>,
+    batch_heads: Map<AccountKey, (i64, bool)>,
     /// The greatest transfer id stored, of any tenant, as committed: an id above it cannot be
     /// stored, so its look-up is skipped (with time-ordered ids, every new id's). Exact, because
     /// this writer is the only one that inserts transfers into its data directory.
@@ -753,7 +753,7 @@ fn bind_all(stmt: &mut rusqlite::Statement<'_>, first: usize, values: &[&dyn rus
 }
 
 /// An account's internal number: as committed, or given in the open batch.
-fn number_of(numbers: &HashMap<AccountKey, i64>, assigned: &[(AccountKey, i64)], key: &AccountKey) -> Option<i64> {
+fn number_of(numbers: &Map<AccountKey, i64>, assigned: &[(AccountKey, i64)], key: &AccountKey) -> Option<i64> {
     numbers.get(key).copied().or_else(|| assigned.iter().find(|(k, _)| k == key).map(|(_, no)| *no))
 }
 
@@ -897,6 +897,8 @@ impl SqliteWriter {
         }
         // Rows go in id order: the id index then takes its inserts left to right, and the table,
         // keyed by timestamp, still only grows at its right edge.
+        // (The rows stay put; references to them are sorted.)
+        let mut rows: Vec<&(EntryRow, Pair, Pair)> = rows.iter().collect();
         rows.sort_unstable_by_key(|(r, ..)| r.id);
         self.batch_id_max = rows.last().map(|(r, ..)| r.id).max(self.batch_id_max);
         insert_rows(
