@@ -46,28 +46,37 @@ impl Entry {
     /// The one byte form that is hashed: a format byte, then every field in order, integers
     /// big-endian, texts length-prefixed (u32) so no two entries share a form.
     pub fn canonical(&self) -> Vec<u8> {
-        let d = &self.draft;
-        let mut out = Vec::with_capacity(64 + d.actor.len() + d.action.len() + d.resource.len() + 64);
-        out.push(ENTRY_FORMAT);
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.extend_from_slice(&self.time.to_be_bytes());
-        match d.tenant {
-            None => out.push(0),
-            Some(t) => {
-                out.push(1);
-                out.extend_from_slice(&t.to_be_bytes());
-            }
-        }
-        for text in [&d.actor, &d.action, &d.resource, &d.request_id, &d.source, &d.outcome] {
-            out.extend_from_slice(&(text.len() as u32).to_be_bytes());
-            out.extend_from_slice(text.as_bytes());
-        }
-        out
+        canonical(self.seq, self.time, &self.draft)
     }
 
     pub fn leaf_hash(&self) -> Hash {
-        merkle::leaf_hash(&self.canonical())
+        leaf_hash(self.seq, self.time, &self.draft)
     }
+}
+
+/// [`Entry::canonical`] of the entry `seq`, at `time`, recording `d`.
+pub fn canonical(seq: u64, time: u64, d: &Draft) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + d.actor.len() + d.action.len() + d.resource.len() + 64);
+    out.push(ENTRY_FORMAT);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&time.to_be_bytes());
+    match d.tenant {
+        None => out.push(0),
+        Some(t) => {
+            out.push(1);
+            out.extend_from_slice(&t.to_be_bytes());
+        }
+    }
+    for text in [&d.actor, &d.action, &d.resource, &d.request_id, &d.source, &d.outcome] {
+        out.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    out
+}
+
+/// [`Entry::leaf_hash`] of the entry `seq`, at `time`, recording `d`: without building the entry.
+pub fn leaf_hash(seq: u64, time: u64, d: &Draft) -> Hash {
+    merkle::leaf_hash(&canonical(seq, time, d))
 }
 
 impl Draft {

@@ -34,29 +34,37 @@ pub struct SignedHead {
     pub signature: Vec<u8>,
 }
 
-/// What one batch writes to the audit tables.
-pub(crate) struct Append {
-    pub entries: Vec<(Entry, Hash)>,
+/// What one batch writes to the audit tables; its entries' drafts are the caller's.
+pub(crate) struct Append<'a> {
+    pub entries: Vec<Appended<'a>>,
     pub nodes: Vec<Node>,
     pub head: SignedHead,
     pub frontier: Frontier,
 }
 
+/// An entry of an [`Append`]: its place, its time, what it records, and its leaf hash.
+pub(crate) struct Appended<'a> {
+    pub seq: u64,
+    pub time: u64,
+    pub draft: &'a Draft,
+    pub leaf: Hash,
+}
+
 /// Places `drafts` after `frontier` (times come from the ledger clock, so they are unique and
 /// increasing across nodes) and signs the new head.
-pub(crate) fn append(frontier: &Frontier, drafts: &[(Timestamp, Draft)], signer: &Signer) -> Append {
+pub(crate) fn append<'a>(frontier: &Frontier, drafts: &'a [(Timestamp, Draft)], signer: &Signer) -> Append<'a> {
     assert!(!drafts.is_empty(), "an append has entries");
     let mut frontier = frontier.clone();
     let mut entries = Vec::with_capacity(drafts.len());
     let mut nodes = Vec::with_capacity(drafts.len() + 8);
     for (time, draft) in drafts {
-        let entry = Entry { seq: frontier.size() + 1, time: *time, draft: draft.clone() };
-        let leaf = entry.leaf_hash();
+        let seq = frontier.size() + 1;
+        let leaf = audit::leaf_hash(seq, *time, draft);
         frontier.append(leaf, &mut nodes);
-        entries.push((entry, leaf));
+        entries.push(Appended { seq, time: *time, draft, leaf });
     }
     nodes.retain(|n| n.level >= STORED_LEVEL_MIN);
-    let last_time = entries.last().expect("non-empty").0.time;
+    let last_time = entries.last().expect("non-empty").time;
     let head = TreeHead { size: frontier.size(), root: frontier.root(), time: last_time };
     let signature = signer.sign(&head);
     Append { entries, nodes, head: SignedHead { head, signature }, frontier }

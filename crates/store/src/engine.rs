@@ -340,7 +340,7 @@ fn run_batches(
         }
         let now = clock();
         let started = Instant::now();
-        let result = apply_batch(writer, now, &jobs, sweep, stats);
+        let result = apply_batch(writer, now, &mut jobs, sweep, stats);
         let elapsed_us = started.elapsed().as_micros() as u64;
         match result {
             Ok(replies) => {
@@ -374,10 +374,11 @@ fn run_batches(
 }
 
 /// Applies a batch: one reply per job, `None` for a job whose guards failed (nothing of it applied).
+/// The jobs' audit drafts are taken (moved into the commit).
 fn apply_batch(
     writer: &mut dyn Writer,
     now: Timestamp,
-    jobs: &[Job],
+    jobs: &mut [Job],
     sweep: bool,
     stats: &EngineStats,
 ) -> Result<Vec<Option<Reply>>> {
@@ -429,7 +430,7 @@ fn apply_batch(
     }
     let mut claimed = std::collections::HashSet::new();
     let mut admitted = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    for job in jobs.iter() {
         let mut ok = true;
         for g in &job.guards {
             let holds = !claimed.contains(&claim(g))
@@ -501,13 +502,12 @@ fn apply_batch(
     // Audit entries take their times from the ledger clock, after the batch's ledger work.
     let mut clock = Clock { last: changes.iter().map(|c| c.clock.last).max().unwrap_or(0).max(snapshot.clock.last) };
     let mut drafts: Vec<(Timestamp, audit::Draft)> = Vec::new();
-    for (job, reply) in jobs.iter().zip(&replies) {
-        if let (Command::Audit(d), Some(_)) = (&job.command, reply) {
-            drafts.extend(d.iter().map(|d| (clock.tick(now), d.clone().bounded())));
+    for (job, reply) in jobs.iter_mut().zip(&replies) {
+        if let (Command::Audit(d), Some(_)) = (&mut job.command, reply) {
+            drafts.extend(std::mem::take(d).into_iter().map(|d| (clock.tick(now), d.bounded())));
         }
-        if let Some(draft) = &job.audit {
+        if let Some(mut draft) = job.audit.take() {
             // A request refused by its guards is recorded too, as refused.
-            let mut draft = draft.clone();
             if draft.outcome.is_empty() {
                 draft.outcome = reply.as_ref().map_or_else(|| "conflict".to_owned(), outcome_of);
             }

@@ -564,14 +564,14 @@ impl PgWriter {
         // The audit's columns, when the batch has entries.
         let append = (!drafts.is_empty())
             .then(|| crate::audit_log::append(self.frontier.as_ref().expect("read in begin"), drafts, &self.signer));
-        let e: &[(audit::Entry, audit::Hash)] = append.as_ref().map_or(&[], |a| &a.entries);
-        let seq: Vec<i64> = e.iter().map(|(e, _)| e.seq as i64).collect();
-        let time: Vec<i64> = e.iter().map(|(e, _)| e.time as i64).collect();
-        let e_tenant: Vec<Option<Uuid>> = e.iter().map(|(e, _)| e.draft.tenant.map(uuid)).collect();
-        let text = |f: fn(&audit::Draft) -> &str| -> Vec<&str> { e.iter().map(|(e, _)| f(&e.draft)).collect() };
+        let e: &[crate::audit_log::Appended] = append.as_ref().map_or(&[], |a| &a.entries);
+        let seq: Vec<i64> = e.iter().map(|e| e.seq as i64).collect();
+        let time: Vec<i64> = e.iter().map(|e| e.time as i64).collect();
+        let e_tenant: Vec<Option<Uuid>> = e.iter().map(|e| e.draft.tenant.map(uuid)).collect();
+        let text = |f: fn(&audit::Draft) -> &str| -> Vec<&str> { e.iter().map(|e| f(e.draft)).collect() };
         let (actor, action, resource) = (text(|d| &d.actor), text(|d| &d.action), text(|d| &d.resource));
         let (request, source, outcome) = (text(|d| &d.request_id), text(|d| &d.source), text(|d| &d.outcome));
-        let leaf: Vec<&[u8]> = e.iter().map(|(_, l)| &l[..]).collect();
+        let leaf: Vec<&[u8]> = e.iter().map(|e| &e.leaf[..]).collect();
         let nodes = append.as_ref().map_or(&[][..], |a| &a.nodes[..]);
         let level: Vec<i16> = nodes.iter().map(|n| i16::from(n.level)).collect();
         let idx: Vec<i64> = nodes.iter().map(|n| crate::audit_log::last_leaf(n.level, n.index) as i64).collect();

@@ -680,8 +680,8 @@ fn write_audit(
         "INSERT INTO audit_entries (seq, time, tenant_id, actor, action, resource, request_id, source, outcome, leaf_hash)",
         10,
         &append.entries,
-        |stmt, first, (e, leaf)| {
-            let d = &e.draft;
+        |stmt, first, e| {
+            let d = e.draft;
             let values: [&dyn rusqlite::ToSql; 10] = [
                 &(e.seq as i64),
                 &(e.time as i64),
@@ -692,7 +692,7 @@ fn write_audit(
                 &d.request_id,
                 &d.source,
                 &d.outcome,
-                &&leaf[..],
+                &&e.leaf[..],
             ];
             bind_all(stmt, first, &values)
         },
