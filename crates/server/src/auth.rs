@@ -69,7 +69,9 @@ pub fn new_uuid() -> uuid::Uuid {
 
 /// The server's keys. `Debug` shows nothing.
 pub struct Keys {
-    hash_key: [u8; 32],
+    /// HMAC-SHA256 keyed with the server's hash key, before any message: each hash starts from a
+    /// copy, so the key's two blocks are hashed once, not on every request.
+    keyed: Hmac<Sha256>,
     operator_hash: [u8; 32],
 }
 
@@ -81,21 +83,22 @@ impl std::fmt::Debug for Keys {
 
 impl Keys {
     pub fn new(hash_key: [u8; 32], operator_token: &str) -> Keys {
-        let operator_hash = keyed_hash(&hash_key, b"operator", operator_token.as_bytes());
-        Keys { hash_key, operator_hash }
+        let keyed = <Hmac<Sha256> as KeyInit>::new_from_slice(&hash_key).expect("HMAC takes any key length");
+        let operator_hash = keyed_hash(&keyed, b"operator", operator_token.as_bytes());
+        Keys { keyed, operator_hash }
     }
 
     /// HMAC-SHA256 under the server's key, for `purpose` (e.g. signing access tokens).
     pub fn mac(&self, purpose: &[u8], message: &[u8]) -> [u8; 32] {
-        keyed_hash(&self.hash_key, purpose, message)
+        keyed_hash(&self.keyed, purpose, message)
     }
 
     pub fn secret_hash(&self, secret: &str) -> [u8; 32] {
-        keyed_hash(&self.hash_key, b"api-key", secret.as_bytes())
+        keyed_hash(&self.keyed, b"api-key", secret.as_bytes())
     }
 
     pub fn is_operator(&self, token: &str) -> bool {
-        constant_time_eq(&keyed_hash(&self.hash_key, b"operator", token.as_bytes()), &self.operator_hash)
+        constant_time_eq(&keyed_hash(&self.keyed, b"operator", token.as_bytes()), &self.operator_hash)
     }
 
     /// A stable id derived from a client's `Idempotency-Key`, so a repeated creation names the
@@ -103,7 +106,7 @@ impl Keys {
     pub fn derived_id(&self, purpose: &[u8], tenant: u128, idempotency_key: &str) -> uuid::Uuid {
         let mut input = tenant.to_be_bytes().to_vec();
         input.extend_from_slice(idempotency_key.as_bytes());
-        let digest = keyed_hash(&self.hash_key, purpose, &input);
+        let digest = keyed_hash(&self.keyed, purpose, &input);
         uuid::Builder::from_custom_bytes(digest[..16].try_into().expect("16 bytes")).into_uuid()
     }
 
@@ -120,8 +123,8 @@ impl Keys {
     }
 }
 
-fn keyed_hash(key: &[u8; 32], purpose: &[u8], message: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+fn keyed_hash(keyed: &Hmac<Sha256>, purpose: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut mac = keyed.clone();
     mac.update(purpose);
     mac.update(b"\0");
     mac.update(message);
@@ -487,6 +490,18 @@ mod tests {
         let other = Keys::new([8; 32], "op");
         assert_ne!(keys.secret_hash(&a), other.secret_hash(&a), "the hash is keyed");
         assert!(!format!("{keys:?}").contains("op"));
+    }
+
+    #[test]
+    fn a_secret_hash_is_hmac_sha256_of_purpose_and_secret_and_each_hash_starts_afresh() {
+        let keys = Keys::new([7; 32], "op");
+        // Python: hmac.new(bytes([7] * 32), b"api-key\x00rtpay_sk_abc", hashlib.sha256).hexdigest()
+        let expected = "f2d6cd1fb6d43126af880ab7a727d7c21f9bc6b1853d6ad3c5a38dc35ff3ccb3";
+        assert_eq!(hex(&keys.secret_hash("rtpay_sk_abc")), expected);
+        // The keyed state is copied, never advanced: the same input hashes the same every time.
+        assert_ne!(hex(&keys.secret_hash("rtpay_sk_abd")), expected);
+        assert_eq!(hex(&keys.secret_hash("rtpay_sk_abc")), expected);
+        assert!(keys.is_operator("op") && !keys.is_operator("op2"));
     }
 
     #[test]
