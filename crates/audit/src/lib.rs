@@ -46,16 +46,16 @@ impl Entry {
     /// The one byte form that is hashed: a format byte, then every field in order, integers
     /// big-endian, texts length-prefixed (u32) so no two entries share a form.
     pub fn canonical(&self) -> Vec<u8> {
-        canonical(self.seq, self.time, &self.draft)
+        entry_canonical(self.seq, self.time, &self.draft)
     }
 
     pub fn leaf_hash(&self) -> Hash {
-        leaf_hash(self.seq, self.time, &self.draft)
+        entry_leaf_hash(self.seq, self.time, &self.draft)
     }
 }
 
 /// [`Entry::canonical`] of the entry `seq`, at `time`, recording `d`.
-pub fn canonical(seq: u64, time: u64, d: &Draft) -> Vec<u8> {
+pub fn entry_canonical(seq: u64, time: u64, d: &Draft) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + d.actor.len() + d.action.len() + d.resource.len() + 64);
     out.push(ENTRY_FORMAT);
     out.extend_from_slice(&seq.to_be_bytes());
@@ -75,8 +75,8 @@ pub fn canonical(seq: u64, time: u64, d: &Draft) -> Vec<u8> {
 }
 
 /// [`Entry::leaf_hash`] of the entry `seq`, at `time`, recording `d`: without building the entry.
-pub fn leaf_hash(seq: u64, time: u64, d: &Draft) -> Hash {
-    merkle::leaf_hash(&canonical(seq, time, d))
+pub fn entry_leaf_hash(seq: u64, time: u64, d: &Draft) -> Hash {
+    merkle::leaf_hash(&entry_canonical(seq, time, d))
 }
 
 impl Draft {

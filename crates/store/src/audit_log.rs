@@ -59,7 +59,7 @@ pub(crate) fn append<'a>(frontier: &Frontier, drafts: &'a [(Timestamp, Draft)], 
     let mut nodes = Vec::with_capacity(drafts.len() + 8);
     for (time, draft) in drafts {
         let seq = frontier.size() + 1;
-        let leaf = audit::leaf_hash(seq, *time, draft);
+        let leaf = audit::entry_leaf_hash(seq, *time, draft);
         frontier.append(leaf, &mut nodes);
         entries.push(Appended { seq, time: *time, draft, leaf });
     }
