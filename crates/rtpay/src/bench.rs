@@ -380,7 +380,8 @@ struct CardRun {
 }
 
 /// The writer's batches as the server's `/metrics` counted them: how many, their mean size and
-/// commit time, and how many took longer than 2, 5 and 10 ms (what sets a latency tail).
+/// commit time, and how many took longer than 2, 5 and 10 ms (what sets a latency tail); and the
+/// same of the syncs beside it.
 async fn writer_figures(client: &mut Client) -> String {
     let Ok(response) = client.get("/metrics", OPERATOR).await else {
         return "writer: /metrics did not answer".into();
@@ -393,11 +394,19 @@ async fn writer_figures(client: &mut Client) -> String {
     if batches == 0.0 {
         return "writer: no batches".into();
     }
-    let within = |le: &str| value(&format!("rtpay_ledger_commit_duration_seconds_bucket{{le=\"{le}\"}}"));
-    let over = |le: &str| batches - within(le);
+    let over = |histogram: &str, count: f64, le: &str| {
+        count - value(&format!("rtpay_ledger_{histogram}_duration_seconds_bucket{{le=\"{le}\"}}"))
+    };
     let syncs = value("rtpay_ledger_syncs_total");
     let syncs = if syncs > 0.0 {
-        format!("; {syncs:.0} syncs beside it, mean {:.2} ms", value("rtpay_ledger_sync_seconds_total") * 1e3 / syncs)
+        format!(
+            "; {syncs:.0} syncs beside it, mean {:.2} ms; longer than 2 ms: {:.0}, 5 ms: {:.0}, 10 ms: {:.0}, 100 ms: {:.0}",
+            value("rtpay_ledger_sync_seconds_total") * 1e3 / syncs,
+            over("sync", syncs, "0.002"),
+            over("sync", syncs, "0.005"),
+            over("sync", syncs, "0.01"),
+            over("sync", syncs, "0.1"),
+        )
     } else {
         String::new()
     };
@@ -405,9 +414,9 @@ async fn writer_figures(client: &mut Client) -> String {
         "writer: {batches:.0} batches, {:.1} events each, commit mean {:.2} ms; longer than 2 ms: {:.0}, 5 ms: {:.0}, 10 ms: {:.0}{syncs}",
         value("rtpay_ledger_batch_events_sum") / batches,
         value("rtpay_ledger_commit_duration_seconds_sum") * 1e3 / batches,
-        over("0.002"),
-        over("0.005"),
-        over("0.01"),
+        over("commit", batches, "0.002"),
+        over("commit", batches, "0.005"),
+        over("commit", batches, "0.01"),
     )
 }
 

@@ -919,6 +919,16 @@ fn health_readiness_metrics_and_openapi() {
             .and_then(|n| n.parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no rtpay_ledger_batches_total sample: {text}"));
         assert!(batches >= 1.0, "{batches}");
+        // The embedded engine syncs beside the writer, and each sync is in the latency histogram.
+        let sample = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+                .unwrap_or_else(|| panic!("no {name} sample: {text}"))
+        };
+        let syncs = sample("rtpay_ledger_syncs_total");
+        assert!(syncs >= 1.0, "{syncs}");
+        assert_eq!(sample("rtpay_ledger_sync_duration_seconds_count"), syncs);
+        assert_eq!(sample("rtpay_ledger_sync_duration_seconds_bucket{le=\"+Inf\"}"), syncs);
 
         let r = c.send(Method::GET, "/openapi.json", None, None).await.unwrap();
         assert_status(&r, 200, "openapi");

@@ -160,6 +160,16 @@ impl Metrics {
             engine.commit_us_sum.load(Ordering::Relaxed),
             1e6,
         );
+        out.push_str("# HELP rtpay_ledger_sync_duration_seconds Time of each sync of the embedded engine's log made beside the writer; every reply of the batches it covers waits for it.\n# TYPE rtpay_ledger_sync_duration_seconds histogram\n");
+        histogram(
+            &mut out,
+            "rtpay_ledger_sync_duration_seconds",
+            "",
+            &COMMIT_BUCKETS_US,
+            &load(&engine.sync_us_buckets),
+            engine.sync_us_sum.load(Ordering::Relaxed),
+            1e6,
+        );
         out.push_str("# HELP rtpay_ledger_batch_events Events per committed batch.\n# TYPE rtpay_ledger_batch_events histogram\n");
         let batch = load(&engine.batch_len_buckets);
         histogram(

@@ -110,6 +110,9 @@ pub struct EngineStats {
     /// their total time.
     pub syncs: AtomicU64,
     pub sync_us_sum: AtomicU64,
+    /// Their latency histogram, upper bounds in [`COMMIT_BUCKETS_US`] (+Inf last): a slow disk
+    /// holds every reply waiting for the sync, so the tail is what an operator needs to see.
+    pub sync_us_buckets: [AtomicU64; 12],
     /// Batch size histogram, upper bounds in [`BATCH_BUCKETS`] (+Inf last).
     pub batch_len_buckets: [AtomicU64; 9],
 }
@@ -288,8 +291,10 @@ fn sync_then_reply(mut sync: Box<dyn crate::DeferredSync>, receiver: Receiver<An
             }
             std::process::abort();
         }
+        let elapsed_us = started.elapsed().as_micros() as u64;
         stats.syncs.fetch_add(1, Ordering::Relaxed);
-        stats.sync_us_sum.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.sync_us_sum.fetch_add(elapsed_us, Ordering::Relaxed);
+        observe(&stats.sync_us_buckets, &COMMIT_BUCKETS_US, elapsed_us);
         for (reply, result) in batches.into_iter().flatten() {
             reply(result);
         }
@@ -680,6 +685,17 @@ mod tests {
         let (second, reply) = replies.recv_timeout(Duration::from_secs(10)).expect("answered after its sync");
         assert_eq!(second, 2);
         assert!(matches!(reply, Ok(Reply::Audited)));
+        // Each sync is counted once in the latency histogram, in the bucket of its time: the first
+        // was held for 200 ms, so one took over 100 ms. (A syncer slow to wake finds both batches
+        // queued and makes one sync of them.)
+        let buckets: Vec<u64> = engine.stats.sync_us_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let syncs = engine.stats.syncs.load(Ordering::Relaxed);
+        assert_eq!(buckets.iter().sum::<u64>(), syncs);
+        assert!((1..=2).contains(&syncs), "{syncs}");
+        let over_100ms: u64 =
+            COMMIT_BUCKETS_US.iter().zip(&buckets).filter(|(b, _)| **b > 100_000).map(|(_, n)| n).sum::<u64>()
+                + buckets[COMMIT_BUCKETS_US.len()];
+        assert!(over_100ms >= 1, "{buckets:?}");
         // Stopping waits for the syncer: what was committed is answered first.
         submit(3);
         wait_for_commits(3);
