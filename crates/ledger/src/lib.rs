@@ -9,8 +9,8 @@
 //! - an id's first outcome is final: a repeat gets it again, a different body is refused, and a
 //!   failure that depended on state is remembered.
 //!
-//! It does no I/O, reads no clock and draws no random numbers: the caller prefetches state, passes
-//! the time, and persists the [`Changes`]. (Its hash maps take a random seed each, against keys
+//! It does no I/O, reads no clock and decides nothing at random: the caller prefetches state, passes
+//! the time, and persists the [`Changes`]. (Its hash maps draw a random seed each, against keys
 //! chosen to collide; nothing it returns depends on their order.)
 
 mod currency;

@@ -230,7 +230,8 @@ impl<'a, S: State> View<'a, S> {
             }
             inserted
         };
-        // Entries are written in the order they take their timestamps, so this is a check.
+        // Entries are written in the order they take their timestamps: this sort finds them in
+        // order in one pass, and keeps the order a promise of `Changes` whatever the writes.
         inserted.sort_unstable_by_key(Entry::timestamp);
         pending_updates.sort_unstable_by_key(|(k, _)| *k);
         Changes { accounts, inserted, pending_updates, clock }
