@@ -150,26 +150,25 @@ impl Metrics {
         );
         let load =
             |a: &[std::sync::atomic::AtomicU64]| a.iter().map(|b| b.load(Ordering::Relaxed)).collect::<Vec<u64>>();
-        out.push_str("# HELP rtpay_ledger_commit_duration_seconds Time to apply and commit one batch (on the embedded engine without its sync, see rtpay_ledger_sync_seconds_total).\n# TYPE rtpay_ledger_commit_duration_seconds histogram\n");
-        histogram(
-            &mut out,
-            "rtpay_ledger_commit_duration_seconds",
-            "",
-            &COMMIT_BUCKETS_US,
-            &load(&engine.commit_us_buckets),
-            engine.commit_us_sum.load(Ordering::Relaxed),
-            1e6,
-        );
-        out.push_str("# HELP rtpay_ledger_sync_duration_seconds Time of each sync of the embedded engine's log made beside the writer; every reply of the batches it covers waits for it.\n# TYPE rtpay_ledger_sync_duration_seconds histogram\n");
-        histogram(
-            &mut out,
-            "rtpay_ledger_sync_duration_seconds",
-            "",
-            &COMMIT_BUCKETS_US,
-            &load(&engine.sync_us_buckets),
-            engine.sync_us_sum.load(Ordering::Relaxed),
-            1e6,
-        );
+        // The writer's commits and the syncs beside it, in microseconds, as seconds.
+        let durations = [
+            (
+                "rtpay_ledger_commit_duration_seconds",
+                "Time to apply and commit one batch (on the embedded engine without its sync, see rtpay_ledger_sync_duration_seconds).",
+                &engine.commit_us_buckets,
+                &engine.commit_us_sum,
+            ),
+            (
+                "rtpay_ledger_sync_duration_seconds",
+                "Time of each sync of the embedded engine's log made beside the writer; every reply of the batches it covers waits for it.",
+                &engine.sync_us_buckets,
+                &engine.sync_us_sum,
+            ),
+        ];
+        for (name, help, buckets, sum_us) in durations {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
+            histogram(&mut out, name, "", &COMMIT_BUCKETS_US, &load(buckets), sum_us.load(Ordering::Relaxed), 1e6);
+        }
         out.push_str("# HELP rtpay_ledger_batch_events Events per committed batch.\n# TYPE rtpay_ledger_batch_events histogram\n");
         let batch = load(&engine.batch_len_buckets);
         histogram(
