@@ -917,3 +917,94 @@ pub fn reconcile(
     }
     Ok(view)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What reads of an off-us payment still `processing` show: what the ledger did with its hold,
+    /// found under the transfer id of either scheme (payments stored by an earlier rtpay have
+    /// holds under the keyed hash alone).
+    #[test]
+    fn a_processing_payment_reads_as_its_hold_under_either_id_scheme() {
+        let dir = std::env::temp_dir().join(format!("rtpay-reconcile-{}-{}", std::process::id(), store::now_nanos()));
+        let store = Arc::new(store::Store::open(&store::Location::Embedded(dir.clone())).unwrap());
+        let state = AppState::new(store.clone(), crate::auth::Keys::new([9; 32], "op"), Vec::new());
+        let tenant = 0x7e;
+        let (payer, settlement) = (AccountId(1), AccountId(2));
+        let accounts = [payer, settlement]
+            .map(|id| {
+                AccountCommand::Create(NewAccount {
+                    key: AccountKey { tenant: TenantId(tenant), id },
+                    currency: Currency::parse("BRL").unwrap(),
+                    code: 1,
+                    flags: AccountFlags(0),
+                    credit_limit: 0,
+                    metadata: None,
+                    holder: None,
+                })
+            })
+            .to_vec();
+        assert!(store.engine.accounts(accounts).unwrap().iter().all(|(r, _)| *r == AccountResult::Created));
+        let apply = |kind: EventKind, id: TransferId| {
+            let key = TransferKey { tenant: TenantId(tenant), id };
+            let event = TransferEvent { key, kind, code: 1, metadata: None, linked: false };
+            assert_eq!(store.engine.transfers(vec![event]).unwrap()[0].result, TransferResult::Created);
+        };
+        let legacy = |payment: &str| {
+            TransferId(state.keys.derived_id(b"pix-transfer", tenant, &format!("{payment}:1")).as_u128())
+        };
+        let current = |payment: &str| payment_transfer(&state, tenant, payment, 1).id;
+        let hold = |id: TransferId| {
+            apply(EventKind::Pending { debit: payer, credit: settlement, amount: 100, timeout_seconds: 3600 }, id)
+        };
+        let post =
+            |pending_id: TransferId, n: u128| apply(EventKind::PostPending { pending_id, amount: None }, TransferId(n));
+        let void = |pending_id: TransferId, n: u128| apply(EventKind::VoidPending { pending_id }, TransferId(n));
+
+        let payments: Vec<String> = (1..=6u128)
+            .map(|n| uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | n).to_string())
+            .collect();
+        let [posted_now, voided_now, posted_then, voided_then, pending_then, none] =
+            <[String; 6]>::try_from(payments).unwrap();
+        hold(current(&posted_now));
+        post(current(&posted_now), 101);
+        hold(current(&voided_now));
+        void(current(&voided_now), 102);
+        hold(legacy(&posted_then));
+        post(legacy(&posted_then), 103);
+        hold(legacy(&voided_then));
+        void(legacy(&voided_then), 104);
+        hold(legacy(&pending_then));
+
+        let read = |payment: &str| {
+            let view: PaymentView = serde_json::from_value(serde_json::json!({
+                "id": payment, "end_to_end_id": "E9999999920261205000000000000001", "status": "processing",
+                "debit_account_id": uuid_string(payer.0), "amount": 100, "initiation": "key",
+                "creditor": {"ispb": "00000000", "name": "Maria S.", "document": "***.982.247-**", "type": "person"},
+                "created_at": "2026-12-05T00:00:00Z"
+            }))
+            .unwrap();
+            reconcile(&state, store.queries.as_ref(), tenant, view).unwrap()
+        };
+        for (payment, status) in [
+            (&posted_now, "completed"),
+            (&voided_now, "rejected"),
+            (&posted_then, "completed"),
+            (&voided_then, "rejected"),
+            (&pending_then, "processing"),
+            (&none, "processing"),
+        ] {
+            let view = read(payment);
+            assert_eq!(view.status, status, "payment {payment}");
+            if status == "rejected" {
+                assert_eq!(view.reason.as_deref(), Some(pix::spi::RejectReason::Timeout.code()), "payment {payment}");
+            } else {
+                assert_eq!(view.reason, None, "payment {payment}");
+            }
+        }
+        drop(state);
+        Arc::try_unwrap(store).ok().expect("the test holds the store's last reference").close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
