@@ -587,13 +587,13 @@ fn window_base() -> u64 {
 /// `connections` clients, each sending requests back to back for `duration`.
 async fn closed_loop(target: &Target, connections: usize, duration: Duration) -> Run {
     let base = window_base();
+    let clients = connected(target.addr, connections).await;
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..connections {
-        let (addr, path, token, body) = (target.addr, target.path, target.token.clone(), target.body.clone());
+    for (c, mut client) in clients.into_iter().enumerate() {
+        let (path, token, body) = (target.path, target.token.clone(), target.body.clone());
         tasks.push(tokio::spawn(async move {
-            let mut client = Client::new(addr);
             let mut run = Run::default();
             let mut n = base | ((c as u64) << 32);
             while Instant::now() < deadline {
@@ -614,15 +614,15 @@ async fn closed_loop(target: &Target, connections: usize, duration: Duration) ->
 /// scheduled send time, so a stall is counted against every request it delays.
 async fn open_loop(target: &Target, connections: usize, rate: f64, duration: Duration) -> Run {
     let base = window_base();
+    let clients = connected(target.addr, connections).await;
     let started = Instant::now();
     let per_connection = rate / connections as f64;
     let interval = Duration::from_secs_f64(1.0 / per_connection);
     let mut tasks = Vec::new();
-    for c in 0..connections {
-        let (addr, path, token, body) = (target.addr, target.path, target.token.clone(), target.body.clone());
+    for (c, mut client) in clients.into_iter().enumerate() {
+        let (path, token, body) = (target.path, target.token.clone(), target.body.clone());
         let offset = interval.mul_f64(c as f64 / connections as f64);
         tasks.push(tokio::spawn(async move {
-            let mut client = Client::new(addr);
             let mut run = Run::default();
             let mut n = base | ((c as u64) << 32);
             let mut scheduled = started + offset;
@@ -639,6 +639,28 @@ async fn open_loop(target: &Target, connections: usize, rate: f64, duration: Dur
         }));
     }
     merge(tasks, started).await
+}
+
+/// `connections` clients with their connections open, so that a measurement's clock starts
+/// after the handshakes: opened all at once inside it, they overflowed the listen queue at 512
+/// connections and more, and the connections the kernel dropped were retried a second later (a
+/// p99 of a second, at half rate, for the baseline as for rtpay). A client that could not connect
+/// tries again at its first request, which counts.
+async fn connected(addr: SocketAddr, connections: usize) -> Vec<Client> {
+    let opening: Vec<_> = (0..connections)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut client = Client::new(addr);
+                let _ = client.connect().await;
+                client
+            })
+        })
+        .collect();
+    let mut clients = Vec::with_capacity(connections);
+    for task in opening {
+        clients.push(task.await.unwrap_or_else(|_| Client::new(addr)));
+    }
+    clients
 }
 
 async fn merge(tasks: Vec<tokio::task::JoinHandle<Run>>, started: Instant) -> Run {

@@ -33,6 +33,12 @@ impl Client {
         Client { addr, sender: None }
     }
 
+    /// Opens the connection now (the first request would otherwise), so that a measurement can
+    /// start with it open.
+    pub async fn connect(&mut self) -> Result<(), Error> {
+        self.sender().await.map(|_| ())
+    }
+
     async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, Error> {
         let usable = match &self.sender {
             Some(s) => !s.is_closed(),
