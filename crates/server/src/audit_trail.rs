@@ -36,7 +36,7 @@ struct SlotState {
 
 impl Slot {
     pub fn new(action: String, request_id: String, source: Option<SocketAddr>) -> Slot {
-        Slot { action, request_id, source: source.map(|s| s.to_string()).unwrap_or_default(), ..Slot::default() }
+        Slot { action, request_id, source: source.map(address).unwrap_or_default(), ..Slot::default() }
     }
 
     pub fn set_actor(&self, tenant: Option<u128>, actor: String) {
@@ -70,6 +70,37 @@ impl Slot {
     pub fn recorded(&self) -> bool {
         self.state.lock().expect("audit slot lock").recorded
     }
+}
+
+/// `a.b.c.d:port` (as `Display` writes it, without its formatting machinery: a fifth of the
+/// request middleware's own time); other addresses through `Display`.
+fn address(addr: SocketAddr) -> String {
+    let SocketAddr::V4(v4) = addr else { return addr.to_string() };
+    let mut out = String::with_capacity(21);
+    for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        push_decimal(&mut out, u32::from(octet));
+    }
+    out.push(':');
+    push_decimal(&mut out, u32::from(v4.port()));
+    out
+}
+
+fn push_decimal(out: &mut String, value: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// The request's slot, for handlers.
@@ -113,5 +144,21 @@ pub async fn record_after(state: &AppState, slot: &Slot, mutating: bool, status:
     if let Err(error) = result {
         state.metrics.audit_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::error!(request_id = slot.request_id, %error, "audit entry not recorded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_read_as_display_writes_them() {
+        for text in
+            ["127.0.0.1:54321", "0.0.0.0:0", "255.255.255.255:65535", "10.20.3.4:8080", "[::1]:443", "[2001:db8::7]:1"]
+        {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(address(addr), addr.to_string());
+            assert_eq!(address(addr), text);
+        }
     }
 }

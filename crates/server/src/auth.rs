@@ -4,7 +4,6 @@
 //! hash key, so a copy of the database does not yield usable keys. Comparisons of hashes are
 //! constant-time. No secret is ever logged or echoed.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -139,8 +138,8 @@ pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// clients seen live (not revoked) → when.
 #[derive(Default)]
 pub struct KeyCache {
-    entries: Mutex<HashMap<[u8; 32], (Tenant, Instant)>>,
-    clients: Mutex<HashMap<u128, Instant>>,
+    entries: Mutex<ledger::Map<[u8; 32], (Tenant, Instant)>>,
+    clients: Mutex<ledger::Map<u128, Instant>>,
 }
 
 impl KeyCache {
@@ -355,8 +354,13 @@ impl FromRequestParts<AppState> for Tenant {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
-        guard(parts, state, None)?;
-        let token = match bearer(parts) {
+        let token = bearer(parts);
+        // A secret that names its key is throttled, and its failures counted, against that key
+        // (any other credential against its source only).
+        let named = token.as_ref().ok().and_then(|t| api_key_id(t));
+        let lock_id = named.map(|id| credential_name("key", id));
+        guard(parts, state, lock_id.as_deref())?;
+        let token = match token {
             Ok(t) if t.starts_with(crate::oauth::ACCESS_TOKEN_PREFIX) => {
                 let claims = match crate::oauth::Claims::verify(state, t, store::now_nanos()) {
                     Ok(c) => c,
@@ -378,15 +382,12 @@ impl FromRequestParts<AppState> for Tenant {
                         }
                     }
                 }
-                return admit(parts, state, tenant);
+                return admit(parts, state, tenant, None);
             }
             Ok(t) if t.starts_with(TENANT_SECRET_PREFIX) => t,
             Ok(_) => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
             Err(p) => return Err(failed(parts, state, None, p)),
         };
-        // A secret that names its key is throttled, and its failures counted, against that key.
-        let lock_id = api_key_id(token).map(|id| credential_name("key", id));
-        guard(parts, state, lock_id.as_deref())?;
         let hash = state.keys.secret_hash(token);
         let tenant = match state.key_cache.get(&hash) {
             Some(tenant) => tenant,
@@ -413,7 +414,9 @@ impl FromRequestParts<AppState> for Tenant {
         if let Some(id) = &lock_id {
             state.auth_guard.succeeded(id);
         }
-        admit(parts, state, tenant)
+        // The key's name for the audit log is the lock id already made, when it names this key.
+        let name = lock_id.filter(|_| named == Some(tenant.key_id));
+        admit(parts, state, tenant, name)
     }
 }
 
@@ -427,14 +430,15 @@ fn credential_name(kind: &str, id: u128) -> String {
 }
 
 /// After a credential checked out: the certificate binding, the audit actor
-/// (`key:<id>` or `client:<id>`), and the tenant's rate.
-fn admit(parts: &Parts, state: &AppState, tenant: Tenant) -> Result<Tenant, Problem> {
+/// (`key:<id>` or `client:<id>`; `name`, when the caller has it made), and the tenant's rate.
+fn admit(parts: &Parts, state: &AppState, tenant: Tenant, name: Option<String>) -> Result<Tenant, Problem> {
     let (credential, kind) = match tenant.oauth {
         true => (Credential::Client { tenant: tenant.id, client: tenant.key_id }, "client"),
         false => (Credential::ApiKey { tenant: tenant.id }, "key"),
     };
     bound_to(parts, credential)?;
-    crate::audit_trail::identify(parts, Some(tenant.id), credential_name(kind, tenant.key_id));
+    let name = name.unwrap_or_else(|| credential_name(kind, tenant.key_id));
+    crate::audit_trail::identify(parts, Some(tenant.id), name);
     if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
         return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
     }

@@ -185,6 +185,11 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T>
 pub fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
     let mut body = Vec::with_capacity(512);
     serde_json::to_writer(&mut body, value).expect("responses serialize");
+    reply_json(status, body)
+}
+
+/// A response with a status and a body already written as JSON.
+pub fn reply_json(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

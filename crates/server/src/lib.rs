@@ -348,7 +348,17 @@ pub(crate) fn next_request_id() -> String {
     static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| auth::hex(&auth::random_32()[..6]));
-    format!("req-{prefix}-{:x}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // As `format!("req-{prefix}-{n:x}")` writes it, digit by digit.
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    let mut id = String::with_capacity(5 + prefix.len() + digits as usize);
+    id.push_str("req-");
+    id.push_str(prefix);
+    id.push('-');
+    for i in (0..digits).rev() {
+        id.push(char::from_digit(((n >> (4 * i)) & 0xF) as u32, 16).expect("a hex digit"));
+    }
+    id
 }
 
 /// Replaces the panic hook with one that logs the location only: a panic message may format
@@ -387,6 +397,21 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_the_prefix_and_a_lowercase_hex_counter() {
+        let first = next_request_id();
+        let second = next_request_id();
+        let (head, n) = first.rsplit_once('-').unwrap();
+        let (head2, n2) = second.rsplit_once('-').unwrap();
+        assert_eq!(head, head2);
+        assert!(head.starts_with("req-") && head.len() == 16, "{head}");
+        // Other tests may draw ids in between; the counter only grows.
+        let (n, n2) = (u64::from_str_radix(n, 16).unwrap(), u64::from_str_radix(n2, 16).unwrap());
+        assert!(n2 > n);
+        assert_eq!(first, format!("{head}-{n:x}"));
+        assert_eq!(second, format!("{head}-{n2:x}"));
+    }
 
     #[tokio::test]
     async fn a_panic_inside_a_caught_future_is_an_error_and_the_task_goes_on() {

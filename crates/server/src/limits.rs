@@ -5,7 +5,6 @@
 //! Every map here is bounded ([`TRACKED_MAX`]); when one fills up it forgets everything, which can
 //! only ever loosen a limit for a moment, never refuse a good request.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -32,13 +31,13 @@ struct Bucket {
 pub struct Buckets<K> {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<K, Bucket>>,
+    buckets: Mutex<ledger::Map<K, Bucket>>,
 }
 
 impl<K: std::hash::Hash + Eq + Copy> Buckets<K> {
     pub fn new(rate_per_second: f64, burst: f64) -> Self {
         assert!(rate_per_second > 0.0 && burst >= 1.0, "a bucket refills and holds at least one token");
-        Buckets { rate: rate_per_second, burst, buckets: Mutex::new(HashMap::new()) }
+        Buckets { rate: rate_per_second, burst, buckets: Mutex::new(ledger::Map::default()) }
     }
 
     /// Takes a token, or says how long until one is there.
@@ -87,14 +86,14 @@ struct Failures {
 #[derive(Debug)]
 pub struct AuthGuard {
     sources: Buckets<IpAddr>,
-    ids: Mutex<HashMap<String, Failures>>,
+    ids: Mutex<ledger::Map<String, Failures>>,
 }
 
 impl Default for AuthGuard {
     fn default() -> Self {
         AuthGuard {
             sources: Buckets::new(AUTH_FAILURES_PER_MINUTE / 60.0, AUTH_FAILURES_BURST),
-            ids: Mutex::new(HashMap::new()),
+            ids: Mutex::new(ledger::Map::default()),
         }
     }
 }

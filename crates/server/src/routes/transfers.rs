@@ -9,7 +9,7 @@ use store::{Command, Reply};
 use crate::audit_trail::Audit;
 use crate::auth::Tenant;
 use crate::dto::*;
-use crate::json::{reply, Json, Path};
+use crate::json::{reply, reply_json, Json, Path};
 use crate::problem::Problem;
 use crate::routes::{ledger_problem, query, submit};
 use crate::AppState;
@@ -24,8 +24,8 @@ async fn apply(state: &AppState, audit: &Audit, events: Vec<TransferEvent>) -> R
 fn single(outcome: Option<Outcome>) -> Result<Response, Problem> {
     let outcome = outcome.ok_or_else(Problem::internal)?;
     match (outcome.result, outcome.transfer) {
-        (TransferResult::Created, Some(t)) => Ok(reply(StatusCode::CREATED, &TransferView::of(&t))),
-        (TransferResult::Exists, Some(t)) => Ok(reply(StatusCode::OK, &TransferView::of(&t))),
+        (TransferResult::Created, Some(t)) => Ok(reply_json(StatusCode::CREATED, TransferView::json(&t))),
+        (TransferResult::Exists, Some(t)) => Ok(reply_json(StatusCode::OK, TransferView::json(&t))),
         (code, _) => Err(ledger_problem(code, "")),
     }
 }
@@ -160,7 +160,7 @@ pub async fn get_transfer(
     tenant.require("transfers:read")?;
     let key = TransferKey { tenant: tenant.ledger_id(), id: TransferId(parse_id("id", &id)?) };
     match query(&state, move |q| q.entry(key)).await? {
-        Some(Entry::Created(t)) => Ok(reply(StatusCode::OK, &TransferView::of(&t))),
+        Some(Entry::Created(t)) => Ok(reply_json(StatusCode::OK, TransferView::json(&t))),
         // A remembered failure is not a transfer.
         Some(Entry::Failed { .. }) | None => Err(Problem::not_found("transfer")),
     }
