@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ledger::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -516,7 +516,8 @@ impl Writer for SqliteWriter {
     fn begin(&mut self) -> Result<Clock> {
         assert!(!self.in_tx, "one batch at a time");
         self.checkpointer.gate.pass();
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
+        // Prepared once, like the batch's other statements (`execute_batch` parses every time).
+        self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut s| s.raw_execute()).map_err(unavailable)?;
         self.in_tx = true;
         let version = data_version(&self.conn)?;
         if version != self.data_version {
@@ -622,7 +623,7 @@ impl Writer for SqliteWriter {
         self.sync_owed = true;
         let committed = {
             let _deferred = crate::sqlite_wal::defer_syncs();
-            self.conn.execute_batch("COMMIT")
+            self.conn.prepare_cached("COMMIT").and_then(|mut s| s.raw_execute())
         };
         self.durability.commit_written(number);
         committed.map_err(unavailable)?;
@@ -676,38 +677,34 @@ fn write_audit(
     signer: &audit::Signer,
 ) -> Result<audit::Frontier> {
     let append = crate::audit_log::append(frontier, drafts, signer);
-    insert_rows(
-        conn,
-        "INSERT OR ROLLBACK INTO audit_entries (seq, time, tenant_id, actor, action, resource, request_id, source, outcome, leaf_hash)",
+    static ENTRIES: MultiRowInsert = MultiRowInsert::new(
+        || {
+            "INSERT OR ROLLBACK INTO audit_entries (seq, time, tenant_id, actor, action, resource, request_id, source, outcome, leaf_hash)".into()
+        },
         10,
-        &append.entries,
-        |stmt, first, e| {
-            let d = e.draft;
-            let values: [&dyn rusqlite::ToSql; 10] = [
-                &(e.seq as i64),
-                &(e.time as i64),
-                &d.tenant.map(uuid_bytes),
-                &d.actor,
-                &d.action,
-                &d.resource,
-                &d.request_id,
-                &d.source,
-                &d.outcome,
-                &&e.leaf[..],
-            ];
-            bind_all(stmt, first, &values)
-        },
-    )?;
-    insert_rows(
-        conn,
-        "INSERT OR ROLLBACK INTO audit_nodes (last_leaf, level, hash)",
-        3,
-        &append.nodes,
-        |stmt, first, n| {
-            let last = crate::audit_log::last_leaf(n.level, n.index) as i64;
-            bind_all(stmt, first, &[&last, &n.level, &&n.hash[..]])
-        },
-    )?;
+    );
+    insert_rows(conn, &ENTRIES, &append.entries, |stmt, first, e| {
+        let d = e.draft;
+        let values: [&dyn rusqlite::ToSql; 10] = [
+            &(e.seq as i64),
+            &(e.time as i64),
+            &d.tenant.map(uuid_bytes),
+            &d.actor,
+            &d.action,
+            &d.resource,
+            &d.request_id,
+            &d.source,
+            &d.outcome,
+            &&e.leaf[..],
+        ];
+        bind_all(stmt, first, &values)
+    })?;
+    static NODES: MultiRowInsert =
+        MultiRowInsert::new(|| "INSERT OR ROLLBACK INTO audit_nodes (last_leaf, level, hash)".into(), 3);
+    insert_rows(conn, &NODES, &append.nodes, |stmt, first, n| {
+        let last = crate::audit_log::last_leaf(n.level, n.index) as i64;
+        bind_all(stmt, first, &[&last, &n.level, &&n.hash[..]])
+    })?;
     let h = &append.head;
     conn.prepare_cached("INSERT OR ROLLBACK INTO audit_heads (size, time, root, signature) VALUES (?1, ?2, ?3, ?4)")
         .map_err(unavailable)?
@@ -733,24 +730,48 @@ fn write_audit(
 /// HTTP benchmark.
 const ROWS_PER_INSERT_MAX: usize = 16;
 
-/// Inserts `rows` with statements `head VALUES (?, …), (?, …), …`, `width` values a row;
-/// `bind(statement, first, row)` binds one row's values from index `first` (1-based) on.
+/// A multi-row `INSERT`: `head VALUES (?, …), (?, …), …`, `width` values a row; its text for each
+/// count of rows is made once per process, not on every batch.
+struct MultiRowInsert {
+    head: fn() -> String,
+    width: usize,
+    texts: OnceLock<[String; 5]>,
+}
+
+/// The counts of rows the statements take, largest first.
+const ROWS_PER_INSERT: [usize; 5] = [ROWS_PER_INSERT_MAX, 8, 4, 2, 1];
+
+impl MultiRowInsert {
+    const fn new(head: fn() -> String, width: usize) -> MultiRowInsert {
+        MultiRowInsert { head, width, texts: OnceLock::new() }
+    }
+
+    /// The statement's text for `rows` rows (one of [`ROWS_PER_INSERT`]).
+    fn text(&self, rows: usize) -> &str {
+        let texts = self.texts.get_or_init(|| {
+            let head = (self.head)();
+            // Each `?` is numbered one above the one before it.
+            let row = format!("({})", vec!["?"; self.width].join(", "));
+            ROWS_PER_INSERT.map(|n| format!("{head} VALUES {}", vec![row.as_str(); n].join(", ")))
+        });
+        &texts[ROWS_PER_INSERT.iter().position(|n| *n == rows).expect("one of the counts made above")]
+    }
+}
+
+/// Inserts `rows` with `insert`'s statements; `bind(statement, first, row)` binds one row's values
+/// from index `first` (1-based) on.
 fn insert_rows<R>(
     conn: &Connection,
-    head: &str,
-    width: usize,
+    insert: &MultiRowInsert,
     rows: &[R],
     mut bind: impl FnMut(&mut rusqlite::Statement<'_>, usize, &R) -> rusqlite::Result<()>,
 ) -> Result<()> {
     let mut rest = rows;
     while !rest.is_empty() {
-        let n = [ROWS_PER_INSERT_MAX, 8, 4, 2, 1].into_iter().find(|n| *n <= rest.len()).expect("1 fits");
-        // Each `?` is numbered one above the one before it.
-        let row = format!("({})", vec!["?"; width].join(", "));
-        let sql = format!("{head} VALUES {}", vec![row.as_str(); n].join(", "));
-        let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+        let n = ROWS_PER_INSERT.into_iter().find(|n| *n <= rest.len()).expect("1 fits");
+        let mut stmt = conn.prepare_cached(insert.text(n)).map_err(unavailable)?;
         for (i, row) in rest[..n].iter().enumerate() {
-            bind(&mut stmt, i * width + 1, row).map_err(unavailable)?;
+            bind(&mut stmt, i * insert.width + 1, row).map_err(unavailable)?;
         }
         stmt.raw_execute().map_err(unavailable)?;
         rest = &rest[n..];
@@ -915,12 +936,17 @@ impl SqliteWriter {
         let mut rows: Vec<&(EntryRow, Pair, Pair)> = rows.iter().collect();
         rows.sort_unstable_by_key(|(r, ..)| r.id);
         self.batch_id_max = rows.last().map(|(r, ..)| r.id).max(self.batch_id_max);
+        static TRANSFERS: MultiRowInsert = MultiRowInsert::new(
+            || {
+                format!(
+                    "INSERT OR ROLLBACK INTO transfers ({ENTRY_COLUMNS}, debit_no, credit_no, debit_prev, credit_prev)"
+                )
+            },
+            20,
+        );
         insert_rows(
             &self.conn,
-            &format!(
-                "INSERT OR ROLLBACK INTO transfers ({ENTRY_COLUMNS}, debit_no, credit_no, debit_prev, credit_prev)"
-            ),
-            20,
+            &TRANSFERS,
             &rows,
             |stmt, first, (r, [debit_no, credit_no], [debit_prev, credit_prev])| {
                 let values: [&dyn rusqlite::ToSql; 20] = [
