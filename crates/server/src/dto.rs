@@ -322,11 +322,13 @@ pub struct BatchBody {
     pub linked: Option<bool>,
 }
 
-fn field_of(prefix: &str, name: &str) -> String {
+/// A field's name inside `prefix` (a batch item's `transfers[3]`), borrowed when there is none:
+/// each event names several fields, and only a failure needs them.
+fn field_of<'a>(prefix: &str, name: &'a str) -> std::borrow::Cow<'a, str> {
     if prefix.is_empty() {
-        name.to_owned()
+        std::borrow::Cow::Borrowed(name)
     } else {
-        format!("{prefix}.{name}")
+        std::borrow::Cow::Owned(format!("{prefix}.{name}"))
     }
 }
 
