@@ -76,31 +76,16 @@ impl Slot {
 /// request middleware's own time); other addresses through `Display`.
 fn address(addr: SocketAddr) -> String {
     let SocketAddr::V4(v4) = addr else { return addr.to_string() };
-    let mut out = String::with_capacity(21);
+    let mut out = Vec::with_capacity(21);
     for (i, octet) in v4.ip().octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            out.push(b'.');
         }
-        push_decimal(&mut out, u32::from(octet));
+        crate::dto::push_decimal(&mut out, u64::from(octet));
     }
-    out.push(':');
-    push_decimal(&mut out, u32::from(v4.port()));
-    out
-}
-
-fn push_decimal(out: &mut String, value: u32) {
-    let mut digits = [0u8; 10];
-    let mut at = digits.len();
-    let mut rest = value;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.extend(digits[at..].iter().map(|&d| char::from(d)));
+    out.push(b':');
+    crate::dto::push_decimal(&mut out, u64::from(v4.port()));
+    String::from_utf8(out).expect("ASCII digits and separators")
 }
 
 /// The request's slot, for handlers.

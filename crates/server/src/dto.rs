@@ -74,6 +74,23 @@ pub fn display_name(field: &str, text: &str, max: usize) -> Result<String, Probl
     Ok(name.to_owned())
 }
 
+/// `v` in decimal, as `Display` writes it, without the formatting machinery (the busiest answers
+/// and the request middleware write several numbers each).
+pub fn push_decimal(out: &mut Vec<u8>, v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = v;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// Nanoseconds since the epoch as RFC 3339 UTC, e.g. `2026-11-22T02:01:26.123456789Z`.
 pub fn rfc3339(nanos: u64) -> String {
     let secs = nanos / 1_000_000_000;
@@ -523,19 +540,8 @@ impl TransferView {
             out.push(b'"');
         }
         fn number(out: &mut Vec<u8>, name: &[u8], v: u64) {
-            let mut digits = [0u8; 20];
-            let mut at = digits.len();
-            let mut rest = v;
-            loop {
-                at -= 1;
-                digits[at] = b'0' + (rest % 10) as u8;
-                rest /= 10;
-                if rest == 0 {
-                    break;
-                }
-            }
             out.extend_from_slice(name);
-            out.extend_from_slice(&digits[at..]);
+            push_decimal(out, v);
         }
         fn time(out: &mut Vec<u8>, name: &[u8], nanos: u64) {
             out.extend_from_slice(name);
