@@ -20,6 +20,7 @@ mod postgres;
 mod rows;
 mod sqlite;
 mod sqlite_pcache;
+mod sqlite_stmt;
 mod sqlite_wal;
 
 pub mod conformance;

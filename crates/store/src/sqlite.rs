@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 use ledger::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -16,6 +16,7 @@ use crate::durable::Durability;
 use crate::migrations::{Migration, SQLITE};
 
 use crate::rows::{u128_of, uuid_bytes, AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
+use crate::sqlite_stmt::{self, Statements, Value};
 use crate::*;
 
 pub(crate) const DB_FILE: &str = "rtpay.db";
@@ -186,6 +187,8 @@ pub(crate) fn append_audit_beside(
     now: Timestamp,
 ) -> Result<()> {
     let conn = connect(&db_path(dir)?)?;
+    // Declared after `conn`: finalized before it closes.
+    let mut statements = Statements::default();
     conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
     let result = (|| {
         refuse_newer_schema(&conn, SQLITE)?;
@@ -198,7 +201,7 @@ pub(crate) fn append_audit_beside(
                 (time, d)
             })
             .collect();
-        write_audit(&conn, &frontier, &timed, signer)?;
+        write_audit(&conn, &mut statements, &frontier, &timed, signer)?;
         conn.execute("UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1", [time as i64]).map_err(unavailable)?;
         conn.execute_batch("COMMIT").map_err(unavailable)
     })();
@@ -243,6 +246,7 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
     let checkpointer = Checkpointer::start(path.clone())?;
     let durability = Arc::new(Durability::default());
     let writer = SqliteWriter {
+        statements: Statements::default(),
         conn,
         accounts,
         numbers,
@@ -325,6 +329,8 @@ fn entry_row(row: &rusqlite::Row<'_>) -> Result<EntryRow<'static>> {
 }
 
 struct SqliteWriter {
+    /// The batch's statements, prepared once. Declared before `conn`: finalized before it closes.
+    statements: Statements,
     conn: Connection,
     /// Every account, as committed. Updated only after a commit succeeds.
     accounts: Map<AccountKey, Account>,
@@ -517,7 +523,7 @@ impl Writer for SqliteWriter {
         assert!(!self.in_tx, "one batch at a time");
         self.checkpointer.gate.pass();
         // Prepared once, like the batch's other statements (`execute_batch` parses every time).
-        self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut s| s.raw_execute()).map_err(unavailable)?;
+        self.statements.get(&self.conn, "BEGIN IMMEDIATE").and_then(|s| s.execute(&[])).map_err(unavailable)?;
         self.in_tx = true;
         let version = data_version(&self.conn)?;
         if version != self.data_version {
@@ -623,7 +629,7 @@ impl Writer for SqliteWriter {
         self.sync_owed = true;
         let committed = {
             let _deferred = crate::sqlite_wal::defer_syncs();
-            self.conn.prepare_cached("COMMIT").and_then(|mut s| s.raw_execute())
+            self.statements.get(&self.conn, "COMMIT").and_then(|s| s.execute(&[]))
         };
         self.durability.commit_written(number);
         committed.map_err(unavailable)?;
@@ -672,6 +678,7 @@ impl Writer for SqliteWriter {
 /// signed head and the new edge (returned; it is this connection's only once the commit succeeds).
 fn write_audit(
     conn: &Connection,
+    statements: &mut Statements,
     frontier: &audit::Frontier,
     drafts: &[(Timestamp, audit::Draft)],
     signer: &audit::Signer,
@@ -683,36 +690,43 @@ fn write_audit(
         },
         10,
     );
-    insert_rows(conn, &ENTRIES, &append.entries, |stmt, first, e| {
+    insert_rows(conn, statements, &ENTRIES, &append.entries, |e, values| {
         let d = e.draft;
-        let values: [&dyn rusqlite::ToSql; 10] = [
-            &(e.seq as i64),
-            &(e.time as i64),
-            &d.tenant.map(uuid_bytes),
-            &d.actor,
-            &d.action,
-            &d.resource,
-            &d.request_id,
-            &d.source,
-            &d.outcome,
-            &&e.leaf[..],
-        ];
-        bind_all(stmt, first, &values)
+        values.extend([
+            Value::Int(e.seq as i64),
+            Value::Int(e.time as i64),
+            d.tenant.map_or(Value::Null, sqlite_stmt::uuid),
+            Value::Text(&d.actor),
+            Value::Text(&d.action),
+            Value::Text(&d.resource),
+            Value::Text(&d.request_id),
+            Value::Text(&d.source),
+            Value::Text(&d.outcome),
+            Value::Blob(&e.leaf),
+        ]);
     })?;
     static NODES: MultiRowInsert =
         MultiRowInsert::new(|| "INSERT OR ROLLBACK INTO audit_nodes (last_leaf, level, hash)".into(), 3);
-    insert_rows(conn, &NODES, &append.nodes, |stmt, first, n| {
+    insert_rows(conn, statements, &NODES, &append.nodes, |n, values| {
         let last = crate::audit_log::last_leaf(n.level, n.index) as i64;
-        bind_all(stmt, first, &[&last, &n.level, &&n.hash[..]])
+        values.extend([Value::Int(last), Value::Int(n.level.into()), Value::Blob(&n.hash)]);
     })?;
     let h = &append.head;
-    conn.prepare_cached("INSERT OR ROLLBACK INTO audit_heads (size, time, root, signature) VALUES (?1, ?2, ?3, ?4)")
-        .map_err(unavailable)?
-        .execute(params![h.head.size as i64, h.head.time as i64, &h.head.root[..], h.signature])
+    statements
+        .get(conn, "INSERT OR ROLLBACK INTO audit_heads (size, time, root, signature) VALUES (?1, ?2, ?3, ?4)")
+        .and_then(|s| {
+            s.execute(&[
+                Value::Int(h.head.size as i64),
+                Value::Int(h.head.time as i64),
+                Value::Blob(&h.head.root),
+                Value::Blob(&h.signature),
+            ])
+        })
         .map_err(unavailable)?;
-    conn.prepare_cached("UPDATE ledger_meta SET audit_frontier = ?1 WHERE id = 1")
-        .map_err(unavailable)?
-        .execute([append.frontier.encode()])
+    let frontier = append.frontier.encode();
+    statements
+        .get(conn, "UPDATE ledger_meta SET audit_frontier = ?1 WHERE id = 1")
+        .and_then(|s| s.execute(&[Value::Blob(&frontier)]))
         .map_err(unavailable)?;
     Ok(append.frontier)
 }
@@ -747,7 +761,7 @@ impl MultiRowInsert {
     }
 
     /// The statement's text for `rows` rows (one of [`ROWS_PER_INSERT`]).
-    fn text(&self, rows: usize) -> &str {
+    fn text(&'static self, rows: usize) -> &'static str {
         let texts = self.texts.get_or_init(|| {
             let head = (self.head)();
             // Each `?` is numbered one above the one before it.
@@ -758,31 +772,25 @@ impl MultiRowInsert {
     }
 }
 
-/// Inserts `rows` with `insert`'s statements; `bind(statement, first, row)` binds one row's values
-/// from index `first` (1-based) on.
-fn insert_rows<R>(
+/// Inserts `rows` with `insert`'s statements; `values(row, into)` appends one row's `width` values.
+fn insert_rows<'a, R>(
     conn: &Connection,
-    insert: &MultiRowInsert,
-    rows: &[R],
-    mut bind: impl FnMut(&mut rusqlite::Statement<'_>, usize, &R) -> rusqlite::Result<()>,
+    statements: &mut Statements,
+    insert: &'static MultiRowInsert,
+    rows: &'a [R],
+    mut values: impl FnMut(&'a R, &mut Vec<Value<'a>>),
 ) -> Result<()> {
+    let mut bound = Vec::with_capacity(insert.width * ROWS_PER_INSERT_MAX.min(rows.len()));
     let mut rest = rows;
     while !rest.is_empty() {
         let n = ROWS_PER_INSERT.into_iter().find(|n| *n <= rest.len()).expect("1 fits");
-        let mut stmt = conn.prepare_cached(insert.text(n)).map_err(unavailable)?;
-        for (i, row) in rest[..n].iter().enumerate() {
-            bind(&mut stmt, i * insert.width + 1, row).map_err(unavailable)?;
+        bound.clear();
+        for row in &rest[..n] {
+            values(row, &mut bound);
         }
-        stmt.raw_execute().map_err(unavailable)?;
+        debug_assert_eq!(bound.len(), n * insert.width, "each row gives `width` values");
+        statements.get(conn, insert.text(n)).and_then(|s| s.execute(&bound)).map_err(unavailable)?;
         rest = &rest[n..];
-    }
-    Ok(())
-}
-
-/// Binds `values` from index `first` on.
-fn bind_all(stmt: &mut rusqlite::Statement<'_>, first: usize, values: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<()> {
-    for (i, value) in values.iter().enumerate() {
-        stmt.raw_bind_parameter(first + i, value)?;
     }
     Ok(())
 }
@@ -794,7 +802,8 @@ fn number_of(numbers: &Map<AccountKey, i64>, assigned: &[(AccountKey, i64)], key
 
 impl SqliteWriter {
     fn write_audit(&mut self, drafts: &[(Timestamp, audit::Draft)]) -> Result<()> {
-        self.pending_frontier = Some(write_audit(&self.conn, &self.frontier, drafts, &self.signer)?);
+        self.pending_frontier =
+            Some(write_audit(&self.conn, &mut self.statements, &self.frontier, drafts, &self.signer)?);
         Ok(())
     }
 
@@ -844,23 +853,17 @@ impl SqliteWriter {
                 }
             }
         }
-        let mut upsert = self
-            .conn
-            .prepare_cached(&format!(
+        static UPSERT: LazyLock<String> = LazyLock::new(|| {
+            format!(
                 "INSERT INTO accounts ({ACCOUNT_COLUMNS}, no, head) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
                  ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
                  debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
                  debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending, \
                  head = excluded.head"
-            ))
-            .map_err(unavailable)?;
-        let mut update = self
-            .conn
-            .prepare_cached(
-                "UPDATE OR ROLLBACK accounts SET flags = ?3, debits_posted = ?4, credits_posted = ?5, debits_pending = ?6, \
-                 credits_pending = ?7, head = ?8 WHERE tenant_id = ?1 AND id = ?2",
             )
-            .map_err(unavailable)?;
+        });
+        const UPDATE: &str = "UPDATE OR ROLLBACK accounts SET flags = ?3, debits_posted = ?4, credits_posted = ?5, \
+             debits_pending = ?6, credits_pending = ?7, head = ?8 WHERE tenant_id = ?1 AND id = ?2";
         // An account stored before, or created earlier in this batch, is updated: only its balances,
         // flags and head change, and an update builds no more than those, where an upsert builds
         // the whole row and first tries to insert it.
@@ -877,44 +880,50 @@ impl SqliteWriter {
                     None => self.heads.get(&account.key).copied(),
                 };
                 if self.numbers.contains_key(&account.key) || created.contains(&account.key) {
-                    let n = update
-                        .execute(params![
-                            uuid_bytes(r.tenant_id),
-                            uuid_bytes(r.id),
-                            r.flags,
-                            r.debits_posted,
-                            r.credits_posted,
-                            r.debits_pending,
-                            r.credits_pending,
-                            head
-                        ])
+                    let n = self
+                        .statements
+                        .get(&self.conn, UPDATE)
+                        .and_then(|s| {
+                            s.execute(&[
+                                sqlite_stmt::uuid(r.tenant_id),
+                                sqlite_stmt::uuid(r.id),
+                                r.flags.into(),
+                                r.debits_posted.into(),
+                                r.credits_posted.into(),
+                                r.debits_pending.into(),
+                                r.credits_pending.into(),
+                                head.into(),
+                            ])
+                        })
                         .map_err(unavailable)?;
                     assert_eq!(n, 1, "a numbered account is stored");
                     continue;
                 }
-                upsert
-                    .execute(params![
-                        uuid_bytes(r.tenant_id),
-                        uuid_bytes(r.id),
-                        r.currency,
-                        r.code,
-                        r.flags,
-                        r.credit_limit,
-                        r.metadata.as_deref(),
-                        r.timestamp,
-                        r.debits_posted,
-                        r.credits_posted,
-                        r.debits_pending,
-                        r.credits_pending,
-                        r.holder_id.map(uuid_bytes),
-                        no,
-                        head,
-                    ])
+                self.statements
+                    .get(&self.conn, UPSERT.as_str())
+                    .and_then(|s| {
+                        s.execute(&[
+                            sqlite_stmt::uuid(r.tenant_id),
+                            sqlite_stmt::uuid(r.id),
+                            Value::Text(&r.currency),
+                            r.code.into(),
+                            r.flags.into(),
+                            r.credit_limit.into(),
+                            r.metadata.as_deref().into(),
+                            r.timestamp.into(),
+                            r.debits_posted.into(),
+                            r.credits_posted.into(),
+                            r.debits_pending.into(),
+                            r.credits_pending.into(),
+                            r.holder_id.map_or(Value::Null, sqlite_stmt::uuid),
+                            no.into(),
+                            head.into(),
+                        ])
+                    })
                     .map_err(unavailable)?;
                 created.push(account.key);
             }
         }
-        drop((upsert, update));
         // Every transfer changes both its accounts' balances, so the upserts wrote every moved
         // head; this is for safety only.
         if self.batch_heads.values().any(|(_, written)| !written) {
@@ -946,32 +955,32 @@ impl SqliteWriter {
         );
         insert_rows(
             &self.conn,
+            &mut self.statements,
             &TRANSFERS,
             &rows,
-            |stmt, first, (r, [debit_no, credit_no], [debit_prev, credit_prev])| {
-                let values: [&dyn rusqlite::ToSql; 20] = [
-                    &r.timestamp,
-                    &uuid_bytes(r.tenant_id),
-                    &uuid_bytes(r.id),
-                    &r.result,
-                    &r.kind,
-                    &r.debit_account_id.map(uuid_bytes),
-                    &r.credit_account_id.map(uuid_bytes),
-                    &r.amount,
-                    &r.currency.as_deref(),
-                    &r.pending_id.map(uuid_bytes),
-                    &r.amount_defaulted,
-                    &r.timeout_seconds,
-                    &r.expires_at,
-                    &r.code,
-                    &r.metadata.as_deref(),
-                    &r.state,
-                    debit_no,
-                    credit_no,
-                    debit_prev,
-                    credit_prev,
-                ];
-                bind_all(stmt, first, &values)
+            |(r, [debit_no, credit_no], [debit_prev, credit_prev]), values| {
+                values.extend([
+                    Value::Int(r.timestamp),
+                    sqlite_stmt::uuid(r.tenant_id),
+                    sqlite_stmt::uuid(r.id),
+                    r.result.into(),
+                    r.kind.into(),
+                    r.debit_account_id.map_or(Value::Null, sqlite_stmt::uuid),
+                    r.credit_account_id.map_or(Value::Null, sqlite_stmt::uuid),
+                    r.amount.into(),
+                    r.currency.as_deref().into(),
+                    r.pending_id.map_or(Value::Null, sqlite_stmt::uuid),
+                    r.amount_defaulted.into(),
+                    r.timeout_seconds.into(),
+                    r.expires_at.into(),
+                    r.code.into(),
+                    r.metadata.as_deref().into(),
+                    r.state.into(),
+                    (*debit_no).into(),
+                    (*credit_no).into(),
+                    (*debit_prev).into(),
+                    (*credit_prev).into(),
+                ]);
             },
         )?;
         let mut update_state =
@@ -984,10 +993,9 @@ impl SqliteWriter {
             }
         }
         drop(update_state);
-        self.conn
-            .prepare_cached("UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1")
-            .map_err(unavailable)?
-            .execute([last.last as i64])
+        self.statements
+            .get(&self.conn, "UPDATE ledger_meta SET last_timestamp = ?1 WHERE id = 1")
+            .and_then(|s| s.execute(&[Value::Int(last.last as i64)]))
             .map_err(unavailable)?;
         Ok(())
     }
