@@ -884,8 +884,13 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
     }
     let engine = if postgres.is_some() { "PostgreSQL" } else { "embedded" };
     let name = format!("rtpay POST /v1/transfers ({engine})");
-    let target =
-        Target { addr, path: "/v1/transfers", token: key, body: transfer_bodies(bank, Arc::new(wallets), args.ids) };
+    let wallets = Arc::new(wallets);
+    let target = Target {
+        addr,
+        path: "/v1/transfers",
+        token: key.clone(),
+        body: transfer_bodies(bank.clone(), wallets.clone(), args.ids),
+    };
     let rtpay = Subject { name: &name, target: &target, server: Some(child.id()) };
     // The embedded engine is compared with the axum baseline, loaded in turns with it; PostgreSQL
     // with pgbench, after it.
@@ -896,8 +901,9 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
     let baseline_target = baseline.as_ref().map(|(_, addr)| Target {
         addr: *addr,
         path: "/v1/transfers",
-        token: "x".into(),
-        body: transfer_bodies("b".into(), Arc::new(vec!["c".into()]), args.ids),
+        // The same requests, byte for byte in length: the same token and the same accounts.
+        token: key.clone(),
+        body: transfer_bodies(bank.clone(), wallets.clone(), args.ids),
     });
     let mut subjects = vec![rtpay];
     if let (Some((process, _)), Some(target)) = (&baseline, &baseline_target) {
