@@ -128,14 +128,66 @@ impl ReadFence {
     }
 }
 
+thread_local! {
+    /// What an engine holds for the read session on this thread (see [`read_deferring`]), and
+    /// gives back when the session ends.
+    static SESSION_END: std::cell::RefCell<Vec<Box<dyn FnOnce()>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs `read` (calls of [`crate::Queries`] on this thread) without blocking for durability, and
 /// returns what its answer must wait for: for an async task, which awaits [`ReadFence::when_passed`]
 /// instead of blocking its thread.
+///
+/// It is also a read session: an embedded engine answers `read`'s consecutive point reads from
+/// one connection and one read transaction (one snapshot, one lock of the WAL index), and a write
+/// through `Queries` ends that transaction first, so the reads after it see it. What the session
+/// held is given back when the outermost `read_deferring` ends, however it ends.
 pub fn read_deferring<T>(read: impl FnOnce() -> T) -> (T, ReadFence) {
     let outer = DEFERRED.with(|d| d.replace(Some(ReadFence::default())));
+    let session = Session { outer: Some(outer) };
     let result = read();
-    let fence = DEFERRED.with(|d| d.replace(outer)).unwrap_or_default();
-    (result, fence)
+    (result, session.finish())
+}
+
+/// One [`read_deferring`]: restores the outer fence and, when outermost, ends the read session —
+/// when it finishes, or when `read` unwinds.
+struct Session {
+    outer: Option<Option<ReadFence>>,
+}
+
+impl Session {
+    fn finish(mut self) -> ReadFence {
+        self.end().unwrap_or_default()
+    }
+
+    /// This session's fence.
+    fn end(&mut self) -> Option<ReadFence> {
+        let outer = self.outer.take()?;
+        let outermost = outer.is_none();
+        let fence = DEFERRED.with(|d| d.replace(outer));
+        if outermost {
+            for end in SESSION_END.with(|e| std::mem::take(&mut *e.borrow_mut())) {
+                end();
+            }
+        }
+        fence
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Whether a read session (see [`read_deferring`]) runs on this thread.
+pub(crate) fn in_read_session() -> bool {
+    DEFERRED.with(|d| d.borrow().is_some())
+}
+
+/// Runs `end` when the read session on this thread ends.
+pub(crate) fn at_session_end(end: Box<dyn FnOnce()>) {
+    SESSION_END.with(|e| e.borrow_mut().push(end));
 }
 
 /// Called by a read of an embedded store once it ran: waits until what it could have seen is

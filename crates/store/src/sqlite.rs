@@ -1040,7 +1040,12 @@ struct SqliteQueries {
     path: PathBuf,
     /// The writer's, when this process has one: reads wait until what they saw is durable.
     durability: Option<Arc<Durability>>,
-    pool: Mutex<ReaderPool>,
+    pool: Arc<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
+    state: Mutex<ReaderPool>,
     returned: std::sync::Condvar,
 }
 
@@ -1051,16 +1056,18 @@ struct ReaderPool {
     open: usize,
 }
 
-impl SqliteQueries {
-    fn new(path: PathBuf, durability: Option<Arc<Durability>>) -> SqliteQueries {
-        SqliteQueries { path, durability, pool: Mutex::default(), returned: std::sync::Condvar::new() }
-    }
+/// A connection lent by a [`Pool`], or opened for one use when the pool had none to lend.
+struct Lent {
+    conn: Connection,
+    pooled: bool,
+}
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        // A pooled connection, a new one while fewer than READERS_MAX exist, or (after waiting
-        // READER_WAIT for one to come back) a connection of this read alone.
+impl Pool {
+    /// A pooled connection, a new one while fewer than READERS_MAX exist, or (after waiting
+    /// READER_WAIT for one to come back) a connection of this use alone.
+    fn lend(&self, path: &Path) -> Result<Lent> {
         let (conn, pooled) = {
-            let mut pool = self.pool.lock().expect("pool lock");
+            let mut pool = self.state.lock().expect("pool lock");
             if pool.idle.is_empty() && pool.open >= READERS_MAX {
                 pool = self.returned.wait_timeout_while(pool, READER_WAIT, |p| p.idle.is_empty()).expect("pool lock").0;
             }
@@ -1073,23 +1080,121 @@ impl SqliteQueries {
                 None => (None, false),
             }
         };
-        let mut conn = match conn {
-            Some(c) => c,
-            None => match connect(&self.path) {
-                Ok(c) => c,
+        match conn {
+            Some(conn) => Ok(Lent { conn, pooled }),
+            None => match connect(path) {
+                Ok(conn) => Ok(Lent { conn, pooled }),
                 Err(e) => {
                     if pooled {
-                        self.pool.lock().expect("pool lock").open -= 1;
+                        self.state.lock().expect("pool lock").open -= 1;
                     }
-                    return Err(e);
+                    Err(e)
                 }
             },
-        };
-        let result = f(&mut conn);
-        if pooled {
-            self.pool.lock().expect("pool lock").idle.push(conn);
+        }
+    }
+
+    fn give_back(&self, lent: Lent) {
+        if lent.pooled {
+            self.state.lock().expect("pool lock").idle.push(lent.conn);
             self.returned.notify_one();
         }
+    }
+
+    /// For a lent connection that is not given back (closed instead).
+    fn forget(&self, lent: Lent) {
+        if lent.pooled {
+            self.state.lock().expect("pool lock").open -= 1;
+            self.returned.notify_one();
+        }
+    }
+}
+
+/// The connection a read session (see `crate::read_deferring`) reads from on this thread, and
+/// whether its read transaction is open.
+struct HeldRead {
+    /// Which pool lent it: a session may use two stores (tests do); reads of another end it.
+    pool: Arc<Pool>,
+    lent: Lent,
+    open: bool,
+}
+
+thread_local! {
+    static HELD: std::cell::RefCell<Option<HeldRead>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Ends the read transaction of this thread's session, if one is open, so that what follows
+/// (a write, or the reads after it) sees the newest commits.
+fn end_held_read() {
+    HELD.with(|h| {
+        if let Some(held) = h.borrow_mut().as_mut() {
+            close_read(held);
+        }
+    });
+}
+
+fn close_read(held: &mut HeldRead) {
+    if std::mem::take(&mut held.open) {
+        // A read transaction changed nothing: its end cannot fail but for a closed connection,
+        // and `release_held` then closes it rather than pooling it.
+        if held.lent.conn.prepare_cached("COMMIT").and_then(|mut s| s.raw_execute()).is_err() {
+            let _ = held.lent.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// Gives this thread's session connection back to its pool (at the session's end).
+fn release_held() {
+    if let Some(mut held) = HELD.with(|h| h.borrow_mut().take()) {
+        close_read(&mut held);
+        if held.lent.conn.is_autocommit() {
+            held.pool.give_back(held.lent);
+        } else {
+            held.pool.forget(held.lent);
+        }
+    }
+}
+
+impl SqliteQueries {
+    fn new(path: PathBuf, durability: Option<Arc<Durability>>) -> SqliteQueries {
+        SqliteQueries { path, durability, pool: Arc::default() }
+    }
+
+    /// Runs `f` on a connection of its own, outside any read session's transaction (ended first).
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        end_held_read();
+        let mut lent = self.pool.lend(&self.path)?;
+        let result = f(&mut lent.conn);
+        self.pool.give_back(lent);
+        if let Some(durability) = &self.durability {
+            crate::durable::after_read(durability);
+        }
+        result
+    }
+
+    /// A point read: inside a read session (see `crate::read_deferring`), in the session's read
+    /// transaction, which the first one opens; otherwise as [`SqliteQueries::with`].
+    fn read<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        if !crate::durable::in_read_session() {
+            return self.with(f);
+        }
+        if HELD.with(|h| h.borrow().as_ref().is_some_and(|held| !Arc::ptr_eq(&held.pool, &self.pool))) {
+            release_held();
+        }
+        let result = HELD.with(|h| -> Result<T> {
+            let mut h = h.borrow_mut();
+            if h.is_none() {
+                let lent = self.pool.lend(&self.path)?;
+                *h = Some(HeldRead { pool: self.pool.clone(), lent, open: false });
+                crate::durable::at_session_end(Box::new(release_held));
+            }
+            let held = h.as_mut().expect("set above");
+            if !held.open {
+                held.lent.conn.prepare_cached("BEGIN").and_then(|mut s| s.raw_execute()).map_err(unavailable)?;
+                held.open = true;
+            }
+            f(&mut held.lent.conn)
+        });
         if let Some(durability) = &self.durability {
             crate::durable::after_read(durability);
         }
@@ -1301,7 +1406,7 @@ impl Queries for SqliteQueries {
     }
 
     fn document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<Option<Document>> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare_cached(&format!(
                 "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = ?1 AND tenant_id = ?2 AND id = ?3"
             ))
@@ -1314,7 +1419,7 @@ impl Queries for SqliteQueries {
     }
 
     fn document_by_lookup(&self, kind: &str, lookup: &str) -> Result<Option<Document>> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare_cached(&format!("SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = ?1 AND lookup = ?2"))
                 .map_err(unavailable)?
                 .query_row(params![kind, lookup], document_row)
@@ -1391,7 +1496,7 @@ impl Queries for SqliteQueries {
     }
 
     fn count_documents(&self, kind: &str, owner: &str) -> Result<u64> {
-        self.with(|c| {
+        self.read(|c| {
             let n: i64 = c
                 .prepare_cached("SELECT COUNT(*) FROM documents WHERE kind = ?1 AND owner = ?2")
                 .map_err(unavailable)?
@@ -1402,7 +1507,7 @@ impl Queries for SqliteQueries {
     }
 
     fn documents_by_owner(&self, kind: &str, owner: &str, limit: usize) -> Result<Vec<Document>> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c
                 .prepare_cached(&format!(
                     "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = ?1 AND owner = ?2 \
@@ -1415,7 +1520,7 @@ impl Queries for SqliteQueries {
     }
 
     fn counter_total(&self, scope: &str, from: u64, to: u64) -> Result<i64> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare_cached(
                 "SELECT COALESCE(SUM(total), 0) FROM counters WHERE scope = ?1 AND period >= ?2 AND period < ?3",
             )
@@ -1426,7 +1531,7 @@ impl Queries for SqliteQueries {
     }
 
     fn account(&self, key: AccountKey) -> Result<Option<Account>> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c
                 .prepare_cached(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = ?1 AND id = ?2"))
                 .map_err(unavailable)?;
@@ -1439,7 +1544,7 @@ impl Queries for SqliteQueries {
     }
 
     fn entry(&self, key: TransferKey) -> Result<Option<Entry>> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c
                 .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM transfers WHERE {BY_ID}"))
                 .map_err(unavailable)?;
@@ -1546,7 +1651,7 @@ impl Queries for SqliteQueries {
     }
 
     fn tenant(&self, id: u128) -> Result<Option<TenantRecord>> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row("SELECT name, created_at FROM tenants WHERE id = ?1", [uuid_bytes(id)], |r| {
                 Ok(TenantRecord { id, name: r.get(0)?, created_at: r.get::<_, i64>(1)? as u64 })
             })
@@ -1723,7 +1828,7 @@ impl Queries for SqliteQueries {
     }
 
     fn oauth_client(&self, id: u128) -> Result<Option<(OAuthClientRecord, [u8; 32])>> {
-        self.with(|c| {
+        self.read(|c| {
             let row = c
                 .query_row(
                     "SELECT tenant_id, secret_hash, scopes, created_at, revoked_at FROM oauth_clients WHERE id = ?1",
@@ -1769,7 +1874,7 @@ impl Queries for SqliteQueries {
     }
 
     fn data_key(&self, tenant_id: u128) -> Result<Option<DataKeyRecord>> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT kek_version, wrapped FROM data_keys WHERE tenant_id = ?1",
                 [uuid_bytes(tenant_id)],
@@ -1852,7 +1957,7 @@ impl Queries for SqliteQueries {
     }
 
     fn card_product(&self, tenant_id: u128, id: u128) -> Result<Option<String>> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT body FROM card_products WHERE tenant_id = ?1 AND id = ?2",
                 params![uuid_bytes(tenant_id), uuid_bytes(id)],
@@ -1875,7 +1980,7 @@ impl Queries for SqliteQueries {
     }
 
     fn card(&self, tenant_id: u128, id: u128) -> Result<Option<CardRow>> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT tenant_id, id, pan_index, status, body FROM cards WHERE tenant_id = ?1 AND id = ?2",
                 params![uuid_bytes(tenant_id), uuid_bytes(id)],
@@ -1888,7 +1993,7 @@ impl Queries for SqliteQueries {
     }
 
     fn card_by_index(&self, pan_index: &[u8; 32]) -> Result<Option<CardRow>> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare_cached("SELECT tenant_id, id, pan_index, status, body FROM cards WHERE pan_index = ?1")
                 .map_err(unavailable)?
                 .query_row([&pan_index[..]], card_row)
@@ -1919,7 +2024,7 @@ impl Queries for SqliteQueries {
     }
 
     fn authorization(&self, tenant_id: u128, id: u128) -> Result<Option<AuthorizationRow>> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 &format!("SELECT {AUTH_COLUMNS} FROM card_authorizations WHERE tenant_id = ?1 AND id = ?2"),
                 params![uuid_bytes(tenant_id), uuid_bytes(id)],
@@ -1932,7 +2037,7 @@ impl Queries for SqliteQueries {
     }
 
     fn authorization_by_rrn(&self, card_id: u128, rrn: &str) -> Result<Option<AuthorizationRow>> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare_cached(&format!(
                 "SELECT {AUTH_COLUMNS} FROM card_authorizations WHERE card_id = ?1 AND rrn = ?2                  ORDER BY created_at DESC LIMIT 1"
             ))
@@ -1959,7 +2064,7 @@ impl Queries for SqliteQueries {
     }
 
     fn card_message(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare_cached("SELECT response FROM card_messages WHERE key = ?1")
                 .map_err(unavailable)?
                 .query_row([&key[..]], |r| r.get(0))
@@ -1975,7 +2080,7 @@ impl Queries for SqliteQueries {
         month: Timestamp,
         minute: Timestamp,
     ) -> Result<(u64, u64, u32)> {
-        self.with(|c| {
+        self.read(|c| {
             let (today, this_month) = c
                 .prepare_cached(
                     "SELECT COALESCE(SUM(CASE WHEN day >= ?2 THEN spend END), 0), COALESCE(SUM(spend), 0) \
@@ -1999,7 +2104,7 @@ impl Queries for SqliteQueries {
     }
 
     fn holder(&self, tenant_id: u128, id: u128) -> Result<Option<HolderRecord>> {
-        self.with(|c| {
+        self.read(|c| {
             let row = c
                 .query_row(
                     "SELECT kind, name_sealed, document_sealed, document_index, created_at FROM holders \
@@ -2436,6 +2541,116 @@ mod tests {
         assert!(found && fence.is_passed());
         drop(writer);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn session_doc(id: &str) -> Document {
+        Document {
+            kind: "test".into(),
+            tenant_id: 7,
+            id: id.into(),
+            lookup: None,
+            owner: None,
+            created_at: 1,
+            version: 1,
+            body: "{}".into(),
+        }
+    }
+
+    /// Commits one account through the writer, synced.
+    fn commit_account(writer: &mut Box<dyn Writer>, key: AccountKey) {
+        let mut clock = writer.begin().unwrap();
+        let snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
+        let (_, accounts) = ledger::apply_accounts(&snapshot, &mut clock, now_nanos(), &[create_usd(key)]);
+        writer.commit(&[accounts], &[], &[]).unwrap();
+        writer.deferred_sync().unwrap().sync().unwrap();
+    }
+
+    /// A read session's reads share one snapshot and one pooled connection; a write through
+    /// `Queries` inside it ends the snapshot first, so the reads after it see the write; the
+    /// session gives its connection back when it ends.
+    #[test]
+    fn a_read_session_reads_one_snapshot_and_sees_its_own_writes() {
+        let dir = std::env::temp_dir().join(format!("rtpay-session-{}-{}", std::process::id(), now_nanos()));
+        let (mut writer, _) = open(&dir, crate::ephemeral_signer()).unwrap();
+        let queries = SqliteQueries::new(db_path(&dir).unwrap(), None);
+        let (a, b) = (
+            AccountKey { tenant: TenantId(7), id: AccountId(1) },
+            AccountKey { tenant: TenantId(7), id: AccountId(2) },
+        );
+        commit_account(&mut writer, a);
+        let ((), fence) = crate::read_deferring(|| {
+            assert!(queries.account(a).unwrap().is_some());
+            // Committed by the writer after the session's first read: not in its snapshot.
+            commit_account(&mut writer, b);
+            assert!(queries.account(b).unwrap().is_none(), "a session's reads see one snapshot");
+            assert!(queries.document("test", 7, "d").unwrap().is_none());
+            // A write through `Queries` ends the snapshot: what follows sees it, and the writer's.
+            queries.insert_document(&session_doc("d")).unwrap();
+            assert!(queries.document("test", 7, "d").unwrap().is_some(), "a session sees its own writes");
+            assert!(queries.account(b).unwrap().is_some(), "and what was committed before them");
+        });
+        assert!(fence.is_passed());
+        // Outside a session, every read sees the newest commit.
+        commit_account(&mut writer, AccountKey { tenant: TenantId(7), id: AccountId(3) });
+        assert!(queries.account(AccountKey { tenant: TenantId(7), id: AccountId(3) }).unwrap().is_some());
+        HELD.with(|h| assert!(h.borrow().is_none(), "the session gave its connection back"));
+        drop(writer);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A session whose reads panic still ends: no read transaction is left open on the thread
+    /// (it would keep the WAL from ever starting over), and the connection goes back to the pool.
+    #[test]
+    fn a_read_session_that_panics_still_ends_its_transaction() {
+        let dir = std::env::temp_dir().join(format!("rtpay-session-panic-{}-{}", std::process::id(), now_nanos()));
+        let (mut writer, _) = open(&dir, crate::ephemeral_signer()).unwrap();
+        let queries = SqliteQueries::new(db_path(&dir).unwrap(), None);
+        let a = AccountKey { tenant: TenantId(7), id: AccountId(1) };
+        commit_account(&mut writer, a);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::read_deferring(|| {
+                assert!(queries.account(a).unwrap().is_some());
+                panic!("a read that panics");
+            })
+        }));
+        assert!(panicked.is_err());
+        HELD.with(|h| assert!(h.borrow().is_none(), "the session ended on unwind"));
+        let state = queries.pool.state.lock().unwrap();
+        assert_eq!(state.idle.len(), state.open, "every pooled connection is back");
+        assert!(state.idle.iter().all(Connection::is_autocommit), "none holds a transaction");
+        drop(state);
+        drop(writer);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// One session reading two stores (two data directories) reads each from its own pool.
+    #[test]
+    fn a_read_session_over_two_stores_reads_each_from_its_own() {
+        let dirs: Vec<_> = (0..2)
+            .map(|i| std::env::temp_dir().join(format!("rtpay-session-two-{i}-{}-{}", std::process::id(), now_nanos())))
+            .collect();
+        let (mut w1, _) = open(&dirs[0], crate::ephemeral_signer()).unwrap();
+        let (w2, _) = open(&dirs[1], crate::ephemeral_signer()).unwrap();
+        let (q1, q2) = (
+            SqliteQueries::new(db_path(&dirs[0]).unwrap(), None),
+            SqliteQueries::new(db_path(&dirs[1]).unwrap(), None),
+        );
+        let a = AccountKey { tenant: TenantId(7), id: AccountId(1) };
+        commit_account(&mut w1, a);
+        crate::read_deferring(|| {
+            assert!(q1.account(a).unwrap().is_some());
+            assert!(q2.account(a).unwrap().is_none());
+            assert!(q1.account(a).unwrap().is_some());
+        });
+        HELD.with(|h| assert!(h.borrow().is_none()));
+        for q in [&q1, &q2] {
+            let state = q.pool.state.lock().unwrap();
+            assert_eq!((state.idle.len(), state.open), (1, 1), "one connection each, back in its pool");
+        }
+        drop((w1, w2));
+        for dir in dirs {
+            std::fs::remove_dir_all(&dir).ok();
+        }
     }
 
     /// One batch whose parts write the same account more than once (its creation, then a transfer
