@@ -259,8 +259,8 @@ type Answers = Vec<(Callback, Result<Reply>)>;
 /// writer first waits for that sync (at most `gather_max`): the batch then takes everything that
 /// arrived meanwhile. Its replies could not have gone out before that sync ended anyway, and one
 /// larger batch writes fewer WAL pages than two (each rewrites the pages its rows share: the
-/// tables' last pages, the accounts', the head): at the HTTP peak, 27–31 transfers a batch
-/// instead of 16–21, 10 % less writer time per transfer, and a steadier p99 at half rate (see
+/// tables' last pages, the accounts', the head): at the HTTP peak, 26–32 transfers a batch
+/// instead of 16–21, a tenth less writer time per transfer, and a steadier p99 at half rate (see
 /// BENCHMARKS.md, session 16). A lone request finds no sync running and does not wait.
 fn run(
     mut writer: Box<dyn Writer>,
