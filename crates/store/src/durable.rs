@@ -128,12 +128,6 @@ impl ReadFence {
     }
 }
 
-thread_local! {
-    /// What an engine holds for the read session on this thread (see [`read_deferring`]), and
-    /// gives back when the session ends.
-    static SESSION_END: std::cell::RefCell<Vec<Box<dyn FnOnce()>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Runs `read` (calls of [`crate::Queries`] on this thread) without blocking for durability, and
 /// returns what its answer must wait for: for an async task, which awaits [`ReadFence::when_passed`]
 /// instead of blocking its thread.
@@ -166,9 +160,7 @@ impl Session {
         let outermost = outer.is_none();
         let fence = DEFERRED.with(|d| d.replace(outer));
         if outermost {
-            for end in SESSION_END.with(|e| std::mem::take(&mut *e.borrow_mut())) {
-                end();
-            }
+            crate::sqlite::end_read_session();
         }
         fence
     }
@@ -183,11 +175,6 @@ impl Drop for Session {
 /// Whether a read session (see [`read_deferring`]) runs on this thread.
 pub(crate) fn in_read_session() -> bool {
     DEFERRED.with(|d| d.borrow().is_some())
-}
-
-/// Runs `end` when the read session on this thread ends.
-pub(crate) fn at_session_end(end: Box<dyn FnOnce()>) {
-    SESSION_END.with(|e| e.borrow_mut().push(end));
 }
 
 /// Called by a read of an embedded store once it ran: waits until what it could have seen is

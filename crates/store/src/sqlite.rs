@@ -1136,15 +1136,16 @@ fn end_held_read() {
 fn close_read(held: &mut HeldRead) {
     if std::mem::take(&mut held.open) {
         // A read transaction changed nothing: its end cannot fail but for a closed connection,
-        // and `release_held` then closes it rather than pooling it.
+        // and `end_read_session` then closes it rather than pooling it.
         if held.lent.conn.prepare_cached("COMMIT").and_then(|mut s| s.raw_execute()).is_err() {
             let _ = held.lent.conn.execute_batch("ROLLBACK");
         }
     }
 }
 
-/// Gives this thread's session connection back to its pool (at the session's end).
-fn release_held() {
+/// Gives this thread's session connection back to its pool, if it holds one: at the session's
+/// end (`crate::read_deferring`), or when a read of another store takes its place.
+pub(crate) fn end_read_session() {
     if let Some(mut held) = HELD.with(|h| h.borrow_mut().take()) {
         close_read(&mut held);
         if held.lent.conn.is_autocommit() {
@@ -1179,14 +1180,13 @@ impl SqliteQueries {
             return self.with(f);
         }
         if HELD.with(|h| h.borrow().as_ref().is_some_and(|held| !Arc::ptr_eq(&held.pool, &self.pool))) {
-            release_held();
+            end_read_session();
         }
         let result = HELD.with(|h| -> Result<T> {
             let mut h = h.borrow_mut();
             if h.is_none() {
                 let lent = self.pool.lend(&self.path)?;
                 *h = Some(HeldRead { pool: self.pool.clone(), lent, open: false });
-                crate::durable::at_session_end(Box::new(release_held));
             }
             let held = h.as_mut().expect("set above");
             if !held.open {
