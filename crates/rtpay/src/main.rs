@@ -134,6 +134,10 @@ enum CommandLine {
         /// only: otherwise a tenant could make rtpay call into its own network).
         #[arg(long, env = "RTPAY_WEBHOOK_ALLOW_PRIVATE")]
         webhook_allow_private: bool,
+        /// Threads that serve HTTP and ISO 8583 (default: one per core but one, and at least one:
+        /// the ledger's writer, its syncer and its checkpointer have threads of their own).
+        #[arg(long, env = "RTPAY_HTTP_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        http_threads: Option<u16>,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -239,6 +243,7 @@ fn main() -> ExitCode {
             webhook_client_key,
             webhook_retry_ms,
             webhook_allow_private,
+            http_threads,
         } => {
             if spi_reject_percent as u16 + spi_timeout_percent as u16 > 100
                 || spi_timeout_ms == 0
@@ -321,7 +326,10 @@ fn main() -> ExitCode {
                     allow_private: webhook_allow_private,
                 },
             };
-            runtime().block_on(async {
+            let threads = http_threads.map_or_else(rtpay::serve::http_threads_default, usize::from);
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads).enable_all();
+            builder.build().expect("tokio runtime").block_on(async {
                 let ready = |r: &rtpay::serve::Running| {
                     if let Some(a) = r.iso8583_addr {
                         println!("rtpay iso8583 listening on {a}");

@@ -105,6 +105,21 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// How many threads serve HTTP and ISO 8583 by default: one per core but one, and at least one.
+///
+/// The ledger's writer is a thread of its own (it applies every batch), beside its syncer and its
+/// checkpointer. With a worker on every core as well, the workers and those threads take turns on
+/// the same cores. At the HTTP peak on two cores, with one worker instead of two, a request cost
+/// the workers 10.7–11.8 µs instead of 12.3–13.3 and the peak rose 3–6 %, while the Pix and card
+/// figures held (docs/BENCHMARKS.md, session 17). `serve --http-threads` sets it.
+pub fn http_threads_default() -> usize {
+    http_threads_for(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
+fn http_threads_for(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
+}
+
 /// A running server.
 pub struct Running {
     pub addr: SocketAddr,
@@ -210,4 +225,19 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One core is left to the ledger's writer, but never the only one.
+    #[test]
+    fn http_threads_leave_one_core_to_the_writer_but_never_drop_to_none() {
+        assert_eq!(http_threads_for(0), 1);
+        assert_eq!(http_threads_for(1), 1);
+        assert_eq!(http_threads_for(2), 1);
+        assert_eq!(http_threads_for(8), 7);
+        assert!(http_threads_default() >= 1);
+    }
 }

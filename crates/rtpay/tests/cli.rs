@@ -26,6 +26,7 @@ fn every_command_has_help() {
     assert!(ok && help.contains("--public-key") && help.contains("--audit-key"), "{help}");
     let (ok, help) = rtpay(&["serve", "--help"]);
     assert!(ok && help.contains("--data") && help.contains("--listen") && help.contains("--postgres"), "{help}");
+    assert!(help.contains("--http-threads"), "{help}");
 }
 
 #[test]
@@ -35,6 +36,17 @@ fn serve_refuses_bad_limits_before_touching_anything() {
         let data = dir.join(i.to_string());
         let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", arg]);
         assert!(!ok && out.contains("--rate-limit must be above 0"), "{arg}: {out}");
+        assert!(!data.exists(), "{arg}: nothing is created");
+    }
+}
+
+#[test]
+fn serve_refuses_a_thread_count_of_zero_before_touching_anything() {
+    let dir = temp_dir("bad-threads");
+    for (i, arg) in ["--http-threads=0", "--http-threads=-1", "--http-threads=many"].iter().enumerate() {
+        let data = dir.join(i.to_string());
+        let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", arg]);
+        assert!(!ok && out.contains("--http-threads"), "{arg}: {out}");
         assert!(!data.exists(), "{arg}: nothing is created");
     }
 }
