@@ -389,6 +389,13 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Answers go out as they are written, not held back for the peer's acknowledgement of the
+    // previous segment (Nagle's algorithm): a response written in parts (a long list, an error
+    // after its headers) would otherwise wait for the client's delayed ACK, up to 40 ms on Linux.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await

@@ -127,6 +127,9 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Answers go out as they are written, not held back for the peer's acknowledgement of
+        // the previous segment (Nagle's algorithm).
+        let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         let watcher = graceful.watcher();
