@@ -391,8 +391,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     // Answers go out as they are written, not held back for the peer's acknowledgement of the
-    // previous segment (Nagle's algorithm): a response written in parts (a long list, an error
-    // after its headers) would otherwise wait for the client's delayed ACK, up to 40 ms on Linux.
+    // previous segment (Nagle's algorithm): a response written in parts (a long list) would
+    // otherwise wait for the client's delayed ACK, tens of milliseconds.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
