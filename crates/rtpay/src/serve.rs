@@ -181,6 +181,8 @@ pub async fn run(
         .with_webhooks(webhooks);
     // Notifications a stopped node left pending (the outbox).
     server::webhook::resume(&state);
+    // Off-us Pix whose verdict a stopped node never recorded.
+    server::pix_rail::resume(&state);
     // The card listener stops with the HTTP one.
     let (stop_cards, cards_stopped) = tokio::sync::oneshot::channel::<()>();
     let cards = iso8583.map(|listener| {

@@ -659,3 +659,81 @@ fn off_us_payments_through_the_sandbox_spi() {
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
 }
+
+/// An off-us payment whose node was killed while the SPI had it: after the restart, once its SPI
+/// time-out has passed, the node asks the SPI what became of it (without sending it again) and
+/// records that: accepted, the hold posted; rejected, or never received, the hold voided and the
+/// payer's limit given back. On both engines.
+#[test]
+fn off_us_payments_in_flight_at_a_crash_are_settled_from_the_spi_after_the_restart() {
+    let rt = runtime();
+    for postgres in [None, Some(store::testing::fresh_postgres_database())] {
+        for (fate, reason, args) in [
+            ("completed", None, &[][..]),
+            ("rejected", Some("AC03"), &["--spi-reject-percent", "100"][..]),
+            ("rejected", Some("AB03"), &["--spi-timeout-percent", "100"][..]),
+        ] {
+            let dir = temp_dir("pix-spi-crash");
+            // The SPI answers after an hour: the payment is in flight when the node is killed.
+            let mut args: Vec<&str> = args.to_vec();
+            args.extend(["--ispb", ISPB, "--spi-latency-ms", "3600000", "--spi-timeout-ms", "1000"]);
+            let mut server = Server::start_with_args(&dir, postgres.as_deref(), "127.0.0.1:0", true, &args);
+            let (key, maria, pay) = rt.block_on(async {
+                let mut c = server.client();
+                let (_, key) = tenant(&mut c, "t").await;
+                let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+                // A day's limit of one payment's amount: a rejection must give it back.
+                let limits = json!({"per_transaction": null, "daily": 30_000, "nightly": 30_000, "night_per_transaction": 30_000});
+                let path = format!("/v1/holders/{}/pix-limits", maria.holder);
+                let r = c.send(Method::PUT, &path, Some(&key), Some(serde_json::to_vec(&limits).unwrap().into())).await.unwrap();
+                assert_eq!(r.status, 200, "{:?}", r.json());
+                let pay = off_us(&maria.account, 30_000);
+                let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
+                assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("processing")), "{:?}", r.json());
+                (key, maria, pay)
+            });
+            server.kill9();
+            server.restart();
+            rt.block_on(async {
+                let mut c = server.client();
+                let id = pay["id"].as_str().unwrap();
+                let mut done = Value::Null;
+                for _ in 0..400 {
+                    done = c.get(&format!("/v1/pix/payments/{id}"), &key).await.unwrap().json();
+                    if done["status"] != json!("processing") {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                let context =
+                    format!("{fate} {reason:?} on {}", if postgres.is_some() { "PostgreSQL" } else { "SQLite" });
+                assert_eq!(
+                    (done["status"].as_str(), done["reason"].as_str()),
+                    (Some(fate), reason),
+                    "{context}: {done}"
+                );
+                let b = balance(&mut c, &key, &maria.account).await;
+                let posted = if fate == "completed" { 30_000 } else { 0 };
+                assert_eq!(
+                    (b["debits_pending"].clone(), b["debits_posted"].clone()),
+                    (json!(0), json!(posted)),
+                    "{context}: the hold is settled, not left to expire"
+                );
+                // A rejection gives the day's limit back; a completed payment used it up.
+                let r = c.post("/v1/pix/payments", &key, &off_us(&maria.account, 30_000)).await.unwrap();
+                let expected = if fate == "completed" { "rejected" } else { "processing" };
+                assert_eq!(
+                    (r.status.as_u16(), r.json()["status"].as_str()),
+                    (201, Some(expected)),
+                    "{context}: {:?}",
+                    r.json()
+                );
+                // A repeat of the request answers the payment as settled, and sends nothing.
+                let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
+                assert_eq!((r.status.as_u16(), r.json()["status"].as_str()), (200, Some(fate)), "{context}");
+            });
+            let (ok, report) = server.verify();
+            assert!(ok, "{report}");
+        }
+    }
+}

@@ -96,6 +96,8 @@ pub struct PixRuntime {
     lookups_in_flight: Mutex<std::collections::HashMap<(u128, u128), u64>>,
     /// The key that signs the payloads at charges' locations, loaded on first use.
     pub signer: std::sync::OnceLock<Arc<crate::jws::PayloadSigner>>,
+    /// Off-us payments a task of this node is settling (by payment id): the sweep leaves them.
+    settling: Mutex<HashSet<String>>,
 }
 
 impl PixRuntime {
@@ -109,6 +111,7 @@ impl PixRuntime {
             batches: (0..BATCH_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
             lookups_in_flight: Mutex::default(),
             signer: std::sync::OnceLock::new(),
+            settling: Mutex::default(),
         }
     }
 }
@@ -312,6 +315,10 @@ pub struct PaymentView {
 pub struct StoredPayment {
     pub view: PaymentView,
     pub fingerprint: String,
+    /// The paying holder of an off-us payment still `processing` (whose spend counters a
+    /// rejection gives back), for the node that settles it after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer_holder: Option<String>,
 }
 
 /// A Pix received by an account of this rtpay (the receiver tenant's record).
@@ -579,15 +586,20 @@ const HOLD_MARGIN_SECONDS: u64 = 30;
 /// Tries to record an SPI verdict (1, 2, 4, 8, 8 ... s apart: within the hold's margin).
 const VERDICT_TRIES: u32 = 5;
 
+/// The owner of an off-us payment's document while its verdict is not recorded: what the sweep
+/// ([`resume`]) lists.
+const IN_FLIGHT: &str = "spi-in-flight";
+
 fn payment_document(tenant: u128, version: u64, at: u64, stored: &StoredPayment) -> store::Record {
     store::Record::Document(store::Document {
         kind: PAYMENT_KIND.into(),
         tenant_id: tenant,
         id: stored.view.id.clone(),
         lookup: Some(stored.view.end_to_end_id.clone()),
-        // No owner: the paying account is in the body, and nothing counts or lists payments by
-        // account; an owner would cost an index entry in the writer's batch.
-        owner: None,
+        // Only an off-us payment waiting for its verdict has an owner. Nothing counts or lists
+        // payments by account: an owner for every payment would cost an index entry in the
+        // writer's batch.
+        owner: (stored.view.status == "processing").then(|| IN_FLIGHT.to_owned()),
         created_at: at,
         version,
         body: serde_json::to_string(stored).expect("serializable"),
@@ -710,7 +722,8 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 view.reason_detail = Some(crate::routes::ledger_problem(failure, "").detail);
             }
         }
-        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone() };
+        let payer_holder = (view.status == "processing").then(|| uuid_string(payer.holder));
+        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder };
         records.push(payment_document(payer.tenant, 1, now, &stored));
         (view, records)
     };
@@ -765,6 +778,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 view: view.clone(),
                 fingerprint: p.fingerprint,
             };
+            state.pix_runtime.settling.lock().expect("not poisoned").insert(view.id.clone());
             tokio::spawn(settle_off_us(state.clone(), in_flight, transfer));
         }
     }
@@ -789,8 +803,6 @@ pub fn received_document(tenant: u128, at: u64, received: &StoredReceived) -> st
     })
 }
 
-/// Sends an off-us payment to the connector (unless the breaker is open), then posts its hold on
-/// acceptance or voids it on rejection or time-out, with the payment's new status, in one commit.
 /// An off-us payment waiting for its verdict.
 struct InFlight {
     tenant: u128,
@@ -801,9 +813,9 @@ struct InFlight {
     fingerprint: String,
 }
 
+/// Sends an off-us payment to the connector, then records its verdict ([`record_verdict`]); a
+/// time-out or a connector error counts as a rejection (AB03).
 async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer) {
-    let InFlight { tenant, holder, at, view, fingerprint } = p;
-    let amount = transfer.amount;
     let connector = state.pix_runtime.connector.clone();
     let verdict = match tokio::time::timeout(state.pix.spi_timeout, connector.send(transfer)).await {
         Ok(Ok(status)) => {
@@ -815,13 +827,25 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
             pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)
         }
     };
-    let hold = payment_transfer(&state, tenant, &view.id, 1);
+    let id = p.view.id.clone();
+    record_verdict(&state, p, verdict).await;
+    state.pix_runtime.settling.lock().expect("not poisoned").remove(&id);
+}
+
+/// Posts an off-us payment's hold on acceptance or voids it on rejection, with the payment's new
+/// status, in one commit, guarded on the payment's document being still as first stored: of two
+/// nodes recording a verdict (the sender and a sweep after a restart), one applies and the other
+/// finds it done.
+async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status) {
+    let InFlight { tenant, holder, at, view, fingerprint } = p;
+    let amount = view.amount;
+    let hold = payment_transfer(state, tenant, &view.id, 1);
     let kind = match verdict {
         pix::spi::Status::Accepted => EventKind::PostPending { pending_id: hold.id, amount: None },
         pix::spi::Status::Rejected(_) => EventKind::VoidPending { pending_id: hold.id },
     };
     let event = TransferEvent {
-        key: payment_transfer(&state, tenant, &view.id, 2),
+        key: payment_transfer(state, tenant, &view.id, 2),
         kind,
         code: 7600,
         metadata: Some(format!(r#"{{"pix_payment":"{}"}}"#, view.id)),
@@ -832,6 +856,7 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
     slot.set_resource(format!("pix-payment:{}", view.id));
     let audit = Audit(Arc::new(slot));
     let night = state.pix.night;
+    let payment_id = view.id.clone();
     let records = Arc::new(move |reply: &store::Reply| -> Vec<store::Record> {
         let result = reply.chain_result();
         let mut records = Vec::new();
@@ -845,6 +870,10 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
                 pix::spi::Status::Rejected(r) => (r.code().to_owned(), r.describe().to_owned()),
                 // Accepted too late: the hold had expired.
                 pix::spi::Status::Accepted => {
+                    tracing::error!(
+                        result = result.as_str(),
+                        "the SPI accepted an off-us payment whose hold the ledger no longer holds: reconcile it by hand"
+                    );
                     (result.as_str().to_owned(), crate::routes::ledger_problem(result, "").detail)
                 }
             };
@@ -858,32 +887,92 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
                 records.push(store::Record::Count { scope: night_scope, period: n, delta: -(amount as i64) });
             }
         }
-        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone() };
+        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder: None };
         records.push(payment_document(tenant, 2, at, &stored));
         records
     });
+    let guard =
+        store::Guard::Document { kind: PAYMENT_KIND.into(), tenant_id: tenant, id: payment_id.clone(), version: 1 };
     // The same transfer id on every try, so a retry never moves money twice; the hold outlives the
     // SPI time-out by HOLD_MARGIN_SECONDS, the window these tries have.
     for attempt in 0..VERDICT_TRIES {
         let records = records.clone();
         let batch: store::RecordsFn = Box::new(move |reply| records(reply));
-        match crate::routes::submit_recorded(
-            &state,
-            &audit,
-            store::Command::Transfers(vec![event.clone()]),
-            Some(batch),
-        )
-        .await
-        {
+        let command = store::Command::Transfers(vec![event.clone()]);
+        match crate::routes::submit_guarded(state, &audit, command, Some(batch), vec![guard.clone()]).await {
             Ok(_) => return,
             Err(e) => {
+                // Another node may have recorded it (the guard failed): then there is nothing to do.
+                let id = payment_id.clone();
+                let current = crate::routes::query(state, move |q| q.document(PAYMENT_KIND, tenant, &id)).await;
+                if let Ok(Some(doc)) = current {
+                    if doc.version != 1 {
+                        return;
+                    }
+                }
                 tracing::warn!(code = %e.code, attempt, "an off-us payment's verdict could not be recorded; retrying");
                 tokio::time::sleep(std::time::Duration::from_secs(1 << attempt.min(3))).await;
             }
         }
     }
-    // The hold expires by itself; reads then show the payment rejected (`reconcile`).
+    // The hold expires by itself; reads then show the payment rejected (`reconcile`), and the next
+    // sweep records it so.
     tracing::error!("an off-us payment's verdict was not recorded; its hold will expire");
+}
+
+/// Off-us payments a sweep settles at most at once.
+const SWEEP_MAX: usize = 1000;
+/// How often each node looks for off-us payments whose verdict nobody is recording.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Every node, every [`SWEEP_INTERVAL`], settles the off-us payments still waiting for a verdict
+/// that no task of its own is waiting for, once their SPI time-out has passed (their sender's node
+/// stopped, or its recording failed): it asks the SPI for each payment's status, never sending it
+/// again, and records the verdict; a payment the SPI never received is rejected as timed out
+/// (AB03), as its sender would have. Started once per node.
+pub fn resume(state: &AppState) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let found =
+                crate::routes::query(&state, |q| q.documents_by_owner(PAYMENT_KIND, IN_FLIGHT, SWEEP_MAX)).await;
+            if let Ok(docs) = found {
+                let due = store::now_nanos().saturating_sub(state.pix.spi_timeout.as_nanos() as u64);
+                for doc in docs.into_iter().filter(|d| d.created_at <= due) {
+                    let Ok(stored) = serde_json::from_str::<StoredPayment>(&doc.body) else { continue };
+                    let holder = stored.payer_holder.as_deref().and_then(|h| uuid::Uuid::parse_str(h).ok());
+                    let (Some(holder), "processing", 1) = (holder, stored.view.status.as_str(), doc.version) else {
+                        continue;
+                    };
+                    if !state.pix_runtime.settling.lock().expect("not poisoned").insert(stored.view.id.clone()) {
+                        continue;
+                    }
+                    let p = InFlight {
+                        tenant: doc.tenant_id,
+                        holder: holder.as_u128(),
+                        at: doc.created_at,
+                        view: stored.view,
+                        fingerprint: stored.fingerprint,
+                    };
+                    tokio::spawn(settle_by_status(state.clone(), p));
+                }
+            }
+            tokio::time::sleep(SWEEP_INTERVAL).await;
+        }
+    });
+}
+
+/// Asks the SPI what became of `p` and records it; if the SPI cannot answer, the next sweep asks
+/// again.
+async fn settle_by_status(state: AppState, p: InFlight) {
+    let id = p.view.id.clone();
+    let connector = state.pix_runtime.connector.clone();
+    match tokio::time::timeout(state.pix.spi_timeout, connector.status(&p.view.end_to_end_id)).await {
+        Ok(Ok(Some(verdict))) => record_verdict(&state, p, verdict).await,
+        Ok(Ok(None)) => record_verdict(&state, p, pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)).await,
+        Ok(Err(_)) | Err(_) => tracing::warn!("the SPI did not answer a status query; asking again at the next sweep"),
+    }
+    state.pix_runtime.settling.lock().expect("not poisoned").remove(&id);
 }
 
 /// An off-us payment still `processing` whose hold the ledger has settled without its verdict

@@ -14,10 +14,18 @@ pub struct SpiError(pub String);
 
 pub type SpiFuture = Pin<Box<dyn Future<Output = Result<Status, SpiError>> + Send>>;
 
+/// What the SPI says of a payment asked about by its EndToEndId: its verdict, or `None` when the
+/// SPI never received it.
+pub type StatusFuture = Pin<Box<dyn Future<Output = Result<Option<Status>, SpiError>> + Send>>;
+
 pub trait SpiConnector: Send + Sync {
     /// Sends a pacs.008 and resolves with the pacs.002 verdict. It may never resolve (a lost
     /// message): the caller bounds it with its time-out.
     fn send(&self, transfer: CreditTransfer) -> SpiFuture;
+
+    /// Asks the SPI what became of the payment `end_to_end_id` (a status query, pacs.028): how a
+    /// payment in flight when rtpay stopped learns its verdict without being sent twice.
+    fn status(&self, end_to_end_id: &str) -> StatusFuture;
 }
 
 /// The sandbox's behaviour.
@@ -38,24 +46,90 @@ impl Default for SimulatorSettings {
 }
 
 /// The sandbox SPI: answers after `latency`, rejecting or losing the configured shares.
+///
+/// A payment's fate is a function of its EndToEndId, as a real SPI's record of it would be: a
+/// status query gives the verdict the payment got (or would get), also after rtpay restarted, and
+/// `None` for a payment it loses. The simulator keeps nothing, so it takes every payment asked
+/// about as sent.
 pub struct Simulator(pub SimulatorSettings);
+
+impl Simulator {
+    /// The payment's fate: `None` when it is lost (never answered).
+    fn fate(&self, end_to_end_id: &str) -> Option<Status> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(end_to_end_id.as_bytes());
+        let draw = (u32::from_be_bytes(digest[..4].try_into().expect("4 bytes")) % 100) as u8;
+        let s = self.0;
+        if draw < s.timeout_percent {
+            None
+        } else if draw < s.timeout_percent.saturating_add(s.reject_percent) {
+            Some(Status::Rejected(RejectReason::InvalidCreditorAccount))
+        } else {
+            Some(Status::Accepted)
+        }
+    }
+}
 
 impl SpiConnector for Simulator {
     fn send(&self, transfer: CreditTransfer) -> SpiFuture {
-        let s = self.0;
-        // One draw in 0..100 per payment decides its fate.
-        let draw = (u32::from_be_bytes(crate::auth::random_32()[..4].try_into().expect("4 bytes")) % 100) as u8;
+        let fate = self.fate(&transfer.end_to_end_id);
+        let latency = self.0.latency;
         Box::pin(async move {
             debug_assert!(transfer.amount > 0);
-            if draw < s.timeout_percent {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(s.latency).await;
-            if draw < s.timeout_percent.saturating_add(s.reject_percent) {
-                Ok(Status::Rejected(RejectReason::InvalidCreditorAccount))
-            } else {
-                Ok(Status::Accepted)
-            }
+            let Some(verdict) = fate else { return std::future::pending().await };
+            tokio::time::sleep(latency).await;
+            Ok(verdict)
         })
+    }
+
+    fn status(&self, end_to_end_id: &str) -> StatusFuture {
+        let fate = self.fate(end_to_end_id);
+        Box::pin(async move { Ok(fate) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fate follows the EndToEndId: a status query agrees with what sending gave, and the
+    /// configured shares come out over many payments.
+    #[tokio::test]
+    async fn the_simulator_answers_a_status_query_with_the_verdict_sending_gave() {
+        let sim = Simulator(SimulatorSettings { latency: Duration::ZERO, reject_percent: 30, timeout_percent: 20 });
+        let (mut accepted, mut rejected, mut lost) = (0, 0, 0);
+        for n in 0..1000u32 {
+            let e2e = format!("E9999999920261205{n:015}");
+            let transfer = CreditTransfer {
+                end_to_end_id: e2e.clone(),
+                amount: 1,
+                debtor: party(),
+                creditor: party(),
+                remittance: None,
+            };
+            // A lost payment is never answered: given up on here after a millisecond.
+            let sent = tokio::time::timeout(Duration::from_millis(1), sim.send(transfer)).await;
+            let asked = sim.status(&e2e).await.expect("the simulator always answers");
+            match (sent, asked) {
+                (Ok(Ok(Status::Accepted)), Some(Status::Accepted)) => accepted += 1,
+                (Ok(Ok(Status::Rejected(r))), Some(Status::Rejected(q))) if r == q => rejected += 1,
+                (Err(_), None) => lost += 1,
+                (sent, asked) => panic!("{e2e}: sent {sent:?}, asked {asked:?}"),
+            }
+        }
+        assert!((440..=560).contains(&accepted), "{accepted} accepted of 1000 (50 %)");
+        assert!((240..=360).contains(&rejected), "{rejected} rejected of 1000 (30 %)");
+        assert!((140..=260).contains(&lost), "{lost} lost of 1000 (20 %)");
+    }
+
+    fn party() -> pix::spi::Party {
+        pix::spi::Party {
+            ispb: "60701190".into(),
+            branch: "0001".into(),
+            account: "123456".into(),
+            account_type: "CACC".into(),
+            document: String::new(),
+            name: "X".into(),
+        }
     }
 }
