@@ -307,3 +307,54 @@ fn postgres_outage_answers_503_then_recovers_losing_nothing() {
         assert_eq!(balance(&mut c, &key, &w).await["credits_posted"], 30);
     });
 }
+
+/// An off-us Pix whose node is killed while the SPI has it: the other node, once the payment's SPI
+/// time-out has passed, asks the SPI what became of it and records the verdict (the hold posted),
+/// without sending it again.
+#[test]
+fn an_off_us_pix_left_in_flight_by_a_dead_node_is_settled_by_another() {
+    const ISPB: &str = "12345678";
+    let url = store::testing::fresh_postgres_database();
+    let (dir_a, dir_b) = (temp_dir("spi-node-a"), temp_dir("spi-node-b"));
+    // The SPI answers after an hour: the payment is in flight when its node is killed.
+    let args = ["--ispb", ISPB, "--spi-latency-ms", "3600000", "--spi-timeout-ms", "1000"];
+    let mut a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, &args);
+    for file in ["kek", "index-key", "audit-signing-key"] {
+        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
+    }
+    let b = Server::start_with_args(&dir_b, Some(&url), "127.0.0.1:0", true, &args);
+    let rt = runtime();
+    let (key, maria, id) = rt.block_on(async {
+        let mut c = a.client();
+        let (_, key) = tenant(&mut c, "wallet").await;
+        let body = json!({"kind": "person", "name": "Maria", "document": "52998224725"});
+        let h = c.post("/v1/holders", &key, &body).await.unwrap().json()["id"].clone();
+        let maria = account(&mut c, &key, json!({"currency": "BRL", "holder_id": h})).await;
+        let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let fund = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": maria, "amount": 100_000});
+        assert_eq!(c.post("/v1/transfers", &key, &fund).await.unwrap().status, 201);
+        let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 30_000, "creditor": {
+            "ispb": "60701190", "branch": "0001", "account": "123456", "account_type": "CACC",
+            "document": "111.444.777-35", "name": "Joana Prado"}});
+        let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("processing")), "{:?}", r.json());
+        (key, maria, pay["id"].as_str().unwrap().to_owned())
+    });
+    a.kill9();
+    rt.block_on(async {
+        let mut c = b.client();
+        let mut done = Value::Null;
+        for _ in 0..400 {
+            done = c.get(&format!("/v1/pix/payments/{id}"), &key).await.unwrap().json();
+            if done["status"] != json!("processing") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(done["status"], json!("completed"), "{done}");
+        let b = balance(&mut c, &key, &maria).await;
+        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(30_000)), "{b}");
+    });
+    let (ok, report) = b.verify();
+    assert!(ok, "{report}");
+}
