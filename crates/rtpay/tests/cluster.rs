@@ -309,8 +309,9 @@ fn postgres_outage_answers_503_then_recovers_losing_nothing() {
 }
 
 /// An off-us Pix whose node is killed while the SPI has it: the other node, once the payment's SPI
-/// time-out has passed, asks the SPI what became of it and records the verdict (the hold posted),
-/// without sending it again.
+/// time-out and the sweep's margin have passed, asks the SPI what became of it and records the
+/// verdict, the hold posted. (Had its node lived, it would have given up on the SPI after the
+/// time-out and voided the hold.)
 #[test]
 fn an_off_us_pix_left_in_flight_by_a_dead_node_is_settled_by_another() {
     const ISPB: &str = "12345678";

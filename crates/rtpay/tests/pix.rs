@@ -661,7 +661,7 @@ fn off_us_payments_through_the_sandbox_spi() {
 }
 
 /// An off-us payment whose node was killed while the SPI had it: after the restart, once its SPI
-/// time-out has passed, the node asks the SPI what became of it (without sending it again) and
+/// time-out and the sweep's margin have passed, the node asks the SPI what became of it and
 /// records that: accepted, the hold posted; rejected, or never received, the hold voided and the
 /// payer's limit given back. On both engines.
 #[test]
@@ -719,13 +719,20 @@ fn off_us_payments_in_flight_at_a_crash_are_settled_from_the_spi_after_the_resta
                     (json!(0), json!(posted)),
                     "{context}: the hold is settled, not left to expire"
                 );
-                // A rejection gives the day's limit back; a completed payment used it up.
+                // A rejection gives the day's limit back, once; a completed payment used it up.
                 let r = c.post("/v1/pix/payments", &key, &off_us(&maria.account, 30_000)).await.unwrap();
                 let expected = if fate == "completed" { "rejected" } else { "processing" };
                 assert_eq!(
                     (r.status.as_u16(), r.json()["status"].as_str()),
                     (201, Some(expected)),
                     "{context}: {:?}",
+                    r.json()
+                );
+                let r = c.post("/v1/pix/payments", &key, &off_us(&maria.account, 30_000)).await.unwrap();
+                assert_eq!(
+                    (r.json()["status"].as_str(), r.json()["reason"].as_str()),
+                    (Some("rejected"), Some("limit_exceeded")),
+                    "{context}: the day's limit is used up: {:?}",
                     r.json()
                 );
                 // A repeat of the request answers the payment as settled, and sends nothing.

@@ -748,15 +748,34 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     // A charge is paid once, across every node: its document must be as read when this commits;
     // and the payer's running totals must still leave room for it.
     let guards = p.concludes.iter().map(store::Guard::of).chain(p.limit_guards.iter().cloned()).collect();
-    let reply = crate::routes::submit_guarded(state, audit, command, Some(records), guards).await?;
+    // An off-us payment is this node's to settle from before its commit, so that no sweep of this
+    // node asks the SPI about it while it is being sent; a twin request that finds it claimed
+    // leaves it to the claimant.
+    let claimed =
+        off_us && !is_refused && state.pix_runtime.settling.lock().expect("not poisoned").insert(payment_id.clone());
+    let unclaim = || {
+        if claimed {
+            state.pix_runtime.settling.lock().expect("not poisoned").remove(&payment_id);
+        }
+    };
+    let reply = match crate::routes::submit_guarded(state, audit, command, Some(records), guards).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            unclaim();
+            return Err(e);
+        }
+    };
     let result = reply.chain_result();
+    if !(claimed && result == TransferResult::Created) {
+        unclaim();
+    }
     let view = if is_refused || result == TransferResult::Created { expected_view } else { conclude(result).0 };
     if result == TransferResult::Created && !is_refused {
         // The commit wrote the webhook's outbox entry (a Pix with a txid, on a key): deliver it.
         if let (Payee::OnUs(payee), Some(_), Some(_)) = (&p.payee, &view.txid, &p.payee_key_index) {
             crate::webhook::notify(state, payee.tenant, view.end_to_end_id.clone());
         }
-        if let Payee::OffUs(creditor) = p.payee {
+        if let (Payee::OffUs(creditor), true) = (p.payee, claimed) {
             let transfer = pix::spi::CreditTransfer {
                 end_to_end_id: view.end_to_end_id.clone(),
                 amount: p.amount,
@@ -778,7 +797,6 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 view: view.clone(),
                 fingerprint: p.fingerprint,
             };
-            state.pix_runtime.settling.lock().expect("not poisoned").insert(view.id.clone());
             tokio::spawn(settle_off_us(state.clone(), in_flight, transfer));
         }
     }
@@ -907,6 +925,16 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
                 let current = crate::routes::query(state, move |q| q.document(PAYMENT_KIND, tenant, &id)).await;
                 if let Ok(Some(doc)) = current {
                     if doc.version != 1 {
+                        let recorded = serde_json::from_str::<StoredPayment>(&doc.body).map(|s| s.view.status);
+                        let disagree = match verdict {
+                            pix::spi::Status::Accepted => recorded.as_deref().ok() != Some("completed"),
+                            pix::spi::Status::Rejected(_) => recorded.as_deref().ok() == Some("completed"),
+                        };
+                        if disagree {
+                            tracing::error!(
+                                "an off-us payment's verdict disagrees with the one recorded before it: reconcile it by hand"
+                            );
+                        }
                         return;
                     }
                 }
@@ -924,12 +952,16 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
 const SWEEP_MAX: usize = 1000;
 /// How often each node looks for off-us payments whose verdict nobody is recording.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long after its SPI time-out a payment is due for a sweep: its sender's time-out starts
+/// when its commit answers, some time after the payment's time, and the nodes' clocks differ.
+const SWEEP_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Every node, every [`SWEEP_INTERVAL`], settles the off-us payments still waiting for a verdict
-/// that no task of its own is waiting for, once their SPI time-out has passed (their sender's node
-/// stopped, or its recording failed): it asks the SPI for each payment's status, never sending it
-/// again, and records the verdict; a payment the SPI never received is rejected as timed out
-/// (AB03), as its sender would have. Started once per node.
+/// that no task of its own is waiting for, once their SPI time-out and [`SWEEP_MARGIN`] have
+/// passed (their sender's node stopped, or its recording failed): it asks the SPI for each
+/// payment's status, never sending it again, and records the verdict; a payment the SPI never
+/// received is rejected as timed out (AB03), as its sender would have; one the SPI is still
+/// processing waits for the next sweep. Started once per node.
 pub fn resume(state: &AppState) {
     let state = state.clone();
     tokio::spawn(async move {
@@ -937,7 +969,8 @@ pub fn resume(state: &AppState) {
             let found =
                 crate::routes::query(&state, |q| q.documents_by_owner(PAYMENT_KIND, IN_FLIGHT, SWEEP_MAX)).await;
             if let Ok(docs) = found {
-                let due = store::now_nanos().saturating_sub(state.pix.spi_timeout.as_nanos() as u64);
+                let wait = (state.pix.spi_timeout + SWEEP_MARGIN).as_nanos() as u64;
+                let due = store::now_nanos().saturating_sub(wait);
                 for doc in docs.into_iter().filter(|d| d.created_at <= due) {
                     let Ok(stored) = serde_json::from_str::<StoredPayment>(&doc.body) else { continue };
                     let holder = stored.payer_holder.as_deref().and_then(|h| uuid::Uuid::parse_str(h).ok());
@@ -968,8 +1001,11 @@ async fn settle_by_status(state: AppState, p: InFlight) {
     let id = p.view.id.clone();
     let connector = state.pix_runtime.connector.clone();
     match tokio::time::timeout(state.pix.spi_timeout, connector.status(&p.view.end_to_end_id)).await {
-        Ok(Ok(Some(verdict))) => record_verdict(&state, p, verdict).await,
-        Ok(Ok(None)) => record_verdict(&state, p, pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)).await,
+        Ok(Ok(crate::spi::Found::Settled(verdict))) => record_verdict(&state, p, verdict).await,
+        Ok(Ok(crate::spi::Found::Unknown)) => {
+            record_verdict(&state, p, pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)).await
+        }
+        Ok(Ok(crate::spi::Found::InProcess)) => {}
         Ok(Err(_)) | Err(_) => tracing::warn!("the SPI did not answer a status query; asking again at the next sweep"),
     }
     state.pix_runtime.settling.lock().expect("not poisoned").remove(&id);

@@ -14,9 +14,18 @@ pub struct SpiError(pub String);
 
 pub type SpiFuture = Pin<Box<dyn Future<Output = Result<Status, SpiError>> + Send>>;
 
-/// What the SPI says of a payment asked about by its EndToEndId: its verdict, or `None` when the
-/// SPI never received it.
-pub type StatusFuture = Pin<Box<dyn Future<Output = Result<Option<Status>, SpiError>> + Send>>;
+/// What the SPI says of a payment asked about by its EndToEndId.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Its verdict (pacs.002).
+    Settled(Status),
+    /// Received, verdict still to come.
+    InProcess,
+    /// Never received: it will never be settled.
+    Unknown,
+}
+
+pub type StatusFuture = Pin<Box<dyn Future<Output = Result<Found, SpiError>> + Send>>;
 
 pub trait SpiConnector: Send + Sync {
     /// Sends a pacs.008 and resolves with the pacs.002 verdict. It may never resolve (a lost
@@ -24,7 +33,9 @@ pub trait SpiConnector: Send + Sync {
     fn send(&self, transfer: CreditTransfer) -> SpiFuture;
 
     /// Asks the SPI what became of the payment `end_to_end_id` (a status query, pacs.028): how a
-    /// payment in flight when rtpay stopped learns its verdict without being sent twice.
+    /// payment in flight when rtpay stopped learns its verdict without being sent twice. A
+    /// connector answers [`Found::Unknown`] only for a payment the SPI has no trace of (rtpay may
+    /// have stopped before sending it): rtpay then releases its hold.
     fn status(&self, end_to_end_id: &str) -> StatusFuture;
 }
 
@@ -49,8 +60,8 @@ impl Default for SimulatorSettings {
 ///
 /// A payment's fate is a function of its EndToEndId, as a real SPI's record of it would be: a
 /// status query gives the verdict the payment got (or would get), also after rtpay restarted, and
-/// `None` for a payment it loses. The simulator keeps nothing, so it takes every payment asked
-/// about as sent.
+/// [`Found::Unknown`] for a payment it loses. The simulator keeps nothing, so it takes every
+/// payment asked about as sent (and answered: never [`Found::InProcess`]).
 pub struct Simulator(pub SimulatorSettings);
 
 impl Simulator {
@@ -83,8 +94,8 @@ impl SpiConnector for Simulator {
     }
 
     fn status(&self, end_to_end_id: &str) -> StatusFuture {
-        let fate = self.fate(end_to_end_id);
-        Box::pin(async move { Ok(fate) })
+        let found = self.fate(end_to_end_id).map_or(Found::Unknown, Found::Settled);
+        Box::pin(async move { Ok(found) })
     }
 }
 
@@ -107,13 +118,15 @@ mod tests {
                 creditor: party(),
                 remittance: None,
             };
-            // A lost payment is never answered: given up on here after a millisecond.
-            let sent = tokio::time::timeout(Duration::from_millis(1), sim.send(transfer)).await;
             let asked = sim.status(&e2e).await.expect("the simulator always answers");
+            // A lost payment is never answered: given up on here after a millisecond; the others
+            // answer at once, given a second.
+            let wait = Duration::from_millis(if asked == Found::Unknown { 1 } else { 1000 });
+            let sent = tokio::time::timeout(wait, sim.send(transfer)).await;
             match (sent, asked) {
-                (Ok(Ok(Status::Accepted)), Some(Status::Accepted)) => accepted += 1,
-                (Ok(Ok(Status::Rejected(r))), Some(Status::Rejected(q))) if r == q => rejected += 1,
-                (Err(_), None) => lost += 1,
+                (Ok(Ok(Status::Accepted)), Found::Settled(Status::Accepted)) => accepted += 1,
+                (Ok(Ok(Status::Rejected(r))), Found::Settled(Status::Rejected(q))) if r == q => rejected += 1,
+                (Err(_), Found::Unknown) => lost += 1,
                 (sent, asked) => panic!("{e2e}: sent {sent:?}, asked {asked:?}"),
             }
         }
