@@ -100,6 +100,25 @@ pub struct PixRuntime {
     settling: Mutex<HashSet<String>>,
 }
 
+/// An off-us payment claimed in [`PixRuntime::settling`]; the claim ends when this is dropped
+/// (its task finished, failed, panicked or was cancelled), and a sweep may then take it.
+struct Claim {
+    runtime: Arc<PixRuntime>,
+    id: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.runtime.settling.lock().expect("not poisoned").remove(&self.id);
+    }
+}
+
+/// Claims the off-us payment `id` for a task of this node, unless one has it.
+fn claim(runtime: &Arc<PixRuntime>, id: &str) -> Option<Claim> {
+    let fresh = runtime.settling.lock().expect("not poisoned").insert(id.to_owned());
+    fresh.then(|| Claim { runtime: runtime.clone(), id: id.to_owned() })
+}
+
 impl PixRuntime {
     pub fn new(connector: Arc<dyn crate::spi::SpiConnector>) -> PixRuntime {
         PixRuntime {
@@ -751,31 +770,16 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     // An off-us payment is this node's to settle from before its commit, so that no sweep of this
     // node asks the SPI about it while it is being sent; a twin request that finds it claimed
     // leaves it to the claimant.
-    let claimed =
-        off_us && !is_refused && state.pix_runtime.settling.lock().expect("not poisoned").insert(payment_id.clone());
-    let unclaim = || {
-        if claimed {
-            state.pix_runtime.settling.lock().expect("not poisoned").remove(&payment_id);
-        }
-    };
-    let reply = match crate::routes::submit_guarded(state, audit, command, Some(records), guards).await {
-        Ok(reply) => reply,
-        Err(e) => {
-            unclaim();
-            return Err(e);
-        }
-    };
+    let claimed = if off_us && !is_refused { claim(&state.pix_runtime, &payment_id) } else { None };
+    let reply = crate::routes::submit_guarded(state, audit, command, Some(records), guards).await?;
     let result = reply.chain_result();
-    if !(claimed && result == TransferResult::Created) {
-        unclaim();
-    }
     let view = if is_refused || result == TransferResult::Created { expected_view } else { conclude(result).0 };
     if result == TransferResult::Created && !is_refused {
         // The commit wrote the webhook's outbox entry (a Pix with a txid, on a key): deliver it.
         if let (Payee::OnUs(payee), Some(_), Some(_)) = (&p.payee, &view.txid, &p.payee_key_index) {
             crate::webhook::notify(state, payee.tenant, view.end_to_end_id.clone());
         }
-        if let (Payee::OffUs(creditor), true) = (p.payee, claimed) {
+        if let (Payee::OffUs(creditor), Some(claimed)) = (p.payee, claimed) {
             let transfer = pix::spi::CreditTransfer {
                 end_to_end_id: view.end_to_end_id.clone(),
                 amount: p.amount,
@@ -797,7 +801,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 view: view.clone(),
                 fingerprint: p.fingerprint,
             };
-            tokio::spawn(settle_off_us(state.clone(), in_flight, transfer));
+            tokio::spawn(settle_off_us(state.clone(), in_flight, transfer, claimed));
         }
     }
     Ok((view, result != TransferResult::Exists || is_refused))
@@ -833,7 +837,7 @@ struct InFlight {
 
 /// Sends an off-us payment to the connector, then records its verdict ([`record_verdict`]); a
 /// time-out or a connector error counts as a rejection (AB03).
-async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer) {
+async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer, claimed: Claim) {
     let connector = state.pix_runtime.connector.clone();
     let verdict = match tokio::time::timeout(state.pix.spi_timeout, connector.send(transfer)).await {
         Ok(Ok(status)) => {
@@ -845,9 +849,8 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
             pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)
         }
     };
-    let id = p.view.id.clone();
     record_verdict(&state, p, verdict).await;
-    state.pix_runtime.settling.lock().expect("not poisoned").remove(&id);
+    drop(claimed);
 }
 
 /// Posts an off-us payment's hold on acceptance or voids it on rejection, with the payment's new
@@ -977,9 +980,7 @@ pub fn resume(state: &AppState) {
                     let (Some(holder), "processing", 1) = (holder, stored.view.status.as_str(), doc.version) else {
                         continue;
                     };
-                    if !state.pix_runtime.settling.lock().expect("not poisoned").insert(stored.view.id.clone()) {
-                        continue;
-                    }
+                    let Some(claimed) = claim(&state.pix_runtime, &stored.view.id) else { continue };
                     let p = InFlight {
                         tenant: doc.tenant_id,
                         holder: holder.as_u128(),
@@ -987,7 +988,7 @@ pub fn resume(state: &AppState) {
                         view: stored.view,
                         fingerprint: stored.fingerprint,
                     };
-                    tokio::spawn(settle_by_status(state.clone(), p));
+                    tokio::spawn(settle_by_status(state.clone(), p, claimed));
                 }
             }
             tokio::time::sleep(SWEEP_INTERVAL).await;
@@ -997,8 +998,7 @@ pub fn resume(state: &AppState) {
 
 /// Asks the SPI what became of `p` and records it; if the SPI cannot answer, the next sweep asks
 /// again.
-async fn settle_by_status(state: AppState, p: InFlight) {
-    let id = p.view.id.clone();
+async fn settle_by_status(state: AppState, p: InFlight, claimed: Claim) {
     let connector = state.pix_runtime.connector.clone();
     match tokio::time::timeout(state.pix.spi_timeout, connector.status(&p.view.end_to_end_id)).await {
         Ok(Ok(crate::spi::Found::Settled(verdict))) => record_verdict(&state, p, verdict).await,
@@ -1008,7 +1008,7 @@ async fn settle_by_status(state: AppState, p: InFlight) {
         Ok(Ok(crate::spi::Found::InProcess)) => {}
         Ok(Err(_)) | Err(_) => tracing::warn!("the SPI did not answer a status query; asking again at the next sweep"),
     }
-    state.pix_runtime.settling.lock().expect("not poisoned").remove(&id);
+    drop(claimed);
 }
 
 /// An off-us payment still `processing` whose hold the ledger has settled without its verdict
