@@ -660,6 +660,43 @@ fn off_us_payments_through_the_sandbox_spi() {
     assert!(ok, "{report}");
 }
 
+/// An answer that does not come in time is not a rejection: the SPI may have paid. The node asks
+/// the SPI's status once its time-out passes and records what the SPI did (here: accepted, so the
+/// hold is posted, where before the payment was rejected with AB03 and the payer given back money
+/// the SPI had paid out). Until then the hold has no time-out of its own: nothing but a verdict
+/// releases it.
+#[test]
+fn an_off_us_payment_answered_too_late_is_settled_from_the_spi_status() {
+    let rt = runtime();
+    let dir = temp_dir("pix-spi-late");
+    let args = ["--ispb", ISPB, "--spi-latency-ms", "3600000", "--spi-timeout-ms", "300"];
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &args);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        let pay = off_us(&maria.account, 30_000);
+        let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("processing")), "{:?}", r.json());
+        let path = format!("/v1/accounts/{}/transfers", maria.account);
+        let listed = c.get(&path, &key).await.unwrap().json();
+        let holds: Vec<&Value> =
+            listed["data"].as_array().unwrap().iter().filter(|t| t["kind"] == json!("pending")).collect();
+        assert_eq!(holds.len(), 1, "{listed}");
+        assert_eq!(
+            (holds[0]["amount"].clone(), holds[0]["timeout_seconds"].clone(), holds[0]["expires_at"].clone()),
+            (json!(30_000), json!(0), Value::Null),
+            "the hold never expires: {listed}"
+        );
+        let done = settled(&mut c, &key, pay["id"].as_str().unwrap()).await;
+        assert_eq!((done["status"].clone(), done["reason"].clone()), (json!("completed"), Value::Null), "{done}");
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(30_000)));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// An off-us payment whose node was killed while the SPI had it: after the restart, once its SPI
 /// time-out and the sweep's margin have passed, the node asks the SPI what became of it and
 /// records that: accepted, the hold posted; rejected, or never received, the hold voided and the

@@ -599,10 +599,12 @@ pub fn payment_transfer(state: &AppState, tenant: u128, payment_id: &str, n: u32
     }
 }
 
-/// How long an off-us hold lives beyond the connector's time-out: if rtpay stops between the
-/// two, the ledger releases the money by itself.
-const HOLD_MARGIN_SECONDS: u64 = 30;
-/// Tries to record an SPI verdict (1, 2, 4, 8, 8 ... s apart: within the hold's margin).
+/// An off-us hold's time-out: none (0). Once the pacs.008 may have left, the money may have left
+/// with it: a hold that expired by itself would give the payer back money the SPI paid out (a
+/// node down for a while, a PostgreSQL outage, a lost answer). The hold is posted or voided on
+/// the SPI's verdict only, from its answer or from a status query ([`resume`]).
+const OFF_US_HOLD_TIMEOUT_SECONDS: u32 = 0;
+/// Tries to record an SPI verdict (1, 2, 4, 8, 8 ... s apart); then a sweep takes it over.
 const VERDICT_TRIES: u32 = 5;
 
 /// The owner of an off-us payment's document while its verdict is not recorded: what the sweep
@@ -667,12 +669,12 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
         }
         (None, Payee::OffUs(_)) => {
             let settlement = ensure_settlement(state, audit, payer_tenant).await?;
-            let timeout_seconds = state.pix.spi_timeout.as_secs() + HOLD_MARGIN_SECONDS;
+            // The hold never expires: only the SPI's verdict settles it (see [`settle_off_us`]).
             let hold = EventKind::Pending {
                 debit: AccountId(p.payer.account),
                 credit: settlement.id,
                 amount: p.amount,
-                timeout_seconds: u32::try_from(timeout_seconds).unwrap_or(u32::MAX),
+                timeout_seconds: OFF_US_HOLD_TIMEOUT_SECONDS,
             };
             events.push(event(payment_transfer(state, payer_tenant, &payment_id, 1), hold, false));
         }
@@ -835,21 +837,22 @@ struct InFlight {
     fingerprint: String,
 }
 
-/// Sends an off-us payment to the connector, then records its verdict ([`record_verdict`]); a
-/// time-out or a connector error counts as a rejection (AB03).
+/// Sends an off-us payment to the connector, then records its verdict ([`record_verdict`]). No
+/// answer within the time-out, or a connector error, is not a verdict: the SPI may have received
+/// the payment and settled it. The node then asks the SPI what became of it
+/// ([`settle_from_status`]), as a sweep would for a payment whose node stopped.
 async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer, claimed: Claim) {
     let connector = state.pix_runtime.connector.clone();
-    let verdict = match tokio::time::timeout(state.pix.spi_timeout, connector.send(transfer)).await {
-        Ok(Ok(status)) => {
+    match tokio::time::timeout(state.pix.spi_timeout, connector.send(transfer)).await {
+        Ok(Ok(verdict)) => {
             state.pix_runtime.breaker.lock().expect("not poisoned").success();
-            status
+            record_verdict(&state, p, verdict).await;
         }
         Ok(Err(_)) | Err(_) => {
             state.pix_runtime.breaker.lock().expect("not poisoned").failure(store::now_nanos());
-            pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)
+            settle_from_status(&state, p).await;
         }
-    };
-    record_verdict(&state, p, verdict).await;
+    }
     drop(claimed);
 }
 
@@ -889,7 +892,8 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
             view.status = "rejected".into();
             let (reason, detail) = match verdict {
                 pix::spi::Status::Rejected(r) => (r.code().to_owned(), r.describe().to_owned()),
-                // Accepted too late: the hold had expired.
+                // Accepted, but the hold is gone: a hold made by an earlier rtpay (which gave off-us
+                // holds a time-out) expired first.
                 pix::spi::Status::Accepted => {
                     tracing::error!(
                         result = result.as_str(),
@@ -914,8 +918,7 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
     });
     let guard =
         store::Guard::Document { kind: PAYMENT_KIND.into(), tenant_id: tenant, id: payment_id.clone(), version: 1 };
-    // The same transfer id on every try, so a retry never moves money twice; the hold outlives the
-    // SPI time-out by HOLD_MARGIN_SECONDS, the window these tries have.
+    // The same transfer id on every try, so a retry never moves money twice.
     for attempt in 0..VERDICT_TRIES {
         let records = records.clone();
         let batch: store::RecordsFn = Box::new(move |reply| records(reply));
@@ -946,9 +949,8 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
             }
         }
     }
-    // The hold expires by itself; reads then show the payment rejected (`reconcile`), and the next
-    // sweep records it so.
-    tracing::error!("an off-us payment's verdict was not recorded; its hold will expire");
+    // The payment stays `processing`, its hold in place; a sweep asks the SPI again and records it.
+    tracing::error!("an off-us payment's verdict was not recorded; a sweep will record it");
 }
 
 /// Off-us payments a sweep settles at most at once.
@@ -961,7 +963,8 @@ const SWEEP_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Every node, every [`SWEEP_INTERVAL`], settles the off-us payments still waiting for a verdict
 /// that no task of its own is waiting for, once their SPI time-out and [`SWEEP_MARGIN`] have
-/// passed (their sender's node stopped, or its recording failed): it asks the SPI for each
+/// passed (their sender's node stopped, its recording failed, or the SPI had not settled them or
+/// did not answer when their sender asked): it asks the SPI for each
 /// payment's status, never sending it again, and records the verdict; a payment the SPI never
 /// received is rejected as timed out (AB03), as its sender would have; one the SPI is still
 /// processing waits for the next sweep. Started once per node.
@@ -996,23 +999,32 @@ pub fn resume(state: &AppState) {
     });
 }
 
-/// Asks the SPI what became of `p` and records it; if the SPI cannot answer, the next sweep asks
-/// again.
+/// A sweep's settling of `p`, which it claimed.
 async fn settle_by_status(state: AppState, p: InFlight, claimed: Claim) {
+    settle_from_status(&state, p).await;
+    drop(claimed);
+}
+
+/// Asks the SPI what became of `p` (a status query by EndToEndId) and records it: settled, its
+/// verdict; never received, a rejection as timed out (AB03), as it will never be settled. A
+/// payment the SPI is still processing, or a query it does not answer, is left `processing`,
+/// its hold in place: the next sweep asks again.
+async fn settle_from_status(state: &AppState, p: InFlight) {
     let connector = state.pix_runtime.connector.clone();
     match tokio::time::timeout(state.pix.spi_timeout, connector.status(&p.view.end_to_end_id)).await {
-        Ok(Ok(crate::spi::Found::Settled(verdict))) => record_verdict(&state, p, verdict).await,
+        Ok(Ok(crate::spi::Found::Settled(verdict))) => record_verdict(state, p, verdict).await,
         Ok(Ok(crate::spi::Found::Unknown)) => {
-            record_verdict(&state, p, pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)).await
+            record_verdict(state, p, pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)).await
         }
         Ok(Ok(crate::spi::Found::InProcess)) => {}
         Ok(Err(_)) | Err(_) => tracing::warn!("the SPI did not answer a status query; asking again at the next sweep"),
     }
-    drop(claimed);
 }
 
 /// An off-us payment still `processing` whose hold the ledger has settled without its verdict
-/// being recorded (rtpay stopped in between): what the ledger says is the truth.
+/// being recorded: what the ledger says is the truth. Only holds made by an earlier rtpay, which
+/// gave them a time-out, can do so (they expired while rtpay was stopped); a verdict settles a
+/// hold in the commit that records it.
 pub fn reconcile(
     state: &AppState,
     q: &dyn store::Queries,

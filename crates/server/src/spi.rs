@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use pix::spi::{CreditTransfer, RejectReason, Status};
 
-/// What a connector may fail with besides a verdict (the caller treats it as a time-out).
+/// What a connector may fail with besides a verdict (as with no answer in time, the caller then
+/// asks the SPI for the payment's status).
 #[derive(Debug)]
 pub struct SpiError(pub String);
 
