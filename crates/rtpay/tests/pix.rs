@@ -660,6 +660,49 @@ fn off_us_payments_through_the_sandbox_spi() {
     assert!(ok, "{report}");
 }
 
+/// The same off-us payment of a payer without limits sent four times at once, over two HTTP
+/// threads, many times: one request creates it (201), the others answer it (200), and it is held
+/// once and settled at once (a twin that claimed it first and did not create it hands it over:
+/// `pix_rail::take_over`; the window for that is too narrow to hit on purpose here).
+#[test]
+fn twin_off_us_payments_are_sent_by_the_request_that_created_them() {
+    let rt = runtime();
+    let dir = temp_dir("pix-spi-twins");
+    let args = ["--ispb", ISPB, "--spi-latency-ms", "20", "--http-threads", "2"];
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &args);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "company", "ACME", CNPJ_ACME, 100_000).await;
+        // No limits: a payer whose totals are not counted pays without the per-payer lock, so
+        // twins race each other to the writer.
+        let limits = json!({"per_transaction": null, "daily": null, "nightly": null, "night_per_transaction": null});
+        let path = format!("/v1/holders/{}/pix-limits", maria.holder);
+        let r =
+            c.send(Method::PUT, &path, Some(&key), Some(serde_json::to_vec(&limits).unwrap().into())).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        const ROUNDS: i64 = 30;
+        for round in 0..ROUNDS {
+            let pay = off_us(&maria.account, 100);
+            let answers = futures_join(server.addr, key.clone(), pay.clone()).await;
+            for (status, body) in &answers {
+                assert!(matches!(status, 200 | 201), "round {round}: {status} {body}");
+            }
+            assert_eq!(answers.iter().filter(|(s, _)| *s == 201).count(), 1, "round {round}: {answers:?}");
+            let done = settled(&mut c, &key, pay["id"].as_str().unwrap()).await;
+            assert_eq!((done["status"].clone(), done["reason"].clone()), (json!("completed"), Value::Null), "{done}");
+        }
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!(
+            (b["debits_pending"].clone(), b["debits_posted"].clone()),
+            (json!(0), json!(ROUNDS * 100)),
+            "each payment held and posted once"
+        );
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// An answer that does not come in time is not a rejection: the SPI may have paid. The node asks
 /// the SPI's status once its time-out passes and records what the SPI did (here: accepted, so the
 /// hold is posted, where before the payment was rejected with AB03 and the payer given back money

@@ -119,6 +119,28 @@ fn claim(runtime: &Arc<PixRuntime>, id: &str) -> Option<Claim> {
     fresh.then(|| Claim { runtime: runtime.clone(), id: id.to_owned() })
 }
 
+/// Claims `id` as soon as the task holding it lets go, within `within`: how the request whose
+/// commit created an off-us payment takes it over from a twin request that claimed it first
+/// (that twin's commit did not create it, so it will not send it, and lets go when it ends).
+/// `None` past `within`: a sweep settles the payment.
+async fn take_over(runtime: &Arc<PixRuntime>, id: &str, within: std::time::Duration) -> Option<Claim> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(claimed) = claim(runtime, id) {
+            return Some(claimed);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("an off-us payment stayed claimed by another task; a sweep will settle it");
+            return None;
+        }
+        tokio::time::sleep(TAKE_OVER_POLL).await;
+    }
+}
+
+/// How often [`take_over`] looks again: a twin lets go when its request ends, within a
+/// millisecond or so of the creator's commit.
+const TAKE_OVER_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl PixRuntime {
     pub fn new(connector: Arc<dyn crate::spi::SpiConnector>) -> PixRuntime {
         PixRuntime {
@@ -770,8 +792,9 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     // and the payer's running totals must still leave room for it.
     let guards = p.concludes.iter().map(store::Guard::of).chain(p.limit_guards.iter().cloned()).collect();
     // An off-us payment is this node's to settle from before its commit, so that no sweep of this
-    // node asks the SPI about it while it is being sent; a twin request that finds it claimed
-    // leaves it to the claimant.
+    // node asks the SPI about it while it is being sent. Of twin requests, the one whose commit
+    // creates the payment sends it: if a twin claimed it first, that twin's commit did not create
+    // it, and the creator takes the claim over when the twin lets go (`take_over`).
     let claimed = if off_us && !is_refused { claim(&state.pix_runtime, &payment_id) } else { None };
     let reply = crate::routes::submit_guarded(state, audit, command, Some(records), guards).await?;
     let result = reply.chain_result();
@@ -781,7 +804,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
         if let (Payee::OnUs(payee), Some(_), Some(_)) = (&p.payee, &view.txid, &p.payee_key_index) {
             crate::webhook::notify(state, payee.tenant, view.end_to_end_id.clone());
         }
-        if let (Payee::OffUs(creditor), Some(claimed)) = (p.payee, claimed) {
+        if let Payee::OffUs(creditor) = p.payee {
             let transfer = pix::spi::CreditTransfer {
                 end_to_end_id: view.end_to_end_id.clone(),
                 amount: p.amount,
@@ -803,7 +826,16 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 view: view.clone(),
                 fingerprint: p.fingerprint,
             };
-            tokio::spawn(settle_off_us(state.clone(), in_flight, transfer, claimed));
+            let (state, runtime) = (state.clone(), state.pix_runtime.clone());
+            tokio::spawn(async move {
+                let claimed = match claimed {
+                    Some(claimed) => Some(claimed),
+                    None => take_over(&runtime, &payment_id, state.pix.spi_timeout).await,
+                };
+                if let Some(claimed) = claimed {
+                    settle_off_us(state, in_flight, transfer, claimed).await;
+                }
+            });
         }
     }
     Ok((view, result != TransferResult::Exists || is_refused))
@@ -1058,6 +1090,26 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The creator of an off-us payment gets its claim once the twin holding it lets go, and not
+    /// while it holds on.
+    #[tokio::test]
+    async fn a_claim_is_taken_over_when_its_holder_lets_go_and_not_before() {
+        let runtime = Arc::new(PixRuntime::new(Arc::new(crate::spi::Simulator(Default::default()))));
+        let twin = claim(&runtime, "p1").expect("free");
+        assert!(claim(&runtime, "p1").is_none(), "one claim at a time");
+        let held = take_over(&runtime, "p1", std::time::Duration::from_millis(30)).await;
+        assert!(held.is_none(), "taken while the twin held it");
+        let letting_go = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            drop(twin);
+        });
+        let taken = take_over(&runtime, "p1", std::time::Duration::from_secs(5)).await.expect("taken over");
+        letting_go.await.unwrap();
+        assert!(claim(&runtime, "p1").is_none(), "the creator holds it now");
+        drop(taken);
+        assert!(claim(&runtime, "p1").is_some(), "free again once the creator lets go");
+    }
 
     /// What reads of an off-us payment still `processing` show: what the ledger did with its hold,
     /// found under the transfer id of either scheme (payments stored by an earlier rtpay have
