@@ -109,8 +109,9 @@ enum CommandLine {
         /// Percent of payments to other institutions the sandbox SPI never answers.
         #[arg(long, default_value_t = 0, env = "RTPAY_SPI_TIMEOUT_PERCENT")]
         spi_timeout_percent: u8,
-        /// How long a payment to another institution waits for the SPI's verdict before it is
-        /// given up and its hold released (milliseconds; the SPI settles within 40 s).
+        /// How long a payment to another institution waits for the SPI's answer before the SPI is
+        /// asked for the payment's status; its hold waits for the verdict (milliseconds; the SPI
+        /// settles within 40 s).
         #[arg(long, default_value_t = 40_000, env = "RTPAY_SPI_TIMEOUT_MS")]
         spi_timeout_ms: u64,
         /// The host charges' locations are on (`https://HOST/qr/v2/...` in dynamic BR Codes; rtpay's

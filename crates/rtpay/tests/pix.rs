@@ -517,7 +517,12 @@ fn limits_by_day_and_by_night() {
 
 /// Polls a payment until it leaves `processing`.
 async fn settled(c: &mut rtpay::client::Client, key: &str, id: &str) -> Value {
-    for _ in 0..200 {
+    settled_within(c, key, id, std::time::Duration::from_secs(5)).await
+}
+
+async fn settled_within(c: &mut rtpay::client::Client, key: &str, id: &str, wait: std::time::Duration) -> Value {
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
         let r = c.get(&format!("/v1/pix/payments/{id}"), key).await.unwrap();
         assert_eq!(r.status, 200, "{:?}", r.json());
         if r.json()["status"] != json!("processing") {
@@ -619,7 +624,8 @@ fn off_us_payments_through_the_sandbox_spi() {
     assert!(ok, "{report}");
     drop(server);
 
-    // Never answered: given up after the time-out; five in a row open the breaker (503).
+    // Never answered: five time-outs in a row open the breaker (503); the SPI, asked, never
+    // received them, which is final once a sweep is due (5 s past the time-out): rejected, AB03.
     let dir = temp_dir("pix-spi-timeout");
     let server = Server::start_with_args(
         &dir,
@@ -632,16 +638,24 @@ fn off_us_payments_through_the_sandbox_spi() {
         let mut c = server.client();
         let (_, key) = tenant(&mut c, "t").await;
         let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
+        let mut sent = Vec::new();
         for n in 0..5 {
             let pay = off_us(&maria.account, 1_000);
             let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
             assert_eq!(r.status, 201, "payment {n}: {:?}", r.json());
-            let done = settled(&mut c, &key, pay["id"].as_str().unwrap()).await;
-            assert_eq!((done["status"].clone(), done["reason"].clone()), (json!("rejected"), json!("AB03")), "{done}");
+            sent.push(pay["id"].as_str().unwrap().to_owned());
         }
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
         let r = c.post("/v1/pix/payments", &key, &off_us(&maria.account, 1_000)).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (503, json!("unavailable")), "{:?}", r.json());
         assert!(r.headers.contains_key("retry-after"));
+        let processing = c.get(&format!("/v1/pix/payments/{}", sent[0]), &key).await.unwrap().json();
+        assert_eq!(processing["status"], json!("processing"), "not rejected before a sweep is due: {processing}");
+        assert_eq!(available(&mut c, &maria).await, 100_000 - 5 * 1_000, "held while the SPI may have them");
+        for id in &sent {
+            let done = settled_within(&mut c, &key, id, std::time::Duration::from_secs(15)).await;
+            assert_eq!((done["status"].clone(), done["reason"].clone()), (json!("rejected"), json!("AB03")), "{done}");
+        }
         assert_eq!(available(&mut c, &maria).await, 100_000, "every hold released");
         // On-us payments do not go through the SPI and keep working.
         let other = party(&mut c, &key, "person", "João", CPF_OTHER, 0).await;

@@ -42,7 +42,8 @@ pub struct PixSettings {
     pub night: pix::limits::Night,
     /// The sandbox SPI's behaviour.
     pub simulator: crate::spi::SimulatorSettings,
-    /// How long an off-us payment waits for the SPI's verdict before it is given up.
+    /// How long an off-us payment waits for the SPI's answer before the SPI is asked for its
+    /// status; also how long after the payment's time it may still be sent.
     pub spi_timeout: std::time::Duration,
     /// The host charges' locations are on (`<host>/qr/v2/<token>`), which rtpay's listener serves
     /// (`--pix-location-host`).
@@ -873,8 +874,20 @@ struct InFlight {
 /// answer within the time-out, or a connector error, is not a verdict: the SPI may have received
 /// the payment and settled it. The node then asks the SPI what became of it
 /// ([`settle_from_status`]), as a sweep would for a payment whose node stopped.
+///
+/// A payment is sent only within its SPI time-out from the payment's time (a slow commit, a wait
+/// for a twin's claim): past it, a sweep of any node may soon ask the SPI about it, hear "never
+/// received" and void its hold, and a pacs.008 sent after that would be paid with the payer's
+/// money given back. Such a payment is settled from a status query instead (the SPI never got it:
+/// rejected, AB03).
 async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer, claimed: Claim) {
     let connector = state.pix_runtime.connector.clone();
+    if store::now_nanos() >= p.at.saturating_add(state.pix.spi_timeout.as_nanos() as u64) {
+        tracing::warn!("an off-us payment was not sent within its SPI time-out; settling it from its status");
+        settle_from_status(&state, p).await;
+        drop(claimed);
+        return;
+    }
     match tokio::time::timeout(state.pix.spi_timeout, connector.send(transfer)).await {
         Ok(Ok(verdict)) => {
             state.pix_runtime.breaker.lock().expect("not poisoned").success();
@@ -989,9 +1002,16 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
 const SWEEP_MAX: usize = 1000;
 /// How often each node looks for off-us payments whose verdict nobody is recording.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
-/// How long after its SPI time-out a payment is due for a sweep: its sender's time-out starts
-/// when its commit answers, some time after the payment's time, and the nodes' clocks differ.
+/// How long after its SPI time-out a payment is due for a sweep: a payment is sent only within its
+/// SPI time-out from its time (see [`settle_off_us`]), and this leaves its pacs.008 the time to
+/// reach the SPI, and the nodes' clocks their differences, before a status query's "never
+/// received" is taken as final.
 const SWEEP_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// When a payment of time `at` is due for a sweep (in nanoseconds since the epoch).
+fn sweep_due(state: &AppState, at: u64) -> u64 {
+    at.saturating_add((state.pix.spi_timeout + SWEEP_MARGIN).as_nanos() as u64)
+}
 
 /// Every node, every [`SWEEP_INTERVAL`], settles the off-us payments still waiting for a verdict
 /// that no task of its own is waiting for, once their SPI time-out and [`SWEEP_MARGIN`] have
@@ -1007,9 +1027,8 @@ pub fn resume(state: &AppState) {
             let found =
                 crate::routes::query(&state, |q| q.documents_by_owner(PAYMENT_KIND, IN_FLIGHT, SWEEP_MAX)).await;
             if let Ok(docs) = found {
-                let wait = (state.pix.spi_timeout + SWEEP_MARGIN).as_nanos() as u64;
-                let due = store::now_nanos().saturating_sub(wait);
-                for doc in docs.into_iter().filter(|d| d.created_at <= due) {
+                let now = store::now_nanos();
+                for doc in docs.into_iter().filter(|d| sweep_due(&state, d.created_at) <= now) {
                     let Ok(stored) = serde_json::from_str::<StoredPayment>(&doc.body) else { continue };
                     let holder = stored.payer_holder.as_deref().and_then(|h| uuid::Uuid::parse_str(h).ok());
                     let (Some(holder), "processing", 1) = (holder, stored.view.status.as_str(), doc.version) else {
@@ -1038,17 +1057,21 @@ async fn settle_by_status(state: AppState, p: InFlight, claimed: Claim) {
 }
 
 /// Asks the SPI what became of `p` (a status query by EndToEndId) and records it: settled, its
-/// verdict; never received, a rejection as timed out (AB03), as it will never be settled. A
-/// payment the SPI is still processing, or a query it does not answer, is left `processing`,
-/// its hold in place: the next sweep asks again.
+/// verdict; never received, a rejection as timed out (AB03), as it will never be settled, but
+/// only once the payment is due for a sweep ([`SWEEP_MARGIN`] past its SPI time-out): a pacs.008
+/// sent a moment ago (its sender's connection failed after writing it) may still be on its way,
+/// and the SPI would pay it after its hold was voided. A payment the SPI is still processing,
+/// one it does not know yet, or a query it does not answer, is left `processing`, its hold in
+/// place: a sweep asks again.
 async fn settle_from_status(state: &AppState, p: InFlight) {
     let connector = state.pix_runtime.connector.clone();
+    let unknown_is_final = store::now_nanos() >= sweep_due(state, p.at);
     match tokio::time::timeout(state.pix.spi_timeout, connector.status(&p.view.end_to_end_id)).await {
         Ok(Ok(crate::spi::Found::Settled(verdict))) => record_verdict(state, p, verdict).await,
-        Ok(Ok(crate::spi::Found::Unknown)) => {
+        Ok(Ok(crate::spi::Found::Unknown)) if unknown_is_final => {
             record_verdict(state, p, pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout)).await
         }
-        Ok(Ok(crate::spi::Found::InProcess)) => {}
+        Ok(Ok(crate::spi::Found::Unknown | crate::spi::Found::InProcess)) => {}
         Ok(Err(_)) | Err(_) => tracing::warn!("the SPI did not answer a status query; asking again at the next sweep"),
     }
 }
@@ -1090,6 +1113,83 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connector that counts what it is asked: every send fails at once, every status query
+    /// answers "in process" (so nothing is recorded).
+    #[derive(Default)]
+    struct Counting {
+        sends: std::sync::atomic::AtomicU32,
+        queries: std::sync::atomic::AtomicU32,
+    }
+
+    impl crate::spi::SpiConnector for Counting {
+        fn send(&self, _: pix::spi::CreditTransfer) -> crate::spi::SpiFuture {
+            self.sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err(crate::spi::SpiError("connection reset".into())) })
+        }
+        fn status(&self, _: &str) -> crate::spi::StatusFuture {
+            self.queries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(crate::spi::Found::InProcess) })
+        }
+    }
+
+    /// A payment is sent only within its SPI time-out from its time; past it, its status is asked
+    /// instead. A failed send is followed by a status query, not taken as a rejection.
+    #[tokio::test]
+    async fn an_off_us_payment_is_sent_only_within_its_time_out_and_a_failed_send_asks_the_status() {
+        let dir = std::env::temp_dir().join(format!("rtpay-send-window-{}-{}", std::process::id(), store::now_nanos()));
+        let store = Arc::new(store::Store::open(&store::Location::Embedded(dir.clone())).unwrap());
+        let connector = Arc::new(Counting::default());
+        let mut state = AppState::new(store.clone(), crate::auth::Keys::new([9; 32], "op"), Vec::new())
+            .with_pix(PixSettings { spi_timeout: std::time::Duration::from_secs(1), ..PixSettings::default() });
+        state.shared_mut().pix_runtime = Arc::new(PixRuntime::new(connector.clone()));
+        let party = pix::spi::Party {
+            ispb: "60701190".into(),
+            branch: "0001".into(),
+            account: "123456".into(),
+            account_type: "CACC".into(),
+            document: String::new(),
+            name: "X".into(),
+        };
+        let payment = |n: u128, at: u64| {
+            let id = uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | n).to_string();
+            let e2e = format!("E9999999920261205{n:015}");
+            let view: PaymentView = serde_json::from_value(serde_json::json!({
+                "id": id, "end_to_end_id": e2e, "status": "processing",
+                "debit_account_id": uuid_string(1), "amount": 100, "initiation": "manual",
+                "creditor": {"ispb": "60701190", "name": "Maria S.", "document": "***.982.247-**", "type": "person"},
+                "created_at": "2026-12-05T00:00:00Z"
+            }))
+            .unwrap();
+            let transfer = pix::spi::CreditTransfer {
+                end_to_end_id: e2e,
+                amount: 100,
+                debtor: party.clone(),
+                creditor: party.clone(),
+                remittance: None,
+            };
+            let p = InFlight { tenant: 7, holder: 8, at, view, fingerprint: String::new() };
+            (id, p, transfer)
+        };
+        let counts = || {
+            use std::sync::atomic::Ordering::SeqCst;
+            (connector.sends.load(SeqCst), connector.queries.load(SeqCst))
+        };
+        // Committed 2 s ago, past its 1 s time-out: never sent, asked about.
+        let (id, p, transfer) = payment(1, store::now_nanos() - 2_000_000_000);
+        let claimed = claim(&state.pix_runtime, &id).unwrap();
+        settle_off_us(state.clone(), p, transfer, claimed).await;
+        assert_eq!(counts(), (0, 1), "(sends, status queries)");
+        // Committed now: sent; the send fails, so the SPI is asked.
+        let (id, p, transfer) = payment(2, store::now_nanos());
+        let claimed = claim(&state.pix_runtime, &id).unwrap();
+        settle_off_us(state.clone(), p, transfer, claimed).await;
+        assert_eq!(counts(), (1, 2), "(sends, status queries)");
+        assert!(claim(&state.pix_runtime, &id).is_some(), "the claim is given up");
+        drop(state);
+        Arc::try_unwrap(store).ok().expect("the test holds the store's last reference").close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// The creator of an off-us payment gets its claim once the twin holding it lets go, and not
     /// while it holds on.
