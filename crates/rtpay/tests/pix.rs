@@ -717,6 +717,72 @@ fn twin_off_us_payments_are_sent_by_the_request_that_created_them() {
     assert!(ok, "{report}");
 }
 
+/// One payment id sent at once with two bodies (amounts 100 and 200, twice each), over two HTTP
+/// threads, many times, by a payer without limits (no per-payer lock: the requests race to the
+/// writer): one request creates the payment (201); its twins answer it (200); the others are
+/// refused (409) and change nothing, neither the money nor the payment as stored (before, a loser
+/// that reached the writer in the same batch overwrote the payment's document as `rejected` and
+/// answered 201).
+#[test]
+fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_refused() {
+    let rt = runtime();
+    let dir = temp_dir("pix-id-bodies");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--http-threads", "2"]);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let payer = party(&mut c, &key, "company", "ACME", CNPJ_ACME, 1_000_000).await;
+        let limits = json!({"per_transaction": null, "daily": null, "nightly": null, "night_per_transaction": null});
+        let path = format!("/v1/holders/{}/pix-limits", payer.holder);
+        let r =
+            c.send(Method::PUT, &path, Some(&key), Some(serde_json::to_vec(&limits).unwrap().into())).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        let payee = party(&mut c, &key, "person", "João", CPF_OTHER, 0).await;
+        assert_eq!(register(&mut c, &payee, "cpf", Some(CPF_OTHER)).await.status, 201);
+        let mut moved = 0;
+        for round in 0..30 {
+            let id = uuid();
+            let tasks: Vec<_> = [100, 200, 100, 200]
+                .into_iter()
+                .map(|amount| {
+                    let body = json!({"id": id, "debit_account_id": payer.account, "amount": amount, "key": CPF_OTHER});
+                    let (addr, key) = (server.addr, key.clone());
+                    tokio::spawn(async move {
+                        let r = rtpay::client::Client::new(addr).post("/v1/pix/payments", &key, &body).await.unwrap();
+                        (amount, r.status.as_u16(), r.json())
+                    })
+                })
+                .collect();
+            let mut answers = Vec::new();
+            for t in tasks {
+                answers.push(t.await.unwrap());
+            }
+            let created: Vec<_> = answers.iter().filter(|(_, status, _)| *status == 201).collect();
+            assert_eq!(created.len(), 1, "round {round}: {answers:?}");
+            let (amount, _, body) = created[0];
+            assert_eq!(
+                (body["status"].clone(), body["amount"].clone()),
+                (json!("completed"), json!(amount)),
+                "round {round}"
+            );
+            for (a, status, answer) in &answers {
+                match (a == amount, status) {
+                    (true, 200 | 201) => assert_eq!(answer, body, "round {round}: a twin answers the payment"),
+                    (false, 409) => assert_eq!(answer["code"], json!("exists_with_different_fields"), "round {round}"),
+                    _ => panic!("round {round}: {answers:?}"),
+                }
+            }
+            let stored = c.get(&format!("/v1/pix/payments/{id}"), &key).await.unwrap().json();
+            assert_eq!(&stored, body, "round {round}: the payment as stored");
+            moved += amount;
+        }
+        assert_eq!(available(&mut c, &payee).await, moved, "each payment moved once, with its creator's amount");
+        assert_eq!(available(&mut c, &payer).await, 1_000_000 - moved);
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// An answer that does not come in time is not a rejection: the SPI may have paid. The node asks
 /// the SPI's status once its time-out passes and records what the SPI did (here: accepted, so the
 /// hold is posted, where before the payment was rejected with AB03 and the payer given back money

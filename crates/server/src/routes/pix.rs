@@ -1144,12 +1144,20 @@ pub async fn create_payment(
                     }
                     Ok(reply(StatusCode::CREATED, &view))
                 }
-                // A concurrent twin created it: answer what it stored.
+                // A concurrent twin created it: answer what it stored, if this request is its twin.
                 (_, false) => {
                     let doc = query(&state, move |q| q.document(PAYMENT_KIND, tenant_id, &id)).await?;
                     let stored: StoredPayment = doc
                         .and_then(|d| serde_json::from_str(&d.body).ok())
                         .ok_or_else(|| Problem::unavailable("the payment is being recorded; retry", 1))?;
+                    if stored.fingerprint != print {
+                        return Err(Problem::new(
+                            StatusCode::CONFLICT,
+                            "exists_with_different_fields",
+                            "a payment with this id exists with different fields",
+                        )
+                        .field("id"));
+                    }
                     Ok(reply(StatusCode::OK, &stored.view))
                 }
             }
