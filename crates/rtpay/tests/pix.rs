@@ -632,7 +632,7 @@ fn off_us_payments_through_the_sandbox_spi() {
         None,
         "127.0.0.1:0",
         true,
-        &["--ispb", ISPB, "--spi-timeout-percent", "100", "--spi-timeout-ms", "200"],
+        &["--ispb", ISPB, "--spi-timeout-percent", "100", "--spi-timeout-ms", "1000"],
     );
     rt.block_on(async {
         let mut c = server.client();
@@ -645,7 +645,7 @@ fn off_us_payments_through_the_sandbox_spi() {
             assert_eq!(r.status, 201, "payment {n}: {:?}", r.json());
             sent.push(pay["id"].as_str().unwrap().to_owned());
         }
-        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(2_000)).await;
         let r = c.post("/v1/pix/payments", &key, &off_us(&maria.account, 1_000)).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (503, json!("unavailable")), "{:?}", r.json());
         assert!(r.headers.contains_key("retry-after"));
@@ -718,11 +718,12 @@ fn twin_off_us_payments_are_sent_by_the_request_that_created_them() {
 }
 
 /// One payment id sent at once with two bodies (amounts 100 and 200, twice each), over two HTTP
-/// threads, many times, by a payer without limits (no per-payer lock: the requests race to the
-/// writer): one request creates the payment (201); its twins answer it (200); the others are
-/// refused (409) and change nothing, neither the money nor the payment as stored (before, a loser
-/// that reached the writer in the same batch overwrote the payment's document as `rejected` and
-/// answered 201).
+/// threads, many times, by a payer without daily limits (no per-payer lock: the requests race to
+/// the writer), first with no limit at all, then with a limit per payment of 150 (the body of 200
+/// is refused, and its refusal is stored as the payment if it commits first): one request creates
+/// the payment (201); its twins answer it (200); the others are refused (409) and change nothing,
+/// neither the money nor the payment as stored (before, a loser that reached the writer in the
+/// same batch overwrote the payment's document as `rejected` and answered 201).
 #[test]
 fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_refused() {
     let rt = runtime();
@@ -732,15 +733,19 @@ fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_ref
         let mut c = server.client();
         let (_, key) = tenant(&mut c, "t").await;
         let payer = party(&mut c, &key, "company", "ACME", CNPJ_ACME, 1_000_000).await;
-        let limits = json!({"per_transaction": null, "daily": null, "nightly": null, "night_per_transaction": null});
-        let path = format!("/v1/holders/{}/pix-limits", payer.holder);
-        let r =
-            c.send(Method::PUT, &path, Some(&key), Some(serde_json::to_vec(&limits).unwrap().into())).await.unwrap();
-        assert_eq!(r.status, 200, "{:?}", r.json());
         let payee = party(&mut c, &key, "person", "João", CPF_OTHER, 0).await;
         assert_eq!(register(&mut c, &payee, "cpf", Some(CPF_OTHER)).await.status, 201);
         let mut moved = 0;
-        for round in 0..30 {
+        for round in 0..60 {
+            if round % 30 == 0 {
+                let per_transaction = if round == 0 { Value::Null } else { json!(150) };
+                let limits = json!({"per_transaction": per_transaction, "daily": null, "nightly": null,
+                    "night_per_transaction": null});
+                let path = format!("/v1/holders/{}/pix-limits", payer.holder);
+                let body = Some(serde_json::to_vec(&limits).unwrap().into());
+                let r = c.send(Method::PUT, &path, Some(&key), body).await.unwrap();
+                assert_eq!(r.status, 200, "{:?}", r.json());
+            }
             let id = uuid();
             let tasks: Vec<_> = [100, 200, 100, 200]
                 .into_iter()
@@ -760,11 +765,11 @@ fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_ref
             let created: Vec<_> = answers.iter().filter(|(_, status, _)| *status == 201).collect();
             assert_eq!(created.len(), 1, "round {round}: {answers:?}");
             let (amount, _, body) = created[0];
-            assert_eq!(
-                (body["status"].clone(), body["amount"].clone()),
-                (json!("completed"), json!(amount)),
-                "round {round}"
-            );
+            let refused = round >= 30 && *amount == 200;
+            let expected =
+                if refused { (json!("rejected"), json!("limit_exceeded")) } else { (json!("completed"), Value::Null) };
+            assert_eq!((body["status"].clone(), body["reason"].clone()), expected, "round {round}: {body}");
+            assert_eq!(body["amount"], json!(amount), "round {round}");
             for (a, status, answer) in &answers {
                 match (a == amount, status) {
                     (true, 200 | 201) => assert_eq!(answer, body, "round {round}: a twin answers the payment"),
@@ -774,7 +779,9 @@ fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_ref
             }
             let stored = c.get(&format!("/v1/pix/payments/{id}"), &key).await.unwrap().json();
             assert_eq!(&stored, body, "round {round}: the payment as stored");
-            moved += amount;
+            if !refused {
+                moved += amount;
+            }
         }
         assert_eq!(available(&mut c, &payee).await, moved, "each payment moved once, with its creator's amount");
         assert_eq!(available(&mut c, &payer).await, 1_000_000 - moved);

@@ -791,15 +791,39 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
         in_batch(result).1
     });
     let command = if events.is_empty() { store::Command::Audit(vec![]) } else { store::Command::Transfers(events) };
-    // A charge is paid once, across every node: its document must be as read when this commits;
-    // and the payer's running totals must still leave room for it.
-    let guards = p.concludes.iter().map(store::Guard::of).chain(p.limit_guards.iter().cloned()).collect();
+    // The payment's id is new: its document must still be absent when this commits (a request
+    // with the same id, on this node or another, may have committed since this one read), so that
+    // no request overwrites another's payment, whatever each concluded. A charge is paid once,
+    // across every node: its document must be as read when this commits; and the payer's running
+    // totals must still leave room for it.
+    let absent = store::Guard::Document {
+        kind: PAYMENT_KIND.into(),
+        tenant_id: payer_tenant,
+        id: payment_id.clone(),
+        version: 0,
+    };
+    let guards = std::iter::once(absent)
+        .chain(p.concludes.iter().map(store::Guard::of))
+        .chain(p.limit_guards.iter().cloned())
+        .collect();
     // An off-us payment is this node's to settle from before its commit, so that no sweep of this
     // node asks the SPI about it while it is being sent. Of twin requests, the one whose commit
     // creates the payment sends it: if a twin claimed it first, that twin's commit did not create
     // it, and the creator takes the claim over when the twin lets go (`take_over`).
     let claimed = if off_us && !is_refused { claim(&state.pix_runtime, &payment_id) } else { None };
-    let reply = crate::routes::submit_guarded(state, audit, command, Some(records), guards).await?;
+    let reply = match crate::routes::submit_guarded(state, audit, command, Some(records), guards).await {
+        Ok(reply) => reply,
+        Err(problem) => {
+            // Another request committed this payment id first (a twin, or one with another
+            // body): this one changed nothing, and the caller answers what that one stored.
+            let id = payment_id.clone();
+            let stored = crate::routes::query(state, move |q| q.document(PAYMENT_KIND, payer_tenant, &id)).await;
+            return match stored {
+                Ok(Some(_)) => Ok((expected_view, false)),
+                _ => Err(problem),
+            };
+        }
+    };
     let result = reply.chain_result();
     let view = if is_refused || result == TransferResult::Created { expected_view } else { conclude(result).0 };
     if result == TransferResult::Created && !is_refused {
@@ -885,13 +909,16 @@ struct InFlight {
 /// rejected, AB03).
 async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer, claimed: Claim) {
     let connector = state.pix_runtime.connector.clone();
-    if store::now_nanos() >= p.at.saturating_add(state.pix.spi_timeout.as_nanos() as u64) {
+    let now = store::now_nanos();
+    if now >= p.at.saturating_add(state.pix.spi_timeout.as_nanos() as u64) {
         tracing::warn!("an off-us payment was not sent within its SPI time-out; settling it from its status");
         settle_from_status(&state, p).await;
         drop(claimed);
         return;
     }
-    match tokio::time::timeout(state.pix.spi_timeout, connector.send(transfer)).await {
+    // The send ends with the window: a connector writes nothing once its future is dropped.
+    let window = std::time::Duration::from_nanos(p.at.saturating_add(state.pix.spi_timeout.as_nanos() as u64) - now);
+    match tokio::time::timeout(window.min(state.pix.spi_timeout), connector.send(transfer)).await {
         Ok(Ok(verdict)) => {
             state.pix_runtime.breaker.lock().expect("not poisoned").success();
             record_verdict(&state, p, verdict).await;
@@ -1118,7 +1145,7 @@ mod tests {
     use super::*;
 
     /// A connector that counts what it is asked: every send fails at once, every status query
-    /// answers "in process" (so nothing is recorded).
+    /// answers "never received".
     #[derive(Default)]
     struct Counting {
         sends: std::sync::atomic::AtomicU32,
@@ -1132,12 +1159,14 @@ mod tests {
         }
         fn status(&self, _: &str) -> crate::spi::StatusFuture {
             self.queries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Ok(crate::spi::Found::InProcess) })
+            Box::pin(async { Ok(crate::spi::Found::Unknown) })
         }
     }
 
     /// A payment is sent only within its SPI time-out from its time; past it, its status is asked
-    /// instead. A failed send is followed by a status query, not taken as a rejection.
+    /// instead. A failed send is followed by a status query, not taken as a rejection, and "never
+    /// received" is not final before the payment is due for a sweep: nothing is recorded (no
+    /// payment document exists here, so recording would fail and retry for seconds).
     #[tokio::test]
     async fn an_off_us_payment_is_sent_only_within_its_time_out_and_a_failed_send_asks_the_status() {
         let dir = std::env::temp_dir().join(format!("rtpay-send-window-{}-{}", std::process::id(), store::now_nanos()));
@@ -1181,12 +1210,15 @@ mod tests {
         // Committed 2 s ago, past its 1 s time-out: never sent, asked about.
         let (id, p, transfer) = payment(1, store::now_nanos() - 2_000_000_000);
         let claimed = claim(&state.pix_runtime, &id).unwrap();
-        settle_off_us(state.clone(), p, transfer, claimed).await;
+        let quick = std::time::Duration::from_millis(500);
+        let settled = tokio::time::timeout(quick, settle_off_us(state.clone(), p, transfer, claimed)).await;
+        assert!(settled.is_ok(), "nothing recorded");
         assert_eq!(counts(), (0, 1), "(sends, status queries)");
         // Committed now: sent; the send fails, so the SPI is asked.
         let (id, p, transfer) = payment(2, store::now_nanos());
         let claimed = claim(&state.pix_runtime, &id).unwrap();
-        settle_off_us(state.clone(), p, transfer, claimed).await;
+        let settled = tokio::time::timeout(quick, settle_off_us(state.clone(), p, transfer, claimed)).await;
+        assert!(settled.is_ok(), "nothing recorded");
         assert_eq!(counts(), (1, 2), "(sends, status queries)");
         assert!(claim(&state.pix_runtime, &id).is_some(), "the claim is given up");
         drop(state);

@@ -30,7 +30,9 @@ pub type StatusFuture = Pin<Box<dyn Future<Output = Result<Found, SpiError>> + S
 
 pub trait SpiConnector: Send + Sync {
     /// Sends a pacs.008 and resolves with the pacs.002 verdict. It may never resolve (a lost
-    /// message): the caller bounds it with its time-out.
+    /// message): the caller bounds it with its time-out. Once the future is dropped, the
+    /// connector must not write the message any more (the caller then asks its status, and a
+    /// sweep may release its hold on "never received").
     fn send(&self, transfer: CreditTransfer) -> SpiFuture;
 
     /// Asks the SPI what became of the payment `end_to_end_id` (a status query, pacs.028): how a
