@@ -54,6 +54,13 @@ async fn register(c: &mut rtpay::client::Client, p: &Party, kind: &str, key: Opt
     c.post("/v1/pix/keys", &p.key, &body).await.unwrap()
 }
 
+/// Sets a holder's Pix limits (`PUT /v1/holders/{id}/pix-limits`).
+async fn set_limits(c: &mut rtpay::client::Client, key: &str, p: &Party, limits: Value) {
+    let path = format!("/v1/holders/{}/pix-limits", p.holder);
+    let r = c.send(Method::PUT, &path, Some(key), Some(serde_json::to_vec(&limits).unwrap().into())).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+}
+
 async fn available(c: &mut rtpay::client::Client, p: &Party) -> i64 {
     balance(c, &p.key, &p.account).await["available"].as_i64().unwrap()
 }
@@ -690,11 +697,8 @@ fn twin_off_us_payments_are_sent_by_the_request_that_created_them() {
         let maria = party(&mut c, &key, "company", "ACME", CNPJ_ACME, 100_000).await;
         // No limits: a payer whose totals are not counted pays without the per-payer lock, so
         // twins race each other to the writer.
-        let limits = json!({"per_transaction": null, "daily": null, "nightly": null, "night_per_transaction": null});
-        let path = format!("/v1/holders/{}/pix-limits", maria.holder);
-        let r =
-            c.send(Method::PUT, &path, Some(&key), Some(serde_json::to_vec(&limits).unwrap().into())).await.unwrap();
-        assert_eq!(r.status, 200, "{:?}", r.json());
+        let none = json!({"per_transaction": null, "daily": null, "nightly": null, "night_per_transaction": null});
+        set_limits(&mut c, &key, &maria, none).await;
         const ROUNDS: i64 = 30;
         for round in 0..ROUNDS {
             let pay = off_us(&maria.account, 100);
@@ -741,10 +745,7 @@ fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_ref
                 let per_transaction = if round == 0 { Value::Null } else { json!(150) };
                 let limits = json!({"per_transaction": per_transaction, "daily": null, "nightly": null,
                     "night_per_transaction": null});
-                let path = format!("/v1/holders/{}/pix-limits", payer.holder);
-                let body = Some(serde_json::to_vec(&limits).unwrap().into());
-                let r = c.send(Method::PUT, &path, Some(&key), body).await.unwrap();
-                assert_eq!(r.status, 200, "{:?}", r.json());
+                set_limits(&mut c, &key, &payer, limits).await;
             }
             let id = uuid();
             let tasks: Vec<_> = [100, 200, 100, 200]
@@ -851,9 +852,7 @@ fn off_us_payments_in_flight_at_a_crash_are_settled_from_the_spi_after_the_resta
                 let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
                 // A day's limit of one payment's amount: a rejection must give it back.
                 let limits = json!({"per_transaction": null, "daily": 30_000, "nightly": 30_000, "night_per_transaction": 30_000});
-                let path = format!("/v1/holders/{}/pix-limits", maria.holder);
-                let r = c.send(Method::PUT, &path, Some(&key), Some(serde_json::to_vec(&limits).unwrap().into())).await.unwrap();
-                assert_eq!(r.status, 200, "{:?}", r.json());
+                set_limits(&mut c, &key, &maria, limits).await;
                 let pay = off_us(&maria.account, 30_000);
                 let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
                 assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("processing")), "{:?}", r.json());

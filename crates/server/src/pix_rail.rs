@@ -1175,14 +1175,7 @@ mod tests {
         let mut state = AppState::new(store.clone(), crate::auth::Keys::new([9; 32], "op"), Vec::new())
             .with_pix(PixSettings { spi_timeout: std::time::Duration::from_secs(1), ..PixSettings::default() });
         state.shared_mut().pix_runtime = Arc::new(PixRuntime::new(connector.clone()));
-        let party = pix::spi::Party {
-            ispb: "60701190".into(),
-            branch: "0001".into(),
-            account: "123456".into(),
-            account_type: "CACC".into(),
-            document: String::new(),
-            name: "X".into(),
-        };
+        let party = crate::spi::tests::party();
         let payment = |n: u128, at: u64| {
             let id = uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | n).to_string();
             let e2e = format!("E9999999920261205{n:015}");

@@ -103,7 +103,7 @@ impl SpiConnector for Simulator {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The fate follows the EndToEndId: a status query agrees with what sending gave, and the
@@ -138,7 +138,8 @@ mod tests {
         assert!((140..=260).contains(&lost), "{lost} lost of 1000 (20 %)");
     }
 
-    fn party() -> pix::spi::Party {
+    /// A party the SPI takes (for tests of the rail too).
+    pub(crate) fn party() -> pix::spi::Party {
         pix::spi::Party {
             ispb: "60701190".into(),
             branch: "0001".into(),
