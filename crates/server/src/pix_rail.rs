@@ -722,10 +722,8 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 view.reason = Some(reason.clone());
                 view.reason_detail = Some(detail.clone());
             }
-            // A twin request created it first: it wrote the documents. With different fields (a
-            // twin with another body, or one committed by an older rtpay that gave holds a
-            // time-out), too: writing this payment's document would overwrite that one's.
-            (None, TransferResult::Exists | TransferResult::ExistsWithDifferentFields) => return (view, records),
+            // A twin request created it first: it wrote the documents.
+            (None, TransferResult::Exists) => return (view, records),
             (None, TransferResult::Created) => {
                 view.status = if off_us { "processing" } else { "completed" }.into();
                 records.push(store::Record::Count { scope: day_scope.clone(), period: day, delta: amount as i64 });
@@ -865,8 +863,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             });
         }
     }
-    let twin = !is_refused && matches!(result, TransferResult::Exists | TransferResult::ExistsWithDifferentFields);
-    Ok((view, !twin))
+    Ok((view, result != TransferResult::Exists || is_refused))
 }
 
 pub fn received_document(tenant: u128, at: u64, received: &StoredReceived) -> store::Record {

@@ -976,12 +976,7 @@ pub async fn create_payment(
                 let stored: StoredPayment = serde_json::from_str(&doc.body)
                     .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
                 if stored.fingerprint != print2 {
-                    return Ok(Err(Problem::new(
-                        StatusCode::CONFLICT,
-                        "exists_with_different_fields",
-                        "a payment with this id exists with different fields",
-                    )
-                    .field("id")));
+                    return Ok(Err(payment_exists_with_different_fields()));
                 }
                 return Ok(Ok(Err(stored.view)));
             }
@@ -1151,18 +1146,23 @@ pub async fn create_payment(
                         .and_then(|d| serde_json::from_str(&d.body).ok())
                         .ok_or_else(|| Problem::unavailable("the payment is being recorded; retry", 1))?;
                     if stored.fingerprint != print {
-                        return Err(Problem::new(
-                            StatusCode::CONFLICT,
-                            "exists_with_different_fields",
-                            "a payment with this id exists with different fields",
-                        )
-                        .field("id"));
+                        return Err(payment_exists_with_different_fields());
                     }
                     Ok(reply(StatusCode::OK, &stored.view))
                 }
             }
         }
     }
+}
+
+/// A payment id already taken by a payment with another body.
+fn payment_exists_with_different_fields() -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "exists_with_different_fields",
+        "a payment with this id exists with different fields",
+    )
+    .field("id")
 }
 
 #[utoipa::path(get, path = "/v1/pix/payments/{id}", tag = "pix", params(("id" = String, Path)),
