@@ -3,7 +3,7 @@
 //! the 8-character ISPB, `yyyyMMddHHmm` in UTC and 11 alphanumerics; since API Pix 2.9.0 an ISPB
 //! may be alphanumeric. A cob's txid is `[a-zA-Z0-9]{26,35}`, a refund id `[a-zA-Z0-9]{1,35}`.
 
-use ledger::time::{civil_date, civil_time};
+use ledger::time::{civil_date, civil_time, nanos_of_date};
 use ledger::Timestamp;
 
 pub const ISPB_LEN: usize = 8;
@@ -59,6 +59,23 @@ pub fn end_to_end_id(prefix: char, ispb: &str, at: Timestamp, random: [u8; E2E_R
     format!("{prefix}{ispb}{y:04}{mo:02}{d:02}{h:02}{mi:02}{tail}")
 }
 
+/// When an EndToEndId says it was made, to the microsecond for the ids [`end_to_end_id`] makes
+/// (the minute, then the five letters and digits of the microsecond within it); to the minute for
+/// another institution's, whose tail is its own. `None`: not an EndToEndId.
+pub fn end_to_end_time(text: &str) -> Option<Timestamp> {
+    let prefix = text.chars().next()?;
+    if !valid_end_to_end_id(prefix, text) {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| text[r].parse::<u64>().ok();
+    let (y, mo, d, h, mi) = (num(9..13)?, num(13..15)?, num(15..17)?, num(17..19)?, num(19..21)?);
+    let minute = nanos_of_date(y as i64, mo as i64, d as i64) + (h * 3600 + mi * 60) * 1_000_000_000;
+    let micros = text.as_bytes()[21..21 + E2E_TIME_CHARS]
+        .iter()
+        .try_fold(0u64, |n, &c| Some(n * 62 + ALNUM.iter().position(|&a| a == c)? as u64))?;
+    Some(if micros < 60_000_000 { minute + micros * 1_000 } else { minute })
+}
+
 /// Whether `text` is an EndToEndId with `prefix`: 32 characters, a valid ISPB, a plausible UTC
 /// date and time, 11 letters or digits.
 pub fn valid_end_to_end_id(prefix: char, text: &str) -> bool {
@@ -91,6 +108,10 @@ mod tests {
         assert_eq!(&id[..21], "E12345678202611241305");
         assert_eq!(&id[21..], "0pnfq0z07ac");
         assert!(valid_end_to_end_id('E', &id));
+        assert_eq!(end_to_end_time(&id), Some(at + 12_345_678_000), "to the microsecond");
+        // Another institution's tail: the minute.
+        assert_eq!(end_to_end_time("E6070119020261124130599zzzzzzzzz"), Some(at));
+        assert_eq!(end_to_end_time("E607011902026112413"), None);
         assert!(!valid_end_to_end_id('D', &id));
         assert!(!valid_end_to_end_id('E', &id[..31]));
         assert!(valid_end_to_end_id('E', "E9999999920240101000011111111111"));

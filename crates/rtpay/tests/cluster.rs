@@ -310,15 +310,15 @@ fn postgres_outage_answers_503_then_recovers_losing_nothing() {
 
 /// An off-us Pix whose node is killed while the SPI has it: the other node, once the payment's SPI
 /// time-out and the sweep's margin have passed, asks the SPI what became of it and records the
-/// verdict, the hold posted. (Had its node lived, it would have given up on the SPI after the
-/// time-out and voided the hold.)
+/// verdict, the hold posted.
 #[test]
 fn an_off_us_pix_left_in_flight_by_a_dead_node_is_settled_by_another() {
     const ISPB: &str = "12345678";
     let url = store::testing::fresh_postgres_database();
     let (dir_a, dir_b) = (temp_dir("spi-node-a"), temp_dir("spi-node-b"));
-    // The SPI answers after an hour: the payment is in flight when its node is killed.
-    let args = ["--ispb", ISPB, "--spi-latency-ms", "3600000", "--spi-timeout-ms", "1000"];
+    // The SPI answers after 3 s, past the 1 s time-out: the payment is in flight when its node is
+    // killed, and settled when a sweep asks, 6 s after it was made.
+    let args = ["--ispb", ISPB, "--spi-latency-ms", "3000", "--spi-timeout-ms", "1000"];
     let mut a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, &args);
     for file in ["kek", "index-key", "audit-signing-key"] {
         std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();

@@ -791,16 +791,17 @@ fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_ref
     assert!(ok, "{report}");
 }
 
-/// An answer that does not come in time is not a rejection: the SPI may have paid. The node asks
-/// the SPI's status once its time-out passes and records what the SPI did (here: accepted, so the
-/// hold is posted, where before the payment was rejected with AB03 and the payer given back money
-/// the SPI had paid out). Until then the hold has no time-out of its own: nothing but a verdict
-/// releases it.
+/// An answer that does not come in time is not a rejection: the SPI may have paid. The SPI takes
+/// 2 s here and the time-out is 300 ms: asked at the time-out, the SPI says it is still processing
+/// the payment, so it stays `processing`, its money held; a sweep asks again once the payment is
+/// due (5 s past its time-out) and records what the SPI did, accepted: the hold is posted (before,
+/// the payment was rejected with AB03 at the time-out and the payer given back money the SPI paid
+/// out). The hold has no time-out of its own: nothing but a verdict releases it.
 #[test]
 fn an_off_us_payment_answered_too_late_is_settled_from_the_spi_status() {
     let rt = runtime();
     let dir = temp_dir("pix-spi-late");
-    let args = ["--ispb", ISPB, "--spi-latency-ms", "3600000", "--spi-timeout-ms", "300"];
+    let args = ["--ispb", ISPB, "--spi-latency-ms", "2000", "--spi-timeout-ms", "300"];
     let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &args);
     rt.block_on(async {
         let mut c = server.client();
@@ -819,7 +820,12 @@ fn an_off_us_payment_answered_too_late_is_settled_from_the_spi_status() {
             (json!(30_000), json!(0), Value::Null),
             "the hold never expires: {listed}"
         );
-        let done = settled(&mut c, &key, pay["id"].as_str().unwrap()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+        let id = pay["id"].as_str().unwrap();
+        let waiting = c.get(&format!("/v1/pix/payments/{id}"), &key).await.unwrap().json();
+        assert_eq!(waiting["status"], json!("processing"), "the SPI is still processing it: {waiting}");
+        assert_eq!(balance(&mut c, &key, &maria.account).await["debits_pending"], json!(30_000), "held");
+        let done = settled_within(&mut c, &key, id, std::time::Duration::from_secs(15)).await;
         assert_eq!((done["status"].clone(), done["reason"].clone()), (json!("completed"), Value::Null), "{done}");
         let b = balance(&mut c, &key, &maria.account).await;
         assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(30_000)));
@@ -842,9 +848,10 @@ fn off_us_payments_in_flight_at_a_crash_are_settled_from_the_spi_after_the_resta
             ("rejected", Some("AB03"), &["--spi-timeout-percent", "100"][..]),
         ] {
             let dir = temp_dir("pix-spi-crash");
-            // The SPI answers after an hour: the payment is in flight when the node is killed.
+            // The SPI answers after 3 s, past the 1 s time-out: the payment is in flight when the
+            // node is killed, and settled when a sweep asks, 6 s after it was made.
             let mut args: Vec<&str> = args.to_vec();
-            args.extend(["--ispb", ISPB, "--spi-latency-ms", "3600000", "--spi-timeout-ms", "1000"]);
+            args.extend(["--ispb", ISPB, "--spi-latency-ms", "3000", "--spi-timeout-ms", "1000"]);
             let mut server = Server::start_with_args(&dir, postgres.as_deref(), "127.0.0.1:0", true, &args);
             let (key, maria, pay) = rt.block_on(async {
                 let mut c = server.client();

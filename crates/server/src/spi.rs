@@ -64,7 +64,8 @@ impl Default for SimulatorSettings {
 /// A payment's fate is a function of its EndToEndId, as a real SPI's record of it would be: a
 /// status query gives the verdict the payment got (or would get), also after rtpay restarted, and
 /// [`Found::Unknown`] for a payment it loses. The simulator keeps nothing, so it takes every
-/// payment asked about as sent (and answered: never [`Found::InProcess`]).
+/// payment asked about as sent when its EndToEndId was made (the time the id carries), and
+/// answers [`Found::InProcess`] until its latency has passed since then.
 pub struct Simulator(pub SimulatorSettings);
 
 impl Simulator {
@@ -97,7 +98,13 @@ impl SpiConnector for Simulator {
     }
 
     fn status(&self, end_to_end_id: &str) -> StatusFuture {
-        let found = self.fate(end_to_end_id).map_or(Found::Unknown, Found::Settled);
+        let answered_at =
+            pix::ids::end_to_end_time(end_to_end_id).map(|made| made.saturating_add(self.0.latency.as_nanos() as u64));
+        let found = match self.fate(end_to_end_id) {
+            None => Found::Unknown,
+            Some(_) if answered_at.is_some_and(|at| store::now_nanos() < at) => Found::InProcess,
+            Some(verdict) => Found::Settled(verdict),
+        };
         Box::pin(async move { Ok(found) })
     }
 }
