@@ -683,8 +683,7 @@ fn off_us_payments_through_the_sandbox_spi() {
 
 /// The same off-us payment of a payer without limits sent four times at once, over two HTTP
 /// threads, many times: one request creates it (201), the others answer it (200), and it is held
-/// once and settled at once (a twin that claimed it first and did not create it hands it over:
-/// `pix_rail::take_over`; the window for that is too narrow to hit on purpose here).
+/// once and settled at once, sent by the request whose commit created it.
 #[test]
 fn twin_off_us_payments_are_sent_by_the_request_that_created_them() {
     let rt = runtime();

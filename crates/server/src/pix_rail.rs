@@ -120,28 +120,6 @@ fn claim(runtime: &Arc<PixRuntime>, id: &str) -> Option<Claim> {
     fresh.then(|| Claim { runtime: runtime.clone(), id: id.to_owned() })
 }
 
-/// Claims `id` as soon as the task holding it lets go, within `within`: how the request whose
-/// commit created an off-us payment takes it over from a twin request that claimed it first
-/// (that twin's commit did not create it, so it will not send it, and lets go when it ends).
-/// `None` past `within`: a sweep settles the payment.
-async fn take_over(runtime: &Arc<PixRuntime>, id: &str, within: std::time::Duration) -> Option<Claim> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(claimed) = claim(runtime, id) {
-            return Some(claimed);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!("an off-us payment stayed claimed by another task; a sweep will settle it");
-            return None;
-        }
-        tokio::time::sleep(TAKE_OVER_POLL).await;
-    }
-}
-
-/// How often [`take_over`] looks again: a twin lets go when its request ends, within a
-/// millisecond or so of the creator's commit.
-const TAKE_OVER_POLL: std::time::Duration = std::time::Duration::from_millis(1);
-
 impl PixRuntime {
     pub fn new(connector: Arc<dyn crate::spi::SpiConnector>) -> PixRuntime {
         PixRuntime {
@@ -804,11 +782,6 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
         .chain(p.concludes.iter().map(store::Guard::of))
         .chain(p.limit_guards.iter().cloned())
         .collect();
-    // An off-us payment is this node's to settle from before its commit, so that no sweep of this
-    // node asks the SPI about it while it is being sent. Of twin requests, the one whose commit
-    // creates the payment sends it: if a twin claimed it first, that twin's commit did not create
-    // it, and the creator takes the claim over when the twin lets go (`take_over`).
-    let claimed = if off_us && !is_refused { claim(&state.pix_runtime, &payment_id) } else { None };
     let reply = match crate::routes::submit_guarded(state, audit, command, Some(records), guards).await {
         Ok(reply) => reply,
         Err(problem) => {
@@ -851,16 +824,15 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 view: view.clone(),
                 fingerprint: p.fingerprint,
             };
-            let (state, runtime) = (state.clone(), state.pix_runtime.clone());
-            tokio::spawn(async move {
-                let claimed = match claimed {
-                    Some(claimed) => Some(claimed),
-                    None => take_over(&runtime, &payment_id, state.pix.spi_timeout).await,
-                };
-                if let Some(claimed) = claimed {
-                    settle_off_us(state, in_flight, transfer, claimed).await;
+            // Of twin requests, the one whose commit created the payment sends it, claiming it for
+            // this node at once. A sweep of this node could hold it only once it is due, past the
+            // window in which it may be sent (see `settle_off_us`): then the sweep settles it.
+            match claim(&state.pix_runtime, &payment_id) {
+                Some(claimed) => drop(tokio::spawn(settle_off_us(state.clone(), in_flight, transfer, claimed))),
+                None => {
+                    tracing::warn!("an off-us payment was claimed by a sweep before it was sent; the sweep settles it")
                 }
-            });
+            }
         }
     }
     Ok((view, result != TransferResult::Exists || is_refused))
@@ -1214,26 +1186,6 @@ mod tests {
         drop(state);
         Arc::try_unwrap(store).ok().expect("the test holds the store's last reference").close();
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// The creator of an off-us payment gets its claim once the twin holding it lets go, and not
-    /// while it holds on.
-    #[tokio::test]
-    async fn a_claim_is_taken_over_when_its_holder_lets_go_and_not_before() {
-        let runtime = Arc::new(PixRuntime::new(Arc::new(crate::spi::Simulator(Default::default()))));
-        let twin = claim(&runtime, "p1").expect("free");
-        assert!(claim(&runtime, "p1").is_none(), "one claim at a time");
-        let held = take_over(&runtime, "p1", std::time::Duration::from_millis(30)).await;
-        assert!(held.is_none(), "taken while the twin held it");
-        let letting_go = tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            drop(twin);
-        });
-        let taken = take_over(&runtime, "p1", std::time::Duration::from_secs(5)).await.expect("taken over");
-        letting_go.await.unwrap();
-        assert!(claim(&runtime, "p1").is_none(), "the creator holds it now");
-        drop(taken);
-        assert!(claim(&runtime, "p1").is_some(), "free again once the creator lets go");
     }
 
     /// What reads of an off-us payment still `processing` show: what the ledger did with its hold,
