@@ -551,7 +551,13 @@ struct Run {
     latencies_us: Vec<u32>,
     errors: u64,
     elapsed: Duration,
+    /// Open loops only: each slow request's scheduled time (ms since the start) and latency (µs),
+    /// to tell one stall from a spread-out tail.
+    slow: Vec<(u32, u32)>,
 }
+
+/// An open loop's request slower than this is kept in [`Run::slow`]: the HTTP bar's p99.
+const SLOW_US: u32 = 10_000;
 
 impl Run {
     fn rate(&self) -> f64 {
@@ -564,6 +570,36 @@ impl Run {
         self.latencies_us.sort_unstable();
         let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
         f64::from(self.latencies_us[i]) / 1000.0
+    }
+
+    /// Where an open loop's slow requests were: their count, and the three 100 ms stretches that
+    /// held most of them, each with its count and worst latency.
+    fn stalls(&mut self) -> String {
+        if self.slow.is_empty() {
+            return format!("no request over {} ms", SLOW_US / 1000);
+        }
+        let mut stretches: std::collections::BTreeMap<u32, (usize, u32)> = Default::default();
+        for &(at_ms, latency_us) in &self.slow {
+            let stretch = stretches.entry(at_ms / 100).or_default();
+            stretch.0 += 1;
+            stretch.1 = stretch.1.max(latency_us);
+        }
+        let mut worst: Vec<_> = stretches.into_iter().collect();
+        worst.sort_by_key(|&(_, (count, _))| std::cmp::Reverse(count));
+        let list: Vec<String> = worst
+            .iter()
+            .take(3)
+            .map(|(at, (count, max_us))| {
+                format!("{count} sent at {:.1} s (worst {:.1} ms)", f64::from(*at) / 10.0, f64::from(*max_us) / 1000.0)
+            })
+            .collect();
+        format!(
+            "{} requests over {} ms, in {} stretches of 100 ms; most: {}",
+            self.slow.len(),
+            SLOW_US / 1000,
+            worst.len(),
+            list.join(", ")
+        )
     }
 }
 
@@ -630,7 +666,13 @@ async fn open_loop(target: &Target, connections: usize, rate: f64, duration: Dur
                 tokio::time::sleep_until(scheduled.into()).await;
                 n += 1;
                 match client.send(Method::POST, path, Some(&token), Some(body(n))).await {
-                    Ok(r) if r.status.is_success() => run.latencies_us.push(scheduled.elapsed().as_micros() as u32),
+                    Ok(r) if r.status.is_success() => {
+                        let latency_us = scheduled.elapsed().as_micros() as u32;
+                        run.latencies_us.push(latency_us);
+                        if latency_us > SLOW_US {
+                            run.slow.push(((scheduled - started).as_millis() as u32, latency_us));
+                        }
+                    }
                     _ => run.errors += 1,
                 }
                 scheduled += interval;
@@ -668,6 +710,7 @@ async fn merge(tasks: Vec<tokio::task::JoinHandle<Run>>, started: Instant) -> Ru
     for t in tasks {
         if let Ok(run) = t.await {
             total.latencies_us.extend(run.latencies_us);
+            total.slow.extend(run.slow);
             total.errors += run.errors;
         }
     }
@@ -844,6 +887,7 @@ async fn measure(subjects: &[Subject<'_>], args: &BenchArgs) -> Vec<(f64, f64)> 
             half.percentile_ms(0.999),
             half.errors
         );
+        println!("  {} at half rate: {}", subject.name, half.stalls());
         figures.push((rate, half.percentile_ms(0.99)));
     }
     figures
