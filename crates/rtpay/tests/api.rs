@@ -173,6 +173,9 @@ fn bad_input_is_refused_with_the_field_and_rule_and_changes_nothing() {
             .await
             .unwrap();
         assert_status(&r, 204, "revoke the key");
+        // Refused at once, on the connection that proved it a moment ago too.
+        let r = get(&mut c, &format!("/v1/accounts/{payer}"), &revoked).await;
+        assert_status(&r, 401, "the revoked key, on the connection that used it");
 
         // Ids that bad requests name; none may exist afterwards. Each bent copy of a transfer gets
         // a fresh id, since a refusal by the ledger (not by validation) is remembered under its id.

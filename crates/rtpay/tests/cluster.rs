@@ -33,6 +33,48 @@ async fn post_four_on_each(
     answers
 }
 
+/// An API key revoked on one node stops working on the other within the key cache's time
+/// (`server::auth::KEY_CACHE_TTL`), also on a connection that keeps presenting it and was let in
+/// a moment before.
+#[test]
+fn a_key_revoked_on_one_node_stops_working_on_the_other_within_the_cache_time() {
+    let url = store::testing::fresh_postgres_database();
+    let (dir_a, dir_b) = (temp_dir("revoke-a"), temp_dir("revoke-b"));
+    let a = Server::start(&dir_a, Some(&url));
+    let b = Server::start(&dir_b, Some(&url));
+    runtime().block_on(async {
+        let mut ca = a.client();
+        let (tenant_id, key) = tenant(&mut ca, "revoke").await;
+        let wallet = account(&mut ca, &key, json!({"currency": "BRL"})).await;
+        let r = ca.post(&format!("/v1/tenants/{tenant_id}/api-keys"), OPERATOR, &json!({})).await.unwrap();
+        assert_eq!(r.status, 201);
+        let (key_id, second) =
+            (r.json()["id"].as_str().unwrap().to_owned(), r.json()["secret"].as_str().unwrap().to_owned());
+        // Node B's connection proves the second key, and keeps using it.
+        let mut cb = b.client();
+        let path = format!("/v1/accounts/{wallet}");
+        assert_eq!(cb.get(&path, &second).await.unwrap().status, 200);
+        let r = ca
+            .send(hyper::Method::DELETE, &format!("/v1/tenants/{tenant_id}/api-keys/{key_id}"), Some(OPERATOR), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 204);
+        let revoked = std::time::Instant::now();
+        let bound = server::auth::KEY_CACHE_TTL + Duration::from_millis(500);
+        loop {
+            let status = cb.get(&path, &second).await.unwrap().status.as_u16();
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200);
+            assert!(revoked.elapsed() < bound, "node B still lets the revoked key in after {:?}", revoked.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The tenant's other key still works there, on the same connection.
+        assert_eq!(cb.get(&path, &key).await.unwrap().status, 200);
+    });
+}
+
 #[test]
 fn two_nodes_share_one_ledger_without_overdraft_or_deadlock() {
     let url = store::testing::fresh_postgres_database();

@@ -4,6 +4,7 @@
 //! hash key, so a copy of the database does not yield usable keys. Comparisons of hashes are
 //! constant-time. No secret is ever logged or echoed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -140,24 +141,33 @@ pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 pub struct KeyCache {
     entries: Mutex<ledger::Map<[u8; 32], (Tenant, Instant)>>,
     clients: Mutex<ledger::Map<u128, Instant>>,
+    /// Keys revoked on this node since it started: a connection's proven key
+    /// ([`ConnectionKey`]) is trusted only while this has not moved.
+    revocations: AtomicU64,
 }
 
 impl KeyCache {
-    fn get(&self, hash: &[u8; 32]) -> Option<Tenant> {
+    /// The key and when storage vouched for it.
+    fn get(&self, hash: &[u8; 32]) -> Option<(Tenant, Instant)> {
         let entries = self.entries.lock().expect("key cache lock");
-        entries.get(hash).filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL).map(|(t, _)| *t)
+        entries.get(hash).filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL).copied()
     }
 
-    fn put(&self, hash: [u8; 32], tenant: Tenant) {
+    fn put(&self, hash: [u8; 32], tenant: Tenant, at: Instant) {
         let mut entries = self.entries.lock().expect("key cache lock");
         if entries.len() >= KEY_CACHE_LEN_MAX {
             entries.clear();
         }
-        entries.insert(hash, (tenant, Instant::now()));
+        entries.insert(hash, (tenant, at));
     }
 
     pub fn forget_key(&self, key_id: u128) {
         self.entries.lock().expect("key cache lock").retain(|_, (t, _)| t.key_id != key_id);
+        self.revocations.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn revocations(&self) -> u64 {
+        self.revocations.load(Ordering::SeqCst)
     }
 
     fn client_live(&self, client: u128) -> bool {
@@ -178,6 +188,43 @@ impl KeyCache {
     }
 }
 
+/// The API key a connection last proved, so that its next requests with the same secret skip
+/// the keyed hash (a twentieth of the HTTP worker's time at the peak) and the shared cache's lock.
+/// Trusted as long as the shared cache would trust it: [`KEY_CACHE_TTL`] from when storage
+/// vouched for the key, and no revocation on this node since. Each connection has its own
+/// (see [`crate::Peer`]); the secret stays in memory no longer than the connection, whose
+/// buffers hold it anyway.
+#[derive(Default)]
+pub struct ConnectionKey(Mutex<Option<ProvenKey>>);
+
+/// No `Debug`: it holds a secret.
+struct ProvenKey {
+    secret: Box<[u8]>,
+    tenant: Tenant,
+    /// When storage vouched for the key.
+    at: Instant,
+    /// [`KeyCache::revocations`] before the key was verified.
+    revocations: u64,
+}
+
+impl ConnectionKey {
+    fn get(&self, secret: &str, revocations: u64) -> Option<Tenant> {
+        let proven = self.0.lock().expect("connection key lock");
+        let proven = proven.as_ref()?;
+        let same = proven.secret.len() == secret.len() && constant_time_eq_slices(&proven.secret, secret.as_bytes());
+        (same && proven.revocations == revocations && proven.at.elapsed() < KEY_CACHE_TTL).then_some(proven.tenant)
+    }
+
+    fn put(&self, secret: &str, tenant: Tenant, at: Instant, revocations: u64) {
+        let proven = ProvenKey { secret: secret.as_bytes().into(), tenant, at, revocations };
+        *self.0.lock().expect("connection key lock") = Some(proven);
+    }
+}
+
+fn constant_time_eq_slices(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn bearer(parts: &Parts) -> Result<&str, Problem> {
     let value = parts
         .headers
@@ -192,7 +239,7 @@ fn bearer(parts: &Parts) -> Result<&str, Problem> {
 }
 
 fn source(parts: &Parts) -> Option<std::net::IpAddr> {
-    parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+    parts.extensions.get::<axum::extract::ConnectInfo<crate::Peer>>().map(|c| c.0.addr.ip())
 }
 
 /// Before any credential is checked: a source over its failure budget, or a locked id, waits.
@@ -388,28 +435,44 @@ impl FromRequestParts<AppState> for Tenant {
             Ok(_) => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
             Err(p) => return Err(failed(parts, state, None, p)),
         };
-        let hash = state.keys.secret_hash(token);
-        let tenant = match state.key_cache.get(&hash) {
+        let connection = parts.extensions.get::<axum::extract::ConnectInfo<crate::Peer>>().map(|c| c.0.key.clone());
+        // Read before the key is verified: a revocation from here on makes the proof stale.
+        let revocations = state.key_cache.revocations();
+        let tenant = match connection.as_ref().and_then(|c| c.get(token, revocations)) {
             Some(tenant) => tenant,
-            None => match crate::routes::query(state, move |q| q.api_key_by_hash(&hash)).await? {
-                Some(key) if key.revoked_at.is_none() => {
-                    let scopes = match &key.scopes {
-                        None => ALL_SCOPES,
-                        Some(names) => names.split(' ').filter_map(crate::oauth::scope_bit).fold(0, |a, b| a | b),
-                    };
-                    let tenant = Tenant { id: key.tenant_id, key_id: key.id, scopes, oauth: false };
-                    state.key_cache.put(hash, tenant);
-                    tenant
+            None => {
+                let hash = state.keys.secret_hash(token);
+                let (tenant, at) = match state.key_cache.get(&hash) {
+                    Some(known) => known,
+                    None => match crate::routes::query(state, move |q| q.api_key_by_hash(&hash)).await? {
+                        Some(key) if key.revoked_at.is_none() => {
+                            let scopes = match &key.scopes {
+                                None => ALL_SCOPES,
+                                Some(names) => {
+                                    names.split(' ').filter_map(crate::oauth::scope_bit).fold(0, |a, b| a | b)
+                                }
+                            };
+                            let tenant = Tenant { id: key.tenant_id, key_id: key.id, scopes, oauth: false };
+                            let at = Instant::now();
+                            state.key_cache.put(hash, tenant, at);
+                            (tenant, at)
+                        }
+                        Some(key) => {
+                            let id = credential_name("key", key.id);
+                            let problem = Problem::unauthorized("the API key was revoked");
+                            return Err(failed(parts, state, Some(&id), problem));
+                        }
+                        None => {
+                            let problem = Problem::unauthorized("the API key is not valid");
+                            return Err(failed(parts, state, lock_id.as_deref(), problem));
+                        }
+                    },
+                };
+                if let Some(connection) = &connection {
+                    connection.put(token, tenant, at, revocations);
                 }
-                Some(key) => {
-                    let id = credential_name("key", key.id);
-                    return Err(failed(parts, state, Some(&id), Problem::unauthorized("the API key was revoked")));
-                }
-                None => {
-                    let problem = Problem::unauthorized("the API key is not valid");
-                    return Err(failed(parts, state, lock_id.as_deref(), problem));
-                }
-            },
+                tenant
+            }
         };
         if let Some(id) = &lock_id {
             state.auth_guard.succeeded(id);
@@ -479,6 +542,36 @@ impl FromRequestParts<AppState> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_trusts_only_the_same_secret_within_the_cache_time_and_without_a_revocation() {
+        let tenant = Tenant { id: 1, key_id: 2, scopes: ALL_SCOPES, oauth: false };
+        let secret = new_api_key_secret(2);
+        let key = ConnectionKey::default();
+        assert!(key.get(&secret, 0).is_none(), "nothing proven yet");
+        key.put(&secret, tenant, Instant::now(), 0);
+        assert_eq!(key.get(&secret, 0).map(|t| t.id), Some(1));
+        // Another secret of the same length, or one that only starts like it.
+        let other = new_api_key_secret(2);
+        assert_eq!(other.len(), secret.len());
+        assert!(key.get(&other, 0).is_none());
+        assert!(key.get(&secret[..secret.len() - 1], 0).is_none());
+        assert!(key.get(&format!("{secret}0"), 0).is_none());
+        // A key revoked on this node since the proof, whichever key it was.
+        assert!(key.get(&secret, 1).is_none());
+        // Storage vouched for the key longer ago than the shared cache trusts it.
+        let Some(long_ago) = Instant::now().checked_sub(KEY_CACHE_TTL) else { return };
+        key.put(&secret, tenant, long_ago, 0);
+        assert!(key.get(&secret, 0).is_none());
+    }
+
+    #[test]
+    fn forgetting_a_key_counts_a_revocation() {
+        let cache = KeyCache::default();
+        let before = cache.revocations();
+        cache.forget_key(9);
+        assert_eq!(cache.revocations(), before + 1);
+    }
 
     #[test]
     fn secrets_are_long_random_and_hash_distinctly() {

@@ -279,7 +279,7 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         .filter(|v| !vault::mask::holds_pan(v))
         .map(str::to_owned);
     let request_id = given.unwrap_or_else(next_request_id);
-    let source = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+    let source = request.extensions().get::<axum::extract::ConnectInfo<Peer>>().map(|c| c.0.addr);
     let action = [method, " ", route.as_ref().map_or("unmatched", MatchedPath::as_str)].concat();
     let slot = Arc::new(audit_trail::Slot::new(action, request_id.clone(), source));
     request.extensions_mut().insert(slot.clone());
@@ -383,20 +383,55 @@ pub async fn serve_tls(
     tls::serve(listener, router(state), acceptor, mutual, shutdown).await
 }
 
+/// The other end of a connection: its address, and the API key it last proved (see
+/// [`auth::ConnectionKey`]). Made once per connection; each request carries a clone, as
+/// `ConnectInfo<Peer>`.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    pub(crate) key: Arc<auth::ConnectionKey>,
+}
+
+impl Peer {
+    pub fn new(addr: std::net::SocketAddr) -> Peer {
+        Peer { addr, key: Arc::default() }
+    }
+}
+
+/// What [`serve`] listens with: a TCP listener whose connections answer as they are written,
+/// not held back for the peer's acknowledgement of the previous segment (Nagle's algorithm): a
+/// response written in parts (a long list) would otherwise wait for the client's delayed ACK,
+/// tens of milliseconds.
+struct NoDelay(tokio::net::TcpListener);
+
+impl axum::serve::Listener for NoDelay {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (tcp, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        let _ = tcp.set_nodelay(true);
+        (tcp, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, NoDelay>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, NoDelay>) -> Peer {
+        Peer::new(*stream.remote_addr())
+    }
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Answers go out as they are written, not held back for the peer's acknowledgement of the
-    // previous segment (Nagle's algorithm): a response written in parts (a long list) would
-    // otherwise wait for the client's delayed ACK, tens of milliseconds.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
+    axum::serve(NoDelay(listener), router(state).into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)
         .await
 }

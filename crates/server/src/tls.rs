@@ -9,7 +9,6 @@
 //! client's certificate only that client's secret and tokens. Connections without a certificate are
 //! accepted (health checks, metrics) but authenticate to nothing.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,7 +144,7 @@ pub async fn serve(
                 None if mutual => PeerIdentity::Anonymous,
                 None => PeerIdentity::Unbound,
             };
-            let router = router.layer(axum::Extension(ConnectInfo::<SocketAddr>(addr)));
+            let router = router.layer(axum::Extension(ConnectInfo(crate::Peer::new(addr))));
             let router = if mutual { router.layer(axum::Extension(identity)) } else { router };
             let service = hyper_util::service::TowerToHyperService::new(router);
             let conn = hyper::server::conn::http1::Builder::new()
