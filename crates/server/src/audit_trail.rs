@@ -21,7 +21,8 @@ use crate::AppState;
 pub struct Slot {
     pub action: String,
     pub request_id: String,
-    pub source: String,
+    /// The client's address, written out only for the entries that name it.
+    source: Option<SocketAddr>,
     state: Mutex<SlotState>,
 }
 
@@ -36,7 +37,12 @@ struct SlotState {
 
 impl Slot {
     pub fn new(action: String, request_id: String, source: Option<SocketAddr>) -> Slot {
-        Slot { action, request_id, source: source.map(address).unwrap_or_default(), ..Slot::default() }
+        Slot { action, request_id, source, ..Slot::default() }
+    }
+
+    /// The client's address as entries record it (empty when unknown).
+    pub fn source(&self) -> String {
+        self.source.map(address).unwrap_or_default()
     }
 
     pub fn set_actor(&self, tenant: Option<u128>, actor: String) {
@@ -58,7 +64,7 @@ impl Slot {
             action: self.action.clone(),
             resource: s.resource.clone().unwrap_or_default(),
             request_id: self.request_id.clone(),
-            source: self.source.clone(),
+            source: self.source(),
             outcome,
         }
     }

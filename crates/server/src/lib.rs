@@ -32,9 +32,8 @@ pub mod webhook;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -246,7 +245,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(ObserveLayer(state.clone()))
         .with_state(state)
 }
 
@@ -262,47 +261,87 @@ async fn method_not_allowed() -> Problem {
     )
 }
 
-/// Request ids, the audit trail, metrics and the access log, around every request.
-async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = metrics::method_name(request.method());
-    let mutating = !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let given = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+/// Request ids, the audit trail, metrics and the access log, around every request (see
+/// [`Observe`]).
+#[derive(Clone)]
+struct ObserveLayer(AppState);
+
+impl<S> tower_layer::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { state: self.0.clone(), inner }
+    }
+}
+
+/// The request middleware, as a service of its own: `axum::middleware::from_fn` would clone the
+/// route's boxed service and box one more future for every request.
+#[derive(Clone)]
+struct Observe<S> {
+    state: AppState,
+    inner: S,
+}
+
+impl<S> tower_service::Service<Request> for Observe<S>
+where
+    S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let started = Instant::now();
+        let state = self.state.clone();
+        let method = metrics::method_name(request.method());
+        let mutating = !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let given = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+            // Request ids are logged and audited: one that could be a card number is replaced.
+            .filter(|v| !vault::mask::holds_pan(v))
+            .map(str::to_owned);
+        let request_id = given.unwrap_or_else(next_request_id);
+        let source = request.extensions().get::<axum::extract::ConnectInfo<Peer>>().map(|c| c.0.addr);
+        let action = [method, " ", route.as_ref().map_or("unmatched", MatchedPath::as_str)].concat();
+        let slot = Arc::new(audit_trail::Slot::new(action, request_id, source));
+        request.extensions_mut().insert(slot.clone());
+        let handled = self.inner.call(request);
+        Box::pin(async move {
+            // A handler that panics answers 500 and the connection lives on; the panic hook (see
+            // `quiet_panics`) logs where, never the message, which could hold request data.
+            let mut response = match catch_panic(handled).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(infallible)) => match infallible {},
+                Err(Panicked) => axum::response::IntoResponse::into_response(Problem::internal()),
+            };
+            let status = response.status().as_u16();
+            audit_trail::record_after(&state, &slot, mutating, status).await;
+            let micros = started.elapsed().as_micros() as u64;
+            let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+            state.metrics.observe(method, route, status, micros);
+            let request_id = slot.request_id.as_str();
+            if status >= 500 {
+                tracing::warn!(request_id, method, route, status, micros, "request failed");
+            } else {
+                tracing::debug!(request_id, method, route, status, micros, "request");
+            }
+            if let Ok(value) = HeaderValue::from_str(request_id) {
+                response.headers_mut().insert("x-request-id", value);
+            }
+            Ok(response)
         })
-        // Request ids are logged and audited: one that could be a card number is replaced.
-        .filter(|v| !vault::mask::holds_pan(v))
-        .map(str::to_owned);
-    let request_id = given.unwrap_or_else(next_request_id);
-    let source = request.extensions().get::<axum::extract::ConnectInfo<Peer>>().map(|c| c.0.addr);
-    let action = [method, " ", route.as_ref().map_or("unmatched", MatchedPath::as_str)].concat();
-    let slot = Arc::new(audit_trail::Slot::new(action, request_id.clone(), source));
-    request.extensions_mut().insert(slot.clone());
-    // A handler that panics answers 500 and the connection lives on; the panic hook (see
-    // `quiet_panics`) logs where, never the message, which could hold request data.
-    let mut response = match catch_panic(next.run(request)).await {
-        Ok(response) => response,
-        Err(Panicked) => axum::response::IntoResponse::into_response(Problem::internal()),
-    };
-    let status = response.status().as_u16();
-    audit_trail::record_after(&state, &slot, mutating, status).await;
-    let micros = started.elapsed().as_micros() as u64;
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    state.metrics.observe(method, route, status, micros);
-    if status >= 500 {
-        tracing::warn!(request_id, method, route, status, micros, "request failed");
-    } else {
-        tracing::debug!(request_id, method, route, status, micros, "request");
     }
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
-    response
 }
 
 /// What [`catch_panic`] gives when the future panicked.
@@ -311,32 +350,19 @@ pub struct Panicked;
 
 /// Polls `future` on the calling task, turning a panic inside it into `Err(Panicked)`: what
 /// spawning it and joining the task would give, without handing it to another task and waking
-/// this one back (a round trip through the scheduler on every request).
-pub fn catch_panic<F: std::future::Future + Send + 'static>(future: F) -> CatchPanic<F::Output> {
-    CatchPanic(Some(Box::pin(future)))
-}
-
-pub struct CatchPanic<T>(Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>);
-
-impl<T> std::future::Future for CatchPanic<T> {
-    type Output = Result<T, Panicked>;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        use std::task::Poll;
-        let Some(inner) = self.0.as_mut() else { return Poll::Ready(Err(Panicked)) };
-        // A future that panicked is never polled again: it is dropped here.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+/// this one back (a round trip through the scheduler on every request). A future that panicked
+/// is not polled again.
+pub async fn catch_panic<F: std::future::Future>(future: F) -> Result<F::Output, Panicked> {
+    use std::task::Poll;
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(value)) => {
-                self.0 = None;
-                Poll::Ready(Ok(value))
-            }
-            Err(_) => {
-                self.0 = None;
-                Poll::Ready(Err(Panicked))
-            }
+            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+            Err(_) => Poll::Ready(Err(Panicked)),
         }
-    }
+    })
+    .await
 }
 
 /// A request id: a random prefix drawn once per process, then a counter. Unique across nodes and
@@ -470,5 +496,41 @@ mod tests {
             2
         });
         assert_eq!(fine.await.unwrap(), 2);
+    }
+
+    /// Through the middleware: a handler that panics answers a 500 problem with the request's id,
+    /// is counted in the metrics under its route, and the service answers the next request.
+    #[tokio::test]
+    async fn the_middleware_answers_a_panicking_handler_with_a_500_and_serves_on() {
+        use tower_service::Service;
+        let dir = std::env::temp_dir().join(format!("rtpay-observe-{}-{}", std::process::id(), store::now_nanos()));
+        let store = Arc::new(store::Store::open(&store::Location::Embedded(dir.clone())).unwrap());
+        let state = AppState::new(store, auth::Keys::new([9; 32], "op"), Vec::new());
+        async fn boom() -> &'static str {
+            if std::hint::black_box(true) {
+                panic!("inside the handler");
+            }
+            "unreachable"
+        }
+        let mut app = Router::new()
+            .route("/boom", get(boom))
+            .route("/fine", get(|| async { "fine" }))
+            .layer(ObserveLayer(state.clone()))
+            .with_state(state.clone());
+        let request = |path: &str| {
+            axum::http::Request::builder().uri(path).header("x-request-id", "given-7").body(axum::body::Body::empty())
+        };
+        let response = app.call(request("/boom").unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()["x-request-id"], "given-7");
+        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        let response = app.call(request("/fine").unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let metrics = state.metrics.render(&state.store.engine.stats);
+        assert!(
+            metrics.contains(r#"rtpay_http_requests_total{method="GET",route="/boom",status="500"} 1"#),
+            "{metrics}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
