@@ -50,8 +50,12 @@ fn json_content_type(request: &Request) -> Result<(), Problem> {
         let ok = content_type
             .to_str()
             .map(|v| {
-                let essence = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-                essence == "application/json" || essence.ends_with("+json")
+                let essence = v.split(';').next().unwrap_or("").trim().as_bytes();
+                let ends_with = |suffix: &[u8]| {
+                    essence.len() >= suffix.len()
+                        && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                };
+                essence.eq_ignore_ascii_case(b"application/json") || ends_with(b"+json")
             })
             .unwrap_or(false);
         if !ok {
@@ -209,6 +213,30 @@ mod tests {
     #[allow(dead_code)]
     struct Outer {
         items: Vec<Inner>,
+    }
+
+    #[test]
+    fn a_body_is_json_by_its_media_type_in_any_case_with_parameters_or_without_one() {
+        let with = |content_type: Option<&str>| {
+            let mut request = Request::new(Body::empty());
+            if let Some(value) = content_type {
+                request.headers_mut().insert(header::CONTENT_TYPE, value.parse().unwrap());
+            }
+            json_content_type(&request).is_ok()
+        };
+        for ok in [
+            None,
+            Some("application/json"),
+            Some("Application/JSON; charset=utf-8"),
+            Some(" application/json "),
+            Some("application/merge-patch+json"),
+            Some("application/PROBLEM+JSON"),
+        ] {
+            assert!(with(ok), "{ok:?}");
+        }
+        for refused in ["text/plain", "application/jsonx", "json", "application/xml", "application/json-seq", ""] {
+            assert!(!with(Some(refused)), "{refused}");
+        }
     }
 
     fn problem(body: &[u8]) -> Problem {
