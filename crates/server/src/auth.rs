@@ -154,8 +154,13 @@ impl KeyCache {
         entries.get(hash).filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL).copied()
     }
 
-    fn put(&self, hash: [u8; 32], tenant: Tenant, at: Instant) {
+    /// Remembers a key storage vouched for, unless a key was revoked on this node since the
+    /// caller read `revocations` (before asking storage): the answer may predate the revocation.
+    fn put(&self, hash: [u8; 32], tenant: Tenant, at: Instant, revocations: u64) {
         let mut entries = self.entries.lock().expect("key cache lock");
+        if self.revocations() != revocations {
+            return;
+        }
         if entries.len() >= KEY_CACHE_LEN_MAX {
             entries.clear();
         }
@@ -163,7 +168,10 @@ impl KeyCache {
     }
 
     pub fn forget_key(&self, key_id: u128) {
-        self.entries.lock().expect("key cache lock").retain(|_, (t, _)| t.key_id != key_id);
+        // Under the lock, so that a `put` either comes before (and is removed here) or sees the
+        // count moved.
+        let mut entries = self.entries.lock().expect("key cache lock");
+        entries.retain(|_, (t, _)| t.key_id != key_id);
         self.revocations.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -176,8 +184,12 @@ impl KeyCache {
         clients.get(&client).is_some_and(|at| at.elapsed() < KEY_CACHE_TTL)
     }
 
-    fn put_client(&self, client: u128) {
+    /// Like [`KeyCache::put`], for an OAuth client storage found live.
+    fn put_client(&self, client: u128, revocations: u64) {
         let mut clients = self.clients.lock().expect("key cache lock");
+        if self.revocations() != revocations {
+            return;
+        }
         if clients.len() >= KEY_CACHE_LEN_MAX {
             clients.clear();
         }
@@ -185,7 +197,9 @@ impl KeyCache {
     }
 
     pub fn forget_client(&self, client: u128) {
-        self.clients.lock().expect("key cache lock").remove(&client);
+        let mut clients = self.clients.lock().expect("key cache lock");
+        clients.remove(&client);
+        self.revocations.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -193,8 +207,8 @@ impl KeyCache {
 /// the keyed hash (a twentieth of the HTTP worker's time at the peak) and the shared cache's lock.
 /// Trusted as long as the shared cache would trust it: [`KEY_CACHE_TTL`] from when storage
 /// vouched for the key, and no revocation on this node since. Each connection has its own
-/// (see [`crate::Peer`]); the secret stays in memory no longer than the connection, whose
-/// buffers hold it anyway.
+/// (see [`crate::Peer`]); it holds the secret as long as the connection lives, as the
+/// connection's own read buffers do (neither is wiped when freed).
 #[derive(Default)]
 pub struct ConnectionKey(Mutex<Option<ProvenKey>>);
 
@@ -420,9 +434,10 @@ impl FromRequestParts<AppState> for Tenant {
                 // cache's second on other nodes).
                 if !state.key_cache.client_live(claims.client_id) {
                     let id = claims.client_id;
+                    let revocations = state.key_cache.revocations();
                     match crate::routes::query(state, move |q| q.oauth_client(id)).await? {
                         Some((c, _)) if c.revoked_at.is_none() && c.tenant_id == claims.tenant_id => {
-                            state.key_cache.put_client(id)
+                            state.key_cache.put_client(id, revocations)
                         }
                         _ => {
                             let problem = Problem::unauthorized("the OAuth client of this token was revoked");
@@ -455,7 +470,7 @@ impl FromRequestParts<AppState> for Tenant {
                             };
                             let tenant = Tenant { id: key.tenant_id, key_id: key.id, scopes, oauth: false };
                             let at = Instant::now();
-                            state.key_cache.put(hash, tenant, at);
+                            state.key_cache.put(hash, tenant, at, revocations);
                             (tenant, at)
                         }
                         Some(key) => {
@@ -574,7 +589,7 @@ mod tests {
         let random = "0".repeat(64);
         assert_eq!(
             api_key_id(&format!("rtpay_sk_{}_{random}", "ABCDEF".repeat(5) + "09")),
-            Some(0xabcdef_abcdef_abcdef_abcdef_abcdef_09)
+            Some(0xabcd_efab_cdef_abcd_efab_cdef_abcd_ef09)
         );
         for bad in [
             format!("rtpay_sk_{}_{random}", "g".repeat(32)),
@@ -589,11 +604,27 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_a_key_counts_a_revocation() {
+    fn forgetting_a_key_counts_a_revocation_and_an_answer_read_before_it_is_not_remembered() {
         let cache = KeyCache::default();
+        let tenant = Tenant { id: 1, key_id: 9, scopes: ALL_SCOPES, oauth: false };
         let before = cache.revocations();
+        cache.put([1; 32], tenant, Instant::now(), before);
+        assert!(cache.get(&[1; 32]).is_some());
+        // Storage answered for [2; 32] before the revocation; the answer arrives after it.
         cache.forget_key(9);
         assert_eq!(cache.revocations(), before + 1);
+        assert!(cache.get(&[1; 32]).is_none(), "forgotten");
+        cache.put([2; 32], tenant, Instant::now(), before);
+        assert!(cache.get(&[2; 32]).is_none(), "an answer older than the revocation");
+        cache.put([2; 32], tenant, Instant::now(), before + 1);
+        assert!(cache.get(&[2; 32]).is_some());
+        // The same for OAuth clients.
+        cache.put_client(5, before + 1);
+        assert!(cache.client_live(5));
+        cache.forget_client(5);
+        assert!(!cache.client_live(5));
+        cache.put_client(5, before + 1);
+        assert!(!cache.client_live(5), "an answer older than the revocation");
     }
 
     #[test]

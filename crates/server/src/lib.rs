@@ -316,11 +316,17 @@ where
         let action = [method, " ", route.as_ref().map_or("unmatched", MatchedPath::as_str)].concat();
         let slot = Arc::new(audit_trail::Slot::new(action, request_id, source));
         request.extensions_mut().insert(slot.clone());
-        let handled = self.inner.call(request);
+        // A handler that panics answers 500 and the connection lives on; the panic hook (see
+        // `quiet_panics`) logs where, never the message, which could hold request data. The
+        // inner service is caught in its call as in its future.
+        let inner = &mut self.inner;
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.call(request)));
         Box::pin(async move {
-            // A handler that panics answers 500 and the connection lives on; the panic hook (see
-            // `quiet_panics`) logs where, never the message, which could hold request data.
-            let mut response = match catch_panic(handled).await {
+            let handled = match handled {
+                Ok(future) => catch_panic(future).await,
+                Err(_) => Err(Panicked),
+            };
+            let mut response = match handled {
                 Ok(Ok(response)) => response,
                 Ok(Err(infallible)) => match infallible {},
                 Err(Panicked) => axum::response::IntoResponse::into_response(Problem::internal()),
@@ -526,6 +532,11 @@ mod tests {
         assert_eq!(response.headers()["content-type"], "application/problem+json");
         let response = app.call(request("/fine").unwrap()).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
+        // Without a usable id of the client's, the request gets one of ours.
+        let unusable = axum::http::Request::builder().uri("/fine").header("x-request-id", "no spaces allowed");
+        let response = app.call(unusable.body(axum::body::Body::empty()).unwrap()).await.unwrap();
+        let id = response.headers()["x-request-id"].to_str().unwrap();
+        assert!(id.starts_with("req-") && id.len() > 17, "{id}");
         let metrics = state.metrics.render(&state.store.engine.stats);
         assert!(
             metrics.contains(r#"rtpay_http_requests_total{method="GET",route="/boom",status="500"} 1"#),
