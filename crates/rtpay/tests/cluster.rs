@@ -33,15 +33,25 @@ async fn post_four_on_each(
     answers
 }
 
+/// Two nodes, started with `args`, on one fresh PostgreSQL database; they share their key files,
+/// as a cluster's nodes must (see docs/OPERATIONS.md).
+fn two_nodes(tag: &str, args: &[&str]) -> (Server, Server) {
+    let url = store::testing::fresh_postgres_database();
+    let (dir_a, dir_b) = (temp_dir(&format!("{tag}-a")), temp_dir(&format!("{tag}-b")));
+    let a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, args);
+    for file in ["kek", "index-key", "audit-signing-key"] {
+        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
+    }
+    let b = Server::start_with_args(&dir_b, Some(&url), "127.0.0.1:0", true, args);
+    (a, b)
+}
+
 /// An API key revoked on one node stops working on the other within the key cache's time
 /// (`server::auth::KEY_CACHE_TTL`), also on a connection that keeps presenting it and was let in
 /// a moment before.
 #[test]
 fn a_key_revoked_on_one_node_stops_working_on_the_other_within_the_cache_time() {
-    let url = store::testing::fresh_postgres_database();
-    let (dir_a, dir_b) = (temp_dir("revoke-a"), temp_dir("revoke-b"));
-    let a = Server::start(&dir_a, Some(&url));
-    let b = Server::start(&dir_b, Some(&url));
+    let (a, b) = two_nodes("revoke", &[]);
     runtime().block_on(async {
         let mut ca = a.client();
         let (tenant_id, key) = tenant(&mut ca, "revoke").await;
@@ -77,10 +87,7 @@ fn a_key_revoked_on_one_node_stops_working_on_the_other_within_the_cache_time() 
 
 #[test]
 fn two_nodes_share_one_ledger_without_overdraft_or_deadlock() {
-    let url = store::testing::fresh_postgres_database();
-    let (dir_a, dir_b) = (temp_dir("node-a"), temp_dir("node-b"));
-    let a = Server::start(&dir_a, Some(&url));
-    let b = Server::start(&dir_b, Some(&url));
+    let (a, b) = two_nodes("node", &[]);
     let rt = runtime();
     rt.block_on(async {
         let mut ca = a.client();
@@ -146,14 +153,7 @@ fn two_nodes_share_one_ledger_without_overdraft_or_deadlock() {
 fn a_charge_is_paid_once_and_refunds_stay_within_the_pix_across_nodes() {
     const ISPB: &str = "12345678";
     const CNPJ: &str = "11222333000181";
-    let url = store::testing::fresh_postgres_database();
-    let (dir_a, dir_b) = (temp_dir("pix-node-a"), temp_dir("pix-node-b"));
-    let a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, &["--ispb", ISPB]);
-    // The nodes of a cluster share their key files.
-    for file in ["kek", "index-key", "audit-signing-key"] {
-        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
-    }
-    let b = Server::start_with_args(&dir_b, Some(&url), "127.0.0.1:0", true, &["--ispb", ISPB]);
+    let (a, b) = two_nodes("pix-node", &["--ispb", ISPB]);
     let rt = runtime();
     rt.block_on(async {
         let mut c = a.client();
@@ -356,16 +356,10 @@ fn postgres_outage_answers_503_then_recovers_losing_nothing() {
 #[test]
 fn an_off_us_pix_left_in_flight_by_a_dead_node_is_settled_by_another() {
     const ISPB: &str = "12345678";
-    let url = store::testing::fresh_postgres_database();
-    let (dir_a, dir_b) = (temp_dir("spi-node-a"), temp_dir("spi-node-b"));
     // The SPI answers after 3 s, past the 1 s time-out: the payment is in flight when its node is
     // killed, and settled when a sweep asks, 6 s after it was made.
     let args = ["--ispb", ISPB, "--spi-latency-ms", "3000", "--spi-timeout-ms", "1000"];
-    let mut a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, &args);
-    for file in ["kek", "index-key", "audit-signing-key"] {
-        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
-    }
-    let b = Server::start_with_args(&dir_b, Some(&url), "127.0.0.1:0", true, &args);
+    let (mut a, b) = two_nodes("spi-node", &args);
     let rt = runtime();
     let (key, maria, id) = rt.block_on(async {
         let mut c = a.client();
