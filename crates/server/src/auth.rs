@@ -132,8 +132,9 @@ fn keyed_hash(keyed: &Hmac<Sha256>, purpose: &[u8], message: &[u8]) -> [u8; 32] 
     mac.finalize().into_bytes().into()
 }
 
-pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `a` and `b` are equal, in a time that depends on their lengths only.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Verified keys: secret hash → (the key as a tenant credential, when verified); and OAuth
@@ -226,7 +227,7 @@ impl ConnectionKey {
     fn get(&self, secret: &str, revocations: u64) -> Option<Tenant> {
         let proven = self.0.lock().expect("connection key lock");
         let proven = proven.as_ref()?;
-        let same = proven.secret.len() == secret.len() && constant_time_eq_slices(&proven.secret, secret.as_bytes());
+        let same = constant_time_eq(&proven.secret, secret.as_bytes());
         (same && proven.revocations == revocations && proven.at.elapsed() < KEY_CACHE_TTL).then_some(proven.tenant)
     }
 
@@ -234,10 +235,6 @@ impl ConnectionKey {
         let proven = ProvenKey { secret: secret.as_bytes().into(), tenant, at, revocations };
         *self.0.lock().expect("connection key lock") = Some(proven);
     }
-}
-
-fn constant_time_eq_slices(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn bearer(parts: &Parts) -> Result<&str, Problem> {
