@@ -143,7 +143,8 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct KeyCache {
     entries: Mutex<ledger::Map<[u8; 32], (Tenant, Instant)>>,
     clients: Mutex<ledger::Map<u128, Instant>>,
-    /// Keys revoked on this node since it started: a connection's proven key
+    /// API keys and OAuth clients revoked on this node since it started: an answer from storage
+    /// read before a revocation is not cached after it, and a connection's proven key
     /// ([`ConnectionKey`]) is trusted only while this has not moved.
     revocations: AtomicU64,
 }
