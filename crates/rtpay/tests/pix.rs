@@ -67,9 +67,16 @@ async fn available(c: &mut rtpay::client::Client, p: &Party) -> i64 {
 
 /// Sends `body` as a payment over four connections at once.
 async fn futures_join(addr: std::net::SocketAddr, key: String, body: Value) -> Vec<(u16, Value)> {
-    let tasks: Vec<_> = (0..4)
-        .map(|_| {
-            let (key, body) = (key.clone(), body.clone());
+    send_at_once(addr, key, vec![body; 4]).await
+}
+
+/// Sends each of `bodies` as a payment, each over its own connection, all at once; the answers
+/// in the order of `bodies`.
+async fn send_at_once(addr: std::net::SocketAddr, key: String, bodies: Vec<Value>) -> Vec<(u16, Value)> {
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
+            let key = key.clone();
             tokio::spawn(async move {
                 let r = rtpay::client::Client::new(addr).post("/v1/pix/payments", &key, &body).await.unwrap();
                 (r.status.as_u16(), r.json())
@@ -747,21 +754,14 @@ fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_ref
                 set_limits(&mut c, &key, &payer, limits).await;
             }
             let id = uuid();
-            let tasks: Vec<_> = [100, 200, 100, 200]
-                .into_iter()
-                .map(|amount| {
-                    let body = json!({"id": id, "debit_account_id": payer.account, "amount": amount, "key": CPF_OTHER});
-                    let (addr, key) = (server.addr, key.clone());
-                    tokio::spawn(async move {
-                        let r = rtpay::client::Client::new(addr).post("/v1/pix/payments", &key, &body).await.unwrap();
-                        (amount, r.status.as_u16(), r.json())
-                    })
-                })
+            let amounts = [100, 200, 100, 200];
+            let bodies = amounts
+                .iter()
+                .map(|amount| json!({"id": id, "debit_account_id": payer.account, "amount": amount, "key": CPF_OTHER}))
                 .collect();
-            let mut answers = Vec::new();
-            for t in tasks {
-                answers.push(t.await.unwrap());
-            }
+            let sent = send_at_once(server.addr, key.clone(), bodies).await;
+            let answers: Vec<_> =
+                amounts.into_iter().zip(sent).map(|(amount, (status, body))| (amount, status, body)).collect();
             let created: Vec<_> = answers.iter().filter(|(_, status, _)| *status == 201).collect();
             assert_eq!(created.len(), 1, "round {round}: {answers:?}");
             let (amount, _, body) = created[0];
