@@ -762,6 +762,8 @@ struct CpuSample {
     server: Duration,
     threads: std::collections::BTreeMap<String, Duration>,
     generator: Duration,
+    /// The whole machine's: how much of its CPUs' time was busy, idle, or taken by the host.
+    machine: crate::process::MachineTicks,
 }
 
 impl CpuSample {
@@ -771,6 +773,7 @@ impl CpuSample {
             server: crate::process::cpu_time(pid)?,
             threads: crate::process::thread_cpu_times(pid),
             generator: crate::process::cpu_time(std::process::id())?,
+            machine: crate::process::MachineTicks::read().unwrap_or_default(),
         })
     }
 
@@ -779,6 +782,7 @@ impl CpuSample {
         let Some(after) = CpuSample::read(server) else { return };
         self.server += after.server.saturating_sub(before.server);
         self.generator += after.generator.saturating_sub(before.generator);
+        self.machine.add(&after.machine.since(&before.machine));
         for (name, spent) in after.threads {
             let was = before.threads.get(&name).copied().unwrap_or_default();
             *self.threads.entry(name).or_default() += spent.saturating_sub(was);
@@ -786,7 +790,9 @@ impl CpuSample {
     }
 
     /// CPU time per answered request, in microseconds: the server's, its writer's,
-    /// checkpointer's and HTTP workers', and the load generator's.
+    /// checkpointer's and HTTP workers', and the load generator's; then how the machine's CPU time
+    /// went: busy, idle (nothing ready to run) and stolen (ready, but the hypervisor ran another
+    /// guest: a shared host's noise, which moves every figure here).
     fn per_request(&self, run: &Run) -> String {
         if run.latencies_us.is_empty() || self.server.is_zero() {
             return String::new();
@@ -808,6 +814,21 @@ impl CpuSample {
             .concat()
             .trim_start_matches(", "),
             per(self.generator)
+        ) + &self.machine_share()
+    }
+
+    fn machine_share(&self) -> String {
+        let m = &self.machine;
+        let total = (m.busy + m.idle + m.stolen) as f64;
+        if total == 0.0 {
+            return String::new();
+        }
+        let percent = |ticks: u64| 100.0 * ticks as f64 / total;
+        format!(
+            "; machine: busy {:.0} %, idle {:.0} %, stolen {:.0} %",
+            percent(m.busy),
+            percent(m.idle),
+            percent(m.stolen)
         )
     }
 }

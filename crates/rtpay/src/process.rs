@@ -133,6 +133,58 @@ pub fn thread_cpu_times(pid: u32) -> std::collections::BTreeMap<String, std::tim
     by_name
 }
 
+/// Where the machine's CPUs spent their time, from /proc/stat's `cpu` line: cumulative ticks,
+/// summed over all CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MachineTicks {
+    /// Running anything (user, nice, system, irq, softirq).
+    pub busy: u64,
+    /// Nothing to run (idle and iowait).
+    pub idle: u64,
+    /// Wanting to run while the hypervisor ran something else (steal).
+    pub stolen: u64,
+}
+
+impl MachineTicks {
+    pub fn read() -> Option<MachineTicks> {
+        MachineTicks::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// Parses /proc/stat (see proc(5)): `cpu user nice system idle iowait irq softirq steal ...`.
+    /// Guest time is already counted in user and nice.
+    fn parse(stat: &str) -> Option<MachineTicks> {
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+        Some(MachineTicks {
+            busy: field(0) + field(1) + field(2) + field(5) + field(6),
+            idle: field(3) + field(4),
+            stolen: field(7),
+        })
+    }
+
+    pub fn add(&mut self, more: &MachineTicks) {
+        self.busy += more.busy;
+        self.idle += more.idle;
+        self.stolen += more.stolen;
+    }
+
+    /// What was spent between `before` and `self`.
+    pub fn since(&self, before: &MachineTicks) -> MachineTicks {
+        MachineTicks {
+            busy: self.busy.saturating_sub(before.busy),
+            idle: self.idle.saturating_sub(before.idle),
+            stolen: self.stolen.saturating_sub(before.stolen),
+        }
+    }
+}
+
 /// Resident memory of a process, in KiB, from /proc.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -140,4 +192,25 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ticks_add_up_the_fields_as_proc_stat_names_them() {
+        let stat = "cpu  100 5 30 800 20 3 2 40 7 0\ncpu0 50 2 15 400 10 1 1 20 3 0\nintr 1 2\n";
+        let ticks = MachineTicks::parse(stat).expect("parses");
+        assert_eq!(ticks, MachineTicks { busy: 100 + 5 + 30 + 3 + 2, idle: 800 + 20, stolen: 40 });
+        let later = MachineTicks { busy: 200, idle: 900, stolen: 45 };
+        let mut spent = later.since(&ticks);
+        assert_eq!(spent, MachineTicks { busy: 60, idle: 80, stolen: 5 });
+        spent.add(&MachineTicks { busy: 1, idle: 2, stolen: 3 });
+        assert_eq!(spent, MachineTicks { busy: 61, idle: 82, stolen: 8 });
+        // An older kernel's shorter line counts no steal; a line that is not the total is refused.
+        assert_eq!(MachineTicks::parse("cpu  1 2 3 4\n").map(|t| t.stolen), Some(0));
+        assert_eq!(MachineTicks::parse("cpu0 1 2 3 4\n"), None);
+        assert_eq!(MachineTicks::parse("cpu  1 x 3 4\n"), None);
+    }
 }
