@@ -320,6 +320,16 @@ CREATE INDEX documents_by_owner ON documents (kind, owner) WHERE owner IS NOT NU
 CREATE INDEX documents_by_time ON documents (kind, tenant_id, created_at, id);
 "#,
     },
+    Migration {
+        version: 11,
+        name: "owner index in listing order",
+        sql: r#"
+-- An owner's documents are listed oldest first, a page at a time (a Pix key's account, the
+-- in-flight payments the sweep settles): ordered by the index, not by sorting all of them first.
+DROP INDEX documents_by_owner;
+CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id) WHERE owner IS NOT NULL;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -528,6 +538,15 @@ CREATE TABLE counters (
     total BIGINT NOT NULL,
     PRIMARY KEY (scope, period)
 );
+"#,
+    },
+    Migration {
+        version: 8,
+        name: "owner index in listing order",
+        sql: r#"
+-- As SQLite's version 11: an owner's documents listed a page at a time in index order.
+DROP INDEX documents_by_owner;
+CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id);
 "#,
     },
 ];

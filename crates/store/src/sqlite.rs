@@ -1297,6 +1297,9 @@ fn authorization_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Authoriza
 
 const DOCUMENT_COLUMNS: &str = "kind, tenant_id, id, lookup, owner, created_at, version, body";
 
+/// An owner's documents, oldest first: in the order of the `documents_by_owner` index.
+const BY_OWNER: &str = "FROM documents WHERE kind = ?1 AND owner = ?2 ORDER BY created_at, id LIMIT ?3";
+
 fn document_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Document>> {
     let tenant: Vec<u8> = r.get(1)?;
     let (created_at, version): (i64, i64) = (r.get(5)?, r.get(6)?);
@@ -1508,12 +1511,7 @@ impl Queries for SqliteQueries {
 
     fn documents_by_owner(&self, kind: &str, owner: &str, limit: usize) -> Result<Vec<Document>> {
         self.read(|c| {
-            let mut stmt = c
-                .prepare_cached(&format!(
-                    "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE kind = ?1 AND owner = ?2 \
-                     ORDER BY created_at, id LIMIT ?3"
-                ))
-                .map_err(unavailable)?;
+            let mut stmt = c.prepare_cached(&format!("SELECT {DOCUMENT_COLUMNS} {BY_OWNER}")).map_err(unavailable)?;
             let rows = stmt.query_map(params![kind, owner, limit as i64], document_row).map_err(unavailable)?;
             rows.map(|r| r.map_err(unavailable)?).collect()
         })
@@ -2336,6 +2334,27 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("transfers_by_id"), "look-ups by id must use the id index: {plan}");
+        drop(conn);
+        store.close();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// An owner's documents are listed in the owner index's order, without sorting them all
+    /// first (the sweep lists a page of in-flight payments however many there are).
+    #[test]
+    fn an_owners_documents_are_listed_in_index_order() {
+        let dir = std::env::temp_dir().join(format!("rtpay-owner-plan-{}-{}", std::process::id(), now_nanos()));
+        let store = crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap();
+        let conn = connect(&dir.join(DB_FILE)).unwrap();
+        let plan: Vec<String> = {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN SELECT {DOCUMENT_COLUMNS} {BY_OWNER}")).unwrap();
+            stmt.query_map(params!["pix-payment", "in-flight", 100], |r| r.get(3))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect()
+        };
+        assert!(plan.iter().any(|step| step.contains("documents_by_owner")), "{plan:?}");
+        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "no sort: {plan:?}");
         drop(conn);
         store.close();
         std::fs::remove_dir_all(&dir).ok();
