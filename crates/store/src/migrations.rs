@@ -544,9 +544,10 @@ CREATE TABLE counters (
         version: 8,
         name: "owner index in listing order",
         sql: r#"
--- As SQLite's version 11: an owner's documents listed a page at a time in index order.
+-- As SQLite's version 11: an owner's documents listed a page at a time in index order; and, as
+-- there, partial: a document without an owner (a received Pix) takes no entry.
 DROP INDEX documents_by_owner;
-CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id);
+CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id) WHERE owner IS NOT NULL;
 "#,
     },
 ];
