@@ -1593,6 +1593,19 @@ fn head_row(row: &Row) -> Result<SignedHead> {
 
 #[cfg(test)]
 mod tests {
+    /// The lines of an `EXPLAIN`'s plan.
+    fn plan_lines(client: &mut ::postgres::Client, explain: &str) -> Vec<String> {
+        client
+            .simple_query(explain)
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m {
+                ::postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The writer's session plans each statement once, and on empty tables still plans look-ups by
     /// key: the plan cached at the start stays right as the tables grow.
     #[test]
@@ -1603,15 +1616,7 @@ mod tests {
         let plan = |client: &mut ::postgres::Client| -> String {
             let sql = super::load_transfers_sql();
             client.batch_execute(&format!("DEALLOCATE ALL; PREPARE p(uuid[], uuid[]) AS {sql}")).unwrap();
-            let rows =
-                client.simple_query("EXPLAIN EXECUTE p(ARRAY[gen_random_uuid()], ARRAY[gen_random_uuid()])").unwrap();
-            rows.iter()
-                .filter_map(|m| match m {
-                    ::postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
+            plan_lines(client, "EXPLAIN EXECUTE p(ARRAY[gen_random_uuid()], ARRAY[gen_random_uuid()])").join("\n")
         };
         let writer_plan = plan(&mut conn.client);
         assert!(writer_plan.contains("Index Scan using transfers_pkey"), "{writer_plan}");
@@ -1639,15 +1644,7 @@ mod tests {
                 super::BY_OWNER
             ))
             .unwrap();
-        let plan: Vec<String> = client
-            .simple_query("EXPLAIN EXECUTE p('pix-payment', 'in-flight', 100)")
-            .unwrap()
-            .iter()
-            .filter_map(|m| match m {
-                ::postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .collect();
+        let plan = plan_lines(&mut client, "EXPLAIN EXECUTE p('pix-payment', 'in-flight', 100)");
         assert!(plan.iter().any(|step| step.contains("Index Scan using documents_by_owner")), "{plan:?}");
         assert!(!plan.iter().any(|step| step.contains("Sort")), "no sort: {plan:?}");
     }
