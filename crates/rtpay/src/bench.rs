@@ -620,10 +620,15 @@ fn window_base() -> u64 {
     WINDOWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 48
 }
 
-/// `connections` clients, each sending requests back to back for `duration`.
-async fn closed_loop(target: &Target, connections: usize, duration: Duration) -> Run {
+/// `connections` clients, each sending requests back to back for `duration`; with the CPU time
+/// `server` (when given) and the load generator spent over the same interval as the requests:
+/// from when every connection is open to the last answer. Opening and closing the connections is
+/// left out: it takes a while with little CPU, and counted in, it made the machine look idler
+/// than it is under load.
+async fn closed_loop(target: &Target, connections: usize, duration: Duration, server: Option<u32>) -> (Run, CpuSample) {
     let base = window_base();
     let clients = connected(target.addr, connections).await;
+    let before = CpuSample::read(server);
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -643,7 +648,12 @@ async fn closed_loop(target: &Target, connections: usize, duration: Duration) ->
             run
         }));
     }
-    merge(tasks, started).await
+    let run = merge(tasks, started).await;
+    let mut cpu = CpuSample::default();
+    if let Some(before) = before {
+        cpu.add_since(server, &before);
+    }
+    (run, cpu)
 }
 
 /// Requests at a fixed total `rate`, spread over `connections`; latency is measured from the
@@ -777,6 +787,16 @@ impl CpuSample {
         })
     }
 
+    /// Adds another sum of differences.
+    fn add(&mut self, more: &CpuSample) {
+        self.server += more.server;
+        self.generator += more.generator;
+        self.machine.add(&more.machine);
+        for (name, spent) in &more.threads {
+            *self.threads.entry(name.clone()).or_default() += *spent;
+        }
+    }
+
     /// Adds what was spent between `before` and a reading taken now.
     fn add_since(&mut self, server: Option<u32>, before: &CpuSample) {
         let Some(after) = CpuSample::read(server) else { return };
@@ -857,16 +877,13 @@ async fn measure(subjects: &[Subject<'_>], args: &BenchArgs) -> Vec<(f64, f64)> 
     for &connections in &args.connections {
         // Warm each server up for this count.
         for subject in subjects {
-            let _ = closed_loop(subject.target, connections, Duration::from_secs(2)).await;
+            let _ = closed_loop(subject.target, connections, Duration::from_secs(2), None).await;
         }
         let mut runs: Vec<(Run, CpuSample)> = subjects.iter().map(|_| Default::default()).collect();
         for _ in 0..TURNS {
             for (subject, (total, cpu)) in subjects.iter().zip(&mut runs) {
-                let before = CpuSample::read(subject.server);
-                let run = closed_loop(subject.target, connections, window).await;
-                if let Some(before) = before {
-                    cpu.add_since(subject.server, &before);
-                }
+                let (run, spent) = closed_loop(subject.target, connections, window, subject.server).await;
+                cpu.add(&spent);
                 total.latencies_us.extend(run.latencies_us);
                 total.errors += run.errors;
                 total.elapsed += run.elapsed;
@@ -1120,7 +1137,7 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
         token: key,
         body: transfer_bodies(bank, Arc::new(vec![wallet]), args.ids),
     };
-    let load = closed_loop(&target, 32, Duration::from_secs(args.seconds.min(5))).await;
+    let (load, _) = closed_loop(&target, 32, Duration::from_secs(args.seconds.min(5)), None).await;
     let rss_loaded = rss_kib(child.id()).unwrap_or(0);
     child.kill()?;
     child.wait()?;

@@ -1,5 +1,5 @@
-//! The command line: help on everything, the demo's tour, migrate, and verify catching a ledger
-//! edited behind rtpay's back.
+//! The command line: help on everything, the demo's tour, migrate, verify catching a ledger
+//! edited behind rtpay's back, and a short run of the HTTP benchmark.
 
 mod common;
 
@@ -149,4 +149,47 @@ fn verify_catches_a_balance_edited_in_storage() {
         assert!(!ok, "verify missed an edited balance:\n{report}");
         assert!(report.contains("violation") && report.contains(&id.simple().to_string()), "{report}");
     }
+}
+
+/// Reads the number after `label` in `line` (`"load generator 7.9 µs"` → 7.9).
+fn figure_after(line: &str, label: &str) -> f64 {
+    let rest = &line[line.find(label).unwrap_or_else(|| panic!("{label:?} in {line}")) + label.len()..];
+    let number: String = rest.trim_start().chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    number.parse().unwrap_or_else(|_| panic!("a number after {label:?} in {line}"))
+}
+
+#[test]
+fn bench_reports_rtpay_and_the_baseline_with_consistent_cpu_figures() {
+    let dir = temp_dir("bench");
+    let (ok, out) = rtpay(&[
+        "bench",
+        "--scenario",
+        "http",
+        "--seconds",
+        "1",
+        "--connections",
+        "8",
+        "--scratch",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let cores = std::thread::available_parallelism().unwrap().get() as f64;
+    for name in ["rtpay POST /v1/transfers (embedded), closed loop", "baseline: trivial axum JSON handler, closed loop"]
+    {
+        let line = out.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name} in {out}"));
+        assert!(line.contains(" 0 errors"), "{line}");
+        let rate = figure_after(line, "connections:");
+        assert!(rate > 0.0, "{line}");
+        // The machine's busy share holds at least the CPU time the server and the load generator
+        // spent over the same windows (give or take the kernel's 10 ms ticks over five windows).
+        let spent = figure_after(line, "server") + figure_after(line, "load generator");
+        let (busy, idle, stolen) =
+            (figure_after(line, "busy"), figure_after(line, "idle"), figure_after(line, "stolen"));
+        assert!((busy + idle + stolen - 100.0).abs() <= 2.0, "{line}");
+        let used = 100.0 * rate * spent / 1e6 / cores;
+        assert!(busy >= used - 15.0, "busy {busy} % against {used:.0} % used by the two processes: {line}");
+    }
+    let summary = out.lines().find(|l| l.starts_with("=> embedded:")).unwrap_or_else(|| panic!("{out}"));
+    assert!(figure_after(summary, "=> embedded:") > 0.0 && summary.contains("ratio to axum baseline"), "{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
