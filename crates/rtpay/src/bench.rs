@@ -739,7 +739,7 @@ pub async fn baseline_server(listen: SocketAddr) -> Result<(), Error> {
         let out = serde_json::to_vec(&json!({"id": value["id"], "status": "ok"})).expect("serializes");
         (axum::http::StatusCode::CREATED, [(axum::http::header::CONTENT_TYPE, "application/json")], out).into_response()
     }
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = crate::serve::listen(listen)?;
     println!("rtpay listening on http://{}", listener.local_addr()?);
     axum::serve(listener, axum::Router::new().route("/v1/transfers", axum::routing::post(echo))).await?;
     Ok(())

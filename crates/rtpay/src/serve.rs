@@ -131,6 +131,24 @@ pub struct Running {
 }
 
 /// Opens storage, binds, and serves until `shutdown` resolves; `ready` is called once listening.
+/// Connections the kernel completes and queues for a listener before rtpay accepts them; it caps
+/// this at `net.core.somaxconn` (4096 by default since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket with room for a burst of new connections. The standard library's and
+/// tokio's `bind` queue 128: a burst larger than that (clients reconnecting at once after a
+/// restart or a load balancer's failover) has its extra SYNs dropped, and those clients wait for
+/// their retransmission, a second later.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 pub async fn run(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -154,16 +172,10 @@ pub async fn run(
     let store =
         tokio::task::spawn_blocking(move || Store::open_with(&location, Arc::new(store::now_nanos), signer)).await??;
     let store = Arc::new(store);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listener = listen(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let iso8583 = match config.iso8583_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|e| format!("cannot listen on {a} (--iso8583-listen): {e}"))?,
-        ),
+        Some(a) => Some(listen(a).map_err(|e| format!("cannot listen on {a} (--iso8583-listen): {e}"))?),
         None => None,
     };
     let iso8583_addr = iso8583.as_ref().map(|l| l.local_addr()).transpose()?;
@@ -240,5 +252,35 @@ mod tests {
         assert_eq!(http_threads_for(1), 1);
         assert_eq!(http_threads_for(2), 1);
         assert_eq!(http_threads_for(8), 7);
+    }
+
+    /// A burst of connections beyond the old queue of 128 is completed by the kernel while the
+    /// server is busy elsewhere: none waits for a SYN to be sent again.
+    #[tokio::test]
+    async fn a_burst_of_connections_is_queued_until_accepted() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Nothing accepts until every connection is open: the kernel's queue holds them all.
+        let opening: Vec<_> = (0..400)
+            .map(|_| {
+                tokio::spawn(tokio::time::timeout(
+                    std::time::Duration::from_millis(800),
+                    tokio::net::TcpStream::connect(addr),
+                ))
+            })
+            .collect();
+        let mut open = Vec::new();
+        for task in opening {
+            match task.await.unwrap() {
+                Ok(Ok(stream)) => open.push(stream),
+                Ok(Err(e)) => panic!("connect: {e}"),
+                Err(_) => panic!("a connection was not completed (the accept queue is full)"),
+            }
+        }
+        assert_eq!(open.len(), 400);
+        for _ in 0..400 {
+            listener.accept().await.unwrap();
+        }
+        assert!(listen(addr).is_err(), "the address is taken while the listener lives");
     }
 }
