@@ -149,6 +149,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         iso8583_listen: None,
         card_settings: Default::default(),
         pix: server::pix_rail::PixSettings { ispb: Some(DEMO_ISPB.into()), ..Default::default() },
+        pix_jws: None,
         webhooks: Default::default(),
     };
     let server = tokio::spawn(run(

@@ -118,6 +118,15 @@ enum CommandLine {
         /// listener serves those paths): at most 25 characters, lowercase letters, digits, `.`, `-`.
         #[arg(long, default_value = server::pix_rail::LOCATION_HOST_DEFAULT, env = "RTPAY_PIX_LOCATION_HOST")]
         pix_location_host: String,
+        /// The certificate chain (PEM, leaf first) whose key signs the payloads at charges'
+        /// locations: the JWK Set then carries it (`x5c`) for payers' apps to check against the
+        /// location's host. Needs --pix-jws-key. Without both, a key made once per database signs.
+        #[arg(long, env = "RTPAY_PIX_JWS_CERT", requires = "pix_jws_key")]
+        pix_jws_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM, PKCS#8 or PKCS#1): P-256 signs ES256, RSA of 2,048
+        /// to 4,096 bits signs RS256.
+        #[arg(long, env = "RTPAY_PIX_JWS_KEY", requires = "pix_jws_cert")]
+        pix_jws_key: Option<PathBuf>,
         /// PEM roots that webhook receivers' certificates are checked against (default: the
         /// system's bundle, /etc/ssl/certs/ca-certificates.crt).
         #[arg(long, env = "RTPAY_WEBHOOK_CA")]
@@ -239,6 +248,8 @@ fn main() -> ExitCode {
             spi_timeout_percent,
             spi_timeout_ms,
             pix_location_host,
+            pix_jws_cert,
+            pix_jws_key,
             webhook_ca,
             webhook_client_cert,
             webhook_client_key,
@@ -320,6 +331,7 @@ fn main() -> ExitCode {
                     spi_timeout: std::time::Duration::from_millis(spi_timeout_ms),
                     location_host: pix_location_host,
                 },
+                pix_jws: pix_jws_cert.zip(pix_jws_key),
                 webhooks: server::webhook::WebhookSettings {
                     ca: webhook_ca,
                     client_cert: webhook_client_cert.zip(webhook_client_key),

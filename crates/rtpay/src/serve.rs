@@ -24,6 +24,9 @@ pub struct ServeConfig {
     pub iso8583_listen: Option<SocketAddr>,
     pub card_settings: server::card_network::CardSettings,
     pub pix: server::pix_rail::PixSettings,
+    /// The certificate chain and key (PEM) that sign the payloads at charges' locations; `None`:
+    /// a key made once per database, with no certificate.
+    pub pix_jws: Option<(PathBuf, PathBuf)>,
     pub webhooks: server::webhook::WebhookSettings,
 }
 
@@ -161,6 +164,8 @@ pub async fn run(
     server::quiet_panics();
     // Bad PEM files are refused before anything is created or opened.
     let acceptor = config.tls.as_ref().map(server::tls::acceptor).transpose()?;
+    let payload_signer =
+        config.pix_jws.as_ref().map(|(cert, key)| server::jws::PayloadSigner::from_pem_files(cert, key)).transpose()?;
     let webhooks = server::webhook::WebhookClient::new(&config.webhooks)?;
     std::fs::create_dir_all(&config.data)
         .map_err(|e| format!("cannot create data directory {}: {e}", config.data.display()))?;
@@ -191,6 +196,9 @@ pub async fn run(
         .with_card_settings(config.card_settings)
         .with_pix(config.pix)
         .with_webhooks(webhooks);
+    if let Some(signer) = payload_signer {
+        let _ = state.pix_runtime.signer.set(Arc::new(signer));
+    }
     // Notifications a stopped node left pending (the outbox).
     server::webhook::resume(&state);
     // Off-us Pix whose verdict a stopped node never recorded.

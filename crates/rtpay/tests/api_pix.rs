@@ -299,15 +299,99 @@ fn verified_payload(server: &Server, path: &str) -> Value {
 }
 
 fn verified_payload_on(server: &Server, path: &str, host: &str) -> Value {
+    verified_payload_with(server, path, host, &[])
+}
+
+/// `more`: the algorithm the header must name, and a CA the key's certificate must be issued by.
+fn verified_payload_with(server: &Server, path: &str, host: &str, more: &[&str]) -> Value {
+    let out = jws_peer(server, path, host, more);
+    assert!(out.status.success(), "jwcrypto refused: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What the JOSE peer says of the payload at `path`.
+fn jws_peer(server: &Server, path: &str, host: &str, more: &[&str]) -> std::process::Output {
     let python = std::env::var("RTPAY_TEST_PYTHON")
         .unwrap_or_else(|_| format!("{}/.cache/rtpay/venv/bin/python", std::env::var("HOME").unwrap_or_default()));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/jws_verify.py");
-    let out = std::process::Command::new(&python)
+    std::process::Command::new(&python)
         .args([script, &format!("http://{}", server.addr), path, &format!("https://{host}/qr/jwks")])
+        .args(more)
         .output()
-        .unwrap_or_else(|e| panic!("{python} is required (scripts/setup makes it, with jwcrypto): {e}"));
-    assert!(out.status.success(), "jwcrypto refused: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+        .unwrap_or_else(|e| panic!("{python} is required (scripts/setup makes it, with jwcrypto): {e}"))
+}
+
+/// A CA, and a certificate it issued for the locations' host to the RSA key in `key_pem`: (the
+/// CA's PEM, the chain's PEM, leaf first).
+fn location_certificate(key_pem: &str) -> (String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "payload test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::from_pem_and_sign_algo(key_pem, &rcgen::PKCS_RSA_SHA256).unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["qr.banco.example".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    (ca.pem(), leaf.pem() + &ca.pem())
+}
+
+#[test]
+fn payloads_are_signed_with_the_operators_certified_key() {
+    let dir = temp_dir("api-pix-jws");
+    let key_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../server/tests/data/rsa-2048-test-key.pem");
+    let (ca_pem, chain_pem) = location_certificate(&std::fs::read_to_string(key_file).unwrap());
+    let (ca, chain) = (dir.join("ca.pem"), dir.join("chain.pem"));
+    std::fs::write(&ca, &ca_pem).unwrap();
+    std::fs::write(&chain, &chain_pem).unwrap();
+
+    // A key the certificate is not for stops the start, before anything is made.
+    let other = dir.join("other-key.pem");
+    std::fs::write(&other, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let refused = dir.join("refused");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rtpay"))
+        .args(["serve", "--data", refused.to_str().unwrap(), "--listen", "127.0.0.1:0", "--ispb", ISPB])
+        .args(["--pix-jws-cert", chain.to_str().unwrap(), "--pix-jws-key", other.to_str().unwrap()])
+        .env_remove("RTPAY_POSTGRES")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("is not for the key"), "{said}");
+    assert!(!refused.exists(), "nothing is created");
+
+    let data = dir.join("data");
+    let args = ["--ispb", ISPB, "--pix-location-host", "qr.banco.example", "--pix-jws-cert", chain.to_str().unwrap()];
+    let server =
+        Server::start_with_args(&data, None, "127.0.0.1:0", true, &[&args[..], &["--pix-jws-key", key_file]].concat());
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
+        let r = c
+            .post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        let cob = json!({"valor": {"original": "12.34"}, "chave": CNPJ_ACME});
+        let (s, v, _) = send(&mut c, Method::PUT, &format!("/api/v2/cob/{TXID}"), &shop, Some(cob)).await;
+        assert_eq!(s, 201, "{v}");
+        let path = v["location"].as_str().unwrap().strip_prefix("https://qr.banco.example").unwrap().to_owned();
+        let (srv, ca) = (&server, ca.to_str().unwrap());
+        let body =
+            tokio::task::block_in_place(|| verified_payload_with(srv, &path, "qr.banco.example", &["RS256", ca]));
+        assert_eq!((body["txid"].clone(), body["valor"]["original"].clone()), (json!(TXID), json!("12.34")), "{body}");
+        // Against another CA the peer refuses the chain: it does check it.
+        let stranger = dir.join("stranger-ca.pem");
+        std::fs::write(&stranger, location_certificate(&std::fs::read_to_string(key_file).unwrap()).0).unwrap();
+        let out = tokio::task::block_in_place(|| {
+            jws_peer(srv, &path, "qr.banco.example", &["RS256", stranger.to_str().unwrap()])
+        });
+        assert!(!out.status.success(), "a chain from another CA passed");
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
 }
 
 #[test]
