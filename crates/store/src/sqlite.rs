@@ -2750,7 +2750,8 @@ mod tests {
             let mut clock = writer.begin()?;
             let mut snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
             writer.load_accounts(&[key(1), key(2)], &mut snapshot)?;
-            let (_, transfers) = ledger::apply_transfers(&snapshot, &mut clock, now_nanos(), &[transfer.clone()]);
+            let (_, transfers) =
+                ledger::apply_transfers(&snapshot, &mut clock, now_nanos(), std::slice::from_ref(&transfer));
             let result = writer.commit(&[transfers], &[(clock.last, draft(1)), (clock.last + 1, draft(2))], &[]);
             if result.is_err() {
                 writer.rollback();

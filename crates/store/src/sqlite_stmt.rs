@@ -97,7 +97,7 @@ impl Statement {
                 db.as_ptr(),
                 sql.as_ptr().cast::<c_char>(),
                 len,
-                ffi::SQLITE_PREPARE_PERSISTENT as u32,
+                ffi::SQLITE_PREPARE_PERSISTENT,
                 &mut raw,
                 std::ptr::null_mut(),
             )
@@ -250,7 +250,8 @@ mod tests {
         drop(text);
         drop(blob);
 
-        let stored: Vec<(i64, Option<String>, Option<Vec<u8>>, Option<i64>)> = conn
+        type Row = (i64, Option<String>, Option<Vec<u8>>, Option<i64>);
+        let stored: Vec<Row> = conn
             .prepare("SELECT i, s, b, n FROM t ORDER BY i")
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
