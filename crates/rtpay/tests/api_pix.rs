@@ -51,6 +51,14 @@ async fn holder_account(
     acct
 }
 
+/// ACME's account in `shop`, with its CNPJ as its Pix key.
+async fn acme_with_key(c: &mut rtpay::client::Client, shop: &str) -> String {
+    let acme = holder_account(c, shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
+    let r = c.post("/v1/pix/keys", shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap();
+    assert_eq!(r.status, 201);
+    acme
+}
+
 fn assert_problem(got: &(u16, Value, String), status: u16, kind: &str, property: Option<&str>) {
     let (s, v, ct) = got;
     assert_eq!((*s, ct.as_str()), (status, "application/problem+json"), "{v}");
@@ -70,10 +78,8 @@ fn charges_are_created_revised_paid_and_refunded() {
         let mut c = server.client();
         let (_, shop) = tenant(&mut c, "shop").await;
         let (_, wallet) = tenant(&mut c, "wallet").await;
-        let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
+        let acme = acme_with_key(&mut c, &shop).await;
         let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
-        let r = c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap();
-        assert_eq!(r.status, 201);
         let available = |v: Value| v["available"].as_i64().unwrap();
 
         // Create, read, revise.
@@ -214,15 +220,8 @@ fn med_blocks_then_returns_or_releases() {
         let mut c = server.client();
         let (_, shop) = tenant(&mut c, "shop").await;
         let (_, wallet) = tenant(&mut c, "wallet").await;
-        let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
+        let acme = acme_with_key(&mut c, &shop).await;
         let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
-        assert_eq!(
-            c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
-                .await
-                .unwrap()
-                .status,
-            201
-        );
         let pay = |amount: u64| json!({"id": uuid(), "debit_account_id": maria, "amount": amount, "key": CNPJ_ACME});
         let r = c.post("/v1/pix/payments", &wallet, &pay(10_000)).await.unwrap();
         let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
@@ -368,12 +367,7 @@ fn payloads_are_signed_with_the_operators_certified_key() {
     rt.block_on(async {
         let mut c = server.client();
         let (_, shop) = tenant(&mut c, "shop").await;
-        let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
-        let r = c
-            .post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
-            .await
-            .unwrap();
-        assert_eq!(r.status, 201);
+        acme_with_key(&mut c, &shop).await;
         let cob = json!({"valor": {"original": "12.34"}, "chave": CNPJ_ACME});
         let (s, v, _) = send(&mut c, Method::PUT, &format!("/api/v2/cob/{TXID}"), &shop, Some(cob)).await;
         assert_eq!(s, 201, "{v}");
@@ -410,13 +404,8 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
         let mut c = server.client();
         let (_, shop) = tenant(&mut c, "shop").await;
         let (_, wallet) = tenant(&mut c, "wallet").await;
-        let acme = holder_account(&mut c, &shop, "company", "ACME Comércio", CNPJ_ACME, 0).await;
+        let acme = acme_with_key(&mut c, &shop).await;
         let maria = holder_account(&mut c, &wallet, "person", "Maria Quitéria", CPF_MARIA, 100_000).await;
-        let r = c
-            .post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME}))
-            .await
-            .unwrap();
-        assert_eq!(r.status, 201);
 
         // A location made on its own, then given to a charge.
         let (s, loc, _) = send(&mut c, Method::POST, "/api/v2/loc", &shop, Some(json!({"tipoCob": "cob"}))).await;
