@@ -4,7 +4,7 @@
 //!
 //! The key is either
 //! - the operator's, with its certificate chain (`--pix-jws-cert`, `--pix-jws-key`): ES256 for a
-//!   P-256 key, RS256 for an RSA key of 2,048 bits or more. The JWK then carries the chain
+//!   P-256 key, RS256 for an RSA key of 2,048 to 4,096 bits. The JWK then carries the chain
 //!   (`x5c`) and the certificate's thumbprints (`x5t`, `x5t#S256`), and every header names `x5t`,
 //!   so a payer's app can check the certificate against the location's host, as the manual asks;
 //! - or, without them, an ES256 key made once per database, kept sealed under the vault (the
