@@ -133,7 +133,6 @@ pub struct Running {
     pub iso8583_addr: Option<SocketAddr>,
 }
 
-/// Opens storage, binds, and serves until `shutdown` resolves; `ready` is called once listening.
 /// Connections the kernel completes and queues for a listener before rtpay accepts them; it caps
 /// this at `net.core.somaxconn` (4096 by default since Linux 5.4).
 const LISTEN_BACKLOG: u32 = 4096;
@@ -152,6 +151,7 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Opens storage, binds, and serves until `shutdown` resolves; `ready` is called once listening.
 pub async fn run(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
