@@ -649,10 +649,7 @@ async fn closed_loop(target: &Target, connections: usize, duration: Duration, se
         }));
     }
     let run = merge(tasks, started).await;
-    let mut cpu = CpuSample::default();
-    if let Some(before) = before {
-        cpu.add_since(server, &before);
-    }
+    let cpu = before.map(|b| CpuSample::since(server, &b)).unwrap_or_default();
     (run, cpu)
 }
 
@@ -787,7 +784,7 @@ impl CpuSample {
         })
     }
 
-    /// Adds another sum of differences.
+    /// Adds what another window spent.
     fn add(&mut self, more: &CpuSample) {
         self.server += more.server;
         self.generator += more.generator;
@@ -797,15 +794,22 @@ impl CpuSample {
         }
     }
 
-    /// Adds what was spent between `before` and a reading taken now.
-    fn add_since(&mut self, server: Option<u32>, before: &CpuSample) {
-        let Some(after) = CpuSample::read(server) else { return };
-        self.server += after.server.saturating_sub(before.server);
-        self.generator += after.generator.saturating_sub(before.generator);
-        self.machine.add(&after.machine.since(&before.machine));
-        for (name, spent) in after.threads {
-            let was = before.threads.get(&name).copied().unwrap_or_default();
-            *self.threads.entry(name).or_default() += spent.saturating_sub(was);
+    /// What was spent between `before` and a reading taken now (nothing, if it cannot be read).
+    fn since(server: Option<u32>, before: &CpuSample) -> CpuSample {
+        let Some(after) = CpuSample::read(server) else { return CpuSample::default() };
+        let threads = after
+            .threads
+            .into_iter()
+            .map(|(name, spent)| {
+                let was = before.threads.get(&name).copied().unwrap_or_default();
+                (name, spent.saturating_sub(was))
+            })
+            .collect();
+        CpuSample {
+            server: after.server.saturating_sub(before.server),
+            threads,
+            generator: after.generator.saturating_sub(before.generator),
+            machine: after.machine.since(&before.machine),
         }
     }
 
