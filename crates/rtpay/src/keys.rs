@@ -97,13 +97,61 @@ pub fn index_key(data: &Path) -> Result<Secret32, Error> {
         Err(_) => {
             let path = data.join("index-key");
             if !path.exists() {
-                append_private(&path, &vault::hex(Secret32::random()?.expose()))?;
+                append_private(&path, &new_index_key()?)?;
             }
             std::fs::read_to_string(&path)?
         }
     };
     let bytes = vault::unhex(text.trim()).filter(|b| b.len() == 32).ok_or("the index key must be 64 hex digits")?;
     Ok(Secret32::from_bytes(bytes.try_into().expect("32 bytes")))
+}
+
+fn new_index_key() -> Result<String, VaultError> {
+    Ok(vault::hex(Secret32::random()?.expose()))
+}
+
+/// The files `rtpay keys init` writes: the secrets every node of a PostgreSQL cluster must share,
+/// under the names `rtpay serve` gives them in a data directory.
+pub const CLUSTER_FILES: [&str; 5] = ["secret-key", "index-key", "operator-token", "audit-signing-key", "kek"];
+
+/// Writes a new cluster's shared secrets into `dir` (made with mode 0700 if missing), each file
+/// with mode 0600: the API secrets' hashing key, the blind-index key, the operator token, the
+/// audit signing key and version 1 of the key-encryption keys. Their names are those `rtpay serve`
+/// reads from its data directory, so the directory (a Kubernetes Secret mounted there, say) can
+/// be every node's `--data`. Refuses, writing nothing, when any of them exists: a key replaced
+/// makes what it protects unreadable.
+pub fn init(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let contents = [
+        crate::serve::new_hash_key(),
+        new_index_key()?,
+        server::auth::new_secret(server::auth::OPERATOR_SECRET_PREFIX),
+        crate::serve::new_audit_key()?,
+        FileKek::file_line(1)?,
+    ];
+    if let Some(path) = CLUSTER_FILES.iter().map(|name| dir.join(name)).find(|p| p.exists()) {
+        return Err(format!("{} exists; keys init never replaces a key", path.display()).into());
+    }
+    if !dir.is_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        parent.map_or(Ok(()), std::fs::create_dir_all).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut written = Vec::new();
+    for (name, text) in CLUSTER_FILES.iter().zip(&contents) {
+        let path = dir.join(name);
+        if let Err(e) = crate::serve::write_private(&path, text) {
+            for done in &written {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(format!("cannot write {}: {e}", path.display()).into());
+        }
+        written.push(path);
+    }
+    Ok(written)
 }
 
 /// Adds KEK version N+1 and re-wraps every tenant's data key under it. Old versions stay, so

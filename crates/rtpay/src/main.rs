@@ -190,6 +190,15 @@ enum CommandLine {
 
 #[derive(Subcommand)]
 enum KeysCommand {
+    /// Write a new cluster's shared secrets into a directory, each file mode 0600: the API
+    /// secrets' hashing key, the blind-index key, the operator token, the audit signing key and the
+    /// key-encryption key. Give every node the same files, as its --data directory (a Kubernetes
+    /// Secret mounted there, say). Refuses, writing nothing, when any of them exists.
+    Init {
+        /// The directory to write into (made with mode 0700 if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Create KEK version N+1 and re-wrap every tenant's data key under it, without downtime:
     /// old versions stay readable, and running nodes load the new one when they meet it.
     Rotate {
@@ -419,6 +428,26 @@ fn main() -> ExitCode {
                 }
             }
         }
+        CommandLine::Keys { command: KeysCommand::Init { out } } => match rtpay::keys::init(&out) {
+            Ok(files) => {
+                println!("wrote a new cluster's keys, each readable by its owner only:");
+                for file in files {
+                    println!("  {}", file.display());
+                }
+                println!(
+                    "give every node the same files as its --data directory (with --postgres it may be read-only), \
+                     e.g. kubectl create secret generic rtpay-keys --from-file={dir}; the operator token is in \
+                     {dir}/operator-token. Keep a copy apart from database backups: without these keys, API keys, \
+                     vault data and blind indexes cannot be used.",
+                    dir = out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rtpay keys init: {e}");
+                ExitCode::FAILURE
+            }
+        },
         CommandLine::Keys { command: KeysCommand::Rotate { storage } } => {
             let kek = rtpay::keys::KekConfig::or_default(storage.kek.clone(), &storage.data);
             let location = storage.location();

@@ -41,7 +41,8 @@ impl ServeConfig {
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+/// Writes a new file readable by its owner only; never replaces one.
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     file.write_all(contents.as_bytes())?;
@@ -56,13 +57,18 @@ pub fn hash_key(data: &Path) -> Result<[u8; 32], Error> {
         Err(_) => {
             let path = data.join("secret-key");
             if !path.exists() {
-                write_private(&path, &hex(&random_32()))?;
+                write_private(&path, &new_hash_key())?;
             }
             std::fs::read_to_string(&path)?
         }
     };
     let bytes = unhex(text.trim()).filter(|b| b.len() == 32).ok_or("the secret key must be 64 hex digits")?;
     Ok(bytes.try_into().expect("32 bytes"))
+}
+
+/// A new key to hash API secrets under, as [`hash_key`] reads it.
+pub(crate) fn new_hash_key() -> String {
+    hex(&random_32())
 }
 
 /// The operator token: `RTPAY_OPERATOR_TOKEN`, else `<data>/operator-token`; generated on first
@@ -93,13 +99,17 @@ pub fn default_audit_key(data: &Path) -> PathBuf {
 /// 0600) on first start. Every node of a PostgreSQL cluster must be given the same file.
 pub fn audit_signer(path: &Path) -> Result<audit::Signer, Error> {
     if !path.exists() {
-        let pkcs8 = audit::Signer::generate_pkcs8()?;
-        write_private(path, &hex(&pkcs8))?;
+        write_private(path, &new_audit_key()?)?;
     }
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("cannot read the audit key {}: {e}", path.display()))?;
     let pkcs8 = unhex(text.trim()).ok_or_else(|| format!("the audit key {} is not hex", path.display()))?;
     Ok(audit::Signer::from_pkcs8(&pkcs8).map_err(|e| format!("the audit key {}: {e}", path.display()))?)
+}
+
+/// A new audit signing key, as [`audit_signer`] reads it.
+pub(crate) fn new_audit_key() -> Result<String, Error> {
+    Ok(hex(&audit::Signer::generate_pkcs8()?))
 }
 
 pub fn init_logging() {

@@ -193,3 +193,114 @@ fn bench_reports_rtpay_and_the_baseline_with_consistent_cpu_figures() {
     assert!(figure_after(summary, "=> embedded:") > 0.0 && summary.contains("ratio to axum baseline"), "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `rtpay serve` over PostgreSQL whose every secret comes from `keys`, its data directory: no
+/// key in its environment.
+struct KeyedNode(std::process::Child, std::net::SocketAddr);
+
+impl KeyedNode {
+    fn start(keys: &std::path::Path, url: &str) -> KeyedNode {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rtpay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--postgres", url, "--data"])
+            .arg(keys)
+            .env("RTPAY_LOG", "warn")
+            .env_remove("RTPAY_OPERATOR_TOKEN")
+            .env_remove("RTPAY_SECRET_KEY")
+            .env_remove("RTPAY_INDEX_KEY")
+            .env_remove("RTPAY_KEK")
+            .env_remove("RTPAY_AUDIT_KEY_FILE")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = lines
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("rtpay listening on http://").map(|a| a.parse().unwrap()))
+            .expect("the node started");
+        KeyedNode(child, addr)
+    }
+}
+
+impl Drop for KeyedNode {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn listing(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `rtpay keys init` writes the secrets a cluster shares, private, and never replaces one; two
+/// nodes given the directory as `--data` (and nothing in their environment) serve as one: the
+/// operator token from the file works, a tenant's API key made on one node works on the other,
+/// a holder sealed on one is opened on the other (the same key-encryption and index keys), the
+/// audit log verifies with the key from the directory, and the nodes wrote nothing into it.
+#[test]
+fn keys_init_writes_a_clusters_shared_keys_that_nodes_serve_with() {
+    use std::os::unix::fs::PermissionsExt;
+    let keys = temp_dir("keys-init").join("keys");
+    let (ok, out) = rtpay(&["keys", "init", "--out", keys.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&keys), 0o700);
+    let files = listing(&keys);
+    let names: Vec<_> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["audit-signing-key", "index-key", "kek", "operator-token", "secret-key"]);
+    for (name, _) in &files {
+        assert_eq!(mode(&keys.join(name)), 0o600, "{name}");
+    }
+    let text = |name: &str| String::from_utf8(files.iter().find(|(n, _)| n == name).unwrap().1.clone()).unwrap();
+    let token = text("operator-token");
+    assert!(token.starts_with("rtpay_op_") && token.len() == 9 + 64, "{token}");
+    for hex_key in ["secret-key", "index-key"] {
+        let key = text(hex_key);
+        assert!(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()), "{hex_key}");
+    }
+    assert_ne!(text("secret-key"), text("index-key"));
+    assert!(!out.contains(&token) && !out.contains(&text("secret-key")), "keys are not printed: {out}");
+
+    // Run again, or over a directory holding one of the files: refused, nothing written.
+    let (ok, again) = rtpay(&["keys", "init", "--out", keys.to_str().unwrap()]);
+    assert!(!ok && again.contains("secret-key exists"), "{again}");
+    assert_eq!(listing(&keys), files);
+    let partial = temp_dir("keys-init-partial");
+    std::fs::write(partial.join("kek"), "1 00\n").unwrap();
+    let (ok, refused) = rtpay(&["keys", "init", "--out", partial.to_str().unwrap()]);
+    assert!(!ok && refused.contains("kek exists"), "{refused}");
+    assert_eq!(listing(&partial).len(), 1, "nothing written beside the existing file");
+
+    let url = store::testing::fresh_postgres_database();
+    let (a, b) = (KeyedNode::start(&keys, &url), KeyedNode::start(&keys, &url));
+    runtime().block_on(async {
+        let (mut ca, mut cb) = (rtpay::client::Client::new(a.1), rtpay::client::Client::new(b.1));
+        let r = ca.post("/v1/tenants", &token, &json!({"name": "shop"})).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let key = r.json()["api_key"]["secret"].as_str().unwrap().to_owned();
+        let body = json!({"kind": "person", "name": "Maria Souza", "document": "529.982.247-25"});
+        let r = ca.post("/v1/holders", &key, &body).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        let r = cb.get(&format!("/v1/holders/{holder}"), &key).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        assert_eq!(
+            (r.json()["name"].clone(), r.json()["document"].clone()),
+            (json!("Maria Souza"), json!("***.982.247-**"))
+        );
+        let r = cb.post("/v1/holders", &key, &body).await.unwrap();
+        assert_eq!(r.status, 409, "the same document, found through the shared index key: {:?}", r.json());
+    });
+    drop((a, b));
+    let audit_key = keys.join("audit-signing-key");
+    let (ok, verified) = rtpay(&["audit", "verify", "--postgres", &url, "--audit-key", audit_key.to_str().unwrap()]);
+    assert!(ok, "{verified}");
+    assert_eq!(listing(&keys), files, "the nodes wrote nothing into the keys directory");
+}
