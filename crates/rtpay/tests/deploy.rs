@@ -1,0 +1,230 @@
+//! The deploy files (`deploy/`), checked without a container engine: the Kubernetes manifests
+//! against Kubernetes' own schemas (PyPI kubernetes-validate), the compose file against the
+//! Compose Specification's schema (PyPI check-jsonschema), the alert rules by promtool's rule
+//! tests and its config check (Debian's prometheus package), and every metric, route and setting
+//! they name against what a real `rtpay serve` serves and reads.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::json;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn deploy(path: &str) -> PathBuf {
+    root().join("deploy").join(path)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn python() -> String {
+    std::env::var("RTPAY_TEST_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.cache/rtpay/venv/bin/python", std::env::var("HOME").unwrap_or_default()))
+}
+
+/// Runs a Python module of the test environment (scripts/setup installs it).
+fn python_module(module: &str, args: &[&str]) -> Output {
+    let python = python();
+    Command::new(&python)
+        .arg("-m")
+        .arg(module)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{python} is required (scripts/setup makes it, with {module}): {e}"))
+}
+
+fn promtool(args: &[&str]) -> Output {
+    let promtool = std::env::var("RTPAY_TEST_PROMTOOL").unwrap_or_else(|_| {
+        format!("{}/.cache/rtpay/prometheus/usr/bin/promtool", std::env::var("HOME").unwrap_or_default())
+    });
+    Command::new(&promtool)
+        .current_dir(deploy("prometheus"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{promtool} is required (scripts/setup unpacks Debian's prometheus package): {e}"))
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The words of `text` that start with `prefix` and go on with `[A-Za-z0-9_]`.
+fn words(text: &str, prefix: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(prefix) {
+        let boundary = rest[..at].chars().next_back().is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        if boundary {
+            found.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    found
+}
+
+const MANIFESTS: [&str; 5] = ["namespace.yaml", "deployment.yaml", "service.yaml", "pdb.yaml", "networkpolicy.yaml"];
+
+#[test]
+fn the_kubernetes_manifests_validate_against_kubernetes_schemas() {
+    let files: Vec<String> = MANIFESTS.iter().map(|f| deploy("kubernetes").join(f).display().to_string()).collect();
+    let mut args = vec!["--strict", "-k", "1.30.0"];
+    args.extend(files.iter().map(String::as_str));
+    let out = python_module("kubernetes_validate", &args);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(text(&out).matches(" passed for resource ").count(), MANIFESTS.len(), "{}", text(&out));
+
+    // The validator is strict: a field the schema does not know fails, as does a wrong type.
+    let broken = temp_dir("k8s-broken").join("deployment.yaml");
+    let deployment = read(&deploy("kubernetes/deployment.yaml"));
+    for (from, to) in [("replicas: 3", "replicas: three"), ("terminationGracePeriodSeconds", "terminationGracePeriod")]
+    {
+        assert!(deployment.contains(from));
+        std::fs::write(&broken, deployment.replacen(from, to, 1)).unwrap();
+        let out = python_module("kubernetes_validate", &["--strict", "-k", "1.30.0", broken.to_str().unwrap()]);
+        assert!(!out.status.success(), "{to} passed: {}", text(&out));
+    }
+
+    // kustomization.yaml applies exactly the manifests there are.
+    let kustomization = read(&deploy("kubernetes/kustomization.yaml"));
+    let listed: BTreeSet<&str> =
+        kustomization.lines().filter_map(|l| l.trim().strip_prefix("- ")).filter(|f| f.ends_with(".yaml")).collect();
+    let present: BTreeSet<String> = std::fs::read_dir(deploy("kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    assert_eq!(listed, present.iter().map(String::as_str).collect::<BTreeSet<_>>());
+    assert_eq!(present.len(), MANIFESTS.len());
+}
+
+#[test]
+fn the_compose_file_validates_against_the_compose_specification() {
+    let compose = deploy("compose.yaml");
+    let out =
+        python_module("check_jsonschema", &["--builtin-schema", "vendor.compose-spec", compose.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let broken = temp_dir("compose-broken").join("compose.yaml");
+    std::fs::write(&broken, read(&compose).replacen("restart: unless-stopped", "restart: [unless-stopped]", 1))
+        .unwrap();
+    let out = python_module("check_jsonschema", &["--builtin-schema", "vendor.compose-spec", broken.to_str().unwrap()]);
+    assert!(!out.status.success(), "a list where a string belongs passed: {}", text(&out));
+
+    // Every file it mounts from the repository, and the Dockerfile it builds with, exist.
+    let compose_text = read(&compose);
+    let mounts: Vec<&str> = compose_text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- ./"))
+        .map(|m| m.split(':').next().unwrap())
+        .collect();
+    assert!(mounts.len() >= 3, "{mounts:?}");
+    for m in mounts {
+        assert!(deploy(m).exists(), "compose mounts ./{m}, which is missing");
+    }
+    assert!(compose_text.contains("dockerfile: deploy/Dockerfile") && deploy("Dockerfile").exists());
+}
+
+#[test]
+fn the_dockerfile_copies_what_exists_and_the_build_context_keeps_it() {
+    let dockerfile = read(&deploy("Dockerfile"));
+    let ignored = read(&root().join(".dockerignore"));
+    let ignored: Vec<&str> = ignored.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let mut copied = 0;
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from=")) {
+        let parts: Vec<&str> = line.split_whitespace().skip(1).collect();
+        for source in &parts[..parts.len() - 1] {
+            assert!(root().join(source).exists(), "the Dockerfile copies {source}, which is missing");
+            assert!(!ignored.contains(source), ".dockerignore drops {source}, which the Dockerfile copies");
+            copied += 1;
+        }
+    }
+    // The workspace, its lock file and its build settings (SQLite's flags).
+    assert!(copied >= 5, "{copied}");
+    assert!(dockerfile.contains("--locked -p rtpay"));
+}
+
+#[test]
+fn the_alert_rules_pass_promtools_checks_and_rule_tests() {
+    let out = promtool(&["check", "config", "prometheus.yml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("SUCCESS: 7 rules found"), "{}", text(&out));
+    let out = promtool(&["test", "rules", "alerts_test.yml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("SUCCESS"), "{}", text(&out));
+}
+
+/// Every `rtpay_*` metric the alerts and the dashboard query, and every route they select, is in
+/// what a real node serves at `/metrics`; every `RTPAY_*` setting the deploy files give is one
+/// rtpay reads, and is documented.
+#[test]
+fn what_the_deploy_files_name_is_what_rtpay_serves_and_reads() {
+    let server = Server::start(&temp_dir("deploy-metrics"), None);
+    let metrics = runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "deploy").await;
+        let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let shop = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let body = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": shop, "amount": 1});
+        assert_eq!(c.post("/v1/transfers", &key, &body).await.unwrap().status, 201);
+        let r = c.send(hyper::Method::GET, "/metrics", None, None).await.unwrap();
+        assert_eq!(r.status, 200);
+        String::from_utf8(r.body.to_vec()).unwrap()
+    });
+    let served: BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let queries = read(&deploy("prometheus/alerts.yml")) + &read(&deploy("grafana/dashboards/rtpay.json"));
+    let named = words(&queries, "rtpay_");
+    assert!(named.len() >= 10, "{named:?}");
+    for name in &named {
+        assert!(served.contains(name.as_str()), "{name} is queried but not served; served: {served:?}");
+    }
+    for selector in ["route=\"/v1/transfers\"", "method=\"POST\""] {
+        assert!(queries.contains(selector) && metrics.contains(selector), "{selector}");
+    }
+
+    let mut sources = String::new();
+    for dir in std::fs::read_dir(root().join("crates")).unwrap() {
+        let src = dir.unwrap().path().join("src");
+        let mut stack = vec![src];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    sources.push_str(&read(&path));
+                }
+            }
+        }
+    }
+    let operations = read(&root().join("docs/OPERATIONS.md"));
+    let mut given = String::new();
+    for file in ["Dockerfile", "compose.yaml"] {
+        given.push_str(&read(&deploy(file)));
+    }
+    for file in MANIFESTS {
+        given.push_str(&read(&deploy("kubernetes").join(file)));
+    }
+    let settings = words(&given, "RTPAY_");
+    assert!(settings.len() >= 4, "{settings:?}");
+    for setting in settings {
+        assert!(sources.contains(&format!("\"{setting}\"")), "{setting} is set by deploy/ but rtpay never reads it");
+        assert!(
+            operations.contains(&format!("`{setting}`")),
+            "{setting} is set by deploy/ but OPERATIONS.md does not document it"
+        );
+    }
+}
