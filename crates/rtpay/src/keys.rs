@@ -158,8 +158,16 @@ pub fn init(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// anything not yet re-wrapped (or cached by a running node) stays readable. Returns (new
 /// version, data keys re-wrapped).
 pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
-    let ring = load(config, false)?;
-    let next = ring.current_version().ok_or("no key-encryption key configured")? + 1;
+    let version = add_version(config)?;
+    Ok((version, rewrap(config, queries)?.1))
+}
+
+/// Adds KEK version N+1 to the key source, and re-wraps nothing: the first half of a rotation
+/// whose key file every node reads from its own copy (a Kubernetes Secret). Once every node's
+/// copy holds the new version, [`rewrap`] puts the data keys under it; a node meeting a data key
+/// under a version its copy lacks answers 503 until its copy catches up.
+pub fn add_version(config: &KekConfig) -> Result<u32, Error> {
+    let next = load(config, false)?.current_version().ok_or("no key-encryption key configured")? + 1;
     match config {
         KekConfig::File(path) => append_private(path, &FileKek::file_line(next)?)?,
         KekConfig::Pkcs11 { module, token } => {
@@ -167,9 +175,16 @@ pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, 
             Pkcs11Kek::open(&Pkcs11Config { module, token_label: token, pin: &pin }, next, true)?;
         }
     }
-    drop(ring);
+    let loaded = load(config, false)?.current_version();
+    assert_eq!(loaded, Some(next), "the new version is current");
+    Ok(next)
+}
+
+/// Re-wraps every tenant's data key under the newest KEK version the key source holds, adding
+/// none. Returns (that version, data keys re-wrapped).
+pub fn rewrap(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
     let ring = load(config, false)?;
-    assert_eq!(ring.current_version(), Some(next), "the new version is current");
+    let current = ring.current_version().ok_or("no key-encryption key configured")?;
     let mut rewrapped = 0;
     for key in queries.data_keys()? {
         let old = WrappedKey { kek_version: key.kek_version, wrapped: key.wrapped.clone() };
@@ -182,5 +197,5 @@ pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, 
             }
         }
     }
-    Ok((next, rewrapped))
+    Ok((current, rewrapped))
 }

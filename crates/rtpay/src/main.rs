@@ -201,9 +201,18 @@ enum KeysCommand {
     },
     /// Create KEK version N+1 and re-wrap every tenant's data key under it, without downtime:
     /// old versions stay readable, and running nodes load the new one when they meet it.
+    ///
+    /// Where every node reads its own copy of the key file (a Kubernetes Secret), rotate in two
+    /// steps: --add-only, give every node the new file, then --rewrap-only.
     Rotate {
         #[command(flatten)]
         storage: StorageArgs,
+        /// Only add KEK version N+1; re-wrap nothing.
+        #[arg(long, conflicts_with = "rewrap_only")]
+        add_only: bool,
+        /// Only re-wrap every data key under the newest KEK version there is; add none.
+        #[arg(long)]
+        rewrap_only: bool,
     },
 }
 
@@ -448,14 +457,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        CommandLine::Keys { command: KeysCommand::Rotate { storage } } => {
+        CommandLine::Keys { command: KeysCommand::Rotate { storage, add_only, rewrap_only } } => {
             let kek = rtpay::keys::KekConfig::or_default(storage.kek.clone(), &storage.data);
             let location = storage.location();
-            let result = store::Store::open_queries(&location)
-                .map_err(|e| e.to_string().into())
-                .and_then(|q| rtpay::keys::rotate(&kek, q.as_ref()));
+            let result: Result<String, rtpay::serve::Error> =
+                store::Store::open_queries(&location).map_err(|e| e.to_string().into()).and_then(|q| {
+                    if add_only {
+                        Ok(format!(
+                            "key-encryption key version {} added; no data key re-wrapped",
+                            rtpay::keys::add_version(&kek)?
+                        ))
+                    } else if rewrap_only {
+                        let (version, count) = rtpay::keys::rewrap(&kek, q.as_ref())?;
+                        Ok(format!("{count} data key(s) re-wrapped under key-encryption key version {version}"))
+                    } else {
+                        let (version, count) = rtpay::keys::rotate(&kek, q.as_ref())?;
+                        Ok(format!("key-encryption key version {version} created; {count} data key(s) re-wrapped"))
+                    }
+                });
             let outcome = match &result {
-                Ok((version, count)) => format!("kek version {version}; {count} data key(s) re-wrapped"),
+                Ok(done) => done.clone(),
                 Err(e) => format!("failed: {e}"),
             };
             // An operator action like any other: recorded, whether it worked or not.
@@ -475,8 +496,8 @@ fn main() -> ExitCode {
                 eprintln!("rtpay keys rotate: the rotation could not be recorded in the audit log: {e}");
             }
             match result {
-                Ok((version, count)) if audited.is_ok() => {
-                    println!("key-encryption key version {version} created; {count} data key(s) re-wrapped");
+                Ok(done) if audited.is_ok() => {
+                    println!("{done}");
                     ExitCode::SUCCESS
                 }
                 Ok(_) => ExitCode::FAILURE,

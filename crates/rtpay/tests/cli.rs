@@ -304,3 +304,63 @@ fn keys_init_writes_a_clusters_shared_keys_that_nodes_serve_with() {
     assert!(ok, "{verified}");
     assert_eq!(listing(&keys), files, "the nodes wrote nothing into the keys directory");
 }
+
+/// A rotation where each node reads its own copy of the key file (a mounted Secret): the new
+/// version is added first (nothing re-wrapped, every node still reads every record), then the
+/// data keys are re-wrapped; a node whose copy lags answers 503 with Retry-After, never a 500,
+/// and serves the record once its copy catches up.
+#[test]
+fn a_rotation_in_two_steps_keeps_nodes_with_their_own_key_copies_serving() {
+    let operator = temp_dir("rotate-two-steps").join("keys");
+    let (ok, out) = rtpay(&["keys", "init", "--out", operator.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let mounted = temp_dir("rotate-two-steps-node");
+    for file in rtpay::keys::CLUSTER_FILES {
+        std::fs::copy(operator.join(file), mounted.join(file)).unwrap();
+    }
+    let token = std::fs::read_to_string(operator.join("operator-token")).unwrap();
+    let url = store::testing::fresh_postgres_database();
+    let first = KeyedNode::start(&mounted, &url);
+    let (key, holder) = runtime().block_on(async {
+        let mut c = rtpay::client::Client::new(first.1);
+        let r = c.post("/v1/tenants", &token, &json!({"name": "shop"})).await.unwrap();
+        let key = r.json()["api_key"]["secret"].as_str().unwrap().to_owned();
+        let body = json!({"kind": "person", "name": "Maria Souza", "document": "529.982.247-25"});
+        let r = c.post("/v1/holders", &key, &body).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        (key, r.json()["id"].as_str().unwrap().to_owned())
+    });
+    let get = |node: &KeyedNode| {
+        runtime().block_on(async {
+            let r = rtpay::client::Client::new(node.1).get(&format!("/v1/holders/{holder}"), &key).await.unwrap();
+            (r.status.as_u16(), r.headers.get("retry-after").map(|v| v.to_str().unwrap().to_owned()), r.json())
+        })
+    };
+    let rotate =
+        |step: &str| rtpay(&["keys", "rotate", step, "--postgres", &url, "--data", operator.to_str().unwrap()]);
+
+    let (ok, out) = rotate("--add-only");
+    assert!(ok && out.contains("key-encryption key version 2 added; no data key re-wrapped"), "{out}");
+    assert_eq!(std::fs::read_to_string(operator.join("kek")).unwrap().lines().count(), 2);
+    let second = KeyedNode::start(&mounted, &url);
+    assert_eq!(get(&second).0, 200, "nothing is re-wrapped yet: a node with version 1 only reads everything");
+    drop(second);
+
+    let (ok, out) = rotate("--rewrap-only");
+    assert!(ok && out.contains("1 data key(s) re-wrapped under key-encryption key version 2"), "{out}");
+    let lagging = KeyedNode::start(&mounted, &url);
+    let (status, retry, problem) = get(&lagging);
+    assert_eq!((status, retry.as_deref()), (503, Some("30")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("does not have yet"), "{problem}");
+    assert_eq!(get(&first).0, 200, "a node holding the tenant's data key already goes on");
+
+    std::fs::copy(operator.join("kek"), mounted.join("kek")).unwrap();
+    let (status, _, body) = get(&lagging);
+    assert_eq!((status, body["name"].clone()), (200, json!("Maria Souza")), "the copy caught up: {body}");
+    let (ok, out) = rotate("--rewrap-only");
+    assert!(ok && out.contains("0 data key(s) re-wrapped under key-encryption key version 2"), "{out}");
+    drop((first, lagging));
+    let audit_key = operator.join("audit-signing-key");
+    let (ok, verified) = rtpay(&["audit", "verify", "--postgres", &url, "--audit-key", audit_key.to_str().unwrap()]);
+    assert!(ok, "{verified}");
+}

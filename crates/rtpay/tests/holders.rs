@@ -144,7 +144,14 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
             .filter(|e| e["action"] == json!("keys.rotate"))
             .map(|e| (e["actor"].clone(), e["source"].clone(), e["outcome"].clone()))
             .collect();
-        assert_eq!(cli, vec![(json!("operator"), json!("cli"), json!("kek version 2; 2 data key(s) re-wrapped"))]);
+        assert_eq!(
+            cli,
+            vec![(
+                json!("operator"),
+                json!("cli"),
+                json!("key-encryption key version 2 created; 2 data key(s) re-wrapped")
+            )]
+        );
     });
     check(&server);
     server.stop();

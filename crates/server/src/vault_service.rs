@@ -137,6 +137,15 @@ impl From<VaultFailure> for crate::problem::Problem {
                 tracing::warn!(%why, "key store unavailable");
                 crate::problem::Problem::unavailable("the key store is unavailable; nothing was written", 5)
             }
+            // Even after reloading its keys, this node lacks a version another rotated to: its
+            // copy of the key file (a mounted Secret, say) has not caught up yet.
+            VaultFailure::Vault(VaultError::UnknownKek(version)) => {
+                tracing::warn!(version, "a data key is wrapped under a key-encryption key this node does not have");
+                crate::problem::Problem::unavailable(
+                    "a key-encryption key this node does not have yet protects this record; nothing was written",
+                    30,
+                )
+            }
             VaultFailure::Vault(e) => {
                 tracing::error!(error = %e, "vault failure");
                 crate::problem::Problem::internal()
