@@ -168,7 +168,8 @@ enum CommandLine {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// The vault's keys: `rtpay keys rotate` adds a key-encryption key and re-wraps every data key.
+    /// Keys: `rtpay keys init` writes a new cluster's shared keys; `rtpay keys rotate` adds a
+    /// key-encryption key and re-wraps every data key.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
