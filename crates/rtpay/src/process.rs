@@ -19,15 +19,26 @@ pub struct ServerProcess {
     pub iso8583: Option<SocketAddr>,
 }
 
+/// Which keys a spawned `rtpay serve` is given in its environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysEnv {
+    /// The fixed [`OPERATOR`] token and [`SECRET_KEY`], so several nodes of one cluster agree.
+    Fixed,
+    /// [`SECRET_KEY`] only: the operator token is `<data>/operator-token` (made on first start).
+    SecretOnly,
+    /// None: every key comes from the data directory (made there on first start), as
+    /// `rtpay keys init` writes them.
+    None,
+}
+
 /// How to start `rtpay serve`.
 pub struct Spawn<'a> {
     pub exe: &'a Path,
     pub data: &'a Path,
     pub postgres: Option<&'a str>,
     pub listen: &'a str,
-    /// Set `RTPAY_OPERATOR_TOKEN` to [`OPERATOR`]; otherwise the server uses (and on first start
-    /// creates) `<data>/operator-token`.
-    pub operator_env: bool,
+    /// Which keys the server finds in its environment.
+    pub keys: KeysEnv,
     /// How long to wait for the listening line.
     pub wait: Duration,
     /// More `serve` arguments.
@@ -41,12 +52,19 @@ impl Spawn<'_> {
     pub fn start(&self) -> std::io::Result<ServerProcess> {
         let mut command = Command::new(self.exe);
         command.arg("serve").arg("--data").arg(self.data).arg("--listen").arg(self.listen).args(self.args);
-        if self.operator_env {
-            command.env("RTPAY_OPERATOR_TOKEN", OPERATOR);
-        } else {
-            command.env_remove("RTPAY_OPERATOR_TOKEN");
-        }
-        command.env("RTPAY_SECRET_KEY", SECRET_KEY).stdout(Stdio::piped());
+        match self.keys {
+            KeysEnv::Fixed => command.env("RTPAY_OPERATOR_TOKEN", OPERATOR).env("RTPAY_SECRET_KEY", SECRET_KEY),
+            KeysEnv::SecretOnly => command.env_remove("RTPAY_OPERATOR_TOKEN").env("RTPAY_SECRET_KEY", SECRET_KEY),
+            KeysEnv::None => {
+                for name in
+                    ["RTPAY_OPERATOR_TOKEN", "RTPAY_SECRET_KEY", "RTPAY_INDEX_KEY", "RTPAY_KEK", "RTPAY_AUDIT_KEY_FILE"]
+                {
+                    command.env_remove(name);
+                }
+                &mut command
+            }
+        };
+        command.stdout(Stdio::piped());
         match self.log {
             None => command.env("RTPAY_LOG", "warn").stderr(Stdio::inherit()),
             Some(path) => command.env("RTPAY_LOG", "debug").stderr(std::fs::File::create(path)?),
@@ -101,7 +119,7 @@ pub fn spawn_serve(
     listen: &str,
     wait: Duration,
 ) -> std::io::Result<ServerProcess> {
-    Spawn { exe, data, postgres, listen, operator_env: true, wait, args: &[], log: None }.start()
+    Spawn { exe, data, postgres, listen, keys: KeysEnv::Fixed, wait, args: &[], log: None }.start()
 }
 
 /// CPU time (user and system) from a /proc `stat` file: a process's (all its threads) or a thread's.

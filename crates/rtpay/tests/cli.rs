@@ -196,36 +196,32 @@ fn bench_reports_rtpay_and_the_baseline_with_consistent_cpu_figures() {
 
 /// A `rtpay serve` over PostgreSQL whose every secret comes from `keys`, its data directory: no
 /// key in its environment.
-struct KeyedNode(std::process::Child, std::net::SocketAddr);
+struct KeyedNode(rtpay::process::ServerProcess);
 
 impl KeyedNode {
     fn start(keys: &std::path::Path, url: &str) -> KeyedNode {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rtpay"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--postgres", url, "--data"])
-            .arg(keys)
-            .env("RTPAY_LOG", "warn")
-            .env_remove("RTPAY_OPERATOR_TOKEN")
-            .env_remove("RTPAY_SECRET_KEY")
-            .env_remove("RTPAY_INDEX_KEY")
-            .env_remove("RTPAY_KEK")
-            .env_remove("RTPAY_AUDIT_KEY_FILE")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = lines
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("rtpay listening on http://").map(|a| a.parse().unwrap()))
-            .expect("the node started");
-        KeyedNode(child, addr)
+        let spawn = rtpay::process::Spawn {
+            exe: std::path::Path::new(env!("CARGO_BIN_EXE_rtpay")),
+            data: keys,
+            postgres: Some(url),
+            listen: "127.0.0.1:0",
+            keys: rtpay::process::KeysEnv::None,
+            wait: std::time::Duration::from_secs(60),
+            args: &[],
+            log: None,
+        };
+        KeyedNode(spawn.start().unwrap())
+    }
+
+    fn client(&self) -> rtpay::client::Client {
+        rtpay::client::Client::new(self.0.addr)
     }
 }
 
 impl Drop for KeyedNode {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.0.child.kill();
+        let _ = self.0.child.wait();
     }
 }
 
@@ -281,7 +277,7 @@ fn keys_init_writes_a_clusters_shared_keys_that_nodes_serve_with() {
     let url = store::testing::fresh_postgres_database();
     let (a, b) = (KeyedNode::start(&keys, &url), KeyedNode::start(&keys, &url));
     runtime().block_on(async {
-        let (mut ca, mut cb) = (rtpay::client::Client::new(a.1), rtpay::client::Client::new(b.1));
+        let (mut ca, mut cb) = (a.client(), b.client());
         let r = ca.post("/v1/tenants", &token, &json!({"name": "shop"})).await.unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
         let key = r.json()["api_key"]["secret"].as_str().unwrap().to_owned();
@@ -322,7 +318,7 @@ fn a_rotation_in_two_steps_keeps_nodes_with_their_own_key_copies_serving() {
     let url = store::testing::fresh_postgres_database();
     let first = KeyedNode::start(&mounted, &url);
     let (key, holder) = runtime().block_on(async {
-        let mut c = rtpay::client::Client::new(first.1);
+        let mut c = first.client();
         let r = c.post("/v1/tenants", &token, &json!({"name": "shop"})).await.unwrap();
         let key = r.json()["api_key"]["secret"].as_str().unwrap().to_owned();
         let body = json!({"kind": "person", "name": "Maria Souza", "document": "529.982.247-25"});
@@ -332,7 +328,7 @@ fn a_rotation_in_two_steps_keeps_nodes_with_their_own_key_copies_serving() {
     });
     let get = |node: &KeyedNode| {
         runtime().block_on(async {
-            let r = rtpay::client::Client::new(node.1).get(&format!("/v1/holders/{holder}"), &key).await.unwrap();
+            let r = node.client().get(&format!("/v1/holders/{holder}"), &key).await.unwrap();
             (r.status.as_u16(), r.headers.get("retry-after").map(|v| v.to_str().unwrap().to_owned()), r.json())
         })
     };

@@ -7,7 +7,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use rtpay::client::Client;
-use rtpay::process::Spawn;
+use rtpay::process::{KeysEnv, Spawn};
 use serde_json::{json, Value};
 
 pub use rtpay::process::OPERATOR;
@@ -79,7 +79,7 @@ impl Server {
             data,
             postgres,
             listen,
-            operator_env,
+            keys: if operator_env { KeysEnv::Fixed } else { KeysEnv::SecretOnly },
             wait: Duration::from_secs(60),
         };
         let process = spawn.start().unwrap_or_else(|e| panic!("{e}"));
