@@ -56,20 +56,12 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// The words of `text` that start with `prefix` and go on with `[A-Za-z0-9_]`.
+/// The words of `text` (runs of `[A-Za-z0-9_]`) that start with `prefix`.
 fn words(text: &str, prefix: &str) -> BTreeSet<String> {
-    let mut found = BTreeSet::new();
-    let mut rest = text;
-    while let Some(at) = rest.find(prefix) {
-        let boundary = rest[..at].chars().next_back().is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
-        let tail = &rest[at..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
-        if boundary {
-            found.insert(tail[..end].to_owned());
-        }
-        rest = &tail[end.max(1)..];
-    }
-    found
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
 }
 
 const MANIFESTS: [&str; 5] = ["namespace.yaml", "deployment.yaml", "service.yaml", "pdb.yaml", "networkpolicy.yaml"];
