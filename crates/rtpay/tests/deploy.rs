@@ -1,8 +1,9 @@
 //! The deploy files (`deploy/`), checked without a container engine: the Kubernetes manifests
 //! against Kubernetes' own schemas (PyPI kubernetes-validate), the compose file against the
 //! Compose Specification's schema (PyPI check-jsonschema), the alert rules by promtool's rule
-//! tests and its config check (Debian's prometheus package), and every metric, route and setting
-//! they name against what a real `rtpay serve` serves and reads.
+//! tests and its config check (Debian's prometheus package), every metric, route and setting
+//! they name against what a real `rtpay serve` serves and reads, and the compose file's shell
+//! commands (the keys' one-shot service, the nodes' healthcheck) run against real nodes.
 
 mod common;
 
@@ -219,4 +220,61 @@ fn what_the_deploy_files_name_is_what_rtpay_serves_and_reads() {
             "{setting} is set by deploy/ but OPERATIONS.md does not document it"
         );
     }
+}
+
+/// The one compose line that starts with `key` and holds `needle`: a command, as a flow sequence
+/// of double-quoted strings (`test: ["CMD", ...]`), which JSON reads alike.
+fn compose_command(key: &str, needle: &str) -> Vec<String> {
+    let compose = read(&deploy("compose.yaml"));
+    let lines: Vec<&str> =
+        compose.lines().filter_map(|l| l.trim().strip_prefix(key)).filter(|l| l.contains(needle)).collect();
+    assert_eq!(lines.len(), 1, "one {key} line with {needle} in compose.yaml");
+    serde_json::from_str(lines[0].trim()).unwrap_or_else(|e| panic!("{key} {}: {e}", lines[0]))
+}
+
+/// The compose file's shell commands, run here as the containers would run them: the `keys`
+/// service's entrypoint makes the keys once and leaves them alone after; the nodes' healthcheck
+/// passes against a ready node, and fails when its storage is away or nothing listens.
+#[test]
+fn the_compose_files_shell_commands_work_against_a_real_node() {
+    let entrypoint = compose_command("entrypoint: ", "keys init");
+    assert_eq!(entrypoint[..2], ["bash", "-c"]);
+    let volume = temp_dir("compose-keys");
+    let script = entrypoint[2].replace("/var/lib/rtpay", volume.to_str().unwrap());
+    let bin = Path::new(env!("CARGO_BIN_EXE_rtpay")).parent().unwrap().display().to_string();
+    let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
+    let run = |script: &str| Command::new("bash").args(["-c", script]).env("PATH", &path).output().unwrap();
+    let out = run(&script);
+    assert!(out.status.success(), "{}", text(&out));
+    let keys: Vec<(String, Vec<u8>)> = rtpay::keys::CLUSTER_FILES
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(volume.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"))))
+        .collect();
+    let out = run(&script);
+    assert!(out.status.success(), "a second start succeeds: {}", text(&out));
+    for (file, bytes) in &keys {
+        assert_eq!(&std::fs::read(volume.join(file)).unwrap(), bytes, "{file} was left alone");
+    }
+
+    let healthcheck = compose_command("test: ", "/readyz");
+    assert_eq!(healthcheck[..3], ["CMD", "bash", "-c"]);
+    let probe =
+        |port: u16| run(&healthcheck[3].replace("/dev/tcp/127.0.0.1/8080", &format!("/dev/tcp/127.0.0.1/{port}")));
+    let url = store::testing::fresh_postgres_database();
+    let rt = runtime();
+    let (switch, proxied) = rt.block_on(proxied_postgres(&url));
+    let mut server = Server::start(&temp_dir("compose-health"), Some(&proxied));
+    let port = server.addr.port();
+    assert!(probe(port).status.success(), "a ready node passes");
+    switch.cut();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!probe(port).status.success(), "a node whose PostgreSQL is away fails");
+    switch.restore();
+    let recovered = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        probe(port).status.success()
+    });
+    assert!(recovered, "the node passes again once PostgreSQL is back");
+    server.stop();
+    assert!(!probe(port).status.success(), "nothing listening fails");
 }
