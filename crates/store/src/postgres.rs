@@ -27,21 +27,82 @@ fn unavailable(e: ::postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
         return StoreError::Unavailable(format!("postgres: {}: {}", db.code().code(), db.message()));
     }
-    StoreError::Unavailable(format!("postgres: {e}"))
+    StoreError::Unavailable(format!("postgres: {}", with_causes(&e)))
+}
+
+/// An error with its causes: "error performing TLS handshake" alone does not say the
+/// certificate's issuer is unknown, nor "invalid connection string" which option is wrong.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = c.source();
+    }
+    message
 }
 
 fn corrupt(e: String) -> StoreError {
     StoreError::Corrupt(e)
 }
 
+/// The system's CA bundle (Debian's path), trusted for PostgreSQL's certificate when
+/// `PGSSLROOTCERT` names no file.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The TLS connector for `sslmode=require`: the server's certificate chain must lead to a root
+/// in `PGSSLROOTCERT` (libpq's variable: a PEM file), else in the system's bundle, and name the
+/// host connected to, as libpq's `verify-full` checks. Built once per process.
+fn tls() -> Result<&'static tokio_postgres_rustls::MakeRustlsConnect> {
+    static TLS: std::sync::OnceLock<std::result::Result<tokio_postgres_rustls::MakeRustlsConnect, String>> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        use rustls::pki_types::pem::PemObject;
+        let (path, named) = match std::env::var_os("PGSSLROOTCERT") {
+            Some(p) => (std::path::PathBuf::from(p), "PGSSLROOTCERT"),
+            None => (std::path::PathBuf::from(SYSTEM_ROOTS), "the system's CA bundle"),
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(&path)
+            .map_err(|e| format!("PostgreSQL TLS roots ({named}, {}): {e}", path.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("PostgreSQL TLS roots ({named}, {}): not PEM: {e}", path.display()))?;
+            // A bundle may hold certificates this version cannot use; the others still count.
+            let _ = roots.add(cert);
+        }
+        if roots.is_empty() {
+            return Err(format!("PostgreSQL TLS roots ({named}, {}): no certificate", path.display()));
+        }
+        let config =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    })
+    .as_ref()
+    .map_err(|e| StoreError::Unavailable(e.clone()))
+}
+
 fn connect(url: &str) -> Result<Client> {
     let mut config: ::postgres::Config =
-        url.parse().map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?;
+        url.parse().map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {}", with_causes(&e))))?;
     config.connect_timeout(CONNECT_TIMEOUT);
     if config.get_application_name().is_none() {
         config.application_name("rtpay");
     }
-    let mut client = config.connect(NoTls).map_err(unavailable)?;
+    let connected = match config.get_ssl_mode() {
+        ::postgres::config::SslMode::Require => config.connect(tls()?.clone()),
+        // `prefer` (the default) and `disable`: in clear, as before TLS was supported. A `prefer`
+        // that tried TLS would fail against servers with self-signed certificates (Debian's
+        // default) that connect today.
+        _ => config.connect(NoTls),
+    };
+    let mut client = connected.map_err(unavailable)?;
     // Every transaction rtpay opens reads what was committed before each statement, whatever the
     // server's default: a batch reads state after its lock is granted, and a counted insert
     // counts after its advisory lock (under repeatable read both would read older snapshots).
