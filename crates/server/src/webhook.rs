@@ -98,14 +98,11 @@ impl WebhookClient {
     pub fn new(settings: &WebhookSettings) -> Result<WebhookClient, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let ca = settings.ca.clone().unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
-        let mut roots = rustls::RootCertStore::empty();
-        if ca.exists() || settings.ca.is_some() {
-            for cert in CertificateDer::pem_file_iter(&ca).map_err(|e| format!("--webhook-ca {}: {e}", ca.display()))? {
-                let cert = cert.map_err(|e| format!("--webhook-ca {}: not PEM certificates: {e}", ca.display()))?;
-                // A bundle may hold certificates this version cannot use; the others still count.
-                let _ = roots.add(cert);
-            }
-        }
+        let roots = if ca.exists() || settings.ca.is_some() {
+            store::pem_roots(&ca).map_err(|e| format!("--webhook-ca {e}"))?
+        } else {
+            rustls::RootCertStore::empty()
+        };
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?

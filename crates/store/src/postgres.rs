@@ -60,19 +60,11 @@ fn tls() -> Result<&'static tokio_postgres_rustls::MakeRustlsConnect> {
     static TLS: std::sync::OnceLock<std::result::Result<tokio_postgres_rustls::MakeRustlsConnect, String>> =
         std::sync::OnceLock::new();
     TLS.get_or_init(|| {
-        use rustls::pki_types::pem::PemObject;
         let (path, named) = match std::env::var_os("PGSSLROOTCERT") {
             Some(p) => (std::path::PathBuf::from(p), "PGSSLROOTCERT"),
             None => (std::path::PathBuf::from(SYSTEM_ROOTS), "the system's CA bundle"),
         };
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(&path)
-            .map_err(|e| format!("PostgreSQL TLS roots ({named}, {}): {e}", path.display()))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("PostgreSQL TLS roots ({named}, {}): not PEM: {e}", path.display()))?;
-            // A bundle may hold certificates this version cannot use; the others still count.
-            let _ = roots.add(cert);
-        }
+        let roots = crate::pem_roots(&path).map_err(|e| format!("PostgreSQL TLS roots ({named}): {e}"))?;
         if roots.is_empty() {
             return Err(format!("PostgreSQL TLS roots ({named}, {}): no certificate", path.display()));
         }
