@@ -18,19 +18,22 @@ struct PrivatePostgres {
     port: u16,
 }
 
-/// Runs a PostgreSQL program: as the `postgres` user when the test runs as root (the server
+/// A PostgreSQL program to run: as the `postgres` user when the test runs as root (the server
 /// refuses root), else as the test's user.
-fn pg_run(program: &Path, args: &[&str]) -> std::process::Output {
+fn pg_command(program: &Path) -> Command {
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let mut command = if root {
+    if unsafe { libc::geteuid() } == 0 {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(program);
         c
     } else {
         Command::new(program)
-    };
-    let out = command.args(args).output().unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    }
+}
+
+/// Runs a PostgreSQL program (see [`pg_command`]) and requires it to succeed.
+fn pg_run(program: &Path, args: &[&str]) -> std::process::Output {
+    let out = pg_command(program).args(args).output().unwrap_or_else(|e| panic!("{}: {e}", program.display()));
     assert!(out.status.success(), "{} {args:?}: {}", program.display(), String::from_utf8_lossy(&out.stderr));
     out
 }
@@ -76,12 +79,7 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"])
-            .output();
-        let _ = Command::new(self.bin.join("pg_ctl"))
+        let _ = pg_command(&self.bin.join("pg_ctl"))
             .args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"])
             .output();
     }

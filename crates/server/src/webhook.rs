@@ -92,12 +92,10 @@ pub struct WebhookClient {
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
-
 impl WebhookClient {
     pub fn new(settings: &WebhookSettings) -> Result<WebhookClient, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca = settings.ca.clone().unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
+        let ca = settings.ca.clone().unwrap_or_else(|| PathBuf::from(store::SYSTEM_ROOTS));
         let roots = if ca.exists() || settings.ca.is_some() {
             store::pem_roots(&ca).map_err(|e| format!("--webhook-ca {e}"))?
         } else {

@@ -26,22 +26,6 @@ mod sqlite_wal;
 pub mod conformance;
 pub mod testing;
 
-/// The certificates of a PEM file, as rustls roots: PostgreSQL's (`PGSSLROOTCERT`) here, and the
-/// server's webhook receivers'. Certificates rustls cannot use are skipped (a system bundle may
-/// hold some); a file that is missing or holds something other than certificates is an error
-/// naming it.
-pub fn pem_roots(path: &Path) -> std::result::Result<rustls::RootCertStore, String> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let certs =
-        rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    for cert in certs {
-        let cert = cert.map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
-        let _ = roots.add(cert);
-    }
-    Ok(roots)
-}
-
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -58,6 +42,26 @@ pub mod engine_buckets {
     pub use crate::engine::{BATCH_BUCKETS, COMMIT_BUCKETS_US};
 }
 use ledger::*;
+
+/// The system's CA bundle (Debian's path): the roots PostgreSQL's certificate (without
+/// `PGSSLROOTCERT`) and webhook receivers' (without `--webhook-ca`) are checked against.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The certificates of a PEM file, as rustls roots: PostgreSQL's (`PGSSLROOTCERT`) here, and the
+/// server's webhook receivers'. Certificates rustls cannot use are skipped (a system bundle may
+/// hold some); a file that is missing or holds something other than certificates is an error
+/// naming it.
+pub fn pem_roots(path: &Path) -> std::result::Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs =
+        rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+        let _ = roots.add(cert);
+    }
+    Ok(roots)
+}
 
 /// Why the store could not do what was asked.
 #[derive(Clone, Debug, PartialEq, Eq)]

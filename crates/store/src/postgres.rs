@@ -49,10 +49,6 @@ fn corrupt(e: String) -> StoreError {
     StoreError::Corrupt(e)
 }
 
-/// The system's CA bundle (Debian's path), trusted for PostgreSQL's certificate when
-/// `PGSSLROOTCERT` names no file.
-const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
-
 /// The TLS connector for `sslmode=require`: the server's certificate chain must lead to a root
 /// in `PGSSLROOTCERT` (libpq's variable: a PEM file), else in the system's bundle, and name the
 /// host connected to, as libpq's `verify-full` checks. Built once per process.
@@ -62,7 +58,7 @@ fn tls() -> Result<&'static tokio_postgres_rustls::MakeRustlsConnect> {
     TLS.get_or_init(|| {
         let (path, named) = match std::env::var_os("PGSSLROOTCERT") {
             Some(p) => (std::path::PathBuf::from(p), "PGSSLROOTCERT"),
-            None => (std::path::PathBuf::from(SYSTEM_ROOTS), "the system's CA bundle"),
+            None => (std::path::PathBuf::from(crate::SYSTEM_ROOTS), "the system's CA bundle"),
         };
         let roots = crate::pem_roots(&path).map_err(|e| format!("PostgreSQL TLS roots ({named}): {e}"))?;
         if roots.is_empty() {
