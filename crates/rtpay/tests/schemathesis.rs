@@ -11,6 +11,11 @@
 //! Generation is `positive` (requests the schema allows): for schema-invalid queries the spec
 //! defines `CobConsultaInvalida`/`PixConsultaInvalida` (400) in its text but documents no 400 on
 //! the listings, so negative generation would ask for a 200 to a malformed request.
+//!
+//! rtpay's own API against the document it serves at `/openapi.json`: generation `all` (requests
+//! the schema allows and requests it forbids), every operation, as a tenant and then as the
+//! operator. Every answer must be documented, status, content type, headers and body; none may be
+//! a server error.
 
 mod common;
 
@@ -26,13 +31,23 @@ const TXID: &str = "schemathesisTxid000000000000001";
 const COBV_TXID: &str = "schemathesisCobv000000000000001";
 const E2E: &str = "E6070119020261201120000000000001";
 
-#[test]
-fn the_api_pix_conforms_to_its_openapi_spec() {
-    assert!(std::path::Path::new(SPEC).exists(), "{SPEC} is missing (is ../shared checked out?)");
+/// The `schemathesis` command of the tests' Python environment.
+fn schemathesis() -> std::path::PathBuf {
     let python = std::env::var("RTPAY_TEST_PYTHON")
         .unwrap_or_else(|_| format!("{}/.cache/rtpay/venv/bin/python", std::env::var("HOME").unwrap_or_default()));
     let schemathesis = std::path::Path::new(&python).with_file_name("schemathesis");
     assert!(schemathesis.exists(), "{} is missing: run scripts/setup", schemathesis.display());
+    schemathesis
+}
+
+/// Every check of an answer against the document.
+const CHECKS: &str =
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance";
+
+#[test]
+fn the_api_pix_conforms_to_its_openapi_spec() {
+    assert!(std::path::Path::new(SPEC).exists(), "{SPEC} is missing (is ../shared checked out?)");
+    let schemathesis = schemathesis();
 
     let dir = temp_dir("schemathesis");
     let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", "12345678"]);
@@ -156,6 +171,78 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
     );
     let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
     assert!(generated.contains("passed"), "no test cases ran:\n{text}");
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn the_native_api_conforms_to_the_document_it_serves() {
+    let dir = temp_dir("schemathesis-native");
+    // The tenant's rate is raised so that no answer is a 429 of the load's own making.
+    let server =
+        Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", "12345678", "--rate-limit", "1000000"]);
+    let base = format!("http://{}", server.addr);
+    let (spec, key, tenant_id, held, pending, holder) = runtime().block_on(async {
+        let mut c = server.client();
+        let r = c.send(Method::GET, "/openapi.json", None, None).await.unwrap();
+        assert_eq!(r.status, 200);
+        let spec = r.body;
+        let (tenant_id, key) = tenant(&mut c, "schemathesis").await;
+        let holder = new_holder(&mut c, &key, "company", "ACME", "11222333000181").await;
+        let held = account(&mut c, &key, json!({"currency": "BRL", "holder_id": holder})).await;
+        let other = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let pending = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".to_owned();
+        let body = json!({"id": pending, "debit_account_id": other, "credit_account_id": held, "amount": 100, "pending": true});
+        let r = c.post("/v1/transfers", &key, &body).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        (spec, key, tenant_id, held, pending, holder)
+    });
+    let spec_path = dir.join("openapi.json");
+    std::fs::write(&spec_path, &spec).unwrap();
+    // Known resources for the operations that name one, so that requests reach more than a 404.
+    let config = dir.join("schemathesis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[operations]]\ninclude-path-regex = \"^/v1/accounts/\"\nparameters = {{ id = \"{held}\" }}\n\n\
+             [[operations]]\ninclude-path-regex = \"^/v1/transfers/\"\nparameters = {{ id = \"{pending}\", pending_id = \"{pending}\" }}\n\n\
+             [[operations]]\ninclude-path-regex = \"^/v1/holders/\"\nparameters = {{ id = \"{holder}\" }}\n\n\
+             [[operations]]\ninclude-path-regex = \"^/v1/tenants/\"\nparameters = {{ id = \"{tenant_id}\" }}\n"
+        ),
+    )
+    .unwrap();
+    // As a tenant, every operation but the operator's; then those as the operator. Requests
+    // without a credential are not generated: their 401s would spend the address's budget of
+    // failed authentications, and every answer after it would be a 429.
+    let passes =
+        [("tenant", key.as_str(), "--exclude-path-regex", 42), ("operator", OPERATOR, "--include-path-regex", 4)];
+    for (who, token, filter, operations) in passes {
+        let out = Command::new(schemathesis())
+            .arg("--config-file")
+            .arg(&config)
+            .args(["run"])
+            .arg(&spec_path)
+            .args(["--url", &base])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args([filter, "^/v1/(tenants|keys/rotate)"])
+            .args(["--checks", CHECKS, "--generation-with-security-parameters", "false"])
+            .args(["--mode", "all", "--max-examples", "40", "--seed", "20261206", "--no-color"])
+            .arg("--report-dir")
+            .arg(dir.join(format!("report-{who}")))
+            .env("SCHEMATHESIS_HOOKS", "")
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "schemathesis found failures as the {who}:\n{text}");
+        assert!(
+            text.contains(&format!("Tested: {operations}")),
+            "not all {operations} operations of the {who} were tested:\n{text}"
+        );
+        let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
+        assert!(generated.contains("passed"), "no test cases ran as the {who}:\n{text}");
+        assert!(!text.contains("Rate limited"), "answers were 429s, leaving the logic untested:\n{text}");
+    }
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
 }

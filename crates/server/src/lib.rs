@@ -14,6 +14,7 @@
 pub mod audit_trail;
 pub mod auth;
 pub mod card_network;
+pub mod contract;
 pub mod dto;
 pub mod iso8583;
 pub mod json;
@@ -130,6 +131,8 @@ impl AppState {
     }
 }
 
+use contract::Contract;
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "rtpay native API", version = "1", description = "Accounts and transfers on a strict double-entry ledger. Amounts are integer minor units; ids are UUIDs; errors are application/problem+json."),
@@ -148,20 +151,9 @@ impl AppState {
         routes::pix::encode_brcode, routes::pix::brcode_png, routes::pix::brcode_svg, routes::pix::create_payment,
         routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits, routes::pix::sandbox_incoming, routes::pix::webhook_secret, routes::pix::webhook_delivery, routes::med::open_claim, routes::med::get_claim, routes::med::resolve_claim,
     ),
-    modifiers(&Security)
+    modifiers(&Contract)
 )]
 pub struct ApiDoc;
-
-struct Security;
-
-impl utoipa::Modify for Security {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("api_key", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
-        components.add_security_scheme("operator", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
-    }
-}
 
 pub fn router(state: AppState) -> Router {
     use routes::*;

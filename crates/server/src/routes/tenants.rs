@@ -66,7 +66,8 @@ pub async fn create_tenant(
         description = "optional: without `scopes` the key holds every scope"),
     params(("id" = String, Path, description = "tenant id"),
         ("Idempotency-Key" = Option<String>, Header, description = "a repeat answers 409 instead of creating a second key")),
-    responses((status = 201, body = ApiKeyView), (status = 401, body = Problem), (status = 404, body = Problem)),
+    responses((status = 201, body = ApiKeyView), (status = 401, body = Problem), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "a key was already made under this Idempotency-Key (its secret was shown once)")),
     security(("operator" = [])))]
 pub async fn create_api_key(
     State(state): State<AppState>,
