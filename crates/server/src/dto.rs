@@ -164,6 +164,7 @@ pub struct AccountBody {
     #[schema(format = Uuid)]
     pub id: Option<String>,
     /// ISO 4217 code, e.g. `BRL`.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     /// Chart-of-accounts category, 0..=65535.
     pub code: Option<u16>,
@@ -283,6 +284,7 @@ pub struct TransferBody {
     #[schema(format = Uuid)]
     pub credit_account_id: String,
     /// Minor units, 1..=2^63−1.
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub amount: u64,
     /// Place a hold instead of moving the money now.
     pub pending: Option<bool>,
@@ -301,6 +303,7 @@ pub struct ResolveBody {
     #[schema(format = Uuid)]
     pub id: String,
     /// For a post: how much of the hold to move (default: all of it). Not allowed for a void.
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub amount: Option<u64>,
     pub code: Option<u16>,
     #[schema(value_type = Option<Object>)]
@@ -318,6 +321,7 @@ pub struct BatchItem {
     pub debit_account_id: Option<String>,
     #[schema(format = Uuid)]
     pub credit_account_id: Option<String>,
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub amount: Option<u64>,
     pub pending: Option<bool>,
     pub timeout_seconds: Option<u32>,
