@@ -144,6 +144,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         audit_key: None,
         rate_limit: server::TENANT_RATE_DEFAULT,
         rate_burst: None,
+        trusted_proxies: Default::default(),
         tls: None,
         kek: None,
         iso8583_listen: None,

@@ -73,6 +73,10 @@ enum CommandLine {
         /// Requests a tenant may make at once above its rate (default: one second's worth).
         #[arg(long, env = "RTPAY_RATE_BURST")]
         rate_burst: Option<f64>,
+        /// Reverse proxies (address ranges, comma-separated: 10.0.0.0/8,2001:db8::/32) whose
+        /// X-Forwarded-For names the client, for the failed-login throttle and the audit log.
+        #[arg(long, env = "RTPAY_TRUSTED_PROXIES", value_delimiter = ',')]
+        trusted_proxy: Vec<server::proxy::Cidr>,
         /// Serve TLS with this certificate chain (PEM); needs --tls-key.
         #[arg(long, env = "RTPAY_TLS_CERT", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -254,6 +258,7 @@ fn main() -> ExitCode {
             listen,
             rate_limit,
             rate_burst,
+            trusted_proxy,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -332,6 +337,7 @@ fn main() -> ExitCode {
                 audit_key: storage.audit_key,
                 rate_limit,
                 rate_burst,
+                trusted_proxies: server::proxy::TrustedProxies::new(trusted_proxy),
                 tls,
                 kek: storage.kek,
                 iso8583_listen,

@@ -17,6 +17,8 @@ pub struct ServeConfig {
     /// Requests per second each tenant may make on this node, and the burst above it.
     pub rate_limit: f64,
     pub rate_burst: Option<f64>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: server::proxy::TrustedProxies,
     pub tls: Option<server::tls::TlsFiles>,
     /// Where the vault's key-encryption keys live; default `file:<data>/kek`.
     pub kek: Option<crate::keys::KekConfig>,
@@ -205,7 +207,8 @@ pub async fn run(
         .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)))
         .with_card_settings(config.card_settings)
         .with_pix(config.pix)
-        .with_webhooks(webhooks);
+        .with_webhooks(webhooks)
+        .with_trusted_proxies(config.trusted_proxies);
     if let Some(signer) = payload_signer {
         let _ = state.pix_runtime.signer.set(Arc::new(signer));
     }

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use rtpay::client::Client;
 use serde_json::json;
 
 #[test]
@@ -88,6 +89,64 @@ fn a_source_with_too_many_failures_is_throttled_before_credentials_are_checked()
         assert_eq!(r.json()["code"], json!("auth_throttled"));
         assert_eq!(r.headers.get("retry-after").unwrap(), "6");
     });
+}
+
+/// `GET /v1/audit` with `token`, as a proxy would pass on a request from `client`.
+async fn via_proxy(c: &mut Client, token: &str, client: &str) -> hyper::StatusCode {
+    let forwarded = [("x-forwarded-for", client)];
+    c.send_with_headers(hyper::Method::GET, "/v1/audit", Some(token), None, &forwarded).await.unwrap().status
+}
+
+#[test]
+fn behind_a_trusted_proxy_the_throttle_counts_per_forwarded_client_and_the_audit_names_it() {
+    let dir = temp_dir("limits-proxy");
+    // The tests connect from 127.0.0.1: here it is the proxy.
+    let server =
+        Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--trusted-proxy", "127.0.0.0/8,10.0.0.0/8"]);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "behind-a-balancer").await;
+        let wrong = format!("rtpay_sk_{}", "3".repeat(64));
+        // One client fails 25 times; the client's own header is ahead of what the proxy appended.
+        let mut statuses = Vec::new();
+        for _ in 0..25 {
+            statuses.push(via_proxy(&mut c, &wrong, "192.0.2.1, 203.0.113.7, 10.1.2.3").await.as_u16());
+        }
+        assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
+        assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+        assert_eq!(via_proxy(&mut c, &key, "203.0.113.7").await, 429, "that client waits, even with a good key");
+        // Other clients behind the same proxy do not.
+        assert_eq!(via_proxy(&mut c, &key, "198.51.100.4").await, 200);
+        assert_eq!(c.get("/v1/audit", &key).await.unwrap().status, 200, "nor does the proxy's own traffic");
+    });
+    // The audit log names the client, without a port.
+    let queries = store::Store::open_queries(&store::Location::Embedded(dir.clone())).unwrap();
+    let entries = queries.audit_entries(0, 100, None).unwrap();
+    let failures: Vec<_> = entries.iter().filter(|e| e.draft.outcome == "401").collect();
+    assert_eq!(failures.len(), 20);
+    assert!(failures.iter().all(|e| e.draft.source == "203.0.113.7"), "{:?}", failures[0].draft.source);
+}
+
+#[test]
+fn without_trusted_proxies_a_forwarded_header_changes_nothing() {
+    let dir = temp_dir("limits-no-proxy");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "direct").await;
+        let wrong = format!("rtpay_sk_{}", "4".repeat(64));
+        // A client naming a new address each time is still one address.
+        let mut statuses = Vec::new();
+        for i in 0..25 {
+            statuses.push(via_proxy(&mut c, &wrong, &format!("203.0.113.{i}")).await.as_u16());
+        }
+        assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
+        assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+        assert_eq!(via_proxy(&mut c, &key, "198.51.100.4").await, 429);
+    });
+    let queries = store::Store::open_queries(&store::Location::Embedded(dir.clone())).unwrap();
+    let entries = queries.audit_entries(0, 100, None).unwrap();
+    assert!(entries.iter().filter(|e| e.draft.outcome == "401").all(|e| e.draft.source.starts_with("127.0.0.1:")));
 }
 
 #[test]

@@ -40,9 +40,19 @@ impl Slot {
         Slot { action, request_id, source, ..Slot::default() }
     }
 
-    /// The client's address as entries record it (empty when unknown).
+    /// The client's address as entries record it (empty when unknown; without the port when a
+    /// trusted proxy named the client, see [`crate::proxy`]).
     pub fn source(&self) -> String {
-        self.source.map(address).unwrap_or_default()
+        match self.source {
+            Some(addr) if addr.port() == 0 => addr.ip().to_string(),
+            Some(addr) => address(addr),
+            None => String::new(),
+        }
+    }
+
+    /// The client's address (port 0 when a trusted proxy named it).
+    pub fn client(&self) -> Option<SocketAddr> {
+        self.source
     }
 
     pub fn set_actor(&self, tenant: Option<u128>, actor: String) {

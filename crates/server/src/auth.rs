@@ -251,8 +251,13 @@ fn bearer(parts: &Parts) -> Result<&str, Problem> {
     Ok(token.trim())
 }
 
+/// The client's address: as the request's audit slot has it (behind trusted proxies, the one
+/// they name), or else the connection's.
 fn source(parts: &Parts) -> Option<std::net::IpAddr> {
-    parts.extensions.get::<axum::extract::ConnectInfo<crate::Peer>>().map(|c| c.0.addr.ip())
+    match parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>().and_then(|s| s.client()) {
+        Some(addr) => Some(addr.ip()),
+        None => parts.extensions.get::<axum::extract::ConnectInfo<crate::Peer>>().map(|c| c.0.addr.ip()),
+    }
 }
 
 /// Before any credential is checked: a source over its failure budget, or a locked id, waits.

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod pix_rail;
 pub mod problem;
+pub mod proxy;
 pub mod routes;
 pub mod spi;
 pub mod tls;
@@ -74,6 +75,8 @@ pub struct Shared {
     pub pix_runtime: Arc<pix_rail::PixRuntime>,
     /// Delivers webhook notifications; `None`: none are sent.
     pub webhooks: Option<Arc<webhook::WebhookClient>>,
+    /// Proxies whose `X-Forwarded-For` names the client (none by default).
+    pub trusted_proxies: proxy::TrustedProxies,
 }
 
 /// Requests per second a tenant may make on one node, by default, and its burst.
@@ -94,6 +97,7 @@ impl AppState {
             pix: pix_rail::PixSettings::default(),
             pix_runtime: Arc::default(),
             webhooks: None,
+            trusted_proxies: proxy::TrustedProxies::default(),
         }))
     }
 
@@ -121,6 +125,11 @@ impl AppState {
 
     pub fn with_card_settings(mut self, settings: card_network::CardSettings) -> AppState {
         self.shared_mut().card_settings = settings;
+        self
+    }
+
+    pub fn with_trusted_proxies(mut self, proxies: proxy::TrustedProxies) -> AppState {
+        self.shared_mut().trusted_proxies = proxies;
         self
     }
 
@@ -304,7 +313,10 @@ where
             .filter(|v| !vault::mask::holds_pan(v))
             .map(str::to_owned);
         let request_id = given.unwrap_or_else(next_request_id);
-        let source = request.extensions().get::<axum::extract::ConnectInfo<Peer>>().map(|c| c.0.addr);
+        let source = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<Peer>>()
+            .map(|c| state.trusted_proxies.client(c.0.addr, request.headers()));
         let action = [method, " ", route.as_ref().map_or("unmatched", MatchedPath::as_str)].concat();
         let slot = Arc::new(audit_trail::Slot::new(action, request_id, source));
         request.extensions_mut().insert(slot.clone());
