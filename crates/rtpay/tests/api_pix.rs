@@ -323,16 +323,9 @@ fn jws_peer(server: &Server, path: &str, host: &str, more: &[&str]) -> std::proc
 /// A CA, and a certificate it issued for the locations' host to the RSA key in `key_pem`: (the
 /// CA's PEM, the chain's PEM, leaf first).
 fn location_certificate(key_pem: &str) -> (String, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "payload test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let ca = TestCa::new("payload test CA");
     let key = rcgen::KeyPair::from_pem_and_sign_algo(key_pem, &rcgen::PKCS_RSA_SHA256).unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["qr.banco.example".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
+    let leaf = ca.issue_to(&key, &["qr.banco.example"], &[]);
     (ca.pem(), leaf.pem() + &ca.pem())
 }
 

@@ -87,15 +87,9 @@ impl Drop for PrivatePostgres {
 
 /// A CA's PEM, and a certificate it issued for `names` with its key's PEM.
 fn issued(ca_name: &str, names: &[&str]) -> (String, String, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, ca_name);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
-    (ca.pem(), leaf.pem(), key.serialize_pem())
+    let ca = TestCa::new(ca_name);
+    let (cert, key) = ca.issue(names, &[]);
+    (ca.pem(), cert, key)
 }
 
 fn migrate(url: &str, roots: &Path) -> (bool, String) {

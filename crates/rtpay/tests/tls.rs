@@ -9,33 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use serde_json::{json, Value};
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca { cert, key }
-}
-
-/// A certificate signed by `ca`: (certificate PEM, key PEM).
-fn issue(ca: &Ca, dns: &[&str], uris: &[&str]) -> (String, String) {
-    let mut params = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
-    for uri in uris {
-        params.subject_alt_names.push(SanType::URI(rcgen::Ia5String::try_from(uri.to_string()).unwrap()));
-    }
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
@@ -116,10 +90,10 @@ async fn https_raw(
 #[test]
 fn tls_and_client_certificates_bound_to_tenants() {
     let dir = temp_dir("tls");
-    let authority = ca("rtpay test CA");
-    let foreign = ca("someone else");
-    let ca_pem = authority.cert.pem();
-    let (server_cert, server_key) = issue(&authority, &["localhost"], &[]);
+    let authority = TestCa::new("rtpay test CA");
+    let foreign = TestCa::new("someone else");
+    let ca_pem = authority.pem();
+    let (server_cert, server_key) = authority.issue(&["localhost"], &[]);
     let certs = temp_dir("tls-certs");
     let args = [
         "--tls-cert".to_owned(),
@@ -138,7 +112,7 @@ fn tls_and_client_certificates_bound_to_tenants() {
         let answered = plain.get("/healthz", OPERATOR).await.map(|r| r.status.as_u16() == 200).unwrap_or(false);
         assert!(!answered, "plain HTTP must not be served on a TLS listener");
 
-        let operator_cert = issue(&authority, &[], &["urn:rtpay:operator"]);
+        let operator_cert = authority.issue(&[], &["urn:rtpay:operator"]);
         // Health needs no certificate; operator routes need the operator's.
         let (status, _) = https(addr, &ca_pem, None, "GET", "/healthz", "", None).await.unwrap();
         assert_eq!(status, 200);
@@ -158,10 +132,10 @@ fn tls_and_client_certificates_bound_to_tenants() {
                 .unwrap();
         let tenant_b = body["id"].as_str().unwrap().to_owned();
 
-        let cert_a = issue(&authority, &[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
-        let cert_b = issue(&authority, &[], &[&format!("urn:rtpay:tenant:{tenant_b}")]);
-        let unbound = issue(&authority, &[], &[]);
-        let stranger = issue(&foreign, &[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
+        let cert_a = authority.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
+        let cert_b = authority.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_b}")]);
+        let unbound = authority.issue(&[], &[]);
+        let stranger = foreign.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
         let account = json!({"currency": "BRL"});
         // The key with its own tenant's certificate works.
         let (status, _) =
@@ -202,7 +176,7 @@ fn tls_and_client_certificates_bound_to_tenants() {
             ));
         }
         let (one, two) = (&clients[0], &clients[1]);
-        let cert_one = issue(&authority, &[], &[&format!("urn:rtpay:client:{}", one.0)]);
+        let cert_one = authority.issue(&[], &[&format!("urn:rtpay:client:{}", one.0)]);
         let (status, body) = token_over_https(addr, &ca_pem, None, &one.0, &one.1).await;
         assert_eq!((status, body["error"].clone()), (401, json!("invalid_client")), "{body}");
         assert!(body["error_description"].as_str().unwrap().contains("requires a client certificate"), "{body}");
@@ -245,9 +219,9 @@ fn tls_and_client_certificates_bound_to_tenants() {
 #[test]
 fn bad_pem_files_are_refused_before_anything_is_created() {
     let certs = temp_dir("tls-bad");
-    let authority = ca("ca");
-    let (cert, key) = issue(&authority, &["localhost"], &[]);
-    let (_, other_key) = issue(&authority, &["localhost"], &[]);
+    let authority = TestCa::new("ca");
+    let (cert, key) = authority.issue(&["localhost"], &[]);
+    let (_, other_key) = authority.issue(&["localhost"], &[]);
     let good_cert = write(&certs, "cert.pem", &cert);
     let good_key = write(&certs, "key.pem", &key);
     let garbage = write(&certs, "garbage.pem", "not a certificate\n");

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use hyper::Method;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -24,19 +23,14 @@ struct Issued {
 }
 
 fn pki() -> (String, Issued, Issued, rustls::pki_types::CertificateDer<'static>) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, "webhook test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = params.self_signed(&ca_key).unwrap();
-    let issue = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
-        Issued { cert: cert.pem(), key: key.serialize_pem() }
+    let ca = TestCa::new("webhook test CA");
+    let issue = |name: &str| {
+        let (cert, key) = ca.issue(&[name], &[]);
+        Issued { cert, key }
     };
-    let server = issue(vec!["localhost".into()]);
-    let client = issue(vec!["rtpay.example".into()]);
-    (ca.pem(), server, client, ca.der().clone())
+    let server = issue("localhost");
+    let client = issue("rtpay.example");
+    (ca.pem(), server, client, ca.cert.der().clone())
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {

@@ -253,3 +253,40 @@ pub async fn proxied_postgres(url: &str) -> (Switch, String) {
     let proxied = url.replacen(hostport, &addr.to_string(), 1);
     (Switch { addr, up, generation }, proxied)
 }
+
+/// A certificate authority of the tests' own (rcgen), issuing certificates for TLS tests.
+pub struct TestCa {
+    pub cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A certificate for the DNS names `dns` and the URIs `uris`, to a new key: (certificate PEM,
+    /// key PEM).
+    pub fn issue(&self, dns: &[&str], uris: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        (self.issue_to(&key, dns, uris).pem(), key.serialize_pem())
+    }
+
+    /// A certificate for `dns` and `uris` to `key`.
+    pub fn issue_to(&self, key: &rcgen::KeyPair, dns: &[&str], uris: &[&str]) -> rcgen::Certificate {
+        let mut params = rcgen::CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
+        for uri in uris {
+            params.subject_alt_names.push(rcgen::SanType::URI(rcgen::Ia5String::try_from(uri.to_string()).unwrap()));
+        }
+        params.signed_by(key, &self.cert, &self.key).unwrap()
+    }
+}
