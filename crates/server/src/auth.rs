@@ -254,10 +254,12 @@ fn bearer(parts: &Parts) -> Result<&str, Problem> {
 /// The client's address: as the request's audit slot has it (behind trusted proxies, the one
 /// they name), or else the connection's.
 fn source(parts: &Parts) -> Option<std::net::IpAddr> {
-    match parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>().and_then(|s| s.client()) {
-        Some(addr) => Some(addr.ip()),
-        None => parts.extensions.get::<axum::extract::ConnectInfo<crate::Peer>>().map(|c| c.0.addr.ip()),
-    }
+    let addr = match parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>().and_then(|s| s.client()) {
+        Some(addr) => addr,
+        None => parts.extensions.get::<axum::extract::ConnectInfo<crate::Peer>>()?.0.addr,
+    };
+    // One client, one count: on a dual-stack listener IPv4 peers arrive as `::ffff:a.b.c.d`.
+    Some(addr.ip().to_canonical())
 }
 
 /// Before any credential is checked: a source over its failure budget, or a locked id, waits.

@@ -53,24 +53,34 @@ fn complete(operation: &mut Operation) {
     let has_body = operation.request_body.is_some();
     let has_parameters = operation.parameters.as_ref().is_some_and(|p| !p.is_empty());
     let mut common: Vec<(&str, &str, bool)> = Vec::new();
+    if has_body || has_parameters {
+        common.push(("400", "the body is not JSON, or a path segment is not UTF-8", false));
+    }
     if has_body {
-        common.push(("400", "the body is not JSON, or is empty", false));
         common.push(("413", "the body is larger than the server accepts", false));
         common.push(("415", "the body's Content-Type is not JSON", false));
     }
     if secured {
         common.push(("401", "no credential, or one that is unknown, revoked or expired", false));
-        common.push(("403", "the credential lacks the scope, or is bound to another client certificate", false));
+        common.push((
+            "403",
+            "the credential lacks the scope, or the connection's client certificate is bound to another caller",
+            false,
+        ));
         common.push((
             "429",
-            "the tenant's request rate is reached, or too many authentications failed from this address (see Retry-After)",
+            "a request rate is reached, or too many authentications failed from this address or for this credential (see Retry-After)",
             true,
         ));
     }
     if has_body || has_parameters {
         common.push(("422", "a field, path segment or query parameter breaks its rule (the problem names it)", false));
     }
-    common.push(("503", "storage is unavailable; nothing was changed (see Retry-After)", true));
+    common.push((
+        "503",
+        "temporarily unable to serve (storage away, a service not configured or unreachable); retry after Retry-After with the same id or Idempotency-Key",
+        true,
+    ));
     for (status, description, retry_after) in common {
         responses.entry(status.to_owned()).or_insert_with(|| RefOr::T(problem(description, retry_after)));
     }

@@ -32,6 +32,19 @@ impl FromStr for Cidr {
             None => bits,
             Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= bits).ok_or_else(bad)?,
         };
+        if prefix == 0 {
+            return Err(format!("`{text}` trusts every address: any client could name itself in X-Forwarded-For"));
+        }
+        // IPv4 mapped into IPv6 (`::ffff:10.0.0.0/104`) is the IPv4 range: peers are compared as IPv4.
+        let (network, prefix) = match network {
+            IpAddr::V6(v6) if prefix >= 96 && v6.to_ipv4_mapped().is_some() => {
+                (IpAddr::V4(v6.to_ipv4_mapped().expect("mapped")), prefix - 96)
+            }
+            _ => (network, prefix),
+        };
+        if prefix == 0 {
+            return Err(format!("`{text}` trusts every IPv4 address: any client could name itself in X-Forwarded-For"));
+        }
         let cidr = Cidr { network, prefix };
         if cidr.mask(network) != network {
             return Err(format!(
@@ -82,27 +95,26 @@ impl TrustedProxies {
         if !self.trusts(peer.ip()) {
             return peer;
         }
-        let hops: Vec<&str> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
-            .map(str::trim)
-            .collect();
+        // Split before decoding: a client's own bytes (not even UTF-8) on the left must not spoil
+        // the hops its proxies appended on the right.
+        let hops: Vec<&[u8]> =
+            headers.get_all("x-forwarded-for").iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')).collect();
         for hop in hops.iter().rev() {
-            let ip = match hop.parse::<IpAddr>() {
-                Ok(ip) => ip,
-                Err(_) => match hop.parse::<SocketAddr>() {
-                    Ok(addr) => addr.ip(),
-                    // What a trusted proxy passed on cannot be read: the proxy is the client.
-                    Err(_) => return peer,
-                },
-            };
+            // What a trusted proxy passed on cannot be read: the proxy is the client.
+            let Some(ip) = hop_address(hop) else { return peer };
             if !self.trusts(ip) {
                 return SocketAddr::new(ip.to_canonical(), 0);
             }
         }
         peer
     }
+}
+
+/// One hop of `X-Forwarded-For`: an address, with a port or in brackets as some proxies write it.
+fn hop_address(hop: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(hop).ok()?.trim();
+    let bare = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(text);
+    bare.parse::<IpAddr>().ok().or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 #[cfg(test)]
@@ -132,9 +144,20 @@ mod tests {
         let v6: Cidr = "2001:db8::/32".parse().unwrap();
         assert!(v6.contains("2001:db8:1::5".parse().unwrap()) && !v6.contains("2001:db9::1".parse().unwrap()));
         assert!(!v6.contains("10.1.0.1".parse().unwrap()));
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("203.0.113.9".parse().unwrap()));
-        for bad in ["10.0.0.0/33", "10.0.0.1/8", "example.com", "10.0.0.0/", "::/129", ""] {
+        let mapped: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(mapped, "10.0.0.0/8".parse().unwrap());
+        assert!(mapped.contains("10.9.8.7".parse().unwrap()) && mapped.contains("::ffff:10.9.8.7".parse().unwrap()));
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0.1/8",
+            "example.com",
+            "10.0.0.0/",
+            "::/129",
+            "",
+            "0.0.0.0/0",
+            "::/0",
+            "::ffff:0:0/96",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }
@@ -150,6 +173,12 @@ mod tests {
         // Two trusted proxies in a row, and the header split over two lines.
         assert_eq!(client(&["198.51.100.1, 203.0.113.7", "10.0.0.9"]), "203.0.113.7:0");
         assert_eq!(client(&["[2001:db8::1]:443"]), "[2001:db8::1]:0");
+        assert_eq!(client(&["[2001:db8::2]"]), "[2001:db8::2]:0");
+        assert_eq!(client(&["203.0.113.8:5060"]), "203.0.113.8:0");
+        // A client's own bytes, not even UTF-8, ahead of what its proxy appended change nothing.
+        let mut raw = HeaderMap::new();
+        raw.append("x-forwarded-for", axum::http::HeaderValue::from_bytes(b"\xe9t\xe9, 203.0.113.7").unwrap());
+        assert_eq!(p.client(lb, &raw).to_string(), "203.0.113.7:0");
         // Nothing usable: the proxy itself.
         assert_eq!(client(&[]), "10.0.0.2:40000");
         assert_eq!(client(&["garbage"]), "10.0.0.2:40000");
