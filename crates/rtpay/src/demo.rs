@@ -145,6 +145,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         rate_limit: server::TENANT_RATE_DEFAULT,
         rate_burst: None,
         trusted_proxies: Default::default(),
+        metrics_token: None,
         tls: None,
         kek: None,
         iso8583_listen: None,

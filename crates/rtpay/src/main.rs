@@ -77,6 +77,10 @@ enum CommandLine {
         /// X-Forwarded-For names the client, for the failed-login throttle and the audit log.
         #[arg(long, env = "RTPAY_TRUSTED_PROXIES", value_delimiter = ',')]
         trusted_proxy: Vec<server::proxy::Cidr>,
+        /// Require this bearer token at /metrics (at least 32 characters; prefer the environment
+        /// variable, which other users cannot read from the process list).
+        #[arg(long, env = "RTPAY_METRICS_TOKEN", hide_env_values = true)]
+        metrics_token: Option<String>,
         /// Serve TLS with this certificate chain (PEM); needs --tls-key.
         #[arg(long, env = "RTPAY_TLS_CERT", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -259,6 +263,7 @@ fn main() -> ExitCode {
             rate_limit,
             rate_burst,
             trusted_proxy,
+            metrics_token,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -338,6 +343,7 @@ fn main() -> ExitCode {
                 rate_limit,
                 rate_burst,
                 trusted_proxies: server::proxy::TrustedProxies::new(trusted_proxy),
+                metrics_token,
                 tls,
                 kek: storage.kek,
                 iso8583_listen,

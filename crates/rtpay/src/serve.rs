@@ -19,6 +19,8 @@ pub struct ServeConfig {
     pub rate_burst: Option<f64>,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: server::proxy::TrustedProxies,
+    /// The bearer token `/metrics` asks for, if any.
+    pub metrics_token: Option<String>,
     pub tls: Option<server::tls::TlsFiles>,
     /// Where the vault's key-encryption keys live; default `file:<data>/kek`.
     pub kek: Option<crate::keys::KekConfig>,
@@ -173,6 +175,7 @@ pub async fn run(
     if !positive(config.rate_limit) || config.rate_burst.is_some_and(|b| !positive(b) || b < 1.0) {
         return Err("--rate-limit must be above 0 and --rate-burst at least 1".into());
     }
+    let metrics_token = config.metrics_token.as_deref().map(server::routes::ops::MetricsToken::new).transpose()?;
     server::quiet_panics();
     // Bad PEM files are refused before anything is created or opened.
     let acceptor = config.tls.as_ref().map(server::tls::acceptor).transpose()?;
@@ -208,7 +211,8 @@ pub async fn run(
         .with_card_settings(config.card_settings)
         .with_pix(config.pix)
         .with_webhooks(webhooks)
-        .with_trusted_proxies(config.trusted_proxies);
+        .with_trusted_proxies(config.trusted_proxies)
+        .with_metrics_token(metrics_token);
     if let Some(signer) = payload_signer {
         let _ = state.pix_runtime.signer.set(Arc::new(signer));
     }

@@ -886,6 +886,39 @@ fn listing_pages_newest_first_without_gaps_or_duplicates() {
 }
 
 #[test]
+fn metrics_ask_for_their_token_when_one_is_set() {
+    let token = "metrics-0123456789abcdef0123456789abcdef";
+    let dir = temp_dir("api-metrics-token");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--metrics-token", token]);
+    runtime().block_on(async {
+        let mut c = server.client();
+        for presented in [None, Some("metrics-0123456789abcdef0123456789abcdeX"), Some(OPERATOR)] {
+            let r = c.send(Method::GET, "/metrics", presented, None).await.unwrap();
+            assert_eq!(r.status, 401, "{presented:?}");
+            assert_eq!(r.headers.get("www-authenticate").unwrap(), "Bearer realm=\"metrics\"");
+            assert!(!String::from_utf8_lossy(&r.body).contains("rtpay_"), "no metric leaks in the refusal");
+        }
+        let r = c.send(Method::GET, "/metrics", Some(token), None).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(String::from_utf8_lossy(&r.body).contains("rtpay_http_requests_total"));
+        // Health and readiness stay open for probes.
+        assert_eq!(c.send(Method::GET, "/readyz", None, None).await.unwrap().status, 200);
+    });
+    // A guessable token is refused before anything starts.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rtpay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-token", "short"])
+        .arg("--data")
+        .arg(dir.join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at least 32"), "{stderr}");
+    assert!(!stderr.contains("short"), "the refused token is not echoed: {stderr}");
+    assert!(!dir.join("other").exists(), "nothing was created");
+}
+
+#[test]
 fn health_readiness_metrics_and_openapi() {
     let dir = temp_dir("api-ops");
     let server = Server::start(&dir, None);

@@ -77,6 +77,8 @@ pub struct Shared {
     pub webhooks: Option<Arc<webhook::WebhookClient>>,
     /// Proxies whose `X-Forwarded-For` names the client (none by default).
     pub trusted_proxies: proxy::TrustedProxies,
+    /// The bearer token `/metrics` asks for; `None`: it asks for none.
+    pub metrics_token: Option<routes::ops::MetricsToken>,
 }
 
 /// Requests per second a tenant may make on one node, by default, and its burst.
@@ -98,6 +100,7 @@ impl AppState {
             pix_runtime: Arc::default(),
             webhooks: None,
             trusted_proxies: proxy::TrustedProxies::default(),
+            metrics_token: None,
         }))
     }
 
@@ -125,6 +128,11 @@ impl AppState {
 
     pub fn with_card_settings(mut self, settings: card_network::CardSettings) -> AppState {
         self.shared_mut().card_settings = settings;
+        self
+    }
+
+    pub fn with_metrics_token(mut self, token: Option<routes::ops::MetricsToken>) -> AppState {
+        self.shared_mut().metrics_token = token;
         self
     }
 

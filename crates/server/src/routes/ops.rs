@@ -21,7 +21,47 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, Problem> 
     Ok(reply(StatusCode::OK, &serde_json::json!({"status": "ready"})))
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
+/// The token a scraper must present at `/metrics` (`Authorization: Bearer <token>`), when set.
+/// Never printed: its `Debug` says only that it is there.
+#[derive(Clone)]
+pub struct MetricsToken(std::sync::Arc<str>);
+
+/// The shortest token accepted: 32 characters (at least 128 bits from a random generator).
+pub const METRICS_TOKEN_LEN_MIN: usize = 32;
+
+impl MetricsToken {
+    pub fn new(token: &str) -> Result<MetricsToken, String> {
+        if token.len() < METRICS_TOKEN_LEN_MIN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "the metrics token must be at least {METRICS_TOKEN_LEN_MIN} visible ASCII characters (e.g. `openssl rand -hex 32`)"
+            ));
+        }
+        Ok(MetricsToken(token.into()))
+    }
+}
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(..)")
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(MetricsToken(token)) = &state.metrics_token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !crate::auth::constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+            let mut response =
+                Problem::unauthorized("`/metrics` needs `Authorization: Bearer <metrics token>`").into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"metrics\""));
+            return response;
+        }
+    }
     let body = state.metrics.render(&state.store.engine.stats);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
