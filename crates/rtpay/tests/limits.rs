@@ -81,14 +81,20 @@ fn a_source_with_too_many_failures_is_throttled_before_credentials_are_checked()
         for _ in 0..25 {
             statuses.push(c.get("/v1/audit", &wrong).await.unwrap().status.as_u16());
         }
-        // The first 20 are judged (and fail); then the address waits, whatever it sends.
-        assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
-        assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+        assert_throttled_after_twenty(&statuses);
         let r = c.get("/v1/audit", &key).await.unwrap();
         assert_eq!(r.status, 429);
         assert_eq!(r.json()["code"], json!("auth_throttled"));
         assert_eq!(r.headers.get("retry-after").unwrap(), "6");
     });
+}
+
+/// Of 25 failed authentications from one address, the first 20 are judged (and fail); then the
+/// address waits, whatever it sends.
+fn assert_throttled_after_twenty(statuses: &[u16]) {
+    assert_eq!(statuses.len(), 25);
+    assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
 }
 
 /// `GET /v1/audit` with `token`, as a proxy would pass on a request from `client`.
@@ -112,8 +118,7 @@ fn behind_a_trusted_proxy_the_throttle_counts_per_forwarded_client_and_the_audit
         for _ in 0..25 {
             statuses.push(via_proxy(&mut c, &wrong, "192.0.2.1, 203.0.113.7, 10.1.2.3").await.as_u16());
         }
-        assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
-        assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+        assert_throttled_after_twenty(&statuses);
         assert_eq!(via_proxy(&mut c, &key, "203.0.113.7").await, 429, "that client waits, even with a good key");
         // Other clients behind the same proxy do not.
         assert_eq!(via_proxy(&mut c, &key, "198.51.100.4").await, 200);
@@ -140,8 +145,7 @@ fn without_trusted_proxies_a_forwarded_header_changes_nothing() {
         for i in 0..25 {
             statuses.push(via_proxy(&mut c, &wrong, &format!("203.0.113.{i}")).await.as_u16());
         }
-        assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
-        assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+        assert_throttled_after_twenty(&statuses);
         assert_eq!(via_proxy(&mut c, &key, "198.51.100.4").await, 429);
     });
     let queries = store::Store::open_queries(&store::Location::Embedded(dir.clone())).unwrap();

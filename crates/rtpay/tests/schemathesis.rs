@@ -40,6 +40,23 @@ fn schemathesis() -> std::path::PathBuf {
     schemathesis
 }
 
+/// Runs `command` (a `schemathesis run` with its spec, target and options) from `dir`, reporting
+/// into `dir/report-<who>`; fails if schemathesis found failures or generated nothing. Its output.
+fn run(mut command: Command, dir: &std::path::Path, who: &str) -> String {
+    let out = command
+        .arg("--report-dir")
+        .arg(dir.join(format!("report-{who}")))
+        .env("SCHEMATHESIS_HOOKS", "")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schemathesis found failures ({who}):\n{text}");
+    let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
+    assert!(generated.contains("passed"), "no test cases ran ({who}):\n{text}");
+    text
+}
+
 /// Every check of an answer against the document.
 const CHECKS: &str =
     "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance";
@@ -144,7 +161,8 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
         ),
     )
     .unwrap();
-    let out = Command::new(&schemathesis)
+    let mut command = Command::new(&schemathesis);
+    command
         .arg("--config-file")
         .arg(&config)
         .args(["run", SPEC, "--url", &format!("http://{}/api/v2", server.addr)])
@@ -156,21 +174,12 @@ fn the_api_pix_conforms_to_its_openapi_spec() {
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         ])
-        .args(["--mode", "positive", "--max-examples", "50", "--seed", "20261201", "--no-color"])
-        .arg("--report-dir")
-        .arg(dir.join("report"))
-        .env("SCHEMATHESIS_HOOKS", "")
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "schemathesis found failures:\n{text}");
+        .args(["--mode", "positive", "--max-examples", "50", "--seed", "20261201", "--no-color"]);
+    let text = run(command, &dir, "api-pix");
     assert!(
         text.contains("Selected: 25/"),
         "the 25 cob, cobv, lotecobv, loc, pix, devolução and webhook operations were not all selected:\n{text}"
     );
-    let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
-    assert!(generated.contains("passed"), "no test cases ran:\n{text}");
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
 }
@@ -217,7 +226,8 @@ fn the_native_api_conforms_to_the_document_it_serves() {
     let passes =
         [("tenant", key.as_str(), "--exclude-path-regex", 42), ("operator", OPERATOR, "--include-path-regex", 4)];
     for (who, token, filter, operations) in passes {
-        let out = Command::new(schemathesis())
+        let mut command = Command::new(schemathesis());
+        command
             .arg("--config-file")
             .arg(&config)
             .args(["run"])
@@ -226,21 +236,12 @@ fn the_native_api_conforms_to_the_document_it_serves() {
             .args(["-H", &format!("Authorization: Bearer {token}")])
             .args([filter, "^/v1/(tenants|keys/rotate)"])
             .args(["--checks", CHECKS, "--generation-with-security-parameters", "false"])
-            .args(["--mode", "all", "--max-examples", "40", "--seed", "20261206", "--no-color"])
-            .arg("--report-dir")
-            .arg(dir.join(format!("report-{who}")))
-            .env("SCHEMATHESIS_HOOKS", "")
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "schemathesis found failures as the {who}:\n{text}");
+            .args(["--mode", "all", "--max-examples", "40", "--seed", "20261206", "--no-color"]);
+        let text = run(command, &dir, who);
         assert!(
             text.contains(&format!("Tested: {operations}")),
             "not all {operations} operations of the {who} were tested:\n{text}"
         );
-        let generated = text.lines().find(|l| l.contains("generated,")).unwrap_or_default();
-        assert!(generated.contains("passed"), "no test cases ran as the {who}:\n{text}");
         assert!(!text.contains("Rate limited"), "answers were 429s, leaving the logic untested:\n{text}");
     }
     let (ok, report) = server.verify();
