@@ -550,6 +550,18 @@ DROP INDEX documents_by_owner;
 CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id) WHERE owner IS NOT NULL;
 "#,
     },
+    Migration {
+        version: 9,
+        name: "a count of the writers' commits",
+        sql: r#"
+-- Every writer's commit adds one, under the batch lock. A writer keeps the accounts it last wrote
+-- between batches while the count is the one its own commit left: another node's commit, whatever
+-- it changed, moves it. (The ledger clock could not tell: a sweep that only expires holds takes
+-- no timestamp, and another node's cache then wrote the released holds back.) Adding a column
+-- with a constant default rewrites nothing.
+ALTER TABLE ledger_meta ADD COLUMN commits BIGINT NOT NULL DEFAULT 0;
+"#,
+    },
 ];
 
 #[cfg(test)]

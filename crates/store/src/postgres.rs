@@ -19,6 +19,12 @@ use crate::rows::{AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
 use crate::*;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Silence on a connection after which TCP keepalive probes start (see `connect`).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// How long data sent may stay unacknowledged before the connection is given up (see `connect`).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a session may sit idle inside a transaction before the server ends it (see `connect`).
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(30);
 const READERS_MAX: usize = 8;
 /// An arbitrary constant naming the migration lock among PostgreSQL advisory locks.
 const MIGRATION_LOCK: i64 = 0x7274_7061_7900_0001;
@@ -80,6 +86,16 @@ fn connect(url: &str) -> Result<Client> {
     let mut config: ::postgres::Config =
         url.parse().map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {}", with_causes(&e))))?;
     config.connect_timeout(CONNECT_TIMEOUT);
+    // A server that stops answering without closing the connection (a partition, a host gone)
+    // is noticed within a minute, not after the kernel's defaults (two hours of keepalive
+    // silence, a quarter of an hour of retransmissions): the writer's batch fails with 503 and
+    // the next one reconnects. A URL that sets either keeps its own.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
     if config.get_application_name().is_none() {
         config.application_name("rtpay");
     }
@@ -94,7 +110,21 @@ fn connect(url: &str) -> Result<Client> {
     // Every transaction rtpay opens reads what was committed before each statement, whatever the
     // server's default: a batch reads state after its lock is granted, and a counted insert
     // counts after its advisory lock (under repeatable read both would read older snapshots).
-    client.batch_execute("SET default_transaction_isolation = 'read committed'").map_err(unavailable)?;
+    // Two more, whatever the server's, database's or role's defaults:
+    // - a commit is on disk before it returns: with `synchronous_commit = off` a client would be
+    //   answered for a transfer a crash could still lose (`local`, `remote_write`, `on` and
+    //   `remote_apply` all wait for the local flush, and are kept);
+    // - a session that stalls inside a transaction (a frozen node holding the batch lock, which
+    //   every node's writer waits for) is ended by the server, releasing its locks. No
+    //   transaction of rtpay's waits on anything but the database between its statements.
+    client
+        .batch_execute(&format!(
+            "SET default_transaction_isolation = 'read committed'; \
+             SET idle_in_transaction_session_timeout = {}; \
+             SELECT set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'",
+            IDLE_IN_TRANSACTION.as_millis()
+        ))
+        .map_err(unavailable)?;
     Ok(client)
 }
 
@@ -229,15 +259,15 @@ struct PgWriter {
     signer: Arc<audit::Signer>,
     /// The audit tree's right edge, read under the batch lock (other nodes append too).
     frontier: Option<audit::Frontier>,
-    /// Accounts as this writer last committed or read them, valid while the ledger clock in
-    /// `ledger_meta` is the one this writer left there (`accounts_as_of`): every change to an
-    /// account, by any node, moves that clock past every value it had before (new timestamps are
-    /// taken above the clock read under the batch lock), so an unchanged clock means no other node
-    /// wrote since. Saves the batch's account look-up when one node does the writing.
+    /// Accounts as this writer last committed or read them, valid while the count of commits in
+    /// `ledger_meta` is the one this writer's last commit left there (`accounts_as_of`): every
+    /// commit, by any node, adds one under the batch lock, so an unchanged count means no other
+    /// node wrote since. (Not the ledger clock: a sweep that only expires holds does not move it.)
+    /// Saves the batch's account look-up when one node does the writing.
     accounts: HashMap<AccountKey, Account>,
-    accounts_as_of: Option<u64>,
-    /// The clock read under this batch's lock.
-    locked_clock: u64,
+    accounts_as_of: Option<i64>,
+    /// The count of commits read under this batch's lock.
+    locked_commits: i64,
 }
 
 /// Accounts the PostgreSQL writer keeps between batches; past this it starts over.
@@ -287,7 +317,8 @@ const AUDIT_CTES: &str = "\
 fn write_sql() -> String {
     format!(
         "WITH {WRITE_CTES}, \
-         clock AS (UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $32) WHERE id = 1 RETURNING 1) \
+         clock AS (UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $32), commits = commits + 1 \
+           WHERE id = 1 RETURNING 1) \
          SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM states), (SELECT count(*) FROM accounts), \
            (SELECT count(*) FROM clock)"
     )
@@ -298,8 +329,8 @@ fn write_sql() -> String {
 fn write_audited_sql() -> String {
     format!(
         "WITH {WRITE_CTES}, {AUDIT_CTES}, \
-         clock AS (UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $32), audit_frontier = $51 \
-           WHERE id = 1 RETURNING 1) \
+         clock AS (UPDATE ledger_meta SET last_timestamp = GREATEST(last_timestamp, $32), audit_frontier = $51, \
+           commits = commits + 1 WHERE id = 1 RETURNING 1) \
          SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM states), (SELECT count(*) FROM accounts), \
            (SELECT count(*) FROM clock), (SELECT count(*) FROM entries), (SELECT count(*) FROM nodes), \
            (SELECT count(*) FROM head)"
@@ -354,7 +385,7 @@ impl PgWriter {
             frontier: None,
             accounts: HashMap::new(),
             accounts_as_of: None,
-            locked_clock: 0,
+            locked_commits: 0,
         })
     }
 
@@ -375,17 +406,24 @@ impl Writer for PgWriter {
             // One round trip: open the transaction and take the cluster-wide batch lock.
             let messages = conn
                 .client
-                .simple_query("BEGIN; SELECT last_timestamp, audit_frontier FROM ledger_meta WHERE id = 1 FOR UPDATE")
+                .simple_query(
+                    "BEGIN; SELECT last_timestamp, audit_frontier, commits FROM ledger_meta WHERE id = 1 FOR UPDATE",
+                )
                 .map_err(unavailable)?;
-            let (last, frontier) = messages
+            let (last, frontier, commits) = messages
                 .iter()
                 .find_map(|m| match m {
-                    ::postgres::SimpleQueryMessage::Row(row) => {
-                        Some((row.get(0).map(str::to_owned), row.get(1).map(str::to_owned)))
-                    }
+                    ::postgres::SimpleQueryMessage::Row(row) => Some((
+                        row.get(0).map(str::to_owned),
+                        row.get(1).map(str::to_owned),
+                        row.get(2).map(str::to_owned),
+                    )),
                     _ => None,
                 })
                 .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
+            let commits = commits
+                .and_then(|c| c.parse::<i64>().ok())
+                .ok_or_else(|| corrupt("ledger_meta's count of commits is not a number".into()))?;
             let last = last.ok_or_else(|| corrupt("ledger clock is null".into()))?;
             let last = last.parse::<u64>().map_err(|_| corrupt(format!("ledger clock {last:?} is not a timestamp")))?;
             // bytea in text form: `\x` and hex.
@@ -399,16 +437,16 @@ impl Writer for PgWriter {
                     audit::Frontier::decode(&bytes).map_err(corrupt)?
                 }
             };
-            Ok((last, frontier))
+            Ok((last, frontier, commits))
         })();
         match result {
-            Ok((last, frontier)) => {
+            Ok((last, frontier, commits)) => {
                 self.in_tx = true;
                 self.frontier = Some(frontier);
-                if self.accounts_as_of.take() != Some(last) {
+                if self.accounts_as_of.take() != Some(commits) {
                     self.accounts.clear();
                 }
-                self.locked_clock = last;
+                self.locked_commits = commits;
                 Ok(Clock { last })
             }
             Err(e) => {
@@ -529,15 +567,13 @@ impl Writer for PgWriter {
         self.in_tx = false;
         match &result {
             Ok(()) => {
-                // What `write` left in ledger_meta: the clock only moves forward.
-                let mut clock = self.locked_clock;
                 for change in changes {
-                    clock = clock.max(change.clock.last);
                     for account in &change.accounts {
                         self.accounts.insert(account.key, account.clone());
                     }
                 }
-                self.accounts_as_of = Some(clock);
+                // What `write` left in ledger_meta.
+                self.accounts_as_of = Some(self.locked_commits + 1);
             }
             Err(_) => {
                 // Committed or not, the cache is not trusted again (`accounts_as_of` is unset).
@@ -1676,6 +1712,34 @@ mod tests {
         plain.batch_execute("SET plan_cache_mode = force_generic_plan").unwrap();
         let default_plan = plan(&mut plain);
         assert!(default_plan.contains("Seq Scan on transfers"), "{default_plan}");
+    }
+
+    /// Every session commits durably and gives up a stalled transaction, whatever the database's
+    /// defaults say.
+    #[test]
+    fn sessions_commit_durably_and_end_stalled_transactions() {
+        let url = crate::testing::fresh_postgres_database();
+        let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        let database: String = admin.query_one("SELECT current_database()", &[]).unwrap().get(0);
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{database}\" SET synchronous_commit = off; \
+                 ALTER DATABASE \"{database}\" SET idle_in_transaction_session_timeout = 0"
+            ))
+            .unwrap();
+        let setting = |client: &mut ::postgres::Client, name: &str| -> String {
+            client.query_one(&format!("SHOW {name}"), &[]).unwrap().get(0)
+        };
+        let mut plain = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        assert_eq!(setting(&mut plain, "synchronous_commit"), "off", "the database's default");
+        let mut ours = super::connect(&url).unwrap();
+        assert_eq!(setting(&mut ours, "synchronous_commit"), "on");
+        assert_eq!(setting(&mut ours, "idle_in_transaction_session_timeout"), "30s");
+        assert_eq!(setting(&mut ours, "transaction_isolation"), "read committed");
+        // A stricter setting is kept.
+        admin.batch_execute(&format!("ALTER DATABASE \"{database}\" SET synchronous_commit = remote_apply")).unwrap();
+        let mut ours = super::connect(&url).unwrap();
+        assert_eq!(setting(&mut ours, "synchronous_commit"), "remote_apply");
     }
 
     /// An owner's documents can be listed in the owner index's order, without a sort (on empty

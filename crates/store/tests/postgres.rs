@@ -135,3 +135,79 @@ fn two_writers_under_a_repeatable_read_default() {
     assert_eq!(balance(2) + balance(3), 500, "money moved only between the two wallets");
     assert!(balance(2) >= 0 && balance(3) >= 0);
 }
+
+/// A hold another node let expire stays released: the node that made it, busy meanwhile, does not
+/// write its own copy of the accounts back (a sweep that only expires holds takes no timestamp,
+/// so the ledger clock could not tell the copy was old).
+#[test]
+fn a_hold_another_node_expired_stays_released() {
+    use ledger::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let location = Location::Postgres(store::testing::fresh_postgres_database());
+    let tenant = TenantId(9);
+    let key = |id: u128| AccountKey { tenant, id: AccountId(id) };
+    let event = |id: u128, kind: EventKind| TransferEvent {
+        key: TransferKey { tenant, id: TransferId(id) },
+        kind,
+        code: 1,
+        metadata: None,
+        linked: false,
+    };
+    let posted = |debit: u128, credit: u128| EventKind::Posted {
+        debit: AccountId(debit),
+        credit: AccountId(credit),
+        amount: 10,
+    };
+    let a = store::Store::open(&location).unwrap();
+    let accounts = (1..=4)
+        .map(|id| {
+            AccountCommand::Create(NewAccount {
+                key: key(id),
+                currency: Currency::parse("BRL").unwrap(),
+                code: 1,
+                flags: AccountFlags::default(),
+                credit_limit: 0,
+                metadata: None,
+                holder: None,
+            })
+        })
+        .collect();
+    a.engine.accounts(accounts).unwrap();
+    let hold = EventKind::Pending { debit: AccountId(1), credit: AccountId(2), amount: 100, timeout_seconds: 3_600 };
+    assert_eq!(a.engine.transfers(vec![event(10, hold)]).unwrap()[0].result, TransferResult::Created);
+    let pending = |id: u128| {
+        let x = a.queries.account(key(id)).unwrap().unwrap();
+        (x.debits_pending, x.credits_pending)
+    };
+    let busy = AtomicBool::new(true);
+    std::thread::scope(|s| {
+        // Node A stays busy between accounts of its own (an idle writer starts its next batch
+        // without its copies), so it keeps the hold's accounts as it left them.
+        s.spawn(|| {
+            let mut id = 1_000;
+            while busy.load(Ordering::Relaxed) {
+                id += 1;
+                assert_eq!(
+                    a.engine.transfers(vec![event(id, posted(3, 4))]).unwrap()[0].result,
+                    TransferResult::Created
+                );
+            }
+        });
+        // Node B's clock is two hours ahead: its idle sweep finds the hold due and releases it.
+        let ahead = || store::now_nanos() + 7_200_000_000_000;
+        let b = store::Store::open_with_clock(&location, std::sync::Arc::new(ahead)).unwrap();
+        let started = std::time::Instant::now();
+        while b.engine.stats.expired.load(Ordering::Relaxed) == 0 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "node B never swept the hold");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!((pending(1), pending(2)), ((0, 0), (0, 0)), "released by node B");
+        // Node A, still busy, moves money from the hold's debit side, then to its credit side.
+        assert_eq!(a.engine.transfers(vec![event(11, posted(1, 3))]).unwrap()[0].result, TransferResult::Created);
+        assert_eq!(a.engine.transfers(vec![event(12, posted(3, 2))]).unwrap()[0].result, TransferResult::Created);
+        busy.store(false, Ordering::Relaxed);
+    });
+    assert_eq!((pending(1), pending(2)), ((0, 0), (0, 0)), "node A wrote the released hold back");
+    let report = a.verify().unwrap();
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}
