@@ -58,16 +58,21 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// The outcome of a command as one linked chain: its first failure, else `Exists` when every
+    /// The outcome of a command as one linked chain: its first failure that names a cause (the
+    /// events around it fail as `LinkedEventFailed`), else `LinkedEventFailed` when some event
+    /// failed only so (a chain stored as failed, repeated in part), else `Exists` when every
     /// transfer existed already, else `Created` (also for replies that carry no transfers).
     pub fn chain_result(&self) -> ledger::TransferResult {
         use ledger::TransferResult;
         match self {
             Reply::Transfers(outcomes) => {
-                let failed = outcomes.iter().map(|o| o.result).find(|r| {
+                let results = || outcomes.iter().map(|o| o.result);
+                let failed = results().find(|r| {
                     !matches!(r, TransferResult::Created | TransferResult::Exists | TransferResult::LinkedEventFailed)
                 });
-                failed.unwrap_or(if outcomes.iter().all(|o| o.result == TransferResult::Exists) {
+                failed.unwrap_or(if results().any(|r| r == TransferResult::LinkedEventFailed) {
+                    TransferResult::LinkedEventFailed
+                } else if results().all(|r| r == TransferResult::Exists) {
                     TransferResult::Exists
                 } else {
                     TransferResult::Created
@@ -693,6 +698,22 @@ mod tests {
         let stdout = String::from_utf8_lossy(&child.stdout);
         assert!(!stdout.contains("outlived"), "{stdout}");
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.status), Some(libc::SIGABRT), "{stdout}");
+    }
+
+    /// A chain's result names its cause; a chain whose events all failed only for being linked
+    /// to a failure (repeated in part) is not taken for a success.
+    #[test]
+    fn a_chain_result_is_its_named_failure_or_the_link_failure() {
+        use ledger::{Outcome, TransferResult as R};
+        let chain = |results: &[R]| {
+            Reply::Transfers(results.iter().map(|&result| Outcome { result, transfer: None }).collect()).chain_result()
+        };
+        assert_eq!(chain(&[R::LinkedEventFailed, R::InsufficientFunds, R::LinkedEventFailed]), R::InsufficientFunds);
+        assert_eq!(chain(&[R::LinkedEventFailed]), R::LinkedEventFailed);
+        assert_eq!(chain(&[R::Exists, R::LinkedEventFailed]), R::LinkedEventFailed);
+        assert_eq!(chain(&[R::Exists, R::Exists]), R::Exists);
+        assert_eq!(chain(&[R::Exists, R::Created]), R::Created);
+        assert_eq!(Reply::Audited.chain_result(), R::Created);
     }
 
     fn draft(n: usize) -> audit::Draft {
