@@ -205,6 +205,11 @@ impl Currency {
         }
     }
 
+    /// Every currency the ledger accepts, in code order.
+    pub fn all() -> impl Iterator<Item = Currency> {
+        TABLE.iter().map(|(c, ..)| Currency::parse(c).expect("the table's own code"))
+    }
+
     /// The code as text, e.g. `"BRL"`.
     pub fn as_str(&self) -> &str {
         // The constructor only accepts ASCII upper-case letters.

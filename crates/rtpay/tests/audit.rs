@@ -152,8 +152,14 @@ fn requests_are_recorded_and_proved() {
             let r = c.get(&format!("/v1/audit/proof/inclusion?{query}"), OPERATOR).await.unwrap();
             assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{query}");
         }
-        let r = c.get("/v1/audit?limit=0", OPERATOR).await.unwrap();
-        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("limit")));
+        // A position past the largest stored one is refused, not read as negative (which listed
+        // the log from its start).
+        for (query, field) in [("limit=0", "limit"), ("after=9223372036854775808", "after")] {
+            let r = c.get(&format!("/v1/audit?{query}"), OPERATOR).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{query}");
+        }
+        let r = c.get("/v1/audit?after=9223372036854775807", OPERATOR).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["entries"].clone()), (200, json!([])));
         assert_eq!(c.get("/v1/audit", &forged).await.unwrap().status, 401);
     });
 }

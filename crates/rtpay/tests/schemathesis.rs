@@ -57,9 +57,11 @@ fn run(mut command: Command, dir: &std::path::Path, who: &str) -> String {
     text
 }
 
-/// Every check of an answer against the document.
-const CHECKS: &str =
-    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance";
+/// Every check of an answer against the document, and that a request breaking its schemas is
+/// refused. (Not that every request the schemas allow is accepted: rules on stored state and on
+/// check digits, such as an account that exists or a CPF's digits, are not a schema's to say.)
+const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
+     response_schema_conformance,response_headers_conformance,negative_data_rejection";
 
 #[test]
 fn the_api_pix_conforms_to_its_openapi_spec() {

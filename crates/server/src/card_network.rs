@@ -35,9 +35,15 @@ impl Default for CardSettings {
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+// Named apart from the Pix limits (`pix_rail::LimitsBody`): one schema name for both made the
+// document describe a card's limits with the Pix fields.
+#[schema(as = CardLimits)]
 pub struct LimitsBody {
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub per_transaction: Option<u64>,
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub daily: Option<u64>,
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub monthly: Option<u64>,
 }
 

@@ -27,7 +27,40 @@ impl utoipa::Modify for Contract {
                 complete(operation);
             }
         }
+        // Sets whose members live in tables of the code, not in a type: listed where the body
+        // takes one, so a client (or a generator of requests) knows them without trying.
+        let currencies: Vec<String> = ledger::Currency::all().map(|c| c.as_str().to_owned()).collect();
+        for schema in ["AccountBody", "ProductBody"] {
+            enumerate(components, schema, "currency", false, &currencies);
+        }
+        let scopes: Vec<String> = crate::oauth::SCOPES.iter().map(|s| (*s).to_owned()).collect();
+        enumerate(components, "OAuthClientBody", "scopes", true, &scopes);
     }
+}
+
+/// Gives the property `property` of the component `schema` (or its items, for an array) the
+/// values it may take.
+fn enumerate(
+    components: &mut utoipa::openapi::Components,
+    schema: &str,
+    property: &str,
+    items: bool,
+    values: &[String],
+) {
+    let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) else {
+        panic!("the document has no object schema {schema}");
+    };
+    let target = match object.properties.get_mut(property) {
+        Some(RefOr::T(Schema::Array(array))) if items => match &mut array.items {
+            utoipa::openapi::schema::ArrayItems::RefOrSchema(item) => item.as_mut(),
+            utoipa::openapi::schema::ArrayItems::False => panic!("{schema}.{property} takes no items"),
+        },
+        Some(other) if !items => other,
+        _ => panic!("{schema} has no {} {property}", if items { "array" } else { "property" }),
+    };
+    let RefOr::T(Schema::Object(target)) = target else { panic!("{schema}.{property} is not an inline schema") };
+    target.enum_values = Some(values.iter().map(|v| serde_json::Value::from(v.as_str())).collect());
+    target.pattern = None;
 }
 
 /// The path segments that name a resource by its id: every one is a UUID.
@@ -162,5 +195,40 @@ mod tests {
             }
         }
         assert!(operations > 40, "{operations} operations");
+    }
+
+    /// Types that share a Rust name are told apart in the document (one schema name for both made
+    /// a card's limits read as a holder's Pix limits); rules a schema can say are there.
+    #[test]
+    fn schemas_say_the_rules_a_schema_can_say() {
+        let doc = serde_json::to_value(crate::ApiDoc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let fields = |name: &str| -> Vec<String> {
+            let mut keys: Vec<String> = schemas[name]["properties"].as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(fields("CardLimits"), ["daily", "monthly", "per_transaction"]);
+        assert_eq!(fields("PixLimits"), ["daily", "night_per_transaction", "nightly", "per_transaction"]);
+        assert!(schemas.get("LimitsBody").is_none());
+        let card_limits = doc["components"]["schemas"]["CardBody"]["properties"]["limits"].to_string();
+        assert!(card_limits.contains("#/components/schemas/CardLimits"), "{card_limits}");
+        let void =
+            &doc["paths"]["/v1/transfers/{pending_id}/void"]["post"]["requestBody"]["content"]["application/json"];
+        assert_eq!(void["schema"]["$ref"], "#/components/schemas/VoidBody");
+        assert_eq!(fields("VoidBody"), ["code", "id", "metadata"]);
+        let currencies = schemas["AccountBody"]["properties"]["currency"]["enum"].as_array().unwrap();
+        assert!(currencies.contains(&"BRL".into()) && currencies.contains(&"JPY".into()));
+        assert!(!currencies.contains(&"XAU".into()), "metals are not money here");
+        let scopes = schemas["OAuthClientBody"]["properties"]["scopes"]["items"]["enum"].as_array().unwrap();
+        assert_eq!(scopes.len(), crate::oauth::SCOPES.len());
+        let limit = doc["paths"]["/v1/accounts/{id}/transfers"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "limit")
+            .unwrap()["schema"]
+            .clone();
+        assert_eq!((limit["minimum"].as_u64(), limit["maximum"].as_u64()), (Some(1), Some(1000)));
     }
 }

@@ -310,6 +310,20 @@ pub struct ResolveBody {
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// `POST /v1/transfers/{pending_id}/void`, as the document shows it: the handler reads a
+/// [`ResolveBody`] and refuses its `amount` (`field_not_allowed`).
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct VoidBody {
+    /// The id of the void transfer itself (idempotency key).
+    #[schema(format = Uuid)]
+    id: String,
+    code: Option<u16>,
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
 /// One item of `POST /v1/transfers/batch`: a transfer (as `POST /v1/transfers`), or a post or
 /// void of a hold (`post_pending_id` / `void_pending_id`).
 #[derive(Deserialize, ToSchema, Debug)]

@@ -145,7 +145,8 @@ impl Claims {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthClientBody {
-    /// Scopes the client may request.
+    /// Scopes the client may request: at least one.
+    #[schema(min_items = 1)]
     pub scopes: Vec<String>,
 }
 

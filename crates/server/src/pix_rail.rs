@@ -488,10 +488,15 @@ pub fn spent(q: &dyn store::Queries, holder: u128, night: pix::limits::Night, no
 /// A holder's Pix limits in centavos; `null` or absent: no limit.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = PixLimits)]
 pub struct LimitsBody {
+    #[schema(minimum = 1, maximum = 999999999999_u64)]
     pub per_transaction: Option<u64>,
+    #[schema(minimum = 1, maximum = 999999999999_u64)]
     pub daily: Option<u64>,
+    #[schema(minimum = 1, maximum = 999999999999_u64)]
     pub nightly: Option<u64>,
+    #[schema(minimum = 1, maximum = 999999999999_u64)]
     pub night_per_transaction: Option<u64>,
 }
 

@@ -82,7 +82,10 @@ impl From<store::StoreError> for Problem {
             store::StoreError::Busy => Problem::unavailable("the write queue is full; retry shortly", 1),
             store::StoreError::Unavailable(why) => {
                 tracing::warn!(error = %why, "storage unavailable");
-                Problem::unavailable("storage is unavailable; nothing was applied; retry later", 2)
+                Problem::unavailable(
+                    "storage is unavailable; retry later with the same id or Idempotency-Key (a write applies once)",
+                    2,
+                )
             }
             store::StoreError::Conflict(why) => Problem::new(StatusCode::CONFLICT, "conflict", why),
             store::StoreError::Corrupt(why) => {

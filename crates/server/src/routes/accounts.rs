@@ -102,7 +102,7 @@ pub async fn close_account(
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{id}/transfers", tag = "accounts",
-    params(("id" = String, Path), ("limit" = Option<usize>, Query, description = "1..=1000, default 50"),
+    params(("id" = String, Path), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1..=1000, default 50"),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page")),
     responses((status = 200, body = TransferPage), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = [])))]

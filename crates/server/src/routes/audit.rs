@@ -99,8 +99,14 @@ fn params_of(params: &HashMap<String, String>, names: &[&str]) -> Result<HashMap
                 format!("unknown query parameter `{name}`; expected one of {}", names.join(", ")),
             ));
         }
-        let v = value.parse::<u64>().map_err(|_| {
-            Problem::invalid(name.clone(), "invalid_integer", format!("`{name}` must be a non-negative integer"))
+        // Sequence numbers and sizes are stored as signed 64-bit integers: a larger `after` read
+        // as negative would list the log from its start.
+        let v = value.parse::<u64>().ok().filter(|v| *v <= i64::MAX as u64).ok_or_else(|| {
+            Problem::invalid(
+                name.clone(),
+                "invalid_integer",
+                format!("`{name}` must be an integer in 0..={}", i64::MAX),
+            )
         })?;
         out.insert(name.clone(), v);
     }
@@ -122,8 +128,8 @@ fn tenant_of(caller: Caller) -> Option<u128> {
 }
 
 #[utoipa::path(get, path = "/v1/audit", tag = "audit",
-    params(("after" = Option<u64>, Query, description = "entries with a larger `seq`; default 0"),
-        ("limit" = Option<usize>, Query, description = "1..=1000, default 100")),
+    params(("after" = Option<u64>, Query, maximum = 9223372036854775807_u64, description = "entries with a larger `seq`; default 0"),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1..=1000, default 100")),
     responses((status = 200, body = AuditPage), (status = 401, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = []), ("operator" = [])))]
 pub async fn list_entries(
@@ -178,7 +184,8 @@ async fn signed_size(state: &AppState, params: &HashMap<String, u64>, name: &str
 }
 
 #[utoipa::path(get, path = "/v1/audit/proof/inclusion", tag = "audit",
-    params(("seq" = u64, Query), ("tree_size" = Option<u64>, Query, description = "default: the latest signed size")),
+    params(("seq" = u64, Query, minimum = 1, maximum = 9223372036854775807_u64, description = "1..=the tree's size"),
+        ("tree_size" = Option<u64>, Query, maximum = 9223372036854775807_u64, description = "default: the latest signed size")),
     responses((status = 200, body = InclusionView), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = []), ("operator" = [])))]
 pub async fn inclusion_proof(
@@ -219,7 +226,8 @@ pub async fn inclusion_proof(
 }
 
 #[utoipa::path(get, path = "/v1/audit/proof/consistency", tag = "audit",
-    params(("first" = u64, Query), ("second" = Option<u64>, Query, description = "default: the latest signed size")),
+    params(("first" = u64, Query, minimum = 1, maximum = 9223372036854775807_u64, description = "1..=`second`"),
+        ("second" = Option<u64>, Query, maximum = 9223372036854775807_u64, description = "default: the latest signed size")),
     responses((status = 200, body = ConsistencyView), (status = 422, body = Problem)),
     security(("api_key" = []), ("operator" = [])))]
 pub async fn consistency_proof(

@@ -33,14 +33,24 @@ pub const VELOCITY_PER_MINUTE_DEFAULT: u32 = 30;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProductBody {
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub name: String,
     /// 6 to 8 digits, unique across the platform.
+    #[schema(pattern = "^[0-9]{6,8}$")]
     pub bin: String,
     /// ISO 4217, e.g. `BRL`.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     /// e.g. `visa`, `mastercard`, `elo`.
+    #[schema(pattern = "^[A-Za-z0-9-]{1,32}$")]
     pub network: String,
     pub limits: Option<LimitsBody>,
+    /// Authorizations a card may ask for in a minute (default 30).
+    #[schema(minimum = 1, maximum = 10000)]
     pub velocity_per_minute: Option<u32>,
 }
 
@@ -190,18 +200,39 @@ pub async fn get_product(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CardBody {
+    #[schema(format = Uuid)]
     pub account_id: String,
+    #[schema(format = Uuid)]
     pub product_id: String,
+    #[schema(format = Uuid)]
     pub holder_id: Option<String>,
     /// `virtual` (active at once) or `physical` (inactive until activated).
     #[serde(rename = "type")]
+    #[schema(value_type = CardType)]
     pub kind: String,
     pub limits: Option<LimitsBody>,
     /// Merchant category codes (4 digits) the card may not be used at.
+    #[schema(value_type = Option<Vec<Mcc>>, max_items = 100)]
     pub blocked_mccs: Option<Vec<String>>,
     /// Card-not-present (e-commerce, keyed) use; default true.
     pub ecommerce: Option<bool>,
 }
+
+/// A card's type, for the document (the body reads it as text and names the field when it is
+/// neither).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum CardType {
+    Virtual,
+    Physical,
+}
+
+/// A merchant category code, for the document.
+#[derive(ToSchema)]
+#[schema(pattern = "^[0-9]{4}$")]
+#[allow(dead_code)]
+pub struct Mcc(String);
 
 #[derive(Serialize, ToSchema)]
 pub struct CardView {
@@ -481,7 +512,7 @@ pub struct AuthorizationList {
     pub authorizations: Vec<AuthorizationView>,
 }
 
-#[utoipa::path(get, path = "/v1/cards/{id}/authorizations", tag = "cards", params(("id" = String, Path), ("limit" = Option<u32>, Query)),
+#[utoipa::path(get, path = "/v1/cards/{id}/authorizations", tag = "cards", params(("id" = String, Path), ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1..=1000")),
     responses((status = 200, body = AuthorizationList), (status = 404, body = Problem)), security(("api_key" = [])))]
 pub async fn card_authorizations(
     State(state): State<AppState>,

@@ -21,11 +21,30 @@ pub const HOLDER_NAME_LEN_MAX: usize = 200;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HolderBody {
+    #[schema(format = Uuid)]
     pub id: Option<String>,
     /// `person` (document: CPF) or `company` (document: CNPJ, numeric or alphanumeric).
+    #[schema(value_type = HolderKind)]
     pub kind: String,
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub name: String,
+    /// The CPF (11 digits) or CNPJ (14 characters), with or without punctuation; its check digits
+    /// are verified.
     pub document: String,
+}
+
+/// A holder's kind, for the document (the body reads it as text and names the field when it is
+/// neither).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum HolderKind {
+    Person,
+    Company,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -47,12 +66,24 @@ pub struct HolderView {
 #[serde(deny_unknown_fields)]
 pub struct Address {
     /// 1 to 200 characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub street: String,
     /// 1 to 200 characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub city: String,
     /// The federative unit: `SP`, `RJ`, ... (27 of them).
+    #[schema(pattern = "^(AC|AL|AP|AM|BA|CE|DF|ES|GO|MA|MT|MS|MG|PA|PB|PR|PE|PI|RJ|RN|RS|RO|RR|SC|SP|SE|TO)$")]
     pub state: String,
     /// The CEP: 8 digits.
+    #[schema(pattern = "^[0-9]{8}$")]
     pub postal_code: String,
 }
 

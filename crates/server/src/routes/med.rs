@@ -33,7 +33,13 @@ pub struct MedBody {
     /// The received Pix the claim is about.
     pub end_to_end_id: String,
     /// Centavos to block; default: all that may be.
+    #[schema(minimum = 1, maximum = 999999999999_u64)]
     pub amount: Option<u64>,
+    #[schema(
+        min_length = 1,
+        max_length = 140,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub reason: String,
 }
 

@@ -37,13 +37,28 @@ fn check_amount(field: &str, centavos: u64) -> Result<(), Problem> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
+    #[schema(format = Uuid)]
     pub account_id: String,
     /// `cpf`, `cnpj`, `email`, `phone` or `evp`.
     #[serde(rename = "type")]
+    #[schema(value_type = PixKeyType)]
     pub kind: String,
     /// Required for `email` and `phone`; for `cpf`/`cnpj` it must be the holder's document; never
     /// for `evp` (generated).
     pub key: Option<String>,
+}
+
+/// A Pix key's type, for the document (the body reads it as text and names the field when it is
+/// none of these).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum PixKeyType {
+    Cpf,
+    Cnpj,
+    Email,
+    Phone,
+    Evp,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -376,7 +391,7 @@ fn update_bucket(
 }
 
 #[utoipa::path(get, path = "/v1/pix/keys/{key}", tag = "pix",
-    params(("key" = String, Path), ("payer_account_id" = String, Query)),
+    params(("key" = String, Path), ("payer_account_id" = String, Query, format = Uuid)),
     responses((status = 200, body = DirectoryEntry), (status = 404, body = Problem), (status = 429, body = Problem)),
     security(("api_key" = [])))]
 pub async fn lookup_key(
@@ -662,10 +677,12 @@ pub struct EncodeBody {
     /// A Pix key (static code).
     pub key: String,
     /// Centavos; absent: the payer chooses.
+    #[schema(minimum = 1, maximum = 999999999999_u64)]
     pub amount: Option<u64>,
     pub merchant_name: String,
     pub merchant_city: String,
     /// 1 to 25 letters and digits.
+    #[schema(pattern = "^[A-Za-z0-9]{1,25}$")]
     pub txid: Option<String>,
     pub description: Option<String>,
 }
@@ -798,9 +815,12 @@ pub struct CreditorBody {
 #[serde(deny_unknown_fields)]
 pub struct PaymentBody {
     /// The payment's id (UUID): repeating it is safe.
+    #[schema(format = Uuid)]
     pub id: String,
+    #[schema(format = Uuid)]
     pub debit_account_id: String,
     /// Centavos, 1..=999999999999.
+    #[schema(minimum = 1, maximum = 999999999999_u64)]
     pub amount: u64,
     pub key: Option<String>,
     pub brcode: Option<String>,
@@ -1206,9 +1226,11 @@ pub struct IncomingBody {
     /// it is safe: the Pix is credited once.
     pub end_to_end_id: Option<String>,
     /// Centavos.
+    #[schema(minimum = 1, maximum = 999999999999_u64)]
     pub amount: u64,
     /// One of: a key of this tenant, an account of this tenant, a BR Code of one of its keys.
     pub key: Option<String>,
+    #[schema(format = Uuid)]
     pub account_id: Option<String>,
     pub brcode: Option<String>,
     pub payer: IncomingPayer,

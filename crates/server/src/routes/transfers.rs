@@ -87,7 +87,7 @@ pub async fn post_pending(
     resolve(state, tenant, audit, pending_id, body, true).await
 }
 
-#[utoipa::path(post, path = "/v1/transfers/{pending_id}/void", tag = "transfers", request_body = ResolveBody,
+#[utoipa::path(post, path = "/v1/transfers/{pending_id}/void", tag = "transfers", request_body = crate::dto::VoidBody,
     params(("pending_id" = String, Path)),
     responses((status = 201, body = TransferView), (status = 200, body = TransferView), (status = 404, body = Problem),
         (status = 409, body = Problem), (status = 422, body = Problem)),
