@@ -94,7 +94,7 @@ fn migrate_applies_once() {
     assert!(ok && out.contains("schema up to date"), "{out}");
     let url = store::testing::fresh_postgres_database();
     let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
-    assert!(ok && out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8]"), "{out}");
+    assert!(ok && out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9]"), "{out}");
     let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
     assert!(ok && out.contains("schema up to date"), "{out}");
 }
