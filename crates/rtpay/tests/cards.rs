@@ -302,6 +302,60 @@ fn authorizations_captures_reversals_and_refunds_over_iso8583() {
     assert!(!text.contains(&format!("\"cvv2\":\"{cvv2}\"")), "the log holds the CVV2");
 }
 
+/// Messages on one card in flight together are decided one after another: a burst of
+/// authorizations stops at the card's daily limit, and a purchase's reversal and its repeat (an
+/// 0400 and the 0420 after it) give the money back once. A refund's reversal takes the refund back.
+#[test]
+fn concurrent_messages_on_a_card_are_decided_in_turn() {
+    let dir = temp_dir("cards-turns");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({"velocity_per_minute": 1_000}), json!({"limits": {"daily": 3_000}})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let mut net = Network::connect(iso);
+        for n in 0..10u32 {
+            net.send(&auth(&i.pan, &i.expiry, 1_000, 200 + n, &format!("{:012}", 200 + n)));
+        }
+        let answers = net.recv(10);
+        let approved = answers.iter().filter(|a| a["39"] == json!("00")).count();
+        assert_eq!(approved, 3, "{answers:?}");
+        assert_eq!(available(&mut c, key, acct).await, (7_000, 3_000, 0));
+        // Release the holds: one reversal each.
+        for a in answers.iter().filter(|a| a["39"] == json!("00")) {
+            let stan: u32 = a["11"].as_str().unwrap().parse().unwrap();
+            let original = auth(&i.pan, &i.expiry, 1_000, stan, a["37"].as_str().unwrap());
+            assert_eq!(
+                net.ask(&with(original, json!({"t": "0400", "11": format!("{:06}", stan + 100)})))["39"],
+                json!("00")
+            );
+        }
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0));
+
+        // A purchase (0200), then its reversal and the reversal's repeat, sent together.
+        let purchase = with(auth(&i.pan, &i.expiry, 500, 300, "000000000300"), json!({"t": "0200"}));
+        assert_eq!(net.ask(&purchase)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (9_500, 0, 500));
+        net.send(&with(purchase.clone(), json!({"t": "0400", "11": "000301"})));
+        net.send(&with(purchase.clone(), json!({"t": "0420", "11": "000302"})));
+        let answers = net.recv(2);
+        assert!(answers.iter().all(|a| a["39"] == json!("00")), "{answers:?}");
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 500), "the purchase came back once");
+
+        // A refund credits the account; its reversal takes the credit back, once.
+        let refund = with(auth(&i.pan, &i.expiry, 700, 400, "000000000400"), json!({"t": "0200", "3": "200000"}));
+        assert_eq!(net.ask(&refund)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (10_700, 0, 500));
+        let r = net.ask(&with(refund.clone(), json!({"t": "0400", "11": "000401"})));
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0410"), json!("00")), "{r}");
+        assert_eq!(net.ask(&with(refund.clone(), json!({"t": "0420", "11": "000402"})))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 1_200), "the refund was taken back once");
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// With its storage gone the issuer cannot decide: the network hears 91 (issuer unavailable) at
 /// once, nothing is held, and the same message after storage returns is decided as usual. A card
 /// row rtpay cannot read answers 96 (system malfunction).

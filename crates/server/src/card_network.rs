@@ -208,6 +208,29 @@ pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Stripes of locks by card: a card's messages are taken one at a time on a node, from reading
+/// what they refer to (the authorization, the card's spending) to their commit. Without it two
+/// messages on one card read the same state: two reversals of one purchase both found it
+/// captured, a burst of authorizations all found nothing spent against the card's limits, and a
+/// capture refused after a concurrent reversal wrote its stale view back over the reversal's.
+/// (Across the nodes of a cluster the ledger still moves money once for each authorization: the
+/// ids of a capture's and a reversal's transfers come from the authorization, not the message.)
+pub struct CardLocks(Vec<tokio::sync::Mutex<()>>);
+
+const CARD_LOCK_STRIPES: usize = 256;
+
+impl Default for CardLocks {
+    fn default() -> Self {
+        CardLocks((0..CARD_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect())
+    }
+}
+
+impl CardLocks {
+    async fn lock(&self, card: u128) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0[(card % CARD_LOCK_STRIPES as u128) as usize].lock().await
+    }
+}
+
 /// One request on its way through: the card found, the message identified. Owned, so that what
 /// the writer runs inside the batch (making the records from the ledger's answer) can hold it.
 struct Ctx {
@@ -256,6 +279,14 @@ impl Ctx {
         let mut input = self.key.to_vec();
         input.extend_from_slice(purpose.as_bytes());
         let digest = self.keys.mac(b"card-transfer", &input);
+        u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
+    }
+
+    /// A ledger id derived from the authorization `view` (and `purpose`): whichever message
+    /// captures or reverses it (an 0400 and its 0420 repeat, say), the same id, so the ledger
+    /// applies the step once.
+    fn step_id(&self, view: &AuthorizationView, purpose: &str) -> u128 {
+        let digest = self.keys.mac(b"card-step", format!("{}:{purpose}", view.id).as_bytes());
         u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
     }
 
@@ -401,6 +432,7 @@ impl<'a> Flow<'a> {
     }
 
     async fn run(self) -> Message {
+        let _card = self.state.card_locks.lock(self.ctx.card_id).await;
         let request = &self.ctx.request;
         // A repeat gets the first answer, with the card number put back (it is not stored).
         if let Some(stored) = &self.ctx.answered {
@@ -614,13 +646,13 @@ impl<'a> Flow<'a> {
         let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
             .map_err(|_| ResponseCode::SystemMalfunction)?
             .as_u128();
-        let post = ctx.transfer_id("post");
+        let post = ctx.step_id(&view, "post");
         let pending_id = TransferId(hold);
         let mut events =
             vec![ctx.event(post, EventKind::PostPending { pending_id, amount: Some(ctx.amount.min(held)) })];
         let mut ids = vec![post];
         if ctx.amount > held {
-            let extra = ctx.transfer_id("over-capture");
+            let extra = ctx.step_id(&view, "over-capture");
             let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
             let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
             let amount = ctx.amount - held;
@@ -674,17 +706,28 @@ impl<'a> Flow<'a> {
             "approved" => {
                 let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
                     .map_err(|_| ResponseCode::SystemMalfunction)?;
-                let void = ctx.transfer_id("void");
+                let void = ctx.step_id(&view, "void");
                 let event = EventKind::VoidPending { pending_id: TransferId(hold.as_u128()) };
                 (vec![ctx.event(void, event)], void, view.amount)
             }
             "captured" => {
-                let back = ctx.transfer_id("reverse-capture");
+                let back = ctx.step_id(&view, "reverse-capture");
                 let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
                 let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
                 let amount = view.captured;
                 let event =
                     EventKind::Posted { debit: AccountId(settlement), credit: AccountId(ctx.account()?), amount };
+                (vec![ctx.event(back, event)], back, amount)
+            }
+            "refunded" => {
+                // The refund did not happen after all: its credit goes back to the settlement
+                // account. Acknowledging without this left the cardholder credited.
+                let back = ctx.step_id(&view, "reverse-refund");
+                let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
+                let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
+                let amount = view.amount;
+                let event =
+                    EventKind::Posted { debit: AccountId(ctx.account()?), credit: AccountId(settlement), amount };
                 (vec![ctx.event(back, event)], back, amount)
             }
             _ => {
@@ -707,6 +750,11 @@ impl<'a> Flow<'a> {
                     view.status = "expired".into();
                     let reason = "the hold had already expired".to_owned();
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                }
+                TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
+                    // A refund's credit already spent: the network is told, and may try again.
+                    let reason = "the refunded amount is no longer in the card's account".to_owned();
+                    c.conclude(view, created_at, kind, ResponseCode::InsufficientFunds, None, vec![], vec![reason])
                 }
                 other => {
                     let reason = format!("the ledger refused the reversal: {}", other.as_str());

@@ -73,6 +73,8 @@ pub struct Shared {
     pub card_settings: card_network::CardSettings,
     pub pix: pix_rail::PixSettings,
     pub pix_runtime: Arc<pix_rail::PixRuntime>,
+    /// One card's network messages are taken one at a time on a node (see `card_network`).
+    pub card_locks: Arc<card_network::CardLocks>,
     /// Delivers webhook notifications; `None`: none are sent.
     pub webhooks: Option<Arc<webhook::WebhookClient>>,
     /// Proxies whose `X-Forwarded-For` names the client (none by default).
@@ -98,6 +100,7 @@ impl AppState {
             card_settings: card_network::CardSettings::default(),
             pix: pix_rail::PixSettings::default(),
             pix_runtime: Arc::default(),
+            card_locks: Arc::default(),
             webhooks: None,
             trusted_proxies: proxy::TrustedProxies::default(),
             metrics_token: None,
