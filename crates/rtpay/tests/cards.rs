@@ -351,6 +351,28 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
         assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0410"), json!("00")), "{r}");
         assert_eq!(net.ask(&with(refund.clone(), json!({"t": "0420", "11": "000402"})))["39"], json!("00"));
         assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 1_200), "the refund was taken back once");
+
+        // The card rail's holds are its own: the native API neither voids nor posts them, nor
+        // makes transfers under the rails' codes.
+        assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 900, 500, "000000000500"))["39"], json!("00"));
+        let all = c.get(&format!("/v1/cards/{}/authorizations", i.card), key).await.unwrap().json();
+        let held =
+            all["authorizations"].as_array().unwrap().iter().find(|a| a["rrn"] == json!("000000000500")).unwrap();
+        let hold = held["hold_id"].as_str().unwrap().to_owned();
+        for action in ["void", "post"] {
+            let r = c.post(&format!("/v1/transfers/{hold}/{action}"), key, &json!({"id": uuid()})).await.unwrap();
+            assert_eq!(
+                (r.status.as_u16(), r.json()["code"].clone(), r.json()["field"].clone()),
+                (422, json!("rail_hold"), json!("pending_id"))
+            );
+        }
+        let batch = json!({"transfers": [{"id": uuid(), "void_pending_id": hold}]});
+        let r = c.post("/v1/transfers/batch", key, &batch).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("transfers[0].void_pending_id")));
+        assert_eq!(available(&mut c, key, acct).await, (9_100, 900, 1_200), "the hold stands");
+        let own = json!({"id": uuid(), "debit_account_id": acct, "credit_account_id": acct, "amount": 1, "code": 7600});
+        let r = c.post("/v1/transfers", key, &own).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("reserved_code")));
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");

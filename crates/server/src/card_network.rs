@@ -298,7 +298,7 @@ impl Ctx {
         TransferEvent {
             key: TransferKey { tenant: ledger::TenantId(self.tenant), id: TransferId(id) },
             kind,
-            code: 8583,
+            code: crate::dto::CARD_CODE,
             metadata: None,
             linked: false,
         }

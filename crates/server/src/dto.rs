@@ -382,6 +382,17 @@ fn event_problem(prefix: &str, code: TransferResult) -> Problem {
     Problem::invalid(field.clone(), code.as_str(), format!("`{field}` {detail}"))
 }
 
+/// Transfer codes of the rails' own transfers: Pix payments and received Pix, Pix refunds, MED
+/// blocks, card holds and their steps. Reserved: the native API neither makes a transfer with one
+/// nor posts or voids a hold that has one (see `routes::transfers`), since a rail resolves its
+/// holds on the network's word (an SPI verdict, a capture or reversal) and a hold resolved behind
+/// its back would let the network pay out money the payer kept.
+pub const PIX_CODE: u16 = 7600;
+pub const PIX_REFUND_CODE: u16 = 7601;
+pub const MED_CODE: u16 = 7602;
+pub const CARD_CODE: u16 = 8583;
+pub const RAIL_CODES: [u16; 4] = [PIX_CODE, PIX_REFUND_CODE, MED_CODE, CARD_CODE];
+
 /// Builds and validates a ledger event; `prefix` locates the item in a batch (`transfers[3]`).
 pub struct EventParts<'a> {
     pub prefix: &'a str,
@@ -394,6 +405,14 @@ pub struct EventParts<'a> {
 impl EventParts<'_> {
     pub fn finish(self, kind: EventKind) -> Result<TransferEvent, Problem> {
         let id = parse_id(&field_of(self.prefix, "id"), self.id)?;
+        if let Some(code) = self.code.filter(|c| RAIL_CODES.contains(c)) {
+            let field = field_of(self.prefix, "code");
+            return Err(Problem::invalid(
+                field.clone(),
+                "reserved_code",
+                format!("`{field}` {code} is reserved for the Pix and card rails' own transfers"),
+            ));
+        }
         let event = TransferEvent {
             key: TransferKey { tenant: self.tenant, id: TransferId(id) },
             kind,

@@ -277,7 +277,7 @@ pub async fn ensure_settlement(state: &AppState, audit: &Audit, tenant: u128) ->
     let open = AccountCommand::Create(NewAccount {
         key,
         currency: Currency::parse("BRL").expect("BRL is ISO 4217"),
-        code: 7600,
+        code: crate::dto::PIX_CODE,
         flags: AccountFlags::default(),
         credit_limit: 0,
         metadata: Some(r#"{"rtpay":"pix settlement"}"#.into()),
@@ -644,7 +644,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     let event = |key: TransferKey, kind: EventKind, linked: bool| TransferEvent {
         key,
         kind,
-        code: 7600,
+        code: crate::dto::PIX_CODE,
         // The payment's id, not its EndToEndId (drawn per request): a twin request then finds
         // its transfers `exists` and writes nothing.
         metadata: Some(format!(r#"{{"pix_payment":"{}"}}"#, p.view.id)),
@@ -920,7 +920,7 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
     let event = TransferEvent {
         key: payment_transfer(state, tenant, &view.id, 2),
         kind,
-        code: 7600,
+        code: crate::dto::PIX_CODE,
         metadata: Some(format!(r#"{{"pix_payment":"{}"}}"#, view.id)),
         linked: false,
     };

@@ -1365,7 +1365,7 @@ async fn refund_events(
     let event = |k: ledger::TransferKey, debit: u128, credit: u128, linked: bool| ledger::TransferEvent {
         key: k,
         kind: ledger::EventKind::Posted { debit: ledger::AccountId(debit), credit: ledger::AccountId(credit), amount },
-        code: 7601,
+        code: crate::dto::PIX_REFUND_CODE,
         metadata: Some(format!(r#"{{"pix_refund":"{}:{id}"}}"#, received.end_to_end_id)),
         linked,
     };

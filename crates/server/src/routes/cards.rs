@@ -135,7 +135,7 @@ pub async fn create_product(
     let open = AccountCommand::Create(NewAccount {
         key: settlement,
         currency,
-        code: 8583,
+        code: crate::dto::CARD_CODE,
         flags: AccountFlags::default(),
         credit_limit: 0,
         metadata: Some(r#"{"rtpay":"card settlement"}"#.into()),

@@ -180,7 +180,7 @@ pub async fn open_claim(
             amount,
             timeout_seconds: BLOCK_SECONDS,
         },
-        code: 7602,
+        code: crate::dto::MED_CODE,
         metadata: Some(format!(r#"{{"pix_med":"{e2e}"}}"#)),
         linked: false,
     };
@@ -274,7 +274,7 @@ pub async fn resolve_claim(
         events.push(TransferEvent {
             key,
             kind,
-            code: 7602,
+            code: crate::dto::MED_CODE,
             metadata: Some(format!(r#"{{"pix_med":"{e2e}"}}"#)),
             linked: true,
         })

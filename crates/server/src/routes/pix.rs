@@ -1422,7 +1422,7 @@ pub async fn sandbox_incoming(
             credit: ledger::AccountId(payee.account),
             amount: body.amount,
         },
-        code: 7600,
+        code: crate::dto::PIX_CODE,
         metadata: Some(format!(r#"{{"pix":"{e2e}"}}"#)),
         linked: false,
     };

@@ -14,10 +14,61 @@ use crate::problem::Problem;
 use crate::routes::{ledger_problem, query, submit};
 use crate::AppState;
 
-async fn apply(state: &AppState, audit: &Audit, events: Vec<TransferEvent>) -> Result<Vec<Outcome>, Problem> {
+/// Submits `events` (a batch's items when `batch`, else one transfer of its own route).
+async fn apply(
+    state: &AppState,
+    audit: &Audit,
+    events: Vec<TransferEvent>,
+    batch: bool,
+) -> Result<Vec<Outcome>, Problem> {
+    refuse_rail_holds(state, &events, batch).await?;
     match submit(state, audit, Command::Transfers(events)).await? {
         Reply::Transfers(outcomes) => Ok(outcomes),
         _ => Err(Problem::internal()),
+    }
+}
+
+/// A hold a rail made (a Pix payment's, a MED block, a card authorization's) is posted or voided
+/// by that rail alone, on the network's word: refused here (422 on the item's `pending_id`).
+/// A hold's code never changes, so reading it before the commit is enough.
+async fn refuse_rail_holds(state: &AppState, events: &[TransferEvent], batch: bool) -> Result<(), Problem> {
+    // The field naming each hold: the path's `pending_id`, or the batch item's.
+    let field = |i: usize, post: bool| match (batch, post) {
+        (false, _) => "pending_id".to_owned(),
+        (true, true) => format!("transfers[{i}].post_pending_id"),
+        (true, false) => format!("transfers[{i}].void_pending_id"),
+    };
+    let holds: Vec<(String, TransferKey)> = events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match e.kind {
+            EventKind::PostPending { pending_id, .. } => Some((field(i, true), pending_id, e.key.tenant)),
+            EventKind::VoidPending { pending_id } => Some((field(i, false), pending_id, e.key.tenant)),
+            _ => None,
+        })
+        .map(|(field, id, tenant)| (field, TransferKey { tenant, id }))
+        .collect();
+    if holds.is_empty() {
+        return Ok(());
+    }
+    let railed = query(state, move |q| {
+        for (field, key) in holds {
+            if let Some(Entry::Created(t)) = q.entry(key)? {
+                if crate::dto::RAIL_CODES.contains(&t.code) {
+                    return Ok(Some(field));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await?;
+    match railed {
+        None => Ok(()),
+        Some(field) => Err(Problem::invalid(
+            field.clone(),
+            "rail_hold",
+            format!("`{field}` names a hold of the Pix or card rail: only the rail posts or voids it"),
+        )),
     }
 }
 
@@ -44,7 +95,7 @@ pub async fn create_transfer(
     let event = body.into_event(tenant.ledger_id())?;
     // Only parsed ids reach the audit log: raw input could be anything, a card number included.
     audit.0.set_resource(uuid_string(event.key.id.0));
-    single(apply(&state, &audit, vec![event]).await?.into_iter().next())
+    single(apply(&state, &audit, vec![event], false).await?.into_iter().next())
 }
 
 async fn resolve(
@@ -68,7 +119,7 @@ async fn resolve(
         EventParts { prefix: "", tenant: tenant.ledger_id(), id: &body.id, code: body.code, metadata: body.metadata }
             .finish(kind)?;
     audit.0.set_resource(format!("{} (hold {})", uuid_string(event.key.id.0), uuid_string(pending_id.0)));
-    single(apply(&state, &audit, vec![event]).await?.into_iter().next())
+    single(apply(&state, &audit, vec![event], false).await?.into_iter().next())
 }
 
 #[utoipa::path(post, path = "/v1/transfers/{pending_id}/post", tag = "transfers", request_body = ResolveBody,
@@ -135,7 +186,7 @@ pub async fn create_batch(
     }
     let first = events.first().map(|e| uuid_string(e.key.id.0)).unwrap_or_default();
     audit.0.set_resource(format!("{} transfers from {first}", events.len()));
-    let outcomes = apply(&state, &audit, events).await?;
+    let outcomes = apply(&state, &audit, events, true).await?;
     let results = outcomes
         .into_iter()
         .zip(ids)
