@@ -123,7 +123,11 @@ fn db_path(dir: &Path) -> Result<PathBuf> {
 }
 
 pub(crate) fn migrate_only(dir: &Path) -> Result<Vec<u32>> {
-    let mut conn = connect(&db_path(dir)?)?;
+    let path = db_path(dir)?;
+    // Not beside a running server: its writer keeps account numbers, listing heads and accounts
+    // in memory, which a migration could change under it.
+    let _lock = lock_dir(dir)?;
+    let mut conn = connect(&path)?;
     apply_migrations(&mut conn, SQLITE)
 }
 
@@ -133,8 +137,9 @@ pub(crate) fn open_queries(dir: &Path) -> Result<Arc<dyn Queries>> {
         return Err(StoreError::Unavailable(format!("no rtpay data in {}", dir.display())));
     }
     refuse_newer_schema(&connect(&path)?, SQLITE)?;
-    // No writer of this process commits: nothing to wait for (another process's commits are
-    // durable before they are visible).
+    // No writer of this process commits: nothing to wait for. (A server's commits are visible
+    // to other processes once written, before its syncer makes them durable: a report read
+    // beside a running server may hold its last milliseconds, which a crash could still undo.)
     Ok(Arc::new(SqliteQueries::new(path, None)))
 }
 
@@ -466,10 +471,15 @@ impl Checkpointer {
         };
         // The checkpoints' copies are handed to the disk as they are made (see
         // `sqlite_wal::trickle`); write-back is per file, so this descriptor (the thread's for its
-        // life) serves for all.
-        let file = std::fs::File::open(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        // life) serves for all. It is never closed: closing any descriptor of a file releases
+        // every POSIX lock the process holds on it, SQLite's connections' included (SQLite's
+        // own descriptors defer their closes for this reason), so the readers still running at
+        // shutdown would lose theirs. One descriptor per store opened.
+        let file = std::mem::ManuallyDrop::new(
+            std::fs::File::open(&path)
+                .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?,
+        );
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*file);
         let trickle = move |pace: bool| crate::sqlite_wal::trickle(fd, pace);
         let thread = std::thread::Builder::new()
             .name("rtpay-checkpoint".into())
@@ -671,6 +681,7 @@ impl Writer for SqliteWriter {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.in_tx = false;
         }
+        crate::sqlite_wal::discard_pending(&self.conn);
     }
 }
 

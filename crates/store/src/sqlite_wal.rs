@@ -147,6 +147,12 @@ pub(crate) fn defer_syncs() -> DeferSyncs {
     DeferSyncs(std::marker::PhantomData)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// WAL syncs made on this thread (not deferred), for tests.
+    static REAL_SYNCS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// Ends the deferring when dropped; bound to its thread.
 pub(crate) struct DeferSyncs(std::marker::PhantomData<*const ()>);
 
@@ -180,6 +186,8 @@ struct File {
     /// Bytes not yet written, which belong at `pending_at`.
     pending: Vec<u8>,
     pending_at: i64,
+    /// The WAL's header (offset 0) was written since the last sync: the WAL is starting over.
+    header_unsynced: bool,
 }
 
 /// `File`'s size, rounded up so that the default file after it is aligned.
@@ -258,6 +266,7 @@ unsafe extern "C" fn x_open(
                 main_db: flags & ffi::SQLITE_OPEN_MAIN_DB != 0,
                 pending: Vec::new(),
                 pending_at: 0,
+                header_unsynced: false,
             },
         );
         ffi::SQLITE_OK
@@ -340,10 +349,17 @@ unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int
         if rc != ffi::SQLITE_OK {
             return rc;
         }
-        if f.gather && DEFERRING.with(|d| d.get()) {
+        // A WAL starting over writes its new header (a new salt), then syncs it before the first
+        // frame after it: were the frames durable and the header not, recovery would read the
+        // old header and take the previous generation's frames still in the file as live, older
+        // page images over newer ones. That sync is not deferred; it happens once per start-over.
+        if f.gather && !f.header_unsynced && DEFERRING.with(|d| d.get()) {
             // The frames are in the file; the syncer makes them durable (see `defer_syncs`).
             return ffi::SQLITE_OK;
         }
+        f.header_unsynced = false;
+        #[cfg(test)]
+        REAL_SYNCS.with(|n| n.set(n.get() + 1));
         (methods(f.real).xSync.expect("xSync"))(f.real, flags)
     }
 }
@@ -381,12 +397,57 @@ unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, buf: *const c_void, a
         if f.pending.is_empty() {
             f.pending_at = offset;
         }
+        if offset == 0 {
+            f.header_unsynced = true;
+        }
         let bytes = std::slice::from_raw_parts(buf as *const u8, usize::try_from(amount).unwrap_or(0));
         f.pending.extend_from_slice(bytes);
         if f.pending.len() >= PENDING_LEN_MAX {
             return f.flush();
         }
         ffi::SQLITE_OK
+    }
+}
+
+/// Drops the WAL bytes `conn` gathered and has not written: a rolled-back transaction's frames
+/// (a cache spill writes frames before the commit). Written later, after another connection
+/// committed frames at the same offsets, they would overwrite those.
+pub(crate) fn discard_pending(conn: &rusqlite::Connection) {
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: the connection's handle is valid for the call; the file control stores the WAL's
+    // file (or the rollback journal's, or null) into `file`, which SQLite keeps open while the
+    // connection is; only a file opened by this VFS is treated as ours.
+    unsafe {
+        let rc = ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            &mut file as *mut *mut ffi::sqlite3_file as *mut c_void,
+        );
+        if rc == ffi::SQLITE_OK && !file.is_null() && std::ptr::eq((*file).pMethods, &METHODS) {
+            let f = ours(file);
+            f.pending.clear();
+        }
+    }
+}
+
+/// Bytes `conn`'s WAL holds gathered and not written (for tests).
+#[cfg(test)]
+pub(crate) fn pending_len(conn: &rusqlite::Connection) -> usize {
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: as in `discard_pending`.
+    unsafe {
+        let rc = ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            &mut file as *mut *mut ffi::sqlite3_file as *mut c_void,
+        );
+        if rc == ffi::SQLITE_OK && !file.is_null() && std::ptr::eq((*file).pMethods, &METHODS) {
+            ours(file).pending.len()
+        } else {
+            0
+        }
     }
 }
 
@@ -514,6 +575,55 @@ mod tests {
             let expected = if rows == 1 { 1 } else { 101 };
             assert_eq!((count(&reader), count(&plain)), (expected, expected));
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A WAL starting over syncs its new header before its frames even while syncs are deferred
+    /// (power lost with the frames on the disk and not the header would make recovery take the
+    /// old generation's frames as live); the commits after it leave their syncs to the syncer.
+    #[test]
+    fn a_wal_starting_over_syncs_its_header_even_when_deferring() {
+        let (dir, _path, writer) = scratch("restart");
+        let syncs = || super::REAL_SYNCS.with(|n| n.get());
+        writer.execute("INSERT INTO t (v) VALUES (?1)", params![vec![1u8; 100]]).unwrap();
+        // Copied and emptied: the next commit starts the WAL over, header first.
+        writer.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        let guard = super::defer_syncs();
+        let before = syncs();
+        writer.execute("INSERT INTO t (v) VALUES (?1)", params![vec![2u8; 100]]).unwrap();
+        assert_eq!(syncs() - before, 1, "the new header's sync");
+        writer.execute("INSERT INTO t (v) VALUES (?1)", params![vec![3u8; 100]]).unwrap();
+        assert_eq!(syncs() - before, 1, "the next commit's sync is deferred");
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Frames a transaction spilled before rolling back are dropped, not written later (over
+    /// frames another connection may have committed at the same offsets meanwhile).
+    #[test]
+    fn a_rolled_back_spill_is_discarded() {
+        let (dir, path, writer) = scratch("spill");
+        let other = open(&path);
+        writer.execute_batch("PRAGMA cache_size = 8").unwrap();
+        writer.execute_batch("BEGIN").unwrap();
+        for _ in 0..200 {
+            writer.execute("INSERT INTO t (v) VALUES (?1)", params![vec![4u8; 3072]]).unwrap();
+        }
+        assert!(super::pending_len(&writer) > 0, "the cache spilled frames into the WAL's buffer");
+        writer.execute_batch("ROLLBACK").unwrap();
+        super::discard_pending(&writer);
+        assert_eq!(super::pending_len(&writer), 0);
+        // Another connection commits at the same offsets; the writer reads it intact.
+        other.execute("INSERT INTO t (v) VALUES (?1)", params![vec![5u8; 3072]]).unwrap();
+        let rows: Vec<u8> = writer
+            .prepare("SELECT v FROM t")
+            .unwrap()
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(|v| v.unwrap()[0])
+            .collect();
+        assert_eq!(rows, [5]);
+        drop(other);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

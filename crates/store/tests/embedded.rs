@@ -8,3 +8,15 @@ fn fresh() -> Location {
 }
 
 store::conformance_tests!(fresh());
+
+/// Migrations are not applied beside a running store: its writer keeps what they could change in
+/// memory.
+#[test]
+fn migrate_waits_for_the_directory_lock() {
+    let location = fresh();
+    let store = store::Store::open(&location).unwrap();
+    let refused = store::Store::migrate(&location).expect_err("refused beside a running store");
+    assert!(refused.to_string().contains("another rtpay process"), "{refused}");
+    store.close();
+    assert!(store::Store::migrate(&location).unwrap().is_empty(), "up to date, nothing applied");
+}
