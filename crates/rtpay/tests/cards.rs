@@ -370,6 +370,22 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
         let r = c.post("/v1/transfers/batch", key, &batch).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("transfers[0].void_pending_id")));
         assert_eq!(available(&mut c, key, acct).await, (9_100, 900, 1_200), "the hold stands");
+
+        // Repeats (xxx1), sent again with a new transmission time (DE7): the first answer, under
+        // the original's response MTI, and nothing moves again.
+        let first = auth(&i.pan, &i.expiry, 900, 500, "000000000500");
+        let original = net.ask(&first);
+        let repeat = net.ask(&with(first.clone(), json!({"t": "0101", "7": "1122093105"})));
+        assert_eq!(
+            (repeat["t"].clone(), repeat["39"].clone(), repeat["38"].clone()),
+            (json!("0110"), json!("00"), original["38"].clone())
+        );
+        assert_eq!(available(&mut c, key, acct).await, (9_100, 900, 1_200));
+        let reversal = with(first, json!({"t": "0420", "11": "000502"}));
+        assert_eq!(net.ask(&reversal)["39"], json!("00"));
+        let r = net.ask(&with(reversal, json!({"t": "0421", "7": "1122093207"})));
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0430"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 1_200));
         let own = json!({"id": uuid(), "debit_account_id": acct, "credit_account_id": acct, "amount": 1, "code": 7600});
         let r = c.post("/v1/transfers", key, &own).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("reserved_code")));

@@ -147,7 +147,28 @@ fn response_mti(mti: &str) -> Option<String> {
     if b.len() != 4 || b[0] != b'0' || !(b[2] == b'0' || b[2] == b'2') {
         return None;
     }
-    Some(format!("{}{}{}{}", b[0] as char, b[1] as char, (b[2] + 1) as char, b[3] as char))
+    // A repeat's answer is the original's: 0421 → 0430.
+    let origin = first_sent(b[3]);
+    Some(format!("{}{}{}{}", b[0] as char, b[1] as char, (b[2] + 1) as char, origin as char))
+}
+
+/// The message origin of a message's first sending: a repeat (`1`, `3`) is its original (`0`,
+/// `2`) sent again.
+fn first_sent(origin: u8) -> u8 {
+    match origin {
+        b'1' => b'0',
+        b'3' => b'2',
+        other => other,
+    }
+}
+
+/// The MTI of the message `mti` repeats (itself if it is no repeat): 0421 → 0420.
+fn original_mti(mti: &str) -> String {
+    let mut b = mti.as_bytes().to_vec();
+    if let Some(last) = b.last_mut() {
+        *last = first_sent(*last);
+    }
+    String::from_utf8(b).unwrap_or_default()
 }
 
 /// The answer to `request`: its fields echoed (never track data or PIN blocks), the response code,
@@ -190,10 +211,13 @@ pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
     };
     let reply = match message.mti.as_str() {
         "0800" => answer(&message, ResponseCode::Approved, None),
-        "0100" | "0120" | "0200" | "0220" | "0400" | "0420" => match Flow::new(state, &message).await {
-            Ok(flow) => flow.run().await,
-            Err(code) => answer(&message, code, None),
-        },
+        // Each also as a repeat (0101, 0421, ...): the acquirer sending it again, unanswered.
+        "0100" | "0120" | "0200" | "0220" | "0400" | "0420" | "0101" | "0121" | "0201" | "0221" | "0401" | "0421" => {
+            match Flow::new(state, &message).await {
+                Ok(flow) => flow.run().await,
+                Err(code) => answer(&message, code, None),
+            }
+        }
         other => {
             tracing::info!(mti = other, "ISO 8583 message type not handled");
             return format_error(frame);
@@ -389,8 +413,14 @@ impl<'a> Flow<'a> {
             return Err(ResponseCode::InvalidCard);
         }
         let index = vault.index().of(b"pan", pan.as_bytes());
+        // A message and its repeats are one: the MTI as first sent, and not the transmission's
+        // date and time (DE7), which a retransmission may renew; the transaction's local time
+        // and date (DE12, DE13) instead.
+        let mti = original_mti(&request.mti);
         let mut identity = Vec::with_capacity(96);
-        for part in [request.mti.as_str(), stan, rrn, request.get(41).unwrap_or(""), request.get(7).unwrap_or("")] {
+        let (terminal, time, date) =
+            (request.get(41).unwrap_or(""), request.get(12).unwrap_or(""), request.get(13).unwrap_or(""));
+        for part in [mti.as_str(), stan, rrn, terminal, time, date] {
             identity.extend_from_slice(part.as_bytes());
             identity.push(0);
         }
@@ -448,7 +478,7 @@ impl<'a> Flow<'a> {
             };
         }
         let processing = request.get(3).unwrap_or("000000");
-        let result = match request.mti.as_str() {
+        let result = match original_mti(&request.mti).as_str() {
             "0100" => self.authorize(false).await,
             "0200" if processing.starts_with("20") => self.refund().await,
             "0200" => self.authorize(true).await,
@@ -813,4 +843,18 @@ pub fn seal_pan(
 ) -> Result<(Vec<u8>, [u8; 32]), VaultFailure> {
     let dek = vault.data_key(q, tenant)?;
     Ok((vault::seal(&dek, &pan_record(tenant, card), pan.as_bytes())?, vault.index().of(b"pan", pan.as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn repeats_are_answered_as_their_originals() {
+        for (request, response, original) in
+            [("0100", "0110", "0100"), ("0101", "0110", "0100"), ("0421", "0430", "0420"), ("0220", "0230", "0220")]
+        {
+            assert_eq!(super::response_mti(request).as_deref(), Some(response), "{request}");
+            assert_eq!(super::original_mti(request), original, "{request}");
+        }
+        assert_eq!(super::response_mti("0110"), None, "a response is not answered");
+    }
 }
