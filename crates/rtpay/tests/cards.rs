@@ -386,6 +386,25 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
         let r = net.ask(&with(reversal, json!({"t": "0421", "7": "1122093207"})));
         assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0430"), json!("00")), "{r}");
         assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 1_200));
+
+        // Partial reversals (DE95 names what did happen): a hold of 10.00 of which 6.00 stands,
+        // then captured; a purchase of 10.00 of which 3.00 stands gets 7.00 back.
+        let replaced = |actual: u64| format!("{actual:012}{}", "0".repeat(30));
+        let atm = auth(&i.pan, &i.expiry, 1_000, 600, "000000000600");
+        assert_eq!(net.ask(&atm)["39"], json!("00"));
+        let partial = with(atm.clone(), json!({"t": "0400", "11": "000601", "95": replaced(600)}));
+        assert_eq!(net.ask(&partial)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (9_400, 600, 1_200), "6.00 stays held");
+        let capture = with(atm, json!({"t": "0220", "11": "000602", "4": format!("{:012}", 600)}));
+        assert_eq!(net.ask(&capture)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (9_400, 0, 1_800));
+        let purchase = with(auth(&i.pan, &i.expiry, 1_000, 700, "000000000700"), json!({"t": "0200"}));
+        assert_eq!(net.ask(&purchase)["39"], json!("00"));
+        let partial = with(purchase, json!({"t": "0400", "11": "000701", "95": replaced(300)}));
+        assert_eq!(net.ask(&partial)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (9_100, 0, 2_800), "7.00 came back");
+        assert_eq!(net.ask(&with(partial, json!({"t": "0420"})))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (9_100, 0, 2_800), "its repeat as an advice moves nothing");
         let own = json!({"id": uuid(), "debit_account_id": acct, "credit_account_id": acct, "amount": 1, "code": 7600});
         let r = c.post("/v1/transfers", key, &own).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("reserved_code")));

@@ -732,6 +732,21 @@ impl<'a> Flow<'a> {
                 .await;
         };
         let created_at = row.created_at;
+        // A partial reversal names, in DE95, the amount that did happen (an ATM that dispensed
+        // part of what was asked): only the rest is reversed.
+        let actual = ctx.request.get(95).and_then(|d| d.get(..12)).and_then(|a| a.parse::<u64>().ok());
+        let standing = match view.status.as_str() {
+            "approved" => view.amount,
+            "captured" => view.captured,
+            _ => 0,
+        };
+        if let Some(actual) = actual.filter(|a| *a > 0 && standing > 0) {
+            if actual >= standing {
+                let reason = format!("DE95 names {actual}, no less than the {standing} standing: nothing to reverse");
+                return self.record(view, created_at, "reversal", ResponseCode::Approved, reason).await;
+            }
+            return self.reverse_part(view, created_at, actual).await;
+        }
         let (events, id, reversed) = match view.status.as_str() {
             "approved" => {
                 let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
@@ -788,6 +803,69 @@ impl<'a> Flow<'a> {
                 }
                 other => {
                     let reason = format!("the ledger refused the reversal: {}", other.as_str());
+                    c.conclude(view, created_at, kind, ResponseCode::SystemMalfunction, None, vec![], vec![reason])
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reverses all of the authorization `view` but `actual`: a hold is replaced by one of
+    /// `actual` (one linked chain: the void and the new hold apply together); a captured
+    /// purchase gets the difference back.
+    async fn reverse_part(
+        &self,
+        view: AuthorizationView,
+        created_at: u64,
+        actual: u64,
+    ) -> Result<Message, ResponseCode> {
+        let ctx = &self.ctx;
+        let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let settlement = AccountId(settlement_account(self.state, ctx.tenant, currency.as_str()));
+        let account = AccountId(ctx.account()?);
+        let purpose = format!("partial-reversal-to-{actual}");
+        let (events, ids, new_hold) = if view.status == "approved" {
+            let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
+                .map_err(|_| ResponseCode::SystemMalfunction)?
+                .as_u128();
+            let (void, rehold) = (ctx.step_id(&view, &format!("{purpose}:void")), ctx.step_id(&view, &purpose));
+            let kept = EventKind::Pending {
+                debit: account,
+                credit: settlement,
+                amount: actual,
+                timeout_seconds: self.state.card_settings.hold_seconds,
+            };
+            let events =
+                vec![ctx.event(void, EventKind::VoidPending { pending_id: TransferId(hold) }), ctx.event(rehold, kept)];
+            (events, vec![void, rehold], Some(rehold))
+        } else {
+            let back = ctx.step_id(&view, &purpose);
+            let amount = view.captured - actual;
+            (vec![ctx.event(back, EventKind::Posted { debit: settlement, credit: account, amount })], vec![back], None)
+        };
+        let c = self.ctx.clone();
+        self.execute(events, move |result| {
+            let mut view = view.clone();
+            let kind = "partial reversal";
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    if let Some(hold) = new_hold {
+                        view.reversed += view.amount - actual;
+                        view.amount = actual;
+                        view.hold_id = Some(uuid_string(hold));
+                    } else {
+                        view.reversed += view.captured - actual;
+                        view.captured = actual;
+                    }
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
+                }
+                TransferResult::PendingTransferExpired => {
+                    view.status = "expired".into();
+                    let reason = "the hold had already expired".to_owned();
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                }
+                other => {
+                    let reason = format!("the ledger refused the partial reversal: {}", other.as_str());
                     c.conclude(view, created_at, kind, ResponseCode::SystemMalfunction, None, vec![], vec![reason])
                 }
             }
