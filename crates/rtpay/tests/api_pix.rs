@@ -255,6 +255,18 @@ fn med_blocks_then_returns_or_releases() {
         }
         let r = c.post("/v1/pix/med", &wallet, &json!({"end_to_end_id": e2e, "reason": "x"})).await.unwrap();
         assert_eq!(r.status, 404, "only the receiver's tenant");
+        // Ids that are no EndToEndId (here a card number) are refused before the audit log names
+        // them; a refund id, any letters and digits, is named with card-like digits masked.
+        let pan = "4111111111111111";
+        let r = c.post("/v1/pix/med", &shop, &json!({"end_to_end_id": pan, "reason": "x"})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("end_to_end_id")));
+        let r = c.post(&format!("/v1/pix/med/{pan}/return"), &shop, &json!({})).await.unwrap();
+        assert_eq!(r.status, 404);
+        let refund = format!("/api/v2/pix/{e2e}/devolucao/{pan}");
+        let got = send(&mut c, Method::PUT, &refund, &shop, Some(json!({"valor": "1.00"}))).await;
+        assert_problem(&got, 400, "PixDevolucaoInvalida", Some("devolucao.valor"));
+        let audit = c.get("/v1/audit?limit=1000", &shop).await.unwrap().json().to_string();
+        assert!(!audit.contains(pan), "the audit log names a card number");
 
         // Returned: the hold is posted and the payer is paid back, as a MED_FRAUDE refund.
         let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &shop, &json!({})).await.unwrap();
@@ -574,6 +586,7 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
         let other = "otherTxid0000000000000000000002";
         for (change, field) in [
             (json!({"calendario": {"dataDeVencimento": "2030-02-30"}}), "cobv.calendario.dataDeVencimento"),
+            (json!({"calendario": {"dataDeVencimento": "2020-01-02"}, "valor": {"original": "100.00"}}), "cobv.calendario.dataDeVencimento"),
             (json!({"valor": {"original": "100.00", "multa": {"modalidade": 3, "valorPerc": "1.00"}}}), "cobv.valor.multa.modalidade"),
             (json!({"valor": {"original": "100,00"}}), "cobv.valor.original"),
             (json!({"valor": {"original": "100.00", "desconto": {"modalidade": 1, "descontoDataFixa": [{"data": brasilia_day(25), "valorPerc": "1.00"}]}}}),

@@ -42,7 +42,11 @@ fn client_credentials_tokens_carry_scopes_that_routes_enforce() {
         let r = c.post("/v1/oauth-clients", &key, &json!({"scopes": ["cob.read", "bogus"]})).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("scopes[1]")));
         let r = c
-            .post("/v1/oauth-clients", &key, &json!({"scopes": ["cob.read", "accounts:read", "transfers:write"]}))
+            .post(
+                "/v1/oauth-clients",
+                &key,
+                &json!({"scopes": ["cob.read", "accounts:read", "transfers:write", "pix:read"]}),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
@@ -57,7 +61,7 @@ fn client_credentials_tokens_carry_scopes_that_routes_enforce() {
         assert_eq!(r.headers.get("cache-control").unwrap(), "no-store");
         let t = r.json();
         assert_eq!((t["token_type"].clone(), t["expires_in"].clone()), (json!("Bearer"), json!(300)));
-        assert_eq!(t["scope"], json!("cob.read accounts:read transfers:write"));
+        assert_eq!(t["scope"], json!("cob.read accounts:read transfers:write pix:read"));
         let token = t["access_token"].as_str().unwrap().to_owned();
         // The token reads accounts, but may not open one: 403 naming the scope.
         assert_eq!(c.get(&format!("/v1/accounts/{account_id}"), &token).await.unwrap().status, 200);
@@ -67,6 +71,10 @@ fn client_credentials_tokens_carry_scopes_that_routes_enforce() {
         // Nor create clients: that takes an API key.
         let r = c.post("/v1/oauth-clients", &token, &json!({"scopes": ["cob.read"]})).await.unwrap();
         assert_eq!(r.status, 403);
+        // Nor read the webhooks' signing key: reading Pix is not configuring webhooks.
+        let r = c.get("/v1/pix/webhook-secret", &token).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (403, json!("insufficient_scope")));
+        assert_eq!(c.get("/v1/pix/webhook-secret", &key).await.unwrap().status, 200);
 
         // Form fields, a narrower scope.
         let form = format!("grant_type=client_credentials&scope=cob.read&client_id={id}&client_secret={secret}");

@@ -16,6 +16,9 @@ use axum::http::request::Parts;
 use crate::problem::Problem;
 use crate::AppState;
 
+/// The longest resource an audit entry names (characters).
+pub const RESOURCE_LEN_MAX: usize = 200;
+
 /// What the middleware knows about a request, and what handlers add.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -61,8 +64,16 @@ impl Slot {
         s.actor = Some(actor);
     }
 
+    /// Names what the request acted on. Handlers name parsed ids; as a second line, a digit run
+    /// that could be a card number is masked and the text is cut at [`RESOURCE_LEN_MAX`]
+    /// characters (client-chosen ids such as a refund's may be any letters and digits, and the
+    /// audit log is append-only).
     pub fn set_resource(&self, resource: impl Into<String>) {
-        self.state.lock().expect("audit slot lock").resource = Some(resource.into());
+        let mut resource = vault::mask::redact_pans(&resource.into());
+        if let Some((cut, _)) = resource.char_indices().nth(RESOURCE_LEN_MAX) {
+            resource.truncate(cut);
+        }
+        self.state.lock().expect("audit slot lock").resource = Some(resource);
     }
 
     /// The entry as it stands; `outcome` empty means "filled from the ledger's reply".

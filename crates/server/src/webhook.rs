@@ -55,7 +55,10 @@ pub struct WebhookSettings {
 pub const IN_FLIGHT_MAX: usize = 1024;
 
 /// Whether `ip` is an address on the public internet (not loopback, private, link-local,
-/// carrier-grade NAT, documentation, unspecified or multicast).
+/// carrier-grade NAT, documentation, benchmarking, reserved, unspecified or multicast). An IPv6
+/// address that carries an IPv4 one (mapped, compatible, NAT64's well-known prefix, 6to4) is
+/// judged by that; the other translation and tunnelling prefixes (local NAT64, Teredo) and
+/// site-local addresses are refused.
 pub fn is_public(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => {
@@ -68,19 +71,57 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 || v4.is_documentation()
                 || v4.is_multicast()
                 || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1])))
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240)
         }
         std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded = |high: u16, low: u16| {
+                std::net::Ipv4Addr::new((high >> 8) as u8, high as u8, (low >> 8) as u8, low as u8)
+            };
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(std::net::IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            if s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                return is_public(std::net::IpAddr::V4(embedded(s[6], s[7])));
+            }
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(std::net::IpAddr::V4(embedded(s[6], s[7])));
+            }
+            if s[0] == 0x2002 {
+                return is_public(std::net::IpAddr::V4(embedded(s[1], s[2])));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80)
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || (s[0] == 0x64 && s[1] == 0xff9b)
+                || (s[0] == 0x2001 && s[1] == 0)
+                || (s[0] == 0x2001 && s[1] == 0xdb8)
+                || s[..4] == [0x100, 0, 0, 0])
         }
+    }
+}
+
+/// The host (without brackets) and port of a URL's authority: `host`, `host:port`, `[v6]` or
+/// `[v6]:port`; the port defaults to 443.
+fn host_and_port(authority: &str) -> Result<(&str, u16), &'static str> {
+    let parse = |p: &str| p.parse::<u16>().map_err(|_| "a bad port");
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or("a bad host name")?;
+        return match after.strip_prefix(':') {
+            Some(port) => Ok((host, parse(port)?)),
+            None if after.is_empty() => Ok((host, 443)),
+            None => Err("a bad host name"),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Ok((host, parse(port)?)),
+        None => Ok((authority, 443)),
     }
 }
 
@@ -130,11 +171,8 @@ impl WebhookClient {
     async fn post(&self, url: &str, body: Bytes, signature: &str) -> Result<u16, String> {
         let rest = url.strip_prefix("https://").ok_or("not an https:// URL")?;
         let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse::<u16>().map_err(|_| "a bad port")?),
-            _ => (authority, 443),
-        };
-        let host_name = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let (host, port) = host_and_port(authority)?;
+        let host_name = host.to_owned();
         let server_name = ServerName::try_from(host_name.clone()).map_err(|_| "a bad host name")?;
         // Resolved once and checked, then connected to that address (no second resolution).
         let addr = tokio::net::lookup_host((host_name.as_str(), port))
@@ -411,7 +449,9 @@ mod tests {
 
     #[test]
     fn only_public_addresses_are_public() {
-        for ip in ["8.8.8.8", "200.160.2.3", "2001:4860:4860::8888"] {
+        for ip in
+            ["8.8.8.8", "200.160.2.3", "2001:4860:4860::8888", "64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8"]
+        {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
         for ip in [
@@ -427,8 +467,35 @@ mod tests {
             "fe80::1",
             "::ffff:10.0.0.1",
             "224.0.0.1",
+            // Reserved, benchmarking and protocol-assignment IPv4 ranges.
+            "240.0.0.1",
+            "198.18.0.1",
+            "198.19.255.1",
+            "192.0.0.8",
+            // IPv6 carrying a private IPv4 one: NAT64, 6to4, IPv4-compatible.
+            "64:ff9b::a00:5",
+            "2002:a00:5::1",
+            "::10.0.0.5",
+            // Local NAT64, Teredo, site-local, documentation, discard-only.
+            "64:ff9b:1::808:808",
+            "2001:0:4136:e378::1",
+            "fec0::1",
+            "2001:db8::1",
+            "100::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[test]
+    fn authorities_give_their_host_and_port() {
+        use super::host_and_port;
+        assert_eq!(host_and_port("hooks.example"), Ok(("hooks.example", 443)));
+        assert_eq!(host_and_port("hooks.example:8443"), Ok(("hooks.example", 8443)));
+        assert_eq!(host_and_port("[2001:4860::8888]"), Ok(("2001:4860::8888", 443)));
+        assert_eq!(host_and_port("[2001:4860::8888]:8443"), Ok(("2001:4860::8888", 8443)));
+        assert!(host_and_port("hooks.example:x").is_err());
+        assert!(host_and_port("[2001:4860::8888]x").is_err());
+        assert!(host_and_port("[2001:4860::8888").is_err());
     }
 }

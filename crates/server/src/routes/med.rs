@@ -131,6 +131,15 @@ pub async fn open_claim(
     if body.amount == Some(0) {
         return Err(Problem::invalid("amount", "invalid_amount", "`amount` must be at least 1 centavo"));
     }
+    // Checked before it is named in the audit log: raw input could be anything, a card number
+    // or a document included.
+    if !pix::ids::valid_end_to_end_id('E', &body.end_to_end_id) {
+        return Err(Problem::invalid(
+            "end_to_end_id",
+            "invalid_end_to_end_id",
+            "`end_to_end_id` must be an EndToEndId: `E`, then 31 letters and digits",
+        ));
+    }
     let (tenant_id, e2e) = (tenant.id, body.end_to_end_id.clone());
     audit.0.set_resource(format!("pix-med:{e2e}"));
     let _lock = state.pix_runtime.lock(&[lock_of(&state, tenant_id, &e2e)]).await;
@@ -246,6 +255,9 @@ pub async fn resolve_claim(
         "release" => false,
         _ => return Err(Problem::not_found("MED action (return or release)")),
     };
+    if !pix::ids::valid_end_to_end_id('E', &e2e) {
+        return Err(Problem::not_found("MED claim"));
+    }
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-med:{e2e}"));
     let _lock = state.pix_runtime.lock(&[lock_of(&state, tenant_id, &e2e)]).await;

@@ -522,7 +522,18 @@ pub(super) fn write_one(
     };
     let content = if alters || create {
         let recebedor = recebedor_of(st, q, tenant_id, &account)?;
-        content_of_v(body, base.as_ref(), recebedor, now)?
+        let content = content_of_v(body, base.as_ref(), recebedor, now)?;
+        // The spec's rule: a due date before the charge's creation is refused (it would be born
+        // overdue, and past its validity unpayable).
+        let due = content.cobv.as_ref().and_then(|v| charge::parse_date(&v.terms.data_de_vencimento));
+        if due.is_some_and(|due| due < charge::brasilia_date(created_at)) {
+            return Err(PixError::violation(
+                K,
+                "cobv.calendario.dataDeVencimento",
+                "is before the charge's creation date",
+            ));
+        }
+        content
     } else {
         CobContent { at: now, ..base.clone().ok_or_else(|| corrupt("a charge without revisions"))? }
     };
