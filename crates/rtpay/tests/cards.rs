@@ -405,6 +405,22 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
         assert_eq!(available(&mut c, key, acct).await, (9_100, 0, 2_800), "7.00 came back");
         assert_eq!(net.ask(&with(partial, json!({"t": "0420"})))["39"], json!("00"));
         assert_eq!(available(&mut c, key, acct).await, (9_100, 0, 2_800), "its repeat as an advice moves nothing");
+
+        // An advice for a purchase approved in stand-in (never authorized here) is acknowledged
+        // and paid by the account, once; one the account cannot pay is acknowledged and recorded.
+        let stand_in = with(auth(&i.pan, &i.expiry, 400, 800, "000000000800"), json!({"t": "0220"}));
+        let r = net.ask(&stand_in);
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+        assert_eq!(net.ask(&with(stand_in, json!({"t": "0221", "7": "1122093301"})))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (8_700, 0, 3_200), "the stand-in purchase paid once");
+        let too_much = with(auth(&i.pan, &i.expiry, 50_000, 801, "000000000801"), json!({"t": "0220"}));
+        assert_eq!(net.ask(&too_much)["39"], json!("00"), "an advice is acknowledged");
+        assert_eq!(available(&mut c, key, acct).await, (8_700, 0, 3_200));
+        let all = c.get(&format!("/v1/cards/{}/authorizations?limit=1000", i.card), key).await.unwrap().json();
+        let unposted =
+            all["authorizations"].as_array().unwrap().iter().find(|a| a["rrn"] == json!("000000000801")).unwrap();
+        assert_eq!(unposted["status"], json!("unposted"), "{unposted}");
+        assert!(unposted["reasons"][0].as_str().unwrap().contains("insufficient_funds"), "{unposted}");
         let own = json!({"id": uuid(), "debit_account_id": acct, "credit_account_id": acct, "amount": 1, "code": 7600});
         let r = c.post("/v1/transfers", key, &own).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("reserved_code")));

@@ -659,7 +659,7 @@ impl<'a> Flow<'a> {
     async fn capture(&self) -> Result<Message, ResponseCode> {
         let ctx = &self.ctx;
         let Some((row, view)) = self.original().await? else {
-            return Err(ResponseCode::InvalidCard);
+            return self.stand_in().await;
         };
         let created_at = row.created_at;
         if view.status != "approved" {
@@ -804,6 +804,44 @@ impl<'a> Flow<'a> {
                 other => {
                     let reason = format!("the ledger refused the reversal: {}", other.as_str());
                     c.conclude(view, created_at, kind, ResponseCode::SystemMalfunction, None, vec![], vec![reason])
+                }
+            }
+        })
+        .await
+    }
+
+    /// An advice (0120, 0220) for a purchase rtpay never authorized: the network approved it in
+    /// stand-in (rtpay was unreachable) and will settle it, so the account pays it now. An advice
+    /// is acknowledged whatever happens (the network does not take "declined" for an answer);
+    /// one the ledger refuses (the funds are gone, the account closed) is recorded as
+    /// `unposted`, with the ledger's reason, for reconciliation.
+    async fn stand_in(&self) -> Result<Message, ResponseCode> {
+        let ctx = &self.ctx;
+        let now = store::now_nanos();
+        let currency = Currency::from_numeric(ctx.currency).ok_or(ResponseCode::FormatError)?;
+        if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
+            return Err(ResponseCode::FormatError);
+        }
+        let mut view = ctx.new_view(currency, now);
+        view.status = "captured".into();
+        view.captured = ctx.amount;
+        let post = ctx.transfer_id("stand-in");
+        let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
+        let event =
+            EventKind::Posted { debit: AccountId(ctx.account()?), credit: AccountId(settlement), amount: ctx.amount };
+        let c = self.ctx.clone();
+        self.execute(vec![ctx.event(post, event)], move |result| {
+            let mut view = view.clone();
+            let kind = "stand-in advice";
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    c.conclude(view, now, kind, ResponseCode::Approved, None, vec![post], vec![])
+                }
+                other => {
+                    view.status = "unposted".into();
+                    view.captured = 0;
+                    let reason = format!("a stand-in advice the ledger refused ({}): reconcile", other.as_str());
+                    c.conclude(view, now, kind, ResponseCode::Approved, None, vec![], vec![reason])
                 }
             }
         })
