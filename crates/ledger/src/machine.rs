@@ -615,7 +615,11 @@ fn resolve<S: State>(
         PendingState::Voided => return Err(TransferResult::PendingTransferAlreadyVoided),
         PendingState::Expired => return Err(TransferResult::PendingTransferExpired),
     }
-    if pending.expires_at.is_some_and(|at| at <= now) {
+    // Judged at the time the post or void would take: after a wall clock that went back, the
+    // ledger's clock runs ahead of it, and a hold past its expiry in the ledger's own order of
+    // events must not be resolved.
+    let at = now.max(clock.last + 1);
+    if pending.expires_at.is_some_and(|expires| expires <= at) {
         return Err(TransferResult::PendingTransferExpired);
     }
     let amount = match post {

@@ -113,6 +113,22 @@ fn a_hold_expires_exactly_at_its_timeout() {
     assert_eq!(l.transfers(expires_at, &[void])[0].result, TransferResult::PendingTransferExpired);
 }
 
+/// After the wall clock went back, the ledger's clock runs ahead of it: a hold whose expiry lies
+/// between the two is expired for a post, whose timestamp would come after it.
+#[test]
+fn a_hold_expires_by_the_ledgers_clock_when_the_wall_clock_went_back() {
+    let mut l = setup();
+    let hold =
+        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 600, timeout_seconds: 2 });
+    let expires_at = l.transfers(NOW, &[hold])[0].transfer.as_ref().unwrap().expires_at.unwrap();
+    // Something happens at the expiry's instant, then the wall clock steps back a second.
+    assert_eq!(l.transfers(expires_at, &[posted(2, BANK, ALICE, 1)])[0].result, TransferResult::Created);
+    let post = ev(3, EventKind::PostPending { pending_id: TransferId(1), amount: None });
+    let out = l.transfers(expires_at - 1_000_000_000, &[post]);
+    assert_eq!(out[0].result, TransferResult::PendingTransferExpired);
+    assert_eq!(balance(&l, BOB), (0, 0, 0, 600, 0), "still held until the sweep, never posted");
+}
+
 #[test]
 fn a_linked_chain_applies_whole_or_not_at_all() {
     let mut l = setup();

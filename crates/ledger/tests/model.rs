@@ -178,7 +178,8 @@ impl Model {
                     PendingState::Expired => return R::PendingTransferExpired,
                     PendingState::Pending => {}
                 }
-                if p.expires_at.is_some_and(|at| at <= now) {
+                let at = now.max(self.last + 1);
+                if p.expires_at.is_some_and(|expires| expires <= at) {
                     return R::PendingTransferExpired;
                 }
                 let post = match e.kind {
