@@ -134,6 +134,22 @@ fn tls_and_client_certificates_bound_to_tenants() {
 
         let cert_a = authority.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
         let cert_b = authority.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_b}")]);
+        // Wrong operator tokens from connections that could never present the operator's
+        // credential (no certificate, a tenant's) do not lock the operator out.
+        for client in [None, Some(&cert_a)] {
+            for _ in 0..6 {
+                let (status, _) =
+                    https(addr, &ca_pem, client, "POST", "/v1/tenants", "wrong", Some(json!({"name": "x"})))
+                        .await
+                        .unwrap();
+                assert!(status == 401 || status == 403, "{status}");
+            }
+        }
+        let (status, body) =
+            https(addr, &ca_pem, Some(&operator_cert), "POST", "/v1/tenants", OPERATOR, Some(json!({"name": "c"})))
+                .await
+                .unwrap();
+        assert_eq!(status, 201, "the operator was locked out by others: {body}");
         let unbound = authority.issue(&[], &[]);
         let stranger = foreign.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
         let account = json!({"currency": "BRL"});

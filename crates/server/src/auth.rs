@@ -289,8 +289,19 @@ pub(crate) fn failed(parts: &Parts, state: &AppState, id: Option<&str>, problem:
 }
 
 /// Counts a failed authentication against the source and `id`; a lock it causes is audited.
+/// With client certificates, a connection counts against a credential's lock only if its
+/// certificate could present that kind of credential: one with no certificate, or with one that
+/// names no rtpay identity, or a tenant's against the operator (and the operator's against a
+/// tenant's key), could never use it, and must not lock out those who can.
 pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
     use crate::limits::AfterFailure;
+    use crate::tls::PeerIdentity as P;
+    let id = id.filter(|id| match parts.extensions.get::<P>() {
+        None => true,
+        Some(P::Anonymous | P::Unbound) => false,
+        Some(P::Operator) => *id == OPERATOR_ID,
+        Some(P::Tenant(_) | P::Client(_)) => *id != OPERATOR_ID,
+    });
     if state.auth_guard.failed(source(parts), id, Instant::now()) == AfterFailure::Locked {
         let id = id.expect("only an id can be locked");
         tracing::warn!(credential = id, "credential locked after repeated failed authentications");
