@@ -267,6 +267,7 @@ fn med_blocks_then_returns_or_releases() {
         assert_problem(&got, 400, "PixDevolucaoInvalida", Some("devolucao.valor"));
         let audit = c.get("/v1/audit?limit=1000", &shop).await.unwrap().json().to_string();
         assert!(!audit.contains(pan), "the audit log names a card number");
+        assert!(audit.contains(&format!("pix-med:{e2e}")), "an EndToEndId is named as it is");
 
         // Returned: the hold is posted and the payer is paid back, as a MED_FRAUDE refund.
         let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &shop, &json!({})).await.unwrap();

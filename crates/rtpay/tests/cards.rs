@@ -421,6 +421,37 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
             all["authorizations"].as_array().unwrap().iter().find(|a| a["rrn"] == json!("000000000801")).unwrap();
         assert_eq!(unposted["status"], json!("unposted"), "{unposted}");
         assert!(unposted["reasons"][0].as_str().unwrap().contains("insufficient_funds"), "{unposted}");
+
+        // A reversal the account cannot pay yet (the refund was spent) is refused, and succeeds
+        // when tried again once it can.
+        let refund = with(auth(&i.pan, &i.expiry, 300, 900, "000000000900"), json!({"t": "0200", "3": "200000"}));
+        assert_eq!(net.ask(&refund)["39"], json!("00"));
+        let elsewhere = account(&mut c, key, json!({"currency": "BRL"})).await;
+        let out = json!({"id": uuid(), "debit_account_id": acct, "credit_account_id": elsewhere, "amount": 9_000});
+        assert_eq!(c.post("/v1/transfers", key, &out).await.unwrap().status, 201);
+        assert_eq!(available(&mut c, key, acct).await, (0, 0, 12_200));
+        assert_eq!(net.ask(&with(refund.clone(), json!({"t": "0400", "11": "000901"})))["39"], json!("51"));
+        let back = json!({"id": uuid(), "debit_account_id": elsewhere, "credit_account_id": acct, "amount": 1_000});
+        assert_eq!(c.post("/v1/transfers", key, &back).await.unwrap().status, 201);
+        assert_eq!(net.ask(&with(refund, json!({"t": "0400", "11": "000902"})))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (700, 0, 12_500), "the refund taken back");
+
+        // An authorization and its repeat in flight together: one hold, one answer.
+        let first = auth(&i.pan, &i.expiry, 100, 910, "000000000910");
+        net.send(&first);
+        net.send(&with(first.clone(), json!({"t": "0101", "7": "1122093401"})));
+        let answers = net.recv(2);
+        assert!(answers.iter().all(|a| a["39"] == json!("00") && a["38"] == answers[0]["38"]), "{answers:?}");
+        assert_eq!(available(&mut c, key, acct).await, (600, 100, 12_500), "held once");
+        // Reversed in part, then in full: the record shows all of it reversed.
+        let partial = with(first.clone(), json!({"t": "0400", "11": "000911", "95": replaced(40)}));
+        assert_eq!(net.ask(&partial)["39"], json!("00"));
+        assert_eq!(net.ask(&with(first, json!({"t": "0400", "11": "000912"})))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (700, 0, 12_500));
+        let all = c.get(&format!("/v1/cards/{}/authorizations?limit=1000", i.card), key).await.unwrap().json();
+        let done =
+            all["authorizations"].as_array().unwrap().iter().find(|a| a["rrn"] == json!("000000000910")).unwrap();
+        assert_eq!((done["status"].clone(), done["reversed"].clone()), (json!("reversed"), json!(100)), "{done}");
         let own = json!({"id": uuid(), "debit_account_id": acct, "credit_account_id": acct, "amount": 1, "code": 7600});
         let r = c.post("/v1/transfers", key, &own).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("reserved_code")));

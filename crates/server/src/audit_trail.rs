@@ -19,6 +19,13 @@ use crate::AppState;
 /// The longest resource an audit entry names (characters).
 pub const RESOURCE_LEN_MAX: usize = 200;
 
+/// A client-chosen id (a txid, a refund's id, a number in a path) as the audit log may name it:
+/// a digit run that could be a card number is masked. (Ids rtpay makes, and EndToEndIds, whose
+/// dates are long digit runs, are named as they are.)
+pub fn client_id(id: &str) -> String {
+    vault::mask::redact_pans(id)
+}
+
 /// What the middleware knows about a request, and what handlers add.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -64,12 +71,10 @@ impl Slot {
         s.actor = Some(actor);
     }
 
-    /// Names what the request acted on. Handlers name parsed ids; as a second line, a digit run
-    /// that could be a card number is masked and the text is cut at [`RESOURCE_LEN_MAX`]
-    /// characters (client-chosen ids such as a refund's may be any letters and digits, and the
-    /// audit log is append-only).
+    /// Names what the request acted on: parsed ids, and client-chosen ones through
+    /// [`client_id`]. Cut at [`RESOURCE_LEN_MAX`] characters (the audit log is append-only).
     pub fn set_resource(&self, resource: impl Into<String>) {
-        let mut resource = vault::mask::redact_pans(&resource.into());
+        let mut resource = resource.into();
         if let Some((cut, _)) = resource.char_indices().nth(RESOURCE_LEN_MAX) {
             resource.truncate(cut);
         }

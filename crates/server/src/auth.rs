@@ -290,9 +290,12 @@ pub(crate) fn failed(parts: &Parts, state: &AppState, id: Option<&str>, problem:
 
 /// Counts a failed authentication against the source and `id`; a lock it causes is audited.
 /// With client certificates, a connection counts against a credential's lock only if its
-/// certificate could present that kind of credential: one with no certificate, or with one that
-/// names no rtpay identity, or a tenant's against the operator (and the operator's against a
-/// tenant's key), could never use it, and must not lock out those who can.
+/// certificate is of a kind that could present that credential: a connection with no
+/// certificate, with one that names no rtpay identity, a tenant's or a client's against the
+/// operator, the operator's against a tenant's, or an OAuth client's against an API key, could
+/// never use it, and must not lock out those who can. (A tenant's certificate still counts
+/// against another tenant's key or client it names: which tenant a failed key belongs to is not
+/// known without it.)
 pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
     use crate::limits::AfterFailure;
     use crate::tls::PeerIdentity as P;
@@ -300,7 +303,8 @@ pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
         None => true,
         Some(P::Anonymous | P::Unbound) => false,
         Some(P::Operator) => *id == OPERATOR_ID,
-        Some(P::Tenant(_) | P::Client(_)) => *id != OPERATOR_ID,
+        Some(P::Tenant(_)) => *id != OPERATOR_ID,
+        Some(P::Client(_)) => id.starts_with("client:"),
     });
     if state.auth_guard.failed(source(parts), id, Instant::now()) == AfterFailure::Locked {
         let id = id.expect("only an id can be locked");

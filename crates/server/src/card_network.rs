@@ -307,10 +307,13 @@ impl Ctx {
     }
 
     /// A ledger id derived from the authorization `view` (and `purpose`): whichever message
-    /// captures or reverses it (an 0400 and its 0420 repeat, say), the same id, so the ledger
-    /// applies the step once.
+    /// captures or reverses it (an 0400 and its 0420 repeat, say, even on two nodes), the same
+    /// id, so the ledger applies the step once. The count of the authorization's steps that
+    /// failed is part of it: the ledger keeps a failure under its id for good, and a capture or
+    /// reversal refused for want of funds may succeed when tried again later.
     fn step_id(&self, view: &AuthorizationView, purpose: &str) -> u128 {
-        let digest = self.keys.mac(b"card-step", format!("{}:{purpose}", view.id).as_bytes());
+        let failed = view.events.iter().filter(|e| e.response_code != ResponseCode::Approved.code()).count();
+        let digest = self.keys.mac(b"card-step", format!("{}:{purpose}:{failed}", view.id).as_bytes());
         u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
     }
 
@@ -465,7 +468,20 @@ impl<'a> Flow<'a> {
         let _card = self.state.card_locks.lock(self.ctx.card_id).await;
         let request = &self.ctx.request;
         // A repeat gets the first answer, with the card number put back (it is not stored).
-        if let Some(stored) = &self.ctx.answered {
+        // Looked for again under the card's lock when the first look found none: the same
+        // message in flight twice (an 0100 and its 0101) is decided once, and the second waits
+        // for the first's answer instead of deciding again against the first's own hold.
+        let answered = match &self.ctx.answered {
+            Some(stored) => Some(stored.clone()),
+            None => {
+                let key = self.ctx.key;
+                match crate::routes::read_now(self.state, move |q| q.card_message(&key)).await {
+                    Ok(found) => found,
+                    Err(_) => return answer(request, ResponseCode::IssuerUnavailable, None),
+                }
+            }
+        };
+        if let Some(stored) = &answered {
             let opened = vault::open(&self.ctx.dek, &self.ctx.key, stored);
             return match opened.map_err(|_| ()).and_then(|b| Message::decode(&b).map_err(|_| ())) {
                 Ok(mut m) => {
@@ -787,7 +803,8 @@ impl<'a> Flow<'a> {
             let kind = "reversal";
             match result {
                 TransferResult::Created | TransferResult::Exists => {
-                    view.reversed = reversed;
+                    // After a partial reversal, the rest.
+                    view.reversed += reversed;
                     view.status = "reversed".into();
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![id], vec![])
                 }

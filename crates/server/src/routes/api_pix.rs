@@ -706,7 +706,7 @@ async fn put_cob(
     }
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
-    audit.0.set_resource(format!("pix-cob:{txid}"));
+    audit.0.set_resource(format!("pix-cob:{}", crate::audit_trail::client_id(&txid)));
     let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
     let st = state.clone();
     let view = pix_query(&state, move |q| -> PixResult<Value> {
@@ -854,7 +854,7 @@ pub async fn cob_patch(
         || body.info_adicionais.is_some();
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
-    audit.0.set_resource(format!("pix-cob:{txid}"));
+    audit.0.set_resource(format!("pix-cob:{}", crate::audit_trail::client_id(&txid)));
     let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
     let st = state.clone();
     let view = pix_query(&state, move |q| -> PixResult<Value> {
@@ -1238,7 +1238,7 @@ pub async fn refund_put(
     let canonical = serde_json::to_vec(&body).expect("serializable");
     let fingerprint = crate::auth::hex(&state.vault_or_503()?.index().of(b"pix-refund-body", &canonical));
     let tenant_id = tenant.id;
-    audit.0.set_resource(format!("pix-refund:{id}"));
+    audit.0.set_resource(format!("pix-refund:{}", crate::audit_trail::client_id(&id)));
     let _guard = state.pix_runtime.lock(&[state.keys.derived_id(b"pix-refund-lock", tenant_id, &e2e).as_u128()]).await;
     let (e2e2, id2, print2, st) = (e2e.clone(), id.clone(), fingerprint.clone(), state.clone());
     let checked = pix_query(&state, move |q| -> PixResult<Result<StoredRefund, RefundBasis>> {

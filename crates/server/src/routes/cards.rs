@@ -46,7 +46,7 @@ pub struct ProductBody {
     #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     /// e.g. `visa`, `mastercard`, `elo`.
-    #[schema(pattern = "^[A-Za-z0-9-]{1,32}$")]
+    #[schema(pattern = r"^\s*[A-Za-z0-9-]{1,32}\s*$")]
     pub network: String,
     pub limits: Option<LimitsBody>,
     /// Authorizations a card may ask for in a minute (default 30).

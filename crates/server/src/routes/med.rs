@@ -32,8 +32,9 @@ pub const REASON_LEN_MAX: usize = 140;
 pub struct MedBody {
     /// The received Pix the claim is about.
     pub end_to_end_id: String,
-    /// Centavos to block; default: all that may be.
-    #[schema(minimum = 1, maximum = 999999999999_u64)]
+    /// Centavos to block (at most what may be blocked: more is taken as all); default: all that
+    /// may be.
+    #[schema(minimum = 1)]
     pub amount: Option<u64>,
     #[schema(
         min_length = 1,

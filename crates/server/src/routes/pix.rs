@@ -682,7 +682,7 @@ pub struct EncodeBody {
     pub merchant_name: String,
     pub merchant_city: String,
     /// 1 to 25 letters and digits.
-    #[schema(pattern = "^[A-Za-z0-9]{1,25}$")]
+    #[schema(pattern = r"^([A-Za-z0-9]{1,25}|\*\*\*)$")]
     pub txid: Option<String>,
     pub description: Option<String>,
 }

@@ -300,7 +300,7 @@ pub async fn loc_unlink(
     state.ispb()?;
     let id = loc_id(&id)?;
     let tenant_id = tenant.id;
-    audit.0.set_resource(format!("pix-loc:{id}"));
+    audit.0.set_resource(format!("pix-loc:{}", crate::audit_trail::client_id(&id.to_string())));
     let (loc, txid) = pix_query(&state, move |q| -> PixResult<(StoredLoc, Option<String>)> {
         let loc = read_loc(q, tenant_id, id)?.ok_or_else(loc_not_found)?;
         let txid = holder(q, &loc)?;

@@ -449,7 +449,7 @@ async fn write(
     create: bool,
 ) -> PixResult<Response> {
     let tenant_id = tenant.id;
-    audit.0.set_resource(format!("pix-cob:{txid}"));
+    audit.0.set_resource(format!("pix-cob:{}", crate::audit_trail::client_id(&txid)));
     let _guard = state.pix_runtime.lock(&[cob_lock(&state, tenant_id, &txid)]).await;
     let st = state.clone();
     let (status, view) = pix_query(&state, move |q| write_one(&st, q, tenant_id, &txid, &body, create, None)).await?;
@@ -525,8 +525,10 @@ pub(super) fn write_one(
         let content = content_of_v(body, base.as_ref(), recebedor, now)?;
         // The spec's rule: a due date before the charge's creation is refused (it would be born
         // overdue, and past its validity unpayable).
+        // Judged when a date is given (a charge made before this rule keeps its own).
+        let given = create || body.calendario.as_ref().is_some_and(|c| c.data_de_vencimento.is_some());
         let due = content.cobv.as_ref().and_then(|v| charge::parse_date(&v.terms.data_de_vencimento));
-        if due.is_some_and(|due| due < charge::brasilia_date(created_at)) {
+        if given && due.is_some_and(|due| due < charge::brasilia_date(created_at)) {
             return Err(PixError::violation(
                 K,
                 "cobv.calendario.dataDeVencimento",

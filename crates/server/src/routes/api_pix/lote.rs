@@ -162,7 +162,7 @@ async fn apply(
     };
     let (descricao, requests) = parse(&bytes, patch)?;
     let tenant_id = tenant.id;
-    audit.0.set_resource(format!("pix-lotecobv:{id}"));
+    audit.0.set_resource(format!("pix-lotecobv:{}", crate::audit_trail::client_id(&id.to_string())));
     // One batch of a tenant at a time (taken before any stripe; a stripe held across the batch
     // could be one a charge of it needs).
     let batch_lock = state.pix_runtime.batch_lock(tenant_id).lock_owned().await;
