@@ -409,14 +409,12 @@ unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, buf: *const c_void, a
     }
 }
 
-/// Drops the WAL bytes `conn` gathered and has not written: a rolled-back transaction's frames
-/// (a cache spill writes frames before the commit). Written later, after another connection
-/// committed frames at the same offsets, they would overwrite those.
-pub(crate) fn discard_pending(conn: &rusqlite::Connection) {
+/// The WAL file `conn` has open on this VFS, if any (SQLite's, open while the connection is).
+fn our_wal(conn: &rusqlite::Connection) -> Option<*mut ffi::sqlite3_file> {
     let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
     // SAFETY: the connection's handle is valid for the call; the file control stores the WAL's
-    // file (or the rollback journal's, or null) into `file`, which SQLite keeps open while the
-    // connection is; only a file opened by this VFS is treated as ours.
+    // file (or the rollback journal's, or null) into `file`; only a file opened by this VFS is
+    // taken as ours.
     unsafe {
         let rc = ffi::sqlite3_file_control(
             conn.handle(),
@@ -424,31 +422,25 @@ pub(crate) fn discard_pending(conn: &rusqlite::Connection) {
             ffi::SQLITE_FCNTL_JOURNAL_POINTER,
             &mut file as *mut *mut ffi::sqlite3_file as *mut c_void,
         );
-        if rc == ffi::SQLITE_OK && !file.is_null() && std::ptr::eq((*file).pMethods, &METHODS) {
-            let f = ours(file);
-            f.pending.clear();
-        }
+        (rc == ffi::SQLITE_OK && !file.is_null() && std::ptr::eq((*file).pMethods, &METHODS)).then_some(file)
+    }
+}
+
+/// Drops the WAL bytes `conn` gathered and has not written: a rolled-back transaction's frames
+/// (a cache spill writes frames before the commit). Written later, after another connection
+/// committed frames at the same offsets, they would overwrite those.
+pub(crate) fn discard_pending(conn: &rusqlite::Connection) {
+    if let Some(file) = our_wal(conn) {
+        // SAFETY: our file, which the connection (borrowed here, so not in use) keeps open.
+        unsafe { ours(file) }.pending.clear();
     }
 }
 
 /// Bytes `conn`'s WAL holds gathered and not written (for tests).
 #[cfg(test)]
 pub(crate) fn pending_len(conn: &rusqlite::Connection) -> usize {
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
     // SAFETY: as in `discard_pending`.
-    unsafe {
-        let rc = ffi::sqlite3_file_control(
-            conn.handle(),
-            c"main".as_ptr(),
-            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-            &mut file as *mut *mut ffi::sqlite3_file as *mut c_void,
-        );
-        if rc == ffi::SQLITE_OK && !file.is_null() && std::ptr::eq((*file).pMethods, &METHODS) {
-            ours(file).pending.len()
-        } else {
-            0
-        }
-    }
+    our_wal(conn).map_or(0, |file| unsafe { ours(file) }.pending.len())
 }
 
 unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
