@@ -452,6 +452,15 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
         let done =
             all["authorizations"].as_array().unwrap().iter().find(|a| a["rrn"] == json!("000000000910")).unwrap();
         assert_eq!((done["status"].clone(), done["reversed"].clone()), (json!("reversed"), json!(100)), "{done}");
+
+        // A capture or reversal in another currency than the authorization's is refused.
+        let held = auth(&i.pan, &i.expiry, 200, 920, "000000000920");
+        assert_eq!(net.ask(&held)["39"], json!("00"));
+        for mti in ["0220", "0400"] {
+            let dollars = with(held.clone(), json!({"t": mti, "11": "000921", "49": "840"}));
+            assert_eq!(net.ask(&dollars)["39"], json!("30"), "{mti}");
+        }
+        assert_eq!(available(&mut c, key, acct).await, (500, 200, 12_500), "the hold stands, untouched");
         let own = json!({"id": uuid(), "debit_account_id": acct, "credit_account_id": acct, "amount": 1, "code": 7600});
         let r = c.post("/v1/transfers", key, &own).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("reserved_code")));

@@ -678,6 +678,9 @@ impl<'a> Flow<'a> {
             return self.stand_in().await;
         };
         let created_at = row.created_at;
+        if let Some(reason) = self.other_currency(&view) {
+            return self.record(view, created_at, "capture", ResponseCode::FormatError, reason).await;
+        }
         if view.status != "approved" {
             let reason = format!("the authorization is {}", view.status);
             return self.record(view, created_at, "capture", ResponseCode::DoNotHonor, reason).await;
@@ -748,6 +751,9 @@ impl<'a> Flow<'a> {
                 .await;
         };
         let created_at = row.created_at;
+        if let Some(reason) = self.other_currency(&view) {
+            return self.record(view, created_at, "reversal", ResponseCode::FormatError, reason).await;
+        }
         // A partial reversal names, in DE95, the amount that did happen (an ATM that dispensed
         // part of what was asked): only the rest is reversed.
         let actual = ctx.request.get(95).and_then(|d| d.get(..12)).and_then(|a| a.parse::<u64>().ok());
@@ -825,6 +831,15 @@ impl<'a> Flow<'a> {
             }
         })
         .await
+    }
+
+    /// Why a capture or reversal may not apply to the authorization `view`: its DE49 names
+    /// another currency (its DE4 would be read in the wrong minor units), if it does.
+    fn other_currency(&self, view: &AuthorizationView) -> Option<String> {
+        let named = Currency::from_numeric(self.ctx.currency);
+        named
+            .is_none_or(|c| c.as_str() != view.currency)
+            .then(|| format!("DE49 ({:03}) is not the authorization's currency ({})", self.ctx.currency, view.currency))
     }
 
     /// An advice (0120, 0220) for a purchase rtpay never authorized: the network approved it in
