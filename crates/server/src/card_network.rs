@@ -14,6 +14,7 @@ use ledger::{AccountId, AccountKey, Currency, EventKind, TransferEvent, Transfer
 use serde::{Deserialize, Serialize};
 
 use crate::dto::{civil_date, nanos_of_date, uuid_string};
+use crate::routes::ReadsOwed;
 use crate::vault_service::VaultFailure;
 use crate::AppState;
 
@@ -213,9 +214,16 @@ pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
         "0800" => answer(&message, ResponseCode::Approved, None),
         // Each also as a repeat (0101, 0421, ...): the acquirer sending it again, unanswered.
         "0100" | "0120" | "0200" | "0220" | "0400" | "0420" | "0101" | "0121" | "0201" | "0221" | "0401" | "0421" => {
-            match Flow::new(state, &message).await {
+            // Reads made before the message's own commit owe nothing once it is durable; an
+            // answer given without one (a stored answer, a refusal) waits for what they saw.
+            let owed = ReadsOwed::default();
+            let reply = match Flow::new(state, &message, &owed).await {
                 Ok(flow) => flow.run().await,
                 Err(code) => answer(&message, code, None),
+            };
+            match owed.settle().await {
+                Ok(()) => reply,
+                Err(_) => answer(&message, ResponseCode::IssuerUnavailable, None),
             }
         }
         other => {
@@ -284,6 +292,8 @@ struct Concluded {
 struct Flow<'a> {
     state: &'a AppState,
     ctx: std::sync::Arc<Ctx>,
+    /// The durability waits of the flow's reads, owed until its commit.
+    owed: &'a ReadsOwed,
 }
 
 fn field(m: &Message, n: u8) -> Result<&str, ResponseCode> {
@@ -405,7 +415,7 @@ impl Ctx {
 }
 
 impl<'a> Flow<'a> {
-    async fn new(state: &'a AppState, request: &'a Message) -> Result<Flow<'a>, ResponseCode> {
+    async fn new(state: &'a AppState, request: &'a Message, owed: &'a ReadsOwed) -> Result<Flow<'a>, ResponseCode> {
         let vault = state.vault.clone().ok_or(ResponseCode::IssuerUnavailable)?;
         let pan = field(request, 2)?;
         let (stan, rrn) = (field(request, 11)?, field(request, 37)?);
@@ -431,13 +441,14 @@ impl<'a> Flow<'a> {
         let key = state.keys.mac(b"card-message", &identity);
         // The card, the tenant's data key, and the answer if this message was answered before, in
         // one trip.
-        let (row, answered, dek) = crate::routes::read_now(state, move |q| {
-            let row = q.card_by_index(&index)?;
-            let dek = row.as_ref().map(|r| vault.data_key(q, r.tenant_id));
-            Ok((row, q.card_message(&key)?, dek))
-        })
-        .await
-        .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let (row, answered, dek) = owed
+            .read(state, move |q| {
+                let row = q.card_by_index(&index)?;
+                let dek = row.as_ref().map(|r| vault.data_key(q, r.tenant_id));
+                Ok((row, q.card_message(&key)?, dek))
+            })
+            .await
+            .map_err(|_| ResponseCode::IssuerUnavailable)?;
         let row = row.ok_or(ResponseCode::InvalidCard)?;
         let dek = match dek {
             Some(Ok(dek)) => dek,
@@ -461,7 +472,7 @@ impl<'a> Flow<'a> {
             answered,
             dek,
         };
-        Ok(Flow { state, ctx: std::sync::Arc::new(ctx) })
+        Ok(Flow { state, ctx: std::sync::Arc::new(ctx), owed })
     }
 
     async fn run(self) -> Message {
@@ -475,7 +486,7 @@ impl<'a> Flow<'a> {
             Some(stored) => Some(stored.clone()),
             None => {
                 let key = self.ctx.key;
-                match crate::routes::read_now(self.state, move |q| q.card_message(&key)).await {
+                match self.owed.read(self.state, move |q| q.card_message(&key)).await {
                     Ok(found) => found,
                     Err(_) => return answer(request, ResponseCode::IssuerUnavailable, None),
                 }
@@ -542,6 +553,7 @@ impl<'a> Flow<'a> {
             tracing::warn!(error = %e, "a card message was not committed");
             ResponseCode::IssuerUnavailable
         })?;
+        self.owed.committed();
         Ok(conclude(reply.chain_result()).reply)
     }
 
@@ -569,11 +581,13 @@ impl<'a> Flow<'a> {
         let product_id = uuid::Uuid::parse_str(&ctx.card.product_id).map_err(|_| ResponseCode::SystemMalfunction)?;
         let (tenant, card_id) = (ctx.tenant, ctx.card_id);
         let (day, month, minute) = (nanos_of_date(y, m, d), nanos_of_date(y, m, 1), now.saturating_sub(60_000_000_000));
-        let (product, spent) = crate::routes::read_now(self.state, move |q| {
-            Ok((q.card_product(tenant, product_id.as_u128())?, q.card_spent(card_id, day, month, minute)?))
-        })
-        .await
-        .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let (product, spent) = self
+            .owed
+            .read(self.state, move |q| {
+                Ok((q.card_product(tenant, product_id.as_u128())?, q.card_spent(card_id, day, month, minute)?))
+            })
+            .await
+            .map_err(|_| ResponseCode::IssuerUnavailable)?;
         let product: StoredProduct =
             product.and_then(|p| serde_json::from_str(&p).ok()).ok_or(ResponseCode::SystemMalfunction)?;
         let card_currency = Currency::parse(&product.currency).map_err(|_| ResponseCode::SystemMalfunction)?;

@@ -128,6 +128,34 @@ impl ReadFence {
     }
 }
 
+/// The fences of a flow's reads that it owes before it answers, when the flow reads and then
+/// commits: its commit's reply comes after a sync that began once the commit was written, and
+/// that sync made durable every commit its earlier reads could have seen. So the reads before a
+/// commit of the flow's own are let off by it ([`FencesOwed::committed`]); an answer made without
+/// one waits for the fences still owed ([`FencesOwed::take`]).
+#[derive(Default)]
+pub struct FencesOwed(Mutex<Vec<ReadFence>>);
+
+impl FencesOwed {
+    /// A read's fence, owed until the flow commits (nothing, if it has passed).
+    pub fn owe(&self, fence: ReadFence) {
+        if !fence.is_passed() {
+            self.0.lock().expect("fences owed").push(fence);
+        }
+    }
+
+    /// A commit of the flow's own, made after the reads so far, is durable.
+    pub fn committed(&self) {
+        self.0.lock().expect("fences owed").clear();
+    }
+
+    /// The fences still owed, not yet passed: to wait for before answering.
+    pub fn take(&self) -> Vec<ReadFence> {
+        let owed = std::mem::take(&mut *self.0.lock().expect("fences owed"));
+        owed.into_iter().filter(|f| !f.is_passed()).collect()
+    }
+}
+
 /// Runs `read` (calls of [`crate::Queries`] on this thread) without blocking for durability, and
 /// returns what its answer must wait for: for an async task, which awaits [`ReadFence::when_passed`]
 /// instead of blocking its thread.
@@ -224,6 +252,41 @@ mod tests {
         d.synced(d.syncable());
         rx.recv_timeout(Duration::from_secs(10)).expect("the read answers once both are durable");
         reader.join().unwrap();
+    }
+
+    /// A flow's reads before its own commit owe nothing once it is durable; reads after it, and
+    /// a flow that never commits, still owe their fences until the syncs pass them.
+    #[test]
+    fn fences_owed_are_let_off_by_the_flows_own_commit_only() {
+        let d = Arc::new(Durability::default());
+        let seen = d.start_commit();
+        let owed = FencesOwed::default();
+        owed.owe(read_deferring(|| after_read(&d)).1);
+        owed.owe(read_deferring(|| after_read(&d)).1);
+        // The flow's commit, after its reads: durable once synced (with the one the reads saw).
+        let own = d.start_commit();
+        d.commit_written(own);
+        d.synced(own);
+        owed.committed();
+        assert!(owed.take().is_empty(), "the reads before the commit owe nothing");
+        // A read after the commit, and a flow that answers without committing, owe theirs.
+        let later = d.start_commit();
+        owed.owe(read_deferring(|| after_read(&d)).1);
+        let unsynced = owed.take();
+        assert_eq!(unsynced.len(), 1);
+        assert!(!unsynced[0].is_passed());
+        assert!(owed.take().is_empty(), "taken once");
+        let again = FencesOwed::default();
+        owed.owe(read_deferring(|| after_read(&d)).1);
+        again.owe(read_deferring(|| after_read(&d)).1);
+        d.commit_written(later);
+        d.synced(later);
+        assert!(again.take().is_empty(), "a fence passed by a sync is not waited for");
+        assert!(seen < own && own < later);
+        // A read that saw nothing unsynced owes nothing.
+        let fresh = FencesOwed::default();
+        fresh.owe(read_deferring(|| after_read(&d)).1);
+        assert!(fresh.take().is_empty());
     }
 
     #[test]

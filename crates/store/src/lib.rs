@@ -34,7 +34,7 @@ pub use audit_log::{
     audit_consistency, audit_inclusion, audit_root, audit_verify, AuditItem, AuditReport, SignedHead,
     AUDIT_PAGE_LEN_MAX,
 };
-pub use durable::{read_deferring, ReadFence};
+pub use durable::{read_deferring, FencesOwed, ReadFence};
 pub use engine::{Command, Engine, EngineStats, RecordsFn, Reply};
 
 /// Histogram bucket bounds of [`EngineStats`].

@@ -82,18 +82,48 @@ pub async fn read_now<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&dyn Queries) -> store::Result<T> + Send + 'static,
 ) -> Result<T, Problem> {
-    if state.store.queries.point_reads_inline() {
+    let owed = ReadsOwed::default();
+    let result = owed.read(state, f).await;
+    owed.settle().await?;
+    result
+}
+
+/// The durability waits a flow's point reads (see [`read_now`]) owe until its own commit
+/// (see [`store::FencesOwed`]): the reads of a card authorization, three of them, each waited
+/// about one sync before the authorization's own commit and sync.
+#[derive(Default)]
+pub struct ReadsOwed(store::FencesOwed);
+
+impl ReadsOwed {
+    /// A point read as [`read_now`], whose durability wait is owed rather than waited for.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        state: &AppState,
+        f: impl FnOnce(&dyn Queries) -> store::Result<T> + Send + 'static,
+    ) -> Result<T, Problem> {
+        if !state.store.queries.point_reads_inline() {
+            return query(state, f).await;
+        }
         let (result, fence) = store::read_deferring(|| f(state.store.queries.as_ref()));
-        if !fence.is_passed() {
+        self.0.owe(fence);
+        Ok(result?)
+    }
+
+    /// A commit of the flow's own, made after its reads so far, is durable.
+    pub fn committed(&self) {
+        self.0.committed();
+    }
+
+    /// Waits until everything the flow's reads saw is durable: before an answer goes out.
+    pub async fn settle(&self) -> Result<(), Problem> {
+        for fence in self.0.take() {
             let (passed, wait) = tokio::sync::oneshot::channel();
             fence.when_passed(Box::new(move || {
                 let _ = passed.send(());
             }));
             wait.await.map_err(|_| Problem::internal())?;
         }
-        Ok(result?)
-    } else {
-        query(state, f).await
+        Ok(())
     }
 }
 
