@@ -9,7 +9,10 @@ use crate::problem::Problem;
 
 /// Parses a UUID field; the nil UUID is refused since it cannot identify anything.
 pub fn parse_id(field: &str, value: &str) -> Result<u128, Problem> {
-    let id = uuid::Uuid::try_parse(value).map_err(|_| {
+    // Only the hyphenated form the schema's `format: uuid` names: `uuid` alone also takes 32 bare
+    // hex digits, braces and `urn:uuid:`, which would make one id several strings.
+    let hyphenated = if value.len() == uuid::fmt::Hyphenated::LENGTH { Some(value) } else { None };
+    let id = hyphenated.ok_or(()).and_then(|v| uuid::Uuid::try_parse(v).map_err(|_| ())).map_err(|_| {
         Problem::invalid(
             field,
             "invalid_uuid",
@@ -34,7 +37,7 @@ pub fn check_amount(field: &str, amount: u64) -> Result<u64, Problem> {
         return Err(Problem::invalid(
             field,
             "invalid_amount",
-            format!("`{field}` must be an integer number of minor units in 1..=9223372036854775807"),
+            format!("`{field}` must be an integer number of minor units in 1..=2^63-1"),
         ));
     }
     Ok(amount)
@@ -207,9 +210,7 @@ impl AccountBody {
                     "credit_limit",
                     "`credit_limit` needs `debits_must_not_exceed_credits` or `credits_must_not_exceed_debits`",
                 ),
-                AccountResult::CreditLimitExceedsMax => {
-                    ("credit_limit", "`credit_limit` must be at most 9223372036854775807")
-                }
+                AccountResult::CreditLimitExceedsMax => ("credit_limit", "`credit_limit` must be at most 2^63-1"),
                 AccountResult::MetadataTooLong => ("metadata", "`metadata` is too long"),
                 _ => ("id", "`id` is not acceptable"),
             };
@@ -225,9 +226,10 @@ pub struct BalanceView {
     pub credits_posted: u64,
     pub debits_pending: u64,
     pub credits_pending: u64,
-    /// What can be spent now (may be negative for an unconstrained account).
-    #[schema(value_type = i64)]
-    pub available: i128,
+    /// What can be spent now (may be negative for an unconstrained account), held to the range
+    /// of a signed 64-bit integer: a credit limit of 2^63-1 over credits would count past it,
+    /// and no amount is larger anyway.
+    pub available: i64,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -266,7 +268,7 @@ impl AccountView {
                 credits_posted: a.credits_posted,
                 debits_pending: a.debits_pending,
                 credits_pending: a.credits_pending,
-                available: a.available(),
+                available: a.available().clamp(i64::MIN.into(), i64::MAX.into()) as i64,
             },
         }
     }
@@ -370,7 +372,7 @@ fn field_of<'a>(prefix: &str, name: &'a str) -> std::borrow::Cow<'a, str> {
 fn event_problem(prefix: &str, code: TransferResult) -> Problem {
     let (field, detail) = match code {
         TransferResult::AmountMustNotBeZero | TransferResult::AmountExceedsMax => {
-            ("amount", "must be an integer number of minor units in 1..=9223372036854775807")
+            ("amount", "must be an integer number of minor units in 1..=2^63-1")
         }
         TransferResult::AccountsMustBeDifferent => ("credit_account_id", "must differ from `debit_account_id`"),
         TransferResult::PendingIdMustBeDifferent => ("id", "must differ from the pending transfer's id"),

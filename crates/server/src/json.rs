@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::json_objects::Objects;
 use crate::problem::Problem;
 
 /// The largest request body: a full batch of 8,190 transfers with metadata fits comfortably.
@@ -89,12 +90,24 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
         ));
     }
     // The common case without tracking the path (which costs at every field); a body that fails
-    // is parsed again with it, and fails the same way, for the field to name.
-    if let Ok(value) = serde_json::from_slice(bytes) {
-        return Ok(value);
+    // is parsed again with it, and fails the same way, for the field to name. Structs are read
+    // from objects only (`json_objects`): serde's own would take a list of their fields in order.
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    if let Ok(value) = T::deserialize(Objects(&mut de)) {
+        if de.end().is_ok() {
+            return Ok(value);
+        }
+    }
+    // Not JSON at all is 400, whatever the fields read before the syntax broke would say.
+    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {}", strip_position(&error.to_string())),
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let result: Result<T, _> = serde_path_to_error::deserialize(&mut de);
+    let result: Result<T, _> = serde_path_to_error::deserialize(Objects(&mut de));
     match result {
         Ok(value) => {
             // Trailing data after the value is malformed too (whitespace is fine).
@@ -115,24 +128,48 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                 serde_json::error::Category::Data => {
                     let field = if path == "." { None } else { Some(path) };
                     let message = strip_position(&message);
-                    let (code, field) = if let Some(name) = unknown_field(&message) {
-                        // The path already ends with the unknown key: it was read before it was
-                        // refused.
+                    let child = |parent: Option<String>, name: String| match parent {
+                        Some(parent) => format!("{parent}.{name}"),
+                        None => name,
+                    };
+                    let (code, field, message) = if let Some(name) = quoted(&message, "unknown field `") {
+                        if !shown_as_field(&name) {
+                            // A key that is no field name (a secret, a card number, a long text)
+                            // is not echoed back.
+                            let at = field.and_then(|path| match path.strip_suffix(&format!(".{name}")) {
+                                Some(parent) => Some(parent.to_owned()),
+                                None if path == name => None,
+                                None => Some(path),
+                            });
+                            let detail =
+                                "an unknown field; its name is not shown (longer than 64 characters, or not a name)";
+                            ("unknown_field", at, detail.to_owned())
+                        } else {
+                            // The path already ends with the unknown key: it was read before it
+                            // was refused.
+                            let field = match field {
+                                Some(path) if path == name || path.ends_with(&format!(".{name}")) => path,
+                                parent => child(parent, name),
+                            };
+                            ("unknown_field", Some(field), message)
+                        }
+                    } else if let Some(name) = quoted(&message, "missing field `") {
+                        ("missing_field", Some(child(field, name)), message)
+                    } else if let Some(name) = quoted(&message, "duplicate field `") {
                         let field = match field {
                             Some(path) if path == name || path.ends_with(&format!(".{name}")) => path,
-                            Some(parent) => format!("{parent}.{name}"),
-                            None => name,
+                            parent => child(parent, name),
                         };
-                        ("unknown_field", Some(field))
-                    } else if message.starts_with("missing field") {
-                        let name = message.split('`').nth(1).unwrap_or("").to_owned();
-                        let field = match field {
-                            Some(parent) => format!("{parent}.{name}"),
-                            None => name,
-                        };
-                        ("missing_field", Some(field))
+                        ("duplicate_field", Some(field), format!("{message}: each key may appear once"))
+                    } else if field.is_none() && message.starts_with("invalid type") {
+                        let got = message.split(',').next().unwrap_or("").trim_start_matches("invalid type: ");
+                        ("invalid_body", None, format!("the body must be a JSON object, not {got}"))
+                    } else if field.as_deref().is_some_and(|f| f == "amount" || f.ends_with(".amount")) {
+                        // One code for every broken amount, as `check_amount` gives a zero.
+                        let detail = format!("must be an integer number of minor units in 1..=2^63-1 ({message})");
+                        ("invalid_amount", field, detail)
                     } else {
-                        ("invalid_field", field)
+                        ("invalid_field", field, message)
                     };
                     let p = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
                     Err(match field {
@@ -150,6 +187,19 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     }
 }
 
+/// The longest unknown key a problem names.
+const SHOWN_NAME_LEN_MAX: usize = 64;
+
+/// Whether an unknown key may be named in a problem: a plausible field name, not a secret pasted
+/// in the wrong place (the API's secrets are longer than this) nor a card number.
+fn shown_as_field(name: &str) -> bool {
+    name.len() <= SHOWN_NAME_LEN_MAX
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && !vault::mask::holds_pan(name)
+        && !name.starts_with(crate::auth::TENANT_SECRET_PREFIX)
+        && !name.starts_with(crate::auth::OPERATOR_SECRET_PREFIX)
+}
+
 fn strip_position(message: &str) -> String {
     match message.find(" at line ") {
         Some(i) => message[..i].to_owned(),
@@ -157,8 +207,9 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-fn unknown_field(message: &str) -> Option<String> {
-    message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()).map(str::to_owned)
+/// The name quoted after `prefix` in a serde message (`unknown field `x`, expected ...`).
+fn quoted(message: &str, prefix: &str) -> Option<String> {
+    message.strip_prefix(prefix).and_then(|rest| rest.split('`').next()).map(str::to_owned)
 }
 
 /// A path parameter, like `axum::extract::Path`, but refused as a problem like every other error.
@@ -250,12 +301,24 @@ mod tests {
             (b"{", 400, "malformed_json", None),
             (b"{\"items\": []} x", 400, "malformed_json", None),
             (b"{\"items\": [{\"amount\": \"\xff\"}]}", 400, "malformed_json", None),
-            (b"{\"items\": [{\"amount\": -1}]}", 422, "invalid_field", Some("items[0].amount")),
-            (b"{\"items\": [{\"amount\": 1.5}]}", 422, "invalid_field", Some("items[0].amount")),
+            (b"{\"items\": [{\"amount\": -1}]}", 422, "invalid_amount", Some("items[0].amount")),
+            (b"{\"items\": [{\"amount\": 1.5}]}", 422, "invalid_amount", Some("items[0].amount")),
+            (b"{\"items\": [{\"amount\": \"1\"}]}", 422, "invalid_amount", Some("items[0].amount")),
+            (b"{\"items\": [{\"amount\": 1e3}]}", 422, "invalid_amount", Some("items[0].amount")),
             (b"{\"items\": [{\"amount\": 1}, {\"amount\": 1, \"x\": 2}]}", 422, "unknown_field", Some("items[1].x")),
             (b"{\"items\": [{}]}", 422, "missing_field", Some("items[0].amount")),
             (b"{}", 422, "missing_field", Some("items")),
-            (b"[]", 422, "invalid_field", None),
+            (b"[]", 422, "invalid_body", None),
+            (b"null", 422, "invalid_body", None),
+            // A list of the fields in order is no object, at any depth.
+            (b"[[{\"amount\": 1}]]", 422, "invalid_body", None),
+            (b"{\"items\": [[1]]}", 422, "invalid_field", Some("items[0]")),
+            // Not JSON is 400 even where the fields read before the break are wrong.
+            (b"{\"bogus\":1", 400, "malformed_json", None),
+            (b"[[[[", 400, "malformed_json", None),
+            (b"{} x", 400, "malformed_json", None),
+            (b"{\"items\": [], \"items\": []}", 422, "duplicate_field", Some("items")),
+            (b"{\"items\": [{\"amount\": 1, \"amount\": 2}]}", 422, "duplicate_field", Some("items[0].amount")),
         ];
         for (body, status, code, field) in cases {
             let p = problem(body);
@@ -267,5 +330,20 @@ mod tests {
                 p.detail
             );
         }
+    }
+
+    #[test]
+    fn an_unknown_key_that_is_a_secret_or_a_card_number_is_not_echoed() {
+        let secret = format!("rtpay_sk_{}_{}", "0".repeat(32), "ab".repeat(32));
+        for key in [secret.as_str(), "4111111111111111", "4111-1111-1111-1111", "rtpay_op_x", &"k".repeat(65)] {
+            let body = format!(r#"{{"items": [{{"amount": 1, "{key}": 2}}]}}"#);
+            let p = problem(body.as_bytes());
+            assert_eq!((p.status, p.code.as_str()), (422, "unknown_field"), "{key}");
+            let shown = serde_json::to_string(&p).unwrap();
+            assert!(!shown.contains(key), "{key} echoed: {shown}");
+            assert_eq!(p.field.as_deref(), Some("items[0]"), "the object it was found in: {shown}");
+        }
+        let p = problem(br#"{"items": [{"amount": 1, "amount_minor": 2}]}"#);
+        assert_eq!(p.field.as_deref(), Some("items[0].amount_minor"), "a name is named");
     }
 }

@@ -18,6 +18,7 @@ pub mod contract;
 pub mod dto;
 pub mod iso8583;
 pub mod json;
+pub mod json_objects;
 pub mod jws;
 pub mod limits;
 pub mod metrics;

@@ -30,10 +30,21 @@ pub fn document(normalized: &str) -> String {
     }
 }
 
-/// Whether `text` holds a run of 13–19 digits that passes the Luhn check: something that may be a
-/// card number, and so must not be logged or stored in clear.
+/// Whether `text` holds something that may be a card number (see [`pan_spans`]), and so must not
+/// be logged or stored in clear.
 pub fn holds_pan(text: &str) -> bool {
+    !pan_spans(text).is_empty()
+}
+
+/// Where `text` may hold card numbers, as byte ranges in order:
+/// - a run of digits with a window of 13–19 digits that passes the Luhn check (the whole run);
+/// - a card number as printed: a group of 4 digits at the start of a word, then groups of 3–6
+///   digits each after one space or one dash (the same throughout), whose first 13–19 digits,
+///   taken as whole groups, pass the Luhn check (`4111 1111 1111 1111`, `3782-822463-10005`).
+///   A UUID's groups never start one: they follow a dash or a hex digit.
+pub fn pan_spans(text: &str) -> Vec<(usize, usize)> {
     let bytes = text.as_bytes();
+    let mut spans = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
         if !bytes[i].is_ascii_digit() {
@@ -45,15 +56,44 @@ pub fn holds_pan(text: &str) -> bool {
             i += 1;
         }
         let run = &bytes[start..i];
-        for len in 13..=19.min(run.len()) {
-            for window in run.windows(len) {
-                if luhn(window) {
-                    return true;
-                }
-            }
+        if (13..=19.min(run.len())).any(|len| run.windows(len).any(luhn)) {
+            spans.push((start, i));
+            continue;
+        }
+        if let Some(end) = printed_pan(bytes, start) {
+            spans.push((start, end));
+            i = end;
         }
     }
-    false
+    spans
+}
+
+/// The end of a card number printed in groups starting at `start` (see [`pan_spans`]).
+fn printed_pan(bytes: &[u8], start: usize) -> Option<usize> {
+    let word_start = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'-');
+    if !word_start || bytes.get(start + 4).is_none_or(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let separator = *bytes.get(start + 4).filter(|b| **b == b' ' || **b == b'-')?;
+    let mut digits: Vec<u8> = bytes[start..start + 4].to_vec();
+    let mut at = start + 4;
+    let mut found = None;
+    while bytes.get(at) == Some(&separator) {
+        let group_start = at + 1;
+        let mut end = group_start;
+        while end < bytes.len() && bytes[end].is_ascii_digit() {
+            end += 1;
+        }
+        if !(3..=6).contains(&(end - group_start)) || digits.len() + (end - group_start) > 19 {
+            break;
+        }
+        digits.extend_from_slice(&bytes[group_start..end]);
+        at = end;
+        if digits.len() >= 13 && luhn(&digits) {
+            found = Some(end);
+        }
+    }
+    found
 }
 
 /// The Luhn check over ASCII digits.
@@ -78,29 +118,19 @@ pub fn luhn(digits: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
-/// `text` with every digit run that could be a card number shown as BIN + last 4.
+/// `text` with everything that could be a card number (see [`pan_spans`]) shown as BIN + last 4.
 pub fn redact_pans(text: &str) -> String {
-    if !holds_pan(text) {
+    let spans = pan_spans(text);
+    if spans.is_empty() {
         return text.to_owned();
     }
     let mut out = String::with_capacity(text.len());
-    let mut run = String::new();
-    let flush = |run: &mut String, out: &mut String| {
-        if run.len() >= 13 && holds_pan(run) {
-            out.push_str(&pan(run));
-        } else {
-            out.push_str(run);
-        }
-        run.clear();
-    };
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            run.push(c);
-        } else {
-            flush(&mut run, &mut out);
-            out.push(c);
-        }
+    let mut copied = 0;
+    for (start, end) in spans {
+        out.push_str(&text[copied..start]);
+        out.push_str(&pan(&text[start..end]));
+        copied = end;
     }
-    flush(&mut run, &mut out);
+    out.push_str(&text[copied..]);
     out
 }

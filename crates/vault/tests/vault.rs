@@ -113,6 +113,24 @@ fn card_numbers_are_recognized_inside_text() {
     assert!(mask::holds_pan("378282246310005"));
     assert!(mask::holds_pan("x5555555555554444"));
     assert!(!mask::holds_pan("4111-1111-1111-1112"));
+    // As printed: groups after single spaces or dashes, from a word's start.
+    for printed in
+        ["4111-1111-1111-1111", "card 4111 1111 1111 1111 exp 12/28", "\"3782 822463 10005\"", "4111 1111 1111 1111 12"]
+    {
+        assert!(mask::holds_pan(printed), "{printed}");
+    }
+    for not in [
+        "4111 1111 1111 1112",
+        "4111-1111 1111-1111",
+        "x4111 1111 1111 1111",
+        "12345678-1234-1234-1234-123456789012",
+        "0a1b2c3d-4111-1111-1111-111111111111",
+        "2026-12-06 08:53:03",
+        "1..=9,223,372,036,854,775,807",
+    ] {
+        assert!(!mask::holds_pan(not), "{not}");
+    }
+    assert_eq!(mask::redact_pans("pay 4111 1111 1111 1111 now"), "pay 411111******1111 now");
     assert!(!mask::holds_pan("411111111111"), "12 digits is too short");
     assert!(!mask::holds_pan("a1b2c3-ff"));
     assert_eq!(
