@@ -361,6 +361,47 @@ fn bad_input_is_refused_with_the_field_and_rule_and_changes_nothing() {
     });
 }
 
+/// Slow or lying clients cannot hold a connection: a body declared larger than the limit is
+/// refused before any of it is read, a body that stops arriving gets 408 after 30 s, and a head
+/// that is never finished (or a kept-alive connection never used) is closed after 30 s.
+#[test]
+fn connections_that_stall_are_answered_or_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("api-stalls");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "stalls").await;
+        let head = |len: &str| {
+            format!(
+                "POST /v1/accounts HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+            )
+        };
+        // Reads what the server sends until it closes the connection, or 45 s pass.
+        async fn answer(stream: &mut tokio::net::TcpStream) -> String {
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(45), stream.read_to_end(&mut got)).await;
+            String::from_utf8_lossy(&got).into_owned()
+        }
+        let connect = || tokio::net::TcpStream::connect(server.addr);
+        let (mut oversize, mut stalled, mut half, mut idle) =
+            (connect().await.unwrap(), connect().await.unwrap(), connect().await.unwrap(), connect().await.unwrap());
+        oversize.write_all(format!("{}{{\"currency\":\"BRL\"}}", head("99999999999")).as_bytes()).await.unwrap();
+        stalled.write_all(format!("{}{{\"currency\"", head("100")).as_bytes()).await.unwrap();
+        half.write_all(b"POST /v1/accounts HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        let started = Instant::now();
+        let (oversize, stalled, half, idle) =
+            tokio::join!(answer(&mut oversize), answer(&mut stalled), answer(&mut half), answer(&mut idle));
+        assert!(oversize.starts_with("HTTP/1.1 413"), "{oversize}");
+        assert!(oversize.contains("body_too_large"), "{oversize}");
+        assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+        assert!(stalled.contains("request_timeout"), "{stalled}");
+        assert!(!half.starts_with("HTTP/1.1 2"), "{half}");
+        assert!(idle.is_empty() || !idle.starts_with("HTTP/1.1 2"), "{idle}");
+        assert!(started.elapsed() < Duration::from_secs(45), "every connection was closed by the server");
+    });
+}
+
 #[test]
 fn another_tenants_ids_do_not_exist() {
     let dir = temp_dir("api-isolation");

@@ -24,6 +24,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, Problem> {
         json_content_type(&request)?;
+        declared_len(&request)?;
         let bytes = read_body(request.into_body()).await?;
         parse(&bytes).map(Json)
     }
@@ -37,6 +38,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, Problem> {
         json_content_type(&request)?;
+        declared_len(&request)?;
         let bytes = read_body(request.into_body()).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(None));
@@ -70,14 +72,39 @@ fn json_content_type(request: &Request) -> Result<(), Problem> {
     Ok(())
 }
 
+/// How long a body may take to arrive, once its head has: then 408, and the connection closes.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn too_large() -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the body exceeds {BODY_LEN_MAX} bytes or could not be read"),
+    )
+}
+
+/// A body declared larger than the limit is refused before any of it is read: waiting for bytes
+/// that will be refused anyway held the connection while the client sent (or never sent) them.
+fn declared_len(request: &Request) -> Result<(), Problem> {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > BODY_LEN_MAX as u64 => Err(too_large()),
+        _ => Ok(()),
+    }
+}
+
 async fn read_body(body: Body) -> Result<Bytes, Problem> {
-    axum::body::to_bytes(body, BODY_LEN_MAX).await.map_err(|_| {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body exceeds {BODY_LEN_MAX} bytes or could not be read"),
-        )
-    })
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, BODY_LEN_MAX)).await {
+        Ok(read) => read.map_err(|_| too_large()),
+        Err(_) => {
+            // hyper closes a connection whose request body was left unread.
+            Err(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the body did not arrive within {} seconds", BODY_READ_TIMEOUT.as_secs()),
+            ))
+        }
+    }
 }
 
 /// Parses a JSON body, mapping each error to a problem with the field's path.

@@ -446,42 +446,75 @@ impl Peer {
     }
 }
 
-/// What [`serve`] listens with: a TCP listener whose connections answer as they are written,
-/// not held back for the peer's acknowledgement of the previous segment (Nagle's algorithm): a
-/// response written in parts (a long list) would otherwise wait for the client's delayed ACK,
-/// tens of milliseconds.
-struct NoDelay(tokio::net::TcpListener);
+/// How long a client has to send a request's head, and, on a kept-alive connection, to begin
+/// the next request once an answer went out: then the connection is closed. Without it, a client
+/// that opened connections and sent nothing, or half a head, held them (and their tasks) for good.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-impl axum::serve::Listener for NoDelay {
-    type Io = tokio::net::TcpStream;
-    type Addr = std::net::SocketAddr;
+/// The HTTP/1.1 connection settings of every listener: heads time out ([`HEADER_READ_TIMEOUT`]).
+pub(crate) fn http1() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+}
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (tcp, addr) = axum::serve::Listener::accept(&mut self.0).await;
-        let _ = tcp.set_nodelay(true);
-        (tcp, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
+/// Serves `router` on one accepted connection, with `extensions` added to each request (the
+/// peer's address; its certificate's identity), until it closes or `watcher`'s shutdown ends it.
+pub(crate) async fn serve_connection<I, L>(
+    io: I,
+    router: Router,
+    extensions: L,
+    watcher: hyper_util::server::graceful::Watcher,
+    addr: std::net::SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    L: tower_layer::Layer<Router>,
+    L::Service: tower_service::Service<Request<hyper::body::Incoming>, Response = Response> + Clone + Send + 'static,
+    <L::Service as tower_service::Service<Request<hyper::body::Incoming>>>::Future: Send + 'static,
+    <L::Service as tower_service::Service<Request<hyper::body::Incoming>>>::Error:
+        std::error::Error + Send + Sync + 'static,
+{
+    // The extensions wrap the router as one service: `Router::layer` would wrap each route anew,
+    // for every connection.
+    let service = hyper_util::service::TowerToHyperService::new(extensions.layer(router));
+    let conn = http1().serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%addr, error = %e, "connection ended with an error");
     }
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, NoDelay>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, NoDelay>) -> Peer {
-        Peer::new(*stream.remote_addr())
-    }
-}
-
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, then lets open connections finish. Each connection answers
+/// as it writes, not held back for the peer's acknowledgement of the previous segment (Nagle's
+/// algorithm): a response written in parts (a long list) would otherwise wait for the client's
+/// delayed ACK, tens of milliseconds.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(NoDelay(listener), router(state).into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router(state);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait for some to close.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let peer = axum::Extension(axum::extract::ConnectInfo(Peer::new(addr)));
+        tokio::spawn(serve_connection(stream, router.clone(), peer, graceful.watcher(), addr));
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 #[cfg(test)]

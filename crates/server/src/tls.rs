@@ -144,13 +144,12 @@ pub async fn serve(
                 None if mutual => PeerIdentity::Anonymous,
                 None => PeerIdentity::Unbound,
             };
-            let router = router.layer(axum::Extension(ConnectInfo(crate::Peer::new(addr))));
-            let router = if mutual { router.layer(axum::Extension(identity)) } else { router };
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%addr, error = %e, "connection ended with an error");
+            let peer = axum::Extension(ConnectInfo(crate::Peer::new(addr)));
+            if mutual {
+                let layers = tower_layer::Stack::new(peer, axum::Extension(identity));
+                crate::serve_connection(stream, router, layers, watcher, addr).await;
+            } else {
+                crate::serve_connection(stream, router, peer, watcher, addr).await;
             }
         });
     }
