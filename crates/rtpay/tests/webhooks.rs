@@ -149,6 +149,55 @@ fn start_with_pki(dir: &Path, retry_ms: u32) -> (Server, Issued, rustls::pki_typ
     (Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args), server_cert, ca_der)
 }
 
+/// A receiver moved between two attempts gets the next one: each attempt reads the webhook anew.
+#[test]
+fn a_retry_goes_to_the_webhook_as_it_is_now() {
+    let dir = temp_dir("webhooks-moved");
+    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 500);
+    runtime().block_on(async {
+        let (old_port, old_seen) = receiver(&server_cert, ca_der.clone(), usize::MAX).await;
+        let (new_port, new_seen) = receiver(&server_cert, ca_der, 0).await;
+        let mut c = rtpay.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
+        let key = json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME});
+        assert_eq!(c.post("/v1/pix/keys", &shop, &key).await.unwrap().status, 201);
+        let put = |url: String| Some(serde_json::to_vec(&json!({"webhookUrl": url})).unwrap().into());
+        let path = format!("/api/v2/webhook/{CNPJ_ACME}");
+        let old = put(format!("https://localhost:{old_port}/old"));
+        assert_eq!(c.send(Method::PUT, &path, Some(&shop), old).await.unwrap().status, 200);
+        let code = json!({"key": CNPJ_ACME, "amount": 500, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": "MOVED2026"});
+        let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
+        let payer = json!({"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"});
+        let r = c.post("/v1/sandbox/spi/incoming", &shop, &json!({"amount": 500, "brcode": brcode, "payer": payer})).await;
+        let e2e = r.unwrap().json()["end_to_end_id"].as_str().unwrap().to_owned();
+        for _ in 0..400 {
+            if !old_seen.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(old_seen.lock().unwrap().len(), 1, "the first attempt went to the old receiver, and failed");
+        let moved = put(format!("https://localhost:{new_port}/new"));
+        assert_eq!(c.send(Method::PUT, &path, Some(&shop), moved).await.unwrap().status, 200);
+        let mut delivery = Value::Null;
+        for _ in 0..400 {
+            delivery = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}"), &shop).await.unwrap().json();
+            if delivery["status"] == json!("delivered") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!((delivery["status"].clone(), delivery["attempts"].clone()), (json!("delivered"), json!(2)), "{delivery}");
+        assert_eq!(delivery["url"], json!(format!("https://localhost:{new_port}/new/pix")));
+        assert_eq!(old_seen.lock().unwrap().len(), 1, "no attempt went to the old receiver after the move");
+        let new_seen = new_seen.lock().unwrap().clone();
+        assert_eq!(new_seen.len(), 1);
+        assert_eq!(new_seen[0].0, "/new/pix");
+    });
+}
+
 #[test]
 fn received_pix_are_notified_over_mtls_signed_and_retried() {
     let dir = temp_dir("webhooks");

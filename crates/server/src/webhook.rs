@@ -51,8 +51,56 @@ pub struct WebhookSettings {
     pub allow_private: bool,
 }
 
-/// Notifications being delivered at once, at most; beyond, a new one is dropped (logged).
+/// Attempts being made at once by a node, at most; beyond, a notification waits for a sweep.
 pub const IN_FLIGHT_MAX: usize = 1024;
+/// Attempts being made at once for one tenant, at most: a tenant whose receiver swallows
+/// connections holds at most this share of the node's attempts, never all of them.
+pub const TENANT_IN_FLIGHT_MAX: usize = 64;
+
+/// Room for attempts: the node's and each tenant's. Taken for one attempt only, and given back
+/// during the waits between attempts.
+struct Slots {
+    node: Arc<tokio::sync::Semaphore>,
+    tenants: std::sync::Mutex<std::collections::HashMap<u128, usize>>,
+    tenant_max: usize,
+}
+
+/// One attempt's room, given back when dropped.
+struct Slot<'a> {
+    slots: &'a Slots,
+    tenant: u128,
+    _node: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Slots {
+    fn new(node_max: usize, tenant_max: usize) -> Slots {
+        Slots { node: Arc::new(tokio::sync::Semaphore::new(node_max)), tenants: Default::default(), tenant_max }
+    }
+
+    /// Room for one attempt of `tenant`'s, if the node and the tenant have some.
+    fn take(&self, tenant: u128) -> Option<Slot<'_>> {
+        let node = self.node.try_acquire().ok()?;
+        let mut tenants = self.tenants.lock().expect("webhook slots");
+        let taken = tenants.entry(tenant).or_default();
+        if *taken >= self.tenant_max {
+            return None;
+        }
+        *taken += 1;
+        Some(Slot { slots: self, tenant, _node: node })
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut tenants = self.slots.tenants.lock().expect("webhook slots");
+        if let Some(taken) = tenants.get_mut(&self.tenant) {
+            *taken -= 1;
+            if *taken == 0 {
+                tenants.remove(&self.tenant);
+            }
+        }
+    }
+}
 
 /// Whether `ip` is an address on the public internet (not loopback, private, link-local,
 /// carrier-grade NAT, documentation, benchmarking, reserved, unspecified or multicast). An IPv6
@@ -85,6 +133,10 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 return is_public(std::net::IpAddr::V4(v4));
             }
             if s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                return is_public(std::net::IpAddr::V4(embedded(s[6], s[7])));
+            }
+            // SIIT's IPv4-translated form (`::ffff:0:a.b.c.d`, RFC 2765).
+            if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
                 return is_public(std::net::IpAddr::V4(embedded(s[6], s[7])));
             }
             if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
@@ -130,7 +182,7 @@ pub struct WebhookClient {
     connector: tokio_rustls::TlsConnector,
     retry_base: Duration,
     pub allow_private: bool,
-    in_flight: Arc<tokio::sync::Semaphore>,
+    slots: Slots,
 }
 
 impl WebhookClient {
@@ -163,7 +215,7 @@ impl WebhookClient {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             retry_base,
             allow_private: settings.allow_private,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX)),
+            slots: Slots::new(IN_FLIGHT_MAX, TENANT_IN_FLIGHT_MAX),
         })
     }
 
@@ -366,7 +418,10 @@ pub fn notify(state: &AppState, tenant: u128, e2e: String) {
 }
 
 /// Makes a pending delivery's remaining attempts, holding it by compare and set on its record: a
-/// sender that finds the record changed by another stops.
+/// sender that finds the record changed by another stops. Each attempt takes a slot (the node's
+/// and the tenant's) for itself only, and reads the key's webhook anew: a receiver moved or removed
+/// between attempts is followed. With no slot free, the sender stops; its lease runs out and a
+/// sweep tries again.
 fn deliver(state: &AppState, doc: store::Document) {
     let Some(client) = state.webhooks.clone() else { return };
     let Ok(stored) = serde_json::from_str::<StoredDelivery>(&doc.body) else { return };
@@ -374,46 +429,50 @@ fn deliver(state: &AppState, doc: store::Document) {
     if delivery.status != "pending" {
         return;
     }
-    // No room: the lease runs out and a sweep takes it.
-    let Ok(permit) = client.in_flight.clone().try_acquire_owned() else {
-        tracing::warn!("a webhook notification waits: {IN_FLIGHT_MAX} are being delivered");
-        return;
-    };
     let state = state.clone();
     tokio::spawn(async move {
-        let _permit = permit;
         let tenant = doc.tenant_id;
         let mut held = doc;
-        let (st, index) = (state.clone(), outbox.key_index.clone());
-        let found = tokio::task::spawn_blocking(move || st.store.queries.document(WEBHOOK_KIND, tenant, &index)).await;
-        let hook = match found {
-            Ok(Ok(Some(doc))) => serde_json::from_str::<StoredWebhook>(&doc.body).ok(),
-            Ok(Ok(None)) => None,
-            // Storage is away: the lease runs out and a sweep takes it.
-            _ => return,
-        };
-        let Some(hook) = hook else {
-            // No webhook on the key: nothing to deliver, no record.
-            let (st, id) = (state.clone(), held.id.clone());
-            let _ =
-                tokio::task::spawn_blocking(move || st.store.queries.delete_document(DELIVERY_KIND, tenant, &id)).await;
-            return;
-        };
-        let url = format!("{}/pix", hook.url.trim_end_matches('/'));
-        let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [outbox.pix] })).expect("serializable"));
-        let signature = sign(&secret(&state, tenant), &body);
-        delivery.url = url.clone();
         if delivery.attempts >= TRIES {
             delivery.status = "failed".into();
             record(&state, &held, &delivery, &outbox).await;
             return;
         }
+        let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [outbox.pix] })).expect("serializable"));
+        let signature = sign(&secret(&state, tenant), &body);
         for attempt in delivery.attempts..TRIES {
+            let Some(slot) = client.slots.take(tenant) else {
+                tracing::warn!(
+                    "a webhook notification waits for a sweep: {IN_FLIGHT_MAX} attempts on this node, or \
+                     {TENANT_IN_FLIGHT_MAX} of its tenant's, are under way"
+                );
+                return;
+            };
+            let (st, index) = (state.clone(), outbox.key_index.clone());
+            let found =
+                tokio::task::spawn_blocking(move || st.store.queries.document(WEBHOOK_KIND, tenant, &index)).await;
+            let hook = match found {
+                Ok(Ok(Some(doc))) => serde_json::from_str::<StoredWebhook>(&doc.body).ok(),
+                Ok(Ok(None)) => None,
+                // Storage is away: the lease runs out and a sweep takes it.
+                _ => return,
+            };
+            let Some(hook) = hook else {
+                // No webhook on the key (any more): nothing to deliver, no record.
+                let (st, id) = (state.clone(), held.id.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || st.store.queries.delete_document(DELIVERY_KIND, tenant, &id))
+                        .await;
+                return;
+            };
+            let url = format!("{}/pix", hook.url.trim_end_matches('/'));
+            delivery.url = url.clone();
             // Held for this attempt.
             outbox.lease_until = store::now_nanos().saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN));
             let Some(next) = record(&state, &held, &delivery, &outbox).await else { return };
             held = next;
             let outcome = tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &signature)).await;
+            drop(slot);
             delivery.attempts = attempt + 1;
             delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
             match outcome {
@@ -445,7 +504,23 @@ fn deliver(state: &AppState, doc: store::Document) {
 
 #[cfg(test)]
 mod tests {
-    use super::is_public;
+    use super::{is_public, Slots};
+
+    #[test]
+    fn a_tenant_takes_at_most_its_share_of_the_attempts_and_gives_them_back() {
+        let slots = Slots::new(5, 2);
+        let (a1, a2) = (slots.take(1).unwrap(), slots.take(1).unwrap());
+        assert!(slots.take(1).is_none(), "tenant 1 is at its share");
+        let b1 = slots.take(2).unwrap();
+        let _b2 = slots.take(2).unwrap();
+        let _c1 = slots.take(3).unwrap();
+        assert!(slots.take(3).is_none(), "the node is full");
+        drop(a1);
+        assert!(slots.take(1).is_some(), "given back when dropped");
+        drop((a2, b1));
+        let _again = (slots.take(1).unwrap(), slots.take(2).unwrap());
+        assert_eq!(slots.tenants.lock().unwrap().values().sum::<usize>(), 4);
+    }
 
     #[test]
     fn only_public_addresses_are_public() {
@@ -474,6 +549,8 @@ mod tests {
             "192.0.0.8",
             // IPv6 carrying a private IPv4 one: NAT64, 6to4, IPv4-compatible.
             "64:ff9b::a00:5",
+            "::ffff:0:10.0.0.5",
+            "::ffff:0:127.0.0.1",
             "2002:a00:5::1",
             "::10.0.0.5",
             // Local NAT64, Teredo, site-local, documentation, discard-only.
