@@ -105,6 +105,8 @@ fn charges_are_created_revised_paid_and_refunded() {
             send(&mut c, Method::PATCH, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({"valor": {"original": "100.00"}}))).await;
         assert_eq!((s, v["revisao"].clone(), v["valor"]["original"].clone()), (200, json!(1), json!("100.00")), "{v}");
         assert_eq!(v["devedor"]["cpf"], json!(CPF_MARIA), "unchanged fields are kept");
+        let (s, same, _) = send(&mut c, Method::PATCH, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({}))).await;
+        assert_eq!((s, same["revisao"].clone()), (200, json!(1)), "a PATCH that changes nothing is no revision: {same}");
         let (_, old, _) = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}?revisao=0"), &shop, None).await;
         assert_eq!(old["valor"]["original"], json!("123.45"));
         let payload = v["pixCopiaECola"].as_str().unwrap().to_owned();
@@ -507,7 +509,8 @@ fn locations_serve_signed_payloads_and_are_linked_and_unlinked() {
         // Linked again by a revision, paid, and then no longer served.
         let (s, v, _) =
             send(&mut c, Method::PATCH, &format!("/api/v2/cob/{TXID}"), &shop, Some(json!({"loc": {"id": id}}))).await;
-        assert_eq!((s, v["location"].clone(), v["revisao"].clone()), (200, json!(url), json!(1)), "{v}");
+        // A change of `loc` alone is no revision (the spec's `Revisao`).
+        assert_eq!((s, v["location"].clone(), v["revisao"].clone()), (200, json!(url), json!(0)), "{v}");
         let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 2_500, "brcode": v["pixCopiaECola"]});
         let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("completed")), "{:?}", r.json());

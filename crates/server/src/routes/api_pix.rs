@@ -845,13 +845,16 @@ pub async fn cob_patch(
     valid_txid_or_404(&txid)?;
     let body: CobBody = body_of(&bytes, K, "cob")?;
     let requested = removal_requested(body.status.as_deref(), K, "cob.status")?;
-    let alters = body.calendario.is_some()
+    let alters_content = body.calendario.is_some()
         || body.devedor.is_some()
-        || body.loc.is_some()
         || body.valor.is_some()
         || body.chave.is_some()
         || body.solicitacao_pagador.is_some()
         || body.info_adicionais.is_some();
+    let alters = alters_content || body.loc.is_some();
+    // The spec's rule (`Revisao`): a change of `loc` alone is no revision; nor is a change of
+    // nothing.
+    let revises = requested.is_some() || alters_content;
     let vault = state.vault_or_503()?;
     let tenant_id = tenant.id;
     audit.0.set_resource(format!("pix-cob:{}", crate::audit_trail::client_id(&txid)));
@@ -889,7 +892,9 @@ pub async fn cob_patch(
                 _ => return Err(PixError::violation(K, "cob.chave", "is not a key of an account of this receiver")),
             }
         }
-        revisions.push(content.clone());
+        if revises {
+            revisions.push(content.clone());
+        }
         stored.status = next.as_str().into();
         stored.expiracao = content.expiracao;
         stored.original = content.original;

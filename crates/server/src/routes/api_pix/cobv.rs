@@ -470,13 +470,16 @@ pub(super) fn write_one(
 ) -> PixResult<(StatusCode, Value)> {
     let txid = txid.to_owned();
     let requested = removal_requested(body.status.as_deref(), K, "cobv.status")?;
-    let alters = body.calendario.is_some()
+    let alters_content = body.calendario.is_some()
         || body.devedor.is_some()
-        || body.loc.is_some()
         || body.valor.is_some()
         || body.chave.is_some()
         || body.solicitacao_pagador.is_some()
         || body.info_adicionais.is_some();
+    let alters = alters_content || body.loc.is_some();
+    // The spec's rule (`Revisao`): a change of `loc` alone is no revision; nor is a change of
+    // nothing. A PUT writes the whole charge: always one.
+    let revises = create || requested.is_some() || alters_content;
     let vault = st.vault_or_503()?;
     let now = store::now_nanos();
     let wanted = pix_loc::loc_ref_of(body.loc.as_ref(), "cobv", K, "cobv.loc.id")?;
@@ -542,7 +545,9 @@ pub(super) fn write_one(
     let place = pix_loc::Place { tenant: tenant_id, tipo: "cobv", txid: &txid, kind: K, prop: "cobv.loc.id" };
     let fresh = existing.is_none().then(|| st.location_prefix());
     let linked = place.link(q, wanted, linked, fresh.as_deref(), now)?;
-    revisions.push(content.clone());
+    if revises {
+        revisions.push(content.clone());
+    }
     let terms = content.cobv.as_ref().map(|v| v.terms.clone());
     let stored = StoredCob {
         txid: txid.clone(),
