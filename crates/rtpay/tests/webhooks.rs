@@ -292,7 +292,19 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
         assert_eq!(c.post("/v1/pix/keys", &shop, &json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME})).await.unwrap().status, 201);
         let path = format!("/api/v2/webhook/{CNPJ_ACME}");
-        for url in ["https://127.0.0.1:8443/x", "https://10.1.2.3/x", "https://[::1]:443/x", "https://169.254.169.254/latest"] {
+        for url in [
+            "https://127.0.0.1:8443/x",
+            "https://10.1.2.3/x",
+            "https://[::1]:443/x",
+            "https://169.254.169.254/latest",
+            // Numeric forms resolvers read as addresses, and ports no delivery can use.
+            "https://127.1/hook",
+            "https://2130706433/hook",
+            "https://0177.0.0.1/hook",
+            "https://example.com:0/x",
+            "https://example.com:99999/x",
+            "https://exa mple.com/x",
+        ] {
             let body = Some(serde_json::to_vec(&json!({"webhookUrl": url})).unwrap().into());
             let r = c.send(Method::PUT, &path, Some(&shop), body).await.unwrap();
             assert_eq!((r.status.as_u16(), r.json()["violacoes"][0]["propriedade"].clone()), (400, json!("webhookUrl")), "{url}");

@@ -161,7 +161,7 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
 
 /// The host (without brackets) and port of a URL's authority: `host`, `host:port`, `[v6]` or
 /// `[v6]:port`; the port defaults to 443.
-fn host_and_port(authority: &str) -> Result<(&str, u16), &'static str> {
+pub(crate) fn host_and_port(authority: &str) -> Result<(&str, u16), &'static str> {
     let parse = |p: &str| p.parse::<u16>().map_err(|_| "a bad port");
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or("a bad host name")?;

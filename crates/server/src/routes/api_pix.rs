@@ -1534,21 +1534,31 @@ pub async fn webhook_put(
             "must be an https:// URL of at most 512 characters, without query or fragment",
         ));
     }
-    // An address literal must be public unless the server allows private receivers (the host
-    // name's addresses are checked again at each delivery).
-    let host = url.trim_start_matches("https://").split('/').next().unwrap_or("");
-    let literal = if let Some(v6) = host.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
-        if !crate::webhook::is_public(ip) && !state.webhooks.as_ref().is_some_and(|w| w.allow_private) {
-            return Err(PixError::violation(
-                K,
-                "webhookUrl",
-                "must not point at a loopback, private or link-local address",
-            ));
+    // The authority must be one a delivery can reach: a port in 1..=65535, and a host name TLS can
+    // name or an address literal. An address literal must be public unless the server allows
+    // private receivers (a host name's addresses are checked at each delivery, when it is
+    // resolved). A name whose last label is all digits (`127.1`, `2130706433`, `0177.0.0.1`) is
+    // no host name: resolvers read it as an address.
+    let authority = url.trim_start_matches("https://").split('/').next().unwrap_or("");
+    let private_ok = state.webhooks.as_ref().is_some_and(|w| w.allow_private);
+    let refused = |why: &str| PixError::violation(K, "webhookUrl", why.to_owned());
+    let (host, port) = crate::webhook::host_and_port(authority).map_err(|_| refused("has a bad host or port"))?;
+    if port == 0 {
+        return Err(refused("has a bad host or port"));
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if !crate::webhook::is_public(ip) && !private_ok => {
+            return Err(refused("must not point at a loopback, private or link-local address"));
+        }
+        Ok(_) => {}
+        Err(_) => {
+            let last = host.trim_end_matches('.').rsplit('.').next().unwrap_or("");
+            let name_ok = rustls::pki_types::ServerName::try_from(host.to_owned()).is_ok()
+                && !last.is_empty()
+                && !last.bytes().all(|b| b.is_ascii_digit());
+            if !name_ok {
+                return Err(refused("has a bad host or port"));
+            }
         }
     }
     let vault = state.vault_or_503()?;
