@@ -597,6 +597,10 @@ fn off_us_payments_through_the_sandbox_spi() {
         assert_eq!((r.json()["credit_account_id"].clone(), r.json()["payer"]["document"].clone()), (json!(maria.account), json!("***.444.777-**")));
         let r = c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap();
         assert_eq!(r.status, 200, "the same EndToEndId again");
+        let mut other = incoming.clone();
+        other["amount"] = json!(5_001);
+        let r = c.post("/v1/sandbox/spi/incoming", &key, &other).await.unwrap();
+        assert_eq!(problem(&r), (409, json!("exists_with_different_fields"), json!("end_to_end_id")));
         assert_eq!(available(&mut c, &maria).await, 70_000 + 5_000, "credited once");
         let to_account = json!({"amount": 1, "account_id": maria.account,
             "payer": {"ispb": "60701190", "name": "ACME", "document": CNPJ_ACME}});

@@ -1264,7 +1264,7 @@ impl From<StoredReceived> for IncomingView {
 /// The sandbox SPI delivers a Pix from another institution: the tenant's settlement account (its
 /// share of the reserve) pays the receiving account, once per EndToEndId.
 #[utoipa::path(post, path = "/v1/sandbox/spi/incoming", tag = "pix", request_body = IncomingBody,
-    responses((status = 201, body = IncomingView), (status = 200, body = IncomingView), (status = 422, body = Problem)),
+    responses((status = 201, body = IncomingView), (status = 200, body = IncomingView), (status = 409, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = [])))]
 pub async fn sandbox_incoming(
     State(state): State<AppState>,
@@ -1392,7 +1392,22 @@ pub async fn sandbox_incoming(
     })
     .await?;
     let (payee, txid, concludes, key_index) = match resolved.map_err(Problem::from)?? {
-        Err(existing) => return Ok(reply(StatusCode::OK, &IncomingView::from(existing))),
+        // The same Pix again: its first answer. Another Pix under its EndToEndId: refused, as a
+        // transfer's id with a different body is.
+        Err(existing) => {
+            let same = existing.amount == body.amount
+                && existing.payer.ispb == body.payer.ispb
+                && existing.description == description;
+            if !same {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "exists_with_different_fields",
+                    "a Pix with this end_to_end_id was received with a different amount, payer or description",
+                )
+                .field("end_to_end_id"));
+            }
+            return Ok(reply(StatusCode::OK, &IncomingView::from(existing)));
+        }
         Ok(p) => p,
     };
     let settlement = ensure_settlement(&state, &audit, tenant_id).await?;
