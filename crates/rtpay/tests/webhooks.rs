@@ -266,6 +266,12 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         assert_eq!(seen.len(), 3);
         let secret =
             c.get("/v1/pix/webhook-secret", &shop).await.unwrap().json()["secret"].as_str().unwrap().to_owned();
+        // Revealing the signing key is an action of its own, in the audit log.
+        let audit = c.get("/v1/audit?limit=1000", &shop).await.unwrap().json();
+        let reveals: Vec<_> =
+            audit["entries"].as_array().unwrap().iter().filter(|e| e["resource"] == json!("pix-webhook-secret")).collect();
+        assert_eq!(reveals.len(), 1, "{audit}");
+        assert_eq!(reveals[0]["outcome"], json!("200"), "{audit}");
         for (path, signature, body, presented) in &seen {
             assert_eq!(path, "/hooks/pix");
             assert!(presented, "rtpay presented its client certificate");

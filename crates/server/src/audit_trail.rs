@@ -3,7 +3,8 @@
 //! The `observe` middleware gives each request a [`Slot`]. Authentication fills in who is calling;
 //! ledger handlers hand the entry to the writer with their command ([`crate::routes::submit`]), so
 //! the action and its record commit together. Every other state-changing request (any method but
-//! GET and HEAD) and every failed authentication is appended by the middleware after the handler,
+//! GET and HEAD), every read that reveals a secret ([`Slot::record_read`]) and every failed
+//! authentication is appended by the middleware after the handler,
 //! before the response goes out, with the HTTP status as outcome. Throttled requests (429) are not
 //! recorded, only counted.
 
@@ -43,6 +44,8 @@ struct SlotState {
     resource: Option<String>,
     /// Set when the entry went to the writer with the handler's command.
     recorded: bool,
+    /// Set by a reading handler whose read is itself an action to record (a secret revealed).
+    wanted: bool,
 }
 
 impl Slot {
@@ -95,6 +98,15 @@ impl Slot {
         }
     }
 
+    /// The request is recorded though it changes nothing: it reveals a secret.
+    pub fn record_read(&self) {
+        self.state.lock().expect("audit slot lock").wanted = true;
+    }
+
+    fn wanted(&self) -> bool {
+        self.state.lock().expect("audit slot lock").wanted
+    }
+
     pub fn mark_recorded(&self) {
         self.state.lock().expect("audit slot lock").recorded = true;
     }
@@ -143,7 +155,7 @@ pub fn identify(parts: &Parts, tenant: Option<u128>, actor: String) {
 /// Appends the slot's entry after the handler, when the request needs one and it is not recorded
 /// yet. A failure to record is logged and counted; the response (already decided) goes out.
 pub async fn record_after(state: &AppState, slot: &Slot, mutating: bool, status: u16) {
-    if slot.recorded() || !(mutating || status == 401) {
+    if slot.recorded() || !(mutating || status == 401 || slot.wanted()) {
         return;
     }
     // A throttled request (429) did nothing and was not judged: recording each would turn a flood

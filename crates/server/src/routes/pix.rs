@@ -1494,9 +1494,12 @@ pub struct WebhookSecretView {
 
 #[utoipa::path(get, path = "/v1/pix/webhook-secret", tag = "pix",
     responses((status = 200, body = WebhookSecretView)), security(("api_key" = [])))]
-pub async fn webhook_secret(State(state): State<AppState>, tenant: Tenant) -> Result<Response, Problem> {
+pub async fn webhook_secret(State(state): State<AppState>, tenant: Tenant, audit: Audit) -> Result<Response, Problem> {
     // The key signs what the tenant's receivers trust: whoever holds it can forge a "Pix
-    // received". Given to those who may configure webhooks, not to every reader.
+    // received". Given to those who may configure webhooks, not to every reader, and each
+    // reveal is written to the audit log.
+    audit.0.set_resource("pix-webhook-secret");
+    audit.0.record_read();
     tenant.require("webhook.write")?;
     let secret = crate::auth::hex(&crate::webhook::secret(&state, tenant.id));
     Ok(reply(StatusCode::OK, &WebhookSecretView { secret, header: "x-rtpay-signature".into() }))
