@@ -119,6 +119,10 @@ fn charges_are_created_revised_paid_and_refunded() {
             (json!({"valor": {"original": "1.00"}, "chave": "someone@example.com"}), "cob.chave"),
             (json!({"valor": {"original": "1.00"}, "chave": CNPJ_ACME, "devedor": {"cpf": "52998224724", "nome": "x"}}), "cob.devedor.cpf"),
             (json!({"valor": {"original": "1.00"}, "chave": CNPJ_ACME, "extra": true}), "cob"),
+            (json!({"calendario": {"expiracao": 2_147_483_648_i64}, "valor": {"original": "1.00"}, "chave": CNPJ_ACME}), "cob.calendario.expiracao"),
+            // A list of the fields in order is no object, nor anywhere inside one.
+            (json!([{"expiracao": 60}, null, null, {"original": "1.00"}, CNPJ_ACME]), "cob"),
+            (json!({"valor": ["1.00"], "chave": CNPJ_ACME}), "cob"),
         ] {
             let got = send(&mut c, Method::PUT, "/api/v2/cob/otherTxid0000000000000000000001", &shop, Some(body.clone())).await;
             assert_problem(&got, 400, "CobOperacaoInvalida", Some(property));

@@ -166,7 +166,9 @@ pub(crate) fn corrupt(e: impl std::fmt::Display) -> store::StoreError {
 /// A JSON body of the kind's schema: malformed JSON, wrong types and unknown fields are 400.
 pub(crate) fn body_of<T: serde::de::DeserializeOwned>(bytes: &Bytes, kind: &'static str, root: &str) -> PixResult<T> {
     let text = std::str::from_utf8(bytes).map_err(|_| PixError::violation(kind, root, "the body is not UTF-8"))?;
-    serde_json::from_str(text).map_err(|e| {
+    // Objects only, at every depth (see `json_objects`): a list of a struct's fields is no body.
+    let mut de = serde_json::Deserializer::from_str(text);
+    T::deserialize(crate::json_objects::Objects(&mut de)).and_then(|v| de.end().map(|()| v)).map_err(|e| {
         // serde's message names the field and the expected type, never the value.
         PixError::violation(kind, root, format!("does not respect the schema: {e}"))
     })
@@ -438,7 +440,9 @@ fn content_of(
     let expiracao = match body.calendario.as_ref().and_then(|c| c.expiracao) {
         Some(e) => {
             pix::charge::cob_expires_at(now, Some(e)).map_err(|_| {
-                PixError::violation(kind, &format!("{root}.calendario.expiracao"), "must be greater than zero")
+                let rule =
+                    format!("must be in {}..={} seconds", pix::charge::EXPIRACAO_MIN_S, pix::charge::EXPIRACAO_MAX_S);
+                PixError::violation(kind, &format!("{root}.calendario.expiracao"), rule)
             })?;
             e
         }
