@@ -483,16 +483,15 @@ pub(crate) async fn serve_connection<I, L>(
     }
 }
 
-/// Serves until `shutdown` resolves, then lets open connections finish. Each connection answers
-/// as it writes, not held back for the peer's acknowledgement of the previous segment (Nagle's
-/// algorithm): a response written in parts (a long list) would otherwise wait for the client's
-/// delayed ACK, tens of milliseconds.
-pub async fn serve(
+/// Accepts connections until `shutdown` resolves, handing each to `serve` with a watcher of the
+/// graceful shutdown, then lets open connections finish. Each answers as it writes, not held back
+/// for the peer's acknowledgement of the previous segment (Nagle's algorithm): a response written
+/// in parts (a long list) would otherwise wait for the client's delayed ACK, tens of milliseconds.
+pub(crate) async fn accept_until(
     listener: tokio::net::TcpListener,
-    state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    mut serve: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr, hyper_util::server::graceful::Watcher),
 ) -> std::io::Result<()> {
-    let router = router(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -509,12 +508,25 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let peer = axum::Extension(axum::extract::ConnectInfo(Peer::new(addr)));
-        tokio::spawn(serve_connection(stream, router.clone(), peer, graceful.watcher(), addr));
+        serve(stream, addr, graceful.watcher());
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Serves until `shutdown` resolves, then lets open connections finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = router(state);
+    accept_until(listener, shutdown, |stream, addr, watcher| {
+        let peer = axum::Extension(axum::extract::ConnectInfo(Peer::new(addr)));
+        tokio::spawn(serve_connection(stream, router.clone(), peer, watcher, addr));
+    })
+    .await
 }
 
 #[cfg(test)]

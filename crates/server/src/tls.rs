@@ -112,26 +112,9 @@ pub async fn serve(
     mutual: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Answers go out as they are written, not held back for the peer's acknowledgement of
-        // the previous segment (Nagle's algorithm).
-        let _ = stream.set_nodelay(true);
+    crate::accept_until(listener, shutdown, |stream, addr, watcher| {
         let acceptor = acceptor.clone();
         let router = router.clone();
-        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
@@ -152,8 +135,6 @@ pub async fn serve(
                 crate::serve_connection(stream, router, peer, watcher, addr).await;
             }
         });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
+    })
+    .await
 }
