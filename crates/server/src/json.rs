@@ -159,6 +159,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                         Some(parent) => format!("{parent}.{name}"),
                         None => name,
                     };
+                    // A key serde refused after reading it: the path may already end with it.
+                    let read_key = |path: Option<String>, name: String| match path {
+                        Some(path) if path == name || path.ends_with(&format!(".{name}")) => path,
+                        parent => child(parent, name),
+                    };
                     let (code, field, message) = if let Some(name) = quoted(&message, "unknown field `") {
                         if !shown_as_field(&name) {
                             // A key that is no field name (a secret, a card number, a long text)
@@ -172,22 +177,12 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                                 "an unknown field; its name is not shown (longer than 64 characters, or not a name)";
                             ("unknown_field", at, detail.to_owned())
                         } else {
-                            // The path already ends with the unknown key: it was read before it
-                            // was refused.
-                            let field = match field {
-                                Some(path) if path == name || path.ends_with(&format!(".{name}")) => path,
-                                parent => child(parent, name),
-                            };
-                            ("unknown_field", Some(field), message)
+                            ("unknown_field", Some(read_key(field, name)), message)
                         }
                     } else if let Some(name) = quoted(&message, "missing field `") {
                         ("missing_field", Some(child(field, name)), message)
                     } else if let Some(name) = quoted(&message, "duplicate field `") {
-                        let field = match field {
-                            Some(path) if path == name || path.ends_with(&format!(".{name}")) => path,
-                            parent => child(parent, name),
-                        };
-                        ("duplicate_field", Some(field), format!("{message}: each key may appear once"))
+                        ("duplicate_field", Some(read_key(field, name)), format!("{message}: each key may appear once"))
                     } else if field.is_none() && message.starts_with("invalid type") {
                         let got = message.split(',').next().unwrap_or("").trim_start_matches("invalid type: ");
                         ("invalid_body", None, format!("the body must be a JSON object, not {got}"))
