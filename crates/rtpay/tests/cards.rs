@@ -472,6 +472,45 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
 /// With its storage gone the issuer cannot decide: the network hears 91 (issuer unavailable) at
 /// once, nothing is held, and the same message after storage returns is decided as usual. A card
 /// row rtpay cannot read answers 96 (system malfunction).
+/// A capture sent to one node of a cluster and a reversal of the same authorization sent to the
+/// other at the same moment: whichever commits first, the other is decided again on what that
+/// left, so every purchase ends reversed, its money back, and its record keeps all three steps.
+/// (Before, the loser wrote its stale record, "approved", over the winner's.)
+#[test]
+fn a_capture_and_a_reversal_racing_on_two_nodes_both_count() {
+    const ROUNDS: u32 = 24;
+    let (a, b) = two_nodes("cards-race", &["--iso8583-listen", "127.0.0.1:0"]);
+    let (iso_a, iso_b) = (a.iso8583.expect("node a's ISO 8583 listener"), b.iso8583.expect("node b's"));
+    runtime().block_on(async {
+        let mut c = a.client();
+        let i = issue(&mut c, json!({"velocity_per_minute": 1_000}), json!({})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let (mut net_a, mut net_b) = (Network::connect(iso_a), Network::connect(iso_b));
+        for n in 0..ROUNDS {
+            let stan = 1_000 + 10 * n;
+            let original = auth(&i.pan, &i.expiry, 100, stan, &format!("{stan:012}"));
+            assert_eq!(net_a.ask(&original)["39"], json!("00"));
+            net_a.send(&with(original.clone(), json!({"t": "0220", "11": format!("{:06}", stan + 1)})));
+            net_b.send(&with(original, json!({"t": "0400", "11": format!("{:06}", stan + 2)})));
+            let (capture, reversal) = (net_a.recv(1).remove(0), net_b.recv(1).remove(0));
+            assert_eq!(reversal["39"], json!("00"), "a reversal is always acknowledged: {reversal}");
+            // The capture is approved when it came first, refused when the reversal did.
+            assert!(["00", "05"].contains(&capture["39"].as_str().unwrap()), "{capture}");
+        }
+        assert_eq!(available(&mut c, key, acct).await.0, 10_000, "every purchase came back");
+        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), key).await.unwrap();
+        let all = r.json()["authorizations"].as_array().unwrap().clone();
+        assert_eq!(all.len(), ROUNDS as usize);
+        for a in &all {
+            let kinds: Vec<&str> =
+                a["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+            assert_eq!(a["status"], json!("reversed"), "{a}");
+            assert_eq!(kinds.len(), 3, "the authorization, the capture and the reversal: {a}");
+            assert!(kinds.contains(&"capture") && kinds.contains(&"reversal"), "{a}");
+        }
+    });
+}
+
 #[test]
 fn an_issuer_without_its_storage_answers_91_and_a_garbled_card_96() {
     let url = store::testing::fresh_postgres_database();

@@ -33,19 +33,6 @@ async fn post_four_on_each(
     answers
 }
 
-/// Two nodes, started with `args`, on one fresh PostgreSQL database; they share their key files,
-/// as a cluster's nodes must (see docs/OPERATIONS.md).
-fn two_nodes(tag: &str, args: &[&str]) -> (Server, Server) {
-    let url = store::testing::fresh_postgres_database();
-    let (dir_a, dir_b) = (temp_dir(&format!("{tag}-a")), temp_dir(&format!("{tag}-b")));
-    let a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, args);
-    for file in ["kek", "index-key", "audit-signing-key"] {
-        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
-    }
-    let b = Server::start_with_args(&dir_b, Some(&url), "127.0.0.1:0", true, args);
-    (a, b)
-}
-
 /// An API key revoked on one node stops working on the other within the key cache's time
 /// (`server::auth::KEY_CACHE_TTL`), also on a connection that keeps presenting it and was let in
 /// a moment before.

@@ -245,8 +245,11 @@ pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
 /// messages on one card read the same state: two reversals of one purchase both found it
 /// captured, a burst of authorizations all found nothing spent against the card's limits, and a
 /// capture refused after a concurrent reversal wrote its stale view back over the reversal's.
-/// (Across the nodes of a cluster the ledger still moves money once for each authorization: the
-/// ids of a capture's and a reversal's transfers come from the authorization, not the message.)
+/// Across the nodes of a cluster, a step commits only while the authorization is still as it was
+/// read (`store::Guard::Authorization`, checked under the writers' common lock); one that lost
+/// to another node's step applies nothing and is decided again on what won. (The ledger would
+/// move the money once anyway, the ids of a step's transfers coming from the authorization, but
+/// the loser wrote its stale record over the winner's: a captured purchase left "approved".)
 pub struct CardLocks(Vec<tokio::sync::Mutex<()>>);
 
 const CARD_LOCK_STRIPES: usize = 256;
@@ -282,6 +285,28 @@ struct Ctx {
     /// The tenant's data key: stored answers are sealed under it.
     dek: std::sync::Arc<vault::Secret32>,
 }
+
+/// Why a step gave no answer of its own.
+enum Failed {
+    /// Answered with this code, nothing recorded.
+    Code(ResponseCode),
+    /// The authorization the step was decided on changed (on another node: on this one the
+    /// card's lock keeps steps apart) before the step's commit, which applied nothing: decide
+    /// again on what is stored now.
+    Raced,
+}
+
+impl From<ResponseCode> for Failed {
+    fn from(code: ResponseCode) -> Self {
+        Failed::Code(code)
+    }
+}
+
+type Step = Result<Message, Failed>;
+
+/// How many times a message is decided again after losing a race before it is answered 91: each
+/// loss means another node's step on the card committed meanwhile.
+const RACES_MAX: usize = 8;
 
 /// A step's records and its answer, made from the ledger's result.
 struct Concluded {
@@ -339,6 +364,12 @@ impl Ctx {
             metadata: None,
             linked: false,
         }
+    }
+
+    /// The basis of a step that makes a new authorization: none is stored under its id yet.
+    fn fresh(&self, view: &AuthorizationView) -> store::Guard {
+        let id = uuid::Uuid::parse_str(&view.id).map(|u| u.as_u128()).unwrap_or_default();
+        store::Guard::Authorization { tenant_id: self.tenant, id, body: None }
     }
 
     fn new_view(&self, currency: Currency, now: u64) -> AuthorizationView {
@@ -478,18 +509,35 @@ impl<'a> Flow<'a> {
     async fn run(self) -> Message {
         let _card = self.state.card_locks.lock(self.ctx.card_id).await;
         let request = &self.ctx.request;
+        let mut stored = self.ctx.answered.clone();
+        for _ in 0..RACES_MAX {
+            match self.decide(stored.take()).await {
+                Ok(m) => return m,
+                Err(Failed::Code(code)) => return answer(request, code, None),
+                Err(Failed::Raced) => continue,
+            }
+        }
+        tracing::warn!(mti = %request.mti, "a card message lost every race to other nodes' steps on its card");
+        answer(request, ResponseCode::IssuerUnavailable, None)
+    }
+
+    /// Decides the message on what is stored, under the card's lock; `answered` is the stored
+    /// answer found before the lock was taken, if any.
+    async fn decide(&self, answered: Option<Vec<u8>>) -> Step {
+        let request = &self.ctx.request;
         // A repeat gets the first answer, with the card number put back (it is not stored).
         // Looked for again under the card's lock when the first look found none: the same
         // message in flight twice (an 0100 and its 0101) is decided once, and the second waits
-        // for the first's answer instead of deciding again against the first's own hold.
-        let answered = match &self.ctx.answered {
-            Some(stored) => Some(stored.clone()),
+        // for the first's answer instead of deciding again against the first's own hold. (And
+        // again after a lost race: the step that won may have been this very message.)
+        let answered = match answered {
+            Some(stored) => Some(stored),
             None => {
                 let key = self.ctx.key;
-                match self.owed.read(self.state, move |q| q.card_message(&key)).await {
-                    Ok(found) => found,
-                    Err(_) => return answer(request, ResponseCode::IssuerUnavailable, None),
-                }
+                self.owed
+                    .read(self.state, move |q| q.card_message(&key))
+                    .await
+                    .map_err(|_| ResponseCode::IssuerUnavailable)?
             }
         };
         if let Some(stored) = &answered {
@@ -499,32 +547,30 @@ impl<'a> Flow<'a> {
                     if let Some(pan) = request.get(2) {
                         m.set(2, pan);
                     }
-                    m
+                    Ok(m)
                 }
-                Err(_) => answer(request, ResponseCode::SystemMalfunction, None),
+                Err(_) => Err(ResponseCode::SystemMalfunction.into()),
             };
         }
         let processing = request.get(3).unwrap_or("000000");
-        let result = match original_mti(&request.mti).as_str() {
+        match original_mti(&request.mti).as_str() {
             "0100" => self.authorize(false).await,
             "0200" if processing.starts_with("20") => self.refund().await,
             "0200" => self.authorize(true).await,
             "0120" | "0220" => self.capture().await,
             _ => self.reverse().await,
-        };
-        match result {
-            Ok(m) => m,
-            Err(code) => answer(request, code, None),
         }
     }
 
     /// Commits `events` (one linked chain, possibly none) with the records `conclude` makes from
-    /// the ledger's result, in one transaction of the writer; answers as `conclude` says.
+    /// the ledger's result, in one transaction of the writer, if the authorization is still as
+    /// `basis` says it was read; answers as `conclude` says.
     async fn execute(
         &self,
         mut events: Vec<TransferEvent>,
+        basis: store::Guard,
         conclude: impl Fn(TransferResult) -> Concluded + Send + Sync + 'static,
-    ) -> Result<Message, ResponseCode> {
+    ) -> Step {
         let n = events.len();
         for (i, e) in events.iter_mut().enumerate() {
             e.linked = i + 1 < n;
@@ -547,12 +593,16 @@ impl<'a> Flow<'a> {
         self.state
             .store
             .engine
-            .submit_with(command, Some(draft), Some(records), Box::new(move |r| drop(tx.send(r))))
+            .submit_guarded(command, Some(draft), Some(records), vec![basis], Box::new(move |r| drop(tx.send(r))))
             .map_err(|_| ResponseCode::IssuerUnavailable)?;
-        let reply = rx.await.map_err(|_| ResponseCode::IssuerUnavailable)?.map_err(|e| {
-            tracing::warn!(error = %e, "a card message was not committed");
-            ResponseCode::IssuerUnavailable
-        })?;
+        let reply = match rx.await.map_err(|_| ResponseCode::IssuerUnavailable)? {
+            Ok(reply) => reply,
+            Err(store::StoreError::Conflict(_)) => return Err(Failed::Raced),
+            Err(e) => {
+                tracing::warn!(error = %e, "a card message was not committed");
+                return Err(ResponseCode::IssuerUnavailable.into());
+            }
+        };
         self.owed.committed();
         Ok(conclude(reply.chain_result()).reply)
     }
@@ -561,19 +611,20 @@ impl<'a> Flow<'a> {
     async fn record(
         &self,
         view: AuthorizationView,
+        basis: store::Guard,
         created_at: u64,
         kind: &'static str,
         code: ResponseCode,
         reason: String,
-    ) -> Result<Message, ResponseCode> {
+    ) -> Step {
         let ctx = self.ctx.clone();
-        self.execute(vec![], move |_| {
+        self.execute(vec![], basis, move |_| {
             ctx.conclude(view.clone(), created_at, kind, code, None, vec![], vec![reason.clone()])
         })
         .await
     }
 
-    async fn authorize(&self, single_message: bool) -> Result<Message, ResponseCode> {
+    async fn authorize(&self, single_message: bool) -> Step {
         let ctx = &self.ctx;
         let now = store::now_nanos();
         let (y, m, d) = civil_date(now);
@@ -612,11 +663,12 @@ impl<'a> Flow<'a> {
         let spent = cards::Spent { today: spent.0, this_month: spent.1, last_minute: spent.2 };
         let kind = if single_message { "purchase" } else { "authorization" };
         let view = ctx.new_view(card_currency, now);
+        let basis = ctx.fresh(&view);
         if let Decision::Decline { code, reason } = cards::decide(&facts, &request, spent) {
-            return self.record(view, now, kind, code, reason).await;
+            return self.record(view, basis, now, kind, code, reason).await;
         }
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
-            return Err(ResponseCode::FormatError);
+            return Err(ResponseCode::FormatError.into());
         }
         let hold = ctx.transfer_id("hold");
         let settlement = settlement_account(self.state, ctx.tenant, card_currency.as_str());
@@ -632,7 +684,7 @@ impl<'a> Flow<'a> {
             }
         };
         let c = self.ctx.clone();
-        self.execute(vec![ctx.event(hold, event)], move |result| {
+        self.execute(vec![ctx.event(hold, event)], basis, move |result| {
             let mut view = view.clone();
             let decline = |code, reason: String| c.conclude(view.clone(), now, kind, code, None, vec![], vec![reason]);
             match result {
@@ -686,25 +738,25 @@ impl<'a> Flow<'a> {
         })
     }
 
-    async fn capture(&self) -> Result<Message, ResponseCode> {
+    async fn capture(&self) -> Step {
         let ctx = &self.ctx;
         let Some((row, view)) = self.original().await? else {
             return self.stand_in().await;
         };
-        let created_at = row.created_at;
+        let (created_at, basis) = (row.created_at, as_read(&row));
         if let Some(reason) = self.other_currency(&view) {
-            return self.record(view, created_at, "capture", ResponseCode::FormatError, reason).await;
+            return self.record(view, basis, created_at, "capture", ResponseCode::FormatError, reason).await;
         }
         if view.status != "approved" {
             let reason = format!("the authorization is {}", view.status);
-            return self.record(view, created_at, "capture", ResponseCode::DoNotHonor, reason).await;
+            return self.record(view, basis, created_at, "capture", ResponseCode::DoNotHonor, reason).await;
         }
         let held = view.amount;
         let tolerance =
             (u128::from(held) * u128::from(self.state.card_settings.capture_tolerance_percent) / 100) as u64;
         if ctx.amount == 0 || ctx.amount > held.saturating_add(tolerance) {
             let reason = "the capture exceeds the hold beyond the tolerance".to_owned();
-            return self.record(view, created_at, "capture", ResponseCode::ExceedsAmountLimit, reason).await;
+            return self.record(view, basis, created_at, "capture", ResponseCode::ExceedsAmountLimit, reason).await;
         }
         let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
             .map_err(|_| ResponseCode::SystemMalfunction)?
@@ -724,7 +776,7 @@ impl<'a> Flow<'a> {
             ids.push(extra);
         }
         let c = self.ctx.clone();
-        self.execute(events, move |result| {
+        self.execute(events, basis, move |result| {
             let mut view = view.clone();
             let kind = "capture";
             match result {
@@ -751,7 +803,7 @@ impl<'a> Flow<'a> {
         .await
     }
 
-    async fn reverse(&self) -> Result<Message, ResponseCode> {
+    async fn reverse(&self) -> Step {
         let ctx = &self.ctx;
         let Some((row, view)) = self.original().await? else {
             // Nothing to reverse: acknowledged, nothing moves (and the answer is remembered).
@@ -760,13 +812,13 @@ impl<'a> Flow<'a> {
             let mut view = ctx.new_view(currency, now);
             view.id = uuid_string(ctx.transfer_id("unmatched-reversal"));
             view.status = "unmatched".into();
-            return self
-                .record(view, now, "reversal", ResponseCode::Approved, "no authorization to reverse".into())
-                .await;
+            let basis = ctx.fresh(&view);
+            let reason = "no authorization to reverse".to_owned();
+            return self.record(view, basis, now, "reversal", ResponseCode::Approved, reason).await;
         };
-        let created_at = row.created_at;
+        let (created_at, basis) = (row.created_at, as_read(&row));
         if let Some(reason) = self.other_currency(&view) {
-            return self.record(view, created_at, "reversal", ResponseCode::FormatError, reason).await;
+            return self.record(view, basis, created_at, "reversal", ResponseCode::FormatError, reason).await;
         }
         // A partial reversal names, in DE95, the amount that did happen (an ATM that dispensed
         // part of what was asked): only the rest is reversed.
@@ -779,9 +831,9 @@ impl<'a> Flow<'a> {
         if let Some(actual) = actual.filter(|a| *a > 0 && standing > 0) {
             if actual >= standing {
                 let reason = format!("DE95 names {actual}, no less than the {standing} standing: nothing to reverse");
-                return self.record(view, created_at, "reversal", ResponseCode::Approved, reason).await;
+                return self.record(view, basis, created_at, "reversal", ResponseCode::Approved, reason).await;
             }
-            return self.reverse_part(view, created_at, actual).await;
+            return self.reverse_part(view, basis, created_at, actual).await;
         }
         let (events, id, reversed) = match view.status.as_str() {
             "approved" => {
@@ -814,11 +866,11 @@ impl<'a> Flow<'a> {
             _ => {
                 // Already reversed, declined or expired: acknowledged, nothing moves.
                 let reason = format!("the authorization is {}", view.status);
-                return self.record(view, created_at, "reversal", ResponseCode::Approved, reason).await;
+                return self.record(view, basis, created_at, "reversal", ResponseCode::Approved, reason).await;
             }
         };
         let c = self.ctx.clone();
-        self.execute(events, move |result| {
+        self.execute(events, basis, move |result| {
             let mut view = view.clone();
             let kind = "reversal";
             match result {
@@ -861,12 +913,12 @@ impl<'a> Flow<'a> {
     /// is acknowledged whatever happens (the network does not take "declined" for an answer);
     /// one the ledger refuses (the funds are gone, the account closed) is recorded as
     /// `unposted`, with the ledger's reason, for reconciliation.
-    async fn stand_in(&self) -> Result<Message, ResponseCode> {
+    async fn stand_in(&self) -> Step {
         let ctx = &self.ctx;
         let now = store::now_nanos();
         let currency = Currency::from_numeric(ctx.currency).ok_or(ResponseCode::FormatError)?;
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
-            return Err(ResponseCode::FormatError);
+            return Err(ResponseCode::FormatError.into());
         }
         let mut view = ctx.new_view(currency, now);
         view.status = "captured".into();
@@ -875,8 +927,8 @@ impl<'a> Flow<'a> {
         let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
         let event =
             EventKind::Posted { debit: AccountId(ctx.account()?), credit: AccountId(settlement), amount: ctx.amount };
-        let c = self.ctx.clone();
-        self.execute(vec![ctx.event(post, event)], move |result| {
+        let (c, basis) = (self.ctx.clone(), ctx.fresh(&view));
+        self.execute(vec![ctx.event(post, event)], basis, move |result| {
             let mut view = view.clone();
             let kind = "stand-in advice";
             match result {
@@ -897,12 +949,7 @@ impl<'a> Flow<'a> {
     /// Reverses all of the authorization `view` but `actual`: a hold is replaced by one of
     /// `actual` (one linked chain: the void and the new hold apply together); a captured
     /// purchase gets the difference back.
-    async fn reverse_part(
-        &self,
-        view: AuthorizationView,
-        created_at: u64,
-        actual: u64,
-    ) -> Result<Message, ResponseCode> {
+    async fn reverse_part(&self, view: AuthorizationView, basis: store::Guard, created_at: u64, actual: u64) -> Step {
         let ctx = &self.ctx;
         let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
         let settlement = AccountId(settlement_account(self.state, ctx.tenant, currency.as_str()));
@@ -928,7 +975,7 @@ impl<'a> Flow<'a> {
             (vec![ctx.event(back, EventKind::Posted { debit: settlement, credit: account, amount })], vec![back], None)
         };
         let c = self.ctx.clone();
-        self.execute(events, move |result| {
+        self.execute(events, basis, move |result| {
             let mut view = view.clone();
             let kind = "partial reversal";
             match result {
@@ -957,16 +1004,18 @@ impl<'a> Flow<'a> {
         .await
     }
 
-    async fn refund(&self) -> Result<Message, ResponseCode> {
+    async fn refund(&self) -> Step {
         let ctx = &self.ctx;
         let now = store::now_nanos();
         let currency = Currency::from_numeric(ctx.currency).ok_or(ResponseCode::FormatError)?;
         let mut view = ctx.new_view(currency, now);
+        let basis = ctx.fresh(&view);
         if ctx.status == CardStatus::Cancelled {
-            return self.record(view, now, "refund", ResponseCode::DoNotHonor, "the card is cancelled".into()).await;
+            let reason = "the card is cancelled".to_owned();
+            return self.record(view, basis, now, "refund", ResponseCode::DoNotHonor, reason).await;
         }
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
-            return Err(ResponseCode::FormatError);
+            return Err(ResponseCode::FormatError.into());
         }
         let credit = ctx.transfer_id("hold");
         let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
@@ -974,7 +1023,7 @@ impl<'a> Flow<'a> {
             EventKind::Posted { debit: AccountId(settlement), credit: AccountId(ctx.account()?), amount: ctx.amount };
         view.status = "refunded".into();
         let c = self.ctx.clone();
-        self.execute(vec![ctx.event(credit, event)], move |result| match result {
+        self.execute(vec![ctx.event(credit, event)], basis, move |result| match result {
             TransferResult::Created | TransferResult::Exists => {
                 let code = Some(c.auth_code.clone());
                 c.conclude(view.clone(), now, "refund", ResponseCode::Approved, code, vec![credit], vec![])
@@ -988,6 +1037,11 @@ impl<'a> Flow<'a> {
         })
         .await
     }
+}
+
+/// The basis of a step on the stored authorization `row`: it is still as read.
+fn as_read(row: &store::AuthorizationRow) -> store::Guard {
+    store::Guard::Authorization { tenant_id: row.tenant_id, id: row.id, body: Some(row.body.clone()) }
 }
 
 /// The settlement account's key, for opening it with a product.

@@ -733,7 +733,7 @@ pub fn guarded_requests(location: Location) {
             crate::Guard::Document { id, version, .. } => {
                 Some(crate::Document { id: id.clone(), ..charge(version + 1) })
             }
-            crate::Guard::CounterAtMost { .. } => None,
+            crate::Guard::CounterAtMost { .. } | crate::Guard::Authorization { .. } => None,
         });
         let records: crate::RecordsFn = Box::new(move |_| next.iter().cloned().map(crate::Record::Document).collect());
         store
@@ -813,6 +813,44 @@ pub fn guarded_requests(location: Location) {
     let applied = waits.into_iter().filter(|rx| rx.recv().unwrap().is_ok()).count();
     assert!((1..=2).contains(&applied), "{applied} applied: 40 each under a limit of 100");
     assert_eq!(q.counter_total("spend", 8, 9).unwrap(), 40 * applied as i64);
+
+    // A card authorization as read: absent, then at the body a step left.
+    let step = |transfer: u128, body: &str, guard: crate::Guard| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let row = crate::AuthorizationRow {
+            tenant_id: T.0,
+            id: 77,
+            card_id: 10,
+            rrn: "rrn".into(),
+            created_at: NOW,
+            spend: 5,
+            body: body.to_owned(),
+        };
+        let records: crate::RecordsFn =
+            Box::new(move |_| vec![crate::Record::Authorization { row: row.clone(), message: None }]);
+        store
+            .engine
+            .submit_guarded(
+                crate::Command::Transfers(vec![posted(transfer, ALICE, BOB, 1)]),
+                None,
+                Some(records),
+                vec![guard],
+                Box::new(move |r| drop(tx.send(r))),
+            )
+            .unwrap();
+        rx.recv().unwrap()
+    };
+    let read = |body: Option<&str>| crate::Guard::Authorization { tenant_id: T.0, id: 77, body: body.map(Into::into) };
+    assert!(step(500, "approved", read(None)).is_ok());
+    assert_eq!(q.authorization(T.0, 77).unwrap().unwrap().body, "approved");
+    let twin = step(501, "approved again", read(None));
+    assert!(matches!(twin, Err(crate::StoreError::Conflict(_))), "it exists now: {twin:?}");
+    assert!(step(502, "captured", read(Some("approved"))).is_ok());
+    let stale = step(503, "reversed", read(Some("approved")));
+    assert!(matches!(stale, Err(crate::StoreError::Conflict(_))), "decided on a stale record: {stale:?}");
+    assert_eq!(q.authorization(T.0, 77).unwrap().unwrap().body, "captured", "the stale step wrote nothing");
+    assert_eq!(q.entry(TransferKey { tenant: T, id: TransferId(503) }).unwrap(), None);
+    assert!(step(504, "reversed", read(Some("captured"))).is_ok());
     assert_verified(&store);
 }
 

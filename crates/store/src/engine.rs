@@ -480,11 +480,13 @@ fn apply_batch(
     enum Claim<'a> {
         Document(&'a str, u128, &'a str),
         Counter(&'a str, u64),
+        Authorization(u128, u128),
     }
     fn claim(g: &crate::Guard) -> Claim<'_> {
         match g {
             crate::Guard::Document { kind, tenant_id, id, .. } => Claim::Document(kind, *tenant_id, id),
             crate::Guard::CounterAtMost { scope, period, .. } => Claim::Counter(scope, *period),
+            crate::Guard::Authorization { tenant_id, id, .. } => Claim::Authorization(*tenant_id, *id),
         }
     }
     let mut claimed = std::collections::HashSet::new();
@@ -498,6 +500,9 @@ fn apply_batch(
                         writer.document_version(kind, *tenant_id, id)? == *version
                     }
                     crate::Guard::CounterAtMost { scope, period, max } => writer.counter_total(scope, *period)? <= *max,
+                    crate::Guard::Authorization { tenant_id, id, body } => {
+                        writer.authorization_body(*tenant_id, *id)? == *body
+                    }
                 };
             if !holds {
                 ok = false;
@@ -635,6 +640,9 @@ mod tests {
         }
         fn counter_total(&mut self, _: &str, _: u64) -> Result<i64> {
             Ok(0)
+        }
+        fn authorization_body(&mut self, _: u128, _: u128) -> Result<Option<String>> {
+            Ok(None)
         }
         fn due_pendings(&mut self, _: Timestamp, _: usize) -> Result<Vec<TransferKey>> {
             Ok(Vec::new())

@@ -172,6 +172,9 @@ pub enum Guard {
     /// The counter's total for `period` is at most `max` (an absent counter counts 0): a limit
     /// that admitted a payment still admits it. Counters change only in the writer's batches.
     CounterAtMost { scope: String, period: u64, max: i64 },
+    /// The card authorization's stored body is `body` (`None`: it does not exist): the record a
+    /// capture or reversal was decided on is still the one stored, whichever node wrote it.
+    Authorization { tenant_id: u128, id: u128, body: Option<String> },
 }
 
 impl Guard {
@@ -368,6 +371,8 @@ pub(crate) trait Writer: Send {
     fn document_version(&mut self, kind: &str, tenant_id: u128, id: &str) -> Result<u64>;
     /// A counter's total for one period as this transaction sees it (0 when absent).
     fn counter_total(&mut self, scope: &str, period: u64) -> Result<i64>;
+    /// A card authorization's body as this transaction sees it.
+    fn authorization_body(&mut self, tenant_id: u128, id: u128) -> Result<Option<String>>;
     /// Pending transfers due to expire by `now`.
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>>;
     /// Persists the changes and the audit entries (with their times) and commits: durable when

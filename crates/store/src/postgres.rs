@@ -518,6 +518,20 @@ impl Writer for PgWriter {
         Ok(row.map(|r| r.try_get::<_, i64>(0)).transpose().map_err(unavailable)?.unwrap_or(0) as u64)
     }
 
+    fn authorization_body(&mut self, tenant_id: u128, id: u128) -> Result<Option<String>> {
+        // Locked until the batch commits, as a document's version is (the server writes
+        // authorizations only in batches, which all hold the ledger_meta row lock anyway).
+        let row = self
+            .conn()
+            .client
+            .query_opt(
+                "SELECT body FROM card_authorizations WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+                &[&uuid(tenant_id), &uuid(id)],
+            )
+            .map_err(unavailable)?;
+        row.map(|r| r.try_get::<_, String>(0)).transpose().map_err(unavailable)
+    }
+
     fn counter_total(&mut self, scope: &str, period: u64) -> Result<i64> {
         // Counters change only in batches, which all hold the ledger_meta row lock: read after
         // it was granted, the total is current until this batch commits.

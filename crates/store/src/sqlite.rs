@@ -567,6 +567,15 @@ impl Writer for SqliteWriter {
         Ok(total.unwrap_or(0))
     }
 
+    fn authorization_body(&mut self, tenant_id: u128, id: u128) -> Result<Option<String>> {
+        self.conn
+            .prepare_cached("SELECT body FROM card_authorizations WHERE tenant_id = ?1 AND id = ?2")
+            .map_err(unavailable)?
+            .query_row(params![uuid_bytes(tenant_id), uuid_bytes(id)], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)
+    }
+
     fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
         let mut stmt = self
             .conn

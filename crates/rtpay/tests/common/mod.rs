@@ -159,6 +159,19 @@ impl Drop for Server {
     }
 }
 
+/// Two nodes, started with `args`, on one fresh PostgreSQL database; they share their key files,
+/// as a cluster's nodes must (see docs/OPERATIONS.md).
+pub fn two_nodes(tag: &str, args: &[&str]) -> (Server, Server) {
+    let url = store::testing::fresh_postgres_database();
+    let (dir_a, dir_b) = (temp_dir(&format!("{tag}-a")), temp_dir(&format!("{tag}-b")));
+    let a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, args);
+    for file in ["kek", "index-key", "audit-signing-key"] {
+        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
+    }
+    let b = Server::start_with_args(&dir_b, Some(&url), "127.0.0.1:0", true, args);
+    (a, b)
+}
+
 pub fn uuid() -> String {
     server::auth::new_uuid().to_string()
 }
