@@ -112,6 +112,17 @@ async fn receiver(server: &Issued, ca: rustls::pki_types::CertificateDer<'static
     (port, seen)
 }
 
+/// The request the receiver saw after its first `n`, once it has arrived.
+async fn seen_after(seen: &Seen, n: usize) -> (String, String, Vec<u8>, bool) {
+    for _ in 0..200 {
+        if let Some(request) = seen.lock().unwrap().get(n) {
+            return request.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the receiver saw no request after its first {n}");
+}
+
 /// HMAC-SHA256 of `body` under the hex `secret`, by Python's standard library.
 fn python_hmac(secret: &str, body: &[u8]) -> String {
     use std::io::Write;
@@ -262,8 +273,8 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             (json!("delivered"), json!(3)),
             "{delivery}"
         );
-        let seen = seen.lock().unwrap().clone();
-        assert_eq!(seen.len(), 3);
+        let received = seen.lock().unwrap().clone();
+        assert_eq!(received.len(), 3);
         let secret =
             c.get("/v1/pix/webhook-secret", &shop).await.unwrap().json()["secret"].as_str().unwrap().to_owned();
         // Revealing the signing key is an action of its own, in the audit log.
@@ -272,7 +283,7 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             audit["entries"].as_array().unwrap().iter().filter(|e| e["resource"] == json!("pix-webhook-secret")).collect();
         assert_eq!(reveals.len(), 1, "{audit}");
         assert_eq!(reveals[0]["outcome"], json!("200"), "{audit}");
-        for (path, signature, body, presented) in &seen {
+        for (path, signature, body, presented) in &received {
             assert_eq!(path, "/hooks/pix");
             assert!(presented, "rtpay presented its client certificate");
             assert_eq!(signature, &format!("sha256={}", python_hmac(&secret, body)), "the signature checks out");
@@ -284,6 +295,53 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             assert_eq!(v["pix"][0]["txid"], json!("MENSAL2026"));
         }
         assert_eq!(c.get(&format!("/v1/pix/webhook-deliveries/{untold}"), &shop).await.unwrap().status, 404);
+
+        // A refund of the Pix reaching its final status is notified too (the callback's second
+        // case), with the Pix and its refunds, under its own delivery record.
+        let refund = Some(serde_json::to_vec(&json!({"valor": "2.00"})).unwrap().into());
+        let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/D1"), Some(&shop), refund).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("DEVOLVIDO")), "{:?}", r.json());
+        let mut delivery = Value::Null;
+        for _ in 0..200 {
+            let r = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}:D1"), &shop).await.unwrap();
+            if r.status == 200 && r.json()["status"] == json!("delivered") {
+                delivery = r.json();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            (delivery["status"].clone(), delivery["end_to_end_id"].clone(), delivery["refund_id"].clone()),
+            (json!("delivered"), json!(e2e), json!("D1")),
+            "{delivery}"
+        );
+        let (to, signature, body, _) = seen_after(&seen, 3).await;
+        assert_eq!(to, "/hooks/pix");
+        assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &body)));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((v["pix"][0]["endToEndId"].clone(), v["pix"][0]["txid"].clone()), (json!(e2e), json!("MENSAL2026")));
+        let refunds = v["pix"][0]["devolucoes"].as_array().unwrap();
+        assert_eq!(refunds.len(), 1, "{v}");
+        assert_eq!(
+            (refunds[0]["id"].clone(), refunds[0]["valor"].clone(), refunds[0]["status"].clone()),
+            (json!("D1"), json!("2.00"), json!("DEVOLVIDO"))
+        );
+        assert_eq!(seen.lock().unwrap().len(), 4, "the receipt is not sent again");
+        // A MED return is a refund too: notified with both.
+        let claim = json!({"end_to_end_id": e2e, "reason": "golpe", "amount": 100});
+        assert_eq!(c.post("/v1/pix/med", &shop, &claim).await.unwrap().status, 201);
+        let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &shop, &json!({})).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        let (_, signature, body, _) = seen_after(&seen, 4).await;
+        assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &body)));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let refunds: Vec<_> = v["pix"][0]["devolucoes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["id"].as_str().unwrap().to_owned(), r["valor"].as_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(refunds, [("D1".to_owned(), "2.00".to_owned()), ("MED".to_owned(), "1.00".to_owned())], "{v}");
 
         assert_eq!(c.send(Method::DELETE, &path, Some(&shop), None).await.unwrap().status, 204);
         assert_eq!(c.get(&path, &shop).await.unwrap().status, 404);

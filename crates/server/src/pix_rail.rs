@@ -359,6 +359,10 @@ pub struct StoredReceived {
     /// The paying account when it is of this rtpay (`tenant:account`), where a refund goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payer_account: Option<String>,
+    /// The blind index of the key whose webhook heard of this Pix (one with a txid on a key):
+    /// it hears of the Pix's refunds too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified_key: Option<String>,
 }
 
 /// The party on one side of an on-us payment, resolved from storage.
@@ -724,6 +728,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                         received_at: crate::dto::rfc3339(now),
                         received_at_nanos: now,
                         payer_account: Some(account_owner(payer.tenant, payer.account)),
+                        notified_key: key_index.clone().filter(|_| view.txid.is_some()),
                     };
                     records.push(received_document(tenant, now, &received));
                     // The webhook's delivery is due from this commit on (the API Pix notifies Pix
@@ -736,7 +741,14 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                             view.description.as_deref(),
                             now,
                         );
-                        records.push(crate::webhook::outbox_record(tenant, index, &view.end_to_end_id, &pix, now));
+                        records.push(crate::webhook::outbox_record(
+                            tenant,
+                            index,
+                            &view.end_to_end_id,
+                            None,
+                            &pix,
+                            now,
+                        ));
                     }
                 }
                 if let Some(cob) = concludes.as_ref().and_then(|d| concluded_cob(d, &view.end_to_end_id)) {

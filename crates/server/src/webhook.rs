@@ -264,6 +264,9 @@ pub struct StoredWebhook {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Delivery {
     pub end_to_end_id: String,
+    /// The refund (`devolucao` id) whose final status this notifies; absent: the Pix's receipt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_id: Option<String>,
     pub url: String,
     /// `pending`, `delivered` or `failed` (every try used).
     pub status: String,
@@ -321,12 +324,29 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The pending delivery of a received Pix, for its writer batch (see the module's docs): leased to
-/// the committing node for its first attempt.
-pub fn outbox_record(tenant: u128, key_index: &str, e2e: &str, pix: &serde_json::Value, at: u64) -> store::Record {
+/// A delivery's id: the Pix's EndToEndId for its receipt, `{e2e}:{refund id}` for a refund's
+/// final status.
+pub fn delivery_id(e2e: &str, refund: Option<&str>) -> String {
+    match refund {
+        Some(id) => format!("{e2e}:{id}"),
+        None => e2e.to_owned(),
+    }
+}
+
+/// The pending delivery of a received Pix (or of one of its refunds' final status), for its
+/// writer batch (see the module's docs): leased to the committing node for its first attempt.
+pub fn outbox_record(
+    tenant: u128,
+    key_index: &str,
+    e2e: &str,
+    refund: Option<&str>,
+    pix: &serde_json::Value,
+    at: u64,
+) -> store::Record {
     let stored = StoredDelivery {
         delivery: Delivery {
             end_to_end_id: e2e.to_owned(),
+            refund_id: refund.map(str::to_owned),
             url: String::new(),
             status: "pending".into(),
             attempts: 0,
@@ -343,7 +363,7 @@ pub fn outbox_record(tenant: u128, key_index: &str, e2e: &str, pix: &serde_json:
     store::Record::Document(store::Document {
         kind: DELIVERY_KIND.into(),
         tenant_id: tenant,
-        id: e2e.to_owned(),
+        id: delivery_id(e2e, refund),
         lookup: None,
         owner: Some(OUTBOX.into()),
         created_at: at,
@@ -401,16 +421,16 @@ pub fn resume(state: &AppState) {
     });
 }
 
-/// Delivers the outbox entry (`e2e`) a Pix's commit wrote ([`outbox_record`]): in the background,
-/// with retries, each attempt recorded.
-pub fn notify(state: &AppState, tenant: u128, e2e: String) {
+/// Delivers the outbox entry (`id`, a [`delivery_id`]) a commit wrote ([`outbox_record`]): in the
+/// background, with retries, each attempt recorded.
+pub fn notify(state: &AppState, tenant: u128, id: String) {
     if state.webhooks.is_none() {
         return;
     }
     let state = state.clone();
     tokio::spawn(async move {
         let st = state.clone();
-        let found = tokio::task::spawn_blocking(move || st.store.queries.document(DELIVERY_KIND, tenant, &e2e)).await;
+        let found = tokio::task::spawn_blocking(move || st.store.queries.document(DELIVERY_KIND, tenant, &id)).await;
         if let Ok(Ok(Some(doc))) = found {
             deliver(&state, doc);
         }

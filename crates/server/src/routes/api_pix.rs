@@ -1102,6 +1102,29 @@ pub fn pix_notification(e2e: &str, amount: u64, txid: Option<&str>, description:
     v
 }
 
+/// The webhook's notification that `refund` reached a final status (`DEVOLVIDO` or
+/// `NAO_REALIZADO`), as the spec's callback asks: the received Pix with its refunds, `earlier` and
+/// this one, due from the refund's commit on.
+pub fn refund_outbox(
+    tenant: u128,
+    key_index: &str,
+    received: &StoredReceived,
+    earlier: &[StoredRefund],
+    refund: &StoredRefund,
+    at: u64,
+) -> store::Record {
+    let mut pix = pix_notification(
+        &received.end_to_end_id,
+        received.amount,
+        received.txid.as_deref(),
+        received.description.as_deref(),
+        received.received_at_nanos,
+    );
+    let refunds: Vec<&StoredRefund> = earlier.iter().chain([refund]).collect();
+    pix["devolucoes"] = serde_json::to_value(refunds).expect("serializable");
+    crate::webhook::outbox_record(tenant, key_index, &received.end_to_end_id, Some(&refund.id), &pix, at)
+}
+
 fn pix_view(q: &dyn store::Queries, tenant: u128, r: &StoredReceived) -> store::Result<Value> {
     let mut v =
         pix_notification(&r.end_to_end_id, r.amount, r.txid.as_deref(), r.description.as_deref(), r.received_at_nanos);
@@ -1332,9 +1355,18 @@ pub async fn refund_put(
     // as read when this commits, and each refund moves its version on.
     let guards = vec![store::Guard::of(&received_doc)];
     let bumped = bumped(&received_doc);
+    // The refund's final status, notified to the charge's key's webhook (not again for a twin's).
+    let earlier: Vec<StoredRefund> = refunds.into_iter().map(|r| r.refund).collect();
+    let notified = received.notified_key.clone();
+    let notice = notified.clone().map(|index| (index, received.clone(), earlier));
     let records: store::RecordsFn = Box::new(move |reply| {
-        let r = in_batch(reply.chain_result());
-        vec![
+        let result = reply.chain_result();
+        let r = in_batch(result);
+        let outbox = notice
+            .as_ref()
+            .filter(|_| result != ledger::TransferResult::Exists)
+            .map(|(index, received, earlier)| refund_outbox(tenant_id, index, received, earlier, &r, now));
+        let mut records = vec![
             bumped.clone(),
             store::Record::Document(store::Document {
                 kind: REFUND_KIND.into(),
@@ -1347,10 +1379,15 @@ pub async fn refund_put(
                 body: serde_json::to_string(&RefundDoc { refund: r, centavos, fingerprint: fingerprint.clone() })
                     .expect("serializable"),
             }),
-        ]
+        ];
+        records.extend(outbox);
+        records
     });
     let answer =
         crate::routes::submit_guarded(&state, &audit, store::Command::Transfers(events), Some(records), guards).await?;
+    if notified.is_some() && answer.chain_result() != ledger::TransferResult::Exists {
+        crate::webhook::notify(&state, tenant_id, crate::webhook::delivery_id(&e2e, Some(&id)));
+    }
     Ok(reply(StatusCode::CREATED, &conclude(answer.chain_result())))
 }
 

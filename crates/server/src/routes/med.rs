@@ -263,14 +263,15 @@ pub async fn resolve_claim(
     audit.0.set_resource(format!("pix-med:{e2e}"));
     let _lock = state.pix_runtime.lock(&[lock_of(&state, tenant_id, &e2e)]).await;
     let (st, e2e2) = (state.clone(), e2e.clone());
-    let (doc, view, received) = query(&state, move |q| {
+    let (doc, view, received, earlier) = query(&state, move |q| {
         let Some((doc, view)) = read_med(&st, q, tenant_id, &e2e2)? else {
             return Ok(Err(Problem::not_found("MED claim")));
         };
         let Some((_, received)) = read_received(q, tenant_id, &e2e2)? else {
             return Err(store::StoreError::Corrupt("a MED claim without its Pix".into()));
         };
-        Ok(Ok((doc, view, received)))
+        let earlier: Vec<StoredRefund> = refunds_of(q, tenant_id, &e2e2)?.into_iter().map(|r| r.refund).collect();
+        Ok(Ok((doc, view, received, earlier)))
     })
     .await??;
     if view.status != "blocked" {
@@ -335,9 +336,15 @@ pub async fn resolve_claim(
     let (record, version) = (resolved.clone(), doc.version);
     let owner = format!("{}:{e2e}", uuid_string(tenant_id));
     let refund_doc_id = super::api_pix::med_refund_doc_id(&e2e);
+    // The return is a refund that reached `DEVOLVIDO`: the charge's key's webhook hears of it.
+    let notice = received.notified_key.clone().filter(|_| refund.is_some());
+    let notifying = notice.is_some();
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => {
             let mut out = vec![med_document(tenant_id, doc.created_at, version + 1, &record)];
+            if let (Some(r), Some(index)) = (&refund, &notice) {
+                out.push(super::api_pix::refund_outbox(tenant_id, index, &received, &earlier, &r.refund, now));
+            }
             if let Some(r) = &refund {
                 out.push(store::Record::Document(store::Document {
                     kind: REFUND_KIND.into(),
@@ -356,7 +363,12 @@ pub async fn resolve_claim(
     });
     let answer = submit_recorded(&state, &audit, store::Command::Transfers(events), Some(records)).await?;
     match answer.chain_result() {
-        ledger::TransferResult::Created => Ok(reply(StatusCode::OK, &resolved)),
+        ledger::TransferResult::Created => {
+            if notifying {
+                crate::webhook::notify(&state, tenant_id, crate::webhook::delivery_id(&e2e, Some("MED")));
+            }
+            Ok(reply(StatusCode::OK, &resolved))
+        }
         // The 72 hours lapsed between the read and the commit.
         ledger::TransferResult::PendingTransferExpired => Err(Problem::new(
             StatusCode::CONFLICT,

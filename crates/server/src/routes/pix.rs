@@ -1426,6 +1426,7 @@ pub async fn sandbox_incoming(
         received_at: rfc3339(now),
         received_at_nanos: now,
         payer_account: None,
+        notified_key: None,
     };
     let event = ledger::TransferEvent {
         key: ledger::TransferKey {
@@ -1441,11 +1442,13 @@ pub async fn sandbox_incoming(
         metadata: Some(format!(r#"{{"pix":"{e2e}"}}"#)),
         linked: false,
     };
-    let record = received.clone();
     let guards = concludes.iter().map(store::Guard::of).collect();
     let tenant_for = tenant_id;
-    // The API Pix notifies Pix associated with a txid only; the delivery is due from the commit on.
+    // The API Pix notifies Pix associated with a txid only (and their refunds, later, through the
+    // same key's webhook); the delivery is due from the commit on.
     let key_index = key_index.filter(|_| received.txid.is_some());
+    let received = StoredReceived { notified_key: key_index.clone(), ..received };
+    let record = received.clone();
     let outbox = key_index.clone().map(|index| {
         let pix = super::api_pix::pix_notification(
             &received.end_to_end_id,
@@ -1454,7 +1457,7 @@ pub async fn sandbox_incoming(
             received.description.as_deref(),
             now,
         );
-        crate::webhook::outbox_record(tenant_id, &index, &received.end_to_end_id, &pix, now)
+        crate::webhook::outbox_record(tenant_id, &index, &received.end_to_end_id, None, &pix, now)
     });
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => {
