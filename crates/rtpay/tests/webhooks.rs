@@ -160,6 +160,78 @@ fn start_with_pki(dir: &Path, retry_ms: u32) -> (Server, Issued, rustls::pki_typ
     (Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args), server_cert, ca_der)
 }
 
+/// The delivery under `id` once its status is `status` (10 s at most).
+async fn delivery_when(c: &mut rtpay::client::Client, key: &str, id: &str, status: &str) -> Value {
+    let mut delivery = Value::Null;
+    for _ in 0..400 {
+        delivery = c.get(&format!("/v1/pix/webhook-deliveries/{id}"), key).await.unwrap().json();
+        if delivery["status"] == json!(status) {
+            return delivery;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the delivery never became {status}: {delivery}");
+}
+
+/// A notification whose tries all failed (the receiver was away longer than they last) is sent
+/// again on request, from a first attempt; one being made is not, and another tenant's is not
+/// found.
+#[test]
+fn a_failed_delivery_is_sent_again_on_request() {
+    let dir = temp_dir("webhooks-again");
+    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 50);
+    runtime().block_on(async {
+        // Six failures use every try; the seventh request fails too, the eighth is answered.
+        let (port, seen) = receiver(&server_cert, ca_der, 7).await;
+        let mut c = rtpay.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let (_, other) = tenant(&mut c, "other").await;
+        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
+        let key = json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME});
+        assert_eq!(c.post("/v1/pix/keys", &shop, &key).await.unwrap().status, 201);
+        let hook = Some(serde_json::to_vec(&json!({"webhookUrl": format!("https://localhost:{port}/h")})).unwrap().into());
+        let path = format!("/api/v2/webhook/{CNPJ_ACME}");
+        assert_eq!(c.send(Method::PUT, &path, Some(&shop), hook).await.unwrap().status, 200);
+        let code = json!({"key": CNPJ_ACME, "amount": 700, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": "AGAIN2026"});
+        let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
+        let payer = json!({"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"});
+        let r = c.post("/v1/sandbox/spi/incoming", &shop, &json!({"amount": 700, "brcode": brcode, "payer": payer})).await;
+        let e2e = r.unwrap().json()["end_to_end_id"].as_str().unwrap().to_owned();
+        let failed = delivery_when(&mut c, &shop, &e2e, "failed").await;
+        assert_eq!((failed["attempts"].clone(), failed["last_status"].clone()), (json!(6), json!(500)), "{failed}");
+
+        let retry = format!("/v1/pix/webhook-deliveries/{e2e}/retry");
+        let r = c.post(&retry, &other, &json!({})).await.unwrap();
+        assert_eq!(r.status, 404, "another tenant's delivery is not found");
+        let r = c.post("/v1/pix/webhook-deliveries/E00000000202612061200abcdefghijk/retry", &shop, &json!({})).await;
+        assert_eq!(r.unwrap().status, 404);
+        let r = c.post(&retry, &shop, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone(), r.json()["attempts"].clone()), (202, json!("pending"), json!(0)));
+        // Its first attempt fails; until the second, it is being delivered.
+        let r = c.post(&retry, &shop, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (409, json!("delivery_pending")), "{:?}", r.json());
+        let delivered = delivery_when(&mut c, &shop, &e2e, "delivered").await;
+        assert_eq!(delivered["attempts"], json!(2), "{delivered}");
+        let sent = seen.lock().unwrap().clone();
+        assert_eq!(sent.len(), 8);
+        assert!(sent.iter().all(|(_, _, body, _)| body == &sent[0].2), "the same notification each time");
+        // A delivered one may be sent again too (the receiver lost it).
+        assert_eq!(c.post(&retry, &shop, &json!({})).await.unwrap().status, 202);
+        assert_eq!(delivery_when(&mut c, &shop, &e2e, "delivered").await["attempts"], json!(1));
+        assert_eq!(seen.lock().unwrap().len(), 9);
+        // Each request to send again is in the audit log.
+        let audit = c.get("/v1/audit?limit=1000", &shop).await.unwrap().json();
+        let asked = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"] == json!(format!("pix-webhook-delivery:{e2e}")))
+            .count();
+        assert_eq!(asked, 3, "{audit}");
+    });
+}
+
 /// A receiver moved between two attempts gets the next one: each attempt reads the webhook anew.
 #[test]
 fn a_retry_goes_to_the_webhook_as_it_is_now() {

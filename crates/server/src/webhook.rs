@@ -311,7 +311,8 @@ struct Outbox {
     lease_until: u64,
 }
 
-/// A delivery's document: its record, and while pending, what it sends.
+/// A delivery's document: its record, and what it sends (kept after the last attempt, so that it
+/// can be sent again: [`redeliver`]).
 #[derive(Serialize, Deserialize, Clone, Debug)]
 struct StoredDelivery {
     #[serde(flatten)]
@@ -322,6 +323,17 @@ struct StoredDelivery {
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whether `id` has the form of a [`delivery_id`]: an EndToEndId, then a refund id (1 to 35
+/// letters and digits) after a colon for a refund's notification.
+pub fn is_delivery_id(id: &str) -> bool {
+    let (e2e, refund) = match id.split_once(':') {
+        Some((e2e, refund)) => (e2e, Some(refund)),
+        None => (id, None),
+    };
+    pix::ids::valid_end_to_end_id('E', e2e)
+        && refund.is_none_or(|r| (1..=35).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// A delivery's id: the Pix's EndToEndId for its receipt, `{e2e}:{refund id}` for a refund's
@@ -376,7 +388,7 @@ pub fn outbox_record(
 /// document, or `None` when another sender changed it meanwhile (it owns the delivery now).
 async fn record(state: &AppState, held: &store::Document, d: &Delivery, outbox: &Outbox) -> Option<store::Document> {
     let pending = d.status == "pending";
-    let stored = StoredDelivery { delivery: d.clone(), outbox: pending.then(|| outbox.clone()) };
+    let stored = StoredDelivery { delivery: d.clone(), outbox: Some(outbox.clone()) };
     let next = store::Document {
         version: held.version + 1,
         body: serde_json::to_string(&stored).expect("serializable"),
@@ -435,6 +447,54 @@ pub fn notify(state: &AppState, tenant: u128, id: String) {
             deliver(&state, doc);
         }
     });
+}
+
+/// Why a delivery was not sent again.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Redelivery {
+    /// No delivery under this id (for this tenant).
+    NotFound,
+    /// It is still being made: its attempts are under way or waiting.
+    Pending,
+    /// Its record keeps no notification to send (written by an earlier version), or changed
+    /// while this request read it.
+    Unavailable(&'static str),
+}
+
+/// Sends a delivered or failed notification again, from its first attempt (a receiver that was
+/// away for longer than the retries last, or lost what it was sent): the record is `pending`
+/// again, leased to this node, and delivered as a new one is.
+pub async fn redeliver(state: &AppState, tenant: u128, id: String) -> Result<Delivery, Redelivery> {
+    if state.webhooks.is_none() {
+        return Err(Redelivery::Unavailable("this node sends no webhook notifications"));
+    }
+    let st = state.clone();
+    let found = tokio::task::spawn_blocking(move || st.store.queries.document(DELIVERY_KIND, tenant, &id)).await;
+    let doc = match found {
+        Ok(Ok(Some(doc))) => doc,
+        Ok(Ok(None)) => return Err(Redelivery::NotFound),
+        _ => return Err(Redelivery::Unavailable("the delivery could not be read")),
+    };
+    let stored: StoredDelivery =
+        serde_json::from_str(&doc.body).map_err(|_| Redelivery::Unavailable("the delivery's record is unreadable"))?;
+    let (Some(mut outbox), mut delivery) = (stored.outbox, stored.delivery) else {
+        return Err(Redelivery::Unavailable("the delivery's record keeps no notification to send"));
+    };
+    if delivery.status == "pending" {
+        return Err(Redelivery::Pending);
+    }
+    let now = store::now_nanos();
+    delivery.status = "pending".into();
+    delivery.attempts = 0;
+    delivery.last_status = None;
+    delivery.last_error = None;
+    delivery.updated_at = crate::dto::rfc3339(now);
+    outbox.lease_until = now.saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN));
+    let next = record(state, &doc, &delivery, &outbox)
+        .await
+        .ok_or(Redelivery::Unavailable("the delivery changed meanwhile; try again"))?;
+    deliver(state, next);
+    Ok(delivery)
 }
 
 /// Makes a pending delivery's remaining attempts, holding it by compare and set on its record: a
@@ -581,6 +641,19 @@ mod tests {
             "100::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn delivery_ids_are_an_end_to_end_id_and_perhaps_a_refund_id() {
+        let e2e = "E607011902026120611531Zm4BK0fh1H";
+        assert!(super::is_delivery_id(e2e));
+        assert!(super::is_delivery_id(&super::delivery_id(e2e, Some("D1"))));
+        assert!(super::is_delivery_id(&format!("{e2e}:MED")));
+        for bad in
+            ["", "4111111111111111", &format!("{e2e}:"), &format!("{e2e}:a-b"), &format!("{e2e}:{}", "x".repeat(36))]
+        {
+            assert!(!super::is_delivery_id(bad), "{bad}");
         }
     }
 

@@ -1523,3 +1523,31 @@ pub async fn webhook_delivery(
     let delivery: crate::webhook::Delivery = serde_json::from_str(&doc.body).map_err(|_| Problem::internal())?;
     Ok(reply(StatusCode::OK, &delivery))
 }
+
+/// Sends a delivered or failed notification again, from its first attempt: for a receiver that
+/// was away longer than the retries last, or lost what it got. 202 with the delivery, `pending`.
+#[utoipa::path(post, path = "/v1/pix/webhook-deliveries/{e2e}/retry", tag = "pix", params(("e2e" = String, Path)),
+    responses((status = 202, body = Object), (status = 404, body = Problem), (status = 409, body = Problem),
+        (status = 503, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn webhook_redeliver(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    // Only a well-formed id is named as sent: raw input could be anything, a card number included.
+    let named = if crate::webhook::is_delivery_id(&id) { id.clone() } else { crate::audit_trail::client_id(&id) };
+    audit.0.set_resource(format!("pix-webhook-delivery:{named}"));
+    tenant.require("webhook.write")?;
+    match crate::webhook::redeliver(&state, tenant.id, id).await {
+        Ok(delivery) => Ok(reply(StatusCode::ACCEPTED, &delivery)),
+        Err(crate::webhook::Redelivery::NotFound) => Err(Problem::not_found("webhook delivery")),
+        Err(crate::webhook::Redelivery::Pending) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "delivery_pending",
+            "the notification is being delivered: its attempts are under way",
+        )),
+        Err(crate::webhook::Redelivery::Unavailable(why)) => Err(Problem::unavailable(why, 1)),
+    }
+}
