@@ -461,6 +461,26 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
             assert_eq!(net.ask(&dollars)["39"], json!("30"), "{mti}");
         }
         assert_eq!(available(&mut c, key, acct).await, (500, 200, 12_500), "the hold stands, untouched");
+        assert_eq!(net.ask(&with(held, json!({"t": "0400", "11": "000922"})))["39"], json!("00"));
+
+        // An RRN is unique only within one acquirer's and terminal's messages: two authorizations
+        // under one RRN from two terminals are captured and reversed each by its own terminal's
+        // message, whichever came last.
+        let at = |terminal: &str, amount: u64, stan: u32| {
+            with(auth(&i.pan, &i.expiry, amount, stan, "000000000930"), json!({"41": terminal, "32": "12345678"}))
+        };
+        let (one, two) = (at("TERM0001", 100, 930), at("TERM0002", 250, 931));
+        assert_eq!(net.ask(&one)["39"], json!("00"));
+        assert_eq!(net.ask(&two)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (350, 350, 12_500));
+        assert_eq!(net.ask(&with(one.clone(), json!({"t": "0220", "11": "000932"})))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (350, 250, 12_600), "TERM0001's 1.00 captured");
+        assert_eq!(net.ask(&with(two.clone(), json!({"t": "0400", "11": "000933"})))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (600, 0, 12_600), "TERM0002's 2.50 released");
+        // Another acquirer's message under that RRN, from a terminal of the same name, finds neither.
+        let stranger = with(one, json!({"t": "0400", "11": "000934", "32": "87654321"}));
+        assert_eq!(net.ask(&stranger)["39"], json!("00"), "acknowledged: nothing to reverse");
+        assert_eq!(available(&mut c, key, acct).await, (600, 0, 12_600), "nothing moved");
         let own = json!({"id": uuid(), "debit_account_id": acct, "credit_account_id": acct, "amount": 1, "code": 7600});
         let r = c.post("/v1/transfers", key, &own).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("reserved_code")));
@@ -469,9 +489,6 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
     assert!(ok, "{report}");
 }
 
-/// With its storage gone the issuer cannot decide: the network hears 91 (issuer unavailable) at
-/// once, nothing is held, and the same message after storage returns is decided as usual. A card
-/// row rtpay cannot read answers 96 (system malfunction).
 /// A capture sent to one node of a cluster and a reversal of the same authorization sent to the
 /// other at the same moment: whichever commits first, the other is decided again on what that
 /// left, so every purchase ends reversed, its money back, and its record keeps all three steps.
@@ -511,6 +528,9 @@ fn a_capture_and_a_reversal_racing_on_two_nodes_both_count() {
     });
 }
 
+/// With its storage gone the issuer cannot decide: the network hears 91 (issuer unavailable) at
+/// once, nothing is held, and the same message after storage returns is decided as usual. A card
+/// row rtpay cannot read answers 96 (system malfunction).
 #[test]
 fn an_issuer_without_its_storage_answers_91_and_a_garbled_card_96() {
     let url = store::testing::fresh_postgres_database();

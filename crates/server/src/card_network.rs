@@ -120,6 +120,12 @@ pub struct AuthorizationView {
     pub reasons: Vec<String>,
     pub stan: String,
     pub rrn: String,
+    /// DE32, the acquiring institution, when the message named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acquirer: Option<String>,
+    /// DE41, the card acceptor's terminal, when the message named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<String>,
     pub mcc: Option<String>,
     /// The pending ledger transfer holding the funds.
     pub hold_id: Option<String>,
@@ -385,6 +391,8 @@ impl Ctx {
             reasons: vec![],
             stan: self.request.get(11).unwrap_or("").to_owned(),
             rrn: self.request.get(37).unwrap_or("").to_owned(),
+            acquirer: self.request.get(32).map(str::to_owned),
+            terminal: self.request.get(41).map(str::to_owned),
             mcc: self.request.get(18).map(str::to_owned),
             hold_id: None,
             captured: 0,
@@ -711,31 +719,44 @@ impl<'a> Flow<'a> {
 
     /// The authorization a capture or reversal refers to: by RRN (DE37), else by the original
     /// STAN in DE90.
+    /// An RRN, or a STAN, is unique only among one acquirer's, or one terminal's, messages: where
+    /// the message and the authorization both name an acquirer (DE32) or a terminal (DE41), they
+    /// must be the same.
     async fn original(&self) -> Result<Option<(store::AuthorizationRow, AuthorizationView)>, ResponseCode> {
-        let (card, rrn) = (self.ctx.card_id, self.ctx.request.get(37).unwrap_or("").to_owned());
-        let found = crate::routes::query(self.state, move |q| q.authorization_by_rrn(card, &rrn))
+        let request = &self.ctx.request;
+        let same = |mine: Option<&str>, theirs: &Option<String>| match (mine, theirs) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        let of_this_origin =
+            |v: &AuthorizationView| same(request.get(32), &v.acquirer) && same(request.get(41), &v.terminal);
+        let view_of = |row: &store::AuthorizationRow| serde_json::from_str::<AuthorizationView>(&row.body);
+        let rrn = request.get(37).unwrap_or("").to_owned();
+        let (card, by) = (self.ctx.card_id, rrn.clone());
+        let latest = crate::routes::query(self.state, move |q| q.authorization_by_rrn(card, &by))
             .await
             .map_err(|_| ResponseCode::IssuerUnavailable)?;
-        let found = match found {
-            Some(a) => Some(a),
-            None => {
-                let stan = self.ctx.request.get(90).and_then(|d| d.get(4..10)).unwrap_or("").to_owned();
-                let (tenant, card) = (self.ctx.tenant, self.ctx.card_id);
-                let recent = crate::routes::query(self.state, move |q| q.card_authorizations(tenant, card, 1000))
-                    .await
-                    .map_err(|_| ResponseCode::IssuerUnavailable)?;
-                recent.into_iter().find(|a| {
-                    serde_json::from_str::<AuthorizationView>(&a.body).is_ok_and(|v| !stan.is_empty() && v.stan == stan)
-                })
+        if let Some(row) = latest {
+            let view = view_of(&row).map_err(|_| ResponseCode::SystemMalfunction)?;
+            if of_this_origin(&view) {
+                return Ok(Some((row, view)));
             }
-        };
-        Ok(match found {
-            Some(row) => {
-                let view = serde_json::from_str(&row.body).map_err(|_| ResponseCode::SystemMalfunction)?;
-                Some((row, view))
-            }
-            None => None,
-        })
+        }
+        // The card's recent authorizations: by RRN from this origin (another acquirer's used the
+        // same RRN later), else by the original STAN in DE90.
+        let stan = request.get(90).and_then(|d| d.get(4..10)).unwrap_or("").to_owned();
+        let (tenant, card) = (self.ctx.tenant, self.ctx.card_id);
+        let recent = crate::routes::query(self.state, move |q| q.card_authorizations(tenant, card, 1000))
+            .await
+            .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let views: Vec<_> = recent
+            .into_iter()
+            .filter_map(|row| view_of(&row).ok().map(|v| (row, v)))
+            .filter(|(_, v)| of_this_origin(v))
+            .collect();
+        let by_rrn = views.iter().position(|(_, v)| !rrn.is_empty() && v.rrn == rrn);
+        let by_stan = || views.iter().position(|(_, v)| !stan.is_empty() && v.stan == stan);
+        Ok(by_rrn.or_else(by_stan).map(|i| views.into_iter().nth(i).expect("found")))
     }
 
     async fn capture(&self) -> Step {
