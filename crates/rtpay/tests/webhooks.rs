@@ -39,8 +39,9 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-/// What the receiver saw: (path, signature header, body, whether the client presented a certificate).
-type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>, bool)>>>;
+/// What the receiver saw: (path, signature header, body, whether the client presented a
+/// certificate, the delivery header).
+type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>, bool, String)>>>;
 
 /// An HTTPS receiver that requires a client certificate of `ca` and answers 500 to the first
 /// `fail_first` requests, 200 after.
@@ -97,9 +98,14 @@ async fn receiver(server: &Issued, ca: rustls::pki_types::CertificateDer<'static
                 .lines()
                 .find_map(|l| l.to_lowercase().strip_prefix("x-rtpay-signature:").map(|v| v.trim().to_owned()))
                 .unwrap_or_default();
+            let delivery = head
+                .lines()
+                .find(|l| l.to_lowercase().starts_with("x-rtpay-delivery:"))
+                .map(|l| l["x-rtpay-delivery:".len()..].trim().to_owned())
+                .unwrap_or_default();
             let count = {
                 let mut s = log.lock().unwrap();
-                s.push((path, signature, buf[head_end..head_end + length].to_vec(), presented));
+                s.push((path, signature, buf[head_end..head_end + length].to_vec(), presented, delivery));
                 s.len()
             };
             let status = if count <= fail_first { "500 Internal Server Error" } else { "200 OK" };
@@ -113,7 +119,7 @@ async fn receiver(server: &Issued, ca: rustls::pki_types::CertificateDer<'static
 }
 
 /// The request the receiver saw after its first `n`, once it has arrived.
-async fn seen_after(seen: &Seen, n: usize) -> (String, String, Vec<u8>, bool) {
+async fn seen_after(seen: &Seen, n: usize) -> (String, String, Vec<u8>, bool, String) {
     for _ in 0..200 {
         if let Some(request) = seen.lock().unwrap().get(n) {
             return request.clone();
@@ -179,7 +185,7 @@ async fn delivery_when(c: &mut rtpay::client::Client, key: &str, id: &str, statu
 #[test]
 fn a_failed_delivery_is_sent_again_on_request() {
     let dir = temp_dir("webhooks-again");
-    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 50);
+    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 100);
     runtime().block_on(async {
         // Six failures use every try; the seventh request fails too, the eighth is answered.
         let (port, seen) = receiver(&server_cert, ca_der, 7).await;
@@ -215,20 +221,30 @@ fn a_failed_delivery_is_sent_again_on_request() {
         assert_eq!(delivered["attempts"], json!(2), "{delivered}");
         let sent = seen.lock().unwrap().clone();
         assert_eq!(sent.len(), 8);
-        assert!(sent.iter().all(|(_, _, body, _)| body == &sent[0].2), "the same notification each time");
+        assert!(sent.iter().all(|(_, _, body, _, _)| body == &sent[0].2), "the same notification each time");
         // A delivered one may be sent again too (the receiver lost it).
         assert_eq!(c.post(&retry, &shop, &json!({})).await.unwrap().status, 202);
         assert_eq!(delivery_when(&mut c, &shop, &e2e, "delivered").await["attempts"], json!(1));
         assert_eq!(seen.lock().unwrap().len(), 9);
+        // With the key's webhook gone there is nowhere to send it.
+        assert_eq!(c.send(Method::DELETE, &path, Some(&shop), None).await.unwrap().status, 204);
+        let r = c.post(&retry, &shop, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (409, json!("no_webhook")));
+        assert_eq!(delivery_when(&mut c, &shop, &e2e, "delivered").await["attempts"], json!(1), "its record stays");
+        // An id that is none is not found, and a card number in it is not written down.
+        let pan = "4111111111111111";
+        let r = c.post(&format!("/v1/pix/webhook-deliveries/{e2e}:{pan}/retry"), &shop, &json!({})).await.unwrap();
+        assert_eq!(r.status, 404);
         // Each request to send again is in the audit log.
         let audit = c.get("/v1/audit?limit=1000", &shop).await.unwrap().json();
+        assert!(!audit.to_string().contains(pan), "{audit}");
         let asked = audit["entries"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|e| e["resource"] == json!(format!("pix-webhook-delivery:{e2e}")))
             .count();
-        assert_eq!(asked, 3, "{audit}");
+        assert_eq!(asked, 4, "{audit}");
     });
 }
 
@@ -355,7 +371,8 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             audit["entries"].as_array().unwrap().iter().filter(|e| e["resource"] == json!("pix-webhook-secret")).collect();
         assert_eq!(reveals.len(), 1, "{audit}");
         assert_eq!(reveals[0]["outcome"], json!("200"), "{audit}");
-        for (path, signature, body, presented) in &received {
+        for (path, signature, body, presented, delivery) in &received {
+            assert_eq!(delivery, &e2e, "the delivery's id goes with it");
             assert_eq!(path, "/hooks/pix");
             assert!(presented, "rtpay presented its client certificate");
             assert_eq!(signature, &format!("sha256={}", python_hmac(&secret, body)), "the signature checks out");
@@ -387,7 +404,8 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             (json!("delivered"), json!(e2e), json!("D1")),
             "{delivery}"
         );
-        let (to, signature, body, _) = seen_after(&seen, 3).await;
+        let (to, signature, body, _, delivery) = seen_after(&seen, 3).await;
+        assert_eq!(delivery, format!("{e2e}:D1"));
         assert_eq!(to, "/hooks/pix");
         assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &body)));
         let v: Value = serde_json::from_slice(&body).unwrap();
@@ -404,7 +422,8 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         assert_eq!(c.post("/v1/pix/med", &shop, &claim).await.unwrap().status, 201);
         let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &shop, &json!({})).await.unwrap();
         assert_eq!(r.status, 200, "{:?}", r.json());
-        let (_, signature, body, _) = seen_after(&seen, 4).await;
+        let (_, signature, body, _, delivery) = seen_after(&seen, 4).await;
+        assert_eq!(delivery, format!("{e2e}:MED"));
         assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &body)));
         let v: Value = serde_json::from_slice(&body).unwrap();
         let refunds: Vec<_> = v["pix"][0]["devolucoes"]
@@ -414,6 +433,13 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             .map(|r| (r["id"].as_str().unwrap().to_owned(), r["valor"].as_str().unwrap().to_owned()))
             .collect();
         assert_eq!(refunds, [("D1".to_owned(), "2.00".to_owned()), ("MED".to_owned(), "1.00".to_owned())], "{v}");
+        assert_eq!(delivery_when(&mut c, &shop, &format!("{e2e}:MED"), "delivered").await["refund_id"], json!("MED"));
+        // The MED return is the refund `MED`: found under that id, which no refund may take.
+        let r = c.get(&format!("/api/v2/pix/{e2e}/devolucao/MED"), &shop).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["natureza"].clone()), (200, json!("MED_FRAUDE")), "{:?}", r.json());
+        let refund = Some(serde_json::to_vec(&json!({"valor": "0.01"})).unwrap().into());
+        let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/MED"), Some(&shop), refund).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["violacoes"][0]["propriedade"].clone()), (400, json!("id")));
 
         assert_eq!(c.send(Method::DELETE, &path, Some(&shop), None).await.unwrap().status, 204);
         assert_eq!(c.get(&path, &shop).await.unwrap().status, 404);

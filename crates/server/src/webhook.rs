@@ -1,10 +1,12 @@
 //! Webhook notifications of received Pix (API Pix `PUT /webhook/{chave}`, callback `listaPix`):
-//! when a Pix arrives on a key with a webhook, its `{"pix":[...]}` body is POSTed to
+//! when a Pix with a txid arrives on a key with a webhook, or one of its refunds reaches a final
+//! status, its `{"pix":[...]}` body is POSTed to
 //! `{webhookUrl}/pix` over TLS — with rtpay's client certificate when one is configured (the API
 //! Pix asks for mTLS) — signed with HMAC-SHA256 under the tenant's webhook secret
 //! (`x-rtpay-signature: sha256=<hex>` over the exact body bytes), and retried with exponential
 //! backoff until the receiver answers 2xx or the tries run out. Every attempt is recorded in the
-//! delivery's document (`GET /v1/pix/webhook-deliveries/{e2e}`).
+//! delivery's document (`GET /v1/pix/webhook-deliveries/{id}`: the EndToEndId for the receipt,
+//! `{e2e}:{refund id}` for a refund), and the id goes with every POST (`x-rtpay-delivery`).
 //!
 //! The delivery is due from the commit on: the Pix's writer batch also writes its delivery record,
 //! `pending` and marked as an outbox entry (with the key and the body to send), leased to the
@@ -12,8 +14,8 @@
 //! renews the lease by compare and set on the record; every node sweeps the outbox every 2 s and
 //! takes over a delivery whose lease ran out (its node stopped), from the attempts already made.
 //! A sender that finds the record changed by another stops. So a notification is delivered at
-//! least once: a receiver may see one twice if a node stops between a 2xx and its record (the
-//! `endToEndId` tells them apart).
+//! least once: a receiver may see one twice if a node stops between a 2xx and its record, or when
+//! asked to send it again ([`redeliver`]); `x-rtpay-delivery` tells notifications apart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -220,7 +222,7 @@ impl WebhookClient {
     }
 
     /// One POST of `body` to an `https://` URL; the answer's status.
-    async fn post(&self, url: &str, body: Bytes, signature: &str) -> Result<u16, String> {
+    async fn post(&self, url: &str, body: Bytes, signature: &str, delivery: &str) -> Result<u16, String> {
         let rest = url.strip_prefix("https://").ok_or("not an https:// URL")?;
         let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
         let (host, port) = host_and_port(authority)?;
@@ -244,6 +246,7 @@ impl WebhookClient {
             .header(hyper::header::HOST, authority)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header("x-rtpay-signature", signature)
+            .header("x-rtpay-delivery", delivery)
             .body(Full::new(body))
             .map_err(|e| format!("request: {e}"))?;
         let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
@@ -311,8 +314,7 @@ struct Outbox {
     lease_until: u64,
 }
 
-/// A delivery's document: its record, and what it sends (kept after the last attempt, so that it
-/// can be sent again: [`redeliver`]).
+/// A delivery's document: its record, and while pending, what it sends.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 struct StoredDelivery {
     #[serde(flatten)]
@@ -388,7 +390,7 @@ pub fn outbox_record(
 /// document, or `None` when another sender changed it meanwhile (it owns the delivery now).
 async fn record(state: &AppState, held: &store::Document, d: &Delivery, outbox: &Outbox) -> Option<store::Document> {
     let pending = d.status == "pending";
-    let stored = StoredDelivery { delivery: d.clone(), outbox: Some(outbox.clone()) };
+    let stored = StoredDelivery { delivery: d.clone(), outbox: pending.then(|| outbox.clone()) };
     let next = store::Document {
         version: held.version + 1,
         body: serde_json::to_string(&stored).expect("serializable"),
@@ -454,35 +456,54 @@ pub fn notify(state: &AppState, tenant: u128, id: String) {
 pub enum Redelivery {
     /// No delivery under this id (for this tenant).
     NotFound,
-    /// It is still being made: its attempts are under way or waiting.
+    /// It is still being made: its attempts are under way or waiting (or another request to
+    /// send it again won).
     Pending,
-    /// Its record keeps no notification to send (written by an earlier version), or changed
-    /// while this request read it.
+    /// The Pix's key has no webhook (any more): there is nowhere to send it.
+    NoWebhook,
+    /// Storage could not be read, or this node sends no notifications.
     Unavailable(&'static str),
 }
 
 /// Sends a delivered or failed notification again, from its first attempt (a receiver that was
 /// away for longer than the retries last, or lost what it was sent): the record is `pending`
-/// again, leased to this node, and delivered as a new one is.
+/// again, leased to this node, and delivered as a new one is. It carries the Pix as it is now,
+/// with all its refunds (a completed delivery keeps no body: a Pix's refund notifications, each
+/// with every refund before it, would add up to the square of their number).
 pub async fn redeliver(state: &AppState, tenant: u128, id: String) -> Result<Delivery, Redelivery> {
     if state.webhooks.is_none() {
         return Err(Redelivery::Unavailable("this node sends no webhook notifications"));
     }
+    if !is_delivery_id(&id) {
+        return Err(Redelivery::NotFound);
+    }
+    let e2e = id.split(':').next().unwrap_or_default().to_owned();
     let st = state.clone();
-    let found = tokio::task::spawn_blocking(move || st.store.queries.document(DELIVERY_KIND, tenant, &id)).await;
-    let doc = match found {
-        Ok(Ok(Some(doc))) => doc,
+    let found = tokio::task::spawn_blocking(move || -> store::Result<_> {
+        let q = st.store.queries.as_ref();
+        let Some(doc) = q.document(DELIVERY_KIND, tenant, &id)? else { return Ok(None) };
+        let Some((_, received)) = crate::routes::api_pix::read_received(q, tenant, &e2e)? else { return Ok(None) };
+        let webhook = match &received.notified_key {
+            Some(index) => q.document(WEBHOOK_KIND, tenant, index)?.map(|_| index.clone()),
+            None => None,
+        };
+        let pix = crate::routes::api_pix::pix_view(q, tenant, &received)?;
+        Ok(Some((doc, webhook, pix)))
+    })
+    .await;
+    let (doc, webhook, pix) = match found {
+        Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return Err(Redelivery::NotFound),
         _ => return Err(Redelivery::Unavailable("the delivery could not be read")),
     };
-    let stored: StoredDelivery =
-        serde_json::from_str(&doc.body).map_err(|_| Redelivery::Unavailable("the delivery's record is unreadable"))?;
-    let (Some(mut outbox), mut delivery) = (stored.outbox, stored.delivery) else {
-        return Err(Redelivery::Unavailable("the delivery's record keeps no notification to send"));
-    };
+    let mut delivery = serde_json::from_str::<StoredDelivery>(&doc.body)
+        .map_err(|_| Redelivery::Unavailable("the delivery's record is unreadable"))?
+        .delivery;
     if delivery.status == "pending" {
         return Err(Redelivery::Pending);
     }
+    let key_index = webhook.ok_or(Redelivery::NoWebhook)?;
+    let mut outbox = Outbox { key_index, pix, lease_until: 0 };
     let now = store::now_nanos();
     delivery.status = "pending".into();
     delivery.attempts = 0;
@@ -490,9 +511,8 @@ pub async fn redeliver(state: &AppState, tenant: u128, id: String) -> Result<Del
     delivery.last_error = None;
     delivery.updated_at = crate::dto::rfc3339(now);
     outbox.lease_until = now.saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN));
-    let next = record(state, &doc, &delivery, &outbox)
-        .await
-        .ok_or(Redelivery::Unavailable("the delivery changed meanwhile; try again"))?;
+    // Another request to send it again (or a sender) changed it meanwhile: it is being sent.
+    let next = record(state, &doc, &delivery, &outbox).await.ok_or(Redelivery::Pending)?;
     deliver(state, next);
     Ok(delivery)
 }
@@ -551,7 +571,8 @@ fn deliver(state: &AppState, doc: store::Document) {
             outbox.lease_until = store::now_nanos().saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN));
             let Some(next) = record(&state, &held, &delivery, &outbox).await else { return };
             held = next;
-            let outcome = tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &signature)).await;
+            let outcome =
+                tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &signature, &held.id)).await;
             drop(slot);
             delivery.attempts = attempt + 1;
             delivery.updated_at = crate::dto::rfc3339(store::now_nanos());

@@ -42,6 +42,9 @@ pub const LISTING_SCAN_MAX: usize = 10_000;
 /// Refunds one Pix may have (each listing of them reads one page).
 pub const REFUNDS_MAX: usize = store::PAGE_LEN_MAX - 1;
 /// The storage id of a MED return's refund: `:` is not in a refund id, so no refund can take it.
+/// The refund id a MED return is listed and notified under; no refund request may take it.
+pub const MED_REFUND_ID: &str = "MED";
+
 pub fn med_refund_doc_id(e2e: &str) -> String {
     format!("{e2e}:#med")
 }
@@ -1125,7 +1128,7 @@ pub fn refund_outbox(
     crate::webhook::outbox_record(tenant, key_index, &received.end_to_end_id, Some(&refund.id), &pix, at)
 }
 
-fn pix_view(q: &dyn store::Queries, tenant: u128, r: &StoredReceived) -> store::Result<Value> {
+pub(crate) fn pix_view(q: &dyn store::Queries, tenant: u128, r: &StoredReceived) -> store::Result<Value> {
     let mut v =
         pix_notification(&r.end_to_end_id, r.amount, r.txid.as_deref(), r.description.as_deref(), r.received_at_nanos);
     let refunds: Vec<StoredRefund> = refunds_of(q, tenant, &r.end_to_end_id)?.into_iter().map(|d| d.refund).collect();
@@ -1219,10 +1222,11 @@ pub async fn refund_get(
     tenant.require("pix.read")?;
     state.ispb()?;
     let tenant_id = tenant.id;
-    let refund =
-        query(&state, move |q| q.document(REFUND_KIND, tenant_id, &format!("{e2e}:{id}"))).await?.ok_or_else(|| {
-            PixError::new(StatusCode::NOT_FOUND, "PixDevolucaoNaoEncontrada", "no such refund of this Pix")
-        })?;
+    // A MED return is listed as the refund `MED`, and found under that id.
+    let doc_id = if id == MED_REFUND_ID { med_refund_doc_id(&e2e) } else { format!("{e2e}:{id}") };
+    let refund = query(&state, move |q| q.document(REFUND_KIND, tenant_id, &doc_id)).await?.ok_or_else(|| {
+        PixError::new(StatusCode::NOT_FOUND, "PixDevolucaoNaoEncontrada", "no such refund of this Pix")
+    })?;
     let doc: RefundDoc = serde_json::from_str(&refund.body).map_err(corrupt)?;
     Ok(reply(StatusCode::OK, &doc.refund))
 }
@@ -1246,6 +1250,10 @@ pub async fn refund_put(
     state.ispb()?;
     if !pix::ids::valid_refund_id(&id) {
         return Err(PixError::violation(K, "id", "must match [a-zA-Z0-9]{1,35}"));
+    }
+    if id == MED_REFUND_ID {
+        // Its refunds' ids name their webhook notifications too: one id, one refund.
+        return Err(PixError::violation(K, "id", "MED is the id of a Pix's MED return"));
     }
     let body: RefundBody = body_of(&bytes, K, "devolucao")?;
     let centavos = pix::amount::parse(&body.valor)
@@ -1279,9 +1287,6 @@ pub async fn refund_put(
         })?;
         let refunds = refunds_of(q, tenant_id, &e2e2)?;
         if let Some(r) = refunds.iter().find(|r| r.refund.id == id2) {
-            if r.fingerprint.is_empty() {
-                return Err(PixError::violation(K, "id", "is the id of this Pix's MED return"));
-            }
             if r.fingerprint == print2 {
                 return Ok(Ok(r.refund.clone()));
             }

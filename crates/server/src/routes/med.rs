@@ -19,7 +19,7 @@ use crate::dto::{rfc3339, uuid_string};
 use crate::json::{reply, Json, Path};
 use crate::pix_rail::*;
 use crate::problem::Problem;
-use crate::routes::{query, submit_recorded};
+use crate::routes::query;
 use crate::AppState;
 
 pub const MED_KIND: &str = "pix-med";
@@ -263,15 +263,15 @@ pub async fn resolve_claim(
     audit.0.set_resource(format!("pix-med:{e2e}"));
     let _lock = state.pix_runtime.lock(&[lock_of(&state, tenant_id, &e2e)]).await;
     let (st, e2e2) = (state.clone(), e2e.clone());
-    let (doc, view, received, earlier) = query(&state, move |q| {
+    let (doc, view, received_doc, received, earlier) = query(&state, move |q| {
         let Some((doc, view)) = read_med(&st, q, tenant_id, &e2e2)? else {
             return Ok(Err(Problem::not_found("MED claim")));
         };
-        let Some((_, received)) = read_received(q, tenant_id, &e2e2)? else {
+        let Some((received_doc, received)) = read_received(q, tenant_id, &e2e2)? else {
             return Err(store::StoreError::Corrupt("a MED claim without its Pix".into()));
         };
         let earlier: Vec<StoredRefund> = refunds_of(q, tenant_id, &e2e2)?.into_iter().map(|r| r.refund).collect();
-        Ok(Ok((doc, view, received, earlier)))
+        Ok(Ok((doc, view, received_doc, received, earlier)))
     })
     .await??;
     if view.status != "blocked" {
@@ -317,7 +317,7 @@ pub async fn resolve_claim(
         let random = crate::auth::random_bytes();
         RefundDoc {
             refund: StoredRefund {
-                id: "MED".into(),
+                id: super::api_pix::MED_REFUND_ID.into(),
                 rtr_id: pix::ids::end_to_end_id('D', &ispb, now, random),
                 valor: pix::amount::format(view.amount),
                 natureza: "MED_FRAUDE".into(),
@@ -331,7 +331,7 @@ pub async fn resolve_claim(
         }
     });
     if refund.is_some() {
-        resolved.refund_id = Some("MED".into());
+        resolved.refund_id = Some(super::api_pix::MED_REFUND_ID.into());
     }
     let (record, version) = (resolved.clone(), doc.version);
     let owner = format!("{}:{e2e}", uuid_string(tenant_id));
@@ -339,9 +339,14 @@ pub async fn resolve_claim(
     // The return is a refund that reached `DEVOLVIDO`: the charge's key's webhook hears of it.
     let notice = received.notified_key.clone().filter(|_| refund.is_some());
     let notifying = notice.is_some();
+    // The Pix's refunds as read, across every node (a refund of it committed meanwhile on another
+    // node is in the notification, or this waits): the received Pix's document must be as read,
+    // and moves its version on, as a refund's commit does.
+    let guards = vec![store::Guard::of(&received_doc)];
+    let bumped = super::api_pix::bumped(&received_doc);
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => {
-            let mut out = vec![med_document(tenant_id, doc.created_at, version + 1, &record)];
+            let mut out = vec![bumped.clone(), med_document(tenant_id, doc.created_at, version + 1, &record)];
             if let (Some(r), Some(index)) = (&refund, &notice) {
                 out.push(super::api_pix::refund_outbox(tenant_id, index, &received, &earlier, &r.refund, now));
             }
@@ -361,11 +366,16 @@ pub async fn resolve_claim(
         }
         _ => vec![],
     });
-    let answer = submit_recorded(&state, &audit, store::Command::Transfers(events), Some(records)).await?;
+    let answer =
+        crate::routes::submit_guarded(&state, &audit, store::Command::Transfers(events), Some(records), guards).await?;
     match answer.chain_result() {
         ledger::TransferResult::Created => {
             if notifying {
-                crate::webhook::notify(&state, tenant_id, crate::webhook::delivery_id(&e2e, Some("MED")));
+                crate::webhook::notify(
+                    &state,
+                    tenant_id,
+                    crate::webhook::delivery_id(&e2e, Some(super::api_pix::MED_REFUND_ID)),
+                );
             }
             Ok(reply(StatusCode::OK, &resolved))
         }

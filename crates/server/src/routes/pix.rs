@@ -1536,8 +1536,15 @@ pub async fn webhook_redeliver(
     audit: Audit,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    // Only a well-formed id is named as sent: raw input could be anything, a card number included.
-    let named = if crate::webhook::is_delivery_id(&id) { id.clone() } else { crate::audit_trail::client_id(&id) };
+    // An EndToEndId is named as sent; anything else (a refund id, raw input) with card-like
+    // digits masked.
+    let named = match id.split_once(':') {
+        Some((e2e, refund)) if crate::webhook::is_delivery_id(&id) => {
+            format!("{e2e}:{}", crate::audit_trail::client_id(refund))
+        }
+        _ if crate::webhook::is_delivery_id(&id) => id.clone(),
+        _ => crate::audit_trail::client_id(&id),
+    };
     audit.0.set_resource(format!("pix-webhook-delivery:{named}"));
     tenant.require("webhook.write")?;
     match crate::webhook::redeliver(&state, tenant.id, id).await {
@@ -1547,6 +1554,11 @@ pub async fn webhook_redeliver(
             StatusCode::CONFLICT,
             "delivery_pending",
             "the notification is being delivered: its attempts are under way",
+        )),
+        Err(crate::webhook::Redelivery::NoWebhook) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "no_webhook",
+            "the Pix's key has no webhook now: configure one (PUT /api/v2/webhook/{chave}) first",
         )),
         Err(crate::webhook::Redelivery::Unavailable(why)) => Err(Problem::unavailable(why, 1)),
     }
