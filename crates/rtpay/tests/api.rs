@@ -402,6 +402,41 @@ fn connections_that_stall_are_answered_or_closed() {
     });
 }
 
+/// A header that decides how a request is read, named twice, is refused (400 `duplicate_header`)
+/// and changes nothing: which of the two a proxy in front of rtpay honoured is unknown.
+#[test]
+fn headers_named_twice_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("api-twice");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "twice").await;
+        let (_, other) = tenant(&mut c, "other").await;
+        let (from, to) = (account(&mut c, &key, json!({"currency": "BRL"})).await, account(&mut c, &key, json!({"currency": "BRL"})).await);
+        let id = uuid();
+        let body = json!({"id": id, "debit_account_id": from, "credit_account_id": to, "amount": 5}).to_string();
+        for (extra, field) in [
+            (format!("authorization: Bearer {other}\r\ncontent-type: application/json\r\n"), "Authorization"),
+            ("content-type: application/json\r\ncontent-type: text/plain\r\n".to_owned(), "Content-Type"),
+        ] {
+            let request = format!(
+                "POST /v1/transfers HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).await.unwrap();
+            let got = String::from_utf8_lossy(&got);
+            assert!(got.starts_with("HTTP/1.1 400"), "{field}: {got}");
+            assert!(got.contains("\"duplicate_header\"") && got.contains(&format!("\"field\":\"{field}\"")), "{got}");
+        }
+        let r = get(&mut c, &format!("/v1/transfers/{id}"), &key).await;
+        assert_problem(&r, 404, "not_found", None, "no transfer was made");
+    });
+}
+
 #[test]
 fn another_tenants_ids_do_not_exist() {
     let dir = temp_dir("api-isolation");

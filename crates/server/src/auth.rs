@@ -239,10 +239,19 @@ impl ConnectionKey {
 }
 
 fn bearer(parts: &Parts) -> Result<&str, Problem> {
-    let value = parts
-        .headers
-        .get(header::AUTHORIZATION)
+    let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
+    let value = values
+        .next()
         .ok_or_else(|| Problem::unauthorized("missing Authorization header; use `Authorization: Bearer <secret>`"))?;
+    // Two credentials: which one a proxy in front read is anyone's guess. One request, one.
+    if values.next().is_some() {
+        return Err(Problem::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "duplicate_header",
+            "more than one Authorization header; send exactly one",
+        )
+        .field("Authorization"));
+    }
     let value = value.to_str().map_err(|_| Problem::unauthorized("the Authorization header is not ASCII"))?;
     let (scheme, token) = value.split_once(' ').ok_or_else(|| Problem::unauthorized("expected `Bearer <secret>`"))?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {

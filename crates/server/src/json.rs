@@ -47,9 +47,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
     }
 }
 
-/// A body's `Content-Type`, when given, must be JSON.
+/// A body's `Content-Type`, when given, must be JSON, and given once.
 fn json_content_type(request: &Request) -> Result<(), Problem> {
-    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
+    let mut values = request.headers().get_all(header::CONTENT_TYPE).iter();
+    if let Some(content_type) = values.next() {
+        if values.next().is_some() {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "duplicate_header",
+                "more than one Content-Type header; send exactly one",
+            )
+            .field("Content-Type"));
+        }
         let ok = content_type
             .to_str()
             .map(|v| {
