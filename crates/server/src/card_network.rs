@@ -522,7 +522,9 @@ impl<'a> Flow<'a> {
             match self.decide(stored.take()).await {
                 Ok(m) => return m,
                 Err(Failed::Code(code)) => return answer(request, code, None),
-                Err(Failed::Raced) => continue,
+                Err(Failed::Raced) => {
+                    self.state.metrics.card_steps_raced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
         tracing::warn!(mti = %request.mti, "a card message lost every race to other nodes' steps on its card");

@@ -27,6 +27,9 @@ pub struct Metrics {
     routes: Mutex<BTreeMap<String, ByMethodStatus>>,
     /// Audit entries the middleware could not record (the request's own outcome stood).
     pub audit_failures: std::sync::atomic::AtomicU64,
+    /// Card message steps decided again because another node's step on the authorization
+    /// committed first (see `card_network::Failed::Raced`).
+    pub card_steps_raced: std::sync::atomic::AtomicU64,
 }
 
 type ByMethodStatus = BTreeMap<(&'static str, u16), RouteStats>;
@@ -136,6 +139,12 @@ impl Metrics {
             "rtpay_audit_failures_total",
             "Audit entries that could not be recorded after their request.",
             self.audit_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "rtpay_card_steps_raced_total",
+            "Card message steps decided again: another node's step on the authorization committed first.",
+            self.card_steps_raced.load(Ordering::Relaxed),
         );
         counter(
             &mut out,
