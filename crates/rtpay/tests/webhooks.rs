@@ -474,22 +474,33 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         // A host name is checked when it is resolved, at delivery: `localhost` is loopback.
         let body = Some(serde_json::to_vec(&json!({"webhookUrl": "https://localhost:9/x"})).unwrap().into());
         assert_eq!(c.send(Method::PUT, &path, Some(&shop), body).await.unwrap().status, 200);
-        let code = json!({"key": CNPJ_ACME, "amount": 5, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": "T1"});
-        let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
-        let incoming = json!({"amount": 5, "brcode": brcode, "payer": {"ispb": "60701190", "name": "J", "document": "11144477735"}});
-        let r = c.post("/v1/sandbox/spi/incoming", &shop, &incoming).await.unwrap();
-        let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
-        let mut record = Value::Null;
-        for _ in 0..200 {
-            let r = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}"), &shop).await.unwrap();
-            // The record exists from the Pix's commit on (pending, no attempt yet).
-            if r.status == 200 && r.json()["attempts"].as_u64() >= Some(1) {
-                record = r.json();
-                break;
+        // The first attempt's record of a Pix with `txid` on the key.
+        let first_attempt = |txid: &'static str| {
+            let (mut c, shop) = (strict.client(), shop.clone());
+            async move {
+                let code = json!({"key": CNPJ_ACME, "amount": 5, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": txid});
+                let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
+                let incoming = json!({"amount": 5, "brcode": brcode, "payer": {"ispb": "60701190", "name": "J", "document": "11144477735"}});
+                let r = c.post("/v1/sandbox/spi/incoming", &shop, &incoming).await.unwrap();
+                let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
+                for _ in 0..600 {
+                    let r = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}"), &shop).await.unwrap();
+                    // The record exists from the Pix's commit on (pending, no attempt yet).
+                    if r.status == 200 && r.json()["attempts"].as_u64() >= Some(1) {
+                        return r.json();
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                }
+                panic!("no attempt was made");
             }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        assert!(record["last_error"].as_str().unwrap_or("").contains("no public address"), "{record}");
+        };
+        let private = first_attempt("T1").await;
+        assert!(private["last_error"].as_str().unwrap_or("").contains("no public address"), "{private}");
+        // A name that does not resolve reads the same: a tenant cannot map rtpay's network.
+        let body = Some(serde_json::to_vec(&json!({"webhookUrl": "https://rtpay-test.invalid/x"})).unwrap().into());
+        assert_eq!(c.send(Method::PUT, &path, Some(&shop), body).await.unwrap().status, 200);
+        let unknown = first_attempt("T2").await;
+        assert_eq!(unknown["last_error"], private["last_error"], "{unknown}");
     });
 }
 

@@ -228,13 +228,28 @@ impl WebhookClient {
         let (host, port) = host_and_port(authority)?;
         let host_name = host.to_owned();
         let server_name = ServerName::try_from(host_name.clone()).map_err(|_| "a bad host name")?;
-        // Resolved once and checked, then connected to that address (no second resolution).
-        let addr = tokio::net::lookup_host((host_name.as_str(), port))
-            .await
-            .map_err(|e| format!("resolve: {e}"))?
-            .find(|a| self.allow_private || is_public(a.ip()))
-            .ok_or("refused: the host resolves to no public address")?;
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        // Resolved once and checked, then connected to those addresses, in turn (no second
+        // resolution). A name that does not resolve and one that resolves to private addresses
+        // only are told apart nowhere a tenant can read: that would map rtpay's own network.
+        const NO_PUBLIC_ADDRESS: &str = "refused: the host has no public address";
+        let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host_name.as_str(), port)).await {
+            Ok(found) => found.filter(|a| self.allow_private || is_public(a.ip())).collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "a webhook's host did not resolve");
+                Vec::new()
+            }
+        };
+        if addrs.is_empty() {
+            return Err(NO_PUBLIC_ADDRESS.into());
+        }
+        let mut tried = Err(String::new());
+        for addr in addrs {
+            tried = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"));
+            if tried.is_ok() {
+                break;
+            }
+        }
+        let tcp = tried?;
         let tls = self.connector.connect(server_name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
