@@ -40,8 +40,8 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 }
 
 /// What the receiver saw: (path, signature header, body, whether the client presented a
-/// certificate, the delivery header).
-type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>, bool, String)>>>;
+/// certificate, the delivery header, the timestamp header).
+type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>, bool, String, String)>>>;
 
 /// An HTTPS receiver that requires a client certificate of `ca` and answers 500 to the first
 /// `fail_first` requests, 200 after.
@@ -98,14 +98,16 @@ async fn receiver(server: &Issued, ca: rustls::pki_types::CertificateDer<'static
                 .lines()
                 .find_map(|l| l.to_lowercase().strip_prefix("x-rtpay-signature:").map(|v| v.trim().to_owned()))
                 .unwrap_or_default();
-            let delivery = head
-                .lines()
-                .find(|l| l.to_lowercase().starts_with("x-rtpay-delivery:"))
-                .map(|l| l["x-rtpay-delivery:".len()..].trim().to_owned())
-                .unwrap_or_default();
+            let header = |name: &str| {
+                head.lines()
+                    .find(|l| l.to_lowercase().starts_with(&format!("{name}:")))
+                    .map(|l| l[name.len() + 1..].trim().to_owned())
+                    .unwrap_or_default()
+            };
+            let (delivery, timestamp) = (header("x-rtpay-delivery"), header("x-rtpay-timestamp"));
             let count = {
                 let mut s = log.lock().unwrap();
-                s.push((path, signature, buf[head_end..head_end + length].to_vec(), presented, delivery));
+                s.push((path, signature, buf[head_end..head_end + length].to_vec(), presented, delivery, timestamp));
                 s.len()
             };
             let status = if count <= fail_first { "500 Internal Server Error" } else { "200 OK" };
@@ -119,7 +121,7 @@ async fn receiver(server: &Issued, ca: rustls::pki_types::CertificateDer<'static
 }
 
 /// The request the receiver saw after its first `n`, once it has arrived.
-async fn seen_after(seen: &Seen, n: usize) -> (String, String, Vec<u8>, bool, String) {
+async fn seen_after(seen: &Seen, n: usize) -> (String, String, Vec<u8>, bool, String, String) {
     for _ in 0..200 {
         if let Some(request) = seen.lock().unwrap().get(n) {
             return request.clone();
@@ -129,11 +131,15 @@ async fn seen_after(seen: &Seen, n: usize) -> (String, String, Vec<u8>, bool, St
     panic!("the receiver saw no request after its first {n}");
 }
 
-/// HMAC-SHA256 of `body` under the hex `secret`, by Python's standard library.
-fn python_hmac(secret: &str, body: &[u8]) -> String {
+/// HMAC-SHA256 of `{timestamp}.{delivery}.{body}` under the hex `secret`, as the docs tell a
+/// receiver to check it, by Python's standard library.
+fn python_hmac(secret: &str, timestamp: &str, delivery: &str, body: &[u8]) -> String {
     use std::io::Write;
+    let script = "import hmac,hashlib,sys; \
+        signed = sys.argv[2].encode() + b'.' + sys.argv[3].encode() + b'.' + sys.stdin.buffer.read(); \
+        print(hmac.new(bytes.fromhex(sys.argv[1]), signed, hashlib.sha256).hexdigest())";
     let mut child = std::process::Command::new("python3")
-        .args(["-c", "import hmac,hashlib,sys; print(hmac.new(bytes.fromhex(sys.argv[1]), sys.stdin.buffer.read(), hashlib.sha256).hexdigest())", secret])
+        .args(["-c", script, secret, timestamp, delivery])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -221,7 +227,7 @@ fn a_failed_delivery_is_sent_again_on_request() {
         assert_eq!(delivered["attempts"], json!(2), "{delivered}");
         let sent = seen.lock().unwrap().clone();
         assert_eq!(sent.len(), 8);
-        assert!(sent.iter().all(|(_, _, body, _, _)| body == &sent[0].2), "the same notification each time");
+        assert!(sent.iter().all(|(_, _, body, _, _, _)| body == &sent[0].2), "the same notification each time");
         // A delivered one may be sent again too (the receiver lost it).
         assert_eq!(c.post(&retry, &shop, &json!({})).await.unwrap().status, 202);
         assert_eq!(delivery_when(&mut c, &shop, &e2e, "delivered").await["attempts"], json!(1));
@@ -371,11 +377,14 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             audit["entries"].as_array().unwrap().iter().filter(|e| e["resource"] == json!("pix-webhook-secret")).collect();
         assert_eq!(reveals.len(), 1, "{audit}");
         assert_eq!(reveals[0]["outcome"], json!("200"), "{audit}");
-        for (path, signature, body, presented, delivery) in &received {
+        for (path, signature, body, presented, delivery, timestamp) in &received {
             assert_eq!(delivery, &e2e, "the delivery's id goes with it");
             assert_eq!(path, "/hooks/pix");
             assert!(presented, "rtpay presented its client certificate");
-            assert_eq!(signature, &format!("sha256={}", python_hmac(&secret, body)), "the signature checks out");
+            let signed = python_hmac(&secret, timestamp, delivery, body);
+            assert_eq!(signature, &format!("sha256={signed}"), "the signature checks out");
+            let age = (store::now_nanos() / 1_000_000_000).abs_diff(timestamp.parse().unwrap());
+            assert!(age < 60, "the timestamp is the attempt's: {timestamp}");
             let v: Value = serde_json::from_slice(body).unwrap();
             assert_eq!(
                 (v["pix"][0]["endToEndId"].clone(), v["pix"][0]["valor"].clone(), v["pix"][0]["infoPagador"].clone()),
@@ -404,10 +413,10 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             (json!("delivered"), json!(e2e), json!("D1")),
             "{delivery}"
         );
-        let (to, signature, body, _, delivery) = seen_after(&seen, 3).await;
+        let (to, signature, body, _, delivery, timestamp) = seen_after(&seen, 3).await;
         assert_eq!(delivery, format!("{e2e}:D1"));
         assert_eq!(to, "/hooks/pix");
-        assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &body)));
+        assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &timestamp, &delivery, &body)));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!((v["pix"][0]["endToEndId"].clone(), v["pix"][0]["txid"].clone()), (json!(e2e), json!("MENSAL2026")));
         let refunds = v["pix"][0]["devolucoes"].as_array().unwrap();
@@ -422,9 +431,9 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         assert_eq!(c.post("/v1/pix/med", &shop, &claim).await.unwrap().status, 201);
         let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &shop, &json!({})).await.unwrap();
         assert_eq!(r.status, 200, "{:?}", r.json());
-        let (_, signature, body, _, delivery) = seen_after(&seen, 4).await;
+        let (_, signature, body, _, delivery, timestamp) = seen_after(&seen, 4).await;
         assert_eq!(delivery, format!("{e2e}:MED"));
-        assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &body)));
+        assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &timestamp, &delivery, &body)));
         let v: Value = serde_json::from_slice(&body).unwrap();
         let refunds: Vec<_> = v["pix"][0]["devolucoes"]
             .as_array()

@@ -86,8 +86,12 @@ fn complete(operation: &mut Operation) {
     let has_body = operation.request_body.is_some();
     let has_parameters = operation.parameters.as_ref().is_some_and(|p| !p.is_empty());
     let mut common: Vec<(&str, &str, bool)> = Vec::new();
-    if has_body || has_parameters {
-        common.push(("400", "the body is not JSON, or a path segment is not UTF-8", false));
+    if has_body || has_parameters || secured {
+        common.push((
+            "400",
+            "the body is not JSON, a path segment is not UTF-8, or a header that decides how the request is read (Authorization, Content-Type) is given twice",
+            false,
+        ));
     }
     if has_body {
         common.push(("413", "the body is larger than the server accepts", false));

@@ -3,7 +3,8 @@
 //! status, its `{"pix":[...]}` body is POSTed to
 //! `{webhookUrl}/pix` over TLS — with rtpay's client certificate when one is configured (the API
 //! Pix asks for mTLS) — signed with HMAC-SHA256 under the tenant's webhook secret
-//! (`x-rtpay-signature: sha256=<hex>` over the exact body bytes), and retried with exponential
+//! (`x-rtpay-signature: sha256=<hex>` over `{x-rtpay-timestamp}.{x-rtpay-delivery}.{body}`, the
+//! exact body bytes), and retried with exponential
 //! backoff until the receiver answers 2xx or the tries run out. Every attempt is recorded in the
 //! delivery's document (`GET /v1/pix/webhook-deliveries/{id}`: the EndToEndId for the receipt,
 //! `{e2e}:{refund id}` for a refund), and the id goes with every POST (`x-rtpay-delivery`).
@@ -38,6 +39,8 @@ pub const TRIES: u32 = 6;
 pub const URL_LEN_MAX: usize = 512;
 /// How long one attempt may take (connect, TLS, answer).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to one of a receiver's addresses may take before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How notifications leave: whom they trust, who they are, how they retry.
 #[derive(Clone, Debug, Default)]
@@ -222,7 +225,7 @@ impl WebhookClient {
     }
 
     /// One POST of `body` to an `https://` URL; the answer's status.
-    async fn post(&self, url: &str, body: Bytes, signature: &str, delivery: &str) -> Result<u16, String> {
+    async fn post(&self, url: &str, body: Bytes, secret: &[u8; 32], delivery: &str) -> Result<u16, String> {
         let rest = url.strip_prefix("https://").ok_or("not an https:// URL")?;
         let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
         let (host, port) = host_and_port(authority)?;
@@ -234,6 +237,8 @@ impl WebhookClient {
         const NO_PUBLIC_ADDRESS: &str = "refused: the host has no public address";
         let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host_name.as_str(), port)).await {
             Ok(found) => found.filter(|a| self.allow_private || is_public(a.ip())).collect(),
+            // With private receivers allowed there is nothing to hide: the resolver's own words.
+            Err(e) if self.allow_private => return Err(format!("resolve: {e}")),
             Err(e) => {
                 tracing::debug!(error = %e, "a webhook's host did not resolve");
                 Vec::new()
@@ -244,7 +249,11 @@ impl WebhookClient {
         }
         let mut tried = Err(String::new());
         for addr in addrs {
-            tried = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"));
+            // Each its own time: an address that swallows packets leaves the others theirs.
+            tried = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+                Ok(connected) => connected.map_err(|e| format!("connect: {e}")),
+                Err(_) => Err("connect: timed out".into()),
+            };
             if tried.is_ok() {
                 break;
             }
@@ -257,11 +266,14 @@ impl WebhookClient {
         tokio::spawn(async move {
             let _ = connection.await;
         });
+        // Signed as it leaves: the timestamp is this attempt's.
+        let timestamp = store::now_nanos() / 1_000_000_000;
         let request = hyper::Request::post(path)
             .header(hyper::header::HOST, authority)
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header("x-rtpay-signature", signature)
+            .header("x-rtpay-timestamp", timestamp)
             .header("x-rtpay-delivery", delivery)
+            .header("x-rtpay-signature", sign(secret, timestamp, delivery, &body))
             .body(Full::new(body))
             .map_err(|e| format!("request: {e}"))?;
         let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
@@ -304,8 +316,12 @@ pub fn secret(state: &AppState, tenant: u128) -> [u8; 32] {
     out
 }
 
-pub fn sign(secret: &[u8; 32], body: &[u8]) -> String {
+/// The signature of one POST: HMAC-SHA256 over `{timestamp}.{delivery}.{body}`, so that neither
+/// the delivery's id (what a receiver tells repeats by) nor the time (what it refuses stale
+/// replays by) can be changed without the secret.
+pub fn sign(secret: &[u8; 32], timestamp: u64, delivery: &str, body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(format!("{timestamp}.{delivery}.").as_bytes());
     mac.update(body);
     format!("sha256={}", crate::auth::hex(&mac.finalize().into_bytes()))
 }
@@ -402,8 +418,14 @@ pub fn outbox_record(
 }
 
 /// Writes the delivery's record over `held` (the version this sender wrote or read): the new
-/// document, or `None` when another sender changed it meanwhile (it owns the delivery now).
-async fn record(state: &AppState, held: &store::Document, d: &Delivery, outbox: &Outbox) -> Option<store::Document> {
+/// document, `None` when another sender changed it meanwhile (it owns the delivery now), or an
+/// error when storage could not be written.
+async fn record(
+    state: &AppState,
+    held: &store::Document,
+    d: &Delivery,
+    outbox: &Outbox,
+) -> Result<Option<store::Document>, ()> {
     let pending = d.status == "pending";
     let stored = StoredDelivery { delivery: d.clone(), outbox: pending.then(|| outbox.clone()) };
     let next = store::Document {
@@ -414,8 +436,9 @@ async fn record(state: &AppState, held: &store::Document, d: &Delivery, outbox: 
     };
     let (st, doc, expected) = (state.clone(), next.clone(), held.version);
     match tokio::task::spawn_blocking(move || st.store.queries.update_document(&doc, expected)).await {
-        Ok(Ok(true)) => Some(next),
-        _ => None,
+        Ok(Ok(true)) => Ok(Some(next)),
+        Ok(Ok(false)) => Ok(None),
+        _ => Err(()),
     }
 }
 
@@ -527,7 +550,10 @@ pub async fn redeliver(state: &AppState, tenant: u128, id: String) -> Result<Del
     delivery.updated_at = crate::dto::rfc3339(now);
     outbox.lease_until = now.saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN));
     // Another request to send it again (or a sender) changed it meanwhile: it is being sent.
-    let next = record(state, &doc, &delivery, &outbox).await.ok_or(Redelivery::Pending)?;
+    let next = record(state, &doc, &delivery, &outbox)
+        .await
+        .map_err(|()| Redelivery::Unavailable("the delivery could not be written"))?
+        .ok_or(Redelivery::Pending)?;
     deliver(state, next);
     Ok(delivery)
 }
@@ -550,11 +576,11 @@ fn deliver(state: &AppState, doc: store::Document) {
         let mut held = doc;
         if delivery.attempts >= TRIES {
             delivery.status = "failed".into();
-            record(&state, &held, &delivery, &outbox).await;
+            let _ = record(&state, &held, &delivery, &outbox).await;
             return;
         }
         let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [outbox.pix] })).expect("serializable"));
-        let signature = sign(&secret(&state, tenant), &body);
+        let secret = secret(&state, tenant);
         for attempt in delivery.attempts..TRIES {
             let Some(slot) = client.slots.take(tenant) else {
                 tracing::warn!(
@@ -573,21 +599,31 @@ fn deliver(state: &AppState, doc: store::Document) {
                 _ => return,
             };
             let Some(hook) = hook else {
-                // No webhook on the key (any more): nothing to deliver, no record.
-                let (st, id) = (state.clone(), held.id.clone());
-                let _ =
-                    tokio::task::spawn_blocking(move || st.store.queries.delete_document(DELIVERY_KIND, tenant, &id))
-                        .await;
+                // No webhook on the key (any more). A notification never tried, as its commit wrote
+                // it, leaves no record (most keys have no webhook); one with a history (tried
+                // before, or asked for again) keeps it, ended.
+                if held.version == 1 && delivery.attempts == 0 {
+                    let (st, id) = (state.clone(), held.id.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        st.store.queries.delete_document(DELIVERY_KIND, tenant, &id)
+                    })
+                    .await;
+                } else {
+                    delivery.status = "failed".into();
+                    delivery.last_error = Some("the key has no webhook".into());
+                    delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
+                    let _ = record(&state, &held, &delivery, &outbox).await;
+                }
                 return;
             };
             let url = format!("{}/pix", hook.url.trim_end_matches('/'));
             delivery.url = url.clone();
             // Held for this attempt.
             outbox.lease_until = store::now_nanos().saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN));
-            let Some(next) = record(&state, &held, &delivery, &outbox).await else { return };
+            let Ok(Some(next)) = record(&state, &held, &delivery, &outbox).await else { return };
             held = next;
             let outcome =
-                tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &signature, &held.id)).await;
+                tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &secret, &held.id)).await;
             drop(slot);
             delivery.attempts = attempt + 1;
             delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
@@ -608,7 +644,7 @@ fn deliver(state: &AppState, doc: store::Document) {
             // Held through the wait before the next attempt.
             let wait = client.retry_base * 2u32.pow(attempt);
             outbox.lease_until = store::now_nanos().saturating_add(nanos(wait + ATTEMPT_TIMEOUT + LEASE_MARGIN));
-            let Some(next) = record(&state, &held, &delivery, &outbox).await else { return };
+            let Ok(Some(next)) = record(&state, &held, &delivery, &outbox).await else { return };
             held = next;
             if delivery.status != "pending" {
                 return;
