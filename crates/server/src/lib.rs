@@ -21,6 +21,7 @@ pub mod json;
 pub mod json_objects;
 pub mod jws;
 pub mod limits;
+pub mod linger;
 pub mod metrics;
 pub mod oauth;
 pub mod pix_rail;
@@ -478,7 +479,7 @@ pub(crate) async fn serve_connection<I, L>(
     // The extensions wrap the router as one service: `Router::layer` would wrap each route anew,
     // for every connection.
     let service = hyper_util::service::TowerToHyperService::new(extensions.layer(router));
-    let conn = http1().serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let conn = http1().serve_connection(hyper_util::rt::TokioIo::new(linger::Lingering::new(io)), service);
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(%addr, error = %e, "connection ended with an error");
     }
