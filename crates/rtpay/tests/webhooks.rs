@@ -286,15 +286,8 @@ fn a_retry_goes_to_the_webhook_as_it_is_now() {
         assert_eq!(old_seen.lock().unwrap().len(), 1, "the first attempt went to the old receiver, and failed");
         let moved = put(format!("https://localhost:{new_port}/new"));
         assert_eq!(c.send(Method::PUT, &path, Some(&shop), moved).await.unwrap().status, 200);
-        let mut delivery = Value::Null;
-        for _ in 0..400 {
-            delivery = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}"), &shop).await.unwrap().json();
-            if delivery["status"] == json!("delivered") {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        assert_eq!((delivery["status"].clone(), delivery["attempts"].clone()), (json!("delivered"), json!(2)), "{delivery}");
+        let delivery = delivery_when(&mut c, &shop, &e2e, "delivered").await;
+        assert_eq!(delivery["attempts"], json!(2), "{delivery}");
         assert_eq!(delivery["url"], json!(format!("https://localhost:{new_port}/new/pix")));
         assert_eq!(old_seen.lock().unwrap().len(), 1, "no attempt went to the old receiver after the move");
         let new_seen = new_seen.lock().unwrap().clone();
@@ -353,15 +346,7 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         let r = c.post("/v1/sandbox/spi/incoming", &shop, &incoming).await.unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
         let e2e = r.json()["end_to_end_id"].as_str().unwrap().to_owned();
-        let mut delivery = Value::Null;
-        for _ in 0..200 {
-            let r = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}"), &shop).await.unwrap();
-            if r.status == 200 && r.json()["status"] == json!("delivered") {
-                delivery = r.json();
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
+        let delivery = delivery_when(&mut c, &shop, &e2e, "delivered").await;
         assert_eq!(
             (delivery["status"].clone(), delivery["attempts"].clone()),
             (json!("delivered"), json!(3)),
@@ -399,15 +384,7 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         let refund = Some(serde_json::to_vec(&json!({"valor": "2.00"})).unwrap().into());
         let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/D1"), Some(&shop), refund).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("DEVOLVIDO")), "{:?}", r.json());
-        let mut delivery = Value::Null;
-        for _ in 0..200 {
-            let r = c.get(&format!("/v1/pix/webhook-deliveries/{e2e}:D1"), &shop).await.unwrap();
-            if r.status == 200 && r.json()["status"] == json!("delivered") {
-                delivery = r.json();
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
+        let delivery = delivery_when(&mut c, &shop, &format!("{e2e}:D1"), "delivered").await;
         assert_eq!(
             (delivery["status"].clone(), delivery["end_to_end_id"].clone(), delivery["refund_id"].clone()),
             (json!("delivered"), json!(e2e), json!("D1")),

@@ -727,8 +727,15 @@ pub fn guarded_requests(location: Location) {
     q.insert_document(&charge(1)).unwrap();
     let guard =
         |version: u64| crate::Guard::Document { kind: "pix-cob".into(), tenant_id: T.0, id: "charge".into(), version };
-    let submit = |id: u128, guards: Vec<crate::Guard>| {
+    // A transfer of `amount` (Alice to Bob) with the records made from its reply, applied only if
+    // `guards` hold; its answer comes on the receiver.
+    let guarded = |id: u128, amount: u64, records: crate::RecordsFn, guards: Vec<crate::Guard>| {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let command = crate::Command::Transfers(vec![posted(id, ALICE, BOB, amount)]);
+        store.engine.submit_guarded(command, None, Some(records), guards, Box::new(move |r| drop(tx.send(r)))).unwrap();
+        rx
+    };
+    let submit = |id: u128, guards: Vec<crate::Guard>| {
         let next = guards.first().and_then(|g| match g {
             crate::Guard::Document { id, version, .. } => {
                 Some(crate::Document { id: id.clone(), ..charge(version + 1) })
@@ -736,17 +743,7 @@ pub fn guarded_requests(location: Location) {
             crate::Guard::CounterAtMost { .. } | crate::Guard::Authorization { .. } => None,
         });
         let records: crate::RecordsFn = Box::new(move |_| next.iter().cloned().map(crate::Record::Document).collect());
-        store
-            .engine
-            .submit_guarded(
-                crate::Command::Transfers(vec![posted(id, ALICE, BOB, 100)]),
-                None,
-                Some(records),
-                guards,
-                Box::new(move |r| drop(tx.send(r))),
-            )
-            .unwrap();
-        rx
+        guarded(id, 100, records, guards)
     };
     let ok = |r: crate::Result<crate::Reply>| r.map(|r| r.chain_result());
     assert_eq!(ok(submit(200, vec![guard(1)]).recv().unwrap()), Ok(TransferResult::Created));
@@ -768,55 +765,25 @@ pub fn guarded_requests(location: Location) {
 
     // A counter limit: each request adds 40 to the counter if, under the lock, the total is at
     // most 100 - 40 (a limit of 100). Absent, it counts 0.
-    let spend = |id: u128| {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spend = |id: u128, period: u64| {
         let records: crate::RecordsFn =
-            Box::new(|_| vec![crate::Record::Count { scope: "spend".into(), period: 7, delta: 40 }]);
-        let guard = crate::Guard::CounterAtMost { scope: "spend".into(), period: 7, max: 60 };
-        store
-            .engine
-            .submit_guarded(
-                crate::Command::Transfers(vec![posted(id, ALICE, BOB, 1)]),
-                None,
-                Some(records),
-                vec![guard],
-                Box::new(move |r| drop(tx.send(r))),
-            )
-            .unwrap();
-        rx
+            Box::new(move |_| vec![crate::Record::Count { scope: "spend".into(), period, delta: 40 }]);
+        guarded(id, 1, records, vec![crate::Guard::CounterAtMost { scope: "spend".into(), period, max: 60 }])
     };
-    assert!(spend(300).recv().unwrap().is_ok(), "0 + 40 fits");
-    assert!(spend(301).recv().unwrap().is_ok(), "40 + 40 fits");
-    let over = spend(302).recv().unwrap();
+    assert!(spend(300, 7).recv().unwrap().is_ok(), "0 + 40 fits");
+    assert!(spend(301, 7).recv().unwrap().is_ok(), "40 + 40 fits");
+    let over = spend(302, 7).recv().unwrap();
     assert!(matches!(over, Err(crate::StoreError::Conflict(_))), "80 + 40 does not: {over:?}");
     assert_eq!(q.counter_total("spend", 7, 8).unwrap(), 80);
     assert_eq!(q.entry(TransferKey { tenant: T, id: TransferId(302) }).unwrap(), None);
     // Many at once (one batch or several): the limit holds, and as many as fit apply.
-    let mut waits = Vec::new();
-    for id in 0..6u128 {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let records: crate::RecordsFn =
-            Box::new(|_| vec![crate::Record::Count { scope: "spend".into(), period: 8, delta: 40 }]);
-        let guard = crate::Guard::CounterAtMost { scope: "spend".into(), period: 8, max: 60 };
-        store
-            .engine
-            .submit_guarded(
-                crate::Command::Transfers(vec![posted(400 + id, ALICE, BOB, 1)]),
-                None,
-                Some(records),
-                vec![guard],
-                Box::new(move |r| drop(tx.send(r))),
-            )
-            .unwrap();
-        waits.push(rx);
-    }
+    let waits: Vec<_> = (0..6u128).map(|id| spend(400 + id, 8)).collect();
     let applied = waits.into_iter().filter(|rx| rx.recv().unwrap().is_ok()).count();
     assert!((1..=2).contains(&applied), "{applied} applied: 40 each under a limit of 100");
     assert_eq!(q.counter_total("spend", 8, 9).unwrap(), 40 * applied as i64);
 
     // A card authorization as read: absent, then at the body a step left.
-    let step = |transfer: u128, body: &str, guard: crate::Guard| {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let step_at_once = |transfer: u128, body: &str, guard: crate::Guard| {
         let row = crate::AuthorizationRow {
             tenant_id: T.0,
             id: 77,
@@ -828,18 +795,9 @@ pub fn guarded_requests(location: Location) {
         };
         let records: crate::RecordsFn =
             Box::new(move |_| vec![crate::Record::Authorization { row: row.clone(), message: None }]);
-        store
-            .engine
-            .submit_guarded(
-                crate::Command::Transfers(vec![posted(transfer, ALICE, BOB, 1)]),
-                None,
-                Some(records),
-                vec![guard],
-                Box::new(move |r| drop(tx.send(r))),
-            )
-            .unwrap();
-        rx.recv().unwrap()
+        guarded(transfer, 1, records, vec![guard])
     };
+    let step = |transfer: u128, body: &str, guard: crate::Guard| step_at_once(transfer, body, guard).recv().unwrap();
     let read = |body: Option<&str>| crate::Guard::Authorization { tenant_id: T.0, id: 77, body: body.map(Into::into) };
     assert!(step(500, "approved", read(None)).is_ok());
     assert_eq!(q.authorization(T.0, 77).unwrap().unwrap().body, "approved");
@@ -851,6 +809,10 @@ pub fn guarded_requests(location: Location) {
     assert_eq!(q.authorization(T.0, 77).unwrap().unwrap().body, "captured", "the stale step wrote nothing");
     assert_eq!(q.entry(TransferKey { tenant: T, id: TransferId(503) }).unwrap(), None);
     assert!(step(504, "reversed", read(Some("captured"))).is_ok());
+    // Two steps at once on one record as read, in one batch or two: exactly one applies.
+    let (a, b) = (step_at_once(505, "x", read(Some("reversed"))), step_at_once(506, "y", read(Some("reversed"))));
+    let results = [a.recv().unwrap(), b.recv().unwrap()];
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
     assert_verified(&store);
 }
 
