@@ -172,6 +172,24 @@ fn start_with_pki(dir: &Path, retry_ms: u32) -> (Server, Issued, rustls::pki_typ
     (Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args), server_cert, ca_der)
 }
 
+/// ACME's account in `shop`, with ACME's CNPJ as its Pix key.
+async fn acme_with_key(c: &mut rtpay::client::Client, shop: &str) {
+    let holder = new_holder(c, shop, "company", "ACME", CNPJ_ACME).await;
+    let acme = account(c, shop, json!({"currency": "BRL", "holder_id": holder})).await;
+    let key = json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME});
+    assert_eq!(c.post("/v1/pix/keys", shop, &key).await.unwrap().status, 201);
+}
+
+/// A Pix of `amount` received on the key's static BR Code with `txid` (so notified): its EndToEndId.
+async fn pix_with_txid(c: &mut rtpay::client::Client, shop: &str, amount: u64, txid: &str) -> String {
+    let code = json!({"key": CNPJ_ACME, "amount": amount, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": txid});
+    let brcode = c.post("/v1/pix/brcode", shop, &code).await.unwrap().json()["payload"].clone();
+    let payer = json!({"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"});
+    let r =
+        c.post("/v1/sandbox/spi/incoming", shop, &json!({"amount": amount, "brcode": brcode, "payer": payer})).await;
+    r.unwrap().json()["end_to_end_id"].as_str().unwrap().to_owned()
+}
+
 /// The delivery under `id` once its status is `status` (10 s at most).
 async fn delivery_when(c: &mut rtpay::client::Client, key: &str, id: &str, status: &str) -> Value {
     let mut delivery = Value::Null;
@@ -198,18 +216,12 @@ fn a_failed_delivery_is_sent_again_on_request() {
         let mut c = rtpay.client();
         let (_, shop) = tenant(&mut c, "shop").await;
         let (_, other) = tenant(&mut c, "other").await;
-        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
-        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
-        let key = json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME});
-        assert_eq!(c.post("/v1/pix/keys", &shop, &key).await.unwrap().status, 201);
-        let hook = Some(serde_json::to_vec(&json!({"webhookUrl": format!("https://localhost:{port}/h")})).unwrap().into());
+        acme_with_key(&mut c, &shop).await;
+        let hook =
+            Some(serde_json::to_vec(&json!({"webhookUrl": format!("https://localhost:{port}/h")})).unwrap().into());
         let path = format!("/api/v2/webhook/{CNPJ_ACME}");
         assert_eq!(c.send(Method::PUT, &path, Some(&shop), hook).await.unwrap().status, 200);
-        let code = json!({"key": CNPJ_ACME, "amount": 700, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": "AGAIN2026"});
-        let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
-        let payer = json!({"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"});
-        let r = c.post("/v1/sandbox/spi/incoming", &shop, &json!({"amount": 700, "brcode": brcode, "payer": payer})).await;
-        let e2e = r.unwrap().json()["end_to_end_id"].as_str().unwrap().to_owned();
+        let e2e = pix_with_txid(&mut c, &shop, 700, "AGAIN2026").await;
         let failed = delivery_when(&mut c, &shop, &e2e, "failed").await;
         assert_eq!((failed["attempts"].clone(), failed["last_status"].clone()), (json!(6), json!(500)), "{failed}");
 
@@ -219,7 +231,10 @@ fn a_failed_delivery_is_sent_again_on_request() {
         let r = c.post("/v1/pix/webhook-deliveries/E00000000202612061200abcdefghijk/retry", &shop, &json!({})).await;
         assert_eq!(r.unwrap().status, 404);
         let r = c.post(&retry, &shop, &json!({})).await.unwrap();
-        assert_eq!((r.status.as_u16(), r.json()["status"].clone(), r.json()["attempts"].clone()), (202, json!("pending"), json!(0)));
+        assert_eq!(
+            (r.status.as_u16(), r.json()["status"].clone(), r.json()["attempts"].clone()),
+            (202, json!("pending"), json!(0))
+        );
         // Its first attempt fails; until the second, it is being delivered.
         let r = c.post(&retry, &shop, &json!({})).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (409, json!("delivery_pending")), "{:?}", r.json());
@@ -264,19 +279,12 @@ fn a_retry_goes_to_the_webhook_as_it_is_now() {
         let (new_port, new_seen) = receiver(&server_cert, ca_der, 0).await;
         let mut c = rtpay.client();
         let (_, shop) = tenant(&mut c, "shop").await;
-        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
-        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
-        let key = json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME});
-        assert_eq!(c.post("/v1/pix/keys", &shop, &key).await.unwrap().status, 201);
+        acme_with_key(&mut c, &shop).await;
         let put = |url: String| Some(serde_json::to_vec(&json!({"webhookUrl": url})).unwrap().into());
         let path = format!("/api/v2/webhook/{CNPJ_ACME}");
         let old = put(format!("https://localhost:{old_port}/old"));
         assert_eq!(c.send(Method::PUT, &path, Some(&shop), old).await.unwrap().status, 200);
-        let code = json!({"key": CNPJ_ACME, "amount": 500, "merchant_name": "ACME", "merchant_city": "SAO PAULO", "txid": "MOVED2026"});
-        let brcode = c.post("/v1/pix/brcode", &shop, &code).await.unwrap().json()["payload"].clone();
-        let payer = json!({"ispb": "60701190", "name": "Joana Prado", "document": "11144477735"});
-        let r = c.post("/v1/sandbox/spi/incoming", &shop, &json!({"amount": 500, "brcode": brcode, "payer": payer})).await;
-        let e2e = r.unwrap().json()["end_to_end_id"].as_str().unwrap().to_owned();
+        let e2e = pix_with_txid(&mut c, &shop, 500, "MOVED2026").await;
         for _ in 0..400 {
             if !old_seen.lock().unwrap().is_empty() {
                 break;

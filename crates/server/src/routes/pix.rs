@@ -1539,11 +1539,9 @@ pub async fn webhook_redeliver(
     // An EndToEndId is named as sent; anything else (a refund id, raw input) with card-like
     // digits masked.
     let named = match id.split_once(':') {
-        Some((e2e, refund)) if crate::webhook::is_delivery_id(&id) => {
-            format!("{e2e}:{}", crate::audit_trail::client_id(refund))
-        }
-        _ if crate::webhook::is_delivery_id(&id) => id.clone(),
-        _ => crate::audit_trail::client_id(&id),
+        _ if !crate::webhook::is_delivery_id(&id) => crate::audit_trail::client_id(&id),
+        Some((e2e, refund)) => format!("{e2e}:{}", crate::audit_trail::client_id(refund)),
+        None => id.clone(),
     };
     audit.0.set_resource(format!("pix-webhook-delivery:{named}"));
     tenant.require("webhook.write")?;
