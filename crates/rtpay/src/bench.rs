@@ -873,21 +873,27 @@ const TURNS: u32 = 5;
 /// For each subject, the peak (closed loop, the best over each count of connections) and the
 /// latency at half of it (open loop, with the connections of the peak): `(peak, p99 at half)`.
 ///
-/// Several subjects (rtpay and its baseline) are loaded in turns: for each count of connections,
-/// [`TURNS`] windows each, alternating, which add up to `--seconds` per subject. A machine whose
-/// speed drifts from one minute to the next (shared hosts do, by a third) then slows all of them
-/// alike, and their ratio compares the servers rather than the minutes they ran in.
+/// Several subjects (rtpay and its baseline) and the counts of connections are loaded in turns:
+/// [`TURNS`] rounds of one window per count and subject, each count's windows adding up to
+/// `--seconds` per subject. A machine whose speed drifts from one minute to the next (shared hosts
+/// do, by a third) then slows all of them alike, and their ratio compares the servers rather than
+/// the minutes they ran in.
 async fn measure(subjects: &[Subject<'_>], args: &BenchArgs) -> Vec<(f64, f64)> {
     let window = Duration::from_secs(args.seconds) / TURNS;
     let mut best: Vec<Option<(usize, Run, String)>> = subjects.iter().map(|_| None).collect();
+    // Warm each server up at each count.
     for &connections in &args.connections {
-        // Warm each server up for this count.
         for subject in subjects {
             let _ = closed_loop(subject.target, connections, Duration::from_secs(2), None).await;
         }
-        let mut runs: Vec<(Run, CpuSample)> = subjects.iter().map(|_| Default::default()).collect();
-        for _ in 0..TURNS {
-            for (subject, (total, cpu)) in subjects.iter().zip(&mut runs) {
+    }
+    // The counts take turns too, window by window: each peak is over the whole run's minutes, so
+    // one server's best count and the other's are not measured minutes apart.
+    let mut runs: Vec<Vec<(Run, CpuSample)>> =
+        args.connections.iter().map(|_| subjects.iter().map(|_| Default::default()).collect()).collect();
+    for _ in 0..TURNS {
+        for (&connections, runs) in args.connections.iter().zip(&mut runs) {
+            for (subject, (total, cpu)) in subjects.iter().zip(runs) {
                 let (run, spent) = closed_loop(subject.target, connections, window, subject.server).await;
                 cpu.add(&spent);
                 total.latencies_us.extend(run.latencies_us);
@@ -895,6 +901,8 @@ async fn measure(subjects: &[Subject<'_>], args: &BenchArgs) -> Vec<(f64, f64)> 
                 total.elapsed += run.elapsed;
             }
         }
+    }
+    for (&connections, runs) in args.connections.iter().zip(runs) {
         for ((subject, (mut run, cpu)), best) in subjects.iter().zip(runs).zip(&mut best) {
             let cpu = cpu.per_request(&run);
             println!(
