@@ -168,15 +168,18 @@ fn bench_reports_rtpay_and_the_baseline_with_consistent_cpu_figures() {
         "--seconds",
         "1",
         "--connections",
-        "8",
+        "4,8",
         "--scratch",
         dir.to_str().unwrap(),
     ]);
     assert!(ok, "{out}");
     let cores = std::thread::available_parallelism().unwrap().get() as f64;
-    for name in ["rtpay POST /v1/transfers (embedded), closed loop", "baseline: trivial axum JSON handler, closed loop"]
-    {
-        let line = out.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name} in {out}"));
+    let loops =
+        ["rtpay POST /v1/transfers (embedded), closed loop", "baseline: trivial axum JSON handler, closed loop"]
+            .into_iter()
+            .flat_map(|name| [4, 8].map(|count| format!("{name} over {count} connections:")));
+    for name in loops {
+        let line = out.lines().find(|l| l.contains(&name)).unwrap_or_else(|| panic!("{name} in {out}"));
         assert!(line.contains(" 0 errors"), "{line}");
         let rate = figure_after(line, "connections:");
         assert!(rate > 0.0, "{line}");
