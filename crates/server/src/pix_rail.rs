@@ -1039,10 +1039,17 @@ fn sweep_due(state: &AppState, at: u64) -> u64 {
 pub fn resume(state: &AppState) {
     let state = state.clone();
     tokio::spawn(async move {
+        // A page per sweep, after the previous sweep's (see `webhook::resume`): payments behind
+        // many older ones the SPI is still processing are reached too.
+        let mut after: Option<store::OwnerCursor> = None;
         loop {
-            let found =
-                crate::routes::query(&state, |q| q.documents_by_owner(PAYMENT_KIND, IN_FLIGHT, SWEEP_MAX)).await;
+            let from = after.take();
+            let found = crate::routes::query(&state, move |q| {
+                q.documents_by_owner(PAYMENT_KIND, IN_FLIGHT, from.as_ref(), SWEEP_MAX)
+            })
+            .await;
             if let Ok(docs) = found {
+                after = crate::webhook::next_page(&docs, SWEEP_MAX);
                 let now = store::now_nanos();
                 for doc in docs.into_iter().filter(|d| sweep_due(&state, d.created_at) <= now) {
                     let Ok(stored) = serde_json::from_str::<StoredPayment>(&doc.body) else { continue };

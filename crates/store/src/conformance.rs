@@ -847,11 +847,23 @@ pub fn documents(location: Location) {
     assert_eq!(q.document_by_lookup("pix-key", "nope").unwrap(), None);
     assert_eq!(q.count_documents("pix-key", "acct1").unwrap(), 3, "owners count across tenants");
     let owned: Vec<(u128, String)> =
-        q.documents_by_owner("pix-key", "acct1", 10).unwrap().into_iter().map(|d| (d.tenant_id, d.id)).collect();
+        q.documents_by_owner("pix-key", "acct1", None, 10).unwrap().into_iter().map(|d| (d.tenant_id, d.id)).collect();
     assert_eq!(owned.len(), 3, "across tenants: {owned:?}");
     assert!(owned.contains(&(OTHER.0, "a".into())) && owned.contains(&(T.0, "b".into())), "{owned:?}");
-    assert_eq!(q.documents_by_owner("pix-key", "acct1", 2).unwrap().len(), 2, "at most the limit");
-    assert!(q.documents_by_owner("pix-key", "nobody", 10).unwrap().is_empty());
+    assert_eq!(q.documents_by_owner("pix-key", "acct1", None, 2).unwrap().len(), 2, "at most the limit");
+    assert!(q.documents_by_owner("pix-key", "nobody", None, 10).unwrap().is_empty());
+    // Read a page at a time, each after the last one's last document: the same documents in the
+    // same order, none twice, none left out, though two tenants' "a" were made at the same time.
+    let mut paged = Vec::new();
+    let mut after: Option<crate::OwnerCursor> = None;
+    loop {
+        let page = q.documents_by_owner("pix-key", "acct1", after.as_ref(), 1).unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(crate::OwnerCursor::of(last));
+        paged.extend(page.into_iter().map(|d| (d.tenant_id, d.id)));
+        assert!(paged.len() <= 3, "{paged:?}");
+    }
+    assert_eq!(paged, owned);
     // Inserting within a count per owner (across tenants), in a kind of its own.
     let counted = |tenant: u128, id: &str, lookup: Option<&str>, owner: &str| crate::Document {
         kind: "counted".into(),

@@ -202,6 +202,21 @@ pub struct Document {
     pub body: String,
 }
 
+/// Where a listing of an owner's documents ([`Queries::documents_by_owner`]) goes on from: the
+/// last document it gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerCursor {
+    pub created_at: Timestamp,
+    pub id: String,
+    pub tenant_id: u128,
+}
+
+impl OwnerCursor {
+    pub fn of(doc: &Document) -> OwnerCursor {
+        OwnerCursor { created_at: doc.created_at, id: doc.id.clone(), tenant_id: doc.tenant_id }
+    }
+}
+
 /// Which documents a listing returns: one kind of one tenant, created in `[from, to)`, oldest
 /// first, after the cursor.
 #[derive(Clone, Debug)]
@@ -341,9 +356,16 @@ pub trait Queries: Send + Sync {
     fn documents(&self, query: &DocumentQuery<'_>) -> Result<Vec<Document>>;
     /// How many documents of the kind have this owner (every tenant).
     fn count_documents(&self, kind: &str, owner: &str) -> Result<u64>;
-    /// Up to `limit` documents of a kind with this owner, across tenants, oldest first (an outbox:
-    /// what is still to be done after a restart).
-    fn documents_by_owner(&self, kind: &str, owner: &str, limit: usize) -> Result<Vec<Document>>;
+    /// Up to `limit` documents of a kind with this owner, across tenants, oldest first (by
+    /// creation, then id, then tenant), after the cursor when one is given (an outbox: what is
+    /// still to be done after a restart, read a page at a time).
+    fn documents_by_owner(
+        &self,
+        kind: &str,
+        owner: &str,
+        after: Option<&OwnerCursor>,
+        limit: usize,
+    ) -> Result<Vec<Document>>;
     /// The sum of a counter over periods `[from, to)`.
     fn counter_total(&self, scope: &str, from: u64, to: u64) -> Result<i64>;
 

@@ -330,6 +330,17 @@ DROP INDEX documents_by_owner;
 CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id) WHERE owner IS NOT NULL;
 "#,
     },
+    Migration {
+        version: 12,
+        name: "owner index ties broken by tenant",
+        sql: r#"
+-- The sweeps read an owner's documents a page at a time, each after the last one read: two
+-- tenants' documents under one id made at the same time are told apart by the tenant, in the
+-- index's order as well.
+DROP INDEX documents_by_owner;
+CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id, tenant_id) WHERE owner IS NOT NULL;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -560,6 +571,16 @@ CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id) WHERE
 -- no timestamp, and another node's cache then wrote the released holds back.) Adding a column
 -- with a constant default rewrites nothing.
 ALTER TABLE ledger_meta ADD COLUMN commits BIGINT NOT NULL DEFAULT 0;
+"#,
+    },
+    Migration {
+        version: 10,
+        name: "owner index ties broken by tenant",
+        sql: r#"
+-- As SQLite's version 12: pages of an owner's documents, each after the last one read, in the
+-- index's order down to the tenant.
+DROP INDEX documents_by_owner;
+CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id, tenant_id) WHERE owner IS NOT NULL;
 "#,
     },
 ];

@@ -870,7 +870,11 @@ fn authorization_row(r: &Row) -> Result<AuthorizationRow> {
 const DOCUMENT_COLUMNS: &str = "kind, tenant_id, id, lookup, owner, created_at, version, body";
 
 /// An owner's documents, oldest first: in the order of the `documents_by_owner` index.
-const BY_OWNER: &str = "FROM documents WHERE kind = $1 AND owner = $2 ORDER BY created_at, id LIMIT $3";
+const BY_OWNER: &str = "FROM documents WHERE kind = $1 AND owner = $2 ORDER BY created_at, id, tenant_id LIMIT $3";
+/// The same, after a cursor: `(created_at, id, tenant_id)` past `($4, $5, $6)`.
+const BY_OWNER_AFTER: &str =
+    "FROM documents WHERE kind = $1 AND owner = $2 AND (created_at, id, tenant_id) > ($4, $5, $6) \
+                              ORDER BY created_at, id, tenant_id LIMIT $3";
 
 fn document_row(r: &Row) -> Result<Document> {
     Ok(Document {
@@ -1060,13 +1064,22 @@ impl Queries for PgQueries {
         })
     }
 
-    fn documents_by_owner(&self, kind: &str, owner: &str, limit: usize) -> Result<Vec<Document>> {
+    fn documents_by_owner(
+        &self,
+        kind: &str,
+        owner: &str,
+        after: Option<&crate::OwnerCursor>,
+        limit: usize,
+    ) -> Result<Vec<Document>> {
         self.with(|c| {
-            c.query(&format!("SELECT {DOCUMENT_COLUMNS} {BY_OWNER}"), &[&kind, &owner, &(limit as i64)])
-                .map_err(unavailable)?
-                .iter()
-                .map(document_row)
-                .collect()
+            let rows = match after {
+                None => c.query(&format!("SELECT {DOCUMENT_COLUMNS} {BY_OWNER}"), &[&kind, &owner, &(limit as i64)]),
+                Some(a) => c.query(
+                    &format!("SELECT {DOCUMENT_COLUMNS} {BY_OWNER_AFTER}"),
+                    &[&kind, &owner, &(limit as i64), &(a.created_at as i64), &a.id, &uuid(a.tenant_id)],
+                ),
+            };
+            rows.map_err(unavailable)?.iter().map(document_row).collect()
         })
     }
 
@@ -1766,13 +1779,20 @@ mod tests {
         client
             .batch_execute(&format!(
                 "SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan; \
-                 PREPARE p(text, text, bigint) AS SELECT {} {}",
-                super::DOCUMENT_COLUMNS,
-                super::BY_OWNER
+                 PREPARE p(text, text, bigint) AS SELECT {columns} {}; \
+                 PREPARE q(text, text, bigint, bigint, text, uuid) AS SELECT {columns} {}",
+                super::BY_OWNER,
+                super::BY_OWNER_AFTER,
+                columns = super::DOCUMENT_COLUMNS,
             ))
             .unwrap();
-        let plan = plan_lines(&mut client, "EXPLAIN EXECUTE p('pix-payment', 'in-flight', 100)");
-        assert!(plan.iter().any(|step| step.contains("Index Scan using documents_by_owner")), "{plan:?}");
-        assert!(!plan.iter().any(|step| step.contains("Sort")), "no sort: {plan:?}");
+        for explain in [
+            "EXPLAIN EXECUTE p('pix-payment', 'in-flight', 100)",
+            "EXPLAIN EXECUTE q('pix-payment', 'in-flight', 100, 1, 'a', '00000000-0000-0000-0000-000000000007')",
+        ] {
+            let plan = plan_lines(&mut client, explain);
+            assert!(plan.iter().any(|step| step.contains("Index Scan using documents_by_owner")), "{plan:?}");
+            assert!(!plan.iter().any(|step| step.contains("Sort")), "no sort: {plan:?}");
+        }
     }
 }

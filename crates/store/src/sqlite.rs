@@ -1318,7 +1318,11 @@ fn authorization_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Authoriza
 const DOCUMENT_COLUMNS: &str = "kind, tenant_id, id, lookup, owner, created_at, version, body";
 
 /// An owner's documents, oldest first: in the order of the `documents_by_owner` index.
-const BY_OWNER: &str = "FROM documents WHERE kind = ?1 AND owner = ?2 ORDER BY created_at, id LIMIT ?3";
+const BY_OWNER: &str = "FROM documents WHERE kind = ?1 AND owner = ?2 ORDER BY created_at, id, tenant_id LIMIT ?3";
+/// The same, after a cursor: `(created_at, id, tenant_id)` past `(?4, ?5, ?6)`.
+const BY_OWNER_AFTER: &str =
+    "FROM documents WHERE kind = ?1 AND owner = ?2 AND (created_at, id, tenant_id) > (?4, ?5, ?6) \
+                              ORDER BY created_at, id, tenant_id LIMIT ?3";
 
 fn document_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Document>> {
     let tenant: Vec<u8> = r.get(1)?;
@@ -1529,11 +1533,27 @@ impl Queries for SqliteQueries {
         })
     }
 
-    fn documents_by_owner(&self, kind: &str, owner: &str, limit: usize) -> Result<Vec<Document>> {
+    fn documents_by_owner(
+        &self,
+        kind: &str,
+        owner: &str,
+        after: Option<&crate::OwnerCursor>,
+        limit: usize,
+    ) -> Result<Vec<Document>> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("SELECT {DOCUMENT_COLUMNS} {BY_OWNER}")).map_err(unavailable)?;
-            let rows = stmt.query_map(params![kind, owner, limit as i64], document_row).map_err(unavailable)?;
-            rows.map(|r| r.map_err(unavailable)?).collect()
+            let rows: rusqlite::Result<Vec<Result<Document>>> = match after {
+                None => c
+                    .prepare_cached(&format!("SELECT {DOCUMENT_COLUMNS} {BY_OWNER}"))
+                    .and_then(|mut s| s.query_map(params![kind, owner, limit as i64], document_row)?.collect()),
+                Some(a) => {
+                    c.prepare_cached(&format!("SELECT {DOCUMENT_COLUMNS} {BY_OWNER_AFTER}")).and_then(|mut s| {
+                        let values =
+                            params![kind, owner, limit as i64, a.created_at as i64, a.id, uuid_bytes(a.tenant_id)];
+                        s.query_map(values, document_row)?.collect()
+                    })
+                }
+            };
+            rows.map_err(unavailable)?.into_iter().collect()
         })
     }
 
@@ -2366,15 +2386,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rtpay-owner-plan-{}-{}", std::process::id(), now_nanos()));
         let store = crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap();
         let conn = connect(&dir.join(DB_FILE)).unwrap();
-        let plan: Vec<String> = {
-            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN SELECT {DOCUMENT_COLUMNS} {BY_OWNER}")).unwrap();
-            stmt.query_map(params!["pix-payment", "in-flight", 100], |r| r.get(3))
-                .unwrap()
-                .map(|r| r.unwrap())
-                .collect()
+        let plan = |query: &str, values: &[&dyn rusqlite::ToSql]| -> Vec<String> {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN SELECT {DOCUMENT_COLUMNS} {query}")).unwrap();
+            stmt.query_map(values, |r| r.get(3)).unwrap().map(|r| r.unwrap()).collect()
         };
-        assert!(plan.iter().any(|step| step.contains("documents_by_owner")), "{plan:?}");
-        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "no sort: {plan:?}");
+        for plan in [
+            plan(BY_OWNER, params!["pix-payment", "in-flight", 100]),
+            plan(BY_OWNER_AFTER, params!["pix-payment", "in-flight", 100, 1, "a", uuid_bytes(7)]),
+        ] {
+            assert!(plan.iter().any(|step| step.contains("documents_by_owner")), "{plan:?}");
+            assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "no sort: {plan:?}");
+        }
         drop(conn);
         store.close();
         std::fs::remove_dir_all(&dir).ok();
@@ -2513,7 +2535,7 @@ mod tests {
         assert_eq!(q.document_by_lookup("pix-payment", "E1").unwrap().unwrap().id, "a");
         assert_eq!(q.count_documents("pix-payment", "acct:1").unwrap(), 2);
         let owned: Vec<String> =
-            q.documents_by_owner("pix-payment", "acct:1", 10).unwrap().into_iter().map(|d| d.id).collect();
+            q.documents_by_owner("pix-payment", "acct:1", None, 10).unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(owned, ["a", "b"]);
         let listed = q
             .documents(&DocumentQuery {
