@@ -1119,6 +1119,21 @@ pub fn reconcile(
         hold = q.entry(TransferKey { tenant: TenantId(tenant), id: TransferId(legacy) })?;
     }
     if let Some(ledger::Entry::Created(hold)) = hold {
+        if matches!(
+            hold.state,
+            ledger::PendingState::Posted | ledger::PendingState::Voided | ledger::PendingState::Expired
+        ) {
+            // A verdict settles the hold and records the payment in one commit: a hold found
+            // settled after the payment was read `processing` may be that commit's, and the
+            // payment read again then carries the verdict (and its reason).
+            if let Some(doc) = q.document(PAYMENT_KIND, tenant, &view.id)? {
+                let stored: StoredPayment =
+                    serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+                if stored.view.status != "processing" {
+                    return Ok(stored.view);
+                }
+            }
+        }
         match hold.state {
             ledger::PendingState::Posted => view.status = "completed".into(),
             ledger::PendingState::Voided | ledger::PendingState::Expired => {
@@ -1293,6 +1308,32 @@ mod tests {
                 assert_eq!(view.reason, None, "payment {payment}");
             }
         }
+        // A payment read `processing` just before its verdict's commit, whose hold is then read
+        // voided by that commit: the verdict recorded with it is what the payment says (AC03),
+        // not a time-out made up from the ledger.
+        let mut verdict = read(&none);
+        verdict.status = "rejected".into();
+        verdict.reason = Some(pix::spi::RejectReason::InvalidCreditorAccount.code().into());
+        let stored = StoredPayment { view: verdict.clone(), fingerprint: String::new(), payer_holder: None };
+        store
+            .queries
+            .insert_document(&store::Document {
+                kind: PAYMENT_KIND.into(),
+                tenant_id: tenant,
+                id: voided_now.clone(),
+                lookup: None,
+                owner: None,
+                created_at: 1,
+                version: 2,
+                body: serde_json::to_string(&StoredPayment {
+                    view: PaymentView { id: voided_now.clone(), ..verdict },
+                    ..stored
+                })
+                .unwrap(),
+            })
+            .unwrap();
+        let view = read(&voided_now);
+        assert_eq!((view.status.as_str(), view.reason.as_deref()), ("rejected", Some("AC03")), "{view:?}");
         drop(state);
         Arc::try_unwrap(store).ok().expect("the test holds the store's last reference").close();
         let _ = std::fs::remove_dir_all(&dir);
