@@ -1049,7 +1049,7 @@ pub fn resume(state: &AppState) {
             })
             .await;
             if let Ok(docs) = found {
-                after = crate::webhook::next_page(&docs, SWEEP_MAX);
+                after = store::OwnerCursor::next(&docs, SWEEP_MAX);
                 let now = store::now_nanos();
                 for doc in docs.into_iter().filter(|d| sweep_due(&state, d.created_at) <= now) {
                     let Ok(stored) = serde_json::from_str::<StoredPayment>(&doc.body) else { continue };
@@ -1311,10 +1311,13 @@ mod tests {
         // A payment read `processing` just before its verdict's commit, whose hold is then read
         // voided by that commit: the verdict recorded with it is what the payment says (AC03),
         // not a time-out made up from the ledger.
-        let mut verdict = read(&none);
-        verdict.status = "rejected".into();
-        verdict.reason = Some(pix::spi::RejectReason::InvalidCreditorAccount.code().into());
-        let stored = StoredPayment { view: verdict.clone(), fingerprint: String::new(), payer_holder: None };
+        let verdict = PaymentView {
+            id: voided_now.clone(),
+            status: "rejected".into(),
+            reason: Some(pix::spi::RejectReason::InvalidCreditorAccount.code().into()),
+            ..read(&none)
+        };
+        let stored = StoredPayment { view: verdict, fingerprint: String::new(), payer_holder: None };
         store
             .queries
             .insert_document(&store::Document {
@@ -1325,11 +1328,7 @@ mod tests {
                 owner: None,
                 created_at: 1,
                 version: 2,
-                body: serde_json::to_string(&StoredPayment {
-                    view: PaymentView { id: voided_now.clone(), ..verdict },
-                    ..stored
-                })
-                .unwrap(),
+                body: serde_json::to_string(&stored).unwrap(),
             })
             .unwrap();
         let view = read(&voided_now);

@@ -462,7 +462,7 @@ pub fn resume(state: &AppState) {
             })
             .await;
             if let Ok(Ok(docs)) = found {
-                after = next_page(&docs, SWEEP_MAX);
+                after = store::OwnerCursor::next(&docs, SWEEP_MAX);
                 let now = store::now_nanos();
                 for doc in docs {
                     let lapsed = serde_json::from_str::<StoredDelivery>(&doc.body)
@@ -477,12 +477,6 @@ pub fn resume(state: &AppState) {
             tokio::time::sleep(SWEEP_INTERVAL).await;
         }
     });
-}
-
-/// Where a sweep that read `page` (at most `limit` documents) goes on from: after its last
-/// document, or from the start when it was the last page.
-pub(crate) fn next_page(page: &[store::Document], limit: usize) -> Option<store::OwnerCursor> {
-    (page.len() >= limit).then(|| page.last().map(store::OwnerCursor::of)).flatten()
 }
 
 /// Delivers the outbox entry (`id`, a [`delivery_id`]) a commit wrote ([`outbox_record`]): in the
@@ -668,31 +662,7 @@ fn deliver(state: &AppState, doc: store::Document) {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_public, next_page, Slots};
-
-    /// A sweep goes on after a full page's last document, and from the oldest again after a page
-    /// that was not full (the last one).
-    #[test]
-    fn a_sweep_goes_on_after_a_full_page_and_starts_over_after_the_last() {
-        let doc = |id: &str, created_at: u64| store::Document {
-            kind: "webhook-delivery".into(),
-            tenant_id: 7,
-            id: id.into(),
-            lookup: None,
-            owner: Some(super::OUTBOX.into()),
-            created_at,
-            version: 1,
-            body: String::new(),
-        };
-        let page = [doc("a", 1), doc("b", 2)];
-        assert_eq!(
-            next_page(&page, 2),
-            Some(store::OwnerCursor { created_at: 2, id: "b".into(), tenant_id: 7 }),
-            "after the last of a full page"
-        );
-        assert_eq!(next_page(&page, 3), None, "a short page was the last");
-        assert_eq!(next_page(&[], 2), None);
-    }
+    use super::{is_public, Slots};
 
     #[test]
     fn a_tenant_takes_at_most_its_share_of_the_attempts_and_gives_them_back() {

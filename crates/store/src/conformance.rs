@@ -864,6 +864,11 @@ pub fn documents(location: Location) {
         assert!(paged.len() <= 3, "{paged:?}");
     }
     assert_eq!(paged, owned);
+    // A reader goes on after a full page's last document, and from the start after a short one.
+    let page = q.documents_by_owner("pix-key", "acct1", None, 2).unwrap();
+    assert_eq!(crate::OwnerCursor::next(&page, 2), Some(crate::OwnerCursor::of(&page[1])), "after a full page");
+    assert_eq!(crate::OwnerCursor::next(&page, 3), None, "a short page was the last");
+    assert_eq!(crate::OwnerCursor::next(&[], 2), None);
     // Inserting within a count per owner (across tenants), in a kind of its own.
     let counted = |tenant: u128, id: &str, lookup: Option<&str>, owner: &str| crate::Document {
         kind: "counted".into(),

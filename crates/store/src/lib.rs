@@ -215,6 +215,12 @@ impl OwnerCursor {
     pub fn of(doc: &Document) -> OwnerCursor {
         OwnerCursor { created_at: doc.created_at, id: doc.id.clone(), tenant_id: doc.tenant_id }
     }
+
+    /// Where a reader that got `page` (asking for at most `limit`) goes on from: after its last
+    /// document, or from the start (`None`) when it was the last page.
+    pub fn next(page: &[Document], limit: usize) -> Option<OwnerCursor> {
+        (page.len() >= limit).then(|| page.last().map(OwnerCursor::of)).flatten()
+    }
 }
 
 /// Which documents a listing returns: one kind of one tenant, created in `[from, to)`, oldest
