@@ -1118,31 +1118,30 @@ pub fn reconcile(
         let legacy = state.keys.derived_id(b"pix-transfer", tenant, &format!("{}:1", view.id)).as_u128();
         hold = q.entry(TransferKey { tenant: TenantId(tenant), id: TransferId(legacy) })?;
     }
-    if let Some(ledger::Entry::Created(hold)) = hold {
-        if matches!(
-            hold.state,
-            ledger::PendingState::Posted | ledger::PendingState::Voided | ledger::PendingState::Expired
-        ) {
-            // A verdict settles the hold and records the payment in one commit: a hold found
-            // settled after the payment was read `processing` may be that commit's, and the
-            // payment read again then carries the verdict (and its reason).
-            if let Some(doc) = q.document(PAYMENT_KIND, tenant, &view.id)? {
-                let stored: StoredPayment =
-                    serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
-                if stored.view.status != "processing" {
-                    return Ok(stored.view);
-                }
-            }
+    let Some(ledger::Entry::Created(hold)) = hold else { return Ok(view) };
+    // What the ledger says became of it: posted, or given back (without a verdict recorded, only
+    // a time-out can have done that).
+    let rejected = match hold.state {
+        ledger::PendingState::Posted => None,
+        ledger::PendingState::Voided | ledger::PendingState::Expired => Some(pix::spi::RejectReason::Timeout),
+        ledger::PendingState::Pending | ledger::PendingState::Final => return Ok(view),
+    };
+    // A verdict settles the hold and records the payment in one commit: a hold found settled
+    // after the payment was read `processing` may be that commit's, and the payment read again
+    // then carries the verdict (and its reason).
+    if let Some(doc) = q.document(PAYMENT_KIND, tenant, &view.id)? {
+        let stored: StoredPayment =
+            serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+        if stored.view.status != "processing" {
+            return Ok(stored.view);
         }
-        match hold.state {
-            ledger::PendingState::Posted => view.status = "completed".into(),
-            ledger::PendingState::Voided | ledger::PendingState::Expired => {
-                let r = pix::spi::RejectReason::Timeout;
-                view.status = "rejected".into();
-                view.reason = Some(r.code().into());
-                view.reason_detail = Some(r.describe().into());
-            }
-            ledger::PendingState::Pending | ledger::PendingState::Final => {}
+    }
+    match rejected {
+        None => view.status = "completed".into(),
+        Some(r) => {
+            view.status = "rejected".into();
+            view.reason = Some(r.code().into());
+            view.reason_detail = Some(r.describe().into());
         }
     }
     Ok(view)
