@@ -212,6 +212,33 @@ fn charges_are_created_revised_paid_and_refunded() {
         let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/pix?{window}&devolucaoPresente=true"), &shop, None).await;
         assert_eq!(v["pix"][0]["endToEndId"], json!(e2e));
         assert_problem(&send(&mut c, Method::GET, "/api/v2/cob?inicio=yesterday&fim=2100-01-01T00:00:00Z", &shop, None).await, 400, "CobConsultaInvalida", Some("inicio"));
+        // The spec's semantic rules for listings: `fim` not before `inicio`; a CPF or a CNPJ.
+        let backwards = "inicio=2100-01-01T00:00:00Z&fim=2020-01-01T00:00:00Z";
+        for (path, kind) in [
+            ("/api/v2/cob", "CobConsultaInvalida"),
+            ("/api/v2/cobv", "CobVConsultaInvalida"),
+            ("/api/v2/pix", "PixConsultaInvalida"),
+            ("/api/v2/loc", "PayloadLocationConsultaInvalida"),
+            ("/api/v2/webhook", "WebhookConsultaInvalida"),
+            ("/api/v2/lotecobv", "LoteCobVConsultaInvalida"),
+        ] {
+            let got = send(&mut c, Method::GET, &format!("{path}?{backwards}"), &shop, None).await;
+            assert_problem(&got, 400, kind, Some("fim"));
+        }
+        for (path, kind) in
+            [("/api/v2/cob", "CobConsultaInvalida"), ("/api/v2/cobv", "CobVConsultaInvalida"), ("/api/v2/pix", "PixConsultaInvalida")]
+        {
+            let got =
+                send(&mut c, Method::GET, &format!("{path}?{window}&cpf={CPF_MARIA}&cnpj={CNPJ_ACME}"), &shop, None).await;
+            assert_problem(&got, 400, kind, Some("cnpj"));
+        }
+        // A revision the charge does not have (it has 0 and 1).
+        for revisao in ["2", "-1", "x"] {
+            let got = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}?revisao={revisao}"), &shop, None).await;
+            assert_problem(&got, 400, "CobConsultaInvalida", Some("revisao"));
+        }
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}?revisao=1"), &shop, None).await;
+        assert_eq!((s, v["revisao"].clone()), (200, json!(1)), "{v}");
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
@@ -669,6 +696,11 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
         assert_eq!(v["cobs"][0]["txid"], json!(TXID));
         let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cob?{window}"), &shop, None).await;
         assert_eq!(v["cobs"].as_array().unwrap().len(), 0, "a cobv is not a cob: {v}");
+        // Revisions 0 to 2 exist (the removal is one); 3 is the spec's 400.
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv/{other}?revisao=0"), &shop, None).await;
+        assert_eq!((s, v["valor"]["original"].clone()), (200, json!("50.00")), "{v}");
+        let got = send(&mut c, Method::GET, &format!("/api/v2/cobv/{other}?revisao=3"), &shop, None).await;
+        assert_problem(&got, 400, "CobVConsultaInvalida", Some("revisao"));
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");

@@ -268,14 +268,42 @@ pub(crate) fn bool_param(p: &HashMap<String, String>, name: &str, kind: &'static
     }
 }
 
-/// The listing's window; `None` when it is empty (`fim` before `inicio`).
-pub(crate) fn window(p: &HashMap<String, String>, kind: &'static str) -> PixResult<Option<(u64, u64)>> {
+/// The listing's window, `inicio` and `fim` both required, as `[from, to)`.
+pub(crate) fn window(p: &HashMap<String, String>, kind: &'static str) -> PixResult<(u64, u64)> {
     let at = |name: &str| -> PixResult<u64> {
         let text = p.get(name).ok_or_else(|| PixError::violation(kind, name, "is required"))?;
         parse_date_time(text).ok_or_else(|| PixError::violation(kind, name, "must be an RFC 3339 date-time"))
     };
     let (from, to) = (at("inicio")?, at("fim")?);
-    Ok((from <= to).then_some((from, to.saturating_add(1))))
+    ordered(kind, from, to)?;
+    Ok((from, to.saturating_add(1)))
+}
+
+/// The spec's rule for every listing: `fim` may not be before `inicio`.
+fn ordered(kind: &'static str, from: u64, to: u64) -> PixResult<()> {
+    if to < from {
+        return Err(PixError::violation(kind, "fim", "must not be before inicio"));
+    }
+    Ok(())
+}
+
+/// The spec's rule for the listings filtered by the debtor's or payer's document: a CPF or a
+/// CNPJ, not both.
+pub(crate) fn one_document(p: &HashMap<String, String>, kind: &'static str) -> PixResult<()> {
+    if p.contains_key("cpf") && p.contains_key("cnpj") {
+        return Err(PixError::violation(kind, "cnpj", "must not be given with cpf"));
+    }
+    Ok(())
+}
+
+/// `revisao` of `GET /cob/{txid}` and `GET /cobv/{txid}`: a revision the charge has, else the
+/// spec's 400 (`kind`, a `ConsultaInvalida`).
+pub(crate) fn revision(revisao: Option<&String>, revisions: usize, kind: &'static str) -> PixResult<usize> {
+    let no_such = || PixError::violation(kind, "revisao", "the charge has no such revision");
+    match revisao {
+        None => revisions.checked_sub(1).ok_or_else(|| corrupt("a charge without revisions").into()),
+        Some(r) => r.parse::<usize>().ok().filter(|n| *n < revisions).ok_or_else(no_such),
+    }
 }
 
 /// Every document of the kind in the window that `keep` accepts, up to [`LISTING_SCAN_MAX`] read.
@@ -946,20 +974,14 @@ pub async fn cob_get(
         return Err(not_found());
     }
     let params = params_of(raw, "CobConsultaInvalida")?;
-    let revisao = match params.get("revisao") {
-        Some(r) => Some(r.parse::<usize>().map_err(|_| not_found())?),
-        None => None,
-    };
+    let revisao = params.get("revisao").cloned();
     let tenant_id = tenant.id;
     let st = state.clone();
     let view = pix_query(&state, move |q| -> PixResult<Value> {
         let (_, stored) = read_cob(q, tenant_id, &txid)?.filter(|(_, s)| s.cobv.is_none()).ok_or_else(not_found)?;
         let revisions = open_revisions(&st, q, tenant_id, &stored)?;
-        let n = revisao.unwrap_or(revisions.len().saturating_sub(1));
-        let content = revisions.get(n).ok_or_else(|| {
-            PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "the charge has no such revision")
-        })?;
-        Ok(cob_view(&stored, content, n, concluding_pix(q, tenant_id, &stored)?))
+        let n = revision(revisao.as_ref(), revisions.len(), "CobConsultaInvalida")?;
+        Ok(cob_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?))
     })
     .await?;
     Ok(reply(StatusCode::OK, &view))
@@ -983,6 +1005,7 @@ pub(crate) async fn list_charges(
     let vault = state.vault_or_503()?;
     let p = params_of(raw, k)?;
     let span = window(&p, k)?;
+    one_document(&p, k)?;
     let (page, per_page) = pagination(&p, k)?;
     let location = bool_param(&p, "locationPresente", k)?;
     let (cpf, cnpj) = (p.get("cpf").cloned(), p.get("cnpj").cloned());
@@ -1008,9 +1031,6 @@ pub(crate) async fn list_charges(
     let tenant_id = tenant.id;
     let st = state.clone();
     let (cobs, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
-        let Some(span) = span.filter(|_| !(cpf.is_some() && cnpj.is_some())) else {
-            return Ok((vec![], 0));
-        };
         let docs = scan(q, COB_KIND, tenant_id, span, |d| {
             let Ok(s) = serde_json::from_str::<StoredCob>(&d.body) else { return false };
             s.cobv.is_some() == due
@@ -1152,13 +1172,12 @@ pub async fn pix_get(State(state): State<AppState>, tenant: Tenant, Path(e2e): P
 }
 
 pub async fn pix_list(State(state): State<AppState>, tenant: Tenant, RawQuery(raw): RawQuery) -> PixResult<Response> {
-    // The spec documents no 400 for this listing: a window or filters that cannot match answer
-    // an empty page; only unreadable parameters are refused.
     const K: &str = "PixConsultaInvalida";
     tenant.require("pix.read")?;
     state.ispb()?;
     let p = params_of(raw, K)?;
     let span = window(&p, K)?;
+    one_document(&p, K)?;
     let (page, per_page) = pagination(&p, K)?;
     let with_txid = bool_param(&p, "txIdPresente", K)?;
     let with_refund = bool_param(&p, "devolucaoPresente", K)?;
@@ -1178,7 +1197,9 @@ pub async fn pix_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
     let tenant_id = tenant.id;
     let (items, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
         // Payers' documents are kept masked only: a filter by one matches nothing.
-        let Some(span) = span.filter(|_| cpf.is_none() && cnpj.is_none()) else { return Ok((vec![], 0)) };
+        if cpf.is_some() || cnpj.is_some() {
+            return Ok((vec![], 0));
+        }
         let mut views = Vec::new();
         for doc in scan(q, RECEIVED_KIND, tenant_id, span, |_| true)? {
             let r: StoredReceived = serde_json::from_str(&doc.body).map_err(corrupt)?;
@@ -1705,6 +1726,7 @@ pub async fn webhook_list(
         }
     };
     let (from, to) = (at("inicio", 0)?, at("fim", u64::MAX - 1)?);
+    ordered(K, from, to)?;
     let (page, per_page) = pagination(&p, K)?;
     let mut parametros = json!({});
     for name in ["inicio", "fim"] {
@@ -1715,9 +1737,6 @@ pub async fn webhook_list(
     let tenant_id = tenant.id;
     let st = state.clone();
     let (items, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
-        if from > to {
-            return Ok((vec![], 0));
-        }
         let docs = scan(q, crate::webhook::WEBHOOK_KIND, tenant_id, (from, to.saturating_add(1)), |_| true)?;
         let total = docs.len();
         let page_docs = docs.iter().skip(page.saturating_mul(per_page)).take(per_page);

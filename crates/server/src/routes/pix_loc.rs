@@ -267,7 +267,6 @@ pub async fn loc_list(State(state): State<AppState>, tenant: Tenant, RawQuery(ra
     }
     let tenant_id = tenant.id;
     let (locs, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
-        let Some(span) = span else { return Ok((vec![], 0)) };
         let docs = scan(q, LOC_KIND, tenant_id, span, |_| true)?;
         let mut matching = Vec::new();
         for doc in docs {

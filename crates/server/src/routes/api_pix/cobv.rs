@@ -594,18 +594,14 @@ pub async fn cobv_get(
         return Err(not_found());
     }
     let params = params_of(raw, "CobVConsultaInvalida")?;
-    let revisao = match params.get("revisao") {
-        Some(r) => Some(r.parse::<usize>().map_err(|_| not_found())?),
-        None => None,
-    };
+    let revisao = params.get("revisao").cloned();
     let tenant_id = tenant.id;
     let st = state.clone();
     let view = pix_query(&state, move |q| -> PixResult<Value> {
         let (_, stored) = read_cob(q, tenant_id, &txid)?.filter(|(_, s)| s.cobv.is_some()).ok_or_else(not_found)?;
         let revisions = open_revisions(&st, q, tenant_id, &stored)?;
-        let n = revisao.unwrap_or(revisions.len().saturating_sub(1));
-        let content = revisions.get(n).ok_or_else(not_found)?;
-        Ok(cobv_view(&stored, content, n, concluding_pix(q, tenant_id, &stored)?))
+        let n = revision(revisao.as_ref(), revisions.len(), "CobVConsultaInvalida")?;
+        Ok(cobv_view(&stored, &revisions[n], n, concluding_pix(q, tenant_id, &stored)?))
     })
     .await?;
     Ok(reply(StatusCode::OK, &view))

@@ -309,7 +309,6 @@ pub async fn lote_list(State(state): State<AppState>, tenant: Tenant, RawQuery(r
     let mut parametros = json!({"inicio": p["inicio"], "fim": p["fim"]});
     let tenant_id = tenant.id;
     let (lotes, total) = pix_query(&state, move |q| -> PixResult<(Vec<Value>, usize)> {
-        let Some(span) = span else { return Ok((vec![], 0)) };
         let docs = scan(q, LOTE_KIND, tenant_id, span, |_| true)?;
         let total = docs.len();
         let mut out = Vec::new();
