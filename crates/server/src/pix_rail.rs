@@ -341,6 +341,16 @@ pub struct StoredPayment {
     pub payer_holder: Option<String>,
 }
 
+/// A payment's document, read: the one place it is parsed (a document that does not parse is
+/// corrupt storage, never a payment to skip or to take for absent).
+pub fn read_payment(
+    q: &dyn store::Queries,
+    tenant: u128,
+    id: &str,
+) -> store::Result<Option<(store::Document, StoredPayment)>> {
+    read_document(q, PAYMENT_KIND, tenant, id)
+}
+
 /// A Pix received by an account of this rtpay (the receiver tenant's record).
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct StoredReceived {
@@ -989,13 +999,13 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
             Err(e) => {
                 // Another node may have recorded it (the guard failed): then there is nothing to do.
                 let id = payment_id.clone();
-                let current = crate::routes::query(state, move |q| q.document(PAYMENT_KIND, tenant, &id)).await;
-                if let Ok(Some(doc)) = current {
+                let current = crate::routes::query(state, move |q| read_payment(q, tenant, &id)).await;
+                if let Ok(Some((doc, stored))) = current {
                     if doc.version != 1 {
-                        let recorded = serde_json::from_str::<StoredPayment>(&doc.body).map(|s| s.view.status);
+                        let completed = stored.view.status == "completed";
                         let disagree = match verdict {
-                            pix::spi::Status::Accepted => recorded.as_deref().ok() != Some("completed"),
-                            pix::spi::Status::Rejected(_) => recorded.as_deref().ok() == Some("completed"),
+                            pix::spi::Status::Accepted => !completed,
+                            pix::spi::Status::Rejected(_) => completed,
                         };
                         if disagree {
                             tracing::error!(
@@ -1052,7 +1062,13 @@ pub fn resume(state: &AppState) {
                 after = store::OwnerCursor::next(&docs, SWEEP_MAX);
                 let now = store::now_nanos();
                 for doc in docs.into_iter().filter(|d| sweep_due(&state, d.created_at) <= now) {
-                    let Ok(stored) = serde_json::from_str::<StoredPayment>(&doc.body) else { continue };
+                    let stored = match serde_json::from_str::<StoredPayment>(&doc.body) {
+                        Ok(stored) => stored,
+                        Err(_) => {
+                            tracing::error!(tenant = %uuid_string(doc.tenant_id), id = %doc.id, "a payment's document does not parse: the sweep leaves it");
+                            continue;
+                        }
+                    };
                     let holder = stored.payer_holder.as_deref().and_then(|h| uuid::Uuid::parse_str(h).ok());
                     let (Some(holder), "processing", 1) = (holder, stored.view.status.as_str(), doc.version) else {
                         continue;
@@ -1129,9 +1145,7 @@ pub fn reconcile(
     // A verdict settles the hold and records the payment in one commit: a hold found settled
     // after the payment was read `processing` may be that commit's, and the payment read again
     // then carries the verdict (and its reason).
-    if let Some(doc) = q.document(PAYMENT_KIND, tenant, &view.id)? {
-        let stored: StoredPayment =
-            serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+    if let Some((_, stored)) = read_payment(q, tenant, &view.id)? {
         if stored.view.status != "processing" {
             return Ok(stored.view);
         }

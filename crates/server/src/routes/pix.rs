@@ -992,9 +992,7 @@ pub async fn create_payment(
             let mut concludes = None;
             let mut payee_key_index = None;
             let mut lookup = None;
-            if let Some(doc) = q.document(PAYMENT_KIND, tenant_id, &id2)? {
-                let stored: StoredPayment = serde_json::from_str(&doc.body)
-                    .map_err(|e| VaultFailure::Store(store::StoreError::Corrupt(e.to_string())))?;
+            if let Some((_, stored)) = read_payment(q, tenant_id, &id2).map_err(VaultFailure::Store)? {
                 if stored.fingerprint != print2 {
                     return Ok(Err(payment_exists_with_different_fields()));
                 }
@@ -1161,9 +1159,8 @@ pub async fn create_payment(
                 }
                 // A concurrent twin created it: answer what it stored, if this request is its twin.
                 (_, false) => {
-                    let doc = query(&state, move |q| q.document(PAYMENT_KIND, tenant_id, &id)).await?;
-                    let stored: StoredPayment = doc
-                        .and_then(|d| serde_json::from_str(&d.body).ok())
+                    let (_, stored) = query(&state, move |q| read_payment(q, tenant_id, &id))
+                        .await?
                         .ok_or_else(|| Problem::unavailable("the payment is being recorded; retry", 1))?;
                     if stored.fingerprint != print {
                         return Err(payment_exists_with_different_fields());
@@ -1197,9 +1194,7 @@ pub async fn get_payment(
     let tenant_id = tenant.id;
     let state2 = state.clone();
     let view = query(&state, move |q| {
-        let Some(doc) = q.document(PAYMENT_KIND, tenant_id, &id)? else { return Ok(None) };
-        let stored: StoredPayment =
-            serde_json::from_str(&doc.body).map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+        let Some((_, stored)) = read_payment(q, tenant_id, &id)? else { return Ok(None) };
         reconcile(&state2, q, tenant_id, stored.view).map(Some)
     })
     .await?
