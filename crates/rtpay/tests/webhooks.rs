@@ -435,6 +435,50 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/MED"), Some(&shop), refund).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["violacoes"][0]["propriedade"].clone()), (400, json!("id")));
 
+        // The secret rotated: the new one signs at once, the old one too while the overlap lasts
+        // (a receiver accepts a notification if one signature checks out under a secret it holds).
+        let r = c.post("/v1/pix/webhook-secret/rotate", &shop, &json!({})).await.unwrap();
+        let rotated = r.json();
+        assert_eq!((r.status.as_u16(), rotated["generation"].clone()), (200, json!(1)), "{rotated}");
+        assert!(rotated["previous_valid_until"].is_string(), "{rotated}");
+        let second = rotated["secret"].as_str().unwrap().to_owned();
+        assert_ne!(second, secret);
+        let shown = c.get("/v1/pix/webhook-secret", &shop).await.unwrap().json();
+        assert_eq!((shown["secret"].clone(), shown["generation"].clone()), (json!(second), json!(1)), "{shown}");
+        let retried = format!("{e2e}:MED");
+        let r = c.post(&format!("/v1/pix/webhook-deliveries/{retried}/retry"), &shop, &json!({})).await.unwrap();
+        assert_eq!(r.status, 202, "{:?}", r.json());
+        let (_, signature, body, _, delivery, timestamp) = seen_after(&seen, 5).await;
+        assert_eq!(delivery, retried);
+        let (new, old) =
+            (python_hmac(&second, &timestamp, &delivery, &body), python_hmac(&secret, &timestamp, &delivery, &body));
+        assert_eq!(signature, format!("sha256={new},sha256={old}"));
+        // Rotated again with no overlap: the newest secret alone signs.
+        let r = c.post("/v1/pix/webhook-secret/rotate", &shop, &json!({"overlap_seconds": 0})).await.unwrap();
+        let rotated = r.json();
+        assert_eq!((r.status.as_u16(), rotated["generation"].clone()), (200, json!(2)), "{rotated}");
+        assert!(rotated.get("previous_valid_until").is_none(), "{rotated}");
+        let third = rotated["secret"].as_str().unwrap().to_owned();
+        assert!(third != second && third != secret);
+        delivery_when(&mut c, &shop, &retried, "delivered").await;
+        let r = c.post(&format!("/v1/pix/webhook-deliveries/{retried}/retry"), &shop, &json!({})).await.unwrap();
+        assert_eq!(r.status, 202, "{:?}", r.json());
+        let (_, signature, body, _, delivery, timestamp) = seen_after(&seen, 6).await;
+        assert_eq!(signature, format!("sha256={}", python_hmac(&third, &timestamp, &delivery, &body)));
+        // Bad input changes nothing.
+        for (body, status) in [
+            (json!({"overlap_seconds": 604_801}), 422),
+            (json!({"overlap_seconds": -1}), 422),
+            (json!({"overlap_seconds": "1"}), 422),
+        ] {
+            let r = c.post("/v1/pix/webhook-secret/rotate", &shop, &body).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (status, json!("overlap_seconds")), "{body}: {:?}", r.json());
+        }
+        let r = c.post("/v1/pix/webhook-secret/rotate", &shop, &json!({"overlap": 1})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!("overlap")), "{:?}", r.json());
+        let shown = c.get("/v1/pix/webhook-secret", &shop).await.unwrap().json();
+        assert_eq!((shown["secret"].clone(), shown["generation"].clone()), (json!(third), json!(2)), "{shown}");
+
         assert_eq!(c.send(Method::DELETE, &path, Some(&shop), None).await.unwrap().status, 204);
         assert_eq!(c.get(&path, &shop).await.unwrap().status, 404);
     });

@@ -171,7 +171,7 @@ use contract::Contract;
         routes::cards::card_action, routes::cards::card_authorizations, routes::cards::get_authorization,
         routes::pix::create_key, routes::pix::delete_key, routes::pix::lookup_key, routes::pix::decode_brcode,
         routes::pix::encode_brcode, routes::pix::brcode_png, routes::pix::brcode_svg, routes::pix::create_payment,
-        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits, routes::pix::sandbox_incoming, routes::pix::webhook_secret, routes::pix::webhook_delivery, routes::pix::webhook_redeliver, routes::med::open_claim, routes::med::get_claim, routes::med::resolve_claim,
+        routes::pix::get_payment, routes::pix::get_limits, routes::pix::set_limits, routes::pix::sandbox_incoming, routes::pix::webhook_secret, routes::pix::rotate_webhook_secret, routes::pix::webhook_delivery, routes::pix::webhook_redeliver, routes::med::open_claim, routes::med::get_claim, routes::med::resolve_claim,
     ),
     modifiers(&Contract)
 )]
@@ -217,6 +217,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pix/payments/{id}", get(pix::get_payment))
         .route("/v1/sandbox/spi/incoming", post(pix::sandbox_incoming))
         .route("/v1/pix/webhook-secret", get(pix::webhook_secret))
+        .route("/v1/pix/webhook-secret/rotate", post(pix::rotate_webhook_secret))
         .route("/v1/pix/webhook-deliveries/{e2e}", get(pix::webhook_delivery))
         .route("/v1/pix/webhook-deliveries/{e2e}/retry", post(pix::webhook_redeliver))
         .route("/v1/pix/med", post(med::open_claim))

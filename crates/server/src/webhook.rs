@@ -224,8 +224,8 @@ impl WebhookClient {
         })
     }
 
-    /// One POST of `body` to an `https://` URL; the answer's status.
-    async fn post(&self, url: &str, body: Bytes, secret: &[u8; 32], delivery: &str) -> Result<u16, String> {
+    /// One POST of `body` to an `https://` URL, signed under each of `secrets`; the answer's status.
+    async fn post(&self, url: &str, body: Bytes, secrets: &[[u8; 32]], delivery: &str) -> Result<u16, String> {
         let rest = url.strip_prefix("https://").ok_or("not an https:// URL")?;
         let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
         let (host, port) = host_and_port(authority)?;
@@ -273,7 +273,7 @@ impl WebhookClient {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header("x-rtpay-timestamp", timestamp)
             .header("x-rtpay-delivery", delivery)
-            .header("x-rtpay-signature", sign(secret, timestamp, delivery, &body))
+            .header("x-rtpay-signature", signatures(secrets, timestamp, delivery, &body))
             .body(Full::new(body))
             .map_err(|e| format!("request: {e}"))?;
         let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
@@ -308,12 +308,88 @@ pub struct Delivery {
     pub updated_at: String,
 }
 
-/// The tenant's webhook signing secret (256 bits, derived from the server's secret key).
-pub fn secret(state: &AppState, tenant: u128) -> [u8; 32] {
+/// One generation of a tenant's webhook signing secret (256 bits, derived from the server's
+/// secret key; generation 0 is the one every tenant starts with).
+pub fn secret(state: &AppState, tenant: u128, generation: u32) -> [u8; 32] {
+    let which = if generation == 0 { String::new() } else { format!("g{generation}") };
     let mut out = [0u8; 32];
-    out[..16].copy_from_slice(state.keys.derived_id(b"pix-webhook-secret-1", tenant, "").as_bytes());
-    out[16..].copy_from_slice(state.keys.derived_id(b"pix-webhook-secret-2", tenant, "").as_bytes());
+    out[..16].copy_from_slice(state.keys.derived_id(b"pix-webhook-secret-1", tenant, &which).as_bytes());
+    out[16..].copy_from_slice(state.keys.derived_id(b"pix-webhook-secret-2", tenant, &which).as_bytes());
     out
+}
+
+/// The document recording a tenant's secret generation (absent: generation 0, nothing before it).
+pub const SECRET_KIND: &str = "pix-webhook-secret";
+const SECRET_ID: &str = "generation";
+
+/// How long the secret before a rotation still signs, by default, and at most.
+pub const OVERLAP_DEFAULT_SECONDS: u64 = 86_400;
+pub const OVERLAP_MAX_SECONDS: u64 = 7 * 86_400;
+
+/// A tenant's secret generation: the current one signs every notification, and the one before it
+/// too until `previous_until` (ns), so that receivers can take the new secret on without refusing
+/// a notification meanwhile.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecretGeneration {
+    pub generation: u32,
+    pub previous_until: u64,
+}
+
+impl SecretGeneration {
+    /// The generations that sign at `now`, the current one first.
+    pub fn signing(&self, now: u64) -> Vec<u32> {
+        let mut out = vec![self.generation];
+        if self.generation > 0 && now < self.previous_until {
+            out.push(self.generation - 1);
+        }
+        out
+    }
+}
+
+/// The tenant's secret generation as stored, and the document's version (0: none stored).
+pub fn secret_generation(q: &dyn store::Queries, tenant: u128) -> store::Result<(SecretGeneration, u64)> {
+    match crate::pix_rail::read_document::<SecretGeneration>(q, SECRET_KIND, tenant, SECRET_ID)? {
+        Some((doc, generation)) => Ok((generation, doc.version)),
+        None => Ok((SecretGeneration::default(), 0)),
+    }
+}
+
+/// Moves the tenant to a new secret generation; the previous one signs `overlap_ns` more. `None`
+/// if another rotation was stored first (compare and set on the document's version).
+pub fn rotate_secret(
+    q: &dyn store::Queries,
+    tenant: u128,
+    now: u64,
+    overlap_ns: u64,
+) -> store::Result<Option<SecretGeneration>> {
+    let (current, version) = secret_generation(q, tenant)?;
+    let next = SecretGeneration {
+        generation: current
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| store::StoreError::Corrupt("secret generations exhausted".into()))?,
+        previous_until: now.saturating_add(overlap_ns),
+    };
+    let doc = store::Document {
+        kind: SECRET_KIND.into(),
+        tenant_id: tenant,
+        id: SECRET_ID.into(),
+        lookup: None,
+        owner: None,
+        created_at: now,
+        version: version + 1,
+        body: serde_json::to_string(&next).expect("serializable"),
+    };
+    let stored = if version == 0 {
+        match q.insert_document(&doc) {
+            Ok(()) => true,
+            Err(store::StoreError::Conflict(_)) => false,
+            Err(e) => return Err(e),
+        }
+    } else {
+        q.update_document(&doc, version)?
+    };
+    Ok(stored.then_some(next))
 }
 
 /// The signature of one POST: HMAC-SHA256 over `{timestamp}.{delivery}.{body}`, so that neither
@@ -324,6 +400,13 @@ pub fn sign(secret: &[u8; 32], timestamp: u64, delivery: &str, body: &[u8]) -> S
     mac.update(format!("{timestamp}.{delivery}.").as_bytes());
     mac.update(body);
     format!("sha256={}", crate::auth::hex(&mac.finalize().into_bytes()))
+}
+
+/// The `x-rtpay-signature` header: one signature per secret, comma-separated, the current
+/// secret's first (two while a rotation's overlap lasts). A receiver accepts the notification if
+/// any of them checks out under a secret it holds.
+pub fn signatures(secrets: &[[u8; 32]], timestamp: u64, delivery: &str, body: &[u8]) -> String {
+    secrets.iter().map(|s| sign(s, timestamp, delivery, body)).collect::<Vec<_>>().join(",")
 }
 
 /// The owner that marks a delivery still to be made (listed across tenants by every node's sweep).
@@ -586,7 +669,6 @@ fn deliver(state: &AppState, doc: store::Document) {
             return;
         }
         let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [outbox.pix] })).expect("serializable"));
-        let secret = secret(&state, tenant);
         for attempt in delivery.attempts..TRIES {
             let Some(slot) = client.slots.take(tenant) else {
                 tracing::warn!(
@@ -595,15 +677,22 @@ fn deliver(state: &AppState, doc: store::Document) {
                 );
                 return;
             };
+            // The key's webhook and the tenant's secrets, as they are now.
             let (st, index) = (state.clone(), outbox.key_index.clone());
-            let found =
-                tokio::task::spawn_blocking(move || st.store.queries.document(WEBHOOK_KIND, tenant, &index)).await;
-            let hook = match found {
-                Ok(Ok(Some(doc))) => serde_json::from_str::<StoredWebhook>(&doc.body).ok(),
-                Ok(Ok(None)) => None,
+            let found = tokio::task::spawn_blocking(move || -> store::Result<_> {
+                let q = st.store.queries.as_ref();
+                Ok((q.document(WEBHOOK_KIND, tenant, &index)?, secret_generation(q, tenant)?.0))
+            })
+            .await;
+            let (hook, generation) = match found {
+                Ok(Ok((doc, generation))) => {
+                    (doc.and_then(|doc| serde_json::from_str::<StoredWebhook>(&doc.body).ok()), generation)
+                }
                 // Storage is away: the lease runs out and a sweep takes it.
                 _ => return,
             };
+            let secrets: Vec<[u8; 32]> =
+                generation.signing(store::now_nanos()).into_iter().map(|g| secret(&state, tenant, g)).collect();
             let Some(hook) = hook else {
                 // No webhook on the key (any more). A notification never tried, as its commit wrote
                 // it, leaves no record (most keys have no webhook); one with a history (tried
@@ -629,7 +718,7 @@ fn deliver(state: &AppState, doc: store::Document) {
             let Ok(Some(next)) = record(&state, &held, &delivery, &outbox).await else { return };
             held = next;
             let outcome =
-                tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &secret, &held.id)).await;
+                tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &secrets, &held.id)).await;
             drop(slot);
             delivery.attempts = attempt + 1;
             delivery.updated_at = crate::dto::rfc3339(store::now_nanos());

@@ -1488,10 +1488,28 @@ pub struct WebhookSecretView {
     /// notification's body.
     pub secret: String,
     pub header: String,
+    /// The secret's generation: 0 until the first rotation.
+    pub generation: u32,
+    /// Until when the secret before this one signs too (a second `sha256=` in the header), after
+    /// a rotation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<String>,
+}
+
+impl WebhookSecretView {
+    fn of(state: &AppState, tenant: u128, generation: crate::webhook::SecretGeneration) -> WebhookSecretView {
+        let now = store::now_nanos();
+        WebhookSecretView {
+            secret: crate::auth::hex(&crate::webhook::secret(state, tenant, generation.generation)),
+            header: "x-rtpay-signature".into(),
+            generation: generation.generation,
+            previous_valid_until: (generation.signing(now).len() > 1).then(|| rfc3339(generation.previous_until)),
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/v1/pix/webhook-secret", tag = "pix",
-    responses((status = 200, body = WebhookSecretView)), security(("api_key" = [])))]
+    responses((status = 200, body = WebhookSecretView), (status = 503, body = Problem)), security(("api_key" = [])))]
 pub async fn webhook_secret(State(state): State<AppState>, tenant: Tenant, audit: Audit) -> Result<Response, Problem> {
     // The key signs what the tenant's receivers trust: whoever holds it can forge a "Pix
     // received". Given to those who may configure webhooks, not to every reader, and each
@@ -1499,8 +1517,53 @@ pub async fn webhook_secret(State(state): State<AppState>, tenant: Tenant, audit
     audit.0.set_resource("pix-webhook-secret");
     audit.0.record_read();
     tenant.require("webhook.write")?;
-    let secret = crate::auth::hex(&crate::webhook::secret(&state, tenant.id));
-    Ok(reply(StatusCode::OK, &WebhookSecretView { secret, header: "x-rtpay-signature".into() }))
+    let tenant_id = tenant.id;
+    let (generation, _) = query(&state, move |q| crate::webhook::secret_generation(q, tenant_id)).await?;
+    Ok(reply(StatusCode::OK, &WebhookSecretView::of(&state, tenant_id, generation)))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSecretBody {
+    /// How long the secret before this one still signs (a second signature in each
+    /// notification's header), in seconds: 0..=604800, default 86400.
+    #[schema(minimum = 0, maximum = 604800)]
+    pub overlap_seconds: Option<u64>,
+}
+
+/// Replaces the tenant's webhook secret (a leaked one, or on schedule): notifications are signed
+/// under the new secret at once, and under the old one too until the overlap ends, so that the
+/// receivers can take the new one on without refusing any. The new secret is in the answer (and
+/// in `GET /v1/pix/webhook-secret`).
+#[utoipa::path(post, path = "/v1/pix/webhook-secret/rotate", tag = "pix", request_body = RotateSecretBody,
+    responses((status = 200, body = WebhookSecretView), (status = 409, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn rotate_webhook_secret(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    audit: Audit,
+    Json(body): Json<RotateSecretBody>,
+) -> Result<Response, Problem> {
+    audit.0.set_resource("pix-webhook-secret");
+    tenant.require("webhook.write")?;
+    let overlap = body.overlap_seconds.unwrap_or(crate::webhook::OVERLAP_DEFAULT_SECONDS);
+    if overlap > crate::webhook::OVERLAP_MAX_SECONDS {
+        return Err(Problem::invalid(
+            "overlap_seconds",
+            "invalid_field",
+            format!("must be an integer in 0..={} (seconds)", crate::webhook::OVERLAP_MAX_SECONDS),
+        ));
+    }
+    let tenant_id = tenant.id;
+    let rotated = query(&state, move |q| {
+        crate::webhook::rotate_secret(q, tenant_id, store::now_nanos(), overlap.saturating_mul(1_000_000_000))
+    })
+    .await?
+    .ok_or_else(|| {
+        Problem::new(StatusCode::CONFLICT, "rotation_raced", "another rotation of the secret was stored first; read it")
+    })?;
+    Ok(reply(StatusCode::OK, &WebhookSecretView::of(&state, tenant_id, rotated)))
 }
 
 #[utoipa::path(get, path = "/v1/pix/webhook-deliveries/{e2e}", tag = "pix", params(("e2e" = String, Path)),
