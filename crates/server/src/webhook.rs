@@ -751,7 +751,18 @@ fn deliver(state: &AppState, doc: store::Document) {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_public, Slots};
+    use super::{is_public, SecretGeneration, Slots};
+
+    /// The previous generation signs until its overlap ends, not at that instant; generation 0 has
+    /// none before it.
+    #[test]
+    fn the_previous_secret_signs_until_the_overlap_ends() {
+        let rotated = SecretGeneration { generation: 3, previous_until: 1_000 };
+        assert_eq!(rotated.signing(999), [3, 2]);
+        assert_eq!(rotated.signing(1_000), [3]);
+        assert_eq!(SecretGeneration { generation: 0, previous_until: u64::MAX }.signing(0), [0]);
+        assert_eq!(SecretGeneration::default().signing(5), [0]);
+    }
 
     #[test]
     fn a_tenant_takes_at_most_its_share_of_the_attempts_and_gives_them_back() {
