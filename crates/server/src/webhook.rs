@@ -380,16 +380,7 @@ pub fn rotate_secret(
         version: version + 1,
         body: serde_json::to_string(&next).expect("serializable"),
     };
-    let stored = if version == 0 {
-        match q.insert_document(&doc) {
-            Ok(()) => true,
-            Err(store::StoreError::Conflict(_)) => false,
-            Err(e) => return Err(e),
-        }
-    } else {
-        q.update_document(&doc, version)?
-    };
-    Ok(stored.then_some(next))
+    Ok(q.put_document(&doc, version)?.then_some(next))
 }
 
 /// The signature of one POST: HMAC-SHA256 over `{timestamp}.{delivery}.{body}`, so that neither

@@ -839,6 +839,19 @@ pub fn documents(location: Location) {
     assert!(conflict(q.insert_document(&doc(OTHER.0, "z", Some("L1"), None, NOW))), "lookups across tenants");
     let other_kind = crate::Document { kind: "pix-payment".into(), ..doc(OTHER.0, "z", Some("L1"), None, NOW) };
     q.insert_document(&other_kind).unwrap();
+    // Compare and set from nothing: the first put from version 0 inserts, a second one loses, and
+    // so does a put from a version no longer stored.
+    let put = |version: u64, body: &str| crate::Document {
+        kind: "pix-limits".into(),
+        version,
+        body: body.into(),
+        ..doc(T.0, "p", None, None, NOW)
+    };
+    assert!(q.put_document(&put(1, "first"), 0).unwrap());
+    assert!(!q.put_document(&put(1, "twin"), 0).unwrap(), "another put from nothing came first");
+    assert!(q.put_document(&put(2, "second"), 1).unwrap());
+    assert!(!q.put_document(&put(2, "stale"), 1).unwrap(), "version 1 is gone");
+    assert_eq!(q.document("pix-limits", T.0, "p").unwrap().map(|d| (d.version, d.body)), Some((2, "second".into())));
 
     assert_eq!(q.document("pix-key", T.0, "a").unwrap(), Some(doc(T.0, "a", Some("L1"), Some("acct1"), NOW)));
     assert_eq!(q.document("pix-payment", T.0, "a").unwrap(), None);

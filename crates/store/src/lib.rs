@@ -357,6 +357,19 @@ pub trait Queries: Send + Sync {
     /// carries its own, normally `expected_version + 1`); false otherwise. `Conflict` if the new
     /// lookup is taken.
     fn update_document(&self, doc: &Document, expected_version: u64) -> Result<bool>;
+    /// Compare and set from nothing as well: inserts the document if `expected_version` is 0 (none
+    /// stored), else updates it as [`Queries::update_document`]; false when another write came
+    /// first. For documents without a lookup (a taken lookup would read as a lost race).
+    fn put_document(&self, doc: &Document, expected_version: u64) -> Result<bool> {
+        if expected_version > 0 {
+            return self.update_document(doc, expected_version);
+        }
+        match self.insert_document(doc) {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
     /// False when there was none.
     fn delete_document(&self, kind: &str, tenant_id: u128, id: &str) -> Result<bool>;
     fn documents(&self, query: &DocumentQuery<'_>) -> Result<Vec<Document>>;

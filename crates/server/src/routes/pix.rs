@@ -560,16 +560,7 @@ pub async fn set_limits(
                 version: version + 1,
                 body: serde_json::to_string(&stored).expect("serializable"),
             };
-            let written = if version == 0 {
-                match q.insert_document(&doc) {
-                    Ok(()) => true,
-                    Err(store::StoreError::Conflict(_)) => false,
-                    Err(e) => return Err(e),
-                }
-            } else {
-                q.update_document(&doc, version)?
-            };
-            if written {
+            if q.put_document(&doc, version)? {
                 return Ok(Some((next, now)));
             }
         }
