@@ -699,6 +699,8 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
         // Revisions 0 to 2 exist (the removal is one); 3 is the spec's 400.
         let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv/{other}?revisao=0"), &shop, None).await;
         assert_eq!((s, v["valor"]["original"].clone()), (200, json!("50.00")), "{v}");
+        let (s, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv/{other}?revisao=2"), &shop, None).await;
+        assert_eq!((s, v["status"].clone()), (200, json!("REMOVIDA_PELO_USUARIO_RECEBEDOR")), "{v}");
         let got = send(&mut c, Method::GET, &format!("/api/v2/cobv/{other}?revisao=3"), &shop, None).await;
         assert_problem(&got, 400, "CobVConsultaInvalida", Some("revisao"));
     });

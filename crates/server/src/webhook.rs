@@ -326,23 +326,44 @@ const SECRET_ID: &str = "generation";
 pub const OVERLAP_DEFAULT_SECONDS: u64 = 86_400;
 pub const OVERLAP_MAX_SECONDS: u64 = 7 * 86_400;
 
-/// A tenant's secret generation: the current one signs every notification, and the one before it
-/// too until `previous_until` (ns), so that receivers can take the new secret on without refusing
-/// a notification meanwhile.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Earlier secrets that sign beside the current one at most (the oldest overlap ends first).
+const EARLIER_MAX: usize = 3;
+
+/// A tenant's secret generation: the current one signs every notification, and each earlier one
+/// still in its overlap too, so that receivers can take a new secret on without refusing a
+/// notification meanwhile. Each rotation's overlap runs its own course: rotating twice in a row
+/// (a retried request) does not cut short the overlap of the secret the receivers hold.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct SecretGeneration {
     pub generation: u32,
-    pub previous_until: u64,
+    /// Earlier generations and until when (ns) each signs, newest first.
+    #[serde(default)]
+    pub earlier: Vec<(u32, u64)>,
 }
 
 impl SecretGeneration {
-    /// The generations that sign at `now`, the current one first.
+    /// The generations that sign at `now`, the current one first, then the earlier ones, newest
+    /// first.
     pub fn signing(&self, now: u64) -> Vec<u32> {
-        let mut out = vec![self.generation];
-        if self.generation > 0 && now < self.previous_until {
-            out.push(self.generation - 1);
+        let earlier = self.earlier.iter().filter(|(_, until)| now < *until).map(|(g, _)| *g);
+        std::iter::once(self.generation).chain(earlier).collect()
+    }
+
+    /// Until when the last earlier secret signs, if one still does at `now`.
+    pub fn overlap_until(&self, now: u64) -> Option<u64> {
+        self.earlier.iter().map(|(_, until)| *until).filter(|until| now < *until).max()
+    }
+
+    /// The next generation: this one signs `overlap_ns` more beside it, with the earlier ones
+    /// still in their overlaps; with no overlap, none of them signs any more (a leak).
+    fn rotated(&self, now: u64, overlap_ns: u64) -> Option<SecretGeneration> {
+        let mut earlier = Vec::new();
+        if overlap_ns > 0 {
+            earlier.push((self.generation, now.saturating_add(overlap_ns)));
+            earlier.extend(self.earlier.iter().copied().filter(|(_, until)| now < *until));
+            earlier.truncate(EARLIER_MAX);
         }
-        out
+        Some(SecretGeneration { generation: self.generation.checked_add(1)?, earlier })
     }
 }
 
@@ -354,8 +375,8 @@ pub fn secret_generation(q: &dyn store::Queries, tenant: u128) -> store::Result<
     }
 }
 
-/// Moves the tenant to a new secret generation; the previous one signs `overlap_ns` more. `None`
-/// if another rotation was stored first (compare and set on the document's version).
+/// Moves the tenant to a new secret generation (see [`SecretGeneration::rotated`]). `None` if
+/// another rotation was stored first (compare and set on the document's version).
 pub fn rotate_secret(
     q: &dyn store::Queries,
     tenant: u128,
@@ -363,13 +384,9 @@ pub fn rotate_secret(
     overlap_ns: u64,
 ) -> store::Result<Option<SecretGeneration>> {
     let (current, version) = secret_generation(q, tenant)?;
-    let next = SecretGeneration {
-        generation: current
-            .generation
-            .checked_add(1)
-            .ok_or_else(|| store::StoreError::Corrupt("secret generations exhausted".into()))?,
-        previous_until: now.saturating_add(overlap_ns),
-    };
+    let next = current
+        .rotated(now, overlap_ns)
+        .ok_or_else(|| store::StoreError::Corrupt("secret generations exhausted".into()))?;
     let doc = store::Document {
         kind: SECRET_KIND.into(),
         tenant_id: tenant,
@@ -679,6 +696,12 @@ fn deliver(state: &AppState, doc: store::Document) {
                 Ok(Ok((doc, generation))) => {
                     (doc.and_then(|doc| serde_json::from_str::<StoredWebhook>(&doc.body).ok()), generation)
                 }
+                Ok(Err(store::StoreError::Corrupt(_))) => {
+                    tracing::error!(
+                        "a webhook or the tenant's secret generation does not parse: its notifications wait"
+                    );
+                    return;
+                }
                 // Storage is away: the lease runs out and a sweep takes it.
                 _ => return,
             };
@@ -744,15 +767,26 @@ fn deliver(state: &AppState, doc: store::Document) {
 mod tests {
     use super::{is_public, SecretGeneration, Slots};
 
-    /// The previous generation signs until its overlap ends, not at that instant; generation 0 has
-    /// none before it.
+    /// An earlier secret signs until its overlap ends, not at that instant; each rotation's
+    /// overlap runs its own course, and one with no overlap ends them all.
     #[test]
-    fn the_previous_secret_signs_until_the_overlap_ends() {
-        let rotated = SecretGeneration { generation: 3, previous_until: 1_000 };
-        assert_eq!(rotated.signing(999), [3, 2]);
-        assert_eq!(rotated.signing(1_000), [3]);
-        assert_eq!(SecretGeneration { generation: 0, previous_until: u64::MAX }.signing(0), [0]);
+    fn earlier_secrets_sign_until_their_overlaps_end() {
         assert_eq!(SecretGeneration::default().signing(5), [0]);
+        let once = SecretGeneration::default().rotated(100, 900).unwrap();
+        assert_eq!((once.signing(999), once.signing(1_000)), (vec![1, 0], vec![1]));
+        assert_eq!(once.overlap_until(999), Some(1_000));
+        // Rotated again at once (a retried request): the secret the receivers hold still signs.
+        let twice = once.rotated(200, 900).unwrap();
+        assert_eq!((twice.signing(999), twice.signing(1_050)), (vec![2, 1, 0], vec![2, 1]));
+        assert_eq!(twice.overlap_until(1_050), Some(1_100));
+        // At most three earlier secrets sign; an overlap ended is dropped.
+        let many = (0..5).fold(twice, |g, i| g.rotated(300 + i, 10_000).unwrap());
+        assert_eq!(many.signing(400), [7, 6, 5, 4]);
+        let later = many.rotated(20_000, 10).unwrap();
+        assert_eq!(later.earlier, [(7, 20_010)]);
+        // After a leak, no overlap: only the new secret signs.
+        let leaked = many.rotated(400, 0).unwrap();
+        assert_eq!((leaked.signing(400), leaked.overlap_until(400)), (vec![8], None));
     }
 
     #[test]

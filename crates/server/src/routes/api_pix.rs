@@ -1725,7 +1725,7 @@ pub async fn webhook_list(
             None => Ok(default),
         }
     };
-    let (from, to) = (at("inicio", 0)?, at("fim", u64::MAX - 1)?);
+    let (from, to) = (at("inicio", 0)?, at("fim", u64::MAX)?);
     ordered(K, from, to)?;
     let (page, per_page) = pagination(&p, K)?;
     let mut parametros = json!({});

@@ -1481,8 +1481,8 @@ pub struct WebhookSecretView {
     pub header: String,
     /// The secret's generation: 0 until the first rotation.
     pub generation: u32,
-    /// Until when the secret before this one signs too (a second `sha256=` in the header), after
-    /// a rotation.
+    /// Until when the earlier secrets still in their rotations' overlaps sign too (more
+    /// `sha256=` in the header), if one does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_valid_until: Option<String>,
 }
@@ -1494,7 +1494,7 @@ impl WebhookSecretView {
             secret: crate::auth::hex(&crate::webhook::secret(state, tenant, generation.generation)),
             header: "x-rtpay-signature".into(),
             generation: generation.generation,
-            previous_valid_until: (generation.signing(now).len() > 1).then(|| rfc3339(generation.previous_until)),
+            previous_valid_until: generation.overlap_until(now).map(rfc3339),
         }
     }
 }
