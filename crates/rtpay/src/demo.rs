@@ -149,6 +149,7 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         tls: None,
         kek: None,
         iso8583_listen: None,
+        iso8583_plain: false,
         card_settings: Default::default(),
         pix: server::pix_rail::PixSettings { ispb: Some(DEMO_ISPB.into()), ..Default::default() },
         pix_jws: None,

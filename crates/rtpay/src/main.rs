@@ -113,6 +113,11 @@ enum CommandLine {
         /// Accept the card network's ISO 8583 authorizations on this address (TCP, 2-byte length).
         #[arg(long, env = "RTPAY_ISO8583_LISTEN")]
         iso8583_listen: Option<SocketAddr>,
+        /// Serve ISO 8583 over plain TCP even with --tls-cert (by default the listener then speaks
+        /// TLS, requiring a client certificate when --tls-client-ca is set): for a link already
+        /// encrypted below it (IPsec, a private circuit).
+        #[arg(long, env = "RTPAY_ISO8583_PLAIN")]
+        iso8583_plain: bool,
         /// Seconds an approved authorization holds funds before the ledger releases them.
         #[arg(long, default_value_t = 604_800, env = "RTPAY_CARD_HOLD_SECONDS")]
         card_hold_seconds: u32,
@@ -287,6 +292,7 @@ fn main() -> ExitCode {
             tls_key,
             tls_client_ca,
             iso8583_listen,
+            iso8583_plain,
             card_hold_seconds,
             card_capture_tolerance,
             ispb,
@@ -366,6 +372,7 @@ fn main() -> ExitCode {
                 tls,
                 kek: storage.kek,
                 iso8583_listen,
+                iso8583_plain,
                 card_settings: server::card_network::CardSettings {
                     hold_seconds: card_hold_seconds,
                     capture_tolerance_percent: card_capture_tolerance,

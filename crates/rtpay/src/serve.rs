@@ -26,6 +26,8 @@ pub struct ServeConfig {
     pub kek: Option<crate::keys::KekConfig>,
     /// The card network's ISO 8583 listener, if any.
     pub iso8583_listen: Option<SocketAddr>,
+    /// Plain TCP on the ISO 8583 listener even with a certificate (a link encrypted below it).
+    pub iso8583_plain: bool,
     pub card_settings: server::card_network::CardSettings,
     pub pix: server::pix_rail::PixSettings,
     /// The certificate chain and key (PEM) that sign the payloads at charges' locations; `None`:
@@ -179,6 +181,12 @@ pub async fn run(
     server::quiet_panics();
     // Bad PEM files are refused before anything is created or opened.
     let acceptor = config.tls.as_ref().map(server::tls::acceptor).transpose()?;
+    let iso8583_tls = match &config.tls {
+        Some(files) if config.iso8583_listen.is_some() && !config.iso8583_plain => {
+            Some(server::tls::iso8583_acceptor(files)?)
+        }
+        _ => None,
+    };
     let payload_signer =
         config.pix_jws.as_ref().map(|(cert, key)| server::jws::PayloadSigner::from_pem_files(cert, key)).transpose()?;
     let webhooks = server::webhook::WebhookClient::new(&config.webhooks)?;
@@ -228,7 +236,7 @@ pub async fn run(
             let stopped = async move {
                 let _ = cards_stopped.await;
             };
-            if let Err(e) = server::iso8583::serve(listener, state, stopped).await {
+            if let Err(e) = server::iso8583::serve(listener, state, iso8583_tls, stopped).await {
                 tracing::error!(error = %e, "the ISO 8583 listener failed");
             }
         })

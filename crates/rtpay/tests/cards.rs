@@ -23,6 +23,18 @@ struct Network {
 
 impl Network {
     fn connect(addr: SocketAddr) -> Network {
+        Network::connect_with(addr, &[])
+    }
+
+    /// Over TLS (Python's `ssl`): the server checked against `ca`, presenting `client` (certificate
+    /// and key files) if given.
+    fn connect_tls(addr: SocketAddr, ca: &str, client: Option<(&str, &str)>) -> Network {
+        let mut args = vec![ca];
+        args.extend(client.map(|(cert, key)| [cert, key]).into_iter().flatten());
+        Network::connect_with(addr, &args)
+    }
+
+    fn connect_with(addr: SocketAddr, tls: &[&str]) -> Network {
         let python = std::env::var("RTPAY_TEST_PYTHON")
             .unwrap_or_else(|_| format!("{}/.cache/rtpay/venv/bin/python", std::env::var("HOME").unwrap_or_default()));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/iso8583_client.py");
@@ -30,6 +42,7 @@ impl Network {
             .arg(script)
             .arg(addr.ip().to_string())
             .arg(addr.port().to_string())
+            .args(tls)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -39,12 +52,17 @@ impl Network {
     }
 
     fn command(&mut self, command: Value) -> Value {
+        let answer = self.try_command(command);
+        assert!(answer.get("error").is_none(), "{answer}");
+        answer
+    }
+
+    /// A command's answer, an `error` included.
+    fn try_command(&mut self, command: Value) -> Value {
         writeln!(self.stdin, "{command}").unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
-        let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        assert!(answer.get("error").is_none(), "{answer}");
-        answer
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
 
     fn send(&mut self, msg: &Value) {
@@ -739,4 +757,55 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// With a certificate, the card listener speaks TLS and, with a client CA, admits only a network
+/// presenting a certificate from it: no certificate, another CA's, or plain TCP get no answer.
+/// `--iso8583-plain` keeps plain TCP (a link encrypted below it). The network here is Python's
+/// `ssl` with pyiso8583.
+#[test]
+fn the_card_listener_speaks_tls_and_admits_the_networks_certificate_only() {
+    let certs = temp_dir("cards-tls-certs");
+    let file = |name: &str, text: &str| {
+        let path = certs.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let authority = TestCa::new("rtpay test CA");
+    let (server_cert, server_key) = authority.issue(&["localhost"], &[]);
+    let (client_cert, client_key) = authority.issue(&[], &[]);
+    let (foreign_cert, foreign_key) = TestCa::new("someone else").issue(&[], &[]);
+    let ca = file("ca.pem", &authority.pem());
+    let (cert, key) = (file("server.pem", &server_cert), file("server.key", &server_key));
+    let (network_cert, network_key) = (file("network.pem", &client_cert), file("network.key", &client_key));
+    let (foreign_cert, foreign_key) = (file("foreign.pem", &foreign_cert), file("foreign.key", &foreign_key));
+    let echo = json!({"t": "0800", "7": "1206093000", "11": "000001", "70": "001"});
+    let echoed = |answer: &Value| (answer["t"].clone(), answer["39"].clone()) == (json!("0810"), json!("00"));
+    // Whatever a refused peer gets: an error, or a closed connection, never an answer.
+    let refused = |mut peer: Network| {
+        let sent = peer.try_command(json!({"op": "send", "msg": echo}));
+        let got = if sent.get("error").is_some() { sent } else { peer.try_command(json!({"op": "recv", "n": 1})) };
+        assert!(got.get("error").is_some() || got["closed"] == json!(true), "{got}");
+        assert!(got["messages"].as_array().is_none_or(Vec::is_empty), "{got}");
+    };
+    let tls = ["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca, "--iso8583-listen", "127.0.0.1:0"];
+
+    let server = Server::start_with_args(&temp_dir("cards-tls"), None, "127.0.0.1:0", true, &tls);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    let mut network = Network::connect_tls(iso, &ca, Some((&network_cert, &network_key)));
+    let answer = network.ask(&echo);
+    assert!(echoed(&answer), "{answer}");
+    refused(Network::connect_tls(iso, &ca, None));
+    refused(Network::connect_tls(iso, &ca, Some((&foreign_cert, &foreign_key))));
+    refused(Network::connect(iso));
+    // The listener goes on serving the network.
+    assert!(echoed(&network.ask(&echo)));
+    drop(network);
+    drop(server);
+
+    let plain: Vec<&str> = tls.iter().copied().chain(["--iso8583-plain"]).collect();
+    let server = Server::start_with_args(&temp_dir("cards-tls-plain"), None, "127.0.0.1:0", true, &plain);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    let answer = Network::connect(iso).ask(&echo);
+    assert!(echoed(&answer), "{answer}");
 }

@@ -2,13 +2,15 @@
 //! Many messages may be in flight on one connection; each is answered as soon as it is decided,
 //! in any order (the network matches answers by STAN and RRN). A frame that cannot be read as a
 //! request gets a format-error answer (DE39 `30`), or the connection is closed when not even its
-//! type can be read; other connections never notice.
+//! type can be read; other connections never notice. With a certificate (`--tls-cert`), the
+//! listener speaks TLS, and with `--tls-client-ca` requires the network's client certificate
+//! (`--iso8583-plain` keeps plain TCP, for a link encrypted below it).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::AppState;
 
@@ -22,6 +24,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -38,9 +41,19 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let state = state.clone();
+                let (state, tls) = (state.clone(), tls.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, state).await {
+                    let ended = match tls {
+                        None => connection(stream, state).await,
+                        // A peer that does not finish its handshake in time, or presents no
+                        // certificate the client CA signed, is closed before any message is read.
+                        Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => connection(stream, state).await,
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake")),
+                        },
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(%peer, error = %e, "iso8583 connection ended");
                     }
                 });
@@ -49,8 +62,14 @@ pub async fn serve(
     }
 }
 
-async fn connection(stream: TcpStream, state: AppState) -> std::io::Result<()> {
-    let (mut reader, mut writer) = stream.into_split();
+/// How long a peer has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn connection<S>(stream: S, state: AppState) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(IN_FLIGHT_MAX);
     let write = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {

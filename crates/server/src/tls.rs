@@ -56,6 +56,25 @@ pub(crate) fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'
 
 /// Builds the acceptor; every error names the file and what is wrong with it.
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    config(files, ClientCertificates::Optional, vec![b"http/1.1".to_vec()])
+}
+
+/// The ISO 8583 listener's TLS: the same certificate; with `--tls-client-ca`, a client
+/// certificate from it is required at the handshake (a card network's link has one peer, which
+/// must prove who it is before any message is read).
+pub fn iso8583_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    config(files, ClientCertificates::Required, Vec::new())
+}
+
+/// With a client CA: whether a connection may go on without a certificate (the HTTP listener's
+/// routes decide what each needs), or not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientCertificates {
+    Optional,
+    Required,
+}
+
+fn config(files: &TlsFiles, clients: ClientCertificates, alpn: Vec<Vec<u8>>) -> Result<TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = read_certs(&files.cert, "--tls-cert")?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
@@ -70,17 +89,18 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
             for cert in read_certs(path, "--tls-client-ca")? {
                 roots.add(cert).map_err(|e| format!("--tls-client-ca {}: {e}", path.display()))?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| format!("--tls-client-ca {}: {e}", path.display()))?;
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if clients == ClientCertificates::Optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier.build().map_err(|e| format!("--tls-client-ca {}: {e}", path.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| format!("--tls-cert/--tls-key: the key does not fit the certificate or is unusable: {e}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

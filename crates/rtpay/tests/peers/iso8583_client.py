@@ -1,6 +1,7 @@
 """An ISO 8583 network peer for rtpay's tests, built on PyPI pyiso8583 (independent of rtpay's
-codec). Usage: iso8583_client.py HOST PORT; then one JSON command per line on stdin, one JSON
-answer per line on stdout:
+codec). Usage: iso8583_client.py HOST PORT [CA [CERT KEY]]: with CA, over TLS (Python's ssl,
+the server checked against CA as `localhost`; with CERT and KEY, presenting that client
+certificate); then one JSON command per line on stdin, one JSON answer per line on stdout:
 
   {"op": "send", "msg": {"t": "0100", "2": "...", ...}}   encode with specs.default_ascii, frame, send
   {"op": "raw", "hex": "..."}                             send these bytes as they are
@@ -13,6 +14,7 @@ for receives; {"error": "..."} when pyiso8583 refuses to encode or decode.
 
 import json
 import socket
+import ssl
 import struct
 import sys
 
@@ -30,8 +32,24 @@ def read_exact(sock, n):
     return data
 
 
+def connect(argv):
+    sock = socket.create_connection((argv[1], int(argv[2])), timeout=20)
+    if len(argv) > 3:
+        context = ssl.create_default_context(cafile=argv[3])
+        if len(argv) > 5:
+            context.load_cert_chain(argv[4], argv[5])
+        sock = context.wrap_socket(sock, server_hostname="localhost")
+    return sock
+
+
 def main():
-    sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+    try:
+        sock = connect(sys.argv)
+    except OSError as e:
+        # Every command is answered with why the connection could not be made.
+        for _ in sys.stdin:
+            print(json.dumps({"error": "connect: " + str(e)}), flush=True)
+        return
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
