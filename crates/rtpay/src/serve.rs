@@ -183,7 +183,7 @@ pub async fn run(
     let acceptor = config.tls.as_ref().map(server::tls::acceptor).transpose()?;
     let iso8583_tls = match &config.tls {
         Some(files) if config.iso8583_listen.is_some() && !config.iso8583_plain => {
-            Some(server::tls::iso8583_acceptor(files)?)
+            Some(server::tls::iso8583_tls(files)?)
         }
         _ => None,
     };

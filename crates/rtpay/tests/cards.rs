@@ -760,7 +760,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// With a certificate, the card listener speaks TLS and, with a client CA, admits only a network
-/// presenting a certificate from it: no certificate, another CA's, or plain TCP get no answer.
+/// presenting a certificate from it that names the card network: no certificate, another CA's,
+/// one of the CA's naming a tenant, or plain TCP get no answer.
 /// `--iso8583-plain` keeps plain TCP (a link encrypted below it). The network here is Python's
 /// `ssl` with pyiso8583.
 #[test]
@@ -773,12 +774,14 @@ fn the_card_listener_speaks_tls_and_admits_the_networks_certificate_only() {
     };
     let authority = TestCa::new("rtpay test CA");
     let (server_cert, server_key) = authority.issue(&["localhost"], &[]);
-    let (client_cert, client_key) = authority.issue(&[], &[]);
+    let (client_cert, client_key) = authority.issue(&[], &["urn:rtpay:card-network"]);
+    let (tenant_cert, tenant_key) = authority.issue(&[], &["urn:rtpay:tenant:0195c3a0-0000-7000-8000-000000000001"]);
     let (foreign_cert, foreign_key) = TestCa::new("someone else").issue(&[], &[]);
     let ca = file("ca.pem", &authority.pem());
     let (cert, key) = (file("server.pem", &server_cert), file("server.key", &server_key));
     let (network_cert, network_key) = (file("network.pem", &client_cert), file("network.key", &client_key));
     let (foreign_cert, foreign_key) = (file("foreign.pem", &foreign_cert), file("foreign.key", &foreign_key));
+    let (tenant_cert, tenant_key) = (file("tenant.pem", &tenant_cert), file("tenant.key", &tenant_key));
     let echo = json!({"t": "0800", "7": "1206093000", "11": "000001", "70": "001"});
     let echoed = |answer: &Value| (answer["t"].clone(), answer["39"].clone()) == (json!("0810"), json!("00"));
     // Whatever a refused peer gets: an error, or a closed connection, never an answer.
@@ -797,6 +800,7 @@ fn the_card_listener_speaks_tls_and_admits_the_networks_certificate_only() {
     assert!(echoed(&answer), "{answer}");
     refused(Network::connect_tls(iso, &ca, None));
     refused(Network::connect_tls(iso, &ca, Some((&foreign_cert, &foreign_key))));
+    refused(Network::connect_tls(iso, &ca, Some((&tenant_cert, &tenant_key))));
     refused(Network::connect(iso));
     // The listener goes on serving the network.
     assert!(echoed(&network.ask(&echo)));

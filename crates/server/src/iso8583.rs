@@ -21,10 +21,19 @@ pub const IN_FLIGHT_MAX: usize = 256;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The listener's TLS (see `tls::iso8583_tls`).
+#[derive(Clone)]
+pub struct Tls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// The client's certificate (required at the handshake) must name the card network
+    /// ([`crate::tls::CARD_NETWORK_URI`]).
+    pub network_certificate: bool,
+}
+
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -47,8 +56,17 @@ pub async fn serve(
                         None => connection(stream, state).await,
                         // A peer that does not finish its handshake in time, or presents no
                         // certificate the client CA signed, is closed before any message is read.
-                        Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                            Ok(Ok(stream)) => connection(stream, state).await,
+                        Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let certificate = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                                if tls.network_certificate
+                                    && !certificate.is_some_and(|c| crate::tls::names_card_network(c))
+                                {
+                                    tracing::info!(%peer, "an ISO 8583 peer's certificate does not name the card network; closed");
+                                    return;
+                                }
+                                connection(stream, state).await
+                            }
                             Ok(Err(e)) => Err(e),
                             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake")),
                         },

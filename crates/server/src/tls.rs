@@ -61,9 +61,12 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
 
 /// The ISO 8583 listener's TLS: the same certificate; with `--tls-client-ca`, a client
 /// certificate from it is required at the handshake (a card network's link has one peer, which
-/// must prove who it is before any message is read).
-pub fn iso8583_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
-    config(files, ClientCertificates::Required, Vec::new())
+/// must prove who it is before any message is read), and must name the card network.
+pub fn iso8583_tls(files: &TlsFiles) -> Result<crate::iso8583::Tls, String> {
+    Ok(crate::iso8583::Tls {
+        acceptor: config(files, ClientCertificates::Required, Vec::new())?,
+        network_certificate: files.client_ca.is_some(),
+    })
 }
 
 /// With a client CA: whether a connection may go on without a certificate (the HTTP listener's
@@ -102,6 +105,20 @@ fn config(files: &TlsFiles, clients: ClientCertificates, alpn: Vec<Vec<u8>>) -> 
         .map_err(|e| format!("--tls-cert/--tls-key: the key does not fit the certificate or is unusable: {e}"))?;
     config.alpn_protocols = alpn;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The subject alternative name that makes a client certificate the card network's: the only one
+/// the ISO 8583 listener admits when it checks client certificates (one CA may sign tenants' too).
+pub const CARD_NETWORK_URI: &str = "urn:rtpay:card-network";
+
+/// Whether a verified client certificate names the card network ([`CARD_NETWORK_URI`]).
+pub fn names_card_network(cert: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert) else { return false };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return false };
+    san.value
+        .general_names
+        .iter()
+        .any(|name| matches!(name, x509_parser::extensions::GeneralName::URI(uri) if *uri == CARD_NETWORK_URI))
 }
 
 /// The identity in a verified client certificate's subject alternative names.
