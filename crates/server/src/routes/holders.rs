@@ -284,27 +284,23 @@ pub async fn set_address(
             let body = serde_json::to_string(&StoredAddress { sealed: crate::oauth::base64_encode(&sealed) })
                 .expect("serializable");
             for _ in 0..3 {
-                let written = match q.document(ADDRESS_KIND, tenant_id, &uuid_string(id))? {
-                    Some(doc) => {
-                        let next = store::Document { version: doc.version + 1, body: body.clone(), ..doc.clone() };
-                        q.update_document(&next, doc.version)?
-                    }
-                    None => match q.insert_document(&store::Document {
-                        kind: ADDRESS_KIND.into(),
-                        tenant_id,
-                        id: uuid_string(id),
-                        lookup: None,
-                        owner: None,
-                        created_at: store::now_nanos(),
-                        version: 1,
-                        body: body.clone(),
-                    }) {
-                        Ok(()) => true,
-                        Err(store::StoreError::Conflict(_)) => false,
-                        Err(e) => return Err(e.into()),
-                    },
+                let (expected, next) = match q.document(ADDRESS_KIND, tenant_id, &uuid_string(id))? {
+                    Some(doc) => (doc.version, store::Document { version: doc.version + 1, body: body.clone(), ..doc }),
+                    None => (
+                        0,
+                        store::Document {
+                            kind: ADDRESS_KIND.into(),
+                            tenant_id,
+                            id: uuid_string(id),
+                            lookup: None,
+                            owner: None,
+                            created_at: store::now_nanos(),
+                            version: 1,
+                            body: body.clone(),
+                        },
+                    ),
                 };
-                if written {
+                if q.put_document(&next, expected)? {
                     return Ok(Ok(()));
                 }
             }

@@ -366,24 +366,23 @@ fn update_bucket(
         }
         let body = serde_json::to_string(&StoredBucket { capacity, tokens: bucket.tokens, at: bucket.at })
             .expect("serializable");
-        let saved = match existing {
-            Some(doc) => q.update_document(&store::Document { version: doc.version + 1, body, ..doc }, doc.version)?,
-            None => match q.insert_document(&store::Document {
-                kind: BUCKET_KIND.into(),
-                tenant_id: tenant,
-                id: id.clone(),
-                lookup: None,
-                owner: None,
-                created_at: now,
-                version: 1,
-                body,
-            }) {
-                Ok(()) => true,
-                Err(store::StoreError::Conflict(_)) => false,
-                Err(e) => return Err(e),
-            },
+        let (expected, doc) = match existing {
+            Some(doc) => (doc.version, store::Document { version: doc.version + 1, body, ..doc }),
+            None => (
+                0,
+                store::Document {
+                    kind: BUCKET_KIND.into(),
+                    tenant_id: tenant,
+                    id: id.clone(),
+                    lookup: None,
+                    owner: None,
+                    created_at: now,
+                    version: 1,
+                    body,
+                },
+            ),
         };
-        if saved {
+        if q.put_document(&doc, expected)? {
             return Ok(Ok(()));
         }
     }
