@@ -228,6 +228,8 @@ pub async fn run(
     server::webhook::resume(&state);
     // Off-us Pix whose verdict a stopped node never recorded.
     server::pix_rail::resume(&state);
+    // The leases and claims above compare clocks across nodes: this one's against PostgreSQL's.
+    server::clock::watch(&state);
     // The card listener stops with the HTTP one.
     let (stop_cards, cards_stopped) = tokio::sync::oneshot::channel::<()>();
     let cards = iso8583.map(|listener| {

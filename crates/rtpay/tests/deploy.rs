@@ -149,40 +149,61 @@ fn the_dockerfile_copies_what_exists_and_the_build_context_keeps_it() {
 fn the_alert_rules_pass_promtools_checks_and_rule_tests() {
     let out = promtool(&["check", "config", "prometheus.yml"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("SUCCESS: 7 rules found"), "{}", text(&out));
+    assert!(text(&out).contains("SUCCESS: 8 rules found"), "{}", text(&out));
     let out = promtool(&["test", "rules", "alerts_test.yml"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("SUCCESS"), "{}", text(&out));
 }
 
 /// Every `rtpay_*` metric the alerts and the dashboard query, and every route they select, is in
-/// what a real node serves at `/metrics`; every `RTPAY_*` setting the deploy files give is one
-/// rtpay reads, and is documented.
+/// what a real node serves at `/metrics` (an embedded one, or one on PostgreSQL, which measures
+/// its clock against the database's); every `RTPAY_*` setting the deploy files give is one rtpay
+/// reads, and is documented.
 #[test]
 fn what_the_deploy_files_name_is_what_rtpay_serves_and_reads() {
-    let server = Server::start(&temp_dir("deploy-metrics"), None);
-    let metrics = runtime().block_on(async {
-        let mut c = server.client();
-        let (_, key) = tenant(&mut c, "deploy").await;
-        let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
-        let shop = account(&mut c, &key, json!({"currency": "BRL"})).await;
-        let body = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": shop, "amount": 1});
-        assert_eq!(c.post("/v1/transfers", &key, &body).await.unwrap().status, 201);
-        let r = c.send(hyper::Method::GET, "/metrics", None, None).await.unwrap();
-        assert_eq!(r.status, 200);
-        String::from_utf8(r.body.to_vec()).unwrap()
-    });
-    let served: BTreeSet<&str> = metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .filter(|n| !n.is_empty())
-        .collect();
     let queries = read(&deploy("prometheus/alerts.yml")) + &read(&deploy("grafana/dashboards/rtpay.json"));
     let named = words(&queries, "rtpay_");
     assert!(named.len() >= 10, "{named:?}");
+    let postgres = store::testing::fresh_postgres_database();
+    let embedded = Server::start(&temp_dir("deploy-metrics"), None);
+    let on_postgres = Server::start(&temp_dir("deploy-metrics-pg"), Some(&postgres));
+    let mut metrics = String::new();
+    let mut served: BTreeSet<String> = BTreeSet::new();
+    runtime().block_on(async {
+        let mut clients = Vec::new();
+        for server in [&embedded, &on_postgres] {
+            let mut c = server.client();
+            let (_, key) = tenant(&mut c, "deploy").await;
+            let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
+            let shop = account(&mut c, &key, json!({"currency": "BRL"})).await;
+            let body = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": shop, "amount": 1});
+            assert_eq!(c.post("/v1/transfers", &key, &body).await.unwrap().status, 201);
+            clients.push(c);
+        }
+        // A node measures its clock just after it starts: a moment after its first answers.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            metrics.clear();
+            for c in &mut clients {
+                let r = c.send(hyper::Method::GET, "/metrics", None, None).await.unwrap();
+                assert_eq!(r.status, 200);
+                metrics.push_str(std::str::from_utf8(&r.body).unwrap());
+            }
+            served = metrics
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.split(['{', ' ']).next())
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if named.iter().all(|n| served.contains(n)) || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
     for name in &named {
-        assert!(served.contains(name.as_str()), "{name} is queried but not served; served: {served:?}");
+        assert!(served.contains(name), "{name} is queried but not served; served: {served:?}");
     }
     for selector in ["route=\"/v1/transfers\"", "method=\"POST\""] {
         assert!(queries.contains(selector) && metrics.contains(selector), "{selector}");

@@ -14,6 +14,7 @@
 pub mod audit_trail;
 pub mod auth;
 pub mod card_network;
+pub mod clock;
 pub mod contract;
 pub mod dto;
 pub mod iso8583;

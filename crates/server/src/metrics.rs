@@ -30,6 +30,9 @@ pub struct Metrics {
     /// Card message steps decided again because another node's step on the authorization
     /// committed first (see `card_network::Failed::Raced`).
     pub card_steps_raced: std::sync::atomic::AtomicU64,
+    /// How far this node's clock was ahead of the database's at the last measurement, in
+    /// nanoseconds (see `clock::watch`); never measured on an embedded engine.
+    pub clock_skew: Mutex<Option<i64>>,
 }
 
 type ByMethodStatus = BTreeMap<(&'static str, u16), RouteStats>;
@@ -152,6 +155,13 @@ impl Metrics {
             "Pending transfers released by timeout.",
             engine.expired.load(Ordering::Relaxed),
         );
+        if let Some(skew) = *self.clock_skew.lock().expect("metrics lock") {
+            let _ = write!(
+                out,
+                "# HELP rtpay_clock_skew_seconds How far this node's clock is ahead of PostgreSQL's (negative: behind), measured every minute; nodes compare their own clocks for leases (docs/OPERATIONS.md, Clocks).\n# TYPE rtpay_clock_skew_seconds gauge\nrtpay_clock_skew_seconds {}\n",
+                skew as f64 / 1e9
+            );
+        }
         let _ = write!(
             out,
             "# HELP rtpay_ledger_queue_depth Requests waiting for the writer.\n# TYPE rtpay_ledger_queue_depth gauge\nrtpay_ledger_queue_depth {}\n",

@@ -305,6 +305,10 @@ pub trait Queries: Send + Sync {
     fn scan(&self, accounts: &mut dyn FnMut(Account), entries: &mut dyn FnMut(Entry)) -> Result<()>;
     /// Cheap liveness check of the database.
     fn ping(&self) -> Result<()>;
+    /// The database server's clock, in nanoseconds since the Unix epoch, where nodes share one
+    /// database over the network (PostgreSQL); `None` for an embedded engine, whose only clock is
+    /// its process's. See [`clock_skew`].
+    fn database_time(&self) -> Result<Option<Timestamp>>;
 
     fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()>;
     /// The client with its secret hash.
@@ -466,6 +470,21 @@ pub fn now_nanos() -> Timestamp {
     let since =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("the system clock is after 1970");
     u64::try_from(since.as_nanos()).expect("nanoseconds fit in u64 until 2554")
+}
+
+/// How far `clock` (a node's) is ahead of the database server's clock, in nanoseconds (negative:
+/// behind), the database's reading taken as made halfway through the round trip; `None` on an
+/// embedded engine, which has no other clock. Nodes sharing a PostgreSQL database compare their
+/// own clocks to decide when another node's lease on a webhook delivery, or its hold on an off-us
+/// Pix payment, has lapsed, with margins of 2 and 5 s: a node whose clock is further off than
+/// that can take over work another node is still doing (docs/OPERATIONS.md, "Clocks").
+pub fn clock_skew(queries: &dyn Queries, clock: &dyn Fn() -> Timestamp) -> Result<Option<i64>> {
+    let before = clock();
+    let Some(database) = queries.database_time()? else { return Ok(None) };
+    let after = clock();
+    let local = i128::from(before) + (i128::from(after) - i128::from(before)) / 2;
+    let skew = local - i128::from(database);
+    Ok(Some(i64::try_from(skew).unwrap_or(if skew < 0 { i64::MIN } else { i64::MAX })))
 }
 
 impl Store {

@@ -1278,6 +1278,17 @@ impl Queries for PgQueries {
         self.with(|c| c.simple_query("SELECT 1").map(|_| ()).map_err(unavailable))
     }
 
+    fn database_time(&self) -> Result<Option<Timestamp>> {
+        // Microseconds: PostgreSQL's timestamps go no finer.
+        let micros: i64 = self.with(|c| {
+            c.query_one("SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint", &[])
+                .and_then(|r| r.try_get(0))
+                .map_err(unavailable)
+        })?;
+        let micros = u64::try_from(micros).map_err(|_| corrupt(format!("the database's clock reads {micros} µs")))?;
+        Ok(Some(micros.saturating_mul(1000)))
+    }
+
     fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()> {
         self.with_once(|c| {
             c.execute(

@@ -1848,6 +1848,10 @@ impl Queries for SqliteQueries {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
     }
 
+    fn database_time(&self) -> Result<Option<Timestamp>> {
+        Ok(None)
+    }
+
     fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()> {
         self.with(|c| {
             c.execute(

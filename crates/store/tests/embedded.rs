@@ -20,3 +20,12 @@ fn migrate_waits_for_the_directory_lock() {
     store.close();
     assert!(store::Store::migrate(&location).unwrap().is_empty(), "up to date, nothing applied");
 }
+
+/// An embedded engine has no clock but its process's: there is nothing to be off from.
+#[test]
+fn an_embedded_engine_has_no_other_clock() {
+    let store = store::Store::open(&fresh()).unwrap();
+    assert_eq!(store.queries.database_time().unwrap(), None);
+    assert_eq!(store::clock_skew(store.queries.as_ref(), &store::now_nanos).unwrap(), None);
+    store.close();
+}

@@ -34,6 +34,21 @@ fn a_newer_schema_is_refused() {
     assert!(store::Store::append_audit_beside(&location, signer, Vec::new()).is_err());
 }
 
+/// The database's clock is read, and a node's clock set off from it shows by as much.
+#[test]
+fn a_nodes_clock_is_measured_against_the_databases() {
+    let store = store::Store::open(&fresh()).unwrap();
+    let queries = store.queries.clone();
+    // This process and the test's PostgreSQL server read one machine's clock.
+    let skew = store::clock_skew(queries.as_ref(), &store::now_nanos).unwrap().expect("PostgreSQL has a clock");
+    assert!(skew.abs() < 500_000_000, "{skew} ns apart on one machine");
+    let ahead = store::clock_skew(queries.as_ref(), &|| store::now_nanos() + 10_000_000_000).unwrap().unwrap();
+    assert!((9_500_000_000..10_500_000_000).contains(&ahead), "{ahead} ns: a clock 10 s ahead");
+    let behind = store::clock_skew(queries.as_ref(), &|| store::now_nanos() - 3_000_000_000).unwrap().unwrap();
+    assert!((-3_500_000_000..-2_500_000_000).contains(&behind), "{behind} ns: a clock 3 s behind");
+    store.close();
+}
+
 /// A fresh, migrated database whose connections default to repeatable read.
 fn repeatable_read_database() -> Location {
     let url = store::testing::fresh_postgres_database();
