@@ -475,9 +475,10 @@ pub fn now_nanos() -> Timestamp {
 /// How far `clock` (a node's) is ahead of the database server's clock, in nanoseconds (negative:
 /// behind), the database's reading taken as made halfway through the round trip; `None` on an
 /// embedded engine, which has no other clock. Nodes sharing a PostgreSQL database compare their
-/// own clocks to decide when another node's lease on a webhook delivery, or its hold on an off-us
-/// Pix payment, has lapsed, with margins of 2 and 5 s: a node whose clock is further off than
-/// that can take over work another node is still doing (docs/OPERATIONS.md, "Clocks").
+/// own clocks to decide when another node's lease on a webhook delivery, or its claim on an
+/// off-us Pix payment, has lapsed, with margins of 2 and 5 s: a node whose clock is further off
+/// than that can take over work another node is still doing; and each batch moves the ledger's
+/// clock up to its node's time (docs/OPERATIONS.md, "Clocks").
 pub fn clock_skew(queries: &dyn Queries, clock: &dyn Fn() -> Timestamp) -> Result<Option<i64>> {
     let before = clock();
     let Some(database) = queries.database_time()? else { return Ok(None) };
