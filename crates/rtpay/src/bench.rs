@@ -193,6 +193,7 @@ async fn pix(args: &BenchArgs) -> Result<(), Error> {
         name: "rtpay POST /v1/pix/payments (on us, by key, embedded)",
         target: &target,
         server: Some(child.id()),
+        writer: true,
     };
     let (rate, p99) = measure(&[subject], args).await[0];
     let rss = rss_kib(child.id()).unwrap_or(0);
@@ -381,48 +382,106 @@ struct CardRun {
     late: u64,
 }
 
-/// The writer's batches as the server's `/metrics` counted them: how many, their mean size and
-/// commit time, and how many took longer than 2, 5, 10, 25, 50 and 100 ms (what sets a latency
-/// tail: one sync of 40 ms holds every request in flight for as long, about a thousand of them
-/// at the half rate of the open loop); and the same of the syncs beside it.
-async fn writer_figures(client: &mut Client) -> String {
-    let Ok(response) = client.get("/metrics", OPERATOR).await else {
-        return "writer: /metrics did not answer".into();
-    };
-    let text = String::from_utf8_lossy(&response.body).into_owned();
-    let value = |name: &str| {
-        text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
-    };
-    let batches = value("rtpay_ledger_commit_duration_seconds_count");
-    if batches == 0.0 {
-        return "writer: no batches".into();
+/// The bounds, in milliseconds, past which the writer's figures count commits and syncs: what
+/// sets a latency tail (one sync of 40 ms holds every request in flight for as long, about a
+/// thousand of them at the half rate of the open loop).
+const TAIL_MS: [(&str, &str); 6] =
+    [("2", "0.002"), ("5", "0.005"), ("10", "0.01"), ("25", "0.025"), ("50", "0.05"), ("100", "0.1")];
+
+/// The writer's figures as a server's `/metrics` counted them so far.
+struct WriterTail {
+    /// Batches, events in them, and the seconds their commits took.
+    batches: f64,
+    events: f64,
+    commit_seconds: f64,
+    /// Syncs beside the writer and the seconds they took (none on PostgreSQL).
+    syncs: f64,
+    sync_seconds: f64,
+    /// Commits and syncs longer than each of [`TAIL_MS`].
+    commits_over: [f64; 6],
+    syncs_over: [f64; 6],
+}
+
+impl WriterTail {
+    async fn read(client: &mut Client) -> Option<WriterTail> {
+        let response = client.get("/metrics", OPERATOR).await.ok()?;
+        Some(WriterTail::parse(&String::from_utf8_lossy(&response.body)))
     }
-    let over = |histogram: &str, count: f64, le: &str| {
-        count - value(&format!("rtpay_ledger_{histogram}_duration_seconds_bucket{{le=\"{le}\"}}"))
-    };
-    let tail = |histogram: &str, count: f64| {
-        [("2", "0.002"), ("5", "0.005"), ("10", "0.01"), ("25", "0.025"), ("50", "0.05"), ("100", "0.1")]
-            .iter()
-            .map(|(ms, le)| format!("{ms} ms: {:.0}", over(histogram, count, le)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let syncs = value("rtpay_ledger_syncs_total");
-    let syncs = if syncs > 0.0 {
-        format!(
-            "; {syncs:.0} syncs beside it, mean {:.2} ms; longer than {}",
-            value("rtpay_ledger_sync_seconds_total") * 1e3 / syncs,
-            tail("sync", syncs),
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "writer: {batches:.0} batches, {:.1} events each, commit mean {:.2} ms; longer than {}{syncs}",
-        value("rtpay_ledger_batch_events_sum") / batches,
-        value("rtpay_ledger_commit_duration_seconds_sum") * 1e3 / batches,
-        tail("commit", batches),
-    )
+
+    fn parse(text: &str) -> WriterTail {
+        let value = |name: &str| {
+            text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
+        };
+        let over = |histogram: &str, count: f64| {
+            TAIL_MS.map(|(_, le)| {
+                count - value(&format!("rtpay_ledger_{histogram}_duration_seconds_bucket{{le=\"{le}\"}}"))
+            })
+        };
+        let batches = value("rtpay_ledger_commit_duration_seconds_count");
+        let syncs = value("rtpay_ledger_syncs_total");
+        WriterTail {
+            batches,
+            events: value("rtpay_ledger_batch_events_sum"),
+            commit_seconds: value("rtpay_ledger_commit_duration_seconds_sum"),
+            syncs,
+            sync_seconds: value("rtpay_ledger_sync_seconds_total"),
+            commits_over: over("commit", batches),
+            syncs_over: over("sync", syncs),
+        }
+    }
+
+    /// What was counted after `earlier`.
+    fn since(&self, earlier: &WriterTail) -> WriterTail {
+        let minus = |a: [f64; 6], b: [f64; 6]| std::array::from_fn(|i| a[i] - b[i]);
+        WriterTail {
+            batches: self.batches - earlier.batches,
+            events: self.events - earlier.events,
+            commit_seconds: self.commit_seconds - earlier.commit_seconds,
+            syncs: self.syncs - earlier.syncs,
+            sync_seconds: self.sync_seconds - earlier.sync_seconds,
+            commits_over: minus(self.commits_over, earlier.commits_over),
+            syncs_over: minus(self.syncs_over, earlier.syncs_over),
+        }
+    }
+}
+
+impl std::fmt::Display for WriterTail {
+    /// How many batches, their mean size and commit time, and how many took longer than each of
+    /// [`TAIL_MS`]; and the same of the syncs beside the writer.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.batches == 0.0 {
+            return write!(f, "no batches");
+        }
+        let tail = |over: &[f64; 6]| {
+            TAIL_MS.iter().zip(over).map(|((ms, _), n)| format!("{ms} ms: {n:.0}")).collect::<Vec<_>>().join(", ")
+        };
+        write!(
+            f,
+            "{:.0} batches, {:.1} events each, commit mean {:.2} ms; longer than {}",
+            self.batches,
+            self.events / self.batches,
+            self.commit_seconds * 1e3 / self.batches,
+            tail(&self.commits_over)
+        )?;
+        if self.syncs > 0.0 {
+            write!(
+                f,
+                "; {:.0} syncs beside it, mean {:.2} ms; longer than {}",
+                self.syncs,
+                self.sync_seconds * 1e3 / self.syncs,
+                tail(&self.syncs_over)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The writer's figures over the server's whole life (see [`WriterTail`]).
+async fn writer_figures(client: &mut Client) -> String {
+    match WriterTail::read(client).await {
+        Some(figures) => format!("writer: {figures}"),
+        None => "writer: /metrics did not answer".into(),
+    }
 }
 
 fn machine() -> String {
@@ -862,12 +921,14 @@ impl CpuSample {
     }
 }
 
-/// A server under measurement: what the output calls it, what the load sends it, and its process
-/// (for its CPU time per request).
+/// A server under measurement: what the output calls it, what the load sends it, its process
+/// (for its CPU time per request), and whether it is an rtpay server whose `/metrics` counts its
+/// writer's commits and syncs (printed for its open loop alone).
 struct Subject<'a> {
     name: &'a str,
     target: &'a Target,
     server: Option<u32>,
+    writer: bool,
 }
 
 /// Windows each closed loop is split into (see [`measure`]).
@@ -928,7 +989,13 @@ async fn measure(subjects: &[Subject<'_>], args: &BenchArgs) -> Vec<(f64, f64)> 
             continue;
         };
         let rate = peak.rate();
+        let mut metrics = Client::new(subject.target.addr);
+        let before = if subject.writer { WriterTail::read(&mut metrics).await } else { None };
         let mut half = open_loop(subject.target, connections, rate / 2.0, Duration::from_secs(args.seconds)).await;
+        let during = match (before, WriterTail::read(&mut metrics).await) {
+            (Some(before), Some(after)) => format!("; the writer meanwhile: {}", after.since(&before)),
+            _ => String::new(),
+        };
         println!(
             "{}: peak {:.0} req/s over {connections} connections (p50 {:.2} ms, p99 {:.2} ms, {} errors{cpu}); at {:.0} req/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} errors)",
             subject.name,
@@ -942,7 +1009,7 @@ async fn measure(subjects: &[Subject<'_>], args: &BenchArgs) -> Vec<(f64, f64)> 
             half.percentile_ms(0.999),
             half.errors
         );
-        println!("  {} at half rate: {}", subject.name, half.stalls());
+        println!("  {} at half rate: {}{during}", subject.name, half.stalls());
         figures.push((rate, half.percentile_ms(0.99)));
     }
     figures
@@ -990,7 +1057,7 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
         token: key.clone(),
         body: transfer_bodies(bank.clone(), wallets.clone(), args.ids),
     };
-    let rtpay = Subject { name: &name, target: &target, server: Some(child.id()) };
+    let rtpay = Subject { name: &name, target: &target, server: Some(child.id()), writer: true };
     // The embedded engine is compared with the axum baseline, loaded in turns with it; PostgreSQL
     // with pgbench, after it.
     let baseline = match database {
@@ -1006,7 +1073,12 @@ async fn http(args: &BenchArgs, postgres: Option<&str>) -> Result<(), Error> {
     });
     let mut subjects = vec![rtpay];
     if let (Some((process, _)), Some(target)) = (&baseline, &baseline_target) {
-        subjects.push(Subject { name: "baseline: trivial axum JSON handler", target, server: Some(process.id()) });
+        subjects.push(Subject {
+            name: "baseline: trivial axum JSON handler",
+            target,
+            server: Some(process.id()),
+            writer: false,
+        });
     }
     let figures = measure(&subjects, args).await;
     let (rtpay_rate, p99) = figures[0];
@@ -1212,5 +1284,44 @@ mod tests {
         let (a, b) = (Ids::Time.id(1), Ids::Time.id(2));
         assert!(a < b);
         assert_ne!(Ids::Random.id(1) < Ids::Random.id(2), Ids::Random.id(2) < Ids::Random.id(3));
+    }
+
+    /// `/metrics` as a server renders it: `batches` commits and syncs, `slow` of each over 25 ms
+    /// and under 50 ms, the rest under 2 ms.
+    fn metrics(batches: u64, slow: u64) -> String {
+        let mut text = String::new();
+        for histogram in ["commit", "sync"] {
+            for (le, n) in [("0.002", batches - slow), ("0.005", batches - slow), ("0.01", batches - slow)] {
+                text.push_str(&format!("rtpay_ledger_{histogram}_duration_seconds_bucket{{le=\"{le}\"}} {n}\n"));
+            }
+            for le in ["0.025", "0.05", "0.1", "+Inf"] {
+                let n = if le == "0.025" { batches - slow } else { batches };
+                text.push_str(&format!("rtpay_ledger_{histogram}_duration_seconds_bucket{{le=\"{le}\"}} {n}\n"));
+            }
+        }
+        text.push_str(&format!("rtpay_ledger_commit_duration_seconds_sum {}\n", batches as f64 * 0.0003));
+        text.push_str(&format!("rtpay_ledger_commit_duration_seconds_count {batches}\n"));
+        text.push_str(&format!("rtpay_ledger_batch_events_sum {}\n", batches * 30));
+        text.push_str(&format!("rtpay_ledger_syncs_total {batches}\n"));
+        text.push_str(&format!("rtpay_ledger_sync_seconds_total {}\n", batches as f64 * 0.0002));
+        text
+    }
+
+    /// The writer's figures over an open loop alone are the later counts less the earlier.
+    #[test]
+    fn the_writers_figures_count_the_slow_commits_and_syncs_of_an_interval() {
+        let (before, after) =
+            (super::WriterTail::parse(&metrics(1000, 1)), super::WriterTail::parse(&metrics(3000, 4)));
+        assert_eq!(before.commits_over, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        let during = after.since(&before);
+        assert_eq!((during.batches, during.syncs), (2000.0, 2000.0));
+        assert_eq!(during.syncs_over, [3.0, 3.0, 3.0, 3.0, 0.0, 0.0]);
+        assert_eq!(
+            during.to_string(),
+            "2000 batches, 30.0 events each, commit mean 0.30 ms; longer than 2 ms: 3, 5 ms: 3, 10 ms: 3, 25 ms: 3, \
+             50 ms: 0, 100 ms: 0; 2000 syncs beside it, mean 0.20 ms; longer than 2 ms: 3, 5 ms: 3, 10 ms: 3, \
+             25 ms: 3, 50 ms: 0, 100 ms: 0"
+        );
+        assert_eq!(super::WriterTail::parse("").to_string(), "no batches");
     }
 }
