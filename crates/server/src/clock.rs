@@ -1,8 +1,9 @@
 //! Watches this node's clock against the database's. Nodes sharing a PostgreSQL database tell
 //! from their own clocks when another node's lease on a webhook delivery (2 s margin) or its
-//! claim on an off-us Pix payment (5 s margin) has lapsed; a node whose clock is further off can
-//! take over work another node is still doing. rtpay does not correct clocks (time sync does):
-//! it measures, exports `rtpay_clock_skew_seconds`, and logs an error while a node is off.
+//! claim on an off-us Pix payment (5 s margin) has lapsed: a node ahead takes over work another
+//! node is still doing, and one behind stamps its own leases and claims early, so that the others
+//! take its work over. rtpay does not correct clocks (time sync does): it measures, exports
+//! `rtpay_clock_skew_seconds`, and logs an error while a node is off.
 
 use std::time::Duration;
 
@@ -11,9 +12,10 @@ use crate::AppState;
 /// How often the clock is measured.
 const INTERVAL: Duration = Duration::from_secs(60);
 
-/// The most a node's clock may be off the database's before it is reported: half the smallest
-/// margin a lease leaves.
-pub const SKEW_MAX: Duration = Duration::from_secs(1);
+/// The most a node's clock may be off the database's before it is reported: a quarter of the
+/// smallest margin a lease leaves, so that two nodes off in opposite directions, unreported, still
+/// differ by half of it at most.
+pub const SKEW_MAX: Duration = Duration::from_millis(500);
 
 /// Whether a measured skew (nanoseconds) is past [`SKEW_MAX`], either way.
 pub fn too_far(skew: i64) -> bool {
@@ -36,17 +38,21 @@ pub fn watch(state: &AppState) {
                     if off {
                         tracing::error!(
                             skew_seconds = skew as f64 / 1e9,
-                            "this node's clock is more than 1 s off PostgreSQL's: other nodes' leases and claims may lapse early here; fix its time sync"
+                            "this node's clock is more than 0.5 s off PostgreSQL's (positive: ahead): nodes may take over each other's webhook deliveries and off-us Pix early, and holds expire by this clock; fix its time sync"
                         );
                     } else if was_off {
                         tracing::info!(
                             skew_seconds = skew as f64 / 1e9,
-                            "this node's clock is within 1 s of PostgreSQL's again"
+                            "this node's clock is within 0.5 s of PostgreSQL's again"
                         );
                     }
                 }
-                // The database is away: its outage is reported where requests meet it.
-                Ok(Err(e)) => tracing::debug!(error = %e, "the database's clock could not be read"),
+                // The database is away (its outage is reported where requests meet it): no reading
+                // is exported rather than an old one.
+                Ok(Err(e)) => {
+                    *state.metrics.clock_skew.lock().expect("metrics lock") = None;
+                    tracing::debug!(error = %e, "the database's clock could not be read");
+                }
                 Err(_) => {}
             }
             tokio::time::sleep(INTERVAL).await;
@@ -59,12 +65,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_skew_past_one_second_either_way_is_too_far() {
+    fn a_skew_past_half_a_second_either_way_is_too_far() {
         assert!(!too_far(0));
-        assert!(!too_far(1_000_000_000));
-        assert!(!too_far(-1_000_000_000));
-        assert!(too_far(1_000_000_001));
-        assert!(too_far(-1_000_000_001));
+        assert!(!too_far(500_000_000));
+        assert!(!too_far(-500_000_000));
+        assert!(too_far(500_000_001));
+        assert!(too_far(-500_000_001));
         assert!(too_far(i64::MIN));
     }
 }
