@@ -131,18 +131,8 @@ fn two_nodes_share_one_ledger_without_overdraft_or_deadlock() {
         assert_eq!(total, 4_000, "money created or destroyed across nodes");
         // Each node measured its clock against PostgreSQL's (one machine's clock here).
         for node in [&a, &b] {
-            let mut c = node.client();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            let skew = loop {
-                let r = c.send(hyper::Method::GET, "/metrics", None, None).await.unwrap();
-                let text = String::from_utf8(r.body.to_vec()).unwrap();
-                let sample = text.lines().find_map(|l| l.strip_prefix("rtpay_clock_skew_seconds ")).map(|v| v.parse::<f64>().unwrap());
-                match sample {
-                    Some(v) => break v,
-                    None if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-                    None => panic!("no rtpay_clock_skew_seconds sample: {text}"),
-                }
-            };
+            let text = metrics_with(&mut node.client(), "rtpay_clock_skew_seconds").await;
+            let skew = sample(&text, "rtpay_clock_skew_seconds").unwrap();
             assert!(skew.abs() < 0.5, "{skew} s apart on one machine");
         }
     });

@@ -203,6 +203,27 @@ pub async fn balance(client: &mut Client, key: &str, account: &str) -> Value {
     r.json()["balance"].clone()
 }
 
+/// The node's `/metrics` text once it holds a sample of `name` (a node on PostgreSQL measures its
+/// clock a moment after it starts); fails after 10 s without one.
+pub async fn metrics_with(client: &mut Client, name: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client.send(hyper::Method::GET, "/metrics", None, None).await.unwrap();
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8(r.body.to_vec()).unwrap();
+        if text.lines().any(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{']))) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no {name} sample: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of the unlabelled sample `name` in a `/metrics` text.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
