@@ -948,6 +948,8 @@ fn listing_pages_newest_first_without_gaps_or_duplicates() {
             ("limit=1001", "invalid_limit", "limit"),
             ("limit=-1", "invalid_limit", "limit"),
             ("limit=ten", "invalid_limit", "limit"),
+            // `+7`, percent-encoded (a bare `+` in a query is a space).
+            ("limit=%2B7", "invalid_limit", "limit"),
             ("limit=7&page=2", "unknown_parameter", "page"),
         ];
         for (query, code, field) in bad {

@@ -232,8 +232,9 @@ fn charges_are_created_revised_paid_and_refunded() {
                 send(&mut c, Method::GET, &format!("{path}?{window}&cpf={CPF_MARIA}&cnpj={CNPJ_ACME}"), &shop, None).await;
             assert_problem(&got, 400, kind, Some("cnpj"));
         }
-        // A revision the charge does not have (it has 0 and 1).
-        for revisao in ["2", "-1", "x"] {
+        // A revision the charge does not have (it has 0 and 1), or not written in digits (`%2B1`
+        // is `+1`).
+        for revisao in ["2", "-1", "x", "%2B1", "1.0", ""] {
             let got = send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}?revisao={revisao}"), &shop, None).await;
             assert_problem(&got, 400, "CobConsultaInvalida", Some("revisao"));
         }

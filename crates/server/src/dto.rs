@@ -7,6 +7,15 @@ use utoipa::ToSchema;
 
 use crate::problem::Problem;
 
+/// A number written in decimal digits only: what Rust's `parse` also takes (a leading `+`) is
+/// not a number an API client writes, and is refused like any other malformed value.
+pub fn digits<T: std::str::FromStr>(text: &str) -> Option<T> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 /// Parses a UUID field; the nil UUID is refused since it cannot identify anything.
 pub fn parse_id(field: &str, value: &str) -> Result<u128, Problem> {
     // Only the hyphenated form the schema's `format: uuid` names: `uuid` alone also takes 32 bare
@@ -705,6 +714,17 @@ pub struct TenantView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_number_is_decimal_digits_only() {
+        assert_eq!(digits::<usize>("0"), Some(0));
+        assert_eq!(digits::<usize>("0042"), Some(42));
+        assert_eq!(digits::<u64>("18446744073709551615"), Some(u64::MAX));
+        for bad in ["", "+1", "-1", " 1", "1 ", "1.0", "1e3", "0x10", "١"] {
+            assert_eq!(digits::<u64>(bad), None, "{bad:?}");
+        }
+        assert_eq!(digits::<u64>("18446744073709551616"), None, "past the type's range");
+    }
 
     /// The hand-written JSON of a transfer's view is what `serde_json` writes for it, for every
     /// kind and state, with and without metadata, hold and expiry.

@@ -244,18 +244,16 @@ pub fn parse_date_time(text: &str) -> Option<u64> {
 /// `paginacao.paginaAtual` (from 0) and `paginacao.itensPorPagina` (1..=1000, default 100).
 pub(crate) fn pagination(p: &HashMap<String, String>, kind: &'static str) -> PixResult<(usize, usize)> {
     let page = match p.get("paginacao.paginaAtual") {
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| PixError::violation(kind, "paginacao.paginaAtual", "must be an integer ≥ 0"))?,
+        Some(v) => crate::dto::digits::<usize>(v)
+            .ok_or_else(|| PixError::violation(kind, "paginacao.paginaAtual", "must be an integer ≥ 0"))?,
         None => 0,
     };
-    let per_page =
-        match p.get("paginacao.itensPorPagina") {
-            Some(v) => v.parse::<usize>().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
-                PixError::violation(kind, "paginacao.itensPorPagina", "must be an integer in 1..=1000")
-            })?,
-            None => 100,
-        };
+    let per_page = match p.get("paginacao.itensPorPagina") {
+        Some(v) => crate::dto::digits::<usize>(v)
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| PixError::violation(kind, "paginacao.itensPorPagina", "must be an integer in 1..=1000"))?,
+        None => 100,
+    };
     Ok((page, per_page))
 }
 
@@ -302,7 +300,7 @@ pub(crate) fn revision(revisao: Option<&String>, revisions: usize, kind: &'stati
     let no_such = || PixError::violation(kind, "revisao", "the charge has no such revision");
     match revisao {
         None => revisions.checked_sub(1).ok_or_else(|| corrupt("a charge without revisions").into()),
-        Some(r) => r.parse::<usize>().ok().filter(|n| *n < revisions).ok_or_else(no_such),
+        Some(r) => crate::dto::digits::<usize>(r).filter(|n| *n < revisions).ok_or_else(no_such),
     }
 }
 
@@ -1012,7 +1010,11 @@ pub(crate) async fn list_charges(
     let status = p.get("status").cloned();
     let lote = match p.get("loteCobVId").filter(|_| due) {
         // An int32; a negative one names no batch.
-        Some(l) => Some(l.parse::<i64>().map_err(|_| PixError::violation(k, "loteCobVId", "must be an integer"))?),
+        Some(l) => Some(
+            crate::dto::digits::<i64>(l.strip_prefix('-').unwrap_or(l))
+                .map(|n| if l.starts_with('-') { -n } else { n })
+                .ok_or_else(|| PixError::violation(k, "loteCobVId", "must be an integer"))?,
+        ),
         None => None,
     };
     let document = cpf

@@ -101,7 +101,7 @@ fn params_of(params: &HashMap<String, String>, names: &[&str]) -> Result<HashMap
         }
         // Sequence numbers and sizes are stored as signed 64-bit integers: a larger `after` read
         // as negative would list the log from its start.
-        let v = value.parse::<u64>().ok().filter(|v| *v <= i64::MAX as u64).ok_or_else(|| {
+        let v = crate::dto::digits::<u64>(value).filter(|v| *v <= i64::MAX as u64).ok_or_else(|| {
             Problem::invalid(name.clone(), "invalid_integer", format!("`{name}` must be an integer in 0..=2^63-1"))
         })?;
         out.insert(name.clone(), v);

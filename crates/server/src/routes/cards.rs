@@ -523,9 +523,7 @@ pub async fn card_authorizations(
     tenant.require("cards:read")?;
     let limit = match params.get("limit") {
         None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
+        Some(l) => crate::dto::digits::<usize>(l)
             .filter(|l| (1..=1000).contains(l))
             .ok_or_else(|| Problem::invalid("limit", "invalid_limit", "`limit` must be 1..=1000"))?,
     };

@@ -188,8 +188,8 @@ pub fn page_params(params: &std::collections::HashMap<String, String>) -> Result
     }
     let limit = match params.get("limit") {
         None => 50,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=store::PAGE_LEN_MAX).contains(&n) => n,
+        Some(v) => match crate::dto::digits::<usize>(v) {
+            Some(n) if (1..=store::PAGE_LEN_MAX).contains(&n) => n,
             _ => {
                 return Err(Problem::invalid(
                     "limit",

@@ -196,7 +196,7 @@ fn loc_not_found() -> PixError {
 }
 
 fn loc_id(text: &str) -> PixResult<u64> {
-    text.parse::<u64>().ok().filter(|n| *n <= i64::MAX as u64).ok_or_else(loc_not_found)
+    crate::dto::digits::<u64>(text).filter(|n| *n <= i64::MAX as u64).ok_or_else(loc_not_found)
 }
 
 #[derive(Deserialize)]

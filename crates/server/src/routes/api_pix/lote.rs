@@ -61,7 +61,7 @@ fn not_found() -> PixError {
 }
 
 fn lote_id(text: &str) -> PixResult<u64> {
-    text.parse::<u64>().ok().filter(|n| *n <= i64::MAX as u64).ok_or_else(not_found)
+    crate::dto::digits::<u64>(text).filter(|n| *n <= i64::MAX as u64).ok_or_else(not_found)
 }
 
 /// The spec's `Problema` of a refused request, as `GET /lotecobv/{id}` shows it.
