@@ -794,6 +794,56 @@ fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_ref
     assert!(ok, "{report}");
 }
 
+/// A payment's id is the payer's tenant's to choose: two tenants may pay one tenant's account
+/// under one id, and that tenant may use the id for a payment of its own. Each moves its own
+/// money (before, a later tenant's payment met the first's transfer into the payee's tenant and was
+/// rejected, `exists_with_different_fields`, whatever its amount; and the payee's tenant's own off-us payment
+/// under the id could not post its hold).
+#[test]
+fn tenants_paying_one_tenant_under_one_payment_id_each_move_their_money() {
+    let rt = runtime();
+    let dir = temp_dir("pix-shared-id");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--spi-latency-ms", "50"]);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let payee = party(&mut c, &shop, "person", "João", CPF_OTHER, 0).await;
+        assert_eq!(register(&mut c, &payee, "cpf", Some(CPF_OTHER)).await.status, 201);
+        let shop_payer = party(&mut c, &shop, "company", "Loja", CNPJ_ACME, 10_000).await;
+        let id = uuid();
+        let mut payers = Vec::new();
+        // The same amount as an earlier payment under the id, and another.
+        for (name, amount) in [("a", 100), ("b", 100), ("c", 250)] {
+            let (_, key) = tenant(&mut c, name).await;
+            let payer = party(&mut c, &key, "company", "ACME", CNPJ_ACME, 1_000).await;
+            let body = json!({"id": id, "debit_account_id": payer.account, "amount": amount, "key": CPF_OTHER});
+            let r = c.post("/v1/pix/payments", &key, &body).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("completed")), "{:?}", r.json());
+            payers.push((payer, amount));
+        }
+        for (payer, amount) in &payers {
+            assert_eq!(available(&mut c, payer).await, 1_000 - amount);
+        }
+        assert_eq!(available(&mut c, &payee).await, 450, "every payment reached the payee");
+        let listed = c.get(&format!("/v1/accounts/{}/transfers", payee.account), &shop).await.unwrap();
+        assert_eq!(listed.status, 200, "{:?}", listed.json());
+        let amounts: Vec<_> = listed.json()["data"].as_array().unwrap().iter().map(|t| t["amount"].clone()).collect();
+        assert_eq!(amounts, [json!(250), json!(100), json!(100)], "a transfer to the payee each, newest first");
+
+        // The payee's tenant pays out under the same id: its hold is posted on the SPI's answer.
+        let mut pay = off_us(&shop_payer.account, 700);
+        pay["id"] = json!(id);
+        let r = c.post("/v1/pix/payments", &shop, &pay).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let done = settled(&mut c, &shop, &id).await;
+        assert_eq!(done["status"], json!("completed"), "{done}");
+        let b = balance(&mut c, &shop, &shop_payer.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(700)));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// An answer that does not come in time is not a rejection: the SPI may have paid. The SPI takes
 /// 2 s here and the time-out is 300 ms: asked at the time-out, the SPI says it is still processing
 /// the payment, so it stays `processing`, its money held; a sweep asks again once the payment is

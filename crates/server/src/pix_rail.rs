@@ -606,8 +606,9 @@ pub fn concluded_cob(doc: &store::Document, e2e: &str) -> Option<store::Record> 
     }))
 }
 
-/// The ledger id of a payment's `n`th transfer (1, 2: the on-us chain; 1: an off-us hold, 2: its
-/// post or void). It sorts where the payment's id sorts (see [`crate::auth::Keys::derived_id_near`]).
+/// The ledger id of a payment's `n`th transfer in the payer's tenant (1: an on-us payment's
+/// transfer, the first of a chain through another tenant, or an off-us hold; 2: the hold's post or
+/// void; the chain's second is [`payment_credit_transfer`]). It sorts where the payment's id sorts (see [`crate::auth::Keys::derived_id_near`]).
 pub fn payment_transfer(state: &AppState, tenant: u128, payment_id: &str, n: u32) -> TransferKey {
     // The payment's id is a UUID, parsed on the way in; anything else (not reachable) sorts first.
     let anchor = uuid::Uuid::parse_str(payment_id).map_or(0, |u| u.as_u128());
@@ -616,6 +617,26 @@ pub fn payment_transfer(state: &AppState, tenant: u128, payment_id: &str, n: u32
         id: TransferId(
             state.keys.derived_id_near(b"pix-transfer", tenant, &format!("{payment_id}:{n}"), anchor).as_u128(),
         ),
+    }
+}
+
+/// The ledger id of an on-us payment's transfer in another tenant (its settlement account to the
+/// payee). A payment's id is unique only within the payer's tenant, so the payer's tenant names
+/// it too: named by the payment's id alone (as before session 31, `payment_transfer(payee's
+/// tenant, id, 2)`), two tenants' payments under one id to one tenant's accounts met in one
+/// transfer id, and the later one was rejected (`exists_with_different_fields`); and that
+/// tenant's own off-us payment under the id could not post or void its hold.
+pub fn payment_credit_transfer(
+    state: &AppState,
+    payer_tenant: u128,
+    payee_tenant: u128,
+    payment_id: &str,
+) -> TransferKey {
+    let anchor = uuid::Uuid::parse_str(payment_id).map_or(0, |u| u.as_u128());
+    let name = format!("{}:{payment_id}", crate::dto::uuid_string(payer_tenant));
+    TransferKey {
+        tenant: TenantId(payee_tenant),
+        id: TransferId(state.keys.derived_id_near(b"pix-transfer-in", payee_tenant, &name, anchor).as_u128()),
     }
 }
 
@@ -684,7 +705,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             let payee_settlement = ensure_settlement(state, audit, payee.tenant).await?;
             let first = payment_transfer(state, payer_tenant, &payment_id, 1);
             events.push(event(first, posted(p.payer.account, payer_settlement.id.0), true));
-            let second = payment_transfer(state, payee.tenant, &payment_id, 2);
+            let second = payment_credit_transfer(state, payer_tenant, payee.tenant, &payment_id);
             events.push(event(second, posted(payee_settlement.id.0, payee.account), false));
         }
         (None, Payee::OffUs(_)) => {
