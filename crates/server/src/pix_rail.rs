@@ -97,27 +97,29 @@ pub struct PixRuntime {
     lookups_in_flight: Mutex<std::collections::HashMap<(u128, u128), u64>>,
     /// The key that signs the payloads at charges' locations, loaded on first use.
     pub signer: std::sync::OnceLock<Arc<crate::jws::PayloadSigner>>,
-    /// Off-us payments a task of this node is settling (by payment id): the sweep leaves them.
-    settling: Mutex<HashSet<String>>,
+    /// Off-us payments a task of this node is settling (by tenant and payment id, the payment's
+    /// key: two tenants may use one id): the sweep leaves them.
+    settling: Mutex<HashSet<(u128, String)>>,
 }
 
 /// An off-us payment claimed in [`PixRuntime::settling`]; the claim ends when this is dropped
 /// (its task finished, failed, panicked or was cancelled), and a sweep may then take it.
 struct Claim {
     runtime: Arc<PixRuntime>,
-    id: String,
+    key: (u128, String),
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.runtime.settling.lock().expect("not poisoned").remove(&self.id);
+        self.runtime.settling.lock().expect("not poisoned").remove(&self.key);
     }
 }
 
-/// Claims the off-us payment `id` for a task of this node, unless one has it.
-fn claim(runtime: &Arc<PixRuntime>, id: &str) -> Option<Claim> {
-    let fresh = runtime.settling.lock().expect("not poisoned").insert(id.to_owned());
-    fresh.then(|| Claim { runtime: runtime.clone(), id: id.to_owned() })
+/// Claims the tenant's off-us payment `id` for a task of this node, unless one has it.
+fn claim(runtime: &Arc<PixRuntime>, tenant: u128, id: &str) -> Option<Claim> {
+    let key = (tenant, id.to_owned());
+    let fresh = runtime.settling.lock().expect("not poisoned").insert(key.clone());
+    fresh.then(|| Claim { runtime: runtime.clone(), key })
 }
 
 impl PixRuntime {
@@ -875,7 +877,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             // Of twin requests, the one whose commit created the payment sends it, claiming it for
             // this node at once. A sweep of this node could hold it only once it is due, past the
             // window in which it may be sent (see `settle_off_us`): then the sweep settles it.
-            match claim(&state.pix_runtime, &payment_id) {
+            match claim(&state.pix_runtime, payer_tenant, &payment_id) {
                 Some(claimed) => drop(tokio::spawn(settle_off_us(state.clone(), in_flight, transfer, claimed))),
                 None => {
                     tracing::warn!("an off-us payment was claimed by a sweep before it was sent; the sweep settles it")
@@ -1094,7 +1096,7 @@ pub fn resume(state: &AppState) {
                     let (Some(holder), "processing", 1) = (holder, stored.view.status.as_str(), doc.version) else {
                         continue;
                     };
-                    let Some(claimed) = claim(&state.pix_runtime, &stored.view.id) else { continue };
+                    let Some(claimed) = claim(&state.pix_runtime, doc.tenant_id, &stored.view.id) else { continue };
                     let p = InFlight {
                         tenant: doc.tenant_id,
                         holder: holder.as_u128(),
@@ -1186,6 +1188,20 @@ pub fn reconcile(
 mod tests {
     use super::*;
 
+    /// A claim is on a tenant's payment: another tenant's payment under the same id is claimed
+    /// apart (before, its sending task found it claimed and never sent it).
+    #[test]
+    fn an_off_us_claim_is_per_tenant_and_payment() {
+        let runtime = Arc::new(PixRuntime::default());
+        let first = claim(&runtime, 1, "p").expect("unclaimed");
+        let other_tenant = claim(&runtime, 2, "p").expect("another tenant's payment");
+        assert!(claim(&runtime, 1, "p").is_none(), "held");
+        assert!(claim(&runtime, 1, "q").is_some(), "another payment");
+        drop(first);
+        assert!(claim(&runtime, 1, "p").is_some(), "given up");
+        drop(other_tenant);
+    }
+
     /// A connector that counts what it is asked: every send fails at once, every status query
     /// answers "never received".
     #[derive(Default)]
@@ -1244,18 +1260,18 @@ mod tests {
         };
         // Committed 2 s ago, past its 1 s time-out: never sent, asked about.
         let (id, p, transfer) = payment(1, store::now_nanos() - 2_000_000_000);
-        let claimed = claim(&state.pix_runtime, &id).unwrap();
+        let claimed = claim(&state.pix_runtime, 7, &id).unwrap();
         let quick = std::time::Duration::from_millis(500);
         let settled = tokio::time::timeout(quick, settle_off_us(state.clone(), p, transfer, claimed)).await;
         assert!(settled.is_ok(), "nothing recorded");
         assert_eq!(counts(), (0, 1), "(sends, status queries)");
         // Committed now: sent; the send fails, so the SPI is asked.
         let (id, p, transfer) = payment(2, store::now_nanos());
-        let claimed = claim(&state.pix_runtime, &id).unwrap();
+        let claimed = claim(&state.pix_runtime, 7, &id).unwrap();
         let settled = tokio::time::timeout(quick, settle_off_us(state.clone(), p, transfer, claimed)).await;
         assert!(settled.is_ok(), "nothing recorded");
         assert_eq!(counts(), (1, 2), "(sends, status queries)");
-        assert!(claim(&state.pix_runtime, &id).is_some(), "the claim is given up");
+        assert!(claim(&state.pix_runtime, 7, &id).is_some(), "the claim is given up");
         drop(state);
         Arc::try_unwrap(store).ok().expect("the test holds the store's last reference").close();
         let _ = std::fs::remove_dir_all(&dir);
