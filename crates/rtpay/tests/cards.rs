@@ -507,6 +507,43 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
     assert!(ok, "{report}");
 }
 
+/// A card blocked while a burst of its authorizations waits for the card's turn declines the
+/// ones decided after the block: none is approved later than the block's answer. (Before, each
+/// message read the card's status before waiting its turn, and those waiting were approved.)
+#[test]
+fn a_card_blocked_during_a_burst_declines_what_is_decided_after() {
+    const BURST: u32 = 300;
+    let dir = temp_dir("cards-block-burst");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({"velocity_per_minute": 10_000}), json!({})).await;
+        let key = i.key.as_str();
+        let mut net = Network::connect(iso);
+        for n in 0..BURST {
+            net.send(&auth(&i.pan, &i.expiry, 1, 1_000 + n, &format!("{:012}", 1_000 + n)));
+        }
+        let r = c.post(&format!("/v1/cards/{}/block", i.card), key, &json!({})).await.unwrap();
+        assert_eq!(r.json()["status"], json!("blocked"));
+        let blocked_at = server::dto::rfc3339(store::now_nanos());
+        let answers = net.recv(BURST as usize);
+        let approved = answers.iter().filter(|a| a["39"] == json!("00")).count();
+        assert!(approved < BURST as usize, "the burst was over before the block: the test proved nothing");
+        let r = c.get(&format!("/v1/cards/{}/authorizations?limit=1000", i.card), key).await.unwrap();
+        let all = r.json()["authorizations"].as_array().unwrap().clone();
+        assert_eq!(all.len(), BURST as usize);
+        let late: Vec<_> = all
+            .iter()
+            .filter(|a| a["status"] == json!("approved") && a["created_at"].as_str().unwrap() > blocked_at.as_str())
+            .collect();
+        assert!(late.is_empty(), "approved after the block's answer ({blocked_at}): {late:?}");
+        assert_eq!(all.iter().filter(|a| a["status"] == json!("approved")).count(), approved);
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// A capture sent to one node of a cluster and a reversal of the same authorization sent to the
 /// other at the same moment: whichever commits first, the other is decided again on what that
 /// left, so every purchase ends reversed, its money back, and its record keeps all three steps.

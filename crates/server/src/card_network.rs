@@ -642,18 +642,25 @@ impl<'a> Flow<'a> {
         let product_id = uuid::Uuid::parse_str(&ctx.card.product_id).map_err(|_| ResponseCode::SystemMalfunction)?;
         let (tenant, card_id) = (ctx.tenant, ctx.card_id);
         let (day, month, minute) = (nanos_of_date(y, m, d), nanos_of_date(y, m, 1), now.saturating_sub(60_000_000_000));
-        let (product, spent) = self
+        // The card's status is read again here, under the card's lock: a card blocked or cancelled
+        // while this message waited for the lock (behind others of the card) declines it.
+        let (product, spent, row) = self
             .owed
             .read(self.state, move |q| {
-                Ok((q.card_product(tenant, product_id.as_u128())?, q.card_spent(card_id, day, month, minute)?))
+                Ok((
+                    q.card_product(tenant, product_id.as_u128())?,
+                    q.card_spent(card_id, day, month, minute)?,
+                    q.card(tenant, card_id)?,
+                ))
             })
             .await
             .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        let status = row.and_then(|r| CardStatus::parse(&r.status)).ok_or(ResponseCode::SystemMalfunction)?;
         let product: StoredProduct =
             product.and_then(|p| serde_json::from_str(&p).ok()).ok_or(ResponseCode::SystemMalfunction)?;
         let card_currency = Currency::parse(&product.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
         let facts = cards::authorize::Card {
-            status: ctx.status,
+            status,
             expiry: &ctx.card.expiry,
             currency: card_currency.numeric(),
             product_limits: product.limits.into(),
