@@ -507,6 +507,43 @@ fn concurrent_messages_on_a_card_are_decided_in_turn() {
     assert!(ok, "{report}");
 }
 
+/// An acquirer that timed out on an 0100 reverses it; when the reversal arrives first it finds
+/// nothing, and the 0100 arriving after it is declined and holds nothing (before, it was approved
+/// and its hold stood for the hold period). Other authorizations are decided as usual.
+#[test]
+fn an_authorization_arriving_after_its_reversal_holds_nothing() {
+    let dir = temp_dir("cards-late-original");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let mut net = Network::connect(iso);
+        let original = with(auth(&i.pan, &i.expiry, 1_000, 700, "000000000700"), json!({"41": "TERM0001"}));
+        let reversal = net.ask(&with(original.clone(), json!({"t": "0400", "11": "000701"})));
+        assert_eq!((reversal["t"].clone(), reversal["39"].clone()), (json!("0410"), json!("00")), "{reversal}");
+        let late = net.ask(&original);
+        assert_eq!((late["t"].clone(), late["39"].clone()), (json!("0110"), json!("05")), "{late}");
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "nothing held");
+        assert_eq!(net.ask(&original)["39"], json!("05"), "its repeat is answered the same");
+        // A reversal from one terminal says nothing of another terminal's purchase under its RRN.
+        let other = with(auth(&i.pan, &i.expiry, 1_000, 800, "000000000800"), json!({"41": "TERM0001"}));
+        assert_eq!(net.ask(&with(other.clone(), json!({"t": "0400", "11": "000801"})))["39"], json!("00"));
+        let elsewhere = with(other, json!({"11": "000802", "41": "TERM0002"}));
+        assert_eq!(net.ask(&elsewhere)["39"], json!("00"));
+        assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 1_000, 703, "000000000703"))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (8_000, 2_000, 0));
+        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), key).await.unwrap();
+        let all = r.json()["authorizations"].as_array().unwrap().clone();
+        let declined = all.iter().find(|a| a["stan"] == json!("000700")).expect("the late original's record");
+        assert_eq!(declined["status"], json!("declined"), "{declined}");
+        assert_eq!(declined["reasons"], json!(["reversed before it arrived"]), "{declined}");
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// A card blocked while a burst of its authorizations waits for the card's turn declines the
 /// ones decided after the block: none is approved later than the block's answer. (Before, each
 /// message read the card's status before waiting its turn, and those waiting were approved.)

@@ -170,6 +170,17 @@ fn first_sent(origin: u8) -> u8 {
 }
 
 /// The MTI of the message `mti` repeats (itself if it is no repeat): 0421 → 0420.
+/// Whether a message and an authorization come from one origin: an RRN, or a STAN, is unique only
+/// among one acquirer's, or one terminal's, messages, so where both name an acquirer (DE32) or a
+/// terminal (DE41), they must be the same.
+fn same_origin(request: &Message, v: &AuthorizationView) -> bool {
+    let same = |mine: Option<&str>, theirs: &Option<String>| match (mine, theirs) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    same(request.get(32), &v.acquirer) && same(request.get(41), &v.terminal)
+}
+
 fn original_mti(mti: &str) -> String {
     let mut b = mti.as_bytes().to_vec();
     if let Some(last) = b.last_mut() {
@@ -644,13 +655,16 @@ impl<'a> Flow<'a> {
         let (day, month, minute) = (nanos_of_date(y, m, d), nanos_of_date(y, m, 1), now.saturating_sub(60_000_000_000));
         // The card's status is read again here, under the card's lock: a card blocked or cancelled
         // while this message waited for the lock (behind others of the card) declines it.
-        let (product, spent, row) = self
+        // So is the latest authorization under this message's RRN: a reversal that came first.
+        let rrn = ctx.request.get(37).unwrap_or("").to_owned();
+        let (product, spent, row, same_rrn) = self
             .owed
             .read(self.state, move |q| {
                 Ok((
                     q.card_product(tenant, product_id.as_u128())?,
                     q.card_spent(card_id, day, month, minute)?,
                     q.card(tenant, card_id)?,
+                    if rrn.is_empty() { None } else { q.authorization_by_rrn(card_id, &rrn)? },
                 ))
             })
             .await
@@ -683,6 +697,16 @@ impl<'a> Flow<'a> {
         let basis = ctx.fresh(&view);
         if let Decision::Decline { code, reason } = cards::decide(&facts, &request, spent) {
             return self.record(view, basis, now, kind, code, reason).await;
+        }
+        // An acquirer that timed out on this message reversed it, and the reversal arrived first
+        // (and found nothing to reverse): the acquirer has cancelled the purchase, so nothing is
+        // held for it.
+        let reversed = same_rrn
+            .and_then(|row| serde_json::from_str::<AuthorizationView>(&row.body).ok())
+            .is_some_and(|v| v.status == "unmatched" && same_origin(&ctx.request, &v));
+        if reversed {
+            let reason = "reversed before it arrived".to_owned();
+            return self.record(view, basis, now, kind, ResponseCode::DoNotHonor, reason).await;
         }
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
             return Err(ResponseCode::FormatError.into());
@@ -727,18 +751,10 @@ impl<'a> Flow<'a> {
     }
 
     /// The authorization a capture or reversal refers to: by RRN (DE37), else by the original
-    /// STAN in DE90.
-    /// An RRN, or a STAN, is unique only among one acquirer's, or one terminal's, messages: where
-    /// the message and the authorization both name an acquirer (DE32) or a terminal (DE41), they
-    /// must be the same.
+    /// STAN in DE90; from the message's origin ([`same_origin`]).
     async fn original(&self) -> Result<Option<(store::AuthorizationRow, AuthorizationView)>, ResponseCode> {
         let request = &self.ctx.request;
-        let same = |mine: Option<&str>, theirs: &Option<String>| match (mine, theirs) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        };
-        let of_this_origin =
-            |v: &AuthorizationView| same(request.get(32), &v.acquirer) && same(request.get(41), &v.terminal);
+        let of_this_origin = |v: &AuthorizationView| same_origin(request, v);
         let view_of = |row: &store::AuthorizationRow| serde_json::from_str::<AuthorizationView>(&row.body);
         let rrn = request.get(37).unwrap_or("").to_owned();
         let (card, by) = (self.ctx.card_id, rrn.clone());
