@@ -160,7 +160,9 @@ fn fail<T>(field: Option<u8>, reason: &'static str) -> Result<T, FormatError> {
 }
 
 /// A message: its type and its data elements (2..=128), each as the ASCII text on the wire.
-/// `Debug` masks field 2 (the PAN) and leaves out 35, 36, 45 and 52 (track data, PIN block).
+/// `Debug` masks field 2 (the PAN) and leaves out the other card data: 14 (expiry), 34 (an
+/// extended PAN), 35, 36 and 45 (track data), 52 (PIN block) and 55 (chip data, which can carry
+/// the track 2 equivalent, tag 57).
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Message {
     pub mti: String,
@@ -174,7 +176,7 @@ impl std::fmt::Debug for Message {
         for (n, v) in &self.fields {
             match n {
                 2 => map.entry(n, &mask(v)),
-                35 | 36 | 45 | 52 => map.entry(n, &"<withheld>"),
+                14 | 34 | 35 | 36 | 45 | 52 | 55 => map.entry(n, &"<withheld>"),
                 _ => map.entry(n, v),
             };
         }
@@ -341,6 +343,22 @@ mod tests {
         assert_eq!(m.encode().unwrap(), PYISO8583_0100);
         let shown = format!("{m:?}");
         assert!(!shown.contains("4111111111111111") && shown.contains("411111******1111"), "{shown}");
+        let mut card_data = m.clone();
+        for (n, v) in [
+            (14, "2912"),
+            (34, "4111111111111111"),
+            (35, "4111111111111111=29121010000012300000"),
+            (45, "B4111111111111111^PRADO/JOANA^2912101"),
+            (52, "0123456789ABCDEF"),
+            (55, "9F2608A1B2C3D4E5F6A7B8570F4111111111111111D2912101"),
+        ] {
+            card_data.set(n, v);
+        }
+        let shown = format!("{card_data:?}");
+        for hidden in ["2912", "4111111111111111", "PRADO", "0123456789ABCDEF", "9F26"] {
+            assert!(!shown.contains(hidden), "{hidden} in {shown}");
+        }
+        assert!(shown.contains("000000001000"), "other fields are shown: {shown}");
     }
 
     #[test]
