@@ -796,9 +796,9 @@ fn one_payment_id_with_two_bodies_at_once_is_created_once_and_the_other_body_ref
 
 /// A payment's id is the payer's tenant's to choose: two tenants may pay one tenant's account
 /// under one id, and that tenant may use the id for a payment of its own. Each moves its own
-/// money (before, a later tenant's payment met the first's transfer into the payee's tenant and was
-/// rejected, `exists_with_different_fields`, whatever its amount; and the payee's tenant's own off-us payment
-/// under the id could not post its hold).
+/// money (before, a later tenant's payment met the first's transfer into the payee's tenant and
+/// was rejected, `exists_with_different_fields`, whatever its amount; and the payee's tenant's own
+/// off-us payment under the id could not post its hold).
 #[test]
 fn tenants_paying_one_tenant_under_one_payment_id_each_move_their_money() {
     let rt = runtime();

@@ -169,7 +169,6 @@ fn first_sent(origin: u8) -> u8 {
     }
 }
 
-/// The MTI of the message `mti` repeats (itself if it is no repeat): 0421 → 0420.
 /// Whether a message and an authorization come from one origin: an RRN, or a STAN, is unique only
 /// among one acquirer's, or one terminal's, messages, so where both name an acquirer (DE32) or a
 /// terminal (DE41), they must be the same.
@@ -181,6 +180,7 @@ fn same_origin(request: &Message, v: &AuthorizationView) -> bool {
     same(request.get(32), &v.acquirer) && same(request.get(41), &v.terminal)
 }
 
+/// The MTI of the message `mti` repeats (itself if it is no repeat): 0421 → 0420.
 fn original_mti(mti: &str) -> String {
     let mut b = mti.as_bytes().to_vec();
     if let Some(last) = b.last_mut() {

@@ -610,10 +610,10 @@ pub fn concluded_cob(doc: &store::Document, e2e: &str) -> Option<store::Record> 
 
 /// The ledger id of a payment's `n`th transfer in the payer's tenant (1: an on-us payment's
 /// transfer, the first of a chain through another tenant, or an off-us hold; 2: the hold's post or
-/// void; the chain's second is [`payment_credit_transfer`]). It sorts where the payment's id sorts (see [`crate::auth::Keys::derived_id_near`]).
+/// void; the chain's second is [`payment_credit_transfer`]). It sorts where the payment's id
+/// sorts (see [`crate::auth::Keys::derived_id_near`]).
 pub fn payment_transfer(state: &AppState, tenant: u128, payment_id: &str, n: u32) -> TransferKey {
-    // The payment's id is a UUID, parsed on the way in; anything else (not reachable) sorts first.
-    let anchor = uuid::Uuid::parse_str(payment_id).map_or(0, |u| u.as_u128());
+    let anchor = payment_anchor(payment_id);
     TransferKey {
         tenant: TenantId(tenant),
         id: TransferId(
@@ -622,19 +622,25 @@ pub fn payment_transfer(state: &AppState, tenant: u128, payment_id: &str, n: u32
     }
 }
 
+/// Where a payment's transfer ids sort: at its id. The id is a UUID, parsed on the way in;
+/// anything else (not reachable) sorts first.
+fn payment_anchor(payment_id: &str) -> u128 {
+    uuid::Uuid::parse_str(payment_id).map_or(0, |u| u.as_u128())
+}
+
 /// The ledger id of an on-us payment's transfer in another tenant (its settlement account to the
 /// payee). A payment's id is unique only within the payer's tenant, so the payer's tenant names
-/// it too: named by the payment's id alone (as before session 31, `payment_transfer(payee's
-/// tenant, id, 2)`), two tenants' payments under one id to one tenant's accounts met in one
-/// transfer id, and the later one was rejected (`exists_with_different_fields`); and that
-/// tenant's own off-us payment under the id could not post or void its hold.
+/// it too. Named by the payment's id alone (as it was, `payment_transfer(payee's tenant, id,
+/// 2)`), two tenants' payments under one id to one tenant's accounts met in one transfer id, and
+/// the later one was rejected (`exists_with_different_fields`); and that tenant's own off-us
+/// payment under the id could not post or void its hold.
 pub fn payment_credit_transfer(
     state: &AppState,
     payer_tenant: u128,
     payee_tenant: u128,
     payment_id: &str,
 ) -> TransferKey {
-    let anchor = uuid::Uuid::parse_str(payment_id).map_or(0, |u| u.as_u128());
+    let anchor = payment_anchor(payment_id);
     let name = format!("{}:{payment_id}", crate::dto::uuid_string(payer_tenant));
     TransferKey {
         tenant: TenantId(payee_tenant),
