@@ -444,6 +444,8 @@ fn apply_batch(
     let clock = writer.begin()?;
     let mut snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
     let mut changes: Vec<Changes> = Vec::with_capacity(3);
+    // Holds released by the sweep, counted once their release is committed.
+    let mut released = 0;
 
     if sweep {
         let due = writer.due_pendings(now, EXPIRY_SWEEP_MAX)?;
@@ -460,7 +462,7 @@ fn apply_batch(
             accounts.dedup();
             writer.load_accounts(&accounts, &mut snapshot)?;
             let (expired, change) = expire_pending(&snapshot, snapshot.clock, now, &due);
-            stats.expired.fetch_add(expired as u64, Ordering::Relaxed);
+            released = expired as u64;
             snapshot.commit(change.clone());
             changes.push(change);
         }
@@ -471,6 +473,7 @@ fn apply_batch(
             return Ok(Vec::new());
         }
         writer.commit(&changes, &[], &[])?;
+        stats.expired.fetch_add(released, Ordering::Relaxed);
         return Ok(Vec::new());
     }
 
@@ -588,6 +591,7 @@ fn apply_batch(
         .flatten()
         .collect();
     writer.commit(&changes, &drafts, &records)?;
+    stats.expired.fetch_add(released, Ordering::Relaxed);
     Ok(replies)
 }
 
@@ -772,6 +776,123 @@ mod tests {
         assert_eq!(engine.stats.batches.load(Ordering::Relaxed), 2);
         assert_eq!(engine.stats.events.load(Ordering::Relaxed), 4);
         engine.stop();
+    }
+
+    /// A writer over a ledger in memory holding one pending transfer, due; its commits apply, or
+    /// fail when `failing`.
+    struct SweptWriter {
+        ledger: MemoryLedger,
+        failing: bool,
+        sweeps: Arc<AtomicU64>,
+    }
+
+    impl SweptWriter {
+        fn new(failing: bool, sweeps: Arc<AtomicU64>) -> SweptWriter {
+            let tenant = TenantId(1);
+            let mut ledger = MemoryLedger::default();
+            let accounts: Vec<AccountCommand> = (1..=2)
+                .map(|id| {
+                    AccountCommand::Create(NewAccount {
+                        key: AccountKey { tenant, id: AccountId(id) },
+                        currency: Currency::parse("BRL").unwrap(),
+                        code: 1,
+                        flags: AccountFlags::default(),
+                        credit_limit: 0,
+                        metadata: None,
+                        holder: None,
+                    })
+                })
+                .collect();
+            let mut clock = ledger.clock;
+            let (_, change) = apply_accounts(&ledger, &mut clock, 1_000, &accounts);
+            ledger.commit(change);
+            let hold = TransferEvent {
+                key: TransferKey { tenant, id: TransferId(10) },
+                kind: EventKind::Pending { debit: AccountId(1), credit: AccountId(2), amount: 5, timeout_seconds: 1 },
+                code: 1,
+                metadata: None,
+                linked: false,
+            };
+            let (outcomes, change) = apply_transfers(&ledger, &mut clock, 2_000, &[hold]);
+            assert_eq!(outcomes[0].result, TransferResult::Created);
+            ledger.commit(change);
+            SweptWriter { ledger, failing, sweeps }
+        }
+    }
+
+    impl Writer for SweptWriter {
+        fn begin(&mut self) -> Result<Clock> {
+            Ok(self.ledger.clock)
+        }
+        fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
+            for key in keys {
+                if let Some(entry) = self.ledger.transfers.get(key) {
+                    into.transfers.insert(*key, entry.clone());
+                }
+            }
+            Ok(())
+        }
+        fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()> {
+            for key in keys {
+                if let Some(account) = self.ledger.accounts.get(key) {
+                    into.accounts.insert(*key, account.clone());
+                }
+            }
+            Ok(())
+        }
+        fn document_version(&mut self, _: &str, _: u128, _: &str) -> Result<u64> {
+            Ok(0)
+        }
+        fn counter_total(&mut self, _: &str, _: u64) -> Result<i64> {
+            Ok(0)
+        }
+        fn authorization_body(&mut self, _: u128, _: u128) -> Result<Option<String>> {
+            Ok(None)
+        }
+        fn due_pendings(&mut self, now: Timestamp, _: usize) -> Result<Vec<TransferKey>> {
+            self.sweeps.fetch_add(1, Ordering::SeqCst);
+            let due = |e: &Entry| match e {
+                Entry::Created(t) => t.state == PendingState::Pending && t.expires_at.is_some_and(|at| at <= now),
+                _ => false,
+            };
+            Ok(self.ledger.transfers.iter().filter(|(_, e)| due(e)).map(|(k, _)| *k).collect())
+        }
+        fn commit(&mut self, changes: &[Changes], _: &[(Timestamp, audit::Draft)], _: &[crate::Record]) -> Result<()> {
+            if self.failing {
+                return Err(StoreError::Unavailable("injected".into()));
+            }
+            for change in changes {
+                self.ledger.commit(change.clone());
+            }
+            Ok(())
+        }
+        fn rollback(&mut self) {}
+        fn deferred_sync(&mut self) -> Option<Box<dyn DeferredSync>> {
+            None
+        }
+        fn sync_owed(&mut self) -> bool {
+            false
+        }
+    }
+
+    /// `rtpay_ledger_holds_expired_total` counts holds whose release was committed: a sweep whose
+    /// commit fails counts none (a reader polling the counter would otherwise look too soon).
+    #[test]
+    fn released_holds_are_counted_once_committed() {
+        for failing in [true, false] {
+            let sweeps = Arc::new(AtomicU64::new(0));
+            let writer = SweptWriter::new(failing, sweeps.clone());
+            let engine = Engine::start(Box::new(writer), Arc::new(|| 10_000_000_000));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // Three sweeps: the first two have run to their end (commit included) by then.
+            while sweeps.load(Ordering::SeqCst) < 3 {
+                assert!(Instant::now() < deadline, "the writer swept {} times", sweeps.load(Ordering::SeqCst));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let expired = engine.stats.expired.load(Ordering::Relaxed);
+            assert_eq!(expired, if failing { 0 } else { 1 }, "failing commits: {failing}");
+            engine.stop();
+        }
     }
 
     #[test]

@@ -208,6 +208,14 @@ fn a_hold_another_node_expired_stays_released() {
                 );
             }
         });
+        // Node A stops when this scope ends, also by a failed assertion (else the test hangs).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&busy);
         // Node B's clock is two hours ahead: its idle sweep finds the hold due and releases it.
         let ahead = || store::now_nanos() + 7_200_000_000_000;
         let b = store::Store::open_with_clock(&location, std::sync::Arc::new(ahead)).unwrap();
@@ -220,7 +228,6 @@ fn a_hold_another_node_expired_stays_released() {
         // Node A, still busy, moves money from the hold's debit side, then to its credit side.
         assert_eq!(a.engine.transfers(vec![event(11, posted(1, 3))]).unwrap()[0].result, TransferResult::Created);
         assert_eq!(a.engine.transfers(vec![event(12, posted(3, 2))]).unwrap()[0].result, TransferResult::Created);
-        busy.store(false, Ordering::Relaxed);
     });
     assert_eq!((pending(1), pending(2)), ((0, 0), (0, 0)), "node A wrote the released hold back");
     let report = a.verify().unwrap();
