@@ -2921,8 +2921,11 @@ mod tests {
                 ran += 1;
             });
             let before = batches.load(Ordering::SeqCst);
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            assert!(batches.load(Ordering::SeqCst) > before, "the writer goes on after the pass");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while batches.load(Ordering::SeqCst) <= before {
+                assert!(std::time::Instant::now() < deadline, "the writer goes on after the pass");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
         stop.store(true, Ordering::SeqCst);
         writer.join().unwrap();
