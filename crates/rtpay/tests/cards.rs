@@ -544,6 +544,49 @@ fn an_authorization_arriving_after_its_reversal_holds_nothing() {
     assert!(ok, "{report}");
 }
 
+/// A capture above the hold (a tip, within the tolerance) whose excess the account cannot cover:
+/// the network has settled the purchase and an advice is not declined, so the hold is posted, the
+/// amount not collected is recorded, and the answer is 00. (Before, it answered 51 and posted
+/// nothing: the hold stood until it expired and gave the cardholder back what the network paid.)
+#[test]
+fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
+    let dir = temp_dir("cards-short-tip");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let mut net = Network::connect(iso);
+        let a = auth(&i.pan, &i.expiry, 9_000, 1, "000000000001");
+        assert_eq!(net.ask(&a)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (1_000, 9_000, 0));
+        // 1,500 above the hold, within 20 % of it; the account has 1,000 left.
+        let capture = with(a.clone(), json!({"t": "0220", "4": format!("{:012}", 10_500), "11": "000002"}));
+        let r = net.ask(&capture);
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (1_000, 0, 9_000), "the hold is posted, the tip is not");
+        assert_eq!(net.ask(&capture)["39"], json!("00"), "a repeat is answered the same");
+        assert_eq!(available(&mut c, key, acct).await, (1_000, 0, 9_000), "and moves nothing");
+        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), key).await.unwrap();
+        let record = r.json()["authorizations"][0].clone();
+        assert_eq!(
+            (record["status"].clone(), record["captured"].clone()),
+            (json!("captured"), json!(9_000)),
+            "{record}"
+        );
+        let reasons = record["reasons"].to_string();
+        assert!(reasons.contains("1500 above the hold not collected"), "{record}");
+        // Reversed, the purchase gives back what was collected.
+        let original = format!("0100000001{}{}", "1122093000", "0".repeat(22));
+        let reversal = with(a, json!({"t": "0400", "11": "000003", "90": original}));
+        assert_eq!(net.ask(&reversal)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 9_000));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// A card blocked while a burst of its authorizations waits for the card's turn declines the
 /// ones decided after the block: none is approved later than the block's answer. (Before, each
 /// message read the card's status before waiting its turn, and those waiting were approved.)

@@ -812,7 +812,8 @@ impl<'a> Flow<'a> {
         let mut events =
             vec![ctx.event(post, EventKind::PostPending { pending_id, amount: Some(ctx.amount.min(held)) })];
         let mut ids = vec![post];
-        if ctx.amount > held {
+        let over = ctx.amount > held;
+        if over {
             let extra = ctx.step_id(&view, "over-capture");
             let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
             let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
@@ -821,24 +822,80 @@ impl<'a> Flow<'a> {
             events.push(ctx.event(extra, event));
             ids.push(extra);
         }
+        // The account cannot cover the amount above the hold: the hold is posted alone (below),
+        // and nothing of this attempt is recorded but its audit entry.
+        let short = std::sync::Arc::new(std::sync::OnceLock::new());
         let c = self.ctx.clone();
-        self.execute(events, basis, move |result| {
+        let (first, shortfall) = (view.clone(), short.clone());
+        let step = self
+            .execute(events, basis.clone(), move |result| {
+                let mut view = first.clone();
+                let kind = "capture";
+                match result {
+                    TransferResult::Created | TransferResult::Exists => {
+                        view.status = "captured".into();
+                        view.captured = c.amount;
+                        c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
+                    }
+                    TransferResult::PendingTransferExpired => {
+                        view.status = "expired".into();
+                        let reason = "the hold expired before the capture".to_owned();
+                        c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
+                    }
+                    TransferResult::InsufficientFunds | TransferResult::ExceedsDebits if over => {
+                        let _ = shortfall.set(result);
+                        Concluded { records: vec![], reply: answer(&c.request, ResponseCode::Approved, None) }
+                    }
+                    other => {
+                        let reason = format!("the ledger refused the capture: {}", other.as_str());
+                        c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
+                    }
+                }
+            })
+            .await;
+        match short.get() {
+            Some(refused) => self.capture_hold(view, basis, created_at, *refused).await,
+            None => step,
+        }
+    }
+
+    /// A capture above the hold whose excess the account cannot cover (`refused`, the ledger's
+    /// reason). The network has settled the purchase and an advice is not declined, so the hold
+    /// is posted in full, and the amount not collected is recorded for reconciliation. (Left
+    /// standing, the hold would expire and give the cardholder back what the network paid.)
+    async fn capture_hold(
+        &self,
+        view: AuthorizationView,
+        basis: store::Guard,
+        created_at: u64,
+        refused: TransferResult,
+    ) -> Step {
+        let ctx = &self.ctx;
+        // Not the chain's post: its id holds that chain's failure (`linked_event_failed`).
+        let post = ctx.step_id(&view, "post-hold-alone");
+        let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
+            .map_err(|_| ResponseCode::SystemMalfunction)?
+            .as_u128();
+        let (held, uncovered) = (view.amount, ctx.amount - view.amount);
+        let event = ctx.event(post, EventKind::PostPending { pending_id: TransferId(hold), amount: Some(held) });
+        let c = self.ctx.clone();
+        self.execute(vec![event], basis, move |result| {
             let mut view = view.clone();
             let kind = "capture";
             match result {
                 TransferResult::Created | TransferResult::Exists => {
                     view.status = "captured".into();
-                    view.captured = c.amount;
-                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
+                    view.captured = held;
+                    let reason = format!(
+                        "{uncovered} above the hold not collected, the ledger refused it ({}): reconcile",
+                        refused.as_str()
+                    );
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![post], vec![reason])
                 }
                 TransferResult::PendingTransferExpired => {
                     view.status = "expired".into();
                     let reason = "the hold expired before the capture".to_owned();
                     c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
-                }
-                TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
-                    let reason = "insufficient funds for the amount above the hold".to_owned();
-                    c.conclude(view, created_at, kind, ResponseCode::InsufficientFunds, None, vec![], vec![reason])
                 }
                 other => {
                     let reason = format!("the ledger refused the capture: {}", other.as_str());
