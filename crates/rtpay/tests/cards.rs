@@ -577,6 +577,17 @@ fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
         );
         let reasons = record["reasons"].to_string();
         assert!(reasons.contains("1500 above the hold not collected"), "{record}");
+        // The chain the ledger refused is on the record too, with no money moved by it.
+        let steps: Vec<(&str, &str, usize)> = record["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let moved = e["transfer_ids"].as_array().unwrap().len();
+                (e["kind"].as_str().unwrap(), e["response_code"].as_str().unwrap(), moved)
+            })
+            .collect();
+        assert_eq!(steps, [("authorization", "00", 1), ("capture", "51", 0), ("capture", "00", 1)], "{record}");
         // Reversed, the purchase gives back what was collected.
         let original = format!("0100000001{}{}", "1122093000", "0".repeat(22));
         let reversal = with(a, json!({"t": "0400", "11": "000003", "90": original}));

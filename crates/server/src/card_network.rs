@@ -822,8 +822,9 @@ impl<'a> Flow<'a> {
             events.push(ctx.event(extra, event));
             ids.push(extra);
         }
-        // The account cannot cover the amount above the hold: the hold is posted alone (below),
-        // and nothing of this attempt is recorded but its audit entry.
+        // The account cannot cover the amount above the hold: the hold is posted alone (below).
+        // The refusal is recorded first, so that the refused chain's ids are not used again (see
+        // `step_id`), but not stored as the answer: the advice's answer is the second attempt's.
         let short = std::sync::Arc::new(std::sync::OnceLock::new());
         let c = self.ctx.clone();
         let (first, shortfall) = (view.clone(), short.clone());
@@ -842,9 +843,23 @@ impl<'a> Flow<'a> {
                         let reason = "the hold expired before the capture".to_owned();
                         c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
                     }
-                    TransferResult::InsufficientFunds | TransferResult::ExceedsDebits if over => {
-                        let _ = shortfall.set(result);
-                        Concluded { records: vec![], reply: answer(&c.request, ResponseCode::Approved, None) }
+                    TransferResult::InsufficientFunds
+                    | TransferResult::ExceedsDebits
+                    | TransferResult::DebitAccountClosed
+                        if over =>
+                    {
+                        let reason =
+                            format!("the ledger refused the {} above the hold ({})", c.amount - held, result.as_str());
+                        let code = ResponseCode::InsufficientFunds;
+                        let mut refused = c.conclude(view, created_at, kind, code, None, vec![], vec![reason]);
+                        for record in &mut refused.records {
+                            if let store::Record::Authorization { row, message } = record {
+                                *message = None;
+                                // The first call, in the writer's batch, is the one committed.
+                                let _ = shortfall.set((result, row.body.clone()));
+                            }
+                        }
+                        refused
                     }
                     other => {
                         let reason = format!("the ledger refused the capture: {}", other.as_str());
@@ -853,9 +868,14 @@ impl<'a> Flow<'a> {
                 }
             })
             .await;
-        match short.get() {
-            Some(refused) => self.capture_hold(view, basis, created_at, *refused).await,
-            None => step,
+        match (step, short.get()) {
+            (Ok(_), Some((refused, body))) => {
+                let view = serde_json::from_str(body).map_err(|_| ResponseCode::SystemMalfunction)?;
+                let basis =
+                    store::Guard::Authorization { tenant_id: row.tenant_id, id: row.id, body: Some(body.clone()) };
+                self.capture_hold(view, basis, created_at, *refused).await
+            }
+            (step, _) => step,
         }
     }
 
@@ -871,7 +891,7 @@ impl<'a> Flow<'a> {
         refused: TransferResult,
     ) -> Step {
         let ctx = &self.ctx;
-        // Not the chain's post: its id holds that chain's failure (`linked_event_failed`).
+        // `view` holds the refusal, so this id is not the refused chain's post.
         let post = ctx.step_id(&view, "post-hold-alone");
         let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
             .map_err(|_| ResponseCode::SystemMalfunction)?
