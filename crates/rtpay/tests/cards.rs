@@ -721,7 +721,6 @@ fn an_issuer_without_its_storage_answers_91_and_a_garbled_card_96() {
         assert_eq!(r["39"], json!("00"), "{r}");
 
         switch.cut();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let second = auth(&i.pan, &i.expiry, 2_000, 2, "000000000002");
         let r = net.ask(&second);
         assert_eq!((r["t"].clone(), r["39"].clone(), r.get("38")), (json!("0110"), json!("91"), None), "{r}");

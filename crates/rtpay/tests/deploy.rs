@@ -273,7 +273,6 @@ fn the_compose_files_shell_commands_work_against_a_real_node() {
     let port = server.addr.port();
     assert!(probe(port).status.success(), "a ready node passes");
     switch.cut();
-    std::thread::sleep(std::time::Duration::from_millis(100));
     assert!(!probe(port).status.success(), "a node whose PostgreSQL is away fails");
     switch.restore();
     let recovered = (0..100).any(|_| {

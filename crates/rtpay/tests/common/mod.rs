@@ -234,14 +234,22 @@ pub struct Switch {
     pub addr: SocketAddr,
     pub up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections being proxied.
+    pub open: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Switch {
-    /// PostgreSQL goes away: open connections are cut, new ones refused.
+    /// PostgreSQL goes away: new connections are refused, and this returns once every open one is
+    /// cut. (Called outside the runtime's workers, which close them.)
     pub fn cut(&self) {
         use std::sync::atomic::Ordering;
         self.up.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.open.load(Ordering::SeqCst) > 0 {
+            assert!(Instant::now() < deadline, "the proxy's connections were not cut");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn restore(&self) {
@@ -262,17 +270,30 @@ pub async fn proxied_postgres(url: &str) -> (Switch, String) {
     let addr = listener.local_addr().unwrap();
     let up = Arc::new(AtomicBool::new(true));
     let generation = Arc::new(AtomicU64::new(0));
-    let (up2, gen2) = (up.clone(), generation.clone());
+    let open = Arc::new(AtomicU64::new(0));
+    let (up2, gen2, open2) = (up.clone(), generation.clone(), open.clone());
+    /// Counts a proxied connection until it ends.
+    struct Open(Arc<AtomicU64>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     tokio::spawn(async move {
         loop {
             let Ok((mut inbound, _)) = listener.accept().await else { return };
+            open2.fetch_add(1, Ordering::SeqCst);
+            let counted = Open(open2.clone());
+            let born = gen2.load(Ordering::SeqCst);
+            // `cut` clears `up` before it bumps the generation: read after it, `up` tells whether
+            // `born` is already the cut's.
             if !up2.load(Ordering::SeqCst) {
-                drop(inbound);
+                drop((inbound, counted));
                 continue;
             }
-            let born = gen2.load(Ordering::SeqCst);
             let gen3 = gen2.clone();
             tokio::spawn(async move {
+                let _counted = counted;
                 let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
                 let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
                 let cut = async {
@@ -285,7 +306,7 @@ pub async fn proxied_postgres(url: &str) -> (Switch, String) {
         }
     });
     let proxied = url.replacen(hostport, &addr.to_string(), 1);
-    (Switch { addr, up, generation }, proxied)
+    (Switch { addr, up, generation, open }, proxied)
 }
 
 /// A certificate authority of the tests' own (rcgen), issuing certificates for TLS tests.
