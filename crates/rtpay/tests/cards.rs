@@ -598,6 +598,41 @@ fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
     assert!(ok, "{report}");
 }
 
+/// A reversal whose RRN finds nothing is matched by DE90's original STAN only together with its
+/// original transmission time (DE7): a STAN comes round again, and the reversal of a purchase that
+/// never arrived must not void an earlier one that had the same STAN. (Before, it voided it.)
+#[test]
+fn a_reversal_by_stan_needs_the_originals_time_too() {
+    let dir = temp_dir("cards-stan-time");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let mut net = Network::connect(iso);
+        let first = auth(&i.pan, &i.expiry, 1_000, 7, "000000000070");
+        assert_eq!(net.ask(&first)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
+        // A later purchase at the same terminal, under the same STAN, that never reached rtpay;
+        // the acquirer reverses it.
+        let lost = with(auth(&i.pan, &i.expiry, 2_000, 7, "000000000071"), json!({"7": "1123101500"}));
+        let de90 = |stan: &str, sent: &str| format!("0100{stan}{sent}{}", "0".repeat(22));
+        let reversal = with(lost.clone(), json!({"t": "0400", "11": "000008", "90": de90("000007", "1123101500")}));
+        assert_eq!(net.ask(&reversal)["39"], json!("00"), "a reversal is acknowledged");
+        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0), "the first purchase is still held");
+        // Arriving after all, the lost one holds nothing.
+        assert_eq!(net.ask(&lost)["39"], json!("05"));
+        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
+        // A reversal under a new RRN naming the first purchase's STAN and time finds it.
+        let change = json!({"t": "0400", "11": "000009", "37": "000000000072", "90": de90("000007", "1122093000")});
+        assert_eq!(net.ask(&with(first, change))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "the first purchase's hold is void");
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// A card blocked while a burst of its authorizations waits for the card's turn declines the
 /// ones decided after the block: none is approved later than the block's answer. (Before, each
 /// message read the card's status before waiting its turn, and those waiting were approved.)

@@ -126,6 +126,10 @@ pub struct AuthorizationView {
     /// DE41, the card acceptor's terminal, when the message named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal: Option<String>,
+    /// DE7, the transmission date and time (`MMDDhhmmss`), when the message named one: with the
+    /// STAN, what a reversal's DE90 names its original by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transmitted: Option<String>,
     pub mcc: Option<String>,
     /// The pending ledger transfer holding the funds.
     pub hold_id: Option<String>,
@@ -404,6 +408,7 @@ impl Ctx {
             rrn: self.request.get(37).unwrap_or("").to_owned(),
             acquirer: self.request.get(32).map(str::to_owned),
             terminal: self.request.get(41).map(str::to_owned),
+            transmitted: self.request.get(7).map(str::to_owned),
             mcc: self.request.get(18).map(str::to_owned),
             hold_id: None,
             captured: 0,
@@ -768,8 +773,16 @@ impl<'a> Flow<'a> {
             }
         }
         // The card's recent authorizations: by RRN from this origin (another acquirer's used the
-        // same RRN later), else by the original STAN in DE90.
+        // same RRN later), else by the original STAN in DE90, and its original transmission time
+        // where DE90 and the authorization both have one: a STAN comes round again (an
+        // acquirer's within hours), and the one this message's RRN did not find (its original
+        // never arrived) must not reverse an earlier purchase that had the same STAN.
         let stan = request.get(90).and_then(|d| d.get(4..10)).unwrap_or("").to_owned();
+        let sent = request.get(90).and_then(|d| d.get(10..20)).filter(|t| t.bytes().any(|b| b != b'0'));
+        let same_time = |v: &AuthorizationView| match (sent, v.transmitted.as_deref()) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
         let (tenant, card) = (self.ctx.tenant, self.ctx.card_id);
         let recent = crate::routes::query(self.state, move |q| q.card_authorizations(tenant, card, 1000))
             .await
@@ -780,7 +793,7 @@ impl<'a> Flow<'a> {
             .filter(|(_, v)| of_this_origin(v))
             .collect();
         let by_rrn = views.iter().position(|(_, v)| !rrn.is_empty() && v.rrn == rrn);
-        let by_stan = || views.iter().position(|(_, v)| !stan.is_empty() && v.stan == stan);
+        let by_stan = || views.iter().position(|(_, v)| !stan.is_empty() && v.stan == stan && same_time(v));
         Ok(by_rrn.or_else(by_stan).map(|i| views.into_iter().nth(i).expect("found")))
     }
 
