@@ -628,6 +628,14 @@ fn a_reversal_by_stan_needs_the_originals_time_too() {
         let change = json!({"t": "0400", "11": "000009", "37": "000000000072", "90": de90("000007", "1122093000")});
         assert_eq!(net.ask(&with(first, change))["39"], json!("00"));
         assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "the first purchase's hold is void");
+        // A purchase first heard of in its repeat (0101, with a renewed DE7): a reversal under a
+        // new RRN naming the 0100's time still finds it.
+        let repeat = with(auth(&i.pan, &i.expiry, 500, 20, "000000000080"), json!({"t": "0101", "7": "1122094500"}));
+        assert_eq!(net.ask(&repeat)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (9_500, 500, 0));
+        let change = json!({"t": "0400", "11": "000021", "37": "000000000081", "90": de90("000020", "1122093000")});
+        assert_eq!(net.ask(&with(repeat, change))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "the repeated purchase's hold is void");
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");

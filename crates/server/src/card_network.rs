@@ -126,8 +126,8 @@ pub struct AuthorizationView {
     /// DE41, the card acceptor's terminal, when the message named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal: Option<String>,
-    /// DE7, the transmission date and time (`MMDDhhmmss`), when the message named one: with the
-    /// STAN, what a reversal's DE90 names its original by.
+    /// DE7, the transmission date and time (`MMDDhhmmss`), when the message named one and was no
+    /// repeat: with the STAN, what a reversal's DE90 names its original by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transmitted: Option<String>,
     pub mcc: Option<String>,
@@ -408,7 +408,10 @@ impl Ctx {
             rrn: self.request.get(37).unwrap_or("").to_owned(),
             acquirer: self.request.get(32).map(str::to_owned),
             terminal: self.request.get(41).map(str::to_owned),
-            transmitted: self.request.get(7).map(str::to_owned),
+            // A repeat (0101) may carry a renewed DE7, not the original's that DE90 names.
+            transmitted: (original_mti(&self.request.mti) == self.request.mti)
+                .then(|| self.request.get(7).map(str::to_owned))
+                .flatten(),
             mcc: self.request.get(18).map(str::to_owned),
             hold_id: None,
             captured: 0,
