@@ -854,11 +854,6 @@ impl<'a> Flow<'a> {
                         view.captured = c.amount;
                         c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
                     }
-                    TransferResult::PendingTransferExpired => {
-                        view.status = "expired".into();
-                        let reason = "the hold expired before the capture".to_owned();
-                        c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
-                    }
                     TransferResult::InsufficientFunds
                     | TransferResult::ExceedsDebits
                     | TransferResult::DebitAccountClosed
@@ -877,10 +872,7 @@ impl<'a> Flow<'a> {
                         }
                         refused
                     }
-                    other => {
-                        let reason = format!("the ledger refused the capture: {}", other.as_str());
-                        c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
-                    }
+                    other => capture_failed(&c, view, created_at, other),
                 }
             })
             .await;
@@ -928,15 +920,7 @@ impl<'a> Flow<'a> {
                     );
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![post], vec![reason])
                 }
-                TransferResult::PendingTransferExpired => {
-                    view.status = "expired".into();
-                    let reason = "the hold expired before the capture".to_owned();
-                    c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
-                }
-                other => {
-                    let reason = format!("the ledger refused the capture: {}", other.as_str());
-                    c.conclude(view, created_at, kind, ResponseCode::DoNotHonor, None, vec![], vec![reason])
-                }
+                other => capture_failed(&c, view, created_at, other),
             }
         })
         .await
@@ -1181,6 +1165,17 @@ impl<'a> Flow<'a> {
 /// The basis of a step on the stored authorization `row`: it is still as read.
 fn as_read(row: &store::AuthorizationRow) -> store::Guard {
     store::Guard::Authorization { tenant_id: row.tenant_id, id: row.id, body: Some(row.body.clone()) }
+}
+
+/// A capture the ledger refused (`result`): declined `05`, the hold expired or standing as it was.
+fn capture_failed(c: &Ctx, mut view: AuthorizationView, created_at: u64, result: TransferResult) -> Concluded {
+    let reason = if result == TransferResult::PendingTransferExpired {
+        view.status = "expired".into();
+        "the hold expired before the capture".to_owned()
+    } else {
+        format!("the ledger refused the capture: {}", result.as_str())
+    };
+    c.conclude(view, created_at, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason])
 }
 
 /// The settlement account's key, for opening it with a product.
