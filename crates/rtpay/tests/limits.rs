@@ -16,7 +16,7 @@ fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
         let mut c = server.client();
         let (_, busy) = tenant(&mut c, "busy").await;
         let (_, calm) = tenant(&mut c, "calm").await;
-        // Reads and writes draw on one bucket. The burst is made of reads, which wait for no sync:
+        // Reads and writes draw on one bucket. Four of the burst are reads, which wait for no sync:
         // all six requests must come within the second that refills a token.
         let started = Instant::now();
         for i in 0..4 {
@@ -84,7 +84,7 @@ fn a_source_with_too_many_failures_is_throttled_before_credentials_are_checked()
         let (_, key) = tenant(&mut c, "victim").await;
         let wrong = format!("rtpay_sk_{}", "2".repeat(64));
         let mut statuses = Vec::new();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         for _ in 0..25 {
             statuses.push(c.get("/v1/audit", &wrong).await.unwrap().status.as_u16());
         }
