@@ -550,52 +550,56 @@ fn an_authorization_arriving_after_its_reversal_holds_nothing() {
 /// nothing: the hold stood until it expired and gave the cardholder back what the network paid.)
 #[test]
 fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
-    let dir = temp_dir("cards-short-tip");
-    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
-    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
-    runtime().block_on(async {
-        let mut c = server.client();
-        let i = issue(&mut c, json!({}), json!({})).await;
-        let (key, acct) = (i.key.as_str(), i.account.as_str());
-        let mut net = Network::connect(iso);
-        let a = auth(&i.pan, &i.expiry, 9_000, 1, "000000000001");
-        assert_eq!(net.ask(&a)["39"], json!("00"));
-        assert_eq!(available(&mut c, key, acct).await, (1_000, 9_000, 0));
-        // 1,500 above the hold, within 20 % of it; the account has 1,000 left.
-        let capture = with(a.clone(), json!({"t": "0220", "4": format!("{:012}", 10_500), "11": "000002"}));
-        let r = net.ask(&capture);
-        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
-        assert_eq!(available(&mut c, key, acct).await, (1_000, 0, 9_000), "the hold is posted, the tip is not");
-        assert_eq!(net.ask(&capture)["39"], json!("00"), "a repeat is answered the same");
-        assert_eq!(available(&mut c, key, acct).await, (1_000, 0, 9_000), "and moves nothing");
-        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), key).await.unwrap();
-        let record = r.json()["authorizations"][0].clone();
-        assert_eq!(
-            (record["status"].clone(), record["captured"].clone()),
-            (json!("captured"), json!(9_000)),
-            "{record}"
-        );
-        let reasons = record["reasons"].to_string();
-        assert!(reasons.contains("1500 above the hold not collected"), "{record}");
-        // The chain the ledger refused is on the record too, with no money moved by it.
-        let steps: Vec<(&str, &str, usize)> = record["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let moved = e["transfer_ids"].as_array().unwrap().len();
-                (e["kind"].as_str().unwrap(), e["response_code"].as_str().unwrap(), moved)
-            })
-            .collect();
-        assert_eq!(steps, [("authorization", "00", 1), ("capture", "51", 0), ("capture", "00", 1)], "{record}");
-        // Reversed, the purchase gives back what was collected.
-        let original = format!("0100000001{}{}", "1122093000", "0".repeat(22));
-        let reversal = with(a, json!({"t": "0400", "11": "000003", "90": original}));
-        assert_eq!(net.ask(&reversal)["39"], json!("00"));
-        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 9_000));
-    });
-    let (ok, report) = server.verify();
-    assert!(ok, "{report}");
+    // On both engines: the refusal and the hold's post are two guarded commits.
+    for postgres in [None, Some(store::testing::fresh_postgres_database())] {
+        let dir = temp_dir("cards-short-tip");
+        let args = ["--iso8583-listen", "127.0.0.1:0"];
+        let server = Server::start_with_args(&dir, postgres.as_deref(), "127.0.0.1:0", true, &args);
+        let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+        runtime().block_on(async {
+            let mut c = server.client();
+            let i = issue(&mut c, json!({}), json!({})).await;
+            let (key, acct) = (i.key.as_str(), i.account.as_str());
+            let mut net = Network::connect(iso);
+            let a = auth(&i.pan, &i.expiry, 9_000, 1, "000000000001");
+            assert_eq!(net.ask(&a)["39"], json!("00"));
+            assert_eq!(available(&mut c, key, acct).await, (1_000, 9_000, 0));
+            // 1,500 above the hold, within 20 % of it; the account has 1,000 left.
+            let capture = with(a.clone(), json!({"t": "0220", "4": format!("{:012}", 10_500), "11": "000002"}));
+            let r = net.ask(&capture);
+            assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+            assert_eq!(available(&mut c, key, acct).await, (1_000, 0, 9_000), "the hold is posted, the tip is not");
+            assert_eq!(net.ask(&capture)["39"], json!("00"), "a repeat is answered the same");
+            assert_eq!(available(&mut c, key, acct).await, (1_000, 0, 9_000), "and moves nothing");
+            let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), key).await.unwrap();
+            let record = r.json()["authorizations"][0].clone();
+            assert_eq!(
+                (record["status"].clone(), record["captured"].clone()),
+                (json!("captured"), json!(9_000)),
+                "{record}"
+            );
+            let reasons = record["reasons"].to_string();
+            assert!(reasons.contains("1500 above the hold not collected"), "{record}");
+            // The chain the ledger refused is on the record too, with no money moved by it.
+            let steps: Vec<(&str, &str, usize)> = record["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let moved = e["transfer_ids"].as_array().unwrap().len();
+                    (e["kind"].as_str().unwrap(), e["response_code"].as_str().unwrap(), moved)
+                })
+                .collect();
+            assert_eq!(steps, [("authorization", "00", 1), ("capture", "51", 0), ("capture", "00", 1)], "{record}");
+            // Reversed, the purchase gives back what was collected.
+            let original = format!("0100000001{}{}", "1122093000", "0".repeat(22));
+            let reversal = with(a, json!({"t": "0400", "11": "000003", "90": original}));
+            assert_eq!(net.ask(&reversal)["39"], json!("00"));
+            assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 9_000));
+        });
+        let (ok, report) = server.verify();
+        assert!(ok, "{report}");
+    }
 }
 
 /// A reversal whose RRN finds nothing is matched by DE90's original STAN only together with its
@@ -603,42 +607,47 @@ fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
 /// never arrived must not void an earlier one that had the same STAN. (Before, it voided it.)
 #[test]
 fn a_reversal_by_stan_needs_the_originals_time_too() {
-    let dir = temp_dir("cards-stan-time");
-    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
-    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
-    runtime().block_on(async {
-        let mut c = server.client();
-        let i = issue(&mut c, json!({}), json!({})).await;
-        let (key, acct) = (i.key.as_str(), i.account.as_str());
-        let mut net = Network::connect(iso);
-        let first = auth(&i.pan, &i.expiry, 1_000, 7, "000000000070");
-        assert_eq!(net.ask(&first)["39"], json!("00"));
-        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
-        // A later purchase at the same terminal, under the same STAN, that never reached rtpay;
-        // the acquirer reverses it.
-        let lost = with(auth(&i.pan, &i.expiry, 2_000, 7, "000000000071"), json!({"7": "1123101500"}));
-        let de90 = |stan: &str, sent: &str| format!("0100{stan}{sent}{}", "0".repeat(22));
-        let reversal = with(lost.clone(), json!({"t": "0400", "11": "000008", "90": de90("000007", "1123101500")}));
-        assert_eq!(net.ask(&reversal)["39"], json!("00"), "a reversal is acknowledged");
-        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0), "the first purchase is still held");
-        // Arriving after all, the lost one holds nothing.
-        assert_eq!(net.ask(&lost)["39"], json!("05"));
-        assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
-        // A reversal under a new RRN naming the first purchase's STAN and time finds it.
-        let change = json!({"t": "0400", "11": "000009", "37": "000000000072", "90": de90("000007", "1122093000")});
-        assert_eq!(net.ask(&with(first, change))["39"], json!("00"));
-        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "the first purchase's hold is void");
-        // A purchase first heard of in its repeat (0101, with a renewed DE7): a reversal under a
-        // new RRN naming the 0100's time still finds it.
-        let repeat = with(auth(&i.pan, &i.expiry, 500, 20, "000000000080"), json!({"t": "0101", "7": "1122094500"}));
-        assert_eq!(net.ask(&repeat)["39"], json!("00"));
-        assert_eq!(available(&mut c, key, acct).await, (9_500, 500, 0));
-        let change = json!({"t": "0400", "11": "000021", "37": "000000000081", "90": de90("000020", "1122093000")});
-        assert_eq!(net.ask(&with(repeat, change))["39"], json!("00"));
-        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "the repeated purchase's hold is void");
-    });
-    let (ok, report) = server.verify();
-    assert!(ok, "{report}");
+    // On both engines: the records are read back from each engine's storage.
+    for postgres in [None, Some(store::testing::fresh_postgres_database())] {
+        let dir = temp_dir("cards-stan-time");
+        let args = ["--iso8583-listen", "127.0.0.1:0"];
+        let server = Server::start_with_args(&dir, postgres.as_deref(), "127.0.0.1:0", true, &args);
+        let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+        runtime().block_on(async {
+            let mut c = server.client();
+            let i = issue(&mut c, json!({}), json!({})).await;
+            let (key, acct) = (i.key.as_str(), i.account.as_str());
+            let mut net = Network::connect(iso);
+            let first = auth(&i.pan, &i.expiry, 1_000, 7, "000000000070");
+            assert_eq!(net.ask(&first)["39"], json!("00"));
+            assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
+            // A later purchase at the same terminal, under the same STAN, that never reached rtpay;
+            // the acquirer reverses it.
+            let lost = with(auth(&i.pan, &i.expiry, 2_000, 7, "000000000071"), json!({"7": "1123101500"}));
+            let de90 = |stan: &str, sent: &str| format!("0100{stan}{sent}{}", "0".repeat(22));
+            let reversal = with(lost.clone(), json!({"t": "0400", "11": "000008", "90": de90("000007", "1123101500")}));
+            assert_eq!(net.ask(&reversal)["39"], json!("00"), "a reversal is acknowledged");
+            assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0), "the first purchase is still held");
+            // Arriving after all, the lost one holds nothing.
+            assert_eq!(net.ask(&lost)["39"], json!("05"));
+            assert_eq!(available(&mut c, key, acct).await, (9_000, 1_000, 0));
+            // A reversal under a new RRN naming the first purchase's STAN and time finds it.
+            let change = json!({"t": "0400", "11": "000009", "37": "000000000072", "90": de90("000007", "1122093000")});
+            assert_eq!(net.ask(&with(first, change))["39"], json!("00"));
+            assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "the first purchase's hold is void");
+            // A purchase first heard of in its repeat (0101, with a renewed DE7): a reversal under a
+            // new RRN naming the 0100's time still finds it.
+            let repeat =
+                with(auth(&i.pan, &i.expiry, 500, 20, "000000000080"), json!({"t": "0101", "7": "1122094500"}));
+            assert_eq!(net.ask(&repeat)["39"], json!("00"));
+            assert_eq!(available(&mut c, key, acct).await, (9_500, 500, 0));
+            let change = json!({"t": "0400", "11": "000021", "37": "000000000081", "90": de90("000020", "1122093000")});
+            assert_eq!(net.ask(&with(repeat, change))["39"], json!("00"));
+            assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "the repeated purchase's hold is void");
+        });
+        let (ok, report) = server.verify();
+        assert!(ok, "{report}");
+    }
 }
 
 /// A card blocked while a burst of its authorizations waits for the card's turn declines the
