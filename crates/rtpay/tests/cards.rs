@@ -544,6 +544,19 @@ fn an_authorization_arriving_after_its_reversal_holds_nothing() {
     assert!(ok, "{report}");
 }
 
+/// Runs `test` against a server with an ISO 8583 listener on each engine (embedded, then
+/// PostgreSQL), given the server and the listener's address; then checks every invariant.
+fn on_each_engine(tag: &str, test: impl Fn(&Server, SocketAddr)) {
+    for postgres in [None, Some(store::testing::fresh_postgres_database())] {
+        let dir = temp_dir(tag);
+        let args = ["--iso8583-listen", "127.0.0.1:0"];
+        let server = Server::start_with_args(&dir, postgres.as_deref(), "127.0.0.1:0", true, &args);
+        test(&server, server.iso8583.expect("the ISO 8583 listener's address is printed"));
+        let (ok, report) = server.verify();
+        assert!(ok, "{report}");
+    }
+}
+
 /// A capture above the hold (a tip, within the tolerance) whose excess the account cannot cover:
 /// the network has settled the purchase and an advice is not declined, so the hold is posted, the
 /// amount not collected is recorded, and the answer is 00. (Before, it answered 51 and posted
@@ -551,11 +564,7 @@ fn an_authorization_arriving_after_its_reversal_holds_nothing() {
 #[test]
 fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
     // On both engines: the refusal and the hold's post are two guarded commits.
-    for postgres in [None, Some(store::testing::fresh_postgres_database())] {
-        let dir = temp_dir("cards-short-tip");
-        let args = ["--iso8583-listen", "127.0.0.1:0"];
-        let server = Server::start_with_args(&dir, postgres.as_deref(), "127.0.0.1:0", true, &args);
-        let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    on_each_engine("cards-short-tip", |server, iso| {
         runtime().block_on(async {
             let mut c = server.client();
             let i = issue(&mut c, json!({}), json!({})).await;
@@ -597,9 +606,7 @@ fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
             assert_eq!(net.ask(&reversal)["39"], json!("00"));
             assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 9_000));
         });
-        let (ok, report) = server.verify();
-        assert!(ok, "{report}");
-    }
+    });
 }
 
 /// A reversal whose RRN finds nothing is matched by DE90's original STAN only together with its
@@ -608,11 +615,7 @@ fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
 #[test]
 fn a_reversal_by_stan_needs_the_originals_time_too() {
     // On both engines: the records are read back from each engine's storage.
-    for postgres in [None, Some(store::testing::fresh_postgres_database())] {
-        let dir = temp_dir("cards-stan-time");
-        let args = ["--iso8583-listen", "127.0.0.1:0"];
-        let server = Server::start_with_args(&dir, postgres.as_deref(), "127.0.0.1:0", true, &args);
-        let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    on_each_engine("cards-stan-time", |server, iso| {
         runtime().block_on(async {
             let mut c = server.client();
             let i = issue(&mut c, json!({}), json!({})).await;
@@ -645,9 +648,7 @@ fn a_reversal_by_stan_needs_the_originals_time_too() {
             assert_eq!(net.ask(&with(repeat, change))["39"], json!("00"));
             assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "the repeated purchase's hold is void");
         });
-        let (ok, report) = server.verify();
-        assert!(ok, "{report}");
-    }
+    });
 }
 
 /// A card blocked while a burst of its authorizations waits for the card's turn declines the
