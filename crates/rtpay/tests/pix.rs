@@ -22,7 +22,12 @@ struct Party {
 /// A holder with a BRL wallet (never negative) funded with `funds` centavos from a tenant's
 /// funding account.
 async fn party(c: &mut rtpay::client::Client, key: &str, kind: &str, name: &str, doc: &str, funds: u64) -> Party {
-    let r = c.post("/v1/holders", key, &json!({"kind": kind, "name": name, "document": doc})).await.unwrap();
+    party_of(c, key, json!({"kind": kind, "name": name, "document": doc}), funds).await
+}
+
+/// As [`party`], the holder made from `holder` (`POST /v1/holders`'s body).
+async fn party_of(c: &mut rtpay::client::Client, key: &str, holder: Value, funds: u64) -> Party {
+    let r = c.post("/v1/holders", key, &holder).await.unwrap();
     assert_eq!(r.status, 201, "{:?}", r.json());
     let holder = r.json()["id"].as_str().unwrap().to_owned();
     let wallet = account(
@@ -527,6 +532,54 @@ fn limits_by_day_and_by_night() {
         let (ok, report) = server.verify();
         assert!(ok, "{report}");
     }
+}
+
+/// A payer's running totals are its tenant's: another tenant's holder under the same id (holder
+/// ids are the tenants' to choose) neither spends them nor adds to them. (They were named by the
+/// holder alone, and one tenant's customer spent another's limit.)
+#[test]
+fn holders_of_two_tenants_under_one_id_keep_their_own_totals() {
+    let rt = runtime();
+    let dir = temp_dir("pix-limits-tenants");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, a) = tenant(&mut c, "a").await;
+        let (_, b) = tenant(&mut c, "b").await;
+        let payee = party(&mut c, &a, "company", "ACME", CNPJ_ACME, 0).await;
+        assert_eq!(register(&mut c, &payee, "cnpj", Some(CNPJ_ACME)).await.status, 201);
+        let holder = uuid();
+        let body = json!({"id": holder, "kind": "person", "name": "Maria Quitéria", "document": CPF_MARIA});
+        let (in_a, in_b) = (party_of(&mut c, &a, body.clone(), 100_000).await, party_of(&mut c, &b, body, 100_000).await);
+        assert_eq!((in_a.holder.as_str(), in_b.holder.as_str()), (holder.as_str(), holder.as_str()));
+        for (key, payer) in [(&a, &in_a), (&b, &in_b)] {
+            // Lowered, so at once: R$300 a day.
+            set_limits(&mut c, key, payer, json!({"daily": 30_000})).await;
+        }
+        let pay = |payer: &Party, amount: u64| json!({"id": uuid(), "debit_account_id": payer.account, "amount": amount, "key": CNPJ_ACME});
+        let status = |r: rtpay::client::Response| {
+            let v = r.json();
+            (v["status"].clone(), v["reason"].clone())
+        };
+        let completed = (json!("completed"), Value::Null);
+        let over = (json!("rejected"), json!("limit_exceeded"));
+        assert_eq!(status(c.post("/v1/pix/payments", &b, &pay(&in_b, 25_000)).await.unwrap()), completed);
+        assert_eq!(
+            status(c.post("/v1/pix/payments", &a, &pay(&in_a, 30_000)).await.unwrap()),
+            completed,
+            "tenant a's customer has its whole day left"
+        );
+        assert_eq!(status(c.post("/v1/pix/payments", &a, &pay(&in_a, 1)).await.unwrap()), over, "and spent it");
+        assert_eq!(
+            status(c.post("/v1/pix/payments", &b, &pay(&in_b, 5_000)).await.unwrap()),
+            completed,
+            "tenant b's customer has its own 5,000 left"
+        );
+        assert_eq!(status(c.post("/v1/pix/payments", &b, &pay(&in_b, 1)).await.unwrap()), over);
+        assert_eq!((available(&mut c, &in_a).await, available(&mut c, &in_b).await), (70_000, 70_000));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
 }
 
 /// Polls a payment until it leaves `processing`.

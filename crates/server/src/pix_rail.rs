@@ -453,9 +453,13 @@ fn read_party(
     }))
 }
 
-/// Counter scopes of a payer's spending (per local day and per night, see `pix::limits`).
-pub fn spend_scopes(holder: u128) -> (String, String) {
-    (format!("pix-day:{}", uuid_string(holder)), format!("pix-night:{}", uuid_string(holder)))
+/// Counter scopes of a payer's spending (per local day and per night, see `pix::limits`): the
+/// payer's tenant and holder, as every key in storage is the tenant's. (Until migration 13 on
+/// SQLite, 11 on PostgreSQL, they named the holder alone, and two tenants' holders under one id
+/// shared their totals: one tenant's customer spent another's limit.)
+pub fn spend_scopes(tenant: u128, holder: u128) -> (String, String) {
+    let (tenant, holder) = (uuid_string(tenant), uuid_string(holder));
+    (format!("pix-day:{tenant}:{holder}"), format!("pix-night:{tenant}:{holder}"))
 }
 
 const HOUR: u64 = 3_600_000_000_000;
@@ -472,11 +476,12 @@ pub fn spend_periods(night: pix::limits::Night, now: u64) -> (u64, Option<u64>) 
 pub fn limit_guards(
     limits: &pix::limits::Limits,
     night: pix::limits::Night,
+    tenant: u128,
     holder: u128,
     amount: u64,
     now: u64,
 ) -> Vec<store::Guard> {
-    let (day_scope, night_scope) = spend_scopes(holder);
+    let (day_scope, night_scope) = spend_scopes(tenant, holder);
     let (day, tonight) = spend_periods(night, now);
     let room = |limit: u64| i64::try_from(limit.saturating_sub(amount)).unwrap_or(i64::MAX);
     let mut guards = Vec::new();
@@ -490,8 +495,14 @@ pub fn limit_guards(
 }
 
 /// What a payer spent so far today and tonight.
-pub fn spent(q: &dyn store::Queries, holder: u128, night: pix::limits::Night, now: u64) -> store::Result<(u64, u64)> {
-    let (day_scope, night_scope) = spend_scopes(holder);
+pub fn spent(
+    q: &dyn store::Queries,
+    tenant: u128,
+    holder: u128,
+    night: pix::limits::Night,
+    now: u64,
+) -> store::Result<(u64, u64)> {
+    let (day_scope, night_scope) = spend_scopes(tenant, holder);
     let (day, night) = spend_periods(night, now);
     let d = q.counter_total(&day_scope, day, day + 1)?.max(0) as u64;
     let n = match night {
@@ -728,7 +739,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             events.push(event(payment_transfer(state, payer_tenant, &payment_id, 1), hold, false));
         }
     }
-    let (day_scope, night_scope) = spend_scopes(p.payer.holder);
+    let (day_scope, night_scope) = spend_scopes(p.payer.tenant, p.payer.holder);
     let (day, night) = spend_periods(state.pix.night, now);
     let off_us = matches!(p.payee, Payee::OffUs(_));
     let received_by = match &p.payee {
@@ -1005,7 +1016,7 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
             view.reason = Some(reason);
             view.reason_detail = Some(detail);
             // What was counted against the payer's limits at submission is given back.
-            let (day_scope, night_scope) = spend_scopes(holder);
+            let (day_scope, night_scope) = spend_scopes(tenant, holder);
             let (day, night) = spend_periods(night, at);
             records.push(store::Record::Count { scope: day_scope, period: day, delta: -(amount as i64) });
             if let Some(n) = night {

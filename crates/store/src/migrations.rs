@@ -341,6 +341,33 @@ DROP INDEX documents_by_owner;
 CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id, tenant_id) WHERE owner IS NOT NULL;
 "#,
     },
+    Migration {
+        version: 13,
+        name: "Pix spending counters per tenant",
+        sql: r#"
+-- A Pix payer's spending totals are named by its tenant and its holder (`pix-day:<tenant>:<holder>`,
+-- `pix-night:...`): named by the holder alone, two tenants' holders under one id (holder ids are
+-- the tenants' to choose) shared their totals, and one tenant's customer spent another's limit.
+-- Each total is copied to every tenant holding a holder under its id, so what was spent under
+-- the shared name still counts against each of them (the upgrade loosens no limit); then the
+-- old names go.
+INSERT INTO counters (scope, period, total)
+SELECT substr(c.scope, 1, instr(c.scope, ':')) || h.tenant || ':' || h.holder, c.period, c.total
+FROM counters c
+JOIN (
+    SELECT lower(substr(hex(tenant_id), 1, 8) || '-' || substr(hex(tenant_id), 9, 4) || '-' ||
+                 substr(hex(tenant_id), 13, 4) || '-' || substr(hex(tenant_id), 17, 4) || '-' ||
+                 substr(hex(tenant_id), 21, 12)) AS tenant,
+           lower(substr(hex(id), 1, 8) || '-' || substr(hex(id), 9, 4) || '-' || substr(hex(id), 13, 4) || '-' ||
+                 substr(hex(id), 17, 4) || '-' || substr(hex(id), 21, 12)) AS holder
+    FROM holders
+) h ON h.holder = substr(c.scope, instr(c.scope, ':') + 1)
+WHERE (c.scope GLOB 'pix-day:*' OR c.scope GLOB 'pix-night:*') AND length(c.scope) - instr(c.scope, ':') = 36
+ON CONFLICT (scope, period) DO UPDATE SET total = total + excluded.total;
+DELETE FROM counters
+WHERE (scope GLOB 'pix-day:*' OR scope GLOB 'pix-night:*') AND length(scope) - instr(scope, ':') = 36;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -581,6 +608,21 @@ ALTER TABLE ledger_meta ADD COLUMN commits BIGINT NOT NULL DEFAULT 0;
 -- index's order down to the tenant.
 DROP INDEX documents_by_owner;
 CREATE INDEX documents_by_owner ON documents (kind, owner, created_at, id, tenant_id) WHERE owner IS NOT NULL;
+"#,
+    },
+    Migration {
+        version: 11,
+        name: "Pix spending counters per tenant",
+        sql: r#"
+-- As SQLite's version 13: a Pix payer's totals named by its tenant and holder, each old total
+-- copied to every tenant holding a holder under its id, then the old names dropped.
+INSERT INTO counters (scope, period, total)
+SELECT split_part(c.scope, ':', 1) || ':' || h.tenant_id::text || ':' || h.id::text, c.period, c.total
+FROM counters c
+JOIN holders h ON h.id::text = split_part(c.scope, ':', 2)
+WHERE split_part(c.scope, ':', 1) IN ('pix-day', 'pix-night') AND split_part(c.scope, ':', 3) = ''
+ON CONFLICT (scope, period) DO UPDATE SET total = counters.total + excluded.total;
+DELETE FROM counters WHERE split_part(scope, ':', 1) IN ('pix-day', 'pix-night') AND split_part(scope, ':', 3) = '';
 "#,
     },
 ];

@@ -1729,6 +1729,41 @@ mod tests {
             .collect()
     }
 
+    /// As SQLite's: spending counters named by a holder alone move to names of the tenant and
+    /// the holder (migration 11; see `testing::spend_counters`).
+    #[test]
+    fn version_10_spend_counters_move_to_their_tenants_names() {
+        use crate::testing::spend_counters;
+        let url = crate::testing::fresh_postgres_database();
+        {
+            let mut client = super::connect(&url).unwrap();
+            assert_eq!(
+                super::apply_migrations(&mut client, &super::POSTGRES[..10]).unwrap(),
+                (1..=10).collect::<Vec<_>>()
+            );
+            for (i, (tenant, holder)) in spend_counters::holders().into_iter().enumerate() {
+                client
+                    .execute(
+                        "INSERT INTO holders (tenant_id, id, kind, name_sealed, document_sealed, document_index, created_at) \
+                         VALUES ($1, $2, 'person', '\\x00', '\\x00', $3, 1)",
+                        &[&super::uuid(tenant), &super::uuid(holder), &vec![i as u8]],
+                    )
+                    .unwrap();
+            }
+            for (scope, period, total) in spend_counters::old_counters() {
+                client
+                    .execute(
+                        "INSERT INTO counters (scope, period, total) VALUES ($1, $2, $3)",
+                        &[&scope, &period, &total],
+                    )
+                    .unwrap();
+            }
+        }
+        let store = crate::Store::open(&crate::Location::Postgres(url.clone())).unwrap();
+        spend_counters::check(store.queries.as_ref());
+        store.close();
+    }
+
     /// The writer's session plans each statement once, and on empty tables still plans look-ups by
     /// key: the plan cached at the start stays right as the tables grow.
     #[test]

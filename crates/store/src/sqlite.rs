@@ -2566,6 +2566,38 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// Pix spending counters named by a holder alone move to names of the tenant and the holder
+    /// (migration 13; see `testing::spend_counters`).
+    #[test]
+    fn version_12_spend_counters_move_to_their_tenants_names() {
+        use crate::testing::spend_counters;
+        let dir = std::env::temp_dir().join(format!("rtpay-migrate13-{}-{}", std::process::id(), now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let mut conn = connect(&dir.join(DB_FILE)).unwrap();
+            assert_eq!(apply_migrations(&mut conn, &SQLITE[..12]).unwrap(), (1..=12).collect::<Vec<_>>());
+            for (i, (tenant, holder)) in spend_counters::holders().into_iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO holders (tenant_id, id, kind, name_sealed, document_sealed, document_index, created_at) \
+                     VALUES (?1, ?2, 'person', x'00', x'00', ?3, 1)",
+                    params![uuid_bytes(tenant), uuid_bytes(holder), vec![i as u8]],
+                )
+                .unwrap();
+            }
+            for (scope, period, total) in spend_counters::old_counters() {
+                conn.execute(
+                    "INSERT INTO counters (scope, period, total) VALUES (?1, ?2, ?3)",
+                    params![scope, period, total],
+                )
+                .unwrap();
+            }
+        }
+        let store = crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap();
+        spend_counters::check(store.queries.as_ref());
+        store.close();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// A command creating a plain USD account.
     fn create_usd(key: AccountKey) -> ledger::AccountCommand {
         ledger::AccountCommand::Create(ledger::NewAccount {

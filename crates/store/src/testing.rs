@@ -34,3 +34,49 @@ pub fn fresh_postgres_database() -> String {
     };
     format!("postgres://{user}@{host}:{port}/{name}")
 }
+
+/// The holders and Pix spending counters of a store written before the counters were named per
+/// tenant (SQLite's migration 13, PostgreSQL's 11): tenants 7 and 8 both hold a holder under
+/// [`SPEND_HOLDER`], tenant 7 another one, and one counter names a holder nobody holds.
+pub mod spend_counters {
+    pub const SPEND_HOLDER: u128 = 0x0190_a1b2_c3d4_7e5f_8a9b_0c1d_2e3f_4a5b;
+    pub const OTHER_HOLDER: u128 = 0x0190_a1b2_c3d4_7e5f_8a9b_0c1d_2e3f_ffff;
+    const NOBODY: u128 = 0x0190_a1b2_c3d4_7e5f_8a9b_0c1d_2e3f_0000;
+
+    pub fn id(v: u128) -> String {
+        uuid::Uuid::from_u128(v).hyphenated().to_string()
+    }
+
+    /// (tenant, holder) pairs to insert as holders.
+    pub fn holders() -> Vec<(u128, u128)> {
+        vec![(7, SPEND_HOLDER), (8, SPEND_HOLDER), (7, OTHER_HOLDER)]
+    }
+
+    /// (scope, period, total) rows as the old names had them.
+    pub fn old_counters() -> Vec<(String, i64, i64)> {
+        vec![
+            (format!("pix-day:{}", id(SPEND_HOLDER)), 5, 100),
+            (format!("pix-night:{}", id(SPEND_HOLDER)), 6, 40),
+            (format!("pix-day:{}", id(OTHER_HOLDER)), 5, 7),
+            (format!("pix-day:{}", id(NOBODY)), 5, 9),
+            ("other:x".to_owned(), 1, 3),
+        ]
+    }
+
+    /// After the migration: each total under every tenant holding its holder, the old names gone,
+    /// other counters as they were.
+    pub fn check(q: &dyn crate::Queries) {
+        let total = |scope: String, period: u64| q.counter_total(&scope, period, period + 1).unwrap();
+        let (h, g) = (id(SPEND_HOLDER), id(OTHER_HOLDER));
+        for tenant in [7, 8] {
+            assert_eq!(total(format!("pix-day:{}:{h}", id(tenant)), 5), 100, "tenant {tenant}");
+            assert_eq!(total(format!("pix-night:{}:{h}", id(tenant)), 6), 40, "tenant {tenant}");
+        }
+        assert_eq!(total(format!("pix-day:{}:{g}", id(7)), 5), 7);
+        assert_eq!(total(format!("pix-day:{}:{g}", id(8)), 5), 0, "tenant 8 holds no such holder");
+        for (scope, period, _) in old_counters().into_iter().filter(|(s, ..)| s.starts_with("pix-")) {
+            assert_eq!(total(scope.clone(), period as u64), 0, "{scope} is gone");
+        }
+        assert_eq!(total("other:x".into(), 1), 3);
+    }
+}

@@ -1078,12 +1078,13 @@ pub async fn create_payment(
             let limits = schedule.at(now);
             // What was spent is read only when a running total limits this payment.
             let totals_matter = limits.daily.is_some() || (limits.nightly.is_some() && night_window.period(now).night);
-            let (day, night) = if totals_matter { spent(q, payer.holder, night_window, now)? } else { (0, 0) };
+            let (day, night) =
+                if totals_matter { spent(q, payer.tenant, payer.holder, night_window, now)? } else { (0, 0) };
             let refused = pix::limits::check(limits, night_window, amount, now, day, night)
                 .err()
                 .map(|b| ("limit_exceeded".to_owned(), b.describe()));
             let limit_guards = match refused {
-                None => crate::pix_rail::limit_guards(&limits, night_window, payer.holder, amount, now),
+                None => crate::pix_rail::limit_guards(&limits, night_window, payer.tenant, payer.holder, amount, now),
                 Some(_) => Vec::new(),
             };
             let random = crate::auth::random_bytes();
