@@ -362,8 +362,9 @@ fn bad_input_is_refused_with_the_field_and_rule_and_changes_nothing() {
 }
 
 /// Slow or lying clients cannot hold a connection: a body declared larger than the limit is
-/// refused before any of it is read, a body that stops arriving gets 408 after 30 s, and a head
-/// that is never finished (or a kept-alive connection never used) is closed after 30 s.
+/// refused before any of it is read, a body that stops arriving gets 408 after 30 s (on every
+/// route that reads one: JSON, OAuth's form, the API Pix), and a head that is never finished (or
+/// a kept-alive connection never used) is closed after 30 s.
 #[test]
 fn connections_that_stall_are_answered_or_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -386,12 +387,32 @@ fn connections_that_stall_are_answered_or_closed() {
         let connect = || tokio::net::TcpStream::connect(server.addr);
         let (mut oversize, mut stalled, mut half, mut idle) =
             (connect().await.unwrap(), connect().await.unwrap(), connect().await.unwrap(), connect().await.unwrap());
+        let (mut token, mut api_pix, mut api_pix_oversize) =
+            (connect().await.unwrap(), connect().await.unwrap(), connect().await.unwrap());
         oversize.write_all(format!("{}{{\"currency\":\"BRL\"}}", head("99999999999")).as_bytes()).await.unwrap();
         stalled.write_all(format!("{}{{\"currency\"", head("100")).as_bytes()).await.unwrap();
         half.write_all(b"POST /v1/accounts HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        // The routes that read a body of another kind: OAuth's form, the API Pix's JSON.
+        let form = "POST /oauth/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\n\r\ngrant_type=";
+        token.write_all(form.as_bytes()).await.unwrap();
+        let cob = |len: &str| {
+            format!("PUT /api/v2/cob/abcdefghijklmnopqrstuvwxyz0 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-length: {len}\r\n\r\n{{\"calendario\"")
+        };
+        api_pix.write_all(cob("100").as_bytes()).await.unwrap();
+        api_pix_oversize.write_all(cob("99999999999").as_bytes()).await.unwrap();
         let started = Instant::now();
-        let (oversize, stalled, half, idle) =
-            tokio::join!(answer(&mut oversize), answer(&mut stalled), answer(&mut half), answer(&mut idle));
+        let (oversize, stalled, half, idle, token, api_pix, api_pix_oversize) = tokio::join!(
+            answer(&mut oversize),
+            answer(&mut stalled),
+            answer(&mut half),
+            answer(&mut idle),
+            answer(&mut token),
+            answer(&mut api_pix),
+            answer(&mut api_pix_oversize)
+        );
+        assert!(token.starts_with("HTTP/1.1 408") && token.contains("invalid_request"), "{token}");
+        assert!(api_pix.starts_with("HTTP/1.1 408") && api_pix.contains("/error/RequisicaoInvalida"), "{api_pix}");
+        assert!(api_pix_oversize.starts_with("HTTP/1.1 413"), "refused before the body is read: {api_pix_oversize}");
         assert!(oversize.starts_with("HTTP/1.1 413"), "{oversize}");
         assert!(oversize.contains("body_too_large"), "{oversize}");
         assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
@@ -972,6 +993,7 @@ fn listing_pages_newest_first_without_gaps_or_duplicates() {
 
 #[test]
 fn metrics_ask_for_their_token_when_one_is_set() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let token = "metrics-0123456789abcdef0123456789abcdef";
     let dir = temp_dir("api-metrics-token");
     let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--metrics-token", token]);
@@ -988,6 +1010,24 @@ fn metrics_ask_for_their_token_when_one_is_set() {
         assert!(String::from_utf8_lossy(&r.body).contains("rtpay_http_requests_total"));
         // Health and readiness stay open for probes.
         assert_eq!(c.send(Method::GET, "/readyz", None, None).await.unwrap().status, 200);
+        // Two credentials are refused; and a wrong token is a failed authentication like any
+        // other: the address waits once it has failed twenty times (three above, this one).
+        let twice = format!(
+            "GET /metrics HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nauthorization: Bearer {OPERATOR}\r\nconnection: close\r\n\r\n"
+        );
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(twice.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 400") && got.contains("\"duplicate_header\""), "{got}");
+        let mut statuses = Vec::new();
+        for _ in 0..18 {
+            statuses.push(c.send(Method::GET, "/metrics", Some(OPERATOR), None).await.unwrap().status.as_u16());
+        }
+        assert!(statuses[..16].iter().all(|s| *s == 401) && statuses[16..].iter().all(|s| *s == 429), "{statuses:?}");
+        let r = c.send(Method::GET, "/metrics", Some(token), None).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (429, json!("auth_throttled")));
     });
     // A guessable token is refused before anything starts.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rtpay"))

@@ -100,6 +100,58 @@ fn a_source_with_too_many_failures_is_throttled_before_credentials_are_checked()
     });
 }
 
+/// Requests no credential vouched for cannot grow the audit log, or fill the writer's queue,
+/// without bound: a request no route takes (404 `no_route`, 405) is not audited at all; one
+/// without an `Authorization` header is a failed authentication like a wrong one; and any other
+/// request recorded without an accepted credential (here `/oauth/token` refused before the client
+/// is known) counts as one too: once the address has spent its budget, it waits (429, unrecorded).
+#[test]
+fn requests_without_an_accepted_credential_cannot_flood_the_audit_log() {
+    let dir = temp_dir("limits-anonymous");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "noisy").await;
+        for _ in 0..30 {
+            assert_eq!(c.post("/v1/nowhere", &key, &json!({})).await.unwrap().status, 404);
+            assert_eq!(c.send(hyper::Method::DELETE, "/healthz", Some(&key), None).await.unwrap().status, 405);
+        }
+        assert_eq!(c.get("/v1/audit", &key).await.unwrap().status, 200, "none of that spent the address's budget");
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            statuses.push(c.send(hyper::Method::GET, "/v1/audit", None, None).await.unwrap().status.as_u16());
+        }
+        assert_eq!(statuses, [401; 5], "no Authorization header");
+        // Client credentials both ways at once: refused before the client is known.
+        let both =
+            [("authorization", "Basic Y2xpZW50OnNlY3JldA=="), ("content-type", "application/x-www-form-urlencoded")];
+        let form = b"grant_type=client_credentials&client_id=client&client_secret=secret".to_vec();
+        let mut statuses = Vec::new();
+        for _ in 0..20 {
+            let r =
+                c.send_with_headers(hyper::Method::POST, "/oauth/token", None, Some(form.clone().into()), &both).await;
+            statuses.push(r.unwrap().status.as_u16());
+        }
+        assert!(statuses[..15].iter().all(|s| *s == 400) && statuses[15..].iter().all(|s| *s == 429), "{statuses:?}");
+        let r = c.get("/v1/audit", &key).await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.json()["code"].clone()),
+            (429, json!("auth_throttled")),
+            "the budget is spent"
+        );
+    });
+    drop(server);
+    let queries = store::Store::open_queries(&store::Location::Embedded(dir.clone())).unwrap();
+    let entries = queries.audit_entries(0, 1000, None).unwrap();
+    let count = |action: &str, outcome: &str| {
+        entries.iter().filter(|e| e.draft.action == action && e.draft.outcome == outcome).count()
+    };
+    assert_eq!(entries.iter().filter(|e| e.draft.action.contains("unmatched") || e.draft.outcome == "405").count(), 0);
+    assert_eq!(count("GET /v1/audit", "401"), 5, "each failed authentication is recorded");
+    assert_eq!(count("POST /oauth/token", "400"), 15, "recorded, each counted as a failure");
+    assert!(!entries.iter().any(|e| e.draft.outcome == "429"));
+}
+
 /// Of 25 failed authentications from one address, the first 20 are judged (and fail); then the
 /// address waits, whatever it sends.
 fn assert_throttled_after_twenty(statuses: &[u16]) {

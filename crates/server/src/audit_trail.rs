@@ -6,7 +6,8 @@
 //! GET and HEAD), every read that reveals a secret ([`Slot::record_read`]) and every failed
 //! authentication is appended by the middleware after the handler,
 //! before the response goes out, with the HTTP status as outcome. Throttled requests (429) are not
-//! recorded, only counted.
+//! recorded, only counted; a request recorded without an accepted credential counts against its
+//! address's budget of failed authentications (see [`record_after`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -46,6 +47,8 @@ struct SlotState {
     recorded: bool,
     /// Set by a reading handler whose read is itself an action to record (a secret revealed).
     wanted: bool,
+    /// Set when the request was counted as a failed authentication against its source.
+    failure_counted: bool,
 }
 
 impl Slot {
@@ -107,6 +110,17 @@ impl Slot {
         self.state.lock().expect("audit slot lock").wanted
     }
 
+    /// The request was counted as a failed authentication (`auth::count_failure`).
+    pub fn mark_failure_counted(&self) {
+        self.state.lock().expect("audit slot lock").failure_counted = true;
+    }
+
+    /// No credential was accepted and no failure counted: who sent it is unknown.
+    fn unaccounted(&self) -> bool {
+        let s = self.state.lock().expect("audit slot lock");
+        s.actor.is_none() && !s.failure_counted
+    }
+
     pub fn mark_recorded(&self) {
         self.state.lock().expect("audit slot lock").recorded = true;
     }
@@ -162,6 +176,14 @@ pub async fn record_after(state: &AppState, slot: &Slot, mutating: bool, status:
     // into a flood of writes. They are counted in the request metrics; a lock itself is recorded.
     if status == 429 {
         return;
+    }
+    // Recorded though no credential was accepted, and not counted as a failed authentication
+    // (`/oauth/token` refused before its client is known, a certificate that does not fit its
+    // credential): counted as one now. Every route checks the address's budget before it looks
+    // at a credential, so a flood of them is answered 429, and those are not recorded: without
+    // this, anyone could grow the append-only log, and fill the writer's queue, at wire speed.
+    if slot.unaccounted() {
+        let _ = state.auth_guard.failed(slot.client().map(|a| a.ip()), None, std::time::Instant::now());
     }
     let draft = slot.draft(status.to_string());
     let (tx, rx) = tokio::sync::oneshot::channel();

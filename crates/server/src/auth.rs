@@ -315,6 +315,9 @@ pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
         Some(P::Tenant(_)) => *id != OPERATOR_ID,
         Some(P::Client(_)) => id.starts_with("client:"),
     });
+    if let Some(slot) = parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>() {
+        slot.mark_failure_counted();
+    }
     if state.auth_guard.failed(source(parts), id, Instant::now()) == AfterFailure::Locked {
         let id = id.expect("only an id can be locked");
         tracing::warn!(credential = id, "credential locked after repeated failed authentications");
@@ -575,7 +578,13 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         // Tenant secrets carry their prefix; anything else can only be the operator's token.
-        let token = bearer(parts)?;
+        let token = match bearer(parts) {
+            Ok(t) => t,
+            Err(p) => {
+                guard(parts, state, None)?;
+                return Err(failed(parts, state, None, p));
+            }
+        };
         if token.starts_with(TENANT_SECRET_PREFIX) || token.starts_with(crate::oauth::ACCESS_TOKEN_PREFIX) {
             Ok(Caller::Tenant(Tenant::from_request_parts(parts, state).await?))
         } else {

@@ -5,7 +5,7 @@
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -24,8 +24,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, Problem> {
         json_content_type(&request)?;
-        declared_len(&request)?;
-        let bytes = read_body(request.into_body()).await?;
+        let (parts, body) = request.into_parts();
+        let bytes = limited_body(&parts.headers, body, BODY_LEN_MAX).await?;
         parse(&bytes).map(Json)
     }
 }
@@ -38,8 +38,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, Problem> {
         json_content_type(&request)?;
-        declared_len(&request)?;
-        let bytes = read_body(request.into_body()).await?;
+        let (parts, body) = request.into_parts();
+        let bytes = limited_body(&parts.headers, body, BODY_LEN_MAX).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(None));
         }
@@ -84,27 +84,25 @@ fn json_content_type(request: &Request) -> Result<(), Problem> {
 /// How long a body may take to arrive, once its head has: then 408, and the connection closes.
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn too_large() -> Problem {
+fn too_large(limit: usize) -> Problem {
     Problem::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
-        format!("the body exceeds {BODY_LEN_MAX} bytes or could not be read"),
+        format!("the body exceeds {limit} bytes or could not be read"),
     )
 }
 
-/// A body declared larger than the limit is refused before any of it is read: waiting for bytes
-/// that will be refused anyway held the connection while the client sent (or never sent) them.
-fn declared_len(request: &Request) -> Result<(), Problem> {
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    match declared {
-        Some(len) if len > BODY_LEN_MAX as u64 => Err(too_large()),
-        _ => Ok(()),
+/// A request's body, whatever its media type, read the way every route reads one: at most
+/// `limit` bytes, and within [`BODY_READ_TIMEOUT`] (then 408). A body declared larger than the
+/// limit is refused before any of it is read: waiting for bytes that will be refused anyway held
+/// the connection while the client sent (or never sent) them.
+pub(crate) async fn limited_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Problem> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large(limit));
     }
-}
-
-async fn read_body(body: Body) -> Result<Bytes, Problem> {
-    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, BODY_LEN_MAX)).await {
-        Ok(read) => read.map_err(|_| too_large()),
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Ok(read) => read.map_err(|_| too_large(limit)),
         Err(_) => {
             // hyper closes a connection whose request body was left unread.
             Err(Problem::new(

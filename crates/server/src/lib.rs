@@ -352,7 +352,10 @@ where
                 Err(Panicked) => axum::response::IntoResponse::into_response(Problem::internal()),
             };
             let status = response.status().as_u16();
-            audit_trail::record_after(&state, &slot, mutating, status).await;
+            // A request no route took (404 `no_route`, 405) reached no handler and changed
+            // nothing: it is counted in the metrics and logged, not audited.
+            let routed = route.is_some() && status != 405;
+            audit_trail::record_after(&state, &slot, mutating && routed, status).await;
             let micros = started.elapsed().as_micros() as u64;
             let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
             state.metrics.observe(method, route, status, micros);

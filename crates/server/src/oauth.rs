@@ -285,8 +285,13 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
         return p.into_response();
     }
     let headers: &HeaderMap = &parts.headers;
-    let Ok(body) = axum::body::to_bytes(body, TOKEN_REQUEST_LEN_MAX).await else {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "the request body is too large or unreadable");
+    let body = match crate::json::limited_body(&parts.headers, body, TOKEN_REQUEST_LEN_MAX).await {
+        Ok(body) => body,
+        // 413 or 408 (RFC 6749 names no error for either; `invalid_request` is the nearest).
+        Err(p) => {
+            let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::BAD_REQUEST);
+            return oauth_error(status, "invalid_request", &p.detail);
+        }
     };
     let Ok(form) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
         return oauth_error(
@@ -308,7 +313,11 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
             (Ok(g), Ok(s), Ok(i), Ok(c)) => (g, s, i, c),
             (Err(r), ..) | (_, Err(r), ..) | (_, _, Err(r), _) | (_, _, _, Err(r)) => return r,
         };
-    // Client authentication: HTTP Basic, or the form fields — not both.
+    // Client authentication: HTTP Basic, or the form fields — not both; and one Basic at most.
+    if headers.get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
+        count_failure(&parts, &state, None);
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "more than one Authorization header");
+    }
     let basic = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
         let (scheme, rest) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("basic").then(|| rest.trim().to_owned())
@@ -318,7 +327,10 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
             let decoded = base64_decode(&encoded).and_then(|b| String::from_utf8(b).ok());
             match decoded.as_deref().and_then(|d| d.split_once(':')) {
                 Some((id, secret)) => (id.to_owned(), secret.to_owned()),
-                None => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "malformed Basic credentials"),
+                None => {
+                    count_failure(&parts, &state, None);
+                    return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "malformed Basic credentials");
+                }
             }
         }
         (None, Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
@@ -329,7 +341,10 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
                 "use HTTP Basic or the form fields, not both",
             )
         }
-        _ => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication is required"),
+        _ => {
+            count_failure(&parts, &state, None);
+            return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication is required");
+        }
     };
     match grant_type {
         Some("client_credentials") => {}
@@ -373,6 +388,7 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &p.detail);
     }
     state.auth_guard.succeeded(&lock_id);
+    crate::audit_trail::identify(&parts, Some(client.tenant_id), lock_id);
     let allowed: u64 = client.scopes.split(' ').filter_map(scope_bit).fold(0, |a, b| a | b);
     let granted = match scope {
         None => allowed,

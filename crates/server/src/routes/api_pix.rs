@@ -125,7 +125,16 @@ impl From<Problem> for PixError {
         };
         let status = match status {
             StatusCode::TOO_MANY_REQUESTS => StatusCode::SERVICE_UNAVAILABLE,
-            s if s.is_client_error() && !matches!(s, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) => {
+            // A body too large or too slow to arrive keeps its status: it is no schema violation.
+            s if s.is_client_error()
+                && !matches!(
+                    s,
+                    StatusCode::FORBIDDEN
+                        | StatusCode::NOT_FOUND
+                        | StatusCode::REQUEST_TIMEOUT
+                        | StatusCode::PAYLOAD_TOO_LARGE
+                ) =>
+            {
                 StatusCode::BAD_REQUEST
             }
             s => s,
@@ -164,6 +173,21 @@ pub(crate) async fn pix_query<T: Send + 'static>(
 
 pub(crate) fn corrupt(e: impl std::fmt::Display) -> store::StoreError {
     store::StoreError::Corrupt(e.to_string())
+}
+
+/// A request body as every route reads one (`json::limited_body`: at most `json::BODY_LEN_MAX` bytes,
+/// a larger declared length refused before any is read, and within `json::BODY_READ_TIMEOUT`),
+/// refused in the spec's error form. (axum's `Bytes` waited for a stalled body for good.)
+pub struct PixBody(pub Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for PixBody {
+    type Rejection = PixError;
+
+    async fn from_request(request: axum::extract::Request, _state: &S) -> Result<Self, PixError> {
+        let (parts, body) = request.into_parts();
+        let read = crate::json::limited_body(&parts.headers, body, crate::json::BODY_LEN_MAX).await;
+        read.map(PixBody).map_err(PixError::from)
+    }
 }
 
 /// A JSON body of the kind's schema: malformed JSON, wrong types and unknown fields are 400.
@@ -844,7 +868,7 @@ pub async fn cob_put(
     tenant: Tenant,
     audit: Audit,
     Path(txid): Path<String>,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     valid_txid_or_404(&txid)?;
     put_cob(state, tenant, audit, txid, bytes, StatusCode::CREATED).await
@@ -854,7 +878,7 @@ pub async fn cob_post(
     State(state): State<AppState>,
     tenant: Tenant,
     audit: Audit,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     let r = random_32();
     const ALNUM: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -867,7 +891,7 @@ pub async fn cob_patch(
     tenant: Tenant,
     audit: Audit,
     Path(txid): Path<String>,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     const K: &str = "CobOperacaoInvalida";
     tenant.require("cob.write")?;
@@ -1263,7 +1287,7 @@ pub async fn refund_put(
     tenant: Tenant,
     audit: Audit,
     Path((e2e, id)): Path<(String, String)>,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     const K: &str = "PixDevolucaoInvalida";
     tenant.require("pix.write")?;
@@ -1578,7 +1602,7 @@ pub async fn webhook_put(
     tenant: Tenant,
     audit: Audit,
     Path(chave): Path<String>,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     const K: &str = "WebhookOperacaoInvalida";
     tenant.require("webhook.write")?;

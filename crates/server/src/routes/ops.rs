@@ -46,14 +46,28 @@ impl std::fmt::Debug for MetricsToken {
     }
 }
 
-pub async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+pub async fn metrics(State(state): State<AppState>, request: axum::extract::Request) -> Response {
     if let Some(MetricsToken(token)) = &state.metrics_token {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let (parts, _) = request.into_parts();
+        // A wrong token is a failed authentication like any other: counted against the source,
+        // which is throttled (429) once over its budget.
+        if let Err(p) = crate::auth::guard(&parts, &state, None) {
+            return p.into_response();
+        }
+        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
+        let presented =
+            values.next().and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        if values.next().is_some() {
+            let p = Problem::new(
+                StatusCode::BAD_REQUEST,
+                "duplicate_header",
+                "more than one Authorization header; send exactly one",
+            )
+            .field("Authorization");
+            return crate::auth::failed(&parts, &state, None, p).into_response();
+        }
         if !crate::auth::constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+            crate::auth::count_failure(&parts, &state, None);
             let mut response =
                 Problem::unauthorized("`/metrics` needs `Authorization: Bearer <metrics token>`").into_response();
             response

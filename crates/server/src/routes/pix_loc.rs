@@ -6,7 +6,6 @@
 //! is not written in it: it is the charge whose document's lookup is the URL, unique per kind, so a
 //! location serves one charge at most and linking or unlinking is one write, to the charge.
 
-use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -210,7 +209,7 @@ pub async fn loc_post(
     State(state): State<AppState>,
     tenant: Tenant,
     audit: Audit,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     const K: &str = "PayloadLocationOperacaoInvalida";
     tenant.require("payloadlocation.write")?;

@@ -409,7 +409,7 @@ pub async fn cobv_put(
     tenant: Tenant,
     audit: Audit,
     Path(txid): Path<String>,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     tenant.require("cobv.write")?;
     state.ispb()?;
@@ -428,7 +428,7 @@ pub async fn cobv_patch(
     tenant: Tenant,
     audit: Audit,
     Path(txid): Path<String>,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     tenant.require("cobv.write")?;
     state.ispb()?;

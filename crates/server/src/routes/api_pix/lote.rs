@@ -130,7 +130,7 @@ pub async fn lote_put(
     tenant: Tenant,
     audit: Audit,
     Path(id): Path<String>,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     apply(state, tenant, audit, id, bytes, false).await
 }
@@ -140,7 +140,7 @@ pub async fn lote_patch(
     tenant: Tenant,
     audit: Audit,
     Path(id): Path<String>,
-    bytes: Bytes,
+    PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
     apply(state, tenant, audit, id, bytes, true).await
 }
