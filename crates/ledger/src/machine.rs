@@ -71,6 +71,14 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// The time at which an event decided at `now` is judged: after a wall clock that went back,
+    /// or behind events ticked ahead of it, the ledger's own order runs ahead of `now`. A hold's
+    /// expiry is judged at it by a post or void and by the sweep alike, so that no hold is too
+    /// late to resolve and yet not late enough to release.
+    pub fn judged_at(&self, now: Timestamp) -> Timestamp {
+        now.max(self.last + 1)
+    }
+
     pub fn tick(&mut self, now: Timestamp) -> Timestamp {
         let next = now.max(self.last + 1);
         self.last = next;
@@ -618,7 +626,7 @@ fn resolve<S: State>(
     // Judged at the time the post or void would take: after a wall clock that went back, the
     // ledger's clock runs ahead of it, and a hold past its expiry in the ledger's own order of
     // events must not be resolved.
-    let at = now.max(clock.last + 1);
+    let at = clock.judged_at(now);
     if pending.expires_at.is_some_and(|expires| expires <= at) {
         return Err(TransferResult::PendingTransferExpired);
     }
@@ -668,9 +676,11 @@ fn resolve<S: State>(
     Ok(transfer)
 }
 
-/// Expires pending transfers whose timeout has passed by `now`, releasing their holds. Keys that
-/// are not pending or not yet due are left alone, so the caller may pass a superset.
+/// Expires pending transfers whose timeout has passed by `now` as the ledger judges it
+/// ([`Clock::judged_at`], as a post or void would), releasing their holds. Keys that are not
+/// pending or not yet due are left alone, so the caller may pass a superset.
 pub fn expire_pending(state: &impl State, clock: Clock, now: Timestamp, keys: &[TransferKey]) -> (usize, Changes) {
+    let now = clock.judged_at(now);
     let mut view = View::new(state, keys.len(), 0);
     let mut expired = 0;
     for key in keys {

@@ -59,6 +59,8 @@ impl MemoryLedger {
 
     /// Expires every pending transfer due by `now`.
     pub fn expire(&mut self, now: Timestamp) -> usize {
+        // Due as `expire_pending` judges it: at the ledger's time.
+        let now = self.clock.judged_at(now);
         let keys: Vec<TransferKey> = self
             .transfers
             .iter()

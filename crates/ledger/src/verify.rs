@@ -23,14 +23,24 @@ struct Sums {
     credits_pending: u128,
 }
 
+/// What a post or void must share with the hold it resolves: the accounts and the currency (the
+/// machine copies them from the hold), and a later place in the ledger's order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sides {
+    debit: AccountId,
+    credit: AccountId,
+    currency: Currency,
+    timestamp: Timestamp,
+}
+
 #[derive(Default)]
 pub struct Verifier {
     accounts: HashMap<AccountKey, (Currency, Sums, Account)>,
     from_transfers: HashMap<AccountKey, Sums>,
-    /// pending key → (amount, state, debit, credit)
-    pendings: HashMap<TransferKey, (u64, PendingState)>,
-    /// pending key → resolutions seen (kind, amount)
-    resolutions: HashMap<TransferKey, Vec<(TransferKind, u64)>>,
+    /// pending key → (amount, state, its sides)
+    pendings: HashMap<TransferKey, (u64, PendingState, Sides)>,
+    /// pending key → resolutions seen (kind, amount, their sides, their id)
+    resolutions: HashMap<TransferKey, Vec<(TransferKind, u64, Sides, TransferId)>>,
     timestamps: HashSet<Timestamp>,
     violations: Vec<Violation>,
     accounts_seen: u64,
@@ -106,6 +116,12 @@ impl Verifier {
         let debit = AccountKey { tenant, id: t.debit_account_id };
         let credit = AccountKey { tenant, id: t.credit_account_id };
         let amount = u128::from(t.amount);
+        let sides = Sides {
+            debit: t.debit_account_id,
+            credit: t.credit_account_id,
+            currency: t.currency,
+            timestamp: t.timestamp,
+        };
         match t.kind {
             TransferKind::Posted => {
                 self.from_transfers.entry(debit).or_default().debits_posted += amount;
@@ -119,7 +135,7 @@ impl Verifier {
                 if t.state == PendingState::Final {
                     self.violation(format!("pending transfer {:032x} has no pending state", t.key.id.0));
                 }
-                self.pendings.insert(t.key, (t.amount, t.state));
+                self.pendings.insert(t.key, (t.amount, t.state, sides));
             }
             TransferKind::PostPending | TransferKind::VoidPending => {
                 if t.kind == TransferKind::PostPending {
@@ -127,9 +143,11 @@ impl Verifier {
                     self.from_transfers.entry(credit).or_default().credits_posted += amount;
                 }
                 match t.pending_id {
-                    Some(id) => {
-                        self.resolutions.entry(TransferKey { tenant, id }).or_default().push((t.kind, t.amount))
-                    }
+                    Some(id) => self
+                        .resolutions
+                        .entry(TransferKey { tenant, id })
+                        .or_default()
+                        .push((t.kind, t.amount, sides, t.key.id)),
                     None => self.violation(format!("transfer {:032x}: post/void without pending id", t.key.id.0)),
                 }
             }
@@ -181,7 +199,7 @@ impl Verifier {
         }
         let resolutions = std::mem::take(&mut self.resolutions);
         for (key, list) in &resolutions {
-            let Some(&(amount, state)) = self.pendings.get(key) else {
+            let Some(&(amount, state, held)) = self.pendings.get(key) else {
                 self.violation(format!("post/void of {:032x}, which is not a pending transfer", key.id.0));
                 continue;
             };
@@ -189,7 +207,19 @@ impl Verifier {
                 self.violation(format!("pending transfer {:032x} resolved {} times", key.id.0, list.len()));
                 continue;
             }
-            let (kind, resolved) = list[0];
+            let (kind, resolved, sides, by) = list[0];
+            if (sides.debit, sides.credit, sides.currency) != (held.debit, held.credit, held.currency) {
+                self.violation(format!(
+                    "transfer {:032x}: its {kind:?} of {:032x} names other accounts or another currency than the hold",
+                    by.0, key.id.0
+                ));
+            }
+            if sides.timestamp <= held.timestamp {
+                self.violation(format!(
+                    "transfer {:032x}: its {kind:?} of {:032x} comes before the hold",
+                    by.0, key.id.0
+                ));
+            }
             let agrees = match kind {
                 TransferKind::PostPending => state == PendingState::Posted && resolved <= amount,
                 _ => state == PendingState::Voided && resolved == amount,
@@ -202,7 +232,7 @@ impl Verifier {
             }
         }
         let pendings = std::mem::take(&mut self.pendings);
-        for (key, (_, state)) in &pendings {
+        for (key, (_, state, _)) in &pendings {
             if matches!(state, PendingState::Posted | PendingState::Voided) && !resolutions.contains_key(key) {
                 self.violation(format!("pending transfer {:032x} is {state:?} but nothing resolved it", key.id.0));
             }

@@ -114,7 +114,9 @@ fn a_hold_expires_exactly_at_its_timeout() {
 }
 
 /// After the wall clock went back, the ledger's clock runs ahead of it: a hold whose expiry lies
-/// between the two is expired for a post, whose timestamp would come after it.
+/// between the two is expired for a post, whose timestamp would come after it, and so for the
+/// sweep too, at the same wall clock (it waited for the wall clock to catch up, and meanwhile the
+/// hold could be neither resolved nor released).
 #[test]
 fn a_hold_expires_by_the_ledgers_clock_when_the_wall_clock_went_back() {
     let mut l = setup();
@@ -127,6 +129,8 @@ fn a_hold_expires_by_the_ledgers_clock_when_the_wall_clock_went_back() {
     let out = l.transfers(expires_at - 1_000_000_000, &[post]);
     assert_eq!(out[0].result, TransferResult::PendingTransferExpired);
     assert_eq!(balance(&l, BOB), (0, 0, 0, 600, 0), "still held until the sweep, never posted");
+    assert_eq!(l.expire(expires_at - 1_000_000_000), 1, "the sweep judges it expired at the same time");
+    assert_eq!(balance(&l, BOB), (0, 0, 0, 0, 0), "released");
 }
 
 #[test]
@@ -176,6 +180,48 @@ fn another_tenants_accounts_do_not_exist() {
     let mut e = posted(1, ALICE, BOB, 1);
     e.key.tenant = TenantId(8);
     assert_eq!(l.transfers(NOW, &[e])[0].result, TransferResult::DebitAccountNotFound);
+}
+
+/// A post that moved a hold's money to another account, its balances made to agree, still breaks
+/// an invariant: a post or void names the hold's accounts and currency, and comes after it.
+#[test]
+fn verify_catches_a_post_between_other_accounts_than_its_hold() {
+    let mut l = setup();
+    let hold =
+        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 300, timeout_seconds: 0 });
+    let post = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: None });
+    assert!(l.transfers(NOW, &[hold, post]).iter().all(|o| o.result == TransferResult::Created));
+    let report = |l: &MemoryLedger, edit: &dyn Fn(&mut Account), edit_post: &dyn Fn(&mut Transfer)| {
+        let mut v = verify::Verifier::new();
+        for a in l.accounts.values() {
+            let mut a = a.clone();
+            edit(&mut a);
+            v.account(&a);
+        }
+        for (key, entry) in &l.transfers {
+            match entry {
+                Entry::Created(t) if key.id == TransferId(2) => {
+                    let mut t = t.clone();
+                    edit_post(&mut t);
+                    v.entry(&Entry::Created(t));
+                }
+                e => v.entry(e),
+            }
+        }
+        v.finish().violations
+    };
+    assert!(report(&l, &|_| {}, &|_| {}).is_empty());
+    // The post credits the bank instead of Bob, and both balances say so.
+    let moved = |a: &mut Account| match a.key.id.0 {
+        BOB => a.credits_posted -= 300,
+        BANK => a.credits_posted += 300,
+        _ => {}
+    };
+    let violations = report(&l, &moved, &|t| t.credit_account_id = AccountId(BANK));
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(violations[0].0.contains("other accounts"), "{violations:?}");
+    let violations = report(&l, &|_| {}, &|t| t.timestamp -= 10);
+    assert!(violations.iter().any(|v| v.0.contains("comes before the hold")), "{violations:?}");
 }
 
 #[test]

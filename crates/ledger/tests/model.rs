@@ -285,6 +285,8 @@ impl Model {
     }
 
     fn expire(&mut self, now: u64) {
+        // As a post or void judges a hold's expiry: at the ledger's time, never behind it.
+        let now = now.max(self.last + 1);
         let due: Vec<(u128, u128)> = self
             .entries
             .iter()

@@ -448,7 +448,9 @@ fn apply_batch(
     let mut released = 0;
 
     if sweep {
-        let due = writer.due_pendings(now, EXPIRY_SWEEP_MAX)?;
+        // Due as the ledger judges a post or void (`Clock::judged_at`), not by the wall clock
+        // alone: a hold too late to resolve is released, even while the wall clock is behind.
+        let due = writer.due_pendings(snapshot.clock.judged_at(now), EXPIRY_SWEEP_MAX)?;
         if !due.is_empty() {
             writer.load_transfers(&due, &mut snapshot)?;
             let mut accounts = Vec::with_capacity(due.len() * 2);
