@@ -620,6 +620,9 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
 
         // Refused as the spec says, nothing made.
         let other = "otherTxid0000000000000000000002";
+        let (s, v, _) = send(&mut c, Method::POST, "/api/v2/loc", &shop, Some(json!({"tipoCob": "cobv"}))).await;
+        assert_eq!(s, 201, "{v}");
+        let free_loc = v["id"].clone();
         for (change, field) in [
             (json!({"calendario": {"dataDeVencimento": "2030-02-30"}}), "cobv.calendario.dataDeVencimento"),
             (json!({"calendario": {"dataDeVencimento": "2020-01-02"}, "valor": {"original": "100.00"}}), "cobv.calendario.dataDeVencimento"),
@@ -629,6 +632,8 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
              "cobv.valor.desconto.descontoDataFixa[0].data"),
             (json!({"devedor": null}), "cobv.devedor"),
             (json!({"status": "ATIVA"}), "cobv.status"),
+            // A free location named as a list of its fields in order is no `{"id"}`.
+            (json!({"loc": [free_loc.clone(), "cobv"]}), "cobv.loc.id"),
         ] {
             let mut body = cobv.clone();
             for (k, v) in change.as_object().unwrap() {
@@ -745,8 +750,12 @@ fn batches_of_charges_with_a_due_date_are_applied_request_by_request() {
         };
         let batch = |items: Vec<Value>| json!({"descricao": "Mensalidades de dezembro", "cobsv": items});
 
-        // The batch is checked whole first: nothing is made from a malformed one.
+        // The batch is checked whole first: nothing is made from a malformed one. (A charge's
+        // object given as a list of its fields in order is no object, as in a single `cobv`.)
+        let mut listed = item(2, "10.00", 1);
+        listed["calendario"] = json!([brasilia_day(15), 30]);
         for (body, field) in [
+            (batch(vec![item(1, "10.00", 1), listed]), "loteCobV.cobsV[1]"),
             (batch(vec![item(1, "10.00", 1), item(1, "11.00", 1)]), "loteCobV.cobsV[1].txid"),
             (batch(vec![]), "loteCobV.cobsV"),
             (json!({"cobsv": [item(1, "10.00", 1)]}), "loteCobV.descricao"),

@@ -12,6 +12,12 @@ use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqA
 /// `D`, reading structs from objects only.
 pub struct Objects<D>(pub D);
 
+/// `serde_json::from_value`, reading structs from objects only (a part of a body already parsed,
+/// such as one charge of a batch).
+pub fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, serde_json::Error> {
+    T::deserialize(Objects(value))
+}
+
 /// A seed whose deserializer is wrapped.
 struct Seed<S>(S);
 

@@ -67,7 +67,7 @@ pub fn loc_ref(v: Option<&Value>, kind: &'static str, prop: &str) -> PixResult<O
 /// A charge body's `loc` for a charge of type `tipo`.
 pub fn loc_ref_of(v: Option<&Value>, tipo: &str, kind: &'static str, prop: &str) -> PixResult<Option<u64>> {
     let Some(v) = v else { return Ok(None) };
-    let r: LocRef = serde_json::from_value(v.clone())
+    let r: LocRef = crate::json_objects::from_value(v.clone())
         .map_err(|_| PixError::violation(kind, prop, "`loc` must be {\"id\": the number of a location}"))?;
     if r.tipo_cob.as_deref().is_some_and(|t| t != tipo) {
         return Err(PixError::violation(kind, prop, format!("this charge takes a location of `tipoCob` {tipo}")));

@@ -111,7 +111,7 @@ fn parse(bytes: &Bytes, revising: bool) -> PixResult<LoteBody> {
         if !seen.insert(txid.clone()) {
             return Err(PixError::violation(K, &format!("{at}.txid"), "repeats an earlier charge of the batch"));
         }
-        let body: CobVBody = serde_json::from_value(Value::Object(fields))
+        let body: CobVBody = crate::json_objects::from_value(Value::Object(fields))
             .map_err(|e| PixError::violation(K, &at, format!("does not respect the schema: {e}")))?;
         if body.status.is_some() && !revising {
             return Err(PixError::violation(K, &format!("{at}.status"), "is set by the PSP"));
