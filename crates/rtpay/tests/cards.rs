@@ -840,11 +840,29 @@ fn product_and_card_input_is_checked() {
             .unwrap();
         assert_eq!(r.status, 201);
         let product = r.json()["id"].as_str().unwrap().to_owned();
+        let accounts = || {
+            let (ok, report) = server.verify();
+            assert!(ok, "{report}");
+            report.split(" accounts").next().unwrap().trim_start_matches("ok: ").to_owned()
+        };
+        let before = accounts();
+        // In a currency the tenant has no product in yet: refused before its settlement account
+        // is opened, and audited as what it was.
         let r = c
-            .post("/v1/card-products", &key, &json!({"name": "y", "bin": bin, "currency": "BRL", "network": "visa"}))
+            .post("/v1/card-products", &key, &json!({"name": "y", "bin": bin, "currency": "USD", "network": "visa"}))
             .await
             .unwrap();
         assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (409, json!("bin")), "BINs are unique");
+        assert_eq!(accounts(), before, "nothing was opened");
+        let queries = store::Store::open_queries(&store::Location::Embedded(dir.clone())).unwrap();
+        let outcomes: Vec<String> = queries
+            .audit_entries(0, 1000, None)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.draft.action == "POST /v1/card-products")
+            .map(|e| e.draft.outcome)
+            .collect();
+        assert_eq!(outcomes, ["422", "422", "422", "422", "422", "201", "409"], "each as the request ended");
         let usd = account(&mut c, &key, json!({"currency": "USD"})).await;
         for (body, field) in [
             (json!({"account_id": acct, "product_id": product, "type": "plastic"}), "type"),

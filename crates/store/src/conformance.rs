@@ -650,7 +650,10 @@ pub fn vault_records(location: Location) {
 pub fn card_records(location: Location) {
     let (store, _) = open_fixed(&location);
     let q = store.queries.as_ref();
+    assert!(!q.card_bin_taken("40000012").unwrap());
     q.create_card_product(T.0, 1, "40000012", "{}").unwrap();
+    assert!(q.card_bin_taken("40000012").unwrap(), "for every tenant");
+    assert!(!q.card_bin_taken("4000001").unwrap());
     assert!(matches!(q.create_card_product(OTHER.0, 2, "40000012", "{}"), Err(crate::StoreError::Conflict(_))));
     assert_eq!(q.card_product(T.0, 1).unwrap().as_deref(), Some("{}"));
     assert_eq!(q.card_product(OTHER.0, 1).unwrap(), None, "tenants are walls");

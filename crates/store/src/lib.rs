@@ -329,6 +329,8 @@ pub trait Queries: Send + Sync {
 
     /// A card product; its BIN is unique across the platform (`Conflict` otherwise).
     fn create_card_product(&self, tenant_id: u128, id: u128, bin: &str, body: &str) -> Result<()>;
+    /// Whether any tenant's card product has this BIN.
+    fn card_bin_taken(&self, bin: &str) -> Result<bool>;
     fn card_product(&self, tenant_id: u128, id: u128) -> Result<Option<String>>;
     /// A card; its number's blind index is unique across the platform (`Conflict` otherwise).
     fn create_card(&self, card: &CardRow) -> Result<()>;

@@ -1421,6 +1421,15 @@ impl Queries for PgQueries {
         })
     }
 
+    fn card_bin_taken(&self, bin: &str) -> Result<bool> {
+        self.with(|c| {
+            let row = c
+                .query_one("SELECT EXISTS (SELECT 1 FROM card_products WHERE bin = $1)", &[&bin])
+                .map_err(unavailable)?;
+            Ok(row.get(0))
+        })
+    }
+
     fn card_product(&self, tenant_id: u128, id: u128) -> Result<Option<String>> {
         self.with(|c| {
             let row = c

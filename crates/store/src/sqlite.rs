@@ -1998,6 +1998,13 @@ impl Queries for SqliteQueries {
         })
     }
 
+    fn card_bin_taken(&self, bin: &str) -> Result<bool> {
+        self.read(|c| {
+            c.query_row("SELECT EXISTS (SELECT 1 FROM card_products WHERE bin = ?1)", params![bin], |r| r.get(0))
+                .map_err(unavailable)
+        })
+    }
+
     fn card_product(&self, tenant_id: u128, id: u128) -> Result<Option<String>> {
         self.read(|c| {
             c.query_row(

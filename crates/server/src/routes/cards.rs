@@ -18,7 +18,7 @@ use crate::dto::{civil_date, parse_id, rfc3339, uuid_string};
 use crate::json::{reply, Json, Path};
 use crate::oauth::{base64_decode, base64_encode};
 use crate::problem::Problem;
-use crate::routes::{query, submit};
+use crate::routes::query;
 use crate::vault_service::VaultFailure;
 use crate::AppState;
 
@@ -130,7 +130,15 @@ pub async fn create_product(
     }
     let id = new_uuid().as_u128();
     audit.0.set_resource(uuid_string(id));
-    // The settlement account first (idempotent), so no product exists without it.
+    let taken = || Problem::new(StatusCode::CONFLICT, "exists", "a card product with this BIN exists").field("bin");
+    // A BIN already taken is refused before anything is made (the insert below still decides a
+    // race between two requests for one BIN).
+    let bin = body.bin.clone();
+    if query(&state, move |q| q.card_bin_taken(&bin)).await? {
+        return Err(taken());
+    }
+    // The settlement account first (idempotent), so no product exists without it. Not recorded
+    // as the request's audit entry: the middleware records the request with its own outcome.
     let settlement = settlement_key(&state, tenant.id, currency);
     let open = AccountCommand::Create(NewAccount {
         key: settlement,
@@ -141,7 +149,9 @@ pub async fn create_product(
         metadata: Some(r#"{"rtpay":"card settlement"}"#.into()),
         holder: None,
     });
-    match submit(&state, &audit, store::Command::Accounts(vec![open])).await? {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.store.engine.submit(store::Command::Accounts(vec![open]), Box::new(move |r| drop(tx.send(r))))?;
+    match rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?? {
         store::Reply::Accounts(r) if matches!(r.first(), Some((AccountResult::Created | AccountResult::Exists, _))) => {
         }
         _ => return Err(Problem::internal()),
@@ -172,9 +182,7 @@ pub async fn create_product(
     })
     .await?;
     product = result.map_err(|f| match f {
-        VaultFailure::Store(store::StoreError::Conflict(_)) => {
-            Problem::new(StatusCode::CONFLICT, "exists", "a card product with this BIN exists").field("bin")
-        }
+        VaultFailure::Store(store::StoreError::Conflict(_)) => taken(),
         f => Problem::from(f),
     })?;
     Ok(reply(StatusCode::CREATED, &product_view(id, &product)))
