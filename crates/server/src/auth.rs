@@ -398,9 +398,11 @@ impl FromRequestParts<AppState> for Operator {
             Err(p) => return Err(failed(parts, state, None, p)),
         };
         if state.keys.is_operator(token) {
+            // Named before the certificate is checked: a refusal for the certificate is recorded
+            // as the credential's, not as an anonymous request.
+            crate::audit_trail::identify(parts, None, "operator".into());
             bound_to(parts, Credential::Operator)?;
             state.auth_guard.succeeded(OPERATOR_ID);
-            crate::audit_trail::identify(parts, None, "operator".into());
             Ok(Operator)
         } else {
             Err(failed(parts, state, Some(OPERATOR_ID), Problem::unauthorized("the operator token is not valid")))
@@ -547,9 +549,10 @@ fn admit(parts: &Parts, state: &AppState, tenant: Tenant, name: Option<String>) 
         true => (Credential::Client { tenant: tenant.id, client: tenant.key_id }, "client"),
         false => (Credential::ApiKey { tenant: tenant.id }, "key"),
     };
-    bound_to(parts, credential)?;
     let name = name.unwrap_or_else(|| credential_name(kind, tenant.key_id));
+    // Named before the certificate is checked, as the operator is.
     crate::audit_trail::identify(parts, Some(tenant.id), name);
+    bound_to(parts, credential)?;
     if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
         return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
     }

@@ -383,12 +383,13 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
         }
     };
     let credential = crate::auth::Credential::Client { tenant: client.tenant_id, client: client.id };
+    // Named before the certificate is checked, as every credential is.
+    crate::audit_trail::identify(&parts, Some(client.tenant_id), lock_id.clone());
     if let Err(p) = crate::auth::bound_to(&parts, credential) {
         // RFC 8705 §2: a client whose certificate does not fit is an `invalid_client`.
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &p.detail);
     }
     state.auth_guard.succeeded(&lock_id);
-    crate::audit_trail::identify(&parts, Some(client.tenant_id), lock_id);
     let allowed: u64 = client.scopes.split(' ').filter_map(scope_bit).fold(0, |a, b| a | b);
     let granted = match scope {
         None => allowed,
