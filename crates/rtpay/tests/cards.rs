@@ -1024,3 +1024,45 @@ fn the_card_listener_speaks_tls_and_admits_the_networks_certificate_only() {
     let answer = Network::connect(iso).ask(&echo);
     assert!(echoed(&answer), "{answer}");
 }
+
+/// A peer that sends and never reads cannot hold its connection, and the messages in flight on
+/// it, for good: once an answer has waited 30 s for the peer to take it, the connection closes.
+/// (It waited for ever: the answers filled the queue, the messages waited for room in it, and the
+/// reading loop for their slots.)
+#[test]
+fn a_peer_that_never_reads_its_answers_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start_with_args(
+        &temp_dir("cards-no-reader"),
+        None,
+        "127.0.0.1:0",
+        true,
+        &["--iso8583-listen", "127.0.0.1:0"],
+    );
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    runtime().block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(iso).await.unwrap();
+        let mut echo = cards::iso8583::Message::new("0800");
+        echo.set(7, "1206093000").set(11, "000001").set(70, "001");
+        let burst = cards::iso8583::frame(&echo.encode().unwrap()).repeat(1000);
+        // Echo tests until the server stops reading: its answers wait for this peer.
+        let started = std::time::Instant::now();
+        while tokio::time::timeout(std::time::Duration::from_secs(2), stream.write_all(&burst)).await.is_ok() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(120), "the server went on reading");
+        }
+        tokio::time::sleep(server::iso8583::WRITE_TIMEOUT + std::time::Duration::from_secs(5)).await;
+        // Taken now, the answers come until the server's end: it closed the connection.
+        let mut sink = vec![0u8; 1 << 16];
+        let drained = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(drained.is_ok(), "the connection was still open after the write time-out");
+    });
+}

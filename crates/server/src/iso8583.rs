@@ -20,6 +20,9 @@ pub const FRAME_LEN_MAX: usize = 8192;
 pub const IN_FLIGHT_MAX: usize = 256;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long an answer may wait for the peer to take it (its receive window full): then the
+/// connection closes.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The listener's TLS (see `tls::iso8583_tls`).
 #[derive(Clone)]
@@ -89,16 +92,25 @@ where
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(IN_FLIGHT_MAX);
+    // Set when a frame was unreadable beyond answering, or the peer stopped taking answers: the
+    // connection closes.
+    let close = Arc::new(tokio::sync::Notify::new());
+    let stopped = close.clone();
     let write = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if writer.write_all(&frame).await.is_err() {
-                break;
+            // A peer that sends and never reads would otherwise hold this task, every message in
+            // flight (waiting to queue its answer) and the reading loop (waiting for their slots)
+            // for good. Dropping `rx` fails those waits, which frees the slots.
+            match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    stopped.notify_one();
+                    break;
+                }
             }
         }
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
-    // Set when a frame was unreadable beyond answering: the connection closes.
-    let close = Arc::new(tokio::sync::Notify::new());
     let result = loop {
         let mut len = [0u8; 2];
         let read = tokio::select! {
