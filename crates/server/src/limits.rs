@@ -3,7 +3,8 @@
 //! (PCI DSS 8.3.4: at most 10 attempts, then locked for at least 30 minutes).
 //!
 //! Every map here is bounded ([`TRACKED_MAX`]); when one fills up it forgets everything, which can
-//! only ever loosen a limit for a moment, never refuse a good request.
+//! only ever loosen a limit for a moment, never refuse a good request — but for the locks, which
+//! are never forgotten early: a map full of locked ids tracks no new id until a lock ends.
 
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -86,14 +87,21 @@ struct Failures {
 #[derive(Debug)]
 pub struct AuthGuard {
     sources: Buckets<IpAddr>,
-    ids: Mutex<ledger::Map<String, Failures>>,
+    ids: Mutex<Ids>,
+}
+
+/// The credential ids with failures, and when a full map may next be swept.
+#[derive(Debug, Default)]
+struct Ids {
+    map: ledger::Map<String, Failures>,
+    next_sweep: Option<Instant>,
 }
 
 impl Default for AuthGuard {
     fn default() -> Self {
         AuthGuard {
             sources: Buckets::new(AUTH_FAILURES_PER_MINUTE / 60.0, AUTH_FAILURES_BURST),
-            ids: Mutex::new(ledger::Map::default()),
+            ids: Mutex::new(Ids::default()),
         }
     }
 }
@@ -115,7 +123,7 @@ impl AuthGuard {
     /// Whether the id is locked, and for how much longer.
     pub fn locked(&self, id: &str, now: Instant) -> Option<Duration> {
         let ids = self.ids.lock().expect("limits lock");
-        ids.get(id).and_then(|f| f.locked_until).filter(|until| *until > now).map(|until| until - now)
+        ids.map.get(id).and_then(|f| f.locked_until).filter(|until| *until > now).map(|until| until - now)
     }
 
     pub fn failed(&self, source: Option<IpAddr>, id: Option<&str>, now: Instant) -> AfterFailure {
@@ -124,11 +132,20 @@ impl AuthGuard {
         }
         let Some(id) = id else { return AfterFailure::Counted };
         let mut ids = self.ids.lock().expect("limits lock");
-        if ids.len() >= TRACKED_MAX && !ids.contains_key(id) {
-            // Forget only ids that are not locked: a full map must not unlock anyone.
-            ids.retain(|_, f| f.locked_until.is_some_and(|u| u > now));
+        if ids.map.len() >= TRACKED_MAX && !ids.map.contains_key(id) {
+            // Forget only ids that are not locked: a full map must not unlock anyone. Swept at
+            // most once a second, so a map full of locked ids is not walked on every failure.
+            if ids.next_sweep.is_none_or(|at| at <= now) {
+                ids.map.retain(|_, f| f.locked_until.is_some_and(|u| u > now));
+                ids.next_sweep = Some(now + Duration::from_secs(1));
+            }
+            if ids.map.len() >= TRACKED_MAX {
+                // Still full, of locked ids (anyone may name ids that exist nowhere): this one is
+                // counted against its source only, and the map stays bounded.
+                return AfterFailure::Counted;
+            }
         }
-        let f = ids.entry(id.to_owned()).or_default();
+        let f = ids.map.entry(id.to_owned()).or_default();
         if f.locked_until.is_some_and(|u| u > now) {
             return AfterFailure::Counted;
         }
@@ -144,7 +161,7 @@ impl AuthGuard {
     /// A success resets the id's count of failures in a row.
     pub fn succeeded(&self, id: &str) {
         let mut ids = self.ids.lock().expect("limits lock");
-        if let Some(f) = ids.get_mut(id) {
+        if let Some(f) = ids.map.get_mut(id) {
             f.count = 0;
         }
     }
@@ -200,6 +217,31 @@ mod tests {
         }
         g.succeeded("k");
         assert_eq!(g.failed(None, Some("k"), t0), AfterFailure::Counted);
+    }
+
+    /// Ids anyone may name (a secret names its key, whether or not the key exists) cannot grow
+    /// the map past its bound, even when every id in it is locked; and no lock is forgotten.
+    #[test]
+    fn a_map_full_of_locked_ids_stays_bounded_and_keeps_its_locks() {
+        let g = AuthGuard::default();
+        let t0 = Instant::now();
+        {
+            let mut ids = g.ids.lock().unwrap();
+            for i in 0..TRACKED_MAX {
+                ids.map.insert(format!("key:{i}"), Failures { count: 0, locked_until: Some(t0 + LOCK_DURATION) });
+            }
+        }
+        for n in 0..3 * LOCK_AFTER_FAILURES {
+            let later = t0 + Duration::from_millis(u64::from(n) * 500);
+            assert_eq!(g.failed(None, Some("key:new"), later), AfterFailure::Counted);
+        }
+        assert_eq!(g.ids.lock().unwrap().map.len(), TRACKED_MAX);
+        assert_eq!(g.locked("key:new", t0), None, "not tracked: the source's budget still counts it");
+        assert_eq!(g.locked("key:7", t0), Some(LOCK_DURATION));
+        // Once the locks end, the map makes room again.
+        let after = t0 + LOCK_DURATION + Duration::from_secs(1);
+        g.failed(None, Some("key:new"), after);
+        assert_eq!(g.ids.lock().unwrap().map.len(), 1);
     }
 
     #[test]
