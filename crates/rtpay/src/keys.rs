@@ -158,8 +158,47 @@ pub fn init(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// anything not yet re-wrapped (or cached by a running node) stays readable. Returns (new
 /// version, data keys re-wrapped).
 pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
-    let version = add_version(config)?;
+    let _turn = rotation_turn(config)?;
+    let version = add_version_in_turn(config)?;
     Ok((version, rewrap(config, queries)?.1))
+}
+
+/// A rotation's turn: rotations take turns. Two at once (a retried `POST /v1/keys/rotate`, or
+/// `rtpay keys rotate` beside a server) each added "version N+1" with a key of its own, and data
+/// keys re-wrapped under the one that lost no longer opened. Every rotation in this process holds
+/// `ROTATING`; a key file's rotations also hold an exclusive `flock` on `<file>.lock`, which the
+/// other processes of the host take too. (Nodes rotating one token from several hosts at once are
+/// not serialized: rotate from one node, as OPERATIONS.md says.)
+struct Turn {
+    _file: Option<std::fs::File>,
+    _process: std::sync::MutexGuard<'static, ()>,
+}
+
+fn rotation_turn(config: &KekConfig) -> Result<Turn, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    static ROTATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let process = ROTATING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let file = match config {
+        KekConfig::File(path) => {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".lock");
+            let lock = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&name)?;
+            loop {
+                // SAFETY: flock on a descriptor this function owns; blocks until granted.
+                if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(format!("cannot lock {}: {e}", PathBuf::from(name).display()).into());
+                }
+            }
+            Some(lock)
+        }
+        KekConfig::Pkcs11 { .. } => None,
+    };
+    Ok(Turn { _file: file, _process: process })
 }
 
 /// Adds KEK version N+1 to the key source, and re-wraps nothing: the first half of a rotation
@@ -167,6 +206,11 @@ pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, 
 /// copy holds the new version, [`rewrap`] puts the data keys under it; a node meeting a data key
 /// under a version its copy lacks answers 503 until its copy catches up.
 pub fn add_version(config: &KekConfig) -> Result<u32, Error> {
+    let _turn = rotation_turn(config)?;
+    add_version_in_turn(config)
+}
+
+fn add_version_in_turn(config: &KekConfig) -> Result<u32, Error> {
     let next = load(config, false)?.current_version().ok_or("no key-encryption key configured")? + 1;
     match config {
         KekConfig::File(path) => append_private(path, &FileKek::file_line(next)?)?,

@@ -152,6 +152,14 @@ impl FileKek {
             let bad = || VaultError::Config(format!("key file line {}: expected `<version> <64 hex digits>`", n + 1));
             let (version, hex) = line.split_once(char::is_whitespace).ok_or_else(bad)?;
             let version: u32 = version.parse().map_err(|_| bad())?;
+            // Two keys under one version: which one wrapped what is unknown (the last used to win
+            // silently, and data keys wrapped under the other failed to open as tampered).
+            if keys.iter().any(|k: &FileKek| k.version == version) {
+                return Err(VaultError::Config(format!(
+                    "key file line {}: version {version} appears twice; keep the key it was rotated to",
+                    n + 1
+                )));
+            }
             let bytes = unhex(hex.trim()).filter(|b| b.len() == 32).ok_or_else(bad)?;
             keys.push(FileKek::new(version, Secret32::from_bytes(bytes.try_into().expect("32 bytes"))));
         }

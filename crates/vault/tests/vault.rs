@@ -78,6 +78,15 @@ fn key_files_parse_and_refuse_garbage_without_echoing_it() {
         assert!(!e.to_string().contains("00112233"), "{e}");
     }
     assert!(format!("{:?}", Secret32::random().unwrap()) == "Secret32(..)");
+    // One version twice: which key wrapped what is unknown, so the file is refused, naming the line.
+    let twice = format!(
+        "{}{}{}",
+        FileKek::file_line(1).unwrap(),
+        FileKek::file_line(2).unwrap(),
+        FileKek::file_line(2).unwrap()
+    );
+    let e = FileKek::parse_file(&twice).err().unwrap().to_string();
+    assert!(e.contains("line 3") && e.contains("version 2 appears twice"), "{e}");
 }
 
 #[test]
