@@ -308,8 +308,9 @@ pub struct Delivery {
     pub updated_at: String,
 }
 
-/// One generation of a tenant's webhook signing secret (256 bits, derived from the server's
-/// secret key; generation 0 is the one every tenant starts with).
+/// One generation of a tenant's webhook signing secret (32 bytes, derived from the server's
+/// secret key as two UUID-shaped halves: 244 bits of it vary; generation 0 is the one every
+/// tenant starts with).
 pub fn secret(state: &AppState, tenant: u128, generation: u32) -> [u8; 32] {
     let which = if generation == 0 { String::new() } else { format!("g{generation}") };
     let mut out = [0u8; 32];
@@ -326,7 +327,8 @@ const SECRET_ID: &str = "generation";
 pub const OVERLAP_DEFAULT_SECONDS: u64 = 86_400;
 pub const OVERLAP_MAX_SECONDS: u64 = 7 * 86_400;
 
-/// Earlier secrets that sign beside the current one at most (the oldest overlap ends first).
+/// Earlier secrets that sign beside the current one at most (beyond it, the overlap that ends
+/// soonest ends first).
 const EARLIER_MAX: usize = 3;
 
 /// A tenant's secret generation: the current one signs every notification, and each earlier one
@@ -361,7 +363,11 @@ impl SecretGeneration {
         if overlap_ns > 0 {
             earlier.push((self.generation, now.saturating_add(overlap_ns)));
             earlier.extend(self.earlier.iter().copied().filter(|(_, until)| now < *until));
+            // Beyond the cap, the overlaps that end soonest go, not the oldest generations: a
+            // burst of short rotations does not cut short the long overlap receivers rely on.
+            earlier.sort_unstable_by_key(|(_, until)| std::cmp::Reverse(*until));
             earlier.truncate(EARLIER_MAX);
+            earlier.sort_unstable_by_key(|(generation, _)| std::cmp::Reverse(*generation));
         }
         Some(SecretGeneration { generation: self.generation.checked_add(1)?, earlier })
     }
@@ -787,6 +793,12 @@ mod tests {
         // After a leak, no overlap: only the new secret signs.
         let leaked = many.rotated(400, 0).unwrap();
         assert_eq!((leaked.signing(400), leaked.overlap_until(400)), (vec![8], None));
+        // Past the cap, the overlaps that end soonest go: a week-long overlap outlives a burst
+        // of minute-long ones after it.
+        let held = SecretGeneration::default().rotated(100, 1_000_000).unwrap();
+        let burst = (0..3).fold(held, |g, i| g.rotated(200 + i, 60).unwrap());
+        assert_eq!(burst.earlier, [(3, 262), (2, 261), (0, 1_000_100)]);
+        assert_eq!(burst.signing(300), [4, 0]);
     }
 
     #[test]
