@@ -96,6 +96,34 @@ pub fn operator_token(data: &Path) -> Result<String, Error> {
     Ok(token)
 }
 
+/// A node about to make its own vault keys (no key-encryption key, or no index key, where it was
+/// told to look) for a database that already holds tenants' data keys is pointed at the wrong
+/// keys: a wrong or empty `--data` beside `--postgres`, a mistyped `--kek`. Made anyway, its
+/// keys would open none of the sealed data (500s) and wrap new data keys no other node can
+/// open, and its blind indexes would find nothing. It stops before making any.
+async fn refuse_new_keys_for_sealed_data(
+    kek: &crate::keys::KekConfig,
+    data: &Path,
+    store: &Arc<Store>,
+) -> Result<(), Error> {
+    let no_kek = crate::keys::load(kek, false).is_err();
+    let no_index_key = std::env::var("RTPAY_INDEX_KEY").is_err() && !data.join("index-key").exists();
+    if !(no_kek || no_index_key) {
+        return Ok(());
+    }
+    let store = store.clone();
+    if tokio::task::spawn_blocking(move || store.queries.data_keys()).await??.is_empty() {
+        return Ok(());
+    }
+    let missing = if no_kek { "key-encryption key" } else { "index key" };
+    Err(format!(
+        "the database already holds tenants' data keys, and this node has no {missing} where it looks \
+         (--data {}, --kek): start it with the cluster's keys (see `rtpay keys init`); no vault key was made",
+        data.display()
+    )
+    .into())
+}
+
 /// Where the audit signing key lives by default.
 pub fn default_audit_key(data: &Path) -> PathBuf {
     data.join("audit-signing-key")
@@ -197,9 +225,8 @@ pub async fn run(
     let location = config.location();
     let signer = Arc::new(audit_signer(&config.audit_key.clone().unwrap_or_else(|| default_audit_key(&config.data)))?);
     let public_key = signer.public_key().to_vec();
-    let store =
-        tokio::task::spawn_blocking(move || Store::open_with(&location, Arc::new(store::now_nanos), signer)).await??;
-    let store = Arc::new(store);
+    // The listeners before the store: a port in use is refused with its own error, not by
+    // closing a PostgreSQL store on the async threads (whose blocking client panics there).
     let listener = listen(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let iso8583 = match config.iso8583_listen {
@@ -207,7 +234,15 @@ pub async fn run(
         None => None,
     };
     let iso8583_addr = iso8583.as_ref().map(|l| l.local_addr()).transpose()?;
+    let store =
+        tokio::task::spawn_blocking(move || Store::open_with(&location, Arc::new(store::now_nanos), signer)).await??;
+    let store = Arc::new(store);
     let kek = crate::keys::KekConfig::or_default(config.kek.clone(), &config.data);
+    if let Err(refused) = refuse_new_keys_for_sealed_data(&kek, &config.data, &store).await {
+        // A PostgreSQL store is closed off the async threads (its client blocks).
+        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+        return Err(refused);
+    }
     crate::keys::load(&kek, true)?; // creates version 1 on first start
     let rotation = kek.clone();
     let vault =

@@ -363,3 +363,53 @@ fn a_rotation_in_two_steps_keeps_nodes_with_their_own_key_copies_serving() {
     let (ok, verified) = rtpay(&["audit", "verify", "--postgres", &url, "--audit-key", audit_key.to_str().unwrap()]);
     assert!(ok, "{verified}");
 }
+
+/// A node pointed at a database whose tenants' data keys exist, but without the cluster's vault
+/// keys where it looks (a wrong or empty `--data`), refuses to start and makes none: made, its
+/// keys would open none of the sealed data and wrap new data keys no other node could open.
+#[test]
+fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() {
+    let url = store::testing::fresh_postgres_database();
+    let dir = temp_dir("keys-cluster");
+    let server = Server::start(&dir, Some(&url));
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "sealed").await;
+        let r =
+            c.post("/v1/holders", &key, &json!({"kind": "person", "name": "Maria", "document": "52998224725"})).await;
+        assert_eq!(r.unwrap().status, 201, "a holder's data is sealed under the tenant's data key");
+    });
+    let empty = temp_dir("keys-cluster-empty");
+    let mut node = Command::new(env!("CARGO_BIN_EXE_rtpay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &url, "--data"])
+        .arg(&empty)
+        .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
+        .env_remove("RTPAY_INDEX_KEY")
+        .env_remove("RTPAY_KEK")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = node.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            node.kill().unwrap();
+            panic!("the node started with keys of its own");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut node.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("already holds tenants' data keys"), "{stderr}");
+    assert!(!empty.join("kek").exists() && !empty.join("index-key").exists(), "no vault key was made");
+    // With the cluster's keys it starts.
+    for file in ["kek", "index-key", "audit-signing-key"] {
+        std::fs::copy(dir.join(file), empty.join(file)).unwrap();
+    }
+    let second = Server::start(&empty, Some(&url));
+    runtime().block_on(async { assert_eq!(second.client().get("/readyz", OPERATOR).await.unwrap().status, 200) });
+}
