@@ -88,7 +88,13 @@ pub fn operator_token(data: &Path) -> Result<String, Error> {
     }
     let path = data.join("operator-token");
     if path.exists() {
-        return Ok(std::fs::read_to_string(&path)?.trim().to_owned());
+        let token = std::fs::read_to_string(&path)?.trim().to_owned();
+        // As short a token as the environment's is refused (an empty file: a crash between its
+        // creation and its write, or one written by hand). Its content is not echoed.
+        if token.len() < 32 {
+            return Err(format!("{} must hold an operator token of at least 32 characters", path.display()).into());
+        }
+        return Ok(token);
     }
     let token = new_secret(OPERATOR_SECRET_PREFIX);
     write_private(&path, &token)?;

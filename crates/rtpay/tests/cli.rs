@@ -380,31 +380,15 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
         assert_eq!(r.unwrap().status, 201, "a holder's data is sealed under the tenant's data key");
     });
     let empty = temp_dir("keys-cluster-empty");
-    let mut node = Command::new(env!("CARGO_BIN_EXE_rtpay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &url, "--data"])
-        .arg(&empty)
-        .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
-        .env_remove("RTPAY_INDEX_KEY")
-        .env_remove("RTPAY_KEK")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = node.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            node.kill().unwrap();
-            panic!("the node started with keys of its own");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut node.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
-    assert!(stderr.contains("already holds tenants' data keys"), "{stderr}");
+    let (ok, stderr) = refused_start(
+        Command::new(env!("CARGO_BIN_EXE_rtpay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &url, "--data"])
+            .arg(&empty)
+            .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
+            .env_remove("RTPAY_INDEX_KEY")
+            .env_remove("RTPAY_KEK"),
+    );
+    assert!(!ok && stderr.contains("already holds tenants' data keys"), "{stderr}");
     assert!(!empty.join("kek").exists() && !empty.join("index-key").exists(), "no vault key was made");
     // With the cluster's keys it starts.
     for file in ["kek", "index-key", "audit-signing-key"] {
@@ -412,4 +396,41 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
     }
     let second = Server::start(&empty, Some(&url));
     runtime().block_on(async { assert_eq!(second.client().get("/readyz", OPERATOR).await.unwrap().status, 200) });
+}
+
+/// Runs `rtpay serve` as `command` says, expecting it to refuse to start: its exit and its
+/// standard error. One still running after 30 s has started: it is killed and the test fails.
+fn refused_start(command: &mut Command) -> (bool, String) {
+    let mut node = command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = node.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            node.kill().unwrap();
+            panic!("rtpay serve started");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut node.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.success(), stderr)
+}
+
+/// An operator-token file holding less than a token (empty after a crash, or written by hand) is
+/// refused as the environment's short token is, without echoing it.
+#[test]
+fn serve_refuses_an_operator_token_file_too_short() {
+    let data = temp_dir("tiny-op");
+    std::fs::write(data.join("operator-token"), "abc123\n").unwrap();
+    let (ok, stderr) = refused_start(
+        Command::new(env!("CARGO_BIN_EXE_rtpay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .env_remove("RTPAY_OPERATOR_TOKEN")
+            .env_remove("RTPAY_POSTGRES"),
+    );
+    assert!(!ok && stderr.contains("operator-token must hold an operator token of at least 32"), "{stderr}");
+    assert!(!stderr.contains("abc123"), "{stderr}");
 }
