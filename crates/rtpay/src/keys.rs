@@ -90,6 +90,21 @@ pub fn loader(config: KekConfig) -> Loader {
 }
 
 /// The blind-index key: `RTPAY_INDEX_KEY` (64 hex digits; the same on every node), else
+/// Whether [`index_key`] would make a new index key (none in the environment nor the directory).
+pub fn index_key_missing(data: &Path) -> bool {
+    std::env::var("RTPAY_INDEX_KEY").is_err() && !data.join("index-key").exists()
+}
+
+/// Whether [`load`] with `create` would make version 1: no key file, or a token holding no KEK.
+/// Any other failure (a wrong PIN, an unreachable token, a malformed file) is not "missing":
+/// loading reports it as it is.
+pub fn kek_missing(config: &KekConfig) -> bool {
+    match config {
+        KekConfig::File(path) => !path.exists(),
+        KekConfig::Pkcs11 { .. } => matches!(load(config, false), Ok(ring) if ring.current_version().is_none()),
+    }
+}
+
 /// `<data>/index-key`, created on first start.
 pub fn index_key(data: &Path) -> Result<Secret32, Error> {
     let text = match std::env::var("RTPAY_INDEX_KEY") {

@@ -112,8 +112,7 @@ async fn refuse_new_keys_for_sealed_data(
     data: &Path,
     store: &Arc<Store>,
 ) -> Result<(), Error> {
-    let no_kek = crate::keys::load(kek, false).is_err();
-    let no_index_key = std::env::var("RTPAY_INDEX_KEY").is_err() && !data.join("index-key").exists();
+    let (no_kek, no_index_key) = (crate::keys::kek_missing(kek), crate::keys::index_key_missing(data));
     if !(no_kek || no_index_key) {
         return Ok(());
     }

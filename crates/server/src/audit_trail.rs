@@ -177,13 +177,15 @@ pub async fn record_after(state: &AppState, slot: &Slot, mutating: bool, status:
     if status == 429 {
         return;
     }
-    // Recorded though no credential was accepted, and not counted as a failed authentication
-    // (`/oauth/token` refused before its client is known, a certificate that does not fit its
-    // credential): counted as one now. Every route checks the address's budget before it looks
-    // at a credential, so a flood of them is answered 429, and those are not recorded: without
-    // this, anyone could grow the append-only log, and fill the writer's queue, at wire speed.
-    if slot.unaccounted() {
-        let _ = state.auth_guard.failed(slot.client().map(|a| a.ip()), None, std::time::Instant::now());
+    // Refused (4xx) though no credential was accepted, and not counted as a failed
+    // authentication (`/oauth/token` refused before its client is known): counted as one now.
+    // Every route checks the address's budget before it looks at a credential, so a flood of
+    // them is answered 429, and those are not recorded: without this, anyone could grow the
+    // append-only log, and fill the writer's queue, at wire speed. (A 5xx is rtpay's failure,
+    // not the client's: a key look-up during an outage costs the client nothing.)
+    if slot.unaccounted() && (400..500).contains(&status) {
+        let source = slot.client().map(|a| crate::auth::canonical(a.ip()));
+        let _ = state.auth_guard.failed(source, None, std::time::Instant::now());
     }
     let draft = slot.draft(status.to_string());
     let (tx, rx) = tokio::sync::oneshot::channel();

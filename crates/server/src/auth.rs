@@ -238,7 +238,7 @@ impl ConnectionKey {
     }
 }
 
-fn bearer(parts: &Parts) -> Result<&str, Problem> {
+pub(crate) fn bearer(parts: &Parts) -> Result<&str, Problem> {
     let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
     let value = values
         .next()
@@ -267,8 +267,13 @@ fn source(parts: &Parts) -> Option<std::net::IpAddr> {
         Some(addr) => addr,
         None => parts.extensions.get::<axum::extract::ConnectInfo<crate::Peer>>()?.0.addr,
     };
-    // One client, one count: on a dual-stack listener IPv4 peers arrive as `::ffff:a.b.c.d`.
-    Some(addr.ip().to_canonical())
+    Some(canonical(addr.ip()))
+}
+
+/// An address as the failure budget counts it. One client, one count: on a dual-stack listener
+/// IPv4 peers arrive as `::ffff:a.b.c.d`.
+pub(crate) fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    ip.to_canonical()
 }
 
 /// Before any credential is checked: a source over its failure budget, or a locked id, waits.

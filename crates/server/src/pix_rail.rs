@@ -271,7 +271,7 @@ pub fn settlement_key(state: &AppState, tenant: u128) -> AccountKey {
 }
 
 /// Opens the tenant's settlement account if this node has not seen it open.
-pub async fn ensure_settlement(state: &AppState, audit: &Audit, tenant: u128) -> Result<AccountKey, Problem> {
+pub async fn ensure_settlement(state: &AppState, tenant: u128) -> Result<AccountKey, Problem> {
     let key = settlement_key(state, tenant);
     if state.pix_runtime.settled.lock().expect("not poisoned").contains(&tenant) {
         return Ok(key);
@@ -285,7 +285,8 @@ pub async fn ensure_settlement(state: &AppState, audit: &Audit, tenant: u128) ->
         metadata: Some(r#"{"rtpay":"pix settlement"}"#.into()),
         holder: None,
     });
-    match crate::routes::submit(state, audit, store::Command::Accounts(vec![open])).await? {
+    // Not through the request's audit entry: the request records its own outcome.
+    match crate::routes::submit_unrecorded(state, store::Command::Accounts(vec![open])).await? {
         store::Reply::Accounts(r) if matches!(r.first(), Some((AccountResult::Created | AccountResult::Exists, _))) => {
             state.pix_runtime.settled.lock().expect("not poisoned").insert(tenant);
             Ok(key)
@@ -720,15 +721,15 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             ));
         }
         (None, Payee::OnUs(payee)) => {
-            let payer_settlement = ensure_settlement(state, audit, payer_tenant).await?;
-            let payee_settlement = ensure_settlement(state, audit, payee.tenant).await?;
+            let payer_settlement = ensure_settlement(state, payer_tenant).await?;
+            let payee_settlement = ensure_settlement(state, payee.tenant).await?;
             let first = payment_transfer(state, payer_tenant, &payment_id, 1);
             events.push(event(first, posted(p.payer.account, payer_settlement.id.0), true));
             let second = payment_credit_transfer(state, payer_tenant, payee.tenant, &payment_id);
             events.push(event(second, posted(payee_settlement.id.0, payee.account), false));
         }
         (None, Payee::OffUs(_)) => {
-            let settlement = ensure_settlement(state, audit, payer_tenant).await?;
+            let settlement = ensure_settlement(state, payer_tenant).await?;
             // The hold never expires: only the SPI's verdict settles it (see [`settle_off_us`]).
             let hold = EventKind::Pending {
                 debit: AccountId(p.payer.account),

@@ -361,13 +361,15 @@ impl SecretGeneration {
     fn rotated(&self, now: u64, overlap_ns: u64) -> Option<SecretGeneration> {
         let mut earlier = Vec::new();
         if overlap_ns > 0 {
+            // The secret just retired always signs through its overlap; of the earlier ones, past
+            // the cap, the overlaps that end soonest go, not the oldest generations: a burst of
+            // short rotations does not cut short the long overlap receivers rely on.
+            let mut others: Vec<_> = self.earlier.iter().copied().filter(|(_, until)| now < *until).collect();
+            others.sort_unstable_by_key(|(_, until)| std::cmp::Reverse(*until));
+            others.truncate(EARLIER_MAX - 1);
+            others.sort_unstable_by_key(|(generation, _)| std::cmp::Reverse(*generation));
             earlier.push((self.generation, now.saturating_add(overlap_ns)));
-            earlier.extend(self.earlier.iter().copied().filter(|(_, until)| now < *until));
-            // Beyond the cap, the overlaps that end soonest go, not the oldest generations: a
-            // burst of short rotations does not cut short the long overlap receivers rely on.
-            earlier.sort_unstable_by_key(|(_, until)| std::cmp::Reverse(*until));
-            earlier.truncate(EARLIER_MAX);
-            earlier.sort_unstable_by_key(|(generation, _)| std::cmp::Reverse(*generation));
+            earlier.extend(others);
         }
         Some(SecretGeneration { generation: self.generation.checked_add(1)?, earlier })
     }
@@ -799,6 +801,10 @@ mod tests {
         let burst = (0..3).fold(held, |g, i| g.rotated(200 + i, 60).unwrap());
         assert_eq!(burst.earlier, [(3, 262), (2, 261), (0, 1_000_100)]);
         assert_eq!(burst.signing(300), [4, 0]);
+        // The secret just retired signs through its overlap, however soon that ends.
+        let long = (0..3).fold(SecretGeneration::default(), |g, i| g.rotated(100 + i, 1_000_000).unwrap());
+        let then = long.rotated(5_000, 10).unwrap();
+        assert_eq!(then.earlier, [(3, 5_010), (2, 1_000_102), (1, 1_000_101)]);
     }
 
     #[test]

@@ -1369,7 +1369,7 @@ pub async fn refund_put(
     let random = crate::auth::random_bytes();
     let rtr_id = pix::ids::end_to_end_id('D', &ispb, now, random);
     let account = uuid::Uuid::parse_str(&received.credit_account_id).map_err(corrupt)?.as_u128();
-    let events = refund_events(&state, &audit, tenant_id, account, &received, &id, centavos).await?;
+    let events = refund_events(&state, tenant_id, account, &received, &id, centavos).await?;
     let refund = StoredRefund {
         id: id.clone(),
         rtr_id,
@@ -1444,7 +1444,6 @@ pub async fn refund_put(
 /// accounts when they differ), receiver → settlement for a payer at another institution.
 async fn refund_events(
     state: &AppState,
-    audit: &Audit,
     tenant: u128,
     account: u128,
     received: &StoredReceived,
@@ -1464,13 +1463,13 @@ async fn refund_events(
         metadata: Some(format!(r#"{{"pix_refund":"{}:{id}"}}"#, received.end_to_end_id)),
         linked,
     };
-    let ours = ensure_settlement(state, audit, tenant).await?;
+    let ours = ensure_settlement(state, tenant).await?;
     Ok(match received.payer_account.as_deref().and_then(parse_owner) {
         Some((payer_tenant, payer_account)) if payer_tenant == tenant => {
             vec![event(key(tenant, 1), account, payer_account, false)]
         }
         Some((payer_tenant, payer_account)) => {
-            let theirs = ensure_settlement(state, audit, payer_tenant).await?;
+            let theirs = ensure_settlement(state, payer_tenant).await?;
             vec![
                 event(key(tenant, 1), account, ours.id.0, true),
                 event(key(payer_tenant, 2), theirs.id.0, payer_account, false),

@@ -137,8 +137,8 @@ pub async fn create_product(
     if query(&state, move |q| q.card_bin_taken(&bin)).await? {
         return Err(taken());
     }
-    // The settlement account first (idempotent), so no product exists without it. Not recorded
-    // as the request's audit entry: the middleware records the request with its own outcome.
+    // The settlement account first (idempotent), so no product exists without it; the request's
+    // own entry is the middleware's.
     let settlement = settlement_key(&state, tenant.id, currency);
     let open = AccountCommand::Create(NewAccount {
         key: settlement,
@@ -149,9 +149,7 @@ pub async fn create_product(
         metadata: Some(r#"{"rtpay":"card settlement"}"#.into()),
         holder: None,
     });
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    state.store.engine.submit(store::Command::Accounts(vec![open]), Box::new(move |r| drop(tx.send(r))))?;
-    match rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?? {
+    match crate::routes::submit_unrecorded(&state, store::Command::Accounts(vec![open])).await? {
         store::Reply::Accounts(r) if matches!(r.first(), Some((AccountResult::Created | AccountResult::Exists, _))) => {
         }
         _ => return Err(Problem::internal()),

@@ -179,7 +179,7 @@ pub async fn open_claim(
     }
     let credit = match payer_of(&received) {
         Some((t, payer)) if t == tenant_id => payer,
-        _ => ensure_settlement(&state, &audit, tenant_id).await?.id.0,
+        _ => ensure_settlement(&state, tenant_id).await?.id.0,
     };
     let claim_id = uuid_string(crate::auth::new_uuid().as_u128());
     let hold = TransferEvent {
@@ -297,7 +297,7 @@ pub async fn resolve_claim(
         step(EventKind::PostPending { pending_id: hold.id, amount: None }, hold_key(&state, tenant_id, &claim, 2));
         // On us in another tenant: from that tenant's settlement account on to the payer.
         if let Some((payer_tenant, payer)) = payer_of(&received).filter(|(t, _)| *t != tenant_id) {
-            let theirs = ensure_settlement(&state, &audit, payer_tenant).await?;
+            let theirs = ensure_settlement(&state, payer_tenant).await?;
             step(
                 EventKind::Posted { debit: theirs.id, credit: AccountId(payer), amount: view.amount },
                 hold_key(&state, payer_tenant, &claim, 3),

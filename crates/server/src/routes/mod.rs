@@ -28,6 +28,16 @@ pub async fn submit(state: &AppState, audit: &Audit, command: Command) -> Result
     submit_recorded(state, audit, command, None).await
 }
 
+/// Submits `command` without the request's audit entry: a step a request takes on its way (opening
+/// a settlement account), which the entry the middleware records for the request, with its own
+/// outcome, covers. (Through the request's entry, a request refused afterwards was recorded with
+/// the step's outcome, `created`.)
+pub async fn submit_unrecorded(state: &AppState, command: Command) -> Result<Reply, Problem> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.store.engine.submit(command, Box::new(move |r| drop(tx.send(r))))?;
+    Ok(rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))??)
+}
+
 /// As [`submit`], with the records `records` makes from the ledger's reply inside the batch (a
 /// payment's documents, a card authorization), all in the same commit.
 pub async fn submit_recorded(

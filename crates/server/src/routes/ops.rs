@@ -54,18 +54,13 @@ pub async fn metrics(State(state): State<AppState>, request: axum::extract::Requ
         if let Err(p) = crate::auth::guard(&parts, &state, None) {
             return p.into_response();
         }
-        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
-        let presented =
-            values.next().and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-        if values.next().is_some() {
-            let p = Problem::new(
-                StatusCode::BAD_REQUEST,
-                "duplicate_header",
-                "more than one Authorization header; send exactly one",
-            )
-            .field("Authorization");
-            return crate::auth::failed(&parts, &state, None, p).into_response();
-        }
+        // Read as every credential is (`auth::bearer`): two of them are refused (400); a missing
+        // or malformed one is answered as a wrong one, with the challenge below.
+        let presented = match crate::auth::bearer(&parts) {
+            Ok(t) => t,
+            Err(p) if p.status == 400 => return crate::auth::failed(&parts, &state, None, p).into_response(),
+            Err(_) => "",
+        };
         if !crate::auth::constant_time_eq(presented.as_bytes(), token.as_bytes()) {
             crate::auth::count_failure(&parts, &state, None);
             let mut response =

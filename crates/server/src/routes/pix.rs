@@ -1396,7 +1396,7 @@ pub async fn sandbox_incoming(
         }
         Ok(p) => p,
     };
-    let settlement = ensure_settlement(&state, &audit, tenant_id).await?;
+    let settlement = ensure_settlement(&state, tenant_id).await?;
     let received = StoredReceived {
         end_to_end_id: e2e.clone(),
         credit_account_id: uuid_string(payee.account),
