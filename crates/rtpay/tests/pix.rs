@@ -582,6 +582,34 @@ fn holders_of_two_tenants_under_one_id_keep_their_own_totals() {
     assert!(ok, "{report}");
 }
 
+/// A request that opens its tenant's Pix settlement account on its way is recorded once, with its
+/// own outcome: the account is a step of the request. (It was recorded through the request's
+/// entry, as `created`, and the request's own commit recorded the request again.)
+#[test]
+fn a_request_opening_the_settlement_account_is_audited_once() {
+    let dir = temp_dir("pix-settlement-audit");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB]);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 0).await;
+        assert_eq!(register(&mut c, &maria, "email", Some("maria@example.com")).await.status, 201);
+        let incoming = json!({"end_to_end_id": "E6070119020261201120000000000002", "amount": 100,
+            "key": "maria@example.com", "payer": {"ispb": "60701190", "name": "Joana Prado", "document": CPF_OTHER}});
+        let r = c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let audit = c.get("/v1/audit?limit=1000", &key).await.unwrap().json();
+        let recorded: Vec<_> = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == json!("POST /v1/sandbox/spi/incoming"))
+            .map(|e| e["outcome"].clone())
+            .collect();
+        assert_eq!(recorded.len(), 1, "{recorded:?}");
+    });
+}
+
 /// Polls a payment until it leaves `processing`.
 async fn settled(c: &mut rtpay::client::Client, key: &str, id: &str) -> Value {
     settled_within(c, key, id, std::time::Duration::from_secs(5)).await
