@@ -102,6 +102,20 @@ pub fn operator_token(data: &Path) -> Result<String, Error> {
     Ok(token)
 }
 
+/// The vault: its key-encryption keys (version 1 made on first start) and index key, after
+/// [`refuse_new_keys_for_sealed_data`].
+async fn open_vault(
+    kek: crate::keys::KekConfig,
+    data: &Path,
+    store: &Arc<Store>,
+) -> Result<server::vault_service::VaultService, Error> {
+    refuse_new_keys_for_sealed_data(&kek, data, store).await?;
+    crate::keys::load(&kek, true)?;
+    let rotation = kek.clone();
+    Ok(server::vault_service::VaultService::new(crate::keys::loader(kek), &crate::keys::index_key(data)?)?
+        .with_rotator(Box::new(move |q| crate::keys::rotate(&rotation, q).map_err(|e| e.to_string()))))
+}
+
 /// A node about to make its own vault keys (no key-encryption key, or no index key, where it was
 /// told to look) for a database that already holds tenants' data keys is pointed at the wrong
 /// keys: a wrong or empty `--data` beside `--postgres`, a mistyped `--kek`. Made anyway, its
@@ -243,16 +257,15 @@ pub async fn run(
         tokio::task::spawn_blocking(move || Store::open_with(&location, Arc::new(store::now_nanos), signer)).await??;
     let store = Arc::new(store);
     let kek = crate::keys::KekConfig::or_default(config.kek.clone(), &config.data);
-    if let Err(refused) = refuse_new_keys_for_sealed_data(&kek, &config.data, &store).await {
-        // A PostgreSQL store is closed off the async threads (its client blocks).
-        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
-        return Err(refused);
-    }
-    crate::keys::load(&kek, true)?; // creates version 1 on first start
-    let rotation = kek.clone();
-    let vault =
-        server::vault_service::VaultService::new(crate::keys::loader(kek), &crate::keys::index_key(&config.data)?)?
-            .with_rotator(Box::new(move |q| crate::keys::rotate(&rotation, q).map_err(|e| e.to_string())));
+    let vault = match open_vault(kek, &config.data, &store).await {
+        Ok(vault) => vault,
+        Err(e) => {
+            // A PostgreSQL store is closed off the async threads: its client blocks, and dropped
+            // here it panicked, hiding the error.
+            let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+            return Err(e);
+        }
+    };
     let state = server::AppState::new(store.clone(), keys, public_key)
         .with_vault(vault)
         .with_tenant_rate(config.rate_limit, config.rate_burst.unwrap_or(config.rate_limit.max(1.0)))

@@ -390,6 +390,18 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
     );
     assert!(!ok && stderr.contains("already holds tenants' data keys"), "{stderr}");
     assert!(!empty.join("kek").exists() && !empty.join("index-key").exists(), "no vault key was made");
+    // On a database without data keys, a key file that cannot be made is reported as such (the
+    // PostgreSQL store, open by then, is closed without hiding it).
+    let fresh = store::testing::fresh_postgres_database();
+    let (ok, stderr) = refused_start(
+        Command::new(env!("CARGO_BIN_EXE_rtpay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &fresh, "--kek", "file:/nonexistent/rtpay/kek"])
+            .arg("--data")
+            .arg(temp_dir("keys-cluster-unwritable"))
+            .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
+            .env_remove("RTPAY_KEK"),
+    );
+    assert!(!ok && stderr.contains("/nonexistent/rtpay/kek") && !stderr.contains("panic"), "{stderr}");
     // With the cluster's keys it starts.
     for file in ["kek", "index-key", "audit-signing-key"] {
         std::fs::copy(dir.join(file), empty.join(file)).unwrap();
