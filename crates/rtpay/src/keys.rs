@@ -107,15 +107,13 @@ pub fn kek_missing(config: &KekConfig) -> bool {
 
 /// `<data>/index-key`, created on first start.
 pub fn index_key(data: &Path) -> Result<Secret32, Error> {
+    let path = data.join("index-key");
+    if index_key_missing(data) {
+        append_private(&path, &new_index_key()?)?;
+    }
     let text = match std::env::var("RTPAY_INDEX_KEY") {
         Ok(v) => v,
-        Err(_) => {
-            let path = data.join("index-key");
-            if !path.exists() {
-                append_private(&path, &new_index_key()?)?;
-            }
-            std::fs::read_to_string(&path)?
-        }
+        Err(_) => std::fs::read_to_string(&path)?,
     };
     let bytes = vault::unhex(text.trim()).filter(|b| b.len() == 32).ok_or("the index key must be 64 hex digits")?;
     Ok(Secret32::from_bytes(bytes.try_into().expect("32 bytes")))

@@ -314,8 +314,9 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
             (Err(r), ..) | (_, Err(r), ..) | (_, _, Err(r), _) | (_, _, _, Err(r)) => return r,
         };
     // Client authentication: HTTP Basic, or the form fields — not both; and one Basic at most.
+    // (Each refusal before the client is known counts as a failed authentication of the address:
+    // `audit_trail::record_after` counts every refused request it records without a credential.)
     if headers.get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
-        count_failure(&parts, &state, None);
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "more than one Authorization header");
     }
     let basic = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
@@ -327,10 +328,7 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
             let decoded = base64_decode(&encoded).and_then(|b| String::from_utf8(b).ok());
             match decoded.as_deref().and_then(|d| d.split_once(':')) {
                 Some((id, secret)) => (id.to_owned(), secret.to_owned()),
-                None => {
-                    count_failure(&parts, &state, None);
-                    return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "malformed Basic credentials");
-                }
+                None => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "malformed Basic credentials"),
             }
         }
         (None, Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
@@ -341,10 +339,7 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
                 "use HTTP Basic or the form fields, not both",
             )
         }
-        _ => {
-            count_failure(&parts, &state, None);
-            return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication is required");
-        }
+        _ => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication is required"),
     };
     match grant_type {
         Some("client_credentials") => {}
