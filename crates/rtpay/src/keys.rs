@@ -5,7 +5,6 @@
 //! `rtpay-kek-v<N>` inside the PKCS#11 token with that label, the user PIN from
 //! `RTPAY_PKCS11_PIN`; version 1 is generated in the token on first start.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -45,11 +44,20 @@ fn pin() -> Result<String, VaultError> {
     std::env::var("RTPAY_PKCS11_PIN").map_err(|_| VaultError::Config("RTPAY_PKCS11_PIN is not set".into()))
 }
 
+/// Adds `line` to the key file at `path`, or makes the file with it. The file is replaced whole:
+/// a write that fails halfway leaves the keys it held as they were, never a torn line that no
+/// start could read past.
 fn append_private(path: &Path, line: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path)?;
-    file.write_all(line.as_bytes())?;
-    file.sync_all()
+    let mut text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return crate::serve::write_private(path, line),
+        Err(e) => return Err(e),
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(line);
+    crate::serve::replace_private(path, &text)
 }
 
 /// Every KEK version configured; with `create`, version 1 is made when there is none.
@@ -109,7 +117,7 @@ pub fn kek_missing(config: &KekConfig) -> bool {
 pub fn index_key(data: &Path) -> Result<Secret32, Error> {
     let path = data.join("index-key");
     if index_key_missing(data) {
-        append_private(&path, &new_index_key()?)?;
+        crate::serve::write_private(&path, &new_index_key()?)?;
     }
     let text = match std::env::var("RTPAY_INDEX_KEY") {
         Ok(v) => v,
@@ -226,7 +234,8 @@ pub fn add_version(config: &KekConfig) -> Result<u32, Error> {
 fn add_version_in_turn(config: &KekConfig) -> Result<u32, Error> {
     let next = load(config, false)?.current_version().ok_or("no key-encryption key configured")? + 1;
     match config {
-        KekConfig::File(path) => append_private(path, &FileKek::file_line(next)?)?,
+        KekConfig::File(path) => append_private(path, &FileKek::file_line(next)?)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
         KekConfig::Pkcs11 { module, token } => {
             let pin = pin()?;
             Pkcs11Kek::open(&Pkcs11Config { module, token_label: token, pin: &pin }, next, true)?;

@@ -47,12 +47,57 @@ impl ServeConfig {
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// Writes a new file readable by its owner only; never replaces one.
+/// Writes a new file readable by its owner only; never replaces one. The file appears whole or
+/// not at all: its contents go to a private file beside it first, which is then linked under its
+/// name (refused if the name exists). A write that fails (a full disk, a size limit) or a crash
+/// leaves no empty or truncated key behind for the next start to trip on.
 pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    let staged = staged_private(path, contents)?;
+    let linked = std::fs::hard_link(&staged, path);
+    let _ = std::fs::remove_file(&staged);
+    linked?;
+    sync_parent(path)
+}
+
+/// Replaces `path` with `contents` (mode 0600), whole or not at all: written beside it, then
+/// renamed over it.
+pub(crate) fn replace_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    let staged = staged_private(path, contents)?;
+    if let Err(e) = std::fs::rename(&staged, path) {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    sync_parent(path)
+}
+
+/// `contents` in a new private file beside `path`, synced to disk; removed again on failure.
+fn staged_private(path: &Path, contents: &str) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STAGED: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("a key file's path must name a file"))?;
+    let mut staged_name = std::ffi::OsString::from(".");
+    staged_name.push(name);
+    staged_name.push(format!(".{}.{}.new", std::process::id(), STAGED.fetch_add(1, Ordering::Relaxed)));
+    let staged = path.with_file_name(staged_name);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staged)?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()
+    })();
+    match written {
+        Ok(()) => Ok(staged),
+        Err(e) => {
+            let _ = std::fs::remove_file(&staged);
+            Err(e)
+        }
+    }
+}
+
+/// Makes a new name in `path`'s directory durable.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(parent)?.sync_all()
 }
 
 /// The key under which API secrets are hashed: `RTPAY_SECRET_KEY` (64 hex digits; give every node
@@ -89,8 +134,9 @@ pub fn operator_token(data: &Path) -> Result<String, Error> {
     let path = data.join("operator-token");
     if path.exists() {
         let token = std::fs::read_to_string(&path)?.trim().to_owned();
-        // As short a token as the environment's is refused (an empty file: a crash between its
-        // creation and its write, or one written by hand). Its content is not echoed.
+        // As short a token as the environment's is refused (an empty file written by hand, or
+        // by an older rtpay that crashed between creating the file and writing it). Its
+        // content is not echoed.
         if token.len() < 32 {
             return Err(format!("{} must hold an operator token of at least 32 characters", path.display()).into());
         }

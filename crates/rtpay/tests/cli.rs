@@ -304,6 +304,62 @@ fn keys_init_writes_a_clusters_shared_keys_that_nodes_serve_with() {
     assert_eq!(listing(&keys), files, "the nodes wrote nothing into the keys directory");
 }
 
+/// `rtpay` run with its files limited to `limit` bytes: a write past it fails (EFBIG), as on a
+/// full disk.
+fn rtpay_with_file_limit(args: &[&str], limit: u64) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
+    command.args(args).env_remove("RTPAY_POSTGRES");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A key file appears whole or not at all. `keys init` that cannot write its first key leaves
+/// no torn key behind (a 40-byte `secret-key` would make every later start fail), and a
+/// rotation that cannot write the key file's new version leaves the file as it was (a torn
+/// last line would make it unreadable, and every node with it); the next rotation goes through.
+#[test]
+fn a_key_write_that_fails_halfway_leaves_no_torn_key() {
+    let dir = temp_dir("keys-torn");
+    let torn = dir.join("torn");
+    let (ok, out) = rtpay_with_file_limit(&["keys", "init", "--out", torn.to_str().unwrap()], 40);
+    assert!(!ok && out.contains("cannot write"), "{out}");
+    assert_eq!(listing(&torn), Vec::new(), "no key, whole or torn, and nothing staged");
+
+    let keys = dir.join("keys");
+    let (ok, out) = rtpay(&["keys", "init", "--out", keys.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let url = store::testing::fresh_postgres_database();
+    let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
+    assert!(ok, "{out}");
+    let kek = format!("file:{}", keys.join("kek").display());
+    let audit_key = keys.join("audit-signing-key");
+    let rotate =
+        ["keys", "rotate", "--add-only", "--postgres", &url, "--kek", &kek, "--audit-key", audit_key.to_str().unwrap()];
+    let before = std::fs::read(keys.join("kek")).unwrap();
+    assert_eq!(before.len(), 67, "one line: version 1 and 64 hex digits");
+    let (ok, out) = rtpay_with_file_limit(&rotate, 100);
+    assert!(!ok && out.contains("cannot write") && out.contains("File too large"), "{out}");
+    assert_eq!(std::fs::read(keys.join("kek")).unwrap(), before, "the key file is as it was");
+    let names: Vec<_> = listing(&keys).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, ["audit-signing-key", "index-key", "kek", "kek.lock", "operator-token", "secret-key"]);
+    let (ok, out) = rtpay(&rotate);
+    assert!(ok && out.contains("version 2 added"), "{out}");
+    let text = std::fs::read_to_string(keys.join("kek")).unwrap();
+    assert!(text.starts_with(std::str::from_utf8(&before).unwrap()) && text.lines().count() == 2, "{}", text.len());
+}
+
 /// A rotation where each node reads its own copy of the key file (a mounted Secret): the new
 /// version is added first (nothing re-wrapped, every node still reads every record), then the
 /// data keys are re-wrapped; a node whose copy lags answers 503 with Retry-After, never a 500,
