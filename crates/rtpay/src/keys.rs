@@ -179,27 +179,30 @@ pub fn init(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// anything not yet re-wrapped (or cached by a running node) stays readable. Returns (new
 /// version, data keys re-wrapped).
 pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
-    let _turn = rotation_turn(config)?;
+    let _turn = rotation_turn(config, queries)?;
     let version = add_version_in_turn(config)?;
-    Ok((version, rewrap(config, queries)?.1))
+    Ok((version, rewrap_in_turn(config, queries)?.1))
 }
 
 /// A rotation's turn: rotations take turns. Two at once (a retried `POST /v1/keys/rotate`, or
-/// `rtpay keys rotate` beside a server) each added "version N+1" with a key of its own, and data
-/// keys re-wrapped under the one that lost no longer opened. Every rotation in this process holds
-/// `ROTATING`; a key file's rotations also hold an exclusive `flock` on `<file>.lock`, which the
-/// other processes of the host take too. (Nodes rotating one token from several hosts at once are
-/// not serialized: rotate from one node, as OPERATIONS.md says.)
+/// `rtpay keys rotate` beside a server, or two nodes over one PKCS#11 token) each added "version
+/// N+1" with a key of its own, and data keys re-wrapped under the one that lost no longer opened.
+/// Every rotation holds, in this order: `ROTATING` (this process's), the storage's turn
+/// ([`store::Queries::key_rotation_turn`]: every process over the same database, on any host),
+/// and for a key file an exclusive `flock` on `<file>.lock` (every process of the host using
+/// that file, whatever its database).
 struct Turn {
     _file: Option<std::fs::File>,
+    _storage: Box<dyn Send>,
     _process: std::sync::MutexGuard<'static, ()>,
 }
 
-fn rotation_turn(config: &KekConfig) -> Result<Turn, Error> {
+fn rotation_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<Turn, Error> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     static ROTATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let process = ROTATING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let storage = queries.key_rotation_turn()?;
     let file = match config {
         KekConfig::File(path) => {
             let mut name = path.as_os_str().to_owned();
@@ -219,15 +222,15 @@ fn rotation_turn(config: &KekConfig) -> Result<Turn, Error> {
         }
         KekConfig::Pkcs11 { .. } => None,
     };
-    Ok(Turn { _file: file, _process: process })
+    Ok(Turn { _file: file, _storage: storage, _process: process })
 }
 
 /// Adds KEK version N+1 to the key source, and re-wraps nothing: the first half of a rotation
 /// whose key file every node reads from its own copy (a Kubernetes Secret). Once every node's
 /// copy holds the new version, [`rewrap`] puts the data keys under it; a node meeting a data key
 /// under a version its copy lacks answers 503 until its copy catches up.
-pub fn add_version(config: &KekConfig) -> Result<u32, Error> {
-    let _turn = rotation_turn(config)?;
+pub fn add_version(config: &KekConfig, queries: &dyn store::Queries) -> Result<u32, Error> {
+    let _turn = rotation_turn(config, queries)?;
     add_version_in_turn(config)
 }
 
@@ -249,6 +252,11 @@ fn add_version_in_turn(config: &KekConfig) -> Result<u32, Error> {
 /// Re-wraps every tenant's data key under the newest KEK version the key source holds, adding
 /// none. Returns (that version, data keys re-wrapped).
 pub fn rewrap(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
+    let _turn = rotation_turn(config, queries)?;
+    rewrap_in_turn(config, queries)
+}
+
+fn rewrap_in_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
     let ring = load(config, false)?;
     let current = ring.current_version().ok_or("no key-encryption key configured")?;
     let mut rewrapped = 0;

@@ -504,7 +504,7 @@ fn main() -> ExitCode {
                     if add_only {
                         Ok(format!(
                             "key-encryption key version {} added; no data key re-wrapped",
-                            rtpay::keys::add_version(&kek)?
+                            rtpay::keys::add_version(&kek, q.as_ref())?
                         ))
                     } else if rewrap_only {
                         let (version, count) = rtpay::keys::rewrap(&kek, q.as_ref())?;

@@ -360,6 +360,40 @@ fn a_key_write_that_fails_halfway_leaves_no_torn_key() {
     assert!(text.starts_with(std::str::from_utf8(&before).unwrap()) && text.lines().count() == 2, "{}", text.len());
 }
 
+/// Key rotations over one database take turns whatever host they run on. While another process
+/// holds the storage's turn (here the test, through PostgreSQL's advisory lock), `rtpay keys
+/// rotate` waits and adds nothing; once the turn is let go, it goes through.
+#[test]
+fn a_rotation_waits_for_the_turn_another_process_holds_on_the_database() {
+    let keys = temp_dir("rotate-turn").join("keys");
+    let (ok, out) = rtpay(&["keys", "init", "--out", keys.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let url = store::testing::fresh_postgres_database();
+    let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
+    assert!(ok, "{out}");
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    holder.execute("SELECT pg_advisory_lock($1)", &[&store::KEY_ROTATION_LOCK]).unwrap();
+
+    let kek = format!("file:{}", keys.join("kek").display());
+    let audit_key = keys.join("audit-signing-key");
+    let before = std::fs::read(keys.join("kek")).unwrap();
+    let mut rotation = Command::new(env!("CARGO_BIN_EXE_rtpay"))
+        .args(["keys", "rotate", "--postgres", &url, "--kek", &kek, "--audit-key", audit_key.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(rotation.try_wait().unwrap().is_none(), "the rotation waits for its turn");
+    assert_eq!(std::fs::read(keys.join("kek")).unwrap(), before, "and has added nothing meanwhile");
+
+    drop(holder);
+    let out = rotation.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.contains("version 2 created"), "{said}");
+    assert_eq!(std::fs::read_to_string(keys.join("kek")).unwrap().lines().count(), 2);
+}
+
 /// A rotation where each node reads its own copy of the key file (a mounted Secret): the new
 /// version is added first (nothing re-wrapped, every node still reads every record), then the
 /// data keys are re-wrapped; a node whose copy lags answers 503 with Retry-After, never a 500,

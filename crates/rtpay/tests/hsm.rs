@@ -76,14 +76,31 @@ fn the_server_keeps_its_kek_in_the_token_and_stops_writing_when_the_token_is_gon
         // No key file: the KEK is only in the token.
         assert!(!data.join("kek").exists());
 
-        // Rotation inside the token, beside the running server.
-        let out = Command::new(env!("CARGO_BIN_EXE_rtpay"))
-            .args(["keys", "rotate", "--kek", &kek, "--data"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(count(&data, "SELECT max(kek_version) FROM data_keys"), 2);
+        // Rotations inside the token, beside the running server: three at once take turns
+        // (the storage's turn), each adding a version of its own.
+        let rotations: Vec<_> = (0..3)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_rtpay"))
+                    .args(["keys", "rotate", "--kek", &kek, "--data"])
+                    .arg(&data)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut versions: Vec<String> = rotations
+            .into_iter()
+            .map(|r| {
+                let out = r.wait_with_output().unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                let said = String::from_utf8(out.stdout).unwrap();
+                said.split_whitespace().nth(3).unwrap_or_default().to_owned()
+            })
+            .collect();
+        versions.sort();
+        assert_eq!(versions, ["2", "3", "4"], "\"key-encryption key version N created\", N each once");
+        assert_eq!(count(&data, "SELECT max(kek_version) FROM data_keys"), 4);
         let r = c.get(&format!("/v1/holders/{holder}"), &key_a).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["document"].clone()), (200, json!("***.982.247-**")));
 

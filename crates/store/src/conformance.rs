@@ -606,6 +606,21 @@ pub fn vault_records(location: Location) {
     assert!(!q.rewrap_data_key(&rewrapped, 1).unwrap(), "already re-wrapped by someone else");
     assert_eq!(q.data_keys().unwrap(), vec![rewrapped]);
 
+    // Key rotations take turns across processes: another opener of the storage (as `rtpay keys
+    // rotate` on another host) waits for the turn until its holder lets it go.
+    let other = Store::open_queries(&location).unwrap();
+    let turn = q.key_rotation_turn().unwrap();
+    let (granted, waited) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let turn = other.key_rotation_turn().unwrap();
+        granted.send(()).unwrap();
+        drop(turn);
+    });
+    assert!(waited.recv_timeout(Duration::from_millis(500)).is_err(), "the turn is taken");
+    drop(turn);
+    waited.recv_timeout(Duration::from_secs(30)).expect("the turn is granted once let go");
+    waiter.join().unwrap();
+
     let holder = crate::HolderRecord {
         tenant_id: T.0,
         id: 77,

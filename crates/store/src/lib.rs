@@ -36,6 +36,7 @@ pub use audit_log::{
 };
 pub use durable::{read_deferring, FencesOwed, ReadFence};
 pub use engine::{Command, Engine, EngineStats, RecordsFn, Reply};
+pub use postgres::KEY_ROTATION_LOCK;
 
 /// Histogram bucket bounds of [`EngineStats`].
 pub mod engine_buckets {
@@ -323,6 +324,14 @@ pub trait Queries: Send + Sync {
     fn data_keys(&self) -> Result<Vec<DataKeyRecord>>;
     /// Replaces a data key's wrapping if it is still under `old_kek_version`; false otherwise.
     fn rewrap_data_key(&self, key: &DataKeyRecord, old_kek_version: u32) -> Result<bool>;
+    /// Waits for the turn of key-encryption key rotations over this storage, and holds it until
+    /// the returned guard is dropped. Every process rotating over the same storage (a node's
+    /// `POST /v1/keys/rotate`, `rtpay keys rotate` on any host) takes it, so two rotations never
+    /// both add "version N+1", each with a key of its own, to a key source they share (a
+    /// PKCS#11 token behind several nodes). PostgreSQL: a session advisory lock
+    /// ([`KEY_ROTATION_LOCK`]) on a connection of the guard's own; embedded: an exclusive
+    /// `flock` on `rtpay.db.rotation-lock`.
+    fn key_rotation_turn(&self) -> Result<Box<dyn Send>>;
     /// `Conflict` if the id, or the document within the tenant, exists.
     fn create_holder(&self, holder: &HolderRecord) -> Result<()>;
     fn holder(&self, tenant_id: u128, id: u128) -> Result<Option<HolderRecord>>;

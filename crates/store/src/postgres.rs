@@ -28,6 +28,8 @@ const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(30);
 const READERS_MAX: usize = 8;
 /// An arbitrary constant naming the migration lock among PostgreSQL advisory locks.
 const MIGRATION_LOCK: i64 = 0x7274_7061_7900_0001;
+/// The advisory lock key-encryption key rotations take turns on ([`Queries::key_rotation_turn`]).
+pub const KEY_ROTATION_LOCK: i64 = 0x7274_7061_7900_0002;
 
 fn unavailable(e: ::postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
@@ -1388,6 +1390,14 @@ impl Queries for PgQueries {
                 .map_err(unavailable)?;
             Ok(n == 1)
         })
+    }
+
+    fn key_rotation_turn(&self) -> Result<Box<dyn Send>> {
+        // A session lock on a connection of its own, never pooled: dropping the guard closes the
+        // session, which releases the lock (so does the server, should this process die).
+        let mut client = connect(&self.url)?;
+        client.execute("SELECT pg_advisory_lock($1)", &[&KEY_ROTATION_LOCK]).map_err(unavailable)?;
+        Ok(Box::new(client))
     }
 
     fn create_holder(&self, h: &HolderRecord) -> Result<()> {

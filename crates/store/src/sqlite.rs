@@ -1967,6 +1967,30 @@ impl Queries for SqliteQueries {
         })
     }
 
+    fn key_rotation_turn(&self) -> Result<Box<dyn Send>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".rotation-lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&name)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", PathBuf::from(&name).display())))?;
+        loop {
+            // SAFETY: flock on a descriptor this function owns; blocks until granted, and is
+            // released when the guard (the file) is dropped.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Box::new(lock));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(StoreError::Unavailable(format!("cannot lock {}: {e}", PathBuf::from(&name).display())));
+            }
+        }
+    }
+
     fn create_holder(&self, h: &HolderRecord) -> Result<()> {
         self.with(|c| {
             c.execute(
