@@ -461,7 +461,11 @@ fn apply_chain<S: State>(
     view.rollback(mark);
     *clock = clock_before;
     outcomes.truncate(first);
+    // A chain failed by one event's request alone (its own validation; a zero `pending_id`
+    // fails it as `pending_transfer_not_found`) is not remembered: the same chain fails the
+    // same way again, and a corrected one must be free to succeed.
     let remember = !code.is_validation()
+        && validate_event(&chain[failed_at]).is_ok()
         && !matches!(code, TransferResult::IdAlreadyFailed | TransferResult::ExistsWithDifferentFields);
     for (i, event) in chain.iter().enumerate() {
         let result = match view.transfer(&event.key) {
@@ -700,6 +704,8 @@ pub fn expire_pending(state: &impl State, clock: Clock, now: Timestamp, keys: &[
             .account(&AccountKey { tenant, id: pending.credit_account_id })
             .expect("a pending transfer's accounts exist")
             .clone();
+        assert!(debit.debits_pending >= pending.amount, "pending debits cover the hold");
+        assert!(credit.credits_pending >= pending.amount, "pending credits cover the hold");
         debit.debits_pending -= pending.amount;
         credit.credits_pending -= pending.amount;
         view.put_account(debit);

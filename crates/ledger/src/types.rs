@@ -140,11 +140,15 @@ impl Account {
         }
     }
 
-    /// Whether the identity-defining fields equal a creation request (balances excluded).
+    /// Whether the identity-defining fields equal a creation request (balances excluded). An
+    /// account closed since its creation still matches the request that created it open; one
+    /// open does not match a request to create it closed.
     pub fn matches(&self, new: &NewAccount) -> bool {
+        let closed_since = self.flags.closed() && !new.flags.closed();
+        let compared = if closed_since { !AccountFlags::CLOSED } else { u16::MAX };
         self.currency == new.currency
             && self.code == new.code
-            && self.flags.0 & !AccountFlags::CLOSED == new.flags.0 & !AccountFlags::CLOSED
+            && self.flags.0 & compared == new.flags.0 & compared
             && self.credit_limit == new.credit_limit
             && self.metadata == new.metadata
             && self.holder == new.holder

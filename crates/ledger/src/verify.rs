@@ -2,9 +2,11 @@
 //! transfer from storage, in any order, and it reports each violation it finds.
 //!
 //! Checked: per tenant and currency, Σ debits = Σ credits (posted and pending separately); every
-//! account's balances equal the sums of the transfers that touch it; no account violates its flags;
-//! every pending transfer is resolved (posted, voided or expired) at most once and its state agrees
-//! with the records that resolved it; timestamps are unique.
+//! account's balances equal the sums of the transfers that touch it; every transfer moves money
+//! between two different accounts of its own currency; no account violates its flags; every
+//! pending transfer is resolved (posted, voided or expired) at most once, before its expiry, and
+//! its state agrees with the records that resolved it; a hold's expiry is its timestamp plus its
+//! timeout; timestamps are unique.
 
 use std::collections::{HashMap, HashSet};
 
@@ -37,8 +39,10 @@ struct Sides {
 pub struct Verifier {
     accounts: HashMap<AccountKey, (Currency, Sums, Account)>,
     from_transfers: HashMap<AccountKey, Sums>,
-    /// pending key → (amount, state, its sides)
-    pendings: HashMap<TransferKey, (u64, PendingState, Sides)>,
+    /// The currency of the transfers that touch each account (checked against the account's).
+    transfer_currencies: HashMap<AccountKey, Currency>,
+    /// pending key → (amount, state, its sides, its expiry)
+    pendings: HashMap<TransferKey, (u64, PendingState, Sides, Option<Timestamp>)>,
     /// pending key → resolutions seen (kind, amount, their sides, their id)
     resolutions: HashMap<TransferKey, Vec<(TransferKind, u64, Sides, TransferId)>>,
     timestamps: HashSet<Timestamp>,
@@ -122,6 +126,18 @@ impl Verifier {
             currency: t.currency,
             timestamp: t.timestamp,
         };
+        if debit == credit {
+            self.violation(format!("transfer {:032x}: debits and credits the same account", t.key.id.0));
+        }
+        for account in [debit, credit] {
+            let seen = *self.transfer_currencies.entry(account).or_insert(t.currency);
+            if seen != t.currency {
+                self.violation(format!(
+                    "transfer {:032x} in {} touches account {:032x}, which other transfers touch in {seen}",
+                    t.key.id.0, t.currency, account.id.0
+                ));
+            }
+        }
         match t.kind {
             TransferKind::Posted => {
                 self.from_transfers.entry(debit).or_default().debits_posted += amount;
@@ -135,7 +151,19 @@ impl Verifier {
                 if t.state == PendingState::Final {
                     self.violation(format!("pending transfer {:032x} has no pending state", t.key.id.0));
                 }
-                self.pendings.insert(t.key, (t.amount, t.state, sides));
+                let due = (t.timeout_seconds > 0)
+                    .then(|| t.timestamp.checked_add(u64::from(t.timeout_seconds) * 1_000_000_000))
+                    .flatten();
+                if t.expires_at != due || (t.timeout_seconds > 0 && due.is_none()) {
+                    self.violation(format!(
+                        "pending transfer {:032x}: expires at {:?}, not its timestamp {} plus its timeout of {} s",
+                        t.key.id.0, t.expires_at, t.timestamp, t.timeout_seconds
+                    ));
+                }
+                if t.state == PendingState::Expired && t.expires_at.is_none() {
+                    self.violation(format!("pending transfer {:032x} expired but has no timeout", t.key.id.0));
+                }
+                self.pendings.insert(t.key, (t.amount, t.state, sides, t.expires_at));
             }
             TransferKind::PostPending | TransferKind::VoidPending => {
                 if t.kind == TransferKind::PostPending {
@@ -159,6 +187,9 @@ impl Verifier {
         let mut totals: HashMap<(TenantId, Currency), Sums> = HashMap::new();
         let accounts = std::mem::take(&mut self.accounts);
         for (key, (currency, sums, _)) in &accounts {
+            if let Some(moved) = self.transfer_currencies.get(key).filter(|moved| *moved != currency) {
+                self.violation(format!("account {:032x} in {currency}: transfers in {moved} touch it", key.id.0));
+            }
             let total = totals.entry((key.tenant, *currency)).or_default();
             total.debits_posted += sums.debits_posted;
             total.credits_posted += sums.credits_posted;
@@ -199,7 +230,7 @@ impl Verifier {
         }
         let resolutions = std::mem::take(&mut self.resolutions);
         for (key, list) in &resolutions {
-            let Some(&(amount, state, held)) = self.pendings.get(key) else {
+            let Some(&(amount, state, held, expires_at)) = self.pendings.get(key) else {
                 self.violation(format!("post/void of {:032x}, which is not a pending transfer", key.id.0));
                 continue;
             };
@@ -220,6 +251,12 @@ impl Verifier {
                     by.0, key.id.0
                 ));
             }
+            if expires_at.is_some_and(|expires| sides.timestamp >= expires) {
+                self.violation(format!(
+                    "transfer {:032x}: its {kind:?} of {:032x} comes after the hold expired",
+                    by.0, key.id.0
+                ));
+            }
             let agrees = match kind {
                 TransferKind::PostPending => state == PendingState::Posted && resolved <= amount,
                 _ => state == PendingState::Voided && resolved == amount,
@@ -232,7 +269,7 @@ impl Verifier {
             }
         }
         let pendings = std::mem::take(&mut self.pendings);
-        for (key, (_, state, _)) in &pendings {
+        for (key, (_, state, _, _)) in &pendings {
             if matches!(state, PendingState::Posted | PendingState::Voided) && !resolutions.contains_key(key) {
                 self.violation(format!("pending transfer {:032x} is {state:?} but nothing resolved it", key.id.0));
             }

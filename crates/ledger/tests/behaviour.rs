@@ -174,6 +174,29 @@ fn closed_accounts_take_no_new_transfers_but_holds_can_still_be_voided() {
     assert_eq!(l.transfers(NOW, &[void])[0].result, TransferResult::Created);
 }
 
+/// Creating an account again: a request for it closed does not match it open (409), while the
+/// request that created it open still matches it after it was closed (a retry reads `exists`).
+#[test]
+fn a_request_to_create_an_account_closed_does_not_match_it_open() {
+    let mut l = setup();
+    let new = |flags: u16| NewAccount {
+        key: AccountKey { tenant: T, id: AccountId(9) },
+        currency: brl(),
+        code: 1,
+        flags: AccountFlags(flags),
+        credit_limit: 0,
+        metadata: None,
+        holder: None,
+    };
+    let create = |l: &mut MemoryLedger, flags: u16| l.accounts(NOW, &[AccountCommand::Create(new(flags))])[0].0;
+    assert_eq!(create(&mut l, 0), AccountResult::Created);
+    assert_eq!(create(&mut l, AccountFlags::CLOSED), AccountResult::ExistsWithDifferentFields);
+    assert!(!l.accounts[&new(0).key].flags.closed(), "nothing closed");
+    assert_eq!(l.accounts(NOW, &[AccountCommand::Close(new(0).key)])[0].0, AccountResult::Closed);
+    assert_eq!(create(&mut l, 0), AccountResult::Exists);
+    assert_eq!(create(&mut l, AccountFlags::CLOSED), AccountResult::Exists);
+}
+
 #[test]
 fn another_tenants_accounts_do_not_exist() {
     let mut l = setup();
@@ -222,6 +245,97 @@ fn verify_catches_a_post_between_other_accounts_than_its_hold() {
     assert!(violations[0].0.contains("other accounts"), "{violations:?}");
     let violations = report(&l, &|_| {}, &|t| t.timestamp -= 10);
     assert!(violations.iter().any(|v| v.0.contains("comes before the hold")), "{violations:?}");
+}
+
+/// A chain failed by one event's request alone (a post naming pending id zero) is not remembered:
+/// its other events stay free, and the chain corrected goes through.
+#[test]
+fn a_chain_failed_by_a_malformed_event_is_not_remembered() {
+    let mut l = setup();
+    let hold =
+        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 300, timeout_seconds: 0 });
+    assert_eq!(l.transfers(NOW, &[hold])[0].result, TransferResult::Created);
+    let mut first = posted(2, ALICE, BOB, 10);
+    first.linked = true;
+    let results = |l: &mut MemoryLedger, pending: u128| {
+        let post = ev(3, EventKind::PostPending { pending_id: TransferId(pending), amount: None });
+        l.transfers(NOW, &[first.clone(), post]).iter().map(|o| o.result).collect::<Vec<_>>()
+    };
+    assert_eq!(results(&mut l, 0), [TransferResult::LinkedEventFailed, TransferResult::PendingTransferNotFound]);
+    assert!(!l.transfers.contains_key(&TransferKey { tenant: T, id: TransferId(2) }), "nothing remembered");
+    assert_eq!(results(&mut l, 1), [TransferResult::Created, TransferResult::Created]);
+    assert_eq!(balance(&l, ALICE), (310, 1000, 0, 0, 690));
+}
+
+/// Storage edited so that every balance still agrees with its transfers, each edit breaking a
+/// rule: a transfer in another currency than its accounts', a post after its hold expired, a
+/// hold whose expiry is not its timestamp plus its timeout, an expired hold that had none.
+#[test]
+fn verify_catches_a_transfer_in_another_currency_and_a_post_after_expiry() {
+    let mut l = setup();
+    let hold =
+        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 300, timeout_seconds: 1 });
+    let post = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: None });
+    assert!(l.transfers(NOW, &[hold, post]).iter().all(|o| o.result == TransferResult::Created));
+    let report = |edit: &dyn Fn(&mut Transfer)| {
+        let mut v = verify::Verifier::new();
+        l.accounts.values().for_each(|a| v.account(a));
+        for entry in l.transfers.values() {
+            match entry {
+                Entry::Created(t) => {
+                    let mut t = t.clone();
+                    edit(&mut t);
+                    v.entry(&Entry::Created(t));
+                }
+                e => v.entry(e),
+            }
+        }
+        v.finish().violations
+    };
+    assert_eq!(report(&|_| {}), []);
+    let one = |edit: &dyn Fn(&mut Transfer), expected: &str| {
+        let violations = report(edit);
+        assert!(violations.iter().any(|v| v.0.contains(expected)), "{expected}: {violations:?}");
+    };
+    let usd = Currency::parse("USD").unwrap();
+    one(
+        &|t| {
+            if t.key.id == TransferId(100) {
+                t.currency = usd;
+            }
+        },
+        "in BRL: transfers in USD touch it",
+    );
+    let hold_at = match &l.transfers[&TransferKey { tenant: T, id: TransferId(1) }] {
+        Entry::Created(t) => t.timestamp,
+        e => panic!("{e:?}"),
+    };
+    one(
+        &|t| {
+            if t.key.id == TransferId(2) {
+                t.timestamp = hold_at + 1_000_000_000;
+            }
+        },
+        "after the hold expired",
+    );
+    one(
+        &|t| {
+            if t.key.id == TransferId(1) {
+                t.expires_at = Some(hold_at + 5_000_000_000);
+            }
+        },
+        "not its timestamp",
+    );
+    one(
+        &|t| {
+            if t.key.id == TransferId(1) {
+                t.timeout_seconds = 0;
+                t.expires_at = None;
+                t.state = PendingState::Expired;
+            }
+        },
+        "expired but has no timeout",
+    );
 }
 
 #[test]

@@ -252,8 +252,10 @@ impl Model {
                     })),
                     Some((at, code)) => {
                         *self = snapshot;
-                        let remember =
-                            !code.is_validation() && code != R::IdAlreadyFailed && code != R::ExistsWithDifferentFields;
+                        let remember = !code.is_validation()
+                            && validate_event(&chain[at]).is_ok()
+                            && code != R::IdAlreadyFailed
+                            && code != R::ExistsWithDifferentFields;
                         for (i, e) in chain.iter().enumerate() {
                             let k = (e.key.tenant.0, e.key.id.0);
                             let r = match self.entries.get(&k) {
@@ -311,8 +313,36 @@ impl Model {
 enum Op {
     Accounts(Vec<NewAccount>),
     Transfers(Vec<TransferEvent>),
+    /// An earlier batch of transfers sent again (a client's retry): the `.0`-th (modulo their
+    /// number), whole, or with one event (the `.1`-th) changed as `.2` says: 0 as it was, 1 its
+    /// amount, 2 its code, 3 its metadata, 4 its `linked` flag.
+    Replay(usize, usize, u8),
+    Close(u128, u128),
     Advance(u64),
     Expire,
+}
+
+/// `events` with its `at`-th event (modulo their number) changed as [`Op::Replay`] says.
+fn changed(mut events: Vec<TransferEvent>, at: usize, change: u8) -> Vec<TransferEvent> {
+    let n = events.len();
+    let e = &mut events[at % n];
+    match change {
+        1 => match &mut e.kind {
+            EventKind::Posted { amount, .. } | EventKind::Pending { amount, .. } => *amount = amount.wrapping_add(1),
+            EventKind::PostPending { amount, .. } => *amount = Some(amount.map_or(1, |a| a.wrapping_add(1))),
+            EventKind::VoidPending { pending_id } => pending_id.0 += 1,
+        },
+        2 => e.code ^= 1,
+        3 => {
+            e.metadata = Some(match e.metadata.take() {
+                Some(_) => r#"{"retry":2}"#.to_owned(),
+                None => r#"{"retry":1}"#.to_owned(),
+            })
+        }
+        4 => e.linked = !e.linked,
+        _ => {}
+    }
+    events
 }
 
 fn currency() -> impl Strategy<Value = Currency> {
@@ -372,6 +402,8 @@ fn op() -> impl Strategy<Value = Op> {
             if let Some(last) = events.last_mut() { if last.linked && last.code == 0 { last.linked = false; } }
             Op::Transfers(events)
         }),
+        3 => (any::<usize>(), any::<usize>(), 0u8..5).prop_map(|(batch, at, change)| Op::Replay(batch, at, change)),
+        1 => (0..TENANTS, 1..=ACCOUNT_IDS).prop_map(|(tenant, id)| Op::Close(tenant, id)),
         1 => prop_oneof![(0u64..3_000_000_000), (0u64..4).prop_map(|s| s * 1_000_000_000)].prop_map(Op::Advance),
         1 => Just(Op::Expire),
     ]
@@ -381,7 +413,17 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let mut engine = MemoryLedger::new();
     let mut model = Model::default();
     let mut now = 1_700_000_000_000_000_000u64;
+    let mut sent: Vec<Vec<TransferEvent>> = Vec::new();
     for op in ops {
+        let replayed;
+        let op = match op {
+            Op::Replay(_, _, _) if sent.is_empty() => continue,
+            Op::Replay(batch, at, change) => {
+                replayed = Op::Transfers(changed(sent[batch % sent.len()].clone(), *at, *change));
+                &replayed
+            }
+            op => op,
+        };
         match op {
             Op::Accounts(news) => {
                 let commands: Vec<AccountCommand> = news.iter().cloned().map(AccountCommand::Create).collect();
@@ -419,7 +461,22 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     prop_assert_eq!(result, expected, "account {:?}", new);
                 }
             }
+            Op::Close(tenant, id) => {
+                let key = AccountKey { tenant: TenantId(*tenant), id: AccountId(*id) };
+                let (result, _) = engine.accounts(now, &[AccountCommand::Close(key)])[0].clone();
+                let expected = match model.accounts.get_mut(&(*tenant, *id)) {
+                    None => AccountResult::AccountNotFound,
+                    Some(a) if a.flags.closed() => AccountResult::AlreadyClosed,
+                    Some(a) => {
+                        a.flags.0 |= AccountFlags::CLOSED;
+                        AccountResult::Closed
+                    }
+                };
+                prop_assert_eq!(result, expected, "close {:?}", key);
+            }
+            Op::Replay(..) => unreachable!("replaced by the batch it replays"),
             Op::Transfers(events) => {
+                sent.push(events.clone());
                 let got: Vec<TransferResult> = engine.transfers(now, events).into_iter().map(|o| o.result).collect();
                 let expected = model.batch(now, events);
                 // The model reports a repeated id inside one successful chain as created; the

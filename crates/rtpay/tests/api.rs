@@ -853,6 +853,15 @@ fn batches_linked_all_or_nothing_and_unlinked_per_item() {
         assert_eq!(balances(&mut c, &key, &accounts).await, before);
         let mut items = items;
         items[3] = item(&x, &y, 3);
+        // An id given twice with two bodies is a conflict the request shows alone: refused whole,
+        // linked or not (the same id with the same body is a repeat, below).
+        let mut twice = items.clone();
+        twice[4]["amount"] = json!(7);
+        for linked in [false, true] {
+            let r = post(&mut c, "/v1/transfers/batch", &key, &json!({"transfers": twice, "linked": linked})).await;
+            assert_problem(&r, 422, "duplicate_id", Some("transfers[4].id"), "one id, two bodies");
+            assert_eq!(balances(&mut c, &key, &accounts).await, before);
+        }
         let r = post(&mut c, "/v1/transfers/batch", &key, &json!({"transfers": items, "linked": false})).await;
         assert_status(&r, 200, "unlinked batch");
         let expected: Vec<(u64, String, String)> = items

@@ -173,12 +173,25 @@ pub async fn create_batch(
         ));
     }
     let linked = body.linked.unwrap_or(false);
-    let mut ids = Vec::with_capacity(body.transfers.len());
-    let mut events = Vec::with_capacity(body.transfers.len());
+    let mut events: Vec<TransferEvent> = Vec::with_capacity(body.transfers.len());
+    // An id given twice must name the same transfer both times: two different bodies under one id
+    // are a conflict the request shows alone, refused whole (unlinked, the first would be applied
+    // and the second answered `exists_with_different_fields`).
+    let mut first_of = std::collections::HashMap::with_capacity(body.transfers.len());
     for (index, item) in body.transfers.into_iter().enumerate() {
-        ids.push(item.id.clone());
         let mut event = item.into_event(index, tenant.ledger_id())?;
         event.linked = linked;
+        if let Some(&first) = first_of.get(&event.key.id) {
+            if events[first] != event {
+                return Err(Problem::invalid(
+                    format!("transfers[{index}].id"),
+                    "duplicate_id",
+                    format!("transfers[{first}] has this id with another body: one id names one transfer"),
+                ));
+            }
+        } else {
+            first_of.insert(event.key.id, index);
+        }
         events.push(event);
     }
     if let Some(last) = events.last_mut() {
@@ -186,6 +199,7 @@ pub async fn create_batch(
     }
     let first = events.first().map(|e| uuid_string(e.key.id.0)).unwrap_or_default();
     audit.0.set_resource(format!("{} transfers from {first}", events.len()));
+    let ids: Vec<TransferId> = events.iter().map(|e| e.key.id).collect();
     let outcomes = apply(&state, &audit, events, true).await?;
     let results = outcomes
         .into_iter()
@@ -193,7 +207,7 @@ pub async fn create_batch(
         .enumerate()
         .map(|(index, (o, id))| BatchResult {
             index,
-            id,
+            id: uuid_string(id.0),
             result: o.result.as_str(),
             transfer: o.transfer.as_ref().map(TransferView::of),
         })
