@@ -20,6 +20,12 @@ use crate::{Result, StoreError, Writer};
 /// latency grow without bound.
 pub const QUEUE_LEN_MAX: usize = 16 * 1024;
 
+/// Ledger events (and audit drafts) waiting for the writer, over all queued requests: four full
+/// batches. Past it, a request is answered `Busy` too: requests of 8,190 transfers each, sent
+/// while the writer waits on a database that went away, would otherwise fill `QUEUE_LEN_MAX`
+/// slots with gigabytes.
+pub const QUEUED_EVENTS_MAX: usize = 4 * BATCH_EVENTS_MAX;
+
 /// The most ledger events one batch applies: one commit, one fsync.
 pub const BATCH_EVENTS_MAX: usize = 4 * BATCH_LEN_MAX;
 
@@ -108,6 +114,8 @@ pub struct EngineStats {
     pub commit_failures: AtomicU64,
     pub expired: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// Events of the requests queued (see [`QUEUED_EVENTS_MAX`]).
+    pub queued_events: AtomicU64,
     /// Commit latency histogram, upper bounds in [`COMMIT_BUCKETS_US`] (+Inf last).
     pub commit_us_buckets: [AtomicU64; 12],
     pub commit_us_sum: AtomicU64,
@@ -150,11 +158,12 @@ impl Engine {
         clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
         gather_max: Duration,
     ) -> Engine {
+        abort_on_engine_panics();
         let (sender, receiver) = mpsc::sync_channel(QUEUE_LEN_MAX);
         let stats = Arc::new(EngineStats::default());
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
-            .name("rtpay-writer".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || run(writer, receiver, clock, thread_stats, gather_max))
             .expect("spawning the writer thread");
         Engine { sender: Some(sender), thread: Some(thread), stats }
@@ -206,13 +215,23 @@ impl Engine {
             return Ok(());
         }
         let sender = self.sender.as_ref().expect("engine running");
+        let events = command.len() as u64;
+        if self.stats.queued_events.fetch_add(events, Ordering::Relaxed) + events > QUEUED_EVENTS_MAX as u64 {
+            self.stats.queued_events.fetch_sub(events, Ordering::Relaxed);
+            return Err(StoreError::Busy);
+        }
         match sender.try_send(Job { command, audit, records, guards, reply }) {
             Ok(()) => {
                 self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(TrySendError::Full(_)) => Err(StoreError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(StoreError::Unavailable("writer stopped".into())),
+            Err(e) => {
+                self.stats.queued_events.fetch_sub(events, Ordering::Relaxed);
+                match e {
+                    TrySendError::Full(_) => Err(StoreError::Busy),
+                    TrySendError::Disconnected(_) => Err(StoreError::Unavailable("writer stopped".into())),
+                }
+            }
         }
     }
 
@@ -281,7 +300,7 @@ fn run(
         let stats = stats.clone();
         let progress = progress.clone();
         let thread = std::thread::Builder::new()
-            .name("rtpay-syncer".into())
+            .name(SYNCER_THREAD.into())
             .spawn(move || sync_then_reply(sync, receiver, &stats, &progress))
             .expect("spawning the syncer thread");
         (sender, thread)
@@ -304,6 +323,29 @@ fn run(
         let _ = thread.join();
     }
 }
+
+/// Makes a panic on the writer's or the syncer's thread stop the process (SIGABRT), before
+/// anything unwinds. A writer or syncer that panicked (a broken invariant, a reply that panicked)
+/// would leave a node answering 503 to every write while `/readyz` still said ready; and
+/// unwinding would drop the writer's connection, whose write-ahead log would then write out the
+/// frames its unfinished batch had gathered, where another connection's commit may have put its
+/// own. As after a failed sync, only a restart, which reads storage back, is sound. The process's
+/// panic hook runs first (it prints the message); installed once, around whatever hook was set.
+fn abort_on_engine_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            if matches!(std::thread::current().name(), Some(WRITER_THREAD | SYNCER_THREAD)) {
+                std::process::abort();
+            }
+        }));
+    });
+}
+
+const WRITER_THREAD: &str = "rtpay-writer";
+const SYNCER_THREAD: &str = "rtpay-syncer";
 
 /// Batches handed to the syncer, and batches it synced.
 #[derive(Default)]
@@ -393,6 +435,7 @@ fn run_batches(
             }
         }
         stats.queue_depth.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
+        stats.queued_events.fetch_sub(events as u64, Ordering::Relaxed);
         let sweep = last_sweep.elapsed() >= EXPIRY_INTERVAL || jobs.is_empty();
         if sweep {
             last_sweep = Instant::now();
@@ -716,6 +759,35 @@ mod tests {
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.status), Some(libc::SIGABRT), "{stdout}");
     }
 
+    /// A panic on the writer's thread (here, a reply that panics) stops the process (SIGABRT), as
+    /// a failed sync does, rather than leaving a node that can no longer write. Run in a child
+    /// process: this test's binary, with this test alone.
+    #[test]
+    fn a_panic_on_the_writers_thread_stops_the_process() {
+        const CHILD: &str = "RTPAY_TEST_WRITER_PANIC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let writer = DeferringWriter { commits: Arc::new(AtomicU64::new(0)), owed: false, sync: None };
+            let engine = Engine::start(Box::new(writer), Arc::new(|| 1_000));
+            engine.submit(Command::Audit(vec![draft(1)]), Box::new(|_| panic!("injected"))).unwrap();
+            std::thread::sleep(Duration::from_secs(10));
+            println!("the process outlived its writer");
+            return;
+        }
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "engine::tests::a_panic_on_the_writers_thread_stops_the_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        assert!(!stdout.contains("outlived"), "{stdout}");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.status), Some(libc::SIGABRT), "{stdout}");
+    }
+
     /// A chain's result names its cause; a chain whose events all failed only for being linked
     /// to a failure (repeated in part) is not taken for a success.
     #[test]
@@ -779,6 +851,50 @@ mod tests {
         assert_eq!(commits.load(Ordering::SeqCst), 2);
         assert_eq!(engine.stats.batches.load(Ordering::Relaxed), 2);
         assert_eq!(engine.stats.events.load(Ordering::Relaxed), 4);
+        engine.stop();
+    }
+
+    /// Past `QUEUED_EVENTS_MAX` events waiting, over all queued requests, a request is answered
+    /// `Busy` at once, however few requests wait; once the writer takes them, requests are
+    /// accepted again.
+    #[test]
+    fn a_queue_holding_its_most_events_answers_busy() {
+        let commits = Arc::new(AtomicU64::new(0));
+        let (permit, permits) = mpsc::channel();
+        let writer =
+            DeferringWriter { commits: commits.clone(), owed: false, sync: Some(Box::new(GatedSync(permits))) };
+        let engine = Engine::start_gathering(Box::new(writer), Arc::new(|| 1_000), Duration::from_secs(30));
+        let (replied, replies) = mpsc::channel();
+        let submit = |n: usize| {
+            let replied = replied.clone();
+            let drafts = (0..n).map(draft).collect();
+            engine.submit(
+                Command::Audit(drafts),
+                Box::new(move |r| {
+                    let _ = replied.send(r.is_ok());
+                }),
+            )
+        };
+        submit(1).unwrap();
+        let started = Instant::now();
+        while commits.load(Ordering::SeqCst) < 1 {
+            assert!(started.elapsed() < Duration::from_secs(10), "the first request was never committed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Its sync is held: what follows waits in the queue.
+        for _ in 0..QUEUED_EVENTS_MAX / BATCH_EVENTS_MAX {
+            submit(BATCH_EVENTS_MAX).unwrap();
+        }
+        assert!(matches!(submit(1), Err(StoreError::Busy)), "five requests, but the queue's events are at the bound");
+        for _ in 0..8 {
+            permit.send(()).unwrap();
+        }
+        for _ in 0..5 {
+            assert_eq!(replies.recv_timeout(Duration::from_secs(30)), Ok(true));
+        }
+        submit(1).unwrap();
+        assert_eq!(replies.recv_timeout(Duration::from_secs(30)), Ok(true));
+        assert_eq!(engine.stats.queued_events.load(Ordering::Relaxed), 0);
         engine.stop();
     }
 
