@@ -262,6 +262,8 @@ fn bad_input_is_refused_with_the_field_and_rule_and_changes_nothing() {
             case("amount 2^63-1 is valid input; the ledger refuses it", M::POST, tr, Some(amount_2_63_minus_1.into_bytes()), json_ct, 422, "insufficient_funds", Some("amount"), k),
             case("code beyond u16", M::POST, tr, Some(bytes(&with(&valid, "code", json!(70_000)))), json_ct, 422, "invalid_field", Some("code"), k),
             case("metadata not an object", M::POST, tr, Some(bytes(&with(&valid, "metadata", json!([1])))), json_ct, 422, "invalid_field", Some("metadata"), k),
+            case("a metadata key given twice", M::POST, ac, Some(br#"{"currency":"BRL","metadata":{"ref":1,"ref":2}}"#.to_vec()), json_ct, 422, "duplicate_field", Some("metadata"), k),
+            case("a key given twice deep in metadata", M::POST, tr, Some(valid_text_with_metadata(&valid, r#"{"o":[{"a":1,"b":{"c":1,"c":1}}]}"#)), json_ct, 422, "duplicate_field", Some("metadata.o[0].b"), k),
             case("metadata too long", M::POST, tr, Some(bytes(&with(&valid, "metadata", json!({"x": "y".repeat(5000)})))), json_ct, 422, "metadata_too_long", Some("metadata"), k),
             // Shape.
             case("unknown top-level field", M::POST, tr, Some(bytes(&with(&valid, "amont", json!(1)))), json_ct, 422, "unknown_field", Some("amont"), k),
@@ -784,6 +786,13 @@ fn results(v: &Value) -> Vec<(u64, String, String)> {
             )
         })
         .collect()
+}
+
+/// `body` as JSON text with `metadata` written as given (`json!` cannot repeat a key).
+fn valid_text_with_metadata(body: &Value, metadata: &str) -> Vec<u8> {
+    let text = serde_json::to_string(body).unwrap();
+    let open = text.strip_suffix('}').unwrap();
+    format!(r#"{open},"metadata":{metadata}}}"#).into_bytes()
 }
 
 #[test]

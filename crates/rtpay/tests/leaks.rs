@@ -164,6 +164,27 @@ fn no_card_number_document_or_secret_is_found_in_logs_storage_or_backups() {
             responses.push(c.get(&format!("/v1/accounts/{account_id}"), token).await.unwrap().body);
         }
         responses.push(c.post("/v1/tenants", &key, &json!({"name": "x"})).await.unwrap().body);
+        // A secret pasted where a name belongs: a query parameter's name, or a body's key, even
+        // one that starts like a name and goes on past a backtick (serde quotes the key whole, up
+        // to its own "`, expected"). Refused, and not echoed.
+        let keyed = |name: String| {
+            let mut body = serde_json::Map::new();
+            body.insert("currency".into(), json!("BRL"));
+            body.insert(name, json!(1));
+            Bytes::from(serde_json::to_vec(&body).unwrap())
+        };
+        for (path, body) in [
+            (format!("/v1/accounts/{account_id}/transfers?{key}=1"), None),
+            (format!("/v1/accounts/{account_id}/transfers?limit=2&{revoked}"), None),
+            ("/v1/accounts".to_owned(), Some(keyed(format!("holder`{key}")))),
+            ("/v1/accounts".to_owned(), Some(keyed(format!("x`, expected `a` or `b`{key}")))),
+        ] {
+            let method = if body.is_some() { Method::POST } else { Method::GET };
+            let r = c.send(method, &path, Some(&key), body).await.unwrap();
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            assert_eq!(r.status, 422, "{path}: {text}");
+            assert!(text.contains("unknown_") && !text.contains(&key) && !text.contains(&revoked), "{path}: {text}");
+        }
 
         // The card flows: a card issued and revealed, then the network's messages — approved,
         // declined, malformed — all carrying its number.

@@ -53,11 +53,8 @@ pub fn check_amount(field: &str, amount: u64) -> Result<u64, Problem> {
 }
 
 /// Metadata: a JSON object, stored as canonical (key-sorted) JSON text of bounded size.
-pub fn metadata_text(
-    field: &str,
-    value: Option<serde_json::Map<String, serde_json::Value>>,
-) -> Result<Option<String>, Problem> {
-    let Some(map) = value else { return Ok(None) };
+pub fn metadata_text(field: &str, value: Option<Metadata>) -> Result<Option<String>, Problem> {
+    let Some(Metadata(map)) = value else { return Ok(None) };
     let text = serde_json::to_string(&map).expect("JSON values serialize");
     if text.len() > METADATA_LEN_MAX {
         return Err(Problem::invalid(
@@ -67,6 +64,81 @@ pub fn metadata_text(
         ));
     }
     Ok(Some(text))
+}
+
+/// A client's `metadata`: a JSON object holding any JSON, but no key twice in one object, at any
+/// depth. (serde_json's own map keeps a repeated key's last value without a word, while the API
+/// refuses a repeated key everywhere else: `{"a":1,"a":2}` would be taken, and stored, as
+/// `{"a":2}`.) Refused with the message `repeated key `NAME``, which `json::Json` turns into
+/// `duplicate_field`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Metadata(pub serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(UniqueKeys).map(|v| match v {
+            serde_json::Value::Object(map) => Metadata(map),
+            _ => unreachable!("a map visitor makes objects"),
+        })
+    }
+}
+
+/// Any JSON value, refusing a key repeated in any of its objects.
+struct UniqueKeys;
+
+struct UniqueValue(serde_json::Value);
+
+impl<'de> Deserialize<'de> for UniqueValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeys).map(UniqueValue)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_unit<E>(self) -> Result<serde_json::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<serde_json::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<serde_json::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<serde_json::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<serde_json::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<serde_json::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<serde_json::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<serde_json::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<serde_json::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let UniqueValue(value) = map.next_value()?;
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!("repeated key `{key}`")));
+            }
+            object.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(object))
+    }
 }
 
 fn metadata_value(text: &Option<String>) -> Option<serde_json::Value> {
@@ -182,9 +254,10 @@ pub struct AccountBody {
     pub code: Option<u16>,
     pub flags: Option<FlagsBody>,
     /// Overdraft allowed on the flagged side, in minor units.
+    #[schema(maximum = 9223372036854775807_u64)]
     pub credit_limit: Option<u64>,
     #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub metadata: Option<Metadata>,
     /// The account holder (`POST /v1/holders`) of the same tenant.
     #[schema(format = Uuid)]
     pub holder_id: Option<String>,
@@ -300,10 +373,11 @@ pub struct TransferBody {
     /// Place a hold instead of moving the money now.
     pub pending: Option<bool>,
     /// For a hold: seconds until it expires and is released (0 or absent: never).
+    #[schema(maximum = 2147483647)]
     pub timeout_seconds: Option<u32>,
     pub code: Option<u16>,
     #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub metadata: Option<Metadata>,
 }
 
 /// `POST /v1/transfers/{pending_id}/post` and `/void`.
@@ -318,7 +392,7 @@ pub struct ResolveBody {
     pub amount: Option<u64>,
     pub code: Option<u16>,
     #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub metadata: Option<Metadata>,
 }
 
 /// `POST /v1/transfers/{pending_id}/void`, as the document shows it: the handler reads a
@@ -332,7 +406,7 @@ pub struct VoidBody {
     id: String,
     code: Option<u16>,
     #[schema(value_type = Option<Object>)]
-    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    metadata: Option<Metadata>,
 }
 
 /// One item of `POST /v1/transfers/batch`: a transfer (as `POST /v1/transfers`), or a post or
@@ -349,6 +423,7 @@ pub struct BatchItem {
     #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub amount: Option<u64>,
     pub pending: Option<bool>,
+    #[schema(maximum = 2147483647)]
     pub timeout_seconds: Option<u32>,
     #[schema(format = Uuid)]
     pub post_pending_id: Option<String>,
@@ -356,13 +431,14 @@ pub struct BatchItem {
     pub void_pending_id: Option<String>,
     pub code: Option<u16>,
     #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub metadata: Option<Metadata>,
 }
 
 #[derive(Deserialize, ToSchema, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
-    /// At most 8,190 items.
+    /// 1 to 8,190 items.
+    #[schema(min_items = 1, max_items = 8190)]
     pub transfers: Vec<BatchItem>,
     /// All or nothing: if one fails, none applies.
     pub linked: Option<bool>,
@@ -410,7 +486,7 @@ pub struct EventParts<'a> {
     pub tenant: TenantId,
     pub id: &'a str,
     pub code: Option<u16>,
-    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub metadata: Option<Metadata>,
 }
 
 impl EventParts<'_> {
@@ -671,7 +747,7 @@ pub struct BatchView {
 #[derive(Serialize, ToSchema, Debug)]
 pub struct TransferPage {
     pub data: Vec<TransferView>,
-    /// Pass as `cursor` to get the next (older) page; absent on the last page.
+    /// Pass as `cursor` to get the next (older) page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
 

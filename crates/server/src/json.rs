@@ -171,7 +171,7 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                         Some(path) if path == name || path.ends_with(&format!(".{name}")) => path,
                         parent => child(parent, name),
                     };
-                    let (code, field, message) = if let Some(name) = quoted(&message, "unknown field `") {
+                    let (code, field, message) = if let Some(name) = unknown_field_name(&message) {
                         if !shown_as_field(&name) {
                             // A key that is no field name (a secret, a card number, a long text)
                             // is not echoed back.
@@ -190,6 +190,21 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                         ("missing_field", Some(child(field, name)), message)
                     } else if let Some(name) = quoted(&message, "duplicate field `") {
                         ("duplicate_field", Some(read_key(field, name)), format!("{message}: each key may appear once"))
+                    } else if let Some(name) =
+                        message.strip_prefix("repeated key `").and_then(|rest| rest.strip_suffix('`'))
+                    {
+                        // A key inside `metadata`: the client's own text, named only if it is a name.
+                        let field =
+                            field.map(|path| path.strip_suffix(&format!(".{name}")).unwrap_or(&path).to_owned());
+                        if shown_as_field(name) {
+                            let detail =
+                                format!("the key `{name}` appears twice in one object: each key may appear once");
+                            ("duplicate_field", field, detail)
+                        } else {
+                            let detail =
+                                "a key appears twice in one object (its name is not shown): each key may appear once";
+                            ("duplicate_field", field, detail.to_owned())
+                        }
                     } else if field.is_none() && message.starts_with("invalid type") {
                         let got = message.split(',').next().unwrap_or("").trim_start_matches("invalid type: ");
                         ("invalid_body", None, format!("the body must be a JSON object, not {got}"))
@@ -236,9 +251,38 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-/// The name quoted after `prefix` in a serde message (`unknown field `x`, expected ...`).
+/// The name quoted after `prefix` in a serde message (`missing field `x``): a field of the type
+/// read, so a name without backticks.
 fn quoted(message: &str, prefix: &str) -> Option<String> {
     message.strip_prefix(prefix).and_then(|rest| rest.split('`').next()).map(str::to_owned)
+}
+
+/// The unknown key a serde message names (`unknown field `KEY`, expected ...`): the client's own
+/// text, which may hold backticks, so the whole of it up to serde's own ending (the last "`,
+/// expected", or "`, there are no fields"), never a prefix that would pass [`shown_as_field`]
+/// while the message echoed the rest.
+fn unknown_field_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let end = match rest.strip_suffix("`, there are no fields") {
+        Some(name) => name.len(),
+        None => rest.rfind("`, expected")?,
+    };
+    Some(rest[..end].to_owned())
+}
+
+/// An unknown query parameter, refused; named only when it is [`shown_as_field`] (a secret
+/// pasted into a URL is not echoed back).
+pub fn unknown_parameter(name: &str, expected: &str) -> Problem {
+    let code = "unknown_parameter";
+    if shown_as_field(name) {
+        Problem::invalid(name, code, format!("unknown query parameter `{name}`; expected {expected}"))
+    } else {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            format!("an unknown query parameter; its name is not shown (longer than 64 characters, or not a name); expected {expected}"),
+        )
+    }
 }
 
 /// A path parameter, like `axum::extract::Path`, but refused as a problem like every other error.

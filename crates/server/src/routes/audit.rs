@@ -93,11 +93,7 @@ fn params_of(params: &HashMap<String, String>, names: &[&str]) -> Result<HashMap
     let mut out = HashMap::new();
     for (name, value) in params {
         if !names.contains(&name.as_str()) {
-            return Err(Problem::invalid(
-                name.clone(),
-                "unknown_parameter",
-                format!("unknown query parameter `{name}`; expected one of {}", names.join(", ")),
-            ));
+            return Err(crate::json::unknown_parameter(name, &format!("one of {}", names.join(", "))));
         }
         // Sequence numbers and sizes are stored as signed 64-bit integers: a larger `after` read
         // as negative would list the log from its start.

@@ -189,11 +189,7 @@ pub fn ledger_problem(code: TransferResult, prefix: &str) -> Problem {
 pub fn page_params(params: &std::collections::HashMap<String, String>) -> Result<store::Page, Problem> {
     for name in params.keys() {
         if name != "limit" && name != "cursor" {
-            return Err(Problem::invalid(
-                name.clone(),
-                "unknown_parameter",
-                format!("unknown query parameter `{name}`; expected `limit` or `cursor`"),
-            ));
+            return Err(crate::json::unknown_parameter(name, "`limit` or `cursor`"));
         }
     }
     let limit = match params.get("limit") {
