@@ -405,24 +405,41 @@ impl Writer for PgWriter {
         }
         let conn = self.conn();
         let result = (|| {
-            // One round trip: open the transaction and take the cluster-wide batch lock.
+            // One round trip: open the transaction, take the cluster-wide batch lock, and read the
+            // schema's version under it.
             let messages = conn
                 .client
                 .simple_query(
-                    "BEGIN; SELECT last_timestamp, audit_frontier, commits FROM ledger_meta WHERE id = 1 FOR UPDATE",
+                    "BEGIN; SELECT last_timestamp, audit_frontier, commits, \
+                     (SELECT max(version) FROM schema_migrations) FROM ledger_meta WHERE id = 1 FOR UPDATE",
                 )
                 .map_err(unavailable)?;
-            let (last, frontier, commits) = messages
+            let (last, frontier, commits, schema) = messages
                 .iter()
                 .find_map(|m| match m {
                     ::postgres::SimpleQueryMessage::Row(row) => Some((
                         row.get(0).map(str::to_owned),
                         row.get(1).map(str::to_owned),
                         row.get(2).map(str::to_owned),
+                        row.get(3).and_then(|v| v.parse::<u32>().ok()),
                     )),
                     _ => None,
                 })
                 .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
+            // A node started before a newer rtpay migrated the database writes as its own version
+            // knew to: an older writer's batches could undo a newer one's (migration 9's count of
+            // commits, which validates cached accounts, is one that earlier nodes never moved).
+            // From the migration on, its writes wait for its upgrade: 503, and the other nodes
+            // serve. (Read in each batch, under its lock: a migration committed while a batch ran
+            // stops the next one. The connection is dropped on this error, its transaction too.)
+            if schema.is_some_and(|v| v as usize > POSTGRES.len()) {
+                return Err(StoreError::Unavailable(format!(
+                    "the database's schema is at version {}, newer than this rtpay knows ({}): this node writes \
+                     nothing until it is upgraded",
+                    schema.unwrap_or_default(),
+                    POSTGRES.len()
+                )));
+            }
             let commits = commits
                 .and_then(|c| c.parse::<i64>().ok())
                 .ok_or_else(|| corrupt("ledger_meta's count of commits is not a number".into()))?;

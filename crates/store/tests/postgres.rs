@@ -34,6 +34,57 @@ fn a_newer_schema_is_refused() {
     assert!(store::Store::append_audit_beside(&location, signer, Vec::new()).is_err());
 }
 
+/// A node already serving when a newer rtpay migrates the database stops writing (503, nothing
+/// applied) rather than write as its older version knew to; it writes again once the schema is
+/// one it knows (here, the future migration's row removed).
+#[test]
+fn a_running_node_stops_writing_once_a_newer_rtpay_migrates() {
+    use ledger::*;
+    let url = store::testing::fresh_postgres_database();
+    let location = Location::Postgres(url.clone());
+    let node = store::Store::open(&location).unwrap();
+    let tenant = TenantId(9);
+    let account = |id: u128| {
+        AccountCommand::Create(NewAccount {
+            key: AccountKey { tenant, id: AccountId(id) },
+            currency: Currency::parse("BRL").unwrap(),
+            code: 1,
+            flags: AccountFlags(0),
+            credit_limit: 0,
+            metadata: None,
+            holder: None,
+        })
+    };
+    let posted = |id: u128| TransferEvent {
+        key: TransferKey { tenant, id: TransferId(id) },
+        kind: EventKind::Posted { debit: AccountId(1), credit: AccountId(2), amount: 5 },
+        code: 1,
+        metadata: None,
+        linked: false,
+    };
+    node.engine.accounts(vec![account(1), account(2)]).unwrap();
+    assert_eq!(node.engine.transfers(vec![posted(10)]).unwrap()[0].result, TransferResult::Created);
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client
+        .execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) \
+             SELECT max(version) + 1, 'future', 0 FROM schema_migrations",
+            &[],
+        )
+        .unwrap();
+    let refused = node.engine.transfers(vec![posted(11)]).expect_err("the older node stops writing");
+    assert!(matches!(refused, store::StoreError::Unavailable(_)), "{refused}");
+    assert!(refused.to_string().contains("newer than this rtpay knows"), "{refused}");
+    let count = |client: &mut postgres::Client| -> i64 {
+        client.query_one("SELECT count(*) FROM transfers", &[]).unwrap().get(0)
+    };
+    assert_eq!(count(&mut client), 1, "nothing applied");
+    client.execute("DELETE FROM schema_migrations WHERE name = 'future'", &[]).unwrap();
+    assert_eq!(node.engine.transfers(vec![posted(11)]).unwrap()[0].result, TransferResult::Created);
+    assert_eq!(count(&mut client), 2);
+    node.close();
+}
+
 /// The database's clock is read, and a node's clock set off from it shows by as much.
 #[test]
 fn a_nodes_clock_is_measured_against_the_databases() {
