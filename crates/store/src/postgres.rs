@@ -622,6 +622,12 @@ impl Writer for PgWriter {
             if let Some(conn) = self.conn.as_mut() {
                 if conn.client.batch_execute("ROLLBACK").is_err() {
                     self.conn = None;
+                } else {
+                    // Nothing committed: the cache holds what was read under this batch's lock
+                    // (changes enter it only once committed), current while the count of commits
+                    // stays the one read then. An idle sweep (every 500 ms, nothing due) no
+                    // longer empties it.
+                    self.accounts_as_of = Some(self.locked_commits);
                 }
             }
         }
