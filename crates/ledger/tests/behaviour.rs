@@ -247,6 +247,29 @@ fn verify_catches_a_post_between_other_accounts_than_its_hold() {
     assert!(violations.iter().any(|v| v.0.contains("comes before the hold")), "{violations:?}");
 }
 
+/// A due hold that its accounts' pending balances do not cover (storage edited behind the ledger's
+/// back) is left pending for `verify` to report, and the sweep goes on with the others: releasing
+/// it would wrap a balance, and a panic would stop the process at every sweep.
+#[test]
+fn a_hold_its_accounts_do_not_cover_is_left_for_verify() {
+    let mut l = setup();
+    let hold = |id: u128| {
+        ev(id, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 100, timeout_seconds: 1 })
+    };
+    assert!(l.transfers(NOW, &[hold(1)]).iter().all(|o| o.result == TransferResult::Created));
+    let bob = AccountKey { tenant: T, id: AccountId(BOB) };
+    l.accounts.get_mut(&bob).unwrap().credits_pending = 40;
+    assert_eq!(l.expire(NOW + 2_000_000_000), 0);
+    assert!(matches!(
+        &l.transfers[&TransferKey { tenant: T, id: TransferId(1) }],
+        Entry::Created(t) if t.state == PendingState::Pending
+    ));
+    assert_eq!(balance(&l, ALICE), (0, 1000, 100, 0, 900));
+    l.accounts.get_mut(&bob).unwrap().credits_pending = 100;
+    assert_eq!(l.expire(NOW + 2_000_000_000), 1, "covered again, it is released");
+    assert_eq!(balance(&l, ALICE), (0, 1000, 0, 0, 1000));
+}
+
 /// A chain failed by one event's request alone (a post naming pending id zero) is not remembered:
 /// its other events stay free, and the chain corrected goes through.
 #[test]

@@ -179,8 +179,8 @@ pub fn init(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// anything not yet re-wrapped (or cached by a running node) stays readable. Returns (new
 /// version, data keys re-wrapped).
 pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
-    let _turn = rotation_turn(config, queries)?;
-    let version = add_version_in_turn(config)?;
+    let _turn = rotation_turn(config, queries, true)?;
+    let version = add_version_in_turn(config, queries)?;
     Ok((version, rewrap_in_turn(config, queries)?.1))
 }
 
@@ -189,22 +189,25 @@ pub fn rotate(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, 
 /// N+1" with a key of its own, and data keys re-wrapped under the one that lost no longer opened.
 /// Every rotation holds, in this order: `ROTATING` (this process's), the storage's turn
 /// ([`store::Queries::key_rotation_turn`]: every process over the same database, on any host),
-/// and for a key file an exclusive `flock` on `<file>.lock` (every process of the host using
-/// that file, whatever its database).
+/// and, when it adds a line to a key file, an exclusive `flock` on `<file>.lock` (every process
+/// of the host using that file, whatever its database). A re-wrap alone writes no key file, and
+/// takes no file lock: its key file may be on a read-only mount.
 struct Turn {
     _file: Option<std::fs::File>,
     _storage: Box<dyn Send>,
     _process: std::sync::MutexGuard<'static, ()>,
 }
 
-fn rotation_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<Turn, Error> {
+fn rotation_turn(config: &KekConfig, queries: &dyn store::Queries, adds_version: bool) -> Result<Turn, Error> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     static ROTATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let process = ROTATING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let storage = queries.key_rotation_turn()?;
     let file = match config {
-        KekConfig::File(path) => {
+        KekConfig::File(path) if adds_version => {
+            // The file a symbolic link names: two links to one key file take one lock.
+            let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
             let mut name = path.as_os_str().to_owned();
             name.push(".lock");
             let lock = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&name)?;
@@ -220,7 +223,7 @@ fn rotation_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<Tur
             }
             Some(lock)
         }
-        KekConfig::Pkcs11 { .. } => None,
+        KekConfig::File(_) | KekConfig::Pkcs11 { .. } => None,
     };
     Ok(Turn { _file: file, _storage: storage, _process: process })
 }
@@ -230,12 +233,24 @@ fn rotation_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<Tur
 /// copy holds the new version, [`rewrap`] puts the data keys under it; a node meeting a data key
 /// under a version its copy lacks answers 503 until its copy catches up.
 pub fn add_version(config: &KekConfig, queries: &dyn store::Queries) -> Result<u32, Error> {
-    let _turn = rotation_turn(config, queries)?;
-    add_version_in_turn(config)
+    let _turn = rotation_turn(config, queries, true)?;
+    add_version_in_turn(config, queries)
 }
 
-fn add_version_in_turn(config: &KekConfig) -> Result<u32, Error> {
+/// Adds version N+1, N being the newest this node's key source holds; refused when tenants' data
+/// keys are already wrapped under N+1 or later: this node's copy of the key file is behind
+/// another's (each node reading its own copy, a rotation elsewhere added N+1 with another key),
+/// and a second "N+1" would wrap data keys no other node can open.
+fn add_version_in_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<u32, Error> {
     let next = load(config, false)?.current_version().ok_or("no key-encryption key configured")? + 1;
+    if let Some(used) = queries.data_keys()?.iter().map(|k| k.kek_version).max().filter(|&v| v >= next) {
+        return Err(format!(
+            "tenants' data keys are wrapped under key-encryption key version {used}, and this node's newest \
+             is {}: its key source is behind the cluster's; give it the current key file (nothing was added)",
+            next - 1
+        )
+        .into());
+    }
     match config {
         KekConfig::File(path) => append_private(path, &FileKek::file_line(next)?)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
@@ -252,7 +267,7 @@ fn add_version_in_turn(config: &KekConfig) -> Result<u32, Error> {
 /// Re-wraps every tenant's data key under the newest KEK version the key source holds, adding
 /// none. Returns (that version, data keys re-wrapped).
 pub fn rewrap(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u32, usize), Error> {
-    let _turn = rotation_turn(config, queries)?;
+    let _turn = rotation_turn(config, queries, false)?;
     rewrap_in_turn(config, queries)
 }
 

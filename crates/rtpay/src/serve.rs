@@ -50,24 +50,41 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 /// Writes a new file readable by its owner only; never replaces one. The file appears whole or
 /// not at all: its contents go to a private file beside it first, which is then linked under its
 /// name (refused if the name exists). A write that fails (a full disk, a size limit) or a crash
-/// leaves no empty or truncated key behind for the next start to trip on.
+/// leaves no empty or truncated key behind for the next start to trip on. (A crash between the
+/// two steps leaves the staged copy, `.<name>.<pid>.<n>.new`, as private as the key.) On a file
+/// system without hard links the file is written in place, as before.
 pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     let staged = staged_private(path, contents)?;
     let linked = std::fs::hard_link(&staged, path);
     let _ = std::fs::remove_file(&staged);
-    linked?;
+    match linked {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && links_unsupported(&e) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+            file.write_all(contents.as_bytes())?;
+            file.sync_all()?;
+        }
+        linked => linked?,
+    }
     sync_parent(path)
 }
 
+/// Whether `link(2)` failed for want of hard links on the file system (vfat, some FUSE mounts).
+fn links_unsupported(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS | libc::EMLINK))
+}
+
 /// Replaces `path` with `contents` (mode 0600), whole or not at all: written beside it, then
-/// renamed over it.
+/// renamed over it. A symbolic link is followed: the file it names is replaced, and the link
+/// stays.
 pub(crate) fn replace_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    let staged = staged_private(path, contents)?;
-    if let Err(e) = std::fs::rename(&staged, path) {
+    let target = std::fs::canonicalize(path)?;
+    let staged = staged_private(&target, contents)?;
+    if let Err(e) = std::fs::rename(&staged, &target) {
         let _ = std::fs::remove_file(&staged);
         return Err(e);
     }
-    sync_parent(path)
+    sync_parent(&target)
 }
 
 /// `contents` in a new private file beside `path`, synced to disk; removed again on failure.

@@ -394,6 +394,51 @@ fn a_rotation_waits_for_the_turn_another_process_holds_on_the_database() {
     assert_eq!(std::fs::read_to_string(keys.join("kek")).unwrap().lines().count(), 2);
 }
 
+/// A rotation from a node whose copy of the key file is behind the cluster's (the data keys are
+/// under a version it lacks) is refused and adds nothing, where it used to add a second "version
+/// N+1"; and a key file reached through a symbolic link gains its version in the file the link
+/// names, the link staying a link.
+#[test]
+fn a_rotation_from_a_key_file_behind_is_refused_and_links_are_followed() {
+    let dir = temp_dir("rotate-behind");
+    let keys = dir.join("keys");
+    let (ok, out) = rtpay(&["keys", "init", "--out", keys.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let token = std::fs::read_to_string(keys.join("operator-token")).unwrap();
+    let url = store::testing::fresh_postgres_database();
+    {
+        let node = KeyedNode::start(&keys, &url);
+        runtime().block_on(async {
+            let mut c = node.client();
+            let r = c.post("/v1/tenants", &token, &json!({"name": "shop"})).await.unwrap();
+            let key = r.json()["api_key"]["secret"].as_str().unwrap().to_owned();
+            let body = json!({"kind": "person", "name": "Maria Souza", "document": "529.982.247-25"});
+            assert_eq!(c.post("/v1/holders", &key, &body).await.unwrap().status, 201);
+        });
+    }
+    let behind = dir.join("behind");
+    std::fs::create_dir_all(&behind).unwrap();
+    std::fs::copy(keys.join("kek"), behind.join("kek")).unwrap();
+    let audit_key = keys.join("audit-signing-key");
+    let rotate = |kek: &std::path::Path| {
+        let kek = format!("file:{}", kek.display());
+        rtpay(&["keys", "rotate", "--postgres", &url, "--kek", &kek, "--audit-key", audit_key.to_str().unwrap()])
+    };
+    let (ok, out) = rotate(&keys.join("kek"));
+    assert!(ok && out.contains("version 2 created; 1 data key(s) re-wrapped"), "{out}");
+    let (ok, out) = rotate(&behind.join("kek"));
+    assert!(!ok && out.contains("its key source is behind"), "{out}");
+    assert_eq!(std::fs::read(behind.join("kek")).unwrap(), std::fs::read(keys.join("kek")).unwrap()[..67]);
+
+    let linked = dir.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::os::unix::fs::symlink(keys.join("kek"), linked.join("kek")).unwrap();
+    let (ok, out) = rotate(&linked.join("kek"));
+    assert!(ok && out.contains("version 3 created"), "{out}");
+    assert!(std::fs::symlink_metadata(linked.join("kek")).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(keys.join("kek")).unwrap().lines().count(), 3);
+}
+
 /// A rotation where each node reads its own copy of the key file (a mounted Secret): the new
 /// version is added first (nothing re-wrapped, every node still reads every record), then the
 /// data keys are re-wrapped; a node whose copy lags answers 503 with Retry-After, never a 500,

@@ -161,7 +161,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
             match inner.classify() {
                 serde_json::error::Category::Data => {
                     let field = if path == "." { None } else { Some(path) };
-                    let message = strip_position(&message);
+                    // Without serde's " at line L column C", exactly: a key the client wrote with
+                    // " at line " inside it stays whole, and is judged whole.
+                    let position = format!(" at line {} column {}", inner.line(), inner.column());
+                    let message = message.strip_suffix(&position).unwrap_or(&message).to_owned();
                     let child = |parent: Option<String>, name: String| match parent {
                         Some(parent) => format!("{parent}.{name}"),
                         None => name,
@@ -193,9 +196,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                     } else if let Some(name) =
                         message.strip_prefix("repeated key `").and_then(|rest| rest.strip_suffix('`'))
                     {
-                        // A key inside `metadata`: the client's own text, named only if it is a name.
+                        // A key inside `metadata`: the client's own text, named only if it is a name,
+                        // and so is every key on the path to it.
                         let field =
-                            field.map(|path| path.strip_suffix(&format!(".{name}")).unwrap_or(&path).to_owned());
+                            field.map(|path| shown_path(path.strip_suffix(&format!(".{name}")).unwrap_or(&path)));
                         if shown_as_field(name) {
                             let detail =
                                 format!("the key `{name}` appears twice in one object: each key may appear once");
@@ -244,8 +248,26 @@ fn shown_as_field(name: &str) -> bool {
         && !name.starts_with(crate::auth::OPERATOR_SECRET_PREFIX)
 }
 
+/// `path` up to its first key that is not [`shown_as_field`] (`metadata.a.<secret>.b` names
+/// `metadata.a`).
+fn shown_path(path: &str) -> String {
+    let mut shown = String::new();
+    for segment in path.split('.') {
+        let key = segment.split('[').next().unwrap_or_default();
+        if !shown_as_field(key) {
+            break;
+        }
+        if !shown.is_empty() {
+            shown.push('.');
+        }
+        shown.push_str(segment);
+    }
+    shown
+}
+
+/// serde_json's message without its position (" at line L column C", always last).
 fn strip_position(message: &str) -> String {
-    match message.find(" at line ") {
+    match message.rfind(" at line ") {
         Some(i) => message[..i].to_owned(),
         None => message.to_owned(),
     }

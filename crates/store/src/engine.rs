@@ -329,8 +329,9 @@ fn run(
 /// would leave a node answering 503 to every write while `/readyz` still said ready; and
 /// unwinding would drop the writer's connection, whose write-ahead log would then write out the
 /// frames its unfinished batch had gathered, where another connection's commit may have put its
-/// own. As after a failed sync, only a restart, which reads storage back, is sound. The process's
-/// panic hook runs first (it prints the message); installed once, around whatever hook was set.
+/// own. As after a failed sync, only a restart, which reads storage back, is sound. The hook set
+/// before runs first (the server's withholds the message, which may quote data); installed once
+/// per process, around whatever hook was set then: a hook set later replaces it.
 fn abort_on_engine_panics() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();
     INSTALLED.call_once(|| {

@@ -432,12 +432,13 @@ impl Writer for PgWriter {
             // From the migration on, its writes wait for its upgrade: 503, and the other nodes
             // serve. (Read in each batch, under its lock: a migration committed while a batch ran
             // stops the next one. The connection is dropped on this error, its transaction too.)
-            if schema.is_some_and(|v| v as usize > POSTGRES.len()) {
+            let known = POSTGRES.last().map_or(0, |m| m.version);
+            if schema.is_some_and(|v| v > known) {
                 return Err(StoreError::Unavailable(format!(
                     "the database's schema is at version {}, newer than this rtpay knows ({}): this node writes \
                      nothing until it is upgraded",
                     schema.unwrap_or_default(),
-                    POSTGRES.len()
+                    known
                 )));
             }
             let commits = commits

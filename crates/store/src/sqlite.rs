@@ -83,7 +83,7 @@ fn connect(path: &Path) -> Result<Connection> {
     // default 1,000 pages, so every write through `Queries` (a document, a card, a tenant) ran a
     // checkpoint of its own, fsyncs included, on the request's thread, beside the server's
     // checkpointer (see `Checkpointer`). A process without one (the command line) leaves what it
-    // wrote in the WAL for the next server, which checkpoints it.
+    // wrote to SQLite's checkpoint when its last connection closes, or to the next server's.
     conn.execute_batch("PRAGMA wal_autocheckpoint = 0;").map_err(unavailable)?;
     Ok(conn)
 }
