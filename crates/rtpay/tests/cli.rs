@@ -84,6 +84,115 @@ fn demo_walks_through_the_api_and_exits() {
     assert!(out.contains("\"available\": 5450"), "{out}");
 }
 
+/// The README's five-minute tour, run as written (`cargo run --release --` standing for this
+/// build's binary, on a free port): every command goes through, the only refusals are the two the
+/// tour shows (`insufficient_funds`, `insufficient_scope`), no answer is a 5xx, and what the tour
+/// says happens does (a hold posted, a Pix received and partly refunded, a due-date charge
+/// active, a MED claim returned, the ledger and the audit log verified).
+#[test]
+fn the_readmes_tour_runs_as_written() {
+    let readme = include_str!("../../../README.md");
+    let tour = readme.split("## A five-minute tour").nth(1).and_then(|t| t.split("\n## ").next()).expect("the tour");
+    let mut script = String::new();
+    let mut in_block = false;
+    for line in tour.lines() {
+        match (in_block, line.starts_with("```")) {
+            (false, true) => in_block = line == "```sh",
+            (true, true) => in_block = false,
+            (true, false) => {
+                script.push_str(line);
+                script.push('\n');
+            }
+            (false, false) => {}
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    assert!(
+        script.contains("cargo run --release -- serve --ispb 12345678 &")
+            && script.contains("API=http://127.0.0.1:8080")
+    );
+    let script = script
+        .replace(
+            "cargo run --release -- serve --ispb 12345678 &",
+            &format!("rtpay serve --ispb 12345678 --listen 127.0.0.1:{port} &"),
+        )
+        .replace("API=http://127.0.0.1:8080", &format!("API=http://127.0.0.1:{port}"))
+        .replace("cargo run --release --", "rtpay");
+    let dir = temp_dir("readme-tour");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_rtpay")).parent().unwrap().to_owned();
+    for tool in ["curl", "jq", "uuidgen"] {
+        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success();
+        assert!(found, "{tool} is required: run scripts/setup");
+    }
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let full = format!("set -u\n{script}\nkill %1\nwait\n");
+    // In a process group of its own, killed whole when done (or on a panic): a server the tour
+    // left running must not outlive the test, nor hold its output open.
+    struct Group(i32);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            // SAFETY: a signal to the process group this test started.
+            unsafe { libc::kill(-self.0, libc::SIGKILL) };
+        }
+    }
+    let mut tour = {
+        use std::os::unix::process::CommandExt;
+        Command::new("bash")
+            .args(["-c", &full])
+            .current_dir(&dir)
+            .env("PATH", path)
+            .env_remove("RTPAY_OPERATOR_TOKEN")
+            .env_remove("RTPAY_POSTGRES")
+            .stdout(std::fs::File::create(dir.join("tour.out")).unwrap())
+            .stderr(std::fs::File::create(dir.join("tour.err")).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let group = Group(tour.id() as i32);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = tour.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(group);
+    let _ = tour.wait();
+    let stdout = std::fs::read_to_string(dir.join("tour.out")).unwrap();
+    let stderr = std::fs::read_to_string(dir.join("tour.err")).unwrap();
+    assert!(status.is_some_and(|s| s.success()), "the tour failed ({status:?}):\n{stderr}");
+    for line in stderr.lines().filter(|l| !l.starts_with("{\"timestamp\"") && !l.starts_with('{') && !l.is_empty()) {
+        assert!(
+            line.starts_with("operator token") || line.starts_with("rtpay listening"),
+            "the tour wrote to stderr: {line}\n{stderr}"
+        );
+    }
+    // What the tour shows with `tee /dev/stderr` is on stderr, beside the server's log lines.
+    let stdout = format!("{stdout}\n{stderr}");
+    let refusals: Vec<&str> =
+        stdout.match_indices("\"code\":\"").map(|(i, _)| stdout[i + 8..].split('"').next().unwrap()).collect();
+    assert_eq!(refusals, ["insufficient_funds", "insufficient_scope"], "{stdout}");
+    assert!(!stdout.contains("\"status\":5"), "{stdout}");
+    for expected in [
+        "\"status\":\"posted\"",
+        "\"available\":",
+        "\"document\":\"***.982.247-**\"",
+        "\"number\":\"40000012",
+        "\"status\":\"completed\"",
+        "\"status\":\"DEVOLVIDO\"",
+        "\"status\":\"ATIVA\"",
+        "\"status\":\"returned\"",
+        "every invariant holds",
+        "every hash and signature checks",
+    ] {
+        assert!(stdout.contains(expected), "the tour's output lacks {expected}:\n{stdout}");
+    }
+}
+
 #[test]
 fn migrate_applies_once() {
     let dir = temp_dir("migrate");
