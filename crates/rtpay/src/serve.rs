@@ -61,8 +61,10 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> 
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && links_unsupported(&e) => {
             use std::os::unix::fs::OpenOptionsExt;
             let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-            file.write_all(contents.as_bytes())?;
-            file.sync_all()?;
+            if let Err(e) = file.write_all(contents.as_bytes()).and_then(|()| file.sync_all()) {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
         }
         linked => linked?,
     }

@@ -114,7 +114,7 @@ fn the_readmes_tour_runs_as_written() {
     let script = script
         .replace(
             "cargo run --release -- serve --ispb 12345678 &",
-            &format!("rtpay serve --ispb 12345678 --listen 127.0.0.1:{port} &"),
+            &format!("rtpay serve --ispb 12345678 --listen 127.0.0.1:{port} 2>server.log &"),
         )
         .replace("API=http://127.0.0.1:8080", &format!("API=http://127.0.0.1:{port}"))
         .replace("cargo run --release --", "rtpay");
@@ -125,7 +125,8 @@ fn the_readmes_tour_runs_as_written() {
         assert!(found, "{tool} is required: run scripts/setup");
     }
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
-    let full = format!("set -u\n{script}\nkill %1\nwait\n");
+    // Any command that fails (an unset variable, a failing `rtpay` command) stops the tour.
+    let full = format!("set -euo pipefail\n{script}\nkill %1\nwait\n");
     // In a process group of its own, killed whole when done (or on a panic): a server the tour
     // left running must not outlive the test, nor hold its output open.
     struct Group(i32);
@@ -165,12 +166,21 @@ fn the_readmes_tour_runs_as_written() {
     let stdout = std::fs::read_to_string(dir.join("tour.out")).unwrap();
     let stderr = std::fs::read_to_string(dir.join("tour.err")).unwrap();
     assert!(status.is_some_and(|s| s.success()), "the tour failed ({status:?}):\n{stderr}");
-    for line in stderr.lines().filter(|l| !l.starts_with("{\"timestamp\"") && !l.starts_with('{') && !l.is_empty()) {
-        assert!(
-            line.starts_with("operator token") || line.starts_with("rtpay listening"),
-            "the tour wrote to stderr: {line}\n{stderr}"
-        );
+    // On stderr, only the answers the tour shows with `tee /dev/stderr`: JSON values, one after
+    // another (anything else, an error of a command, fails). The server's log (its stderr, kept
+    // apart so that the two do not interleave) holds nothing above INFO.
+    for line in stderr.lines().filter(|l| !l.is_empty()) {
+        let values: Result<Vec<serde_json::Value>, _> = serde_json::Deserializer::from_str(line).into_iter().collect();
+        values.unwrap_or_else(|e| panic!("the tour wrote to stderr: {line} ({e})\n{stderr}"));
     }
+    let log = std::fs::read_to_string(dir.join("server.log")).unwrap();
+    assert!(log.contains("listening"), "{log}");
+    for line in log.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(matches!(entry["level"].as_str(), Some("INFO" | "DEBUG" | "TRACE")), "the server logged {line}");
+    }
+    assert_eq!(stdout.matches("operator token (shown once").count(), 1, "{stdout}");
+    assert!(stdout.contains("key-encryption key version 2 created"), "{stdout}");
     // What the tour shows with `tee /dev/stderr` is on stderr, beside the server's log lines.
     let stdout = format!("{stdout}\n{stderr}");
     let refusals: Vec<&str> =

@@ -253,8 +253,12 @@ fn shown_as_field(name: &str) -> bool {
 fn shown_path(path: &str) -> String {
     let mut shown = String::new();
     for segment in path.split('.') {
-        let key = segment.split('[').next().unwrap_or_default();
-        if !shown_as_field(key) {
+        let (key, indexes) = segment.split_at(segment.find('[').unwrap_or(segment.len()));
+        // Indexes as serde_path_to_error writes them, `[0][12]`, and nothing else.
+        let only_indexes = indexes
+            .split_terminator(']')
+            .all(|i| i.strip_prefix('[').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())));
+        if !shown_as_field(key) || !only_indexes {
             break;
         }
         if !shown.is_empty() {
