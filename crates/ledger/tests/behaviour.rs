@@ -31,6 +31,11 @@ fn posted(id: u128, d: u128, c: u128, amount: u64) -> TransferEvent {
     ev(id, EventKind::Posted { debit: AccountId(d), credit: AccountId(c), amount })
 }
 
+/// A hold of `amount` from Alice to Bob.
+fn hold(id: u128, amount: u64, timeout_seconds: u32) -> TransferEvent {
+    ev(id, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount, timeout_seconds })
+}
+
 fn balance(l: &MemoryLedger, id: u128) -> (u64, u64, u64, u64, i128) {
     let a = &l.accounts[&AccountKey { tenant: T, id: AccountId(id) }];
     (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending, a.available())
@@ -83,8 +88,7 @@ fn repeats_return_the_first_outcome_and_different_bodies_are_refused() {
 #[test]
 fn partial_post_releases_the_rest_and_a_second_post_is_refused() {
     let mut l = setup();
-    let hold =
-        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 600, timeout_seconds: 0 });
+    let hold = hold(1, 600, 0);
     assert_eq!(l.transfers(NOW, &[hold])[0].result, TransferResult::Created);
     assert_eq!(balance(&l, ALICE), (0, 1000, 600, 0, 400));
     let too_much = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: Some(601) });
@@ -100,8 +104,7 @@ fn partial_post_releases_the_rest_and_a_second_post_is_refused() {
 #[test]
 fn a_hold_expires_exactly_at_its_timeout() {
     let mut l = setup();
-    let hold =
-        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 600, timeout_seconds: 2 });
+    let hold = hold(1, 600, 2);
     let created = l.transfers(NOW, &[hold]);
     let expires_at = created[0].transfer.as_ref().unwrap().expires_at.unwrap();
     assert_eq!(l.expire(expires_at - 1), 0);
@@ -120,8 +123,7 @@ fn a_hold_expires_exactly_at_its_timeout() {
 #[test]
 fn a_hold_expires_by_the_ledgers_clock_when_the_wall_clock_went_back() {
     let mut l = setup();
-    let hold =
-        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 600, timeout_seconds: 2 });
+    let hold = hold(1, 600, 2);
     let expires_at = l.transfers(NOW, &[hold])[0].transfer.as_ref().unwrap().expires_at.unwrap();
     // Something happens at the expiry's instant, then the wall clock steps back a second.
     assert_eq!(l.transfers(expires_at, &[posted(2, BANK, ALICE, 1)])[0].result, TransferResult::Created);
@@ -163,8 +165,7 @@ fn timestamps_are_unique_and_increasing_even_when_the_clock_stands_still_or_goes
 #[test]
 fn closed_accounts_take_no_new_transfers_but_holds_can_still_be_voided() {
     let mut l = setup();
-    let hold =
-        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 10, timeout_seconds: 0 });
+    let hold = hold(1, 10, 0);
     l.transfers(NOW, &[hold]);
     let closed = l.accounts(NOW, &[AccountCommand::Close(AccountKey { tenant: T, id: AccountId(ALICE) })]);
     assert_eq!(closed[0].0, AccountResult::Closed);
@@ -210,8 +211,7 @@ fn another_tenants_accounts_do_not_exist() {
 #[test]
 fn verify_catches_a_post_between_other_accounts_than_its_hold() {
     let mut l = setup();
-    let hold =
-        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 300, timeout_seconds: 0 });
+    let hold = hold(1, 300, 0);
     let post = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: None });
     assert!(l.transfers(NOW, &[hold, post]).iter().all(|o| o.result == TransferResult::Created));
     let report = |l: &MemoryLedger, edit: &dyn Fn(&mut Account), edit_post: &dyn Fn(&mut Transfer)| {
@@ -253,10 +253,7 @@ fn verify_catches_a_post_between_other_accounts_than_its_hold() {
 #[test]
 fn a_hold_its_accounts_do_not_cover_is_left_for_verify() {
     let mut l = setup();
-    let hold = |id: u128| {
-        ev(id, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 100, timeout_seconds: 1 })
-    };
-    assert!(l.transfers(NOW, &[hold(1)]).iter().all(|o| o.result == TransferResult::Created));
+    assert!(l.transfers(NOW, &[hold(1, 100, 1)]).iter().all(|o| o.result == TransferResult::Created));
     let bob = AccountKey { tenant: T, id: AccountId(BOB) };
     l.accounts.get_mut(&bob).unwrap().credits_pending = 40;
     assert_eq!(l.expire(NOW + 2_000_000_000), 0);
@@ -275,8 +272,7 @@ fn a_hold_its_accounts_do_not_cover_is_left_for_verify() {
 #[test]
 fn a_chain_failed_by_a_malformed_event_is_not_remembered() {
     let mut l = setup();
-    let hold =
-        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 300, timeout_seconds: 0 });
+    let hold = hold(1, 300, 0);
     assert_eq!(l.transfers(NOW, &[hold])[0].result, TransferResult::Created);
     let mut first = posted(2, ALICE, BOB, 10);
     first.linked = true;
@@ -296,8 +292,7 @@ fn a_chain_failed_by_a_malformed_event_is_not_remembered() {
 #[test]
 fn verify_catches_a_transfer_in_another_currency_and_a_post_after_expiry() {
     let mut l = setup();
-    let hold =
-        ev(1, EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 300, timeout_seconds: 1 });
+    let hold = hold(1, 300, 1);
     let post = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: None });
     assert!(l.transfers(NOW, &[hold, post]).iter().all(|o| o.result == TransferResult::Created));
     let report = |edit: &dyn Fn(&mut Transfer)| {

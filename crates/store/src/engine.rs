@@ -735,8 +735,7 @@ mod tests {
     /// a restart reads it back. Run in a child process: this test's binary, with this test alone.
     #[test]
     fn a_failed_sync_stops_the_process() {
-        const CHILD: &str = "RTPAY_TEST_FAILED_SYNC_CHILD";
-        if std::env::var_os(CHILD).is_some() {
+        aborts_in_a_child("a_failed_sync_stops_the_process", || {
             let writer = DeferringWriter {
                 commits: Arc::new(AtomicU64::new(0)),
                 owed: false,
@@ -747,11 +746,20 @@ mod tests {
             engine.submit(Command::Audit(vec![draft(1)]), Box::new(move |r| drop(tx.send(r)))).unwrap();
             let _ = rx.recv_timeout(Duration::from_secs(10));
             std::thread::sleep(Duration::from_secs(10));
-            println!("the process outlived its failed sync");
+        });
+    }
+
+    /// Runs `body` in a child process (this test binary, with the test `name` alone) and asserts
+    /// that it stopped with SIGABRT rather than return.
+    fn aborts_in_a_child(name: &str, body: impl FnOnce()) {
+        const CHILD: &str = "RTPAY_TEST_ABORT_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            body();
+            println!("the process outlived it");
             return;
         }
         let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "engine::tests::a_failed_sync_stops_the_process", "--nocapture", "--test-threads=1"])
+            .args(["--exact", &format!("engine::tests::{name}"), "--nocapture", "--test-threads=1"])
             .env(CHILD, "1")
             .output()
             .unwrap();
@@ -765,28 +773,12 @@ mod tests {
     /// process: this test's binary, with this test alone.
     #[test]
     fn a_panic_on_the_writers_thread_stops_the_process() {
-        const CHILD: &str = "RTPAY_TEST_WRITER_PANIC_CHILD";
-        if std::env::var_os(CHILD).is_some() {
+        aborts_in_a_child("a_panic_on_the_writers_thread_stops_the_process", || {
             let writer = DeferringWriter { commits: Arc::new(AtomicU64::new(0)), owed: false, sync: None };
             let engine = Engine::start(Box::new(writer), Arc::new(|| 1_000));
             engine.submit(Command::Audit(vec![draft(1)]), Box::new(|_| panic!("injected"))).unwrap();
             std::thread::sleep(Duration::from_secs(10));
-            println!("the process outlived its writer");
-            return;
-        }
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "engine::tests::a_panic_on_the_writers_thread_stops_the_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&child.stdout);
-        assert!(!stdout.contains("outlived"), "{stdout}");
-        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.status), Some(libc::SIGABRT), "{stdout}");
+        });
     }
 
     /// A chain's result names its cause; a chain whose events all failed only for being linked

@@ -11,6 +11,44 @@ fn fresh() -> Location {
 
 store::conformance_tests!(fresh());
 
+const TENANT: ledger::TenantId = ledger::TenantId(9);
+
+/// A BRL account of [`TENANT`].
+fn account(id: u128, flags: u16) -> ledger::AccountCommand {
+    use ledger::*;
+    AccountCommand::Create(NewAccount {
+        key: AccountKey { tenant: TENANT, id: AccountId(id) },
+        currency: Currency::parse("BRL").unwrap(),
+        code: 1,
+        flags: AccountFlags(flags),
+        credit_limit: 0,
+        metadata: None,
+        holder: None,
+    })
+}
+
+fn posted(id: u128, debit: u128, credit: u128, amount: u64) -> ledger::TransferEvent {
+    use ledger::*;
+    TransferEvent {
+        key: TransferKey { tenant: TENANT, id: TransferId(id) },
+        kind: EventKind::Posted { debit: AccountId(debit), credit: AccountId(credit), amount },
+        code: 1,
+        metadata: None,
+        linked: false,
+    }
+}
+
+/// Records a migration this rtpay does not know, as a later rtpay's would be.
+fn add_future_migration(client: &mut postgres::Client) {
+    client
+        .execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) \
+             SELECT max(version) + 1, 'future', 0 FROM schema_migrations",
+            &[],
+        )
+        .unwrap();
+}
+
 /// A database migrated by a later rtpay (a schema version this one does not know) is refused by
 /// every way in: the writer, migrations, reads beside a server, and appends beside one.
 #[test]
@@ -19,13 +57,7 @@ fn a_newer_schema_is_refused() {
     let location = Location::Postgres(url.clone());
     store::Store::open(&location).unwrap().close();
     let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    client
-        .execute(
-            "INSERT INTO schema_migrations (version, name, applied_at) \
-             SELECT max(version) + 1, 'future', 0 FROM schema_migrations",
-            &[],
-        )
-        .unwrap();
+    add_future_migration(&mut client);
     let refused = store::Store::open(&location).err().expect("the writer refuses");
     assert!(refused.to_string().contains("newer than this rtpay knows"), "{refused}");
     assert!(store::Store::migrate(&location).is_err());
@@ -43,36 +75,11 @@ fn a_running_node_stops_writing_once_a_newer_rtpay_migrates() {
     let url = store::testing::fresh_postgres_database();
     let location = Location::Postgres(url.clone());
     let node = store::Store::open(&location).unwrap();
-    let tenant = TenantId(9);
-    let account = |id: u128| {
-        AccountCommand::Create(NewAccount {
-            key: AccountKey { tenant, id: AccountId(id) },
-            currency: Currency::parse("BRL").unwrap(),
-            code: 1,
-            flags: AccountFlags(0),
-            credit_limit: 0,
-            metadata: None,
-            holder: None,
-        })
-    };
-    let posted = |id: u128| TransferEvent {
-        key: TransferKey { tenant, id: TransferId(id) },
-        kind: EventKind::Posted { debit: AccountId(1), credit: AccountId(2), amount: 5 },
-        code: 1,
-        metadata: None,
-        linked: false,
-    };
-    node.engine.accounts(vec![account(1), account(2)]).unwrap();
-    assert_eq!(node.engine.transfers(vec![posted(10)]).unwrap()[0].result, TransferResult::Created);
+    node.engine.accounts(vec![account(1, 0), account(2, 0)]).unwrap();
+    assert_eq!(node.engine.transfers(vec![posted(10, 1, 2, 5)]).unwrap()[0].result, TransferResult::Created);
     let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    client
-        .execute(
-            "INSERT INTO schema_migrations (version, name, applied_at) \
-             SELECT max(version) + 1, 'future', 0 FROM schema_migrations",
-            &[],
-        )
-        .unwrap();
-    let refused = node.engine.transfers(vec![posted(11)]).expect_err("the older node stops writing");
+    add_future_migration(&mut client);
+    let refused = node.engine.transfers(vec![posted(11, 1, 2, 5)]).expect_err("the older node stops writing");
     assert!(matches!(refused, store::StoreError::Unavailable(_)), "{refused}");
     assert!(refused.to_string().contains("newer than this rtpay knows"), "{refused}");
     let count = |client: &mut postgres::Client| -> i64 {
@@ -80,7 +87,7 @@ fn a_running_node_stops_writing_once_a_newer_rtpay_migrates() {
     };
     assert_eq!(count(&mut client), 1, "nothing applied");
     client.execute("DELETE FROM schema_migrations WHERE name = 'future'", &[]).unwrap();
-    assert_eq!(node.engine.transfers(vec![posted(11)]).unwrap()[0].result, TransferResult::Created);
+    assert_eq!(node.engine.transfers(vec![posted(11, 1, 2, 5)]).unwrap()[0].result, TransferResult::Created);
     assert_eq!(count(&mut client), 2);
     node.close();
 }
@@ -151,25 +158,6 @@ fn counted_inserts_hold_under_a_repeatable_read_default() {
 fn two_writers_under_a_repeatable_read_default() {
     use ledger::*;
     let location = repeatable_read_database();
-    let tenant = TenantId(9);
-    let account = |id: u128, flags: u16| {
-        AccountCommand::Create(NewAccount {
-            key: AccountKey { tenant, id: AccountId(id) },
-            currency: Currency::parse("BRL").unwrap(),
-            code: 1,
-            flags: AccountFlags(flags),
-            credit_limit: 0,
-            metadata: None,
-            holder: None,
-        })
-    };
-    let posted = |id: u128, debit: u128, credit: u128, amount: u64| TransferEvent {
-        key: TransferKey { tenant, id: TransferId(id) },
-        kind: EventKind::Posted { debit: AccountId(debit), credit: AccountId(credit), amount },
-        code: 1,
-        metadata: None,
-        linked: false,
-    };
     let (a, b) = (store::Store::open(&location).unwrap(), store::Store::open(&location).unwrap());
     let guarded = AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS;
     a.engine.accounts(vec![account(1, 0), account(2, guarded), account(3, guarded)]).unwrap();
@@ -195,7 +183,7 @@ fn two_writers_under_a_repeatable_read_default() {
     let report = a.verify().unwrap();
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     let balance = |id: u128| {
-        let x = a.queries.account(AccountKey { tenant, id: AccountId(id) }).unwrap().unwrap();
+        let x = a.queries.account(AccountKey { tenant: TENANT, id: AccountId(id) }).unwrap().unwrap();
         x.credits_posted as i64 - x.debits_posted as i64
     };
     assert_eq!(balance(2) + balance(3), 500, "money moved only between the two wallets");
