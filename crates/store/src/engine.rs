@@ -801,16 +801,31 @@ mod tests {
         audit::Draft { actor: "operator".into(), action: "test".into(), resource: n.to_string(), ..Default::default() }
     }
 
-    /// A batch ready while a sync runs waits for it and takes what arrives meanwhile; a request
-    /// that finds no sync running is committed at once.
-    #[test]
-    fn a_batch_gathers_what_arrives_while_a_sync_runs() {
+    /// An engine whose every sync waits for a permit (sent on the sender returned), with a
+    /// gathering bound far above the tests' waits, so that only the sync ends one; and its count of
+    /// commits.
+    fn gated_engine() -> (Engine, Arc<AtomicU64>, mpsc::Sender<()>) {
         let commits = Arc::new(AtomicU64::new(0));
         let (permit, permits) = mpsc::channel();
         let writer =
             DeferringWriter { commits: commits.clone(), owed: false, sync: Some(Box::new(GatedSync(permits))) };
-        // A bound far above anything below, so that only the sync ends the wait.
-        let engine = Engine::start_gathering(Box::new(writer), Arc::new(|| 1_000), Duration::from_secs(30));
+        (Engine::start_gathering(Box::new(writer), Arc::new(|| 1_000), Duration::from_secs(30)), commits, permit)
+    }
+
+    /// Waits, at most 10 s, until `commits` reaches `n`.
+    fn wait_for_commits(commits: &AtomicU64, n: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while commits.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "{what} was never committed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A batch ready while a sync runs waits for it and takes what arrives meanwhile; a request
+    /// that finds no sync running is committed at once.
+    #[test]
+    fn a_batch_gathers_what_arrives_while_a_sync_runs() {
+        let (engine, commits, permit) = gated_engine();
         let (replied, replies) = mpsc::channel();
         let submit = |n: usize| {
             let replied = replied.clone();
@@ -818,10 +833,7 @@ mod tests {
         };
         let started = Instant::now();
         submit(1);
-        while commits.load(Ordering::SeqCst) < 1 {
-            assert!(started.elapsed() < Duration::from_secs(10), "the first request was never committed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_commits(&commits, 1, "the first request");
         assert!(started.elapsed() < Duration::from_secs(5), "a lone request waited for nothing");
         // Its sync is held: the next requests wait for it, uncommitted.
         for n in 2..=4 {
@@ -832,11 +844,7 @@ mod tests {
         permit.send(()).unwrap();
         assert_eq!(replies.recv_timeout(Duration::from_secs(10)).map(|(n, r)| (n, r.is_ok())), Ok((1, true)));
         // The three go in one batch, answered after its own sync.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while commits.load(Ordering::SeqCst) < 2 {
-            assert!(Instant::now() < deadline, "the gathered batch was never committed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_commits(&commits, 2, "the gathered batch");
         assert!(replies.recv_timeout(Duration::from_millis(200)).is_err(), "no reply before its sync");
         permit.send(()).unwrap();
         let answered: Vec<usize> = (0..3).map(|_| replies.recv_timeout(Duration::from_secs(10)).unwrap().0).collect();
@@ -852,11 +860,7 @@ mod tests {
     /// accepted again.
     #[test]
     fn a_queue_holding_its_most_events_answers_busy() {
-        let commits = Arc::new(AtomicU64::new(0));
-        let (permit, permits) = mpsc::channel();
-        let writer =
-            DeferringWriter { commits: commits.clone(), owed: false, sync: Some(Box::new(GatedSync(permits))) };
-        let engine = Engine::start_gathering(Box::new(writer), Arc::new(|| 1_000), Duration::from_secs(30));
+        let (engine, commits, permit) = gated_engine();
         let (replied, replies) = mpsc::channel();
         let submit = |n: usize| {
             let replied = replied.clone();
@@ -869,11 +873,7 @@ mod tests {
             )
         };
         submit(1).unwrap();
-        let started = Instant::now();
-        while commits.load(Ordering::SeqCst) < 1 {
-            assert!(started.elapsed() < Duration::from_secs(10), "the first request was never committed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_commits(&commits, 1, "the first request");
         // Its sync is held: what follows waits in the queue.
         for _ in 0..QUEUED_EVENTS_MAX / BATCH_EVENTS_MAX {
             submit(BATCH_EVENTS_MAX).unwrap();
