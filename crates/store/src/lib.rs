@@ -273,6 +273,11 @@ pub struct Page {
 /// The most rows one listing returns.
 pub const PAGE_LEN_MAX: usize = 1000;
 
+/// Accounts a writer keeps in memory between batches, at most (with one batch's on top): the rest
+/// are read from storage when a batch names them. Memory then depends on this bound, not on how
+/// many accounts there are.
+pub const ACCOUNT_CACHE_MAX: usize = 1_000_000;
+
 /// Read and control-plane access, safe to share between threads. Reads see committed data only.
 pub trait Queries: Send + Sync {
     /// Whether a point read (a few index pages) may run on an async task's own thread: true for

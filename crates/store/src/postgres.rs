@@ -272,8 +272,6 @@ struct PgWriter {
     locked_commits: i64,
 }
 
-/// Accounts the PostgreSQL writer keeps between batches; past this it starts over.
-const ACCOUNT_CACHE_MAX: usize = 1_000_000;
 
 /// A writer connection with its statements prepared once: each batch is then four round trips
 /// (begin + lock, load transfers, write everything, commit; a fifth loads accounts the writer does
@@ -512,6 +510,7 @@ impl Writer for PgWriter {
         let ids: Vec<Uuid> = missing.iter().map(|k| uuid(k.id.0)).collect();
         let conn = self.conn();
         let rows = conn.client.query(&conn.load_accounts, &[&tenants, &ids]).map_err(unavailable)?;
+        // Past its bound, the cache starts over.
         if self.accounts.len() + rows.len() > ACCOUNT_CACHE_MAX {
             self.accounts.clear();
         }

@@ -223,32 +223,26 @@ pub(crate) fn append_audit_beside(
 }
 
 pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Writer>, Arc<dyn Queries>)> {
+    let (writer, queries) = open_writer(dir, signer, ACCOUNT_CACHE_MAX)?;
+    Ok((Box::new(writer), Arc::new(queries)))
+}
+
+/// [`open`], with the writer as it is and its account cache's bound.
+fn open_writer(
+    dir: &Path,
+    signer: Arc<audit::Signer>,
+    account_cache_max: usize,
+) -> Result<(SqliteWriter, SqliteQueries)> {
     let path = db_path(dir)?;
     let lock = lock_dir(dir)?;
     let mut conn = connect(&path)?;
     apply_migrations(&mut conn, SQLITE)?;
     let (clock, frontier) = read_meta(&conn)?;
     let data_version = data_version(&conn)?;
-    let mut accounts = Map::default();
-    let mut numbers = Map::default();
-    let mut heads = Map::default();
-    let mut next_no = 1;
-    {
-        let mut stmt =
-            conn.prepare(&format!("SELECT {ACCOUNT_COLUMNS}, no, head FROM accounts")).map_err(unavailable)?;
-        let mut rows = stmt.query([]).map_err(unavailable)?;
-        while let Some(row) = rows.next().map_err(unavailable)? {
-            let account = account_row(row)?.into_account().map_err(corrupt)?;
-            let no: i64 = row.get(13).map_err(unavailable)?;
-            let head: Option<i64> = row.get(14).map_err(unavailable)?;
-            next_no = next_no.max(no + 1);
-            numbers.insert(account.key, no);
-            if let Some(head) = head {
-                heads.insert(account.key, head);
-            }
-            accounts.insert(account.key, account);
-        }
-    }
+    // Accounts are read as batches name them (`load_accounts`), not all at start: a restart
+    // reads no more with a million accounts than with ten.
+    let next_no: i64 =
+        conn.query_row("SELECT coalesce(max(no), 0) + 1 FROM accounts", [], |r| r.get(0)).map_err(unavailable)?;
     let id_max: Option<Vec<u8>> =
         conn.query_row("SELECT max(id) FROM transfers", [], |r| r.get(0)).map_err(unavailable)?;
     let id_max = id_max.map(|id| u128_of(&id)).transpose().map_err(corrupt)?;
@@ -259,14 +253,13 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
     let writer = SqliteWriter {
         statements: Statements::default(),
         conn,
-        accounts,
-        numbers,
-        heads,
+        accounts: Map::default(),
+        account_cache_max,
         batch_heads: Map::default(),
         id_max,
         batch_id_max: None,
         next_no,
-        assigned: Vec::new(),
+        assigned: Map::default(),
         clock,
         data_version,
         in_tx: false,
@@ -280,7 +273,7 @@ pub(crate) fn open(dir: &Path, signer: Arc<audit::Signer>) -> Result<(Box<dyn Wr
         _lock: lock,
     };
     let queries = SqliteQueries::new(path, Some(durability));
-    Ok((Box::new(writer), Arc::new(queries)))
+    Ok((writer, queries))
 }
 
 fn account_row(row: &rusqlite::Row<'_>) -> Result<AccountRow> {
@@ -339,18 +332,26 @@ fn entry_row(row: &rusqlite::Row<'_>) -> Result<EntryRow<'static>> {
     })
 }
 
+/// An account as committed, with what the writer adds to its row.
+struct Stored {
+    account: Account,
+    /// Its internal number (`accounts.no`).
+    no: i64,
+    /// Its newest listed transfer (`accounts.head`): where the next one links to.
+    head: Option<i64>,
+}
+
 struct SqliteWriter {
     /// The batch's statements, prepared once. Declared before `conn`: finalized before it closes.
     statements: Statements,
     conn: Connection,
-    /// Every account, as committed. Updated only after a commit succeeds.
-    accounts: Map<AccountKey, Account>,
-    /// Internal account numbers (`accounts.no`), as committed.
-    numbers: Map<AccountKey, i64>,
-    /// Each account's newest listed transfer (`accounts.head`), as committed: where the next one
-    /// links to.
-    heads: Map<AccountKey, i64>,
-    /// Heads moved by the open batch, and whether the batch's account upserts wrote them; kept
+    /// Accounts read or written lately, as committed: updated only after a commit succeeds, and
+    /// cut by halves at the start of a batch while they are more than `account_cache_max`. A batch
+    /// reads the accounts it names that are not here (`load_accounts`), so every account its
+    /// changes name is here or new to storage.
+    accounts: Map<AccountKey, Stored>,
+    account_cache_max: usize,
+    /// Heads moved by the open batch, and whether the batch's account writes wrote them; kept
     /// only if it commits.
     batch_heads: Map<AccountKey, (i64, bool)>,
     /// The greatest transfer id stored, of any tenant, as committed: an id above it cannot be
@@ -361,7 +362,7 @@ struct SqliteWriter {
     batch_id_max: Option<u128>,
     next_no: i64,
     /// Numbers given to accounts created in the open batch; kept only if it commits.
-    assigned: Vec<(AccountKey, i64)>,
+    assigned: Map<AccountKey, i64>,
     clock: Clock,
     /// `PRAGMA data_version` after this writer's last look: another value means another
     /// connection committed (an audit entry from the command line), so the clock and the audit
@@ -538,6 +539,15 @@ impl Writer for SqliteWriter {
     fn begin(&mut self) -> Result<Clock> {
         assert!(!self.in_tx, "one batch at a time");
         self.checkpointer.gate.pass();
+        // Only between batches: within one, `write` needs every account the batch read.
+        while self.accounts.len() > self.account_cache_max {
+            let mut n = 0usize;
+            // The map's order has nothing to do with use: every other entry is as good as any.
+            self.accounts.retain(|_, _| {
+                n += 1;
+                n % 2 == 0
+            });
+        }
         // Prepared once, like the batch's other statements (`execute_batch` parses every time).
         self.statements.get(&self.conn, "BEGIN IMMEDIATE").and_then(|s| s.execute(&[])).map_err(unavailable)?;
         self.in_tx = true;
@@ -604,10 +614,27 @@ impl Writer for SqliteWriter {
 
     fn load_accounts(&mut self, keys: &[AccountKey], into: &mut MemoryLedger) -> Result<()> {
         for key in keys {
-            if !into.accounts.contains_key(key) {
-                if let Some(account) = self.accounts.get(key) {
-                    into.accounts.insert(*key, account.clone());
-                }
+            if into.accounts.contains_key(key) {
+                continue;
+            }
+            if !self.accounts.contains_key(key) {
+                static READ: LazyLock<String> =
+                    LazyLock::new(|| format!("SELECT {ACCOUNT_COLUMNS}, no, head FROM accounts WHERE tenant_id = ?1 AND id = ?2"));
+                let mut stmt = self.conn.prepare_cached(&READ).map_err(unavailable)?;
+                let mut rows = stmt.query(params![uuid_bytes(key.tenant.0), uuid_bytes(key.id.0)]).map_err(unavailable)?;
+                // An account not stored is left out, as the ledger expects of an unknown one.
+                let Some(row) = rows.next().map_err(unavailable)? else { continue };
+                let account = account_row(row)?.into_account().map_err(corrupt)?;
+                let stored = Stored {
+                    account,
+                    no: row.get(13).map_err(unavailable)?,
+                    head: row.get(14).map_err(unavailable)?,
+                };
+                // Read inside the batch's transaction, before it writes: as committed.
+                self.accounts.insert(*key, stored);
+            }
+            if let Some(stored) = self.accounts.get(key) {
+                into.accounts.insert(*key, stored.account.clone());
             }
         }
         Ok(())
@@ -662,17 +689,26 @@ impl Writer for SqliteWriter {
         if let Some(frontier) = self.pending_frontier.take() {
             self.frontier = frontier;
         }
+        let numbered = std::mem::take(&mut self.assigned);
+        self.next_no = numbered.values().fold(self.next_no, |next, no| next.max(no + 1));
         for change in changes {
             for account in &change.accounts {
-                self.accounts.insert(account.key, account.clone());
+                match self.accounts.entry(account.key) {
+                    std::collections::hash_map::Entry::Occupied(mut stored) => stored.get_mut().account = account.clone(),
+                    std::collections::hash_map::Entry::Vacant(new) => {
+                        let no = *numbered.get(&account.key).expect("a changed account was read or numbered");
+                        new.insert(Stored { account: account.clone(), no, head: None });
+                    }
+                }
             }
             self.clock.last = self.clock.last.max(change.clock.last);
         }
-        for (key, no) in self.assigned.drain(..) {
-            self.numbers.insert(key, no);
-            self.next_no = self.next_no.max(no + 1);
+        for (key, (head, _)) in self.batch_heads.drain() {
+            // Both accounts of a listed transfer changed, so both are here.
+            if let Some(stored) = self.accounts.get_mut(&key) {
+                stored.head = Some(head);
+            }
         }
-        self.heads.extend(self.batch_heads.drain().map(|(key, (head, _))| (key, head)));
         self.id_max = self.id_max.max(self.batch_id_max.take());
         Ok(())
     }
@@ -822,8 +858,8 @@ fn insert_rows<'a, R>(
 }
 
 /// An account's internal number: as committed, or given in the open batch.
-fn number_of(numbers: &Map<AccountKey, i64>, assigned: &[(AccountKey, i64)], key: &AccountKey) -> Option<i64> {
-    numbers.get(key).copied().or_else(|| assigned.iter().find(|(k, _)| k == key).map(|(_, no)| *no))
+fn number_of(accounts: &Map<AccountKey, Stored>, assigned: &Map<AccountKey, i64>, key: &AccountKey) -> Option<i64> {
+    accounts.get(key).map(|s| s.no).or_else(|| assigned.get(key).copied())
 }
 
 impl SqliteWriter {
@@ -834,7 +870,7 @@ impl SqliteWriter {
     }
 
     fn number(&self, key: &AccountKey) -> Option<i64> {
-        number_of(&self.numbers, &self.assigned, key)
+        number_of(&self.accounts, &self.assigned, key)
     }
 
     fn write(&mut self, changes: &[Changes]) -> Result<()> {
@@ -844,7 +880,7 @@ impl SqliteWriter {
             for account in &change.accounts {
                 if self.number(&account.key).is_none() {
                     let no = self.next_no + self.assigned.len() as i64;
-                    self.assigned.push((account.key, no));
+                    self.assigned.insert(account.key, no);
                 }
             }
             last.last = last.last.max(change.clock.last);
@@ -856,8 +892,7 @@ impl SqliteWriter {
             changes.iter().flat_map(|c| c.inserted.iter()).map(|e| (EntryRow::of(e), [None; 2], [None; 2])).collect();
         rows.sort_unstable_by_key(|(r, ..)| r.timestamp);
         {
-            let (numbers, assigned, heads, batch_heads) =
-                (&self.numbers, &self.assigned, &self.heads, &mut self.batch_heads);
+            let (accounts, assigned, batch_heads) = (&self.accounts, &self.assigned, &mut self.batch_heads);
             for (r, nos, prevs) in &mut rows {
                 let (Some(debit), Some(credit)) = (r.debit_account_id, r.credit_account_id) else { continue };
                 if r.result != 0 {
@@ -866,34 +901,33 @@ impl SqliteWriter {
                 let tenant = TenantId(r.tenant_id);
                 for (side, account) in [debit, credit].into_iter().enumerate() {
                     let key = AccountKey { tenant, id: AccountId(account) };
-                    nos[side] = number_of(numbers, assigned, &key);
+                    nos[side] = number_of(accounts, assigned, &key);
                     prevs[side] = match batch_heads.entry(key) {
                         std::collections::hash_map::Entry::Occupied(mut seen) => {
                             Some(std::mem::replace(seen.get_mut(), (r.timestamp, false)).0)
                         }
                         std::collections::hash_map::Entry::Vacant(first) => {
                             first.insert((r.timestamp, false));
-                            heads.get(&key).copied()
+                            accounts.get(&key).and_then(|s| s.head)
                         }
                     };
                 }
             }
         }
-        static UPSERT: LazyLock<String> = LazyLock::new(|| {
+        // A new account is inserted, never upserted: one already stored would have been read
+        // (`load_accounts`), so a conflict here means a stored account was about to get a second
+        // number, and the batch is refused whole instead.
+        static INSERT: LazyLock<String> = LazyLock::new(|| {
             format!(
-                "INSERT INTO accounts ({ACCOUNT_COLUMNS}, no, head) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
-                 ON CONFLICT (tenant_id, id) DO UPDATE SET flags = excluded.flags, \
-                 debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted, \
-                 debits_pending = excluded.debits_pending, credits_pending = excluded.credits_pending, \
-                 head = excluded.head"
+                "INSERT OR ROLLBACK INTO accounts ({ACCOUNT_COLUMNS}, no, head) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
             )
         });
         const UPDATE: &str = "UPDATE OR ROLLBACK accounts SET flags = ?3, debits_posted = ?4, credits_posted = ?5, \
              debits_pending = ?6, credits_pending = ?7, head = ?8 WHERE tenant_id = ?1 AND id = ?2";
         // An account stored before, or created earlier in this batch, is updated: only its balances,
-        // flags and head change, and an update builds no more than those, where an upsert builds
-        // the whole row and first tries to insert it.
-        let mut created: Vec<AccountKey> = Vec::new();
+        // flags and head change, and an update builds no more than those.
+        let mut created: Map<AccountKey, ()> = Map::default();
         for change in changes {
             for account in &change.accounts {
                 let r = AccountRow::of(account);
@@ -903,9 +937,9 @@ impl SqliteWriter {
                         *written = true;
                         Some(*head)
                     }
-                    None => self.heads.get(&account.key).copied(),
+                    None => self.accounts.get(&account.key).and_then(|s| s.head),
                 };
-                if self.numbers.contains_key(&account.key) || created.contains(&account.key) {
+                if self.accounts.contains_key(&account.key) || created.contains_key(&account.key) {
                     let n = self
                         .statements
                         .get(&self.conn, UPDATE)
@@ -926,7 +960,7 @@ impl SqliteWriter {
                     continue;
                 }
                 self.statements
-                    .get(&self.conn, UPSERT.as_str())
+                    .get(&self.conn, INSERT.as_str())
                     .and_then(|s| {
                         s.execute(&[
                             sqlite_stmt::uuid(r.tenant_id),
@@ -947,10 +981,10 @@ impl SqliteWriter {
                         ])
                     })
                     .map_err(unavailable)?;
-                created.push(account.key);
+                created.insert(account.key, ());
             }
         }
-        // Every transfer changes both its accounts' balances, so the upserts wrote every moved
+        // Every transfer changes both its accounts' balances, so the account writes wrote every moved
         // head; this is for safety only.
         if self.batch_heads.values().any(|(_, written)| !written) {
             let mut update = self
@@ -2664,6 +2698,108 @@ mod tests {
             metadata: None,
             holder: None,
         })
+    }
+
+    /// A writer keeping at most four accounts in memory reads the others from storage as batches
+    /// name them: balances, numbers and listing links stay right across evictions and a reopen
+    /// (which reads no account at all), and a stored account that was not read is never numbered
+    /// again: the batch that would do it is refused whole.
+    #[test]
+    fn a_writer_keeping_few_accounts_reads_the_others_from_storage() {
+        let dir = std::env::temp_dir().join(format!("rtpay-account-cache-{}-{}", std::process::id(), now_nanos()));
+        let tenant = TenantId(7);
+        let key = |id: u128| AccountKey { tenant, id: ledger::AccountId(id) };
+        let posted = |id: u128, debit: u128, credit: u128, amount: u64| ledger::TransferEvent {
+            key: TransferKey { tenant, id: ledger::TransferId(id) },
+            kind: ledger::EventKind::Posted { debit: ledger::AccountId(debit), credit: ledger::AccountId(credit), amount },
+            code: 1,
+            metadata: None,
+            linked: false,
+        };
+        // One batch as the engine runs it: accounts read, then created, then transfers applied.
+        let batch = |writer: &mut SqliteWriter, create: &[u128], transfers: &[ledger::TransferEvent]| -> Result<()> {
+            let mut clock = writer.begin()?;
+            assert!(writer.accounts.len() <= 4, "{} accounts kept", writer.accounts.len());
+            let mut snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
+            let keys: Vec<AccountKey> = create.iter().map(|&id| key(id)).collect();
+            writer.load_accounts(&keys, &mut snapshot)?;
+            let commands: Vec<_> = keys.iter().map(|&k| create_usd(k)).collect();
+            let (results, accounts) = ledger::apply_accounts(&snapshot, &mut clock, now_nanos(), &commands);
+            assert!(results.iter().all(|(r, _)| *r == ledger::AccountResult::Created), "{results:?}");
+            snapshot.commit(accounts.clone());
+            let keys = ledger::Prefetch::accounts_of(transfers, &snapshot);
+            writer.load_accounts(&keys, &mut snapshot)?;
+            let (outcomes, moved) = ledger::apply_transfers(&snapshot, &mut clock, now_nanos(), transfers);
+            assert!(outcomes.iter().all(|o| o.result == TransferResult::Created), "{outcomes:?}");
+            let result = writer.commit(&[accounts, moved], &[], &[]);
+            match result {
+                Ok(()) => writer.deferred_sync().expect("the embedded writer defers its syncs").sync().map_err(|e| StoreError::Unavailable(e.to_string())),
+                Err(e) => {
+                    writer.rollback();
+                    Err(e)
+                }
+            }
+        };
+        // Expected: each account's net credits, and its listed transfers, oldest first.
+        let mut net = [0i64; 15];
+        let mut listed: Vec<Vec<u128>> = vec![Vec::new(); 15];
+        let mut expect = |t: &ledger::TransferEvent| {
+            let ledger::EventKind::Posted { debit, credit, amount } = t.kind else { unreachable!() };
+            net[debit.0 as usize] -= amount as i64;
+            net[credit.0 as usize] += amount as i64;
+            listed[debit.0 as usize].push(t.key.id.0);
+            listed[credit.0 as usize].push(t.key.id.0);
+        };
+        let (mut writer, queries) = open_writer(&dir, crate::ephemeral_signer(), 4).unwrap();
+        batch(&mut writer, &(1..=12).collect::<Vec<_>>(), &[]).unwrap();
+        let mut id = 100;
+        for round in 0..6u128 {
+            // Each batch names three accounts, most of them evicted since they were last named.
+            let transfers: Vec<_> = (0..2)
+                .map(|k| {
+                    id += 1;
+                    let debit = (round * 5 + k * 7) % 12 + 1;
+                    posted(id, debit, debit % 12 + 1, (id % 9 + 1) as u64)
+                })
+                .collect();
+            transfers.iter().for_each(&mut expect);
+            batch(&mut writer, &[], &transfers).unwrap();
+        }
+        drop(writer);
+
+        // Reopened: accounts are read as named; new accounts get numbers of their own.
+        let (mut writer, _) = open_writer(&dir, crate::ephemeral_signer(), 4).unwrap();
+        assert_eq!(writer.accounts.len(), 0, "nothing read at open");
+        let transfers = [posted(200, 13, 1, 3), posted(201, 2, 14, 4), posted(202, 14, 13, 1)];
+        transfers.iter().for_each(&mut expect);
+        batch(&mut writer, &[13, 14], &transfers).unwrap();
+
+        // Account 5 is stored and not in memory: a batch creating it without reading it first
+        // (which the engine never does) would number it again, and is refused with nothing kept.
+        writer.accounts.remove(&key(5));
+        let mut clock = writer.begin().unwrap();
+        let snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
+        let (_, again) = ledger::apply_accounts(&snapshot, &mut clock, now_nanos(), &[create_usd(key(5))]);
+        assert!(writer.commit(&[again], &[], &[]).is_err(), "a second number for a stored account");
+        writer.rollback();
+        batch(&mut writer, &[], &[]).unwrap();
+
+        for id in 1..=14u128 {
+            let account = queries.account(key(id)).unwrap().unwrap();
+            let got = account.credits_posted as i64 - account.debits_posted as i64;
+            assert_eq!(got, net[id as usize], "account {id}");
+            let page = queries.account_transfers(key(id), crate::Page { before: None, limit: 100 }).unwrap().unwrap();
+            let newest_first: Vec<u128> = listed[id as usize].iter().rev().copied().collect();
+            assert_eq!(page.iter().map(|t| t.key.id.0).collect::<Vec<_>>(), newest_first, "account {id}");
+        }
+        assert!(queries.listing_violations().unwrap().is_empty());
+        let numbers: i64 = Connection::open(db_path(&dir).unwrap())
+            .unwrap()
+            .query_row("SELECT count(DISTINCT no) FROM accounts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(numbers, 14);
+        drop(writer);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// A read that sees a commit whose sync the writer left owed answers only once the sync is
