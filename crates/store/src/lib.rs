@@ -278,6 +278,19 @@ pub const PAGE_LEN_MAX: usize = 1000;
 /// many accounts there are.
 pub const ACCOUNT_CACHE_MAX: usize = 1_000_000;
 
+static ACCOUNT_CACHE_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(ACCOUNT_CACHE_MAX);
+
+/// Sets how many accounts the writers opened from now on keep between batches (at least one;
+/// [`ACCOUNT_CACHE_MAX`] unless set). It changes how often a batch reads accounts back from
+/// storage, never what a batch does: the conformance suite runs the embedded engine with two.
+pub fn limit_account_cache(max: usize) {
+    ACCOUNT_CACHE_LIMIT.store(max.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+pub(crate) fn account_cache_max() -> usize {
+    ACCOUNT_CACHE_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Read and control-plane access, safe to share between threads. Reads see committed data only.
 pub trait Queries: Send + Sync {
     /// Whether a point read (a few index pages) may run on an async task's own thread: true for

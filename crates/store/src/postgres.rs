@@ -272,7 +272,6 @@ struct PgWriter {
     locked_commits: i64,
 }
 
-
 /// A writer connection with its statements prepared once: each batch is then four round trips
 /// (begin + lock, load transfers, write everything, commit; a fifth loads accounts the writer does
 /// not keep already), whatever its size.
@@ -511,7 +510,7 @@ impl Writer for PgWriter {
         let conn = self.conn();
         let rows = conn.client.query(&conn.load_accounts, &[&tenants, &ids]).map_err(unavailable)?;
         // Past its bound, the cache starts over.
-        if self.accounts.len() + rows.len() > ACCOUNT_CACHE_MAX {
+        if self.accounts.len() + rows.len() > account_cache_max() {
             self.accounts.clear();
         }
         for row in rows {
