@@ -546,7 +546,7 @@ impl Writer for SqliteWriter {
             // The map's order has nothing to do with use: every other entry is as good as any.
             self.accounts.retain(|_, _| {
                 n += 1;
-                n % 2 == 0
+                n.is_multiple_of(2)
             });
         }
         // Prepared once, like the batch's other statements (`execute_batch` parses every time).
