@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Transfers written before the restart measurement.
     #[arg(long, default_value_t = 10_000_000)]
     pub restart_transfers: u64,
+    /// Accounts written besides the restart measurement's 1,001 (which the transfers move money
+    /// between): a ledger's customers, none of whom a restart reads.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub restart_accounts: u64,
     /// Where scratch data goes (default: the system temporary directory).
     #[arg(long)]
     pub scratch: Option<PathBuf>,
@@ -531,6 +535,32 @@ fn open_accounts(store: &store::Store) -> Result<(), Error> {
         }));
     }
     store.engine.accounts(commands)?;
+    Ok(())
+}
+
+/// `count` more accounts (ids from 10^9 up), 8,000 to a batch.
+fn more_accounts(store: &store::Store, count: u64) -> Result<(), Error> {
+    let mut next = 0;
+    while next < count {
+        let n = (count - next).min(BATCH as u64);
+        let commands = (next..next + n)
+            .map(|i| {
+                AccountCommand::Create(NewAccount {
+                    key: AccountKey { tenant: T, id: AccountId(1_000_000_000 + u128::from(i)) },
+                    currency: Currency::parse("BRL").expect("BRL"),
+                    code: 3,
+                    flags: AccountFlags(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS),
+                    credit_limit: 0,
+                    metadata: None,
+                    holder: None,
+                })
+            })
+            .collect();
+        if store.engine.accounts(commands)?.iter().any(|(result, _)| *result != AccountResult::Created) {
+            return Err("account creation failed".into());
+        }
+        next += n;
+    }
     Ok(())
 }
 
@@ -1195,16 +1225,22 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
     let exe = std::env::current_exe()?;
     let dir = scratch(args, "restart");
     let count = args.restart_transfers;
+    let accounts = args.restart_accounts;
     let fill_rate = tokio::task::block_in_place(|| -> Result<f64, Error> {
         let store = store::Store::open(&store::Location::Embedded(dir.clone()))?;
         open_accounts(&store)?;
+        more_accounts(&store, accounts)?;
         let mut seq = 0u128;
         let rate = fill(&store, count, &mut seq, args.ids)?;
         store.close();
         Ok(rate)
     })?;
     let size: u64 = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
-    println!("restart: wrote {count} transfers at {fill_rate:.0}/s; data directory {} MiB", size / 1024 / 1024);
+    println!(
+        "restart: wrote {} accounts, then {count} transfers at {fill_rate:.0}/s; data directory {} MiB",
+        accounts + WALLETS as u64 + 1,
+        size / 1024 / 1024
+    );
     let first = spawn_serve(&exe, &dir, None, "127.0.0.1:0", Duration::from_secs(600))?;
     let mut child = first.child;
     let addr = first.addr;
@@ -1248,7 +1284,8 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "=> restart after SIGKILL with {count} transfers on disk: ready in {:.2} s (bar 30 s); RSS {} MiB after restart, {} MiB under load ({:.0} req/s before the kill)",
+        "=> restart after SIGKILL with {count} transfers and {} accounts on disk: ready in {:.2} s (bar 30 s); RSS {} MiB after restart, {} MiB under load ({:.0} req/s before the kill)",
+        accounts + WALLETS as u64 + 1,
         ready.as_secs_f64(),
         rss_start / 1024,
         rss_loaded / 1024,
