@@ -180,6 +180,10 @@ enum CommandLine {
         /// the ledger's writer, its syncer and its checkpointer have threads of their own).
         #[arg(long, env = "RTPAY_HTTP_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
         http_threads: Option<u16>,
+        /// Accounts the ledger's writer keeps in memory between batches (default 1,000,000); it
+        /// reads the others from storage when a batch names them.
+        #[arg(long, env = "RTPAY_ACCOUNT_CACHE", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+        account_cache: Option<u64>,
     },
     /// Start an embedded server in a temporary directory and walk through the API.
     Demo {
@@ -310,6 +314,7 @@ fn main() -> ExitCode {
             webhook_retry_ms,
             webhook_allow_private,
             http_threads,
+            account_cache,
         } => {
             if spi_reject_percent as u16 + spi_timeout_percent as u16 > 100
                 || spi_timeout_ms == 0
@@ -360,6 +365,9 @@ fn main() -> ExitCode {
                 _ => None,
             };
             init_logging();
+            if let Some(max) = account_cache {
+                store::limit_account_cache(usize::try_from(max).unwrap_or(usize::MAX));
+            }
             let config = ServeConfig {
                 data: storage.data,
                 listen,

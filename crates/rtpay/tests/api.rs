@@ -460,6 +460,61 @@ fn headers_named_twice_are_refused() {
     });
 }
 
+/// `--account-cache 2`: the writer keeps at most two accounts when a batch starts (the gauge
+/// shows it), reads the others back as transfers name them, and every balance comes out as it
+/// does with all of them kept; without the flag it keeps all eight.
+#[test]
+fn a_small_account_cache_changes_memory_not_balances() {
+    let dir = temp_dir("account-cache");
+    let cached = |text: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with("rtpay_ledger_cached_accounts ")).expect("the gauge");
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let mut outcomes = Vec::new();
+    for (name, args) in [("small", &["--account-cache", "2"][..]), ("default", &[][..])] {
+        let server = Server::start_with_args(&dir.join(name), None, "127.0.0.1:0", true, args);
+        let mut client = server.client();
+        outcomes.push(runtime().block_on(async {
+            let (_, key) = tenant(&mut client, name).await;
+            let bank = account(&mut client, &key, json!({"currency": "BRL"})).await;
+            let mut wallets = Vec::new();
+            for _ in 0..7 {
+                wallets.push(
+                    account(
+                        &mut client,
+                        &key,
+                        json!({"currency": "BRL", "flags": {"debits_must_not_exceed_credits": true}}),
+                    )
+                    .await,
+                );
+            }
+            // One request at a time: each batch names the bank and one wallet, or two wallets.
+            for round in 0..3u64 {
+                for (i, wallet) in wallets.iter().enumerate() {
+                    transfer(&mut client, &key, &bank, wallet, 10 + i as u64 + round).await;
+                }
+                for (i, pair) in wallets.windows(2).enumerate() {
+                    transfer(&mut client, &key, &pair[0], &pair[1], 1 + i as u64).await;
+                }
+            }
+            let r = client.send(Method::GET, "/metrics", None, None).await.unwrap();
+            let kept = cached(&String::from_utf8(r.body.to_vec()).unwrap());
+            let mut seen = Vec::new();
+            for a in std::iter::once(&bank).chain(&wallets) {
+                seen.push(balance(&mut client, &key, a).await);
+            }
+            assert_no_5xx_in_metrics(&mut client).await;
+            (kept, seen)
+        }));
+    }
+    let (small, default) = (&outcomes[0], &outcomes[1]);
+    // The last batch started with at most two and read the two accounts its transfer names.
+    assert!(small.0 <= 4, "kept {}", small.0);
+    assert_eq!(default.0, 8, "without the flag every account used stays");
+    assert_eq!(small.1, default.1, "the same balances");
+    assert_eq!(small.1[0]["debits_posted"], json!((10..17).sum::<u64>() * 3 + 7 * 3), "the bank's");
+}
+
 #[test]
 fn another_tenants_ids_do_not_exist() {
     let dir = temp_dir("api-isolation");

@@ -52,6 +52,17 @@ fn serve_refuses_a_thread_count_of_zero_before_touching_anything() {
 }
 
 #[test]
+fn serve_refuses_an_account_cache_of_zero_before_touching_anything() {
+    let dir = temp_dir("bad-account-cache");
+    for (i, arg) in ["--account-cache=0", "--account-cache=-3", "--account-cache=lots"].iter().enumerate() {
+        let data = dir.join(i.to_string());
+        let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", arg]);
+        assert!(!ok && out.contains("--account-cache"), "{arg}: {out}");
+        assert!(!data.exists(), "{arg}: nothing is created");
+    }
+}
+
+#[test]
 fn serve_refuses_a_location_host_that_cannot_make_a_location() {
     let dir = temp_dir("bad-location-host");
     for (i, host) in ["Pix.Example.com", "a-very-long-host-name.example.com", "-x.com", "x.com/", ""].iter().enumerate()

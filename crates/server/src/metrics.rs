@@ -164,6 +164,11 @@ impl Metrics {
         }
         let _ = write!(
             out,
+            "# HELP rtpay_ledger_cached_accounts Accounts the writer keeps in memory (at most --account-cache when a batch starts, plus those the batch reads).\n# TYPE rtpay_ledger_cached_accounts gauge\nrtpay_ledger_cached_accounts {}\n",
+            engine.cached_accounts.load(Ordering::Relaxed)
+        );
+        let _ = write!(
+            out,
             "# HELP rtpay_ledger_queue_depth Requests waiting for the writer.\n# TYPE rtpay_ledger_queue_depth gauge\nrtpay_ledger_queue_depth {}\n",
             engine.queue_depth.load(Ordering::Relaxed)
         );

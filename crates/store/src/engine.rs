@@ -128,6 +128,8 @@ pub struct EngineStats {
     pub sync_us_buckets: [AtomicU64; 12],
     /// Batch size histogram, upper bounds in [`BATCH_BUCKETS`] (+Inf last).
     pub batch_len_buckets: [AtomicU64; 9],
+    /// Accounts the writer keeps in memory, after its latest batch.
+    pub cached_accounts: AtomicU64,
 }
 
 pub const COMMIT_BUCKETS_US: [u64; 11] = [100, 250, 500, 1000, 2000, 5000, 10_000, 25_000, 50_000, 100_000, 250_000];
@@ -445,6 +447,7 @@ fn run_batches(
         let started = Instant::now();
         let result = apply_batch(writer, now, &mut jobs, sweep, stats);
         let elapsed_us = started.elapsed().as_micros() as u64;
+        stats.cached_accounts.store(writer.cached_accounts() as u64, Ordering::Relaxed);
         match result {
             Ok(replies) => {
                 if !jobs.is_empty() {

@@ -460,6 +460,11 @@ pub(crate) trait Writer: Send {
         None
     }
     /// Whether a commit was attempted since the last call (successful or not) whose sync is owed.
+    /// Accounts kept in memory between batches (the `rtpay_ledger_cached_accounts` gauge).
+    fn cached_accounts(&self) -> usize {
+        0
+    }
+
     fn sync_owed(&mut self) -> bool {
         false
     }

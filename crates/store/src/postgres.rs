@@ -615,6 +615,10 @@ impl Writer for PgWriter {
         result
     }
 
+    fn cached_accounts(&self) -> usize {
+        self.accounts.len()
+    }
+
     fn rollback(&mut self) {
         if self.in_tx {
             self.in_tx = false;

@@ -723,6 +723,10 @@ impl Writer for SqliteWriter {
         std::mem::take(&mut self.sync_owed)
     }
 
+    fn cached_accounts(&self) -> usize {
+        self.accounts.len()
+    }
+
     fn rollback(&mut self) {
         self.assigned.clear();
         self.batch_heads.clear();
