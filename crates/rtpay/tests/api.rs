@@ -498,7 +498,7 @@ fn a_small_account_cache_changes_memory_not_balances() {
                 }
             }
             let r = client.send(Method::GET, "/metrics", None, None).await.unwrap();
-            let kept = cached(&String::from_utf8(r.body.to_vec()).unwrap());
+            let kept = cached(std::str::from_utf8(&r.body).unwrap());
             let mut seen = Vec::new();
             for a in std::iter::once(&bank).chain(&wallets) {
                 seen.push(balance(&mut client, &key, a).await);
