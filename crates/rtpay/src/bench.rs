@@ -513,28 +513,27 @@ const WALLETS: u128 = 1000;
 const BATCH: usize = 8000;
 const T: TenantId = TenantId(1);
 
-fn open_accounts(store: &store::Store) -> Result<(), Error> {
-    let mut commands = vec![AccountCommand::Create(NewAccount {
-        key: AccountKey { tenant: T, id: AccountId(1) },
+/// A BRL account of tenant `T`: the bank's (unconstrained) or a customer's.
+fn new_account(id: u128, code: u16, customer: bool) -> AccountCommand {
+    AccountCommand::Create(NewAccount {
+        key: AccountKey { tenant: T, id: AccountId(id) },
         currency: Currency::parse("BRL").expect("BRL"),
-        code: 1,
-        flags: AccountFlags::default(),
+        code,
+        flags: if customer {
+            AccountFlags(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
+        } else {
+            AccountFlags::default()
+        },
         credit_limit: 0,
         metadata: None,
         holder: None,
-    })];
-    for w in 0..WALLETS {
-        commands.push(AccountCommand::Create(NewAccount {
-            key: AccountKey { tenant: T, id: AccountId(1000 + w) },
-            currency: Currency::parse("BRL").expect("BRL"),
-            code: 2,
-            flags: AccountFlags(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS),
-            credit_limit: 0,
-            metadata: None,
-            holder: None,
-        }));
-    }
-    store.engine.accounts(commands)?;
+    })
+}
+
+fn open_accounts(store: &store::Store) -> Result<(), Error> {
+    let commands =
+        std::iter::once(new_account(1, 1, false)).chain((0..WALLETS).map(|w| new_account(1000 + w, 2, true)));
+    store.engine.accounts(commands.collect())?;
     Ok(())
 }
 
@@ -543,19 +542,7 @@ fn more_accounts(store: &store::Store, count: u64) -> Result<(), Error> {
     let mut next = 0;
     while next < count {
         let n = (count - next).min(BATCH as u64);
-        let commands = (next..next + n)
-            .map(|i| {
-                AccountCommand::Create(NewAccount {
-                    key: AccountKey { tenant: T, id: AccountId(1_000_000_000 + u128::from(i)) },
-                    currency: Currency::parse("BRL").expect("BRL"),
-                    code: 3,
-                    flags: AccountFlags(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS),
-                    credit_limit: 0,
-                    metadata: None,
-                    holder: None,
-                })
-            })
-            .collect();
+        let commands = (next..next + n).map(|i| new_account(1_000_000_000 + u128::from(i), 3, true)).collect();
         if store.engine.accounts(commands)?.iter().any(|(result, _)| *result != AccountResult::Created) {
             return Err("account creation failed".into());
         }

@@ -280,8 +280,8 @@ pub const ACCOUNT_CACHE_MAX: usize = 1_000_000;
 
 static ACCOUNT_CACHE_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(ACCOUNT_CACHE_MAX);
 
-/// Sets how many accounts the writers opened from now on keep between batches (at least one;
-/// [`ACCOUNT_CACHE_MAX`] unless set). It changes how often a batch reads accounts back from
+/// Sets how many accounts writers keep between batches, from their next batch on (at least one;
+/// [`ACCOUNT_CACHE_MAX`] unless set; `rtpay serve --account-cache`). It changes how often a batch reads accounts back from
 /// storage, never what a batch does: the conformance suite runs the embedded engine with two.
 pub fn limit_account_cache(max: usize) {
     ACCOUNT_CACHE_LIMIT.store(max.max(1), std::sync::atomic::Ordering::Relaxed);
@@ -460,13 +460,13 @@ pub(crate) trait Writer: Send {
         None
     }
     /// Whether a commit was attempted since the last call (successful or not) whose sync is owed.
+    fn sync_owed(&mut self) -> bool {
+        false
+    }
+
     /// Accounts kept in memory between batches (the `rtpay_ledger_cached_accounts` gauge).
     fn cached_accounts(&self) -> usize {
         0
-    }
-
-    fn sync_owed(&mut self) -> bool {
-        false
     }
 }
 

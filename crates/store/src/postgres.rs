@@ -396,6 +396,10 @@ impl PgWriter {
 impl Writer for PgWriter {
     fn begin(&mut self) -> Result<Clock> {
         assert!(!self.in_tx, "one batch at a time");
+        // Past its bound (a batch's commit adds what it changed), the cache starts over.
+        if self.accounts.len() > account_cache_max() {
+            self.accounts.clear();
+        }
         if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             self.conn = None;
             self.conn = Some(Conn::open(&self.url)?);

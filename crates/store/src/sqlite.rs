@@ -1,7 +1,7 @@
 //! The embedded engine: SQLite in WAL mode with `synchronous=FULL`, in a data directory.
 //!
 //! The writer owns one connection and keeps the accounts it read or wrote lately in memory (at
-//! most `ACCOUNT_CACHE_MAX` at the start of a batch; none are read at start). Other accounts, and
+//! most `--account-cache` at the start of a batch; none are read at start). Other accounts, and
 //! transfers, are read from the database when a batch names them. Readers use their own
 //! connections and see only committed data.
 

@@ -9,17 +9,6 @@ fn fresh() -> Location {
 
 store::conformance_tests!(fresh());
 
-/// The suite again with a writer that keeps two accounts between batches: nearly every batch
-/// reads its accounts back from storage, and must do exactly what it does with all of them kept.
-mod keeping_two_accounts {
-    fn fresh() -> store::Location {
-        store::limit_account_cache(2);
-        super::fresh()
-    }
-
-    store::conformance_tests!(fresh());
-}
-
 /// Migrations are not applied beside a running store: its writer keeps what they could change in
 /// memory.
 #[test]
