@@ -29,50 +29,40 @@ fn every_command_has_help() {
     assert!(help.contains("--http-threads"), "{help}");
 }
 
-#[test]
-fn serve_refuses_bad_limits_before_touching_anything() {
-    let dir = temp_dir("bad-limits");
-    for (i, arg) in ["--rate-limit=0", "--rate-limit=-5", "--rate-burst=0.5", "--rate-limit=NaN"].iter().enumerate() {
+/// `rtpay serve` with each of `args` exits with an error saying `says`, and creates nothing.
+fn serve_refuses(tag: &str, args: &[&str], says: &str) {
+    let dir = temp_dir(tag);
+    for (i, arg) in args.iter().enumerate() {
         let data = dir.join(i.to_string());
         let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", arg]);
-        assert!(!ok && out.contains("--rate-limit must be above 0"), "{arg}: {out}");
+        assert!(!ok && out.contains(says), "{arg}: {out}");
         assert!(!data.exists(), "{arg}: nothing is created");
     }
+}
+
+#[test]
+fn serve_refuses_bad_limits_before_touching_anything() {
+    let args = ["--rate-limit=0", "--rate-limit=-5", "--rate-burst=0.5", "--rate-limit=NaN"];
+    serve_refuses("bad-limits", &args, "--rate-limit must be above 0");
 }
 
 #[test]
 fn serve_refuses_a_thread_count_of_zero_before_touching_anything() {
-    let dir = temp_dir("bad-threads");
-    for (i, arg) in ["--http-threads=0", "--http-threads=-1", "--http-threads=many"].iter().enumerate() {
-        let data = dir.join(i.to_string());
-        let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", arg]);
-        assert!(!ok && out.contains("--http-threads"), "{arg}: {out}");
-        assert!(!data.exists(), "{arg}: nothing is created");
-    }
+    serve_refuses("bad-threads", &["--http-threads=0", "--http-threads=-1", "--http-threads=many"], "--http-threads");
 }
 
 #[test]
 fn serve_refuses_an_account_cache_of_zero_before_touching_anything() {
-    let dir = temp_dir("bad-account-cache");
-    for (i, arg) in ["--account-cache=0", "--account-cache=-3", "--account-cache=lots"].iter().enumerate() {
-        let data = dir.join(i.to_string());
-        let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", arg]);
-        assert!(!ok && out.contains("--account-cache"), "{arg}: {out}");
-        assert!(!data.exists(), "{arg}: nothing is created");
-    }
+    let args = ["--account-cache=0", "--account-cache=-3", "--account-cache=lots"];
+    serve_refuses("bad-account-cache", &args, "--account-cache");
 }
 
 #[test]
 fn serve_refuses_a_location_host_that_cannot_make_a_location() {
-    let dir = temp_dir("bad-location-host");
-    for (i, host) in ["Pix.Example.com", "a-very-long-host-name.example.com", "-x.com", "x.com/", ""].iter().enumerate()
-    {
-        let data = dir.join(i.to_string());
-        let arg = format!("--pix-location-host={host}");
-        let (ok, out) = rtpay(&["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", &arg]);
-        assert!(!ok && out.contains("--pix-location-host must be a host name"), "{host}: {out}");
-        assert!(!data.exists(), "{host}: nothing is created");
-    }
+    let hosts = ["Pix.Example.com", "a-very-long-host-name.example.com", "-x.com", "x.com/", ""];
+    let args: Vec<String> = hosts.iter().map(|host| format!("--pix-location-host={host}")).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    serve_refuses("bad-location-host", &args, "--pix-location-host must be a host name");
 }
 
 #[test]
