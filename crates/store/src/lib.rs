@@ -281,8 +281,9 @@ pub const ACCOUNT_CACHE_MAX: usize = 1_000_000;
 static ACCOUNT_CACHE_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(ACCOUNT_CACHE_MAX);
 
 /// Sets how many accounts the writers opened afterwards keep between batches (at least one;
-/// [`ACCOUNT_CACHE_MAX`] unless set; `rtpay serve --account-cache`, before its store opens). It changes how often a batch reads accounts back from
-/// storage, never what a batch does: the conformance suite runs the embedded engine with two.
+/// [`ACCOUNT_CACHE_MAX`] unless set; `rtpay serve --account-cache`, before its store opens). It
+/// changes how often a batch reads accounts back from storage, never what a batch does: the
+/// conformance suite runs the embedded engine with two.
 pub fn limit_account_cache(max: usize) {
     ACCOUNT_CACHE_LIMIT.store(max.max(1), std::sync::atomic::Ordering::Relaxed);
 }
