@@ -84,6 +84,9 @@ impl Ids {
     }
 }
 
+/// The scenarios `--scenario` names, in the order `all` runs them.
+const SCENARIOS: [&str; 6] = ["batch", "http", "postgres", "restart", "iso8583", "pix"];
+
 fn scratch(args: &BenchArgs, tag: &str) -> PathBuf {
     let base = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
     base.join(format!("rtpay-bench-{tag}-{}-{}", std::process::id(), store::now_nanos()))
@@ -93,9 +96,17 @@ pub fn run(args: BenchArgs) -> Result<(), Error> {
     if args.connections.is_empty() || args.connections.contains(&0) {
         return Err("--connections: each count must be at least 1".into());
     }
-    let all = args.scenario == "all";
+    if let Some(unknown) = args.scenario.split(',').map(str::trim).find(|s| !SCENARIOS.contains(s) && *s != "all") {
+        return Err(format!(
+            "--scenario: no scenario is named {unknown:?} (choose from all, {})",
+            SCENARIOS.join(", ")
+        )
+        .into());
+    }
+    let all = args.scenario.split(',').any(|x| x.trim() == "all");
     let wants = |s: &str| all || args.scenario.split(',').any(|x| x.trim() == s);
     println!("# rtpay bench — {}", machine());
+    println!("# {}", platform(&args.scratch.clone().unwrap_or_else(std::env::temp_dir)));
     if wants("batch") {
         batch(&args)?;
     }
@@ -489,12 +500,19 @@ async fn writer_figures(client: &mut Client) -> String {
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    // The first processor's `key: value`; "model name" is often all a virtual machine shows of its
+    // CPU ("Intel(R) Xeon(R) Processor"), so family and model number are printed too.
+    let field = |key: &str| {
+        cpuinfo
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == key).map(|(_, v)| v.trim().to_owned()))
+    };
+    let cpu = match (field("model name"), field("cpu family"), field("model")) {
+        (Some(name), Some(family), Some(model)) => format!("{name}, family {family}, model {model}"),
+        (Some(name), _, _) => name,
+        (None, _, _) => "unknown CPU".into(),
+    };
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -505,6 +523,108 @@ fn machine() -> String {
         .unwrap_or(0);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     format!("{cores} cores ({cpu}), {mem} GiB")
+}
+
+/// What besides the CPU moves these figures from one machine to the next, read where Linux shows
+/// it: the kernel, the file system under the scratch directory (on ext4 without a journal, every
+/// `fdatasync` of the WAL also writes its inode, whose times each write within a new clock tick
+/// changed: a second synchronous write per commit), and, in a virtual machine, whether an idle vCPU
+/// polls before it halts (when it does not, waking a thread on an idle vCPU goes through the
+/// hypervisor: tens of microseconds, seen in `perf sched timehist` on session 36's machine).
+fn platform(scratch: &Path) -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned());
+    let dir = std::fs::canonicalize(scratch).unwrap_or_else(|_| scratch.to_owned());
+    let disk = match std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| mount_of(&m, &dir)) {
+        Some(mount) => {
+            let device = mount.source.rsplit('/').next().unwrap_or_default().to_owned();
+            let journal = match mount.fs.as_str() {
+                // jbd2 lists each journaled device as `<name>-8`.
+                "ext4" | "ext3" => std::fs::read_dir("/proc/fs/jbd2").ok().map(|entries| {
+                    let journaled = entries.filter_map(|e| e.ok()).any(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .strip_prefix(device.as_str())
+                            .is_some_and(|r| r.starts_with('-'))
+                    });
+                    if journaled {
+                        ", with a journal"
+                    } else {
+                        ", without a journal"
+                    }
+                }),
+                _ => None,
+            };
+            format!("{} on {} ({}{})", dir.display(), mount.source, mount.fs, journal.unwrap_or(""))
+        }
+        None => format!("{} (file system unknown)", dir.display()),
+    };
+    let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
+    let idle = match (
+        read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+    ) {
+        (Some(driver), Some(ns)) if driver == "haltpoll" && ns == "0" => {
+            "cpuidle haltpoll, guest halt polling off".to_owned()
+        }
+        (Some(driver), Some(ns)) if driver == "haltpoll" => {
+            format!("cpuidle haltpoll, guest halt polling up to {ns} ns")
+        }
+        (Some(driver), _) => format!("cpuidle {driver}"),
+        (None, _) => "cpuidle unknown".to_owned(),
+    };
+    format!("kernel {kernel}; scratch {disk}; {idle}")
+}
+
+/// A mount: its source (device) and file system type.
+#[derive(Debug, PartialEq)]
+struct Mount {
+    source: String,
+    fs: String,
+}
+
+/// The mount holding `path`, from `/proc/self/mountinfo`'s text: the last listed of those whose
+/// mount point is the longest prefix of `path` (a later mount over the same point hides earlier
+/// ones). Mount points there escape spaces and the like as octal (`\040`).
+fn mount_of(mountinfo: &str, path: &Path) -> Option<Mount> {
+    let unescape = |s: &str| -> String {
+        let mut out = Vec::with_capacity(s.len());
+        let bytes = s.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let octal = bytes
+                .get(i + 1..i + 4)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u8::from_str_radix(d, 8).ok());
+            match (bytes[i], octal) {
+                (b'\\', Some(b)) => {
+                    out.push(b);
+                    i += 4;
+                }
+                (b, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let mut best: Option<(usize, Mount)> = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let mut right = right.split(' ');
+        let (Some(point), Some(fs), Some(source)) = (left.split(' ').nth(4), right.next(), right.next()) else {
+            continue;
+        };
+        let point = PathBuf::from(unescape(point));
+        if path.starts_with(&point) {
+            let depth = point.components().count();
+            if best.as_ref().is_none_or(|(d, _)| depth >= *d) {
+                best = Some((depth, Mount { source: unescape(source), fs: fs.to_owned() }));
+            }
+        }
+    }
+    best.map(|(_, mount)| mount)
 }
 
 // ---------------------------------------------------------------- batch, in-process
@@ -1284,6 +1404,32 @@ async fn restart(args: &BenchArgs) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::Ids;
+
+    /// The scratch directory's mount is the deepest one holding it, the last listed of equals
+    /// (mounted over), with octal escapes undone; lines not of mountinfo's shape are passed over.
+    #[test]
+    fn a_paths_mount_is_the_deepest_latest_mount_point_above_it() {
+        let mountinfo = "\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
+a line that is not mountinfo
+40 27 0:40 / /tmp rw,nosuid - tmpfs tmpfs rw
+41 27 254:16 / /srv/my\\040data rw - xfs /dev/vdb rw
+42 40 254:32 / /tmp rw - ext4 /dev/vdc rw
+";
+        let cases = [
+            ("/work/main", Some(("/dev/vda", "ext4"))),
+            ("/tmp/rtpay-bench", Some(("/dev/vdc", "ext4"))),
+            ("/tmpfoo", Some(("/dev/vda", "ext4"))),
+            ("/srv/my data/x", Some(("/dev/vdb", "xfs"))),
+            ("/proc/1", Some(("proc", "proc"))),
+        ];
+        for (path, want) in cases {
+            let got = super::mount_of(mountinfo, std::path::Path::new(path));
+            assert_eq!(got, want.map(|(source, fs)| super::Mount { source: source.into(), fs: fs.into() }), "{path}");
+        }
+        assert_eq!(super::mount_of("", std::path::Path::new("/")), None);
+    }
 
     /// Each load window numbers its requests apart from every other's: a repeated id would be an
     /// idempotent replay, not a new transfer.

@@ -293,6 +293,15 @@ fn bench_reports_rtpay_and_the_baseline_with_consistent_cpu_figures() {
         dir.to_str().unwrap(),
     ]);
     assert!(ok, "{out}");
+    // The header names what moves the figures between machines: the CPU, the scratch directory's
+    // file system.
+    assert!(out.starts_with("# rtpay bench — ") && out.contains(" cores ("), "{out}");
+    let platform = out.lines().nth(1).unwrap_or_default();
+    assert!(
+        platform.starts_with("# kernel ")
+            && platform.contains(&format!("scratch {}", std::fs::canonicalize(&dir).unwrap().display())),
+        "{out}"
+    );
     let cores = std::thread::available_parallelism().unwrap().get() as f64;
     let loops =
         ["rtpay POST /v1/transfers (embedded), closed loop", "baseline: trivial axum JSON handler, closed loop"]
@@ -315,6 +324,14 @@ fn bench_reports_rtpay_and_the_baseline_with_consistent_cpu_figures() {
     let summary = out.lines().find(|l| l.starts_with("=> embedded:")).unwrap_or_else(|| panic!("{out}"));
     assert!(figure_after(summary, "=> embedded:") > 0.0 && summary.contains("ratio to axum baseline"), "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_refuses_a_scenario_it_does_not_have_before_measuring_anything() {
+    let (ok, out) = rtpay(&["bench", "--scenario", "http,htpp", "--seconds", "1"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("--scenario: no scenario is named \"htpp\"") && out.contains("iso8583"), "{out}");
+    assert!(!out.contains("closed loop"), "nothing was measured: {out}");
 }
 
 /// A `rtpay serve` over PostgreSQL whose every secret comes from `keys`, its data directory: no
