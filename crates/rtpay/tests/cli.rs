@@ -327,11 +327,21 @@ fn bench_reports_rtpay_and_the_baseline_with_consistent_cpu_figures() {
 }
 
 #[test]
-fn bench_refuses_a_scenario_it_does_not_have_before_measuring_anything() {
+fn bench_refuses_an_unknown_scenario_or_an_empty_measurement_before_measuring_anything() {
     let (ok, out) = rtpay(&["bench", "--scenario", "http,htpp", "--seconds", "1"]);
     assert!(!ok, "{out}");
     assert!(out.contains("--scenario: no scenario is named \"htpp\"") && out.contains("iso8583"), "{out}");
     assert!(!out.contains("closed loop"), "nothing was measured: {out}");
+    for (args, says) in [
+        (&["--seconds", "0"][..], "--seconds"),
+        (&["--auth-rate", "0"][..], "--auth-rate"),
+        (&["--auth-rate", "NaN"][..], "--auth-rate"),
+        (&["--restart-transfers", "0"][..], "--restart-transfers"),
+    ] {
+        let (ok, out) = rtpay(&[&["bench", "--scenario", "iso8583"][..], args].concat());
+        assert!(!ok && out.contains(says) && !out.contains("panic"), "{args:?}: {out}");
+        assert!(!out.contains("authorizations (embedded)"), "nothing was measured: {out}");
+    }
 }
 
 /// A `rtpay serve` over PostgreSQL whose every secret comes from `keys`, its data directory: no
