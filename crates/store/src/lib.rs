@@ -15,6 +15,7 @@
 mod audit_log;
 mod durable;
 mod engine;
+mod generations;
 mod migrations;
 mod postgres;
 mod rows;

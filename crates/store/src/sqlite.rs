@@ -14,6 +14,7 @@ use ledger::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::durable::Durability;
+use crate::generations::Generations;
 use crate::migrations::{Migration, SQLITE};
 
 use crate::rows::{u128_of, uuid_bytes, AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
@@ -254,7 +255,7 @@ fn open_writer(
     let writer = SqliteWriter {
         statements: Statements::default(),
         conn,
-        accounts: Map::default(),
+        accounts: Generations::default(),
         account_cache_max,
         batch_heads: Map::default(),
         id_max,
@@ -347,10 +348,10 @@ struct SqliteWriter {
     statements: Statements,
     conn: Connection,
     /// Accounts read or written lately, as committed: updated only after a commit succeeds, and
-    /// cut by halves at the start of a batch while they are more than `account_cache_max`. A batch
-    /// reads the accounts it names that are not here (`load_accounts`), so every account its
-    /// changes name is here or new to storage.
-    accounts: Map<AccountKey, Stored>,
+    /// bounded by `account_cache_max` at the start of a batch (those no batch named in the last
+    /// two generations are forgotten). A batch reads the accounts it names that are not here
+    /// (`load_accounts`), so every account its changes name is here or new to storage.
+    accounts: Generations<AccountKey, Stored>,
     account_cache_max: usize,
     /// Heads moved by the open batch, and whether the batch's account writes wrote them; kept
     /// only if it commits.
@@ -541,14 +542,7 @@ impl Writer for SqliteWriter {
         assert!(!self.in_tx, "one batch at a time");
         self.checkpointer.gate.pass();
         // Only between batches: within one, `write` needs every account the batch read.
-        while self.accounts.len() > self.account_cache_max {
-            let mut n = 0usize;
-            // The map's order has nothing to do with use: every other entry is as good as any.
-            self.accounts.retain(|_, _| {
-                n += 1;
-                n.is_multiple_of(2)
-            });
-        }
+        self.accounts.bound(self.account_cache_max);
         // Prepared once, like the batch's other statements (`execute_batch` parses every time).
         self.statements.get(&self.conn, "BEGIN IMMEDIATE").and_then(|s| s.execute(&[])).map_err(unavailable)?;
         self.in_tx = true;
@@ -618,7 +612,7 @@ impl Writer for SqliteWriter {
             if into.accounts.contains_key(key) {
                 continue;
             }
-            if !self.accounts.contains_key(key) {
+            if !self.accounts.touch(key) {
                 static READ: LazyLock<String> = LazyLock::new(|| {
                     format!("SELECT {ACCOUNT_COLUMNS}, no, head FROM accounts WHERE tenant_id = ?1 AND id = ?2")
                 });
@@ -693,13 +687,11 @@ impl Writer for SqliteWriter {
         self.next_no = numbered.values().fold(self.next_no, |next, no| next.max(no + 1));
         for change in changes {
             for account in &change.accounts {
-                match self.accounts.entry(account.key) {
-                    std::collections::hash_map::Entry::Occupied(mut stored) => {
-                        stored.get_mut().account = account.clone()
-                    }
-                    std::collections::hash_map::Entry::Vacant(new) => {
+                match self.accounts.get_mut(&account.key) {
+                    Some(stored) => stored.account = account.clone(),
+                    None => {
                         let no = *numbered.get(&account.key).expect("a changed account was read or numbered");
-                        new.insert(Stored { account: account.clone(), no, head: None });
+                        self.accounts.insert(account.key, Stored { account: account.clone(), no, head: None });
                     }
                 }
             }
@@ -864,7 +856,11 @@ fn insert_rows<'a, R>(
 }
 
 /// An account's internal number: as committed, or given in the open batch.
-fn number_of(accounts: &Map<AccountKey, Stored>, assigned: &Map<AccountKey, i64>, key: &AccountKey) -> Option<i64> {
+fn number_of(
+    accounts: &Generations<AccountKey, Stored>,
+    assigned: &Map<AccountKey, i64>,
+    key: &AccountKey,
+) -> Option<i64> {
     accounts.get(key).map(|s| s.no).or_else(|| assigned.get(key).copied())
 }
 
