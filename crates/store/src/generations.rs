@@ -1,8 +1,8 @@
 //! A bounded map that forgets what was not used lately, in two generations.
 //!
-//! New and touched entries live in the young generation; once it holds over half the bound, it becomes
-//! the old one and the previous old one is forgotten. An entry used in either of the last two
-//! generations stays; one used in neither goes. Forgetting is a swap, and the forgotten map is
+//! New and touched entries live in the young generation; once it holds over half the bound, it
+//! becomes the old one and the previous old one is forgotten. An entry used in either of the last
+//! two generations stays; one used in neither goes. Forgetting is a swap, and the forgotten map is
 //! dropped on a thread of its own. The writer's cache before session 36 halved one map in place,
 //! walking every entry and freeing half of them on the writer's thread, and grew that map to the
 //! whole bound. Creating accounts 8,000 to a batch past the default bound (a median batch 25 ms),
