@@ -57,7 +57,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Ids::Time)]
     pub ids: Ids,
     /// Authorizations per second the `iso8583` scenario offers (the bar is set at 2,000; at most
-    /// 20,000).
+    /// 20,000, checked whichever scenarios run).
     #[arg(long, default_value_t = 2_000.0)]
     pub auth_rate: f64,
 }
@@ -509,8 +509,8 @@ async fn writer_figures(client: &mut Client) -> String {
 
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    // The first processor's `key: value`; "model name" is often all a virtual machine shows of its
-    // CPU ("Intel(R) Xeon(R) Processor"), so family and model number are printed too.
+    // "model name" is often all a virtual machine shows of its CPU ("Intel(R) Xeon(R)
+    // Processor"): family and model number tell such machines apart.
     let field = |key: &str| {
         cpuinfo
             .lines()
@@ -543,27 +543,22 @@ fn platform(scratch: &Path) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned());
     let dir = std::fs::canonicalize(scratch).unwrap_or_else(|_| scratch.to_owned());
-    let disk = match std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| mount_of(&m, &dir)) {
+    let device = std::fs::metadata(&dir).ok().map(|m| {
+        let dev = std::os::unix::fs::MetadataExt::dev(&m);
+        (libc::major(dev), libc::minor(dev))
+    });
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let disk = match mount_of(&mounts, &dir, device) {
         Some(mount) => {
-            let device = mount.source.rsplit('/').next().unwrap_or_default().to_owned();
             let journal = match mount.fs.as_str() {
-                // jbd2 lists each journaled device as `<name>-8`.
-                "ext4" | "ext3" => std::fs::read_dir("/proc/fs/jbd2").ok().map(|entries| {
-                    let journaled = entries.filter_map(|e| e.ok()).any(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .strip_prefix(device.as_str())
-                            .is_some_and(|r| r.starts_with('-'))
-                    });
-                    if journaled {
-                        ", with a journal"
-                    } else {
-                        ", without a journal"
-                    }
-                }),
-                _ => None,
+                "ext4" | "ext3" => match journaled(mount.device) {
+                    Some(true) => ", with a journal",
+                    Some(false) => ", without a journal",
+                    None => ", journal unknown",
+                },
+                _ => "",
             };
-            format!("{} on {} ({}{})", dir.display(), mount.source, mount.fs, journal.unwrap_or(""))
+            format!("{} on {} ({}{journal})", dir.display(), mount.source, mount.fs)
         }
         None => format!("{} (file system unknown)", dir.display()),
     };
@@ -584,17 +579,36 @@ fn platform(scratch: &Path) -> String {
     format!("kernel {kernel}; scratch {disk}; {idle}")
 }
 
-/// A mount: its source (device) and file system type.
+/// Whether the ext4 file system on block device `major:minor` has a journal: jbd2 lists each
+/// journal as `<kernel name>-<inode>` (`vda-8`, `dm-0-8`), the name being the one
+/// `/sys/dev/block/<major>:<minor>` links to, which is not always the mount's source (`/dev/root`,
+/// `/dev/mapper/vg-root`). `None` when that cannot be told.
+fn journaled((major, minor): (u32, u32)) -> Option<bool> {
+    let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    let name = link.file_name()?.to_string_lossy().into_owned();
+    let journals = std::fs::read_dir("/proc/fs/jbd2").ok()?;
+    Some(journals.filter_map(|e| e.ok()).any(|e| {
+        let file = e.file_name().to_string_lossy().into_owned();
+        file.strip_prefix(name.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|inode| !inode.is_empty() && inode.bytes().all(|b| b.is_ascii_digit()))
+    }))
+}
+
+/// A mount: its source, file system type, and block device number (`major:minor`).
 #[derive(Debug, PartialEq)]
 struct Mount {
     source: String,
     fs: String,
+    device: (u32, u32),
 }
 
-/// The mount holding `path`, from `/proc/self/mountinfo`'s text: the last listed of those whose
-/// mount point is the longest prefix of `path` (a later mount over the same point hides earlier
-/// ones). Mount points there escape spaces and the like as octal (`\040`).
-fn mount_of(mountinfo: &str, path: &Path) -> Option<Mount> {
+/// The mount holding `path`, from `/proc/self/mountinfo`'s text: of the mounts whose point is a
+/// prefix of `path`, the deepest, and the last listed of equals (a later mount over the same point
+/// hides earlier ones). When some of them are of `device` (what `stat` gives `path`), only those
+/// count: a later mount over a parent directory hides deeper ones too. Mount points there escape
+/// spaces and the like as octal (`\040`).
+fn mount_of(mountinfo: &str, path: &Path, device: Option<(u32, u32)>) -> Option<Mount> {
     let unescape = |s: &str| -> String {
         let mut out = Vec::with_capacity(s.len());
         let bytes = s.as_bytes();
@@ -617,19 +631,34 @@ fn mount_of(mountinfo: &str, path: &Path) -> Option<Mount> {
         }
         String::from_utf8_lossy(&out).into_owned()
     };
-    let mut best: Option<(usize, Mount)> = None;
+    let mut above = Vec::new();
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else { continue };
-        let mut right = right.split(' ');
-        let (Some(point), Some(fs), Some(source)) = (left.split(' ').nth(4), right.next(), right.next()) else {
+        let (mut left, mut right) = (left.split(' '), right.split(' '));
+        // Fields: mount id, parent id, major:minor, root, mount point, ...
+        let (Some(numbers), Some(point), Some(fs), Some(source)) =
+            (left.nth(2), left.nth(1), right.next(), right.next())
+        else {
+            continue;
+        };
+        let Some((Ok(major), Ok(minor))) = numbers.split_once(':').map(|(a, b)| (a.parse(), b.parse())) else {
             continue;
         };
         let point = PathBuf::from(unescape(point));
         if path.starts_with(&point) {
-            let depth = point.components().count();
-            if best.as_ref().is_none_or(|(d, _)| depth >= *d) {
-                best = Some((depth, Mount { source: unescape(source), fs: fs.to_owned() }));
-            }
+            above.push((
+                point.components().count(),
+                Mount { source: unescape(source), fs: fs.to_owned(), device: (major, minor) },
+            ));
+        }
+    }
+    if above.iter().any(|(_, m)| Some(m.device) == device) {
+        above.retain(|(_, m)| Some(m.device) == device);
+    }
+    let mut best: Option<(usize, Mount)> = None;
+    for (depth, mount) in above {
+        if best.as_ref().is_none_or(|(d, _)| depth >= *d) {
+            best = Some((depth, mount));
         }
     }
     best.map(|(_, mount)| mount)
@@ -1415,7 +1444,8 @@ mod tests {
     use super::Ids;
 
     /// The scratch directory's mount is the deepest one holding it, the last listed of equals
-    /// (mounted over), with octal escapes undone; lines not of mountinfo's shape are passed over.
+    /// (mounted over), among those of the device the path is on when any is; octal escapes are
+    /// undone, and lines not of mountinfo's shape are passed over.
     #[test]
     fn a_paths_mount_is_the_deepest_latest_mount_point_above_it() {
         let mountinfo = "\
@@ -1425,19 +1455,26 @@ a line that is not mountinfo
 40 27 0:40 / /tmp rw,nosuid - tmpfs tmpfs rw
 41 27 254:16 / /srv/my\\040data rw - xfs /dev/vdb rw
 42 40 254:32 / /tmp rw - ext4 /dev/vdc rw
+43 27 254:48 / /srv rw - ext4 /dev/vdd rw
 ";
+        // (path, the device `stat` gives it, the mount wanted: source, type, device)
         let cases = [
-            ("/work/main", Some(("/dev/vda", "ext4"))),
-            ("/tmp/rtpay-bench", Some(("/dev/vdc", "ext4"))),
-            ("/tmpfoo", Some(("/dev/vda", "ext4"))),
-            ("/srv/my data/x", Some(("/dev/vdb", "xfs"))),
-            ("/proc/1", Some(("proc", "proc"))),
+            ("/work/main", None, Some(("/dev/vda", "ext4", (254, 0)))),
+            ("/tmp/rtpay-bench", None, Some(("/dev/vdc", "ext4", (254, 32)))),
+            ("/tmpfoo", None, Some(("/dev/vda", "ext4", (254, 0)))),
+            ("/srv/my data/x", None, Some(("/dev/vdb", "xfs", (254, 16)))),
+            ("/proc/1", None, Some(("proc", "proc", (0, 21)))),
+            // /srv mounted over later hides /srv/my data: the device says which holds the path.
+            ("/srv/my data/x", Some((254, 48)), Some(("/dev/vdd", "ext4", (254, 48)))),
+            // A device no mount names (a btrfs subvolume's): the prefix rule.
+            ("/tmp/x", Some((0, 99)), Some(("/dev/vdc", "ext4", (254, 32)))),
         ];
-        for (path, want) in cases {
-            let got = super::mount_of(mountinfo, std::path::Path::new(path));
-            assert_eq!(got, want.map(|(source, fs)| super::Mount { source: source.into(), fs: fs.into() }), "{path}");
+        for (path, device, want) in cases {
+            let got = super::mount_of(mountinfo, std::path::Path::new(path), device);
+            let want = want.map(|(source, fs, device)| super::Mount { source: source.into(), fs: fs.into(), device });
+            assert_eq!(got, want, "{path}");
         }
-        assert_eq!(super::mount_of("", std::path::Path::new("/")), None);
+        assert_eq!(super::mount_of("", std::path::Path::new("/"), None), None);
     }
 
     /// Each load window numbers its requests apart from every other's: a repeated id would be an
