@@ -534,11 +534,12 @@ fn machine() -> String {
 }
 
 /// What besides the CPU moves these figures from one machine to the next, read where Linux shows
-/// it: the kernel, the file system under the scratch directory (on ext4 without a journal, every
-/// `fdatasync` of the WAL also writes its inode, whose times each write within a new clock tick
-/// changed: a second synchronous write per commit), and, in a virtual machine, whether an idle vCPU
-/// polls before it halts (when it does not, waking a thread on an idle vCPU goes through the
-/// hypervisor: tens of microseconds, seen in `perf sched timehist` on session 36's machine).
+/// it: the kernel, the file system under the scratch directory (on ext4 without a journal, an
+/// `fdatasync` of the WAL also writes its inode when a write in a new clock tick changed its
+/// times: a second synchronous write in about every other commit's sync), and, in a virtual
+/// machine, whether an idle vCPU polls before it halts (when it does not, waking a thread on an
+/// idle vCPU goes through the hypervisor: tens of microseconds, seen in `perf sched timehist` on
+/// session 36's machine).
 fn platform(scratch: &Path) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned());
