@@ -73,6 +73,12 @@ where
         self.young.insert(key, value);
     }
 
+    /// Forgets everything held (what it held may no longer be current).
+    pub(crate) fn clear(&mut self) {
+        drop_elsewhere(std::mem::take(&mut self.young));
+        drop_elsewhere(std::mem::take(&mut self.old));
+    }
+
     /// Makes the young generation hold at most half of `max`, and both at most `max`: past that,
     /// the young one becomes the old one, and the old one is forgotten; if the young one alone
     /// held more than `max`, it is forgotten as well.
@@ -147,6 +153,8 @@ mod tests {
         cache.insert(3, 30);
         cache.bound(2); // 3 held > 2: young {1, 3} becomes old, {2} forgotten
         assert_eq!((cache.get(&1), cache.get(&2), cache.get(&3)), (Some(&11), None, Some(&30)));
+        cache.clear();
+        assert_eq!((cache.len(), cache.get(&1), cache.get(&3)), (0, None, None));
     }
 
     #[test]

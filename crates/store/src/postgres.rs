@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use ::postgres::{Client, NoTls, Row, Statement};
 use ledger::*;
-use std::collections::HashMap;
 use uuid::Uuid;
 
+use crate::generations::Generations;
 use crate::migrations::{Migration, POSTGRES};
 use crate::rows::{AccountRow, EntryRow, ACCOUNT_COLUMNS, ENTRY_COLUMNS};
 use crate::*;
@@ -265,8 +265,9 @@ struct PgWriter {
     /// `ledger_meta` is the one this writer's last commit left there (`accounts_as_of`): every
     /// commit, by any node, adds one under the batch lock, so an unchanged count means no other
     /// node wrote since. (Not the ledger clock: a sweep that only expires holds does not move it.)
-    /// Saves the batch's account look-up when one node does the writing.
-    accounts: HashMap<AccountKey, Account>,
+    /// Saves the batch's account look-up when one node does the writing. Bounded at the start of
+    /// a batch, as the embedded writer's is (see `generations`).
+    accounts: Generations<AccountKey, Account>,
     accounts_as_of: Option<i64>,
     /// The count of commits read under this batch's lock.
     locked_commits: i64,
@@ -382,7 +383,7 @@ impl PgWriter {
             in_tx: false,
             signer,
             frontier: None,
-            accounts: HashMap::new(),
+            accounts: Generations::default(),
             accounts_as_of: None,
             locked_commits: 0,
         })
@@ -396,10 +397,8 @@ impl PgWriter {
 impl Writer for PgWriter {
     fn begin(&mut self) -> Result<Clock> {
         assert!(!self.in_tx, "one batch at a time");
-        // Past its bound (a batch's commit adds what it changed), the cache starts over.
-        if self.accounts.len() > account_cache_max() {
-            self.accounts.clear();
-        }
+        // A batch's reads and commit add to the cache; between batches it is cut to its bound.
+        self.accounts.bound(account_cache_max());
         if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             self.conn = None;
             self.conn = Some(Conn::open(&self.url)?);
@@ -499,7 +498,7 @@ impl Writer for PgWriter {
             if into.accounts.contains_key(key) {
                 continue;
             }
-            match self.accounts.get(key) {
+            match self.accounts.touch(key).then(|| self.accounts.get(key)).flatten() {
                 Some(account) => {
                     into.accounts.insert(*key, account.clone());
                 }
@@ -513,10 +512,6 @@ impl Writer for PgWriter {
         let ids: Vec<Uuid> = missing.iter().map(|k| uuid(k.id.0)).collect();
         let conn = self.conn();
         let rows = conn.client.query(&conn.load_accounts, &[&tenants, &ids]).map_err(unavailable)?;
-        // Past its bound, the cache starts over.
-        if self.accounts.len() + rows.len() > account_cache_max() {
-            self.accounts.clear();
-        }
         for row in rows {
             let account = account_row(&row)?.into_account().map_err(corrupt)?;
             // Read under the batch lock: current until this batch changes it.
