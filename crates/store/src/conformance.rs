@@ -215,6 +215,30 @@ pub fn holds_expire(location: Location) {
     assert_verified(&store);
 }
 
+/// A hold past its expiry reserves nothing, swept or not: the first batch after it is due releases
+/// it before the batch's own transfers, whenever the last sweep ran, so a transfer it would have
+/// blocked goes through, and a void of it in the same batch finds it expired.
+pub fn an_expired_hold_blocks_nothing(location: Location) {
+    let (store, now) = open_fixed(&location);
+    setup(&store);
+    let hold = event(
+        1,
+        EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 1_000, timeout_seconds: 1 },
+    );
+    assert_eq!(store.engine.transfers(vec![hold]).unwrap()[0].result, TransferResult::Created);
+    let spend = posted(2, ALICE, BOB, 1_000);
+    assert_eq!(store.engine.transfers(vec![spend]).unwrap()[0].result, TransferResult::InsufficientFunds);
+    // Due now; the engine's timed sweep (every `EXPIRY_INTERVAL` of wall time) has not come round.
+    now.fetch_add(2_000_000_000, Ordering::SeqCst);
+    let void = event(3, EventKind::VoidPending { pending_id: TransferId(1) });
+    let out = store.engine.transfers(vec![void, posted(4, ALICE, BOB, 1_000)]).unwrap();
+    assert_eq!(out[0].result, TransferResult::PendingTransferExpired);
+    assert_eq!(out[1].result, TransferResult::Created);
+    assert_eq!(balances(&store, ALICE), (1_000, 1_000, 0, 0));
+    assert_eq!(balances(&store, BOB), (0, 1_000, 0, 0));
+    assert_verified(&store);
+}
+
 pub fn listing_is_stable_under_inserts(location: Location) {
     let (store, now) = open_fixed(&location);
     setup(&store);
@@ -1034,6 +1058,10 @@ macro_rules! conformance_tests {
         #[test]
         fn holds_expire() {
             $crate::conformance::holds_expire($factory)
+        }
+        #[test]
+        fn an_expired_hold_blocks_nothing() {
+            $crate::conformance::an_expired_hold_blocks_nothing($factory)
         }
         #[test]
         fn listing_is_stable_under_inserts() {

@@ -494,6 +494,10 @@ fn apply_batch(
     // Holds released by the sweep, counted once their release is committed.
     let mut released = 0;
 
+    // Besides the timed sweep, any batch once a hold is due: a hold past its expiry must not
+    // reserve funds the batch's transfers are checked against, when a post or void of it would
+    // already be refused as expired.
+    let sweep = sweep || writer.earliest_due()?.is_some_and(|due| due <= snapshot.clock.judged_at(now));
     if sweep {
         // Due as the ledger judges a post or void (`Clock::judged_at`), not by the wall clock
         // alone: a hold too late to resolve is released, even while the wall clock is behind.
@@ -699,6 +703,9 @@ mod tests {
         }
         fn due_pendings(&mut self, _: Timestamp, _: usize) -> Result<Vec<TransferKey>> {
             Ok(Vec::new())
+        }
+        fn earliest_due(&mut self) -> Result<Option<Timestamp>> {
+            Ok(None)
         }
         fn commit(&mut self, _: &[Changes], _: &[(Timestamp, audit::Draft)], _: &[crate::Record]) -> Result<()> {
             self.commits.fetch_add(1, Ordering::SeqCst);
@@ -972,6 +979,13 @@ mod tests {
                 _ => false,
             };
             Ok(self.ledger.transfers.iter().filter(|(_, e)| due(e)).map(|(k, _)| *k).collect())
+        }
+        fn earliest_due(&mut self) -> Result<Option<Timestamp>> {
+            let pending = |e: &Entry| match e {
+                Entry::Created(t) if t.state == PendingState::Pending => t.expires_at,
+                _ => None,
+            };
+            Ok(self.ledger.transfers.values().filter_map(pending).min())
         }
         fn commit(&mut self, changes: &[Changes], _: &[(Timestamp, audit::Draft)], _: &[crate::Record]) -> Result<()> {
             if self.failing {

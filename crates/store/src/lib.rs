@@ -451,6 +451,9 @@ pub(crate) trait Writer: Send {
     fn authorization_body(&mut self, tenant_id: u128, id: u128) -> Result<Option<String>>;
     /// Pending transfers due to expire by `now`.
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>>;
+    /// The earliest expiry among pending transfers as this transaction sees it (`None`: no hold
+    /// has one). A batch sweeps whenever a hold is due, so an expired hold reserves nothing.
+    fn earliest_due(&mut self) -> Result<Option<Timestamp>>;
     /// Persists the changes and the audit entries (with their times) and commits: durable when
     /// this returns Ok, unless the writer defers its syncs ([`Writer::deferred_sync`]).
     fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)], records: &[Record]) -> Result<()>;

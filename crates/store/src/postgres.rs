@@ -271,6 +271,9 @@ struct PgWriter {
     accounts_as_of: Option<i64>,
     /// The count of commits read under this batch's lock.
     locked_commits: i64,
+    /// The earliest expiry among pending transfers, read with the lock (see
+    /// [`Writer::earliest_due`]).
+    earliest_due: Option<Timestamp>,
 }
 
 /// A writer connection with its statements prepared once: each batch is then four round trips
@@ -386,6 +389,7 @@ impl PgWriter {
             accounts: Generations::default(),
             accounts_as_of: None,
             locked_commits: 0,
+            earliest_due: None,
         })
     }
 
@@ -406,15 +410,17 @@ impl Writer for PgWriter {
         let conn = self.conn();
         let result = (|| {
             // One round trip: open the transaction, take the cluster-wide batch lock, and read the
-            // schema's version under it.
+            // schema's version and the earliest hold's expiry with it. (A hold due now was
+            // committed a second or more ago, before this statement's snapshot.)
             let messages = conn
                 .client
                 .simple_query(
                     "BEGIN; SELECT last_timestamp, audit_frontier, commits, \
-                     (SELECT max(version) FROM schema_migrations) FROM ledger_meta WHERE id = 1 FOR UPDATE",
+                     (SELECT max(version) FROM schema_migrations), \
+                     (SELECT min(expires_at) FROM transfers WHERE state = 1) FROM ledger_meta WHERE id = 1 FOR UPDATE",
                 )
                 .map_err(unavailable)?;
-            let (last, frontier, commits, schema) = messages
+            let (last, frontier, commits, schema, due) = messages
                 .iter()
                 .find_map(|m| match m {
                     ::postgres::SimpleQueryMessage::Row(row) => Some((
@@ -422,10 +428,14 @@ impl Writer for PgWriter {
                         row.get(1).map(str::to_owned),
                         row.get(2).map(str::to_owned),
                         row.get(3).and_then(|v| v.parse::<u32>().ok()),
+                        row.get(4).map(str::to_owned),
                     )),
                     _ => None,
                 })
                 .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
+            let due = due
+                .map(|d| d.parse::<u64>().map_err(|_| corrupt(format!("a hold's expiry {d:?} is not a timestamp"))))
+                .transpose()?;
             // A node started before a newer rtpay migrated the database writes as its own version
             // knew to: an older writer's batches could undo a newer one's (migration 9's count of
             // commits, which validates cached accounts, is one that earlier nodes never moved).
@@ -457,12 +467,13 @@ impl Writer for PgWriter {
                     audit::Frontier::decode(&bytes).map_err(corrupt)?
                 }
             };
-            Ok((last, frontier, commits))
+            Ok((last, frontier, commits, due))
         })();
         match result {
-            Ok((last, frontier, commits)) => {
+            Ok((last, frontier, commits, due)) => {
                 self.in_tx = true;
                 self.frontier = Some(frontier);
+                self.earliest_due = due;
                 if self.accounts_as_of.take() != Some(commits) {
                     self.accounts.clear();
                 }
@@ -558,6 +569,10 @@ impl Writer for PgWriter {
             .query_opt("SELECT total FROM counters WHERE scope = $1 AND period = $2", &[&scope, &(period as i64)])
             .map_err(unavailable)?;
         Ok(row.map(|r| r.try_get::<_, i64>(0)).transpose().map_err(unavailable)?.unwrap_or(0))
+    }
+
+    fn earliest_due(&mut self) -> Result<Option<Timestamp>> {
+        Ok(self.earliest_due)
     }
 
     fn due_pendings(&mut self, now: Timestamp, limit: usize) -> Result<Vec<TransferKey>> {

@@ -654,6 +654,17 @@ impl Writer for SqliteWriter {
         Ok(keys)
     }
 
+    fn earliest_due(&mut self) -> Result<Option<Timestamp>> {
+        // The partial index `transfers_due` answers it from its first entry that is not null.
+        let due: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT min(expires_at) FROM transfers WHERE state = 1")
+            .map_err(unavailable)?
+            .query_row([], |r| r.get(0))
+            .map_err(unavailable)?;
+        Ok(due.map(|t| t as Timestamp))
+    }
+
     fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)], records: &[Record]) -> Result<()> {
         assert!(self.in_tx, "commit inside a batch");
         self.write(changes)?;
