@@ -154,6 +154,32 @@ fn a_linked_chain_applies_whole_or_not_at_all() {
 }
 
 #[test]
+fn a_chain_sent_again_answers_exists_for_what_it_made_and_creates_only_what_is_new() {
+    let mut l = setup();
+    let chain = |events: &[TransferEvent]| -> Vec<TransferEvent> {
+        let mut events = events.to_vec();
+        let last = events.len() - 1;
+        for e in &mut events[..last] {
+            e.linked = true;
+        }
+        events
+    };
+    let results = |out: Vec<Outcome>| out.iter().map(|o| o.result).collect::<Vec<_>>();
+    let first = chain(&[posted(1, ALICE, BOB, 100), posted(2, BOB, ALICE, 40)]);
+    assert_eq!(results(l.transfers(NOW, &first)), [TransferResult::Created, TransferResult::Created]);
+    // The whole chain again: each event exists, and nothing moves twice.
+    assert_eq!(results(l.transfers(NOW, &first)), [TransferResult::Exists, TransferResult::Exists]);
+    assert_eq!(balance(&l, BOB), (40, 100, 0, 0, 60));
+    // A chain naming an earlier transfer and a new one, and the new one twice.
+    let mixed = chain(&[posted(1, ALICE, BOB, 100), posted(3, ALICE, BOB, 5), posted(3, ALICE, BOB, 5)]);
+    assert_eq!(
+        results(l.transfers(NOW, &mixed)),
+        [TransferResult::Exists, TransferResult::Created, TransferResult::Exists]
+    );
+    assert_eq!(balance(&l, BOB), (40, 105, 0, 0, 65));
+}
+
+#[test]
 fn timestamps_are_unique_and_increasing_even_when_the_clock_stands_still_or_goes_back() {
     let mut l = setup();
     let a = l.transfers(NOW, &[posted(1, BANK, BOB, 1), posted(2, BANK, BOB, 1)]);
