@@ -425,6 +425,47 @@ fn connections_that_stall_are_answered_or_closed() {
     });
 }
 
+/// A chunked body is read as any other; one whose chunked encoding breaks is refused as malformed
+/// (400 `malformed_body`, not 413) and changes nothing, and one that runs over the limit is 413.
+#[test]
+fn a_chunked_body_that_breaks_is_malformed_and_one_too_long_is_too_large() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("api-chunked");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "chunked").await;
+        let (from, to) = (account(&mut c, &key, json!({"currency": "BRL"})).await, account(&mut c, &key, json!({"currency": "BRL"})).await);
+        let body = |id: &str| json!({"id": id, "debit_account_id": from, "credit_account_id": to, "amount": 5}).to_string();
+        let head = format!(
+            "POST /v1/transfers HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        let exchange = |request: Vec<u8>| async move {
+            let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+            // The server may answer and stop reading before all of it is sent.
+            let _ = stream.write_all(&request).await;
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut got)).await;
+            String::from_utf8_lossy(&got).into_owned()
+        };
+        let (good, broken) = (uuid(), uuid());
+        let good_body = body(&good);
+        let got = exchange(format!("{head}{:x}\r\n{good_body}\r\n0\r\n\r\n", good_body.len()).into_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 201"), "{got}");
+        let got = exchange(format!("{head}zz\r\n{}\r\n0\r\n\r\n", body(&broken)).into_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 400") && got.contains("\"malformed_body\""), "{got}");
+        let long = 4 * 1024 * 1024 + 1;
+        let mut request = format!("{head}{long:x}\r\n").into_bytes();
+        request.resize(request.len() + long, b' ');
+        request.extend_from_slice(b"\r\n0\r\n\r\n");
+        let got = exchange(request).await;
+        assert!(got.starts_with("HTTP/1.1 413") && got.contains("\"body_too_large\""), "{got}");
+        let r = get(&mut c, &format!("/v1/transfers/{broken}"), &key).await;
+        assert_problem(&r, 404, "not_found", None, "no transfer was made");
+        assert_eq!(balance(&mut c, &key, &to).await["credits_posted"], 5);
+    });
+}
+
 /// A header that decides how a request is read, named twice, is refused (400 `duplicate_header`)
 /// and changes nothing: which of the two a proxy in front of rtpay honoured is unknown.
 #[test]

@@ -85,10 +85,19 @@ fn json_content_type(request: &Request) -> Result<(), Problem> {
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn too_large(limit: usize) -> Problem {
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the body exceeds {limit} bytes"))
+}
+
+/// Why a body's reading stopped: over the limit (413), or its framing broke (a chunked encoding
+/// that is not one, the connection closing mid-body: 400).
+fn unread(error: axum::Error, limit: usize) -> Problem {
+    if error.into_inner().is::<http_body_util::LengthLimitError>() {
+        return too_large(limit);
+    }
     Problem::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        format!("the body exceeds {limit} bytes or could not be read"),
+        StatusCode::BAD_REQUEST,
+        "malformed_body",
+        "the body could not be read: its chunked encoding is broken, or it ended before its length",
     )
 }
 
@@ -102,7 +111,7 @@ pub(crate) async fn limited_body(headers: &HeaderMap, body: Body, limit: usize) 
         return Err(too_large(limit));
     }
     match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
-        Ok(read) => read.map_err(|_| too_large(limit)),
+        Ok(read) => read.map_err(|e| unread(e, limit)),
         Err(_) => {
             // hyper closes a connection whose request body was left unread.
             Err(Problem::new(
