@@ -1086,6 +1086,9 @@ fn listing_pages_newest_first_without_gaps_or_duplicates() {
             // `+7`, percent-encoded (a bare `+` in a query is a space).
             ("limit=%2B7", "invalid_limit", "limit"),
             ("limit=7&page=2", "unknown_parameter", "page"),
+            // Which of two to honour would be a guess.
+            ("limit=5&limit=9", "duplicate_parameter", "limit"),
+            ("cursor=&limit=5&cursor=", "duplicate_parameter", "cursor"),
         ];
         for (query, code, field) in bad {
             let r = get(&mut c, &format!("/v1/accounts/{acct}/transfers?{query}"), &key).await;

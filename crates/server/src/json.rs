@@ -320,6 +320,44 @@ pub fn unknown_parameter(name: &str, expected: &str) -> Problem {
     }
 }
 
+/// A request's query parameters, each named once. Like `axum::extract::Query<HashMap<..>>`
+/// (values decoded lossily as UTF-8), but a parameter given twice is refused (422
+/// `duplicate_parameter`): which of the two to honour would be a guess.
+pub struct Params(pub std::collections::HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(parts.uri.query().unwrap_or("")).map_err(|_| {
+                Problem::new(StatusCode::BAD_REQUEST, "malformed_query", "the query string cannot be decoded")
+            })?;
+        let mut params = std::collections::HashMap::with_capacity(pairs.len());
+        for (name, value) in pairs {
+            if params.contains_key(&name) {
+                return Err(duplicate_parameter(&name));
+            }
+            params.insert(name, value);
+        }
+        Ok(Params(params))
+    }
+}
+
+/// A query parameter given twice, refused; named only when it is [`shown_as_field`].
+fn duplicate_parameter(name: &str) -> Problem {
+    let code = "duplicate_parameter";
+    if shown_as_field(name) {
+        Problem::invalid(name, code, format!("query parameter `{name}` is given more than once"))
+    } else {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            "a query parameter is given more than once; its name is not shown (longer than 64 characters, or not a name)",
+        )
+    }
+}
+
 /// A path parameter, like `axum::extract::Path`, but refused as a problem like every other error.
 pub struct Path<T>(pub T);
 

@@ -1,8 +1,6 @@
 //! Accounts: open, read, close, list their transfers.
 
-use std::collections::HashMap;
-
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use ledger::{AccountCommand, AccountId, AccountKey, AccountResult};
@@ -11,7 +9,7 @@ use store::{Command, Reply};
 use crate::audit_trail::Audit;
 use crate::auth::{new_uuid, Tenant};
 use crate::dto::*;
-use crate::json::{reply, Json, Path};
+use crate::json::{reply, Json, Params, Path};
 use crate::problem::Problem;
 use crate::routes::{cursor_of, page_params, query, submit, tenants::idempotency_key};
 use crate::AppState;
@@ -110,7 +108,7 @@ pub async fn list_account_transfers(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    Params(params): Params,
 ) -> Result<Response, Problem> {
     tenant.require("accounts:read")?;
     let key = account_key(&tenant, &id)?;

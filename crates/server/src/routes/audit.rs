@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
+
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Serialize;
@@ -11,7 +12,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{hex, Caller};
 use crate::dto::{rfc3339, uuid_string};
-use crate::json::reply;
+use crate::json::{reply, Params};
 use crate::problem::Problem;
 use crate::routes::query;
 use crate::AppState;
@@ -127,7 +128,7 @@ fn tenant_of(caller: Caller) -> Option<u128> {
 pub async fn list_entries(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<HashMap<String, String>>,
+    Params(params): Params,
 ) -> Result<Response, Problem> {
     caller.require("audit:read")?;
     let p = params_of(&params, &["after", "limit"])?;
@@ -183,7 +184,7 @@ async fn signed_size(state: &AppState, params: &HashMap<String, u64>, name: &str
 pub async fn inclusion_proof(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<HashMap<String, String>>,
+    Params(params): Params,
 ) -> Result<Response, Problem> {
     caller.require("audit:read")?;
     let p = params_of(&params, &["seq", "tree_size"])?;
@@ -225,7 +226,7 @@ pub async fn inclusion_proof(
 pub async fn consistency_proof(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<HashMap<String, String>>,
+    Params(params): Params,
 ) -> Result<Response, Problem> {
     caller.require("audit:read")?;
     let p = params_of(&params, &["first", "second"])?;

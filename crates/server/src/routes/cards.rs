@@ -1,12 +1,11 @@
 //! Card products, cards (issued on ledger accounts, numbers only in the vault), their lifecycle,
 //! the audited reveal, and the authorizations the network sent for them.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use ledger::{AccountCommand, AccountFlags, AccountId, AccountKey, AccountResult, Currency, NewAccount};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use utoipa::ToSchema;
 
 use crate::audit_trail::Audit;
@@ -15,7 +14,7 @@ use crate::card_network::{
     cvk_record, pan_record, seal_pan, settlement_key, AuthorizationView, LimitsBody, StoredCard, StoredProduct,
 };
 use crate::dto::{civil_date, parse_id, rfc3339, uuid_string};
-use crate::json::{reply, Json, Path};
+use crate::json::{reply, Json, Params, Path};
 use crate::oauth::{base64_decode, base64_encode};
 use crate::problem::Problem;
 use crate::routes::query;
@@ -524,7 +523,7 @@ pub async fn card_authorizations(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    Params(params): Params,
 ) -> Result<Response, Problem> {
     tenant.require("cards:read")?;
     let limit = match params.get("limit") {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pix::brcode::{BrCode, Value};
@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::audit_trail::Audit;
 use crate::auth::{new_uuid, random_32, Tenant};
 use crate::dto::{parse_id, rfc3339, uuid_string};
-use crate::json::{reply, Json, Path};
+use crate::json::{reply, Json, Params, Path};
 use crate::oauth::base64_encode;
 use crate::pix_rail::*;
 use crate::problem::Problem;
@@ -397,7 +397,7 @@ pub async fn lookup_key(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(text): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    Params(params): Params,
 ) -> Result<Response, Problem> {
     tenant.require("pix:read")?;
     let ispb = state.ispb()?.to_owned();
@@ -766,7 +766,7 @@ pub fn qr_png(code: &qrcode::QrCode) -> Vec<u8> {
 
 #[utoipa::path(get, path = "/v1/pix/brcode/qr.png", tag = "pix", params(("payload" = String, Query)),
     responses((status = 200, content_type = "image/png"), (status = 422, body = Problem)), security(("api_key" = [])))]
-pub async fn brcode_png(tenant: Tenant, Query(params): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+pub async fn brcode_png(tenant: Tenant, Params(params): Params) -> Result<Response, Problem> {
     tenant.require("pix:read")?;
     let code = qr_of(&params)?;
     Ok(([(header::CONTENT_TYPE, "image/png")], qr_png(&code)).into_response())
@@ -774,7 +774,7 @@ pub async fn brcode_png(tenant: Tenant, Query(params): Query<HashMap<String, Str
 
 #[utoipa::path(get, path = "/v1/pix/brcode/qr.svg", tag = "pix", params(("payload" = String, Query)),
     responses((status = 200, content_type = "image/svg+xml"), (status = 422, body = Problem)), security(("api_key" = [])))]
-pub async fn brcode_svg(tenant: Tenant, Query(params): Query<HashMap<String, String>>) -> Result<Response, Problem> {
+pub async fn brcode_svg(tenant: Tenant, Params(params): Params) -> Result<Response, Problem> {
     tenant.require("pix:read")?;
     let code = qr_of(&params)?;
     let svg = code
