@@ -433,9 +433,9 @@ impl Writer for PgWriter {
                     _ => None,
                 })
                 .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
-            let due = due
-                .map(|d| d.parse::<u64>().map_err(|_| corrupt(format!("a hold's expiry {d:?} is not a timestamp"))))
-                .transpose()?;
+            // As the embedded writer reads it: a negative expiry (edited storage) is due at once,
+            // and the sweep then judges the hold as it would any other.
+            let due = due.and_then(|d| d.parse::<i64>().ok()).map(|t| t.max(0) as Timestamp);
             // A node started before a newer rtpay migrated the database writes as its own version
             // knew to: an older writer's batches could undo a newer one's (migration 9's count of
             // commits, which validates cached accounts, is one that earlier nodes never moved).

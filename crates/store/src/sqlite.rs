@@ -662,7 +662,8 @@ impl Writer for SqliteWriter {
             .map_err(unavailable)?
             .query_row([], |r| r.get(0))
             .map_err(unavailable)?;
-        Ok(due.map(|t| t as Timestamp))
+        // A negative expiry (edited storage) is due at once; the sweep judges the hold then.
+        Ok(due.map(|t| t.max(0) as Timestamp))
     }
 
     fn commit(&mut self, changes: &[Changes], audit: &[(Timestamp, audit::Draft)], records: &[Record]) -> Result<()> {
