@@ -89,7 +89,7 @@ fn complete(operation: &mut Operation) {
     if has_body || has_parameters || secured {
         common.push((
             "400",
-            "the body is not JSON, a path segment is not UTF-8, or a header that decides how the request is read (Authorization, Content-Type) is given twice",
+            "the body is not JSON or cannot be read (a broken chunked encoding), a path segment is not UTF-8, or a header that decides how the request is read (Authorization, Content-Type) is given twice",
             false,
         ));
     }

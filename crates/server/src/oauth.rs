@@ -287,7 +287,8 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
     let headers: &HeaderMap = &parts.headers;
     let body = match crate::json::limited_body(&parts.headers, body, TOKEN_REQUEST_LEN_MAX).await {
         Ok(body) => body,
-        // 413 or 408 (RFC 6749 names no error for either; `invalid_request` is the nearest).
+        // 413, 408 or 400 for a body that cannot be read (RFC 6749 names no error for the first two;
+        // `invalid_request` is the nearest).
         Err(p) => {
             let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::BAD_REQUEST);
             return oauth_error(status, "invalid_request", &p.detail);

@@ -408,6 +408,8 @@ fn run_batches(
 ) {
     let mut held: Option<Job> = None;
     let mut last_sweep = Instant::now();
+    // Whether a batch sweeps as soon as a hold is due (see `apply_batch`).
+    let mut due_sweeps = true;
     loop {
         let first = match held.take() {
             Some(job) => Some(job),
@@ -445,7 +447,7 @@ fn run_batches(
         }
         let now = clock();
         let started = Instant::now();
-        let result = apply_batch(writer, now, &mut jobs, sweep, stats);
+        let result = apply_batch(writer, now, &mut jobs, sweep, &mut due_sweeps, stats);
         let elapsed_us = started.elapsed().as_micros() as u64;
         stats.cached_accounts.store(writer.cached_accounts() as u64, Ordering::Relaxed);
         match result {
@@ -479,6 +481,29 @@ fn run_batches(
     }
 }
 
+/// Releases the holds due by `now` (at most [`EXPIRY_SWEEP_MAX`]), judged as a post or void
+/// would judge them (`Clock::judged_at`: a hold too late to resolve is released even while the wall
+/// clock is behind): how many it found, how many it released, and the change, not yet applied.
+fn sweep_due(writer: &mut dyn Writer, snapshot: &mut MemoryLedger, now: Timestamp) -> Result<(usize, usize, Changes)> {
+    let due = writer.due_pendings(snapshot.clock.judged_at(now), EXPIRY_SWEEP_MAX)?;
+    if due.is_empty() {
+        return Ok((0, 0, Changes::default()));
+    }
+    writer.load_transfers(&due, snapshot)?;
+    let mut accounts = Vec::with_capacity(due.len() * 2);
+    for key in &due {
+        if let Some(Entry::Created(t)) = snapshot.transfers.get(key) {
+            accounts.push(AccountKey { tenant: key.tenant, id: t.debit_account_id });
+            accounts.push(AccountKey { tenant: key.tenant, id: t.credit_account_id });
+        }
+    }
+    accounts.sort_unstable();
+    accounts.dedup();
+    writer.load_accounts(&accounts, snapshot)?;
+    let (expired, change) = expire_pending(&*snapshot, snapshot.clock, now, &due);
+    Ok((due.len(), expired, change))
+}
+
 /// Applies a batch: one reply per job, `None` for a job whose guards failed (nothing of it applied).
 /// The jobs' audit drafts are taken (moved into the commit).
 fn apply_batch(
@@ -486,6 +511,7 @@ fn apply_batch(
     now: Timestamp,
     jobs: &mut [Job],
     sweep: bool,
+    due_sweeps: &mut bool,
     stats: &EngineStats,
 ) -> Result<Vec<Option<Reply>>> {
     let clock = writer.begin()?;
@@ -496,28 +522,36 @@ fn apply_batch(
 
     // Besides the timed sweep, any batch once a hold is due: a hold past its expiry must not
     // reserve funds the batch's transfers are checked against, when a post or void of it would
-    // already be refused as expired.
-    let sweep = sweep || writer.earliest_due()?.is_some_and(|due| due <= snapshot.clock.judged_at(now));
+    // already be refused as expired. A sweep that leaves due holds behind (storage it cannot
+    // read, or accounts that do not cover them: `rtpay verify` reports both) turns that off, so
+    // they cost no batch a sweep; the timed sweep looks again, and turns it back on once it
+    // releases all it finds.
+    let sweep =
+        sweep || (*due_sweeps && writer.earliest_due()?.is_some_and(|due| due <= snapshot.clock.judged_at(now)));
     if sweep {
-        // Due as the ledger judges a post or void (`Clock::judged_at`), not by the wall clock
-        // alone: a hold too late to resolve is released, even while the wall clock is behind.
-        let due = writer.due_pendings(snapshot.clock.judged_at(now), EXPIRY_SWEEP_MAX)?;
-        if !due.is_empty() {
-            writer.load_transfers(&due, &mut snapshot)?;
-            let mut accounts = Vec::with_capacity(due.len() * 2);
-            for key in &due {
-                if let Some(Entry::Created(t)) = snapshot.transfers.get(key) {
-                    accounts.push(AccountKey { tenant: key.tenant, id: t.debit_account_id });
-                    accounts.push(AccountKey { tenant: key.tenant, id: t.credit_account_id });
+        match sweep_due(writer, &mut snapshot, now) {
+            Ok((found, expired, change)) => {
+                if expired < found && *due_sweeps {
+                    tracing::warn!(
+                        left = found - expired,
+                        "expired holds their accounts do not cover stay pending; run `rtpay verify`"
+                    );
+                }
+                *due_sweeps = expired == found;
+                if found > 0 {
+                    released = expired as u64;
+                    snapshot.commit(change.clone());
+                    changes.push(change);
                 }
             }
-            accounts.sort_unstable();
-            accounts.dedup();
-            writer.load_accounts(&accounts, &mut snapshot)?;
-            let (expired, change) = expire_pending(&snapshot, snapshot.clock, now, &due);
-            released = expired as u64;
-            snapshot.commit(change.clone());
-            changes.push(change);
+            // Nothing of the sweep is applied; the batch goes on without it.
+            Err(StoreError::Corrupt(error)) => {
+                if *due_sweeps {
+                    tracing::warn!(%error, "expired holds not released: storage holds one it cannot read");
+                }
+                *due_sweeps = false;
+            }
+            Err(error) => return Err(error),
         }
     }
     if jobs.is_empty() {
@@ -907,6 +941,8 @@ mod tests {
         ledger: MemoryLedger,
         failing: bool,
         sweeps: Arc<AtomicU64>,
+        /// Storage that cannot be read: loading the hold fails as corrupt.
+        unreadable: bool,
     }
 
     impl SweptWriter {
@@ -939,7 +975,17 @@ mod tests {
             let (outcomes, change) = apply_transfers(&ledger, &mut clock, 2_000, &[hold]);
             assert_eq!(outcomes[0].result, TransferResult::Created);
             ledger.commit(change);
-            SweptWriter { ledger, failing, sweeps }
+            SweptWriter { ledger, failing, sweeps, unreadable: false }
+        }
+
+        /// A writer whose due hold the sweep cannot release: its debit account does not cover it
+        /// (`unreadable`: false), or the hold cannot be read at all.
+        fn stuck(unreadable: bool, sweeps: Arc<AtomicU64>) -> SweptWriter {
+            let mut writer = SweptWriter::new(false, sweeps);
+            let debit = AccountKey { tenant: TenantId(1), id: AccountId(1) };
+            writer.ledger.accounts.get_mut(&debit).expect("opened").debits_pending = 0;
+            writer.unreadable = unreadable;
+            writer
         }
     }
 
@@ -948,6 +994,9 @@ mod tests {
             Ok(self.ledger.clock)
         }
         fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
+            if self.unreadable {
+                return Err(StoreError::Corrupt("injected".into()));
+            }
             for key in keys {
                 if let Some(entry) = self.ledger.transfers.get(key) {
                     into.transfers.insert(*key, entry.clone());
@@ -1021,6 +1070,31 @@ mod tests {
             }
             let expired = engine.stats.expired.load(Ordering::Relaxed);
             assert_eq!(expired, if failing { 0 } else { 1 }, "failing commits: {failing}");
+            engine.stop();
+        }
+    }
+
+    /// A due hold the sweep cannot release (its accounts do not cover it, or storage cannot read
+    /// it: `rtpay verify` reports both) costs one sweep, not one a batch, and fails no batch: the
+    /// batches are answered, and only the timed sweep looks again.
+    #[test]
+    fn a_hold_the_sweep_cannot_release_is_not_swept_by_every_batch() {
+        for unreadable in [false, true] {
+            let sweeps = Arc::new(AtomicU64::new(0));
+            let engine =
+                Engine::start(Box::new(SweptWriter::stuck(unreadable, sweeps.clone())), Arc::new(|| 10_000_000_000));
+            let started = Instant::now();
+            for n in 0..20 {
+                let (replied, reply) = mpsc::channel();
+                engine.submit(Command::Audit(vec![draft(n)]), Box::new(move |r| replied.send(r).unwrap())).unwrap();
+                let reply = reply.recv_timeout(Duration::from_secs(10)).expect("answered");
+                assert!(matches!(reply, Ok(Reply::Audited)), "unreadable: {unreadable}: {reply:?}");
+            }
+            // The first batch's sweep, and the timed one every `EXPIRY_INTERVAL` meanwhile.
+            let timed = (started.elapsed().as_millis() / EXPIRY_INTERVAL.as_millis()) as u64;
+            let swept = sweeps.load(Ordering::SeqCst);
+            assert!(swept <= 1 + timed, "unreadable: {unreadable}: {swept} sweeps for 20 batches");
+            assert_eq!(engine.stats.expired.load(Ordering::Relaxed), 0);
             engine.stop();
         }
     }

@@ -409,33 +409,47 @@ impl Writer for PgWriter {
         }
         let conn = self.conn();
         let result = (|| {
-            // One round trip: open the transaction, take the cluster-wide batch lock, and read the
-            // schema's version and the earliest hold's expiry with it. (A hold due now was
-            // committed a second or more ago, before this statement's snapshot.)
+            // One round trip: open the transaction, take the cluster-wide batch lock and read the
+            // schema's version under it, then the earliest hold's expiry, in a statement of its
+            // own: its snapshot is taken after the lock, so it sees the holds of the batches this
+            // one waited for.
             let messages = conn
                 .client
                 .simple_query(
                     "BEGIN; SELECT last_timestamp, audit_frontier, commits, \
-                     (SELECT max(version) FROM schema_migrations), \
-                     (SELECT min(expires_at) FROM transfers WHERE state = 1) FROM ledger_meta WHERE id = 1 FOR UPDATE",
+                     (SELECT max(version) FROM schema_migrations) FROM ledger_meta WHERE id = 1 FOR UPDATE; \
+                     SELECT min(expires_at) FROM transfers WHERE state = 1",
                 )
                 .map_err(unavailable)?;
-            let (last, frontier, commits, schema, due) = messages
-                .iter()
-                .find_map(|m| match m {
-                    ::postgres::SimpleQueryMessage::Row(row) => Some((
+            // Each statement's rows come before its `CommandComplete`: BEGIN's (none), the
+            // lock's, the expiry's.
+            let mut statement = 0;
+            let mut rows = (None, None);
+            for m in &messages {
+                match m {
+                    ::postgres::SimpleQueryMessage::CommandComplete(_) => statement += 1,
+                    ::postgres::SimpleQueryMessage::Row(row) if statement == 1 && rows.0.is_none() => {
+                        rows.0 = Some(row)
+                    }
+                    ::postgres::SimpleQueryMessage::Row(row) if statement == 2 => rows.1 = Some(row),
+                    _ => {}
+                }
+            }
+            let (last, frontier, commits, schema) = rows
+                .0
+                .map(|row| {
+                    (
                         row.get(0).map(str::to_owned),
                         row.get(1).map(str::to_owned),
                         row.get(2).map(str::to_owned),
                         row.get(3).and_then(|v| v.parse::<u32>().ok()),
-                        row.get(4).map(str::to_owned),
-                    )),
-                    _ => None,
+                    )
                 })
                 .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
-            // As the embedded writer reads it: a negative expiry (edited storage) is due at once,
-            // and the sweep then judges the hold as it would any other.
-            let due = due.and_then(|d| d.parse::<i64>().ok()).map(|t| t.max(0) as Timestamp);
+            // As the embedded writer reads it: a negative expiry (edited storage) is due at once;
+            // the sweep then finds the hold it cannot read and leaves it to the timed sweep.
+            let due =
+                rows.1.and_then(|row| row.get(0)).and_then(|d| d.parse::<i64>().ok()).map(|t| t.max(0) as Timestamp);
             // A node started before a newer rtpay migrated the database writes as its own version
             // knew to: an older writer's batches could undo a newer one's (migration 9's count of
             // commits, which validates cached accounts, is one that earlier nodes never moved).

@@ -655,14 +655,21 @@ impl Writer for SqliteWriter {
     }
 
     fn earliest_due(&mut self) -> Result<Option<Timestamp>> {
-        // The partial index `transfers_due` answers it from its first entry that is not null.
+        // The partial index `transfers_due` answers it from its first entry that is not null. A
+        // value that is no timestamp (edited storage) reads as due: the sweep then finds what it
+        // cannot read and leaves it to the timed sweep (see `engine::apply_batch`).
         let due: Option<i64> = self
             .conn
             .prepare_cached("SELECT min(expires_at) FROM transfers WHERE state = 1")
             .map_err(unavailable)?
-            .query_row([], |r| r.get(0))
+            .query_row([], |r| {
+                Ok(match r.get_ref(0)? {
+                    rusqlite::types::ValueRef::Null => None,
+                    rusqlite::types::ValueRef::Integer(t) => Some(t),
+                    _ => Some(0),
+                })
+            })
             .map_err(unavailable)?;
-        // A negative expiry (edited storage) is due at once; the sweep judges the hold then.
         Ok(due.map(|t| t.max(0) as Timestamp))
     }
 
