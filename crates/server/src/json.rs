@@ -305,17 +305,21 @@ fn unknown_field_name(message: &str) -> Option<String> {
     Some(rest[..end].to_owned())
 }
 
-/// An unknown query parameter, refused; named only when it is [`shown_as_field`] (a secret
-/// pasted into a URL is not echoed back).
+/// An unknown query parameter, refused.
 pub fn unknown_parameter(name: &str, expected: &str) -> Problem {
-    let code = "unknown_parameter";
+    parameter_problem(name, "unknown_parameter", &format!("is unknown; expected {expected}"))
+}
+
+/// A query parameter refused with `code` because it `is` as said; named only when it is
+/// [`shown_as_field`] (a secret pasted into a URL is not echoed back).
+fn parameter_problem(name: &str, code: &str, is: &str) -> Problem {
     if shown_as_field(name) {
-        Problem::invalid(name, code, format!("unknown query parameter `{name}`; expected {expected}"))
+        Problem::invalid(name, code, format!("query parameter `{name}` {is}"))
     } else {
         Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             code,
-            format!("an unknown query parameter; its name is not shown (longer than 64 characters, or not a name); expected {expected}"),
+            format!("a query parameter {is}; its name is not shown (longer than 64 characters, or not a name)"),
         )
     }
 }
@@ -336,25 +340,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
         let mut params = std::collections::HashMap::with_capacity(pairs.len());
         for (name, value) in pairs {
             if params.contains_key(&name) {
-                return Err(duplicate_parameter(&name));
+                return Err(parameter_problem(&name, "duplicate_parameter", "is given more than once"));
             }
             params.insert(name, value);
         }
         Ok(Params(params))
-    }
-}
-
-/// A query parameter given twice, refused; named only when it is [`shown_as_field`].
-fn duplicate_parameter(name: &str) -> Problem {
-    let code = "duplicate_parameter";
-    if shown_as_field(name) {
-        Problem::invalid(name, code, format!("query parameter `{name}` is given more than once"))
-    } else {
-        Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            code,
-            "a query parameter is given more than once; its name is not shown (longer than 64 characters, or not a name)",
-        )
     }
 }
 
