@@ -484,12 +484,14 @@ fn run_batches(
 /// Releases the holds due by `now` (at most [`EXPIRY_SWEEP_MAX`]), judged as a post or void
 /// would judge them (`Clock::judged_at`: a hold too late to resolve is released even while the wall
 /// clock is behind): how many it found, how many it released, and the change, not yet applied.
+/// A hold or account storage cannot read is left out (with its holds), not the whole sweep: the
+/// holds due after it are released all the same.
 fn sweep_due(writer: &mut dyn Writer, snapshot: &mut MemoryLedger, now: Timestamp) -> Result<(usize, usize, Changes)> {
     let due = writer.due_pendings(snapshot.clock.judged_at(now), EXPIRY_SWEEP_MAX)?;
     if due.is_empty() {
         return Ok((0, 0, Changes::default()));
     }
-    writer.load_transfers(&due, snapshot)?;
+    load_readable(&due, snapshot, |keys, into| writer.load_transfers(keys, into))?;
     let mut accounts = Vec::with_capacity(due.len() * 2);
     for key in &due {
         if let Some(Entry::Created(t)) = snapshot.transfers.get(key) {
@@ -499,9 +501,32 @@ fn sweep_due(writer: &mut dyn Writer, snapshot: &mut MemoryLedger, now: Timestam
     }
     accounts.sort_unstable();
     accounts.dedup();
-    writer.load_accounts(&accounts, snapshot)?;
+    load_readable(&accounts, snapshot, |keys, into| writer.load_accounts(keys, into))?;
+    // Holds whose entry or accounts were left out are skipped (`expire_pending` finds them absent).
     let (expired, change) = expire_pending(&*snapshot, snapshot.clock, now, &due);
     Ok((due.len(), expired, change))
+}
+
+/// Loads `keys` with `load`; when storage holds one it cannot read, the others one by one, leaving
+/// out the unreadable (logged once per sweep).
+fn load_readable<K>(
+    keys: &[K],
+    into: &mut MemoryLedger,
+    mut load: impl FnMut(&[K], &mut MemoryLedger) -> Result<()>,
+) -> Result<()> {
+    match load(keys, into) {
+        Err(StoreError::Corrupt(error)) => {
+            tracing::warn!(%error, "the expiry sweep leaves out what storage holds and cannot read; run `rtpay verify`");
+            for key in keys {
+                match load(std::slice::from_ref(key), into) {
+                    Ok(()) | Err(StoreError::Corrupt(_)) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// Applies a batch: one reply per job, `None` for a job whose guards failed (nothing of it applied).
@@ -534,7 +559,8 @@ fn apply_batch(
                 if expired < found && *due_sweeps {
                     tracing::warn!(
                         left = found - expired,
-                        "expired holds their accounts do not cover stay pending; run `rtpay verify`"
+                        "expired holds that storage cannot read, or their accounts do not cover, stay pending; \
+                         run `rtpay verify`"
                     );
                 }
                 *due_sweeps = expired == found;
@@ -543,13 +569,6 @@ fn apply_batch(
                     snapshot.commit(change.clone());
                     changes.push(change);
                 }
-            }
-            // Nothing of the sweep is applied; the batch goes on without it.
-            Err(StoreError::Corrupt(error)) => {
-                if *due_sweeps {
-                    tracing::warn!(%error, "expired holds not released: storage holds one it cannot read");
-                }
-                *due_sweeps = false;
             }
             Err(error) => return Err(error),
         }
@@ -941,8 +960,8 @@ mod tests {
         ledger: MemoryLedger,
         failing: bool,
         sweeps: Arc<AtomicU64>,
-        /// Storage that cannot be read: loading the hold fails as corrupt.
-        unreadable: bool,
+        /// A hold storage cannot read: loading it fails as corrupt.
+        unreadable: Option<TransferKey>,
     }
 
     impl SweptWriter {
@@ -975,7 +994,7 @@ mod tests {
             let (outcomes, change) = apply_transfers(&ledger, &mut clock, 2_000, &[hold]);
             assert_eq!(outcomes[0].result, TransferResult::Created);
             ledger.commit(change);
-            SweptWriter { ledger, failing, sweeps, unreadable: false }
+            SweptWriter { ledger, failing, sweeps, unreadable: None }
         }
 
         /// A writer whose due hold the sweep cannot release: its debit account does not cover it
@@ -984,8 +1003,24 @@ mod tests {
             let mut writer = SweptWriter::new(false, sweeps);
             let debit = AccountKey { tenant: TenantId(1), id: AccountId(1) };
             writer.ledger.accounts.get_mut(&debit).expect("opened").debits_pending = 0;
-            writer.unreadable = unreadable;
+            writer.unreadable = unreadable.then_some(TransferKey { tenant: TenantId(1), id: TransferId(10) });
             writer
+        }
+
+        /// With a second hold (id 11), due as the first is.
+        fn and_another_hold(mut self) -> SweptWriter {
+            let hold = TransferEvent {
+                key: TransferKey { tenant: TenantId(1), id: TransferId(11) },
+                kind: EventKind::Pending { debit: AccountId(1), credit: AccountId(2), amount: 7, timeout_seconds: 1 },
+                code: 1,
+                metadata: None,
+                linked: false,
+            };
+            let mut clock = self.ledger.clock;
+            let (outcomes, change) = apply_transfers(&self.ledger, &mut clock, 3_000, &[hold]);
+            assert_eq!(outcomes[0].result, TransferResult::Created);
+            self.ledger.commit(change);
+            self
         }
     }
 
@@ -994,7 +1029,7 @@ mod tests {
             Ok(self.ledger.clock)
         }
         fn load_transfers(&mut self, keys: &[TransferKey], into: &mut MemoryLedger) -> Result<()> {
-            if self.unreadable {
+            if self.unreadable.is_some_and(|k| keys.contains(&k)) {
                 return Err(StoreError::Corrupt("injected".into()));
             }
             for key in keys {
@@ -1097,6 +1132,20 @@ mod tests {
             assert_eq!(engine.stats.expired.load(Ordering::Relaxed), 0);
             engine.stop();
         }
+    }
+
+    /// A hold storage cannot read is left out of the sweep, not the holds due beside it.
+    #[test]
+    fn the_sweep_releases_the_holds_beside_one_it_cannot_read() {
+        let mut writer = SweptWriter::new(false, Arc::default()).and_another_hold();
+        writer.unreadable = Some(TransferKey { tenant: TenantId(1), id: TransferId(10) });
+        let engine = Engine::start(Box::new(writer), Arc::new(|| 10_000_000_000));
+        let (replied, reply) = mpsc::channel();
+        engine.submit(Command::Audit(vec![draft(1)]), Box::new(move |r| replied.send(r).unwrap())).unwrap();
+        let reply = reply.recv_timeout(Duration::from_secs(10)).expect("answered");
+        assert!(matches!(reply, Ok(Reply::Audited)), "{reply:?}");
+        assert_eq!(engine.stats.expired.load(Ordering::Relaxed), 1, "hold 11 released, hold 10 left");
+        engine.stop();
     }
 
     #[test]
