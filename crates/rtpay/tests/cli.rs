@@ -86,7 +86,8 @@ fn demo_walks_through_the_api_and_exits() {
 }
 
 /// The README's five-minute tour, run as written (`cargo run --release --` standing for this
-/// build's binary, on a free port): every command goes through, the only refusals are the two the
+/// build's binary, on a port the kernel picks, read from the server's log: one picked here and let
+/// go could be taken before the server binds it): every command goes through, the only refusals are the two the
 /// tour shows (`insufficient_funds`, `insufficient_scope`), no answer is a 5xx, and what the tour
 /// says happens does (a hold posted, a Pix received and partly refunded, a due-date charge
 /// active, a MED claim returned, the ledger and the audit log verified).
@@ -107,7 +108,6 @@ fn the_readmes_tour_runs_as_written() {
             (false, false) => {}
         }
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     assert!(
         script.contains("cargo run --release -- serve --ispb 12345678 &")
             && script.contains("API=http://127.0.0.1:8080")
@@ -115,9 +115,12 @@ fn the_readmes_tour_runs_as_written() {
     let script = script
         .replace(
             "cargo run --release -- serve --ispb 12345678 &",
-            &format!("rtpay serve --ispb 12345678 --listen 127.0.0.1:{port} 2>server.log &"),
+            "rtpay serve --ispb 12345678 --listen 127.0.0.1:0 2>server.log &",
         )
-        .replace("API=http://127.0.0.1:8080", &format!("API=http://127.0.0.1:{port}"))
+        .replace(
+            "API=http://127.0.0.1:8080",
+            "API=http://$(until grep -m1 -o '127\\.0\\.0\\.1:[0-9]*' server.log 2>/dev/null; do sleep 0.1; done)",
+        )
         .replace("cargo run --release --", "rtpay");
     let dir = temp_dir("readme-tour");
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_rtpay")).parent().unwrap().to_owned();
