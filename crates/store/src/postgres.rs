@@ -447,7 +447,7 @@ impl Writer for PgWriter {
                 })
                 .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
             // As the embedded writer reads it: a negative expiry (edited storage) is due at once;
-            // the sweep then finds the hold it cannot read and leaves it to the timed sweep.
+            // the sweep then leaves out the hold it cannot read (see `engine::sweep_due`).
             let due =
                 rows.1.and_then(|row| row.get(0)).and_then(|d| d.parse::<i64>().ok()).map(|t| t.max(0) as Timestamp);
             // A node started before a newer rtpay migrated the database writes as its own version

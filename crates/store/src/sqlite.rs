@@ -657,7 +657,7 @@ impl Writer for SqliteWriter {
     fn earliest_due(&mut self) -> Result<Option<Timestamp>> {
         // The partial index `transfers_due` answers it from its first entry that is not null. A
         // value that is no timestamp (edited storage) reads as due: the sweep then finds what it
-        // cannot read and leaves it to the timed sweep (see `engine::apply_batch`).
+        // cannot read and leaves it out (see `engine::sweep_due`).
         let due: Option<i64> = self
             .conn
             .prepare_cached("SELECT min(expires_at) FROM transfers WHERE state = 1")
