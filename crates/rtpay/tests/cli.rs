@@ -544,6 +544,32 @@ fn a_rotation_waits_for_the_turn_another_process_holds_on_the_database() {
     assert_eq!(std::fs::read_to_string(keys.join("kek")).unwrap().lines().count(), 2);
 }
 
+/// Migrations wait for the batch a node is running (its lock is `ledger_meta`'s row, held here by
+/// the test): a migration that only moves rows took no lock such a batch holds, and could copy a
+/// counter before the batch's update committed and delete it after. (Before, `rtpay migrate` went
+/// ahead at once.)
+#[test]
+fn migrations_wait_for_the_batch_a_node_is_running() {
+    let url = store::testing::fresh_postgres_database();
+    let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
+    assert!(ok, "{out}");
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut batch = holder.transaction().unwrap();
+    batch.execute("SELECT 1 FROM ledger_meta WHERE id = 1 FOR UPDATE", &[]).unwrap();
+    let mut migrate = Command::new(env!("CARGO_BIN_EXE_rtpay"))
+        .args(["migrate", "--postgres", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(migrate.try_wait().unwrap().is_none(), "the migration waits for the batch");
+    batch.commit().unwrap();
+    let out = migrate.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}");
+}
+
 /// A rotation from a node whose copy of the key file is behind the cluster's (the data keys are
 /// under a version it lacks) is refused and adds nothing, where it used to add a second "version
 /// N+1"; and a key file reached through a symbolic link gains its version in the file the link

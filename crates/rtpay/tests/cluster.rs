@@ -342,6 +342,74 @@ fn postgres_outage_answers_503_then_recovers_losing_nothing() {
     });
 }
 
+/// PostgreSQL ends every connection of the node (as when it restarts) while they sit idle: the
+/// writer finds its connection closed only when it begins the next batch, and begins it again on a
+/// new one, so the first transfer after is applied, not refused. (Before, every request of that
+/// batch got 503.)
+#[test]
+fn connections_postgres_ended_while_idle_cost_no_request_a_503() {
+    let url = store::testing::fresh_postgres_database();
+    let dir = temp_dir("ended");
+    let server = Server::start(&dir, Some(&url));
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "ended").await;
+        let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let w = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        for round in 0..3 {
+            let transfer = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": w, "amount": 10});
+            assert_eq!(c.post("/v1/transfers", &key, &transfer).await.unwrap().status, 201, "round {round}");
+            let ended = tokio::task::block_in_place(|| {
+                let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                let rows = admin
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'rtpay'",
+                        &[],
+                    )
+                    .unwrap();
+                rows.len()
+            });
+            assert!(ended >= 1, "the node's connections are ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let transfer = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": w, "amount": 1});
+            let r = c.post("/v1/transfers", &key, &transfer).await.unwrap();
+            assert_eq!(r.status, 201, "round {round}: {:?}", r.json());
+        }
+        assert_eq!(balance(&mut c, &key, &w).await["credits_posted"], 33);
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
+/// A database whose `bytea_output` is the legacy `escape`: each connection of rtpay's sets its
+/// own to hex, so the writer reads the audit frontier it stored and writes go on after the first
+/// audit entry. (Before, every batch after it failed with a 500.)
+#[test]
+fn a_database_that_escapes_bytea_output_is_written_all_the_same() {
+    let url = store::testing::fresh_postgres_database();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let db: String = admin.query_one("SELECT current_database()", &[]).unwrap().get(0);
+    admin.batch_execute(&format!("ALTER DATABASE \"{db}\" SET bytea_output = 'escape'")).unwrap();
+    drop(admin);
+    let dir = temp_dir("escaped");
+    let server = Server::start(&dir, Some(&url));
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "escaped").await;
+        let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let w = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        for _ in 0..3 {
+            let transfer = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": w, "amount": 5});
+            let r = c.post("/v1/transfers", &key, &transfer).await.unwrap();
+            assert_eq!(r.status, 201, "{:?}", r.json());
+        }
+        assert_eq!(balance(&mut c, &key, &w).await["credits_posted"], 15);
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// An off-us Pix whose node is killed while the SPI has it: the other node, once the payment's SPI
 /// time-out and the sweep's margin have passed, asks the SPI what became of it and records the
 /// verdict, the hold posted.

@@ -112,17 +112,20 @@ fn connect(url: &str) -> Result<Client> {
     // Every transaction rtpay opens reads what was committed before each statement, whatever the
     // server's default: a batch reads state after its lock is granted, and a counted insert
     // counts after its advisory lock (under repeatable read both would read older snapshots).
-    // Two more, whatever the server's, database's or role's defaults:
+    // Three more, whatever the server's, database's or role's defaults:
     // - a commit is on disk before it returns: with `synchronous_commit = off` a client would be
     //   answered for a transfer a crash could still lose (`local`, `remote_write`, `on` and
     //   `remote_apply` all wait for the local flush, and are kept);
     // - a session that stalls inside a transaction (a frozen node holding the batch lock, which
     //   every node's writer waits for) is ended by the server, releasing its locks. No
-    //   transaction of rtpay's waits on anything but the database between its statements.
+    //   transaction of rtpay's waits on anything but the database between its statements;
+    // - bytea in text form is hex (`\x...`), as the writer reads the audit frontier: with the
+    //   legacy `escape` output, every batch after the first audit entry failed as corrupt.
     client
         .batch_execute(&format!(
             "SET default_transaction_isolation = 'read committed'; \
              SET idle_in_transaction_session_timeout = {}; \
+             SET bytea_output = 'hex'; \
              SELECT set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'",
             IDLE_IN_TRANSACTION.as_millis()
         ))
@@ -139,6 +142,16 @@ fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec
     )
     .map_err(unavailable)?;
     refuse_newer_schema(&mut tx, migrations)?;
+    // A migration that only moves rows (11's) takes no table lock a running batch holds, so it
+    // could interleave with a batch an older node had begun: it copied a counter before that
+    // batch's update committed and deleted it after, losing the update. Batches hold
+    // `ledger_meta`'s row: the migrations wait for the running one, and later ones wait for them
+    // (and then find the schema newer than their node knows). Taken before any change here, so
+    // that a batch waiting for a table this transaction altered cannot hold it.
+    let meta = tx.query_one("SELECT to_regclass('ledger_meta') IS NOT NULL", &[]).map_err(unavailable)?;
+    if meta.get::<_, bool>(0) {
+        tx.execute("SELECT 1 FROM ledger_meta WHERE id = 1 FOR UPDATE", &[]).map_err(unavailable)?;
+    }
     let mut applied = Vec::new();
     for m in migrations {
         let version = m.version as i32;
@@ -403,22 +416,22 @@ impl Writer for PgWriter {
         assert!(!self.in_tx, "one batch at a time");
         // A batch's reads and commit add to the cache; between batches it is cut to its bound.
         self.accounts.bound(account_cache_max());
-        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+        let reused = self.conn.as_ref().is_some_and(|c| !c.client.is_closed());
+        if !reused {
             self.conn = None;
             self.conn = Some(Conn::open(&self.url)?);
         }
-        let conn = self.conn();
-        let result = (|| {
-            // One round trip: open the transaction, take the cluster-wide batch lock and read the
-            // schema's version under it, then the earliest hold's expiry, in a statement of its
-            // own: its snapshot is taken after the lock, so it sees the holds of the batches this
-            // one waited for.
+        let lock_batch = |conn: &mut Conn| -> Result<(u64, audit::Frontier, i64, Option<Timestamp>)> {
+            // One round trip: open the transaction, take the cluster-wide batch lock, then read
+            // the earliest hold's expiry and the schema's version in a statement of its own: its
+            // snapshot is taken after the lock, so it sees the holds of the batches this one
+            // waited for, and a migration that held the lock (see `apply_migrations`).
             let messages = conn
                 .client
                 .simple_query(
-                    "BEGIN; SELECT last_timestamp, audit_frontier, commits, \
-                     (SELECT max(version) FROM schema_migrations) FROM ledger_meta WHERE id = 1 FOR UPDATE; \
-                     SELECT min(expires_at) FROM transfers WHERE state = 1",
+                    "BEGIN; SELECT last_timestamp, audit_frontier, commits FROM ledger_meta WHERE id = 1 FOR UPDATE; \
+                     SELECT (SELECT min(expires_at) FROM transfers WHERE state = 1), \
+                     (SELECT max(version) FROM schema_migrations)",
                 )
                 .map_err(unavailable)?;
             // Each statement's rows come before its `CommandComplete`: BEGIN's (none), the
@@ -435,21 +448,17 @@ impl Writer for PgWriter {
                     _ => {}
                 }
             }
-            let (last, frontier, commits, schema) = rows
+            let (last, frontier, commits) = rows
                 .0
                 .map(|row| {
-                    (
-                        row.get(0).map(str::to_owned),
-                        row.get(1).map(str::to_owned),
-                        row.get(2).map(str::to_owned),
-                        row.get(3).and_then(|v| v.parse::<u32>().ok()),
-                    )
+                    (row.get(0).map(str::to_owned), row.get(1).map(str::to_owned), row.get(2).map(str::to_owned))
                 })
                 .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
             // As the embedded writer reads it: a negative expiry (edited storage) is due at once;
             // the sweep then leaves out the hold it cannot read (see `engine::sweep_due`).
             let due =
                 rows.1.and_then(|row| row.get(0)).and_then(|d| d.parse::<i64>().ok()).map(|t| t.max(0) as Timestamp);
+            let schema = rows.1.and_then(|row| row.get(1)).and_then(|v| v.parse::<u32>().ok());
             // A node started before a newer rtpay migrated the database writes as its own version
             // knew to: an older writer's batches could undo a newer one's (migration 9's count of
             // commits, which validates cached accounts, is one that earlier nodes never moved).
@@ -482,7 +491,16 @@ impl Writer for PgWriter {
                 }
             };
             Ok((last, frontier, commits, due))
-        })();
+        };
+        let mut result = lock_batch(self.conn());
+        // A connection the server closed while it sat idle (PostgreSQL restarted) is seen closed
+        // only when a statement is sent on it, which then fails having done nothing: the batch
+        // begins again on a new one, once, instead of answering 503 to everyone in it.
+        if result.is_err() && reused && self.conn().client.is_closed() {
+            self.conn = None;
+            self.conn = Some(Conn::open(&self.url)?);
+            result = lock_batch(self.conn());
+        }
         match result {
             Ok((last, frontier, commits, due)) => {
                 self.in_tx = true;
@@ -817,14 +835,18 @@ impl PgQueries {
             _ => (connect(&self.url)?, false),
         };
         let mut result = f(&mut client);
-        if retry && result.is_err() && was_pooled && client.is_closed() {
+        if result.is_err() && was_pooled && client.is_closed() {
             // A kept connection that died while idle (PostgreSQL restarted, a network cut): the
             // others kept with it are likely dead too. Drop them all (outside the lock: dropping
-            // a client sends its goodbye) and try this read once more on a fresh one.
+            // a client sends its goodbye), so that the next calls do not meet them one by one,
+            // and try a read once more on a fresh one. (A write is not tried again: it may have
+            // been applied before the connection died.)
             let dead = std::mem::take(&mut *self.pool.lock().expect("pool lock"));
             drop(dead);
-            client = connect(&self.url)?;
-            result = f(&mut client);
+            if retry {
+                client = connect(&self.url)?;
+                result = f(&mut client);
+            }
         }
         if !client.is_closed() {
             let mut pool = self.pool.lock().expect("pool lock");
