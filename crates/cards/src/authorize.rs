@@ -108,6 +108,20 @@ pub fn card_not_present(entry_mode: Option<&str>) -> bool {
     matches!(entry_mode.map(|m| m.get(..2).unwrap_or(m)), Some("81") | Some("01"))
 }
 
+/// Whether DE3's transaction type (its first two digits) credits the cardholder's account: a
+/// refund (`20`), a deposit (`21`), a credit adjustment (`22`), an original credit (`26`) or a
+/// payment (`28`). Every other type is answered as a purchase, a debit.
+pub fn credits_cardholder(processing_code: &str) -> bool {
+    matches!(processing_code.get(..2), Some("20" | "21" | "22" | "26" | "28"))
+}
+
+/// Whether an advice's DE39 reports a transaction the network approved (in stand-in, or on the
+/// issuer's late answer): `00`, `08` (honour with identification), `10` (approved for a partial
+/// amount) or `11` (VIP). An advice without DE39 reports an approval.
+pub fn advice_approved(response_code: Option<&str>) -> bool {
+    matches!(response_code, None | Some("00" | "08" | "10" | "11"))
+}
+
 pub fn decide(card: &Card<'_>, request: &Request<'_>, spent: Spent) -> Decision {
     match card.status {
         CardStatus::Active => {}
@@ -213,5 +227,21 @@ mod tests {
         assert_eq!(code(decide(&c, &request(501), spent)), "61", "product monthly");
         let spent = Spent { last_minute: 5, ..Spent::default() };
         assert_eq!(code(decide(&c, &request(1), spent)), "59");
+    }
+
+    #[test]
+    fn credits_and_approved_advices_are_told_apart() {
+        for credit in ["200000", "210000", "220000", "260000", "280000", "20"] {
+            assert!(credits_cardholder(credit), "{credit}");
+        }
+        for debit in ["000000", "010000", "090000", "110000", "300000", "2", ""] {
+            assert!(!credits_cardholder(debit), "{debit}");
+        }
+        for approved in [None, Some("00"), Some("08"), Some("10"), Some("11")] {
+            assert!(advice_approved(approved), "{approved:?}");
+        }
+        for declined in [Some("05"), Some("51"), Some("91"), Some("0"), Some("")] {
+            assert!(!advice_approved(declined), "{declined:?}");
+        }
     }
 }

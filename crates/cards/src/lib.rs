@@ -7,5 +7,5 @@ pub mod iso8583;
 pub mod lifecycle;
 pub mod pan;
 
-pub use authorize::{decide, Decision, Limits, Request, ResponseCode, Spent};
+pub use authorize::{advice_approved, credits_cardholder, decide, Decision, Limits, Request, ResponseCode, Spent};
 pub use lifecycle::{Action, CardStatus};

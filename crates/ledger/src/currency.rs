@@ -226,7 +226,9 @@ impl Currency {
         TABLE[self.index()].2
     }
 
-    /// The currency whose numeric code is `code`.
+    /// The first currency (alphabetically) whose numeric code is `code`. Two may share one: ANG
+    /// and XCG are both 532 while the guilder is replaced, so where the currency expected is
+    /// known, compare [`Currency::numeric`] instead.
     pub fn from_numeric(code: u16) -> Option<Currency> {
         TABLE.iter().find(|(_, _, n)| *n == code).map(|(c, ..)| Currency::parse(c).expect("the table's own code"))
     }
@@ -271,6 +273,9 @@ mod tests {
             assert_eq!(Currency::from_numeric(numeric), Some(currency));
         }
         assert_eq!(Currency::from_numeric(999), None);
+        let (ang, xcg) = (Currency::parse("ANG").unwrap(), Currency::parse("XCG").unwrap());
+        assert_eq!((ang.numeric(), xcg.numeric()), (532, 532), "a code two currencies share");
+        assert_eq!(Currency::from_numeric(532), Some(ang));
     }
 
     #[test]

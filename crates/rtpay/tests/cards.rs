@@ -119,10 +119,15 @@ struct Issued {
 
 /// A tenant, a funded account (R$ 100.00), a product and a card on it.
 async fn issue(c: &mut Client, product_extra: Value, card_extra: Value) -> Issued {
+    issue_in(c, "BRL", product_extra, card_extra).await
+}
+
+/// As [`issue`], in `currency` (10,000 of its minor units).
+async fn issue_in(c: &mut Client, currency: &str, product_extra: Value, card_extra: Value) -> Issued {
     let (_, key) = tenant(c, "cards").await;
-    let bank = account(c, &key, json!({"currency": "BRL"})).await;
+    let bank = account(c, &key, json!({"currency": currency})).await;
     let account_id =
-        account(c, &key, json!({"currency": "BRL", "flags": {"debits_must_not_exceed_credits": true}})).await;
+        account(c, &key, json!({"currency": currency, "flags": {"debits_must_not_exceed_credits": true}})).await;
     let r = c
         .post(
             "/v1/transfers",
@@ -133,7 +138,7 @@ async fn issue(c: &mut Client, product_extra: Value, card_extra: Value) -> Issue
         .unwrap();
     assert_eq!(r.status, 201);
     let bin = format!("4{:07}", store::now_nanos() % 10_000_000);
-    let product = with(json!({"name": "Gold", "bin": bin, "currency": "BRL", "network": "visa"}), product_extra);
+    let product = with(json!({"name": "Gold", "bin": bin, "currency": currency, "network": "visa"}), product_extra);
     let r = c.post("/v1/card-products", &key, &product).await.unwrap();
     assert_eq!(r.status, 201, "{:?}", r.json());
     let product_id = r.json()["id"].as_str().unwrap().to_owned();
@@ -609,6 +614,110 @@ fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
     });
 }
 
+/// The processing code (DE3) says which way the money goes, and an advice's DE39 whether it goes
+/// at all: a refund's authorization (0100, `20xxxx`) holds nothing and its advice credits the
+/// account, as do a refund advice with no authorization and an original credit (`26xxxx`); a
+/// refund reversed in part takes back only what did not happen; an advice reporting a decline
+/// releases the hold and moves nothing; a card in XCG (whose numeric code, 532, is ANG's too) is
+/// captured and reversed. (Before, the refund's authorization held the amount and its advice
+/// debited the cardholder, the declined advice captured the hold, the partial reversal took back
+/// the whole refund, and every XCG capture or reversal was refused with 30.)
+#[test]
+fn credits_declined_advices_and_shared_currency_codes_move_money_the_right_way() {
+    let dir = temp_dir("cards-credits");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.unwrap();
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({"limits": {"daily": 5_000}})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let mut net = Network::connect(iso);
+        let advice = |msg: &Value, stan: u32| with(msg.clone(), json!({"t": "0220", "11": format!("{stan:06}")}));
+        let credit = |msg: Value| with(msg, json!({"3": "200000"}));
+
+        // A refund's authorization, above the card's daily limit: approved, nothing held.
+        let refund_auth = credit(auth(&i.pan, &i.expiry, 7_000, 1, "000000000001"));
+        let r = net.ask(&refund_auth);
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0110"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0));
+        // Its advice credits the account, once.
+        let r = net.ask(&advice(&refund_auth, 2));
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (17_000, 0, 0), "the refund is credited");
+        assert_eq!(net.ask(&advice(&refund_auth, 2))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (17_000, 0, 0), "a repeat moves nothing");
+        // Refunds count against no limit: a purchase up to the daily limit is still approved.
+        let purchase = auth(&i.pan, &i.expiry, 5_000, 3, "000000000003");
+        assert_eq!(net.ask(&purchase)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (12_000, 5_000, 0));
+        // An advice of that purchase reporting a decline in stand-in: acknowledged, the hold
+        // released, nothing captured.
+        let declined = with(advice(&purchase, 4), json!({"39": "05"}));
+        let r = net.ask(&declined);
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (17_000, 0, 0), "the hold is released");
+        assert_eq!(net.ask(&advice(&purchase, 5))["39"], json!("05"), "a declined purchase is not captured after");
+        // A declined advice with nothing to match moves nothing either.
+        let lone = with(advice(&auth(&i.pan, &i.expiry, 900, 6, "000000000006"), 6), json!({"39": "51"}));
+        assert_eq!(net.ask(&lone)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (17_000, 0, 0));
+
+        // A refund advice with no authorization (approved in stand-in) credits; so does an original
+        // credit sent as a single message.
+        let lone = credit(advice(&auth(&i.pan, &i.expiry, 300, 7, "000000000007"), 7));
+        assert_eq!(net.ask(&lone)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (17_300, 0, 0));
+        let oct = with(auth(&i.pan, &i.expiry, 700, 8, "000000000008"), json!({"t": "0200", "3": "260000"}));
+        assert_eq!(net.ask(&oct)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (18_000, 0, 0));
+
+        // A refund of 1,000 of which 600 happened (DE95): the other 400 is taken back.
+        let refund = credit(with(auth(&i.pan, &i.expiry, 1_000, 9, "000000000009"), json!({"t": "0200"})));
+        assert_eq!(net.ask(&refund)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (19_000, 0, 0));
+        let replaced = format!("{:012}{}", 600, "0".repeat(30));
+        let partial = with(refund.clone(), json!({"t": "0400", "11": "000010", "95": replaced}));
+        assert_eq!(net.ask(&partial)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (18_600, 0, 400), "only what did not happen");
+        // Reversed in full after that, the 600 left.
+        let reversal = with(refund, json!({"t": "0400", "11": "000011"}));
+        assert_eq!(net.ask(&reversal)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (18_000, 0, 1_000));
+        // A refund's authorization reversed: nothing to give back, nothing credited after.
+        let refund_auth = credit(auth(&i.pan, &i.expiry, 400, 12, "000000000012"));
+        assert_eq!(net.ask(&refund_auth)["39"], json!("00"));
+        assert_eq!(net.ask(&with(refund_auth.clone(), json!({"t": "0400", "11": "000013"})))["39"], json!("00"));
+        assert_eq!(net.ask(&advice(&refund_auth, 14))["39"], json!("05"), "a reversed refund is not credited");
+        assert_eq!(available(&mut c, key, acct).await, (18_000, 0, 1_000));
+
+        let r = c.get(&format!("/v1/cards/{}/authorizations?limit=100", i.card), key).await.unwrap();
+        let all = r.json()["authorizations"].as_array().unwrap().clone();
+        let by_rrn = |rrn: &str| all.iter().find(|a| a["rrn"] == json!(rrn)).unwrap().clone();
+        let first = by_rrn("000000000001");
+        assert_eq!((first["status"].clone(), first["credit"].clone()), (json!("refunded"), json!(true)), "{first}");
+        assert_eq!(first["captured"], json!(7_000));
+        let third = by_rrn("000000000003");
+        assert_eq!(third["status"], json!("declined"), "{third}");
+        assert!(third["reasons"].to_string().contains("DE39 05"), "{third}");
+
+        // XCG and ANG share 532: an XCG card's authorization, capture and reversal all apply.
+        let x = issue_in(&mut c, "XCG", json!({}), json!({})).await;
+        let a = with(auth(&x.pan, &x.expiry, 2_000, 20, "000000000020"), json!({"49": "532"}));
+        assert_eq!(net.ask(&a)["39"], json!("00"));
+        let r = net.ask(&advice(&a, 21));
+        assert_eq!(r["39"], json!("00"), "{r}");
+        assert_eq!(available(&mut c, &x.key, &x.account).await, (8_000, 0, 2_000));
+        let r = net.ask(&with(a, json!({"t": "0400", "11": "000022"})));
+        assert_eq!(r["39"], json!("00"), "{r}");
+        assert_eq!(available(&mut c, &x.key, &x.account).await, (10_000, 0, 2_000));
+        let r = net.ask(&with(advice(&auth(&x.pan, &x.expiry, 100, 23, "000000000023"), 23), json!({"49": "532"})));
+        assert_eq!(r["39"], json!("00"), "a stand-in advice in XCG: {r}");
+        assert_eq!(available(&mut c, &x.key, &x.account).await, (9_900, 0, 2_100));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// A reversal whose RRN finds nothing is matched by DE90's original STAN only together with its
 /// original transmission time (DE7): a STAN comes round again, and the reversal of a purchase that
 /// never arrived must not void an earlier one that had the same STAN. (Before, it voided it.)
@@ -912,7 +1021,7 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
     let iso = server.iso8583.unwrap();
     runtime().block_on(async {
         let mut c = server.client();
-        let i = issue(&mut c, json!({"velocity_per_minute": 3}), json!({})).await;
+        let i = issue(&mut c, json!({"velocity_per_minute": 5}), json!({})).await;
         let mut net = Network::connect(iso);
         let a = auth(&i.pan, &i.expiry, 2_500, 1, "000000000001");
         assert_eq!(net.ask(&a)["39"], json!("00"));
@@ -923,9 +1032,33 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
             assert!(std::time::Instant::now() < deadline, "the ledger released the hold");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        // The network settles the purchase all the same: its capture is posted on its own.
         let capture = with(a.clone(), json!({"t": "0220", "11": "000002"}));
-        assert_eq!(net.ask(&capture)["39"], json!("05"), "an expired hold is not captured");
-        assert_eq!(available(&mut c, &i.key, &i.account).await, (10_000, 0, 0));
+        assert_eq!(net.ask(&capture)["39"], json!("00"), "an expired hold's capture is collected");
+        assert_eq!(available(&mut c, &i.key, &i.account).await, (7_500, 0, 2_500));
+        assert_eq!(net.ask(&capture)["39"], json!("00"));
+        assert_eq!(available(&mut c, &i.key, &i.account).await, (7_500, 0, 2_500), "a repeat moves nothing");
+        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), &i.key).await.unwrap();
+        let record = r.json()["authorizations"][0].clone();
+        assert_eq!((record["status"].clone(), record["captured"].clone()), (json!("captured"), json!(2_500)));
+        // One the account can no longer cover is acknowledged too, and recorded to reconcile.
+        let b = auth(&i.pan, &i.expiry, 6_000, 3, "000000000003");
+        assert_eq!(net.ask(&b)["39"], json!("00"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while available(&mut c, &i.key, &i.account).await != (7_500, 0, 2_500) {
+            assert!(std::time::Instant::now() < deadline, "the ledger released the second hold");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let purchase = with(auth(&i.pan, &i.expiry, 3_000, 4, "000000000004"), json!({"t": "0200"}));
+        assert_eq!(net.ask(&purchase)["39"], json!("00"));
+        let capture = with(b, json!({"t": "0220", "11": "000005"}));
+        assert_eq!(net.ask(&capture)["39"], json!("00"), "an advice is acknowledged");
+        assert_eq!(available(&mut c, &i.key, &i.account).await, (4_500, 0, 5_500), "nothing collected");
+        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), &i.key).await.unwrap();
+        let all = r.json()["authorizations"].as_array().unwrap().clone();
+        let record = all.iter().find(|a| a["rrn"] == json!("000000000003")).unwrap();
+        assert_eq!(record["status"], json!("expired"), "{record}");
+        assert!(record["reasons"].to_string().contains("6000 not collected"), "{record}");
 
         // Malformed frames on their own connections: a format error (DE39 30) when the type can be
         // read, else the connection closes. Every time, the listener goes on.
@@ -957,7 +1090,8 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
         // The first connection was never disturbed.
         let r = net.ask(&json!({"t": "0800", "7": "1122093000", "11": "000009", "70": "301"}));
         assert_eq!(r["39"], json!("00"));
-        // Velocity: the product allows 3 authorizations a minute; the 4th is suspected fraud.
+        // Velocity: the product allows 5 authorizations a minute (3 made above); the 6th is
+        // suspected fraud.
         for n in 0..2u32 {
             assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 10, 60 + n, &format!("{:012}", 60 + n)))["39"], json!("00"));
         }

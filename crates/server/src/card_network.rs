@@ -110,8 +110,12 @@ pub struct AuthorizationView {
     pub id: String,
     pub card_id: String,
     pub account_id: String,
-    /// `approved`, `declined`, `captured`, `reversed`, `refunded`.
+    /// `approved`, `declined`, `captured`, `reversed`, `refunded`, `expired`, `unposted`.
     pub status: String,
+    /// It credits the cardholder (a refund, DE3 `20`, or another credit type): nothing is held
+    /// for it and no limit counts it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub credit: bool,
     pub amount: u64,
     pub currency: String,
     pub response_code: String,
@@ -399,6 +403,7 @@ impl Ctx {
             card_id: uuid_string(self.card_id),
             account_id: self.card.account_id.clone(),
             status: "declined".into(),
+            credit: false,
             amount: self.amount,
             currency: currency.as_str().to_owned(),
             response_code: String::new(),
@@ -453,6 +458,7 @@ impl Ctx {
         stored.remove(2);
         let stored = stored.encode().ok().and_then(|b| vault::seal(&self.dek, &self.key, &b).ok());
         let spend = match view.status.as_str() {
+            _ if view.credit => 0,
             "approved" => view.amount,
             "captured" => view.captured,
             _ => 0,
@@ -581,12 +587,13 @@ impl<'a> Flow<'a> {
                 Err(_) => Err(ResponseCode::SystemMalfunction.into()),
             };
         }
-        let processing = request.get(3).unwrap_or("000000");
-        match original_mti(&request.mti).as_str() {
-            "0100" => self.authorize(false).await,
-            "0200" if processing.starts_with("20") => self.refund().await,
-            "0200" => self.authorize(true).await,
-            "0120" | "0220" => self.capture().await,
+        let credit = cards::credits_cardholder(request.get(3).unwrap_or("000000"));
+        match (original_mti(&request.mti).as_str(), credit) {
+            ("0100", false) => self.authorize(false).await,
+            ("0100", true) => self.authorize_credit().await,
+            ("0200", false) => self.authorize(true).await,
+            ("0200", true) => self.refund(false).await,
+            ("0120" | "0220", _) => self.capture().await,
             _ => self.reverse().await,
         }
     }
@@ -649,6 +656,58 @@ impl<'a> Flow<'a> {
         let ctx = self.ctx.clone();
         self.execute(vec![], basis, move |_| {
             ctx.conclude(view.clone(), created_at, kind, code, None, vec![], vec![reason.clone()])
+        })
+        .await
+    }
+
+    /// The currency DE49 names: the card's own when its numeric code is DE49's (two currencies
+    /// may share a code: ANG and XCG are both 532), else the first with that code.
+    async fn named_currency(&self) -> Result<Currency, ResponseCode> {
+        named_currency(self.card_currency().await?, self.ctx.currency)
+    }
+
+    /// The currency of the card's product (of its account).
+    async fn card_currency(&self) -> Result<Option<Currency>, ResponseCode> {
+        let tenant = self.ctx.tenant;
+        let product_id =
+            uuid::Uuid::parse_str(&self.ctx.card.product_id).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let product = self
+            .owed
+            .read(self.state, move |q| q.card_product(tenant, product_id.as_u128()))
+            .await
+            .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        Ok(product
+            .and_then(|p| serde_json::from_str::<StoredProduct>(&p).ok())
+            .and_then(|p| Currency::parse(&p.currency).ok()))
+    }
+
+    /// A credit's authorization (an 0100 whose DE3 credits the cardholder: a refund, say):
+    /// approved unless the card is cancelled or DE49 is not its currency; nothing is held and no
+    /// limit counts it. Its advice (0120, 0220) moves the money, settlement → account.
+    async fn authorize_credit(&self) -> Step {
+        let ctx = &self.ctx;
+        let now = store::now_nanos();
+        let own = self.card_currency().await?;
+        let currency = named_currency(own, ctx.currency)?;
+        let mut view = ctx.new_view(currency, now);
+        view.credit = true;
+        let (basis, kind) = (ctx.fresh(&view), "refund authorization");
+        if ctx.status == CardStatus::Cancelled {
+            let reason = "the card is cancelled".to_owned();
+            return self.record(view, basis, now, kind, ResponseCode::DoNotHonor, reason).await;
+        }
+        if own != Some(currency) {
+            let reason = "the currency (DE49) is not the card's".to_owned();
+            return self.record(view, basis, now, kind, ResponseCode::NotPermitted, reason).await;
+        }
+        if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
+            return Err(ResponseCode::FormatError.into());
+        }
+        view.status = "approved".into();
+        view.auth_code = Some(ctx.auth_code.clone());
+        let c = self.ctx.clone();
+        self.execute(vec![], basis, move |_| {
+            c.conclude(view.clone(), now, kind, ResponseCode::Approved, Some(c.auth_code.clone()), vec![], vec![])
         })
         .await
     }
@@ -802,14 +861,34 @@ impl<'a> Flow<'a> {
 
     async fn capture(&self) -> Step {
         let ctx = &self.ctx;
+        let credit = cards::credits_cardholder(ctx.request.get(3).unwrap_or("000000"));
+        let declined = (!cards::advice_approved(ctx.request.get(39))).then(|| ctx.request.get(39).unwrap_or(""));
         let Some((row, view)) = self.original().await? else {
-            return self.stand_in().await;
+            return match declined {
+                Some(de39) => self.declined_advice(None, de39).await,
+                None if credit => self.refund(true).await,
+                None => self.stand_in().await,
+            };
         };
         let (created_at, basis) = (row.created_at, as_read(&row));
         if let Some(reason) = self.other_currency(&view) {
             return self.record(view, basis, created_at, "capture", ResponseCode::FormatError, reason).await;
         }
-        if view.status != "approved" {
+        if view.credit != credit {
+            let reason = format!(
+                "the advice's processing code (DE3) {} the cardholder, its authorization {}",
+                if credit { "credits" } else { "debits" },
+                if view.credit { "credits" } else { "debits" },
+            );
+            return self.record(view, basis, created_at, "capture", ResponseCode::FormatError, reason).await;
+        }
+        if let Some(de39) = declined {
+            return self.declined_advice(Some((view, basis, created_at)), de39).await;
+        }
+        if credit {
+            return self.capture_credit(view, basis, created_at).await;
+        }
+        if view.status != "approved" && view.status != "expired" {
             let reason = format!("the authorization is {}", view.status);
             return self.record(view, basis, created_at, "capture", ResponseCode::DoNotHonor, reason).await;
         }
@@ -819,6 +898,9 @@ impl<'a> Flow<'a> {
         if ctx.amount == 0 || ctx.amount > held.saturating_add(tolerance) {
             let reason = "the capture exceeds the hold beyond the tolerance".to_owned();
             return self.record(view, basis, created_at, "capture", ResponseCode::ExceedsAmountLimit, reason).await;
+        }
+        if view.status == "expired" {
+            return self.capture_expired(view, basis, created_at).await;
         }
         let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
             .map_err(|_| ResponseCode::SystemMalfunction)?
@@ -838,16 +920,28 @@ impl<'a> Flow<'a> {
             events.push(ctx.event(extra, event));
             ids.push(extra);
         }
-        // The account cannot cover the amount above the hold: the hold is posted alone (below).
-        // The refusal is recorded first, so that the refused chain's ids are not used again (see
-        // `step_id`), but not stored as the answer: the advice's answer is the second attempt's.
-        let short = std::sync::Arc::new(std::sync::OnceLock::new());
+        // Two refusals take a second step: the account cannot cover the amount above the hold
+        // (the hold is posted alone, `capture_hold`), or the hold had expired (the amount is
+        // posted on its own, `capture_expired`). The refusal is recorded first, so that the
+        // refused chain's ids are not used again (see `step_id`), but not stored as the answer:
+        // the advice's answer is the second step's.
+        let refusal = std::sync::Arc::new(std::sync::OnceLock::new());
         let c = self.ctx.clone();
-        let (first, shortfall) = (view.clone(), short.clone());
+        let (first, refused) = (view.clone(), refusal.clone());
         let step = self
             .execute(events, basis.clone(), move |result| {
                 let mut view = first.clone();
                 let kind = "capture";
+                let second_step = |mut refusal: Concluded| {
+                    for record in &mut refusal.records {
+                        if let store::Record::Authorization { row, message } = record {
+                            *message = None;
+                            // The first call, in the writer's batch, is the one committed.
+                            let _ = refused.set((result, row.body.clone()));
+                        }
+                    }
+                    refusal
+                };
                 match result {
                     TransferResult::Created | TransferResult::Exists => {
                         view.status = "captured".into();
@@ -862,29 +956,155 @@ impl<'a> Flow<'a> {
                         let reason =
                             format!("the ledger refused the {} above the hold ({})", c.amount - held, result.as_str());
                         let code = ResponseCode::InsufficientFunds;
-                        let mut refused = c.conclude(view, created_at, kind, code, None, vec![], vec![reason]);
-                        for record in &mut refused.records {
-                            if let store::Record::Authorization { row, message } = record {
-                                *message = None;
-                                // The first call, in the writer's batch, is the one committed.
-                                let _ = shortfall.set((result, row.body.clone()));
-                            }
-                        }
-                        refused
+                        second_step(c.conclude(view, created_at, kind, code, None, vec![], vec![reason]))
+                    }
+                    TransferResult::PendingTransferExpired => {
+                        view.status = "expired".into();
+                        let reason = "the hold expired before the capture".to_owned();
+                        let code = ResponseCode::DoNotHonor;
+                        second_step(c.conclude(view, created_at, kind, code, None, vec![], vec![reason]))
                     }
                     other => capture_failed(&c, view, created_at, other),
                 }
             })
             .await;
-        match (step, short.get()) {
+        match (step, refusal.get()) {
             (Ok(_), Some((refused, body))) => {
                 let view = serde_json::from_str(body).map_err(|_| ResponseCode::SystemMalfunction)?;
                 let basis =
                     store::Guard::Authorization { tenant_id: row.tenant_id, id: row.id, body: Some(body.clone()) };
-                self.capture_hold(view, basis, created_at, *refused).await
+                if *refused == TransferResult::PendingTransferExpired {
+                    self.capture_expired(view, basis, created_at).await
+                } else {
+                    self.capture_hold(view, basis, created_at, *refused).await
+                }
             }
             (step, _) => step,
         }
+    }
+
+    /// A capture whose hold had expired: the ledger released it, but the network settles the
+    /// purchase all the same, so the amount is posted on its own, account → settlement. One the
+    /// ledger refuses (the funds are gone, the account closed) is acknowledged too, an advice
+    /// not being declined, and the amount not collected is recorded for reconciliation. (Before,
+    /// it was answered `05` and the cardholder kept what the network paid.)
+    async fn capture_expired(&self, view: AuthorizationView, basis: store::Guard, created_at: u64) -> Step {
+        let ctx = &self.ctx;
+        let post = ctx.step_id(&view, "post-after-expiry");
+        let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
+        let event =
+            EventKind::Posted { debit: AccountId(ctx.account()?), credit: AccountId(settlement), amount: ctx.amount };
+        let c = self.ctx.clone();
+        self.execute(vec![ctx.event(post, event)], basis, move |result| {
+            let mut view = view.clone();
+            let kind = "capture";
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    view.status = "captured".into();
+                    view.captured = c.amount;
+                    let reason = "the hold had expired: the capture was posted on its own".to_owned();
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![post], vec![reason])
+                }
+                other => {
+                    view.status = "expired".into();
+                    let reason = format!(
+                        "{} not collected: the hold had expired and the ledger refused the capture ({}): reconcile",
+                        c.amount,
+                        other.as_str()
+                    );
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                }
+            }
+        })
+        .await
+    }
+
+    /// An advice whose DE39 says the network declined the transaction (in stand-in): no money
+    /// moves for it, and a hold placed for its authorization (approved here too late, say) is
+    /// released, the acquirer having been told no. Acknowledged all the same.
+    async fn declined_advice(&self, matched: Option<(AuthorizationView, store::Guard, u64)>, de39: &str) -> Step {
+        let ctx = &self.ctx;
+        let kind = "declined advice";
+        let why = format!("the network declined it (DE39 {de39})");
+        let Some((mut view, basis, created_at)) = matched else {
+            let now = store::now_nanos();
+            let mut view = ctx.new_view(self.named_currency().await?, now);
+            view.credit = cards::credits_cardholder(ctx.request.get(3).unwrap_or("000000"));
+            let basis = ctx.fresh(&view);
+            return self.record(view, basis, now, kind, ResponseCode::Approved, format!("{why}: nothing moves")).await;
+        };
+        if view.status != "approved" || view.credit {
+            // Nothing is held for it: a credit's authorization, or one already concluded.
+            if view.status == "approved" {
+                view.status = "declined".into();
+            }
+            let reason = format!("{why}: nothing moves");
+            return self.record(view, basis, created_at, kind, ResponseCode::Approved, reason).await;
+        }
+        let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
+            .map_err(|_| ResponseCode::SystemMalfunction)?
+            .as_u128();
+        let void = ctx.step_id(&view, "declined-advice");
+        let event = ctx.event(void, EventKind::VoidPending { pending_id: TransferId(hold) });
+        let c = self.ctx.clone();
+        self.execute(vec![event], basis, move |result| {
+            let mut view = view.clone();
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    view.status = "declined".into();
+                    let reason = format!("{why}: the hold is released");
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![void], vec![reason])
+                }
+                TransferResult::PendingTransferExpired => {
+                    view.status = "declined".into();
+                    let reason = format!("{why}: the hold had already expired");
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                }
+                other => {
+                    let reason = format!("{why}, but the ledger refused to release the hold: {}", other.as_str());
+                    c.conclude(view, created_at, kind, ResponseCode::SystemMalfunction, None, vec![], vec![reason])
+                }
+            }
+        })
+        .await
+    }
+
+    /// The advice of a credit's authorization (a refund's): the account is credited, settlement
+    /// → account. One the ledger refuses is acknowledged, an advice not being declined, and
+    /// recorded as `unposted` for reconciliation.
+    async fn capture_credit(&self, view: AuthorizationView, basis: store::Guard, created_at: u64) -> Step {
+        let ctx = &self.ctx;
+        if view.status != "approved" {
+            let reason = format!("the authorization is {}", view.status);
+            return self.record(view, basis, created_at, "refund advice", ResponseCode::DoNotHonor, reason).await;
+        }
+        if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
+            return Err(ResponseCode::FormatError.into());
+        }
+        let id = ctx.step_id(&view, "credit");
+        let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
+        let event =
+            EventKind::Posted { debit: AccountId(settlement), credit: AccountId(ctx.account()?), amount: ctx.amount };
+        let c = self.ctx.clone();
+        self.execute(vec![ctx.event(id, event)], basis, move |result| {
+            let mut view = view.clone();
+            let kind = "refund advice";
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    view.status = "refunded".into();
+                    view.captured = c.amount;
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![id], vec![])
+                }
+                other => {
+                    view.status = "unposted".into();
+                    let reason = format!("a refund advice the ledger refused ({}): reconcile", other.as_str());
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                }
+            }
+        })
+        .await
     }
 
     /// A capture above the hold whose excess the account cannot cover (`refused`, the ledger's
@@ -931,7 +1151,7 @@ impl<'a> Flow<'a> {
         let Some((row, view)) = self.original().await? else {
             // Nothing to reverse: acknowledged, nothing moves (and the answer is remembered).
             let now = store::now_nanos();
-            let currency = Currency::from_numeric(ctx.currency).unwrap_or(Currency::parse("BRL").expect("BRL"));
+            let currency = self.named_currency().await.unwrap_or(Currency::parse("BRL").expect("BRL"));
             let mut view = ctx.new_view(currency, now);
             view.id = uuid_string(ctx.transfer_id("unmatched-reversal"));
             view.status = "unmatched".into();
@@ -949,6 +1169,7 @@ impl<'a> Flow<'a> {
         let standing = match view.status.as_str() {
             "approved" => view.amount,
             "captured" => view.captured,
+            "refunded" => refunded(&view),
             _ => 0,
         };
         if let Some(actual) = actual.filter(|a| *a > 0 && standing > 0) {
@@ -958,13 +1179,15 @@ impl<'a> Flow<'a> {
             }
             return self.reverse_part(view, basis, created_at, actual).await;
         }
-        let (events, id, reversed) = match view.status.as_str() {
+        let (events, ids, reversed) = match view.status.as_str() {
+            // A credit's authorization holds nothing: it is reversed with nothing to move.
+            "approved" if view.credit => (vec![], vec![], view.amount),
             "approved" => {
                 let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
                     .map_err(|_| ResponseCode::SystemMalfunction)?;
                 let void = ctx.step_id(&view, "void");
                 let event = EventKind::VoidPending { pending_id: TransferId(hold.as_u128()) };
-                (vec![ctx.event(void, event)], void, view.amount)
+                (vec![ctx.event(void, event)], vec![void], view.amount)
             }
             "captured" => {
                 let back = ctx.step_id(&view, "reverse-capture");
@@ -973,7 +1196,7 @@ impl<'a> Flow<'a> {
                 let amount = view.captured;
                 let event =
                     EventKind::Posted { debit: AccountId(settlement), credit: AccountId(ctx.account()?), amount };
-                (vec![ctx.event(back, event)], back, amount)
+                (vec![ctx.event(back, event)], vec![back], amount)
             }
             "refunded" => {
                 // The refund did not happen after all: its credit goes back to the settlement
@@ -981,10 +1204,10 @@ impl<'a> Flow<'a> {
                 let back = ctx.step_id(&view, "reverse-refund");
                 let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
                 let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
-                let amount = view.amount;
+                let amount = refunded(&view);
                 let event =
                     EventKind::Posted { debit: AccountId(ctx.account()?), credit: AccountId(settlement), amount };
-                (vec![ctx.event(back, event)], back, amount)
+                (vec![ctx.event(back, event)], vec![back], amount)
             }
             _ => {
                 // Already reversed, declined or expired: acknowledged, nothing moves.
@@ -1001,7 +1224,7 @@ impl<'a> Flow<'a> {
                     // After a partial reversal, the rest.
                     view.reversed += reversed;
                     view.status = "reversed".into();
-                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![id], vec![])
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
                 }
                 TransferResult::PendingTransferExpired => {
                     view.status = "expired".into();
@@ -1025,9 +1248,9 @@ impl<'a> Flow<'a> {
     /// Why a capture or reversal may not apply to the authorization `view`: its DE49 names
     /// another currency (its DE4 would be read in the wrong minor units), if it does.
     fn other_currency(&self, view: &AuthorizationView) -> Option<String> {
-        let named = Currency::from_numeric(self.ctx.currency);
-        named
-            .is_none_or(|c| c.as_str() != view.currency)
+        // By numeric code: two currencies may share one (ANG and XCG are both 532).
+        let theirs = Currency::parse(&view.currency).map(|c| c.numeric());
+        (theirs != Ok(self.ctx.currency))
             .then(|| format!("DE49 ({:03}) is not the authorization's currency ({})", self.ctx.currency, view.currency))
     }
 
@@ -1039,7 +1262,7 @@ impl<'a> Flow<'a> {
     async fn stand_in(&self) -> Step {
         let ctx = &self.ctx;
         let now = store::now_nanos();
-        let currency = Currency::from_numeric(ctx.currency).ok_or(ResponseCode::FormatError)?;
+        let currency = self.named_currency().await?;
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
             return Err(ResponseCode::FormatError.into());
         }
@@ -1071,31 +1294,54 @@ impl<'a> Flow<'a> {
 
     /// Reverses all of the authorization `view` but `actual`: a hold is replaced by one of
     /// `actual` (one linked chain: the void and the new hold apply together); a captured
-    /// purchase gets the difference back.
+    /// purchase gets the difference back; a refund takes the difference back; a credit's
+    /// authorization, holding nothing, only shrinks.
     async fn reverse_part(&self, view: AuthorizationView, basis: store::Guard, created_at: u64, actual: u64) -> Step {
+        /// What the partial reversal changes on the authorization.
+        #[derive(Clone, Copy)]
+        enum Part {
+            /// The hold replaced by this one.
+            Hold(u128),
+            /// A credit's authorization: its amount.
+            Authorized,
+            Captured,
+            Refunded,
+        }
         let ctx = &self.ctx;
         let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
         let settlement = AccountId(settlement_account(self.state, ctx.tenant, currency.as_str()));
         let account = AccountId(ctx.account()?);
         let purpose = format!("partial-reversal-to-{actual}");
-        let (events, ids, new_hold) = if view.status == "approved" {
-            let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
-                .map_err(|_| ResponseCode::SystemMalfunction)?
-                .as_u128();
-            let (void, rehold) = (ctx.step_id(&view, &format!("{purpose}:void")), ctx.step_id(&view, &purpose));
-            let kept = EventKind::Pending {
-                debit: account,
-                credit: settlement,
-                amount: actual,
-                timeout_seconds: self.state.card_settings.hold_seconds,
-            };
-            let events =
-                vec![ctx.event(void, EventKind::VoidPending { pending_id: TransferId(hold) }), ctx.event(rehold, kept)];
-            (events, vec![void, rehold], Some(rehold))
-        } else {
-            let back = ctx.step_id(&view, &purpose);
-            let amount = view.captured - actual;
-            (vec![ctx.event(back, EventKind::Posted { debit: settlement, credit: account, amount })], vec![back], None)
+        let back = ctx.step_id(&view, &purpose);
+        let (events, ids, part) = match view.status.as_str() {
+            "approved" if view.credit => (vec![], vec![], Part::Authorized),
+            "approved" => {
+                let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
+                    .map_err(|_| ResponseCode::SystemMalfunction)?
+                    .as_u128();
+                let (void, rehold) = (ctx.step_id(&view, &format!("{purpose}:void")), back);
+                let kept = EventKind::Pending {
+                    debit: account,
+                    credit: settlement,
+                    amount: actual,
+                    timeout_seconds: self.state.card_settings.hold_seconds,
+                };
+                let events = vec![
+                    ctx.event(void, EventKind::VoidPending { pending_id: TransferId(hold) }),
+                    ctx.event(rehold, kept),
+                ];
+                (events, vec![void, rehold], Part::Hold(rehold))
+            }
+            "refunded" => {
+                let amount = refunded(&view) - actual;
+                let event = EventKind::Posted { debit: account, credit: settlement, amount };
+                (vec![ctx.event(back, event)], vec![back], Part::Refunded)
+            }
+            _ => {
+                let amount = view.captured - actual;
+                let event = EventKind::Posted { debit: settlement, credit: account, amount };
+                (vec![ctx.event(back, event)], vec![back], Part::Captured)
+            }
         };
         let c = self.ctx.clone();
         self.execute(events, basis, move |result| {
@@ -1103,13 +1349,24 @@ impl<'a> Flow<'a> {
             let kind = "partial reversal";
             match result {
                 TransferResult::Created | TransferResult::Exists => {
-                    if let Some(hold) = new_hold {
-                        view.reversed += view.amount - actual;
-                        view.amount = actual;
-                        view.hold_id = Some(uuid_string(hold));
-                    } else {
-                        view.reversed += view.captured - actual;
-                        view.captured = actual;
+                    match part {
+                        Part::Hold(hold) => {
+                            view.reversed += view.amount - actual;
+                            view.amount = actual;
+                            view.hold_id = Some(uuid_string(hold));
+                        }
+                        Part::Authorized => {
+                            view.reversed += view.amount - actual;
+                            view.amount = actual;
+                        }
+                        Part::Captured => {
+                            view.reversed += view.captured - actual;
+                            view.captured = actual;
+                        }
+                        Part::Refunded => {
+                            view.reversed += refunded(&view) - actual;
+                            view.captured = actual;
+                        }
                     }
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
                 }
@@ -1117,6 +1374,11 @@ impl<'a> Flow<'a> {
                     view.status = "expired".into();
                     let reason = "the hold had already expired".to_owned();
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                }
+                TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
+                    // A refund's credit already spent: the network is told, and may try again.
+                    let reason = "the refunded amount is no longer in the card's account".to_owned();
+                    c.conclude(view, created_at, kind, ResponseCode::InsufficientFunds, None, vec![], vec![reason])
                 }
                 other => {
                     let reason = format!("the ledger refused the partial reversal: {}", other.as_str());
@@ -1127,15 +1389,23 @@ impl<'a> Flow<'a> {
         .await
     }
 
-    async fn refund(&self) -> Step {
+    /// A credit to the cardholder, settlement → account: a refund (0200 with a credit processing
+    /// code), or an advice (0120, 0220) of one with no authorization to match (`advice`; approved
+    /// by the network in stand-in). An advice is acknowledged whatever happens: one the ledger
+    /// refuses is recorded as `unposted`, with the reason, for reconciliation.
+    async fn refund(&self, advice: bool) -> Step {
         let ctx = &self.ctx;
         let now = store::now_nanos();
-        let currency = Currency::from_numeric(ctx.currency).ok_or(ResponseCode::FormatError)?;
+        let currency = self.named_currency().await?;
         let mut view = ctx.new_view(currency, now);
+        view.credit = true;
         let basis = ctx.fresh(&view);
-        if ctx.status == CardStatus::Cancelled {
+        let kind = if advice { "refund advice" } else { "refund" };
+        // An advice reports a refund the network has settled: the cardholder gets it, whatever
+        // the card's state.
+        if !advice && ctx.status == CardStatus::Cancelled {
             let reason = "the card is cancelled".to_owned();
-            return self.record(view, basis, now, "refund", ResponseCode::DoNotHonor, reason).await;
+            return self.record(view, basis, now, kind, ResponseCode::DoNotHonor, reason).await;
         }
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
             return Err(ResponseCode::FormatError.into());
@@ -1145,21 +1415,43 @@ impl<'a> Flow<'a> {
         let event =
             EventKind::Posted { debit: AccountId(settlement), credit: AccountId(ctx.account()?), amount: ctx.amount };
         view.status = "refunded".into();
+        view.captured = ctx.amount;
         let c = self.ctx.clone();
         self.execute(vec![ctx.event(credit, event)], basis, move |result| match result {
             TransferResult::Created | TransferResult::Exists => {
-                let code = Some(c.auth_code.clone());
-                c.conclude(view.clone(), now, "refund", ResponseCode::Approved, code, vec![credit], vec![])
+                let code = (!advice).then(|| c.auth_code.clone());
+                c.conclude(view.clone(), now, kind, ResponseCode::Approved, code, vec![credit], vec![])
+            }
+            other if advice => {
+                let mut view = view.clone();
+                (view.status, view.captured) = ("unposted".into(), 0);
+                let reason = format!("a refund advice the ledger refused ({}): reconcile", other.as_str());
+                c.conclude(view, now, kind, ResponseCode::Approved, None, vec![], vec![reason])
             }
             other => {
                 let mut view = view.clone();
-                view.status = "declined".into();
+                (view.status, view.captured) = ("declined".into(), 0);
                 let reason = format!("the ledger refused the refund: {}", other.as_str());
-                c.conclude(view, now, "refund", ResponseCode::NotPermitted, None, vec![], vec![reason])
+                c.conclude(view, now, kind, ResponseCode::NotPermitted, None, vec![], vec![reason])
             }
         })
         .await
     }
+}
+
+/// What a refund credited: its `captured` (its amount, on records made before that was kept).
+fn refunded(view: &AuthorizationView) -> u64 {
+    if view.captured > 0 {
+        view.captured
+    } else {
+        view.amount
+    }
+}
+
+/// The currency DE49's `numeric` code names: `own` (the card's) when it has that code, else the
+/// first currency with it.
+fn named_currency(own: Option<Currency>, numeric: u16) -> Result<Currency, ResponseCode> {
+    own.filter(|c| c.numeric() == numeric).or_else(|| Currency::from_numeric(numeric)).ok_or(ResponseCode::FormatError)
 }
 
 /// The basis of a step on the stored authorization `row`: it is still as read.
