@@ -690,8 +690,24 @@ fn credits_declined_advices_and_shared_currency_codes_move_money_the_right_way()
         assert_eq!(net.ask(&advice(&refund_auth, 14))["39"], json!("05"), "a reversed refund is not credited");
         assert_eq!(available(&mut c, key, acct).await, (18_000, 0, 1_000));
 
+        // A refund advice on an authorization that holds the amount (as versions before this one
+        // made of a refund's 0100): the hold is released and the refund credited.
+        let held = auth(&i.pan, &i.expiry, 800, 15, "000000000015");
+        assert_eq!(net.ask(&held)["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (17_200, 800, 1_000));
+        let r = net.ask(&credit(advice(&held, 16)));
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (18_800, 0, 1_000), "released and credited");
+        // A refund's authorization whose reversal came first is declined, and holds nothing.
+        let late = credit(auth(&i.pan, &i.expiry, 500, 17, "000000000017"));
+        assert_eq!(net.ask(&with(late.clone(), json!({"t": "0400", "11": "000018"})))["39"], json!("00"));
+        assert_eq!(net.ask(&late)["39"], json!("05"));
+        assert_eq!(available(&mut c, key, acct).await, (18_800, 0, 1_000));
+
         let r = c.get(&format!("/v1/cards/{}/authorizations?limit=100", i.card), key).await.unwrap();
         let all = r.json()["authorizations"].as_array().unwrap().clone();
+        let held = all.iter().find(|a| a["rrn"] == json!("000000000015")).unwrap();
+        assert_eq!((held["status"].clone(), held["credit"].clone()), (json!("refunded"), json!(true)), "{held}");
         let by_rrn = |rrn: &str| all.iter().find(|a| a["rrn"] == json!(rrn)).unwrap().clone();
         let first = by_rrn("000000000001");
         assert_eq!((first["status"].clone(), first["credit"].clone()), (json!("refunded"), json!(true)), "{first}");
@@ -1021,7 +1037,7 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
     let iso = server.iso8583.unwrap();
     runtime().block_on(async {
         let mut c = server.client();
-        let i = issue(&mut c, json!({"velocity_per_minute": 5}), json!({})).await;
+        let i = issue(&mut c, json!({"velocity_per_minute": 6}), json!({})).await;
         let mut net = Network::connect(iso);
         let a = auth(&i.pan, &i.expiry, 2_500, 1, "000000000001");
         assert_eq!(net.ask(&a)["39"], json!("00"));
@@ -1041,17 +1057,20 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
         let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), &i.key).await.unwrap();
         let record = r.json()["authorizations"][0].clone();
         assert_eq!((record["status"].clone(), record["captured"].clone()), (json!("captured"), json!(2_500)));
-        // One the account can no longer cover is acknowledged too, and recorded to reconcile.
+        // One the account can no longer cover is acknowledged too, and recorded to reconcile; one
+        // reversed after its hold expired is not collected.
         let b = auth(&i.pan, &i.expiry, 6_000, 3, "000000000003");
         assert_eq!(net.ask(&b)["39"], json!("00"));
+        let d = auth(&i.pan, &i.expiry, 1_000, 6, "000000000006");
+        assert_eq!(net.ask(&d)["39"], json!("00"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while available(&mut c, &i.key, &i.account).await != (7_500, 0, 2_500) {
-            assert!(std::time::Instant::now() < deadline, "the ledger released the second hold");
+            assert!(std::time::Instant::now() < deadline, "the ledger released the two holds");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let purchase = with(auth(&i.pan, &i.expiry, 3_000, 4, "000000000004"), json!({"t": "0200"}));
         assert_eq!(net.ask(&purchase)["39"], json!("00"));
-        let capture = with(b, json!({"t": "0220", "11": "000005"}));
+        let capture = with(b.clone(), json!({"t": "0220", "11": "000005"}));
         assert_eq!(net.ask(&capture)["39"], json!("00"), "an advice is acknowledged");
         assert_eq!(available(&mut c, &i.key, &i.account).await, (4_500, 0, 5_500), "nothing collected");
         let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), &i.key).await.unwrap();
@@ -1059,6 +1078,21 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
         let record = all.iter().find(|a| a["rrn"] == json!("000000000003")).unwrap();
         assert_eq!(record["status"], json!("expired"), "{record}");
         assert!(record["reasons"].to_string().contains("6000 not collected"), "{record}");
+        // Funded again, the account pays the next advice of it.
+        let bank = account(&mut c, &i.key, json!({"currency": "BRL"})).await;
+        let fund = json!({"id": uuid(), "debit_account_id": bank, "credit_account_id": i.account, "amount": 2_000});
+        assert_eq!(c.post("/v1/transfers", &i.key, &fund).await.unwrap().status, 201);
+        let again = with(b, json!({"t": "0220", "11": "000007"}));
+        assert_eq!(net.ask(&again)["39"], json!("00"));
+        assert_eq!(available(&mut c, &i.key, &i.account).await, (500, 0, 11_500), "collected this time");
+        let reversal = with(d.clone(), json!({"t": "0400", "11": "000008"}));
+        assert_eq!(net.ask(&reversal)["39"], json!("00"));
+        assert_eq!(net.ask(&with(d, json!({"t": "0220", "11": "000009"})))["39"], json!("05"));
+        assert_eq!(
+            available(&mut c, &i.key, &i.account).await,
+            (500, 0, 11_500),
+            "a reversed purchase is not collected"
+        );
 
         // Malformed frames on their own connections: a format error (DE39 30) when the type can be
         // read, else the connection closes. Every time, the listener goes on.
@@ -1090,7 +1124,7 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
         // The first connection was never disturbed.
         let r = net.ask(&json!({"t": "0800", "7": "1122093000", "11": "000009", "70": "301"}));
         assert_eq!(r["39"], json!("00"));
-        // Velocity: the product allows 5 authorizations a minute (3 made above); the 6th is
+        // Velocity: the product allows 6 authorizations a minute (4 made above); the 7th is
         // suspected fraud.
         for n in 0..2u32 {
             assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 10, 60 + n, &format!("{:012}", 60 + n)))["39"], json!("00"));

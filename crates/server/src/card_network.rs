@@ -453,10 +453,7 @@ impl Ctx {
             at: crate::dto::rfc3339(store::now_nanos()),
         });
         let reply = answer(&self.request, code, auth_code.as_deref());
-        // Stored sealed and without the card number; a replay puts the request's back.
-        let mut stored = reply.clone();
-        stored.remove(2);
-        let stored = stored.encode().ok().and_then(|b| vault::seal(&self.dek, &self.key, &b).ok());
+        let stored = self.stored(&reply);
         let spend = match view.status.as_str() {
             _ if view.credit => 0,
             "approved" => view.amount,
@@ -473,8 +470,29 @@ impl Ctx {
             spend,
             body: serde_json::to_string(&view).expect("serializable"),
         };
-        let message = stored.map(|s| (self.key, s));
-        Concluded { records: vec![store::Record::Authorization { row, message }], reply }
+        Concluded { records: vec![store::Record::Authorization { row, message: stored }], reply }
+    }
+
+    /// `reply` as stored: sealed and without the card number (a replay puts the request's back).
+    fn stored(&self, reply: &Message) -> Option<([u8; 32], Vec<u8>)> {
+        let mut stored = reply.clone();
+        stored.remove(2);
+        stored.encode().ok().and_then(|b| vault::seal(&self.dek, &self.key, &b).ok()).map(|s| (self.key, s))
+    }
+
+    /// `concluded`, its step recorded as refused, answered `00` all the same: an advice is
+    /// acknowledged whatever the ledger said. (Recorded as refused, the step counts among the
+    /// authorization's failures, so that trying it again later takes a new ledger id: see
+    /// `step_id`.)
+    fn acknowledged(&self, mut concluded: Concluded) -> Concluded {
+        concluded.reply = answer(&self.request, ResponseCode::Approved, None);
+        let stored = self.stored(&concluded.reply);
+        for record in &mut concluded.records {
+            if let store::Record::Authorization { message, .. } = record {
+                *message = stored.clone();
+            }
+        }
+        concluded
     }
 }
 
@@ -700,6 +718,10 @@ impl<'a> Flow<'a> {
             let reason = "the currency (DE49) is not the card's".to_owned();
             return self.record(view, basis, now, kind, ResponseCode::NotPermitted, reason).await;
         }
+        if self.reversed_first().await? {
+            let reason = "reversed before it arrived".to_owned();
+            return self.record(view, basis, now, kind, ResponseCode::DoNotHonor, reason).await;
+        }
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
             return Err(ResponseCode::FormatError.into());
         }
@@ -710,6 +732,23 @@ impl<'a> Flow<'a> {
             c.conclude(view.clone(), now, kind, ResponseCode::Approved, Some(c.auth_code.clone()), vec![], vec![])
         })
         .await
+    }
+
+    /// Whether this message's reversal came first: the latest authorization under its RRN is a
+    /// reversal from its origin that found nothing (the acquirer, timing out, cancelled it).
+    async fn reversed_first(&self) -> Result<bool, ResponseCode> {
+        let (card_id, rrn) = (self.ctx.card_id, self.ctx.request.get(37).unwrap_or("").to_owned());
+        if rrn.is_empty() {
+            return Ok(false);
+        }
+        let row = self
+            .owed
+            .read(self.state, move |q| q.authorization_by_rrn(card_id, &rrn))
+            .await
+            .map_err(|_| ResponseCode::IssuerUnavailable)?;
+        Ok(row
+            .and_then(|row| serde_json::from_str::<AuthorizationView>(&row.body).ok())
+            .is_some_and(|v| v.status == "unmatched" && same_origin(&self.ctx.request, &v)))
     }
 
     async fn authorize(&self, single_message: bool) -> Step {
@@ -874,6 +913,12 @@ impl<'a> Flow<'a> {
         if let Some(reason) = self.other_currency(&view) {
             return self.record(view, basis, created_at, "capture", ResponseCode::FormatError, reason).await;
         }
+        if let Some(de39) = declined {
+            return self.declined_advice(Some((view, basis, created_at)), de39).await;
+        }
+        if credit && !view.credit && view.status == "approved" && view.hold_id.is_some() {
+            return self.credit_held(view, basis, created_at).await;
+        }
         if view.credit != credit {
             let reason = format!(
                 "the advice's processing code (DE3) {} the cardholder, its authorization {}",
@@ -881,9 +926,6 @@ impl<'a> Flow<'a> {
                 if view.credit { "credits" } else { "debits" },
             );
             return self.record(view, basis, created_at, "capture", ResponseCode::FormatError, reason).await;
-        }
-        if let Some(de39) = declined {
-            return self.declined_advice(Some((view, basis, created_at)), de39).await;
         }
         if credit {
             return self.capture_credit(view, basis, created_at).await;
@@ -1013,7 +1055,13 @@ impl<'a> Flow<'a> {
                         c.amount,
                         other.as_str()
                     );
-                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                    let code = match other {
+                        TransferResult::InsufficientFunds | TransferResult::ExceedsDebits => {
+                            ResponseCode::InsufficientFunds
+                        }
+                        _ => ResponseCode::DoNotHonor,
+                    };
+                    c.acknowledged(c.conclude(view, created_at, kind, code, None, vec![], vec![reason]))
                 }
             }
         })
@@ -1035,8 +1083,9 @@ impl<'a> Flow<'a> {
             return self.record(view, basis, now, kind, ResponseCode::Approved, format!("{why}: nothing moves")).await;
         };
         if view.status != "approved" || view.credit {
-            // Nothing is held for it: a credit's authorization, or one already concluded.
-            if view.status == "approved" {
+            // Nothing is held for it: a credit's authorization, one whose hold expired, or one
+            // already concluded.
+            if view.status == "approved" || view.status == "expired" {
                 view.status = "declined".into();
             }
             let reason = format!("{why}: nothing moves");
@@ -1068,6 +1117,68 @@ impl<'a> Flow<'a> {
             }
         })
         .await
+    }
+
+    /// A credit's advice whose authorization holds the amount: one a version before this made of a
+    /// refund's 0100, reading every 0100 as a purchase. The hold is released (an expired one is
+    /// released already) and the authorization becomes the credit's it was, recorded first; then
+    /// the advice credits it (`capture_credit`).
+    async fn credit_held(&self, view: AuthorizationView, basis: store::Guard, created_at: u64) -> Step {
+        let ctx = &self.ctx;
+        let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
+            .map_err(|_| ResponseCode::SystemMalfunction)?
+            .as_u128();
+        let void = ctx.step_id(&view, "credit-held:void");
+        let event = ctx.event(void, EventKind::VoidPending { pending_id: TransferId(hold) });
+        let released = std::sync::Arc::new(std::sync::OnceLock::new());
+        let (c, body) = (self.ctx.clone(), released.clone());
+        let step = self
+            .execute(vec![event], basis, move |result| {
+                let mut view = view.clone();
+                let (code, moved, reason) = match result {
+                    TransferResult::Created | TransferResult::Exists => (
+                        ResponseCode::Approved,
+                        vec![void],
+                        "a credit's hold, made before credits held nothing: released",
+                    ),
+                    TransferResult::PendingTransferExpired => {
+                        (ResponseCode::Approved, vec![], "a credit's hold, made before credits held nothing: expired")
+                    }
+                    other => {
+                        let reason = format!("the ledger refused to release a credit's hold: {}", other.as_str());
+                        return c.conclude(
+                            view,
+                            created_at,
+                            "capture",
+                            ResponseCode::SystemMalfunction,
+                            None,
+                            vec![],
+                            vec![reason],
+                        );
+                    }
+                };
+                view.credit = true;
+                view.hold_id = None;
+                let mut released = c.conclude(view, created_at, "release", code, None, moved, vec![reason.to_owned()]);
+                for record in &mut released.records {
+                    if let store::Record::Authorization { row, message } = record {
+                        // Not the advice's answer: the credit's is.
+                        *message = None;
+                        let _ = body.set(row.body.clone());
+                    }
+                }
+                released
+            })
+            .await;
+        match (step, released.get()) {
+            (Ok(_), Some(body)) => {
+                let view = serde_json::from_str(body).map_err(|_| ResponseCode::SystemMalfunction)?;
+                let basis =
+                    store::Guard::Authorization { tenant_id: ctx.tenant, id: view_id(&view), body: Some(body.clone()) };
+                self.capture_credit(view, basis, created_at).await
+            }
+            (step, _) => step,
+        }
     }
 
     /// The advice of a credit's authorization (a refund's): the account is credited, settlement
@@ -1227,7 +1338,9 @@ impl<'a> Flow<'a> {
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
                 }
                 TransferResult::PendingTransferExpired => {
-                    view.status = "expired".into();
+                    // Reversed all the same: an advice after it finds it so, and collects nothing.
+                    view.reversed += reversed;
+                    view.status = "reversed".into();
                     let reason = "the hold had already expired".to_owned();
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
                 }
@@ -1371,7 +1484,10 @@ impl<'a> Flow<'a> {
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, ids.clone(), vec![])
                 }
                 TransferResult::PendingTransferExpired => {
+                    // What did happen is what a capture after it may collect.
                     view.status = "expired".into();
+                    view.reversed += view.amount.saturating_sub(actual);
+                    view.amount = actual;
                     let reason = "the hold had already expired".to_owned();
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
                 }
@@ -1452,6 +1568,11 @@ fn refunded(view: &AuthorizationView) -> u64 {
 /// first currency with it.
 fn named_currency(own: Option<Currency>, numeric: u16) -> Result<Currency, ResponseCode> {
     own.filter(|c| c.numeric() == numeric).or_else(|| Currency::from_numeric(numeric)).ok_or(ResponseCode::FormatError)
+}
+
+/// The id of the authorization `view`.
+fn view_id(view: &AuthorizationView) -> u128 {
+    uuid::Uuid::parse_str(&view.id).map(|u| u.as_u128()).unwrap_or_default()
 }
 
 /// The basis of a step on the stored authorization `row`: it is still as read.
