@@ -424,6 +424,71 @@ fn sao_paulo_hour() -> u64 {
     (store::now_nanos() / 1_000_000_000 - 3 * 3600) % 86_400 / 3600
 }
 
+/// An off-us payment the SPI rejects gives back to the payer's totals what it counted when it was
+/// made, whichever node records the verdict: here a node whose night it is (`--pix-night`) records
+/// the rejection of a payment made by day on a node whose night is hours away. (Before, it took the
+/// amount off tonight's total as well, which the payment had never counted in, and the night then
+/// admitted that much more than its limit.)
+#[test]
+fn a_rejection_gives_back_what_its_payment_counted_whatever_the_recording_nodes_night() {
+    let hour = sao_paulo_hour();
+    let night_now = format!("{hour}-{}", (hour + 2) % 24);
+    let night_later = format!("{}-{}", (hour + 4) % 24, (hour + 6) % 24);
+    // The SPI rejects everything, and answers after the payment's 1 s time-out: the payment is in
+    // flight when its node is killed, and the other node's sweep records the rejection.
+    let spi = ["--ispb", ISPB, "--spi-latency-ms", "3000", "--spi-timeout-ms", "1000", "--spi-reject-percent", "100"];
+    let url = store::testing::fresh_postgres_database();
+    let (dir_a, dir_b) = (temp_dir("night-a"), temp_dir("night-b"));
+    let args_a = [&spi[..], &["--pix-night", &night_later]].concat();
+    let mut a = Server::start_with_args(&dir_a, Some(&url), "127.0.0.1:0", true, &args_a);
+    for file in ["kek", "index-key", "audit-signing-key"] {
+        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
+    }
+    let args_b = [&spi[..], &["--pix-night", &night_now]].concat();
+    let b = Server::start_with_args(&dir_b, Some(&url), "127.0.0.1:0", true, &args_b);
+    let rt = runtime();
+    let (key, maria, id) = rt.block_on(async {
+        let mut c = a.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 1_000_000).await;
+        let acme = party(&mut c, &key, "company", "ACME", CNPJ_ACME, 0).await;
+        assert_eq!(register(&mut c, &acme, "cnpj", Some(CNPJ_ACME)).await.status, 201);
+        let pay = json!({"id": uuid(), "debit_account_id": maria.account, "amount": 30_000, "creditor": {
+            "ispb": "60701190", "branch": "0001", "account": "123456", "account_type": "CACC",
+            "document": "111.444.777-35", "name": "Joana Prado"}});
+        let r = c.post("/v1/pix/payments", &key, &pay).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("processing")), "{:?}", r.json());
+        (key, maria, pay["id"].as_str().unwrap().to_owned())
+    });
+    a.kill9();
+    rt.block_on(async {
+        let mut c = b.client();
+        let mut done = Value::Null;
+        for _ in 0..400 {
+            done = c.get(&format!("/v1/pix/payments/{id}"), &key).await.unwrap().json();
+            if done["status"] != json!("processing") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(done["status"], json!("rejected"), "{done}");
+        assert_eq!(available(&mut c, &maria).await, 1_000_000, "the hold is released");
+        // Tonight's total counted nothing of it: R$1,000 (a person's night limit) and no more.
+        let pay =
+            |amount: u64| json!({"id": uuid(), "debit_account_id": maria.account, "amount": amount, "key": CNPJ_ACME});
+        let r = c.post("/v1/pix/payments", &key, &pay(100_000)).await.unwrap();
+        assert_eq!(r.json()["status"], json!("completed"), "{:?}", r.json());
+        let r = c.post("/v1/pix/payments", &key, &pay(30_000)).await.unwrap();
+        assert_eq!(
+            (r.json()["status"].clone(), r.json()["reason"].clone()),
+            (json!("rejected"), json!("limit_exceeded"))
+        );
+        assert_eq!(available(&mut c, &maria).await, 900_000);
+    });
+    let (ok, report) = b.verify();
+    assert!(ok, "{report}");
+}
+
 #[test]
 fn limits_by_day_and_by_night() {
     let hour = sao_paulo_hour();

@@ -342,6 +342,21 @@ pub struct StoredPayment {
     /// rejection gives back), for the node that settles it after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payer_holder: Option<String>,
+    /// The periods its amount was counted in against the payer's limits, which a rejection gives
+    /// back (an off-us payment still `processing`): the node that records the verdict may have
+    /// another night (`--pix-night`), or the same node after a restart. Absent on payments stored
+    /// before it was kept: their periods are worked out again from their time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted: Option<Counted>,
+}
+
+/// The counter periods a payment's amount went into: its day's, and its night's when it was made
+/// at night ([`spend_periods`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counted {
+    pub day: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub night: Option<u64>,
 }
 
 /// A payment's document, read: the one place it is parsed (a document that does not parse is
@@ -464,6 +479,12 @@ pub fn spend_scopes(tenant: u128, holder: u128) -> (String, String) {
 }
 
 const HOUR: u64 = 3_600_000_000_000;
+
+impl From<(u64, Option<u64>)> for Counted {
+    fn from((day, night): (u64, Option<u64>)) -> Counted {
+        Counted { day, night }
+    }
+}
 
 /// Counter periods of a time: (day index, night index) in hours since the epoch of their start.
 pub fn spend_periods(night: pix::limits::Night, now: u64) -> (u64, Option<u64>) {
@@ -812,8 +833,10 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 view.reason_detail = Some(crate::routes::ledger_problem(failure, "").detail);
             }
         }
-        let payer_holder = (view.status == "processing").then(|| uuid_string(payer.holder));
-        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder };
+        let processing = view.status == "processing";
+        let payer_holder = processing.then(|| uuid_string(payer.holder));
+        let counted = processing.then_some(Counted { day, night });
+        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder, counted };
         records.push(payment_document(payer.tenant, 1, now, &stored));
         (view, records)
     };
@@ -889,6 +912,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 tenant: payer_tenant,
                 holder: p.payer.holder,
                 at: now,
+                counted: Some(Counted { day, night }),
                 view: view.clone(),
                 fingerprint: p.fingerprint,
             };
@@ -930,6 +954,8 @@ struct InFlight {
     holder: u128,
     /// When it was committed (its documents' and counters' time).
     at: u64,
+    /// The periods it was counted in (none known for payments stored before they were kept).
+    counted: Option<Counted>,
     view: PaymentView,
     fingerprint: String,
 }
@@ -973,7 +999,7 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
 /// nodes recording a verdict (the sender and a sweep after a restart), one applies and the other
 /// finds it done.
 async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status) {
-    let InFlight { tenant, holder, at, view, fingerprint } = p;
+    let InFlight { tenant, holder, at, counted, view, fingerprint } = p;
     let amount = view.amount;
     let hold = payment_transfer(state, tenant, &view.id, 1);
     let kind = match verdict {
@@ -1016,15 +1042,17 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
             };
             view.reason = Some(reason);
             view.reason_detail = Some(detail);
-            // What was counted against the payer's limits at submission is given back.
+            // What was counted against the payer's limits at submission is given back, in the
+            // periods it was counted in.
             let (day_scope, night_scope) = spend_scopes(tenant, holder);
-            let (day, night) = spend_periods(night, at);
+            let Counted { day, night } = counted.unwrap_or_else(|| spend_periods(night, at).into());
             records.push(store::Record::Count { scope: day_scope, period: day, delta: -(amount as i64) });
             if let Some(n) = night {
                 records.push(store::Record::Count { scope: night_scope, period: n, delta: -(amount as i64) });
             }
         }
-        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder: None };
+        let stored =
+            StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder: None, counted: None };
         records.push(payment_document(tenant, 2, at, &stored));
         records
     });
@@ -1119,6 +1147,7 @@ pub fn resume(state: &AppState) {
                         tenant: doc.tenant_id,
                         holder: holder.as_u128(),
                         at: doc.created_at,
+                        counted: stored.counted,
                         view: stored.view,
                         fingerprint: stored.fingerprint,
                     };
@@ -1269,7 +1298,7 @@ mod tests {
                 creditor: party.clone(),
                 remittance: None,
             };
-            let p = InFlight { tenant: 7, holder: 8, at, view, fingerprint: String::new() };
+            let p = InFlight { tenant: 7, holder: 8, at, counted: None, view, fingerprint: String::new() };
             (id, p, transfer)
         };
         let counts = || {
@@ -1385,7 +1414,7 @@ mod tests {
             reason: Some(pix::spi::RejectReason::InvalidCreditorAccount.code().into()),
             ..read(&none)
         };
-        let stored = StoredPayment { view: verdict, fingerprint: String::new(), payer_holder: None };
+        let stored = StoredPayment { view: verdict, fingerprint: String::new(), payer_holder: None, counted: None };
         store
             .queries
             .insert_document(&store::Document {
