@@ -75,6 +75,12 @@ fn client_credentials_tokens_carry_scopes_that_routes_enforce() {
         let r = c.get("/v1/pix/webhook-secret", &token).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (403, json!("insufficient_scope")));
         assert_eq!(c.get("/v1/pix/webhook-secret", &key).await.unwrap().status, 200);
+        // Nor a delivery's record, which names the receiver's URL (the API Pix shows it under
+        // `webhook.read` only): refused before anything is looked up.
+        let r = c.get("/v1/pix/webhook-deliveries/E00000000202612071200abcdefghijk", &token).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (403, json!("webhook.read")), "{:?}", r.json());
+        let r = c.get("/v1/pix/webhook-deliveries/E00000000202612071200abcdefghijk", &key).await.unwrap();
+        assert_eq!(r.status, 404, "an API key holding every scope gets past it");
 
         // Form fields, a narrower scope.
         let form = format!("grant_type=client_credentials&scope=cob.read&client_id={id}&client_secret={secret}");

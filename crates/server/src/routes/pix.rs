@@ -1564,7 +1564,8 @@ pub async fn webhook_delivery(
     tenant: Tenant,
     Path(e2e): Path<String>,
 ) -> Result<Response, Problem> {
-    tenant.require("pix:read")?;
+    // A delivery names the receiver's URL, which the API Pix shows only under `webhook.read`.
+    tenant.require("webhook.read")?;
     let tenant_id = tenant.id;
     let doc = query(&state, move |q| q.document(crate::webhook::DELIVERY_KIND, tenant_id, &e2e))
         .await?
