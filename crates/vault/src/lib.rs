@@ -225,7 +225,7 @@ impl Keyring {
     pub fn new_data_key(&self) -> Result<(Secret32, WrappedKey)> {
         let dek = Secret32::random()?;
         let kek = self.current()?;
-        let wrapped = kek.wrap(&dek)?;
+        let wrapped = wrapped_checked(kek, &dek)?;
         Ok((dek, WrappedKey { kek_version: kek.version(), wrapped }))
     }
 
@@ -241,7 +241,21 @@ impl Keyring {
             return Ok(key.clone());
         }
         let dek = self.unwrap(key)?;
-        Ok(WrappedKey { kek_version: current.version(), wrapped: current.wrap(&dek)? })
+        Ok(WrappedKey { kek_version: current.version(), wrapped: wrapped_checked(current, &dek)? })
+    }
+}
+
+/// `dek` wrapped under `kek`, once the wrapping is seen to open to it: a wrapping is stored in
+/// place of the data key (a rotation's over the only other one), so one that does not open (a
+/// token that wraps otherwise than rtpay unwraps) would lose everything sealed under the key.
+fn wrapped_checked(kek: &dyn Kek, dek: &Secret32) -> Result<Vec<u8>> {
+    let wrapped = kek.wrap(dek)?;
+    match kek.unwrap(&wrapped) {
+        Ok(opened) if opened.expose() == dek.expose() => Ok(wrapped),
+        _ => Err(VaultError::Unavailable(format!(
+            "a data key wrapped under KEK version {} does not open again: nothing is stored under it",
+            kek.version()
+        ))),
     }
 }
 

@@ -157,7 +157,9 @@ impl Kek for Pkcs11Kek {
         let params = GcmParams::new(&mut iv_param, &aad, TAG_BITS.into()).map_err(hsm("GCM parameters"))?;
         let session = self.session.lock().expect("session lock");
         let sealed = session.encrypt(&Mechanism::AesGcm(params), self.key, dek.expose()).map_err(hsm("encrypt"))?;
-        let mut out = iv.to_vec();
+        // The IV the token used: some tokens (CloudHSM, Luna in FIPS mode) make their own and
+        // write it over the one given. Stored with the one given, such a wrapping never opened.
+        let mut out = iv_param.to_vec();
         out.extend_from_slice(&sealed);
         Ok(out)
     }

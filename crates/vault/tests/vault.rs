@@ -31,6 +31,37 @@ fn sealed_records_open_only_for_their_record_and_untouched() {
     assert_ne!(seal(&dek, b"r", b"x").unwrap(), seal(&dek, b"r", b"x").unwrap());
 }
 
+/// A KEK whose wrappings do not open (as a token that wraps with an IV of its own would, had its
+/// IV not been kept): its data keys are refused before anything could be stored under them.
+struct LosingKek(FileKek);
+
+impl Kek for LosingKek {
+    fn version(&self) -> u32 {
+        self.0.version()
+    }
+    fn wrap(&self, dek: &Secret32) -> Result<Vec<u8>> {
+        let mut wrapped = self.0.wrap(dek)?;
+        wrapped[0] ^= 1;
+        Ok(wrapped)
+    }
+    fn unwrap(&self, wrapped: &[u8]) -> Result<Secret32> {
+        self.0.unwrap(wrapped)
+    }
+}
+
+#[test]
+fn a_wrapping_that_does_not_open_is_never_handed_out() {
+    let mut ring = Keyring::default();
+    ring.add(Box::new(LosingKek(FileKek::new(1, Secret32::random().unwrap()))));
+    assert!(matches!(ring.new_data_key(), Err(VaultError::Unavailable(_))));
+    // Nor in a rotation: the wrapping under the earlier version is kept.
+    let mut ring = keyring(&[1]);
+    let (_, wrapped) = ring.new_data_key().unwrap();
+    ring.add(Box::new(LosingKek(FileKek::new(2, Secret32::random().unwrap()))));
+    assert!(matches!(ring.rewrap(&wrapped), Err(VaultError::Unavailable(_))));
+    assert!(ring.unwrap(&wrapped).is_ok());
+}
+
 #[test]
 fn rotation_rewraps_data_keys_and_old_ciphertexts_stay_readable() {
     let v1 = Secret32::random().unwrap();
