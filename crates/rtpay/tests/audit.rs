@@ -164,6 +164,64 @@ fn requests_are_recorded_and_proved() {
     });
 }
 
+/// A client that hangs up while its request is handled does not take the audit entry with it: a
+/// change made through a blocking task (here the webhook secret's rotation), which runs on once
+/// begun, is recorded all the same. (Before, the connection's end dropped the middleware with the
+/// handler, and the rotation stood with no entry.)
+#[test]
+fn a_change_whose_client_hung_up_is_recorded_all_the_same() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("audit-hangup");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "hangup").await;
+        let first = c.get("/v1/pix/webhook-secret", &key).await.unwrap().json()["generation"].as_u64().unwrap();
+        // Hung up at moments spread over the handling: before it begins, while the rotation is
+        // written, while its entry is, after the answer.
+        let attempts = 200u64;
+        for n in 0..attempts {
+            let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+            let body = r#"{"overlap_seconds":0}"#;
+            let request = format!(
+                "POST /v1/pix/webhook-secret/rotate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_micros(n * 25)).await;
+            stream.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+        }
+        // Every rotation that took place (the generation counts them) is recorded as done.
+        let counts = |shown: Value, page: Value| {
+            let rotated = shown["generation"].as_u64().unwrap() - first;
+            let recorded = page["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                // Of two requests at once, one may find the other's rotation stored first (409).
+                .filter(|e| e["action"] == json!("POST /v1/pix/webhook-secret/rotate") && e["outcome"] == json!("200"))
+                .count() as u64;
+            (rotated, recorded)
+        };
+        let mut last = (0, 0);
+        for _ in 0..20 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let shown = c.get("/v1/pix/webhook-secret", &key).await.unwrap().json();
+            let page = c.get("/v1/audit?limit=1000", &key).await.unwrap().json();
+            last = counts(shown, page);
+            if last.0 == last.1 && last.0 > 0 {
+                break;
+            }
+        }
+        let (rotated, recorded) = last;
+        assert!(rotated > 0, "some rotations took place");
+        assert_eq!(recorded, rotated, "{rotated} rotations of {attempts}, {recorded} recorded");
+    });
+}
+
 fn audit_verify(server: &Server) -> (bool, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
     command.args(["audit", "verify", "--data"]).arg(&server.data);

@@ -343,7 +343,17 @@ where
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.call(request)));
         Box::pin(async move {
             let handled = match handled {
-                Ok(future) => catch_panic(future).await,
+                Ok(future) => {
+                    let mut finishing = Finishing {
+                        handler: Some(Box::pin(catch_panic(future))),
+                        state: state.clone(),
+                        slot: slot.clone(),
+                        mutating: mutating && route.is_some(),
+                    };
+                    let handled = finishing.handler.as_mut().expect("set above").await;
+                    finishing.handler = None;
+                    handled
+                }
                 Err(_) => Err(Panicked),
             };
             let mut response = match handled {
@@ -370,6 +380,39 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+/// A handler's future, with what its audit entry needs. Dropped unfinished (the connection went
+/// away: a client that hung up, a reset), it is finished on a task of its own, and its entry
+/// recorded then: a handler may have begun a change that goes on without it (work on the blocking
+/// pool runs to its end), and a change is never left out of the audit log. The request's answer
+/// goes nowhere; the metrics and the request log do not count it.
+struct Finishing {
+    handler: Option<HandlerFuture>,
+    state: AppState,
+    slot: Arc<audit_trail::Slot>,
+    /// It may change something (not a GET or HEAD), and a route took it.
+    mutating: bool,
+}
+
+type HandlerFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Result<Response, std::convert::Infallible>, Panicked>> + Send>,
+>;
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        let Some(handler) = self.handler.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (state, slot, mutating) = (self.state.clone(), self.slot.clone(), self.mutating);
+        runtime.spawn(async move {
+            let status = match handler.await {
+                Ok(Ok(response)) => response.status().as_u16(),
+                Ok(Err(infallible)) => match infallible {},
+                Err(Panicked) => 500,
+            };
+            audit_trail::record_after(&state, &slot, mutating && status != 405, status).await;
+        });
     }
 }
 
