@@ -154,9 +154,13 @@ fn tls_and_client_certificates_bound_to_tenants() {
         let stranger = foreign.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
         let account = json!({"currency": "BRL"});
         // The key with its own tenant's certificate works.
-        let (status, _) =
+        let (status, opened) =
             https(addr, &ca_pem, Some(&cert_a), "POST", "/v1/accounts", &key_a, Some(account.clone())).await.unwrap();
         assert_eq!(status, 201);
+        // With another tenant's, even to read: refused, and recorded (below).
+        let path = format!("/v1/accounts/{}", opened["id"].as_str().unwrap());
+        let (status, body) = https(addr, &ca_pem, Some(&cert_b), "GET", &path, &key_a, None).await.unwrap();
+        assert_eq!((status, body["code"].clone()), (403, json!("client_certificate_mismatch")));
         // The same key with another tenant's, an unbound, or the operator's certificate: refused.
         for (name, cert) in [("tenant b", &cert_b), ("unbound", &unbound), ("operator", &operator_cert)] {
             let (status, body) =
@@ -229,6 +233,12 @@ fn tls_and_client_certificates_bound_to_tenants() {
             body["entries"].as_array().unwrap().iter().filter(|e| e["action"] == json!("POST /v1/accounts")).collect();
         assert_eq!(created.iter().filter(|e| e["outcome"] == json!("created")).count(), 3);
         assert!(created.iter().all(|e| e["outcome"] == json!("created") || e["outcome"] == json!("403")));
+        let read = body["entries"].as_array().unwrap().iter().filter(|e| e["action"] == json!("GET /v1/accounts/{id}"));
+        assert_eq!(
+            read.map(|e| e["outcome"].clone()).collect::<Vec<_>>(),
+            [json!("403")],
+            "the refused read is recorded"
+        );
     });
 }
 

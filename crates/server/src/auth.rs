@@ -370,22 +370,28 @@ impl Credential {
     }
 }
 
-/// With mTLS, the credential must belong to the identity the client certificate names.
+/// With mTLS, the credential must belong to the identity the client certificate names. A refusal
+/// is recorded in the audit log whatever the method: a credential presented with another
+/// identity's certificate (or none) may well be a stolen one.
 pub(crate) fn bound_to(parts: &Parts, credential: Credential) -> Result<(), Problem> {
-    match parts.extensions.get::<crate::tls::PeerIdentity>() {
-        None => Ok(()),
-        Some(peer) if credential.presented_by(*peer) => Ok(()),
-        Some(crate::tls::PeerIdentity::Anonymous) => Err(Problem::new(
+    let problem = match parts.extensions.get::<crate::tls::PeerIdentity>() {
+        None => return Ok(()),
+        Some(peer) if credential.presented_by(*peer) => return Ok(()),
+        Some(crate::tls::PeerIdentity::Anonymous) => Problem::new(
             axum::http::StatusCode::FORBIDDEN,
             "client_certificate_required",
             "this listener requires a client certificate issued for the caller",
-        )),
-        Some(_) => Err(Problem::new(
+        ),
+        Some(_) => Problem::new(
             axum::http::StatusCode::FORBIDDEN,
             "client_certificate_mismatch",
             "the client certificate is issued for another identity than the credential",
-        )),
+        ),
+    };
+    if let Some(slot) = parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>() {
+        slot.record_read();
     }
+    Err(problem)
 }
 
 /// The platform operator.
