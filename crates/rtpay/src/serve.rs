@@ -175,7 +175,16 @@ async fn open_vault(
     store: &Arc<Store>,
 ) -> Result<server::vault_service::VaultService, Error> {
     refuse_new_keys_for_sealed_data(&kek, data, store).await?;
-    crate::keys::load(&kek, true)?;
+    // Made on first start in the storage's turn for key rotations: nodes of a cluster starting
+    // together on one fresh PKCS#11 token each found no version 1 and each made one, and the
+    // token held two keys by one name, each node wrapping data keys under its own.
+    let (turn_store, first_kek) = (store.clone(), kek.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), Error> {
+        let _turn = turn_store.queries.key_rotation_turn()?;
+        crate::keys::load(&first_kek, true)?;
+        Ok(())
+    })
+    .await??;
     let rotation = kek.clone();
     Ok(server::vault_service::VaultService::new(crate::keys::loader(kek), &crate::keys::index_key(data)?)?
         .with_rotator(Box::new(move |q| crate::keys::rotate(&rotation, q).map_err(|e| e.to_string()))))

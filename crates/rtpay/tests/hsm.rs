@@ -127,3 +127,73 @@ fn the_server_keeps_its_kek_in_the_token_and_stops_writing_when_the_token_is_gon
     assert!(ok, "{report}");
     std::fs::remove_dir_all(hsm).ok();
 }
+
+/// Nodes of a cluster starting together on one fresh token make one key-encryption key between
+/// them, in the storage's turn: each used to find no version 1 and make its own, and the token
+/// held two keys by one name, each node wrapping data keys under its own. (The token's objects
+/// are files of SoftHSM's file backend, one a key, beside `token.object`, the token's own.)
+#[test]
+fn nodes_starting_together_on_a_fresh_token_make_one_key() {
+    let hsm = temp_dir("hsm-together");
+    token(&hsm);
+    std::env::set_var("RTPAY_PKCS11_PIN", PIN);
+    let kek = format!("pkcs11:{}#{LABEL}", module().display());
+    let url = store::testing::fresh_postgres_database();
+    let dirs = [temp_dir("hsm-together-a"), temp_dir("hsm-together-b"), temp_dir("hsm-together-c")];
+    // The secrets a cluster's nodes share (the key-encryption key aside: the token's).
+    let shared = temp_dir("hsm-together-keys").join("keys");
+    let out = Command::new(env!("CARGO_BIN_EXE_rtpay")).args(["keys", "init", "--out"]).arg(&shared).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for dir in &dirs {
+        for file in ["index-key", "audit-signing-key"] {
+            std::fs::copy(shared.join(file), dir.join(file)).unwrap();
+        }
+    }
+    let starting: Vec<_> = dirs
+        .iter()
+        .map(|dir| {
+            let (dir, url, kek) = (dir.clone(), url.clone(), kek.clone());
+            std::thread::spawn(move || {
+                let start = || Server::start_with_args(&dir, Some(&url), "127.0.0.1:0", true, &["--kek", &kek]);
+                // SoftHSM's file backend may fail a process that reads the token while another
+                // writes it ("PKCS#11 token info"): such a node stops at start, and starts again.
+                for _ in 0..3 {
+                    if let Ok(server) = std::panic::catch_unwind(start) {
+                        return server;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                start()
+            })
+        })
+        .collect();
+    let servers: Vec<Server> = starting.into_iter().map(|s| s.join().unwrap()).collect();
+    let objects = |dir: &Path| -> usize {
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                n += std::fs::read_dir(&path)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "object") && !p.ends_with("token.object"))
+                    .count();
+            }
+        }
+        n
+    };
+    assert_eq!(objects(&hsm.join("tokens")), 1, "one key in the token");
+    // What one node seals, another opens.
+    runtime().block_on(async {
+        let mut a = servers[0].client();
+        let (_, key) = tenant(&mut a, "together").await;
+        let body = json!({"kind": "person", "name": "Ana", "document": "52998224725"});
+        let r = a.post("/v1/holders", &key, &body).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let holder = r.json()["id"].as_str().unwrap().to_owned();
+        for server in &servers[1..] {
+            let r = server.client().get(&format!("/v1/holders/{holder}"), &key).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["document"].clone()), (200, json!("***.982.247-**")));
+        }
+    });
+}
