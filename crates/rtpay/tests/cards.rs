@@ -625,9 +625,9 @@ fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
 #[test]
 fn credits_declined_advices_and_shared_currency_codes_move_money_the_right_way() {
     let dir = temp_dir("cards-credits");
-    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let mut server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
     let iso = server.iso8583.unwrap();
-    runtime().block_on(async {
+    let held = runtime().block_on(async {
         let mut c = server.client();
         let i = issue(&mut c, json!({}), json!({"limits": {"daily": 5_000}})).await;
         let (key, acct) = (i.key.as_str(), i.account.as_str());
@@ -690,24 +690,23 @@ fn credits_declined_advices_and_shared_currency_codes_move_money_the_right_way()
         assert_eq!(net.ask(&advice(&refund_auth, 14))["39"], json!("05"), "a reversed refund is not credited");
         assert_eq!(available(&mut c, key, acct).await, (18_000, 0, 1_000));
 
-        // A refund advice on an authorization that holds the amount (as versions before this one
-        // made of a refund's 0100): the hold is released and the refund credited.
+        // A refund advice on a purchase's authorization: refused, nothing moves.
         let held = auth(&i.pan, &i.expiry, 800, 15, "000000000015");
         assert_eq!(net.ask(&held)["39"], json!("00"));
         assert_eq!(available(&mut c, key, acct).await, (17_200, 800, 1_000));
         let r = net.ask(&credit(advice(&held, 16)));
-        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
-        assert_eq!(available(&mut c, key, acct).await, (18_800, 0, 1_000), "released and credited");
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("30")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (17_200, 800, 1_000));
         // A refund's authorization whose reversal came first is declined, and holds nothing.
         let late = credit(auth(&i.pan, &i.expiry, 500, 17, "000000000017"));
         assert_eq!(net.ask(&with(late.clone(), json!({"t": "0400", "11": "000018"})))["39"], json!("00"));
         assert_eq!(net.ask(&late)["39"], json!("05"));
-        assert_eq!(available(&mut c, key, acct).await, (18_800, 0, 1_000));
+        assert_eq!(available(&mut c, key, acct).await, (17_200, 800, 1_000));
 
         let r = c.get(&format!("/v1/cards/{}/authorizations?limit=100", i.card), key).await.unwrap();
         let all = r.json()["authorizations"].as_array().unwrap().clone();
         let held = all.iter().find(|a| a["rrn"] == json!("000000000015")).unwrap();
-        assert_eq!((held["status"].clone(), held["credit"].clone()), (json!("refunded"), json!(true)), "{held}");
+        assert_eq!((held["status"].clone(), held["processing_code"].clone()), (json!("approved"), json!("000000")));
         let by_rrn = |rrn: &str| all.iter().find(|a| a["rrn"] == json!(rrn)).unwrap().clone();
         let first = by_rrn("000000000001");
         assert_eq!((first["status"].clone(), first["credit"].clone()), (json!("refunded"), json!(true)), "{first}");
@@ -729,6 +728,28 @@ fn credits_declined_advices_and_shared_currency_codes_move_money_the_right_way()
         let r = net.ask(&with(advice(&auth(&x.pan, &x.expiry, 100, 23, "000000000023"), 23), json!({"49": "532"})));
         assert_eq!(r["39"], json!("00"), "a stand-in advice in XCG: {r}");
         assert_eq!(available(&mut c, &x.key, &x.account).await, (9_900, 0, 2_100));
+        (i.key.clone(), i.account.clone(), i.pan.clone(), i.expiry.clone())
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+
+    // The held purchase's record as the version before this one stored a refund's 0100 (it kept
+    // no processing code, and held the amount): a refund advice on it releases the hold and
+    // credits the refund.
+    let (key, acct, pan, expiry) = held;
+    server.stop();
+    let db = rusqlite::Connection::open(dir.join("rtpay.db")).unwrap();
+    let sql = "UPDATE card_authorizations SET body = json_remove(body, '$.processing_code') WHERE rrn = '000000000015'";
+    assert_eq!(db.execute(sql, []).unwrap(), 1);
+    drop(db);
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let mut net = Network::connect(server.iso8583.unwrap());
+        let refund = with(auth(&pan, &expiry, 800, 24, "000000000015"), json!({"t": "0220", "3": "200000"}));
+        let r = net.ask(&refund);
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, &key, &acct).await, (18_800, 0, 1_000), "released and credited");
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
@@ -1037,7 +1058,7 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
     let iso = server.iso8583.unwrap();
     runtime().block_on(async {
         let mut c = server.client();
-        let i = issue(&mut c, json!({"velocity_per_minute": 6}), json!({})).await;
+        let i = issue(&mut c, json!({"velocity_per_minute": 8}), json!({})).await;
         let mut net = Network::connect(iso);
         let a = auth(&i.pan, &i.expiry, 2_500, 1, "000000000001");
         assert_eq!(net.ask(&a)["39"], json!("00"));
@@ -1063,9 +1084,13 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
         assert_eq!(net.ask(&b)["39"], json!("00"));
         let d = auth(&i.pan, &i.expiry, 1_000, 6, "000000000006");
         assert_eq!(net.ask(&d)["39"], json!("00"));
+        let e = auth(&i.pan, &i.expiry, 300, 10, "000000000010");
+        assert_eq!(net.ask(&e)["39"], json!("00"));
+        let g = auth(&i.pan, &i.expiry, 200, 11, "000000000011");
+        assert_eq!(net.ask(&g)["39"], json!("00"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while available(&mut c, &i.key, &i.account).await != (7_500, 0, 2_500) {
-            assert!(std::time::Instant::now() < deadline, "the ledger released the two holds");
+            assert!(std::time::Instant::now() < deadline, "the ledger released the four holds");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let purchase = with(auth(&i.pan, &i.expiry, 3_000, 4, "000000000004"), json!({"t": "0200"}));
@@ -1091,6 +1116,28 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
         assert_eq!(
             available(&mut c, &i.key, &i.account).await,
             (500, 0, 11_500),
+            "a reversed purchase is not collected"
+        );
+        // Reversed in part after its hold expired (DE95: 100 of 300 happened): its advice
+        // collects what did happen.
+        let replaced = |actual: u64| format!("{actual:012}{}", "0".repeat(30));
+        assert_eq!(
+            net.ask(&with(e.clone(), json!({"t": "0400", "11": "000012", "95": replaced(100)})))["39"],
+            json!("00")
+        );
+        let capture = with(e, json!({"t": "0220", "11": "000013", "4": format!("{:012}", 100)}));
+        assert_eq!(net.ask(&capture)["39"], json!("00"));
+        assert_eq!(available(&mut c, &i.key, &i.account).await, (400, 0, 11_600));
+        // Reversed in part, then in full: nothing is collected after.
+        assert_eq!(
+            net.ask(&with(g.clone(), json!({"t": "0400", "11": "000014", "95": replaced(150)})))["39"],
+            json!("00")
+        );
+        assert_eq!(net.ask(&with(g.clone(), json!({"t": "0400", "11": "000015"})))["39"], json!("00"));
+        assert_eq!(net.ask(&with(g, json!({"t": "0220", "11": "000016"})))["39"], json!("05"));
+        assert_eq!(
+            available(&mut c, &i.key, &i.account).await,
+            (400, 0, 11_600),
             "a reversed purchase is not collected"
         );
 
@@ -1124,7 +1171,7 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
         // The first connection was never disturbed.
         let r = net.ask(&json!({"t": "0800", "7": "1122093000", "11": "000009", "70": "301"}));
         assert_eq!(r["39"], json!("00"));
-        // Velocity: the product allows 6 authorizations a minute (4 made above); the 7th is
+        // Velocity: the product allows 8 authorizations a minute (6 made above); the 9th is
         // suspected fraud.
         for n in 0..2u32 {
             assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 10, 60 + n, &format!("{:012}", 60 + n)))["39"], json!("00"));

@@ -116,6 +116,10 @@ pub struct AuthorizationView {
     /// for it and no limit counts it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub credit: bool,
+    /// DE3 of the message that made it (absent on records of versions before it was kept, which
+    /// took every 0100 for a purchase).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processing_code: Option<String>,
     pub amount: u64,
     pub currency: String,
     pub response_code: String,
@@ -404,6 +408,7 @@ impl Ctx {
             account_id: self.card.account_id.clone(),
             status: "declined".into(),
             credit: false,
+            processing_code: self.request.get(3).map(str::to_owned),
             amount: self.amount,
             currency: currency.as_str().to_owned(),
             response_code: String::new(),
@@ -916,7 +921,12 @@ impl<'a> Flow<'a> {
         if let Some(de39) = declined {
             return self.declined_advice(Some((view, basis, created_at)), de39).await;
         }
-        if credit && !view.credit && view.status == "approved" && view.hold_id.is_some() {
+        if credit
+            && !view.credit
+            && view.processing_code.is_none()
+            && view.status == "approved"
+            && view.hold_id.is_some()
+        {
             return self.credit_held(view, basis, created_at).await;
         }
         if view.credit != credit {
@@ -930,8 +940,12 @@ impl<'a> Flow<'a> {
         if credit {
             return self.capture_credit(view, basis, created_at).await;
         }
-        if view.status != "approved" && view.status != "expired" {
-            let reason = format!("the authorization is {}", view.status);
+        // An expired one is collected unless a reversal came (the previous version left a purchase
+        // reversed after its hold expired `expired`, with the reversal among its events).
+        let reversed = view.events.iter().any(|e| e.kind == "reversal");
+        let collectable = view.status == "approved" || (view.status == "expired" && !reversed);
+        if !collectable {
+            let reason = format!("the authorization is {}", if reversed { "reversed" } else { view.status.as_str() });
             return self.record(view, basis, created_at, "capture", ResponseCode::DoNotHonor, reason).await;
         }
         let held = view.amount;
@@ -1120,7 +1134,8 @@ impl<'a> Flow<'a> {
     }
 
     /// A credit's advice whose authorization holds the amount: one a version before this made of a
-    /// refund's 0100, reading every 0100 as a purchase. The hold is released (an expired one is
+    /// refund's 0100, reading every 0100 as a purchase (its record keeps no processing code; a
+    /// purchase's of this version does, and a credit advice on it is refused `30`). The hold is released (an expired one is
     /// released already) and the authorization becomes the credit's it was, recorded first; then
     /// the advice credits it (`capture_credit`).
     async fn credit_held(&self, view: AuthorizationView, basis: store::Guard, created_at: u64) -> Step {
@@ -1278,7 +1293,7 @@ impl<'a> Flow<'a> {
         // part of what was asked): only the rest is reversed.
         let actual = ctx.request.get(95).and_then(|d| d.get(..12)).and_then(|a| a.parse::<u64>().ok());
         let standing = match view.status.as_str() {
-            "approved" => view.amount,
+            "approved" | "expired" => view.amount,
             "captured" => view.captured,
             "refunded" => refunded(&view),
             _ => 0,
@@ -1320,8 +1335,13 @@ impl<'a> Flow<'a> {
                     EventKind::Posted { debit: AccountId(ctx.account()?), credit: AccountId(settlement), amount };
                 (vec![ctx.event(back, event)], vec![back], amount)
             }
+            "expired" => {
+                // Its hold is gone: nothing moves, but it is reversed, so that no advice after
+                // it collects the purchase the acquirer cancelled.
+                (vec![], vec![], view.amount)
+            }
             _ => {
-                // Already reversed, declined or expired: acknowledged, nothing moves.
+                // Already reversed or declined: acknowledged, nothing moves.
                 let reason = format!("the authorization is {}", view.status);
                 return self.record(view, basis, created_at, "reversal", ResponseCode::Approved, reason).await;
             }
@@ -1415,7 +1435,7 @@ impl<'a> Flow<'a> {
         enum Part {
             /// The hold replaced by this one.
             Hold(u128),
-            /// A credit's authorization: its amount.
+            /// An authorization holding nothing (a credit's, an expired one): its amount.
             Authorized,
             Captured,
             Refunded,
@@ -1427,7 +1447,10 @@ impl<'a> Flow<'a> {
         let purpose = format!("partial-reversal-to-{actual}");
         let back = ctx.step_id(&view, &purpose);
         let (events, ids, part) = match view.status.as_str() {
+            // Holding nothing (a credit's, or one whose hold expired): what did happen is what a
+            // later advice may collect or credit.
             "approved" if view.credit => (vec![], vec![], Part::Authorized),
+            "expired" => (vec![], vec![], Part::Authorized),
             "approved" => {
                 let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
                     .map_err(|_| ResponseCode::SystemMalfunction)?

@@ -386,8 +386,9 @@ where
 /// A handler's future, with what its audit entry needs. Dropped unfinished (the connection went
 /// away: a client that hung up, a reset), it is finished on a task of its own, and its entry
 /// recorded then: a handler may have begun a change that goes on without it (work on the blocking
-/// pool runs to its end), and a change is never left out of the audit log. The request's answer
-/// goes nowhere; the metrics and the request log do not count it.
+/// pool runs to its end), and a change is not left out of the audit log. (Not tracked: one still
+/// running when the server stops finds the writer stopped, and its entry is logged as not
+/// recorded.) The request's answer goes nowhere; the metrics and the request log do not count it.
 struct Finishing {
     handler: Option<HandlerFuture>,
     state: AppState,
