@@ -66,6 +66,19 @@ async fn set_limits(c: &mut rtpay::client::Client, key: &str, p: &Party, limits:
     assert_eq!(r.status, 200, "{:?}", r.json());
 }
 
+/// The payment `id` once it is no longer `processing` (or as it is after 20 s).
+async fn concluded(c: &mut rtpay::client::Client, key: &str, id: &str) -> Value {
+    let mut payment = Value::Null;
+    for _ in 0..400 {
+        payment = c.get(&format!("/v1/pix/payments/{id}"), key).await.unwrap().json();
+        if payment["status"] != json!("processing") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    payment
+}
+
 async fn available(c: &mut rtpay::client::Client, p: &Party) -> i64 {
     balance(c, &p.key, &p.account).await["available"].as_i64().unwrap()
 }
@@ -463,14 +476,7 @@ fn a_rejection_gives_back_what_its_payment_counted_whatever_the_recording_nodes_
     a.kill9();
     rt.block_on(async {
         let mut c = b.client();
-        let mut done = Value::Null;
-        for _ in 0..400 {
-            done = c.get(&format!("/v1/pix/payments/{id}"), &key).await.unwrap().json();
-            if done["status"] != json!("processing") {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        let done = concluded(&mut c, &key, &id).await;
         assert_eq!(done["status"], json!("rejected"), "{done}");
         assert_eq!(available(&mut c, &maria).await, 1_000_000, "the hold is released");
         // Tonight's total counted nothing of it: R$1,000 (a person's night limit) and no more.
@@ -1071,15 +1077,7 @@ fn off_us_payments_in_flight_at_a_crash_are_settled_from_the_spi_after_the_resta
             server.restart();
             rt.block_on(async {
                 let mut c = server.client();
-                let id = pay["id"].as_str().unwrap();
-                let mut done = Value::Null;
-                for _ in 0..400 {
-                    done = c.get(&format!("/v1/pix/payments/{id}"), &key).await.unwrap().json();
-                    if done["status"] != json!("processing") {
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                let done = concluded(&mut c, &key, pay["id"].as_str().unwrap()).await;
                 let context =
                     format!("{fate} {reason:?} on {}", if postgres.is_some() { "PostgreSQL" } else { "SQLite" });
                 assert_eq!(
