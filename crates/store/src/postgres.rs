@@ -146,8 +146,10 @@ fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec
     // could interleave with a batch an older node had begun: it copied a counter before that
     // batch's update committed and deleted it after, losing the update. Batches hold
     // `ledger_meta`'s row: the migrations wait for the running one, and later ones wait for them
-    // (and then find the schema newer than their node knows). Taken before any change here, so
-    // that a batch waiting for a table this transaction altered cannot hold it.
+    // and then find the schema newer than their node knows (nodes of this version and later,
+    // which read the version in a statement after the lock; an earlier node's batch that waited
+    // here read it before: see OPERATIONS). Taken before any change here, so that a batch waiting
+    // for a table this transaction altered cannot hold it.
     let meta = tx.query_one("SELECT to_regclass('ledger_meta') IS NOT NULL", &[]).map_err(unavailable)?;
     if meta.get::<_, bool>(0) {
         tx.execute("SELECT 1 FROM ledger_meta WHERE id = 1 FOR UPDATE", &[]).map_err(unavailable)?;
