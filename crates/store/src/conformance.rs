@@ -239,6 +239,35 @@ pub fn an_expired_hold_blocks_nothing(location: Location) {
     assert_verified(&store);
 }
 
+/// More holds fall due than one sweep releases (here while the clock jumps; in life while no node
+/// ran batches): a transfer behind them is not judged against a hold that reserves nothing, and so
+/// is not failed under its id for good.
+pub fn a_backlog_of_due_holds_blocks_nothing(location: Location) {
+    let (store, now) = open_fixed(&location);
+    setup(&store);
+    let hold = |id| {
+        event(id, EventKind::Pending { debit: AccountId(BANK), credit: AccountId(BOB), amount: 1, timeout_seconds: 1 })
+    };
+    let others: Vec<TransferEvent> =
+        (0..2 * crate::engine::EXPIRY_SWEEP_MAX as u128 + 1).map(|i| hold(10_000 + i)).collect();
+    for chunk in others.chunks(4_000) {
+        let out = store.engine.transfers(chunk.to_vec()).unwrap();
+        assert!(out.iter().all(|o| o.result == TransferResult::Created));
+    }
+    // Alice's hold falls due last (the sweep takes the earliest first).
+    let alices = event(
+        1,
+        EventKind::Pending { debit: AccountId(ALICE), credit: AccountId(BOB), amount: 1_000, timeout_seconds: 1 },
+    );
+    assert_eq!(store.engine.transfers(vec![alices]).unwrap()[0].result, TransferResult::Created);
+    now.fetch_add(2_000_000_000, Ordering::SeqCst);
+    let out = store.engine.transfers(vec![posted(2, ALICE, BOB, 1_000)]).unwrap();
+    assert_eq!(out[0].result, TransferResult::Created);
+    assert_eq!(balances(&store, ALICE), (1_000, 1_000, 0, 0));
+    assert_eq!(balances(&store, BOB), (0, 1_000, 0, 0));
+    assert_verified(&store);
+}
+
 pub fn listing_is_stable_under_inserts(location: Location) {
     let (store, now) = open_fixed(&location);
     setup(&store);
@@ -1080,6 +1109,10 @@ macro_rules! conformance_tests {
         #[test]
         fn an_expired_hold_blocks_nothing() {
             $crate::conformance::an_expired_hold_blocks_nothing($factory)
+        }
+        #[test]
+        fn a_backlog_of_due_holds_blocks_nothing() {
+            $crate::conformance::a_backlog_of_due_holds_blocks_nothing($factory)
         }
         #[test]
         fn listing_is_stable_under_inserts() {

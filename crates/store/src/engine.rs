@@ -407,10 +407,19 @@ fn run_batches(
     gather: impl Fn(),
 ) {
     let mut held: Option<Job> = None;
+    // A batch's jobs put off while a backlog of due holds is released (see `apply_batch`).
+    let mut waiting: Vec<Job> = Vec::new();
     let mut last_sweep = Instant::now();
     // Whether a batch sweeps as soon as a hold is due (see `apply_batch`).
     let mut due_sweeps = true;
     loop {
+        if !waiting.is_empty() {
+            let mut jobs = std::mem::take(&mut waiting);
+            let events = jobs.iter().map(|job| job.command.len()).sum();
+            last_sweep = Instant::now();
+            waiting = run_batch(writer, clock(), &mut jobs, events, true, &mut due_sweeps, stats, &deliver);
+            continue;
+        }
         let first = match held.take() {
             Some(job) => Some(job),
             None => match receiver.recv_timeout(EXPIRY_INTERVAL) {
@@ -445,38 +454,61 @@ fn run_batches(
         if sweep {
             last_sweep = Instant::now();
         }
-        let now = clock();
-        let started = Instant::now();
-        let result = apply_batch(writer, now, &mut jobs, sweep, &mut due_sweeps, stats);
-        let elapsed_us = started.elapsed().as_micros() as u64;
-        stats.cached_accounts.store(writer.cached_accounts() as u64, Ordering::Relaxed);
-        match result {
-            Ok(replies) => {
-                if !jobs.is_empty() {
-                    stats.batches.fetch_add(1, Ordering::Relaxed);
-                    stats.events.fetch_add(events as u64, Ordering::Relaxed);
-                    observe(&stats.batch_len_buckets, &BATCH_BUCKETS, events as u64);
-                    observe(&stats.commit_us_buckets, &COMMIT_BUCKETS_US, elapsed_us);
-                    stats.commit_us_sum.fetch_add(elapsed_us, Ordering::Relaxed);
-                }
-                let answers = jobs.into_iter().zip(replies).map(|(job, reply)| {
-                    let result = reply.ok_or_else(|| {
-                        StoreError::Conflict(
-                            "what the request read changed before it could commit; nothing was applied".into(),
-                        )
-                    });
-                    (job.reply, result)
+        waiting = run_batch(writer, clock(), &mut jobs, events, sweep, &mut due_sweeps, stats, &deliver);
+    }
+}
+
+/// Applies a batch of `events` and answers its jobs; the jobs [`apply_batch`] put off are given
+/// back.
+#[allow(clippy::too_many_arguments)]
+fn run_batch(
+    writer: &mut dyn Writer,
+    now: Timestamp,
+    jobs: &mut Vec<Job>,
+    events: usize,
+    sweep: bool,
+    due_sweeps: &mut bool,
+    stats: &EngineStats,
+    deliver: &impl Fn(&mut dyn Writer, Answers),
+) -> Vec<Job> {
+    let started = Instant::now();
+    let result = apply_batch(writer, now, jobs, sweep, due_sweeps, stats);
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    stats.cached_accounts.store(writer.cached_accounts() as u64, Ordering::Relaxed);
+    let jobs = std::mem::take(jobs);
+    if matches!(result, Ok(Some(_))) && !jobs.is_empty() {
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.events.fetch_add(events as u64, Ordering::Relaxed);
+        observe(&stats.batch_len_buckets, &BATCH_BUCKETS, events as u64);
+        observe(&stats.commit_us_buckets, &COMMIT_BUCKETS_US, elapsed_us);
+        stats.commit_us_sum.fetch_add(elapsed_us, Ordering::Relaxed);
+    }
+    match result {
+        Ok(Some(replies)) => {
+            let answers = jobs.into_iter().zip(replies).map(|(job, reply)| {
+                let result = reply.ok_or_else(|| {
+                    StoreError::Conflict(
+                        "what the request read changed before it could commit; nothing was applied".into(),
+                    )
                 });
-                deliver(writer, answers.collect());
+                (job.reply, result)
+            });
+            deliver(writer, answers.collect());
+            Vec::new()
+        }
+        Ok(None) => {
+            // The sweep alone was committed: it is synced as any batch (nothing to answer).
+            deliver(writer, Vec::new());
+            jobs
+        }
+        Err(error) => {
+            writer.rollback();
+            stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+            if !jobs.is_empty() {
+                tracing::warn!(%error, jobs = jobs.len(), "batch not committed");
             }
-            Err(error) => {
-                writer.rollback();
-                stats.commit_failures.fetch_add(1, Ordering::Relaxed);
-                if !jobs.is_empty() {
-                    tracing::warn!(%error, jobs = jobs.len(), "batch not committed");
-                }
-                deliver(writer, jobs.into_iter().map(|job| (job.reply, Err(error.clone()))).collect());
-            }
+            deliver(writer, jobs.into_iter().map(|job| (job.reply, Err(error.clone()))).collect());
+            Vec::new()
         }
     }
 }
@@ -530,7 +562,8 @@ fn load_readable<K>(
 }
 
 /// Applies a batch: one reply per job, `None` for a job whose guards failed (nothing of it applied).
-/// The jobs' audit drafts are taken (moved into the commit).
+/// The jobs' audit drafts are taken (moved into the commit). `Ok(None)`: only the sweep was
+/// committed, and the jobs wait for the next batch (a backlog of due holds, below).
 fn apply_batch(
     writer: &mut dyn Writer,
     now: Timestamp,
@@ -538,7 +571,7 @@ fn apply_batch(
     sweep: bool,
     due_sweeps: &mut bool,
     stats: &EngineStats,
-) -> Result<Vec<Option<Reply>>> {
+) -> Result<Option<Vec<Option<Reply>>>> {
     let clock = writer.begin()?;
     let mut snapshot = MemoryLedger { clock, ..MemoryLedger::default() };
     let mut changes: Vec<Changes> = Vec::with_capacity(3);
@@ -553,9 +586,16 @@ fn apply_batch(
     // releases all it finds.
     let sweep =
         sweep || (*due_sweeps && writer.earliest_due()?.is_some_and(|due| due <= snapshot.clock.judged_at(now)));
+    // More holds due than one sweep releases (they fell due while no node ran batches, or while
+    // the writer waited on its storage): the jobs are not judged against holds that reserve
+    // nothing any more. Each batch commits one sweep alone until the backlog is released, and the
+    // jobs wait; what a transfer failed here would stay failed under its id. Only while a sweep
+    // releases something, so holds storage cannot release never hold the jobs back.
+    let mut backlog = false;
     if sweep {
         match sweep_due(writer, &mut snapshot, now) {
             Ok((found, expired, change)) => {
+                backlog = found == EXPIRY_SWEEP_MAX && expired > 0;
                 if expired < found && *due_sweeps {
                     tracing::warn!(
                         left = found - expired,
@@ -573,14 +613,14 @@ fn apply_batch(
             Err(error) => return Err(error),
         }
     }
-    if jobs.is_empty() {
+    if jobs.is_empty() || backlog {
         if changes.iter().all(Changes::is_empty) {
             writer.rollback();
-            return Ok(Vec::new());
+        } else {
+            writer.commit(&changes, &[], &[])?;
+            stats.expired.fetch_add(released, Ordering::Relaxed);
         }
-        writer.commit(&changes, &[], &[])?;
-        stats.expired.fetch_add(released, Ordering::Relaxed);
-        return Ok(Vec::new());
+        return Ok(jobs.is_empty().then(Vec::new));
     }
 
     // Guards, under the batch's lock: each document or counter once per batch (the records of a
@@ -698,7 +738,7 @@ fn apply_batch(
         .collect();
     writer.commit(&changes, &drafts, &records)?;
     stats.expired.fetch_add(released, Ordering::Relaxed);
-    Ok(replies)
+    Ok(Some(replies))
 }
 
 /// A ledger reply in a few words, for the audit log: the one result code, or counts.
