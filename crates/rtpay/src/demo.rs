@@ -154,6 +154,8 @@ pub async fn demo(listen: SocketAddr, exit_after: bool) -> Result<(), Error> {
         pix: server::pix_rail::PixSettings { ispb: Some(DEMO_ISPB.into()), ..Default::default() },
         pix_jws: None,
         webhooks: Default::default(),
+        // Its operator token is printed: never one from the environment.
+        env_secrets: false,
     };
     let server = tokio::spawn(run(
         config,

@@ -97,10 +97,11 @@ pub fn loader(config: KekConfig) -> Loader {
     Box::new(move || load(&config, false))
 }
 
-/// The blind-index key: `RTPAY_INDEX_KEY` (64 hex digits; the same on every node), else
-/// Whether [`index_key`] would make a new index key (none in the environment nor the directory).
-pub fn index_key_missing(data: &Path) -> bool {
-    std::env::var("RTPAY_INDEX_KEY").is_err() && !data.join("index-key").exists()
+/// Whether [`index_key`] would make a new index key (none in the environment, where `env`, nor
+/// in the directory).
+pub fn index_key_missing(data: &Path, env: bool) -> bool {
+    let in_env = env && std::env::var("RTPAY_INDEX_KEY").is_ok();
+    !in_env && !data.join("index-key").exists()
 }
 
 /// Whether [`load`] with `create` would make version 1: no key file, or a token holding no KEK.
@@ -113,15 +114,16 @@ pub fn kek_missing(config: &KekConfig) -> bool {
     }
 }
 
-/// `<data>/index-key`, created on first start.
-pub fn index_key(data: &Path) -> Result<Secret32, Error> {
+/// The blind-index key: `RTPAY_INDEX_KEY` (64 hex digits; the same on every node) where `env`,
+/// else `<data>/index-key`, created on first start.
+pub fn index_key(data: &Path, env: bool) -> Result<Secret32, Error> {
     let path = data.join("index-key");
-    if index_key_missing(data) {
+    if index_key_missing(data, env) {
         crate::serve::write_private(&path, &new_index_key()?)?;
     }
-    let text = match std::env::var("RTPAY_INDEX_KEY") {
-        Ok(v) => v,
-        Err(_) => std::fs::read_to_string(&path)?,
+    let text = match std::env::var("RTPAY_INDEX_KEY").ok().filter(|_| env) {
+        Some(v) => v,
+        None => std::fs::read_to_string(&path)?,
     };
     let bytes = vault::unhex(text.trim()).filter(|b| b.len() == 32).ok_or("the index key must be 64 hex digits")?;
     Ok(Secret32::from_bytes(bytes.try_into().expect("32 bytes")))

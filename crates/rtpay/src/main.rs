@@ -403,6 +403,7 @@ fn main() -> ExitCode {
                     retry_base: std::time::Duration::from_millis(webhook_retry_ms.clamp(1, 3_600_000)),
                     allow_private: webhook_allow_private,
                 },
+                env_secrets: true,
             };
             let threads = http_threads.map_or_else(rtpay::serve::http_threads_default, usize::from);
             let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -507,6 +508,33 @@ fn main() -> ExitCode {
         CommandLine::Keys { command: KeysCommand::Rotate { storage, add_only, rewrap_only } } => {
             let kek = rtpay::keys::KekConfig::or_default(storage.kek.clone(), &storage.data);
             let location = storage.location();
+            // The rotation is recorded in the audit log, signed with the log's own key: without
+            // it nothing is rotated.
+            let path = storage.audit_key.clone().unwrap_or_else(|| rtpay::serve::default_audit_key(&storage.data));
+            let signer = match rtpay::serve::audit_signer(&path) {
+                Ok(signer) => Arc::new(signer),
+                Err(e) => {
+                    eprintln!("rtpay keys rotate: {e} (pass --audit-key, the key that signs this storage's audit log); nothing was rotated");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let fits = store::Store::open_queries(&location)
+                .and_then(|q| store::audit_key_signs(q.as_ref(), signer.public_key()));
+            match fits {
+                Ok(true) => {}
+                Ok(false) => {
+                    eprintln!(
+                        "rtpay keys rotate: the audit log in this storage was not signed by the audit key {}; \
+                         nothing was rotated",
+                        path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    eprintln!("rtpay keys rotate: {e}; nothing was rotated");
+                    return ExitCode::FAILURE;
+                }
+            }
             let result: Result<String, rtpay::serve::Error> =
                 store::Store::open_queries(&location).map_err(|e| e.to_string().into()).and_then(|q| {
                     if add_only {
@@ -536,9 +564,7 @@ fn main() -> ExitCode {
                 source: "cli".into(),
                 outcome,
             };
-            let path = storage.audit_key.clone().unwrap_or_else(|| rtpay::serve::default_audit_key(&storage.data));
-            let audited = rtpay::serve::audit_signer(&path)
-                .and_then(|s| Ok(store::Store::append_audit_beside(&location, Arc::new(s), vec![draft])?));
+            let audited = store::Store::append_audit_beside(&location, signer, vec![draft]);
             if let Err(e) = &audited {
                 eprintln!("rtpay keys rotate: the rotation could not be recorded in the audit log: {e}");
             }

@@ -34,6 +34,10 @@ pub struct ServeConfig {
     /// a key made once per database, with no certificate.
     pub pix_jws: Option<(PathBuf, PathBuf)>,
     pub webhooks: server::webhook::WebhookSettings,
+    /// Whether the secrets in the environment are used (`RTPAY_OPERATOR_TOKEN`,
+    /// `RTPAY_SECRET_KEY`, `RTPAY_INDEX_KEY`); false: only the data directory's (the demo, which
+    /// prints its operator token, makes its own).
+    pub env_secrets: bool,
 }
 
 impl ServeConfig {
@@ -119,21 +123,33 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(parent)?.sync_all()
 }
 
+/// A key file this start makes: written only once the storage is found to need no other key
+/// (see [`check_new_keys`]), so a node pointed at the wrong directory leaves nothing there.
+pub struct NewKey {
+    path: PathBuf,
+    text: String,
+}
+
+impl NewKey {
+    fn write(self) -> Result<(), Error> {
+        write_private(&self.path, &self.text).map_err(|e| format!("cannot write {}: {e}", self.path.display()).into())
+    }
+}
+
 /// The key under which API secrets are hashed: `RTPAY_SECRET_KEY` (64 hex digits; give every node
-/// of a PostgreSQL cluster the same one), else `<data>/secret-key`, created on first start.
-pub fn hash_key(data: &Path) -> Result<[u8; 32], Error> {
-    let text = match std::env::var("RTPAY_SECRET_KEY") {
-        Ok(v) => v,
-        Err(_) => {
-            let path = data.join("secret-key");
-            if !path.exists() {
-                write_private(&path, &new_hash_key())?;
-            }
-            std::fs::read_to_string(&path)?
+/// of a PostgreSQL cluster the same one) where `env`, else `<data>/secret-key`, made on first start.
+pub fn hash_key(data: &Path, env: bool) -> Result<([u8; 32], Option<NewKey>), Error> {
+    let path = data.join("secret-key");
+    let (text, new) = match std::env::var("RTPAY_SECRET_KEY").ok().filter(|_| env) {
+        Some(v) => (v, None),
+        None if path.exists() => (std::fs::read_to_string(&path)?, None),
+        None => {
+            let text = new_hash_key();
+            (text.clone(), Some(NewKey { path, text }))
         }
     };
     let bytes = unhex(text.trim()).filter(|b| b.len() == 32).ok_or("the secret key must be 64 hex digits")?;
-    Ok(bytes.try_into().expect("32 bytes"))
+    Ok((bytes.try_into().expect("32 bytes"), new))
 }
 
 /// A new key to hash API secrets under, as [`hash_key`] reads it.
@@ -141,14 +157,14 @@ pub(crate) fn new_hash_key() -> String {
     hex(&random_32())
 }
 
-/// The operator token: `RTPAY_OPERATOR_TOKEN`, else `<data>/operator-token`; generated on first
-/// start, printed once and written with mode 0600.
-pub fn operator_token(data: &Path) -> Result<String, Error> {
-    if let Ok(token) = std::env::var("RTPAY_OPERATOR_TOKEN") {
+/// The operator token: `RTPAY_OPERATOR_TOKEN` where `env`, else `<data>/operator-token`; made on
+/// first start, printed once and written with mode 0600.
+pub fn operator_token(data: &Path, env: bool) -> Result<(String, Option<NewKey>), Error> {
+    if let Some(token) = std::env::var("RTPAY_OPERATOR_TOKEN").ok().filter(|_| env) {
         if token.len() < 32 {
             return Err("RTPAY_OPERATOR_TOKEN must be at least 32 characters".into());
         }
-        return Ok(token);
+        return Ok((token, None));
     }
     let path = data.join("operator-token");
     if path.exists() {
@@ -159,12 +175,46 @@ pub fn operator_token(data: &Path) -> Result<String, Error> {
         if token.len() < 32 {
             return Err(format!("{} must hold an operator token of at least 32 characters", path.display()).into());
         }
-        return Ok(token);
+        return Ok((token, None));
     }
     let token = new_secret(OPERATOR_SECRET_PREFIX);
-    write_private(&path, &token)?;
-    println!("operator token (shown once; saved to {} with mode 0600): {token}", path.display());
-    Ok(token)
+    Ok((token.clone(), Some(NewKey { path, text: token })))
+}
+
+/// Refuses keys this start would make for storage that already has an audit log (every tenant and
+/// key made, every operator action is in it): a node given a wrong or empty `--data`, or no
+/// `--audit-key`, beside a cluster's database. A new secret key would open none of the API keys
+/// the other nodes issued; an audit key that did not sign the log's heads would sign the next one,
+/// and `rtpay audit verify` would fail on it for good. Also a key file that is there but is not the
+/// one that signed the log.
+async fn check_new_keys(
+    store: &Arc<Store>,
+    public_key: Vec<u8>,
+    audit_key: &Path,
+    new_hash_key: Option<&NewKey>,
+) -> Result<(), Error> {
+    let queries = store.queries.clone();
+    let (logged, signs) = tokio::task::spawn_blocking(move || -> store::Result<(bool, bool)> {
+        Ok((queries.audit_head()?.is_some(), store::audit_key_signs(queries.as_ref(), &public_key)?))
+    })
+    .await??;
+    if !signs {
+        return Err(format!(
+            "the audit log in this storage was not signed by the audit key {}: start this node with the key \
+             that signed it (--audit-key, or the cluster's --data; every node uses the same one); nothing was signed",
+            audit_key.display()
+        )
+        .into());
+    }
+    if let Some(new) = new_hash_key.filter(|_| logged) {
+        return Err(format!(
+            "this storage already holds tenants and their API keys, and this node has no secret key ({} nor \
+             RTPAY_SECRET_KEY): start it with the cluster's keys (see `rtpay keys init`); none was made",
+            new.path.display()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The vault: its key-encryption keys (version 1 made on first start) and index key, after
@@ -172,9 +222,10 @@ pub fn operator_token(data: &Path) -> Result<String, Error> {
 async fn open_vault(
     kek: crate::keys::KekConfig,
     data: &Path,
+    env: bool,
     store: &Arc<Store>,
 ) -> Result<server::vault_service::VaultService, Error> {
-    refuse_new_keys_for_sealed_data(&kek, data, store).await?;
+    refuse_new_keys_for_sealed_data(&kek, data, env, store).await?;
     // Made on first start in the storage's turn for key rotations: nodes of a cluster starting
     // together on one fresh PKCS#11 token each found no version 1 and each made one, and the
     // token held two keys by one name, each node wrapping data keys under its own.
@@ -186,7 +237,7 @@ async fn open_vault(
     })
     .await??;
     let rotation = kek.clone();
-    Ok(server::vault_service::VaultService::new(crate::keys::loader(kek), &crate::keys::index_key(data)?)?
+    Ok(server::vault_service::VaultService::new(crate::keys::loader(kek), &crate::keys::index_key(data, env)?)?
         .with_rotator(Box::new(move |q| crate::keys::rotate(&rotation, q).map_err(|e| e.to_string()))))
 }
 
@@ -198,9 +249,10 @@ async fn open_vault(
 async fn refuse_new_keys_for_sealed_data(
     kek: &crate::keys::KekConfig,
     data: &Path,
+    env: bool,
     store: &Arc<Store>,
 ) -> Result<(), Error> {
-    let (no_kek, no_index_key) = (crate::keys::kek_missing(kek), crate::keys::index_key_missing(data));
+    let (no_kek, no_index_key) = (crate::keys::kek_missing(kek), crate::keys::index_key_missing(data, env));
     if !(no_kek || no_index_key) {
         return Ok(());
     }
@@ -222,14 +274,25 @@ pub fn default_audit_key(data: &Path) -> PathBuf {
     data.join("audit-signing-key")
 }
 
-/// The Ed25519 key that signs the audit log's tree heads: PKCS#8 as hex in `path`, created (mode
-/// 0600) on first start. Every node of a PostgreSQL cluster must be given the same file.
+/// The Ed25519 key that signs the audit log's tree heads, from `path` (PKCS#8 as hex, mode 0600).
+/// Every node of a PostgreSQL cluster must be given the same file.
 pub fn audit_signer(path: &Path) -> Result<audit::Signer, Error> {
-    if !path.exists() {
-        write_private(path, &new_audit_key()?)?;
-    }
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("cannot read the audit key {}: {e}", path.display()))?;
+    signer_of(path, &text)
+}
+
+/// [`audit_signer`], or a new key where `path` holds none (made on first start, written as a
+/// [`NewKey`]).
+pub fn audit_signer_or_new(path: &Path) -> Result<(audit::Signer, Option<NewKey>), Error> {
+    if path.exists() {
+        return Ok((audit_signer(path)?, None));
+    }
+    let text = new_audit_key()?;
+    Ok((signer_of(path, &text)?, Some(NewKey { path: path.to_owned(), text })))
+}
+
+fn signer_of(path: &Path, text: &str) -> Result<audit::Signer, Error> {
     let pkcs8 = unhex(text.trim()).ok_or_else(|| format!("the audit key {} is not hex", path.display()))?;
     Ok(audit::Signer::from_pkcs8(&pkcs8).map_err(|e| format!("the audit key {}: {e}", path.display()))?)
 }
@@ -313,10 +376,13 @@ pub async fn run(
     let webhooks = server::webhook::WebhookClient::new(&config.webhooks)?;
     std::fs::create_dir_all(&config.data)
         .map_err(|e| format!("cannot create data directory {}: {e}", config.data.display()))?;
-    let token = operator_token(&config.data)?;
-    let keys = Keys::new(hash_key(&config.data)?, &token);
+    let (token, new_token) = operator_token(&config.data, config.env_secrets)?;
+    let (hash_key, new_hash_key) = hash_key(&config.data, config.env_secrets)?;
+    let keys = Keys::new(hash_key, &token);
     let location = config.location();
-    let signer = Arc::new(audit_signer(&config.audit_key.clone().unwrap_or_else(|| default_audit_key(&config.data)))?);
+    let audit_key = config.audit_key.clone().unwrap_or_else(|| default_audit_key(&config.data));
+    let (signer, new_audit_key) = audit_signer_or_new(&audit_key)?;
+    let signer = Arc::new(signer);
     let public_key = signer.public_key().to_vec();
     // The listeners before the store: a port in use is refused with its own error, not by
     // closing a PostgreSQL store on the async threads (whose blocking client panics there).
@@ -331,7 +397,20 @@ pub async fn run(
         tokio::task::spawn_blocking(move || Store::open_with(&location, Arc::new(store::now_nanos), signer)).await??;
     let store = Arc::new(store);
     let kek = crate::keys::KekConfig::or_default(config.kek.clone(), &config.data);
-    let vault = match open_vault(kek, &config.data, &store).await {
+    let keys_made = async {
+        check_new_keys(&store, public_key.clone(), &audit_key, new_hash_key.as_ref()).await?;
+        for new in [new_hash_key, new_audit_key].into_iter().flatten() {
+            new.write()?;
+        }
+        if let Some(new) = new_token {
+            let shown =
+                format!("operator token (shown once; saved to {} with mode 0600): {}", new.path.display(), new.text);
+            new.write()?;
+            println!("{shown}");
+        }
+        open_vault(kek, &config.data, config.env_secrets, &store).await
+    };
+    let vault = match keys_made.await {
         Ok(vault) => vault,
         Err(e) => {
             // A PostgreSQL store is closed off the async threads: its client blocks, and dropped

@@ -67,8 +67,20 @@ fn serve_refuses_a_location_host_that_cannot_make_a_location() {
 
 #[test]
 fn demo_walks_through_the_api_and_exits() {
-    let (ok, out) = rtpay(&["demo", "--exit"]);
+    // The operator's real token in the environment is not the one the demo prints.
+    let production = "rtpay_op_production_token_never_printed_0123456789";
+    let out = Command::new(env!("CARGO_BIN_EXE_rtpay"))
+        .args(["demo", "--exit"])
+        .env("RTPAY_OPERATOR_TOKEN", production)
+        .env("RTPAY_SECRET_KEY", rtpay::process::SECRET_KEY)
+        .output()
+        .unwrap();
+    let (ok, out) = (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    );
     assert!(ok, "{out}");
+    assert!(!out.contains(production), "{out}");
     for expected in [
         "-> 201",                   // creations
         "-> 200",                   // the repeated deposit
@@ -690,12 +702,17 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
             c.post("/v1/holders", &key, &json!({"kind": "person", "name": "Maria", "document": "52998224725"})).await;
         assert_eq!(r.unwrap().status, 201, "a holder's data is sealed under the tenant's data key");
     });
+    // The cluster's audit and secret keys (without them it is refused before, as the next test
+    // shows), not its vault keys.
     let empty = temp_dir("keys-cluster-empty");
+    std::fs::copy(dir.join("audit-signing-key"), empty.join("audit-signing-key")).unwrap();
     let (ok, stderr) = refused_start(
         Command::new(env!("CARGO_BIN_EXE_rtpay"))
             .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &url, "--data"])
             .arg(&empty)
             .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
+            .env("RTPAY_SECRET_KEY", rtpay::process::SECRET_KEY)
+            .env_remove("RTPAY_AUDIT_KEY_FILE")
             .env_remove("RTPAY_INDEX_KEY")
             .env_remove("RTPAY_KEK"),
     );
@@ -719,6 +736,70 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
     }
     let second = Server::start(&empty, Some(&url));
     runtime().block_on(async { assert_eq!(second.client().get("/readyz", OPERATOR).await.unwrap().status, 200) });
+}
+
+/// A node given another data directory than its cluster's (a wrong or empty `--data`, no
+/// `--audit-key`) beside the cluster's database is refused before it makes a key, and writes
+/// nothing there: an audit key of its own would sign the log's next head (and `rtpay audit verify`
+/// fail on it for good), a secret key of its own would open no API key. A key rotation without the
+/// log's audit key is refused before it rotates anything.
+#[test]
+fn a_node_or_a_rotation_without_the_clusters_audit_and_secret_keys_is_refused() {
+    let url = store::testing::fresh_postgres_database();
+    let dir = temp_dir("audit-key-cluster");
+    let server = Server::start(&dir, Some(&url));
+    runtime().block_on(async { tenant(&mut server.client(), "logged").await });
+    let start = |data: &std::path::Path, secret: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &url, "--data"])
+            .arg(data)
+            .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
+            .env_remove("RTPAY_AUDIT_KEY_FILE")
+            .env_remove("RTPAY_INDEX_KEY")
+            .env_remove("RTPAY_KEK");
+        match secret {
+            true => command.env("RTPAY_SECRET_KEY", rtpay::process::SECRET_KEY),
+            false => command.env_remove("RTPAY_SECRET_KEY"),
+        };
+        refused_start(&mut command)
+    };
+    let empty = temp_dir("audit-key-empty");
+    let (ok, stderr) = start(&empty, true);
+    assert!(!ok && stderr.contains("was not signed by the audit key"), "{stderr}");
+    assert_eq!(listing(&empty), [], "nothing written");
+    // Another key than the one that signed the log.
+    let stranger = temp_dir("audit-key-stranger").join("keys");
+    assert!(rtpay(&["keys", "init", "--out", stranger.to_str().unwrap()]).0);
+    std::fs::copy(stranger.join("audit-signing-key"), empty.join("audit-signing-key")).unwrap();
+    let (ok, stderr) = start(&empty, true);
+    assert!(!ok && stderr.contains("was not signed by the audit key"), "{stderr}");
+    assert_eq!(listing(&empty).len(), 1, "nothing written");
+    // The log's key, and no secret key.
+    std::fs::copy(dir.join("audit-signing-key"), empty.join("audit-signing-key")).unwrap();
+    let (ok, stderr) = start(&empty, false);
+    assert!(!ok && stderr.contains("no secret key"), "{stderr}");
+    assert_eq!(listing(&empty).len(), 1, "no secret key written");
+
+    // A rotation without the log's audit key (none in `--data`, or a stranger's).
+    let kek = format!("file:{}", dir.join("kek").display());
+    let kek_before = std::fs::read(dir.join("kek")).unwrap();
+    let nowhere = temp_dir("audit-key-nowhere");
+    let stranger_key = stranger.join("audit-signing-key");
+    for args in [vec!["--data", nowhere.to_str().unwrap()], vec!["--audit-key", stranger_key.to_str().unwrap()]] {
+        let (ok, out) = rtpay(&[&["keys", "rotate", "--postgres", &url, "--kek", &kek][..], &args].concat());
+        assert!(!ok && out.contains("nothing was rotated"), "{out}");
+        assert_eq!(std::fs::read(dir.join("kek")).unwrap(), kek_before, "no key-encryption key added");
+    }
+    assert_eq!(listing(&nowhere), [], "no audit key made");
+    drop(server);
+    let audit_key = dir.join("audit-signing-key");
+    let (ok, verified) = rtpay(&["audit", "verify", "--postgres", &url, "--audit-key", audit_key.to_str().unwrap()]);
+    assert!(ok, "{verified}");
+    // With the cluster's keys it starts, and writes no key of its own.
+    let second = Server::start(&empty, Some(&url));
+    runtime().block_on(async { assert_eq!(second.client().get("/readyz", OPERATOR).await.unwrap().status, 200) });
+    assert!(!empty.join("secret-key").exists() && !empty.join("operator-token").exists());
 }
 
 /// Runs `rtpay serve` as `command` says, expecting it to refuse to start: its exit and its

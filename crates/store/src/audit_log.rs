@@ -150,6 +150,12 @@ pub struct AuditReport {
     pub finding: Option<audit::Finding>,
 }
 
+/// Whether the audit log's latest signed head verifies under `public_key`: the key that may sign
+/// its next one (true while the log has none).
+pub fn audit_key_signs(queries: &dyn Queries, public_key: &[u8]) -> Result<bool> {
+    Ok(queries.audit_head()?.is_none_or(|h| audit::verify_head(public_key, &h.head, &h.signature)))
+}
+
 /// Recomputes every leaf and every signed head from storage, streaming.
 pub fn audit_verify(queries: &dyn Queries, public_key: &[u8]) -> Result<AuditReport> {
     let mut verifier = audit::LogVerifier::new(public_key);

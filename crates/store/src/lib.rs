@@ -32,7 +32,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use audit_log::{
-    audit_consistency, audit_inclusion, audit_root, audit_verify, AuditItem, AuditReport, SignedHead,
+    audit_consistency, audit_inclusion, audit_key_signs, audit_root, audit_verify, AuditItem, AuditReport, SignedHead,
     AUDIT_PAGE_LEN_MAX,
 };
 pub use durable::{read_deferring, FencesOwed, ReadFence};
