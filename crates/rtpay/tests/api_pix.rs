@@ -709,6 +709,31 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
         assert_eq!((s, v["status"].clone()), (200, json!("REMOVIDA_PELO_USUARIO_RECEBEDOR")), "{v}");
         let got = send(&mut c, Method::GET, &format!("/api/v2/cobv/{other}?revisao=3"), &shop, None).await;
         assert_problem(&got, 400, "CobVConsultaInvalida", Some("revisao"));
+
+        // A PUT on an existing charge replaces it whole: the fine, interest, discount and message
+        // it no longer gives are gone, not kept from the revision before.
+        let third = "/api/v2/cobv/thirdTxid0000000000000000000003";
+        let mut first = cobv.clone();
+        first["calendario"]["validadeAposVencimento"] = json!(5);
+        let (s, _, _) = send(&mut c, Method::PUT, third, &shop, Some(first)).await;
+        assert_eq!(s, 201);
+        let replacement = json!({"calendario": {"dataDeVencimento": due}, "devedor": {"cpf": CPF_MARIA, "nome": "Maria Quitéria"},
+                                 "valor": {"original": "70.00"}, "chave": CNPJ_ACME});
+        let (s, v, _) = send(&mut c, Method::PUT, third, &shop, Some(replacement)).await;
+        assert_eq!((s, v["revisao"].clone(), v["valor"].clone()), (201, json!(1), json!({"original": "70.00"})), "{v}");
+        assert_eq!((v.get("solicitacaoPagador"), v["devedor"].get("cidade")), (None, None), "{v}");
+        assert_eq!(v["calendario"]["validadeAposVencimento"], json!(30), "the default, not the earlier 5: {v}");
+        let payload = tokio::task::block_in_place(|| verified_payload(&server, &v["location"].as_str().unwrap()["https://pix.rtpay.local".len()..]));
+        assert_eq!(payload["valor"], json!({"original": "70.00", "final": "70.00"}), "{payload}");
+        // Its 100th revision is its last change of content; it can still be removed.
+        for n in 2..100 {
+            let (s, v, _) = send(&mut c, Method::PATCH, third, &shop, Some(json!({"solicitacaoPagador": format!("r{n}")}))).await;
+            assert_eq!((s, v["revisao"].clone()), (200, json!(n)), "{v}");
+        }
+        let got = send(&mut c, Method::PATCH, third, &shop, Some(json!({"solicitacaoPagador": "one more"}))).await;
+        assert_problem(&got, 400, "CobVOperacaoInvalida", Some("txid"));
+        let (s, v, _) = send(&mut c, Method::PATCH, third, &shop, Some(json!({"status": "REMOVIDA_PELO_USUARIO_RECEBEDOR"}))).await;
+        assert_eq!((s, v["status"].clone(), v["revisao"].clone()), (200, json!("REMOVIDA_PELO_USUARIO_RECEBEDOR"), json!(100)), "{v}");
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");

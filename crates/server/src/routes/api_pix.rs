@@ -35,7 +35,8 @@ pub mod lote;
 
 pub const COB_KIND: &str = "pix-cob";
 pub const REFUND_KIND: &str = "pix-refund";
-/// Revisions kept per charge (a PATCH beyond answers 400).
+/// Revisions kept per charge: a change of content beyond answers 400 (a removal is always taken,
+/// as the last).
 pub const REVISIONS_MAX: usize = 100;
 /// Rows a listing reads at most to answer one page (pages beyond read as empty).
 pub const LISTING_SCAN_MAX: usize = 10_000;
@@ -196,8 +197,17 @@ pub(crate) fn body_of<T: serde::de::DeserializeOwned>(bytes: &Bytes, kind: &'sta
     // Objects only, at every depth (see `json_objects`): a list of a struct's fields is no body.
     let mut de = serde_json::Deserializer::from_str(text);
     T::deserialize(crate::json_objects::Objects(&mut de)).and_then(|v| de.end().map(|()| v)).map_err(|e| {
-        // serde's message names the field and the expected type, never the value.
-        PixError::violation(kind, root, format!("does not respect the schema: {e}"))
+        // serde's message names the field and the expected type; the values it quotes are left out
+        // (a CPF sent as a number), as are unknown keys (a secret pasted as a key).
+        let message = e.to_string();
+        let unknown =
+            message.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')).map(|(name, _)| name);
+        let message = match unknown {
+            Some(name) if crate::json::shown_as_field(name) => message,
+            Some(_) => format!("an unknown field{}", message.find(", expected").map_or("", |at| &message[at..])),
+            None => crate::json::without_values(&message),
+        };
+        PixError::violation(kind, root, format!("does not respect the schema: {message}"))
     })
 }
 
@@ -921,7 +931,7 @@ pub async fn cob_patch(
         let status = CobStatus::parse(&stored.status).ok_or_else(|| corrupt("a charge's status"))?;
         let next = status.revise(requested, alters).map_err(|e| PixError::violation(K, "cob.status", e.to_string()))?;
         let mut revisions = open_revisions(&st, q, tenant_id, &stored)?;
-        if revisions.len() >= REVISIONS_MAX {
+        if revisions.len() >= REVISIONS_MAX && alters_content {
             return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
         }
         let wanted = super::pix_loc::loc_ref(body.loc.as_ref(), K, "cob.loc.id")?;

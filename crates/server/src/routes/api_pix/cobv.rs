@@ -499,7 +499,7 @@ pub(super) fn write_one(
                 status.revise(requested, alters).map_err(|e| PixError::violation(K, "cobv.status", e.to_string()))?
             };
             let r = open_revisions(st, q, tenant_id, s)?;
-            if r.len() >= REVISIONS_MAX {
+            if r.len() >= REVISIONS_MAX && (create || alters_content) {
                 return Err(PixError::violation(K, "txid", "the charge has 100 revisions, the most kept"));
             }
             (r, doc.version, s.created_at, next, pix_loc::Linked::of(s), s.paid_by.clone(), s.lote_id)
@@ -507,7 +507,8 @@ pub(super) fn write_one(
         None if !create => return Err(not_found()),
         None => (vec![], 0, now, CobStatus::Ativa, None, None, lote),
     };
-    let base = revisions.last().cloned();
+    // A PUT gives the whole charge (`CobVSolicitada`): nothing of an earlier revision is kept.
+    let base = if create { None } else { revisions.last().cloned() };
     // The key is resolved when given (or for a new charge); a revision that names none keeps the
     // charge's account, so a charge whose key was deleted can still be revised or removed.
     let (account, chave_index) = match (&body.chave, &existing) {
