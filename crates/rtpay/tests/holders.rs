@@ -57,6 +57,8 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
             (json!({"kind": "robot", "name": "x", "document": CPF}), "kind", "invalid_kind"),
             (json!({"kind": "person", "name": " ", "document": "11144477735"}), "name", "invalid_name"),
             (json!({"kind": "person", "name": "x", "document": CPF, "extra": 1}), "extra", "unknown_field"),
+            // serde's message would quote the number: the detail names the type only.
+            (json!({"kind": "person", "name": "x", "document": 52998224725u64}), "document", "invalid_field"),
         ] {
             let r = c.post("/v1/holders", &key_a, &body).await.unwrap();
             assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{body}");
@@ -66,6 +68,27 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
         // The same document twice in a tenant: 409. In another tenant: another holder.
         let same = json!({"kind": "person", "name": "Other", "document": CPF});
         assert_eq!(c.post("/v1/holders", &key_a, &same).await.unwrap().status, 409);
+        // A creation retried with its Idempotency-Key answers the holder it made; with another name
+        // under the key, 409.
+        let body = |name: &str| {
+            Some(
+                serde_json::to_vec(&json!({"kind": "person", "name": name, "document": "11144477735"})).unwrap().into(),
+            )
+        };
+        let headers = [("idempotency-key", "holder-retry-1")];
+        let first =
+            c.send_with_headers(hyper::Method::POST, "/v1/holders", Some(&key_a), body("Ana"), &headers).await.unwrap();
+        assert_eq!(first.status, 201, "{:?}", first.json());
+        let again =
+            c.send_with_headers(hyper::Method::POST, "/v1/holders", Some(&key_a), body("Ana"), &headers).await.unwrap();
+        assert_eq!((again.status.as_u16(), again.json()), (200, first.json()));
+        let other =
+            c.send_with_headers(hyper::Method::POST, "/v1/holders", Some(&key_a), body("Bia"), &headers).await.unwrap();
+        assert_eq!((other.status.as_u16(), other.json()["code"].clone()), (409, json!("exists")));
+        // By its id as well.
+        let by_id = json!({"id": holder_a, "kind": "person", "name": NAME, "document": "529.982.247-25"});
+        let r = c.post("/v1/holders", &key_a, &by_id).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["id"].clone()), (200, json!(holder_a)));
         let r = c.post("/v1/holders", &key_b, &same).await.unwrap();
         assert_eq!(r.status, 201);
         let holder_b = r.json()["id"].as_str().unwrap().to_owned();

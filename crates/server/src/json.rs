@@ -223,10 +223,13 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                         ("invalid_body", None, format!("the body must be a JSON object, not {got}"))
                     } else if field.as_deref().is_some_and(|f| f == "amount" || f.ends_with(".amount")) {
                         // One code for every broken amount, as `check_amount` gives a zero.
-                        let detail = format!("must be an integer number of minor units in 1..=2^63-1 ({message})");
+                        let detail = format!(
+                            "must be an integer number of minor units in 1..=2^63-1 ({})",
+                            without_values(&message)
+                        );
                         ("invalid_amount", field, detail)
                     } else {
-                        ("invalid_field", field, message)
+                        ("invalid_field", field, without_values(&message))
                     };
                     let p = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
                     Err(match field {
@@ -244,12 +247,36 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     }
 }
 
+/// serde's message without the client's values it quotes (`invalid type: integer `52998224725`,
+/// expected a string`: a CPF sent as a number; `unknown variant `...``): what it found and what
+/// was expected, in the type's own words.
+pub(crate) fn without_values(message: &str) -> String {
+    let (found, expected) = match message.find(", expected") {
+        Some(at) => message.split_at(at),
+        None => (message, ""),
+    };
+    let mut out = String::with_capacity(message.len());
+    let mut quote = None;
+    for c in found.chars() {
+        match (quote, c) {
+            (None, '`' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, c) => out.push(c),
+        }
+    }
+    // `integer `5`` left `integer ` behind.
+    let mut out = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    out.push_str(expected);
+    out
+}
+
 /// The longest unknown key a problem names.
 const SHOWN_NAME_LEN_MAX: usize = 64;
 
 /// Whether an unknown key may be named in a problem: a plausible field name, not a secret pasted
 /// in the wrong place (the API's secrets are longer than this) nor a card number.
-fn shown_as_field(name: &str) -> bool {
+pub(crate) fn shown_as_field(name: &str) -> bool {
     name.len() <= SHOWN_NAME_LEN_MAX
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
         && !vault::mask::holds_pan(name)
@@ -400,6 +427,24 @@ mod tests {
     #[allow(dead_code)]
     struct Outer {
         items: Vec<Inner>,
+    }
+
+    #[test]
+    fn serdes_messages_lose_the_values_they_quote_and_keep_the_types_words() {
+        for (message, expected) in [
+            ("invalid type: integer `52998224725`, expected a string", "invalid type: integer, expected a string"),
+            ("invalid value: string \"4111 1111\", expected u64", "invalid value: string, expected u64"),
+            (
+                "unknown variant `52998224725`, expected `person` or `company`",
+                "unknown variant, expected `person` or `company`",
+            ),
+            ("invalid type: floating point `1.5`, expected u64", "invalid type: floating point, expected u64"),
+            ("invalid type: sequence, expected struct Body", "invalid type: sequence, expected struct Body"),
+            ("invalid length 3, expected fewer elements", "invalid length 3, expected fewer elements"),
+            ("invalid type: boolean `true`, expected a string", "invalid type: boolean, expected a string"),
+        ] {
+            assert_eq!(without_values(message), expected);
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! show the document masked.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -13,6 +13,7 @@ use crate::dto::{parse_id, rfc3339, uuid_string};
 use crate::json::{reply, Json, Path};
 use crate::problem::Problem;
 use crate::routes::query;
+use crate::routes::tenants::idempotency_key;
 use crate::vault_service::VaultFailure;
 use crate::AppState;
 
@@ -146,13 +147,15 @@ pub(crate) fn record_id(tenant: u128, id: u128, field: &str) -> Vec<u8> {
 }
 
 #[utoipa::path(post, path = "/v1/holders", tag = "holders", request_body = HolderBody,
-    responses((status = 201, body = HolderView), (status = 409, body = Problem), (status = 422, body = Problem),
-        (status = 503, body = Problem)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes a creation without `id` safe to retry")),
+    responses((status = 201, body = HolderView), (status = 200, body = HolderView, description = "an exact repeat"),
+        (status = 409, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)),
     security(("api_key" = [])))]
 pub async fn create_holder(
     State(state): State<AppState>,
     tenant: Tenant,
     audit: Audit,
+    headers: HeaderMap,
     Json(body): Json<HolderBody>,
 ) -> Result<Response, Problem> {
     tenant.require("holders:write")?;
@@ -167,9 +170,10 @@ pub async fn create_holder(
         Problem::invalid("document", "invalid_document", format!("`document` is not a valid {what}: {e}"))
     })?;
     let name = crate::dto::display_name("name", &body.name, HOLDER_NAME_LEN_MAX)?;
-    let id = match &body.id {
-        Some(id) => parse_id("id", id)?,
-        None => new_uuid().as_u128(),
+    let id = match (&body.id, idempotency_key(&headers)?) {
+        (Some(id), _) => parse_id("id", id)?,
+        (None, Some(key)) => state.keys.derived_id(b"holder", tenant.id, &key).as_u128(),
+        (None, None) => new_uuid().as_u128(),
     };
     audit.0.set_resource(uuid_string(id));
     let (tenant_id, kind) = (tenant.id, body.kind.clone());
@@ -177,7 +181,7 @@ pub async fn create_holder(
     let created_at = store::now_nanos();
     let (name_out, kind_out) = (name.clone(), kind.clone());
     let result = query(&state, move |q| {
-        let outcome = (|| -> Result<(), VaultFailure> {
+        let outcome = (|| -> Result<Option<(u64, Option<Address>)>, VaultFailure> {
             let dek = vault.data_key(q, tenant_id)?;
             let record = store::HolderRecord {
                 tenant_id,
@@ -188,28 +192,45 @@ pub async fn create_holder(
                 document_index: vault.index().of(b"document", document.as_bytes()),
                 created_at,
             };
-            q.create_holder(&record)?;
-            Ok(())
+            match q.create_holder(&record) {
+                Ok(()) => Ok(None),
+                Err(store::StoreError::Conflict(e)) => {
+                    // A repeat (a retry with its id or `Idempotency-Key`) finds the holder it made.
+                    let conflict = || VaultFailure::Store(store::StoreError::Conflict(e.clone()));
+                    let Some(h) = q.holder(tenant_id, id)?.filter(|h| h.kind == record.kind) else {
+                        return Err(conflict());
+                    };
+                    let same_name =
+                        vault::open(&dek, &record_id(tenant_id, id, "name"), &h.name_sealed)? == name.as_bytes();
+                    let same_document = vault::open(&dek, &record_id(tenant_id, id, "document"), &h.document_sealed)?
+                        == document.as_bytes();
+                    if !(same_name && same_document) {
+                        return Err(conflict());
+                    }
+                    Ok(Some((h.created_at, read_address(&vault, q, tenant_id, id)?)))
+                }
+                Err(e) => Err(e.into()),
+            }
         })();
         Ok(outcome)
     })
     .await?;
+    let view = |created_at, address| HolderView {
+        id: uuid_string(id),
+        kind: kind_out,
+        name: name_out,
+        document: masked,
+        address,
+        created_at: rfc3339(created_at),
+    };
     match result {
-        Ok(()) => Ok(reply(
-            StatusCode::CREATED,
-            &HolderView {
-                id: uuid_string(id),
-                kind: kind_out,
-                name: name_out,
-                document: masked,
-                address: None,
-                created_at: rfc3339(created_at),
-            },
-        )),
+        Ok(None) => Ok(reply(StatusCode::CREATED, &view(created_at, None))),
+        Ok(Some((created_at, address))) => Ok(reply(StatusCode::OK, &view(created_at, address))),
         Err(VaultFailure::Store(store::StoreError::Conflict(_))) => Err(Problem::new(
             StatusCode::CONFLICT,
             "exists",
-            "a holder with this id, or with this document, exists in this tenant",
+            "a holder with this id exists with another name or document, or another holder has this document \
+             in this tenant",
         )
         .field("document")),
         Err(f) => Err(Problem::from(f)),
