@@ -89,6 +89,13 @@ fn client_credentials_tokens_carry_scopes_that_routes_enforce() {
         let narrow = r.json()["access_token"].as_str().unwrap().to_owned();
         assert_eq!(c.get(&format!("/v1/accounts/{account_id}"), &narrow).await.unwrap().status, 403);
 
+        // An empty `scope` asks for none in particular: the client's own (RFC 6749 §3.3).
+        for scope in ["scope=", "scope=%20"] {
+            let r =
+                token_request(&mut c, &format!("grant_type=client_credentials&{scope}"), Some((&id, &secret))).await;
+            let granted = (r.status.as_u16(), r.json()["scope"].clone());
+            assert_eq!(granted, (200, json!("cob.read accounts:read transfers:write pix:read")), "{scope}");
+        }
         // RFC 6749 §5.2 errors.
         for (form, basic, status, error) in [
             ("grant_type=password", Some((id.as_str(), secret.as_str())), 400, "unsupported_grant_type"),
@@ -115,6 +122,18 @@ fn client_credentials_tokens_carry_scopes_that_routes_enforce() {
         tampered[i] = if tampered[i] == b'0' { b'1' } else { b'0' };
         let tampered = String::from_utf8(tampered).unwrap();
         assert_eq!(c.get(&format!("/v1/accounts/{account_id}"), &tampered).await.unwrap().status, 401);
+        // Nor is one written otherwise: a hex pair `01` as `+1` (a number's sign) reads the same.
+        let signed = token.replacen("rtpay_at_0", "rtpay_at_+", 1);
+        assert_ne!(signed, token);
+        assert_eq!(c.get(&format!("/v1/accounts/{account_id}"), &signed).await.unwrap().status, 401);
+        // A creation retried under its Idempotency-Key makes no second client.
+        let body: Option<Bytes> = Some(serde_json::to_vec(&json!({"scopes": ["cob.read"]})).unwrap().into());
+        let headers = [("idempotency-key", "client-once")];
+        let first =
+            c.send_with_headers(Method::POST, "/v1/oauth-clients", Some(&key), body.clone(), &headers).await.unwrap();
+        assert_eq!(first.status, 201);
+        let again = c.send_with_headers(Method::POST, "/v1/oauth-clients", Some(&key), body, &headers).await.unwrap();
+        assert_eq!((again.status.as_u16(), again.json()["code"].clone()), (409, json!("exists")));
 
         // The audit log names the client as the actor of what it did.
         let r = c

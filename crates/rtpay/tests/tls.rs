@@ -242,6 +242,73 @@ fn tls_and_client_certificates_bound_to_tenants() {
     });
 }
 
+/// The right API key from a certificate it is not bound to is no success: the key's count of
+/// failed authentications goes on, and the tenth locks it.
+#[test]
+fn the_right_key_from_the_wrong_certificate_does_not_clear_its_failures() {
+    let dir = temp_dir("tls-lock");
+    let authority = TestCa::new("rtpay test CA");
+    let ca_pem = authority.pem();
+    let (server_cert, server_key) = authority.issue(&["localhost"], &[]);
+    let certs = temp_dir("tls-lock-certs");
+    let args = [
+        "--tls-cert".to_owned(),
+        write(&certs, "server.pem", &server_cert),
+        "--tls-key".to_owned(),
+        write(&certs, "server.key", &server_key),
+        "--tls-client-ca".to_owned(),
+        write(&certs, "ca.pem", &ca_pem),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &args);
+    let addr = server.addr;
+    runtime().block_on(async {
+        let operator_cert = authority.issue(&[], &["urn:rtpay:operator"]);
+        let mut tenants = Vec::new();
+        for name in ["a", "b"] {
+            let (status, body) = https(
+                addr,
+                &ca_pem,
+                Some(&operator_cert),
+                "POST",
+                "/v1/tenants",
+                OPERATOR,
+                Some(json!({"name": name})),
+            )
+            .await
+            .unwrap();
+            assert_eq!(status, 201, "{body}");
+            tenants.push((
+                body["id"].as_str().unwrap().to_owned(),
+                body["api_key"]["secret"].as_str().unwrap().to_owned(),
+            ));
+        }
+        let ((tenant_a, key_a), (tenant_b, _)) = (&tenants[0], &tenants[1]);
+        let cert_a = authority.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_a}")]);
+        let cert_b = authority.issue(&[], &[&format!("urn:rtpay:tenant:{tenant_b}")]);
+        // A guess naming the key (its id, another secret), from the key's own tenant's certificate.
+        let (named, _) = key_a.rsplit_once('_').unwrap();
+        let guess = format!("{named}_{}", "0".repeat(64));
+        let account = json!({"currency": "BRL"});
+        for _ in 0..9 {
+            let (status, _) =
+                https(addr, &ca_pem, Some(&cert_a), "POST", "/v1/accounts", &guess, Some(account.clone()))
+                    .await
+                    .unwrap();
+            assert_eq!(status, 401);
+        }
+        let (status, body) =
+            https(addr, &ca_pem, Some(&cert_b), "POST", "/v1/accounts", key_a, Some(account.clone())).await.unwrap();
+        assert_eq!((status, body["code"].clone()), (403, json!("client_certificate_mismatch")));
+        let (status, _) =
+            https(addr, &ca_pem, Some(&cert_a), "POST", "/v1/accounts", &guess, Some(account.clone())).await.unwrap();
+        assert_eq!(status, 401, "the tenth failure in a row");
+        let (status, body) =
+            https(addr, &ca_pem, Some(&cert_a), "POST", "/v1/accounts", key_a, Some(account.clone())).await.unwrap();
+        assert_eq!((status, body["code"].clone()), (429, json!("credential_locked")), "{body}");
+    });
+}
+
 #[test]
 fn bad_pem_files_are_refused_before_anything_is_created() {
     let certs = temp_dir("tls-bad");

@@ -490,7 +490,7 @@ impl FromRequestParts<AppState> for Tenant {
                         }
                     }
                 }
-                return admit(parts, state, tenant, None);
+                return admit(parts, state, tenant, None, None);
             }
             Ok(t) if t.starts_with(TENANT_SECRET_PREFIX) => t,
             Ok(_) => return Err(failed(parts, state, None, Problem::unauthorized("the API key is not valid"))),
@@ -535,12 +535,9 @@ impl FromRequestParts<AppState> for Tenant {
                 tenant
             }
         };
-        if let Some(id) = &lock_id {
-            state.auth_guard.succeeded(id);
-        }
         // The key's name for the audit log is the lock id already made, when it names this key.
-        let name = lock_id.filter(|_| named == Some(tenant.key_id));
-        admit(parts, state, tenant, name)
+        let name = lock_id.clone().filter(|_| named == Some(tenant.key_id));
+        admit(parts, state, tenant, name, lock_id.as_deref())
     }
 }
 
@@ -554,8 +551,16 @@ fn credential_name(kind: &str, id: u128) -> String {
 }
 
 /// After a credential checked out: the certificate binding, the audit actor
-/// (`key:<id>` or `client:<id>`; `name`, when the caller has it made), and the tenant's rate.
-fn admit(parts: &Parts, state: &AppState, tenant: Tenant, name: Option<String>) -> Result<Tenant, Problem> {
+/// (`key:<id>` or `client:<id>`; `name`, when the caller has it made), and the tenant's rate. The
+/// credential's failures (counted under `lock_id`) are forgotten once its certificate fits too:
+/// the right key from the wrong certificate is no success.
+fn admit(
+    parts: &Parts,
+    state: &AppState,
+    tenant: Tenant,
+    name: Option<String>,
+    lock_id: Option<&str>,
+) -> Result<Tenant, Problem> {
     let (credential, kind) = match tenant.oauth {
         true => (Credential::Client { tenant: tenant.id, client: tenant.key_id }, "client"),
         false => (Credential::ApiKey { tenant: tenant.id }, "key"),
@@ -564,6 +569,9 @@ fn admit(parts: &Parts, state: &AppState, tenant: Tenant, name: Option<String>) 
     // Named before the certificate is checked, as the operator is.
     crate::audit_trail::identify(parts, Some(tenant.id), name);
     bound_to(parts, credential)?;
+    if let Some(id) = lock_id {
+        state.auth_guard.succeeded(id);
+    }
     if let Err(wait) = state.tenant_rate.take(tenant.id, Instant::now()) {
         return Err(Problem::too_many("rate_limited", "the tenant's request rate limit is reached", wait));
     }

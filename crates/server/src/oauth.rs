@@ -160,11 +160,14 @@ pub struct OAuthClientView {
 }
 
 #[utoipa::path(post, path = "/v1/oauth-clients", tag = "oauth", request_body = OAuthClientBody,
-    responses((status = 201, body = OAuthClientView), (status = 403, body = Problem), (status = 422, body = Problem)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "a repeat answers 409 instead of creating a second client")),
+    responses((status = 201, body = OAuthClientView), (status = 403, body = Problem), (status = 422, body = Problem),
+        (status = 409, body = Problem, description = "a client was already made under this Idempotency-Key (its secret was shown once)")),
     security(("api_key" = [])))]
 pub async fn create_client(
     State(state): State<AppState>,
     tenant: Tenant,
+    headers: axum::http::HeaderMap,
     Json(body): Json<OAuthClientBody>,
 ) -> Result<Response, Problem> {
     if tenant.scopes != ALL_SCOPES {
@@ -175,9 +178,14 @@ pub async fn create_client(
         ));
     }
     let bits = parse_scopes(&body.scopes)?;
+    // A retry under its key makes no second live client whose secret nobody saw.
+    let id = match crate::routes::tenants::idempotency_key(&headers)? {
+        Some(key) => state.keys.derived_id(b"oauth-client", tenant.id, &key),
+        None => new_uuid(),
+    };
     let secret = new_secret(CLIENT_SECRET_PREFIX);
     let record = store::OAuthClientRecord {
-        id: new_uuid().as_u128(),
+        id: id.as_u128(),
         tenant_id: tenant.id,
         scopes: scope_names(bits),
         created_at: store::now_nanos(),
@@ -185,7 +193,14 @@ pub async fn create_client(
     };
     let hash = state.keys.secret_hash(&secret);
     let stored = record.clone();
-    query(&state, move |q| q.create_oauth_client(&stored, &hash)).await?;
+    query(&state, move |q| q.create_oauth_client(&stored, &hash)).await.map_err(|p| match p.code.as_str() {
+        "conflict" => Problem::new(
+            StatusCode::CONFLICT,
+            "exists",
+            "a client was already created under this Idempotency-Key; its secret was shown once",
+        ),
+        _ => p,
+    })?;
     Ok(reply(
         StatusCode::CREATED,
         &OAuthClientView {
@@ -387,7 +402,8 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
     }
     state.auth_guard.succeeded(&lock_id);
     let allowed: u64 = client.scopes.split(' ').filter_map(scope_bit).fold(0, |a, b| a | b);
-    let granted = match scope {
+    // An empty `scope` is none requested (RFC 6749 §3.3: the client's own), not a token for nothing.
+    let granted = match scope.filter(|s| !s.trim().is_empty()) {
         None => allowed,
         Some(requested) => {
             let mut bits = 0;
