@@ -37,13 +37,16 @@ impl CardStatus {
         })
     }
 
-    /// The status after `action`, or `None` when the transition is not allowed.
-    pub fn after(self, action: Action) -> Option<CardStatus> {
+    /// The status after `action`, or `None` when the transition is not allowed. A card blocked
+    /// before it was activated (`blocked_inactive`) is unblocked back to inactive: a block never
+    /// activates a card.
+    pub fn after(self, action: Action, blocked_inactive: bool) -> Option<CardStatus> {
         use Action::*;
         use CardStatus::*;
         match (self, action) {
             (Inactive, Activate) => Some(Active),
             (Active, Block) | (Inactive, Block) => Some(Blocked),
+            (Blocked, Unblock) if blocked_inactive => Some(Inactive),
             (Blocked, Unblock) => Some(Active),
             (Cancelled, _) => None,
             (_, Cancel) => Some(Cancelled),
@@ -72,16 +75,20 @@ mod tests {
     fn transitions() {
         use Action::*;
         use CardStatus::*;
-        assert_eq!(Inactive.after(Activate), Some(Active));
-        assert_eq!(Active.after(Activate), None);
-        assert_eq!(Active.after(Block), Some(Blocked));
-        assert_eq!(Blocked.after(Unblock), Some(Active));
-        assert_eq!(Active.after(Unblock), None);
+        assert_eq!(Inactive.after(Activate, false), Some(Active));
+        assert_eq!(Active.after(Activate, false), None);
+        assert_eq!(Active.after(Block, false), Some(Blocked));
+        assert_eq!(Blocked.after(Unblock, false), Some(Active));
+        assert_eq!(Active.after(Unblock, false), None);
+        // Blocked before activation: back to inactive, still to be activated.
+        assert_eq!(Inactive.after(Block, false), Some(Blocked));
+        assert_eq!(Blocked.after(Unblock, true), Some(Inactive));
+        assert_eq!(Blocked.after(Activate, true), None);
         for s in [Inactive, Active, Blocked] {
-            assert_eq!(s.after(Cancel), Some(Cancelled));
+            assert_eq!(s.after(Cancel, false), Some(Cancelled));
         }
         for a in [Activate, Block, Unblock, Cancel] {
-            assert_eq!(Cancelled.after(a), None, "a cancelled card never comes back");
+            assert_eq!(Cancelled.after(a, false), None, "a cancelled card never comes back");
         }
         for s in [Inactive, Active, Blocked, Cancelled] {
             assert_eq!(CardStatus::parse(s.as_str()), Some(s));

@@ -10,7 +10,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
+use bytes::Bytes;
 use common::*;
+use hyper::Method;
 use rtpay::client::Client;
 use serde_json::{json, Value};
 
@@ -1031,8 +1033,36 @@ fn product_and_card_input_is_checked() {
             .unwrap();
         assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("inactive")));
         let id = r.json()["id"].as_str().unwrap().to_owned();
+        // Blocked before activation, it is unblocked inactive: a block never activates a card.
+        let r = c.post(&format!("/v1/cards/{id}/block"), &key, &json!({})).await.unwrap();
+        assert_eq!(r.json()["status"], json!("blocked"));
+        let r = c.post(&format!("/v1/cards/{id}/unblock"), &key, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (200, json!("inactive")));
         let r = c.post(&format!("/v1/cards/{id}/activate"), &key, &json!({})).await.unwrap();
         assert_eq!(r.json()["status"], json!("active"));
+        let r = c.post(&format!("/v1/cards/{id}/block"), &key, &json!({})).await.unwrap();
+        assert_eq!(r.json()["status"], json!("blocked"));
+        let r = c.post(&format!("/v1/cards/{id}/unblock"), &key, &json!({})).await.unwrap();
+        assert_eq!(r.json()["status"], json!("active"), "an active card comes back active");
+        // A creation retried under its Idempotency-Key answers the card it made: one number issued.
+        let body = json!({"account_id": acct, "product_id": product, "type": "virtual"});
+        let send = |body: &Value, idem: &'static str| {
+            let bytes: Option<Bytes> = Some(serde_json::to_vec(body).unwrap().into());
+            let key = key.clone();
+            let mut c = server.client();
+            async move {
+                c.send_with_headers(Method::POST, "/v1/cards", Some(&key), bytes, &[("idempotency-key", idem)])
+                    .await
+                    .unwrap()
+            }
+        };
+        let first = send(&body, "card-once").await;
+        assert_eq!(first.status, 201, "{:?}", first.json());
+        let again = send(&body, "card-once").await;
+        assert_eq!((again.status.as_u16(), again.json()), (200, first.json()));
+        let other = send(&json!({"account_id": acct, "product_id": product, "type": "physical"}), "card-once").await;
+        assert_eq!((other.status.as_u16(), other.json()["code"].clone()), (409, json!("exists_with_different_fields")));
+        assert_eq!(send(&body, "card-twice").await.status, 201, "another key, another card");
         // Reveal takes its own scope.
         let scopes = json!({"scopes": ["cards:read", "cards:write"]});
         let r = c.post(&format!("/v1/tenants/{tenant_id}/api-keys"), OPERATOR, &scopes).await.unwrap();

@@ -89,6 +89,9 @@ pub struct StoredCard {
     pub pan_sealed: String,
     /// RFC 3339.
     pub created_at: String,
+    /// Blocked while inactive: an unblock gives it back inactive (see `cards::CardStatus::after`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked_inactive: bool,
 }
 
 /// One step in an authorization's life.

@@ -292,12 +292,15 @@ fn random_digit() -> u8 {
 }
 
 #[utoipa::path(post, path = "/v1/cards", tag = "cards", request_body = CardBody,
-    responses((status = 201, body = CardView), (status = 404, body = Problem), (status = 422, body = Problem)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes a creation safe to retry: a repeat answers the card it made")),
+    responses((status = 201, body = CardView), (status = 200, body = CardView, description = "a repeat under the same Idempotency-Key"),
+        (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = [])))]
 pub async fn create_card(
     State(state): State<AppState>,
     tenant: Tenant,
     audit: Audit,
+    headers: axum::http::HeaderMap,
     Json(body): Json<CardBody>,
 ) -> Result<Response, Problem> {
     tenant.require("cards:write")?;
@@ -359,12 +362,16 @@ pub async fn create_card(
     if holder == Some(false) {
         return Err(Problem::invalid("holder_id", "unknown_holder", "`holder_id` names no holder of this tenant"));
     }
-    let id = new_uuid().as_u128();
+    // A retry under its Idempotency-Key names the card it made: no second number is issued.
+    let id = match crate::routes::tenants::idempotency_key(&headers)? {
+        Some(key) => state.keys.derived_id(b"card", tenant.id, &key).as_u128(),
+        None => new_uuid().as_u128(),
+    };
     audit.0.set_resource(uuid_string(id));
     let now = store::now_nanos();
     let (y, m, _) = civil_date(now);
     let expiry = format!("{:02}{:02}", (y + CARD_VALIDITY_YEARS) % 100, m);
-    let mut card = StoredCard {
+    let template = StoredCard {
         product_id: uuid_string(product_id),
         account_id: uuid_string(account_id),
         holder_id: holder_id.map(uuid_string),
@@ -377,36 +384,79 @@ pub async fn create_card(
         ecommerce: body.ecommerce.unwrap_or(true),
         pan_sealed: String::new(),
         created_at: rfc3339(now),
+        blocked_inactive: false,
     };
-    let template = card.clone();
-    let result = query(&state, move |q| {
-        Ok((|| -> Result<StoredCard, VaultFailure> {
-            // A number already issued (on this platform) is drawn again.
-            for _ in 0..8 {
-                let pan = cards::pan::generate(&template.bin, random_digit);
-                let (sealed, index) = seal_pan(&vault, q, tenant_id, id, &pan)?;
-                let mut card = template.clone();
-                card.last4 = pan[pan.len() - 4..].to_owned();
-                card.pan_sealed = base64_encode(&sealed);
-                let row = store::CardRow {
-                    tenant_id,
-                    id,
-                    pan_index: index,
-                    status: status.as_str().to_owned(),
-                    body: serde_json::to_string(&card).expect("serializable"),
+    let result = query(&state, {
+        let template = template.clone();
+        move |q| {
+            Ok((|| -> Result<Result<StoredCard, (String, StoredCard)>, VaultFailure> {
+                // The card this id already names (a repeat), if any.
+                let made = || -> Result<Option<(String, StoredCard)>, VaultFailure> {
+                    let Some(row) = q.card(tenant_id, id)? else { return Ok(None) };
+                    let card = serde_json::from_str(&row.body)
+                        .map_err(|_| store::StoreError::Corrupt("a card's stored body".into()))?;
+                    Ok(Some((row.status, card)))
                 };
-                match q.create_card(&row) {
-                    Ok(()) => return Ok(card),
-                    Err(store::StoreError::Conflict(_)) => continue,
-                    Err(e) => return Err(e.into()),
+                if let Some(found) = made()? {
+                    return Ok(Err(found));
                 }
-            }
-            Err(VaultFailure::Store(store::StoreError::Unavailable("no free card number in this BIN".into())))
-        })())
+                // A number already issued (on this platform) is drawn again.
+                for _ in 0..8 {
+                    let pan = cards::pan::generate(&template.bin, random_digit);
+                    let (sealed, index) = seal_pan(&vault, q, tenant_id, id, &pan)?;
+                    let mut card = template.clone();
+                    card.last4 = pan[pan.len() - 4..].to_owned();
+                    card.pan_sealed = base64_encode(&sealed);
+                    let row = store::CardRow {
+                        tenant_id,
+                        id,
+                        pan_index: index,
+                        status: status.as_str().to_owned(),
+                        body: serde_json::to_string(&card).expect("serializable"),
+                    };
+                    match q.create_card(&row) {
+                        Ok(()) => return Ok(Ok(card)),
+                        // The same id made meanwhile (a repeat running alongside), or the number taken.
+                        Err(store::StoreError::Conflict(_)) => match made()? {
+                            Some(found) => return Ok(Err(found)),
+                            None => continue,
+                        },
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(VaultFailure::Store(store::StoreError::Unavailable("no free card number in this BIN".into())))
+            })())
+        }
     })
     .await?;
-    card = result.map_err(Problem::from)?;
-    Ok(reply(StatusCode::CREATED, &card_view(id, status.as_str(), &card)))
+    match result.map_err(Problem::from)? {
+        Ok(card) => Ok(reply(StatusCode::CREATED, &card_view(id, status.as_str(), &card))),
+        Err((status, found)) if same_request(&found, &template) => {
+            Ok(reply(StatusCode::OK, &card_view(id, &status, &found)))
+        }
+        Err(_) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "exists_with_different_fields",
+            "a card was already made under this Idempotency-Key with other fields",
+        )
+        .field("Idempotency-Key")),
+    }
+}
+
+/// Whether a card made before asked for what `card` asks: the same account, product, holder, type,
+/// limits, blocked codes and e-commerce setting.
+fn same_request(made: &StoredCard, card: &StoredCard) -> bool {
+    let asked = |c: &StoredCard| {
+        (
+            c.product_id.clone(),
+            c.account_id.clone(),
+            c.holder_id.clone(),
+            c.kind.clone(),
+            c.blocked_mccs.clone(),
+            c.ecommerce,
+        )
+    };
+    asked(made) == asked(card) && made.limits == card.limits
 }
 
 async fn load_card(state: &AppState, tenant: &Tenant, id: &str) -> Result<(store::CardRow, StoredCard), Problem> {
@@ -447,14 +497,19 @@ pub async fn card_action(
     let (row, card) = load_card(&state, &tenant, &id).await?;
     audit.0.set_resource(uuid_string(row.id));
     let current = cards::CardStatus::parse(&row.status).ok_or_else(Problem::internal)?;
-    let next = current.after(action).ok_or_else(|| {
+    let next = current.after(action, card.blocked_inactive).ok_or_else(|| {
         Problem::new(
             StatusCode::CONFLICT,
             "invalid_transition",
             format!("`{}` is not allowed for a {} card", format!("{action:?}").to_lowercase(), current.as_str()),
         )
     })?;
-    let updated = store::CardRow { status: next.as_str().to_owned(), ..row.clone() };
+    let card = StoredCard {
+        blocked_inactive: next == cards::CardStatus::Blocked && current == cards::CardStatus::Inactive,
+        ..card
+    };
+    let body = serde_json::to_string(&card).map_err(|_| Problem::internal())?;
+    let updated = store::CardRow { status: next.as_str().to_owned(), body, ..row.clone() };
     let expected = row.status.clone();
     let stored = updated.clone();
     if !query(&state, move |q| q.update_card(&stored, &expected)).await? {
