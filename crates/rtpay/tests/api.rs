@@ -256,6 +256,9 @@ fn bad_input_is_refused_with_the_field_and_rule_and_changes_nothing() {
             // Types and ranges.
             case("amount as a string", M::POST, tr, Some(amount_as_string.into_bytes()), json_ct, 422, "invalid_amount", Some("amount"), k),
             case("amount 1.5", M::POST, tr, Some(amount_1_5.into_bytes()), json_ct, 422, "invalid_amount", Some("amount"), k),
+            // What the client sent is not quoted back (`ECHOED` must not appear in any answer).
+            case("an amount whose text holds the expectation's words", M::POST, tr, Some(bytes(&t(json!("x, expected ECHOED")))), json_ct, 422, "invalid_amount", Some("amount"), k),
+            case("a secret sent as the body, a JSON string", M::POST, tr, Some(bytes(&json!("rtpay_sk_ECHOED"))), json_ct, 422, "invalid_body", None, k),
             case("negative amount", M::POST, tr, Some(bytes(&t(json!(-5)))), json_ct, 422, "invalid_amount", Some("amount"), k),
             case("amount 0", M::POST, tr, Some(bytes(&t(json!(0)))), json_ct, 422, "invalid_amount", Some("amount"), k),
             case("amount 2^63", M::POST, tr, Some(amount_2_63.into_bytes()), json_ct, 422, "invalid_amount", Some("amount"), k),
@@ -335,6 +338,9 @@ fn bad_input_is_refused_with_the_field_and_rule_and_changes_nothing() {
                 Ok(r) => {
                     if let Some(why) = problem_mismatch(&r, case.status, case.code, case.field.as_deref()) {
                         wrong.push(format!("{}: {why}", case.what));
+                    }
+                    if String::from_utf8_lossy(&r.body).contains("ECHOED") {
+                        wrong.push(format!("{}: the answer quotes the request: {:?}", case.what, r.json()));
                     }
                 }
                 Err(e) => wrong.push(format!("{}: no answer: {e}", case.what)),

@@ -219,6 +219,8 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                             ("duplicate_field", field, detail.to_owned())
                         }
                     } else if field.is_none() && message.starts_with("invalid type") {
+                        // What the body is, never what it holds (a secret sent as a JSON string).
+                        let message = without_values(&message);
                         let got = message.split(',').next().unwrap_or("").trim_start_matches("invalid type: ");
                         ("invalid_body", None, format!("the body must be a JSON object, not {got}"))
                     } else if field.as_deref().is_some_and(|f| f == "amount" || f.ends_with(".amount")) {
@@ -248,27 +250,16 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
 }
 
 /// serde's message without the client's values it quotes (`invalid type: integer `52998224725`,
-/// expected a string`: a CPF sent as a number; `unknown variant `...``): what it found and what
-/// was expected, in the type's own words.
+/// expected a string`: a CPF sent as a number; `unknown variant `...``): what it found, up to the
+/// value, and what was expected, in the type's own words. The expectation is the message's last
+/// `, expected` (a value may hold those words); what was found is cut at its first quote.
 pub(crate) fn without_values(message: &str) -> String {
-    let (found, expected) = match message.find(", expected") {
+    let (found, expected) = match message.rfind(", expected") {
         Some(at) => message.split_at(at),
         None => (message, ""),
     };
-    let mut out = String::with_capacity(message.len());
-    let mut quote = None;
-    for c in found.chars() {
-        match (quote, c) {
-            (None, '`' | '"') => quote = Some(c),
-            (Some(q), c) if c == q => quote = None,
-            (Some(_), _) => {}
-            (None, c) => out.push(c),
-        }
-    }
-    // `integer `5`` left `integer ` behind.
-    let mut out = out.split_whitespace().collect::<Vec<_>>().join(" ");
-    out.push_str(expected);
-    out
+    let found = found.find(['`', '"']).map_or(found, |at| &found[..at]).trim_end();
+    format!("{found}{expected}")
 }
 
 /// The longest unknown key a problem names.
@@ -442,6 +433,10 @@ mod tests {
             ("invalid type: sequence, expected struct Body", "invalid type: sequence, expected struct Body"),
             ("invalid length 3, expected fewer elements", "invalid length 3, expected fewer elements"),
             ("invalid type: boolean `true`, expected a string", "invalid type: boolean, expected a string"),
+            // A value holding the words, or a quote of the other kind.
+            ("invalid type: string \"x, expected SECRET\", expected u64", "invalid type: string, expected u64"),
+            ("unknown variant `a\"b`c SECRET`, expected `person`", "unknown variant, expected `person`"),
+            ("invalid type: string \"rtpay_sk_0123\"", "invalid type: string"),
         ] {
             assert_eq!(without_values(message), expected);
         }
