@@ -10,8 +10,9 @@
 
 use ledger::Timestamp;
 
-/// One side of a credit transfer (debtor or creditor) as pacs.008 carries it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One side of a credit transfer (debtor or creditor) as pacs.008 carries it. Its `Debug` leaves
+/// out the name and the document.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Party {
     /// The institution (agent) by its ISPB.
     pub ispb: String,
@@ -22,6 +23,17 @@ pub struct Party {
     /// CPF or CNPJ, digits only.
     pub document: String,
     pub name: String,
+}
+
+impl std::fmt::Debug for Party {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Party")
+            .field("ispb", &self.ispb)
+            .field("branch", &self.branch)
+            .field("account", &self.account)
+            .field("account_type", &self.account_type)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A pacs.008 credit transfer, the fields the SPI needs.

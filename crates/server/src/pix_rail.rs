@@ -401,6 +401,35 @@ pub struct Party {
     pub holder: u128,
     pub person: bool,
     pub view: CreditorView,
+    /// What a pacs.008 names the payer by: never shown to the other side's users.
+    pub identity: Identity,
+}
+
+/// A holder's full name and document (digits), for the SPI; its `Debug` shows neither.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub document: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Identity(..)")
+    }
+}
+
+impl Party {
+    /// This party as the debtor of a pacs.008: its full name and document, not the masked view.
+    pub fn debtor(&self) -> pix::spi::Party {
+        pix::spi::Party {
+            ispb: self.view.ispb.clone(),
+            branch: "0001".into(),
+            account: uuid_string(self.account).replace('-', ""),
+            account_type: "CACC".into(),
+            document: self.identity.document.clone(),
+            name: self.identity.name.clone(),
+        }
+    }
 }
 
 /// Reads an account's holder and shows it as the other side sees it (name masked for persons).
@@ -454,6 +483,7 @@ fn read_party(
     let name = vault::open(&dek, &crate::routes::holders::record_id(tenant, holder_id, "name"), &h.name_sealed)?;
     let doc = vault::open(&dek, &crate::routes::holders::record_id(tenant, holder_id, "document"), &h.document_sealed)?;
     let name = String::from_utf8_lossy(&name).into_owned();
+    let document = String::from_utf8_lossy(&doc).into_owned();
     let person = h.kind == "person";
     Ok(Ok(Party {
         tenant,
@@ -462,10 +492,11 @@ fn read_party(
         person,
         view: CreditorView {
             ispb: ispb.to_owned(),
-            name: if person { pix::keys::mask_person_name(&name) } else { name },
-            document: vault::mask::document(&String::from_utf8_lossy(&doc)),
+            name: if person { pix::keys::mask_person_name(&name) } else { name.clone() },
+            document: vault::mask::document(&document),
             kind: h.kind,
         },
+        identity: Identity { name, document },
     }))
 }
 
@@ -897,14 +928,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
             let transfer = pix::spi::CreditTransfer {
                 end_to_end_id: view.end_to_end_id.clone(),
                 amount: p.amount,
-                debtor: pix::spi::Party {
-                    ispb: p.payer.view.ispb.clone(),
-                    branch: "0001".into(),
-                    account: uuid_string(p.payer.account).replace('-', ""),
-                    account_type: "CACC".into(),
-                    document: String::new(),
-                    name: p.payer.view.name.clone(),
-                },
+                debtor: p.payer.debtor(),
                 creditor,
                 remittance: view.description.clone(),
             };
@@ -1234,6 +1258,60 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The payer of an off-us payment goes to the SPI under its full name and document (a pacs.008
+    /// names the debtor), not as the other side's users see it (`Maria S.`, `***.982.247-**`, or
+    /// no document at all, as before); neither shows in its `Debug`.
+    #[test]
+    fn the_spi_is_told_the_payers_full_name_and_document() {
+        let dir = std::env::temp_dir().join(format!("rtpay-debtor-{}-{}", std::process::id(), store::now_nanos()));
+        let store = store::Store::open(&store::Location::Embedded(dir.clone())).unwrap();
+        let mut ring = vault::Keyring::default();
+        ring.add(Box::new(vault::FileKek::new(1, vault::Secret32::from_bytes([3; 32]))));
+        let ring = std::sync::Mutex::new(Some(ring));
+        let loader: crate::vault_service::Loader =
+            Box::new(move || Ok(ring.lock().unwrap().take().expect("loaded once")));
+        let vault = VaultService::new(loader, &vault::Secret32::from_bytes([4; 32])).unwrap();
+        let (tenant, holder, account) = (7u128, 8u128, 9u128);
+        let dek = vault.data_key(store.queries.as_ref(), tenant).unwrap();
+        let sealed = |field: &str, text: &str| {
+            vault::seal(&dek, &crate::routes::holders::record_id(tenant, holder, field), text.as_bytes()).unwrap()
+        };
+        store
+            .queries
+            .create_holder(&store::HolderRecord {
+                tenant_id: tenant,
+                id: holder,
+                kind: "person".into(),
+                name_sealed: sealed("name", "Maria Silva Souza"),
+                document_sealed: sealed("document", "52998224725"),
+                document_index: [0; 32],
+                created_at: 1,
+            })
+            .unwrap();
+        let created = store
+            .engine
+            .accounts(vec![ledger::AccountCommand::Create(ledger::NewAccount {
+                key: AccountKey { tenant: TenantId(tenant), id: AccountId(account) },
+                currency: ledger::Currency::parse("BRL").unwrap(),
+                code: 1,
+                flags: ledger::AccountFlags(0),
+                credit_limit: 0,
+                metadata: None,
+                holder: Some(holder),
+            })])
+            .unwrap();
+        assert_eq!(created[0].0, ledger::AccountResult::Created);
+        let payer = read_party(&vault, store.queries.as_ref(), "12345678", tenant, account).unwrap().unwrap();
+        assert_eq!((payer.view.name.as_str(), payer.view.document.as_str()), ("Maria S. S.", "***.982.247-**"));
+        let debtor = payer.debtor();
+        assert_eq!((debtor.name.as_str(), debtor.document.as_str()), ("Maria Silva Souza", "52998224725"));
+        assert_eq!(debtor.ispb, "12345678");
+        let shown = format!("{payer:?} {debtor:?}");
+        assert!(!shown.contains("Silva") && !shown.contains("52998224725"), "{shown}");
+        store.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     /// A claim is on a tenant's payment: another tenant's payment under the same id is claimed
     /// apart (before, its sending task found it claimed and never sent it).
