@@ -956,6 +956,51 @@ fn an_issuer_without_its_storage_answers_91_and_a_garbled_card_96() {
     assert!(ok, "{report}");
 }
 
+/// What a reveal shows (a card's number and CVV2, the webhooks' signing secret) never leaves
+/// without its audit entry: one that cannot be recorded answers 503 and shows nothing. (The entry
+/// was written after the answer was decided, and a failure to write it only logged.)
+#[test]
+fn a_reveal_that_cannot_be_recorded_shows_nothing() {
+    let url = store::testing::fresh_postgres_database();
+    let server = Server::start(&temp_dir("cards-reveal-unrecorded"), Some(&url));
+    let rt = runtime();
+    let i = rt.block_on(async { issue(&mut server.client(), json!({}), json!({})).await });
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    // From here no audit entry can be written; the reads a reveal makes are untouched.
+    admin
+        .batch_execute(
+            "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'audit entries refused by the test'; END $$; \
+             CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_entries FOR EACH ROW EXECUTE FUNCTION refuse_audit()",
+        )
+        .unwrap();
+    let reveal = format!("/v1/cards/{}/reveal", i.card);
+    rt.block_on(async {
+        let mut c = server.client();
+        let r = c.post(&reveal, &i.key, &json!({})).await.unwrap();
+        assert_eq!(r.status, 503, "{:?}", r.json());
+        assert!(!String::from_utf8_lossy(&r.body).contains(&i.pan[6..]), "{:?}", r.json());
+        let r = c.get("/v1/pix/webhook-secret", &i.key).await.unwrap();
+        assert_eq!(r.status, 503, "{:?}", r.json());
+        assert!(r.json().get("secret").is_none());
+    });
+    admin.batch_execute("DROP TRIGGER refuse_audit ON audit_entries").unwrap();
+    rt.block_on(async {
+        let mut c = server.client();
+        let r = c.post(&reveal, &i.key, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["number"].clone()), (200, json!(i.pan)));
+        let entries = c.get("/v1/audit?limit=1000", &i.key).await.unwrap().json();
+        let reveals: Vec<_> = entries["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"].as_str().unwrap_or("").ends_with(" reveal"))
+            .map(|e| e["outcome"].clone())
+            .collect();
+        assert_eq!(reveals, [json!("200"), json!("200")], "issue's reveal and this one; the refused ones left none");
+    });
+}
+
 #[test]
 fn product_and_card_input_is_checked() {
     let dir = temp_dir("cards-input");
