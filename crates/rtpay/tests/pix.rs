@@ -13,6 +13,14 @@ const CPF_MARIA: &str = "52998224725";
 const CPF_OTHER: &str = "11144477735";
 const CNPJ_ACME: &str = "11222333000181";
 
+/// Registers an `evp` key for `account` under an Idempotency-Key.
+async fn evp_under(c: &mut rtpay::client::Client, key: &str, account: &str, idem: &str) -> rtpay::client::Response {
+    let body = serde_json::to_vec(&json!({"account_id": account, "type": "evp"})).unwrap();
+    c.send_with_headers(Method::POST, "/v1/pix/keys", Some(key), Some(body.into()), &[("idempotency-key", idem)])
+        .await
+        .unwrap()
+}
+
 struct Party {
     key: String,
     holder: String,
@@ -161,6 +169,17 @@ fn keys_brcodes_and_on_us_payments() {
         }
         let r = register(&mut c, &maria, "evp", None).await;
         assert_eq!(problem(&r), (422, json!("key_limit"), json!("account_id")));
+        // A registration repeated (the key is this account's already, as this type): 200, the same
+        // key, at the account's limit too. An `evp` under an Idempotency-Key is the same random key.
+        let r = register(&mut c, &maria, "email", Some("MARIA@example.com")).await;
+        assert_eq!((r.status.as_u16(), r.json()["key"].clone()), (200, json!("maria@example.com")), "{:?}", r.json());
+        let first = evp_under(&mut c, &key_a, &other.account, "evp-once").await;
+        assert_eq!(first.status, 201, "{:?}", first.json());
+        let again = evp_under(&mut c, &key_a, &other.account, "evp-once").await;
+        assert_eq!((again.status.as_u16(), again.json()), (200, first.json()));
+        let another = evp_under(&mut c, &key_a, &other.account, "evp-twice").await;
+        assert_eq!(another.status, 201);
+        assert_ne!(another.json()["key"], first.json()["key"]);
         // Another tenant's account is not found.
         let r = c.post("/v1/pix/keys", &key_b, &json!({"account_id": maria.account, "type": "evp"})).await.unwrap();
         assert_eq!(problem(&r), (422, json!("invalid_account"), json!("account_id")));

@@ -82,13 +82,15 @@ fn invalid_key(field: &str, e: pix::KeyError) -> Problem {
 }
 
 #[utoipa::path(post, path = "/v1/pix/keys", tag = "pix", request_body = KeyBody,
-    responses((status = 201, body = KeyView), (status = 409, body = Problem), (status = 422, body = Problem),
-        (status = 503, body = Problem)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes a registration safe to retry (an `evp` key too: the same random key)")),
+    responses((status = 201, body = KeyView), (status = 200, body = KeyView, description = "the key is this account's already (a repeat)"),
+        (status = 409, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)),
     security(("api_key" = [])))]
 pub async fn create_key(
     State(state): State<AppState>,
     tenant: Tenant,
     audit: Audit,
+    headers: axum::http::HeaderMap,
     Json(body): Json<KeyBody>,
 ) -> Result<Response, Problem> {
     tenant.require("pix:write")?;
@@ -97,8 +99,15 @@ pub async fn create_key(
     let rt = state.pix_runtime.clone();
     let account = parse_id("account_id", &body.account_id)?;
     let kind = key_type(&body.kind)?;
+    // A retry under its Idempotency-Key makes the same id and, for `evp`, the same random key: the
+    // second registration finds the first.
+    let idempotency = crate::routes::tenants::idempotency_key(&headers)?;
+    let derived = |purpose: &[u8]| idempotency.as_ref().map(|k| state.keys.derived_id(purpose, tenant.id, k));
     let key = match (kind, &body.key) {
-        (KeyType::Evp, None) => pix::keys::new_evp(random_32()[..16].try_into().expect("16 bytes")),
+        (KeyType::Evp, None) => match derived(b"pix-evp") {
+            Some(random) => pix::keys::new_evp(*random.as_bytes()),
+            None => pix::keys::new_evp(random_32()[..16].try_into().expect("16 bytes")),
+        },
         (KeyType::Evp, Some(_)) => {
             return Err(Problem::invalid("key", "invalid_key", "an `evp` key is generated: leave `key` out"))
         }
@@ -107,7 +116,7 @@ pub async fn create_key(
         }
         (_, Some(text)) => PixKey::parse(kind, text).map_err(|e| invalid_key("key", e))?,
     };
-    let id = uuid_string(new_uuid().as_u128());
+    let id = uuid_string(derived(b"pix-key").unwrap_or_else(new_uuid).as_u128());
     audit.0.set_resource(format!("pix-key:{id}"));
     let tenant_id = tenant.id;
     let now = store::now_nanos();
@@ -118,7 +127,7 @@ pub async fn create_key(
         .lock(&[state.keys.derived_id(b"pix-keys-lock", tenant_id, &uuid_string(account)).as_u128()])
         .await;
     let outcome = query(&state, move |q| {
-        Ok((|| -> Result<Result<(), Problem>, VaultFailure> {
+        Ok((|| -> Result<Result<Option<StoredKey>, Problem>, VaultFailure> {
             let p = match party(&rt, &vault, q, &ispb, tenant_id, account)? {
                 Ok(p) => p,
                 Err(why) => {
@@ -151,6 +160,16 @@ pub async fn create_key(
                 holder_id: uuid_string(p.holder),
                 created_at: rfc3339(now),
             };
+            // Registered already to this account, as this type: a repeat (at the account's limit too).
+            let repeat = |q: &dyn store::Queries| -> Result<Option<StoredKey>, VaultFailure> {
+                Ok(find_key(&vault, q, &key)?.and_then(|(found, k)| {
+                    (found.tenant_id == tenant_id && k.account_id == stored.account_id && k.kind == stored.kind)
+                        .then_some(k)
+                }))
+            };
+            if let Some(k) = repeat(q)? {
+                return Ok(Ok(Some(k)));
+            }
             let doc = store::Document {
                 kind: KEY_KIND.into(),
                 tenant_id,
@@ -162,33 +181,35 @@ pub async fn create_key(
                 body: serde_json::to_string(&stored).expect("serializable"),
             };
             match q.insert_document_within(&doc, max) {
-                Ok(true) => Ok(Ok(())),
+                Ok(true) => Ok(Ok(None)),
+
                 Ok(false) => Ok(Err(Problem::invalid(
                     "account_id",
                     "key_limit",
                     format!("the account has {max} keys, the most a {} may have", holder.kind),
                 ))),
-                Err(store::StoreError::Conflict(_)) => Ok(Err(Problem::new(
-                    StatusCode::CONFLICT,
-                    "key_exists",
-                    "this key is registered already (keys are unique across the directory)",
-                )
-                .field("key"))),
+                // A repeat running alongside, or another account's key.
+                Err(store::StoreError::Conflict(_)) => match repeat(q)? {
+                    Some(k) => Ok(Ok(Some(k))),
+                    None => Ok(Err(Problem::new(
+                        StatusCode::CONFLICT,
+                        "key_exists",
+                        "this key is registered already (keys are unique across the directory)",
+                    )
+                    .field("key"))),
+                },
                 Err(e) => Err(e.into()),
             }
         })())
     })
     .await?;
-    outcome.map_err(Problem::from)??;
+    let (status, id, created_at) = match outcome.map_err(Problem::from)?? {
+        None => (StatusCode::CREATED, id_out, rfc3339(now)),
+        Some(found) => (StatusCode::OK, found.id, found.created_at),
+    };
     Ok(reply(
-        StatusCode::CREATED,
-        &KeyView {
-            id: id_out,
-            kind: kind.as_str().into(),
-            key: key_out.value,
-            account_id: uuid_string(account),
-            created_at: rfc3339(now),
-        },
+        status,
+        &KeyView { id, kind: kind.as_str().into(), key: key_out.value, account_id: uuid_string(account), created_at },
     ))
 }
 
@@ -1510,6 +1531,7 @@ pub async fn webhook_secret(State(state): State<AppState>, tenant: Tenant, audit
     tenant.require("webhook.write")?;
     let tenant_id = tenant.id;
     let (generation, _) = query(&state, move |q| crate::webhook::secret_generation(q, tenant_id)).await?;
+    crate::routes::record_before_answer(&state, &audit).await?;
     Ok(reply(StatusCode::OK, &WebhookSecretView::of(&state, tenant_id, generation)))
 }
 
