@@ -1092,6 +1092,12 @@ fn listing_pages_newest_first_without_gaps_or_duplicates() {
             // `+7`, percent-encoded (a bare `+` in a query is a space).
             ("limit=%2B7", "invalid_limit", "limit"),
             ("limit=7&page=2", "unknown_parameter", "page"),
+            // The first by name, each time (not the hash map's order): asked five times.
+            ("z=3&b=2&a=1", "unknown_parameter", "a"),
+            ("z=3&b=2&a=1", "unknown_parameter", "a"),
+            ("z=3&b=2&a=1", "unknown_parameter", "a"),
+            ("z=3&b=2&a=1", "unknown_parameter", "a"),
+            ("z=3&b=2&a=1", "unknown_parameter", "a"),
             // Which of two to honour would be a guess.
             ("limit=5&limit=9", "duplicate_parameter", "limit"),
             ("cursor=&limit=5&cursor=", "duplicate_parameter", "cursor"),

@@ -89,13 +89,16 @@ fn view(e: &audit::Entry) -> AuditEntryView {
     }
 }
 
-/// Reads the named integer parameters, refusing any other.
+/// Reads the named integer parameters, refusing any other: an unknown one first, then a bad value,
+/// each the first by name (the same answer whatever the map's order).
 fn params_of(params: &HashMap<String, String>, names: &[&str]) -> Result<HashMap<String, u64>, Problem> {
+    if let Some(name) = params.keys().filter(|n| !names.contains(&n.as_str())).min() {
+        return Err(crate::json::unknown_parameter(name, &format!("one of {}", names.join(", "))));
+    }
+    let mut sorted: Vec<(&String, &String)> = params.iter().collect();
+    sorted.sort_unstable();
     let mut out = HashMap::new();
-    for (name, value) in params {
-        if !names.contains(&name.as_str()) {
-            return Err(crate::json::unknown_parameter(name, &format!("one of {}", names.join(", "))));
-        }
+    for (name, value) in sorted {
         // Sequence numbers and sizes are stored as signed 64-bit integers: a larger `after` read
         // as negative would list the log from its start.
         let v = crate::dto::digits::<u64>(value).filter(|v| *v <= i64::MAX as u64).ok_or_else(|| {

@@ -199,10 +199,9 @@ pub fn ledger_problem(code: TransferResult, prefix: &str) -> Problem {
 
 /// Parses the limit and cursor of a listing.
 pub fn page_params(params: &std::collections::HashMap<String, String>) -> Result<store::Page, Problem> {
-    for name in params.keys() {
-        if name != "limit" && name != "cursor" {
-            return Err(crate::json::unknown_parameter(name, "`limit` or `cursor`"));
-        }
+    // The first unknown name in order: the same answer whatever the map's order.
+    if let Some(name) = params.keys().filter(|n| *n != "limit" && *n != "cursor").min() {
+        return Err(crate::json::unknown_parameter(name, "`limit` or `cursor`"));
     }
     let limit = match params.get("limit") {
         None => 50,
