@@ -242,8 +242,9 @@ fn tls_and_client_certificates_bound_to_tenants() {
     });
 }
 
-/// The right API key from a certificate it is not bound to is no success: the key's count of
-/// failed authentications goes on, and the tenth locks it.
+/// Without a certificate that can name a caller, no credential is looked at. The right API key
+/// from a certificate it is not bound to is no success: the key's count of failed authentications
+/// goes on, and the tenth locks it.
 #[test]
 fn the_right_key_from_the_wrong_certificate_does_not_clear_its_failures() {
     let dir = temp_dir("tls-lock");
@@ -290,6 +291,16 @@ fn the_right_key_from_the_wrong_certificate_does_not_clear_its_failures() {
         let (named, _) = key_a.rsplit_once('_').unwrap();
         let guess = format!("{named}_{}", "0".repeat(64));
         let account = json!({"currency": "BRL"});
+        // Without a certificate, or with one naming no one, no credential is looked at: the right
+        // key and a guess get the same answer (no oracle for a stolen key).
+        let unbound = authority.issue(&[], &[]);
+        for cert in [None, Some(&unbound)] {
+            let right = https(addr, &ca_pem, cert, "POST", "/v1/accounts", key_a, Some(account.clone())).await.unwrap();
+            let wrong =
+                https(addr, &ca_pem, cert, "POST", "/v1/accounts", &guess, Some(account.clone())).await.unwrap();
+            assert_eq!(right.0, 403, "{}", right.1);
+            assert_eq!((right.0, right.1["code"].clone()), (wrong.0, wrong.1["code"].clone()));
+        }
         for _ in 0..9 {
             let (status, _) =
                 https(addr, &ca_pem, Some(&cert_a), "POST", "/v1/accounts", &guess, Some(account.clone()))

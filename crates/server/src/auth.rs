@@ -271,9 +271,13 @@ fn source(parts: &Parts) -> Option<std::net::IpAddr> {
 }
 
 /// An address as the failure budget counts it. One client, one count: on a dual-stack listener
-/// IPv4 peers arrive as `::ffff:a.b.c.d`.
+/// IPv4 peers arrive as `::ffff:a.b.c.d`; an IPv6 client is its /64 (the least a network hands
+/// one subscriber), or each of its 2^64 addresses would bring a fresh budget.
 pub(crate) fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
-    ip.to_canonical()
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => std::net::IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
 }
 
 /// Before any credential is checked: a source over its failure budget, or a locked id, waits.
@@ -394,6 +398,29 @@ pub(crate) fn bound_to(parts: &Parts, credential: Credential) -> Result<(), Prob
     Err(problem)
 }
 
+/// On a listener that takes client certificates, a connection that presented none, or one naming
+/// no rtpay identity, can never be admitted: it is refused before any credential is looked at, so
+/// that a wrong secret and a right one get the same answer (no oracle for stolen credentials).
+pub(crate) fn certificate_can_admit(parts: &Parts) -> Result<(), Problem> {
+    let problem = match parts.extensions.get::<crate::tls::PeerIdentity>() {
+        Some(crate::tls::PeerIdentity::Anonymous) => Problem::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "client_certificate_required",
+            "this listener requires a client certificate issued for the caller",
+        ),
+        Some(crate::tls::PeerIdentity::Unbound) => Problem::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "client_certificate_mismatch",
+            "the client certificate names no identity a credential could be issued to",
+        ),
+        _ => return Ok(()),
+    };
+    if let Some(slot) = parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>() {
+        slot.record_read();
+    }
+    Err(problem)
+}
+
 /// The platform operator.
 pub struct Operator;
 
@@ -404,6 +431,7 @@ impl FromRequestParts<AppState> for Operator {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         guard(parts, state, Some(OPERATOR_ID))?;
+        certificate_can_admit(parts)?;
         let token = match bearer(parts) {
             Ok(t) => t,
             Err(p) => return Err(failed(parts, state, None, p)),
@@ -467,6 +495,7 @@ impl FromRequestParts<AppState> for Tenant {
         let named = token.as_ref().ok().and_then(|t| api_key_id(t));
         let lock_id = named.map(|id| credential_name("key", id));
         guard(parts, state, lock_id.as_deref())?;
+        certificate_can_admit(parts)?;
         let token = match token {
             Ok(t) if t.starts_with(crate::oauth::ACCESS_TOKEN_PREFIX) => {
                 let claims = match crate::oauth::Claims::verify(state, t, store::now_nanos()) {
@@ -618,6 +647,17 @@ impl FromRequestParts<AppState> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failure budget per client: an IPv4 address (however it arrives), an IPv6 /64.
+    #[test]
+    fn sources_are_counted_per_address_and_per_ipv6_64() {
+        let ip = |text: &str| canonical(text.parse().unwrap());
+        assert_eq!(ip("::ffff:192.0.2.7"), ip("192.0.2.7"));
+        assert_ne!(ip("192.0.2.7"), ip("192.0.2.8"));
+        assert_eq!(ip("2001:db8:1:2::1"), ip("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(ip("2001:db8:1:2::1").to_string(), "2001:db8:1:2::");
+        assert_ne!(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1"));
+    }
 
     #[test]
     fn a_connection_trusts_only_the_same_secret_within_the_cache_time_and_without_a_revocation() {

@@ -299,6 +299,10 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
     if let Err(p) = guard(&parts, &state, None) {
         return p.into_response();
     }
+    // RFC 8705 §2: a connection whose certificate can name no client is an `invalid_client`.
+    if let Err(p) = crate::auth::certificate_can_admit(&parts) {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &p.detail);
+    }
     let headers: &HeaderMap = &parts.headers;
     let body = match crate::json::limited_body(&parts.headers, body, TOKEN_REQUEST_LEN_MAX).await {
         Ok(body) => body,
