@@ -738,7 +738,7 @@ fn repeats_are_idempotent_and_ids_are_never_reused() {
         assert_eq!(r2.body, r1.body);
         let other = Bytes::from(bytes(&json!({"currency": "USD", "code": 3})));
         let r = c.send_with_headers(Method::POST, "/v1/accounts", Some(&key), Some(other), &headers).await.unwrap();
-        assert_problem(&r, 409, "exists_with_different_fields", Some("id"), "same key, other currency");
+        assert_problem(&r, 409, "exists_with_different_fields", Some("Idempotency-Key"), "same key, other currency");
         let r = c
             .send_with_headers(Method::POST, "/v1/accounts", Some(&key), Some(body.clone()), &[("idempotency-key", "another")])
             .await

@@ -1056,6 +1056,25 @@ fn product_and_card_input_is_checked() {
             .map(|e| e.draft.outcome)
             .collect();
         assert_eq!(outcomes, ["422", "422", "422", "422", "422", "201", "409"], "each as the request ended");
+        // A creation retried under its Idempotency-Key answers what it made (a product, whose BIN
+        // it took; a card, whose number is issued once); other fields under the key: 409.
+        let send_to = |path: &'static str, body: &Value, idem: &'static str| {
+            let bytes: Option<Bytes> = Some(serde_json::to_vec(body).unwrap().into());
+            let key = key.clone();
+            let mut c = server.client();
+            async move {
+                c.send_with_headers(Method::POST, path, Some(&key), bytes, &[("idempotency-key", idem)]).await.unwrap()
+            }
+        };
+        let retried_bin = format!("5{:07}", store::now_nanos() % 10_000_000);
+        let gold = json!({"name": "Gold", "bin": retried_bin, "currency": "BRL", "network": "mastercard"});
+        let first = send_to("/v1/card-products", &gold, "product-once").await;
+        assert_eq!(first.status, 201, "{:?}", first.json());
+        let again = send_to("/v1/card-products", &gold, "product-once").await;
+        assert_eq!((again.status.as_u16(), again.json()), (200, first.json()));
+        let silver = json!({"name": "Silver", "bin": retried_bin, "currency": "BRL", "network": "mastercard"});
+        let other = send_to("/v1/card-products", &silver, "product-once").await;
+        assert_eq!((other.status.as_u16(), other.json()["field"].clone()), (409, json!("Idempotency-Key")));
         let usd = account(&mut c, &key, json!({"currency": "USD"})).await;
         for (body, field) in [
             (json!({"account_id": acct, "product_id": product, "type": "plastic"}), "type"),
@@ -1089,18 +1108,8 @@ fn product_and_card_input_is_checked() {
         assert_eq!(r.json()["status"], json!("blocked"));
         let r = c.post(&format!("/v1/cards/{id}/unblock"), &key, &json!({})).await.unwrap();
         assert_eq!(r.json()["status"], json!("active"), "an active card comes back active");
-        // A creation retried under its Idempotency-Key answers the card it made: one number issued.
         let body = json!({"account_id": acct, "product_id": product, "type": "virtual"});
-        let send = |body: &Value, idem: &'static str| {
-            let bytes: Option<Bytes> = Some(serde_json::to_vec(body).unwrap().into());
-            let key = key.clone();
-            let mut c = server.client();
-            async move {
-                c.send_with_headers(Method::POST, "/v1/cards", Some(&key), bytes, &[("idempotency-key", idem)])
-                    .await
-                    .unwrap()
-            }
-        };
+        let send = |body: &Value, idem: &'static str| send_to("/v1/cards", body, idem);
         let first = send(&body, "card-once").await;
         assert_eq!(first.status, 201, "{:?}", first.json());
         let again = send(&body, "card-once").await;

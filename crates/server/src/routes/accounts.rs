@@ -28,6 +28,8 @@ pub async fn create_account(
 ) -> Result<Response, Problem> {
     tenant.require("accounts:write")?;
     let key = idempotency_key(&headers)?;
+    // What named the account: a conflict names it back.
+    let named_by = if body.id.is_none() && key.is_some() { "Idempotency-Key" } else { "id" };
     let new = body.into_new(tenant.ledger_id(), || match &key {
         Some(key) => state.keys.derived_id(b"account", tenant.id, key).as_u128(),
         None => new_uuid().as_u128(),
@@ -51,7 +53,7 @@ pub async fn create_account(
             "exists_with_different_fields",
             "an account with this id exists with different fields",
         )
-        .field("id")),
+        .field(named_by)),
         Some((code, _)) => Err(Problem::invalid("id", code.as_str(), format!("the account was refused: {code}"))),
         None => Err(Problem::internal()),
     }

@@ -97,12 +97,15 @@ fn check_limits(field: &str, limits: &LimitsBody) -> Result<(), Problem> {
 }
 
 #[utoipa::path(post, path = "/v1/card-products", tag = "cards", request_body = ProductBody,
-    responses((status = 201, body = ProductView), (status = 409, body = Problem), (status = 422, body = Problem)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes a creation safe to retry: a repeat answers the product it made")),
+    responses((status = 201, body = ProductView), (status = 200, body = ProductView, description = "a repeat under the same Idempotency-Key"),
+        (status = 409, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = [])))]
 pub async fn create_product(
     State(state): State<AppState>,
     tenant: Tenant,
     audit: Audit,
+    headers: axum::http::HeaderMap,
     Json(body): Json<ProductBody>,
 ) -> Result<Response, Problem> {
     tenant.require("cards:write")?;
@@ -127,9 +130,37 @@ pub async fn create_product(
             "`velocity_per_minute` must be 1..=10000",
         ));
     }
-    let id = new_uuid().as_u128();
+    let id = match crate::routes::tenants::idempotency_key(&headers)? {
+        Some(key) => state.keys.derived_id(b"card-product", tenant.id, &key).as_u128(),
+        None => new_uuid().as_u128(),
+    };
     audit.0.set_resource(uuid_string(id));
     let taken = || Problem::new(StatusCode::CONFLICT, "exists", "a card product with this BIN exists").field("bin");
+    // A repeat under its Idempotency-Key finds the product it made: the same BIN, name, currency,
+    // network, limits and velocity answer it; anything else is a conflict.
+    let tenant_id = tenant.id;
+    let repeat = |made: Option<String>| -> Result<Option<StoredProduct>, Problem> {
+        let Some(made) = made else { return Ok(None) };
+        let made: StoredProduct = serde_json::from_str(&made).map_err(|_| Problem::internal())?;
+        let same = made.bin == body.bin
+            && made.name == name
+            && made.currency == currency.as_str()
+            && made.network == network
+            && made.limits == limits
+            && made.velocity_per_minute == velocity;
+        match same {
+            true => Ok(Some(made)),
+            false => Err(Problem::new(
+                StatusCode::CONFLICT,
+                "exists_with_different_fields",
+                "a card product was already made under this Idempotency-Key with other fields",
+            )
+            .field("Idempotency-Key")),
+        }
+    };
+    if let Some(made) = repeat(query(&state, move |q| q.card_product(tenant_id, id)).await?)? {
+        return Ok(reply(StatusCode::OK, &product_view(id, &made)));
+    }
     // A BIN already taken is refused before anything is made (the insert below still decides a
     // race between two requests for one BIN).
     let bin = body.bin.clone();
@@ -164,7 +195,6 @@ pub async fn create_product(
         settlement_account_id: uuid_string(settlement.id.0),
         created_at: rfc3339(store::now_nanos()),
     };
-    let tenant_id = tenant.id;
     let stored = product.clone();
     let result = query(&state, move |q| {
         Ok((|| -> Result<StoredProduct, VaultFailure> {
