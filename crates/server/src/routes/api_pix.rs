@@ -865,7 +865,8 @@ fn removal_requested(status: Option<&str>, kind: &'static str, prop: &str) -> Pi
         .transpose()
 }
 
-fn valid_txid_or_404(txid: &str) -> PixResult<()> {
+/// A txid a charge may be created under (`PUT`): else 400.
+fn valid_txid(txid: &str) -> PixResult<()> {
     if pix::ids::valid_txid(txid) {
         Ok(())
     } else {
@@ -880,7 +881,7 @@ pub async fn cob_put(
     Path(txid): Path<String>,
     PixBody(bytes): PixBody,
 ) -> PixResult<Response> {
-    valid_txid_or_404(&txid)?;
+    valid_txid(&txid)?;
     put_cob(state, tenant, audit, txid, bytes, StatusCode::CREATED).await
 }
 
@@ -906,7 +907,10 @@ pub async fn cob_patch(
     const K: &str = "CobOperacaoInvalida";
     tenant.require("cob.write")?;
     state.ispb()?;
-    valid_txid_or_404(&txid)?;
+    // No charge has a txid no charge may be made under: not found, as `GET` answers.
+    if !pix::ids::valid_txid(&txid) {
+        return Err(PixError::new(StatusCode::NOT_FOUND, "CobNaoEncontrado", "no charge with this txid"));
+    }
     let body: CobBody = body_of(&bytes, K, "cob")?;
     let requested = removal_requested(body.status.as_deref(), K, "cob.status")?;
     let alters_content = body.calendario.is_some()

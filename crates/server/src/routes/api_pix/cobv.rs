@@ -485,6 +485,9 @@ pub(super) fn write_one(
     let wanted = pix_loc::loc_ref_of(body.loc.as_ref(), "cobv", K, "cobv.loc.id")?;
     let existing = read_cob(q, tenant_id, &txid)?;
     let (mut revisions, version, created_at, status, linked, paid_by, lote) = match &existing {
+        // An immediate charge's txid: a `PUT` may not take it; for a `PATCH` (as for `GET`) no
+        // charge with a due date has it.
+        Some((_, s)) if s.cobv.is_none() && !create => return Err(not_found()),
         Some((_, s)) if s.cobv.is_none() => {
             return Err(PixError::violation(K, "txid", "an immediate charge (cob) has this txid"))
         }
