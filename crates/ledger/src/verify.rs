@@ -47,6 +47,8 @@ pub struct Verifier {
     resolutions: HashMap<TransferKey, Vec<(TransferKind, u64, Sides, TransferId)>>,
     timestamps: HashSet<Timestamp>,
     violations: Vec<Violation>,
+    /// Every violation found, the ones past [`VIOLATIONS_MAX`] counted only.
+    violations_found: u64,
     accounts_seen: u64,
     transfers_seen: u64,
 }
@@ -60,6 +62,7 @@ impl Verifier {
     }
 
     fn violation(&mut self, text: String) {
+        self.violations_found += 1;
         if self.violations.len() < VIOLATIONS_MAX {
             self.violations.push(Violation(text));
         }
@@ -274,7 +277,12 @@ impl Verifier {
                 self.violation(format!("pending transfer {:032x} is {state:?} but nothing resolved it", key.id.0));
             }
         }
-        Report { accounts: self.accounts_seen, transfers: self.transfers_seen, violations: self.violations }
+        Report {
+            accounts: self.accounts_seen,
+            transfers: self.transfers_seen,
+            violations: self.violations,
+            violations_found: self.violations_found,
+        }
     }
 }
 
@@ -283,5 +291,8 @@ impl Verifier {
 pub struct Report {
     pub accounts: u64,
     pub transfers: u64,
+    /// The first violations found (at most 100: enough to diagnose).
     pub violations: Vec<Violation>,
+    /// How many were found in all.
+    pub violations_found: u64,
 }

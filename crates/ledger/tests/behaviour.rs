@@ -232,6 +232,28 @@ fn another_tenants_accounts_do_not_exist() {
     assert_eq!(l.transfers(NOW, &[e])[0].result, TransferResult::DebitAccountNotFound);
 }
 
+/// Every violation is counted, though only the first hundred are kept to be shown (`rtpay verify`
+/// printed the hundred as the count).
+#[test]
+fn verify_counts_every_violation_and_keeps_the_first_hundred() {
+    let l = setup();
+    let mut v = verify::Verifier::new();
+    let template = l.accounts.values().next().unwrap().clone();
+    for n in 0..150u128 {
+        // Accounts whose balances no transfer accounts for.
+        let mut a = template.clone();
+        a.key.id = AccountId(1_000 + n);
+        a.debits_posted = 1;
+        a.credits_posted = 0;
+        a.debits_pending = 0;
+        a.credits_pending = 0;
+        v.account(&a);
+    }
+    let report = v.finish();
+    assert_eq!(report.violations.len(), 100);
+    assert!(report.violations_found >= 150, "{}", report.violations_found);
+}
+
 /// A post that moved a hold's money to another account, its balances made to agree, still breaks
 /// an invariant: a post or void names the hold's accounts and currency, and comes after it.
 #[test]

@@ -450,11 +450,13 @@ fn main() -> ExitCode {
                     for v in &report.violations {
                         println!("violation: {}", v.0);
                     }
+                    let shown = match (report.violations_found as usize).saturating_sub(report.violations.len()) {
+                        0 => String::new(),
+                        more => format!(" ({more} more not shown)"),
+                    };
                     println!(
-                        "FAILED: {} violation(s) in {} accounts, {} transfer entries",
-                        report.violations.len(),
-                        report.accounts,
-                        report.transfers
+                        "FAILED: {} violation(s){shown} in {} accounts, {} transfer entries",
+                        report.violations_found, report.accounts, report.transfers
                     );
                     ExitCode::FAILURE
                 }

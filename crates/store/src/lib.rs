@@ -606,7 +606,9 @@ pub fn verify_with(queries: &dyn Queries) -> Result<verify::Report> {
     let cell = std::cell::RefCell::new(&mut verifier);
     queries.scan(&mut |a| cell.borrow_mut().account(&a), &mut |e| cell.borrow_mut().entry(&e))?;
     let mut report = verifier.finish();
-    report.violations.extend(queries.listing_violations()?.into_iter().map(verify::Violation));
+    let listing = queries.listing_violations()?;
+    report.violations_found += listing.len() as u64;
+    report.violations.extend(listing.into_iter().map(verify::Violation));
     Ok(report)
 }
 
