@@ -374,7 +374,9 @@ pub async fn run(
     let payload_signer =
         config.pix_jws.as_ref().map(|(cert, key)| server::jws::PayloadSigner::from_pem_files(cert, key)).transpose()?;
     let webhooks = server::webhook::WebhookClient::new(&config.webhooks)?;
-    std::fs::create_dir_all(&config.data)
+    // Made private (the ledger and the key files live there); one that exists is left as it is.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&config.data)
         .map_err(|e| format!("cannot create data directory {}: {e}", config.data.display()))?;
     let (token, new_token) = operator_token(&config.data, config.env_secrets)?;
     let (hash_key, new_hash_key) = hash_key(&config.data, config.env_secrets)?;

@@ -822,6 +822,17 @@ fn refused_start(command: &mut Command) -> (bool, String) {
     (status.success(), stderr)
 }
 
+/// A data directory `rtpay serve` makes is its owner's only: the ledger and the key files are in
+/// it (made under the default umask, others could read the ledger). One that exists keeps its mode.
+#[test]
+fn a_data_directory_made_by_serve_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = temp_dir("private-data").join("made");
+    let server = Server::start(&data, None);
+    runtime().block_on(async { assert_eq!(server.client().get("/readyz", OPERATOR).await.unwrap().status, 200) });
+    assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+}
+
 /// An operator-token file holding less than a token (empty after a crash, or written by hand) is
 /// refused as the environment's short token is, without echoing it.
 #[test]

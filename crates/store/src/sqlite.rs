@@ -125,7 +125,12 @@ fn refuse_newer_schema(conn: &Connection, migrations: &[Migration]) -> Result<()
 }
 
 fn db_path(dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir)
+    // A directory made here is its owner's only: the ledger (balances, metadata) is in it.
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
         .map_err(|e| StoreError::Unavailable(format!("cannot create data directory {}: {e}", dir.display())))?;
     Ok(dir.join(DB_FILE))
 }
