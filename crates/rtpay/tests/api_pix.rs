@@ -127,6 +127,22 @@ fn charges_are_created_revised_paid_and_refunded() {
             let got = send(&mut c, Method::PUT, "/api/v2/cob/otherTxid0000000000000000000001", &shop, Some(body.clone())).await;
             assert_problem(&got, 400, "CobOperacaoInvalida", Some(property));
         }
+        // The schema's own names are shown; what the client sent is not, even shaped to slip out
+        // (a backtick in a key, a key holding serde's own words, a value of the wrong type).
+        let got = send(&mut c, Method::PUT, &format!("/api/v2/webhook/{CNPJ_ACME}"), &shop, Some(json!({}))).await;
+        assert_problem(&got, 400, "WebhookOperacaoInvalida", Some("webhook"));
+        assert!(got.1["violacoes"][0]["razao"].as_str().unwrap().contains("webhookUrl"), "the missing field is named: {}", got.1);
+        for (body, shown) in [
+            (json!({"valor": {"original": "1.00"}, "chave": CNPJ_ACME, "valor`rtpay_sk_ECHOED": 1}), None::<&str>),
+            (json!({"valor": {"original": "1.00"}, "chave": CNPJ_ACME, "zz, expected rtpay_sk_ECHOED": 1}), None),
+            (json!({"valor": {"original": "1.00"}, "chave": CNPJ_ACME, "solicitacaoPagador": 52998224725u64}), None),
+        ] {
+            let got = send(&mut c, Method::PUT, "/api/v2/cob/otherTxid0000000000000000000001", &shop, Some(body.clone())).await;
+            assert_problem(&got, 400, "CobOperacaoInvalida", Some("cob"));
+            let detail = got.1["violacoes"][0]["razao"].as_str().unwrap_or_default().to_owned() + got.1["detail"].as_str().unwrap_or_default();
+            assert!(!detail.contains("ECHOED") && !detail.contains("52998224725"), "{body}: {detail}");
+            assert!(shown.is_none_or(|name| detail.contains(name)), "{body}: {detail}");
+        }
         assert_problem(&send(&mut c, Method::GET, "/api/v2/cob/otherTxid0000000000000000000001", &shop, None).await, 404, "CobNaoEncontrado", None);
         assert_problem(&send(&mut c, Method::PUT, "/api/v2/cob/short", &shop, Some(cob.clone())).await, 400, "CobOperacaoInvalida", Some("txid"));
         assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}"), &wallet, None).await, 404, "CobNaoEncontrado", None);

@@ -314,7 +314,7 @@ fn quoted(message: &str, prefix: &str) -> Option<String> {
 /// text, which may hold backticks, so the whole of it up to serde's own ending (the last "`,
 /// expected", or "`, there are no fields"), never a prefix that would pass [`shown_as_field`]
 /// while the message echoed the rest.
-fn unknown_field_name(message: &str) -> Option<String> {
+pub(crate) fn unknown_field_name(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     let end = match rest.strip_suffix("`, there are no fields") {
         Some(name) => name.len(),

@@ -200,11 +200,16 @@ pub(crate) fn body_of<T: serde::de::DeserializeOwned>(bytes: &Bytes, kind: &'sta
         // serde's message names the field and the expected type; the values it quotes are left out
         // (a CPF sent as a number), as are unknown keys (a secret pasted as a key).
         let message = e.to_string();
-        let unknown =
-            message.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')).map(|(name, _)| name);
-        let message = match unknown {
-            Some(name) if crate::json::shown_as_field(name) => message,
-            Some(_) => format!("an unknown field{}", message.find(", expected").map_or("", |at| &message[at..])),
+        let message = match crate::json::unknown_field_name(&message) {
+            Some(name) if crate::json::shown_as_field(&name) => message,
+            // What follows the key (cut at its last `, expected`, as the native API's is), not it.
+            Some(name) => {
+                let rest = &message["unknown field `".len() + name.len()..];
+                format!("an unknown field (its name is not shown){}", rest.strip_prefix('`').unwrap_or(rest))
+            }
+            // The struct's own names (`missing field `valor``) are shown; what the client sent is
+            // not.
+            None if message.starts_with("missing field") || message.starts_with("duplicate field") => message,
             None => crate::json::without_values(&message),
         };
         PixError::violation(kind, root, format!("does not respect the schema: {message}"))
