@@ -401,6 +401,8 @@ pub async fn run(
     let kek = crate::keys::KekConfig::or_default(config.kek.clone(), &config.data);
     let keys_made = async {
         check_new_keys(&store, public_key.clone(), &audit_key, new_hash_key.as_ref()).await?;
+        // The vault's own check too, before any file is written (`open_vault` makes its keys).
+        refuse_new_keys_for_sealed_data(&kek, &config.data, config.env_secrets, &store).await?;
         for new in [new_hash_key, new_audit_key].into_iter().flatten() {
             new.write()?;
         }

@@ -703,14 +703,14 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
         assert_eq!(r.unwrap().status, 201, "a holder's data is sealed under the tenant's data key");
     });
     // The cluster's audit and secret keys (without them it is refused before, as the next test
-    // shows), not its vault keys.
+    // shows), not its vault keys, nor an operator token: it writes none before it is refused.
     let empty = temp_dir("keys-cluster-empty");
     std::fs::copy(dir.join("audit-signing-key"), empty.join("audit-signing-key")).unwrap();
     let (ok, stderr) = refused_start(
         Command::new(env!("CARGO_BIN_EXE_rtpay"))
             .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &url, "--data"])
             .arg(&empty)
-            .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
+            .env_remove("RTPAY_OPERATOR_TOKEN")
             .env("RTPAY_SECRET_KEY", rtpay::process::SECRET_KEY)
             .env_remove("RTPAY_AUDIT_KEY_FILE")
             .env_remove("RTPAY_INDEX_KEY")
@@ -718,6 +718,7 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
     );
     assert!(!ok && stderr.contains("already holds tenants' data keys"), "{stderr}");
     assert!(!empty.join("kek").exists() && !empty.join("index-key").exists(), "no vault key was made");
+    assert!(!empty.join("operator-token").exists(), "no operator token was made");
     // On a database without data keys, a key file that cannot be made is reported as such (the
     // PostgreSQL store, open by then, is closed without hiding it).
     let fresh = store::testing::fresh_postgres_database();

@@ -150,10 +150,11 @@ pub struct AuditReport {
     pub finding: Option<audit::Finding>,
 }
 
-/// Whether the audit log's latest signed head verifies under `public_key`: the key that may sign
-/// its next one (true while the log has none).
+/// Whether `public_key` is the audit log's own: its first signed head verifies under it (true
+/// while the log has none). The first, not the latest: a head a stray key signed (an older rtpay's
+/// `keys rotate` made one) would otherwise shut out the log's own key and let the stray one on.
 pub fn audit_key_signs(queries: &dyn Queries, public_key: &[u8]) -> Result<bool> {
-    Ok(queries.audit_head()?.is_none_or(|h| audit::verify_head(public_key, &h.head, &h.signature)))
+    Ok(queries.audit_first_head()?.is_none_or(|h| audit::verify_head(public_key, &h.head, &h.signature)))
 }
 
 /// Recomputes every leaf and every signed head from storage, streaming.

@@ -659,6 +659,14 @@ pub fn audit_log(location: Location) {
     assert!(created > all[12].time, "the ledger clock is past the command line's entry");
     let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
     assert_eq!((report.entries, report.finding), (13, None));
+    // The log's own key is the one that signed its first head: a head a stray key signed later
+    // (an older `keys rotate` made one) neither shuts the log's key out nor lets the stray one on.
+    let stray = Arc::new(audit::Signer::from_pkcs8(&audit::Signer::generate_pkcs8().unwrap()).unwrap());
+    assert!(crate::audit_key_signs(store.queries.as_ref(), signer.public_key()).unwrap());
+    assert!(!crate::audit_key_signs(store.queries.as_ref(), stray.public_key()).unwrap());
+    Store::append_audit_beside(&location, stray.clone(), vec![draft(None, "stray")]).unwrap();
+    assert!(crate::audit_key_signs(store.queries.as_ref(), signer.public_key()).unwrap());
+    assert!(!crate::audit_key_signs(store.queries.as_ref(), stray.public_key()).unwrap());
     store.close();
 }
 

@@ -35,6 +35,11 @@ pub const EXPIRY_INTERVAL: Duration = Duration::from_millis(500);
 /// How many expired holds one sweep releases; the next sweep takes the rest.
 pub const EXPIRY_SWEEP_MAX: usize = 4096;
 
+/// How many sweeps in a row a batch's jobs wait for while a backlog of due holds is released
+/// (about a million holds); past that they are applied, so that a backlog refilled as fast as it
+/// drains (or holds storage cannot release, many of them) never holds every writer job back.
+pub const BACKLOG_SWEEPS_MAX: u32 = 256;
+
 /// What a client asks the writer to do.
 #[derive(Debug, Clone)]
 pub enum Command {
@@ -407,8 +412,10 @@ fn run_batches(
     gather: impl Fn(),
 ) {
     let mut held: Option<Job> = None;
-    // A batch's jobs put off while a backlog of due holds is released (see `apply_batch`).
+    // A batch's jobs put off while a backlog of due holds is released (see `apply_batch`), and for
+    // how many sweeps so far.
     let mut waiting: Vec<Job> = Vec::new();
+    let mut waited = 0;
     let mut last_sweep = Instant::now();
     // Whether a batch sweeps as soon as a hold is due (see `apply_batch`).
     let mut due_sweeps = true;
@@ -417,9 +424,12 @@ fn run_batches(
             let mut jobs = std::mem::take(&mut waiting);
             let events = jobs.iter().map(|job| job.command.len()).sum();
             last_sweep = Instant::now();
-            waiting = run_batch(writer, clock(), &mut jobs, events, true, &mut due_sweeps, stats, &deliver);
+            waited += 1;
+            let may_wait = waited < BACKLOG_SWEEPS_MAX;
+            waiting = run_batch(writer, clock(), &mut jobs, events, true, may_wait, &mut due_sweeps, stats, &deliver);
             continue;
         }
+        waited = 0;
         let first = match held.take() {
             Some(job) => Some(job),
             None => match receiver.recv_timeout(EXPIRY_INTERVAL) {
@@ -454,7 +464,7 @@ fn run_batches(
         if sweep {
             last_sweep = Instant::now();
         }
-        waiting = run_batch(writer, clock(), &mut jobs, events, sweep, &mut due_sweeps, stats, &deliver);
+        waiting = run_batch(writer, clock(), &mut jobs, events, sweep, true, &mut due_sweeps, stats, &deliver);
     }
 }
 
@@ -467,12 +477,13 @@ fn run_batch(
     jobs: &mut Vec<Job>,
     events: usize,
     sweep: bool,
+    may_wait: bool,
     due_sweeps: &mut bool,
     stats: &EngineStats,
     deliver: &impl Fn(&mut dyn Writer, Answers),
 ) -> Vec<Job> {
     let started = Instant::now();
-    let result = apply_batch(writer, now, jobs, sweep, due_sweeps, stats);
+    let result = apply_batch(writer, now, jobs, sweep, may_wait, due_sweeps, stats);
     let elapsed_us = started.elapsed().as_micros() as u64;
     stats.cached_accounts.store(writer.cached_accounts() as u64, Ordering::Relaxed);
     let jobs = std::mem::take(jobs);
@@ -563,12 +574,14 @@ fn load_readable<K>(
 
 /// Applies a batch: one reply per job, `None` for a job whose guards failed (nothing of it applied).
 /// The jobs' audit drafts are taken (moved into the commit). `Ok(None)`: only the sweep was
-/// committed, and the jobs wait for the next batch (a backlog of due holds, below).
+/// committed, and the jobs wait for the next batch (a backlog of due holds, below; only when
+/// `may_wait`).
 fn apply_batch(
     writer: &mut dyn Writer,
     now: Timestamp,
     jobs: &mut [Job],
     sweep: bool,
+    may_wait: bool,
     due_sweeps: &mut bool,
     stats: &EngineStats,
 ) -> Result<Option<Vec<Option<Reply>>>> {
@@ -590,12 +603,13 @@ fn apply_batch(
     // the writer waited on its storage): the jobs are not judged against holds that reserve
     // nothing any more. Each batch commits one sweep alone until the backlog is released, and the
     // jobs wait; what a transfer failed here would stay failed under its id. Only while a sweep
-    // releases something, so holds storage cannot release never hold the jobs back.
+    // releases something, and for `BACKLOG_SWEEPS_MAX` sweeps at most (`may_wait`), so that holds
+    // storage cannot release, or a backlog refilled as fast as it drains, never hold the jobs back.
     let mut backlog = false;
     if sweep {
         match sweep_due(writer, &mut snapshot, now) {
             Ok((found, expired, change)) => {
-                backlog = found == EXPIRY_SWEEP_MAX && expired > 0;
+                backlog = may_wait && found == EXPIRY_SWEEP_MAX && expired > 0;
                 if expired < found && *due_sweeps {
                     tracing::warn!(
                         left = found - expired,

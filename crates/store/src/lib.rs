@@ -427,6 +427,8 @@ pub trait Queries: Send + Sync {
     fn audit_entries(&self, after: u64, limit: usize, tenant: Option<u128>) -> Result<Vec<audit::Entry>>;
     /// The latest signed tree head.
     fn audit_head(&self) -> Result<Option<SignedHead>>;
+    /// The first signed tree head: signed by the log's own key, whatever signed later ones.
+    fn audit_first_head(&self) -> Result<Option<SignedHead>>;
     /// A stored perfect subtree (level 0: an entry's leaf hash), if the log has it.
     fn audit_node(&self, level: u8, index: u64) -> Result<Option<audit::Hash>>;
     /// Streams every entry in order from one snapshot, each signed head right after the entry

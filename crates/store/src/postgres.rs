@@ -1712,6 +1712,15 @@ impl Queries for PgQueries {
         })
     }
 
+    fn audit_first_head(&self) -> Result<Option<SignedHead>> {
+        self.with(|c| {
+            c.query_opt("SELECT size, time, root, signature FROM audit_heads ORDER BY size ASC LIMIT 1", &[])
+                .map_err(unavailable)?
+                .map(|r| head_row(&r))
+                .transpose()
+        })
+    }
+
     fn audit_node(&self, level: u8, index: u64) -> Result<Option<audit::Hash>> {
         self.with(|c| {
             let row = if level == 0 {

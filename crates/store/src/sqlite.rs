@@ -2312,6 +2312,16 @@ impl Queries for SqliteQueries {
         })
     }
 
+    fn audit_first_head(&self) -> Result<Option<SignedHead>> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT size, time, root, signature FROM audit_heads ORDER BY size ASC LIMIT 1")
+                .map_err(unavailable)?;
+            let mut rows = stmt.query([]).map_err(unavailable)?;
+            rows.next().map_err(unavailable)?.map(head_row).transpose()
+        })
+    }
+
     fn audit_node(&self, level: u8, index: u64) -> Result<Option<audit::Hash>> {
         self.with(|c| {
             let hash: Option<Vec<u8>> = if level == 0 {
