@@ -177,6 +177,21 @@ fn keys_brcodes_and_on_us_payments() {
         assert_eq!(first.status, 201, "{:?}", first.json());
         let again = evp_under(&mut c, &key_a, &other.account, "evp-once").await;
         assert_eq!((again.status.as_u16(), again.json()), (200, first.json()));
+        // Another key under the same Idempotency-Key: a conflict naming the header.
+        let body =
+            serde_json::to_vec(&json!({"account_id": other.account, "type": "email", "key": "joao@example.com"}))
+                .unwrap();
+        let r = c
+            .send_with_headers(
+                Method::POST,
+                "/v1/pix/keys",
+                Some(&key_a),
+                Some(body.into()),
+                &[("idempotency-key", "evp-once")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(problem(&r), (409, json!("exists_with_different_fields"), json!("Idempotency-Key")));
         let another = evp_under(&mut c, &key_a, &other.account, "evp-twice").await;
         assert_eq!(another.status, 201);
         assert_ne!(another.json()["key"], first.json()["key"]);

@@ -274,7 +274,12 @@ fn source(parts: &Parts) -> Option<std::net::IpAddr> {
 /// IPv4 peers arrive as `::ffff:a.b.c.d`; an IPv6 client is its /64 (the least a network hands
 /// one subscriber), or each of its 2^64 addresses would bring a fresh budget.
 pub(crate) fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    /// NAT64's well-known prefix (RFC 6052): each address is an IPv4 client's, counted as such.
+    const NAT64: u128 = 0x0064_ff9b << 96;
     match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) if u128::from(v6) >> 32 == NAT64 >> 32 => {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::from(u128::from(v6) as u32))
+        }
         std::net::IpAddr::V6(v6) => std::net::IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         v4 => v4,
     }
@@ -657,6 +662,9 @@ mod tests {
         assert_eq!(ip("2001:db8:1:2::1"), ip("2001:db8:1:2:ffff:ffff:ffff:ffff"));
         assert_eq!(ip("2001:db8:1:2::1").to_string(), "2001:db8:1:2::");
         assert_ne!(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1"));
+        // Behind a NAT64 gateway, each IPv4 client is its own.
+        assert_eq!(ip("64:ff9b::c000:207"), ip("192.0.2.7"));
+        assert_ne!(ip("64:ff9b::c000:207"), ip("64:ff9b::c000:208"));
     }
 
     #[test]

@@ -185,10 +185,10 @@ pub async fn create_product(
         _ => return Err(Problem::internal()),
     }
     let mut product = StoredProduct {
-        name,
+        name: name.clone(),
         bin: body.bin.clone(),
         currency: currency.as_str().to_owned(),
-        network,
+        network: network.clone(),
         limits,
         velocity_per_minute: velocity,
         cvk_sealed: String::new(),
@@ -208,10 +208,17 @@ pub async fn create_product(
         })())
     })
     .await?;
-    product = result.map_err(|f| match f {
-        VaultFailure::Store(store::StoreError::Conflict(_)) => taken(),
-        f => Problem::from(f),
-    })?;
+    product = match result {
+        Ok(made) => made,
+        // The BIN taken meanwhile: by a repeat running alongside (the same key), or by another.
+        Err(VaultFailure::Store(store::StoreError::Conflict(_))) => {
+            return match repeat(query(&state, move |q| q.card_product(tenant_id, id)).await?)? {
+                Some(made) => Ok(reply(StatusCode::OK, &product_view(id, &made))),
+                None => Err(taken()),
+            };
+        }
+        Err(f) => return Err(Problem::from(f)),
+    };
     Ok(reply(StatusCode::CREATED, &product_view(id, &product)))
 }
 

@@ -188,9 +188,16 @@ pub async fn create_key(
                     "key_limit",
                     format!("the account has {max} keys, the most a {} may have", holder.kind),
                 ))),
-                // A repeat running alongside, or another account's key.
+                // A repeat running alongside, another key under this Idempotency-Key (its id), or
+                // another account's key.
                 Err(store::StoreError::Conflict(_)) => match repeat(q)? {
                     Some(k) => Ok(Ok(Some(k))),
+                    None if q.document(KEY_KIND, tenant_id, &id)?.is_some() => Ok(Err(Problem::new(
+                        StatusCode::CONFLICT,
+                        "exists_with_different_fields",
+                        "another key was registered under this Idempotency-Key",
+                    )
+                    .field("Idempotency-Key"))),
                     None => Ok(Err(Problem::new(
                         StatusCode::CONFLICT,
                         "key_exists",
