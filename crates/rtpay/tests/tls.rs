@@ -87,14 +87,11 @@ async fn https_raw(
     Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
-#[test]
-fn tls_and_client_certificates_bound_to_tenants() {
-    let dir = temp_dir("tls");
-    let authority = TestCa::new("rtpay test CA");
-    let foreign = TestCa::new("someone else");
+/// A server taking client certificates issued by `authority` (its own certificate from there too).
+fn mutual_tls_server(tag: &str, authority: &TestCa) -> Server {
     let ca_pem = authority.pem();
     let (server_cert, server_key) = authority.issue(&["localhost"], &[]);
-    let certs = temp_dir("tls-certs");
+    let certs = temp_dir(&format!("{tag}-certs"));
     let args = [
         "--tls-cert".to_owned(),
         write(&certs, "server.pem", &server_cert),
@@ -104,7 +101,15 @@ fn tls_and_client_certificates_bound_to_tenants() {
         write(&certs, "ca.pem", &ca_pem),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &args);
+    Server::start_with_args(&temp_dir(tag), None, "127.0.0.1:0", true, &args)
+}
+
+#[test]
+fn tls_and_client_certificates_bound_to_tenants() {
+    let authority = TestCa::new("rtpay test CA");
+    let foreign = TestCa::new("someone else");
+    let ca_pem = authority.pem();
+    let server = mutual_tls_server("tls", &authority);
     let addr = server.addr;
     runtime().block_on(async {
         // Plain HTTP to a TLS listener gets nothing useful.
@@ -247,21 +252,9 @@ fn tls_and_client_certificates_bound_to_tenants() {
 /// goes on, and the tenth locks it.
 #[test]
 fn the_right_key_from_the_wrong_certificate_does_not_clear_its_failures() {
-    let dir = temp_dir("tls-lock");
     let authority = TestCa::new("rtpay test CA");
     let ca_pem = authority.pem();
-    let (server_cert, server_key) = authority.issue(&["localhost"], &[]);
-    let certs = temp_dir("tls-lock-certs");
-    let args = [
-        "--tls-cert".to_owned(),
-        write(&certs, "server.pem", &server_cert),
-        "--tls-key".to_owned(),
-        write(&certs, "server.key", &server_key),
-        "--tls-client-ca".to_owned(),
-        write(&certs, "ca.pem", &ca_pem),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &args);
+    let server = mutual_tls_server("tls-lock", &authority);
     let addr = server.addr;
     runtime().block_on(async {
         let operator_cert = authority.issue(&[], &["urn:rtpay:operator"]);
