@@ -520,7 +520,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let fits = store::Store::open_queries(&location)
+            let queries = store::Store::open_queries(&location);
+            let fits = queries
+                .as_ref()
+                .map_err(Clone::clone)
                 .and_then(|q| store::audit_key_signs(q.as_ref(), signer.public_key()));
             match fits {
                 Ok(true) => {}
@@ -537,21 +540,20 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            let result: Result<String, rtpay::serve::Error> =
-                store::Store::open_queries(&location).map_err(|e| e.to_string().into()).and_then(|q| {
-                    if add_only {
-                        Ok(format!(
-                            "key-encryption key version {} added; no data key re-wrapped",
-                            rtpay::keys::add_version(&kek, q.as_ref())?
-                        ))
-                    } else if rewrap_only {
-                        let (version, count) = rtpay::keys::rewrap(&kek, q.as_ref())?;
-                        Ok(format!("{count} data key(s) re-wrapped under key-encryption key version {version}"))
-                    } else {
-                        let (version, count) = rtpay::keys::rotate(&kek, q.as_ref())?;
-                        Ok(format!("key-encryption key version {version} created; {count} data key(s) re-wrapped"))
-                    }
-                });
+            let result: Result<String, rtpay::serve::Error> = queries.map_err(|e| e.to_string().into()).and_then(|q| {
+                if add_only {
+                    Ok(format!(
+                        "key-encryption key version {} added; no data key re-wrapped",
+                        rtpay::keys::add_version(&kek, q.as_ref())?
+                    ))
+                } else if rewrap_only {
+                    let (version, count) = rtpay::keys::rewrap(&kek, q.as_ref())?;
+                    Ok(format!("{count} data key(s) re-wrapped under key-encryption key version {version}"))
+                } else {
+                    let (version, count) = rtpay::keys::rotate(&kek, q.as_ref())?;
+                    Ok(format!("key-encryption key version {version} created; {count} data key(s) re-wrapped"))
+                }
+            });
             let outcome = match &result {
                 Ok(done) => done.clone(),
                 Err(e) => format!("failed: {e}"),
