@@ -169,9 +169,14 @@ enum CommandLine {
         /// Its private key (PEM).
         #[arg(long, env = "RTPAY_WEBHOOK_CLIENT_KEY", requires = "webhook_client_cert")]
         webhook_client_key: Option<PathBuf>,
-        /// The first wait between webhook delivery tries (milliseconds; doubles each try, 6 tries).
+        /// The first wait between webhook delivery tries (milliseconds; doubles each try, up to
+        /// --webhook-retry-max-ms; 24 tries in all).
         #[arg(long, default_value_t = 1_000, env = "RTPAY_WEBHOOK_RETRY_MS")]
         webhook_retry_ms: u64,
+        /// The longest wait between two webhook delivery tries (milliseconds; by default 1 hour,
+        /// so that the tries cover about 12 hours of a receiver's outage).
+        #[arg(long, default_value_t = 3_600_000, env = "RTPAY_WEBHOOK_RETRY_MAX_MS")]
+        webhook_retry_max_ms: u64,
         /// Let webhook receivers be on loopback, private or link-local addresses (labs and tests
         /// only: otherwise a tenant could make rtpay call into its own network).
         #[arg(long, env = "RTPAY_WEBHOOK_ALLOW_PRIVATE")]
@@ -312,6 +317,7 @@ fn main() -> ExitCode {
             webhook_client_cert,
             webhook_client_key,
             webhook_retry_ms,
+            webhook_retry_max_ms,
             webhook_allow_private,
             http_threads,
             account_cache,
@@ -401,6 +407,7 @@ fn main() -> ExitCode {
                     ca: webhook_ca,
                     client_cert: webhook_client_cert.zip(webhook_client_key),
                     retry_base: std::time::Duration::from_millis(webhook_retry_ms.clamp(1, 3_600_000)),
+                    retry_max: std::time::Duration::from_millis(webhook_retry_max_ms.clamp(1, 86_400_000)),
                     allow_private: webhook_allow_private,
                 },
                 env_secrets: true,

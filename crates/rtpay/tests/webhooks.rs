@@ -150,12 +150,17 @@ fn python_hmac(secret: &str, timestamp: &str, delivery: &str, body: &[u8]) -> St
 }
 
 /// `rtpay serve` with webhooks on a test PKI (receivers on this machine allowed), retrying
-/// `retry_ms` apart: the server, the receiver's certificate and the CA to trust.
-fn start_with_pki(dir: &Path, retry_ms: u32) -> (Server, Issued, rustls::pki_types::CertificateDer<'static>) {
+/// `retry_ms` apart at first, doubling up to `retry_max_ms`: the server, the receiver's
+/// certificate and the CA to trust.
+fn start_with_pki(
+    dir: &Path,
+    retry_ms: u32,
+    retry_max_ms: u32,
+) -> (Server, Issued, rustls::pki_types::CertificateDer<'static>) {
     let (ca_pem, server_cert, client_cert, ca_der) = pki();
     let ca = write(dir, "ca.pem", &ca_pem);
     let (cert, key) = (write(dir, "client.pem", &client_cert.cert), write(dir, "client.key", &client_cert.key));
-    let retry = retry_ms.to_string();
+    let (retry, retry_max) = (retry_ms.to_string(), retry_max_ms.to_string());
     let args = [
         "--ispb",
         ISPB,
@@ -167,6 +172,8 @@ fn start_with_pki(dir: &Path, retry_ms: u32) -> (Server, Issued, rustls::pki_typ
         &key,
         "--webhook-retry-ms",
         &retry,
+        "--webhook-retry-max-ms",
+        &retry_max,
         "--webhook-allow-private",
     ];
     (Server::start_with_args(&dir.join("data"), None, "127.0.0.1:0", true, &args), server_cert, ca_der)
@@ -209,10 +216,11 @@ async fn delivery_when(c: &mut rtpay::client::Client, key: &str, id: &str, statu
 #[test]
 fn a_failed_delivery_is_sent_again_on_request() {
     let dir = temp_dir("webhooks-again");
-    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 100);
+    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 100, 150);
     runtime().block_on(async {
-        // Six failures use every try; the seventh request fails too, the eighth is answered.
-        let (port, seen) = receiver(&server_cert, ca_der, 7).await;
+        // 24 failures use every try (over about 3.4 s here: 100 ms, then 150 ms apart); the
+        // 25th request fails too, the 26th is answered.
+        let (port, seen) = receiver(&server_cert, ca_der, 25).await;
         let mut c = rtpay.client();
         let (_, shop) = tenant(&mut c, "shop").await;
         let (_, other) = tenant(&mut c, "other").await;
@@ -223,7 +231,10 @@ fn a_failed_delivery_is_sent_again_on_request() {
         assert_eq!(c.send(Method::PUT, &path, Some(&shop), hook).await.unwrap().status, 200);
         let e2e = pix_with_txid(&mut c, &shop, 700, "AGAIN2026").await;
         let failed = delivery_when(&mut c, &shop, &e2e, "failed").await;
-        assert_eq!((failed["attempts"].clone(), failed["last_status"].clone()), (json!(6), json!(500)), "{failed}");
+        assert_eq!((failed["attempts"].clone(), failed["last_status"].clone()), (json!(24), json!(500)), "{failed}");
+        let text = metrics_with(&mut c, "rtpay_webhook_deliveries_failed_total").await;
+        assert_eq!(sample(&text, "rtpay_webhook_deliveries_failed_total"), Some(1.0));
+        assert_eq!(sample(&text, "rtpay_webhook_attempts_total{outcome=\"refused\"}"), Some(24.0));
 
         let retry = format!("/v1/pix/webhook-deliveries/{e2e}/retry");
         let r = c.post(&retry, &other, &json!({})).await.unwrap();
@@ -241,12 +252,15 @@ fn a_failed_delivery_is_sent_again_on_request() {
         let delivered = delivery_when(&mut c, &shop, &e2e, "delivered").await;
         assert_eq!(delivered["attempts"], json!(2), "{delivered}");
         let sent = seen.lock().unwrap().clone();
-        assert_eq!(sent.len(), 8);
+        assert_eq!(sent.len(), 26);
+        let text = metrics_with(&mut c, "rtpay_webhook_attempts_total").await;
+        assert_eq!(sample(&text, "rtpay_webhook_attempts_total{outcome=\"delivered\"}"), Some(1.0));
+        assert_eq!(sample(&text, "rtpay_webhook_attempts_total{outcome=\"refused\"}"), Some(25.0));
         assert!(sent.iter().all(|(_, _, body, _, _, _)| body == &sent[0].2), "the same notification each time");
         // A delivered one may be sent again too (the receiver lost it).
         assert_eq!(c.post(&retry, &shop, &json!({})).await.unwrap().status, 202);
         assert_eq!(delivery_when(&mut c, &shop, &e2e, "delivered").await["attempts"], json!(1));
-        assert_eq!(seen.lock().unwrap().len(), 9);
+        assert_eq!(seen.lock().unwrap().len(), 27);
         // With the key's webhook gone there is nowhere to send it.
         assert_eq!(c.send(Method::DELETE, &path, Some(&shop), None).await.unwrap().status, 204);
         let r = c.post(&retry, &shop, &json!({})).await.unwrap();
@@ -273,7 +287,7 @@ fn a_failed_delivery_is_sent_again_on_request() {
 #[test]
 fn a_retry_goes_to_the_webhook_as_it_is_now() {
     let dir = temp_dir("webhooks-moved");
-    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 500);
+    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 500, 60_000);
     runtime().block_on(async {
         let (old_port, old_seen) = receiver(&server_cert, ca_der.clone(), usize::MAX).await;
         let (new_port, new_seen) = receiver(&server_cert, ca_der, 0).await;
@@ -304,10 +318,39 @@ fn a_retry_goes_to_the_webhook_as_it_is_now() {
     });
 }
 
+/// Deleting a Pix key deletes its webhook: the webhook no longer lists, and the key registered
+/// again starts without one (before, the webhook outlived its key, could not be deleted, and came
+/// back with the key).
+#[test]
+fn a_deleted_key_takes_its_webhook_with_it() {
+    let dir = temp_dir("webhooks-key-deleted");
+    let (rtpay, _, _) = start_with_pki(&dir, 100, 200);
+    runtime().block_on(async {
+        let mut c = rtpay.client();
+        let (_, shop) = tenant(&mut c, "shop").await;
+        let holder = new_holder(&mut c, &shop, "company", "ACME", CNPJ_ACME).await;
+        let acme = account(&mut c, &shop, json!({"currency": "BRL", "holder_id": holder})).await;
+        let key = json!({"account_id": acme, "type": "cnpj", "key": CNPJ_ACME});
+        assert_eq!(c.post("/v1/pix/keys", &shop, &key).await.unwrap().status, 201);
+        let hook = Some(serde_json::to_vec(&json!({"webhookUrl": "https://localhost:9/h"})).unwrap().into());
+        let path = format!("/api/v2/webhook/{CNPJ_ACME}");
+        assert_eq!(c.send(Method::PUT, &path, Some(&shop), hook).await.unwrap().status, 200);
+        assert_eq!(c.get("/api/v2/webhook", &shop).await.unwrap().json()["webhooks"].as_array().unwrap().len(), 1);
+
+        let r = c.send(Method::DELETE, &format!("/v1/pix/keys/{CNPJ_ACME}"), Some(&shop), None).await.unwrap();
+        assert_eq!(r.status, 204);
+        let r = c.get("/api/v2/webhook", &shop).await.unwrap();
+        assert_eq!(r.json()["webhooks"], json!([]), "{:?}", r.json());
+        assert_eq!(c.post("/v1/pix/keys", &shop, &key).await.unwrap().status, 201, "the key registered again");
+        let r = c.get(&path, &shop).await.unwrap();
+        assert_eq!(r.status, 404, "the old webhook came back with the key: {:?}", r.json());
+    });
+}
+
 #[test]
 fn received_pix_are_notified_over_mtls_signed_and_retried() {
     let dir = temp_dir("webhooks");
-    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 50);
+    let (rtpay, server_cert, ca_der) = start_with_pki(&dir, 50, 60_000);
     let rt = runtime();
     rt.block_on(async {
         let (port, seen) = receiver(&server_cert, ca_der, 2).await;
@@ -550,7 +593,7 @@ fn a_delivery_interrupted_by_a_crash_is_made_after_the_restart() {
     // The second attempt would come a second after the first; killed before it, the node's lease
     // (that second, the attempt's 10 s time-out and 2 s) runs out, and the restarted node's sweep
     // takes the delivery over.
-    let (mut rtpay, server_cert, ca_der) = start_with_pki(&dir, 1000);
+    let (mut rtpay, server_cert, ca_der) = start_with_pki(&dir, 1000, 60_000);
     let rt = runtime();
     rt.block_on(async {
         let (port, seen) = receiver(&server_cert, ca_der, 1).await;

@@ -33,7 +33,23 @@ pub struct Metrics {
     /// How far this node's clock was ahead of the database's at the last measurement, in
     /// nanoseconds (see `clock::watch`); never measured on an embedded engine.
     pub clock_skew: Mutex<Option<i64>>,
+    /// Webhook delivery attempts, by [`WebhookAttempt`].
+    pub webhook_attempts: [std::sync::atomic::AtomicU64; 3],
+    /// Webhook deliveries ended `failed` (every try refused or unreachable, or the key lost its
+    /// webhook): nothing will send them again unless asked.
+    pub webhook_failed: std::sync::atomic::AtomicU64,
 }
+
+/// How a webhook delivery attempt ended: the receiver answered 2xx, answered something else, or
+/// could not be reached in time (no public address, refused, TLS, timed out).
+#[derive(Clone, Copy)]
+pub enum WebhookAttempt {
+    Delivered = 0,
+    Refused = 1,
+    Unreachable = 2,
+}
+
+const WEBHOOK_OUTCOMES: [&str; 3] = ["delivered", "refused", "unreachable"];
 
 type ByMethodStatus = BTreeMap<(&'static str, u16), RouteStats>;
 
@@ -148,6 +164,17 @@ impl Metrics {
             "rtpay_card_steps_raced_total",
             "Card message steps decided again: another node's step on the authorization committed first.",
             self.card_steps_raced.load(Ordering::Relaxed),
+        );
+        out.push_str("# HELP rtpay_webhook_attempts_total Webhook delivery attempts by outcome: delivered (2xx), refused (another status), unreachable (no answer in time).\n# TYPE rtpay_webhook_attempts_total counter\n");
+        for (outcome, n) in WEBHOOK_OUTCOMES.iter().zip(&self.webhook_attempts) {
+            let _ =
+                writeln!(out, "rtpay_webhook_attempts_total{{outcome=\"{outcome}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        counter(
+            &mut out,
+            "rtpay_webhook_deliveries_failed_total",
+            "Webhook deliveries whose tries all failed (or whose key lost its webhook); sent again only on request.",
+            self.webhook_failed.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

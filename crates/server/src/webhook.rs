@@ -19,6 +19,7 @@
 //! asked to send it again ([`redeliver`]); `x-rtpay-delivery` tells notifications apart.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,8 +35,11 @@ use crate::AppState;
 
 pub const WEBHOOK_KIND: &str = "pix-webhook";
 pub const DELIVERY_KIND: &str = "pix-webhook-delivery";
-/// Attempts per notification, and the first wait between two (doubling each time).
-pub const TRIES: u32 = 6;
+/// Attempts per notification. With the default waits (1 s, doubling, at most 1 hour) they span
+/// about 12 hours: a receiver down for a night's maintenance still gets its notifications.
+pub const TRIES: u32 = 24;
+/// The longest wait between two attempts when none is configured.
+pub const RETRY_WAIT_MAX_DEFAULT: Duration = Duration::from_secs(3600);
 pub const URL_LEN_MAX: usize = 512;
 /// How long one attempt may take (connect, TLS, answer).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,8 +53,10 @@ pub struct WebhookSettings {
     pub ca: Option<PathBuf>,
     /// rtpay's client certificate and key (PEM), presented to receivers.
     pub client_cert: Option<(PathBuf, PathBuf)>,
-    /// The first wait between tries.
+    /// The first wait between tries (doubling after each).
     pub retry_base: Duration,
+    /// The longest wait between two tries; zero: [`RETRY_WAIT_MAX_DEFAULT`].
+    pub retry_max: Duration,
     /// Whether receivers may be on loopback, private or link-local addresses (labs and tests);
     /// off, a tenant cannot make rtpay call into its own network.
     pub allow_private: bool,
@@ -70,11 +76,12 @@ struct Slots {
     tenant_max: usize,
 }
 
-/// One attempt's room, given back when dropped.
-struct Slot<'a> {
-    slots: &'a Slots,
+/// One attempt's room, given back when dropped. Owned, so that a blocking name look-up the
+/// attempt started can keep it after the attempt timed out (see [`resolve`]).
+struct Slot {
+    slots: Arc<Slots>,
     tenant: u128,
-    _node: tokio::sync::SemaphorePermit<'a>,
+    _node: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Slots {
@@ -83,19 +90,19 @@ impl Slots {
     }
 
     /// Room for one attempt of `tenant`'s, if the node and the tenant have some.
-    fn take(&self, tenant: u128) -> Option<Slot<'_>> {
-        let node = self.node.try_acquire().ok()?;
+    fn take(self: &Arc<Self>, tenant: u128) -> Option<Slot> {
+        let node = self.node.clone().try_acquire_owned().ok()?;
         let mut tenants = self.tenants.lock().expect("webhook slots");
         let taken = tenants.entry(tenant).or_default();
         if *taken >= self.tenant_max {
             return None;
         }
         *taken += 1;
-        Some(Slot { slots: self, tenant, _node: node })
+        Some(Slot { slots: self.clone(), tenant, _node: node })
     }
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         let mut tenants = self.slots.tenants.lock().expect("webhook slots");
         if let Some(taken) = tenants.get_mut(&self.tenant) {
@@ -186,8 +193,9 @@ pub(crate) fn host_and_port(authority: &str) -> Result<(&str, u16), &'static str
 pub struct WebhookClient {
     connector: tokio_rustls::TlsConnector,
     retry_base: Duration,
+    retry_max: Duration,
     pub allow_private: bool,
-    slots: Slots,
+    slots: Arc<Slots>,
 }
 
 impl WebhookClient {
@@ -216,16 +224,26 @@ impl WebhookClient {
             }
         };
         let retry_base = if settings.retry_base.is_zero() { Duration::from_secs(1) } else { settings.retry_base };
+        let retry_max = if settings.retry_max.is_zero() { RETRY_WAIT_MAX_DEFAULT } else { settings.retry_max };
         Ok(WebhookClient {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             retry_base,
+            retry_max,
             allow_private: settings.allow_private,
-            slots: Slots::new(IN_FLIGHT_MAX, TENANT_IN_FLIGHT_MAX),
+            slots: Arc::new(Slots::new(IN_FLIGHT_MAX, TENANT_IN_FLIGHT_MAX)),
         })
     }
 
-    /// One POST of `body` to an `https://` URL, signed under each of `secrets`; the answer's status.
-    async fn post(&self, url: &str, body: Bytes, secrets: &[[u8; 32]], delivery: &str) -> Result<u16, String> {
+    /// One POST of `body` to an `https://` URL, signed under each of `secrets`, in `slot`; the
+    /// answer's status.
+    async fn post(
+        &self,
+        slot: Slot,
+        url: &str,
+        body: Bytes,
+        secrets: &[[u8; 32]],
+        delivery: &str,
+    ) -> Result<u16, String> {
         let rest = url.strip_prefix("https://").ok_or("not an https:// URL")?;
         let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
         let (host, port) = host_and_port(authority)?;
@@ -235,8 +253,13 @@ impl WebhookClient {
         // resolution). A name that does not resolve and one that resolves to private addresses
         // only are told apart nowhere a tenant can read: that would map rtpay's own network.
         const NO_PUBLIC_ADDRESS: &str = "refused: the host has no public address";
-        let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host_name.as_str(), port)).await {
-            Ok(found) => found.filter(|a| self.allow_private || is_public(a.ip())).collect(),
+        let lookup = {
+            let host_name = host_name.clone();
+            move || std::net::ToSocketAddrs::to_socket_addrs(&(host_name.as_str(), port)).map(Vec::from_iter)
+        };
+        let (_slot, found) = resolve(slot, lookup).await;
+        let addrs: Vec<std::net::SocketAddr> = match found {
+            Ok(found) => found.into_iter().filter(|a| self.allow_private || is_public(a.ip())).collect(),
             // With private receivers allowed there is nothing to hide: the resolver's own words.
             Err(e) if self.allow_private => return Err(format!("resolve: {e}")),
             Err(e) => {
@@ -681,7 +704,9 @@ fn deliver(state: &AppState, doc: store::Document) {
         let mut held = doc;
         if delivery.attempts >= TRIES {
             delivery.status = "failed".into();
-            let _ = record(&state, &held, &delivery, &outbox).await;
+            if let Ok(Some(_)) = record(&state, &held, &delivery, &outbox).await {
+                state.metrics.webhook_failed.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
         let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "pix": [outbox.pix] })).expect("serializable"));
@@ -729,7 +754,9 @@ fn deliver(state: &AppState, doc: store::Document) {
                     delivery.status = "failed".into();
                     delivery.last_error = Some("the key has no webhook".into());
                     delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
-                    let _ = record(&state, &held, &delivery, &outbox).await;
+                    if let Ok(Some(_)) = record(&state, &held, &delivery, &outbox).await {
+                        state.metrics.webhook_failed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 return;
             };
@@ -739,30 +766,44 @@ fn deliver(state: &AppState, doc: store::Document) {
             outbox.lease_until = store::now_nanos().saturating_add(nanos(ATTEMPT_TIMEOUT + LEASE_MARGIN));
             let Ok(Some(next)) = record(&state, &held, &delivery, &outbox).await else { return };
             held = next;
+            // The slot goes with the attempt, given back when it ends (or, for a name look-up
+            // still running when the attempt timed out, when the look-up ends).
             let outcome =
-                tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(&url, body.clone(), &secrets, &held.id)).await;
-            drop(slot);
+                tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(slot, &url, body.clone(), &secrets, &held.id)).await;
             delivery.attempts = attempt + 1;
             delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
-            match outcome {
+            let counted = match outcome {
                 Ok(Ok(status)) => {
                     delivery.last_status = Some(status);
                     delivery.last_error = None;
                     if (200..300).contains(&status) {
                         delivery.status = "delivered".into();
+                        crate::metrics::WebhookAttempt::Delivered
+                    } else {
+                        crate::metrics::WebhookAttempt::Refused
                     }
                 }
-                Ok(Err(e)) => delivery.last_error = Some(e),
-                Err(_) => delivery.last_error = Some("timed out".into()),
-            }
+                Ok(Err(e)) => {
+                    delivery.last_error = Some(e);
+                    crate::metrics::WebhookAttempt::Unreachable
+                }
+                Err(_) => {
+                    delivery.last_error = Some("timed out".into());
+                    crate::metrics::WebhookAttempt::Unreachable
+                }
+            };
+            state.metrics.webhook_attempts[counted as usize].fetch_add(1, Ordering::Relaxed);
             if delivery.status == "pending" && attempt + 1 == TRIES {
                 delivery.status = "failed".into();
             }
             // Held through the wait before the next attempt.
-            let wait = client.retry_base * 2u32.pow(attempt);
+            let wait = retry_wait(client.retry_base, client.retry_max, attempt);
             outbox.lease_until = store::now_nanos().saturating_add(nanos(wait + ATTEMPT_TIMEOUT + LEASE_MARGIN));
             let Ok(Some(next)) = record(&state, &held, &delivery, &outbox).await else { return };
             held = next;
+            if delivery.status == "failed" {
+                state.metrics.webhook_failed.fetch_add(1, Ordering::Relaxed);
+            }
             if delivery.status != "pending" {
                 return;
             }
@@ -771,9 +812,46 @@ fn deliver(state: &AppState, doc: store::Document) {
     });
 }
 
+/// Runs a blocking name look-up on the blocking pool, holding `slot` until it returns, and gives
+/// the slot back with the addresses. The attempt's timeout drops the future, not the look-up
+/// (glibc waits out a silent name server for 5 s a try, two tries each): without the slot, a
+/// tenant whose names never resolve could start look-ups faster than they end, and fill the
+/// blocking pool that every storage query shares. With it, a tenant holds at most
+/// [`TENANT_IN_FLIGHT_MAX`] look-ups, and the node [`IN_FLIGHT_MAX`].
+async fn resolve<F>(slot: Slot, lookup: F) -> (Option<Slot>, std::io::Result<Vec<std::net::SocketAddr>>)
+where
+    F: FnOnce() -> std::io::Result<Vec<std::net::SocketAddr>> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(move || (slot, lookup())).await {
+        Ok((slot, found)) => (Some(slot), found),
+        Err(_) => (None, Err(std::io::Error::other("the name look-up failed"))),
+    }
+}
+
+/// The wait after attempt `attempt` (from 0) failed: `base` doubled per attempt, at most `max`.
+fn retry_wait(base: Duration, max: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1u32 << attempt.min(31)).min(max)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{is_public, SecretGeneration, Slots};
+    use super::{is_public, resolve, retry_wait, SecretGeneration, Slots, RETRY_WAIT_MAX_DEFAULT, TRIES};
+    use std::time::Duration;
+
+    /// With the default waits, the tries outlast a receiver's outage of 12 hours (not 31 s, as
+    /// six tries doubling from 1 s did), and no wait exceeds the cap, however many attempts.
+    #[test]
+    fn the_default_tries_span_about_twelve_hours() {
+        let base = Duration::from_secs(1);
+        let waits: Vec<Duration> = (0..TRIES - 1).map(|a| retry_wait(base, RETRY_WAIT_MAX_DEFAULT, a)).collect();
+        assert_eq!(&waits[..3], [Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)]);
+        assert_eq!(waits[11], Duration::from_secs(2048));
+        assert_eq!(waits[12], RETRY_WAIT_MAX_DEFAULT);
+        let span: Duration = waits.iter().sum();
+        assert!(span >= Duration::from_secs(12 * 3600) && span <= Duration::from_secs(13 * 3600), "{span:?}");
+        assert_eq!(retry_wait(Duration::from_secs(3600), Duration::from_secs(7200), 40), Duration::from_secs(7200));
+        assert_eq!(retry_wait(Duration::from_millis(100), Duration::from_millis(250), 2), Duration::from_millis(250));
+    }
 
     /// An earlier secret signs until its overlap ends, not at that instant; each rotation's
     /// overlap runs its own course, and one with no overlap ends them all.
@@ -807,9 +885,43 @@ mod tests {
         assert_eq!(then.earlier, [(3, 5_010), (2, 1_000_102), (1, 1_000_101)]);
     }
 
+    /// A name look-up that outlives its attempt (the attempt's future dropped on its timeout)
+    /// keeps its tenant's slot until it returns: a tenant whose name servers never answer cannot
+    /// start more look-ups than its share.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_look_up_outliving_its_attempt_keeps_its_slot() {
+        let slots = std::sync::Arc::new(Slots::new(5, 2));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+        for _ in 0..2 {
+            let released = released.clone();
+            let slot = slots.take(7).unwrap();
+            let lookup = move || {
+                released.lock().unwrap().recv().unwrap();
+                Ok(Vec::new())
+            };
+            let timed_out = tokio::time::timeout(Duration::from_millis(20), resolve(slot, lookup)).await;
+            assert!(timed_out.is_err(), "the look-up is still running");
+        }
+        assert!(slots.take(7).is_none(), "the tenant's two look-ups still hold its share");
+        assert!(slots.take(8).is_some(), "another tenant's attempts go on");
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while slots.take(7).is_none() {
+            assert!(std::time::Instant::now() < deadline, "the slots were never given back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let done = resolve(slots.take(7).unwrap(), || Ok(vec!["192.0.2.1:443".parse().unwrap()])).await;
+        assert!(
+            done.0.is_some() && done.1.unwrap().len() == 1,
+            "a look-up that ends gives the slot back with its answer"
+        );
+    }
+
     #[test]
     fn a_tenant_takes_at_most_its_share_of_the_attempts_and_gives_them_back() {
-        let slots = Slots::new(5, 2);
+        let slots = std::sync::Arc::new(Slots::new(5, 2));
         let (a1, a2) = (slots.take(1).unwrap(), slots.take(1).unwrap());
         assert!(slots.take(1).is_none(), "tenant 1 is at its share");
         let b1 = slots.take(2).unwrap();

@@ -246,7 +246,11 @@ pub async fn delete_key(
     let tenant_id = tenant.id;
     let deleted = query(&state, move |q| match find_key(&vault, q, &key)? {
         Some((doc, _)) if doc.tenant_id == tenant_id => {
-            Ok(Some(doc.id.clone()).filter(|_| q.delete_document(KEY_KIND, tenant_id, &doc.id).unwrap_or(false)))
+            // Its webhook goes first: a webhook whose key is gone could be neither read nor
+            // deleted through the API Pix, and would come back with the key registered again. A
+            // failure between the two leaves the key, for the client to delete again.
+            q.delete_document(crate::webhook::WEBHOOK_KIND, tenant_id, &key_lookup(&vault, &key))?;
+            Ok(q.delete_document(KEY_KIND, tenant_id, &doc.id)?.then(|| doc.id.clone()))
         }
         _ => Ok(None),
     })
