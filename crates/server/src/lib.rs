@@ -349,6 +349,9 @@ where
                         state: state.clone(),
                         slot: slot.clone(),
                         mutating: mutating && route.is_some(),
+                        method,
+                        route: route.clone(),
+                        started,
                     };
                     let handled = finishing.handler.as_mut().expect("set above").await;
                     finishing.handler = None;
@@ -388,14 +391,22 @@ where
 /// recorded then: a handler may have begun a change that goes on without it (work on the blocking
 /// pool runs to its end), and a change is not left out of the audit log. (Not tracked: one still
 /// running when the server stops finds the writer stopped, and its entry is logged as not
-/// recorded.) The request's answer goes nowhere; the metrics and the request log do not count it.
+/// recorded.) The request's answer goes nowhere; the metrics count it under status 499 (the
+/// client closed the request, as nginx logs it), with the time its handler took: clients that
+/// give up on a stalled node show in the request counts and latencies.
 struct Finishing {
     handler: Option<HandlerFuture>,
     state: AppState,
     slot: Arc<audit_trail::Slot>,
     /// It may change something (not a GET or HEAD), and a route took it.
     mutating: bool,
+    method: &'static str,
+    route: Option<MatchedPath>,
+    started: Instant,
 }
+
+/// The status the metrics count a request under when its client went away before the answer.
+pub const CLIENT_CLOSED: u16 = 499;
 
 type HandlerFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<Result<Response, std::convert::Infallible>, Panicked>> + Send>,
@@ -406,6 +417,7 @@ impl Drop for Finishing {
         let Some(handler) = self.handler.take() else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (state, slot, mutating) = (self.state.clone(), self.slot.clone(), self.mutating);
+        let (method, route, started) = (self.method, self.route.take(), self.started);
         runtime.spawn(async move {
             let status = match handler.await {
                 Ok(Ok(response)) => response.status().as_u16(),
@@ -413,6 +425,11 @@ impl Drop for Finishing {
                 Err(Panicked) => 500,
             };
             audit_trail::record_after(&state, &slot, mutating && status != 405, status).await;
+            let micros = started.elapsed().as_micros() as u64;
+            let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+            state.metrics.observe(method, route, CLIENT_CLOSED, micros);
+            let request_id = slot.request_id.as_str();
+            tracing::info!(request_id, method, route, status, micros, "the client went away before the answer");
         });
     }
 }

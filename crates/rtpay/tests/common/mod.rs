@@ -150,6 +150,23 @@ impl Server {
     }
 }
 
+impl Server {
+    /// `rtpay audit verify` on this server's storage (its keys in the data directory), as a
+    /// separate process.
+    pub fn audit_verify(&self) -> (bool, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
+        command.args(["audit", "verify", "--data"]).arg(&self.data);
+        if let Some(url) = &self.postgres {
+            command.arg("--postgres").arg(url);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
