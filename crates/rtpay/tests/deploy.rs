@@ -149,7 +149,7 @@ fn the_dockerfile_copies_what_exists_and_the_build_context_keeps_it() {
 fn the_alert_rules_pass_promtools_checks_and_rule_tests() {
     let out = promtool(&["check", "config", "prometheus.yml"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("SUCCESS: 8 rules found"), "{}", text(&out));
+    assert!(text(&out).contains("SUCCESS: 10 rules found"), "{}", text(&out));
     let out = promtool(&["test", "rules", "alerts_test.yml"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("SUCCESS"), "{}", text(&out));
