@@ -117,9 +117,10 @@ pub fn credits_cardholder(processing_code: &str) -> bool {
 
 /// Whether an advice's DE39 reports a transaction the network approved (in stand-in, or on the
 /// issuer's late answer): `00`, `08` (honour with identification), `10` (approved for a partial
-/// amount) or `11` (VIP). An advice without DE39 reports an approval.
+/// amount), `11` (VIP), or a chip card's offline approval, `Y1` (approved offline) or `Y3`
+/// (unable to go online, approved offline). An advice without DE39 reports an approval.
 pub fn advice_approved(response_code: Option<&str>) -> bool {
-    matches!(response_code, None | Some("00" | "08" | "10" | "11"))
+    matches!(response_code, None | Some("00" | "08" | "10" | "11" | "Y1" | "Y3"))
 }
 
 pub fn decide(card: &Card<'_>, request: &Request<'_>, spent: Spent) -> Decision {
@@ -237,10 +238,10 @@ mod tests {
         for debit in ["000000", "010000", "090000", "110000", "300000", "2", ""] {
             assert!(!credits_cardholder(debit), "{debit}");
         }
-        for approved in [None, Some("00"), Some("08"), Some("10"), Some("11")] {
+        for approved in [None, Some("00"), Some("08"), Some("10"), Some("11"), Some("Y1"), Some("Y3")] {
             assert!(advice_approved(approved), "{approved:?}");
         }
-        for declined in [Some("05"), Some("51"), Some("91"), Some("0"), Some("")] {
+        for declined in [Some("05"), Some("51"), Some("91"), Some("0"), Some(""), Some("Z1"), Some("Z3"), Some("y1")] {
             assert!(!advice_approved(declined), "{declined:?}");
         }
     }

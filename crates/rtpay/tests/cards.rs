@@ -616,6 +616,81 @@ fn a_capture_whose_tip_the_account_cannot_cover_posts_the_hold() {
     });
 }
 
+/// An authorization advice (0120: the network approved in rtpay's stead) holds the amount, and
+/// its capture (0220) collects what was spent; one of an authorization rtpay approved changes
+/// nothing; one the funds cannot hold is collected on its own at capture. A refund advice is held
+/// to its authorization within the tolerance; a DE95 that is not an amount is refused; a chip's
+/// offline approval (DE39 `Y1`) is an approval. (Before, the 0120 was taken for a capture: the
+/// stand-in authorization was charged in full and its smaller capture refused; a refund advice
+/// credited any amount; a garbled DE95 reversed everything; `Y1` released the hold.)
+#[test]
+fn authorization_advices_hold_and_advices_are_held_to_their_authorizations() {
+    let dir = temp_dir("cards-advices");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.unwrap();
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let mut net = Network::connect(iso);
+        let stan = |m: &Value, t: &str, n: u32| with(m.clone(), json!({"t": t, "11": format!("{n:06}")}));
+
+        // A fuel pump's pre-authorization of 5,000, approved by the network in stand-in.
+        let pump = auth(&i.pan, &i.expiry, 5_000, 1, "000000000001");
+        let r = net.ask(&stan(&pump, "0120", 1));
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0130"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (5_000, 5_000, 0), "held, not charged");
+        // 1,200 of fuel: the capture collects that, and the rest is released.
+        let fuel = with(stan(&pump, "0220", 2), json!({"4": format!("{:012}", 1_200)}));
+        let r = net.ask(&fuel);
+        assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0230"), json!("00")), "{r}");
+        assert_eq!(available(&mut c, key, acct).await, (8_800, 0, 1_200));
+
+        // An advice of an authorization rtpay approved (its answer came too late): it stands.
+        let shop = auth(&i.pan, &i.expiry, 2_000, 3, "000000000003");
+        assert_eq!(net.ask(&shop)["39"], json!("00"));
+        assert_eq!(net.ask(&stan(&shop, "0120", 4))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (6_800, 2_000, 1_200), "held once, not charged");
+        assert_eq!(net.ask(&stan(&shop, "0400", 5))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (8_800, 0, 1_200), "its reversal releases it");
+
+        // A chip's offline approval (Y1) of a purchase rtpay held: captured, not released.
+        let chip = auth(&i.pan, &i.expiry, 300, 6, "000000000006");
+        assert_eq!(net.ask(&chip)["39"], json!("00"));
+        assert_eq!(net.ask(&with(stan(&chip, "0220", 7), json!({"39": "Y1"})))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (8_500, 0, 1_500));
+
+        // A stand-in authorization the funds cannot hold: acknowledged, collected on its own at
+        // capture as far as the ledger allows (here not at all: recorded for reconciliation).
+        let big = auth(&i.pan, &i.expiry, 60_000, 8, "000000000008");
+        assert_eq!(net.ask(&stan(&big, "0120", 8))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (8_500, 0, 1_500));
+        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), key).await.unwrap();
+        let record = r.json()["authorizations"][0].clone();
+        assert_eq!(
+            (record["status"].clone(), record["rrn"].clone()),
+            (json!("expired"), json!("000000000008")),
+            "{record}"
+        );
+
+        // A refund authorized for 1,000 is credited up to the tolerance (20 %), not beyond.
+        let refund = with(auth(&i.pan, &i.expiry, 1_000, 9, "000000000009"), json!({"3": "200000"}));
+        assert_eq!(net.ask(&refund)["39"], json!("00"));
+        let inflated = with(stan(&refund, "0220", 10), json!({"4": format!("{:012}", 100_000)}));
+        assert_eq!(net.ask(&inflated)["39"], json!("61"));
+        assert_eq!(available(&mut c, key, acct).await, (8_500, 0, 1_500), "nothing credited");
+        assert_eq!(net.ask(&stan(&refund, "0220", 11))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (9_500, 0, 1_500));
+
+        // A partial reversal whose DE95 is not an amount is refused: the hold stands.
+        let atm = auth(&i.pan, &i.expiry, 3_000, 12, "000000000012");
+        assert_eq!(net.ask(&atm)["39"], json!("00"));
+        let garbled = with(stan(&atm, "0400", 13), json!({"95": format!("00000000060X{}", "0".repeat(30))}));
+        assert_eq!(net.ask(&garbled)["39"], json!("30"));
+        assert_eq!(available(&mut c, key, acct).await, (6_500, 3_000, 1_500), "nothing reversed");
+    });
+}
+
 /// The processing code (DE3) says which way the money goes, and an advice's DE39 whether it goes
 /// at all: a refund's authorization (0100, `20xxxx`) holds nothing and its advice credits the
 /// account, as do a refund advice with no authorization and an original credit (`26xxxx`); a

@@ -619,7 +619,8 @@ impl<'a> Flow<'a> {
             ("0100", true) => self.authorize_credit().await,
             ("0200", false) => self.authorize(true).await,
             ("0200", true) => self.refund(false).await,
-            ("0120" | "0220", _) => self.capture().await,
+            ("0120", _) => self.authorization_advice().await,
+            ("0220", _) => self.capture().await,
             _ => self.reverse().await,
         }
     }
@@ -709,7 +710,7 @@ impl<'a> Flow<'a> {
 
     /// A credit's authorization (an 0100 whose DE3 credits the cardholder: a refund, say):
     /// approved unless the card is cancelled or DE49 is not its currency; nothing is held and no
-    /// limit counts it. Its advice (0120, 0220) moves the money, settlement → account.
+    /// limit counts it. Its advice (0220) moves the money, settlement → account.
     async fn authorize_credit(&self) -> Step {
         let ctx = &self.ctx;
         let now = store::now_nanos();
@@ -1211,6 +1212,16 @@ impl<'a> Flow<'a> {
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
             return Err(ResponseCode::FormatError.into());
         }
+        // As a capture may exceed its hold: by the tolerance at most. (Before, any amount was
+        // credited: a refund authorized for 10.00 could credit 1,000.00.)
+        let tolerance =
+            (u128::from(view.amount) * u128::from(self.state.card_settings.capture_tolerance_percent) / 100) as u64;
+        if ctx.amount > view.amount.saturating_add(tolerance) {
+            let reason = "the refund advice exceeds its authorization beyond the tolerance".to_owned();
+            return self
+                .record(view, basis, created_at, "refund advice", ResponseCode::ExceedsAmountLimit, reason)
+                .await;
+        }
         let id = ctx.step_id(&view, "credit");
         let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
         let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
@@ -1293,8 +1304,18 @@ impl<'a> Flow<'a> {
             return self.record(view, basis, created_at, "reversal", ResponseCode::FormatError, reason).await;
         }
         // A partial reversal names, in DE95, the amount that did happen (an ATM that dispensed
-        // part of what was asked): only the rest is reversed.
-        let actual = ctx.request.get(95).and_then(|d| d.get(..12)).and_then(|a| a.parse::<u64>().ok());
+        // part of what was asked): only the rest is reversed. One whose amount is not 12 digits
+        // is refused: read as absent, it reversed everything.
+        let actual = match ctx.request.get(95) {
+            None => None,
+            Some(d) => match d.get(..12).filter(|a| a.bytes().all(|b| b.is_ascii_digit())) {
+                Some(a) => Some(a.parse::<u64>().map_err(|_| ResponseCode::FormatError)?),
+                None => {
+                    let reason = "DE95's actual amount is not 12 digits".to_owned();
+                    return self.record(view, basis, created_at, "reversal", ResponseCode::FormatError, reason).await;
+                }
+            },
+        };
         let standing = match view.status.as_str() {
             "approved" | "expired" => view.amount,
             "captured" => view.captured,
@@ -1390,7 +1411,86 @@ impl<'a> Flow<'a> {
             .then(|| format!("DE49 ({:03}) is not the authorization's currency ({})", self.ctx.currency, view.currency))
     }
 
-    /// An advice (0120, 0220) for a purchase rtpay never authorized: the network approved it in
+    /// An authorization advice (0120): the network authorized the transaction in rtpay's stead
+    /// (stand-in: rtpay was unreachable, or answered too late) and says so. Its money moves as
+    /// an authorization's does, with its capture (0220) or reversal later: unmatched, a hold is
+    /// placed for it (no limit or check applies: the network has approved it), or for a credit,
+    /// a credit's authorization recorded; matched, the authorization stands as it is. A hold the
+    /// ledger refuses (the funds are gone) is recorded `expired`, as one whose hold lapsed: its
+    /// capture is then posted on its own. Acknowledged whatever happens. (Before, an 0120 was
+    /// taken for a capture: a stand-in authorization was charged in full at once, and its
+    /// capture for less was refused, the cardholder paying the difference.)
+    async fn authorization_advice(&self) -> Step {
+        let ctx = &self.ctx;
+        let kind = "authorization advice";
+        let credit = cards::credits_cardholder(ctx.request.get(3).unwrap_or("000000"));
+        let declined = (!cards::advice_approved(ctx.request.get(39))).then(|| ctx.request.get(39).unwrap_or(""));
+        let Some((row, view)) = self.original().await? else {
+            if let Some(de39) = declined {
+                return self.declined_advice(None, de39).await;
+            }
+            let now = store::now_nanos();
+            let currency = self.named_currency().await?;
+            if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
+                return Err(ResponseCode::FormatError.into());
+            }
+            let mut view = ctx.new_view(currency, now);
+            view.status = "approved".into();
+            view.auth_code = ctx.request.get(38).map(str::to_owned);
+            let basis = ctx.fresh(&view);
+            let c = self.ctx.clone();
+            if credit {
+                view.credit = true;
+                return self
+                    .execute(vec![], basis, move |_| {
+                        c.conclude(view.clone(), now, kind, ResponseCode::Approved, None, vec![], vec![])
+                    })
+                    .await;
+            }
+            let hold = ctx.transfer_id("hold");
+            let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
+            let event = EventKind::Pending {
+                debit: AccountId(ctx.account()?),
+                credit: AccountId(settlement),
+                amount: ctx.amount,
+                timeout_seconds: self.state.card_settings.hold_seconds,
+            };
+            return self
+                .execute(vec![ctx.event(hold, event)], basis, move |result| {
+                    let mut view = view.clone();
+                    match result {
+                        TransferResult::Created | TransferResult::Exists => {
+                            view.hold_id = Some(uuid_string(hold));
+                            c.conclude(view, now, kind, ResponseCode::Approved, None, vec![hold], vec![])
+                        }
+                        other => {
+                            view.status = "expired".into();
+                            let reason = format!(
+                                "approved by the network in stand-in; the ledger refused its hold ({}): its \
+                                 capture is posted on its own",
+                                other.as_str()
+                            );
+                            c.conclude(view, now, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                        }
+                    }
+                })
+                .await;
+        };
+        let (created_at, basis) = (row.created_at, as_read(&row));
+        if let Some(reason) = self.other_currency(&view) {
+            return self.record(view, basis, created_at, kind, ResponseCode::FormatError, reason).await;
+        }
+        if let Some(de39) = declined {
+            return self.declined_advice(Some((view, basis, created_at)), de39).await;
+        }
+        let reason = match view.status.as_str() {
+            "approved" => "the network's advice of this authorization: it stands".to_owned(),
+            other => format!("the network approved in stand-in an authorization that is {other} here: reconcile"),
+        };
+        self.record(view, basis, created_at, kind, ResponseCode::Approved, reason).await
+    }
+
+    /// An advice (0220) for a purchase rtpay never authorized: the network approved it in
     /// stand-in (rtpay was unreachable) and will settle it, so the account pays it now. An advice
     /// is acknowledged whatever happens (the network does not take "declined" for an answer);
     /// one the ledger refuses (the funds are gone, the account closed) is recorded as
@@ -1532,7 +1632,7 @@ impl<'a> Flow<'a> {
     }
 
     /// A credit to the cardholder, settlement → account: a refund (0200 with a credit processing
-    /// code), or an advice (0120, 0220) of one with no authorization to match (`advice`; approved
+    /// code), or an advice (0220) of one with no authorization to match (`advice`; approved
     /// by the network in stand-in). An advice is acknowledged whatever happens: one the ledger
     /// refuses is recorded as `unposted`, with the reason, for reconciliation.
     async fn refund(&self, advice: bool) -> Step {
