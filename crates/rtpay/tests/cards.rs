@@ -1340,6 +1340,69 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
     });
 }
 
+/// The listener holds at most `CONNECTIONS_MAX` connections (one more is closed at once, and
+/// taken again once one ends); a well-formed request of a type not handled gets a format error
+/// the network can match, and a message asking for no answer gets none, the connection going on;
+/// answers echo no expiry date and no private field that may carry a CVV2, in the answer as in the
+/// stored one a repeat gets. (Before, connections were unbounded; an 0300's answer carried no
+/// STAN; an 0810 closed the connection; DE14 and DE48 were echoed.)
+#[test]
+fn the_card_listener_bounds_its_connections_and_answers_what_it_does_not_handle() {
+    use std::io::Read;
+    let server = Server::start_with_args(
+        &temp_dir("cards-bounds"),
+        None,
+        "127.0.0.1:0",
+        true,
+        &["--iso8583-listen", "127.0.0.1:0"],
+    );
+    let iso = server.iso8583.unwrap();
+    let echo = json!({"t": "0800", "7": "1206093000", "11": "000001", "70": "001"});
+    let mut idle: Vec<std::net::TcpStream> =
+        (0..server::iso8583::CONNECTIONS_MAX).map(|_| std::net::TcpStream::connect(iso).unwrap()).collect();
+    let mut extra = std::net::TcpStream::connect(iso).unwrap();
+    extra.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    assert_eq!(extra.read(&mut [0u8; 16]).unwrap(), 0, "one connection more is closed at once");
+    idle.pop();
+    let mut answered = None;
+    for _ in 0..50 {
+        let mut net = Network::connect(iso);
+        let got = net.try_command(json!({"op": "send", "msg": echo}));
+        let got = if got.get("error").is_some() { got } else { net.try_command(json!({"op": "recv", "n": 1})) };
+        if let Some(m) = got["messages"].as_array().and_then(|m| m.first()) {
+            answered = Some((m.clone(), net));
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (first, mut net) = answered.expect("a connection is taken again once one ends");
+    assert_eq!(first["39"], json!("00"));
+    drop(idle);
+
+    let other = json!({"t": "0300", "3": "000000", "11": "000123", "37": "000000000123", "41": "TERM0001"});
+    let r = net.ask(&other);
+    assert_eq!(
+        (r["t"].clone(), r["39"].clone(), r["11"].clone(), r["37"].clone(), r["41"].clone()),
+        (json!("0310"), json!("30"), json!("000123"), json!("000000000123"), json!("TERM0001")),
+        "{r}"
+    );
+    net.send(&json!({"t": "0810", "11": "000124", "39": "00", "70": "001"}));
+    assert_eq!(net.ask(&echo)["t"], json!("0810"), "the connection goes on, with no answer to the 0810");
+
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({})).await;
+        let a = with(auth(&i.pan, &i.expiry, 100, 200, "000000000200"), json!({"48": "92CVC2123"}));
+        let r = net.ask(&a);
+        assert_eq!(r["39"], json!("00"), "{r}");
+        assert!(r.get("14").is_none() && r.get("48").is_none(), "{r}");
+        assert_eq!((r["11"].clone(), r["4"].clone()), (a["11"].clone(), a["4"].clone()));
+        let repeat = net.ask(&with(a, json!({"t": "0101"})));
+        assert_eq!(repeat["38"], r["38"], "{repeat}");
+        assert!(repeat.get("14").is_none() && repeat.get("48").is_none(), "{repeat}");
+    });
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -204,13 +204,23 @@ fn original_mti(mti: &str) -> String {
     String::from_utf8(b).unwrap_or_default()
 }
 
-/// The answer to `request`: its fields echoed (never track data or PIN blocks), the response code,
-/// and the authorization code when approved.
+/// The request's fields an answer echoes: what identifies the transaction and its amounts to the
+/// network. Only these: a field not named here may carry what must never leave or be kept (the
+/// expiry date DE14, an extended card number DE34, track data DE35/36/45, DE48's and DE126's
+/// CVV2/CVC2 on some networks, the PIN block DE52, chip data DE55). Answers are stored for
+/// repeats, so what they echo is kept too. (Before, every field but a few was echoed.)
+const ECHOED: [u8; 33] = [
+    2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 15, 16, 18, 19, 22, 23, 25, 28, 32, 33, 37, 41, 42, 43, 49, 50, 51, 90, 95,
+    100, 102, 103,
+];
+
+/// The answer to `request`: the [`ECHOED`] fields it has, the response code, and the
+/// authorization code when approved.
 fn answer(request: &Message, code: ResponseCode, auth_code: Option<&str>) -> Message {
     let mti = response_mti(&request.mti).unwrap_or_else(|| "0810".into());
     let mut out = Message::new(&mti);
     for (n, v) in request.fields() {
-        if !matches!(n, 35 | 36 | 45 | 52 | 55 | 38 | 39) {
+        if ECHOED.contains(&n) {
             out.set(n, v);
         }
     }
@@ -233,7 +243,8 @@ pub fn format_error(frame: &[u8]) -> Option<Vec<u8>> {
     out.encode().ok()
 }
 
-/// Answers one frame; `None`: close the connection.
+/// Answers one frame; `None`: close the connection; an empty answer: nothing to send (a
+/// well-formed message that asks for no answer), the connection goes on.
 pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
     let message = match Message::decode(frame) {
         Ok(m) => m,
@@ -258,9 +269,15 @@ pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
                 Err(_) => answer(&message, ResponseCode::IssuerUnavailable, None),
             }
         }
+        // A well-formed request of a type not handled: a format error the network can match
+        // (its STAN, RRN and terminal echoed). A message that asks no answer (a response, an
+        // 0810 say) gets none, and the connection goes on.
         other => {
             tracing::info!(mti = other, "ISO 8583 message type not handled");
-            return format_error(frame);
+            if response_mti(other).is_none() {
+                return Some(Vec::new());
+            }
+            answer(&message, ResponseCode::FormatError, None)
         }
     };
     match reply.encode() {

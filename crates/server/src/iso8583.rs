@@ -18,6 +18,10 @@ use crate::AppState;
 pub const FRAME_LEN_MAX: usize = 8192;
 /// Messages of one connection being decided at once; the next waits for a free slot.
 pub const IN_FLIGHT_MAX: usize = 256;
+/// Connections open at once, at most (a card network holds a few links); beyond, a new one is
+/// closed at once. Without a bound, peers that open connections and send nothing (each may sit out
+/// [`IDLE_TIMEOUT`]) would use up the descriptors the HTTP listener shares.
+pub const CONNECTIONS_MAX: usize = 256;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long an answer may wait for the peer to take it (its receive window full): then the
@@ -40,6 +44,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
+    let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -52,9 +57,14 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "an ISO 8583 connection closed at once: {CONNECTIONS_MAX} are open");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let (state, tls) = (state.clone(), tls.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let ended = match tls {
                         None => connection(stream, state).await,
                         // A peer that does not finish its handshake in time, or presents no
@@ -140,6 +150,7 @@ where
             // A panic in one message's handling costs that message only.
             let answer = crate::catch_panic(async move { crate::card_network::handle(&state, &frame).await }).await;
             match answer {
+                Ok(Some(bytes)) if bytes.is_empty() => {}
                 Ok(Some(bytes)) => {
                     let _ = tx.send(cards::iso8583::frame(&bytes)).await;
                 }
