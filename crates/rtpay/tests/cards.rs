@@ -1400,6 +1400,16 @@ fn the_card_listener_bounds_its_connections_and_answers_what_it_does_not_handle(
         let repeat = net.ask(&with(a, json!({"t": "0101"})));
         assert_eq!(repeat["38"], r["38"], "{repeat}");
         assert!(repeat.get("14").is_none() && repeat.get("48").is_none(), "{repeat}");
+
+        // Each message is counted by its MTI and the code answered; the approved volume once.
+        let text = metrics_with(&mut c, "rtpay_card_messages_total").await;
+        let count = |labels: &str| sample(&text, &format!("rtpay_card_messages_total{{{labels}}}"));
+        assert_eq!(count(r#"mti="0100",response_code="00""#), Some(1.0), "{text}");
+        assert_eq!(count(r#"mti="0101",response_code="00""#), Some(1.0));
+        assert_eq!(count(r#"mti="other",response_code="30""#), Some(1.0));
+        assert!(count(r#"mti="0800",response_code="00""#) >= Some(2.0));
+        assert_eq!(sample(&text, "rtpay_card_approved_amount_minor_total"), Some(100.0));
+        assert!(sample(&text, "rtpay_card_message_duration_seconds_count") >= Some(5.0), "{text}");
     });
 }
 

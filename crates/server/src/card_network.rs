@@ -246,10 +246,12 @@ pub fn format_error(frame: &[u8]) -> Option<Vec<u8>> {
 /// Answers one frame; `None`: close the connection; an empty answer: nothing to send (a
 /// well-formed message that asks for no answer), the connection goes on.
 pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
+    let started = std::time::Instant::now();
     let message = match Message::decode(frame) {
         Ok(m) => m,
         Err(why) => {
             tracing::info!(%why, "ISO 8583 format error");
+            state.metrics.observe_card_message("unreadable", ResponseCode::FormatError.code(), 0);
             return format_error(frame);
         }
     };
@@ -280,6 +282,13 @@ pub async fn handle(state: &AppState, frame: &[u8]) -> Option<Vec<u8>> {
             answer(&message, ResponseCode::FormatError, None)
         }
     };
+    let code = reply.get(39).unwrap_or("");
+    state.metrics.observe_card_message(&message.mti, code, started.elapsed().as_micros() as u64);
+    // Repeats (0101, 0201) are the same transaction: its volume counts once.
+    if code == ResponseCode::Approved.code() && matches!(message.mti.as_str(), "0100" | "0200") {
+        let amount = message.get(4).and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
+        state.metrics.card_approved_minor.fetch_add(amount, std::sync::atomic::Ordering::Relaxed);
+    }
     match reply.encode() {
         Ok(bytes) => Some(bytes),
         Err(why) => {

@@ -38,7 +38,33 @@ pub struct Metrics {
     /// Webhook deliveries ended `failed` (every try refused or unreachable, or the key lost its
     /// webhook): nothing will send them again unless asked.
     pub webhook_failed: std::sync::atomic::AtomicU64,
+    /// Card network messages: (request MTI, DE39 answered) → count; and their handling time.
+    card_messages: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    card_message_latency: Mutex<RouteStats>,
+    /// The DE4 amounts of approved 0100s and 0200s (in each card's currency's minor units, summed
+    /// across currencies: a volume gauge, not an account).
+    pub card_approved_minor: std::sync::atomic::AtomicU64,
 }
+
+/// The request MTIs the card metrics name; any other is counted as `other`.
+const CARD_MTIS: [&str; 14] = [
+    "0100",
+    "0101",
+    "0120",
+    "0121",
+    "0200",
+    "0201",
+    "0220",
+    "0221",
+    "0400",
+    "0401",
+    "0420",
+    "0421",
+    "0800",
+    "unreadable",
+];
+/// The DE39 codes rtpay answers (cards::ResponseCode); any other is counted as `other`.
+const CARD_CODES: [&str; 11] = ["00", "05", "14", "30", "51", "54", "57", "59", "61", "91", "96"];
 
 /// How a webhook delivery attempt ended: the receiver answered 2xx, answered something else, or
 /// could not be reached in time (no public address, refused, TLS, timed out).
@@ -69,6 +95,19 @@ pub fn method_name(method: &axum::http::Method) -> &'static str {
 }
 
 impl Metrics {
+    /// One card network message answered: its request MTI, the DE39 of the answer (empty: none),
+    /// and how long it took.
+    pub fn observe_card_message(&self, mti: &str, code: &str, micros: u64) {
+        let mti = CARD_MTIS.iter().find(|m| **m == mti).copied().unwrap_or("other");
+        let code = CARD_CODES.iter().find(|c| **c == code).copied().unwrap_or("other");
+        *self.card_messages.lock().expect("metrics lock").entry((mti, code)).or_default() += 1;
+        let mut latency = self.card_message_latency.lock().expect("metrics lock");
+        latency.count += 1;
+        latency.sum_us += micros;
+        let i = LATENCY_BUCKETS_US.iter().position(|b| micros <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
+        latency.buckets[i] += 1;
+    }
+
     pub fn observe(&self, method: &'static str, route: &str, status: u16, micros: u64) {
         let mut routes = self.routes.lock().expect("metrics lock");
         if !routes.contains_key(route) {
@@ -175,6 +214,27 @@ impl Metrics {
             "rtpay_webhook_deliveries_failed_total",
             "Webhook deliveries whose tries all failed (or whose key lost its webhook); sent again only on request.",
             self.webhook_failed.load(Ordering::Relaxed),
+        );
+        out.push_str("# HELP rtpay_card_messages_total Card network (ISO 8583) messages by request MTI and the response code (DE39) answered.\n# TYPE rtpay_card_messages_total counter\n");
+        for ((mti, code), n) in self.card_messages.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "rtpay_card_messages_total{{mti=\"{mti}\",response_code=\"{code}\"}} {n}");
+        }
+        let latency = self.card_message_latency.lock().expect("metrics lock").clone();
+        out.push_str("# HELP rtpay_card_message_duration_seconds Time to decide a card network message, from its frame to its answer.\n# TYPE rtpay_card_message_duration_seconds histogram\n");
+        histogram(
+            &mut out,
+            "rtpay_card_message_duration_seconds",
+            "",
+            &LATENCY_BUCKETS_US,
+            &latency.buckets,
+            latency.sum_us,
+            1e6,
+        );
+        counter(
+            &mut out,
+            "rtpay_card_approved_amount_minor_total",
+            "DE4 amounts of approved authorizations and purchases (0100, 0200), in minor units, all currencies summed.",
+            self.card_approved_minor.load(Ordering::Relaxed),
         );
         counter(
             &mut out,
