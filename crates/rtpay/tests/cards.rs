@@ -1204,6 +1204,40 @@ fn product_and_card_input_is_checked() {
     });
 }
 
+/// A hold counts against the card's limits while it stands, and no more once it lapses (the
+/// ledger released it; the authorization says when, `hold_expires_at`). (Before, an approved
+/// authorization never captured counted against the month's limit for good.)
+#[test]
+fn a_lapsed_hold_no_longer_counts_against_the_cards_limits() {
+    let server = Server::start_with_args(
+        &temp_dir("cards-lapsed"),
+        None,
+        "127.0.0.1:0",
+        true,
+        &["--iso8583-listen", "127.0.0.1:0", "--card-hold-seconds", "1"],
+    );
+    let iso = server.iso8583.unwrap();
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({"limits": {"daily": 3_000, "monthly": 3_000}})).await;
+        let mut net = Network::connect(iso);
+        assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 2_500, 1, "000000000001"))["39"], json!("00"));
+        assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 1_000, 2, "000000000002"))["39"], json!("61"), "the hold counts");
+        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), &i.key).await.unwrap();
+        let held = r.json()["authorizations"][1].clone();
+        assert_eq!(held["status"], json!("approved"), "{held}");
+        assert!(held["hold_expires_at"].as_str().is_some_and(|at| at > held["created_at"].as_str().unwrap()), "{held}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while available(&mut c, &i.key, &i.account).await != (10_000, 0, 0) {
+            assert!(std::time::Instant::now() < deadline, "the ledger released the hold");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let r = net.ask(&auth(&i.pan, &i.expiry, 2_000, 3, "000000000003"));
+        assert_eq!(r["39"], json!("00"), "the lapsed hold no longer counts: {r}");
+        assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 1_500, 4, "000000000004"))["39"], json!("61"), "the new one does");
+    });
+}
+
 #[test]
 fn holds_expire_and_malformed_frames_leave_the_listener_working() {
     let dir = temp_dir("cards-expiry");

@@ -224,12 +224,12 @@ fn migrate_applies_once() {
     let dir = temp_dir("migrate");
     let dir = dir.to_str().unwrap();
     let (ok, out) = rtpay(&["migrate", "--data", dir]);
-    assert!(ok && out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]"), "{out}");
+    assert!(ok && out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]"), "{out}");
     let (ok, out) = rtpay(&["migrate", "--data", dir]);
     assert!(ok && out.contains("schema up to date"), "{out}");
     let url = store::testing::fresh_postgres_database();
     let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
-    assert!(ok && out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]"), "{out}");
+    assert!(ok && out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]"), "{out}");
     let (ok, out) = rtpay(&["migrate", "--postgres", &url]);
     assert!(ok && out.contains("schema up to date"), "{out}");
 }

@@ -144,6 +144,11 @@ pub struct AuthorizationView {
     pub mcc: Option<String>,
     /// The pending ledger transfer holding the funds.
     pub hold_id: Option<String>,
+    /// When that hold lapses (the ledger releases it), as placed: from then on the authorization
+    /// no longer counts against the card's limits. Absent on records of versions before it was
+    /// kept (those count until captured or reversed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_expires_at: Option<String>,
     pub captured: u64,
     pub reversed: u64,
     pub events: Vec<AuthorizationEvent>,
@@ -342,6 +347,8 @@ struct Ctx {
     answered: Option<Vec<u8>>,
     /// The tenant's data key: stored answers are sealed under it.
     dek: std::sync::Arc<vault::Secret32>,
+    /// How long a hold stands (`--card-hold-seconds`).
+    hold_seconds: u32,
 }
 
 /// Why a step gave no answer of its own.
@@ -430,6 +437,11 @@ impl Ctx {
         store::Guard::Authorization { tenant_id: self.tenant, id, body: None }
     }
 
+    /// When a hold placed at `now` lapses (`--card-hold-seconds` on).
+    fn hold_expiry(&self, now: u64) -> String {
+        crate::dto::rfc3339(now.saturating_add(u64::from(self.hold_seconds) * 1_000_000_000))
+    }
+
     fn new_view(&self, currency: Currency, now: u64) -> AuthorizationView {
         AuthorizationView {
             id: uuid_string(self.transfer_id("hold")),
@@ -453,6 +465,7 @@ impl Ctx {
                 .flatten(),
             mcc: self.request.get(18).map(str::to_owned),
             hold_id: None,
+            hold_expires_at: None,
             captured: 0,
             reversed: 0,
             events: vec![],
@@ -495,6 +508,13 @@ impl Ctx {
             _ => 0,
         };
         let id = uuid::Uuid::parse_str(&view.id).map(|u| u.as_u128()).unwrap_or_default();
+        // A hold standing stops counting once it lapses (nothing else tells the record so).
+        let held_until = match (&view.hold_id, &view.hold_expires_at) {
+            (Some(_), Some(at)) if view.status == "approved" && !view.credit => {
+                crate::routes::api_pix::parse_date_time(at).unwrap_or(0)
+            }
+            _ => 0,
+        };
         let row = store::AuthorizationRow {
             tenant_id: self.tenant,
             id,
@@ -502,6 +522,7 @@ impl Ctx {
             rrn: view.rrn.clone(),
             created_at,
             spend,
+            held_until,
             body: serde_json::to_string(&view).expect("serializable"),
         };
         Concluded { records: vec![store::Record::Authorization { row, message: stored }], reply }
@@ -587,6 +608,7 @@ impl<'a> Flow<'a> {
             keys: state.keys.clone(),
             answered,
             dek,
+            hold_seconds: state.card_settings.hold_seconds,
         };
         Ok(Flow { state, ctx: std::sync::Arc::new(ctx), owed })
     }
@@ -803,7 +825,7 @@ impl<'a> Flow<'a> {
             .read(self.state, move |q| {
                 Ok((
                     q.card_product(tenant, product_id.as_u128())?,
-                    q.card_spent(card_id, day, month, minute)?,
+                    q.card_spent(card_id, day, month, minute, now)?,
                     q.card(tenant, card_id)?,
                     if rrn.is_empty() { None } else { q.authorization_by_rrn(card_id, &rrn)? },
                 ))
@@ -872,6 +894,7 @@ impl<'a> Flow<'a> {
             match result {
                 TransferResult::Created | TransferResult::Exists => {
                     view.hold_id = (!single_message).then(|| uuid_string(hold));
+                    view.hold_expires_at = (!single_message).then(|| c.hold_expiry(now));
                     view.auth_code = Some(c.auth_code.clone());
                     view.status = if single_message { "captured" } else { "approved" }.into();
                     if single_message {
@@ -1487,6 +1510,7 @@ impl<'a> Flow<'a> {
                     match result {
                         TransferResult::Created | TransferResult::Exists => {
                             view.hold_id = Some(uuid_string(hold));
+                            view.hold_expires_at = Some(c.hold_expiry(now));
                             c.conclude(view, now, kind, ResponseCode::Approved, None, vec![hold], vec![])
                         }
                         other => {
@@ -1619,6 +1643,7 @@ impl<'a> Flow<'a> {
                             view.reversed += view.amount - actual;
                             view.amount = actual;
                             view.hold_id = Some(uuid_string(hold));
+                            view.hold_expires_at = Some(c.hold_expiry(store::now_nanos()));
                         }
                         Part::Authorized => {
                             view.reversed += view.amount - actual;

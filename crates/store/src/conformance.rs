@@ -771,6 +771,7 @@ pub fn card_records(location: Location) {
         rrn: format!("rrn{id}"),
         created_at,
         spend,
+        held_until: 0,
         body: format!("{{\"id\":{id}}}"),
     };
     // Spend is summed per UTC day of the authorization.
@@ -795,11 +796,26 @@ pub fn card_records(location: Location) {
     let listed: Vec<u128> = q.card_authorizations(T.0, 10, 10).unwrap().iter().map(|a| a.id).collect();
     assert_eq!(listed, vec![3, 2, 1], "newest first");
     assert_eq!(q.card_authorizations(OTHER.0, 10, 10).unwrap(), vec![]);
-    assert_eq!(q.card_spent(10, day, day - DAY, NOW).unwrap(), (450, 950, 1));
-    assert_eq!(q.card_spent(10, day, day, NOW + 1).unwrap(), (450, 450, 0));
+    assert_eq!(q.card_spent(10, day, day - DAY, NOW, NOW).unwrap(), (450, 950, 1));
+    assert_eq!(q.card_spent(10, day, day, NOW + 1, NOW + 1).unwrap(), (450, 450, 0));
     // A reversal takes the spend back off the authorization's own day.
     q.save_authorization(&auth(1, day - 1, 0), None).unwrap();
-    assert_eq!(q.card_spent(10, day, day - DAY, day).unwrap(), (450, 450, 2));
+    assert_eq!(q.card_spent(10, day, day - DAY, day, NOW).unwrap(), (450, 450, 2));
+    // A hold counts until it lapses, then no more: yesterday's 500, lapsing at NOW + 10.
+    let held = crate::AuthorizationRow { held_until: NOW + 10, ..auth(1, day - 1, 500) };
+    q.save_authorization(&held, None).unwrap();
+    assert_eq!(q.authorization(T.0, 1).unwrap().unwrap().held_until, NOW + 10);
+    assert_eq!(q.card_spent(10, day, day - DAY, day, NOW + 9).unwrap(), (450, 950, 2));
+    assert_eq!(q.card_spent(10, day, day - DAY, day, NOW + 10).unwrap(), (450, 450, 2), "lapsed");
+    // Today's 300 lapsing too: off the day's spend and the month's.
+    let today = crate::AuthorizationRow { held_until: NOW + 20, ..auth(2, day + 1, 250) };
+    q.save_authorization(&today, None).unwrap();
+    assert_eq!(q.card_spent(10, day, day - DAY, day, NOW + 20).unwrap(), (200, 200, 2));
+    // Captured after it lapsed (posted on its own): it counts again.
+    q.save_authorization(&auth(2, day + 1, 250), None).unwrap();
+    assert_eq!(q.card_spent(10, day, day - DAY, day, NOW + 20).unwrap(), (450, 450, 2));
+    // A month that began after the hold was made subtracts nothing for it.
+    assert_eq!(q.card_spent(10, day, day, day, NOW + 20).unwrap(), (450, 450, 2));
     store.close();
 }
 
@@ -888,6 +904,7 @@ pub fn guarded_requests(location: Location) {
             rrn: "rrn".into(),
             created_at: NOW,
             spend: 5,
+            held_until: 0,
             body: body.to_owned(),
         };
         let records: crate::RecordsFn =

@@ -147,6 +147,9 @@ pub struct AuthorizationRow {
     pub created_at: Timestamp,
     /// What it counts against the card's limits now (held or captured, less reversed).
     pub spend: u64,
+    /// When its standing hold lapses (the ledger releases it), if it has one: from then on its
+    /// `spend` no longer counts against the card's limits. 0: it holds nothing.
+    pub held_until: Timestamp,
     pub body: String,
 }
 
@@ -376,9 +379,16 @@ pub trait Queries: Send + Sync {
     fn card_authorizations(&self, tenant_id: u128, card_id: u128, limit: usize) -> Result<Vec<AuthorizationRow>>;
     /// The stored answer to a message seen before (sealed by the server).
     fn card_message(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>>;
-    /// A card's spend since `day` and since `month`, and its authorizations since `minute`.
-    fn card_spent(&self, card_id: u128, day: Timestamp, month: Timestamp, minute: Timestamp)
-        -> Result<(u64, u64, u32)>;
+    /// A card's spend since `day` and since `month` (less the holds that lapsed by `now`), and its
+    /// authorizations since `minute`.
+    fn card_spent(
+        &self,
+        card_id: u128,
+        day: Timestamp,
+        month: Timestamp,
+        minute: Timestamp,
+        now: Timestamp,
+    ) -> Result<(u64, u64, u32)>;
 
     /// `Conflict` if the id (per kind and tenant) or the lookup (per kind) exists.
     fn insert_document(&self, doc: &Document) -> Result<()>;

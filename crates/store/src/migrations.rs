@@ -368,6 +368,17 @@ DELETE FROM counters
 WHERE (scope GLOB 'pix-day:*' OR scope GLOB 'pix-night:*') AND length(scope) - instr(scope, ':') = 36;
 "#,
     },
+    Migration {
+        version: 14,
+        name: "card authorizations: when a standing hold lapses",
+        sql: r#"
+-- When the hold of an approved authorization lapses (nanoseconds; 0: it holds nothing, or was
+-- written before this version): from then on its spend no longer counts against the card's
+-- limits. The index holds only authorizations with a hold, by when it lapses.
+ALTER TABLE card_authorizations ADD COLUMN held_until INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX card_authorizations_lapsing ON card_authorizations (card_id, held_until) WHERE held_until > 0;
+"#,
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -623,6 +634,15 @@ JOIN holders h ON h.id::text = split_part(c.scope, ':', 2)
 WHERE split_part(c.scope, ':', 1) IN ('pix-day', 'pix-night') AND split_part(c.scope, ':', 3) = ''
 ON CONFLICT (scope, period) DO UPDATE SET total = counters.total + excluded.total;
 DELETE FROM counters WHERE split_part(scope, ':', 1) IN ('pix-day', 'pix-night') AND split_part(scope, ':', 3) = '';
+"#,
+    },
+    Migration {
+        version: 12,
+        name: "card authorizations: when a standing hold lapses",
+        sql: r#"
+-- As SQLite's version 14.
+ALTER TABLE card_authorizations ADD COLUMN held_until BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX card_authorizations_lapsing ON card_authorizations (card_id, held_until) WHERE held_until > 0;
 "#,
     },
 ];

@@ -891,9 +891,10 @@ fn write_authorization(
     }
     client
         .execute(
-            "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body",
+            "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body, held_until) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body, \
+             held_until = excluded.held_until",
             &[
                 &uuid(row.tenant_id),
                 &uuid(row.id),
@@ -902,6 +903,7 @@ fn write_authorization(
                 &(row.created_at as i64),
                 &(row.spend as i64),
                 &row.body,
+                &(row.held_until as i64),
             ],
         )
         .map_err(unavailable)?;
@@ -923,7 +925,7 @@ const DAY_NANOS: u64 = 86_400_000_000_000;
 /// Recent authorizations are counted up to this many (above any velocity limit a product may set).
 const RECENT_COUNT_MAX: i64 = 100_000;
 
-const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body";
+const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body, held_until";
 
 fn card_row(r: &Row) -> Result<CardRow> {
     Ok(CardRow {
@@ -943,6 +945,7 @@ fn authorization_row(r: &Row) -> Result<AuthorizationRow> {
         rrn: r.try_get(3).map_err(unavailable)?,
         created_at: r.try_get::<_, i64>(4).map_err(unavailable)? as u64,
         spend: r.try_get::<_, i64>(5).map_err(unavailable)? as u64,
+        held_until: r.try_get::<_, i64>(7).map_err(unavailable)? as u64,
         body: r.try_get(6).map_err(unavailable)?,
     })
 }
@@ -1639,13 +1642,19 @@ impl Queries for PgQueries {
         day: Timestamp,
         month: Timestamp,
         minute: Timestamp,
+        now: Timestamp,
     ) -> Result<(u64, u64, u32)> {
         self.with(|c| {
+            // Less the holds that lapsed (the ledger released them), made since the month began.
             let r = c
                 .query_one(
                     "SELECT COALESCE(SUM(CASE WHEN day >= $2 THEN spend END), 0)::bigint, COALESCE(SUM(spend), 0)::bigint, \
                      (SELECT COUNT(*) FROM (SELECT 1 FROM card_authorizations WHERE card_id = $1 AND created_at >= $4 \
-                      LIMIT $5) AS recent) \
+                      LIMIT $5) AS recent), \
+                     (SELECT COALESCE(SUM(CASE WHEN created_at >= $6 THEN spend END), 0)::bigint FROM card_authorizations \
+                      WHERE card_id = $1 AND held_until > 0 AND held_until >= $7 AND held_until <= $8 AND created_at >= $7), \
+                     (SELECT COALESCE(SUM(spend), 0)::bigint FROM card_authorizations \
+                      WHERE card_id = $1 AND held_until > 0 AND held_until >= $7 AND held_until <= $8 AND created_at >= $7) \
                      FROM card_spend WHERE card_id = $1 AND day >= $3",
                     &[
                         &uuid(card_id),
@@ -1653,14 +1662,14 @@ impl Queries for PgQueries {
                         &((month / DAY_NANOS) as i64),
                         &(minute as i64),
                         &RECENT_COUNT_MAX,
+                        &(day as i64),
+                        &(month as i64),
+                        &(now as i64),
                     ],
                 )
                 .map_err(unavailable)?;
-            Ok((
-                r.try_get::<_, i64>(0).map_err(unavailable)?.max(0) as u64,
-                r.try_get::<_, i64>(1).map_err(unavailable)?.max(0) as u64,
-                r.try_get::<_, i64>(2).map_err(unavailable)? as u32,
-            ))
+            let get = |i: usize| r.try_get::<_, i64>(i).map_err(unavailable);
+            Ok(((get(0)? - get(3)?).max(0) as u64, (get(1)? - get(4)?).max(0) as u64, get(2)? as u32))
         })
     }
 

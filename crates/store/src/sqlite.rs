@@ -1315,9 +1315,10 @@ fn write_authorization(
         .map_err(unavailable)?;
     }
     conn.prepare_cached(
-        "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-         ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body",
+        "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body, held_until) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (tenant_id, id) DO UPDATE SET spend = excluded.spend, body = excluded.body, \
+         held_until = excluded.held_until",
     )
     .map_err(unavailable)?
     .execute(params![
@@ -1327,7 +1328,8 @@ fn write_authorization(
         row.rrn,
         row.created_at as i64,
         row.spend as i64,
-        row.body
+        row.body,
+        row.held_until as i64
     ])
     .map_err(unavailable)?;
     if let Some((key, response)) = message {
@@ -1349,7 +1351,7 @@ const DAY_NANOS: u64 = 86_400_000_000_000;
 /// Recent authorizations are counted up to this many (above any velocity limit a product may set).
 const RECENT_COUNT_MAX: i64 = 100_000;
 
-const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body";
+const AUTH_COLUMNS: &str = "tenant_id, id, card_id, rrn, created_at, spend, body, held_until";
 
 fn card_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CardRow>> {
     let (tenant, id, index): (Vec<u8>, Vec<u8>, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
@@ -1368,6 +1370,7 @@ fn card_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CardRow>> {
 fn authorization_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<AuthorizationRow>> {
     let (tenant, id, card): (Vec<u8>, Vec<u8>, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
     let (rrn, created_at, spend, body): (String, i64, i64, String) = (r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
+    let held_until: i64 = r.get(7)?;
     Ok((|| {
         Ok(AuthorizationRow {
             tenant_id: u128_of(&tenant).map_err(corrupt)?,
@@ -1376,6 +1379,7 @@ fn authorization_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Authoriza
             rrn,
             created_at: created_at as u64,
             spend: spend as u64,
+            held_until: held_until as u64,
             body,
         })
     })())
@@ -2222,6 +2226,7 @@ impl Queries for SqliteQueries {
         day: Timestamp,
         month: Timestamp,
         minute: Timestamp,
+        now: Timestamp,
     ) -> Result<(u64, u64, u32)> {
         self.read(|c| {
             let (today, this_month) = c
@@ -2234,6 +2239,19 @@ impl Queries for SqliteQueries {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
                 })
                 .map_err(unavailable)?;
+            // Less the holds that lapsed (the ledger released them), made since the month began.
+            let (lapsed_today, lapsed_month) = c
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(CASE WHEN created_at >= ?2 THEN spend END), 0), COALESCE(SUM(spend), 0) \
+                     FROM card_authorizations WHERE card_id = ?1 AND held_until > 0 AND held_until >= ?3 \
+                     AND held_until <= ?4 AND created_at >= ?3",
+                )
+                .map_err(unavailable)?
+                .query_row(params![uuid_bytes(card_id), day as i64, month as i64, now as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .map_err(unavailable)?;
+            let (today, this_month) = (today - lapsed_today, this_month - lapsed_month);
             let recent: i64 = c
                 .prepare_cached(
                     "SELECT COUNT(*) FROM (SELECT 1 FROM card_authorizations WHERE card_id = ?1 AND created_at >= ?2 \
