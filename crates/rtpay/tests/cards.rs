@@ -688,6 +688,15 @@ fn authorization_advices_hold_and_advices_are_held_to_their_authorizations() {
         let garbled = with(stan(&atm, "0400", 13), json!({"95": format!("00000000060X{}", "0".repeat(30))}));
         assert_eq!(net.ask(&garbled)["39"], json!("30"));
         assert_eq!(available(&mut c, key, acct).await, (6_500, 3_000, 1_500), "nothing reversed");
+
+        // Declined here (an expiry date that is not the card's), approved by the network in
+        // stand-in: its advice holds the amount, and its capture collects it.
+        let late = with(auth(&i.pan, &i.expiry, 700, 14, "000000000014"), json!({"14": "2001"}));
+        assert_eq!(net.ask(&late)["39"], json!("54"));
+        assert_eq!(net.ask(&stan(&late, "0120", 15))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (5_800, 3_700, 1_500), "held");
+        assert_eq!(net.ask(&stan(&late, "0220", 16))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (5_800, 3_000, 2_200), "collected");
     });
 }
 
@@ -1374,7 +1383,7 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
     });
 }
 
-/// The listener holds at most `CONNECTIONS_MAX` connections (one more is closed at once, and
+/// The listener holds at most `CONNECTIONS_PER_ADDRESS_MAX` connections from one address (one more is closed at once, and
 /// taken again once one ends); a well-formed request of a type not handled gets a format error
 /// the network can match, and a message asking for no answer gets none, the connection going on;
 /// answers echo no expiry date and no private field that may carry a CVV2, in the answer as in the
@@ -1393,7 +1402,7 @@ fn the_card_listener_bounds_its_connections_and_answers_what_it_does_not_handle(
     let iso = server.iso8583.unwrap();
     let echo = json!({"t": "0800", "7": "1206093000", "11": "000001", "70": "001"});
     let mut idle: Vec<std::net::TcpStream> =
-        (0..server::iso8583::CONNECTIONS_MAX).map(|_| std::net::TcpStream::connect(iso).unwrap()).collect();
+        (0..server::iso8583::CONNECTIONS_PER_ADDRESS_MAX).map(|_| std::net::TcpStream::connect(iso).unwrap()).collect();
     let mut extra = std::net::TcpStream::connect(iso).unwrap();
     extra.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
     assert_eq!(extra.read(&mut [0u8; 16]).unwrap(), 0, "one connection more is closed at once");
@@ -1421,7 +1430,12 @@ fn the_card_listener_bounds_its_connections_and_answers_what_it_does_not_handle(
         "{r}"
     );
     net.send(&json!({"t": "0810", "11": "000124", "39": "00", "70": "001"}));
-    assert_eq!(net.ask(&echo)["t"], json!("0810"), "the connection goes on, with no answer to the 0810");
+    let r = net.ask(&echo);
+    assert_eq!(
+        (r["t"].clone(), r["11"].clone(), r["39"].clone(), r["70"].clone()),
+        (json!("0810"), json!("000001"), json!("00"), json!("001")),
+        "the connection goes on, with no answer to the 0810, and the echo's answer names its function: {r}"
+    );
 
     runtime().block_on(async {
         let mut c = server.client();

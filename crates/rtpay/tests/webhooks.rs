@@ -197,17 +197,31 @@ async fn pix_with_txid(c: &mut rtpay::client::Client, shop: &str, amount: u64, t
     r.unwrap().json()["end_to_end_id"].as_str().unwrap().to_owned()
 }
 
-/// The delivery under `id` once its status is `status` (10 s at most).
+/// The node's `/metrics` text once its sample `name` reads `value` (10 s at most).
+async fn metrics_when(c: &mut rtpay::client::Client, name: &str, value: f64) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = metrics_with(c, name).await;
+        if sample(&text, name) == Some(value) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} never read {value}: {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// The delivery under `id` once its status is `status` (30 s at most: 24 tries take a few
+/// seconds on a busy machine).
 async fn delivery_when(c: &mut rtpay::client::Client, key: &str, id: &str, status: &str) -> Value {
-    let mut delivery = Value::Null;
-    for _ in 0..400 {
-        delivery = c.get(&format!("/v1/pix/webhook-deliveries/{id}"), key).await.unwrap().json();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let delivery = c.get(&format!("/v1/pix/webhook-deliveries/{id}"), key).await.unwrap().json();
         if delivery["status"] == json!(status) {
             return delivery;
         }
+        assert!(std::time::Instant::now() < deadline, "the delivery never became {status}: {delivery}");
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
-    panic!("the delivery never became {status}: {delivery}");
 }
 
 /// A notification whose tries all failed (the receiver was away longer than they last) is sent
@@ -232,8 +246,8 @@ fn a_failed_delivery_is_sent_again_on_request() {
         let e2e = pix_with_txid(&mut c, &shop, 700, "AGAIN2026").await;
         let failed = delivery_when(&mut c, &shop, &e2e, "failed").await;
         assert_eq!((failed["attempts"].clone(), failed["last_status"].clone()), (json!(24), json!(500)), "{failed}");
-        let text = metrics_with(&mut c, "rtpay_webhook_deliveries_failed_total").await;
-        assert_eq!(sample(&text, "rtpay_webhook_deliveries_failed_total"), Some(1.0));
+        // Counted once the record is written (the delivery shows `failed` a moment before).
+        let text = metrics_when(&mut c, "rtpay_webhook_deliveries_failed_total", 1.0).await;
         assert_eq!(sample(&text, "rtpay_webhook_attempts_total{outcome=\"refused\"}"), Some(24.0));
 
         let retry = format!("/v1/pix/webhook-deliveries/{e2e}/retry");
@@ -253,8 +267,7 @@ fn a_failed_delivery_is_sent_again_on_request() {
         assert_eq!(delivered["attempts"], json!(2), "{delivered}");
         let sent = seen.lock().unwrap().clone();
         assert_eq!(sent.len(), 26);
-        let text = metrics_with(&mut c, "rtpay_webhook_attempts_total").await;
-        assert_eq!(sample(&text, "rtpay_webhook_attempts_total{outcome=\"delivered\"}"), Some(1.0));
+        let text = metrics_when(&mut c, "rtpay_webhook_attempts_total{outcome=\"delivered\"}", 1.0).await;
         assert_eq!(sample(&text, "rtpay_webhook_attempts_total{outcome=\"refused\"}"), Some(25.0));
         assert!(sent.iter().all(|(_, _, body, _, _, _)| body == &sent[0].2), "the same notification each time");
         // A delivered one may be sent again too (the receiver lost it).

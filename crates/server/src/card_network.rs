@@ -213,10 +213,12 @@ fn original_mti(mti: &str) -> String {
 /// network. Only these: a field not named here may carry what must never leave or be kept (the
 /// expiry date DE14, an extended card number DE34, track data DE35/36/45, DE48's and DE126's
 /// CVV2/CVC2 on some networks, the PIN block DE52, chip data DE55). Answers are stored for
-/// repeats, so what they echo is kept too. (Before, every field but a few was echoed.)
-const ECHOED: [u8; 33] = [
-    2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 15, 16, 18, 19, 22, 23, 25, 28, 32, 33, 37, 41, 42, 43, 49, 50, 51, 90, 95,
-    100, 102, 103,
+/// repeats, so what they echo is kept too. (Before, every field but a few was echoed.) DE70 names
+/// the network-management function an 0810 answers; DE24, DE60, DE62 and DE63 are networks' own
+/// data that some require back.
+const ECHOED: [u8; 38] = [
+    2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 15, 16, 18, 19, 22, 23, 24, 25, 28, 32, 33, 37, 41, 42, 43, 49, 50, 51, 60,
+    62, 63, 70, 90, 95, 100, 102, 103,
 ];
 
 /// The answer to `request`: the [`ECHOED`] fields it has, the response code, and the
@@ -652,7 +654,15 @@ impl<'a> Flow<'a> {
         if let Some(stored) = &answered {
             let opened = vault::open(&self.ctx.dek, &self.ctx.key, stored);
             return match opened.map_err(|_| ()).and_then(|b| Message::decode(&b).map_err(|_| ())) {
-                Ok(mut m) => {
+                Ok(stored) => {
+                    // Only what an answer echoes now: one stored by an earlier version may hold
+                    // more (DE14, DE48).
+                    let mut m = Message::new(&stored.mti);
+                    for (n, v) in stored.fields() {
+                        if ECHOED.contains(&n) || n == 38 || n == 39 {
+                            m.set(n, v);
+                        }
+                    }
                     if let Some(pan) = request.get(2) {
                         m.set(2, pan);
                     }
@@ -1496,35 +1506,7 @@ impl<'a> Flow<'a> {
                     })
                     .await;
             }
-            let hold = ctx.transfer_id("hold");
-            let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
-            let event = EventKind::Pending {
-                debit: AccountId(ctx.account()?),
-                credit: AccountId(settlement),
-                amount: ctx.amount,
-                timeout_seconds: self.state.card_settings.hold_seconds,
-            };
-            return self
-                .execute(vec![ctx.event(hold, event)], basis, move |result| {
-                    let mut view = view.clone();
-                    match result {
-                        TransferResult::Created | TransferResult::Exists => {
-                            view.hold_id = Some(uuid_string(hold));
-                            view.hold_expires_at = Some(c.hold_expiry(now));
-                            c.conclude(view, now, kind, ResponseCode::Approved, None, vec![hold], vec![])
-                        }
-                        other => {
-                            view.status = "expired".into();
-                            let reason = format!(
-                                "approved by the network in stand-in; the ledger refused its hold ({}): its \
-                                 capture is posted on its own",
-                                other.as_str()
-                            );
-                            c.conclude(view, now, kind, ResponseCode::Approved, None, vec![], vec![reason])
-                        }
-                    }
-                })
-                .await;
+            return self.stand_in_hold(view, basis, now, ctx.transfer_id("hold")).await;
         };
         let (created_at, basis) = (row.created_at, as_read(&row));
         if let Some(reason) = self.other_currency(&view) {
@@ -1533,11 +1515,59 @@ impl<'a> Flow<'a> {
         if let Some(de39) = declined {
             return self.declined_advice(Some((view, basis, created_at)), de39).await;
         }
+        if view.status == "declined" && !view.credit {
+            // Declined here (or answered too late) and approved by the network in stand-in: the
+            // network will settle it, so it is held now, and its capture collects it.
+            let hold = ctx.step_id(&view, "stand-in-hold");
+            let mut view = view;
+            view.status = "approved".into();
+            view.amount = ctx.amount;
+            view.auth_code = ctx.request.get(38).map(str::to_owned);
+            return self.stand_in_hold(view, basis, created_at, hold).await;
+        }
         let reason = match view.status.as_str() {
             "approved" => "the network's advice of this authorization: it stands".to_owned(),
             other => format!("the network approved in stand-in an authorization that is {other} here: reconcile"),
         };
         self.record(view, basis, created_at, kind, ResponseCode::Approved, reason).await
+    }
+
+    /// The hold of an authorization the network approved in stand-in (`view`, `approved`),
+    /// under the id `hold`; one the ledger refuses (the funds are gone) is recorded `expired`, as
+    /// a hold that lapsed: its capture is posted on its own. Acknowledged either way.
+    async fn stand_in_hold(&self, view: AuthorizationView, basis: store::Guard, created_at: u64, hold: u128) -> Step {
+        let ctx = &self.ctx;
+        let kind = "authorization advice";
+        let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
+        let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
+        let event = EventKind::Pending {
+            debit: AccountId(ctx.account()?),
+            credit: AccountId(settlement),
+            amount: ctx.amount,
+            timeout_seconds: self.state.card_settings.hold_seconds,
+        };
+        let c = self.ctx.clone();
+        self.execute(vec![ctx.event(hold, event)], basis, move |result| {
+            let mut view = view.clone();
+            let now = store::now_nanos();
+            match result {
+                TransferResult::Created | TransferResult::Exists => {
+                    view.hold_id = Some(uuid_string(hold));
+                    view.hold_expires_at = Some(c.hold_expiry(now));
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![hold], vec![])
+                }
+                other => {
+                    view.status = "expired".into();
+                    let reason = format!(
+                        "approved by the network in stand-in; the ledger refused its hold ({}): its capture is \
+                         posted on its own",
+                        other.as_str()
+                    );
+                    c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![], vec![reason])
+                }
+            }
+        })
+        .await
     }
 
     /// An advice (0220) for a purchase rtpay never authorized: the network approved it in

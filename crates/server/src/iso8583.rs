@@ -18,10 +18,57 @@ use crate::AppState;
 pub const FRAME_LEN_MAX: usize = 8192;
 /// Messages of one connection being decided at once; the next waits for a free slot.
 pub const IN_FLIGHT_MAX: usize = 256;
-/// Connections open at once, at most (a card network holds a few links); beyond, a new one is
-/// closed at once. Without a bound, peers that open connections and send nothing (each may sit out
-/// [`IDLE_TIMEOUT`]) would use up the descriptors the HTTP listener shares.
-pub const CONNECTIONS_MAX: usize = 256;
+/// Connections open at once, at most, and from one address (a card network holds a few links
+/// from a few addresses); beyond either, a new one is closed at once. Without a bound, peers that
+/// open connections and send nothing (each may sit out [`IDLE_TIMEOUT`], or the TLS handshake's
+/// time) would use up the descriptors the HTTP listener shares; with the node's bound alone, one
+/// such peer could fill it and shut the network out. Counted from the accept, before any
+/// handshake: a peer without a certificate holds its share too.
+pub const CONNECTIONS_MAX: usize = 1024;
+pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 64;
+
+/// The connections open, in all and by the peer's address.
+#[derive(Default)]
+struct Open {
+    by_address: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// One connection's place among the [`Open`] ones, given back when dropped.
+struct Place {
+    open: Arc<Open>,
+    address: std::net::IpAddr,
+}
+
+impl Open {
+    fn take(self: &Arc<Self>, address: std::net::IpAddr) -> Option<Place> {
+        let mut open = self.by_address.lock().expect("open connections");
+        let (total, by_address) = &mut *open;
+        let here = by_address.entry(address).or_default();
+        if *total >= CONNECTIONS_MAX || *here >= CONNECTIONS_PER_ADDRESS_MAX {
+            if *here == 0 {
+                by_address.remove(&address);
+            }
+            return None;
+        }
+        *here += 1;
+        *total += 1;
+        Some(Place { open: self.clone(), address })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut open = self.open.by_address.lock().expect("open connections");
+        let (total, by_address) = &mut *open;
+        *total -= 1;
+        if let Some(here) = by_address.get_mut(&self.address) {
+            *here -= 1;
+            if *here == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long an answer may wait for the peer to take it (its receive window full): then the
@@ -44,7 +91,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
-    let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let open = Arc::new(Open::default());
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -57,14 +104,18 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(permit) = open.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "an ISO 8583 connection closed at once: {CONNECTIONS_MAX} are open");
+                let Some(place) = open.take(peer.ip()) else {
+                    tracing::warn!(
+                        %peer,
+                        "an ISO 8583 connection closed at once: {CONNECTIONS_MAX} are open, or \
+                         {CONNECTIONS_PER_ADDRESS_MAX} from its address"
+                    );
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let (state, tls) = (state.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _place = place;
                     let ended = match tls {
                         None => connection(stream, state).await,
                         // A peer that does not finish its handshake in time, or presents no
@@ -164,4 +215,32 @@ where
     let _ = slots.acquire_many(IN_FLIGHT_MAX as u32).await;
     let _ = write.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Open, CONNECTIONS_MAX, CONNECTIONS_PER_ADDRESS_MAX};
+    use std::sync::Arc;
+
+    /// An address holds at most its share, the node at most its bound, and places come back.
+    #[test]
+    fn connections_are_bounded_by_address_and_in_all() {
+        let open = Arc::new(Open::default());
+        let address = |n: u32| std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0A00_0000 + n));
+        let first: Vec<_> = (0..CONNECTIONS_PER_ADDRESS_MAX).map(|_| open.take(address(0)).unwrap()).collect();
+        assert!(open.take(address(0)).is_none(), "one address holds its share at most");
+        let mut others = Vec::new();
+        for n in 1.. {
+            match open.take(address(n)) {
+                Some(place) => others.push(place),
+                None => break,
+            }
+        }
+        assert_eq!(first.len() + others.len(), CONNECTIONS_MAX);
+        drop(first);
+        assert!(open.take(address(0)).is_some(), "given back when dropped");
+        drop(others);
+        assert_eq!(open.by_address.lock().unwrap().0, 0);
+        assert!(open.by_address.lock().unwrap().1.is_empty());
+    }
 }

@@ -392,8 +392,9 @@ where
 /// pool runs to its end), and a change is not left out of the audit log. (Not tracked: one still
 /// running when the server stops finds the writer stopped, and its entry is logged as not
 /// recorded.) The request's answer goes nowhere; the metrics count it under status 499 (the
-/// client closed the request, as nginx logs it), with the time its handler took: clients that
-/// give up on a stalled node show in the request counts and latencies.
+/// client closed the request, as nginx logs it), or under its own status when that is a 5xx (the
+/// node failed it either way, and the server-error alert must see it), with the time its handler
+/// took: clients that give up on a stalled node show in the request counts and latencies.
 struct Finishing {
     handler: Option<HandlerFuture>,
     state: AppState,
@@ -427,7 +428,8 @@ impl Drop for Finishing {
             audit_trail::record_after(&state, &slot, mutating && status != 405, status).await;
             let micros = started.elapsed().as_micros() as u64;
             let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-            state.metrics.observe(method, route, CLIENT_CLOSED, micros);
+            let counted = if status >= 500 { status } else { CLIENT_CLOSED };
+            state.metrics.observe(method, route, counted, micros);
             let request_id = slot.request_id.as_str();
             tracing::info!(request_id, method, route, status, micros, "the client went away before the answer");
         });

@@ -64,6 +64,14 @@ pub struct WebhookSettings {
 
 /// Attempts being made at once by a node, at most; beyond, a notification waits for a sweep.
 pub const IN_FLIGHT_MAX: usize = 1024;
+/// Name look-ups under way at once on a node, at most (each holds a thread of the blocking pool
+/// every storage query shares, 512 threads, for as long as the resolver takes); an attempt waits
+/// for one within its time.
+pub const LOOKUPS_MAX: usize = 128;
+/// Notifications waiting in memory for their next attempt, at most, on a node; beyond, one ends
+/// its task and a sweep takes it up when its wait is over (its lease says when). With 24 tries
+/// over 12 hours, a busy tenant's dead receiver would otherwise keep millions of waits in memory.
+pub const WAITING_MAX: usize = 20_000;
 /// Attempts being made at once for one tenant, at most: a tenant whose receiver swallows
 /// connections holds at most this share of the node's attempts, never all of them.
 pub const TENANT_IN_FLIGHT_MAX: usize = 64;
@@ -196,6 +204,8 @@ pub struct WebhookClient {
     retry_max: Duration,
     pub allow_private: bool,
     slots: Arc<Slots>,
+    lookups: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl WebhookClient {
@@ -223,14 +233,19 @@ impl WebhookClient {
                 builder.with_client_auth_cert(chain, key).map_err(|e| format!("--webhook-client-cert: {e}"))?
             }
         };
-        let retry_base = if settings.retry_base.is_zero() { Duration::from_secs(1) } else { settings.retry_base };
-        let retry_max = if settings.retry_max.is_zero() { RETRY_WAIT_MAX_DEFAULT } else { settings.retry_max };
+        // Bounded: a lease is the wait plus an attempt's time, in nanoseconds.
+        let retry_base = if settings.retry_base.is_zero() { Duration::from_secs(1) } else { settings.retry_base }
+            .min(Duration::from_secs(3600));
+        let retry_max = if settings.retry_max.is_zero() { RETRY_WAIT_MAX_DEFAULT } else { settings.retry_max }
+            .min(Duration::from_secs(86_400));
         Ok(WebhookClient {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             retry_base,
             retry_max,
             allow_private: settings.allow_private,
             slots: Arc::new(Slots::new(IN_FLIGHT_MAX, TENANT_IN_FLIGHT_MAX)),
+            lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_MAX)),
+            waiting: Arc::default(),
         })
     }
 
@@ -257,7 +272,7 @@ impl WebhookClient {
             let host_name = host_name.clone();
             move || std::net::ToSocketAddrs::to_socket_addrs(&(host_name.as_str(), port)).map(Vec::from_iter)
         };
-        let (_slot, found) = resolve(slot, lookup).await;
+        let (_slot, found) = resolve(slot, &self.lookups, lookup).await;
         let addrs: Vec<std::net::SocketAddr> = match found {
             Ok(found) => found.into_iter().filter(|a| self.allow_private || is_public(a.ip())).collect(),
             // With private receivers allowed there is nothing to hide: the resolver's own words.
@@ -807,6 +822,9 @@ fn deliver(state: &AppState, doc: store::Document) {
             if delivery.status != "pending" {
                 return;
             }
+            // Past the node's bound on waits in memory, the sweep makes the next attempt once
+            // the lease (the wait, and an attempt's time) runs out.
+            let Some(_waiting) = Waiting::enter(&client.waiting) else { return };
             tokio::time::sleep(wait).await;
         }
     });
@@ -817,14 +835,45 @@ fn deliver(state: &AppState, doc: store::Document) {
 /// (glibc waits out a silent name server for 5 s a try, two tries each): without the slot, a
 /// tenant whose names never resolve could start look-ups faster than they end, and fill the
 /// blocking pool that every storage query shares. With it, a tenant holds at most
-/// [`TENANT_IN_FLIGHT_MAX`] look-ups, and the node [`IN_FLIGHT_MAX`].
-async fn resolve<F>(slot: Slot, lookup: F) -> (Option<Slot>, std::io::Result<Vec<std::net::SocketAddr>>)
+/// [`TENANT_IN_FLIGHT_MAX`] look-ups; and each holds one of the node's `lookups` (at most
+/// [`LOOKUPS_MAX`], well below the pool's threads) until it returns.
+async fn resolve<F>(
+    slot: Slot,
+    lookups: &Arc<tokio::sync::Semaphore>,
+    lookup: F,
+) -> (Option<Slot>, std::io::Result<Vec<std::net::SocketAddr>>)
 where
     F: FnOnce() -> std::io::Result<Vec<std::net::SocketAddr>> + Send + 'static,
 {
-    match tokio::task::spawn_blocking(move || (slot, lookup())).await {
+    let Ok(permit) = lookups.clone().acquire_owned().await else {
+        return (Some(slot), Err(std::io::Error::other("no name look-up can start")));
+    };
+    match tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        (slot, lookup())
+    })
+    .await
+    {
         Ok((slot, found)) => (Some(slot), found),
         Err(_) => (None, Err(std::io::Error::other("the name look-up failed"))),
+    }
+}
+
+/// One notification waiting in memory for its next attempt, counted while it lives.
+struct Waiting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Waiting {
+    /// A place among the node's waits, if there are fewer than [`WAITING_MAX`].
+    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Waiting> {
+        let taken = count.fetch_add(1, Ordering::Relaxed);
+        let waiting = Waiting(count.clone());
+        (taken < WAITING_MAX).then_some(waiting)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -835,7 +884,9 @@ fn retry_wait(base: Duration, max: Duration, attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_public, resolve, retry_wait, SecretGeneration, Slots, RETRY_WAIT_MAX_DEFAULT, TRIES};
+    use super::{
+        is_public, resolve, retry_wait, SecretGeneration, Slots, Waiting, RETRY_WAIT_MAX_DEFAULT, TRIES, WAITING_MAX,
+    };
     use std::time::Duration;
 
     /// With the default waits, the tries outlast a receiver's outage of 12 hours (not 31 s, as
@@ -886,11 +937,13 @@ mod tests {
     }
 
     /// A name look-up that outlives its attempt (the attempt's future dropped on its timeout)
-    /// keeps its tenant's slot until it returns: a tenant whose name servers never answer cannot
-    /// start more look-ups than its share.
+    /// keeps its tenant's slot, and one of the node's look-ups, until it returns: a tenant whose
+    /// name servers never answer cannot start more look-ups than its share, nor the node more
+    /// than its bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_look_up_outliving_its_attempt_keeps_its_slot() {
         let slots = std::sync::Arc::new(Slots::new(5, 2));
+        let lookups = std::sync::Arc::new(tokio::sync::Semaphore::new(3));
         let (release, released) = std::sync::mpsc::channel::<()>();
         let released = std::sync::Arc::new(std::sync::Mutex::new(released));
         for _ in 0..2 {
@@ -900,11 +953,12 @@ mod tests {
                 released.lock().unwrap().recv().unwrap();
                 Ok(Vec::new())
             };
-            let timed_out = tokio::time::timeout(Duration::from_millis(20), resolve(slot, lookup)).await;
+            let timed_out = tokio::time::timeout(Duration::from_millis(20), resolve(slot, &lookups, lookup)).await;
             assert!(timed_out.is_err(), "the look-up is still running");
         }
         assert!(slots.take(7).is_none(), "the tenant's two look-ups still hold its share");
         assert!(slots.take(8).is_some(), "another tenant's attempts go on");
+        assert_eq!(lookups.available_permits(), 1, "the node's look-ups are held too");
         release.send(()).unwrap();
         release.send(()).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -912,11 +966,23 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the slots were never given back");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let done = resolve(slots.take(7).unwrap(), || Ok(vec!["192.0.2.1:443".parse().unwrap()])).await;
+        let done = resolve(slots.take(7).unwrap(), &lookups, || Ok(vec!["192.0.2.1:443".parse().unwrap()])).await;
         assert!(
             done.0.is_some() && done.1.unwrap().len() == 1,
             "a look-up that ends gives the slot back with its answer"
         );
+        assert_eq!(lookups.available_permits(), 3);
+    }
+
+    /// At most `WAITING_MAX` notifications wait in memory; a place comes back when dropped.
+    #[test]
+    fn waits_in_memory_are_bounded() {
+        let count = std::sync::Arc::default();
+        let held: Vec<Waiting> = (0..WAITING_MAX).map(|_| Waiting::enter(&count).unwrap()).collect();
+        assert!(Waiting::enter(&count).is_none(), "past the bound, the sweep takes it");
+        drop(held);
+        assert!(Waiting::enter(&count).is_some());
+        assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 0, "every place given back");
     }
 
     #[test]
