@@ -697,6 +697,17 @@ fn authorization_advices_hold_and_advices_are_held_to_their_authorizations() {
         assert_eq!(available(&mut c, key, acct).await, (5_800, 3_700, 1_500), "held");
         assert_eq!(net.ask(&stan(&late, "0220", 16))["39"], json!("00"));
         assert_eq!(available(&mut c, key, acct).await, (5_800, 3_000, 2_200), "collected");
+        // Its capture arriving with no 0120 first is collected on its own.
+        let late = with(auth(&i.pan, &i.expiry, 400, 17, "000000000017"), json!({"14": "2001"}));
+        assert_eq!(net.ask(&late)["39"], json!("54"));
+        assert_eq!(net.ask(&stan(&late, "0220", 18))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (5_400, 3_000, 2_600), "collected on its own");
+        // One the acquirer reversed before the network's advice came: nothing is held for it.
+        let late = with(auth(&i.pan, &i.expiry, 500, 19, "000000000019"), json!({"14": "2001"}));
+        assert_eq!(net.ask(&late)["39"], json!("54"));
+        assert_eq!(net.ask(&stan(&late, "0400", 20))["39"], json!("00"));
+        assert_eq!(net.ask(&stan(&late, "0120", 21))["39"], json!("00"));
+        assert_eq!(available(&mut c, key, acct).await, (5_400, 3_000, 2_600), "nothing held");
     });
 }
 

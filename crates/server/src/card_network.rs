@@ -214,11 +214,11 @@ fn original_mti(mti: &str) -> String {
 /// expiry date DE14, an extended card number DE34, track data DE35/36/45, DE48's and DE126's
 /// CVV2/CVC2 on some networks, the PIN block DE52, chip data DE55). Answers are stored for
 /// repeats, so what they echo is kept too. (Before, every field but a few was echoed.) DE70 names
-/// the network-management function an 0810 answers; DE24, DE60, DE62 and DE63 are networks' own
-/// data that some require back.
-const ECHOED: [u8; 38] = [
-    2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 15, 16, 18, 19, 22, 23, 24, 25, 28, 32, 33, 37, 41, 42, 43, 49, 50, 51, 60,
-    62, 63, 70, 90, 95, 100, 102, 103,
+/// the network-management function an 0810 answers. The private-use fields (DE60–63) are not
+/// echoed: some processors carry the CVV2 there too.
+const ECHOED: [u8; 35] = [
+    2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 15, 16, 18, 19, 22, 23, 24, 25, 28, 32, 33, 37, 41, 42, 43, 49, 50, 51, 70,
+    90, 95, 100, 102, 103,
 ];
 
 /// The answer to `request`: the [`ECHOED`] fields it has, the response code, and the
@@ -1006,7 +1006,8 @@ impl<'a> Flow<'a> {
         // An expired one is collected unless a reversal came (the previous version left a purchase
         // reversed after its hold expired `expired`, with the reversal among its events).
         let reversed = view.events.iter().any(|e| e.kind == "reversal");
-        let collectable = view.status == "approved" || (view.status == "expired" && !reversed);
+        let stood_in = stood_in(&view);
+        let collectable = view.status == "approved" || (view.status == "expired" && !reversed) || stood_in;
         if !collectable {
             let reason = format!("the authorization is {}", if reversed { "reversed" } else { view.status.as_str() });
             return self.record(view, basis, created_at, "capture", ResponseCode::DoNotHonor, reason).await;
@@ -1019,7 +1020,13 @@ impl<'a> Flow<'a> {
             return self.record(view, basis, created_at, "capture", ResponseCode::ExceedsAmountLimit, reason).await;
         }
         if view.status == "expired" {
-            return self.capture_expired(view, basis, created_at).await;
+            return self.capture_expired(view, basis, created_at, "the hold had expired").await;
+        }
+        if stood_in {
+            // Declined here, approved by the network in stand-in (no 0120 said so first): the
+            // network settles it, so it is collected, on its own as there is no hold.
+            let why = "declined here, approved by the network in stand-in";
+            return self.capture_expired(view, basis, created_at, why).await;
         }
         let hold = uuid::Uuid::parse_str(view.hold_id.as_deref().unwrap_or(""))
             .map_err(|_| ResponseCode::SystemMalfunction)?
@@ -1093,7 +1100,7 @@ impl<'a> Flow<'a> {
                 let basis =
                     store::Guard::Authorization { tenant_id: row.tenant_id, id: row.id, body: Some(body.clone()) };
                 if *refused == TransferResult::PendingTransferExpired {
-                    self.capture_expired(view, basis, created_at).await
+                    self.capture_expired(view, basis, created_at, "the hold had expired").await
                 } else {
                     self.capture_hold(view, basis, created_at, *refused).await
                 }
@@ -1107,7 +1114,13 @@ impl<'a> Flow<'a> {
     /// ledger refuses (the funds are gone, the account closed) is acknowledged too, an advice
     /// not being declined, and the amount not collected is recorded for reconciliation. (Before,
     /// it was answered `05` and the cardholder kept what the network paid.)
-    async fn capture_expired(&self, view: AuthorizationView, basis: store::Guard, created_at: u64) -> Step {
+    async fn capture_expired(
+        &self,
+        view: AuthorizationView,
+        basis: store::Guard,
+        created_at: u64,
+        why: &'static str,
+    ) -> Step {
         let ctx = &self.ctx;
         let post = ctx.step_id(&view, "post-after-expiry");
         let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
@@ -1122,13 +1135,13 @@ impl<'a> Flow<'a> {
                 TransferResult::Created | TransferResult::Exists => {
                     view.status = "captured".into();
                     view.captured = c.amount;
-                    let reason = "the hold had expired: the capture was posted on its own".to_owned();
+                    let reason = format!("{why}: the capture was posted on its own");
                     c.conclude(view, created_at, kind, ResponseCode::Approved, None, vec![post], vec![reason])
                 }
                 other => {
                     view.status = "expired".into();
                     let reason = format!(
-                        "{} not collected: the hold had expired and the ledger refused the capture ({}): reconcile",
+                        "{} not collected: {why}, and the ledger refused the capture ({}): reconcile",
                         c.amount,
                         other.as_str()
                     );
@@ -1515,10 +1528,13 @@ impl<'a> Flow<'a> {
         if let Some(de39) = declined {
             return self.declined_advice(Some((view, basis, created_at)), de39).await;
         }
-        if view.status == "declined" && !view.credit {
+        if stood_in(&view) {
             // Declined here (or answered too late) and approved by the network in stand-in: the
             // network will settle it, so it is held now, and its capture collects it.
-            let hold = ctx.step_id(&view, "stand-in-hold");
+            if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
+                return Err(ResponseCode::FormatError.into());
+            }
+            let hold = ctx.step_id(&view, &format!("stand-in-hold:{}", view.events.len()));
             let mut view = view;
             view.status = "approved".into();
             view.amount = ctx.amount;
@@ -1796,6 +1812,16 @@ fn capture_failed(c: &Ctx, mut view: AuthorizationView, created_at: u64, result:
         format!("the ledger refused the capture: {}", result.as_str())
     };
     c.conclude(view, created_at, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason])
+}
+
+/// Whether `view` is a purchase declined here that the network may have approved in stand-in:
+/// declined by rtpay's own decision, with no reversal, no advice of a decline, and not declined
+/// because its reversal came first. Its approved advice (0120) holds it, its capture collects it.
+fn stood_in(view: &AuthorizationView) -> bool {
+    view.status == "declined"
+        && !view.credit
+        && !view.events.iter().any(|e| matches!(e.kind.as_str(), "reversal" | "declined advice"))
+        && !view.reasons.iter().any(|r| r == "reversed before it arrived")
 }
 
 /// The settlement account's key, for opening it with a product.

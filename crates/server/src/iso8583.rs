@@ -23,8 +23,9 @@ pub const IN_FLIGHT_MAX: usize = 256;
 /// open connections and send nothing (each may sit out [`IDLE_TIMEOUT`], or the TLS handshake's
 /// time) would use up the descriptors the HTTP listener shares; with the node's bound alone, one
 /// such peer could fill it and shut the network out. Counted from the accept, before any
-/// handshake: a peer without a certificate holds its share too.
-pub const CONNECTIONS_MAX: usize = 1024;
+/// handshake: a peer without a certificate holds its share too. Well below the 1,024
+/// descriptors a process is commonly allowed; an IPv6 peer's address is its /64.
+pub const CONNECTIONS_MAX: usize = 512;
 pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 64;
 
 /// The connections open, in all and by the peer's address.
@@ -104,7 +105,7 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Some(place) = open.take(peer.ip()) else {
+                let Some(place) = open.take(crate::auth::canonical(peer.ip())) else {
                     tracing::warn!(
                         %peer,
                         "an ISO 8583 connection closed at once: {CONNECTIONS_MAX} are open, or \

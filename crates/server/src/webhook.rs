@@ -64,14 +64,18 @@ pub struct WebhookSettings {
 
 /// Attempts being made at once by a node, at most; beyond, a notification waits for a sweep.
 pub const IN_FLIGHT_MAX: usize = 1024;
-/// Name look-ups under way at once on a node, at most (each holds a thread of the blocking pool
-/// every storage query shares, 512 threads, for as long as the resolver takes); an attempt waits
-/// for one within its time.
+/// Name look-ups under way at once on a node, and for one tenant, at most (each holds a thread
+/// of the blocking pool every storage query shares, 512 threads, for as long as the resolver
+/// takes); an attempt that finds none free fails (and counts as a try).
 pub const LOOKUPS_MAX: usize = 128;
-/// Notifications waiting in memory for their next attempt, at most, on a node; beyond, one ends
-/// its task and a sweep takes it up when its wait is over (its lease says when). With 24 tries
-/// over 12 hours, a busy tenant's dead receiver would otherwise keep millions of waits in memory.
+pub const TENANT_LOOKUPS_MAX: usize = 8;
+/// Notifications waiting in memory for their next attempt, at most, on a node and for one
+/// tenant; beyond, one ends its task and a sweep takes it up when its wait is over (its lease
+/// says when). With 24 tries over 12 hours, a busy tenant's dead receiver would otherwise keep
+/// millions of waits in memory, or, with the node's bound alone, push every other tenant's waits
+/// to the sweep.
 pub const WAITING_MAX: usize = 20_000;
+pub const TENANT_WAITING_MAX: usize = 2_000;
 /// Attempts being made at once for one tenant, at most: a tenant whose receiver swallows
 /// connections holds at most this share of the node's attempts, never all of them.
 pub const TENANT_IN_FLIGHT_MAX: usize = 64;
@@ -204,8 +208,8 @@ pub struct WebhookClient {
     retry_max: Duration,
     pub allow_private: bool,
     slots: Arc<Slots>,
-    lookups: Arc<tokio::sync::Semaphore>,
-    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    lookups: Arc<Slots>,
+    waiting: Arc<Slots>,
 }
 
 impl WebhookClient {
@@ -244,8 +248,8 @@ impl WebhookClient {
             retry_max,
             allow_private: settings.allow_private,
             slots: Arc::new(Slots::new(IN_FLIGHT_MAX, TENANT_IN_FLIGHT_MAX)),
-            lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_MAX)),
-            waiting: Arc::default(),
+            lookups: Arc::new(Slots::new(LOOKUPS_MAX, TENANT_LOOKUPS_MAX)),
+            waiting: Arc::new(Slots::new(WAITING_MAX, TENANT_WAITING_MAX)),
         })
     }
 
@@ -273,6 +277,11 @@ impl WebhookClient {
             move || std::net::ToSocketAddrs::to_socket_addrs(&(host_name.as_str(), port)).map(Vec::from_iter)
         };
         let (_slot, found) = resolve(slot, &self.lookups, lookup).await;
+        if let Err(e) = &found {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(e.to_string());
+            }
+        }
         let addrs: Vec<std::net::SocketAddr> = match found {
             Ok(found) => found.into_iter().filter(|a| self.allow_private || is_public(a.ip())).collect(),
             // With private receivers allowed there is nothing to hide: the resolver's own words.
@@ -824,7 +833,7 @@ fn deliver(state: &AppState, doc: store::Document) {
             }
             // Past the node's bound on waits in memory, the sweep makes the next attempt once
             // the lease (the wait, and an attempt's time) runs out.
-            let Some(_waiting) = Waiting::enter(&client.waiting) else { return };
+            let Some(_waiting) = client.waiting.take(tenant) else { return };
             tokio::time::sleep(wait).await;
         }
     });
@@ -835,45 +844,29 @@ fn deliver(state: &AppState, doc: store::Document) {
 /// (glibc waits out a silent name server for 5 s a try, two tries each): without the slot, a
 /// tenant whose names never resolve could start look-ups faster than they end, and fill the
 /// blocking pool that every storage query shares. With it, a tenant holds at most
-/// [`TENANT_IN_FLIGHT_MAX`] look-ups; and each holds one of the node's `lookups` (at most
-/// [`LOOKUPS_MAX`], well below the pool's threads) until it returns.
+/// [`TENANT_IN_FLIGHT_MAX`] attempts; and each look-up holds one of `lookups` (at most
+/// [`LOOKUPS_MAX`] on the node, well below the pool's threads, and [`TENANT_LOOKUPS_MAX`] for one
+/// tenant) until it returns. With none free, the look-up fails at once (`WouldBlock`).
 async fn resolve<F>(
     slot: Slot,
-    lookups: &Arc<tokio::sync::Semaphore>,
+    lookups: &Arc<Slots>,
     lookup: F,
 ) -> (Option<Slot>, std::io::Result<Vec<std::net::SocketAddr>>)
 where
     F: FnOnce() -> std::io::Result<Vec<std::net::SocketAddr>> + Send + 'static,
 {
-    let Ok(permit) = lookups.clone().acquire_owned().await else {
-        return (Some(slot), Err(std::io::Error::other("no name look-up can start")));
+    let Some(looking) = lookups.take(slot.tenant) else {
+        let busy = std::io::Error::new(std::io::ErrorKind::WouldBlock, "no name look-up free: tried again later");
+        return (Some(slot), Err(busy));
     };
     match tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+        let _looking = looking;
         (slot, lookup())
     })
     .await
     {
         Ok((slot, found)) => (Some(slot), found),
         Err(_) => (None, Err(std::io::Error::other("the name look-up failed"))),
-    }
-}
-
-/// One notification waiting in memory for its next attempt, counted while it lives.
-struct Waiting(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Waiting {
-    /// A place among the node's waits, if there are fewer than [`WAITING_MAX`].
-    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Waiting> {
-        let taken = count.fetch_add(1, Ordering::Relaxed);
-        let waiting = Waiting(count.clone());
-        (taken < WAITING_MAX).then_some(waiting)
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -884,9 +877,7 @@ fn retry_wait(base: Duration, max: Duration, attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        is_public, resolve, retry_wait, SecretGeneration, Slots, Waiting, RETRY_WAIT_MAX_DEFAULT, TRIES, WAITING_MAX,
-    };
+    use super::{is_public, resolve, retry_wait, SecretGeneration, Slots, RETRY_WAIT_MAX_DEFAULT, TRIES};
     use std::time::Duration;
 
     /// With the default waits, the tries outlast a receiver's outage of 12 hours (not 31 s, as
@@ -943,7 +934,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_look_up_outliving_its_attempt_keeps_its_slot() {
         let slots = std::sync::Arc::new(Slots::new(5, 2));
-        let lookups = std::sync::Arc::new(tokio::sync::Semaphore::new(3));
+        let lookups = std::sync::Arc::new(Slots::new(3, 2));
         let (release, released) = std::sync::mpsc::channel::<()>();
         let released = std::sync::Arc::new(std::sync::Mutex::new(released));
         for _ in 0..2 {
@@ -958,7 +949,12 @@ mod tests {
         }
         assert!(slots.take(7).is_none(), "the tenant's two look-ups still hold its share");
         assert!(slots.take(8).is_some(), "another tenant's attempts go on");
-        assert_eq!(lookups.available_permits(), 1, "the node's look-ups are held too");
+        assert!(lookups.take(7).is_none(), "the tenant's look-ups are held too");
+        let other = lookups.take(8).expect("another tenant may look up");
+        assert!(lookups.take(9).is_none(), "the node's look-ups are held too");
+        let busy = resolve(slots.take(9).unwrap(), &lookups, || Ok(Vec::new())).await;
+        assert_eq!(busy.1.unwrap_err().kind(), std::io::ErrorKind::WouldBlock, "none free: fails at once");
+        drop(other);
         release.send(()).unwrap();
         release.send(()).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -971,18 +967,7 @@ mod tests {
             done.0.is_some() && done.1.unwrap().len() == 1,
             "a look-up that ends gives the slot back with its answer"
         );
-        assert_eq!(lookups.available_permits(), 3);
-    }
-
-    /// At most `WAITING_MAX` notifications wait in memory; a place comes back when dropped.
-    #[test]
-    fn waits_in_memory_are_bounded() {
-        let count = std::sync::Arc::default();
-        let held: Vec<Waiting> = (0..WAITING_MAX).map(|_| Waiting::enter(&count).unwrap()).collect();
-        assert!(Waiting::enter(&count).is_none(), "past the bound, the sweep takes it");
-        drop(held);
-        assert!(Waiting::enter(&count).is_some());
-        assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 0, "every place given back");
+        assert!(lookups.tenants.lock().unwrap().is_empty(), "every look-up given back");
     }
 
     #[test]
