@@ -1224,18 +1224,18 @@ fn product_and_card_input_is_checked() {
     });
 }
 
+/// A server with a card listener whose holds last 1 s.
+fn with_one_second_holds(tag: &str) -> Server {
+    let args = ["--iso8583-listen", "127.0.0.1:0", "--card-hold-seconds", "1"];
+    Server::start_with_args(&temp_dir(tag), None, "127.0.0.1:0", true, &args)
+}
+
 /// A hold counts against the card's limits while it stands, and no more once it lapses (the
 /// ledger released it; the authorization says when, `hold_expires_at`). (Before, an approved
 /// authorization never captured counted against the month's limit for good.)
 #[test]
 fn a_lapsed_hold_no_longer_counts_against_the_cards_limits() {
-    let server = Server::start_with_args(
-        &temp_dir("cards-lapsed"),
-        None,
-        "127.0.0.1:0",
-        true,
-        &["--iso8583-listen", "127.0.0.1:0", "--card-hold-seconds", "1"],
-    );
+    let server = with_one_second_holds("cards-lapsed");
     let iso = server.iso8583.unwrap();
     runtime().block_on(async {
         let mut c = server.client();
@@ -1260,14 +1260,7 @@ fn a_lapsed_hold_no_longer_counts_against_the_cards_limits() {
 
 #[test]
 fn holds_expire_and_malformed_frames_leave_the_listener_working() {
-    let dir = temp_dir("cards-expiry");
-    let server = Server::start_with_args(
-        &dir,
-        None,
-        "127.0.0.1:0",
-        true,
-        &["--iso8583-listen", "127.0.0.1:0", "--card-hold-seconds", "1"],
-    );
+    let server = with_one_second_holds("cards-expiry");
     let iso = server.iso8583.unwrap();
     runtime().block_on(async {
         let mut c = server.client();

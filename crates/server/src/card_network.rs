@@ -1501,12 +1501,7 @@ impl<'a> Flow<'a> {
             if let Some(de39) = declined {
                 return self.declined_advice(None, de39).await;
             }
-            let now = store::now_nanos();
-            let currency = self.named_currency().await?;
-            if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
-                return Err(ResponseCode::FormatError.into());
-            }
-            let mut view = ctx.new_view(currency, now);
+            let (mut view, now) = self.unmatched_advice_view().await?;
             view.status = "approved".into();
             view.auth_code = ctx.request.get(38).map(str::to_owned);
             let basis = ctx.fresh(&view);
@@ -1546,6 +1541,18 @@ impl<'a> Flow<'a> {
             other => format!("the network approved in stand-in an authorization that is {other} here: reconcile"),
         };
         self.record(view, basis, created_at, kind, ResponseCode::Approved, reason).await
+    }
+
+    /// A new record for an advice with no authorization to match, in DE49's currency, made now
+    /// (and when); an amount of 0 or above the ledger's is a format error.
+    async fn unmatched_advice_view(&self) -> Result<(AuthorizationView, u64), ResponseCode> {
+        let ctx = &self.ctx;
+        let now = store::now_nanos();
+        let currency = self.named_currency().await?;
+        if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
+            return Err(ResponseCode::FormatError);
+        }
+        Ok((ctx.new_view(currency, now), now))
     }
 
     /// The hold of an authorization the network approved in stand-in (`view`, `approved`),
@@ -1593,16 +1600,11 @@ impl<'a> Flow<'a> {
     /// `unposted`, with the ledger's reason, for reconciliation.
     async fn stand_in(&self) -> Step {
         let ctx = &self.ctx;
-        let now = store::now_nanos();
-        let currency = self.named_currency().await?;
-        if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
-            return Err(ResponseCode::FormatError.into());
-        }
-        let mut view = ctx.new_view(currency, now);
+        let (mut view, now) = self.unmatched_advice_view().await?;
         view.status = "captured".into();
         view.captured = ctx.amount;
         let post = ctx.transfer_id("stand-in");
-        let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
+        let settlement = settlement_account(self.state, ctx.tenant, &view.currency);
         let event =
             EventKind::Posted { debit: AccountId(ctx.account()?), credit: AccountId(settlement), amount: ctx.amount };
         let (c, basis) = (self.ctx.clone(), ctx.fresh(&view));
