@@ -439,6 +439,11 @@ impl Ctx {
         store::Guard::Authorization { tenant_id: self.tenant, id, body: None }
     }
 
+    /// A hold of `amount`, `debit` → `credit`, for `--card-hold-seconds`.
+    fn hold(&self, debit: AccountId, credit: AccountId, amount: u64) -> EventKind {
+        EventKind::Pending { debit, credit, amount, timeout_seconds: self.hold_seconds }
+    }
+
     /// When a hold placed at `now` lapses (`--card-hold-seconds` on).
     fn hold_expiry(&self, now: u64) -> String {
         crate::dto::rfc3339(now.saturating_add(u64::from(self.hold_seconds) * 1_000_000_000))
@@ -890,12 +895,7 @@ impl<'a> Flow<'a> {
         let event = if single_message {
             EventKind::Posted { debit: AccountId(account), credit: AccountId(settlement), amount: ctx.amount }
         } else {
-            EventKind::Pending {
-                debit: AccountId(account),
-                credit: AccountId(settlement),
-                amount: ctx.amount,
-                timeout_seconds: self.state.card_settings.hold_seconds,
-            }
+            ctx.hold(AccountId(account), AccountId(settlement), ctx.amount)
         };
         let c = self.ctx.clone();
         self.execute(vec![ctx.event(hold, event)], basis, move |result| {
@@ -1561,14 +1561,8 @@ impl<'a> Flow<'a> {
     async fn stand_in_hold(&self, view: AuthorizationView, basis: store::Guard, created_at: u64, hold: u128) -> Step {
         let ctx = &self.ctx;
         let kind = "authorization advice";
-        let currency = Currency::parse(&view.currency).map_err(|_| ResponseCode::SystemMalfunction)?;
-        let settlement = settlement_account(self.state, ctx.tenant, currency.as_str());
-        let event = EventKind::Pending {
-            debit: AccountId(ctx.account()?),
-            credit: AccountId(settlement),
-            amount: ctx.amount,
-            timeout_seconds: self.state.card_settings.hold_seconds,
-        };
+        let settlement = settlement_account(self.state, ctx.tenant, &view.currency);
+        let event = ctx.hold(AccountId(ctx.account()?), AccountId(settlement), ctx.amount);
         let c = self.ctx.clone();
         self.execute(vec![ctx.event(hold, event)], basis, move |result| {
             let mut view = view.clone();
@@ -1657,12 +1651,7 @@ impl<'a> Flow<'a> {
                     .map_err(|_| ResponseCode::SystemMalfunction)?
                     .as_u128();
                 let (void, rehold) = (ctx.step_id(&view, &format!("{purpose}:void")), back);
-                let kept = EventKind::Pending {
-                    debit: account,
-                    credit: settlement,
-                    amount: actual,
-                    timeout_seconds: self.state.card_settings.hold_seconds,
-                };
+                let kept = ctx.hold(account, settlement, actual);
                 let events = vec![
                     ctx.event(void, EventKind::VoidPending { pending_id: TransferId(hold) }),
                     ctx.event(rehold, kept),
