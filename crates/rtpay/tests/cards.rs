@@ -1252,6 +1252,8 @@ fn a_lapsed_hold_no_longer_counts_against_the_cards_limits() {
             assert!(std::time::Instant::now() < deadline, "the ledger released the hold");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        let lapsed = c.get(&format!("/v1/authorizations/{}", held["id"].as_str().unwrap()), &i.key).await.unwrap();
+        assert_eq!(lapsed.json()["status"], json!("expired"), "shown as it stands: {:?}", lapsed.json());
         let r = net.ask(&auth(&i.pan, &i.expiry, 2_000, 3, "000000000003"));
         assert_eq!(r["39"], json!("00"), "the lapsed hold no longer counts: {r}");
         assert_eq!(net.ask(&auth(&i.pan, &i.expiry, 1_500, 4, "000000000004"))["39"], json!("61"), "the new one does");

@@ -628,12 +628,23 @@ pub async fn card_authorizations(
     let (row, _) = load_card(&state, &tenant, &id).await?;
     let (tenant_id, card_id) = (tenant.id, row.id);
     let rows = query(&state, move |q| q.card_authorizations(tenant_id, card_id, limit)).await?;
+    let now = store::now_nanos();
     let authorizations = rows
         .iter()
-        .map(|r| serde_json::from_str(&r.body))
+        .map(|r| serde_json::from_str(&r.body).map(|v| as_of(v, r, now)))
         .collect::<Result<_, _>>()
         .map_err(|_| Problem::internal())?;
     Ok(reply(StatusCode::OK, &AuthorizationList { authorizations }))
+}
+
+/// The authorization as it stands at `now`: one whose hold lapsed (the ledger released it; its
+/// record is written only by the card network's messages) is shown `expired`, as its record
+/// would be once a capture or reversal comes.
+fn as_of(mut view: AuthorizationView, row: &store::AuthorizationRow, now: u64) -> AuthorizationView {
+    if view.status == "approved" && row.held_until != 0 && row.held_until <= now {
+        view.status = "expired".into();
+    }
+    view
 }
 
 #[utoipa::path(get, path = "/v1/authorizations/{id}", tag = "cards", params(("id" = String, Path)),
@@ -650,5 +661,5 @@ pub async fn get_authorization(
         .await?
         .ok_or_else(|| Problem::not_found("authorization"))?;
     let view: AuthorizationView = serde_json::from_str(&row.body).map_err(|_| Problem::internal())?;
-    Ok(reply(StatusCode::OK, &view))
+    Ok(reply(StatusCode::OK, &as_of(view, &row, store::now_nanos())))
 }
