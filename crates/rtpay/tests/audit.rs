@@ -223,7 +223,25 @@ fn a_change_whose_client_hung_up_is_recorded_all_the_same() {
         let (rotated, recorded) = last;
         assert!(rotated > 0, "some rotations took place");
         assert_eq!(recorded, rotated, "{rotated} rotations of {attempts}, {recorded} recorded");
-        // The metrics count the requests whose client went away under 499.
+        // The metrics count the requests whose client went away under 499. One is made sure of:
+        // a rotation held back by a write lock taken on the database from outside, whose client
+        // hangs up while it waits (the loop above may have seen every rotation finish in time).
+        let mut lock = rusqlite::Connection::open(server.data.join("rtpay.db")).unwrap();
+        let held = lock.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let body = r#"{"overlap_seconds":0}"#;
+        let request = format!(
+            "POST /v1/pix/webhook-secret/rotate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stream.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        assert!(answer.is_empty(), "no answer reached the client that hung up: {}", String::from_utf8_lossy(&answer));
+        held.rollback().unwrap();
         let closed =
             "rtpay_http_requests_total{method=\"POST\",route=\"/v1/pix/webhook-secret/rotate\",status=\"499\"}";
         let text = metrics_with(&mut c, closed).await;
