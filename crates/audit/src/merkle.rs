@@ -209,7 +209,9 @@ pub fn verify_consistency(first: u64, second: u64, first_root: &Hash, second_roo
         return proof.is_empty() && first_root == second_root;
     }
     if first == 0 {
-        return proof.is_empty();
+        // The empty tree is a prefix of every tree, and its root is the hash of nothing: any
+        // other `first_root` is not a head of the empty tree.
+        return proof.is_empty() && *first_root == empty_root();
     }
     let mut path: Vec<Hash> = Vec::with_capacity(proof.len() + 1);
     if first.is_power_of_two() {

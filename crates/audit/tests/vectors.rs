@@ -215,6 +215,10 @@ fn every_proof_verifies_for_every_size_up_to_70() {
             assert!(verify_inclusion(index, size, &leaves[index as usize], &proof, &roots[size as usize]));
             assert!(!verify_inclusion(index, size, &leaves[(index as usize + 1) % 70], &proof, &roots[size as usize]));
         }
+        // The empty tree is a prefix of every tree with nothing to prove, and only under its own
+        // root.
+        assert!(verify_consistency(0, size, &empty_root(), &roots[size as usize], &[]));
+        assert!(!verify_consistency(0, size, &roots[1], &roots[size as usize], &[]));
         for first in 1..=size {
             let proof = consistency_proof(&store, first, size).unwrap();
             assert!(verify_consistency(first, size, &roots[first as usize], &roots[size as usize], &proof));

@@ -397,5 +397,15 @@ fn audit_verify_catches_every_edit_made_in_storage() {
             let (ok, report) = server.audit_verify();
             assert!(ok, "{name}: restoring did not restore\n{report}");
         }
+        // A node serving storage with an entry gone proves nothing for it: not the next entry's
+        // leaf under the missing one's number.
+        db.run("DELETE FROM audit_entries WHERE seq = 3");
+        server.restart();
+        runtime().block_on(async {
+            let mut c = server.client();
+            let r = c.get("/v1/audit/proof/inclusion?seq=3&tree_size=7", OPERATOR).await.unwrap();
+            assert_eq!(r.status, 404, "{:?}", r.json());
+        });
+        server.stop();
     }
 }

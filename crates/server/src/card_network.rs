@@ -146,7 +146,7 @@ pub struct AuthorizationView {
     pub hold_id: Option<String>,
     /// When that hold lapses (the ledger releases it), as placed: from then on the authorization
     /// no longer counts against the card's limits. Absent on records of versions before it was
-    /// kept (those count until captured or reversed).
+    /// kept (their lapse was taken from their hold when storage migrated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_expires_at: Option<String>,
     pub captured: u64,

@@ -70,6 +70,38 @@ pub(crate) fn append<'a>(frontier: &Frontier, drafts: &'a [(Timestamp, Draft)], 
     Append { entries, nodes, head: SignedHead { head, signature }, frontier }
 }
 
+/// The tree's right edge: its size and root.
+pub(crate) type Edge = (u64, Hash);
+
+pub(crate) fn edge_of(frontier: &Frontier) -> Edge {
+    (frontier.size(), frontier.root())
+}
+
+/// Holds the right edge a writer read from storage to the newest signed head: the edge must be
+/// that head's tree, and the head signed by the writer's own key (an empty log has neither).
+/// Otherwise storage was changed behind rtpay's back (entries rewritten, their edge recomputed
+/// and the heads after them removed; the log wiped), and appending would sign the changed
+/// history as if it were rtpay's: the writer appends nothing, and every write fails until the
+/// storage is restored. Checked where an edge is read that this process did not write (at start,
+/// after another writer's commit), once per edge.
+pub(crate) fn check_edge(frontier: &Frontier, newest: Option<&SignedHead>, signer: &Signer) -> Result<Edge> {
+    let edge = edge_of(frontier);
+    let held = match newest {
+        None => edge.0 == 0,
+        Some(h) => (h.head.size, h.head.root) == edge && audit::verify_head(signer.public_key(), &h.head, &h.signature),
+    };
+    if held {
+        return Ok(edge);
+    }
+    let head =
+        newest.map_or("no signed head".to_owned(), |h| format!("the newest signed head's size is {}", h.head.size));
+    Err(StoreError::Corrupt(format!(
+        "the audit log's stored edge (size {}) is not its newest head signed by this node's key ({head}): \
+         the log was changed in storage; nothing is written until it is restored (`rtpay audit verify`)",
+        edge.0
+    )))
+}
+
 /// One item of a full scan: entries in order, each head right after the entry that completes it.
 pub enum AuditItem {
     Entry(Entry, Hash),

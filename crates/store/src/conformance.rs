@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ledger::*;
 
-use crate::{ApiKeyRecord, Location, Page, Store, TenantRecord};
+use crate::{ApiKeyRecord, Location, Page, Store, StoreError, TenantRecord};
 
 pub const NOW: u64 = 1_800_000_000_000_000_000;
 const T: TenantId = TenantId(0xA1);
@@ -659,15 +659,71 @@ pub fn audit_log(location: Location) {
     assert!(created > all[12].time, "the ledger clock is past the command line's entry");
     let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
     assert_eq!((report.entries, report.finding), (13, None));
-    // The log's own key is the one that signed its first head: a head a stray key signed later
-    // (an older `keys rotate` made one) neither shuts the log's key out nor lets the stray one on.
+    // The log's own key is the one that signed its first head; a stray key appends nothing (its
+    // writer finds the newest head signed by another key) and is not let on.
     let stray = Arc::new(audit::Signer::from_pkcs8(&audit::Signer::generate_pkcs8().unwrap()).unwrap());
     assert!(crate::audit_key_signs(store.queries.as_ref(), signer.public_key()).unwrap());
     assert!(!crate::audit_key_signs(store.queries.as_ref(), stray.public_key()).unwrap());
-    Store::append_audit_beside(&location, stray.clone(), vec![draft(None, "stray")]).unwrap();
-    assert!(crate::audit_key_signs(store.queries.as_ref(), signer.public_key()).unwrap());
+    let refused = Store::append_audit_beside(&location, stray.clone(), vec![draft(None, "stray")]);
+    assert!(matches!(&refused, Err(StoreError::Corrupt(why)) if why.contains("not its newest head")), "{refused:?}");
+    assert_eq!(store.queries.audit_entries(0, 100, None).unwrap().len(), 13);
     assert!(!crate::audit_key_signs(store.queries.as_ref(), stray.public_key()).unwrap());
+
+    // Storage changed behind the writers' backs: the last entry rewritten with its edge
+    // recomputed and its head removed. Appending would sign the changed history, so nothing is
+    // appended, by the running writer (which finds another edge than its own) or by one
+    // beside it; restored, both append again.
+    let saved = store.queries.audit_entries(0, 100, None).unwrap();
+    let mut forged = audit::Frontier::default();
+    let mut nodes = Vec::new();
+    for (i, entry) in saved.iter().enumerate() {
+        let mut draft = entry.draft.clone();
+        if i == saved.len() - 1 {
+            draft.outcome = "forged".into();
+        }
+        forged.append(audit::entry_leaf_hash(entry.seq, entry.time, &draft), &mut nodes);
+    }
+    let original = tamper_audit_edge(
+        &location,
+        &forged.encode(),
+        "CREATE TABLE saved_heads AS SELECT * FROM audit_heads; DELETE FROM audit_heads WHERE size = 13",
+    );
+    let refused = store.engine.execute(crate::Command::Audit(vec![draft(None, "signed over the forgery")]));
+    assert!(matches!(&refused, Err(StoreError::Corrupt(why)) if why.contains("not its newest head")), "{refused:?}");
+    let refused = Store::append_audit_beside(&location, signer.clone(), vec![draft(None, "beside")]);
+    assert!(matches!(&refused, Err(StoreError::Corrupt(_))), "{refused:?}");
+    tamper_audit_edge(&location, &original, "INSERT INTO audit_heads SELECT * FROM saved_heads WHERE size = 13");
+    store.engine.execute(crate::Command::Audit(vec![draft(None, "restored")])).unwrap();
+    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
+    assert_eq!((report.entries, report.finding), (14, None));
     store.close();
+}
+
+/// Edits storage behind the writers' backs: sets the stored audit edge to `frontier` (encoded)
+/// and runs `sql`, in one transaction; gives the edge it replaced.
+fn tamper_audit_edge(location: &Location, frontier: &[u8], sql: &str) -> Vec<u8> {
+    match location {
+        Location::Embedded(dir) => {
+            let mut conn = rusqlite::Connection::open(dir.join("rtpay.db")).unwrap();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
+            let old: Vec<u8> =
+                tx.query_row("SELECT audit_frontier FROM ledger_meta WHERE id = 1", [], |r| r.get(0)).unwrap();
+            tx.execute("UPDATE ledger_meta SET audit_frontier = ?1 WHERE id = 1", [frontier]).unwrap();
+            tx.execute_batch(sql).unwrap();
+            tx.commit().unwrap();
+            old
+        }
+        Location::Postgres(url) => {
+            let mut client = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+            let mut tx = client.transaction().unwrap();
+            let old: Vec<u8> =
+                tx.query_one("SELECT audit_frontier FROM ledger_meta WHERE id = 1 FOR UPDATE", &[]).unwrap().get(0);
+            tx.execute("UPDATE ledger_meta SET audit_frontier = $1 WHERE id = 1", &[&frontier]).unwrap();
+            tx.batch_execute(sql).unwrap();
+            tx.commit().unwrap();
+            old
+        }
+    }
 }
 
 /// Data keys and holders: stored as given, unique where they must be, re-wrapped only from the

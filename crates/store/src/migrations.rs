@@ -372,10 +372,17 @@ WHERE (scope GLOB 'pix-day:*' OR scope GLOB 'pix-night:*') AND length(scope) - i
         version: 14,
         name: "card authorizations: when a standing hold lapses",
         sql: r#"
--- When the hold of an approved authorization lapses (nanoseconds; 0: it holds nothing, or was
--- written before this version): from then on its spend no longer counts against the card's
--- limits. The index holds only authorizations with a hold, by when it lapses.
+-- When the hold of an approved authorization lapses (nanoseconds; 0: it holds nothing): from
+-- then on its spend no longer counts against the card's limits. The index holds only
+-- authorizations with a hold, by when it lapses. Those stored before this version take it from
+-- their hold's transfer (`hold_id` in the record; a credit holds nothing), found by its id.
 ALTER TABLE card_authorizations ADD COLUMN held_until INTEGER NOT NULL DEFAULT 0;
+UPDATE card_authorizations SET held_until = coalesce((
+    SELECT t.expires_at FROM transfers t
+    WHERE t.id = unhex(replace(json_extract(card_authorizations.body, '$.hold_id'), '-', ''))
+      AND t.tenant_id = card_authorizations.tenant_id AND t.expires_at > 0), 0)
+WHERE json_extract(body, '$.status') = 'approved' AND coalesce(json_extract(body, '$.credit'), 0) = 0
+  AND json_extract(body, '$.hold_id') IS NOT NULL;
 CREATE INDEX card_authorizations_lapsing ON card_authorizations (card_id, held_until) WHERE held_until > 0;
 "#,
     },
@@ -642,6 +649,10 @@ DELETE FROM counters WHERE split_part(scope, ':', 1) IN ('pix-day', 'pix-night')
         sql: r#"
 -- As SQLite's version 14.
 ALTER TABLE card_authorizations ADD COLUMN held_until BIGINT NOT NULL DEFAULT 0;
+UPDATE card_authorizations a SET held_until = t.expires_at
+FROM transfers t
+WHERE a.body::jsonb ->> 'status' = 'approved' AND NOT coalesce((a.body::jsonb ->> 'credit')::boolean, false)
+  AND t.tenant_id = a.tenant_id AND t.id = (a.body::jsonb ->> 'hold_id')::uuid AND t.expires_at > 0;
 CREATE INDEX card_authorizations_lapsing ON card_authorizations (card_id, held_until) WHERE held_until > 0;
 "#,
     },

@@ -276,6 +276,11 @@ struct PgWriter {
     signer: Arc<audit::Signer>,
     /// The audit tree's right edge, read under the batch lock (other nodes append too).
     frontier: Option<audit::Frontier>,
+    /// The last edge this writer wrote or held to its signed head (see `check_edge`): an edge
+    /// another node left is checked once.
+    trusted_edge: Option<crate::audit_log::Edge>,
+    /// The edge the open batch's entries make; trusted once it commits.
+    pending_edge: Option<crate::audit_log::Edge>,
     /// Accounts as this writer last committed or read them, valid while the count of commits in
     /// `ledger_meta` is the one this writer's last commit left there (`accounts_as_of`): every
     /// commit, by any node, adds one under the batch lock, so an unchanged count means no other
@@ -401,6 +406,8 @@ impl PgWriter {
             in_tx: false,
             signer,
             frontier: None,
+            trusted_edge: None,
+            pending_edge: None,
             accounts: Generations::default(),
             accounts_as_of: None,
             locked_commits: 0,
@@ -503,6 +510,20 @@ impl Writer for PgWriter {
             self.conn = Some(Conn::open(&self.url)?);
             result = lock_batch(self.conn());
         }
+        let result = result.and_then(|read| {
+            let edge = crate::audit_log::edge_of(&read.1);
+            if self.trusted_edge != Some(edge) {
+                let newest = self
+                    .conn()
+                    .client
+                    .query_opt("SELECT size, time, root, signature FROM audit_heads ORDER BY size DESC LIMIT 1", &[])
+                    .map_err(unavailable)?
+                    .map(|r| head_row(&r))
+                    .transpose()?;
+                self.trusted_edge = Some(crate::audit_log::check_edge(&read.1, newest.as_ref(), &self.signer)?);
+            }
+            Ok(read)
+        });
         match result {
             Ok((last, frontier, commits, due)) => {
                 self.in_tx = true;
@@ -654,9 +675,14 @@ impl Writer for PgWriter {
                 }
                 // What `write` left in ledger_meta.
                 self.accounts_as_of = Some(self.locked_commits + 1);
+                if let Some(edge) = self.pending_edge.take() {
+                    self.trusted_edge = Some(edge);
+                }
             }
             Err(_) => {
-                // Committed or not, the cache is not trusted again (`accounts_as_of` is unset).
+                // Committed or not, the cache is not trusted again (`accounts_as_of` is unset),
+                // nor the edge (the next batch holds what it reads to its head).
+                self.pending_edge = None;
                 self.conn = None;
             }
         }
@@ -668,6 +694,7 @@ impl Writer for PgWriter {
     }
 
     fn rollback(&mut self) {
+        self.pending_edge = None;
         if self.in_tx {
             self.in_tx = false;
             if let Some(conn) = self.conn.as_mut() {
@@ -739,6 +766,7 @@ impl PgWriter {
         // The audit's columns, when the batch has entries.
         let append = (!drafts.is_empty())
             .then(|| crate::audit_log::append(self.frontier.as_ref().expect("read in begin"), drafts, &self.signer));
+        self.pending_edge = append.as_ref().map(|a| crate::audit_log::edge_of(&a.frontier));
         let e: &[crate::audit_log::Appended] = append.as_ref().map_or(&[], |a| &a.entries);
         let seq: Vec<i64> = e.iter().map(|e| e.seq as i64).collect();
         let time: Vec<i64> = e.iter().map(|e| e.time as i64).collect();
@@ -1877,6 +1905,42 @@ mod tests {
         let store = crate::Store::open(&crate::Location::Postgres(url.clone())).unwrap();
         spend_counters::check(store.queries.as_ref());
         store.close();
+    }
+
+    /// As SQLite's: authorizations stored before migration 12 take their hold's lapse (see
+    /// `testing::lapsing_holds`).
+    #[test]
+    fn version_11_authorizations_take_their_holds_lapse() {
+        use crate::testing::lapsing_holds;
+        let url = crate::testing::fresh_postgres_database();
+        let mut client = super::connect(&url).unwrap();
+        assert_eq!(super::apply_migrations(&mut client, &super::POSTGRES[..11]).unwrap(), (1..=11).collect::<Vec<_>>());
+        for (i, (tenant, id, expires_at)) in lapsing_holds::holds().into_iter().enumerate() {
+            client
+                .execute(
+                    "INSERT INTO transfers (tenant_id, id, timestamp, result, kind, amount_defaulted, timeout_seconds, \
+                     expires_at, code, state) VALUES ($1, $2, $3, 0, 0, false, 1, $4, 1, 1)",
+                    &[&super::uuid(tenant), &super::uuid(id), &(i as i64 + 1), &expires_at],
+                )
+                .unwrap();
+        }
+        for (id, body, _) in lapsing_holds::authorizations() {
+            client
+                .execute(
+                    "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body) \
+                     VALUES ($1, $2, $3, 'r', 1, 1, $4)",
+                    &[&super::uuid(lapsing_holds::TENANT), &super::uuid(id), &super::uuid(9), &body],
+                )
+                .unwrap();
+        }
+        crate::Store::open(&crate::Location::Postgres(url.clone())).unwrap().close();
+        for (id, body, held_until) in lapsing_holds::authorizations() {
+            let stored: i64 = client
+                .query_one("SELECT held_until FROM card_authorizations WHERE id = $1", &[&super::uuid(id)])
+                .unwrap()
+                .get(0);
+            assert_eq!(stored, held_until, "{body}");
+        }
     }
 
     /// The writer's session plans each statement once, and on empty tables still plans look-ups by

@@ -189,6 +189,15 @@ fn read_meta(conn: &Connection) -> Result<(Clock, audit::Frontier)> {
     Ok((Clock { last: u64::try_from(last).map_err(|_| corrupt("negative clock".into()))? }, frontier))
 }
 
+/// The newest signed tree head, on the writer's connection.
+fn newest_head(conn: &Connection) -> Result<Option<SignedHead>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT size, time, root, signature FROM audit_heads ORDER BY size DESC LIMIT 1")
+        .map_err(unavailable)?;
+    let mut rows = stmt.query([]).map_err(unavailable)?;
+    rows.next().map_err(unavailable)?.map(head_row).transpose()
+}
+
 /// Changes whenever another connection commits (never for this connection's own commits).
 fn data_version(conn: &Connection) -> Result<i64> {
     conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(unavailable)
@@ -211,6 +220,7 @@ pub(crate) fn append_audit_beside(
     let result = (|| {
         refuse_newer_schema(&conn, SQLITE)?;
         let (clock, frontier) = read_meta(&conn)?;
+        crate::audit_log::check_edge(&frontier, newest_head(&conn)?.as_ref(), signer)?;
         let mut time = clock.last;
         let timed: Vec<(Timestamp, audit::Draft)> = drafts
             .into_iter()
@@ -245,6 +255,7 @@ fn open_writer(
     let mut conn = connect(&path)?;
     apply_migrations(&mut conn, SQLITE)?;
     let (clock, frontier) = read_meta(&conn)?;
+    let trusted_edge = crate::audit_log::check_edge(&frontier, newest_head(&conn)?.as_ref(), &signer)?;
     let data_version = data_version(&conn)?;
     // Accounts are read as batches name them (`load_accounts`), not all at start: a restart
     // reads no more with a million accounts than with ten.
@@ -272,6 +283,7 @@ fn open_writer(
         in_tx: false,
         signer,
         frontier,
+        trusted_edge,
         pending_frontier: None,
         checkpointer,
         wal: wal_path(&path),
@@ -379,6 +391,8 @@ struct SqliteWriter {
     signer: Arc<audit::Signer>,
     /// The audit tree's right edge, as committed.
     frontier: audit::Frontier,
+    /// The last edge this writer wrote or held to its signed head (see `check_edge`).
+    trusted_edge: crate::audit_log::Edge,
     /// The edge after the open batch's entries; kept only if it commits.
     pending_frontier: Option<audit::Frontier>,
     checkpointer: Checkpointer,
@@ -554,6 +568,10 @@ impl Writer for SqliteWriter {
         let version = data_version(&self.conn)?;
         if version != self.data_version {
             let (clock, frontier) = read_meta(&self.conn)?;
+            if crate::audit_log::edge_of(&frontier) != self.trusted_edge {
+                let newest = newest_head(&self.conn)?;
+                self.trusted_edge = crate::audit_log::check_edge(&frontier, newest.as_ref(), &self.signer)?;
+            }
             self.clock.last = self.clock.last.max(clock.last);
             self.frontier = frontier;
             self.data_version = version;
@@ -705,6 +723,7 @@ impl Writer for SqliteWriter {
         committed.map_err(unavailable)?;
         self.in_tx = false;
         if let Some(frontier) = self.pending_frontier.take() {
+            self.trusted_edge = crate::audit_log::edge_of(&frontier);
             self.frontier = frontier;
         }
         let numbered = std::mem::take(&mut self.assigned);
@@ -2738,6 +2757,45 @@ mod tests {
         let store = crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap();
         spend_counters::check(store.queries.as_ref());
         store.close();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Authorizations stored before migration 14 take their hold's lapse (see
+    /// `testing::lapsing_holds`).
+    #[test]
+    fn version_13_authorizations_take_their_holds_lapse() {
+        use crate::testing::lapsing_holds;
+        let dir = std::env::temp_dir().join(format!("rtpay-migrate14-{}-{}", std::process::id(), now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let mut conn = connect(&dir.join(DB_FILE)).unwrap();
+            assert_eq!(apply_migrations(&mut conn, &SQLITE[..13]).unwrap(), (1..=13).collect::<Vec<_>>());
+            for (i, (tenant, id, expires_at)) in lapsing_holds::holds().into_iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO transfers (timestamp, tenant_id, id, result, kind, amount_defaulted, timeout_seconds, \
+                     expires_at, code, state) VALUES (?1, ?2, ?3, 0, 0, 0, 1, ?4, 1, 1)",
+                    params![i as i64 + 1, uuid_bytes(tenant), uuid_bytes(id), expires_at],
+                )
+                .unwrap();
+            }
+            for (id, body, _) in lapsing_holds::authorizations() {
+                conn.execute(
+                    "INSERT INTO card_authorizations (tenant_id, id, card_id, rrn, created_at, spend, body) \
+                     VALUES (?1, ?2, ?3, 'r', 1, 1, ?4)",
+                    params![uuid_bytes(lapsing_holds::TENANT), uuid_bytes(id), uuid_bytes(9), body],
+                )
+                .unwrap();
+            }
+        }
+        crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap().close();
+        let conn = connect(&dir.join(DB_FILE)).unwrap();
+        for (id, body, held_until) in lapsing_holds::authorizations() {
+            let stored: i64 = conn
+                .query_row("SELECT held_until FROM card_authorizations WHERE id = ?1", [uuid_bytes(id)], |r| r.get(0))
+                .unwrap();
+            assert_eq!(stored, held_until, "{body}");
+        }
+        drop(conn);
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -80,3 +80,28 @@ pub mod spend_counters {
         assert_eq!(total("other:x".into(), 1), 3);
     }
 }
+
+/// Card authorizations stored before their holds' lapse was kept (SQLite's migration 14,
+/// PostgreSQL's 12), with the holds they name: each takes its hold's expiry, when it is an
+/// approved purchase whose hold is its tenant's.
+pub mod lapsing_holds {
+    pub const TENANT: u128 = 7;
+    pub const OTHER_TENANT: u128 = 8;
+    /// (tenant, id, expires_at) of the hold transfers.
+    pub fn holds() -> Vec<(u128, u128, i64)> {
+        vec![(TENANT, 0x11, 5_000), (TENANT, 0x12, 6_000), (OTHER_TENANT, 0x13, 7_000), (TENANT, 0x14, 8_000)]
+    }
+
+    /// (authorization id, body, held_until after the migration), all of [`TENANT`].
+    pub fn authorizations() -> Vec<(u128, String, i64)> {
+        let hold = |id: u128| uuid::Uuid::from_u128(id).hyphenated().to_string();
+        vec![
+            (1, format!(r#"{{"status":"approved","hold_id":"{}"}}"#, hold(0x11)), 5_000),
+            (2, format!(r#"{{"status":"approved","credit":true,"hold_id":"{}"}}"#, hold(0x12)), 0),
+            (3, format!(r#"{{"status":"approved","hold_id":"{}"}}"#, hold(0x13)), 0),
+            (4, format!(r#"{{"status":"captured","hold_id":"{}"}}"#, hold(0x14)), 0),
+            (5, r#"{"status":"declined","hold_id":null}"#.to_owned(), 0),
+            (6, format!(r#"{{"status":"approved","credit":false,"hold_id":"{}"}}"#, hold(0x14)), 8_000),
+        ]
+    }
+}

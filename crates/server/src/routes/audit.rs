@@ -198,10 +198,11 @@ pub async fn inclusion_proof(
     }
     let tenant = tenant_of(caller);
     let result = query(&state, move |q| {
-        // A tenant proves only its own entries; others do not exist for it.
+        // A tenant proves only its own entries; others do not exist for it. (The listing gives
+        // the first entry after `seq - 1`: another's, were `seq` missing from storage.)
         let entry = q.audit_entries(seq - 1, 1, None)?.into_iter().next();
         match entry {
-            Some(e) if tenant.is_none() || e.draft.tenant == tenant => {
+            Some(e) if e.seq == seq && (tenant.is_none() || e.draft.tenant == tenant) => {
                 Ok(Some((e.leaf_hash(), store::audit_inclusion(q, seq, size)?)))
             }
             _ => Ok(None),
