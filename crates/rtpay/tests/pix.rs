@@ -712,6 +712,16 @@ fn a_request_opening_the_settlement_account_is_audited_once() {
             .map(|e| e["outcome"].clone())
             .collect();
         assert_eq!(recorded.len(), 1, "{recorded:?}");
+        // The settlement account the money came from stays open: closed, every later incoming
+        // Pix would be refused.
+        let moves = c.get(&format!("/v1/accounts/{}/transfers", maria.account), &key).await.unwrap().json();
+        let settlement = moves["data"][0]["debit_account_id"].as_str().unwrap().to_owned();
+        let r = c.post(&format!("/v1/accounts/{settlement}/close"), &key, &json!({})).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("rail_account"), json!("id")));
+        let incoming = json!({"end_to_end_id": "E6070119020261201120000000000003", "amount": 100,
+            "key": "maria@example.com", "payer": {"ispb": "60701190", "name": "Joana Prado", "document": CPF_OTHER}});
+        assert_eq!(c.post("/v1/sandbox/spi/incoming", &key, &incoming).await.unwrap().status, 201);
+        assert_eq!(available(&mut c, &maria).await, 200);
     });
 }
 

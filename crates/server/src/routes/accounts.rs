@@ -89,6 +89,22 @@ pub async fn close_account(
     tenant.require("accounts:write")?;
     let key = account_key(&tenant, &id)?;
     audit.0.set_resource(uuid_string(key.id.0));
+    // A rail's settlement account (the SPI's or the card network's side of the tenant's
+    // payments) stays open: closed, every incoming Pix would be refused for good (the refusal is
+    // remembered under its EndToEndId), every payment out and capture too. Its id is derived
+    // from the tenant and its currency, so it cannot name another account.
+    if let Some(account) = query(&state, move |q| q.account(key)).await? {
+        let currency = account.currency;
+        let rail = key == crate::pix_rail::settlement_key(&state, tenant.id)
+            || key == crate::card_network::settlement_key(&state, tenant.id, currency);
+        if rail {
+            return Err(Problem::invalid(
+                "id",
+                "rail_account",
+                "`id` names a settlement account of the Pix or card rail, which stays open",
+            ));
+        }
+    }
     let Reply::Accounts(results) = submit(&state, &audit, Command::Accounts(vec![AccountCommand::Close(key)])).await?
     else {
         return Err(Problem::internal());
