@@ -348,6 +348,14 @@ pub struct StoredPayment {
     /// before it was kept: their periods are worked out again from their time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counted: Option<Counted>,
+    /// Until when its pacs.008 may be sent (nanoseconds since the epoch; an off-us payment still
+    /// `processing`): its time plus the SPI time-out of the node that made it. A sweep of any
+    /// node takes the SPI's "never received" as final only after it (and [`SWEEP_MARGIN`]),
+    /// whatever its own `--spi-timeout-ms`: nodes set differently, or one restarted with a
+    /// shorter time-out, would otherwise void a hold whose payment is still being sent. Absent on
+    /// payments stored before it was kept: the sweeping node's time-out counts from their time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_by: Option<u64>,
 }
 
 /// The counter periods a payment's amount went into: its day's, and its night's when it was made
@@ -748,6 +756,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
     let payer_tenant = p.payer.tenant;
     let payment_id = p.view.id.clone();
     let now = p.checked_at;
+    let send_by = now.saturating_add(state.pix.spi_timeout.as_nanos() as u64);
     let event = |key: TransferKey, kind: EventKind, linked: bool| TransferEvent {
         key,
         kind,
@@ -867,7 +876,9 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
         let processing = view.status == "processing";
         let payer_holder = processing.then(|| uuid_string(payer.holder));
         let counted = processing.then_some(Counted { day, night });
-        let stored = StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder, counted };
+        let send_by = processing.then_some(send_by);
+        let stored =
+            StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder, counted, send_by };
         records.push(payment_document(payer.tenant, 1, now, &stored));
         (view, records)
     };
@@ -936,6 +947,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                 tenant: payer_tenant,
                 holder: p.payer.holder,
                 at: now,
+                send_by,
                 counted: Some(Counted { day, night }),
                 view: view.clone(),
                 fingerprint: p.fingerprint,
@@ -978,6 +990,8 @@ struct InFlight {
     holder: u128,
     /// When it was committed (its documents' and counters' time).
     at: u64,
+    /// Until when it may be sent (see [`StoredPayment::send_by`]).
+    send_by: u64,
     /// The periods it was counted in (none known for payments stored before they were kept).
     counted: Option<Counted>,
     view: PaymentView,
@@ -997,14 +1011,14 @@ struct InFlight {
 async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditTransfer, claimed: Claim) {
     let connector = state.pix_runtime.connector.clone();
     let now = store::now_nanos();
-    if now >= p.at.saturating_add(state.pix.spi_timeout.as_nanos() as u64) {
+    if now >= p.send_by {
         tracing::warn!("an off-us payment was not sent within its SPI time-out; settling it from its status");
         settle_from_status(&state, p).await;
         drop(claimed);
         return;
     }
     // The send ends with the window: a connector writes nothing once its future is dropped.
-    let window = std::time::Duration::from_nanos(p.at.saturating_add(state.pix.spi_timeout.as_nanos() as u64) - now);
+    let window = std::time::Duration::from_nanos(p.send_by - now);
     match tokio::time::timeout(window.min(state.pix.spi_timeout), connector.send(transfer)).await {
         Ok(Ok(verdict)) => {
             state.pix_runtime.breaker.lock().expect("not poisoned").success();
@@ -1023,7 +1037,7 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
 /// nodes recording a verdict (the sender and a sweep after a restart), one applies and the other
 /// finds it done.
 async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status) {
-    let InFlight { tenant, holder, at, counted, view, fingerprint } = p;
+    let InFlight { tenant, holder, at, counted, view, fingerprint, .. } = p;
     let amount = view.amount;
     let hold = payment_transfer(state, tenant, &view.id, 1);
     let kind = match verdict {
@@ -1075,8 +1089,13 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
                 records.push(store::Record::Count { scope: night_scope, period: n, delta: -(amount as i64) });
             }
         }
-        let stored =
-            StoredPayment { view: view.clone(), fingerprint: fingerprint.clone(), payer_holder: None, counted: None };
+        let stored = StoredPayment {
+            view: view.clone(),
+            fingerprint: fingerprint.clone(),
+            payer_holder: None,
+            counted: None,
+            send_by: None,
+        };
         records.push(payment_document(tenant, 2, at, &stored));
         records
     });
@@ -1127,9 +1146,16 @@ const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// received" is taken as final.
 const SWEEP_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// When a payment of time `at` is due for a sweep (in nanoseconds since the epoch).
-fn sweep_due(state: &AppState, at: u64) -> u64 {
-    at.saturating_add((state.pix.spi_timeout + SWEEP_MARGIN).as_nanos() as u64)
+/// Until when a payment of time `at` may be sent: as stored, or (stored before it was kept) by
+/// this node's SPI time-out.
+fn send_by(state: &AppState, at: u64, stored: Option<u64>) -> u64 {
+    stored.unwrap_or_else(|| at.saturating_add(state.pix.spi_timeout.as_nanos() as u64))
+}
+
+/// When a payment that may be sent until `send_by` is due for a sweep (nanoseconds since the
+/// epoch).
+fn sweep_due(send_by: u64) -> u64 {
+    send_by.saturating_add(SWEEP_MARGIN.as_nanos() as u64)
 }
 
 /// Every node, every [`SWEEP_INTERVAL`], settles the off-us payments still waiting for a verdict
@@ -1154,33 +1180,38 @@ pub fn resume(state: &AppState) {
             if let Ok(docs) = found {
                 after = store::OwnerCursor::next(&docs, SWEEP_MAX);
                 let now = store::now_nanos();
-                for doc in docs.into_iter().filter(|d| sweep_due(&state, d.created_at) <= now) {
-                    let stored = match serde_json::from_str::<StoredPayment>(&doc.body) {
-                        Ok(stored) => stored,
-                        Err(_) => {
-                            tracing::error!(tenant = %uuid_string(doc.tenant_id), id = %doc.id, "a payment's document does not parse: the sweep leaves it");
-                            continue;
-                        }
-                    };
-                    let holder = stored.payer_holder.as_deref().and_then(|h| uuid::Uuid::parse_str(h).ok());
-                    let (Some(holder), "processing", 1) = (holder, stored.view.status.as_str(), doc.version) else {
-                        continue;
-                    };
-                    let Some(claimed) = claim(&state.pix_runtime, doc.tenant_id, &stored.view.id) else { continue };
-                    let p = InFlight {
-                        tenant: doc.tenant_id,
-                        holder: holder.as_u128(),
-                        at: doc.created_at,
-                        counted: stored.counted,
-                        view: stored.view,
-                        fingerprint: stored.fingerprint,
-                    };
+                for doc in docs {
+                    let Some(p) = sweepable(&state, &doc, now) else { continue };
+                    let Some(claimed) = claim(&state.pix_runtime, doc.tenant_id, &p.view.id) else { continue };
                     tokio::spawn(settle_by_status(state.clone(), p, claimed));
                 }
             }
             tokio::time::sleep(SWEEP_INTERVAL).await;
         }
     });
+}
+
+/// The off-us payment `doc` holds, when it is due for a sweep at `now`: still `processing` as first
+/// stored, past the moment it may be sent until and [`SWEEP_MARGIN`].
+fn sweepable(state: &AppState, doc: &store::Document, now: u64) -> Option<InFlight> {
+    let Ok(stored) = serde_json::from_str::<StoredPayment>(&doc.body) else {
+        tracing::error!(tenant = %uuid_string(doc.tenant_id), id = %doc.id, "a payment's document does not parse: the sweep leaves it");
+        return None;
+    };
+    let send_by = send_by(state, doc.created_at, stored.send_by);
+    let holder = stored.payer_holder.as_deref().and_then(|h| uuid::Uuid::parse_str(h).ok());
+    let (Some(holder), "processing", 1) = (holder, stored.view.status.as_str(), doc.version) else {
+        return None;
+    };
+    (sweep_due(send_by) <= now).then(|| InFlight {
+        tenant: doc.tenant_id,
+        holder: holder.as_u128(),
+        at: doc.created_at,
+        send_by,
+        counted: stored.counted,
+        view: stored.view,
+        fingerprint: stored.fingerprint,
+    })
 }
 
 /// A sweep's settling of `p`, which it claimed.
@@ -1198,7 +1229,7 @@ async fn settle_by_status(state: AppState, p: InFlight, claimed: Claim) {
 /// place: a sweep asks again.
 async fn settle_from_status(state: &AppState, p: InFlight) {
     let connector = state.pix_runtime.connector.clone();
-    let unknown_is_final = store::now_nanos() >= sweep_due(state, p.at);
+    let unknown_is_final = store::now_nanos() >= sweep_due(p.send_by);
     match tokio::time::timeout(state.pix.spi_timeout, connector.status(&p.view.end_to_end_id)).await {
         Ok(Ok(crate::spi::Found::Settled(verdict))) => record_verdict(state, p, verdict).await,
         Ok(Ok(crate::spi::Found::Unknown)) if unknown_is_final => {
@@ -1376,26 +1407,50 @@ mod tests {
                 creditor: party.clone(),
                 remittance: None,
             };
-            let p = InFlight { tenant: 7, holder: 8, at, counted: None, view, fingerprint: String::new() };
+            let send_by = send_by(&state, at, None);
+            let p = InFlight { tenant: 7, holder: 8, at, send_by, counted: None, view, fingerprint: String::new() };
             (id, p, transfer)
         };
+        let quick = std::time::Duration::from_millis(500);
         let counts = || {
             use std::sync::atomic::Ordering::SeqCst;
             (connector.sends.load(SeqCst), connector.queries.load(SeqCst))
         };
+        // Made by a node whose time-out is 30 s, 2 s ago: this node's 1 s does not stop its send,
+        // nor makes it due for this node's sweep; one stored before `send_by` was kept is, by this
+        // node's time-out.
+        let (id, mut p, transfer) = payment(3, store::now_nanos() - 2_000_000_000);
+        p.send_by = p.at + 30_000_000_000;
+        let stored = StoredPayment {
+            view: p.view.clone(),
+            fingerprint: String::new(),
+            payer_holder: Some(uuid_string(8)),
+            counted: None,
+            send_by: Some(p.send_by),
+        };
+        let mut doc = match payment_document(7, 1, p.at - 6_000_000_000, &stored) {
+            store::Record::Document(doc) => doc,
+            _ => unreachable!("a document"),
+        };
+        assert!(sweepable(&state, &doc, store::now_nanos()).is_none(), "not due before its own time-out");
+        doc.body = serde_json::to_string(&StoredPayment { send_by: None, ..stored }).unwrap();
+        assert!(sweepable(&state, &doc, store::now_nanos()).is_some(), "due by this node's time-out");
+        let claimed = claim(&state.pix_runtime, 7, &id).unwrap();
+        let settled = tokio::time::timeout(quick, settle_off_us(state.clone(), p, transfer, claimed)).await;
+        assert!(settled.is_ok(), "nothing recorded");
+        assert_eq!(counts(), (1, 1), "(sends, status queries)");
         // Committed 2 s ago, past its 1 s time-out: never sent, asked about.
         let (id, p, transfer) = payment(1, store::now_nanos() - 2_000_000_000);
         let claimed = claim(&state.pix_runtime, 7, &id).unwrap();
-        let quick = std::time::Duration::from_millis(500);
         let settled = tokio::time::timeout(quick, settle_off_us(state.clone(), p, transfer, claimed)).await;
         assert!(settled.is_ok(), "nothing recorded");
-        assert_eq!(counts(), (0, 1), "(sends, status queries)");
+        assert_eq!(counts(), (1, 2), "(sends, status queries)");
         // Committed now: sent; the send fails, so the SPI is asked.
         let (id, p, transfer) = payment(2, store::now_nanos());
         let claimed = claim(&state.pix_runtime, 7, &id).unwrap();
         let settled = tokio::time::timeout(quick, settle_off_us(state.clone(), p, transfer, claimed)).await;
         assert!(settled.is_ok(), "nothing recorded");
-        assert_eq!(counts(), (1, 2), "(sends, status queries)");
+        assert_eq!(counts(), (2, 3), "(sends, status queries)");
         assert!(claim(&state.pix_runtime, 7, &id).is_some(), "the claim is given up");
         drop(state);
         Arc::try_unwrap(store).ok().expect("the test holds the store's last reference").close();
@@ -1492,7 +1547,13 @@ mod tests {
             reason: Some(pix::spi::RejectReason::InvalidCreditorAccount.code().into()),
             ..read(&none)
         };
-        let stored = StoredPayment { view: verdict, fingerprint: String::new(), payer_holder: None, counted: None };
+        let stored = StoredPayment {
+            view: verdict,
+            fingerprint: String::new(),
+            payer_holder: None,
+            counted: None,
+            send_by: None,
+        };
         store
             .queries
             .insert_document(&store::Document {
