@@ -76,8 +76,8 @@ pub fn end_to_end_time(text: &str) -> Option<Timestamp> {
     Some(if micros < 60_000_000 { minute + micros * 1_000 } else { minute })
 }
 
-/// Whether `text` is an EndToEndId with `prefix`: 32 characters, a valid ISPB, a plausible UTC
-/// date and time, 11 letters or digits.
+/// Whether `text` is an EndToEndId with `prefix`: 32 characters, a valid ISPB, a UTC date that
+/// exists (from 2020) and a time, 11 letters or digits.
 pub fn valid_end_to_end_id(prefix: char, text: &str) -> bool {
     let b = text.as_bytes();
     if b.len() != E2E_LEN || !text.starts_with(prefix) || !alnum(text) {
@@ -87,7 +87,13 @@ pub fn valid_end_to_end_id(prefix: char, text: &str) -> bool {
     let stamp_digits = b[9..21].iter().all(u8::is_ascii_digit);
     let plausible = match (num(9..13), num(13..15), num(15..17), num(17..19), num(19..21)) {
         (Some(y), Some(mo), Some(d), Some(h), Some(mi)) => {
-            y >= 2020 && (1..=12).contains(&mo) && (1..=31).contains(&d) && h < 24 && mi < 60
+            // (Up to 2199: the date must fit the ledger's nanosecond clock.)
+            let (y, mo, d) = (i64::from(y), i64::from(mo), i64::from(d));
+            let exists = (2020..=2199).contains(&y)
+                && (1..=12).contains(&mo)
+                && d >= 1
+                && civil_date(nanos_of_date(y, mo, d)) == (y, mo, d);
+            exists && h < 24 && mi < 60
         }
         _ => false,
     };
@@ -116,6 +122,11 @@ mod tests {
         assert!(!valid_end_to_end_id('E', &id[..31]));
         assert!(valid_end_to_end_id('E', "E9999999920240101000011111111111"));
         assert!(!valid_end_to_end_id('E', "E9999999920241301000011111111111"), "month 13");
+        assert!(!valid_end_to_end_id('E', "E9999999920260231000011111111111"), "February 31");
+        assert!(!valid_end_to_end_id('E', "E9999999920250229000011111111111"), "February 29 of 2025");
+        assert!(valid_end_to_end_id('E', "E9999999920240229000011111111111"), "February 29 of 2024");
+        assert!(!valid_end_to_end_id('E', "E9999999920260100000011111111111"), "day 0");
+        assert!(!valid_end_to_end_id('E', "E9999999999991231000011111111111"), "past the clock's range");
         assert!(valid_end_to_end_id('D', "DAB12CD3420240101235911111111111"), "alphanumeric ISPB");
     }
 

@@ -91,6 +91,15 @@ pub enum Status {
     Rejected(RejectReason),
 }
 
+/// How [`Breaker::try_admit`] let a payment through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// The breaker is closed.
+    Closed,
+    /// Half-open: this payment is the trial, the others wait until `until` for its outcome.
+    Trial { until: Timestamp },
+}
+
 /// A circuit breaker around the connector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Breaker {
@@ -113,14 +122,30 @@ impl Breaker {
 
     /// Lets one payment through now if the breaker admits it: closed, or half-open, where the
     /// first one through is the trial and the next wait another cool-down for its verdict.
-    pub fn try_admit(&mut self, now: Timestamp) -> bool {
+    pub fn try_admit(&mut self, now: Timestamp) -> Option<Admitted> {
         if !self.admits(now) {
-            return false;
+            return None;
         }
-        if self.open_until.is_some() {
-            self.open_until = Some(now + self.cool_down_nanos);
+        match self.open_until {
+            None => Some(Admitted::Closed),
+            Some(_) => {
+                let until = now + self.cool_down_nanos;
+                self.open_until = Some(until);
+                Some(Admitted::Trial { until })
+            }
         }
-        true
+    }
+
+    /// Gives back a trial whose payment never reached the connector (refused by the ledger, or
+    /// made by a twin): the next payment is the trial at once, instead of a cool-down later. A
+    /// trial that reached the connector is ended by its [`Breaker::success`] or
+    /// [`Breaker::failure`].
+    pub fn give_back(&mut self, admitted: Admitted, now: Timestamp) {
+        if let Admitted::Trial { until } = admitted {
+            if self.open_until == Some(until) {
+                self.open_until = Some(now);
+            }
+        }
     }
 
     /// Seconds until [`Breaker::admits`] (0 when it does now).
@@ -165,10 +190,22 @@ mod tests {
         assert_eq!(b.retry_after_seconds(12), 30);
         assert!(b.admits(12 + 30 * SEC), "half-open");
         let mut trial = b;
-        assert!(trial.try_admit(12 + 30 * SEC), "the trial goes through");
-        assert!(!trial.try_admit(12 + 30 * SEC + 1), "one trial at a time");
+        let admitted = trial.try_admit(12 + 30 * SEC);
+        assert!(matches!(admitted, Some(Admitted::Trial { .. })), "the trial goes through");
+        assert!(trial.try_admit(12 + 30 * SEC + 1).is_none(), "one trial at a time");
+        // A trial whose payment never reached the connector is given back: the next one is the
+        // trial at once (given back late, after another trial began, it changes nothing).
+        let mut given_back = trial;
+        given_back.give_back(admitted.unwrap(), 12 + 30 * SEC + 2);
+        let next = given_back.try_admit(12 + 30 * SEC + 2);
+        assert!(matches!(next, Some(Admitted::Trial { .. })), "the next is the trial");
+        given_back.give_back(admitted.unwrap(), 12 + 30 * SEC + 3);
+        assert!(given_back.try_admit(12 + 30 * SEC + 3).is_none(), "the new trial stands");
+        given_back.give_back(Admitted::Closed, 12 + 30 * SEC + 3);
+        assert!(given_back.try_admit(12 + 30 * SEC + 4).is_none(), "nothing to give back when closed");
         trial.success();
-        assert!(trial.try_admit(12 + 30 * SEC + 2) && trial.try_admit(12 + 30 * SEC + 3), "closed again");
+        assert_eq!(trial.try_admit(12 + 30 * SEC + 2), Some(Admitted::Closed), "closed again");
+        assert!(trial.try_admit(12 + 30 * SEC + 3).is_some());
         b.failure(12 + 30 * SEC);
         assert!(!b.admits(12 + 30 * SEC + 1), "a failed trial reopens at once");
         b.success();

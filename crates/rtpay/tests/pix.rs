@@ -805,6 +805,10 @@ fn off_us_payments_through_the_sandbox_spi() {
             (json!({"amount": 1, "account_id": maria.account, "payer": {"ispb": ISPB, "name": "x", "document": CPF_OTHER}}), "invalid_ispb", "payer.ispb"),
             (json!({"amount": 0, "account_id": maria.account, "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "invalid_amount", "amount"),
             (json!({"end_to_end_id": "E123", "amount": 1, "account_id": maria.account, "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "invalid_end_to_end_id", "end_to_end_id"),
+            // Another institution's ISPB than the payer's; a date that does not exist; the future.
+            (json!({"end_to_end_id": "E0000000020261201120000000000009", "amount": 1, "account_id": maria.account, "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "invalid_end_to_end_id", "end_to_end_id"),
+            (json!({"end_to_end_id": "E6070119020260231120000000000009", "amount": 1, "account_id": maria.account, "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "invalid_end_to_end_id", "end_to_end_id"),
+            (json!({"end_to_end_id": "E6070119021991231120000000000009", "amount": 1, "account_id": maria.account, "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "invalid_end_to_end_id", "end_to_end_id"),
             (json!({"amount": 1, "key": "nobody@example.com", "payer": {"ispb": "60701190", "name": "x", "document": CPF_OTHER}}), "key_not_found", "key"),
         ] {
             let r = c.post("/v1/sandbox/spi/incoming", &key, &body).await.unwrap();

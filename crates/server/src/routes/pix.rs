@@ -857,7 +857,7 @@ fn fingerprint(vault: &crate::vault_service::VaultService, body: &PaymentBody) -
 }
 
 /// Whether the SPI connector's breaker lets this payment through now (one trial when half-open).
-fn spi_admits(state: &AppState) -> bool {
+fn spi_admits(state: &AppState) -> Option<pix::spi::Admitted> {
     state.pix_runtime.breaker.lock().expect("not poisoned").try_admit(store::now_nanos())
 }
 
@@ -1156,19 +1156,37 @@ pub async fn create_payment(
             let view = query(&state, move |q| reconcile(&state2, q, tenant_id, existing)).await?;
             Ok(reply(StatusCode::OK, &view))
         }
-        Ok(prepared) if matches!(prepared.payee, Payee::OffUs(_)) && !spi_admits(&state) => {
-            let now = store::now_nanos();
-            let wait = state.pix_runtime.breaker.lock().expect("not poisoned").retry_after_seconds(now);
-            Err(Problem::unavailable(
-                "the SPI connector is failing; payments to other institutions are paused (circuit breaker open)",
-                u32::try_from(wait).unwrap_or(u32::MAX),
-            ))
-        }
         Ok(mut prepared) => {
+            // Only a payment that will go to the SPI asks the breaker: one refused on a limit is
+            // recorded rejected, and sends nothing.
+            let admitted = match prepared.payee {
+                Payee::OffUs(_) if prepared.refused.is_none() => match spi_admits(&state) {
+                    Some(admitted) => Some(admitted),
+                    None => {
+                        let now = store::now_nanos();
+                        let wait = state.pix_runtime.breaker.lock().expect("not poisoned").retry_after_seconds(now);
+                        return Err(Problem::unavailable(
+                            "the SPI connector is failing; payments to other institutions are paused (circuit breaker open)",
+                            u32::try_from(wait).unwrap_or(u32::MAX),
+                        ));
+                    }
+                },
+                _ => None,
+            };
             let (holder, person) = (prepared.payer.holder, prepared.payer.person);
             // Held until the look-up is settled or charged.
             let held = prepared.lookup.take();
-            match commit_payment(&state, &audit, prepared).await? {
+            let committed = commit_payment(&state, &audit, prepared).await;
+            // A trial whose payment is not on its way to the SPI (the ledger refused it, a twin
+            // made it, the commit failed) is given back: it would hold the breaker open another
+            // cool-down for every tenant, with no outcome to close it.
+            if let Some(admitted) = admitted {
+                let sent = matches!(&committed, Ok((view, true)) if view.status == "processing");
+                if !sent {
+                    state.pix_runtime.breaker.lock().expect("not poisoned").give_back(admitted, store::now_nanos());
+                }
+            }
+            match committed? {
                 (view, true) => {
                     // A payment to a key that did not settle pays for its look-up (DICT); one that
                     // settled got it back.
@@ -1279,6 +1297,10 @@ impl From<StoredReceived> for IncomingView {
     }
 }
 
+/// How far ahead of this node's clock an incoming EndToEndId's time may be (another institution's
+/// clock).
+const E2E_CLOCK_SKEW_NANOS: u64 = 5 * 60 * 1_000_000_000;
+
 /// The sandbox SPI delivers a Pix from another institution: the tenant's settlement account (its
 /// share of the reserve) pays the receiving account, once per EndToEndId.
 #[utoipa::path(post, path = "/v1/sandbox/spi/incoming", tag = "pix", request_body = IncomingBody,
@@ -1310,20 +1332,37 @@ pub async fn sandbox_incoming(
         None => None,
     };
     let now = store::now_nanos();
-    let e2e = match &body.end_to_end_id {
-        Some(e) if pix::ids::valid_end_to_end_id('E', e) => e.clone(),
-        Some(_) => {
-            return Err(Problem::invalid(
+    let e2e =
+        match &body.end_to_end_id {
+            Some(e) if pix::ids::valid_end_to_end_id('E', e) => {
+                // The payer's institution made it (its ISPB comes first), at a time that has come.
+                if e[1..9] != body.payer.ispb {
+                    return Err(Problem::invalid(
+                        "end_to_end_id",
+                        "invalid_end_to_end_id",
+                        "`end_to_end_id` must carry the payer's institution's ISPB (`payer.ispb`) after the E",
+                    ));
+                }
+                if pix::ids::end_to_end_time(e).is_none_or(|at| at > now.saturating_add(E2E_CLOCK_SKEW_NANOS)) {
+                    return Err(Problem::invalid(
+                        "end_to_end_id",
+                        "invalid_end_to_end_id",
+                        "`end_to_end_id`'s date and time (UTC) must not be in the future",
+                    ));
+                }
+                e.clone()
+            }
+            Some(_) => return Err(Problem::invalid(
                 "end_to_end_id",
                 "invalid_end_to_end_id",
-                "`end_to_end_id` must be E + ISPB + yyyyMMddHHmm + 11 letters or digits (32 characters)",
-            ))
-        }
-        None => {
-            let random = crate::auth::random_bytes();
-            pix::ids::end_to_end_id('E', &body.payer.ispb, now, random)
-        }
-    };
+                "`end_to_end_id` must be E + ISPB + yyyyMMddHHmm + 11 letters or digits (32 characters), on a date \
+                 that exists",
+            )),
+            None => {
+                let random = crate::auth::random_bytes();
+                pix::ids::end_to_end_id('E', &body.payer.ispb, now, random)
+            }
+        };
     let given = [body.key.is_some(), body.account_id.is_some(), body.brcode.is_some()].iter().filter(|b| **b).count();
     if given != 1 {
         return Err(Problem::invalid("key", "invalid_creditor", "give exactly one of `key`, `account_id` or `brcode`"));
