@@ -48,6 +48,23 @@ pub struct CreditTransfer {
     pub remittance: Option<String>,
 }
 
+/// A pacs.004 payment return: a refund (devolução) of a Pix received from another institution,
+/// sent back to the institution that paid it, which credits its payer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaymentReturn {
+    /// The return's own id (`D` + ISPB + time + random, as an EndToEndId).
+    pub return_id: String,
+    /// The EndToEndId of the Pix it returns.
+    pub original_end_to_end_id: String,
+    /// Centavos.
+    pub amount: u64,
+    /// The institution that paid the original Pix, by its ISPB.
+    pub payer_ispb: String,
+    /// `MD06`: the receiver asked for it (a refund); `FR01`: fraud (a MED return).
+    pub reason: &'static str,
+    pub remittance: Option<String>,
+}
+
 /// Why the SPI or the receiving institution refused a payment (pacs.002 `StsRsnInf/Rsn/Cd`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RejectReason {

@@ -438,6 +438,7 @@ pub async fn run(
     server::webhook::resume(&state);
     // Off-us Pix whose verdict a stopped node never recorded.
     server::pix_rail::resume(&state);
+    server::pix_return::resume(&state);
     // The leases and claims above compare clocks across nodes: this one's against PostgreSQL's.
     server::clock::watch(&state);
     // The card listener stops with the HTTP one.

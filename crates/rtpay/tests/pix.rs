@@ -1165,3 +1165,126 @@ fn off_us_payments_in_flight_at_a_crash_are_settled_from_the_spi_after_the_resta
         }
     }
 }
+
+/// Polls a refund of the Pix `e2e` until it leaves `EM_PROCESSAMENTO`.
+async fn refund_settled(
+    c: &mut rtpay::client::Client,
+    key: &str,
+    e2e: &str,
+    id: &str,
+    wait: std::time::Duration,
+) -> Value {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let r = c.get(&format!("/api/v2/pix/{e2e}/devolucao/{id}"), key).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        if r.json()["status"] != json!("EM_PROCESSAMENTO") {
+            return r.json();
+        }
+        assert!(std::time::Instant::now() < deadline, "refund {id} still in process: {:?}", r.json());
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// A refund of a Pix another institution paid goes back through the SPI (a pacs.004): in process,
+/// its money held, until the SPI's verdict; settled (`DEVOLVIDO`) only when the SPI accepted it,
+/// refused (`NAO_REALIZADO`, the money back) when it rejected it or never received it, also when
+/// the node that sent it was killed meanwhile. (Before, it read `DEVOLVIDO` at once, its money gone
+/// to the settlement account, and nothing was ever sent.)
+#[test]
+fn refunds_of_pix_from_another_institution_go_back_through_the_spi() {
+    let rt = runtime();
+    async fn put(
+        c: &mut rtpay::client::Client,
+        key: &str,
+        e2e: &str,
+        id: &str,
+        valor: &str,
+    ) -> rtpay::client::Response {
+        let body = serde_json::to_vec(&json!({"valor": valor})).unwrap().into();
+        c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/{id}"), Some(key), Some(body)).await.unwrap()
+    }
+    async fn receive(c: &mut rtpay::client::Client, key: &str, account: &str, e2e: &str) {
+        let body = json!({"end_to_end_id": e2e, "amount": 10_000, "account_id": account,
+            "payer": {"ispb": "60701190", "name": "Joana Prado", "document": CPF_OTHER}});
+        assert_eq!(c.post("/v1/sandbox/spi/incoming", key, &body).await.unwrap().status, 201);
+    }
+    let wait = std::time::Duration::from_secs(15);
+
+    // Accepted: the hold is posted.
+    let dir = temp_dir("pix-return");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--spi-latency-ms", "300"]);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 0).await;
+        let e2e = "E6070119020261201120000000000011";
+        receive(&mut c, &key, &maria.account, e2e).await;
+        let r = put(&mut c, &key, e2e, "D1", "40.00").await;
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("EM_PROCESSAMENTO")), "{:?}", r.json());
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["available"].clone()), (json!(4_000), json!(6_000)), "held");
+        // What is in process counts against what may still be refunded.
+        let r = put(&mut c, &key, e2e, "D2", "60.01").await;
+        assert_eq!(r.status, 400, "{:?}", r.json());
+        let done = refund_settled(&mut c, &key, e2e, "D1", wait).await;
+        assert_eq!(done["status"], json!("DEVOLVIDO"), "{done}");
+        assert!(done["horario"]["liquidacao"].is_string(), "{done}");
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(4_000)));
+        let r = put(&mut c, &key, e2e, "D1", "40.00").await;
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("DEVOLVIDO")), "a repeat answers it");
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+    drop(server);
+
+    // Rejected: the hold is voided, and the amount may be refunded again.
+    let dir = temp_dir("pix-return-rejected");
+    let server =
+        Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--spi-reject-percent", "100"]);
+    rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 0).await;
+        let e2e = "E6070119020261201120000000000012";
+        receive(&mut c, &key, &maria.account, e2e).await;
+        assert_eq!(put(&mut c, &key, e2e, "D1", "100.00").await.status, 201);
+        let done = refund_settled(&mut c, &key, e2e, "D1", wait).await;
+        assert_eq!(done["status"], json!("NAO_REALIZADO"), "{done}");
+        assert!(done["motivo"].as_str().unwrap().contains("AC03"), "{done}");
+        assert_eq!(available(&mut c, &maria).await, 10_000, "the money stays with the receiver");
+        let r = put(&mut c, &key, e2e, "D2", "100.00").await;
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("EM_PROCESSAMENTO")), "{:?}", r.json());
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+    drop(server);
+
+    // Never answered, and its node killed meanwhile: after the restart the sweep asks the SPI,
+    // which never received it, and the refund is refused as timed out (AB03).
+    let dir = temp_dir("pix-return-lost");
+    let args = ["--ispb", ISPB, "--spi-timeout-percent", "100", "--spi-timeout-ms", "1000"];
+    let mut server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &args);
+    let (key, maria, e2e) = rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "t").await;
+        let maria = party(&mut c, &key, "person", "Maria Quitéria", CPF_MARIA, 0).await;
+        let e2e = "E6070119020261201120000000000013";
+        receive(&mut c, &key, &maria.account, e2e).await;
+        assert_eq!(put(&mut c, &key, e2e, "D1", "25.00").await.status, 201);
+        (key, maria, e2e)
+    });
+    server.kill9();
+    server.restart();
+    rt.block_on(async {
+        let mut c = server.client();
+        assert_eq!(available(&mut c, &maria).await, 7_500, "held across the restart");
+        let done = refund_settled(&mut c, &key, e2e, "D1", wait).await;
+        assert_eq!(done["status"], json!("NAO_REALIZADO"), "{done}");
+        assert!(done["motivo"].as_str().unwrap().contains("AB03"), "{done}");
+        assert_eq!(available(&mut c, &maria).await, 10_000);
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}

@@ -444,10 +444,11 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         assert_eq!(c.get(&format!("/v1/pix/webhook-deliveries/{untold}"), &shop).await.unwrap().status, 404);
 
         // A refund of the Pix reaching its final status is notified too (the callback's second
-        // case), with the Pix and its refunds, under its own delivery record.
+        // case), with the Pix and its refunds, under its own delivery record. (The Pix came from
+        // another institution: its refund is in process until the SPI settles its return.)
         let refund = Some(serde_json::to_vec(&json!({"valor": "2.00"})).unwrap().into());
         let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/D1"), Some(&shop), refund).await.unwrap();
-        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("DEVOLVIDO")), "{:?}", r.json());
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("EM_PROCESSAMENTO")), "{:?}", r.json());
         let delivery = delivery_when(&mut c, &shop, &format!("{e2e}:D1"), "delivered").await;
         assert_eq!(
             (delivery["status"].clone(), delivery["end_to_end_id"].clone(), delivery["refund_id"].clone()),

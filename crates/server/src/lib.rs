@@ -26,6 +26,7 @@ pub mod linger;
 pub mod metrics;
 pub mod oauth;
 pub mod pix_rail;
+pub mod pix_return;
 pub mod problem;
 pub mod proxy;
 pub mod routes;

@@ -104,7 +104,7 @@ pub struct PixRuntime {
 
 /// An off-us payment claimed in [`PixRuntime::settling`]; the claim ends when this is dropped
 /// (its task finished, failed, panicked or was cancelled), and a sweep may then take it.
-struct Claim {
+pub(crate) struct Claim {
     runtime: Arc<PixRuntime>,
     key: (u128, String),
 }
@@ -116,7 +116,7 @@ impl Drop for Claim {
 }
 
 /// Claims the tenant's off-us payment `id` for a task of this node, unless one has it.
-fn claim(runtime: &Arc<PixRuntime>, tenant: u128, id: &str) -> Option<Claim> {
+pub(crate) fn claim(runtime: &Arc<PixRuntime>, tenant: u128, id: &str) -> Option<Claim> {
     let key = (tenant, id.to_owned());
     let fresh = runtime.settling.lock().expect("not poisoned").insert(key.clone());
     fresh.then(|| Claim { runtime: runtime.clone(), key })
@@ -724,13 +724,13 @@ pub fn payment_credit_transfer(
 /// with it: a hold that expired by itself would give the payer back money the SPI paid out (a
 /// node down for a while, a PostgreSQL outage, a lost answer). The hold is posted or voided on
 /// the SPI's verdict only, from its answer or from a status query ([`resume`]).
-const OFF_US_HOLD_TIMEOUT_SECONDS: u32 = 0;
+pub(crate) const OFF_US_HOLD_TIMEOUT_SECONDS: u32 = 0;
 /// Tries to record an SPI verdict (1, 2, 4, 8, 8 ... s apart); then a sweep takes it over.
-const VERDICT_TRIES: u32 = 5;
+pub(crate) const VERDICT_TRIES: u32 = 5;
 
 /// The owner of an off-us payment's document while its verdict is not recorded: what the sweep
 /// ([`resume`]) lists.
-const IN_FLIGHT: &str = "spi-in-flight";
+pub(crate) const IN_FLIGHT: &str = "spi-in-flight";
 
 fn payment_document(tenant: u128, version: u64, at: u64, stored: &StoredPayment) -> store::Record {
     store::Record::Document(store::Document {
@@ -1137,14 +1137,14 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
 }
 
 /// Off-us payments a sweep settles at most at once.
-const SWEEP_MAX: usize = 1000;
+pub(crate) const SWEEP_MAX: usize = 1000;
 /// How often each node looks for off-us payments whose verdict nobody is recording.
-const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long after its SPI time-out a payment is due for a sweep: a payment is sent only within its
 /// SPI time-out from its time (see [`settle_off_us`]), and this leaves its pacs.008 the time to
 /// reach the SPI, and the nodes' clocks their differences, before a status query's "never
 /// received" is taken as final.
-const SWEEP_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const SWEEP_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Until when a payment of time `at` may be sent: as stored, or (stored before it was kept) by
 /// this node's SPI time-out.
@@ -1154,7 +1154,7 @@ fn send_by(state: &AppState, at: u64, stored: Option<u64>) -> u64 {
 
 /// When a payment that may be sent until `send_by` is due for a sweep (nanoseconds since the
 /// epoch).
-fn sweep_due(send_by: u64) -> u64 {
+pub(crate) fn sweep_due(send_by: u64) -> u64 {
     send_by.saturating_add(SWEEP_MARGIN.as_nanos() as u64)
 }
 
@@ -1368,6 +1368,10 @@ mod tests {
 
     impl crate::spi::SpiConnector for Counting {
         fn send(&self, _: pix::spi::CreditTransfer) -> crate::spi::SpiFuture {
+            self.sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err(crate::spi::SpiError("connection reset".into())) })
+        }
+        fn send_return(&self, _: pix::spi::PaymentReturn) -> crate::spi::SpiFuture {
             self.sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Box::pin(async { Err(crate::spi::SpiError("connection reset".into())) })
         }

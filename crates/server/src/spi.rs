@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use pix::spi::{CreditTransfer, RejectReason, Status};
+use pix::spi::{CreditTransfer, PaymentReturn, RejectReason, Status};
 
 /// What a connector may fail with besides a verdict (as with no answer in time, the caller then
 /// asks the SPI for the payment's status).
@@ -34,6 +34,10 @@ pub trait SpiConnector: Send + Sync {
     /// connector must not write the message any more (the caller then asks its status, and a
     /// sweep may release its hold on "never received").
     fn send(&self, transfer: CreditTransfer) -> SpiFuture;
+
+    /// Sends a pacs.004 (a refund of a Pix another institution paid) and resolves with its
+    /// verdict, as [`SpiConnector::send`] does; its status is asked by its `return_id`.
+    fn send_return(&self, payment_return: PaymentReturn) -> SpiFuture;
 
     /// Asks the SPI what became of the payment `end_to_end_id` (a status query, pacs.028): how a
     /// payment in flight when rtpay stopped learns its verdict without being sent twice. A
@@ -91,6 +95,17 @@ impl SpiConnector for Simulator {
         let latency = self.0.latency;
         Box::pin(async move {
             debug_assert!(transfer.amount > 0);
+            let Some(verdict) = fate else { return std::future::pending().await };
+            tokio::time::sleep(latency).await;
+            Ok(verdict)
+        })
+    }
+
+    fn send_return(&self, payment_return: PaymentReturn) -> SpiFuture {
+        let fate = self.fate(&payment_return.return_id);
+        let latency = self.0.latency;
+        Box::pin(async move {
+            debug_assert!(payment_return.amount > 0);
             let Some(verdict) = fate else { return std::future::pending().await };
             tokio::time::sleep(latency).await;
             Ok(verdict)

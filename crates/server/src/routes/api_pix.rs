@@ -1389,6 +1389,20 @@ pub async fn refund_put(
     let rtr_id = pix::ids::end_to_end_id('D', &ispb, now, random);
     let account = uuid::Uuid::parse_str(&received.credit_account_id).map_err(corrupt)?.as_u128();
     let events = refund_events(&state, tenant_id, account, &received, &id, centavos).await?;
+    // Paid by another institution: the refund goes back through the SPI (a pacs.004), its money
+    // held until the SPI's verdict (see `pix_return`).
+    let off_us = received.payer_account.is_none();
+    let payment_return = off_us.then(|| crate::pix_return::StoredReturn {
+        refund_doc: format!("{e2e}:{id}"),
+        refund_id: id.clone(),
+        end_to_end_id: e2e.clone(),
+        payer_ispb: received.payer.ispb.clone(),
+        return_id: rtr_id.clone(),
+        amount: centavos,
+        reason: "MD06".into(),
+        remittance: body.descricao.clone(),
+        send_by: now.saturating_add(state.pix.spi_timeout.as_nanos() as u64),
+    });
     let refund = StoredRefund {
         id: id.clone(),
         rtr_id,
@@ -1405,6 +1419,8 @@ pub async fn refund_put(
     let conclude = move |result: ledger::TransferResult| {
         let mut r = template.clone();
         match result {
+            // Held until the SPI's verdict.
+            ledger::TransferResult::Created | ledger::TransferResult::Exists if off_us => {}
             ledger::TransferResult::Created | ledger::TransferResult::Exists => {
                 r.status = "DEVOLVIDO".into();
                 r.horario["liquidacao"] = json!(rfc3339(store::now_nanos().max(now)));
@@ -1427,12 +1443,18 @@ pub async fn refund_put(
     let earlier: Vec<StoredRefund> = refunds.into_iter().map(|r| r.refund).collect();
     let notified = received.notified_key.clone();
     let notice = notified.clone().map(|index| (index, received.clone(), earlier));
+    let in_flight = payment_return.clone();
     let records: store::RecordsFn = Box::new(move |reply| {
         let result = reply.chain_result();
+        if off_us && result == ledger::TransferResult::Exists {
+            // A twin made it, and may have its verdict recorded already: nothing to write over.
+            return vec![bumped.clone()];
+        }
         let r = in_batch(result);
+        // Notified once final: a return's when its verdict is recorded.
         let outbox = notice
             .as_ref()
-            .filter(|_| result != ledger::TransferResult::Exists)
+            .filter(|_| result != ledger::TransferResult::Exists && r.status != "EM_PROCESSAMENTO")
             .map(|(index, received, earlier)| refund_outbox(tenant_id, index, received, earlier, &r, now));
         let mut records = vec![
             bumped.clone(),
@@ -1449,18 +1471,27 @@ pub async fn refund_put(
             }),
         ];
         records.extend(outbox);
+        if let (Some(stored), ledger::TransferResult::Created) = (&in_flight, result) {
+            records.push(crate::pix_return::return_document(tenant_id, 1, now, stored, true));
+        }
         records
     });
     let answer =
         crate::routes::submit_guarded(&state, &audit, store::Command::Transfers(events), Some(records), guards).await?;
-    if notified.is_some() && answer.chain_result() != ledger::TransferResult::Exists {
+    let result = answer.chain_result();
+    let shown = conclude(result);
+    if notified.is_some() && result != ledger::TransferResult::Exists && shown.status != "EM_PROCESSAMENTO" {
         crate::webhook::notify(&state, tenant_id, crate::webhook::delivery_id(&e2e, Some(&id)));
     }
-    Ok(reply(StatusCode::CREATED, &conclude(answer.chain_result())))
+    if let (Some(stored), ledger::TransferResult::Created) = (payment_return, result) {
+        crate::pix_return::start(&state, tenant_id, now, stored);
+    }
+    Ok(reply(StatusCode::CREATED, &shown))
 }
 
 /// The ledger transfers of a refund: receiver → payer on us (through both tenants' settlement
-/// accounts when they differ), receiver → settlement for a payer at another institution.
+/// accounts when they differ); for a payer at another institution, a hold receiver → settlement
+/// that the SPI's verdict on the return posts or voids.
 async fn refund_events(
     state: &AppState,
     tenant: u128,
@@ -1494,7 +1525,9 @@ async fn refund_events(
                 event(key(payer_tenant, 2), theirs.id.0, payer_account, false),
             ]
         }
-        None => vec![event(key(tenant, 1), account, ours.id.0, false)],
+        None => {
+            vec![crate::pix_return::hold_event(state, tenant, &received.end_to_end_id, id, account, ours.id.0, amount)]
+        }
     })
 }
 

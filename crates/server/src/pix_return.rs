@@ -1,0 +1,312 @@
+//! Refunds of a Pix another institution paid: a pacs.004 payment return through the SPI, settled
+//! as an off-us payment is ([`crate::pix_rail`]). The refund's money is held (the receiving
+//! account → the tenant's settlement account, no time-out) in the commit that creates the refund
+//! (`EM_PROCESSAMENTO`), with a return record the sweep lists; the return then goes to the
+//! connector. Its verdict posts the hold (`DEVOLVIDO`: the money left through the SPI) or voids it
+//! (`NAO_REALIZADO`: the receiver keeps it), in one commit with the refund's new status and the
+//! webhook's notification, guarded on the return record being still in flight: of two nodes
+//! recording a verdict, one applies it.
+//!
+//! Invariant: a refund to another institution is never shown settled (`DEVOLVIDO`) before the
+//! SPI accepted its return, and its money leaves the receiving account only then; a return is
+//! sent at most once, within its time-out, and one the SPI never received is refused (`AB03`) only
+//! after every node's window to send it has passed.
+
+use std::sync::Arc;
+
+use ledger::{EventKind, TransferEvent, TransferKey, TransferResult};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::audit_trail::Audit;
+use crate::dto::rfc3339;
+use crate::pix_rail::{claim, sweep_due, Claim, IN_FLIGHT, SWEEP_INTERVAL, SWEEP_MAX, VERDICT_TRIES};
+use crate::routes::api_pix::{read_received, refund_outbox, refunds_of, RefundDoc, REFUND_KIND};
+use crate::AppState;
+
+/// A return's record: in flight (owned by [`IN_FLIGHT`]) until its verdict is recorded.
+pub const RETURN_KIND: &str = "pix-return";
+
+/// What sending a return, asking about it and recording its verdict need.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct StoredReturn {
+    /// The refund's document id (`EndToEndId:id`) and the refund's id.
+    pub refund_doc: String,
+    pub refund_id: String,
+    /// The Pix it returns, and the institution that paid it.
+    pub end_to_end_id: String,
+    pub payer_ispb: String,
+    /// The return's id (`rtrId`), by which the SPI is asked about it.
+    pub return_id: String,
+    pub amount: u64,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remittance: Option<String>,
+    /// Until when it may be sent (nanoseconds since the epoch): its time plus the SPI time-out of
+    /// the node that made it (see [`crate::pix_rail::StoredPayment::send_by`]).
+    pub send_by: u64,
+}
+
+/// The return record of `stored`, in flight or (its verdict recorded) not.
+pub fn return_document(tenant: u128, version: u64, at: u64, stored: &StoredReturn, in_flight: bool) -> store::Record {
+    store::Record::Document(store::Document {
+        kind: RETURN_KIND.into(),
+        tenant_id: tenant,
+        id: stored.refund_doc.clone(),
+        lookup: None,
+        owner: in_flight.then(|| IN_FLIGHT.to_owned()),
+        created_at: at,
+        version,
+        body: serde_json::to_string(stored).expect("serializable"),
+    })
+}
+
+/// The refund's `n`th ledger transfer (1: the hold; 2: its post or void), under the ids refunds
+/// have always had.
+pub fn refund_transfer(state: &AppState, tenant: u128, end_to_end_id: &str, id: &str, n: u32) -> TransferKey {
+    TransferKey {
+        tenant: ledger::TenantId(tenant),
+        id: ledger::TransferId(
+            state.keys.derived_id(b"pix-refund", tenant, &format!("{end_to_end_id}:{id}:{n}")).as_u128(),
+        ),
+    }
+}
+
+fn metadata(end_to_end_id: &str, id: &str) -> Option<String> {
+    Some(format!(r#"{{"pix_refund":"{end_to_end_id}:{id}"}}"#))
+}
+
+/// The hold of a return: the receiving account → the tenant's settlement account, never expiring
+/// (only the SPI's verdict settles it, as an off-us payment's hold).
+pub fn hold_event(
+    state: &AppState,
+    tenant: u128,
+    end_to_end_id: &str,
+    id: &str,
+    account: u128,
+    settlement: u128,
+    amount: u64,
+) -> TransferEvent {
+    TransferEvent {
+        key: refund_transfer(state, tenant, end_to_end_id, id, 1),
+        kind: EventKind::Pending {
+            debit: ledger::AccountId(account),
+            credit: ledger::AccountId(settlement),
+            amount,
+            timeout_seconds: crate::pix_rail::OFF_US_HOLD_TIMEOUT_SECONDS,
+        },
+        code: crate::dto::PIX_REFUND_CODE,
+        metadata: metadata(end_to_end_id, id),
+        linked: false,
+    }
+}
+
+/// Sends the return made in the commit at `at` in the background, unless a task of this node has
+/// it (a sweep: it then settles it).
+pub fn start(state: &AppState, tenant: u128, at: u64, stored: StoredReturn) {
+    match claim(&state.pix_runtime, tenant, &claim_id(&stored)) {
+        Some(claimed) => drop(tokio::spawn(send(state.clone(), tenant, at, stored, claimed))),
+        None => tracing::warn!("a Pix return was claimed by a sweep before it was sent; the sweep settles it"),
+    }
+}
+
+/// A return's claim, apart from the payments' (`settling` holds both).
+fn claim_id(stored: &StoredReturn) -> String {
+    format!("return:{}", stored.refund_doc)
+}
+
+/// Sends the return within its window, then records its verdict; no answer or a connector error
+/// is not a verdict: the SPI is asked instead (as [`crate::pix_rail`] does for payments).
+async fn send(state: AppState, tenant: u128, at: u64, stored: StoredReturn, claimed: Claim) {
+    let now = store::now_nanos();
+    if now >= stored.send_by {
+        tracing::warn!(tenant = %crate::dto::uuid_string(tenant), return_id = %stored.return_id, "a Pix return was not sent within its SPI time-out; settling it from its status");
+        settle_from_status(&state, tenant, at, stored).await;
+        drop(claimed);
+        return;
+    }
+    let message = pix::spi::PaymentReturn {
+        return_id: stored.return_id.clone(),
+        original_end_to_end_id: stored.end_to_end_id.clone(),
+        amount: stored.amount,
+        payer_ispb: stored.payer_ispb.clone(),
+        reason: if stored.reason == "FR01" { "FR01" } else { "MD06" },
+        remittance: stored.remittance.clone(),
+    };
+    let window = std::time::Duration::from_nanos(stored.send_by - now);
+    let connector = state.pix_runtime.connector.clone();
+    match tokio::time::timeout(window, connector.send_return(message)).await {
+        Ok(Ok(verdict)) => record(&state, tenant, at, stored, verdict).await,
+        Ok(Err(_)) | Err(_) => settle_from_status(&state, tenant, at, stored).await,
+    }
+    drop(claimed);
+}
+
+/// Asks the SPI what became of the return and records it; "never received" is final only once
+/// the return is due for a sweep. Otherwise it stays in flight, its hold in place.
+async fn settle_from_status(state: &AppState, tenant: u128, at: u64, stored: StoredReturn) {
+    let connector = state.pix_runtime.connector.clone();
+    let unknown_is_final = store::now_nanos() >= sweep_due(stored.send_by);
+    match tokio::time::timeout(state.pix.spi_timeout, connector.status(&stored.return_id)).await {
+        Ok(Ok(crate::spi::Found::Settled(verdict))) => record(state, tenant, at, stored, verdict).await,
+        Ok(Ok(crate::spi::Found::Unknown)) if unknown_is_final => {
+            let timeout = pix::spi::Status::Rejected(pix::spi::RejectReason::Timeout);
+            record(state, tenant, at, stored, timeout).await
+        }
+        Ok(Ok(crate::spi::Found::Unknown | crate::spi::Found::InProcess)) => {}
+        Ok(Err(_)) | Err(_) => {
+            tracing::warn!("the SPI did not answer a return's status query; asking again at the next sweep")
+        }
+    }
+}
+
+/// Posts the return's hold on acceptance or voids it on rejection, with the refund's final status
+/// and the webhook's notification, in one commit guarded on the return record being still in
+/// flight. Tried [`VERDICT_TRIES`] times; then a sweep takes it over.
+async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, verdict: pix::spi::Status) {
+    let hold = refund_transfer(state, tenant, &stored.end_to_end_id, &stored.refund_id, 1);
+    let event = TransferEvent {
+        key: refund_transfer(state, tenant, &stored.end_to_end_id, &stored.refund_id, 2),
+        kind: match verdict {
+            pix::spi::Status::Accepted => EventKind::PostPending { pending_id: hold.id, amount: None },
+            pix::spi::Status::Rejected(_) => EventKind::VoidPending { pending_id: hold.id },
+        },
+        code: crate::dto::PIX_REFUND_CODE,
+        metadata: metadata(&stored.end_to_end_id, &stored.refund_id),
+        linked: false,
+    };
+    let slot = crate::audit_trail::Slot::new("pix.spi.return-verdict".into(), crate::next_request_id(), None);
+    slot.set_actor(Some(tenant), "spi".into());
+    slot.set_resource(format!("pix-refund:{}", crate::audit_trail::client_id(&stored.refund_id)));
+    let audit = Audit(Arc::new(slot));
+    let guard = store::Guard::Document {
+        kind: RETURN_KIND.into(),
+        tenant_id: tenant,
+        id: stored.refund_doc.clone(),
+        version: 1,
+    };
+    for attempt in 0..VERDICT_TRIES {
+        // The refund as stored, its Pix and the Pix's other refunds (for the notification).
+        let (doc_id, e2e) = (stored.refund_doc.clone(), stored.end_to_end_id.clone());
+        let read = crate::routes::query(state, move |q| {
+            let refund = q.document(REFUND_KIND, tenant, &doc_id)?;
+            let received = read_received(q, tenant, &e2e)?.map(|(_, r)| r);
+            let others = refunds_of(q, tenant, &e2e)?;
+            Ok((refund, received, others))
+        })
+        .await;
+        let (refund_doc, received, others) = match read {
+            Ok((Some(doc), Some(received), others)) => (doc, received, others),
+            Ok(_) => {
+                tracing::error!(return_id = %stored.return_id, "a Pix return's refund or Pix is missing from storage: reconcile it by hand");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(code = %e.code, attempt, "a Pix return's refund could not be read; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1 << attempt.min(3))).await;
+                continue;
+            }
+        };
+        let Ok(refund) = serde_json::from_str::<RefundDoc>(&refund_doc.body) else {
+            tracing::error!(return_id = %stored.return_id, "a Pix return's refund does not parse: reconcile it by hand");
+            return;
+        };
+        let earlier: Vec<_> = others.into_iter().map(|d| d.refund).filter(|r| r.id != stored.refund_id).collect();
+        let (stored2, refund_doc2) = (stored.clone(), refund_doc.clone());
+        let records: store::RecordsFn = Box::new(move |reply| {
+            let result = reply.chain_result();
+            let mut refund = refund.clone();
+            let r = &mut refund.refund;
+            match verdict {
+                pix::spi::Status::Accepted if result == TransferResult::Created => {
+                    r.status = "DEVOLVIDO".into();
+                    r.horario["liquidacao"] = json!(rfc3339(store::now_nanos()));
+                }
+                pix::spi::Status::Accepted => {
+                    tracing::error!(
+                        result = result.as_str(),
+                        return_id = %stored2.return_id,
+                        "the SPI accepted a Pix return whose hold the ledger no longer holds: reconcile it by hand"
+                    );
+                    r.status = "NAO_REALIZADO".into();
+                    r.motivo = Some(crate::routes::ledger_problem(result, "").detail.chars().take(140).collect());
+                }
+                pix::spi::Status::Rejected(reason) => {
+                    r.status = "NAO_REALIZADO".into();
+                    r.motivo = Some(reason.describe().to_owned());
+                }
+            }
+            let mut records = vec![
+                store::Record::Document(store::Document {
+                    version: refund_doc2.version + 1,
+                    body: serde_json::to_string(&refund).expect("serializable"),
+                    ..refund_doc2.clone()
+                }),
+                return_document(tenant, 2, at, &stored2, false),
+            ];
+            if let Some(index) = &received.notified_key {
+                records.push(refund_outbox(tenant, index, &received, &earlier, &refund.refund, store::now_nanos()));
+            }
+            records
+        });
+        let command = store::Command::Transfers(vec![event.clone()]);
+        match crate::routes::submit_guarded(state, &audit, command, Some(records), vec![guard.clone()]).await {
+            Ok(_) => {
+                crate::webhook::notify(
+                    state,
+                    tenant,
+                    crate::webhook::delivery_id(&stored.end_to_end_id, Some(&stored.refund_id)),
+                );
+                return;
+            }
+            Err(e) => {
+                // Another node may have recorded it (the guard failed): then there is nothing to do.
+                let id = stored.refund_doc.clone();
+                let current = crate::routes::query(state, move |q| q.document(RETURN_KIND, tenant, &id)).await;
+                if matches!(current, Ok(Some(doc)) if doc.version != 1) {
+                    return;
+                }
+                tracing::warn!(code = %e.code, attempt, "a Pix return's verdict could not be recorded; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1 << attempt.min(3))).await;
+            }
+        }
+    }
+    tracing::error!(return_id = %stored.return_id, "a Pix return's verdict was not recorded; a sweep will record it");
+}
+
+/// Every node, every [`SWEEP_INTERVAL`], settles the returns still in flight that no task of its
+/// own is settling, once they are due ([`sweep_due`]): it asks the SPI about each, never sending
+/// it again. Started once per node, beside [`crate::pix_rail::resume`].
+pub fn resume(state: &AppState) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut after: Option<store::OwnerCursor> = None;
+        loop {
+            let from = after.take();
+            let found = crate::routes::query(&state, move |q| {
+                q.documents_by_owner(RETURN_KIND, IN_FLIGHT, from.as_ref(), SWEEP_MAX)
+            })
+            .await;
+            if let Ok(docs) = found {
+                after = store::OwnerCursor::next(&docs, SWEEP_MAX);
+                let now = store::now_nanos();
+                for doc in docs {
+                    let Ok(stored) = serde_json::from_str::<StoredReturn>(&doc.body) else {
+                        tracing::error!(id = %doc.id, "a Pix return's record does not parse: the sweep leaves it");
+                        continue;
+                    };
+                    if doc.version != 1 || sweep_due(stored.send_by) > now {
+                        continue;
+                    }
+                    let Some(claimed) = claim(&state.pix_runtime, doc.tenant_id, &claim_id(&stored)) else { continue };
+                    let (state, tenant, at) = (state.clone(), doc.tenant_id, doc.created_at);
+                    tokio::spawn(async move {
+                        settle_from_status(&state, tenant, at, stored).await;
+                        drop(claimed);
+                    });
+                }
+            }
+            tokio::time::sleep(SWEEP_INTERVAL).await;
+        }
+    });
+}
