@@ -1234,6 +1234,22 @@ fn refunds_of_pix_from_another_institution_go_back_through_the_spi() {
         assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(4_000)));
         let r = put(&mut c, &key, e2e, "D1", "40.00").await;
         assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("DEVOLVIDO")), "a repeat answers it");
+        // A MED return (FR01) goes the same way: the block is replaced by a hold the SPI's
+        // verdict settles.
+        let e2e = "E6070119020261201120000000000014";
+        receive(&mut c, &key, &maria.account, e2e).await;
+        let claim = json!({"end_to_end_id": e2e, "reason": "golpe", "amount": 3_000});
+        assert_eq!(c.post("/v1/pix/med", &key, &claim).await.unwrap().status, 201);
+        let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &key, &json!({})).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (200, json!("returned")), "{:?}", r.json());
+        let r = c.get(&format!("/api/v2/pix/{e2e}/devolucao/MED"), &key).await.unwrap();
+        assert_eq!(r.json()["status"], json!("EM_PROCESSAMENTO"), "{:?}", r.json());
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["available"].clone()), (json!(3_000), json!(13_000)), "held");
+        let done = refund_settled(&mut c, &key, e2e, "MED", wait).await;
+        assert_eq!(done["status"], json!("DEVOLVIDO"), "{done}");
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(7_000)));
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
@@ -1256,6 +1272,23 @@ fn refunds_of_pix_from_another_institution_go_back_through_the_spi() {
         assert_eq!(available(&mut c, &maria).await, 10_000, "the money stays with the receiver");
         let r = put(&mut c, &key, e2e, "D2", "100.00").await;
         assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("EM_PROCESSAMENTO")), "{:?}", r.json());
+        // A MED return the SPI rejects leaves the money with the receiver.
+        let e2e = "E6070119020261201120000000000015";
+        receive(&mut c, &key, &maria.account, e2e).await;
+        let claim = json!({"end_to_end_id": e2e, "reason": "golpe"});
+        assert_eq!(c.post("/v1/pix/med", &key, &claim).await.unwrap().status, 201);
+        let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &key, &json!({})).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        let done = refund_settled(&mut c, &key, e2e, "MED", wait).await;
+        assert_eq!(
+            (done["status"].clone(), done["natureza"].clone()),
+            (json!("NAO_REALIZADO"), json!("MED_FRAUDE")),
+            "{done}"
+        );
+        let e2e_d2 = "E6070119020261201120000000000012";
+        assert_eq!(refund_settled(&mut c, &key, e2e_d2, "D2", wait).await["status"], json!("NAO_REALIZADO"));
+        let b = balance(&mut c, &key, &maria.account).await;
+        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(0)), "{b}");
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");

@@ -39,9 +39,16 @@ pub struct StoredReturn {
     /// The return's id (`rtrId`), by which the SPI is asked about it.
     pub return_id: String,
     pub amount: u64,
+    /// `MD06` (a refund) or `FR01` (a MED return).
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remittance: Option<String>,
+    /// The hold that carries its money, the transfer that posts or voids it (their ids), and
+    /// their code and metadata.
+    pub hold: String,
+    pub settle: String,
+    pub code: u16,
+    pub metadata: String,
     /// Until when it may be sent (nanoseconds since the epoch): its time plus the SPI time-out of
     /// the node that made it (see [`crate::pix_rail::StoredPayment::send_by`]).
     pub send_by: u64,
@@ -72,8 +79,35 @@ pub fn refund_transfer(state: &AppState, tenant: u128, end_to_end_id: &str, id: 
     }
 }
 
-fn metadata(end_to_end_id: &str, id: &str) -> Option<String> {
-    Some(format!(r#"{{"pix_refund":"{end_to_end_id}:{id}"}}"#))
+fn metadata(end_to_end_id: &str, id: &str) -> String {
+    format!(r#"{{"pix_refund":"{end_to_end_id}:{id}"}}"#)
+}
+
+/// The return of `refund` (of `amount` centavos, made at `at`) of the Pix `received`.
+pub fn of_refund(
+    state: &AppState,
+    tenant: u128,
+    received: &crate::pix_rail::StoredReceived,
+    refund: &crate::routes::api_pix::StoredRefund,
+    amount: u64,
+    at: u64,
+) -> StoredReturn {
+    let (e2e, id) = (&received.end_to_end_id, refund.id.as_str());
+    StoredReturn {
+        refund_doc: format!("{e2e}:{id}"),
+        refund_id: id.to_owned(),
+        end_to_end_id: e2e.clone(),
+        payer_ispb: received.payer.ispb.clone(),
+        return_id: refund.rtr_id.clone(),
+        amount,
+        reason: "MD06".into(),
+        remittance: refund.descricao.clone(),
+        hold: crate::dto::uuid_string(refund_transfer(state, tenant, e2e, id, 1).id.0),
+        settle: crate::dto::uuid_string(refund_transfer(state, tenant, e2e, id, 2).id.0),
+        code: crate::dto::PIX_REFUND_CODE,
+        metadata: metadata(e2e, id),
+        send_by: at.saturating_add(state.pix.spi_timeout.as_nanos() as u64),
+    }
 }
 
 /// The hold of a return: the receiving account → the tenant's settlement account, never expiring
@@ -96,7 +130,7 @@ pub fn hold_event(
             timeout_seconds: crate::pix_rail::OFF_US_HOLD_TIMEOUT_SECONDS,
         },
         code: crate::dto::PIX_REFUND_CODE,
-        metadata: metadata(end_to_end_id, id),
+        metadata: Some(metadata(end_to_end_id, id)),
         linked: false,
     }
 }
@@ -164,15 +198,19 @@ async fn settle_from_status(state: &AppState, tenant: u128, at: u64, stored: Sto
 /// and the webhook's notification, in one commit guarded on the return record being still in
 /// flight. Tried [`VERDICT_TRIES`] times; then a sweep takes it over.
 async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, verdict: pix::spi::Status) {
-    let hold = refund_transfer(state, tenant, &stored.end_to_end_id, &stored.refund_id, 1);
+    let id = |text: &str| uuid::Uuid::parse_str(text).map(|u| ledger::TransferId(u.as_u128()));
+    let (Ok(hold), Ok(settle)) = (id(&stored.hold), id(&stored.settle)) else {
+        tracing::error!(return_id = %stored.return_id, "a Pix return's record names no transfer: reconcile it by hand");
+        return;
+    };
     let event = TransferEvent {
-        key: refund_transfer(state, tenant, &stored.end_to_end_id, &stored.refund_id, 2),
+        key: TransferKey { tenant: ledger::TenantId(tenant), id: settle },
         kind: match verdict {
-            pix::spi::Status::Accepted => EventKind::PostPending { pending_id: hold.id, amount: None },
-            pix::spi::Status::Rejected(_) => EventKind::VoidPending { pending_id: hold.id },
+            pix::spi::Status::Accepted => EventKind::PostPending { pending_id: hold, amount: None },
+            pix::spi::Status::Rejected(_) => EventKind::VoidPending { pending_id: hold },
         },
-        code: crate::dto::PIX_REFUND_CODE,
-        metadata: metadata(&stored.end_to_end_id, &stored.refund_id),
+        code: stored.code,
+        metadata: Some(stored.metadata.clone()),
         linked: false,
     };
     let slot = crate::audit_trail::Slot::new("pix.spi.return-verdict".into(), crate::next_request_id(), None);

@@ -1392,17 +1392,6 @@ pub async fn refund_put(
     // Paid by another institution: the refund goes back through the SPI (a pacs.004), its money
     // held until the SPI's verdict (see `pix_return`).
     let off_us = received.payer_account.is_none();
-    let payment_return = off_us.then(|| crate::pix_return::StoredReturn {
-        refund_doc: format!("{e2e}:{id}"),
-        refund_id: id.clone(),
-        end_to_end_id: e2e.clone(),
-        payer_ispb: received.payer.ispb.clone(),
-        return_id: rtr_id.clone(),
-        amount: centavos,
-        reason: "MD06".into(),
-        remittance: body.descricao.clone(),
-        send_by: now.saturating_add(state.pix.spi_timeout.as_nanos() as u64),
-    });
     let refund = StoredRefund {
         id: id.clone(),
         rtr_id,
@@ -1413,6 +1402,8 @@ pub async fn refund_put(
         status: "EM_PROCESSAMENTO".into(),
         motivo: None,
     };
+    let payment_return =
+        off_us.then(|| crate::pix_return::of_refund(&state, tenant_id, &received, &refund, centavos, now));
     let template = refund.clone();
     let owner = format!("{}:{e2e}", uuid_string(tenant_id));
     let doc_id = format!("{e2e}:{id}");

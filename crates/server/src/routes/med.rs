@@ -66,7 +66,8 @@ pub struct MedView {
 }
 
 /// The claim's `n`th transfer: 1 the hold, 2 its post (return), 3 the payer's credit in another
-/// tenant, 4 its void (release).
+/// tenant, 4 its void (release, or a return to another institution, which holds the money again
+/// as 5 until the SPI's verdict posts or voids it as 6).
 fn hold_key(state: &AppState, tenant: u128, claim: &str, n: u32) -> TransferKey {
     TransferKey {
         tenant: TenantId(tenant),
@@ -293,7 +294,29 @@ pub async fn resolve_claim(
             linked: true,
         })
     };
-    if returning {
+    // Paid by another institution, the money goes back through the SPI (a pacs.004, `FR01`): the
+    // block, which lapses after 72 hours, is replaced by a hold that only the SPI's verdict
+    // settles (see `pix_return`).
+    let off_us = payer_of(&received).is_none();
+    let mut payment_return = None;
+    if returning && off_us {
+        let account = uuid::Uuid::parse_str(&received.credit_account_id)
+            .map_err(|_| Problem::from(store::StoreError::Corrupt("a received Pix's account".into())))?
+            .as_u128();
+        let settlement = ensure_settlement(&state, tenant_id).await?;
+        step(EventKind::VoidPending { pending_id: hold.id }, hold_key(&state, tenant_id, &claim, 4));
+        let kept = hold_key(&state, tenant_id, &claim, 5);
+        step(
+            EventKind::Pending {
+                debit: AccountId(account),
+                credit: settlement.id,
+                amount: view.amount,
+                timeout_seconds: crate::pix_rail::OFF_US_HOLD_TIMEOUT_SECONDS,
+            },
+            kept,
+        );
+        payment_return = Some((kept, hold_key(&state, tenant_id, &claim, 6)));
+    } else if returning {
         step(EventKind::PostPending { pending_id: hold.id, amount: None }, hold_key(&state, tenant_id, &claim, 2));
         // On us in another tenant: from that tenant's settlement account on to the payer.
         if let Some((payer_tenant, payer)) = payer_of(&received).filter(|(t, _)| *t != tenant_id) {
@@ -322,8 +345,11 @@ pub async fn resolve_claim(
                 valor: pix::amount::format(view.amount),
                 natureza: "MED_FRAUDE".into(),
                 descricao: Some(view.reason.clone()),
-                horario: serde_json::json!({"solicitacao": view.blocked_at, "liquidacao": rfc3339(now)}),
-                status: "DEVOLVIDO".into(),
+                horario: match off_us {
+                    true => serde_json::json!({"solicitacao": view.blocked_at}),
+                    false => serde_json::json!({"solicitacao": view.blocked_at, "liquidacao": rfc3339(now)}),
+                },
+                status: if off_us { "EM_PROCESSAMENTO" } else { "DEVOLVIDO" }.into(),
                 motivo: None,
             },
             centavos: view.amount,
@@ -336,8 +362,29 @@ pub async fn resolve_claim(
     let (record, version) = (resolved.clone(), doc.version);
     let owner = format!("{}:{e2e}", uuid_string(tenant_id));
     let refund_doc_id = super::api_pix::med_refund_doc_id(&e2e);
-    // The return is a refund that reached `DEVOLVIDO`: the charge's key's webhook hears of it.
-    let notice = received.notified_key.clone().filter(|_| refund.is_some());
+    // The return of a Pix another institution paid, as `pix_return` sends it.
+    let payment_return = match (payment_return, &refund) {
+        (Some((hold, settle)), Some(r)) => Some(crate::pix_return::StoredReturn {
+            refund_doc: refund_doc_id.clone(),
+            refund_id: super::api_pix::MED_REFUND_ID.into(),
+            end_to_end_id: e2e.clone(),
+            payer_ispb: received.payer.ispb.clone(),
+            return_id: r.refund.rtr_id.clone(),
+            amount: view.amount,
+            reason: "FR01".into(),
+            remittance: None,
+            hold: uuid_string(hold.id.0),
+            settle: uuid_string(settle.id.0),
+            code: crate::dto::MED_CODE,
+            metadata: format!(r#"{{"pix_med":"{e2e}"}}"#),
+            send_by: now.saturating_add(state.pix.spi_timeout.as_nanos() as u64),
+        }),
+        _ => None,
+    };
+    let in_flight = payment_return.clone();
+    // The return is a refund that reached `DEVOLVIDO`: the charge's key's webhook hears of it
+    // (one through the SPI, once its verdict is recorded).
+    let notice = received.notified_key.clone().filter(|_| refund.is_some() && payment_return.is_none());
     let notifying = notice.is_some();
     // The Pix's refunds as read, across every node (a refund of it committed meanwhile on another
     // node is in the notification, or this waits): the received Pix's document must be as read,
@@ -362,6 +409,9 @@ pub async fn resolve_claim(
                     body: serde_json::to_string(r).expect("serializable"),
                 }));
             }
+            if let Some(stored) = &in_flight {
+                out.push(crate::pix_return::return_document(tenant_id, 1, now, stored, true));
+            }
             out
         }
         _ => vec![],
@@ -376,6 +426,9 @@ pub async fn resolve_claim(
                     tenant_id,
                     crate::webhook::delivery_id(&e2e, Some(super::api_pix::MED_REFUND_ID)),
                 );
+            }
+            if let Some(stored) = payment_return {
+                crate::pix_return::start(&state, tenant_id, now, stored);
             }
             Ok(reply(StatusCode::OK, &resolved))
         }
