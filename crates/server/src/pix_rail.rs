@@ -1073,6 +1073,9 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
                 pix::spi::Status::Accepted => {
                     tracing::error!(
                         result = result.as_str(),
+                        tenant = %uuid_string(tenant),
+                        payment = %view.id,
+                        end_to_end_id = %view.end_to_end_id,
                         "the SPI accepted an off-us payment whose hold the ledger no longer holds: reconcile it by hand"
                     );
                     (result.as_str().to_owned(), crate::routes::ledger_problem(result, "").detail)
@@ -1121,6 +1124,10 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
                         };
                         if disagree {
                             tracing::error!(
+                                tenant = %uuid_string(tenant),
+                                payment = %stored.view.id,
+                                end_to_end_id = %stored.view.end_to_end_id,
+                                recorded = %stored.view.status,
                                 "an off-us payment's verdict disagrees with the one recorded before it: reconcile it by hand"
                             );
                         }
@@ -1133,7 +1140,11 @@ async fn record_verdict(state: &AppState, p: InFlight, verdict: pix::spi::Status
         }
     }
     // The payment stays `processing`, its hold in place; a sweep asks the SPI again and records it.
-    tracing::error!("an off-us payment's verdict was not recorded; a sweep will record it");
+    tracing::error!(
+        tenant = %uuid_string(tenant),
+        payment = %payment_id,
+        "an off-us payment's verdict was not recorded; a sweep will record it"
+    );
 }
 
 /// Off-us payments a sweep settles at most at once.

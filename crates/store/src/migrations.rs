@@ -20,6 +20,20 @@ pub fn refuse_newer(newest: Option<u32>, known: &[Migration]) -> crate::Result<(
     }
 }
 
+/// Refuses a database at another schema version than `known`'s last: newer (as
+/// [`refuse_newer`]), or older, not yet migrated (a command that reads or writes beside the
+/// servers, which migrate at start, would meet columns that are not there yet).
+pub fn refuse_other(newest: Option<u32>, known: &[Migration]) -> crate::Result<()> {
+    refuse_newer(newest, known)?;
+    let ours = known.last().map_or(0, |m| m.version);
+    match newest.unwrap_or(0) {
+        v if v < ours => Err(crate::StoreError::Unavailable(format!(
+            "the database has schema version {v}, older than this rtpay's ({ours}): run `rtpay migrate` first"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub const SQLITE: &[Migration] = &[
     Migration {
         version: 1,
@@ -666,6 +680,11 @@ mod tests {
         assert!(super::refuse_newer(Some(super::SQLITE.len() as u32), super::SQLITE).is_ok());
         let newer = super::refuse_newer(Some(super::SQLITE.len() as u32 + 1), super::SQLITE).unwrap_err();
         assert!(newer.to_string().contains("newer than this rtpay knows"), "{newer}");
+        let older = super::refuse_other(Some(super::SQLITE.len() as u32 - 1), super::SQLITE).unwrap_err();
+        assert!(older.to_string().contains("run `rtpay migrate` first"), "{older}");
+        assert!(super::refuse_other(None, super::SQLITE).is_err(), "no schema at all");
+        assert!(super::refuse_other(Some(super::SQLITE.len() as u32 + 1), super::SQLITE).is_err());
+        assert!(super::refuse_other(Some(super::SQLITE.len() as u32), super::SQLITE).is_ok());
     }
 
     #[test]

@@ -176,9 +176,19 @@ fn apply_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec
 
 /// Refuses a database written by a later rtpay (see `migrations::refuse_newer`).
 fn refuse_newer_schema(client: &mut impl ::postgres::GenericClient, migrations: &[Migration]) -> Result<()> {
+    crate::migrations::refuse_newer(schema_version(client)?, migrations)
+}
+
+/// Refuses a database at another version than this rtpay's, newer or not yet migrated (see
+/// `migrations::refuse_other`): for the commands that work beside the servers.
+fn refuse_other_schema(client: &mut impl ::postgres::GenericClient) -> Result<()> {
+    crate::migrations::refuse_other(schema_version(client)?, POSTGRES)
+}
+
+fn schema_version(client: &mut impl ::postgres::GenericClient) -> Result<Option<u32>> {
     let newest: Option<i32> =
         client.query_one("SELECT max(version) FROM schema_migrations", &[]).map_err(unavailable)?.get(0);
-    crate::migrations::refuse_newer(newest.map(|v| v as u32), migrations)
+    Ok(newest.map(|v| v as u32))
 }
 
 pub(crate) fn migrate_only(url: &str) -> Result<Vec<u32>> {
@@ -186,7 +196,7 @@ pub(crate) fn migrate_only(url: &str) -> Result<Vec<u32>> {
 }
 
 pub(crate) fn open_queries(url: &str) -> Result<Arc<dyn Queries>> {
-    refuse_newer_schema(&mut connect(url)?, POSTGRES)?;
+    refuse_other_schema(&mut connect(url)?)?;
     Ok(Arc::new(PgQueries { url: url.to_owned(), pool: Mutex::new(Vec::new()) }))
 }
 
@@ -199,7 +209,7 @@ pub(crate) fn append_audit_beside(
     drafts: Vec<audit::Draft>,
     now: Timestamp,
 ) -> Result<()> {
-    refuse_newer_schema(&mut connect(url)?, POSTGRES)?;
+    refuse_other_schema(&mut connect(url)?)?;
     let mut writer = PgWriter::new(url, signer)?;
     let clock = writer.begin()?;
     let mut time = clock.last;
@@ -1386,7 +1396,10 @@ impl Queries for PgQueries {
     }
 
     fn ping(&self) -> Result<()> {
-        self.with(|c| c.simple_query("SELECT 1").map(|_| ()).map_err(unavailable))
+        // Ready only while this node may write: once a newer rtpay migrated the database, this
+        // node's batches are refused (see `lock_batch`), and a node that refuses every write must
+        // take no traffic (a rolling upgrade routes it to the upgraded nodes).
+        self.with(|c| refuse_newer_schema(c, POSTGRES))
     }
 
     fn database_time(&self) -> Result<Option<Timestamp>> {
@@ -1933,7 +1946,11 @@ mod tests {
                 )
                 .unwrap();
         }
+        // The commands beside the servers ask for a migrated database.
+        let refused = crate::Store::open_queries(&crate::Location::Postgres(url.clone())).err().unwrap();
+        assert!(refused.to_string().contains("run `rtpay migrate` first"), "{refused}");
         crate::Store::open(&crate::Location::Postgres(url.clone())).unwrap().close();
+        crate::Store::open_queries(&crate::Location::Postgres(url.clone())).unwrap();
         for (id, body, held_until) in lapsing_holds::authorizations() {
             let stored: i64 = client
                 .query_one("SELECT held_until FROM card_authorizations WHERE id = $1", &[&super::uuid(id)])
@@ -1941,6 +1958,36 @@ mod tests {
                 .get(0);
             assert_eq!(stored, held_until, "{body}");
         }
+    }
+
+    /// A node whose database a newer rtpay migrated writes nothing and is not ready, until the
+    /// newer version is gone (here: its row).
+    #[test]
+    fn a_node_behind_the_schema_refuses_writes_and_is_not_ready() {
+        let url = crate::testing::fresh_postgres_database();
+        let store = crate::Store::open(&crate::Location::Postgres(url.clone())).unwrap();
+        let mut client = super::connect(&url).unwrap();
+        let future = super::POSTGRES.last().unwrap().version as i32 + 1;
+        client
+            .execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, 'future', 0)", &[&future])
+            .unwrap();
+        let ping = store.queries.ping();
+        assert!(matches!(&ping, Err(crate::StoreError::Unavailable(why)) if why.contains("newer")), "{ping:?}");
+        let draft = || audit::Draft {
+            tenant: None,
+            actor: "operator".into(),
+            action: "test".into(),
+            resource: String::new(),
+            request_id: String::new(),
+            source: "test".into(),
+            outcome: "200".into(),
+        };
+        let write = store.engine.execute(crate::Command::Audit(vec![draft()]));
+        assert!(matches!(&write, Err(crate::StoreError::Unavailable(why)) if why.contains("newer")), "{write:?}");
+        client.execute("DELETE FROM schema_migrations WHERE version = $1", &[&future]).unwrap();
+        store.queries.ping().unwrap();
+        store.engine.execute(crate::Command::Audit(vec![draft()])).unwrap();
+        store.close();
     }
 
     /// The writer's session plans each statement once, and on empty tables still plans look-ups by

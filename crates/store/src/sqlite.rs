@@ -119,9 +119,17 @@ fn apply_migrations(conn: &mut Connection, migrations: &[Migration]) -> Result<V
 
 /// Refuses a database written by a later rtpay (see `migrations::refuse_newer`).
 fn refuse_newer_schema(conn: &Connection, migrations: &[Migration]) -> Result<()> {
-    let newest: Option<u32> =
-        conn.query_row("SELECT max(version) FROM schema_migrations", [], |r| r.get(0)).map_err(unavailable)?;
-    crate::migrations::refuse_newer(newest, migrations)
+    crate::migrations::refuse_newer(schema_version(conn)?, migrations)
+}
+
+/// Refuses a database at another version than this rtpay's, newer or not yet migrated (see
+/// `migrations::refuse_other`): for the commands that work beside the servers.
+fn refuse_other_schema(conn: &Connection) -> Result<()> {
+    crate::migrations::refuse_other(schema_version(conn)?, SQLITE)
+}
+
+fn schema_version(conn: &Connection) -> Result<Option<u32>> {
+    conn.query_row("SELECT max(version) FROM schema_migrations", [], |r| r.get(0)).map_err(unavailable)
 }
 
 fn db_path(dir: &Path) -> Result<PathBuf> {
@@ -149,7 +157,7 @@ pub(crate) fn open_queries(dir: &Path) -> Result<Arc<dyn Queries>> {
     if !path.exists() {
         return Err(StoreError::Unavailable(format!("no rtpay data in {}", dir.display())));
     }
-    refuse_newer_schema(&connect(&path)?, SQLITE)?;
+    refuse_other_schema(&connect(&path)?)?;
     // No writer of this process commits: nothing to wait for. (A server's commits are visible
     // to other processes once written, before its syncer makes them durable: a report read
     // beside a running server may hold its last milliseconds, which a crash could still undo.)
@@ -218,7 +226,7 @@ pub(crate) fn append_audit_beside(
     let mut statements = Statements::default();
     conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
     let result = (|| {
-        refuse_newer_schema(&conn, SQLITE)?;
+        refuse_other_schema(&conn)?;
         let (clock, frontier) = read_meta(&conn)?;
         crate::audit_log::check_edge(&frontier, newest_head(&conn)?.as_ref(), signer)?;
         let mut time = clock.last;
@@ -2787,7 +2795,11 @@ mod tests {
                 .unwrap();
             }
         }
+        // The commands beside the servers ask for a migrated database.
+        let refused = crate::Store::open_queries(&crate::Location::Embedded(dir.clone())).err().unwrap();
+        assert!(refused.to_string().contains("run `rtpay migrate` first"), "{refused}");
         crate::Store::open(&crate::Location::Embedded(dir.clone())).unwrap().close();
+        crate::Store::open_queries(&crate::Location::Embedded(dir.clone())).unwrap();
         let conn = connect(&dir.join(DB_FILE)).unwrap();
         for (id, body, held_until) in lapsing_holds::authorizations() {
             let stored: i64 = conn

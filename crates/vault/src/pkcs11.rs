@@ -29,9 +29,12 @@ pub struct Pkcs11Config<'a> {
 
 pub struct Pkcs11Kek {
     version: u32,
-    key: ObjectHandle,
-    // A PKCS#11 session is used by one thread at a time.
-    session: Mutex<Session>,
+    /// Where to find the key again when its session is lost (see [`Pkcs11Kek::with_session`]).
+    module: PathBuf,
+    token_label: String,
+    pin: String,
+    // A PKCS#11 session is used by one thread at a time; the key's handle is the session's.
+    session: Mutex<(Session, ObjectHandle)>,
 }
 
 /// One initialized context per module for the whole process. The library is initialized once
@@ -69,9 +72,65 @@ pub fn key_label(version: u32) -> String {
     format!("rtpay-kek-v{version}")
 }
 
+/// Errors that say the session, not the operation, failed: the token went away and came back
+/// (an HSM's restart or fail-over, a network HSM's lost connection), or the session was closed.
+fn session_lost(e: &cryptoki::error::Error) -> bool {
+    use cryptoki::error::RvError::*;
+    matches!(
+        e,
+        cryptoki::error::Error::Pkcs11(
+            SessionHandleInvalid
+                | SessionClosed
+                | DeviceRemoved
+                | DeviceError
+                | TokenNotPresent
+                | TokenNotRecognized
+                | UserNotLoggedIn
+                | KeyHandleInvalid
+                | ObjectHandleInvalid,
+            _
+        )
+    )
+}
+
 impl Pkcs11Kek {
     /// Opens KEK `version` in the token, generating it there first if `create` and it is absent.
     pub fn open(config: &Pkcs11Config<'_>, version: u32, create: bool) -> Result<Pkcs11Kek> {
+        let session = Self::connect(config, version, create)?;
+        Ok(Pkcs11Kek {
+            version,
+            module: config.module.to_owned(),
+            token_label: config.token_label.to_owned(),
+            pin: config.pin.to_owned(),
+            session: Mutex::new(session),
+        })
+    }
+
+    /// Runs `op` on the key's session; when the session was lost, opens a new one, finds the key
+    /// again and runs `op` once more: a token that went away and came back serves again without
+    /// a restart of the process.
+    fn with_session<T>(
+        &self,
+        mut op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
+    ) -> std::result::Result<T, cryptoki::error::Error> {
+        let mut session = self.session.lock().expect("session lock");
+        match op(&session.0, session.1) {
+            Err(e) if session_lost(&e) => {
+                let config = Pkcs11Config { module: &self.module, token_label: &self.token_label, pin: &self.pin };
+                match Self::connect(&config, self.version, false) {
+                    Ok(fresh) => {
+                        *session = fresh;
+                        op(&session.0, session.1)
+                    }
+                    Err(_) => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// A logged-in session on the token and the handle of KEK `version` in it.
+    fn connect(config: &Pkcs11Config<'_>, version: u32, create: bool) -> Result<(Session, ObjectHandle)> {
         let context = context(config.module)?;
         let mut found = None;
         for slot in context.get_slots_with_token().map_err(hsm("slots"))? {
@@ -95,8 +154,21 @@ impl Pkcs11Kek {
         }
         let label = key_label(version);
         let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.clone().into_bytes())];
-        let key = match session.find_objects(&template).map_err(hsm("find key"))?.first() {
-            Some(key) => *key,
+        let keys = session.find_objects(&template).map_err(hsm("find key"))?;
+        // Two keys under one label (made outside rtpay, or by a rotation of another database on
+        // the same token) would be picked between by the token's order, which may change: data
+        // keys wrapped under the other would then not open.
+        if keys.len() > 1 {
+            return Err(VaultError::Config(format!(
+                "{} keys labelled {label:?} on the PKCS#11 token; rtpay needs exactly one",
+                keys.len()
+            )));
+        }
+        let key = match keys.first() {
+            Some(key) => {
+                check_key(&session, *key, &label)?;
+                *key
+            }
             None if create => session
                 .generate_key(
                     &Mechanism::AesKeyGen,
@@ -116,14 +188,15 @@ impl Pkcs11Kek {
                 .map_err(hsm("generate key"))?,
             None => return Err(VaultError::UnknownKek(version)),
         };
-        Ok(Pkcs11Kek { version, key, session: Mutex::new(session) })
+        Ok((session, key))
     }
 
     /// The key's protection, as the token reports it: (sensitive, extractable).
     pub fn protection(&self) -> Result<(bool, bool)> {
-        let session = self.session.lock().expect("session lock");
-        let attrs = session
-            .get_attributes(self.key, &[AttributeType::Sensitive, AttributeType::Extractable])
+        let attrs = self
+            .with_session(|session, key| {
+                session.get_attributes(key, &[AttributeType::Sensitive, AttributeType::Extractable])
+            })
             .map_err(hsm("attributes"))?;
         let (mut sensitive, mut extractable) = (false, true);
         for a in attrs {
@@ -143,6 +216,30 @@ impl Pkcs11Kek {
     }
 }
 
+/// A key found under a KEK's label must be what rtpay would have made: AES-256, sensitive and not
+/// extractable (a key that can leave the token protects nothing the token is there for).
+fn check_key(session: &Session, key: ObjectHandle, label: &str) -> Result<()> {
+    let wanted =
+        [AttributeType::KeyType, AttributeType::ValueLen, AttributeType::Sensitive, AttributeType::Extractable];
+    let attrs = session.get_attributes(key, &wanted).map_err(hsm("attributes"))?;
+    let (mut aes, mut len, mut sensitive, mut extractable) = (false, 0usize, false, true);
+    for a in attrs {
+        match a {
+            Attribute::KeyType(t) => aes = t == KeyType::AES,
+            Attribute::ValueLen(l) => len = usize::from(l),
+            Attribute::Sensitive(v) => sensitive = v,
+            Attribute::Extractable(v) => extractable = v,
+            _ => {}
+        }
+    }
+    if aes && len == 32 && sensitive && !extractable {
+        return Ok(());
+    }
+    Err(VaultError::Config(format!(
+        "the PKCS#11 key labelled {label:?} is not a sensitive, non-extractable AES-256 key; rtpay refuses it"
+    )))
+}
+
 impl Kek for Pkcs11Kek {
     fn version(&self) -> u32 {
         self.version
@@ -154,9 +251,14 @@ impl Kek for Pkcs11Kek {
         SystemRandom::new().fill(&mut iv).map_err(|_| VaultError::Unavailable("no system randomness".into()))?;
         let aad = self.aad();
         let mut iv_param = iv;
-        let params = GcmParams::new(&mut iv_param, &aad, TAG_BITS.into()).map_err(hsm("GCM parameters"))?;
-        let session = self.session.lock().expect("session lock");
-        let sealed = session.encrypt(&Mechanism::AesGcm(params), self.key, dek.expose()).map_err(hsm("encrypt"))?;
+        let sealed = self
+            .with_session(|session, key| {
+                // Given afresh to each try: a token may write its own IV over it.
+                iv_param = iv;
+                let params = GcmParams::new(&mut iv_param, &aad, TAG_BITS.into())?;
+                session.encrypt(&Mechanism::AesGcm(params), key, dek.expose())
+            })
+            .map_err(hsm("encrypt"))?;
         // The IV the token used: some tokens (CloudHSM, Luna in FIPS mode) make their own and
         // write it over the one given. Stored with the one given, such a wrapping never opened.
         let mut out = iv_param.to_vec();
@@ -168,11 +270,13 @@ impl Kek for Pkcs11Kek {
         if wrapped.len() != IV_LEN + 32 + 16 {
             return Err(VaultError::Tampered);
         }
-        let mut iv: [u8; IV_LEN] = wrapped[..IV_LEN].try_into().expect("12 bytes");
+        let stored_iv: [u8; IV_LEN] = wrapped[..IV_LEN].try_into().expect("12 bytes");
         let aad = self.aad();
-        let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into()).map_err(hsm("GCM parameters"))?;
-        let session = self.session.lock().expect("session lock");
-        let plain = match session.decrypt(&Mechanism::AesGcm(params), self.key, &wrapped[IV_LEN..]) {
+        let plain = match self.with_session(|session, key| {
+            let mut iv = stored_iv;
+            let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into())?;
+            session.decrypt(&Mechanism::AesGcm(params), key, &wrapped[IV_LEN..])
+        }) {
             Ok(p) => p,
             Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::EncryptedDataInvalid, _))
             | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::EncryptedDataLenRange, _)) => {

@@ -58,6 +58,21 @@ fn the_kek_lives_in_the_token_and_wraps_there() {
     assert_eq!(kek.unwrap(&bad).err(), Some(VaultError::Tampered));
     assert_eq!(kek.unwrap(&wrapped[..30]).err(), Some(VaultError::Tampered));
     assert_eq!(kek.unwrap(&wrapped).unwrap().expose(), dek.expose(), "the session still works");
+    // The token forgets this process's login (as after an HSM's restart or a network HSM's lost
+    // connection, the session no longer reaches the key): the key is found again on a new,
+    // logged-in session, without a restart.
+    let context = cryptoki::context::Pkcs11::new(&module).unwrap();
+    match context.initialize(cryptoki::context::CInitializeArgs::OsThreads) {
+        Ok(()) | Err(cryptoki::error::Error::AlreadyInitialized) => {}
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let slot = context.get_slots_with_token().unwrap()[0];
+    context.open_ro_session(slot).unwrap().logout().unwrap();
+    // (Dropped, a context would finalize the library under the KEK's.)
+    std::mem::forget(context);
+    assert_eq!(kek.unwrap(&wrapped).unwrap().expose(), dek.expose(), "a new session after the old one was closed");
+    assert_eq!(kek.unwrap(&kek.wrap(&dek).unwrap()).unwrap().expose(), dek.expose());
     assert_eq!(format!("{kek:?}"), "Pkcs11Kek(v1)");
     drop(kek);
 
@@ -100,5 +115,68 @@ fn a_token_that_disappears_is_unavailable_not_tampering() {
     let unwrap = kek.unwrap(&wrapped).err();
     assert!(matches!(wrap, Some(VaultError::Unavailable(_))), "{wrap:?}");
     assert!(matches!(unwrap, Some(VaultError::Unavailable(_))), "{unwrap:?}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A key under a KEK's label that is not what rtpay makes (one that may leave the token), or two
+/// keys under one label, are refused when opened, saying why.
+#[test]
+fn keys_a_token_holds_twice_or_lets_out_are_refused() {
+    use cryptoki::context::{CInitializeArgs, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+
+    let dir = token("rtpay-odd");
+    let module = module();
+    let config = Pkcs11Config { module: &module, token_label: "rtpay-odd", pin: "87654321" };
+    // The rtpay key of version 1, then keys made beside rtpay, as an operator's tool would.
+    drop(Pkcs11Kek::open(&config, 1, true).unwrap());
+    let context = Pkcs11::new(&module).unwrap();
+    match context.initialize(CInitializeArgs::OsThreads) {
+        Ok(()) | Err(cryptoki::error::Error::AlreadyInitialized) => {}
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let slot = context
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| context.get_token_info(*s).unwrap().label().trim_end() == "rtpay-odd")
+        .unwrap();
+    let session = context.open_rw_session(slot).unwrap();
+    match session.login(UserType::User, Some(&AuthPin::new("87654321".into()))) {
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let make = |label: &str, extractable: bool| {
+        session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32usize.try_into().unwrap()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(!extractable),
+                    Attribute::Extractable(extractable),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                ],
+            )
+            .unwrap()
+    };
+    make(&vault::pkcs11::key_label(1), false);
+    make(&vault::pkcs11::key_label(2), true);
+    let twice = Pkcs11Kek::open(&config, 1, false).err().unwrap().to_string();
+    assert!(twice.contains("2 keys labelled \"rtpay-kek-v1\""), "{twice}");
+    let out = Pkcs11Kek::open(&config, 2, false).err().unwrap().to_string();
+    assert!(out.contains("not a sensitive, non-extractable AES-256 key"), "{out}");
+    drop(session);
+    // (Dropped, a context would finalize the library under the vault's.)
+    std::mem::forget(context);
     std::fs::remove_dir_all(dir).ok();
 }
