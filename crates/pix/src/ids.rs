@@ -77,8 +77,19 @@ pub fn end_to_end_time(text: &str) -> Option<Timestamp> {
 }
 
 /// Whether `text` is an EndToEndId with `prefix`: 32 characters, a valid ISPB, a UTC date that
-/// exists (from 2020) and a time, 11 letters or digits.
+/// exists (from 2020) and a time, 11 letters or digits. What a new id must be.
 pub fn valid_end_to_end_id(prefix: char, text: &str) -> bool {
+    shaped_end_to_end_id(prefix, text, true)
+}
+
+/// Whether `text` has an EndToEndId's shape, its date checked field by field only (a day up to
+/// 31 in any month, any year from 2020): what ids to look up must be. Ids stored before the
+/// dates were checked whole (the sandbox took any) are still found by them.
+pub fn end_to_end_id_shape(prefix: char, text: &str) -> bool {
+    shaped_end_to_end_id(prefix, text, false)
+}
+
+fn shaped_end_to_end_id(prefix: char, text: &str, date_exists: bool) -> bool {
     let b = text.as_bytes();
     if b.len() != E2E_LEN || !text.starts_with(prefix) || !alnum(text) {
         return false;
@@ -87,13 +98,11 @@ pub fn valid_end_to_end_id(prefix: char, text: &str) -> bool {
     let stamp_digits = b[9..21].iter().all(u8::is_ascii_digit);
     let plausible = match (num(9..13), num(13..15), num(15..17), num(17..19), num(19..21)) {
         (Some(y), Some(mo), Some(d), Some(h), Some(mi)) => {
-            // (Up to 2199: the date must fit the ledger's nanosecond clock.)
             let (y, mo, d) = (i64::from(y), i64::from(mo), i64::from(d));
-            let exists = (2020..=2199).contains(&y)
-                && (1..=12).contains(&mo)
-                && d >= 1
-                && civil_date(nanos_of_date(y, mo, d)) == (y, mo, d);
-            exists && h < 24 && mi < 60
+            let fields = y >= 2020 && (1..=12).contains(&mo) && (1..=31).contains(&d) && h < 24 && mi < 60;
+            // (Up to 2199: the date must fit the ledger's nanosecond clock.)
+            let exists = || y <= 2199 && civil_date(nanos_of_date(y, mo, d)) == (y, mo, d);
+            fields && (!date_exists || exists())
         }
         _ => false,
     };
@@ -127,6 +136,11 @@ mod tests {
         assert!(valid_end_to_end_id('E', "E9999999920240229000011111111111"), "February 29 of 2024");
         assert!(!valid_end_to_end_id('E', "E9999999920260100000011111111111"), "day 0");
         assert!(!valid_end_to_end_id('E', "E9999999999991231000011111111111"), "past the clock's range");
+        // Looked up, an id of a date that does not exist (stored when the sandbox took any) is
+        // still an id.
+        assert!(end_to_end_id_shape('E', "E9999999920260231000011111111111"));
+        assert!(!end_to_end_id_shape('E', "E9999999920241301000011111111111"), "month 13");
+        assert!(!end_to_end_id_shape('E', "E99999999202602310000111111111"), "short");
         assert!(valid_end_to_end_id('D', "DAB12CD3420240101235911111111111"), "alphanumeric ISPB");
     }
 

@@ -1213,7 +1213,9 @@ fn refunds_of_pix_from_another_institution_go_back_through_the_spi() {
 
     // Accepted: the hold is posted.
     let dir = temp_dir("pix-return");
-    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--spi-latency-ms", "300"]);
+    // The SPI answers after 2 s: what is held is seen held first.
+    let server =
+        Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--ispb", ISPB, "--spi-latency-ms", "2000"]);
     rt.block_on(async {
         let mut c = server.client();
         let (_, key) = tenant(&mut c, "t").await;

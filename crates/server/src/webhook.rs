@@ -511,7 +511,7 @@ pub fn is_delivery_id(id: &str) -> bool {
         Some((e2e, refund)) => (e2e, Some(refund)),
         None => (id, None),
     };
-    pix::ids::valid_end_to_end_id('E', e2e)
+    pix::ids::end_to_end_id_shape('E', e2e)
         && refund.is_none_or(|r| (1..=35).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 

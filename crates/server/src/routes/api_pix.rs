@@ -1391,7 +1391,15 @@ pub async fn refund_put(
     let events = refund_events(&state, tenant_id, account, &received, &id, centavos).await?;
     // Paid by another institution: the refund goes back through the SPI (a pacs.004), its money
     // held until the SPI's verdict (see `pix_return`).
-    let off_us = received.payer_account.is_none();
+    let off_us = match received.payer_account.as_deref() {
+        None => true,
+        // As `refund_events` reads it: a payer account that does not read is no payer at
+        // another institution.
+        Some(owner) => {
+            parse_owner(owner).ok_or_else(|| corrupt("a received Pix's payer account does not parse"))?;
+            false
+        }
+    };
     let refund = StoredRefund {
         id: id.clone(),
         rtr_id,

@@ -135,7 +135,7 @@ pub async fn open_claim(
     }
     // Checked before it is named in the audit log: raw input could be anything, a card number
     // or a document included.
-    if !pix::ids::valid_end_to_end_id('E', &body.end_to_end_id) {
+    if !pix::ids::end_to_end_id_shape('E', &body.end_to_end_id) {
         return Err(Problem::invalid(
             "end_to_end_id",
             "invalid_end_to_end_id",
@@ -257,7 +257,7 @@ pub async fn resolve_claim(
         "release" => false,
         _ => return Err(Problem::not_found("MED action (return or release)")),
     };
-    if !pix::ids::valid_end_to_end_id('E', &e2e) {
+    if !pix::ids::end_to_end_id_shape('E', &e2e) {
         return Err(Problem::not_found("MED claim"));
     }
     let tenant_id = tenant.id;
