@@ -440,13 +440,12 @@ impl Writer for PgWriter {
             self.conn = None;
             self.conn = Some(Conn::open(&self.url)?);
         }
-        let lock_batch =
-            |conn: &mut Conn| -> Result<(u64, audit::Frontier, i64, Option<Timestamp>, Option<SignedHead>)> {
-                // One round trip: open the transaction, take the cluster-wide batch lock, then read
-                // the earliest hold's expiry and the schema's version in a statement of its own: its
-                // snapshot is taken after the lock, so it sees the holds of the batches this one
-                // waited for, and a migration that held the lock (see `apply_migrations`).
-                let messages = conn
+        let lock_batch = |conn: &mut Conn| -> Result<LockRead> {
+            // One round trip: open the transaction, take the cluster-wide batch lock, then read
+            // the earliest hold's expiry and the schema's version in a statement of its own: its
+            // snapshot is taken after the lock, so it sees the holds of the batches this one
+            // waited for, and a migration that held the lock (see `apply_migrations`).
+            let messages = conn
                 .client
                 .simple_query(
                     "BEGIN; SELECT last_timestamp, audit_frontier, commits FROM ledger_meta WHERE id = 1 FOR UPDATE; \
@@ -455,70 +454,66 @@ impl Writer for PgWriter {
                      SELECT size, time, root, signature FROM audit_heads ORDER BY size DESC LIMIT 1",
                 )
                 .map_err(unavailable)?;
-                // Each statement's rows come before its `CommandComplete`: BEGIN's (none), the
-                // lock's, the expiry's, the newest signed head's (the audit edge is held to it).
-                let mut statement = 0;
-                let mut rows = (None, None, None);
-                for m in &messages {
-                    match m {
-                        ::postgres::SimpleQueryMessage::CommandComplete(_) => statement += 1,
-                        ::postgres::SimpleQueryMessage::Row(row) if statement == 1 && rows.0.is_none() => {
-                            rows.0 = Some(row)
-                        }
-                        ::postgres::SimpleQueryMessage::Row(row) if statement == 2 => rows.1 = Some(row),
-                        ::postgres::SimpleQueryMessage::Row(row) if statement == 3 => rows.2 = Some(row),
-                        _ => {}
+            // Each statement's rows come before its `CommandComplete`: BEGIN's (none), the
+            // lock's, the expiry's, the newest signed head's (the audit edge is held to it).
+            let mut statement = 0;
+            let mut rows = (None, None, None);
+            for m in &messages {
+                match m {
+                    ::postgres::SimpleQueryMessage::CommandComplete(_) => statement += 1,
+                    ::postgres::SimpleQueryMessage::Row(row) if statement == 1 && rows.0.is_none() => {
+                        rows.0 = Some(row)
                     }
+                    ::postgres::SimpleQueryMessage::Row(row) if statement == 2 => rows.1 = Some(row),
+                    ::postgres::SimpleQueryMessage::Row(row) if statement == 3 => rows.2 = Some(row),
+                    _ => {}
                 }
-                let newest = rows.2.map(text_head_row).transpose()?;
-                let (last, frontier, commits) = rows
-                    .0
-                    .map(|row| {
-                        (row.get(0).map(str::to_owned), row.get(1).map(str::to_owned), row.get(2).map(str::to_owned))
-                    })
-                    .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
-                // As the embedded writer reads it: a negative expiry (edited storage) is due at once;
-                // the sweep then leaves out the hold it cannot read (see `engine::sweep_due`).
-                let due = rows
-                    .1
-                    .and_then(|row| row.get(0))
-                    .and_then(|d| d.parse::<i64>().ok())
-                    .map(|t| t.max(0) as Timestamp);
-                let schema = rows.1.and_then(|row| row.get(1)).and_then(|v| v.parse::<u32>().ok());
-                // A node started before a newer rtpay migrated the database writes as its own version
-                // knew to: an older writer's batches could undo a newer one's (migration 9's count of
-                // commits, which validates cached accounts, is one that earlier nodes never moved).
-                // From the migration on, its writes wait for its upgrade: 503, and the other nodes
-                // serve. (Read in each batch, under its lock: a migration committed while a batch ran
-                // stops the next one. The connection is dropped on this error, its transaction too.)
-                let known = POSTGRES.last().map_or(0, |m| m.version);
-                if schema.is_some_and(|v| v > known) {
-                    return Err(StoreError::Unavailable(format!(
-                        "the database's schema is at version {}, newer than this rtpay knows ({}): this node writes \
+            }
+            let newest = rows.2.map(text_head_row).transpose()?;
+            let (last, frontier, commits) = rows
+                .0
+                .map(|row| {
+                    (row.get(0).map(str::to_owned), row.get(1).map(str::to_owned), row.get(2).map(str::to_owned))
+                })
+                .ok_or_else(|| corrupt("ledger_meta has no row".into()))?;
+            // As the embedded writer reads it: a negative expiry (edited storage) is due at once;
+            // the sweep then leaves out the hold it cannot read (see `engine::sweep_due`).
+            let due =
+                rows.1.and_then(|row| row.get(0)).and_then(|d| d.parse::<i64>().ok()).map(|t| t.max(0) as Timestamp);
+            let schema = rows.1.and_then(|row| row.get(1)).and_then(|v| v.parse::<u32>().ok());
+            // A node started before a newer rtpay migrated the database writes as its own version
+            // knew to: an older writer's batches could undo a newer one's (migration 9's count of
+            // commits, which validates cached accounts, is one that earlier nodes never moved).
+            // From the migration on, its writes wait for its upgrade: 503, and the other nodes
+            // serve. (Read in each batch, under its lock: a migration committed while a batch ran
+            // stops the next one. The connection is dropped on this error, its transaction too.)
+            let known = POSTGRES.last().map_or(0, |m| m.version);
+            if schema.is_some_and(|v| v > known) {
+                return Err(StoreError::Unavailable(format!(
+                    "the database's schema is at version {}, newer than this rtpay knows ({}): this node writes \
                      nothing until it is upgraded",
-                        schema.unwrap_or_default(),
-                        known
-                    )));
+                    schema.unwrap_or_default(),
+                    known
+                )));
+            }
+            let commits = commits
+                .and_then(|c| c.parse::<i64>().ok())
+                .ok_or_else(|| corrupt("ledger_meta's count of commits is not a number".into()))?;
+            let last = last.ok_or_else(|| corrupt("ledger clock is null".into()))?;
+            let last = last.parse::<u64>().map_err(|_| corrupt(format!("ledger clock {last:?} is not a timestamp")))?;
+            // bytea in text form: `\x` and hex.
+            let frontier = match frontier {
+                None => audit::Frontier::default(),
+                Some(text) => {
+                    let bytes = text
+                        .strip_prefix("\\x")
+                        .and_then(audit::unhex)
+                        .ok_or_else(|| corrupt("audit frontier is not hex bytea".into()))?;
+                    audit::Frontier::decode(&bytes).map_err(corrupt)?
                 }
-                let commits = commits
-                    .and_then(|c| c.parse::<i64>().ok())
-                    .ok_or_else(|| corrupt("ledger_meta's count of commits is not a number".into()))?;
-                let last = last.ok_or_else(|| corrupt("ledger clock is null".into()))?;
-                let last =
-                    last.parse::<u64>().map_err(|_| corrupt(format!("ledger clock {last:?} is not a timestamp")))?;
-                // bytea in text form: `\x` and hex.
-                let frontier = match frontier {
-                    None => audit::Frontier::default(),
-                    Some(text) => {
-                        let bytes = text
-                            .strip_prefix("\\x")
-                            .and_then(audit::unhex)
-                            .ok_or_else(|| corrupt("audit frontier is not hex bytea".into()))?;
-                        audit::Frontier::decode(&bytes).map_err(corrupt)?
-                    }
-                };
-                Ok((last, frontier, commits, due, newest))
             };
+            Ok((last, frontier, commits, due, newest))
+        };
         let mut result = lock_batch(self.conn());
         // A connection the server closed while it sat idle (PostgreSQL restarted) is seen closed
         // only when a statement is sent on it, which then fails having done nothing: the batch
@@ -1856,6 +1851,10 @@ fn audit_row(row: &Row) -> Result<(audit::Entry, Option<audit::Hash>)> {
     let leaf = if row.len() > 9 { Some(hash_of(row.try_get::<_, &[u8]>(9).map_err(unavailable)?)?) } else { None };
     Ok((entry, leaf))
 }
+
+/// What a batch reads under its lock: the ledger clock, the audit edge, the count of commits, the
+/// earliest hold's expiry and the newest signed head.
+type LockRead = (u64, audit::Frontier, i64, Option<Timestamp>, Option<SignedHead>);
 
 /// A signed head from a simple query's row (text: numbers in decimal, bytea as `\x` and hex).
 fn text_head_row(row: &::postgres::SimpleQueryRow) -> Result<SignedHead> {
