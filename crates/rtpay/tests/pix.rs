@@ -1236,8 +1236,8 @@ fn refunds_of_pix_from_another_institution_go_back_through_the_spi() {
         assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(4_000)));
         let r = put(&mut c, &key, e2e, "D1", "40.00").await;
         assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("DEVOLVIDO")), "a repeat answers it");
-        // A MED return (FR01) goes the same way: the block is replaced by a hold the SPI's
-        // verdict settles.
+        // A MED return (FR01) goes through the SPI too: the block is posted to the settlement
+        // account at once, and the refund `MED` is in process until the verdict.
         let e2e = "E6070119020261201120000000000014";
         receive(&mut c, &key, &maria.account, e2e).await;
         let claim = json!({"end_to_end_id": e2e, "reason": "golpe", "amount": 3_000});
@@ -1247,11 +1247,11 @@ fn refunds_of_pix_from_another_institution_go_back_through_the_spi() {
         let r = c.get(&format!("/api/v2/pix/{e2e}/devolucao/MED"), &key).await.unwrap();
         assert_eq!(r.json()["status"], json!("EM_PROCESSAMENTO"), "{:?}", r.json());
         let b = balance(&mut c, &key, &maria.account).await;
-        assert_eq!((b["debits_pending"].clone(), b["available"].clone()), (json!(3_000), json!(13_000)), "held");
+        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(7_000)));
         let done = refund_settled(&mut c, &key, e2e, "MED", wait).await;
         assert_eq!(done["status"], json!("DEVOLVIDO"), "{done}");
         let b = balance(&mut c, &key, &maria.account).await;
-        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(7_000)));
+        assert_eq!((b["debits_posted"].clone(), b["available"].clone()), (json!(7_000), json!(13_000)));
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");
@@ -1290,7 +1290,13 @@ fn refunds_of_pix_from_another_institution_go_back_through_the_spi() {
         let e2e_d2 = "E6070119020261201120000000000012";
         assert_eq!(refund_settled(&mut c, &key, e2e_d2, "D2", wait).await["status"], json!("NAO_REALIZADO"));
         let b = balance(&mut c, &key, &maria.account).await;
-        assert_eq!((b["debits_pending"].clone(), b["debits_posted"].clone()), (json!(0), json!(0)), "{b}");
+        assert_eq!((b["debits_pending"].clone(), b["available"].clone()), (json!(0), json!(20_000)), "{b}");
+        // The claim's return failed: the claim says so, and may be made again.
+        let r = c.get(&format!("/v1/pix/med/{e2e}"), &key).await.unwrap();
+        assert_eq!(r.json()["status"], json!("return_failed"), "{:?}", r.json());
+        let r = c.post("/v1/pix/med", &key, &claim).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("blocked")), "{:?}", r.json());
+        assert_eq!(available(&mut c, &maria).await, 10_000);
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");

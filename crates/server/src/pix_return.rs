@@ -30,6 +30,9 @@ pub const RETURN_KIND: &str = "pix-return";
 /// What sending a return, asking about it and recording its verdict need.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct StoredReturn {
+    /// The return record's id: the refund's document id, and for a MED return the claim's id
+    /// after it (a claim opened again after a failed return makes a return of its own).
+    pub record_id: String,
     /// The refund's document id (`EndToEndId:id`) and the refund's id.
     pub refund_doc: String,
     pub refund_id: String,
@@ -43,10 +46,8 @@ pub struct StoredReturn {
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remittance: Option<String>,
-    /// The hold that carries its money, the transfer that posts or voids it (their ids), and
-    /// their code and metadata.
-    pub hold: String,
-    pub settle: String,
+    /// How its verdict moves the money, and the code and metadata of what it moves.
+    pub settles: Settles,
     pub code: u16,
     pub metadata: String,
     /// Until when it may be sent (nanoseconds since the epoch): its time plus the SPI time-out of
@@ -54,12 +55,25 @@ pub struct StoredReturn {
     pub send_by: u64,
 }
 
+/// How a return's verdict moves its money (transfer and account ids).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Settles {
+    /// A refund's: its money is held (receiving account → settlement) until the verdict posts
+    /// the hold or voids it (`settle`).
+    Hold { hold: String, settle: String },
+    /// A MED return's: its block was posted to the settlement account when the claim was
+    /// returned (a blocked account, even one closed since, gives the money up); a rejection
+    /// credits it back to the receiving account (`back`). Accepted, nothing more moves.
+    Posted { settlement: String, account: String, back: String },
+}
+
 /// The return record of `stored`, in flight or (its verdict recorded) not.
 pub fn return_document(tenant: u128, version: u64, at: u64, stored: &StoredReturn, in_flight: bool) -> store::Record {
     store::Record::Document(store::Document {
         kind: RETURN_KIND.into(),
         tenant_id: tenant,
-        id: stored.refund_doc.clone(),
+        id: stored.record_id.clone(),
         lookup: None,
         owner: in_flight.then(|| IN_FLIGHT.to_owned()),
         created_at: at,
@@ -94,6 +108,7 @@ pub fn of_refund(
 ) -> StoredReturn {
     let (e2e, id) = (&received.end_to_end_id, refund.id.as_str());
     StoredReturn {
+        record_id: format!("{e2e}:{id}"),
         refund_doc: format!("{e2e}:{id}"),
         refund_id: id.to_owned(),
         end_to_end_id: e2e.clone(),
@@ -102,8 +117,10 @@ pub fn of_refund(
         amount,
         reason: "MD06".into(),
         remittance: refund.descricao.clone(),
-        hold: crate::dto::uuid_string(refund_transfer(state, tenant, e2e, id, 1).id.0),
-        settle: crate::dto::uuid_string(refund_transfer(state, tenant, e2e, id, 2).id.0),
+        settles: Settles::Hold {
+            hold: crate::dto::uuid_string(refund_transfer(state, tenant, e2e, id, 1).id.0),
+            settle: crate::dto::uuid_string(refund_transfer(state, tenant, e2e, id, 2).id.0),
+        },
         code: crate::dto::PIX_REFUND_CODE,
         metadata: metadata(e2e, id),
         send_by: at.saturating_add(state.pix.spi_timeout.as_nanos() as u64),
@@ -146,7 +163,7 @@ pub fn start(state: &AppState, tenant: u128, at: u64, stored: StoredReturn) {
 
 /// A return's claim, apart from the payments' (`settling` holds both).
 fn claim_id(stored: &StoredReturn) -> String {
-    format!("return:{}", stored.refund_doc)
+    format!("return:{}", stored.record_id)
 }
 
 /// Sends the return within its window, then records its verdict; no answer or a connector error
@@ -194,24 +211,43 @@ async fn settle_from_status(state: &AppState, tenant: u128, at: u64, stored: Sto
     }
 }
 
-/// Posts the return's hold on acceptance or voids it on rejection, with the refund's final status
-/// and the webhook's notification, in one commit guarded on the return record being still in
-/// flight. Tried [`VERDICT_TRIES`] times; then a sweep takes it over.
-async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, verdict: pix::spi::Status) {
-    let id = |text: &str| uuid::Uuid::parse_str(text).map(|u| ledger::TransferId(u.as_u128()));
-    let (Ok(hold), Ok(settle)) = (id(&stored.hold), id(&stored.settle)) else {
-        tracing::error!(return_id = %stored.return_id, "a Pix return's record names no transfer: reconcile it by hand");
-        return;
+/// What the verdict on `stored` moves in the ledger (nothing: `None`).
+fn verdict_event(tenant: u128, stored: &StoredReturn, verdict: pix::spi::Status) -> Option<Option<TransferEvent>> {
+    let id = |text: &str| uuid::Uuid::parse_str(text).ok().map(|u| u.as_u128());
+    let accepted = matches!(verdict, pix::spi::Status::Accepted);
+    let (key, kind) = match &stored.settles {
+        Settles::Hold { hold, settle } => {
+            let pending_id = ledger::TransferId(id(hold)?);
+            let kind = match accepted {
+                true => EventKind::PostPending { pending_id, amount: None },
+                false => EventKind::VoidPending { pending_id },
+            };
+            (id(settle)?, kind)
+        }
+        Settles::Posted { .. } if accepted => return Some(None),
+        Settles::Posted { settlement, account, back } => {
+            let (debit, credit) = (ledger::AccountId(id(settlement)?), ledger::AccountId(id(account)?));
+            (id(back)?, EventKind::Posted { debit, credit, amount: stored.amount })
+        }
     };
-    let event = TransferEvent {
-        key: TransferKey { tenant: ledger::TenantId(tenant), id: settle },
-        kind: match verdict {
-            pix::spi::Status::Accepted => EventKind::PostPending { pending_id: hold, amount: None },
-            pix::spi::Status::Rejected(_) => EventKind::VoidPending { pending_id: hold },
-        },
+    Some(Some(TransferEvent {
+        key: TransferKey { tenant: ledger::TenantId(tenant), id: ledger::TransferId(key) },
+        kind,
         code: stored.code,
         metadata: Some(stored.metadata.clone()),
         linked: false,
+    }))
+}
+
+/// Records the verdict on a return (see [`verdict_event`]: a refund's hold posted or voided, a
+/// MED return's money credited back on a rejection), with the refund's final status, the MED
+/// claim's (`return_failed` on a rejection, so that a claim may be opened again), and the
+/// webhook's notification, in one commit guarded on the return record being still in flight.
+/// Tried [`VERDICT_TRIES`] times; then a sweep takes it over.
+async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, verdict: pix::spi::Status) {
+    let Some(event) = verdict_event(tenant, &stored, verdict) else {
+        tracing::error!(return_id = %stored.return_id, "a Pix return's record names no transfer: reconcile it by hand");
+        return;
     };
     let slot = crate::audit_trail::Slot::new("pix.spi.return-verdict".into(), crate::next_request_id(), None);
     slot.set_actor(Some(tenant), "spi".into());
@@ -220,9 +256,10 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
     let guard = store::Guard::Document {
         kind: RETURN_KIND.into(),
         tenant_id: tenant,
-        id: stored.refund_doc.clone(),
+        id: stored.record_id.clone(),
         version: 1,
     };
+    let med = stored.refund_id == crate::routes::api_pix::MED_REFUND_ID;
     for attempt in 0..VERDICT_TRIES {
         // The refund as stored, its Pix and the Pix's other refunds (for the notification).
         let (doc_id, e2e) = (stored.refund_doc.clone(), stored.end_to_end_id.clone());
@@ -230,11 +267,12 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             let refund = q.document(REFUND_KIND, tenant, &doc_id)?;
             let received = read_received(q, tenant, &e2e)?.map(|(_, r)| r);
             let others = refunds_of(q, tenant, &e2e)?;
-            Ok((refund, received, others))
+            let claim = if med { q.document(crate::routes::med::MED_KIND, tenant, &e2e)? } else { None };
+            Ok((refund, received, others, claim))
         })
         .await;
-        let (refund_doc, received, others) = match read {
-            Ok((Some(doc), Some(received), others)) => (doc, received, others),
+        let (refund_doc, received, others, claim) = match read {
+            Ok((Some(doc), Some(received), others, claim)) => (doc, received, others, claim),
             Ok(_) => {
                 tracing::error!(return_id = %stored.return_id, "a Pix return's refund or Pix is missing from storage: reconcile it by hand");
                 return;
@@ -250,6 +288,11 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             return;
         };
         let earlier: Vec<_> = others.into_iter().map(|d| d.refund).filter(|r| r.id != stored.refund_id).collect();
+        // A MED return the SPI refused leaves its claim open to be made again.
+        let failed_claim = match (&claim, verdict) {
+            (Some(doc), pix::spi::Status::Rejected(_)) => crate::routes::med::return_failed(doc, tenant),
+            _ => None,
+        };
         let (stored2, refund_doc2) = (stored.clone(), refund_doc.clone());
         let records: store::RecordsFn = Box::new(move |reply| {
             let result = reply.chain_result();
@@ -271,7 +314,17 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
                 }
                 pix::spi::Status::Rejected(reason) => {
                     r.status = "NAO_REALIZADO".into();
-                    r.motivo = Some(reason.describe().to_owned());
+                    let mut motivo = reason.describe().to_owned();
+                    if result != TransferResult::Created {
+                        // A MED return's money, credited back, refused by the receiving account.
+                        tracing::error!(
+                            result = result.as_str(),
+                            return_id = %stored2.return_id,
+                            "a refused Pix return's money could not go back to the receiving account: it stays in the settlement account; reconcile it by hand"
+                        );
+                        motivo = format!("{motivo}; the money stays in the settlement account ({})", result.as_str());
+                    }
+                    r.motivo = Some(motivo.chars().take(140).collect());
                 }
             }
             let mut records = vec![
@@ -282,12 +335,16 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
                 }),
                 return_document(tenant, 2, at, &stored2, false),
             ];
+            records.extend(failed_claim.clone());
             if let Some(index) = &received.notified_key {
                 records.push(refund_outbox(tenant, index, &received, &earlier, &refund.refund, store::now_nanos()));
             }
             records
         });
-        let command = store::Command::Transfers(vec![event.clone()]);
+        let command = match &event {
+            Some(event) => store::Command::Transfers(vec![event.clone()]),
+            None => store::Command::Audit(vec![]),
+        };
         match crate::routes::submit_guarded(state, &audit, command, Some(records), vec![guard.clone()]).await {
             Ok(_) => {
                 crate::webhook::notify(
@@ -299,7 +356,7 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             }
             Err(e) => {
                 // Another node may have recorded it (the guard failed): then there is nothing to do.
-                let id = stored.refund_doc.clone();
+                let id = stored.record_id.clone();
                 let current = crate::routes::query(state, move |q| q.document(RETURN_KIND, tenant, &id)).await;
                 if matches!(current, Ok(Some(doc)) if doc.version != 1) {
                     return;

@@ -51,7 +51,9 @@ pub struct MedView {
     /// This claim's id: its ledger transfers are named after it, so a claim whose hold failed
     /// (the funds left between the check and the commit) can be made again.
     pub claim_id: String,
-    /// `blocked`, `returned`, `released` (by the receiver's institution, or the 72 hours lapsed).
+    /// `blocked`, `returned`, `released` (by the receiver's institution, or the 72 hours lapsed),
+    /// `return_failed` (returned through the SPI, which refused it: the money went back to the
+    /// receiver, and a claim may be opened again).
     pub status: String,
     /// Centavos held.
     pub amount: u64,
@@ -150,10 +152,16 @@ pub async fn open_claim(
         let Some((received_doc, received)) = read_received(q, tenant_id, &e2e2)? else {
             return Ok(Err(Problem::not_found("received Pix")));
         };
-        if read_med(&st, q, tenant_id, &e2e2)?.is_some() {
-            return Ok(Err(Problem::new(StatusCode::CONFLICT, "claim_exists", "this Pix has a MED claim already")
-                .field("end_to_end_id")));
-        }
+        // A claim whose return the SPI refused may be made again (the money went back to the
+        // receiver); its document moves on from the failed one's version.
+        let prior = match read_med(&st, q, tenant_id, &e2e2)? {
+            Some((doc, view)) if view.status == "return_failed" => doc.version,
+            Some(_) => {
+                return Ok(Err(Problem::new(StatusCode::CONFLICT, "claim_exists", "this Pix has a MED claim already")
+                    .field("end_to_end_id")))
+            }
+            None => 0,
+        };
         let refunded: u64 = refunds_of(q, tenant_id, &e2e2)?
             .iter()
             .filter(|r| r.refund.status != "NAO_REALIZADO")
@@ -165,10 +173,10 @@ pub async fn open_claim(
         let available = q
             .account(AccountKey { tenant: TenantId(tenant_id), id: AccountId(account) })?
             .map_or(0, |a| a.available().max(0) as u64);
-        Ok(Ok((received_doc, received, refunded, account, available)))
+        Ok(Ok((received_doc, received, refunded, account, available, prior)))
     })
     .await??;
-    let (received_doc, received, refunded, account, available) = found;
+    let (received_doc, received, refunded, account, available, prior) = found;
     let claimable = received.amount.saturating_sub(refunded);
     let amount = body.amount.unwrap_or(claimable).min(claimable).min(available);
     if amount == 0 {
@@ -212,7 +220,7 @@ pub async fn open_claim(
     let guards = vec![store::Guard::of(&received_doc)];
     let bumped = super::api_pix::bumped(&received_doc);
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
-        ledger::TransferResult::Created => vec![bumped.clone(), med_document(tenant_id, now, 1, &record)],
+        ledger::TransferResult::Created => vec![bumped.clone(), med_document(tenant_id, now, prior + 1, &record)],
         _ => vec![bumped.clone()],
     });
     let answer =
@@ -264,15 +272,23 @@ pub async fn resolve_claim(
     audit.0.set_resource(format!("pix-med:{e2e}"));
     let _lock = state.pix_runtime.lock(&[lock_of(&state, tenant_id, &e2e)]).await;
     let (st, e2e2) = (state.clone(), e2e.clone());
-    let (doc, view, received_doc, received, earlier) = query(&state, move |q| {
+    let (doc, view, received_doc, received, earlier, refund_version) = query(&state, move |q| {
         let Some((doc, view)) = read_med(&st, q, tenant_id, &e2e2)? else {
             return Ok(Err(Problem::not_found("MED claim")));
         };
         let Some((received_doc, received)) = read_received(q, tenant_id, &e2e2)? else {
             return Err(store::StoreError::Corrupt("a MED claim without its Pix".into()));
         };
-        let earlier: Vec<StoredRefund> = refunds_of(q, tenant_id, &e2e2)?.into_iter().map(|r| r.refund).collect();
-        Ok(Ok((doc, view, received_doc, received, earlier)))
+        // The refunds before this return (not an earlier, failed return of this Pix), and the
+        // version the return's refund document moves on from.
+        let refund_version =
+            q.document(REFUND_KIND, tenant_id, &super::api_pix::med_refund_doc_id(&e2e2))?.map(|d| d.version);
+        let earlier: Vec<StoredRefund> = refunds_of(q, tenant_id, &e2e2)?
+            .into_iter()
+            .map(|r| r.refund)
+            .filter(|r| r.id != super::api_pix::MED_REFUND_ID)
+            .collect();
+        Ok(Ok((doc, view, received_doc, received, earlier, refund_version)))
     })
     .await??;
     if view.status != "blocked" {
@@ -294,30 +310,26 @@ pub async fn resolve_claim(
             linked: true,
         })
     };
-    // Paid by another institution, the money goes back through the SPI (a pacs.004, `FR01`): the
-    // block, which lapses after 72 hours, is replaced by a hold that only the SPI's verdict
-    // settles (see `pix_return`).
+    // Paid by another institution, the money goes back through the SPI (a pacs.004, `FR01`, see
+    // `pix_return`): the block is posted to the settlement account now, as for a payer on us
+    // (the account, even one closed since, gives up what it had blocked), and a rejection
+    // credits it back.
     let off_us = payer_of(&received).is_none();
     let mut payment_return = None;
+    if returning {
+        step(EventKind::PostPending { pending_id: hold.id, amount: None }, hold_key(&state, tenant_id, &claim, 2));
+    }
     if returning && off_us {
         let account = uuid::Uuid::parse_str(&received.credit_account_id)
             .map_err(|_| Problem::from(store::StoreError::Corrupt("a received Pix's account".into())))?
             .as_u128();
         let settlement = ensure_settlement(&state, tenant_id).await?;
-        step(EventKind::VoidPending { pending_id: hold.id }, hold_key(&state, tenant_id, &claim, 4));
-        let kept = hold_key(&state, tenant_id, &claim, 5);
-        step(
-            EventKind::Pending {
-                debit: AccountId(account),
-                credit: settlement.id,
-                amount: view.amount,
-                timeout_seconds: crate::pix_rail::OFF_US_HOLD_TIMEOUT_SECONDS,
-            },
-            kept,
-        );
-        payment_return = Some((kept, hold_key(&state, tenant_id, &claim, 6)));
+        payment_return = Some(crate::pix_return::Settles::Posted {
+            settlement: uuid_string(settlement.id.0),
+            account: uuid_string(account),
+            back: uuid_string(hold_key(&state, tenant_id, &claim, 6).id.0),
+        });
     } else if returning {
-        step(EventKind::PostPending { pending_id: hold.id, amount: None }, hold_key(&state, tenant_id, &claim, 2));
         // On us in another tenant: from that tenant's settlement account on to the payer.
         if let Some((payer_tenant, payer)) = payer_of(&received).filter(|(t, _)| *t != tenant_id) {
             let theirs = ensure_settlement(&state, payer_tenant).await?;
@@ -364,7 +376,9 @@ pub async fn resolve_claim(
     let refund_doc_id = super::api_pix::med_refund_doc_id(&e2e);
     // The return of a Pix another institution paid, as `pix_return` sends it.
     let payment_return = match (payment_return, &refund) {
-        (Some((hold, settle)), Some(r)) => Some(crate::pix_return::StoredReturn {
+        (Some(settles), Some(r)) => Some(crate::pix_return::StoredReturn {
+            // Per claim: a claim opened again after a failed return makes its own.
+            record_id: format!("{refund_doc_id}:{claim}"),
             refund_doc: refund_doc_id.clone(),
             refund_id: super::api_pix::MED_REFUND_ID.into(),
             end_to_end_id: e2e.clone(),
@@ -373,8 +387,7 @@ pub async fn resolve_claim(
             amount: view.amount,
             reason: "FR01".into(),
             remittance: None,
-            hold: uuid_string(hold.id.0),
-            settle: uuid_string(settle.id.0),
+            settles,
             code: crate::dto::MED_CODE,
             metadata: format!(r#"{{"pix_med":"{e2e}"}}"#),
             send_by: now.saturating_add(state.pix.spi_timeout.as_nanos() as u64),
@@ -405,7 +418,7 @@ pub async fn resolve_claim(
                     lookup: None,
                     owner: Some(owner.clone()),
                     created_at: now,
-                    version: 1,
+                    version: refund_version.map_or(1, |v| v + 1),
                     body: serde_json::to_string(r).expect("serializable"),
                 }));
             }
@@ -440,6 +453,18 @@ pub async fn resolve_claim(
         )),
         failure => Err(crate::routes::ledger_problem(failure, "")),
     }
+}
+
+/// The claim in `doc` moved on from `returned` to `return_failed` (its return through the SPI was
+/// refused; the money went back to the receiver), so that a claim may be opened again; `None`
+/// for a claim in another state.
+pub(crate) fn return_failed(doc: &store::Document, tenant: u128) -> Option<store::Record> {
+    let mut view: MedView = serde_json::from_str(&doc.body).ok()?;
+    if view.status != "returned" {
+        return None;
+    }
+    view.status = "return_failed".into();
+    Some(med_document(tenant, doc.created_at, doc.version + 1, &view))
 }
 
 /// What an open claim holds of a Pix (counted against its refunds' total).
