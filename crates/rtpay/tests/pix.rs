@@ -797,6 +797,16 @@ fn off_us_payments_through_the_sandbox_spi() {
         other["amount"] = json!(5_001);
         let r = c.post("/v1/sandbox/spi/incoming", &key, &other).await.unwrap();
         assert_eq!(problem(&r), (409, json!("exists_with_different_fields"), json!("end_to_end_id")));
+        // Nor another payer, or another receiver, under the same EndToEndId.
+        let mut other = incoming.clone();
+        other["payer"]["name"] = json!("Outra Pessoa");
+        let r = c.post("/v1/sandbox/spi/incoming", &key, &other).await.unwrap();
+        assert_eq!(problem(&r), (409, json!("exists_with_different_fields"), json!("end_to_end_id")));
+        let mut other = incoming.clone();
+        other.as_object_mut().unwrap().remove("key");
+        other["account_id"] = json!(maria.account);
+        let r = c.post("/v1/sandbox/spi/incoming", &key, &other).await.unwrap();
+        assert_eq!(problem(&r), (409, json!("exists_with_different_fields"), json!("end_to_end_id")));
         assert_eq!(available(&mut c, &maria).await, 70_000 + 5_000, "credited once");
         let to_account = json!({"amount": 1, "account_id": maria.account,
             "payer": {"ispb": "60701190", "name": "ACME", "document": CNPJ_ACME}});

@@ -399,6 +399,11 @@ pub struct StoredReceived {
     /// it hears of the Pix's refunds too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notified_key: Option<String>,
+    /// The keyed fingerprint of the message that brought it from another institution (the
+    /// sandbox's request): a repeat of its EndToEndId with anything else is refused. Absent on
+    /// on-us Pix and on records of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// The party on one side of an on-us payment, resolved from storage.
@@ -841,6 +846,7 @@ pub async fn commit_payment(state: &AppState, audit: &Audit, p: Prepared) -> Res
                         received_at_nanos: now,
                         payer_account: Some(account_owner(payer.tenant, payer.account)),
                         notified_key: key_index.clone().filter(|_| view.txid.is_some()),
+                        fingerprint: None,
                     };
                     records.push(received_document(tenant, now, &received));
                     // The webhook's delivery is due from this commit on (the API Pix notifies Pix

@@ -1255,7 +1255,7 @@ pub struct IncomingPayer {
     pub document: String,
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingBody {
     /// The payer institution's EndToEndId (`E` + its ISPB ...); generated when absent. Repeating
@@ -1363,6 +1363,10 @@ pub async fn sandbox_incoming(
                 pix::ids::end_to_end_id('E', &body.payer.ispb, now, random)
             }
         };
+    // The message as parsed (spacing and key order are no difference), keyed: a repeat of its
+    // EndToEndId must be the same message.
+    let canonical = serde_json::to_vec(&body).expect("serializable");
+    let fingerprint = crate::auth::hex(&vault.index().of(b"pix-incoming-body", &canonical));
     let given = [body.key.is_some(), body.account_id.is_some(), body.brcode.is_some()].iter().filter(|b| **b).count();
     if given != 1 {
         return Err(Problem::invalid("key", "invalid_creditor", "give exactly one of `key`, `account_id` or `brcode`"));
@@ -1451,20 +1455,7 @@ pub async fn sandbox_incoming(
     let (payee, txid, concludes, key_index) = match resolved.map_err(Problem::from)?? {
         // The same Pix again: its first answer. Another Pix under its EndToEndId: refused, as a
         // transfer's id with a different body is.
-        Err(existing) => {
-            let same = existing.amount == body.amount
-                && existing.payer.ispb == body.payer.ispb
-                && existing.description == description;
-            if !same {
-                return Err(Problem::new(
-                    StatusCode::CONFLICT,
-                    "exists_with_different_fields",
-                    "a Pix with this end_to_end_id was received with a different amount, payer or description",
-                )
-                .field("end_to_end_id"));
-            }
-            return Ok(reply(StatusCode::OK, &IncomingView::from(existing)));
-        }
+        Err(existing) => return repeated(existing, &fingerprint, body.amount, &body.payer.ispb, &description),
         Ok(p) => p,
     };
     let settlement = ensure_settlement(&state, tenant_id).await?;
@@ -1484,6 +1475,7 @@ pub async fn sandbox_incoming(
         received_at_nanos: now,
         payer_account: None,
         notified_key: None,
+        fingerprint: Some(fingerprint.clone()),
     };
     let event = ledger::TransferEvent {
         key: ledger::TransferKey {
@@ -1536,9 +1528,41 @@ pub async fn sandbox_incoming(
             }
             Ok(reply(StatusCode::CREATED, &IncomingView::from(received)))
         }
-        ledger::TransferResult::Exists => Ok(reply(StatusCode::OK, &IncomingView::from(received))),
+        // A request with the same EndToEndId committed first: answered as a repeat, with what it
+        // stored.
+        ledger::TransferResult::Exists => {
+            let stored = query(&state, move |q| super::api_pix::read_received(q, tenant_id, &e2e))
+                .await?
+                .ok_or_else(|| Problem::unavailable("the Pix is being recorded; retry", 1))?;
+            repeated(stored.1, &fingerprint, body.amount, &body.payer.ispb, &received.description)
+        }
         failure => Err(crate::routes::ledger_problem(failure, "")),
     }
+}
+
+/// The answer to a Pix received again under its EndToEndId: its first answer when the message is
+/// the same (by its fingerprint; by amount, payer institution and description for records of
+/// earlier versions), else refused, as a transfer's id with a different body is.
+fn repeated(
+    existing: StoredReceived,
+    fingerprint: &str,
+    amount: u64,
+    payer_ispb: &str,
+    description: &Option<String>,
+) -> Result<Response, Problem> {
+    let same = match &existing.fingerprint {
+        Some(stored) => stored == fingerprint,
+        None => existing.amount == amount && existing.payer.ispb == payer_ispb && existing.description == *description,
+    };
+    if !same {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "exists_with_different_fields",
+            "a Pix with this end_to_end_id was received with a different message (amount, receiver, payer or description)",
+        )
+        .field("end_to_end_id"));
+    }
+    Ok(reply(StatusCode::OK, &IncomingView::from(existing)))
 }
 
 // ---------------------------------------------------------------------------------------------
