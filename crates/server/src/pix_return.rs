@@ -268,11 +268,16 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             let received = read_received(q, tenant, &e2e)?.map(|(_, r)| r);
             let others = refunds_of(q, tenant, &e2e)?;
             let claim = if med { q.document(crate::routes::med::MED_KIND, tenant, &e2e)? } else { None };
-            Ok((refund, received, others, claim))
+            // A MED return's notification goes under the one delivery id of the Pix's refund
+            // `MED`, which an earlier claim's failed return may hold: the new one moves its version
+            // on, so that a sender of the earlier one still retrying writes nothing over it.
+            let delivery = crate::webhook::delivery_id(&e2e, Some(crate::routes::api_pix::MED_REFUND_ID));
+            let delivery = if med { q.document(crate::webhook::DELIVERY_KIND, tenant, &delivery)? } else { None };
+            Ok((refund, received, others, claim, delivery.map_or(0, |d| d.version)))
         })
         .await;
-        let (refund_doc, received, others, claim) = match read {
-            Ok((Some(doc), Some(received), others, claim)) => (doc, received, others, claim),
+        let (refund_doc, received, others, claim, delivered) = match read {
+            Ok((Some(doc), Some(received), others, claim, delivered)) => (doc, received, others, claim, delivered),
             Ok(_) => {
                 tracing::error!(return_id = %stored.return_id, "a Pix return's refund or Pix is missing from storage: reconcile it by hand");
                 return;
@@ -337,7 +342,11 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             ];
             records.extend(failed_claim.clone());
             if let Some(index) = &received.notified_key {
-                records.push(refund_outbox(tenant, index, &received, &earlier, &refund.refund, store::now_nanos()));
+                let mut outbox = refund_outbox(tenant, index, &received, &earlier, &refund.refund, store::now_nanos());
+                if let store::Record::Document(d) = &mut outbox {
+                    d.version = delivered + 1;
+                }
+                records.push(outbox);
             }
             records
         });

@@ -34,7 +34,27 @@ pub struct Pkcs11Kek {
     token_label: String,
     pin: String,
     // A PKCS#11 session is used by one thread at a time; the key's handle is the session's.
-    session: Mutex<(Session, ObjectHandle)>,
+    session: Mutex<Held>,
+}
+
+/// The KEK's session and key handle, and when a reconnect last failed.
+struct Held {
+    session: Session,
+    key: ObjectHandle,
+    failed_at: Option<std::time::Instant>,
+}
+
+/// How long after a failed reconnect the next one waits: a token still away is not asked to log
+/// in on every operation (a PIN changed meanwhile would be locked by the attempts).
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What an operation on the KEK's session failed with.
+enum Failure {
+    /// The operation itself (mapped by the caller).
+    Op(cryptoki::error::Error),
+    /// The session was lost and a new one could not be had: why (a wrong PIN, the key gone or
+    /// not rtpay's, the token still away).
+    Reconnect(VaultError),
 }
 
 /// One initialized context per module for the whole process. The library is initialized once
@@ -67,65 +87,94 @@ fn hsm(what: &str) -> impl Fn(cryptoki::error::Error) -> VaultError + '_ {
     move |e| VaultError::Unavailable(format!("PKCS#11 {what}: {e}"))
 }
 
+/// An operation's failure as the vault reports it: the token's error, or why the session could
+/// not be had again (a wrong PIN or a key not rtpay's is a configuration error, not a pause).
+fn failure(what: &str) -> impl Fn(Failure) -> VaultError + '_ {
+    move |f| match f {
+        Failure::Op(e) => hsm(what)(e),
+        Failure::Reconnect(why) => why,
+    }
+}
+
 /// The label of KEK `version` in the token.
 pub fn key_label(version: u32) -> String {
     format!("rtpay-kek-v{version}")
 }
 
-/// Errors that say the session, not the operation, failed: the token went away and came back
-/// (an HSM's restart or fail-over, a network HSM's lost connection), or the session was closed.
-fn session_lost(e: &cryptoki::error::Error) -> bool {
+/// How an error says the session, not the operation, failed.
+enum Lost {
+    /// The handle is gone (the token went away and came back, an HSM's restart or fail-over, a
+    /// network HSM's lost connection, the session closed): it must not be closed again, since
+    /// the module may have given its number to a new session.
+    Handle,
+    /// The session stands but no longer reaches the key (logged out, the key's handle stale): it
+    /// is closed once a new one is open.
+    Key,
+}
+
+fn session_lost(e: &cryptoki::error::Error) -> Option<Lost> {
     use cryptoki::error::RvError::*;
-    matches!(
-        e,
+    match e {
         cryptoki::error::Error::Pkcs11(
-            SessionHandleInvalid
-                | SessionClosed
-                | DeviceRemoved
-                | DeviceError
-                | TokenNotPresent
-                | TokenNotRecognized
-                | UserNotLoggedIn
-                | KeyHandleInvalid
-                | ObjectHandleInvalid,
-            _
-        )
-    )
+            SessionHandleInvalid | SessionClosed | DeviceRemoved | DeviceError | TokenNotPresent | TokenNotRecognized,
+            _,
+        ) => Some(Lost::Handle),
+        cryptoki::error::Error::Pkcs11(UserNotLoggedIn | KeyHandleInvalid | ObjectHandleInvalid, _) => Some(Lost::Key),
+        _ => None,
+    }
 }
 
 impl Pkcs11Kek {
     /// Opens KEK `version` in the token, generating it there first if `create` and it is absent.
     pub fn open(config: &Pkcs11Config<'_>, version: u32, create: bool) -> Result<Pkcs11Kek> {
-        let session = Self::connect(config, version, create)?;
+        let (session, key) = Self::connect(config, version, create)?;
         Ok(Pkcs11Kek {
             version,
             module: config.module.to_owned(),
             token_label: config.token_label.to_owned(),
             pin: config.pin.to_owned(),
-            session: Mutex::new(session),
+            session: Mutex::new(Held { session, key, failed_at: None }),
         })
     }
 
     /// Runs `op` on the key's session; when the session was lost, opens a new one, finds the key
-    /// again and runs `op` once more: a token that went away and came back serves again without
-    /// a restart of the process.
+    /// again (checked as at open) and runs `op` once more: a token that went away and came back
+    /// serves again without a restart of the process. A reconnect that fails says why, and the
+    /// next waits [`RECONNECT_PAUSE`].
     fn with_session<T>(
         &self,
         mut op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
-    ) -> std::result::Result<T, cryptoki::error::Error> {
-        let mut session = self.session.lock().expect("session lock");
-        match op(&session.0, session.1) {
-            Err(e) if session_lost(&e) => {
-                let config = Pkcs11Config { module: &self.module, token_label: &self.token_label, pin: &self.pin };
-                match Self::connect(&config, self.version, false) {
-                    Ok(fresh) => {
-                        *session = fresh;
-                        op(&session.0, session.1)
-                    }
-                    Err(_) => Err(e),
-                }
-            }
+    ) -> std::result::Result<T, Failure> {
+        let mut held = self.session.lock().expect("session lock");
+        let e = match op(&held.session, held.key) {
+            Err(e) => e,
+            Ok(value) => return Ok(value),
+        };
+        let Some(lost) = session_lost(&e) else { return Err(Failure::Op(e)) };
+        if held.failed_at.is_some_and(|at| at.elapsed() < RECONNECT_PAUSE) {
+            return Err(Failure::Op(e));
+        }
+        let config = Pkcs11Config { module: &self.module, token_label: &self.token_label, pin: &self.pin };
+        let reconnected = Self::connect(&config, self.version, false).map_err(|e| match e {
+            // The token was there at start: not there now, it is away (a restart, a fail-over),
+            // not misnamed.
+            VaultError::Config(why) if why.starts_with("no PKCS#11 token") => VaultError::Unavailable(why),
             other => other,
+        });
+        match reconnected {
+            Ok((session, key)) => {
+                let stale = std::mem::replace(&mut *held, Held { session, key, failed_at: None });
+                match lost {
+                    // Its number may be the new session's now: not closed (a small leak instead).
+                    Lost::Handle => std::mem::forget(stale.session),
+                    Lost::Key => drop(stale.session),
+                }
+                op(&held.session, held.key).map_err(Failure::Op)
+            }
+            Err(why) => {
+                held.failed_at = Some(std::time::Instant::now());
+                Err(Failure::Reconnect(why))
+            }
         }
     }
 
@@ -197,7 +246,7 @@ impl Pkcs11Kek {
             .with_session(|session, key| {
                 session.get_attributes(key, &[AttributeType::Sensitive, AttributeType::Extractable])
             })
-            .map_err(hsm("attributes"))?;
+            .map_err(failure("attributes"))?;
         let (mut sensitive, mut extractable) = (false, true);
         for a in attrs {
             match a {
@@ -219,24 +268,37 @@ impl Pkcs11Kek {
 /// A key found under a KEK's label must be what rtpay would have made: AES-256, sensitive and not
 /// extractable (a key that can leave the token protects nothing the token is there for).
 fn check_key(session: &Session, key: ObjectHandle, label: &str) -> Result<()> {
-    let wanted =
-        [AttributeType::KeyType, AttributeType::ValueLen, AttributeType::Sensitive, AttributeType::Extractable];
+    let wanted = [
+        AttributeType::KeyType,
+        AttributeType::ValueLen,
+        AttributeType::Sensitive,
+        AttributeType::Extractable,
+        AttributeType::Local,
+        AttributeType::AlwaysSensitive,
+        AttributeType::NeverExtractable,
+    ];
     let attrs = session.get_attributes(key, &wanted).map_err(hsm("attributes"))?;
     let (mut aes, mut len, mut sensitive, mut extractable) = (false, 0usize, false, true);
+    let (mut local, mut always_sensitive, mut never_extractable) = (false, false, false);
     for a in attrs {
         match a {
             Attribute::KeyType(t) => aes = t == KeyType::AES,
             Attribute::ValueLen(l) => len = usize::from(l),
             Attribute::Sensitive(v) => sensitive = v,
             Attribute::Extractable(v) => extractable = v,
+            Attribute::Local(v) => local = v,
+            Attribute::AlwaysSensitive(v) => always_sensitive = v,
+            Attribute::NeverExtractable(v) => never_extractable = v,
             _ => {}
         }
     }
-    if aes && len == 32 && sensitive && !extractable {
+    // Made in the token (not imported from known bytes), and never out of it.
+    if aes && len == 32 && sensitive && !extractable && local && always_sensitive && never_extractable {
         return Ok(());
     }
     Err(VaultError::Config(format!(
-        "the PKCS#11 key labelled {label:?} is not a sensitive, non-extractable AES-256 key; rtpay refuses it"
+        "the PKCS#11 key labelled {label:?} is not an AES-256 key made in the token, sensitive and never extractable; \
+         rtpay refuses it"
     )))
 }
 
@@ -258,7 +320,7 @@ impl Kek for Pkcs11Kek {
                 let params = GcmParams::new(&mut iv_param, &aad, TAG_BITS.into())?;
                 session.encrypt(&Mechanism::AesGcm(params), key, dek.expose())
             })
-            .map_err(hsm("encrypt"))?;
+            .map_err(failure("encrypt"))?;
         // The IV the token used: some tokens (CloudHSM, Luna in FIPS mode) make their own and
         // write it over the one given. Stored with the one given, such a wrapping never opened.
         let mut out = iv_param.to_vec();
@@ -278,16 +340,16 @@ impl Kek for Pkcs11Kek {
             session.decrypt(&Mechanism::AesGcm(params), key, &wrapped[IV_LEN..])
         }) {
             Ok(p) => p,
-            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::EncryptedDataInvalid, _))
-            | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::EncryptedDataLenRange, _)) => {
+            Err(Failure::Op(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::EncryptedDataInvalid, _)))
+            | Err(Failure::Op(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::EncryptedDataLenRange, _))) => {
                 return Err(VaultError::Tampered)
             }
             // SoftHSM2 reports a failed GCM tag as CKR_GENERAL_ERROR; the session stays usable
             // (tested), so an unusable token shows up as the next operation's error.
-            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::GeneralError, _)) => {
+            Err(Failure::Op(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::GeneralError, _))) => {
                 return Err(VaultError::Tampered)
             }
-            Err(e) => return Err(hsm("decrypt")(e)),
+            Err(e) => return Err(failure("decrypt")(e)),
         };
         let bytes: [u8; 32] = plain.as_slice().try_into().map_err(|_| VaultError::Tampered)?;
         Ok(Secret32::from_bytes(bytes))

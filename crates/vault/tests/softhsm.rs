@@ -174,7 +174,7 @@ fn keys_a_token_holds_twice_or_lets_out_are_refused() {
     let twice = Pkcs11Kek::open(&config, 1, false).err().unwrap().to_string();
     assert!(twice.contains("2 keys labelled \"rtpay-kek-v1\""), "{twice}");
     let out = Pkcs11Kek::open(&config, 2, false).err().unwrap().to_string();
-    assert!(out.contains("not a sensitive, non-extractable AES-256 key"), "{out}");
+    assert!(out.contains("is not an AES-256 key made in the token"), "{out}");
     drop(session);
     // (Dropped, a context would finalize the library under the vault's.)
     std::mem::forget(context);

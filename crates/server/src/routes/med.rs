@@ -68,8 +68,7 @@ pub struct MedView {
 }
 
 /// The claim's `n`th transfer: 1 the hold, 2 its post (return), 3 the payer's credit in another
-/// tenant, 4 its void (release, or a return to another institution, which holds the money again
-/// as 5 until the SPI's verdict posts or voids it as 6).
+/// tenant, 4 its void (release), 6 the credit back of a return another institution's SPI refused.
 fn hold_key(state: &AppState, tenant: u128, claim: &str, n: u32) -> TransferKey {
     TransferKey {
         tenant: TenantId(tenant),
@@ -314,7 +313,16 @@ pub async fn resolve_claim(
     // `pix_return`): the block is posted to the settlement account now, as for a payer on us
     // (the account, even one closed since, gives up what it had blocked), and a rejection
     // credits it back.
-    let off_us = payer_of(&received).is_none();
+    let off_us = match received.payer_account.as_deref() {
+        None => true,
+        // A payer account that does not read is no payer at another institution.
+        Some(owner) => {
+            parse_owner(owner).ok_or_else(|| {
+                Problem::from(store::StoreError::Corrupt("a received Pix's payer account does not parse".into()))
+            })?;
+            false
+        }
+    };
     let mut payment_return = None;
     if returning {
         step(EventKind::PostPending { pending_id: hold.id, amount: None }, hold_key(&state, tenant_id, &claim, 2));

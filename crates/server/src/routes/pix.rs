@@ -1332,37 +1332,34 @@ pub async fn sandbox_incoming(
         None => None,
     };
     let now = store::now_nanos();
-    let e2e =
-        match &body.end_to_end_id {
-            Some(e) if pix::ids::valid_end_to_end_id('E', e) => {
-                // The payer's institution made it (its ISPB comes first), at a time that has come.
-                if e[1..9] != body.payer.ispb {
-                    return Err(Problem::invalid(
-                        "end_to_end_id",
-                        "invalid_end_to_end_id",
-                        "`end_to_end_id` must carry the payer's institution's ISPB (`payer.ispb`) after the E",
-                    ));
-                }
-                if pix::ids::end_to_end_time(e).is_none_or(|at| at > now.saturating_add(E2E_CLOCK_SKEW_NANOS)) {
-                    return Err(Problem::invalid(
-                        "end_to_end_id",
-                        "invalid_end_to_end_id",
-                        "`end_to_end_id`'s date and time (UTC) must not be in the future",
-                    ));
-                }
-                e.clone()
-            }
-            Some(_) => return Err(Problem::invalid(
-                "end_to_end_id",
-                "invalid_end_to_end_id",
+    // An id of the EndToEndId's shape is looked up first (a repeat answers as stored, whatever
+    // earlier versions took); a new Pix's must also be the payer institution's, on a date that
+    // exists and has come.
+    let invalid = |why: &str| Problem::invalid("end_to_end_id", "invalid_end_to_end_id", why.to_owned());
+    let (e2e, refused) = match &body.end_to_end_id {
+        Some(e) if pix::ids::end_to_end_id_shape('E', e) => {
+            let refused = if !pix::ids::valid_end_to_end_id('E', e) {
+                Some(invalid("`end_to_end_id` must be on a date that exists"))
+            } else if e[1..9] != body.payer.ispb {
+                Some(invalid("`end_to_end_id` must carry the payer's institution's ISPB (`payer.ispb`) after the E"))
+            } else if pix::ids::end_to_end_time(e).is_none_or(|at| at > now.saturating_add(E2E_CLOCK_SKEW_NANOS)) {
+                Some(invalid("`end_to_end_id`'s date and time (UTC) must not be in the future"))
+            } else {
+                None
+            };
+            (e.clone(), refused)
+        }
+        Some(_) => {
+            return Err(invalid(
                 "`end_to_end_id` must be E + ISPB + yyyyMMddHHmm + 11 letters or digits (32 characters), on a date \
                  that exists",
-            )),
-            None => {
-                let random = crate::auth::random_bytes();
-                pix::ids::end_to_end_id('E', &body.payer.ispb, now, random)
-            }
-        };
+            ))
+        }
+        None => {
+            let random = crate::auth::random_bytes();
+            (pix::ids::end_to_end_id('E', &body.payer.ispb, now, random), None)
+        }
+    };
     // The message as parsed (spacing and key order are no difference), keyed: a repeat of its
     // EndToEndId must be the same message.
     let canonical = serde_json::to_vec(&body).expect("serializable");
@@ -1456,6 +1453,7 @@ pub async fn sandbox_incoming(
         // The same Pix again: its first answer. Another Pix under its EndToEndId: refused, as a
         // transfer's id with a different body is.
         Err(existing) => return repeated(existing, &fingerprint, body.amount, &body.payer.ispb, &description),
+        Ok(_) if refused.is_some() => return Err(refused.expect("checked")),
         Ok(p) => p,
     };
     let settlement = ensure_settlement(&state, tenant_id).await?;
