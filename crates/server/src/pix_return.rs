@@ -7,10 +7,14 @@
 //! webhook's notification, guarded on the return record being still in flight: of two nodes
 //! recording a verdict, one applies it.
 //!
+//! A MED return differs in where its money waits: its block is posted to the settlement account
+//! when the claim is returned (the receiver could not spend it anyway, and an account closed since
+//! gives it up all the same), and a rejection credits it back and marks the claim `return_failed`.
+//!
 //! Invariant: a refund to another institution is never shown settled (`DEVOLVIDO`) before the
-//! SPI accepted its return, and its money leaves the receiving account only then; a return is
-//! sent at most once, within its time-out, and one the SPI never received is refused (`AB03`) only
-//! after every node's window to send it has passed.
+//! SPI accepted its return, and a refund's money leaves the receiving account only then; a return
+//! is sent at most once, within its time-out, and one the SPI never received is refused (`AB03`)
+//! only after every node's window to send it has passed.
 
 use std::sync::Arc;
 
