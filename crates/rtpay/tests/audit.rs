@@ -184,19 +184,28 @@ fn a_change_whose_client_hung_up_is_recorded_all_the_same() {
         // Hung up at moments spread over the handling: before it begins, while the rotation is
         // written, while its entry is, after the answer.
         let attempts = 200u64;
+        // A rotation whose client hangs up `after` it sent it; what the client read before the
+        // connection ended.
+        let hang_up = |after: std::time::Duration| {
+            let (addr, key) = (server.addr, key.clone());
+            async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let body = r#"{"overlap_seconds":0}"#;
+                let request = format!(
+                    "POST /v1/pix/webhook-secret/rotate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(request.as_bytes()).await.unwrap();
+                tokio::time::sleep(after).await;
+                stream.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                let _ = stream.read_to_end(&mut answer).await;
+                answer
+            }
+        };
         for n in 0..attempts {
-            let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-            let body = r#"{"overlap_seconds":0}"#;
-            let request = format!(
-                "POST /v1/pix/webhook-secret/rotate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            stream.write_all(request.as_bytes()).await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_micros(n * 25)).await;
-            stream.shutdown().await.unwrap();
-            let mut answer = Vec::new();
-            let _ = stream.read_to_end(&mut answer).await;
+            hang_up(std::time::Duration::from_micros(n * 25)).await;
         }
         // Every rotation that took place (the generation counts them) is recorded as done.
         let counts = |shown: Value, page: Value| {
@@ -228,18 +237,7 @@ fn a_change_whose_client_hung_up_is_recorded_all_the_same() {
         // hangs up while it waits (the loop above may have seen every rotation finish in time).
         let mut lock = rusqlite::Connection::open(server.data.join("rtpay.db")).unwrap();
         let held = lock.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).unwrap();
-        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let body = r#"{"overlap_seconds":0}"#;
-        let request = format!(
-            "POST /v1/pix/webhook-secret/rotate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        stream.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer).await;
+        let answer = hang_up(std::time::Duration::from_millis(300)).await;
         assert!(answer.is_empty(), "no answer reached the client that hung up: {}", String::from_utf8_lossy(&answer));
         held.rollback().unwrap();
         let closed =

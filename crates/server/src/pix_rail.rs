@@ -1183,24 +1183,34 @@ pub(crate) fn sweep_due(send_by: u64) -> u64 {
 /// received is rejected as timed out (AB03), as its sender would have; one the SPI is still
 /// processing waits for the next sweep. Started once per node.
 pub fn resume(state: &AppState) {
+    sweep_in_flight(state, PAYMENT_KIND, |state, doc, now| {
+        let Some(p) = sweepable(state, &doc, now) else { return };
+        let Some(claimed) = claim(&state.pix_runtime, doc.tenant_id, &p.view.id) else { return };
+        tokio::spawn(settle_by_status(state.clone(), p, claimed));
+    });
+}
+
+/// Every [`SWEEP_INTERVAL`], hands `visit` the documents of `kind` owned by [`IN_FLIGHT`] (with
+/// the time it looked): a page per sweep, after the previous sweep's (see `webhook::resume`), so
+/// that records behind many older ones the SPI is still processing are reached too.
+pub(crate) fn sweep_in_flight(
+    state: &AppState,
+    kind: &'static str,
+    visit: impl Fn(&AppState, store::Document, u64) + Send + 'static,
+) {
     let state = state.clone();
     tokio::spawn(async move {
-        // A page per sweep, after the previous sweep's (see `webhook::resume`): payments behind
-        // many older ones the SPI is still processing are reached too.
         let mut after: Option<store::OwnerCursor> = None;
         loop {
             let from = after.take();
-            let found = crate::routes::query(&state, move |q| {
-                q.documents_by_owner(PAYMENT_KIND, IN_FLIGHT, from.as_ref(), SWEEP_MAX)
-            })
-            .await;
+            let found =
+                crate::routes::query(&state, move |q| q.documents_by_owner(kind, IN_FLIGHT, from.as_ref(), SWEEP_MAX))
+                    .await;
             if let Ok(docs) = found {
                 after = store::OwnerCursor::next(&docs, SWEEP_MAX);
                 let now = store::now_nanos();
                 for doc in docs {
-                    let Some(p) = sweepable(&state, &doc, now) else { continue };
-                    let Some(claimed) = claim(&state.pix_runtime, doc.tenant_id, &p.view.id) else { continue };
-                    tokio::spawn(settle_by_status(state.clone(), p, claimed));
+                    visit(&state, doc, now);
                 }
             }
             tokio::time::sleep(SWEEP_INTERVAL).await;

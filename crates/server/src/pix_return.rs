@@ -24,7 +24,7 @@ use serde_json::json;
 
 use crate::audit_trail::Audit;
 use crate::dto::rfc3339;
-use crate::pix_rail::{claim, sweep_due, Claim, IN_FLIGHT, SWEEP_INTERVAL, SWEEP_MAX, VERDICT_TRIES};
+use crate::pix_rail::{claim, sweep_due, Claim, IN_FLIGHT, VERDICT_TRIES};
 use crate::routes::api_pix::{read_received, refund_outbox, refunds_of, RefundDoc, REFUND_KIND};
 use crate::AppState;
 
@@ -382,39 +382,23 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
     tracing::error!(return_id = %stored.return_id, "a Pix return's verdict was not recorded; a sweep will record it");
 }
 
-/// Every node, every [`SWEEP_INTERVAL`], settles the returns still in flight that no task of its
+/// Every node, every [`crate::pix_rail::SWEEP_INTERVAL`], settles the returns still in flight that no task of its
 /// own is settling, once they are due ([`sweep_due`]): it asks the SPI about each, never sending
 /// it again. Started once per node, beside [`crate::pix_rail::resume`].
 pub fn resume(state: &AppState) {
-    let state = state.clone();
-    tokio::spawn(async move {
-        let mut after: Option<store::OwnerCursor> = None;
-        loop {
-            let from = after.take();
-            let found = crate::routes::query(&state, move |q| {
-                q.documents_by_owner(RETURN_KIND, IN_FLIGHT, from.as_ref(), SWEEP_MAX)
-            })
-            .await;
-            if let Ok(docs) = found {
-                after = store::OwnerCursor::next(&docs, SWEEP_MAX);
-                let now = store::now_nanos();
-                for doc in docs {
-                    let Ok(stored) = serde_json::from_str::<StoredReturn>(&doc.body) else {
-                        tracing::error!(id = %doc.id, "a Pix return's record does not parse: the sweep leaves it");
-                        continue;
-                    };
-                    if doc.version != 1 || sweep_due(stored.send_by) > now {
-                        continue;
-                    }
-                    let Some(claimed) = claim(&state.pix_runtime, doc.tenant_id, &claim_id(&stored)) else { continue };
-                    let (state, tenant, at) = (state.clone(), doc.tenant_id, doc.created_at);
-                    tokio::spawn(async move {
-                        settle_from_status(&state, tenant, at, stored).await;
-                        drop(claimed);
-                    });
-                }
-            }
-            tokio::time::sleep(SWEEP_INTERVAL).await;
+    crate::pix_rail::sweep_in_flight(state, RETURN_KIND, |state, doc, now| {
+        let Ok(stored) = serde_json::from_str::<StoredReturn>(&doc.body) else {
+            tracing::error!(id = %doc.id, "a Pix return's record does not parse: the sweep leaves it");
+            return;
+        };
+        if doc.version != 1 || sweep_due(stored.send_by) > now {
+            return;
         }
+        let Some(claimed) = claim(&state.pix_runtime, doc.tenant_id, &claim_id(&stored)) else { return };
+        let (state, tenant, at) = (state.clone(), doc.tenant_id, doc.created_at);
+        tokio::spawn(async move {
+            settle_from_status(&state, tenant, at, stored).await;
+            drop(claimed);
+        });
     });
 }

@@ -89,27 +89,28 @@ impl Simulator {
     }
 }
 
-impl SpiConnector for Simulator {
-    fn send(&self, transfer: CreditTransfer) -> SpiFuture {
-        let fate = self.fate(&transfer.end_to_end_id);
+impl Simulator {
+    /// The answer to a message of id `id` (a pacs.008's EndToEndId, a pacs.004's return id): its
+    /// fate after the latency, or never.
+    fn answer(&self, id: &str, amount: u64) -> SpiFuture {
+        debug_assert!(amount > 0);
+        let fate = self.fate(id);
         let latency = self.0.latency;
         Box::pin(async move {
-            debug_assert!(transfer.amount > 0);
             let Some(verdict) = fate else { return std::future::pending().await };
             tokio::time::sleep(latency).await;
             Ok(verdict)
         })
     }
+}
+
+impl SpiConnector for Simulator {
+    fn send(&self, transfer: CreditTransfer) -> SpiFuture {
+        self.answer(&transfer.end_to_end_id, transfer.amount)
+    }
 
     fn send_return(&self, payment_return: PaymentReturn) -> SpiFuture {
-        let fate = self.fate(&payment_return.return_id);
-        let latency = self.0.latency;
-        Box::pin(async move {
-            debug_assert!(payment_return.amount > 0);
-            let Some(verdict) = fate else { return std::future::pending().await };
-            tokio::time::sleep(latency).await;
-            Ok(verdict)
-        })
+        self.answer(&payment_return.return_id, payment_return.amount)
     }
 
     fn status(&self, end_to_end_id: &str) -> StatusFuture {
