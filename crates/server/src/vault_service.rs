@@ -68,11 +68,22 @@ impl VaultService {
         self
     }
 
-    /// Rotates the KEK and loads the new keyring. Blocking.
+    /// Rotates the KEK and loads the new keyring. Blocking. A rotation done is reported done even
+    /// when the keys cannot be loaded again at once (the key file or token read failed): asked
+    /// again, an operator would rotate once more. This node then keeps its keyring until a data
+    /// key under the new version needs it (`unwrap` loads the keys then); the data keys it makes
+    /// meanwhile are wrapped under a version it holds, which still opens.
     pub fn rotate(&self, queries: &dyn Queries) -> Result<(u32, usize), String> {
         let rotator = self.rotator.as_ref().ok_or("key rotation is not configured on this node")?;
         let result = rotator(queries)?;
-        *self.keyring.write().expect("keyring lock") = (self.loader)().map_err(|e| e.to_string())?;
+        match (self.loader)() {
+            Ok(keyring) => *self.keyring.write().expect("keyring lock") = keyring,
+            Err(e) => tracing::warn!(
+                error = %e,
+                kek_version = result.0,
+                "the key-encryption key was rotated, but this node could not load the keys again yet"
+            ),
+        }
         Ok(result)
     }
 
@@ -151,5 +162,39 @@ impl From<VaultFailure> for crate::problem::Problem {
                 crate::problem::Problem::internal()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rotation that committed is reported done though the keys could not be loaded again right
+    /// after it; the node keeps serving with the keyring it had.
+    #[test]
+    fn a_rotation_done_is_reported_done_when_the_reload_fails() {
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = calls.clone();
+        let kek = Secret32::random().unwrap();
+        let loader: Loader = Box::new(move || {
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let mut ring = Keyring::default();
+                ring.add(Box::new(vault::FileKek::new(1, Secret32::from_bytes(*kek.expose()))));
+                Ok(ring)
+            } else {
+                Err(VaultError::Unavailable("the key file could not be read".into()))
+            }
+        });
+        let service =
+            VaultService::new(loader, &Secret32::random().unwrap()).unwrap().with_rotator(Box::new(|_| Ok((2, 7))));
+        let dir = std::env::temp_dir().join(format!("rtpay-rotate-{}-{}", std::process::id(), store::now_nanos()));
+        let store = store::Store::open(&store::Location::Embedded(dir.clone())).unwrap();
+        assert_eq!(service.rotate(store.queries.as_ref()), Ok((2, 7)));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "the reload was tried");
+        // The keyring it had still wraps new data keys, which open.
+        let dek = service.data_key(store.queries.as_ref(), 5).expect("a data key");
+        assert_eq!(service.data_key(store.queries.as_ref(), 5).expect("cached").expose(), dek.expose());
+        store.close();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
