@@ -1391,15 +1391,7 @@ pub async fn refund_put(
     let events = refund_events(&state, tenant_id, account, &received, &id, centavos).await?;
     // Paid by another institution: the refund goes back through the SPI (a pacs.004), its money
     // held until the SPI's verdict (see `pix_return`).
-    let off_us = match received.payer_account.as_deref() {
-        None => true,
-        // As `refund_events` reads it: a payer account that does not read is no payer at
-        // another institution.
-        Some(owner) => {
-            parse_owner(owner).ok_or_else(|| corrupt("a received Pix's payer account does not parse"))?;
-            false
-        }
-    };
+    let off_us = payer_here(&received)?.is_none();
     let refund = StoredRefund {
         id: id.clone(),
         rtr_id,
@@ -1513,7 +1505,7 @@ async fn refund_events(
         linked,
     };
     let ours = ensure_settlement(state, tenant).await?;
-    Ok(match received.payer_account.as_deref().and_then(parse_owner) {
+    Ok(match payer_here(received)? {
         Some((payer_tenant, payer_account)) if payer_tenant == tenant => {
             vec![event(key(tenant, 1), account, payer_account, false)]
         }
@@ -1528,6 +1520,17 @@ async fn refund_events(
             vec![crate::pix_return::hold_event(state, tenant, &received.end_to_end_id, id, account, ours.id.0, amount)]
         }
     })
+}
+
+/// The paying account of a received Pix when it is of this rtpay (tenant, account); `None` for a
+/// payer at another institution. One that does not read is corrupt storage, never taken for a
+/// payer at another institution (its refund would go to the SPI).
+pub fn payer_here(received: &StoredReceived) -> store::Result<Option<(u128, u128)>> {
+    received
+        .payer_account
+        .as_deref()
+        .map(|owner| parse_owner(owner).ok_or_else(|| corrupt("a received Pix's payer account does not parse")))
+        .transpose()
 }
 
 /// `tenant:account` (as [`account_owner`] writes it) back to ids.

@@ -12,7 +12,7 @@ use ledger::{AccountId, AccountKey, EventKind, PendingState, TenantId, TransferE
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::api_pix::{parse_owner, read_received, refunds_of, RefundDoc, StoredRefund, REFUND_KIND};
+use super::api_pix::{read_received, refunds_of, RefundDoc, StoredRefund, REFUND_KIND};
 use crate::audit_trail::Audit;
 use crate::auth::Tenant;
 use crate::dto::{rfc3339, uuid_string};
@@ -115,8 +115,8 @@ fn lock_of(state: &AppState, tenant: u128, e2e: &str) -> u128 {
 
 /// Where a returned block goes: the payer's account on us in the same tenant, else the tenant's
 /// settlement account (and from the payer's tenant's settlement to the payer, when on us).
-fn payer_of(received: &StoredReceived) -> Option<(u128, u128)> {
-    received.payer_account.as_deref().and_then(parse_owner)
+fn payer_of(received: &StoredReceived) -> Result<Option<(u128, u128)>, Problem> {
+    super::api_pix::payer_here(received).map_err(Problem::from)
 }
 
 #[utoipa::path(post, path = "/v1/pix/med", tag = "pix", request_body = MedBody,
@@ -185,7 +185,7 @@ pub async fn open_claim(
             "nothing can be blocked: the Pix was refunded in full, or the account holds no funds",
         ));
     }
-    let credit = match payer_of(&received) {
+    let credit = match payer_of(&received)? {
         Some((t, payer)) if t == tenant_id => payer,
         _ => ensure_settlement(&state, tenant_id).await?.id.0,
     };
@@ -313,16 +313,8 @@ pub async fn resolve_claim(
     // `pix_return`): the block is posted to the settlement account now, as for a payer on us
     // (the account, even one closed since, gives up what it had blocked), and a rejection
     // credits it back.
-    let off_us = match received.payer_account.as_deref() {
-        None => true,
-        // A payer account that does not read is no payer at another institution.
-        Some(owner) => {
-            parse_owner(owner).ok_or_else(|| {
-                Problem::from(store::StoreError::Corrupt("a received Pix's payer account does not parse".into()))
-            })?;
-            false
-        }
-    };
+    let payer = payer_of(&received)?;
+    let off_us = payer.is_none();
     let mut payment_return = None;
     if returning {
         step(EventKind::PostPending { pending_id: hold.id, amount: None }, hold_key(&state, tenant_id, &claim, 2));
@@ -339,7 +331,7 @@ pub async fn resolve_claim(
         });
     } else if returning {
         // On us in another tenant: from that tenant's settlement account on to the payer.
-        if let Some((payer_tenant, payer)) = payer_of(&received).filter(|(t, _)| *t != tenant_id) {
+        if let Some((payer_tenant, payer)) = payer.filter(|(t, _)| *t != tenant_id) {
             let theirs = ensure_settlement(&state, payer_tenant).await?;
             step(
                 EventKind::Posted { debit: theirs.id, credit: AccountId(payer), amount: view.amount },
