@@ -13,20 +13,23 @@
 //!
 //! # Calendar
 //!
-//! Dates are UTC civil dates (`ledger::time`). Business days are Monday to Friday. **Holidays —
-//! national, state, municipal — are not modelled**: the spec moves dates past "um fim de semana ou
-//! um feriado para o usuário pagador", which needs the payer's municipality (`codMun`) and a holiday
-//! calendar this crate does not have; a caller that has one must not rely on these figures on or
-//! around a holiday.
+//! Dates are UTC civil dates (`ledger::time`). Business days are Monday to Friday except Brazil's
+//! **national bank holidays** (ANBIMA's national calendar: New Year, Carnival's Monday and Tuesday,
+//! Good Friday, Tiradentes, Labour Day, Corpus Christi, 7 September, 12 October, 2 November, 15
+//! November, 20 November from 2024, Christmas; the movable ones from Easter). **State and municipal
+//! holidays are not modelled**: the spec moves dates past "um fim de semana ou um feriado para o
+//! usuário pagador", which needs the payer's municipality (`codMun`) and a local calendar this crate
+//! does not have; on a local holiday these figures treat the day as a business day.
 //!
 //! The spec (`validadeAposVencimento`): "Sempre que a data de vencimento cair em um fim de semana
-//! [...] ela deve ser automaticamente prorrogada para o primeiro dia útil subsequente. Todos os
-//! campos que façam referência a esta data (`validadeAposVencimento`; `desconto`; `juros` e `multa`)
-//! devem assumir essa prorrogação." So every rule below uses the **adjusted due date** `V` (the due
-//! date, moved to Monday when it falls on a weekend). The last payable day is `V +
-//! validadeAposVencimento` calendar days, itself moved to Monday when it falls on a weekend — the
-//! only reading that matches the spec's Examples A, F and G (A: due Tue 2020-10-20, validity 4, the
-//! 4th day is Sat 24, payable until Mon 26).
+//! ou em um feriado [...] ela deve ser automaticamente prorrogada para o primeiro dia útil
+//! subsequente. Todos os campos que façam referência a esta data (`validadeAposVencimento`;
+//! `desconto`; `juros` e `multa`) devem assumir essa prorrogação." So every rule below uses the
+//! **adjusted due date** `V` (the due date, moved to the next business day when it is not one). The
+//! last payable day is `V + validadeAposVencimento` calendar days, itself moved to the next business
+//! day — the only reading that matches all of the spec's Examples A–G (A: due Tue 2020-10-20,
+//! validity 4, the 4th day is Sat 24, payable until Mon 26; E: due Fri 2020-12-25, Christmas, so V is
+//! Mon 28, and 28 + 4 is New Year's Friday, payable until Mon 2021-01-04).
 //!
 //! # Formulas
 //!
@@ -52,10 +55,10 @@
 //!   partir do próximo dia útil após a data de vencimento ajustada"). The rate is never rounded
 //!   on its own (#607 asks about exactly that); only the component is.
 //! - **desconto**, only when `D ≤ V`. 1, 2: each `descontoDataFixa` element applies while `D` is on
-//!   or before its date, the date moved past a weekend like the due date (the Manual, quoted in
+//!   or before its date, the date moved to a business day like the due date (the Manual, quoted in
 //!   bacen/pix-api#412: "Sempre que a data limite para desconto cair em um fim de semana [...] deve
 //!   ser automaticamente prorrogada"); when several apply (always so for an earlier date, and two
-//!   dates can land on the same Monday) the largest wins (our choice: paying earlier is never worse).
+//!   dates can land on the same business day) the largest wins (our choice: paying earlier is never worse).
 //!   1 `valor`; 2 `B × P / 10000`. 3–6, per day of anticipation `n`: calendar `V − D`, business days
 //!   in `(D, V]` (paying on Saturday earns what paying on Friday does); 3, 4 `valor × n`; 5, 6
 //!   `B × P × n / 10000`. A discount that would leave nothing to pay is an error, not a zero-value
@@ -287,7 +290,7 @@ impl fmt::Display for Rule {
             Rule::PastValidity { last_payable: (y, m, d) } => write!(
                 f,
                 "the charge could be paid until {y:04}-{m:02}-{d:02} (dataDeVencimento plus validadeAposVencimento, \
-                 weekends moved to Monday); it can no longer be paid"
+                 moved past weekends and national holidays); it can no longer be paid"
             ),
             Rule::NotBelowAmount => f.write_str("would leave nothing to pay (a charge's value cannot be zero)"),
         }
@@ -381,9 +384,25 @@ pub struct CobVValorCalculado {
     pub valor_final: u64,
 }
 
-/// Checks a cobv's `valor` and `calendario` against the spec (what a `PUT /cobv` must refuse).
-pub fn validate_cobv(valor: &CobVValor, calendario: &CobVCalendario) -> Result<(), ChargeError> {
-    terms(valor, calendario).map(|_| ())
+/// Checks a cobv's `valor` and `calendario` against the spec (what a `PUT /cobv` must refuse), made
+/// or changed on `today`: each rule on its own, and together — a charge must be payable from today
+/// on. The spec refuses an abatimento or a discount element that reaches the original value; one
+/// that reaches it only with the other (an abatimento of 60% and a discount of 50%), or a per-day
+/// discount that does so over the days left until the due date, would make a charge nobody can pay
+/// until it is overdue, fine and interest included. Discounts only shrink as the days go by, so
+/// today's amount is the one to check before the due date; after it, the first late day's (a fine
+/// too large to write). Interest that grows past the largest value over a long validity is left
+/// to the day it does (that day cannot pay it; the days before can).
+pub fn validate_cobv(valor: &CobVValor, calendario: &CobVCalendario, today: Date) -> Result<(), ChargeError> {
+    let terms = terms(valor, calendario)?;
+    let today = day_of(today, "calendario.criacao")?;
+    if today <= terms.due_day {
+        terms.amount_on(today)?;
+    }
+    if terms.due_day < terms.last_day {
+        terms.amount_on(terms.due_day + 1)?;
+    }
+    Ok(())
 }
 
 /// What a cobv costs when paid on `pagamento` (the field `DPP` in errors: the spec's "data de
@@ -436,7 +455,7 @@ impl Rate {
 
 #[derive(Clone, Debug)]
 enum Discount {
-    /// (the element's date moved past a weekend, as a day number; valorPerc)
+    /// (the element's date moved to a business day, as a day number; valorPerc)
     UntilDates {
         basis: Basis,
         deadlines: Vec<(i64, u64)>,
@@ -448,7 +467,7 @@ enum Discount {
 #[derive(Clone, Debug)]
 struct Terms {
     original: u64,
-    /// The due date moved past a weekend.
+    /// The due date moved to a business day (past a weekend or a national holiday).
     due_day: i64,
     /// The last day it can be paid; may lie far beyond `YEAR_MAX` (the validity is an int32).
     last_day: i64,
@@ -711,27 +730,97 @@ fn weekday(day: i64) -> i64 {
     (day + 3).rem_euclid(7)
 }
 
-/// The day itself, or the Monday after when it falls on a weekend.
-fn next_business_day(day: i64) -> i64 {
-    match weekday(day) {
-        5 => day + 2,
-        6 => day + 1,
-        _ => day,
-    }
+/// The civil date of `day` (days from 1970-01-01), for any day: a last payable day may lie far
+/// beyond what a nanosecond timestamp holds (a validity of `i32::MAX` days). Howard Hinnant's
+/// `civil_from_days`.
+fn civil_from_days(day: i64) -> (i64, i64, i64) {
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// Business days from Monday 1969-12-29 (day −3) up to, not including, `day`.
-fn business_days_before(day: i64) -> i64 {
+/// Days from 1970-01-01 of a civil date (the inverse of [`civil_from_days`]).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Easter Sunday of `year` (Gregorian; the anonymous algorithm of Meeus), as a day number.
+fn easter(year: i64) -> i64 {
+    let a = year.rem_euclid(19);
+    let (b, c) = (year.div_euclid(100), year.rem_euclid(100));
+    let (d, e) = (b / 4, b % 4);
+    let f = (b + 8) / 25;
+    let g = (b - f + 1) / 3;
+    let h = (19 * a + b - d - g + 15) % 30;
+    let (i, k) = (c / 4, c % 4);
+    let l = (32 + 2 * e + 2 * i - h - k) % 7;
+    let m = (a + 11 * h + 22 * l) / 451;
+    let month = (h + l - 7 * m + 114) / 31;
+    let day = (h + l - 7 * m + 114) % 31 + 1;
+    days_from_civil(year, month, day)
+}
+
+/// The national holidays of `year` on which Brazil's banks do not open, as day numbers, sorted
+/// and distinct: New Year, Carnival's Monday and Tuesday, Good Friday, Tiradentes, Labour Day,
+/// Corpus Christi, Independence, Nossa Senhora Aparecida, All Souls, the Republic, Black
+/// Consciousness (a national holiday from 2024, Lei 14.759/2023) and Christmas — ANBIMA's national
+/// calendar, which the financial market counts business days by. State and municipal holidays
+/// are not here (see the module's docs).
+fn national_holidays(year: i64) -> Vec<i64> {
+    let e = easter(year);
+    let mut days = vec![e - 48, e - 47, e - 2, e + 60];
+    let fixed: &[(i64, i64)] = &[(1, 1), (4, 21), (5, 1), (9, 7), (10, 12), (11, 2), (11, 15), (12, 25)];
+    days.extend(fixed.iter().map(|&(m, d)| days_from_civil(year, m, d)));
+    if year >= 2024 {
+        days.push(days_from_civil(year, 11, 20));
+    }
+    days.sort_unstable();
+    days.dedup(); // Good Friday falls on Tiradentes some years (2000, 2079).
+    days
+}
+
+fn is_business_day(day: i64) -> bool {
+    weekday(day) < 5 && national_holidays(civil_from_days(day).0).binary_search(&day).is_err()
+}
+
+/// The day itself, or the first business day after it: past a weekend and the national holidays.
+fn next_business_day(mut day: i64) -> i64 {
+    while !is_business_day(day) {
+        day += 1;
+    }
+    day
+}
+
+/// Weekdays from Monday 1969-12-29 (day −3) up to, not including, `day`.
+fn weekdays_before(day: i64) -> i64 {
     let from_monday = day + 3;
     from_monday.div_euclid(7) * 5 + from_monday.rem_euclid(7).min(5)
 }
 
-/// Business days in `(from, to]`; zero when `to <= from`. Closed form, so a long span costs nothing.
+/// Business days in `(from, to]`; zero when `to <= from`: the weekdays in closed form, less the
+/// national holidays among them, a year at a time.
 fn business_days_between(from: i64, to: i64) -> i64 {
     if to <= from {
         return 0;
     }
-    business_days_before(to + 1) - business_days_before(from + 1)
+    let weekdays = weekdays_before(to + 1) - weekdays_before(from + 1);
+    let holidays: i64 = (civil_from_days(from + 1).0..=civil_from_days(to).0)
+        .map(|year| {
+            national_holidays(year).into_iter().filter(|&h| from < h && h <= to && weekday(h) < 5).count() as i64
+        })
+        .sum();
+    weekdays - holidays
 }
 
 #[cfg(test)]
@@ -741,6 +830,8 @@ mod tests {
     // January 2024: Monday 1, 8, 15, 22, 29; Friday 5, 12, 19, 26; Saturday 6, 13, 20, 27.
     const DUE: Date = (2024, 1, 10); // a Wednesday
     const R1000: u64 = 100_000; // R$1,000.00
+    /// The day a charge is made, in `validate_cobv`'s tests: nine days before `DUE`.
+    const TODAY: Date = (2024, 1, 1);
 
     fn mvp(modalidade: u8, valor_perc: u64) -> Option<ModalidadeValorPerc> {
         Some(ModalidadeValorPerc { modalidade, valor_perc })
@@ -881,13 +972,72 @@ mod tests {
         assert_eq!(business_days_between(wed, wed + 5), 3);
         assert_eq!(business_days_between(wed, wed), 0);
         assert_eq!(business_days_between(wed + 5, wed), 0);
-        // Against counting day by day, across many weeks and every starting weekday.
-        for from in 0..30 {
-            for len in 0..40 {
-                let slow = (from + 1..=from + len).filter(|&d| weekday(d) < 5).count() as i64;
-                assert_eq!(business_days_between(from, from + len), slow, "{from} {len}");
-            }
+        // Against counting day by day, across many weeks and every starting weekday, and across
+        // years of holidays.
+        let holiday_free = (0..30).flat_map(|from| (0..40).map(move |len| (from, len)));
+        let across_years = (19_700..19_800).step_by(7).flat_map(|from| [(from, 400), (from, 800)]);
+        for (from, len) in holiday_free.chain(across_years) {
+            let slow = (from + 1..=from + len).filter(|&d| is_business_day(d)).count() as i64;
+            assert_eq!(business_days_between(from, from + len), slow, "{from} {len}");
         }
+        // The unbounded calendar against the ledger's, and its inverse.
+        for day in (0..80_000).step_by(97) {
+            let (y, m, d) = civil_from_days(day);
+            assert_eq!((y, m, d), date_of(day));
+            assert_eq!(days_from_civil(y, m, d), day);
+        }
+    }
+
+    #[test]
+    fn national_bank_holidays() {
+        let day = |d: Date| day_of(d, "x").unwrap();
+        let holiday = |d: Date| weekday(day(d)) < 5 && !is_business_day(day(d));
+        // 2024: Easter Sun Mar 31 → Carnival Mon Feb 12 and Tue 13, Good Friday Mar 29, Corpus
+        // Christi Thu May 30; Black Consciousness (Wed Nov 20) is national from 2024. The fixed
+        // ones on a weekday in 2023 or 2025.
+        let holidays = [
+            (2024, 1, 1),
+            (2024, 2, 12),
+            (2024, 2, 13),
+            (2024, 3, 29),
+            (2025, 4, 21),
+            (2024, 5, 1),
+            (2024, 5, 30),
+            (2023, 9, 7),
+            (2023, 10, 12),
+            (2023, 11, 2),
+            (2024, 11, 15),
+            (2024, 11, 20),
+            (2024, 12, 25),
+        ];
+        for d in holidays {
+            assert!(holiday(d), "{d:?}");
+        }
+        // Not national before 2024; Ash Wednesday and Christmas Eve are business days.
+        assert!(is_business_day(day((2023, 11, 20))));
+        assert!(is_business_day(day((2024, 2, 14))));
+        assert!(is_business_day(day((2024, 12, 24))));
+        // Easter by Meeus's algorithm, against known dates.
+        for (year, month, d) in [(2000, 4, 23), (2019, 4, 21), (2024, 3, 31), (2025, 4, 20), (2038, 4, 25), (2285, 3, 22)] {
+            assert_eq!(easter(year), days_from_civil(year, month, d), "{year}");
+        }
+        // Good Friday 2000 was Tiradentes: counted once.
+        assert_eq!(national_holidays(2000).len(), 11);
+        assert_eq!(national_holidays(2024).len(), 13);
+        // (Wed 2020-12-30, Mon 2021-01-04] = Thu 31, Mon 4: New Year's Friday does not count.
+        assert_eq!(business_days_between(day((2020, 12, 30)), day((2021, 1, 4))), 2);
+    }
+
+    #[test]
+    fn a_due_date_on_a_holiday_moves_the_fine_and_interest() {
+        // Due Fri 2020-12-25 → Mon 28: no fine on the 28th; on Tue 29 the fine and one business
+        // day of interest (1.00% a business-day month on R$1,000.00: 100_000 × 100 / 21 / 10_000).
+        let valor = CobVValor { multa: mvp(1, 1_500), juros: mvp(7, 100), ..plain(R1000) };
+        let due = cal((2020, 12, 25), Some(10));
+        assert_eq!(cobv_amount(&valor, &due, (2020, 12, 28)).map(parts), Ok((0, 0, 0, 0, R1000)));
+        assert_eq!(cobv_amount(&valor, &due, (2020, 12, 29)).map(parts), Ok((0, 1_500, 48, 0, R1000 + 1_548)));
+        // Mon 2021-01-04: Tue 29, Wed 30, Thu 31 and Mon 4 — four business days, not five.
+        assert_eq!(cobv_amount(&valor, &due, (2021, 1, 4)).map(parts), Ok((0, 1_500, 190, 0, R1000 + 1_690)));
     }
 
     #[test]
@@ -1189,6 +1339,21 @@ mod tests {
             // Example G: due Sat 2021-08-28 → Mon 30; + 5 = Sat 09-04 → Mon 09-06.
             ((2021, 8, 28), Some(5), (2021, 9, 6), ok.clone()),
             ((2021, 8, 28), Some(5), (2021, 9, 7), past((2021, 9, 6))),
+            // Examples B–E: due Fri 2020-12-25, Christmas → Mon 28.
+            ((2020, 12, 25), Some(0), (2020, 12, 26), ok.clone()),
+            ((2020, 12, 25), Some(0), (2020, 12, 28), ok.clone()),
+            ((2020, 12, 25), Some(0), (2020, 12, 29), past((2020, 12, 28))),
+            ((2020, 12, 25), Some(1), (2020, 12, 29), ok.clone()),
+            ((2020, 12, 25), Some(1), (2020, 12, 30), past((2020, 12, 29))),
+            ((2020, 12, 25), Some(3), (2020, 12, 31), ok.clone()),
+            ((2020, 12, 25), Some(3), (2021, 1, 1), past((2020, 12, 31))),
+            // E: Mon 28 + 4 = Fri 2021-01-01, New Year → Mon 04.
+            ((2020, 12, 25), Some(4), (2021, 1, 1), ok.clone()),
+            ((2020, 12, 25), Some(4), (2021, 1, 4), ok.clone()),
+            ((2020, 12, 25), Some(4), (2021, 1, 5), past((2021, 1, 4))),
+            // Due Sat 2024-02-10, before Carnival (Mon 12, Tue 13): paid on Wed 14 in time.
+            ((2024, 2, 10), Some(0), (2024, 2, 14), ok.clone()),
+            ((2024, 2, 10), Some(0), (2024, 2, 15), past((2024, 2, 14))),
             // The largest validity the spec allows does not overflow.
             (DUE, Some(i32::MAX as i64), (2500, 12, 31), ok.clone()),
         ];
@@ -1404,31 +1569,59 @@ mod tests {
         ];
         for (valor, calendario, field, rule) in cases {
             let want = Err(err(field, rule));
-            assert_eq!(validate_cobv(&valor, &calendario), want, "{field} {rule:?}");
+            assert_eq!(validate_cobv(&valor, &calendario, TODAY), want, "{field} {rule:?}");
             assert_eq!(cobv_amount(&valor, &calendario, DUE).map(|_| ()), want, "{field} {rule:?}");
         }
         assert_eq!(cobv_amount(&plain(R1000), &cal(DUE, None), (2024, 2, 30)), Err(err("DPP", Rule::Date)));
-        let e = validate_cobv(&CobVValor { juros: mvp(9, 100), ..plain(R1000) }, &cal(DUE, None)).unwrap_err();
+        let e = validate_cobv(&CobVValor { juros: mvp(9, 100), ..plain(R1000) }, &cal(DUE, None), TODAY).unwrap_err();
         assert_eq!(e.to_string(), "valor.juros.modalidade: must be a modality in the spec's table, 1 to 8");
         // Every modality the tables define is accepted.
         for m in 1..=2 {
             assert_eq!(
                 validate_cobv(
                     &CobVValor { multa: mvp(m, 100), abatimento: mvp(m, 100), ..plain(R1000) },
-                    &cal(DUE, None)
+                    &cal(DUE, None),
+                    TODAY
                 ),
                 Ok(())
             );
         }
         for m in 1..=8 {
-            assert_eq!(validate_cobv(&CobVValor { juros: mvp(m, 100), ..plain(R1000) }, &cal(DUE, None)), Ok(()));
+            assert_eq!(validate_cobv(&CobVValor { juros: mvp(m, 100), ..plain(R1000) }, &cal(DUE, None), TODAY), Ok(()));
         }
         for m in 3..=6 {
             assert_eq!(
-                validate_cobv(&CobVValor { desconto: per_day(m, 100), ..plain(R1000) }, &cal(DUE, None)),
+                validate_cobv(&CobVValor { desconto: per_day(m, 100), ..plain(R1000) }, &cal(DUE, None), TODAY),
                 Ok(())
             );
         }
+    }
+
+    #[test]
+    fn a_charge_must_be_payable_from_the_day_it_is_made() {
+        // Each rule alone is below the original; together they leave nothing to pay before the
+        // due date: an abatimento of R$600 and a fixed discount of R$400 on R$1,000.
+        let together = CobVValor {
+            abatimento: mvp(1, 60_000),
+            desconto: fixed_dates(1, &[(DUE, 40_000)]),
+            ..plain(R1000)
+        };
+        assert_eq!(validate_cobv(&together, &cal(DUE, None), TODAY), Err(err("valor.desconto", Rule::NotBelowAmount)));
+        // R$1.00 a day on R$10.00, made 9 days before the due date: R$9.00 off, payable; made 10
+        // days before, nothing left to pay on the first day.
+        let daily = CobVValor { desconto: per_day(3, 100), ..plain(1_000) };
+        assert_eq!(validate_cobv(&daily, &cal(DUE, None), TODAY), Ok(()));
+        assert_eq!(
+            validate_cobv(&daily, &cal(DUE, None), (2023, 12, 31)),
+            Err(err("valor.desconto", Rule::NotBelowAmount))
+        );
+        // A fine too large to write once late.
+        let fine = CobVValor { multa: mvp(1, MAX_CENTAVOS), ..plain(R1000) };
+        assert_eq!(validate_cobv(&fine, &cal(DUE, None), TODAY), Err(err("valor.final", Rule::TooLarge)));
+        // ... unless the charge cannot be paid late at all.
+        assert_eq!(validate_cobv(&fine, &cal(DUE, Some(0)), TODAY), Ok(()));
+        // Made after its due date (a charge changed while overdue): judged from the first late day.
+        assert_eq!(validate_cobv(&plain(R1000), &cal(DUE, None), (2024, 1, 20)), Ok(()));
     }
 
     #[test]

@@ -655,6 +655,10 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
             (json!({"valor": {"original": "100,00"}}), "cobv.valor.original"),
             (json!({"valor": {"original": "100.00", "desconto": {"modalidade": 1, "descontoDataFixa": [{"data": brasilia_day(25), "valorPerc": "1.00"}]}}}),
              "cobv.valor.desconto.descontoDataFixa[0].data"),
+            // Each alone below the original, together the whole of it: nothing to pay until overdue.
+            (json!({"valor": {"original": "100.00", "abatimento": {"modalidade": 1, "valorPerc": "60.00"},
+                "desconto": {"modalidade": 1, "descontoDataFixa": [{"data": cobv["calendario"]["dataDeVencimento"], "valorPerc": "40.00"}]}}}),
+             "cobv.valor.desconto"),
             (json!({"devedor": null}), "cobv.devedor"),
             (json!({"status": "ATIVA"}), "cobv.status"),
             // A free location named as a list of its fields in order is no `{"id"}`.

@@ -182,8 +182,9 @@ impl CobVTerms {
         charge::cobv_amount(&self.domain()?, &self.calendario()?, day)
     }
 
-    fn validate(&self) -> Result<(), ChargeError> {
-        charge::validate_cobv(&self.domain()?, &self.calendario()?)
+    /// The charge's terms as made or changed on `today` (see [`charge::validate_cobv`]).
+    fn validate(&self, today: charge::Date) -> Result<(), ChargeError> {
+        charge::validate_cobv(&self.domain()?, &self.calendario()?, today)
     }
 }
 
@@ -291,7 +292,7 @@ fn content_of_v(body: &CobVBody, base: Option<&CobContent>, recebedor: Value, no
     }
     valor.original = Some(pix::amount::format(content.original));
     let terms = CobVTerms { valor, data_de_vencimento, validade_apos_vencimento: validade };
-    terms.validate().map_err(charge_error)?;
+    terms.validate(charge::brasilia_date(now)).map_err(charge_error)?;
     content.expiracao = 0;
     content.modalidade_alteracao = 0;
     content.cobv = Some(CobVContent { terms, devedor_extra, recebedor });
