@@ -274,7 +274,9 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             let claim = if med { q.document(crate::routes::med::MED_KIND, tenant, &e2e)? } else { None };
             // A MED return's notification goes under the one delivery id of the Pix's refund
             // `MED`, which an earlier claim's failed return may hold: the new one moves its version
-            // on, so that a sender of the earlier one still retrying writes nothing over it.
+            // on, and the commit is guarded on the version read, so that a sender of the earlier
+            // one still retrying (or a redelivery asked for meanwhile) writes nothing over it, nor
+            // it over them.
             let delivery = crate::webhook::delivery_id(&e2e, Some(crate::routes::api_pix::MED_REFUND_ID));
             let delivery = if med { q.document(crate::webhook::DELIVERY_KIND, tenant, &delivery)? } else { None };
             Ok((refund, received, others, claim, delivery.map_or(0, |d| d.version)))
@@ -292,6 +294,7 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
                 continue;
             }
         };
+        let guard_delivery = med && received.notified_key.is_some();
         let Ok(refund) = serde_json::from_str::<RefundDoc>(&refund_doc.body) else {
             tracing::error!(return_id = %stored.return_id, "a Pix return's refund does not parse: reconcile it by hand");
             return;
@@ -358,7 +361,16 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             Some(event) => store::Command::Transfers(vec![event.clone()]),
             None => store::Command::Audit(vec![]),
         };
-        match crate::routes::submit_guarded(state, &audit, command, Some(records), vec![guard.clone()]).await {
+        let mut guards = vec![guard.clone()];
+        if guard_delivery {
+            guards.push(store::Guard::Document {
+                kind: crate::webhook::DELIVERY_KIND.into(),
+                tenant_id: tenant,
+                id: crate::webhook::delivery_id(&stored.end_to_end_id, Some(crate::routes::api_pix::MED_REFUND_ID)),
+                version: delivered,
+            });
+        }
+        match crate::routes::submit_guarded(state, &audit, command, Some(records), guards).await {
             Ok(_) => {
                 crate::webhook::notify(
                     state,
