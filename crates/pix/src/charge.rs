@@ -1018,7 +1018,9 @@ mod tests {
         assert!(is_business_day(day((2024, 2, 14))));
         assert!(is_business_day(day((2024, 12, 24))));
         // Easter by Meeus's algorithm, against known dates.
-        for (year, month, d) in [(2000, 4, 23), (2019, 4, 21), (2024, 3, 31), (2025, 4, 20), (2038, 4, 25), (2285, 3, 22)] {
+        for (year, month, d) in
+            [(2000, 4, 23), (2019, 4, 21), (2024, 3, 31), (2025, 4, 20), (2038, 4, 25), (2285, 3, 22)]
+        {
             assert_eq!(easter(year), days_from_civil(year, month, d), "{year}");
         }
         // Good Friday 2000 was Tiradentes: counted once.
@@ -1587,7 +1589,10 @@ mod tests {
             );
         }
         for m in 1..=8 {
-            assert_eq!(validate_cobv(&CobVValor { juros: mvp(m, 100), ..plain(R1000) }, &cal(DUE, None), TODAY), Ok(()));
+            assert_eq!(
+                validate_cobv(&CobVValor { juros: mvp(m, 100), ..plain(R1000) }, &cal(DUE, None), TODAY),
+                Ok(())
+            );
         }
         for m in 3..=6 {
             assert_eq!(
@@ -1601,11 +1606,8 @@ mod tests {
     fn a_charge_must_be_payable_from_the_day_it_is_made() {
         // Each rule alone is below the original; together they leave nothing to pay before the
         // due date: an abatimento of R$600 and a fixed discount of R$400 on R$1,000.
-        let together = CobVValor {
-            abatimento: mvp(1, 60_000),
-            desconto: fixed_dates(1, &[(DUE, 40_000)]),
-            ..plain(R1000)
-        };
+        let together =
+            CobVValor { abatimento: mvp(1, 60_000), desconto: fixed_dates(1, &[(DUE, 40_000)]), ..plain(R1000) };
         assert_eq!(validate_cobv(&together, &cal(DUE, None), TODAY), Err(err("valor.desconto", Rule::NotBelowAmount)));
         // R$1.00 a day on R$10.00, made 9 days before the due date: R$9.00 off, payable; made 10
         // days before, nothing left to pay on the first day.

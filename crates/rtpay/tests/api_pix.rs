@@ -862,6 +862,20 @@ fn batches_of_charges_with_a_due_date_are_applied_request_by_request() {
         let (_, v, _) = send(&mut c, Method::GET, &format!("/api/v2/cobv?{window}&loteCobVId=2"), &shop, None).await;
         assert_eq!(v["cobs"].as_array().unwrap().len(), 0, "{v}");
 
+        // The refused request's txid is the batch's: neither a `PUT /cobv` nor another batch takes it.
+        let mut alone = item(3, "30.00", 1);
+        alone.as_object_mut().unwrap().remove("txid");
+        let got = send(&mut c, Method::PUT, &format!("/api/v2/cobv/{}", txid(3)), &shop, Some(alone)).await;
+        assert_problem(&got, 400, "CobVOperacaoInvalida", Some("txid"));
+        let got = send(&mut c, Method::PUT, "/api/v2/lotecobv/3", &shop, Some(batch(vec![item(3, "30.00", 1)]))).await;
+        assert_problem(&got, 400, "LoteCobVOperacaoInvalida", Some("loteCobV.cobsV[0].txid"));
+        assert_problem(
+            &send(&mut c, Method::GET, "/api/v2/lotecobv/3", &shop, None).await,
+            404,
+            "LoteCobVNaoEncontrado",
+            None,
+        );
+
         // A batch only creates charges, and its charges are fixed.
         let got = send(&mut c, Method::PUT, "/api/v2/lotecobv/2", &shop, Some(batch(vec![item(1, "10.00", 1)]))).await;
         assert_problem(&got, 400, "LoteCobVOperacaoInvalida", Some("loteCobV.cobsV[0].txid"));

@@ -492,6 +492,10 @@ pub(super) fn write_one(
         Some((_, s)) if s.cobv.is_none() => {
             return Err(PixError::violation(K, "txid", "an immediate charge (cob) has this txid"))
         }
+        // A batch writes only the charges it made: never over one made on its own or by another.
+        Some((_, s)) if lote.is_some() && s.lote_id != lote => {
+            return Err(PixError::violation(K, "txid", "a charge with this txid exists and this batch did not make it"))
+        }
         Some((doc, s)) => {
             let status = CobStatus::parse(&s.status).ok_or_else(|| corrupt("a charge's status"))?;
             let next = if create {
@@ -509,7 +513,20 @@ pub(super) fn write_one(
             (r, doc.version, s.created_at, next, pix_loc::Linked::of(s), s.paid_by.clone(), s.lote_id)
         }
         None if !create => return Err(not_found()),
-        None => (vec![], 0, now, CobStatus::Ativa, None, None, lote),
+        None => {
+            // A txid a batch holds with no charge yet (its request in process, or refused) is
+            // that batch's to make (the spec's rule for `PUT /cobv`).
+            if let Some(batch) = super::lote::batch_holding(q, tenant_id, &txid)? {
+                if lote.is_none_or(|l| l.to_string() != batch) {
+                    return Err(PixError::violation(
+                        K,
+                        "txid",
+                        format!("batch {batch} holds this txid (its request is in process or was refused): send the batch again"),
+                    ));
+                }
+            }
+            (vec![], 0, now, CobStatus::Ativa, None, None, lote)
+        }
     };
     // A PUT gives the whole charge (`CobVSolicitada`): nothing of an earlier revision is kept.
     let base = if create { None } else { revisions.last().cloned() };

@@ -9,12 +9,19 @@
 //! charge's lock, and its outcome recorded; the answer, 202, comes once all are applied, so a
 //! `GET` right after shows no request `EM_PROCESSAMENTO` — unless storage failed midway: the batch
 //! is recorded before its charges are made, so what was not applied shows `EM_PROCESSAMENTO` and
-//! the same `PUT` again finishes it.
+//! the same `PUT` again finishes it. A batch holds its txids from when it is recorded
+//! ([`LOTE_TXID_KIND`]): no other batch, and no `PUT /cobv` while the batch has no charge under
+//! it, takes one; and a batch writes only over charges it made.
 
 use super::cobv::CobVBody;
 use super::*;
 
 pub const LOTE_KIND: &str = "pix-lotecobv";
+/// A txid a batch holds, for good (the document's id the txid, its body the batch's id): taken
+/// when the batch is recorded, before its charges are made, so that no other batch and no `PUT
+/// /cobv/{txid}` takes a txid whose request is in process or was refused in the batch (the spec's
+/// rule), and a batch sent again never writes over a charge it did not make.
+pub const LOTE_TXID_KIND: &str = "pix-lotecobv-txid";
 /// Charges one batch may carry.
 pub const LOTE_LEN_MAX: usize = 1_000;
 const K: &str = "LoteCobVOperacaoInvalida";
@@ -184,6 +191,7 @@ async fn apply(
                         ));
                     }
                 }
+                hold_txids(q, tenant_id, id, &txids)?;
                 let now = store::now_nanos();
                 let pending =
                     |t: &String| Item { txid: t.clone(), status: "EM_PROCESSAMENTO".into(), problema: None, criacao: None };
@@ -216,6 +224,8 @@ async fn apply(
                         "a batch's charges are fixed when it is made: name the same charges (PUT) or some of them (PATCH)",
                     ));
                 }
+                // Held when it was made; a batch made before they were held takes them now.
+                hold_txids(q, tenant_id, id, &txids)?;
                 Ok((doc, l))
             }
         }
@@ -254,8 +264,14 @@ async fn apply(
                 lote.descricao = d;
             }
             for mut item in outcomes {
+                let made = read_cob(q, tenant_id, &item.txid)?.filter(|(_, s)| s.lote_id == Some(id));
+                // A request refused now whose charge this batch made before (a run stopped midway
+                // whose charge was paid since, say) stays CRIADA: the charge exists.
+                if item.status == "NEGADA" && made.is_some() {
+                    item.status = "CRIADA".into();
+                }
                 if item.status == "CRIADA" {
-                    item.criacao = read_cob(q, tenant_id, &item.txid)?.map(|(_, s)| s.created_at);
+                    item.criacao = made.map(|(_, s)| s.created_at);
                 }
                 match lote.cobsv.iter_mut().find(|i| i.txid == item.txid) {
                     // A refused revision leaves a charge that exists as it was: still CRIADA.
@@ -284,6 +300,44 @@ async fn apply(
     });
     task.await.map_err(|_| PixError::from(Problem::internal()))??;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// Holds `txids` for batch `id` (see [`LOTE_TXID_KIND`]): a txid another batch holds is refused,
+/// naming the request. Each hold is one insert, atomic across nodes; what is held stays held if
+/// this stops midway, and the same batch sent again holds the rest.
+fn hold_txids(q: &dyn store::Queries, tenant_id: u128, id: u64, txids: &[String]) -> PixResult<()> {
+    let batch = id.to_string();
+    for (i, t) in txids.iter().enumerate() {
+        let mine = |doc: Option<store::Document>| match doc {
+            Some(d) if d.body != batch => {
+                Err(PixError::violation(K, &format!("loteCobV.cobsV[{i}].txid"), "another batch holds this txid"))
+            }
+            _ => Ok(()),
+        };
+        match q.document(LOTE_TXID_KIND, tenant_id, t)? {
+            Some(d) => mine(Some(d))?,
+            None => match q.insert_document(&store::Document {
+                kind: LOTE_TXID_KIND.into(),
+                tenant_id,
+                id: t.clone(),
+                lookup: None,
+                owner: None,
+                created_at: store::now_nanos(),
+                version: 1,
+                body: batch.clone(),
+            }) {
+                Ok(()) => {}
+                Err(store::StoreError::Conflict(_)) => mine(q.document(LOTE_TXID_KIND, tenant_id, t)?)?,
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// The batch holding `txid`, if one does (see [`LOTE_TXID_KIND`]).
+pub(super) fn batch_holding(q: &dyn store::Queries, tenant_id: u128, txid: &str) -> store::Result<Option<String>> {
+    Ok(q.document(LOTE_TXID_KIND, tenant_id, txid)?.map(|d| d.body))
 }
 
 pub async fn lote_get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> PixResult<Response> {
