@@ -384,6 +384,12 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         let r = c.send(Method::PUT, &path, Some(&shop), put("http://localhost/hooks")).await.unwrap();
         assert_eq!(r.status, 400, "plain http is refused");
         assert_eq!(r.json()["type"], json!("https://pix.bcb.gov.br/api/v2/error/WebhookOperacaoInvalida"));
+        // A path no request line can carry (a control character, raw non-ASCII) is refused: it
+        // could never be sent.
+        for bad in ["https://localhost/a\u{1}b", "https://localhost/caf\u{e9}", "https://localhost/a\u{7f}"] {
+            let r = c.send(Method::PUT, &path, Some(&shop), put(bad)).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.json()["violacoes"][0]["propriedade"].clone()), (400, json!("webhookUrl")), "{bad:?}");
+        }
         let r = c
             .send(Method::PUT, "/api/v2/webhook/someone@example.com", Some(&shop), put("https://localhost/x"))
             .await

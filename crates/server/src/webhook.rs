@@ -750,9 +750,15 @@ fn deliver(state: &AppState, doc: store::Document) {
             })
             .await;
             let (hook, generation) = match found {
-                Ok(Ok((doc, generation))) => {
-                    (doc.and_then(|doc| serde_json::from_str::<StoredWebhook>(&doc.body).ok()), generation)
-                }
+                Ok(Ok((None, generation))) => (None, generation),
+                Ok(Ok((Some(doc), generation))) => match serde_json::from_str::<StoredWebhook>(&doc.body) {
+                    Ok(hook) => (Some(hook), generation),
+                    // Not "no webhook": that would delete or end the notification.
+                    Err(_) => {
+                        tracing::error!("a webhook does not parse: its notifications wait");
+                        return;
+                    }
+                },
                 Ok(Err(store::StoreError::Corrupt(_))) => {
                     tracing::error!(
                         "a webhook or the tenant's secret generation does not parse: its notifications wait"
@@ -794,6 +800,11 @@ fn deliver(state: &AppState, doc: store::Document) {
             // still running when the attempt timed out, when the look-up ends).
             let outcome =
                 tokio::time::timeout(ATTEMPT_TIMEOUT, client.post(slot, &url, body.clone(), &secrets, &held.id)).await;
+            if not_tried(&outcome) {
+                // As with no attempt slot free: the lease runs out and a sweep tries again.
+                tracing::warn!("a webhook notification waits for a sweep: no name look-up is free on this node");
+                return;
+            }
             delivery.attempts = attempt + 1;
             delivery.updated_at = crate::dto::rfc3339(store::now_nanos());
             let counted = match outcome {
@@ -839,6 +850,16 @@ fn deliver(state: &AppState, doc: store::Document) {
     });
 }
 
+/// A look-up that found none of the node's (or its tenant's) name look-ups free.
+const LOOKUP_BUSY: &str = "no name look-up free: tried again later";
+
+/// Whether an attempt's outcome is no try at all: it found no name look-up free, so nothing was
+/// sent. Counted, a tenant's burst of attempts (or other tenants' hosts that never answer DNS,
+/// holding the node's look-ups) would spend a receiver's tries without ever reaching it.
+fn not_tried(outcome: &Result<Result<u16, String>, tokio::time::error::Elapsed>) -> bool {
+    matches!(outcome, Ok(Err(e)) if e == LOOKUP_BUSY)
+}
+
 /// Runs a blocking name look-up on the blocking pool, holding `slot` until it returns, and gives
 /// the slot back with the addresses. The attempt's timeout drops the future, not the look-up
 /// (glibc waits out a silent name server for 5 s a try, two tries each): without the slot, a
@@ -856,7 +877,7 @@ where
     F: FnOnce() -> std::io::Result<Vec<std::net::SocketAddr>> + Send + 'static,
 {
     let Some(looking) = lookups.take(slot.tenant) else {
-        let busy = std::io::Error::new(std::io::ErrorKind::WouldBlock, "no name look-up free: tried again later");
+        let busy = std::io::Error::new(std::io::ErrorKind::WouldBlock, LOOKUP_BUSY);
         return (Some(slot), Err(busy));
     };
     match tokio::task::spawn_blocking(move || {
@@ -877,7 +898,7 @@ fn retry_wait(base: Duration, max: Duration, attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_public, resolve, retry_wait, SecretGeneration, Slots, RETRY_WAIT_MAX_DEFAULT, TRIES};
+    use super::{is_public, not_tried, resolve, retry_wait, SecretGeneration, Slots, RETRY_WAIT_MAX_DEFAULT, TRIES};
     use std::time::Duration;
 
     /// With the default waits, the tries outlast a receiver's outage of 12 hours (not 31 s, as
@@ -952,8 +973,12 @@ mod tests {
         assert!(lookups.take(7).is_none(), "the tenant's look-ups are held too");
         let other = lookups.take(8).expect("another tenant may look up");
         assert!(lookups.take(9).is_none(), "the node's look-ups are held too");
-        let busy = resolve(slots.take(9).unwrap(), &lookups, || Ok(Vec::new())).await;
-        assert_eq!(busy.1.unwrap_err().kind(), std::io::ErrorKind::WouldBlock, "none free: fails at once");
+        let busy = resolve(slots.take(9).unwrap(), &lookups, || Ok(Vec::new())).await.1.unwrap_err();
+        assert_eq!(busy.kind(), std::io::ErrorKind::WouldBlock, "none free: fails at once");
+        // ... and, passed on by `post` as its words, is no try of the receiver's: not counted.
+        assert!(not_tried(&Ok(Err(busy.to_string()))));
+        assert!(!not_tried(&Ok(Err("refused: the host has no public address".into()))));
+        assert!(!not_tried(&Ok(Ok(503))));
         drop(other);
         release.send(()).unwrap();
         release.send(()).unwrap();

@@ -1669,12 +1669,14 @@ pub async fn webhook_put(
     if !host_ok
         || url.len() > crate::webhook::URL_LEN_MAX
         || url.contains(['?', '#'])
-        || url.chars().any(char::is_whitespace)
+        || !url.bytes().all(|b| b.is_ascii_graphic())
     {
+        // Printable ASCII only: a control character or raw non-ASCII can go in no request line,
+        // so every delivery would fail (percent-encode them).
         return Err(PixError::violation(
             K,
             "webhookUrl",
-            "must be an https:// URL of at most 512 characters, without query or fragment",
+            "must be an https:// URL of at most 512 printable ASCII characters (others percent-encoded), without query or fragment",
         ));
     }
     // The authority must be one a delivery can reach: a port in 1..=65535, and a host name TLS can
