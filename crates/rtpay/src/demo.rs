@@ -26,7 +26,8 @@ impl Narrator {
         body: Option<Value>,
     ) -> Result<Value, Error> {
         println!("\n== {title}");
-        let mut curl = format!("curl -s -X {method} {}{path} -H 'Authorization: Bearer {token}'", self.base);
+        // Quoted: a `?` in the URL is a pattern to zsh, and pasted unquoted it fails there.
+        let mut curl = format!("curl -s -X {method} '{}{path}' -H 'Authorization: Bearer {token}'", self.base);
         if let Some(body) = &body {
             curl.push_str(&format!(" -H 'Content-Type: application/json' -d '{body}'"));
         }

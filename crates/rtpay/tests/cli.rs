@@ -88,7 +88,7 @@ fn demo_walks_through_the_api_and_exits() {
         "\"status\": \"posted\"",   // the capture
         "\"outcome\": \"created\"", // the audit trail
         "\"signature\": ",          // the signed tree head
-        "curl -s -X POST http://127.0.0.1:",
+        "curl -s -X POST 'http://127.0.0.1:",
         "export RTPAY=http://127.0.0.1:",
     ] {
         assert!(out.contains(expected), "demo output lacks {expected:?}:\n{out}");
