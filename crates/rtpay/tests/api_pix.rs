@@ -92,6 +92,8 @@ fn charges_are_created_revised_paid_and_refunded() {
         assert_eq!((v["valor"]["original"].clone(), v["devedor"]["cpf"].clone()), (json!("123.45"), json!(CPF_MARIA)));
         let location = v["location"].as_str().unwrap().strip_prefix("https://").unwrap().to_owned();
         assert_eq!(v["loc"]["location"], v["location"]);
+        // Handed to the payer before the amount changes below (it says 123.45).
+        let issued = v["pixCopiaECola"].clone();
         let r = c.post("/v1/pix/brcode/decode", &wallet, &json!({"payload": v["pixCopiaECola"]})).await.unwrap();
         let decoded = r.json();
         assert_eq!(
@@ -148,7 +150,9 @@ fn charges_are_created_revised_paid_and_refunded() {
         assert_problem(&send(&mut c, Method::GET, &format!("/api/v2/cob/{TXID}"), &wallet, None).await, 404, "CobNaoEncontrado", None);
 
         // Paid on us by its BR Code: the charge is concluded and its Pix listed.
-        let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 10_000, "brcode": payload});
+        // A code issued before the revision pays what the charge asks now: a dynamic code's
+        // amount is the charge's, at its location, whatever the code was printed with.
+        let pay = json!({"id": uuid(), "debit_account_id": maria, "amount": 10_000, "brcode": issued});
         let r = c.post("/v1/pix/payments", &wallet, &pay).await.unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
         let paid = r.json();
