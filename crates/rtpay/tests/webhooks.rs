@@ -476,11 +476,15 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         assert_eq!(seen.lock().unwrap().len(), 4, "the receipt is not sent again");
         // A MED return is a refund too: notified with both.
         let claim = json!({"end_to_end_id": e2e, "reason": "golpe", "amount": 100});
-        assert_eq!(c.post("/v1/pix/med", &shop, &claim).await.unwrap().status, 201);
+        let r = c.post("/v1/pix/med", &shop, &claim).await.unwrap();
+        assert_eq!(r.status, 201);
+        // Under the claim's own delivery id: a claim opened again (after a return another
+        // institution refused) is notified under another, not as a repeat of this one.
+        let med = format!("{e2e}:MED{}", r.json()["claim_id"].as_str().unwrap().replace('-', ""));
         let r = c.post(&format!("/v1/pix/med/{e2e}/return"), &shop, &json!({})).await.unwrap();
         assert_eq!(r.status, 200, "{:?}", r.json());
         let (_, signature, body, _, delivery, timestamp) = seen_after(&seen, 4).await;
-        assert_eq!(delivery, format!("{e2e}:MED"));
+        assert_eq!(delivery, med);
         assert_eq!(signature, format!("sha256={}", python_hmac(&secret, &timestamp, &delivery, &body)));
         let v: Value = serde_json::from_slice(&body).unwrap();
         let refunds: Vec<_> = v["pix"][0]["devolucoes"]
@@ -490,13 +494,18 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
             .map(|r| (r["id"].as_str().unwrap().to_owned(), r["valor"].as_str().unwrap().to_owned()))
             .collect();
         assert_eq!(refunds, [("D1".to_owned(), "2.00".to_owned()), ("MED".to_owned(), "1.00".to_owned())], "{v}");
-        assert_eq!(delivery_when(&mut c, &shop, &format!("{e2e}:MED"), "delivered").await["refund_id"], json!("MED"));
+        let recorded = delivery_when(&mut c, &shop, &med, "delivered").await["refund_id"].clone();
+        assert_eq!(recorded.as_str(), med.split(':').nth(1));
         // The MED return is the refund `MED`: found under that id, which no refund may take.
         let r = c.get(&format!("/api/v2/pix/{e2e}/devolucao/MED"), &shop).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["natureza"].clone()), (200, json!("MED_FRAUDE")), "{:?}", r.json());
         let refund = Some(serde_json::to_vec(&json!({"valor": "0.01"})).unwrap().into());
-        let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/MED"), Some(&shop), refund).await.unwrap();
+        let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/MED"), Some(&shop), refund.clone()).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["violacoes"][0]["propriedade"].clone()), (400, json!("id")));
+        // Nor the shape of a MED return's delivery id.
+        let shaped = format!("MED{}", "0a".repeat(16));
+        let r = c.send(Method::PUT, &format!("/api/v2/pix/{e2e}/devolucao/{shaped}"), Some(&shop), refund).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["violacoes"][0]["propriedade"].clone()), (400, json!("id")), "{shaped}");
 
         // The secret rotated: the new one signs at once, the old one too while the overlap lasts
         // (a receiver accepts a notification if one signature checks out under a secret it holds).
@@ -508,7 +517,7 @@ fn received_pix_are_notified_over_mtls_signed_and_retried() {
         assert_ne!(second, secret);
         let shown = c.get("/v1/pix/webhook-secret", &shop).await.unwrap().json();
         assert_eq!((shown["secret"].clone(), shown["generation"].clone()), (json!(second), json!(1)), "{shown}");
-        let retried = format!("{e2e}:MED");
+        let retried = med.clone();
         let r = c.post(&format!("/v1/pix/webhook-deliveries/{retried}/retry"), &shop, &json!({})).await.unwrap();
         assert_eq!(r.status, 202, "{:?}", r.json());
         let (_, signature, body, _, delivery, timestamp) = seen_after(&seen, 5).await;

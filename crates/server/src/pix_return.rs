@@ -264,21 +264,27 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
         version: 1,
     };
     let med = stored.refund_id == crate::routes::api_pix::MED_REFUND_ID;
+    // The notification's delivery id: the refund's, or a MED return's own per claim (its record
+    // is `{refund doc}:{claim id}`).
+    let notified_as = match stored.record_id.rsplit_once(':') {
+        Some((_, claim)) if med => crate::routes::api_pix::med_notified_as(claim),
+        _ => stored.refund_id.clone(),
+    };
+    let notified_id = crate::webhook::delivery_id(&stored.end_to_end_id, Some(&notified_as));
     for attempt in 0..VERDICT_TRIES {
         // The refund as stored, its Pix and the Pix's other refunds (for the notification).
         let (doc_id, e2e) = (stored.refund_doc.clone(), stored.end_to_end_id.clone());
+        let delivery_id = notified_id.clone();
         let read = crate::routes::query(state, move |q| {
             let refund = q.document(REFUND_KIND, tenant, &doc_id)?;
             let received = read_received(q, tenant, &e2e)?.map(|(_, r)| r);
             let others = refunds_of(q, tenant, &e2e)?;
             let claim = if med { q.document(crate::routes::med::MED_KIND, tenant, &e2e)? } else { None };
-            // A MED return's notification goes under the one delivery id of the Pix's refund
-            // `MED`, which an earlier claim's failed return may hold: the new one moves its version
-            // on, and the commit is guarded on the version read, so that a sender of the earlier
-            // one still retrying (or a redelivery asked for meanwhile) writes nothing over it, nor
-            // it over them.
-            let delivery = crate::webhook::delivery_id(&e2e, Some(crate::routes::api_pix::MED_REFUND_ID));
-            let delivery = if med { q.document(crate::webhook::DELIVERY_KIND, tenant, &delivery)? } else { None };
+            // The notification's delivery, should one be there (a MED return's made before each
+            // claim had its own delivery id shared one): the new one moves its version on, and the
+            // commit is guarded on the version read, so that a sender of another still retrying
+            // (or a redelivery asked for meanwhile) writes nothing over it, nor it over them.
+            let delivery = if med { q.document(crate::webhook::DELIVERY_KIND, tenant, &delivery_id)? } else { None };
             Ok((refund, received, others, claim, delivery.map_or(0, |d| d.version)))
         })
         .await;
@@ -305,7 +311,7 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             (Some(doc), pix::spi::Status::Rejected(_)) => crate::routes::med::return_failed(doc, tenant),
             _ => None,
         };
-        let (stored2, refund_doc2) = (stored.clone(), refund_doc.clone());
+        let (stored2, refund_doc2, notified_as2) = (stored.clone(), refund_doc.clone(), notified_as.clone());
         let records: store::RecordsFn = Box::new(move |reply| {
             let result = reply.chain_result();
             let mut refund = refund.clone();
@@ -349,7 +355,15 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             ];
             records.extend(failed_claim.clone());
             if let Some(index) = &received.notified_key {
-                let mut outbox = refund_outbox(tenant, index, &received, &earlier, &refund.refund, store::now_nanos());
+                let mut outbox = refund_outbox(
+                    tenant,
+                    index,
+                    &received,
+                    &earlier,
+                    &refund.refund,
+                    &notified_as2,
+                    store::now_nanos(),
+                );
                 if let store::Record::Document(d) = &mut outbox {
                     d.version = delivered + 1;
                 }
@@ -366,17 +380,13 @@ async fn record(state: &AppState, tenant: u128, at: u64, stored: StoredReturn, v
             guards.push(store::Guard::Document {
                 kind: crate::webhook::DELIVERY_KIND.into(),
                 tenant_id: tenant,
-                id: crate::webhook::delivery_id(&stored.end_to_end_id, Some(crate::routes::api_pix::MED_REFUND_ID)),
+                id: notified_id.clone(),
                 version: delivered,
             });
         }
         match crate::routes::submit_guarded(state, &audit, command, Some(records), guards).await {
             Ok(_) => {
-                crate::webhook::notify(
-                    state,
-                    tenant,
-                    crate::webhook::delivery_id(&stored.end_to_end_id, Some(&stored.refund_id)),
-                );
+                crate::webhook::notify(state, tenant, notified_id);
                 return;
             }
             Err(e) => {

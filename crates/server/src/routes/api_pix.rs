@@ -49,6 +49,24 @@ pub const MED_REFUND_ID: &str = "MED";
 pub fn med_refund_doc_id(e2e: &str) -> String {
     format!("{e2e}:#med")
 }
+
+/// What a MED return's webhook notification is recorded under after the Pix's EndToEndId (its
+/// delivery id `{e2e}:MED<claim>`): `MED` and the claim's id, hex without hyphens — one per claim.
+/// Under one id for every claim, a claim opened again after a failed return would be notified
+/// under the id of the first's notification, which a receiver that drops repeats by delivery id
+/// (as it should) would drop.
+pub fn med_notified_as(claim_id: &str) -> String {
+    format!("{MED_REFUND_ID}{}", claim_id.replace('-', ""))
+}
+
+/// Whether `id` is one no refund request may take: `MED`, or the shape of a MED return's
+/// notification ([`med_notified_as`]), so that no refund's notification shares its delivery id.
+fn reserved_refund_id(id: &str) -> bool {
+    id == MED_REFUND_ID
+        || (id.len() == MED_REFUND_ID.len() + 32
+            && id.starts_with(MED_REFUND_ID)
+            && id.as_bytes()[MED_REFUND_ID.len()..].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
 /// Refunds are accepted for 90 days after the Pix settled (`shared/spec/SOURCES.md`).
 pub const REFUND_WINDOW_NANOS: u64 = 90 * 86_400 * 1_000_000_000;
 /// Additional information items a charge may carry (the spec's `infoAdicionais`).
@@ -1170,12 +1188,15 @@ pub fn pix_notification(e2e: &str, amount: u64, txid: Option<&str>, description:
 /// The webhook's notification that `refund` reached a final status (`DEVOLVIDO` or
 /// `NAO_REALIZADO`), as the spec's callback asks: the received Pix with its refunds, `earlier` and
 /// this one, due from the refund's commit on.
+/// The notification of `refund`'s final status, recorded under the delivery id `{e2e}:{notified_as}`
+/// (the refund's id; a MED return's, [`med_notified_as`]).
 pub fn refund_outbox(
     tenant: u128,
     key_index: &str,
     received: &StoredReceived,
     earlier: &[StoredRefund],
     refund: &StoredRefund,
+    notified_as: &str,
     at: u64,
 ) -> store::Record {
     let mut pix = pix_notification(
@@ -1187,7 +1208,7 @@ pub fn refund_outbox(
     );
     let refunds: Vec<&StoredRefund> = earlier.iter().chain([refund]).collect();
     pix["devolucoes"] = serde_json::to_value(refunds).expect("serializable");
-    crate::webhook::outbox_record(tenant, key_index, &received.end_to_end_id, Some(&refund.id), &pix, at)
+    crate::webhook::outbox_record(tenant, key_index, &received.end_to_end_id, Some(notified_as), &pix, at)
 }
 
 pub(crate) fn pix_view(q: &dyn store::Queries, tenant: u128, r: &StoredReceived) -> store::Result<Value> {
@@ -1314,9 +1335,13 @@ pub async fn refund_put(
     if !pix::ids::valid_refund_id(&id) {
         return Err(PixError::violation(K, "id", "must match [a-zA-Z0-9]{1,35}"));
     }
-    if id == MED_REFUND_ID {
+    if reserved_refund_id(&id) {
         // Its refunds' ids name their webhook notifications too: one id, one refund.
-        return Err(PixError::violation(K, "id", "MED is the id of a Pix's MED return"));
+        return Err(PixError::violation(
+            K,
+            "id",
+            "MED, and MED followed by 32 lowercase hex digits, are the ids of a Pix's MED returns",
+        ));
     }
     let body: RefundBody = body_of(&bytes, K, "devolucao")?;
     let centavos = pix::amount::parse(&body.valor)
@@ -1446,7 +1471,7 @@ pub async fn refund_put(
         let outbox = notice
             .as_ref()
             .filter(|_| result != ledger::TransferResult::Exists && r.status != "EM_PROCESSAMENTO")
-            .map(|(index, received, earlier)| refund_outbox(tenant_id, index, received, earlier, &r, now));
+            .map(|(index, received, earlier)| refund_outbox(tenant_id, index, received, earlier, &r, &r.id, now));
         let mut records = vec![
             bumped.clone(),
             store::Record::Document(store::Document {

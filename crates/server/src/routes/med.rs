@@ -404,11 +404,22 @@ pub async fn resolve_claim(
     // and moves its version on, as a refund's commit does.
     let guards = vec![store::Guard::of(&received_doc)];
     let bumped = super::api_pix::bumped(&received_doc);
+    // This claim's notification's own delivery id (see `med_notified_as`).
+    let notified_as = super::api_pix::med_notified_as(&claim);
+    let notified_id = crate::webhook::delivery_id(&e2e, Some(&notified_as));
     let records: store::RecordsFn = Box::new(move |reply| match reply.chain_result() {
         ledger::TransferResult::Created => {
             let mut out = vec![bumped.clone(), med_document(tenant_id, doc.created_at, version + 1, &record)];
             if let (Some(r), Some(index)) = (&refund, &notice) {
-                out.push(super::api_pix::refund_outbox(tenant_id, index, &received, &earlier, &r.refund, now));
+                out.push(super::api_pix::refund_outbox(
+                    tenant_id,
+                    index,
+                    &received,
+                    &earlier,
+                    &r.refund,
+                    &notified_as,
+                    now,
+                ));
             }
             if let Some(r) = &refund {
                 out.push(store::Record::Document(store::Document {
@@ -434,11 +445,7 @@ pub async fn resolve_claim(
     match answer.chain_result() {
         ledger::TransferResult::Created => {
             if notifying {
-                crate::webhook::notify(
-                    &state,
-                    tenant_id,
-                    crate::webhook::delivery_id(&e2e, Some(super::api_pix::MED_REFUND_ID)),
-                );
+                crate::webhook::notify(&state, tenant_id, notified_id);
             }
             if let Some(stored) = payment_return {
                 crate::pix_return::start(&state, tenant_id, now, stored);
