@@ -768,6 +768,18 @@ fn charges_with_a_due_date_cost_what_the_day_of_payment_says() {
         assert_problem(&got, 400, "CobVOperacaoInvalida", Some("txid"));
         let (s, v, _) = send(&mut c, Method::PATCH, third, &shop, Some(json!({"status": "REMOVIDA_PELO_USUARIO_RECEBEDOR"}))).await;
         assert_eq!((s, v["status"].clone(), v["revisao"].clone()), (200, json!("REMOVIDA_PELO_USUARIO_RECEBEDOR"), json!(100)), "{v}");
+
+        // A PATCH removes a rule given as `null`, and keeps one it does not name.
+        let dropped = "dropTxid00000000000000000000003";
+        let (s, v, _) = send(&mut c, Method::PUT, &format!("/api/v2/cobv/{dropped}"), &shop, Some(cobv.clone())).await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v, _) =
+            send(&mut c, Method::PATCH, &format!("/api/v2/cobv/{dropped}"), &shop, Some(json!({"valor": {"multa": null}}))).await;
+        assert_eq!(
+            (s, v["revisao"].clone(), v["valor"].get("multa"), v["valor"]["juros"].clone()),
+            (200, json!(1), None, json!({"modalidade": 1, "valorPerc": "0.50"})),
+            "{v}"
+        );
     });
     let (ok, report) = server.verify();
     assert!(ok, "{report}");

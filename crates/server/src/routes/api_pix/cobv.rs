@@ -79,6 +79,27 @@ struct DevedorV {
     cep: Option<String>,
 }
 
+/// `valor` as a request gives it: a rule given as `null` is removed by a `PATCH` (absent, it is
+/// kept); for a `PUT`, which gives the whole charge, the two are the same.
+#[derive(Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct ValorBodyV {
+    original: Option<String>,
+    #[serde(default, deserialize_with = "given")]
+    multa: Option<Option<ModV>>,
+    #[serde(default, deserialize_with = "given")]
+    juros: Option<Option<ModV>>,
+    #[serde(default, deserialize_with = "given")]
+    abatimento: Option<Option<ModV>>,
+    #[serde(default, deserialize_with = "given")]
+    desconto: Option<Option<DescV>>,
+}
+
+/// A field that is there, `null` or not (an absent one is `None` by `default`).
+fn given<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
 /// `CobVSolicitada`, or `CobVRevisada` for PATCH (every field optional).
 #[derive(Deserialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
@@ -86,7 +107,7 @@ pub(super) struct CobVBody {
     calendario: Option<CalendarioV>,
     devedor: Option<DevedorV>,
     loc: Option<Value>,
-    valor: Option<ValorV>,
+    valor: Option<ValorBodyV>,
     chave: Option<String>,
     #[serde(rename = "solicitacaoPagador")]
     solicitacao_pagador: Option<String>,
@@ -285,10 +306,11 @@ fn content_of_v(body: &CobVBody, base: Option<&CobContent>, recebedor: Value, no
     if let Some(v) = &body.valor {
         let v = v.clone();
         valor.original = v.original.or(valor.original);
-        valor.multa = v.multa.or(valor.multa);
-        valor.juros = v.juros.or(valor.juros);
-        valor.abatimento = v.abatimento.or(valor.abatimento);
-        valor.desconto = v.desconto.or(valor.desconto);
+        // Given (`null` included) replaces; absent keeps.
+        valor.multa = v.multa.unwrap_or(valor.multa);
+        valor.juros = v.juros.unwrap_or(valor.juros);
+        valor.abatimento = v.abatimento.unwrap_or(valor.abatimento);
+        valor.desconto = v.desconto.unwrap_or(valor.desconto);
     }
     valor.original = Some(pix::amount::format(content.original));
     let terms = CobVTerms { valor, data_de_vencimento, validade_apos_vencimento: validade };
