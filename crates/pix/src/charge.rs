@@ -29,7 +29,10 @@
 //! last payable day is `V + validadeAposVencimento` calendar days, itself moved to the next business
 //! day — the only reading that matches all of the spec's Examples A–G (A: due Tue 2020-10-20,
 //! validity 4, the 4th day is Sat 24, payable until Mon 26; E: due Fri 2020-12-25, Christmas, so V is
-//! Mon 28, and 28 + 4 is New Year's Friday, payable until Mon 2021-01-04).
+//! Mon 28, and 28 + 4 is New Year's Friday, payable until Mon 2021-01-04). The spec contradicts
+//! itself once: its `CobPayloadOperacaoInvalida` example (due 2020-12-25, validity 10, invalid
+//! from 2021-01-05) counts from the due date as written; Examples B–E, which spell each day out,
+//! count from `V`, and so do we (payable until Thu 2021-01-07 there).
 //!
 //! # Formulas
 //!

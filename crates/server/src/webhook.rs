@@ -534,6 +534,20 @@ pub fn outbox_record(
     pix: &serde_json::Value,
     at: u64,
 ) -> store::Record {
+    outbox_record_as(tenant, key_index, e2e, refund, delivery_id(e2e, refund), pix, at)
+}
+
+/// [`outbox_record`] under the delivery id `id` (a MED return's, one per claim, is not its
+/// refund's `{e2e}:MED`).
+pub fn outbox_record_as(
+    tenant: u128,
+    key_index: &str,
+    e2e: &str,
+    refund: Option<&str>,
+    id: String,
+    pix: &serde_json::Value,
+    at: u64,
+) -> store::Record {
     let stored = StoredDelivery {
         delivery: Delivery {
             end_to_end_id: e2e.to_owned(),
@@ -554,7 +568,7 @@ pub fn outbox_record(
     store::Record::Document(store::Document {
         kind: DELIVERY_KIND.into(),
         tenant_id: tenant,
-        id: delivery_id(e2e, refund),
+        id,
         lookup: None,
         owner: Some(OUTBOX.into()),
         created_at: at,

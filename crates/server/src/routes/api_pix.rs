@@ -821,7 +821,17 @@ async fn put_cob(
                 r.push(content.clone());
                 (r, doc.version, s.created_at, super::pix_loc::Linked::of(s))
             }
-            None => (vec![content.clone()], 0, now, None),
+            None => {
+                // A txid a batch of cobv holds is the batch's (cob and cobv share txids).
+                if let Some(batch) = lote::batch_holding(q, tenant_id, &txid)? {
+                    return Err(PixError::violation(
+                        K,
+                        "txid",
+                        format!("batch {batch} of charges with a due date holds this txid"),
+                    ));
+                }
+                (vec![content.clone()], 0, now, None)
+            }
         };
         let place = super::pix_loc::Place { tenant: tenant_id, tipo: "cob", txid: &txid, kind: K, prop: "cob.loc.id" };
         let fresh = existing.is_none().then(|| st.location_prefix());
@@ -1208,7 +1218,9 @@ pub fn refund_outbox(
     );
     let refunds: Vec<&StoredRefund> = earlier.iter().chain([refund]).collect();
     pix["devolucoes"] = serde_json::to_value(refunds).expect("serializable");
-    crate::webhook::outbox_record(tenant, key_index, &received.end_to_end_id, Some(notified_as), &pix, at)
+    let e2e = &received.end_to_end_id;
+    let id = crate::webhook::delivery_id(e2e, Some(notified_as));
+    crate::webhook::outbox_record_as(tenant, key_index, e2e, Some(&refund.id), id, &pix, at)
 }
 
 pub(crate) fn pix_view(q: &dyn store::Queries, tenant: u128, r: &StoredReceived) -> store::Result<Value> {

@@ -926,9 +926,11 @@ pub async fn create_payment(
         ("key", Target::Key(PixKey::infer(k).map_err(|e| invalid_key("key", e))?))
     } else if let Some(payload) = &body.brcode {
         let code = pix::brcode::decode(payload).map_err(|e| brcode_problem("brcode", e))?;
-        // A static code's amount is the code's; a dynamic one's is its charge's (checked against
-        // the charge: a code printed before the charge was revised still pays it).
-        if let (Some(a), None) = (code.amount, &code.url) {
+        // A static code's amount is the code's; a dynamic one's (a location and no key: paid as
+        // its charge) is its charge's, checked against the charge: a code printed before the
+        // charge was revised still pays it.
+        let pays_a_charge = code.key.is_none() && code.url.is_some();
+        if let (Some(a), false) = (code.amount, pays_a_charge) {
             if a != body.amount {
                 return Err(Problem::invalid(
                     "amount",
@@ -1379,7 +1381,8 @@ pub async fn sandbox_incoming(
         let payload = body.brcode.as_deref().expect("one of three");
         let code = pix::brcode::decode(payload).map_err(|e| brcode_problem("brcode", e))?;
         // A dynamic code's amount is its charge's, checked against the charge (see above).
-        if code.url.is_none() && code.amount.is_some_and(|a| a != body.amount) {
+        let pays_a_charge = code.key.is_none() && code.url.is_some();
+        if !pays_a_charge && code.amount.is_some_and(|a| a != body.amount) {
             return Err(Problem::invalid("amount", "amount_mismatch", "`amount` differs from the BR Code's"));
         }
         txid = code.txid.clone();

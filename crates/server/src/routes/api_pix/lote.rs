@@ -191,7 +191,7 @@ async fn apply(
                         ));
                     }
                 }
-                hold_txids(q, tenant_id, id, &txids)?;
+                let held = hold_txids(q, tenant_id, id, &txids)?;
                 let now = store::now_nanos();
                 let pending =
                     |t: &String| Item { txid: t.clone(), status: "EM_PROCESSAMENTO".into(), problema: None, criacao: None };
@@ -211,7 +211,18 @@ async fn apply(
                     version: 1,
                     body: serde_json::to_string(&lote).expect("serializable"),
                 };
-                q.insert_document(&doc)?;
+                if let Err(e) = q.insert_document(&doc) {
+                    // Another node recorded this batch first (or storage failed): the holds go.
+                    release_holds(q, tenant_id, &held);
+                    return Err(match e {
+                        store::StoreError::Conflict(_) => PixError::new(
+                            StatusCode::CONFLICT,
+                            "LoteCobVOperacaoInvalida",
+                            "the batch was made meanwhile by another request: send it again",
+                        ),
+                        e => e.into(),
+                    });
+                }
                 Ok((doc, lote))
             }
             Some((doc, l)) => {
@@ -224,8 +235,12 @@ async fn apply(
                         "a batch's charges are fixed when it is made: name the same charges (PUT) or some of them (PATCH)",
                     ));
                 }
-                // Held when it was made; a batch made before they were held takes them now.
-                hold_txids(q, tenant_id, id, &txids)?;
+                // Held when it was made. A batch made before holds were kept takes what no other
+                // batch holds now; a request whose txid another holds is refused on its own
+                // (NEGADA) when applied.
+                for t in &txids {
+                    let _ = hold_txids(q, tenant_id, id, std::slice::from_ref(t));
+                }
                 Ok((doc, l))
             }
         }
@@ -302,37 +317,63 @@ async fn apply(
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
-/// Holds `txids` for batch `id` (see [`LOTE_TXID_KIND`]): a txid another batch holds is refused,
-/// naming the request. Each hold is one insert, atomic across nodes; what is held stays held if
-/// this stops midway, and the same batch sent again holds the rest.
-fn hold_txids(q: &dyn store::Queries, tenant_id: u128, id: u64, txids: &[String]) -> PixResult<()> {
+/// Holds `txids` for batch `id` (see [`LOTE_TXID_KIND`]), all or none: every hold is checked
+/// before any is written, and a txid another batch holds (or takes meanwhile: each hold is one
+/// insert, atomic across nodes) is refused naming the request, with the holds this call made
+/// taken back. Returns the holds it made, for [`release_holds`] should the batch's record not
+/// be written after all. What it held stays held if the process stops midway; the same batch
+/// sent again holds the rest.
+fn hold_txids(q: &dyn store::Queries, tenant_id: u128, id: u64, txids: &[String]) -> PixResult<Vec<String>> {
     let batch = id.to_string();
+    let taken =
+        |i: usize| PixError::violation(K, &format!("loteCobV.cobsV[{i}].txid"), "another batch holds this txid");
+    let mut missing = Vec::new();
     for (i, t) in txids.iter().enumerate() {
-        let mine = |doc: Option<store::Document>| match doc {
-            Some(d) if d.body != batch => {
-                Err(PixError::violation(K, &format!("loteCobV.cobsV[{i}].txid"), "another batch holds this txid"))
-            }
-            _ => Ok(()),
-        };
         match q.document(LOTE_TXID_KIND, tenant_id, t)? {
-            Some(d) => mine(Some(d))?,
-            None => match q.insert_document(&store::Document {
-                kind: LOTE_TXID_KIND.into(),
-                tenant_id,
-                id: t.clone(),
-                lookup: None,
-                owner: None,
-                created_at: store::now_nanos(),
-                version: 1,
-                body: batch.clone(),
-            }) {
-                Ok(()) => {}
-                Err(store::StoreError::Conflict(_)) => mine(q.document(LOTE_TXID_KIND, tenant_id, t)?)?,
-                Err(e) => return Err(e.into()),
-            },
+            Some(d) if d.body != batch => return Err(taken(i)),
+            Some(_) => {}
+            None => missing.push((i, t)),
         }
     }
-    Ok(())
+    let mut made = Vec::with_capacity(missing.len());
+    for (i, t) in missing {
+        let hold = store::Document {
+            kind: LOTE_TXID_KIND.into(),
+            tenant_id,
+            id: t.clone(),
+            lookup: None,
+            owner: None,
+            created_at: store::now_nanos(),
+            version: 1,
+            body: batch.clone(),
+        };
+        let refused = match q.insert_document(&hold) {
+            Ok(()) => {
+                made.push(t.clone());
+                None
+            }
+            Err(store::StoreError::Conflict(_)) => match q.document(LOTE_TXID_KIND, tenant_id, t)? {
+                Some(d) if d.body != batch => Some(taken(i)),
+                _ => None,
+            },
+            Err(e) => Some(e.into()),
+        };
+        if let Some(e) = refused {
+            release_holds(q, tenant_id, &made);
+            return Err(e);
+        }
+    }
+    Ok(made)
+}
+
+/// Takes back holds [`hold_txids`] made for a batch that was not recorded (best effort: a hold
+/// left behind names a batch that does not exist, and only blocks its txid).
+fn release_holds(q: &dyn store::Queries, tenant_id: u128, made: &[String]) {
+    for t in made {
+        if let Err(e) = q.delete_document(LOTE_TXID_KIND, tenant_id, t) {
+            tracing::warn!(error = %e, "a batch's txid hold could not be taken back");
+        }
+    }
 }
 
 /// The batch holding `txid`, if one does (see [`LOTE_TXID_KIND`]).
