@@ -215,11 +215,15 @@ async fn apply(
                     // Another node recorded this batch first (or storage failed): the holds go.
                     release_holds(q, tenant_id, &held);
                     return Err(match e {
-                        store::StoreError::Conflict(_) => PixError::new(
-                            StatusCode::CONFLICT,
-                            "LoteCobVOperacaoInvalida",
-                            "the batch was made meanwhile by another request: send it again",
-                        ),
+                        store::StoreError::Conflict(_) => {
+                            let mut e = PixError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "ServicoIndisponivel",
+                                "the batch was made meanwhile by another request: send it again",
+                            );
+                            e.retry_after_seconds = Some(1);
+                            e
+                        }
                         e => e.into(),
                     });
                 }
