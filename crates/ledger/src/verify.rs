@@ -6,7 +6,9 @@
 //! between two different accounts of its own currency; no account violates its flags; every
 //! pending transfer is resolved (posted, voided or expired) at most once, before its expiry, and
 //! its state agrees with the records that resolved it; a hold's expiry is its timestamp plus its
-//! timeout; timestamps are unique.
+//! timeout; a transfer's state and pending id fit its kind; no hold is stored twice; timestamps
+//! are unique, and none is past the ledger's stored clock (a clock left behind them would give
+//! out their timestamps again after a restart, and every commit would fail).
 
 use std::collections::{HashMap, HashSet};
 
@@ -46,6 +48,9 @@ pub struct Verifier {
     /// pending key → resolutions seen (kind, amount, their sides, their id)
     resolutions: HashMap<TransferKey, Vec<(TransferKind, u64, Sides, TransferId)>>,
     timestamps: HashSet<Timestamp>,
+    /// The latest timestamp seen, and the ledger's stored clock (given by [`Verifier::clock`]).
+    latest: Timestamp,
+    clock: Option<Timestamp>,
     violations: Vec<Violation>,
     /// Every violation found, the ones past [`VIOLATIONS_MAX`] counted only.
     violations_found: u64,
@@ -68,9 +73,15 @@ impl Verifier {
         }
     }
 
+    /// The ledger's clock as stored: every timestamp seen must be at or below it.
+    pub fn clock(&mut self, stored: Timestamp) {
+        self.clock = Some(stored);
+    }
+
     pub fn account(&mut self, account: &Account) {
         self.accounts_seen += 1;
         let a = account;
+        self.latest = self.latest.max(a.timestamp);
         if a.debits_posted > AMOUNT_MAX
             || a.credits_posted > AMOUNT_MAX
             || a.debits_pending > AMOUNT_MAX
@@ -115,7 +126,24 @@ impl Verifier {
         if !self.timestamps.insert(entry.timestamp()) {
             self.violation(format!("transfer timestamp {} is not unique", entry.timestamp()));
         }
+        self.latest = self.latest.max(entry.timestamp());
         let Entry::Created(t) = entry else { return };
+        // A move or a resolution is final; only a hold has a pending state. Only a resolution
+        // names a hold.
+        let fits = match t.kind {
+            TransferKind::Pending => t.pending_id.is_none(),
+            TransferKind::Posted => t.state == PendingState::Final && t.pending_id.is_none(),
+            TransferKind::PostPending | TransferKind::VoidPending => t.state == PendingState::Final,
+        };
+        if !fits {
+            self.violation(format!(
+                "transfer {:032x}: a {:?} with state {:?} and pending id {:?}",
+                t.key.id.0,
+                t.kind,
+                t.state,
+                t.pending_id.map(|p| format!("{:032x}", p.0))
+            ));
+        }
         if t.amount == 0 || t.amount > AMOUNT_MAX {
             self.violation(format!("transfer {:032x}: amount {} out of range", t.key.id.0, t.amount));
         }
@@ -166,7 +194,9 @@ impl Verifier {
                 if t.state == PendingState::Expired && t.expires_at.is_none() {
                     self.violation(format!("pending transfer {:032x} expired but has no timeout", t.key.id.0));
                 }
-                self.pendings.insert(t.key, (t.amount, t.state, sides, t.expires_at));
+                if self.pendings.insert(t.key, (t.amount, t.state, sides, t.expires_at)).is_some() {
+                    self.violation(format!("pending transfer {:032x} is stored twice", t.key.id.0));
+                }
             }
             TransferKind::PostPending | TransferKind::VoidPending => {
                 if t.kind == TransferKind::PostPending {
@@ -187,6 +217,12 @@ impl Verifier {
 
     /// Finishes the checks that need everything seen. Returns all violations found.
     pub fn finish(mut self) -> Report {
+        if let Some(clock) = self.clock.filter(|clock| *clock < self.latest) {
+            self.violation(format!(
+                "the ledger's stored clock ({clock}) is behind a stored timestamp ({}): after a restart its next timestamps would be taken",
+                self.latest
+            ));
+        }
         let mut totals: HashMap<(TenantId, Currency), Sums> = HashMap::new();
         let accounts = std::mem::take(&mut self.accounts);
         for (key, (currency, sums, _)) in &accounts {

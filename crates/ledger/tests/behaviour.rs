@@ -422,3 +422,57 @@ fn verify_catches_an_edited_balance() {
     let report = v.finish();
     assert!(report.violations.len() >= 2, "{:?}", report.violations);
 }
+
+/// A stored clock behind the stored timestamps (a restore, an edit), a transfer whose state or
+/// pending id does not fit its kind, and a hold stored twice are each reported.
+#[test]
+fn verify_catches_a_clock_behind_a_misfit_state_and_a_hold_stored_twice() {
+    let mut l = setup();
+    let outcomes = l.transfers(NOW, &[posted(1, ALICE, BOB, 10), hold(2, 5, 0)]);
+    assert!(outcomes.iter().all(|o| o.result == TransferResult::Created), "{outcomes:?}");
+    let report = |clock: u64, edit: &dyn Fn(&mut Transfer), twice: bool| {
+        let mut v = verify::Verifier::new();
+        for a in l.accounts.values() {
+            v.account(a);
+        }
+        for entry in l.transfers.values() {
+            match entry {
+                Entry::Created(t) => {
+                    let mut t = t.clone();
+                    edit(&mut t);
+                    v.entry(&Entry::Created(t));
+                }
+                e => v.entry(e),
+            }
+        }
+        if twice {
+            // The hold again, under a timestamp of its own, its balances counted twice too.
+            let Some(Entry::Created(h)) =
+                l.transfers.values().find(|e| matches!(e, Entry::Created(t) if t.key.id == TransferId(2)))
+            else {
+                panic!("the hold is stored")
+            };
+            let mut again = h.clone();
+            again.timestamp = clock - 1;
+            v.entry(&Entry::Created(again));
+        }
+        v.clock(clock);
+        v.finish().violations
+    };
+    let latest = l.transfers.values().map(|e| e.timestamp()).max().unwrap();
+    assert!(report(latest, &|_| {}, false).is_empty());
+    let behind = report(latest - 1, &|_| {}, false);
+    assert!(behind.len() == 1 && behind[0].0.contains("stored clock"), "{behind:?}");
+    let misfit = report(
+        latest,
+        &|t| {
+            if t.kind == TransferKind::Posted {
+                t.state = PendingState::Pending
+            }
+        },
+        false,
+    );
+    assert!(misfit.iter().any(|v| v.0.contains("a Posted with state Pending")), "{misfit:?}");
+    let twice = report(latest + 10, &|_| {}, true);
+    assert!(twice.iter().any(|v| v.0.contains("stored twice")), "{twice:?}");
+}

@@ -786,6 +786,7 @@ fn two_phase_transfers_over_http() {
         let h1 = uuid();
         let r = post(&mut c, "/v1/transfers", &key, &hold(&h1, 300, 3600)).await;
         assert_status(&r, 201, "hold");
+        let hold_answer = r.body.clone();
         let v = r.json();
         assert_eq!((v["kind"].as_str(), v["status"].as_str()), (Some("pending"), Some("pending")));
         assert_eq!(v["timeout_seconds"], 3600);
@@ -804,6 +805,11 @@ fn two_phase_transfers_over_http() {
         assert_status(&repeat, 200, "repeat of the post");
         assert_eq!(repeat.body, r.body);
         assert_eq!(get(&mut c, &format!("/v1/transfers/{h1}"), &key).await.json()["status"], "posted");
+        // The hold's creation repeated gets the answer its creation got, byte for byte (`pending`),
+        // though it was posted since: the same body; `GET` shows it as it is now.
+        let again = post(&mut c, "/v1/transfers", &key, &hold(&h1, 300, 3600)).await;
+        assert_status(&again, 200, "repeat of the hold");
+        assert_eq!(again.body, hold_answer);
         let r = post(&mut c, &format!("/v1/transfers/{h1}/void"), &key, &json!({"id": uuid()})).await;
         assert_problem(&r, 409, "pending_transfer_already_posted", Some("pending_id"), "void after post");
         let r = post(&mut c, &format!("/v1/transfers/{h1}/post"), &key, &json!({"id": uuid(), "amount": 1})).await;

@@ -333,6 +333,9 @@ pub trait Queries: Send + Sync {
     /// database over the network (PostgreSQL); `None` for an embedded engine, whose only clock is
     /// its process's. See [`clock_skew`].
     fn database_time(&self) -> Result<Option<Timestamp>>;
+    /// The ledger's clock as committed (`ledger_meta.last_timestamp`): the last timestamp the
+    /// writers gave out, which every stored timestamp must be at or below.
+    fn ledger_clock(&self) -> Result<Timestamp>;
 
     fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()>;
     /// The client with its secret hash.
@@ -617,6 +620,8 @@ pub fn verify_with(queries: &dyn Queries) -> Result<verify::Report> {
     // Two closures borrow one verifier: split the borrow with a RefCell.
     let cell = std::cell::RefCell::new(&mut verifier);
     queries.scan(&mut |a| cell.borrow_mut().account(&a), &mut |e| cell.borrow_mut().entry(&e))?;
+    // Read after the snapshot: a commit since only moves the clock on.
+    verifier.clock(queries.ledger_clock()?);
     let mut report = verifier.finish();
     let listing = queries.listing_violations()?;
     report.violations_found += listing.len() as u64;

@@ -1397,6 +1397,15 @@ impl Queries for PgQueries {
         self.with(|c| refuse_newer_schema(c, POSTGRES))
     }
 
+    fn ledger_clock(&self) -> Result<Timestamp> {
+        let t: i64 = self.with(|c| {
+            c.query_one("SELECT last_timestamp FROM ledger_meta WHERE id = 1", &[])
+                .and_then(|r| r.try_get(0))
+                .map_err(unavailable)
+        })?;
+        u64::try_from(t).map_err(|_| corrupt(format!("the ledger's clock reads {t}")))
+    }
+
     fn database_time(&self) -> Result<Option<Timestamp>> {
         // Microseconds: PostgreSQL's timestamps go no finer.
         let micros: i64 = self.with(|c| {

@@ -1949,6 +1949,15 @@ impl Queries for SqliteQueries {
         Ok(None)
     }
 
+    fn ledger_clock(&self) -> Result<Timestamp> {
+        self.with(|c| {
+            let t: i64 = c
+                .query_row("SELECT last_timestamp FROM ledger_meta WHERE id = 1", [], |r| r.get(0))
+                .map_err(unavailable)?;
+            u64::try_from(t).map_err(|_| corrupt(format!("the ledger's clock reads {t}")))
+        })
+    }
+
     fn create_oauth_client(&self, client: &OAuthClientRecord, secret_hash: &[u8; 32]) -> Result<()> {
         self.with(|c| {
             c.execute(

@@ -72,11 +72,24 @@ async fn refuse_rail_holds(state: &AppState, events: &[TransferEvent], batch: bo
     }
 }
 
+/// A transfer as its creation's answer showed it: a hold is `pending` then, whatever became of it
+/// since. An exact repeat gets the body its first request got (a client retrying a create whose
+/// answer it lost learns what that answer said); `GET` shows the transfer as it is now.
+fn as_created(t: &ledger::Transfer) -> std::borrow::Cow<'_, ledger::Transfer> {
+    if t.kind == ledger::TransferKind::Pending && t.state != ledger::PendingState::Pending {
+        let mut first = t.clone();
+        first.state = ledger::PendingState::Pending;
+        std::borrow::Cow::Owned(first)
+    } else {
+        std::borrow::Cow::Borrowed(t)
+    }
+}
+
 fn single(outcome: Option<Outcome>) -> Result<Response, Problem> {
     let outcome = outcome.ok_or_else(Problem::internal)?;
     match (outcome.result, outcome.transfer) {
         (TransferResult::Created, Some(t)) => Ok(reply_json(StatusCode::CREATED, TransferView::json(&t))),
-        (TransferResult::Exists, Some(t)) => Ok(reply_json(StatusCode::OK, TransferView::json(&t))),
+        (TransferResult::Exists, Some(t)) => Ok(reply_json(StatusCode::OK, TransferView::json(&as_created(&t)))),
         (code, _) => Err(ledger_problem(code, "")),
     }
 }
@@ -209,7 +222,10 @@ pub async fn create_batch(
             index,
             id: uuid_string(id.0),
             result: o.result.as_str(),
-            transfer: o.transfer.as_ref().map(TransferView::of),
+            transfer: o.transfer.as_ref().map(|t| match o.result {
+                TransferResult::Exists => TransferView::of(&as_created(t)),
+                _ => TransferView::of(t),
+            }),
         })
         .collect();
     Ok(reply(StatusCode::OK, &BatchView { results }))
