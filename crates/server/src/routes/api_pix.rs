@@ -1197,8 +1197,7 @@ pub fn pix_notification(e2e: &str, amount: u64, txid: Option<&str>, description:
 
 /// The webhook's notification that `refund` reached a final status (`DEVOLVIDO` or
 /// `NAO_REALIZADO`), as the spec's callback asks: the received Pix with its refunds, `earlier` and
-/// this one, due from the refund's commit on.
-/// The notification of `refund`'s final status, recorded under the delivery id `{e2e}:{notified_as}`
+/// this one, due from the refund's commit on; recorded under the delivery id `{e2e}:{notified_as}`
 /// (the refund's id; a MED return's, [`med_notified_as`]).
 pub fn refund_outbox(
     tenant: u128,

@@ -212,8 +212,17 @@ async fn apply(
                     body: serde_json::to_string(&lote).expect("serializable"),
                 };
                 if let Err(e) = q.insert_document(&doc) {
-                    // Another node recorded this batch first (or storage failed): the holds go.
-                    release_holds(q, tenant_id, &held);
+                    // Another request recorded this batch first: the holds it names are its own
+                    // (they name this batch's id), and only those of txids it does not name go.
+                    // Storage failing leaves them all: the commit may have been made, and the
+                    // same batch sent again takes them up.
+                    if let store::StoreError::Conflict(_) = e {
+                        if let Some((_, recorded)) = read_lote(q, tenant_id, id)? {
+                            let named: Vec<&str> = recorded.cobsv.iter().map(|i| i.txid.as_str()).collect();
+                            let stray: Vec<String> = held.into_iter().filter(|t| !named.contains(&t.as_str())).collect();
+                            release_holds(q, tenant_id, &stray);
+                        }
+                    }
                     return Err(match e {
                         store::StoreError::Conflict(_) => {
                             let mut e = PixError::new(
@@ -322,43 +331,61 @@ async fn apply(
 }
 
 /// Holds `txids` for batch `id` (see [`LOTE_TXID_KIND`]), all or none: every hold is checked
-/// before any is written, and a txid another batch holds (or takes meanwhile: each hold is one
-/// insert, atomic across nodes) is refused naming the request, with the holds this call made
-/// taken back. Returns the holds it made, for [`release_holds`] should the batch's record not
-/// be written after all. What it held stays held if the process stops midway; the same batch
-/// sent again holds the rest.
+/// before any is written, and a txid another recorded batch holds (or takes meanwhile: each hold
+/// is one insert or compare-and-set, atomic across nodes) is refused naming the request, with the
+/// holds this call made taken back. A hold whose batch was never recorded is stale, and taken
+/// over. Returns the holds it made, for the caller to give back should the batch's record not be
+/// written after all. What it held stays held if the process stops midway; the same batch sent
+/// again takes it up.
 fn hold_txids(q: &dyn store::Queries, tenant_id: u128, id: u64, txids: &[String]) -> PixResult<Vec<String>> {
     let batch = id.to_string();
     let taken =
         |i: usize| PixError::violation(K, &format!("loteCobV.cobsV[{i}].txid"), "another batch holds this txid");
-    let mut missing = Vec::new();
+    // (request, txid, the stale hold to take over, if any: one whose batch was never recorded)
+    let mut wanted = Vec::new();
     for (i, t) in txids.iter().enumerate() {
         match q.document(LOTE_TXID_KIND, tenant_id, t)? {
-            Some(d) if d.body != batch => return Err(taken(i)),
-            Some(_) => {}
-            None => missing.push((i, t)),
+            Some(d) if d.body == batch => {}
+            Some(d) if q.document(LOTE_KIND, tenant_id, &d.body)?.is_some() => return Err(taken(i)),
+            stale => wanted.push((i, t, stale)),
         }
     }
-    let mut made = Vec::with_capacity(missing.len());
-    for (i, t) in missing {
-        let hold = store::Document {
-            kind: LOTE_TXID_KIND.into(),
-            tenant_id,
-            id: t.clone(),
-            lookup: None,
-            owner: None,
-            created_at: store::now_nanos(),
-            version: 1,
-            body: batch.clone(),
+    let mut made = Vec::with_capacity(wanted.len());
+    for (i, t, stale) in wanted {
+        let outcome = match stale {
+            Some(d) => {
+                let mine = store::Document { version: d.version + 1, body: batch.clone(), ..d.clone() };
+                q.update_document(&mine, d.version)
+            }
+            None => {
+                let hold = store::Document {
+                    kind: LOTE_TXID_KIND.into(),
+                    tenant_id,
+                    id: t.clone(),
+                    lookup: None,
+                    owner: None,
+                    created_at: store::now_nanos(),
+                    version: 1,
+                    body: batch.clone(),
+                };
+                match q.insert_document(&hold) {
+                    Ok(()) => Ok(true),
+                    Err(store::StoreError::Conflict(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
         };
-        let refused = match q.insert_document(&hold) {
-            Ok(()) => {
+        // Not written: taken meanwhile — by another request of this batch, fine; by another
+        // batch, or gone again already, refused (to be sent again).
+        let refused = match outcome {
+            Ok(true) => {
                 made.push(t.clone());
                 None
             }
-            Err(store::StoreError::Conflict(_)) => match q.document(LOTE_TXID_KIND, tenant_id, t)? {
-                Some(d) if d.body != batch => Some(taken(i)),
-                _ => None,
+            Ok(false) => match q.document(LOTE_TXID_KIND, tenant_id, t) {
+                Ok(Some(d)) if d.body == batch => None,
+                Ok(_) => Some(taken(i)),
+                Err(e) => Some(e.into()),
             },
             Err(e) => Some(e.into()),
         };
@@ -380,9 +407,12 @@ fn release_holds(q: &dyn store::Queries, tenant_id: u128, made: &[String]) {
     }
 }
 
-/// The batch holding `txid`, if one does (see [`LOTE_TXID_KIND`]).
+/// The batch holding `txid`, if one does (see [`LOTE_TXID_KIND`]). A hold whose batch was never
+/// recorded (a request that stopped between the two, or a refused batch of a version before holds
+/// were all or none) holds nothing.
 pub(super) fn batch_holding(q: &dyn store::Queries, tenant_id: u128, txid: &str) -> store::Result<Option<String>> {
-    Ok(q.document(LOTE_TXID_KIND, tenant_id, txid)?.map(|d| d.body))
+    let Some(hold) = q.document(LOTE_TXID_KIND, tenant_id, txid)? else { return Ok(None) };
+    Ok(q.document(LOTE_KIND, tenant_id, &hold.body)?.map(|_| hold.body))
 }
 
 pub async fn lote_get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> PixResult<Response> {
