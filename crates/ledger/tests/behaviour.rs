@@ -334,6 +334,24 @@ fn a_chain_failed_by_a_malformed_event_is_not_remembered() {
     assert_eq!(balance(&l, ALICE), (310, 1000, 0, 0, 690));
 }
 
+/// A verifier fed `l`'s accounts and its transfers, each created one as `edit` leaves it (storage
+/// edited behind the ledger's back).
+fn fed_verifier(l: &MemoryLedger, edit: &dyn Fn(&mut Transfer)) -> verify::Verifier {
+    let mut v = verify::Verifier::new();
+    l.accounts.values().for_each(|a| v.account(a));
+    for entry in l.transfers.values() {
+        match entry {
+            Entry::Created(t) => {
+                let mut t = t.clone();
+                edit(&mut t);
+                v.entry(&Entry::Created(t));
+            }
+            e => v.entry(e),
+        }
+    }
+    v
+}
+
 /// Storage edited so that every balance still agrees with its transfers, each edit breaking a
 /// rule: a transfer in another currency than its accounts', a post after its hold expired, a
 /// hold whose expiry is not its timestamp plus its timeout, an expired hold that had none.
@@ -343,21 +361,7 @@ fn verify_catches_a_transfer_in_another_currency_and_a_post_after_expiry() {
     let hold = hold(1, 300, 1);
     let post = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: None });
     assert!(l.transfers(NOW, &[hold, post]).iter().all(|o| o.result == TransferResult::Created));
-    let report = |edit: &dyn Fn(&mut Transfer)| {
-        let mut v = verify::Verifier::new();
-        l.accounts.values().for_each(|a| v.account(a));
-        for entry in l.transfers.values() {
-            match entry {
-                Entry::Created(t) => {
-                    let mut t = t.clone();
-                    edit(&mut t);
-                    v.entry(&Entry::Created(t));
-                }
-                e => v.entry(e),
-            }
-        }
-        v.finish().violations
-    };
+    let report = |edit: &dyn Fn(&mut Transfer)| fed_verifier(&l, edit).finish().violations;
     assert_eq!(report(&|_| {}), []);
     let one = |edit: &dyn Fn(&mut Transfer), expected: &str| {
         let violations = report(edit);
@@ -431,20 +435,7 @@ fn verify_catches_a_clock_behind_a_misfit_state_and_a_hold_stored_twice() {
     let outcomes = l.transfers(NOW, &[posted(1, ALICE, BOB, 10), hold(2, 5, 0)]);
     assert!(outcomes.iter().all(|o| o.result == TransferResult::Created), "{outcomes:?}");
     let report = |clock: u64, edit: &dyn Fn(&mut Transfer), twice: bool| {
-        let mut v = verify::Verifier::new();
-        for a in l.accounts.values() {
-            v.account(a);
-        }
-        for entry in l.transfers.values() {
-            match entry {
-                Entry::Created(t) => {
-                    let mut t = t.clone();
-                    edit(&mut t);
-                    v.entry(&Entry::Created(t));
-                }
-                e => v.entry(e),
-            }
-        }
+        let mut v = fed_verifier(&l, edit);
         if twice {
             // The hold again, under a timestamp of its own, its balances counted twice too.
             let Some(Entry::Created(h)) =
