@@ -641,10 +641,16 @@ fn resolve<S: State>(
     };
     let debit_key = AccountKey { tenant, id: pending.debit_account_id };
     let credit_key = AccountKey { tenant, id: pending.credit_account_id };
-    let mut debit = view.account(&debit_key).expect("a pending transfer's accounts exist").clone();
-    let mut credit = view.account(&credit_key).expect("a pending transfer's accounts exist").clone();
-    assert!(debit.debits_pending >= pending.amount, "pending debits cover the hold");
-    assert!(credit.credits_pending >= pending.amount, "pending credits cover the hold");
+    // A hold its accounts do not cover (storage edited behind the ledger) is refused, as the sweep
+    // leaves it: resolving it would wrap a balance, and a panic would stop the node — at every
+    // retry of the request, on every node.
+    let (Some(mut debit), Some(mut credit)) = (view.account(&debit_key).cloned(), view.account(&credit_key).cloned())
+    else {
+        return Err(TransferResult::PendingTransferInconsistent);
+    };
+    if debit.debits_pending < pending.amount || credit.credits_pending < pending.amount {
+        return Err(TransferResult::PendingTransferInconsistent);
+    }
     debit.debits_pending -= pending.amount;
     credit.credits_pending -= pending.amount;
     if post.is_some() {

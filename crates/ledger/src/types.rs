@@ -366,6 +366,9 @@ result_enum!(
         PendingTransferAlreadyVoided = 33 => "pending_transfer_already_voided",
         PendingTransferExpired = 34 => "pending_transfer_expired",
         ExceedsPendingTransferAmount = 35 => "exceeds_pending_transfer_amount",
+        /// The hold's accounts are missing or their pending balances do not cover it (storage
+        /// edited or restored behind the ledger): it cannot be resolved; `rtpay verify` reports it.
+        PendingTransferInconsistent = 36 => "pending_transfer_inconsistent",
         OverflowsDebitsPending = 40 => "overflows_debits_pending",
         OverflowsCreditsPending = 41 => "overflows_credits_pending",
         OverflowsDebitsPosted = 42 => "overflows_debits_posted",

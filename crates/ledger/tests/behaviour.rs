@@ -297,13 +297,21 @@ fn verify_catches_a_post_between_other_accounts_than_its_hold() {
 
 /// A due hold that its accounts' pending balances do not cover (storage edited behind the ledger's
 /// back) is left pending for `verify` to report, and the sweep goes on with the others: releasing
-/// it would wrap a balance, and a panic would stop the process at every sweep.
+/// it would wrap a balance, and a panic would stop the process at every sweep. A post or void of
+/// it is refused.
 #[test]
 fn a_hold_its_accounts_do_not_cover_is_left_for_verify() {
     let mut l = setup();
     assert!(l.transfers(NOW, &[hold(1, 100, 1)]).iter().all(|o| o.result == TransferResult::Created));
     let bob = AccountKey { tenant: T, id: AccountId(BOB) };
     l.accounts.get_mut(&bob).unwrap().credits_pending = 40;
+    // Neither posted nor voided: refused, where it stopped the process (an assertion).
+    for (id, kind) in [
+        (2, EventKind::PostPending { pending_id: TransferId(1), amount: None }),
+        (3, EventKind::VoidPending { pending_id: TransferId(1) }),
+    ] {
+        assert_eq!(l.transfers(NOW, &[ev(id, kind)])[0].result, TransferResult::PendingTransferInconsistent);
+    }
     assert_eq!(l.expire(NOW + 2_000_000_000), 0);
     assert!(matches!(
         &l.transfers[&TransferKey { tenant: T, id: TransferId(1) }],

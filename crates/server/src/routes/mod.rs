@@ -182,6 +182,11 @@ pub fn ledger_problem(code: TransferResult, prefix: &str) -> Problem {
         R::PendingTransferAlreadyVoided => (StatusCode::CONFLICT, "pending_id", "the hold was already voided"),
         R::PendingTransferExpired => (StatusCode::CONFLICT, "pending_id", "the hold expired"),
         R::ExceedsPendingTransferAmount => (StatusCode::UNPROCESSABLE_ENTITY, "amount", "the amount exceeds the hold"),
+        R::PendingTransferInconsistent => (
+            StatusCode::CONFLICT,
+            "pending_id",
+            "the hold's accounts do not cover it: storage is inconsistent (see `rtpay verify`)",
+        ),
         R::LinkedEventFailed => (StatusCode::UNPROCESSABLE_ENTITY, "id", "another transfer of the linked batch failed"),
         R::OverflowsDebitsPending
         | R::OverflowsCreditsPending
