@@ -75,6 +75,25 @@ fn ten_failures_lock_the_operator_credential_and_the_lock_is_audited() {
     });
 }
 
+/// The audit routes take a tenant's key or the operator's token: a stranger's wrong tokens there
+/// count against the stranger's address only, not against the operator's lock (before, ten of them
+/// locked the operator out of every operator route, revoking a leaked key included).
+#[test]
+fn wrong_tokens_on_a_tenants_route_do_not_lock_the_operator() {
+    let dir = temp_dir("limits-no-operator-lock");
+    let server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        let wrong = format!("rtpay_op_{}", "2".repeat(64));
+        for i in 1..=12 {
+            assert_eq!(c.get("/v1/audit", &wrong).await.unwrap().status, 401, "failure {i}");
+        }
+        let r = c.post("/v1/tenants", OPERATOR, &json!({"name": "after"})).await.unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        assert_eq!(c.get("/v1/audit", OPERATOR).await.unwrap().status, 200);
+    });
+}
+
 #[test]
 fn a_source_with_too_many_failures_is_throttled_before_credentials_are_checked() {
     let dir = temp_dir("limits-source");

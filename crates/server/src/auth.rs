@@ -435,7 +435,15 @@ impl FromRequestParts<AppState> for Operator {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
-        guard(parts, state, Some(OPERATOR_ID))?;
+        Operator::admit(parts, state, Some(OPERATOR_ID))
+    }
+}
+
+impl Operator {
+    /// The operator, by its token; a wrong token counts against the source and, with `lock`,
+    /// against the operator's own lock (on the operator's routes; see [`Caller`]).
+    fn admit(parts: &mut Parts, state: &AppState, lock: Option<&str>) -> Result<Operator, Problem> {
+        guard(parts, state, lock)?;
         certificate_can_admit(parts)?;
         let token = match bearer(parts) {
             Ok(t) => t,
@@ -449,7 +457,7 @@ impl FromRequestParts<AppState> for Operator {
             state.auth_guard.succeeded(OPERATOR_ID);
             Ok(Operator)
         } else {
-            Err(failed(parts, state, Some(OPERATOR_ID), Problem::unauthorized("the operator token is not valid")))
+            Err(failed(parts, state, lock, Problem::unauthorized("the operator token is not valid")))
         }
     }
 }
@@ -644,7 +652,10 @@ impl FromRequestParts<AppState> for Caller {
         if token.starts_with(TENANT_SECRET_PREFIX) || token.starts_with(crate::oauth::ACCESS_TOKEN_PREFIX) {
             Ok(Caller::Tenant(Tenant::from_request_parts(parts, state).await?))
         } else {
-            Operator::from_request_parts(parts, state).await.map(|Operator| Caller::Operator)
+            // Counted against the source only: these routes are the tenants', and anyone who can
+            // reach them could otherwise lock the operator out with ten wrong tokens (of revoking
+            // a leaked key, say). Guessing the token here stays under the source's budget.
+            Operator::admit(parts, state, None).map(|Operator| Caller::Operator)
         }
     }
 }
