@@ -73,14 +73,14 @@ impl PixKey {
         Ok(PixKey { kind, value })
     }
 
-    /// Recognizes a key written without its type (paying by key): `+…` phone, `…@…` e-mail, a
-    /// UUID, 11 digits CPF, 14 characters CNPJ.
+    /// Recognizes a key written without its type (paying by key): `…@…` e-mail (first: an e-mail's
+    /// local part may begin with `+`), `+…` phone, a UUID, 11 digits CPF, 14 characters CNPJ.
     pub fn infer(text: &str) -> Result<PixKey, KeyError> {
         let t = text.trim();
-        let kind = if t.starts_with('+') {
-            KeyType::Phone
-        } else if t.contains('@') {
+        let kind = if t.contains('@') {
             KeyType::Email
+        } else if t.starts_with('+') {
+            KeyType::Phone
         } else if t.len() == 36 && t.bytes().filter(|b| *b == b'-').count() == 4 {
             KeyType::Evp
         } else if t.len() == 11 && t.bytes().all(|b| b.is_ascii_digit()) {
@@ -215,6 +215,9 @@ mod tests {
         assert_eq!(PixKey::infer("11222333000181").unwrap().kind, KeyType::Cnpj);
         assert_eq!(PixKey::infer("+5511987654321").unwrap().kind, KeyType::Phone);
         assert_eq!(PixKey::infer("a@b.co").unwrap().kind, KeyType::Email);
+        // An e-mail key may begin with `+`: registered as one, it is found as one.
+        let plus = PixKey::parse(KeyType::Email, "+promo@example.com").unwrap();
+        assert_eq!(PixKey::infer("+promo@example.com").unwrap(), plus);
         assert_eq!(PixKey::infer("123e4567-e89b-42d3-a456-426614174000").unwrap().kind, KeyType::Evp);
         assert!(PixKey::infer("hello").is_err());
     }
