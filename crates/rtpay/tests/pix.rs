@@ -304,10 +304,19 @@ fn keys_brcodes_and_on_us_payments() {
         let r = c.post("/v1/pix/payments", &key_b, &wrong_amount).await.unwrap();
         assert_eq!(problem(&r), (422, json!("amount_mismatch"), json!("amount")));
 
-        // By account (manual), within this institution.
-        let manual = json!({"id": uuid(), "debit_account_id": maria.account, "amount": 100, "creditor": {
+        // By account (manual), within this institution: the document given must be the
+        // account holder's (a mistyped account pays no one), and must be one.
+        let mut manual = json!({"id": uuid(), "debit_account_id": maria.account, "amount": 100, "creditor": {
             "ispb": ISPB, "branch": "0001", "account": other.account, "account_type": "CACC",
-            "document": CPF_OTHER, "name": "João da Silva"}});
+            "document": CPF_MARIA, "name": "João da Silva"}});
+        let r = c.post("/v1/pix/payments", &key_a, &manual).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("invalid_creditor"), json!("creditor")));
+        manual["creditor"]["document"] = json!("x");
+        let r = c.post("/v1/pix/payments", &key_a, &manual).await.unwrap();
+        assert_eq!(problem(&r), (422, json!("invalid_document"), json!("creditor.document")));
+        assert_eq!(available(&mut c, &other).await, 0, "nothing moved");
+        manual["creditor"]["document"] = json!(CPF_OTHER);
+        manual["id"] = json!(uuid());
         let r = c.post("/v1/pix/payments", &key_a, &manual).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["status"].clone()), (201, json!("completed")), "{:?}", r.json());
         assert_eq!(available(&mut c, &other).await, 100);

@@ -865,6 +865,9 @@ fn spi_admits(state: &AppState) -> Option<pix::spi::Admitted> {
 enum Target {
     Key(PixKey),
     Account(u128),
+    /// An account of this institution named by hand (a manual Pix), with the CPF or CNPJ the
+    /// payer gave for its holder: the receiving side confirms the two belong together.
+    Manual(u128, String),
     External(pix::spi::Party),
     /// A charge's location (a dynamic BR Code).
     Cob(String),
@@ -977,7 +980,10 @@ pub async fn create_payment(
                     "`creditor.account` must be an account id of this institution",
                 )
             })?;
-            ("manual", Target::Account(account.as_u128()))
+            let (document, _) = pix::document::any(&c.document).map_err(|e| {
+                Problem::invalid("creditor.document", "invalid_document", format!("`creditor.document`: {e}"))
+            })?;
+            ("manual", Target::Manual(account.as_u128(), document))
         }
     };
     let print = fingerprint(&vault, &body);
@@ -1087,6 +1093,15 @@ pub async fn create_payment(
                 Target::Account(account) => party(&rt, &vault, q, &ispb2, tenant_id, account)?.map(|p| {
                     let view = p.view.clone();
                     (Payee::OnUs(p), view)
+                }),
+                // The document the payer gave must be the account holder's: a mistyped account
+                // would otherwise pay whoever holds it.
+                Target::Manual(account, document) => party(&rt, &vault, q, &ispb2, tenant_id, account)?.and_then(|p| {
+                    if p.identity.document != document {
+                        return Err("`creditor.document` is not the account holder's CPF or CNPJ");
+                    }
+                    let view = p.view.clone();
+                    Ok((Payee::OnUs(p), view))
                 }),
             };
             // A payment refused here after its look-up found the key pays for the look-up.
@@ -1427,7 +1442,7 @@ pub async fn sandbox_incoming(
                     }
                     _ => return Ok(Err(Problem::invalid("key", "key_not_found", "no such key in this tenant"))),
                 },
-                Target::Account(a) => a,
+                Target::Account(a) | Target::Manual(a, _) => a,
                 Target::Cob(url) => {
                     let (doc, cob) = match super::api_pix::payable_cob(q, &url, amount, "brcode")? {
                         Ok(found) if found.0.tenant_id == tenant_id => found,
