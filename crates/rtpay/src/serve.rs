@@ -192,6 +192,8 @@ async fn check_new_keys(
     public_key: Vec<u8>,
     audit_key: &Path,
     new_hash_key: Option<&NewKey>,
+    new_token: Option<&NewKey>,
+    cluster: bool,
 ) -> Result<(), Error> {
     let queries = store.queries.clone();
     let (logged, signs) = tokio::task::spawn_blocking(move || -> store::Result<(bool, bool)> {
@@ -210,6 +212,17 @@ async fn check_new_keys(
         return Err(format!(
             "this storage already holds tenants and their API keys, and this node has no secret key ({} nor \
              RTPAY_SECRET_KEY): start it with the cluster's keys (see `rtpay keys init`); none was made",
+            new.path.display()
+        )
+        .into());
+    }
+    // A cluster's node with a token of its own would refuse the operator's (and count each try
+    // towards the operator's lock). An embedded node's token file lives beside its database:
+    // one deleted there is made again, the way to replace a lost one.
+    if let Some(new) = new_token.filter(|_| logged && cluster) {
+        return Err(format!(
+            "this cluster's storage already has an audit log, and this node has no operator token ({} nor \
+             RTPAY_OPERATOR_TOKEN): start it with the cluster's (see `rtpay keys init`); none was made",
             new.path.display()
         )
         .into());
@@ -400,7 +413,9 @@ pub async fn run(
     let store = Arc::new(store);
     let kek = crate::keys::KekConfig::or_default(config.kek.clone(), &config.data);
     let keys_made = async {
-        check_new_keys(&store, public_key.clone(), &audit_key, new_hash_key.as_ref()).await?;
+        let cluster = matches!(config.location(), store::Location::Postgres(_));
+        check_new_keys(&store, public_key.clone(), &audit_key, new_hash_key.as_ref(), new_token.as_ref(), cluster)
+            .await?;
         // The vault's own check too, before any file is written (`open_vault` makes its keys).
         refuse_new_keys_for_sealed_data(&kek, &config.data, config.env_secrets, &store).await?;
         for new in [new_hash_key, new_audit_key].into_iter().flatten() {

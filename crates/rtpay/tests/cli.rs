@@ -702,15 +702,15 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
             c.post("/v1/holders", &key, &json!({"kind": "person", "name": "Maria", "document": "52998224725"})).await;
         assert_eq!(r.unwrap().status, 201, "a holder's data is sealed under the tenant's data key");
     });
-    // The cluster's audit and secret keys (without them it is refused before, as the next test
-    // shows), not its vault keys, nor an operator token: it writes none before it is refused.
+    // The cluster's audit and secret keys and operator token (without them it is refused before,
+    // as the next test shows), not its vault keys: it writes none before it is refused.
     let empty = temp_dir("keys-cluster-empty");
     std::fs::copy(dir.join("audit-signing-key"), empty.join("audit-signing-key")).unwrap();
     let (ok, stderr) = refused_start(
         Command::new(env!("CARGO_BIN_EXE_rtpay"))
             .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &url, "--data"])
             .arg(&empty)
-            .env_remove("RTPAY_OPERATOR_TOKEN")
+            .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
             .env("RTPAY_SECRET_KEY", rtpay::process::SECRET_KEY)
             .env_remove("RTPAY_AUDIT_KEY_FILE")
             .env_remove("RTPAY_INDEX_KEY")
@@ -718,7 +718,6 @@ fn a_node_without_the_clusters_vault_keys_refuses_a_database_with_sealed_data() 
     );
     assert!(!ok && stderr.contains("already holds tenants' data keys"), "{stderr}");
     assert!(!empty.join("kek").exists() && !empty.join("index-key").exists(), "no vault key was made");
-    assert!(!empty.join("operator-token").exists(), "no operator token was made");
     // On a database without data keys, a key file that cannot be made is reported as such (the
     // PostgreSQL store, open by then, is closed without hiding it).
     let fresh = store::testing::fresh_postgres_database();
@@ -750,12 +749,11 @@ fn a_node_or_a_rotation_without_the_clusters_audit_and_secret_keys_is_refused() 
     let dir = temp_dir("audit-key-cluster");
     let server = Server::start(&dir, Some(&url));
     runtime().block_on(async { tenant(&mut server.client(), "logged").await });
-    let start = |data: &std::path::Path, secret: bool| {
+    let start_with = |data: &std::path::Path, secret: bool, token: bool| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_rtpay"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--postgres", &url, "--data"])
             .arg(data)
-            .env("RTPAY_OPERATOR_TOKEN", OPERATOR)
             .env_remove("RTPAY_AUDIT_KEY_FILE")
             .env_remove("RTPAY_INDEX_KEY")
             .env_remove("RTPAY_KEK");
@@ -763,8 +761,13 @@ fn a_node_or_a_rotation_without_the_clusters_audit_and_secret_keys_is_refused() 
             true => command.env("RTPAY_SECRET_KEY", rtpay::process::SECRET_KEY),
             false => command.env_remove("RTPAY_SECRET_KEY"),
         };
+        match token {
+            true => command.env("RTPAY_OPERATOR_TOKEN", OPERATOR),
+            false => command.env_remove("RTPAY_OPERATOR_TOKEN"),
+        };
         refused_start(&mut command)
     };
+    let start = |data: &std::path::Path, secret: bool| start_with(data, secret, true);
     let empty = temp_dir("audit-key-empty");
     let (ok, stderr) = start(&empty, true);
     assert!(!ok && stderr.contains("was not signed by the audit key"), "{stderr}");
@@ -781,6 +784,10 @@ fn a_node_or_a_rotation_without_the_clusters_audit_and_secret_keys_is_refused() 
     let (ok, stderr) = start(&empty, false);
     assert!(!ok && stderr.contains("no secret key"), "{stderr}");
     assert_eq!(listing(&empty).len(), 1, "no secret key written");
+    // The log's key and the secret key, but no operator token: it would refuse the cluster's.
+    let (ok, stderr) = start_with(&empty, true, false);
+    assert!(!ok && stderr.contains("no operator token"), "{stderr}");
+    assert_eq!(listing(&empty).len(), 1, "no operator token written");
 
     // A rotation without the log's audit key (none in `--data`, or a stranger's).
     let kek = format!("file:{}", dir.join("kek").display());
