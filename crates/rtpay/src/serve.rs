@@ -365,14 +365,19 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Opens storage, binds, and serves until `shutdown` resolves; `ready` is called once listening.
+/// The smallest `--rate-limit`: a request every 1,000 s.
+const RATE_MIN: f64 = 0.001;
+
 pub async fn run(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(&Running),
 ) -> Result<(), Error> {
-    let positive = |v: f64| v.is_finite() && v > 0.0;
-    if !positive(config.rate_limit) || config.rate_burst.is_some_and(|b| !positive(b) || b < 1.0) {
-        return Err("--rate-limit must be above 0 and --rate-burst at least 1".into());
+    // From one request in about 17 minutes: a rate so small that the wait for a token could not
+    // be written made every limited request a 500.
+    let rate_ok = |v: f64| v.is_finite() && v >= RATE_MIN;
+    if !rate_ok(config.rate_limit) || config.rate_burst.is_some_and(|b| !b.is_finite() || b < 1.0) {
+        return Err(format!("--rate-limit must be above 0 (at least {RATE_MIN}) and --rate-burst at least 1").into());
     }
     let metrics_token = config.metrics_token.as_deref().map(server::routes::ops::MetricsToken::new).transpose()?;
     server::quiet_panics();

@@ -1287,15 +1287,24 @@ fn operator_creations_honour_idempotency_keys() {
             .await
             .unwrap();
         assert_status(&r1, 201, "first tenant creation");
+        // It shows a secret: no cache on the way may keep it.
+        assert_eq!(r1.headers.get("cache-control").map(|v| v.to_str().unwrap()), Some("no-store"));
         let r2 = c.send_with_headers(Method::POST, "/v1/tenants", Some(OPERATOR), Some(body), &headers).await.unwrap();
-        assert_problem(&r2, 409, "exists", None, "the same Idempotency-Key creates no second tenant");
+        assert_problem(
+            &r2,
+            409,
+            "exists",
+            Some("Idempotency-Key"),
+            "the same Idempotency-Key creates no second tenant",
+        );
         let tenant_id = r1.json()["id"].as_str().unwrap().to_owned();
         let path = format!("/v1/tenants/{tenant_id}/api-keys");
         let key_idem = [("idempotency-key", "rotate-2026-11")];
         let k1 = c.send_with_headers(Method::POST, &path, Some(OPERATOR), None, &key_idem).await.unwrap();
         assert_status(&k1, 201, "first key creation");
+        assert_eq!(k1.headers.get("cache-control").map(|v| v.to_str().unwrap()), Some("no-store"));
         let k2 = c.send_with_headers(Method::POST, &path, Some(OPERATOR), None, &key_idem).await.unwrap();
-        assert_problem(&k2, 409, "exists", None, "the same Idempotency-Key creates no second key");
+        assert_problem(&k2, 409, "exists", Some("Idempotency-Key"), "the same Idempotency-Key creates no second key");
         // The one key that was created works.
         let secret = k1.json()["secret"].as_str().unwrap().to_owned();
         let r = post(&mut c, "/v1/accounts", &secret, &json!({"currency": "BRL"})).await;

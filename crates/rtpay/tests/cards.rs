@@ -152,6 +152,11 @@ async fn issue_in(c: &mut Client, currency: &str, product_extra: Value, card_ext
     let card_id = card["id"].as_str().unwrap().to_owned();
     let r = c.post(&format!("/v1/cards/{card_id}/reveal"), &key, &json!({})).await.unwrap();
     assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(
+        r.headers.get("cache-control").map(|v| v.to_str().unwrap()),
+        Some("no-store"),
+        "a card's number is kept by no cache"
+    );
     let revealed = r.json();
     let pan = revealed["number"].as_str().unwrap().to_owned();
     assert!(pan.starts_with(&bin) && cards::pan::valid(&pan), "{pan}");

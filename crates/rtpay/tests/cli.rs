@@ -42,7 +42,7 @@ fn serve_refuses(tag: &str, args: &[&str], says: &str) {
 
 #[test]
 fn serve_refuses_bad_limits_before_touching_anything() {
-    let args = ["--rate-limit=0", "--rate-limit=-5", "--rate-burst=0.5", "--rate-limit=NaN"];
+    let args = ["--rate-limit=0", "--rate-limit=-5", "--rate-burst=0.5", "--rate-limit=NaN", "--rate-limit=1e-20"];
     serve_refuses("bad-limits", &args, "--rate-limit must be above 0");
 }
 

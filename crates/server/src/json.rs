@@ -397,6 +397,15 @@ pub fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
     reply_json(status, body)
 }
 
+/// [`reply`] for an answer that shows a secret (an API key's, a card's number and CVV2, a webhook
+/// secret, an OAuth client's): `Cache-Control: no-store`, so that no cache on the way keeps it
+/// (RFC 9111 §5.2.2.5; the OAuth token answers say so too, RFC 6749 §5.1).
+pub fn secret_reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    let mut response = reply(status, value);
+    response.headers_mut().insert(header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    response
+}
+
 /// A response with a status and a body already written as JSON.
 pub fn reply_json(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{constant_time_eq, count_failure, guard, hex, new_secret, new_uuid, unhex, Tenant, ALL_SCOPES};
 use crate::dto::{rfc3339, uuid_string};
-use crate::json::{reply, Json};
+use crate::json::{secret_reply, Json};
 use crate::problem::Problem;
 use crate::routes::query;
 use crate::AppState;
@@ -201,7 +201,7 @@ pub async fn create_client(
         ),
         _ => p,
     })?;
-    Ok(reply(
+    Ok(secret_reply(
         StatusCode::CREATED,
         &OAuthClientView {
             client_id: uuid_string(record.id),

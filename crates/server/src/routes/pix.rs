@@ -1625,7 +1625,7 @@ pub async fn webhook_secret(State(state): State<AppState>, tenant: Tenant, audit
     let tenant_id = tenant.id;
     let (generation, _) = query(&state, move |q| crate::webhook::secret_generation(q, tenant_id)).await?;
     crate::routes::record_before_answer(&state, &audit).await?;
-    Ok(reply(StatusCode::OK, &WebhookSecretView::of(&state, tenant_id, generation)))
+    Ok(crate::json::secret_reply(StatusCode::OK, &WebhookSecretView::of(&state, tenant_id, generation)))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -1669,7 +1669,7 @@ pub async fn rotate_webhook_secret(
     .ok_or_else(|| {
         Problem::new(StatusCode::CONFLICT, "rotation_raced", "another rotation of the secret was stored first; read it")
     })?;
-    Ok(reply(StatusCode::OK, &WebhookSecretView::of(&state, tenant_id, rotated)))
+    Ok(crate::json::secret_reply(StatusCode::OK, &WebhookSecretView::of(&state, tenant_id, rotated)))
 }
 
 #[utoipa::path(get, path = "/v1/pix/webhook-deliveries/{e2e}", tag = "pix", params(("e2e" = String, Path)),

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use crate::audit_trail::Audit;
 use crate::auth::{new_api_key_secret, new_uuid, Operator};
 use crate::dto::*;
-use crate::json::{reply, Json, OptionalJson, Path};
+use crate::json::{secret_reply, Json, OptionalJson, Path};
 use crate::problem::Problem;
 use crate::routes::query;
 use crate::AppState;
@@ -45,13 +45,13 @@ pub async fn create_tenant(
     let key_record = key.clone();
     query(&state, move |q| q.create_tenant(&record, &key_record, &hash)).await.map_err(|p| {
         if p.code == "conflict" {
-            Problem::new(StatusCode::CONFLICT, "exists", "a tenant was already created under this Idempotency-Key; its API key was shown once. Create a new key with POST /v1/tenants/{id}/api-keys")
+            Problem::new(StatusCode::CONFLICT, "exists", "a tenant was already created under this Idempotency-Key; its API key was shown once. Create a new key with POST /v1/tenants/{id}/api-keys").field("Idempotency-Key")
         } else {
             p
         }
     })?;
     tracing::info!(tenant = %uuid_string(tenant.id), "tenant created");
-    Ok(reply(
+    Ok(secret_reply(
         StatusCode::CREATED,
         &TenantView {
             id: uuid_string(tenant.id),
@@ -108,12 +108,13 @@ pub async fn create_api_key(
                 "exists",
                 "a key was already created under this Idempotency-Key; its secret was shown once",
             )
+            .field("Idempotency-Key")
         } else {
             p
         }
     })?;
     let scopes = scopes.map(|s| s.split(' ').map(str::to_owned).collect());
-    Ok(reply(StatusCode::CREATED, &ApiKeyView { id: uuid_string(key.id), secret, scopes }))
+    Ok(secret_reply(StatusCode::CREATED, &ApiKeyView { id: uuid_string(key.id), secret, scopes }))
 }
 
 #[utoipa::path(delete, path = "/v1/tenants/{id}/api-keys/{key_id}", tag = "operator",
@@ -129,11 +130,13 @@ pub async fn revoke_api_key(
     let tenant_id = parse_id("id", &id)?;
     let key_id = parse_id("key_id", &key_id)?;
     audit.0.set_resource(format!("tenant {} key {}", uuid_string(tenant_id), uuid_string(key_id)));
-    let revoked = query(&state, move |q| q.revoke_api_key(tenant_id, key_id, store::now_nanos())).await?;
-    if !revoked {
+    let revoked = query(&state, move |q| q.revoke_api_key(tenant_id, key_id, store::now_nanos())).await;
+    // Forgotten whatever the answer: a revocation committed whose answer was lost (503), retried
+    // and found made (404), stops the key at once on this node all the same.
+    state.key_cache.forget_key(key_id);
+    if !revoked? {
         return Err(Problem::not_found("live API key of this tenant"));
     }
-    state.key_cache.forget_key(key_id);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
