@@ -464,7 +464,7 @@ fn apply_chain<S: State>(
     // A chain failed by one event's request alone (its own validation; a zero `pending_id`
     // fails it as `pending_transfer_not_found`) is not remembered: the same chain fails the
     // same way again, and a corrected one must be free to succeed.
-    let remember = !code.is_validation()
+    let remember = code.is_remembered()
         && validate_event(&chain[failed_at]).is_ok()
         && !matches!(code, TransferResult::IdAlreadyFailed | TransferResult::ExistsWithDifferentFields);
     for (i, event) in chain.iter().enumerate() {
@@ -513,7 +513,7 @@ fn apply_one<S: State>(view: &mut View<'_, S>, clock: &mut Clock, now: Timestamp
         Ok(transfer) => Outcome { result: TransferResult::Created, transfer: Some(transfer) },
         Err(code) => {
             // A lone event's state-dependent failure is remembered under its id.
-            if !event.linked {
+            if !event.linked && code.is_remembered() {
                 let timestamp = clock.tick(now);
                 view.put_transfer(event.key, Entry::Failed { event: event.clone(), result: code, timestamp });
             }

@@ -389,6 +389,13 @@ impl TransferResult {
     pub fn is_validation(self) -> bool {
         (self as u16) >= 5 && (self as u16) < 20
     }
+
+    /// Failures the ledger remembers under the id: those of its state — not the request's own
+    /// (validation), nor storage found inconsistent (once repaired, the same request must go
+    /// through: rails retry with the ids they made).
+    pub fn is_remembered(self) -> bool {
+        !self.is_validation() && self != TransferResult::PendingTransferInconsistent
+    }
 }
 
 result_enum!(

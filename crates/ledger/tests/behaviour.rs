@@ -318,6 +318,21 @@ fn a_hold_its_accounts_do_not_cover_is_left_for_verify() {
         Entry::Created(t) if t.state == PendingState::Pending
     ));
     assert_eq!(balance(&l, ALICE), (0, 1000, 100, 0, 900));
+    // Not remembered under their ids: repaired, the same post goes through.
+    l.accounts.get_mut(&bob).unwrap().credits_pending = 100;
+    let post = ev(2, EventKind::PostPending { pending_id: TransferId(1), amount: Some(30) });
+    assert_eq!(l.transfers(NOW, &[post])[0].result, TransferResult::Created);
+    assert_eq!(balance(&l, ALICE), (30, 1000, 0, 0, 970));
+}
+
+/// A due hold its accounts' pending balances cover again (storage repaired) is released.
+#[test]
+fn a_hold_covered_again_is_released() {
+    let mut l = setup();
+    assert!(l.transfers(NOW, &[hold(1, 100, 1)]).iter().all(|o| o.result == TransferResult::Created));
+    let bob = AccountKey { tenant: T, id: AccountId(BOB) };
+    l.accounts.get_mut(&bob).unwrap().credits_pending = 40;
+    assert_eq!(l.expire(NOW + 2_000_000_000), 0);
     l.accounts.get_mut(&bob).unwrap().credits_pending = 100;
     assert_eq!(l.expire(NOW + 2_000_000_000), 1, "covered again, it is released");
     assert_eq!(balance(&l, ALICE), (0, 1000, 0, 0, 1000));

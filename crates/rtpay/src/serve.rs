@@ -364,10 +364,10 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Opens storage, binds, and serves until `shutdown` resolves; `ready` is called once listening.
 /// The smallest `--rate-limit`: a request every 1,000 s.
 const RATE_MIN: f64 = 0.001;
 
+/// Opens storage, binds, and serves until `shutdown` resolves; `ready` is called once listening.
 pub async fn run(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
