@@ -325,8 +325,8 @@ pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
     let id = id.filter(|id| match parts.extensions.get::<P>() {
         None => true,
         Some(P::Anonymous | P::Unbound) => false,
-        Some(P::Operator) => *id == OPERATOR_ID,
-        Some(P::Tenant(_)) => *id != OPERATOR_ID,
+        Some(P::Operator) => operator_lock(id),
+        Some(P::Tenant(_)) => !operator_lock(id),
         Some(P::Client(_)) => id.starts_with("client:"),
     });
     if let Some(slot) = parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>() {
@@ -430,20 +430,28 @@ pub(crate) fn certificate_can_admit(parts: &Parts) -> Result<(), Problem> {
 pub struct Operator;
 
 const OPERATOR_ID: &str = "operator";
+/// The operator token's lock on the routes tenants share with it (the audit log's): wrong tokens
+/// there lock the token there only, so that anyone who can reach them cannot lock the operator out
+/// of its own routes (of revoking a leaked key, say), and guesses there are still bounded.
+const OPERATOR_SHARED_ID: &str = "operator:shared";
+
+fn operator_lock(id: &str) -> bool {
+    id == OPERATOR_ID || id == OPERATOR_SHARED_ID
+}
 
 impl FromRequestParts<AppState> for Operator {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
-        Operator::admit(parts, state, Some(OPERATOR_ID))
+        Operator::admit(parts, state, OPERATOR_ID)
     }
 }
 
 impl Operator {
-    /// The operator, by its token; a wrong token counts against the source and, with `lock`,
-    /// against the operator's own lock (on the operator's routes; see [`Caller`]).
-    fn admit(parts: &mut Parts, state: &AppState, lock: Option<&str>) -> Result<Operator, Problem> {
-        guard(parts, state, lock)?;
+    /// The operator, by its token; a wrong token counts against the source and `lock`: the
+    /// operator's own on its routes, [`OPERATOR_SHARED_ID`] on the routes it shares with tenants.
+    fn admit(parts: &mut Parts, state: &AppState, lock: &str) -> Result<Operator, Problem> {
+        guard(parts, state, Some(lock))?;
         certificate_can_admit(parts)?;
         let token = match bearer(parts) {
             Ok(t) => t,
@@ -454,10 +462,10 @@ impl Operator {
             // as the credential's, not as an anonymous request.
             crate::audit_trail::identify(parts, None, "operator".into());
             bound_to(parts, Credential::Operator)?;
-            state.auth_guard.succeeded(OPERATOR_ID);
+            state.auth_guard.succeeded(lock);
             Ok(Operator)
         } else {
-            Err(failed(parts, state, lock, Problem::unauthorized("the operator token is not valid")))
+            Err(failed(parts, state, Some(lock), Problem::unauthorized("the operator token is not valid")))
         }
     }
 }
@@ -652,10 +660,9 @@ impl FromRequestParts<AppState> for Caller {
         if token.starts_with(TENANT_SECRET_PREFIX) || token.starts_with(crate::oauth::ACCESS_TOKEN_PREFIX) {
             Ok(Caller::Tenant(Tenant::from_request_parts(parts, state).await?))
         } else {
-            // Counted against the source only: these routes are the tenants', and anyone who can
-            // reach them could otherwise lock the operator out with ten wrong tokens (of revoking
-            // a leaked key, say). Guessing the token here stays under the source's budget.
-            Operator::admit(parts, state, None).map(|Operator| Caller::Operator)
+            // Under a lock of these routes' own: anyone who can reach them could otherwise lock
+            // the operator out of its routes with ten wrong tokens (of revoking a leaked key, say).
+            Operator::admit(parts, state, OPERATOR_SHARED_ID).map(|Operator| Caller::Operator)
         }
     }
 }
