@@ -313,7 +313,7 @@ fn keys_brcodes_and_on_us_payments() {
         assert_eq!(problem(&r), (422, json!("invalid_creditor"), json!("creditor")));
         manual["creditor"]["document"] = json!("x");
         let r = c.post("/v1/pix/payments", &key_a, &manual).await.unwrap();
-        assert_eq!(problem(&r), (422, json!("invalid_document"), json!("creditor.document")));
+        assert_eq!(problem(&r), (422, json!("invalid_creditor"), json!("creditor")));
         assert_eq!(available(&mut c, &other).await, 0, "nothing moved");
         manual["creditor"]["document"] = json!(CPF_OTHER);
         manual["id"] = json!(uuid());

@@ -1802,7 +1802,12 @@ fn capture_failed(c: &Ctx, mut view: AuthorizationView, created_at: u64, result:
     } else {
         format!("the ledger refused the capture: {}", result.as_str())
     };
-    c.conclude(view, created_at, "capture", ResponseCode::DoNotHonor, None, vec![], vec![reason])
+    // Storage found inconsistent is rtpay's malfunction, not the cardholder's decline.
+    let code = match result {
+        TransferResult::PendingTransferInconsistent => ResponseCode::SystemMalfunction,
+        _ => ResponseCode::DoNotHonor,
+    };
+    c.conclude(view, created_at, "capture", code, None, vec![], vec![reason])
 }
 
 /// Whether `view` is a purchase declined here that the network may have approved in stand-in:

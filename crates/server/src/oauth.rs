@@ -198,7 +198,8 @@ pub async fn create_client(
             StatusCode::CONFLICT,
             "exists",
             "a client was already created under this Idempotency-Key; its secret was shown once",
-        ),
+        )
+        .field("Idempotency-Key"),
         _ => p,
     })?;
     Ok(secret_reply(

@@ -866,7 +866,8 @@ enum Target {
     Key(PixKey),
     Account(u128),
     /// An account of this institution named by hand (a manual Pix), with the CPF or CNPJ the
-    /// payer gave for its holder: the receiving side confirms the two belong together.
+    /// payer gave for its holder (as written): the receiving side confirms the two belong
+    /// together — after a repeat is looked up, so that one made before this was checked answers.
     Manual(u128, String),
     External(pix::spi::Party),
     /// A charge's location (a dynamic BR Code).
@@ -980,10 +981,7 @@ pub async fn create_payment(
                     "`creditor.account` must be an account id of this institution",
                 )
             })?;
-            let (document, _) = pix::document::any(&c.document).map_err(|e| {
-                Problem::invalid("creditor.document", "invalid_document", format!("`creditor.document`: {e}"))
-            })?;
-            ("manual", Target::Manual(account.as_u128(), document))
+            ("manual", Target::Manual(account.as_u128(), c.document.clone()))
         }
     };
     let print = fingerprint(&vault, &body);
@@ -1096,8 +1094,8 @@ pub async fn create_payment(
                 }),
                 // The document the payer gave must be the account holder's: a mistyped account
                 // would otherwise pay whoever holds it.
-                Target::Manual(account, document) => party(&rt, &vault, q, &ispb2, tenant_id, account)?.and_then(|p| {
-                    if p.identity.document != document {
+                Target::Manual(account, given) => party(&rt, &vault, q, &ispb2, tenant_id, account)?.and_then(|p| {
+                    if pix::document::any(&given).map(|(d, _)| d).as_ref() != Ok(&p.identity.document) {
                         return Err("`creditor.document` is not the account holder's CPF or CNPJ");
                     }
                     let view = p.view.clone();
