@@ -1190,6 +1190,15 @@ fn product_and_card_input_is_checked() {
             let r = c.post("/v1/cards", &key, &body).await.unwrap();
             assert_eq!((r.status.as_u16(), r.json()["field"].clone()), (422, json!(field)), "{body}");
         }
+        // A card spends its account's money: it is for the account's holder, not another.
+        let owner = new_holder(&mut c, &key, "person", "Maria Quitéria", "52998224725").await;
+        let stranger = new_holder(&mut c, &key, "person", "Joana Prado", "11144477735").await;
+        let owned = account(&mut c, &key, json!({"currency": "BRL", "holder_id": owner})).await;
+        let card =
+            |holder: &str| json!({"account_id": owned, "product_id": product, "type": "virtual", "holder_id": holder});
+        let r = c.post("/v1/cards", &key, &card(&stranger)).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("holder_mismatch")), "{:?}", r.json());
+        assert_eq!(c.post("/v1/cards", &key, &card(&owner)).await.unwrap().status, 201);
         // A physical card waits for activation.
         let r = c
             .post("/v1/cards", &key, &json!({"account_id": acct, "product_id": product, "type": "physical"}))

@@ -399,6 +399,16 @@ pub async fn create_card(
     if holder == Some(false) {
         return Err(Problem::invalid("holder_id", "unknown_holder", "`holder_id` names no holder of this tenant"));
     }
+    // A card spends its account's money: it is for the account's holder, where the account has one.
+    if let (Some(owner), Some(named)) = (account.holder, holder_id) {
+        if owner != named {
+            return Err(Problem::invalid(
+                "holder_id",
+                "holder_mismatch",
+                "`holder_id` is not the holder of the account the card spends from",
+            ));
+        }
+    }
     // A retry under its Idempotency-Key names the card it made: no second number is issued.
     let id = match crate::routes::tenants::idempotency_key(&headers)? {
         Some(key) => state.keys.derived_id(b"card", tenant.id, &key).as_u128(),
