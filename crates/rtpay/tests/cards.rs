@@ -1199,6 +1199,15 @@ fn product_and_card_input_is_checked() {
         let r = c.post("/v1/cards", &key, &card(&stranger)).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["code"].clone()), (422, json!("holder_mismatch")), "{:?}", r.json());
         assert_eq!(c.post("/v1/cards", &key, &card(&owner)).await.unwrap().status, 201);
+        // A retry whose first answer was lost is answered with the card, whatever changed since
+        // (its account closed): not refused by the checks of the moment.
+        let spare = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let spare_card = json!({"account_id": spare, "product_id": product, "type": "virtual"});
+        let made = send_to("/v1/cards", &spare_card, "card-then-close").await;
+        assert_eq!(made.status, 201, "{:?}", made.json());
+        assert_eq!(c.post(&format!("/v1/accounts/{spare}/close"), &key, &json!({})).await.unwrap().status, 200);
+        let again = send_to("/v1/cards", &spare_card, "card-then-close").await;
+        assert_eq!((again.status.as_u16(), again.json()["id"].clone()), (200, made.json()["id"].clone()));
         // A physical card waits for activation.
         let r = c
             .post("/v1/cards", &key, &json!({"account_id": acct, "product_id": product, "type": "physical"}))

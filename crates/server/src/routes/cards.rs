@@ -366,17 +366,44 @@ pub async fn create_card(
         }
     }
     let tenant_id = tenant.id;
-    let (product, account, holder) = query(&state, move |q| {
-        Ok((
-            q.card_product(tenant_id, product_id)?,
-            q.account(AccountKey { tenant: ledger::TenantId(tenant_id), id: AccountId(account_id) })?,
-            match holder_id {
-                Some(h) => Some(q.holder(tenant_id, h)?.is_some()),
-                None => None,
-            },
-        ))
+    // A retry under its Idempotency-Key names the card it made: no second number is issued.
+    let keyed = crate::routes::tenants::idempotency_key(&headers)?;
+    let id = match &keyed {
+        Some(key) => state.keys.derived_id(b"card", tenant.id, key).as_u128(),
+        None => new_uuid().as_u128(),
+    };
+    let (product, account, holder, made) = query(&state, {
+        let keyed = keyed.is_some();
+        move |q| {
+            Ok((
+                q.card_product(tenant_id, product_id)?,
+                q.account(AccountKey { tenant: ledger::TenantId(tenant_id), id: AccountId(account_id) })?,
+                match holder_id {
+                    Some(h) => Some(q.holder(tenant_id, h)?.is_some()),
+                    None => None,
+                },
+                if keyed { q.card(tenant_id, id)? } else { None },
+            ))
+        }
     })
     .await?;
+    // A repeat is answered before the checks of the moment (an account closed since, say): the
+    // card was made, and the client that lost the answer learns it.
+    if let Some(row) = made {
+        let found: StoredCard = serde_json::from_str(&row.body).map_err(|_| Problem::internal())?;
+        let asked = StoredCard {
+            product_id: uuid_string(product_id),
+            account_id: uuid_string(account_id),
+            holder_id: holder_id.map(uuid_string),
+            kind: body.kind.clone(),
+            limits: limits.clone(),
+            blocked_mccs: blocked.clone(),
+            ecommerce: body.ecommerce.unwrap_or(true),
+            ..found.clone()
+        };
+        audit.0.set_resource(uuid_string(id));
+        return repeat_answer(id, &row.status, &found, &asked);
+    }
     let product: StoredProduct = match product {
         Some(p) => serde_json::from_str(&p).map_err(|_| Problem::internal())?,
         None => {
@@ -409,11 +436,6 @@ pub async fn create_card(
             ));
         }
     }
-    // A retry under its Idempotency-Key names the card it made: no second number is issued.
-    let id = match crate::routes::tenants::idempotency_key(&headers)? {
-        Some(key) => state.keys.derived_id(b"card", tenant.id, &key).as_u128(),
-        None => new_uuid().as_u128(),
-    };
     audit.0.set_resource(uuid_string(id));
     let now = store::now_nanos();
     let (y, m, _) = civil_date(now);
@@ -478,16 +500,22 @@ pub async fn create_card(
     .await?;
     match result.map_err(Problem::from)? {
         Ok(card) => Ok(reply(StatusCode::CREATED, &card_view(id, status.as_str(), &card))),
-        Err((status, found)) if same_request(&found, &template) => {
-            Ok(reply(StatusCode::OK, &card_view(id, &status, &found)))
-        }
-        Err(_) => Err(Problem::new(
-            StatusCode::CONFLICT,
-            "exists_with_different_fields",
-            "a card was already made under this Idempotency-Key with other fields",
-        )
-        .field("Idempotency-Key")),
+        Err((status, found)) => repeat_answer(id, &status, &found, &template),
     }
+}
+
+/// The answer to a repeat under an `Idempotency-Key` that made `found`: the card, when `asked` is
+/// the same request; else 409.
+fn repeat_answer(id: u128, status: &str, found: &StoredCard, asked: &StoredCard) -> Result<Response, Problem> {
+    if same_request(found, asked) {
+        return Ok(reply(StatusCode::OK, &card_view(id, status, found)));
+    }
+    Err(Problem::new(
+        StatusCode::CONFLICT,
+        "exists_with_different_fields",
+        "a card was already made under this Idempotency-Key with other fields",
+    )
+    .field("Idempotency-Key"))
 }
 
 /// Whether a card made before asked for what `card` asks: the same account, product, holder, type,
