@@ -396,7 +396,7 @@ pub async fn create_card(
             account_id: uuid_string(account_id),
             holder_id: holder_id.map(uuid_string),
             kind: body.kind.clone(),
-            limits: limits.clone(),
+            limits,
             blocked_mccs: blocked.clone(),
             ecommerce: body.ecommerce.unwrap_or(true),
             ..found.clone()
