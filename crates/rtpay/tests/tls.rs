@@ -40,12 +40,39 @@ async fn token_over_https(
     id: &str,
     secret: &str,
 ) -> (u16, Value) {
+    token_over_https_from(None, addr, ca_pem, client, id, secret).await
+}
+
+/// [`token_over_https`] from the loopback address `source` (each address has its own budget of
+/// failed authentications).
+async fn token_over_https_from(
+    source: Option<&str>,
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<&(String, String)>,
+    id: &str,
+    secret: &str,
+) -> (u16, Value) {
     let form = format!("grant_type=client_credentials&client_id={id}&client_secret={secret}");
     let headers = [("content-type", "application/x-www-form-urlencoded".to_owned())];
-    https_raw(addr, ca_pem, client, "POST", "/oauth/token", &headers, Bytes::from(form)).await.unwrap()
+    https_from(source, addr, ca_pem, client, "POST", "/oauth/token", &headers, Bytes::from(form)).await.unwrap()
 }
 
 async fn https_raw(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<&(String, String)>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Bytes,
+) -> Result<(u16, Value), String> {
+    https_from(None, addr, ca_pem, client, method, path, headers, body).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn https_from(
+    source: Option<&str>,
     addr: std::net::SocketAddr,
     ca_pem: &str,
     client: Option<&(String, String)>,
@@ -70,7 +97,11 @@ async fn https_raw(
             )
             .unwrap(),
     };
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    if let Some(ip) = source {
+        socket.bind(format!("{ip}:0").parse().unwrap()).map_err(|e| e.to_string())?;
+    }
+    let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) =
@@ -202,6 +233,10 @@ fn tls_and_client_certificates_bound_to_tenants() {
         }
         let (one, two) = (&clients[0], &clients[1]);
         let cert_one = authority.issue(&[], &[&format!("urn:rtpay:client:{}", one.0)]);
+        // Refusals count against their address: these come from another than those above.
+        let token_over_https = |addr, ca_pem, client, id, secret| {
+            token_over_https_from(Some("127.0.0.2"), addr, ca_pem, client, id, secret)
+        };
         let (status, body) = token_over_https(addr, &ca_pem, None, &one.0, &one.1).await;
         assert_eq!((status, body["error"].clone()), (401, json!("invalid_client")), "{body}");
         assert!(body["error_description"].as_str().unwrap().contains("requires a client certificate"), "{body}");
@@ -230,10 +265,22 @@ fn tls_and_client_certificates_bound_to_tenants() {
         // A certificate from another CA does not get through the handshake.
         let refused = https(addr, &ca_pem, Some(&stranger), "GET", "/healthz", "", None).await;
         assert!(refused.is_err(), "{refused:?}");
-        // Nothing was created by the refused requests.
-        let (status, body) =
-            https(addr, &ca_pem, Some(&operator_cert), "GET", "/v1/audit?limit=1000", OPERATOR, None).await.unwrap();
-        assert_eq!(status, 200);
+        // Nothing was created by the refused requests. (Read from another address: this one has
+        // spent its budget of failed authentications on them.)
+        let headers = [("authorization", format!("Bearer {OPERATOR}"))];
+        let (status, body) = https_from(
+            Some("127.0.0.3"),
+            addr,
+            &ca_pem,
+            Some(&operator_cert),
+            "GET",
+            "/v1/audit?limit=1000",
+            &headers,
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
         let created: Vec<&Value> =
             body["entries"].as_array().unwrap().iter().filter(|e| e["action"] == json!("POST /v1/accounts")).collect();
         assert_eq!(created.iter().filter(|e| e["outcome"] == json!("created")).count(), 3);
@@ -310,6 +357,75 @@ fn the_right_key_from_the_wrong_certificate_does_not_clear_its_failures() {
         let (status, body) =
             https(addr, &ca_pem, Some(&cert_a), "POST", "/v1/accounts", key_a, Some(account.clone())).await.unwrap();
         assert_eq!((status, body["code"].clone()), (429, json!("credential_locked")), "{body}");
+    });
+}
+
+/// An OAuth client's certificate can present that client only: wrong secrets from it for another
+/// client do not lock that client. And the right credential from the wrong certificate, refused
+/// and recorded each time, counts against the source: repeated, it is throttled (429, not
+/// recorded) instead of growing the audit log at will.
+#[test]
+fn a_client_certificate_locks_only_its_client_and_mismatches_are_throttled() {
+    let authority = TestCa::new("rtpay test CA");
+    let ca_pem = authority.pem();
+    let server = mutual_tls_server("tls-mismatch", &authority);
+    let addr = server.addr;
+    runtime().block_on(async {
+        let operator_cert = authority.issue(&[], &["urn:rtpay:operator"]);
+        let (status, body) =
+            https(addr, &ca_pem, Some(&operator_cert), "POST", "/v1/tenants", OPERATOR, Some(json!({"name": "a"})))
+                .await
+                .unwrap();
+        assert_eq!(status, 201, "{body}");
+        let tenant = body["id"].as_str().unwrap().to_owned();
+        let key = body["api_key"]["secret"].as_str().unwrap().to_owned();
+        let cert_tenant = authority.issue(&[], &[&format!("urn:rtpay:tenant:{tenant}")]);
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let scopes = json!({"scopes": ["accounts:read"]});
+            let (status, body) =
+                https(addr, &ca_pem, Some(&cert_tenant), "POST", "/v1/oauth-clients", &key, Some(scopes))
+                    .await
+                    .unwrap();
+            assert_eq!(status, 201, "{body}");
+            clients.push((
+                body["client_id"].as_str().unwrap().to_owned(),
+                body["client_secret"].as_str().unwrap().to_owned(),
+            ));
+        }
+        let (one, two) = (&clients[0], &clients[1]);
+        let cert_one = authority.issue(&[], &[&format!("urn:rtpay:client:{}", one.0)]);
+        let wrong = "0".repeat(43);
+        for _ in 0..10 {
+            let (status, body) = token_over_https(addr, &ca_pem, Some(&cert_one), &two.0, &wrong).await;
+            assert_eq!((status, body["error"].clone()), (401, json!("invalid_client")), "{body}");
+        }
+        let (status, body) = token_over_https(addr, &ca_pem, Some(&cert_tenant), &two.0, &two.1).await;
+        assert_eq!(status, 200, "client one's certificate could never present client two: {body}");
+
+        // Ten failures counted against this address so far (its burst is 20).
+        let mut answers = Vec::new();
+        for _ in 0..15 {
+            let (status, body) =
+                https(addr, &ca_pem, Some(&cert_one), "GET", "/v1/accounts/not-read", &key, None).await.unwrap();
+            answers.push((status, body["code"].as_str().unwrap_or_default().to_owned()));
+        }
+        let mismatches = answers.iter().filter(|a| *a == &(403, "client_certificate_mismatch".to_owned())).count();
+        let throttled = answers.iter().filter(|a| *a == &(429, "auth_throttled".to_owned())).count();
+        assert_eq!(mismatches + throttled, 15, "{answers:?}");
+        assert!((10..=11).contains(&mismatches), "the address's budget ends the mismatches: {answers:?}");
+        // The address's budget refills at 10 a minute; the operator reads from the same address.
+        std::thread::sleep(std::time::Duration::from_secs(7));
+        let (status, body) =
+            https(addr, &ca_pem, Some(&operator_cert), "GET", "/v1/audit?limit=1000", OPERATOR, None).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let recorded = body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == json!("GET /v1/accounts/{id}") && e["outcome"] == json!("403"))
+            .count();
+        assert_eq!(recorded, mismatches, "each refusal recorded, no throttled one");
     });
 }
 

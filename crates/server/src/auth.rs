@@ -317,8 +317,8 @@ pub(crate) fn failed(parts: &Parts, state: &AppState, id: Option<&str>, problem:
 /// certificate, with one that names no rtpay identity, a tenant's or a client's against the
 /// operator, the operator's against a tenant's, or an OAuth client's against an API key, could
 /// never use it, and must not lock out those who can. (A tenant's certificate still counts
-/// against another tenant's key or client it names: which tenant a failed key belongs to is not
-/// known without it.)
+/// against another tenant's key it names: which tenant a failed key belongs to is not known
+/// without it. An OAuth client's certificate counts only against that client.)
 pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
     use crate::limits::AfterFailure;
     use crate::tls::PeerIdentity as P;
@@ -327,7 +327,9 @@ pub(crate) fn count_failure(parts: &Parts, state: &AppState, id: Option<&str>) {
         Some(P::Anonymous | P::Unbound) => false,
         Some(P::Operator) => operator_lock(id),
         Some(P::Tenant(_)) => !operator_lock(id),
-        Some(P::Client(_)) => id.starts_with("client:"),
+        Some(P::Client(c)) => {
+            id.strip_prefix("client:").and_then(|u| uuid::Uuid::parse_str(u).ok()) == Some(uuid::Uuid::from_u128(*c))
+        }
     });
     if let Some(slot) = parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>() {
         slot.mark_failure_counted();
@@ -381,8 +383,10 @@ impl Credential {
 
 /// With mTLS, the credential must belong to the identity the client certificate names. A refusal
 /// is recorded in the audit log whatever the method: a credential presented with another
-/// identity's certificate (or none) may well be a stolen one.
-pub(crate) fn bound_to(parts: &Parts, credential: Credential) -> Result<(), Problem> {
+/// identity's certificate (or none) may well be a stolen one. It counts as a failed
+/// authentication against the source (not against the credential, which its owner may still
+/// use): else a caller could repeat it, each time one append to the audit log, with no limit.
+pub(crate) fn bound_to(parts: &Parts, state: &AppState, credential: Credential) -> Result<(), Problem> {
     let problem = match parts.extensions.get::<crate::tls::PeerIdentity>() {
         None => return Ok(()),
         Some(peer) if credential.presented_by(*peer) => return Ok(()),
@@ -400,6 +404,7 @@ pub(crate) fn bound_to(parts: &Parts, credential: Credential) -> Result<(), Prob
     if let Some(slot) = parts.extensions.get::<std::sync::Arc<crate::audit_trail::Slot>>() {
         slot.record_read();
     }
+    count_failure(parts, state, None);
     Err(problem)
 }
 
@@ -461,7 +466,7 @@ impl Operator {
             // Named before the certificate is checked: a refusal for the certificate is recorded
             // as the credential's, not as an anonymous request.
             crate::audit_trail::identify(parts, None, "operator".into());
-            bound_to(parts, Credential::Operator)?;
+            bound_to(parts, state, Credential::Operator)?;
             state.auth_guard.succeeded(lock);
             Ok(Operator)
         } else {
@@ -618,7 +623,7 @@ fn admit(
     let name = name.unwrap_or_else(|| credential_name(kind, tenant.key_id));
     // Named before the certificate is checked, as the operator is.
     crate::audit_trail::identify(parts, Some(tenant.id), name);
-    bound_to(parts, credential)?;
+    bound_to(parts, state, credential)?;
     if let Some(id) = lock_id {
         state.auth_guard.succeeded(id);
     }

@@ -167,6 +167,7 @@ pub struct OAuthClientView {
 pub async fn create_client(
     State(state): State<AppState>,
     tenant: Tenant,
+    audit: crate::audit_trail::Audit,
     headers: axum::http::HeaderMap,
     Json(body): Json<OAuthClientBody>,
 ) -> Result<Response, Problem> {
@@ -202,6 +203,7 @@ pub async fn create_client(
         .field("Idempotency-Key"),
         _ => p,
     })?;
+    crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await?;
     Ok(secret_reply(
         StatusCode::CREATED,
         &OAuthClientView {
@@ -389,8 +391,12 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
     let hash = state.keys.secret_hash(&secret);
     let client = match found {
         Some((client, stored)) if client.revoked_at.is_none() && constant_time_eq(&hash, &stored) => client,
-        Some(_) => {
-            count_failure(&parts, &state, Some(&lock_id));
+        Some((client, _)) => {
+            // A tenant's certificate counts against its own tenant's clients only: this
+            // client's tenant is known (unlike an API key's, whose wrong secret finds nothing).
+            let other_tenant = matches!(parts.extensions.get::<crate::tls::PeerIdentity>(),
+                Some(crate::tls::PeerIdentity::Tenant(t)) if *t != client.tenant_id);
+            count_failure(&parts, &state, Some(lock_id.as_str()).filter(|_| !other_tenant));
             return unknown();
         }
         None => {
@@ -401,7 +407,7 @@ pub async fn token(State(state): State<AppState>, request: axum::extract::Reques
     let credential = crate::auth::Credential::Client { tenant: client.tenant_id, client: client.id };
     // Named before the certificate is checked, as every credential is.
     crate::audit_trail::identify(&parts, Some(client.tenant_id), lock_id.clone());
-    if let Err(p) = crate::auth::bound_to(&parts, credential) {
+    if let Err(p) = crate::auth::bound_to(&parts, &state, credential) {
         // RFC 8705 §2: a client whose certificate does not fit is an `invalid_client`.
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &p.detail);
     }
