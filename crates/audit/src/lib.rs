@@ -206,6 +206,9 @@ pub enum Finding {
     /// Entries past the last signed head: every append signs a head in the same commit, so
     /// these were inserted behind the log's back.
     Unsigned { from: u64 },
+    /// A tree head saved outside storage (see [`LogVerifier::pin`]) differs from the stored
+    /// entries of its size: the log was cut back to before it and written on.
+    Rewritten { size: u64 },
 }
 
 impl std::fmt::Display for Finding {
@@ -231,6 +234,11 @@ impl std::fmt::Display for Finding {
                 f,
                 "entries from {from} on are covered by no signed tree head: they were inserted"
             ),
+            Finding::Rewritten { size } => write!(
+                f,
+                "the saved tree head of size {size} does not match the first {size} stored entries: the log \
+                 was cut back and written on"
+            ),
         }
     }
 }
@@ -242,12 +250,31 @@ pub struct LogVerifier<'k> {
     frontier: Frontier,
     last_time: u64,
     verified_size: u64,
+    pinned: Option<TreeHead>,
     pub entries: u64,
 }
 
 impl<'k> LogVerifier<'k> {
     pub fn new(public_key: &'k [u8]) -> Self {
-        LogVerifier { public_key, frontier: Frontier::default(), last_time: 0, verified_size: 0, entries: 0 }
+        LogVerifier {
+            public_key,
+            frontier: Frontier::default(),
+            last_time: 0,
+            verified_size: 0,
+            pinned: None,
+            entries: 0,
+        }
+    }
+
+    /// A signed head kept outside storage (as `GET /v1/audit/tree-head` gave it) that the log
+    /// must still contain: the heads in storage prove nothing about entries cut off together with
+    /// them. Refused if its signature does not verify under the key.
+    pub fn pin(&mut self, head: TreeHead, signature: &[u8]) -> Result<(), Finding> {
+        if !verify_head(self.public_key, &head, signature) {
+            return Err(Finding::Signature { size: head.size });
+        }
+        self.pinned = Some(head);
+        Ok(())
     }
 
     /// Feeds the next stored entry with its stored leaf hash.
@@ -266,6 +293,11 @@ impl<'k> LogVerifier<'k> {
         self.last_time = entry.time;
         self.frontier.append(leaf, &mut Vec::new());
         self.entries += 1;
+        if let Some(pinned) = self.pinned.as_ref().filter(|p| p.size == self.frontier.size()) {
+            if self.frontier.root() != pinned.root {
+                return Err(Finding::Rewritten { size: pinned.size });
+            }
+        }
         Ok(())
     }
 
@@ -297,7 +329,7 @@ impl<'k> LogVerifier<'k> {
 
     /// After everything: `last_head` is the largest signed size seen (0 for none).
     pub fn finish(&self, last_head: u64) -> Result<(), Finding> {
-        self.beyond(last_head)?;
+        self.beyond(last_head.max(self.pinned.as_ref().map_or(0, |p| p.size)))?;
         if self.size() > last_head {
             return Err(Finding::Unsigned { from: last_head + 1 });
         }

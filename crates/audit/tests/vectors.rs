@@ -347,3 +347,51 @@ fn the_log_verifier_names_the_first_problem() {
     forged[0].1[0] ^= 1;
     assert_eq!(run(&stored, &forged), Err(Finding::Signature { size: 3 }));
 }
+
+/// The signed heads in storage prove nothing about entries cut off together with them; a head
+/// saved elsewhere does: cut back before it (and written on, as a node would after the cut), the
+/// log no longer contains it.
+#[test]
+fn a_saved_head_catches_a_log_cut_back_with_its_heads() {
+    let signer = Signer::from_pkcs8(&Signer::generate_pkcs8().unwrap()).unwrap();
+    let make = |entries: &[Entry]| {
+        let mut frontier = Frontier::default();
+        let mut heads = Vec::new();
+        for e in entries {
+            frontier.append(e.leaf_hash(), &mut Vec::new());
+            let head = TreeHead { size: e.seq, root: frontier.root(), time: e.time };
+            heads.push((head.clone(), signer.sign(&head)));
+        }
+        heads
+    };
+    let run = |entries: &[Entry], heads: &[(TreeHead, Vec<u8>)], pinned: Option<&(TreeHead, Vec<u8>)>| {
+        let mut v = LogVerifier::new(signer.public_key());
+        if let Some((head, signature)) = pinned {
+            v.pin(head.clone(), signature)?;
+        }
+        for (e, (head, signature)) in entries.iter().zip(heads) {
+            v.entry(e, &e.leaf_hash())?;
+            v.head(head, signature)?;
+        }
+        v.finish(heads.last().map_or(0, |(h, _)| h.size))?;
+        Ok::<u64, Finding>(v.entries)
+    };
+    let entries: Vec<Entry> = (1..=6).map(|s| entry(s, "POST /v1/transfers")).collect();
+    let heads = make(&entries);
+    let saved = heads[5].clone();
+    assert_eq!(run(&entries, &heads, Some(&saved)), Ok(6));
+    assert_eq!(run(&entries, &heads, Some(&heads[2])), Ok(6), "an older saved head is contained");
+    // Cut back to 4 entries with their heads: consistent in itself.
+    assert_eq!(run(&entries[..4], &heads[..4], None), Ok(4));
+    assert_eq!(run(&entries[..4], &heads[..4], Some(&saved)), Err(Finding::Missing { size: 6, stored: 4 }));
+    // Written on after the cut: as many entries again, other ones, with heads signed properly.
+    let mut rewritten = entries[..4].to_vec();
+    rewritten.extend((5..=7).map(|s| entry(s, "DELETE /v1/api-keys")));
+    let rewritten_heads = make(&rewritten);
+    assert_eq!(run(&rewritten, &rewritten_heads, None), Ok(7));
+    assert_eq!(run(&rewritten, &rewritten_heads, Some(&saved)), Err(Finding::Rewritten { size: 6 }));
+    // A saved head must carry the key's signature.
+    let mut forged = saved.clone();
+    forged.1[0] ^= 1;
+    assert_eq!(run(&entries, &heads, Some(&forged)), Err(Finding::Signature { size: 6 }));
+}

@@ -1,7 +1,7 @@
 //! `rtpay`: a real-time payments core in one binary.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -269,10 +269,41 @@ enum AuditCommand {
         /// audit key file.
         #[arg(long)]
         public_key: Option<String>,
+        /// A tree head saved outside storage, as `GET /v1/audit/tree-head` answered it (a JSON
+        /// file): the log must still contain it. The heads in storage cannot show that the log
+        /// was cut back together with them; a head kept elsewhere can.
+        #[arg(long, value_name = "FILE")]
+        head: Option<PathBuf>,
     },
 }
 
-fn audit_verify(storage: &StorageArgs, public_key: Option<&str>) -> Result<store::AuditReport, String> {
+/// A tree head saved from `GET /v1/audit/tree-head`.
+fn saved_head(path: &Path) -> Result<(audit::TreeHead, Vec<u8>), String> {
+    let fail = |why: &str| format!("--head {}: {why}", path.display());
+    let text = std::fs::read(path).map_err(|e| fail(&e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| fail(&format!("not JSON ({e})")))?;
+    let size =
+        value["tree_size"].as_u64().filter(|s| *s > 0).ok_or_else(|| fail("`tree_size` must be a positive integer"))?;
+    let time = value["timestamp"].as_u64().ok_or_else(|| fail("`timestamp` must be an integer"))?;
+    let root = value["root_hash"]
+        .as_str()
+        .and_then(server::auth::unhex)
+        .and_then(|r| <audit::Hash>::try_from(r).ok())
+        .ok_or_else(|| fail("`root_hash` must be 64 hex digits"))?;
+    let signature = value["signature"]
+        .as_str()
+        .and_then(server::auth::unhex)
+        .filter(|s| s.len() == 64)
+        .ok_or_else(|| fail("`signature` must be 128 hex digits"))?;
+    Ok((audit::TreeHead { size, root, time }, signature))
+}
+
+fn audit_verify(
+    storage: &StorageArgs,
+    public_key: Option<&str>,
+    head: Option<&Path>,
+) -> Result<store::AuditReport, String> {
+    let saved = head.map(saved_head).transpose()?;
     let public_key = match public_key {
         Some(hex) => server::auth::unhex(hex).filter(|k| k.len() == 32).ok_or("--public-key must be 64 hex digits")?,
         None => {
@@ -284,7 +315,7 @@ fn audit_verify(storage: &StorageArgs, public_key: Option<&str>) -> Result<store
         }
     };
     let queries = store::Store::open_queries(&storage.location()).map_err(|e| e.to_string())?;
-    store::audit_verify(queries.as_ref(), &public_key).map_err(|e| e.to_string())
+    store::audit_verify(queries.as_ref(), &public_key, saved).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -473,13 +504,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        CommandLine::Audit { command: AuditCommand::Verify { storage, public_key } } => {
-            match audit_verify(&storage, public_key.as_deref()) {
+        CommandLine::Audit { command: AuditCommand::Verify { storage, public_key, head } } => {
+            match audit_verify(&storage, public_key.as_deref(), head.as_deref()) {
                 Ok(report) => match report.finding {
                     None => {
                         println!(
-                            "ok: {} audit entries, {} signed tree heads, every hash and signature checks",
-                            report.entries, report.heads
+                            "ok: {} audit entries, {} signed tree heads, every hash and signature checks{}",
+                            report.entries,
+                            report.heads,
+                            if head.is_some() { "; the saved tree head is contained" } else { "" }
                         );
                         ExitCode::SUCCESS
                     }
@@ -517,8 +550,9 @@ fn main() -> ExitCode {
         CommandLine::Keys { command: KeysCommand::Rotate { storage, add_only, rewrap_only } } => {
             let kek = rtpay::keys::KekConfig::or_default(storage.kek.clone(), &storage.data);
             let location = storage.location();
-            // The rotation is recorded in the audit log, signed with the log's own key: without
-            // it nothing is rotated.
+            // The rotation is recorded in the audit log, signed with the log's own key, before it
+            // starts and when it ends: without the key, or if the first entry cannot be written,
+            // nothing is rotated.
             let path = storage.audit_key.clone().unwrap_or_else(|| rtpay::serve::default_audit_key(&storage.data));
             let signer = match rtpay::serve::audit_signer(&path) {
                 Ok(signer) => Arc::new(signer),
@@ -547,6 +581,22 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
+            let draft = |outcome: String| audit::Draft {
+                tenant: None,
+                actor: "operator".into(),
+                action: "keys.rotate".into(),
+                resource: "kek".into(),
+                request_id: String::new(),
+                source: "cli".into(),
+                outcome,
+            };
+            if let Err(e) = store::Store::append_audit_beside(&location, signer.clone(), vec![draft("started".into())])
+            {
+                eprintln!(
+                    "rtpay keys rotate: the rotation could not be recorded in the audit log: {e}; nothing was rotated"
+                );
+                return ExitCode::FAILURE;
+            }
             let result: Result<String, rtpay::serve::Error> = queries.map_err(|e| e.to_string().into()).and_then(|q| {
                 if add_only {
                     Ok(format!(
@@ -566,16 +616,7 @@ fn main() -> ExitCode {
                 Err(e) => format!("failed: {e}"),
             };
             // An operator action like any other: recorded, whether it worked or not.
-            let draft = audit::Draft {
-                tenant: None,
-                actor: "operator".into(),
-                action: "keys.rotate".into(),
-                resource: "kek".into(),
-                request_id: String::new(),
-                source: "cli".into(),
-                outcome,
-            };
-            let audited = store::Store::append_audit_beside(&location, signer, vec![draft]);
+            let audited = store::Store::append_audit_beside(&location, signer, vec![draft(outcome)]);
             if let Err(e) = &audited {
                 eprintln!("rtpay keys rotate: the rotation could not be recorded in the audit log: {e}");
             }

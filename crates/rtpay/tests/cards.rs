@@ -1056,8 +1056,9 @@ fn an_issuer_without_its_storage_answers_91_and_a_garbled_card_96() {
     assert!(ok, "{report}");
 }
 
-/// What a reveal shows (a card's number and CVV2, the webhooks' signing secret) never leaves
-/// without its audit entry: one that cannot be recorded answers 503 and shows nothing. (The entry
+/// What a reveal shows (a card's number and CVV2, the webhooks' signing secret), and a new
+/// credential's secret (a tenant's, an API key's, an OAuth client's), never leaves without its
+/// audit entry: one that cannot be recorded answers 503 and shows nothing. (The entry
 /// was written after the answer was decided, and a failure to write it only logged.)
 #[test]
 fn a_reveal_that_cannot_be_recorded_shows_nothing() {
@@ -1065,6 +1066,7 @@ fn a_reveal_that_cannot_be_recorded_shows_nothing() {
     let server = Server::start(&temp_dir("cards-reveal-unrecorded"), Some(&url));
     let rt = runtime();
     let i = rt.block_on(async { issue(&mut server.client(), json!({}), json!({})).await });
+    let (tenant_id, tenant_key) = rt.block_on(async { tenant(&mut server.client(), "unrecorded").await });
     let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     // From here no audit entry can be written; the reads a reveal makes are untouched.
     admin
@@ -1083,6 +1085,16 @@ fn a_reveal_that_cannot_be_recorded_shows_nothing() {
         let r = c.get("/v1/pix/webhook-secret", &i.key).await.unwrap();
         assert_eq!(r.status, 503, "{:?}", r.json());
         assert!(r.json().get("secret").is_none());
+        // Nor does a new credential's secret.
+        let r = c.post("/v1/tenants", OPERATOR, &json!({"name": "t"})).await.unwrap();
+        assert_eq!(r.status, 503, "{:?}", r.json());
+        assert!(r.json().get("api_key").is_none(), "{:?}", r.json());
+        let r = c.post(&format!("/v1/tenants/{tenant_id}/api-keys"), OPERATOR, &json!({})).await.unwrap();
+        assert_eq!(r.status, 503, "{:?}", r.json());
+        assert!(r.json().get("secret").is_none(), "{:?}", r.json());
+        let r = c.post("/v1/oauth-clients", &tenant_key, &json!({"scopes": ["accounts:read"]})).await.unwrap();
+        assert_eq!(r.status, 503, "{:?}", r.json());
+        assert!(r.json().get("client_secret").is_none(), "{:?}", r.json());
     });
     admin.batch_execute("DROP TRIGGER refuse_audit ON audit_entries").unwrap();
     rt.block_on(async {

@@ -188,11 +188,15 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
             .collect();
         assert_eq!(
             cli,
-            vec![(
-                json!("operator"),
-                json!("cli"),
-                json!("key-encryption key version 2 created; 2 data key(s) re-wrapped")
-            )]
+            vec![
+                (json!("operator"), json!("cli"), json!("started")),
+                (
+                    json!("operator"),
+                    json!("cli"),
+                    json!("key-encryption key version 2 created; 2 data key(s) re-wrapped")
+                )
+            ],
+            "recorded before it starts (so no rotation goes unrecorded) and when it ends"
         );
     });
     check(&server);

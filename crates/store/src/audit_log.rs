@@ -189,11 +189,21 @@ pub fn audit_key_signs(queries: &dyn Queries, public_key: &[u8]) -> Result<bool>
     Ok(queries.audit_first_head()?.is_none_or(|h| audit::verify_head(public_key, &h.head, &h.signature)))
 }
 
-/// Recomputes every leaf and every signed head from storage, streaming.
-pub fn audit_verify(queries: &dyn Queries, public_key: &[u8]) -> Result<AuditReport> {
+/// Recomputes every leaf and every signed head from storage, streaming; and checks that the log
+/// still contains `saved`, a signed head kept outside storage (see [`audit::LogVerifier::pin`]).
+pub fn audit_verify(
+    queries: &dyn Queries,
+    public_key: &[u8],
+    saved: Option<(audit::TreeHead, Vec<u8>)>,
+) -> Result<AuditReport> {
     let mut verifier = audit::LogVerifier::new(public_key);
     let mut heads = 0;
     let mut finding = None;
+    if let Some((head, signature)) = saved {
+        if let Err(f) = verifier.pin(head, &signature) {
+            return Ok(AuditReport { entries: 0, heads: 0, finding: Some(f) });
+        }
+    }
     let mut last_head = 0;
     queries.audit_scan(&mut |item| {
         let result = match item {

@@ -631,18 +631,18 @@ pub fn audit_log(location: Location) {
         let proof = crate::audit_consistency(store.queries.as_ref(), first, 10).unwrap();
         assert!(audit::merkle::verify_consistency(first, 10, &old_root, &head.head.root, &proof));
     }
-    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
+    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key(), None).unwrap();
     assert_eq!((report.entries, report.finding), (10, None));
     assert_eq!(report.heads, 10, "one signed head per batch");
     let stranger = audit::Signer::from_pkcs8(&audit::Signer::generate_pkcs8().unwrap()).unwrap();
-    let report = crate::audit_verify(store.queries.as_ref(), stranger.public_key()).unwrap();
+    let report = crate::audit_verify(store.queries.as_ref(), stranger.public_key(), None).unwrap();
     assert_eq!(report.finding, Some(audit::Finding::Signature { size: 1 }));
 
     // The tree goes on where it stopped after a restart.
     store.close();
     let store = Store::open_with(&location, Arc::new(move || now.load(Ordering::SeqCst)), signer.clone()).unwrap();
     store.engine.execute(crate::Command::Audit(vec![draft(None, "after restart")])).unwrap();
-    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
+    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key(), None).unwrap();
     assert_eq!((report.entries, report.finding), (11, None));
 
     // An operator action from the command line, beside the running writer (whose clock is far
@@ -657,7 +657,7 @@ pub fn audit_log(location: Location) {
     assert!(all.windows(2).all(|w| w[0].time < w[1].time), "times increase across both writers");
     let created = out[0].transfer.as_ref().expect("created").timestamp;
     assert!(created > all[12].time, "the ledger clock is past the command line's entry");
-    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
+    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key(), None).unwrap();
     assert_eq!((report.entries, report.finding), (13, None));
     // The log's own key is the one that signed its first head; a stray key appends nothing (its
     // writer finds the newest head signed by another key) and is not let on.
@@ -694,7 +694,7 @@ pub fn audit_log(location: Location) {
     assert!(matches!(&refused, Err(StoreError::Corrupt(_))), "{refused:?}");
     tamper_audit_edge(&location, &original, "INSERT INTO audit_heads SELECT * FROM saved_heads WHERE size = 13");
     store.engine.execute(crate::Command::Audit(vec![draft(None, "restored")])).unwrap();
-    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key()).unwrap();
+    let report = crate::audit_verify(store.queries.as_ref(), signer.public_key(), None).unwrap();
     assert_eq!((report.entries, report.finding), (14, None));
     store.close();
 }

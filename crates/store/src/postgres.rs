@@ -1814,7 +1814,9 @@ impl Queries for PgQueries {
                     if entry_buf.is_empty() {
                         for row in tx.borrow_mut().query_portal(&entries, 10_000).map_err(unavailable)? {
                             let (entry, leaf) = audit_row(&row)?;
-                            entry_buf.push_back((entry, leaf.expect("scan selects the leaf hash")));
+                            let leaf =
+                                leaf.ok_or_else(|| corrupt(format!("audit entry {} has no leaf hash", entry.seq)))?;
+                            entry_buf.push_back((entry, leaf));
                         }
                     }
                     Ok(entry_buf.pop_front())

@@ -2407,7 +2407,10 @@ impl Queries for SqliteQueries {
                     || {
                         let Some(row) = entry_rows.next().map_err(unavailable)? else { return Ok(None) };
                         let (entry, leaf) = audit_row(row)?;
-                        Ok(Some((entry, leaf.expect("scan selects the leaf hash"))))
+                        // Selected, so absent only if stored as something else than bytes.
+                        let leaf =
+                            leaf.ok_or_else(|| corrupt(format!("audit entry {} has no leaf hash", entry.seq)))?;
+                        Ok(Some((entry, leaf)))
                     },
                     || head_rows.next().map_err(unavailable)?.map(head_row).transpose(),
                     visit,

@@ -639,7 +639,7 @@ async fn reveal(state: AppState, tenant: Tenant, audit: Audit, id: String) -> Re
     })
     .await?;
     let (number, cvv2) = result.map_err(Problem::from)?;
-    crate::routes::record_before_answer(&state, &audit).await?;
+    crate::routes::record_before_answer(&state, &audit, StatusCode::OK).await?;
     Ok(crate::json::secret_reply(
         StatusCode::OK,
         &RevealView { id: uuid_string(row.id), number, expiry: mm_yy(&card.expiry), cvv2 },

@@ -28,12 +28,13 @@ pub async fn submit(state: &AppState, audit: &Audit, command: Command) -> Result
     submit_recorded(state, audit, command, None).await
 }
 
-/// Records the request's audit entry, as answered `200`, before the answer goes out: what the
-/// answer shows (a card's number, the webhooks' signing secret) never leaves without its entry.
-/// `503` when it cannot be recorded (the middleware then records the refusal, if it can).
-pub async fn record_before_answer(state: &AppState, audit: &Audit) -> Result<(), Problem> {
+/// Records the request's audit entry, as answered `status`, before the answer goes out: what the
+/// answer shows (a card's number, the webhooks' signing secret, a new credential's secret) never
+/// leaves without its entry. `503` when it cannot be recorded (the middleware then records the
+/// refusal, if it can).
+pub async fn record_before_answer(state: &AppState, audit: &Audit, status: StatusCode) -> Result<(), Problem> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let draft = audit.0.draft(StatusCode::OK.as_u16().to_string());
+    let draft = audit.0.draft(status.as_u16().to_string());
     state.store.engine.submit(Command::Audit(vec![draft]), Box::new(move |r| drop(tx.send(r))))?;
     rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))??;
     audit.0.mark_recorded();

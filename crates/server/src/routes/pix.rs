@@ -1622,7 +1622,7 @@ pub async fn webhook_secret(State(state): State<AppState>, tenant: Tenant, audit
     tenant.require("webhook.write")?;
     let tenant_id = tenant.id;
     let (generation, _) = query(&state, move |q| crate::webhook::secret_generation(q, tenant_id)).await?;
-    crate::routes::record_before_answer(&state, &audit).await?;
+    crate::routes::record_before_answer(&state, &audit, StatusCode::OK).await?;
     Ok(crate::json::secret_reply(StatusCode::OK, &WebhookSecretView::of(&state, tenant_id, generation)))
 }
 

@@ -51,6 +51,9 @@ pub async fn create_tenant(
         }
     })?;
     tracing::info!(tenant = %uuid_string(tenant.id), "tenant created");
+    // The key's secret is shown only with its entry recorded (a crash or a refusal here leaves a
+    // key whose secret no one has seen).
+    crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await?;
     Ok(secret_reply(
         StatusCode::CREATED,
         &TenantView {
@@ -113,6 +116,7 @@ pub async fn create_api_key(
             p
         }
     })?;
+    crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await?;
     let scopes = scopes.map(|s| s.split(' ').map(str::to_owned).collect());
     Ok(secret_reply(StatusCode::CREATED, &ApiKeyView { id: uuid_string(key.id), secret, scopes }))
 }
