@@ -10,12 +10,16 @@ pub enum ResponseCode {
     Approved,
     DoNotHonor,
     InvalidCard,
+    /// An amount out of range (above what the ledger takes; zero where money must move).
+    InvalidAmount,
     FormatError,
     InsufficientFunds,
     ExpiredCard,
     NotPermitted,
     SuspectedFraud,
     ExceedsAmountLimit,
+    /// An account verification (an 0100 for a zero amount) that checked out: nothing is held.
+    NoReasonToDecline,
     IssuerUnavailable,
     SystemMalfunction,
 }
@@ -26,12 +30,14 @@ impl ResponseCode {
             ResponseCode::Approved => "00",
             ResponseCode::DoNotHonor => "05",
             ResponseCode::InvalidCard => "14",
+            ResponseCode::InvalidAmount => "13",
             ResponseCode::FormatError => "30",
             ResponseCode::InsufficientFunds => "51",
             ResponseCode::ExpiredCard => "54",
             ResponseCode::NotPermitted => "57",
             ResponseCode::SuspectedFraud => "59",
             ResponseCode::ExceedsAmountLimit => "61",
+            ResponseCode::NoReasonToDecline => "85",
             ResponseCode::IssuerUnavailable => "91",
             ResponseCode::SystemMalfunction => "96",
         }

@@ -161,8 +161,8 @@ fn fail<T>(field: Option<u8>, reason: &'static str) -> Result<T, FormatError> {
 
 /// A message: its type and its data elements (2..=128), each as the ASCII text on the wire.
 /// `Debug` masks field 2 (the PAN) and leaves out the other card data: 14 (expiry), 34 (an
-/// extended PAN), 35, 36 and 45 (track data), 52 (PIN block) and 55 (chip data, which can carry
-/// the track 2 equivalent, tag 57).
+/// extended PAN), 35, 36 and 45 (track data), 52 (PIN block), 55 (chip data, which can carry
+/// the track 2 equivalent, tag 57), and 48, 60–63 and 126, where some networks carry the CVV2.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Message {
     pub mti: String,
@@ -176,7 +176,7 @@ impl std::fmt::Debug for Message {
         for (n, v) in &self.fields {
             match n {
                 2 => map.entry(n, &mask(v)),
-                14 | 34 | 35 | 36 | 45 | 52 | 55 => map.entry(n, &"<withheld>"),
+                14 | 34 | 35 | 36 | 45 | 48 | 52 | 55 | 60..=63 | 126 => map.entry(n, &"<withheld>"),
                 _ => map.entry(n, v),
             };
         }
@@ -351,11 +351,14 @@ mod tests {
             (45, "B4111111111111111^PRADO/JOANA^2912101"),
             (52, "0123456789ABCDEF"),
             (55, "9F2608A1B2C3D4E5F6A7B8570F4111111111111111D2912101"),
+            (48, "CVV2=737"),
+            (61, "CVC2 838"),
+            (126, "CV939"),
         ] {
             card_data.set(n, v);
         }
         let shown = format!("{card_data:?}");
-        for hidden in ["2912", "4111111111111111", "PRADO", "0123456789ABCDEF", "9F26"] {
+        for hidden in ["2912", "4111111111111111", "PRADO", "0123456789ABCDEF", "9F26", "737", "838", "939"] {
             assert!(!shown.contains(hidden), "{hidden} in {shown}");
         }
         assert!(shown.contains("000000001000"), "other fields are shown: {shown}");

@@ -556,6 +556,44 @@ fn an_authorization_arriving_after_its_reversal_holds_nothing() {
     assert!(ok, "{report}");
 }
 
+/// An 0100 for a zero amount is an account verification (a card put on file, a token
+/// provisioned): answered 85 with an authorization code, nothing held; a reversal of it moves
+/// nothing. A zero-amount purchase (0200) is 13, an invalid amount.
+/// (Verifications were answered 30, a format error.)
+#[test]
+fn a_zero_amount_authorization_verifies_the_card_and_holds_nothing() {
+    let dir = temp_dir("cards-verification");
+    let server = Server::start_with_args(&dir, None, "127.0.0.1:0", true, &["--iso8583-listen", "127.0.0.1:0"]);
+    let iso = server.iso8583.expect("the ISO 8583 listener's address is printed");
+    runtime().block_on(async {
+        let mut c = server.client();
+        let i = issue(&mut c, json!({}), json!({})).await;
+        let (key, acct) = (i.key.as_str(), i.account.as_str());
+        let mut net = Network::connect(iso);
+        let verification = auth(&i.pan, &i.expiry, 0, 900, "000000000900");
+        let answer = net.ask(&verification);
+        assert_eq!((answer["t"].clone(), answer["39"].clone()), (json!("0110"), json!("85")), "{answer}");
+        assert!(answer["38"].as_str().is_some_and(|a| a.len() == 6), "an authorization code: {answer}");
+        assert_eq!(net.ask(&verification)["39"], json!("85"), "its repeat is answered the same");
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0), "nothing held");
+        let reversal = net.ask(&with(verification.clone(), json!({"t": "0400", "11": "000901"})));
+        assert_eq!(reversal["39"], json!("00"), "{reversal}");
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0));
+        let r = c.get(&format!("/v1/cards/{}/authorizations", i.card), key).await.unwrap();
+        let all = r.json()["authorizations"].as_array().unwrap().clone();
+        let verified = all.iter().find(|a| a["stan"] == json!("000900")).expect("the verification's record");
+        assert_eq!((verified["status"].clone(), verified["response_code"].clone()), (json!("verified"), json!("85")));
+        // An unknown card is not verified.
+        let blocked = auth("4000000000000002", &i.expiry, 0, 902, "000000000902");
+        assert_ne!(net.ask(&blocked)["39"], json!("85"), "an unknown card");
+        let purchase = with(auth(&i.pan, &i.expiry, 0, 903, "000000000903"), json!({"t": "0200"}));
+        assert_eq!(net.ask(&purchase)["39"], json!("13"));
+        assert_eq!(available(&mut c, key, acct).await, (10_000, 0, 0));
+    });
+    let (ok, report) = server.verify();
+    assert!(ok, "{report}");
+}
+
 /// Runs `test` against a server with an ISO 8583 listener on each engine (embedded, then
 /// PostgreSQL), given the server and the listener's address; then checks every invariant.
 fn on_each_engine(tag: &str, test: impl Fn(&Server, SocketAddr)) {

@@ -795,7 +795,7 @@ impl<'a> Flow<'a> {
             return self.record(view, basis, now, kind, ResponseCode::DoNotHonor, reason).await;
         }
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
-            return Err(ResponseCode::FormatError.into());
+            return Err(ResponseCode::InvalidAmount.into());
         }
         view.status = "approved".into();
         view.auth_code = Some(ctx.auth_code.clone());
@@ -886,8 +886,22 @@ impl<'a> Flow<'a> {
             let reason = "reversed before it arrived".to_owned();
             return self.record(view, basis, now, kind, ResponseCode::DoNotHonor, reason).await;
         }
+        if ctx.amount == 0 && !single_message {
+            // An account verification (a card kept on file, a token provisioned): the card
+            // checked out, and nothing is held (ISO 8583's answer: 85, no reason to decline).
+            let mut view = view;
+            view.status = "verified".into();
+            view.auth_code = Some(ctx.auth_code.clone());
+            let c = self.ctx.clone();
+            return self
+                .execute(vec![], basis, move |_| {
+                    let (code, auth) = (ResponseCode::NoReasonToDecline, Some(c.auth_code.clone()));
+                    c.conclude(view.clone(), now, "account verification", code, auth, vec![], vec![])
+                })
+                .await;
+        }
         if ctx.amount == 0 || ctx.amount > ledger::AMOUNT_MAX {
-            return Err(ResponseCode::FormatError.into());
+            return Err(ResponseCode::InvalidAmount.into());
         }
         let hold = ctx.transfer_id("hold");
         let settlement = settlement_account(self.state, ctx.tenant, card_currency.as_str());
