@@ -1445,6 +1445,16 @@ fn holds_expire_and_malformed_frames_leave_the_listener_working() {
                 None => assert_eq!(got["closed"], json!(true), "{what}: {got}"),
             }
         }
+        // A malformed message that asks for no answer (an 0810, a 1100 of another version) gets
+        // none, and the connection goes on. (It was closed.)
+        for body in [&b"0810ZZ00000000000000"[..], b"1100ZZ00000000000000"] {
+            let mut raw = Network::connect(iso);
+            let mut framed = (body.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(body);
+            raw.command(json!({"op": "raw", "hex": hex(&framed)}));
+            let r = raw.ask(&json!({"t": "0800", "7": "1122093000", "11": "000010", "70": "301"}));
+            assert_eq!((r["t"].clone(), r["39"].clone()), (json!("0810"), json!("00")), "{r}");
+        }
         // A zero length closes the connection.
         let mut zero = Network::connect(iso);
         zero.command(json!({"op": "raw", "hex": "0000"}));

@@ -127,7 +127,25 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(versions, vec![2, 2]);
-    drop(conn);
+    // A tenant's first data key made after the rotation, by the node that did not rotate (its
+    // keys loaded before it), is wrapped under the new version: deleting the old one after a
+    // rotation must not lose it. (It was wrapped under version 1.)
+    let key_c = rt.block_on(async {
+        let mut c = server.client();
+        let (_, key_c) = tenant(&mut c, "c").await;
+        let body = json!({"kind": "person", "name": NAME, "document": "111.444.777-35"});
+        assert_eq!(c.post("/v1/holders", &key_c, &body).await.unwrap().status, 201);
+        key_c
+    });
+    let versions: Vec<u32> = conn
+        .prepare("SELECT kek_version FROM data_keys")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(versions, vec![2, 2, 2]);
+    drop((conn, key_c));
     let check = |server: &Server| {
         rt.block_on(async {
             let mut c = server.client();
@@ -146,7 +164,7 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
         let mut c = server.client();
         assert_eq!(c.post("/v1/keys/rotate", &key_a, &json!({})).await.unwrap().status, 401);
         let r = c.post("/v1/keys/rotate", OPERATOR, &json!({})).await.unwrap();
-        assert_eq!((r.status.as_u16(), r.json()), (200, json!({"kek_version": 3, "rewrapped": 2})));
+        assert_eq!((r.status.as_u16(), r.json()), (200, json!({"kek_version": 3, "rewrapped": 3})));
         // Rotations at once take turns: each adds a version of its own. (Two used to add the
         // same version with keys of their own, and data keys under the losing one no longer
         // opened.)

@@ -238,14 +238,17 @@ fn answer(request: &Message, code: ResponseCode, auth_code: Option<&str>) -> Mes
     out
 }
 
-/// The answer to a frame that is not a well-formed request: a format error when the MTI can be
-/// read, otherwise nothing (the connection is closed).
+/// The answer to a frame that is not a well-formed message: a format error when its MTI can be
+/// read and asks for an answer; nothing to send when it asks for none (a response, a message of
+/// another version), the connection going on as for a well-formed one; `None` when the MTI
+/// cannot be read (the connection is closed).
 pub fn format_error(frame: &[u8]) -> Option<Vec<u8>> {
     let mti = std::str::from_utf8(frame.get(..4)?).ok()?;
     if !mti.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let mut out = Message::new(&response_mti(mti)?);
+    let Some(answer_mti) = response_mti(mti) else { return Some(Vec::new()) };
+    let mut out = Message::new(&answer_mti);
     out.set(39, ResponseCode::FormatError.code());
     out.encode().ok()
 }

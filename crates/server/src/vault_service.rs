@@ -112,6 +112,15 @@ impl VaultService {
         let dek = match queries.data_key(tenant)? {
             Some(stored) => self.unwrap(&WrappedKey { kek_version: stored.kek_version, wrapped: stored.wrapped })?,
             None => {
+                // Under the newest version there is: a rotation elsewhere (another node, `rtpay
+                // keys rotate`) re-wrapped the keys stored then, and this node would otherwise
+                // go on wrapping new ones under the version it loaded, which the operator may
+                // then retire. Once per tenant, so loading again is cheap; if it fails, the
+                // keys held still make one that opens.
+                match (self.loader)() {
+                    Ok(fresh) => *self.keyring.write().expect("keyring lock") = fresh,
+                    Err(e) => tracing::warn!(error = %e, "the key-encryption keys could not be loaded again"),
+                }
                 let (dek, wrapped) = self.keyring.read().expect("keyring lock").new_data_key()?;
                 let record =
                     DataKeyRecord { tenant_id: tenant, kek_version: wrapped.kek_version, wrapped: wrapped.wrapped };
