@@ -314,6 +314,11 @@ fn audit_verify(
             rtpay::serve::audit_signer(&path).map_err(|e| e.to_string())?.public_key().to_vec()
         }
     };
+    if let (Some(path), Some((head, signature))) = (head, &saved) {
+        if !audit::verify_head(&public_key, head, signature) {
+            return Err(format!("--head {}: its signature does not verify under the audit log's key", path.display()));
+        }
+    }
     let queries = store::Store::open_queries(&storage.location()).map_err(|e| e.to_string())?;
     store::audit_verify(queries.as_ref(), &public_key, saved).map_err(|e| e.to_string())
 }

@@ -1115,7 +1115,7 @@ fn a_reveal_that_cannot_be_recorded_shows_nothing() {
         )
         .unwrap();
     let reveal = format!("/v1/cards/{}/reveal", i.card);
-    rt.block_on(async {
+    let made = rt.block_on(async {
         let mut c = server.client();
         let r = c.post(&reveal, &i.key, &json!({})).await.unwrap();
         assert_eq!(r.status, 503, "{:?}", r.json());
@@ -1123,20 +1123,27 @@ fn a_reveal_that_cannot_be_recorded_shows_nothing() {
         let r = c.get("/v1/pix/webhook-secret", &i.key).await.unwrap();
         assert_eq!(r.status, 503, "{:?}", r.json());
         assert!(r.json().get("secret").is_none());
-        // Nor does a new credential's secret.
+        // Nor does a new credential's secret. The key is revoked unseen; the tenant, made, is
+        // named, so that a key can be made for it later.
         let r = c.post("/v1/tenants", OPERATOR, &json!({"name": "t"})).await.unwrap();
         assert_eq!(r.status, 503, "{:?}", r.json());
         assert!(r.json().get("api_key").is_none(), "{:?}", r.json());
+        let detail = r.json()["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains("was created") && detail.contains("revoked"), "{detail}");
+        let made = detail.split_whitespace().nth(1).unwrap().to_owned();
         let r = c.post(&format!("/v1/tenants/{tenant_id}/api-keys"), OPERATOR, &json!({})).await.unwrap();
         assert_eq!(r.status, 503, "{:?}", r.json());
         assert!(r.json().get("secret").is_none(), "{:?}", r.json());
         let r = c.post("/v1/oauth-clients", &tenant_key, &json!({"scopes": ["accounts:read"]})).await.unwrap();
         assert_eq!(r.status, 503, "{:?}", r.json());
         assert!(r.json().get("client_secret").is_none(), "{:?}", r.json());
+        made
     });
     admin.batch_execute("DROP TRIGGER refuse_audit ON audit_entries").unwrap();
     rt.block_on(async {
         let mut c = server.client();
+        let r = c.post(&format!("/v1/tenants/{made}/api-keys"), OPERATOR, &json!({})).await.unwrap();
+        assert_eq!(r.status, 201, "the tenant the refused creation named: {:?}", r.json());
         let r = c.post(&reveal, &i.key, &json!({})).await.unwrap();
         assert_eq!((r.status.as_u16(), r.json()["number"].clone()), (200, json!(i.pan)));
         let entries = c.get("/v1/audit?limit=1000", &i.key).await.unwrap().json();

@@ -113,7 +113,8 @@ pub struct AuthorizationView {
     pub id: String,
     pub card_id: String,
     pub account_id: String,
-    /// `approved`, `declined`, `captured`, `reversed`, `refunded`, `expired`, `unposted`.
+    /// `approved`, `declined`, `captured`, `reversed`, `refunded`, `expired`, `unposted`,
+    /// `verified` (a zero-amount account verification: nothing held).
     pub status: String,
     /// It credits the cardholder (a refund, DE3 `20`, or another credit type): nothing is held
     /// for it and no limit counts it.

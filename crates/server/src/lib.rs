@@ -327,8 +327,8 @@ where
                 !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             })
             // Request ids are logged and audited: one that could hold a card number is replaced,
-            // whatever separates its digits (`4111_1111_1111_1111`, `41111111-11111111`).
-            .filter(|v| !vault::mask::holds_pan(&v.replace(['-', '_'], "")))
+            // printed with dashes or underscores too (`4111-1111-1111-1111`, `4111_1111_1111_1111`).
+            .filter(|v| !vault::mask::holds_pan(v) && !vault::mask::holds_pan(&v.replace('_', " ")))
             .map(str::to_owned);
         let request_id = given.unwrap_or_else(next_request_id);
         let source = request

@@ -203,7 +203,16 @@ pub async fn create_client(
         .field("Idempotency-Key"),
         _ => p,
     })?;
-    crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await?;
+    // Shown only with its entry recorded; unrecorded, revoked unseen (best effort).
+    if crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await.is_err() {
+        let (tenant_id, client_id) = (tenant.id, record.id);
+        let _ = query(&state, move |q| q.revoke_oauth_client(tenant_id, client_id, store::now_nanos())).await;
+        state.key_cache.forget_client(client_id);
+        return Err(Problem::unavailable(
+            "the client's creation could not be recorded in the audit log, so it was revoked unseen; retry later",
+            2,
+        ));
+    }
     Ok(secret_reply(
         StatusCode::CREATED,
         &OAuthClientView {

@@ -1324,11 +1324,11 @@ mod tests {
     fn the_spi_is_told_the_payers_full_name_and_document() {
         let dir = std::env::temp_dir().join(format!("rtpay-debtor-{}-{}", std::process::id(), store::now_nanos()));
         let store = store::Store::open(&store::Location::Embedded(dir.clone())).unwrap();
-        let mut ring = vault::Keyring::default();
-        ring.add(Box::new(vault::FileKek::new(1, vault::Secret32::from_bytes([3; 32]))));
-        let ring = std::sync::Mutex::new(Some(ring));
-        let loader: crate::vault_service::Loader =
-            Box::new(move || Ok(ring.lock().unwrap().take().expect("loaded once")));
+        let loader: crate::vault_service::Loader = Box::new(|| {
+            let mut ring = vault::Keyring::default();
+            ring.add(Box::new(vault::FileKek::new(1, vault::Secret32::from_bytes([3; 32]))));
+            Ok(ring)
+        });
         let vault = VaultService::new(loader, &vault::Secret32::from_bytes([4; 32])).unwrap();
         let (tenant, holder, account) = (7u128, 8u128, 9u128);
         let dek = vault.data_key(store.queries.as_ref(), tenant).unwrap();

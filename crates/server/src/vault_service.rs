@@ -118,7 +118,10 @@ impl VaultService {
                 // then retire. Once per tenant, so loading again is cheap; if it fails, the
                 // keys held still make one that opens.
                 match (self.loader)() {
-                    Ok(fresh) => *self.keyring.write().expect("keyring lock") = fresh,
+                    Ok(fresh) if fresh.current_version().is_some() => {
+                        *self.keyring.write().expect("keyring lock") = fresh
+                    }
+                    Ok(_) => tracing::warn!("the key-encryption keys loaded again hold no version; kept those held"),
                     Err(e) => tracing::warn!(error = %e, "the key-encryption keys could not be loaded again"),
                 }
                 let (dek, wrapped) = self.keyring.read().expect("keyring lock").new_data_key()?;

@@ -45,15 +45,28 @@ pub async fn create_tenant(
     let key_record = key.clone();
     query(&state, move |q| q.create_tenant(&record, &key_record, &hash)).await.map_err(|p| {
         if p.code == "conflict" {
-            Problem::new(StatusCode::CONFLICT, "exists", "a tenant was already created under this Idempotency-Key; its API key was shown once. Create a new key with POST /v1/tenants/{id}/api-keys").field("Idempotency-Key")
+            Problem::new(StatusCode::CONFLICT, "exists", format!("tenant {} was already created under this Idempotency-Key; its API key was shown once. Create a new key with POST /v1/tenants/{{id}}/api-keys", uuid_string(id.as_u128()))).field("Idempotency-Key")
         } else {
             p
         }
     })?;
     tracing::info!(tenant = %uuid_string(tenant.id), "tenant created");
-    // The key's secret is shown only with its entry recorded (a crash or a refusal here leaves a
-    // key whose secret no one has seen).
-    crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await?;
+    // The key's secret is shown only with its entry recorded. Unrecorded, the key is revoked
+    // (best effort: a crash here leaves a key whose secret no one has seen) and the answer names
+    // the tenant, which a retry under the same Idempotency-Key finds made.
+    if crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await.is_err() {
+        let (tenant_id, key_id) = (tenant.id, key.id);
+        let _ = query(&state, move |q| q.revoke_api_key(tenant_id, key_id, store::now_nanos())).await;
+        state.key_cache.forget_key(key_id);
+        return Err(Problem::unavailable(
+            format!(
+                "tenant {} was created, but its creation could not be recorded in the audit log, so its API key \
+                 was revoked unseen; once the log takes entries again, make one with POST /v1/tenants/{{id}}/api-keys",
+                uuid_string(tenant.id)
+            ),
+            2,
+        ));
+    }
     Ok(secret_reply(
         StatusCode::CREATED,
         &TenantView {
@@ -116,7 +129,15 @@ pub async fn create_api_key(
             p
         }
     })?;
-    crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await?;
+    // Shown only with its entry recorded; unrecorded, revoked unseen (best effort).
+    if crate::routes::record_before_answer(&state, &audit, StatusCode::CREATED).await.is_err() {
+        let _ = query(&state, move |q| q.revoke_api_key(tenant_id, key_id.as_u128(), store::now_nanos())).await;
+        state.key_cache.forget_key(key_id.as_u128());
+        return Err(Problem::unavailable(
+            "the key's creation could not be recorded in the audit log, so it was revoked unseen; retry later",
+            2,
+        ));
+    }
     let scopes = scopes.map(|s| s.split(' ').map(str::to_owned).collect());
     Ok(secret_reply(StatusCode::CREATED, &ApiKeyView { id: uuid_string(key.id), secret, scopes }))
 }
