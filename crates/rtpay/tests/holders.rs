@@ -119,13 +119,11 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
         String::from_utf8_lossy(&out.stderr)
     );
     let conn = rusqlite::Connection::open(dir.join("rtpay.db")).unwrap();
-    let versions: Vec<u32> = conn
-        .prepare("SELECT kek_version FROM data_keys")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let kek_versions = |conn: &rusqlite::Connection| -> Vec<u32> {
+        let mut statement = conn.prepare("SELECT kek_version FROM data_keys").unwrap();
+        statement.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    let versions = kek_versions(&conn);
     assert_eq!(versions, vec![2, 2]);
     // A tenant's first data key made after the rotation, by the node that did not rotate (its
     // keys loaded before it), is wrapped under the new version: deleting the old one after a
@@ -137,13 +135,7 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
         assert_eq!(c.post("/v1/holders", &key_c, &body).await.unwrap().status, 201);
         key_c
     });
-    let versions: Vec<u32> = conn
-        .prepare("SELECT kek_version FROM data_keys")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let versions = kek_versions(&conn);
     assert_eq!(versions, vec![2, 2, 2]);
     drop((conn, key_c));
     let check = |server: &Server| {
