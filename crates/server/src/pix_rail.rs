@@ -1175,6 +1175,16 @@ pub(crate) fn sweep_due(send_by: u64) -> u64 {
     send_by.saturating_add(SWEEP_MARGIN.as_nanos() as u64)
 }
 
+/// Whether the SPI's "never received" is final for a message that may be sent until `send_by`
+/// (by another node's clock, perhaps): only past [`sweep_due`] by this node's clock, and not while
+/// this clock was last measured ahead of the database's by more than [`crate::clock::SKEW_MAX`]
+/// (`skew`, nanoseconds): a node whose clock runs ahead would void the hold of a payment another
+/// node is still within its time to send, and the SPI could then pay it.
+pub(crate) fn unknown_is_final(now: u64, send_by: u64, skew: Option<i64>) -> bool {
+    let ahead = skew.is_some_and(|s| s > 0 && crate::clock::too_far(s));
+    now >= sweep_due(send_by) && !ahead
+}
+
 /// Every node, every [`SWEEP_INTERVAL`], settles the off-us payments still waiting for a verdict
 /// that no task of its own is waiting for, once their SPI time-out and [`SWEEP_MARGIN`] have
 /// passed (their sender's node stopped, its recording failed, or the SPI had not settled them or
@@ -1256,7 +1266,8 @@ async fn settle_by_status(state: AppState, p: InFlight, claimed: Claim) {
 /// place: a sweep asks again.
 async fn settle_from_status(state: &AppState, p: InFlight) {
     let connector = state.pix_runtime.connector.clone();
-    let unknown_is_final = store::now_nanos() >= sweep_due(p.send_by);
+    let skew = *state.metrics.clock_skew.lock().expect("metrics lock");
+    let unknown_is_final = unknown_is_final(store::now_nanos(), p.send_by, skew);
     match tokio::time::timeout(state.pix.spi_timeout, connector.status(&p.view.end_to_end_id)).await {
         Ok(Ok(crate::spi::Found::Settled(verdict))) => record_verdict(state, p, verdict).await,
         Ok(Ok(crate::spi::Found::Unknown)) if unknown_is_final => {
@@ -1316,6 +1327,21 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// "Never received" voids a hold only past the send window and its margin, and never on a node
+    /// whose clock was measured ahead (it could be inside another node's window still).
+    #[test]
+    fn never_received_is_final_only_past_the_margin_by_a_clock_not_ahead() {
+        let send_by = 1_000_000_000_000;
+        let due = sweep_due(send_by);
+        assert_eq!(due - send_by, SWEEP_MARGIN.as_nanos() as u64);
+        assert!(!unknown_is_final(due - 1, send_by, None));
+        assert!(unknown_is_final(due, send_by, None), "embedded: one clock");
+        assert!(unknown_is_final(due, send_by, Some(400_000_000)), "within the skew allowed");
+        assert!(unknown_is_final(due, send_by, Some(-3_000_000_000)), "behind: late, not early");
+        assert!(!unknown_is_final(due, send_by, Some(600_000_000)), "ahead past the skew allowed");
+        assert!(!unknown_is_final(due + 60_000_000_000, send_by, Some(6_000_000_000)));
+    }
 
     /// The payer of an off-us payment goes to the SPI under its full name and document (a pacs.008
     /// names the debtor), not as the other side's users see it (`Maria S.`, `***.982.247-**`, or
