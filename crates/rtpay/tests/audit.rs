@@ -322,6 +322,53 @@ impl Db {
     }
 }
 
+/// A request whose batch could not be committed (storage refused it) answers 503 and is recorded
+/// as such: the entry it carried was rolled back with the batch, and it was left unrecorded.
+#[test]
+fn a_request_whose_batch_failed_is_recorded_as_refused() {
+    let url = store::testing::fresh_postgres_database();
+    let server = Server::start(&temp_dir("audit-failed-batch"), Some(&url));
+    let rt = runtime();
+    let (key, bank, wallet) = rt.block_on(async {
+        let mut c = server.client();
+        let (_, key) = tenant(&mut c, "failed").await;
+        let bank = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        let wallet = account(&mut c, &key, json!({"currency": "BRL"})).await;
+        (key, bank, wallet)
+    });
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "CREATE FUNCTION refuse_transfers() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'transfers refused by the test'; END $$; \
+             CREATE TRIGGER refuse_transfers BEFORE INSERT ON transfers FOR EACH ROW EXECUTE FUNCTION refuse_transfers()",
+        )
+        .unwrap();
+    let id = uuid();
+    let body = json!({"id": id, "debit_account_id": bank, "credit_account_id": wallet, "amount": 1});
+    rt.block_on(async {
+        let r = server.client().post("/v1/transfers", &key, &body).await.unwrap();
+        assert_eq!(r.status, 503, "{:?}", r.json());
+    });
+    admin.batch_execute("DROP TRIGGER refuse_transfers ON transfers").unwrap();
+    rt.block_on(async {
+        let mut c = server.client();
+        let r = c.get(&format!("/v1/transfers/{id}"), &key).await.unwrap();
+        assert_eq!(r.status, 404, "nothing was applied");
+        let entries = c.get("/v1/audit?limit=1000", &key).await.unwrap().json();
+        let outcomes: Vec<_> = entries["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == json!("POST /v1/transfers"))
+            .map(|e| e["outcome"].clone())
+            .collect();
+        assert_eq!(outcomes, [json!("503")]);
+    });
+    let (ok, report) = server.audit_verify();
+    assert!(ok, "{report}");
+}
+
 #[test]
 fn audit_verify_catches_every_edit_made_in_storage() {
     for postgres in [None, Some(store::testing::fresh_postgres_database())] {

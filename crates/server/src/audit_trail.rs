@@ -125,6 +125,12 @@ impl Slot {
         self.state.lock().expect("audit slot lock").recorded = true;
     }
 
+    /// The batch that carried the entry was not committed: the middleware records the request
+    /// (as answered) instead.
+    pub fn mark_unrecorded(&self) {
+        self.state.lock().expect("audit slot lock").recorded = false;
+    }
+
     pub fn recorded(&self) -> bool {
         self.state.lock().expect("audit slot lock").recorded
     }

@@ -77,6 +77,11 @@ pub async fn submit_guarded(
     state.store.engine.submit_guarded(command, Some(draft), records, guards, Box::new(move |r| drop(tx.send(r))))?;
     audit.0.mark_recorded();
     let result = rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?;
+    // A guard's refusal is recorded in the batch, as `conflict`; any other failure is the whole
+    // batch's, rolled back with the entry it carried.
+    if result.as_ref().is_err_and(|e| !matches!(e, store::StoreError::Conflict(_))) {
+        audit.0.mark_unrecorded();
+    }
     match result {
         // A guard lost a race with another request: nothing applied; the retry sees what won.
         Err(store::StoreError::Conflict(why)) if guarded => Err(Problem::unavailable(why, 1)),
