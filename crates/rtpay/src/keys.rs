@@ -277,9 +277,22 @@ fn rewrap_in_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u
     let ring = load(config, false)?;
     let current = ring.current_version().ok_or("no key-encryption key configured")?;
     let mut rewrapped = 0;
+    // One data key that does not open (storage edited, a version this node lacks) is no reason
+    // to leave the others under the old version: each is tried, and those that failed are named.
+    let mut failed = Vec::new();
     for key in queries.data_keys()? {
         let old = WrappedKey { kek_version: key.kek_version, wrapped: key.wrapped.clone() };
-        let new = ring.rewrap(&old)?;
+        let new = match ring.rewrap(&old) {
+            Ok(new) => new,
+            Err(e) => {
+                failed.push(format!(
+                    "tenant {} (version {}: {e})",
+                    uuid::Uuid::from_u128(key.tenant_id),
+                    key.kek_version
+                ));
+                continue;
+            }
+        };
         if new.kek_version != key.kek_version {
             let record =
                 store::DataKeyRecord { tenant_id: key.tenant_id, kek_version: new.kek_version, wrapped: new.wrapped };
@@ -287,6 +300,16 @@ fn rewrap_in_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u
                 rewrapped += 1;
             }
         }
+    }
+    if !failed.is_empty() {
+        return Err(format!(
+            "key-encryption key version {current} is current and {rewrapped} data key(s) were re-wrapped under it, \
+             but {} could not be: {}; they stay under their versions. Once they are repaired, run \
+             `rtpay keys rotate --rewrap-only` (rotating again would add another version)",
+            failed.len(),
+            failed.join(", ")
+        )
+        .into());
     }
     Ok((current, rewrapped))
 }

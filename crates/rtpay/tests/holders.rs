@@ -224,3 +224,38 @@ fn holders_are_sealed_masked_and_survive_a_kek_rotation() {
     assert_eq!(found_in_clear(&dir, CPF.as_bytes()), Vec::<String>::new());
     assert_eq!(found_in_clear(&dir, NAME.as_bytes()), Vec::<String>::new());
 }
+
+/// One data key that does not open does not stop a rotation from re-wrapping the others: it is
+/// named, stays under its version, and the command fails telling to re-wrap once it is repaired
+/// (not to rotate again). (The first failure ended the rotation, the keys after it left under the
+/// old version, and every retry added a version.)
+#[test]
+fn a_rotation_rewraps_every_data_key_it_can_and_names_the_others() {
+    let dir = temp_dir("holders-bad-key");
+    let mut server = Server::start(&dir, None);
+    runtime().block_on(async {
+        let mut c = server.client();
+        for (name, document) in [("a", CPF), ("b", "11144477735")] {
+            let (_, key) = tenant(&mut c, name).await;
+            let body = json!({"kind": "person", "name": NAME, "document": document});
+            assert_eq!(c.post("/v1/holders", &key, &body).await.unwrap().status, 201);
+        }
+    });
+    server.stop();
+    let conn = rusqlite::Connection::open(dir.join("rtpay.db")).unwrap();
+    let broken: Vec<u8> = conn.query_row("SELECT tenant_id FROM data_keys LIMIT 1", [], |r| r.get(0)).unwrap();
+    conn.execute("UPDATE data_keys SET wrapped = x'00' WHERE tenant_id = ?1", [&broken]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rtpay")).args(["keys", "rotate", "--data"]).arg(&dir).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    let broken_id = uuid::Uuid::from_bytes(broken.clone().try_into().unwrap()).to_string();
+    assert!(text.contains("1 data key(s) were re-wrapped") && text.contains(&broken_id), "{text}");
+    assert!(text.contains("--rewrap-only"), "{text}");
+    let mut statement = conn.prepare("SELECT tenant_id, kek_version FROM data_keys").unwrap();
+    let versions: Vec<(Vec<u8>, u32)> =
+        statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+    assert_eq!(versions.len(), 2);
+    for (tenant, version) in versions {
+        assert_eq!(version, if tenant == broken { 1 } else { 2 }, "{text}");
+    }
+}
