@@ -1025,17 +1025,28 @@ async fn settle_off_us(state: AppState, p: InFlight, transfer: pix::spi::CreditT
     }
     // The send ends with the window: a connector writes nothing once its future is dropped.
     let window = std::time::Duration::from_nanos(p.send_by - now);
-    match tokio::time::timeout(window.min(state.pix.spi_timeout), connector.send(transfer)).await {
+    let budget = window.min(state.pix.spi_timeout);
+    match tokio::time::timeout(budget, connector.send(transfer)).await {
         Ok(Ok(verdict)) => {
             state.pix_runtime.breaker.lock().expect("not poisoned").success();
             record_verdict(&state, p, verdict).await;
         }
-        Ok(Err(_)) | Err(_) => {
-            state.pix_runtime.breaker.lock().expect("not poisoned").failure(store::now_nanos());
+        failed => {
+            if connector_failed(failed.is_err(), budget, state.pix.spi_timeout) {
+                state.pix_runtime.breaker.lock().expect("not poisoned").failure(store::now_nanos());
+            }
             settle_from_status(&state, p).await;
         }
     }
     drop(claimed);
+}
+
+/// Whether a send that did not end in a verdict counts against the connector (towards opening
+/// the breaker): an error always; a time-out only when the connector had at least half its own
+/// time-out. A payment whose window a slow commit used up (the window is counted from its check)
+/// timed out on rtpay's side: five such in a row opened the breaker on a healthy SPI.
+fn connector_failed(timed_out: bool, budget: std::time::Duration, spi_timeout: std::time::Duration) -> bool {
+    !timed_out || budget >= spi_timeout / 2
 }
 
 /// Posts an off-us payment's hold on acceptance or voids it on rejection, with the payment's new
@@ -1327,6 +1338,15 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_timed_out_by_its_own_short_window_is_not_the_connectors_failure() {
+        let timeout = std::time::Duration::from_secs(3);
+        assert!(connector_failed(false, std::time::Duration::from_millis(1), timeout), "an error counts");
+        assert!(connector_failed(true, timeout, timeout), "its whole time-out");
+        assert!(connector_failed(true, timeout / 2, timeout), "half of it");
+        assert!(!connector_failed(true, std::time::Duration::from_millis(5), timeout), "a window used up");
+    }
 
     /// "Never received" voids a hold only past the send window and its margin, and never on a node
     /// whose clock was measured ahead (it could be inside another node's window still).
