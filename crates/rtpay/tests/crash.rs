@@ -1,5 +1,6 @@
 //! Crash safety: `rtpay serve` is killed with SIGKILL at random moments under concurrent load,
-//! restarted, and checked: every acknowledged transfer is there with the right balances, every
+//! restarted, and checked: every acknowledged transfer is there with the right balances and its
+//! audit entry, every
 //! acknowledged failure keeps its answer (even once funds would let it through), every request
 //! whose answer the kill cut off is applied at most once when retried, and `rtpay verify` and
 //! `rtpay audit verify` pass. Both engines, many rounds, each killed after transfers of its own
@@ -165,6 +166,24 @@ async fn check(server: &Server, key: &str, bank: &str, wallets: &[String], book:
         let r = c.get(&format!("/v1/transfers/{}", sent.id), key).await.unwrap();
         assert_eq!(r.status, 200, "acknowledged transfer {} lost after SIGKILL", sent.id);
         assert_eq!(r.json()["amount"], sent.amount);
+    }
+    // And each has its audit entry, committed with it.
+    let mut audited = std::collections::HashSet::new();
+    let mut after = 0;
+    loop {
+        let page = c.get(&format!("/v1/audit?after={after}&limit=1000"), key).await.unwrap().json();
+        for e in page["entries"].as_array().unwrap() {
+            if e["action"] == json!("POST /v1/transfers") && e["outcome"] == json!("created") {
+                audited.insert(e["resource"].as_str().unwrap().to_owned());
+            }
+        }
+        match page["next_after"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    for sent in &created {
+        assert!(audited.contains(&sent.id), "acknowledged transfer {} has no audit entry", sent.id);
     }
     // Whatever the kill cut off is sent again, as a client would: applied once at most.
     for sent in &unknown {
