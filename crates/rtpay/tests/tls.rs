@@ -426,6 +426,14 @@ fn a_client_certificate_locks_only_its_client_and_mismatches_are_throttled() {
             .filter(|e| e["action"] == json!("GET /v1/accounts/{id}") && e["outcome"] == json!("403"))
             .count();
         assert_eq!(recorded, mismatches, "each refusal recorded, no throttled one");
+        let made: Vec<_> = body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == json!("POST /v1/oauth-clients"))
+            .map(|e| e["resource"].clone())
+            .collect();
+        assert_eq!(made, [json!(format!("client:{}", one.0)), json!(format!("client:{}", two.0))], "named");
     });
 }
 

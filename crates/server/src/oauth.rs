@@ -184,6 +184,7 @@ pub async fn create_client(
         Some(key) => state.keys.derived_id(b"oauth-client", tenant.id, &key),
         None => new_uuid(),
     };
+    audit.0.set_resource(format!("client:{}", uuid_string(id.as_u128())));
     let secret = new_secret(CLIENT_SECRET_PREFIX);
     let record = store::OAuthClientRecord {
         id: id.as_u128(),
