@@ -54,7 +54,7 @@ struct StorageArgs {
     #[arg(long, default_value = "./data", env = "RTPAY_DATA")]
     data: PathBuf,
     /// Use PostgreSQL instead of the embedded engine, e.g. postgres://rtpay@127.0.0.1:5432/rtpay
-    #[arg(long, env = "RTPAY_POSTGRES")]
+    #[arg(long, env = "RTPAY_POSTGRES", hide_env_values = true)]
     postgres: Option<String>,
     /// The Ed25519 key (PKCS#8, hex) that signs the audit log's tree heads; created on first start.
     /// Default: <data>/audit-signing-key. Give every PostgreSQL node the same file.

@@ -30,6 +30,23 @@ fn every_command_has_help() {
 }
 
 /// `rtpay serve` with each of `args` exits with an error saying `says`, and creates nothing.
+/// Help shows which environment variables are read, not the values of those that hold secrets
+/// (the PostgreSQL URL carries its password).
+#[test]
+fn help_shows_no_secret_from_the_environment() {
+    for command in [&["serve", "--help"][..], &["verify", "--help"], &["migrate", "--help"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rtpay"))
+            .args(command)
+            .env("RTPAY_POSTGRES", "postgres://rtpay:hunter2-db-password@db/rtpay")
+            .env("RTPAY_METRICS_TOKEN", "hunter2-metrics-token")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("RTPAY_POSTGRES"), "{command:?}: {text}");
+        assert!(!text.contains("hunter2"), "{command:?}: {text}");
+    }
+}
+
 fn serve_refuses(tag: &str, args: &[&str], says: &str) {
     let dir = temp_dir(tag);
     for (i, arg) in args.iter().enumerate() {

@@ -227,12 +227,13 @@ impl Engine {
             self.stats.queued_events.fetch_sub(events, Ordering::Relaxed);
             return Err(StoreError::Busy);
         }
+        // Counted before the send: the writer may take the job, and count it out, first (a
+        // gauge read between the two showed 2^64 - 1).
+        self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
         match sender.try_send(Job { command, audit, records, guards, reply }) {
-            Ok(()) => {
-                self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
+                self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 self.stats.queued_events.fetch_sub(events, Ordering::Relaxed);
                 match e {
                     TrySendError::Full(_) => Err(StoreError::Busy),
