@@ -303,9 +303,10 @@ fn rewrap_in_turn(config: &KekConfig, queries: &dyn store::Queries) -> Result<(u
     }
     if !failed.is_empty() {
         return Err(format!(
-            "key-encryption key version {current} is current and {rewrapped} data key(s) were re-wrapped under it, \
+            "{}key-encryption key version {current} is current and {rewrapped} data key(s) were re-wrapped under it, \
              but {} could not be: {}; they stay under their versions. Once they are repaired, run \
              `rtpay keys rotate --rewrap-only` (rotating again would add another version)",
+            server::vault_service::ROTATION_INCOMPLETE,
             failed.len(),
             failed.join(", ")
         )

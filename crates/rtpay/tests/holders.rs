@@ -258,4 +258,13 @@ fn a_rotation_rewraps_every_data_key_it_can_and_names_the_others() {
     for (tenant, version) in versions {
         assert_eq!(version, if tenant == broken { 1 } else { 2 }, "{text}");
     }
+    // Over HTTP: 500 rotation_incomplete, not a 503 whose Retry-After would add a version a try.
+    server.restart();
+    runtime().block_on(async {
+        let r = server.client().post("/v1/keys/rotate", OPERATOR, &json!({})).await.unwrap();
+        let v = r.json();
+        assert_eq!((r.status.as_u16(), v["code"].clone()), (500, json!("rotation_incomplete")), "{v}");
+        assert!(v["detail"].as_str().unwrap().contains(&broken_id), "{v}");
+        assert!(r.headers.get("retry-after").is_none());
+    });
 }

@@ -1186,14 +1186,34 @@ pub(crate) fn sweep_due(send_by: u64) -> u64 {
     send_by.saturating_add(SWEEP_MARGIN.as_nanos() as u64)
 }
 
+/// This node's clock as a sweep sees it: the only one (embedded), or one of several nodes' over
+/// PostgreSQL, with its last measured skew against the database's (nanoseconds, positive: ahead;
+/// `None`: not measured yet, or the last measurement failed).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ClockReading {
+    One,
+    Shared(Option<i64>),
+}
+
+pub(crate) fn clock_reading(state: &AppState) -> ClockReading {
+    match state.store.location {
+        store::Location::Embedded(_) => ClockReading::One,
+        store::Location::Postgres(_) => ClockReading::Shared(*state.metrics.clock_skew.lock().expect("metrics lock")),
+    }
+}
+
 /// Whether the SPI's "never received" is final for a message that may be sent until `send_by`
-/// (by another node's clock, perhaps): only past [`sweep_due`] by this node's clock, and not while
-/// this clock was last measured ahead of the database's by more than [`crate::clock::SKEW_MAX`]
-/// (`skew`, nanoseconds): a node whose clock runs ahead would void the hold of a payment another
-/// node is still within its time to send, and the SPI could then pay it.
-pub(crate) fn unknown_is_final(now: u64, send_by: u64, skew: Option<i64>) -> bool {
-    let ahead = skew.is_some_and(|s| s > 0 && crate::clock::too_far(s));
-    now >= sweep_due(send_by) && !ahead
+/// (by another node's clock, perhaps): only past [`sweep_due`] by this node's clock, and, among
+/// several nodes, only while this clock was last measured no more than half of [`SWEEP_MARGIN`]
+/// ahead of the database's: a node whose clock runs ahead would void the hold of a payment
+/// another node is still within its time to send, and the SPI could then pay it. Unmeasured (just
+/// started, or the database away), it waits for a reading.
+pub(crate) fn unknown_is_final(now: u64, send_by: u64, clock: ClockReading) -> bool {
+    let trusted = match clock {
+        ClockReading::One => true,
+        ClockReading::Shared(skew) => skew.is_some_and(|s| s <= (SWEEP_MARGIN / 2).as_nanos() as i64),
+    };
+    now >= sweep_due(send_by) && trusted
 }
 
 /// Every node, every [`SWEEP_INTERVAL`], settles the off-us payments still waiting for a verdict
@@ -1277,8 +1297,7 @@ async fn settle_by_status(state: AppState, p: InFlight, claimed: Claim) {
 /// place: a sweep asks again.
 async fn settle_from_status(state: &AppState, p: InFlight) {
     let connector = state.pix_runtime.connector.clone();
-    let skew = *state.metrics.clock_skew.lock().expect("metrics lock");
-    let unknown_is_final = unknown_is_final(store::now_nanos(), p.send_by, skew);
+    let unknown_is_final = unknown_is_final(store::now_nanos(), p.send_by, clock_reading(state));
     match tokio::time::timeout(state.pix.spi_timeout, connector.status(&p.view.end_to_end_id)).await {
         Ok(Ok(crate::spi::Found::Settled(verdict))) => record_verdict(state, p, verdict).await,
         Ok(Ok(crate::spi::Found::Unknown)) if unknown_is_final => {
@@ -1348,19 +1367,22 @@ mod tests {
         assert!(!connector_failed(true, std::time::Duration::from_millis(5), timeout), "a window used up");
     }
 
-    /// "Never received" voids a hold only past the send window and its margin, and never on a node
-    /// whose clock was measured ahead (it could be inside another node's window still).
+    /// "Never received" voids a hold only past the send window and its margin, and, among nodes,
+    /// only on one whose clock was measured and not ahead by half the margin (it could be inside
+    /// another node's window still).
     #[test]
     fn never_received_is_final_only_past_the_margin_by_a_clock_not_ahead() {
         let send_by = 1_000_000_000_000;
         let due = sweep_due(send_by);
         assert_eq!(due - send_by, SWEEP_MARGIN.as_nanos() as u64);
-        assert!(!unknown_is_final(due - 1, send_by, None));
-        assert!(unknown_is_final(due, send_by, None), "embedded: one clock");
-        assert!(unknown_is_final(due, send_by, Some(400_000_000)), "within the skew allowed");
-        assert!(unknown_is_final(due, send_by, Some(-3_000_000_000)), "behind: late, not early");
-        assert!(!unknown_is_final(due, send_by, Some(600_000_000)), "ahead past the skew allowed");
-        assert!(!unknown_is_final(due + 60_000_000_000, send_by, Some(6_000_000_000)));
+        use ClockReading::*;
+        assert!(!unknown_is_final(due - 1, send_by, One));
+        assert!(unknown_is_final(due, send_by, One), "embedded: one clock");
+        assert!(unknown_is_final(due, send_by, Shared(Some(2_000_000_000))), "within the skew allowed");
+        assert!(unknown_is_final(due, send_by, Shared(Some(-3_000_000_000))), "behind: late, not early");
+        assert!(!unknown_is_final(due, send_by, Shared(Some(2_600_000_000))), "ahead past half the margin");
+        assert!(!unknown_is_final(due + 60_000_000_000, send_by, Shared(Some(6_000_000_000))));
+        assert!(!unknown_is_final(due + 60_000_000_000, send_by, Shared(None)), "not measured yet");
     }
 
     /// The payer of an off-us payment goes to the SPI under its full name and document (a pacs.008

@@ -201,8 +201,8 @@ async fn send(state: AppState, tenant: u128, at: u64, stored: StoredReturn, clai
 /// the return is due for a sweep. Otherwise it stays in flight, its hold in place.
 async fn settle_from_status(state: &AppState, tenant: u128, at: u64, stored: StoredReturn) {
     let connector = state.pix_runtime.connector.clone();
-    let skew = *state.metrics.clock_skew.lock().expect("metrics lock");
-    let unknown_is_final = crate::pix_rail::unknown_is_final(store::now_nanos(), stored.send_by, skew);
+    let clock = crate::pix_rail::clock_reading(state);
+    let unknown_is_final = crate::pix_rail::unknown_is_final(store::now_nanos(), stored.send_by, clock);
     match tokio::time::timeout(state.pix.spi_timeout, connector.status(&stored.return_id)).await {
         Ok(Ok(crate::spi::Found::Settled(verdict))) => record(state, tenant, at, stored, verdict).await,
         Ok(Ok(crate::spi::Found::Unknown)) if unknown_is_final => {

@@ -13,6 +13,11 @@ pub const DEK_CACHE_LEN_MAX: usize = 10_000;
 
 pub type Loader = Box<dyn Fn() -> Result<Keyring, VaultError> + Send + Sync>;
 /// Creates KEK version N+1 and re-wraps every data key: (new version, keys re-wrapped).
+/// How a rotation's error begins when the new version was added and some data keys could not
+/// be re-wrapped under it: asked again, a rotation would add another version; the keys need
+/// repair and a re-wrap instead.
+pub const ROTATION_INCOMPLETE: &str = "the rotation is incomplete: ";
+
 pub type Rotator = Box<dyn Fn(&dyn Queries) -> Result<(u32, usize), String> + Send + Sync>;
 
 pub struct VaultService {

@@ -387,7 +387,10 @@ fn sync_then_reply(
             // See `crate::durable`: what is on disk is unknown now; only a restart can tell.
             tracing::error!(%error, "the write-ahead log could not be synced: stopping the process");
             for (reply, _) in batches.into_iter().flatten() {
-                reply(Err(StoreError::Unavailable("the commit could not be made durable; the server stops".into())));
+                reply(Err(StoreError::Unavailable(format!(
+                    "{}: the commit could not be made durable; the server stops",
+                    crate::COMMIT_IN_DOUBT
+                ))));
             }
             std::process::abort();
         }

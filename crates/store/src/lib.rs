@@ -79,6 +79,18 @@ pub enum StoreError {
     Conflict(String),
 }
 
+/// How an [`StoreError::Unavailable`] begins when the commit itself failed in a way that leaves
+/// its outcome unknown (the connection lost during `COMMIT`, a sync that failed after it): the
+/// batch may have been applied, with the audit entries it carried.
+pub const COMMIT_IN_DOUBT: &str = "the commit's outcome is unknown";
+
+impl StoreError {
+    /// Whether the batch may have been committed all the same (see [`COMMIT_IN_DOUBT`]).
+    pub fn in_doubt(&self) -> bool {
+        matches!(self, StoreError::Unavailable(why) if why.starts_with(COMMIT_IN_DOUBT))
+    }
+}
+
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

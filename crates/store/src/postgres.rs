@@ -669,7 +669,12 @@ impl Writer for PgWriter {
                         .map_err(unavailable),
                 })
             })
-            .and_then(|()| self.conn().client.batch_execute("COMMIT").map_err(unavailable));
+            .and_then(|()| {
+                self.conn()
+                    .client
+                    .batch_execute("COMMIT")
+                    .map_err(|e| StoreError::Unavailable(format!("{}: {}", crate::COMMIT_IN_DOUBT, unavailable(e))))
+            });
         self.in_tx = false;
         match &result {
             Ok(()) => {

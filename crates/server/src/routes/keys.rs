@@ -22,7 +22,9 @@ pub struct RotationView {
 /// Operator: a new key-encryption key, and every data key re-wrapped under it (audited like every
 /// operator action). The same as `rtpay keys rotate`.
 #[utoipa::path(post, path = "/v1/keys/rotate", tag = "operator",
-    responses((status = 200, body = RotationView), (status = 401, body = Problem), (status = 503, body = Problem)),
+    responses((status = 200, body = RotationView), (status = 401, body = Problem),
+        (status = 500, body = Problem, description = "`rotation_incomplete`: the version was added, some data keys could not be re-wrapped (named); repair them and re-wrap, do not retry"),
+        (status = 503, body = Problem)),
     security(("operator" = [])))]
 pub async fn rotate_keys(State(state): State<AppState>, _operator: crate::auth::Operator) -> Result<Response, Problem> {
     let vault = state.vault.clone().ok_or_else(|| Problem::unavailable("the vault is not configured", 60))?;
@@ -34,7 +36,11 @@ pub async fn rotate_keys(State(state): State<AppState>, _operator: crate::auth::
         }
         Err(why) => {
             tracing::warn!(%why, "key rotation failed");
-            Err(Problem::unavailable(format!("key rotation failed: {why}"), 30))
+            match why.strip_prefix(crate::vault_service::ROTATION_INCOMPLETE) {
+                // Not to be retried: each retry would add a version and fail the same way.
+                Some(detail) => Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "rotation_incomplete", detail)),
+                None => Err(Problem::unavailable(format!("key rotation failed: {why}"), 30)),
+            }
         }
     }
 }

@@ -77,9 +77,12 @@ pub async fn submit_guarded(
     state.store.engine.submit_guarded(command, Some(draft), records, guards, Box::new(move |r| drop(tx.send(r))))?;
     audit.0.mark_recorded();
     let result = rx.await.map_err(|_| Problem::unavailable("the writer stopped", 2))?;
-    // A guard's refusal is recorded in the batch, as `conflict`; any other failure is the whole
-    // batch's, rolled back with the entry it carried.
-    if result.as_ref().is_err_and(|e| !matches!(e, store::StoreError::Conflict(_))) {
+    // A failure of the whole batch rolled back the entry it carried: the middleware records the
+    // request. Not a guard's refusal (recorded in the batch, as `conflict`), nor a commit whose
+    // outcome is unknown (its entry may be in).
+    let rolled_back =
+        |e: &store::StoreError| !e.in_doubt() && !(guarded && matches!(e, store::StoreError::Conflict(_)));
+    if result.as_ref().is_err_and(rolled_back) {
         audit.0.mark_unrecorded();
     }
     match result {
