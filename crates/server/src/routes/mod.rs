@@ -80,8 +80,7 @@ pub async fn submit_guarded(
     // A failure of the whole batch rolled back the entry it carried: the middleware records the
     // request. Not a guard's refusal (recorded in the batch, as `conflict`), nor a commit whose
     // outcome is unknown (its entry may be in).
-    let rolled_back =
-        |e: &store::StoreError| !e.in_doubt() && !(guarded && matches!(e, store::StoreError::Conflict(_)));
+    let rolled_back = |e: &store::StoreError| !(e.in_doubt() || guarded && matches!(e, store::StoreError::Conflict(_)));
     if result.as_ref().is_err_and(rolled_back) {
         audit.0.mark_unrecorded();
     }
