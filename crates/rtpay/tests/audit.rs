@@ -337,20 +337,14 @@ fn a_request_whose_batch_failed_is_recorded_as_refused() {
         (key, bank, wallet)
     });
     let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    admin
-        .batch_execute(
-            "CREATE FUNCTION refuse_transfers() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN RAISE EXCEPTION 'transfers refused by the test'; END $$; \
-             CREATE TRIGGER refuse_transfers BEFORE INSERT ON transfers FOR EACH ROW EXECUTE FUNCTION refuse_transfers()",
-        )
-        .unwrap();
+    refuse_inserts(&mut admin, "transfers");
     let id = uuid();
     let body = json!({"id": id, "debit_account_id": bank, "credit_account_id": wallet, "amount": 1});
     rt.block_on(async {
         let r = server.client().post("/v1/transfers", &key, &body).await.unwrap();
         assert_eq!(r.status, 503, "{:?}", r.json());
     });
-    admin.batch_execute("DROP TRIGGER refuse_transfers ON transfers").unwrap();
+    allow_inserts(&mut admin, "transfers");
     rt.block_on(async {
         let mut c = server.client();
         let r = c.get(&format!("/v1/transfers/{id}"), &key).await.unwrap();

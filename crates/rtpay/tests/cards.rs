@@ -1107,13 +1107,7 @@ fn a_reveal_that_cannot_be_recorded_shows_nothing() {
     let (tenant_id, tenant_key) = rt.block_on(async { tenant(&mut server.client(), "unrecorded").await });
     let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     // From here no audit entry can be written; the reads a reveal makes are untouched.
-    admin
-        .batch_execute(
-            "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN RAISE EXCEPTION 'audit entries refused by the test'; END $$; \
-             CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_entries FOR EACH ROW EXECUTE FUNCTION refuse_audit()",
-        )
-        .unwrap();
+    refuse_inserts(&mut admin, "audit_entries");
     let reveal = format!("/v1/cards/{}/reveal", i.card);
     let made = rt.block_on(async {
         let mut c = server.client();
@@ -1139,7 +1133,7 @@ fn a_reveal_that_cannot_be_recorded_shows_nothing() {
         assert!(r.json().get("client_secret").is_none(), "{:?}", r.json());
         made
     });
-    admin.batch_execute("DROP TRIGGER refuse_audit ON audit_entries").unwrap();
+    allow_inserts(&mut admin, "audit_entries");
     rt.block_on(async {
         let mut c = server.client();
         let r = c.post(&format!("/v1/tenants/{made}/api-keys"), OPERATOR, &json!({})).await.unwrap();

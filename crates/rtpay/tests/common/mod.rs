@@ -362,3 +362,19 @@ impl TestCa {
         params.signed_by(key, &self.cert, &self.key).unwrap()
     }
 }
+
+/// Makes PostgreSQL refuse every insert into `table` (a trigger raising an error), as a storage
+/// failure rtpay must answer without losing or inventing anything; [`allow_inserts`] undoes it.
+pub fn refuse_inserts(admin: &mut postgres::Client, table: &str) {
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION refuse_{table}() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'inserts into {table} refused by the test'; END $$; \
+             CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION refuse_{table}()"
+        ))
+        .unwrap();
+}
+
+pub fn allow_inserts(admin: &mut postgres::Client, table: &str) {
+    admin.batch_execute(&format!("DROP TRIGGER refuse_{table} ON {table}")).unwrap();
+}
